@@ -1,0 +1,757 @@
+//! Map key/value types shared by skiff's eBPF programs and userspace.
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding so that hash keys carry no
+//! uninitialised bytes. Address and port fields carry their byte order in their names:
+//! `_be` is network order (exactly the bytes on the wire), `_host` is host order.
+//! Kernel code compares `_be` fields as they come from the context and never converts;
+//! behind the `user` feature, the constructors from and to `std::net` types are the only
+//! place in userspace where `to_be`/`from_be` appear.
+//!
+//! Decisions that do not need a map or a helper call are plain functions here
+//! ([`capture_decision`], [`is_loopback_v4`], ...) so that host unit tests exercise the same
+//! code the kernel runs.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+/// `AF_INET`, host order, as found in `user_family` / `family` context fields.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`, host order.
+pub const AF_INET6: u32 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u32 = 6;
+/// `SOL_IP`: level of `SO_ORIGINAL_DST`.
+pub const SOL_IP: i32 = 0;
+/// `SOL_IPV6`: level of `IP6T_SO_ORIGINAL_DST`.
+pub const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST` share the option number 80.
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// Error returned when a proxy-port socket has no recorded original destination.
+pub const ENOENT: i32 = 2;
+/// Error returned by `connect()` in fail-closed mode while the proxy is not ready.
+pub const ECONNREFUSED: i32 = 111;
+
+/// Index of the single [`ConfigValue`] in `SKIFF_CONFIG`.
+pub const CONFIG_INDEX: u32 = 0;
+
+// === Config ===
+
+/// Proxy configuration read by every hook: one entry at index 0 of the `SKIFF_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigValue {
+    /// IPv6 outbound listener address (four network-order words).
+    pub outbound_ip6_be: [u32; 4],
+    /// IPv4 outbound listener address, network order.
+    pub outbound_ip4_be: u32,
+    /// SO_MARK the proxy puts on its upstream sockets (compared with `bpf_sock.mark`).
+    pub proxy_mark_host: u32,
+    /// IPv4 outbound listener port, network order (written into `user_port`).
+    pub outbound_port4_be: u16,
+    /// IPv4 outbound listener port, host order (compared with `bpf_sock.src_port`).
+    pub outbound_port4_host: u16,
+    /// IPv6 outbound listener port, network order.
+    pub outbound_port6_be: u16,
+    /// IPv6 outbound listener port, host order.
+    pub outbound_port6_host: u16,
+    /// 1 once the proxy's outbound listener accepts connections; 0 otherwise.
+    pub ready: u8,
+    /// 1: while not ready, connects fail with ECONNREFUSED; 0: they go to their original destination.
+    pub fail_closed: u8,
+    /// 1: IPv6 (non v4-mapped) destinations are captured.
+    pub capture_v6: u8,
+    /// 1: node mode, only tasks whose cgroup id is in `SKIFF_MESHED_CGROUPS` are captured.
+    pub node_mode: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<ConfigValue>() == 40);
+const _: () = assert!(core::mem::align_of::<ConfigValue>() == 4);
+
+// === Original destinations ===
+
+/// An original destination recorded by connect4/6 (value of `SKIFF_COOKIE_ORIG_DST` and `SKIFF_ORIG_DST`).
+///
+/// `family` is [`AF_INET`] (address in `ip_be[0]`, other words zero) or [`AF_INET6`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDstValue {
+    /// Address, network-order words; v4 uses word 0 only.
+    pub ip_be: [u32; 4],
+    /// Port, network order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`, host order.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<OrigDstValue>() == 20);
+const _: () = assert!(core::mem::align_of::<OrigDstValue>() == 4);
+
+impl OrigDstValue {
+    /// An IPv4 original destination.
+    #[inline(always)]
+    pub const fn v4(ip_be: u32, port_be: u16) -> Self {
+        Self {
+            ip_be: [ip_be, 0, 0, 0],
+            port_be,
+            family: AF_INET as u8,
+            _pad: 0,
+        }
+    }
+
+    /// An IPv6 original destination.
+    #[inline(always)]
+    pub const fn v6(ip_be: [u32; 4], port_be: u16) -> Self {
+        Self {
+            ip_be,
+            port_be,
+            family: AF_INET6 as u8,
+            _pad: 0,
+        }
+    }
+}
+
+/// One captured TCP connection as both ends see it (key of `SKIFF_ORIG_DST`).
+///
+/// The client's connecting socket (sock_ops) and the proxy's accepted socket (getsockopt)
+/// build the same key. v4-mapped IPv6 tuples are normalised to `family` [`AF_INET`], so the
+/// proxy's AF_INET listener finds them. v4 uses word 0 of the address arrays only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// `bpf_get_netns_cookie`: loopback tuples repeat across network namespaces.
+    pub netns_cookie: u64,
+    /// The connecting (client) address, network-order words.
+    pub client_ip_be: [u32; 4],
+    /// The proxy listener address the connect was rewritten to, network-order words.
+    pub listener_ip_be: [u32; 4],
+    /// Client port, network order.
+    pub client_port_be: u16,
+    /// Listener port, network order.
+    pub listener_port_be: u16,
+    /// `AF_INET` or `AF_INET6`, host order.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
+const _: () = assert!(core::mem::align_of::<ConnKey>() == 8);
+
+impl ConnKey {
+    /// An IPv4 (or v4-mapped, normalised) connection.
+    #[inline(always)]
+    pub const fn v4(
+        netns_cookie: u64,
+        client_ip_be: u32,
+        client_port_be: u16,
+        listener_ip_be: u32,
+        listener_port_be: u16,
+    ) -> Self {
+        Self {
+            netns_cookie,
+            client_ip_be: [client_ip_be, 0, 0, 0],
+            listener_ip_be: [listener_ip_be, 0, 0, 0],
+            client_port_be,
+            listener_port_be,
+            family: AF_INET as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    /// An IPv6 connection.
+    #[inline(always)]
+    pub const fn v6(
+        netns_cookie: u64,
+        client_ip_be: [u32; 4],
+        client_port_be: u16,
+        listener_ip_be: [u32; 4],
+        listener_port_be: u16,
+    ) -> Self {
+        Self {
+            netns_cookie,
+            client_ip_be,
+            listener_ip_be,
+            client_port_be,
+            listener_port_be,
+            family: AF_INET6 as u8,
+            _pad: [0; 3],
+        }
+    }
+}
+
+// === Exclusions ===
+
+/// Key of `SKIFF_EXCLUDE_PORTS`: a destination port never captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExcludePortKey {
+    /// Destination port, network order.
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ExcludePortKey>() == 4);
+
+/// Data part of an `SKIFF_EXCLUDE_V4` LPM-trie key (the prefix length is in the trie key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrV4Key {
+    /// Network address, network order.
+    pub addr_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<CidrV4Key>() == 4);
+
+/// Data part of an `SKIFF_EXCLUDE_V6` LPM-trie key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrV6Key {
+    /// Network address, network-order words.
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<CidrV6Key>() == 16);
+
+// === Stats ===
+
+/// Per-reason counters: the index into the per-CPU `SKIFF_STATS` array.
+pub mod reason {
+    /// connect4 rewrote an IPv4 destination.
+    pub const CAPTURED_V4: u32 = 0;
+    /// connect6 rewrote an IPv6 destination.
+    pub const CAPTURED_V6: u32 = 1;
+    /// connect6 rewrote a v4-mapped destination.
+    pub const CAPTURED_V4_MAPPED: u32 = 2;
+    /// The socket carries the proxy's SO_MARK.
+    pub const SKIP_PROXY_MARK: u32 = 3;
+    /// Destination is loopback or unspecified.
+    pub const SKIP_LOOPBACK: u32 = 4;
+    /// Destination port is in the exclude list.
+    pub const SKIP_EXCLUDED_PORT: u32 = 5;
+    /// Destination address is in an excluded CIDR.
+    pub const SKIP_EXCLUDED_CIDR: u32 = 6;
+    /// Node mode: the task's cgroup is not meshed.
+    pub const SKIP_NOT_MESHED: u32 = 7;
+    /// Proxy not ready, fail-open: the connect went to its original destination.
+    pub const SKIP_NOT_READY: u32 = 8;
+    /// Proxy not ready, fail-closed: the connect was refused.
+    pub const REJECT_NOT_READY: u32 = 9;
+    /// IPv6 capture is disabled.
+    pub const SKIP_V6_DISABLED: u32 = 10;
+    /// Not TCP (UDP connect and the like).
+    pub const SKIP_NOT_TCP: u32 = 11;
+    /// Internal error: no config entry (fail open).
+    pub const ERR_NO_CONFIG: u32 = 12;
+    /// Internal error: the cookie map insert failed (fail open: the connect is not rewritten).
+    pub const ERR_COOKIE_INSERT: u32 = 13;
+    /// sock_ops moved a cookie entry to its connection tuple.
+    pub const REKEYED: u32 = 14;
+    /// Internal error: the tuple map insert failed.
+    pub const ERR_TUPLE_INSERT: u32 = 15;
+    /// sock_ops removed a tuple entry at TCP_CLOSE.
+    pub const CLOSED: u32 = 16;
+    /// getsockopt answered with an IPv4 original destination.
+    pub const ORIG_DST_V4: u32 = 17;
+    /// getsockopt answered with an IPv6 original destination.
+    pub const ORIG_DST_V6: u32 = 18;
+    /// getsockopt on the proxy port found nothing (ENOENT).
+    pub const ORIG_DST_MISS: u32 = 19;
+    /// getsockopt's buffer was too small for the answer (passed through).
+    pub const ORIG_DST_SHORT_BUF: u32 = 20;
+    /// Internal error: the rejection errno could not be set (EPERM returned instead).
+    pub const ERR_SET_RETVAL: u32 = 21;
+    /// Number of reasons (size of the stats array).
+    pub const COUNT: u32 = 22;
+
+    /// Counter names, indexed by reason (as shown by admin `/stats`).
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured_v4",
+        "captured_v6",
+        "captured_v4_mapped",
+        "skip_proxy_mark",
+        "skip_loopback",
+        "skip_excluded_port",
+        "skip_excluded_cidr",
+        "skip_not_meshed",
+        "skip_not_ready",
+        "reject_not_ready",
+        "skip_v6_disabled",
+        "skip_not_tcp",
+        "err_no_config",
+        "err_cookie_insert",
+        "rekeyed",
+        "err_tuple_insert",
+        "closed",
+        "orig_dst_v4",
+        "orig_dst_v6",
+        "orig_dst_miss",
+        "orig_dst_short_buf",
+        "err_set_retval",
+    ];
+}
+
+// === Pure decisions ===
+
+/// What connect4/6 does with one connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Rewrite the destination to the proxy.
+    Capture,
+    /// Leave the connect alone; the value is the stats reason.
+    Pass(u32),
+    /// Refuse the connect (fail-closed while the proxy is not ready).
+    Reject,
+}
+
+/// Facts about one connect, asked lazily in decision order, so connect4/6 do only the map
+/// lookups a decision needs (and LLVM cannot merge two lookups' null checks into pointer
+/// arithmetic the verifier rejects).
+pub trait ConnectFacts {
+    /// The socket's SO_MARK.
+    fn sk_mark(&self) -> u32;
+    /// Destination is loopback or unspecified (never captured: loops).
+    fn dst_local(&self) -> bool;
+    /// The task's cgroup is meshed (only asked in node mode).
+    fn meshed(&self) -> bool;
+    /// Destination port is excluded.
+    fn port_excluded(&self) -> bool;
+    /// Destination address is in an excluded CIDR.
+    fn cidr_excluded(&self) -> bool;
+}
+
+/// Decides a connect. Order matters: the proxy's own sockets and local destinations are
+/// never captured (loops), then node-mode membership, then exclusions, then the ready gate
+/// (excluded traffic never depends on proxy health).
+#[inline(always)]
+pub fn capture_decision(cfg: &ConfigValue, f: &impl ConnectFacts) -> Decision {
+    if cfg.proxy_mark_host != 0 && f.sk_mark() == cfg.proxy_mark_host {
+        return Decision::Pass(reason::SKIP_PROXY_MARK);
+    }
+    if f.dst_local() {
+        return Decision::Pass(reason::SKIP_LOOPBACK);
+    }
+    if cfg.node_mode != 0 && !f.meshed() {
+        return Decision::Pass(reason::SKIP_NOT_MESHED);
+    }
+    if f.port_excluded() {
+        return Decision::Pass(reason::SKIP_EXCLUDED_PORT);
+    }
+    if f.cidr_excluded() {
+        return Decision::Pass(reason::SKIP_EXCLUDED_CIDR);
+    }
+    if cfg.ready == 0 {
+        if cfg.fail_closed != 0 {
+            return Decision::Reject;
+        }
+        return Decision::Pass(reason::SKIP_NOT_READY);
+    }
+    Decision::Capture
+}
+
+/// 127.0.0.0/8 or 0.0.0.0 (both reach this host): never captured.
+#[inline(always)]
+pub fn is_local_v4(ip_be: u32) -> bool {
+    ip_be.to_ne_bytes()[0] == 127 || ip_be == 0
+}
+
+/// ::1 or :: (both reach this host): never captured.
+#[inline(always)]
+pub fn is_local_v6(ip_be: [u32; 4]) -> bool {
+    ip_be[0] == 0
+        && ip_be[1] == 0
+        && ip_be[2] == 0
+        && (ip_be[3] == 0 || ip_be[3].to_ne_bytes() == [0, 0, 0, 1])
+}
+
+/// `::ffff:a.b.c.d`: an AF_INET6 socket talking IPv4.
+#[inline(always)]
+pub fn is_v4_mapped(ip_be: [u32; 4]) -> bool {
+    ip_be[0] == 0 && ip_be[1] == 0 && ip_be[2].to_ne_bytes() == [0, 0, 0xff, 0xff]
+}
+
+/// The word-2 value of a v4-mapped address (`::ffff:0:0`), network order.
+#[inline(always)]
+pub fn v4_mapped_word() -> u32 {
+    u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+// === Userspace ===
+
+#[cfg(feature = "user")]
+mod user {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    use super::*;
+
+    // SAFETY: repr(C), only integer fields, explicit padding: every bit pattern is valid and
+    // there are no uninitialised bytes.
+    unsafe impl aya::Pod for ConfigValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OrigDstValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExcludePortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CidrV4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CidrV6Key {}
+
+    fn v4_be(ip: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(ip.octets())
+    }
+
+    fn v6_be(ip: Ipv6Addr) -> [u32; 4] {
+        let o = ip.octets();
+        core::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    fn v6_from_be(words: [u32; 4]) -> Ipv6Addr {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ipv6Addr::from(o)
+    }
+
+    impl ConfigValue {
+        /// A config with the given listeners and mark; not ready, fail-open, sidecar mode.
+        pub fn new(
+            outbound_v4: SocketAddrV4,
+            outbound_v6: Option<SocketAddrV6>,
+            proxy_mark: u32,
+        ) -> Self {
+            let (ip6, port6, capture_v6) = match outbound_v6 {
+                Some(a) => (v6_be(*a.ip()), a.port(), 1),
+                None => ([0; 4], 0, 0),
+            };
+            Self {
+                outbound_ip6_be: ip6,
+                outbound_ip4_be: v4_be(*outbound_v4.ip()),
+                proxy_mark_host: proxy_mark,
+                outbound_port4_be: outbound_v4.port().to_be(),
+                outbound_port4_host: outbound_v4.port(),
+                outbound_port6_be: port6.to_be(),
+                outbound_port6_host: port6,
+                ready: 0,
+                fail_closed: 0,
+                capture_v6,
+                node_mode: 0,
+                _pad: [0; 4],
+            }
+        }
+    }
+
+    impl OrigDstValue {
+        /// From a std socket address.
+        pub fn from_socket_addr(addr: SocketAddr) -> Self {
+            match addr {
+                SocketAddr::V4(a) => Self::v4(v4_be(*a.ip()), a.port().to_be()),
+                SocketAddr::V6(a) => Self::v6(v6_be(*a.ip()), a.port().to_be()),
+            }
+        }
+
+        /// To a std socket address (`None` for an unknown family).
+        pub fn to_socket_addr(&self) -> Option<SocketAddr> {
+            let port = u16::from_be(self.port_be);
+            match u32::from(self.family) {
+                AF_INET => Some(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(self.ip_be[0].to_ne_bytes())),
+                    port,
+                )),
+                AF_INET6 => Some(SocketAddr::new(IpAddr::V6(v6_from_be(self.ip_be)), port)),
+                _ => None,
+            }
+        }
+    }
+
+    impl ConnKey {
+        /// The key for a connection from `client` to the proxy listener `listener` in netns `netns_cookie`
+        /// (both addresses of one family; v4-mapped IPv6 is normalised to IPv4 as the kernel does).
+        pub fn from_socket_addrs(
+            netns_cookie: u64,
+            client: SocketAddr,
+            listener: SocketAddr,
+        ) -> Option<Self> {
+            let norm = |a: SocketAddr| match a {
+                SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                    Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+                    None => a,
+                },
+                SocketAddr::V4(_) => a,
+            };
+            match (norm(client), norm(listener)) {
+                (SocketAddr::V4(c), SocketAddr::V4(l)) => Some(Self::v4(
+                    netns_cookie,
+                    v4_be(*c.ip()),
+                    c.port().to_be(),
+                    v4_be(*l.ip()),
+                    l.port().to_be(),
+                )),
+                (SocketAddr::V6(c), SocketAddr::V6(l)) => Some(Self::v6(
+                    netns_cookie,
+                    v6_be(*c.ip()),
+                    c.port().to_be(),
+                    v6_be(*l.ip()),
+                    l.port().to_be(),
+                )),
+                _ => None,
+            }
+        }
+    }
+
+    impl ExcludePortKey {
+        /// From a host-order port.
+        pub fn new(port: u16) -> Self {
+            Self {
+                port_be: port.to_be(),
+                _pad: 0,
+            }
+        }
+
+        /// The host-order port.
+        pub fn port(&self) -> u16 {
+            u16::from_be(self.port_be)
+        }
+    }
+
+    impl CidrV4Key {
+        /// From an address (the caller masks it to the prefix).
+        pub fn new(addr: Ipv4Addr) -> Self {
+            Self {
+                addr_be: v4_be(addr),
+            }
+        }
+    }
+
+    impl CidrV6Key {
+        /// From an address (the caller masks it to the prefix).
+        pub fn new(addr: Ipv6Addr) -> Self {
+            Self {
+                addr_be: v6_be(addr),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn orig_dst_round_trips() {
+            for s in ["10.96.0.1:80", "[fd00:96::1]:8080", "[::ffff:10.0.0.1]:1"] {
+                let a: SocketAddr = s.parse().unwrap();
+                assert_eq!(OrigDstValue::from_socket_addr(a).to_socket_addr(), Some(a));
+            }
+        }
+
+        #[test]
+        fn byte_order_matches_the_wire() {
+            let v = OrigDstValue::from_socket_addr("10.96.0.1:80".parse().unwrap());
+            assert_eq!(v.ip_be[0].to_ne_bytes(), [10, 96, 0, 1]);
+            assert_eq!(v.port_be.to_ne_bytes(), [0, 80]);
+            let c = ConfigValue::new("127.0.0.1:15001".parse().unwrap(), None, 0x539);
+            assert_eq!(c.outbound_port4_host, 15001);
+            assert_eq!(c.outbound_port4_be.to_ne_bytes(), 15001u16.to_be_bytes());
+            assert!(is_local_v4(c.outbound_ip4_be));
+            assert_eq!(c.capture_v6, 0);
+        }
+
+        #[test]
+        fn conn_key_normalises_v4_mapped() {
+            let a = ConnKey::from_socket_addrs(
+                7,
+                "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+                "[::ffff:127.0.0.1]:15001".parse().unwrap(),
+            );
+            let b = ConnKey::from_socket_addrs(
+                7,
+                "127.0.0.1:40000".parse().unwrap(),
+                "127.0.0.1:15001".parse().unwrap(),
+            );
+            assert_eq!(a, b);
+            assert_eq!(a.unwrap().family, AF_INET as u8);
+            assert!(
+                ConnKey::from_socket_addrs(
+                    7,
+                    "127.0.0.1:1".parse().unwrap(),
+                    "[::1]:1".parse().unwrap()
+                )
+                .is_none()
+            );
+        }
+
+        #[test]
+        fn v6_predicates() {
+            let w = |s: &str| v6_be(s.parse().unwrap());
+            assert!(is_local_v6(w("::1")));
+            assert!(is_local_v6(w("::")));
+            assert!(!is_local_v6(w("fd00:96::1")));
+            assert!(!is_local_v6(w("::2")));
+            assert!(is_v4_mapped(w("::ffff:10.96.0.1")));
+            assert!(!is_v4_mapped(w("::10.96.0.1")));
+            assert!(!is_v4_mapped(w("64:ff9b::10.96.0.1")));
+            assert_eq!(w("::ffff:1.2.3.4")[2], v4_mapped_word());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Facts as plain values.
+    #[derive(Default)]
+    struct Facts {
+        sk_mark: u32,
+        dst_local: bool,
+        meshed: bool,
+        port_excluded: bool,
+        cidr_excluded: bool,
+    }
+
+    impl ConnectFacts for Facts {
+        fn sk_mark(&self) -> u32 {
+            self.sk_mark
+        }
+        fn dst_local(&self) -> bool {
+            self.dst_local
+        }
+        fn meshed(&self) -> bool {
+            self.meshed
+        }
+        fn port_excluded(&self) -> bool {
+            self.port_excluded
+        }
+        fn cidr_excluded(&self) -> bool {
+            self.cidr_excluded
+        }
+    }
+
+    fn cfg(ready: u8, fail_closed: u8, node_mode: u8) -> ConfigValue {
+        ConfigValue {
+            outbound_ip6_be: [0; 4],
+            outbound_ip4_be: u32::from_ne_bytes([127, 0, 0, 1]),
+            proxy_mark_host: 0x539,
+            outbound_port4_be: 15001u16.to_be(),
+            outbound_port4_host: 15001,
+            outbound_port6_be: 15001u16.to_be(),
+            outbound_port6_host: 15001,
+            ready,
+            fail_closed,
+            capture_v6: 1,
+            node_mode,
+            _pad: [0; 4],
+        }
+    }
+
+    #[test]
+    fn captures_when_ready() {
+        assert_eq!(
+            capture_decision(&cfg(1, 0, 0), &Facts::default()),
+            Decision::Capture
+        );
+    }
+
+    #[test]
+    fn never_captures_the_proxy_or_local_destinations() {
+        let marked = Facts {
+            sk_mark: 0x539,
+            ..Default::default()
+        };
+        assert_eq!(
+            capture_decision(&cfg(1, 1, 0), &marked),
+            Decision::Pass(reason::SKIP_PROXY_MARK)
+        );
+        let local = Facts {
+            dst_local: true,
+            ..Default::default()
+        };
+        // Even fail-closed and not ready: local traffic is never refused.
+        assert_eq!(
+            capture_decision(&cfg(0, 1, 0), &local),
+            Decision::Pass(reason::SKIP_LOOPBACK)
+        );
+        let other_mark = Facts {
+            sk_mark: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            capture_decision(&cfg(1, 0, 0), &other_mark),
+            Decision::Capture
+        );
+    }
+
+    #[test]
+    fn mark_zero_disables_the_mark_guard() {
+        let mut c = cfg(1, 0, 0);
+        c.proxy_mark_host = 0;
+        assert_eq!(capture_decision(&c, &Facts::default()), Decision::Capture);
+    }
+
+    #[test]
+    fn exclusions_win_over_the_ready_gate() {
+        let port = Facts {
+            port_excluded: true,
+            ..Default::default()
+        };
+        let cidr = Facts {
+            cidr_excluded: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            capture_decision(&cfg(0, 1, 0), &port),
+            Decision::Pass(reason::SKIP_EXCLUDED_PORT)
+        );
+        assert_eq!(
+            capture_decision(&cfg(0, 1, 0), &cidr),
+            Decision::Pass(reason::SKIP_EXCLUDED_CIDR)
+        );
+    }
+
+    #[test]
+    fn not_ready_fails_open_or_closed() {
+        let f = Facts::default();
+        assert_eq!(
+            capture_decision(&cfg(0, 0, 0), &f),
+            Decision::Pass(reason::SKIP_NOT_READY)
+        );
+        assert_eq!(capture_decision(&cfg(0, 1, 0), &f), Decision::Reject);
+    }
+
+    #[test]
+    fn node_mode_captures_only_meshed() {
+        let f = Facts::default();
+        assert_eq!(
+            capture_decision(&cfg(1, 0, 1), &f),
+            Decision::Pass(reason::SKIP_NOT_MESHED)
+        );
+        // An unmeshed task is never refused, even fail-closed.
+        assert_eq!(
+            capture_decision(&cfg(0, 1, 1), &f),
+            Decision::Pass(reason::SKIP_NOT_MESHED)
+        );
+        let m = Facts {
+            meshed: true,
+            ..Default::default()
+        };
+        assert_eq!(capture_decision(&cfg(1, 0, 1), &m), Decision::Capture);
+        // Sidecar mode ignores membership.
+        assert_eq!(capture_decision(&cfg(1, 0, 0), &f), Decision::Capture);
+    }
+
+    #[test]
+    fn v4_predicates() {
+        assert!(is_local_v4(u32::from_ne_bytes([127, 0, 0, 1])));
+        assert!(is_local_v4(u32::from_ne_bytes([127, 255, 3, 9])));
+        assert!(is_local_v4(0));
+        assert!(!is_local_v4(u32::from_ne_bytes([10, 96, 0, 1])));
+        assert!(!is_local_v4(u32::from_ne_bytes([1, 0, 0, 127])));
+    }
+
+    #[test]
+    fn every_reason_has_a_name() {
+        assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
+        let mut names = reason::NAMES;
+        names.sort_unstable();
+        assert!(names.windows(2).all(|w| w[0] != w[1]));
+    }
+}

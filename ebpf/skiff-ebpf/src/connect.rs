@@ -1,0 +1,237 @@
+//! `cgroup/connect4` and `cgroup/connect6`: rewrite captured TCP connects to the proxy's
+//! outbound listener and remember the original destination by socket cookie.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, generated::bpf_set_retval},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::error;
+use skiff_common::{
+    CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, ECONNREFUSED, ExcludePortKey,
+    IPPROTO_TCP, OrigDstValue, capture_decision, is_local_v4, is_local_v6, is_v4_mapped, reason,
+};
+
+use crate::{
+    ctx::SockAddr,
+    maps::{
+        SKIFF_COOKIE, SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_MESHED, config, count,
+    },
+};
+
+/// Verdict: let the connect proceed (rewritten or not).
+const ALLOW: i32 = 1;
+/// Verdict: refuse the connect (with the errno set by `bpf_set_retval`, EPERM otherwise).
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn skiff_connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            count(why);
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn skiff_connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(verdict) => verdict,
+        Err(why) => {
+            count(why);
+            ALLOW
+        }
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
+    let sa = SockAddr(ctx);
+    if sa.protocol() != IPPROTO_TCP {
+        count(reason::SKIP_NOT_TCP);
+        return Ok(ALLOW);
+    }
+    let cfg = config().ok_or(reason::ERR_NO_CONFIG)?;
+    let ip_be = sa.dst_ip4_be();
+    let port_be = sa.dst_port_be();
+    match decide_v4(&sa, &cfg, ip_be, port_be) {
+        Decision::Capture => {
+            remember(ctx, &sa, OrigDstValue::v4(ip_be, port_be))?;
+            sa.set_dst4(cfg.outbound_ip4_be, cfg.outbound_port4_be);
+            count(reason::CAPTURED_V4);
+            Ok(ALLOW)
+        }
+        other => Ok(not_captured(other)),
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
+    let sa = SockAddr(ctx);
+    if sa.protocol() != IPPROTO_TCP {
+        count(reason::SKIP_NOT_TCP);
+        return Ok(ALLOW);
+    }
+    let cfg = config().ok_or(reason::ERR_NO_CONFIG)?;
+    let ip_be = sa.dst_ip6_be();
+    let port_be = sa.dst_port_be();
+
+    // An AF_INET6 socket talking IPv4 (`::ffff:a.b.c.d`) runs only connect6: apply the v4
+    // rules, keep the v4 original destination, and send it to `::ffff:<outbound v4>`, which
+    // reaches the proxy's AF_INET listener.
+    if is_v4_mapped(ip_be) {
+        let ip4_be = ip_be[3];
+        return match decide_v4(&sa, &cfg, ip4_be, port_be) {
+            Decision::Capture => {
+                remember(ctx, &sa, OrigDstValue::v4(ip4_be, port_be))?;
+                sa.set_dst6(
+                    [ip_be[0], ip_be[1], ip_be[2], cfg.outbound_ip4_be],
+                    cfg.outbound_port4_be,
+                );
+                count(reason::CAPTURED_V4_MAPPED);
+                Ok(ALLOW)
+            }
+            other => Ok(not_captured(other)),
+        };
+    }
+
+    if cfg.capture_v6 == 0 {
+        count(reason::SKIP_V6_DISABLED);
+        return Ok(ALLOW);
+    }
+    let facts = Facts {
+        sa: &sa,
+        node_mode: cfg.node_mode != 0,
+        port_be,
+        ip: Dst::V6(ip_be),
+    };
+    match capture_decision(&cfg, &facts) {
+        Decision::Capture => {
+            remember(ctx, &sa, OrigDstValue::v6(ip_be, port_be))?;
+            sa.set_dst6(cfg.outbound_ip6_be, cfg.outbound_port6_be);
+            count(reason::CAPTURED_V6);
+            Ok(ALLOW)
+        }
+        other => Ok(not_captured(other)),
+    }
+}
+
+/// The capture decision for an IPv4 destination (plain or v4-mapped).
+#[inline(always)]
+fn decide_v4(sa: &SockAddr<'_>, cfg: &ConfigValue, ip_be: u32, port_be: u16) -> Decision {
+    let facts = Facts {
+        sa,
+        node_mode: cfg.node_mode != 0,
+        port_be,
+        ip: Dst::V4(ip_be),
+    };
+    capture_decision(cfg, &facts)
+}
+
+/// A destination address, network order.
+#[derive(Clone, Copy)]
+enum Dst {
+    V4(u32),
+    V6([u32; 4]),
+}
+
+/// The facts `capture_decision` asks for, looked up only when asked.
+struct Facts<'a, 'c> {
+    sa: &'a SockAddr<'c>,
+    node_mode: bool,
+    port_be: u16,
+    ip: Dst,
+}
+
+impl ConnectFacts for Facts<'_, '_> {
+    #[inline(always)]
+    fn sk_mark(&self) -> u32 {
+        self.sa.sk_mark()
+    }
+
+    #[inline(always)]
+    fn dst_local(&self) -> bool {
+        match self.ip {
+            Dst::V4(ip) => is_local_v4(ip),
+            Dst::V6(ip) => is_local_v6(ip),
+        }
+    }
+
+    #[inline(always)]
+    fn meshed(&self) -> bool {
+        self.node_mode && task_is_meshed()
+    }
+
+    #[inline(always)]
+    fn port_excluded(&self) -> bool {
+        found(SKIFF_EXCL_PORT.get_ptr(ExcludePortKey {
+            port_be: self.port_be,
+            _pad: 0,
+        }))
+    }
+
+    #[inline(always)]
+    fn cidr_excluded(&self) -> bool {
+        match self.ip {
+            Dst::V4(addr_be) => found(
+                SKIFF_EXCL_V4
+                    .get(Key::new(32, CidrV4Key { addr_be }))
+                    .map(|v| v as *const u8),
+            ),
+            Dst::V6(addr_be) => found(
+                SKIFF_EXCL_V6
+                    .get(Key::new(128, CidrV6Key { addr_be }))
+                    .map(|v| v as *const u8),
+            ),
+        }
+    }
+}
+
+/// Whether a lookup hit, as a plain boolean: `black_box` keeps LLVM from combining two
+/// lookups' null checks into arithmetic on possibly-null map pointers (rejected by the verifier).
+#[inline(always)]
+fn found<T>(p: Option<*const T>) -> bool {
+    core::hint::black_box(p.is_some())
+}
+
+/// Node mode: the calling task's cgroup (exactly; not its ancestors) is meshed.
+#[inline(always)]
+fn task_is_meshed() -> bool {
+    // SAFETY: plain helper call without arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    found(SKIFF_MESHED.get_ptr(id))
+}
+
+/// Records the original destination under the socket cookie; on failure the caller does not
+/// rewrite (fail open: the connect goes to its original destination).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, sa: &SockAddr<'_>, orig: OrigDstValue) -> Result<(), u32> {
+    if SKIFF_COOKIE.insert(sa.socket_cookie(), orig, 0).is_err() {
+        error!(ctx, "skiff: cookie map insert failed; connect not captured");
+        return Err(reason::ERR_COOKIE_INSERT);
+    }
+    Ok(())
+}
+
+/// Counts a pass or refuses the connect (fail-closed while the proxy is not ready).
+#[inline(always)]
+fn not_captured(decision: Decision) -> i32 {
+    match decision {
+        Decision::Pass(why) => {
+            count(why);
+            ALLOW
+        }
+        Decision::Reject => {
+            count(reason::REJECT_NOT_READY);
+            // ECONNREFUSED is what a connect to a closed port gets; without it, DENY alone
+            // gives EPERM.
+            // SAFETY: plain helper call; cgroup sock_addr programs may set the return value.
+            if unsafe { bpf_set_retval(-ECONNREFUSED) } != 0 {
+                count(reason::ERR_SET_RETVAL);
+            }
+            DENY
+        }
+        Decision::Capture => ALLOW,
+    }
+}

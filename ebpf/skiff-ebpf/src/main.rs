@@ -1,0 +1,40 @@
+//! skiff's kernel programs: outbound capture without iptables.
+//!
+//! - `connect.rs`: `cgroup/connect4` and `cgroup/connect6` rewrite captured TCP connects to the
+//!   proxy's outbound listener and record the original destination by socket cookie.
+//! - `sock_ops.rs`: at `TCP_CONNECT_CB` re-keys that record by the connection tuple (plus netns
+//!   cookie) and deletes it when the socket reaches `TCP_CLOSE`.
+//! - `getsockopt.rs`: `cgroup/getsockopt` answers `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the
+//!   proxy's accepted sockets, as iptables REDIRECT would.
+//! - `maps.rs`: every map; `ctx.rs`: context byte-order quirks.
+//!
+//! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
+//! counter (`SKIFF_STATS`, indexed by `skiff_common::reason`) records why.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod ctx;
+#[cfg(target_arch = "bpf")]
+mod getsockopt;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod sock_ops;
+
+/// The host build of this bin is empty: it only exists so `cargo build --workspace` works.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+/// GPL: needed for the helpers skiff calls (socket and netns cookies, aya-log's perf output).
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,200 @@
+//! Wiring of one `skiff run`: capture, snapshot, listeners, admin, readiness and drain.
+
+use std::future::Future;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::{self, Admin, CaptureControl};
+use crate::bpf::{Capture, CaptureConfig};
+use crate::config::Bootstrap;
+use crate::dataplane::{self, Dataplane, ListenerRole};
+use crate::state::{Snapshot, Store};
+use crate::stats::Stats;
+
+/// Everything `skiff run` needs, already validated.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// Static configuration.
+    pub bootstrap: Bootstrap,
+    /// Kernel capture to install; `None` for `--capture none`.
+    pub capture: Option<CaptureConfig>,
+    /// Capture listener (IPv4).
+    pub outbound_v4: SocketAddrV4,
+    /// Capture listener (IPv6), if any.
+    pub outbound_v6: Option<SocketAddrV6>,
+    /// SO_MARK for upstream sockets.
+    pub upstream_mark: Option<u32>,
+    /// Admin address (`None`: no admin listener).
+    pub admin: Option<SocketAddr>,
+    /// How long in-flight connections may take to finish after shutdown starts.
+    pub drain: Duration,
+}
+
+struct CaptureHandle(Capture);
+
+impl CaptureControl for CaptureHandle {
+    fn add_cgroup(&self, path: &Path) -> Result<u64, String> {
+        self.0.add_meshed_cgroup(path).map_err(|e| e.to_string())
+    }
+    fn remove_cgroup(&self, path: &Path) -> Result<(), String> {
+        self.0.remove_meshed_cgroup(path).map_err(|e| e.to_string())
+    }
+    fn cgroups(&self) -> Result<Vec<u64>, String> {
+        self.0.meshed_cgroups().map_err(|e| e.to_string())
+    }
+    fn stats(&self) -> Vec<(String, u64)> {
+        self.0
+            .stats()
+            .map(|v| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Bind a listening socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(4096)
+}
+
+/// Run until `shutdown` completes, then drain and clean up (links detach when the capture drops).
+pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // The capture must be installed first: it moves this process into the proxy cgroup, and
+    // only sockets created afterwards are seen by the getsockopt hook.
+    let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
+        Some(cfg) => {
+            let mut c = Capture::install(cfg).context("installing eBPF capture")?;
+            c.spawn_log_pump();
+            Some(Arc::new(CaptureHandle(c)))
+        }
+        None => None,
+    };
+
+    let store = Arc::new(Store::new(Snapshot::new(
+        opts.bootstrap.listeners.clone(),
+        opts.bootstrap.clusters.clone(),
+        &Default::default(),
+    )));
+    let stats = Arc::new(Stats::default());
+    let capture_port = opts.outbound_v4.port();
+    let dp = Arc::new(Dataplane::new(
+        store.clone(),
+        stats.clone(),
+        opts.upstream_mark,
+        capture_port,
+    ));
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    let mut capture_addrs = vec![SocketAddr::V4(opts.outbound_v4)];
+    capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));
+    for addr in capture_addrs {
+        let l = bind(addr).with_context(|| format!("binding capture listener {addr}"))?;
+        info!(%addr, "capture listener up");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(dataplane::run(
+            l,
+            ListenerRole::Capture,
+            dp.clone(),
+            async move { stop.cancelled().await },
+        )));
+    }
+    for l in &opts.bootstrap.listeners {
+        // The capture listener serves the virtual listener's port; per-service listeners
+        // (bind_to_port false) only receive connections handed over by original destination.
+        if !l.bind_to_port || l.address.port() == capture_port {
+            continue;
+        }
+        let sock = bind(l.address)
+            .with_context(|| format!("binding listener {} on {}", l.name, l.address))?;
+        info!(listener = %l.name, addr = %l.address, "listener up");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(dataplane::run(
+            sock,
+            ListenerRole::Static {
+                name: l.name.clone(),
+            },
+            dp.clone(),
+            async move { stop.cancelled().await },
+        )));
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = opts.admin {
+        let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
+        let raw = opts.bootstrap.raw.clone();
+        let admin = Arc::new(Admin {
+            store: store.clone(),
+            stats: stats.clone(),
+            capture: capture
+                .clone()
+                .map(|c| c as Arc<dyn CaptureControl>),
+            ready: ready.clone(),
+            config_dump: Arc::new(move || config_dump(&raw)),
+            node_id: opts.bootstrap.node.id.clone(),
+        });
+        info!(%addr, "admin listener up");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(admin::run(l, admin, async move {
+            stop.cancelled().await
+        })));
+    }
+
+    if let Some(c) = &capture {
+        c.0.set_ready(true).context("marking the proxy ready in the BPF config map")?;
+    }
+    ready.store(true, Ordering::Relaxed);
+    info!("skiff ready");
+
+    shutdown.await;
+    info!(drain_ms = opts.drain.as_millis() as u64, "shutting down");
+    // New connects stop coming our way first (fail-open or fail-closed per config), then the
+    // listeners close, then in-flight connections get the drain time to finish.
+    if let Some(c) = &capture {
+        if let Err(e) = c.0.set_ready(false) {
+            warn!(error = %e, "could not clear the ready flag");
+        }
+    }
+    ready.store(false, Ordering::Relaxed);
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let deadline = tokio::time::Instant::now() + opts.drain;
+    while active_connections(&stats) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(capture);
+    info!("stopped");
+    Ok(())
+}
+
+fn active_connections(stats: &Stats) -> u64 {
+    stats
+        .snapshot()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("listener.") && k.ends_with(".downstream_cx_active"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn config_dump(
+    raw: &envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap,
+) -> Vec<serde_json::Value> {
+    vec![serde_json::json!({
+        "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+        "bootstrap": skiff_proto::to_json(raw),
+    })]
+}

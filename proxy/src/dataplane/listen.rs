@@ -1,0 +1,223 @@
+//! Accept loops: one task per listener, one task and one span per connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, field, info_span, warn};
+
+use super::{Accepted, Dataplane, Decision, connect, decide, forward, orig_dst};
+use crate::addr::{ClientAddr, EndpointAddr};
+
+/// What kind of listener accepted a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerRole {
+    /// skiff's capture listener: every connection was redirected; read its original destination.
+    Capture,
+    /// A bootstrap/xDS listener bound to its own address.
+    Static {
+        /// Listener name.
+        name: String,
+    },
+}
+
+/// Cap on concurrent connections per listener, so a flood cannot exhaust file descriptors.
+const MAX_CONNECTIONS: usize = 32 * 1024;
+
+static CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Accept until `shutdown` completes. Accept errors (EMFILE ...) back off exponentially instead
+/// of spinning. Connections already accepted keep running after this returns.
+pub async fn run(
+    listener: TcpListener,
+    role: ListenerRole,
+    dp: Arc<Dataplane>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let stat = match &role {
+        ListenerRole::Capture => format!(
+            "listener.{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        ),
+        ListenerRole::Static { name } => format!("listener.{name}"),
+    };
+    let accepted = dp.stats.counter(&format!("{stat}.downstream_cx_total"));
+    let active = dp.stats.gauge(&format!("{stat}.downstream_cx_active"));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        backoff = Duration::from_millis(5);
+        accepted.inc();
+        active.inc();
+        let dp = dp.clone();
+        let role = role.clone();
+        let active = active.clone();
+        let id = CONN_ID.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "conn",
+            conn_id = id,
+            client = %peer,
+            orig_dst = field::Empty,
+            listener = field::Empty,
+            filter_chain = field::Empty,
+            cluster = field::Empty,
+            endpoint = field::Empty,
+        );
+        tokio::spawn(
+            async move {
+                handle(&dp, stream, ClientAddr(peer), &role).await;
+                active.dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(dp: &Dataplane, mut down: TcpStream, client: ClientAddr, role: &ListenerRole) {
+    let span = tracing::Span::current();
+    let local = match down.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(error = %e, "accepted socket has no local address");
+            return;
+        }
+    };
+    let _ = down.set_nodelay(true);
+    let wants_orig = match role {
+        ListenerRole::Capture => true,
+        ListenerRole::Static { name } => dp
+            .store
+            .load()
+            .listeners
+            .get(name)
+            .is_some_and(|l| l.use_original_dst),
+    };
+    let orig = if wants_orig {
+        match orig_dst::read(&down) {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(error = %e, "SO_ORIGINAL_DST failed");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(o) = orig {
+        span.record("orig_dst", field::display(o));
+    }
+    let snap = dp.store.load();
+    let decision = decide(
+        dp,
+        &snap,
+        &Accepted {
+            role,
+            client: client.get(),
+            local,
+            orig_dst: orig,
+        },
+    );
+    let (cluster, target, timeout) = match decision {
+        Decision::Upstream {
+            listener,
+            filter_chain,
+            cluster,
+            endpoint,
+            dns,
+        } => {
+            span.record("listener", field::display(&listener));
+            span.record("filter_chain", field::display(&filter_chain));
+            span.record("cluster", field::display(&cluster));
+            let timeout = snap
+                .cluster(&cluster)
+                .map(|c| c.cluster.connect_timeout)
+                .unwrap_or(crate::model::cluster::DEFAULT_CONNECT_TIMEOUT);
+            let target = match (endpoint, dns) {
+                (Some(ep), _) => ep,
+                (None, Some((host, port))) => match resolve(&host, port).await {
+                    Some(a) => EndpointAddr(a),
+                    None => {
+                        dp.stats
+                            .counter(&format!("cluster.{cluster}.upstream_cx_none_healthy"))
+                            .inc();
+                        debug!(%host, "DNS resolution failed");
+                        return;
+                    }
+                },
+                (None, None) => return,
+            };
+            (cluster, target, timeout)
+        }
+        Decision::Passthrough(ep) => (
+            "PassthroughCluster".to_string(),
+            ep,
+            crate::model::cluster::DEFAULT_CONNECT_TIMEOUT,
+        ),
+        Decision::Reject(why) => {
+            dp.stats.counter("skiff.downstream_cx_rejected").inc();
+            debug!(reason = %why, "closing connection");
+            return;
+        }
+    };
+    span.record("endpoint", field::display(target));
+    // Drop the snapshot before the long copy: the connection keeps its decision, not the config.
+    drop(snap);
+    let stat = |s: &str| dp.stats.counter(&format!("cluster.{cluster}.{s}"));
+    stat("upstream_cx_total").inc();
+    let mut up = match connect::connect(target, dp.upstream_mark, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            match e {
+                connect::ConnectError::Timeout { .. } => stat("upstream_cx_connect_timeout").inc(),
+                _ => stat("upstream_cx_connect_fail").inc(),
+            }
+            debug!(error = %e, "upstream connect failed");
+            return;
+        }
+    };
+    let active = dp
+        .stats
+        .gauge(&format!("cluster.{cluster}.upstream_cx_active"));
+    active.inc();
+    match forward::forward(&mut down, &mut up).await {
+        Ok(t) => {
+            stat("upstream_cx_tx_bytes_total").add(t.tx);
+            stat("upstream_cx_rx_bytes_total").add(t.rx);
+            debug!(tx = t.tx, rx = t.rx, "connection closed");
+        }
+        Err(e) => debug!(error = %e, "connection ended with error"),
+    }
+    active.dec();
+}
+
+async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    tokio::net::lookup_host((host, port)).await.ok()?.next()
+}

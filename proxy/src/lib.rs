@@ -1,0 +1,25 @@
+//! skiff: an eBPF-accelerated, Envoy-compatible transparent proxy.
+//!
+//! # Layout
+//! - [`addr`]: typed socket addresses (`ClientAddr`, `OrigDstAddr`, `EndpointAddr`, ...).
+//! - [`config`]: Envoy v3 bootstrap (YAML/JSON) -> validated [`config::Bootstrap`].
+//! - [`model`]: skiff's own listener/cluster/endpoint types, converted from protos by `TryFrom`.
+//! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
+//! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
+//! - [`lb`]: balancers (pure).
+//! - [`bpf`]: load and attach the kernel capture programs; their maps.
+//! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages.
+//! - [`stats`]: counters with Envoy's names.
+//! - [`app`]: the wiring of one `skiff run`.
+#![deny(rust_2018_idioms)]
+
+pub mod addr;
+pub mod admin;
+pub mod app;
+pub mod bpf;
+pub mod config;
+pub mod dataplane;
+pub mod lb;
+pub mod model;
+pub mod state;
+pub mod stats;

@@ -1,0 +1,293 @@
+//! The `skiff` binary: parse the command line, start tracing, run.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use skiff::bpf::{CaptureConfig, CaptureMode};
+use skiff::model::Cidr;
+
+/// skiff: an eBPF-accelerated, Envoy-compatible transparent proxy.
+#[derive(Parser, Debug)]
+#[command(name = "skiff", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Node mode: add or remove pod cgroups at run time (through the admin API).
+    Node {
+        #[command(subcommand)]
+        op: NodeOp,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = skiff::config::DEFAULT_ADMIN, global = true)]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeOp {
+    /// Start capturing the processes of a cgroup.
+    AddCgroup {
+        /// cgroup v2 directory.
+        path: PathBuf,
+    },
+    /// Stop capturing a cgroup.
+    RemoveCgroup {
+        /// cgroup v2 directory.
+        path: PathBuf,
+    },
+    /// List captured cgroup ids.
+    ListCgroups,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CaptureKind {
+    /// cgroup connect4/6 + getsockopt eBPF programs.
+    Ebpf,
+    /// Install nothing: something else (iptables REDIRECT) sends traffic, or plain proxying.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Capture one pod's cgroup.
+    Sidecar,
+    /// Attach once at a node cgroup root; capture the cgroups registered at run time.
+    Node,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Envoy v3 bootstrap (YAML or JSON).
+    #[arg(long)]
+    bootstrap: PathBuf,
+    /// How traffic reaches the proxy.
+    #[arg(long, value_enum, default_value_t = CaptureKind::Ebpf)]
+    capture: CaptureKind,
+    /// Sidecar (one pod cgroup) or node (one skiff per node).
+    #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
+    mode: Mode,
+    /// Sidecar mode: the application's cgroup v2 directory to capture.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Node mode: the cgroup that stands for the node (default: the cgroup v2 root).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// cgroup the proxy runs in (created if missing). Default: `skiff-proxy` beside the
+    /// captured cgroup (sidecar) or under the node root (node).
+    #[arg(long)]
+    proxy_cgroup: Option<PathBuf>,
+    /// Port of the outbound capture listener (Istio's 15001).
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Do not listen on or capture IPv6.
+    #[arg(long)]
+    no_ipv6: bool,
+    /// When the proxy is not ready, fail connects instead of letting them through.
+    #[arg(long)]
+    fail_closed: bool,
+    /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_ports: Vec<u16>,
+    /// CIDRs never captured (Istio's excludeOutboundIPRanges), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_cidrs: Vec<Cidr>,
+    /// SO_MARK on the proxy's upstream sockets; marked sockets are never captured.
+    #[arg(long, default_value = "0x539", value_parser = parse_u32)]
+    proxy_mark: u32,
+    /// Admin address (overrides the bootstrap's admin.address).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Time in-flight connections get to finish on shutdown.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_time: Duration,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 32-bit number"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected e.g. 5s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// Exit code for bad configuration (clap uses 2 for usage errors too).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skiff: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let opts = match run_options(args) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match rt.block_on(skiff::app::run(opts, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Node { op, admin } => {
+            use hyper::Method;
+            let (method, path) = match &op {
+                NodeOp::AddCgroup { path } => (Method::POST, Some(path)),
+                NodeOp::RemoveCgroup { path } => (Method::DELETE, Some(path)),
+                NodeOp::ListCgroups => (Method::GET, None),
+            };
+            let mut uri = "/debug/node/cgroups".to_string();
+            if let Some(p) = path {
+                // The server resolves nothing relative: send an absolute path.
+                let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                let q: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("path", &abs.to_string_lossy())
+                    .finish();
+                uri = format!("{uri}?{q}");
+            }
+            match rt.block_on(skiff::admin::request(admin, method, &uri)) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
+    use anyhow::{Context, bail};
+    let bootstrap = skiff::config::load(&a.bootstrap)?;
+    let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
+    let outbound_v6 =
+        (!a.no_ipv6).then(|| SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
+    let capture = match a.capture {
+        CaptureKind::None => {
+            if a.cgroup.is_some() || a.cgroup_root.is_some() {
+                bail!("--cgroup/--cgroup-root need --capture ebpf");
+            }
+            None
+        }
+        CaptureKind::Ebpf => {
+            let mode = match a.mode {
+                Mode::Sidecar => {
+                    let cgroup = a
+                        .cgroup
+                        .context("--mode sidecar needs --cgroup PATH (the application's cgroup)")?;
+                    if !cgroup.is_dir() {
+                        bail!("--cgroup {}: not a directory", cgroup.display());
+                    }
+                    let proxy_cgroup = match a.proxy_cgroup {
+                        Some(p) => p,
+                        None => cgroup
+                            .parent()
+                            .context("--cgroup has no parent directory")?
+                            .join("skiff-proxy"),
+                    };
+                    CaptureMode::Sidecar {
+                        cgroup,
+                        proxy_cgroup,
+                    }
+                }
+                Mode::Node => {
+                    let cgroup_root = match a.cgroup_root {
+                        Some(p) => p,
+                        None => skiff::bpf::cgroup2_mount()?,
+                    };
+                    if !cgroup_root.is_dir() {
+                        bail!("--cgroup-root {}: not a directory", cgroup_root.display());
+                    }
+                    let proxy_cgroup = a
+                        .proxy_cgroup
+                        .unwrap_or_else(|| cgroup_root.join("skiff-proxy"));
+                    CaptureMode::Node {
+                        cgroup_root,
+                        proxy_cgroup,
+                    }
+                }
+            };
+            Some(CaptureConfig {
+                mode,
+                outbound_v4,
+                outbound_v6,
+                proxy_mark: a.proxy_mark,
+                fail_closed: a.fail_closed,
+                exclude_ports: a.exclude_ports,
+                exclude_cidrs: a
+                    .exclude_cidrs
+                    .iter()
+                    .map(|c| (c.addr, c.len))
+                    .collect::<Vec<(IpAddr, u8)>>(),
+            })
+        }
+    };
+    let upstream_mark = capture.is_some().then_some(a.proxy_mark);
+    Ok(skiff::app::RunOptions {
+        admin: a.admin.or(bootstrap.admin),
+        bootstrap,
+        capture,
+        outbound_v4,
+        outbound_v6,
+        upstream_mark,
+        drain: a.drain_time,
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still stops on SIGTERM, just without draining.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

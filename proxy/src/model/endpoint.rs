@@ -1,0 +1,213 @@
+//! Endpoints of a cluster (`ClusterLoadAssignment`): localities, priorities, health, weights.
+
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as pb;
+
+use super::{FieldError, ModelError, socket_addr};
+
+/// Envoy's default `overprovisioning_factor` (percent).
+pub const DEFAULT_OVERPROVISIONING_FACTOR: u32 = 140;
+
+/// Validated `ClusterLoadAssignment`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadAssignment {
+    /// `cluster_name`: the EDS service name this assignment answers.
+    pub cluster_name: String,
+    /// Endpoints grouped by locality and priority, in the order received.
+    pub localities: Vec<LocalityEndpoints>,
+    /// `policy.overprovisioning_factor`, percent.
+    pub overprovisioning_factor: u32,
+}
+
+/// One `LocalityLbEndpoints` group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityEndpoints {
+    /// Region/zone/sub-zone.
+    pub locality: Locality,
+    /// Priority level (0 is highest).
+    pub priority: u32,
+    /// `load_balancing_weight` of the locality, if set.
+    pub weight: Option<u32>,
+    /// Hosts in this locality.
+    pub endpoints: Vec<LbEndpoint>,
+}
+
+/// Envoy `Locality`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Sub-zone.
+    pub sub_zone: String,
+}
+
+/// One upstream host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbEndpoint {
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// EDS health status.
+    pub health: HealthStatus,
+    /// `load_balancing_weight` (default 1).
+    pub weight: u32,
+}
+
+/// EDS `health_status`, as Envoy interprets it for load balancing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthStatus {
+    /// UNKNOWN: treated as healthy.
+    Unknown,
+    /// HEALTHY.
+    Healthy,
+    /// UNHEALTHY.
+    Unhealthy,
+    /// DRAINING: not used for new traffic.
+    Draining,
+    /// TIMEOUT: treated as unhealthy.
+    Timeout,
+    /// DEGRADED: used only when not enough healthy hosts.
+    Degraded,
+}
+
+impl HealthStatus {
+    /// Whether new connections may use this host when enough healthy hosts exist.
+    pub fn is_healthy(self) -> bool {
+        matches!(self, HealthStatus::Unknown | HealthStatus::Healthy)
+    }
+
+    /// Envoy's proto name (`HEALTHY`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Unknown => "UNKNOWN",
+            HealthStatus::Healthy => "HEALTHY",
+            HealthStatus::Unhealthy => "UNHEALTHY",
+            HealthStatus::Draining => "DRAINING",
+            HealthStatus::Timeout => "TIMEOUT",
+            HealthStatus::Degraded => "DEGRADED",
+        }
+    }
+
+    fn from_proto(v: i32) -> Result<Self, FieldError> {
+        Ok(match v {
+            0 => HealthStatus::Unknown,
+            1 => HealthStatus::Healthy,
+            2 => HealthStatus::Unhealthy,
+            3 => HealthStatus::Draining,
+            4 => HealthStatus::Timeout,
+            5 => HealthStatus::Degraded,
+            other => {
+                return Err(FieldError::new(
+                    "health_status",
+                    format!("unknown value {other}"),
+                ));
+            }
+        })
+    }
+}
+
+impl LoadAssignment {
+    /// All endpoints, flattened, with their locality index.
+    pub fn endpoints(&self) -> impl Iterator<Item = &LbEndpoint> {
+        self.localities.iter().flat_map(|l| l.endpoints.iter())
+    }
+
+    /// Convert, naming `owner` (e.g. `cluster "x": load_assignment`) in errors.
+    pub fn from_proto(cla: &pb::ClusterLoadAssignment) -> Result<Self, FieldError> {
+        let mut localities = Vec::with_capacity(cla.endpoints.len());
+        for (i, l) in cla.endpoints.iter().enumerate() {
+            let at = |e: FieldError| e.within(format!("[{i}]")).within("endpoints");
+            let mut endpoints = Vec::with_capacity(l.lb_endpoints.len());
+            for (j, e) in l.lb_endpoints.iter().enumerate() {
+                let ep = lb_endpoint(e)
+                    .map_err(|err| at(err.within(format!("[{j}]")).within("lb_endpoints")))?;
+                endpoints.push(ep);
+            }
+            let weight = l.load_balancing_weight.as_ref().map(|w| w.value);
+            if weight == Some(0) {
+                return Err(at(FieldError::new(
+                    "load_balancing_weight",
+                    "must be at least 1",
+                )));
+            }
+            localities.push(LocalityEndpoints {
+                locality: locality(l.locality.as_ref()),
+                priority: l.priority,
+                weight,
+                endpoints,
+            });
+        }
+        let overprovisioning_factor = cla
+            .policy
+            .as_ref()
+            .and_then(|p| p.overprovisioning_factor.as_ref())
+            .map(|v| v.value)
+            .unwrap_or(DEFAULT_OVERPROVISIONING_FACTOR);
+        if overprovisioning_factor == 0 {
+            return Err(FieldError::new(
+                "policy.overprovisioning_factor",
+                "must be at least 1",
+            ));
+        }
+        Ok(LoadAssignment {
+            cluster_name: cla.cluster_name.clone(),
+            localities,
+            overprovisioning_factor,
+        })
+    }
+}
+
+impl TryFrom<&pb::ClusterLoadAssignment> for LoadAssignment {
+    type Error = ModelError;
+    fn try_from(cla: &pb::ClusterLoadAssignment) -> Result<Self, ModelError> {
+        if cla.cluster_name.is_empty() {
+            return Err(FieldError::new("cluster_name", "must not be empty")
+                .on("cluster_load_assignment", ""));
+        }
+        LoadAssignment::from_proto(cla)
+            .map_err(|e| e.on("cluster_load_assignment", &cla.cluster_name))
+    }
+}
+
+fn locality(l: Option<&core::Locality>) -> Locality {
+    l.map(|l| Locality {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        sub_zone: l.sub_zone.clone(),
+    })
+    .unwrap_or_default()
+}
+
+fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
+    use pb::lb_endpoint::HostIdentifier;
+    let endpoint = match &e.host_identifier {
+        Some(HostIdentifier::Endpoint(ep)) => ep,
+        Some(HostIdentifier::EndpointName(n)) => {
+            return Err(FieldError::new(
+                "endpoint_name",
+                format!("named endpoint {n:?} is not supported"),
+            ));
+        }
+        None => return Err(FieldError::new("endpoint", "missing")),
+    };
+    let address =
+        socket_addr(endpoint.address.as_ref()).map_err(|e| e.within("endpoint.address"))?;
+    if address.port() == 0 {
+        return Err(FieldError::new(
+            "endpoint.address.socket_address.port_value",
+            "port 0",
+        ));
+    }
+    let weight = e.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(1);
+    if weight == 0 {
+        return Err(FieldError::new("load_balancing_weight", "must be at least 1"));
+    }
+    Ok(LbEndpoint {
+        address,
+        health: HealthStatus::from_proto(e.health_status)?,
+        weight,
+    })
+}

@@ -1,0 +1,372 @@
+//! Listeners, their filter chains and the network filter that terminates each chain.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::listener::v3 as pb;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+
+use super::{Cidr, FieldError, ModelError, duration, socket_addr};
+
+/// Type URL of the TCP proxy filter config.
+pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// Type URL of the HTTP connection manager filter config.
+pub const HCM_TYPE: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
+/// Validated `Listener`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// Listener name.
+    pub name: String,
+    /// Address (IP literal and port).
+    pub address: SocketAddr,
+    /// `use_original_dst`: hand connections to the listener matching their original destination.
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true). Istio's per-service listeners set it to false.
+    pub bind_to_port: bool,
+    /// Filter chains in configuration order.
+    pub filter_chains: Vec<FilterChain>,
+    /// Chain used when no `filter_chain_match` matches.
+    pub default_filter_chain: Option<FilterChain>,
+    /// Names of the listener filters (tls_inspector, http_inspector, original_dst ...).
+    pub listener_filters: Vec<String>,
+}
+
+/// One `FilterChain`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterChain {
+    /// Chain name (may be empty).
+    pub name: String,
+    /// Match criteria.
+    pub matcher: FilterChainMatch,
+    /// Network filters before the terminal one (RBAC, metadata exchange, stats ...), by name.
+    pub filters: Vec<String>,
+    /// What the terminal filter does.
+    pub action: NetworkAction,
+    /// Whether the chain terminates TLS (`transport_socket` set).
+    pub has_transport_socket: bool,
+}
+
+/// `FilterChainMatch`, validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FilterChainMatch {
+    /// `destination_port`.
+    pub destination_port: Option<u16>,
+    /// `prefix_ranges` (destination IP).
+    pub prefix_ranges: Vec<Cidr>,
+    /// `direct_source_prefix_ranges`.
+    pub direct_source_prefix_ranges: Vec<Cidr>,
+    /// `source_type`.
+    pub source_type: SourceType,
+    /// `source_prefix_ranges`.
+    pub source_prefix_ranges: Vec<Cidr>,
+    /// `source_ports`.
+    pub source_ports: Vec<u16>,
+    /// `server_names` (SNI).
+    pub server_names: Vec<String>,
+    /// `transport_protocol` (`raw_buffer`, `tls`), empty = any.
+    pub transport_protocol: String,
+    /// `application_protocols` (`http/1.1`, `h2c`, `istio-peer-exchange` ...).
+    pub application_protocols: Vec<String>,
+}
+
+/// `FilterChainMatch.source_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceType {
+    /// ANY.
+    #[default]
+    Any,
+    /// SAME_IP_OR_LOOPBACK.
+    SameIpOrLoopback,
+    /// EXTERNAL.
+    External,
+}
+
+/// What the terminal network filter of a chain does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkAction {
+    /// `envoy.filters.network.tcp_proxy`.
+    TcpProxy(TcpProxy),
+    /// `envoy.filters.network.http_connection_manager`: accepted and stored; served by HTTP routing.
+    Http(HttpManager),
+    /// A terminal filter skiff does not run; connections on this chain are closed.
+    Unsupported {
+        /// Filter name.
+        name: String,
+        /// Its config type URL.
+        type_url: String,
+    },
+}
+
+/// TCP proxy settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpProxy {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// Target cluster(s).
+    pub cluster: ClusterSpecifier,
+    /// `idle_timeout` (Envoy default 1h; zero disables).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// `cluster` or `weighted_clusters`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClusterSpecifier {
+    /// One cluster.
+    Cluster(String),
+    /// Several clusters with weights.
+    Weighted(Vec<(String, u32)>),
+}
+
+impl ClusterSpecifier {
+    /// Every cluster named.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            ClusterSpecifier::Cluster(c) => vec![c.as_str()],
+            ClusterSpecifier::Weighted(w) => w.iter().map(|(n, _)| n.as_str()).collect(),
+        }
+    }
+}
+
+/// The parts of an HTTP connection manager the rest of skiff needs now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpManager {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// RDS route config name, when routes come over RDS.
+    pub rds_route_config_name: Option<String>,
+    /// Name of the inline `route_config`, when given inline.
+    pub inline_route_config: Option<String>,
+}
+
+/// Envoy's default TCP proxy idle timeout.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn type_name(any: &Any) -> &str {
+    any.type_url.rsplit('/').next().unwrap_or(&any.type_url)
+}
+
+fn ports(v: &[u32], field: &str) -> Result<Vec<u16>, FieldError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            u16::try_from(*p)
+                .map_err(|_| FieldError::new(format!("{field}[{i}]"), format!("{p} is not a port")))
+        })
+        .collect()
+}
+
+fn cidrs(
+    v: &[envoy_types::pb::envoy::config::core::v3::CidrRange],
+    field: &str,
+) -> Result<Vec<Cidr>, FieldError> {
+    v.iter()
+        .enumerate()
+        .map(|(i, c)| Cidr::from_proto(c).map_err(|e| e.within(format!("{field}[{i}]"))))
+        .collect()
+}
+
+impl FilterChainMatch {
+    fn from_proto(m: &pb::FilterChainMatch) -> Result<Self, FieldError> {
+        let destination_port = match &m.destination_port {
+            Some(p) => Some(u16::try_from(p.value).map_err(|_| {
+                FieldError::new("destination_port", format!("{} is not a port", p.value))
+            })?),
+            None => None,
+        };
+        Ok(FilterChainMatch {
+            destination_port,
+            prefix_ranges: cidrs(&m.prefix_ranges, "prefix_ranges")?,
+            direct_source_prefix_ranges: cidrs(
+                &m.direct_source_prefix_ranges,
+                "direct_source_prefix_ranges",
+            )?,
+            source_type: match m.source_type {
+                0 => SourceType::Any,
+                1 => SourceType::SameIpOrLoopback,
+                2 => SourceType::External,
+                o => return Err(FieldError::new("source_type", format!("unknown value {o}"))),
+            },
+            source_prefix_ranges: cidrs(&m.source_prefix_ranges, "source_prefix_ranges")?,
+            source_ports: ports(&m.source_ports, "source_ports")?,
+            server_names: m.server_names.clone(),
+            transport_protocol: m.transport_protocol.clone(),
+            application_protocols: m.application_protocols.clone(),
+        })
+    }
+}
+
+fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
+    let t = tcp::TcpProxy::decode(any.value.as_slice())
+        .map_err(|e| FieldError::new("typed_config", format!("invalid {TCP_PROXY_TYPE}: {e}")))?;
+    use tcp::tcp_proxy::ClusterSpecifier as Cs;
+    let cluster = match t.cluster_specifier {
+        Some(Cs::Cluster(c)) if !c.is_empty() => ClusterSpecifier::Cluster(c),
+        Some(Cs::WeightedClusters(w)) if !w.clusters.is_empty() => {
+            let mut out = Vec::with_capacity(w.clusters.len());
+            for (i, c) in w.clusters.iter().enumerate() {
+                if c.name.is_empty() {
+                    return Err(FieldError::new(
+                        format!("typed_config.weighted_clusters.clusters[{i}].name"),
+                        "must not be empty",
+                    ));
+                }
+                out.push((c.name.clone(), c.weight));
+            }
+            if out.iter().all(|(_, w)| *w == 0) {
+                return Err(FieldError::new(
+                    "typed_config.weighted_clusters",
+                    "all weights are 0",
+                ));
+            }
+            ClusterSpecifier::Weighted(out)
+        }
+        _ => {
+            return Err(FieldError::new(
+                "typed_config.cluster",
+                "tcp_proxy needs cluster or weighted_clusters",
+            ));
+        }
+    };
+    let idle_timeout = match &t.idle_timeout {
+        Some(d) => {
+            let d = duration(d).map_err(|e| e.within("typed_config.idle_timeout"))?;
+            (!d.is_zero()).then_some(d)
+        }
+        None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+    };
+    Ok(TcpProxy {
+        stat_prefix: t.stat_prefix,
+        cluster,
+        idle_timeout,
+    })
+}
+
+fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
+    let h = hcm::HttpConnectionManager::decode(any.value.as_slice())
+        .map_err(|e| FieldError::new("typed_config", format!("invalid {HCM_TYPE}: {e}")))?;
+    use hcm::http_connection_manager::RouteSpecifier as Rs;
+    let (rds, inline) = match &h.route_specifier {
+        Some(Rs::Rds(r)) if !r.route_config_name.is_empty() => {
+            (Some(r.route_config_name.clone()), None)
+        }
+        Some(Rs::Rds(_)) => {
+            return Err(FieldError::new(
+                "typed_config.rds.route_config_name",
+                "must not be empty",
+            ));
+        }
+        Some(Rs::RouteConfig(rc)) => (None, Some(rc.name.clone())),
+        Some(Rs::ScopedRoutes(_)) => {
+            return Err(FieldError::new(
+                "typed_config.scoped_routes",
+                "scoped routes are not supported",
+            ));
+        }
+        None => {
+            return Err(FieldError::new(
+                "typed_config",
+                "http_connection_manager needs rds or route_config",
+            ));
+        }
+    };
+    Ok(HttpManager {
+        stat_prefix: h.stat_prefix,
+        rds_route_config_name: rds,
+        inline_route_config: inline,
+    })
+}
+
+impl FilterChain {
+    fn from_proto(fc: &pb::FilterChain) -> Result<Self, FieldError> {
+        let matcher = match &fc.filter_chain_match {
+            Some(m) => FilterChainMatch::from_proto(m).map_err(|e| e.within("filter_chain_match"))?,
+            None => FilterChainMatch::default(),
+        };
+        let Some((last, before)) = fc.filters.split_last() else {
+            return Err(FieldError::new("filters", "a filter chain needs a network filter"));
+        };
+        let n = fc.filters.len() - 1;
+        use pb::filter::ConfigType;
+        let action = match &last.config_type {
+            Some(ConfigType::TypedConfig(any)) => match type_name(any) {
+                TCP_PROXY_TYPE => NetworkAction::TcpProxy(
+                    tcp_proxy(any).map_err(|e| e.within(format!("filters[{n}]")))?,
+                ),
+                HCM_TYPE => NetworkAction::Http(
+                    http_manager(any).map_err(|e| e.within(format!("filters[{n}]")))?,
+                ),
+                other => NetworkAction::Unsupported {
+                    name: last.name.clone(),
+                    type_url: other.to_string(),
+                },
+            },
+            _ => NetworkAction::Unsupported {
+                name: last.name.clone(),
+                type_url: String::new(),
+            },
+        };
+        Ok(FilterChain {
+            name: fc.name.clone(),
+            matcher,
+            filters: before.iter().map(|f| f.name.clone()).collect(),
+            action,
+            has_transport_socket: fc.transport_socket.is_some(),
+        })
+    }
+}
+
+impl TryFrom<&pb::Listener> for Listener {
+    type Error = ModelError;
+    fn try_from(l: &pb::Listener) -> Result<Self, ModelError> {
+        let err = |e: FieldError| e.on("listener", &l.name);
+        if l.name.is_empty() {
+            return Err(err(FieldError::new("name", "must not be empty")));
+        }
+        let address = socket_addr(l.address.as_ref()).map_err(|e| err(e.within("address")))?;
+        let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
+        for (i, fc) in l.filter_chains.iter().enumerate() {
+            filter_chains.push(
+                FilterChain::from_proto(fc)
+                    .map_err(|e| err(e.within(format!("[{i}]")).within("filter_chains")))?,
+            );
+        }
+        let default_filter_chain = match &l.default_filter_chain {
+            Some(fc) => Some(
+                FilterChain::from_proto(fc).map_err(|e| err(e.within("default_filter_chain")))?,
+            ),
+            None => None,
+        };
+        if filter_chains.is_empty() && default_filter_chain.is_none() && l.filter_chain_matcher.is_none() {
+            return Err(err(FieldError::new(
+                "filter_chains",
+                "a listener needs at least one filter chain or a default_filter_chain",
+            )));
+        }
+        #[allow(deprecated)]
+        let legacy_bind = l
+            .deprecated_v1
+            .as_ref()
+            .and_then(|d| d.bind_to_port.as_ref())
+            .map(|b| b.value);
+        let bind_to_port = l
+            .bind_to_port
+            .as_ref()
+            .map(|b| b.value)
+            .or(legacy_bind)
+            .unwrap_or(true);
+        Ok(Listener {
+            name: l.name.clone(),
+            address,
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+            bind_to_port,
+            filter_chains,
+            default_filter_chain,
+            listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
+        })
+    }
+}

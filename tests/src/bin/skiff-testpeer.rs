@@ -1,0 +1,185 @@
+//! A small TCP peer for skiff's end-to-end tests. One line of `key=value` words per event on
+//! stdout (flushed per line), so tests can parse it with `skiff_tests::field`.
+//!
+//! ```text
+//! skiff-testpeer echo    <addr>           listen, print `ready local=..`, echo every connection
+//! skiff-testpeer origdst <addr>           as echo, and print for each accepted connection
+//!                                         `accepted peer=.. local=.. orig_dst=<addr>|orig_dst_errno=<n>`
+//! skiff-testpeer client  <addr> [--bytes N] [--mark M] [--timeout-ms T]
+//!                                         connect, send N bytes (default 1024), half-close, read
+//!                                         the echo; print `ok peer=.. local=.. sent=N echoed=N
+//!                                         elapsed_ms=..` (exit 0) or `err stage=.. errno=..
+//!                                         elapsed_ms=.. msg=..` (exit 1)
+//! ```
+//! `origdst` uses `SO_ORIGINAL_DST` on IPv4 sockets and `IP6T_SO_ORIGINAL_DST` on IPv6 ones.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: skiff-testpeer (echo|origdst|client) <addr> [--bytes N] [--mark M] [--timeout-ms T]";
+    let (Some(mode), Some(addr)) = (args.first(), args.get(1)) else {
+        eprintln!("{usage}");
+        return ExitCode::from(2);
+    };
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        eprintln!("bad address {addr:?}\n{usage}");
+        return ExitCode::from(2);
+    };
+    let opt = |name: &str| -> Option<u64> {
+        let i = args.iter().position(|a| a == name)?;
+        let v = args.get(i + 1)?;
+        v.strip_prefix("0x")
+            .map(|h| u64::from_str_radix(h, 16))
+            .unwrap_or_else(|| v.parse())
+            .ok()
+    };
+    match mode.as_str() {
+        "echo" => serve(addr, false),
+        "origdst" => serve(addr, true),
+        "client" => client(
+            addr,
+            opt("--bytes").unwrap_or(1024) as usize,
+            opt("--mark").map(|m| m as u32),
+            Duration::from_millis(opt("--timeout-ms").unwrap_or(5000)),
+        ),
+        _ => {
+            eprintln!("{usage}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(addr: SocketAddr, report_orig_dst: bool) -> ExitCode {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            println!(
+                "err stage=bind errno={} msg={}",
+                e.raw_os_error().unwrap_or(0),
+                one_word(&e)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    println!("ready local={local}");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if report_orig_dst {
+            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let orig = original_dst(&conn);
+            println!("accepted peer={peer} local={local} {orig}");
+        }
+        thread::spawn(move || echo(conn));
+    }
+    ExitCode::SUCCESS
+}
+
+fn original_dst(conn: &TcpStream) -> String {
+    let sock = socket2::SockRef::from(conn);
+    let res = match conn.local_addr() {
+        Ok(SocketAddr::V6(_)) => sock.original_dst_v6(),
+        _ => sock.original_dst_v4(),
+    };
+    match res {
+        Ok(a) => match a.as_socket() {
+            Some(a) => format!("orig_dst={a}"),
+            None => "orig_dst_errno=0 msg=not-an-inet-address".into(),
+        },
+        Err(e) => format!(
+            "orig_dst_errno={} msg={}",
+            e.raw_os_error().unwrap_or(0),
+            one_word(&e)
+        ),
+    }
+}
+
+fn echo(mut conn: TcpStream) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = conn.shutdown(Shutdown::Write);
+}
+
+fn client(addr: SocketAddr, bytes: usize, mark: Option<u32>, timeout: Duration) -> ExitCode {
+    let start = Instant::now();
+    let fail = |stage: &str, e: std::io::Error| {
+        println!(
+            "err stage={stage} errno={} elapsed_ms={} msg={}",
+            e.raw_os_error().unwrap_or(0),
+            start.elapsed().as_millis(),
+            one_word(&e)
+        );
+        ExitCode::FAILURE
+    };
+    let sock = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) => return fail("socket", e),
+    };
+    if let Some(m) = mark
+        && let Err(e) = sock.set_mark(m)
+    {
+        return fail("mark", e);
+    }
+    if let Err(e) = sock.connect_timeout(&SockAddr::from(addr), timeout) {
+        return fail("connect", e);
+    }
+    let _ = sock.set_read_timeout(Some(timeout));
+    let peer = sock
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let local = sock
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut stream: TcpStream = sock.into();
+    let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    if let Err(e) = stream.write_all(&payload) {
+        return fail("write", e);
+    }
+    if let Err(e) = stream.shutdown(Shutdown::Write) {
+        return fail("shutdown", e);
+    }
+    let mut back = Vec::with_capacity(bytes);
+    if let Err(e) = stream.read_to_end(&mut back) {
+        return fail("read", e);
+    }
+    let same = if back == payload { "yes" } else { "no" };
+    println!(
+        "ok peer={peer} local={local} sent={bytes} echoed={} same={same} elapsed_ms={}",
+        back.len(),
+        start.elapsed().as_millis()
+    );
+    ExitCode::SUCCESS
+}
+
+/// An error message as one word (spaces replaced), so the line stays `key=value` words.
+fn one_word(e: &std::io::Error) -> String {
+    e.to_string().replace(' ', "_")
+}

@@ -1,0 +1,469 @@
+//! Shared harness for skiff's end-to-end tests.
+//!
+//! `direct_*` tests need no privilege. `root_*` tests use real cgroup v2, network namespaces
+//! and BPF; they start with [`require_root`], which panics naming what is missing (never a
+//! silent skip). Everything a root test creates is a Drop guard, so it is removed even when the
+//! test panics:
+//!
+//! - [`Netns`]: `ip netns add skiff-test-<name>-<pid>` with only `lo` (up) and no route out,
+//!   so addresses like 10.96.0.1 can never leave the machine.
+//! - [`Cgroup`]: `<cgroup2>/skiff-test-<name>-<pid>` and children (`app`, `proxy`, ...).
+//!   Drop only removes directories; it kills and moves nothing.
+//! - [`Child`]: a spawned process killed by PID on drop, with its stdout readable line by line.
+//!
+//! [`command_in`] builds a command that runs inside a netns (`nsenter --net=/run/netns/NAME`,
+//! not `ip netns exec`, which remounts /sys and hides cgroup2 and bpffs) and joins a cgroup
+//! before exec. `skiff-testpeer` (this package's bin) is the echo server / client /
+//! `SO_ORIGINAL_DST` reporter these tests drive; see its `--help`.
+//!
+//! Root tests change process-wide state (the process's cgroup), so run them serially:
+//! `cargo test -p skiff-tests --features root --test root_bpf -- --test-threads=1`.
+
+use std::{
+    ffi::{CString, OsStr},
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// What a root test needs, found by [`require_root`].
+#[derive(Clone, Debug)]
+pub struct RootEnv {
+    /// The cgroup2 mount (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid hosts).
+    pub cgroup2: PathBuf,
+}
+
+/// Checks the machine can run root tests and returns what it found. Panics naming what is
+/// missing and how to get it. Mounts bpffs at /sys/fs/bpf when it is missing.
+pub fn require_root() -> RootEnv {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "root tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run \
+             `sudo -E cargo test -p skiff-tests --features root --test root_bpf -- --test-threads=1`"
+        );
+    }
+    let cgroup2 = cgroup2_mount().unwrap_or_else(|| {
+        panic!("root tests need a cgroup2 mount: `mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified`")
+    });
+    for (tool, package) in [
+        ("bpftool", "bpftool"),
+        ("ip", "iproute2"),
+        ("nsenter", "util-linux"),
+    ] {
+        if !tool_exists(tool) {
+            panic!("root tests need `{tool}` on PATH: `apt-get install -y {package}`");
+        }
+    }
+    if !is_mount_point_of("/sys/fs/bpf", "bpf") {
+        let _ = fs::create_dir_all("/sys/fs/bpf");
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            panic!("root tests need bpffs: `mount -t bpf bpf /sys/fs/bpf` failed");
+        }
+    }
+    RootEnv { cgroup2 }
+}
+
+fn tool_exists(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn mountinfo() -> String {
+    fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
+}
+
+/// The first cgroup2 mount point in /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    mountinfo().lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+fn is_mount_point_of(path: &str, fstype: &str) -> bool {
+    mountinfo().lines().any(|l| {
+        l.split_once(" - ").is_some_and(|(left, right)| {
+            left.split_whitespace().nth(4) == Some(path)
+                && right.split_whitespace().next() == Some(fstype)
+        })
+    })
+}
+
+/// The name root tests give what they create: `skiff-test-<name>-<pid>`.
+pub fn test_name(name: &str) -> String {
+    format!("skiff-test-{name}-{}", std::process::id())
+}
+
+/// Runs a command to completion, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// === Netns ===
+
+/// A network namespace with only `lo` (up) and no routes off the machine. Drop deletes it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// `ip netns add skiff-test-<name>-<pid>`, brings `lo` up and checks that `lo` is the only
+    /// link and every route goes through it.
+    pub fn new(name: &str) -> Netns {
+        let name = test_name(name);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns.assert_isolated();
+        ns
+    }
+
+    /// Panics unless `lo` is the only link and every route uses it.
+    pub fn assert_isolated(&self) {
+        let links = run(Command::new("ip").args(["-n", &self.name, "-o", "link", "show"]));
+        for line in links.lines() {
+            let ifname = line.split(':').nth(1).map(str::trim).unwrap_or("");
+            assert_eq!(
+                ifname, "lo",
+                "netns {} has a link besides lo: {line}",
+                self.name
+            );
+        }
+        for family in ["-4", "-6"] {
+            let routes = run(Command::new("ip")
+                .args(["-n", &self.name, family, "route", "show", "table", "all"]));
+            for line in routes.lines() {
+                assert!(
+                    line.contains("dev lo"),
+                    "netns {} has a route off loopback: {line}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`, what `nsenter --net=` takes.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Adds an address to `lo` (e.g. `10.96.0.1/32` to make a VIP reachable in this netns only).
+    pub fn add_lo_addr(&self, cidr: &str) {
+        run(Command::new("ip").args(["-n", &self.name, "addr", "add", cidr, "dev", "lo"]));
+        self.assert_isolated();
+    }
+
+    /// Whether `ip netns list` shows a namespace named `name`.
+    pub fn exists(name: &str) -> bool {
+        Path::new("/run/netns").join(name).exists()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// === Cgroup ===
+
+/// A cgroup v2 directory created for a test, with children. Drop removes the children, then
+/// the directory, retrying briefly while exiting processes leave; it kills and moves nothing.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+    children: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2>/skiff-test-<name>-<pid>`.
+    pub fn new(env: &RootEnv, name: &str) -> Cgroup {
+        let path = env.cgroup2.join(test_name(name));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Cgroup {
+            path,
+            children: Vec::new(),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the child cgroup `name` and returns its path.
+    pub fn child(&mut self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::create_dir(&p).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", p.display()));
+        self.children.push(p.clone());
+        p
+    }
+
+    /// The path of a child something else creates (removed on drop if it still exists).
+    pub fn child_path(&mut self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        self.children.push(p.clone());
+        p
+    }
+
+    /// The PIDs in a cgroup.
+    pub fn procs(path: &Path) -> Vec<u32> {
+        fs::read_to_string(path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+fn rmdir_retrying(p: &Path) {
+    for _ in 0..40 {
+        match fs::remove_dir(p) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => thread::sleep(Duration::from_millis(25)),
+        }
+    }
+    eprintln!(
+        "warning: could not remove cgroup {} (pids {:?})",
+        p.display(),
+        Cgroup::procs(p)
+    );
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for c in self.children.iter().rev() {
+            rmdir_retrying(c);
+        }
+        rmdir_retrying(&self.path);
+    }
+}
+
+// === Processes ===
+
+/// A command running `program` inside `netns` (if given) via `nsenter --net=...`, joining
+/// `cgroup` (if given) between fork and exec by writing `0` to its `cgroup.procs`. Sockets the
+/// program creates belong to that cgroup.
+pub fn command_in(
+    netns: Option<&Netns>,
+    cgroup: Option<&Path>,
+    program: impl AsRef<OsStr>,
+) -> Command {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.path().display()))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    if let Some(cg) = cgroup {
+        let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes())
+            .expect("cgroup path has no NUL");
+        // SAFETY: the closure only calls async-signal-safe functions (open, write, close) on
+        // memory allocated before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// The path of a binary built in this workspace's target directory (`target/<profile>/<name>`),
+/// for binaries of other packages (for this package's own bins prefer
+/// `env!("CARGO_BIN_EXE_<name>")` in the test). Panics with the build command if missing.
+pub fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let p = profile_dir.join(name);
+    if !p.is_file() {
+        panic!(
+            "{} is missing: run `cargo build --bin {name}` first",
+            p.display()
+        );
+    }
+    p
+}
+
+/// A spawned process, killed by PID (and reaped) on drop. Its stdout is read line by line
+/// from a background thread.
+#[derive(Debug)]
+pub struct Child {
+    child: std::process::Child,
+    what: String,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Child {
+    /// Spawns `cmd` with stdout piped (stderr inherited, so it shows in test output).
+    pub fn spawn(cmd: &mut Command) -> Child {
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Child {
+            child,
+            what,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the next stdout line that starts with `prefix` (lines before
+    /// it are kept in [`Child::seen`]). Panics on timeout or exit.
+    pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: no line starting with {prefix:?} within {timeout:?} ({e}); seen: {:?}",
+                    self.what, self.seen
+                ),
+            }
+        }
+    }
+
+    /// Every stdout line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Waits up to `timeout` for exit; returns the status and the remaining stdout. Panics
+    /// (after killing it) on timeout.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let mut out: Vec<String> = std::mem::take(&mut self.seen);
+                // The reader thread ends at EOF; give it a moment to deliver the last lines.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    out.push(l);
+                }
+                return (status, out.join("\n"));
+            }
+            if Instant::now() >= deadline {
+                panic!("{} did not exit within {timeout:?}", self.what);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Kill only the process this guard started, by its PID.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// === BPF inspection ===
+
+/// `bpftool cgroup tree <path>`: the programs attached at or below `path`.
+pub fn bpftool_cgroup_tree(path: &Path) -> String {
+    run(Command::new("bpftool").arg("cgroup").arg("tree").arg(path))
+}
+
+/// Panics if any BPF program is attached at or below `path`.
+pub fn assert_no_programs_attached(path: &Path) {
+    let tree = bpftool_cgroup_tree(path);
+    let attached: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.chars().all(|c| c.is_ascii_digit()))
+        })
+        .collect();
+    assert!(
+        attached.is_empty(),
+        "programs still attached under {}:\n{tree}",
+        path.display()
+    );
+}
+
+/// Parses `key=value` words of a testpeer output line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
