@@ -50,6 +50,9 @@ impl CaptureControl for CaptureHandle {
     fn cgroups(&self) -> Result<Vec<u64>, String> {
         self.0.meshed_cgroups().map_err(|e| e.to_string())
     }
+    fn set_ready(&self, ready: bool) -> Result<(), String> {
+        self.0.set_ready(ready).map_err(|e| e.to_string())
+    }
     fn stats(&self) -> Vec<(String, u64)> {
         self.0
             .stats()
@@ -138,9 +141,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         let admin = Arc::new(Admin {
             store: store.clone(),
             stats: stats.clone(),
-            capture: capture
-                .clone()
-                .map(|c| c as Arc<dyn CaptureControl>),
+            capture: capture.clone().map(|c| c as Arc<dyn CaptureControl>),
             ready: ready.clone(),
             config_dump: Arc::new(move || config_dump(&raw)),
             node_id: opts.bootstrap.node.id.clone(),
@@ -153,7 +154,8 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     }
 
     if let Some(c) = &capture {
-        c.0.set_ready(true).context("marking the proxy ready in the BPF config map")?;
+        c.0.set_ready(true)
+            .context("marking the proxy ready in the BPF config map")?;
     }
     ready.store(true, Ordering::Relaxed);
     info!("skiff ready");
@@ -162,10 +164,10 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     info!(drain_ms = opts.drain.as_millis() as u64, "shutting down");
     // New connects stop coming our way first (fail-open or fail-closed per config), then the
     // listeners close, then in-flight connections get the drain time to finish.
-    if let Some(c) = &capture {
-        if let Err(e) = c.0.set_ready(false) {
-            warn!(error = %e, "could not clear the ready flag");
-        }
+    if let Some(c) = &capture
+        && let Err(e) = c.0.set_ready(false)
+    {
+        warn!(error = %e, "could not clear the ready flag");
     }
     ready.store(false, Ordering::Relaxed);
     stop.cancel();

@@ -123,7 +123,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
         .unwrap_or((s, "s"));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected e.g. 5s or 500ms"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 5s or 500ms"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -143,8 +145,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("skiff: cannot start the runtime: {e}");
@@ -202,8 +208,8 @@ fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
     use anyhow::{Context, bail};
     let bootstrap = skiff::config::load(&a.bootstrap)?;
     let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
-    let outbound_v6 =
-        (!a.no_ipv6).then(|| SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
+    let outbound_v6 = (!a.no_ipv6)
+        .then(|| SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
     let capture = match a.capture {
         CaptureKind::None => {
             if a.cgroup.is_some() || a.cgroup_root.is_some() {

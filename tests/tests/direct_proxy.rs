@@ -16,7 +16,9 @@ async fn backend(name: &'static str) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if s.read_to_end(&mut buf).await.is_err() {
@@ -158,10 +160,15 @@ async fn large_transfer_is_byte_exact() {
     let a = backend("A").await;
     let port = free_port();
     let skiff = start(&bootstrap(port, &[a]), port).await;
-    let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let payload: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
     let out = roundtrip(port, &payload).await;
     assert_eq!(&out[..2], b"A:");
-    assert!(out[2..] == payload[..], "4 MiB must come back byte for byte");
+    assert!(
+        out[2..] == payload[..],
+        "4 MiB must come back byte for byte"
+    );
     skiff.stop().await;
 }
 
@@ -179,7 +186,9 @@ async fn dead_endpoint_closes_the_client_quickly() {
 #[test]
 fn invalid_bootstrap_names_resource_and_field() {
     let yaml = bootstrap(10000, &["127.0.0.1:0".parse().unwrap()]);
-    let err = skiff::config::parse(&yaml, "b.yaml").unwrap_err().to_string();
+    let err = skiff::config::parse(&yaml, "b.yaml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cluster \"backends\""), "{err}");
     assert!(
         err.contains("load_assignment.endpoints[0].lb_endpoints[0]"),

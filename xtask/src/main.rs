@@ -66,7 +66,13 @@ fn check_ebpf() -> anyhow::Result<()> {
     cmd.current_dir(&root)
         .args(["run", ebpf_recipe::EBPF_TOOLCHAIN, "cargo", "clippy", "-p"])
         .arg(ebpf_recipe::EBPF_PACKAGE)
-        .args(["--bins", "--target", ebpf_recipe::EBPF_TARGET, "-Z", "build-std=core"])
+        .args([
+            "--bins",
+            "--target",
+            ebpf_recipe::EBPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(root.join("target").join("ebpf-check"))
         .args(["--", "-D", "warnings"]);

@@ -41,7 +41,10 @@ pub fn run() -> anyhow::Result<()> {
     if !is_root() {
         bail!("setup installs packages and mounts bpffs: run it as root");
     }
-    let missing: Vec<String> = apt_packages().into_iter().filter(|p| !installed(p)).collect();
+    let missing: Vec<String> = apt_packages()
+        .into_iter()
+        .filter(|p| !installed(p))
+        .collect();
     if !missing.is_empty() {
         eprintln!("setup: installing {}", missing.join(" "));
         sh(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -66,7 +69,13 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     let have_nightly = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ])
         .output()
         .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
         .unwrap_or(false);

@@ -27,6 +27,8 @@ pub fn run() -> anyhow::Result<()> {
     };
     // Unit tests and unprivileged end-to-end tests.
     sh(cargo().args(["test", "--workspace", "--exclude", "skiff-ebpf"]))?;
+    // The root end-to-end tests run the real binaries.
+    sh(cargo().args(["build", "-p", "skiff", "-p", "skiff-tests", "--bins"]))?;
     // Root tests: real BPF, cgroups and network namespaces; serial, since a process's cgroup
     // and the machine's attach points are shared state.
     sh(cargo().args([

@@ -38,10 +38,10 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(mp));
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mp));
         }
     }
     bail!("no cgroup2 mount in /proc/self/mountinfo (run `cargo xtask setup` as root)")

@@ -29,6 +29,8 @@ pub trait CaptureControl: Send + Sync {
     fn cgroups(&self) -> Result<Vec<u64>, String>;
     /// Kernel-side counters by reason.
     fn stats(&self) -> Vec<(String, u64)>;
+    /// Open or close the kernel's readiness gate (closed: connects fail open or closed).
+    fn set_ready(&self, ready: bool) -> Result<(), String>;
 }
 
 /// What the admin server reads.
@@ -119,6 +121,17 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
             }
         }
+        // Envoy's drain: stop taking new connections, keep serving in-flight ones. With capture
+        // the kernel stops steering connects here (they fail open, or closed if configured).
+        (Method::POST, "/drain_listeners") => {
+            admin.ready.store(false, Ordering::Relaxed);
+            if let Some(c) = &admin.capture
+                && let Err(e) = c.set_ready(false)
+            {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n");
+            }
+            text(StatusCode::OK, "OK\n")
+        }
         (Method::GET, "/server_info") => json(&serde_json::json!({
             "version": concat!("skiff/", env!("CARGO_PKG_VERSION")),
             "state": if admin.ready.load(Ordering::Relaxed) { "LIVE" } else { "PRE_INITIALIZING" },
@@ -148,7 +161,11 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                         out.push_str(&format!(
                             "{name}::{}::health_flags::{}\n{name}::{}::weight::{}\n",
                             e.address,
-                            if e.health.is_healthy() { "healthy" } else { "/eds_health_status" },
+                            if e.health.is_healthy() {
+                                "healthy"
+                            } else {
+                                "/eds_health_status"
+                            },
                             e.address,
                             e.weight
                         ));
@@ -169,7 +186,10 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     "meshed_cgroups": c.cgroups().unwrap_or_default(),
                 }))
             }
-            None => text(StatusCode::NOT_FOUND, "capture is not installed (--capture none)\n"),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "capture is not installed (--capture none)\n",
+            ),
         },
         (m, "/debug/node/cgroups") => {
             let Some(capture) = &admin.capture else {
@@ -189,12 +209,16 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     Ok(()) => json(&serde_json::json!({ "path": p, "removed": true })),
                     Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
                 },
-                _ => text(StatusCode::BAD_REQUEST, "use POST or DELETE with ?path=CGROUP\n"),
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "use POST or DELETE with ?path=CGROUP\n",
+                ),
             }
         }
         _ => text(
             StatusCode::NOT_FOUND,
             "admin commands: /ready /server_info /stats /listeners /clusters /config_dump \
+             /drain_listeners (POST) \
              /debug/capture /debug/node/cgroups\n",
         ),
     }
@@ -203,14 +227,22 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
 fn stats_lines(admin: &Admin) -> Vec<(String, u64)> {
     let mut out = admin.stats.snapshot();
     if let Some(c) = &admin.capture {
-        out.extend(c.stats().into_iter().map(|(k, v)| (format!("skiff.bpf.{k}"), v)));
+        out.extend(
+            c.stats()
+                .into_iter()
+                .map(|(k, v)| (format!("skiff.bpf.{k}"), v)),
+        );
     }
     out.sort();
     out
 }
 
 /// Send one admin request (`skiff node add-cgroup` and friends); returns the body.
-pub async fn request(admin: SocketAddr, method: Method, path_and_query: &str) -> anyhow::Result<String> {
+pub async fn request(
+    admin: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+) -> anyhow::Result<String> {
     use anyhow::Context;
     let stream = tokio::net::TcpStream::connect(admin)
         .await

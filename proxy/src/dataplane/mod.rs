@@ -123,7 +123,10 @@ impl std::fmt::Display for RejectReason {
                 write!(f, "cluster {cluster}: no healthy upstream")
             }
             RejectReason::NoOriginalDst { cluster } => {
-                write!(f, "cluster {cluster}: connection has no original destination")
+                write!(
+                    f,
+                    "cluster {cluster}: connection has no original destination"
+                )
             }
             RejectReason::NoListener => write!(f, "no listener for this connection"),
         }
@@ -154,9 +157,9 @@ pub fn decide(dp: &Dataplane, snap: &Snapshot, conn: &Accepted<'_>) -> Decision 
         (Some(o), ListenerRole::Capture) => snap
             .listener_for(o.get())
             .or_else(|| snap.virtual_listener(dp.capture_port)),
-        (Some(o), ListenerRole::Static { name }) => {
-            snap.listener_for(o.get()).or_else(|| snap.listeners.get(name))
-        }
+        (Some(o), ListenerRole::Static { name }) => snap
+            .listener_for(o.get())
+            .or_else(|| snap.listeners.get(name)),
         (None, ListenerRole::Capture) => snap.virtual_listener(dp.capture_port),
         (None, ListenerRole::Static { name }) => snap.listeners.get(name),
     };

@@ -22,7 +22,12 @@ pub fn read(stream: &TcpStream) -> io::Result<Option<OrigDstAddr>> {
     };
     match res {
         Ok(sa) => Ok(sa.as_socket().map(OrigDstAddr)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOPROTOOPT)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOPROTOOPT)
+            ) =>
+        {
             Ok(None)
         }
         Err(e) => Err(e),

@@ -44,7 +44,9 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
     // 2. destination IP: longest matching prefix, else chains without prefixes.
     c = narrow(c, |fc| longest_prefix(&fc.matcher.prefix_ranges, dst.ip()));
     // 3. server names: exact > wildcard suffix (longer first) > none.
-    c = narrow(c, |fc| server_name_score(&fc.matcher.server_names, facts.server_name));
+    c = narrow(c, |fc| {
+        server_name_score(&fc.matcher.server_names, facts.server_name)
+    });
     // 4. transport protocol.
     c = narrow(c, |fc| match fc.matcher.transport_protocol.as_str() {
         "" => Some(0),
@@ -79,7 +81,9 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
         _ => None,
     });
     // 8. source IP.
-    c = narrow(c, |fc| longest_prefix(&fc.matcher.source_prefix_ranges, src.ip()));
+    c = narrow(c, |fc| {
+        longest_prefix(&fc.matcher.source_prefix_ranges, src.ip())
+    });
     // 9. source port.
     c = narrow(c, |fc| {
         if fc.matcher.source_ports.is_empty() {
@@ -90,16 +94,20 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
             None
         }
     });
-    c.first().copied().or(listener.default_filter_chain.as_ref())
+    c.first()
+        .copied()
+        .or(listener.default_filter_chain.as_ref())
 }
 
 /// Keep the chains with the highest score; `None` drops a chain.
-fn narrow<'l>(
-    chains: Vec<&'l FilterChain>,
+fn narrow(
+    chains: Vec<&FilterChain>,
     score: impl Fn(&FilterChain) -> Option<u32>,
-) -> Vec<&'l FilterChain> {
-    let scored: Vec<(u32, &FilterChain)> =
-        chains.into_iter().filter_map(|fc| score(fc).map(|s| (s, fc))).collect();
+) -> Vec<&FilterChain> {
+    let scored: Vec<(u32, &FilterChain)> = chains
+        .into_iter()
+        .filter_map(|fc| score(fc).map(|s| (s, fc)))
+        .collect();
     let Some(best) = scored.iter().map(|(s, _)| *s).max() else {
         return Vec::new();
     };

@@ -136,7 +136,12 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
         5 => LbPolicy::Maglev,
         6 => LbPolicy::ClusterProvided,
         7 => LbPolicy::RoundRobin,
-        other => return Err(FieldError::new("lb_policy", format!("unknown value {other}"))),
+        other => {
+            return Err(FieldError::new(
+                "lb_policy",
+                format!("unknown value {other}"),
+            ));
+        }
     })
 }
 

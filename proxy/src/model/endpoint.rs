@@ -201,9 +201,16 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
             "port 0",
         ));
     }
-    let weight = e.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(1);
+    let weight = e
+        .load_balancing_weight
+        .as_ref()
+        .map(|w| w.value)
+        .unwrap_or(1);
     if weight == 0 {
-        return Err(FieldError::new("load_balancing_weight", "must be at least 1"));
+        return Err(FieldError::new(
+            "load_balancing_weight",
+            "must be at least 1",
+        ));
     }
     Ok(LbEndpoint {
         address,

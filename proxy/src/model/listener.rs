@@ -284,11 +284,16 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
 impl FilterChain {
     fn from_proto(fc: &pb::FilterChain) -> Result<Self, FieldError> {
         let matcher = match &fc.filter_chain_match {
-            Some(m) => FilterChainMatch::from_proto(m).map_err(|e| e.within("filter_chain_match"))?,
+            Some(m) => {
+                FilterChainMatch::from_proto(m).map_err(|e| e.within("filter_chain_match"))?
+            }
             None => FilterChainMatch::default(),
         };
         let Some((last, before)) = fc.filters.split_last() else {
-            return Err(FieldError::new("filters", "a filter chain needs a network filter"));
+            return Err(FieldError::new(
+                "filters",
+                "a filter chain needs a network filter",
+            ));
         };
         let n = fc.filters.len() - 1;
         use pb::filter::ConfigType;
@@ -341,7 +346,10 @@ impl TryFrom<&pb::Listener> for Listener {
             ),
             None => None,
         };
-        if filter_chains.is_empty() && default_filter_chain.is_none() && l.filter_chain_matcher.is_none() {
+        if filter_chains.is_empty()
+            && default_filter_chain.is_none()
+            && l.filter_chain_matcher.is_none()
+        {
             return Err(err(FieldError::new(
                 "filter_chains",
                 "a listener needs at least one filter chain or a default_filter_chain",

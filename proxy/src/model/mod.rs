@@ -187,7 +187,10 @@ pub fn socket_addr(a: Option<&core::Address>) -> Result<SocketAddr, FieldError> 
     let sa = match &a.address {
         Some(Kind::SocketAddress(sa)) => sa,
         Some(Kind::Pipe(_)) => {
-            return Err(FieldError::new("pipe", "unix socket addresses are not supported"));
+            return Err(FieldError::new(
+                "pipe",
+                "unix socket addresses are not supported",
+            ));
         }
         Some(Kind::EnvoyInternalAddress(_)) => {
             return Err(FieldError::new(
@@ -270,7 +273,12 @@ mod tests {
 
     #[test]
     fn cidr_parse_errors_name_the_input() {
-        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("10.0.0.0/33"));
+        assert!(
+            "10.0.0.0/33"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("10.0.0.0/33")
+        );
         assert!("nope/8".parse::<Cidr>().unwrap_err().contains("nope"));
     }
 

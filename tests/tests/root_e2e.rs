@@ -1,0 +1,391 @@
+//! Root end-to-end tests of the real `skiff` binary: eBPF capture in a private network
+//! namespace and cgroups this test creates, real clients, real backends, skiff's admin API.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_e2e -- --test-threads=1` (as root), or `cargo xtask test`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use skiff_tests::{
+    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
+    require_root,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn testpeer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
+}
+
+/// Runs `f` on a thread that has entered `ns` (only that thread changes namespace).
+fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// One HTTP/1.0 request to skiff's admin inside `ns`; `None` if nothing listens yet.
+fn admin(ns: &Netns, method: &str, path: &str) -> Option<(u16, String)> {
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect("127.0.0.1:15000").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    })
+}
+
+fn stat(ns: &Netns, name: &str) -> u64 {
+    let (_, body) = admin(ns, "GET", "/stats").expect("admin /stats");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_ready(ns: &Netns, skiff: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some((200, _)) = admin(ns, "GET", "/ready") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("skiff (pid {}) not ready within 20s", skiff.pid());
+}
+
+const BOOTSTRAP: &str = r#"
+node: { id: sidecar~127.0.0.1~e2e.default~default.svc.cluster.local, cluster: e2e }
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains:
+    - name: vip-v4
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{ address_prefix: 10.96.0.1, prefix_len: 32 }]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: svc
+          cluster: svc
+    - name: vip-v6
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{ address_prefix: "fd00:96::1", prefix_len: 128 }]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: svc
+          cluster: svc
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: PassthroughCluster
+          cluster: PassthroughCluster
+  clusters:
+  - name: svc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: svc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.11, port_value: 8080 } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.12, port_value: 8080 } } }
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#;
+
+struct Scenario {
+    // Field order is drop order: processes first, then cgroups and the netns.
+    backends: Vec<Child>,
+    direct: Child,
+    ns: Netns,
+    cg: Cgroup,
+    bootstrap: PathBuf,
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.bootstrap);
+    }
+}
+
+/// A netns with two backends behind the VIP and a "real" 10.96.0.2 host (on lo) that only
+/// passthrough or bypassed connects reach.
+fn scenario(name: &str) -> Scenario {
+    let env = require_root();
+    let ns = Netns::new(name);
+    ns.add_lo_addr("10.96.0.2/32");
+    let cg = Cgroup::new(&env, name);
+    let mut backends = Vec::new();
+    for addr in ["127.0.0.11:8080", "127.0.0.12:8080"] {
+        let mut b = Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", addr]));
+        b.expect_line("ready", Duration::from_secs(5));
+        backends.push(b);
+    }
+    let mut direct =
+        Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", "10.96.0.2:80"]));
+    direct.expect_line("ready", Duration::from_secs(5));
+    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
+    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
+    Scenario {
+        backends,
+        direct,
+        ns,
+        cg,
+        bootstrap,
+    }
+}
+
+fn client(ns: &Netns, cgroup: &Path, addr: &str) -> String {
+    let out = command_in(Some(ns), Some(cgroup), testpeer())
+        .args(["client", addr, "--bytes", "65536", "--timeout-ms", "3000"])
+        .output()
+        .expect("run client");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn skiff(s: &Scenario, args: &[&str]) -> Child {
+    let mut c = command_in(Some(&s.ns), None, built_binary("skiff"));
+    c.arg("run")
+        .arg("--bootstrap")
+        .arg(&s.bootstrap)
+        .args(args)
+        .env("RUST_LOG", "info,skiff=debug");
+    Child::spawn(&mut c)
+}
+
+fn stop(mut skiff: Child) {
+    // SIGTERM (not kill): skiff must drain, detach and remove its proxy cgroup by itself.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(skiff.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = std::mem::replace(&mut skiff, dummy()).wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+}
+
+fn dummy() -> Child {
+    Child::spawn(Command::new("true").arg("placeholder"))
+}
+
+#[test]
+fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
+    let _g = serial();
+    let mut s = scenario("e2e-sidecar");
+    let app = s.cg.child("app");
+    let proxy_cg = s.cg.child_path("proxy");
+    let mut proxy = skiff(
+        &s,
+        &[
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            proxy_cg.to_str().unwrap(),
+            "--exclude-ports",
+            "9999",
+        ],
+    );
+    wait_ready(&s.ns, &mut proxy);
+
+    // v4 VIP: round robin over both backends, bytes intact both ways.
+    for i in 0..4 {
+        let out = client(&s.ns, &app, "10.96.0.1:80");
+        assert!(out.starts_with("ok "), "connect {i} to the VIP: {out}");
+        assert_eq!(field(&out, "same"), Some("yes"), "{out}");
+        assert_eq!(field(&out, "echoed"), Some("65536"), "{out}");
+    }
+    for b in &mut s.backends {
+        for _ in 0..2 {
+            let line = b.expect_line("accepted", Duration::from_secs(5));
+            // The backend sees skiff, and its own socket is not a redirected one.
+            assert!(field(&line, "orig_dst").is_none(), "{line}");
+        }
+    }
+    assert_eq!(stat(&s.ns, "cluster.svc.upstream_cx_total"), 4);
+
+    // v6 VIP reaches the same cluster.
+    let out = client(&s.ns, &app, "[fd00:96::1]:80");
+    assert!(out.starts_with("ok "), "v6 VIP: {out}");
+    assert_eq!(stat(&s.ns, "cluster.svc.upstream_cx_total"), 5);
+
+    // Anything else falls to the default chain: passthrough to the original destination.
+    // skiff's upstream connect carries its mark, so it is not captured again (no loop).
+    let out = client(&s.ns, &app, "10.96.0.2:80");
+    assert!(out.starts_with("ok "), "passthrough: {out}");
+    let line = s.direct.expect_line("accepted", Duration::from_secs(5));
+    assert_eq!(
+        stat(&s.ns, "cluster.PassthroughCluster.upstream_cx_total"),
+        1,
+        "{line}"
+    );
+
+    // Excluded ports are never captured: with nothing on 10.96.0.2:9999 the app sees the
+    // kernel's own refusal and skiff sees nothing.
+    let before = stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total");
+    let out = client(&s.ns, &app, "10.96.0.2:9999");
+    assert!(out.contains("stage=connect"), "excluded port: {out}");
+    assert_eq!(field(&out, "errno"), Some("111"), "{out}");
+    assert_eq!(
+        stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total"),
+        before
+    );
+
+    // A process outside the pod cgroup is not captured: the VIP exists nowhere.
+    let out = command_in(Some(&s.ns), None, testpeer())
+        .args(["client", "10.96.0.1:80", "--timeout-ms", "1000"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.starts_with("err stage=connect"), "uncaptured: {out}");
+
+    // Drain (Envoy's /drain_listeners): the kernel gate closes and connects fail open.
+    let (code, _) = admin(&s.ns, "POST", "/drain_listeners").unwrap();
+    assert_eq!(code, 200);
+    let out = client(&s.ns, &app, "10.96.0.2:80");
+    assert!(out.starts_with("ok "), "fail-open: {out}");
+    s.direct.expect_line("accepted", Duration::from_secs(5));
+    assert_eq!(
+        stat(&s.ns, "cluster.PassthroughCluster.upstream_cx_total"),
+        1
+    );
+
+    stop(proxy);
+    assert!(
+        !proxy_cg.exists(),
+        "skiff removes the proxy cgroup it created"
+    );
+    assert_no_programs_attached(s.cg.path());
+}
+
+#[test]
+fn fail_closed_refuses_connects_while_draining() {
+    let _g = serial();
+    let mut s = scenario("e2e-closed");
+    let app = s.cg.child("app");
+    let mut proxy = skiff(&s, &["--cgroup", app.to_str().unwrap(), "--fail-closed"]);
+    wait_ready(&s.ns, &mut proxy);
+    let out = client(&s.ns, &app, "10.96.0.1:80");
+    assert!(out.starts_with("ok "), "{out}");
+    admin(&s.ns, "POST", "/drain_listeners").unwrap();
+    let out = client(&s.ns, &app, "10.96.0.2:80");
+    assert!(out.starts_with("err stage=connect"), "fail-closed: {out}");
+    let ms: u64 = field(&out, "elapsed_ms").unwrap().parse().unwrap();
+    assert!(
+        ms < 2000,
+        "fail-closed must refuse at once, not hang: {out}"
+    );
+    stop(proxy);
+    assert_no_programs_attached(s.cg.path());
+}
+
+#[test]
+fn node_mode_captures_registered_cgroups_only() {
+    let _g = serial();
+    let mut s = scenario("e2e-node");
+    let pod1 = s.cg.child("pod1");
+    let pod2 = s.cg.child("pod2");
+    let proxy_cg = s.cg.child_path("skiff-proxy");
+    let mut proxy = skiff(
+        &s,
+        &[
+            "--mode",
+            "node",
+            "--cgroup-root",
+            s.cg.path().to_str().unwrap(),
+        ],
+    );
+    wait_ready(&s.ns, &mut proxy);
+    let node = |args: &[&str]| {
+        let out = command_in(Some(&s.ns), None, built_binary("skiff"))
+            .arg("node")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "skiff node {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // Not registered yet: not captured.
+    let out = client(&s.ns, &pod1, "10.96.0.1:80");
+    assert!(
+        out.starts_with("err stage=connect"),
+        "unregistered pod: {out}"
+    );
+    node(&["add-cgroup", pod1.to_str().unwrap()]);
+    let out = client(&s.ns, &pod1, "10.96.0.1:80");
+    assert!(out.starts_with("ok "), "registered pod: {out}");
+    let out = client(&s.ns, &pod2, "10.96.0.1:80");
+    assert!(out.starts_with("err stage=connect"), "other pod: {out}");
+
+    // Even if the proxy's own cgroup is registered, its upstream connects carry the mark and
+    // are never captured again: passthrough still reaches the real host.
+    node(&["add-cgroup", proxy_cg.to_str().unwrap()]);
+    let out = client(&s.ns, &pod1, "10.96.0.2:80");
+    assert!(
+        out.starts_with("ok "),
+        "passthrough with the proxy meshed: {out}"
+    );
+
+    node(&["remove-cgroup", pod1.to_str().unwrap()]);
+    let out = client(&s.ns, &pod1, "10.96.0.1:80");
+    assert!(out.starts_with("err stage=connect"), "removed pod: {out}");
+    stop(proxy);
+    assert_no_programs_attached(s.cg.path());
+}
+
+#[test]
+fn invalid_bootstrap_exits_2_naming_the_field() {
+    let dir = std::env::temp_dir().join(skiff_tests::test_name("badboot"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("b.yaml");
+    std::fs::write(
+        &path,
+        "static_resources:\n  clusters:\n  - name: c\n    type: STATIC\n    connect_timeout: -1s\n",
+    )
+    .unwrap();
+    let out = Command::new(built_binary("skiff"))
+        .args(["run", "--capture", "none", "--bootstrap"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("b.yaml"), "{err}");
+    assert!(err.contains("connect_timeout"), "{err}");
+}
