@@ -8,6 +8,8 @@
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
 //! - [`lb`]: balancers (pure).
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
+//! - [`xds`]: ADS client (state of the world and delta), handlers per type URL, ACK/NACK.
+//! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`).
 //! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages.
 //! - [`stats`]: counters with Envoy's names.
 //! - [`app`]: the wiring of one `skiff run`.
@@ -18,8 +20,10 @@ pub mod admin;
 pub mod app;
 pub mod bpf;
 pub mod config;
+pub mod controlplane;
 pub mod dataplane;
 pub mod lb;
 pub mod model;
 pub mod state;
 pub mod stats;
+pub mod xds;

@@ -1,0 +1,1 @@
+//! skiff's embedded ADS control plane (`skiff control-plane`).

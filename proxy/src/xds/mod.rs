@@ -1,0 +1,1 @@
+//! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
