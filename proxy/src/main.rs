@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run(RunArgs),
+    /// Serve xDS (ADS, state of the world and delta) from files or an Envoy config dump.
+    ControlPlane(ControlPlaneArgs),
     /// Node mode: add or remove pod cgroups at run time (through the admin API).
     Node {
         #[command(subcommand)]
@@ -29,6 +31,26 @@ enum Command {
         #[arg(long, default_value = skiff::config::DEFAULT_ADMIN, global = true)]
         admin: SocketAddr,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ControlPlaneArgs {
+    /// Directory with one discovery file per type (JSON or YAML), watched for changes.
+    #[arg(
+        long,
+        conflicts_with = "from_config_dump",
+        required_unless_present = "from_config_dump"
+    )]
+    dir: Option<PathBuf>,
+    /// Serve the dynamic resources of an Envoy/Istio /config_dump.
+    #[arg(long)]
+    from_config_dump: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: SocketAddr,
+    /// How often the directory is checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    poll_interval: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +193,30 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("skiff: {e:#}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ControlPlane(a) => {
+            use skiff::controlplane::{ControlPlaneOptions, Source};
+            let source = match (a.dir, a.from_config_dump) {
+                (Some(d), _) => Source::Dir(d),
+                (None, Some(f)) => Source::ConfigDump(f),
+                (None, None) => {
+                    eprintln!("skiff: control-plane needs --dir or --from-config-dump");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let opts = ControlPlaneOptions {
+                source,
+                listen: a.listen,
+                poll_interval: a.poll_interval,
+            };
+            let served = skiff::controlplane::serve(opts, |_addr| {}, shutdown_signal());
+            match rt.block_on(served) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
                 }
             }
         }

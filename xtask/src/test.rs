@@ -37,6 +37,10 @@ pub fn run() -> anyhow::Result<()> {
         "skiff-tests",
         "--features",
         "root",
+        "--test",
+        "root_bpf",
+        "--test",
+        "root_e2e",
         "--",
         "--test-threads=1",
     ]))?;

@@ -1,1 +1,283 @@
 //! skiff's embedded ADS control plane (`skiff control-plane`).
+//!
+//! A small Aggregated Discovery Service server for demos, tests and replaying a captured
+//! Envoy `/config_dump`: it serves files, it does not compute configuration.
+//!
+//! # Layout
+//! - this file: the public API ([`ControlPlaneOptions`], [`Source`], [`serve`]) and the tonic
+//!   service that starts one task per ADS stream.
+//! - `source`: reads the [`Source`] into an immutable `Snapshot` (per type URL: a version and
+//!   the resources by name), polls it for changes and publishes each new snapshot on a
+//!   `watch` channel.
+//! - `sotw`: one state-of-the-world ADS stream (`StreamAggregatedResources`).
+//! - `delta`: one incremental ADS stream (`DeltaAggregatedResources`).
+//!
+//! # Protocol choices
+//! - Wildcard: LDS and CDS requests with no resource names (or with `*`) get every resource of
+//!   the type; any other type gets only the names subscribed (`*` also works for them), and
+//!   only the subset that exists.
+//! - SotW: a response is sent when a type is first requested on the stream, and afterwards
+//!   only when what the client would receive changes (type version, subscribed names, or the
+//!   bytes of the resources served). A NACK is logged and the rejected content is not sent
+//!   again; the next change is. Requests carrying a stale nonce are ignored, as the xDS
+//!   protocol asks.
+//! - Delta: the per-resource version is a hash of the resource's bytes; the server remembers
+//!   what the client has (seeded from `initial_resource_versions`) and sends only resources
+//!   whose version differs, plus `removed_resources` for resources that disappeared and for
+//!   newly subscribed names that do not exist. The first request for a type always gets a
+//!   response, so a client's initial fetch completes even when there is nothing to send.
+//! - Every ACK is logged at info and every NACK at warn, with node id, type URL, version,
+//!   nonce (and the NACK's `error_detail` message).
+
+mod delta;
+mod sotw;
+mod source;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use self::source::{Loader, Snapshot};
+
+/// The identifier every response carries in `control_plane.identifier`.
+pub const CONTROL_PLANE_ID: &str = "skiff-control-plane";
+
+/// Default gRPC listen address (Istio's plain-text xDS port).
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    15010,
+));
+
+/// Default interval between two looks at the source for changes.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long shutdown waits for open streams and connections to close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Responses queued per stream before the stream task waits for the client to read.
+const STREAM_QUEUE: usize = 16;
+
+/// What to serve, and where.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Where the resources come from.
+    pub source: Source,
+    /// gRPC listen address; port 0 picks a free port (reported through `on_bound`).
+    pub listen: SocketAddr,
+    /// How often the source is checked for changes (file modification time and size).
+    pub poll_interval: Duration,
+}
+
+impl ControlPlaneOptions {
+    /// Options with the default listen address and poll interval.
+    pub fn new(source: Source) -> Self {
+        Self {
+            source,
+            listen: DEFAULT_LISTEN,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+}
+
+/// Where the served resources come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A directory of discovery files (`{"version_info", "resources": [...]}`, JSON or YAML),
+    /// one xDS type per file. The type comes from the resources' `@type` (for a file without
+    /// resources: its `type_url`, else its name: `listeners`/`lds`, `clusters`/`cds`,
+    /// `routes`/`rds`, `endpoints`/`eds`). A file without `version_info` is versioned by a
+    /// hash of its resources. Files are `*.json`, `*.yaml`, `*.yml`; hidden files are skipped.
+    Dir(PathBuf),
+    /// An Envoy (or Istio, OSM, Kuma) admin `/config_dump`: its dynamic listeners, clusters,
+    /// route configurations and endpoints (active state) are served. Envoy keeps one version
+    /// per type, so each type is served at the newest `version_info` among its resources:
+    /// the largest number when every version is an integer, otherwise the greatest string
+    /// (Istio's `2023-12-26T05:57:39Z/1` versions sort by time). A type whose resources carry
+    /// no version at all is versioned by a hash of its resources. The file is polled like a
+    /// directory; a new dump that does not parse is logged and the previous one kept.
+    ConfigDump(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Dir(p) => write!(f, "directory {}", p.display()),
+            Source::ConfigDump(p) => write!(f, "config dump {}", p.display()),
+        }
+    }
+}
+
+/// Loads the source, binds `opts.listen`, reports the bound address through `on_bound`, then
+/// serves ADS (state of the world and delta) until `shutdown` completes.
+///
+/// Fails before binding when the source cannot be read at all (missing directory, config dump
+/// that does not parse); a discovery file that does not parse is logged and its type is
+/// served from its last good version (or not at all).
+pub async fn serve(
+    opts: ControlPlaneOptions,
+    on_bound: impl FnOnce(SocketAddr) + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let mut loader = Loader::new(opts.source.clone());
+    let first = tokio::task::spawn_blocking(move || loader.load_initial().map(|s| (loader, s)))
+        .await
+        .context("loading the control plane source")?;
+    let (loader, snapshot) = first.with_context(|| format!("loading {}", opts.source))?;
+    let (snapshots_tx, snapshots) = watch::channel(Arc::new(snapshot));
+
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding the control plane to {}", opts.listen))?;
+    let bound = listener
+        .local_addr()
+        .context("control plane local address")?;
+    info!(addr = %bound, source = %opts.source, "control plane listening");
+    on_bound(bound);
+
+    let stop = CancellationToken::new();
+    let poller = tokio::spawn(source::poll(
+        loader,
+        snapshots_tx,
+        opts.poll_interval,
+        stop.clone(),
+    ));
+    let service = AdsService {
+        ctx: StreamCtx {
+            snapshots,
+            nonces: Arc::new(AtomicU64::new(0)),
+            stop: stop.clone(),
+        },
+    };
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.cancelled() => {}
+            }
+            info!("control plane shutting down");
+            // Ends every stream task, so graceful shutdown does not wait for clients.
+            stop.cancel();
+        }
+    };
+    // One service, so no router: tonic serves it directly.
+    let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+        AggregatedDiscoveryServiceServer::new(service),
+        tonic::transport::server::TcpIncoming::from(listener),
+        signal,
+    );
+    let result = tokio::select! {
+        r = server => r.context("control plane gRPC server"),
+        () = async { stop.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
+            warn!(timeout = ?DRAIN_TIMEOUT, "control plane connections did not close in time");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    if let Err(e) = poller.await {
+        warn!(error = %e, "control plane source poller failed");
+    }
+    result
+}
+
+/// What every stream task shares.
+#[derive(Clone)]
+struct StreamCtx {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    nonces: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl StreamCtx {
+    /// A nonce unique for the life of the server.
+    fn next_nonce(&self) -> String {
+        (self.nonces.fetch_add(1, Ordering::Relaxed) + 1).to_string()
+    }
+}
+
+fn control_plane() -> Option<ControlPlane> {
+    Some(ControlPlane {
+        identifier: CONTROL_PLANE_ID.to_owned(),
+    })
+}
+
+/// The node id for logs (`-` until a request names the node).
+fn node_id(current: &mut String, node: Option<&Node>) {
+    if let Some(node) = node
+        && !node.id.is_empty()
+    {
+        node.id.clone_into(current);
+    }
+}
+
+/// Whether an empty subscription means "everything" for this type (LDS and CDS).
+fn wildcard_by_default(type_url: &str) -> bool {
+    type_url == skiff_proto::LISTENER_TYPE_URL || type_url == skiff_proto::CLUSTER_TYPE_URL
+}
+
+/// FNV-1a, 64 bits: a version derived from content, stable across runs and Rust releases.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in *part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Separate the parts so ("ab", "c") and ("a", "bc") differ.
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+// === impl AdsService ===
+
+struct AdsService {
+    ctx: StreamCtx,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+    type DeltaAggregatedResourcesStream =
+        ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(sotw::run(self.ctx.clone(), peer, request.into_inner(), tx));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        tokio::spawn(delta::run(self.ctx.clone(), peer, request.into_inner(), tx));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests;
