@@ -1,5 +1,6 @@
 //! skiff's developer tasks: `cargo xtask setup | build-ebpf | demo | test | clean-test-env`.
 
+mod bench;
 mod demo;
 mod ebpf_recipe;
 mod setup;
@@ -21,7 +22,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks (apt packages, eBPF toolchain, bpf-linker); idempotent.
-    Setup,
+    Setup {
+        /// Also install the benchmark peers (iperf3, sockperf, wrk, haproxy, nginx, Envoy).
+        #[arg(long)]
+        bench: bool,
+    },
     /// Build the eBPF object (target/ebpf/bpfel-unknown-none/release/skiff-bpf).
     BuildEbpf {
         /// Build in debug mode instead of release.
@@ -33,6 +38,8 @@ enum Cmd {
     /// Capture demo in a private network namespace: a client connects to a service VIP, the
     /// kernel steers it to skiff, skiff proxies it to a backend; prints the path taken.
     Demo,
+    /// Benchmarks: skiff vs direct, iptables and Envoy/HAProxy/nginx, in one run.
+    Bench(bench::BenchArgs),
     /// Run every test: unit, end-to-end, and root eBPF tests (needs root).
     Test,
     /// Remove cgroups, network namespaces and processes that crashed tests left behind.
@@ -42,7 +49,14 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup { bench } => setup::run().and_then(|()| {
+            if bench {
+                bench::install_tools()
+            } else {
+                Ok(())
+            }
+        }),
+        Cmd::Bench(args) => bench::run(args),
         Cmd::BuildEbpf { debug } => ebpf_recipe::build_ebpf(&util::workspace_root(), !debug)
             .map(|p: PathBuf| println!("{}", p.display()))
             .map_err(|e| anyhow::anyhow!(e)),
