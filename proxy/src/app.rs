@@ -1,5 +1,6 @@
 //! Wiring of one `skiff run`: capture, snapshot, listeners, admin, readiness and drain.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::Path;
@@ -18,6 +19,7 @@ use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
 use crate::state::{Snapshot, Store};
 use crate::stats::Stats;
+use crate::xds::{self, Resources, XdsOptions};
 
 /// Everything `skiff run` needs, already validated.
 #[derive(Debug)]
@@ -134,16 +136,40 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         )));
     }
 
+    // Listeners that arrive over LDS are bound and unbound as they come and go.
+    if let Some(ads) = &opts.bootstrap.ads {
+        tasks.push(tokio::spawn(dynamic_listeners(
+            store.clone(),
+            dp.clone(),
+            capture_port,
+            stop.clone(),
+        )));
+        let resources = Resources::new(
+            opts.bootstrap.listeners.clone(),
+            opts.bootstrap.clusters.clone(),
+        );
+        store.publish(resources.snapshot());
+        let xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+        info!(server = %ads.server, api = ?ads.api, "starting ADS client");
+        tasks.push(xds::spawn(
+            xopts,
+            resources,
+            store.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+    }
+
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = opts.admin {
         let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
-        let raw = opts.bootstrap.raw.clone();
         let admin = Arc::new(Admin {
             store: store.clone(),
             stats: stats.clone(),
             capture: capture.clone().map(|c| c as Arc<dyn CaptureControl>),
             ready: ready.clone(),
-            config_dump: Arc::new(move || config_dump(&raw)),
+            bootstrap: Arc::new(opts.bootstrap.raw.clone()),
+            extra_config_dump: None,
             node_id: opts.bootstrap.node.id.clone(),
         });
         info!(%addr, "admin listener up");
@@ -192,11 +218,76 @@ fn active_connections(stats: &Stats) -> u64 {
         .sum()
 }
 
-fn config_dump(
-    raw: &envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap,
-) -> Vec<serde_json::Value> {
-    vec![serde_json::json!({
-        "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
-        "bootstrap": skiff_proto::to_json(raw),
-    })]
+/// Bind, rebind and unbind the listeners that came over LDS (`bind_to_port`, not on the
+/// capture port). A removed listener stops accepting; its connections carry on.
+async fn dynamic_listeners(
+    store: Arc<Store>,
+    dp: Arc<Dataplane>,
+    capture_port: u16,
+    stop: CancellationToken,
+) {
+    let mut changed = store.subscribe();
+    let mut running: BTreeMap<
+        String,
+        (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>),
+    > = BTreeMap::new();
+    loop {
+        let snap = store.load();
+        let wanted: BTreeMap<&String, SocketAddr> = snap
+            .listeners
+            .iter()
+            .filter(|(n, l)| {
+                !snap.static_listeners.contains(*n)
+                    && l.bind_to_port
+                    && l.address.port() != capture_port
+            })
+            .map(|(n, l)| (n, l.address))
+            .collect();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(n, (addr, _, _))| wanted.get(n) != Some(addr))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Some((addr, token, task)) = running.remove(&n) {
+                token.cancel();
+                let _ = task.await;
+                info!(listener = %n, %addr, "listener down");
+            }
+        }
+        for (n, addr) in wanted {
+            if running.contains_key(n) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(sock) => {
+                    info!(listener = %n, %addr, "listener up");
+                    let token = stop.child_token();
+                    let t = token.clone();
+                    let task = tokio::spawn(dataplane::run(
+                        sock,
+                        ListenerRole::Static { name: n.clone() },
+                        dp.clone(),
+                        async move { t.cancelled().await },
+                    ));
+                    running.insert(n.clone(), (addr, token, task));
+                }
+                Err(e) => {
+                    warn!(listener = %n, %addr, error = %e, "cannot bind listener from LDS");
+                    dp.stats
+                        .counter("listener_manager.listener_create_failure")
+                        .inc();
+                }
+            }
+        }
+        drop(snap);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = changed.changed() => if r.is_err() { break },
+        }
+    }
+    for (_, (_, token, task)) in running {
+        token.cancel();
+        let _ = task.await;
+    }
 }

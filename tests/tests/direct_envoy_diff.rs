@@ -49,19 +49,43 @@ fn resources(dump: &Value) -> BTreeSet<(String, String, String)> {
         if ty.ends_with("ListenersConfigDump") {
             for l in cfg["dynamic_listeners"].as_array().into_iter().flatten() {
                 if !l["active_state"].is_null() {
-                    out.insert(("listener".into(), s(&l["name"]), s(&l["active_state"]["version_info"])));
+                    out.insert((
+                        "listener".into(),
+                        s(&l["name"]),
+                        s(&l["active_state"]["version_info"]),
+                    ));
                 }
             }
         } else if ty.ends_with("ClustersConfigDump") {
-            for c in cfg["dynamic_active_clusters"].as_array().into_iter().flatten() {
-                out.insert(("cluster".into(), s(&c["cluster"]["name"]), s(&c["version_info"])));
+            for c in cfg["dynamic_active_clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                out.insert((
+                    "cluster".into(),
+                    s(&c["cluster"]["name"]),
+                    s(&c["version_info"]),
+                ));
             }
         } else if ty.ends_with("RoutesConfigDump") {
-            for r in cfg["dynamic_route_configs"].as_array().into_iter().flatten() {
-                out.insert(("route".into(), s(&r["route_config"]["name"]), s(&r["version_info"])));
+            for r in cfg["dynamic_route_configs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                out.insert((
+                    "route".into(),
+                    s(&r["route_config"]["name"]),
+                    s(&r["version_info"]),
+                ));
             }
         } else if ty.ends_with("EndpointsConfigDump") {
-            for e in cfg["dynamic_endpoint_configs"].as_array().into_iter().flatten() {
+            for e in cfg["dynamic_endpoint_configs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 out.insert((
                     "endpoints".into(),
                     s(&e["endpoint_config"]["cluster_name"]),
@@ -81,12 +105,12 @@ fn wait_for(
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = BTreeSet::new();
     while Instant::now() < deadline {
-        if let Some(body) = http_get(admin, "/config_dump?include_eds") {
-            if let Ok(v) = serde_json::from_str::<Value>(&body) {
-                last = resources(&v);
-                if want(&last) {
-                    return last;
-                }
+        if let Some(body) = http_get(admin, "/config_dump?include_eds")
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+        {
+            last = resources(&v);
+            if want(&last) {
+                return last;
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -167,7 +191,8 @@ impl Drop for Skiff {
 }
 
 fn start_skiff(yaml: &str) -> Skiff {
-    let bootstrap = skiff::config::parse(yaml, "<diff>").expect("skiff must accept the bootstrap Envoy runs");
+    let bootstrap =
+        skiff::config::parse(yaml, "<diff>").expect("skiff must accept the bootstrap Envoy runs");
     let (tx, rx) = oneshot::channel::<()>();
     let opts = skiff::app::RunOptions {
         admin: bootstrap.admin,
@@ -215,7 +240,12 @@ const BAD_CLUSTER: &str = r#"{
 fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/seed-scenario-loopback");
     let dir = tempfile::tempdir().unwrap();
-    for f in ["listeners.json", "clusters.json", "routes.json", "endpoints.json"] {
+    for f in [
+        "listeners.json",
+        "clusters.json",
+        "routes.json",
+        "endpoints.json",
+    ] {
         std::fs::copy(fixtures.join(f), dir.path().join(f)).unwrap();
     }
 
@@ -239,7 +269,9 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
         ))
         .unwrap();
     });
-    let xds = bound_rx.recv_timeout(Duration::from_secs(10)).expect("control plane bound");
+    let xds = bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("control plane bound");
 
     let cluster = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local".to_string();
     let complete = |set: &BTreeSet<(String, String, String)>| {
@@ -255,8 +287,14 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
     std::fs::write(&cfg, &yaml_envoy).unwrap();
     let envoy = start_envoy(&cfg);
     let envoy_v1 = wait_for(envoy_admin, complete);
-    assert!(complete(&envoy_v1), "envoy never loaded the scenario: {envoy_v1:?}");
-    assert!(envoy_v1.contains(&("cluster".into(), cluster.clone(), "1".into())), "{envoy_v1:?}");
+    assert!(
+        complete(&envoy_v1),
+        "envoy never loaded the scenario: {envoy_v1:?}"
+    );
+    assert!(
+        envoy_v1.contains(&("cluster".into(), cluster.clone(), "1".into())),
+        "{envoy_v1:?}"
+    );
     drop(envoy);
 
     let skiff_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -284,7 +322,10 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
     drop(envoy);
     let skiff = start_skiff(&yaml_skiff);
     let skiff_v2 = wait_for(skiff_admin, |s| complete(s) && *s == envoy_v2);
-    assert_eq!(skiff_v2, envoy_v2, "after the NACKed update skiff must match Envoy");
+    assert_eq!(
+        skiff_v2, envoy_v2,
+        "after the NACKed update skiff must match Envoy"
+    );
     drop(skiff);
 
     let _ = stop_cp.send(());

@@ -139,7 +139,8 @@ async fn tcp_proxy_round_robins_and_half_closes() {
     let b = backend("B").await;
     let port = free_port();
     let skiff = start(&bootstrap(port, &[a, b]), port).await;
-    // The readiness probe above made one connection already; count from here on.
+    // The readiness probe made one connection too, and its task may pick after ours: round
+    // robin over 9 picks, so the 8 counted here split 4/4 or 5/3.
     let mut seen = std::collections::BTreeMap::new();
     for i in 0..8 {
         let msg = format!("hello {i}");
@@ -150,8 +151,9 @@ async fn tcp_proxy_round_robins_and_half_closes() {
         *seen.entry(who.to_string()).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 2, "both endpoints used: {seen:?}");
-    assert_eq!(seen["A"], 4, "round robin alternates: {seen:?}");
-    assert_eq!(seen["B"], 4, "round robin alternates: {seen:?}");
+    let (a, b) = (seen["A"], seen["B"]);
+    assert_eq!(a + b, 8);
+    assert!(a.abs_diff(b) <= 2, "round robin alternates: {seen:?}");
     skiff.stop().await;
 }
 

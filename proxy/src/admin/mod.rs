@@ -1,5 +1,7 @@
 //! Envoy-dialect admin endpoint (localhost only) plus skiff's own `/debug/` pages.
 
+pub mod config_dump;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,8 +45,10 @@ pub struct Admin {
     pub capture: Option<Arc<dyn CaptureControl>>,
     /// Set once every listener is up.
     pub ready: Arc<AtomicBool>,
-    /// `/config_dump` sections (already in Envoy's JSON dialect), keyed by `@type`.
-    pub config_dump: Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>,
+    /// The bootstrap as parsed (`BootstrapConfigDump`, static listeners and clusters).
+    pub bootstrap: Arc<envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap>,
+    /// Extra `/config_dump` sections (skiff's own, already JSON with `@type`), appended last.
+    pub extra_config_dump: Option<Arc<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>>,
     /// Node id, for `/server_info`.
     pub node_id: String,
 }
@@ -138,14 +142,44 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             "node": { "id": admin.node_id },
         })),
         (Method::GET, "/stats") => {
+            let filter = match q.get("filter").map(|f| regex_lite::Regex::new(f)) {
+                Some(Ok(re)) => Some(re),
+                Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("filter: {e}\n")),
+                None => None,
+            };
+            let lines: Vec<(String, u64)> = stats_lines(admin)
+                .into_iter()
+                .filter(|(k, _)| filter.as_ref().is_none_or(|re| re.is_match(k)))
+                .collect();
+            if q.get("format").map(String::as_str) == Some("json") {
+                let stats: Vec<serde_json::Value> = lines
+                    .into_iter()
+                    .map(|(name, value)| serde_json::json!({ "name": name, "value": value }))
+                    .collect();
+                return json(&serde_json::json!({ "stats": stats }));
+            }
             let mut out = String::new();
-            for (k, v) in stats_lines(admin) {
+            for (k, v) in lines {
                 out.push_str(&format!("{k}: {v}\n"));
             }
             text(StatusCode::OK, out)
         }
+        (Method::GET, "/stats/prometheus") => text(StatusCode::OK, prometheus(&stats_lines(admin))),
         (Method::GET, "/listeners") => {
             let snap = admin.store.load();
+            if q.get("format").map(String::as_str) == Some("json") {
+                let statuses: Vec<serde_json::Value> = snap
+                    .listeners
+                    .iter()
+                    .map(|(name, l)| {
+                        serde_json::json!({
+                            "name": name,
+                            "local_address": socket_address_json(l.address),
+                        })
+                    })
+                    .collect();
+                return json(&serde_json::json!({ "listener_statuses": statuses }));
+            }
             let mut out = String::new();
             for (name, l) in &snap.listeners {
                 out.push_str(&format!("{name}::{}\n", l.address));
@@ -154,29 +188,40 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         }
         (Method::GET, "/clusters") => {
             let snap = admin.store.load();
-            let mut out = String::new();
-            for (name, c) in &snap.clusters {
-                if let Some(a) = &c.assignment {
-                    for e in a.endpoints() {
-                        out.push_str(&format!(
-                            "{name}::{}::health_flags::{}\n{name}::{}::weight::{}\n",
-                            e.address,
-                            if e.health.is_healthy() {
-                                "healthy"
-                            } else {
-                                "/eds_health_status"
-                            },
-                            e.address,
-                            e.weight
-                        ));
-                    }
-                }
+            if q.get("format").map(String::as_str) == Some("json") {
+                json(&clusters_json(admin, &snap))
+            } else {
+                text(StatusCode::OK, clusters_text(admin, &snap))
             }
-            text(StatusCode::OK, out)
         }
-        (Method::GET, "/config_dump") => json(&serde_json::json!({
-            "configs": (admin.config_dump)(),
-        })),
+        (Method::GET, "/config_dump") => {
+            let name_regex = match q.get("name_regex").map(|r| regex_lite::Regex::new(r)) {
+                Some(Ok(re)) => Some(re),
+                Some(Err(e)) => {
+                    return text(StatusCode::BAD_REQUEST, format!("name_regex: {e}\n"));
+                }
+                None => None,
+            };
+            let dq = config_dump::DumpQuery {
+                include_eds: q.contains_key("include_eds"),
+                resource: q.get("resource").cloned().filter(|r| !r.is_empty()),
+                mask: q.get("mask").cloned().filter(|m| !m.is_empty()),
+                name_regex,
+            };
+            let snap = admin.store.load();
+            match config_dump::render(&admin.bootstrap, &snap, &dq) {
+                Ok(mut v) => {
+                    if dq.resource.is_none()
+                        && let Some(extra) = &admin.extra_config_dump
+                        && let Some(serde_json::Value::Array(a)) = v.get_mut("configs")
+                    {
+                        a.extend(extra());
+                    }
+                    json(&v)
+                }
+                Err(e) => text(StatusCode::NOT_FOUND, e + "\n"),
+            }
+        }
         (Method::GET, "/debug/capture") => match &admin.capture {
             Some(c) => {
                 let stats: serde_json::Map<String, serde_json::Value> =
@@ -217,15 +262,239 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin commands: /ready /server_info /stats /listeners /clusters /config_dump \
+            "admin commands: /ready /server_info /stats /stats/prometheus /listeners /clusters \
+             /config_dump \
              /drain_listeners (POST) \
              /debug/capture /debug/node/cgroups\n",
         ),
     }
 }
 
+fn socket_address_json(a: SocketAddr) -> serde_json::Value {
+    serde_json::json!({ "socket_address": { "address": a.ip().to_string(), "port_value": a.port() } })
+}
+
+/// Envoy's `health_flags` for an EDS health status.
+fn health_flags(h: crate::model::HealthStatus) -> &'static str {
+    use crate::model::HealthStatus as H;
+    match h {
+        H::Unknown | H::Healthy => "healthy",
+        H::Unhealthy | H::Timeout => "/failed_eds_health",
+        H::Degraded => "/degraded_eds_health",
+        H::Draining => "/eds_status_draining",
+    }
+}
+
+/// Per-host lines of `/clusters`: (address, facts) in Envoy's field order. Per-host
+/// connection counters are not kept yet, so `cx_*` are the cluster's when it has one host.
+fn host_facts(
+    admin: &Admin,
+    name: &str,
+    entry: &crate::state::ClusterEntry,
+) -> Vec<(SocketAddr, Vec<(&'static str, String)>)> {
+    let Some(a) = &entry.assignment else {
+        return Vec::new();
+    };
+    let single = a.endpoints().count() == 1;
+    let cluster_stat = |s: &str| {
+        if single {
+            admin
+                .stats
+                .snapshot()
+                .into_iter()
+                .find(|(k, _)| k == &format!("cluster.{name}.upstream_{s}"))
+                .map(|(_, v)| v)
+                .unwrap_or(0)
+        } else {
+            0
+        }
+    };
+    let mut out = Vec::new();
+    for loc in &a.localities {
+        for e in &loc.endpoints {
+            out.push((
+                e.address,
+                vec![
+                    ("cx_active", cluster_stat("cx_active").to_string()),
+                    (
+                        "cx_connect_fail",
+                        cluster_stat("cx_connect_fail").to_string(),
+                    ),
+                    ("cx_total", cluster_stat("cx_total").to_string()),
+                    ("health_flags", health_flags(e.health).to_string()),
+                    ("weight", e.weight.to_string()),
+                    ("region", loc.locality.region.clone()),
+                    ("zone", loc.locality.zone.clone()),
+                    ("sub_zone", loc.locality.sub_zone.clone()),
+                    ("canary", "false".to_string()),
+                    ("priority", loc.priority.to_string()),
+                    ("success_rate", "-1".to_string()),
+                    ("local_origin_success_rate", "-1".to_string()),
+                ],
+            ));
+        }
+    }
+    out
+}
+
+fn clusters_text(admin: &Admin, snap: &crate::state::Snapshot) -> String {
+    let mut out = String::new();
+    for (name, c) in &snap.clusters {
+        let via_api = !snap.static_clusters.contains(name);
+        out.push_str(&format!("{name}::observability_name::{name}\n"));
+        out.push_str(&format!("{name}::added_via_api::{via_api}\n"));
+        for (addr, facts) in host_facts(admin, name, c) {
+            for (k, v) in facts {
+                out.push_str(&format!("{name}::{addr}::{k}::{v}\n"));
+            }
+        }
+    }
+    out
+}
+
+fn clusters_json(admin: &Admin, snap: &crate::state::Snapshot) -> serde_json::Value {
+    let statuses: Vec<serde_json::Value> = snap
+        .clusters
+        .iter()
+        .map(|(name, c)| {
+            let hosts: Vec<serde_json::Value> = c
+                .assignment
+                .iter()
+                .flat_map(|a| {
+                    a.localities
+                        .iter()
+                        .flat_map(|loc| loc.endpoints.iter().map(move |e| (loc, e)))
+                })
+                .zip(host_facts(admin, name, c))
+                .map(|((loc, e), (_, facts))| {
+                    let stats: Vec<serde_json::Value> = facts
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("cx_"))
+                        .map(|(k, v)| {
+                            serde_json::json!({
+                                "name": k,
+                                "type": if *k == "cx_active" { "GAUGE" } else { "COUNTER" },
+                                "value": v,
+                            })
+                        })
+                        .collect();
+                    let mut h = serde_json::json!({
+                        "address": socket_address_json(e.address),
+                        "stats": stats,
+                        "health_status": { "eds_health_status": e.health.as_str() },
+                        "weight": e.weight,
+                        "priority": loc.priority,
+                    });
+                    let l = &loc.locality;
+                    if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) {
+                        h["locality"] = serde_json::json!({
+                            "region": l.region, "zone": l.zone, "sub_zone": l.sub_zone,
+                        });
+                    }
+                    h
+                })
+                .collect();
+            serde_json::json!({
+                "name": name,
+                "observability_name": name,
+                "added_via_api": !snap.static_clusters.contains(name),
+                "host_statuses": hosts,
+            })
+        })
+        .collect();
+    serde_json::json!({ "cluster_statuses": statuses })
+}
+
+/// Stats whose value goes up and down (Prometheus `gauge`).
+fn is_gauge(name: &str) -> bool {
+    name.ends_with("_active")
+        || name.ends_with("connected_state")
+        || name.ends_with("active_clusters")
+        || name.ends_with("warming_clusters")
+        || name.ends_with("total_listeners_warming")
+}
+
+/// Envoy's Prometheus rendering: `envoy_` prefix, `cluster.<name>.` and `listener.<addr>.`
+/// become `envoy_cluster_name` / `envoy_listener_address` labels, other dots become `_`.
+fn prometheus(lines: &[(String, u64)]) -> String {
+    let sanitize = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let mut families: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for (k, v) in lines {
+        let (metric, label) = if let Some(rest) = k.strip_prefix("cluster.") {
+            match rest.rsplit_once('.') {
+                Some((name, stat)) => (
+                    format!("envoy_cluster_{}", sanitize(stat)),
+                    format!("{{envoy_cluster_name=\"{name}\"}}"),
+                ),
+                None => (format!("envoy_{}", sanitize(k)), String::new()),
+            }
+        } else if let Some(rest) = k.strip_prefix("listener.")
+            && let Some((addr, stat)) = rest.rsplit_once('.')
+        {
+            (
+                format!("envoy_listener_{}", sanitize(stat)),
+                format!("{{envoy_listener_address=\"{addr}\"}}"),
+            )
+        } else {
+            (format!("envoy_{}", sanitize(k)), String::new())
+        };
+        families.entry(metric).or_default().push((label, *v));
+    }
+    let mut out = String::new();
+    for (metric, samples) in families {
+        let kind = if is_gauge(&metric) {
+            "gauge"
+        } else {
+            "counter"
+        };
+        out.push_str(&format!("# TYPE {metric} {kind}\n"));
+        for (label, v) in samples {
+            out.push_str(&format!("{metric}{label} {v}\n"));
+        }
+    }
+    out
+}
+
 fn stats_lines(admin: &Admin) -> Vec<(String, u64)> {
     let mut out = admin.stats.snapshot();
+    // Gauges Envoy derives from its managers; here they follow from the snapshot.
+    let snap = admin.store.load();
+    let warming_clusters = snap.xds.clusters.warming.len() as u64;
+    let warming_listeners = snap.xds.listeners.warming.len() as u64;
+    out.extend([
+        (
+            "cluster_manager.active_clusters".to_string(),
+            snap.clusters.len() as u64,
+        ),
+        (
+            "cluster_manager.warming_clusters".to_string(),
+            warming_clusters,
+        ),
+        (
+            "listener_manager.total_listeners_active".to_string(),
+            snap.listeners.len() as u64,
+        ),
+        (
+            "listener_manager.total_listeners_warming".to_string(),
+            warming_listeners,
+        ),
+    ]);
+    if !out
+        .iter()
+        .any(|(k, _)| k == "control_plane.connected_state")
+    {
+        out.push(("control_plane.connected_state".to_string(), 0));
+    }
     if let Some(c) = &admin.capture {
         out.extend(
             c.stats()

@@ -48,6 +48,16 @@ pub enum ConfigError {
         /// The repeated name.
         name: String,
     },
+    /// `dynamic_resources` cannot be served.
+    #[error("bootstrap {origin}: dynamic_resources.{field}: {reason}")]
+    Dynamic {
+        /// File or `<inline>`.
+        origin: String,
+        /// Field path inside `dynamic_resources`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// `admin.address` is not usable.
     #[error("bootstrap {origin}: admin.address: {reason}")]
     Admin {
@@ -67,6 +77,28 @@ pub struct NodeInfo {
     pub cluster: String,
 }
 
+/// Which flavour of the ADS protocol to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsApi {
+    /// `GRPC` (or `AGGREGATED_GRPC`): state of the world.
+    Sotw,
+    /// `DELTA_GRPC` (or `AGGREGATED_DELTA_GRPC`): incremental.
+    Delta,
+}
+
+/// `dynamic_resources.ads_config`, resolved to an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdsConfig {
+    /// State of the world or delta.
+    pub api: AdsApi,
+    /// `grpc_services[0].envoy_grpc.cluster_name` (a static cluster).
+    pub cluster: String,
+    /// The first endpoint of that cluster: where the server listens (plain h2c).
+    pub server: SocketAddr,
+    /// `envoy_grpc.retry_policy.retry_back_off` (base, max) for reconnects, when given.
+    pub backoff: Option<(std::time::Duration, std::time::Duration)>,
+}
+
 /// A validated bootstrap.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -78,6 +110,12 @@ pub struct Bootstrap {
     pub listeners: Vec<Listener>,
     /// Static clusters.
     pub clusters: Vec<Cluster>,
+    /// `dynamic_resources.ads_config`, when configuration comes from an ADS server.
+    pub ads: Option<AdsConfig>,
+    /// `dynamic_resources.lds_config` is `ads: {}`: listeners come over ADS.
+    pub lds_ads: bool,
+    /// `dynamic_resources.cds_config` is `ads: {}`: clusters come over ADS.
+    pub cds_ads: bool,
     /// The bootstrap as parsed, for `/config_dump`.
     pub raw: PbBootstrap,
 }
@@ -143,6 +181,12 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         })?),
         None => None,
     };
+    let (ads, lds_ads, cds_ads) =
+        dynamic(&raw, &clusters).map_err(|(field, reason)| ConfigError::Dynamic {
+            origin: origin.to_string(),
+            field,
+            reason,
+        })?;
     let node = raw
         .node
         .as_ref()
@@ -156,6 +200,117 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         admin,
         listeners,
         clusters,
+        ads,
+        lds_ads,
+        cds_ads,
         raw,
     })
+}
+
+/// `dynamic_resources`: the ADS server address and which types use it.
+fn dynamic(
+    raw: &PbBootstrap,
+    clusters: &[Cluster],
+) -> Result<(Option<AdsConfig>, bool, bool), (String, String)> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as Spec;
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    let Some(dr) = &raw.dynamic_resources else {
+        return Ok((None, false, false));
+    };
+    let is_ads = |field: &str,
+                  c: &Option<envoy_types::pb::envoy::config::core::v3::ConfigSource>|
+     -> Result<bool, (String, String)> {
+        match c.as_ref().and_then(|c| c.config_source_specifier.as_ref()) {
+            None => Ok(false),
+            Some(Spec::Ads(_)) => Ok(true),
+            Some(_) => Err((
+                field.to_string(),
+                "only `ads: {}` is supported (no path, REST or per-type gRPC sources)".into(),
+            )),
+        }
+    };
+    let lds_ads = is_ads("lds_config", &dr.lds_config)?;
+    let cds_ads = is_ads("cds_config", &dr.cds_config)?;
+    let Some(ads) = &dr.ads_config else {
+        if lds_ads || cds_ads {
+            return Err((
+                "ads_config".into(),
+                "lds/cds use ADS but ads_config is missing".into(),
+            ));
+        }
+        return Ok((None, false, false));
+    };
+    let api = match ads.api_type {
+        2 | 5 => AdsApi::Sotw,
+        3 | 6 => AdsApi::Delta,
+        other => {
+            return Err((
+                "ads_config.api_type".into(),
+                format!("{other} is not GRPC or DELTA_GRPC"),
+            ));
+        }
+    };
+    let mut backoff = None;
+    let cluster = match ads
+        .grpc_services
+        .first()
+        .and_then(|g| g.target_specifier.as_ref())
+    {
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => {
+            if let Some(b) = e
+                .retry_policy
+                .as_ref()
+                .and_then(|r| r.retry_back_off.as_ref())
+            {
+                let field = "ads_config.grpc_services[0].envoy_grpc.retry_policy.retry_back_off";
+                let d = |v: &Option<envoy_types::pb::google::protobuf::Duration>| {
+                    v.as_ref()
+                        .map(model::duration)
+                        .transpose()
+                        .map_err(|e| (field.to_string(), e.reason))
+                };
+                let base = d(&b.base_interval)?.unwrap_or(std::time::Duration::from_millis(100));
+                let max = d(&b.max_interval)?.unwrap_or(base * 10);
+                backoff = Some((base, max.max(base)));
+            }
+            e.cluster_name.clone()
+        }
+        Some(TargetSpecifier::GoogleGrpc(_)) => {
+            return Err((
+                "ads_config.grpc_services[0].google_grpc".into(),
+                "google_grpc is not supported; use envoy_grpc".into(),
+            ));
+        }
+        _ => {
+            return Err((
+                "ads_config.grpc_services[0].envoy_grpc.cluster_name".into(),
+                "must name a static cluster".into(),
+            ));
+        }
+    };
+    let field = || "ads_config.grpc_services[0].envoy_grpc.cluster_name".to_string();
+    let c = clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .ok_or_else(|| (field(), format!("no static cluster {cluster:?}")))?;
+    let server = match &c.kind {
+        model::ClusterKind::Static(la) => la.endpoints().next().map(|e| e.address),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        (
+            field(),
+            format!("cluster {cluster:?} must be STATIC with at least one endpoint"),
+        )
+    })?;
+    Ok((
+        Some(AdsConfig {
+            api,
+            cluster,
+            server,
+            backoff,
+        }),
+        lds_ads,
+        cds_ads,
+    ))
 }

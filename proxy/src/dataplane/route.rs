@@ -174,6 +174,7 @@ mod tests {
         Listener {
             name: "l".into(),
             address: "0.0.0.0:15001".parse().unwrap(),
+            internal: None,
             use_original_dst: true,
             bind_to_port: true,
             filter_chains: chains,

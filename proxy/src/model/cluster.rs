@@ -114,6 +114,19 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
                 "envoy.extensions.load_balancing_policies.maglev.v3.Maglev" => {
                     Some(LbPolicy::Maglev)
                 }
+                "envoy.extensions.load_balancing_policies.cluster_provided.v3.ClusterProvided" => {
+                    Some(LbPolicy::ClusterProvided)
+                }
+                // Without ORCA load reports (skiff has none yet) client-side weighted round
+                // robin weighs every host equally, i.e. it is round robin.
+                "envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin" => {
+                    Some(LbPolicy::RoundRobin)
+                }
+                // Override-host picks a host named by a header or metadata, which L4 traffic
+                // never carries; every connection then uses its fallback (round robin).
+                "envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost" => {
+                    Some(LbPolicy::RoundRobin)
+                }
                 _ => None,
             };
             // Envoy takes the first policy it supports, in order.

@@ -48,8 +48,11 @@ pub struct Locality {
 /// One upstream host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LbEndpoint {
-    /// Where to connect.
+    /// Where to connect (`0.0.0.0:0` for an internal endpoint).
     pub address: SocketAddr,
+    /// `envoy_internal_address.server_listener_name` of an endpoint that is one of the proxy's
+    /// own internal listeners (Istio's `main_internal`); never dialled over the network.
+    pub internal: Option<String>,
     /// EDS health status.
     pub health: HealthStatus,
     /// `load_balancing_weight` (default 1).
@@ -193,14 +196,29 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
         }
         None => return Err(FieldError::new("endpoint", "missing")),
     };
-    let address =
-        socket_addr(endpoint.address.as_ref()).map_err(|e| e.within("endpoint.address"))?;
-    if address.port() == 0 {
-        return Err(FieldError::new(
-            "endpoint.address.socket_address.port_value",
-            "port 0",
-        ));
-    }
+    use envoy_types::pb::envoy::config::core::v3::address::Address as Kind;
+    use envoy_types::pb::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
+    let internal = match endpoint.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(Kind::EnvoyInternalAddress(ia)) => Some(match &ia.address_name_specifier {
+            Some(AddressNameSpecifier::ServerListenerName(n)) => n.clone(),
+            None => String::new(),
+        }),
+        _ => None,
+    };
+    let address = match internal {
+        Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        None => {
+            let a =
+                socket_addr(endpoint.address.as_ref()).map_err(|e| e.within("endpoint.address"))?;
+            if a.port() == 0 {
+                return Err(FieldError::new(
+                    "endpoint.address.socket_address.port_value",
+                    "port 0",
+                ));
+            }
+            a
+        }
+    };
     let weight = e
         .load_balancing_weight
         .as_ref()
@@ -214,6 +232,7 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
     }
     Ok(LbEndpoint {
         address,
+        internal,
         health: HealthStatus::from_proto(e.health_status)?,
         weight,
     })

@@ -22,8 +22,11 @@ pub const HCM_TYPE: &str =
 pub struct Listener {
     /// Listener name.
     pub name: String,
-    /// Address (IP literal and port).
+    /// Address (IP literal and port); `0.0.0.0:0` for an internal listener.
     pub address: SocketAddr,
+    /// `envoy_internal_address.server_listener_name` of an internal listener (Istio's
+    /// `main_internal`, reached only from other listeners, never bound to a port).
+    pub internal: Option<String>,
     /// `use_original_dst`: hand connections to the listener matching their original destination.
     pub use_original_dst: bool,
     /// `bind_to_port` (default true). Istio's per-service listeners set it to false.
@@ -332,7 +335,21 @@ impl TryFrom<&pb::Listener> for Listener {
         if l.name.is_empty() {
             return Err(err(FieldError::new("name", "must not be empty")));
         }
-        let address = socket_addr(l.address.as_ref()).map_err(|e| err(e.within("address")))?;
+        use envoy_types::pb::envoy::config::core::v3::address::Address as Kind;
+        use envoy_types::pb::envoy::config::core::v3::envoy_internal_address::AddressNameSpecifier;
+        let internal = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(Kind::EnvoyInternalAddress(ia)) => Some(match &ia.address_name_specifier {
+                Some(AddressNameSpecifier::ServerListenerName(n)) => n.clone(),
+                None => String::new(),
+            }),
+            // `internal_listener: {}` without an address: reached by name only.
+            _ if l.listener_specifier.is_some() => Some(l.name.clone()),
+            _ => None,
+        };
+        let address = match internal {
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => socket_addr(l.address.as_ref()).map_err(|e| err(e.within("address")))?,
+        };
         let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
             filter_chains.push(
@@ -371,7 +388,8 @@ impl TryFrom<&pb::Listener> for Listener {
             name: l.name.clone(),
             address,
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
-            bind_to_port,
+            bind_to_port: bind_to_port && internal.is_none(),
+            internal,
             filter_chains,
             default_filter_chain,
             listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod endpoint;
 pub mod listener;
+pub mod route;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +18,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 pub use cluster::{Cluster, ClusterKind, LbPolicy};
 pub use endpoint::{HealthStatus, LbEndpoint, LoadAssignment, LocalityEndpoints};
 pub use listener::{ClusterSpecifier, FilterChain, FilterChainMatch, Listener, NetworkAction};
+pub use route::{RouteConfig, VirtualHost};
 
 /// A resource that failed validation: which one, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

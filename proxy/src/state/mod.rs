@@ -3,14 +3,67 @@
 //! Only the configuration task writes the store. A connection loads the `Arc<Snapshot>` once at
 //! accept and keeps it for its whole life, so it never sees half an update.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use crate::model::{Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment};
+use crate::model::{Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, RouteConfig};
+
+/// One accepted (or warming) xDS resource as it arrived, for `/config_dump`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceRecord {
+    /// `version_info` of the response (SotW) or the resource's own version (delta).
+    pub version_info: String,
+    /// When it was accepted.
+    pub last_updated: SystemTime,
+    /// The resource exactly as received.
+    pub resource: prost_types::Any,
+}
+
+/// The last rejected update of one resource (Envoy's `UpdateFailureState`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorRecord {
+    /// Version of the rejected update.
+    pub version_info: String,
+    /// When it was rejected.
+    pub last_update_attempt: SystemTime,
+    /// `name: reason`.
+    pub details: String,
+    /// The rejected resource, when it could be decoded far enough to be shown.
+    pub resource: Option<prost_types::Any>,
+}
+
+/// What `/config_dump` shows for one type URL.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeDump {
+    /// Version of the last accepted response for this type.
+    pub version_info: String,
+    /// When the type was last updated.
+    pub last_updated: Option<SystemTime>,
+    /// Accepted and warmed (in the snapshot), by name.
+    pub active: BTreeMap<String, ResourceRecord>,
+    /// Accepted but waiting for their dependencies, by name.
+    pub warming: BTreeMap<String, ResourceRecord>,
+    /// Last NACKed update per resource name.
+    pub errors: BTreeMap<String, ErrorRecord>,
+}
+
+/// Every xDS type's accepted resources, warming resources and errors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct XdsDump {
+    /// LDS.
+    pub listeners: TypeDump,
+    /// CDS.
+    pub clusters: TypeDump,
+    /// RDS.
+    pub routes: TypeDump,
+    /// EDS.
+    pub endpoints: TypeDump,
+}
 
 /// A cluster together with the endpoints it currently resolves to.
 #[derive(Debug)]
@@ -28,7 +81,11 @@ impl ClusterEntry {
     pub fn healthy_endpoints(&self) -> Vec<&LbEndpoint> {
         self.assignment
             .as_deref()
-            .map(|a| a.endpoints().filter(|e| e.health.is_healthy()).collect())
+            .map(|a| {
+                a.endpoints()
+                    .filter(|e| e.health.is_healthy() && e.internal.is_none())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -40,13 +97,52 @@ pub struct Snapshot {
     pub listeners: BTreeMap<String, Arc<Listener>>,
     /// Clusters by name.
     pub clusters: BTreeMap<String, Arc<ClusterEntry>>,
+    /// Route configurations (RDS) by name.
+    pub routes: BTreeMap<String, Arc<RouteConfig>>,
+    /// Names of the listeners that came from the bootstrap (the others came over xDS).
+    pub static_listeners: BTreeSet<String>,
+    /// Names of the clusters that came from the bootstrap.
+    pub static_clusters: BTreeSet<String>,
+    /// Raw xDS resources, warming ones and errors, for `/config_dump`.
+    pub xds: Arc<XdsDump>,
     /// Listener name by exact address.
     by_addr: HashMap<SocketAddr, String>,
 }
 
 impl Snapshot {
-    /// Build a snapshot; EDS clusters take their endpoints from `assignments` by service name.
+    /// Build a snapshot of static configuration only (every listener and cluster counts as
+    /// static); EDS clusters take their endpoints from `assignments` by service name.
     pub fn new(
+        listeners: impl IntoIterator<Item = Listener>,
+        clusters: impl IntoIterator<Item = Cluster>,
+        assignments: &BTreeMap<String, Arc<LoadAssignment>>,
+    ) -> Snapshot {
+        let mut s = Snapshot::build(listeners, clusters, assignments);
+        s.static_listeners = s.listeners.keys().cloned().collect();
+        s.static_clusters = s.clusters.keys().cloned().collect();
+        s
+    }
+
+    /// Build a snapshot mixing bootstrap and xDS resources: `static_*` name the bootstrap ones,
+    /// `routes` and `xds` come from the xDS client.
+    pub fn with_xds(
+        listeners: impl IntoIterator<Item = Listener>,
+        clusters: impl IntoIterator<Item = Cluster>,
+        assignments: &BTreeMap<String, Arc<LoadAssignment>>,
+        routes: BTreeMap<String, Arc<RouteConfig>>,
+        static_listeners: BTreeSet<String>,
+        static_clusters: BTreeSet<String>,
+        xds: Arc<XdsDump>,
+    ) -> Snapshot {
+        let mut s = Snapshot::build(listeners, clusters, assignments);
+        s.routes = routes;
+        s.static_listeners = static_listeners;
+        s.static_clusters = static_clusters;
+        s.xds = xds;
+        s
+    }
+
+    fn build(
         listeners: impl IntoIterator<Item = Listener>,
         clusters: impl IntoIterator<Item = Cluster>,
         assignments: &BTreeMap<String, Arc<LoadAssignment>>,
@@ -80,6 +176,7 @@ impl Snapshot {
             listeners,
             clusters,
             by_addr,
+            ..Default::default()
         }
     }
 
@@ -113,6 +210,7 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Store {
     current: ArcSwap<Snapshot>,
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -120,6 +218,7 @@ impl Store {
     pub fn new(initial: Snapshot) -> Self {
         Store {
             current: ArcSwap::from_pointee(initial),
+            changed: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -131,5 +230,11 @@ impl Store {
     /// Publish a new snapshot.
     pub fn publish(&self, next: Snapshot) {
         self.current.store(Arc::new(next));
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// A receiver that wakes after each publish (the value is a generation counter).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }

@@ -1,1 +1,465 @@
 //! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
+//!
+//! # Layout
+//! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
+//!   follows (pure; both protocol flavours drive it).
+//! - this file: the stream loops ([`spawn`]), requests, ACK/NACK, reconnect with backoff.
+//!
+//! # Protocol (as Envoy)
+//! - One ADS stream. CDS and LDS are wildcard subscriptions; RDS follows the route config names
+//!   of the HTTP connection managers of known listeners; EDS follows the service names of known
+//!   EDS clusters. Subscriptions are re-sent whenever they change.
+//! - SotW ACK: `version_info` of the response + its nonce. NACK: the previous good
+//!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
+//!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
+//! - The node is sent on the first request of each stream.
+//! - A lost stream keeps the last good snapshot serving; the client reconnects with exponential
+//!   backoff and jitter and re-sends its subscriptions (SotW: last accepted versions; delta:
+//!   `initial_resource_versions`).
+
+pub mod resources;
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status;
+use skiff_proto::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::{AdsApi, AdsConfig};
+use crate::state::Store;
+use crate::stats::Stats;
+
+pub use resources::{Incoming, Rejected, Resources, TYPE_URLS, nack_message};
+
+/// gRPC `INVALID_ARGUMENT`, the code Envoy puts in a NACK's `error_detail`.
+pub const NACK_CODE: i32 = 3;
+
+/// Why one ADS stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    /// The server could not be reached.
+    #[error("connecting to ADS server {addr}: {source}")]
+    Connect {
+        /// Server address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: tonic::transport::Error,
+    },
+    /// The stream failed or the server closed it with an error.
+    #[error("ADS stream: {0}")]
+    Stream(#[from] tonic::Status),
+    /// The server closed the stream cleanly.
+    #[error("ADS stream closed by the server")]
+    Closed,
+    /// Our own request channel closed (shutdown).
+    #[error("ADS request channel closed")]
+    RequestsClosed,
+}
+
+/// What the ADS client needs.
+#[derive(Debug, Clone)]
+pub struct XdsOptions {
+    /// Server and protocol flavour.
+    pub ads: AdsConfig,
+    /// Node sent on the first request of each stream.
+    pub node: Option<Node>,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl XdsOptions {
+    /// Backoff from the bootstrap's `retry_back_off`, else 100 ms doubling up to 3 s; jittered.
+    pub fn new(ads: AdsConfig, node: Option<Node>) -> Self {
+        let (backoff_base, backoff_max) = ads
+            .backoff
+            .unwrap_or((Duration::from_millis(100), Duration::from_secs(3)));
+        XdsOptions {
+            ads,
+            node,
+            backoff_base,
+            backoff_max,
+        }
+    }
+}
+
+/// Start the ADS client; it publishes to `store` until `stop` is cancelled.
+pub fn spawn(
+    opts: XdsOptions,
+    resources: Resources,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(opts, resources, store, stats, stop).instrument(info_span!("xds")))
+}
+
+/// Shared by the stream loops of one client.
+struct Client {
+    opts: XdsOptions,
+    resources: Resources,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+}
+
+async fn run(
+    opts: XdsOptions,
+    resources: Resources,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let mut c = Client {
+        opts,
+        resources,
+        store,
+        stats,
+    };
+    let mut backoff = c.opts.backoff_base;
+    let mut attempt: u64 = 0;
+    loop {
+        attempt += 1;
+        let mut got_response = false;
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = c.stream(&mut got_response) => r,
+        };
+        c.stats.gauge("control_plane.connected_state").get(); // created even if never connected
+        if got_response {
+            backoff = c.opts.backoff_base;
+        }
+        let delay = jitter(backoff, attempt);
+        match &result {
+            Ok(()) | Err(XdsError::Closed) => {
+                info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "ADS stream closed; reconnecting"
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS stream lost; keeping last good config")
+            }
+        }
+        for p in ["listener_manager.lds", "cluster_manager.cds"] {
+            c.stats.counter(&format!("{p}.update_failure")).inc();
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        backoff = (backoff * 2).min(c.opts.backoff_max);
+    }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.0] (decorrelates clients reconnecting together).
+fn jitter(d: Duration, salt: u64) -> Duration {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    let r = h.finish() % 1000;
+    d.mul_f64(0.5 + r as f64 / 2000.0)
+}
+
+/// Stats prefix of a type URL (Envoy's names for LDS and CDS).
+fn stat_prefix(type_url: &str) -> &'static str {
+    match type_url {
+        LISTENER_TYPE_URL => "listener_manager.lds",
+        CLUSTER_TYPE_URL => "cluster_manager.cds",
+        ROUTE_TYPE_URL => "skiff.xds.rds",
+        ENDPOINT_TYPE_URL => "skiff.xds.eds",
+        _ => "skiff.xds.unknown",
+    }
+}
+
+/// Marks the connection up while alive.
+struct Connected(Arc<crate::stats::Gauge>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Client {
+    async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
+        let addr = self.opts.ads.server;
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|_| XdsError::Closed)?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|source| XdsError::Connect { addr, source })?;
+        let client = AggregatedDiscoveryServiceClient::new(channel);
+        match self.opts.ads.api {
+            AdsApi::Sotw => self.sotw(client, got_response).await,
+            AdsApi::Delta => self.delta(client, got_response).await,
+        }
+    }
+
+    fn connected(&self) -> Connected {
+        let g = self.stats.gauge("control_plane.connected_state");
+        g.inc();
+        Connected(g)
+    }
+
+    fn publish(&mut self) {
+        self.resources.drop_unsubscribed();
+        let snap = self.resources.snapshot();
+        let (wl, wc) = self.resources.warming();
+        debug!(
+            listeners = snap.listeners.len(),
+            clusters = snap.clusters.len(),
+            warming_listeners = wl.len(),
+            warming_clusters = wc.len(),
+            "publishing snapshot"
+        );
+        self.store.publish(snap);
+    }
+
+    /// Count and log one push; returns the NACK detail, if any.
+    fn outcome(
+        &self,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        count: usize,
+        result: Result<(), Vec<Rejected>>,
+    ) -> Option<Status> {
+        let prefix = stat_prefix(type_url);
+        self.stats
+            .counter(&format!("{prefix}.update_attempt"))
+            .inc();
+        let span = info_span!("xds_push", type_url, version, nonce, count);
+        let _g = span.enter();
+        match result {
+            Ok(()) => {
+                self.stats
+                    .counter(&format!("{prefix}.update_success"))
+                    .inc();
+                info!(outcome = "ACK", "config accepted");
+                None
+            }
+            Err(rejected) => {
+                self.stats
+                    .counter(&format!("{prefix}.update_rejected"))
+                    .inc();
+                let message = nack_message(type_url, &rejected);
+                warn!(outcome = "NACK", error = %message, "config rejected");
+                Some(Status {
+                    code: NACK_CODE,
+                    message,
+                    details: vec![],
+                })
+            }
+        }
+    }
+
+    // === state of the world ===
+
+    async fn sotw(
+        &mut self,
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        got_response: &mut bool,
+    ) -> Result<(), XdsError> {
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+        let mut node = self.opts.node.clone();
+        // Names last requested per type (None: wildcard), and the last nonce seen per type.
+        let mut requested: HashMap<&'static str, Option<BTreeSet<String>>> = HashMap::new();
+        let mut nonces: HashMap<String, String> = HashMap::new();
+        for type_url in TYPE_URLS {
+            let subs = self.resources.subscriptions(type_url);
+            if subs.as_ref().is_some_and(|s| s.is_empty()) {
+                continue;
+            }
+            let req = DiscoveryRequest {
+                version_info: self.resources.version_info(type_url),
+                node: node.take(),
+                resource_names: subs.iter().flatten().cloned().collect(),
+                type_url: type_url.to_string(),
+                ..Default::default()
+            };
+            tx.send(req).await.map_err(|_| XdsError::RequestsClosed)?;
+            requested.insert(type_url, subs);
+        }
+        let mut stream = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let _connected = self.connected();
+        info!(server = %self.opts.ads.server, "ADS stream (state of the world) up");
+        while let Some(resp) = stream.message().await? {
+            *got_response = true;
+            let DiscoveryResponse {
+                version_info,
+                resources,
+                type_url,
+                nonce,
+                ..
+            } = resp;
+            let result =
+                self.resources
+                    .apply_sotw(&type_url, &version_info, &resources, SystemTime::now());
+            let nack = self.outcome(&type_url, &version_info, &nonce, resources.len(), result);
+            let ack_version = match &nack {
+                None => version_info.clone(),
+                Some(_) => self.resources.version_info(&type_url),
+            };
+            let names = self
+                .resources
+                .subscriptions(&type_url)
+                .into_iter()
+                .flatten()
+                .collect();
+            tx.send(DiscoveryRequest {
+                version_info: ack_version,
+                node: node.take(),
+                resource_names: names,
+                type_url: type_url.clone(),
+                response_nonce: nonce.clone(),
+                error_detail: nack,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| XdsError::RequestsClosed)?;
+            nonces.insert(type_url.clone(), nonce);
+            if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
+                requested.insert(t, self.resources.subscriptions(t));
+            }
+            self.publish();
+            // Follow the configuration: new or gone route/endpoint names.
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+                let subs = self.resources.subscriptions(t);
+                let before = requested.get(t).cloned().flatten().unwrap_or_default();
+                let now = subs.clone().unwrap_or_default();
+                if before == now {
+                    continue;
+                }
+                tx.send(DiscoveryRequest {
+                    version_info: self.resources.version_info(t),
+                    node: node.take(),
+                    resource_names: now.iter().cloned().collect(),
+                    type_url: t.to_string(),
+                    response_nonce: nonces.get(t).cloned().unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| XdsError::RequestsClosed)?;
+                requested.insert(t, subs);
+            }
+        }
+        Err(XdsError::Closed)
+    }
+
+    // === delta ===
+
+    async fn delta(
+        &mut self,
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        got_response: &mut bool,
+    ) -> Result<(), XdsError> {
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+        let mut node = self.opts.node.clone();
+        let mut requested: HashMap<&'static str, BTreeSet<String>> = HashMap::new();
+        for type_url in TYPE_URLS {
+            let subs = self.resources.subscriptions(type_url);
+            if subs.as_ref().is_some_and(|s| s.is_empty()) {
+                continue;
+            }
+            let names: BTreeSet<String> = subs.unwrap_or_default();
+            let req = DeltaDiscoveryRequest {
+                node: node.take(),
+                type_url: type_url.to_string(),
+                resource_names_subscribe: names.iter().cloned().collect(),
+                initial_resource_versions: self
+                    .resources
+                    .resource_versions(type_url)
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            };
+            tx.send(req).await.map_err(|_| XdsError::RequestsClosed)?;
+            requested.insert(type_url, names);
+        }
+        let mut stream = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let _connected = self.connected();
+        info!(server = %self.opts.ads.server, "ADS stream (delta) up");
+        while let Some(resp) = stream.message().await? {
+            *got_response = true;
+            let DeltaDiscoveryResponse {
+                system_version_info,
+                resources,
+                type_url,
+                removed_resources,
+                nonce,
+                ..
+            } = resp;
+            let incoming: Vec<Incoming<'_>> = resources
+                .iter()
+                .filter_map(|r| {
+                    r.resource.as_ref().map(|any| Incoming {
+                        name: Some(r.name.as_str()),
+                        version: r.version.as_str(),
+                        resource: any,
+                    })
+                })
+                .collect();
+            let result = self.resources.apply_delta(
+                &type_url,
+                &system_version_info,
+                &incoming,
+                &removed_resources,
+                SystemTime::now(),
+            );
+            let nack = self.outcome(
+                &type_url,
+                &system_version_info,
+                &nonce,
+                incoming.len() + removed_resources.len(),
+                result,
+            );
+            tx.send(DeltaDiscoveryRequest {
+                node: node.take(),
+                type_url: type_url.clone(),
+                response_nonce: nonce,
+                error_detail: nack,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| XdsError::RequestsClosed)?;
+            self.publish();
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+                let now = self.resources.subscriptions(t).unwrap_or_default();
+                let before = requested.get(t).cloned().unwrap_or_default();
+                if before == now {
+                    continue;
+                }
+                tx.send(DeltaDiscoveryRequest {
+                    node: node.take(),
+                    type_url: t.to_string(),
+                    resource_names_subscribe: now.difference(&before).cloned().collect(),
+                    resource_names_unsubscribe: before.difference(&now).cloned().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| XdsError::RequestsClosed)?;
+                requested.insert(t, now);
+            }
+        }
+        Err(XdsError::Closed)
+    }
+}

@@ -49,11 +49,20 @@ impl Netns {
         let ns = Netns(name.to_string());
         quiet(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
         // The VIP exists only here, so iptables REDIRECT has a route to match on.
-        quiet(Command::new("ip").args(["-n", name, "addr", "add", &format!("{vip}/32"), "dev", "lo"]))?;
-        // Short-lived connection cases: reuse TIME_WAIT ports, use a wide ephemeral range.
+        quiet(Command::new("ip").args([
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{vip}/32"),
+            "dev",
+            "lo",
+        ]))?;
+        // Short-lived connection cases: reuse TIME_WAIT ports. The ephemeral range stays the
+        // default (32768-60999): every listening port of the bench is below it, so TIME_WAIT
+        // sockets of one path never block the next proxy's bind.
         for (key, val) in [
             ("net.ipv4.tcp_tw_reuse", "1"),
-            ("net.ipv4.ip_local_port_range", "1024 65000"),
             ("net.core.somaxconn", "4096"),
         ] {
             quiet(ns.cmd("sysctl").args(["-q", "-w", &format!("{key}={val}")]))?;
@@ -129,8 +138,13 @@ impl Netns {
     }
 
     /// Wait until `GET path` on `addr` inside the namespace answers 200 (admin readiness).
-    pub fn wait_http_200(&self, addr: SocketAddr, path: &str, limit: Duration) -> anyhow::Result<()> {
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    pub fn wait_http_200(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         let ok = self.on_thread(move || {
             let deadline = Instant::now() + limit;
             while Instant::now() < deadline && !interrupted() {
@@ -205,7 +219,8 @@ pub struct Proc {
 impl Proc {
     /// Spawn `cmd` with stdout/stderr appended to `log`.
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
-        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())

@@ -1,0 +1,324 @@
+use super::*;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
+};
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as ep;
+use envoy_types::pb::envoy::config::listener::v3 as lpb;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.into(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn addr(ip: &str, port: u32) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn listener(name: &str, port: u32, cluster: &str) -> Any {
+    let t = tcp::TcpProxy {
+        stat_prefix: name.into(),
+        cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    let l = lpb::Listener {
+        name: name.into(),
+        address: Some(addr("127.0.0.1", port)),
+        filter_chains: vec![lpb::FilterChain {
+            filters: vec![lpb::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(lpb::filter::ConfigType::TypedConfig(any(
+                    &format!(
+                        "type.googleapis.com/{}",
+                        crate::model::listener::TCP_PROXY_TYPE
+                    ),
+                    &t,
+                ))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    any(LISTENER_TYPE_URL, &l)
+}
+
+fn eds_cluster(name: &str) -> Any {
+    let c = PbCluster {
+        name: name.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            service_name: format!("{name}-svc"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    any(CLUSTER_TYPE_URL, &c)
+}
+
+/// Refused by validation of its content (Envoy: when the cluster is built), not by proto rules.
+fn bad_cluster(name: &str) -> Any {
+    let mut la = match PbCla::decode(cla(name, 1).value.as_slice()) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
+    if let Some(ep::lb_endpoint::HostIdentifier::Endpoint(e)) =
+        &mut la.endpoints[0].lb_endpoints[0].host_identifier
+        && let Some(core::address::Address::SocketAddress(sa)) =
+            e.address.as_mut().and_then(|a| a.address.as_mut())
+    {
+        sa.address = "not-an-ip".into();
+    }
+    let c = PbCluster {
+        name: name.into(),
+        load_assignment: Some(la),
+        ..Default::default()
+    };
+    any(CLUSTER_TYPE_URL, &c)
+}
+
+fn cla(name: &str, port: u32) -> Any {
+    let c = PbCla {
+        cluster_name: name.into(),
+        endpoints: vec![ep::LocalityLbEndpoints {
+            lb_endpoints: vec![ep::LbEndpoint {
+                host_identifier: Some(ep::lb_endpoint::HostIdentifier::Endpoint(ep::Endpoint {
+                    address: Some(addr("127.0.0.1", port)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    any(ENDPOINT_TYPE_URL, &c)
+}
+
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH
+}
+
+#[test]
+fn eds_cluster_warms_until_its_assignment_arrives() {
+    let mut r = Resources::default();
+    r.apply_sotw(CLUSTER_TYPE_URL, "1", &[eds_cluster("a")], now())
+        .unwrap();
+    assert!(r.snapshot().cluster("a").is_none());
+    assert_eq!(r.warming().1, ["a"]);
+    assert_eq!(
+        r.subscriptions(ENDPOINT_TYPE_URL)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["a-svc"]
+    );
+    r.apply_sotw(ENDPOINT_TYPE_URL, "1", &[cla("a-svc", 9)], now())
+        .unwrap();
+    let s = r.snapshot();
+    assert_eq!(s.cluster("a").unwrap().healthy_endpoints().len(), 1);
+    assert!(r.warming().1.is_empty());
+    assert!(s.xds.clusters.active.contains_key("a"));
+}
+
+#[test]
+fn partial_nack_applies_valid_resources_and_keeps_last_good() {
+    let mut r = Resources::default();
+    r.apply_sotw(
+        ENDPOINT_TYPE_URL,
+        "0",
+        &[cla("a-svc", 9), cla("b-svc", 9)],
+        now(),
+    )
+    .unwrap();
+    r.apply_sotw(
+        CLUSTER_TYPE_URL,
+        "1",
+        &[eds_cluster("a"), eds_cluster("b")],
+        now(),
+    )
+    .unwrap();
+    let err = r
+        .apply_sotw(
+            CLUSTER_TYPE_URL,
+            "2",
+            &[bad_cluster("a"), eds_cluster("c")],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!(err[0].name, "a");
+    assert!(err[0].reason.contains("load_assignment"), "{}", err[0]);
+    // NACK: the type version stays at the last good one.
+    assert_eq!(r.version_info(CLUSTER_TYPE_URL), "1");
+    let s = r.snapshot();
+    // "a" keeps its previous version, "b" was removed (absent), "c" is new (warming: no CLA).
+    assert!(s.cluster("a").is_some());
+    assert!(s.cluster("b").is_none());
+    assert!(s.cluster("c").is_none());
+    assert_eq!(r.warming().1, ["c"]);
+    assert!(
+        s.xds.clusters.errors["a"]
+            .details
+            .starts_with("a: load_assignment")
+    );
+    assert!(
+        nack_message(CLUSTER_TYPE_URL, &err).starts_with("Error adding/updating cluster(s) a: ")
+    );
+}
+
+#[test]
+fn undecodable_resource_rejects_the_whole_response() {
+    let mut r = Resources::default();
+    r.apply_sotw(LISTENER_TYPE_URL, "1", &[listener("l", 1000, "c")], now())
+        .unwrap();
+    let junk = Any {
+        type_url: LISTENER_TYPE_URL.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let err = r
+        .apply_sotw(
+            LISTENER_TYPE_URL,
+            "2",
+            &[listener("m", 1001, "c"), junk],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err[0].name, "resources[1]");
+    let s = r.snapshot();
+    assert!(s.listeners.contains_key("l"));
+    assert!(!s.listeners.contains_key("m"));
+}
+
+#[test]
+fn listeners_on_one_address_and_static_names_are_refused() {
+    let st = Listener::try_from(
+        &lpb::Listener::decode(listener("static", 2000, "c").value.as_slice()).unwrap(),
+    )
+    .unwrap();
+    let mut r = Resources::new(vec![st], vec![]);
+    let err = r
+        .apply_sotw(
+            LISTENER_TYPE_URL,
+            "1",
+            &[
+                listener("static", 2001, "c"),
+                listener("dup", 2000, "c"),
+                listener("ok", 2002, "c"),
+            ],
+            now(),
+        )
+        .unwrap_err();
+    let names: Vec<_> = err.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["static", "dup"]);
+    assert!(r.snapshot().listeners.contains_key("ok"));
+}
+
+#[test]
+fn delta_adds_updates_and_removes() {
+    let mut r = Resources::default();
+    let a = eds_cluster("a");
+    let inc = [Incoming {
+        name: Some("a"),
+        version: "v1",
+        resource: &a,
+    }];
+    r.apply_delta(CLUSTER_TYPE_URL, "s1", &inc, &[], now())
+        .unwrap();
+    assert_eq!(r.resource_versions(CLUSTER_TYPE_URL)["a"], "v1");
+    r.apply_delta(CLUSTER_TYPE_URL, "s2", &[], &["a".to_string()], now())
+        .unwrap();
+    assert!(r.resource_versions(CLUSTER_TYPE_URL).is_empty());
+    // A wrapper name that disagrees with the resource is rejected.
+    let inc = [Incoming {
+        name: Some("zzz"),
+        version: "v1",
+        resource: &a,
+    }];
+    assert!(
+        r.apply_delta(CLUSTER_TYPE_URL, "s3", &inc, &[], now())
+            .is_err()
+    );
+}
+
+#[test]
+fn proto_rule_violation_rejects_the_whole_response() {
+    let mut r = Resources::default();
+    let neg = PbCluster {
+        name: "neg".into(),
+        connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: -1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let err = r
+        .apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[eds_cluster("a"), any(CLUSTER_TYPE_URL, &neg)],
+            now(),
+        )
+        .unwrap_err();
+    assert!(err[0].reason.contains("connect_timeout"), "{}", err[0]);
+    assert!(r.warming().1.is_empty() && r.snapshot().cluster("a").is_none());
+}
+
+#[test]
+fn unknown_type_urls_are_rejected() {
+    let mut r = Resources::default();
+    let err = r
+        .apply_sotw("type.googleapis.com/foo.Bar", "1", &[], now())
+        .unwrap_err();
+    assert!(!err[0].reason.is_empty());
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::{Just, Strategy, prop_assert, prop_oneof, proptest};
+
+    fn type_url() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(LISTENER_TYPE_URL.to_string()),
+            Just(CLUSTER_TYPE_URL.to_string()),
+            Just(ROUTE_TYPE_URL.to_string()),
+            Just(ENDPOINT_TYPE_URL.to_string()),
+            "[a-z./]{0,30}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_responses_never_panic_and_nacks_explain(
+            resp_type in type_url(),
+            items in proptest::collection::vec((type_url(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 0..6),
+            delta in proptest::prelude::any::<bool>(),
+        ) {
+            let mut r = Resources::default();
+            let anys: Vec<Any> = items
+                .into_iter()
+                .map(|(t, v)| Any { type_url: t, value: v })
+                .collect();
+            let res = if delta {
+                let inc: Vec<Incoming<'_>> = anys.iter().map(|a| Incoming { name: None, version: "v", resource: a }).collect();
+                r.apply_delta(&resp_type, "1", &inc, &["x".into()], now())
+            } else {
+                r.apply_sotw(&resp_type, "1", &anys, now())
+            };
+            if let Err(rej) = res {
+                prop_assert!(!rej.is_empty());
+                prop_assert!(!nack_message(&resp_type, &rej).is_empty());
+                prop_assert!(rej.iter().all(|x| !x.name.is_empty() && !x.reason.is_empty()));
+            }
+            let _ = r.snapshot();
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Every xDS resource in every real config dump and discovery file of `tests/fixtures/`
+//! converts into skiff's model without an error, i.e. skiff would ACK it.
+
+use std::path::Path;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla;
+use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRoute;
+use prost::Message;
+use skiff::model::{Cluster, Listener, LoadAssignment, RouteConfig};
+
+fn convert(type_url: &str, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+    let res = match kind {
+        "Listener" => PbListener::decode(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|l| {
+                Listener::try_from(&l)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
+        "Cluster" => PbCluster::decode(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|c| Cluster::try_from(&c).map(|_| ()).map_err(|e| e.to_string())),
+        "RouteConfiguration" => PbRoute::decode(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                RouteConfig::try_from(&r)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
+        "ClusterLoadAssignment" => PbCla::decode(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                LoadAssignment::try_from(&c)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
+        other => return Err(format!("unexpected type {other}")),
+    };
+    res.map_err(|e| format!("{kind} {name:?}: {e}"))
+}
+
+#[test]
+fn every_dynamic_resource_in_every_dump_converts() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/xds");
+    let dumps = [
+        "istio-proxyconfig-full.json",
+        "istio-compare-before.json",
+        "istio-sidecar-listeners-27.yaml",
+        "istio-endpoints-32.json",
+        "istio-describe-http.json",
+        "istio-gateway-routes-prefix.json",
+        "osm-curl-egress-config-dump.json",
+        "kuma-full-config-dump.json",
+    ];
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for f in dumps {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        let dump = skiff_proto::parse_config_dump(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(!dump.dynamic.is_empty(), "{f}: no dynamic resources");
+        for r in &dump.dynamic {
+            count += 1;
+            if let Err(e) = convert(&r.type_url, &r.name, &r.resource.value) {
+                failures.push(format!("{f}: {e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {count} rejected:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        count > 60,
+        "expected the fixtures' ~70 dynamic resources, saw {count}"
+    );
+}
+
+#[test]
+fn every_resource_in_discovery_files_converts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let files = [
+        ("seed-scenario/listeners.json", None),
+        ("seed-scenario/clusters.json", None),
+        ("seed-scenario/routes.json", None),
+        ("seed-scenario/endpoints.json", None),
+        ("seed-scenario-loopback/listeners.json", None),
+        ("seed-scenario-loopback/clusters.json", None),
+        ("seed-scenario-loopback/routes.json", None),
+        ("seed-scenario-loopback/endpoints.json", None),
+        ("xds/envoy-example-fs-lds.yaml", None),
+        ("xds/envoy-example-fs-cds.yaml", None),
+        (
+            "xds/envoy-gateway-load-balancer-clusters.yaml",
+            Some(skiff_proto::CLUSTER_TYPE_URL),
+        ),
+        (
+            "xds/envoy-gateway-retry-routes.yaml",
+            Some(skiff_proto::ROUTE_TYPE_URL),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (f, default_type) in files {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        let file = skiff_proto::parse_discovery_file(&text, default_type)
+            .unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(!file.resources.is_empty(), "{f}: no resources");
+        for r in &file.resources {
+            if let Err(e) = convert(&r.type_url, f, &r.value) {
+                failures.push(format!("{f}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "rejected:\n{}", failures.join("\n"));
+}
