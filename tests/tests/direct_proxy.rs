@@ -148,7 +148,7 @@ async fn tcp_proxy_round_robins_and_half_closes() {
         let text = String::from_utf8(out).unwrap();
         let (who, echoed) = text.split_once(':').expect("backend prefix");
         assert_eq!(echoed, msg, "bytes must round-trip unchanged");
-        *seen.entry(who.to_string()).or_insert(0) += 1;
+        *seen.entry(who.to_string()).or_insert(0u32) += 1;
     }
     assert_eq!(seen.len(), 2, "both endpoints used: {seen:?}");
     let (a, b) = (seen["A"], seen["B"]);
