@@ -23,6 +23,18 @@ enum Command {
     Run(RunArgs),
     /// Serve xDS (ADS, state of the world and delta) from files or an Envoy config dump.
     ControlPlane(ControlPlaneArgs),
+    /// Send one request to a running skiff's admin API and print the answer
+    /// (e.g. `skiff admin /config_dump?resource=dynamic_active_clusters`).
+    Admin {
+        /// Path and query.
+        path: String,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = skiff::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
     /// Node mode: add or remove pod cgroups at run time (through the admin API).
     Node {
         #[command(subcommand)]
@@ -217,6 +229,34 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("skiff: {e:#}");
                     ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::Admin {
+            path,
+            method,
+            admin,
+        } => {
+            let method = match hyper::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => m,
+                Err(_) => {
+                    eprintln!("skiff: --method {method:?} is not an HTTP method");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let path = if path.starts_with('/') {
+                path
+            } else {
+                format!("/{path}")
+            };
+            match rt.block_on(skiff::admin::request(admin, method, &path)) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::FAILURE
                 }
             }
         }

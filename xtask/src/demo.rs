@@ -16,6 +16,26 @@ use crate::util::{cgroup2_mount, is_root, run as sh, workspace_root};
 /// The demo's bootstrap, embedded so the demo needs no file beside the binary.
 const BOOTSTRAP: &str = include_str!("../../deploy/demo/bootstrap.yaml");
 
+/// The reference Istio scenario (loopback variant) that `skiff control-plane` serves.
+const XDS_FILES: [(&str, &str); 4] = [
+    (
+        "listeners.json",
+        include_str!("../../deploy/demo/xds/listeners.json"),
+    ),
+    (
+        "routes.json",
+        include_str!("../../deploy/demo/xds/routes.json"),
+    ),
+    (
+        "clusters.json",
+        include_str!("../../deploy/demo/xds/clusters.json"),
+    ),
+    (
+        "endpoints.json",
+        include_str!("../../deploy/demo/xds/endpoints.json"),
+    ),
+];
+
 struct Netns(String);
 impl Drop for Netns {
     fn drop(&mut self) {
@@ -140,6 +160,21 @@ pub fn run() -> anyhow::Result<()> {
 
     let bootstrap = std::env::temp_dir().join(format!("skiff-demo-{pid}.yaml"));
     std::fs::write(&bootstrap, BOOTSTRAP)?;
+    let xds_dir = std::env::temp_dir().join(format!("skiff-demo-{pid}-xds"));
+    std::fs::create_dir_all(&xds_dir)?;
+    for (name, text) in XDS_FILES {
+        std::fs::write(xds_dir.join(name), text)?;
+    }
+    let cp_log = std::env::temp_dir().join(format!("skiff-demo-{pid}-cp.log"));
+    let _control_plane = Proc(
+        in_ns(&ns.0, &skiff)
+            .arg("control-plane")
+            .arg("--dir")
+            .arg(&xds_dir)
+            .stderr(std::fs::File::create(&cp_log)?)
+            .spawn()
+            .context("starting skiff control-plane")?,
+    );
     let log = std::env::temp_dir().join(format!("skiff-demo-{pid}.log"));
     let log_file = std::fs::File::create(&log)?;
     println!(
@@ -170,7 +205,9 @@ pub fn run() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("== skiff is ready; eBPF capture attached to the pod cgroup\n");
+    println!(
+        "== skiff is ready; eBPF capture attached to the pod cgroup; config from skiff control-plane\n"
+    );
 
     let cases: [(&str, Option<&Path>, &str); 4] = [
         (
@@ -207,6 +244,40 @@ pub fn run() -> anyhow::Result<()> {
             if ok { "" } else { "   <-- unexpected" }
         );
     }
+    // The configuration skiff took from the control plane, in Envoy's admin dialect.
+    let path = "/config_dump?resource=dynamic_active_clusters";
+    let mut dump = String::new();
+    for _ in 0..100 {
+        let out = in_ns(&ns.0, &skiff).args(["admin", path]).output()?;
+        dump = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dump.contains("outbound|50002|v1|bar-service") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("\n== skiff admin {path}   (what `curl 127.0.0.1:15000{path}` shows in the pod)");
+    for line in dump
+        .lines()
+        .filter(|l| l.contains("\"name\"") || l.contains("version_info") || l.contains("\"type\""))
+    {
+        println!("  {}", line.trim());
+    }
+    if !dump.contains("outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local") {
+        failures += 1;
+        println!("  <-- the EDS cluster from the control plane is missing");
+    }
+    let acks = std::fs::read_to_string(&cp_log).unwrap_or_default();
+    println!("\n== the control plane's log of this client:");
+    for line in acks
+        .lines()
+        .filter(|l| l.contains(" ACK ") || l.contains(" NACK "))
+    {
+        let l = line
+            .split_once("skiff::controlplane")
+            .map(|(_, r)| r)
+            .unwrap_or(line);
+        println!("    {}", l.trim_start_matches(|c| c != ' ').trim());
+    }
     std::thread::sleep(Duration::from_millis(200));
     drop(proxy);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -218,6 +289,8 @@ pub fn run() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&bootstrap);
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&cp_log);
+    let _ = std::fs::remove_dir_all(&xds_dir);
     drop(cgs);
     drop(ns);
     if failures > 0 {
