@@ -1,0 +1,274 @@
+//! skiff's ADS client against skiff's own control plane, both in-process, with real traffic:
+//! initial load, update, NACK of an invalid resource (last good keeps serving), removal, and a
+//! control-plane restart (traffic continues, the config resyncs). Run for SotW and delta.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use skiff::controlplane::{ControlPlaneOptions, Source, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A backend answering `<name>` to every connection.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    a
+}
+
+async fn ask(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    (!out.is_empty()).then_some(out)
+}
+
+async fn eventually(port: u16, want: Option<&str>) {
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = ask(port).await;
+        if last.as_deref() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port}: wanted {want:?}, last answer {last:?}");
+}
+
+fn write_config(dir: &Path, version: &str, listen: u16, backend: SocketAddr, bad: bool) {
+    let lds = format!(
+        r#"{{"version_info": "{version}", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "front",
+  "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {listen}}}}},
+  "filter_chains": [{{"filters": [{{"name": "envoy.filters.network.tcp_proxy",
+    "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+      "stat_prefix": "front", "cluster": "svc"}}}}]}}]}}]}}"#
+    );
+    let bad_cluster = if bad {
+        r#", {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "broken",
+             "type": "STATIC", "connect_timeout": "1s",
+             "load_assignment": {"cluster_name": "broken", "endpoints": [{"lb_endpoints": [
+               {"endpoint": {"address": {"socket_address": {"address": "not-an-ip", "port_value": 1}}}}]}]}}"#
+    } else {
+        ""
+    };
+    let cds = format!(
+        r#"{{"version_info": "{version}", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "svc", "type": "EDS", "connect_timeout": "1s",
+  "eds_cluster_config": {{"eds_config": {{"ads": {{}}}}}}}}{bad_cluster}]}}"#
+    );
+    let eds = format!(
+        r#"{{"version_info": "{version}", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+  "cluster_name": "svc",
+  "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"socket_address":
+    {{"address": "{}", "port_value": {}}}}}}}}}]}}]}}]}}"#,
+        backend.ip(),
+        backend.port()
+    );
+    // Write to a temp name and rename, so the poller never reads half a file.
+    for (name, text) in [
+        ("listeners.json", lds),
+        ("clusters.json", cds),
+        ("endpoints.json", eds),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+struct ControlPlane {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlPlane {
+    async fn start(dir: &Path, listen: SocketAddr) -> ControlPlane {
+        let mut opts = ControlPlaneOptions::new(Source::Dir(dir.to_path_buf()));
+        opts.listen = listen;
+        opts.poll_interval = Duration::from_millis(50);
+        let (tx, rx) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            serve(
+                opts,
+                move |a| {
+                    let _ = bound_tx.send(a);
+                },
+                async {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+        tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+        ControlPlane {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(WAIT, &mut self.task).await;
+    }
+}
+
+fn bootstrap(api: &str, xds: SocketAddr, admin: u16) -> String {
+    format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~e2e.default~default.svc.cluster.local", cluster: e2e }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
+  lds_config: {{ ads: {{}} }}
+  cds_config: {{ ads: {{}} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: xds
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]
+"#,
+        xds.ip(),
+        xds.port()
+    )
+}
+
+async fn stat(admin: u16, name: &str) -> u64 {
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+async fn scenario(api: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = backend("A").await;
+    let b = backend("B").await;
+    let listen = free_port();
+    let admin = free_port();
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    write_config(dir.path(), "1", listen, a, false);
+    let cp = ControlPlane::start(dir.path(), xds).await;
+
+    let boot = skiff::config::parse(&bootstrap(api, xds, admin), "<e2e>").unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let skiff = tokio::spawn(skiff::app::run(
+        skiff::app::RunOptions {
+            admin: boot.admin,
+            bootstrap: boot,
+            capture: None,
+            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+            outbound_v6: None,
+            upstream_mark: None,
+            drain: Duration::from_millis(200),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // Initial load: listener -> EDS cluster (warms until its endpoints arrive) -> A.
+    eventually(listen, Some("A")).await;
+    // Update: the endpoint moves to B.
+    write_config(dir.path(), "2", listen, b, false);
+    eventually(listen, Some("B")).await;
+    // An invalid cluster is NACKed; the valid part applies (Envoy's CDS rule) and traffic flows.
+    write_config(dir.path(), "3", listen, a, true);
+    eventually(listen, Some("A")).await;
+    let deadline = Instant::now() + WAIT;
+    while stat(admin, "cluster_manager.cds.update_rejected").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the invalid cluster was never NACKed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ask(listen).await.as_deref(),
+        Some("A"),
+        "last good keeps serving"
+    );
+
+    // Control plane restart: traffic continues while it is gone, then the config resyncs.
+    cp.stop().await;
+    assert_eq!(
+        ask(listen).await.as_deref(),
+        Some("A"),
+        "serving without a control plane"
+    );
+    write_config(dir.path(), "4", listen, b, false);
+    let cp = ControlPlane::start(dir.path(), xds).await;
+    eventually(listen, Some("B")).await;
+
+    // Removal: an empty LDS closes the listener.
+    std::fs::write(
+        dir.path().join("listeners.json"),
+        r#"{"version_info": "5", "resources": []}"#,
+    )
+    .unwrap();
+    eventually(listen, None).await;
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(WAIT, skiff)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_against_skiff_control_plane() {
+    scenario("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_against_skiff_control_plane() {
+    scenario("DELTA_GRPC").await;
+}
