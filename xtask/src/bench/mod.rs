@@ -11,6 +11,7 @@ mod load;
 mod procstat;
 mod report;
 mod tools;
+mod xds_scale;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,10 @@ pub struct BenchArgs {
     /// Client threads of the connection-rate case.
     #[arg(long, default_value_t = 2)]
     pub conn_threads: usize,
+    /// Control-plane scale instead of the data-path cases: push these cluster counts (10
+    /// endpoints each) through `skiff control-plane` to skiff and Envoy, e.g. `1000,10000`.
+    #[arg(long, value_delimiter = ',')]
+    pub xds_scale: Vec<usize>,
     /// Internal: run a load generator or backend (used inside the bench namespace).
     #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true)]
     pub helper: Vec<String>,
@@ -363,6 +368,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !crate::util::is_root() {
         bail!("the bench creates a netns and cgroups and loads BPF programs: run it as root");
+    }
+    if !args.xds_scale.is_empty() {
+        env::install_interrupt_handler();
+        let root = crate::util::workspace_root();
+        let skiff = match &args.skiff_bin {
+            Some(p) => p.clone(),
+            None => build_skiff(&root)?,
+        };
+        let envoy = tools::require("envoy")
+            .ok()
+            .map(|e| real_envoy(&e))
+            .transpose()?;
+        return xds_scale::standalone(&skiff, envoy.as_deref(), &args.xds_scale);
     }
     let routes = parse_list("path", &args.paths, &Route::ALL, Route::name)?;
     let cases = parse_list("case", &args.cases, &Case::ALL, Case::name)?;
