@@ -40,7 +40,27 @@ pub struct RunOptions {
     pub drain: Duration,
 }
 
-struct CaptureHandle(Capture);
+struct CaptureHandle(Capture, CaptureConfig, u16);
+
+/// Projects `snap` and mirrors it into the kernel fast path; `Err` names what did not fit or
+/// failed (the services concerned are served by the proxy).
+fn reconcile_fast_path(
+    capture: &Capture,
+    snap: &Snapshot,
+    capture_port: u16,
+) -> Result<(), String> {
+    if !capture.fast_path_enabled() {
+        return Ok(());
+    }
+    let image = crate::bpf::projection::project(snap, capture_port);
+    match capture.apply_fast_path(&image) {
+        Ok(report) => match report.overflow {
+            Some(msg) => Err(msg),
+            None => Ok(()),
+        },
+        Err(e) => Err(format!("kernel fast path: {e}")),
+    }
+}
 
 impl CaptureControl for CaptureHandle {
     fn add_cgroup(&self, path: &Path) -> Result<u64, String> {
@@ -56,10 +76,26 @@ impl CaptureControl for CaptureHandle {
         self.0.set_ready(ready).map_err(|e| e.to_string())
     }
     fn stats(&self) -> Vec<(String, u64)> {
-        self.0
+        let mut out: Vec<(String, u64)> = self
+            .0
             .stats()
             .map(|v| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        out.extend(
+            self.0
+                .service_stats()
+                .into_iter()
+                .map(|(vip, n)| (format!("fast_path.{vip}.cx_total"), n)),
+        );
+        out
+    }
+    fn explain(&self, snap: &Snapshot, dst: SocketAddr) -> serde_json::Value {
+        let view = self.0.fast_path_view();
+        crate::bpf::explain::explain(&self.1, view.as_ref(), snap, self.2, dst)
+    }
+    fn maps(&self) -> serde_json::Value {
+        let view = self.0.fast_path_view();
+        crate::bpf::explain::maps_json(view.as_ref(), &self.0.service_stats())
     }
 }
 
@@ -82,7 +118,11 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         Some(cfg) => {
             let mut c = Capture::install(cfg).context("installing eBPF capture")?;
             c.spawn_log_pump();
-            Some(Arc::new(CaptureHandle(c)))
+            Some(Arc::new(CaptureHandle(
+                c,
+                cfg.clone(),
+                opts.outbound_v4.port(),
+            )))
         }
         None => None,
     };
@@ -94,6 +134,12 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     )));
     let stats = Arc::new(Stats::default());
     let capture_port = opts.outbound_v4.port();
+    // Static services take the kernel fast path from the start.
+    if let Some(c) = &capture
+        && let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port)
+    {
+        warn!(error = %e, "kernel fast path incomplete for the bootstrap configuration");
+    }
     let dp = Arc::new(Dataplane::new(
         store.clone(),
         stats.clone(),
@@ -149,7 +195,15 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             opts.bootstrap.clusters.clone(),
         );
         store.publish(resources.snapshot());
-        let xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+        let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+        if let Some(c) = capture.clone() {
+            if let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port) {
+                warn!(error = %e, "kernel fast path incomplete");
+            }
+            xopts.on_publish = Some(xds::PublishHook(Arc::new(move |snap: &Snapshot| {
+                reconcile_fast_path(&c.0, snap, capture_port)
+            })));
+        }
         info!(server = %ads.server, api = ?ads.api, "starting ADS client");
         tasks.push(xds::spawn(
             xopts,

@@ -35,6 +35,24 @@ enum Command {
         #[arg(long, default_value = skiff::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
+    /// Show the kernel fast-path maps of a running skiff: services, clusters, endpoints,
+    /// generation and capacity used.
+    Maps {
+        /// Print the JSON as the admin API returns it.
+        #[arg(long)]
+        json: bool,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = skiff::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Which path a connect to DST takes (kernel fast path / proxy / passthrough / excluded).
+    Explain {
+        /// Destination, e.g. 10.96.0.1:80.
+        dst: SocketAddr,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = skiff::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
     /// Node mode: add or remove pod cgroups at run time (through the admin API).
     Node {
         #[command(subcommand)]
@@ -127,6 +145,10 @@ struct RunArgs {
     /// When the proxy is not ready, fail connects instead of letting them through.
     #[arg(long)]
     fail_closed: bool,
+    /// Kernel fast path: connects to plain-TCP services go straight to an endpoint chosen in
+    /// the kernel (default map sizes: 10k services, 100k endpoints).
+    #[arg(long)]
+    fast_path: bool,
     /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
     #[arg(long, value_delimiter = ',')]
     exclude_ports: Vec<u16>,
@@ -260,6 +282,45 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Maps { json, admin } => {
+            match rt.block_on(skiff::admin::request(
+                admin,
+                hyper::Method::GET,
+                "/debug/maps",
+            )) {
+                Ok(body) if json => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok(body) => match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(v) => {
+                        print!("{}", maps_text(&v));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("skiff: /debug/maps is not JSON ({e}): {body}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Explain { dst, admin } => {
+            let path = format!("/debug/explain?dst={dst}");
+            match rt.block_on(skiff::admin::request(admin, hyper::Method::GET, &path)) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("skiff: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Node { op, admin } => {
             use hyper::Method;
             let (method, path) = match &op {
@@ -288,6 +349,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A human-readable rendering of `/debug/maps`: one block per map, one line per entry.
+fn maps_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (k, val) in v.as_object().into_iter().flatten() {
+        match val {
+            serde_json::Value::Array(items) => {
+                out.push_str(&format!("{k} ({}):\n", items.len()));
+                for it in items {
+                    let line = match it.as_object() {
+                        Some(o) => o
+                            .iter()
+                            .map(|(f, x)| match x {
+                                serde_json::Value::String(s) => format!("{f}={s}"),
+                                other => format!("{f}={other}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        None => it.to_string(),
+                    };
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+            other => out.push_str(&format!("{k}: {other}\n")),
+        }
+    }
+    out
 }
 
 fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
@@ -353,6 +442,7 @@ fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
                     .iter()
                     .map(|c| (c.addr, c.len))
                     .collect::<Vec<(IpAddr, u8)>>(),
+                fast_path: a.fast_path.then(skiff::bpf::Capacity::default),
             })
         }
     };

@@ -401,6 +401,20 @@ impl Child {
         }
     }
 
+    /// Like [`Child::expect_line`], but `None` instead of a panic when no such line comes
+    /// within `timeout` (to count lines that may or may not come).
+    pub fn try_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+    }
+
     /// Every stdout line read so far.
     pub fn seen(&self) -> &[String] {
         &self.seen

@@ -41,6 +41,8 @@ pub fn run() -> anyhow::Result<()> {
         "root_bpf",
         "--test",
         "root_e2e",
+        "--test",
+        "root_fastpath",
         "--",
         "--test-threads=1",
     ]))?;

@@ -63,7 +63,14 @@ pub struct ConfigValue {
     pub capture_v6: u8,
     /// 1: node mode, only tasks whose cgroup id is in `SKIFF_MESHED_CGROUPS` are captured.
     pub node_mode: u8,
-    pub _pad: [u8; 4],
+    /// 1: connect4 looks services up in `SKIFF_SVC_V4` and connects hits straight to an
+    /// endpoint (kernel fast path). Written by the reconciler once a generation is complete.
+    pub fast_path: u8,
+    /// The active generation (0 or 1) of the fast-path cluster/endpoint data: connect4 reads
+    /// `ServiceValue::cluster_idx[fast_gen]`. The reconciler writes the other generation, then
+    /// flips this byte (one config write).
+    pub fast_gen: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<ConfigValue>() == 40);
 const _: () = assert!(core::mem::align_of::<ConfigValue>() == 4);
@@ -208,6 +215,97 @@ pub struct CidrV6Key {
 }
 const _: () = assert!(core::mem::size_of::<CidrV6Key>() == 16);
 
+// === Kernel fast path (services, clusters, endpoint slots) ===
+
+/// `ServiceValue::cluster_idx` of a generation in which the service does not exist.
+pub const NO_CLUSTER: u32 = u32::MAX;
+/// `ClusterValue::lb_policy`: round robin over the slots (a per-CPU cursor per cluster).
+pub const LB_ROUND_ROBIN: u8 = 1;
+/// `ClusterValue::lb_policy`: uniform random slot (`bpf_get_prandom_u32`).
+pub const LB_RANDOM: u8 = 2;
+/// `EndpointValue::health`: the slot may be chosen.
+pub const HEALTH_OK: u8 = 1;
+
+/// Key of `SKIFF_SVC_V4`: an IPv4 service (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKeyV4 {
+    /// Service VIP, network order.
+    pub vip_be: u32,
+    /// Service port, network order.
+    pub port_be: u16,
+    /// IP protocol ([`IPPROTO_TCP`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 8);
+const _: () = assert!(core::mem::align_of::<ServiceKeyV4>() == 4);
+
+/// Value of `SKIFF_SVC_V4`.
+///
+/// `cluster_idx[g]` is the absolute index into `SKIFF_CLUSTERS` of this service's cluster in
+/// generation `g` (cluster data of generation `g` lives at `g * max_clusters ..`), or
+/// [`NO_CLUSTER`] when the service does not exist in that generation. Both are written in one
+/// value update, so flipping `ConfigValue::fast_gen` switches every service at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Absolute cluster index per generation (or [`NO_CLUSTER`]).
+    pub cluster_idx: [u32; 2],
+    /// Reserved flags (0).
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+const _: () = assert!(core::mem::align_of::<ServiceValue>() == 4);
+
+/// Value of `SKIFF_CLUSTERS` (an array: `generation * max_clusters + cluster id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterValue {
+    /// Absolute index of the first endpoint slot in `SKIFF_ENDPOINTS` (generation-specific:
+    /// generation `g` owns `g * max_endpoints ..`).
+    pub slot_base: u32,
+    /// Number of contiguous slots; 0: no healthy endpoint (the connect goes to the proxy).
+    pub endpoint_count: u32,
+    /// [`LB_ROUND_ROBIN`] or [`LB_RANDOM`].
+    pub lb_policy: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ClusterValue>() == 12);
+const _: () = assert!(core::mem::align_of::<ClusterValue>() == 4);
+
+/// Value of `SKIFF_ENDPOINTS` (an array of slots; a cluster's slots are contiguous).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// Endpoint address, network-order words; IPv4 uses word 0 only.
+    pub addr_be: [u32; 4],
+    /// Endpoint port, network order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`, host order.
+    pub family: u8,
+    /// [`HEALTH_OK`] or 0.
+    pub health: u8,
+    /// Load-balancing weight (informational: the projection only admits equal weights).
+    pub weight: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 24);
+const _: () = assert!(core::mem::align_of::<EndpointValue>() == 4);
+
+/// The slot offset (0..count) a connect uses, given the cluster's policy and one random or
+/// round-robin draw. `None` for an empty cluster or an unknown policy.
+#[inline(always)]
+pub fn pick_slot(lb_policy: u8, count: u32, rr_cursor: u32, random: u32) -> Option<u32> {
+    if count == 0 {
+        return None;
+    }
+    match lb_policy {
+        LB_ROUND_ROBIN => Some(rr_cursor % count),
+        LB_RANDOM => Some(random % count),
+        _ => None,
+    }
+}
+
 // === Stats ===
 
 /// Per-reason counters: the index into the per-CPU `SKIFF_STATS` array.
@@ -256,8 +354,18 @@ pub mod reason {
     pub const ORIG_DST_SHORT_BUF: u32 = 20;
     /// Internal error: the rejection errno could not be set (EPERM returned instead).
     pub const ERR_SET_RETVAL: u32 = 21;
+    /// connect4 sent a service connect straight to an endpoint (kernel fast path).
+    pub const FAST_PATH_V4: u32 = 22;
+    /// A service hit whose cluster is absent from the active generation: sent to the proxy.
+    pub const FAST_FALLBACK: u32 = 23;
+    /// A service hit whose cluster has no healthy endpoint: sent to the proxy.
+    pub const FAST_NO_HEALTHY: u32 = 24;
+    /// Internal error: a cluster or endpoint slot index out of range (sent to the proxy).
+    pub const ERR_FAST_SLOT: u32 = 25;
+    /// getpeername4 answered the service VIP for a fast-path socket.
+    pub const PEERNAME_V4: u32 = 26;
     /// Number of reasons (size of the stats array).
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 27;
 
     /// Counter names, indexed by reason (as shown by admin `/stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -283,6 +391,11 @@ pub mod reason {
         "orig_dst_miss",
         "orig_dst_short_buf",
         "err_set_retval",
+        "fast_path_v4",
+        "fast_fallback",
+        "fast_no_healthy",
+        "err_fast_slot",
+        "peername_v4",
     ];
 }
 
@@ -392,6 +505,59 @@ mod user {
     unsafe impl aya::Pod for CidrV4Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CidrV6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ClusterValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointValue {}
+
+    impl ServiceKeyV4 {
+        /// A TCP service at `vip`.
+        pub fn tcp(vip: SocketAddrV4) -> Self {
+            Self {
+                vip_be: v4_be(*vip.ip()),
+                port_be: vip.port().to_be(),
+                proto: IPPROTO_TCP as u8,
+                _pad: 0,
+            }
+        }
+
+        /// The service address.
+        pub fn addr(&self) -> SocketAddrV4 {
+            SocketAddrV4::new(
+                Ipv4Addr::from(self.vip_be.to_ne_bytes()),
+                u16::from_be(self.port_be),
+            )
+        }
+    }
+
+    impl EndpointValue {
+        /// A healthy endpoint slot.
+        pub fn new(addr: SocketAddr, weight: u32) -> Self {
+            let o = OrigDstValue::from_socket_addr(addr);
+            Self {
+                addr_be: o.ip_be,
+                port_be: o.port_be,
+                family: o.family,
+                health: HEALTH_OK,
+                weight,
+            }
+        }
+
+        /// The endpoint address (`None` for an unknown family).
+        pub fn addr(&self) -> Option<SocketAddr> {
+            OrigDstValue {
+                ip_be: self.addr_be,
+                port_be: self.port_be,
+                family: self.family,
+                _pad: 0,
+            }
+            .to_socket_addr()
+        }
+    }
 
     fn v4_be(ip: Ipv4Addr) -> u32 {
         u32::from_ne_bytes(ip.octets())
@@ -435,7 +601,9 @@ mod user {
                 fail_closed: 0,
                 capture_v6,
                 node_mode: 0,
-                _pad: [0; 4],
+                fast_path: 0,
+                fast_gen: 0,
+                _pad: [0; 2],
             }
         }
     }
@@ -556,6 +724,21 @@ mod user {
         }
 
         #[test]
+        fn service_and_endpoint_round_trip() {
+            let k = ServiceKeyV4::tcp("10.96.0.10:80".parse().unwrap());
+            assert_eq!(k.vip_be.to_ne_bytes(), [10, 96, 0, 10]);
+            assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
+            assert_eq!(k.addr(), "10.96.0.10:80".parse::<SocketAddrV4>().unwrap());
+            let e = EndpointValue::new("127.0.0.2:8080".parse().unwrap(), 1);
+            assert_eq!(e.addr_be[0].to_ne_bytes(), [127, 0, 0, 2]);
+            assert_eq!(
+                e.addr(),
+                Some("127.0.0.2:8080".parse::<SocketAddr>().unwrap())
+            );
+            assert_eq!(e.health, HEALTH_OK);
+        }
+
+        #[test]
         fn conn_key_normalises_v4_mapped() {
             let a = ConnKey::from_socket_addrs(
                 7,
@@ -639,7 +822,9 @@ mod tests {
             fail_closed,
             capture_v6: 1,
             node_mode,
-            _pad: [0; 4],
+            fast_path: 0,
+            fast_gen: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -745,6 +930,16 @@ mod tests {
         assert!(is_local_v4(0));
         assert!(!is_local_v4(u32::from_ne_bytes([10, 96, 0, 1])));
         assert!(!is_local_v4(u32::from_ne_bytes([1, 0, 0, 127])));
+    }
+
+    #[test]
+    fn slot_pick_stays_in_range() {
+        assert_eq!(pick_slot(LB_ROUND_ROBIN, 0, 5, 5), None);
+        assert_eq!(pick_slot(0, 3, 5, 5), None);
+        for i in 0..100u32 {
+            assert_eq!(pick_slot(LB_ROUND_ROBIN, 3, i, 0), Some(i % 3));
+            assert!(pick_slot(LB_RANDOM, 7, 0, i.wrapping_mul(2654435761)).unwrap() < 7);
+        }
     }
 
     #[test]

@@ -2,21 +2,24 @@
 //! outbound listener and remember the original destination by socket cookie.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, generated::bpf_set_retval},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, generated::bpf_set_retval},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::error;
 use skiff_common::{
-    CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, ECONNREFUSED, ExcludePortKey,
-    IPPROTO_TCP, OrigDstValue, capture_decision, is_local_v4, is_local_v6, is_v4_mapped, reason,
+    AF_INET, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, ECONNREFUSED,
+    ExcludePortKey, HEALTH_OK, IPPROTO_TCP, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue,
+    ServiceKeyV4, capture_decision, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
 };
 
 use crate::{
     ctx::SockAddr,
     maps::{
-        SKIFF_COOKIE, SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_MESHED, config, count,
+        SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EXCL_PORT, SKIFF_EXCL_V4,
+        SKIFF_EXCL_V6, SKIFF_MESHED, SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, config,
+        count,
     },
 };
 
@@ -58,6 +61,13 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
     let port_be = sa.dst_port_be();
     match decide_v4(&sa, &cfg, ip_be, port_be) {
         Decision::Capture => {
+            // Kernel fast path: a plain-L4 service connects straight to an endpoint.
+            if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&cfg, ip_be, port_be) {
+                remember_peer(ctx, OrigDstValue::v4(ip_be, port_be));
+                sa.set_dst4(ep_ip_be, ep_port_be);
+                count(reason::FAST_PATH_V4);
+                return Ok(ALLOW);
+            }
             remember(ctx, &sa, OrigDstValue::v4(ip_be, port_be))?;
             sa.set_dst4(cfg.outbound_ip4_be, cfg.outbound_port4_be);
             count(reason::CAPTURED_V4);
@@ -84,6 +94,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
         let ip4_be = ip_be[3];
         return match decide_v4(&sa, &cfg, ip4_be, port_be) {
             Decision::Capture => {
+                if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&cfg, ip4_be, port_be) {
+                    sa.set_dst6([ip_be[0], ip_be[1], ip_be[2], ep_ip_be], ep_port_be);
+                    count(reason::FAST_PATH_V4);
+                    return Ok(ALLOW);
+                }
                 remember(ctx, &sa, OrigDstValue::v4(ip4_be, port_be))?;
                 sa.set_dst6(
                     [ip_be[0], ip_be[1], ip_be[2], cfg.outbound_ip4_be],
@@ -201,6 +216,90 @@ fn task_is_meshed() -> bool {
     // SAFETY: plain helper call without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
     found(SKIFF_MESHED.get_ptr(id))
+}
+
+/// The kernel fast path for an IPv4 service: the endpoint (address, port, network order) to
+/// connect to, or `None` to send the connect to the proxy (not a fast-path service in the
+/// active generation, no healthy endpoint, or an internal error; each but the first counted).
+#[inline(always)]
+fn fast_path_v4(cfg: &ConfigValue, ip_be: u32, port_be: u16) -> Option<(u32, u16)> {
+    if cfg.fast_path == 0 {
+        return None;
+    }
+    let key = ServiceKeyV4 {
+        vip_be: ip_be,
+        port_be,
+        proto: IPPROTO_TCP as u8,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { SKIFF_SVC_V4.get(key) }.copied()?;
+    // One read of the generation for the whole lookup (cfg is a copy).
+    let idx = if cfg.fast_gen & 1 == 0 {
+        svc.cluster_idx[0]
+    } else {
+        svc.cluster_idx[1]
+    };
+    if idx == NO_CLUSTER {
+        count(reason::FAST_FALLBACK);
+        return None;
+    }
+    let Some(cluster) = SKIFF_CLUSTERS.get(idx).copied() else {
+        count(reason::ERR_FAST_SLOT);
+        return None;
+    };
+    let cursor = if cluster.lb_policy == LB_ROUND_ROBIN {
+        match SKIFF_RR.get_ptr_mut(idx) {
+            // SAFETY: per-CPU slot from a successful lookup; no other program runs on this
+            // CPU's slot meanwhile.
+            Some(p) => unsafe {
+                let c = *p;
+                *p = c.wrapping_add(1);
+                c
+            },
+            None => 0,
+        }
+    } else {
+        0
+    };
+    let random = if cluster.lb_policy == LB_RANDOM {
+        // SAFETY: plain helper call.
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        0
+    };
+    let Some(offset) = pick_slot(cluster.lb_policy, cluster.endpoint_count, cursor, random) else {
+        count(reason::FAST_NO_HEALTHY);
+        return None;
+    };
+    let Some(ep) = SKIFF_ENDPOINTS
+        .get(cluster.slot_base.wrapping_add(offset))
+        .copied()
+    else {
+        count(reason::ERR_FAST_SLOT);
+        return None;
+    };
+    if ep.health != HEALTH_OK || u32::from(ep.family) != AF_INET {
+        count(reason::FAST_NO_HEALTHY);
+        return None;
+    }
+    match SKIFF_SVC_STAT.get_ptr_mut(key) {
+        // SAFETY: per-CPU value from a successful lookup.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = SKIFF_SVC_STAT.insert(key, 1, 0);
+        }
+    }
+    Some((ep.addr_be[0], ep.port_be))
+}
+
+/// Remembers the address the app connected to in the socket's storage, so getpeername4 can
+/// answer it for a fast-path socket. Best effort: without it the app sees the endpoint.
+/// (Captured sockets keep showing the proxy listener as their peer, as they always have.)
+#[inline(always)]
+fn remember_peer(ctx: &SockAddrContext, mut orig: OrigDstValue) {
+    // SAFETY: the helper reads the context's socket pointer; the value is copied in.
+    let _ = unsafe { SKIFF_PEER.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
 }
 
 /// Records the original destination under the socket cookie; on failure the caller does not

@@ -1,11 +1,14 @@
 //! skiff's kernel programs: outbound capture without iptables.
 //!
 //! - `connect.rs`: `cgroup/connect4` and `cgroup/connect6` rewrite captured TCP connects to the
-//!   proxy's outbound listener and record the original destination by socket cookie.
+//!   proxy's outbound listener and record the original destination by socket cookie; a plain-L4
+//!   service found in `SKIFF_SVC_V4` goes straight to an endpoint chosen in the kernel.
 //! - `sock_ops.rs`: at `TCP_CONNECT_CB` re-keys that record by the connection tuple (plus netns
 //!   cookie) and deletes it when the socket reaches `TCP_CLOSE`.
 //! - `getsockopt.rs`: `cgroup/getsockopt` answers `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the
 //!   proxy's accepted sockets, as iptables REDIRECT would.
+//! - `getpeername.rs`: `cgroup/getpeername4` answers the address the app connected to (the
+//!   service VIP) on fast-path sockets, as iptables DNAT would.
 //! - `maps.rs`: every map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
@@ -16,6 +19,8 @@
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod ctx;
+#[cfg(target_arch = "bpf")]
+mod getpeername;
 #[cfg(target_arch = "bpf")]
 mod getsockopt;
 #[cfg(target_arch = "bpf")]

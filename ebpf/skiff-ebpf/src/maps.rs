@@ -1,11 +1,14 @@
 //! Every map of the skiff-bpf object. Names fit the kernel's 15-character map-name limit.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use skiff_common::{
-    CidrV4Key, CidrV6Key, ConfigValue, ConnKey, ExcludePortKey, OrigDstValue, reason,
+    CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointValue, ExcludePortKey,
+    OrigDstValue, ServiceKeyV4, ServiceValue, reason,
 };
 
 /// Proxy config. Key: u32 index 0; value: `ConfigValue`; max 1; not LRU.
@@ -47,6 +50,48 @@ pub static SKIFF_EXCL_V6: LpmTrie<CidrV6Key, u8> = LpmTrie::with_max_entries(102
 /// Writer: userspace (add/remove_meshed_cgroup). Readers: connect4, connect6.
 #[map]
 pub static SKIFF_MESHED: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
+
+// === Kernel fast path ===
+//
+// Sizes here are placeholders: userspace sets every max_entries at load time from
+// `CaptureConfig::fast_path` (defaults: 10240 services, 2 x 10240 clusters, 2 x 102400 slots).
+
+/// Fast-path services. Key: `ServiceKeyV4` (VIP be, port be, proto); value: `ServiceValue`
+/// (cluster index per generation); max `max_services`; not LRU; no prealloc (an update replaces
+/// the element under RCU, so a reader sees the old or the new value, never a mix).
+/// Writer: userspace `bpf::reconciler`. Readers: connect4, connect6 (v4-mapped).
+#[map]
+pub static SKIFF_SVC_V4: HashMap<ServiceKeyV4, ServiceValue> =
+    HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
+
+/// Fast-path clusters, both generations. Key: u32 `gen * max_clusters + id`; value:
+/// `ClusterValue`; max `2 * max_clusters`; array. Writer: userspace `bpf::reconciler` (only the
+/// inactive generation). Readers: connect4, connect6 (v4-mapped).
+#[map]
+pub static SKIFF_CLUSTERS: Array<ClusterValue> = Array::with_max_entries(2 * 10240, 0);
+
+/// Fast-path endpoint slots, both generations. Key: u32 slot (`ClusterValue::slot_base + i`);
+/// value: `EndpointValue`; max `2 * max_endpoints`; array. Writer: userspace `bpf::reconciler`
+/// (only the inactive generation). Readers: connect4, connect6 (v4-mapped).
+#[map]
+pub static SKIFF_ENDPOINTS: Array<EndpointValue> = Array::with_max_entries(2 * 102400, 0);
+
+/// Round-robin cursors. Key: u32 absolute cluster index (as `SKIFF_CLUSTERS`); value: u32 per
+/// CPU; max `2 * max_clusters`. Writer: connect4/6 (increment). Readers: connect4/6.
+#[map]
+pub static SKIFF_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2 * 10240, 0);
+
+/// Fast-path connects per service. Key: `ServiceKeyV4`; value: u64 per CPU; max 10240; LRU.
+/// Writer: connect4/6. Readers: userspace (`Capture::service_stats`, summed over CPUs).
+#[map]
+pub static SKIFF_SVC_STAT: LruPerCpuHashMap<ServiceKeyV4, u64> =
+    LruPerCpuHashMap::with_max_entries(10240, 0);
+
+/// The address an app connected to (the VIP), per socket, for getpeername4. BTF socket
+/// storage: freed with the socket. Value: `OrigDstValue`. Writer: connect4 (fast path).
+/// Readers: getpeername4.
+#[btf_map]
+pub static SKIFF_PEER: SkStorage<OrigDstValue> = SkStorage::new();
 
 /// Counters by reason. Key: u32 `skiff_common::reason::*`; value: u64 per CPU; max `reason::COUNT`;
 /// not LRU. Writer: every program. Readers: userspace (`Capture::stats`, summed over CPUs).

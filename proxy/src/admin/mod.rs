@@ -33,6 +33,18 @@ pub trait CaptureControl: Send + Sync {
     fn stats(&self) -> Vec<(String, u64)>;
     /// Open or close the kernel's readiness gate (closed: connects fail open or closed).
     fn set_ready(&self, ready: bool) -> Result<(), String>;
+    /// `/debug/explain?dst=`: where a captured connect to `dst` goes and why.
+    fn explain(
+        &self,
+        _snap: &crate::state::Snapshot,
+        dst: std::net::SocketAddr,
+    ) -> serde_json::Value {
+        serde_json::json!({ "dst": dst.to_string(), "path": "unknown", "reason": "no explain support" })
+    }
+    /// `/debug/maps`: the kernel fast-path maps.
+    fn maps(&self) -> serde_json::Value {
+        serde_json::json!({ "fast_path": false })
+    }
 }
 
 /// What the admin server reads.
@@ -222,6 +234,22 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 Err(e) => text(StatusCode::NOT_FOUND, e + "\n"),
             }
         }
+        (Method::GET, "/debug/explain") => {
+            let Some(dst) = q
+                .get("dst")
+                .and_then(|d| d.parse::<std::net::SocketAddr>().ok())
+            else {
+                return text(StatusCode::BAD_REQUEST, "use ?dst=IP:PORT\n");
+            };
+            match &admin.capture {
+                Some(c) => json(&c.explain(&admin.store.load(), dst)),
+                None => text(StatusCode::NOT_FOUND, "capture is not installed\n"),
+            }
+        }
+        (Method::GET, "/debug/maps") => match &admin.capture {
+            Some(c) => json(&c.maps()),
+            None => text(StatusCode::NOT_FOUND, "capture is not installed\n"),
+        },
         (Method::GET, "/debug/capture") => match &admin.capture {
             Some(c) => {
                 let stats: serde_json::Map<String, serde_json::Value> =

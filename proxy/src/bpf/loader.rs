@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -21,12 +21,15 @@ use aya::{
     },
 };
 use skiff_common::{
-    CONFIG_INDEX, CidrV4Key, CidrV6Key, ConfigValue, ConnKey, ExcludePortKey, OrigDstValue, reason,
+    CONFIG_INDEX, CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointValue,
+    ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceValue, reason,
 };
 
 use super::{
     BpfError, CaptureConfig,
     cgroup::{Membership, cgroup_id, checked_attach_target, checked_cgroup_dir},
+    projection::MapImage,
+    reconciler::{ApplyReport, Capacity, FastMaps, Reconciler},
 };
 
 /// The object built by `proxy/build.rs` from `ebpf/skiff-ebpf`.
@@ -37,6 +40,7 @@ const CONNECT4: (&str, &str) = ("skiff_connect4", "cgroup/connect4");
 const CONNECT6: (&str, &str) = ("skiff_connect6", "cgroup/connect6");
 const SOCK_OPS: (&str, &str) = ("skiff_sock_ops", "sockops");
 const GETSOCKOPT: (&str, &str) = ("skiff_orig_dst", "cgroup/getsockopt");
+const GETPEERNAME4: (&str, &str) = ("skiff_peername4", "cgroup/getpeername4");
 
 // Map names (the `#[map]` statics in ebpf/skiff-ebpf/src/maps.rs).
 const MAP_CONFIG: &str = "SKIFF_CONFIG";
@@ -46,6 +50,15 @@ const MAP_EXCL_V6: &str = "SKIFF_EXCL_V6";
 const MAP_MESHED: &str = "SKIFF_MESHED";
 const MAP_STATS: &str = "SKIFF_STATS";
 const MAP_ORIG_DST: &str = "SKIFF_ORIG_DST";
+const MAP_SVC_V4: &str = "SKIFF_SVC_V4";
+const MAP_CLUSTERS: &str = "SKIFF_CLUSTERS";
+const MAP_ENDPOINTS: &str = "SKIFF_ENDPOINTS";
+const MAP_RR: &str = "SKIFF_RR";
+const MAP_SVC_STAT: &str = "SKIFF_SVC_STAT";
+
+/// How long after a generation flip the other generation may be rewritten: a connect that read
+/// the old generation number finishes its lookups within microseconds.
+const GENERATION_GRACE: Duration = Duration::from_millis(5);
 
 /// How often the log pump drains aya-log's ring buffer.
 const LOG_FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -67,6 +80,8 @@ pub struct Capture {
     meshed: Mutex<HashMap<MapData, u64, u8>>,
     stats: PerCpuArray<MapData, u64>,
     orig_dst: HashMap<MapData, ConnKey, OrigDstValue>,
+    fast: Option<Mutex<FastState>>,
+    svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, u64>,
     logger: Option<aya_log::EbpfLogger<TracingLog>>,
     log_task: Option<tokio::task::AbortHandle>,
     node_mode: bool,
@@ -99,7 +114,18 @@ impl Capture {
         let capture_cgroup = checked_attach_target(cfg.mode.capture_cgroup())?;
 
         // No RLIMIT_MEMLOCK bump: kernels >= 5.11 charge BPF memory to the cgroup instead.
+        // Fast-path maps are sized from the config (a token size when the fast path is off).
+        let caps = cfg.fast_path.unwrap_or(Capacity {
+            max_services: 1,
+            max_clusters: 1,
+            max_endpoints: 1,
+        });
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_SVC_V4, caps.max_services)
+            .map_max_entries(MAP_SVC_STAT, caps.max_services)
+            .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
+            .map_max_entries(MAP_RR, 2 * caps.max_clusters)
+            .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
             .load(OBJECT)
             .map_err(|source| BpfError::Object {
                 source: Box::new(source),
@@ -113,6 +139,17 @@ impl Capture {
         let meshed: HashMap<MapData, u64, u8> = take(&mut ebpf, MAP_MESHED)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
         let orig_dst: HashMap<MapData, ConnKey, OrigDstValue> = take(&mut ebpf, MAP_ORIG_DST)?;
+        let svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, u64> = take(&mut ebpf, MAP_SVC_STAT)?;
+        let fast = match cfg.fast_path {
+            Some(caps) => Some(Mutex::new(FastState {
+                services: take(&mut ebpf, MAP_SVC_V4)?,
+                clusters: take(&mut ebpf, MAP_CLUSTERS)?,
+                endpoints: take(&mut ebpf, MAP_ENDPOINTS)?,
+                reconciler: Reconciler::new(caps),
+                last_flip: None,
+            })),
+            None => None,
+        };
 
         let mut value = ConfigValue::new(cfg.outbound_v4, cfg.outbound_v6, cfg.proxy_mark);
         value.fail_closed = u8::from(cfg.fail_closed);
@@ -157,7 +194,7 @@ impl Capture {
         };
 
         // Load every program before touching cgroups: a verifier failure changes nothing.
-        for (program, hook) in [CONNECT4, CONNECT6] {
+        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4] {
             sock_addr(&mut ebpf, program, hook)?
                 .load()
                 .map_err(|source| BpfError::ProgramLoad {
@@ -205,7 +242,7 @@ impl Capture {
             })
         };
         let target = open(&capture_cgroup)?;
-        for (program, hook) in [CONNECT4, CONNECT6] {
+        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4] {
             let attach_err = |source: ProgramError| BpfError::Attach {
                 program,
                 hook,
@@ -253,6 +290,7 @@ impl Capture {
             outbound_v4 = %cfg.outbound_v4,
             outbound_v6 = ?cfg.outbound_v6,
             fail_closed = cfg.fail_closed,
+            fast_path = ?cfg.fast_path,
             "outbound capture attached (not ready yet)"
         );
 
@@ -262,6 +300,8 @@ impl Capture {
             meshed: Mutex::new(meshed),
             stats,
             orig_dst,
+            fast,
+            svc_stats,
             logger,
             log_task: None,
             node_mode: cfg.mode.is_node(),
@@ -370,6 +410,69 @@ impl Capture {
         Some(task)
     }
 
+    /// Whether the kernel fast path is configured.
+    pub fn fast_path_enabled(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Mirrors `image` into the fast-path maps (see `bpf::reconciler`); a no-op without the
+    /// fast path. The report's `overflow` names a capacity limit that left services out.
+    pub fn apply_fast_path(&self, image: &MapImage) -> Result<ApplyReport, BpfError> {
+        let Some(fast) = &self.fast else {
+            return Ok(ApplyReport::default());
+        };
+        let mut guard = lock(fast);
+        let FastState {
+            services,
+            clusters,
+            endpoints,
+            reconciler,
+            last_flip,
+        } = &mut *guard;
+        let mut w = KernelWriter {
+            services,
+            clusters,
+            endpoints,
+            config: &self.config,
+            last_flip,
+        };
+        let report = reconciler.apply(&mut w, image)?;
+        tracing::info!(
+            generation = report.generation,
+            services_written = report.services_written,
+            services_deleted = report.services_deleted,
+            clusters_written = report.clusters_written,
+            endpoints_written = report.endpoints_written,
+            services = reconciler.applied().services.len(),
+            overflow = report.overflow.as_deref().unwrap_or(""),
+            "fast path reconciled"
+        );
+        Ok(report)
+    }
+
+    /// What the fast path currently serves (`None` without the fast path).
+    pub fn fast_path_view(&self) -> Option<FastPathView> {
+        let fast = self.fast.as_ref()?;
+        let g = lock(fast);
+        Some(FastPathView {
+            image: g.reconciler.applied().clone(),
+            generation: g.reconciler.active_generation(),
+            capacity: g.reconciler.capacity(),
+        })
+    }
+
+    /// Fast-path connects per service (summed over CPUs), sorted by service.
+    pub fn service_stats(&self) -> Vec<(std::net::SocketAddrV4, u64)> {
+        let mut out: Vec<(std::net::SocketAddrV4, u64)> = self
+            .svc_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.addr(), v.iter().copied().sum()))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The cgroup connect4/6 and sock_ops are attached to.
     pub fn capture_cgroup(&self) -> &Path {
         &self.capture_cgroup
@@ -401,6 +504,90 @@ impl Drop for Capture {
         }
         // Detach now; `membership` (dropped after this) then leaves the proxy cgroup.
         self.links.clear();
+    }
+}
+
+// === fast path ===
+
+/// The fast-path maps and their reconciler (one lock: one writer at a time).
+struct FastState {
+    services: HashMap<MapData, ServiceKeyV4, ServiceValue>,
+    clusters: Array<MapData, ClusterValue>,
+    endpoints: Array<MapData, EndpointValue>,
+    reconciler: Reconciler,
+    last_flip: Option<std::time::SystemTime>,
+}
+
+/// What the kernel fast path serves, for `skiff maps` and `/debug/explain`.
+#[derive(Clone, Debug)]
+pub struct FastPathView {
+    /// The applied image (trimmed to capacity).
+    pub image: MapImage,
+    /// Active generation.
+    pub generation: u8,
+    /// Map sizes.
+    pub capacity: Capacity,
+}
+
+/// The reconciler's writes, on the real maps.
+struct KernelWriter<'a> {
+    services: &'a mut HashMap<MapData, ServiceKeyV4, ServiceValue>,
+    clusters: &'a mut Array<MapData, ClusterValue>,
+    endpoints: &'a mut Array<MapData, EndpointValue>,
+    config: &'a Mutex<(Array<MapData, ConfigValue>, ConfigValue)>,
+    last_flip: &'a mut Option<std::time::SystemTime>,
+}
+
+impl FastMaps for KernelWriter<'_> {
+    fn set_service(&mut self, key: ServiceKeyV4, value: ServiceValue) -> Result<(), BpfError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|source| map_err(MAP_SVC_V4, format!("insert {}", key.addr()), source))
+    }
+
+    fn delete_service(&mut self, key: ServiceKeyV4) -> Result<(), BpfError> {
+        match self.services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_err(
+                MAP_SVC_V4,
+                format!("delete {}", key.addr()),
+                source,
+            )),
+        }
+    }
+
+    fn set_cluster(&mut self, index: u32, value: ClusterValue) -> Result<(), BpfError> {
+        self.clusters
+            .set(index, value, 0)
+            .map_err(|source| map_err(MAP_CLUSTERS, format!("set index {index}"), source))
+    }
+
+    fn set_endpoint(&mut self, index: u32, value: EndpointValue) -> Result<(), BpfError> {
+        self.endpoints
+            .set(index, value, 0)
+            .map_err(|source| map_err(MAP_ENDPOINTS, format!("set index {index}"), source))
+    }
+
+    fn flip(&mut self, generation: u8) -> Result<(), BpfError> {
+        let mut guard = lock(self.config);
+        let (map, value) = &mut *guard;
+        let mut next = *value;
+        next.fast_gen = generation;
+        next.fast_path = 1;
+        map.set(CONFIG_INDEX, next, 0)
+            .map_err(|source| map_err(MAP_CONFIG, format!("set fast_gen={generation}"), source))?;
+        *value = next;
+        *self.last_flip = Some(std::time::SystemTime::now());
+        Ok(())
+    }
+
+    fn quiesce(&mut self) {
+        if let Some(at) = *self.last_flip
+            && let Ok(elapsed) = at.elapsed()
+            && elapsed < GENERATION_GRACE
+        {
+            std::thread::sleep(GENERATION_GRACE - elapsed);
+        }
     }
 }
 

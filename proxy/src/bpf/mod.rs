@@ -9,6 +9,11 @@
 //! | `skiff_connect6` | `cgroup/connect6`  | app cgroup     | node cgroup root     |
 //! | `skiff_sock_ops` | `sockops`          | app cgroup     | node cgroup root     |
 //! | `skiff_orig_dst` | `cgroup/getsockopt`| proxy cgroup   | proxy cgroup         |
+//! | `skiff_peername4`| `cgroup/getpeername4`| app cgroup   | node cgroup root     |
+//!
+//! With [`CaptureConfig::fast_path`], [`Capture::apply_fast_path`] mirrors the services that
+//! need no proxy ([`projection`]) into the kernel ([`reconciler`]); connect4 then sends them
+//! straight to an endpoint.
 //!
 //! In node mode connect4/6 capture only tasks whose cgroup id is in the meshed set
 //! ([`Capture::add_meshed_cgroup`]). The links belong to the [`Capture`]: dropping it clears the
@@ -19,7 +24,10 @@
 //! `sock_ops` re-keyed by connection tuple.
 
 mod cgroup;
+pub mod explain;
 mod loader;
+pub mod projection;
+pub mod reconciler;
 
 use std::{
     error::Error as StdError,
@@ -29,7 +37,8 @@ use std::{
 };
 
 pub use cgroup::{cgroup_id, cgroup2_mount};
-pub use loader::Capture;
+pub use loader::{Capture, FastPathView};
+pub use reconciler::{ApplyReport, Capacity};
 
 /// Default outbound listener port (Istio's 15001).
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -56,6 +65,9 @@ pub struct CaptureConfig {
     pub exclude_ports: Vec<u16>,
     /// Destination CIDRs never captured (Istio's excludeOutboundIPRanges).
     pub exclude_cidrs: Vec<(IpAddr, u8)>,
+    /// Kernel fast path (plain-L4 services connect straight to an endpoint) with these map
+    /// sizes; `None`: every captured connect goes to the proxy.
+    pub fast_path: Option<Capacity>,
 }
 
 /// Where the capture programs attach.
@@ -90,6 +102,7 @@ impl CaptureConfig {
             fail_closed: false,
             exclude_ports: Vec::new(),
             exclude_cidrs: Vec::new(),
+            fast_path: None,
         }
     }
 }

@@ -79,6 +79,22 @@ pub struct XdsOptions {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// Runs on every published snapshot before the update is ACKed (the kernel fast-path
+    /// reconciler); an `Err` turns the ACK into a NACK carrying its message.
+    pub on_publish: Option<PublishHook>,
+}
+
+/// A function run on each published snapshot before the ACK (see [`XdsOptions::on_publish`]).
+#[derive(Clone)]
+pub struct PublishHook(pub Arc<PublishFn>);
+
+/// The function behind a [`PublishHook`].
+pub type PublishFn = dyn Fn(&crate::state::Snapshot) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for PublishHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PublishHook")
+    }
 }
 
 impl XdsOptions {
@@ -92,6 +108,7 @@ impl XdsOptions {
             node,
             backoff_base,
             backoff_max,
+            on_publish: None,
         }
     }
 }
@@ -214,7 +231,8 @@ impl Client {
         Connected(g)
     }
 
-    fn publish(&mut self) {
+    /// Publishes the snapshot, then runs the publish hook on it; returns the hook's error.
+    fn publish(&mut self) -> Option<String> {
         self.resources.drop_unsubscribed();
         let snap = self.resources.snapshot();
         let (wl, wc) = self.resources.warming();
@@ -226,6 +244,35 @@ impl Client {
             "publishing snapshot"
         );
         self.store.publish(snap);
+        let hook = self.opts.on_publish.as_ref()?;
+        (hook.0)(&self.store.load()).err()
+    }
+
+    /// Adds a publish-hook failure to the ACK/NACK of the update that caused it.
+    fn with_hook_error(
+        &self,
+        type_url: &str,
+        nack: Option<Status>,
+        hook: Option<String>,
+    ) -> Option<Status> {
+        let Some(err) = hook else {
+            return nack;
+        };
+        warn!(type_url, error = %err, outcome = "NACK", "update applied but not fully mirrored to the kernel");
+        self.stats
+            .counter(&format!("{}.update_rejected", stat_prefix(type_url)))
+            .inc();
+        Some(match nack {
+            Some(mut s) => {
+                s.message = format!("{}; {err}", s.message);
+                s
+            }
+            None => Status {
+                code: NACK_CODE,
+                message: err,
+                details: vec![],
+            },
+        })
     }
 
     /// Count and log one push; returns the NACK detail, if any.
@@ -312,6 +359,9 @@ impl Client {
                 self.resources
                     .apply_sotw(&type_url, &version_info, &resources, SystemTime::now());
             let nack = self.outcome(&type_url, &version_info, &nonce, resources.len(), result);
+            // Publish (and mirror into the kernel) before answering: an ACK means applied.
+            let hook = self.publish();
+            let nack = self.with_hook_error(&type_url, nack, hook);
             let ack_version = match &nack {
                 None => version_info.clone(),
                 Some(_) => self.resources.version_info(&type_url),
@@ -337,7 +387,6 @@ impl Client {
             if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
                 requested.insert(t, self.resources.subscriptions(t));
             }
-            self.publish();
             // Follow the configuration: new or gone route/endpoint names.
             for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
                 let subs = self.resources.subscriptions(t);
@@ -432,6 +481,8 @@ impl Client {
                 incoming.len() + removed_resources.len(),
                 result,
             );
+            let hook = self.publish();
+            let nack = self.with_hook_error(&type_url, nack, hook);
             tx.send(DeltaDiscoveryRequest {
                 node: node.take(),
                 type_url: type_url.clone(),
@@ -441,7 +492,6 @@ impl Client {
             })
             .await
             .map_err(|_| XdsError::RequestsClosed)?;
-            self.publish();
             for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
                 let now = self.resources.subscriptions(t).unwrap_or_default();
                 let before = requested.get(t).cloned().unwrap_or_default();

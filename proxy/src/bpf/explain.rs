@@ -1,0 +1,141 @@
+//! `/debug/explain` and `skiff maps`: what happens to a connect, and what the kernel fast path
+//! holds, from the same image and lookup logic the kernel follows (pure).
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+
+use super::CaptureConfig;
+use super::loader::FastPathView;
+use super::projection::classify;
+use crate::state::Snapshot;
+
+/// Where a connect from the captured cgroup to `dst` goes: `kernel` (fast path), `proxy`,
+/// `passthrough` (proxy, no listener) or `excluded` (never captured), with the reason.
+pub fn explain(
+    cfg: &CaptureConfig,
+    view: Option<&FastPathView>,
+    snap: &Snapshot,
+    capture_port: u16,
+    dst: SocketAddr,
+) -> Value {
+    let excluded =
+        |reason: &str| json!({ "dst": dst.to_string(), "path": "excluded", "reason": reason });
+    if dst.ip().is_loopback() || dst.ip().is_unspecified() {
+        return excluded("loopback or unspecified destination: never captured");
+    }
+    if cfg.exclude_ports.contains(&dst.port()) {
+        return excluded("destination port is excluded");
+    }
+    if cfg.exclude_cidrs.iter().any(|(net, len)| {
+        crate::model::Cidr {
+            addr: *net,
+            len: *len,
+        }
+        .contains(dst.ip())
+    }) {
+        return excluded("destination is in an excluded CIDR");
+    }
+    let (verdict, cluster) = classify(snap, capture_port, dst);
+    if let (Some(view), SocketAddr::V4(vip)) = (view, dst)
+        && let Some(svc) = view.image.services.get(&vip)
+    {
+        let c = &view.image.clusters[&svc.cluster];
+        return json!({
+            "dst": dst.to_string(),
+            "path": "kernel",
+            "reason": verdict.reason,
+            "listener": svc.listener,
+            "filter_chain": svc.filter_chain,
+            "cluster": svc.cluster,
+            "lb_policy": c.lb.as_str(),
+            "candidate_endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "generation": view.generation,
+        });
+    }
+    let reason = match (&view, verdict.fast) {
+        (None, _) => format!("kernel fast path is off; {}", verdict.reason),
+        (Some(v), true) => v
+            .image
+            .verdicts
+            .get(&dst)
+            .filter(|v| !v.fast)
+            .map(|v| v.reason.clone())
+            .unwrap_or_else(|| {
+                "eligible, but not a service VIP (only /32 chain matches and per-VIP listeners are projected)".into()
+            }),
+        (Some(_), false) => verdict.reason.clone(),
+    };
+    let path = if verdict.listener.is_none() {
+        "passthrough"
+    } else {
+        "proxy"
+    };
+    json!({
+        "dst": dst.to_string(),
+        "path": path,
+        "reason": reason,
+        "listener": verdict.listener,
+        "filter_chain": verdict.filter_chain,
+        "cluster": verdict.cluster,
+        "candidate_endpoints": cluster
+            .map(|c| c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    })
+}
+
+/// The fast-path maps as `skiff maps --json` shows them: services, clusters and endpoints of
+/// the active generation, capacity used, and fast-path connects per service.
+pub fn maps_json(
+    view: Option<&FastPathView>,
+    per_service: &[(std::net::SocketAddrV4, u64)],
+) -> Value {
+    let Some(view) = view else {
+        return json!({ "fast_path": false });
+    };
+    let img = &view.image;
+    let services: Vec<Value> = img
+        .services
+        .iter()
+        .map(|(vip, s)| {
+            let connects = per_service
+                .iter()
+                .find(|(a, _)| a == vip)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            json!({
+                "vip": vip.to_string(),
+                "proto": "TCP",
+                "cluster": s.cluster,
+                "cluster_id": img.cluster_id(&s.cluster),
+                "listener": s.listener,
+                "filter_chain": s.filter_chain,
+                "fast_path_connects": connects,
+            })
+        })
+        .collect();
+    let clusters: Vec<Value> = img
+        .clusters
+        .iter()
+        .enumerate()
+        .map(|(id, (name, c))| {
+            json!({
+                "id": id,
+                "name": name,
+                "lb_policy": c.lb.as_str(),
+                "endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "fast_path": true,
+        "generation": view.generation,
+        "capacity": {
+            "services": { "used": img.services.len(), "max": view.capacity.max_services },
+            "clusters": { "used": img.clusters.len(), "max": view.capacity.max_clusters },
+            "endpoints": { "used": img.endpoint_slots(), "max": view.capacity.max_endpoints },
+        },
+        "services": services,
+        "clusters": clusters,
+    })
+}

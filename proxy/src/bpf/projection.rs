@@ -1,0 +1,432 @@
+//! Projection: which services the kernel may connect straight to an endpoint (pure).
+//!
+//! [`project`] turns one [`Snapshot`] into a [`MapImage`]: the IPv4 TCP services whose every
+//! connection the proxy would hand, unchanged, to one STATIC or EDS cluster balanced by a
+//! policy the kernel implements. A service is such a (VIP, port) when the listener that owns
+//! it (the per-service listener `10.96.0.1_80`, else the `use_original_dst` virtual listener)
+//! picks the same filter chain for every connection to it, and that chain is a plain
+//! `tcp_proxy` to one cluster, with no other network filter and no transport socket.
+//! Services are found where Istio puts them: `filter_chain_match` entries with a
+//! `destination_port` and /32 `prefix_ranges`, and listeners bound to one VIP.
+//!
+//! Everything else stays out of the image and keeps going to the proxy; [`classify`] says why
+//! (the same logic backs `/debug/explain`). The output is `BTreeMap`s: deterministic, and
+//! independent of the order resources or endpoints arrived in.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+
+use crate::model::{Cidr, ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, NetworkAction};
+use crate::state::Snapshot;
+
+/// Balancing policies the kernel implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FastLb {
+    /// ROUND_ROBIN (a per-CPU cursor per cluster).
+    RoundRobin,
+    /// RANDOM (`bpf_get_prandom_u32`).
+    Random,
+}
+
+impl FastLb {
+    /// Envoy's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FastLb::RoundRobin => "ROUND_ROBIN",
+            FastLb::Random => "RANDOM",
+        }
+    }
+}
+
+/// One fast-path service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceImage {
+    /// Cluster its connections go to.
+    pub cluster: String,
+    /// Listener and filter chain that led there (for explain).
+    pub listener: String,
+    /// Filter chain name.
+    pub filter_chain: String,
+}
+
+/// One cluster used by fast-path services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterImage {
+    /// Policy.
+    pub lb: FastLb,
+    /// Healthy endpoints, sorted (the slot order).
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+/// What the kernel fast-path maps should hold for one snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapImage {
+    /// Services by VIP:port (TCP).
+    pub services: BTreeMap<SocketAddrV4, ServiceImage>,
+    /// Clusters by name; a cluster's id is its position in this map.
+    pub clusters: BTreeMap<String, ClusterImage>,
+    /// Every candidate service found and why it is (not) in the image.
+    pub verdicts: BTreeMap<SocketAddr, Verdict>,
+}
+
+impl MapImage {
+    /// Cluster id (position in `clusters`) by name.
+    pub fn cluster_id(&self, name: &str) -> Option<u32> {
+        self.clusters
+            .keys()
+            .position(|n| n == name)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Total endpoint slots.
+    pub fn endpoint_slots(&self) -> usize {
+        self.clusters.values().map(|c| c.endpoints.len()).sum()
+    }
+
+    /// The largest image within `max_services` / `max_clusters` / `max_endpoints` that keeps
+    /// whole services (in VIP order), and, if something was left out, a message naming the
+    /// limit. Services left out go to the proxy.
+    pub fn fit(
+        &self,
+        max_services: usize,
+        max_clusters: usize,
+        max_endpoints: usize,
+    ) -> (MapImage, Option<String>) {
+        let mut out = MapImage {
+            verdicts: self.verdicts.clone(),
+            ..Default::default()
+        };
+        let mut slots = 0usize;
+        let mut dropped: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for (vip, svc) in &self.services {
+            let Some(cluster) = self.clusters.get(&svc.cluster) else {
+                continue;
+            };
+            let new_cluster = !out.clusters.contains_key(&svc.cluster);
+            let limit = if out.services.len() >= max_services {
+                Some("max_services")
+            } else if new_cluster && out.clusters.len() >= max_clusters {
+                Some("max_clusters")
+            } else if new_cluster && slots + cluster.endpoints.len() > max_endpoints {
+                Some("max_endpoints")
+            } else {
+                None
+            };
+            if let Some(limit) = limit {
+                *dropped.entry(limit).or_default() += 1;
+                out.verdicts.insert(
+                    SocketAddr::V4(*vip),
+                    Verdict::proxy(format!("kernel map capacity ({limit}) exceeded")),
+                );
+                continue;
+            }
+            if new_cluster {
+                slots += cluster.endpoints.len();
+                out.clusters.insert(svc.cluster.clone(), cluster.clone());
+            }
+            out.services.insert(*vip, svc.clone());
+        }
+        let msg = (!dropped.is_empty()).then(|| {
+            let parts: Vec<String> = dropped
+                .iter()
+                .map(|(limit, n)| format!("{n} service(s) over {limit}"))
+                .collect();
+            format!(
+                "kernel fast path: image does not fit (max_services {max_services}, max_clusters \
+                 {max_clusters}, max_endpoints {max_endpoints}; needs {} services, {} clusters, \
+                 {} endpoints): {}; those services are served by the proxy",
+                self.services.len(),
+                self.clusters.len(),
+                self.endpoint_slots(),
+                parts.join(", ")
+            )
+        });
+        (out, msg)
+    }
+}
+
+/// Where connections to one destination go, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// `true`: the kernel connects straight to an endpoint of `cluster`.
+    pub fast: bool,
+    /// Human-readable reason.
+    pub reason: String,
+    /// Listener that owns the destination, if any.
+    pub listener: Option<String>,
+    /// Filter chain, when a single one applies.
+    pub filter_chain: Option<String>,
+    /// Cluster, when a single one applies.
+    pub cluster: Option<String>,
+}
+
+impl Verdict {
+    fn proxy(reason: impl Into<String>) -> Self {
+        Verdict {
+            fast: false,
+            reason: reason.into(),
+            listener: None,
+            filter_chain: None,
+            cluster: None,
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.fast { "kernel" } else { "proxy" };
+        write!(f, "{path}: {}", self.reason)
+    }
+}
+
+/// Projects a snapshot. `capture_port` finds the virtual listener (Istio's 15001).
+pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
+    let mut image = MapImage::default();
+    for dst in candidates(snap, capture_port) {
+        let (verdict, cluster) = classify(snap, capture_port, dst);
+        if let (true, SocketAddr::V4(vip), Some(c)) = (verdict.fast, dst, cluster) {
+            let name = verdict.cluster.clone().unwrap_or_default();
+            image.services.insert(
+                vip,
+                ServiceImage {
+                    cluster: name.clone(),
+                    listener: verdict.listener.clone().unwrap_or_default(),
+                    filter_chain: verdict.filter_chain.clone().unwrap_or_default(),
+                },
+            );
+            image.clusters.insert(name, c);
+        }
+        image.verdicts.insert(dst, verdict);
+    }
+    image
+}
+
+/// Destinations that look like services: /32 (/128) chain matches with a port on the virtual
+/// listener, and listeners bound to one address.
+fn candidates(snap: &Snapshot, capture_port: u16) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if let Some(vl) = snap.virtual_listener(capture_port) {
+        for fc in &vl.filter_chains {
+            let Some(port) = fc.matcher.destination_port else {
+                continue;
+            };
+            for c in &fc.matcher.prefix_ranges {
+                if u32::from(c.len) == host_len(c.addr) {
+                    out.push(SocketAddr::new(c.addr, port));
+                }
+            }
+        }
+    }
+    for l in snap.listeners.values() {
+        if l.internal.is_none() && !l.address.ip().is_unspecified() && l.address.port() != 0 {
+            out.push(l.address);
+        }
+    }
+    out.retain(|d| !d.ip().is_loopback() && !d.ip().is_unspecified());
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn host_len(ip: IpAddr) -> u32 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// Why connections to `dst` do or do not take the kernel fast path, with the cluster image
+/// when they do. Follows `dataplane::decide`: the listener on `dst` (exact, then wildcard),
+/// else the virtual listener; then the filter chain, which must not depend on anything but the
+/// destination.
+pub fn classify(
+    snap: &Snapshot,
+    capture_port: u16,
+    dst: SocketAddr,
+) -> (Verdict, Option<ClusterImage>) {
+    let SocketAddr::V4(_) = dst else {
+        return (
+            Verdict::proxy("IPv6 services are not in the kernel fast path yet"),
+            None,
+        );
+    };
+    let Some(listener) = snap
+        .listener_for(dst)
+        .or_else(|| snap.virtual_listener(capture_port))
+    else {
+        return (
+            Verdict::proxy("no listener owns this destination (passthrough)"),
+            None,
+        );
+    };
+    let mut v = Verdict::proxy(String::new());
+    v.listener = Some(listener.name.clone());
+    let chain = match chain_for_destination(&listener.filter_chains, dst) {
+        Ok(Some(c)) => c,
+        Ok(None) => match &listener.default_filter_chain {
+            Some(c) => c,
+            None => {
+                v.reason = "no filter chain matches (the proxy closes the connection)".into();
+                return (v, None);
+            }
+        },
+        Err(why) => {
+            v.reason = why;
+            return (v, None);
+        }
+    };
+    v.filter_chain = Some(chain.name.clone());
+    let tcp = match &chain.action {
+        NetworkAction::TcpProxy(t) => t,
+        NetworkAction::Http(_) => {
+            v.reason = "HTTP connection manager: L7 stays in the proxy".into();
+            return (v, None);
+        }
+        NetworkAction::Unsupported { name, .. } => {
+            v.reason = format!("network filter {name} runs in the proxy");
+            return (v, None);
+        }
+    };
+    if chain.has_transport_socket {
+        v.reason = "filter chain terminates TLS (transport_socket)".into();
+        return (v, None);
+    }
+    if !chain.filters.is_empty() {
+        v.reason = format!(
+            "network filters before tcp_proxy: {}",
+            chain.filters.join(", ")
+        );
+        return (v, None);
+    }
+    let name = match &tcp.cluster {
+        ClusterSpecifier::Cluster(c) => c,
+        ClusterSpecifier::Weighted(_) => {
+            v.reason = "tcp_proxy weighted_clusters".into();
+            return (v, None);
+        }
+    };
+    v.cluster = Some(name.clone());
+    let Some(entry) = snap.cluster(name) else {
+        v.reason = format!("unknown cluster {name}");
+        return (v, None);
+    };
+    let c = &entry.cluster;
+    if c.has_transport_socket {
+        v.reason = format!("cluster {name} uses a transport socket (TLS)");
+        return (v, None);
+    }
+    if !matches!(c.kind, ClusterKind::Static(_) | ClusterKind::Eds { .. }) {
+        v.reason = format!("cluster {name} is {} (not STATIC or EDS)", c.kind.as_str());
+        return (v, None);
+    }
+    let lb = match c.lb_policy {
+        LbPolicy::RoundRobin => FastLb::RoundRobin,
+        LbPolicy::Random => FastLb::Random,
+        other => {
+            v.reason = format!(
+                "cluster {name}: lb_policy {} is not implemented in the kernel",
+                other.as_str()
+            );
+            return (v, None);
+        }
+    };
+    let healthy = entry.healthy_endpoints();
+    if healthy.is_empty() {
+        v.reason = format!("cluster {name} has no healthy endpoint (the proxy answers)");
+        return (v, None);
+    }
+    if healthy.iter().any(|e| e.weight != healthy[0].weight) {
+        v.reason = format!("cluster {name}: unequal endpoint weights");
+        return (v, None);
+    }
+    let mut endpoints = Vec::with_capacity(healthy.len());
+    for e in &healthy {
+        match e.address {
+            SocketAddr::V4(a) => endpoints.push(a),
+            SocketAddr::V6(_) => {
+                v.reason = format!("cluster {name}: IPv6 endpoint behind an IPv4 service");
+                return (v, None);
+            }
+        }
+    }
+    endpoints.sort();
+    v.fast = true;
+    v.reason = format!(
+        "plain tcp_proxy to {} cluster {name} ({}, {} healthy endpoints)",
+        c.kind.as_str(),
+        lb.as_str(),
+        endpoints.len()
+    );
+    (v, Some(ClusterImage { lb, endpoints }))
+}
+
+/// The chain Envoy picks for every connection to `dst`, `Ok(None)` when none matches (the
+/// default chain), or `Err` when the choice depends on more than the destination (SNI,
+/// transport or application protocol, source).
+fn chain_for_destination(
+    chains: &[FilterChain],
+    dst: SocketAddr,
+) -> Result<Option<&FilterChain>, String> {
+    // Envoy's first two criteria: destination port, then destination IP (longest prefix).
+    let by_port = best(chains.iter(), |fc| match fc.matcher.destination_port {
+        Some(p) if p == dst.port() => Some(1),
+        Some(_) => None,
+        None => Some(0),
+    });
+    let left = best(by_port.into_iter(), |fc| {
+        longest_prefix(&fc.matcher.prefix_ranges, dst.ip())
+    });
+    match left.as_slice() {
+        [] => Ok(None),
+        [one] => {
+            let m = &one.matcher;
+            if !m.server_names.is_empty()
+                || !m.transport_protocol.is_empty()
+                || !m.application_protocols.is_empty()
+                || !m.direct_source_prefix_ranges.is_empty()
+                || m.source_type != crate::model::listener::SourceType::Any
+                || !m.source_prefix_ranges.is_empty()
+                || !m.source_ports.is_empty()
+            {
+                Err(format!(
+                    "filter chain {} also matches on SNI, protocol or source",
+                    one.name
+                ))
+            } else {
+                Ok(Some(*one))
+            }
+        }
+        many => Err(format!(
+            "{} filter chains match this destination; the choice depends on SNI, protocol or source",
+            many.len()
+        )),
+    }
+}
+
+fn best<'a>(
+    chains: impl Iterator<Item = &'a FilterChain>,
+    score: impl Fn(&FilterChain) -> Option<u32>,
+) -> Vec<&'a FilterChain> {
+    let scored: Vec<(u32, &FilterChain)> =
+        chains.filter_map(|fc| score(fc).map(|s| (s, fc))).collect();
+    let Some(top) = scored.iter().map(|(s, _)| *s).max() else {
+        return Vec::new();
+    };
+    scored
+        .into_iter()
+        .filter(|(s, _)| *s == top)
+        .map(|(_, fc)| fc)
+        .collect()
+}
+
+fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
+    if ranges.is_empty() {
+        return Some(0);
+    }
+    ranges
+        .iter()
+        .filter(|c| c.contains(ip))
+        .map(|c| 1 + u32::from(c.len))
+        .max()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,323 @@
+//! Projection tests: eligibility rules, and properties (every healthy endpoint appears,
+//! arrival order does not matter).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::endpoint::Locality;
+use crate::model::listener::{FilterChainMatch, HttpManager, TcpProxy};
+use crate::model::{
+    Cluster, ClusterKind, FilterChain, HealthStatus, LbEndpoint, LbPolicy, Listener,
+    LoadAssignment, LocalityEndpoints,
+};
+
+pub(crate) fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
+    FilterChain {
+        name: name.into(),
+        matcher: FilterChainMatch {
+            destination_port: Some(port),
+            prefix_ranges: vec![Cidr {
+                addr: vip.parse().unwrap(),
+                len: 32,
+            }],
+            ..Default::default()
+        },
+        filters: vec![],
+        action: NetworkAction::TcpProxy(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster: ClusterSpecifier::Cluster(cluster.into()),
+            idle_timeout: None,
+        }),
+        has_transport_socket: false,
+    }
+}
+
+pub(crate) fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
+    Listener {
+        name: "virtualOutbound".into(),
+        address: "0.0.0.0:15001".parse().unwrap(),
+        internal: None,
+        use_original_dst: true,
+        bind_to_port: true,
+        filter_chains: chains,
+        default_filter_chain: None,
+        listener_filters: vec![],
+    }
+}
+
+pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssignment {
+    LoadAssignment {
+        cluster_name: name.into(),
+        localities: vec![LocalityEndpoints {
+            locality: Locality::default(),
+            priority: 0,
+            weight: None,
+            endpoints: eps
+                .iter()
+                .map(|(a, h)| LbEndpoint {
+                    address: a.parse().unwrap(),
+                    internal: None,
+                    health: *h,
+                    weight: 1,
+                })
+                .collect(),
+        }],
+        overprovisioning_factor: 140,
+    }
+}
+
+pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster {
+    let eps: Vec<(&str, HealthStatus)> = eps.iter().map(|a| (*a, HealthStatus::Healthy)).collect();
+    Cluster {
+        name: name.into(),
+        kind: ClusterKind::Static(assignment(name, &eps)),
+        lb_policy: lb,
+        connect_timeout: Duration::from_secs(1),
+        has_transport_socket: false,
+    }
+}
+
+fn snap(listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Snapshot {
+    Snapshot::new(listeners, clusters, &BTreeMap::new())
+}
+
+const EPS: [&str; 3] = ["127.0.0.11:8080", "127.0.0.12:8080", "127.0.0.13:8080"];
+
+fn reason(img: &MapImage, dst: &str) -> String {
+    img.verdicts[&dst.parse::<SocketAddr>().unwrap()].to_string()
+}
+
+#[test]
+fn plain_tcp_proxy_service_is_projected() {
+    let s = snap(
+        vec![virtual_listener(vec![tcp_chain(
+            "svc",
+            "10.96.0.10",
+            80,
+            "svc",
+        )])],
+        vec![static_cluster("svc", LbPolicy::RoundRobin, &EPS)],
+    );
+    let img = project(&s, 15001);
+    let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+    assert_eq!(img.services[&vip].cluster, "svc");
+    assert_eq!(img.services[&vip].listener, "virtualOutbound");
+    assert_eq!(img.clusters["svc"].lb, FastLb::RoundRobin);
+    assert_eq!(img.clusters["svc"].endpoints.len(), 3);
+    assert_eq!(img.cluster_id("svc"), Some(0));
+    assert!(reason(&img, "10.96.0.10:80").starts_with("kernel: plain tcp_proxy"));
+}
+
+#[test]
+fn per_vip_listener_wins_and_is_projected() {
+    let mut per_vip = virtual_listener(vec![]);
+    per_vip.name = "10.96.0.11_80".into();
+    per_vip.address = "10.96.0.11:80".parse().unwrap();
+    per_vip.use_original_dst = false;
+    per_vip.bind_to_port = false;
+    per_vip.default_filter_chain = Some(tcp_chain("d", "0.0.0.0", 0, "svc"));
+    per_vip.default_filter_chain.as_mut().unwrap().matcher = Default::default();
+    let s = snap(
+        vec![virtual_listener(vec![]), per_vip],
+        vec![static_cluster("svc", LbPolicy::Random, &EPS)],
+    );
+    let img = project(&s, 15001);
+    let vip: SocketAddrV4 = "10.96.0.11:80".parse().unwrap();
+    assert_eq!(img.services[&vip].listener, "10.96.0.11_80");
+    assert_eq!(img.clusters["svc"].lb, FastLb::Random);
+}
+
+#[test]
+fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
+    let mut http = tcp_chain("http", "10.96.0.1", 80, "svc");
+    http.action = NetworkAction::Http(HttpManager {
+        stat_prefix: "h".into(),
+        rds_route_config_name: Some("80".into()),
+        inline_route_config: None,
+    });
+    let mut tls = tcp_chain("tls", "10.96.0.2", 443, "svc");
+    tls.has_transport_socket = true;
+    let mut filtered = tcp_chain("rbac", "10.96.0.3", 80, "svc");
+    filtered.filters = vec!["envoy.filters.network.rbac".into()];
+    let odst = tcp_chain("odst", "10.96.0.4", 80, "passthrough");
+    let lr = tcp_chain("lr", "10.96.0.5", 80, "lr");
+    let mut sni = tcp_chain("sni", "10.96.0.6", 443, "svc");
+    sni.matcher.server_names = vec!["a.example".into()];
+    let s = snap(
+        vec![virtual_listener(vec![http, tls, filtered, odst, lr, sni])],
+        vec![
+            static_cluster("svc", LbPolicy::RoundRobin, &EPS),
+            static_cluster("lr", LbPolicy::LeastRequest, &EPS),
+            Cluster {
+                name: "passthrough".into(),
+                kind: ClusterKind::OriginalDst,
+                lb_policy: LbPolicy::ClusterProvided,
+                connect_timeout: Duration::from_secs(1),
+                has_transport_socket: false,
+            },
+        ],
+    );
+    let img = project(&s, 15001);
+    assert!(img.services.is_empty(), "{:?}", img.services);
+    assert!(img.clusters.is_empty());
+    assert!(reason(&img, "10.96.0.1:80").contains("HTTP connection manager"));
+    assert!(reason(&img, "10.96.0.2:443").contains("TLS"));
+    assert!(reason(&img, "10.96.0.3:80").contains("rbac"));
+    assert!(reason(&img, "10.96.0.4:80").contains("ORIGINAL_DST"));
+    assert!(reason(&img, "10.96.0.5:80").contains("LEAST_REQUEST"));
+    assert!(reason(&img, "10.96.0.6:443").contains("SNI"));
+}
+
+#[test]
+fn unhealthy_endpoints_are_left_out_and_an_empty_cluster_is_not_projected() {
+    let eds = Cluster {
+        name: "eds".into(),
+        kind: ClusterKind::Eds {
+            service_name: "eds".into(),
+        },
+        lb_policy: LbPolicy::RoundRobin,
+        connect_timeout: Duration::from_secs(1),
+        has_transport_socket: false,
+    };
+    let mut assignments = BTreeMap::new();
+    assignments.insert(
+        "eds".to_string(),
+        Arc::new(assignment(
+            "eds",
+            &[
+                ("127.0.0.11:80", HealthStatus::Healthy),
+                ("127.0.0.12:80", HealthStatus::Unhealthy),
+                ("127.0.0.13:80", HealthStatus::Unknown),
+                ("127.0.0.14:80", HealthStatus::Draining),
+            ],
+        )),
+    );
+    let s = Snapshot::new(
+        vec![virtual_listener(vec![tcp_chain(
+            "e",
+            "10.96.0.20",
+            80,
+            "eds",
+        )])],
+        vec![eds.clone()],
+        &assignments,
+    );
+    let img = project(&s, 15001);
+    let eps: Vec<String> = img.clusters["eds"]
+        .endpoints
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(eps, ["127.0.0.11:80", "127.0.0.13:80"]);
+
+    let none = Snapshot::new(
+        vec![virtual_listener(vec![tcp_chain(
+            "e",
+            "10.96.0.20",
+            80,
+            "eds",
+        )])],
+        vec![eds],
+        &BTreeMap::new(),
+    );
+    let img = project(&none, 15001);
+    assert!(img.services.is_empty());
+    assert!(reason(&img, "10.96.0.20:80").contains("no healthy endpoint"));
+}
+
+#[test]
+fn fit_keeps_whole_services_and_names_the_limit() {
+    let chains = (1..=4)
+        .map(|i| {
+            tcp_chain(
+                &format!("s{i}"),
+                &format!("10.96.0.{i}"),
+                80,
+                &format!("c{i}"),
+            )
+        })
+        .collect();
+    let clusters = (1..=4)
+        .map(|i| static_cluster(&format!("c{i}"), LbPolicy::RoundRobin, &EPS))
+        .collect();
+    let img = project(&snap(vec![virtual_listener(chains)], clusters), 15001);
+    assert_eq!(img.services.len(), 4);
+    let (fit, msg) = img.fit(10, 10, 7);
+    assert_eq!(fit.services.len(), 2);
+    assert_eq!(fit.endpoint_slots(), 6);
+    let msg = msg.unwrap();
+    assert!(msg.contains("max_endpoints"), "{msg}");
+    assert!(
+        fit.verdicts[&"10.96.0.4:80".parse::<SocketAddr>().unwrap()]
+            .reason
+            .contains("capacity")
+    );
+    let (same, none) = img.fit(10, 10, 100);
+    assert_eq!(same, img);
+    assert!(none.is_none());
+    let (two, msg) = img.fit(2, 10, 100);
+    assert_eq!(two.services.len(), 2);
+    assert!(msg.unwrap().contains("max_services"));
+}
+
+fn health() -> impl Strategy<Value = HealthStatus> {
+    prop_oneof![
+        Just(HealthStatus::Healthy),
+        Just(HealthStatus::Unknown),
+        Just(HealthStatus::Unhealthy),
+        Just(HealthStatus::Draining),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_healthy_endpoint_appears_in_any_order(
+        eps in proptest::collection::btree_map(1u8..250, health(), 1..20),
+        seed in any::<u64>(),
+    ) {
+        let list: Vec<(String, HealthStatus)> = eps
+            .iter()
+            .map(|(i, h)| (format!("127.0.1.{i}:8080"), *h))
+            .collect();
+        let mut shuffled = list.clone();
+        // A deterministic shuffle from the seed.
+        let mut x = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let build = |l: &[(String, HealthStatus)]| {
+            let refs: Vec<(&str, HealthStatus)> = l.iter().map(|(a, h)| (a.as_str(), *h)).collect();
+            let c = Cluster {
+                name: "c".into(),
+                kind: ClusterKind::Static(assignment("c", &refs)),
+                lb_policy: LbPolicy::RoundRobin,
+                connect_timeout: Duration::from_secs(1),
+                has_transport_socket: false,
+            };
+            project(&snap(vec![virtual_listener(vec![tcp_chain("s", "10.96.0.10", 80, "c")])], vec![c]), 15001)
+        };
+        let a = build(&list);
+        let b = build(&shuffled);
+        prop_assert_eq!(&a, &b);
+        let healthy: Vec<SocketAddrV4> = list
+            .iter()
+            .filter(|(_, h)| h.is_healthy())
+            .map(|(s, _)| s.parse().unwrap())
+            .collect();
+        if healthy.is_empty() {
+            prop_assert!(a.services.is_empty());
+        } else {
+            let got = &a.clusters["c"].endpoints;
+            prop_assert_eq!(got.len(), healthy.len());
+            for e in &healthy {
+                prop_assert!(got.contains(e));
+            }
+        }
+    }
+}

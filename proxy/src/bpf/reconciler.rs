@@ -1,0 +1,361 @@
+//! Reconciler: brings the kernel fast-path maps from the last applied [`MapImage`] to the next
+//! one without a connect ever seeing a half-written cluster.
+//!
+//! Two generations of cluster and endpoint data live side by side (`SKIFF_CLUSTERS` and
+//! `SKIFF_ENDPOINTS` hold `2 * max` entries; generation `g` owns `g * max ..`). Each service
+//! value carries its cluster index for both generations. One [`Reconciler::apply`]:
+//!
+//! 1. if old and new services together would overflow the service map, deletes the services
+//!    that are going away first (their connects go to the proxy, which already serves the new
+//!    snapshot);
+//! 2. writes the inactive generation's endpoint slots, then its clusters (only the entries that
+//!    differ from what that generation last held);
+//! 3. writes every service whose value changes: the inactive column gets the new cluster index
+//!    (or `NO_CLUSTER` for a service going away), the active column is kept;
+//! 4. flips `ConfigValue::fast_gen` (one config write): every connect from now on reads the new
+//!    generation, whole;
+//! 5. deletes the services that went away.
+//!
+//! A failed write stops the update before the flip: the active generation is untouched and the
+//! inactive one is marked for a full rewrite. The writer is a trait so the property tests run
+//! the same code against an in-memory model of the maps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddrV4;
+
+use skiff_common::{
+    ClusterValue, EndpointValue, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, ServiceKeyV4, ServiceValue,
+};
+
+use super::BpfError;
+use super::projection::{FastLb, MapImage};
+
+/// Sizes of the fast-path maps (per generation for clusters and endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Entries of `SKIFF_SVC_V4` (services of the old and new image together during an update).
+    pub max_services: u32,
+    /// Clusters per generation (`SKIFF_CLUSTERS` holds twice this).
+    pub max_clusters: u32,
+    /// Endpoint slots per generation (`SKIFF_ENDPOINTS` holds twice this).
+    pub max_endpoints: u32,
+}
+
+impl Default for Capacity {
+    /// Sized for 10k services and 100k endpoints.
+    fn default() -> Self {
+        Capacity {
+            max_services: 10_240,
+            max_clusters: 10_240,
+            max_endpoints: 102_400,
+        }
+    }
+}
+
+/// Writes to the fast-path maps, in the order the reconciler calls them.
+pub trait FastMaps {
+    /// Insert or replace one service.
+    fn set_service(&mut self, key: ServiceKeyV4, value: ServiceValue) -> Result<(), BpfError>;
+    /// Delete one service.
+    fn delete_service(&mut self, key: ServiceKeyV4) -> Result<(), BpfError>;
+    /// Write one cluster entry (absolute index).
+    fn set_cluster(&mut self, index: u32, value: ClusterValue) -> Result<(), BpfError>;
+    /// Write one endpoint slot (absolute index).
+    fn set_endpoint(&mut self, index: u32, value: EndpointValue) -> Result<(), BpfError>;
+    /// Make `generation` active and turn the fast path on.
+    fn flip(&mut self, generation: u8) -> Result<(), BpfError>;
+    /// Called before writing the inactive generation: a kernel writer waits here until no
+    /// connect can still be reading it (programs hold it for microseconds).
+    fn quiesce(&mut self) {}
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Generation active afterwards.
+    pub generation: u8,
+    /// Service entries written.
+    pub services_written: usize,
+    /// Service entries deleted.
+    pub services_deleted: usize,
+    /// Cluster entries written.
+    pub clusters_written: usize,
+    /// Endpoint slots written.
+    pub endpoints_written: usize,
+    /// Set when the image did not fit: names the limit (the services left out go to the proxy).
+    pub overflow: Option<String>,
+}
+
+/// What one generation of the cluster and endpoint arrays holds (relative indices).
+#[derive(Clone, Debug, Default)]
+struct Generation {
+    clusters: Vec<ClusterValue>,
+    endpoints: Vec<EndpointValue>,
+    /// Unknown content (a write failed): rewrite everything next time.
+    dirty: bool,
+}
+
+/// Keeps the kernel maps in step with the images it is given.
+#[derive(Debug)]
+pub struct Reconciler {
+    caps: Capacity,
+    active: u8,
+    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    gens: [Generation; 2],
+    applied: MapImage,
+}
+
+const EMPTY_CLUSTER: ClusterValue = ClusterValue {
+    slot_base: 0,
+    endpoint_count: 0,
+    lb_policy: 0,
+    _pad: [0; 3],
+};
+const EMPTY_ENDPOINT: EndpointValue = EndpointValue {
+    addr_be: [0; 4],
+    port_be: 0,
+    family: 0,
+    health: 0,
+    weight: 0,
+};
+
+impl Reconciler {
+    /// A reconciler for freshly created (empty) maps of these sizes.
+    pub fn new(caps: Capacity) -> Self {
+        Reconciler {
+            caps,
+            active: 0,
+            services: BTreeMap::new(),
+            gens: Default::default(),
+            applied: MapImage::default(),
+        }
+    }
+
+    /// Map sizes.
+    pub fn capacity(&self) -> Capacity {
+        self.caps
+    }
+
+    /// The generation connects currently read.
+    pub fn active_generation(&self) -> u8 {
+        self.active
+    }
+
+    /// The image the kernel currently serves (after [`MapImage::fit`]).
+    pub fn applied(&self) -> &MapImage {
+        &self.applied
+    }
+
+    /// The service entries as written to the kernel.
+    pub fn services(&self) -> &BTreeMap<ServiceKeyV4, ServiceValue> {
+        &self.services
+    }
+
+    /// Applies `image` (trimmed to capacity; the report names any limit hit).
+    pub fn apply(
+        &mut self,
+        maps: &mut impl FastMaps,
+        image: &MapImage,
+    ) -> Result<ApplyReport, BpfError> {
+        let (image, overflow) = image.fit(
+            self.caps.max_services as usize,
+            self.caps.max_clusters as usize,
+            self.caps.max_endpoints as usize,
+        );
+        let mut report = ApplyReport {
+            generation: self.active,
+            overflow,
+            ..Default::default()
+        };
+        // Nothing the kernel serves changes (an RDS push, a listener the fast path ignores).
+        if image == self.applied && !self.gens.iter().any(|g| g.dirty) {
+            return Ok(report);
+        }
+        let next = 1 - self.active;
+        let (clusters, endpoints, wanted) = layout(&image, next, self.caps);
+        let gone: BTreeSet<ServiceKeyV4> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+
+        // 1. Room in the service map for old and new together, else the leaving ones go first.
+        let union = self.services.len()
+            + wanted
+                .keys()
+                .filter(|k| !self.services.contains_key(k))
+                .count();
+        if union > self.caps.max_services as usize {
+            for k in &gone {
+                maps.delete_service(*k)?;
+                self.services.remove(k);
+                report.services_deleted += 1;
+            }
+        }
+
+        // 2. The inactive generation: slots, then the clusters that count them.
+        maps.quiesce();
+        let held = &mut self.gens[usize::from(next)];
+        let result = write_generation(maps, held, next, self.caps, &clusters, &endpoints);
+        match result {
+            Ok((c, e)) => {
+                report.clusters_written = c;
+                report.endpoints_written = e;
+            }
+            Err(e) => {
+                held.dirty = true;
+                return Err(e);
+            }
+        }
+
+        // 3. Services: the inactive column points into the new generation.
+        let col = usize::from(next);
+        let mut writes: Vec<(ServiceKeyV4, ServiceValue)> = Vec::new();
+        for (k, idx) in &wanted {
+            let mut v = self.services.get(k).copied().unwrap_or(ServiceValue {
+                cluster_idx: [NO_CLUSTER; 2],
+                flags: 0,
+            });
+            v.cluster_idx[col] = *idx;
+            writes.push((*k, v));
+        }
+        for k in &gone {
+            if let Some(mut v) = self.services.get(k).copied() {
+                v.cluster_idx[col] = NO_CLUSTER;
+                writes.push((*k, v));
+            }
+        }
+        for (k, v) in writes {
+            if self.services.get(&k) != Some(&v) {
+                maps.set_service(k, v)?;
+                self.services.insert(k, v);
+                report.services_written += 1;
+            }
+        }
+
+        // 4. One write switches every connect to the new generation.
+        maps.flip(next)?;
+        self.active = next;
+
+        // 5. Services that went away (they already fall back to the proxy).
+        for k in &gone {
+            if self.services.contains_key(k) {
+                maps.delete_service(*k)?;
+                self.services.remove(k);
+                report.services_deleted += 1;
+            }
+        }
+        report.generation = next;
+        self.applied = image;
+        Ok(report)
+    }
+}
+
+/// The image laid out for generation `gen`: cluster entries (by id), endpoint slots, and each
+/// service's absolute cluster index.
+fn layout(
+    image: &MapImage,
+    generation: u8,
+    caps: Capacity,
+) -> (
+    Vec<ClusterValue>,
+    Vec<EndpointValue>,
+    BTreeMap<ServiceKeyV4, u32>,
+) {
+    let mut clusters = Vec::with_capacity(image.clusters.len());
+    let mut endpoints = Vec::with_capacity(image.endpoint_slots());
+    let mut ids = BTreeMap::new();
+    for (id, (name, c)) in image.clusters.iter().enumerate() {
+        let base = u32::from(generation) * caps.max_endpoints + endpoints.len() as u32;
+        clusters.push(ClusterValue {
+            slot_base: base,
+            endpoint_count: c.endpoints.len() as u32,
+            lb_policy: match c.lb {
+                FastLb::RoundRobin => LB_ROUND_ROBIN,
+                FastLb::Random => LB_RANDOM,
+            },
+            _pad: [0; 3],
+        });
+        endpoints.extend(
+            c.endpoints
+                .iter()
+                .map(|e| EndpointValue::new((*e).into(), 1)),
+        );
+        ids.insert(
+            name.as_str(),
+            u32::from(generation) * caps.max_clusters + id as u32,
+        );
+    }
+    let services = image
+        .services
+        .iter()
+        .filter_map(|(vip, s)| Some((ServiceKeyV4::tcp(*vip), *ids.get(s.cluster.as_str())?)))
+        .collect();
+    (clusters, endpoints, services)
+}
+
+/// Writes the entries of one generation that differ from what it holds; returns how many
+/// clusters and endpoints were written.
+fn write_generation(
+    maps: &mut impl FastMaps,
+    held: &mut Generation,
+    g: u8,
+    caps: Capacity,
+    clusters: &[ClusterValue],
+    endpoints: &[EndpointValue],
+) -> Result<(usize, usize), BpfError> {
+    let mut written = (0, 0);
+    let n = endpoints.len().max(held.endpoints.len());
+    for i in 0..n {
+        let want = endpoints.get(i).copied().unwrap_or(EMPTY_ENDPOINT);
+        if held.dirty || held.endpoints.get(i) != Some(&want) {
+            maps.set_endpoint(u32::from(g) * caps.max_endpoints + i as u32, want)?;
+            written.1 += 1;
+        }
+    }
+    let n = clusters.len().max(held.clusters.len());
+    for i in 0..n {
+        let want = clusters.get(i).copied().unwrap_or(EMPTY_CLUSTER);
+        if held.dirty || held.clusters.get(i) != Some(&want) {
+            maps.set_cluster(u32::from(g) * caps.max_clusters + i as u32, want)?;
+            written.0 += 1;
+        }
+    }
+    held.clusters = clusters.to_vec();
+    held.endpoints = endpoints.to_vec();
+    held.dirty = false;
+    Ok(written)
+}
+
+/// Follows the kernel's lookup for one service over map contents (the in-memory model, and
+/// `skiff maps` over the kernel's): the cluster's policy and endpoints in the active generation,
+/// or `None` (the connect goes to the proxy).
+pub fn resolve(
+    services: &BTreeMap<ServiceKeyV4, ServiceValue>,
+    clusters: &impl Fn(u32) -> Option<ClusterValue>,
+    endpoints: &impl Fn(u32) -> Option<EndpointValue>,
+    active: u8,
+    vip: SocketAddrV4,
+) -> Option<(u8, Vec<SocketAddrV4>)> {
+    let svc = services.get(&ServiceKeyV4::tcp(vip))?;
+    let idx = svc.cluster_idx[usize::from(active & 1)];
+    if idx == NO_CLUSTER {
+        return None;
+    }
+    let c = clusters(idx)?;
+    if c.endpoint_count == 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    for i in 0..c.endpoint_count {
+        match endpoints(c.slot_base + i)?.addr()? {
+            std::net::SocketAddr::V4(a) => out.push(a),
+            std::net::SocketAddr::V6(_) => return None,
+        }
+    }
+    Some((c.lb_policy, out))
+}
+
+#[cfg(test)]
+mod tests;
