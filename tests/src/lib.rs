@@ -481,3 +481,68 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
+
+// === skiff inside a test netns ===
+
+/// Runs `f` on a thread that has entered `ns` (only that thread changes namespace).
+pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    thread::spawn(move || {
+        let file = fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// One HTTP/1.0 request to skiff's admin (127.0.0.1:15000) inside `ns`: `(status, body)`, or
+/// `None` when nothing answers yet.
+pub fn admin(ns: &Netns, method: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
+    in_netns(ns, move || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:15000").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    })
+}
+
+/// One counter or gauge from skiff's `/stats` inside `ns` (0 when absent).
+pub fn admin_stat(ns: &Netns, name: &str) -> u64 {
+    let (_, body) = admin(ns, "GET", "/stats").expect("admin /stats");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits up to 20 s for skiff's `/ready` inside `ns` to answer 200.
+pub fn wait_admin_ready(ns: &Netns) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some((200, _)) = admin(ns, "GET", "/ready") {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("skiff in netns {} not ready within 20s", ns.name());
+}
+
+/// A loopback TCP port that was free a moment ago (for in-process servers in direct tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}

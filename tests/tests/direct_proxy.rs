@@ -1,6 +1,7 @@
 //! Unprivileged end-to-end tests: skiff runs in-process with `--capture none` and proxies real
 //! TCP connections between loopback clients and loopback backends.
 
+use skiff_tests::free_port;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -31,14 +32,6 @@ async fn backend(name: &'static str) -> SocketAddr {
         }
     });
     addr
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn bootstrap(listen: u16, endpoints: &[SocketAddr]) -> String {

@@ -2,6 +2,7 @@
 //! tonic service) scripts responses and observes requests (ACK/NACK/error_detail), while skiff
 //! runs in-process through `skiff::app::run` and proxies real loopback connections.
 
+use skiff_tests::free_port;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
@@ -337,14 +338,6 @@ async fn backend(name: &'static str) -> SocketAddr {
         }
     });
     a
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn roundtrip(port: u16) -> Option<String> {

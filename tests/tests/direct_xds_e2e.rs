@@ -2,6 +2,7 @@
 //! initial load, update, NACK of an invalid resource (last good keeps serving), removal, and a
 //! control-plane restart (traffic continues, the config resyncs). Run for SotW and delta.
 
+use skiff_tests::free_port;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,14 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A backend answering `<name>` to every connection.
 async fn backend(name: &'static str) -> SocketAddr {

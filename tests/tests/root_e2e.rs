@@ -4,8 +4,6 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_e2e -- --test-threads=1` (as root), or `cargo xtask test`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -26,55 +24,10 @@ fn testpeer() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
 }
 
-/// Runs `f` on a thread that has entered `ns` (only that thread changes namespace).
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
+use skiff_tests::{admin, admin_stat as stat};
 
-/// One HTTP/1.0 request to skiff's admin inside `ns`; `None` if nothing listens yet.
-fn admin(ns: &Netns, method: &str, path: &str) -> Option<(u16, String)> {
-    let req = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect("127.0.0.1:15000").ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(req.as_bytes()).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let status = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((status, body))
-    })
-}
-
-fn stat(ns: &Netns, name: &str) -> u64 {
-    let (_, body) = admin(ns, "GET", "/stats").expect("admin /stats");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
-fn wait_ready(ns: &Netns, skiff: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Some((200, _)) = admin(ns, "GET", "/ready") {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("skiff (pid {}) not ready within 20s", skiff.pid());
+fn wait_ready(ns: &Netns, _skiff: &mut Child) {
+    skiff_tests::wait_admin_ready(ns)
 }
 
 const BOOTSTRAP: &str = r#"

@@ -13,11 +13,12 @@
 //! (the same logic backs `/debug/explain`). The output is `BTreeMap`s: deterministic, and
 //! independent of the order resources or endpoints arrived in.
 
+use crate::dataplane::route::{longest_prefix, narrow};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
-use crate::model::{Cidr, ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, NetworkAction};
+use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, NetworkAction};
 use crate::state::Snapshot;
 
 /// Balancing policies the kernel implements.
@@ -366,12 +367,12 @@ fn chain_for_destination(
     dst: SocketAddr,
 ) -> Result<Option<&FilterChain>, String> {
     // Envoy's first two criteria: destination port, then destination IP (longest prefix).
-    let by_port = best(chains.iter(), |fc| match fc.matcher.destination_port {
+    let by_port = narrow(chains.iter(), |fc| match fc.matcher.destination_port {
         Some(p) if p == dst.port() => Some(1),
         Some(_) => None,
         None => Some(0),
     });
-    let left = best(by_port.into_iter(), |fc| {
+    let left = narrow(by_port, |fc| {
         longest_prefix(&fc.matcher.prefix_ranges, dst.ip())
     });
     match left.as_slice() {
@@ -399,33 +400,6 @@ fn chain_for_destination(
             many.len()
         )),
     }
-}
-
-fn best<'a>(
-    chains: impl Iterator<Item = &'a FilterChain>,
-    score: impl Fn(&FilterChain) -> Option<u32>,
-) -> Vec<&'a FilterChain> {
-    let scored: Vec<(u32, &FilterChain)> =
-        chains.filter_map(|fc| score(fc).map(|s| (s, fc))).collect();
-    let Some(top) = scored.iter().map(|(s, _)| *s).max() else {
-        return Vec::new();
-    };
-    scored
-        .into_iter()
-        .filter(|(s, _)| *s == top)
-        .map(|(_, fc)| fc)
-        .collect()
-}
-
-fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
-    if ranges.is_empty() {
-        return Some(0);
-    }
-    ranges
-        .iter()
-        .filter(|c| c.contains(ip))
-        .map(|c| 1 + u32::from(c.len))
-        .max()
 }
 
 #[cfg(test)]

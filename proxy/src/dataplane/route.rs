@@ -100,10 +100,10 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
 }
 
 /// Keep the chains with the highest score; `None` drops a chain.
-fn narrow(
-    chains: Vec<&FilterChain>,
+pub(crate) fn narrow<'l>(
+    chains: impl IntoIterator<Item = &'l FilterChain>,
     score: impl Fn(&FilterChain) -> Option<u32>,
-) -> Vec<&FilterChain> {
+) -> Vec<&'l FilterChain> {
     let scored: Vec<(u32, &FilterChain)> = chains
         .into_iter()
         .filter_map(|fc| score(fc).map(|s| (s, fc)))
@@ -119,7 +119,7 @@ fn narrow(
 }
 
 /// Score for prefix criteria: 0 when the chain has none, 1 + length of the longest match.
-fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
+pub(crate) fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
     if ranges.is_empty() {
         return Some(0);
     }

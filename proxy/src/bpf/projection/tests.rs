@@ -9,6 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use crate::model::Cidr;
 use crate::model::endpoint::Locality;
 use crate::model::listener::{FilterChainMatch, HttpManager, TcpProxy};
 use crate::model::{
