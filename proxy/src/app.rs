@@ -52,7 +52,9 @@ fn reconcile_fast_path(
     if !capture.fast_path_enabled() {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let image = crate::bpf::projection::project(snap, capture_port);
+    capture.note_projection(started.elapsed());
     match capture.apply_fast_path(&image) {
         Ok(report) => match report.overflow {
             Some(msg) => Err(msg),
@@ -87,6 +89,16 @@ impl CaptureControl for CaptureHandle {
                 .into_iter()
                 .map(|(vip, n)| (format!("fast_path.{vip}.cx_total"), n)),
         );
+        // Gauges: what the kernel currently serves (cheap to poll, unlike /debug/maps).
+        if let Some(g) = self.0.fast_path_gauges() {
+            out.extend([
+                ("fast_path.services".to_string(), g.services),
+                ("fast_path.clusters".to_string(), g.clusters),
+                ("fast_path.endpoints".to_string(), g.endpoints),
+                ("fast_path.last_project_us".to_string(), g.last_project_us),
+                ("fast_path.last_apply_us".to_string(), g.last_apply_us),
+            ]);
+        }
         out
     }
     fn explain(&self, snap: &Snapshot, dst: SocketAddr) -> serde_json::Value {

@@ -43,6 +43,8 @@ pub fn run() -> anyhow::Result<()> {
         "root_e2e",
         "--test",
         "root_fastpath",
+        "--test",
+        "root_fastpath_eds",
         "--",
         "--test-threads=1",
     ]))?;

@@ -147,6 +147,7 @@ impl Capture {
                 endpoints: take(&mut ebpf, MAP_ENDPOINTS)?,
                 reconciler: Reconciler::new(caps),
                 last_flip: None,
+                timings: FastTimings::default(),
             })),
             None => None,
         };
@@ -428,6 +429,7 @@ impl Capture {
             endpoints,
             reconciler,
             last_flip,
+            timings,
         } = &mut *guard;
         let mut w = KernelWriter {
             services,
@@ -436,8 +438,11 @@ impl Capture {
             config: &self.config,
             last_flip,
         };
+        let started = std::time::Instant::now();
         let report = reconciler.apply(&mut w, image)?;
+        timings.last_apply_us = started.elapsed().as_micros() as u64;
         tracing::info!(
+            apply_us = timings.last_apply_us,
             generation = report.generation,
             services_written = report.services_written,
             services_deleted = report.services_deleted,
@@ -458,6 +463,28 @@ impl Capture {
             image: g.reconciler.applied().clone(),
             generation: g.reconciler.active_generation(),
             capacity: g.reconciler.capacity(),
+        })
+    }
+
+    /// Records how long the projection feeding the next [`Capture::apply_fast_path`] took.
+    pub fn note_projection(&self, took: std::time::Duration) {
+        if let Some(fast) = &self.fast {
+            lock(fast).timings.last_project_us = took.as_micros() as u64;
+        }
+    }
+
+    /// Gauges of the fast path, without copying the image: what the applied generation holds
+    /// and how long the last update took (`None` without the fast path).
+    pub fn fast_path_gauges(&self) -> Option<FastPathGauges> {
+        let fast = self.fast.as_ref()?;
+        let g = lock(fast);
+        let img = g.reconciler.applied();
+        Some(FastPathGauges {
+            services: img.services.len() as u64,
+            clusters: img.clusters.len() as u64,
+            endpoints: img.endpoint_slots() as u64,
+            last_project_us: g.timings.last_project_us,
+            last_apply_us: g.timings.last_apply_us,
         })
     }
 
@@ -516,6 +543,30 @@ struct FastState {
     endpoints: Array<MapData, EndpointValue>,
     reconciler: Reconciler,
     last_flip: Option<std::time::SystemTime>,
+    timings: FastTimings,
+}
+
+/// Durations of the last update, microseconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct FastTimings {
+    last_project_us: u64,
+    last_apply_us: u64,
+}
+
+/// Fast-path gauges for `/stats` (`skiff.bpf.fast_path.*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPathGauges {
+    /// Services in the applied generation.
+    pub services: u64,
+    /// Clusters in the applied generation.
+    pub clusters: u64,
+    /// Endpoint slots in the applied generation.
+    pub endpoints: u64,
+    /// Duration of the last projection (snapshot -> image), microseconds.
+    pub last_project_us: u64,
+    /// Duration of the last reconcile (image -> kernel maps, incl. the generation flip),
+    /// microseconds.
+    pub last_apply_us: u64,
 }
 
 /// What the kernel fast path serves, for `skiff maps` and `/debug/explain`.

@@ -37,7 +37,7 @@ use std::{
 };
 
 pub use cgroup::{cgroup_id, cgroup2_mount};
-pub use loader::{Capture, FastPathView};
+pub use loader::{Capture, FastPathGauges, FastPathView};
 pub use reconciler::{ApplyReport, Capacity};
 
 /// Default outbound listener port (Istio's 15001).

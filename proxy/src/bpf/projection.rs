@@ -14,11 +14,12 @@
 //! independent of the order resources or endpoints arrived in.
 
 use crate::dataplane::route::{longest_prefix, narrow};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 
-use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, NetworkAction};
+use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, Listener, NetworkAction};
 use crate::state::Snapshot;
 
 /// Balancing policies the kernel implements.
@@ -184,8 +185,9 @@ impl fmt::Display for Verdict {
 /// Projects a snapshot. `capture_port` finds the virtual listener (Istio's 15001).
 pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
     let mut image = MapImage::default();
+    let index = snap.virtual_listener(capture_port).map(ChainIndex::new);
     for dst in candidates(snap, capture_port) {
-        let (verdict, cluster) = classify(snap, capture_port, dst);
+        let (verdict, cluster) = classify_with(snap, capture_port, dst, index.as_ref());
         if let (true, SocketAddr::V4(vip), Some(c)) = (verdict.fast, dst, cluster) {
             let name = verdict.cluster.clone().unwrap_or_default();
             image.services.insert(
@@ -243,6 +245,62 @@ pub fn classify(
     capture_port: u16,
     dst: SocketAddr,
 ) -> (Verdict, Option<ClusterImage>) {
+    classify_with(snap, capture_port, dst, None)
+}
+
+/// The virtual listener's filter chains by host address. A chain whose prefix ranges are all
+/// host addresses (/32, /128) matches no other destination, so a destination needs only its own
+/// bucket and the remaining chains: `project` stays linear in the number of services instead of
+/// matching every service against every chain.
+struct ChainIndex<'a> {
+    listener: &'a Listener,
+    by_host: HashMap<IpAddr, Vec<usize>>,
+    rest: Vec<usize>,
+}
+
+impl<'a> ChainIndex<'a> {
+    fn new(listener: &'a Arc<Listener>) -> ChainIndex<'a> {
+        let mut by_host: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+        let mut rest = Vec::new();
+        for (i, fc) in listener.filter_chains.iter().enumerate() {
+            let ranges = &fc.matcher.prefix_ranges;
+            if !ranges.is_empty() && ranges.iter().all(|c| u32::from(c.len) == host_len(c.addr)) {
+                for c in ranges {
+                    let bucket = by_host.entry(c.addr).or_default();
+                    if bucket.last() != Some(&i) {
+                        bucket.push(i);
+                    }
+                }
+            } else {
+                rest.push(i);
+            }
+        }
+        ChainIndex {
+            listener,
+            by_host,
+            rest,
+        }
+    }
+
+    /// The chains that can match `ip`, in configuration order.
+    fn chains_for(&self, ip: IpAddr) -> Vec<&'a FilterChain> {
+        let mut idx: Vec<usize> = self.rest.clone();
+        if let Some(b) = self.by_host.get(&ip) {
+            idx.extend_from_slice(b);
+            idx.sort_unstable();
+        }
+        idx.into_iter()
+            .map(|i| &self.listener.filter_chains[i])
+            .collect()
+    }
+}
+
+fn classify_with(
+    snap: &Snapshot,
+    capture_port: u16,
+    dst: SocketAddr,
+    index: Option<&ChainIndex<'_>>,
+) -> (Verdict, Option<ClusterImage>) {
     let SocketAddr::V4(_) = dst else {
         return (
             Verdict::proxy("IPv6 services are not in the kernel fast path yet"),
@@ -260,7 +318,13 @@ pub fn classify(
     };
     let mut v = Verdict::proxy(String::new());
     v.listener = Some(listener.name.clone());
-    let chain = match chain_for_destination(&listener.filter_chains, dst) {
+    let found = match index {
+        Some(ix) if std::ptr::eq(ix.listener, &**listener) => {
+            chain_for_destination(ix.chains_for(dst.ip()), dst)
+        }
+        _ => chain_for_destination(&listener.filter_chains, dst),
+    };
+    let chain = match found {
         Ok(Some(c)) => c,
         Ok(None) => match &listener.default_filter_chain {
             Some(c) => c,
@@ -362,12 +426,12 @@ pub fn classify(
 /// The chain Envoy picks for every connection to `dst`, `Ok(None)` when none matches (the
 /// default chain), or `Err` when the choice depends on more than the destination (SNI,
 /// transport or application protocol, source).
-fn chain_for_destination(
-    chains: &[FilterChain],
+fn chain_for_destination<'l>(
+    chains: impl IntoIterator<Item = &'l FilterChain>,
     dst: SocketAddr,
-) -> Result<Option<&FilterChain>, String> {
+) -> Result<Option<&'l FilterChain>, String> {
     // Envoy's first two criteria: destination port, then destination IP (longest prefix).
-    let by_port = narrow(chains.iter(), |fc| match fc.matcher.destination_port {
+    let by_port = narrow(chains, |fc| match fc.matcher.destination_port {
         Some(p) if p == dst.port() => Some(1),
         Some(_) => None,
         None => Some(0),

@@ -35,8 +35,8 @@ pub struct BenchArgs {
     /// Seconds per case (default 10, 2 with --quick).
     #[arg(long)]
     pub secs: Option<f64>,
-    /// Only these paths, comma separated (direct, skiff-l4, skiff-l4-1w, skiff-ebpf, skiff-iptables,
-    /// envoy-iptables, envoy-c1, envoy-c2, haproxy, nginx).
+    /// Only these paths, comma separated (direct, skiff-l4, skiff-l4-1w, skiff-ebpf,
+    /// skiff-fastpath, skiff-iptables, envoy-iptables, envoy-c1, envoy-c2, haproxy, nginx).
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
     /// Only these cases, comma separated (tput-1, tput-4, lat-64, lat-4k, conn-rate).
@@ -49,7 +49,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub conn_threads: usize,
     /// Control-plane scale instead of the data-path cases: push these cluster counts (10
-    /// endpoints each) through `skiff control-plane` to skiff and Envoy, e.g. `1000,10000`.
+    /// endpoints each) through `skiff control-plane` to skiff and Envoy, e.g. `1000,10000`,
+    /// and as many fast-path services to skiff `--fast-path` (time until the BPF maps hold them).
     #[arg(long, value_delimiter = ',')]
     pub xds_scale: Vec<usize>,
     /// Internal: run a load generator or backend (used inside the bench namespace).
@@ -64,6 +65,7 @@ pub enum Route {
     SkiffL4,
     SkiffL4W1,
     SkiffEbpf,
+    SkiffFastpath,
     SkiffIptables,
     EnvoyIptables,
     EnvoyC1,
@@ -73,11 +75,12 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 10] = [
+    const ALL: [Route; 11] = [
         Route::Direct,
         Route::SkiffL4,
         Route::SkiffL4W1,
         Route::SkiffEbpf,
+        Route::SkiffFastpath,
         Route::SkiffIptables,
         Route::EnvoyIptables,
         Route::EnvoyC1,
@@ -93,6 +96,7 @@ impl Route {
             Route::SkiffL4 => "skiff-l4",
             Route::SkiffL4W1 => "skiff-l4-1w",
             Route::SkiffEbpf => "skiff-ebpf",
+            Route::SkiffFastpath => "skiff-fastpath",
             Route::SkiffIptables => "skiff-iptables",
             Route::EnvoyIptables => "envoy-iptables",
             Route::EnvoyC1 => "envoy-c1",
@@ -113,6 +117,9 @@ impl Route {
             Route::SkiffEbpf => {
                 "client in pod cgroup -> VIP, eBPF connect4 -> skiff 15001 -> backend"
             }
+            Route::SkiffFastpath => {
+                "client in pod cgroup -> VIP, skiff --fast-path: connect4 rewrites to the backend (no proxy hop)"
+            }
             Route::SkiffIptables => {
                 "client -> VIP, iptables REDIRECT -> skiff --capture none 15001"
             }
@@ -129,7 +136,10 @@ impl Route {
     fn ip(self) -> &'static str {
         match self {
             Route::Direct => BACKEND_IP,
-            Route::SkiffEbpf | Route::SkiffIptables | Route::EnvoyIptables => VIP,
+            Route::SkiffEbpf
+            | Route::SkiffFastpath
+            | Route::SkiffIptables
+            | Route::EnvoyIptables => VIP,
             _ => PROXY_IP,
         }
     }
@@ -149,6 +159,11 @@ impl Route {
 
     fn iptables(self) -> bool {
         matches!(self, Route::SkiffIptables | Route::EnvoyIptables)
+    }
+
+    /// The client runs in the pod cgroup skiff captures.
+    fn in_pod(self) -> bool {
+        matches!(self, Route::SkiffEbpf | Route::SkiffFastpath)
     }
 }
 
@@ -444,7 +459,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut cgroups = Cgroups(Vec::new());
     let ns = Netns::create(&format!("skiff-bench-{pid}"), VIP)?;
     let mut pod = None;
-    if routes.contains(&Route::SkiffEbpf) {
+    if routes.iter().any(|r| r.in_pod()) {
         let node =
             cgroups.create(crate::util::cgroup2_mount()?.join(format!("skiff-bench-{pid}")))?;
         pod = Some(cgroups.create(node.join("app"))?);
@@ -665,11 +680,14 @@ fn start_route(ctx: &Ctx, r: Route) -> anyhow::Result<Running> {
             c.args(["--capture", "none"]);
             (c, Ready::Http(admin, "/ready"))
         }
-        Route::SkiffEbpf => {
+        Route::SkiffEbpf | Route::SkiffFastpath => {
             let cfg = write("transparent.yaml", transparent_bootstrap())?;
             let pod = ctx.pod.context("no pod cgroup")?;
             let mut c = skiff_cmd(&cfg);
             c.arg("--cgroup").arg(pod);
+            if r == Route::SkiffFastpath {
+                c.arg("--fast-path");
+            }
             if let Some(parent) = pod.parent() {
                 c.arg("--proxy-cgroup").arg(parent.join("skiff-proxy"));
             }
@@ -741,6 +759,27 @@ fn start_route(ctx: &Ctx, r: Route) -> anyhow::Result<Running> {
     }
     if r.ip() == PROXY_IP {
         ctx.ns.wait_port(echo, Duration::from_secs(10))?;
+    }
+    if r == Route::SkiffFastpath {
+        // Both services (iperf3, echo) must be in the kernel maps, or the numbers would be
+        // skiff-ebpf's.
+        let admin_addr = admin;
+        let in_kernel = ctx.ns.on_thread(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !interrupted() {
+                if xds_scale::stat(admin_addr, "skiff.bpf.fast_path.services") == Some(2) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        })?;
+        if !in_kernel {
+            bail!(
+                "skiff --fast-path did not put both services in the kernel maps (log: {})",
+                log.display()
+            );
+        }
     }
     Ok(Running {
         proc: Some(proc),
@@ -837,7 +876,7 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
 
 fn run_case(ctx: &Ctx, r: Route, c: Case) -> anyhow::Result<CaseResult> {
     let (iperf, echo) = r.targets();
-    let pod = if r == Route::SkiffEbpf { ctx.pod } else { None };
+    let pod = if r.in_pod() { ctx.pod } else { None };
     let limit = Duration::from_secs_f64(ctx.secs + 20.0);
     let secs = format!("{}", ctx.secs);
     let mut cr = CaseResult::default();

@@ -244,6 +244,15 @@ pub fn markdown(rep: &Report) -> String {
             );
         }
     }
+    for case in ["tput-1", "tput-4", "conn-rate"] {
+        if let Some(c) = get("skiff-fastpath", case) {
+            let _ = writeln!(
+                s,
+                "- skiff-fastpath {case}: {} of direct (goal >= 0.97x)",
+                x(c.vs_direct)
+            );
+        }
+    }
     for case in ["lat-64", "lat-4k"] {
         let p50 = |path: &str| get(path, case).and_then(|c| c.pingpong.as_ref().map(|p| p.p50_us));
         if let (Some(d), Some(sk), Some(e)) = (p50("direct"), p50("skiff-l4"), p50("envoy-c1")) {

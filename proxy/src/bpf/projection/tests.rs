@@ -322,3 +322,57 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn indexed_chain_lookup_agrees_with_a_scan_of_every_chain() {
+    // /32 chains, a duplicate /32 (ambiguous), a /24 and a /32 + /16 chain sharing VIPs with
+    // them, and a chain without prefix ranges: `project` (indexed) and `classify` (full scan)
+    // must give the same verdict for every candidate.
+    let mut wide = tcp_chain("wide", "10.96.1.0", 80, "b");
+    wide.matcher.prefix_ranges[0].len = 24;
+    let mut mixed = tcp_chain("mixed", "10.96.2.1", 80, "b");
+    mixed.matcher.prefix_ranges.push(Cidr {
+        addr: "10.96.0.0".parse().unwrap(),
+        len: 16,
+    });
+    let mut any_ip = tcp_chain("any-ip", "0.0.0.0", 9090, "b");
+    any_ip.matcher.prefix_ranges.clear();
+    let chains = vec![
+        tcp_chain("a1", "10.96.1.1", 80, "a"),
+        tcp_chain("a2", "10.96.1.2", 80, "a"),
+        tcp_chain("dup1", "10.96.1.3", 80, "a"),
+        tcp_chain("dup2", "10.96.1.3", 80, "b"),
+        wide,
+        mixed,
+        any_ip,
+        tcp_chain("a3", "10.96.2.1", 81, "a"),
+        tcp_chain("a4", "10.96.3.1", 9090, "a"),
+    ];
+    let s = snap(
+        vec![virtual_listener(chains)],
+        vec![
+            static_cluster("a", LbPolicy::RoundRobin, &EPS),
+            static_cluster("b", LbPolicy::Random, &EPS),
+        ],
+    );
+    let img = project(&s, 15001);
+    assert!(img.verdicts.len() >= 6, "{:?}", img.verdicts);
+    for (dst, v) in &img.verdicts {
+        let (scan, _) = classify(&s, 15001, *dst);
+        assert_eq!(v.to_string(), scan.to_string(), "{dst}");
+        assert_eq!(v.filter_chain, scan.filter_chain, "{dst}");
+    }
+    assert!(reason(&img, "10.96.1.3:80").contains("2 filter chains"));
+    assert_eq!(
+        img.services[&"10.96.1.1:80".parse().unwrap()].filter_chain,
+        "a1"
+    );
+    assert_eq!(
+        img.services[&"10.96.2.1:80".parse().unwrap()].filter_chain,
+        "mixed"
+    );
+    assert_eq!(
+        img.services[&"10.96.3.1:9090".parse().unwrap()].filter_chain,
+        "a4"
+    );
+}
