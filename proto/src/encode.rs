@@ -104,15 +104,15 @@ pub(crate) fn message_to_json(message: &DynamicMessage) -> Value {
             .unwrap_or_default();
         return any_parts_to_json(&type_url, &bytes);
     }
-    let contains_any = &reflect().contains_any;
-    if !contains_any.contains(desc.full_name()) {
+    let reflect = reflect();
+    if !reflect.contains_any.contains(desc.full_name()) {
         return serialize(message);
     }
     let mut rest = message.clone();
     let mut walked = Vec::new();
     for (field, _) in message.fields() {
         let holds_any = match field.kind() {
-            Kind::Message(m) => contains_any.contains(m.full_name()),
+            Kind::Message(m) => reflect.contains_any.contains(m.full_name()),
             _ => false,
         };
         if holds_any && let Some(value) = rest.take_field(&field) {

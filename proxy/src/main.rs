@@ -382,6 +382,7 @@ fn maps_text(v: &serde_json::Value) -> String {
 fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
     use anyhow::{Context, bail};
     let bootstrap = skiff::config::load(&a.bootstrap)?;
+    skiff::config::release_parser_memory();
     let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
     let outbound_v6 = (!a.no_ipv6)
         .then(|| SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));

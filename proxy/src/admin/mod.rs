@@ -221,7 +221,10 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 name_regex,
             };
             let snap = admin.store.load();
-            match config_dump::render(&admin.bootstrap, &snap, &dq) {
+            let rendered = config_dump::render(&admin.bootstrap, &snap, &dq);
+            // Rendering needed Envoy's descriptor pool; a dump is rare, the pool is 16 MB.
+            crate::config::release_parser_memory();
+            match rendered {
                 Ok(mut v) => {
                     if dq.resource.is_none()
                         && let Some(extra) = &admin.extra_config_dump

@@ -314,3 +314,15 @@ fn dynamic(
         cds_ads,
     ))
 }
+
+/// Give back the memory of Envoy's descriptor pool (about 16 MB, needed only to read JSON/YAML
+/// config and to render `/config_dump`): skiff's idle footprint drops from ~26 MB to ~11 MB.
+/// The pool is rebuilt on next use (~35 ms).
+pub fn release_parser_memory() {
+    skiff_proto::release_pool();
+    // glibc keeps freed heap pages mapped; hand them back now that the pool is gone.
+    // SAFETY: malloc_trim only releases free pages at the allocator level; no pointer changes.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
