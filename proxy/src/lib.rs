@@ -6,6 +6,7 @@
 //! - [`model`]: skiff's own listener/cluster/endpoint types, converted from protos by `TryFrom`.
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
+//! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
 //! - [`lb`]: balancers (pure).
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
 //! - [`xds`]: ADS client (state of the world and delta), handlers per type URL, ACK/NACK.
@@ -22,6 +23,7 @@ pub mod bpf;
 pub mod config;
 pub mod controlplane;
 pub mod dataplane;
+pub mod http;
 pub mod lb;
 pub mod model;
 pub mod state;

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, field, info_span, warn};
 
-use super::{Accepted, Dataplane, Decision, connect, decide, forward, orig_dst};
+use super::{Accepted, Dataplane, Decision, connect, decide, forward, listener_of, orig_dst};
 use crate::addr::{ClientAddr, EndpointAddr};
 
 /// What kind of listener accepted a connection.
@@ -101,7 +101,11 @@ pub async fn run(
     }
 }
 
-async fn handle(dp: &Dataplane, mut down: TcpStream, client: ClientAddr, role: &ListenerRole) {
+/// How long the http_inspector listener filter waits for the first bytes before giving up
+/// (the chain is then chosen without an application protocol).
+const HTTP_INSPECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, role: &ListenerRole) {
     let span = tracing::Span::current();
     let local = match down.local_addr() {
         Ok(a) => a,
@@ -135,16 +139,28 @@ async fn handle(dp: &Dataplane, mut down: TcpStream, client: ClientAddr, role: &
         span.record("orig_dst", field::display(o));
     }
     let snap = dp.store.load();
-    let decision = decide(
-        dp,
-        &snap,
-        &Accepted {
-            role,
-            client: client.get(),
-            local,
-            orig_dst: orig,
-        },
-    );
+    let mut accepted = Accepted {
+        role,
+        client: client.get(),
+        local,
+        orig_dst: orig,
+        application_protocols: &[],
+    };
+    let inspect = listener_of(dp, &snap, &accepted).is_some_and(|l| {
+        l.listener_filters
+            .iter()
+            .any(|f| f == crate::http::sniff::HTTP_INSPECTOR)
+    });
+    let detected: Vec<String> = if inspect {
+        crate::http::sniff::detect(&down, HTTP_INSPECT_TIMEOUT)
+            .await
+            .map(|p| vec![p.to_string()])
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    accepted.application_protocols = &detected;
+    let decision = decide(dp, &snap, &accepted);
     let (cluster, target, timeout) = match decision {
         Decision::Upstream {
             listener,
@@ -175,6 +191,24 @@ async fn handle(dp: &Dataplane, mut down: TcpStream, client: ClientAddr, role: &
                 (None, None) => return,
             };
             (cluster, target, timeout)
+        }
+        Decision::Http {
+            listener,
+            filter_chain,
+            manager,
+        } => {
+            span.record("listener", field::display(&listener));
+            span.record("filter_chain", field::display(&filter_chain));
+            drop(snap);
+            let conn = crate::http::HttpConn {
+                dp: dp.clone(),
+                manager,
+                listener,
+                client: client.get(),
+                orig_dst: orig,
+            };
+            crate::http::serve(conn, down).await;
+            return;
         }
         Decision::Passthrough(ep) => (
             "PassthroughCluster".to_string(),

@@ -15,7 +15,8 @@ use std::sync::atomic::AtomicUsize;
 
 use crate::addr::{EndpointAddr, OrigDstAddr};
 use crate::lb;
-use crate::model::{ClusterKind, ClusterSpecifier, NetworkAction};
+use crate::model::listener::HttpManager;
+use crate::model::{ClusterKind, ClusterSpecifier, Listener, NetworkAction};
 use crate::state::{Snapshot, Store};
 use crate::stats::Stats;
 
@@ -54,7 +55,7 @@ impl Dataplane {
 }
 
 /// Where one connection goes, and the names that led there (for logs and explain).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Proxy to `endpoint` of `cluster`.
     Upstream {
@@ -71,6 +72,15 @@ pub enum Decision {
     },
     /// No listener handles it: connect straight to the original destination.
     Passthrough(EndpointAddr),
+    /// The chain runs the HTTP connection manager: serve the connection with `crate::http`.
+    Http {
+        /// Listener whose chain matched.
+        listener: String,
+        /// Filter chain name.
+        filter_chain: String,
+        /// The chain's HCM settings.
+        manager: HttpManager,
+    },
     /// Close the connection; the string says why (also the stat suffix).
     Reject(RejectReason),
 }
@@ -144,6 +154,28 @@ pub struct Accepted<'a> {
     pub local: SocketAddr,
     /// Original destination, when redirected.
     pub orig_dst: Option<OrigDstAddr>,
+    /// Application protocols detected by a listener filter (`http/1.1`, `h2c`), else empty.
+    pub application_protocols: &'a [String],
+}
+
+/// The listener that owns a connection: the one on its original destination when redirected,
+/// else the one that accepted it (the virtual outbound listener for the capture port).
+pub fn listener_of<'s>(
+    dp: &Dataplane,
+    snap: &'s Snapshot,
+    conn: &Accepted<'_>,
+) -> Option<&'s Arc<Listener>> {
+    let redirected = conn.orig_dst.filter(|o| o.get() != conn.local);
+    match (redirected, conn.role) {
+        (Some(o), ListenerRole::Capture) => snap
+            .listener_for(o.get())
+            .or_else(|| snap.virtual_listener(dp.capture_port)),
+        (Some(o), ListenerRole::Static { name }) => snap
+            .listener_for(o.get())
+            .or_else(|| snap.listeners.get(name)),
+        (None, ListenerRole::Capture) => snap.virtual_listener(dp.capture_port),
+        (None, ListenerRole::Static { name }) => snap.listeners.get(name),
+    }
 }
 
 /// Route one connection over one snapshot (pure apart from balancer cursors).
@@ -153,16 +185,7 @@ pub fn decide(dp: &Dataplane, snap: &Snapshot, conn: &Accepted<'_>) -> Decision 
 
     // Envoy: a redirected connection belongs to the listener on its original destination,
     // else stays on the listener that accepted it (the virtual outbound listener).
-    let listener = match (redirected, conn.role) {
-        (Some(o), ListenerRole::Capture) => snap
-            .listener_for(o.get())
-            .or_else(|| snap.virtual_listener(dp.capture_port)),
-        (Some(o), ListenerRole::Static { name }) => snap
-            .listener_for(o.get())
-            .or_else(|| snap.listeners.get(name)),
-        (None, ListenerRole::Capture) => snap.virtual_listener(dp.capture_port),
-        (None, ListenerRole::Static { name }) => snap.listeners.get(name),
-    };
+    let listener = listener_of(dp, snap, conn);
     let Some(listener) = listener else {
         return match redirected {
             Some(o) => Decision::Passthrough(o.into()),
@@ -175,7 +198,7 @@ pub fn decide(dp: &Dataplane, snap: &Snapshot, conn: &Accepted<'_>) -> Decision 
         direct_src: conn.client,
         server_name: None,
         transport_protocol: "raw_buffer",
-        application_protocols: &[],
+        application_protocols: conn.application_protocols,
     };
     let Some(chain) = route::select_chain(listener, &facts) else {
         return Decision::Reject(RejectReason::NoFilterChainMatch {
@@ -184,11 +207,12 @@ pub fn decide(dp: &Dataplane, snap: &Snapshot, conn: &Accepted<'_>) -> Decision 
     };
     let tcp = match &chain.action {
         NetworkAction::TcpProxy(t) => t,
-        NetworkAction::Http(_) => {
-            return Decision::Reject(RejectReason::Unsupported {
+        NetworkAction::Http(h) => {
+            return Decision::Http {
                 listener: listener.name.clone(),
-                filter: "envoy.filters.network.http_connection_manager".into(),
-            });
+                filter_chain: chain.name.clone(),
+                manager: h.clone(),
+            };
         }
         NetworkAction::Unsupported { name, .. } => {
             return Decision::Reject(RejectReason::Unsupported {

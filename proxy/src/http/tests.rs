@@ -1,0 +1,270 @@
+//! Virtual host and route selection against Envoy's documented semantics.
+
+use std::collections::BTreeSet;
+
+use hyper::{HeaderMap, Method};
+
+use super::rewrite_path;
+use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
+use crate::model::route::{
+    Forward, HeaderMatch, HeaderMatchKind, PathMatch, Pattern, Route, RouteAction, RouteMatch,
+};
+use crate::model::{ClusterSpecifier, RouteConfig, VirtualHost};
+
+fn vh(name: &str, domains: &[&str]) -> VirtualHost {
+    VirtualHost {
+        name: name.into(),
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        routes: vec![],
+        clusters: BTreeSet::new(),
+    }
+}
+
+fn rc(hosts: Vec<VirtualHost>) -> RouteConfig {
+    RouteConfig {
+        name: "r".into(),
+        virtual_hosts: hosts,
+        ignore_port_in_host_matching: false,
+    }
+}
+
+fn pick<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a str> {
+    select_virtual_host(rc, host).map(|v| v.name.as_str())
+}
+
+#[test]
+fn exact_beats_suffix_beats_prefix_beats_star() {
+    let c = rc(vec![
+        vh("star", &["*"]),
+        vh("prefix", &["foo.*"]),
+        vh("suffix", &["*.bar.com"]),
+        vh("exact", &["foo.bar.com"]),
+    ]);
+    assert_eq!(pick(&c, "foo.bar.com"), Some("exact"));
+    assert_eq!(pick(&c, "x.bar.com"), Some("suffix"));
+    // foo.bar.org: only the prefix wildcard and `*` match; the prefix wins.
+    assert_eq!(pick(&c, "foo.bar.org"), Some("prefix"));
+    assert_eq!(pick(&c, "other"), Some("star"));
+}
+
+#[test]
+fn longest_wildcard_wins_and_never_matches_empty() {
+    let c = rc(vec![
+        vh("short", &["*.com"]),
+        vh("long", &["*.bar.com"]),
+        vh("dash", &["*-bar.baz.com"]),
+        vh("p-short", &["api.*"]),
+        vh("p-long", &["api.v2.*"]),
+    ]);
+    assert_eq!(pick(&c, "a.bar.com"), Some("long"));
+    assert_eq!(pick(&c, "a.foo.com"), Some("short"));
+    assert_eq!(pick(&c, "x-bar.baz.com"), Some("dash"));
+    assert_eq!(pick(&c, "api.v2.example"), Some("p-long"));
+    assert_eq!(pick(&c, "api.v1.example"), Some("p-short"));
+    // `*.bar.com` needs at least one character before `.bar.com`.
+    assert_eq!(pick(&c, ".bar.com"), Some("short"));
+    assert_eq!(pick(&c, "bar.com"), Some("short"));
+    assert_eq!(pick(&c, "api."), None);
+}
+
+#[test]
+fn host_is_case_insensitive_and_keeps_its_port_by_default() {
+    let c = rc(vec![
+        vh("svc", &["bar-service", "bar-service:50002", "Mixed.Case"]),
+        vh("other-port", &["bar-service:8080"]),
+    ]);
+    assert_eq!(pick(&c, "BAR-Service"), Some("svc"));
+    assert_eq!(pick(&c, "mixed.case"), Some("svc"));
+    assert_eq!(pick(&c, "bar-service:50002"), Some("svc"));
+    assert_eq!(pick(&c, "bar-service:8080"), Some("other-port"));
+    // Envoy's default: the port is part of the host, so an unlisted port matches nothing.
+    assert_eq!(pick(&c, "bar-service:9999"), None);
+    assert_eq!(pick(&c, "unknown"), None);
+}
+
+#[test]
+fn ignore_port_in_host_matching_strips_the_port() {
+    let mut c = rc(vec![vh("svc", &["bar-service"])]);
+    c.ignore_port_in_host_matching = true;
+    assert_eq!(pick(&c, "bar-service:9999"), Some("svc"));
+    assert_eq!(strip_port("[::1]:80"), "[::1]");
+    assert_eq!(strip_port("[::1]"), "[::1]");
+    assert_eq!(strip_port("::1"), "::1");
+    assert_eq!(strip_port("a:"), "a:");
+    assert_eq!(strip_port("10.0.0.1:8080"), "10.0.0.1");
+}
+
+#[test]
+fn star_catches_ports_and_unknown_hosts_but_not_empty() {
+    let c = rc(vec![vh("exact", &["a.com"]), vh("star", &["*"])]);
+    assert_eq!(pick(&c, "a.com:80"), Some("star"));
+    assert_eq!(pick(&c, ""), None);
+}
+
+fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderMatch>) -> Route {
+    Route {
+        name: name.into(),
+        matcher: RouteMatch {
+            path,
+            case_sensitive,
+            headers,
+        },
+        action: RouteAction::Direct {
+            status: 200,
+            body: None,
+        },
+    }
+}
+
+fn with_routes(routes: Vec<Route>) -> VirtualHost {
+    VirtualHost {
+        routes,
+        ..vh("v", &["*"])
+    }
+}
+
+fn first<'a>(
+    v: &'a VirtualHost,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Option<&'a str> {
+    let facts = RequestFacts {
+        host: "h",
+        method,
+        path,
+        headers,
+    };
+    select_route(v, &facts).map(|r| r.name.as_str())
+}
+
+#[test]
+fn first_matching_route_in_order() {
+    let v = with_routes(vec![
+        route("exact", PathMatch::Path("/api".into()), true, vec![]),
+        route("api", PathMatch::Prefix("/api".into()), true, vec![]),
+        route("all", PathMatch::Prefix("/".into()), true, vec![]),
+        route("never", PathMatch::Prefix("/api/v2".into()), true, vec![]),
+    ]);
+    let h = HeaderMap::new();
+    let get = Method::GET;
+    // `path` ignores the query string.
+    assert_eq!(first(&v, &get, "/api?x=1", &h), Some("exact"));
+    assert_eq!(first(&v, &get, "/api/v2/x", &h), Some("api"));
+    assert_eq!(first(&v, &get, "/apix", &h), Some("api"));
+    assert_eq!(first(&v, &get, "/", &h), Some("all"));
+}
+
+#[test]
+fn case_sensitivity_applies_to_prefix_and_path() {
+    let v = with_routes(vec![
+        route("ci", PathMatch::Prefix("/Foo".into()), false, vec![]),
+        route("cs", PathMatch::Path("/Bar".into()), true, vec![]),
+    ]);
+    let h = HeaderMap::new();
+    assert_eq!(first(&v, &Method::GET, "/foo/x", &h), Some("ci"));
+    assert_eq!(first(&v, &Method::GET, "/FOO", &h), Some("ci"));
+    assert_eq!(first(&v, &Method::GET, "/Bar", &h), Some("cs"));
+    assert_eq!(first(&v, &Method::GET, "/bar", &h), None);
+}
+
+#[test]
+fn safe_regex_must_match_the_whole_path_without_query() {
+    let re = Pattern::full("/items/[0-9]+").unwrap();
+    let v = with_routes(vec![route("re", PathMatch::Regex(re), true, vec![])]);
+    let h = HeaderMap::new();
+    assert_eq!(first(&v, &Method::GET, "/items/42", &h), Some("re"));
+    assert_eq!(first(&v, &Method::GET, "/items/42?a=b", &h), Some("re"));
+    assert_eq!(first(&v, &Method::GET, "/items/42/more", &h), None);
+    assert_eq!(first(&v, &Method::GET, "/x/items/42", &h), None);
+}
+
+#[test]
+fn header_exact_present_and_invert() {
+    let exact = HeaderMatch {
+        name: "x-version".into(),
+        kind: HeaderMatchKind::Exact {
+            value: "v2".into(),
+            ignore_case: false,
+        },
+        invert: false,
+    };
+    let present = HeaderMatch {
+        name: "x-canary".into(),
+        kind: HeaderMatchKind::Present(true),
+        invert: false,
+    };
+    let not_debug = HeaderMatch {
+        name: "x-debug".into(),
+        kind: HeaderMatchKind::Present(true),
+        invert: true,
+    };
+    let post = HeaderMatch {
+        name: ":method".into(),
+        kind: HeaderMatchKind::Exact {
+            value: "POST".into(),
+            ignore_case: false,
+        },
+        invert: false,
+    };
+    let v = with_routes(vec![
+        route(
+            "both",
+            PathMatch::Prefix("/".into()),
+            true,
+            vec![exact.clone(), present],
+        ),
+        route("v2", PathMatch::Prefix("/".into()), true, vec![exact]),
+        route("post", PathMatch::Prefix("/".into()), true, vec![post]),
+        route(
+            "nodebug",
+            PathMatch::Prefix("/".into()),
+            true,
+            vec![not_debug],
+        ),
+    ]);
+    let mut h = HeaderMap::new();
+    h.insert("x-version", "v2".parse().unwrap());
+    assert_eq!(first(&v, &Method::GET, "/", &h), Some("v2"));
+    h.insert("x-canary", "".parse().unwrap());
+    assert_eq!(first(&v, &Method::GET, "/", &h), Some("both"));
+    let mut h = HeaderMap::new();
+    h.insert("x-version", "V2".parse().unwrap());
+    assert_eq!(first(&v, &Method::POST, "/", &h), Some("post"));
+    assert_eq!(first(&v, &Method::GET, "/", &h), Some("nodebug"));
+    h.insert("x-debug", "1".parse().unwrap());
+    assert_eq!(first(&v, &Method::GET, "/", &h), None);
+}
+
+#[test]
+fn unsupported_matchers_never_match() {
+    let odd = HeaderMatch {
+        name: "x".into(),
+        kind: HeaderMatchKind::Unsupported("range_match".into()),
+        invert: true,
+    };
+    let v = with_routes(vec![
+        route(
+            "u",
+            PathMatch::Unsupported("connect_matcher".into()),
+            true,
+            vec![],
+        ),
+        route("h", PathMatch::Prefix("/".into()), true, vec![odd]),
+    ]);
+    assert_eq!(first(&v, &Method::GET, "/", &HeaderMap::new()), None);
+}
+
+#[test]
+fn prefix_rewrite_replaces_the_matched_prefix() {
+    let mut r = route("p", PathMatch::Prefix("/api/".into()), true, vec![]);
+    r.action = RouteAction::Forward(Forward {
+        cluster: ClusterSpecifier::Cluster("c".into()),
+        prefix_rewrite: Some("/".into()),
+        timeout: None,
+    });
+    assert_eq!(rewrite_path(&r, Some("/"), "/api/users?x=1"), "/users?x=1");
+    assert_eq!(rewrite_path(&r, None, "/api/users"), "/api/users");
+    let exact = route("e", PathMatch::Path("/old".into()), true, vec![]);
+    assert_eq!(rewrite_path(&exact, Some("/new"), "/old?q"), "/new?q");
+}

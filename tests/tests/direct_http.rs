@@ -1,0 +1,342 @@
+//! HTTP routing end to end, unprivileged and in-process: the loopback seed scenario
+//! (`tests/fixtures/seed-scenario-loopback`, an Istio-generated LDS/RDS/CDS/EDS set) served by
+//! skiff's own control plane, skiff's ADS client, and three real HTTP backends.
+//!
+//! The fixture fixes the addresses: the listener binds 127.0.0.1:50002 and the endpoints are
+//! 127.0.0.11-13:50002, so this binary holds exactly one test that uses them.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use skiff::controlplane::{ControlPlaneOptions, Source, serve};
+use skiff_tests::free_port;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(15);
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/seed-scenario-loopback"
+);
+const CLUSTER: &str = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local";
+const LISTEN: u16 = 50002;
+
+/// An HTTP/1.1 backend answering `<name>` and echoing what the proxy added.
+async fn backend(ip: &str, name: &'static str) {
+    let l = TcpListener::bind((ip, LISTEN))
+        .await
+        .unwrap_or_else(|e| panic!("bind {ip}:{LISTEN}: {e}"));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let echo = |h: &str| {
+                        req.headers()
+                            .get(h)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let r = Response::builder()
+                        .header("x-seen-proto", echo("x-forwarded-proto"))
+                        .header("x-seen-request-id", echo("x-request-id"))
+                        .header("x-seen-host", echo("host"))
+                        .header("x-seen-path", req.uri().to_string())
+                        .body(Full::new(Bytes::from_static(name.as_bytes())))
+                        .unwrap();
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// What came back for one request.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    body: String,
+    headers: hyper::HeaderMap,
+}
+
+async fn collect(resp: Response<Incoming>) -> Option<Answer> {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.ok()?.to_bytes();
+    Some(Answer {
+        status: parts.status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        headers: parts.headers,
+    })
+}
+
+/// `count` requests over one HTTP/1.1 keep-alive connection.
+async fn get_h1(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
+    let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        tx.ready().await.ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+            .await
+            .ok()?
+            .ok()?;
+        out.push(collect(resp).await?);
+    }
+    Some(out)
+}
+
+/// `count` requests over one HTTP/2 prior-knowledge (h2c) connection.
+async fn get_h2c(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
+    let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let req = Request::get(format!("http://{host}{path}"))
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        tx.ready().await.ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+            .await
+            .ok()?
+            .ok()?;
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        out.push(collect(resp).await?);
+    }
+    Some(out)
+}
+
+fn copy_fixture(dir: &Path) {
+    for f in [
+        "listeners.json",
+        "routes.json",
+        "clusters.json",
+        "endpoints.json",
+    ] {
+        std::fs::copy(Path::new(FIXTURE).join(f), dir.join(f)).unwrap();
+    }
+}
+
+fn bootstrap(xds: SocketAddr, admin: u16) -> String {
+    format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~http.default~default.svc.cluster.local", cluster: http }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
+  lds_config: {{ ads: {{}} }}
+  cds_config: {{ ads: {{}} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: xds
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]
+"#,
+        xds.ip(),
+        xds.port()
+    )
+}
+
+async fn stat(admin: u16, name: &str) -> u64 {
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
+        .await
+        .unwrap_or_default();
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn backends_of(answers: &[Answer]) -> BTreeSet<String> {
+    answers.iter().map(|a| a.body.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_routes_http1_and_h2c_by_host() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    backend("127.0.0.11", "backend-11").await;
+    backend("127.0.0.12", "backend-12").await;
+    backend("127.0.0.13", "backend-13").await;
+
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin = free_port();
+    let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
+    opts.listen = xds;
+    opts.poll_interval = Duration::from_millis(50);
+    let (cp_stop, cp_stop_rx) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let cp = tokio::spawn(async move {
+        serve(
+            opts,
+            move |a| {
+                let _ = bound_tx.send(a);
+            },
+            async {
+                let _ = cp_stop_rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+
+    let boot = skiff::config::parse(&bootstrap(xds, admin), "<http>").unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let skiff = tokio::spawn(skiff::app::run(
+        skiff::app::RunOptions {
+            admin: boot.admin,
+            bootstrap: boot,
+            capture: None,
+            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+            outbound_v6: None,
+            upstream_mark: None,
+            drain: Duration::from_millis(200),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // LDS -> RDS "50002" and CDS -> EDS warm; then the listener binds and routes.
+    let fqdn = "bar-service.bar-namespace.svc.cluster.local:50002";
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(a) = get_h1(fqdn, "/", 1).await
+            && a[0].status == StatusCode::OK
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the HTTP listener never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let all: BTreeSet<String> = ["backend-11", "backend-12", "backend-13"]
+        .map(String::from)
+        .into();
+    for host in [fqdn, "bar-service", "172.16.0.2:50002", "BAR-SERVICE:50002"] {
+        let h1 = get_h1(host, "/h1?q=1", 6).await.expect("http/1.1 answers");
+        assert!(
+            h1.iter().all(|a| a.status == StatusCode::OK),
+            "{host}: {h1:?}"
+        );
+        assert_eq!(backends_of(&h1), all, "http/1.1 with Host {host}");
+        let h2 = get_h2c(host, "/h2", 6).await.expect("h2c answers");
+        assert!(
+            h2.iter().all(|a| a.status == StatusCode::OK),
+            "{host}: {h2:?}"
+        );
+        assert_eq!(backends_of(&h2), all, "h2c with authority {host}");
+        for a in h1.iter().chain(&h2) {
+            assert_eq!(a.headers["x-seen-proto"], "http");
+            assert_eq!(a.headers["x-seen-host"], host);
+            assert_eq!(a.headers["x-seen-request-id"].len(), 36);
+            assert!(a.headers.contains_key("x-envoy-upstream-service-time"));
+        }
+        assert_eq!(h1[0].headers["x-seen-path"], "/h1?q=1");
+        assert_eq!(h2[0].headers["x-seen-path"], "/h2");
+    }
+
+    // Unknown Host (and a listed name on a port RDS does not list): 404, no body (NR).
+    for host in ["unknown.example", "bar-service:8080"] {
+        let a = get_h1(host, "/", 1).await.expect("http/1.1 answers");
+        assert_eq!(a[0].status, StatusCode::NOT_FOUND, "{host}");
+        assert_eq!(a[0].body, "");
+        let a = get_h2c(host, "/", 1).await.expect("h2c answers");
+        assert_eq!(a[0].status, StatusCode::NOT_FOUND, "{host}");
+    }
+
+    // Envoy stat names.
+    assert!(stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_total")).await >= 48);
+    assert!(stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_200")).await >= 48);
+    assert!(stat(admin, "http.outbound_0.0.0.0_50002.no_route").await >= 4);
+
+    // Endpoints gone from EDS: 503 "no healthy upstream".
+    std::fs::write(
+        dir.path().join("endpoints.json"),
+        format!(
+            r#"{{"version_info": "2", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+  "cluster_name": "{CLUSTER}", "endpoints": []}}]}}"#
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = get_h1("bar-service", "/", 1)
+            .await
+            .expect("http/1.1 answers");
+        if a[0].status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(a[0].body, "no healthy upstream");
+            break;
+        }
+        assert!(Instant::now() < deadline, "EDS removal never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An endpoint nobody listens on: 503 with Envoy's connect-failure text.
+    std::fs::write(
+        dir.path().join("endpoints.json"),
+        format!(
+            r#"{{"version_info": "3", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+  "cluster_name": "{CLUSTER}", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address":
+    {{"socket_address": {{"address": "127.0.0.1", "port_value": {}}}}}}}}}]}}]}}]}}"#,
+            free_port()
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = get_h1("bar-service", "/", 1)
+            .await
+            .expect("http/1.1 answers");
+        if a[0].body.starts_with(skiff::http::UPSTREAM_RESET) {
+            assert_eq!(a[0].status, StatusCode::SERVICE_UNAVAILABLE);
+            break;
+        }
+        assert!(Instant::now() < deadline, "EDS update never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(WAIT, skiff)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = cp_stop.send(());
+    let _ = tokio::time::timeout(WAIT, cp).await;
+}
