@@ -516,6 +516,11 @@ pub fn admin(ns: &Netns, method: &str, path: &str) -> Option<(u16, String)> {
 /// One counter or gauge from skiff's `/stats` inside `ns` (0 when absent).
 pub fn admin_stat(ns: &Netns, name: &str) -> u64 {
     let (_, body) = admin(ns, "GET", "/stats").expect("admin /stats");
+    stat_value(&body, name)
+}
+
+/// The value of `name` in an Envoy-format `/stats` text body (0 when absent).
+pub fn stat_value(body: &str, name: &str) -> u64 {
     body.lines()
         .find_map(|l| {
             l.strip_prefix(name)?
@@ -525,6 +530,34 @@ pub fn admin_stat(ns: &Netns, name: &str) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+/// An Envoy/skiff bootstrap whose whole config comes over ADS (`api`: `GRPC` or `DELTA_GRPC`)
+/// from the server at `xds`, with the admin on 127.0.0.1:`admin`.
+pub fn ads_bootstrap(api: &str, node: &str, xds: std::net::SocketAddr, admin: u16) -> String {
+    format!(
+        r#"
+node: {{ id: "sidecar~127.0.0.1~{node}.default~default.svc.cluster.local", cluster: {node} }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
+  lds_config: {{ ads: {{}} }}
+  cds_config: {{ ads: {{}} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: xds
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]
+"#,
+        xds.ip(),
+        xds.port()
+    )
 }
 
 /// Waits up to 20 s for skiff's `/ready` inside `ns` to answer 200.

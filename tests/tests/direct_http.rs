@@ -138,29 +138,7 @@ fn copy_fixture(dir: &Path) {
 }
 
 fn bootstrap(xds: SocketAddr, admin: u16) -> String {
-    format!(
-        r#"
-node: {{ id: "sidecar~127.0.0.1~http.default~default.svc.cluster.local", cluster: http }}
-admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
-  lds_config: {{ ads: {{}} }}
-  cds_config: {{ ads: {{}} }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: xds
-      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]
-"#,
-        xds.ip(),
-        xds.port()
-    )
+    skiff_tests::ads_bootstrap("GRPC", "http", xds, admin)
 }
 
 async fn stat(admin: u16, name: &str) -> u64 {
@@ -168,15 +146,7 @@ async fn stat(admin: u16, name: &str) -> u64 {
     let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
         .await
         .unwrap_or_default();
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    skiff_tests::stat_value(&body, name)
 }
 
 fn backends_of(answers: &[Answer]) -> BTreeSet<String> {

@@ -138,29 +138,7 @@ impl ControlPlane {
 }
 
 fn bootstrap(api: &str, xds: SocketAddr, admin: u16) -> String {
-    format!(
-        r#"
-node: {{ id: "sidecar~127.0.0.1~e2e.default~default.svc.cluster.local", cluster: e2e }}
-admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }} }}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
-  lds_config: {{ ads: {{}} }}
-  cds_config: {{ ads: {{}} }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: xds
-      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }} ] }} ]
-"#,
-        xds.ip(),
-        xds.port()
-    )
+    skiff_tests::ads_bootstrap(api, "e2e", xds, admin)
 }
 
 async fn stat(admin: u16, name: &str) -> u64 {
@@ -168,15 +146,7 @@ async fn stat(admin: u16, name: &str) -> u64 {
     let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
         .await
         .unwrap_or_default();
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    skiff_tests::stat_value(&body, name)
 }
 
 async fn scenario(api: &str) {

@@ -7,8 +7,6 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_fastpath_eds -- --test-threads=1` (as root).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -94,44 +92,12 @@ fn write_atomic(dir: &Path, name: &str, text: &str) {
     std::fs::rename(&tmp, dir.join(name)).expect("rename discovery file");
 }
 
-/// Runs `f` on a thread that has entered `ns` (only that thread changes namespace).
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
-
-/// One HTTP/1.0 request to skiff's admin inside `ns`; `None` if nothing listens yet.
 fn admin(ns: &Netns, path: &str) -> Option<(u16, String)> {
-    let req = format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect("127.0.0.1:15000").ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(req.as_bytes()).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let status = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-        Some((status, body))
-    })
+    skiff_tests::admin(ns, "GET", path)
 }
 
 fn stat(ns: &Netns, name: &str) -> u64 {
-    let (_, body) = admin(ns, "/stats").expect("admin /stats");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    skiff_tests::admin_stat(ns, name)
 }
 
 /// The endpoints the kernel serves for cluster `svc` (from `/debug/maps`, the reconciler's
