@@ -106,9 +106,10 @@ fn client(ns: &str, cgroup: Option<&Path>, peer: &Path, addr: &str) -> anyhow::R
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn start_peer(ns: &str, peer: &Path, addr: &str) -> anyhow::Result<Proc> {
+fn start_peer(ns: &str, peer: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    let addr = args.get(1).copied().unwrap_or("");
     let mut child = in_ns(ns, peer)
-        .args(["echo", addr])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .context("starting a demo backend")?;
@@ -135,6 +136,7 @@ pub fn run() -> anyhow::Result<()> {
         .args(["build", "-p", "skiff", "-p", "skiff-tests", "--bins"]))?;
     let skiff = root.join("target/debug/skiff");
     let peer = root.join("target/debug/skiff-testpeer");
+    let http_peer = root.join("target/debug/skiff-httppeer");
 
     let pid = std::process::id();
     let ns_name = format!("skiff-demo-{pid}");
@@ -153,9 +155,25 @@ pub fn run() -> anyhow::Result<()> {
     cgs.0.push(node.join("skiff-proxy"));
 
     let _backends = [
-        start_peer(&ns.0, &peer, "127.0.0.11:8080")?,
-        start_peer(&ns.0, &peer, "127.0.0.12:8080")?,
-        start_peer(&ns.0, &peer, "10.96.0.2:80")?,
+        start_peer(&ns.0, &peer, &["echo", "127.0.0.11:8080"])?,
+        start_peer(&ns.0, &peer, &["echo", "127.0.0.12:8080"])?,
+        start_peer(&ns.0, &peer, &["echo", "10.96.0.2:80"])?,
+        // The reference scenario's three HTTP endpoints (two zones).
+        start_peer(
+            &ns.0,
+            &http_peer,
+            &["serve", "127.0.0.11:50002", "bar-v1-zone-a-1"],
+        )?,
+        start_peer(
+            &ns.0,
+            &http_peer,
+            &["serve", "127.0.0.12:50002", "bar-v1-zone-a-2"],
+        )?,
+        start_peer(
+            &ns.0,
+            &http_peer,
+            &["serve", "127.0.0.13:50002", "bar-v1-zone-d-1"],
+        )?,
     ];
 
     let bootstrap = std::env::temp_dir().join(format!("skiff-demo-{pid}.yaml"));
@@ -244,6 +262,35 @@ pub fn run() -> anyhow::Result<()> {
             if ok { "" } else { "   <-- unexpected" }
         );
     }
+    // HTTP through the reference scenario: listener 0.0.0.0_50002 -> route 50002 -> virtual
+    // host by Host header -> EDS cluster outbound|50002|v1|bar-service... -> 3 endpoints.
+    println!(
+        "\n== HTTP through the reference Istio scenario (listener 127.0.0.1:50002, route 50002):"
+    );
+    for host in [
+        "bar-service.bar-namespace.svc.cluster.local:50002",
+        "bar-service",
+        "172.16.0.2:50002",
+        "bar-service.bar-namespace.svc.cluster.local:50002",
+        "bar-service",
+        "unknown.example",
+    ] {
+        let out = in_ns(&ns.0, &http_peer)
+            .args(["get", "127.0.0.1:50002", host, "/"])
+            .output()?;
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let expect_ok = host != "unknown.example";
+        let ok = line.starts_with("status=200") == expect_ok
+            && (expect_ok || line.starts_with("status=404"));
+        if !ok {
+            failures += 1;
+        }
+        println!(
+            "    GET Host: {host:<52} -> {line}{}",
+            if ok { "" } else { "   <-- unexpected" }
+        );
+    }
+
     // The configuration skiff took from the control plane, in Envoy's admin dialect.
     let path = "/config_dump?resource=dynamic_active_clusters";
     let mut dump = String::new();
