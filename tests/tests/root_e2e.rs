@@ -461,7 +461,13 @@ fn every_fixture_config_dump_loads_without_nack() {
                 ])
                 .arg(&path),
         );
-        let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name("fx")));
+        // Removed on drop, also when an assertion below fails.
+        let bootstrap_file = tempfile::Builder::new()
+            .prefix(&skiff_tests::test_name("fx"))
+            .suffix(".yaml")
+            .tempfile()
+            .expect("temp bootstrap");
+        let bootstrap = bootstrap_file.path().to_path_buf();
         std::fs::write(
             &bootstrap,
             format!(
@@ -537,6 +543,5 @@ static_resources:
         assert!(rejected.is_empty(), "{file}: NACKs: {rejected:?}");
         stop(proxy);
         drop(cp);
-        let _ = std::fs::remove_file(&bootstrap);
     }
 }
