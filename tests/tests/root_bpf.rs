@@ -12,13 +12,13 @@
 use std::{
     net::IpAddr,
     path::Path,
-    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use skiff::bpf::{Capture, CaptureConfig, CaptureMode, cgroup_id};
 use skiff_tests::{
     Cgroup, Child, Netns, RootEnv, assert_no_programs_attached, command_in, field, require_root,
+    serial,
 };
 
 const PEER: &str = env!("CARGO_BIN_EXE_skiff-testpeer");
@@ -26,13 +26,6 @@ const WAIT: Duration = Duration::from_secs(10);
 const ENETUNREACH: &str = "101";
 const ECONNREFUSED: &str = "111";
 const ENOENT: &str = "2";
-
-/// Root tests change the process's cgroup: one at a time even without `--test-threads=1`.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A listener (`echo` or `origdst`) in `ns` and `cgroup`, once it printed `ready`.
 fn listen(ns: &Netns, cgroup: &Path, mode: &str, addr: &str) -> Child {

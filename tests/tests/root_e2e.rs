@@ -6,19 +6,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use skiff_tests::{
     Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root,
+    require_root, serial,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn testpeer() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))

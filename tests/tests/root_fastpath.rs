@@ -6,19 +6,12 @@
 //! --test root_fastpath -- --test-threads=1` (as root).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use skiff_tests::{
     Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root,
+    require_root, serial,
 };
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn testpeer() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
