@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::source::Snapshot;
-use super::{StreamCtx, control_plane, node_id, wildcard_by_default};
+use super::{Gone, StreamCtx, StreamProtocol, control_plane, drive, node_id, wildcard_by_default};
 
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>;
 
@@ -41,59 +41,37 @@ struct Stream {
     types: BTreeMap<String, TypeState>,
 }
 
-/// The client no longer reads responses.
-struct Gone;
-
 /// Serves one delta stream until the client goes away or the server stops.
 pub(super) async fn run(
     ctx: StreamCtx,
     peer: Option<SocketAddr>,
-    mut requests: tonic::Streaming<DeltaDiscoveryRequest>,
+    requests: tonic::Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
 ) {
-    let mut snapshots = ctx.snapshots.clone();
+    let snapshots = ctx.snapshots.clone();
     let stop = ctx.stop.clone();
-    let mut stream = Stream {
+    let stream = Stream {
         ctx,
         tx,
         node: "-".to_owned(),
         peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         types: BTreeMap::new(),
     };
-    info!(peer = stream.peer, "ADS stream opened (delta)");
-    let mut snapshot = snapshots.borrow_and_update().clone();
-    let outcome = loop {
-        let sent = tokio::select! {
-            () = stop.cancelled() => break "server stopping",
-            msg = requests.message() => match msg {
-                Ok(Some(request)) => stream.on_request(request, &snapshot).await,
-                Ok(None) => break "client closed the stream",
-                Err(status) => {
-                    debug!(peer = stream.peer, error = %status, "delta ADS stream error");
-                    break "stream error";
-                }
-            },
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break "server stopping";
-                }
-                snapshot = snapshots.borrow_and_update().clone();
-                stream.on_snapshot(&snapshot).await
-            }
-        };
-        if sent.is_err() {
-            break "client gone";
-        }
-    };
-    info!(
-        peer = stream.peer,
-        node = stream.node,
-        outcome,
-        "ADS stream closed (delta)"
-    );
+    drive(stream, snapshots, stop, requests).await;
 }
 
-impl Stream {
+impl StreamProtocol for Stream {
+    type Request = DeltaDiscoveryRequest;
+    const NAME: &'static str = "delta";
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
     async fn on_request(
         &mut self,
         request: DeltaDiscoveryRequest,
@@ -173,7 +151,9 @@ impl Stream {
         }
         Ok(())
     }
+}
 
+impl Stream {
     /// Sends what the client lacks or holds at another version, and what it holds that is
     /// gone; `always` sends even an empty response.
     async fn maybe_send(

@@ -211,6 +211,73 @@ impl StreamCtx {
     }
 }
 
+/// The client no longer reads responses.
+struct Gone;
+
+/// One ADS stream's protocol (state of the world or delta): what a request and a new
+/// snapshot do to it. [`drive`] owns the loop both share.
+trait StreamProtocol {
+    /// The request message of this protocol.
+    type Request;
+    /// "state of the world" or "delta", for logs.
+    const NAME: &'static str;
+    /// The peer address, for logs.
+    fn peer(&self) -> &str;
+    /// The node id named by the client so far, for logs.
+    fn node(&self) -> &str;
+    /// Handle one client request.
+    async fn on_request(
+        &mut self,
+        request: Self::Request,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), Gone>;
+    /// Push what changed in a new snapshot.
+    async fn on_snapshot(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), Gone>;
+}
+
+/// Serves one stream until the client goes away or the server stops.
+async fn drive<P: StreamProtocol>(
+    mut stream: P,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    stop: CancellationToken,
+    mut requests: tonic::Streaming<P::Request>,
+) where
+    P::Request: Default + Send + 'static,
+{
+    info!(peer = stream.peer(), "ADS stream opened ({})", P::NAME);
+    let mut snapshot = snapshots.borrow_and_update().clone();
+    let outcome = loop {
+        let sent = tokio::select! {
+            () = stop.cancelled() => break "server stopping",
+            msg = requests.message() => match msg {
+                Ok(Some(request)) => stream.on_request(request, &snapshot).await,
+                Ok(None) => break "client closed the stream",
+                Err(status) => {
+                    tracing::debug!(peer = stream.peer(), error = %status, "{} ADS stream error", P::NAME);
+                    break "stream error";
+                }
+            },
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break "server stopping";
+                }
+                snapshot = snapshots.borrow_and_update().clone();
+                stream.on_snapshot(&snapshot).await
+            }
+        };
+        if sent.is_err() {
+            break "client gone";
+        }
+    };
+    info!(
+        peer = stream.peer(),
+        node = stream.node(),
+        outcome,
+        "ADS stream closed ({})",
+        P::NAME
+    );
+}
+
 fn control_plane() -> Option<ControlPlane> {
     Some(ControlPlane {
         identifier: CONTROL_PLANE_ID.to_owned(),

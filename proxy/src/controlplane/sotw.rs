@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::source::Snapshot;
-use super::{StreamCtx, control_plane, fnv1a, node_id, wildcard_by_default};
+use super::{
+    Gone, StreamCtx, StreamProtocol, control_plane, drive, fnv1a, node_id, wildcard_by_default,
+};
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>;
 
@@ -62,55 +64,33 @@ struct Stream {
 pub(super) async fn run(
     ctx: StreamCtx,
     peer: Option<SocketAddr>,
-    mut requests: tonic::Streaming<DiscoveryRequest>,
+    requests: tonic::Streaming<DiscoveryRequest>,
     tx: Tx,
 ) {
-    let mut snapshots = ctx.snapshots.clone();
+    let snapshots = ctx.snapshots.clone();
     let stop = ctx.stop.clone();
-    let mut stream = Stream {
+    let stream = Stream {
         ctx,
         tx,
         node: "-".to_owned(),
         peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         types: BTreeMap::new(),
     };
-    info!(peer = stream.peer, "ADS stream opened (state of the world)");
-    let mut snapshot = snapshots.borrow_and_update().clone();
-    let outcome = loop {
-        let sent = tokio::select! {
-            () = stop.cancelled() => break "server stopping",
-            msg = requests.message() => match msg {
-                Ok(Some(request)) => stream.on_request(request, &snapshot).await,
-                Ok(None) => break "client closed the stream",
-                Err(status) => {
-                    debug!(peer = stream.peer, error = %status, "ADS stream error");
-                    break "stream error";
-                }
-            },
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break "server stopping";
-                }
-                snapshot = snapshots.borrow_and_update().clone();
-                stream.on_snapshot(&snapshot).await
-            }
-        };
-        if sent.is_err() {
-            break "client gone";
-        }
-    };
-    info!(
-        peer = stream.peer,
-        node = stream.node,
-        outcome,
-        "ADS stream closed (state of the world)"
-    );
+    drive(stream, snapshots, stop, requests).await;
 }
 
-/// The client no longer reads responses.
-struct Gone;
+impl StreamProtocol for Stream {
+    type Request = DiscoveryRequest;
+    const NAME: &'static str = "state of the world";
 
-impl Stream {
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
     async fn on_request(
         &mut self,
         request: DiscoveryRequest,
@@ -177,7 +157,9 @@ impl Stream {
         }
         Ok(())
     }
+}
 
+impl Stream {
     /// Sends the current content of `type_url` unless the client's last response had the same.
     async fn maybe_send(&mut self, type_url: &str, snapshot: &Snapshot) -> Result<(), Gone> {
         let Some(state) = self.types.get_mut(type_url) else {
