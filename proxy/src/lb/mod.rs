@@ -1,5 +1,7 @@
 //! Load balancers: pure choices over a cluster's endpoints.
 
+pub mod maglev;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
