@@ -33,6 +33,8 @@ pub struct Dataplane {
     pub upstream_mark: Option<u32>,
     /// Port of the capture listener, whose `use_original_dst` listener is the virtual one.
     pub capture_port: u16,
+    /// Kept-alive upstream HTTP connections (HTTP connection manager chains).
+    pub http_pool: crate::http::pool::Pool,
     weighted_cursor: AtomicUsize,
 }
 
@@ -49,6 +51,7 @@ impl Dataplane {
             stats,
             upstream_mark,
             capture_port,
+            http_pool: crate::http::pool::Pool::new(),
             weighted_cursor: AtomicUsize::new(0),
         }
     }

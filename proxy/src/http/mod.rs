@@ -1,23 +1,35 @@
-//! HTTP routing on `http_connection_manager` filter chains (issue 7, first slice).
+//! HTTP routing on `http_connection_manager` filter chains (issue 7).
 //!
 //! A chain whose terminal filter is the HCM is served here instead of being proxied as bytes:
-//! hyper serves HTTP/1.1 and HTTP/2 prior knowledge (h2c) on the downstream connection; each
-//! request picks a virtual host and route (`route`, pure), then either answers locally
-//! (direct_response, 404 `NR`, 503 `UH`/`NC`/`UF`, 504 `UT`) or is forwarded over HTTP/1.1 to an
-//! endpoint of the chosen cluster. `sniff` is the http_inspector listener filter.
+//! hyper serves HTTP/1.1 and HTTP/2 prior knowledge (h2c) on the downstream connection. Each
+//! request:
+//!
+//! 1. gets Envoy's connection-manager headers (`x-forwarded-*`, `x-request-id`: `headers`);
+//! 2. picks a virtual host and route (`route`, pure) from the inline `route_config` or the RDS
+//!    configuration of the current snapshot, else answers 404 (`NR`);
+//! 3. answers locally (`direct_response`, `redirect`), or forwards: path and host rewrites,
+//!    configured header changes, then attempts over pooled upstream connections (`pool`) with
+//!    Envoy's retry policy (`retry`: `retry_on`, previous hosts, jittered back-off, the
+//!    `max_retries` breaker), the route timeout over all attempts and `per_try_timeout` per
+//!    attempt, and Envoy's local replies (503 `UH`/`NC`/`UF`/`UC`, 504 `UT`);
+//! 4. counts `cluster.<name>.upstream_rq_*` and `http.<stat_prefix>.downstream_rq_*`.
 //!
 //! Each request loads the current snapshot, so a new route configuration applies to the next
 //! request of a kept-alive connection (as in Envoy), while the request itself never sees half
-//! an update. Not yet done: inline `route_config` (only RDS names are looked up), retries,
-//! upstream connection pooling (one upstream connection per request), h2 upstreams, upgrades.
+//! an update. `sniff` is the http_inspector listener filter; `body` holds the replay buffer
+//! and the timed response body. Not done: upgrades (WebSocket, CONNECT), hedging, shadowing.
 
+pub mod body;
+pub mod headers;
+pub mod pool;
+pub mod retry;
 pub mod route;
 pub mod sniff;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,32 +37,42 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
-use crate::addr::{EndpointAddr, OrigDstAddr};
-use crate::dataplane::{Dataplane, connect};
+use crate::addr::OrigDstAddr;
+use crate::dataplane::Dataplane;
+use crate::dataplane::connect::ConnectError;
 use crate::lb;
 use crate::model::listener::HttpManager;
-use crate::model::route::{Forward, PathMatch, Route, RouteAction};
-use crate::model::{ClusterKind, ClusterSpecifier};
-use crate::state::Snapshot;
+use crate::model::route::{
+    Forward, PathMatch, PathRedirect, Redirect, RetryPolicy, Route, RouteAction, Target,
+};
+use crate::model::{ClusterKind, ClusterSpecifier, RouteConfig, VirtualHost};
+use crate::state::{ClusterEntry, Snapshot};
+
+use body::{ReadBody, Timed};
+use pool::{Proto, SendError};
+use retry::Attempt;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Body of every response skiff sends downstream.
+/// Body of every response skiff sends downstream and every request it sends upstream.
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Envoy's local reply for a failed or reset upstream before response headers.
 pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset before headers";
+/// Envoy's local reply when the route or per-try timeout expires.
+pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
 /// One downstream connection handed to the HTTP connection manager.
 #[derive(Debug, Clone)]
 pub struct HttpConn {
-    /// Shared data plane (store, stats, upstream mark).
+    /// Shared data plane (store, stats, upstream mark, connection pool).
     pub dp: Arc<Dataplane>,
     /// The chain's HCM settings.
     pub manager: HttpManager,
@@ -106,88 +128,173 @@ fn request_host(req: &Request<Incoming>) -> String {
         .unwrap_or_default()
 }
 
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
 async fn handle(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
     let dp = &conn.dp;
     let prefix = &conn.manager.stat_prefix;
-    let hstat = |s: &str| dp.stats.counter(&format!("http.{prefix}.{s}")).inc();
-    hstat("downstream_rq_total");
+    dp.stats
+        .counter(&format!("http.{prefix}.downstream_rq_total"))
+        .inc();
     let down_version = req.version();
-    let snap = dp.store.load();
+    let mut resp = route_request(conn, req).await;
+    let class = resp.status().as_u16() / 100;
+    dp.stats
+        .counter(&format!("http.{prefix}.downstream_rq_{class}xx"))
+        .inc();
+    dp.stats
+        .counter(&format!("http.{prefix}.downstream_rq_completed"))
+        .inc();
+    *resp.version_mut() = down_version;
+    resp
+}
+
+/// The route configuration this connection manager uses now.
+fn route_config(conn: &HttpConn, snap: &Snapshot) -> Option<Arc<RouteConfig>> {
+    if let Some(rc) = &conn.manager.inline_route_config {
+        return Some(rc.clone());
+    }
+    conn.manager
+        .rds_route_config_name
+        .as_ref()
+        .and_then(|n| snap.routes.get(n))
+        .cloned()
+}
+
+/// Everything one request's handling reads besides the request itself.
+struct Ctx<'a> {
+    conn: &'a HttpConn,
+    snap: &'a Snapshot,
+    rc: &'a RouteConfig,
+    vh: &'a VirtualHost,
+    route: &'a Route,
+    vars: headers::Vars<'a>,
+}
+
+impl Ctx<'_> {
+    fn hstat(&self, s: &str) {
+        self.conn
+            .dp
+            .stats
+            .counter(&format!("http.{}.{s}", self.conn.manager.stat_prefix))
+            .inc();
+    }
+
+    /// Response header changes: route, then virtual host, then route configuration.
+    fn response_headers(&self, h: &mut HeaderMap, upstream: Option<SocketAddr>) {
+        let vars = headers::Vars {
+            upstream,
+            ..self.vars
+        };
+        for ops in [&self.route.headers, &self.vh.headers, &self.rc.headers] {
+            headers::apply(h, &ops.response_remove, &ops.response_add, &vars);
+        }
+    }
+
+    /// Request header changes: route, then virtual host, then route configuration.
+    fn request_headers(&self, h: &mut HeaderMap) {
+        for ops in [&self.route.headers, &self.vh.headers, &self.rc.headers] {
+            headers::apply(h, &ops.request_remove, &ops.request_add, &self.vars);
+        }
+    }
+}
+
+async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> {
+    let snap = conn.dp.store.load();
+    headers::forwarded(
+        req.headers_mut(),
+        conn.manager.use_remote_address,
+        conn.client,
+    );
     let host = request_host(&req);
     let path = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let rc = conn
-        .manager
-        .rds_route_config_name
-        .as_ref()
-        .and_then(|n| snap.routes.get(n));
+    let Some(rc) = route_config(conn, &snap) else {
+        return no_route(conn, &host, &path);
+    };
     let facts = route::RequestFacts {
         host: &host,
         method: req.method(),
         path: &path,
         headers: req.headers(),
     };
-    let chosen = rc
-        .and_then(|rc| route::select_virtual_host(rc, &host))
-        .and_then(|vh| route::select_route(vh, &facts).map(|r| (vh, r)));
-    let Some((vh, chosen)) = chosen else {
-        hstat("no_route");
-        debug!(%host, %path, flags = "NR", "no route");
-        return with_version(local_reply(StatusCode::NOT_FOUND, ""), down_version);
+    let Some((vh, chosen)) = route::select_virtual_host(&rc, &host)
+        .and_then(|vh| route::select_route(vh, &facts).map(|r| (vh, r)))
+    else {
+        return no_route(conn, &host, &path);
     };
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
-    let mut resp = match &chosen.action {
+    let ctx = Ctx {
+        conn,
+        snap: &snap,
+        rc: &rc,
+        vh,
+        route: chosen,
+        vars: headers::Vars {
+            remote: conn.client,
+            local: conn.orig_dst.map(|o| o.get()),
+            protocol: protocol_name(req.version()),
+            upstream: None,
+        },
+    };
+    match &chosen.action {
         RouteAction::Direct { status, body } => {
-            hstat("rq_direct_response");
+            ctx.hstat("rq_direct_response");
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            local_reply(status, body.as_deref().unwrap_or(""))
+            let mut r = local_reply(status, body.as_deref().unwrap_or(""));
+            ctx.response_headers(r.headers_mut(), None);
+            r
+        }
+        RouteAction::Redirect(rd) => {
+            ctx.hstat("rq_redirect");
+            let scheme = req
+                .headers()
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("http");
+            let location = redirect_location(rd, chosen, &host, &path, scheme);
+            let mut r = local_reply(
+                StatusCode::from_u16(rd.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                "",
+            );
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            ctx.response_headers(r.headers_mut(), None);
+            r
         }
         RouteAction::Unsupported(what) => {
             debug!(action = %what, "route action not supported");
             local_reply(StatusCode::NOT_IMPLEMENTED, "")
         }
-        RouteAction::Forward(f) => forward(conn, &snap, chosen, f, req, &path, &host).await,
-    };
-    drop(snap);
-    *resp.version_mut() = down_version;
-    resp
-}
-
-fn with_version(mut r: Response<Body>, v: Version) -> Response<Body> {
-    *r.version_mut() = v;
-    r
-}
-
-static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
-
-/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(h: &mut hyper::HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+        RouteAction::Forward(f) => forward(&ctx, f, req, &host, &path).await,
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+}
+
+fn no_route(conn: &HttpConn, host: &str, path: &str) -> Response<Body> {
+    conn.dp
+        .stats
+        .counter(&format!("http.{}.no_route", conn.manager.stat_prefix))
+        .inc();
+    debug!(%host, %path, flags = "NR", "no route");
+    local_reply(StatusCode::NOT_FOUND, "")
+}
+
+/// Length of the path the route matched (what `prefix_rewrite` replaces): the prefix for
+/// prefix matches, the whole path (without the query) otherwise.
+fn matched_len(route: &Route, path: &str) -> usize {
+    match &route.matcher.path {
+        PathMatch::Prefix(p) | PathMatch::PathSeparatedPrefix(p) => p.len().min(path.len()),
+        _ => path.find(['?', '#']).unwrap_or(path.len()),
     }
 }
 
@@ -196,233 +303,478 @@ pub fn rewrite_path(route: &Route, rewrite: Option<&str>, path: &str) -> String 
     let Some(new) = rewrite else {
         return path.to_string();
     };
-    let matched = match &route.matcher.path {
-        PathMatch::Prefix(p) => p.len().min(path.len()),
-        _ => path.find(['?', '#']).unwrap_or(path.len()),
-    };
-    format!("{new}{}", &path[matched..])
+    format!("{new}{}", &path[matched_len(route, path)..])
 }
 
-fn request_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let keys = std::collections::hash_map::RandomState::new();
-    let mut a = keys.build_hasher();
-    a.write_u64(seq);
-    let mut b = keys.build_hasher();
-    b.write_u64(!seq);
-    let (a, b) = (a.finish(), b.finish());
-    // UUID version 4 layout, variant 10.
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+/// `regex_rewrite`: every match in the path (not the query) is replaced.
+pub fn regex_rewrite(re: &regex_lite::Regex, substitution: &str, path: &str) -> String {
+    let end = path.find('?').unwrap_or(path.len());
+    let (p, q) = path.split_at(end);
+    format!("{}{q}", re.replace_all(p, substitution))
 }
 
-/// Why a request found no endpoint to forward to (both are 503 local replies).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NoEndpoint {
-    /// The route names a cluster the snapshot lacks (`NC`, empty body).
-    NoCluster,
-    /// The cluster has no healthy endpoint (`UH`).
-    NoneHealthy,
-}
-
-impl NoEndpoint {
-    fn reply(self) -> Response<Body> {
-        match self {
-            NoEndpoint::NoCluster => local_reply(StatusCode::SERVICE_UNAVAILABLE, ""),
-            NoEndpoint::NoneHealthy => {
-                local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+/// `Location` of a redirect, built the way Envoy's router does.
+pub fn redirect_location(
+    rd: &Redirect,
+    route: &Route,
+    host: &str,
+    path: &str,
+    scheme: &str,
+) -> String {
+    let new_scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let mut final_host = rd.host.clone().unwrap_or_else(|| host.to_string());
+    if let Some(p) = rd.port {
+        final_host = format!("{}:{p}", route::strip_port(&final_host));
+    } else if rd.scheme.is_some() {
+        // A scheme change drops a port that is the default of either scheme.
+        let bare = route::strip_port(&final_host);
+        if final_host.len() > bare.len() {
+            let port = &final_host[bare.len() + 1..];
+            if (port == "80" || port == "443") && new_scheme != scheme {
+                final_host = bare.to_string();
             }
         }
     }
+    let query_at = path.find('?');
+    let new_path = match &rd.path {
+        Some(PathRedirect::Path(p)) if p.contains('?') => p.clone(),
+        Some(PathRedirect::Path(p)) => format!("{p}{}", query_at.map_or("", |i| &path[i..])),
+        Some(PathRedirect::Prefix(p)) => rewrite_path(route, Some(p), path),
+        None => path.to_string(),
+    };
+    let new_path = if rd.strip_query {
+        new_path
+            .split_once('?')
+            .map_or(new_path.clone(), |(p, _)| p.to_string())
+    } else {
+        new_path
+    };
+    format!("{new_scheme}://{final_host}{new_path}")
 }
 
-fn pick_endpoint(
-    conn: &HttpConn,
-    snap: &Snapshot,
-    cluster: &str,
-) -> Result<(EndpointAddr, Duration), NoEndpoint> {
-    let Some(entry) = snap.cluster(cluster) else {
-        debug!(%cluster, flags = "NC", "unknown cluster");
-        conn.dp
-            .stats
-            .counter(&format!("http.{}.no_cluster", conn.manager.stat_prefix))
-            .inc();
-        return Err(NoEndpoint::NoCluster);
-    };
-    let timeout = entry.cluster.connect_timeout;
-    let none_healthy = || {
-        conn.dp
-            .stats
-            .counter(&format!("cluster.{cluster}.upstream_cx_none_healthy"))
-            .inc();
-        debug!(%cluster, flags = "UH", "no healthy upstream");
-        NoEndpoint::NoneHealthy
-    };
-    let ep = match &entry.cluster.kind {
-        ClusterKind::OriginalDst => conn.orig_dst.map(EndpointAddr::from),
-        ClusterKind::Static(_) | ClusterKind::Eds { .. } => {
-            lb::pick_round_robin(entry).map(EndpointAddr)
+static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
+
+/// An upstream host chosen for one attempt: its address and, for balanced clusters, the
+/// host whose request count and outlier detection the attempt feeds.
+enum Dest {
+    Host(SocketAddr, Option<Arc<lb::Host>>),
+    NoHealthy,
+}
+
+/// Choose a host for one attempt. With `previous_hosts`, a host in `exclude` is re-picked up to
+/// `max_attempts` times (Envoy's `host_selection_retry_max_attempts`); when every pick was
+/// excluded the last one is used (`lb::choose`).
+async fn choose_host(conn: &HttpConn, entry: &ClusterEntry, req: &lb::LbRequest<'_>) -> Dest {
+    match &entry.cluster.kind {
+        ClusterKind::OriginalDst => conn
+            .orig_dst
+            .map_or(Dest::NoHealthy, |o| Dest::Host(o.get(), None)),
+        ClusterKind::Dns { hosts } => {
+            let Some(i) = lb::next_index(&entry.rr, hosts.len()) else {
+                return Dest::NoHealthy;
+            };
+            let (h, p) = &hosts[i];
+            match tokio::net::lookup_host((h.as_str(), *p)).await {
+                Ok(mut a) => a.next().map_or(Dest::NoHealthy, |a| Dest::Host(a, None)),
+                Err(_) => Dest::NoHealthy,
+            }
         }
-        // DNS clusters are resolved per request below.
-        ClusterKind::Dns { .. } => None,
-    };
-    ep.map(|e| (e, timeout)).ok_or_else(none_healthy)
+        ClusterKind::Static(_) | ClusterKind::Eds { .. } => match lb::choose(entry, req) {
+            Some(h) => Dest::Host(h.address(), Some(h)),
+            None => Dest::NoHealthy,
+        },
+    }
 }
 
-async fn resolve_dns(snap: &Snapshot, cluster: &str) -> Option<EndpointAddr> {
-    let entry = snap.cluster(cluster)?;
-    let ClusterKind::Dns { hosts } = &entry.cluster.kind else {
-        return None;
+/// The route's `hash_policy` over this request, combined as Envoy does (rotate left by one,
+/// xor the next); a `terminal` policy that produced a hash ends the walk.
+fn request_hash(
+    policies: &[crate::model::route::HashPolicy],
+    h: &HeaderMap,
+    path: &str,
+    client: SocketAddr,
+) -> Option<u64> {
+    use crate::model::route::HashKind;
+    let mut hash: Option<u64> = None;
+    for p in policies {
+        let part = match &p.kind {
+            HashKind::Header(name) => h.get(name.as_str()).map(|v| lb::hash_bytes(v.as_bytes())),
+            HashKind::Cookie(name) => h
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| lb::hash_bytes(v.as_bytes())),
+            HashKind::SourceIp => Some(lb::hash_bytes(
+                crate::model::canonical_ip(client.ip())
+                    .to_string()
+                    .as_bytes(),
+            )),
+            HashKind::QueryParameter(name) => {
+                route::query_value(path, name).map(|v| lb::hash_bytes(v.as_bytes()))
+            }
+            HashKind::Unsupported => None,
+        };
+        if let Some(v) = part {
+            hash = Some(hash.map_or(v, |h| h.rotate_left(1) ^ v));
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    hash
+}
+
+/// The cluster a forwarding route names for this request, or `None` (503 `NC`).
+fn target_cluster(f: &Forward, h: &HeaderMap) -> Option<String> {
+    match &f.target {
+        Target::Clusters(ClusterSpecifier::Cluster(c)) => Some(c.clone()),
+        Target::Clusters(ClusterSpecifier::Weighted(w)) => {
+            lb::pick_weighted(w, &WEIGHTED).map(str::to_string)
+        }
+        Target::Header(name) => h
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string),
+    }
+}
+
+/// How the last attempt ended when no response is forwarded.
+fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
+    let lead = if retried {
+        "retried and the latest reset reason"
+    } else {
+        "reset reason"
     };
-    let i = lb::next_index(&entry.rr, hosts.len())?;
-    let (h, p) = &hosts[i];
-    let a = tokio::net::lookup_host((h.as_str(), *p))
-        .await
-        .ok()?
-        .next()?;
-    Some(EndpointAddr(a))
+    match outcome {
+        Attempt::PerTryTimeout => local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
+        Attempt::ConnectFailure => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. {lead}: connection failure"),
+        ),
+        Attempt::Reset {
+            refused_stream: true,
+        } => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. {lead}: remote refused stream reset"),
+        ),
+        Attempt::Reset { .. } | Attempt::Response { .. } => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. {lead}: connection termination"),
+        ),
+    }
+}
+
+/// Upstream protocol for this request, from the cluster's `HttpProtocolOptions`.
+fn upstream_proto(entry: &ClusterEntry, downstream: Version) -> Proto {
+    use crate::model::upstream_http::UpstreamHttp;
+    match entry.cluster.upstream_http {
+        UpstreamHttp::Http2 => Proto::Http2,
+        UpstreamHttp::UseDownstream { http2: true } if downstream == Version::HTTP_2 => {
+            Proto::Http2
+        }
+        UpstreamHttp::Http1 | UpstreamHttp::UseDownstream { .. } => Proto::Http1,
+    }
 }
 
 async fn forward(
-    conn: &HttpConn,
-    snap: &Snapshot,
-    chosen: &Route,
+    ctx: &Ctx<'_>,
     f: &Forward,
     req: Request<Incoming>,
-    path: &str,
     host: &str,
+    path: &str,
 ) -> Response<Body> {
-    let cluster = match &f.cluster {
-        ClusterSpecifier::Cluster(c) => c.as_str(),
-        ClusterSpecifier::Weighted(w) => match lb::pick_weighted(w, &WEIGHTED) {
-            Some(c) => c,
-            None => return local_reply(StatusCode::SERVICE_UNAVAILABLE, ""),
-        },
-    };
-    let is_dns = snap
-        .cluster(cluster)
-        .is_some_and(|e| matches!(e.cluster.kind, ClusterKind::Dns { .. }));
-    let (target, connect_timeout) = if is_dns {
-        match resolve_dns(snap, cluster).await {
-            Some(a) => (
-                a,
-                snap.cluster(cluster)
-                    .map(|e| e.cluster.connect_timeout)
-                    .unwrap_or(crate::model::cluster::DEFAULT_CONNECT_TIMEOUT),
-            ),
-            None => return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
-        }
-    } else {
-        match pick_endpoint(conn, snap, cluster) {
-            Ok(x) => x,
-            Err(r) => return r.reply(),
-        }
-    };
+    let conn = ctx.conn;
     let stats = &conn.dp.stats;
-    let cstat = |s: &str| stats.counter(&format!("cluster.{cluster}.{s}"));
-    cstat("upstream_rq_total").inc();
-    let count_code = |code: u16| {
-        cstat(&format!("upstream_rq_{code}")).inc();
-        cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+    let Some(cluster) = target_cluster(f, req.headers()) else {
+        ctx.hstat("no_cluster");
+        debug!(flags = "NC", "no cluster for the route");
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    cstat("upstream_cx_total").inc();
-    let started = tokio::time::Instant::now();
-    let up = match connect::connect(target, conn.dp.upstream_mark, connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            match e {
-                connect::ConnectError::Timeout { .. } => cstat("upstream_cx_connect_timeout").inc(),
-                _ => cstat("upstream_cx_connect_fail").inc(),
+    let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
+        ctx.hstat("no_cluster");
+        debug!(%cluster, flags = "NC", "unknown cluster");
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
+    };
+    let cstat = |s: &str| stats.counter(&format!("cluster.{cluster}.{s}"));
+    let policy: Option<Arc<RetryPolicy>> = f
+        .retry_policy
+        .clone()
+        .or_else(|| ctx.vh.retry_policy.clone())
+        .filter(|p| p.num_retries > 0);
+    let down_version = req.version();
+    let proto = upstream_proto(&entry, down_version);
+
+    // The request as every attempt sends it.
+    let (parts, incoming) = req.into_parts();
+    let mut new_path = match &f.regex_rewrite {
+        Some((re, sub)) => regex_rewrite(&re.0, sub, path),
+        None => rewrite_path(ctx.route, f.prefix_rewrite.as_deref(), path),
+    };
+    if !new_path.starts_with('/') {
+        new_path.insert(0, '/');
+    }
+    let mut base = parts.headers;
+    headers::strip_hop_by_hop(&mut base);
+    base.remove(header::HOST);
+    ctx.request_headers(&mut base);
+    let per_try = policy.as_ref().and_then(|p| p.per_try_timeout);
+    if let Some(t) = per_try.or(f.timeout)
+        && let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string())
+    {
+        base.insert(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"), v);
+    }
+    let up_host = match &f.host_rewrite {
+        Some(crate::model::route::HostRewrite::Literal(h)) => h.clone(),
+        _ => host.to_string(),
+    };
+    let auto_host = matches!(f.host_rewrite, Some(crate::model::route::HostRewrite::Auto));
+
+    // Replays need the whole body; without a retry policy it streams once.
+    let mut once = None;
+    let replay = match &policy {
+        Some(_) => match body::read_for_replay(incoming, body::REPLAY_LIMIT).await {
+            ReadBody::Replayable(b) => Some(b),
+            ReadBody::Once(b) => {
+                cstat("retry_or_shadow_abandoned").inc();
+                once = Some(b);
+                None
             }
-            debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
-            count_code(503);
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("{UPSTREAM_RESET}. reset reason: connection failure"),
-            );
+        },
+        None => {
+            once = Some(incoming.map_err(BoxError::from).boxed());
+            None
         }
     };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(up)).await {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, flags = "UF", "upstream handshake failed");
-                count_code(503);
-                return local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("{UPSTREAM_RESET}. reset reason: connection failure"),
+
+    let started = Instant::now();
+    let deadline = f.timeout.map(|t| started + t);
+    let max_host_attempts = policy
+        .as_ref()
+        .filter(|p| p.previous_hosts)
+        .map_or(1, |p| p.host_selection_max_attempts);
+    let hash = request_hash(&f.hash_policy, &base, path, conn.client);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries = 0u32;
+    // Envoy's `max_requests` breaker: this request holds a slot until it is answered.
+    let Ok(_request_slot) = entry.try_request(lb::RoutingPriority::Default) else {
+        debug!(%cluster, flags = "UO", "request circuit breaker open");
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. reset reason: overflow"),
+        );
+    };
+    // Held while a retry runs: Envoy's `max_retries` breaker counts retries in flight.
+    let mut _retry_slot = None;
+    loop {
+        let attempt_no = retries + 1;
+        let exclude: &[SocketAddr] = if policy.as_ref().is_some_and(|p| p.previous_hosts) {
+            &tried
+        } else {
+            &[]
+        };
+        let pick = lb::LbRequest {
+            hash,
+            exclude,
+            max_attempts: max_host_attempts,
+        };
+        let (addr, host) = match choose_host(conn, &entry, &pick).await {
+            Dest::Host(a, h) => (a, h),
+            Dest::NoHealthy => {
+                cstat("upstream_cx_none_healthy").inc();
+                debug!(%cluster, flags = "UH", "no healthy upstream");
+                return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            }
+        };
+        let body = match (&replay, once.take()) {
+            (Some(b), _) => b.body(),
+            (None, Some(b)) => b,
+            // A streamed body was already sent: no further attempt is possible (guarded below).
+            (None, None) => {
+                break failure_reply(
+                    Attempt::Reset {
+                        refused_stream: false,
+                    },
+                    true,
                 );
             }
         };
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "upstream connection ended with error");
+        let mut headers = base.clone();
+        if ctx.vh.include_request_attempt_count
+            && let Ok(v) = HeaderValue::from_str(&attempt_no.to_string())
+        {
+            headers.insert(HeaderName::from_static("x-envoy-attempt-count"), v);
         }
-    });
-
-    let (mut parts, body) = req.into_parts();
-    let new_path = rewrite_path(chosen, f.prefix_rewrite.as_deref(), path);
-    parts.uri = new_path
-        .parse::<Uri>()
+        let authority = if auto_host {
+            addr.to_string()
+        } else {
+            up_host.clone()
+        };
+        let uri = match proto {
+            Proto::Http1 => new_path.parse::<Uri>(),
+            Proto::Http2 => format!("http://{authority}{new_path}").parse::<Uri>(),
+        }
         .unwrap_or_else(|_| Uri::from_static("/"));
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(host)
-    {
-        parts.headers.insert(header::HOST, v);
-    }
-    parts.headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    let rid = HeaderName::from_static("x-request-id");
-    if !parts.headers.contains_key(&rid)
-        && let Ok(v) = HeaderValue::from_str(&request_id())
-    {
-        parts.headers.insert(rid, v);
-    }
-    let send = sender.send_request(Request::from_parts(parts, body));
-    let result = match f.timeout {
-        Some(t) => match tokio::time::timeout(t, send).await {
-            Ok(r) => r,
-            Err(_) => {
-                cstat("upstream_rq_timeout").inc();
-                debug!(%cluster, flags = "UT", "upstream request timeout");
-                count_code(504);
-                return local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-            }
-        },
-        None => send.await,
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(error = %e, %cluster, flags = "UC", "upstream reset before headers");
-            count_code(503);
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("{UPSTREAM_RESET}. reset reason: connection termination"),
-            );
+        if proto == Proto::Http1
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            headers.insert(header::HOST, v);
         }
-    };
-    count_code(resp.status().as_u16());
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-envoy-upstream-service-time"), v);
+        let mut up_req = Request::new(body);
+        *up_req.method_mut() = parts.method.clone();
+        *up_req.uri_mut() = uri;
+        *up_req.version_mut() = match proto {
+            Proto::Http1 => Version::HTTP_11,
+            Proto::Http2 => Version::HTTP_2,
+        };
+        *up_req.headers_mut() = headers;
+
+        cstat("upstream_rq_total").inc();
+        // This attempt's time limit: the per-try timeout, within what is left of the route's.
+        let now = Instant::now();
+        let limit = match (per_try, deadline) {
+            (Some(p), Some(d)) => Some((now + p).min(d)),
+            (Some(p), None) => Some(now + p),
+            (None, d) => d,
+        };
+        let in_flight = host.as_ref().map(|h| h.start_request());
+        let send = conn.dp.http_pool.send(
+            addr,
+            proto,
+            conn.dp.upstream_mark,
+            entry.cluster.connect_timeout,
+            up_req,
+        );
+        let sent = match limit {
+            Some(l) => tokio::time::timeout_at(l, send).await.ok(),
+            None => Some(send.await),
+        };
+        let (outcome, response) = match sent {
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                cstat("upstream_rq_timeout").inc();
+                cstat("upstream_rq_504").inc();
+                cstat("upstream_rq_5xx").inc();
+                debug!(%cluster, %addr, flags = "UT", "upstream request timeout");
+                return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
+            }
+            None => {
+                cstat("upstream_rq_per_try_timeout").inc();
+                debug!(%cluster, %addr, "per-try timeout");
+                (Attempt::PerTryTimeout, None)
+            }
+            Some(s) => {
+                if s.new_connection {
+                    cstat("upstream_cx_total").inc();
+                }
+                match s.result {
+                    Ok(r) => (
+                        Attempt::Response {
+                            status: r.status().as_u16(),
+                            grpc_status: retry::grpc_status(r.headers()),
+                        },
+                        Some(r),
+                    ),
+                    Err(SendError::Connect(e)) => {
+                        match e {
+                            ConnectError::Timeout { .. } => {
+                                cstat("upstream_cx_connect_timeout").inc()
+                            }
+                            _ => cstat("upstream_cx_connect_fail").inc(),
+                        }
+                        debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
+                        (Attempt::ConnectFailure, None)
+                    }
+                    Err(e @ SendError::Handshake { .. }) => {
+                        cstat("upstream_cx_connect_fail").inc();
+                        debug!(error = %e, %cluster, flags = "UF", "upstream handshake failed");
+                        (Attempt::ConnectFailure, None)
+                    }
+                    Err(e @ SendError::Reset { refused_stream, .. }) => {
+                        debug!(error = %e, %cluster, flags = "UC", "upstream reset before headers");
+                        (Attempt::Reset { refused_stream }, None)
+                    }
+                }
+            }
+        };
+        if let Some(g) = in_flight {
+            g.finish(match outcome {
+                Attempt::Response { status, .. } => lb::Outcome::Status(status),
+                Attempt::ConnectFailure => lb::Outcome::ConnectFailure,
+                Attempt::Reset { .. } => lb::Outcome::Reset,
+                Attempt::PerTryTimeout => lb::Outcome::Timeout,
+            });
+        }
+        if let Some(r) = &response {
+            let code = r.status().as_u16();
+            cstat(&format!("upstream_rq_{code}")).inc();
+            cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+        }
+        let wants_retry = policy
+            .as_deref()
+            .is_some_and(|p| retries < p.num_retries && retry::retriable(p, outcome));
+        let can_replay = replay.is_some();
+        let time_left = deadline.is_none_or(|d| Instant::now() < d);
+        if wants_retry && can_replay && time_left {
+            // `try_retry` counts `upstream_rq_retry_overflow` itself when the breaker is open.
+            match entry.try_retry(lb::RoutingPriority::Default) {
+                Ok(g) => {
+                    _retry_slot = Some(g);
+                    retries += 1;
+                    cstat("upstream_rq_retry").inc();
+                    tried.push(addr);
+                    drop(response);
+                    let p = policy.as_deref().map_or_else(
+                        || Duration::ZERO,
+                        |p| retry::backoff(p, retries, headers::random_u64()),
+                    );
+                    let wake = Instant::now() + p;
+                    let wake = deadline.map_or(wake, |d| wake.min(d));
+                    debug!(%cluster, %addr, ?outcome, retry = retries, "retrying");
+                    tokio::time::sleep_until(wake).await;
+                    continue;
+                }
+                Err(e) => debug!(error = %e, "retry circuit breaker open"),
+            }
+        }
+        let Some(resp) = response else {
+            let r = failure_reply(outcome, retries > 0);
+            let code = r.status().as_u16();
+            cstat(&format!("upstream_rq_{code}")).inc();
+            cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+            break r;
+        };
+        if retries > 0
+            && !policy
+                .as_deref()
+                .is_some_and(|p| retry::retriable(p, outcome))
+        {
+            cstat("upstream_rq_retry_success").inc();
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut rparts.headers);
+        if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+            rparts
+                .headers
+                .insert(HeaderName::from_static("x-envoy-upstream-service-time"), v);
+        }
+        if ctx.vh.include_attempt_count_in_response
+            && let Ok(v) = HeaderValue::from_str(&attempt_no.to_string())
+        {
+            rparts
+                .headers
+                .insert(HeaderName::from_static("x-envoy-attempt-count"), v);
+        }
+        ctx.response_headers(&mut rparts.headers, Some(addr));
+        let body = if deadline.is_some() || f.idle_timeout.is_some() {
+            Timed::new(rbody, deadline, f.idle_timeout).boxed()
+        } else {
+            rbody.map_err(BoxError::from).boxed()
+        };
+        break Response::from_parts(rparts, body);
     }
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! `ignore_port_in_host_matching`, keeps its `:port` (Envoy's default: `foo:80` is a different
 //! domain from `foo`). The search order is exact domain, then `*.suffix` wildcards (longest
 //! first), then `prefix*` wildcards (longest first), then `*`. A wildcard never matches the
-//! empty string. Route: the first route of the virtual host whose path and headers match.
+//! empty string. Route: the first route of the virtual host whose path, headers and query
+//! parameters all match.
 
 use hyper::{HeaderMap, Method};
 
-use crate::model::route::{HeaderMatch, HeaderMatchKind, PathMatch, Route, RouteMatch};
+use crate::model::route::{HeaderMatch, HeaderMatchKind, PathMatch, QueryMatch, Route, RouteMatch};
 use crate::model::{RouteConfig, VirtualHost};
 
 /// The facts of one request that routing reads.
@@ -119,9 +120,87 @@ pub fn route_matches(m: &RouteMatch, req: &RequestFacts<'_>) -> bool {
             }
         }
         PathMatch::Regex(re) => re.0.is_match(path_without_query(req.path)),
+        PathMatch::PathSeparatedPrefix(p) => {
+            // The whole path, or the prefix followed by `/`: `/api` matches `/api` and
+            // `/api/x` but not `/apix`.
+            let path = path_without_query(req.path);
+            let head = path.get(..p.len());
+            let same = match head {
+                Some(h) if m.case_sensitive => h == p,
+                Some(h) => h.eq_ignore_ascii_case(p),
+                None => false,
+            };
+            same && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+        }
         PathMatch::Unsupported(_) => false,
     };
-    path_ok && m.headers.iter().all(|h| header_matches(h, req))
+    path_ok
+        && m.headers.iter().all(|h| header_matches(h, req))
+        && (m.query_parameters.is_empty() || query_matches(&m.query_parameters, req.path))
+}
+
+/// Percent-decode one query component (Envoy decodes names and values before matching).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The first value of every query parameter, decoded (a name without `=` has value "").
+fn query_params(path: &str) -> Vec<(String, String)> {
+    let Some((_, q)) = path.split_once('?') else {
+        return Vec::new();
+    };
+    let q = q.split('#').next().unwrap_or("");
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The first value of query parameter `name` in `path`, decoded.
+pub fn query_value(path: &str, name: &str) -> Option<String> {
+    query_params(path)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+fn query_matches(matchers: &[QueryMatch], path: &str) -> bool {
+    let params = query_params(path);
+    matchers.iter().all(|m| {
+        let value = params
+            .iter()
+            .find(|(k, _)| *k == m.name)
+            .map(|(_, v)| v.as_str());
+        match (&m.kind, value) {
+            // Envoy: an absent parameter never matches, whatever the matcher.
+            (_, None) => false,
+            (HeaderMatchKind::Present(p), Some(_)) => *p,
+            (k, Some(v)) => value_matches(k, v),
+        }
+    })
 }
 
 fn header_value(name: &str, req: &RequestFacts<'_>) -> Option<String> {
@@ -156,22 +235,31 @@ fn header_matches(h: &HeaderMatch, req: &RequestFacts<'_>) -> bool {
         (HeaderMatchKind::Present(want), v) => v.is_some() == *want,
         (HeaderMatchKind::Unsupported(_), _) => return false,
         (_, None) => false,
-        (HeaderMatchKind::Exact { value, ignore_case }, Some(v)) => {
+        (k, Some(v)) => value_matches(k, v),
+    };
+    hit != h.invert
+}
+
+/// A string test on a present value (header or query parameter).
+fn value_matches(kind: &HeaderMatchKind, v: &str) -> bool {
+    match kind {
+        HeaderMatchKind::Present(_) | HeaderMatchKind::Unsupported(_) => false,
+        HeaderMatchKind::Regex(re) => re.0.is_match(v),
+        HeaderMatchKind::Exact { value, ignore_case } => {
             let (a, b) = cmp(*ignore_case, v, value);
             a == b
         }
-        (HeaderMatchKind::Prefix(p, ic), Some(v)) => {
+        HeaderMatchKind::Prefix(p, ic) => {
             let (a, b) = cmp(*ic, v, p);
             a.starts_with(&b)
         }
-        (HeaderMatchKind::Suffix(s, ic), Some(v)) => {
+        HeaderMatchKind::Suffix(s, ic) => {
             let (a, b) = cmp(*ic, v, s);
             a.ends_with(&b)
         }
-        (HeaderMatchKind::Contains(s, ic), Some(v)) => {
+        HeaderMatchKind::Contains(s, ic) => {
             let (a, b) = cmp(*ic, v, s);
             a.contains(&b)
         }
-    };
-    hit != h.invert
+    }
 }

@@ -4,12 +4,13 @@ use std::collections::BTreeSet;
 
 use hyper::{HeaderMap, Method};
 
-use super::rewrite_path;
 use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
+use super::{redirect_location, regex_rewrite, rewrite_path};
 use crate::model::route::{
-    Forward, HeaderMatch, HeaderMatchKind, PathMatch, Pattern, Route, RouteAction, RouteMatch,
+    HeaderMatch, HeaderMatchKind, HeaderOps, PathMatch, PathRedirect, Pattern, QueryMatch,
+    Redirect, Route, RouteAction, RouteMatch,
 };
-use crate::model::{ClusterSpecifier, RouteConfig, VirtualHost};
+use crate::model::{RouteConfig, VirtualHost};
 
 fn vh(name: &str, domains: &[&str]) -> VirtualHost {
     VirtualHost {
@@ -17,6 +18,10 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         domains: domains.iter().map(|d| d.to_string()).collect(),
         routes: vec![],
         clusters: BTreeSet::new(),
+        headers: HeaderOps::default(),
+        retry_policy: None,
+        include_request_attempt_count: false,
+        include_attempt_count_in_response: false,
     }
 }
 
@@ -25,6 +30,7 @@ fn rc(hosts: Vec<VirtualHost>) -> RouteConfig {
         name: "r".into(),
         virtual_hosts: hosts,
         ignore_port_in_host_matching: false,
+        headers: HeaderOps::default(),
     }
 }
 
@@ -108,11 +114,13 @@ fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderM
             path,
             case_sensitive,
             headers,
+            query_parameters: vec![],
         },
         action: RouteAction::Direct {
             status: 200,
             body: None,
         },
+        headers: HeaderOps::default(),
     }
 }
 
@@ -257,14 +265,188 @@ fn unsupported_matchers_never_match() {
 
 #[test]
 fn prefix_rewrite_replaces_the_matched_prefix() {
-    let mut r = route("p", PathMatch::Prefix("/api/".into()), true, vec![]);
-    r.action = RouteAction::Forward(Forward {
-        cluster: ClusterSpecifier::Cluster("c".into()),
-        prefix_rewrite: Some("/".into()),
-        timeout: None,
-    });
+    let r = route("p", PathMatch::Prefix("/api/".into()), true, vec![]);
     assert_eq!(rewrite_path(&r, Some("/"), "/api/users?x=1"), "/users?x=1");
     assert_eq!(rewrite_path(&r, None, "/api/users"), "/api/users");
     let exact = route("e", PathMatch::Path("/old".into()), true, vec![]);
     assert_eq!(rewrite_path(&exact, Some("/new"), "/old?q"), "/new?q");
+    let sep = route(
+        "s",
+        PathMatch::PathSeparatedPrefix("/v1".into()),
+        true,
+        vec![],
+    );
+    assert_eq!(rewrite_path(&sep, Some("/v2"), "/v1/x?y"), "/v2/x?y");
+}
+
+#[test]
+fn regex_rewrite_replaces_every_match_in_the_path_only() {
+    let re = regex_lite::Regex::new("^/service/([^/]+)(/.*)$").unwrap();
+    assert_eq!(
+        regex_rewrite(
+            &re,
+            "${2}/instance/${1}",
+            "/service/foo/v1/api?a=/service/x"
+        ),
+        "/v1/api/instance/foo?a=/service/x"
+    );
+    let re = regex_lite::Regex::new("one").unwrap();
+    assert_eq!(
+        regex_rewrite(&re, "two", "/xxx/one/yyy/one/zzz"),
+        "/xxx/two/yyy/two/zzz"
+    );
+}
+
+#[test]
+fn path_separated_prefix_needs_a_segment_boundary() {
+    let v = with_routes(vec![route(
+        "sep",
+        PathMatch::PathSeparatedPrefix("/api".into()),
+        true,
+        vec![],
+    )]);
+    let h = HeaderMap::new();
+    let get = Method::GET;
+    assert_eq!(first(&v, &get, "/api", &h), Some("sep"));
+    assert_eq!(first(&v, &get, "/api/", &h), Some("sep"));
+    assert_eq!(first(&v, &get, "/api/v1?x", &h), Some("sep"));
+    assert_eq!(first(&v, &get, "/api?x=1", &h), Some("sep"));
+    assert_eq!(first(&v, &get, "/apis", &h), None);
+    assert_eq!(
+        first(&v, &get, "/API", &h),
+        None,
+        "case sensitive by default"
+    );
+}
+
+#[test]
+fn query_parameters_match_decoded_first_values() {
+    let mut r = route("q", PathMatch::Prefix("/".into()), true, vec![]);
+    r.matcher.query_parameters = vec![
+        QueryMatch {
+            name: "debug".into(),
+            kind: HeaderMatchKind::Present(true),
+        },
+        QueryMatch {
+            name: "user name".into(),
+            kind: HeaderMatchKind::Exact {
+                value: "a&b".into(),
+                ignore_case: true,
+            },
+        },
+    ];
+    let v = with_routes(vec![r]);
+    let h = HeaderMap::new();
+    let get = Method::GET;
+    assert_eq!(first(&v, &get, "/?debug&user%20name=A%26B", &h), Some("q"));
+    assert_eq!(
+        first(&v, &get, "/?user%20name=a%26b&debug=0", &h),
+        Some("q")
+    );
+    assert_eq!(
+        first(&v, &get, "/?user%20name=a%26b&debug=0&user%20name=x", &h),
+        Some("q")
+    );
+    assert_eq!(
+        first(&v, &get, "/?user%20name=x&user%20name=a%26b&debug", &h),
+        None
+    );
+    assert_eq!(
+        first(&v, &get, "/?user%20name=a%26b", &h),
+        None,
+        "debug absent"
+    );
+    assert_eq!(first(&v, &get, "/", &h), None);
+}
+
+#[test]
+fn header_regex_must_match_the_whole_value() {
+    let m = HeaderMatch {
+        name: "x-version".into(),
+        kind: HeaderMatchKind::Regex(Pattern::full("v[0-9]+").unwrap()),
+        invert: false,
+    };
+    let v = with_routes(vec![route(
+        "re",
+        PathMatch::Prefix("/".into()),
+        true,
+        vec![m],
+    )]);
+    let mut h = HeaderMap::new();
+    h.insert("x-version", "v12".parse().unwrap());
+    assert_eq!(first(&v, &Method::GET, "/", &h), Some("re"));
+    h.insert("x-version", "v12-beta".parse().unwrap());
+    assert_eq!(first(&v, &Method::GET, "/", &h), None);
+}
+
+fn redirect(f: impl FnOnce(&mut Redirect)) -> Redirect {
+    let mut r = Redirect {
+        scheme: None,
+        host: None,
+        port: None,
+        path: None,
+        status: 301,
+        strip_query: false,
+    };
+    f(&mut r);
+    r
+}
+
+#[test]
+fn redirect_location_follows_envoy() {
+    let r = route("p", PathMatch::Prefix("/old/".into()), true, vec![]);
+    let loc = |rd: Redirect, host: &str, path: &str| redirect_location(&rd, &r, host, path, "http");
+    assert_eq!(
+        loc(redirect(|_| {}), "a.com", "/old/x?q=1"),
+        "http://a.com/old/x?q=1"
+    );
+    assert_eq!(
+        loc(
+            redirect(|r| r.host = Some("b.com".into())),
+            "a.com",
+            "/old/x"
+        ),
+        "http://b.com/old/x"
+    );
+    assert_eq!(
+        loc(
+            redirect(|r| r.path = Some(PathRedirect::Path("/new".into()))),
+            "a.com",
+            "/old/x?q=1"
+        ),
+        "http://a.com/new?q=1",
+        "path_redirect keeps the query"
+    );
+    assert_eq!(
+        loc(
+            redirect(|r| r.path = Some(PathRedirect::Path("/new?z=2".into()))),
+            "a.com",
+            "/old/x?q=1"
+        ),
+        "http://a.com/new?z=2",
+        "a query in path_redirect replaces it"
+    );
+    assert_eq!(
+        loc(
+            redirect(|r| {
+                r.path = Some(PathRedirect::Prefix("/new/".into()));
+                r.strip_query = true;
+            }),
+            "a.com",
+            "/old/x?q=1"
+        ),
+        "http://a.com/new/x"
+    );
+    assert_eq!(
+        loc(
+            redirect(|r| r.scheme = Some("https".into())),
+            "a.com:80",
+            "/"
+        ),
+        "https://a.com/"
+    );
+    assert_eq!(
+        loc(redirect(|r| r.port = Some(8443)), "a.com:80", "/"),
+        "http://a.com:8443/"
+    );
 }

@@ -23,6 +23,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Whether a `transport_socket` (TLS, ...) is configured: such clusters need userspace.
     pub has_transport_socket: bool,
+    /// Upstream HTTP version (`HttpProtocolOptions`), for HTTP connection manager routes.
+    pub upstream_http: super::upstream_http::UpstreamHttp,
 }
 
 /// How the cluster learns its hosts.
@@ -229,6 +231,7 @@ impl TryFrom<&pb::Cluster> for Cluster {
             lb_policy,
             connect_timeout,
             has_transport_socket: c.transport_socket.is_some(),
+            upstream_http: super::upstream_http::from_cluster(c).map_err(err)?,
         })
     }
 }

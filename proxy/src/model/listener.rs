@@ -1,6 +1,7 @@
 //! Listeners, their filter chains and the network filter that terminates each chain.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::listener::v3 as pb;
@@ -9,6 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+use super::route::RouteConfig;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
 
 /// Type URL of the TCP proxy filter config.
@@ -135,16 +137,61 @@ impl ClusterSpecifier {
     }
 }
 
-/// The parts of an HTTP connection manager the rest of skiff needs now.
-#[derive(Debug, Clone, PartialEq)]
+/// The parts of an HTTP connection manager skiff runs.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HttpManager {
     /// `stat_prefix`.
     pub stat_prefix: String,
     /// RDS route config name, when routes come over RDS.
     pub rds_route_config_name: Option<String>,
-    /// Name of the inline `route_config`, when given inline.
-    pub inline_route_config: Option<String>,
+    /// The inline `route_config`, when given inline (shared: every connection clones the HCM).
+    pub inline_route_config: Option<Arc<RouteConfig>>,
+    /// `http_filters` before the router, as recognised (none of them changes traffic yet).
+    pub http_filters: Vec<HttpFilter>,
+    /// `use_remote_address`: the downstream peer is the trusted client address (append it to
+    /// `x-forwarded-for`, overwrite `x-forwarded-proto`).
+    pub use_remote_address: bool,
 }
+
+/// One entry of `http_filters` that skiff accepted but does not run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpFilter {
+    /// Filter name.
+    pub name: String,
+    /// Config type (the `typed_config` type, or the first of `config_discovery.type_urls`).
+    pub type_name: String,
+    /// Why it was accepted without running.
+    pub disposition: FilterDisposition,
+}
+
+/// Why an HTTP filter is accepted without being run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterDisposition {
+    /// A filter Envoy or Istio ships (a known extension type) that skiff does not execute.
+    KnownNotRun,
+    /// An unknown type marked `is_optional`: Envoy skips it too.
+    OptionalSkipped,
+    /// `disabled: true`: only enabled per route, which skiff does not do.
+    Disabled,
+}
+
+/// Type URL of the router filter config.
+pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
+/// Name Envoy gives the router filter.
+pub const ROUTER_NAME: &str = "envoy.filters.http.router";
+
+/// Config types of HTTP filters Envoy or Istio ship, by namespace. Such a filter is known (it
+/// is accepted as Envoy accepts it) although skiff does not execute it; anything outside these
+/// namespaces is unknown to skiff and rejected unless `is_optional`.
+const KNOWN_FILTER_NAMESPACES: [&str; 7] = [
+    "envoy.extensions.filters.http.",
+    "envoy.config.filter.http.",
+    "io.istio.http.",
+    "istio.",
+    "stats.",
+    "udpa.type.v1.TypedStruct",
+    "xds.type.v3.TypedStruct",
+];
 
 /// Envoy's default TCP proxy idle timeout.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -249,6 +296,67 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
     })
 }
 
+fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, FieldError> {
+    use hcm::http_filter::ConfigType;
+    let mut out = Vec::new();
+    let n = h.http_filters.len();
+    for (i, f) in h.http_filters.iter().enumerate() {
+        let at = format!("typed_config.http_filters[{i}]");
+        let type_name = match &f.config_type {
+            Some(ConfigType::TypedConfig(a)) => type_name(a).to_string(),
+            Some(ConfigType::ConfigDiscovery(d)) => d
+                .type_urls
+                .first()
+                .map(|u| u.rsplit('/').next().unwrap_or(u).to_string())
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        let is_router = type_name == ROUTER_TYPE || (type_name.is_empty() && f.name == ROUTER_NAME);
+        // Envoy: the router is terminal, so it must be last, and the last filter must be terminal.
+        if is_router {
+            if i + 1 != n {
+                return Err(FieldError::new(
+                    at,
+                    format!("terminal filter {:?} must be the last filter", f.name),
+                ));
+            }
+            continue;
+        }
+        if i + 1 == n {
+            return Err(FieldError::new(
+                at,
+                format!("the last HTTP filter must be the router, not {:?}", f.name),
+            ));
+        }
+        let known = KNOWN_FILTER_NAMESPACES
+            .iter()
+            .any(|ns| type_name.starts_with(ns));
+        let disposition = if f.disabled {
+            FilterDisposition::Disabled
+        } else if known {
+            FilterDisposition::KnownNotRun
+        } else if f.is_optional {
+            FilterDisposition::OptionalSkipped
+        } else {
+            let what = if type_name.is_empty() {
+                "no typed_config".to_string()
+            } else {
+                format!("config type {type_name:?}")
+            };
+            return Err(FieldError::new(
+                at,
+                format!("unknown HTTP filter {:?} ({what}) is not optional", f.name),
+            ));
+        };
+        out.push(HttpFilter {
+            name: f.name.clone(),
+            type_name,
+            disposition,
+        });
+    }
+    Ok(out)
+}
+
 fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
     let h = hcm::HttpConnectionManager::decode(any.value.as_slice())
         .map_err(|e| FieldError::new("typed_config", format!("invalid {HCM_TYPE}: {e}")))?;
@@ -263,7 +371,11 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
                 "must not be empty",
             ));
         }
-        Some(Rs::RouteConfig(rc)) => (None, Some(rc.name.clone())),
+        Some(Rs::RouteConfig(rc)) => {
+            let rc =
+                RouteConfig::from_proto(rc).map_err(|e| e.within("typed_config.route_config"))?;
+            (None, Some(Arc::new(rc)))
+        }
         Some(Rs::ScopedRoutes(_)) => {
             return Err(FieldError::new(
                 "typed_config.scoped_routes",
@@ -278,9 +390,11 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
         }
     };
     Ok(HttpManager {
+        http_filters: http_filters(&h)?,
         stat_prefix: h.stat_prefix,
         rds_route_config_name: rds,
         inline_route_config: inline,
+        use_remote_address: h.use_remote_address.is_some_and(|b| b.value),
     })
 }
 
@@ -394,5 +508,148 @@ impl TryFrom<&pb::Listener> for Listener {
             default_filter_chain,
             listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::route::v3 as rpb;
+
+    fn any_of<M: prost::Message>(type_name: &str, m: &M) -> Any {
+        Any {
+            type_url: format!("type.googleapis.com/{type_name}"),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn filter(name: &str, type_name: &str, optional: bool) -> hcm::HttpFilter {
+        hcm::HttpFilter {
+            name: name.into(),
+            is_optional: optional,
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(Any {
+                type_url: format!("type.googleapis.com/{type_name}"),
+                value: vec![],
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn router() -> hcm::HttpFilter {
+        filter(ROUTER_NAME, ROUTER_TYPE, false)
+    }
+
+    fn inline(filters: Vec<hcm::HttpFilter>) -> hcm::HttpConnectionManager {
+        hcm::HttpConnectionManager {
+            stat_prefix: "in".into(),
+            http_filters: filters,
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+                rpb::RouteConfiguration {
+                    virtual_hosts: vec![rpb::VirtualHost {
+                        name: "v".into(),
+                        domains: vec!["*".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }
+    }
+
+    fn convert(h: &hcm::HttpConnectionManager) -> Result<HttpManager, FieldError> {
+        http_manager(&any_of(HCM_TYPE, h))
+    }
+
+    #[test]
+    fn inline_route_config_is_converted_and_needs_no_rds() {
+        let m = convert(&inline(vec![router()])).unwrap();
+        assert_eq!(m.rds_route_config_name, None);
+        let rc = m.inline_route_config.unwrap();
+        assert_eq!(rc.virtual_hosts[0].name, "v");
+        assert!(m.http_filters.is_empty());
+    }
+
+    #[test]
+    fn inline_route_config_errors_carry_the_field_path() {
+        let mut h = inline(vec![router()]);
+        if let Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rc)) =
+            &mut h.route_specifier
+        {
+            rc.virtual_hosts[0].domains.clear();
+        }
+        let e = convert(&h).unwrap_err();
+        assert_eq!(
+            e.field,
+            "typed_config.route_config.virtual_hosts[0].domains"
+        );
+    }
+
+    #[test]
+    fn http_filters_follow_envoy_rules() {
+        // Known Envoy/Istio filters are accepted (not run); unknown optional ones are skipped.
+        let m = convert(&inline(vec![
+            filter(
+                "envoy.filters.http.fault",
+                "envoy.extensions.filters.http.fault.v3.HTTPFault",
+                false,
+            ),
+            filter(
+                "istio.metadata_exchange",
+                "io.istio.http.peer_metadata.Config",
+                false,
+            ),
+            filter("acme.magic", "acme.filters.Magic", true),
+            router(),
+        ]))
+        .unwrap();
+        let got: Vec<_> = m
+            .http_filters
+            .iter()
+            .map(|f| (f.name.as_str(), f.disposition))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("envoy.filters.http.fault", FilterDisposition::KnownNotRun),
+                ("istio.metadata_exchange", FilterDisposition::KnownNotRun),
+                ("acme.magic", FilterDisposition::OptionalSkipped),
+            ]
+        );
+        // An unknown required filter is rejected by name.
+        let e = convert(&inline(vec![
+            filter("acme.magic", "acme.filters.Magic", false),
+            router(),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.field, "typed_config.http_filters[0]");
+        assert!(e.reason.contains("\"acme.magic\""), "{}", e.reason);
+        // The router must be last, and the last filter must be the router.
+        let e = convert(&inline(vec![
+            router(),
+            filter(
+                "envoy.filters.http.cors",
+                "envoy.extensions.filters.http.cors.v3.Cors",
+                false,
+            ),
+        ]))
+        .unwrap_err();
+        assert!(e.reason.contains("must be the last filter"), "{}", e.reason);
+        let e = convert(&inline(vec![filter(
+            "envoy.filters.http.cors",
+            "envoy.extensions.filters.http.cors.v3.Cors",
+            false,
+        )]))
+        .unwrap_err();
+        assert!(e.reason.contains("must be the router"), "{}", e.reason);
+        // No filters at all: Envoy installs the router by default.
+        assert!(convert(&inline(vec![])).is_ok());
+    }
+
+    #[test]
+    fn use_remote_address_is_read() {
+        let mut h = inline(vec![]);
+        h.use_remote_address = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        assert!(convert(&h).unwrap().use_remote_address);
     }
 }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod endpoint;
 pub mod listener;
 pub mod route;
+pub mod upstream_http;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

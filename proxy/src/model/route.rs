@@ -1,13 +1,16 @@
-//! Route configurations (RDS): virtual hosts, their routes and the clusters they name.
+//! Route configurations (RDS or inline): virtual hosts, their routes and the clusters they name.
 //!
-//! Validation follows Envoy where it rejects up front (names, unique virtual hosts and domains).
-//! Matchers and actions skiff does not run yet are kept as `Unsupported` instead of rejecting
-//! the whole configuration: such a matcher never matches, such an action answers 501, so
-//! configurations Envoy accepts keep loading and the gap is visible per request.
+//! Validation follows Envoy where it rejects up front (names, unique virtual hosts and domains,
+//! regular expressions that do not compile, redirect and direct-response codes). Matchers and
+//! actions skiff does not run yet are kept as `Unsupported` instead of rejecting the whole
+//! configuration: such a matcher never matches, such an action answers 501, so configurations
+//! Envoy accepts keep loading and the gap is visible per request.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
@@ -16,6 +19,8 @@ use super::{FieldError, ModelError, duration};
 
 /// Envoy's default route timeout (`RouteAction.timeout` unset).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's default retry back-off base interval.
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(25);
 
 /// Validated `RouteConfiguration`.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +31,8 @@ pub struct RouteConfig {
     pub virtual_hosts: Vec<VirtualHost>,
     /// `ignore_port_in_host_matching`: drop the `:port` of Host before choosing a virtual host.
     pub ignore_port_in_host_matching: bool,
+    /// Header changes of the whole configuration (applied after the virtual host's).
+    pub headers: HeaderOps,
 }
 
 /// One `VirtualHost`.
@@ -39,6 +46,14 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     /// Clusters named by `route.cluster` or `route.weighted_clusters`, sorted.
     pub clusters: BTreeSet<String>,
+    /// Header changes of this virtual host (applied after the route's).
+    pub headers: HeaderOps,
+    /// `retry_policy`: used by routes that have none of their own.
+    pub retry_policy: Option<Arc<RetryPolicy>>,
+    /// `include_request_attempt_count`: send `x-envoy-attempt-count` upstream.
+    pub include_request_attempt_count: bool,
+    /// `include_attempt_count_in_response`: return `x-envoy-attempt-count` downstream.
+    pub include_attempt_count_in_response: bool,
 }
 
 /// One `Route`.
@@ -50,6 +65,8 @@ pub struct Route {
     pub matcher: RouteMatch,
     /// What it does.
     pub action: RouteAction,
+    /// Header changes of this route (applied first).
+    pub headers: HeaderOps,
 }
 
 /// `RouteMatch`, validated.
@@ -57,10 +74,12 @@ pub struct Route {
 pub struct RouteMatch {
     /// Path specifier.
     pub path: PathMatch,
-    /// `case_sensitive` (default true) for prefix and path.
+    /// `case_sensitive` (default true) for prefix, path and path_separated_prefix.
     pub case_sensitive: bool,
     /// Every header matcher must match.
     pub headers: Vec<HeaderMatch>,
+    /// Every query parameter matcher must match.
+    pub query_parameters: Vec<QueryMatch>,
 }
 
 /// `RouteMatch.path_specifier`.
@@ -72,6 +91,8 @@ pub enum PathMatch {
     Path(String),
     /// `safe_regex`: the whole path without the query string.
     Regex(Pattern),
+    /// `path_separated_prefix`: the path equals the prefix or continues it after a `/`.
+    PathSeparatedPrefix(String),
     /// A specifier skiff does not run; the route never matches. The string says which.
     Unsupported(String),
 }
@@ -93,6 +114,13 @@ impl Pattern {
             .map(Pattern)
             .map_err(|e| e.to_string())
     }
+
+    /// Compile `re` as given, for searching (rewrites).
+    pub fn search(re: &str) -> Result<Pattern, String> {
+        regex_lite::Regex::new(re)
+            .map(Pattern)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// One `HeaderMatcher`.
@@ -106,7 +134,16 @@ pub struct HeaderMatch {
     pub invert: bool,
 }
 
-/// The value test of a `HeaderMatcher`.
+/// One `QueryParameterMatcher`: the first value of `name` (percent-decoded) is tested.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryMatch {
+    /// Parameter name.
+    pub name: String,
+    /// `present_match` (as `Present`) or `string_match`.
+    pub kind: HeaderMatchKind,
+}
+
+/// The value test of a `HeaderMatcher` (also used for query parameters).
 #[derive(Debug, Clone, PartialEq)]
 pub enum HeaderMatchKind {
     /// `exact_match` or `string_match.exact`.
@@ -122,6 +159,8 @@ pub enum HeaderMatchKind {
     Suffix(String, bool),
     /// `string_match.contains` / `contains_match`.
     Contains(String, bool),
+    /// `safe_regex_match` / `string_match.safe_regex`: the whole value must match.
+    Regex(Pattern),
     /// `present_match`: true = the header is present, false = absent.
     Present(bool),
     /// A matcher skiff does not run; it never matches.
@@ -132,7 +171,7 @@ pub enum HeaderMatchKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteAction {
     /// `route`: forward to a cluster.
-    Forward(Forward),
+    Forward(Box<Forward>),
     /// `direct_response`.
     Direct {
         /// HTTP status.
@@ -140,19 +179,220 @@ pub enum RouteAction {
         /// Inline body, if any.
         body: Option<String>,
     },
-    /// An action skiff does not run (redirect, filter_action, cluster_header ...): 501.
+    /// `redirect`.
+    Redirect(Redirect),
+    /// An action skiff does not run (filter_action, cluster_specifier_plugin ...): 501.
     Unsupported(String),
+}
+
+/// Where a `RouteAction` sends the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// `cluster` or `weighted_clusters`.
+    Clusters(ClusterSpecifier),
+    /// `cluster_header`: the cluster named by this request header (lowercase name); a missing
+    /// header or unknown cluster is a 503 `NC`, as in Envoy.
+    Header(String),
+}
+
+/// `host_rewrite_specifier`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostRewrite {
+    /// `host_rewrite_literal`.
+    Literal(String),
+    /// `auto_host_rewrite`: the upstream host's address (skiff knows no hostnames for EDS hosts).
+    Auto,
 }
 
 /// `RouteAction` (the parts skiff runs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forward {
-    /// `cluster` or `weighted_clusters`.
-    pub cluster: ClusterSpecifier,
+    /// Target cluster(s).
+    pub target: Target,
     /// `prefix_rewrite`: replaces the matched prefix.
     pub prefix_rewrite: Option<String>,
+    /// `regex_rewrite`: (pattern, substitution in `regex_lite` syntax) over the path.
+    pub regex_rewrite: Option<(Pattern, String)>,
+    /// `host_rewrite_literal` / `auto_host_rewrite`.
+    pub host_rewrite: Option<HostRewrite>,
     /// `timeout` (default 15s; `0s` disables).
     pub timeout: Option<Duration>,
+    /// `idle_timeout`: longest silence while the response streams (unset = none).
+    pub idle_timeout: Option<Duration>,
+    /// `retry_policy`; `None` falls back to the virtual host's.
+    pub retry_policy: Option<Arc<RetryPolicy>>,
+    /// `hash_policy`, in order.
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// One `RouteAction.HashPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashPolicy {
+    /// What is hashed.
+    pub kind: HashKind,
+    /// `terminal`: stop at this policy when it produced a value.
+    pub terminal: bool,
+}
+
+/// What a hash policy reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKind {
+    /// A request header (lowercase name).
+    Header(String),
+    /// A cookie (no cookie generation: a missing cookie contributes nothing).
+    Cookie(String),
+    /// The downstream source IP.
+    SourceIp,
+    /// A query parameter.
+    QueryParameter(String),
+    /// A policy skiff does not run (filter_state); contributes nothing.
+    Unsupported,
+}
+
+/// `RedirectAction`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    /// `https_redirect` ("https") or `scheme_redirect`.
+    pub scheme: Option<String>,
+    /// `host_redirect`.
+    pub host: Option<String>,
+    /// `port_redirect`.
+    pub port: Option<u16>,
+    /// `path_redirect` or `prefix_rewrite`.
+    pub path: Option<PathRedirect>,
+    /// HTTP status (301 default, 302, 303, 307, 308).
+    pub status: u16,
+    /// `strip_query`.
+    pub strip_query: bool,
+}
+
+/// How a redirect changes the path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathRedirect {
+    /// `path_redirect`: the whole path (a `?query` in it replaces the request's).
+    Path(String),
+    /// `prefix_rewrite`: replaces the prefix the route matched.
+    Prefix(String),
+}
+
+/// `RetryPolicy`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// `retry_on` conditions.
+    pub retry_on: RetryOn,
+    /// `num_retries` (Envoy's default 1).
+    pub num_retries: u32,
+    /// `per_try_timeout` (unset = only the route timeout applies).
+    pub per_try_timeout: Option<Duration>,
+    /// `retry_back_off.base_interval` (default 25 ms).
+    pub base_interval: Duration,
+    /// `retry_back_off.max_interval` (default 10 x base).
+    pub max_interval: Duration,
+    /// `retry_host_predicate` holds `previous_hosts`.
+    pub previous_hosts: bool,
+    /// `host_selection_retry_max_attempts` (default 1: no re-pick).
+    pub host_selection_max_attempts: u32,
+    /// `retriable_status_codes`.
+    pub retriable_status_codes: Vec<u16>,
+}
+
+/// The conditions of `retry_on` (a comma-separated list in Envoy; unknown tokens are ignored).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx, a reset, a connect failure or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, a reset, a connect failure or a per-try timeout.
+    pub gateway_error: bool,
+    /// `reset`: no response headers (disconnect, reset, per-try timeout).
+    pub reset: bool,
+    /// `reset-before-request`: reset before the request was sent.
+    pub reset_before_request: bool,
+    /// `connect-failure`: the upstream connect failed or timed out.
+    pub connect_failure: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `refused-stream`: an HTTP/2 REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// `retriable-status-codes`: the codes of `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    /// gRPC status codes (`cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable`) read from the `grpc-status` response header.
+    pub grpc_codes: [bool; 17],
+}
+
+impl RetryOn {
+    /// Parse Envoy's `retry_on` string.
+    pub fn parse(s: &str) -> RetryOn {
+        let mut r = RetryOn::default();
+        for t in s.split(',').map(str::trim) {
+            match t {
+                "5xx" => r.server_error = true,
+                "gateway-error" => r.gateway_error = true,
+                "reset" => r.reset = true,
+                "reset-before-request" => r.reset_before_request = true,
+                "connect-failure" => r.connect_failure = true,
+                "retriable-4xx" => r.retriable_4xx = true,
+                "refused-stream" => r.refused_stream = true,
+                "retriable-status-codes" => r.retriable_status_codes = true,
+                "cancelled" => r.grpc_codes[1] = true,
+                "deadline-exceeded" => r.grpc_codes[4] = true,
+                "resource-exhausted" => r.grpc_codes[8] = true,
+                "internal" => r.grpc_codes[13] = true,
+                "unavailable" => r.grpc_codes[14] = true,
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// Header changes at one level (route, virtual host or route configuration).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderOps {
+    /// `request_headers_to_add`.
+    pub request_add: Vec<HeaderAdd>,
+    /// `request_headers_to_remove` (lowercase).
+    pub request_remove: Vec<String>,
+    /// `response_headers_to_add`.
+    pub response_add: Vec<HeaderAdd>,
+    /// `response_headers_to_remove` (lowercase).
+    pub response_remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Whether this level changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+}
+
+/// One `HeaderValueOption`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderAdd {
+    /// Header name (lowercase).
+    pub name: String,
+    /// Value; may hold `%DOWNSTREAM_REMOTE_ADDRESS%`-style variables.
+    pub value: String,
+    /// What to do when the header exists.
+    pub action: AppendAction,
+    /// `keep_empty_value`: add the header even when the value ends up empty.
+    pub keep_empty: bool,
+}
+
+/// `HeaderValueOption.append_action` (or the deprecated `append` bool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendAction {
+    /// APPEND_IF_EXISTS_OR_ADD (the default; `append: true`).
+    Append,
+    /// ADD_IF_ABSENT.
+    AddIfAbsent,
+    /// OVERWRITE_IF_EXISTS_OR_ADD (`append: false`).
+    OverwriteOrAdd,
+    /// OVERWRITE_IF_EXISTS.
+    OverwriteIfExists,
 }
 
 impl RouteConfig {
@@ -165,10 +405,10 @@ impl RouteConfig {
     }
 }
 
-fn string_match(m: &matcher::StringMatcher) -> HeaderMatchKind {
+fn string_match(m: &matcher::StringMatcher) -> Result<HeaderMatchKind, FieldError> {
     use matcher::string_matcher::MatchPattern as P;
     let ic = m.ignore_case;
-    match &m.match_pattern {
+    Ok(match &m.match_pattern {
         Some(P::Exact(v)) => HeaderMatchKind::Exact {
             value: v.clone(),
             ignore_case: ic,
@@ -176,12 +416,17 @@ fn string_match(m: &matcher::StringMatcher) -> HeaderMatchKind {
         Some(P::Prefix(v)) => HeaderMatchKind::Prefix(v.clone(), ic),
         Some(P::Suffix(v)) => HeaderMatchKind::Suffix(v.clone(), ic),
         Some(P::Contains(v)) => HeaderMatchKind::Contains(v.clone(), ic),
+        Some(P::SafeRegex(r)) => HeaderMatchKind::Regex(regex(&r.regex, "safe_regex.regex")?),
         _ => HeaderMatchKind::Unsupported("string_match".into()),
-    }
+    })
+}
+
+fn regex(re: &str, field: &str) -> Result<Pattern, FieldError> {
+    Pattern::full(re).map_err(|e| FieldError::new(field, format!("invalid regex {re:?}: {e}")))
 }
 
 #[allow(deprecated)]
-fn header_match(h: &pb::HeaderMatcher) -> HeaderMatch {
+fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
     use pb::header_matcher::HeaderMatchSpecifier as S;
     let kind = match &h.header_match_specifier {
         Some(S::ExactMatch(v)) => HeaderMatchKind::Exact {
@@ -192,92 +437,387 @@ fn header_match(h: &pb::HeaderMatcher) -> HeaderMatch {
         Some(S::SuffixMatch(v)) => HeaderMatchKind::Suffix(v.clone(), false),
         Some(S::ContainsMatch(v)) => HeaderMatchKind::Contains(v.clone(), false),
         Some(S::PresentMatch(p)) => HeaderMatchKind::Present(*p),
-        Some(S::StringMatch(m)) => string_match(m),
-        Some(S::SafeRegexMatch(_)) => HeaderMatchKind::Unsupported("safe_regex_match".into()),
+        Some(S::StringMatch(m)) => string_match(m).map_err(|e| e.within("string_match"))?,
+        Some(S::SafeRegexMatch(r)) => {
+            HeaderMatchKind::Regex(regex(&r.regex, "safe_regex_match.regex")?)
+        }
         Some(S::RangeMatch(_)) => HeaderMatchKind::Unsupported("range_match".into()),
         // No specifier: Envoy treats the matcher as "header present".
         None => HeaderMatchKind::Present(true),
     };
-    HeaderMatch {
+    Ok(HeaderMatch {
         name: h.name.to_ascii_lowercase(),
         kind,
         invert: h.invert_match,
-    }
+    })
 }
 
-fn route_match(m: &pb::RouteMatch) -> RouteMatch {
+fn query_match(q: &pb::QueryParameterMatcher) -> Result<QueryMatch, FieldError> {
+    use pb::query_parameter_matcher::QueryParameterMatchSpecifier as S;
+    if q.name.is_empty() {
+        return Err(FieldError::new("name", "must not be empty"));
+    }
+    let kind = match &q.query_parameter_match_specifier {
+        Some(S::StringMatch(m)) => string_match(m).map_err(|e| e.within("string_match"))?,
+        Some(S::PresentMatch(p)) => HeaderMatchKind::Present(*p),
+        // Neither: the parameter must be present.
+        None => HeaderMatchKind::Present(true),
+    };
+    Ok(QueryMatch {
+        name: q.name.clone(),
+        kind,
+    })
+}
+
+fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
     use pb::route_match::PathSpecifier as Ps;
-    let mut path = match &m.path_specifier {
+    let path = match &m.path_specifier {
         Some(Ps::Prefix(p)) => PathMatch::Prefix(p.clone()),
         Some(Ps::Path(p)) => PathMatch::Path(p.clone()),
-        Some(Ps::SafeRegex(r)) => match Pattern::full(&r.regex) {
-            Ok(p) => PathMatch::Regex(p),
-            Err(e) => PathMatch::Unsupported(format!("safe_regex {:?}: {e}", r.regex)),
-        },
+        Some(Ps::SafeRegex(r)) => PathMatch::Regex(regex(&r.regex, "safe_regex.regex")?),
+        Some(Ps::PathSeparatedPrefix(p)) => {
+            // Envoy's validation: no query or fragment characters, no trailing slash.
+            if p.contains(['?', '#']) || (p.len() > 1 && p.ends_with('/')) {
+                return Err(FieldError::new(
+                    "path_separated_prefix",
+                    format!("{p:?} must not contain ? or # nor end with /"),
+                ));
+            }
+            PathMatch::PathSeparatedPrefix(p.clone())
+        }
         Some(_) => PathMatch::Unsupported("path_specifier".into()),
         None => PathMatch::Unsupported("no path_specifier".into()),
     };
-    if !m.query_parameters.is_empty() {
-        path = PathMatch::Unsupported("query_parameters".into());
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for (i, h) in m.headers.iter().enumerate() {
+        headers.push(header_match(h).map_err(|e| e.within(format!("headers[{i}]")))?);
     }
-    RouteMatch {
+    let mut query_parameters = Vec::with_capacity(m.query_parameters.len());
+    for (i, q) in m.query_parameters.iter().enumerate() {
+        query_parameters
+            .push(query_match(q).map_err(|e| e.within(format!("query_parameters[{i}]")))?);
+    }
+    Ok(RouteMatch {
         path,
         case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
-        headers: m.headers.iter().map(header_match).collect(),
+        headers,
+        query_parameters,
+    })
+}
+
+fn opt_duration(
+    d: Option<&envoy_types::pb::google::protobuf::Duration>,
+    field: &str,
+) -> Result<Option<Duration>, FieldError> {
+    d.map(|d| duration(d).map_err(|e| e.within(field)))
+        .transpose()
+}
+
+const PREVIOUS_HOSTS: &str = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+
+/// Convert a `RetryPolicy` (route or virtual host level).
+pub fn retry_policy(p: &pb::RetryPolicy) -> Result<RetryPolicy, FieldError> {
+    use pb::retry_policy::retry_host_predicate::ConfigType;
+    let per_try_timeout =
+        opt_duration(p.per_try_timeout.as_ref(), "per_try_timeout")?.filter(|d| !d.is_zero());
+    let (base_interval, max_interval) = match &p.retry_back_off {
+        Some(b) => {
+            let base = opt_duration(b.base_interval.as_ref(), "retry_back_off.base_interval")?
+                .ok_or_else(|| FieldError::new("retry_back_off.base_interval", "required"))?;
+            if base.is_zero() {
+                return Err(FieldError::new(
+                    "retry_back_off.base_interval",
+                    "must be greater than 0",
+                ));
+            }
+            let max = opt_duration(b.max_interval.as_ref(), "retry_back_off.max_interval")?
+                .unwrap_or(base * 10);
+            if max < base {
+                return Err(FieldError::new(
+                    "retry_back_off.max_interval",
+                    "must not be smaller than base_interval",
+                ));
+            }
+            (base, max)
+        }
+        None => (DEFAULT_RETRY_BASE, DEFAULT_RETRY_BASE * 10),
+    };
+    let previous_hosts = p.retry_host_predicate.iter().any(|h| {
+        let by_type = matches!(&h.config_type, Some(ConfigType::TypedConfig(a))
+            if a.type_url.rsplit('/').next() == Some(PREVIOUS_HOSTS));
+        by_type || h.name == "envoy.retry_host_predicates.previous_hosts"
+    });
+    let mut retriable_status_codes = Vec::with_capacity(p.retriable_status_codes.len());
+    for (i, c) in p.retriable_status_codes.iter().enumerate() {
+        let c = u16::try_from(*c)
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or_else(|| {
+                FieldError::new(
+                    format!("retriable_status_codes[{i}]"),
+                    format!("{c} is not an HTTP status"),
+                )
+            })?;
+        retriable_status_codes.push(c);
+    }
+    Ok(RetryPolicy {
+        retry_on: RetryOn::parse(&p.retry_on),
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout,
+        base_interval,
+        max_interval,
+        previous_hosts,
+        host_selection_max_attempts: u32::try_from(p.host_selection_retry_max_attempts.max(1))
+            .unwrap_or(u32::MAX),
+        retriable_status_codes,
+    })
+}
+
+fn header_adds(v: &[core::HeaderValueOption], field: &str) -> Result<Vec<HeaderAdd>, FieldError> {
+    use core::header_value_option::HeaderAppendAction as A;
+    let mut out = Vec::with_capacity(v.len());
+    for (i, o) in v.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let Some(h) = &o.header else {
+            return Err(FieldError::new(format!("{at}.header"), "missing"));
+        };
+        let name = h.key.to_ascii_lowercase();
+        if name.is_empty() || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(FieldError::new(
+                format!("{at}.header.key"),
+                format!("{:?} is not a header name", h.key),
+            ));
+        }
+        // Envoy refuses to let configuration set pseudo-headers and `host` this way.
+        if name.starts_with(':') || name == "host" {
+            return Err(FieldError::new(
+                format!("{at}.header.key"),
+                format!("{name:?} cannot be set"),
+            ));
+        }
+        let value = if h.value.is_empty() && !h.raw_value.is_empty() {
+            String::from_utf8_lossy(&h.raw_value).into_owned()
+        } else {
+            h.value.clone()
+        };
+        #[allow(deprecated)]
+        let action = match (&o.append, A::try_from(o.append_action)) {
+            // The deprecated bool wins when set (Envoy refuses both; the bool is older).
+            (Some(b), _) if b.value => AppendAction::Append,
+            (Some(_), _) => AppendAction::OverwriteOrAdd,
+            (None, Ok(A::AppendIfExistsOrAdd)) => AppendAction::Append,
+            (None, Ok(A::AddIfAbsent)) => AppendAction::AddIfAbsent,
+            (None, Ok(A::OverwriteIfExistsOrAdd)) => AppendAction::OverwriteOrAdd,
+            (None, Ok(A::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
+            (None, Err(_)) => {
+                return Err(FieldError::new(
+                    format!("{at}.append_action"),
+                    format!("unknown value {}", o.append_action),
+                ));
+            }
+        };
+        out.push(HeaderAdd {
+            name,
+            value,
+            action,
+            keep_empty: o.keep_empty_value,
+        });
+    }
+    Ok(out)
+}
+
+fn header_removes(v: &[String]) -> Vec<String> {
+    v.iter().map(|h| h.to_ascii_lowercase()).collect()
+}
+
+fn header_ops(
+    req_add: &[core::HeaderValueOption],
+    req_rm: &[String],
+    resp_add: &[core::HeaderValueOption],
+    resp_rm: &[String],
+) -> Result<HeaderOps, FieldError> {
+    Ok(HeaderOps {
+        request_add: header_adds(req_add, "request_headers_to_add")?,
+        request_remove: header_removes(req_rm),
+        response_add: header_adds(resp_add, "response_headers_to_add")?,
+        response_remove: header_removes(resp_rm),
+    })
+}
+
+fn hash_policy(h: &pb::route_action::HashPolicy) -> HashPolicy {
+    use pb::route_action::hash_policy::PolicySpecifier as P;
+    let kind = match &h.policy_specifier {
+        Some(P::Header(x)) => HashKind::Header(x.header_name.to_ascii_lowercase()),
+        Some(P::Cookie(c)) => HashKind::Cookie(c.name.clone()),
+        Some(P::ConnectionProperties(c)) if c.source_ip => HashKind::SourceIp,
+        Some(P::QueryParameter(q)) => HashKind::QueryParameter(q.name.clone()),
+        _ => HashKind::Unsupported,
+    };
+    HashPolicy {
+        kind,
+        terminal: h.terminal,
     }
 }
 
-fn route_action(i: usize, r: &pb::Route) -> Result<RouteAction, FieldError> {
-    use pb::route::Action;
+/// Envoy's `regex_rewrite` substitution uses `\1` for capture groups; regex_lite uses `${1}`.
+fn substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{n}}}"));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
     use pb::route_action::ClusterSpecifier as Cs;
-    Ok(match &r.action {
-        Some(Action::Route(a)) => {
-            let cluster = match &a.cluster_specifier {
-                Some(Cs::Cluster(c)) if c.is_empty() => {
+    use pb::route_action::HostRewriteSpecifier as Hr;
+    let target = match &a.cluster_specifier {
+        Some(Cs::Cluster(c)) if c.is_empty() => {
+            return Err(FieldError::new("cluster", "must not be empty"));
+        }
+        Some(Cs::Cluster(c)) => Target::Clusters(ClusterSpecifier::Cluster(c.clone())),
+        Some(Cs::ClusterHeader(h)) if h.is_empty() => {
+            return Err(FieldError::new("cluster_header", "must not be empty"));
+        }
+        Some(Cs::ClusterHeader(h)) => Target::Header(h.to_ascii_lowercase()),
+        Some(Cs::WeightedClusters(w)) => {
+            let mut out = Vec::with_capacity(w.clusters.len());
+            for (j, c) in w.clusters.iter().enumerate() {
+                if c.name.is_empty() {
                     return Err(FieldError::new(
-                        format!("routes[{i}].route.cluster"),
+                        format!("weighted_clusters.clusters[{j}].name"),
                         "must not be empty",
                     ));
                 }
-                Some(Cs::Cluster(c)) => ClusterSpecifier::Cluster(c.clone()),
-                Some(Cs::WeightedClusters(w)) => {
-                    let mut out = Vec::with_capacity(w.clusters.len());
-                    for (j, c) in w.clusters.iter().enumerate() {
-                        if c.name.is_empty() {
-                            return Err(FieldError::new(
-                                format!("routes[{i}].route.weighted_clusters.clusters[{j}].name"),
-                                "must not be empty",
-                            ));
-                        }
-                        out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
-                    }
-                    ClusterSpecifier::Weighted(out)
-                }
-                _ => return Ok(RouteAction::Unsupported("cluster_specifier".into())),
-            };
-            let timeout = match &a.timeout {
-                Some(d) => {
-                    let d =
-                        duration(d).map_err(|e| e.within(format!("routes[{i}].route.timeout")))?;
-                    (!d.is_zero()).then_some(d)
-                }
-                None => Some(DEFAULT_ROUTE_TIMEOUT),
-            };
-            RouteAction::Forward(Forward {
-                cluster,
-                prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
-                timeout,
-            })
+                out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
+            }
+            Target::Clusters(ClusterSpecifier::Weighted(out))
         }
+        _ => return Ok(RouteAction::Unsupported("cluster_specifier".into())),
+    };
+    let timeout = match &a.timeout {
+        Some(d) => {
+            let d = duration(d).map_err(|e| e.within("timeout"))?;
+            (!d.is_zero()).then_some(d)
+        }
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+    };
+    let idle_timeout =
+        opt_duration(a.idle_timeout.as_ref(), "idle_timeout")?.filter(|d| !d.is_zero());
+    let regex_rewrite = match &a.regex_rewrite {
+        Some(r) => {
+            let re = r.pattern.as_ref().map(|p| p.regex.as_str()).unwrap_or("");
+            let p = Pattern::search(re).map_err(|e| {
+                FieldError::new(
+                    "regex_rewrite.pattern.regex",
+                    format!("invalid regex {re:?}: {e}"),
+                )
+            })?;
+            Some((p, substitution(&r.substitution)))
+        }
+        None => None,
+    };
+    if !a.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
+        return Err(FieldError::new(
+            "regex_rewrite",
+            "cannot be combined with prefix_rewrite",
+        ));
+    }
+    let host_rewrite = match &a.host_rewrite_specifier {
+        Some(Hr::HostRewriteLiteral(h)) if !h.is_empty() => Some(HostRewrite::Literal(h.clone())),
+        Some(Hr::AutoHostRewrite(b)) if b.value => Some(HostRewrite::Auto),
+        _ => None,
+    };
+    let retry_policy = a
+        .retry_policy
+        .as_ref()
+        .map(|p| {
+            retry_policy(p)
+                .map(Arc::new)
+                .map_err(|e| e.within("retry_policy"))
+        })
+        .transpose()?;
+    Ok(RouteAction::Forward(Box::new(Forward {
+        target,
+        prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
+        regex_rewrite,
+        host_rewrite,
+        timeout,
+        idle_timeout,
+        retry_policy,
+        hash_policy: a.hash_policy.iter().map(hash_policy).collect(),
+    })))
+}
+
+fn redirect(r: &pb::RedirectAction) -> Result<Redirect, FieldError> {
+    use pb::redirect_action::PathRewriteSpecifier as P;
+    use pb::redirect_action::RedirectResponseCode as C;
+    use pb::redirect_action::SchemeRewriteSpecifier as S;
+    let status = match C::try_from(r.response_code) {
+        Ok(C::MovedPermanently) => 301,
+        Ok(C::Found) => 302,
+        Ok(C::SeeOther) => 303,
+        Ok(C::TemporaryRedirect) => 307,
+        Ok(C::PermanentRedirect) => 308,
+        Err(_) => {
+            return Err(FieldError::new(
+                "response_code",
+                format!("unknown value {}", r.response_code),
+            ));
+        }
+    };
+    let scheme = match &r.scheme_rewrite_specifier {
+        Some(S::HttpsRedirect(true)) => Some("https".to_string()),
+        Some(S::SchemeRedirect(s)) if !s.is_empty() => Some(s.to_ascii_lowercase()),
+        _ => None,
+    };
+    let port = match r.port_redirect {
+        0 => None,
+        p => Some(
+            u16::try_from(p)
+                .map_err(|_| FieldError::new("port_redirect", format!("{p} is not a port")))?,
+        ),
+    };
+    let path = match &r.path_rewrite_specifier {
+        Some(P::PathRedirect(p)) if !p.is_empty() => Some(PathRedirect::Path(p.clone())),
+        Some(P::PrefixRewrite(p)) => Some(PathRedirect::Prefix(p.clone())),
+        _ => None,
+    };
+    Ok(Redirect {
+        scheme,
+        host: (!r.host_redirect.is_empty()).then(|| r.host_redirect.clone()),
+        port,
+        path,
+        status,
+        strip_query: r.strip_query,
+    })
+}
+
+fn route_action(r: &pb::Route) -> Result<RouteAction, FieldError> {
+    use pb::route::Action;
+    Ok(match &r.action {
+        Some(Action::Route(a)) => forward(a).map_err(|e| e.within("route"))?,
         Some(Action::DirectResponse(d)) => {
-            use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+            use core::data_source::Specifier;
             let status = u16::try_from(d.status)
                 .ok()
-                .filter(|s| (100..=599).contains(s))
+                .filter(|s| (200..=599).contains(s))
                 .ok_or_else(|| {
                     FieldError::new(
-                        format!("routes[{i}].direct_response.status"),
-                        format!("{} is not an HTTP status", d.status),
+                        "direct_response.status",
+                        format!("{} is not in [200, 600)", d.status),
                     )
                 })?;
             let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
@@ -287,7 +827,9 @@ fn route_action(i: usize, r: &pb::Route) -> Result<RouteAction, FieldError> {
             };
             RouteAction::Direct { status, body }
         }
-        Some(Action::Redirect(_)) => RouteAction::Unsupported("redirect".into()),
+        Some(Action::Redirect(r)) => {
+            RouteAction::Redirect(redirect(r).map_err(|e| e.within("redirect"))?)
+        }
         Some(_) => RouteAction::Unsupported("action".into()),
         None => RouteAction::Unsupported("no action".into()),
     })
@@ -303,24 +845,55 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
     let mut clusters = BTreeSet::new();
     let mut routes = Vec::with_capacity(v.routes.len());
     for (i, r) in v.routes.iter().enumerate() {
+        let at = format!("routes[{i}]");
         let Some(m) = &r.r#match else {
-            return Err(FieldError::new(format!("routes[{i}].match"), "missing"));
+            return Err(FieldError::new(format!("{at}.match"), "missing"));
         };
-        let action = route_action(i, r)?;
-        if let RouteAction::Forward(f) = &action {
-            clusters.extend(f.cluster.names().into_iter().map(str::to_string));
+        let matcher = route_match(m).map_err(|e| e.within("match").within(&at))?;
+        let action = route_action(r).map_err(|e| e.within(&at))?;
+        if let RouteAction::Forward(f) = &action
+            && let Target::Clusters(c) = &f.target
+        {
+            clusters.extend(c.names().into_iter().map(str::to_string));
         }
+        let headers = header_ops(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+        )
+        .map_err(|e| e.within(&at))?;
         routes.push(Route {
             name: r.name.clone(),
-            matcher: route_match(m),
+            matcher,
             action,
+            headers,
         });
     }
+    let headers = header_ops(
+        &v.request_headers_to_add,
+        &v.request_headers_to_remove,
+        &v.response_headers_to_add,
+        &v.response_headers_to_remove,
+    )?;
+    let retry_policy = v
+        .retry_policy
+        .as_ref()
+        .map(|p| {
+            retry_policy(p)
+                .map(Arc::new)
+                .map_err(|e| e.within("retry_policy"))
+        })
+        .transpose()?;
     Ok(VirtualHost {
         name: v.name.clone(),
         domains: v.domains.clone(),
         routes,
         clusters,
+        headers,
+        retry_policy,
+        include_request_attempt_count: v.include_request_attempt_count,
+        include_attempt_count_in_response: v.include_attempt_count_in_response,
     })
 }
 
@@ -331,33 +904,47 @@ impl TryFrom<&pb::RouteConfiguration> for RouteConfig {
         if rc.name.is_empty() {
             return Err(err(FieldError::new("name", "must not be empty")));
         }
+        RouteConfig::from_proto(rc).map_err(err)
+    }
+}
+
+impl RouteConfig {
+    /// Convert without requiring a name (an HCM's inline `route_config` may have none).
+    pub fn from_proto(rc: &pb::RouteConfiguration) -> Result<Self, FieldError> {
         let mut names = BTreeSet::new();
         let mut domains = BTreeSet::new();
         let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
         for (i, v) in rc.virtual_hosts.iter().enumerate() {
             let at = format!("virtual_hosts[{i}]");
-            let vh = virtual_host(v).map_err(|e| err(e.within(&at)))?;
+            let vh = virtual_host(v).map_err(|e| e.within(&at))?;
             // Envoy refuses duplicate virtual host names and a domain served by two hosts.
             if !names.insert(vh.name.clone()) {
-                return Err(err(FieldError::new(
+                return Err(FieldError::new(
                     format!("{at}.name"),
                     format!("duplicate virtual host {:?}", vh.name),
-                )));
+                ));
             }
             for d in &vh.domains {
                 if !domains.insert(d.to_ascii_lowercase()) {
-                    return Err(err(FieldError::new(
+                    return Err(FieldError::new(
                         format!("{at}.domains"),
                         format!("domain {d:?} is already served by another virtual host"),
-                    )));
+                    ));
                 }
             }
             virtual_hosts.push(vh);
         }
+        let headers = header_ops(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+        )?;
         Ok(RouteConfig {
             name: rc.name.clone(),
             virtual_hosts,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+            headers,
         })
     }
 }
@@ -509,7 +1096,10 @@ mod tests {
         };
         assert_eq!(f.timeout, Some(DEFAULT_ROUTE_TIMEOUT));
         assert_eq!(f.prefix_rewrite.as_deref(), Some("/v2/"));
-        assert_eq!(f.cluster, ClusterSpecifier::Weighted(vec![("w".into(), 3)]));
+        assert_eq!(
+            f.target,
+            Target::Clusters(ClusterSpecifier::Weighted(vec![("w".into(), 3)]))
+        );
         let RouteAction::Forward(f) = &v.routes[1].action else {
             panic!()
         };
@@ -523,22 +1113,143 @@ mod tests {
         );
     }
 
-    #[test]
-    fn unsupported_regex_is_kept_as_never_matching() {
-        let rc = rc_with(vec![pb::Route {
+    fn bad_regex_route(path: pb::route_match::PathSpecifier) -> pb::RouteConfiguration {
+        let ok = pb::Route {
             r#match: Some(pb::RouteMatch {
-                path_specifier: Some(pb::route_match::PathSpecifier::SafeRegex(
-                    matcher::RegexMatcher {
-                        regex: "(".into(),
-                        ..Default::default()
-                    },
-                )),
+                path_specifier: Some(pb::route_match::PathSpecifier::Prefix("/".into())),
                 ..Default::default()
             }),
             ..Default::default()
-        }]);
-        let r = &rc.virtual_hosts[0].routes[0];
-        assert!(matches!(r.matcher.path, PathMatch::Unsupported(_)));
-        assert!(matches!(r.action, RouteAction::Unsupported(_)));
+        };
+        let bad = pb::Route {
+            r#match: Some(pb::RouteMatch {
+                path_specifier: Some(path),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        pb::RouteConfiguration {
+            name: "r".into(),
+            virtual_hosts: vec![pb::VirtualHost {
+                name: "v".into(),
+                domains: vec!["*".into()],
+                routes: vec![ok, bad],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn invalid_regex_is_rejected_naming_the_route() {
+        let rc = bad_regex_route(pb::route_match::PathSpecifier::SafeRegex(
+            matcher::RegexMatcher {
+                regex: "/a(".into(),
+                ..Default::default()
+            },
+        ));
+        let e = RouteConfig::try_from(&rc).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "route_configuration \"r\": virtual_hosts[0].routes[1].match.safe_regex.regex: invalid regex \"/a(\""
+            ),
+            "{e}"
+        );
+        let rc = bad_regex_route(pb::route_match::PathSpecifier::PathSeparatedPrefix(
+            "/api/".into(),
+        ));
+        let e = RouteConfig::try_from(&rc).unwrap_err().to_string();
+        assert!(e.contains("routes[1].match.path_separated_prefix"), "{e}");
+    }
+
+    #[test]
+    fn retry_policy_defaults_follow_envoy() {
+        let p = retry_policy(&pb::RetryPolicy {
+            retry_on: "5xx,connect-failure,bogus,unavailable".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(p.num_retries, 1, "num_retries defaults to 1");
+        assert_eq!(p.base_interval, Duration::from_millis(25));
+        assert_eq!(p.max_interval, Duration::from_millis(250));
+        assert_eq!(p.host_selection_max_attempts, 1);
+        assert!(p.retry_on.server_error && p.retry_on.connect_failure);
+        assert!(p.retry_on.grpc_codes[14] && !p.retry_on.reset);
+        assert!(!p.previous_hosts);
+        let e = retry_policy(&pb::RetryPolicy {
+            retriable_status_codes: vec![503, 700],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "retriable_status_codes[1]");
+    }
+
+    #[test]
+    fn seed_scenario_retry_policy_converts() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/seed-scenario-loopback/routes.json"
+        ))
+        .unwrap();
+        let file = skiff_proto::parse_discovery_file(&text, None).unwrap();
+        use prost::Message;
+        let rc = pb::RouteConfiguration::decode(file.resources[0].value.as_slice()).unwrap();
+        let rc = RouteConfig::try_from(&rc).unwrap();
+        let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        let p = f.retry_policy.as_deref().unwrap();
+        assert_eq!(p.num_retries, 2);
+        assert!(p.previous_hosts);
+        assert_eq!(p.host_selection_max_attempts, 5);
+        assert_eq!(p.retriable_status_codes, [503]);
+        let on = p.retry_on;
+        assert!(on.connect_failure && on.refused_stream && on.retriable_status_codes);
+        assert!(on.grpc_codes[14] && on.grpc_codes[1]);
+        assert!(!on.server_error && !on.gateway_error && !on.reset);
+        assert_eq!(f.timeout, None);
+    }
+
+    #[test]
+    fn header_value_options_follow_append_rules() {
+        use envoy_types::pb::google::protobuf::BoolValue;
+        #[allow(deprecated)]
+        let hv = |k: &str, append: Option<bool>, action: i32| core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: k.into(),
+                value: "v".into(),
+                ..Default::default()
+            }),
+            append: append.map(|value| BoolValue { value }),
+            append_action: action,
+            ..Default::default()
+        };
+        let adds = header_adds(
+            &[
+                hv("X-A", None, 0),
+                hv("x-b", Some(false), 0),
+                hv("x-c", None, 1),
+                hv("x-d", None, 3),
+            ],
+            "request_headers_to_add",
+        )
+        .unwrap();
+        let actions: Vec<_> = adds.iter().map(|a| (a.name.as_str(), a.action)).collect();
+        assert_eq!(
+            actions,
+            [
+                ("x-a", AppendAction::Append),
+                ("x-b", AppendAction::OverwriteOrAdd),
+                ("x-c", AppendAction::AddIfAbsent),
+                ("x-d", AppendAction::OverwriteIfExists),
+            ]
+        );
+        let e = header_adds(&[hv(":path", None, 0)], "request_headers_to_add").unwrap_err();
+        assert_eq!(e.field, "request_headers_to_add[0].header.key");
+    }
+
+    #[test]
+    fn regex_rewrite_substitution_translates_groups() {
+        assert_eq!(substitution(r"/v2/\1/\12$"), "/v2/${1}/${12}$$");
     }
 }
