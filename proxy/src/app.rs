@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Admin, CaptureControl};
 use crate::bpf::{Capture, CaptureConfig};
+use crate::capture::CaptureExtras;
 use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
 use crate::state::{Snapshot, Store};
@@ -124,10 +125,29 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Run until `shutdown` completes, then drain and clean up (links detach when the capture drops).
 pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with(opts, CaptureExtras::default(), shutdown).await
+}
+
+/// [`run`] with the capture settings of `crate::capture` (iptables fallback, coexistence).
+pub async fn run_with(
+    opts: RunOptions,
+    extras: CaptureExtras,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     // The capture must be installed first: it moves this process into the proxy cgroup, and
     // only sockets created afterwards are seen by the getsockopt hook.
     let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
         Some(cfg) => {
+            if !extras.allow_coexist {
+                let found = crate::capture::coexist::foreign_programs(
+                    cfg.mode.capture_cgroup(),
+                    cfg.mode.proxy_cgroup(),
+                )
+                .context("checking for other programs on the capture hooks")?;
+                if !found.is_empty() {
+                    anyhow::bail!(crate::capture::coexist::refusal(&found));
+                }
+            }
             let mut c = Capture::install(cfg).context("installing eBPF capture")?;
             c.spawn_log_pump();
             Some(Arc::new(CaptureHandle(
@@ -174,10 +194,19 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
             async move { stop.cancelled().await },
         )));
     }
+    // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
+    let inbound_port = extras.inbound.as_ref().map(|i| i.port);
+    let inbound_steering = match &extras.inbound {
+        Some(ib) => Some(start_inbound(ib, &dp, &stop, &mut tasks)?),
+        None => None,
+    };
     for l in &opts.bootstrap.listeners {
         // The capture listener serves the virtual listener's port; per-service listeners
         // (bind_to_port false) only receive connections handed over by original destination.
-        if !l.bind_to_port || l.address.port() == capture_port {
+        if !l.bind_to_port
+            || l.address.port() == capture_port
+            || inbound_port == Some(l.address.port())
+        {
             continue;
         }
         let sock = bind(l.address)
@@ -199,7 +228,7 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         tasks.push(tokio::spawn(dynamic_listeners(
             store.clone(),
             dp.clone(),
-            capture_port,
+            [Some(capture_port), inbound_port],
             stop.clone(),
         )));
         let resources = Resources::new(
@@ -249,6 +278,14 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
         c.0.set_ready(true)
             .context("marking the proxy ready in the BPF config map")?;
     }
+    // iptables rules go in once the listeners exist (no window of refused connects); they
+    // are removed when shutdown starts, or by drop on any error return.
+    let mut iptables = match &extras.iptables {
+        Some(cfg) => Some(
+            crate::capture::IptablesCapture::install(cfg).context("installing iptables capture")?,
+        ),
+        None => None,
+    };
     ready.store(true, Ordering::Relaxed);
     info!("skiff ready");
 
@@ -261,6 +298,11 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     {
         warn!(error = %e, "could not clear the ready flag");
     }
+    if let Some(ipt) = iptables.take()
+        && let Err(e) = ipt.uninstall()
+    {
+        warn!(error = %e, "could not remove the iptables capture; run `skiff cleanup`");
+    }
     ready.store(false, Ordering::Relaxed);
     stop.cancel();
     for t in tasks {
@@ -270,9 +312,88 @@ pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow
     while active_connections(&stats) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(inbound_steering);
     drop(capture);
     info!("stopped");
     Ok(())
+}
+
+/// Binds the inbound listeners (0.0.0.0 and, with IPv6, [::] on the inbound port), starts
+/// their accept loops and, in eBPF mode, attaches `sk_lookup` steering to them. The kernel
+/// counters are mirrored into `/stats` as `skiff.inbound.<name>`.
+fn start_inbound(
+    ib: &crate::capture::InboundOptions,
+    dp: &Arc<Dataplane>,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Option<Arc<crate::bpf::inbound::InboundSteering>>> {
+    let v4_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, ib.port));
+    let v4 = bind(v4_addr).with_context(|| format!("binding inbound listener {v4_addr}"))?;
+    let v6 = if ib.ipv6 {
+        let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
+        let s = TcpSocket::new_v6().context("inbound IPv6 socket")?;
+        // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
+        socket2::SockRef::from(&s)
+            .set_only_v6(true)
+            .context("IPV6_V6ONLY on the inbound listener")?;
+        s.set_reuseaddr(true)?;
+        s.bind(addr)
+            .with_context(|| format!("binding inbound listener {addr}"))?;
+        Some(s.listen(4096)?)
+    } else {
+        None
+    };
+    let steering = if ib.sk_lookup {
+        let pod_ips = if ib.pod_ips.is_empty() {
+            crate::bpf::inbound::local_addresses()?
+        } else {
+            ib.pod_ips.clone()
+        };
+        let s = crate::bpf::inbound::InboundSteering::install(
+            &v4,
+            v6.as_ref(),
+            &pod_ips,
+            &ib.exclude_ports,
+        )
+        .context("installing sk_lookup inbound capture")?;
+        Some(Arc::new(s))
+    } else {
+        None
+    };
+    for l in std::iter::once(v4).chain(v6) {
+        info!(addr = ?l.local_addr().ok(), "inbound listener up");
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(dataplane::inbound::run(
+            l,
+            dp.clone(),
+            ib.port,
+            async move { stop.cancelled().await },
+        )));
+    }
+    if let Some(s) = steering.clone() {
+        let dp = dp.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            // The kernel counters only grow: add what they gained since the last look.
+            let mut last: Vec<u64> = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let now = s.stats();
+                last.resize(now.len(), 0);
+                for ((name, n), seen) in now.into_iter().zip(last.iter_mut()) {
+                    dp.stats
+                        .counter(&format!("skiff.inbound.{name}"))
+                        .add(n.saturating_sub(*seen));
+                    *seen = n;
+                }
+            }
+        }));
+    }
+    Ok(steering)
 }
 
 fn active_connections(stats: &Stats) -> u64 {
@@ -289,7 +410,7 @@ fn active_connections(stats: &Stats) -> u64 {
 async fn dynamic_listeners(
     store: Arc<Store>,
     dp: Arc<Dataplane>,
-    capture_port: u16,
+    skiff_ports: [Option<u16>; 2],
     stop: CancellationToken,
 ) {
     let mut changed = store.subscribe();
@@ -305,7 +426,7 @@ async fn dynamic_listeners(
             .filter(|(n, l)| {
                 !snap.static_listeners.contains(*n)
                     && l.bind_to_port
-                    && l.address.port() != capture_port
+                    && !skiff_ports.contains(&Some(l.address.port()))
             })
             .map(|(n, l)| (n, l.address))
             .collect();

@@ -9,6 +9,7 @@
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
 //! - [`lb`]: balancers (pure).
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
+//! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
 //! - [`xds`]: ADS client (state of the world and delta), handlers per type URL, ACK/NACK.
 //! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`).
 //! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages.
@@ -20,6 +21,7 @@ pub mod addr;
 pub mod admin;
 pub mod app;
 pub mod bpf;
+pub mod capture;
 pub mod config;
 pub mod controlplane;
 pub mod dataplane;

@@ -53,6 +53,9 @@ enum Command {
         #[arg(long, default_value = skiff::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
+    /// Remove the iptables rules (every `SKIFF_*` nat chain and the jumps to them) a killed
+    /// `skiff run --capture iptables` left in this network namespace. Idempotent.
+    Cleanup,
     /// Node mode: add or remove pod cgroups at run time (through the admin API).
     Node {
         #[command(subcommand)]
@@ -103,6 +106,10 @@ enum NodeOp {
 enum CaptureKind {
     /// cgroup connect4/6 + getsockopt eBPF programs.
     Ebpf,
+    /// Istio-equivalent iptables nat rules in this network namespace (removed on exit).
+    Iptables,
+    /// eBPF when this kernel and process support it, else iptables (the log says why).
+    Auto,
     /// Install nothing: something else (iptables REDIRECT) sends traffic, or plain proxying.
     None,
 }
@@ -158,6 +165,28 @@ struct RunArgs {
     /// SO_MARK on the proxy's upstream sockets; marked sockets are never captured.
     #[arg(long, default_value = "0x539", value_parser = parse_u32)]
     proxy_mark: u32,
+    /// iptables mode: the proxy's uid; its connects are never captured (Istio's 1337).
+    #[arg(long)]
+    proxy_uid: Option<u32>,
+    /// iptables mode: the proxy's gid; its connects are never captured.
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    /// Start even if other BPF programs act on the cgroup hooks skiff attaches to.
+    #[arg(long)]
+    allow_coexist: bool,
+    /// Also capture inbound connections to the pod's addresses and serve them with the
+    /// listener on --inbound-port (sk_lookup in eBPF mode, PREROUTING in iptables mode).
+    #[arg(long)]
+    capture_inbound: bool,
+    /// Port of the inbound listener (Istio's virtualInbound 15006).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Ports never captured inbound (Istio's excludeInboundPorts), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// The pod's addresses steered inbound (default: every non-loopback address here).
+    #[arg(long, value_delimiter = ',')]
+    pod_ips: Vec<IpAddr>,
     /// Admin address (overrides the bootstrap's admin.address).
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -215,14 +244,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            let opts = match run_options(args) {
+            let (opts, extras) = match run_options(args) {
                 Ok(o) => o,
                 Err(e) => {
                     eprintln!("skiff: {e:#}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match rt.block_on(skiff::app::run(opts, shutdown_signal())) {
+            match rt.block_on(skiff::app::run_with(opts, extras, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("skiff: {e:#}");
@@ -321,6 +350,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cleanup => match skiff::capture::iptables::cleanup() {
+            Ok(report) => {
+                if report.removed.is_empty() {
+                    println!("nothing to remove");
+                }
+                for (tool, ops) in report.removed {
+                    for op in ops {
+                        println!("{tool}: {op}");
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("skiff: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Node { op, admin } => {
             use hyper::Method;
             let (method, path) = match &op {
@@ -379,21 +425,69 @@ fn maps_text(v: &serde_json::Value) -> String {
     out
 }
 
-fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
+fn run_options(
+    a: RunArgs,
+) -> anyhow::Result<(skiff::app::RunOptions, skiff::capture::CaptureExtras)> {
     use anyhow::{Context, bail};
     let bootstrap = skiff::config::load(&a.bootstrap)?;
     skiff::config::release_parser_memory();
     let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
     let outbound_v6 = (!a.no_ipv6)
         .then(|| SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
-    let capture = match a.capture {
+    let kind = match a.capture {
+        CaptureKind::Auto => match skiff::capture::probe::ebpf_supported(a.cgroup.as_deref()) {
+            Ok(()) => {
+                tracing::info!("--capture auto: the eBPF capture is supported here; using it");
+                CaptureKind::Ebpf
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "--capture auto: eBPF capture unavailable; using iptables");
+                CaptureKind::Iptables
+            }
+        },
+        k => k,
+    };
+    let mut extras = skiff::capture::CaptureExtras {
+        allow_coexist: a.allow_coexist,
+        ..Default::default()
+    };
+    if a.capture_inbound {
+        extras.inbound = Some(skiff::capture::InboundOptions {
+            port: a.inbound_port,
+            exclude_ports: a.exclude_inbound_ports.clone(),
+            sk_lookup: kind == CaptureKind::Ebpf,
+            pod_ips: a.pod_ips.clone(),
+            ipv6: !a.no_ipv6,
+        });
+    }
+    let capture = match kind {
+        CaptureKind::Iptables => {
+            if a.mode == Mode::Node {
+                bail!("--capture iptables serves one network namespace: use --mode sidecar");
+            }
+            extras.iptables = Some(skiff::capture::IptablesConfig {
+                outbound_port: a.outbound_port,
+                inbound_port: a.capture_inbound.then_some(a.inbound_port),
+                proxy_mark: a.proxy_mark,
+                proxy_uid: a.proxy_uid,
+                proxy_gid: a.proxy_gid,
+                exclude_ports: a.exclude_ports.clone(),
+                exclude_cidrs: a.exclude_cidrs.iter().map(|c| (c.addr, c.len)).collect(),
+                exclude_inbound_ports: a.exclude_inbound_ports.clone(),
+                ipv6: !a.no_ipv6,
+            });
+            None
+        }
         CaptureKind::None => {
+            if a.capture_inbound {
+                bail!("--capture-inbound needs --capture ebpf, iptables or auto");
+            }
             if a.cgroup.is_some() || a.cgroup_root.is_some() {
                 bail!("--cgroup/--cgroup-root need --capture ebpf");
             }
             None
         }
-        CaptureKind::Ebpf => {
+        CaptureKind::Ebpf | CaptureKind::Auto => {
             let mode = match a.mode {
                 Mode::Sidecar => {
                     let cgroup = a
@@ -447,8 +541,8 @@ fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
             })
         }
     };
-    let upstream_mark = capture.is_some().then_some(a.proxy_mark);
-    Ok(skiff::app::RunOptions {
+    let upstream_mark = (capture.is_some() || extras.iptables.is_some()).then_some(a.proxy_mark);
+    let opts = skiff::app::RunOptions {
         admin: a.admin.or(bootstrap.admin),
         bootstrap,
         capture,
@@ -456,7 +550,8 @@ fn run_options(a: RunArgs) -> anyhow::Result<skiff::app::RunOptions> {
         outbound_v6,
         upstream_mark,
         drain: a.drain_time,
-    })
+    };
+    Ok((opts, extras))
 }
 
 async fn shutdown_signal() {

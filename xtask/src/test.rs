@@ -45,6 +45,12 @@ pub fn run() -> anyhow::Result<()> {
         "root_fastpath",
         "--test",
         "root_fastpath_eds",
+        "--test",
+        "root_iptables",
+        "--test",
+        "root_inbound",
+        "--test",
+        "root_coexist",
         "--",
         "--test-threads=1",
     ]))?;

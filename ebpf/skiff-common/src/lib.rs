@@ -15,6 +15,8 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod inbound;
+
 /// `AF_INET`, host order, as found in `user_family` / `family` context fields.
 pub const AF_INET: u32 = 2;
 /// `AF_INET6`, host order.

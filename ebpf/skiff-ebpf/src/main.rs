@@ -9,6 +9,8 @@
 //!   proxy's accepted sockets, as iptables REDIRECT would.
 //! - `getpeername.rs`: `cgroup/getpeername4` answers the address the app connected to (the
 //!   service VIP) on fast-path sockets, as iptables DNAT would.
+//! - `sk_lookup.rs` (`--capture-inbound`): steers connections for the pod's addresses to the
+//!   proxy's inbound listener (its maps live beside it).
 //! - `maps.rs`: every map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
@@ -27,6 +29,8 @@ mod getsockopt;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
 
 /// The host build of this bin is empty: it only exists so `cargo build --workspace` works.
 #[cfg(not(target_arch = "bpf"))]

@@ -33,7 +33,8 @@ use super::{
 };
 
 /// The object built by `proxy/build.rs` from `ebpf/skiff-ebpf`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-bpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-bpf"));
 
 // Program names (the eBPF function names) and their hooks, as errors report them.
 const CONNECT4: (&str, &str) = ("skiff_connect4", "cgroup/connect4");

@@ -25,6 +25,7 @@
 
 mod cgroup;
 pub mod explain;
+pub mod inbound;
 mod loader;
 pub mod projection;
 pub mod reconciler;

@@ -5,6 +5,7 @@
 
 pub mod connect;
 pub mod forward;
+pub mod inbound;
 pub mod listen;
 pub mod orig_dst;
 pub mod route;
@@ -195,13 +196,37 @@ pub fn decide(dp: &Dataplane, snap: &Snapshot, conn: &Accepted<'_>) -> Decision 
             None => Decision::Reject(RejectReason::NoListener),
         };
     };
+    decide_on(
+        dp,
+        snap,
+        listener,
+        conn.client,
+        dst,
+        redirected,
+        conn.application_protocols,
+    )
+}
+
+/// Route one connection on a known listener: filter chain by `dst`/`client`, then cluster and
+/// endpoint; `original` serves ORIGINAL_DST clusters. (The inbound listener uses this directly:
+/// its connections never hand off to the listener on their destination.)
+pub fn decide_on(
+    dp: &Dataplane,
+    snap: &Snapshot,
+    listener: &Listener,
+    client: SocketAddr,
+    dst: SocketAddr,
+    original: Option<OrigDstAddr>,
+    application_protocols: &[String],
+) -> Decision {
+    let redirected = original;
     let facts = route::ConnFacts {
         dst,
-        src: conn.client,
-        direct_src: conn.client,
+        src: client,
+        direct_src: client,
         server_name: None,
         transport_protocol: "raw_buffer",
-        application_protocols: conn.application_protocols,
+        application_protocols,
     };
     let Some(chain) = route::select_chain(listener, &facts) else {
         return Decision::Reject(RejectReason::NoFilterChainMatch {

@@ -1,0 +1,160 @@
+//! Root tests of coexistence: skiff refuses to attach its eBPF capture where other programs
+//! already act on the same cgroup hooks (on the cgroup itself or inherited from an ancestor),
+//! naming them, and starts anyway with `--allow-coexist`. The foreign programs here are a
+//! first skiff's (`skiff_connect4`, ...): real programs on the real hooks.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_coexist -- --test-threads=1` (as root).
+
+use std::path::Path;
+use std::time::Duration;
+
+use skiff_tests::{
+    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, require_root,
+    serial, wait_admin_ready,
+};
+
+const BOOTSTRAP: &str = r#"
+node: { id: sidecar~127.0.0.1~coexist.default~default.svc.cluster.local, cluster: coexist }
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  clusters:
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#;
+
+fn skiff_cmd(ns: &Netns, bootstrap: &Path, args: &[&str]) -> std::process::Command {
+    let mut c = command_in(Some(ns), None, built_binary("skiff"));
+    c.arg("run")
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .args(args)
+        .env("RUST_LOG", "info");
+    c
+}
+
+fn sigterm_and_wait(p: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = p.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+}
+
+/// Runs a skiff that must refuse; returns its stderr.
+fn refused(ns: &Netns, bootstrap: &Path, args: &[&str]) -> String {
+    let out = skiff_cmd(ns, bootstrap, args)
+        .output()
+        .expect("run second skiff");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "must refuse with exit 1: {err}");
+    err
+}
+
+fn bootstrap_file(name: &str) -> tempfile::TempPath {
+    let f = tempfile::Builder::new()
+        .prefix(&skiff_tests::test_name(name))
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp bootstrap");
+    std::fs::write(f.path(), BOOTSTRAP).expect("write bootstrap");
+    f.into_temp_path()
+}
+
+#[test]
+fn refuses_programs_on_the_same_cgroup_hooks_unless_allowed() {
+    let _g = serial();
+    let env = require_root();
+    let ns1 = Netns::new("coex-a");
+    let ns2 = Netns::new("coex-b");
+    let mut cg = Cgroup::new(&env, "coex");
+    let app = cg.child("app");
+    let p1 = cg.child_path("proxy1");
+    let p2 = cg.child_path("proxy2");
+    let boot = bootstrap_file("coex");
+
+    let first = Child::spawn(&mut skiff_cmd(
+        &ns1,
+        &boot,
+        &[
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            p1.to_str().unwrap(),
+        ],
+    ));
+    wait_admin_ready(&ns1);
+
+    let args = [
+        "--cgroup",
+        app.to_str().unwrap(),
+        "--proxy-cgroup",
+        p2.to_str().unwrap(),
+    ];
+    let err = refused(&ns2, &boot, &args);
+    for needle in [
+        "skiff_connect4 (id ",
+        "on cgroup/connect4 of",
+        "skiff_connect6 (id ",
+        "skiff_sock_ops (id ",
+        "--allow-coexist",
+    ] {
+        assert!(err.contains(needle), "refusal lacks {needle:?}: {err}");
+    }
+    assert!(!p2.exists(), "a refused skiff creates no proxy cgroup");
+
+    let mut allowed: Vec<&str> = args.to_vec();
+    allowed.push("--allow-coexist");
+    let second = Child::spawn(&mut skiff_cmd(&ns2, &boot, &allowed));
+    wait_admin_ready(&ns2);
+    sigterm_and_wait(second);
+    sigterm_and_wait(first);
+    assert_no_programs_attached(cg.path());
+}
+
+#[test]
+fn refuses_programs_inherited_from_an_ancestor_cgroup() {
+    let _g = serial();
+    let env = require_root();
+    let ns1 = Netns::new("coex-node");
+    let ns2 = Netns::new("coex-pod");
+    let mut cg = Cgroup::new(&env, "coex-anc");
+    let app = cg.child("app");
+    let node_proxy = cg.child_path("skiff-proxy");
+    let p2 = cg.child_path("proxy2");
+    let boot = bootstrap_file("coex-anc");
+
+    // A node-mode skiff attaches at the test's node root, the app cgroup's parent.
+    let node = Child::spawn(&mut skiff_cmd(
+        &ns1,
+        &boot,
+        &[
+            "--mode",
+            "node",
+            "--cgroup-root",
+            cg.path().to_str().unwrap(),
+        ],
+    ));
+    wait_admin_ready(&ns1);
+    let err = refused(
+        &ns2,
+        &boot,
+        &[
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            p2.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("skiff_connect4 (id ") && err.contains(app.to_str().unwrap()),
+        "inherited programs must be named: {err}"
+    );
+    sigterm_and_wait(node);
+    assert!(!node_proxy.exists());
+    assert_no_programs_attached(cg.path());
+}

@@ -1,0 +1,297 @@
+//! Root tests of inbound capture (`skiff run --capture-inbound`): two private network
+//! namespaces joined by a veth whose addresses (10.200.0.1/24 in A, 10.200.0.2/24 in B) exist
+//! only inside them. A client in A connects to B's address; skiff in B captures the
+//! connection (sk_lookup in eBPF mode, PREROUTING REDIRECT in iptables mode), routes it through
+//! the virtualInbound listener's chains and forwards it to B's app from 127.0.0.6, as Istio does.
+//! Excluded inbound ports reach the app directly, with the client's own address.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_inbound -- --test-threads=1` (as root).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use skiff_tests::{
+    Cgroup, Child, Netns, admin_stat as stat, assert_no_programs_attached, built_binary,
+    command_in, field, require_root, run, serial, wait_admin_ready,
+};
+
+fn testpeer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
+}
+
+const BOOTSTRAP: &str = r#"
+node: { id: sidecar~10.200.0.2~b.default~default.svc.cluster.local, cluster: b }
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: PassthroughCluster
+          cluster: PassthroughCluster
+  - name: virtualInbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15006 } }
+    traffic_direction: INBOUND
+    filter_chains:
+    - name: "0.0.0.0_8080"
+      filter_chain_match: { destination_port: 8080 }
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: "inbound|8080||"
+          cluster: "inbound|8080||"
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: InboundPassthroughClusterIpv4
+          cluster: InboundPassthroughClusterIpv4
+  clusters:
+  - name: "inbound|8080||"
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+  - name: InboundPassthroughClusterIpv4
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#;
+
+const POD_B: &str = "10.200.0.2";
+const CLIENT_A: &str = "10.200.0.1";
+
+struct Pair {
+    // Drop order: apps, then the namespaces (deleting B's netns removes the veth pair).
+    apps: Vec<Child>,
+    a: Netns,
+    b: Netns,
+    bootstrap: tempfile::TempPath,
+}
+
+/// Netns A and B joined by a veth (created inside A, its peer moved into B: it never exists in
+/// this machine's own namespace), and B's apps on 0.0.0.0:8080, :7070 and :9090.
+fn pair(name: &str) -> Pair {
+    require_root();
+    let a = Netns::new(&format!("{name}-a"));
+    let b = Netns::new(&format!("{name}-b"));
+    run(Command::new("ip").args([
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        "va",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb",
+        "netns",
+        b.name(),
+    ]));
+    for (ns, dev, cidr) in [(&a, "va", "10.200.0.1/24"), (&b, "vb", "10.200.0.2/24")] {
+        run(Command::new("ip").args(["-n", ns.name(), "addr", "add", cidr, "dev", dev]));
+        run(Command::new("ip").args(["-n", ns.name(), "link", "set", dev, "up"]));
+        // The only routes: loopback and the /24 on the veth; nothing leaves the pair.
+        let routes = run(Command::new("ip").args(["-n", ns.name(), "-4", "route", "show"]));
+        assert!(
+            routes.lines().all(|l| l.starts_with("10.200.0.0/24 dev ")),
+            "unexpected route in {}: {routes}",
+            ns.name()
+        );
+    }
+    let mut apps = Vec::new();
+    for port in [8080, 7070, 9090] {
+        let mut app = Child::spawn(
+            command_in(Some(&b), None, testpeer()).args(["origdst", &format!("0.0.0.0:{port}")]),
+        );
+        app.expect_line("ready", Duration::from_secs(5));
+        apps.push(app);
+    }
+    let file = tempfile::Builder::new()
+        .prefix(&skiff_tests::test_name(name))
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp bootstrap");
+    std::fs::write(file.path(), BOOTSTRAP).expect("write bootstrap");
+    Pair {
+        apps,
+        a,
+        b,
+        bootstrap: file.into_temp_path(),
+    }
+}
+
+/// A client in A connecting to B's `port`.
+fn client(p: &Pair, port: u16) -> String {
+    let out = command_in(Some(&p.a), None, testpeer())
+        .args([
+            "client",
+            &format!("{POD_B}:{port}"),
+            "--bytes",
+            "65536",
+            "--timeout-ms",
+            "3000",
+        ])
+        .output()
+        .expect("run client");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The peer B's app on `port` saw for its next connection.
+fn app_peer(p: &mut Pair, port: u16) -> String {
+    let i = [8080, 7070, 9090]
+        .iter()
+        .position(|&x| x == port)
+        .expect("known app port");
+    let line = p.apps[i].expect_line("accepted", Duration::from_secs(5));
+    field(&line, "peer").unwrap_or_default().to_string()
+}
+
+fn skiff(p: &Pair, args: &[&str]) -> Child {
+    let mut c = command_in(Some(&p.b), None, built_binary("skiff"));
+    c.arg("run")
+        .arg("--bootstrap")
+        .arg(&p.bootstrap)
+        .args([
+            "--capture-inbound",
+            "--exclude-inbound-ports",
+            "9090",
+            "--no-ipv6",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info,skiff=debug");
+    Child::spawn(&mut c)
+}
+
+fn sigterm_and_wait(p: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = p.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+}
+
+/// The checks both modes pass: captured ports go through skiff's inbound listener and reach
+/// the app from 127.0.0.6; the excluded port reaches it straight from A.
+fn assert_inbound_capture(p: &mut Pair) {
+    let out = client(p, 8080);
+    assert!(out.starts_with("ok "), "captured inbound connect: {out}");
+    assert_eq!(field(&out, "echoed"), Some("65536"), "{out}");
+    let peer = app_peer(p, 8080);
+    assert!(
+        peer.starts_with("127.0.0.6:"),
+        "the app must see skiff's inbound passthrough source, saw {peer}"
+    );
+    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 1);
+    assert_eq!(stat(&p.b, "cluster.inbound|8080||.upstream_cx_total"), 1);
+
+    // A port without its own chain takes the default chain: InboundPassthroughCluster.
+    let out = client(p, 7070);
+    assert!(out.starts_with("ok "), "passthrough inbound: {out}");
+    assert!(app_peer(p, 7070).starts_with("127.0.0.6:"));
+    assert_eq!(
+        stat(
+            &p.b,
+            "cluster.InboundPassthroughClusterIpv4.upstream_cx_total"
+        ),
+        1
+    );
+
+    // excludeInboundPorts: straight to the app, which sees the client's own address.
+    let out = client(p, 9090);
+    assert!(out.starts_with("ok "), "excluded inbound port: {out}");
+    let peer = app_peer(p, 9090);
+    assert!(
+        peer.starts_with(&format!("{CLIENT_A}:")),
+        "excluded port must bypass skiff, app saw {peer}"
+    );
+    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 2);
+}
+
+/// After skiff exits, B's app is reached directly again.
+fn assert_direct_after_exit(p: &mut Pair) {
+    let out = client(p, 8080);
+    assert!(out.starts_with("ok "), "after exit: {out}");
+    let peer = app_peer(p, 8080);
+    assert!(
+        peer.starts_with(&format!("{CLIENT_A}:")),
+        "after exit: {peer}"
+    );
+}
+
+/// Polls a kernel-mirrored gauge (refreshed every 200 ms) until it reaches `min`.
+fn wait_stat(ns: &Netns, name: &str, min: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = stat(ns, name);
+        if v >= min || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sk_lookup_steers_connections_for_the_pod_address_to_the_inbound_listener() {
+    let _g = serial();
+    let env = require_root();
+    let mut p = pair("in-skl");
+    let mut cg = Cgroup::new(&env, "in-skl");
+    let app_cg = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let proxy = skiff(
+        &p,
+        &[
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            app_cg.to_str().unwrap(),
+            "--proxy-cgroup",
+            proxy_cg.to_str().unwrap(),
+        ],
+    );
+    wait_admin_ready(&p.b);
+    assert_inbound_capture(&mut p);
+    assert!(wait_stat(&p.b, "skiff.inbound.steered", 2) >= 2);
+    assert!(wait_stat(&p.b, "skiff.inbound.skip_excluded_port", 1) >= 1);
+    // skiff's own connects to the app (from 127.0.0.6) were never steered back.
+    assert!(wait_stat(&p.b, "skiff.inbound.skip_from_pod", 2) >= 2);
+    sigterm_and_wait(proxy);
+    assert_direct_after_exit(&mut p);
+    assert_no_programs_attached(cg.path());
+}
+
+#[test]
+fn iptables_prerouting_redirects_inbound_connections() {
+    let _g = serial();
+    let mut p = pair("in-ipt");
+    let proxy = skiff(&p, &["--capture", "iptables"]);
+    wait_admin_ready(&p.b);
+    let rules = run(&mut command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
+    assert!(
+        rules.contains("-A PREROUTING -p tcp -j SKIFF_INBOUND")
+            && rules.contains("--dport 9090 -j RETURN")
+            && rules.contains("-A SKIFF_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
+        "{rules}"
+    );
+    assert_inbound_capture(&mut p);
+    sigterm_and_wait(proxy);
+    let rules = run(&mut command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
+    assert!(!rules.contains("SKIFF_"), "rules left: {rules}");
+    assert_direct_after_exit(&mut p);
+}
