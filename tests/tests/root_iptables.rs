@@ -326,3 +326,41 @@ fn not_redirected(line: &str) -> bool {
 fn placeholder() -> Child {
     Child::spawn(Command::new("true").arg("placeholder"))
 }
+
+#[test]
+fn auto_with_a_cgroup_on_this_kernel_uses_ebpf() {
+    let _g = serial();
+    let s = scenario("ipt-auto-bpf");
+    let env = require_root();
+    let mut cg = skiff_tests::Cgroup::new(&env, "ipt-auto-bpf");
+    let app = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let mut proxy = skiff(
+        &s,
+        &[
+            "--capture",
+            "auto",
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            proxy_cg.to_str().unwrap(),
+        ],
+    );
+    wait_admin_ready(&s.ns);
+    assert!(
+        skiff_chains(&s.ns).is_empty(),
+        "auto must pick eBPF here, not iptables"
+    );
+    let tree = skiff_tests::bpftool_cgroup_tree(cg.path());
+    assert!(tree.contains("connect4"), "{tree}");
+    let out = command_in(Some(&s.ns), Some(&app), testpeer())
+        .args(["client", "10.96.0.1:80", "--timeout-ms", "3000"])
+        .output()
+        .expect("client");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("ok "), "{out}");
+    signal(&proxy, nix::sys::signal::Signal::SIGTERM);
+    let (status, _) = std::mem::replace(&mut proxy, placeholder()).wait(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    skiff_tests::assert_no_programs_attached(cg.path());
+}
