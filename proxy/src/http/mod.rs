@@ -100,6 +100,10 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
     }
 }
 
+/// Marks a response skiff generated itself (not an upstream's).
+#[derive(Debug, Clone, Copy)]
+struct LocalReply;
+
 fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(body.to_string()))
@@ -107,6 +111,7 @@ fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
             .boxed(),
     );
     *r.status_mut() = status;
+    r.extensions_mut().insert(LocalReply);
     if !body.is_empty() {
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -276,7 +281,15 @@ async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<
             debug!(action = %what, "route action not supported");
             local_reply(StatusCode::NOT_IMPLEMENTED, "")
         }
-        RouteAction::Forward(f) => forward(&ctx, f, req, &host, &path).await,
+        RouteAction::Forward(f) => {
+            let mut r = forward(&ctx, f, req, &host, &path).await;
+            // Envoy applies the route's response header changes to its local replies too
+            // (503 NC/UH/UF, 504); upstream responses already got them in `forward`.
+            if r.extensions().get::<LocalReply>().is_some() {
+                ctx.response_headers(r.headers_mut(), None);
+            }
+            r
+        }
     }
 }
 

