@@ -52,6 +52,28 @@ async fn backend(name: &'static str) -> SocketAddr {
     addr
 }
 
+/// An h2c-only backend answering `<name> <version> <uri>`: proves the cluster's
+/// `HttpProtocolOptions` chose HTTP/2 upstream.
+async fn h2_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let body = format!("{name} {:?} {}", req.version(), req.uri());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
 fn listeners(port: u16) -> String {
     format!(
         r#"{{"version_info": "1", "resources": [{{
@@ -75,9 +97,16 @@ fn clusters(backends: &[(&str, SocketAddr)]) -> String {
     let items: Vec<String> = backends
         .iter()
         .map(|(name, a)| {
+            let h2 = if name.starts_with("h2") {
+                r#""typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}},"#
+            } else {
+                ""
+            };
             format!(
                 r#"{{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-  "name": "{name}", "type": "STATIC", "connect_timeout": "1s",
+  "name": "{name}", "type": "STATIC", "connect_timeout": "1s", {h2}
   "load_assignment": {{"cluster_name": "{name}", "endpoints": [{{"lb_endpoints": [{{"endpoint":
     {{"address": {{"socket_address": {{"address": "{}", "port_value": {}}}}}}}}}]}}]}}}}"#,
                 a.ip(),
@@ -101,6 +130,7 @@ const ROUTES: &str = r#"{"version_info": "1", "resources": [{
    "response_headers_to_add": [{"header": {"key": "x-resp", "value": "vh"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
    "routes": [
     {"match": {"path": "/exact"}, "route": {"cluster": "c1"}},
+    {"match": {"prefix": "/h2"}, "route": {"cluster": "h2c"}},
     {"match": {"prefix": "/api/", "headers": [{"name": "x-canary", "present_match": true}]}, "route": {"cluster": "c2"}},
     {"match": {"prefix": "/api/"}, "route": {"cluster": "c1", "prefix_rewrite": "/v2/"},
      "request_headers_to_add": [{"header": {"key": "x-added", "value": "route"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}]},
@@ -137,6 +167,7 @@ fn requests() -> Vec<(
         ("a.example", "/exact", vec![]),
         ("a.example", "/exact?x=1", vec![]),
         ("a.example", "/exact/more", vec![]),
+        ("a.example", "/h2/x?y=1", vec![]),
         ("A.Example", "/exact", vec![]),
         ("a.example:8080", "/exact", vec![]),
         ("a.example", "/api/users", vec![("x-canary", "1")]),
@@ -308,6 +339,7 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
         ("c1", backend("c1").await),
         ("c2", backend("c2").await),
         ("c3", backend("c3").await),
+        ("h2c", h2_backend("h2c").await),
     ];
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -385,7 +417,7 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     for want in [200, 301, 302, 307, 404, 418, 503] {
         assert!(statuses.contains(&want), "no {want} in {from_envoy:?}");
     }
-    for c in ["c1 ", "c2 ", "c3 "] {
+    for c in ["c1 ", "c2 ", "c3 ", "h2c HTTP/2.0 "] {
         assert!(
             from_envoy.iter().any(|a| a.1.starts_with(c)),
             "{c} never served"
