@@ -5,8 +5,10 @@
 //! skiff-testpeer echo    <addr>           listen, print `ready local=..`, echo every connection
 //! skiff-testpeer origdst <addr>           as echo, and print for each accepted connection
 //!                                         `accepted peer=.. local=.. orig_dst=<addr>|orig_dst_errno=<n>`
-//! skiff-testpeer client  <addr> [--bytes N] [--mark M] [--timeout-ms T]
-//!                                         connect, send N bytes (default 1024), half-close, read
+//! skiff-testpeer client  <addr> [--bytes N] [--mark M] [--timeout-ms T] [--chunk-seed S]
+//!                                         connect, send N bytes (default 1024; with
+//!                                         --chunk-seed in pseudo-random write sizes from 1 B to
+//!                                         128 KiB while reading concurrently), half-close, read
 //!                                         the echo; print `ok peer=.. local=.. sent=N echoed=N
 //!                                         elapsed_ms=..` (exit 0) or `err stage=.. errno=..
 //!                                         elapsed_ms=.. msg=..` (exit 1)
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             opt("--bytes").unwrap_or(1024) as usize,
             opt("--mark").map(|m| m as u32),
             Duration::from_millis(opt("--timeout-ms").unwrap_or(5000)),
+            opt("--chunk-seed"),
         ),
         _ => {
             eprintln!("{usage}");
@@ -122,7 +125,13 @@ fn echo(mut conn: TcpStream) {
     let _ = conn.shutdown(Shutdown::Write);
 }
 
-fn client(addr: SocketAddr, bytes: usize, mark: Option<u32>, timeout: Duration) -> ExitCode {
+fn client(
+    addr: SocketAddr,
+    bytes: usize,
+    mark: Option<u32>,
+    timeout: Duration,
+    chunk_seed: Option<u64>,
+) -> ExitCode {
     let start = Instant::now();
     let fail = |stage: &str, e: std::io::Error| {
         println!(
@@ -160,15 +169,66 @@ fn client(addr: SocketAddr, bytes: usize, mark: Option<u32>, timeout: Duration) 
         .unwrap_or_default();
     let mut stream: TcpStream = sock.into();
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
-    if let Err(e) = stream.write_all(&payload) {
-        return fail("write", e);
-    }
-    if let Err(e) = stream.shutdown(Shutdown::Write) {
-        return fail("shutdown", e);
-    }
     let mut back = Vec::with_capacity(bytes);
-    if let Err(e) = stream.read_to_end(&mut back) {
-        return fail("read", e);
+    match chunk_seed {
+        None => {
+            if let Err(e) = stream.write_all(&payload) {
+                return fail("write", e);
+            }
+            if let Err(e) = stream.shutdown(Shutdown::Write) {
+                return fail("shutdown", e);
+            }
+            if let Err(e) = stream.read_to_end(&mut back) {
+                return fail("read", e);
+            }
+        }
+        Some(seed) => {
+            // Write while reading: echoed bytes would otherwise fill both socket buffers.
+            let mut writer = match stream.try_clone() {
+                Ok(w) => w,
+                Err(e) => return fail("clone", e),
+            };
+            let sent = payload.clone();
+            let w = thread::spawn(move || -> std::io::Result<()> {
+                let mut rng = seed | 1;
+                let mut at = 0;
+                while at < sent.len() {
+                    // xorshift64: sizes mix tiny, small, medium and large writes.
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    let cap = [64u64, 1024, 16 * 1024, 128 * 1024][(rng >> 62) as usize];
+                    let n = (1 + (rng % cap) as usize).min(sent.len() - at);
+                    writer.write_all(&sent[at..at + n])?;
+                    at += n;
+                }
+                writer.shutdown(Shutdown::Write)
+            });
+            // Read like an event-loop app: a would-block read means "wait and retry". On a
+            // sockmap-accelerated socket the kernel (tcp_bpf_recvmsg) answers EAGAIN even to a
+            // blocking read when a FIN arrives on the TCP path while the reader waits.
+            let deadline = Instant::now() + timeout;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => back.extend_from_slice(&buf[..n]),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return fail("read", e),
+                }
+            }
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return fail("write", e),
+                Err(_) => return fail("write", std::io::Error::other("writer panicked")),
+            }
+        }
     }
     let same = if back == payload { "yes" } else { "no" };
     println!(

@@ -36,10 +36,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub secs: Option<f64>,
     /// Only these paths, comma separated (direct, skiff-l4, skiff-l4-1w, skiff-ebpf,
-    /// skiff-fastpath, skiff-iptables, envoy-iptables, envoy-c1, envoy-c2, haproxy, nginx).
+    /// skiff-sockmap, skiff-fastpath, skiff-iptables, envoy-iptables, envoy-c1, envoy-c2, haproxy, nginx).
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
-    /// Only these cases, comma separated (tput-1, tput-4, lat-64, lat-4k, conn-rate).
+    /// Only these cases, comma separated (tput-1, tput-1k, tput-4, lat-64, lat-4k, conn-rate).
     #[arg(long, value_delimiter = ',')]
     pub cases: Vec<String>,
     /// Use this skiff binary instead of building `cargo build --release -p skiff`.
@@ -65,6 +65,7 @@ pub enum Route {
     SkiffL4,
     SkiffL4W1,
     SkiffEbpf,
+    SkiffSockmap,
     SkiffFastpath,
     SkiffIptables,
     EnvoyIptables,
@@ -75,11 +76,12 @@ pub enum Route {
 }
 
 impl Route {
-    const ALL: [Route; 11] = [
+    const ALL: [Route; 12] = [
         Route::Direct,
         Route::SkiffL4,
         Route::SkiffL4W1,
         Route::SkiffEbpf,
+        Route::SkiffSockmap,
         Route::SkiffFastpath,
         Route::SkiffIptables,
         Route::EnvoyIptables,
@@ -96,6 +98,7 @@ impl Route {
             Route::SkiffL4 => "skiff-l4",
             Route::SkiffL4W1 => "skiff-l4-1w",
             Route::SkiffEbpf => "skiff-ebpf",
+            Route::SkiffSockmap => "skiff-sockmap",
             Route::SkiffFastpath => "skiff-fastpath",
             Route::SkiffIptables => "skiff-iptables",
             Route::EnvoyIptables => "envoy-iptables",
@@ -117,6 +120,9 @@ impl Route {
             Route::SkiffEbpf => {
                 "client in pod cgroup -> VIP, eBPF connect4 -> skiff 15001 -> backend"
             }
+            Route::SkiffSockmap => {
+                "as skiff-ebpf with --sockmap on both service ports: app <-> proxy payload moves socket-to-socket (sk_msg)"
+            }
             Route::SkiffFastpath => {
                 "client in pod cgroup -> VIP, skiff --fast-path: connect4 rewrites to the backend (no proxy hop)"
             }
@@ -137,6 +143,7 @@ impl Route {
         match self {
             Route::Direct => BACKEND_IP,
             Route::SkiffEbpf
+            | Route::SkiffSockmap
             | Route::SkiffFastpath
             | Route::SkiffIptables
             | Route::EnvoyIptables => VIP,
@@ -163,7 +170,10 @@ impl Route {
 
     /// The client runs in the pod cgroup skiff captures.
     fn in_pod(self) -> bool {
-        matches!(self, Route::SkiffEbpf | Route::SkiffFastpath)
+        matches!(
+            self,
+            Route::SkiffEbpf | Route::SkiffSockmap | Route::SkiffFastpath
+        )
     }
 }
 
@@ -171,6 +181,7 @@ impl Route {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Case {
     Tput1,
+    Tput1k,
     Tput4,
     Lat64,
     Lat4k,
@@ -178,8 +189,9 @@ pub enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 5] = [
+    const ALL: [Case; 6] = [
         Case::Tput1,
+        Case::Tput1k,
         Case::Tput4,
         Case::Lat64,
         Case::Lat4k,
@@ -190,6 +202,7 @@ impl Case {
     pub fn name(self) -> &'static str {
         match self {
             Case::Tput1 => "tput-1",
+            Case::Tput1k => "tput-1k",
             Case::Tput4 => "tput-4",
             Case::Lat64 => "lat-64",
             Case::Lat4k => "lat-4k",
@@ -680,13 +693,17 @@ fn start_route(ctx: &Ctx, r: Route) -> anyhow::Result<Running> {
             c.args(["--capture", "none"]);
             (c, Ready::Http(admin, "/ready"))
         }
-        Route::SkiffEbpf | Route::SkiffFastpath => {
+        Route::SkiffEbpf | Route::SkiffSockmap | Route::SkiffFastpath => {
             let cfg = write("transparent.yaml", transparent_bootstrap())?;
             let pod = ctx.pod.context("no pod cgroup")?;
             let mut c = skiff_cmd(&cfg);
             c.arg("--cgroup").arg(pod);
             if r == Route::SkiffFastpath {
                 c.arg("--fast-path");
+            }
+            if r == Route::SkiffSockmap {
+                c.args(["--sockmap", "--sockmap-ports"])
+                    .arg(format!("{IPERF_PORT},{ECHO_PORT}"));
             }
             if let Some(parent) = pod.parent() {
                 c.arg("--proxy-cgroup").arg(parent.join("skiff-proxy"));
@@ -834,7 +851,10 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             let before = pid.map(procstat::usage);
             let t0 = Instant::now();
             let mut res = run_case(ctx, r, c);
-            if res.is_err() && matches!(c, Case::Tput1 | Case::Tput4) && !interrupted() {
+            if res.is_err()
+                && matches!(c, Case::Tput1 | Case::Tput1k | Case::Tput4)
+                && !interrupted()
+            {
                 // A failed iperf3 test can leave the server busy: restart it for the next case.
                 let _ = backends.restart_iperf(ctx);
             }
@@ -881,8 +901,8 @@ fn run_case(ctx: &Ctx, r: Route, c: Case) -> anyhow::Result<CaseResult> {
     let secs = format!("{}", ctx.secs);
     let mut cr = CaseResult::default();
     match c {
-        Case::Tput1 | Case::Tput4 => {
-            let streams = if c == Case::Tput1 { "1" } else { "4" };
+        Case::Tput1 | Case::Tput1k | Case::Tput4 => {
+            let streams = if c == Case::Tput4 { "4" } else { "1" };
             let mut cmd = ctx.ns.cmd_in_cgroup(pod, &ctx.tools.iperf3);
             cmd.args([
                 "-c",
@@ -901,6 +921,11 @@ fn run_case(ctx: &Ctx, r: Route, c: Case) -> anyhow::Result<CaseResult> {
             ]);
             if ctx.secs >= 5.0 {
                 cmd.args(["-O", "1"]);
+            }
+            // Mid-sized application writes (iperf3's default is 128 KiB): where per-message
+            // costs such as sk_msg's show.
+            if c == Case::Tput1k {
+                cmd.args(["-l", "1024"]);
             }
             let out = run_bounded(&mut cmd, "iperf3 client", limit)?;
             let v: serde_json::Value =

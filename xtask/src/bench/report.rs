@@ -126,12 +126,12 @@ pub fn markdown(rep: &Report) -> String {
     let _ = writeln!(
         s,
         "\n## L4 bulk throughput (iperf3, Gbit/s at the receiver)\n\n\
-         | path | 1 stream | xdirect | xenvoy | proxy CPU (cores) | 4 streams | xdirect | xenvoy | proxy CPU (cores) |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+         | path | 1 stream | xdirect | xenvoy | proxy CPU (cores) | 1 stream, 1 KiB writes | xdirect | xenvoy | proxy CPU (cores) | 4 streams | xdirect | xenvoy | proxy CPU (cores) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for p in paths(rep) {
         let mut row = format!("| {p} |");
-        for case in ["tput-1", "tput-4"] {
+        for case in ["tput-1", "tput-1k", "tput-4"] {
             let c = rep.cases.iter().find(|c| c.path == p && c.case == case);
             let cores = c.and_then(|c| c.proxy_cpu_s.map(|cpu| cpu / c.wall_s.max(1e-9)));
             let _ = write!(
@@ -231,6 +231,8 @@ pub fn markdown(rep: &Report) -> String {
             mb(max)
         );
     }
+
+    sockmap_section(rep, &mut s);
 
     let _ = writeln!(s, "\n## Issue 6 goals (reported, not enforced)\n");
     let get = |path: &str, case: &str| find(rep, path, case);
@@ -414,6 +416,7 @@ fn plots(rep: &Report, dir: &Path) -> anyhow::Result<()> {
         &groups,
         &[
             ("1 stream", pick("tput-1", &|c| c.gbps)),
+            ("1 stream, 1 KiB writes", pick("tput-1k", &|c| c.gbps)),
             ("4 streams", pick("tput-4", &|c| c.gbps)),
         ],
     )?;
@@ -461,4 +464,32 @@ pub fn write_all(rep: &Report, dir: &Path) -> anyhow::Result<String> {
         eprintln!("bench: plots failed: {e:#}");
     }
     Ok(md)
+}
+
+/// Where `--sockmap` wins: skiff-sockmap against skiff-ebpf (same capture, same proxy) per case.
+fn sockmap_section(rep: &Report, s: &mut String) {
+    let rows: Vec<(String, f64, f64, bool)> = rep
+        .cases
+        .iter()
+        .filter(|c| c.path == "skiff-sockmap")
+        .filter_map(|on| {
+            let off = find(rep, "skiff-ebpf", &on.case)?;
+            let (a, b) = (primary(on)?, primary(off)?);
+            // Latency: lower is better; throughput and rates: higher is better.
+            let lower_better = on.case.starts_with("lat");
+            Some((on.case.clone(), a, b, lower_better))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Sockmap: skiff-sockmap vs skiff-ebpf (same run)\n\n\
+         | case | sockmap on | off | gain (on better when > 1) |\n|---|---:|---:|---:|"
+    );
+    for (case, on, off, lower_better) in rows {
+        let gain = if lower_better { off / on } else { on / off };
+        let _ = writeln!(s, "| {case} | {on:.2} | {off:.2} | {gain:.2}x |");
+    }
 }
