@@ -222,6 +222,18 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
         }
     };
     span.record("endpoint", field::display(target));
+    // The cluster's circuit breaker and the host's live state outlive the snapshot; take them
+    // now. tcp_proxy closes the downstream connection when max_connections is reached.
+    let (cx_slot, host) = match snap.cluster(&cluster) {
+        Some(entry) => match entry.try_connection(crate::lb::RoutingPriority::Default) {
+            Ok(slot) => (Some(slot), entry.lb.host(target.get()).cloned()),
+            Err(e) => {
+                debug!(error = %e, "closing connection");
+                return;
+            }
+        },
+        None => (None, None),
+    };
     // Drop the snapshot before the long copy: the connection keeps its decision, not the config.
     drop(snap);
     let stat = |s: &str| dp.stats.counter(&format!("cluster.{cluster}.{s}"));
@@ -229,14 +241,29 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
     let mut up = match connect::connect(target, dp.upstream_mark, timeout).await {
         Ok(s) => s,
         Err(e) => {
-            match e {
-                connect::ConnectError::Timeout { .. } => stat("upstream_cx_connect_timeout").inc(),
-                _ => stat("upstream_cx_connect_fail").inc(),
+            let outcome = match e {
+                connect::ConnectError::Timeout { .. } => {
+                    stat("upstream_cx_connect_timeout").inc();
+                    crate::lb::Outcome::Timeout
+                }
+                _ => {
+                    stat("upstream_cx_connect_fail").inc();
+                    crate::lb::Outcome::ConnectFailure
+                }
+            };
+            if let Some(h) = &host {
+                h.report(outcome);
             }
             debug!(error = %e, "upstream connect failed");
             return;
         }
     };
+    // Outlier detection and LEAST_REQUEST see L4 connections as tcp_proxy reports them.
+    let _cx = host.map(|h| {
+        h.report(crate::lb::Outcome::Success);
+        h.start_connection()
+    });
+    let _cx_slot = cx_slot;
     let active = dp
         .stats
         .gauge(&format!("cluster.{cluster}.upstream_cx_active"));

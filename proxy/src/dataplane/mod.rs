@@ -285,11 +285,19 @@ pub fn decide_on(
                 cluster: cluster_name.to_string(),
             }),
         },
-        ClusterKind::Static(_) | ClusterKind::Eds { .. } => match lb::pick_round_robin(entry) {
-            Some(ep) => upstream(Some(EndpointAddr(ep)), None),
-            None => Decision::Reject(RejectReason::NoHealthyUpstream {
-                cluster: cluster_name.to_string(),
-            }),
-        },
+        ClusterKind::Static(_) | ClusterKind::Eds { .. } => {
+            // tcp_proxy hashes the source IP for RING_HASH / MAGLEV (`hash_policy: source_ip`).
+            let req = lb::LbRequest {
+                hash: lb::uses_hash(entry.cluster.lb_policy)
+                    .then(|| lb::source_ip_hash(client.ip())),
+                ..Default::default()
+            };
+            match lb::choose(entry, &req) {
+                Some(h) => upstream(Some(EndpointAddr(h.address())), None),
+                None => Decision::Reject(RejectReason::NoHealthyUpstream {
+                    cluster: cluster_name.to_string(),
+                }),
+            }
+        }
     }
 }

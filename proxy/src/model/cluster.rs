@@ -1,5 +1,7 @@
 //! Clusters: how to discover a cluster's hosts and how to balance across them.
 
+pub mod lb;
+
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as pb;
@@ -23,6 +25,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// Whether a `transport_socket` (TLS, ...) is configured: such clusters need userspace.
     pub has_transport_socket: bool,
+    /// Policy parameters, `common_lb_config`, outlier detection, circuit breakers, health checks.
+    pub lb: lb::LbSettings,
     /// Upstream HTTP version (`HttpProtocolOptions`), for HTTP connection manager routes.
     pub upstream_http: super::upstream_http::UpstreamHttp,
 }
@@ -73,6 +77,9 @@ pub enum LbPolicy {
     Maglev,
     /// CLUSTER_PROVIDED (ORIGINAL_DST clusters).
     ClusterProvided,
+    /// skiff's latency-aware PeakEWMA (linkerd2-proxy's balancer), chosen by naming
+    /// [`lb::PEAK_EWMA_POLICY`] in `load_balancing_policy`.
+    PeakEwma,
 }
 
 impl LbPolicy {
@@ -85,11 +92,12 @@ impl LbPolicy {
             LbPolicy::Random => "RANDOM",
             LbPolicy::Maglev => "MAGLEV",
             LbPolicy::ClusterProvided => "CLUSTER_PROVIDED",
+            LbPolicy::PeakEwma => "PEAK_EWMA",
         }
     }
 }
 
-fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
+fn lb_policy(c: &pb::Cluster) -> Result<(LbPolicy, Option<lb::TypedParams>), FieldError> {
     // The typed `load_balancing_policy` wins over the enum when present (Envoy's rule).
     if let Some(lbp) = &c.load_balancing_policy {
         for (i, p) in lbp.policies.iter().enumerate() {
@@ -101,6 +109,7 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
                 .unwrap_or("");
             let name = url.rsplit('/').next().unwrap_or(url);
             let known = match name {
+                lb::PEAK_EWMA_POLICY => Some(LbPolicy::PeakEwma),
                 "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" => {
                     Some(LbPolicy::RoundRobin)
                 }
@@ -133,7 +142,18 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
             };
             // Envoy takes the first policy it supports, in order.
             if let Some(k) = known {
-                return Ok(k);
+                let value = p
+                    .typed_extension_config
+                    .as_ref()
+                    .and_then(|t| t.typed_config.as_ref())
+                    .map(|a| a.value.as_slice())
+                    .unwrap_or(&[]);
+                let params = lb::typed_params(name, value).map_err(|e| {
+                    e.within(format!(
+                        "load_balancing_policy.policies[{i}].typed_extension_config"
+                    ))
+                })?;
+                return Ok((k, params));
             }
             if i + 1 == lbp.policies.len() {
                 return Err(FieldError::new(
@@ -143,7 +163,7 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
             }
         }
     }
-    Ok(match c.lb_policy {
+    let policy = match c.lb_policy {
         0 => LbPolicy::RoundRobin,
         1 => LbPolicy::LeastRequest,
         2 => LbPolicy::RingHash,
@@ -157,7 +177,8 @@ fn lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
                 format!("unknown value {other}"),
             ));
         }
-    })
+    };
+    Ok((policy, None))
 }
 
 impl TryFrom<&pb::Cluster> for Cluster {
@@ -220,7 +241,8 @@ impl TryFrom<&pb::Cluster> for Cluster {
                 )));
             }
         };
-        let lb_policy = lb_policy(c).map_err(err)?;
+        let (lb_policy, typed) = lb_policy(c).map_err(err)?;
+        let lb = lb::parse(c, typed).map_err(err)?;
         let connect_timeout = match &c.connect_timeout {
             Some(d) => duration(d).map_err(|e| err(e.within("connect_timeout")))?,
             None => DEFAULT_CONNECT_TIMEOUT,
@@ -231,6 +253,7 @@ impl TryFrom<&pb::Cluster> for Cluster {
             lb_policy,
             connect_timeout,
             has_transport_socket: c.transport_socket.is_some(),
+            lb,
             upstream_http: super::upstream_http::from_cluster(c).map_err(err)?,
         })
     }

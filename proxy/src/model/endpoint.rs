@@ -175,6 +175,14 @@ impl TryFrom<&pb::ClusterLoadAssignment> for LoadAssignment {
     }
 }
 
+impl Locality {
+    /// From an optional proto (absent = the empty locality), e.g. the bootstrap's
+    /// `node.locality`.
+    pub fn from_proto(l: Option<&core::Locality>) -> Locality {
+        locality(l)
+    }
+}
+
 fn locality(l: Option<&core::Locality>) -> Locality {
     l.map(|l| Locality {
         region: l.region.clone(),

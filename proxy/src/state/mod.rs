@@ -11,7 +11,9 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::lb::{ClusterLb, HostRegistry};
 use crate::model::{Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, RouteConfig};
+use crate::stats::Stats;
 
 /// One accepted (or warming) xDS resource as it arrived, for `/config_dump`.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,28 +67,107 @@ pub struct XdsDump {
     pub endpoints: TypeDump,
 }
 
-/// A cluster together with the endpoints it currently resolves to.
+/// A cluster together with the endpoints it currently resolves to and its balancer.
 #[derive(Debug)]
 pub struct ClusterEntry {
     /// The validated cluster.
     pub cluster: Cluster,
     /// Endpoints (STATIC inline, EDS from its assignment); empty for ORIGINAL_DST and DNS.
     pub assignment: Option<Arc<LoadAssignment>>,
-    /// Round-robin cursor; restarts at 0 with each snapshot.
+    /// Round-robin cursor over DNS hosts; restarts at 0 with each snapshot.
     pub rr: AtomicUsize,
+    /// Hosts and balancing state; live host state is shared with other snapshots through the
+    /// [`HostRegistry`] this entry was attached to.
+    pub lb: ClusterLb,
 }
 
 impl ClusterEntry {
-    /// Endpoints new connections may use (HEALTHY or UNKNOWN).
+    /// An entry whose hosts keep their live state in `registry`.
+    pub fn new(
+        cluster: Cluster,
+        assignment: Option<Arc<LoadAssignment>>,
+        registry: &HostRegistry,
+    ) -> ClusterEntry {
+        let lb = ClusterLb::new(&cluster.name, &cluster.lb, assignment.as_deref(), registry);
+        ClusterEntry {
+            cluster,
+            assignment,
+            rr: AtomicUsize::new(0),
+            lb,
+        }
+    }
+
+    /// Endpoints new connections may use now: EDS HEALTHY or UNKNOWN and neither ejected nor
+    /// failing active health checks.
     pub fn healthy_endpoints(&self) -> Vec<&LbEndpoint> {
-        self.assignment
-            .as_deref()
-            .map(|a| {
-                a.endpoints()
-                    .filter(|e| e.health.is_healthy() && e.internal.is_none())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(a) = self.assignment.as_deref() else {
+            return Vec::new();
+        };
+        // `lb.hosts` follows the assignment's order, internal endpoints left out.
+        a.endpoints()
+            .filter(|e| e.internal.is_none())
+            .zip(&self.lb.hosts)
+            .filter(|(_, h)| h.coarse() == crate::lb::host::Coarse::Healthy)
+            .map(|(e, _)| e)
+            .collect()
+    }
+
+    /// Take a connection slot (`max_connections`); the guard gives it back.
+    pub fn try_connection(
+        &self,
+        p: crate::lb::RoutingPriority,
+    ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
+        self.try_take(p, crate::lb::Resource::Connections)
+    }
+
+    /// Take a pending-request slot (`max_pending_requests`).
+    pub fn try_pending(
+        &self,
+        p: crate::lb::RoutingPriority,
+    ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
+        self.try_take(p, crate::lb::Resource::PendingRequests)
+    }
+
+    /// Take a request slot (`max_requests`).
+    pub fn try_request(
+        &self,
+        p: crate::lb::RoutingPriority,
+    ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
+        self.try_take(p, crate::lb::Resource::Requests)
+    }
+
+    /// Take a retry slot (`max_retries` or the retry budget).
+    pub fn try_retry(
+        &self,
+        p: crate::lb::RoutingPriority,
+    ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
+        self.try_take(p, crate::lb::Resource::Retries)
+    }
+
+    fn try_take(
+        &self,
+        p: crate::lb::RoutingPriority,
+        r: crate::lb::Resource,
+    ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
+        let shared = &self.lb.shared;
+        shared.breakers.try_take(
+            &self.cluster.lb.circuit_breakers,
+            p,
+            r,
+            &self.cluster.name,
+            &shared.stats,
+        )
+    }
+
+    /// The hosts new traffic may reach and their expected shares (priority load, panic,
+    /// locality weights, health, ejections): the set the BPF projection mirrors.
+    pub fn eligible(&self) -> Vec<(Arc<crate::lb::Host>, f64)> {
+        let (views, _) = self.lb.views();
+        let plan = self.lb.plan(self);
+        crate::lb::eligible(&plan, &views)
+            .into_iter()
+            .map(|e| (self.lb.hosts[e.index as usize].clone(), e.share))
+            .collect()
     }
 }
 
@@ -151,6 +232,8 @@ impl Snapshot {
             .into_iter()
             .map(|l| (l.name.clone(), Arc::new(l)))
             .collect();
+        // Until a Store attaches it to its registry, a snapshot's hosts keep their own state.
+        let registry = HostRegistry::new(Arc::new(Stats::default()));
         let clusters = clusters
             .into_iter()
             .map(|c| {
@@ -159,11 +242,7 @@ impl Snapshot {
                     ClusterKind::Eds { service_name } => assignments.get(service_name).cloned(),
                     ClusterKind::Dns { .. } | ClusterKind::OriginalDst => None,
                 };
-                let entry = ClusterEntry {
-                    cluster: c,
-                    assignment,
-                    rr: AtomicUsize::new(0),
-                };
+                let entry = ClusterEntry::new(c, assignment, &registry);
                 (entry.cluster.name.clone(), Arc::new(entry))
             })
             .collect();
@@ -204,6 +283,21 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<ClusterEntry>> {
         self.clusters.get(name)
     }
+
+    /// Re-create every cluster entry on `registry`, so hosts keep their live state (active
+    /// requests, ejections, health-check results) from earlier snapshots; forgets the state of
+    /// clusters this snapshot no longer has.
+    pub fn attach(&mut self, registry: &HostRegistry) {
+        let names: BTreeSet<&str> = self.clusters.keys().map(String::as_str).collect();
+        registry.retain(&names);
+        for entry in self.clusters.values_mut() {
+            *entry = Arc::new(ClusterEntry::new(
+                entry.cluster.clone(),
+                entry.assignment.clone(),
+                registry,
+            ));
+        }
+    }
 }
 
 /// Holder of the current snapshot; readers never block and never see a partial update.
@@ -211,14 +305,22 @@ impl Snapshot {
 pub struct Store {
     current: ArcSwap<Snapshot>,
     changed: tokio::sync::watch::Sender<u64>,
+    registry: Arc<HostRegistry>,
 }
 
 impl Store {
-    /// A store serving `initial`.
+    /// A store serving `initial`, with host state counted in a private `Stats`.
     pub fn new(initial: Snapshot) -> Self {
+        Store::with_registry(initial, HostRegistry::new(Arc::new(Stats::default())))
+    }
+
+    /// A store serving `initial` whose snapshots keep host state in `registry`.
+    pub fn with_registry(mut initial: Snapshot, registry: Arc<HostRegistry>) -> Self {
+        initial.attach(&registry);
         Store {
             current: ArcSwap::from_pointee(initial),
             changed: tokio::sync::watch::Sender::new(0),
+            registry,
         }
     }
 
@@ -227,10 +329,16 @@ impl Store {
         self.current.load_full()
     }
 
-    /// Publish a new snapshot.
-    pub fn publish(&self, next: Snapshot) {
+    /// Publish a new snapshot (its hosts are attached to the store's registry first).
+    pub fn publish(&self, mut next: Snapshot) {
+        next.attach(&self.registry);
         self.current.store(Arc::new(next));
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Host state shared by every snapshot of this store.
+    pub fn registry(&self) -> &Arc<HostRegistry> {
+        &self.registry
     }
 
     /// A receiver that wakes after each publish (the value is a generation counter).

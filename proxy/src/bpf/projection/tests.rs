@@ -80,6 +80,7 @@ pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster 
         lb_policy: lb,
         connect_timeout: Duration::from_secs(1),
         has_transport_socket: false,
+        lb: Default::default(),
         upstream_http: Default::default(),
     }
 }
@@ -161,6 +162,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
                 lb_policy: LbPolicy::ClusterProvided,
                 connect_timeout: Duration::from_secs(1),
                 has_transport_socket: false,
+                lb: Default::default(),
                 upstream_http: Default::default(),
             },
         ],
@@ -186,6 +188,7 @@ fn unhealthy_endpoints_are_left_out_and_an_empty_cluster_is_not_projected() {
         lb_policy: LbPolicy::RoundRobin,
         connect_timeout: Duration::from_secs(1),
         has_transport_socket: false,
+        lb: Default::default(),
         upstream_http: Default::default(),
     };
     let mut assignments = BTreeMap::new();
@@ -303,6 +306,7 @@ proptest! {
                 lb_policy: LbPolicy::RoundRobin,
                 connect_timeout: Duration::from_secs(1),
                 has_transport_socket: false,
+                lb: Default::default(),
                 upstream_http: Default::default(),
             };
             project(&snap(vec![virtual_listener(vec![tcp_chain("s", "10.96.0.10", 80, "c")])], vec![c]), 15001)

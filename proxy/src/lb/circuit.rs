@@ -1,0 +1,233 @@
+//! Circuit breakers: per cluster and routing priority, limits on connections, pending
+//! requests, requests and retries. A `try_*` either returns a guard (the count goes down when
+//! it drops) or [`Overflow`], which is counted in Envoy's overflow stat.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::model::cluster::lb::{CircuitBreakers, Thresholds};
+use crate::stats::Stats;
+
+/// Envoy's routing priority (`RoutingPriority`), which selects the thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RoutingPriority {
+    /// DEFAULT.
+    #[default]
+    Default,
+    /// HIGH.
+    High,
+}
+
+/// Which limit a request or connection ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// `max_connections`.
+    Connections,
+    /// `max_pending_requests`.
+    PendingRequests,
+    /// `max_requests`.
+    Requests,
+    /// `max_retries` (or the retry budget).
+    Retries,
+}
+
+impl Resource {
+    /// The `cluster.<name>.` stat Envoy counts an overflow in.
+    pub fn overflow_stat(self) -> &'static str {
+        match self {
+            Resource::Connections => "upstream_cx_overflow",
+            // Envoy counts max_requests overflows as pending overflows too.
+            Resource::PendingRequests | Resource::Requests => "upstream_rq_pending_overflow",
+            Resource::Retries => "upstream_rq_retry_overflow",
+        }
+    }
+}
+
+/// A circuit breaker is open: the limit named is reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cluster {cluster}: circuit breaker {resource:?} open (limit {limit})")]
+pub struct Overflow {
+    /// Cluster.
+    pub cluster: String,
+    /// The limit.
+    pub resource: Resource,
+    /// Its value.
+    pub limit: u64,
+}
+
+/// Counters of one routing priority.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub connections: AtomicU64,
+    pub pending: AtomicU64,
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+/// Live circuit breaker counts of one cluster (kept across snapshots).
+#[derive(Debug, Default)]
+pub struct Breakers {
+    pub(crate) default: Arc<Counts>,
+    pub(crate) high: Arc<Counts>,
+}
+
+/// Holds one unit of a resource; releases it on drop.
+#[derive(Debug)]
+pub struct BreakerGuard {
+    counts: Arc<Counts>,
+    resource: Resource,
+}
+
+impl Drop for BreakerGuard {
+    fn drop(&mut self) {
+        counter(&self.counts, self.resource).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn counter(c: &Counts, r: Resource) -> &AtomicU64 {
+    match r {
+        Resource::Connections => &c.connections,
+        Resource::PendingRequests => &c.pending,
+        Resource::Requests => &c.requests,
+        Resource::Retries => &c.retries,
+    }
+}
+
+impl Breakers {
+    fn counts(&self, p: RoutingPriority) -> &Arc<Counts> {
+        match p {
+            RoutingPriority::Default => &self.default,
+            RoutingPriority::High => &self.high,
+        }
+    }
+
+    /// Current count of `resource` at priority `p`.
+    pub fn current(&self, p: RoutingPriority, resource: Resource) -> u64 {
+        counter(self.counts(p), resource).load(Ordering::Acquire)
+    }
+
+    /// Take one unit of `resource` if below `limit`, else count the overflow.
+    pub(crate) fn try_take(
+        &self,
+        cfg: &CircuitBreakers,
+        p: RoutingPriority,
+        resource: Resource,
+        cluster: &str,
+        stats: &Stats,
+    ) -> Result<BreakerGuard, Overflow> {
+        let t: &Thresholds = match p {
+            RoutingPriority::Default => &cfg.default,
+            RoutingPriority::High => &cfg.high,
+        };
+        let counts = self.counts(p);
+        let limit = match resource {
+            Resource::Connections => t.max_connections,
+            Resource::PendingRequests => t.max_pending_requests,
+            Resource::Requests => t.max_requests,
+            Resource::Retries => match t.retry_budget {
+                // Envoy's retry budget: a share of the active requests, with a floor.
+                Some((pct, min)) => {
+                    let active = counts.requests.load(Ordering::Acquire)
+                        + counts.pending.load(Ordering::Acquire);
+                    ((active as f64 * pct / 100.0) as u64).max(min)
+                }
+                None => t.max_retries,
+            },
+        };
+        let c = counter(counts, resource);
+        let taken = c
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v < limit).then_some(v + 1)
+            })
+            .is_ok();
+        if taken {
+            Ok(BreakerGuard {
+                counts: counts.clone(),
+                resource,
+            })
+        } else {
+            stats
+                .counter(&format!("cluster.{cluster}.{}", resource.overflow_stat()))
+                .inc();
+            Err(Overflow {
+                cluster: cluster.to_string(),
+                resource,
+                limit,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_releases_and_overflow_is_counted() {
+        let b = Breakers::default();
+        let mut cfg = CircuitBreakers::default();
+        cfg.default.max_connections = 2;
+        let stats = Stats::default();
+        let take = || {
+            b.try_take(
+                &cfg,
+                RoutingPriority::Default,
+                Resource::Connections,
+                "c",
+                &stats,
+            )
+        };
+        let g1 = take().unwrap();
+        let _g2 = take().unwrap();
+        let e = take().unwrap_err();
+        assert_eq!(e.resource, Resource::Connections);
+        assert_eq!(stats.counter("cluster.c.upstream_cx_overflow").get(), 1);
+        drop(g1);
+        assert!(take().is_ok());
+        // HIGH has its own counts and its defaults.
+        assert!(
+            b.try_take(
+                &cfg,
+                RoutingPriority::High,
+                Resource::Connections,
+                "c",
+                &stats
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn retries_default_to_three() {
+        let b = Breakers::default();
+        let cfg = CircuitBreakers::default();
+        let stats = Stats::default();
+        let g: Vec<_> = (0..3)
+            .map(|_| {
+                b.try_take(
+                    &cfg,
+                    RoutingPriority::Default,
+                    Resource::Retries,
+                    "c",
+                    &stats,
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(
+            b.try_take(
+                &cfg,
+                RoutingPriority::Default,
+                Resource::Retries,
+                "c",
+                &stats
+            )
+            .is_err()
+        );
+        assert_eq!(
+            stats.counter("cluster.c.upstream_rq_retry_overflow").get(),
+            1
+        );
+        drop(g);
+    }
+}

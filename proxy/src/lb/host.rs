@@ -1,0 +1,351 @@
+//! Upstream hosts: what the current snapshot says about one (address, locality, weight, EDS
+//! health) and the live state that outlives snapshots (active requests and connections,
+//! outlier and active health-check flags), shared through [`HostState`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::registry::ClusterShared;
+use crate::model::endpoint::{HealthStatus, Locality};
+
+/// What happened to one request or connection sent to a host; feeds outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request succeeded (or a connection was established, for L4).
+    Success,
+    /// An HTTP response with this status came back from the host.
+    Status(u16),
+    /// The connect failed (refused, unreachable).
+    ConnectFailure,
+    /// The host did not answer in time (connect or response timeout).
+    Timeout,
+    /// The host reset the connection or stream.
+    Reset,
+    /// Another locally detected failure (protocol error, ...).
+    LocalOriginFailure,
+}
+
+/// Health flags of a host, Envoy's `Host::HealthFlag` subset skiff sets.
+pub mod flag {
+    /// Ejected by outlier detection.
+    pub const FAILED_OUTLIER_CHECK: u32 = 1;
+    /// Failed active health checking.
+    pub const FAILED_ACTIVE_HC: u32 = 1 << 1;
+    /// Not yet checked by active health checking (also counts as failed until the first pass).
+    pub const PENDING_ACTIVE_HC: u32 = 1 << 2;
+    /// The last active health check timed out.
+    pub const ACTIVE_HC_TIMEOUT: u32 = 1 << 3;
+}
+
+/// How a host may be used, from all its flags (Envoy's coarse health).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coarse {
+    /// Used for traffic.
+    Healthy,
+    /// Used only when not enough healthy hosts exist in its priority.
+    Degraded,
+    /// Used only in panic mode.
+    Unhealthy,
+}
+
+/// Live state of one host, kept across snapshots by the registry (keyed by cluster + address).
+#[derive(Debug)]
+pub struct HostState {
+    flags: AtomicU32,
+    active_rq: AtomicU64,
+    active_cx: AtomicU64,
+    rq_total: AtomicU64,
+    rq_error: AtomicU64,
+    cx_total: AtomicU64,
+    cx_connect_fail: AtomicU64,
+    /// Set once any request or connection used this host (health checks use
+    /// `no_traffic_interval` until then).
+    pub(crate) used: AtomicBool,
+    pub(crate) outlier: Mutex<OutlierHost>,
+    ewma: Mutex<Ewma>,
+}
+
+/// Outlier-detection bookkeeping of one host.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OutlierHost {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub consecutive_local_origin_failure: u32,
+    /// Times ejected (Envoy's ejection multiplier; decays while the host stays healthy).
+    pub num_ejections: u32,
+    /// When the current ejection started.
+    pub ejected_at: Option<Instant>,
+    /// Success-rate window of the current interval (external origin).
+    pub interval_success: u64,
+    pub interval_total: u64,
+    /// Success rate of the last completed interval, percent, when it had enough volume.
+    pub last_success_rate: Option<f64>,
+}
+
+/// PeakEWMA latency estimate (linkerd2-proxy's): peaks jump up at once, decay exponentially.
+#[derive(Debug, Clone)]
+struct Ewma {
+    rtt_ns: f64,
+    at: Option<Instant>,
+}
+
+/// RTT assumed before the first measurement (linkerd2-proxy uses a similar prior).
+pub(crate) const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Decay window of the PeakEWMA estimate.
+pub(crate) const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+impl Default for HostState {
+    fn default() -> Self {
+        HostState {
+            flags: AtomicU32::new(0),
+            active_rq: AtomicU64::new(0),
+            active_cx: AtomicU64::new(0),
+            rq_total: AtomicU64::new(0),
+            rq_error: AtomicU64::new(0),
+            cx_total: AtomicU64::new(0),
+            cx_connect_fail: AtomicU64::new(0),
+            used: AtomicBool::new(false),
+            outlier: Mutex::new(OutlierHost::default()),
+            ewma: Mutex::new(Ewma {
+                rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+                at: None,
+            }),
+        }
+    }
+}
+
+impl HostState {
+    /// Current flags (`flag::*`).
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Acquire)
+    }
+
+    /// Set `f`; true when it was not set before.
+    pub(crate) fn set_flag(&self, f: u32) -> bool {
+        self.flags.fetch_or(f, Ordering::AcqRel) & f == 0
+    }
+
+    /// Clear `f`; true when it was set before.
+    pub(crate) fn clear_flag(&self, f: u32) -> bool {
+        self.flags.fetch_and(!f, Ordering::AcqRel) & f != 0
+    }
+
+    /// Requests in flight.
+    pub fn active_requests(&self) -> u64 {
+        self.active_rq.load(Ordering::Relaxed)
+    }
+
+    /// Connections open.
+    pub fn active_connections(&self) -> u64 {
+        self.active_cx.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent so far.
+    pub fn requests_total(&self) -> u64 {
+        self.rq_total.load(Ordering::Relaxed)
+    }
+
+    /// Requests that failed (5xx, reset, timeout).
+    pub fn requests_error(&self) -> u64 {
+        self.rq_error.load(Ordering::Relaxed)
+    }
+
+    /// Connections opened so far.
+    pub fn connections_total(&self) -> u64 {
+        self.cx_total.load(Ordering::Relaxed)
+    }
+
+    /// Connects that failed.
+    pub fn connect_failures(&self) -> u64 {
+        self.cx_connect_fail.load(Ordering::Relaxed)
+    }
+
+    /// Success rate of the last outlier-detection interval (percent), when measured.
+    pub fn success_rate(&self) -> Option<f64> {
+        self.outlier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_success_rate
+    }
+
+    /// PeakEWMA cost: decayed peak RTT (ns) times (active requests + 1).
+    pub(crate) fn ewma_cost(&self, now: Instant) -> f64 {
+        let e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let rtt = match e.at {
+            Some(at) => decay(e.rtt_ns, now.saturating_duration_since(at)),
+            None => e.rtt_ns,
+        };
+        rtt * (self.active_requests() as f64 + 1.0)
+    }
+
+    /// Feed one latency sample into the PeakEWMA estimate.
+    pub(crate) fn observe_rtt(&self, rtt: Duration, now: Instant) {
+        let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let sample = rtt.as_nanos() as f64;
+        // A peak replaces the estimate at once; lower samples pull it down with a weight that
+        // grows with the time since the last update.
+        e.rtt_ns = if sample > e.rtt_ns {
+            sample
+        } else {
+            let elapsed =
+                e.at.map(|at| now.saturating_duration_since(at))
+                    .unwrap_or_default();
+            let w = decay_weight(elapsed);
+            e.rtt_ns * w + sample * (1.0 - w)
+        };
+        e.at = Some(now);
+    }
+}
+
+/// Weight kept by an old estimate after `elapsed`: `exp(-elapsed / EWMA_DECAY)`.
+fn decay_weight(elapsed: Duration) -> f64 {
+    (-(elapsed.as_secs_f64()) / EWMA_DECAY.as_secs_f64()).exp()
+}
+
+/// The estimate decays towards zero while no sample arrives, so an idle host is tried again.
+fn decay(rtt_ns: f64, elapsed: Duration) -> f64 {
+    rtt_ns * decay_weight(elapsed)
+}
+
+/// One upstream host as the current snapshot describes it, with its live state.
+#[derive(Debug)]
+pub struct Host {
+    pub(crate) address: SocketAddr,
+    /// Region/zone/sub-zone.
+    pub locality: Locality,
+    /// Priority level (0 is highest).
+    pub priority: u32,
+    /// `load_balancing_weight` (at least 1).
+    pub weight: u32,
+    /// EDS `health_status`.
+    pub eds_health: HealthStatus,
+    /// Weight of the host's locality, when set.
+    pub locality_weight: Option<u32>,
+    pub(crate) state: Arc<HostState>,
+    pub(crate) cluster: Arc<ClusterShared>,
+}
+
+impl Host {
+    /// Where to connect.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Live state (counters and flags).
+    pub fn state(&self) -> &HostState {
+        &self.state
+    }
+
+    /// Health flags from active checks and outlier detection (`flag::*`).
+    pub fn flags(&self) -> u32 {
+        self.state.flags()
+    }
+
+    /// Envoy's coarse health over EDS status and live flags.
+    pub fn coarse(&self) -> Coarse {
+        coarse(self.eds_health, self.state.flags())
+    }
+
+    /// Count one request in flight until the guard drops (LEAST_REQUEST, PeakEWMA, `/clusters`).
+    pub fn start_request(self: &Arc<Self>) -> RequestGuard {
+        self.state.active_rq.fetch_add(1, Ordering::Relaxed);
+        self.state.rq_total.fetch_add(1, Ordering::Relaxed);
+        self.state.used.store(true, Ordering::Relaxed);
+        RequestGuard {
+            host: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Count one open connection until the guard drops.
+    pub fn start_connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.state.active_cx.fetch_add(1, Ordering::Relaxed);
+        self.state.cx_total.fetch_add(1, Ordering::Relaxed);
+        self.state.used.store(true, Ordering::Relaxed);
+        ConnectionGuard { host: self.clone() }
+    }
+
+    /// Report what happened to a request or connect: outlier detection counts it.
+    pub fn report(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Success => {}
+            Outcome::ConnectFailure => {
+                self.state.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+                self.state.rq_error.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Status(s) if s < 500 => {}
+            _ => {
+                self.state.rq_error.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.cluster.report(self, outcome, Instant::now());
+    }
+}
+
+/// Envoy's coarse health (`HostImpl::coarseHealth`): any failed flag or an EDS status of
+/// UNHEALTHY, TIMEOUT or DRAINING makes the host unhealthy; EDS DEGRADED makes it degraded.
+pub fn coarse(eds: HealthStatus, flags: u32) -> Coarse {
+    if flags & (flag::FAILED_OUTLIER_CHECK | flag::FAILED_ACTIVE_HC | flag::ACTIVE_HC_TIMEOUT) != 0
+    {
+        return Coarse::Unhealthy;
+    }
+    match eds {
+        HealthStatus::Unhealthy | HealthStatus::Timeout | HealthStatus::Draining => {
+            Coarse::Unhealthy
+        }
+        HealthStatus::Degraded => Coarse::Degraded,
+        HealthStatus::Healthy | HealthStatus::Unknown => Coarse::Healthy,
+    }
+}
+
+/// One request in flight on a host; dropping it ends the request.
+#[derive(Debug)]
+pub struct RequestGuard {
+    host: Arc<Host>,
+    started: Instant,
+}
+
+impl RequestGuard {
+    /// The host this request went to.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+
+    /// Report the request's outcome; its duration feeds the PeakEWMA latency estimate.
+    pub fn finish(self, outcome: Outcome) {
+        let now = Instant::now();
+        self.host
+            .state
+            .observe_rtt(now.saturating_duration_since(self.started), now);
+        self.host.report(outcome);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.host.state.active_rq.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open connection to a host; dropping it closes the count.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    host: Arc<Host>,
+}
+
+impl ConnectionGuard {
+    /// The host this connection goes to.
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.host.state.active_cx.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,228 @@
+//! Host state that outlives snapshots. Snapshots are rebuilt on every xDS push; Envoy keeps a
+//! host (its counters, its ejection, its health-check result) while EDS keeps listing it, and so
+//! does the [`HostRegistry`]: state is keyed by cluster name and address, and each new
+//! snapshot's cluster entries are attached to it by `Store::publish`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::circuit::Breakers;
+use super::host::{Host, HostState, flag};
+use crate::model::cluster::lb::{LbSettings, OutlierDetection};
+use crate::model::endpoint::{LoadAssignment, Locality};
+use crate::stats::Stats;
+
+/// Every cluster's persistent host state, shared by successive snapshots.
+#[derive(Debug)]
+pub struct HostRegistry {
+    clusters: Mutex<HashMap<String, Arc<ClusterShared>>>,
+    pub(crate) stats: Arc<Stats>,
+    health: Arc<watch::Sender<u64>>,
+    local_locality: Mutex<Option<Locality>>,
+}
+
+impl HostRegistry {
+    /// A registry counting its stats (overflows, ejections) in `stats`.
+    pub fn new(stats: Arc<Stats>) -> Arc<HostRegistry> {
+        Arc::new(HostRegistry {
+            clusters: Mutex::new(HashMap::new()),
+            stats,
+            health: Arc::new(watch::Sender::new(0)),
+            local_locality: Mutex::new(None),
+        })
+    }
+
+    /// Wakes whenever a host's ejection or active health-check state changes (the value is a
+    /// generation counter): the BPF reconciler re-projects then.
+    pub fn subscribe_health(&self) -> watch::Receiver<u64> {
+        self.health.subscribe()
+    }
+
+    /// Current health generation.
+    pub fn health_generation(&self) -> u64 {
+        *self.health.borrow()
+    }
+
+    /// The proxy's own locality (`node.locality`), for zone-aware routing.
+    pub fn set_local_locality(&self, l: Option<Locality>) {
+        *self
+            .local_locality
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = l;
+    }
+
+    /// The proxy's own locality, when known.
+    pub fn local_locality(&self) -> Option<Locality> {
+        self.local_locality
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The shared state of cluster `name` (created on first use), with its settings updated.
+    pub fn cluster(&self, name: &str, settings: &LbSettings) -> Arc<ClusterShared> {
+        let mut m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let c = m
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ClusterShared {
+                    name: name.to_string(),
+                    stats: self.stats.clone(),
+                    health: self.health.clone(),
+                    generation: AtomicU64::new(0),
+                    hosts: Mutex::new(HashMap::new()),
+                    breakers: Breakers::default(),
+                    outlier: ArcSwap::from_pointee(None),
+                    active_hc: ArcSwap::from_pointee(false),
+                    host_count: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        if **c.outlier.load() != settings.outlier {
+            c.outlier.store(Arc::new(settings.outlier.clone()));
+        }
+        let hc = !settings.health_checks.is_empty();
+        if **c.active_hc.load() != hc {
+            c.active_hc.store(Arc::new(hc));
+        }
+        c
+    }
+
+    /// Forget clusters not in `keep` (their hosts went away with them).
+    pub fn retain(&self, keep: &BTreeSet<&str>) {
+        let mut m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|k, _| keep.contains(k.as_str()));
+    }
+}
+
+/// One cluster's state kept across snapshots: its hosts' live state, circuit breaker counts,
+/// outlier-detection settings and a health generation.
+#[derive(Debug)]
+pub struct ClusterShared {
+    /// Cluster name (for stats).
+    pub name: String,
+    pub(crate) stats: Arc<Stats>,
+    health: Arc<watch::Sender<u64>>,
+    generation: AtomicU64,
+    hosts: Mutex<HashMap<SocketAddr, Arc<HostState>>>,
+    /// Circuit breaker counts.
+    pub breakers: Breakers,
+    pub(crate) outlier: ArcSwap<Option<OutlierDetection>>,
+    active_hc: ArcSwap<bool>,
+    host_count: AtomicU64,
+}
+
+impl ClusterShared {
+    /// Bumped whenever a host of this cluster changes health (ejection, active check).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Record a health change: this cluster's balancer rebuilds its host sets, and the BPF
+    /// reconciler is woken.
+    pub(crate) fn health_changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.health.send_modify(|g| *g += 1);
+    }
+
+    /// Hosts currently in this cluster's assignment.
+    pub(crate) fn host_count(&self) -> u64 {
+        self.host_count.load(Ordering::Relaxed)
+    }
+
+    /// Build the hosts of `assignment`, reusing the live state of hosts already known and
+    /// dropping the state of hosts no longer listed. New hosts of an actively checked cluster
+    /// start as failed and pending, as in Envoy, until their first check passes.
+    pub(crate) fn hosts_for(
+        self: &Arc<Self>,
+        assignment: Option<&LoadAssignment>,
+    ) -> Vec<Arc<Host>> {
+        let mut out = Vec::new();
+        let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: HashMap<SocketAddr, Arc<HostState>> = HashMap::new();
+        let checked = **self.active_hc.load();
+        if let Some(a) = assignment {
+            for loc in &a.localities {
+                for e in &loc.endpoints {
+                    // Internal endpoints are served in-process, never balanced over the network.
+                    if e.internal.is_some() {
+                        continue;
+                    }
+                    let state = next
+                        .entry(e.address)
+                        .or_insert_with(|| {
+                            map.get(&e.address).cloned().unwrap_or_else(|| {
+                                let s = HostState::default();
+                                if checked {
+                                    s.set_flag(flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC);
+                                }
+                                Arc::new(s)
+                            })
+                        })
+                        .clone();
+                    out.push(Arc::new(Host {
+                        address: e.address,
+                        locality: loc.locality.clone(),
+                        priority: loc.priority,
+                        weight: e.weight,
+                        eds_health: e.health,
+                        locality_weight: loc.weight,
+                        state,
+                        cluster: self.clone(),
+                    }));
+                }
+            }
+        }
+        // Active checks switched off: their verdicts no longer apply.
+        if !checked {
+            for s in next.values() {
+                s.clear_flag(
+                    flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC | flag::ACTIVE_HC_TIMEOUT,
+                );
+            }
+        }
+        // Outlier detection switched off: ejections end.
+        if self.outlier.load().is_none() {
+            for s in next.values() {
+                s.clear_flag(flag::FAILED_OUTLIER_CHECK);
+            }
+        }
+        *map = next;
+        self.host_count.store(map.len() as u64, Ordering::Relaxed);
+        let ejected = map
+            .values()
+            .filter(|s| s.flags() & flag::FAILED_OUTLIER_CHECK != 0)
+            .count() as u64;
+        drop(map);
+        self.set_ejections_active(ejected);
+        out
+    }
+
+    /// Number of hosts currently ejected.
+    pub fn ejections_active(&self) -> u64 {
+        let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|s| s.flags() & flag::FAILED_OUTLIER_CHECK != 0)
+            .count() as u64
+    }
+
+    pub(crate) fn set_ejections_active(&self, n: u64) {
+        let g = self.stats.gauge(&format!(
+            "cluster.{}.outlier_detection.ejections_active",
+            self.name
+        ));
+        g.set(n);
+    }
+
+    /// Count `cluster.<name>.<suffix>`.
+    pub(crate) fn count(&self, suffix: &str) {
+        self.stats
+            .counter(&format!("cluster.{}.{suffix}", self.name))
+            .inc();
+    }
+}

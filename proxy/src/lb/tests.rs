@@ -1,0 +1,403 @@
+//! Balancer tests over real cluster entries (no sockets).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::cluster::lb::{LbSettings, OutlierDetection};
+use crate::model::endpoint::{HealthStatus, LbEndpoint, Locality, LocalityEndpoints};
+use crate::model::{Cluster, ClusterKind, LoadAssignment};
+use crate::stats::Stats;
+
+/// (address, weight, priority, locality zone, health)
+type Ep<'a> = (&'a str, u32, u32, &'a str, HealthStatus);
+
+fn assignment(eps: &[Ep<'_>], locality_weights: &[(&str, u32)]) -> LoadAssignment {
+    let mut groups: BTreeMap<(u32, String), Vec<LbEndpoint>> = BTreeMap::new();
+    for (a, w, p, z, h) in eps {
+        groups
+            .entry((*p, z.to_string()))
+            .or_default()
+            .push(LbEndpoint {
+                address: a.parse().unwrap(),
+                internal: None,
+                health: *h,
+                weight: *w,
+            });
+    }
+    LoadAssignment {
+        cluster_name: "c".into(),
+        localities: groups
+            .into_iter()
+            .map(|((p, z), endpoints)| LocalityEndpoints {
+                weight: locality_weights
+                    .iter()
+                    .find(|(n, _)| *n == z)
+                    .map(|(_, w)| *w),
+                locality: Locality {
+                    region: "r".into(),
+                    zone: z,
+                    sub_zone: String::new(),
+                },
+                priority: p,
+                endpoints,
+            })
+            .collect(),
+        overprovisioning_factor: 140,
+    }
+}
+
+fn cluster(policy: LbPolicy, la: LoadAssignment, lb: LbSettings) -> Cluster {
+    Cluster {
+        name: "c".into(),
+        kind: ClusterKind::Static(la),
+        lb_policy: policy,
+        connect_timeout: Duration::from_secs(1),
+        has_transport_socket: false,
+        lb,
+        upstream_http: Default::default(),
+    }
+}
+
+fn entry_on(c: Cluster, reg: &HostRegistry) -> ClusterEntry {
+    let la = match &c.kind {
+        ClusterKind::Static(la) => Some(Arc::new(la.clone())),
+        _ => None,
+    };
+    ClusterEntry::new(c, la, reg)
+}
+
+fn entry(policy: LbPolicy, eps: &[Ep<'_>]) -> ClusterEntry {
+    let reg = HostRegistry::new(Arc::new(Stats::default()));
+    entry_on(
+        cluster(policy, assignment(eps, &[]), LbSettings::default()),
+        &reg,
+    )
+}
+
+fn counts(e: &ClusterEntry, n: usize, req: &LbRequest<'_>) -> HashMap<SocketAddr, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let h = choose(e, req).expect("a host");
+        *m.entry(h.address()).or_default() += 1;
+    }
+    m
+}
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+const H: HealthStatus = HealthStatus::Healthy;
+
+#[test]
+fn round_robin_equal_weights_is_exact() {
+    let e = entry(
+        LbPolicy::RoundRobin,
+        &[
+            ("10.0.0.1:80", 1, 0, "a", H),
+            ("10.0.0.2:80", 1, 0, "a", H),
+            ("10.0.0.3:80", 1, 0, "a", H),
+        ],
+    );
+    let c = counts(&e, 300, &LbRequest::default());
+    assert!(c.values().all(|v| *v == 100), "{c:?}");
+}
+
+#[test]
+fn weighted_round_robin_follows_weights_exactly() {
+    let e = entry(
+        LbPolicy::RoundRobin,
+        &[("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 3, 0, "a", H)],
+    );
+    let c = counts(&e, 400, &LbRequest::default());
+    assert_eq!(c[&a("10.0.0.1:80")], 100);
+    assert_eq!(c[&a("10.0.0.2:80")], 300);
+}
+
+#[test]
+fn unhealthy_draining_and_degraded_as_envoy() {
+    let e = entry(
+        LbPolicy::RoundRobin,
+        &[
+            ("10.0.0.1:80", 1, 0, "a", H),
+            ("10.0.0.2:80", 1, 0, "a", HealthStatus::Unhealthy),
+            ("10.0.0.3:80", 1, 0, "a", HealthStatus::Draining),
+            ("10.0.0.4:80", 1, 0, "a", HealthStatus::Degraded),
+            ("10.0.0.5:80", 1, 0, "a", H),
+        ],
+    );
+    // 2 of 5 healthy: health 56, degraded 28 of 84 -> healthy 66%, degraded 33%, and the
+    // rounding remainder to the healthy hosts: 67/33.
+    let plan = e.lb.plan(&e);
+    assert_eq!(plan.load.healthy, vec![67]);
+    assert_eq!(plan.load.degraded, vec![33]);
+    let c = counts(&e, 2000, &LbRequest::default());
+    assert!(!c.contains_key(&a("10.0.0.2:80")));
+    assert!(!c.contains_key(&a("10.0.0.3:80")));
+    let d = c[&a("10.0.0.4:80")] as f64 / 2000.0;
+    assert!((d - 0.33).abs() < 0.05, "degraded share {d}");
+}
+
+#[test]
+fn panic_mode_uses_every_host() {
+    let e = entry(
+        LbPolicy::RoundRobin,
+        &[
+            ("10.0.0.1:80", 1, 0, "a", H),
+            ("10.0.0.2:80", 1, 0, "a", HealthStatus::Unhealthy),
+            ("10.0.0.3:80", 1, 0, "a", HealthStatus::Unhealthy),
+        ],
+    );
+    // 33% healthy < 50%: panic, all three used.
+    let c = counts(&e, 300, &LbRequest::default());
+    assert_eq!(c.len(), 3, "{c:?}");
+}
+
+#[test]
+fn exclude_moves_to_another_host_when_attempts_allow() {
+    let e = entry(
+        LbPolicy::Random,
+        &[("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 1, 0, "a", H)],
+    );
+    let ex = [a("10.0.0.1:80")];
+    let req = LbRequest {
+        exclude: &ex,
+        max_attempts: 20,
+        ..Default::default()
+    };
+    for _ in 0..50 {
+        assert_eq!(choose(&e, &req).unwrap().address(), a("10.0.0.2:80"));
+    }
+}
+
+#[test]
+fn ring_hash_and_maglev_are_sticky_per_hash() {
+    for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+        let e = entry(
+            policy,
+            &[
+                ("10.0.0.1:80", 1, 0, "a", H),
+                ("10.0.0.2:80", 1, 0, "a", H),
+                ("10.0.0.3:80", 1, 0, "a", H),
+            ],
+        );
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..64u32 {
+            let req = LbRequest {
+                hash: Some(hash_bytes(&k.to_le_bytes())),
+                ..Default::default()
+            };
+            let first = choose(&e, &req).unwrap().address();
+            for _ in 0..3 {
+                assert_eq!(choose(&e, &req).unwrap().address(), first);
+            }
+            seen.insert(first);
+        }
+        assert_eq!(seen.len(), 3, "{policy:?} spreads keys");
+    }
+}
+
+#[test]
+fn host_state_survives_a_new_snapshot() {
+    let reg = HostRegistry::new(Arc::new(Stats::default()));
+    let eps = [("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 1, 0, "a", H)];
+    let e1 = entry_on(
+        cluster(
+            LbPolicy::RoundRobin,
+            assignment(&eps, &[]),
+            LbSettings::default(),
+        ),
+        &reg,
+    );
+    let g = e1.lb.host(a("10.0.0.1:80")).unwrap().start_request();
+    let e2 = entry_on(
+        cluster(
+            LbPolicy::RoundRobin,
+            assignment(&eps, &[]),
+            LbSettings::default(),
+        ),
+        &reg,
+    );
+    assert_eq!(
+        e2.lb
+            .host(a("10.0.0.1:80"))
+            .unwrap()
+            .state()
+            .active_requests(),
+        1
+    );
+    drop(g);
+    assert_eq!(
+        e2.lb
+            .host(a("10.0.0.1:80"))
+            .unwrap()
+            .state()
+            .active_requests(),
+        0
+    );
+}
+
+#[test]
+fn consecutive_5xx_ejects_and_the_host_returns_after_base_ejection_time() {
+    let stats = Arc::new(Stats::default());
+    let reg = HostRegistry::new(stats.clone());
+    let mut health = reg.subscribe_health();
+    let lb = LbSettings {
+        outlier: Some(OutlierDetection {
+            consecutive_5xx: 3,
+            max_ejection_percent: 50,
+            base_ejection_time: Duration::from_secs(30),
+            interval: Duration::from_secs(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let eps = [("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 1, 0, "a", H)];
+    let e = entry_on(
+        cluster(LbPolicy::RoundRobin, assignment(&eps, &[]), lb),
+        &reg,
+    );
+    let bad = e.lb.host(a("10.0.0.1:80")).unwrap().clone();
+    for _ in 0..3 {
+        bad.report(Outcome::Status(503));
+    }
+    assert!(bad.flags() & host::flag::FAILED_OUTLIER_CHECK != 0);
+    assert!(health.has_changed().unwrap());
+    health.borrow_and_update();
+    assert_eq!(
+        stats
+            .counter("cluster.c.outlier_detection.ejections_enforced_consecutive_5xx")
+            .get(),
+        1
+    );
+    assert_eq!(
+        stats
+            .gauge("cluster.c.outlier_detection.ejections_active")
+            .get(),
+        1
+    );
+    let c = counts(&e, 100, &LbRequest::default());
+    assert_eq!(c.get(&a("10.0.0.1:80")), None, "ejected host not chosen");
+    // A second host may not be ejected: 50% already ejected.
+    let good = e.lb.host(a("10.0.0.2:80")).unwrap().clone();
+    for _ in 0..3 {
+        good.report(Outcome::ConnectFailure);
+    }
+    assert_eq!(good.flags() & host::flag::FAILED_OUTLIER_CHECK, 0);
+    assert_eq!(
+        stats
+            .counter("cluster.c.outlier_detection.ejections_overflow")
+            .get(),
+        1
+    );
+    // Not back before base_ejection_time ...
+    let t0 = tokio::time::Instant::now();
+    e.lb.shared
+        .outlier_tick(&e.lb.hosts, t0 + Duration::from_secs(29));
+    assert!(bad.flags() & host::flag::FAILED_OUTLIER_CHECK != 0);
+    // ... back after it.
+    e.lb.shared
+        .outlier_tick(&e.lb.hosts, t0 + Duration::from_secs(30));
+    assert_eq!(bad.flags() & host::flag::FAILED_OUTLIER_CHECK, 0);
+    assert!(counts(&e, 10, &LbRequest::default()).contains_key(&a("10.0.0.1:80")));
+    assert_eq!(
+        stats
+            .gauge("cluster.c.outlier_detection.ejections_active")
+            .get(),
+        0
+    );
+}
+
+#[test]
+fn least_request_prefers_idle_hosts() {
+    let e = entry(
+        LbPolicy::LeastRequest,
+        &[("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 1, 0, "a", H)],
+    );
+    let busy = e.lb.host(a("10.0.0.1:80")).unwrap().clone();
+    let _g: Vec<_> = (0..5).map(|_| busy.start_request()).collect();
+    let c = counts(&e, 400, &LbRequest::default());
+    // P2C picks the busy host only when both choices fall on it: ~1/4.
+    let share = c.get(&a("10.0.0.1:80")).copied().unwrap_or(0) as f64 / 400.0;
+    assert!(share < 0.35, "busy host share {share}");
+}
+
+#[test]
+fn locality_weighted_split_follows_locality_weights() {
+    let reg = HostRegistry::new(Arc::new(Stats::default()));
+    let mut lb = LbSettings::default();
+    lb.common.locality_weighted = true;
+    let la = assignment(
+        &[
+            ("10.0.0.1:80", 1, 0, "a", H),
+            ("10.0.0.2:80", 1, 0, "b", H),
+            ("10.0.0.3:80", 1, 0, "b", H),
+        ],
+        &[("a", 3), ("b", 1)],
+    );
+    let e = entry_on(cluster(LbPolicy::RoundRobin, la, lb), &reg);
+    let c = counts(&e, 400, &LbRequest::default());
+    assert_eq!(c[&a("10.0.0.1:80")], 300);
+    assert_eq!(c[&a("10.0.0.2:80")] + c[&a("10.0.0.3:80")], 100);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, rng_seed: proptest::test_runner::RngSeed::Fixed(8), ..ProptestConfig::default() })]
+
+    /// Weighted round robin and weighted least request (idle hosts) converge to the weights;
+    /// random converges to equal shares.
+    #[test]
+    fn selection_frequencies_converge_to_weights(ws in proptest::collection::vec(1u32..8, 2..6), seed in any::<u64>()) {
+        fastrand::seed(seed);
+        let addrs: Vec<String> = (0..ws.len()).map(|i| format!("10.0.1.{}:80", i + 1)).collect();
+        let eps: Vec<Ep<'_>> = addrs.iter().zip(&ws).map(|(a, w)| (a.as_str(), *w, 0, "a", H)).collect();
+        let total: u32 = ws.iter().sum();
+        let n = 4000usize;
+        for policy in [LbPolicy::RoundRobin, LbPolicy::LeastRequest, LbPolicy::Random] {
+            let e = entry(policy, &eps);
+            let c = counts(&e, n, &LbRequest::default());
+            for (addr, w) in addrs.iter().zip(&ws) {
+                let want = if policy == LbPolicy::Random { 1.0 / ws.len() as f64 } else { f64::from(*w) / f64::from(total) };
+                let got = c.get(&a(addr)).copied().unwrap_or(0) as f64 / n as f64;
+                // 5 standard deviations of a binomial proportion (deterministic picks are exact).
+                let bound = 5.0 * (want * (1.0 - want) / n as f64).sqrt() + 0.002;
+                prop_assert!((got - want).abs() <= bound, "{:?} {} want {} got {}", policy, addr, want, got);
+            }
+        }
+    }
+
+    /// Removing one of N equal endpoints changes the host of few keys beyond the 1/N that
+    /// were on it. Ring hash: survivors keep their points, and the rescaled ring adds about as
+    /// many new points as the removed host had, so at most ~2/N of keys move. Maglev: the
+    /// paper's (and Envoy's) "minimal disruption", 1/N plus a few percent.
+    #[test]
+    fn consistent_hash_disruption_is_bounded(n in 3usize..12) {
+        let addrs: Vec<String> = (0..n).map(|i| format!("10.0.2.{}:80", i + 1)).collect();
+        let all: Vec<Ep<'_>> = addrs.iter().map(|a| (a.as_str(), 1, 0, "a", H)).collect();
+        let fewer = &all[..n - 1];
+        let keys = 4000u32;
+        for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
+            let e1 = entry(policy, &all);
+            let e2 = entry(policy, fewer);
+            let mut changed = 0u32;
+            for k in 0..keys {
+                let req = LbRequest { hash: Some(hash_bytes(&k.to_le_bytes())), ..Default::default() };
+                let x = choose(&e1, &req).unwrap().address();
+                let y = choose(&e2, &req).unwrap().address();
+                if x != y {
+                    changed += 1;
+                }
+            }
+            let frac = f64::from(changed) / f64::from(keys);
+            let minimal = 1.0 / n as f64;
+            let bound = if policy == LbPolicy::RingHash { 2.0 * minimal + 0.03 } else { minimal + 0.06 };
+            prop_assert!(frac <= bound, "{:?} n={} changed {} bound {}", policy, n, frac, bound);
+            prop_assert!(frac >= minimal - 0.03, "{:?} n={} changed {} (keys of the removed host must move)", policy, n, frac);
+        }
+    }
+}
