@@ -41,7 +41,13 @@ pub struct RunOptions {
     pub drain: Duration,
 }
 
-struct CaptureHandle(Capture, CaptureConfig, u16);
+/// The installed capture, its config, the capture port and (node mode) the pod registry.
+struct CaptureHandle(
+    Capture,
+    CaptureConfig,
+    u16,
+    Option<crate::capture::pods::PodRegistry>,
+);
 
 /// Projects `snap` and mirrors it into the kernel fast path; `Err` names what did not fit or
 /// failed (the services concerned are served by the proxy).
@@ -102,6 +108,24 @@ impl CaptureControl for CaptureHandle {
         }
         out
     }
+    fn add_pod(&self, spec: crate::capture::pods::PodSpec) -> Result<serde_json::Value, String> {
+        match &self.3 {
+            Some(pods) => pods.add(&self.0, spec).map_err(|e| e.to_string()),
+            None => Err("pods exist only in node mode (--mode node)".into()),
+        }
+    }
+    fn remove_pod(&self, cgroup: &Path) -> Result<(), String> {
+        match &self.3 {
+            Some(pods) => pods.remove(&self.0, cgroup).map_err(|e| e.to_string()),
+            None => Err("pods exist only in node mode (--mode node)".into()),
+        }
+    }
+    fn pods(&self) -> serde_json::Value {
+        match &self.3 {
+            Some(pods) => pods.list(),
+            None => serde_json::json!({ "pods": [] }),
+        }
+    }
     fn explain(&self, snap: &Snapshot, dst: SocketAddr) -> serde_json::Value {
         let view = self.0.fast_path_view();
         crate::bpf::explain::explain(&self.1, view.as_ref(), snap, self.2, dst)
@@ -134,6 +158,8 @@ pub async fn run_with(
     extras: CaptureExtras,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Stops the pipelines of node-mode pods at shutdown.
+    let pods_stop = CancellationToken::new();
     // The capture must be installed first: it moves this process into the proxy cgroup, and
     // only sockets created afterwards are seen by the getsockopt hook.
     let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
@@ -150,10 +176,21 @@ pub async fn run_with(
             }
             let mut c = Capture::install(cfg).context("installing eBPF capture")?;
             c.spawn_log_pump();
+            // Node mode: pods registered at run time get their own pipelines.
+            let pods = cfg.mode.is_node().then(|| {
+                crate::capture::pods::PodRegistry::new(
+                    opts.bootstrap.clone(),
+                    opts.upstream_mark,
+                    opts.outbound_v4,
+                    opts.outbound_v6,
+                    pods_stop.clone(),
+                )
+            });
             Some(Arc::new(CaptureHandle(
                 c,
                 cfg.clone(),
                 opts.outbound_v4.port(),
+                pods,
             )))
         }
         None => None,
@@ -305,6 +342,7 @@ pub async fn run_with(
     }
     ready.store(false, Ordering::Relaxed);
     stop.cancel();
+    pods_stop.cancel();
     for t in tasks {
         let _ = t.await;
     }

@@ -56,7 +56,7 @@ enum Command {
     /// Remove the iptables rules (every `SKIFF_*` nat chain and the jumps to them) a killed
     /// `skiff run --capture iptables` left in this network namespace. Idempotent.
     Cleanup,
-    /// Node mode: add or remove pod cgroups at run time (through the admin API).
+    /// Node mode: add or remove pods and pod cgroups at run time (through the admin API).
     Node {
         #[command(subcommand)]
         op: NodeOp,
@@ -100,6 +100,30 @@ enum NodeOp {
     },
     /// List captured cgroup ids.
     ListCgroups,
+    /// Serve a pod with its own node id and configuration: capture its cgroup and listen in
+    /// its network namespace.
+    AddPod {
+        /// The pod's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// The pod's network namespace (`/run/netns/NAME` or `/proc/PID/ns/net`).
+        #[arg(long)]
+        netns: PathBuf,
+        /// The pod's xDS node id.
+        #[arg(long)]
+        node_id: String,
+        /// The pod's own bootstrap (default: the node's, with --node-id).
+        #[arg(long)]
+        bootstrap: Option<PathBuf>,
+    },
+    /// Stop serving the pod of a cgroup.
+    RemovePod {
+        /// The pod's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// List the pods served, with their node ids, config and counters.
+    ListPods,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -368,21 +392,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Node { op, admin } => {
-            use hyper::Method;
-            let (method, path) = match &op {
-                NodeOp::AddCgroup { path } => (Method::POST, Some(path)),
-                NodeOp::RemoveCgroup { path } => (Method::DELETE, Some(path)),
-                NodeOp::ListCgroups => (Method::GET, None),
-            };
-            let mut uri = "/debug/node/cgroups".to_string();
-            if let Some(p) = path {
-                // The server resolves nothing relative: send an absolute path.
-                let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
-                let q: String = form_urlencoded::Serializer::new(String::new())
-                    .append_pair("path", &abs.to_string_lossy())
-                    .finish();
-                uri = format!("{uri}?{q}");
-            }
+            let (method, uri) = node_request(&op);
             match rt.block_on(skiff::admin::request(admin, method, &uri)) {
                 Ok(body) => {
                     print!("{body}");
@@ -394,6 +404,55 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The admin request behind a `skiff node` subcommand. The server resolves nothing
+/// relative, so paths are sent absolute.
+fn node_request(op: &NodeOp) -> (hyper::Method, String) {
+    use hyper::Method;
+    let abs = |p: &PathBuf| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.clone())
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    let (method, base) = match op {
+        NodeOp::AddCgroup { path } => {
+            q.append_pair("path", &abs(path));
+            (Method::POST, "/debug/node/cgroups")
+        }
+        NodeOp::RemoveCgroup { path } => {
+            q.append_pair("path", &abs(path));
+            (Method::DELETE, "/debug/node/cgroups")
+        }
+        NodeOp::ListCgroups => (Method::GET, "/debug/node/cgroups"),
+        NodeOp::AddPod {
+            cgroup,
+            netns,
+            node_id,
+            bootstrap,
+        } => {
+            q.append_pair("cgroup", &abs(cgroup))
+                .append_pair("netns", &abs(netns))
+                .append_pair("node_id", node_id);
+            if let Some(b) = bootstrap {
+                q.append_pair("bootstrap", &abs(b));
+            }
+            (Method::POST, "/debug/node/pods")
+        }
+        NodeOp::RemovePod { cgroup } => {
+            q.append_pair("cgroup", &abs(cgroup));
+            (Method::DELETE, "/debug/node/pods")
+        }
+        NodeOp::ListPods => (Method::GET, "/debug/node/pods"),
+    };
+    let q = q.finish();
+    if q.is_empty() {
+        (method, base.to_string())
+    } else {
+        (method, format!("{base}?{q}"))
     }
 }
 

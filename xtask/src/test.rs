@@ -51,6 +51,8 @@ pub fn run() -> anyhow::Result<()> {
         "root_inbound",
         "--test",
         "root_coexist",
+        "--test",
+        "root_pods",
         "--",
         "--test-threads=1",
     ]))?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -44,6 +44,18 @@ pub trait CaptureControl: Send + Sync {
     /// `/debug/maps`: the kernel fast-path maps.
     fn maps(&self) -> serde_json::Value {
         serde_json::json!({ "fast_path": false })
+    }
+    /// Node mode: register a pod (cgroup, network namespace, node id, own bootstrap).
+    fn add_pod(&self, _spec: crate::capture::pods::PodSpec) -> Result<serde_json::Value, String> {
+        Err("pods exist only in node mode (--mode node)".into())
+    }
+    /// Node mode: unregister the pod of a cgroup.
+    fn remove_pod(&self, _cgroup: &Path) -> Result<(), String> {
+        Err("pods exist only in node mode (--mode node)".into())
+    }
+    /// Node mode: the registered pods.
+    fn pods(&self) -> serde_json::Value {
+        serde_json::json!({ "pods": [] })
     }
 }
 
@@ -267,6 +279,41 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 "capture is not installed (--capture none)\n",
             ),
         },
+        (m, "/debug/node/pods") => {
+            let Some(capture) = &admin.capture else {
+                return text(StatusCode::NOT_FOUND, "capture is not installed\n");
+            };
+            let cgroup = q.get("cgroup").map(PathBuf::from);
+            match (m, cgroup) {
+                (Method::GET, _) => json(&capture.pods()),
+                (Method::POST, Some(cgroup)) => {
+                    let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n",
+                        );
+                    };
+                    let spec = crate::capture::pods::PodSpec {
+                        cgroup,
+                        netns: PathBuf::from(netns),
+                        node_id: node_id.clone(),
+                        bootstrap: q.get("bootstrap").map(PathBuf::from),
+                    };
+                    match capture.add_pod(spec) {
+                        Ok(v) => json(&v),
+                        Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                    }
+                }
+                (Method::DELETE, Some(cgroup)) => match capture.remove_pod(&cgroup) {
+                    Ok(()) => json(&serde_json::json!({ "cgroup": cgroup, "removed": true })),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                },
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "use GET, or POST/DELETE with ?cgroup=PATH\n",
+                ),
+            }
+        }
         (m, "/debug/node/cgroups") => {
             let Some(capture) = &admin.capture else {
                 return text(StatusCode::NOT_FOUND, "capture is not installed\n");
@@ -296,7 +343,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             "admin commands: /ready /server_info /stats /stats/prometheus /listeners /clusters \
              /config_dump \
              /drain_listeners (POST) \
-             /debug/capture /debug/node/cgroups\n",
+             /debug/capture /debug/node/cgroups /debug/node/pods\n",
         ),
     }
 }

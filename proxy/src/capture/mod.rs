@@ -4,9 +4,11 @@
 //!   current network namespace, removed on exit; `skiff cleanup` removes leftovers.
 //! - [`probe`]: `--capture auto`: whether the kernel and process can run the eBPF capture.
 //! - [`coexist`]: other BPF programs already on the cgroup hooks skiff would attach to.
+//! - [`pods`]: node mode with one pipeline (node id, snapshot, listeners in the pod netns) per pod.
 
 pub mod coexist;
 pub mod iptables;
+pub mod pods;
 pub mod probe;
 
 pub use iptables::{IptablesCapture, IptablesConfig};

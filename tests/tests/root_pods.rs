@@ -1,0 +1,241 @@
+//! Root test of node mode with one pipeline per pod (`skiff node add-pod`): one skiff in a
+//! "node" netns serves two pods (two cgroups under a node root this test creates, two netns),
+//! each with its own node id and configuration. Each pod's connects follow its own config
+//! (pod1's VIP goes to backend A, pod2's same VIP to backend B), and removing a pod stops its
+//! capture while the other keeps working.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_pods -- --test-threads=1` (as root).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use skiff_tests::{
+    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, require_root,
+    serial, wait_admin_ready,
+};
+
+fn testpeer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
+}
+
+const NODE_BOOTSTRAP: &str = r#"
+node: { id: node~127.0.0.1~skiff-node.default~default.svc.cluster.local, cluster: node }
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  clusters:
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#;
+
+/// A pod's own bootstrap: its VIP 10.96.0.1:80 goes to cluster `name` at `backend`.
+fn pod_bootstrap(name: &str, backend: &str) -> String {
+    format!(
+        r#"
+node: {{ id: placeholder, cluster: pods }}
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
+    use_original_dst: true
+    filter_chains:
+    - name: vip
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: 10.96.0.1, prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {name}
+  clusters:
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.{backend}, port_value: 8080 }} }} }}
+"#
+    )
+}
+
+fn temp_yaml(name: &str, text: &str) -> tempfile::TempPath {
+    let f = tempfile::Builder::new()
+        .prefix(&skiff_tests::test_name(name))
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp bootstrap");
+    std::fs::write(f.path(), text).expect("write bootstrap");
+    f.into_temp_path()
+}
+
+fn client(ns: &Netns, cgroup: &Path) -> String {
+    let out = command_in(Some(ns), Some(cgroup), testpeer())
+        .args([
+            "client",
+            "10.96.0.1:80",
+            "--bytes",
+            "4096",
+            "--timeout-ms",
+            "3000",
+        ])
+        .output()
+        .expect("run client");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `skiff node ARGS` against the node skiff's admin (inside the node netns).
+fn node(ns: &Netns, args: &[&str]) -> String {
+    let out = command_in(Some(ns), None, built_binary("skiff"))
+        .arg("node")
+        .args(args)
+        .output()
+        .expect("run skiff node");
+    assert!(
+        out.status.success(),
+        "skiff node {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn each_pod_follows_its_own_config_and_removal_detaches_it() {
+    let _g = serial();
+    let env = require_root();
+    let node_ns = Netns::new("pods-node");
+    let ns1 = Netns::new("pods-p1");
+    let ns2 = Netns::new("pods-p2");
+    let mut cg = Cgroup::new(&env, "pods");
+    let pod1 = cg.child("pod1");
+    let pod2 = cg.child("pod2");
+    let node_proxy = cg.child_path("skiff-proxy");
+    let mut backends = Vec::new();
+    for addr in ["127.0.0.11:8080", "127.0.0.12:8080"] {
+        let mut b =
+            Child::spawn(command_in(Some(&node_ns), None, testpeer()).args(["origdst", addr]));
+        b.expect_line("ready", Duration::from_secs(5));
+        backends.push(b);
+    }
+    let node_boot = temp_yaml("pods-node", NODE_BOOTSTRAP);
+    let boot1 = temp_yaml("pods-1", &pod_bootstrap("svc-a", "11"));
+    let boot2 = temp_yaml("pods-2", &pod_bootstrap("svc-b", "12"));
+
+    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
+    c.args(["run", "--mode", "node", "--cgroup-root"])
+        .arg(cg.path())
+        .arg("--bootstrap")
+        .arg(&node_boot)
+        .env("RUST_LOG", "info");
+    let proxy = Child::spawn(&mut c);
+    wait_admin_ready(&node_ns);
+
+    // Not registered: not captured (the VIP has no route in the pod's netns).
+    let out = client(&ns1, &pod1);
+    assert!(
+        out.starts_with("err stage=connect"),
+        "unregistered pod: {out}"
+    );
+
+    let added = node(
+        &node_ns,
+        &[
+            "add-pod",
+            "--cgroup",
+            pod1.to_str().unwrap(),
+            "--netns",
+            ns1.path().to_str().unwrap(),
+            "--node-id",
+            "sidecar~10.0.0.1~pod1.default~default.svc.cluster.local",
+            "--bootstrap",
+            boot1.to_str().unwrap(),
+        ],
+    );
+    let added: serde_json::Value = serde_json::from_str(&added).expect("add-pod answers JSON");
+    assert_eq!(
+        added["node_id"], "sidecar~10.0.0.1~pod1.default~default.svc.cluster.local",
+        "{added}"
+    );
+    assert_eq!(added["listeners"][0], "127.0.0.1:15001", "{added}");
+    node(
+        &node_ns,
+        &[
+            "add-pod",
+            "--cgroup",
+            pod2.to_str().unwrap(),
+            "--netns",
+            ns2.path().to_str().unwrap(),
+            "--node-id",
+            "sidecar~10.0.0.2~pod2.default~default.svc.cluster.local",
+            "--bootstrap",
+            boot2.to_str().unwrap(),
+        ],
+    );
+
+    // Same VIP, two configurations: pod1 -> backend A, pod2 -> backend B.
+    for _ in 0..2 {
+        let out = client(&ns1, &pod1);
+        assert!(out.starts_with("ok "), "pod1: {out}");
+        backends[0].expect_line("accepted", Duration::from_secs(5));
+        let out = client(&ns2, &pod2);
+        assert!(out.starts_with("ok "), "pod2: {out}");
+        backends[1].expect_line("accepted", Duration::from_secs(5));
+    }
+    assert!(
+        backends[0]
+            .try_line("accepted", Duration::from_millis(300))
+            .is_none()
+            && backends[1]
+                .try_line("accepted", Duration::from_millis(300))
+                .is_none(),
+        "no connection crossed over to the other pod's backend"
+    );
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&node(&node_ns, &["list-pods"])).expect("list-pods is JSON");
+    let pods = listed["pods"].as_array().expect("pods array");
+    assert_eq!(pods.len(), 2, "{listed}");
+    for (p, cluster) in pods.iter().zip(["svc-a", "svc-b"]) {
+        let clusters = p["config"]["clusters"].as_array().unwrap();
+        assert!(
+            clusters.iter().any(|c| c == cluster) && clusters.len() == 1,
+            "each pod holds only its own config: {p}"
+        );
+        assert_eq!(
+            p["stats"][format!("cluster.{cluster}.upstream_cx_total")],
+            2,
+            "{p}"
+        );
+    }
+
+    // Removing pod1 detaches it: its connects go direct again (and fail: no route), pod2
+    // keeps its capture.
+    node(
+        &node_ns,
+        &["remove-pod", "--cgroup", pod1.to_str().unwrap()],
+    );
+    let out = client(&ns1, &pod1);
+    assert!(out.starts_with("err stage=connect"), "removed pod: {out}");
+    let out = client(&ns2, &pod2);
+    assert!(out.starts_with("ok "), "pod2 after pod1's removal: {out}");
+    let listed = node(&node_ns, &["list-pods"]);
+    assert!(
+        !listed.contains("pod1") && listed.contains("pod2"),
+        "{listed}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = proxy.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+    assert!(!node_proxy.exists());
+    assert_no_programs_attached(cg.path());
+}
