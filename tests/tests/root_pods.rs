@@ -239,3 +239,113 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     assert!(!node_proxy.exists());
     assert_no_programs_attached(cg.path());
 }
+
+const ADS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "virtualOutbound",
+  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+  "use_original_dst": true,
+  "filter_chains": [{
+    "name": "vip",
+    "filter_chain_match": {"destination_port": 80,
+      "prefix_ranges": [{"address_prefix": "10.96.0.1", "prefix_len": 32}]},
+    "filters": [{"name": "envoy.filters.network.tcp_proxy",
+      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "svc-ads", "cluster": "svc-ads"}}]}]}]}"#;
+
+const ADS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "svc-ads", "type": "STATIC", "connect_timeout": "1s",
+  "load_assignment": {"cluster_name": "svc-ads", "endpoints": [{"lb_endpoints": [
+    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.11", "port_value": 8080}}}}]}]}}]}"#;
+
+#[test]
+fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
+    let _g = serial();
+    let env = require_root();
+    let node_ns = Netns::new("pods-ads");
+    let pod_ns = Netns::new("pods-ads-p");
+    let mut cg = Cgroup::new(&env, "pods-ads");
+    let pod = cg.child("pod");
+    let _proxy_cg = cg.child_path("skiff-proxy");
+    let mut backend = Child::spawn(
+        command_in(Some(&node_ns), None, testpeer()).args(["origdst", "127.0.0.11:8080"]),
+    );
+    backend.expect_line("ready", Duration::from_secs(5));
+    let dir = tempfile::Builder::new()
+        .prefix(&skiff_tests::test_name("pods-ads"))
+        .tempdir()
+        .expect("temp dir");
+    std::fs::write(dir.path().join("listeners.json"), ADS_LISTENERS).unwrap();
+    std::fs::write(dir.path().join("clusters.json"), ADS_CLUSTERS).unwrap();
+    let cp_log = dir.path().join("control-plane.log");
+    // The control plane's log (stderr) goes to a file: it names the node of every ACK.
+    let _cp = Child::spawn(
+        command_in(Some(&node_ns), None, "sh")
+            .args(["-c", "exec \"$0\" \"$@\" 2>\"$CP_LOG\""])
+            .arg(built_binary("skiff"))
+            .args(["control-plane", "--listen", "127.0.0.1:15010", "--dir"])
+            .arg(dir.path())
+            .env("CP_LOG", &cp_log)
+            .env("RUST_LOG", "info"),
+    );
+    let node_boot = temp_yaml(
+        "pods-ads-node",
+        &skiff_tests::ads_bootstrap("GRPC", "node", "127.0.0.1:15010".parse().unwrap(), 15000),
+    );
+    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
+    c.args(["run", "--mode", "node", "--cgroup-root"])
+        .arg(cg.path())
+        .arg("--bootstrap")
+        .arg(&node_boot)
+        .env("RUST_LOG", "info");
+    let proxy = Child::spawn(&mut c);
+    wait_admin_ready(&node_ns);
+
+    let pod_id = "sidecar~10.0.0.3~pod3.default~default.svc.cluster.local";
+    node(
+        &node_ns,
+        &[
+            "add-pod",
+            "--cgroup",
+            pod.to_str().unwrap(),
+            "--netns",
+            pod_ns.path().to_str().unwrap(),
+            "--node-id",
+            pod_id,
+        ],
+    );
+    // The pod's own ADS client warms its own snapshot, then its connects follow it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut out = String::new();
+    while std::time::Instant::now() < deadline {
+        out = client(&pod_ns, &pod);
+        if out.starts_with("ok ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(out.starts_with("ok "), "pod over ADS: {out}");
+    backend.expect_line("accepted", Duration::from_secs(5));
+    let log = std::fs::read_to_string(&cp_log).unwrap_or_default();
+    assert!(
+        log.contains(pod_id),
+        "the control plane never saw the pod's node id:\n{log}"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&node(&node_ns, &["list-pods"])).expect("JSON");
+    assert_eq!(listed["pods"][0]["node_id"], pod_id, "{listed}");
+    assert_eq!(
+        listed["pods"][0]["stats"]["cluster.svc-ads.upstream_cx_total"], 1,
+        "{listed}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = proxy.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+    assert_no_programs_attached(cg.path());
+}
