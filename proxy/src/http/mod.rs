@@ -367,10 +367,11 @@ pub fn redirect_location(
 
 static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
 
-/// An upstream host chosen for one attempt: its address and, for balanced clusters, the
-/// host whose request count and outlier detection the attempt feeds.
+/// An upstream host chosen for one attempt: its address, for balanced clusters the host whose
+/// request count and outlier detection the attempt feeds, and for DNS clusters the host name
+/// (what `auto_host_rewrite` puts in Host).
 enum Dest {
-    Host(SocketAddr, Option<Arc<lb::Host>>),
+    Host(SocketAddr, Option<Arc<lb::Host>>, Option<String>),
     NoHealthy,
 }
 
@@ -381,19 +382,21 @@ async fn choose_host(conn: &HttpConn, entry: &ClusterEntry, req: &lb::LbRequest<
     match &entry.cluster.kind {
         ClusterKind::OriginalDst => conn
             .orig_dst
-            .map_or(Dest::NoHealthy, |o| Dest::Host(o.get(), None)),
+            .map_or(Dest::NoHealthy, |o| Dest::Host(o.get(), None, None)),
         ClusterKind::Dns { hosts } => {
             let Some(i) = lb::next_index(&entry.rr, hosts.len()) else {
                 return Dest::NoHealthy;
             };
             let (h, p) = &hosts[i];
             match tokio::net::lookup_host((h.as_str(), *p)).await {
-                Ok(mut a) => a.next().map_or(Dest::NoHealthy, |a| Dest::Host(a, None)),
+                Ok(mut a) => a
+                    .next()
+                    .map_or(Dest::NoHealthy, |a| Dest::Host(a, None, Some(h.clone()))),
                 Err(_) => Dest::NoHealthy,
             }
         }
         ClusterKind::Static(_) | ClusterKind::Eds { .. } => match lb::choose(entry, req) {
-            Some(h) => Dest::Host(h.address(), Some(h)),
+            Some(h) => Dest::Host(h.address(), Some(h), None),
             None => Dest::NoHealthy,
         },
     }
@@ -594,8 +597,8 @@ async fn forward(
             exclude,
             max_attempts: max_host_attempts,
         };
-        let (addr, host) = match choose_host(conn, &entry, &pick).await {
-            Dest::Host(a, h) => (a, h),
+        let (addr, host, dns_name) = match choose_host(conn, &entry, &pick).await {
+            Dest::Host(a, h, n) => (a, h, n),
             Dest::NoHealthy => {
                 cstat("upstream_cx_none_healthy").inc();
                 debug!(%cluster, flags = "UH", "no healthy upstream");
@@ -621,10 +624,11 @@ async fn forward(
         {
             headers.insert(HeaderName::from_static("x-envoy-attempt-count"), v);
         }
-        let authority = if auto_host {
-            addr.to_string()
-        } else {
-            up_host.clone()
+        // Envoy rewrites Host only to a host name it knows: DNS clusters' (skiff's endpoints
+        // carry no EDS `hostname`), so other clusters keep the request's Host.
+        let authority = match (auto_host, dns_name) {
+            (true, Some(name)) => name,
+            _ => up_host.clone(),
         };
         let uri = match proto {
             Proto::Http1 => new_path.parse::<Uri>(),

@@ -200,7 +200,8 @@ pub enum Target {
 pub enum HostRewrite {
     /// `host_rewrite_literal`.
     Literal(String),
-    /// `auto_host_rewrite`: the upstream host's address (skiff knows no hostnames for EDS hosts).
+    /// `auto_host_rewrite`: the host name of a DNS cluster's endpoint (EDS `hostname`s are not
+    /// modelled, so other clusters keep the request's Host).
     Auto,
 }
 

@@ -7,6 +7,7 @@
 
 mod configs;
 mod env;
+mod http;
 mod load;
 mod procstat;
 mod report;
@@ -53,6 +54,13 @@ pub struct BenchArgs {
     /// and as many fast-path services to skiff `--fast-path` (time until the BPF maps hold them).
     #[arg(long, value_delimiter = ',')]
     pub xds_scale: Vec<usize>,
+    /// HTTP/1.1 keep-alive instead of the data-path cases: wrk through skiff's and Envoy's
+    /// HTTP connection manager (inline route to one backend), and direct.
+    #[arg(long)]
+    pub http: bool,
+    /// Keep-alive connections of the HTTP cases.
+    #[arg(long, default_value_t = 16)]
+    pub http_connections: usize,
     /// Internal: run a load generator or backend (used inside the bench namespace).
     #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true)]
     pub helper: Vec<String>,
@@ -409,6 +417,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|e| real_envoy(&e))
             .transpose()?;
         return xds_scale::standalone(&skiff, envoy.as_deref(), &args.xds_scale);
+    }
+    if args.http {
+        env::install_interrupt_handler();
+        let root = crate::util::workspace_root();
+        let skiff = match &args.skiff_bin {
+            Some(p) => p.clone(),
+            None => build_skiff(&root)?,
+        };
+        let envoy = tools::require("envoy")
+            .ok()
+            .map(|e| real_envoy(&e))
+            .transpose()?;
+        let secs = args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 });
+        return http::standalone(&skiff, envoy.as_deref(), secs, args.http_connections);
     }
     let routes = parse_list("path", &args.paths, &Route::ALL, Route::name)?;
     let cases = parse_list("case", &args.cases, &Case::ALL, Case::name)?;
