@@ -96,6 +96,10 @@ impl CaptureControl for CaptureHandle {
                 .into_iter()
                 .map(|(vip, n)| (format!("fast_path.{vip}.cx_total"), n)),
         );
+        for (ep, load) in self.0.endpoint_stats() {
+            out.push((format!("fast_path.endpoint.{ep}.cx_total"), load.total));
+            out.push((format!("fast_path.endpoint.{ep}.cx_active"), load.active));
+        }
         // Gauges: what the kernel currently serves (cheap to poll, unlike /debug/maps).
         if let Some(g) = self.0.fast_path_gauges() {
             out.extend([
@@ -132,7 +136,11 @@ impl CaptureControl for CaptureHandle {
     }
     fn maps(&self) -> serde_json::Value {
         let view = self.0.fast_path_view();
-        crate::bpf::explain::maps_json(view.as_ref(), &self.0.service_stats())
+        crate::bpf::explain::maps_json(
+            view.as_ref(),
+            &self.0.service_stats(),
+            &self.0.endpoint_stats(),
+        )
     }
 }
 

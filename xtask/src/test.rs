@@ -46,6 +46,8 @@ pub fn run() -> anyhow::Result<()> {
         "--test",
         "root_fastpath_eds",
         "--test",
+        "root_fastpath_lb",
+        "--test",
         "root_iptables",
         "--test",
         "root_inbound",

@@ -221,12 +221,27 @@ const _: () = assert!(core::mem::size_of::<CidrV6Key>() == 16);
 
 /// `ServiceValue::cluster_idx` of a generation in which the service does not exist.
 pub const NO_CLUSTER: u32 = u32::MAX;
-/// `ClusterValue::lb_policy`: round robin over the slots (a per-CPU cursor per cluster).
+/// `ClusterValue::lb_policy`: round robin over the slots (a per-CPU cursor per cluster),
+/// weight-aware when [`CLUSTER_WEIGHTED`] is set.
 pub const LB_ROUND_ROBIN: u8 = 1;
-/// `ClusterValue::lb_policy`: uniform random slot (`bpf_get_prandom_u32`).
+/// `ClusterValue::lb_policy`: uniform random slot (`bpf_get_prandom_u32`); Envoy's RANDOM
+/// ignores endpoint weights too.
 pub const LB_RANDOM: u8 = 2;
+/// `ClusterValue::lb_policy`: power of two choices over the endpoints' load (connections the
+/// kernel counts plus the load userspace exports), Envoy's LEAST_REQUEST with equal weights.
+pub const LB_LEAST_REQUEST: u8 = 3;
+/// `ClusterValue::lb_policy`: the client hash indexes a Maglev table built in userspace.
+pub const LB_MAGLEV: u8 = 4;
+/// `ClusterValue::flags`: endpoint weights differ; weighted policies search `weight_end`.
+pub const CLUSTER_WEIGHTED: u8 = 1;
 /// `EndpointValue::health`: the slot may be chosen.
 pub const HEALTH_OK: u8 = 1;
+/// Entries of one kernel Maglev table (a prime, as Maglev needs). Smaller than Envoy's 65537 so
+/// that a table per cluster fits a map: 4093 entries (16 KiB) keep the spread within about
+/// hosts/4093 of the weights for the cluster sizes a service has.
+pub const MAGLEV_TABLE_SIZE: u32 = 4093;
+/// Steps of the bounded binary search over a cluster's `weight_end` (covers 2^20 slots).
+pub const MAX_SEARCH_STEPS: u32 = 20;
 
 /// Key of `SKIFF_SVC_V4`: an IPv4 service (VIP, port, protocol).
 #[repr(C)]
@@ -269,11 +284,22 @@ pub struct ClusterValue {
     pub slot_base: u32,
     /// Number of contiguous slots; 0: no healthy endpoint (the connect goes to the proxy).
     pub endpoint_count: u32,
-    /// [`LB_ROUND_ROBIN`] or [`LB_RANDOM`].
+    /// Sum of the slots' weights (the last slot's `weight_end`).
+    pub total_weight: u32,
+    /// Weighted round robin walks the weight space `cursor * rr_stride mod total_weight`: the
+    /// stride is coprime to the total, so every cycle hits each unit of weight once, and
+    /// consecutive connects land on different endpoints instead of in runs.
+    pub rr_stride: u32,
+    /// [`LB_MAGLEV`]: absolute index of this cluster's first entry in `SKIFF_MAGLEV`
+    /// ([`MAGLEV_TABLE_SIZE`] entries, generation-specific like the slots).
+    pub maglev_base: u32,
+    /// [`LB_ROUND_ROBIN`], [`LB_RANDOM`], [`LB_LEAST_REQUEST`] or [`LB_MAGLEV`].
     pub lb_policy: u8,
-    pub _pad: [u8; 3],
+    /// [`CLUSTER_WEIGHTED`] or 0.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<ClusterValue>() == 12);
+const _: () = assert!(core::mem::size_of::<ClusterValue>() == 24);
 const _: () = assert!(core::mem::align_of::<ClusterValue>() == 4);
 
 /// Value of `SKIFF_ENDPOINTS` (an array of slots; a cluster's slots are contiguous).
@@ -288,24 +314,156 @@ pub struct EndpointValue {
     pub family: u8,
     /// [`HEALTH_OK`] or 0.
     pub health: u8,
-    /// Load-balancing weight (informational: the projection only admits equal weights).
+    /// `load_balancing_weight` (at least 1).
     pub weight: u32,
+    /// Sum of the weights of this cluster's slots up to and including this one: a weighted
+    /// draw `d` (below the cluster's `total_weight`) picks the first slot with `d < weight_end`.
+    pub weight_end: u32,
 }
-const _: () = assert!(core::mem::size_of::<EndpointValue>() == 24);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 28);
 const _: () = assert!(core::mem::align_of::<EndpointValue>() == 4);
 
-/// The slot offset (0..count) a connect uses, given the cluster's policy and one random or
-/// round-robin draw. `None` for an empty cluster or an unknown policy.
+/// Key of the per-endpoint load maps (`SKIFF_EP_ACTIVE`, `SKIFF_EP_LOAD`) and value of
+/// `SKIFF_FAST_SK`: an endpoint by address, so its load survives generation flips (slots move).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    /// Endpoint address, network-order words; IPv4 uses word 0 only.
+    pub addr_be: [u32; 4],
+    /// Endpoint port, network order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`, host order.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
+const _: () = assert!(core::mem::align_of::<EndpointKey>() == 4);
+
+impl EndpointKey {
+    /// The key of an endpoint slot.
+    #[inline(always)]
+    pub fn of(ep: &EndpointValue) -> Self {
+        Self {
+            addr_be: ep.addr_be,
+            port_be: ep.port_be,
+            family: ep.family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `SKIFF_EP_ACTIVE`: fast-path connections to one endpoint, counted by sock_ops
+/// (atomic adds: connects and closes run on any CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointLoad {
+    /// Open connections (incremented at TCP_CONNECT_CB, decremented at TCP_CLOSE).
+    pub active: u64,
+    /// Connections ever opened.
+    pub total: u64,
+}
+const _: () = assert!(core::mem::size_of::<EndpointLoad>() == 16);
+
+/// The random and per-CPU inputs of one endpoint choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Draws {
+    /// The cluster's per-CPU round-robin cursor (incremented by the caller).
+    pub rr_cursor: u32,
+    /// Two independent random numbers (RANDOM uses the first, LEAST_REQUEST both).
+    pub random: [u32; 2],
+    /// Hash of the client and service ([`client_hash`]), for MAGLEV.
+    pub client_hash: u64,
+}
+
+/// What a choice reads from the maps, by slot offset within the cluster (0..endpoint_count).
+pub trait SlotFacts {
+    /// The slot's `weight_end` (`None`: lookup failed).
+    fn weight_end(&self, offset: u32) -> Option<u32>;
+    /// The endpoint's load (kernel-counted connections plus the userspace-exported load).
+    fn load(&self, offset: u32) -> u64;
+    /// Entry `i` (below [`MAGLEV_TABLE_SIZE`]) of the cluster's Maglev table: a slot offset.
+    fn maglev(&self, entry: u32) -> Option<u32>;
+}
+
+/// The slot offset (0..endpoint_count) a connect uses, given the cluster, the draws and the
+/// map facts. `None` for an empty cluster, an unknown policy or a failed lookup (the connect
+/// then goes to the proxy). The kernel and userspace (explain, property tests) both run this.
 #[inline(always)]
-pub fn pick_slot(lb_policy: u8, count: u32, rr_cursor: u32, random: u32) -> Option<u32> {
+pub fn pick_slot(c: &ClusterValue, d: &Draws, f: &impl SlotFacts) -> Option<u32> {
+    let count = c.endpoint_count;
     if count == 0 {
         return None;
     }
-    match lb_policy {
-        LB_ROUND_ROBIN => Some(rr_cursor % count),
-        LB_RANDOM => Some(random % count),
+    match c.lb_policy {
+        LB_ROUND_ROBIN => {
+            if c.flags & CLUSTER_WEIGHTED != 0 && c.total_weight != 0 {
+                let draw = weighted_draw(d.rr_cursor, c.rr_stride, c.total_weight);
+                weighted_slot(count, draw, f)
+            } else {
+                Some(d.rr_cursor % count)
+            }
+        }
+        LB_RANDOM => Some(d.random[0] % count),
+        LB_LEAST_REQUEST => {
+            // Envoy's power of two choices: two independent picks (possibly the same host),
+            // the less loaded wins, the first on a tie.
+            let a = d.random[0] % count;
+            let b = d.random[1] % count;
+            if f.load(b) < f.load(a) {
+                Some(b)
+            } else {
+                Some(a)
+            }
+        }
+        LB_MAGLEV => {
+            let entry = (d.client_hash % MAGLEV_TABLE_SIZE as u64) as u32;
+            let off = f.maglev(entry)?;
+            if off < count { Some(off) } else { None }
+        }
         _ => None,
     }
+}
+
+/// The unit of weight a weighted round-robin connect takes: `cursor * stride mod total`.
+#[inline(always)]
+pub fn weighted_draw(cursor: u32, stride: u32, total: u32) -> u32 {
+    if total == 0 {
+        return 0;
+    }
+    ((u64::from(cursor) * u64::from(stride)) % u64::from(total)) as u32
+}
+
+/// The first slot whose `weight_end` exceeds `draw` (bounded binary search over `count` slots).
+#[inline(always)]
+pub fn weighted_slot(count: u32, draw: u32, f: &impl SlotFacts) -> Option<u32> {
+    let mut lo = 0u32;
+    let mut hi = count;
+    let mut step = 0;
+    while step < MAX_SEARCH_STEPS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if f.weight_end(mid)? > draw {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+        step += 1;
+    }
+    if lo < count { Some(lo) } else { None }
+}
+
+/// The client's hash for MAGLEV: the client identity (its bound source IPv4 if any, else the
+/// network namespace cookie, i.e. the pod) mixed with the service address. Envoy's tcp_proxy
+/// `source_ip` hash policy keys on the client IP the same way; the mixer is splitmix64's.
+#[inline(always)]
+pub fn client_hash(client: u64, vip_be: u32, port_be: u16) -> u64 {
+    let mut z =
+        client ^ (u64::from(vip_be) << 16 | u64::from(port_be)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 // === Stats ===
@@ -366,8 +524,15 @@ pub mod reason {
     pub const ERR_FAST_SLOT: u32 = 25;
     /// getpeername4 answered the service VIP for a fast-path socket.
     pub const PEERNAME_V4: u32 = 26;
+    /// Internal error: the fast-path socket could not be tracked (its connection is not
+    /// counted in the endpoint's load).
+    pub const ERR_FAST_TRACK: u32 = 27;
+    /// sock_ops counted a fast-path connection against its endpoint.
+    pub const FAST_TRACKED: u32 = 28;
+    /// sock_ops released a fast-path connection at TCP_CLOSE.
+    pub const FAST_RELEASED: u32 = 29;
     /// Number of reasons (size of the stats array).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 30;
 
     /// Counter names, indexed by reason (as shown by admin `/stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -398,6 +563,9 @@ pub mod reason {
         "fast_no_healthy",
         "err_fast_slot",
         "peername_v4",
+        "err_fast_track",
+        "fast_tracked",
+        "fast_released",
     ];
 }
 
@@ -515,6 +683,10 @@ mod user {
     unsafe impl aya::Pod for ClusterValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EndpointValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointLoad {}
 
     impl ServiceKeyV4 {
         /// A TCP service at `vip`.
@@ -546,6 +718,31 @@ mod user {
                 family: o.family,
                 health: HEALTH_OK,
                 weight,
+                weight_end: 0,
+            }
+        }
+
+        /// The endpoint address (`None` for an unknown family).
+        pub fn addr(&self) -> Option<SocketAddr> {
+            OrigDstValue {
+                ip_be: self.addr_be,
+                port_be: self.port_be,
+                family: self.family,
+                _pad: 0,
+            }
+            .to_socket_addr()
+        }
+    }
+
+    impl EndpointKey {
+        /// The key of an endpoint address.
+        pub fn from_socket_addr(addr: SocketAddr) -> Self {
+            let o = OrigDstValue::from_socket_addr(addr);
+            Self {
+                addr_be: o.ip_be,
+                port_be: o.port_be,
+                family: o.family,
+                _pad: 0,
             }
         }
 
@@ -934,14 +1131,128 @@ mod tests {
         assert!(!is_local_v4(u32::from_ne_bytes([1, 0, 0, 127])));
     }
 
-    #[test]
-    fn slot_pick_stays_in_range() {
-        assert_eq!(pick_slot(LB_ROUND_ROBIN, 0, 5, 5), None);
-        assert_eq!(pick_slot(0, 3, 5, 5), None);
-        for i in 0..100u32 {
-            assert_eq!(pick_slot(LB_ROUND_ROBIN, 3, i, 0), Some(i % 3));
-            assert!(pick_slot(LB_RANDOM, 7, 0, i.wrapping_mul(2654435761)).unwrap() < 7);
+    /// A cluster's slots as plain values.
+    struct Slots {
+        weights: [u32; 4],
+        count: u32,
+        loads: [u64; 4],
+        maglev: [u32; 3],
+    }
+
+    impl SlotFacts for Slots {
+        fn weight_end(&self, offset: u32) -> Option<u32> {
+            (offset < self.count).then(|| self.weights[..=offset as usize].iter().sum())
         }
+        fn load(&self, offset: u32) -> u64 {
+            self.loads[offset as usize]
+        }
+        fn maglev(&self, entry: u32) -> Option<u32> {
+            Some(self.maglev[entry as usize % 3])
+        }
+    }
+
+    fn cluster(policy: u8, weighted: bool, total: u32, stride: u32) -> ClusterValue {
+        ClusterValue {
+            slot_base: 0,
+            endpoint_count: 3,
+            total_weight: total,
+            rr_stride: stride,
+            maglev_base: 0,
+            lb_policy: policy,
+            flags: if weighted { CLUSTER_WEIGHTED } else { 0 },
+            _pad: [0; 2],
+        }
+    }
+
+    const SLOTS: Slots = Slots {
+        weights: [1, 3, 2, 0],
+        count: 3,
+        loads: [5, 1, 9, 0],
+        maglev: [2, 0, 7],
+    };
+
+    #[test]
+    fn slot_pick_follows_the_policy() {
+        let d = |rr, r0, r1| Draws {
+            rr_cursor: rr,
+            random: [r0, r1],
+            client_hash: 0,
+        };
+        let empty = ClusterValue {
+            endpoint_count: 0,
+            ..cluster(LB_ROUND_ROBIN, false, 0, 1)
+        };
+        assert_eq!(pick_slot(&empty, &d(0, 0, 0), &SLOTS), None);
+        assert_eq!(
+            pick_slot(&cluster(9, false, 6, 1), &d(0, 0, 0), &SLOTS),
+            None
+        );
+        for i in 0..100u32 {
+            let rr = cluster(LB_ROUND_ROBIN, false, 6, 1);
+            assert_eq!(pick_slot(&rr, &d(i, 0, 0), &SLOTS), Some(i % 3));
+            let rnd = cluster(LB_RANDOM, true, 6, 1);
+            assert_eq!(
+                pick_slot(&rnd, &d(0, i.wrapping_mul(2654435761), 0), &SLOTS),
+                Some(i.wrapping_mul(2654435761) % 3)
+            );
+        }
+        // LEAST_REQUEST: the less loaded of the two picks, the first on a tie.
+        let lr = cluster(LB_LEAST_REQUEST, false, 3, 1);
+        assert_eq!(pick_slot(&lr, &d(0, 0, 1), &SLOTS), Some(1));
+        assert_eq!(pick_slot(&lr, &d(0, 2, 0), &SLOTS), Some(0));
+        assert_eq!(pick_slot(&lr, &d(0, 2, 2), &SLOTS), Some(2));
+        // MAGLEV: the table entry, unless it points past the cluster.
+        let mg = cluster(LB_MAGLEV, false, 3, 1);
+        let h = |e: u64| Draws {
+            client_hash: e,
+            ..Default::default()
+        };
+        assert_eq!(pick_slot(&mg, &h(0), &SLOTS), Some(2));
+        assert_eq!(pick_slot(&mg, &h(1), &SLOTS), Some(0));
+        assert_eq!(pick_slot(&mg, &h(2), &SLOTS), None);
+    }
+
+    #[test]
+    fn weighted_round_robin_gives_exact_shares_per_cycle() {
+        // Weights 1, 3, 2: total 6; stride 5 is coprime to 6.
+        let c = cluster(LB_ROUND_ROBIN, true, 6, 5);
+        let mut seen = [0u32; 3];
+        for cursor in 0..60u32 {
+            let s = pick_slot(
+                &c,
+                &Draws {
+                    rr_cursor: cursor,
+                    ..Default::default()
+                },
+                &SLOTS,
+            )
+            .unwrap();
+            seen[s as usize] += 1;
+        }
+        assert_eq!(seen, [10, 30, 20]);
+    }
+
+    #[test]
+    fn weighted_search_finds_the_owner_of_every_unit() {
+        for draw in 0..6 {
+            let want = match draw {
+                0 => 0,
+                1..=3 => 1,
+                _ => 2,
+            };
+            assert_eq!(weighted_slot(3, draw, &SLOTS), Some(want), "draw {draw}");
+        }
+        assert_eq!(weighted_slot(3, 6, &SLOTS), None);
+        assert_eq!(weighted_draw(7, 5, 0), 0);
+    }
+
+    #[test]
+    fn client_hash_separates_clients_and_services() {
+        let a = client_hash(1, 10, 80u16.to_be());
+        assert_eq!(a, client_hash(1, 10, 80u16.to_be()));
+        assert_ne!(a, client_hash(2, 10, 80u16.to_be()));
+        assert_ne!(a, client_hash(1, 11, 80u16.to_be()));
+        assert_ne!(a, client_hash(1, 10, 81u16.to_be()));
     }
 
     #[test]

@@ -9,17 +9,18 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use skiff_common::{
-    AF_INET, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, ECONNREFUSED,
-    ExcludePortKey, HEALTH_OK, IPPROTO_TCP, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue,
-    ServiceKeyV4, capture_decision, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
+    AF_INET, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws, ECONNREFUSED,
+    EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, LB_LEAST_REQUEST,
+    LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4, SlotFacts,
+    capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
 };
 
 use crate::{
     ctx::SockAddr,
     maps::{
-        SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EXCL_PORT, SKIFF_EXCL_V4,
-        SKIFF_EXCL_V6, SKIFF_MESHED, SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, config,
-        count,
+        SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EP_ACTIVE, SKIFF_EP_LOAD,
+        SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV, SKIFF_MESHED,
+        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, config, count,
     },
 };
 
@@ -62,7 +63,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
     match decide_v4(&sa, &cfg, ip_be, port_be) {
         Decision::Capture => {
             // Kernel fast path: a plain-L4 service connects straight to an endpoint.
-            if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&cfg, ip_be, port_be) {
+            if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&sa, &cfg, ip_be, port_be) {
                 remember_peer(ctx, OrigDstValue::v4(ip_be, port_be));
                 sa.set_dst4(ep_ip_be, ep_port_be);
                 count(reason::FAST_PATH_V4);
@@ -94,7 +95,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
         let ip4_be = ip_be[3];
         return match decide_v4(&sa, &cfg, ip4_be, port_be) {
             Decision::Capture => {
-                if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&cfg, ip4_be, port_be) {
+                if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&sa, &cfg, ip4_be, port_be) {
                     sa.set_dst6([ip_be[0], ip_be[1], ip_be[2], ep_ip_be], ep_port_be);
                     count(reason::FAST_PATH_V4);
                     return Ok(ALLOW);
@@ -222,7 +223,12 @@ fn task_is_meshed() -> bool {
 /// connect to, or `None` to send the connect to the proxy (not a fast-path service in the
 /// active generation, no healthy endpoint, or an internal error; each but the first counted).
 #[inline(always)]
-fn fast_path_v4(cfg: &ConfigValue, ip_be: u32, port_be: u16) -> Option<(u32, u16)> {
+fn fast_path_v4(
+    sa: &SockAddr<'_>,
+    cfg: &ConfigValue,
+    ip_be: u32,
+    port_be: u16,
+) -> Option<(u32, u16)> {
     if cfg.fast_path == 0 {
         return None;
     }
@@ -248,27 +254,40 @@ fn fast_path_v4(cfg: &ConfigValue, ip_be: u32, port_be: u16) -> Option<(u32, u16
         count(reason::ERR_FAST_SLOT);
         return None;
     };
-    let cursor = if cluster.lb_policy == LB_ROUND_ROBIN {
-        match SKIFF_RR.get_ptr_mut(idx) {
-            // SAFETY: per-CPU slot from a successful lookup; no other program runs on this
-            // CPU's slot meanwhile.
-            Some(p) => unsafe {
-                let c = *p;
-                *p = c.wrapping_add(1);
-                c
-            },
-            None => 0,
+    let mut draws = Draws::default();
+    match cluster.lb_policy {
+        LB_ROUND_ROBIN => {
+            if let Some(p) = SKIFF_RR.get_ptr_mut(idx) {
+                // SAFETY: per-CPU slot from a successful lookup; no other program runs on
+                // this CPU's slot meanwhile.
+                unsafe {
+                    draws.rr_cursor = *p;
+                    *p = draws.rr_cursor.wrapping_add(1);
+                }
+            }
         }
-    } else {
-        0
+        LB_RANDOM | LB_LEAST_REQUEST => {
+            // SAFETY: plain helper calls.
+            draws.random = unsafe { [bpf_get_prandom_u32(), bpf_get_prandom_u32()] };
+        }
+        LB_MAGLEV => {
+            // The client is its bound source address, else its network namespace (the pod):
+            // before connect() returns the kernel has not picked a source address yet.
+            let src = sa.src_ip4_be();
+            let client = if src != 0 {
+                u64::from(src)
+            } else {
+                sa.netns_cookie()
+            };
+            draws.client_hash = client_hash(client, ip_be, port_be);
+        }
+        _ => {}
+    }
+    let facts = KernelSlots {
+        slot_base: cluster.slot_base,
+        maglev_base: cluster.maglev_base,
     };
-    let random = if cluster.lb_policy == LB_RANDOM {
-        // SAFETY: plain helper call.
-        unsafe { bpf_get_prandom_u32() }
-    } else {
-        0
-    };
-    let Some(offset) = pick_slot(cluster.lb_policy, cluster.endpoint_count, cursor, random) else {
+    let Some(offset) = pick_slot(&cluster, &draws, &facts) else {
         count(reason::FAST_NO_HEALTHY);
         return None;
     };
@@ -290,7 +309,65 @@ fn fast_path_v4(cfg: &ConfigValue, ip_be: u32, port_be: u16) -> Option<(u32, u16
             let _ = SKIFF_SVC_STAT.insert(key, 1, 0);
         }
     }
+    // sock_ops counts the connection against this endpoint from TCP_CONNECT_CB to TCP_CLOSE.
+    if SKIFF_FAST_SK
+        .insert(sa.socket_cookie(), EndpointKey::of(&ep), 0)
+        .is_err()
+    {
+        count(reason::ERR_FAST_TRACK);
+    }
     Some((ep.addr_be[0], ep.port_be))
+}
+
+/// The map facts a choice reads, for one cluster of the active generation.
+struct KernelSlots {
+    slot_base: u32,
+    maglev_base: u32,
+}
+
+impl KernelSlots {
+    #[inline(always)]
+    fn endpoint(&self, offset: u32) -> Option<EndpointValue> {
+        SKIFF_ENDPOINTS
+            .get(self.slot_base.wrapping_add(offset))
+            .copied()
+    }
+}
+
+impl SlotFacts for KernelSlots {
+    #[inline(always)]
+    fn weight_end(&self, offset: u32) -> Option<u32> {
+        self.endpoint(offset).map(|e| e.weight_end)
+    }
+
+    #[inline(always)]
+    fn load(&self, offset: u32) -> u64 {
+        let Some(ep) = self.endpoint(offset) else {
+            return u64::MAX;
+        };
+        let key = EndpointKey::of(&ep);
+        let active = match SKIFF_EP_ACTIVE.get_ptr(key) {
+            // SAFETY: pointer from a successful lookup; one 8-byte load (sock_ops updates it
+            // with atomic adds).
+            Some(p) => unsafe { core::ptr::read_volatile(&raw const (*p).active) },
+            None => 0,
+        };
+        // A close racing a lost increment can wrap the counter below zero: read that as idle.
+        let active = if active >> 63 != 0 { 0 } else { active };
+        let exported = match SKIFF_EP_LOAD.get_ptr(key) {
+            // SAFETY: as above.
+            Some(p) => unsafe { core::ptr::read_volatile(p) },
+            None => 0,
+        };
+        active + u64::from(exported)
+    }
+
+    #[inline(always)]
+    fn maglev(&self, entry: u32) -> Option<u32> {
+        SKIFF_MAGLEV
+            .get(self.maglev_base.wrapping_add(entry))
+            .copied()
+    }
 }
 
 /// Remembers the address the app connected to in the socket's storage, so getpeername4 can

@@ -104,6 +104,24 @@ impl SockAddr<'_> {
         // SAFETY: helper call with the program's own context.
         unsafe { bpf_get_socket_cookie(self.0.as_ptr()) }
     }
+
+    /// The socket's bound source IPv4 address, network order (0 when not bound yet: the
+    /// kernel picks it after connect4).
+    #[inline(always)]
+    pub fn src_ip4_be(&self) -> u32 {
+        // SAFETY: as `sk_mark`.
+        unsafe {
+            let sk = read_volatile(&raw const (*self.0.sock_addr).__bindgen_anon_1.sk);
+            read_volatile(&raw const (*sk).src_ip4)
+        }
+    }
+
+    /// The socket's network namespace cookie.
+    #[inline(always)]
+    pub fn netns_cookie(&self) -> u64 {
+        // SAFETY: helper call with the program's own context.
+        unsafe { bpf_get_netns_cookie(self.0.as_ptr()) }
+    }
 }
 
 // === sock_ops ===

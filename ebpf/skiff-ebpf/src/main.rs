@@ -16,6 +16,10 @@
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
 //! counter (`SKIFF_STATS`, indexed by `skiff_common::reason`) records why.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The BPF target has no atomic read-modify-write types in `core`; the intrinsic lowers to the
+// BPF atomic add instruction (see `maps::atomic_add`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod connect;

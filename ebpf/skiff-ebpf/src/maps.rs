@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use skiff_common::{
-    CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointValue, ExcludePortKey,
-    OrigDstValue, ServiceKeyV4, ServiceValue, reason,
+    CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey, EndpointLoad,
+    EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceValue, reason,
 };
 
 /// Proxy config. Key: u32 index 0; value: `ConfigValue`; max 1; not LRU.
@@ -81,6 +81,34 @@ pub static SKIFF_ENDPOINTS: Array<EndpointValue> = Array::with_max_entries(2 * 1
 #[map]
 pub static SKIFF_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2 * 10240, 0);
 
+/// Maglev tables, both generations: `MAGLEV_TABLE_SIZE` entries per MAGLEV cluster, each a
+/// slot offset within the cluster. Key: u32 `ClusterValue::maglev_base + entry`; value: u32; max
+/// `2 * max_maglev * MAGLEV_TABLE_SIZE`; array. Writer: userspace `bpf::reconciler` (only the
+/// inactive generation). Readers: connect4/6.
+#[map]
+pub static SKIFF_MAGLEV: Array<u32> = Array::with_max_entries(2 * 64 * 4093, 0);
+
+/// Fast-path connections per endpoint, counted by the kernel. Key: `EndpointKey`; value:
+/// `EndpointLoad` (atomic adds); max `2 * max_endpoints`; LRU (endpoints that went away age
+/// out). Writer: sock_ops (TCP_CONNECT_CB, TCP_CLOSE). Readers: connect4/6 (LEAST_REQUEST);
+/// userspace (`/stats`).
+#[map]
+pub static SKIFF_EP_ACTIVE: LruHashMap<EndpointKey, EndpointLoad> =
+    LruHashMap::with_max_entries(2 * 102400, 0);
+
+/// Load of each endpoint as the proxy sees it (its own active requests/connections there).
+/// Key: `EndpointKey`; value: u32; max `max_endpoints`; not LRU. Writer: userspace (the load
+/// exporter). Readers: connect4/6 (LEAST_REQUEST).
+#[map]
+pub static SKIFF_EP_LOAD: HashMap<EndpointKey, u32> = HashMap::with_max_entries(102400, 0);
+
+/// The endpoint a fast-path socket was sent to, by socket cookie, from connect() to TCP_CLOSE
+/// (so sock_ops counts it in `SKIFF_EP_ACTIVE`). Key: u64 socket cookie; value: `EndpointKey`;
+/// max 65536; LRU (a connect that never reaches sock_ops is evicted). Writer: connect4/6
+/// (insert), sock_ops (delete at TCP_CLOSE). Readers: sock_ops.
+#[map]
+pub static SKIFF_FAST_SK: LruHashMap<u64, EndpointKey> = LruHashMap::with_max_entries(65536, 0);
+
 /// Fast-path connects per service. Key: `ServiceKeyV4`; value: u64 per CPU; max 10240; LRU.
 /// Writer: connect4/6. Readers: userspace (`Capture::service_stats`, summed over CPUs).
 #[map]
@@ -105,6 +133,21 @@ pub fn count(reason: u32) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU array, and a BPF
         // program is not preempted by another program on the same CPU for this slot.
         unsafe { *p += 1 }
+    }
+}
+
+/// Adds `v` to the u64 at `p` atomically (wrapping; `u64::MAX` subtracts one). The result is
+/// unused, so this is one BPF atomic add (no fetch variant needed).
+///
+/// # Safety
+/// `p` must point into a map value for the duration of the call.
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: the caller guarantees `p` is valid; the intrinsic is a relaxed atomic add.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, v,
+        );
     }
 }
 

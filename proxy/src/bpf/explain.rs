@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 
 use super::CaptureConfig;
 use super::loader::FastPathView;
-use super::projection::classify;
+use super::projection::{FastLb, classify};
 use crate::state::Snapshot;
+use skiff_common::EndpointLoad;
 
 /// Where a connect from the captured cgroup to `dst` goes: `kernel` (fast path), `proxy`,
 /// `passthrough` (proxy, no listener) or `excluded` (never captured), with the reason.
@@ -50,6 +51,8 @@ pub fn explain(
             "cluster": svc.cluster,
             "lb_policy": c.lb.as_str(),
             "candidate_endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "weights": c.weights,
+            "selection": selection(c.lb),
             "generation": view.generation,
         });
     }
@@ -84,11 +87,32 @@ pub fn explain(
     })
 }
 
+/// How the kernel picks among the candidate endpoints for a policy.
+fn selection(lb: FastLb) -> &'static str {
+    match lb {
+        FastLb::RoundRobin => {
+            "per-CPU round-robin cursor; with unequal weights it walks the weight space \
+             (cursor * stride mod total weight) and searches the slot that owns that unit"
+        }
+        FastLb::Random => "uniform random slot (weights ignored, as Envoy's RANDOM)",
+        FastLb::LeastRequest => {
+            "two random slots, the one with fewer open connections (kernel-counted plus the \
+             proxy's exported load) wins"
+        }
+        FastLb::Maglev => {
+            "Maglev table (4093 entries) indexed by a hash of the client (bound source IPv4, \
+             else its network namespace) and the service"
+        }
+    }
+}
+
 /// The fast-path maps as `skiff maps --json` shows them: services, clusters and endpoints of
-/// the active generation, capacity used, and fast-path connects per service.
+/// the active generation, capacity used, fast-path connects per service, and per endpoint the
+/// connections the kernel counts.
 pub fn maps_json(
     view: Option<&FastPathView>,
     per_service: &[(std::net::SocketAddrV4, u64)],
+    per_endpoint: &[(SocketAddr, EndpointLoad)],
 ) -> Value {
     let Some(view) = view else {
         return json!({ "fast_path": false });
@@ -124,6 +148,7 @@ pub fn maps_json(
                 "name": name,
                 "lb_policy": c.lb.as_str(),
                 "endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                "weights": c.weights,
             })
         })
         .collect();
@@ -134,7 +159,15 @@ pub fn maps_json(
             "services": { "used": img.services.len(), "max": view.capacity.max_services },
             "clusters": { "used": img.clusters.len(), "max": view.capacity.max_clusters },
             "endpoints": { "used": img.endpoint_slots(), "max": view.capacity.max_endpoints },
+            "maglev_tables": {
+                "used": img.clusters.values().filter(|c| c.lb == FastLb::Maglev).count(),
+                "max": view.capacity.max_maglev,
+            },
         },
+        "endpoint_connections": per_endpoint
+            .iter()
+            .map(|(a, l)| json!({ "endpoint": a.to_string(), "active": l.active, "total": l.total }))
+            .collect::<Vec<_>>(),
         "services": services,
         "clusters": clusters,
     })

@@ -21,8 +21,9 @@ use aya::{
     },
 };
 use skiff_common::{
-    CONFIG_INDEX, CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointValue,
-    ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceValue, reason,
+    CONFIG_INDEX, CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey,
+    EndpointLoad, EndpointValue, ExcludePortKey, MAGLEV_TABLE_SIZE, OrigDstValue, ServiceKeyV4,
+    ServiceValue, reason,
 };
 
 use super::{
@@ -56,6 +57,9 @@ const MAP_CLUSTERS: &str = "SKIFF_CLUSTERS";
 const MAP_ENDPOINTS: &str = "SKIFF_ENDPOINTS";
 const MAP_RR: &str = "SKIFF_RR";
 const MAP_SVC_STAT: &str = "SKIFF_SVC_STAT";
+const MAP_MAGLEV: &str = "SKIFF_MAGLEV";
+const MAP_EP_ACTIVE: &str = "SKIFF_EP_ACTIVE";
+const MAP_EP_LOAD: &str = "SKIFF_EP_LOAD";
 
 /// How long after a generation flip the other generation may be rewritten: a connect that read
 /// the old generation number finishes its lookups within microseconds.
@@ -120,6 +124,7 @@ impl Capture {
             max_services: 1,
             max_clusters: 1,
             max_endpoints: 1,
+            max_maglev: 1,
         });
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_SVC_V4, caps.max_services)
@@ -127,6 +132,9 @@ impl Capture {
             .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
             .map_max_entries(MAP_RR, 2 * caps.max_clusters)
             .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
+            .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
+            .map_max_entries(MAP_EP_ACTIVE, 2 * caps.max_endpoints)
+            .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
             .load(OBJECT)
             .map_err(|source| BpfError::Object {
                 source: Box::new(source),
@@ -146,6 +154,10 @@ impl Capture {
                 services: take(&mut ebpf, MAP_SVC_V4)?,
                 clusters: take(&mut ebpf, MAP_CLUSTERS)?,
                 endpoints: take(&mut ebpf, MAP_ENDPOINTS)?,
+                maglev: take(&mut ebpf, MAP_MAGLEV)?,
+                ep_active: take(&mut ebpf, MAP_EP_ACTIVE)?,
+                ep_load: take(&mut ebpf, MAP_EP_LOAD)?,
+                exported: std::collections::HashMap::new(),
                 reconciler: Reconciler::new(caps),
                 last_flip: None,
                 timings: FastTimings::default(),
@@ -428,14 +440,17 @@ impl Capture {
             services,
             clusters,
             endpoints,
+            maglev,
             reconciler,
             last_flip,
             timings,
+            ..
         } = &mut *guard;
         let mut w = KernelWriter {
             services,
             clusters,
             endpoints,
+            maglev,
             config: &self.config,
             last_flip,
         };
@@ -449,6 +464,7 @@ impl Capture {
             services_deleted = report.services_deleted,
             clusters_written = report.clusters_written,
             endpoints_written = report.endpoints_written,
+            maglev_written = report.maglev_written,
             services = reconciler.applied().services.len(),
             overflow = report.overflow.as_deref().unwrap_or(""),
             "fast path reconciled"
@@ -501,6 +517,72 @@ impl Capture {
         out
     }
 
+    /// Fast-path connections per endpoint as the kernel counts them (open, ever opened),
+    /// sorted by endpoint. Empty without the fast path.
+    pub fn endpoint_stats(&self) -> Vec<(std::net::SocketAddr, EndpointLoad)> {
+        let Some(fast) = &self.fast else {
+            return Vec::new();
+        };
+        let g = lock(fast);
+        let mut out: Vec<(std::net::SocketAddr, EndpointLoad)> = g
+            .ep_active
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, mut v)| {
+                // A close that raced a lost increment wraps below zero: show it as idle.
+                if v.active >> 63 != 0 {
+                    v.active = 0;
+                }
+                Some((k.addr()?, v))
+            })
+            .collect();
+        out.sort_by_key(|(a, _)| *a);
+        out
+    }
+
+    /// Exports the proxy's own load per endpoint (active requests or connections) for the
+    /// kernel's LEAST_REQUEST choice. Writes only values that changed since the last export and
+    /// deletes endpoints no longer listed; returns how many entries were written or deleted.
+    pub fn export_endpoint_loads(
+        &self,
+        loads: &[(std::net::SocketAddr, u32)],
+    ) -> Result<usize, BpfError> {
+        let Some(fast) = &self.fast else {
+            return Ok(0);
+        };
+        let mut g = lock(fast);
+        let FastState {
+            ep_load, exported, ..
+        } = &mut *g;
+        let mut changes = 0;
+        let next: std::collections::HashMap<EndpointKey, u32> = loads
+            .iter()
+            .map(|(a, n)| (EndpointKey::from_socket_addr(*a), *n))
+            .collect();
+        for (k, n) in &next {
+            if exported.get(k) != Some(n) {
+                ep_load.insert(k, n, 0).map_err(|source| {
+                    map_err(MAP_EP_LOAD, format!("insert {:?}", k.addr()), source)
+                })?;
+                changes += 1;
+            }
+        }
+        for k in exported.keys().filter(|k| !next.contains_key(k)) {
+            match ep_load.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => changes += 1,
+                Err(source) => {
+                    return Err(map_err(
+                        MAP_EP_LOAD,
+                        format!("delete {:?}", k.addr()),
+                        source,
+                    ));
+                }
+            }
+        }
+        *exported = next;
+        Ok(changes)
+    }
+
     /// The cgroup connect4/6 and sock_ops are attached to.
     pub fn capture_cgroup(&self) -> &Path {
         &self.capture_cgroup
@@ -542,6 +624,11 @@ struct FastState {
     services: HashMap<MapData, ServiceKeyV4, ServiceValue>,
     clusters: Array<MapData, ClusterValue>,
     endpoints: Array<MapData, EndpointValue>,
+    maglev: Array<MapData, u32>,
+    ep_active: HashMap<MapData, EndpointKey, EndpointLoad>,
+    ep_load: HashMap<MapData, EndpointKey, u32>,
+    /// What `ep_load` holds (the exporter writes only changes).
+    exported: std::collections::HashMap<EndpointKey, u32>,
     reconciler: Reconciler,
     last_flip: Option<std::time::SystemTime>,
     timings: FastTimings,
@@ -586,6 +673,7 @@ struct KernelWriter<'a> {
     services: &'a mut HashMap<MapData, ServiceKeyV4, ServiceValue>,
     clusters: &'a mut Array<MapData, ClusterValue>,
     endpoints: &'a mut Array<MapData, EndpointValue>,
+    maglev: &'a mut Array<MapData, u32>,
     config: &'a Mutex<(Array<MapData, ConfigValue>, ConfigValue)>,
     last_flip: &'a mut Option<std::time::SystemTime>,
 }
@@ -618,6 +706,12 @@ impl FastMaps for KernelWriter<'_> {
         self.endpoints
             .set(index, value, 0)
             .map_err(|source| map_err(MAP_ENDPOINTS, format!("set index {index}"), source))
+    }
+
+    fn set_maglev(&mut self, index: u32, value: u32) -> Result<(), BpfError> {
+        self.maglev
+            .set(index, value, 0)
+            .map_err(|source| map_err(MAP_MAGLEV, format!("set index {index}"), source))
     }
 
     fn flip(&mut self, generation: u8) -> Result<(), BpfError> {

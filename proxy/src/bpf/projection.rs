@@ -27,8 +27,13 @@ use crate::state::Snapshot;
 pub enum FastLb {
     /// ROUND_ROBIN (a per-CPU cursor per cluster).
     RoundRobin,
-    /// RANDOM (`bpf_get_prandom_u32`).
+    /// RANDOM (`bpf_get_prandom_u32`; weights ignored, as Envoy does).
     Random,
+    /// LEAST_REQUEST: power of two choices over the endpoints' load (equal weights only).
+    LeastRequest,
+    /// MAGLEV: a table of [`skiff_common::MAGLEV_TABLE_SIZE`] entries built in userspace,
+    /// indexed by the client's hash.
+    Maglev,
 }
 
 impl FastLb {
@@ -37,6 +42,8 @@ impl FastLb {
         match self {
             FastLb::RoundRobin => "ROUND_ROBIN",
             FastLb::Random => "RANDOM",
+            FastLb::LeastRequest => "LEAST_REQUEST",
+            FastLb::Maglev => "MAGLEV",
         }
     }
 }
@@ -59,6 +66,15 @@ pub struct ClusterImage {
     pub lb: FastLb,
     /// Healthy endpoints, sorted (the slot order).
     pub endpoints: Vec<SocketAddrV4>,
+    /// `load_balancing_weight` of each endpoint (same order as `endpoints`).
+    pub weights: Vec<u32>,
+}
+
+impl ClusterImage {
+    /// Whether the endpoints' weights differ (weighted policies then search by weight).
+    pub fn weighted(&self) -> bool {
+        self.weights.windows(2).any(|w| w[0] != w[1])
+    }
 }
 
 /// What the kernel fast-path maps should hold for one snapshot.
@@ -94,12 +110,14 @@ impl MapImage {
         max_services: usize,
         max_clusters: usize,
         max_endpoints: usize,
+        max_maglev: usize,
     ) -> (MapImage, Option<String>) {
         let mut out = MapImage {
             verdicts: self.verdicts.clone(),
             ..Default::default()
         };
         let mut slots = 0usize;
+        let mut maglev = 0usize;
         let mut dropped: BTreeMap<&'static str, usize> = BTreeMap::new();
         for (vip, svc) in &self.services {
             let Some(cluster) = self.clusters.get(&svc.cluster) else {
@@ -112,6 +130,8 @@ impl MapImage {
                 Some("max_clusters")
             } else if new_cluster && slots + cluster.endpoints.len() > max_endpoints {
                 Some("max_endpoints")
+            } else if new_cluster && cluster.lb == FastLb::Maglev && maglev >= max_maglev {
+                Some("max_maglev")
             } else {
                 None
             };
@@ -125,6 +145,7 @@ impl MapImage {
             }
             if new_cluster {
                 slots += cluster.endpoints.len();
+                maglev += usize::from(cluster.lb == FastLb::Maglev);
                 out.clusters.insert(svc.cluster.clone(), cluster.clone());
             }
             out.services.insert(*vip, svc.clone());
@@ -136,11 +157,16 @@ impl MapImage {
                 .collect();
             format!(
                 "kernel fast path: image does not fit (max_services {max_services}, max_clusters \
-                 {max_clusters}, max_endpoints {max_endpoints}; needs {} services, {} clusters, \
-                 {} endpoints): {}; those services are served by the proxy",
+                 {max_clusters}, max_endpoints {max_endpoints}, max_maglev {max_maglev}; needs {} \
+                 services, {} clusters, {} endpoints, {} maglev tables): {}; those services are \
+                 served by the proxy",
                 self.services.len(),
                 self.clusters.len(),
                 self.endpoint_slots(),
+                self.clusters
+                    .values()
+                    .filter(|c| c.lb == FastLb::Maglev)
+                    .count(),
                 parts.join(", ")
             )
         });
@@ -385,6 +411,8 @@ fn classify_with(
     let lb = match c.lb_policy {
         LbPolicy::RoundRobin => FastLb::RoundRobin,
         LbPolicy::Random => FastLb::Random,
+        LbPolicy::LeastRequest => FastLb::LeastRequest,
+        LbPolicy::Maglev => FastLb::Maglev,
         other => {
             v.reason = format!(
                 "cluster {name}: lb_policy {} is not implemented in the kernel",
@@ -393,26 +421,59 @@ fn classify_with(
             return (v, None);
         }
     };
+    if let Some(a) = &entry.assignment
+        && let Some(p) = a
+            .localities
+            .iter()
+            .filter(|l| l.endpoints.iter().any(|e| e.health.is_healthy()))
+            .map(|l| l.priority)
+            .find(|p| *p != 0)
+    {
+        v.reason = format!(
+            "cluster {name}: endpoints at priority {p} (priority load is not in the kernel)"
+        );
+        return (v, None);
+    }
     let healthy = entry.healthy_endpoints();
     if healthy.is_empty() {
         v.reason = format!("cluster {name} has no healthy endpoint (the proxy answers)");
         return (v, None);
     }
-    if healthy.iter().any(|e| e.weight != healthy[0].weight) {
-        v.reason = format!("cluster {name}: unequal endpoint weights");
+    if lb == FastLb::LeastRequest && healthy.iter().any(|e| e.weight != healthy[0].weight) {
+        v.reason = format!(
+            "cluster {name}: LEAST_REQUEST with unequal weights (Envoy's weighted least request \
+             stays in the proxy)"
+        );
         return (v, None);
     }
-    let mut endpoints = Vec::with_capacity(healthy.len());
+    if lb == FastLb::Maglev && healthy.len() > skiff_common::MAGLEV_TABLE_SIZE as usize {
+        v.reason = format!(
+            "cluster {name}: MAGLEV with more than {} endpoints (the kernel table size)",
+            skiff_common::MAGLEV_TABLE_SIZE
+        );
+        return (v, None);
+    }
+    if healthy.len() > 1 << skiff_common::MAX_SEARCH_STEPS {
+        v.reason = format!("cluster {name}: more endpoints than the kernel search covers");
+        return (v, None);
+    }
+    let mut slots: Vec<(SocketAddrV4, u32)> = Vec::with_capacity(healthy.len());
     for e in &healthy {
         match e.address {
-            SocketAddr::V4(a) => endpoints.push(a),
+            SocketAddr::V4(a) => slots.push((a, e.weight.max(1))),
             SocketAddr::V6(_) => {
                 v.reason = format!("cluster {name}: IPv6 endpoint behind an IPv4 service");
                 return (v, None);
             }
         }
     }
-    endpoints.sort();
+    slots.sort();
+    let total: u64 = slots.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total > u64::from(u32::MAX) {
+        v.reason = format!("cluster {name}: total endpoint weight exceeds 2^32");
+        return (v, None);
+    }
+    let (endpoints, weights): (Vec<SocketAddrV4>, Vec<u32>) = slots.into_iter().unzip();
     v.fast = true;
     v.reason = format!(
         "plain tcp_proxy to {} cluster {name} ({}, {} healthy endpoints)",
@@ -420,7 +481,14 @@ fn classify_with(
         lb.as_str(),
         endpoints.len()
     );
-    (v, Some(ClusterImage { lb, endpoints }))
+    (
+        v,
+        Some(ClusterImage {
+            lb,
+            endpoints,
+            weights,
+        }),
+    )
 }
 
 /// The chain Envoy picks for every connection to `dst`, `Ok(None)` when none matches (the

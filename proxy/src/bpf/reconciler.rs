@@ -24,11 +24,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 
 use skiff_common::{
-    ClusterValue, EndpointValue, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, ServiceKeyV4, ServiceValue,
+    CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
+    LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceValue,
 };
 
 use super::BpfError;
-use super::projection::{FastLb, MapImage};
+use super::projection::{ClusterImage, FastLb, MapImage};
 
 /// Sizes of the fast-path maps (per generation for clusters and endpoints).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +40,9 @@ pub struct Capacity {
     pub max_clusters: u32,
     /// Endpoint slots per generation (`SKIFF_ENDPOINTS` holds twice this).
     pub max_endpoints: u32,
+    /// MAGLEV clusters per generation (`SKIFF_MAGLEV` holds twice this many tables of
+    /// `MAGLEV_TABLE_SIZE` entries).
+    pub max_maglev: u32,
 }
 
 impl Default for Capacity {
@@ -48,6 +52,7 @@ impl Default for Capacity {
             max_services: 10_240,
             max_clusters: 10_240,
             max_endpoints: 102_400,
+            max_maglev: 64,
         }
     }
 }
@@ -62,6 +67,8 @@ pub trait FastMaps {
     fn set_cluster(&mut self, index: u32, value: ClusterValue) -> Result<(), BpfError>;
     /// Write one endpoint slot (absolute index).
     fn set_endpoint(&mut self, index: u32, value: EndpointValue) -> Result<(), BpfError>;
+    /// Write one Maglev table entry (absolute index).
+    fn set_maglev(&mut self, index: u32, value: u32) -> Result<(), BpfError>;
     /// Make `generation` active and turn the fast path on.
     fn flip(&mut self, generation: u8) -> Result<(), BpfError>;
     /// Called before writing the inactive generation: a kernel writer waits here until no
@@ -82,6 +89,8 @@ pub struct ApplyReport {
     pub clusters_written: usize,
     /// Endpoint slots written.
     pub endpoints_written: usize,
+    /// Maglev table entries written.
+    pub maglev_written: usize,
     /// Set when the image did not fit: names the limit (the services left out go to the proxy).
     pub overflow: Option<String>,
 }
@@ -91,6 +100,7 @@ pub struct ApplyReport {
 struct Generation {
     clusters: Vec<ClusterValue>,
     endpoints: Vec<EndpointValue>,
+    maglev: Vec<u32>,
     /// Unknown content (a write failed): rewrite everything next time.
     dirty: bool,
 }
@@ -108,8 +118,12 @@ pub struct Reconciler {
 const EMPTY_CLUSTER: ClusterValue = ClusterValue {
     slot_base: 0,
     endpoint_count: 0,
+    total_weight: 0,
+    rr_stride: 0,
+    maglev_base: 0,
     lb_policy: 0,
-    _pad: [0; 3],
+    flags: 0,
+    _pad: [0; 2],
 };
 const EMPTY_ENDPOINT: EndpointValue = EndpointValue {
     addr_be: [0; 4],
@@ -117,6 +131,7 @@ const EMPTY_ENDPOINT: EndpointValue = EndpointValue {
     family: 0,
     health: 0,
     weight: 0,
+    weight_end: 0,
 };
 
 impl Reconciler {
@@ -161,6 +176,7 @@ impl Reconciler {
             self.caps.max_services as usize,
             self.caps.max_clusters as usize,
             self.caps.max_endpoints as usize,
+            self.caps.max_maglev as usize,
         );
         let mut report = ApplyReport {
             generation: self.active,
@@ -172,7 +188,12 @@ impl Reconciler {
             return Ok(report);
         }
         let next = 1 - self.active;
-        let (clusters, endpoints, wanted) = layout(&image, next, self.caps);
+        let Layout {
+            clusters,
+            endpoints,
+            maglev,
+            services: wanted,
+        } = layout(&image, next, self.caps);
         let gone: BTreeSet<ServiceKeyV4> = self
             .services
             .keys()
@@ -197,11 +218,12 @@ impl Reconciler {
         // 2. The inactive generation: slots, then the clusters that count them.
         maps.quiesce();
         let held = &mut self.gens[usize::from(next)];
-        let result = write_generation(maps, held, next, self.caps, &clusters, &endpoints);
+        let result = write_generation(maps, held, next, self.caps, &clusters, &endpoints, &maglev);
         match result {
-            Ok((c, e)) => {
+            Ok((c, e, m)) => {
                 report.clusters_written = c;
                 report.endpoints_written = e;
+                report.maglev_written = m;
             }
             Err(e) => {
                 held.dirty = true;
@@ -252,36 +274,57 @@ impl Reconciler {
     }
 }
 
-/// The image laid out for generation `gen`: cluster entries (by id), endpoint slots, and each
-/// service's absolute cluster index.
-fn layout(
-    image: &MapImage,
-    generation: u8,
-    caps: Capacity,
-) -> (
-    Vec<ClusterValue>,
-    Vec<EndpointValue>,
-    BTreeMap<ServiceKeyV4, u32>,
-) {
+/// One generation's map contents for an image (relative indices within the generation).
+pub(crate) struct Layout {
+    /// Cluster entries by id.
+    pub(crate) clusters: Vec<ClusterValue>,
+    /// Endpoint slots.
+    pub(crate) endpoints: Vec<EndpointValue>,
+    /// Maglev tables, `MAGLEV_TABLE_SIZE` entries per MAGLEV cluster, in cluster order.
+    pub(crate) maglev: Vec<u32>,
+    /// Each service's absolute cluster index.
+    pub(crate) services: BTreeMap<ServiceKeyV4, u32>,
+}
+
+/// The image laid out for generation `generation`.
+pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout {
     let mut clusters = Vec::with_capacity(image.clusters.len());
     let mut endpoints = Vec::with_capacity(image.endpoint_slots());
+    let mut maglev: Vec<u32> = Vec::new();
     let mut ids = BTreeMap::new();
     for (id, (name, c)) in image.clusters.iter().enumerate() {
         let base = u32::from(generation) * caps.max_endpoints + endpoints.len() as u32;
+        let maglev_base =
+            u32::from(generation) * caps.max_maglev * MAGLEV_TABLE_SIZE + maglev.len() as u32;
+        let mut end = 0u32;
+        for (e, w) in c.endpoints.iter().zip(&c.weights) {
+            end = end.saturating_add(*w);
+            let mut v = EndpointValue::new((*e).into(), *w);
+            v.weight_end = end;
+            endpoints.push(v);
+        }
+        if c.lb == FastLb::Maglev {
+            maglev.extend(maglev_table(c));
+        }
         clusters.push(ClusterValue {
             slot_base: base,
             endpoint_count: c.endpoints.len() as u32,
+            total_weight: end,
+            rr_stride: rr_stride(end),
+            maglev_base: if c.lb == FastLb::Maglev {
+                maglev_base
+            } else {
+                0
+            },
             lb_policy: match c.lb {
                 FastLb::RoundRobin => LB_ROUND_ROBIN,
                 FastLb::Random => LB_RANDOM,
+                FastLb::LeastRequest => LB_LEAST_REQUEST,
+                FastLb::Maglev => LB_MAGLEV,
             },
-            _pad: [0; 3],
+            flags: if c.weighted() { CLUSTER_WEIGHTED } else { 0 },
+            _pad: [0; 2],
         });
-        endpoints.extend(
-            c.endpoints
-                .iter()
-                .map(|e| EndpointValue::new((*e).into(), 1)),
-        );
         ids.insert(
             name.as_str(),
             u32::from(generation) * caps.max_clusters + id as u32,
@@ -292,11 +335,54 @@ fn layout(
         .iter()
         .filter_map(|(vip, s)| Some((ServiceKeyV4::tcp(*vip), *ids.get(s.cluster.as_str())?)))
         .collect();
-    (clusters, endpoints, services)
+    Layout {
+        clusters,
+        endpoints,
+        maglev,
+        services,
+    }
+}
+
+/// The kernel Maglev table of a cluster: slot offsets, built like Envoy's (host keys are the
+/// address strings) at the kernel's table size.
+pub(crate) fn maglev_table(c: &ClusterImage) -> Vec<u32> {
+    let keys: Vec<String> = c.endpoints.iter().map(|e| e.to_string()).collect();
+    let hosts: Vec<(&str, u32)> = keys
+        .iter()
+        .zip(&c.weights)
+        .map(|(k, w)| (k.as_str(), (*w).max(1)))
+        .collect();
+    // The projection admits at most MAGLEV_TABLE_SIZE endpoints and weights >= 1 into a MAGLEV
+    // image, and the size is prime: the builder cannot fail here. An empty table would send
+    // every connect to the proxy rather than to a wrong host.
+    crate::lb::maglev::table(&hosts, MAGLEV_TABLE_SIZE as usize).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "kernel maglev table");
+        vec![u32::MAX; MAGLEV_TABLE_SIZE as usize]
+    })
+}
+
+/// A stride coprime to `total` near `total / phi`: walking `cursor * stride mod total` visits
+/// every unit of weight once per cycle while spreading neighbours apart.
+pub(crate) fn rr_stride(total: u32) -> u32 {
+    if total <= 2 {
+        return 1;
+    }
+    let target = ((f64::from(total) * 0.618_033_988_75) as u32).clamp(1, total - 1);
+    (0..total)
+        .flat_map(|d| [target.saturating_add(d), target.saturating_sub(d)])
+        .find(|s| *s >= 1 && *s < total && gcd(*s, total) == 1)
+        .unwrap_or(1)
+}
+
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Writes the entries of one generation that differ from what it holds; returns how many
-/// clusters and endpoints were written.
+/// clusters, endpoints and maglev entries were written.
 fn write_generation(
     maps: &mut impl FastMaps,
     held: &mut Generation,
@@ -304,14 +390,24 @@ fn write_generation(
     caps: Capacity,
     clusters: &[ClusterValue],
     endpoints: &[EndpointValue],
-) -> Result<(usize, usize), BpfError> {
-    let mut written = (0, 0);
+    maglev: &[u32],
+) -> Result<(usize, usize, usize), BpfError> {
+    let mut written = (0, 0, 0);
     let n = endpoints.len().max(held.endpoints.len());
     for i in 0..n {
         let want = endpoints.get(i).copied().unwrap_or(EMPTY_ENDPOINT);
         if held.dirty || held.endpoints.get(i) != Some(&want) {
             maps.set_endpoint(u32::from(g) * caps.max_endpoints + i as u32, want)?;
             written.1 += 1;
+        }
+    }
+    // Entries past the new tables are left as they are: no cluster of this generation points
+    // at them.
+    let base = u32::from(g) * caps.max_maglev * MAGLEV_TABLE_SIZE;
+    for (i, want) in maglev.iter().enumerate() {
+        if held.dirty || held.maglev.get(i) != Some(want) {
+            maps.set_maglev(base + i as u32, *want)?;
+            written.2 += 1;
         }
     }
     let n = clusters.len().max(held.clusters.len());
@@ -324,6 +420,7 @@ fn write_generation(
     }
     held.clusters = clusters.to_vec();
     held.endpoints = endpoints.to_vec();
+    held.maglev = maglev.to_vec();
     held.dirty = false;
     Ok(written)
 }
@@ -351,6 +448,98 @@ pub fn resolve(
     for i in 0..c.endpoint_count {
         match endpoints(c.slot_base + i)?.addr()? {
             std::net::SocketAddr::V4(a) => out.push(a),
+            std::net::SocketAddr::V6(_) => return None,
+        }
+    }
+    Some((c.lb_policy, out))
+}
+
+/// Every endpoint a connect to `vip` can reach, read from map contents exactly as the kernel
+/// walks them (through `skiff_common::pick_slot`), with how many draws reach it: round robin
+/// over one full cursor cycle (`total_weight` draws when weighted, else one per slot), RANDOM
+/// one draw per slot, LEAST_REQUEST every pair of draws at equal load, MAGLEV every table entry.
+/// `None`: the connect goes to the proxy.
+pub fn choices(
+    services: &BTreeMap<ServiceKeyV4, ServiceValue>,
+    clusters: &impl Fn(u32) -> Option<ClusterValue>,
+    endpoints: &impl Fn(u32) -> Option<EndpointValue>,
+    maglev: &impl Fn(u32) -> Option<u32>,
+    active: u8,
+    vip: SocketAddrV4,
+) -> Option<(u8, BTreeMap<SocketAddrV4, u64>)> {
+    let svc = services.get(&ServiceKeyV4::tcp(vip))?;
+    let idx = svc.cluster_idx[usize::from(active & 1)];
+    if idx == NO_CLUSTER {
+        return None;
+    }
+    let c = clusters(idx)?;
+    if c.endpoint_count == 0 {
+        return None;
+    }
+    struct Facts<'a, E, M> {
+        c: ClusterValue,
+        endpoints: &'a E,
+        maglev: &'a M,
+    }
+    impl<E, M> skiff_common::SlotFacts for Facts<'_, E, M>
+    where
+        E: Fn(u32) -> Option<EndpointValue>,
+        M: Fn(u32) -> Option<u32>,
+    {
+        fn weight_end(&self, offset: u32) -> Option<u32> {
+            (self.endpoints)(self.c.slot_base.wrapping_add(offset)).map(|e| e.weight_end)
+        }
+        fn load(&self, _offset: u32) -> u64 {
+            0
+        }
+        fn maglev(&self, entry: u32) -> Option<u32> {
+            (self.maglev)(self.c.maglev_base.wrapping_add(entry))
+        }
+    }
+    let facts = Facts {
+        c,
+        endpoints,
+        maglev,
+    };
+    let mut draws: Vec<skiff_common::Draws> = Vec::new();
+    let n = c.endpoint_count;
+    match c.lb_policy {
+        LB_ROUND_ROBIN => {
+            let cycle = if c.flags & CLUSTER_WEIGHTED != 0 {
+                c.total_weight
+            } else {
+                n
+            };
+            draws.extend((0..cycle).map(|rr_cursor| skiff_common::Draws {
+                rr_cursor,
+                ..Default::default()
+            }));
+        }
+        LB_RANDOM => draws.extend((0..n).map(|r| skiff_common::Draws {
+            random: [r, 0],
+            ..Default::default()
+        })),
+        LB_LEAST_REQUEST => {
+            for a in 0..n {
+                for b in 0..n {
+                    draws.push(skiff_common::Draws {
+                        random: [a, b],
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        LB_MAGLEV => draws.extend((0..MAGLEV_TABLE_SIZE).map(|e| skiff_common::Draws {
+            client_hash: u64::from(e),
+            ..Default::default()
+        })),
+        _ => return None,
+    }
+    let mut out = BTreeMap::new();
+    for d in &draws {
+        let off = skiff_common::pick_slot(&c, d, &facts)?;
+        match endpoints(c.slot_base + off)?.addr()? {
+            std::net::SocketAddr::V4(a) => *out.entry(a).or_insert(0) += 1,
             std::net::SocketAddr::V6(_) => return None,
         }
     }

@@ -155,7 +155,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
         vec![virtual_listener(vec![http, tls, filtered, odst, lr, sni])],
         vec![
             static_cluster("svc", LbPolicy::RoundRobin, &EPS),
-            static_cluster("lr", LbPolicy::LeastRequest, &EPS),
+            static_cluster("lr", LbPolicy::RingHash, &EPS),
             Cluster {
                 name: "passthrough".into(),
                 kind: ClusterKind::OriginalDst,
@@ -174,7 +174,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
     assert!(reason(&img, "10.96.0.2:443").contains("TLS"));
     assert!(reason(&img, "10.96.0.3:80").contains("rbac"));
     assert!(reason(&img, "10.96.0.4:80").contains("ORIGINAL_DST"));
-    assert!(reason(&img, "10.96.0.5:80").contains("LEAST_REQUEST"));
+    assert!(reason(&img, "10.96.0.5:80").contains("RING_HASH"));
     assert!(reason(&img, "10.96.0.6:443").contains("SNI"));
 }
 
@@ -254,7 +254,7 @@ fn fit_keeps_whole_services_and_names_the_limit() {
         .collect();
     let img = project(&snap(vec![virtual_listener(chains)], clusters), 15001);
     assert_eq!(img.services.len(), 4);
-    let (fit, msg) = img.fit(10, 10, 7);
+    let (fit, msg) = img.fit(10, 10, 7, 10);
     assert_eq!(fit.services.len(), 2);
     assert_eq!(fit.endpoint_slots(), 6);
     let msg = msg.unwrap();
@@ -264,10 +264,10 @@ fn fit_keeps_whole_services_and_names_the_limit() {
             .reason
             .contains("capacity")
     );
-    let (same, none) = img.fit(10, 10, 100);
+    let (same, none) = img.fit(10, 10, 100, 10);
     assert_eq!(same, img);
     assert!(none.is_none());
-    let (two, msg) = img.fit(2, 10, 100);
+    let (two, msg) = img.fit(2, 10, 100, 10);
     assert_eq!(two.services.len(), 2);
     assert!(msg.unwrap().contains("max_services"));
 }

@@ -9,14 +9,16 @@ use proptest::prelude::*;
 use super::*;
 use crate::bpf::projection::{ClusterImage, ServiceImage};
 
-/// What a connect would get for one service: the policy and endpoints, or `None` (proxy).
-type Seen = Option<(u8, Vec<SocketAddrV4>)>;
+/// What a connect would get for one service: the policy and the endpoints its draws reach
+/// (with how many draws each), or `None` (proxy).
+type Seen = Option<(u8, BTreeMap<SocketAddrV4, u64>)>;
 
 #[derive(Default)]
 struct MemMaps {
     services: BTreeMap<ServiceKeyV4, ServiceValue>,
     clusters: BTreeMap<u32, ClusterValue>,
     endpoints: BTreeMap<u32, EndpointValue>,
+    maglev: BTreeMap<u32, u32>,
     active: u8,
     enabled: bool,
     caps: Option<Capacity>,
@@ -30,10 +32,11 @@ impl MemMaps {
         if !self.enabled {
             return None;
         }
-        resolve(
+        choices(
             &self.services,
             &|i| self.clusters.get(&i).copied(),
             &|i| self.endpoints.get(&i).copied(),
+            &|i| self.maglev.get(&i).copied(),
             self.active,
             vip,
         )
@@ -76,6 +79,19 @@ impl FastMaps for MemMaps {
         self.check();
         Ok(())
     }
+    fn set_maglev(&mut self, index: u32, value: u32) -> Result<(), BpfError> {
+        let per_gen = self.caps.unwrap().max_maglev * MAGLEV_TABLE_SIZE;
+        assert!(index < 2 * per_gen);
+        // Thousands of entries per table: instead of re-walking every service after each one,
+        // check the invariant that makes them safe: only the inactive generation is written.
+        assert!(
+            !self.enabled || index / per_gen != u32::from(self.active),
+            "maglev entry {index} written in the active generation"
+        );
+        self.maglev.insert(index, value);
+        self.writes += 1;
+        Ok(())
+    }
     fn flip(&mut self, generation: u8) -> Result<(), BpfError> {
         self.active = generation;
         self.enabled = true;
@@ -90,32 +106,69 @@ fn expected(img: &MapImage, vip: SocketAddrV4) -> Seen {
     let lb = match c.lb {
         FastLb::RoundRobin => LB_ROUND_ROBIN,
         FastLb::Random => LB_RANDOM,
+        FastLb::LeastRequest => LB_LEAST_REQUEST,
+        FastLb::Maglev => LB_MAGLEV,
     };
-    Some((lb, c.endpoints.clone()))
+    // What each policy's draws give, straight from the image.
+    let n = c.endpoints.len();
+    let hits: Vec<u64> = match c.lb {
+        FastLb::RoundRobin if c.weighted() => c.weights.iter().map(|w| u64::from(*w)).collect(),
+        FastLb::RoundRobin | FastLb::Random => vec![1; n],
+        // Every pair (a, b) at equal load picks a: n draws per endpoint.
+        FastLb::LeastRequest => vec![n as u64; n],
+        FastLb::Maglev => {
+            let mut h = vec![0u64; n];
+            for i in maglev_table(c) {
+                h[i as usize] += 1;
+            }
+            h
+        }
+    };
+    let set = c
+        .endpoints
+        .iter()
+        .zip(hits)
+        .filter(|(_, h)| *h > 0)
+        .map(|(e, h)| (*e, h))
+        .collect();
+    Some((lb, set))
 }
 
-fn image(spec: &[(u8, u8, Vec<u8>, bool)]) -> MapImage {
+/// (vip, cluster, endpoints as (host, weight), policy 0..4)
+type Spec = Vec<(u8, u8, Vec<(u8, u32)>, u8)>;
+
+fn image(spec: &Spec) -> MapImage {
     let mut img = MapImage::default();
-    for (vip, cluster, eps, random) in spec {
+    for (vip, cluster, eps, policy) in spec {
         let name = format!("c{cluster}");
         let vip: SocketAddrV4 = format!("10.96.0.{vip}:80").parse().unwrap();
-        let mut endpoints: Vec<SocketAddrV4> = eps
+        let mut slots: Vec<(SocketAddrV4, u32)> = eps
             .iter()
-            .map(|e| format!("127.0.{cluster}.{e}:8080").parse().unwrap())
+            .map(|(e, w)| (format!("127.0.{cluster}.{e}:8080").parse().unwrap(), *w))
             .collect();
-        endpoints.sort();
-        endpoints.dedup();
-        if endpoints.is_empty() {
+        slots.sort();
+        slots.dedup_by_key(|(e, _)| *e);
+        if slots.is_empty() {
             continue;
         }
+        let lb = match policy % 4 {
+            0 => FastLb::RoundRobin,
+            1 => FastLb::Random,
+            2 => FastLb::LeastRequest,
+            _ => FastLb::Maglev,
+        };
+        if lb == FastLb::LeastRequest {
+            // The projection admits LEAST_REQUEST with equal weights only.
+            for s in &mut slots {
+                s.1 = 1;
+            }
+        }
+        let (endpoints, weights) = slots.into_iter().unzip();
         // One definition per cluster name: the first wins.
         img.clusters.entry(name.clone()).or_insert(ClusterImage {
-            lb: if *random {
-                FastLb::Random
-            } else {
-                FastLb::RoundRobin
-            },
+            lb,
             endpoints,
+            weights,
         });
         img.services.insert(
             vip,
@@ -127,6 +180,11 @@ fn image(spec: &[(u8, u8, Vec<u8>, bool)]) -> MapImage {
         );
     }
     img
+}
+
+/// Hosts of weight 1.
+fn w1(hosts: &[u8]) -> Vec<(u8, u32)> {
+    hosts.iter().map(|h| (*h, 1)).collect()
 }
 
 fn apply_checked(
@@ -152,13 +210,13 @@ fn apply_checked(
     report
 }
 
-fn spec() -> impl Strategy<Value = Vec<(u8, u8, Vec<u8>, bool)>> {
+fn spec() -> impl Strategy<Value = Spec> {
     proptest::collection::vec(
         (
             1u8..12,
             1u8..6,
-            proptest::collection::vec(1u8..9, 0..5),
-            any::<bool>(),
+            proptest::collection::vec((1u8..9, 1u32..4), 0..5),
+            0u8..4,
         ),
         0..10,
     )
@@ -168,6 +226,7 @@ const SMALL: Capacity = Capacity {
     max_services: 64,
     max_clusters: 16,
     max_endpoints: 64,
+    max_maglev: 4,
 };
 
 proptest! {
@@ -179,7 +238,7 @@ proptest! {
         apply_checked(&mut r, &mut m, &MapImage::default(), &a);
         apply_checked(&mut r, &mut m, &a, &b);
         apply_checked(&mut r, &mut m, &b, &c);
-        prop_assert_eq!(r.applied(), &c.fit(64, 16, 64).0);
+        prop_assert_eq!(r.applied(), &c.fit(64, 16, 64, 4).0);
         prop_assert_eq!(m.services.len(), c.services.len());
         // Applying the same image again writes nothing.
         let again = apply_checked(&mut r, &mut m, &c, &c);
@@ -191,8 +250,13 @@ proptest! {
 
 #[test]
 fn slots_of_a_cluster_are_contiguous_and_generation_specific() {
-    let img = image(&[(1, 1, vec![1, 2, 3], false), (2, 2, vec![4, 5], true)]);
-    let (clusters, endpoints, services) = layout(&img, 1, SMALL);
+    let img = image(&vec![(1, 1, w1(&[1, 2, 3]), 0), (2, 2, w1(&[4, 5]), 1)]);
+    let Layout {
+        clusters,
+        endpoints,
+        services,
+        ..
+    } = layout(&img, 1, SMALL);
     assert_eq!(endpoints.len(), 5);
     assert_eq!(clusters[0].slot_base, SMALL.max_endpoints);
     assert_eq!(clusters[0].endpoint_count, 3);
@@ -208,11 +272,12 @@ fn an_image_too_big_is_trimmed_and_reported() {
         max_services: 2,
         max_clusters: 2,
         max_endpoints: 4,
+        max_maglev: 1,
     };
-    let img = image(&[
-        (1, 1, vec![1, 2], false),
-        (2, 2, vec![1, 2], false),
-        (3, 3, vec![1], false),
+    let img = image(&vec![
+        (1, 1, w1(&[1, 2]), 0),
+        (2, 2, w1(&[1, 2]), 0),
+        (3, 3, w1(&[1]), 0),
     ]);
     let mut m = MemMaps {
         caps: Some(caps),
@@ -224,7 +289,7 @@ fn an_image_too_big_is_trimmed_and_reported() {
     assert!(msg.contains("max_services"), "{msg}");
     assert_eq!(r.applied().services.len(), 2);
     // Swapping every service for new ones still fits: the leaving ones are deleted first.
-    let other = image(&[(7, 1, vec![1], false), (8, 2, vec![1], false)]);
+    let other = image(&vec![(7, 1, w1(&[1]), 0), (8, 2, w1(&[1]), 0)]);
     let prev = r.applied().clone();
     apply_checked(&mut r, &mut m, &prev, &other);
     assert_eq!(m.services.len(), 2);

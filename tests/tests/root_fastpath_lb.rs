@@ -1,0 +1,308 @@
+//! Root end-to-end tests of the kernel fast path's balancing policies: the real `skiff run
+//! --fast-path` in a private network namespace (loopback only) and cgroups this test creates.
+//! Three backends greet each connection with their address, so one client process can tell
+//! where each of many connects landed.
+//!
+//! - weighted ROUND_ROBIN follows `load_balancing_weight` (chi-square against the weights);
+//! - LEAST_REQUEST sends clearly fewer new connects to a backend holding many open ones (the
+//!   kernel counts fast-path connections per endpoint, `/stats` shows them);
+//! - MAGLEV keeps each client on one backend and spreads clients across backends.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_fastpath_lb -- --test-threads=1` (as root).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use skiff_tests::{Cgroup, Child, Netns, built_binary, command_in, field, require_root, serial};
+
+fn fastpeer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
+}
+
+const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
+const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
+
+fn tcp_chain(name: &str, vip: &str) -> String {
+    format!(
+        r#"
+    - name: {name}
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: {vip}, prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {name}"#
+    )
+}
+
+fn cluster(name: &str, policy: &str, eps: &[(&str, u32)]) -> String {
+    let lb: Vec<String> = eps
+        .iter()
+        .map(|(a, w)| {
+            let (ip, port) = a.split_once(':').expect("ip:port");
+            format!(
+                "\n        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}\n          load_balancing_weight: {w}"
+            )
+        })
+        .collect();
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    lb_policy: {policy}
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:{}"#,
+        lb.concat()
+    )
+}
+
+/// 10.96.0.13 weighted RR (1:2:3), 10.96.0.14 LEAST_REQUEST, 10.96.0.15 MAGLEV, 10.96.0.16
+/// ROUND_ROBIN to the first backend only (to pile connections onto it).
+fn bootstrap_yaml() -> String {
+    let [a, b, c] = BACKENDS;
+    format!(
+        r#"
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }}
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
+    use_original_dst: true
+    filter_chains:{}{}{}{}
+  clusters:{}{}{}{}
+"#,
+        tcp_chain("wrr", "10.96.0.13"),
+        tcp_chain("lr", "10.96.0.14"),
+        tcp_chain("mg", "10.96.0.15"),
+        tcp_chain("pin", "10.96.0.16"),
+        cluster("wrr", "ROUND_ROBIN", &[(a, 1), (b, 2), (c, 3)]),
+        cluster("lr", "LEAST_REQUEST", &[(a, 1), (b, 1), (c, 1)]),
+        cluster("mg", "MAGLEV", &[(a, 1), (b, 1), (c, 1)]),
+        cluster("pin", "ROUND_ROBIN", &[(a, 1)]),
+    )
+}
+
+struct Scenario {
+    // Field order is drop order: processes first, then cgroups and the netns.
+    _skiff: Child,
+    _backends: Child,
+    ns: Netns,
+    _cg: Cgroup,
+    app: PathBuf,
+    bootstrap: PathBuf,
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.bootstrap);
+    }
+}
+
+fn scenario(name: &str) -> Scenario {
+    let env = require_root();
+    let ns = Netns::new(name);
+    let mut cg = Cgroup::new(&env, name);
+    let mut backends = Child::spawn(
+        command_in(Some(&ns), None, fastpeer())
+            .arg("serve")
+            .args(BACKENDS),
+    );
+    backends.expect_line("ready", Duration::from_secs(5));
+    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
+    std::fs::write(&bootstrap, bootstrap_yaml()).expect("write bootstrap");
+    let app = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
+    cmd.arg("run")
+        .arg("--bootstrap")
+        .arg(&bootstrap)
+        .args(["--fast-path", "--cgroup"])
+        .arg(&app)
+        .arg("--proxy-cgroup")
+        .arg(&proxy_cg)
+        .env("RUST_LOG", "info,skiff=debug");
+    let skiff = Child::spawn(&mut cmd);
+    let s = Scenario {
+        _skiff: skiff,
+        _backends: backends,
+        ns,
+        _cg: cg,
+        app,
+        bootstrap,
+    };
+    skiff_tests::wait_admin_ready(&s.ns);
+    s
+}
+
+/// Connects per backend from one `spread` run (`n` sequential connects from `src`).
+fn spread(s: &Scenario, vip: &str, n: usize, src: Option<&str>) -> BTreeMap<String, usize> {
+    let mut cmd = command_in(Some(&s.ns), Some(&s.app), fastpeer());
+    cmd.args(["spread", vip, "--n", &n.to_string()]);
+    if let Some(ip) = src {
+        cmd.args(["--src", ip]);
+    }
+    let out = cmd.output().expect("run spread");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(line.starts_with("ok "), "spread to {vip}: {line}");
+    assert_eq!(
+        field(&line, "peer"),
+        Some(vip),
+        "getpeername shows the VIP: {line}"
+    );
+    counts(&line)
+}
+
+fn counts(line: &str) -> BTreeMap<String, usize> {
+    BACKENDS
+        .iter()
+        .map(|b| {
+            (
+                b.to_string(),
+                field(line, b).and_then(|v| v.parse().ok()).unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Pearson's chi-square of `got` against `shares` (expected fractions).
+fn chi_square(got: &BTreeMap<String, usize>, shares: &[f64; 3]) -> f64 {
+    let n: usize = got.values().sum();
+    BACKENDS
+        .iter()
+        .zip(shares)
+        .map(|(b, p)| {
+            let e = n as f64 * p;
+            (got[*b] as f64 - e).powi(2) / e
+        })
+        .sum()
+}
+
+/// chi-square, 2 degrees of freedom, p = 0.001.
+const CHI2_BOUND: f64 = 13.82;
+
+fn stat(ns: &Netns, name: &str) -> u64 {
+    skiff_tests::admin_stat(ns, name)
+}
+
+#[test]
+fn weighted_round_robin_follows_endpoint_weights() {
+    let _g = serial();
+    let s = scenario("fp-wrr");
+    let got = spread(&s, "10.96.0.13:80", 120, None);
+    eprintln!("weighted round robin 1:2:3 over 120 connects: {got:?}");
+    let shares = [1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0];
+    assert!(
+        chi_square(&got, &shares) < CHI2_BOUND,
+        "weighted round robin 1:2:3 spread {got:?}"
+    );
+    assert!(got[BACKENDS[2]] > got[BACKENDS[0]], "{got:?}");
+    // Straight to the backends: nothing went through the proxy.
+    assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
+    let (_, maps) = skiff_tests::admin(&s.ns, "GET", "/debug/maps").expect("/debug/maps");
+    assert!(maps.contains("\"weights\""), "{maps}");
+}
+
+#[test]
+fn least_request_avoids_a_backend_holding_many_connections() {
+    let _g = serial();
+    let s = scenario("fp-lr");
+    // Pile 30 open fast-path connections onto the first backend through the `pin` service.
+    let mut holder = command_in(Some(&s.ns), Some(&s.app), fastpeer())
+        .args(["hold", "10.96.0.16:80", "--n", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn holder");
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let out = holder.stdout.as_mut().expect("holder stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("holder line");
+    }
+    assert!(line.starts_with("held "), "holder: {line}");
+    assert_eq!(field(&line, BACKENDS[0]), Some("30"), "{line}");
+    // The kernel counts them against that endpoint.
+    let active = format!("skiff.bpf.fast_path.endpoint.{}.cx_active", BACKENDS[0]);
+    assert_eq!(stat(&s.ns, &active), 30);
+
+    // Power of two choices: the loaded backend wins only when both picks are it (1 in 9).
+    let got = spread(&s, "10.96.0.14:80", 90, None);
+    eprintln!("LEAST_REQUEST with 30 connections held on the first backend: {got:?}");
+    let loaded = got[BACKENDS[0]];
+    let others = got[BACKENDS[1]].min(got[BACKENDS[2]]);
+    assert!(
+        loaded * 2 < others,
+        "LEAST_REQUEST should avoid the loaded backend: {got:?}"
+    );
+    assert!(loaded < 25, "{got:?}");
+
+    // Once the holder closes, the counter drains and the backend gets its share again.
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    let mut drained = false;
+    for _ in 0..50 {
+        if stat(&s.ns, &active) == 0 {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(drained, "{active} back to 0 after the connections closed");
+    let got = spread(&s, "10.96.0.14:80", 90, None);
+    assert!(
+        chi_square(&got, &[1.0 / 3.0; 3]) < CHI2_BOUND,
+        "idle LEAST_REQUEST spreads evenly: {got:?}"
+    );
+    let total = format!("skiff.bpf.fast_path.endpoint.{}.cx_total", BACKENDS[0]);
+    assert!(stat(&s.ns, &total) >= 30);
+    let mut prom = skiff_tests::admin(&s.ns, "GET", "/stats/prometheus")
+        .expect("/stats/prometheus")
+        .1;
+    prom.retain(|c| c != '\r');
+    assert!(
+        prom.contains("fast_path"),
+        "prometheus exposes the fast-path counters"
+    );
+}
+
+#[test]
+fn maglev_keeps_each_client_on_one_backend_and_spreads_clients() {
+    let _g = serial();
+    let s = scenario("fp-maglev");
+    let mut per_backend: BTreeMap<String, usize> =
+        BACKENDS.iter().map(|b| (b.to_string(), 0)).collect();
+    // 90 clients, told apart by their source address (127.0.1.x is local on lo).
+    for i in 1..=90 {
+        let src = format!("127.0.1.{i}");
+        let got = spread(&s, "10.96.0.15:80", 3, Some(&src));
+        let hit: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 0).collect();
+        assert_eq!(
+            hit.len(),
+            1,
+            "client {src} reached more than one backend: {got:?}"
+        );
+        assert_eq!(*hit[0].1, 3);
+        *per_backend.get_mut(hit[0].0).expect("known backend") += 1;
+    }
+    eprintln!("MAGLEV clients per backend: {per_backend:?}");
+    assert!(
+        chi_square(&per_backend, &[1.0 / 3.0; 3]) < CHI2_BOUND,
+        "maglev spread across clients {per_backend:?}"
+    );
+    let (_, explain) =
+        skiff_tests::admin(&s.ns, "GET", "/debug/explain?dst=10.96.0.15:80").expect("explain");
+    assert!(explain.contains("MAGLEV"), "{explain}");
+    assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
+}
