@@ -105,7 +105,7 @@ async fn backend(ip: &str, name: &'static str, status: u16, broken: Arc<AtomicBo
 }
 
 /// `count` sequential requests over one kept-alive HTTP/1.1 connection: (status, body).
-async fn get_h1(count: usize) -> Option<Vec<(StatusCode, String)>> {
+async fn get_h1(count: usize, extra: &[(&str, &str)]) -> Option<Vec<(StatusCode, String)>> {
     let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
@@ -113,10 +113,11 @@ async fn get_h1(count: usize) -> Option<Vec<(StatusCode, String)>> {
     tokio::spawn(conn);
     let mut out = Vec::new();
     for i in 0..count {
-        let req = Request::get(format!("/r/{i}"))
-            .header("host", HOST)
-            .body(Empty::<Bytes>::new())
-            .ok()?;
+        let mut req = Request::get(format!("/r/{i}")).header("host", HOST);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Empty::<Bytes>::new()).ok()?;
         tx.ready().await.ok()?;
         let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
             .await
@@ -206,7 +207,10 @@ async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
     ));
 
     let deadline = Instant::now() + WAIT;
-    while get_h1(1).await.is_none_or(|a| a[0].0 != StatusCode::OK) {
+    while get_h1(1, &[])
+        .await
+        .is_none_or(|a| a[0].0 != StatusCode::OK)
+    {
         assert!(Instant::now() < deadline, "the HTTP listener never served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -221,7 +225,7 @@ async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
 
     // 1. Every request succeeds on 127.0.0.13, each within at most 2 retries.
     const N: usize = 30;
-    let answers = get_h1(N).await.expect("answers");
+    let answers = get_h1(N, &[]).await.expect("answers");
     for (status, body) in &answers {
         assert_eq!((*status, body.as_str()), (StatusCode::OK, "backend-13"));
     }
@@ -283,12 +287,27 @@ async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
     let conns = healthy.connections.load(Ordering::Relaxed) - conns_before;
     assert!(conns <= 2, "{conns} upstream connections for {N} requests");
 
-    // 2. Every host failing: exactly 1 + num_retries (2) attempts, then the last answer.
+    // 2. A sidecar's request may override the policy: `x-envoy-max-retries: 0` gives one try,
+    // so three requests land on 11 (its 503), 12 (refused: local 503) and 13 (200).
+    let retries_before = stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_retry")).await;
+    let answers = get_h1(3, &[("x-envoy-max-retries", "0")])
+        .await
+        .expect("answers");
+    let mut statuses: Vec<u16> = answers.iter().map(|(s, _)| s.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 503, 503], "{answers:?}");
+    let retries = stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_retry")).await;
+    assert_eq!(
+        retries, retries_before,
+        "no retries with x-envoy-max-retries: 0"
+    );
+
+    // 3. Every host failing: exactly 1 + num_retries (2) attempts, then the last answer.
     healthy_broken.store(true, Ordering::Relaxed);
     let (failing_before, healthy_before) = (failing.hits(), healthy.hits());
     let retries_before = stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_retry")).await;
     const M: usize = 9;
-    let answers = get_h1(M).await.expect("answers");
+    let answers = get_h1(M, &[]).await.expect("answers");
     for (status, _) in &answers {
         assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
     }

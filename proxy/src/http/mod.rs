@@ -516,11 +516,20 @@ async fn forward(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
     let cstat = |s: &str| stats.counter(&format!("cluster.{cluster}.{s}"));
-    let policy: Option<Arc<RetryPolicy>> = f
-        .retry_policy
-        .clone()
-        .or_else(|| ctx.vh.retry_policy.clone())
-        .filter(|p| p.num_retries > 0);
+    // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
+    // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.
+    let configured = f.retry_policy.as_deref().or(ctx.vh.retry_policy.as_deref());
+    let (policy, timeout, header_per_try) = if conn.manager.use_remote_address {
+        (configured.cloned().map(Arc::new), f.timeout, None)
+    } else {
+        let h = req.headers();
+        (
+            retry::effective_policy(configured, h).map(Arc::new),
+            retry::timeout_header(h, "x-envoy-upstream-rq-timeout-ms").unwrap_or(f.timeout),
+            retry::timeout_header(h, "x-envoy-upstream-rq-per-try-timeout-ms").flatten(),
+        )
+    };
+    let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| p.num_retries > 0);
     let down_version = req.version();
     let proto = upstream_proto(&entry, down_version);
 
@@ -535,10 +544,13 @@ async fn forward(
     }
     let mut base = parts.headers;
     headers::strip_hop_by_hop(&mut base);
+    for h in retry::CONSUMED {
+        base.remove(h);
+    }
     base.remove(header::HOST);
     ctx.request_headers(&mut base);
-    let per_try = policy.as_ref().and_then(|p| p.per_try_timeout);
-    if let Some(t) = per_try.or(f.timeout)
+    let per_try = header_per_try.or(policy.as_ref().and_then(|p| p.per_try_timeout));
+    if let Some(t) = per_try.or(timeout)
         && let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string())
     {
         base.insert(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"), v);
@@ -567,7 +579,7 @@ async fn forward(
     };
 
     let started = Instant::now();
-    let deadline = f.timeout.map(|t| started + t);
+    let deadline = timeout.map(|t| started + t);
     let max_host_attempts = policy
         .as_ref()
         .filter(|p| p.previous_hosts)

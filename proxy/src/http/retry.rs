@@ -5,7 +5,73 @@ use std::time::Duration;
 
 use hyper::HeaderMap;
 
-use crate::model::route::{RetryOn, RetryPolicy};
+use crate::model::route::{DEFAULT_RETRY_BASE, RetryOn, RetryPolicy};
+
+/// Request headers the router consumes: retry and timeout overrides from the downstream.
+pub const CONSUMED: [&str; 6] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+];
+
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The retry policy of one request: the route's (or virtual host's), changed by the
+/// downstream's `x-envoy-retry-on` / `x-envoy-retry-grpc-on` (conditions added; without a
+/// configured policy they create one with Envoy's defaults), `x-envoy-max-retries` (replaces
+/// `num_retries`, ignored without any policy) and `x-envoy-retriable-status-codes` (added).
+pub fn effective_policy(configured: Option<&RetryPolicy>, h: &HeaderMap) -> Option<RetryPolicy> {
+    let on = [
+        header(h, "x-envoy-retry-on"),
+        header(h, "x-envoy-retry-grpc-on"),
+    ]
+    .into_iter()
+    .flatten()
+    .map(RetryOn::parse)
+    .reduce(RetryOn::union);
+    let mut p = match (configured, on) {
+        (None, None) => return None,
+        (Some(p), None) => p.clone(),
+        (Some(p), Some(on)) => RetryPolicy {
+            retry_on: p.retry_on.union(on),
+            ..p.clone()
+        },
+        (None, Some(on)) => RetryPolicy {
+            retry_on: on,
+            num_retries: 1,
+            per_try_timeout: None,
+            base_interval: DEFAULT_RETRY_BASE,
+            max_interval: DEFAULT_RETRY_BASE * 10,
+            previous_hosts: false,
+            host_selection_max_attempts: 1,
+            retriable_status_codes: Vec::new(),
+        },
+    };
+    if let Some(n) = header(h, "x-envoy-max-retries").and_then(|v| v.parse().ok()) {
+        p.num_retries = n;
+    }
+    if let Some(codes) = header(h, "x-envoy-retriable-status-codes") {
+        p.retriable_status_codes.extend(
+            codes
+                .split(',')
+                .filter_map(|c| c.trim().parse::<u16>().ok())
+                .filter(|c| (100..=599).contains(c)),
+        );
+    }
+    Some(p)
+}
+
+/// A millisecond timeout header (`x-envoy-upstream-rq-timeout-ms`): `Some(None)` for 0 (no
+/// timeout), `None` when absent or not a number.
+pub fn timeout_header(h: &HeaderMap, name: &str) -> Option<Option<std::time::Duration>> {
+    let ms: u64 = header(h, name)?.parse().ok()?;
+    Some((ms > 0).then(|| std::time::Duration::from_millis(ms)))
+}
 
 /// What one attempt ended with, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +146,6 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, random: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::route::DEFAULT_RETRY_BASE;
 
     fn policy(on: &str, codes: &[u16]) -> RetryPolicy {
         RetryPolicy {
@@ -156,6 +221,48 @@ mod tests {
             let p = policy(on, &[503]);
             assert_eq!(retriable(&p, *outcome), *want, "{on:?} {outcome:?}");
         }
+    }
+
+    #[test]
+    fn downstream_headers_adjust_the_policy() {
+        let mut h = HeaderMap::new();
+        assert_eq!(effective_policy(None, &h), None);
+        h.insert("x-envoy-max-retries", "4".parse().unwrap());
+        assert_eq!(
+            effective_policy(None, &h),
+            None,
+            "max-retries alone retries nothing"
+        );
+        let route = policy("connect-failure", &[]);
+        let p = effective_policy(Some(&route), &h).unwrap();
+        assert_eq!(p.num_retries, 4);
+        h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
+        h.insert("x-envoy-retry-grpc-on", "unavailable".parse().unwrap());
+        h.insert(
+            "x-envoy-retriable-status-codes",
+            "418, 999,x".parse().unwrap(),
+        );
+        let p = effective_policy(Some(&route), &h).unwrap();
+        assert!(p.retry_on.connect_failure && p.retry_on.server_error && p.retry_on.grpc_codes[14]);
+        assert_eq!(p.retriable_status_codes, [418]);
+        h.remove("x-envoy-max-retries");
+        let p = effective_policy(None, &h).unwrap();
+        assert_eq!((p.num_retries, p.base_interval), (1, DEFAULT_RETRY_BASE));
+        assert!(p.retry_on.server_error && !p.retry_on.connect_failure);
+        h.insert("x-envoy-upstream-rq-timeout-ms", "0".parse().unwrap());
+        assert_eq!(
+            timeout_header(&h, "x-envoy-upstream-rq-timeout-ms"),
+            Some(None)
+        );
+        h.insert("x-envoy-upstream-rq-timeout-ms", "250".parse().unwrap());
+        assert_eq!(
+            timeout_header(&h, "x-envoy-upstream-rq-timeout-ms"),
+            Some(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            timeout_header(&h, "x-envoy-upstream-rq-per-try-timeout-ms"),
+            None
+        );
     }
 
     #[test]

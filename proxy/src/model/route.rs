@@ -322,6 +322,25 @@ pub struct RetryOn {
 }
 
 impl RetryOn {
+    /// Every condition of either.
+    pub fn union(self, o: RetryOn) -> RetryOn {
+        let mut grpc_codes = self.grpc_codes;
+        for (a, b) in grpc_codes.iter_mut().zip(o.grpc_codes) {
+            *a |= b;
+        }
+        RetryOn {
+            server_error: self.server_error || o.server_error,
+            gateway_error: self.gateway_error || o.gateway_error,
+            reset: self.reset || o.reset,
+            reset_before_request: self.reset_before_request || o.reset_before_request,
+            connect_failure: self.connect_failure || o.connect_failure,
+            retriable_4xx: self.retriable_4xx || o.retriable_4xx,
+            refused_stream: self.refused_stream || o.refused_stream,
+            retriable_status_codes: self.retriable_status_codes || o.retriable_status_codes,
+            grpc_codes,
+        }
+    }
+
     /// Parse Envoy's `retry_on` string.
     pub fn parse(s: &str) -> RetryOn {
         let mut r = RetryOn::default();
