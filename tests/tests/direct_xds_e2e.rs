@@ -235,3 +235,95 @@ async fn sotw_against_skiff_control_plane() {
 async fn delta_against_skiff_control_plane() {
     scenario("DELTA_GRPC").await;
 }
+
+/// `/ready` answers 200 (LIVE) only when `ready` is set.
+async fn is_ready(admin: u16) -> bool {
+    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    skiff::admin::request(addr, hyper::Method::GET, "/ready")
+        .await
+        .is_ok()
+}
+
+/// Starts skiff in-process on `bootstrap`; the sender stops it.
+fn start_skiff(bootstrap: &str) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let boot = skiff::config::parse(bootstrap, "<e2e>").unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        skiff::app::run(
+            skiff::app::RunOptions {
+                admin: boot.admin,
+                bootstrap: boot,
+                capture: None,
+                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+                outbound_v6: None,
+                upstream_mark: None,
+                drain: Duration::from_millis(200),
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    (stop_tx, task)
+}
+
+/// As Envoy: not ready until the first LDS and CDS responses are in and nothing warms, or
+/// until `initial_fetch_timeout` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_initial_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = backend("A").await;
+    let listen = free_port();
+    let admin = free_port();
+    let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    write_config(dir.path(), "1", listen, a, false);
+
+    // No control plane yet: the admin answers, but not ready (default timeout 15 s).
+    let (stop, task) = start_skiff(&bootstrap("GRPC", xds, admin));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!is_ready(admin).await, "ready before any configuration");
+    let cp = ControlPlane::start(dir.path(), xds).await;
+    let deadline = Instant::now() + WAIT;
+    while !is_ready(admin).await {
+        assert!(
+            Instant::now() < deadline,
+            "never ready after the initial fetch"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ready means configured: the listener and its warmed EDS cluster already serve.
+    assert_eq!(ask(listen).await.as_deref(), Some("A"));
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    cp.stop().await;
+
+    // With initial_fetch_timeout 1s and no control plane, skiff goes live with what it has.
+    let admin = free_port();
+    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = bootstrap("GRPC", nowhere, admin).replace(
+        "lds_config: { ads: {} }",
+        "lds_config: { ads: {}, initial_fetch_timeout: 1s }",
+    );
+    let text = text.replace(
+        "cds_config: { ads: {} }",
+        "cds_config: { ads: {}, initial_fetch_timeout: 1s }",
+    );
+    let started = Instant::now();
+    let (stop, task) = start_skiff(&text);
+    while !is_ready(admin).await {
+        assert!(
+            started.elapsed() < WAIT,
+            "initial_fetch_timeout not honoured"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "ready after {:?}, before the 1 s initial_fetch_timeout",
+        started.elapsed()
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}

@@ -116,6 +116,9 @@ pub struct Bootstrap {
     pub lds_ads: bool,
     /// `dynamic_resources.cds_config` is `ads: {}`: clusters come over ADS.
     pub cds_ads: bool,
+    /// How long readiness waits for the first LDS and CDS responses (the longer of the two
+    /// `initial_fetch_timeout`s, Envoy's default 15 s); `None`: `0s`, wait for ever (Istio).
+    pub initial_fetch_timeout: Option<std::time::Duration>,
     /// The bootstrap as parsed, for `/config_dump`.
     pub raw: PbBootstrap,
 }
@@ -195,6 +198,12 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
             cluster: n.cluster.clone(),
         })
         .unwrap_or_default();
+    let initial_fetch_timeout =
+        initial_fetch_timeout(&raw).map_err(|(field, reason)| ConfigError::Dynamic {
+            origin: origin.to_string(),
+            field,
+            reason,
+        })?;
     Ok(Bootstrap {
         node,
         admin,
@@ -203,8 +212,43 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         ads,
         lds_ads,
         cds_ads,
+        initial_fetch_timeout,
         raw,
     })
+}
+
+/// Envoy's default `initial_fetch_timeout`.
+pub const DEFAULT_INITIAL_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The longest `initial_fetch_timeout` of `lds_config` and `cds_config` (each defaults to 15 s);
+/// `None` when one of them is `0s` (wait for ever).
+fn initial_fetch_timeout(
+    raw: &PbBootstrap,
+) -> Result<Option<std::time::Duration>, (String, String)> {
+    let Some(dr) = &raw.dynamic_resources else {
+        return Ok(Some(DEFAULT_INITIAL_FETCH_TIMEOUT));
+    };
+    let mut longest = std::time::Duration::ZERO;
+    for (field, source) in [
+        ("lds_config", &dr.lds_config),
+        ("cds_config", &dr.cds_config),
+    ] {
+        let Some(source) = source else { continue };
+        let t = match &source.initial_fetch_timeout {
+            None => DEFAULT_INITIAL_FETCH_TIMEOUT,
+            Some(d) => crate::model::duration(d)
+                .map_err(|e| (format!("{field}.initial_fetch_timeout"), e.reason))?,
+        };
+        if t.is_zero() {
+            return Ok(None);
+        }
+        longest = longest.max(t);
+    }
+    Ok(Some(if longest.is_zero() {
+        DEFAULT_INITIAL_FETCH_TIMEOUT
+    } else {
+        longest
+    }))
 }
 
 /// `dynamic_resources`: the ADS server address and which types use it.
@@ -324,5 +368,54 @@ pub fn release_parser_memory() {
     // SAFETY: malloc_trim only releases free pages at the allocator level; no pointer changes.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ads(lds: &str, cds: &str) -> String {
+        format!(
+            r#"
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    grpc_services: [ {{ envoy_grpc: {{ cluster_name: xds }} }} ]
+  lds_config: {{ ads: {{}} {lds} }}
+  cds_config: {{ ads: {{}} {cds} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    load_assignment:
+      cluster_name: xds
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15010 }} }} }} }} ] }} ]
+"#
+        )
+    }
+
+    #[test]
+    fn initial_fetch_timeout_is_the_longer_one_and_zero_means_forever() {
+        let t = |lds: &str, cds: &str| {
+            parse(&ads(lds, cds), "<test>")
+                .unwrap()
+                .initial_fetch_timeout
+        };
+        assert_eq!(t("", ""), Some(DEFAULT_INITIAL_FETCH_TIMEOUT));
+        assert_eq!(
+            t(
+                ", initial_fetch_timeout: 2s",
+                ", initial_fetch_timeout: 30s"
+            ),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(t(", initial_fetch_timeout: 0s", ""), None);
+        let err = parse(&ads(", initial_fetch_timeout: -1s", ""), "<test>").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("dynamic_resources.lds_config.initial_fetch_timeout"),
+            "{err}"
+        );
     }
 }

@@ -82,6 +82,12 @@ pub struct XdsOptions {
     /// Runs on every published snapshot before the update is ACKed (the kernel fast-path
     /// reconciler); an `Err` turns the ACK into a NACK carrying its message.
     pub on_publish: Option<PublishHook>,
+    /// Set to `true` once every type in `initial_types` has had its first response applied
+    /// (accepted or rejected) and nothing is warming: Envoy's end of initialization, which
+    /// `/ready` and the kernel's ready gate wait for.
+    pub initialized: Option<tokio::sync::watch::Sender<bool>>,
+    /// Types whose first response initialization waits for (LDS and CDS when they use ADS).
+    pub initial_types: Vec<&'static str>,
 }
 
 /// A function run on each published snapshot before the ACK (see [`XdsOptions::on_publish`]).
@@ -109,6 +115,8 @@ impl XdsOptions {
             backoff_base,
             backoff_max,
             on_publish: None,
+            initialized: None,
+            initial_types: Vec::new(),
         }
     }
 }
@@ -130,6 +138,8 @@ struct Client {
     resources: Resources,
     store: Arc<Store>,
     stats: Arc<Stats>,
+    /// Types that have had a response applied since start (for `initialized`).
+    responded: BTreeSet<String>,
 }
 
 async fn run(
@@ -144,6 +154,7 @@ async fn run(
         resources,
         store,
         stats,
+        responded: BTreeSet::new(),
     };
     let mut backoff = c.opts.backoff_base;
     let mut attempt: u64 = 0;
@@ -229,6 +240,28 @@ impl Client {
         let g = self.stats.gauge("control_plane.connected_state");
         g.inc();
         Connected(g)
+    }
+
+    /// Notes that `type_url` had a response applied and signals `initialized` once every
+    /// initial type has and no listener or cluster is warming.
+    fn note_response(&mut self, type_url: &str) {
+        let Some(tx) = &self.opts.initialized else {
+            return;
+        };
+        if *tx.borrow() {
+            return;
+        }
+        self.responded.insert(type_url.to_owned());
+        let all = self
+            .opts
+            .initial_types
+            .iter()
+            .all(|t| self.responded.contains(*t));
+        let (wl, wc) = self.resources.warming();
+        if all && wl.is_empty() && wc.is_empty() {
+            info!("initial configuration received");
+            tx.send_replace(true);
+        }
     }
 
     /// Publishes the snapshot, then runs the publish hook on it; returns the hook's error.
@@ -361,6 +394,7 @@ impl Client {
             let nack = self.outcome(&type_url, &version_info, &nonce, resources.len(), result);
             // Publish (and mirror into the kernel) before answering: an ACK means applied.
             let hook = self.publish();
+            self.note_response(&type_url);
             let nack = self.with_hook_error(&type_url, nack, hook);
             let ack_version = match &nack {
                 None => version_info.clone(),
@@ -482,6 +516,7 @@ impl Client {
                 result,
             );
             let hook = self.publish();
+            self.note_response(&type_url);
             let nack = self.with_hook_error(&type_url, nack, hook);
             tx.send(DeltaDiscoveryRequest {
                 node: node.take(),
