@@ -144,6 +144,29 @@ impl CaptureControl for CaptureHandle {
     }
 }
 
+/// The iptables fallback as the admin API sees it: no cgroups, the REDIRECT counters as
+/// `skiff.iptables.*`, and readiness = rules installed (drain removes them: fail-open).
+impl CaptureControl for crate::capture::IptablesGate {
+    fn add_cgroup(&self, _path: &Path) -> Result<u64, String> {
+        Err("the iptables capture has no cgroups (node mode needs --capture ebpf)".into())
+    }
+    fn remove_cgroup(&self, _path: &Path) -> Result<(), String> {
+        Err("the iptables capture has no cgroups (node mode needs --capture ebpf)".into())
+    }
+    fn cgroups(&self) -> Result<Vec<u64>, String> {
+        Ok(Vec::new())
+    }
+    fn stats(&self) -> Vec<(String, u64)> {
+        self.counters()
+    }
+    fn set_ready(&self, ready: bool) -> Result<(), String> {
+        if ready { self.open() } else { self.close() }.map_err(|e| e.to_string())
+    }
+    fn stats_prefix(&self) -> &'static str {
+        "skiff"
+    }
+}
+
 /// Bind a listening socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = match addr {
@@ -301,12 +324,21 @@ pub async fn run_with(
     }
 
     let ready = Arc::new(AtomicBool::new(false));
+    // The iptables fallback, closed until ready; the admin API opens and closes it like the
+    // eBPF ready gate.
+    let iptables: Option<Arc<crate::capture::IptablesGate>> = extras
+        .iptables
+        .clone()
+        .map(|cfg| Arc::new(crate::capture::IptablesGate::new(cfg)));
     if let Some(addr) = opts.admin {
         let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
         let admin = Arc::new(Admin {
             store: store.clone(),
             stats: stats.clone(),
-            capture: capture.clone().map(|c| c as Arc<dyn CaptureControl>),
+            capture: capture
+                .clone()
+                .map(|c| c as Arc<dyn CaptureControl>)
+                .or_else(|| iptables.clone().map(|g| g as Arc<dyn CaptureControl>)),
             ready: ready.clone(),
             bootstrap: Arc::new(opts.bootstrap.raw.clone()),
             extra_config_dump: None,
@@ -324,13 +356,10 @@ pub async fn run_with(
             .context("marking the proxy ready in the BPF config map")?;
     }
     // iptables rules go in once the listeners exist (no window of refused connects); they
-    // are removed when shutdown starts, or by drop on any error return.
-    let mut iptables = match &extras.iptables {
-        Some(cfg) => Some(
-            crate::capture::IptablesCapture::install(cfg).context("installing iptables capture")?,
-        ),
-        None => None,
-    };
+    // are removed when shutdown starts (or on /drain_listeners), or by drop on error.
+    if let Some(g) = &iptables {
+        g.open().context("installing iptables capture")?;
+    }
     ready.store(true, Ordering::Relaxed);
     info!("skiff ready");
 
@@ -343,8 +372,8 @@ pub async fn run_with(
     {
         warn!(error = %e, "could not clear the ready flag");
     }
-    if let Some(ipt) = iptables.take()
-        && let Err(e) = ipt.uninstall()
+    if let Some(g) = &iptables
+        && let Err(e) = g.close()
     {
         warn!(error = %e, "could not remove the iptables capture; run `skiff cleanup`");
     }

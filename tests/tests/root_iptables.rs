@@ -245,6 +245,24 @@ fn iptables_mode_proxies_captured_connects_and_removes_its_rules_on_sigterm() {
     );
     let (code, _) = admin(&s.ns, "GET", "/ready").expect("admin");
     assert_eq!(code, 200);
+    // nat rules see the first packet of each connection: one count per captured connect
+    // (4 to the VIP and 1 passthrough over IPv4, 1 over IPv6).
+    assert_eq!(stat(&s.ns, "skiff.iptables.v4.outbound_redirected"), 5);
+    assert_eq!(stat(&s.ns, "skiff.iptables.v6.outbound_redirected"), 1);
+
+    // Drain (Envoy's /drain_listeners): the rules go, connects fail open to their destination.
+    let (code, _) = admin(&s.ns, "POST", "/drain_listeners").expect("admin");
+    assert_eq!(code, 200);
+    let left = skiff_chains(&s.ns);
+    assert!(left.is_empty(), "rules left after drain: {left:#?}");
+    let out = client(&s.ns, "10.96.0.2:80");
+    assert!(out.starts_with("ok "), "fail-open: {out}");
+    s.direct.expect_line("accepted", Duration::from_secs(5));
+    assert_eq!(
+        stat(&s.ns, "cluster.PassthroughCluster.upstream_cx_total"),
+        1,
+        "a drained skiff sees no new connects"
+    );
 
     // SIGTERM: skiff removes exactly its rules and exits 0.
     signal(&proxy, nix::sys::signal::Signal::SIGTERM);

@@ -57,6 +57,10 @@ pub trait CaptureControl: Send + Sync {
     fn pods(&self) -> serde_json::Value {
         serde_json::json!({ "pods": [] })
     }
+    /// Prefix of [`CaptureControl::stats`] names in `/stats`.
+    fn stats_prefix(&self) -> &'static str {
+        "skiff.bpf"
+    }
 }
 
 /// What the admin server reads.
@@ -574,10 +578,11 @@ fn stats_lines(admin: &Admin) -> Vec<(String, u64)> {
         out.push(("control_plane.connected_state".to_string(), 0));
     }
     if let Some(c) = &admin.capture {
+        let prefix = c.stats_prefix();
         out.extend(
             c.stats()
                 .into_iter()
-                .map(|(k, v)| (format!("skiff.bpf.{k}"), v)),
+                .map(|(k, v)| (format!("{prefix}.{k}"), v)),
         );
     }
     out.sort();

@@ -557,6 +557,107 @@ impl Drop for IptablesCapture {
     }
 }
 
+// === impl IptablesGate ===
+
+/// The iptables capture as a gate that opens (rules installed) and closes (rules removed,
+/// so new connects go to their original destination: fail-open, like the eBPF ready flag).
+#[derive(Debug)]
+pub struct IptablesGate {
+    cfg: IptablesConfig,
+    installed: std::sync::Mutex<Option<IptablesCapture>>,
+}
+
+impl IptablesGate {
+    /// A closed gate for `cfg` (nothing installed yet).
+    pub fn new(cfg: IptablesConfig) -> Self {
+        IptablesGate {
+            cfg,
+            installed: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<IptablesCapture>> {
+        // The guarded value is whole after any panic (install/uninstall replace it at once).
+        self.installed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs the rules unless they are in place.
+    pub fn open(&self) -> Result<(), IptablesError> {
+        let mut g = self.lock();
+        if g.is_none() {
+            *g = Some(IptablesCapture::install(&self.cfg)?);
+        }
+        Ok(())
+    }
+
+    /// Removes exactly the installed rules, if any.
+    pub fn close(&self) -> Result<(), IptablesError> {
+        match self.lock().take() {
+            Some(c) => c.uninstall(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the rules are in place.
+    pub fn is_open(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Connections redirected so far, from the REDIRECT rules' packet counters (nat rules
+    /// see only the first packet of a connection): `iptables.<v4|v6>.<outbound|inbound>_redirected`.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let g = self.lock();
+        let Some(c) = g.as_ref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (family, _) in c.rules() {
+            let fam = match family {
+                Family::V4 => "v4",
+                Family::V6 => "v6",
+            };
+            let Ok(saved) = run_save_counters(c.backend(), *family) else {
+                continue;
+            };
+            for (chain, what) in [
+                (REDIRECT_CHAIN, "outbound_redirected"),
+                (IN_REDIRECT_CHAIN, "inbound_redirected"),
+            ] {
+                if let Some(n) = redirect_packets(&saved, chain) {
+                    out.push((format!("iptables.{fam}.{what}"), n));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `iptables-save -c -t nat`: rules with `[packets:bytes]` counters.
+fn run_save_counters(backend: Backend, family: Family) -> Result<String, IptablesError> {
+    let tool = backend.save(family);
+    let out = Command::new(&tool)
+        .args(["-c", "-t", "nat"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| IptablesError::Spawn {
+            tool: tool.clone(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The packet counter of the REDIRECT rule of `chain` in `iptables-save -c` output (pure).
+fn redirect_packets(saved: &str, chain: &str) -> Option<u64> {
+    saved.lines().find_map(|l| {
+        let (counters, rule) = l.strip_prefix('[')?.split_once("] ")?;
+        let rest = rule.strip_prefix("-A ")?;
+        if rest.split_whitespace().next()? != chain || !rest.contains("-j REDIRECT") {
+            return None;
+        }
+        counters.split(':').next()?.parse().ok()
+    })
+}
+
 /// What [`cleanup`] removed, per backend and family.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CleanupReport {
@@ -737,6 +838,16 @@ mod tests {
             removal_script("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"),
             None
         );
+    }
+
+    #[test]
+    fn redirect_counters_are_read_from_save_output() {
+        let saved = "*nat\n:SKIFF_REDIRECT - [0:0]\n[3:180] -A OUTPUT -p tcp -j SKIFF_OUTPUT\n\
+            [7:420] -A SKIFF_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n\
+            [2:120] -A SKIFF_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\nCOMMIT\n";
+        assert_eq!(redirect_packets(saved, REDIRECT_CHAIN), Some(7));
+        assert_eq!(redirect_packets(saved, IN_REDIRECT_CHAIN), Some(2));
+        assert_eq!(redirect_packets(saved, OUTPUT_CHAIN), None);
     }
 
     #[test]

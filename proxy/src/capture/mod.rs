@@ -11,7 +11,7 @@ pub mod iptables;
 pub mod pods;
 pub mod probe;
 
-pub use iptables::{IptablesCapture, IptablesConfig};
+pub use iptables::{IptablesCapture, IptablesConfig, IptablesGate};
 
 /// Extra capture settings of one `skiff run` (beside [`crate::bpf::CaptureConfig`]).
 #[derive(Clone, Debug, Default)]
