@@ -227,12 +227,24 @@ pub async fn run_with(
         None => None,
     };
 
-    let store = Arc::new(Store::new(Snapshot::new(
-        opts.bootstrap.listeners.clone(),
-        opts.bootstrap.clusters.clone(),
-        &Default::default(),
-    )));
     let stats = Arc::new(Stats::default());
+    // Host state (ejections, health checks, active requests) outlives each snapshot.
+    let registry = crate::lb::HostRegistry::new(stats.clone());
+    registry.set_local_locality(
+        opts.bootstrap
+            .raw
+            .node
+            .as_ref()
+            .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
+    );
+    let store = Arc::new(Store::with_registry(
+        Snapshot::new(
+            opts.bootstrap.listeners.clone(),
+            opts.bootstrap.clusters.clone(),
+            &Default::default(),
+        ),
+        registry,
+    ));
     let capture_port = opts.outbound_v4.port();
     // Static services take the kernel fast path from the start.
     if let Some(c) = &capture
@@ -248,6 +260,28 @@ pub async fn run_with(
     ));
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::health::run(
+        store.clone(),
+        opts.upstream_mark,
+        stop.clone(),
+    )));
+    // Ejections and health-check verdicts change which endpoints the kernel may pick.
+    if let Some(c) = capture.clone() {
+        let store = store.clone();
+        let stop = stop.clone();
+        let mut health = store.registry().subscribe_health();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = health.changed() => if r.is_err() { return },
+                }
+                if let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port) {
+                    warn!(error = %e, "kernel fast path incomplete after a health change");
+                }
+            }
+        }));
+    }
 
     let mut capture_addrs = vec![SocketAddr::V4(opts.outbound_v4)];
     capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));

@@ -7,7 +7,9 @@
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
-//! - [`lb`]: balancers (pure).
+//! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
+//!   circuit breakers; host state kept across snapshots.
+//! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
 //! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
 //! - [`xds`]: ADS client (state of the world and delta), handlers per type URL, ACK/NACK.
@@ -25,6 +27,7 @@ pub mod capture;
 pub mod config;
 pub mod controlplane;
 pub mod dataplane;
+pub mod health;
 pub mod http;
 pub mod lb;
 pub mod model;

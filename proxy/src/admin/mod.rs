@@ -356,77 +356,123 @@ fn socket_address_json(a: SocketAddr) -> serde_json::Value {
     serde_json::json!({ "socket_address": { "address": a.ip().to_string(), "port_value": a.port() } })
 }
 
-/// Envoy's `health_flags` for an EDS health status.
-fn health_flags(h: crate::model::HealthStatus) -> &'static str {
+/// Envoy's `health_flags` text: `healthy`, or every failed flag as `/name`, in Envoy's order.
+fn health_flags(h: crate::model::HealthStatus, live: u32) -> String {
+    use crate::lb::host::flag;
     use crate::model::HealthStatus as H;
-    match h {
-        H::Unknown | H::Healthy => "healthy",
-        H::Unhealthy | H::Timeout => "/failed_eds_health",
-        H::Degraded => "/degraded_eds_health",
-        H::Draining => "/eds_status_draining",
-    }
-}
-
-/// Per-host lines of `/clusters`: (address, facts) in Envoy's field order. Per-host
-/// connection counters are not kept yet, so `cx_*` are the cluster's when it has one host.
-fn host_facts(
-    admin: &Admin,
-    name: &str,
-    entry: &crate::state::ClusterEntry,
-) -> Vec<(SocketAddr, Vec<(&'static str, String)>)> {
-    let Some(a) = &entry.assignment else {
-        return Vec::new();
-    };
-    let single = a.endpoints().count() == 1;
-    let cluster_stat = |s: &str| {
-        if single {
-            admin
-                .stats
-                .snapshot()
-                .into_iter()
-                .find(|(k, _)| k == &format!("cluster.{name}.upstream_{s}"))
-                .map(|(_, v)| v)
-                .unwrap_or(0)
-        } else {
-            0
+    let mut out = String::new();
+    let mut add = |on: bool, s: &str| {
+        if on {
+            out.push_str(s);
         }
     };
-    let mut out = Vec::new();
-    for loc in &a.localities {
-        for e in &loc.endpoints {
-            out.push((
-                e.address,
-                vec![
-                    ("cx_active", cluster_stat("cx_active").to_string()),
-                    (
-                        "cx_connect_fail",
-                        cluster_stat("cx_connect_fail").to_string(),
-                    ),
-                    ("cx_total", cluster_stat("cx_total").to_string()),
-                    ("health_flags", health_flags(e.health).to_string()),
-                    ("weight", e.weight.to_string()),
-                    ("region", loc.locality.region.clone()),
-                    ("zone", loc.locality.zone.clone()),
-                    ("sub_zone", loc.locality.sub_zone.clone()),
-                    ("canary", "false".to_string()),
-                    ("priority", loc.priority.to_string()),
-                    ("success_rate", "-1".to_string()),
-                    ("local_origin_success_rate", "-1".to_string()),
-                ],
-            ));
-        }
+    add(live & flag::FAILED_ACTIVE_HC != 0, "/failed_active_hc");
+    add(live & flag::FAILED_OUTLIER_CHECK != 0, "/failed_outlier_check");
+    add(matches!(h, H::Unhealthy | H::Timeout), "/failed_eds_health");
+    add(matches!(h, H::Degraded), "/degraded_eds_health");
+    add(live & flag::PENDING_ACTIVE_HC != 0, "/pending_active_hc");
+    add(live & flag::ACTIVE_HC_TIMEOUT != 0, "/active_hc_timeout");
+    add(matches!(h, H::Draining), "/eds_status_draining");
+    if out.is_empty() {
+        out.push_str("healthy");
     }
     out
 }
 
-fn clusters_text(admin: &Admin, snap: &crate::state::Snapshot) -> String {
+/// One host row of `/clusters`: the endpoint, its locality group and its live state (none for
+/// internal endpoints, which are not balanced over the network).
+struct HostRow<'a> {
+    loc: &'a crate::model::LocalityEndpoints,
+    ep: &'a crate::model::LbEndpoint,
+    host: Option<&'a std::sync::Arc<crate::lb::Host>>,
+}
+
+fn host_rows(entry: &crate::state::ClusterEntry) -> Vec<HostRow<'_>> {
+    let Some(a) = &entry.assignment else {
+        return Vec::new();
+    };
+    a.localities
+        .iter()
+        .flat_map(|loc| loc.endpoints.iter().map(move |ep| (loc, ep)))
+        .map(|(loc, ep)| HostRow {
+            loc,
+            ep,
+            host: ep
+                .internal
+                .is_none()
+                .then(|| entry.lb.host(ep.address))
+                .flatten(),
+        })
+        .collect()
+}
+
+/// Per-host facts of `/clusters` in Envoy's field order (counters are per host, kept across
+/// configuration updates).
+fn host_facts(r: &HostRow<'_>) -> Vec<(&'static str, String)> {
+    let st = r.host.map(|h| h.state());
+    let n = |f: fn(&crate::lb::host::HostState) -> u64| st.map(f).unwrap_or(0).to_string();
+    let live = r.host.map(|h| h.flags()).unwrap_or(0);
+    let rate = st
+        .and_then(|s| s.success_rate())
+        .map(|v| format!("{v}"))
+        .unwrap_or_else(|| "-1".to_string());
+    let l = &r.loc.locality;
+    vec![
+        ("cx_active", n(|s| s.active_connections())),
+        ("cx_connect_fail", n(|s| s.connect_failures())),
+        ("cx_total", n(|s| s.connections_total())),
+        ("rq_active", n(|s| s.active_requests())),
+        ("rq_error", n(|s| s.requests_error())),
+        (
+            "rq_success",
+            n(|s| s.requests_total().saturating_sub(s.requests_error())),
+        ),
+        ("rq_timeout", "0".to_string()),
+        ("rq_total", n(|s| s.requests_total())),
+        ("hostname", String::new()),
+        ("health_flags", health_flags(r.ep.health, live)),
+        ("weight", r.ep.weight.to_string()),
+        ("region", l.region.clone()),
+        ("zone", l.zone.clone()),
+        ("sub_zone", l.sub_zone.clone()),
+        ("canary", "false".to_string()),
+        ("priority", r.loc.priority.to_string()),
+        ("success_rate", rate),
+        ("local_origin_success_rate", "-1".to_string()),
+    ]
+}
+
+/// Circuit breaker lines (`default_priority::max_connections::1024`, ...).
+fn breaker_facts(c: &crate::model::Cluster) -> Vec<(String, u64)> {
+    let cb = &c.lb.circuit_breakers;
+    let mut out = Vec::new();
+    for (p, t) in [("default_priority", &cb.default), ("high_priority", &cb.high)] {
+        out.push((format!("{p}::max_connections"), t.max_connections));
+        out.push((format!("{p}::max_pending_requests"), t.max_pending_requests));
+        out.push((format!("{p}::max_requests"), t.max_requests));
+        out.push((format!("{p}::max_retries"), t.max_retries));
+    }
+    out
+}
+
+fn clusters_text(_admin: &Admin, snap: &crate::state::Snapshot) -> String {
     let mut out = String::new();
     for (name, c) in &snap.clusters {
         let via_api = !snap.static_clusters.contains(name);
         out.push_str(&format!("{name}::observability_name::{name}\n"));
+        if c.cluster.lb.outlier.is_some() {
+            out.push_str(&format!("{name}::outlier::success_rate_average::-1\n"));
+            out.push_str(&format!(
+                "{name}::outlier::success_rate_ejection_threshold::-1\n"
+            ));
+        }
+        for (k, v) in breaker_facts(&c.cluster) {
+            out.push_str(&format!("{name}::{k}::{v}\n"));
+        }
         out.push_str(&format!("{name}::added_via_api::{via_api}\n"));
-        for (addr, facts) in host_facts(admin, name, c) {
-            for (k, v) in facts {
+        for r in host_rows(c) {
+            let addr = r.ep.address;
+            for (k, v) in host_facts(&r) {
                 out.push_str(&format!("{name}::{addr}::{k}::{v}\n"));
             }
         }
@@ -434,40 +480,52 @@ fn clusters_text(admin: &Admin, snap: &crate::state::Snapshot) -> String {
     out
 }
 
-fn clusters_json(admin: &Admin, snap: &crate::state::Snapshot) -> serde_json::Value {
+fn clusters_json(_admin: &Admin, snap: &crate::state::Snapshot) -> serde_json::Value {
+    use crate::lb::host::flag;
     let statuses: Vec<serde_json::Value> = snap
         .clusters
         .iter()
         .map(|(name, c)| {
-            let hosts: Vec<serde_json::Value> = c
-                .assignment
+            let hosts: Vec<serde_json::Value> = host_rows(c)
                 .iter()
-                .flat_map(|a| {
-                    a.localities
-                        .iter()
-                        .flat_map(|loc| loc.endpoints.iter().map(move |e| (loc, e)))
-                })
-                .zip(host_facts(admin, name, c))
-                .map(|((loc, e), (_, facts))| {
+                .map(|r| {
+                    let facts = host_facts(r);
                     let stats: Vec<serde_json::Value> = facts
                         .iter()
-                        .filter(|(k, _)| k.starts_with("cx_"))
+                        .filter(|(k, _)| k.starts_with("cx_") || k.starts_with("rq_"))
                         .map(|(k, v)| {
-                            serde_json::json!({
-                                "name": k,
-                                "type": if *k == "cx_active" { "GAUGE" } else { "COUNTER" },
-                                "value": v,
-                            })
+                            let gauge = k.ends_with("_active");
+                            let mut s = serde_json::json!({ "name": k });
+                            if gauge {
+                                s["type"] = "GAUGE".into();
+                            }
+                            s["value"] = v.clone().into();
+                            s
                         })
                         .collect();
+                    let live = r.host.map(|h| h.flags()).unwrap_or(0);
+                    let mut hs = serde_json::json!({ "eds_health_status": r.ep.health.as_str() });
+                    for (f, key) in [
+                        (flag::FAILED_ACTIVE_HC, "failed_active_health_check"),
+                        (flag::FAILED_OUTLIER_CHECK, "failed_outlier_check"),
+                        (flag::PENDING_ACTIVE_HC, "pending_active_hc"),
+                        (flag::ACTIVE_HC_TIMEOUT, "active_hc_timeout"),
+                    ] {
+                        if live & f != 0 {
+                            hs[key] = true.into();
+                        }
+                    }
                     let mut h = serde_json::json!({
-                        "address": socket_address_json(e.address),
+                        "address": socket_address_json(r.ep.address),
                         "stats": stats,
-                        "health_status": { "eds_health_status": e.health.as_str() },
-                        "weight": e.weight,
-                        "priority": loc.priority,
+                        "health_status": hs,
+                        "weight": r.ep.weight,
+                        "priority": r.loc.priority,
                     });
-                    let l = &loc.locality;
+                    if let Some(rate) = r.host.and_then(|h| h.state().success_rate()) {
+                        h["success_rate"] = serde_json::json!({ "value": rate });
+                    }
+                    let l = &r.loc.locality;
                     if !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty()) {
                         h["locality"] = serde_json::json!({
                             "region": l.region, "zone": l.zone, "sub_zone": l.sub_zone,
@@ -476,10 +534,24 @@ fn clusters_json(admin: &Admin, snap: &crate::state::Snapshot) -> serde_json::Va
                     h
                 })
                 .collect();
+            let cb = &c.cluster.lb.circuit_breakers;
+            let thresholds: Vec<serde_json::Value> = [("DEFAULT", &cb.default), ("HIGH", &cb.high)]
+                .iter()
+                .map(|(p, t)| {
+                    serde_json::json!({
+                        "priority": p,
+                        "max_connections": t.max_connections,
+                        "max_pending_requests": t.max_pending_requests,
+                        "max_requests": t.max_requests,
+                        "max_retries": t.max_retries,
+                    })
+                })
+                .collect();
             serde_json::json!({
                 "name": name,
                 "observability_name": name,
                 "added_via_api": !snap.static_clusters.contains(name),
+                "circuit_breakers": { "thresholds": thresholds },
                 "host_statuses": hosts,
             })
         })

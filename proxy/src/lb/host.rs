@@ -124,9 +124,9 @@ impl HostState {
         self.flags.load(Ordering::Acquire)
     }
 
-    /// Set `f`; true when it was not set before.
+    /// Set `f`; true when any of its bits was not set before.
     pub(crate) fn set_flag(&self, f: u32) -> bool {
-        self.flags.fetch_or(f, Ordering::AcqRel) & f == 0
+        self.flags.fetch_or(f, Ordering::AcqRel) & f != f
     }
 
     /// Clear `f`; true when it was set before.
@@ -162,6 +162,11 @@ impl HostState {
     /// Connects that failed.
     pub fn connect_failures(&self) -> u64 {
         self.cx_connect_fail.load(Ordering::Relaxed)
+    }
+
+    /// Whether a request or connection ever used this host.
+    pub fn has_carried_traffic(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// Success rate of the last outlier-detection interval (percent), when measured.
@@ -243,6 +248,16 @@ impl Host {
     /// Health flags from active checks and outlier detection (`flag::*`).
     pub fn flags(&self) -> u32 {
         self.state.flags()
+    }
+
+    /// Set health flags; true when any was not set (the caller bumps the health generation).
+    pub fn set_health_flags(&self, f: u32) -> bool {
+        self.state.set_flag(f)
+    }
+
+    /// Clear health flags; true when any was set.
+    pub fn clear_health_flags(&self, f: u32) -> bool {
+        self.state.clear_flag(f)
     }
 
     /// Envoy's coarse health over EDS status and live flags.

@@ -463,10 +463,10 @@ impl Prepared {
                 let mut e = lp.edf.lock().unwrap_or_else(|e| e.into_inner());
                 e.pick(|i| lp.weights[i as usize])
             };
-            return match i {
-                Some(i) => lp.sets[i as usize].pick(entry, hash, attempt),
-                None => None,
-            };
+            // No locality with weight and hosts: Envoy falls back to the whole host set.
+            if let Some(i) = i {
+                return lp.sets[i as usize].pick(entry, hash, attempt);
+            }
         }
         if level == 0
             && which == 0

