@@ -299,7 +299,13 @@ pub async fn run_with(
     // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
     let inbound_port = extras.inbound.as_ref().map(|i| i.port);
     let inbound_steering = match &extras.inbound {
-        Some(ib) => Some(start_inbound(ib, &dp, &stop, &mut tasks)?),
+        Some(ib) => Some(start_inbound(
+            ib,
+            extras.allow_coexist,
+            &dp,
+            &stop,
+            &mut tasks,
+        )?),
         None => None,
     };
     for l in &opts.bootstrap.listeners {
@@ -432,6 +438,7 @@ pub async fn run_with(
 /// counters are mirrored into `/stats` as `skiff.inbound.<name>`.
 fn start_inbound(
     ib: &crate::capture::InboundOptions,
+    allow_coexist: bool,
     dp: &Arc<Dataplane>,
     stop: &CancellationToken,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -453,6 +460,13 @@ fn start_inbound(
         None
     };
     let steering = if ib.sk_lookup {
+        if !allow_coexist {
+            let found = crate::capture::coexist::netns_programs(Path::new("/proc/self/ns/net"))
+                .context("checking for other sk_lookup programs in this network namespace")?;
+            if !found.is_empty() {
+                anyhow::bail!(crate::capture::coexist::refusal(&found));
+            }
+        }
         let pod_ips = if ib.pod_ips.is_empty() {
             crate::bpf::inbound::local_addresses()?
         } else {

@@ -158,3 +158,88 @@ fn refuses_programs_inherited_from_an_ancestor_cgroup() {
     assert!(!node_proxy.exists());
     assert_no_programs_attached(cg.path());
 }
+
+#[test]
+fn refuses_a_second_sk_lookup_program_in_the_network_namespace() {
+    let _g = serial();
+    let env = require_root();
+    let ns = Netns::new("coex-skl");
+    // A pod address, so the inbound capture has something to steer.
+    ns.add_lo_addr("10.200.9.1/32");
+    let mut cg = Cgroup::new(&env, "coex-skl");
+    let app1 = cg.child("app1");
+    let app2 = cg.child("app2");
+    let p1 = cg.child_path("proxy1");
+    let p2 = cg.child_path("proxy2");
+    let boot = bootstrap_file("coex-skl");
+
+    let first = Child::spawn(&mut skiff_cmd(
+        &ns,
+        &boot,
+        &[
+            "--cgroup",
+            app1.to_str().unwrap(),
+            "--proxy-cgroup",
+            p1.to_str().unwrap(),
+            "--capture-inbound",
+            "--no-ipv6",
+        ],
+    ));
+    wait_admin_ready(&ns);
+
+    // A second skiff in the same netns (other cgroups, other ports): its cgroup hooks are
+    // free, but the netns already has an sk_lookup program.
+    let args = [
+        "--cgroup",
+        app2.to_str().unwrap(),
+        "--proxy-cgroup",
+        p2.to_str().unwrap(),
+        "--capture-inbound",
+        "--no-ipv6",
+        "--outbound-port",
+        "15101",
+        "--inbound-port",
+        "15106",
+        "--admin",
+        "127.0.0.1:15100",
+    ];
+    let err = refused(&ns, &boot, &args);
+    assert!(
+        err.contains("skiff_sk_lookup (id ")
+            && err.contains("on sk_lookup of /proc/self/ns/net")
+            && err.contains("--allow-coexist"),
+        "{err}"
+    );
+
+    let mut allowed: Vec<&str> = args.to_vec();
+    allowed.push("--allow-coexist");
+    let second = Child::spawn(&mut skiff_cmd(&ns, &boot, &allowed));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready_on(&ns, 15100) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second skiff not ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sigterm_and_wait(second);
+    sigterm_and_wait(first);
+    assert_no_programs_attached(cg.path());
+}
+
+/// Whether the skiff whose admin listens on 127.0.0.1:`port` inside `ns` answers `/ready` 200.
+fn ready_on(ns: &Netns, port: u16) -> bool {
+    use std::io::{Read, Write};
+    skiff_tests::in_netns(ns, move || {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+    })
+}

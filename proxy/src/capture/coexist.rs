@@ -19,6 +19,7 @@ const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_SK_LOOKUP: u32 = 36;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 
@@ -31,14 +32,16 @@ pub const CAPTURE_HOOKS: [(u32, &str); 4] = [
 ];
 /// The hook skiff attaches to its own cgroup.
 pub const PROXY_HOOKS: [(u32, &str); 1] = [(BPF_CGROUP_GETSOCKOPT, "cgroup/getsockopt")];
+/// The hook skiff's inbound capture attaches to the network namespace.
+pub const NETNS_HOOKS: [(u32, &str); 1] = [(BPF_SK_LOOKUP, "sk_lookup")];
 
 /// One program found on a hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Foreign {
     /// Hook (ELF section style).
     pub hook: &'static str,
-    /// The cgroup queried (the program may sit on an ancestor).
-    pub cgroup: PathBuf,
+    /// The cgroup (the program may sit on an ancestor) or network namespace queried.
+    pub target: PathBuf,
     /// Kernel program id (`bpftool prog show id N`).
     pub id: u32,
     /// Program name as the kernel knows it (15 characters at most), or `?`.
@@ -53,7 +56,7 @@ impl fmt::Display for Foreign {
             self.name,
             self.id,
             self.hook,
-            self.cgroup.display()
+            self.target.display()
         )
     }
 }
@@ -61,8 +64,8 @@ impl fmt::Display for Foreign {
 /// Errors of the query.
 #[derive(Debug, thiserror::Error)]
 pub enum CoexistError {
-    /// The cgroup could not be opened.
-    #[error("opening cgroup {path}: {source}")]
+    /// The cgroup or network namespace could not be opened.
+    #[error("opening {path}: {source}")]
     Open {
         /// Cgroup.
         path: PathBuf,
@@ -71,7 +74,7 @@ pub enum CoexistError {
         source: io::Error,
     },
     /// BPF_PROG_QUERY failed.
-    #[error("BPF_PROG_QUERY {hook} on cgroup {path}: {source}")]
+    #[error("BPF_PROG_QUERY {hook} on {path}: {source}")]
     Query {
         /// Hook.
         hook: &'static str,
@@ -101,14 +104,15 @@ struct QueryAttr {
     revision: u64,
 }
 
-/// Program ids effective on `hook` of the cgroup open as `cg`.
-fn query_ids(cg: &File, attach_type: u32) -> io::Result<Vec<u32>> {
+/// Program ids on `attach_type` of the cgroup or netns open as `cg` (`query_flags`:
+/// BPF_F_QUERY_EFFECTIVE for cgroups; netns queries take no flags).
+fn query_ids(cg: &File, attach_type: u32, query_flags: u32) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     loop {
         let mut attr = QueryAttr {
             target_fd: cg.as_raw_fd() as u32,
             attach_type,
-            query_flags: BPF_F_QUERY_EFFECTIVE,
+            query_flags,
             prog_ids: ids.as_mut_ptr() as u64,
             prog_cnt: ids.len() as u32,
             ..Default::default()
@@ -143,20 +147,34 @@ pub fn attached(
     cgroup: &Path,
     hooks: &[(u32, &'static str)],
 ) -> Result<Vec<Foreign>, CoexistError> {
+    query(cgroup, hooks, BPF_F_QUERY_EFFECTIVE)
+}
+
+/// Programs attached to the `sk_lookup` hook of the network namespace at `netns` (another
+/// program there would see, and could steer, the same inbound connections first).
+pub fn netns_programs(netns: &Path) -> Result<Vec<Foreign>, CoexistError> {
+    query(netns, &NETNS_HOOKS, 0)
+}
+
+fn query(
+    cgroup: &Path,
+    hooks: &[(u32, &'static str)],
+    flags: u32,
+) -> Result<Vec<Foreign>, CoexistError> {
     let cg = File::open(cgroup).map_err(|source| CoexistError::Open {
         path: cgroup.into(),
         source,
     })?;
     let mut found = Vec::new();
     for &(attach_type, hook) in hooks {
-        let ids = query_ids(&cg, attach_type).map_err(|source| CoexistError::Query {
+        let ids = query_ids(&cg, attach_type, flags).map_err(|source| CoexistError::Query {
             hook,
             path: cgroup.into(),
             source,
         })?;
         found.extend(ids.into_iter().map(|id| Foreign {
             hook,
-            cgroup: cgroup.into(),
+            target: cgroup.into(),
             id,
             name: String::new(),
         }));
@@ -217,7 +235,7 @@ mod tests {
     fn refusal_names_each_program() {
         let f = Foreign {
             hook: "cgroup/connect4",
-            cgroup: "/sys/fs/cgroup/app".into(),
+            target: "/sys/fs/cgroup/app".into(),
             id: 42,
             name: "cil_sock4_conne".into(),
         };
