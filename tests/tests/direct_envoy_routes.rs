@@ -177,6 +177,11 @@ fn requests() -> Vec<Probe> {
         ("a.example", "/exact?x=1", vec![]),
         ("a.example", "/exact/more", vec![]),
         ("a.example", "/h2/x?y=1", vec![]),
+        (
+            "a.example",
+            "/exact",
+            vec![("connection", "Upgrade"), ("upgrade", "websocket")],
+        ),
         ("A.Example", "/exact", vec![]),
         ("a.example:8080", "/exact", vec![]),
         ("a.example", "/api/users", vec![("x-canary", "1")]),
@@ -465,7 +470,7 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     }
     // The table must exercise every kind of answer, or agreeing proves little.
     let statuses: std::collections::BTreeSet<u16> = from_envoy.iter().map(|a| a.0).collect();
-    for want in [200, 301, 302, 307, 404, 418, 503] {
+    for want in [200, 301, 302, 307, 403, 404, 418, 503] {
         assert!(statuses.contains(&want), "no {want} in {from_envoy:?}");
     }
     for c in ["c1 ", "c2 ", "c3 ", "h2c HTTP/2.0 "] {

@@ -2,7 +2,8 @@
 //! bootstrap whose HTTP connection manager carries an inline `route_config` (no RDS): the
 //! route `timeout` (504), `per_try_timeout` with a retry to another host, `idle_timeout` on a
 //! stalled response body, a POST body replayed on retry, `use_remote_address` appending to
-//! `x-forwarded-for`, and `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%` in a configured header.
+//! `x-forwarded-for`, `%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%` in a configured header, and
+//! WebSocket-style upgrades (a byte tunnel after 101; 403 where a route disables them).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +36,8 @@ enum Kind {
     Echo,
     /// Sends the head and one chunk, then stalls for 2 s before the end.
     Stall,
+    /// Accepts `Upgrade: websocket` with 101, then echoes raw bytes.
+    Upgrade,
 }
 
 /// A response body: one chunk, a 2 s stall, one more chunk, the end.
@@ -69,7 +72,28 @@ impl hyper::body::Body for Stall {
 
 type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn answer(kind: Kind, req: Request<Incoming>) -> Response<RespBody> {
+async fn answer(kind: Kind, mut req: Request<Incoming>) -> Response<RespBody> {
+    if let Kind::Upgrade = kind {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap();
+    }
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -90,6 +114,7 @@ async fn answer(kind: Kind, req: Request<Incoming>) -> Response<RespBody> {
             .body(Full::new(Bytes::from("fail")).boxed())
             .unwrap(),
         Kind::Echo => Response::new(Full::new(Bytes::from(format!("{xff}|{peer}|{body}"))).boxed()),
+        Kind::Upgrade => unreachable!("answered above"),
         Kind::Stall => Response::new(
             Stall {
                 step: 0,
@@ -115,6 +140,7 @@ async fn backend(kind: Kind) -> (SocketAddr, Arc<AtomicUsize>) {
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -178,6 +204,43 @@ async fn call(
     (status, body)
 }
 
+/// A WebSocket-style upgrade through the proxy: after 101, bytes written come back (the backend
+/// echoes them). Returns what was read, or `None` when the upgrade did not happen.
+async fn websocket(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let (mut tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(c.with_upgrades());
+    let req = Request::get(path)
+        .header("host", "t.example")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req))
+        .await
+        .ok()?
+        .ok()?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return None;
+    }
+    let mut io = TokioIo::new(
+        tokio::time::timeout(WAIT, hyper::upgrade::on(resp))
+            .await
+            .ok()?
+            .ok()?,
+    );
+    io.write_all(b"ping-pong").await.ok()?;
+    let mut buf = vec![0u8; 9];
+    tokio::time::timeout(WAIT, io.read_exact(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
 async fn stat(admin: u16, name: &str) -> u64 {
     let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
@@ -192,6 +255,7 @@ async fn route_timers_replay_and_forwarded_headers() {
     let (fail, fail_hits) = backend(Kind::Fail).await;
     let (echo, echo_hits) = backend(Kind::Echo).await;
     let (stall, _) = backend(Kind::Stall).await;
+    let (ws, _) = backend(Kind::Upgrade).await;
     let port = free_port();
     let admin = free_port();
     let yaml = format!(
@@ -210,6 +274,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: timers
           use_remote_address: true
+          upgrade_configs: [ {{ upgrade_type: websocket }} ]
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
@@ -240,13 +305,18 @@ static_resources:
                     host_selection_retry_max_attempts: 3 }}
               - match: {{ prefix: /echo }}
                 route: {{ cluster: echo }}
+              - match: {{ prefix: /ws }}
+                route: {{ cluster: ws }}
+              - match: {{ prefix: /nows }}
+                route: {{ cluster: ws, upgrade_configs: [ {{ upgrade_type: websocket, enabled: false }} ] }}
   clusters:
-{}{}{}{}{}"#,
+{}{}{}{}{}{}"#,
         cluster("slow", &[slow]),
         cluster("slow_or_echo", &[slow, echo]),
         cluster("stall", &[stall]),
         cluster("fail_or_echo", &[fail, echo]),
         cluster("echo", &[echo]),
+        cluster("ws", &[ws]),
     );
     let boot = skiff::config::parse(&yaml, "<timers>").expect("bootstrap with inline routes");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -322,6 +392,22 @@ static_resources:
         "{:?}",
         t.elapsed()
     );
+
+    // Upgrades: 101 and a byte tunnel where enabled; 403 where the route disables them.
+    assert_eq!(websocket(port, "/ws").await, Some("ping-pong".to_string()));
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(c.with_upgrades());
+    let req = Request::get("/nows")
+        .header("host", "t.example")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     let _ = stop_tx.send(());
     tokio::time::timeout(WAIT, skiff)

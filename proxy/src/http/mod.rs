@@ -95,7 +95,10 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
     // With a timer, hyper closes HTTP/1 connections whose request head does not arrive within
     // its header read timeout (30s), so idle or slow clients cannot pin a connection forever.
     builder.http1().timer(TokioTimer::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
         debug!(error = %e, "http connection ended with error");
     }
 }
@@ -496,14 +499,59 @@ fn upstream_proto(entry: &ClusterEntry, downstream: Version) -> Proto {
     }
 }
 
+/// The upgrade an HTTP/1.1 request asks for (`Connection: upgrade` + `Upgrade: <type>`),
+/// lowercase.
+fn upgrade_type(req: &Request<Incoming>) -> Option<String> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let h = req.headers();
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let ty = h
+        .get(header::UPGRADE)?
+        .to_str()
+        .ok()?
+        .split(',')
+        .next()?
+        .trim();
+    (asks && !ty.is_empty()).then(|| ty.to_ascii_lowercase())
+}
+
+/// Envoy's rule: the type must be in the connection manager's `upgrade_configs`; a route's own
+/// entry for the type decides, else the connection manager's `enabled`.
+fn upgrade_allowed(hcm: &[(String, bool)], route: &[(String, bool)], ty: &str) -> bool {
+    let Some((_, hcm_enabled)) = hcm.iter().find(|(t, _)| t == ty) else {
+        return false;
+    };
+    route
+        .iter()
+        .find(|(t, _)| t == ty)
+        .map_or(*hcm_enabled, |(_, e)| *e)
+}
+
 async fn forward(
     ctx: &Ctx<'_>,
     f: &Forward,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     host: &str,
     path: &str,
 ) -> Response<Body> {
     let conn = ctx.conn;
+    let upgrade = upgrade_type(&req);
+    if let Some(ty) = &upgrade
+        && !upgrade_allowed(&conn.manager.upgrades, &f.upgrades, ty)
+    {
+        ctx.hstat("downstream_rq_ws_on_non_ws_route");
+        debug!(upgrade = %ty, "upgrade not enabled for this route");
+        return local_reply(StatusCode::FORBIDDEN, "");
+    }
+    // Taken before the request is split: resolves once hyper hands over the raw connection.
+    let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let stats = &conn.dp.stats;
     let Some(cluster) = target_cluster(f, req.headers()) else {
         ctx.hstat("no_cluster");
@@ -560,6 +608,19 @@ async fn forward(
         _ => host.to_string(),
     };
     let auto_host = matches!(f.host_rewrite, Some(crate::model::route::HostRewrite::Auto));
+    if let (Some(ty), Some(down)) = (&upgrade, down_upgrade) {
+        // Upgrades are tunnels: one attempt on a fresh connection, no retries (as in Envoy).
+        let up = Upgrade {
+            ty,
+            method: parts.method,
+            path: &new_path,
+            host: &up_host,
+            headers: base,
+            body: incoming,
+            down,
+        };
+        return forward_upgrade(ctx, &cluster, &entry, up).await;
+    }
 
     // Replays need the whole body; without a retry policy it streams once.
     let mut once = None;
@@ -804,6 +865,129 @@ async fn forward(
         };
         break Response::from_parts(rparts, body);
     }
+}
+
+/// An upgrade request ready to go upstream.
+struct Upgrade<'a> {
+    ty: &'a str,
+    method: hyper::Method,
+    path: &'a str,
+    host: &'a str,
+    headers: HeaderMap,
+    body: Incoming,
+    down: hyper::upgrade::OnUpgrade,
+}
+
+/// Send an upgrade request over a new HTTP/1.1 connection; on `101 Switching Protocols` join
+/// the two upgraded connections and copy bytes both ways until either side closes.
+async fn forward_upgrade(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    entry: &ClusterEntry,
+    up: Upgrade<'_>,
+) -> Response<Body> {
+    let conn = ctx.conn;
+    let cstat = |s: &str| conn.dp.stats.counter(&format!("cluster.{cluster}.{s}"));
+    let (addr, host) = match choose_host(conn, entry, &lb::LbRequest::default()).await {
+        Dest::Host(a, h, _) => (a, h),
+        Dest::NoHealthy => {
+            cstat("upstream_cx_none_healthy").inc();
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        }
+    };
+    cstat("upstream_rq_total").inc();
+    cstat("upstream_cx_total").inc();
+    let in_flight = host.as_ref().map(|h| h.start_request());
+    let failed = |outcome| failure_reply(outcome, false);
+    let stream = match crate::dataplane::connect::connect(
+        crate::addr::EndpointAddr(addr),
+        conn.dp.upstream_mark,
+        entry.cluster.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            cstat("upstream_cx_connect_fail").inc();
+            debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
+            if let Some(g) = in_flight {
+                g.finish(lb::Outcome::ConnectFailure);
+            }
+            return failed(Attempt::ConnectFailure);
+        }
+    };
+    let (mut tx, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, %cluster, "upstream handshake failed");
+                return failed(Attempt::ConnectFailure);
+            }
+        };
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!(error = %e, "upstream upgrade connection ended with error");
+        }
+    });
+    let mut req = Request::new(up.body.map_err(BoxError::from).boxed());
+    *req.method_mut() = up.method;
+    *req.uri_mut() = up.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    *req.headers_mut() = up.headers;
+    let h = req.headers_mut();
+    // The hop-by-hop headers that carry the upgrade itself go on.
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(up.ty) {
+        h.insert(header::UPGRADE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(up.host) {
+        h.insert(header::HOST, v);
+    }
+    let started = Instant::now();
+    let mut resp = match tx.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(error = %e, %cluster, flags = "UC", "upstream reset before headers");
+            if let Some(g) = in_flight {
+                g.finish(lb::Outcome::Reset);
+            }
+            return failed(Attempt::Reset {
+                refused_stream: false,
+            });
+        }
+    };
+    let code = resp.status().as_u16();
+    cstat(&format!("upstream_rq_{code}")).inc();
+    cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+    if let Some(g) = in_flight {
+        g.finish(lb::Outcome::Status(code));
+    }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        let down = up.down;
+        ctx.hstat("downstream_cx_upgrades_total");
+        tokio::spawn(async move {
+            match tokio::try_join!(down, up_upgrade) {
+                Ok((d, u)) => {
+                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                        debug!(error = %e, "upgraded connection ended with error");
+                    }
+                }
+                Err(e) => debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        headers::strip_hop_by_hop(&mut parts.headers);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-envoy-upstream-service-time"), v);
+    }
+    ctx.response_headers(&mut parts.headers, Some(addr));
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 #[cfg(test)]

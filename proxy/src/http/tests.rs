@@ -450,3 +450,17 @@ fn redirect_location_follows_envoy() {
         "http://a.com:8443/"
     );
 }
+
+#[test]
+fn upgrades_follow_envoys_enable_table() {
+    use super::upgrade_allowed;
+    let ws = |e: bool| vec![("websocket".to_string(), e)];
+    // HCM enabled x route enabled, from Envoy's "WebSocket and HTTP upgrades" table.
+    assert!(upgrade_allowed(&ws(true), &[], "websocket"));
+    assert!(!upgrade_allowed(&ws(true), &ws(false), "websocket"));
+    assert!(upgrade_allowed(&ws(false), &ws(true), "websocket"));
+    assert!(!upgrade_allowed(&ws(false), &[], "websocket"));
+    // A type the connection manager does not list is never upgraded.
+    assert!(!upgrade_allowed(&[], &ws(true), "websocket"));
+    assert!(!upgrade_allowed(&ws(true), &[], "h2c"));
+}

@@ -151,6 +151,9 @@ pub struct HttpManager {
     /// `use_remote_address`: the downstream peer is the trusted client address (append it to
     /// `x-forwarded-for`, overwrite `x-forwarded-proto`).
     pub use_remote_address: bool,
+    /// `upgrade_configs`: (upgrade type lowercase, `enabled`) pairs. A type not listed is never
+    /// upgraded (403); routes may flip `enabled` per type.
+    pub upgrades: Vec<(String, bool)>,
 }
 
 /// One entry of `http_filters` that skiff accepted but does not run.
@@ -395,6 +398,14 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
         rds_route_config_name: rds,
         inline_route_config: inline,
         use_remote_address: h.use_remote_address.is_some_and(|b| b.value),
+        upgrades: h
+            .upgrade_configs
+            .iter()
+            .map(|u| {
+                let enabled = u.enabled.as_ref().is_none_or(|b| b.value);
+                (u.upgrade_type.to_ascii_lowercase(), enabled)
+            })
+            .collect(),
     })
 }
 

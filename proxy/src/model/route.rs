@@ -224,6 +224,9 @@ pub struct Forward {
     pub retry_policy: Option<Arc<RetryPolicy>>,
     /// `hash_policy`, in order.
     pub hash_policy: Vec<HashPolicy>,
+    /// `upgrade_configs`: per upgrade type (lowercase), whether this route enables it
+    /// (overrides the connection manager's `enabled`).
+    pub upgrades: Vec<(String, bool)>,
 }
 
 /// One `RouteAction.HashPolicy`.
@@ -778,6 +781,14 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
         idle_timeout,
         retry_policy,
         hash_policy: a.hash_policy.iter().map(hash_policy).collect(),
+        upgrades: a
+            .upgrade_configs
+            .iter()
+            .map(|u| {
+                let enabled = u.enabled.as_ref().is_none_or(|b| b.value);
+                (u.upgrade_type.to_ascii_lowercase(), enabled)
+            })
+            .collect(),
     })))
 }
 
