@@ -183,6 +183,9 @@ pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// Name Envoy gives the router filter.
 pub const ROUTER_NAME: &str = "envoy.filters.http.router";
 
+/// Names of Envoy's and Istio's own filters, for filters given by name without a config type.
+const KNOWN_FILTER_NAMES: [&str; 2] = ["envoy.", "istio."];
+
 /// Config types of HTTP filters Envoy or Istio ship, by namespace. Such a filter is known (it
 /// is accepted as Envoy accepts it) although skiff does not execute it; anything outside these
 /// namespaces is unknown to skiff and rejected unless `is_optional`.
@@ -314,7 +317,9 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, Field
                 .unwrap_or_default(),
             None => String::new(),
         };
-        let is_router = type_name == ROUTER_TYPE || (type_name.is_empty() && f.name == ROUTER_NAME);
+        // Without a config type Envoy finds the filter by name (older configurations).
+        let is_router = type_name == ROUTER_TYPE
+            || (type_name.is_empty() && (f.name == ROUTER_NAME || f.name == "envoy.router"));
         // Envoy: the router is terminal, so it must be last, and the last filter must be terminal.
         if is_router {
             if i + 1 != n {
@@ -331,9 +336,13 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, Field
                 format!("the last HTTP filter must be the router, not {:?}", f.name),
             ));
         }
-        let known = KNOWN_FILTER_NAMESPACES
-            .iter()
-            .any(|ns| type_name.starts_with(ns));
+        let known = if type_name.is_empty() {
+            KNOWN_FILTER_NAMES.iter().any(|p| f.name.starts_with(p))
+        } else {
+            KNOWN_FILTER_NAMESPACES
+                .iter()
+                .any(|ns| type_name.starts_with(ns))
+        };
         let disposition = if f.disabled {
             FilterDisposition::Disabled
         } else if known {
@@ -653,6 +662,20 @@ mod tests {
         )]))
         .unwrap_err();
         assert!(e.reason.contains("must be the router"), "{}", e.reason);
+        // By name only (older configurations): Envoy's names are known, others are not.
+        let named = |n: &str| hcm::HttpFilter {
+            name: n.into(),
+            ..Default::default()
+        };
+        assert!(
+            convert(&inline(vec![
+                named("envoy.filters.http.rbac"),
+                named("envoy.router")
+            ]))
+            .is_ok()
+        );
+        let e = convert(&inline(vec![named("acme.magic"), router()])).unwrap_err();
+        assert!(e.reason.contains("(no typed_config)"), "{}", e.reason);
         // No filters at all: Envoy installs the router by default.
         assert!(convert(&inline(vec![])).is_ok());
     }
