@@ -65,8 +65,28 @@ fn cluster(name: &str, policy: &str, eps: &[(&str, u32)]) -> String {
     )
 }
 
+/// Priority 0: the first backend healthy, the second UNHEALTHY; priority 1: the third. Envoy's
+/// priority load: level 0 health = min(100, 140% x 1/2) = 70%, level 1 takes the other 30%.
+const PRIORITY_CLUSTER: &str = r#"
+  - name: prio
+    type: STATIC
+    lb_policy: RANDOM
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: prio
+      endpoints:
+      - priority: 0
+        lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.21, port_value: 8080 } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.22, port_value: 8080 } } }
+          health_status: UNHEALTHY
+      - priority: 1
+        lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.23, port_value: 8080 } } }"#;
+
 /// 10.96.0.13 weighted RR (1:2:3), 10.96.0.14 LEAST_REQUEST, 10.96.0.15 MAGLEV, 10.96.0.16
-/// ROUND_ROBIN to the first backend only (to pile connections onto it).
+/// ROUND_ROBIN to the first backend only (to pile connections onto it), 10.96.0.17 RANDOM over
+/// two priority levels.
 fn bootstrap_yaml() -> String {
     let [a, b, c] = BACKENDS;
     format!(
@@ -78,17 +98,19 @@ static_resources:
   - name: virtualOutbound
     address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
     use_original_dst: true
-    filter_chains:{}{}{}{}
-  clusters:{}{}{}{}
+    filter_chains:{}{}{}{}{}
+  clusters:{}{}{}{}{}
 "#,
         tcp_chain("wrr", "10.96.0.13"),
         tcp_chain("lr", "10.96.0.14"),
         tcp_chain("mg", "10.96.0.15"),
         tcp_chain("pin", "10.96.0.16"),
+        tcp_chain("prio", "10.96.0.17"),
         cluster("wrr", "ROUND_ROBIN", &[(a, 1), (b, 2), (c, 3)]),
         cluster("lr", "LEAST_REQUEST", &[(a, 1), (b, 1), (c, 1)]),
         cluster("mg", "MAGLEV", &[(a, 1), (b, 1), (c, 1)]),
         cluster("pin", "ROUND_ROBIN", &[(a, 1)]),
+        PRIORITY_CLUSTER,
     )
 }
 
@@ -304,5 +326,26 @@ fn maglev_keeps_each_client_on_one_backend_and_spreads_clients() {
     let (_, explain) =
         skiff_tests::admin(&s.ns, "GET", "/debug/explain?dst=10.96.0.15:80").expect("explain");
     assert!(explain.contains("MAGLEV"), "{explain}");
+    assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
+}
+
+#[test]
+fn priority_load_is_split_as_envoy_does() {
+    let _g = serial();
+    let s = scenario("fp-prio");
+    let got = spread(&s, "10.96.0.17:80", 150, None);
+    eprintln!("RANDOM over priority 0 (70%) and priority 1 (30%): {got:?}");
+    assert_eq!(
+        got[BACKENDS[1]], 0,
+        "an UNHEALTHY endpoint gets nothing: {got:?}"
+    );
+    // Two categories: chi-square with 1 degree of freedom, p = 0.001.
+    let n = 150.0;
+    let chi2 = (got[BACKENDS[0]] as f64 - 0.7 * n).powi(2) / (0.7 * n)
+        + (got[BACKENDS[2]] as f64 - 0.3 * n).powi(2) / (0.3 * n);
+    assert!(
+        chi2 < 10.83,
+        "priority split 70/30: {got:?} (chi2 {chi2:.2})"
+    );
     assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
 }

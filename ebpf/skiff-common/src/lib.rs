@@ -234,6 +234,9 @@ pub const LB_LEAST_REQUEST: u8 = 3;
 pub const LB_MAGLEV: u8 = 4;
 /// `ClusterValue::flags`: endpoint weights differ; weighted policies search `weight_end`.
 pub const CLUSTER_WEIGHTED: u8 = 1;
+/// `ClusterValue::flags`: the weights are eligible shares (priority load, panic, locality
+/// weights): RANDOM draws by weight too.
+pub const CLUSTER_SHARES: u8 = 2;
 /// `EndpointValue::health`: the slot may be chosen.
 pub const HEALTH_OK: u8 = 1;
 /// Entries of one kernel Maglev table (a prime, as Maglev needs). Smaller than Envoy's 65537 so
@@ -295,7 +298,7 @@ pub struct ClusterValue {
     pub maglev_base: u32,
     /// [`LB_ROUND_ROBIN`], [`LB_RANDOM`], [`LB_LEAST_REQUEST`] or [`LB_MAGLEV`].
     pub lb_policy: u8,
-    /// [`CLUSTER_WEIGHTED`] or 0.
+    /// [`CLUSTER_WEIGHTED`] and [`CLUSTER_SHARES`] bits.
     pub flags: u8,
     pub _pad: [u8; 2],
 }
@@ -403,7 +406,13 @@ pub fn pick_slot(c: &ClusterValue, d: &Draws, f: &impl SlotFacts) -> Option<u32>
                 Some(d.rr_cursor % count)
             }
         }
-        LB_RANDOM => Some(d.random[0] % count),
+        LB_RANDOM => {
+            if c.flags & CLUSTER_SHARES != 0 && c.total_weight != 0 {
+                weighted_slot(count, d.random[0] % c.total_weight, f)
+            } else {
+                Some(d.random[0] % count)
+            }
+        }
         LB_LEAST_REQUEST => {
             // Envoy's power of two choices: two independent picks (possibly the same host),
             // the less loaded wins, the first on a tie.
@@ -1243,6 +1252,18 @@ mod tests {
             assert_eq!(weighted_slot(3, draw, &SLOTS), Some(want), "draw {draw}");
         }
         assert_eq!(weighted_slot(3, 6, &SLOTS), None);
+        // RANDOM over eligible shares draws by weight; plain RANDOM ignores weights.
+        let mut shares = cluster(LB_RANDOM, true, 6, 1);
+        shares.flags |= CLUSTER_SHARES;
+        let mut seen = [0u32; 3];
+        for r in 0..600u32 {
+            let d = Draws {
+                random: [r, 0],
+                ..Default::default()
+            };
+            seen[pick_slot(&shares, &d, &SLOTS).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen, [100, 300, 200]);
         assert_eq!(weighted_draw(7, 5, 0), 0);
     }
 

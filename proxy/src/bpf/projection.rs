@@ -66,14 +66,21 @@ pub struct ClusterImage {
     pub lb: FastLb,
     /// Healthy endpoints, sorted (the slot order).
     pub endpoints: Vec<SocketAddrV4>,
-    /// `load_balancing_weight` of each endpoint (same order as `endpoints`).
+    /// `load_balancing_weight` of each endpoint (same order as `endpoints`); with `shares`,
+    /// its eligible share in units of 1/[`SHARE_SCALE`].
     pub weights: Vec<u32>,
+    /// The weights are eligible shares (priority levels, panic or locality weights): every
+    /// policy draws by weight.
+    pub shares: bool,
 }
+
+/// Resolution of eligible shares written as slot weights (1/10000).
+pub const SHARE_SCALE: u32 = 10_000;
 
 impl ClusterImage {
     /// Whether the endpoints' weights differ (weighted policies then search by weight).
     pub fn weighted(&self) -> bool {
-        self.weights.windows(2).any(|w| w[0] != w[1])
+        self.shares || self.weights.windows(2).any(|w| w[0] != w[1])
     }
 }
 
@@ -421,46 +428,78 @@ fn classify_with(
             return (v, None);
         }
     };
-    if let Some(a) = &entry.assignment
-        && let Some(p) = a
-            .localities
-            .iter()
-            .filter(|l| l.endpoints.iter().any(|e| e.health.is_healthy()))
-            .map(|l| l.priority)
-            .find(|p| *p != 0)
-    {
-        v.reason = format!(
-            "cluster {name}: endpoints at priority {p} (priority load is not in the kernel)"
-        );
+    // The hosts new connections may reach and their shares, exactly as the userspace balancer
+    // computes them (priority load, panic, degraded hosts, locality weights, host weights).
+    let plan = entry.lb.plan(entry);
+    if plan.zone.is_some() {
+        v.reason = format!("cluster {name}: zone-aware routing stays in the proxy");
         return (v, None);
     }
-    let healthy = entry.healthy_endpoints();
-    if healthy.is_empty() {
+    let (views, _) = entry.lb.views();
+    let eligible = crate::lb::plan::eligible(&plan, &views);
+    if eligible.is_empty() {
         v.reason = format!("cluster {name} has no healthy endpoint (the proxy answers)");
         return (v, None);
     }
-    if lb == FastLb::LeastRequest && healthy.iter().any(|e| e.weight != healthy[0].weight) {
+    // Load that reaches no host (a level with nowhere to send its share) is answered by the
+    // proxy; the kernel would spread it over the other hosts instead.
+    let reachable: f64 = eligible.iter().map(|e| e.share).sum();
+    if reachable < 0.999 {
+        v.reason = format!(
+            "cluster {name}: {:.0}% of the load has no available host (the proxy answers it)",
+            (1.0 - reachable) * 100.0
+        );
+        return (v, None);
+    }
+    // One level, no panic, no degraded load and no locality weights: the hosts are balanced by
+    // their own weights. Otherwise the slots carry the eligible shares and every draw is by
+    // weight, which reproduces the priority and locality split in one bounded draw.
+    let simple = plan.levels.len() <= 1
+        && !plan.load.panic.iter().any(|p| *p)
+        && plan.load.degraded.iter().all(|d| *d == 0)
+        && plan
+            .levels
+            .iter()
+            .all(|l| l.healthy_localities.is_none() && l.degraded_localities.is_none());
+    if !simple && matches!(lb, FastLb::LeastRequest | FastLb::Maglev) {
+        v.reason = format!(
+            "cluster {name}: {} across priority levels, panic or locality weights stays in the \
+             proxy",
+            lb.as_str()
+        );
+        return (v, None);
+    }
+    if lb == FastLb::LeastRequest
+        && eligible
+            .iter()
+            .any(|e| views[e.index as usize].weight != views[eligible[0].index as usize].weight)
+    {
         v.reason = format!(
             "cluster {name}: LEAST_REQUEST with unequal weights (Envoy's weighted least request \
              stays in the proxy)"
         );
         return (v, None);
     }
-    if lb == FastLb::Maglev && healthy.len() > skiff_common::MAGLEV_TABLE_SIZE as usize {
+    if lb == FastLb::Maglev && eligible.len() > skiff_common::MAGLEV_TABLE_SIZE as usize {
         v.reason = format!(
             "cluster {name}: MAGLEV with more than {} endpoints (the kernel table size)",
             skiff_common::MAGLEV_TABLE_SIZE
         );
         return (v, None);
     }
-    if healthy.len() > 1 << skiff_common::MAX_SEARCH_STEPS {
+    if eligible.len() > 1 << skiff_common::MAX_SEARCH_STEPS {
         v.reason = format!("cluster {name}: more endpoints than the kernel search covers");
         return (v, None);
     }
-    let mut slots: Vec<(SocketAddrV4, u32)> = Vec::with_capacity(healthy.len());
-    for e in &healthy {
-        match e.address {
-            SocketAddr::V4(a) => slots.push((a, e.weight.max(1))),
+    let mut slots: Vec<(SocketAddrV4, u32)> = Vec::with_capacity(eligible.len());
+    for e in &eligible {
+        let weight = if simple {
+            views[e.index as usize].weight.max(1)
+        } else {
+            ((e.share * f64::from(SHARE_SCALE)).round() as u32).max(1)
+        };
+        match entry.lb.hosts[e.index as usize].address() {
+            SocketAddr::V4(a) => slots.push((a, weight)),
             SocketAddr::V6(_) => {
                 v.reason = format!("cluster {name}: IPv6 endpoint behind an IPv4 service");
                 return (v, None);
@@ -487,6 +526,7 @@ fn classify_with(
             lb,
             endpoints,
             weights,
+            shares: !simple,
         }),
     )
 }

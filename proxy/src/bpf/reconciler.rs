@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddrV4;
 
 use skiff_common::{
-    CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
+    CLUSTER_SHARES, CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
     LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceValue,
 };
 
@@ -322,7 +322,8 @@ pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout
                 FastLb::LeastRequest => LB_LEAST_REQUEST,
                 FastLb::Maglev => LB_MAGLEV,
             },
-            flags: if c.weighted() { CLUSTER_WEIGHTED } else { 0 },
+            flags: if c.weighted() { CLUSTER_WEIGHTED } else { 0 }
+                | if c.shares { CLUSTER_SHARES } else { 0 },
             _pad: [0; 2],
         });
         ids.insert(
@@ -515,10 +516,17 @@ pub fn choices(
                 ..Default::default()
             }));
         }
-        LB_RANDOM => draws.extend((0..n).map(|r| skiff_common::Draws {
-            random: [r, 0],
-            ..Default::default()
-        })),
+        LB_RANDOM => {
+            let span = if c.flags & CLUSTER_SHARES != 0 {
+                c.total_weight
+            } else {
+                n
+            };
+            draws.extend((0..span).map(|r| skiff_common::Draws {
+                random: [r, 0],
+                ..Default::default()
+            }))
+        }
         LB_LEAST_REQUEST => {
             for a in 0..n {
                 for b in 0..n {

@@ -1,5 +1,5 @@
-//! Projection tests: eligibility rules, and properties (every healthy endpoint appears,
-//! arrival order does not matter).
+//! Projection tests: eligibility rules, and properties (the kernel's choice set is the
+//! userspace balancer's eligible set, arrival order does not matter).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -278,19 +278,101 @@ fn health() -> impl Strategy<Value = HealthStatus> {
         Just(HealthStatus::Unknown),
         Just(HealthStatus::Unhealthy),
         Just(HealthStatus::Draining),
+        Just(HealthStatus::Degraded),
     ]
 }
 
+/// One endpoint of a generated assignment: host byte, health, priority, weight.
+type Ep = (u8, HealthStatus, u32, u32);
+
+fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
+    let mut by_priority: BTreeMap<u32, Vec<LbEndpoint>> = BTreeMap::new();
+    for (host, h, p, w) in eps {
+        by_priority.entry(*p).or_default().push(LbEndpoint {
+            address: format!("127.0.1.{host}:8080").parse().unwrap(),
+            internal: None,
+            health: *h,
+            weight: *w,
+        });
+    }
+    LoadAssignment {
+        cluster_name: name.into(),
+        localities: by_priority
+            .into_iter()
+            .map(|(priority, endpoints)| LocalityEndpoints {
+                locality: Locality::default(),
+                priority,
+                weight: None,
+                endpoints,
+            })
+            .collect(),
+        overprovisioning_factor: 140,
+    }
+}
+
+/// The fast-path maps in memory, written by the real reconciler.
+#[derive(Default)]
+struct Maps {
+    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    clusters: BTreeMap<u32, skiff_common::ClusterValue>,
+    endpoints: BTreeMap<u32, skiff_common::EndpointValue>,
+    maglev: BTreeMap<u32, u32>,
+    active: u8,
+}
+
+impl crate::bpf::reconciler::FastMaps for Maps {
+    fn set_service(
+        &mut self,
+        k: ServiceKeyV4,
+        v: ServiceValue,
+    ) -> Result<(), crate::bpf::BpfError> {
+        self.services.insert(k, v);
+        Ok(())
+    }
+    fn delete_service(&mut self, k: ServiceKeyV4) -> Result<(), crate::bpf::BpfError> {
+        self.services.remove(&k);
+        Ok(())
+    }
+    fn set_cluster(
+        &mut self,
+        i: u32,
+        v: skiff_common::ClusterValue,
+    ) -> Result<(), crate::bpf::BpfError> {
+        self.clusters.insert(i, v);
+        Ok(())
+    }
+    fn set_endpoint(
+        &mut self,
+        i: u32,
+        v: skiff_common::EndpointValue,
+    ) -> Result<(), crate::bpf::BpfError> {
+        self.endpoints.insert(i, v);
+        Ok(())
+    }
+    fn set_maglev(&mut self, i: u32, v: u32) -> Result<(), crate::bpf::BpfError> {
+        self.maglev.insert(i, v);
+        Ok(())
+    }
+    fn flip(&mut self, g: u8) -> Result<(), crate::bpf::BpfError> {
+        self.active = g;
+        Ok(())
+    }
+}
+
+use skiff_common::{ServiceKeyV4, ServiceValue};
+
 proptest! {
+    /// For random assignments (priorities, health incl. degraded, weights, any arrival order):
+    /// the endpoints the kernel can choose, read back from the map image exactly as the kernel
+    /// walks it, are the userspace balancer's eligible set (`lb::plan::eligible`), and round
+    /// robin's hits follow the eligible shares.
     #[test]
-    fn every_healthy_endpoint_appears_in_any_order(
-        eps in proptest::collection::btree_map(1u8..250, health(), 1..20),
+    fn kernel_choice_set_is_the_userspace_eligible_set(
+        eps in proptest::collection::btree_map(1u8..250, (health(), 0u32..3, 1u32..4), 1..16),
+        random in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let list: Vec<(String, HealthStatus)> = eps
-            .iter()
-            .map(|(i, h)| (format!("127.0.1.{i}:8080"), *h))
-            .collect();
+        let list: Vec<Ep> = eps.iter().map(|(i, (h, p, w))| (*i, *h, *p, *w)).collect();
         let mut shuffled = list.clone();
         // A deterministic shuffle from the seed.
         let mut x = seed | 1;
@@ -298,34 +380,75 @@ proptest! {
             x ^= x << 13; x ^= x >> 7; x ^= x << 17;
             shuffled.swap(i, (x % (i as u64 + 1)) as usize);
         }
-        let build = |l: &[(String, HealthStatus)]| {
-            let refs: Vec<(&str, HealthStatus)> = l.iter().map(|(a, h)| (a.as_str(), *h)).collect();
+        let lb = if random { LbPolicy::Random } else { LbPolicy::RoundRobin };
+        let build = |l: &[Ep]| {
             let c = Cluster {
                 name: "c".into(),
-                kind: ClusterKind::Static(assignment("c", &refs)),
-                lb_policy: LbPolicy::RoundRobin,
+                kind: ClusterKind::Static(prioritized("c", l)),
+                lb_policy: lb,
                 connect_timeout: Duration::from_secs(1),
                 has_transport_socket: false,
                 lb: Default::default(),
                 upstream_http: Default::default(),
             };
-            project(&snap(vec![virtual_listener(vec![tcp_chain("s", "10.96.0.10", 80, "c")])], vec![c]), 15001)
+            snap(vec![virtual_listener(vec![tcp_chain("s", "10.96.0.10", 80, "c")])], vec![c])
         };
-        let a = build(&list);
-        let b = build(&shuffled);
-        prop_assert_eq!(&a, &b);
-        let healthy: Vec<SocketAddrV4> = list
-            .iter()
-            .filter(|(_, h)| h.is_healthy())
-            .map(|(s, _)| s.parse().unwrap())
+        let s = build(&list);
+        let a = project(&s, 15001);
+        prop_assert_eq!(&a, &project(&build(&shuffled), 15001));
+
+        // What userspace would balance over.
+        let entry = s.cluster("c").unwrap();
+        let (views, _) = entry.lb.views();
+        let eligible: BTreeMap<SocketAddrV4, f64> = crate::lb::plan::eligible(&entry.lb.plan(entry), &views)
+            .into_iter()
+            .filter(|e| e.share > 0.0)
+            .map(|e| match entry.lb.hosts[e.index as usize].address() {
+                SocketAddr::V4(v4) => (v4, e.share),
+                SocketAddr::V6(_) => unreachable!("generated endpoints are IPv4"),
+            })
             .collect();
-        if healthy.is_empty() {
-            prop_assert!(a.services.is_empty());
-        } else {
-            let got = &a.clusters["c"].endpoints;
-            prop_assert_eq!(got.len(), healthy.len());
-            for e in &healthy {
-                prop_assert!(got.contains(e));
+
+        // What the kernel would choose from.
+        let caps = crate::bpf::Capacity { max_services: 8, max_clusters: 8, max_endpoints: 256, max_maglev: 1 };
+        let mut maps = Maps::default();
+        let mut r = crate::bpf::reconciler::Reconciler::new(caps);
+        r.apply(&mut maps, &a).unwrap();
+        let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        let seen = crate::bpf::reconciler::choices(
+            &maps.services,
+            &|i| maps.clusters.get(&i).copied(),
+            &|i| maps.endpoints.get(&i).copied(),
+            &|i| maps.maglev.get(&i).copied(),
+            maps.active,
+            vip,
+        );
+        match seen {
+            None => prop_assert!(
+                eligible.values().sum::<f64>() < 0.999,
+                "kernel sends to the proxy, userspace has {:?}",
+                eligible
+            ),
+            Some((_, hits)) => {
+                let kernel: Vec<&SocketAddrV4> = hits.keys().collect();
+                let user: Vec<&SocketAddrV4> = eligible.keys().collect();
+                prop_assert_eq!(kernel, user);
+                if !random {
+                    let total: u64 = hits.values().sum();
+                    for (ep, n) in &hits {
+                        let got = *n as f64 / total as f64;
+                        // Round robin over one cycle hits each endpoint in proportion to its
+                        // weight: host weights on one level, eligible shares otherwise; both
+                        // are the userspace shares (to the 1e-4 share resolution).
+                        prop_assert!(
+                            (got - eligible[ep]).abs() < 1e-3,
+                            "{} got {} want {}",
+                            ep,
+                            got,
+                            eligible[ep]
+                        );
+                    }
+                }
             }
         }
     }

@@ -169,6 +169,7 @@ fn image(spec: &Spec) -> MapImage {
             lb,
             endpoints,
             weights,
+            shares: false,
         });
         img.services.insert(
             vip,
