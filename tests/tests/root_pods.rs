@@ -213,8 +213,36 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
         );
     }
 
-    // Removing pod1 detaches it: its connects go direct again (and fail: no route), pod2
-    // keeps its capture.
+    // A third pod with pod1's bootstrap (no ADS: identical config) shares pod1's pipeline.
+    let ns3 = Netns::new("pods-p3");
+    let pod3 = cg.child("pod3");
+    let added3: serde_json::Value = serde_json::from_str(&node(
+        &node_ns,
+        &[
+            "add-pod",
+            "--cgroup",
+            pod3.to_str().unwrap(),
+            "--netns",
+            ns3.path().to_str().unwrap(),
+            "--node-id",
+            "sidecar~10.0.0.4~pod3.default~default.svc.cluster.local",
+            "--bootstrap",
+            boot1.to_str().unwrap(),
+        ],
+    ))
+    .expect("JSON");
+    assert_eq!(
+        added3["pipeline"]["id"], pods[0]["pipeline"]["id"],
+        "{added3}"
+    );
+    assert_eq!(added3["pipeline"]["shared_by"], 2, "{added3}");
+    assert_ne!(pods[0]["pipeline"]["id"], pods[1]["pipeline"]["id"]);
+    let out = client(&ns3, &pod3);
+    assert!(out.starts_with("ok "), "pod3: {out}");
+    backends[0].expect_line("accepted", Duration::from_secs(5));
+
+    // Removing pod1 detaches it: its connects go direct again (and fail: no route); pod3
+    // keeps the shared pipeline and pod2 its own.
     node(
         &node_ns,
         &["remove-pod", "--cgroup", pod1.to_str().unwrap()],
@@ -223,9 +251,11 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     assert!(out.starts_with("err stage=connect"), "removed pod: {out}");
     let out = client(&ns2, &pod2);
     assert!(out.starts_with("ok "), "pod2 after pod1's removal: {out}");
+    let out = client(&ns3, &pod3);
+    assert!(out.starts_with("ok "), "pod3 after pod1's removal: {out}");
     let listed = node(&node_ns, &["list-pods"]);
     assert!(
-        !listed.contains("pod1") && listed.contains("pod2"),
+        !listed.contains("pod1.") && listed.contains("pod2.") && listed.contains("pod3."),
         "{listed}"
     );
 

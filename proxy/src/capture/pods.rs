@@ -12,9 +12,14 @@
 //! and the original-destination keys carry the pod's netns cookie. Upstream connects leave
 //! from skiff's own namespace (the node's), as from a node proxy.
 //!
-//! Removing a pod unregisters its cgroup (new connects go direct), stops its listeners and
-//! its ADS client; connections in flight finish on the snapshot they started with.
-//! Identical snapshots are not shared between pods yet: each pod holds its own.
+//! Pods whose configuration must be identical share one pipeline (store, ADS stream, data
+//! plane, counters): the same bootstrap and, with ADS, the same node id. Pods with different
+//! node ids keep separate streams even when the control plane happens to send the same
+//! resources (content-level sharing is not done).
+//!
+//! Removing a pod unregisters its cgroup (new connects go direct) and stops its listeners;
+//! its pipeline stops with the last pod using it. Connections in flight finish on the
+//! snapshot they started with.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,30 +82,57 @@ pub enum PodError {
     Bootstrap(String),
 }
 
-/// One registered pod.
+/// What makes two pods' configuration identical: the same bootstrap and, when it uses ADS,
+/// the same node id (the control plane answers per node). Pods with equal keys share one
+/// pipeline: one store of snapshots, one ADS stream, one data plane.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PipelineKey {
+    /// The pod's own bootstrap file (canonical), or `None` for the node's.
+    bootstrap: Option<PathBuf>,
+    /// The node id, when the bootstrap uses ADS.
+    node_id: Option<String>,
+}
+
+/// One configuration pipeline and the data plane serving it.
+struct Pipeline {
+    id: u64,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    dp: Arc<Dataplane>,
+    stop: CancellationToken,
+}
+
+/// One registered pod: its listeners (in its netns) feed a possibly shared pipeline.
 struct Pod {
     spec: PodSpec,
     cgroup_id: u64,
-    store: Arc<Store>,
-    stats: Arc<Stats>,
+    key: PipelineKey,
+    pipeline: Arc<Pipeline>,
     listeners: Vec<SocketAddr>,
     stop: CancellationToken,
 }
 
-/// Every pod of this node, by cgroup id.
+#[derive(Default)]
+struct State {
+    pods: BTreeMap<u64, Pod>,
+    pipelines: BTreeMap<PipelineKey, Arc<Pipeline>>,
+    next_pipeline: u64,
+}
+
+/// Every pod of this node, by cgroup id, and the pipelines they use.
 pub struct PodRegistry {
     bootstrap: Bootstrap,
     upstream_mark: Option<u32>,
     outbound_v4: SocketAddr,
     outbound_v6: Option<SocketAddr>,
-    pods: Mutex<BTreeMap<u64, Pod>>,
+    state: Mutex<State>,
     stop: CancellationToken,
 }
 
 impl std::fmt::Debug for PodRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PodRegistry")
-            .field("pods", &self.lock().len())
+            .field("pods", &self.lock().pods.len())
             .finish_non_exhaustive()
     }
 }
@@ -164,14 +196,52 @@ impl PodRegistry {
             upstream_mark,
             outbound_v4: SocketAddr::V4(outbound_v4),
             outbound_v6: outbound_v6.map(SocketAddr::V6),
-            pods: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
             stop,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Pod>> {
-        // A panic while holding the lock leaves the map usable: each entry is whole.
-        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the maps usable: each entry is whole.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pipeline for `key`, started from `bootstrap` if no pod uses it yet.
+    fn pipeline(&self, st: &mut State, key: &PipelineKey, bootstrap: &Bootstrap) -> Arc<Pipeline> {
+        if let Some(p) = st.pipelines.get(key) {
+            return p.clone();
+        }
+        let stop = self.stop.child_token();
+        let stats = Arc::new(Stats::default());
+        let store = Arc::new(Store::new(Snapshot::new(
+            bootstrap.listeners.clone(),
+            bootstrap.clusters.clone(),
+            &Default::default(),
+        )));
+        if let (Some(ads), Some(node_id)) = (&bootstrap.ads, &key.node_id) {
+            let resources = Resources::new(bootstrap.listeners.clone(), bootstrap.clusters.clone());
+            store.publish(resources.snapshot());
+            let mut node = bootstrap.raw.node.clone().unwrap_or_default();
+            node.id.clone_from(node_id);
+            let xopts = XdsOptions::new(ads.clone(), Some(node));
+            xds::spawn(xopts, resources, store.clone(), stats.clone(), stop.clone());
+        }
+        let dp = Arc::new(Dataplane::new(
+            store.clone(),
+            stats.clone(),
+            self.upstream_mark,
+            self.outbound_v4.port(),
+        ));
+        st.next_pipeline += 1;
+        let p = Arc::new(Pipeline {
+            id: st.next_pipeline,
+            store,
+            stats,
+            dp,
+            stop,
+        });
+        st.pipelines.insert(key.clone(), p.clone());
+        p
     }
 
     /// Registers a pod: its listeners in its namespace, its pipeline, then its cgroup in the
@@ -182,56 +252,59 @@ impl PodRegistry {
             cgroup: spec.cgroup.clone(),
             source,
         })?;
-        if self.lock().contains_key(&id) {
+        if self.lock().pods.contains_key(&id) {
             return Err(PodError::Exists(spec.cgroup));
         }
-        let bootstrap = match &spec.bootstrap {
-            Some(p) => crate::config::load(p).map_err(|e| PodError::Bootstrap(e.to_string()))?,
-            None => self.bootstrap.clone(),
+        let (bootstrap, own) = match &spec.bootstrap {
+            Some(p) => {
+                let b = crate::config::load(p).map_err(|e| PodError::Bootstrap(e.to_string()))?;
+                (
+                    b,
+                    Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+                )
+            }
+            None => (self.bootstrap.clone(), None),
+        };
+        let key = PipelineKey {
+            bootstrap: own,
+            node_id: bootstrap.ads.is_some().then(|| spec.node_id.clone()),
         };
         let mut addrs = vec![self.outbound_v4];
         addrs.extend(self.outbound_v6);
         let listeners = bind_in_netns(&spec.netns, &addrs)?;
 
-        let stop = self.stop.child_token();
-        let stats = Arc::new(Stats::default());
-        let store = Arc::new(Store::new(Snapshot::new(
-            bootstrap.listeners.clone(),
-            bootstrap.clusters.clone(),
-            &Default::default(),
-        )));
-        if let Some(ads) = &bootstrap.ads {
-            let resources = Resources::new(bootstrap.listeners.clone(), bootstrap.clusters.clone());
-            store.publish(resources.snapshot());
-            let mut node = bootstrap.raw.node.clone().unwrap_or_default();
-            node.id.clone_from(&spec.node_id);
-            let xopts = XdsOptions::new(ads.clone(), Some(node));
-            xds::spawn(xopts, resources, store.clone(), stats.clone(), stop.clone());
+        let mut st = self.lock();
+        if st.pods.contains_key(&id) {
+            return Err(PodError::Exists(spec.cgroup));
         }
-        let dp = Arc::new(Dataplane::new(
-            store.clone(),
-            stats.clone(),
-            self.upstream_mark,
-            self.outbound_v4.port(),
-        ));
+        let pipeline = self.pipeline(&mut st, &key, &bootstrap);
+        let stop = pipeline.stop.child_token();
         let mut bound = Vec::new();
         for l in listeners {
-            let l = tokio::net::TcpListener::from_std(l).map_err(|source| PodError::Bind {
-                netns: spec.netns.clone(),
-                addr: self.outbound_v4,
-                source,
-            })?;
+            let l = match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => l,
+                Err(source) => {
+                    stop.cancel();
+                    release(&mut st, &key);
+                    return Err(PodError::Bind {
+                        netns: spec.netns.clone(),
+                        addr: self.outbound_v4,
+                        source,
+                    });
+                }
+            };
             bound.extend(l.local_addr().ok());
             let token = stop.clone();
             tokio::spawn(dataplane::run(
                 l,
                 ListenerRole::Capture,
-                dp.clone(),
+                pipeline.dp.clone(),
                 async move { token.cancelled().await },
             ));
         }
         if let Err(source) = capture.add_meshed_cgroup(&spec.cgroup) {
             stop.cancel();
+            release(&mut st, &key);
             return Err(PodError::Cgroup {
                 cgroup: spec.cgroup,
                 source,
@@ -242,31 +315,33 @@ impl PodRegistry {
             cgroup_id = id,
             netns = %spec.netns.display(),
             node_id = %spec.node_id,
+            pipeline = pipeline.id,
             "pod added"
         );
         let pod = Pod {
             spec,
             cgroup_id: id,
-            store,
-            stats,
+            key,
+            pipeline,
             listeners: bound,
             stop,
         };
-        let view = pod_json(&pod);
-        self.lock().insert(id, pod);
-        Ok(view)
+        st.pods.insert(id, pod);
+        let view = st.pods.get(&id).map(|p| pod_json(&st, p));
+        Ok(view.unwrap_or_default())
     }
 
     /// Unregisters the pod of `cgroup` (by path, or by id when the directory is gone): new
     /// connects go direct, its listeners and ADS client stop.
     pub fn remove(&self, capture: &Capture, cgroup: &Path) -> Result<(), PodError> {
         let id = {
-            let pods = self.lock();
-            pods.iter()
+            let st = self.lock();
+            st.pods
+                .iter()
                 .find(|(_, p)| p.spec.cgroup == cgroup)
                 .map(|(id, _)| *id)
                 .or_else(|| crate::bpf::cgroup_id(cgroup).ok())
-                .filter(|id| pods.contains_key(id))
+                .filter(|id| st.pods.contains_key(id))
                 .ok_or_else(|| PodError::Unknown(cgroup.into()))?
         };
         capture
@@ -275,8 +350,10 @@ impl PodRegistry {
                 cgroup: cgroup.into(),
                 source,
             })?;
-        if let Some(pod) = self.lock().remove(&id) {
+        let mut st = self.lock();
+        if let Some(pod) = st.pods.remove(&id) {
             pod.stop.cancel();
+            release(&mut st, &pod.key);
             tracing::info!(cgroup = %cgroup.display(), cgroup_id = id, node_id = %pod.spec.node_id, "pod removed");
         }
         Ok(())
@@ -285,14 +362,28 @@ impl PodRegistry {
     /// Every pod: cgroup, id, namespace, node id, listeners, its config's listener and
     /// cluster names, and its counters.
     pub fn list(&self) -> serde_json::Value {
-        let pods: Vec<serde_json::Value> = self.lock().values().map(pod_json).collect();
+        let st = self.lock();
+        let pods: Vec<serde_json::Value> = st.pods.values().map(|p| pod_json(&st, p)).collect();
         serde_json::json!({ "pods": pods })
     }
 }
 
-fn pod_json(p: &Pod) -> serde_json::Value {
-    let snap = p.store.load();
+/// Stops the pipeline of `key` once no pod uses it.
+fn release(st: &mut State, key: &PipelineKey) {
+    if st.pods.values().any(|p| &p.key == key) {
+        return;
+    }
+    if let Some(p) = st.pipelines.remove(key) {
+        p.stop.cancel();
+        tracing::info!(pipeline = p.id, "pipeline stopped (no pod left)");
+    }
+}
+
+fn pod_json(st: &State, p: &Pod) -> serde_json::Value {
+    let snap = p.pipeline.store.load();
+    let shared_by = st.pods.values().filter(|q| q.key == p.key).count();
     let stats: serde_json::Map<String, serde_json::Value> = p
+        .pipeline
         .stats
         .snapshot()
         .into_iter()
@@ -304,6 +395,7 @@ fn pod_json(p: &Pod) -> serde_json::Value {
         "netns": p.spec.netns.display().to_string(),
         "node_id": p.spec.node_id,
         "listeners": p.listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "pipeline": { "id": p.pipeline.id, "shared_by": shared_by },
         "config": {
             "listeners": snap.listeners.keys().collect::<Vec<_>>(),
             "clusters": snap.clusters.keys().collect::<Vec<_>>(),
