@@ -283,6 +283,28 @@ pub async fn run_with(
         }));
     }
 
+    // The kernel's LEAST_REQUEST also weighs the proxy's own load on each endpoint: export it
+    // every 200 ms (only changed values are written).
+    if let Some(c) = capture.clone()
+        && c.0.fast_path_enabled()
+    {
+        let store = store.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = c.0.export_loads_from(&store.load()) {
+                    warn!(error = %e, "exporting endpoint loads to the kernel failed");
+                }
+            }
+        }));
+    }
+
     let mut capture_addrs = vec![SocketAddr::V4(opts.outbound_v4)];
     capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));
     for addr in capture_addrs {

@@ -540,6 +540,38 @@ impl Capture {
         out
     }
 
+    /// Exports, for every LEAST_REQUEST cluster the kernel serves, the proxy's own load on each
+    /// of its endpoints (active requests plus active connections, from the cluster's live host
+    /// state in `snap`), so the kernel's power of two choices weighs traffic the proxy sends
+    /// there too. Writes only changed values; returns how many entries changed.
+    pub fn export_loads_from(&self, snap: &crate::state::Snapshot) -> Result<usize, BpfError> {
+        let loads: Vec<(std::net::SocketAddr, u32)> = {
+            let Some(fast) = &self.fast else {
+                return Ok(0);
+            };
+            let g = lock(fast);
+            let mut out = Vec::new();
+            for (name, c) in &g.reconciler.applied().clusters {
+                if c.lb != super::projection::FastLb::LeastRequest {
+                    continue;
+                }
+                let Some(entry) = snap.cluster(name) else {
+                    continue;
+                };
+                for ep in &c.endpoints {
+                    let addr = std::net::SocketAddr::V4(*ep);
+                    if let Some(h) = entry.lb.host(addr) {
+                        let st = h.state();
+                        let n = st.active_requests() + st.active_connections();
+                        out.push((addr, u32::try_from(n).unwrap_or(u32::MAX)));
+                    }
+                }
+            }
+            out
+        };
+        self.export_endpoint_loads(&loads)
+    }
+
     /// Exports the proxy's own load per endpoint (active requests or connections) for the
     /// kernel's LEAST_REQUEST choice. Writes only values that changed since the last export and
     /// deletes endpoints no longer listed; returns how many entries were written or deleted.
