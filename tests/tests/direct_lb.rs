@@ -430,3 +430,52 @@ async fn least_request_sends_fewer_requests_to_a_slow_backend() {
     assert!(slow_n > 0, "P2C still samples the slow host ({seen:?})");
     skiff.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_http_health_check_takes_a_failing_host_out_and_back() {
+    let ok = http_backend("ok", Arc::new(AtomicU16::new(200)), Duration::ZERO).await;
+    let sick_status = Arc::new(AtomicU16::new(503));
+    let sick = http_backend("sick", sick_status.clone(), Duration::ZERO).await;
+    let port = free_port();
+    let hc = "    health_checks:\n    - { timeout: 1s, interval: 0.1s, no_traffic_interval: 0.1s, unhealthy_threshold: 2, healthy_threshold: 2, http_health_check: { path: /healthz } }\n";
+    let skiff = Skiff::start(
+        &[http_listener(port, "hc")],
+        &[cluster_yaml("hc", "ROUND_ROBIN", hc, &[ok, sick])],
+        &[port],
+    )
+    .await;
+    // A new host is healthy after its first pass; one that fails its first check stays out.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (a, b) = (
+            skiff.health_flags("hc", ok).await,
+            skiff.health_flags("hc", sick).await,
+        );
+        if a == "healthy" && b == "/failed_active_hc" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ok={a} sick={b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let (status, body) = get(port).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+    assert!(skiff.stat("cluster.hc.health_check.failure").await >= 1);
+    assert_eq!(skiff.stat("cluster.hc.health_check.healthy").await, 1);
+
+    // Recovered: `healthy_threshold` passes in a row bring it back.
+    sick_status.store(200, Ordering::Relaxed);
+    let deadline = Instant::now() + WAIT;
+    while skiff.health_flags("hc", sick).await != "healthy" {
+        assert!(Instant::now() < deadline, "sick host never passed again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = BTreeMap::new();
+    for _ in 0..10 {
+        let (_, body) = get(port).await;
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("sick"), Some(&5), "{seen:?}");
+    skiff.stop().await;
+}

@@ -367,7 +367,10 @@ fn health_flags(h: crate::model::HealthStatus, live: u32) -> String {
         }
     };
     add(live & flag::FAILED_ACTIVE_HC != 0, "/failed_active_hc");
-    add(live & flag::FAILED_OUTLIER_CHECK != 0, "/failed_outlier_check");
+    add(
+        live & flag::FAILED_OUTLIER_CHECK != 0,
+        "/failed_outlier_check",
+    );
     add(matches!(h, H::Unhealthy | H::Timeout), "/failed_eds_health");
     add(matches!(h, H::Degraded), "/degraded_eds_health");
     add(live & flag::PENDING_ACTIVE_HC != 0, "/pending_active_hc");
@@ -446,7 +449,10 @@ fn host_facts(r: &HostRow<'_>) -> Vec<(&'static str, String)> {
 fn breaker_facts(c: &crate::model::Cluster) -> Vec<(String, u64)> {
     let cb = &c.lb.circuit_breakers;
     let mut out = Vec::new();
-    for (p, t) in [("default_priority", &cb.default), ("high_priority", &cb.high)] {
+    for (p, t) in [
+        ("default_priority", &cb.default),
+        ("high_priority", &cb.high),
+    ] {
         out.push((format!("{p}::max_connections"), t.max_connections));
         out.push((format!("{p}::max_pending_requests"), t.max_pending_requests));
         out.push((format!("{p}::max_requests"), t.max_requests));

@@ -220,8 +220,8 @@ fn decay(rtt_ns: f64, elapsed: Duration) -> f64 {
 #[derive(Debug)]
 pub struct Host {
     pub(crate) address: SocketAddr,
-    /// Region/zone/sub-zone.
-    pub locality: Locality,
+    /// Region/zone/sub-zone (shared by the hosts of one locality group).
+    pub locality: Arc<Locality>,
     /// Priority level (0 is highest).
     pub priority: u32,
     /// `load_balancing_weight` (at least 1).

@@ -164,6 +164,19 @@ impl ClusterLb {
         }
     }
 
+    /// Re-attach these hosts to `registry` in place (the entry is not shared yet); false when
+    /// that is not possible and the entry must be rebuilt.
+    pub fn rebind(&mut self, name: &str, settings: &LbSettings, registry: &HostRegistry) -> bool {
+        let shared = registry.cluster(name, settings);
+        if !shared.adopt(&mut self.hosts) {
+            return false;
+        }
+        self.shared = shared;
+        self.local_locality = registry.local_locality();
+        self.prepared = ArcSwapOption::empty();
+        true
+    }
+
     /// The host at `addr`, if this cluster has it.
     pub fn host(&self, addr: SocketAddr) -> Option<&Arc<Host>> {
         self.by_addr.get(&addr).map(|i| &self.hosts[*i as usize])

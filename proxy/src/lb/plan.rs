@@ -73,10 +73,10 @@ pub fn views(hosts: &[Arc<Host>]) -> (Vec<HostView>, Vec<Locality>) {
     let v = hosts
         .iter()
         .map(|h| {
-            let locality = match localities.iter().position(|l| *l == h.locality) {
+            let locality = match localities.iter().position(|l| *l == *h.locality) {
                 Some(i) => i,
                 None => {
-                    localities.push(h.locality.clone());
+                    localities.push((*h.locality).clone());
                     localities.len() - 1
                 }
             };

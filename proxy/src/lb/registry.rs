@@ -142,41 +142,60 @@ impl ClusterShared {
         self: &Arc<Self>,
         assignment: Option<&LoadAssignment>,
     ) -> Vec<Arc<Host>> {
-        let mut out = Vec::new();
-        let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next: HashMap<SocketAddr, Arc<HostState>> = HashMap::new();
-        let checked = **self.active_hc.load();
+        let mut hosts = Vec::new();
+        // Replaced by `adopt` below; one shared placeholder avoids an allocation per host.
+        let placeholder = Arc::new(HostState::default());
         if let Some(a) = assignment {
             for loc in &a.localities {
+                let locality = Arc::new(loc.locality.clone());
                 for e in &loc.endpoints {
                     // Internal endpoints are served in-process, never balanced over the network.
                     if e.internal.is_some() {
                         continue;
                     }
-                    let state = next
-                        .entry(e.address)
-                        .or_insert_with(|| {
-                            map.get(&e.address).cloned().unwrap_or_else(|| {
-                                let s = HostState::default();
-                                if checked {
-                                    s.set_flag(flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC);
-                                }
-                                Arc::new(s)
-                            })
-                        })
-                        .clone();
-                    out.push(Arc::new(Host {
+                    hosts.push(Arc::new(Host {
                         address: e.address,
-                        locality: loc.locality.clone(),
+                        locality: locality.clone(),
                         priority: loc.priority,
                         weight: e.weight,
                         eds_health: e.health,
                         locality_weight: loc.weight,
-                        state,
+                        state: placeholder.clone(),
                         cluster: self.clone(),
                     }));
                 }
             }
+        }
+        let adopted = self.adopt(&mut hosts);
+        debug_assert!(adopted, "hosts built here are not shared yet");
+        hosts
+    }
+
+    /// Give `hosts` (this cluster's, in a snapshot not yet published) the live state kept for
+    /// their addresses, and forget the state of addresses they no longer list. False (and
+    /// nothing forgotten) when a host is already shared, so cannot be changed in place.
+    pub(crate) fn adopt(self: &Arc<Self>, hosts: &mut [Arc<Host>]) -> bool {
+        let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: HashMap<SocketAddr, Arc<HostState>> = HashMap::with_capacity(hosts.len());
+        let checked = **self.active_hc.load();
+        for h in hosts.iter_mut() {
+            let Some(h) = Arc::get_mut(h) else {
+                return false;
+            };
+            let state = next
+                .entry(h.address)
+                .or_insert_with(|| {
+                    map.get(&h.address).cloned().unwrap_or_else(|| {
+                        let s = HostState::default();
+                        if checked {
+                            s.set_flag(flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC);
+                        }
+                        Arc::new(s)
+                    })
+                })
+                .clone();
+            h.state = state;
+            h.cluster = self.clone();
         }
         // Active checks switched off: their verdicts no longer apply.
         if !checked {
@@ -200,7 +219,7 @@ impl ClusterShared {
             .count() as u64;
         drop(map);
         self.set_ejections_active(ejected);
-        out
+        true
     }
 
     /// Number of hosts currently ejected.

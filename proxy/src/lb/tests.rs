@@ -401,3 +401,63 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn peak_ewma_avoids_the_slow_host() {
+    let e = entry(
+        LbPolicy::PeakEwma,
+        &[("10.0.0.1:80", 1, 0, "a", H), ("10.0.0.2:80", 1, 0, "a", H)],
+    );
+    let now = tokio::time::Instant::now();
+    let slow = e.lb.host(a("10.0.0.1:80")).unwrap().clone();
+    let fast = e.lb.host(a("10.0.0.2:80")).unwrap().clone();
+    slow.state().observe_rtt(Duration::from_millis(200), now);
+    fast.state().observe_rtt(Duration::from_millis(2), now);
+    let c = counts(&e, 200, &LbRequest::default());
+    // Two distinct hosts are compared on every pick: the slow one never wins.
+    assert_eq!(c.get(&a("10.0.0.1:80")), None, "{c:?}");
+    // Load counts too: enough requests in flight on the fast host make the slow one cheaper.
+    let _busy: Vec<_> = (0..200).map(|_| fast.start_request()).collect();
+    assert_eq!(
+        choose(&e, &LbRequest::default()).unwrap().address(),
+        a("10.0.0.1:80")
+    );
+}
+
+#[test]
+fn eligible_shares_follow_priority_and_locality() {
+    let reg = HostRegistry::new(Arc::new(Stats::default()));
+    let mut lb = LbSettings::default();
+    lb.common.locality_weighted = true;
+    let la = assignment(
+        &[
+            ("10.0.0.1:80", 1, 0, "a", H),
+            ("10.0.0.2:80", 1, 0, "a", HealthStatus::Unhealthy),
+            ("10.0.0.3:80", 1, 0, "b", H),
+            ("10.0.0.4:80", 1, 1, "c", H),
+        ],
+        &[("a", 1), ("b", 3), ("c", 1)],
+    );
+    let e = entry_on(cluster(LbPolicy::RoundRobin, la, lb), &reg);
+    let shares: HashMap<SocketAddr, f64> = e
+        .eligible()
+        .into_iter()
+        .map(|(h, s)| (h.address(), s))
+        .collect();
+    // P0: 2 of 3 healthy -> 93%; zone a weighs 0.7, zone b 3; P1 takes 7%.
+    let close = |x: f64, y: f64| (x - y).abs() < 1e-9;
+    assert!(
+        close(shares[&a("10.0.0.1:80")], 0.93 * 0.7 / 3.7),
+        "{shares:?}"
+    );
+    assert!(
+        close(shares[&a("10.0.0.3:80")], 0.93 * 3.0 / 3.7),
+        "{shares:?}"
+    );
+    assert!(close(shares[&a("10.0.0.4:80")], 0.07), "{shares:?}");
+    assert!(!shares.contains_key(&a("10.0.0.2:80")));
+    // The balancer follows the same plan.
+    let c = counts(&e, 3700, &LbRequest::default());
+    let p1 = c.get(&a("10.0.0.4:80")).copied().unwrap_or(0) as f64 / 3700.0;
+    assert!((p1 - 0.07).abs() < 0.03, "P1 share {p1}");
+}

@@ -291,6 +291,12 @@ impl Snapshot {
         let names: BTreeSet<&str> = self.clusters.keys().map(String::as_str).collect();
         registry.retain(&names);
         for entry in self.clusters.values_mut() {
+            // A snapshot being published is not shared yet: re-key its hosts in place.
+            if let Some(e) = Arc::get_mut(entry)
+                && e.lb.rebind(&e.cluster.name, &e.cluster.lb, registry)
+            {
+                continue;
+            }
             *entry = Arc::new(ClusterEntry::new(
                 entry.cluster.clone(),
                 entry.assignment.clone(),

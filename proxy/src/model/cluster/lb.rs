@@ -754,3 +754,179 @@ fn health_check(h: &core::HealthCheck, cluster: &str) -> Result<Option<HealthChe
         kind,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Cluster, LbPolicy, ModelError};
+
+    fn cluster(yaml_tail: &str) -> Result<Cluster, ModelError> {
+        let text =
+            format!("name: c\ntype: STATIC\nload_assignment: {{ cluster_name: c }}\n{yaml_tail}");
+        let v = skiff_proto::parse_text(&text).expect("yaml");
+        let pb: pb::Cluster = skiff_proto::decode_json(&v).expect("cluster proto");
+        Cluster::try_from(&pb)
+    }
+
+    fn field_of(yaml_tail: &str) -> String {
+        cluster(yaml_tail).expect_err("must be rejected").field
+    }
+
+    #[test]
+    fn defaults_are_envoys() {
+        let c = cluster("").unwrap();
+        let s = &c.lb;
+        assert_eq!(s.least_request.choice_count, 2);
+        assert_eq!(s.ring_hash.min_ring_size, 1024);
+        assert_eq!(s.maglev.table_size, 65537);
+        assert_eq!(s.common.healthy_panic_threshold, 50.0);
+        assert!(s.outlier.is_none());
+        assert_eq!(s.circuit_breakers.default.max_connections, 1024);
+        assert_eq!(s.circuit_breakers.default.max_retries, 3);
+        assert!(s.health_checks.is_empty());
+    }
+
+    #[test]
+    fn every_section_parses() {
+        let c = cluster(
+            r#"
+lb_policy: LEAST_REQUEST
+least_request_lb_config: { choice_count: 3, active_request_bias: { default_value: 0.5, runtime_key: x } }
+common_lb_config:
+  healthy_panic_threshold: { value: 25 }
+  zone_aware_lb_config: { min_cluster_size: 3 }
+outlier_detection:
+  consecutive_5xx: 7
+  interval: 2s
+  base_ejection_time: 10s
+  max_ejection_percent: 40
+  split_external_local_origin_errors: true
+circuit_breakers:
+  thresholds:
+  - { max_connections: 5, max_pending_requests: 6, max_requests: 7, max_retries: 8 }
+  - { priority: HIGH, max_connections: 50, retry_budget: { budget_percent: { value: 25 } } }
+health_checks:
+- timeout: 1s
+  interval: 3s
+  unhealthy_threshold: 2
+  healthy_threshold: 1
+  http_health_check: { path: /healthz, expected_statuses: [ { start: 200, end: 300 } ] }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.lb_policy, LbPolicy::LeastRequest);
+        let s = &c.lb;
+        assert_eq!(s.least_request.choice_count, 3);
+        assert_eq!(s.least_request.active_request_bias, 0.5);
+        assert_eq!(s.common.healthy_panic_threshold, 25.0);
+        assert_eq!(s.common.zone_aware.as_ref().unwrap().min_cluster_size, 3);
+        let od = s.outlier.as_ref().unwrap();
+        assert_eq!(od.consecutive_5xx, 7);
+        assert_eq!(od.interval, Duration::from_secs(2));
+        assert_eq!(od.base_ejection_time, Duration::from_secs(10));
+        assert_eq!(od.max_ejection_percent, 40);
+        assert!(od.split_external_local_origin_errors);
+        assert_eq!(
+            od.consecutive_gateway_failure, 5,
+            "unset fields keep Envoy's defaults"
+        );
+        let cb = &s.circuit_breakers;
+        assert_eq!(
+            (
+                cb.default.max_connections,
+                cb.default.max_pending_requests,
+                cb.default.max_requests,
+                cb.default.max_retries
+            ),
+            (5, 6, 7, 8)
+        );
+        assert_eq!(cb.high.max_connections, 50);
+        assert_eq!(cb.high.retry_budget, Some((25.0, 3)));
+        let hc = &s.health_checks[0];
+        assert_eq!(hc.interval, Duration::from_secs(3));
+        assert_eq!(
+            hc.kind,
+            HealthCheckKind::Http {
+                host: "c".into(),
+                path: "/healthz".into(),
+                expected_statuses: vec![(200, 300)]
+            }
+        );
+    }
+
+    #[test]
+    fn typed_policies_carry_their_parameters_and_peak_ewma_is_opt_in() {
+        let c = cluster(
+            r#"
+load_balancing_policy:
+  policies:
+  - typed_extension_config:
+      name: rh
+      typed_config: { "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash, minimum_ring_size: 64, maximum_ring_size: 128 }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.lb_policy, LbPolicy::RingHash);
+        assert_eq!(c.lb.ring_hash.min_ring_size, 64);
+        assert_eq!(c.lb.ring_hash.max_ring_size, 128);
+        let c = cluster(&format!(
+            r#"
+load_balancing_policy:
+  policies:
+  - typed_extension_config:
+      name: ewma
+      typed_config: {{ "@type": type.googleapis.com/{PEAK_EWMA_POLICY} }}
+  - typed_extension_config:
+      name: lr
+      typed_config: {{ "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest }}
+"#
+        ))
+        .unwrap();
+        assert_eq!(c.lb_policy, LbPolicy::PeakEwma);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (
+                "least_request_lb_config: { choice_count: 1 }",
+                "least_request_lb_config.choice_count",
+            ),
+            (
+                "ring_hash_lb_config: { minimum_ring_size: 10, maximum_ring_size: 5 }",
+                "ring_hash_lb_config.minimum_ring_size",
+            ),
+            (
+                "maglev_lb_config: { table_size: 65536 }",
+                "maglev_lb_config.table_size",
+            ),
+            (
+                "common_lb_config: { healthy_panic_threshold: { value: 150 } }",
+                "common_lb_config.healthy_panic_threshold",
+            ),
+            (
+                "outlier_detection: { max_ejection_percent: 101 }",
+                "outlier_detection.max_ejection_percent",
+            ),
+            (
+                "outlier_detection: { interval: 0s }",
+                "outlier_detection.interval",
+            ),
+            (
+                "health_checks: [ { timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, http_health_check: { path: \"\" } } ]",
+                "health_checks[0].http_health_check.path",
+            ),
+            (
+                "health_checks: [ { interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {} } ]",
+                "health_checks[0].timeout",
+            ),
+            (
+                "circuit_breakers: { thresholds: [ { retry_budget: { budget_percent: { value: 120 } } } ] }",
+                "circuit_breakers.thresholds[0].retry_budget.budget_percent",
+            ),
+        ];
+        for (yaml, field) in cases {
+            assert_eq!(field_of(yaml), field, "{yaml}");
+        }
+    }
+}
