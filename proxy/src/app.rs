@@ -167,6 +167,39 @@ impl CaptureControl for crate::capture::IptablesGate {
     }
 }
 
+/// Installs the eBPF capture for `cfg` (after the coexistence check unless `allow_coexist`),
+/// with the node-mode pod registry.
+fn install_ebpf(
+    cfg: &CaptureConfig,
+    opts: &RunOptions,
+    allow_coexist: bool,
+    pods_stop: &CancellationToken,
+) -> anyhow::Result<CaptureHandle> {
+    if !allow_coexist {
+        let found = crate::capture::coexist::foreign_programs(
+            cfg.mode.capture_cgroup(),
+            cfg.mode.proxy_cgroup(),
+        )
+        .context("checking for other programs on the capture hooks")?;
+        if !found.is_empty() {
+            anyhow::bail!(crate::capture::coexist::refusal(&found));
+        }
+    }
+    let mut c = Capture::install(cfg).context("installing eBPF capture")?;
+    c.spawn_log_pump();
+    // Node mode: pods registered at run time get their own pipelines.
+    let pods = cfg.mode.is_node().then(|| {
+        crate::capture::pods::PodRegistry::new(
+            opts.bootstrap.clone(),
+            opts.upstream_mark,
+            opts.outbound_v4,
+            opts.outbound_v6,
+            pods_stop.clone(),
+        )
+    });
+    Ok(CaptureHandle(c, cfg.clone(), opts.outbound_v4.port(), pods))
+}
+
 /// Bind a listening socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = match addr {
@@ -193,37 +226,28 @@ pub async fn run_with(
     let pods_stop = CancellationToken::new();
     // The capture must be installed first: it moves this process into the proxy cgroup, and
     // only sockets created afterwards are seen by the getsockopt hook.
+    let mut extras = extras;
     let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
-        Some(cfg) => {
-            if !extras.allow_coexist {
-                let found = crate::capture::coexist::foreign_programs(
-                    cfg.mode.capture_cgroup(),
-                    cfg.mode.proxy_cgroup(),
-                )
-                .context("checking for other programs on the capture hooks")?;
-                if !found.is_empty() {
-                    anyhow::bail!(crate::capture::coexist::refusal(&found));
+        Some(cfg) if extras.auto_fallback.is_some() => {
+            match install_ebpf(cfg, &opts, extras.allow_coexist, &pods_stop) {
+                Ok(h) => Some(Arc::new(h)),
+                Err(e) => {
+                    // --capture auto: eBPF was expected to work; iptables serves instead.
+                    warn!(reason = %format!("{e:#}"), "--capture auto: eBPF capture failed; using iptables");
+                    extras.iptables = extras.auto_fallback.take();
+                    if let Some(ib) = &mut extras.inbound {
+                        ib.sk_lookup = false;
+                    }
+                    None
                 }
             }
-            let mut c = Capture::install(cfg).context("installing eBPF capture")?;
-            c.spawn_log_pump();
-            // Node mode: pods registered at run time get their own pipelines.
-            let pods = cfg.mode.is_node().then(|| {
-                crate::capture::pods::PodRegistry::new(
-                    opts.bootstrap.clone(),
-                    opts.upstream_mark,
-                    opts.outbound_v4,
-                    opts.outbound_v6,
-                    pods_stop.clone(),
-                )
-            });
-            Some(Arc::new(CaptureHandle(
-                c,
-                cfg.clone(),
-                opts.outbound_v4.port(),
-                pods,
-            )))
         }
+        Some(cfg) => Some(Arc::new(install_ebpf(
+            cfg,
+            &opts,
+            extras.allow_coexist,
+            &pods_stop,
+        )?)),
         None => None,
     };
 

@@ -519,22 +519,27 @@ fn run_options(
             ipv6: !a.no_ipv6,
         });
     }
+    let iptables = skiff::capture::IptablesConfig {
+        outbound_port: a.outbound_port,
+        inbound_port: a.capture_inbound.then_some(a.inbound_port),
+        proxy_mark: a.proxy_mark,
+        proxy_uid: a.proxy_uid,
+        proxy_gid: a.proxy_gid,
+        exclude_ports: a.exclude_ports.clone(),
+        exclude_cidrs: a.exclude_cidrs.iter().map(|c| (c.addr, c.len)).collect(),
+        exclude_inbound_ports: a.exclude_inbound_ports.clone(),
+        ipv6: !a.no_ipv6,
+    };
+    // --capture auto chose eBPF: should installing it fail, iptables takes over (sidecar only).
+    if a.capture == CaptureKind::Auto && kind == CaptureKind::Ebpf && a.mode == Mode::Sidecar {
+        extras.auto_fallback = Some(iptables.clone());
+    }
     let capture = match kind {
         CaptureKind::Iptables => {
             if a.mode == Mode::Node {
                 bail!("--capture iptables serves one network namespace: use --mode sidecar");
             }
-            extras.iptables = Some(skiff::capture::IptablesConfig {
-                outbound_port: a.outbound_port,
-                inbound_port: a.capture_inbound.then_some(a.inbound_port),
-                proxy_mark: a.proxy_mark,
-                proxy_uid: a.proxy_uid,
-                proxy_gid: a.proxy_gid,
-                exclude_ports: a.exclude_ports.clone(),
-                exclude_cidrs: a.exclude_cidrs.iter().map(|c| (c.addr, c.len)).collect(),
-                exclude_inbound_ports: a.exclude_inbound_ports.clone(),
-                ipv6: !a.no_ipv6,
-            });
+            extras.iptables = Some(iptables);
             None
         }
         CaptureKind::None => {

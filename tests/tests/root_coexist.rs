@@ -243,3 +243,61 @@ fn ready_on(ns: &Netns, port: u16) -> bool {
         out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
     })
 }
+
+#[test]
+fn auto_falls_back_to_iptables_when_the_hooks_are_taken() {
+    let _g = serial();
+    let env = require_root();
+    let ns1 = Netns::new("coex-auto-a");
+    let ns2 = Netns::new("coex-auto-b");
+    let mut cg = Cgroup::new(&env, "coex-auto");
+    let app = cg.child("app");
+    let p1 = cg.child_path("proxy1");
+    let p2 = cg.child_path("proxy2");
+    let boot = bootstrap_file("coex-auto");
+    let first = Child::spawn(&mut skiff_cmd(
+        &ns1,
+        &boot,
+        &[
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            p1.to_str().unwrap(),
+        ],
+    ));
+    wait_admin_ready(&ns1);
+
+    // --capture auto: this kernel supports eBPF, but the app cgroup's hooks are taken, so the
+    // second skiff serves its netns with iptables instead of refusing.
+    let second = Child::spawn(&mut skiff_cmd(
+        &ns2,
+        &boot,
+        &[
+            "--capture",
+            "auto",
+            "--cgroup",
+            app.to_str().unwrap(),
+            "--proxy-cgroup",
+            p2.to_str().unwrap(),
+        ],
+    ));
+    wait_admin_ready(&ns2);
+    let out = command_in(Some(&ns2), None, "iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rules.contains("-A OUTPUT -p tcp -j SKIFF_OUTPUT"),
+        "{rules}"
+    );
+    assert!(!p2.exists(), "the eBPF attempt left no proxy cgroup behind");
+    sigterm_and_wait(second);
+    let out = command_in(Some(&ns2), None, "iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("SKIFF_"));
+    sigterm_and_wait(first);
+    assert_no_programs_attached(cg.path());
+}

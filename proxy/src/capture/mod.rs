@@ -20,6 +20,9 @@ pub struct CaptureExtras {
     pub iptables: Option<IptablesConfig>,
     /// Start even when other programs are attached to the eBPF capture's hooks.
     pub allow_coexist: bool,
+    /// `--capture auto` chose eBPF: if installing it fails (refused, attach error), install
+    /// these iptables rules instead.
+    pub auto_fallback: Option<IptablesConfig>,
     /// Inbound capture: the inbound listener and what is steered to it.
     pub inbound: Option<InboundOptions>,
 }
