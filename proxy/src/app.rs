@@ -261,6 +261,13 @@ pub async fn run_with(
             .as_ref()
             .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
     );
+    registry.set_local_cluster(
+        opts.bootstrap
+            .raw
+            .cluster_manager
+            .as_ref()
+            .map(|c| c.local_cluster_name.clone()),
+    );
     let store = Arc::new(Store::with_registry(
         Snapshot::new(
             opts.bootstrap.listeners.clone(),

@@ -135,6 +135,7 @@ pub struct ClusterLb {
     pub shared: Arc<ClusterShared>,
     by_addr: HashMap<SocketAddr, u32>,
     local_locality: Option<crate::model::endpoint::Locality>,
+    local_hosts: Arc<Vec<(crate::model::endpoint::Locality, u64)>>,
     prepared: ArcSwapOption<Prepared>,
     rebuild: Mutex<()>,
 }
@@ -159,6 +160,7 @@ impl ClusterLb {
             shared,
             by_addr,
             local_locality: registry.local_locality(),
+            local_hosts: registry.local_hosts(),
             prepared: ArcSwapOption::empty(),
             rebuild: Mutex::new(()),
         }
@@ -173,6 +175,7 @@ impl ClusterLb {
         }
         self.shared = shared;
         self.local_locality = registry.local_locality();
+        self.local_hosts = registry.local_hosts();
         self.prepared = ArcSwapOption::empty();
         true
     }
@@ -395,13 +398,33 @@ impl Prepared {
         let local = lb
             .local_locality
             .as_ref()
-            .and_then(|l| localities.iter().position(|x| x == l));
+            .and_then(|l| localities.iter().position(|x| x == l))
+            .map(|locality| {
+                let mut per_locality = vec![0u64; localities.len()];
+                let mut elsewhere = 0u64;
+                if lb.local_hosts.is_empty() {
+                    // No local cluster: skiff itself is the one local host.
+                    per_locality[locality] = 1;
+                } else {
+                    for (l, n) in lb.local_hosts.iter() {
+                        match localities.iter().position(|x| x == l) {
+                            Some(i) => per_locality[i] += n,
+                            None => elsewhere += n,
+                        }
+                    }
+                }
+                plan::LocalCluster {
+                    locality,
+                    per_locality,
+                    elsewhere,
+                }
+            });
         let plan = plan::plan(
             &views,
             localities.len(),
             opf,
             &entry.cluster.lb.common,
-            local,
+            local.as_ref(),
         );
         let hosts = &lb.hosts;
         let levels = plan

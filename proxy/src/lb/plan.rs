@@ -67,6 +67,18 @@ pub struct Plan {
     pub zone_sets: Option<Vec<Vec<u32>>>,
 }
 
+/// The proxy's own side for zone-aware routing: its locality (index into the localities) and
+/// the local cluster's healthy hosts per locality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCluster {
+    /// Index of the proxy's own locality.
+    pub locality: usize,
+    /// Local-cluster hosts in each upstream locality (aligned with the localities list).
+    pub per_locality: Vec<u64>,
+    /// Local-cluster hosts in localities the upstream does not have.
+    pub elsewhere: u64,
+}
+
 /// Views of `hosts` and the distinct localities they name.
 pub fn views(hosts: &[Arc<Host>]) -> (Vec<HostView>, Vec<Locality>) {
     let mut localities: Vec<Locality> = Vec::new();
@@ -94,13 +106,14 @@ pub fn views(hosts: &[Arc<Host>]) -> (Vec<HostView>, Vec<Locality>) {
 }
 
 /// Build the plan for `hosts` (with `n_localities` distinct localities), the assignment's
-/// overprovisioning factor, `common_lb_config`, and the index of the proxy's own locality.
+/// overprovisioning factor, `common_lb_config`, and the proxy's own side for zone-aware
+/// routing.
 pub fn plan(
     hosts: &[HostView],
     n_localities: usize,
     overprovisioning_factor: u32,
     common: &CommonLbConfig,
-    local: Option<usize>,
+    local: Option<&LocalCluster>,
 ) -> Plan {
     let n_levels = hosts
         .iter()
@@ -175,10 +188,10 @@ pub fn plan(
         }
     }
     let (mut zone, mut zone_sets) = (None, None);
-    if let (Some(z), Some(local), 1) = (&common.zone_aware, local, n_levels) {
+    if let (Some(z), Some(lc), 1) = (&common.zone_aware, local, n_levels) {
         // Local locality first, then the others in order.
-        let mut order = vec![local];
-        order.extend((0..n_localities).filter(|l| *l != local));
+        let mut order = vec![lc.locality];
+        order.extend((0..n_localities).filter(|l| *l != lc.locality));
         let sets: Vec<Vec<u32>> = order
             .iter()
             .map(|loc| {
@@ -190,9 +203,15 @@ pub fn plan(
                     .collect()
             })
             .collect();
-        let upstream: Vec<u64> = sets.iter().map(|s| s.len() as u64).collect();
-        // skiff is the local cluster: one host, in its own locality.
-        let r = priority::zone_routing(&upstream, &[1], z.min_cluster_size);
+        // Local hosts in localities the upstream lacks count in the totals, never as targets.
+        let mut upstream: Vec<u64> = sets.iter().map(|s| s.len() as u64).collect();
+        let mut local_counts: Vec<u64> = order
+            .iter()
+            .map(|l| lc.per_locality.get(*l).copied().unwrap_or(0))
+            .collect();
+        upstream.push(0);
+        local_counts.push(lc.elsewhere);
+        let r = priority::zone_routing(&upstream, &local_counts, z.min_cluster_size);
         if r != ZoneRouting::None {
             zone = Some(r);
             zone_sets = Some(sets);

@@ -24,6 +24,8 @@ pub struct HostRegistry {
     pub(crate) stats: Arc<Stats>,
     health: Arc<watch::Sender<u64>>,
     local_locality: Mutex<Option<Locality>>,
+    local_cluster: Mutex<Option<String>>,
+    local_hosts: Mutex<Arc<Vec<(Locality, u64)>>>,
 }
 
 impl HostRegistry {
@@ -34,6 +36,8 @@ impl HostRegistry {
             stats,
             health: Arc::new(watch::Sender::new(0)),
             local_locality: Mutex::new(None),
+            local_cluster: Mutex::new(None),
+            local_hosts: Mutex::new(Arc::new(Vec::new())),
         })
     }
 
@@ -59,6 +63,34 @@ impl HostRegistry {
     /// The proxy's own locality, when known.
     pub fn local_locality(&self) -> Option<Locality> {
         self.local_locality
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `cluster_manager.local_cluster_name`: the cluster of this proxy's own service, whose
+    /// hosts per locality drive zone-aware routing.
+    pub fn set_local_cluster(&self, name: Option<String>) {
+        *self.local_cluster.lock().unwrap_or_else(|e| e.into_inner()) =
+            name.filter(|n| !n.is_empty());
+    }
+
+    /// The local cluster's name, when configured.
+    pub fn local_cluster(&self) -> Option<String> {
+        self.local_cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Record the local cluster's healthy hosts per locality (from the snapshot being attached).
+    pub fn set_local_hosts(&self, v: Vec<(Locality, u64)>) {
+        *self.local_hosts.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(v);
+    }
+
+    /// The local cluster's healthy hosts per locality (empty without a local cluster).
+    pub fn local_hosts(&self) -> Arc<Vec<(Locality, u64)>> {
+        self.local_hosts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

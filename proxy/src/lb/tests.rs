@@ -461,3 +461,48 @@ fn eligible_shares_follow_priority_and_locality() {
     let p1 = c.get(&a("10.0.0.4:80")).copied().unwrap_or(0) as f64 / 3700.0;
     assert!((p1 - 0.07).abs() < 0.03, "P1 share {p1}");
 }
+
+#[test]
+fn zone_aware_routing_weighs_the_local_cluster() {
+    let zone = |z: &str| Locality {
+        region: "r".into(),
+        zone: z.into(),
+        sub_zone: String::new(),
+    };
+    let eps = [
+        ("10.0.3.1:80", 1, 0, "a", H),
+        ("10.0.3.2:80", 1, 0, "a", H),
+        ("10.0.3.3:80", 1, 0, "a", H),
+        ("10.0.3.4:80", 1, 0, "b", H),
+        ("10.0.3.5:80", 1, 0, "b", H),
+        ("10.0.3.6:80", 1, 0, "b", H),
+    ];
+    let mut lb = LbSettings::default();
+    lb.common.zone_aware = Some(crate::model::cluster::lb::ZoneAware {
+        routing_enabled: 100.0,
+        min_cluster_size: 6,
+        fail_traffic_on_panic: false,
+    });
+    let share_a = |local_hosts: Vec<(Locality, u64)>| {
+        let reg = HostRegistry::new(Arc::new(Stats::default()));
+        reg.set_local_locality(Some(zone("a")));
+        reg.set_local_hosts(local_hosts);
+        let e = entry_on(
+            cluster(LbPolicy::RoundRobin, assignment(&eps, &[]), lb.clone()),
+            &reg,
+        );
+        let c = counts(&e, 3000, &LbRequest::default());
+        let a: usize = (1..=3)
+            .map(|i| c.get(&a(&format!("10.0.3.{i}:80"))).copied().unwrap_or(0))
+            .sum();
+        a as f64 / 3000.0
+    };
+    // Local cluster 25% in zone a, upstream 50%: everything stays in zone a.
+    assert_eq!(share_a(vec![(zone("a"), 1), (zone("b"), 3)]), 1.0);
+    // Local 75% in zone a, upstream 50%: 50/75 of the requests stay local.
+    let s = share_a(vec![(zone("a"), 3), (zone("b"), 1)]);
+    assert!((s - 2.0 / 3.0).abs() < 0.05, "local share {s}");
+    // Without a local cluster skiff is the only local host: the upstream's own split.
+    let s = share_a(vec![]);
+    assert!((s - 0.5).abs() < 0.05, "local share {s}");
+}

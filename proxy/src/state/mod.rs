@@ -290,6 +290,24 @@ impl Snapshot {
     pub fn attach(&mut self, registry: &HostRegistry) {
         let names: BTreeSet<&str> = self.clusters.keys().map(String::as_str).collect();
         registry.retain(&names);
+        // Zone-aware routing weighs upstream localities against the local cluster's.
+        if let Some(local) = registry.local_cluster() {
+            let mut per: Vec<(crate::model::endpoint::Locality, u64)> = Vec::new();
+            if let Some(a) = self
+                .clusters
+                .get(&local)
+                .and_then(|e| e.assignment.as_ref())
+            {
+                for l in &a.localities {
+                    let n = l.endpoints.iter().filter(|e| e.health.is_healthy()).count() as u64;
+                    match per.iter_mut().find(|(x, _)| *x == l.locality) {
+                        Some((_, c)) => *c += n,
+                        None => per.push((l.locality.clone(), n)),
+                    }
+                }
+            }
+            registry.set_local_hosts(per);
+        }
         for entry in self.clusters.values_mut() {
             // A snapshot being published is not shared yet: re-key its hosts in place.
             if let Some(e) = Arc::get_mut(entry)
