@@ -506,3 +506,70 @@ fn zone_aware_routing_weighs_the_local_cluster() {
     let s = share_a(vec![]);
     assert!((s - 0.5).abs() < 0.05, "local share {s}");
 }
+
+#[test]
+fn success_rate_outlier_is_ejected_at_the_interval() {
+    let stats = Arc::new(Stats::default());
+    let reg = HostRegistry::new(stats.clone());
+    let lb = LbSettings {
+        outlier: Some(OutlierDetection::default()),
+        ..Default::default()
+    };
+    let addrs: Vec<String> = (1..=5).map(|i| format!("10.0.4.{i}:80")).collect();
+    let eps: Vec<Ep<'_>> = addrs.iter().map(|a| (a.as_str(), 1, 0, "a", H)).collect();
+    let e = entry_on(
+        cluster(LbPolicy::RoundRobin, assignment(&eps, &[]), lb),
+        &reg,
+    );
+    for (i, h) in e.lb.hosts.iter().enumerate() {
+        for k in 0..100 {
+            // Host 0 fails every other request: 50% success, never 5 in a row.
+            let fail = i == 0 && k % 2 == 0;
+            h.report(if fail {
+                Outcome::Status(500)
+            } else {
+                Outcome::Success
+            });
+        }
+    }
+    assert_eq!(
+        stats
+            .gauge("cluster.c.outlier_detection.ejections_active")
+            .get(),
+        0
+    );
+    // mean 90, stdev 20: threshold 90 - 1.9 * 20 = 52 > 50.
+    e.lb.shared
+        .outlier_tick(&e.lb.hosts, tokio::time::Instant::now());
+    assert!(e.lb.hosts[0].flags() & host::flag::FAILED_OUTLIER_CHECK != 0);
+    assert!(e.lb.hosts[1..].iter().all(|h| h.flags() == 0));
+    assert_eq!(
+        stats
+            .counter("cluster.c.outlier_detection.ejections_enforced_success_rate")
+            .get(),
+        1
+    );
+    assert_eq!(e.lb.hosts[0].state().success_rate(), Some(50.0));
+    assert_eq!(e.lb.hosts[1].state().success_rate(), Some(100.0));
+}
+
+#[test]
+fn weighted_least_request_bias_shifts_load_from_busy_hosts() {
+    let mut lb = LbSettings::default();
+    lb.least_request.active_request_bias = 1.0;
+    let reg = HostRegistry::new(Arc::new(Stats::default()));
+    let la = assignment(
+        &[("10.0.5.1:80", 2, 0, "a", H), ("10.0.5.2:80", 1, 0, "a", H)],
+        &[],
+    );
+    let e = entry_on(cluster(LbPolicy::LeastRequest, la, lb), &reg);
+    // The weight-2 host has 3 requests in flight: effective weight 2 / 4 = 0.5 against 1.
+    let busy = e.lb.host(a("10.0.5.1:80")).unwrap().clone();
+    let _g: Vec<_> = (0..3).map(|_| busy.start_request()).collect();
+    let c = counts(&e, 300, &LbRequest::default());
+    let share = c.get(&a("10.0.5.1:80")).copied().unwrap_or(0) as f64 / 300.0;
+    assert!(
+        (share - 1.0 / 3.0).abs() < 0.05,
+        "busy weighted host share {share}"
+    );
+}
