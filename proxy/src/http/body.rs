@@ -159,6 +159,59 @@ impl HttpBody for Failed {
     }
 }
 
+/// Largest body `take_if_complete` may take whole.
+const WHOLE_LIMIT: u64 = 64 * 1024;
+
+/// The upstream response body as it will be sent: `complete` when it had fully arrived
+/// (then it is one buffer, and no timer needs to watch it).
+pub struct Taken {
+    /// The body.
+    pub body: Body,
+    /// Whether all of it is already here.
+    pub complete: bool,
+}
+
+/// If the whole (small, length-known) body has already been received, take it as one buffer;
+/// otherwise return it streaming (with any frame read here kept in front). Polls once, never
+/// waits.
+pub fn take_if_complete(mut body: Incoming) -> Taken {
+    let whole = |data: Option<Bytes>, trailers: Option<HeaderMap>| Taken {
+        body: Replay { data, trailers }.boxed(),
+        complete: true,
+    };
+    if body.is_end_stream() {
+        return whole(None, None);
+    }
+    let streaming = |b: Incoming| Taken {
+        body: b.map_err(BoxError::from).boxed(),
+        complete: false,
+    };
+    if body.size_hint().exact().is_none_or(|n| n > WHOLE_LIMIT) {
+        return streaming(body);
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut body).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) if body.is_end_stream() => match frame.into_data() {
+            Ok(data) => whole(Some(data), None),
+            Err(f) => whole(None, f.into_trailers().ok()),
+        },
+        Poll::Ready(Some(Ok(frame))) => Taken {
+            body: Prefixed {
+                prefix: VecDeque::from([frame]),
+                rest: body,
+            }
+            .boxed(),
+            complete: false,
+        },
+        Poll::Ready(Some(Err(e))) => Taken {
+            body: Failed(Some(e.into())).boxed(),
+            complete: true,
+        },
+        Poll::Ready(None) => whole(None, None),
+        Poll::Pending => streaming(body),
+    }
+}
+
 /// The route timer ran out while the response streamed.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamTimeout {
@@ -173,14 +226,14 @@ pub enum StreamTimeout {
 /// A response body that fails (resetting the downstream stream) when the route's overall
 /// deadline passes or when no frame arrives within the idle timeout.
 pub struct Timed {
-    inner: Incoming,
+    inner: Body,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl Timed {
     /// Wrap `inner`; `deadline` is absolute, `idle` restarts with each frame.
-    pub fn new(inner: Incoming, deadline: Option<Instant>, idle: Option<Duration>) -> Timed {
+    pub fn new(inner: Body, deadline: Option<Instant>, idle: Option<Duration>) -> Timed {
         Timed {
             inner,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
@@ -201,7 +254,7 @@ impl HttpBody for Timed {
                 let d = *d;
                 sleep.as_mut().reset(Instant::now() + d);
             }
-            return Poll::Ready(r.map(|f| f.map_err(BoxError::from)));
+            return Poll::Ready(r);
         }
         if let Some(s) = self.deadline.as_mut()
             && s.as_mut().poll(cx).is_ready()

@@ -858,10 +858,13 @@ async fn forward(
                 .insert(HeaderName::from_static("x-envoy-attempt-count"), v);
         }
         ctx.response_headers(&mut rparts.headers, Some(addr));
-        let body = if deadline.is_some() || f.idle_timeout.is_some() {
-            Timed::new(rbody, deadline, f.idle_timeout).boxed()
+        // A small response usually arrives in the same read as its head: handed over whole,
+        // hyper writes head and body downstream in one go, and no timer is left to run.
+        let taken = body::take_if_complete(rbody);
+        let body = if !taken.complete && (deadline.is_some() || f.idle_timeout.is_some()) {
+            Timed::new(taken.body, deadline, f.idle_timeout).boxed()
         } else {
-            rbody.map_err(BoxError::from).boxed()
+            taken.body
         };
         break Response::from_parts(rparts, body);
     }
