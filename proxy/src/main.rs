@@ -180,6 +180,10 @@ struct RunArgs {
     /// the kernel (default map sizes: 10k services, 100k endpoints).
     #[arg(long)]
     fast_path: bool,
+    /// With --fast-path: when an update removes an endpoint (or it turns unhealthy), destroy the
+    /// application's fast-path sockets still connected to it (netlink SOCK_DESTROY).
+    #[arg(long, requires = "fast_path")]
+    terminate_on_removal: bool,
     /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
     #[arg(long, value_delimiter = ',')]
     exclude_ports: Vec<u16>,
@@ -602,6 +606,7 @@ fn run_options(
                     .map(|c| (c.addr, c.len))
                     .collect::<Vec<(IpAddr, u8)>>(),
                 fast_path: a.fast_path.then(skiff::bpf::Capacity::default),
+                terminate_on_removal: a.terminate_on_removal,
             })
         }
     };

@@ -48,6 +48,8 @@ pub fn run() -> anyhow::Result<()> {
         "--test",
         "root_fastpath_lb",
         "--test",
+        "root_fastpath_terminate",
+        "--test",
         "root_iptables",
         "--test",
         "root_inbound",

@@ -60,6 +60,7 @@ const MAP_SVC_STAT: &str = "SKIFF_SVC_STAT";
 const MAP_MAGLEV: &str = "SKIFF_MAGLEV";
 const MAP_EP_ACTIVE: &str = "SKIFF_EP_ACTIVE";
 const MAP_EP_LOAD: &str = "SKIFF_EP_LOAD";
+const MAP_FAST_SK: &str = "SKIFF_FAST_SK";
 
 /// How long after a generation flip the other generation may be rewritten: a connect that read
 /// the old generation number finishes its lookups within microseconds.
@@ -157,6 +158,9 @@ impl Capture {
                 maglev: take(&mut ebpf, MAP_MAGLEV)?,
                 ep_active: take(&mut ebpf, MAP_EP_ACTIVE)?,
                 ep_load: take(&mut ebpf, MAP_EP_LOAD)?,
+                fast_sk: take(&mut ebpf, MAP_FAST_SK)?,
+                terminate_on_removal: cfg.terminate_on_removal,
+                terminated: 0,
                 exported: std::collections::HashMap::new(),
                 reconciler: Reconciler::new(caps),
                 last_flip: None,
@@ -444,8 +448,12 @@ impl Capture {
             reconciler,
             last_flip,
             timings,
+            fast_sk,
+            terminate_on_removal,
+            terminated,
             ..
         } = &mut *guard;
+        let before = terminate_on_removal.then(|| reconciler.applied().clone());
         let mut w = KernelWriter {
             services,
             clusters,
@@ -469,6 +477,36 @@ impl Capture {
             overflow = report.overflow.as_deref().unwrap_or(""),
             "fast path reconciled"
         );
+        // After the flip no connect can pick a removed endpoint any more; now the sockets
+        // already connected to it go.
+        if let Some(before) = before {
+            let gone = super::terminate::removed_endpoints(&before, reconciler.applied());
+            if !gone.is_empty() {
+                let cookies: std::collections::HashSet<u64> = fast_sk
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, ep)| {
+                        matches!(ep.addr(), Some(std::net::SocketAddr::V4(a)) if gone.contains(&a))
+                    })
+                    .map(|(cookie, _)| cookie)
+                    .collect();
+                match super::terminate::destroy_sockets(&gone, &cookies) {
+                    Ok(n) => {
+                        *terminated += n as u64;
+                        tracing::info!(
+                            endpoints = gone.len(),
+                            sockets = n,
+                            "destroyed fast-path sockets to removed endpoints"
+                        );
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        endpoints = gone.len(),
+                        "could not destroy fast-path sockets to removed endpoints"
+                    ),
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -502,6 +540,7 @@ impl Capture {
             endpoints: img.endpoint_slots() as u64,
             last_project_us: g.timings.last_project_us,
             last_apply_us: g.timings.last_apply_us,
+            terminated: g.terminated,
         })
     }
 
@@ -659,6 +698,11 @@ struct FastState {
     maglev: Array<MapData, u32>,
     ep_active: HashMap<MapData, EndpointKey, EndpointLoad>,
     ep_load: HashMap<MapData, EndpointKey, u32>,
+    /// Fast-path sockets by cookie (read for `--terminate-on-removal`).
+    fast_sk: HashMap<MapData, u64, EndpointKey>,
+    terminate_on_removal: bool,
+    /// Sockets destroyed by `--terminate-on-removal`.
+    terminated: u64,
     /// What `ep_load` holds (the exporter writes only changes).
     exported: std::collections::HashMap<EndpointKey, u32>,
     reconciler: Reconciler,
@@ -687,6 +731,8 @@ pub struct FastPathGauges {
     /// Duration of the last reconcile (image -> kernel maps, incl. the generation flip),
     /// microseconds.
     pub last_apply_us: u64,
+    /// Fast-path sockets destroyed by `--terminate-on-removal`.
+    pub terminated: u64,
 }
 
 /// What the kernel fast path serves, for `skiff maps` and `/debug/explain`.

@@ -29,6 +29,7 @@ pub mod inbound;
 mod loader;
 pub mod projection;
 pub mod reconciler;
+pub mod terminate;
 
 use std::{
     error::Error as StdError,
@@ -69,6 +70,9 @@ pub struct CaptureConfig {
     /// Kernel fast path (plain-L4 services connect straight to an endpoint) with these map
     /// sizes; `None`: every captured connect goes to the proxy.
     pub fast_path: Option<Capacity>,
+    /// With the fast path: once an update takes an endpoint out of the kernel maps, destroy the
+    /// application's fast-path sockets still connected to it (netlink `SOCK_DESTROY`).
+    pub terminate_on_removal: bool,
 }
 
 /// Where the capture programs attach.
@@ -104,6 +108,7 @@ impl CaptureConfig {
             exclude_ports: Vec::new(),
             exclude_cidrs: Vec::new(),
             fast_path: None,
+            terminate_on_removal: false,
         }
     }
 }

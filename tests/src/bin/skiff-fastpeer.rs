@@ -11,7 +11,9 @@
 //!                                       reads the greeting and closes; prints
 //!                                       `ok <backend>=<count>... peer=<getpeername>`
 //! skiff-fastpeer hold <vip> --n N       opens N connections and keeps them open; prints
-//!                                       `held <backend>=<count>...`, then waits for stdin to close
+//!                                       `held <backend>=<count>...`; for each `check` line on
+//!                                       stdin prints `check alive.<backend>=N dead.<backend>=M..`
+//!                                       (dead: reset or closed); exits when stdin closes
 //! skiff-fastpeer udp-serve <addr>...    UDP: answer each datagram with `<local addr>`; `ready`
 //! skiff-fastpeer udp-spread <vip> --n N [--connected]
 //!                                       N datagrams (sendto, or connect + send), each waits for
@@ -171,14 +173,31 @@ fn hold(vip: SocketAddr, n: usize) -> Res {
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
         let (stream, backend) = connect_one(vip, None)?;
-        *counts.entry(backend).or_insert(0) += 1;
-        held.push(stream);
+        *counts.entry(backend.clone()).or_insert(0) += 1;
+        held.push((stream, backend));
     }
     println!("held {}", tally(&counts));
-    // Keep them open until the test closes our stdin (or kills us).
-    let mut sink = String::new();
-    let _ = std::io::stdin().read_to_string(&mut sink);
-    drop(held);
+    // Keep them open until the test closes our stdin (or kills us); answer `check`.
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() != "check" {
+            continue;
+        }
+        let mut status: BTreeMap<String, usize> = BTreeMap::new();
+        for (stream, backend) in &held {
+            // The backend never sends after its greeting: a live connection has nothing to
+            // read; a destroyed one reports the reset (or EOF).
+            stream.set_nonblocking(true).map_err(at("nonblocking"))?;
+            let mut buf = [0u8; 16];
+            let alive = matches!(
+                (&*stream).read(&mut buf),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
+            let key = format!("{}.{backend}", if alive { "alive" } else { "dead" });
+            *status.entry(key).or_insert(0) += 1;
+        }
+        println!("check {}", tally(&status));
+    }
     Ok(())
 }
 
