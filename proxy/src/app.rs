@@ -108,6 +108,7 @@ impl CaptureControl for CaptureHandle {
                 ("fast_path.endpoints".to_string(), g.endpoints),
                 ("fast_path.last_project_us".to_string(), g.last_project_us),
                 ("fast_path.last_apply_us".to_string(), g.last_apply_us),
+                ("fast_path.terminated_sockets".to_string(), g.terminated),
             ]);
         }
         out
