@@ -1,8 +1,9 @@
 //! Root test of node mode with one pipeline per pod (`skiff node add-pod`): one skiff in a
-//! "node" netns serves two pods (two cgroups under a node root this test creates, two netns),
+//! "node" netns serves pods (cgroups under a node root this test creates, one netns each),
 //! each with its own node id and configuration. Each pod's connects follow its own config
-//! (pod1's VIP goes to backend A, pod2's same VIP to backend B), and removing a pod stops its
-//! capture while the other keeps working.
+//! (pod1's VIP goes to backend A, pod2's same VIP to backend B; both backends exist in every
+//! pod's netns and skiff connects from inside the pod), and removing a pod stops its capture
+//! while the others keep working.
 //!
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_pods -- --test-threads=1` (as root).
@@ -64,6 +65,15 @@ static_resources:
     )
 }
 
+/// Backends A (127.0.0.11:8080) and B (127.0.0.12:8080) inside `ns`.
+fn backends_in(ns: &Netns) -> [Child; 2] {
+    ["127.0.0.11:8080", "127.0.0.12:8080"].map(|addr| {
+        let mut b = Child::spawn(command_in(Some(ns), None, testpeer()).args(["origdst", addr]));
+        b.expect_line("ready", Duration::from_secs(5));
+        b
+    })
+}
+
 fn temp_yaml(name: &str, text: &str) -> tempfile::TempPath {
     let f = tempfile::Builder::new()
         .prefix(&skiff_tests::test_name(name))
@@ -115,13 +125,10 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     let pod1 = cg.child("pod1");
     let pod2 = cg.child("pod2");
     let node_proxy = cg.child_path("skiff-proxy");
-    let mut backends = Vec::new();
-    for addr in ["127.0.0.11:8080", "127.0.0.12:8080"] {
-        let mut b =
-            Child::spawn(command_in(Some(&node_ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
+    // Both backends in each pod's netns: skiff connects from inside the pod, so the backend a
+    // connection reaches shows which config served it.
+    let mut b1 = backends_in(&ns1);
+    let mut b2 = backends_in(&ns2);
     let node_boot = temp_yaml("pods-node", NODE_BOOTSTRAP);
     let boot1 = temp_yaml("pods-1", &pod_bootstrap("svc-a", "11"));
     let boot2 = temp_yaml("pods-2", &pod_bootstrap("svc-b", "12"));
@@ -181,19 +188,19 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     for _ in 0..2 {
         let out = client(&ns1, &pod1);
         assert!(out.starts_with("ok "), "pod1: {out}");
-        backends[0].expect_line("accepted", Duration::from_secs(5));
+        b1[0].expect_line("accepted", Duration::from_secs(5));
         let out = client(&ns2, &pod2);
         assert!(out.starts_with("ok "), "pod2: {out}");
-        backends[1].expect_line("accepted", Duration::from_secs(5));
+        b2[1].expect_line("accepted", Duration::from_secs(5));
     }
     assert!(
-        backends[0]
+        b1[1]
             .try_line("accepted", Duration::from_millis(300))
             .is_none()
-            && backends[1]
+            && b2[0]
                 .try_line("accepted", Duration::from_millis(300))
                 .is_none(),
-        "no connection crossed over to the other pod's backend"
+        "no connection followed the other pod's config"
     );
 
     let listed: serde_json::Value =
@@ -216,6 +223,7 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     // A third pod with pod1's bootstrap (no ADS: identical config) shares pod1's pipeline.
     let ns3 = Netns::new("pods-p3");
     let pod3 = cg.child("pod3");
+    let mut b3 = backends_in(&ns3);
     let added3: serde_json::Value = serde_json::from_str(&node(
         &node_ns,
         &[
@@ -239,7 +247,7 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     assert_ne!(pods[0]["pipeline"]["id"], pods[1]["pipeline"]["id"]);
     let out = client(&ns3, &pod3);
     assert!(out.starts_with("ok "), "pod3: {out}");
-    backends[0].expect_line("accepted", Duration::from_secs(5));
+    b3[0].expect_line("accepted", Duration::from_secs(5));
 
     // Removing pod1 detaches it: its connects go direct again (and fail: no route); pod3
     // keeps the shared pipeline and pod2 its own.
@@ -299,7 +307,7 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     let pod = cg.child("pod");
     let _proxy_cg = cg.child_path("skiff-proxy");
     let mut backend = Child::spawn(
-        command_in(Some(&node_ns), None, testpeer()).args(["origdst", "127.0.0.11:8080"]),
+        command_in(Some(&pod_ns), None, testpeer()).args(["origdst", "127.0.0.11:8080"]),
     );
     backend.expect_line("ready", Duration::from_secs(5));
     let dir = tempfile::Builder::new()

@@ -3,14 +3,16 @@
 //!
 //! The kernel tells pods apart by cgroup id: `connect4/6` (attached once at the node root)
 //! capture only tasks whose cgroup is registered, and redirect them to 127.0.0.1:15001 *inside
-//! the pod's network namespace*. So for each pod skiff binds its outbound listeners in that
-//! namespace (a short-lived thread enters it with `setns`; sockets keep the namespace they
-//! were created in) and serves what they accept with the pod's own [`Dataplane`]: its own
-//! [`Store`] of snapshots, fed by its own ADS client under the pod's node id (or the pod's
-//! own bootstrap). A pod's connections therefore never see another pod's configuration.
-//! `getsockopt` still answers: the listeners are created by this process, in the proxy cgroup,
-//! and the original-destination keys carry the pod's netns cookie. Upstream connects leave
-//! from skiff's own namespace (the node's), as from a node proxy.
+//! the pod's network namespace*. So each pod gets a thread that enters that namespace with
+//! `setns` (only that thread does), binds the outbound listeners there and runs a
+//! current-thread runtime serving them with the pod's [`Dataplane`]: its own [`Store`] of
+//! snapshots, fed by its own ADS client under the pod's node id (or the pod's own bootstrap).
+//! A pod's connections therefore never see another pod's configuration, and every socket the
+//! pod's thread creates (upstream connects included) lives in the pod's namespace: upstream
+//! traffic leaves from the pod, with its addresses, as from a sidecar. The ADS streams stay in
+//! skiff's own namespace, like a node proxy's. `getsockopt` still answers: the listeners are
+//! created by this process, in the proxy cgroup, and the original-destination keys carry the
+//! pod's netns cookie.
 //!
 //! Pods whose configuration must be identical share one pipeline (store, ADS stream, data
 //! plane, counters): the same bootstrap and, with ADS, the same node id. Pods with different
@@ -25,6 +27,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -137,46 +140,124 @@ impl std::fmt::Debug for PodRegistry {
     }
 }
 
-/// Binds `addrs` inside the network namespace at `netns`, from a thread that enters it (only
-/// that thread changes namespace; the sockets stay in the pod's namespace).
-fn bind_in_netns(
+/// How long a removed pod's connections get to finish before its thread stops.
+const POD_DRAIN: Duration = Duration::from_secs(5);
+
+/// Binds `addrs` (listening, non-blocking) in the calling thread's network namespace.
+fn bind_all(netns: &Path, addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, PodError> {
+    addrs
+        .iter()
+        .map(|&addr| {
+            let err = |source| PodError::Bind {
+                netns: netns.to_path_buf(),
+                addr,
+                source,
+            };
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )
+            .map_err(err)?;
+            s.set_reuse_address(true)
+                .and_then(|()| s.bind(&addr.into()))
+                .and_then(|()| s.listen(4096))
+                .and_then(|()| s.set_nonblocking(true))
+                .map_err(err)?;
+            Ok(std::net::TcpListener::from(s))
+        })
+        .collect()
+}
+
+/// Starts the pod's data-plane thread: it enters the pod's network namespace (only this
+/// thread does), binds `addrs` there and runs a current-thread runtime accepting on them with
+/// `dp` until `stop`. Every socket it creates (accepted, upstream, DNS lookups on its blocking
+/// threads, which inherit the namespace) lives in the pod's namespace. Returns the bound
+/// addresses once listening; after `stop`, in-flight connections get [`POD_DRAIN`].
+fn start_pod_thread(
+    name: String,
     netns: &Path,
     addrs: &[SocketAddr],
-) -> Result<Vec<std::net::TcpListener>, PodError> {
+    dp: Arc<Dataplane>,
+    stop: CancellationToken,
+) -> Result<Vec<SocketAddr>, PodError> {
     let netns = netns.to_path_buf();
     let addrs = addrs.to_vec();
-    let ns_err = |netns: &Path, addr: SocketAddr, source| PodError::Bind {
-        netns: netns.to_path_buf(),
-        addr,
-        source,
-    };
     let first = addrs
         .first()
         .copied()
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).map_err(|e| ns_err(&netns, first, e))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| ns_err(&netns, first, std::io::Error::from(e)))?;
-        addrs
-            .iter()
-            .map(|&addr| {
-                let domain = socket2::Domain::for_address(addr);
-                let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)
-                    .map_err(|e| ns_err(&netns, addr, e))?;
-                s.set_reuse_address(true)
-                    .and_then(|()| s.bind(&addr.into()))
-                    .and_then(|()| s.listen(4096))
-                    .and_then(|()| s.set_nonblocking(true))
-                    .map_err(|e| ns_err(&netns, addr, e))?;
-                Ok(std::net::TcpListener::from(s))
-            })
-            .collect()
-    })
-    .join()
-    .unwrap_or_else(|_| {
+    let err = move |netns: &Path, source| PodError::Bind {
+        netns: netns.to_path_buf(),
+        addr: first,
+        source,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_netns = netns.clone();
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let netns = thread_netns;
+        let setup = (|| {
+            let file = std::fs::File::open(&netns).map_err(|e| err(&netns, e))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err(&netns, std::io::Error::from(e)))?;
+            let listeners = bind_all(&netns, &addrs)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| err(&netns, e))?;
+            Ok((rt, listeners))
+        })();
+        let (rt, listeners) = match setup {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let mut bound = Vec::new();
+            let mut tasks = Vec::new();
+            for l in listeners {
+                let l = match tokio::net::TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        stop.cancel();
+                        let _ = tx.send(Err(err(&netns, e)));
+                        return;
+                    }
+                };
+                bound.extend(l.local_addr().ok());
+                let token = stop.clone();
+                tasks.push(tokio::spawn(dataplane::run(
+                    l,
+                    ListenerRole::Capture,
+                    dp.clone(),
+                    async move { token.cancelled().await },
+                )));
+            }
+            let _ = tx.send(Ok(bound));
+            stop.cancelled().await;
+            for t in tasks {
+                let _ = t.await;
+            }
+            // Connections already accepted run on this runtime: let them finish (bounded).
+            let deadline = tokio::time::Instant::now() + POD_DRAIN;
+            while tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+                > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    });
+    if let Err(e) = spawned {
+        return Err(err(&netns, e));
+    }
+    rx.recv().unwrap_or_else(|_| {
         Err(PodError::Bootstrap(
-            "the thread binding in the pod namespace panicked".into(),
+            "the pod thread exited before listening".into(),
         ))
     })
 }
@@ -271,7 +352,6 @@ impl PodRegistry {
         };
         let mut addrs = vec![self.outbound_v4];
         addrs.extend(self.outbound_v6);
-        let listeners = bind_in_netns(&spec.netns, &addrs)?;
 
         let mut st = self.lock();
         if st.pods.contains_key(&id) {
@@ -279,29 +359,20 @@ impl PodRegistry {
         }
         let pipeline = self.pipeline(&mut st, &key, &bootstrap);
         let stop = pipeline.stop.child_token();
-        let mut bound = Vec::new();
-        for l in listeners {
-            let l = match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => l,
-                Err(source) => {
-                    stop.cancel();
-                    release(&mut st, &key);
-                    return Err(PodError::Bind {
-                        netns: spec.netns.clone(),
-                        addr: self.outbound_v4,
-                        source,
-                    });
-                }
-            };
-            bound.extend(l.local_addr().ok());
-            let token = stop.clone();
-            tokio::spawn(dataplane::run(
-                l,
-                ListenerRole::Capture,
-                pipeline.dp.clone(),
-                async move { token.cancelled().await },
-            ));
-        }
+        let bound = match start_pod_thread(
+            format!("skiff-pod-{id}"),
+            &spec.netns,
+            &addrs,
+            pipeline.dp.clone(),
+            stop.clone(),
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                stop.cancel();
+                release(&mut st, &key);
+                return Err(e);
+            }
+        };
         if let Err(source) = capture.add_meshed_cgroup(&spec.cgroup) {
             stop.cancel();
             release(&mut st, &key);
