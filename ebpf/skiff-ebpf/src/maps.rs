@@ -89,18 +89,20 @@ pub static SKIFF_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(2 * 10240,
 pub static SKIFF_MAGLEV: Array<u32> = Array::with_max_entries(2 * 64 * 4093, 0);
 
 /// Fast-path connections per endpoint, counted by the kernel. Key: `EndpointKey`; value:
-/// `EndpointLoad` (atomic adds); max `2 * max_endpoints`; LRU (endpoints that went away age
-/// out). Writer: sock_ops (TCP_CONNECT_CB, TCP_CLOSE). Readers: connect4/6 (LEAST_REQUEST);
-/// userspace (`/stats`).
+/// `EndpointLoad` (atomic adds); max `max_endpoints`; not LRU, no prealloc (only endpoints that
+/// carried a connection take memory). Writer: sock_ops (insert, TCP_CONNECT_CB +1, TCP_CLOSE -1);
+/// userspace removes idle entries of endpoints the fast path no longer serves. Readers:
+/// connect4/6 (LEAST_REQUEST); userspace (`/stats`).
 #[map]
-pub static SKIFF_EP_ACTIVE: LruHashMap<EndpointKey, EndpointLoad> =
-    LruHashMap::with_max_entries(2 * 102400, 0);
+pub static SKIFF_EP_ACTIVE: HashMap<EndpointKey, EndpointLoad> =
+    HashMap::with_max_entries(102400, BPF_F_NO_PREALLOC);
 
 /// Load of each endpoint as the proxy sees it (its own active requests/connections there).
-/// Key: `EndpointKey`; value: u32; max `max_endpoints`; not LRU. Writer: userspace (the load
-/// exporter). Readers: connect4/6 (LEAST_REQUEST).
+/// Key: `EndpointKey`; value: u32; max `max_endpoints`; not LRU, no prealloc. Writer: userspace
+/// (the load exporter). Readers: connect4/6 (LEAST_REQUEST).
 #[map]
-pub static SKIFF_EP_LOAD: HashMap<EndpointKey, u32> = HashMap::with_max_entries(102400, 0);
+pub static SKIFF_EP_LOAD: HashMap<EndpointKey, u32> =
+    HashMap::with_max_entries(102400, BPF_F_NO_PREALLOC);
 
 /// The endpoint a fast-path socket was sent to, by socket cookie, from connect() to TCP_CLOSE
 /// (so sock_ops counts it in `SKIFF_EP_ACTIVE`). Key: u64 socket cookie; value: `EndpointKey`;

@@ -32,7 +32,7 @@ const NETNS: &str = "/proc/self/ns/net";
 
 /// Maps of the outbound capture this instance never uses: one entry each, so a second copy
 /// of the object costs almost nothing (LRU hashes preallocate their full size).
-const UNUSED_MAPS: [&str; 11] = [
+const UNUSED_MAPS: [&str; 15] = [
     "SKIFF_COOKIE",
     "SKIFF_ORIG_DST",
     "SKIFF_EXCL_PORT",
@@ -44,6 +44,10 @@ const UNUSED_MAPS: [&str; 11] = [
     "SKIFF_CLUSTERS",
     "SKIFF_ENDPOINTS",
     "SKIFF_RR",
+    "SKIFF_MAGLEV",
+    "SKIFF_EP_ACTIVE",
+    "SKIFF_EP_LOAD",
+    "SKIFF_FAST_SK",
 ];
 
 /// The attached `sk_lookup` program and its maps.

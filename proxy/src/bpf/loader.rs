@@ -134,7 +134,7 @@ impl Capture {
             .map_max_entries(MAP_RR, 2 * caps.max_clusters)
             .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
             .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
-            .map_max_entries(MAP_EP_ACTIVE, 2 * caps.max_endpoints)
+            .map_max_entries(MAP_EP_ACTIVE, caps.max_endpoints)
             .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
             .load(OBJECT)
             .map_err(|source| BpfError::Object {
@@ -449,6 +449,7 @@ impl Capture {
             last_flip,
             timings,
             fast_sk,
+            ep_active,
             terminate_on_removal,
             terminated,
             ..
@@ -477,6 +478,29 @@ impl Capture {
             overflow = report.overflow.as_deref().unwrap_or(""),
             "fast path reconciled"
         );
+        // Idle counters of endpoints the fast path no longer serves go (the map is not LRU).
+        {
+            let served: std::collections::HashSet<std::net::SocketAddrV4> = reconciler
+                .applied()
+                .clusters
+                .values()
+                .flat_map(|c| c.endpoints.iter().copied())
+                .collect();
+            let idle: Vec<EndpointKey> = ep_active
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| {
+                    v.active == 0
+                        && !matches!(k.addr(), Some(std::net::SocketAddr::V4(a)) if served.contains(&a))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for k in idle {
+                if let Err(e) = ep_active.remove(&k) {
+                    tracing::debug!(error = %e, "removing an idle endpoint counter");
+                }
+            }
+        }
         // After the flip no connect can pick a removed endpoint any more; now the sockets
         // already connected to it go.
         if let Some(before) = before {

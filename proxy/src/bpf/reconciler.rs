@@ -52,7 +52,7 @@ impl Default for Capacity {
             max_services: 10_240,
             max_clusters: 10_240,
             max_endpoints: 102_400,
-            max_maglev: 64,
+            max_maglev: 16,
         }
     }
 }
