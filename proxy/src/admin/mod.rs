@@ -430,7 +430,7 @@ fn host_facts(r: &HostRow<'_>) -> Vec<(&'static str, String)> {
             "rq_success",
             n(|s| s.requests_total().saturating_sub(s.requests_error())),
         ),
-        ("rq_timeout", "0".to_string()),
+        ("rq_timeout", n(|s| s.requests_timeout())),
         ("rq_total", n(|s| s.requests_total())),
         ("hostname", String::new()),
         ("health_flags", health_flags(r.ep.health, live)),
@@ -467,9 +467,14 @@ fn clusters_text(_admin: &Admin, snap: &crate::state::Snapshot) -> String {
         let via_api = !snap.static_clusters.contains(name);
         out.push_str(&format!("{name}::observability_name::{name}\n"));
         if c.cluster.lb.outlier.is_some() {
-            out.push_str(&format!("{name}::outlier::success_rate_average::-1\n"));
+            let (avg, threshold) =
+                c.lb.shared
+                    .success_rate_summary()
+                    .map(|(a, t)| (a.to_string(), t.to_string()))
+                    .unwrap_or_else(|| ("-1".into(), "-1".into()));
+            out.push_str(&format!("{name}::outlier::success_rate_average::{avg}\n"));
             out.push_str(&format!(
-                "{name}::outlier::success_rate_ejection_threshold::-1\n"
+                "{name}::outlier::success_rate_ejection_threshold::{threshold}\n"
             ));
         }
         for (k, v) in breaker_facts(&c.cluster) {

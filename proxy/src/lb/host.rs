@@ -60,6 +60,7 @@ pub struct HostState {
     active_cx: AtomicU64,
     rq_total: AtomicU64,
     rq_error: AtomicU64,
+    rq_timeout: AtomicU64,
     cx_total: AtomicU64,
     cx_connect_fail: AtomicU64,
     /// Set once any request or connection used this host (health checks use
@@ -106,6 +107,7 @@ impl Default for HostState {
             active_cx: AtomicU64::new(0),
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
+            rq_timeout: AtomicU64::new(0),
             cx_total: AtomicU64::new(0),
             cx_connect_fail: AtomicU64::new(0),
             used: AtomicBool::new(false),
@@ -152,6 +154,11 @@ impl HostState {
     /// Requests that failed (5xx, reset, timeout).
     pub fn requests_error(&self) -> u64 {
         self.rq_error.load(Ordering::Relaxed)
+    }
+
+    /// Requests that timed out.
+    pub fn requests_timeout(&self) -> u64 {
+        self.rq_timeout.load(Ordering::Relaxed)
     }
 
     /// Connections opened so far.
@@ -293,6 +300,10 @@ impl Host {
                 self.state.rq_error.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Status(s) if s < 500 => {}
+            Outcome::Timeout => {
+                self.state.rq_timeout.fetch_add(1, Ordering::Relaxed);
+                self.state.rq_error.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {
                 self.state.rq_error.fetch_add(1, Ordering::Relaxed);
             }

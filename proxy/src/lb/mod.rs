@@ -478,6 +478,7 @@ impl Prepared {
         let (level, avail) = priority::choose_priority(&self.plan.load, roll)?;
         let pickers = self.levels.get(level)?;
         if self.plan.load.panic.get(level).copied().unwrap_or(false) {
+            entry.lb.shared.lb_healthy_panic.inc();
             if entry
                 .cluster
                 .lb

@@ -215,8 +215,9 @@ impl ClusterShared {
             st.interval_total = 0;
             st.interval_success = 0;
         }
+        // Recomputed each interval so concurrent ejections never leave the gauge off.
+        self.set_ejections_active(self.ejections_active());
         if changed {
-            self.set_ejections_active(self.ejections_active());
             self.health_changed();
         }
         // Success rate: below mean - stdev_factor * stdev, among hosts with enough volume.
@@ -230,6 +231,10 @@ impl ClusterShared {
             let mean = sr.iter().map(|(_, r)| r).sum::<f64>() / n;
             let var = sr.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
             let threshold = mean - f64::from(cfg.success_rate_stdev_factor) / 1000.0 * var.sqrt();
+            *self
+                .success_rate_summary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((mean, threshold));
             for (i, r) in &sr {
                 if *r < threshold {
                     self.count("outlier_detection.ejections_detected_success_rate");

@@ -112,6 +112,10 @@ impl HostRegistry {
                     outlier: ArcSwap::from_pointee(None),
                     active_hc: ArcSwap::from_pointee(false),
                     host_count: AtomicU64::new(0),
+                    lb_healthy_panic: self
+                        .stats
+                        .counter(&format!("cluster.{name}.lb_healthy_panic")),
+                    success_rate_summary: Mutex::new(None),
                 })
             })
             .clone();
@@ -147,6 +151,10 @@ pub struct ClusterShared {
     pub(crate) outlier: ArcSwap<Option<OutlierDetection>>,
     active_hc: ArcSwap<bool>,
     host_count: AtomicU64,
+    /// `cluster.<name>.lb_healthy_panic`: picks made in panic mode.
+    pub(crate) lb_healthy_panic: Arc<crate::stats::Counter>,
+    /// (average, ejection threshold) of the last success-rate computation.
+    pub(crate) success_rate_summary: Mutex<Option<(f64, f64)>>,
 }
 
 impl ClusterShared {
@@ -252,6 +260,15 @@ impl ClusterShared {
         drop(map);
         self.set_ejections_active(ejected);
         true
+    }
+
+    /// Success-rate average and ejection threshold of the last interval that had enough
+    /// hosts with enough requests (`/clusters` `outlier::success_rate_*`).
+    pub fn success_rate_summary(&self) -> Option<(f64, f64)> {
+        *self
+            .success_rate_summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of hosts currently ejected.

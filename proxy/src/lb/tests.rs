@@ -156,6 +156,7 @@ fn panic_mode_uses_every_host() {
     // 33% healthy < 50%: panic, all three used.
     let c = counts(&e, 300, &LbRequest::default());
     assert_eq!(c.len(), 3, "{c:?}");
+    assert_eq!(e.lb.shared.lb_healthy_panic.get(), 300);
 }
 
 #[test]
@@ -550,6 +551,11 @@ fn success_rate_outlier_is_ejected_at_the_interval() {
         1
     );
     assert_eq!(e.lb.hosts[0].state().success_rate(), Some(50.0));
+    let (avg, threshold) = e.lb.shared.success_rate_summary().unwrap();
+    assert!(
+        (avg - 90.0).abs() < 1e-9 && (threshold - 52.0).abs() < 1e-9,
+        "{avg} {threshold}"
+    );
     assert_eq!(e.lb.hosts[1].state().success_rate(), Some(100.0));
 }
 
