@@ -38,6 +38,22 @@ enum Kind {
     Stall,
     /// Accepts `Upgrade: websocket` with 101, then echoes raw bytes.
     Upgrade,
+    /// Answers 200 at once and echoes each request body chunk as it arrives.
+    Stream,
+}
+
+/// A body fed chunk by chunk from a channel.
+struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Chan {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
 }
 
 /// A response body: one chunk, a 2 s stall, one more chunk, the end.
@@ -73,6 +89,20 @@ impl hyper::body::Body for Stall {
 type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn answer(kind: Kind, mut req: Request<Incoming>) -> Response<RespBody> {
+    if let Kind::Stream = kind {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data()
+                    && tx.send(d).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        return Response::new(Chan(rx).boxed());
+    }
     if let Kind::Upgrade = kind {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -114,7 +144,7 @@ async fn answer(kind: Kind, mut req: Request<Incoming>) -> Response<RespBody> {
             .body(Full::new(Bytes::from("fail")).boxed())
             .unwrap(),
         Kind::Echo => Response::new(Full::new(Bytes::from(format!("{xff}|{peer}|{body}"))).boxed()),
-        Kind::Upgrade => unreachable!("answered above"),
+        Kind::Upgrade | Kind::Stream => unreachable!("answered above"),
         Kind::Stall => Response::new(
             Stall {
                 step: 0,
@@ -256,6 +286,7 @@ async fn route_timers_replay_and_forwarded_headers() {
     let (echo, echo_hits) = backend(Kind::Echo).await;
     let (stall, _) = backend(Kind::Stall).await;
     let (ws, _) = backend(Kind::Upgrade).await;
+    let (stream, _) = backend(Kind::Stream).await;
     let port = free_port();
     let admin = free_port();
     let yaml = format!(
@@ -305,18 +336,21 @@ static_resources:
                     host_selection_retry_max_attempts: 3 }}
               - match: {{ prefix: /echo }}
                 route: {{ cluster: echo }}
+              - match: {{ prefix: /stream }}
+                route: {{ cluster: stream, timeout: 0s, retry_policy: {{ retry_on: 5xx, num_retries: 1 }} }}
               - match: {{ prefix: /ws }}
                 route: {{ cluster: ws }}
               - match: {{ prefix: /nows }}
                 route: {{ cluster: ws, upgrade_configs: [ {{ upgrade_type: websocket, enabled: false }} ] }}
   clusters:
-{}{}{}{}{}{}"#,
+{}{}{}{}{}{}{}"#,
         cluster("slow", &[slow]),
         cluster("slow_or_echo", &[slow, echo]),
         cluster("stall", &[stall]),
         cluster("fail_or_echo", &[fail, echo]),
         cluster("echo", &[echo]),
         cluster("ws", &[ws]),
+        cluster("stream", &[stream]),
     );
     let boot = skiff::config::parse(&yaml, "<timers>").expect("bootstrap with inline routes");
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -392,6 +426,34 @@ static_resources:
         "{:?}",
         t.elapsed()
     );
+
+    // A request body streams upstream even with a retry policy (the replay copy does not hold
+    // it back): each chunk is echoed before the next one is sent.
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    chunks.send(Bytes::from_static(b"one")).await.unwrap();
+    let req = Request::post("/stream")
+        .header("host", "t.example")
+        .body(Chan(rx))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req))
+        .await
+        .expect("response head while the request body is still open")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut next = async || {
+        let f = tokio::time::timeout(WAIT, body.frame()).await.ok()??.ok()?;
+        f.into_data().ok()
+    };
+    assert_eq!(next().await.as_deref(), Some(&b"one"[..]));
+    chunks.send(Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(next().await.as_deref(), Some(&b"two"[..]));
+    drop(chunks);
 
     // Upgrades: 101 and a byte tunnel where enabled; 403 where the route disables them.
     assert_eq!(websocket(port, "/ws").await, Some("ping-pong".to_string()));

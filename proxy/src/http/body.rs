@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::HeaderMap;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
@@ -15,86 +15,130 @@ use tokio::time::{Instant, Sleep};
 use super::{Body, BoxError};
 
 /// Largest request body kept for replay (Envoy's default per-connection buffer limit, 1 MiB).
-/// A larger body is streamed once and the request is not retried.
+/// A larger body still streams upstream, but the request is not retried.
 pub const REPLAY_LIMIT: usize = 1024 * 1024;
 
-/// A complete request body that can be sent again on each attempt.
-#[derive(Debug, Clone, Default)]
-pub struct Buffered {
-    data: Bytes,
-    trailers: Option<HeaderMap>,
+/// What a [`Tee`] has seen of the request body so far.
+enum Item {
+    Data(Bytes),
+    Trailers(HeaderMap),
 }
 
-impl Buffered {
-    /// A fresh body for one attempt (cheap: `Bytes` is reference counted).
+struct TeeState {
+    /// Frames read from the downstream so far (cleared once over the limit).
+    seen: Vec<Item>,
+    /// Frames read from the downstream in all; `seen` holds the last `seen.len()` of them.
+    total: usize,
+    /// Bytes in `seen`.
+    bytes: usize,
+    /// The downstream body ended.
+    done: bool,
+    /// More than the limit was read: nothing can be replayed any more.
+    overflow: bool,
+    /// The downstream body, read by whichever attempt gets ahead.
+    source: Incoming,
+}
+
+/// A request body shared by the attempts of one request: the first attempt streams it
+/// upstream as it arrives while a copy is kept (up to a limit, as Envoy's retry buffer); a
+/// retry replays the copy and then continues with whatever the downstream still sends. So
+/// streaming requests (gRPC, uploads) are not held back, and retries work as long as the
+/// copy did not overflow.
+#[derive(Clone)]
+pub struct Tee {
+    state: std::sync::Arc<std::sync::Mutex<TeeState>>,
+    limit: usize,
+}
+
+impl Tee {
+    /// Share `source`, keeping at most `limit` bytes for replay.
+    pub fn new(source: Incoming, limit: usize) -> Tee {
+        Tee {
+            state: std::sync::Arc::new(std::sync::Mutex::new(TeeState {
+                seen: Vec::new(),
+                total: 0,
+                bytes: 0,
+                done: false,
+                overflow: false,
+                source,
+            })),
+            limit,
+        }
+    }
+
+    /// A body for one attempt, starting from the first byte.
     pub fn body(&self) -> Body {
-        Replay {
-            data: (!self.data.is_empty()).then(|| self.data.clone()),
-            trailers: self.trailers.clone(),
+        TeeReader {
+            tee: self.clone(),
+            next: 0,
         }
         .boxed()
     }
 
-    /// Body length in bytes.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// Whether the body is empty.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+    /// Whether another attempt can still send the whole body.
+    pub fn replayable(&self) -> bool {
+        self.state.lock().map(|s| !s.overflow).unwrap_or(false)
     }
 }
 
-/// What reading the request body for replay produced.
-pub enum ReadBody {
-    /// The whole body fit: every attempt can send it.
-    Replayable(Buffered),
-    /// Too large (or the client failed mid-body): this body can be sent once.
-    Once(Body),
+struct TeeReader {
+    tee: Tee,
+    /// Index in `seen` of the next frame this attempt sends.
+    next: usize,
 }
 
-/// Read `body` into memory if it fits in `limit` bytes; otherwise hand back a body that
-/// streams what was read followed by the rest.
-pub async fn read_for_replay(mut body: Incoming, limit: usize) -> ReadBody {
-    let mut data = BytesMut::new();
-    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
-    loop {
-        match body.frame().await {
-            None => {
-                return ReadBody::Replayable(Buffered {
-                    data: data.freeze(),
-                    trailers: None,
-                });
+impl HttpBody for TeeReader {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let tee = self.tee.clone();
+        let Ok(mut st) = tee.state.lock() else {
+            return Poll::Ready(Some(Err("request body state poisoned".into())));
+        };
+        let first_kept = st.total - st.seen.len();
+        if self.next < first_kept {
+            // Only an abandoned attempt can fall behind an overflow (retries need a full copy).
+            return Poll::Ready(Some(Err("request body no longer replayable".into())));
+        }
+        if let Some(item) = st.seen.get(self.next - first_kept) {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(match item {
+                Item::Data(d) => Frame::data(d.clone()),
+                Item::Trailers(t) => Frame::trailers(t.clone()),
+            })));
+        }
+        if st.done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut st.source).poll_frame(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                st.done = true;
+                Poll::Ready(None)
             }
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => {
-                    if data.len() + d.len() > limit {
-                        frames.push_back(Frame::data(data.freeze()));
-                        frames.push_back(Frame::data(d));
-                        return ReadBody::Once(
-                            Prefixed {
-                                prefix: frames,
-                                rest: body,
-                            }
-                            .boxed(),
-                        );
-                    }
-                    data.extend_from_slice(&d);
-                }
-                Err(f) => {
-                    if let Ok(t) = f.into_trailers() {
-                        return ReadBody::Replayable(Buffered {
-                            data: data.freeze(),
-                            trailers: Some(t),
-                        });
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                st.total += 1;
+                self.next = st.total;
+                if !st.overflow {
+                    st.bytes += frame.data_ref().map_or(0, Bytes::len);
+                    if st.bytes > tee.limit {
+                        st.overflow = true;
+                        st.seen.clear();
+                    } else if let Some(d) = frame.data_ref() {
+                        st.seen.push(Item::Data(d.clone()));
+                    } else if let Some(t) = frame.trailers_ref() {
+                        st.seen.push(Item::Trailers(t.clone()));
+                    } else {
+                        // A frame kind with nothing to keep still counts as read.
+                        st.seen.push(Item::Data(Bytes::new()));
                     }
                 }
-            },
-            Some(Err(e)) => {
-                // The client broke off: pass the failure on so the upstream request aborts too.
-                let err: BoxError = e.into();
-                return ReadBody::Once(Failed(Some(err)).boxed());
+                Poll::Ready(Some(Ok(frame)))
             }
         }
     }

@@ -55,7 +55,7 @@ use crate::model::route::{
 use crate::model::{ClusterKind, ClusterSpecifier, RouteConfig, VirtualHost};
 use crate::state::{ClusterEntry, Snapshot};
 
-use body::{ReadBody, Timed};
+use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;
 
@@ -622,17 +622,11 @@ async fn forward(
         return forward_upgrade(ctx, &cluster, &entry, up).await;
     }
 
-    // Replays need the whole body; without a retry policy it streams once.
+    // With a retry policy the body streams upstream through a tee that keeps a copy for
+    // replay (up to 1 MiB, Envoy's default buffer limit); without one it streams once.
     let mut once = None;
-    let replay = match &policy {
-        Some(_) => match body::read_for_replay(incoming, body::REPLAY_LIMIT).await {
-            ReadBody::Replayable(b) => Some(b),
-            ReadBody::Once(b) => {
-                cstat("retry_or_shadow_abandoned").inc();
-                once = Some(b);
-                None
-            }
-        },
+    let tee = match &policy {
+        Some(_) => Some(body::Tee::new(incoming, body::REPLAY_LIMIT)),
         None => {
             once = Some(incoming.map_err(BoxError::from).boxed());
             None
@@ -678,8 +672,8 @@ async fn forward(
                 return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             }
         };
-        let body = match (&replay, once.take()) {
-            (Some(b), _) => b.body(),
+        let body = match (&tee, once.take()) {
+            (Some(t), _) => t.body(),
             (None, Some(b)) => b,
             // A streamed body was already sent: no further attempt is possible (guarded below).
             (None, None) => {
@@ -805,7 +799,16 @@ async fn forward(
         let wants_retry = policy
             .as_deref()
             .is_some_and(|p| retries < p.num_retries && retry::retriable(p, outcome));
-        let can_replay = replay.is_some();
+        // Only asked when a retry is wanted, so the stat counts abandoned retries.
+        let can_replay = wants_retry
+            && match &tee {
+                Some(t) if t.replayable() => true,
+                Some(_) => {
+                    cstat("retry_or_shadow_abandoned").inc();
+                    false
+                }
+                None => false,
+            };
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if wants_retry && can_replay && time_left {
             // `try_retry` counts `upstream_rq_retry_overflow` itself when the breaker is open.
