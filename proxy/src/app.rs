@@ -169,14 +169,14 @@ impl CaptureControl for crate::capture::IptablesGate {
 }
 
 /// Installs the eBPF capture for `cfg` (after the coexistence check unless `allow_coexist`),
-/// with the node-mode pod registry.
+/// with the node-mode pod registry (which takes the inbound capture to each pod).
 fn install_ebpf(
     cfg: &CaptureConfig,
     opts: &RunOptions,
-    allow_coexist: bool,
+    extras: &CaptureExtras,
     pods_stop: &CancellationToken,
 ) -> anyhow::Result<CaptureHandle> {
-    if !allow_coexist {
+    if !extras.allow_coexist {
         let found = crate::capture::coexist::foreign_programs(
             cfg.mode.capture_cgroup(),
             cfg.mode.proxy_cgroup(),
@@ -195,6 +195,7 @@ fn install_ebpf(
             opts.upstream_mark,
             opts.outbound_v4,
             opts.outbound_v6,
+            extras.inbound.clone(),
             pods_stop.clone(),
         )
     });
@@ -230,7 +231,7 @@ pub async fn run_with(
     let mut extras = extras;
     let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
         Some(cfg) if extras.auto_fallback.is_some() => {
-            match install_ebpf(cfg, &opts, extras.allow_coexist, &pods_stop) {
+            match install_ebpf(cfg, &opts, &extras, &pods_stop) {
                 Ok(h) => Some(Arc::new(h)),
                 Err(e) => {
                     // --capture auto: eBPF was expected to work; iptables serves instead.
@@ -243,12 +244,7 @@ pub async fn run_with(
                 }
             }
         }
-        Some(cfg) => Some(Arc::new(install_ebpf(
-            cfg,
-            &opts,
-            extras.allow_coexist,
-            &pods_stop,
-        )?)),
+        Some(cfg) => Some(Arc::new(install_ebpf(cfg, &opts, &extras, &pods_stop)?)),
         None => None,
     };
 
@@ -351,8 +347,11 @@ pub async fn run_with(
         )));
     }
     // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
-    let inbound_port = extras.inbound.as_ref().map(|i| i.port);
-    let inbound_steering = match &extras.inbound {
+    // In node mode inbound capture belongs to the pods (`capture::pods`), not this netns.
+    let node_mode = opts.capture.as_ref().is_some_and(|c| c.mode.is_node());
+    let local_inbound = extras.inbound.as_ref().filter(|_| !node_mode);
+    let inbound_port = local_inbound.map(|i| i.port);
+    let inbound_steering = match local_inbound {
         Some(ib) => Some(start_inbound(
             ib,
             extras.allow_coexist,

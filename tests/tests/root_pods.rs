@@ -387,3 +387,168 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     assert!(status.success(), "skiff exited with {status}");
     assert_no_programs_attached(cg.path());
 }
+
+/// A pod's bootstrap with Istio's virtualInbound: port 8080 -> `inbound|8080||` (ORIGINAL_DST).
+const INBOUND_POD_BOOTSTRAP: &str = r#"
+node: { id: placeholder, cluster: pods }
+static_resources:
+  listeners:
+  - name: virtualInbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15006 } }
+    traffic_direction: INBOUND
+    filter_chains:
+    - name: "0.0.0.0_8080"
+      filter_chain_match: { destination_port: 8080 }
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: "inbound|8080||"
+          cluster: "inbound|8080||"
+  clusters:
+  - name: "inbound|8080||"
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#;
+
+#[test]
+fn a_pod_gets_inbound_capture_in_its_own_netns() {
+    let _g = serial();
+    let env = require_root();
+    let node_ns = Netns::new("pods-in-node");
+    let client_ns = Netns::new("pods-in-c");
+    let pod_ns = Netns::new("pods-in-p");
+    // client netns <-> pod netns over a veth created inside them (never in this machine's).
+    skiff_tests::run(std::process::Command::new("ip").args([
+        "-n",
+        client_ns.name(),
+        "link",
+        "add",
+        "vc",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vp",
+        "netns",
+        pod_ns.name(),
+    ]));
+    for (ns, dev, cidr) in [
+        (&client_ns, "vc", "10.200.0.1/24"),
+        (&pod_ns, "vp", "10.200.0.2/24"),
+    ] {
+        skiff_tests::run(std::process::Command::new("ip").args([
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            cidr,
+            "dev",
+            dev,
+        ]));
+        skiff_tests::run(std::process::Command::new("ip").args([
+            "-n",
+            ns.name(),
+            "link",
+            "set",
+            dev,
+            "up",
+        ]));
+    }
+    let mut cg = Cgroup::new(&env, "pods-in");
+    let pod = cg.child("pod");
+    let _proxy_cg = cg.child_path("skiff-proxy");
+    let mut app =
+        Child::spawn(command_in(Some(&pod_ns), None, testpeer()).args(["origdst", "0.0.0.0:8080"]));
+    app.expect_line("ready", Duration::from_secs(5));
+    let node_boot = temp_yaml("pods-in-node", NODE_BOOTSTRAP);
+    let pod_boot = temp_yaml("pods-in-pod", INBOUND_POD_BOOTSTRAP);
+    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
+    c.args([
+        "run",
+        "--mode",
+        "node",
+        "--capture-inbound",
+        "--no-ipv6",
+        "--cgroup-root",
+    ])
+    .arg(cg.path())
+    .arg("--bootstrap")
+    .arg(&node_boot)
+    .env("RUST_LOG", "info");
+    let proxy = Child::spawn(&mut c);
+    wait_admin_ready(&node_ns);
+
+    let connect = || {
+        let out = command_in(Some(&client_ns), None, testpeer())
+            .args([
+                "client",
+                "10.200.0.2:8080",
+                "--bytes",
+                "4096",
+                "--timeout-ms",
+                "3000",
+            ])
+            .output()
+            .expect("run client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let peer = |app: &mut Child| {
+        let line = app.expect_line("accepted", Duration::from_secs(5));
+        skiff_tests::field(&line, "peer")
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    let added: serde_json::Value = serde_json::from_str(&node(
+        &node_ns,
+        &[
+            "add-pod",
+            "--cgroup",
+            pod.to_str().unwrap(),
+            "--netns",
+            pod_ns.path().to_str().unwrap(),
+            "--node-id",
+            "sidecar~10.200.0.2~app.default~default.svc.cluster.local",
+            "--bootstrap",
+            pod_boot.to_str().unwrap(),
+        ],
+    ))
+    .expect("JSON");
+    assert!(
+        added["listeners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|a| a == "0.0.0.0:15006")),
+        "{added}"
+    );
+    let out = connect();
+    assert!(out.starts_with("ok "), "inbound to the pod: {out}");
+    let p = peer(&mut app);
+    assert!(
+        p.starts_with("127.0.0.6:"),
+        "served by skiff inside the pod: {p}"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&node(&node_ns, &["list-pods"])).expect("JSON");
+    assert_eq!(
+        listed["pods"][0]["stats"]["cluster.inbound|8080||.upstream_cx_total"], 1,
+        "{listed}"
+    );
+
+    // Removal detaches the pod's sk_lookup program: the app is reached directly again.
+    node(&node_ns, &["remove-pod", "--cgroup", pod.to_str().unwrap()]);
+    let out = connect();
+    assert!(out.starts_with("ok "), "after removal: {out}");
+    let p = peer(&mut app);
+    assert!(p.starts_with("10.200.0.1:"), "direct after removal: {p}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = proxy.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+    assert_no_programs_attached(cg.path());
+}

@@ -68,7 +68,7 @@ impl std::fmt::Debug for InboundSteering {
     }
 }
 
-/// The non-loopback addresses of this network namespace (the pod's addresses).
+/// The non-loopback addresses of the calling thread's network namespace (the pod's addresses).
 pub fn local_addresses() -> Result<Vec<IpAddr>, BpfError> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| BpfError::Io {
         what: "listing the addresses of",
@@ -95,6 +95,18 @@ impl InboundSteering {
     /// be an AF_INET listener, `v6` an AF_INET6 one) and attaches it to this process's network
     /// namespace.
     pub fn install(
+        v4: &impl AsRawFd,
+        v6: Option<&impl AsRawFd>,
+        pod_ips: &[IpAddr],
+        exclude_ports: &[u16],
+    ) -> Result<InboundSteering, BpfError> {
+        Self::install_in(Path::new(NETNS), v4, v6, pod_ips, exclude_ports)
+    }
+
+    /// [`InboundSteering::install`] for the network namespace at `netns` (a pod's, in node
+    /// mode); the listeners must live in that namespace.
+    pub fn install_in(
+        netns: &Path,
         v4: &impl AsRawFd,
         v6: Option<&impl AsRawFd>,
         pod_ips: &[IpAddr],
@@ -151,18 +163,19 @@ impl InboundSteering {
             hook,
             source: Box::new(source),
         })?;
-        let netns = File::open(NETNS).map_err(|source| BpfError::Io {
+        let ns = File::open(netns).map_err(|source| BpfError::Io {
             what: "opening network namespace",
-            path: NETNS.into(),
+            path: netns.into(),
             source,
         })?;
-        prog.attach(netns).map_err(|source| BpfError::Attach {
+        prog.attach(ns).map_err(|source| BpfError::Attach {
             program,
             hook,
-            cgroup: Path::new(NETNS).into(),
+            cgroup: netns.into(),
             source: Box::new(source),
         })?;
         tracing::info!(
+            netns = %netns.display(),
             pod_ips = ?pod_ips,
             exclude_ports = ?exclude_ports,
             ipv6 = v6.is_some(),

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::InboundOptions;
 use crate::bpf::Capture;
 use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
@@ -83,6 +84,14 @@ pub enum PodError {
     /// The pod's bootstrap is invalid.
     #[error("pod bootstrap: {0}")]
     Bootstrap(String),
+    /// The inbound capture could not be set up in the pod's namespace.
+    #[error("inbound capture in network namespace {netns}: {reason}")]
+    Inbound {
+        /// Namespace.
+        netns: PathBuf,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// What makes two pods' configuration identical: the same bootstrap and, when it uses ADS,
@@ -113,6 +122,7 @@ struct Pod {
     pipeline: Arc<Pipeline>,
     listeners: Vec<SocketAddr>,
     stop: CancellationToken,
+    closed: std::sync::mpsc::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -125,6 +135,7 @@ struct State {
 /// Every pod of this node, by cgroup id, and the pipelines they use.
 pub struct PodRegistry {
     bootstrap: Bootstrap,
+    inbound: Option<InboundOptions>,
     upstream_mark: Option<u32>,
     outbound_v4: SocketAddr,
     outbound_v6: Option<SocketAddr>,
@@ -169,6 +180,37 @@ fn bind_all(netns: &Path, addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListe
         .collect()
 }
 
+/// The pod's inbound listeners (0.0.0.0 and, with IPv6, a v6-only [::] on `port`), bound in
+/// the calling thread's network namespace.
+fn bind_inbound(
+    netns: &Path,
+    port: u16,
+    ipv6: bool,
+) -> Result<(std::net::TcpListener, Option<std::net::TcpListener>), PodError> {
+    let v4 = bind_all(netns, &[SocketAddr::from(([0, 0, 0, 0], port))])?
+        .pop()
+        .ok_or_else(|| PodError::Bootstrap("no inbound listener".into()))?;
+    if !ipv6 {
+        return Ok((v4, None));
+    }
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let err = |source| PodError::Bind {
+        netns: netns.to_path_buf(),
+        addr,
+        source,
+    };
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).map_err(err)?;
+    // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
+    s.set_only_v6(true)
+        .and_then(|()| s.set_reuse_address(true))
+        .and_then(|()| s.bind(&addr.into()))
+        .and_then(|()| s.listen(4096))
+        .and_then(|()| s.set_nonblocking(true))
+        .map_err(err)?;
+    Ok((v4, Some(std::net::TcpListener::from(s))))
+}
+
 /// Starts the pod's data-plane thread: it enters the pod's network namespace (only this
 /// thread does), binds `addrs` there and runs a current-thread runtime accepting on them with
 /// `dp` until `stop`. Every socket it creates (accepted, upstream, DNS lookups on its blocking
@@ -178,9 +220,10 @@ fn start_pod_thread(
     name: String,
     netns: &Path,
     addrs: &[SocketAddr],
+    inbound: Option<InboundOptions>,
     dp: Arc<Dataplane>,
     stop: CancellationToken,
-) -> Result<Vec<SocketAddr>, PodError> {
+) -> Result<(Vec<SocketAddr>, std::sync::mpsc::Receiver<()>), PodError> {
     let netns = netns.to_path_buf();
     let addrs = addrs.to_vec();
     let first = addrs
@@ -193,6 +236,8 @@ fn start_pod_thread(
         source,
     };
     let (tx, rx) = std::sync::mpsc::channel();
+    // Signalled once the pod's listeners and steering are gone (removal waits for it).
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
     let thread_netns = netns.clone();
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         let netns = thread_netns;
@@ -201,13 +246,40 @@ fn start_pod_thread(
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| err(&netns, std::io::Error::from(e)))?;
             let listeners = bind_all(&netns, &addrs)?;
+            // Inbound: listeners in the pod and sk_lookup steering in its namespace, detached
+            // when this thread ends (the steering is dropped with the runtime's future).
+            let inbound = match &inbound {
+                Some(ib) => {
+                    let (v4, v6) = bind_inbound(&netns, ib.port, ib.ipv6)?;
+                    let inbound_err = |reason: String| PodError::Inbound {
+                        netns: netns.clone(),
+                        reason,
+                    };
+                    let pod_ips = if ib.pod_ips.is_empty() {
+                        crate::bpf::inbound::local_addresses()
+                            .map_err(|e| inbound_err(e.to_string()))?
+                    } else {
+                        ib.pod_ips.clone()
+                    };
+                    let steering = crate::bpf::inbound::InboundSteering::install_in(
+                        &netns,
+                        &v4,
+                        v6.as_ref(),
+                        &pod_ips,
+                        &ib.exclude_ports,
+                    )
+                    .map_err(|e| inbound_err(e.to_string()))?;
+                    Some((ib.port, v4, v6, steering))
+                }
+                None => None,
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| err(&netns, e))?;
-            Ok((rt, listeners))
+            Ok((rt, listeners, inbound))
         })();
-        let (rt, listeners) = match setup {
+        let (rt, listeners, inbound) = match setup {
             Ok(x) => x,
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -235,8 +307,33 @@ fn start_pod_thread(
                     async move { token.cancelled().await },
                 )));
             }
+            let mut steering = None;
+            if let Some((port, v4, v6, s)) = inbound {
+                steering = Some(s);
+                for l in std::iter::once(v4).chain(v6) {
+                    let l = match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            stop.cancel();
+                            let _ = tx.send(Err(err(&netns, e)));
+                            return;
+                        }
+                    };
+                    bound.extend(l.local_addr().ok());
+                    let token = stop.clone();
+                    tasks.push(tokio::spawn(dataplane::inbound::run(
+                        l,
+                        dp.clone(),
+                        port,
+                        async move { token.cancelled().await },
+                    )));
+                }
+            }
             let _ = tx.send(Ok(bound));
             stop.cancelled().await;
+            // New inbound connections take the regular lookup again from here on.
+            drop(steering);
+            let _ = closed_tx.send(());
             for t in tasks {
                 let _ = t.await;
             }
@@ -255,11 +352,12 @@ fn start_pod_thread(
     if let Err(e) = spawned {
         return Err(err(&netns, e));
     }
-    rx.recv().unwrap_or_else(|_| {
+    let bound = rx.recv().unwrap_or_else(|_| {
         Err(PodError::Bootstrap(
             "the pod thread exited before listening".into(),
         ))
-    })
+    })?;
+    Ok((bound, closed_rx))
 }
 
 impl PodRegistry {
@@ -270,10 +368,12 @@ impl PodRegistry {
         upstream_mark: Option<u32>,
         outbound_v4: std::net::SocketAddrV4,
         outbound_v6: Option<std::net::SocketAddrV6>,
+        inbound: Option<InboundOptions>,
         stop: CancellationToken,
     ) -> Self {
         PodRegistry {
             bootstrap,
+            inbound,
             upstream_mark,
             outbound_v4: SocketAddr::V4(outbound_v4),
             outbound_v6: outbound_v6.map(SocketAddr::V6),
@@ -363,6 +463,7 @@ impl PodRegistry {
             format!("skiff-pod-{id}"),
             &spec.netns,
             &addrs,
+            self.inbound.clone(),
             pipeline.dp.clone(),
             stop.clone(),
         ) {
@@ -373,6 +474,7 @@ impl PodRegistry {
                 return Err(e);
             }
         };
+        let (bound, closed) = bound;
         if let Err(source) = capture.add_meshed_cgroup(&spec.cgroup) {
             stop.cancel();
             release(&mut st, &key);
@@ -396,6 +498,7 @@ impl PodRegistry {
             pipeline,
             listeners: bound,
             stop,
+            closed,
         };
         st.pods.insert(id, pod);
         let view = st.pods.get(&id).map(|p| pod_json(&st, p));
@@ -421,10 +524,19 @@ impl PodRegistry {
                 cgroup: cgroup.into(),
                 source,
             })?;
-        let mut st = self.lock();
-        if let Some(pod) = st.pods.remove(&id) {
-            pod.stop.cancel();
-            release(&mut st, &pod.key);
+        let removed = {
+            let mut st = self.lock();
+            let pod = st.pods.remove(&id);
+            if let Some(pod) = &pod {
+                pod.stop.cancel();
+                release(&mut st, &pod.key);
+            }
+            pod
+        };
+        if let Some(pod) = removed {
+            // Wait (bounded) until the pod's listeners and sk_lookup program are gone, so the
+            // caller can rely on new connections no longer reaching skiff.
+            let _ = pod.closed.recv_timeout(Duration::from_secs(2));
             tracing::info!(cgroup = %cgroup.display(), cgroup_id = id, node_id = %pod.spec.node_id, "pod removed");
         }
         Ok(())
