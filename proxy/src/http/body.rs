@@ -1,4 +1,5 @@
-//! Bodies: request bodies buffered for retries, and response bodies under the route's timers.
+//! Bodies: the request tee that streams upstream while keeping a copy for retries, small
+//! responses taken whole, and response bodies under the route's timers.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -16,8 +16,10 @@
 //!
 //! Each request loads the current snapshot, so a new route configuration applies to the next
 //! request of a kept-alive connection (as in Envoy), while the request itself never sees half
-//! an update. `sniff` is the http_inspector listener filter; `body` holds the replay buffer
-//! and the timed response body. Not done: upgrades (WebSocket, CONNECT), hedging, shadowing.
+//! an update. `sniff` is the http_inspector listener filter; `body` holds the request tee that
+//! keeps a replay copy and the timed response body. HTTP/1.1 upgrades (WebSocket) allowed by
+//! `upgrade_configs` become byte tunnels after `101`. Not done: CONNECT and upgrades over h2,
+//! hedging, shadowing.
 
 pub mod body;
 pub mod headers;
