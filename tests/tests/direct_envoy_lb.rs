@@ -255,3 +255,148 @@ fn priority_and_locality_shares_match_envoy() {
         );
     }
 }
+
+/// A connection from `src` (a 127.0.0.0/8 address) to `port`: the backend that answered.
+fn from_source(src: std::net::Ipv4Addr, port: u16) -> Option<String> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    s.bind(&SocketAddr::from((src, 0)).into()).ok()?;
+    s.connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)).into(),
+        Duration::from_secs(5),
+    )
+    .ok()?;
+    let mut s: TcpStream = s.into();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut name = String::new();
+    s.read_to_string(&mut name).ok()?;
+    (!name.is_empty()).then_some(name)
+}
+
+fn hash_bootstrap(ring: u16, maglev: u16, admin: u16, addrs: &[SocketAddr]) -> String {
+    let eps: String = addrs
+        .iter()
+        .map(|a| {
+            format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    let listener = |name: &str, port: u16| {
+        format!(
+            r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {name}
+          hash_policy: [ {{ source_ip: {{}} }} ]
+"#
+        )
+    };
+    let cluster = |name: &str, policy: &str| {
+        format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    lb_policy: {policy}\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n{eps}"
+        )
+    };
+    format!(
+        "node: {{ id: hash-diff, cluster: hash-diff }}\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\nstatic_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
+        listener("ring", ring),
+        listener("maglev", maglev),
+        cluster("ring", "RING_HASH"),
+        cluster("maglev", "MAGLEV"),
+    )
+}
+
+/// Which backend each source address reaches through `ring` and `maglev`.
+fn hash_map(ring: u16, maglev: u16) -> Vec<(String, String)> {
+    (2..42u8)
+        .map(|i| {
+            let src = std::net::Ipv4Addr::new(127, 0, 0, i);
+            (
+                from_source(src, ring).unwrap_or_else(|| panic!("ring via {src}")),
+                from_source(src, maglev).unwrap_or_else(|| panic!("maglev via {src}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ring_hash_and_maglev_send_each_source_ip_where_envoy_does() {
+    let _guard = skiff_tests::serial();
+    const NAMES: [&str; 5] = ["h1", "h2", "h3", "h4", "h5"];
+    let addrs: Vec<SocketAddr> = NAMES.iter().map(|n| backend(n)).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ring, maglev, admin) = (free_port(), free_port(), free_port());
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(&cfg, hash_bootstrap(ring, maglev, admin, &addrs)).unwrap();
+    let envoy = Envoy(
+        Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
+            .arg((std::process::id() + 1).to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
+    );
+    wait_port(ring);
+    wait_port(maglev);
+    let from_envoy = hash_map(ring, maglev);
+    drop(envoy);
+
+    let (s_ring, s_maglev, s_admin) = (free_port(), free_port(), free_port());
+    let yaml = hash_bootstrap(s_ring, s_maglev, s_admin, &addrs);
+    let boot = skiff::config::parse(&yaml, "<hash-diff>").expect("skiff accepts it");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(skiff::app::run(
+            skiff::app::RunOptions {
+                admin: boot.admin,
+                bootstrap: boot,
+                capture: None,
+                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+                outbound_v6: None,
+                upstream_mark: None,
+                drain: Duration::from_millis(100),
+            },
+            async {
+                let _ = rx.await;
+            },
+        ))
+        .expect("skiff runs");
+    });
+    wait_port(s_ring);
+    wait_port(s_maglev);
+    let from_skiff = hash_map(s_ring, s_maglev);
+    let _ = tx.send(());
+    let _ = thread.join();
+
+    // Same ring (xxHash64 of "ip:port_i"), same Maglev table, same source-IP hash: every
+    // source lands on the same backend.
+    let spread: std::collections::BTreeSet<&String> = from_envoy.iter().map(|(r, _)| r).collect();
+    assert!(
+        spread.len() >= 3,
+        "40 sources should spread: {from_envoy:?}"
+    );
+    for (i, (e, s)) in from_envoy.iter().zip(&from_skiff).enumerate() {
+        assert_eq!(
+            e,
+            s,
+            "source 127.0.0.{}: envoy (ring, maglev) vs skiff",
+            i + 2
+        );
+    }
+}
