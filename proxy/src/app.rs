@@ -90,12 +90,11 @@ impl CaptureControl for CaptureHandle {
             .stats()
             .map(|v| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect())
             .unwrap_or_default();
-        out.extend(
-            self.0
-                .service_stats()
-                .into_iter()
-                .map(|(vip, n)| (format!("fast_path.{vip}.cx_total"), n)),
-        );
+        for (vip, st) in self.0.service_stats() {
+            out.push((format!("fast_path.{vip}.cx_total"), st.connects));
+            out.push((format!("fast_path.{vip}.fallback_total"), st.fallbacks));
+            out.push((format!("fast_path.{vip}.no_healthy_total"), st.no_healthy));
+        }
         for (ep, load) in self.0.endpoint_stats() {
             out.push((format!("fast_path.endpoint.{ep}.cx_total"), load.total));
             out.push((format!("fast_path.endpoint.{ep}.cx_active"), load.active));

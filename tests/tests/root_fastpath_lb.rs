@@ -230,6 +230,22 @@ fn weighted_round_robin_follows_endpoint_weights() {
     assert!(got[BACKENDS[2]] > got[BACKENDS[0]], "{got:?}");
     // Straight to the backends: nothing went through the proxy.
     assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
+    // Per-service and per-endpoint counters.
+    assert_eq!(
+        stat(&s.ns, "skiff.bpf.fast_path.10.96.0.13:80.cx_total"),
+        120
+    );
+    let (_, body) = skiff_tests::admin(&s.ns, "GET", "/stats").expect("/stats");
+    assert!(
+        body.contains("skiff.bpf.fast_path.10.96.0.13:80.fallback_total: 0")
+            && body.contains("skiff.bpf.fast_path.10.96.0.13:80.no_healthy_total: 0"),
+        "{body}"
+    );
+    let per_endpoint: u64 = BACKENDS
+        .iter()
+        .map(|b| stat(&s.ns, &format!("skiff.bpf.fast_path.endpoint.{b}.cx_total")))
+        .sum();
+    assert_eq!(per_endpoint, 120);
     let (_, maps) = skiff_tests::admin(&s.ns, "GET", "/debug/maps").expect("/debug/maps");
     assert!(maps.contains("\"weights\""), "{maps}");
 }

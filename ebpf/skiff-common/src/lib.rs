@@ -367,6 +367,19 @@ pub struct EndpointLoad {
 }
 const _: () = assert!(core::mem::size_of::<EndpointLoad>() == 16);
 
+/// Value of `SKIFF_SVC_STAT` (per CPU): what happened to connects to one fast-path service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connects sent straight to an endpoint.
+    pub connects: u64,
+    /// Connects sent to the proxy because the service is absent from the active generation.
+    pub fallbacks: u64,
+    /// Connects sent to the proxy because no endpoint could be chosen.
+    pub no_healthy: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 24);
+
 /// The random and per-CPU inputs of one endpoint choice.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Draws {
@@ -696,6 +709,8 @@ mod user {
     unsafe impl aya::Pod for EndpointKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EndpointLoad {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceStats {}
 
     impl ServiceKeyV4 {
         /// A TCP service at `vip`.

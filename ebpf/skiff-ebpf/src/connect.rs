@@ -11,8 +11,9 @@ use aya_log_ebpf::error;
 use skiff_common::{
     AF_INET, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws, ECONNREFUSED,
     EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, LB_LEAST_REQUEST,
-    LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4, SlotFacts,
-    capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
+    LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4, ServiceStats,
+    SlotFacts, capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot,
+    reason,
 };
 
 use crate::{
@@ -248,6 +249,7 @@ fn fast_path_v4(
     };
     if idx == NO_CLUSTER {
         count(reason::FAST_FALLBACK);
+        service_count(key, ServiceEvent::Fallback);
         return None;
     }
     let Some(cluster) = SKIFF_CLUSTERS.get(idx).copied() else {
@@ -289,6 +291,7 @@ fn fast_path_v4(
     };
     let Some(offset) = pick_slot(&cluster, &draws, &facts) else {
         count(reason::FAST_NO_HEALTHY);
+        service_count(key, ServiceEvent::NoHealthy);
         return None;
     };
     let Some(ep) = SKIFF_ENDPOINTS
@@ -300,15 +303,10 @@ fn fast_path_v4(
     };
     if ep.health != HEALTH_OK || u32::from(ep.family) != AF_INET {
         count(reason::FAST_NO_HEALTHY);
+        service_count(key, ServiceEvent::NoHealthy);
         return None;
     }
-    match SKIFF_SVC_STAT.get_ptr_mut(key) {
-        // SAFETY: per-CPU value from a successful lookup.
-        Some(p) => unsafe { *p += 1 },
-        None => {
-            let _ = SKIFF_SVC_STAT.insert(key, 1, 0);
-        }
-    }
+    service_count(key, ServiceEvent::Connect);
     // sock_ops counts the connection against this endpoint from TCP_CONNECT_CB to TCP_CLOSE.
     if SKIFF_FAST_SK
         .insert(sa.socket_cookie(), EndpointKey::of(&ep), 0)
@@ -317,6 +315,38 @@ fn fast_path_v4(
         count(reason::ERR_FAST_TRACK);
     }
     Some((ep.addr_be[0], ep.port_be))
+}
+
+/// What happened to one connect to a fast-path service.
+#[derive(Clone, Copy)]
+enum ServiceEvent {
+    Connect,
+    Fallback,
+    NoHealthy,
+}
+
+/// Bumps the service's per-CPU counter for `event` (creating its entry on first use).
+#[inline(always)]
+fn service_count(key: ServiceKeyV4, event: ServiceEvent) {
+    let p = match SKIFF_SVC_STAT.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            let _ = SKIFF_SVC_STAT.insert(key, ServiceStats::default(), 0);
+            match SKIFF_SVC_STAT.get_ptr_mut(key) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: per-CPU value from a successful lookup; no other program runs on this CPU's
+    // copy meanwhile.
+    unsafe {
+        match event {
+            ServiceEvent::Connect => (*p).connects += 1,
+            ServiceEvent::Fallback => (*p).fallbacks += 1,
+            ServiceEvent::NoHealthy => (*p).no_healthy += 1,
+        }
+    }
 }
 
 /// The map facts a choice reads, for one cluster of the active generation.

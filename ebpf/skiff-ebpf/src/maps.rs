@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use skiff_common::{
     CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey, EndpointLoad,
-    EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceValue, reason,
+    EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceStats, ServiceValue, reason,
 };
 
 /// Proxy config. Key: u32 index 0; value: `ConfigValue`; max 1; not LRU.
@@ -111,10 +111,11 @@ pub static SKIFF_EP_LOAD: HashMap<EndpointKey, u32> =
 #[map]
 pub static SKIFF_FAST_SK: LruHashMap<u64, EndpointKey> = LruHashMap::with_max_entries(65536, 0);
 
-/// Fast-path connects per service. Key: `ServiceKeyV4`; value: u64 per CPU; max 10240; LRU.
+/// What happened to connects per fast-path service. Key: `ServiceKeyV4`; value:
+/// `ServiceStats` per CPU (connects, fallbacks, no healthy endpoint); max `max_services`; LRU.
 /// Writer: connect4/6. Readers: userspace (`Capture::service_stats`, summed over CPUs).
 #[map]
-pub static SKIFF_SVC_STAT: LruPerCpuHashMap<ServiceKeyV4, u64> =
+pub static SKIFF_SVC_STAT: LruPerCpuHashMap<ServiceKeyV4, ServiceStats> =
     LruPerCpuHashMap::with_max_entries(10240, 0);
 
 /// The address an app connected to (the VIP), per socket, for getpeername4. BTF socket

@@ -9,7 +9,7 @@ use super::CaptureConfig;
 use super::loader::FastPathView;
 use super::projection::{FastLb, classify};
 use crate::state::Snapshot;
-use skiff_common::EndpointLoad;
+use skiff_common::{EndpointLoad, ServiceStats};
 
 /// Where a connect from the captured cgroup to `dst` goes: `kernel` (fast path), `proxy`,
 /// `passthrough` (proxy, no listener) or `excluded` (never captured), with the reason.
@@ -111,7 +111,7 @@ fn selection(lb: FastLb) -> &'static str {
 /// connections the kernel counts.
 pub fn maps_json(
     view: Option<&FastPathView>,
-    per_service: &[(std::net::SocketAddrV4, u64)],
+    per_service: &[(std::net::SocketAddrV4, ServiceStats)],
     per_endpoint: &[(SocketAddr, EndpointLoad)],
 ) -> Value {
     let Some(view) = view else {
@@ -122,11 +122,11 @@ pub fn maps_json(
         .services
         .iter()
         .map(|(vip, s)| {
-            let connects = per_service
+            let st = per_service
                 .iter()
                 .find(|(a, _)| a == vip)
                 .map(|(_, n)| *n)
-                .unwrap_or(0);
+                .unwrap_or_default();
             json!({
                 "vip": vip.to_string(),
                 "proto": "TCP",
@@ -134,7 +134,9 @@ pub fn maps_json(
                 "cluster_id": img.cluster_id(&s.cluster),
                 "listener": s.listener,
                 "filter_chain": s.filter_chain,
-                "fast_path_connects": connects,
+                "fast_path_connects": st.connects,
+                "fallbacks": st.fallbacks,
+                "no_healthy": st.no_healthy,
             })
         })
         .collect();

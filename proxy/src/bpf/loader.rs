@@ -23,7 +23,7 @@ use aya::{
 use skiff_common::{
     CONFIG_INDEX, CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey,
     EndpointLoad, EndpointValue, ExcludePortKey, MAGLEV_TABLE_SIZE, OrigDstValue, ServiceKeyV4,
-    ServiceValue, reason,
+    ServiceStats, ServiceValue, reason,
 };
 
 use super::{
@@ -87,7 +87,7 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
     orig_dst: HashMap<MapData, ConnKey, OrigDstValue>,
     fast: Option<Mutex<FastState>>,
-    svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, u64>,
+    svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, ServiceStats>,
     logger: Option<aya_log::EbpfLogger<TracingLog>>,
     log_task: Option<tokio::task::AbortHandle>,
     node_mode: bool,
@@ -149,7 +149,8 @@ impl Capture {
         let meshed: HashMap<MapData, u64, u8> = take(&mut ebpf, MAP_MESHED)?;
         let stats: PerCpuArray<MapData, u64> = take(&mut ebpf, MAP_STATS)?;
         let orig_dst: HashMap<MapData, ConnKey, OrigDstValue> = take(&mut ebpf, MAP_ORIG_DST)?;
-        let svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, u64> = take(&mut ebpf, MAP_SVC_STAT)?;
+        let svc_stats: PerCpuHashMap<MapData, ServiceKeyV4, ServiceStats> =
+            take(&mut ebpf, MAP_SVC_STAT)?;
         let fast = match cfg.fast_path {
             Some(caps) => Some(Mutex::new(FastState {
                 services: take(&mut ebpf, MAP_SVC_V4)?,
@@ -568,15 +569,23 @@ impl Capture {
         })
     }
 
-    /// Fast-path connects per service (summed over CPUs), sorted by service.
-    pub fn service_stats(&self) -> Vec<(std::net::SocketAddrV4, u64)> {
-        let mut out: Vec<(std::net::SocketAddrV4, u64)> = self
+    /// What happened to connects per fast-path service (summed over CPUs), sorted by service.
+    pub fn service_stats(&self) -> Vec<(std::net::SocketAddrV4, ServiceStats)> {
+        let mut out: Vec<(std::net::SocketAddrV4, ServiceStats)> = self
             .svc_stats
             .iter()
             .filter_map(Result::ok)
-            .map(|(k, v)| (k.addr(), v.iter().copied().sum()))
+            .map(|(k, v)| {
+                let sum = v.iter().fold(ServiceStats::default(), |mut a, c| {
+                    a.connects += c.connects;
+                    a.fallbacks += c.fallbacks;
+                    a.no_healthy += c.no_healthy;
+                    a
+                });
+                (k.addr(), sum)
+            })
             .collect();
-        out.sort();
+        out.sort_by_key(|(a, _)| *a);
         out
     }
 
