@@ -370,6 +370,24 @@ proptest! {
                 prop_assert!((got - want).abs() <= bound, "{:?} {} want {} got {}", policy, addr, want, got);
             }
         }
+        // Consistent hashing over random keys: Maglev's table gives each host its weighted
+        // share of entries almost exactly; a ring of >= 1024 points only approximately (arc
+        // lengths vary), so it gets a relative bound.
+        for policy in [LbPolicy::Maglev, LbPolicy::RingHash] {
+            let e = entry(policy, &eps);
+            let mut c: HashMap<SocketAddr, usize> = HashMap::new();
+            for _ in 0..n {
+                let req = LbRequest { hash: Some(fastrand::u64(..)), ..Default::default() };
+                *c.entry(choose(&e, &req).unwrap().address()).or_default() += 1;
+            }
+            for (addr, w) in addrs.iter().zip(&ws) {
+                let want = f64::from(*w) / f64::from(total);
+                let got = c.get(&a(addr)).copied().unwrap_or(0) as f64 / n as f64;
+                let sampling = 5.0 * (want * (1.0 - want) / n as f64).sqrt();
+                let bound = if policy == LbPolicy::Maglev { sampling + 0.01 } else { sampling + 0.3 * want };
+                prop_assert!((got - want).abs() <= bound, "{:?} {} want {} got {}", policy, addr, want, got);
+            }
+        }
     }
 
     /// Removing one of N equal endpoints changes the host of few keys beyond the 1/N that
