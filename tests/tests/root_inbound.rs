@@ -48,6 +48,25 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: "inbound|8080||"
           cluster: "inbound|8080||"
+    - name: "0.0.0.0_8081"
+      filter_chain_match: { destination_port: 8081 }
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: "inbound_0.0.0.0_8081"
+          route_config:
+            name: "inbound|8081||"
+            virtual_hosts:
+            - name: "inbound|http|8081"
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: "inbound|8081||" }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
     default_filter_chain:
       filters:
       - name: envoy.filters.network.tcp_proxy
@@ -57,6 +76,10 @@ static_resources:
           cluster: InboundPassthroughClusterIpv4
   clusters:
   - name: "inbound|8080||"
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+  - name: "inbound|8081||"
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
@@ -363,5 +386,47 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
     assert!(wait_stat(&p.b, "skiff.inbound.steered", 1) >= 1);
     sigterm_and_wait(proxy);
     drop(app6);
+    assert_no_programs_attached(cg.path());
+}
+
+#[test]
+fn inbound_http_is_served_by_the_connection_manager_chain() {
+    let _g = serial();
+    let env = require_root();
+    let p = pair("in-http");
+    let httppeer = PathBuf::from(env!("CARGO_BIN_EXE_skiff-httppeer"));
+    let mut app = Child::spawn(command_in(Some(&p.b), None, &httppeer).args([
+        "serve",
+        "0.0.0.0:8081",
+        "app-b",
+    ]));
+    app.expect_line("ready", Duration::from_secs(5));
+    let mut cg = Cgroup::new(&env, "in-http");
+    let app_cg = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let proxy = skiff(
+        &p,
+        &[
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            app_cg.to_str().unwrap(),
+            "--proxy-cgroup",
+            proxy_cg.to_str().unwrap(),
+        ],
+    );
+    wait_admin_ready(&p.b);
+    let out = command_in(Some(&p.a), None, &httppeer)
+        .args(["get", &format!("{POD_B}:8081"), "app.default.svc", "/hello"])
+        .output()
+        .expect("run http client");
+    let out = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(field(&out, "status"), Some("200"), "{out}");
+    assert_eq!(field(&out, "body"), Some("app-b"), "{out}");
+    // Served by virtualInbound's HCM chain (route -> inbound|8081||), not by tcp_proxy.
+    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 1);
+    assert_eq!(stat(&p.b, "cluster.inbound|8081||.upstream_rq_total"), 1);
+    sigterm_and_wait(proxy);
+    drop(app);
     assert_no_programs_attached(cg.path());
 }
