@@ -317,6 +317,8 @@ static_resources:
               request_headers_to_add:
               - header: {{ key: x-peer, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%" }}
               routes:
+              - match: {{ prefix: /grpc }}
+                route: {{ cluster: slow, timeout: 0s, max_grpc_timeout: 0s }}
               - match: {{ prefix: /timeout }}
                 route: {{ cluster: slow, timeout: 0.2s }}
               - match: {{ prefix: /pertry }}
@@ -386,6 +388,26 @@ static_resources:
     assert_eq!(body.unwrap(), skiff::http::UPSTREAM_TIMEOUT);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     assert_eq!(stat(admin, "cluster.slow.upstream_rq_timeout").await, 1);
+
+    // max_grpc_timeout 0s (as Istio sets it): a gRPC request's grpc-timeout is its timeout.
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut tx, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let t = Instant::now();
+    let req = Request::post("/grpc")
+        .header("host", "t.example")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "150m")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     // per_try_timeout: an attempt on the slow host is cut after 0.2 s and retried on the other.
     for _ in 0..4 {

@@ -569,13 +569,19 @@ async fn forward(
     // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
     // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.
     let configured = f.retry_policy.as_deref().or(ctx.vh.retry_policy.as_deref());
+    // Istio sets `max_grpc_timeout: 0s`: a gRPC request's own `grpc-timeout` then replaces the
+    // route timeout (and `x-envoy-upstream-rq-timeout-ms` still overrides both, as in Envoy).
+    let route_timeout = f
+        .grpc_timeout_max
+        .and_then(|max| retry::grpc_timeout(req.headers(), max))
+        .unwrap_or(f.timeout);
     let (policy, timeout, header_per_try) = if conn.manager.use_remote_address {
-        (configured.cloned().map(Arc::new), f.timeout, None)
+        (configured.cloned().map(Arc::new), route_timeout, None)
     } else {
         let h = req.headers();
         (
             retry::effective_policy(configured, h).map(Arc::new),
-            retry::timeout_header(h, "x-envoy-upstream-rq-timeout-ms").unwrap_or(f.timeout),
+            retry::timeout_header(h, "x-envoy-upstream-rq-timeout-ms").unwrap_or(route_timeout),
             retry::timeout_header(h, "x-envoy-upstream-rq-per-try-timeout-ms").flatten(),
         )
     };

@@ -66,6 +66,39 @@ pub fn effective_policy(configured: Option<&RetryPolicy>, h: &HeaderMap) -> Opti
     Some(p)
 }
 
+/// The timeout of a gRPC request on a route with `max_grpc_timeout`: its `grpc-timeout`
+/// (`<digits><H|M|S|m|u|n>`; absent or malformed: none), capped by `max` unless `max` is zero.
+/// `None` when the request is not gRPC (the route timeout applies).
+pub fn grpc_timeout(
+    h: &HeaderMap,
+    max: std::time::Duration,
+) -> Option<Option<std::time::Duration>> {
+    use std::time::Duration;
+    let grpc = header(h, "content-type").is_some_and(|c| c.starts_with("application/grpc"));
+    if !grpc {
+        return None;
+    }
+    let asked = header(h, "grpc-timeout").and_then(|v| {
+        let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(n.checked_mul(3600)?),
+            "M" => Duration::from_secs(n.checked_mul(60)?),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        })
+    });
+    Some(match (asked, max.is_zero()) {
+        (Some(t), true) => Some(t),
+        (Some(t), false) => Some(t.min(max)),
+        (None, true) => None,
+        (None, false) => Some(max),
+    })
+}
+
 /// A millisecond timeout header (`x-envoy-upstream-rq-timeout-ms`): `Some(None)` for 0 (no
 /// timeout), `None` when absent or not a number.
 pub fn timeout_header(h: &HeaderMap, name: &str) -> Option<Option<std::time::Duration>> {
@@ -263,6 +296,33 @@ mod tests {
             timeout_header(&h, "x-envoy-upstream-rq-per-try-timeout-ms"),
             None
         );
+    }
+
+    #[test]
+    fn grpc_timeout_replaces_the_route_timeout() {
+        let mut h = HeaderMap::new();
+        let max = Duration::from_secs(2);
+        assert_eq!(grpc_timeout(&h, max), None, "not gRPC: route timeout");
+        h.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&h, Duration::ZERO),
+            Some(None),
+            "no header, no cap"
+        );
+        assert_eq!(grpc_timeout(&h, max), Some(Some(max)));
+        h.insert("grpc-timeout", "150m".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&h, max),
+            Some(Some(Duration::from_millis(150)))
+        );
+        h.insert("grpc-timeout", "1H".parse().unwrap());
+        assert_eq!(grpc_timeout(&h, max), Some(Some(max)), "capped");
+        assert_eq!(
+            grpc_timeout(&h, Duration::ZERO),
+            Some(Some(Duration::from_secs(3600)))
+        );
+        h.insert("grpc-timeout", "oops".parse().unwrap());
+        assert_eq!(grpc_timeout(&h, Duration::ZERO), Some(None));
     }
 
     #[test]

@@ -227,6 +227,10 @@ pub struct Forward {
     /// `upgrade_configs`: per upgrade type (lowercase), whether this route enables it
     /// (overrides the connection manager's `enabled`).
     pub upgrades: Vec<(String, bool)>,
+    /// `max_stream_duration.grpc_timeout_header_max` or the deprecated `max_grpc_timeout`:
+    /// when set, a gRPC request's `grpc-timeout` (absent: none) replaces `timeout`, capped by
+    /// this value unless it is zero.
+    pub grpc_timeout_max: Option<Duration>,
 }
 
 /// One `RouteAction.HashPolicy`.
@@ -781,6 +785,15 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
         idle_timeout,
         retry_policy,
         hash_policy: a.hash_policy.iter().map(hash_policy).collect(),
+        grpc_timeout_max: {
+            #[allow(deprecated)]
+            let legacy = a.max_grpc_timeout.as_ref();
+            let header_max = a
+                .max_stream_duration
+                .as_ref()
+                .and_then(|m| m.grpc_timeout_header_max.as_ref());
+            opt_duration(header_max.or(legacy), "max_grpc_timeout")?
+        },
         upgrades: a
             .upgrade_configs
             .iter()
