@@ -198,6 +198,37 @@ mod tests {
     }
 
     #[test]
+    fn retry_budget_is_a_share_of_active_requests_with_a_floor() {
+        let b = Breakers::default();
+        let mut cfg = CircuitBreakers::default();
+        cfg.default.retry_budget = Some((20.0, 3));
+        let stats = Stats::default();
+        let p = RoutingPriority::Default;
+        // 25 requests in flight: 20% = 5 retries (above the floor of 3).
+        let rq: Vec<_> = (0..25)
+            .map(|_| {
+                b.try_take(&cfg, p, Resource::Requests, "c", &stats)
+                    .unwrap()
+            })
+            .collect();
+        let r: Vec<_> = (0..5)
+            .map(|_| b.try_take(&cfg, p, Resource::Retries, "c", &stats).unwrap())
+            .collect();
+        assert!(b.try_take(&cfg, p, Resource::Retries, "c", &stats).is_err());
+        drop(r);
+        drop(rq);
+        // Nothing in flight: the floor still allows 3.
+        let _r: Vec<_> = (0..3)
+            .map(|_| b.try_take(&cfg, p, Resource::Retries, "c", &stats).unwrap())
+            .collect();
+        assert!(b.try_take(&cfg, p, Resource::Retries, "c", &stats).is_err());
+        assert_eq!(
+            stats.counter("cluster.c.upstream_rq_retry_overflow").get(),
+            2
+        );
+    }
+
+    #[test]
     fn retries_default_to_three() {
         let b = Breakers::default();
         let cfg = CircuitBreakers::default();
