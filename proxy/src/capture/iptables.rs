@@ -39,6 +39,9 @@ const REDIRECT_CHAIN: &str = "SKIFF_REDIRECT";
 const INBOUND_CHAIN: &str = "SKIFF_INBOUND";
 const IN_REDIRECT_CHAIN: &str = "SKIFF_IN_REDIRECT";
 
+/// How long `iptables-restore` waits for the xtables lock.
+const RESTORE_WAIT_SECS: u32 = 5;
+
 /// Source address of the proxy's inbound passthrough connects (Istio's convention).
 pub const INBOUND_PASSTHROUGH_SRC_V4: &str = "127.0.0.6";
 /// IPv6 counterpart of [`INBOUND_PASSTHROUGH_SRC_V4`].
@@ -376,6 +379,9 @@ fn run_restore(backend: Backend, family: Family, script: &[String]) -> Result<()
     let tool = backend.restore(family);
     let mut child = Command::new(&tool)
         .arg("--noflush")
+        // Legacy iptables serialises writers with the xtables lock (kube-proxy, CNI plugins
+        // may hold it): wait for it a little instead of failing at once.
+        .arg(format!("--wait={RESTORE_WAIT_SECS}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
