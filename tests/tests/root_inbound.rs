@@ -306,7 +306,7 @@ fn iptables_prerouting_redirects_inbound_connections() {
     let mut p = pair("in-ipt");
     let proxy = skiff(&p, &["--capture", "iptables"]);
     wait_admin_ready(&p.b);
-    let rules = run(&mut command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
+    let rules = run(command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
     assert!(
         rules.contains("-A PREROUTING -p tcp -j SKIFF_INBOUND")
             && rules.contains("--dport 9090 -j RETURN")
@@ -315,7 +315,7 @@ fn iptables_prerouting_redirects_inbound_connections() {
     );
     assert_inbound_capture(&mut p);
     sigterm_and_wait(proxy);
-    let rules = run(&mut command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
+    let rules = run(command_in(Some(&p.b), None, "iptables-save").args(["-t", "nat"]));
     assert!(!rules.contains("SKIFF_"), "rules left: {rules}");
     assert_direct_after_exit(&mut p);
 }
