@@ -585,7 +585,18 @@ async fn forward(
             retry::timeout_header(h, "x-envoy-upstream-rq-per-try-timeout-ms").flatten(),
         )
     };
-    let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| p.num_retries > 0);
+    // `retriable_request_headers`: only matching requests are retried.
+    let facts = route::RequestFacts {
+        host,
+        method: req.method(),
+        path,
+        headers: req.headers(),
+    };
+    let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| {
+        p.num_retries > 0
+            && (p.retriable_request_headers.is_empty()
+                || route::any_request_header_matches(&p.retriable_request_headers, &facts))
+    });
     let down_version = req.version();
     let proto = upstream_proto(&entry, down_version);
 
@@ -762,13 +773,22 @@ async fn forward(
                     cstat("upstream_cx_total").inc();
                 }
                 match s.result {
-                    Ok(r) => (
-                        Attempt::Response {
-                            status: r.status().as_u16(),
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let header_match = policy.as_deref().is_some_and(|p| {
+                            route::any_response_header_matches(
+                                &p.retriable_headers,
+                                status,
+                                r.headers(),
+                            )
+                        });
+                        let attempt = Attempt::Response {
+                            status,
                             grpc_status: retry::grpc_status(r.headers()),
-                        },
-                        Some(r),
-                    ),
+                            header_match,
+                        };
+                        (attempt, Some(r))
+                    }
                     Err(SendError::Connect(e)) => {
                         match e {
                             ConnectError::Timeout { .. } => {

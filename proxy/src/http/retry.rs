@@ -50,6 +50,8 @@ pub fn effective_policy(configured: Option<&RetryPolicy>, h: &HeaderMap) -> Opti
             previous_hosts: false,
             host_selection_max_attempts: 1,
             retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
         },
     };
     if let Some(n) = header(h, "x-envoy-max-retries").and_then(|v| v.parse().ok()) {
@@ -115,6 +117,8 @@ pub enum Attempt {
         status: u16,
         /// `grpc-status` of a trailers-only gRPC response.
         grpc_status: Option<u8>,
+        /// The response matched one of the policy's `retriable_headers`.
+        header_match: bool,
     },
     /// The upstream connect failed or timed out.
     ConnectFailure,
@@ -146,12 +150,14 @@ pub fn retriable(policy: &RetryPolicy, outcome: Attempt) -> bool {
         Attempt::Response {
             status,
             grpc_status,
+            header_match,
         } => {
             (on.server_error && (500..600).contains(&status))
                 || (on.gateway_error && matches!(status, 502..=504))
                 || (on.retriable_4xx && status == 409)
                 || (on.retriable_status_codes && policy.retriable_status_codes.contains(&status))
                 || grpc_status.is_some_and(|g| on.grpc_codes.get(usize::from(g)) == Some(&true))
+                || (on.retriable_headers && header_match)
         }
     }
 }
@@ -190,6 +196,8 @@ mod tests {
             previous_hosts: false,
             host_selection_max_attempts: 1,
             retriable_status_codes: codes.to_vec(),
+            retriable_headers: Vec::new(),
+            retriable_request_headers: Vec::new(),
         }
     }
 
@@ -197,6 +205,7 @@ mod tests {
         Attempt::Response {
             status,
             grpc_status: None,
+            header_match: false,
         }
     }
 
@@ -237,6 +246,7 @@ mod tests {
                 Attempt::Response {
                     status: 200,
                     grpc_status: Some(14),
+                    header_match: false,
                 },
                 true,
             ),
@@ -245,10 +255,29 @@ mod tests {
                 Attempt::Response {
                     status: 200,
                     grpc_status: Some(14),
+                    header_match: false,
                 },
                 false,
             ),
             ("", resp(503), false),
+            (
+                "retriable-headers",
+                Attempt::Response {
+                    status: 200,
+                    grpc_status: None,
+                    header_match: true,
+                },
+                true,
+            ),
+            (
+                "5xx",
+                Attempt::Response {
+                    status: 200,
+                    grpc_status: None,
+                    header_match: true,
+                },
+                false,
+            ),
         ];
         for (on, outcome, want) in table {
             let p = policy(on, &[503]);

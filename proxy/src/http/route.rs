@@ -230,7 +230,32 @@ fn cmp(ignore_case: bool, a: &str, b: &str) -> (String, String) {
 }
 
 fn header_matches(h: &HeaderMatch, req: &RequestFacts<'_>) -> bool {
-    let value = header_value(&h.name, req);
+    matches_value(h, header_value(&h.name, req))
+}
+
+/// Whether any of `ms` matches the request (`retriable_request_headers`).
+pub fn any_request_header_matches(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
+    ms.iter().any(|m| header_matches(m, req))
+}
+
+/// Whether any of `ms` matches a response (`retriable_headers`; `:status` is the status code).
+pub fn any_response_header_matches(ms: &[HeaderMatch], status: u16, h: &HeaderMap) -> bool {
+    ms.iter().any(|m| {
+        let value = if m.name == ":status" {
+            Some(status.to_string())
+        } else {
+            let values: Vec<&str> = h
+                .get_all(m.name.as_str())
+                .iter()
+                .map(|v| v.to_str().unwrap_or(""))
+                .collect();
+            (!values.is_empty()).then(|| values.join(","))
+        };
+        matches_value(m, value)
+    })
+}
+
+fn matches_value(h: &HeaderMatch, value: Option<String>) -> bool {
     let hit = match (&h.kind, value.as_deref()) {
         (HeaderMatchKind::Present(want), v) => v.is_some() == *want,
         (HeaderMatchKind::Unsupported(_), _) => return false,

@@ -464,3 +464,25 @@ fn upgrades_follow_envoys_enable_table() {
     assert!(!upgrade_allowed(&[], &ws(true), "websocket"));
     assert!(!upgrade_allowed(&ws(true), &[], "h2c"));
 }
+
+#[test]
+fn retriable_headers_match_status_and_response_headers() {
+    use super::route::any_response_header_matches;
+    let status_5xx = HeaderMatch {
+        name: ":status".into(),
+        kind: HeaderMatchKind::Regex(Pattern::full("5[0-9]{2}").unwrap()),
+        invert: false,
+    };
+    let retry_me = HeaderMatch {
+        name: "x-retry-me".into(),
+        kind: HeaderMatchKind::Present(true),
+        invert: false,
+    };
+    let ms = [status_5xx, retry_me];
+    let mut h = HeaderMap::new();
+    assert!(any_response_header_matches(&ms, 502, &h));
+    assert!(!any_response_header_matches(&ms, 200, &h));
+    h.insert("x-retry-me", "1".parse().unwrap());
+    assert!(any_response_header_matches(&ms, 200, &h));
+    assert!(!any_response_header_matches(&[], 502, &h));
+}

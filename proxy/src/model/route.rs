@@ -302,6 +302,11 @@ pub struct RetryPolicy {
     pub host_selection_max_attempts: u32,
     /// `retriable_status_codes`.
     pub retriable_status_codes: Vec<u16>,
+    /// `retriable_headers`: under `retriable-headers`, a response matching any is retried
+    /// (`:status` may be matched).
+    pub retriable_headers: Vec<HeaderMatch>,
+    /// `retriable_request_headers`: when set, only requests matching one of them are retried.
+    pub retriable_request_headers: Vec<HeaderMatch>,
 }
 
 /// The conditions of `retry_on` (a comma-separated list in Envoy; unknown tokens are ignored).
@@ -323,6 +328,8 @@ pub struct RetryOn {
     pub refused_stream: bool,
     /// `retriable-status-codes`: the codes of `retriable_status_codes`.
     pub retriable_status_codes: bool,
+    /// `retriable-headers`: responses matching `retriable_headers`.
+    pub retriable_headers: bool,
     /// gRPC status codes (`cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
     /// `unavailable`) read from the `grpc-status` response header.
     pub grpc_codes: [bool; 17],
@@ -344,6 +351,7 @@ impl RetryOn {
             retriable_4xx: self.retriable_4xx || o.retriable_4xx,
             refused_stream: self.refused_stream || o.refused_stream,
             retriable_status_codes: self.retriable_status_codes || o.retriable_status_codes,
+            retriable_headers: self.retriable_headers || o.retriable_headers,
             grpc_codes,
         }
     }
@@ -361,6 +369,7 @@ impl RetryOn {
                 "retriable-4xx" => r.retriable_4xx = true,
                 "refused-stream" => r.refused_stream = true,
                 "retriable-status-codes" => r.retriable_status_codes = true,
+                "retriable-headers" => r.retriable_headers = true,
                 "cancelled" => r.grpc_codes[1] = true,
                 "deadline-exceeded" => r.grpc_codes[4] = true,
                 "resource-exhausted" => r.grpc_codes[8] = true,
@@ -587,6 +596,15 @@ pub fn retry_policy(p: &pb::RetryPolicy) -> Result<RetryPolicy, FieldError> {
             })?;
         retriable_status_codes.push(c);
     }
+    let matchers = |v: &[pb::HeaderMatcher], field: &str| -> Result<Vec<HeaderMatch>, FieldError> {
+        v.iter()
+            .enumerate()
+            .map(|(i, h)| header_match(h).map_err(|e| e.within(format!("{field}[{i}]"))))
+            .collect()
+    };
+    let retriable_headers = matchers(&p.retriable_headers, "retriable_headers")?;
+    let retriable_request_headers =
+        matchers(&p.retriable_request_headers, "retriable_request_headers")?;
     Ok(RetryPolicy {
         retry_on: RetryOn::parse(&p.retry_on),
         num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
@@ -597,6 +615,8 @@ pub fn retry_policy(p: &pb::RetryPolicy) -> Result<RetryPolicy, FieldError> {
         host_selection_max_attempts: u32::try_from(p.host_selection_retry_max_attempts.max(1))
             .unwrap_or(u32::MAX),
         retriable_status_codes,
+        retriable_headers,
+        retriable_request_headers,
     })
 }
 
