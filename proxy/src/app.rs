@@ -195,6 +195,7 @@ fn install_ebpf(
             opts.outbound_v4,
             opts.outbound_v6,
             extras.inbound.clone(),
+            extras.allow_coexist,
             pods_stop.clone(),
         )
     });

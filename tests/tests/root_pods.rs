@@ -501,6 +501,72 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
             .to_string()
     };
 
+    // Coexistence: while another sk_lookup program (a sidecar skiff's, here) steers the pod's
+    // netns, add-pod refuses and names it.
+    let side_cg = cg.child("sidecar-app");
+    let side_proxy = cg.child_path("sidecar-proxy");
+    let sidecar = Child::spawn(
+        command_in(Some(&pod_ns), None, built_binary("skiff"))
+            // --allow-coexist: the node skiff's programs sit on an ancestor of its cgroup.
+            .args([
+                "run",
+                "--capture-inbound",
+                "--no-ipv6",
+                "--allow-coexist",
+                "--cgroup",
+            ])
+            .arg(&side_cg)
+            .arg("--proxy-cgroup")
+            .arg(&side_proxy)
+            .args([
+                "--outbound-port",
+                "15101",
+                "--inbound-port",
+                "15106",
+                "--admin",
+                "127.0.0.1:15100",
+                "--bootstrap",
+            ])
+            .arg(&pod_boot)
+            .env("RUST_LOG", "warn"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready_on(&pod_ns, 15100) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sidecar skiff not ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = command_in(Some(&node_ns), None, built_binary("skiff"))
+        .args(["node", "add-pod", "--cgroup"])
+        .arg(&pod)
+        .arg("--netns")
+        .arg(pod_ns.path())
+        .args(["--node-id", "x", "--bootstrap"])
+        .arg(&pod_boot)
+        .output()
+        .expect("skiff node add-pod");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("skiff_sk_lookup (id ")
+            && err.contains("--allow-coexist"),
+        "{err}"
+    );
+    let listed = node(&node_ns, &["list-pods"]);
+    assert!(
+        !listed.contains("\"x\""),
+        "a refused pod is not registered: {listed}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sidecar.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM sidecar");
+    let (status, _) = sidecar.wait(Duration::from_secs(15));
+    assert!(status.success(), "sidecar skiff exited with {status}");
+
     let added: serde_json::Value = serde_json::from_str(&node(
         &node_ns,
         &[
@@ -551,4 +617,21 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
     let (status, _) = proxy.wait(Duration::from_secs(15));
     assert!(status.success(), "skiff exited with {status}");
     assert_no_programs_attached(cg.path());
+}
+
+/// Whether the skiff whose admin listens on 127.0.0.1:`port` inside `ns` answers `/ready` 200.
+fn ready_on(ns: &Netns, port: u16) -> bool {
+    use std::io::{Read, Write};
+    skiff_tests::in_netns(ns, move || {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+    })
 }

@@ -136,6 +136,7 @@ struct State {
 pub struct PodRegistry {
     bootstrap: Bootstrap,
     inbound: Option<InboundOptions>,
+    allow_coexist: bool,
     upstream_mark: Option<u32>,
     outbound_v4: SocketAddr,
     outbound_v6: Option<SocketAddr>,
@@ -221,6 +222,7 @@ fn start_pod_thread(
     netns: &Path,
     addrs: &[SocketAddr],
     inbound: Option<InboundOptions>,
+    allow_coexist: bool,
     dp: Arc<Dataplane>,
     stop: CancellationToken,
 ) -> Result<(Vec<SocketAddr>, std::sync::mpsc::Receiver<()>), PodError> {
@@ -250,11 +252,18 @@ fn start_pod_thread(
             // when this thread ends (the steering is dropped with the runtime's future).
             let inbound = match &inbound {
                 Some(ib) => {
-                    let (v4, v6) = bind_inbound(&netns, ib.port, ib.ipv6)?;
                     let inbound_err = |reason: String| PodError::Inbound {
                         netns: netns.clone(),
                         reason,
                     };
+                    if !allow_coexist {
+                        let found = super::coexist::netns_programs(&netns)
+                            .map_err(|e| inbound_err(e.to_string()))?;
+                        if !found.is_empty() {
+                            return Err(inbound_err(super::coexist::refusal(&found)));
+                        }
+                    }
+                    let (v4, v6) = bind_inbound(&netns, ib.port, ib.ipv6)?;
                     let pod_ips = if ib.pod_ips.is_empty() {
                         crate::bpf::inbound::local_addresses()
                             .map_err(|e| inbound_err(e.to_string()))?
@@ -369,11 +378,13 @@ impl PodRegistry {
         outbound_v4: std::net::SocketAddrV4,
         outbound_v6: Option<std::net::SocketAddrV6>,
         inbound: Option<InboundOptions>,
+        allow_coexist: bool,
         stop: CancellationToken,
     ) -> Self {
         PodRegistry {
             bootstrap,
             inbound,
+            allow_coexist,
             upstream_mark,
             outbound_v4: SocketAddr::V4(outbound_v4),
             outbound_v6: outbound_v6.map(SocketAddr::V6),
@@ -464,6 +475,7 @@ impl PodRegistry {
             &spec.netns,
             &addrs,
             self.inbound.clone(),
+            self.allow_coexist,
             pipeline.dp.clone(),
             stop.clone(),
         ) {
