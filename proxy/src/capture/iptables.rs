@@ -688,7 +688,9 @@ pub fn cleanup() -> Result<CleanupReport, IptablesError> {
     let mut report = CleanupReport::default();
     let mut any = false;
     let mut errors = Vec::new();
-    for backend in [Backend::Nft, Backend::Legacy] {
+    // Plain `iptables` last: where it is only a link to nft or legacy, the second pass finds
+    // nothing left (cleanup is idempotent); where no suffixed tool exists, it is the only one.
+    for backend in [Backend::Nft, Backend::Legacy, Backend::Default] {
         for family in [Family::V4, Family::V6] {
             // A tool that cannot even list (absent, module missing) holds nothing of ours.
             if run_save(backend, family).is_err() {
@@ -708,9 +710,9 @@ pub fn cleanup() -> Result<CleanupReport, IptablesError> {
         }
     }
     if !any {
-        return Err(detect_backend().err().unwrap_or(IptablesError::NoBackend {
-            tried: "iptables-nft-save, iptables-legacy-save".into(),
-        }));
+        return Err(IptablesError::NoBackend {
+            tried: "iptables-nft-save, iptables-legacy-save, iptables-save".into(),
+        });
     }
     if !errors.is_empty() {
         return Err(IptablesError::Failed {

@@ -62,6 +62,9 @@ pub fn ebpf_supported(cgroup: Option<&Path>) -> Result<(), String> {
             "no --cgroup given (the eBPF capture attaches to the application's cgroup)".into(),
         );
     };
+    let cgroup =
+        std::fs::canonicalize(cgroup).map_err(|e| format!("--cgroup {}: {e}", cgroup.display()))?;
+    let cgroup = cgroup.as_path();
     if !cgroup.starts_with(&mount) || !cgroup.join("cgroup.procs").is_file() {
         return Err(format!(
             "--cgroup {} is not a cgroup v2 directory under {}",
