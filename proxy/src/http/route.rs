@@ -233,6 +233,15 @@ fn header_matches(h: &HeaderMatch, req: &RequestFacts<'_>) -> bool {
     matches_value(h, header_value(&h.name, req))
 }
 
+/// The virtual cluster a request counts in: the first whose header matchers all match, else
+/// Envoy's catch-all `other` (only meaningful when the virtual host has virtual clusters).
+pub fn virtual_cluster<'v>(vh: &'v VirtualHost, req: &RequestFacts<'_>) -> &'v str {
+    vh.virtual_clusters
+        .iter()
+        .find(|(_, ms)| ms.iter().all(|m| header_matches(m, req)))
+        .map_or("other", |(name, _)| name.as_str())
+}
+
 /// Whether any of `ms` matches the request (`retriable_request_headers`).
 pub fn any_request_header_matches(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
     ms.iter().any(|m| header_matches(m, req))

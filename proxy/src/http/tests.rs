@@ -22,6 +22,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         retry_policy: None,
         include_request_attempt_count: false,
         include_attempt_count_in_response: false,
+        virtual_clusters: vec![],
     }
 }
 

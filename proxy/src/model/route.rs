@@ -54,6 +54,9 @@ pub struct VirtualHost {
     pub include_request_attempt_count: bool,
     /// `include_attempt_count_in_response`: return `x-envoy-attempt-count` downstream.
     pub include_attempt_count_in_response: bool,
+    /// `virtual_clusters`: (name, header matchers); a request counts in the first whose
+    /// matchers all match, else in `other` (`vhost.<name>.vcluster.<vc>.*` stats).
+    pub virtual_clusters: Vec<(String, Vec<HeaderMatch>)>,
 }
 
 /// One `Route`.
@@ -949,7 +952,20 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
                 .map_err(|e| e.within("retry_policy"))
         })
         .transpose()?;
+    let mut virtual_clusters = Vec::with_capacity(v.virtual_clusters.len());
+    for (i, vc) in v.virtual_clusters.iter().enumerate() {
+        let at = format!("virtual_clusters[{i}]");
+        if vc.name.is_empty() {
+            return Err(FieldError::new(format!("{at}.name"), "must not be empty"));
+        }
+        let mut headers = Vec::with_capacity(vc.headers.len());
+        for (j, h) in vc.headers.iter().enumerate() {
+            headers.push(header_match(h).map_err(|e| e.within(format!("{at}.headers[{j}]")))?);
+        }
+        virtual_clusters.push((vc.name.clone(), headers));
+    }
     Ok(VirtualHost {
+        virtual_clusters,
         name: v.name.clone(),
         domains: v.domains.clone(),
         routes,
