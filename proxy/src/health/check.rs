@@ -162,6 +162,8 @@ mod tests {
             unhealthy_threshold: 1,
             healthy_threshold: 1,
             alt_port: None,
+            initial_jitter: Duration::ZERO,
+            interval_jitter: Duration::ZERO,
             kind,
         }
     }

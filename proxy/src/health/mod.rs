@@ -93,6 +93,15 @@ pub async fn run(store: Arc<Store>, mark: Option<u32>, stop: CancellationToken) 
     }
 }
 
+/// A random duration in `[0, max)` (zero when `max` is zero): jitter keeps the checks of many
+/// proxies from arriving in step.
+fn random_below(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    max.mul_f64(fastrand::f64())
+}
+
 async fn outlier_loop(store: Arc<Store>, cluster: String, interval: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     loop {
@@ -117,6 +126,7 @@ struct Streak {
 
 async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: Option<u32>) {
     let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
+    tokio::time::sleep(random_below(hc.initial_jitter)).await;
     loop {
         let snap = store.load();
         let Some(entry) = snap.cluster(&cluster) else {
@@ -216,6 +226,6 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
         } else {
             hc.no_traffic_interval
         };
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(wait + random_below(hc.interval_jitter)).await;
     }
 }

@@ -254,6 +254,11 @@ pub struct HealthCheck {
     pub healthy_threshold: u32,
     /// `alt_port`: check this port instead of the host's.
     pub alt_port: Option<u16>,
+    /// `initial_jitter`: the first round waits a random time below this.
+    pub initial_jitter: Duration,
+    /// `interval_jitter` plus `interval_jitter_percent` of `interval`: each round waits a
+    /// random extra time below this.
+    pub interval_jitter: Duration,
     /// TCP or HTTP.
     pub kind: HealthCheckKind,
 }
@@ -695,6 +700,13 @@ fn health_check(h: &core::HealthCheck, cluster: &str) -> Result<Option<HealthChe
                 .map_err(|_| FieldError::new("alt_port", format!("{p} is not a port")))?,
         ),
     };
+    let jitter = |field: &str, d: Option<&envoy_types::pb::google::protobuf::Duration>| match d {
+        None => Ok(Duration::ZERO),
+        Some(d) => duration(d).map_err(|e| e.within(field)),
+    };
+    let initial_jitter = jitter("initial_jitter", h.initial_jitter.as_ref())?;
+    let interval_jitter = jitter("interval_jitter", h.interval_jitter.as_ref())?
+        + interval.mul_f64(f64::from(h.interval_jitter_percent.min(100)) / 100.0);
     use core::health_check::HealthChecker as K;
     let kind = match &h.health_checker {
         None => return Err(FieldError::new("health_checker", "required")),
@@ -751,6 +763,8 @@ fn health_check(h: &core::HealthCheck, cluster: &str) -> Result<Option<HealthChe
         unhealthy_threshold,
         healthy_threshold,
         alt_port,
+        initial_jitter,
+        interval_jitter,
         kind,
     }))
 }
@@ -808,6 +822,9 @@ circuit_breakers:
 health_checks:
 - timeout: 1s
   interval: 3s
+  initial_jitter: 2s
+  interval_jitter: 1s
+  interval_jitter_percent: 50
   unhealthy_threshold: 2
   healthy_threshold: 1
   http_health_check: { path: /healthz, expected_statuses: [ { start: 200, end: 300 } ] }
@@ -844,6 +861,8 @@ health_checks:
         assert_eq!(cb.high.retry_budget, Some((25.0, 3)));
         let hc = &s.health_checks[0];
         assert_eq!(hc.interval, Duration::from_secs(3));
+        assert_eq!(hc.initial_jitter, Duration::from_secs(2));
+        assert_eq!(hc.interval_jitter, Duration::from_millis(2500));
         assert_eq!(
             hc.kind,
             HealthCheckKind::Http {
