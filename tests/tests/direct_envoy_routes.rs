@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A backend answering `<name> <path as received> <x-added>`.
+/// A backend answering `<name> <path as received> <x-added> <x-envoy-original-path>`.
 async fn backend(name: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -41,7 +41,12 @@ async fn backend(name: &'static str) -> SocketAddr {
                         .filter_map(|v| v.to_str().ok())
                         .collect::<Vec<_>>()
                         .join(",");
-                    let body = format!("{name} {} {added}", req.uri());
+                    let original = req
+                        .headers()
+                        .get("x-envoy-original-path")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    let body = format!("{name} {} {added} {original}", req.uri());
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -555,6 +560,10 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     for want in [200, 301, 302, 307, 403, 404, 418, 503] {
         assert!(statuses.contains(&want), "no {want} in {from_envoy:?}");
     }
+    assert!(
+        from_envoy.iter().any(|a| a.1.ends_with(" /api/users?id=7")),
+        "x-envoy-original-path after prefix_rewrite: {from_envoy:?}"
+    );
     let retried = from_envoy
         .iter()
         .filter(|a| a.0 == 200 && a.1.starts_with("ok "))

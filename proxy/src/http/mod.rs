@@ -627,6 +627,12 @@ async fn forward(
         base.remove(h);
     }
     base.remove(header::HOST);
+    // Envoy's router records the path before a rewrite.
+    if (f.prefix_rewrite.is_some() || f.regex_rewrite.is_some())
+        && let Ok(v) = HeaderValue::from_str(path)
+    {
+        base.insert(HeaderName::from_static("x-envoy-original-path"), v);
+    }
     ctx.request_headers(&mut base);
     let per_try = header_per_try.or(policy.as_ref().and_then(|p| p.per_try_timeout));
     if let Some(t) = per_try.or(timeout)
