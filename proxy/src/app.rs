@@ -213,6 +213,37 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.listen(4096)
 }
 
+/// Waits until the ADS client has the initial configuration (`rx` turns true) or `timeout`
+/// passes (Envoy then initializes with what it has); `None` timeout waits for ever. `false`
+/// when `shutdown` completes first.
+async fn wait_initialized(
+    rx: Option<tokio::sync::watch::Receiver<bool>>,
+    timeout: Option<Duration>,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    let Some(mut rx) = rx else {
+        return true;
+    };
+    let fetched = async {
+        match timeout {
+            Some(t) => tokio::time::timeout(t, rx.wait_for(|v| *v)).await.is_ok(),
+            None => rx.wait_for(|v| *v).await.is_ok(),
+        }
+    };
+    tokio::select! {
+        ok = fetched => {
+            if !ok {
+                warn!(
+                    timeout_ms = timeout.map(|t| t.as_millis() as u64),
+                    "initial_fetch_timeout elapsed before the first LDS/CDS responses; serving what is there"
+                );
+            }
+            true
+        }
+        () = shutdown => false,
+    }
+}
+
 /// Run until `shutdown` completes, then drain and clean up (links detach when the capture drops).
 pub async fn run(opts: RunOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     run_with(opts, CaptureExtras::default(), shutdown).await
@@ -280,12 +311,16 @@ pub async fn run_with(
     {
         warn!(error = %e, "kernel fast path incomplete for the bootstrap configuration");
     }
-    let dp = Arc::new(Dataplane::new(
+    let mut dp = Dataplane::new(
         store.clone(),
         stats.clone(),
         opts.upstream_mark,
         capture_port,
-    ));
+    );
+    if let Some(c) = &capture {
+        dp.sockmap_ports = c.0.sockmap_ports().to_vec();
+    }
+    let dp = Arc::new(dp);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::health::run(
@@ -385,6 +420,8 @@ pub async fn run_with(
     }
 
     // Listeners that arrive over LDS are bound and unbound as they come and go.
+    // Envoy's initialization: ready once the first LDS/CDS responses are in (see XdsOptions).
+    let mut initialized: Option<tokio::sync::watch::Receiver<bool>> = None;
     if let Some(ads) = &opts.bootstrap.ads {
         tasks.push(tokio::spawn(dynamic_listeners(
             store.clone(),
@@ -398,6 +435,17 @@ pub async fn run_with(
         );
         store.publish(resources.snapshot());
         let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+        if opts.bootstrap.lds_ads {
+            xopts.initial_types.push(skiff_proto::LISTENER_TYPE_URL);
+        }
+        if opts.bootstrap.cds_ads {
+            xopts.initial_types.push(skiff_proto::CLUSTER_TYPE_URL);
+        }
+        if !xopts.initial_types.is_empty() {
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            xopts.initialized = Some(tx);
+            initialized = Some(rx);
+        }
         if let Some(c) = capture.clone() {
             if let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port) {
                 warn!(error = %e, "kernel fast path incomplete");
@@ -444,19 +492,27 @@ pub async fn run_with(
         })));
     }
 
-    if let Some(c) = &capture {
-        c.0.set_ready(true)
-            .context("marking the proxy ready in the BPF config map")?;
+    tokio::pin!(shutdown);
+    if wait_initialized(
+        initialized,
+        opts.bootstrap.initial_fetch_timeout,
+        shutdown.as_mut(),
+    )
+    .await
+    {
+        if let Some(c) = &capture {
+            c.0.set_ready(true)
+                .context("marking the proxy ready in the BPF config map")?;
+        }
+        // iptables rules go in once the listeners exist (no window of refused connects); they
+        // are removed when shutdown starts (or on /drain_listeners), or by drop on error.
+        if let Some(g) = &iptables {
+            g.open().context("installing iptables capture")?;
+        }
+        ready.store(true, Ordering::Relaxed);
+        info!("skiff ready");
+        shutdown.as_mut().await;
     }
-    // iptables rules go in once the listeners exist (no window of refused connects); they
-    // are removed when shutdown starts (or on /drain_listeners), or by drop on error.
-    if let Some(g) = &iptables {
-        g.open().context("installing iptables capture")?;
-    }
-    ready.store(true, Ordering::Relaxed);
-    info!("skiff ready");
-
-    shutdown.await;
     info!(drain_ms = opts.drain.as_millis() as u64, "shutting down");
     // New connects stop coming our way first (fail-open or fail-closed per config), then the
     // listeners close, then in-flight connections get the drain time to finish.

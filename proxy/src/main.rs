@@ -184,6 +184,15 @@ struct RunArgs {
     /// application's fast-path sockets still connected to it (netlink SOCK_DESTROY).
     #[arg(long, requires = "fast_path")]
     terminate_on_removal: bool,
+    /// Sockmap acceleration (sk_msg) for local socket pairs on `--sockmap-ports`. Off by
+    /// default: it speeds up request/response on long-lived connections but slows bulk
+    /// streams and short connections, and blocking readers may see EAGAIN at EOF
+    /// (docs/ARCHITECTURE.md, docs/BENCHMARKS.md).
+    #[arg(long, requires = "sockmap_ports")]
+    sockmap: bool,
+    /// Service ports whose local pairs `--sockmap` accelerates, comma separated.
+    #[arg(long, value_delimiter = ',', requires = "sockmap")]
+    sockmap_ports: Vec<u16>,
     /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
     #[arg(long, value_delimiter = ',')]
     exclude_ports: Vec<u16>,
@@ -607,6 +616,11 @@ fn run_options(
                     .collect::<Vec<(IpAddr, u8)>>(),
                 fast_path: a.fast_path.then(skiff::bpf::Capacity::default),
                 terminate_on_removal: a.terminate_on_removal,
+                sockmap_ports: if a.sockmap {
+                    a.sockmap_ports
+                } else {
+                    Vec::new()
+                },
             })
         }
     };

@@ -16,6 +16,7 @@
 extern crate std;
 
 pub mod inbound;
+pub mod sockmap;
 
 /// `AF_INET`, host order, as found in `user_family` / `family` context fields.
 pub const AF_INET: u32 = 2;
@@ -261,7 +262,22 @@ pub struct ServiceKeyV4 {
 const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 8);
 const _: () = assert!(core::mem::align_of::<ServiceKeyV4>() == 4);
 
-/// Value of `SKIFF_SVC_V4`.
+/// Key of `SKIFF_SVC_V6`: an IPv6 service (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKeyV6 {
+    /// Service VIP, network-order words.
+    pub vip_be: [u32; 4],
+    /// Service port, network order.
+    pub port_be: u16,
+    /// IP protocol ([`IPPROTO_TCP`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKeyV6>() == 20);
+const _: () = assert!(core::mem::align_of::<ServiceKeyV6>() == 4);
+
+/// Value of `SKIFF_SVC_V4` and `SKIFF_SVC_V6`.
 ///
 /// `cluster_idx[g]` is the absolute index into `SKIFF_CLUSTERS` of this service's cluster in
 /// generation `g` (cluster data of generation `g` lives at `g * max_clusters ..`), or
@@ -553,8 +569,12 @@ pub mod reason {
     pub const FAST_TRACKED: u32 = 28;
     /// sock_ops released a fast-path connection at TCP_CLOSE.
     pub const FAST_RELEASED: u32 = 29;
+    /// connect6 sent an IPv6 service connect straight to an endpoint.
+    pub const FAST_PATH_V6: u32 = 30;
+    /// getpeername6 answered the IPv6 service VIP for a fast-path socket.
+    pub const PEERNAME_V6: u32 = 31;
     /// Number of reasons (size of the stats array).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 
     /// Counter names, indexed by reason (as shown by admin `/stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -588,6 +608,8 @@ pub mod reason {
         "err_fast_track",
         "fast_tracked",
         "fast_released",
+        "fast_path_v6",
+        "peername_v6",
     ];
 }
 
@@ -702,6 +724,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceKeyV6 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ClusterValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EndpointValue {}
@@ -729,6 +753,23 @@ mod user {
                 Ipv4Addr::from(self.vip_be.to_ne_bytes()),
                 u16::from_be(self.port_be),
             )
+        }
+    }
+
+    impl ServiceKeyV6 {
+        /// A TCP service at `vip`.
+        pub fn tcp(vip: SocketAddrV6) -> Self {
+            Self {
+                vip_be: v6_be(*vip.ip()),
+                port_be: vip.port().to_be(),
+                proto: IPPROTO_TCP as u8,
+                _pad: 0,
+            }
+        }
+
+        /// The service address.
+        pub fn addr(&self) -> SocketAddrV6 {
+            SocketAddrV6::new(v6_from_be(self.vip_be), u16::from_be(self.port_be), 0, 0)
         }
     }
 

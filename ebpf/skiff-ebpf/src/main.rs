@@ -9,9 +9,11 @@
 //!   proxy's accepted sockets, as iptables REDIRECT would.
 //! - `getpeername.rs`: `cgroup/getpeername4` answers the address the app connected to (the
 //!   service VIP) on fast-path sockets, as iptables DNAT would.
+//! - `sockmap.rs` (`--sockmap`): `sock_ops` adds policy-selected local sockets to a SOCKHASH at
+//!   establishment and `sk_msg` moves their payload straight to the peer socket.
 //! - `sk_lookup.rs` (`--capture-inbound`): steers connections for the pod's addresses to the
 //!   proxy's inbound listener (its maps live beside it).
-//! - `maps.rs`: every map; `ctx.rs`: context byte-order quirks.
+//! - `maps.rs`: every other map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
 //! counter (`SKIFF_STATS`, indexed by `skiff_common::reason`) records why.
@@ -32,9 +34,11 @@ mod getsockopt;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod sk_lookup;
+#[cfg(target_arch = "bpf")]
 mod sock_ops;
 #[cfg(target_arch = "bpf")]
-mod sk_lookup;
+mod sockmap;
 
 /// The host build of this bin is empty: it only exists so `cargo build --workspace` works.
 #[cfg(not(target_arch = "bpf"))]

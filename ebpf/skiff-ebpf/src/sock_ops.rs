@@ -4,6 +4,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::{
     bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
@@ -36,6 +37,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), u32> {
         // The tuple is bound and the SYN not sent yet. A refused connect never reaches
         // ACTIVE_ESTABLISHED, so re-keying here is what lets TCP_CLOSE clean every entry.
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            crate::sockmap::on_established(ctx);
+            Ok(())
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let so = SockOps(ctx);
             if release_fast(&so) {

@@ -23,14 +23,14 @@ use aya::{
 use skiff_common::{
     CONFIG_INDEX, CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey,
     EndpointLoad, EndpointValue, ExcludePortKey, MAGLEV_TABLE_SIZE, OrigDstValue, ServiceKeyV4,
-    ServiceStats, ServiceValue, reason,
+    ServiceKeyV6, ServiceStats, ServiceValue, reason,
 };
 
 use super::{
     BpfError, CaptureConfig,
     cgroup::{Membership, cgroup_id, checked_attach_target, checked_cgroup_dir},
     projection::MapImage,
-    reconciler::{ApplyReport, Capacity, FastMaps, Reconciler},
+    reconciler::{ApplyReport, Capacity, FastMaps, Reconciler, ServiceKey},
 };
 
 /// The object built by `proxy/build.rs` from `ebpf/skiff-ebpf`.
@@ -38,11 +38,15 @@ pub(super) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-bpf"));
 
 // Program names (the eBPF function names) and their hooks, as errors report them.
+#[path = "sockmap.rs"]
+mod sockmap;
+
 const CONNECT4: (&str, &str) = ("skiff_connect4", "cgroup/connect4");
 const CONNECT6: (&str, &str) = ("skiff_connect6", "cgroup/connect6");
 const SOCK_OPS: (&str, &str) = ("skiff_sock_ops", "sockops");
 const GETSOCKOPT: (&str, &str) = ("skiff_orig_dst", "cgroup/getsockopt");
 const GETPEERNAME4: (&str, &str) = ("skiff_peername4", "cgroup/getpeername4");
+const GETPEERNAME6: (&str, &str) = ("skiff_peername6", "cgroup/getpeername6");
 
 // Map names (the `#[map]` statics in ebpf/skiff-ebpf/src/maps.rs).
 const MAP_CONFIG: &str = "SKIFF_CONFIG";
@@ -53,6 +57,7 @@ const MAP_MESHED: &str = "SKIFF_MESHED";
 const MAP_STATS: &str = "SKIFF_STATS";
 const MAP_ORIG_DST: &str = "SKIFF_ORIG_DST";
 const MAP_SVC_V4: &str = "SKIFF_SVC_V4";
+const MAP_SVC_V6: &str = "SKIFF_SVC_V6";
 const MAP_CLUSTERS: &str = "SKIFF_CLUSTERS";
 const MAP_ENDPOINTS: &str = "SKIFF_ENDPOINTS";
 const MAP_RR: &str = "SKIFF_RR";
@@ -82,6 +87,8 @@ enum Link {
 /// [`Capture::install`] created it.
 pub struct Capture {
     links: Vec<Link>,
+    /// `--sockmap`: socket-to-socket acceleration, when enabled.
+    sockmap: Option<sockmap::Sockmap>,
     config: Mutex<(Array<MapData, ConfigValue>, ConfigValue)>,
     meshed: Mutex<HashMap<MapData, u64, u8>>,
     stats: PerCpuArray<MapData, u64>,
@@ -129,6 +136,7 @@ impl Capture {
         });
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_SVC_V4, caps.max_services)
+            .map_max_entries(MAP_SVC_V6, caps.max_services)
             .map_max_entries(MAP_SVC_STAT, caps.max_services)
             .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
             .map_max_entries(MAP_RR, 2 * caps.max_clusters)
@@ -154,6 +162,7 @@ impl Capture {
         let fast = match cfg.fast_path {
             Some(caps) => Some(Mutex::new(FastState {
                 services: take(&mut ebpf, MAP_SVC_V4)?,
+                services6: take(&mut ebpf, MAP_SVC_V6)?,
                 clusters: take(&mut ebpf, MAP_CLUSTERS)?,
                 endpoints: take(&mut ebpf, MAP_ENDPOINTS)?,
                 maglev: take(&mut ebpf, MAP_MAGLEV)?,
@@ -213,7 +222,7 @@ impl Capture {
         };
 
         // Load every program before touching cgroups: a verifier failure changes nothing.
-        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4] {
+        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6] {
             sock_addr(&mut ebpf, program, hook)?
                 .load()
                 .map_err(|source| BpfError::ProgramLoad {
@@ -261,7 +270,7 @@ impl Capture {
             })
         };
         let target = open(&capture_cgroup)?;
-        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4] {
+        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6] {
             let attach_err = |source: ProgramError| BpfError::Attach {
                 program,
                 hook,
@@ -302,6 +311,17 @@ impl Capture {
                 .map_err(attach_err)?;
             links.push(Link::Sockopt(prog.take_link(id).map_err(attach_err)?));
         }
+        // Node mode: the proxy cgroup is below the root, where sock_ops already runs.
+        let sockmap = if cfg.sockmap_ports.is_empty() {
+            None
+        } else {
+            let proxy = (!cfg.mode.is_node()).then_some(proxy_cgroup.as_path());
+            Some(sockmap::Sockmap::install(
+                &mut ebpf,
+                &cfg.sockmap_ports,
+                proxy,
+            )?)
+        };
         tracing::info!(
             mode = if cfg.mode.is_node() { "node" } else { "sidecar" },
             cgroup = %capture_cgroup.display(),
@@ -315,6 +335,7 @@ impl Capture {
 
         Ok(Capture {
             links,
+            sockmap,
             config: Mutex::new((config_map, value)),
             meshed: Mutex::new(meshed),
             stats,
@@ -398,7 +419,16 @@ impl Capture {
                     .map_err(|source| map_err(MAP_STATS, format!("read index {i}"), source))?;
                 Ok((reason::NAMES[i as usize], per_cpu.iter().copied().sum()))
             })
+            .chain(self.sockmap.iter().flat_map(|s| match s.stats() {
+                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }))
             .collect()
+    }
+
+    /// Ports whose local socket pairs are accelerated (`--sockmap-ports`); empty when off.
+    pub fn sockmap_ports(&self) -> &[u16] {
+        self.sockmap.as_ref().map_or(&[], |s| s.ports())
     }
 
     /// Number of connections whose original destination is recorded (entries are removed
@@ -443,6 +473,7 @@ impl Capture {
         let mut guard = lock(fast);
         let FastState {
             services,
+            services6,
             clusters,
             endpoints,
             maglev,
@@ -458,6 +489,7 @@ impl Capture {
         let before = terminate_on_removal.then(|| reconciler.applied().clone());
         let mut w = KernelWriter {
             services,
+            services6,
             clusters,
             endpoints,
             maglev,
@@ -481,7 +513,7 @@ impl Capture {
         );
         // Idle counters of endpoints the fast path no longer serves go (the map is not LRU).
         {
-            let served: std::collections::HashSet<std::net::SocketAddrV4> = reconciler
+            let served: std::collections::HashSet<std::net::SocketAddr> = reconciler
                 .applied()
                 .clusters
                 .values()
@@ -492,7 +524,7 @@ impl Capture {
                 .filter_map(Result::ok)
                 .filter(|(k, v)| {
                     v.active == 0
-                        && !matches!(k.addr(), Some(std::net::SocketAddr::V4(a)) if served.contains(&a))
+                        && !k.addr().is_some_and(|a| served.contains(&a))
                 })
                 .map(|(k, _)| k)
                 .collect();
@@ -631,7 +663,7 @@ impl Capture {
                     continue;
                 };
                 for ep in &c.endpoints {
-                    let addr = std::net::SocketAddr::V4(*ep);
+                    let addr = *ep;
                     if let Some(h) = entry.lb.host(addr) {
                         let st = h.state();
                         let n = st.active_requests() + st.active_connections();
@@ -717,6 +749,7 @@ impl Drop for Capture {
             task.abort();
         }
         // Detach now; `membership` (dropped after this) then leaves the proxy cgroup.
+        self.sockmap = None;
         self.links.clear();
     }
 }
@@ -726,6 +759,7 @@ impl Drop for Capture {
 /// The fast-path maps and their reconciler (one lock: one writer at a time).
 struct FastState {
     services: HashMap<MapData, ServiceKeyV4, ServiceValue>,
+    services6: HashMap<MapData, ServiceKeyV6, ServiceValue>,
     clusters: Array<MapData, ClusterValue>,
     endpoints: Array<MapData, EndpointValue>,
     maglev: Array<MapData, u32>,
@@ -782,6 +816,7 @@ pub struct FastPathView {
 /// The reconciler's writes, on the real maps.
 struct KernelWriter<'a> {
     services: &'a mut HashMap<MapData, ServiceKeyV4, ServiceValue>,
+    services6: &'a mut HashMap<MapData, ServiceKeyV6, ServiceValue>,
     clusters: &'a mut Array<MapData, ClusterValue>,
     endpoints: &'a mut Array<MapData, EndpointValue>,
     maglev: &'a mut Array<MapData, u32>,
@@ -790,20 +825,22 @@ struct KernelWriter<'a> {
 }
 
 impl FastMaps for KernelWriter<'_> {
-    fn set_service(&mut self, key: ServiceKeyV4, value: ServiceValue) -> Result<(), BpfError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(|source| map_err(MAP_SVC_V4, format!("insert {}", key.addr()), source))
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError> {
+        let (map, r) = match key {
+            ServiceKey::V4(k) => (MAP_SVC_V4, self.services.insert(k, value, 0)),
+            ServiceKey::V6(k) => (MAP_SVC_V6, self.services6.insert(k, value, 0)),
+        };
+        r.map_err(|source| map_err(map, format!("insert {}", key.addr()), source))
     }
 
-    fn delete_service(&mut self, key: ServiceKeyV4) -> Result<(), BpfError> {
-        match self.services.remove(&key) {
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), BpfError> {
+        let (map, r) = match key {
+            ServiceKey::V4(k) => (MAP_SVC_V4, self.services.remove(&k)),
+            ServiceKey::V6(k) => (MAP_SVC_V6, self.services6.remove(&k)),
+        };
+        match r {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_err(
-                MAP_SVC_V4,
-                format!("delete {}", key.addr()),
-                source,
-            )),
+            Err(source) => Err(map_err(map, format!("delete {}", key.addr()), source)),
         }
     }
 

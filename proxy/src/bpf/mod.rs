@@ -10,6 +10,7 @@
 //! | `skiff_sock_ops` | `sockops`          | app cgroup     | node cgroup root     |
 //! | `skiff_orig_dst` | `cgroup/getsockopt`| proxy cgroup   | proxy cgroup         |
 //! | `skiff_peername4`| `cgroup/getpeername4`| app cgroup   | node cgroup root     |
+//! | `skiff_peername6`| `cgroup/getpeername6`| app cgroup   | node cgroup root     |
 //!
 //! With [`CaptureConfig::fast_path`], [`Capture::apply_fast_path`] mirrors the services that
 //! need no proxy ([`projection`]) into the kernel ([`reconciler`]); connect4 then sends them
@@ -73,6 +74,9 @@ pub struct CaptureConfig {
     /// With the fast path: once an update takes an endpoint out of the kernel maps, destroy the
     /// application's fast-path sockets still connected to it (netlink `SOCK_DESTROY`).
     pub terminate_on_removal: bool,
+    /// `--sockmap`: local socket pairs on these service ports move their payload
+    /// socket-to-socket (sk_msg); empty: off.
+    pub sockmap_ports: Vec<u16>,
 }
 
 /// Where the capture programs attach.
@@ -109,6 +113,7 @@ impl CaptureConfig {
             exclude_cidrs: Vec::new(),
             fast_path: None,
             terminate_on_removal: false,
+            sockmap_ports: Vec::new(),
         }
     }
 }

@@ -35,10 +35,16 @@ pub struct Transferred {
 pub async fn forward(down: &mut TcpStream, up: &mut TcpStream) -> io::Result<Transferred> {
     let pipes = (pipe(), pipe());
     let (Ok(p1), Ok(p2)) = pipes else {
-        let (tx, rx) = tokio::io::copy_bidirectional_with_sizes(down, up, BUF, BUF).await?;
-        return Ok(Transferred { tx, rx });
+        return forward_copy(down, up).await;
     };
     let (tx, rx) = tokio::try_join!(pump(down, up, p1), pump(up, down, p2))?;
+    Ok(Transferred { tx, rx })
+}
+
+/// As [`forward`], with a userspace buffer per direction instead of splice: for sockets whose
+/// incoming payload may sit in a sockmap psock queue (`--sockmap`), which only recvmsg reads.
+pub async fn forward_copy(down: &mut TcpStream, up: &mut TcpStream) -> io::Result<Transferred> {
+    let (tx, rx) = tokio::io::copy_bidirectional_with_sizes(down, up, BUF, BUF).await?;
     Ok(Transferred { tx, rx })
 }
 

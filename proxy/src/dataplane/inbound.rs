@@ -13,29 +13,23 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, field, info_span, warn};
+use tracing::{debug, field};
 
 use super::{Dataplane, Decision, decide_on, forward, orig_dst};
 use crate::addr::{EndpointAddr, OrigDstAddr};
 use crate::model::Listener;
 use crate::state::Snapshot;
 
-/// Cap on concurrent inbound connections, as for the other listeners.
-const MAX_CONNECTIONS: usize = 32 * 1024;
 /// How long the http_inspector waits for the first bytes.
 const HTTP_INSPECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Upstream source of inbound connects to the app (Istio's inbound passthrough address).
 pub const PASSTHROUGH_SRC_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// IPv6 counterpart of [`PASSTHROUGH_SRC_V4`].
 pub const PASSTHROUGH_SRC_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-
-static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The listener that serves inbound connections: the one on the inbound port (virtualInbound).
 pub fn inbound_listener(snap: &Snapshot, port: u16) -> Option<&Arc<Listener>> {
@@ -53,7 +47,6 @@ pub async fn run(
     inbound_port: u16,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let stat = format!(
         "listener.{}",
         listener
@@ -61,54 +54,19 @@ pub async fn run(
             .map(|a| a.to_string())
             .unwrap_or_default()
     );
-    let accepted = dp.stats.counter(&format!("{stat}.downstream_cx_total"));
-    let active = dp.stats.gauge(&format!("{stat}.downstream_cx_active"));
-    tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "inbound accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        backoff = Duration::from_millis(5);
-        accepted.inc();
-        active.inc();
-        let dp = dp.clone();
-        let active = active.clone();
-        let span = info_span!(
-            "inbound",
-            conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed),
-            client = %peer,
-            orig_dst = field::Empty,
-            listener = field::Empty,
-            filter_chain = field::Empty,
-            cluster = field::Empty,
-            endpoint = field::Empty,
-        );
-        tokio::spawn(
-            async move {
-                handle(&dp, stream, peer, inbound_port).await;
-                active.dec();
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+    let conn_dp = dp.clone();
+    super::listen::accept_loop(
+        listener,
+        &dp,
+        &stat,
+        "inbound",
+        shutdown,
+        move |stream, peer| {
+            let dp = conn_dp.clone();
+            async move { handle(&dp, stream, peer, inbound_port).await }
+        },
+    )
+    .await
 }
 
 /// The original destination of an inbound connection: conntrack's (iptables REDIRECT) if it

@@ -38,7 +38,6 @@ pub async fn run(
     dp: Arc<Dataplane>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let stat = match &role {
         ListenerRole::Capture => format!(
             "listener.{}",
@@ -49,6 +48,41 @@ pub async fn run(
         ),
         ListenerRole::Static { name } => format!("listener.{name}"),
     };
+    let direction = match role {
+        ListenerRole::Capture => "outbound",
+        ListenerRole::Static { .. } => "listener",
+    };
+    let conn_dp = dp.clone();
+    accept_loop(
+        listener,
+        &dp,
+        &stat,
+        direction,
+        shutdown,
+        move |stream, peer| {
+            let dp = conn_dp.clone();
+            let role = role.clone();
+            async move { handle(&dp, stream, ClientAddr(peer), &role).await }
+        },
+    )
+    .await
+}
+
+/// The accept loop every listener shares: at most [`MAX_CONNECTIONS`] at once, counted under
+/// `<stat>.downstream_cx_total` / `_active`, each served by `serve` on its own task inside a
+/// `conn` span tagged with `direction` (its fields are filled in as the connection is
+/// routed). Accept errors back off exponentially (5 ms to 1 s).
+pub(super) async fn accept_loop<F>(
+    listener: TcpListener,
+    dp: &Dataplane,
+    stat: &str,
+    direction: &'static str,
+    shutdown: impl Future<Output = ()>,
+    serve: impl Fn(TcpStream, SocketAddr) -> F,
+) where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let accepted = dp.stats.counter(&format!("{stat}.downstream_cx_total"));
     let active = dp.stats.gauge(&format!("{stat}.downstream_cx_active"));
     tokio::pin!(shutdown);
@@ -66,7 +100,7 @@ pub async fn run(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    warn!(error = %e, listener = stat, backoff_ms = backoff.as_millis() as u64, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -76,13 +110,11 @@ pub async fn run(
         backoff = Duration::from_millis(5);
         accepted.inc();
         active.inc();
-        let dp = dp.clone();
-        let role = role.clone();
         let active = active.clone();
-        let id = CONN_ID.fetch_add(1, Ordering::Relaxed);
         let span = info_span!(
             "conn",
-            conn_id = id,
+            conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed),
+            direction,
             client = %peer,
             orig_dst = field::Empty,
             listener = field::Empty,
@@ -90,9 +122,10 @@ pub async fn run(
             cluster = field::Empty,
             endpoint = field::Empty,
         );
+        let conn = serve(stream, peer);
         tokio::spawn(
             async move {
-                handle(&dp, stream, ClientAddr(peer), &role).await;
+                conn.await;
                 active.dec();
                 drop(permit);
             }
@@ -268,7 +301,18 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
         .stats
         .gauge(&format!("cluster.{cluster}.upstream_cx_active"));
     active.inc();
-    match forward::forward(&mut down, &mut up).await {
+    // Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock queue, which
+    // splice(2) never reads: accelerated pairs take the buffered copy.
+    let accelerated = dp
+        .sockmap_ports
+        .iter()
+        .any(|&p| p == target.get().port() || orig.is_some_and(|o| o.get().port() == p));
+    let moved = if accelerated {
+        forward::forward_copy(&mut down, &mut up).await
+    } else {
+        forward::forward(&mut down, &mut up).await
+    };
+    match moved {
         Ok(t) => {
             stat("upstream_cx_tx_bytes_total").add(t.tx);
             stat("upstream_cx_rx_bytes_total").add(t.rx);

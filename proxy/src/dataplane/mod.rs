@@ -36,6 +36,8 @@ pub struct Dataplane {
     pub capture_port: u16,
     /// Kept-alive upstream HTTP connections (HTTP connection manager chains).
     pub http_pool: crate::http::pool::Pool,
+    /// `--sockmap` service ports: their connections are copied, not spliced (see `forward`).
+    pub sockmap_ports: Vec<u16>,
     weighted_cursor: AtomicUsize,
 }
 
@@ -53,6 +55,7 @@ impl Dataplane {
             upstream_mark,
             capture_port,
             http_pool: crate::http::pool::Pool::new(),
+            sockmap_ports: Vec::new(),
             weighted_cursor: AtomicUsize::new(0),
         }
     }
