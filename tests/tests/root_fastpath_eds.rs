@@ -288,8 +288,12 @@ fn spread(s: &mut Scenario, n: usize) -> [usize; 3] {
 
 #[test]
 fn eds_removal_stops_fast_path_connects_to_the_removed_endpoint_and_empty_falls_back() {
+    let _g = skiff_tests::serial();
     let mut s = scenario("fp-eds");
     wait_kernel_endpoints(&s.ns, &BACKENDS);
+    // The maps can hold the service before skiff opens its ready gate (until then connects are
+    // not captured at all): wait for both.
+    skiff_tests::wait_admin_ready(&s.ns);
 
     // All three endpoints take connects, none through skiff's listener.
     let before = spread(&mut s, 30);

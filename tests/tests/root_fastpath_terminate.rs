@@ -226,6 +226,8 @@ fn removed_endpoint_connections_are_reset_and_the_others_survive() {
     let _g = serial();
     let s = scenario("fp-term");
     wait_kernel_endpoints(&s.ns, &BACKENDS);
+    // Connects are captured only once skiff opens its ready gate.
+    skiff_tests::wait_admin_ready(&s.ns);
 
     let mut child = command_in(Some(&s.ns), Some(&s.app), fastpeer())
         .args(["hold", VIP, "--n", "9"])

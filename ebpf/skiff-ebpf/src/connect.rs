@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use skiff_common::{
-    AF_INET, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws, ECONNREFUSED,
-    EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, LB_LEAST_REQUEST,
-    LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4, ServiceStats,
-    SlotFacts, capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot,
-    reason,
+    AF_INET, AF_INET6, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws,
+    ECONNREFUSED, EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP,
+    LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4,
+    ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, capture_decision, client_hash,
+    is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     maps::{
         SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EP_ACTIVE, SKIFF_EP_LOAD,
         SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV, SKIFF_MESHED,
-        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, config, count,
+        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, SKIFF_SVC_V6, config, count,
     },
 };
 
@@ -97,6 +97,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
         return match decide_v4(&sa, &cfg, ip4_be, port_be) {
             Decision::Capture => {
                 if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&sa, &cfg, ip4_be, port_be) {
+                    remember_peer(ctx, OrigDstValue::v4(ip4_be, port_be));
                     sa.set_dst6([ip_be[0], ip_be[1], ip_be[2], ep_ip_be], ep_port_be);
                     count(reason::FAST_PATH_V4);
                     return Ok(ALLOW);
@@ -125,6 +126,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
     };
     match capture_decision(&cfg, &facts) {
         Decision::Capture => {
+            // Kernel fast path: an IPv6 plain-L4 service connects straight to an endpoint.
+            if let Some((ep_ip_be, ep_port_be)) = fast_path_v6(&sa, &cfg, ip_be, port_be) {
+                remember_peer(ctx, OrigDstValue::v6(ip_be, port_be));
+                sa.set_dst6(ep_ip_be, ep_port_be);
+                count(reason::FAST_PATH_V6);
+                return Ok(ALLOW);
+            }
             remember(ctx, &sa, OrigDstValue::v6(ip_be, port_be))?;
             sa.set_dst6(cfg.outbound_ip6_be, cfg.outbound_port6_be);
             count(reason::CAPTURED_V6);
@@ -241,6 +249,47 @@ fn fast_path_v4(
     };
     // SAFETY: the value is copied out at once.
     let svc = unsafe { SKIFF_SVC_V4.get(key) }.copied()?;
+    let ep = fast_pick(sa, cfg, svc, ip_be, port_be, Some(key), AF_INET)?;
+    Some((ep.addr_be[0], ep.port_be))
+}
+
+/// The kernel fast path for an IPv6 service (not v4-mapped): as [`fast_path_v4`], with IPv6
+/// endpoints.
+#[inline(always)]
+fn fast_path_v6(
+    sa: &SockAddr<'_>,
+    cfg: &ConfigValue,
+    ip_be: [u32; 4],
+    port_be: u16,
+) -> Option<([u32; 4], u16)> {
+    if cfg.fast_path == 0 {
+        return None;
+    }
+    let key = ServiceKeyV6 {
+        vip_be: ip_be,
+        port_be,
+        proto: IPPROTO_TCP as u8,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { SKIFF_SVC_V6.get(key) }.copied()?;
+    let vip_word = ip_be[0] ^ ip_be[1] ^ ip_be[2] ^ ip_be[3];
+    let ep = fast_pick(sa, cfg, svc, vip_word, port_be, None, AF_INET6)?;
+    Some((ep.addr_be, ep.port_be))
+}
+
+/// Picks the endpoint of a service hit in the active generation (its family must be
+/// `family`); `stat` is the key of the per-service counters (IPv4 services).
+#[inline(always)]
+fn fast_pick(
+    sa: &SockAddr<'_>,
+    cfg: &ConfigValue,
+    svc: ServiceValue,
+    vip_word_be: u32,
+    port_be: u16,
+    stat: Option<ServiceKeyV4>,
+    family: u32,
+) -> Option<EndpointValue> {
     // One read of the generation for the whole lookup (cfg is a copy).
     let idx = if cfg.fast_gen & 1 == 0 {
         svc.cluster_idx[0]
@@ -249,7 +298,7 @@ fn fast_path_v4(
     };
     if idx == NO_CLUSTER {
         count(reason::FAST_FALLBACK);
-        service_count(key, ServiceEvent::Fallback);
+        service_count(stat, ServiceEvent::Fallback);
         return None;
     }
     let Some(cluster) = SKIFF_CLUSTERS.get(idx).copied() else {
@@ -275,13 +324,17 @@ fn fast_path_v4(
         LB_MAGLEV => {
             // The client is its bound source address, else its network namespace (the pod):
             // before connect() returns the kernel has not picked a source address yet.
-            let src = sa.src_ip4_be();
+            let src = if family == AF_INET {
+                sa.src_ip4_be()
+            } else {
+                0
+            };
             let client = if src != 0 {
                 u64::from(src)
             } else {
                 sa.netns_cookie()
             };
-            draws.client_hash = client_hash(client, ip_be, port_be);
+            draws.client_hash = client_hash(client, vip_word_be, port_be);
         }
         _ => {}
     }
@@ -291,7 +344,7 @@ fn fast_path_v4(
     };
     let Some(offset) = pick_slot(&cluster, &draws, &facts) else {
         count(reason::FAST_NO_HEALTHY);
-        service_count(key, ServiceEvent::NoHealthy);
+        service_count(stat, ServiceEvent::NoHealthy);
         return None;
     };
     let Some(ep) = SKIFF_ENDPOINTS
@@ -301,12 +354,12 @@ fn fast_path_v4(
         count(reason::ERR_FAST_SLOT);
         return None;
     };
-    if ep.health != HEALTH_OK || u32::from(ep.family) != AF_INET {
+    if ep.health != HEALTH_OK || u32::from(ep.family) != family {
         count(reason::FAST_NO_HEALTHY);
-        service_count(key, ServiceEvent::NoHealthy);
+        service_count(stat, ServiceEvent::NoHealthy);
         return None;
     }
-    service_count(key, ServiceEvent::Connect);
+    service_count(stat, ServiceEvent::Connect);
     // sock_ops counts the connection against this endpoint from TCP_CONNECT_CB to TCP_CLOSE.
     if SKIFF_FAST_SK
         .insert(sa.socket_cookie(), EndpointKey::of(&ep), 0)
@@ -314,7 +367,7 @@ fn fast_path_v4(
     {
         count(reason::ERR_FAST_TRACK);
     }
-    Some((ep.addr_be[0], ep.port_be))
+    Some(ep)
 }
 
 /// What happened to one connect to a fast-path service.
@@ -327,7 +380,10 @@ enum ServiceEvent {
 
 /// Bumps the service's per-CPU counter for `event` (creating its entry on first use).
 #[inline(always)]
-fn service_count(key: ServiceKeyV4, event: ServiceEvent) {
+fn service_count(key: Option<ServiceKeyV4>, event: ServiceEvent) {
+    let Some(key) = key else {
+        return;
+    };
     let p = match SKIFF_SVC_STAT.get_ptr_mut(key) {
         Some(p) => p,
         None => {

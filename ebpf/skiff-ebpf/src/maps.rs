@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use skiff_common::{
     CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey, EndpointLoad,
-    EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceStats, ServiceValue, reason,
+    EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceKeyV6, ServiceStats,
+    ServiceValue, reason,
 };
 
 /// Proxy config. Key: u32 index 0; value: `ConfigValue`; max 1; not LRU.
@@ -62,6 +63,13 @@ pub static SKIFF_MESHED: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
 /// Writer: userspace `bpf::reconciler`. Readers: connect4, connect6 (v4-mapped).
 #[map]
 pub static SKIFF_SVC_V4: HashMap<ServiceKeyV4, ServiceValue> =
+    HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
+
+/// IPv6 fast-path services. Key: `ServiceKeyV6` (VIP be words, port be, proto); value:
+/// `ServiceValue`; max `max_services`; not LRU; no prealloc. Writer: userspace
+/// `bpf::reconciler`. Readers: connect6.
+#[map]
+pub static SKIFF_SVC_V6: HashMap<ServiceKeyV6, ServiceValue> =
     HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
 
 /// Fast-path clusters, both generations. Key: u32 `gen * max_clusters + id`; value:

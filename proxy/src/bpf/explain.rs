@@ -38,8 +38,8 @@ pub fn explain(
         return excluded("destination is in an excluded CIDR");
     }
     let (verdict, cluster) = classify(snap, capture_port, dst);
-    if let (Some(view), SocketAddr::V4(vip)) = (view, dst)
-        && let Some(svc) = view.image.services.get(&vip)
+    if let Some(view) = view
+        && let Some(svc) = view.image.services.get(&dst)
     {
         let c = &view.image.clusters[&svc.cluster];
         return json!({
@@ -124,7 +124,7 @@ pub fn maps_json(
         .map(|(vip, s)| {
             let st = per_service
                 .iter()
-                .find(|(a, _)| a == vip)
+                .find(|(a, _)| SocketAddr::V4(*a) == *vip)
                 .map(|(_, n)| *n)
                 .unwrap_or_default();
             json!({

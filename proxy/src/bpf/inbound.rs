@@ -32,7 +32,7 @@ const NETNS: &str = "/proc/self/ns/net";
 
 /// Maps of the outbound capture this instance never uses: one entry each, so a second copy
 /// of the object costs almost nothing (LRU hashes preallocate their full size).
-const UNUSED_MAPS: [&str; 15] = [
+const UNUSED_MAPS: [&str; 16] = [
     "SKIFF_COOKIE",
     "SKIFF_ORIG_DST",
     "SKIFF_EXCL_PORT",
@@ -40,6 +40,7 @@ const UNUSED_MAPS: [&str; 15] = [
     "SKIFF_EXCL_V6",
     "SKIFF_MESHED",
     "SKIFF_SVC_V4",
+    "SKIFF_SVC_V6",
     "SKIFF_SVC_STAT",
     "SKIFF_CLUSTERS",
     "SKIFF_ENDPOINTS",

@@ -1,6 +1,6 @@
 //! Projection: which services the kernel may connect straight to an endpoint (pure).
 //!
-//! [`project`] turns one [`Snapshot`] into a [`MapImage`]: the IPv4 TCP services whose every
+//! [`project`] turns one [`Snapshot`] into a [`MapImage`]: the IPv4 and IPv6 TCP services whose every
 //! connection the proxy would hand, unchanged, to one STATIC or EDS cluster balanced by a
 //! policy the kernel implements. A service is such a (VIP, port) when the listener that owns
 //! it (the per-service listener `10.96.0.1_80`, else the `use_original_dst` virtual listener)
@@ -16,7 +16,7 @@
 use crate::dataplane::route::{longest_prefix, narrow};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, Listener, NetworkAction};
@@ -65,7 +65,7 @@ pub struct ClusterImage {
     /// Policy.
     pub lb: FastLb,
     /// Healthy endpoints, sorted (the slot order).
-    pub endpoints: Vec<SocketAddrV4>,
+    pub endpoints: Vec<SocketAddr>,
     /// `load_balancing_weight` of each endpoint (same order as `endpoints`); with `shares`,
     /// its eligible share in units of 1/[`SHARE_SCALE`].
     pub weights: Vec<u32>,
@@ -87,8 +87,8 @@ impl ClusterImage {
 /// What the kernel fast-path maps should hold for one snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapImage {
-    /// Services by VIP:port (TCP).
-    pub services: BTreeMap<SocketAddrV4, ServiceImage>,
+    /// Services by VIP:port (TCP), IPv4 and IPv6.
+    pub services: BTreeMap<SocketAddr, ServiceImage>,
     /// Clusters by name; a cluster's id is its position in this map.
     pub clusters: BTreeMap<String, ClusterImage>,
     /// Every candidate service found and why it is (not) in the image.
@@ -145,7 +145,7 @@ impl MapImage {
             if let Some(limit) = limit {
                 *dropped.entry(limit).or_default() += 1;
                 out.verdicts.insert(
-                    SocketAddr::V4(*vip),
+                    *vip,
                     Verdict::proxy(format!("kernel map capacity ({limit}) exceeded")),
                 );
                 continue;
@@ -221,7 +221,7 @@ pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
     let index = snap.virtual_listener(capture_port).map(ChainIndex::new);
     for dst in candidates(snap, capture_port) {
         let (verdict, cluster) = classify_with(snap, capture_port, dst, index.as_ref());
-        if let (true, SocketAddr::V4(vip), Some(c)) = (verdict.fast, dst, cluster) {
+        if let (true, vip, Some(c)) = (verdict.fast, dst, cluster) {
             let name = verdict.cluster.clone().unwrap_or_default();
             image.services.insert(
                 vip,
@@ -334,12 +334,6 @@ fn classify_with(
     dst: SocketAddr,
     index: Option<&ChainIndex<'_>>,
 ) -> (Verdict, Option<ClusterImage>) {
-    let SocketAddr::V4(_) = dst else {
-        return (
-            Verdict::proxy("IPv6 services are not in the kernel fast path yet"),
-            None,
-        );
-    };
     let Some(listener) = snap
         .listener_for(dst)
         .or_else(|| snap.virtual_listener(capture_port))
@@ -491,20 +485,22 @@ fn classify_with(
         v.reason = format!("cluster {name}: more endpoints than the kernel search covers");
         return (v, None);
     }
-    let mut slots: Vec<(SocketAddrV4, u32)> = Vec::with_capacity(eligible.len());
+    let mut slots: Vec<(SocketAddr, u32)> = Vec::with_capacity(eligible.len());
     for e in &eligible {
         let weight = if simple {
             views[e.index as usize].weight.max(1)
         } else {
             ((e.share * f64::from(SHARE_SCALE)).round() as u32).max(1)
         };
-        match entry.lb.hosts[e.index as usize].address() {
-            SocketAddr::V4(a) => slots.push((a, weight)),
-            SocketAddr::V6(_) => {
-                v.reason = format!("cluster {name}: IPv6 endpoint behind an IPv4 service");
-                return (v, None);
-            }
+        // connect4 can only rewrite to an IPv4 address, connect6 to an IPv6 one.
+        let a = entry.lb.hosts[e.index as usize].address();
+        if a.is_ipv4() != dst.is_ipv4() {
+            v.reason = format!(
+                "cluster {name}: endpoint {a} is not of the service's address family"
+            );
+            return (v, None);
         }
+        slots.push((a, weight));
     }
     slots.sort();
     let total: u64 = slots.iter().map(|(_, w)| u64::from(*w)).sum();
@@ -512,7 +508,7 @@ fn classify_with(
         v.reason = format!("cluster {name}: total endpoint weight exceeds 2^32");
         return (v, None);
     }
-    let (endpoints, weights): (Vec<SocketAddrV4>, Vec<u32>) = slots.into_iter().unzip();
+    let (endpoints, weights): (Vec<SocketAddr>, Vec<u32>) = slots.into_iter().unzip();
     v.fast = true;
     v.reason = format!(
         "plain tcp_proxy to {} cluster {name} ({}, {} healthy endpoints)",

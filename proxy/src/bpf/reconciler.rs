@@ -21,15 +21,42 @@
 //! the same code against an in-memory model of the maps.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use skiff_common::{
     CLUSTER_SHARES, CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
-    LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceValue,
+    LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceKeyV6, ServiceValue,
 };
 
 use super::BpfError;
 use super::projection::{ClusterImage, FastLb, MapImage};
+
+/// A key of either service map (`SKIFF_SVC_V4` or `SKIFF_SVC_V6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceKey {
+    /// An IPv4 service.
+    V4(ServiceKeyV4),
+    /// An IPv6 service.
+    V6(ServiceKeyV6),
+}
+
+impl ServiceKey {
+    /// The key of a TCP service at `vip`.
+    pub fn tcp(vip: SocketAddr) -> Self {
+        match vip {
+            SocketAddr::V4(a) => ServiceKey::V4(ServiceKeyV4::tcp(a)),
+            SocketAddr::V6(a) => ServiceKey::V6(ServiceKeyV6::tcp(a)),
+        }
+    }
+
+    /// The service address.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            ServiceKey::V4(k) => SocketAddr::V4(k.addr()),
+            ServiceKey::V6(k) => SocketAddr::V6(k.addr()),
+        }
+    }
+}
 
 /// Sizes of the fast-path maps (per generation for clusters and endpoints).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,9 +87,9 @@ impl Default for Capacity {
 /// Writes to the fast-path maps, in the order the reconciler calls them.
 pub trait FastMaps {
     /// Insert or replace one service.
-    fn set_service(&mut self, key: ServiceKeyV4, value: ServiceValue) -> Result<(), BpfError>;
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError>;
     /// Delete one service.
-    fn delete_service(&mut self, key: ServiceKeyV4) -> Result<(), BpfError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), BpfError>;
     /// Write one cluster entry (absolute index).
     fn set_cluster(&mut self, index: u32, value: ClusterValue) -> Result<(), BpfError>;
     /// Write one endpoint slot (absolute index).
@@ -110,7 +137,7 @@ struct Generation {
 pub struct Reconciler {
     caps: Capacity,
     active: u8,
-    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
     gens: [Generation; 2],
     applied: MapImage,
 }
@@ -162,7 +189,7 @@ impl Reconciler {
     }
 
     /// The service entries as written to the kernel.
-    pub fn services(&self) -> &BTreeMap<ServiceKeyV4, ServiceValue> {
+    pub fn services(&self) -> &BTreeMap<ServiceKey, ServiceValue> {
         &self.services
     }
 
@@ -194,7 +221,7 @@ impl Reconciler {
             maglev,
             services: wanted,
         } = layout(&image, next, self.caps);
-        let gone: BTreeSet<ServiceKeyV4> = self
+        let gone: BTreeSet<ServiceKey> = self
             .services
             .keys()
             .filter(|k| !wanted.contains_key(k))
@@ -233,7 +260,7 @@ impl Reconciler {
 
         // 3. Services: the inactive column points into the new generation.
         let col = usize::from(next);
-        let mut writes: Vec<(ServiceKeyV4, ServiceValue)> = Vec::new();
+        let mut writes: Vec<(ServiceKey, ServiceValue)> = Vec::new();
         for (k, idx) in &wanted {
             let mut v = self.services.get(k).copied().unwrap_or(ServiceValue {
                 cluster_idx: [NO_CLUSTER; 2],
@@ -283,7 +310,7 @@ pub(crate) struct Layout {
     /// Maglev tables, `MAGLEV_TABLE_SIZE` entries per MAGLEV cluster, in cluster order.
     pub(crate) maglev: Vec<u32>,
     /// Each service's absolute cluster index.
-    pub(crate) services: BTreeMap<ServiceKeyV4, u32>,
+    pub(crate) services: BTreeMap<ServiceKey, u32>,
 }
 
 /// The image laid out for generation `generation`.
@@ -299,7 +326,7 @@ pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout
         let mut end = 0u32;
         for (e, w) in c.endpoints.iter().zip(&c.weights) {
             end = end.saturating_add(*w);
-            let mut v = EndpointValue::new((*e).into(), *w);
+            let mut v = EndpointValue::new(*e, *w);
             v.weight_end = end;
             endpoints.push(v);
         }
@@ -334,7 +361,7 @@ pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout
     let services = image
         .services
         .iter()
-        .filter_map(|(vip, s)| Some((ServiceKeyV4::tcp(*vip), *ids.get(s.cluster.as_str())?)))
+        .filter_map(|(vip, s)| Some((ServiceKey::tcp(*vip), *ids.get(s.cluster.as_str())?)))
         .collect();
     Layout {
         clusters,
@@ -426,49 +453,20 @@ fn write_generation(
     Ok(written)
 }
 
-/// Follows the kernel's lookup for one service over map contents (the in-memory model, and
-/// `skiff maps` over the kernel's): the cluster's policy and endpoints in the active generation,
-/// or `None` (the connect goes to the proxy).
-pub fn resolve(
-    services: &BTreeMap<ServiceKeyV4, ServiceValue>,
-    clusters: &impl Fn(u32) -> Option<ClusterValue>,
-    endpoints: &impl Fn(u32) -> Option<EndpointValue>,
-    active: u8,
-    vip: SocketAddrV4,
-) -> Option<(u8, Vec<SocketAddrV4>)> {
-    let svc = services.get(&ServiceKeyV4::tcp(vip))?;
-    let idx = svc.cluster_idx[usize::from(active & 1)];
-    if idx == NO_CLUSTER {
-        return None;
-    }
-    let c = clusters(idx)?;
-    if c.endpoint_count == 0 {
-        return None;
-    }
-    let mut out = Vec::new();
-    for i in 0..c.endpoint_count {
-        match endpoints(c.slot_base + i)?.addr()? {
-            std::net::SocketAddr::V4(a) => out.push(a),
-            std::net::SocketAddr::V6(_) => return None,
-        }
-    }
-    Some((c.lb_policy, out))
-}
-
 /// Every endpoint a connect to `vip` can reach, read from map contents exactly as the kernel
 /// walks them (through `skiff_common::pick_slot`), with how many draws reach it: round robin
 /// over one full cursor cycle (`total_weight` draws when weighted, else one per slot), RANDOM
 /// one draw per slot, LEAST_REQUEST every pair of draws at equal load, MAGLEV every table entry.
 /// `None`: the connect goes to the proxy.
 pub fn choices(
-    services: &BTreeMap<ServiceKeyV4, ServiceValue>,
+    services: &BTreeMap<ServiceKey, ServiceValue>,
     clusters: &impl Fn(u32) -> Option<ClusterValue>,
     endpoints: &impl Fn(u32) -> Option<EndpointValue>,
     maglev: &impl Fn(u32) -> Option<u32>,
     active: u8,
-    vip: SocketAddrV4,
-) -> Option<(u8, BTreeMap<SocketAddrV4, u64>)> {
-    let svc = services.get(&ServiceKeyV4::tcp(vip))?;
+    vip: SocketAddr,
+) -> Option<(u8, BTreeMap<SocketAddr, u64>)> {
+    let svc = services.get(&ServiceKey::tcp(vip))?;
     let idx = svc.cluster_idx[usize::from(active & 1)];
     if idx == NO_CLUSTER {
         return None;
@@ -546,10 +544,12 @@ pub fn choices(
     let mut out = BTreeMap::new();
     for d in &draws {
         let off = skiff_common::pick_slot(&c, d, &facts)?;
-        match endpoints(c.slot_base + off)?.addr()? {
-            std::net::SocketAddr::V4(a) => *out.entry(a).or_insert(0) += 1,
-            std::net::SocketAddr::V6(_) => return None,
+        let a = endpoints(c.slot_base + off)?.addr()?;
+        // The kernel only rewrites a connect to an endpoint of the service's family.
+        if a.is_ipv4() != vip.is_ipv4() {
+            return None;
         }
+        *out.entry(a).or_insert(0) += 1;
     }
     Some((c.lb_policy, out))
 }

@@ -107,13 +107,39 @@ fn plain_tcp_proxy_service_is_projected() {
         vec![static_cluster("svc", LbPolicy::RoundRobin, &EPS)],
     );
     let img = project(&s, 15001);
-    let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
     assert_eq!(img.services[&vip].cluster, "svc");
     assert_eq!(img.services[&vip].listener, "virtualOutbound");
     assert_eq!(img.clusters["svc"].lb, FastLb::RoundRobin);
     assert_eq!(img.clusters["svc"].endpoints.len(), 3);
     assert_eq!(img.cluster_id("svc"), Some(0));
     assert!(reason(&img, "10.96.0.10:80").starts_with("kernel: plain tcp_proxy"));
+}
+
+#[test]
+fn ipv6_services_are_projected_with_ipv6_endpoints_only() {
+    let mut v6 = tcp_chain("v6", "fd00:96::10", 80, "six");
+    v6.matcher.prefix_ranges[0].len = 128;
+    let mut mixed = tcp_chain("mixed", "fd00:96::11", 80, "svc");
+    mixed.matcher.prefix_ranges[0].len = 128;
+    let s = snap(
+        vec![virtual_listener(vec![v6, mixed])],
+        vec![
+            static_cluster(
+                "six",
+                LbPolicy::RoundRobin,
+                &["[fd00::21]:8080", "[fd00::22]:8080"],
+            ),
+            static_cluster("svc", LbPolicy::RoundRobin, &EPS),
+        ],
+    );
+    let img = project(&s, 15001);
+    let vip: SocketAddr = "[fd00:96::10]:80".parse().unwrap();
+    assert_eq!(img.services[&vip].cluster, "six");
+    assert_eq!(img.clusters["six"].endpoints.len(), 2);
+    // An IPv6 service whose endpoints are IPv4 stays in the proxy (connect6 cannot send an
+    // AF_INET6 socket to an IPv4 address).
+    assert!(reason(&img, "[fd00:96::11]:80").contains("address family"));
 }
 
 #[test]
@@ -130,7 +156,7 @@ fn per_vip_listener_wins_and_is_projected() {
         vec![static_cluster("svc", LbPolicy::Random, &EPS)],
     );
     let img = project(&s, 15001);
-    let vip: SocketAddrV4 = "10.96.0.11:80".parse().unwrap();
+    let vip: SocketAddr = "10.96.0.11:80".parse().unwrap();
     assert_eq!(img.services[&vip].listener, "10.96.0.11_80");
     assert_eq!(img.clusters["svc"].lb, FastLb::Random);
 }
@@ -313,7 +339,7 @@ fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
 /// The fast-path maps in memory, written by the real reconciler.
 #[derive(Default)]
 struct Maps {
-    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
     clusters: BTreeMap<u32, skiff_common::ClusterValue>,
     endpoints: BTreeMap<u32, skiff_common::EndpointValue>,
     maglev: BTreeMap<u32, u32>,
@@ -321,15 +347,11 @@ struct Maps {
 }
 
 impl crate::bpf::reconciler::FastMaps for Maps {
-    fn set_service(
-        &mut self,
-        k: ServiceKeyV4,
-        v: ServiceValue,
-    ) -> Result<(), crate::bpf::BpfError> {
+    fn set_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), crate::bpf::BpfError> {
         self.services.insert(k, v);
         Ok(())
     }
-    fn delete_service(&mut self, k: ServiceKeyV4) -> Result<(), crate::bpf::BpfError> {
+    fn delete_service(&mut self, k: ServiceKey) -> Result<(), crate::bpf::BpfError> {
         self.services.remove(&k);
         Ok(())
     }
@@ -359,7 +381,8 @@ impl crate::bpf::reconciler::FastMaps for Maps {
     }
 }
 
-use skiff_common::{ServiceKeyV4, ServiceValue};
+use crate::bpf::reconciler::ServiceKey;
+use skiff_common::ServiceValue;
 
 proptest! {
     /// For random assignments (priorities, health incl. degraded, weights, any arrival order):
@@ -400,13 +423,10 @@ proptest! {
         // What userspace would balance over.
         let entry = s.cluster("c").unwrap();
         let (views, _) = entry.lb.views();
-        let eligible: BTreeMap<SocketAddrV4, f64> = crate::lb::plan::eligible(&entry.lb.plan(entry), &views)
+        let eligible: BTreeMap<SocketAddr, f64> = crate::lb::plan::eligible(&entry.lb.plan(entry), &views)
             .into_iter()
             .filter(|e| e.share > 0.0)
-            .map(|e| match entry.lb.hosts[e.index as usize].address() {
-                SocketAddr::V4(v4) => (v4, e.share),
-                SocketAddr::V6(_) => unreachable!("generated endpoints are IPv4"),
-            })
+            .map(|e| (entry.lb.hosts[e.index as usize].address(), e.share))
             .collect();
 
         // What the kernel would choose from.
@@ -414,7 +434,7 @@ proptest! {
         let mut maps = Maps::default();
         let mut r = crate::bpf::reconciler::Reconciler::new(caps);
         r.apply(&mut maps, &a).unwrap();
-        let vip: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
         let seen = crate::bpf::reconciler::choices(
             &maps.services,
             &|i| maps.clusters.get(&i).copied(),
@@ -430,8 +450,8 @@ proptest! {
                 eligible
             ),
             Some((_, hits)) => {
-                let kernel: Vec<&SocketAddrV4> = hits.keys().collect();
-                let user: Vec<&SocketAddrV4> = eligible.keys().collect();
+                let kernel: Vec<&SocketAddr> = hits.keys().collect();
+                let user: Vec<&SocketAddr> = eligible.keys().collect();
                 prop_assert_eq!(kernel, user);
                 if !random {
                     let total: u64 = hits.values().sum();

@@ -2,7 +2,7 @@
 //! no write in between lets a connect see a service half-way between a and b.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use proptest::prelude::*;
 
@@ -11,11 +11,11 @@ use crate::bpf::projection::{ClusterImage, ServiceImage};
 
 /// What a connect would get for one service: the policy and the endpoints its draws reach
 /// (with how many draws each), or `None` (proxy).
-type Seen = Option<(u8, BTreeMap<SocketAddrV4, u64>)>;
+type Seen = Option<(u8, BTreeMap<SocketAddr, u64>)>;
 
 #[derive(Default)]
 struct MemMaps {
-    services: BTreeMap<ServiceKeyV4, ServiceValue>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
     clusters: BTreeMap<u32, ClusterValue>,
     endpoints: BTreeMap<u32, EndpointValue>,
     maglev: BTreeMap<u32, u32>,
@@ -23,12 +23,12 @@ struct MemMaps {
     enabled: bool,
     caps: Option<Capacity>,
     /// For each checked service: the allowed views (before, after).
-    allowed: BTreeMap<SocketAddrV4, (Seen, Seen)>,
+    allowed: BTreeMap<SocketAddr, (Seen, Seen)>,
     writes: usize,
 }
 
 impl MemMaps {
-    fn seen(&self, vip: SocketAddrV4) -> Seen {
+    fn seen(&self, vip: SocketAddr) -> Seen {
         if !self.enabled {
             return None;
         }
@@ -57,12 +57,12 @@ impl MemMaps {
 }
 
 impl FastMaps for MemMaps {
-    fn set_service(&mut self, key: ServiceKeyV4, value: ServiceValue) -> Result<(), BpfError> {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), BpfError> {
         self.services.insert(key, value);
         self.check();
         Ok(())
     }
-    fn delete_service(&mut self, key: ServiceKeyV4) -> Result<(), BpfError> {
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), BpfError> {
         self.services.remove(&key);
         self.check();
         Ok(())
@@ -100,7 +100,7 @@ impl FastMaps for MemMaps {
     }
 }
 
-fn expected(img: &MapImage, vip: SocketAddrV4) -> Seen {
+fn expected(img: &MapImage, vip: SocketAddr) -> Seen {
     let s = img.services.get(&vip)?;
     let c = &img.clusters[&s.cluster];
     let lb = match c.lb {
@@ -141,8 +141,8 @@ fn image(spec: &Spec) -> MapImage {
     let mut img = MapImage::default();
     for (vip, cluster, eps, policy) in spec {
         let name = format!("c{cluster}");
-        let vip: SocketAddrV4 = format!("10.96.0.{vip}:80").parse().unwrap();
-        let mut slots: Vec<(SocketAddrV4, u32)> = eps
+        let vip: SocketAddr = format!("10.96.0.{vip}:80").parse().unwrap();
+        let mut slots: Vec<(SocketAddr, u32)> = eps
             .iter()
             .map(|(e, w)| (format!("127.0.{cluster}.{e}:8080").parse().unwrap(), *w))
             .collect();
@@ -194,7 +194,7 @@ fn apply_checked(
     from: &MapImage,
     to: &MapImage,
 ) -> ApplyReport {
-    let vips: BTreeSet<SocketAddrV4> = from
+    let vips: BTreeSet<SocketAddr> = from
         .services
         .keys()
         .chain(to.services.keys())
