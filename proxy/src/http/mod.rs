@@ -723,6 +723,16 @@ async fn forward(
             }
         };
         let mut headers = base.clone();
+        // A retry has only what is left of the route timeout (Envoy tells the upstream so).
+        if retries > 0
+            && let Some(d) = deadline
+        {
+            let left = d.saturating_duration_since(Instant::now());
+            let expect = per_try.map_or(left, |p| p.min(left));
+            if let Ok(v) = HeaderValue::from_str(&expect.as_millis().to_string()) {
+                headers.insert(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"), v);
+            }
+        }
         if ctx.vh.include_request_attempt_count
             && let Ok(v) = HeaderValue::from_str(&attempt_no.to_string())
         {
