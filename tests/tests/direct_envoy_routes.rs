@@ -329,7 +329,10 @@ async fn ask(port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> Opt
             .collect::<Vec<_>>()
             .join(",")
     };
-    let (location, resp_hdr) = (h("location"), h("x-resp"));
+    let (location, resp_hdr) = (
+        h("location"),
+        format!("{} server={}", h("x-resp"), h("server")),
+    );
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     Some((

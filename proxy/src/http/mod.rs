@@ -162,6 +162,15 @@ async fn handle(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
         .counter(&format!("http.{prefix}.downstream_rq_completed"))
         .inc();
     *resp.version_mut() = down_version;
+    use crate::model::listener::ServerHeader;
+    let server = match &conn.manager.server_header {
+        ServerHeader::Overwrite(n) => Some(n),
+        ServerHeader::AppendIfAbsent(n) if !resp.headers().contains_key(header::SERVER) => Some(n),
+        ServerHeader::AppendIfAbsent(_) | ServerHeader::PassThrough => None,
+    };
+    if let Some(v) = server.and_then(|n| HeaderValue::from_str(n).ok()) {
+        resp.headers_mut().insert(header::SERVER, v);
+    }
     resp
 }
 

@@ -154,7 +154,29 @@ pub struct HttpManager {
     /// `upgrade_configs`: (upgrade type lowercase, `enabled`) pairs. A type not listed is never
     /// upgraded (403); routes may flip `enabled` per type.
     pub upgrades: Vec<(String, bool)>,
+    /// `server_name` (Envoy's default `envoy`) and how it goes into the `server` header.
+    pub server_header: ServerHeader,
 }
+
+/// `server_header_transformation` with the `server_name` it writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerHeader {
+    /// OVERWRITE (the default): every response says `server: <name>`.
+    Overwrite(String),
+    /// APPEND_IF_ABSENT: only responses without a `server` header get one.
+    AppendIfAbsent(String),
+    /// PASS_THROUGH: the upstream's header, or none, is left alone.
+    PassThrough,
+}
+
+impl Default for ServerHeader {
+    fn default() -> Self {
+        ServerHeader::Overwrite(DEFAULT_SERVER_NAME.to_string())
+    }
+}
+
+/// Envoy's default `server_name`.
+pub const DEFAULT_SERVER_NAME: &str = "envoy";
 
 /// One entry of `http_filters` that skiff accepted but does not run.
 #[derive(Debug, Clone, PartialEq)]
@@ -407,6 +429,18 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
         rds_route_config_name: rds,
         inline_route_config: inline,
         use_remote_address: h.use_remote_address.is_some_and(|b| b.value),
+        server_header: {
+            let name = if h.server_name.is_empty() {
+                DEFAULT_SERVER_NAME.to_string()
+            } else {
+                h.server_name.clone()
+            };
+            match h.server_header_transformation {
+                1 => ServerHeader::AppendIfAbsent(name),
+                2 => ServerHeader::PassThrough,
+                _ => ServerHeader::Overwrite(name),
+            }
+        },
         upgrades: h
             .upgrade_configs
             .iter()
@@ -684,6 +718,14 @@ mod tests {
     fn use_remote_address_is_read() {
         let mut h = inline(vec![]);
         h.use_remote_address = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
-        assert!(convert(&h).unwrap().use_remote_address);
+        let m = convert(&h).unwrap();
+        assert!(m.use_remote_address);
+        assert_eq!(m.server_header, ServerHeader::Overwrite("envoy".into()));
+        h.server_name = "istio-envoy".into();
+        h.server_header_transformation = 1;
+        assert_eq!(
+            convert(&h).unwrap().server_header,
+            ServerHeader::AppendIfAbsent("istio-envoy".into())
+        );
     }
 }
