@@ -1,6 +1,6 @@
 //! Differential routing test against real Envoy: the same LDS/RDS/CDS (served by
 //! `skiff control-plane` from one directory) is loaded first by Envoy, then by skiff, and the
-//! same table of Host/path/header requests must give the same answers: which cluster served
+//! same table of Host/path/header requests, over HTTP/1.1 and h2c, must give the same answers: which cluster served
 //! (each cluster is a distinct loopback backend that echoes its name, the path it received and
 //! a header the route added), the status, direct-response bodies, redirect `Location`s and a
 //! response header added by configuration; retries over a 503 host and a refusing host end on
@@ -307,20 +307,48 @@ fn requests() -> Vec<Probe> {
 type Answer = (u16, String, String, String);
 
 async fn ask(port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> Option<Answer> {
+    ask_as(false, port, host, path, headers).await
+}
+
+/// One request over HTTP/1.1, or over h2c prior knowledge (`:authority` carries the host).
+async fn ask_as(
+    h2: bool,
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
     let s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let mut req = Request::get(path).header("host", host);
+    let mut req = if h2 {
+        Request::get(format!("http://{host}{path}"))
+    } else {
+        Request::get(path).header("host", host)
+    };
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req.body(Empty::<Bytes>::new()).ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+    let send = async {
+        if h2 {
+            let (mut tx, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(s),
+            )
+            .await
+            .ok()?;
+            tokio::spawn(conn);
+            tx.send_request(req).await.ok()
+        } else {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            tx.send_request(req).await.ok()
+        }
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(5), send)
         .await
-        .ok()?
-        .ok()?;
+        .ok()??;
     let h = |n: &str| {
         resp.headers()
             .get_all(n)
@@ -356,11 +384,17 @@ async fn answers(port: u16) -> Vec<Answer> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut out = Vec::new();
-    for (host, path, headers) in requests() {
-        let a = ask(port, host, path, &headers)
-            .await
-            .unwrap_or_else(|| panic!("no answer for {host}{path}"));
-        out.push(a);
+    for h2 in [false, true] {
+        for (host, path, headers) in requests() {
+            // Connection-specific headers (the upgrade probe) do not exist in HTTP/2.
+            if h2 && headers.iter().any(|(k, _)| *k == "connection") {
+                continue;
+            }
+            let a = ask_as(h2, port, host, path, &headers)
+                .await
+                .unwrap_or_else(|| panic!("no answer for {host}{path} (h2: {h2})"));
+            out.push(a);
+        }
     }
     out
 }
@@ -595,10 +629,21 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     };
     let (from_envoy, from_skiff) = (normalize(&from_envoy), normalize(&from_skiff));
     let mut diffs = Vec::new();
-    for (((host, path, headers), e), s) in requests().iter().zip(&from_envoy).zip(&from_skiff) {
+    let labels: Vec<(bool, Probe)> = [false, true]
+        .into_iter()
+        .flat_map(|h2| {
+            requests()
+                .into_iter()
+                .filter(move |(_, _, hs)| !(h2 && hs.iter().any(|(k, _)| *k == "connection")))
+                .map(move |p| (h2, p))
+        })
+        .collect();
+    assert_eq!(labels.len(), from_envoy.len());
+    assert_eq!(from_envoy.len(), from_skiff.len());
+    for (((h2, (host, path, headers)), e), s) in labels.iter().zip(&from_envoy).zip(&from_skiff) {
         if e != s {
             diffs.push(format!(
-                "{host}{path} {headers:?}\n  envoy: {e:?}\n  skiff: {s:?}"
+                "{host}{path} {headers:?} h2={h2}\n  envoy: {e:?}\n  skiff: {s:?}"
             ));
         }
     }
@@ -616,8 +661,8 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
         .filter(|a| a.0 == 200 && a.1.starts_with("ok "))
         .count();
     assert_eq!(
-        retried, 4,
-        "every /retry probe ends on the good host: {from_envoy:?}"
+        retried, 8,
+        "every /retry probe (h1 and h2) ends on the good host"
     );
     for c in ["c1 ", "c2 ", "c3 ", "h2c HTTP/2.0 "] {
         assert!(
