@@ -16,6 +16,9 @@
 //! before exec. `skiff-testpeer` (this package's bin) is the echo server / client /
 //! `SO_ORIGINAL_DST` reporter these tests drive; see its `--help`.
 //!
+//! `direct_*` tests run skiff ([`InProcessSkiff`], [`SkiffThread`]) and its control plane
+//! ([`ControlPlane`]) inside the test process, on loopback ports from [`free_port`].
+//!
 //! Root tests change process-wide state (the process's cgroup), so run them serially:
 //! `cargo test -p skiff-tests --features root --test root_bpf -- --test-threads=1`.
 
@@ -319,8 +322,8 @@ pub fn command_in(
 }
 
 /// The path of a binary built in this workspace's target directory (`target/<profile>/<name>`),
-/// for binaries of other packages (for this package's own bins prefer
-/// `env!("CARGO_BIN_EXE_<name>")` in the test). Panics with the build command if missing.
+/// for binaries of other packages and this package's own bins alike (cargo builds those before
+/// the tests run). Panics with the build command if missing.
 pub fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test>-<hash>
@@ -378,6 +381,12 @@ impl Child {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `sig` to this process (by its PID only).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig)
+            .unwrap_or_else(|e| panic!("{sig} to {}: {e}", self.what));
     }
 
     /// Waits up to `timeout` for the next stdout line that starts with `prefix` (lines before
@@ -499,10 +508,16 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
 /// One HTTP/1.0 request to skiff's admin (127.0.0.1:15000) inside `ns`: `(status, body)`, or
 /// `None` when nothing answers yet.
 pub fn admin(ns: &Netns, method: &str, path: &str) -> Option<(u16, String)> {
+    admin_on(ns, 15000, method, path)
+}
+
+/// Like [`admin`], for a skiff whose admin listens on 127.0.0.1:`port` (a second skiff in the
+/// same netns cannot take 15000).
+pub fn admin_on(ns: &Netns, port: u16, method: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let req = format!("{method} {path} HTTP/1.0\r\nHost: admin\r\nContent-Length: 0\r\n\r\n");
     in_netns(ns, move || {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:15000").ok()?;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         s.write_all(req.as_bytes()).ok()?;
         let mut out = String::new();
@@ -562,14 +577,213 @@ static_resources:
 
 /// Waits up to 20 s for skiff's `/ready` inside `ns` to answer 200.
 pub fn wait_admin_ready(ns: &Netns) {
+    wait_admin_ready_on(ns, 15000)
+}
+
+/// Like [`wait_admin_ready`], for a skiff whose admin listens on 127.0.0.1:`port`.
+pub fn wait_admin_ready_on(ns: &Netns, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if let Some((200, _)) = admin(ns, "GET", "/ready") {
+        if let Some((200, _)) = admin_on(ns, port, "GET", "/ready") {
             return;
         }
         thread::sleep(Duration::from_millis(50));
     }
-    panic!("skiff in netns {} not ready within 20s", ns.name());
+    panic!(
+        "skiff (admin port {port}) in netns {} not ready within 20s",
+        ns.name()
+    );
+}
+
+// === skiff and testpeer processes in a test netns ===
+
+/// `skiff-testpeer`, this package's echo server / client / `SO_ORIGINAL_DST` reporter (cargo
+/// builds it next to the test binaries).
+pub fn testpeer() -> PathBuf {
+    built_binary("skiff-testpeer")
+}
+
+/// Spawns `skiff-testpeer ARGS` (a server: `origdst ADDR`, `echo ADDR`) inside `ns`, in
+/// `cgroup` if given, and waits up to 5 s for its `ready` line.
+pub fn spawn_testpeer(ns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Child {
+    let mut peer = Child::spawn(command_in(Some(ns), cgroup, testpeer()).args(args));
+    peer.expect_line("ready", Duration::from_secs(5));
+    peer
+}
+
+/// Runs `skiff-testpeer ARGS` (usually `client ADDR ...`) inside `ns`, in `cgroup` if given
+/// (so the capture sees it), to completion; returns its stdout trimmed (`ok ...`/`err ...`).
+pub fn testpeer_output(ns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> String {
+    let out = command_in(Some(ns), cgroup, testpeer())
+        .args(args)
+        .output()
+        .expect("run testpeer");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `skiff run --bootstrap <bootstrap>` (the workspace's built binary) inside `ns`, with
+/// `RUST_LOG=info,skiff=debug`; callers add flags (and may override `RUST_LOG`).
+pub fn skiff_run(ns: &Netns, bootstrap: &Path) -> Command {
+    let mut c = command_in(Some(ns), None, built_binary("skiff"));
+    c.arg("run")
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .env("RUST_LOG", "info,skiff=debug");
+    c
+}
+
+/// Sends SIGTERM to `p` and asserts it exits 0 within 15 s: SIGTERM, not kill, because skiff
+/// must drain, detach its programs and remove its rules and proxy cgroup by itself.
+pub fn sigterm_and_wait(p: Child) {
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, _) = p.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+}
+
+/// A file in the temp dir named `skiff-test-<name>-<pid>-<n>.yaml`, removed on drop (also when
+/// the test panics). Derefs to its path.
+#[derive(Debug)]
+pub struct TempYaml {
+    path: PathBuf,
+}
+
+impl TempYaml {
+    /// Writes `text` to a new temp file for `name`.
+    pub fn new(name: &str, text: &str) -> TempYaml {
+        // A sequence number keeps two files of the same name in one process apart.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{}-{n}.yaml", test_name(name)));
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        TempYaml { path }
+    }
+}
+
+impl std::ops::Deref for TempYaml {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TempYaml {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<OsStr> for TempYaml {
+    fn as_ref(&self) -> &OsStr {
+        self.path.as_os_str()
+    }
+}
+
+impl Drop for TempYaml {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Creates a veth pair inside `a` (device `a_dev`, address `a_cidr`) whose peer moves straight
+/// into `b` (`b_dev`, `b_cidr`), and brings both up: the pair never exists in this machine's
+/// own namespace, and deleting either netns removes it.
+pub fn veth_pair(a: &Netns, a_dev: &str, a_cidr: &str, b: &Netns, b_dev: &str, b_cidr: &str) {
+    run(Command::new("ip").args([
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        a_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        b.name(),
+    ]));
+    for (ns, dev, cidr) in [(a, a_dev, a_cidr), (b, b_dev, b_cidr)] {
+        run(Command::new("ip").args(["-n", ns.name(), "addr", "add", cidr, "dev", dev]));
+        run(Command::new("ip").args(["-n", ns.name(), "link", "set", dev, "up"]));
+    }
+}
+
+/// Istio's sidecar outbound bootstrap for node `node` (admin on 127.0.0.1:15000): the
+/// virtualOutbound listener on :15001 sends VIPs 10.96.0.1:80 and [fd00:96::1]:80 to cluster
+/// `svc` (127.0.0.11:8080 and 127.0.0.12:8080, round robin) and everything else to
+/// PassthroughCluster (ORIGINAL_DST).
+pub fn vip_bootstrap(node: &str) -> String {
+    format!(
+        r#"
+node: {{ id: sidecar~127.0.0.1~{node}.default~default.svc.cluster.local, cluster: {node} }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }} }}
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
+    use_original_dst: true
+    filter_chains:
+    - name: vip-v4
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: 10.96.0.1, prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: svc
+          cluster: svc
+    - name: vip-v6
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: "fd00:96::1", prefix_len: 128 }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: svc
+          cluster: svc
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: PassthroughCluster
+          cluster: PassthroughCluster
+  clusters:
+  - name: svc
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: svc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.11, port_value: 8080 }} }} }}
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.12, port_value: 8080 }} }} }}
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#
+    )
+}
+
+/// A bootstrap with node id `node_id` (cluster `cluster`), admin on 127.0.0.1:15000 and only
+/// PassthroughCluster: for a skiff whose listeners do not matter to the test (node mode, or
+/// capture that must merely attach).
+pub fn passthrough_bootstrap(node_id: &str, cluster: &str) -> String {
+    format!(
+        r#"
+node: {{ id: {node_id}, cluster: {cluster} }}
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }} }}
+static_resources:
+  clusters:
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#
+    )
 }
 
 /// A loopback TCP port that was free a moment ago (for in-process servers in direct tests).
@@ -585,4 +799,190 @@ pub fn free_port() -> u16 {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`free_port`] as a 127.0.0.1 address (for something that must not answer, or a server to
+/// start later on a known address).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+// === skiff and its control plane in-process (direct tests) ===
+
+/// How long an in-process skiff or control plane may take to bind or to stop.
+const IN_PROCESS_WAIT: Duration = Duration::from_secs(15);
+
+/// Options for skiff in-process on `bootstrap`: no capture, the capture listener on a free
+/// loopback port (nothing is redirected to it), the bootstrap's admin and a 200 ms drain.
+/// Tests change fields (`admin`, `drain`) as they need.
+pub fn run_options(bootstrap: skiff::config::Bootstrap) -> skiff::app::RunOptions {
+    skiff::app::RunOptions {
+        admin: bootstrap.admin,
+        bootstrap,
+        capture: None,
+        outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
+        outbound_v6: None,
+        upstream_mark: None,
+        drain: Duration::from_millis(200),
+    }
+}
+
+/// A oneshot pair whose receiver, as a future, is skiff's or the control plane's shutdown
+/// signal (it also fires when the sender is dropped).
+fn shutdown_signal() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+/// skiff (`skiff::app::run`) running as a task on the current tokio runtime.
+#[derive(Debug)]
+pub struct InProcessSkiff {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessSkiff {
+    /// Spawns skiff with `opts`; it runs until [`InProcessSkiff::stop`].
+    pub fn start(opts: skiff::app::RunOptions) -> InProcessSkiff {
+        let (stop, shutdown) = shutdown_signal();
+        InProcessSkiff {
+            stop: Some(stop),
+            task: tokio::spawn(skiff::app::run(opts, shutdown)),
+        }
+    }
+
+    /// Shuts skiff down and waits up to 15 s: `Err` when it failed, panicked or still runs
+    /// (callers that only tidy up ignore it, the others unwrap it).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match tokio::time::timeout(IN_PROCESS_WAIT, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(anyhow::anyhow!("skiff task: {e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "skiff did not stop within {IN_PROCESS_WAIT:?}"
+            )),
+        }
+    }
+}
+
+/// skiff (`skiff::app::run`) on its own thread and 2-worker tokio runtime, for tests that
+/// drive it with blocking I/O from the test thread.
+#[derive(Debug)]
+pub struct SkiffThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl SkiffThread {
+    /// Starts skiff with `opts` on a new thread; it runs until [`SkiffThread::stop`].
+    pub fn start(opts: skiff::app::RunOptions) -> SkiffThread {
+        let (stop, shutdown) = shutdown_signal();
+        let thread = thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(skiff::app::run(opts, shutdown))
+        });
+        SkiffThread {
+            stop: Some(stop),
+            thread,
+        }
+    }
+
+    /// Shuts skiff down and joins its thread: `Err` when it failed or panicked.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("skiff thread panicked")))
+    }
+}
+
+/// `skiff control-plane` (`skiff::controlplane::serve`) running as a task on the current tokio
+/// runtime.
+#[derive(Debug)]
+pub struct ControlPlane {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ControlPlane {
+    /// Serves `source` on `listen` (port 0: any free port) and returns once it is bound. It
+    /// polls the source every 50 ms, so a test's file edits are pushed at once.
+    pub async fn start(source: skiff::controlplane::Source, listen: std::net::SocketAddr) -> Self {
+        let mut opts = skiff::controlplane::ControlPlaneOptions::new(source);
+        opts.listen = listen;
+        opts.poll_interval = Duration::from_millis(50);
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (stop, shutdown) = shutdown_signal();
+        let task = tokio::spawn(skiff::controlplane::serve(
+            opts,
+            move |addr| {
+                let _ = bound_tx.send(addr);
+            },
+            shutdown,
+        ));
+        let addr = tokio::time::timeout(IN_PROCESS_WAIT, bound_rx)
+            .await
+            .expect("control plane did not bind in time")
+            .expect("control plane failed before binding");
+        ControlPlane {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The address it serves on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops it and waits up to 15 s: `Err` when it failed, panicked or still runs.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match tokio::time::timeout(IN_PROCESS_WAIT, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(anyhow::anyhow!("control plane task: {e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "control plane did not stop within {IN_PROCESS_WAIT:?}"
+            )),
+        }
+    }
+}
+
+/// A loopback TCP backend that answers each connection with `<name>:` and everything it read,
+/// closing only after the client's EOF (so a proxied half-close is proven to reach it).
+pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = l.local_addr().expect("backend address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
 }

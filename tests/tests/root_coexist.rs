@@ -7,42 +7,16 @@
 //! --test root_coexist -- --test-threads=1` (as root).
 
 use std::path::Path;
-use std::time::Duration;
 
 use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, require_root,
-    serial, wait_admin_ready,
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, command_in, passthrough_bootstrap,
+    require_root, serial, sigterm_and_wait, skiff_run, wait_admin_ready, wait_admin_ready_on,
 };
 
-const BOOTSTRAP: &str = r#"
-node: { id: sidecar~127.0.0.1~coexist.default~default.svc.cluster.local, cluster: coexist }
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
-static_resources:
-  clusters:
-  - name: PassthroughCluster
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-"#;
-
 fn skiff_cmd(ns: &Netns, bootstrap: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = command_in(Some(ns), None, built_binary("skiff"));
-    c.arg("run")
-        .arg("--bootstrap")
-        .arg(bootstrap)
-        .args(args)
-        .env("RUST_LOG", "info");
+    let mut c = skiff_run(ns, bootstrap);
+    c.args(args).env("RUST_LOG", "info");
     c
-}
-
-fn sigterm_and_wait(p: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(p.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = p.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
 }
 
 /// Runs a skiff that must refuse; returns its stderr.
@@ -55,14 +29,14 @@ fn refused(ns: &Netns, bootstrap: &Path, args: &[&str]) -> String {
     err
 }
 
-fn bootstrap_file(name: &str) -> tempfile::TempPath {
-    let f = tempfile::Builder::new()
-        .prefix(&skiff_tests::test_name(name))
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp bootstrap");
-    std::fs::write(f.path(), BOOTSTRAP).expect("write bootstrap");
-    f.into_temp_path()
+fn bootstrap_file(name: &str) -> TempYaml {
+    TempYaml::new(
+        name,
+        &passthrough_bootstrap(
+            "sidecar~127.0.0.1~coexist.default~default.svc.cluster.local",
+            "coexist",
+        ),
+    )
 }
 
 #[test]
@@ -214,34 +188,10 @@ fn refuses_a_second_sk_lookup_program_in_the_network_namespace() {
     let mut allowed: Vec<&str> = args.to_vec();
     allowed.push("--allow-coexist");
     let second = Child::spawn(&mut skiff_cmd(&ns, &boot, &allowed));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ready_on(&ns, 15100) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "second skiff not ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_admin_ready_on(&ns, 15100);
     sigterm_and_wait(second);
     sigterm_and_wait(first);
     assert_no_programs_attached(cg.path());
-}
-
-/// Whether the skiff whose admin listens on 127.0.0.1:`port` inside `ns` answers `/ready` 200.
-fn ready_on(ns: &Netns, port: u16) -> bool {
-    use std::io::{Read, Write};
-    skiff_tests::in_netns(ns, move || {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
-    })
 }
 
 #[test]

@@ -4,90 +4,23 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_e2e -- --test-threads=1` (as root), or `cargo xtask test`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root, serial,
+    Cgroup, Child, Netns, TempYaml, admin, admin_stat as stat, assert_no_programs_attached,
+    built_binary, command_in, field, require_root, serial, sigterm_and_wait as stop, skiff_run,
+    spawn_testpeer, testpeer_output, vip_bootstrap, wait_admin_ready as wait_ready,
 };
 
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
-
-use skiff_tests::{admin, admin_stat as stat};
-
-fn wait_ready(ns: &Netns, _skiff: &mut Child) {
-    skiff_tests::wait_admin_ready(ns)
-}
-
-const BOOTSTRAP: &str = r#"
-node: { id: sidecar~127.0.0.1~e2e.default~default.svc.cluster.local, cluster: e2e }
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    use_original_dst: true
-    filter_chains:
-    - name: vip-v4
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.1, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: svc
-          cluster: svc
-    - name: vip-v6
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: "fd00:96::1", prefix_len: 128 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: svc
-          cluster: svc
-    default_filter_chain:
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: PassthroughCluster
-          cluster: PassthroughCluster
-  clusters:
-  - name: svc
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: svc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.11, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.12, port_value: 8080 } } }
-  - name: PassthroughCluster
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-"#;
-
 struct Scenario {
-    // Field order is drop order: processes first, then cgroups and the netns.
+    // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
     backends: Vec<Child>,
     direct: Child,
     ns: Netns,
     cg: Cgroup,
-    bootstrap: PathBuf,
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bootstrap);
-    }
+    bootstrap: TempYaml,
 }
 
 /// A netns with two backends behind the VIP and a "real" 10.96.0.2 host (on lo) that only
@@ -97,17 +30,12 @@ fn scenario(name: &str) -> Scenario {
     let ns = Netns::new(name);
     ns.add_lo_addr("10.96.0.2/32");
     let cg = Cgroup::new(&env, name);
-    let mut backends = Vec::new();
-    for addr in ["127.0.0.11:8080", "127.0.0.12:8080"] {
-        let mut b = Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
-    let mut direct =
-        Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", "10.96.0.2:80"]));
-    direct.expect_line("ready", Duration::from_secs(5));
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
+    let backends = ["127.0.0.11:8080", "127.0.0.12:8080"]
+        .iter()
+        .map(|addr| spawn_testpeer(&ns, None, &["origdst", addr]))
+        .collect();
+    let direct = spawn_testpeer(&ns, None, &["origdst", "10.96.0.2:80"]);
+    let bootstrap = TempYaml::new(name, &vip_bootstrap("e2e"));
     Scenario {
         backends,
         direct,
@@ -118,36 +46,15 @@ fn scenario(name: &str) -> Scenario {
 }
 
 fn client(ns: &Netns, cgroup: &Path, addr: &str) -> String {
-    let out = command_in(Some(ns), Some(cgroup), testpeer())
-        .args(["client", addr, "--bytes", "65536", "--timeout-ms", "3000"])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    testpeer_output(
+        ns,
+        Some(cgroup),
+        &["client", addr, "--bytes", "65536", "--timeout-ms", "3000"],
+    )
 }
 
 fn skiff(s: &Scenario, args: &[&str]) -> Child {
-    let mut c = command_in(Some(&s.ns), None, built_binary("skiff"));
-    c.arg("run")
-        .arg("--bootstrap")
-        .arg(&s.bootstrap)
-        .args(args)
-        .env("RUST_LOG", "info,skiff=debug");
-    Child::spawn(&mut c)
-}
-
-fn stop(mut skiff: Child) {
-    // SIGTERM (not kill): skiff must drain, detach and remove its proxy cgroup by itself.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(skiff.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = std::mem::replace(&mut skiff, dummy()).wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
-}
-
-fn dummy() -> Child {
-    Child::spawn(Command::new("true").arg("placeholder"))
+    Child::spawn(skiff_run(&s.ns, &s.bootstrap).args(args))
 }
 
 #[test]
@@ -156,7 +63,7 @@ fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
     let mut s = scenario("e2e-sidecar");
     let app = s.cg.child("app");
     let proxy_cg = s.cg.child_path("proxy");
-    let mut proxy = skiff(
+    let proxy = skiff(
         &s,
         &[
             "--cgroup",
@@ -167,7 +74,7 @@ fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
             "9999",
         ],
     );
-    wait_ready(&s.ns, &mut proxy);
+    wait_ready(&s.ns);
 
     // v4 VIP: round robin over both backends, bytes intact both ways.
     for i in 0..4 {
@@ -213,11 +120,11 @@ fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
     );
 
     // A process outside the pod cgroup is not captured: the VIP exists nowhere.
-    let out = command_in(Some(&s.ns), None, testpeer())
-        .args(["client", "10.96.0.1:80", "--timeout-ms", "1000"])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let out = testpeer_output(
+        &s.ns,
+        None,
+        &["client", "10.96.0.1:80", "--timeout-ms", "1000"],
+    );
     assert!(out.starts_with("err stage=connect"), "uncaptured: {out}");
 
     // Drain (Envoy's /drain_listeners): the kernel gate closes and connects fail open.
@@ -244,8 +151,8 @@ fn fail_closed_refuses_connects_while_draining() {
     let _g = serial();
     let mut s = scenario("e2e-closed");
     let app = s.cg.child("app");
-    let mut proxy = skiff(&s, &["--cgroup", app.to_str().unwrap(), "--fail-closed"]);
-    wait_ready(&s.ns, &mut proxy);
+    let proxy = skiff(&s, &["--cgroup", app.to_str().unwrap(), "--fail-closed"]);
+    wait_ready(&s.ns);
     let out = client(&s.ns, &app, "10.96.0.1:80");
     assert!(out.starts_with("ok "), "{out}");
     admin(&s.ns, "POST", "/drain_listeners").unwrap();
@@ -267,7 +174,7 @@ fn node_mode_captures_registered_cgroups_only() {
     let pod1 = s.cg.child("pod1");
     let pod2 = s.cg.child("pod2");
     let proxy_cg = s.cg.child_path("skiff-proxy");
-    let mut proxy = skiff(
+    let proxy = skiff(
         &s,
         &[
             "--mode",
@@ -276,7 +183,7 @@ fn node_mode_captures_registered_cgroups_only() {
             s.cg.path().to_str().unwrap(),
         ],
     );
-    wait_ready(&s.ns, &mut proxy);
+    wait_ready(&s.ns);
     let node = |args: &[&str]| {
         let out = command_in(Some(&s.ns), None, built_binary("skiff"))
             .arg("node")
@@ -457,15 +364,9 @@ fn every_fixture_config_dump_loads_without_nack() {
                 .arg(&path),
         );
         // Removed on drop, also when an assertion below fails.
-        let bootstrap_file = tempfile::Builder::new()
-            .prefix(&skiff_tests::test_name("fx"))
-            .suffix(".yaml")
-            .tempfile()
-            .expect("temp bootstrap");
-        let bootstrap = bootstrap_file.path().to_path_buf();
-        std::fs::write(
-            &bootstrap,
-            format!(
+        let bootstrap = TempYaml::new(
+            "fx",
+            &format!(
                 r#"
 node: {{ id: "sidecar~127.0.0.1~fixtures.default~default.svc.cluster.local", cluster: fixtures }}
 admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }} }}
@@ -486,8 +387,7 @@ static_resources:
       endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15010 }} }} }} }} ] }} ]
 "#
             ),
-        )
-        .unwrap();
+        );
         let mut c = command_in(Some(&ns), None, built_binary("skiff"));
         c.args([
             "run",
@@ -498,8 +398,8 @@ static_resources:
             "--bootstrap",
         ])
         .arg(&bootstrap);
-        let mut proxy = Child::spawn(&mut c);
-        wait_ready(&ns, &mut proxy);
+        let proxy = Child::spawn(&mut c);
+        wait_ready(&ns);
 
         // Wait until every expected name shows (warming may take a round trip or two).
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -13,13 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use skiff_tests::{
-    Cgroup, Child, Netns, admin_stat as stat, assert_no_programs_attached, built_binary,
-    command_in, field, require_root, run, serial, wait_admin_ready,
+    Cgroup, Child, Netns, TempYaml, admin_stat as stat, assert_no_programs_attached, command_in,
+    field, require_root, run, serial, sigterm_and_wait, skiff_run, spawn_testpeer, testpeer_output,
+    veth_pair, wait_admin_ready,
 };
-
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
 
 const BOOTSTRAP: &str = r#"
 node: { id: sidecar~10.200.0.2~b.default~default.svc.cluster.local, cluster: b }
@@ -101,7 +98,7 @@ struct Pair {
     apps: Vec<Child>,
     a: Netns,
     b: Netns,
-    bootstrap: tempfile::TempPath,
+    bootstrap: TempYaml,
 }
 
 /// Netns A and B joined by a veth (created inside A, its peer moved into B: it never exists in
@@ -110,23 +107,8 @@ fn pair(name: &str) -> Pair {
     require_root();
     let a = Netns::new(&format!("{name}-a"));
     let b = Netns::new(&format!("{name}-b"));
-    run(Command::new("ip").args([
-        "-n",
-        a.name(),
-        "link",
-        "add",
-        "va",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vb",
-        "netns",
-        b.name(),
-    ]));
-    for (ns, dev, cidr) in [(&a, "va", "10.200.0.1/24"), (&b, "vb", "10.200.0.2/24")] {
-        run(Command::new("ip").args(["-n", ns.name(), "addr", "add", cidr, "dev", dev]));
-        run(Command::new("ip").args(["-n", ns.name(), "link", "set", dev, "up"]));
+    veth_pair(&a, "va", "10.200.0.1/24", &b, "vb", "10.200.0.2/24");
+    for ns in [&a, &b] {
         // The only routes: loopback and the /24 on the veth; nothing leaves the pair.
         let routes = run(Command::new("ip").args(["-n", ns.name(), "-4", "route", "show"]));
         assert!(
@@ -135,42 +117,33 @@ fn pair(name: &str) -> Pair {
             ns.name()
         );
     }
-    let mut apps = Vec::new();
-    for port in [8080, 7070, 9090] {
-        let mut app = Child::spawn(
-            command_in(Some(&b), None, testpeer()).args(["origdst", &format!("0.0.0.0:{port}")]),
-        );
-        app.expect_line("ready", Duration::from_secs(5));
-        apps.push(app);
-    }
-    let file = tempfile::Builder::new()
-        .prefix(&skiff_tests::test_name(name))
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp bootstrap");
-    std::fs::write(file.path(), BOOTSTRAP).expect("write bootstrap");
+    let apps = [8080, 7070, 9090]
+        .iter()
+        .map(|port| spawn_testpeer(&b, None, &["origdst", &format!("0.0.0.0:{port}")]))
+        .collect();
+    let bootstrap = TempYaml::new(name, BOOTSTRAP);
     Pair {
         apps,
         a,
         b,
-        bootstrap: file.into_temp_path(),
+        bootstrap,
     }
 }
 
 /// A client in A connecting to B's `port`.
 fn client(p: &Pair, port: u16) -> String {
-    let out = command_in(Some(&p.a), None, testpeer())
-        .args([
+    testpeer_output(
+        &p.a,
+        None,
+        &[
             "client",
             &format!("{POD_B}:{port}"),
             "--bytes",
             "65536",
             "--timeout-ms",
             "3000",
-        ])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ],
+    )
 }
 
 /// The peer B's app on `port` saw for its next connection.
@@ -190,24 +163,11 @@ fn skiff(p: &Pair, args: &[&str]) -> Child {
 }
 
 fn skiff_dual_stack(p: &Pair, args: &[&str]) -> Child {
-    let mut c = command_in(Some(&p.b), None, built_binary("skiff"));
-    c.arg("run")
-        .arg("--bootstrap")
-        .arg(&p.bootstrap)
-        .args(["--capture-inbound", "--exclude-inbound-ports", "9090"])
-        .args(args)
-        .env("RUST_LOG", "info,skiff=debug");
-    Child::spawn(&mut c)
-}
-
-fn sigterm_and_wait(p: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(p.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+    Child::spawn(
+        skiff_run(&p.b, &p.bootstrap)
+            .args(["--capture-inbound", "--exclude-inbound-ports", "9090"])
+            .args(args),
     )
-    .expect("SIGTERM skiff");
-    let (status, _) = p.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
 }
 
 /// The checks both modes pass: captured ports go through skiff's inbound listener and reach
@@ -341,10 +301,7 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
             "nodad",
         ]));
     }
-    let mut app6 = Child::spawn(
-        command_in(Some(&p.b), None, testpeer()).args(["origdst", "[fd00:200::2]:8080"]),
-    );
-    app6.expect_line("ready", Duration::from_secs(5));
+    let mut app6 = spawn_testpeer(&p.b, None, &["origdst", "[fd00:200::2]:8080"]);
     let mut cg = Cgroup::new(&env, "in-skl6");
     let app_cg = cg.child("app");
     let proxy_cg = cg.child_path("proxy");
@@ -360,18 +317,18 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
         ],
     );
     wait_admin_ready(&p.b);
-    let out = command_in(Some(&p.a), None, testpeer())
-        .args([
+    let out = testpeer_output(
+        &p.a,
+        None,
+        &[
             "client",
             "[fd00:200::2]:8080",
             "--bytes",
             "65536",
             "--timeout-ms",
             "3000",
-        ])
-        .output()
-        .expect("run client");
-    let out = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ],
+    );
     assert!(out.starts_with("ok "), "v6 inbound: {out}");
     let line = app6.expect_line("accepted", Duration::from_secs(5));
     // skiff forwarded it (::6 is not configured here, so it left from the pod address,

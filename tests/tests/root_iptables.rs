@@ -8,77 +8,21 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_iptables -- --test-threads=1` (as root).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use skiff_tests::{
-    Child, Netns, admin, admin_stat as stat, built_binary, command_in, field, require_root, serial,
-    wait_admin_ready,
+    Child, Netns, TempYaml, admin, admin_stat as stat, built_binary, command_in, field,
+    require_root, serial, sigterm_and_wait, skiff_run, spawn_testpeer, testpeer_output,
+    vip_bootstrap, wait_admin_ready,
 };
-
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
-
-const BOOTSTRAP: &str = r#"
-node: { id: sidecar~127.0.0.1~ipt.default~default.svc.cluster.local, cluster: ipt }
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    use_original_dst: true
-    filter_chains:
-    - name: vip-v4
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.1, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: svc
-          cluster: svc
-    - name: vip-v6
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: "fd00:96::1", prefix_len: 128 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: svc
-          cluster: svc
-    default_filter_chain:
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: PassthroughCluster
-          cluster: PassthroughCluster
-  clusters:
-  - name: svc
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: svc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.11, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.12, port_value: 8080 } } }
-  - name: PassthroughCluster
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-"#;
 
 struct Scenario {
     // Field order is drop order: processes first, then the netns (which takes its rules along).
     backends: Vec<Child>,
     direct: Child,
     ns: Netns,
-    bootstrap: tempfile::TempPath,
+    bootstrap: TempYaml,
 }
 
 /// A netns with the VIPs and a "real" 10.96.0.2 host on `lo`, two backends behind the VIP
@@ -89,49 +33,30 @@ fn scenario(name: &str) -> Scenario {
     ns.add_lo_addr("10.96.0.1/32");
     ns.add_lo_addr("10.96.0.2/32");
     ns.add_lo_addr("fd00:96::1/128");
-    let mut backends = Vec::new();
-    for addr in ["127.0.0.11:8080", "127.0.0.12:8080"] {
-        let mut b = Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
-    let mut direct =
-        Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", "10.96.0.2:80"]));
-    direct.expect_line("ready", Duration::from_secs(5));
-    let file = tempfile::Builder::new()
-        .prefix(&skiff_tests::test_name(name))
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp bootstrap");
-    std::fs::write(file.path(), BOOTSTRAP).expect("write bootstrap");
+    let backends = ["127.0.0.11:8080", "127.0.0.12:8080"]
+        .iter()
+        .map(|addr| spawn_testpeer(&ns, None, &["origdst", addr]))
+        .collect();
+    let direct = spawn_testpeer(&ns, None, &["origdst", "10.96.0.2:80"]);
+    let bootstrap = TempYaml::new(name, &vip_bootstrap("ipt"));
     Scenario {
         backends,
         direct,
         ns,
-        bootstrap: file.into_temp_path(),
+        bootstrap,
     }
 }
 
 fn client(ns: &Netns, addr: &str) -> String {
-    let out = command_in(Some(ns), None, testpeer())
-        .args(["client", addr, "--bytes", "65536", "--timeout-ms", "3000"])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    testpeer_output(
+        ns,
+        None,
+        &["client", addr, "--bytes", "65536", "--timeout-ms", "3000"],
+    )
 }
 
 fn skiff(s: &Scenario, args: &[&str]) -> Child {
-    let mut c = command_in(Some(&s.ns), None, built_binary("skiff"));
-    c.arg("run")
-        .arg("--bootstrap")
-        .arg(&s.bootstrap)
-        .args(args)
-        .env("RUST_LOG", "info,skiff=debug");
-    Child::spawn(&mut c)
-}
-
-fn signal(p: &Child, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid() as i32), sig).expect("signal skiff");
+    Child::spawn(skiff_run(&s.ns, &s.bootstrap).args(args))
 }
 
 /// The nat table of both iptables implementations and families inside `ns`.
@@ -180,7 +105,7 @@ fn cleanup(ns: &Netns) -> (bool, String) {
 fn iptables_mode_proxies_captured_connects_and_removes_its_rules_on_sigterm() {
     let _g = serial();
     let mut s = scenario("ipt-e2e");
-    let mut proxy = skiff(&s, &["--capture", "iptables", "--exclude-ports", "9999"]);
+    let proxy = skiff(&s, &["--capture", "iptables", "--exclude-ports", "9999"]);
     wait_admin_ready(&s.ns);
 
     // Istio-equivalent chains, only in this netns.
@@ -265,9 +190,7 @@ fn iptables_mode_proxies_captured_connects_and_removes_its_rules_on_sigterm() {
     );
 
     // SIGTERM: skiff removes exactly its rules and exits 0.
-    signal(&proxy, nix::sys::signal::Signal::SIGTERM);
-    let (status, _) = std::mem::replace(&mut proxy, placeholder()).wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(proxy);
     let left = skiff_chains(&s.ns);
     assert!(left.is_empty(), "rules left after SIGTERM: {left:#?}");
     // With the rules gone the VIP is just a local address again: nothing listens on :80.
@@ -282,7 +205,7 @@ fn cleanup_removes_what_a_killed_skiff_left_and_is_idempotent() {
     let proxy = skiff(&s, &["--capture", "iptables"]);
     wait_admin_ready(&s.ns);
     assert!(!skiff_chains(&s.ns).is_empty(), "rules installed");
-    signal(&proxy, nix::sys::signal::Signal::SIGKILL);
+    proxy.signal(Signal::SIGKILL);
     let (status, _) = proxy.wait(Duration::from_secs(10));
     assert!(!status.success());
     let left = skiff_chains(&s.ns);
@@ -318,7 +241,7 @@ fn cleanup_removes_what_a_killed_skiff_left_and_is_idempotent() {
 fn auto_without_a_cgroup_falls_back_to_iptables() {
     let _g = serial();
     let s = scenario("ipt-auto");
-    let mut proxy = skiff(&s, &["--capture", "auto"]);
+    let proxy = skiff(&s, &["--capture", "auto"]);
     wait_admin_ready(&s.ns);
     let rules = nat_rules(&s.ns);
     assert!(
@@ -327,9 +250,7 @@ fn auto_without_a_cgroup_falls_back_to_iptables() {
     );
     let out = client(&s.ns, "10.96.0.1:80");
     assert!(out.starts_with("ok "), "{out}");
-    signal(&proxy, nix::sys::signal::Signal::SIGTERM);
-    let (status, _) = std::mem::replace(&mut proxy, placeholder()).wait(Duration::from_secs(15));
-    assert!(status.success(), "{status}");
+    sigterm_and_wait(proxy);
     assert!(skiff_chains(&s.ns).is_empty());
 }
 
@@ -341,10 +262,6 @@ fn not_redirected(line: &str) -> bool {
     }
 }
 
-fn placeholder() -> Child {
-    Child::spawn(Command::new("true").arg("placeholder"))
-}
-
 #[test]
 fn auto_with_a_cgroup_on_this_kernel_uses_ebpf() {
     let _g = serial();
@@ -353,7 +270,7 @@ fn auto_with_a_cgroup_on_this_kernel_uses_ebpf() {
     let mut cg = skiff_tests::Cgroup::new(&env, "ipt-auto-bpf");
     let app = cg.child("app");
     let proxy_cg = cg.child_path("proxy");
-    let mut proxy = skiff(
+    let proxy = skiff(
         &s,
         &[
             "--capture",
@@ -371,14 +288,12 @@ fn auto_with_a_cgroup_on_this_kernel_uses_ebpf() {
     );
     let tree = skiff_tests::bpftool_cgroup_tree(cg.path());
     assert!(tree.contains("connect4"), "{tree}");
-    let out = command_in(Some(&s.ns), Some(&app), testpeer())
-        .args(["client", "10.96.0.1:80", "--timeout-ms", "3000"])
-        .output()
-        .expect("client");
-    let out = String::from_utf8_lossy(&out.stdout);
+    let out = testpeer_output(
+        &s.ns,
+        Some(&app),
+        &["client", "10.96.0.1:80", "--timeout-ms", "3000"],
+    );
     assert!(out.starts_with("ok "), "{out}");
-    signal(&proxy, nix::sys::signal::Signal::SIGTERM);
-    let (status, _) = std::mem::replace(&mut proxy, placeholder()).wait(Duration::from_secs(15));
-    assert!(status.success(), "{status}");
+    sigterm_and_wait(proxy);
     skiff_tests::assert_no_programs_attached(cg.path());
 }

@@ -8,28 +8,22 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_pods -- --test-threads=1` (as root).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, require_root,
-    serial, wait_admin_ready,
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in,
+    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_run, spawn_testpeer,
+    testpeer_output, veth_pair, wait_admin_ready, wait_admin_ready_on,
 };
 
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
+/// The node skiff's own bootstrap: nothing but PassthroughCluster (each pod brings its own).
+fn node_bootstrap() -> String {
+    passthrough_bootstrap(
+        "node~127.0.0.1~skiff-node.default~default.svc.cluster.local",
+        "node",
+    )
 }
-
-const NODE_BOOTSTRAP: &str = r#"
-node: { id: node~127.0.0.1~skiff-node.default~default.svc.cluster.local, cluster: node }
-admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
-static_resources:
-  clusters:
-  - name: PassthroughCluster
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-"#;
 
 /// A pod's own bootstrap: its VIP 10.96.0.1:80 goes to cluster `name` at `backend`.
 fn pod_bootstrap(name: &str, backend: &str) -> String {
@@ -67,36 +61,34 @@ static_resources:
 
 /// Backends A (127.0.0.11:8080) and B (127.0.0.12:8080) inside `ns`.
 fn backends_in(ns: &Netns) -> [Child; 2] {
-    ["127.0.0.11:8080", "127.0.0.12:8080"].map(|addr| {
-        let mut b = Child::spawn(command_in(Some(ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        b
-    })
+    ["127.0.0.11:8080", "127.0.0.12:8080"].map(|addr| spawn_testpeer(ns, None, &["origdst", addr]))
 }
 
-fn temp_yaml(name: &str, text: &str) -> tempfile::TempPath {
-    let f = tempfile::Builder::new()
-        .prefix(&skiff_tests::test_name(name))
-        .suffix(".yaml")
-        .tempfile()
-        .expect("temp bootstrap");
-    std::fs::write(f.path(), text).expect("write bootstrap");
-    f.into_temp_path()
+/// `skiff run --mode node --cgroup-root <root>` inside `ns`: the node skiff serving the pods.
+fn node_skiff(ns: &Netns, bootstrap: &Path, root: &Path, args: &[&str]) -> Child {
+    Child::spawn(
+        skiff_run(ns, bootstrap)
+            .args(["--mode", "node"])
+            .args(args)
+            .arg("--cgroup-root")
+            .arg(root)
+            .env("RUST_LOG", "info"),
+    )
 }
 
 fn client(ns: &Netns, cgroup: &Path) -> String {
-    let out = command_in(Some(ns), Some(cgroup), testpeer())
-        .args([
+    testpeer_output(
+        ns,
+        Some(cgroup),
+        &[
             "client",
             "10.96.0.1:80",
             "--bytes",
             "4096",
             "--timeout-ms",
             "3000",
-        ])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ],
+    )
 }
 
 /// `skiff node ARGS` against the node skiff's admin (inside the node netns).
@@ -129,17 +121,11 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     // connection reaches shows which config served it.
     let mut b1 = backends_in(&ns1);
     let mut b2 = backends_in(&ns2);
-    let node_boot = temp_yaml("pods-node", NODE_BOOTSTRAP);
-    let boot1 = temp_yaml("pods-1", &pod_bootstrap("svc-a", "11"));
-    let boot2 = temp_yaml("pods-2", &pod_bootstrap("svc-b", "12"));
+    let node_boot = TempYaml::new("pods-node", &node_bootstrap());
+    let boot1 = TempYaml::new("pods-1", &pod_bootstrap("svc-a", "11"));
+    let boot2 = TempYaml::new("pods-2", &pod_bootstrap("svc-b", "12"));
 
-    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
-    c.args(["run", "--mode", "node", "--cgroup-root"])
-        .arg(cg.path())
-        .arg("--bootstrap")
-        .arg(&node_boot)
-        .env("RUST_LOG", "info");
-    let proxy = Child::spawn(&mut c);
+    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &[]);
     wait_admin_ready(&node_ns);
 
     // Not registered: not captured (the VIP has no route in the pod's netns).
@@ -267,13 +253,7 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
         "{listed}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = proxy.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(proxy);
     assert!(!node_proxy.exists());
     assert_no_programs_attached(cg.path());
 }
@@ -306,10 +286,7 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     let mut cg = Cgroup::new(&env, "pods-ads");
     let pod = cg.child("pod");
     let _proxy_cg = cg.child_path("skiff-proxy");
-    let mut backend = Child::spawn(
-        command_in(Some(&pod_ns), None, testpeer()).args(["origdst", "127.0.0.11:8080"]),
-    );
-    backend.expect_line("ready", Duration::from_secs(5));
+    let mut backend = spawn_testpeer(&pod_ns, None, &["origdst", "127.0.0.11:8080"]);
     let dir = tempfile::Builder::new()
         .prefix(&skiff_tests::test_name("pods-ads"))
         .tempdir()
@@ -327,17 +304,11 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
             .env("CP_LOG", &cp_log)
             .env("RUST_LOG", "info"),
     );
-    let node_boot = temp_yaml(
+    let node_boot = TempYaml::new(
         "pods-ads-node",
         &skiff_tests::ads_bootstrap("GRPC", "node", "127.0.0.1:15010".parse().unwrap(), 15000),
     );
-    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
-    c.args(["run", "--mode", "node", "--cgroup-root"])
-        .arg(cg.path())
-        .arg("--bootstrap")
-        .arg(&node_boot)
-        .env("RUST_LOG", "info");
-    let proxy = Child::spawn(&mut c);
+    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &[]);
     wait_admin_ready(&node_ns);
 
     let pod_id = "sidecar~10.0.0.3~pod3.default~default.svc.cluster.local";
@@ -378,13 +349,7 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
         "{listed}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = proxy.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(proxy);
     assert_no_programs_attached(cg.path());
 }
 
@@ -420,79 +385,41 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
     let client_ns = Netns::new("pods-in-c");
     let pod_ns = Netns::new("pods-in-p");
     // client netns <-> pod netns over a veth created inside them (never in this machine's).
-    skiff_tests::run(std::process::Command::new("ip").args([
-        "-n",
-        client_ns.name(),
-        "link",
-        "add",
+    veth_pair(
+        &client_ns,
         "vc",
-        "type",
-        "veth",
-        "peer",
-        "name",
+        "10.200.0.1/24",
+        &pod_ns,
         "vp",
-        "netns",
-        pod_ns.name(),
-    ]));
-    for (ns, dev, cidr) in [
-        (&client_ns, "vc", "10.200.0.1/24"),
-        (&pod_ns, "vp", "10.200.0.2/24"),
-    ] {
-        skiff_tests::run(std::process::Command::new("ip").args([
-            "-n",
-            ns.name(),
-            "addr",
-            "add",
-            cidr,
-            "dev",
-            dev,
-        ]));
-        skiff_tests::run(std::process::Command::new("ip").args([
-            "-n",
-            ns.name(),
-            "link",
-            "set",
-            dev,
-            "up",
-        ]));
-    }
+        "10.200.0.2/24",
+    );
     let mut cg = Cgroup::new(&env, "pods-in");
     let pod = cg.child("pod");
     let _proxy_cg = cg.child_path("skiff-proxy");
-    let mut app =
-        Child::spawn(command_in(Some(&pod_ns), None, testpeer()).args(["origdst", "0.0.0.0:8080"]));
-    app.expect_line("ready", Duration::from_secs(5));
-    let node_boot = temp_yaml("pods-in-node", NODE_BOOTSTRAP);
-    let pod_boot = temp_yaml("pods-in-pod", INBOUND_POD_BOOTSTRAP);
-    let mut c = command_in(Some(&node_ns), None, built_binary("skiff"));
-    c.args([
-        "run",
-        "--mode",
-        "node",
-        "--capture-inbound",
-        "--no-ipv6",
-        "--cgroup-root",
-    ])
-    .arg(cg.path())
-    .arg("--bootstrap")
-    .arg(&node_boot)
-    .env("RUST_LOG", "info");
-    let proxy = Child::spawn(&mut c);
+    let mut app = spawn_testpeer(&pod_ns, None, &["origdst", "0.0.0.0:8080"]);
+    let node_boot = TempYaml::new("pods-in-node", &node_bootstrap());
+    let pod_boot = TempYaml::new("pods-in-pod", INBOUND_POD_BOOTSTRAP);
+    let proxy = node_skiff(
+        &node_ns,
+        &node_boot,
+        cg.path(),
+        &["--capture-inbound", "--no-ipv6"],
+    );
     wait_admin_ready(&node_ns);
 
     let connect = || {
-        let out = command_in(Some(&client_ns), None, testpeer())
-            .args([
+        testpeer_output(
+            &client_ns,
+            None,
+            &[
                 "client",
                 "10.200.0.2:8080",
                 "--bytes",
                 "4096",
                 "--timeout-ms",
                 "3000",
-            ])
-            .output()
-            .expect("run client");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            ],
+        )
     };
     let peer = |app: &mut Child| {
         let line = app.expect_line("accepted", Duration::from_secs(5));
@@ -530,14 +457,7 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
             .arg(&pod_boot)
             .env("RUST_LOG", "warn"),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ready_on(&pod_ns, 15100) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sidecar skiff not ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_admin_ready_on(&pod_ns, 15100);
     let out = command_in(Some(&node_ns), None, built_binary("skiff"))
         .args(["node", "add-pod", "--cgroup"])
         .arg(&pod)
@@ -559,13 +479,7 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
         !listed.contains("\"x\""),
         "a refused pod is not registered: {listed}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sidecar.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM sidecar");
-    let (status, _) = sidecar.wait(Duration::from_secs(15));
-    assert!(status.success(), "sidecar skiff exited with {status}");
+    sigterm_and_wait(sidecar);
 
     let added: serde_json::Value = serde_json::from_str(&node(
         &node_ns,
@@ -609,29 +523,6 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
     let p = peer(&mut app);
     assert!(p.starts_with("10.200.0.1:"), "direct after removal: {p}");
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = proxy.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(proxy);
     assert_no_programs_attached(cg.path());
-}
-
-/// Whether the skiff whose admin listens on 127.0.0.1:`port` inside `ns` answers `/ready` 200.
-fn ready_on(ns: &Netns, port: u16) -> bool {
-    use std::io::{Read, Write};
-    skiff_tests::in_netns(ns, move || {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /ready HTTP/1.0\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
-    })
 }

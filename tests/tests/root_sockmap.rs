@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use skiff_tests::{
-    Cgroup, Child, Netns, admin_stat as stat, assert_no_programs_attached, built_binary,
-    command_in, field, require_root, serial, wait_admin_ready,
+    Cgroup, Child, Netns, TempYaml, admin_stat as stat, assert_no_programs_attached, built_binary,
+    field, require_root, serial, sigterm_and_wait, skiff_run, spawn_testpeer, testpeer_output,
+    wait_admin_ready,
 };
 
 const BOOTSTRAP: &str = r#"
@@ -62,24 +62,14 @@ static_resources:
         - endpoint: { address: { socket_address: { address: 127.0.0.12, port_value: 8081 } } }
 "#;
 
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
-
 struct Scenario {
-    // Field order is drop order: processes first, then cgroups and the netns.
+    // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
     skiff: Option<Child>,
     _backends: Vec<Child>,
     ns: Netns,
     cg: Cgroup,
     app: PathBuf,
-    bootstrap: PathBuf,
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bootstrap);
-    }
+    _bootstrap: TempYaml,
 }
 
 /// skiff with `--sockmap` on service port 80 and backend port 8080 in sidecar mode; the
@@ -90,26 +80,19 @@ fn scenario(name: &str) -> Scenario {
     let mut cg = Cgroup::new(&env, name);
     let app = cg.child("app");
     let proxy_cg = cg.child_path("proxy");
-    let mut backends = Vec::new();
-    for addr in ["127.0.0.11:8080", "127.0.0.12:8081"] {
-        let mut b =
-            Child::spawn(command_in(Some(&ns), Some(&app), testpeer()).args(["echo", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-    let mut c = command_in(Some(&ns), None, built_binary("skiff"));
-    c.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .arg("--cgroup")
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .args(["--sockmap", "--sockmap-ports", "80,8080"])
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut c);
+    let backends = ["127.0.0.11:8080", "127.0.0.12:8081"]
+        .iter()
+        .map(|addr| spawn_testpeer(&ns, Some(&app), &["echo", addr]))
+        .collect();
+    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let skiff = Child::spawn(
+        skiff_run(&ns, &bootstrap)
+            .arg("--cgroup")
+            .arg(&app)
+            .arg("--proxy-cgroup")
+            .arg(&proxy_cg)
+            .args(["--sockmap", "--sockmap-ports", "80,8080"]),
+    );
     wait_admin_ready(&ns);
     Scenario {
         skiff: Some(skiff),
@@ -117,22 +100,25 @@ fn scenario(name: &str) -> Scenario {
         ns,
         cg,
         app,
-        bootstrap,
+        _bootstrap: bootstrap,
     }
 }
 
 fn client(ns: &Netns, cgroup: &Path, addr: &str, bytes: usize, seed: u64) -> String {
-    let out = command_in(Some(ns), Some(cgroup), testpeer())
-        .args(["client", addr, "--timeout-ms", "10000"])
-        .args([
+    testpeer_output(
+        ns,
+        Some(cgroup),
+        &[
+            "client",
+            addr,
+            "--timeout-ms",
+            "10000",
             "--bytes",
             &bytes.to_string(),
             "--chunk-seed",
             &seed.to_string(),
-        ])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+        ],
+    )
 }
 
 /// The sockmap counters, for failure messages.
@@ -145,15 +131,7 @@ fn sockmap_stats(ns: &Netns) -> String {
 }
 
 fn stop(s: &mut Scenario) {
-    let mut skiff = s.skiff.take().expect("skiff running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(skiff.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let placeholder = Child::spawn(Command::new("true").arg("placeholder"));
-    let (status, _) = std::mem::replace(&mut skiff, placeholder).wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(s.skiff.take().expect("skiff running"));
 }
 
 #[test]
