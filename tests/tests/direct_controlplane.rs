@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc::Status;
 use skiff::controlplane::{ControlPlaneOptions, Source, serve};
+use skiff_tests::ControlPlane;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -31,7 +32,6 @@ const ROUTE: &str = "50002";
 const WAIT: Duration = Duration::from_secs(10);
 /// How long "nothing arrives" is watched (several poll intervals).
 const QUIET: Duration = Duration::from_millis(700);
-const POLL: Duration = Duration::from_millis(50);
 
 // === harness ===
 
@@ -73,46 +73,24 @@ fn log_lines_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
-struct ControlPlane {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// The harness's in-process control plane on 127.0.0.1:0, with this binary's log capture.
+async fn start_cp(source: Source) -> ControlPlane {
+    logs();
+    ControlPlane::start(source, "127.0.0.1:0".parse().unwrap()).await
 }
 
-impl ControlPlane {
-    async fn start(source: Source) -> Self {
-        logs();
-        let (bound_tx, bound_rx) = oneshot::channel();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let opts = ControlPlaneOptions {
-            source,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            poll_interval: POLL,
-        };
-        let task = tokio::spawn(serve(
-            opts,
-            move |addr| {
-                let _ = bound_tx.send(addr);
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let addr = tokio::time::timeout(WAIT, bound_rx)
-            .await
-            .expect("control plane did not bind in time")
-            .expect("control plane failed before binding");
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
+/// ADS clients of the control plane under test.
+trait AdsClients {
+    async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+    async fn sotw(&self, node: &str) -> Sotw;
+    async fn delta(&self, node: &str) -> Delta;
+}
 
+impl AdsClients for ControlPlane {
     async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
         tokio::time::timeout(
             WAIT,
-            AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr)),
+            AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr())),
         )
         .await
         .expect("connect timed out")
@@ -153,15 +131,6 @@ impl ControlPlane {
             responses,
             node: node.to_owned(),
         }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("control plane did not stop in time")
-            .expect("control plane task panicked")
-            .expect("control plane failed");
     }
 }
 
@@ -359,7 +328,7 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 #[tokio::test]
 async fn sotw_wildcard_and_named_subscriptions() {
     let dir = seed_dir();
-    let cp = ControlPlane::start(Source::Dir(dir.path().to_owned())).await;
+    let cp = start_cp(Source::Dir(dir.path().to_owned())).await;
     let mut s = cp.sotw("sotw-basic").await;
 
     s.request(CDS, &[], None).await;
@@ -409,13 +378,13 @@ async fn sotw_wildcard_and_named_subscriptions() {
     again.ack(&lds, &[]).await;
     let lds_again = again.recv().await;
     assert_eq!(names(&lds_again), [LISTENER]);
-    cp.stop().await;
+    cp.stop().await.expect("control plane stops cleanly");
 }
 
 #[tokio::test]
 async fn sotw_pushes_edits_and_keeps_serving_through_a_broken_file() {
     let dir = seed_dir();
-    let cp = ControlPlane::start(Source::Dir(dir.path().to_owned())).await;
+    let cp = start_cp(Source::Dir(dir.path().to_owned())).await;
     let mut s = cp.sotw("sotw-edit").await;
     s.request(LDS, &[], None).await;
     let lds = s.recv().await;
@@ -468,13 +437,13 @@ async fn sotw_pushes_edits_and_keeps_serving_through_a_broken_file() {
         let r = c.recv().await;
         assert_eq!((r.type_url.as_str(), r.version_info.as_str()), (CDS, "3"));
     }
-    cp.stop().await;
+    cp.stop().await.expect("control plane stops cleanly");
 }
 
 #[tokio::test]
 async fn sotw_nack_is_logged_and_not_answered_with_the_same_version() {
     let dir = seed_dir();
-    let cp = ControlPlane::start(Source::Dir(dir.path().to_owned())).await;
+    let cp = start_cp(Source::Dir(dir.path().to_owned())).await;
     let mut s = cp.sotw("sotw-nacker").await;
     s.request(CDS, &[], None).await;
     let cds = s.recv().await;
@@ -515,7 +484,7 @@ async fn sotw_nack_is_logged_and_not_answered_with_the_same_version() {
     rewrite(dir.path(), "clusters.json", "2", &[]);
     let next = s.recv().await;
     assert_eq!(next.version_info, "2");
-    cp.stop().await;
+    cp.stop().await.expect("control plane stops cleanly");
 }
 
 // === delta ===
@@ -523,7 +492,7 @@ async fn sotw_nack_is_logged_and_not_answered_with_the_same_version() {
 #[tokio::test]
 async fn delta_wildcard_subscribe_remove_and_reconnect() {
     let dir = seed_dir();
-    let cp = ControlPlane::start(Source::Dir(dir.path().to_owned())).await;
+    let cp = start_cp(Source::Dir(dir.path().to_owned())).await;
     let mut d = cp.delta("delta-1").await;
 
     // Wildcard CDS (empty initial subscribe).
@@ -636,7 +605,7 @@ async fn delta_wildcard_subscribe_remove_and_reconnect() {
             .any(|l| l.contains("NACK") && l.contains("delta-1") && l.contains(&changed.nonce)),
         "delta NACK logged"
     );
-    cp.stop().await;
+    cp.stop().await.expect("control plane stops cleanly");
 }
 
 // === config dump ===
@@ -691,7 +660,7 @@ async fn check_config_dump(file: &str) {
     let path = fixtures().join("xds").join(file);
     let expected = dump_expectations(&path);
     assert!(!expected.is_empty(), "{file} has dynamic resources");
-    let cp = ControlPlane::start(Source::ConfigDump(path)).await;
+    let cp = start_cp(Source::ConfigDump(path)).await;
     let mut s = cp.sotw("dump-reader").await;
     let mut d = cp.delta("dump-reader-delta").await;
     for (type_url, (want_names, versions)) in &expected {
@@ -724,7 +693,7 @@ async fn check_config_dump(file: &str) {
             *want_names
         );
     }
-    cp.stop().await;
+    cp.stop().await.expect("control plane stops cleanly");
 }
 
 #[tokio::test]

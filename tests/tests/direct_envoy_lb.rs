@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_tests::free_port;
+use skiff_tests::{SkiffThread, free_port, run_options};
 
 /// Connections sent through each proxy.
 const N: usize = 600;
@@ -140,6 +140,25 @@ fn shares(port: u16, n: usize) -> BTreeMap<String, usize> {
 }
 
 struct Envoy(Child);
+
+impl Envoy {
+    /// Real Envoy on the bootstrap at `cfg`, one worker; `base_id` keeps its shared memory
+    /// apart from any other Envoy on the machine.
+    fn start(cfg: &Path, base_id: u32) -> Envoy {
+        Envoy(
+            Command::new(envoy_binary())
+                .arg("-c")
+                .arg(cfg)
+                .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
+                .arg(base_id.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
+        )
+    }
+}
+
 impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -171,35 +190,20 @@ fn envoy_binary() -> std::path::PathBuf {
     p.into()
 }
 
-fn run_skiff(yaml: &str, listen: u16, n: usize) -> BTreeMap<String, usize> {
+/// skiff in-process (its own thread and runtime: the test drives it with blocking I/O) on the
+/// bootstrap Envoy ran.
+fn start_skiff(yaml: &str) -> SkiffThread {
     let boot = skiff::config::parse(yaml, "<lb-diff>").expect("skiff accepts what Envoy runs");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(skiff::app::run(
-            skiff::app::RunOptions {
-                admin: boot.admin,
-                bootstrap: boot,
-                capture: None,
-                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-                outbound_v6: None,
-                upstream_mark: None,
-                drain: Duration::from_millis(100),
-            },
-            async {
-                let _ = rx.await;
-            },
-        ))
-        .expect("skiff runs");
-    });
+    let mut opts = run_options(boot);
+    opts.drain = Duration::from_millis(100);
+    SkiffThread::start(opts)
+}
+
+fn run_skiff(yaml: &str, listen: u16, n: usize) -> BTreeMap<String, usize> {
+    let skiff = start_skiff(yaml);
     wait_port(listen);
     let got = shares(listen, n);
-    let _ = tx.send(());
-    let _ = thread.join();
+    let _ = skiff.stop();
     got
 }
 
@@ -213,17 +217,7 @@ fn priority_and_locality_shares_match_envoy() {
     let (e_listen, e_admin) = (free_port(), free_port());
     let cfg = dir.path().join("envoy.yaml");
     std::fs::write(&cfg, bootstrap(e_listen, e_admin, &addrs)).unwrap();
-    let envoy = Envoy(
-        Command::new(envoy_binary())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
-            .arg(std::process::id().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
-    );
+    let envoy = Envoy::start(&cfg, std::process::id());
     wait_port(e_listen);
     let from_envoy = shares(e_listen, N);
     drop(envoy);
@@ -336,17 +330,7 @@ fn ring_hash_and_maglev_send_each_source_ip_where_envoy_does() {
     let (ring, maglev, admin) = (free_port(), free_port(), free_port());
     let cfg = dir.path().join("envoy.yaml");
     std::fs::write(&cfg, hash_bootstrap(ring, maglev, admin, &addrs)).unwrap();
-    let envoy = Envoy(
-        Command::new(envoy_binary())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
-            .arg((std::process::id() + 1).to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
-    );
+    let envoy = Envoy::start(&cfg, std::process::id() + 1);
     wait_port(ring);
     wait_port(maglev);
     let from_envoy = hash_map(ring, maglev);
@@ -354,35 +338,11 @@ fn ring_hash_and_maglev_send_each_source_ip_where_envoy_does() {
 
     let (s_ring, s_maglev, s_admin) = (free_port(), free_port(), free_port());
     let yaml = hash_bootstrap(s_ring, s_maglev, s_admin, &addrs);
-    let boot = skiff::config::parse(&yaml, "<hash-diff>").expect("skiff accepts it");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(skiff::app::run(
-            skiff::app::RunOptions {
-                admin: boot.admin,
-                bootstrap: boot,
-                capture: None,
-                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-                outbound_v6: None,
-                upstream_mark: None,
-                drain: Duration::from_millis(100),
-            },
-            async {
-                let _ = rx.await;
-            },
-        ))
-        .expect("skiff runs");
-    });
+    let skiff = start_skiff(&yaml);
     wait_port(s_ring);
     wait_port(s_maglev);
     let from_skiff = hash_map(s_ring, s_maglev);
-    let _ = tx.send(());
-    let _ = thread.join();
+    let _ = skiff.stop();
 
     // Same ring (xxHash64 of "ip:port_i"), same Maglev table, same source-IP hash: every
     // source lands on the same backend.

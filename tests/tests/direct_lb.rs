@@ -13,10 +13,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_tests::free_port;
+use skiff_tests::{InProcessSkiff, free_addr, free_port, run_options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -115,8 +114,7 @@ fn tcp_listener(port: u16, cluster: &str) -> String {
 
 struct Skiff {
     admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: InProcessSkiff,
 }
 
 impl Skiff {
@@ -128,21 +126,7 @@ impl Skiff {
             clusters.concat()
         );
         let boot = skiff::config::parse(&yaml, "<direct_lb>").expect("bootstrap must parse");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(skiff::app::run(
-            skiff::app::RunOptions {
-                admin: boot.admin,
-                bootstrap: boot,
-                capture: None,
-                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-                outbound_v6: None,
-                upstream_mark: None,
-                drain: Duration::from_millis(200),
-            },
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let running = InProcessSkiff::start(run_options(boot));
         let deadline = Instant::now() + WAIT;
         for p in wait_ports {
             while TcpStream::connect(("127.0.0.1", *p)).await.is_err() {
@@ -152,8 +136,7 @@ impl Skiff {
         }
         Skiff {
             admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
-            stop: Some(tx),
-            task,
+            running,
         }
     }
 
@@ -177,11 +160,8 @@ impl Skiff {
             .to_string()
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    async fn stop(self) {
+        let _ = self.running.stop().await;
     }
 }
 
@@ -487,7 +467,7 @@ async fn active_http_health_check_takes_a_failing_host_out_and_back() {
 async fn tcp_connect_failures_eject_the_dead_endpoint() {
     let alive = holding_backend().await;
     // A port nothing listens on: connects are refused.
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dead = free_addr();
     let port = free_port();
     let od = "    outlier_detection: { consecutive_5xx: 2, interval: 1s, base_ejection_time: 30s, max_ejection_percent: 50 }\n";
     let skiff = Skiff::start(

@@ -1,38 +1,12 @@
 //! Unprivileged end-to-end tests: skiff runs in-process with `--capture none` and proxies real
 //! TCP connections between loopback clients and loopback backends.
 
-use skiff_tests::free_port;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use skiff::app::{RunOptions, run};
+use skiff_tests::{InProcessSkiff, echo_backend as backend, free_addr, free_port, run_options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
-
-/// A backend that answers each connection with `<name>:` followed by everything it read, and
-/// closes only after the client's EOF (so it proves half-close reached it).
-async fn backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_err() {
-                    return;
-                }
-                let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                let _ = s.write_all(&buf).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 fn bootstrap(listen: u16, endpoints: &[SocketAddr]) -> String {
     let eps: Vec<String> = endpoints
@@ -72,35 +46,12 @@ static_resources:
     )
 }
 
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-async fn start(yaml: &str, listen: u16) -> Running {
+async fn start(yaml: &str, listen: u16) -> InProcessSkiff {
     let bootstrap = skiff::config::parse(yaml, "<test>").expect("bootstrap must parse");
-    let (tx, rx) = oneshot::channel();
-    let opts = RunOptions {
-        bootstrap,
-        capture: None,
-        outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-        outbound_v6: None,
-        upstream_mark: None,
-        admin: None,
-        drain: Duration::from_secs(1),
-    };
-    let task = tokio::spawn(run(opts, async {
-        let _ = rx.await;
-    }));
+    let mut opts = run_options(bootstrap);
+    opts.admin = None;
+    opts.drain = Duration::from_secs(1);
+    let skiff = InProcessSkiff::start(opts);
     // Wait until the listener accepts.
     for _ in 0..200 {
         if TcpStream::connect(("127.0.0.1", listen)).await.is_ok() {
@@ -108,10 +59,7 @@ async fn start(yaml: &str, listen: u16) -> Running {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Running {
-        stop: Some(tx),
-        task,
-    }
+    skiff
 }
 
 async fn roundtrip(port: u16, payload: &[u8]) -> Vec<u8> {
@@ -147,7 +95,7 @@ async fn tcp_proxy_round_robins_and_half_closes() {
     let (a, b) = (seen["A"], seen["B"]);
     assert_eq!(a + b, 8);
     assert!(a.abs_diff(b) <= 2, "round robin alternates: {seen:?}");
-    skiff.stop().await;
+    skiff.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,14 +112,14 @@ async fn large_transfer_is_byte_exact() {
         out[2..] == payload[..],
         "4 MiB must come back byte for byte"
     );
-    skiff.stop().await;
+    skiff.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_endpoint_closes_the_client_quickly() {
     // Nothing listens on this port: the upstream connect is refused and skiff closes the
     // client at once. The client sees EOF, or a reset when skiff closed with its byte unread.
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dead = free_addr();
     let port = free_port();
     let skiff = start(&bootstrap(port, &[dead]), port).await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -184,7 +132,7 @@ async fn dead_endpoint_closes_the_client_quickly() {
         Ok(_) => assert!(out.is_empty(), "no bytes may come from a dead endpoint"),
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
-    skiff.stop().await;
+    skiff.stop().await.unwrap();
 }
 
 #[test]

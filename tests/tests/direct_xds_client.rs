@@ -2,7 +2,7 @@
 //! tonic service) scripts responses and observes requests (ACK/NACK/error_detail), while skiff
 //! runs in-process through `skiff::app::run` and proxies real loopback connections.
 
-use skiff_tests::free_port;
+use skiff_tests::{InProcessSkiff, echo_backend as backend, free_port, run_options};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
@@ -20,10 +20,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use skiff::app::{RunOptions, run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -322,24 +321,6 @@ fn delta(
 
 // === skiff and traffic ===
 
-async fn backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
-                }
-            });
-        }
-    });
-    a
-}
-
 async fn roundtrip(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     s.write_all(b"hi").await.ok()?;
@@ -379,8 +360,7 @@ async fn eventually_closed(port: u16) {
 
 struct Skiff {
     admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: InProcessSkiff,
 }
 
 impl Skiff {
@@ -392,11 +372,8 @@ impl Skiff {
     async fn config_dump(&self, q: &str) -> serde_json::Value {
         serde_json::from_str(&self.get(&format!("/config_dump{q}")).await).unwrap()
     }
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.unwrap().unwrap();
+    async fn stop(self) {
+        self.running.stop().await.unwrap();
     }
 }
 
@@ -429,23 +406,11 @@ static_resources:
     let bootstrap = skiff::config::parse(&yaml, "<test>").expect("bootstrap must parse");
     assert!(bootstrap.ads.is_some() && bootstrap.lds_ads && bootstrap.cds_ads);
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let (tx, rx) = oneshot::channel();
-    let opts = RunOptions {
-        bootstrap,
-        capture: None,
-        outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-        outbound_v6: None,
-        upstream_mark: None,
-        admin: Some(admin),
-        drain: Duration::from_millis(200),
-    };
-    let task = tokio::spawn(run(opts, async {
-        let _ = rx.await;
-    }));
+    let mut opts = run_options(bootstrap);
+    opts.admin = Some(admin);
     Skiff {
         admin,
-        stop: Some(tx),
-        task,
+        running: InProcessSkiff::start(opts),
     }
 }
 

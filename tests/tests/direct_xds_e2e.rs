@@ -2,15 +2,14 @@
 //! initial load, update, NACK of an invalid resource (last good keeps serving), removal, and a
 //! control-plane restart (traffic continues, the config resyncs). Run for SotW and delta.
 
-use skiff_tests::free_port;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use skiff::controlplane::{ControlPlaneOptions, Source, serve};
+use skiff::controlplane::Source;
+use skiff_tests::{ControlPlane, InProcessSkiff, free_addr, free_port, run_options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -97,44 +96,9 @@ fn write_config(dir: &Path, version: &str, listen: u16, backend: SocketAddr, bad
     }
 }
 
-struct ControlPlane {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ControlPlane {
-    async fn start(dir: &Path, listen: SocketAddr) -> ControlPlane {
-        let mut opts = ControlPlaneOptions::new(Source::Dir(dir.to_path_buf()));
-        opts.listen = listen;
-        opts.poll_interval = Duration::from_millis(50);
-        let (tx, rx) = oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            serve(
-                opts,
-                move |a| {
-                    let _ = bound_tx.send(a);
-                },
-                async {
-                    let _ = rx.await;
-                },
-            )
-            .await
-            .unwrap();
-        });
-        tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
-        ControlPlane {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(WAIT, &mut self.task).await;
-    }
+/// skiff's control plane serving the discovery files in `dir` on `listen`.
+async fn control_plane(dir: &Path, listen: SocketAddr) -> ControlPlane {
+    ControlPlane::start(Source::Dir(dir.to_path_buf()), listen).await
 }
 
 fn bootstrap(api: &str, xds: SocketAddr, admin: u16) -> String {
@@ -155,26 +119,11 @@ async fn scenario(api: &str) {
     let b = backend("B").await;
     let listen = free_port();
     let admin = free_port();
-    let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let xds = free_addr();
     write_config(dir.path(), "1", listen, a, false);
-    let cp = ControlPlane::start(dir.path(), xds).await;
+    let cp = control_plane(dir.path(), xds).await;
 
-    let boot = skiff::config::parse(&bootstrap(api, xds, admin), "<e2e>").unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let skiff = tokio::spawn(skiff::app::run(
-        skiff::app::RunOptions {
-            admin: boot.admin,
-            bootstrap: boot,
-            capture: None,
-            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-            outbound_v6: None,
-            upstream_mark: None,
-            drain: Duration::from_millis(200),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let skiff = start_skiff(&bootstrap(api, xds, admin));
 
     // Initial load: listener -> EDS cluster (warms until its endpoints arrive) -> A.
     eventually(listen, Some("A")).await;
@@ -199,14 +148,14 @@ async fn scenario(api: &str) {
     );
 
     // Control plane restart: traffic continues while it is gone, then the config resyncs.
-    cp.stop().await;
+    let _ = cp.stop().await;
     assert_eq!(
         ask(listen).await.as_deref(),
         Some("A"),
         "serving without a control plane"
     );
     write_config(dir.path(), "4", listen, b, false);
-    let cp = ControlPlane::start(dir.path(), xds).await;
+    let cp = control_plane(dir.path(), xds).await;
     eventually(listen, Some("B")).await;
 
     // Removal: an empty LDS closes the listener.
@@ -217,13 +166,8 @@ async fn scenario(api: &str) {
     .unwrap();
     eventually(listen, None).await;
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, skiff)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    cp.stop().await;
+    skiff.stop().await.unwrap();
+    let _ = cp.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,29 +188,11 @@ async fn is_ready(admin: u16) -> bool {
         .is_ok()
 }
 
-/// Starts skiff in-process on `bootstrap`; the sender stops it.
-fn start_skiff(bootstrap: &str) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let boot = skiff::config::parse(bootstrap, "<e2e>").unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        skiff::app::run(
-            skiff::app::RunOptions {
-                admin: boot.admin,
-                bootstrap: boot,
-                capture: None,
-                outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-                outbound_v6: None,
-                upstream_mark: None,
-                drain: Duration::from_millis(200),
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    (stop_tx, task)
+/// Starts skiff in-process on `bootstrap`.
+fn start_skiff(bootstrap: &str) -> InProcessSkiff {
+    InProcessSkiff::start(run_options(
+        skiff::config::parse(bootstrap, "<e2e>").unwrap(),
+    ))
 }
 
 /// As Envoy: not ready until the first LDS and CDS responses are in and nothing warms, or
@@ -277,14 +203,14 @@ async fn ready_waits_for_the_initial_configuration() {
     let a = backend("A").await;
     let listen = free_port();
     let admin = free_port();
-    let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let xds = free_addr();
     write_config(dir.path(), "1", listen, a, false);
 
     // No control plane yet: the admin answers, but not ready (default timeout 15 s).
-    let (stop, task) = start_skiff(&bootstrap("GRPC", xds, admin));
+    let skiff = start_skiff(&bootstrap("GRPC", xds, admin));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!is_ready(admin).await, "ready before any configuration");
-    let cp = ControlPlane::start(dir.path(), xds).await;
+    let cp = control_plane(dir.path(), xds).await;
     let deadline = Instant::now() + WAIT;
     while !is_ready(admin).await {
         assert!(
@@ -295,13 +221,12 @@ async fn ready_waits_for_the_initial_configuration() {
     }
     // Ready means configured: the listener and its warmed EDS cluster already serve.
     assert_eq!(ask(listen).await.as_deref(), Some("A"));
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-    cp.stop().await;
+    skiff.stop().await.unwrap();
+    let _ = cp.stop().await;
 
     // With initial_fetch_timeout 1s and no control plane, skiff goes live with what it has.
     let admin = free_port();
-    let nowhere: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let nowhere = free_addr();
     let text = bootstrap("GRPC", nowhere, admin).replace(
         "lds_config: { ads: {} }",
         "lds_config: { ads: {}, initial_fetch_timeout: 1s }",
@@ -311,7 +236,7 @@ async fn ready_waits_for_the_initial_configuration() {
         "cds_config: { ads: {}, initial_fetch_timeout: 1s }",
     );
     let started = Instant::now();
-    let (stop, task) = start_skiff(&text);
+    let skiff = start_skiff(&text);
     while !is_ready(admin).await {
         assert!(
             started.elapsed() < WAIT,
@@ -324,6 +249,5 @@ async fn ready_waits_for_the_initial_configuration() {
         "ready after {:?}, before the 1 s initial_fetch_timeout",
         started.elapsed()
     );
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+    skiff.stop().await.unwrap();
 }
