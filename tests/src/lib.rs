@@ -621,6 +621,14 @@ pub fn testpeer_output(ns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Stri
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `--cgroup <app> --proxy-cgroup <proxy>` (skiff's sidecar capture) followed by `more`.
+pub fn sidecar_args<'a>(app: &'a Path, proxy: &'a Path, more: &[&'a str]) -> Vec<&'a str> {
+    let path = |p: &'a Path| p.to_str().expect("cgroup paths are UTF-8");
+    let mut args = vec!["--cgroup", path(app), "--proxy-cgroup", path(proxy)];
+    args.extend_from_slice(more);
+    args
+}
+
 /// `skiff run --bootstrap <bootstrap>` (the workspace's built binary) inside `ns`, with
 /// `RUST_LOG=info,skiff=debug`; callers add flags (and may override `RUST_LOG`).
 pub fn skiff_run(ns: &Netns, bootstrap: &Path) -> Command {
@@ -801,6 +809,21 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The `lb_endpoints` items of a static cluster's YAML for `endpoints`, one line each,
+/// indented for `load_assignment.endpoints[0].lb_endpoints`.
+pub fn lb_endpoints_yaml(endpoints: &[std::net::SocketAddr]) -> String {
+    endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
+                e.ip(),
+                e.port()
+            )
+        })
+        .collect()
+}
+
 /// [`free_port`] as a 127.0.0.1 address (for something that must not answer, or a server to
 /// start later on a known address).
 pub fn free_addr() -> std::net::SocketAddr {
@@ -839,6 +862,25 @@ fn shutdown_signal() -> (
     })
 }
 
+/// Fires `stop`, then waits up to 15 s for `task` to end: `Err` when it failed, panicked or
+/// still runs.
+async fn stop_task(
+    what: &str,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: &mut tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    if let Some(s) = stop {
+        let _ = s.send(());
+    }
+    match tokio::time::timeout(IN_PROCESS_WAIT, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(anyhow::anyhow!("{what} task: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "{what} did not stop within {IN_PROCESS_WAIT:?}"
+        )),
+    }
+}
+
 /// skiff (`skiff::app::run`) running as a task on the current tokio runtime.
 #[derive(Debug)]
 pub struct InProcessSkiff {
@@ -859,16 +901,7 @@ impl InProcessSkiff {
     /// Shuts skiff down and waits up to 15 s: `Err` when it failed, panicked or still runs
     /// (callers that only tidy up ignore it, the others unwrap it).
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        match tokio::time::timeout(IN_PROCESS_WAIT, &mut self.task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(anyhow::anyhow!("skiff task: {e}")),
-            Err(_) => Err(anyhow::anyhow!(
-                "skiff did not stop within {IN_PROCESS_WAIT:?}"
-            )),
-        }
+        stop_task("skiff", self.stop.take(), &mut self.task).await
     }
 }
 
@@ -951,16 +984,7 @@ impl ControlPlane {
 
     /// Stops it and waits up to 15 s: `Err` when it failed, panicked or still runs.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        match tokio::time::timeout(IN_PROCESS_WAIT, &mut self.task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(anyhow::anyhow!("control plane task: {e}")),
-            Err(_) => Err(anyhow::anyhow!(
-                "control plane did not stop within {IN_PROCESS_WAIT:?}"
-            )),
-        }
+        stop_task("control plane", self.stop.take(), &mut self.task).await
     }
 }
 

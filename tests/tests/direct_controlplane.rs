@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane as ControlPlaneId, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -172,25 +172,17 @@ impl Sotw {
     }
 
     async fn recv(&mut self) -> DiscoveryResponse {
-        let r = tokio::time::timeout(WAIT, self.responses.message())
-            .await
-            .expect("no response in time")
-            .expect("stream failed")
-            .expect("stream ended");
-        assert_eq!(
-            r.control_plane.as_ref().map(|c| c.identifier.as_str()),
-            Some("skiff-control-plane")
-        );
-        r
+        recv_from_skiff(&mut self.responses, "response", |r| {
+            r.control_plane.as_ref()
+        })
+        .await
     }
 
     async fn expect_quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.responses.message()).await {
-            panic!(
-                "expected no response, got {:?}",
-                r.map(|r| r.map(|r| summary(&r)))
-            );
-        }
+        expect_quiet(&mut self.responses, "response", |r| {
+            format!("{:?}", r.map(|r| r.map(|r| summary(&r))))
+        })
+        .await;
     }
 }
 
@@ -225,22 +217,44 @@ impl Delta {
     }
 
     async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        let r = tokio::time::timeout(WAIT, self.responses.message())
-            .await
-            .expect("no delta response in time")
-            .expect("stream failed")
-            .expect("stream ended");
-        assert_eq!(
-            r.control_plane.as_ref().map(|c| c.identifier.as_str()),
-            Some("skiff-control-plane")
-        );
-        r
+        recv_from_skiff(&mut self.responses, "delta response", |r| {
+            r.control_plane.as_ref()
+        })
+        .await
     }
 
     async fn expect_quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.responses.message()).await {
-            panic!("expected no delta response, got {r:?}");
-        }
+        expect_quiet(&mut self.responses, "delta response", |r| format!("{r:?}")).await;
+    }
+}
+
+/// The next message on `responses` within [`WAIT`], asserted to come from skiff's control
+/// plane (its `control_plane.identifier`).
+async fn recv_from_skiff<T>(
+    responses: &mut tonic::Streaming<T>,
+    what: &str,
+    control_plane: impl Fn(&T) -> Option<&ControlPlaneId>,
+) -> T {
+    let r = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} in time"))
+        .expect("stream failed")
+        .expect("stream ended");
+    assert_eq!(
+        control_plane(&r).map(|c| c.identifier.as_str()),
+        Some("skiff-control-plane")
+    );
+    r
+}
+
+/// Panics (showing it with `show`) if anything arrives on `responses` within [`QUIET`].
+async fn expect_quiet<T>(
+    responses: &mut tonic::Streaming<T>,
+    what: &str,
+    show: impl FnOnce(Result<Option<T>, tonic::Status>) -> String,
+) {
+    if let Ok(r) = tokio::time::timeout(QUIET, responses.message()).await {
+        panic!("expected no {what}, got {}", show(r));
     }
 }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_tests::{SkiffThread, free_port, run_options};
+use skiff_tests::{SkiffThread, free_port, lb_endpoints_yaml, run_options};
 
 /// Connections sent through each proxy.
 const N: usize = 600;
@@ -268,16 +268,7 @@ fn from_source(src: std::net::Ipv4Addr, port: u16) -> Option<String> {
 }
 
 fn hash_bootstrap(ring: u16, maglev: u16, admin: u16, addrs: &[SocketAddr]) -> String {
-    let eps: String = addrs
-        .iter()
-        .map(|a| {
-            format!(
-                "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
+    let eps = lb_endpoints_yaml(addrs);
     let listener = |name: &str, port: u16| {
         format!(
             r#"  - name: {name}

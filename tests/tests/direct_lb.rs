@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_tests::{InProcessSkiff, free_addr, free_port, run_options};
+use skiff_tests::{InProcessSkiff, free_addr, free_port, lb_endpoints_yaml, run_options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -49,16 +49,7 @@ async fn http_backend(name: &'static str, status: Arc<AtomicU16>, delay: Duratio
 }
 
 fn cluster_yaml(name: &str, policy: &str, extra: &str, eps: &[SocketAddr]) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|e| {
-            format!(
-                "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
-                e.ip(),
-                e.port()
-            )
-        })
-        .collect();
+    let eps = lb_endpoints_yaml(eps);
     format!(
         r#"  - name: {name}
     type: STATIC

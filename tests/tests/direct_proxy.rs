@@ -4,21 +4,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use skiff_tests::{InProcessSkiff, echo_backend as backend, free_addr, free_port, run_options};
+use skiff_tests::{
+    InProcessSkiff, echo_backend as backend, free_addr, free_port, lb_endpoints_yaml, run_options,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn bootstrap(listen: u16, endpoints: &[SocketAddr]) -> String {
-    let eps: Vec<String> = endpoints
-        .iter()
-        .map(|e| {
-            format!(
-                "        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}",
-                e.ip(),
-                e.port()
-            )
-        })
-        .collect();
     format!(
         r#"
 static_resources:
@@ -40,9 +32,8 @@ static_resources:
       cluster_name: backends
       endpoints:
       - lb_endpoints:
-{}
-"#,
-        eps.join("\n")
+{}"#,
+        lb_endpoints_yaml(endpoints)
     )
 }
 

@@ -10,7 +10,8 @@ use std::path::Path;
 
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, command_in, passthrough_bootstrap,
-    require_root, serial, sigterm_and_wait, skiff_run, wait_admin_ready, wait_admin_ready_on,
+    require_root, serial, sidecar_args, sigterm_and_wait, skiff_run, wait_admin_ready,
+    wait_admin_ready_on,
 };
 
 fn skiff_cmd(ns: &Netns, bootstrap: &Path, args: &[&str]) -> std::process::Command {
@@ -51,24 +52,10 @@ fn refuses_programs_on_the_same_cgroup_hooks_unless_allowed() {
     let p2 = cg.child_path("proxy2");
     let boot = bootstrap_file("coex");
 
-    let first = Child::spawn(&mut skiff_cmd(
-        &ns1,
-        &boot,
-        &[
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            p1.to_str().unwrap(),
-        ],
-    ));
+    let first = Child::spawn(&mut skiff_cmd(&ns1, &boot, &sidecar_args(&app, &p1, &[])));
     wait_admin_ready(&ns1);
 
-    let args = [
-        "--cgroup",
-        app.to_str().unwrap(),
-        "--proxy-cgroup",
-        p2.to_str().unwrap(),
-    ];
+    let args = sidecar_args(&app, &p2, &[]);
     let err = refused(&ns2, &boot, &args);
     for needle in [
         "skiff_connect4 (id ",
@@ -114,16 +101,7 @@ fn refuses_programs_inherited_from_an_ancestor_cgroup() {
         ],
     ));
     wait_admin_ready(&ns1);
-    let err = refused(
-        &ns2,
-        &boot,
-        &[
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            p2.to_str().unwrap(),
-        ],
-    );
+    let err = refused(&ns2, &boot, &sidecar_args(&app, &p2, &[]));
     assert!(
         err.contains("skiff_connect4 (id ") && err.contains(app.to_str().unwrap()),
         "inherited programs must be named: {err}"
@@ -150,33 +128,26 @@ fn refuses_a_second_sk_lookup_program_in_the_network_namespace() {
     let first = Child::spawn(&mut skiff_cmd(
         &ns,
         &boot,
-        &[
-            "--cgroup",
-            app1.to_str().unwrap(),
-            "--proxy-cgroup",
-            p1.to_str().unwrap(),
-            "--capture-inbound",
-            "--no-ipv6",
-        ],
+        &sidecar_args(&app1, &p1, &["--capture-inbound", "--no-ipv6"]),
     ));
     wait_admin_ready(&ns);
 
     // A second skiff in the same netns (other cgroups, other ports): its cgroup hooks are
     // free, but the netns already has an sk_lookup program.
-    let args = [
-        "--cgroup",
-        app2.to_str().unwrap(),
-        "--proxy-cgroup",
-        p2.to_str().unwrap(),
-        "--capture-inbound",
-        "--no-ipv6",
-        "--outbound-port",
-        "15101",
-        "--inbound-port",
-        "15106",
-        "--admin",
-        "127.0.0.1:15100",
-    ];
+    let args = sidecar_args(
+        &app2,
+        &p2,
+        &[
+            "--capture-inbound",
+            "--no-ipv6",
+            "--outbound-port",
+            "15101",
+            "--inbound-port",
+            "15106",
+            "--admin",
+            "127.0.0.1:15100",
+        ],
+    );
     let err = refused(&ns, &boot, &args);
     assert!(
         err.contains("skiff_sk_lookup (id ")
@@ -205,16 +176,7 @@ fn auto_falls_back_to_iptables_when_the_hooks_are_taken() {
     let p1 = cg.child_path("proxy1");
     let p2 = cg.child_path("proxy2");
     let boot = bootstrap_file("coex-auto");
-    let first = Child::spawn(&mut skiff_cmd(
-        &ns1,
-        &boot,
-        &[
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            p1.to_str().unwrap(),
-        ],
-    ));
+    let first = Child::spawn(&mut skiff_cmd(&ns1, &boot, &sidecar_args(&app, &p1, &[])));
     wait_admin_ready(&ns1);
 
     // --capture auto: this kernel supports eBPF, but the app cgroup's hooks are taken, so the
@@ -222,14 +184,7 @@ fn auto_falls_back_to_iptables_when_the_hooks_are_taken() {
     let second = Child::spawn(&mut skiff_cmd(
         &ns2,
         &boot,
-        &[
-            "--capture",
-            "auto",
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            p2.to_str().unwrap(),
-        ],
+        &sidecar_args(&app, &p2, &["--capture", "auto"]),
     ));
     wait_admin_ready(&ns2);
     let out = command_in(Some(&ns2), None, "iptables-save")

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin, admin_stat as stat, assert_no_programs_attached,
-    built_binary, command_in, field, require_root, serial, sigterm_and_wait as stop, skiff_run,
-    spawn_testpeer, testpeer_output, vip_bootstrap, wait_admin_ready as wait_ready,
+    built_binary, command_in, field, require_root, serial, sidecar_args, sigterm_and_wait as stop,
+    skiff_run, spawn_testpeer, testpeer_output, vip_bootstrap, wait_admin_ready as wait_ready,
 };
 
 struct Scenario {
@@ -65,14 +65,7 @@ fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
     let proxy_cg = s.cg.child_path("proxy");
     let proxy = skiff(
         &s,
-        &[
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            proxy_cg.to_str().unwrap(),
-            "--exclude-ports",
-            "9999",
-        ],
+        &sidecar_args(&app, &proxy_cg, &["--exclude-ports", "9999"]),
     );
     wait_ready(&s.ns);
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin_stat as stat, assert_no_programs_attached, command_in,
-    field, require_root, run, serial, sigterm_and_wait, skiff_run, spawn_testpeer, testpeer_output,
-    veth_pair, wait_admin_ready,
+    field, require_root, run, serial, sidecar_args, sigterm_and_wait, skiff_run, spawn_testpeer,
+    testpeer_output, veth_pair, wait_admin_ready,
 };
 
 const BOOTSTRAP: &str = r#"
@@ -240,14 +240,7 @@ fn sk_lookup_steers_connections_for_the_pod_address_to_the_inbound_listener() {
     let proxy_cg = cg.child_path("proxy");
     let proxy = skiff(
         &p,
-        &[
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            app_cg.to_str().unwrap(),
-            "--proxy-cgroup",
-            proxy_cg.to_str().unwrap(),
-        ],
+        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
     );
     wait_admin_ready(&p.b);
     assert_inbound_capture(&mut p);
@@ -307,14 +300,7 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
     let proxy_cg = cg.child_path("proxy");
     let proxy = skiff_dual_stack(
         &p,
-        &[
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            app_cg.to_str().unwrap(),
-            "--proxy-cgroup",
-            proxy_cg.to_str().unwrap(),
-        ],
+        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
     );
     wait_admin_ready(&p.b);
     let out = testpeer_output(
@@ -363,14 +349,7 @@ fn inbound_http_is_served_by_the_connection_manager_chain() {
     let proxy_cg = cg.child_path("proxy");
     let proxy = skiff(
         &p,
-        &[
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            app_cg.to_str().unwrap(),
-            "--proxy-cgroup",
-            proxy_cg.to_str().unwrap(),
-        ],
+        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
     );
     wait_admin_ready(&p.b);
     let out = command_in(Some(&p.a), None, &httppeer)

@@ -13,8 +13,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use skiff_tests::{
     Child, Netns, TempYaml, admin, admin_stat as stat, built_binary, command_in, field,
-    require_root, serial, sigterm_and_wait, skiff_run, spawn_testpeer, testpeer_output,
-    vip_bootstrap, wait_admin_ready,
+    require_root, serial, sidecar_args, sigterm_and_wait, skiff_run, spawn_testpeer,
+    testpeer_output, vip_bootstrap, wait_admin_ready,
 };
 
 struct Scenario {
@@ -270,17 +270,7 @@ fn auto_with_a_cgroup_on_this_kernel_uses_ebpf() {
     let mut cg = skiff_tests::Cgroup::new(&env, "ipt-auto-bpf");
     let app = cg.child("app");
     let proxy_cg = cg.child_path("proxy");
-    let proxy = skiff(
-        &s,
-        &[
-            "--capture",
-            "auto",
-            "--cgroup",
-            app.to_str().unwrap(),
-            "--proxy-cgroup",
-            proxy_cg.to_str().unwrap(),
-        ],
-    );
+    let proxy = skiff(&s, &sidecar_args(&app, &proxy_cg, &["--capture", "auto"]));
     wait_admin_ready(&s.ns);
     assert!(
         skiff_chains(&s.ns).is_empty(),

@@ -106,6 +106,31 @@ fn node(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `skiff node add-pod` registering cgroup `pod` with its netns, node id and (unless it comes
+/// over ADS) bootstrap; returns the node skiff's JSON answer.
+fn add_pod(
+    node_ns: &Netns,
+    pod: &Path,
+    pod_ns: &Netns,
+    node_id: &str,
+    bootstrap: Option<&Path>,
+) -> String {
+    let pod_ns = pod_ns.path();
+    let mut args = vec![
+        "add-pod",
+        "--cgroup",
+        pod.to_str().unwrap(),
+        "--netns",
+        pod_ns.to_str().unwrap(),
+        "--node-id",
+        node_id,
+    ];
+    if let Some(b) = bootstrap {
+        args.extend(["--bootstrap", b.to_str().unwrap()]);
+    }
+    node(node_ns, &args)
+}
+
 #[test]
 fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     let _g = serial();
@@ -135,19 +160,12 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
         "unregistered pod: {out}"
     );
 
-    let added = node(
+    let added = add_pod(
         &node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod1.to_str().unwrap(),
-            "--netns",
-            ns1.path().to_str().unwrap(),
-            "--node-id",
-            "sidecar~10.0.0.1~pod1.default~default.svc.cluster.local",
-            "--bootstrap",
-            boot1.to_str().unwrap(),
-        ],
+        &pod1,
+        &ns1,
+        "sidecar~10.0.0.1~pod1.default~default.svc.cluster.local",
+        Some(&boot1),
     );
     let added: serde_json::Value = serde_json::from_str(&added).expect("add-pod answers JSON");
     assert_eq!(
@@ -155,19 +173,12 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
         "{added}"
     );
     assert_eq!(added["listeners"][0], "127.0.0.1:15001", "{added}");
-    node(
+    add_pod(
         &node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod2.to_str().unwrap(),
-            "--netns",
-            ns2.path().to_str().unwrap(),
-            "--node-id",
-            "sidecar~10.0.0.2~pod2.default~default.svc.cluster.local",
-            "--bootstrap",
-            boot2.to_str().unwrap(),
-        ],
+        &pod2,
+        &ns2,
+        "sidecar~10.0.0.2~pod2.default~default.svc.cluster.local",
+        Some(&boot2),
     );
 
     // Same VIP, two configurations: pod1 -> backend A, pod2 -> backend B.
@@ -210,19 +221,12 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     let ns3 = Netns::new("pods-p3");
     let pod3 = cg.child("pod3");
     let mut b3 = backends_in(&ns3);
-    let added3: serde_json::Value = serde_json::from_str(&node(
+    let added3: serde_json::Value = serde_json::from_str(&add_pod(
         &node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod3.to_str().unwrap(),
-            "--netns",
-            ns3.path().to_str().unwrap(),
-            "--node-id",
-            "sidecar~10.0.0.4~pod3.default~default.svc.cluster.local",
-            "--bootstrap",
-            boot1.to_str().unwrap(),
-        ],
+        &pod3,
+        &ns3,
+        "sidecar~10.0.0.4~pod3.default~default.svc.cluster.local",
+        Some(&boot1),
     ))
     .expect("JSON");
     assert_eq!(
@@ -312,18 +316,7 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     wait_admin_ready(&node_ns);
 
     let pod_id = "sidecar~10.0.0.3~pod3.default~default.svc.cluster.local";
-    node(
-        &node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod.to_str().unwrap(),
-            "--netns",
-            pod_ns.path().to_str().unwrap(),
-            "--node-id",
-            pod_id,
-        ],
-    );
+    add_pod(&node_ns, &pod, &pod_ns, pod_id, None);
     // The pod's own ADS client warms its own snapshot, then its connects follow it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut out = String::new();
@@ -481,19 +474,12 @@ fn a_pod_gets_inbound_capture_in_its_own_netns() {
     );
     sigterm_and_wait(sidecar);
 
-    let added: serde_json::Value = serde_json::from_str(&node(
+    let added: serde_json::Value = serde_json::from_str(&add_pod(
         &node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod.to_str().unwrap(),
-            "--netns",
-            pod_ns.path().to_str().unwrap(),
-            "--node-id",
-            "sidecar~10.200.0.2~app.default~default.svc.cluster.local",
-            "--bootstrap",
-            pod_boot.to_str().unwrap(),
-        ],
+        &pod,
+        &pod_ns,
+        "sidecar~10.200.0.2~app.default~default.svc.cluster.local",
+        Some(&pod_boot),
     ))
     .expect("JSON");
     assert!(
