@@ -809,6 +809,24 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One item of a bootstrap's `static_resources.listeners` YAML: listener `name` on
+/// 127.0.0.1:`port` whose only filter is a tcp_proxy to `cluster`. Ends with the `cluster:`
+/// line, so a caller may append more tcp_proxy fields (indented 10 spaces).
+pub fn tcp_proxy_listener_yaml(name: &str, port: u16, stat_prefix: &str, cluster: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {stat_prefix}
+          cluster: {cluster}
+"#
+    )
+}
+
 /// The `lb_endpoints` items of a static cluster's YAML for `endpoints`, one line each,
 /// indented for `load_assignment.endpoints[0].lb_endpoints`.
 pub fn lb_endpoints_yaml(endpoints: &[std::net::SocketAddr]) -> String {

@@ -13,7 +13,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_tests::{SkiffThread, free_port, lb_endpoints_yaml, run_options};
+use skiff_tests::{
+    SkiffThread, free_port, lb_endpoints_yaml, run_options, tcp_proxy_listener_yaml,
+};
 
 /// Connections sent through each proxy.
 const N: usize = 600;
@@ -64,22 +66,14 @@ fn bootstrap(listen: u16, admin: u16, addrs: &[SocketAddr]) -> String {
             )
         })
         .collect();
+    let front = tcp_proxy_listener_yaml("front", listen, "front", "svc");
     format!(
         r#"node: {{ id: lb-diff, cluster: lb-diff }}
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 static_resources:
   listeners:
-  - name: front
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: front
-          cluster: svc
-  clusters:
+{front}  clusters:
   - name: svc
     type: STATIC
     connect_timeout: 1s
@@ -270,19 +264,8 @@ fn from_source(src: std::net::Ipv4Addr, port: u16) -> Option<String> {
 fn hash_bootstrap(ring: u16, maglev: u16, admin: u16, addrs: &[SocketAddr]) -> String {
     let eps = lb_endpoints_yaml(addrs);
     let listener = |name: &str, port: u16| {
-        format!(
-            r#"  - name: {name}
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {name}
-          cluster: {name}
-          hash_policy: [ {{ source_ip: {{}} }} ]
-"#
-        )
+        tcp_proxy_listener_yaml(name, port, name, name)
+            + "          hash_policy: [ { source_ip: {} } ]\n"
     };
     let cluster = |name: &str, policy: &str| {
         format!(

@@ -13,7 +13,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_tests::{InProcessSkiff, free_addr, free_port, lb_endpoints_yaml, run_options};
+use skiff_tests::{
+    InProcessSkiff, free_addr, free_port, lb_endpoints_yaml, run_options, tcp_proxy_listener_yaml,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -89,18 +91,7 @@ fn http_listener(port: u16, cluster: &str) -> String {
 }
 
 fn tcp_listener(port: u16, cluster: &str) -> String {
-    format!(
-        r#"  - name: tcp_{cluster}
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {cluster}
-          cluster: {cluster}
-"#
-    )
+    tcp_proxy_listener_yaml(&format!("tcp_{cluster}"), port, cluster, cluster)
 }
 
 struct Skiff {

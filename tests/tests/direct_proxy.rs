@@ -6,25 +6,18 @@ use std::time::Duration;
 
 use skiff_tests::{
     InProcessSkiff, echo_backend as backend, free_addr, free_port, lb_endpoints_yaml, run_options,
+    tcp_proxy_listener_yaml,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn bootstrap(listen: u16, endpoints: &[SocketAddr]) -> String {
+    let front = tcp_proxy_listener_yaml("front", listen, "front", "backends");
     format!(
         r#"
 static_resources:
   listeners:
-  - name: front
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: front
-          cluster: backends
-  clusters:
+{front}  clusters:
   - name: backends
     type: STATIC
     connect_timeout: 1s

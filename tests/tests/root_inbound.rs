@@ -170,6 +170,21 @@ fn skiff_dual_stack(p: &Pair, args: &[&str]) -> Child {
     )
 }
 
+/// skiff in eBPF mode in B, capturing `<cg>/app` from `<cg>/proxy` (IPv4 only unless
+/// `dual_stack`), once its admin says ready.
+fn skiff_ebpf(p: &Pair, cg: &mut Cgroup, dual_stack: bool) -> Child {
+    let app_cg = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let args = sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]);
+    let proxy = if dual_stack {
+        skiff_dual_stack(p, &args)
+    } else {
+        skiff(p, &args)
+    };
+    wait_admin_ready(&p.b);
+    proxy
+}
+
 /// The checks both modes pass: captured ports go through skiff's inbound listener and reach
 /// the app from 127.0.0.6; the excluded port reaches it straight from A.
 fn assert_inbound_capture(p: &mut Pair) {
@@ -236,13 +251,7 @@ fn sk_lookup_steers_connections_for_the_pod_address_to_the_inbound_listener() {
     let env = require_root();
     let mut p = pair("in-skl");
     let mut cg = Cgroup::new(&env, "in-skl");
-    let app_cg = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let proxy = skiff(
-        &p,
-        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
-    );
-    wait_admin_ready(&p.b);
+    let proxy = skiff_ebpf(&p, &mut cg, false);
     assert_inbound_capture(&mut p);
     assert!(wait_stat(&p.b, "skiff.inbound.steered", 2) >= 2);
     assert!(wait_stat(&p.b, "skiff.inbound.skip_excluded_port", 1) >= 1);
@@ -296,13 +305,7 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
     }
     let mut app6 = spawn_testpeer(&p.b, None, &["origdst", "[fd00:200::2]:8080"]);
     let mut cg = Cgroup::new(&env, "in-skl6");
-    let app_cg = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let proxy = skiff_dual_stack(
-        &p,
-        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
-    );
-    wait_admin_ready(&p.b);
+    let proxy = skiff_ebpf(&p, &mut cg, true);
     let out = testpeer_output(
         &p.a,
         None,
@@ -345,13 +348,7 @@ fn inbound_http_is_served_by_the_connection_manager_chain() {
     ]));
     app.expect_line("ready", Duration::from_secs(5));
     let mut cg = Cgroup::new(&env, "in-http");
-    let app_cg = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let proxy = skiff(
-        &p,
-        &sidecar_args(&app_cg, &proxy_cg, &["--capture", "ebpf"]),
-    );
-    wait_admin_ready(&p.b);
+    let proxy = skiff_ebpf(&p, &mut cg, false);
     let out = command_in(Some(&p.a), None, &httppeer)
         .args(["get", &format!("{POD_B}:8081"), "app.default.svc", "/hello"])
         .output()
