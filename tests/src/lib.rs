@@ -640,6 +640,22 @@ pub fn skiff_run(ns: &Netns, bootstrap: &Path) -> Command {
     c
 }
 
+/// Runs `skiff node ARGS` (talks to the node-mode skiff's admin) inside `ns`, asserts it
+/// succeeds and returns its stdout.
+pub fn skiff_node(ns: &Netns, args: &[&str]) -> String {
+    let out = command_in(Some(ns), None, built_binary("skiff"))
+        .arg("node")
+        .args(args)
+        .output()
+        .expect("run skiff node");
+    assert!(
+        out.status.success(),
+        "skiff node {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Sends SIGTERM to `p` and asserts it exits 0 within 15 s: SIGTERM, not kill, because skiff
 /// must drain, detach its programs and remove its rules and proxy cgroup by itself.
 pub fn sigterm_and_wait(p: Child) {

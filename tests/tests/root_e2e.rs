@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin, admin_stat as stat, assert_no_programs_attached,
     built_binary, command_in, field, require_root, serial, sidecar_args, sigterm_and_wait as stop,
-    skiff_run, spawn_testpeer, testpeer_output, vip_bootstrap, wait_admin_ready as wait_ready,
+    skiff_node, skiff_run, spawn_testpeer, testpeer_output, vip_bootstrap,
+    wait_admin_ready as wait_ready,
 };
 
 struct Scenario {
@@ -177,15 +178,7 @@ fn node_mode_captures_registered_cgroups_only() {
         ],
     );
     wait_ready(&s.ns);
-    let node = |args: &[&str]| {
-        let out = command_in(Some(&s.ns), None, built_binary("skiff"))
-            .arg("node")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "skiff node {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let node = |args: &[&str]| skiff_node(&s.ns, args);
     // Not registered yet: not captured.
     let out = client(&s.ns, &pod1, "10.96.0.1:80");
     assert!(

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in,
-    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_run, spawn_testpeer,
-    testpeer_output, veth_pair, wait_admin_ready, wait_admin_ready_on,
+    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_node as node, skiff_run,
+    spawn_testpeer, testpeer_output, veth_pair, wait_admin_ready, wait_admin_ready_on,
 };
 
 /// The node skiff's own bootstrap: nothing but PassthroughCluster (each pod brings its own).
@@ -89,21 +89,6 @@ fn client(ns: &Netns, cgroup: &Path) -> String {
             "3000",
         ],
     )
-}
-
-/// `skiff node ARGS` against the node skiff's admin (inside the node netns).
-fn node(ns: &Netns, args: &[&str]) -> String {
-    let out = command_in(Some(ns), None, built_binary("skiff"))
-        .arg("node")
-        .args(args)
-        .output()
-        .expect("run skiff node");
-    assert!(
-        out.status.success(),
-        "skiff node {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `skiff node add-pod` registering cgroup `pod` with its netns, node id and (unless it comes
