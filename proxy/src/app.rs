@@ -1,6 +1,6 @@
 //! Wiring of one `skiff run`: capture, snapshot, listeners, admin, readiness and drain.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::{self, Admin, CaptureControl};
 use crate::bpf::{Capture, CaptureConfig};
@@ -397,6 +397,12 @@ pub async fn run_with(
         None => None,
     };
     for l in &opts.bootstrap.listeners {
+        // skiff's proxy serves no UDP: a udp_proxy listener is served by the kernel fast path
+        // (when eligible) or not at all.
+        if l.udp.is_some() {
+            debug!(listener = %l.name, addr = %l.address, "UDP listener: not bound by the proxy");
+            continue;
+        }
         // The capture listener serves the virtual listener's port; per-service listeners
         // (bind_to_port false) only receive connections handed over by original destination.
         if !l.bind_to_port
@@ -650,13 +656,21 @@ async fn dynamic_listeners(
         String,
         (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>),
     > = BTreeMap::new();
+    // UDP listeners already logged as skipped (once each, not on every snapshot).
+    let mut udp_logged: BTreeSet<String> = BTreeSet::new();
     loop {
         let snap = store.load();
+        for (n, l) in snap.listeners.iter().filter(|(_, l)| l.udp.is_some()) {
+            if udp_logged.insert(n.clone()) {
+                debug!(listener = %n, addr = %l.address, "UDP listener: not bound by the proxy");
+            }
+        }
         let wanted: BTreeMap<&String, SocketAddr> = snap
             .listeners
             .iter()
             .filter(|(n, l)| {
                 !snap.static_listeners.contains(*n)
+                    && l.udp.is_none()
                     && l.bind_to_port
                     && !skiff_ports.contains(&Some(l.address.port()))
             })

@@ -52,6 +52,8 @@ pub fn run() -> anyhow::Result<()> {
         "--test",
         "root_fastpath_v6",
         "--test",
+        "root_fastpath_udp",
+        "--test",
         "root_sockmap",
         "--test",
         "root_iptables",

@@ -24,6 +24,8 @@ pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u32 = 6;
+/// `IPPROTO_UDP`.
+pub const IPPROTO_UDP: u32 = 17;
 /// `SOL_IP`: level of `SO_ORIGINAL_DST`.
 pub const SOL_IP: i32 = 0;
 /// `SOL_IPV6`: level of `IP6T_SO_ORIGINAL_DST`.
@@ -255,7 +257,7 @@ pub struct ServiceKeyV4 {
     pub vip_be: u32,
     /// Service port, network order.
     pub port_be: u16,
-    /// IP protocol ([`IPPROTO_TCP`]).
+    /// IP protocol ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
     pub proto: u8,
     pub _pad: u8,
 }
@@ -270,7 +272,7 @@ pub struct ServiceKeyV6 {
     pub vip_be: [u32; 4],
     /// Service port, network order.
     pub port_be: u16,
-    /// IP protocol ([`IPPROTO_TCP`]).
+    /// IP protocol ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
     pub proto: u8,
     pub _pad: u8,
 }
@@ -357,6 +359,35 @@ pub struct EndpointKey {
 }
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
 const _: () = assert!(core::mem::align_of::<EndpointKey>() == 4);
+
+/// Key of `SKIFF_UDP_REV`: which VIP an unconnected UDP socket's datagram to an endpoint was
+/// really sent to, so recvmsg4 can show the endpoint's replies as coming from the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpRevKey {
+    /// Socket cookie of the sending socket.
+    pub cookie: u64,
+    /// Endpoint address (IPv4), network order.
+    pub ep_ip_be: u32,
+    /// Endpoint port, network order.
+    pub ep_port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<UdpRevKey>() == 16);
+const _: () = assert!(core::mem::align_of::<UdpRevKey>() == 8);
+
+/// Value of `SKIFF_UDP_REV`: the VIP the app addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpRevValue {
+    /// Service VIP, network order.
+    pub vip_be: u32,
+    /// Service port, network order.
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<UdpRevValue>() == 8);
+const _: () = assert!(core::mem::align_of::<UdpRevValue>() == 4);
 
 impl EndpointKey {
     /// The key of an endpoint slot.
@@ -530,7 +561,7 @@ pub mod reason {
     pub const REJECT_NOT_READY: u32 = 9;
     /// IPv6 capture is disabled.
     pub const SKIP_V6_DISABLED: u32 = 10;
-    /// Not TCP (UDP connect and the like).
+    /// Not TCP (a UDP connect without the fast path, raw sockets and the like).
     pub const SKIP_NOT_TCP: u32 = 11;
     /// Internal error: no config entry (fail open).
     pub const ERR_NO_CONFIG: u32 = 12;
@@ -573,8 +604,19 @@ pub mod reason {
     pub const FAST_PATH_V6: u32 = 30;
     /// getpeername6 answered the IPv6 service VIP for a fast-path socket.
     pub const PEERNAME_V6: u32 = 31;
+    /// connect4 sent a connected UDP socket's service address straight to an endpoint.
+    pub const FAST_UDP_CONNECT: u32 = 32;
+    /// sendmsg4 sent an unconnected UDP datagram for a service straight to an endpoint.
+    pub const FAST_UDP_SEND: u32 = 33;
+    /// recvmsg4 showed an endpoint's reply as coming from the service VIP.
+    pub const FAST_UDP_REPLY: u32 = 34;
+    /// Internal error: sendmsg4 could not record the translation for replies (the datagram
+    /// still goes to the endpoint; its reply shows the endpoint's address).
+    pub const ERR_UDP_REV: u32 = 35;
+    /// A UDP socket to a non-service address: left alone (UDP is never sent to the proxy).
+    pub const SKIP_UDP_MISS: u32 = 36;
     /// Number of reasons (size of the stats array).
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 37;
 
     /// Counter names, indexed by reason (as shown by admin `/stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -610,6 +652,11 @@ pub mod reason {
         "fast_released",
         "fast_path_v6",
         "peername_v6",
+        "fast_udp_connect",
+        "fast_udp_send",
+        "fast_udp_reply",
+        "err_udp_rev",
+        "skip_udp_miss",
     ];
 }
 
@@ -735,6 +782,10 @@ mod user {
     unsafe impl aya::Pod for EndpointLoad {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UdpRevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UdpRevValue {}
 
     impl ServiceKeyV4 {
         /// A TCP service at `vip`.
@@ -744,6 +795,14 @@ mod user {
                 port_be: vip.port().to_be(),
                 proto: IPPROTO_TCP as u8,
                 _pad: 0,
+            }
+        }
+
+        /// A UDP service at `vip`.
+        pub fn udp(vip: SocketAddrV4) -> Self {
+            Self {
+                proto: IPPROTO_UDP as u8,
+                ..Self::tcp(vip)
             }
         }
 

@@ -1,5 +1,7 @@
 //! `cgroup/connect4` and `cgroup/connect6`: rewrite captured TCP connects to the proxy's
-//! outbound listener and remember the original destination by socket cookie.
+//! outbound listener and remember the original destination by socket cookie. connect4 also
+//! sends a connected UDP socket addressed to a UDP fast-path service straight to an endpoint;
+//! `cgroup/sendmsg4` / `cgroup/recvmsg4` do the same per datagram for unconnected UDP.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, generated::bpf_set_retval},
@@ -10,10 +12,10 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use skiff_common::{
     AF_INET, AF_INET6, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws,
-    ECONNREFUSED, EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP,
+    ECONNREFUSED, EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, IPPROTO_UDP,
     LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4,
-    ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, capture_decision, client_hash,
-    is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
+    ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, UdpRevKey, UdpRevValue, capture_decision,
+    client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
 };
 
 use crate::{
@@ -21,7 +23,8 @@ use crate::{
     maps::{
         SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EP_ACTIVE, SKIFF_EP_LOAD,
         SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV, SKIFF_MESHED,
-        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, SKIFF_SVC_V6, config, count,
+        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, SKIFF_SVC_V6, SKIFF_UDP_REV, config,
+        count,
     },
 };
 
@@ -52,8 +55,139 @@ pub fn skiff_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+#[cgroup_sock_addr(sendmsg4)]
+pub fn skiff_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if let Err(why) = try_sendmsg4(&ctx) {
+        count(why);
+    }
+    // sendmsg programs must allow: UDP is never refused or sent to the proxy.
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn skiff_recvmsg4(ctx: SockAddrContext) -> i32 {
+    recvmsg4(&ctx);
+    // recvmsg programs must return 1.
+    ALLOW
+}
+
+/// UDP fast path for one service address: the endpoint (address, port, network order) when
+/// `ip_be:port_be` is a UDP service in the active generation and the socket would be captured,
+/// else `None` (the datagram or connect is left alone: UDP never goes to the proxy).
+#[inline(always)]
+fn udp_endpoint(
+    sa: &SockAddr<'_>,
+    cfg: &ConfigValue,
+    ip_be: u32,
+    port_be: u16,
+) -> Option<(u32, u16)> {
+    match decide_v4(sa, cfg, ip_be, port_be) {
+        Decision::Capture => fast_path_v4(sa, cfg, ip_be, port_be, IPPROTO_UDP),
+        // Not-ready (fail-closed) only refuses TCP connects; a UDP datagram goes where it was sent.
+        Decision::Reject => {
+            count(reason::SKIP_NOT_READY);
+            None
+        }
+        Decision::Pass(why) => {
+            count(why);
+            None
+        }
+    }
+}
+
+/// Records that datagrams from this socket to the endpoint were addressed to the VIP, so
+/// recvmsg4 can rewrite the endpoint's replies. Best effort: without it the reply shows the
+/// endpoint's address.
+#[inline(always)]
+fn remember_udp(sa: &SockAddr<'_>, ep_ip_be: u32, ep_port_be: u16, vip_be: u32, port_be: u16) {
+    let key = UdpRevKey {
+        cookie: sa.socket_cookie(),
+        ep_ip_be,
+        ep_port_be,
+        _pad: 0,
+    };
+    let value = UdpRevValue {
+        vip_be,
+        port_be,
+        _pad: 0,
+    };
+    if SKIFF_UDP_REV.insert(key, value, 0).is_err() {
+        count(reason::ERR_UDP_REV);
+    }
+}
+
+/// connect4 for a UDP socket: a service hit connects it to an endpoint (the VIP kept for
+/// getpeername4 and recvmsg4); anything else is left alone.
+#[inline(always)]
+fn connect4_udp(ctx: &SockAddrContext, sa: &SockAddr<'_>) -> Result<i32, u32> {
+    let cfg = config().ok_or(reason::ERR_NO_CONFIG)?;
+    if cfg.fast_path == 0 {
+        count(reason::SKIP_NOT_TCP);
+        return Ok(ALLOW);
+    }
+    let ip_be = sa.dst_ip4_be();
+    let port_be = sa.dst_port_be();
+    match udp_endpoint(sa, &cfg, ip_be, port_be) {
+        Some((ep_ip_be, ep_port_be)) => {
+            remember_peer(ctx, OrigDstValue::v4(ip_be, port_be));
+            remember_udp(sa, ep_ip_be, ep_port_be, ip_be, port_be);
+            sa.set_dst4(ep_ip_be, ep_port_be);
+            count(reason::FAST_UDP_CONNECT);
+        }
+        None => {
+            // A socket re-connected away from a service must stop answering the old VIP.
+            forget_peer(ctx);
+            count(reason::SKIP_UDP_MISS);
+        }
+    }
+    Ok(ALLOW)
+}
+
+fn try_sendmsg4(ctx: &SockAddrContext) -> Result<(), u32> {
+    let sa = SockAddr(ctx);
+    if sa.protocol() != IPPROTO_UDP {
+        return Ok(());
+    }
+    let cfg = config().ok_or(reason::ERR_NO_CONFIG)?;
+    if cfg.fast_path == 0 {
+        return Ok(());
+    }
+    let ip_be = sa.dst_ip4_be();
+    let port_be = sa.dst_port_be();
+    match udp_endpoint(&sa, &cfg, ip_be, port_be) {
+        Some((ep_ip_be, ep_port_be)) => {
+            remember_udp(&sa, ep_ip_be, ep_port_be, ip_be, port_be);
+            sa.set_dst4(ep_ip_be, ep_port_be);
+            count(reason::FAST_UDP_SEND);
+        }
+        None => count(reason::SKIP_UDP_MISS),
+    }
+    Ok(())
+}
+
+/// recvmsg4: a datagram from an endpoint this socket reached through a VIP shows the VIP as
+/// its source (as conntrack's reverse NAT would).
+#[inline(always)]
+fn recvmsg4(ctx: &SockAddrContext) {
+    let sa = SockAddr(ctx);
+    let key = UdpRevKey {
+        cookie: sa.socket_cookie(),
+        ep_ip_be: sa.dst_ip4_be(),
+        ep_port_be: sa.dst_port_be(),
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(vip) = unsafe { SKIFF_UDP_REV.get(key) }.copied() {
+        sa.set_dst4(vip.vip_be, vip.port_be);
+        count(reason::FAST_UDP_REPLY);
+    }
+}
+
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
     let sa = SockAddr(ctx);
+    if sa.protocol() == IPPROTO_UDP {
+        return connect4_udp(ctx, &sa);
+    }
     if sa.protocol() != IPPROTO_TCP {
         count(reason::SKIP_NOT_TCP);
         return Ok(ALLOW);
@@ -64,7 +198,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
     match decide_v4(&sa, &cfg, ip_be, port_be) {
         Decision::Capture => {
             // Kernel fast path: a plain-L4 service connects straight to an endpoint.
-            if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&sa, &cfg, ip_be, port_be) {
+            if let Some((ep_ip_be, ep_port_be)) =
+                fast_path_v4(&sa, &cfg, ip_be, port_be, IPPROTO_TCP)
+            {
                 remember_peer(ctx, OrigDstValue::v4(ip_be, port_be));
                 sa.set_dst4(ep_ip_be, ep_port_be);
                 count(reason::FAST_PATH_V4);
@@ -96,7 +232,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
         let ip4_be = ip_be[3];
         return match decide_v4(&sa, &cfg, ip4_be, port_be) {
             Decision::Capture => {
-                if let Some((ep_ip_be, ep_port_be)) = fast_path_v4(&sa, &cfg, ip4_be, port_be) {
+                if let Some((ep_ip_be, ep_port_be)) =
+                    fast_path_v4(&sa, &cfg, ip4_be, port_be, IPPROTO_TCP)
+                {
                     remember_peer(ctx, OrigDstValue::v4(ip4_be, port_be));
                     sa.set_dst6([ip_be[0], ip_be[1], ip_be[2], ep_ip_be], ep_port_be);
                     count(reason::FAST_PATH_V4);
@@ -228,15 +366,17 @@ fn task_is_meshed() -> bool {
     found(SKIFF_MESHED.get_ptr(id))
 }
 
-/// The kernel fast path for an IPv4 service: the endpoint (address, port, network order) to
-/// connect to, or `None` to send the connect to the proxy (not a fast-path service in the
-/// active generation, no healthy endpoint, or an internal error; each but the first counted).
+/// The kernel fast path for an IPv4 service of protocol `proto`: the endpoint (address, port,
+/// network order) to connect to, or `None` to send the connect to the proxy (TCP) or leave it
+/// alone (UDP): not a fast-path service in the active generation, no healthy endpoint, or an
+/// internal error; each but the first counted.
 #[inline(always)]
 fn fast_path_v4(
     sa: &SockAddr<'_>,
     cfg: &ConfigValue,
     ip_be: u32,
     port_be: u16,
+    proto: u32,
 ) -> Option<(u32, u16)> {
     if cfg.fast_path == 0 {
         return None;
@@ -244,12 +384,18 @@ fn fast_path_v4(
     let key = ServiceKeyV4 {
         vip_be: ip_be,
         port_be,
-        proto: IPPROTO_TCP as u8,
+        proto: proto as u8,
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
     let svc = unsafe { SKIFF_SVC_V4.get(key) }.copied()?;
-    let ep = fast_pick(sa, cfg, svc, ip_be, port_be, Some(key), AF_INET)?;
+    // Per-service counters count TCP connects (`cx_total`); UDP shows in the reason counters.
+    let stat = if proto == IPPROTO_TCP {
+        Some(key)
+    } else {
+        None
+    };
+    let ep = fast_pick(sa, cfg, svc, ip_be, port_be, stat, AF_INET)?;
     Some((ep.addr_be[0], ep.port_be))
 }
 
@@ -360,10 +506,12 @@ fn fast_pick(
         return None;
     }
     service_count(stat, ServiceEvent::Connect);
-    // sock_ops counts the connection against this endpoint from TCP_CONNECT_CB to TCP_CLOSE.
-    if SKIFF_FAST_SK
-        .insert(sa.socket_cookie(), EndpointKey::of(&ep), 0)
-        .is_err()
+    // sock_ops counts the connection against this endpoint from TCP_CONNECT_CB to TCP_CLOSE;
+    // UDP sockets never reach sock_ops, so tracking them would only fill the LRU.
+    if sa.protocol() == IPPROTO_TCP
+        && SKIFF_FAST_SK
+            .insert(sa.socket_cookie(), EndpointKey::of(&ep), 0)
+            .is_err()
     {
         count(reason::ERR_FAST_TRACK);
     }
@@ -463,6 +611,15 @@ impl SlotFacts for KernelSlots {
 fn remember_peer(ctx: &SockAddrContext, mut orig: OrigDstValue) {
     // SAFETY: the helper reads the context's socket pointer; the value is copied in.
     let _ = unsafe { SKIFF_PEER.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+}
+
+/// Drops the socket's remembered VIP (a UDP socket connected again, now to no service).
+#[inline(always)]
+fn forget_peer(ctx: &SockAddrContext) {
+    // SAFETY: reading the context's socket pointer (PTR_TO_SOCKET in a sock_addr program).
+    let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock_addr).__bindgen_anon_1.sk) };
+    // SAFETY: `sk` is the program's own socket; a missing entry is not an error worth counting.
+    let _ = unsafe { SKIFF_PEER.delete(sk) };
 }
 
 /// Records the original destination under the socket cookie; on failure the caller does not

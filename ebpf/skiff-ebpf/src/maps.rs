@@ -9,11 +9,12 @@ use aya_ebpf::{
 use skiff_common::{
     CidrV4Key, CidrV6Key, ClusterValue, ConfigValue, ConnKey, EndpointKey, EndpointLoad,
     EndpointValue, ExcludePortKey, OrigDstValue, ServiceKeyV4, ServiceKeyV6, ServiceStats,
-    ServiceValue, reason,
+    ServiceValue, UdpRevKey, UdpRevValue, reason,
 };
 
 /// Proxy config. Key: u32 index 0; value: `ConfigValue`; max 1; not LRU.
-/// Writer: userspace loader (install, set_ready, drop). Readers: connect4, connect6, getsockopt.
+/// Writer: userspace loader (install, set_ready, drop). Readers: connect4, connect6, getsockopt,
+/// sendmsg4.
 #[map]
 pub static SKIFF_CONFIG: Array<ConfigValue> = Array::with_max_entries(1, 0);
 
@@ -32,12 +33,12 @@ pub static SKIFF_ORIG_DST: LruHashMap<ConnKey, OrigDstValue> =
     LruHashMap::with_max_entries(65536, 0);
 
 /// Destination ports never captured. Key: `ExcludePortKey`; value: u8 (1); max 1024; not LRU.
-/// Writer: userspace loader (install). Readers: connect4, connect6.
+/// Writer: userspace loader (install). Readers: connect4, connect6, sendmsg4.
 #[map]
 pub static SKIFF_EXCL_PORT: HashMap<ExcludePortKey, u8> = HashMap::with_max_entries(1024, 0);
 
 /// IPv4 CIDRs never captured. Key: LPM `{prefix_len, CidrV4Key}`; value: u8 (1); max 1024; not LRU.
-/// Writer: userspace loader (install). Readers: connect4, connect6 (v4-mapped).
+/// Writer: userspace loader (install). Readers: connect4, connect6 (v4-mapped), sendmsg4.
 #[map]
 pub static SKIFF_EXCL_V4: LpmTrie<CidrV4Key, u8> = LpmTrie::with_max_entries(1024, 0);
 
@@ -48,7 +49,7 @@ pub static SKIFF_EXCL_V6: LpmTrie<CidrV6Key, u8> = LpmTrie::with_max_entries(102
 
 /// Node mode: cgroups whose tasks are captured. Key: u64 cgroup id (`bpf_get_current_cgroup_id`,
 /// the cgroup directory's inode); value: u8 (1); max 16384; not LRU.
-/// Writer: userspace (add/remove_meshed_cgroup). Readers: connect4, connect6.
+/// Writer: userspace (add/remove_meshed_cgroup). Readers: connect4, connect6, sendmsg4.
 #[map]
 pub static SKIFF_MESHED: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
 
@@ -60,7 +61,8 @@ pub static SKIFF_MESHED: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
 /// Fast-path services. Key: `ServiceKeyV4` (VIP be, port be, proto); value: `ServiceValue`
 /// (cluster index per generation); max `max_services`; not LRU; no prealloc (an update replaces
 /// the element under RCU, so a reader sees the old or the new value, never a mix).
-/// Writer: userspace `bpf::reconciler`. Readers: connect4, connect6 (v4-mapped).
+/// Writer: userspace `bpf::reconciler`. Readers: connect4, connect6 (v4-mapped), sendmsg4
+/// (proto UDP).
 #[map]
 pub static SKIFF_SVC_V4: HashMap<ServiceKeyV4, ServiceValue> =
     HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
@@ -127,10 +129,19 @@ pub static SKIFF_SVC_STAT: LruPerCpuHashMap<ServiceKeyV4, ServiceStats> =
     LruPerCpuHashMap::with_max_entries(10240, 0);
 
 /// The address an app connected to (the VIP), per socket, for getpeername4. BTF socket
-/// storage: freed with the socket. Value: `OrigDstValue`. Writer: connect4 (fast path).
+/// storage: freed with the socket. Value: `OrigDstValue`. Writer: connect4 (fast path, TCP and
+/// connected UDP; a UDP re-connect to a non-service deletes it).
 /// Readers: getpeername4.
 #[btf_map]
 pub static SKIFF_PEER: SkStorage<OrigDstValue> = SkStorage::new();
+
+/// UDP reverse translation: the VIP an unconnected (sendmsg4) or connected (connect4) UDP
+/// socket addressed, by (socket cookie, endpoint). Key: `UdpRevKey`; value: `UdpRevValue`; max
+/// 65536; LRU (UDP has no close event the programs see, so old entries are evicted).
+/// Writer: connect4 and sendmsg4 (UDP fast path). Readers: recvmsg4.
+#[map]
+pub static SKIFF_UDP_REV: LruHashMap<UdpRevKey, UdpRevValue> =
+    LruHashMap::with_max_entries(65536, 0);
 
 /// Counters by reason. Key: u32 `skiff_common::reason::*`; value: u64 per CPU; max `reason::COUNT`;
 /// not LRU. Writer: every program. Readers: userspace (`Capture::stats`, summed over CPUs).

@@ -12,8 +12,65 @@ use crate::state::Snapshot;
 use skiff_common::{EndpointLoad, ServiceStats};
 
 /// Where a connect from the captured cgroup to `dst` goes: `kernel` (fast path), `proxy`,
-/// `passthrough` (proxy, no listener) or `excluded` (never captured), with the reason.
+/// `passthrough` (proxy, no listener) or `excluded` (never captured), with the reason; plus,
+/// under `udp`, where datagrams to `dst` go when a UDP listener owns it.
 pub fn explain(
+    cfg: &CaptureConfig,
+    view: Option<&FastPathView>,
+    snap: &Snapshot,
+    capture_port: u16,
+    dst: SocketAddr,
+) -> Value {
+    let mut out = explain_tcp(cfg, view, snap, capture_port, dst);
+    if let (Some(udp), Value::Object(map)) = (explain_udp(view, snap, dst), &mut out) {
+        map.insert("udp".into(), udp);
+    }
+    out
+}
+
+/// Datagrams to `dst` when a UDP listener is bound there: `kernel` (sendmsg4/connect4 send
+/// them to an endpoint) or `none` (skiff's proxy serves no UDP).
+fn explain_udp(view: Option<&FastPathView>, snap: &Snapshot, dst: SocketAddr) -> Option<Value> {
+    let listener = snap
+        .listeners
+        .values()
+        .find(|l| l.udp.is_some() && l.address == dst)?;
+    let udp = listener.udp.as_ref()?;
+    let (verdict, _) = super::projection::classify_udp(snap, listener, udp);
+    if let Some(view) = view
+        && let Some(svc) = view.image.udp_services.get(&dst)
+    {
+        let c = &view.image.clusters[&svc.cluster];
+        return Some(json!({
+            "path": "kernel",
+            "reason": verdict.reason,
+            "listener": svc.listener,
+            "cluster": svc.cluster,
+            "lb_policy": c.lb.as_str(),
+            "candidate_endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            "selection": selection(c.lb),
+            "generation": view.generation,
+        }));
+    }
+    let reason = match view {
+        None => format!("kernel fast path is off; {}", verdict.reason),
+        Some(v) => v
+            .image
+            .udp_verdicts
+            .get(&dst)
+            .map(|v| v.reason.clone())
+            .unwrap_or(verdict.reason),
+    };
+    Some(json!({
+        "path": "none",
+        "reason": reason,
+        "listener": listener.name,
+        "cluster": verdict.cluster,
+    }))
+}
+
+/// The TCP part of [`explain`].
+fn explain_tcp(
     cfg: &CaptureConfig,
     view: Option<&FastPathView>,
     snap: &Snapshot,
@@ -118,6 +175,15 @@ pub fn maps_json(
         return json!({ "fast_path": false });
     };
     let img = &view.image;
+    let udp_services = img.udp_services.iter().map(|(vip, s)| {
+        json!({
+            "vip": vip.to_string(),
+            "proto": "UDP",
+            "cluster": s.cluster,
+            "cluster_id": img.cluster_id(&s.cluster),
+            "listener": s.listener,
+        })
+    });
     let services: Vec<Value> = img
         .services
         .iter()
@@ -139,6 +205,7 @@ pub fn maps_json(
                 "no_healthy": st.no_healthy,
             })
         })
+        .chain(udp_services)
         .collect();
     let clusters: Vec<Value> = img
         .clusters
@@ -158,7 +225,10 @@ pub fn maps_json(
         "fast_path": true,
         "generation": view.generation,
         "capacity": {
-            "services": { "used": img.services.len(), "max": view.capacity.max_services },
+            "services": {
+                "used": img.services.len() + img.udp_services.len(),
+                "max": view.capacity.max_services,
+            },
             "clusters": { "used": img.clusters.len(), "max": view.capacity.max_clusters },
             "endpoints": { "used": img.endpoint_slots(), "max": view.capacity.max_endpoints },
             "maglev_tables": {

@@ -32,7 +32,7 @@ const NETNS: &str = "/proc/self/ns/net";
 
 /// Maps of the outbound capture this instance never uses: one entry each, so a second copy
 /// of the object costs almost nothing (LRU hashes preallocate their full size).
-const UNUSED_MAPS: [&str; 16] = [
+const UNUSED_MAPS: [&str; 17] = [
     "SKIFF_COOKIE",
     "SKIFF_ORIG_DST",
     "SKIFF_EXCL_PORT",
@@ -49,6 +49,7 @@ const UNUSED_MAPS: [&str; 16] = [
     "SKIFF_EP_ACTIVE",
     "SKIFF_EP_LOAD",
     "SKIFF_FAST_SK",
+    "SKIFF_UDP_REV",
 ];
 
 /// The attached `sk_lookup` program and its maps.

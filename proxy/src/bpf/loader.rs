@@ -47,6 +47,10 @@ const SOCK_OPS: (&str, &str) = ("skiff_sock_ops", "sockops");
 const GETSOCKOPT: (&str, &str) = ("skiff_orig_dst", "cgroup/getsockopt");
 const GETPEERNAME4: (&str, &str) = ("skiff_peername4", "cgroup/getpeername4");
 const GETPEERNAME6: (&str, &str) = ("skiff_peername6", "cgroup/getpeername6");
+/// UDP fast path for unconnected sockets (attached only with the fast path on).
+const SENDMSG4: (&str, &str) = ("skiff_sendmsg4", "cgroup/sendmsg4");
+/// Shows a UDP fast-path reply as coming from the VIP (attached only with the fast path on).
+const RECVMSG4: (&str, &str) = ("skiff_recvmsg4", "cgroup/recvmsg4");
 
 // Map names (the `#[map]` statics in ebpf/skiff-ebpf/src/maps.rs).
 const MAP_CONFIG: &str = "SKIFF_CONFIG";
@@ -66,6 +70,9 @@ const MAP_MAGLEV: &str = "SKIFF_MAGLEV";
 const MAP_EP_ACTIVE: &str = "SKIFF_EP_ACTIVE";
 const MAP_EP_LOAD: &str = "SKIFF_EP_LOAD";
 const MAP_FAST_SK: &str = "SKIFF_FAST_SK";
+const MAP_UDP_REV: &str = "SKIFF_UDP_REV";
+/// Entries of `SKIFF_UDP_REV` with the fast path on (one socket/endpoint pair each).
+const UDP_REV_ENTRIES: u32 = 65_536;
 
 /// How long after a generation flip the other generation may be rewritten: a connect that read
 /// the old generation number finishes its lookups within microseconds.
@@ -144,6 +151,15 @@ impl Capture {
             .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
             .map_max_entries(MAP_EP_ACTIVE, caps.max_endpoints)
             .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
+            // An LRU hash preallocates every entry: keep it to one without the fast path.
+            .map_max_entries(
+                MAP_UDP_REV,
+                if cfg.fast_path.is_some() {
+                    UDP_REV_ENTRIES
+                } else {
+                    1
+                },
+            )
             .load(OBJECT)
             .map_err(|source| BpfError::Object {
                 source: Box::new(source),
@@ -221,8 +237,20 @@ impl Capture {
             }
         };
 
+        // UDP only ever takes the fast path, so its datagram hooks exist only with it.
+        let udp_hooks: &[(&'static str, &'static str)] = if cfg.fast_path.is_some() {
+            &[SENDMSG4, RECVMSG4]
+        } else {
+            &[]
+        };
+        let sock_addr_hooks: Vec<(&'static str, &'static str)> =
+            [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6]
+                .into_iter()
+                .chain(udp_hooks.iter().copied())
+                .collect();
+
         // Load every program before touching cgroups: a verifier failure changes nothing.
-        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6] {
+        for &(program, hook) in &sock_addr_hooks {
             sock_addr(&mut ebpf, program, hook)?
                 .load()
                 .map_err(|source| BpfError::ProgramLoad {
@@ -270,7 +298,7 @@ impl Capture {
             })
         };
         let target = open(&capture_cgroup)?;
-        for (program, hook) in [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6] {
+        for &(program, hook) in &sock_addr_hooks {
             let attach_err = |source: ProgramError| BpfError::Attach {
                 program,
                 hook,
@@ -508,6 +536,7 @@ impl Capture {
             endpoints_written = report.endpoints_written,
             maglev_written = report.maglev_written,
             services = reconciler.applied().services.len(),
+            udp_services = reconciler.applied().udp_services.len(),
             overflow = report.overflow.as_deref().unwrap_or(""),
             "fast path reconciled"
         );
@@ -522,10 +551,7 @@ impl Capture {
             let idle: Vec<EndpointKey> = ep_active
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(k, v)| {
-                    v.active == 0
-                        && !k.addr().is_some_and(|a| served.contains(&a))
-                })
+                .filter(|(k, v)| v.active == 0 && !k.addr().is_some_and(|a| served.contains(&a)))
                 .map(|(k, _)| k)
                 .collect();
             for k in idle {
@@ -592,7 +618,7 @@ impl Capture {
         let g = lock(fast);
         let img = g.reconciler.applied();
         Some(FastPathGauges {
-            services: img.services.len() as u64,
+            services: (img.services.len() + img.udp_services.len()) as u64,
             clusters: img.clusters.len() as u64,
             endpoints: img.endpoint_slots() as u64,
             last_project_us: g.timings.last_project_us,

@@ -9,6 +9,11 @@
 //! Services are found where Istio puts them: `filter_chain_match` entries with a
 //! `destination_port` and /32 `prefix_ranges`, and listeners bound to one VIP.
 //!
+//! UDP services are listeners bound to one IPv4 VIP with `socket_address.protocol: UDP` whose
+//! `udp_proxy` listener filter sends every datagram to one cluster (same cluster rules): the
+//! kernel's sendmsg4/connect4 send those datagrams straight to an endpoint. skiff's proxy
+//! serves no UDP, so an ineligible UDP listener is served by nobody.
+//!
 //! Everything else stays out of the image and keeps going to the proxy; [`classify`] says why
 //! (the same logic backs `/debug/explain`). The output is `BTreeMap`s: deterministic, and
 //! independent of the order resources or endpoints arrived in.
@@ -19,6 +24,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::model::listener::UdpProxy;
 use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, Listener, NetworkAction};
 use crate::state::Snapshot;
 
@@ -93,6 +99,10 @@ pub struct MapImage {
     pub clusters: BTreeMap<String, ClusterImage>,
     /// Every candidate service found and why it is (not) in the image.
     pub verdicts: BTreeMap<SocketAddr, Verdict>,
+    /// UDP services by VIP:port (IPv4 only: there is no sendmsg6/recvmsg6 program yet).
+    pub udp_services: BTreeMap<SocketAddr, ServiceImage>,
+    /// Every UDP listener found and why it is (not) in the image.
+    pub udp_verdicts: BTreeMap<SocketAddr, Verdict>,
 }
 
 impl MapImage {
@@ -121,17 +131,24 @@ impl MapImage {
     ) -> (MapImage, Option<String>) {
         let mut out = MapImage {
             verdicts: self.verdicts.clone(),
+            udp_verdicts: self.udp_verdicts.clone(),
             ..Default::default()
         };
         let mut slots = 0usize;
         let mut maglev = 0usize;
         let mut dropped: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for (vip, svc) in &self.services {
+        // TCP services first, then UDP ones: both share the service map.
+        let all = self
+            .services
+            .iter()
+            .map(|s| (false, s))
+            .chain(self.udp_services.iter().map(|s| (true, s)));
+        for (is_udp, (vip, svc)) in all {
             let Some(cluster) = self.clusters.get(&svc.cluster) else {
                 continue;
             };
             let new_cluster = !out.clusters.contains_key(&svc.cluster);
-            let limit = if out.services.len() >= max_services {
+            let limit = if out.services.len() + out.udp_services.len() >= max_services {
                 Some("max_services")
             } else if new_cluster && out.clusters.len() >= max_clusters {
                 Some("max_clusters")
@@ -144,7 +161,12 @@ impl MapImage {
             };
             if let Some(limit) = limit {
                 *dropped.entry(limit).or_default() += 1;
-                out.verdicts.insert(
+                let verdicts = if is_udp {
+                    &mut out.udp_verdicts
+                } else {
+                    &mut out.verdicts
+                };
+                verdicts.insert(
                     *vip,
                     Verdict::proxy(format!("kernel map capacity ({limit}) exceeded")),
                 );
@@ -155,7 +177,11 @@ impl MapImage {
                 maglev += usize::from(cluster.lb == FastLb::Maglev);
                 out.clusters.insert(svc.cluster.clone(), cluster.clone());
             }
-            out.services.insert(*vip, svc.clone());
+            if is_udp {
+                out.udp_services.insert(*vip, svc.clone());
+            } else {
+                out.services.insert(*vip, svc.clone());
+            }
         }
         let msg = (!dropped.is_empty()).then(|| {
             let parts: Vec<String> = dropped
@@ -167,7 +193,7 @@ impl MapImage {
                  {max_clusters}, max_endpoints {max_endpoints}, max_maglev {max_maglev}; needs {} \
                  services, {} clusters, {} endpoints, {} maglev tables): {}; those services are \
                  served by the proxy",
-                self.services.len(),
+                self.services.len() + self.udp_services.len(),
                 self.clusters.len(),
                 self.endpoint_slots(),
                 self.clusters
@@ -235,7 +261,64 @@ pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
         }
         image.verdicts.insert(dst, verdict);
     }
+    for l in snap.listeners.values() {
+        let Some(udp) = &l.udp else {
+            continue;
+        };
+        let dst = l.address;
+        if dst.ip().is_loopback() || dst.ip().is_unspecified() || dst.port() == 0 {
+            continue;
+        }
+        let (verdict, cluster) = classify_udp(snap, l, udp);
+        if let (true, Some(c), Some(name)) = (verdict.fast, cluster, verdict.cluster.clone()) {
+            image.udp_services.insert(
+                dst,
+                ServiceImage {
+                    cluster: name.clone(),
+                    listener: l.name.clone(),
+                    filter_chain: String::new(),
+                },
+            );
+            image.clusters.insert(name, c);
+        }
+        image.udp_verdicts.insert(dst, verdict);
+    }
     image
+}
+
+/// Whether datagrams to a UDP listener's address take the kernel fast path: an IPv4 VIP
+/// whose `udp_proxy` sends every datagram, unchanged, to one eligible cluster.
+pub fn classify_udp(
+    snap: &Snapshot,
+    listener: &Listener,
+    udp: &UdpProxy,
+) -> (Verdict, Option<ClusterImage>) {
+    let dst = listener.address;
+    let mut v = Verdict::proxy(String::new());
+    v.listener = Some(listener.name.clone());
+    if !dst.is_ipv4() {
+        v.reason = "UDP service on IPv6: no sendmsg6/recvmsg6 fast path (not served)".into();
+        return (v, None);
+    }
+    let Some(name) = &udp.cluster else {
+        v.reason =
+            "udp_proxy matcher routes per datagram (not served: the proxy has no UDP)".into();
+        return (v, None);
+    };
+    if !udp.extras.is_empty() {
+        v.cluster = Some(name.clone());
+        v.reason = format!(
+            "udp_proxy uses {} (not served: the proxy has no UDP)",
+            udp.extras.join(", ")
+        );
+        return (v, None);
+    }
+    let (mut v, c) = cluster_image(snap, name, dst, v, "udp_proxy");
+    if !v.fast {
+        // Unlike TCP, nothing else serves it: say so.
+        v.reason = format!("{} (UDP: not served, the proxy has no UDP)", v.reason);
+    }
+    (v, c)
 }
 
 /// Destinations that look like services: /32 (/128) chain matches with a port on the virtual
@@ -255,7 +338,11 @@ fn candidates(snap: &Snapshot, capture_port: u16) -> Vec<SocketAddr> {
         }
     }
     for l in snap.listeners.values() {
-        if l.internal.is_none() && !l.address.ip().is_unspecified() && l.address.port() != 0 {
+        if l.internal.is_none()
+            && l.udp.is_none()
+            && !l.address.ip().is_unspecified()
+            && l.address.port() != 0
+        {
             out.push(l.address);
         }
     }
@@ -395,7 +482,20 @@ fn classify_with(
             return (v, None);
         }
     };
-    v.cluster = Some(name.clone());
+    cluster_image(snap, name, dst, v, "plain tcp_proxy")
+}
+
+/// Whether `name` can be balanced by the kernel for a service at `dst`, and its slots: `v`
+/// comes back with the cluster and the reason filled in; `what` names the proxy filter in the
+/// reason.
+fn cluster_image(
+    snap: &Snapshot,
+    name: &str,
+    dst: SocketAddr,
+    mut v: Verdict,
+    what: &str,
+) -> (Verdict, Option<ClusterImage>) {
+    v.cluster = Some(name.to_string());
     let Some(entry) = snap.cluster(name) else {
         v.reason = format!("unknown cluster {name}");
         return (v, None);
@@ -495,9 +595,8 @@ fn classify_with(
         // connect4 can only rewrite to an IPv4 address, connect6 to an IPv6 one.
         let a = entry.lb.hosts[e.index as usize].address();
         if a.is_ipv4() != dst.is_ipv4() {
-            v.reason = format!(
-                "cluster {name}: endpoint {a} is not of the service's address family"
-            );
+            v.reason =
+                format!("cluster {name}: endpoint {a} is not of the service's address family");
             return (v, None);
         }
         slots.push((a, weight));
@@ -511,7 +610,7 @@ fn classify_with(
     let (endpoints, weights): (Vec<SocketAddr>, Vec<u32>) = slots.into_iter().unzip();
     v.fast = true;
     v.reason = format!(
-        "plain tcp_proxy to {} cluster {name} ({}, {} healthy endpoints)",
+        "{what} to {} cluster {name} ({}, {} healthy endpoints)",
         c.kind.as_str(),
         lb.as_str(),
         endpoints.len()

@@ -24,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use skiff_common::{
-    CLUSTER_SHARES, CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
-    LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceKeyV6, ServiceValue,
+    CLUSTER_SHARES, CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV,
+    LB_RANDOM, LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceKeyV6,
+    ServiceValue,
 };
 
 use super::BpfError;
@@ -46,6 +47,14 @@ impl ServiceKey {
         match vip {
             SocketAddr::V4(a) => ServiceKey::V4(ServiceKeyV4::tcp(a)),
             SocketAddr::V6(a) => ServiceKey::V6(ServiceKeyV6::tcp(a)),
+        }
+    }
+
+    /// The key of a UDP service at `vip` (IPv4 only: `None` for IPv6).
+    pub fn udp(vip: SocketAddr) -> Option<Self> {
+        match vip {
+            SocketAddr::V4(a) => Some(ServiceKey::V4(ServiceKeyV4::udp(a))),
+            SocketAddr::V6(_) => None,
         }
     }
 
@@ -358,11 +367,15 @@ pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout
             u32::from(generation) * caps.max_clusters + id as u32,
         );
     }
-    let services = image
+    let tcp = image
         .services
         .iter()
-        .filter_map(|(vip, s)| Some((ServiceKey::tcp(*vip), *ids.get(s.cluster.as_str())?)))
-        .collect();
+        .filter_map(|(vip, s)| Some((ServiceKey::tcp(*vip), *ids.get(s.cluster.as_str())?)));
+    let udp = image
+        .udp_services
+        .iter()
+        .filter_map(|(vip, s)| Some((ServiceKey::udp(*vip)?, *ids.get(s.cluster.as_str())?)));
+    let services = tcp.chain(udp).collect();
     Layout {
         clusters,
         endpoints,

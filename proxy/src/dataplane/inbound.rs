@@ -36,7 +36,11 @@ pub fn inbound_listener(snap: &Snapshot, port: u16) -> Option<&Arc<Listener>> {
     snap.listeners
         .values()
         .find(|l| l.name == "virtualInbound" && l.address.port() == port)
-        .or_else(|| snap.listeners.values().find(|l| l.address.port() == port))
+        .or_else(|| {
+            snap.listeners
+                .values()
+                .find(|l| l.udp.is_none() && l.address.port() == port)
+        })
 }
 
 /// Accept inbound connections on `listener` until `shutdown`; stats under

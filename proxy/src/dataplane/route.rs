@@ -180,6 +180,7 @@ mod tests {
             filter_chains: chains,
             default_filter_chain: default,
             listener_filters: vec![],
+            udp: None,
         }
     }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::listener::v3 as pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::envoy::extensions::filters::udp::udp_proxy::v3 as udp;
 use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 use prost::Message;
 
 use super::route::RouteConfig;
@@ -15,6 +17,13 @@ use super::{Cidr, FieldError, ModelError, duration, socket_addr};
 
 /// Type URL of the TCP proxy filter config.
 pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// Type URL of the UDP proxy listener filter config.
+pub const UDP_PROXY_TYPE: &str = "envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig";
+/// Name of the UDP proxy listener filter.
+pub const UDP_PROXY_NAME: &str = "envoy.filters.udp_listener.udp_proxy";
+/// Type URL of the UDP proxy's route action (`matcher` -> `on_no_match`).
+pub const UDP_ROUTE_TYPE: &str = "envoy.extensions.filters.udp.udp_proxy.v3.Route";
+
 /// Type URL of the HTTP connection manager filter config.
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -39,6 +48,164 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
     /// Names of the listener filters (tls_inspector, http_inspector, original_dst ...).
     pub listener_filters: Vec<String>,
+    /// A UDP listener (`socket_address.protocol: UDP`) and its `udp_proxy`; `None` for TCP.
+    /// skiff's proxy never binds these: only the kernel fast path serves them.
+    pub udp: Option<UdpProxy>,
+}
+
+/// The `envoy.filters.udp_listener.udp_proxy` listener filter of a UDP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpProxy {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// The one cluster every datagram goes to (`cluster`, or a `matcher` with only an
+    /// `on_no_match` Route); `None` when a matcher routes by the datagram (never in the kernel).
+    pub cluster: Option<String>,
+    /// Something that changes where or how datagrams go beyond "one cluster, balanced by its
+    /// policy" (hash_policies, session_filters, tunneling_config, per-packet balancing); named
+    /// for explain.
+    pub extras: Vec<&'static str>,
+}
+
+/// Parses a `UdpProxyConfig` (errors name the field inside it).
+fn udp_proxy(any: &Any) -> Result<UdpProxy, FieldError> {
+    let cfg = udp::UdpProxyConfig::decode(any.value.as_slice())
+        .map_err(|e| FieldError::new("typed_config", format!("invalid {UDP_PROXY_TYPE}: {e}")))?;
+    use udp::udp_proxy_config::RouteSpecifier as Rs;
+    use xds_matcher::matcher::on_match::OnMatch;
+    let cluster = match &cfg.route_specifier {
+        #[allow(deprecated)]
+        Some(Rs::Cluster(c)) => {
+            if c.is_empty() {
+                return Err(FieldError::new("cluster", "must not be empty"));
+            }
+            Some(c.clone())
+        }
+        Some(Rs::Matcher(m)) => match (&m.matcher_type, m.on_no_match.as_deref()) {
+            // Matchers that look at the datagram (source address ...) are valid Envoy but
+            // route per datagram: accepted, never put in the kernel.
+            (Some(_), _) => None,
+            (None, None) => {
+                return Err(FieldError::new(
+                    "matcher.on_no_match",
+                    "a matcher without matchers needs on_no_match",
+                ));
+            }
+            (None, Some(on)) => match &on.on_match {
+                Some(OnMatch::Action(action)) => {
+                    let Some(any) = &action.typed_config else {
+                        return Err(FieldError::new(
+                            "matcher.on_no_match.action.typed_config",
+                            "missing",
+                        ));
+                    };
+                    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+                    if type_name != UDP_ROUTE_TYPE {
+                        return Err(FieldError::new(
+                            "matcher.on_no_match.action.typed_config",
+                            format!("expected {UDP_ROUTE_TYPE}, got {type_name}"),
+                        ));
+                    }
+                    let route = udp::Route::decode(any.value.as_slice()).map_err(|e| {
+                        FieldError::new(
+                            "matcher.on_no_match.action.typed_config",
+                            format!("invalid {UDP_ROUTE_TYPE}: {e}"),
+                        )
+                    })?;
+                    if route.cluster.is_empty() {
+                        return Err(FieldError::new(
+                            "matcher.on_no_match.action.typed_config.cluster",
+                            "must not be empty",
+                        ));
+                    }
+                    Some(route.cluster)
+                }
+                Some(OnMatch::Matcher(_)) => None,
+                None => {
+                    return Err(FieldError::new(
+                        "matcher.on_no_match",
+                        "needs an action or a matcher",
+                    ));
+                }
+            },
+        },
+        None => {
+            return Err(FieldError::new(
+                "cluster",
+                "udp_proxy needs cluster or matcher",
+            ));
+        }
+    };
+    let mut extras = Vec::new();
+    if !cfg.hash_policies.is_empty() {
+        extras.push("hash_policies");
+    }
+    if !cfg.session_filters.is_empty() {
+        extras.push("session_filters");
+    }
+    if cfg.tunneling_config.is_some() {
+        extras.push("tunneling_config");
+    }
+    if cfg.use_original_src_ip {
+        extras.push("use_original_src_ip");
+    }
+    Ok(UdpProxy {
+        stat_prefix: cfg.stat_prefix,
+        cluster,
+        extras,
+    })
+}
+
+/// The `udp_proxy` of a UDP listener's `listener_filters` (it must have exactly one).
+fn udp_listener_filter(filters: &[pb::ListenerFilter]) -> Result<UdpProxy, FieldError> {
+    use pb::listener_filter::ConfigType;
+    let mut found = None;
+    for (i, f) in filters.iter().enumerate() {
+        let any = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => Some(any),
+            _ => None,
+        };
+        let type_name = any.map(|a| a.type_url.rsplit('/').next().unwrap_or_default());
+        if f.name != UDP_PROXY_NAME && type_name != Some(UDP_PROXY_TYPE) {
+            continue;
+        }
+        let field = format!("listener_filters[{i}]");
+        let Some(any) = any else {
+            return Err(FieldError::new(
+                format!("{field}.typed_config"),
+                format!("{UDP_PROXY_NAME} needs a typed_config ({UDP_PROXY_TYPE})"),
+            ));
+        };
+        if type_name != Some(UDP_PROXY_TYPE) {
+            return Err(FieldError::new(
+                format!("{field}.typed_config"),
+                format!(
+                    "expected {UDP_PROXY_TYPE}, got {}",
+                    type_name.unwrap_or_default()
+                ),
+            ));
+        }
+        if found.is_some() {
+            return Err(FieldError::new(field, "a second udp_proxy"));
+        }
+        found = Some(udp_proxy(any).map_err(|e| e.within(field))?);
+    }
+    found.ok_or_else(|| {
+        FieldError::new(
+            "listener_filters",
+            format!("a UDP listener needs {UDP_PROXY_NAME}"),
+        )
+    })
+}
+
+/// Whether the listener's address is a UDP socket address.
+fn is_udp(l: &pb::Listener) -> bool {
+    use envoy_types::pb::envoy::config::core::v3::address::Address as Kind;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::Protocol;
+    matches!(
+        l.address.as_ref().and_then(|a| a.address.as_ref()),
+        Some(Kind::SocketAddress(sa)) if sa.protocol == Protocol::Udp as i32
+    )
 }
 
 /// One `FilterChain`.
@@ -518,6 +685,17 @@ impl TryFrom<&pb::Listener> for Listener {
             Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             None => socket_addr(l.address.as_ref()).map_err(|e| err(e.within("address")))?,
         };
+        let udp = if is_udp(l) {
+            if internal.is_some() {
+                return Err(err(FieldError::new(
+                    "address",
+                    "an internal listener cannot be UDP",
+                )));
+            }
+            Some(udp_listener_filter(&l.listener_filters).map_err(err)?)
+        } else {
+            None
+        };
         let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
             filter_chains.push(
@@ -531,7 +709,9 @@ impl TryFrom<&pb::Listener> for Listener {
             ),
             None => None,
         };
-        if filter_chains.is_empty()
+        // A UDP listener's work is its udp_proxy listener filter; it has no filter chains.
+        if udp.is_none()
+            && filter_chains.is_empty()
             && default_filter_chain.is_none()
             && l.filter_chain_matcher.is_none()
         {
@@ -561,6 +741,7 @@ impl TryFrom<&pb::Listener> for Listener {
             filter_chains,
             default_filter_chain,
             listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
+            udp,
         })
     }
 }
@@ -727,5 +908,170 @@ mod tests {
             convert(&h).unwrap().server_header,
             ServerHeader::AppendIfAbsent("istio-envoy".into())
         );
+    }
+
+    mod udp_listeners {
+        use super::*;
+        use envoy_types::pb::envoy::config::core::v3 as core;
+        use envoy_types::pb::xds::core::v3::TypedExtensionConfig;
+
+        fn udp_address(ip: &str, port: u32) -> core::Address {
+            core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    protocol: core::socket_address::Protocol::Udp as i32,
+                    address: ip.into(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+                    ..Default::default()
+                })),
+            }
+        }
+
+        fn udp_filter(cfg: &udp::UdpProxyConfig) -> pb::ListenerFilter {
+            pb::ListenerFilter {
+                name: UDP_PROXY_NAME.into(),
+                config_type: Some(pb::listener_filter::ConfigType::TypedConfig(any_of(
+                    UDP_PROXY_TYPE,
+                    cfg,
+                ))),
+                ..Default::default()
+            }
+        }
+
+        fn udp_listener(filters: Vec<pb::ListenerFilter>) -> pb::Listener {
+            pb::Listener {
+                name: "dns".into(),
+                address: Some(udp_address("10.96.0.10", 53)),
+                listener_filters: filters,
+                ..Default::default()
+            }
+        }
+
+        #[allow(deprecated)]
+        fn to_cluster(name: &str) -> udp::UdpProxyConfig {
+            udp::UdpProxyConfig {
+                stat_prefix: "dns".into(),
+                route_specifier: Some(udp::udp_proxy_config::RouteSpecifier::Cluster(name.into())),
+                ..Default::default()
+            }
+        }
+
+        fn on_no_match(type_name: &str, route: &udp::Route) -> udp::UdpProxyConfig {
+            use xds_matcher::matcher::{OnMatch, on_match};
+            udp::UdpProxyConfig {
+                stat_prefix: "dns".into(),
+                route_specifier: Some(udp::udp_proxy_config::RouteSpecifier::Matcher(
+                    xds_matcher::Matcher {
+                        on_no_match: Some(Box::new(OnMatch {
+                            keep_matching: false,
+                            on_match: Some(on_match::OnMatch::Action(TypedExtensionConfig {
+                                name: "route".into(),
+                                typed_config: Some(any_of(type_name, route)),
+                            })),
+                        })),
+                        matcher_type: None,
+                    },
+                )),
+                ..Default::default()
+            }
+        }
+
+        fn route(cluster: &str) -> udp::Route {
+            udp::Route {
+                cluster: cluster.into(),
+            }
+        }
+
+        #[test]
+        fn cluster_form_becomes_a_udp_listener_without_filter_chains() {
+            let l = Listener::try_from(&udp_listener(vec![udp_filter(&to_cluster("dns"))]))
+                .expect("valid UDP listener");
+            assert_eq!(l.address, "10.96.0.10:53".parse().unwrap());
+            assert!(l.filter_chains.is_empty());
+            let udp = l.udp.expect("UDP kind");
+            assert_eq!(udp.cluster.as_deref(), Some("dns"));
+            assert_eq!(udp.stat_prefix, "dns");
+            assert!(udp.extras.is_empty());
+        }
+
+        #[test]
+        fn matcher_with_only_on_no_match_route_names_the_cluster() {
+            let cfg = on_no_match(UDP_ROUTE_TYPE, &route("dns2"));
+            let l = Listener::try_from(&udp_listener(vec![udp_filter(&cfg)])).expect("valid");
+            assert_eq!(l.udp.unwrap().cluster.as_deref(), Some("dns2"));
+        }
+
+        #[test]
+        fn tcp_listeners_have_no_udp_kind() {
+            let mut pl = udp_listener(vec![]);
+            pl.address = Some(core::Address {
+                address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                    address: "10.96.0.10".into(),
+                    port_specifier: Some(core::socket_address::PortSpecifier::PortValue(53)),
+                    ..Default::default()
+                })),
+            });
+            // A TCP listener still needs filter chains: the UDP exemption does not leak.
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "filter_chains");
+        }
+
+        #[test]
+        fn extras_are_recorded() {
+            let mut cfg = to_cluster("dns");
+            cfg.use_original_src_ip = true;
+            cfg.hash_policies = vec![udp::udp_proxy_config::HashPolicy::default()];
+            let l = Listener::try_from(&udp_listener(vec![udp_filter(&cfg)])).expect("valid");
+            assert_eq!(
+                l.udp.unwrap().extras,
+                vec!["hash_policies", "use_original_src_ip"]
+            );
+        }
+
+        #[test]
+        fn bad_udp_listeners_name_the_field() {
+            let cases: Vec<(pb::Listener, &str)> = vec![
+                (udp_listener(vec![]), "listener_filters"),
+                (
+                    udp_listener(vec![udp_filter(&to_cluster(""))]),
+                    "listener_filters[0].cluster",
+                ),
+                (
+                    udp_listener(vec![udp_filter(&udp::UdpProxyConfig::default())]),
+                    "listener_filters[0].cluster",
+                ),
+                (
+                    udp_listener(vec![udp_filter(&on_no_match(TCP_PROXY_TYPE, &route("x")))]),
+                    "listener_filters[0].matcher.on_no_match.action.typed_config",
+                ),
+                (
+                    udp_listener(vec![udp_filter(&on_no_match(UDP_ROUTE_TYPE, &route("")))]),
+                    "listener_filters[0].matcher.on_no_match.action.typed_config.cluster",
+                ),
+                (
+                    udp_listener(vec![pb::ListenerFilter {
+                        name: UDP_PROXY_NAME.into(),
+                        config_type: Some(pb::listener_filter::ConfigType::TypedConfig(any_of(
+                            TCP_PROXY_TYPE,
+                            &tcp::TcpProxy::default(),
+                        ))),
+                        ..Default::default()
+                    }]),
+                    "listener_filters[0].typed_config",
+                ),
+                (
+                    udp_listener(vec![
+                        udp_filter(&to_cluster("a")),
+                        udp_filter(&to_cluster("b")),
+                    ]),
+                    "listener_filters[1]",
+                ),
+            ];
+            for (l, field) in cases {
+                let e = Listener::try_from(&l).expect_err(field);
+                assert_eq!(e.field, field, "{e}");
+                assert_eq!(e.kind, "listener");
+                assert_eq!(e.name, "dns");
+            }
+        }
     }
 }

@@ -248,7 +248,8 @@ impl Snapshot {
             .collect();
         // Envoy refuses two listeners on one address; the later one loses here too.
         let mut by_addr = HashMap::new();
-        for (name, l) in &listeners {
+        // UDP listeners never own a TCP connection (and skiff's proxy serves no UDP).
+        for (name, l) in listeners.iter().filter(|(_, l)| l.udp.is_none()) {
             by_addr.entry(l.address).or_insert_with(|| name.clone());
         }
         Snapshot {

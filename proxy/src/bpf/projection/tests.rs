@@ -48,6 +48,7 @@ pub(crate) fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
         filter_chains: chains,
         default_filter_chain: None,
         listener_filters: vec![],
+        udp: None,
     }
 }
 
@@ -526,4 +527,124 @@ fn indexed_chain_lookup_agrees_with_a_scan_of_every_chain() {
         img.services[&"10.96.3.1:9090".parse().unwrap()].filter_chain,
         "a4"
     );
+}
+
+fn udp_listener(name: &str, addr: &str, cluster: Option<&str>) -> Listener {
+    Listener {
+        name: name.into(),
+        address: addr.parse().unwrap(),
+        internal: None,
+        use_original_dst: false,
+        bind_to_port: true,
+        filter_chains: vec![],
+        default_filter_chain: None,
+        listener_filters: vec![crate::model::listener::UDP_PROXY_NAME.into()],
+        udp: Some(UdpProxy {
+            stat_prefix: name.into(),
+            cluster: cluster.map(Into::into),
+            extras: vec![],
+        }),
+    }
+}
+
+fn udp_reason(img: &MapImage, dst: &str) -> String {
+    img.udp_verdicts[&dst.parse::<SocketAddr>().unwrap()].to_string()
+}
+
+#[test]
+fn udp_proxy_listener_on_a_vip_becomes_a_udp_service() {
+    let s = snap(
+        vec![
+            virtual_listener(vec![tcp_chain("svc", "10.96.0.10", 80, "svc")]),
+            udp_listener("dns", "10.96.0.10:53", Some("dns")),
+        ],
+        vec![
+            static_cluster("svc", LbPolicy::RoundRobin, &EPS),
+            static_cluster(
+                "dns",
+                LbPolicy::Random,
+                &["127.0.0.31:5353", "127.0.0.32:5353"],
+            ),
+        ],
+    );
+    let img = project(&s, 15001);
+    let vip: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    assert_eq!(img.udp_services[&vip].cluster, "dns");
+    assert_eq!(img.udp_services[&vip].listener, "dns");
+    // It is not a TCP service, and the TCP service on the same VIP is unaffected.
+    assert!(!img.services.contains_key(&vip));
+    assert!(!img.verdicts.contains_key(&vip));
+    assert!(img.services.contains_key(&"10.96.0.10:80".parse().unwrap()));
+    assert_eq!(img.clusters["dns"].lb, FastLb::Random);
+    assert_eq!(img.clusters["dns"].endpoints.len(), 2);
+    assert!(
+        udp_reason(&img, "10.96.0.10:53").starts_with("kernel: udp_proxy to STATIC cluster dns"),
+        "{}",
+        udp_reason(&img, "10.96.0.10:53")
+    );
+    // The reconciler writes it under proto UDP, the TCP one under proto TCP.
+    use crate::bpf::reconciler::{Capacity, ServiceKey, layout};
+    let keys = layout(&img, 0, Capacity::default()).services;
+    let udp_key = ServiceKey::udp(vip).unwrap();
+    let tcp_key = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
+    assert!(keys.contains_key(&udp_key), "{:?}", keys.keys());
+    assert!(keys.contains_key(&tcp_key), "{:?}", keys.keys());
+    assert!(!keys.contains_key(&ServiceKey::tcp(vip)));
+    assert_eq!(keys.len(), 2);
+}
+
+#[test]
+fn ineligible_udp_listeners_stay_out_with_a_reason() {
+    let mut hashed = udp_listener("hashed", "10.96.0.13:53", Some("dns"));
+    if let Some(u) = hashed.udp.as_mut() {
+        u.extras.push("hash_policies");
+    }
+    let s = snap(
+        vec![
+            udp_listener("matcher", "10.96.0.11:53", None),
+            udp_listener("v6", "[fd00:96::10]:53", Some("dns")),
+            udp_listener("wild", "0.0.0.0:53", Some("dns")),
+            udp_listener("unknown", "10.96.0.12:53", Some("nope")),
+            hashed,
+            udp_listener("ring", "10.96.0.14:53", Some("ring")),
+        ],
+        vec![
+            static_cluster("dns", LbPolicy::RoundRobin, &EPS),
+            static_cluster("ring", LbPolicy::RingHash, &EPS),
+        ],
+    );
+    let img = project(&s, 15001);
+    assert!(img.udp_services.is_empty(), "{:?}", img.udp_services);
+    assert!(udp_reason(&img, "10.96.0.11:53").contains("matcher routes per datagram"));
+    assert!(udp_reason(&img, "[fd00:96::10]:53").contains("IPv6"));
+    assert!(udp_reason(&img, "10.96.0.12:53").contains("unknown cluster nope"));
+    assert!(udp_reason(&img, "10.96.0.13:53").contains("hash_policies"));
+    assert!(udp_reason(&img, "10.96.0.14:53").contains("not implemented in the kernel"));
+    // A wildcard UDP listener names no VIP: not a candidate at all.
+    assert!(
+        !img.udp_verdicts
+            .contains_key(&"0.0.0.0:53".parse().unwrap())
+    );
+    // UDP listeners never become TCP candidates either.
+    assert!(img.verdicts.is_empty(), "{:?}", img.verdicts);
+}
+
+#[test]
+fn udp_services_count_against_max_services() {
+    let s = snap(
+        vec![
+            virtual_listener(vec![tcp_chain("svc", "10.96.0.10", 80, "svc")]),
+            udp_listener("dns", "10.96.0.10:53", Some("svc")),
+        ],
+        vec![static_cluster("svc", LbPolicy::RoundRobin, &EPS)],
+    );
+    let img = project(&s, 15001);
+    let (fit, msg) = img.fit(1, 10, 100, 1);
+    assert_eq!(fit.services.len(), 1);
+    assert!(fit.udp_services.is_empty());
+    assert!(msg.expect("over max_services").contains("max_services"));
+    assert!(udp_reason(&fit, "10.96.0.10:53").contains("max_services"));
+    let (fit, msg) = img.fit(2, 10, 100, 1);
+    assert!(msg.is_none());
+    assert_eq!(fit.udp_services.len(), 1);
 }

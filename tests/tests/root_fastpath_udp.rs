@@ -1,0 +1,240 @@
+//! Root end-to-end test of the UDP kernel fast path: the real `skiff run --fast-path` in a
+//! private network namespace (loopback only) and cgroups this test creates. Datagrams to a UDP
+//! service VIP (a `udp_proxy` listener) are sent straight to a backend by sendmsg4 (or
+//! connect4 for connected sockets), and recvmsg4 / getpeername4 show the VIP to the app.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_fastpath_udp -- --test-threads=1` (as root).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use skiff_tests::{
+    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
+    require_root, serial,
+};
+
+fn fastpeer() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
+}
+
+const BACKENDS: [&str; 3] = ["127.0.0.31:5353", "127.0.0.32:5353", "127.0.0.33:5353"];
+/// The `cluster` form of udp_proxy.
+const VIP: &str = "10.96.0.10:53";
+/// The `matcher` form (on_no_match Route).
+const VIP_MATCHER: &str = "10.96.0.11:53";
+
+/// Two UDP services over the same three backends, plus the capture listener skiff needs.
+const BOOTSTRAP: &str = r#"
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains:
+    - name: tcp
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{ address_prefix: 10.96.0.99, prefix_len: 32 }]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: dns
+  - name: dns
+    address: { socket_address: { protocol: UDP, address: 10.96.0.10, port_value: 53 } }
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: dns
+        cluster: dns
+  - name: dns_matcher
+    address: { socket_address: { protocol: UDP, address: 10.96.0.11, port_value: 53 } }
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: dns_matcher
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: dns
+  clusters:
+  - name: dns
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: dns
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.31, port_value: 5353 } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.32, port_value: 5353 } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.33, port_value: 5353 } } }
+"#;
+
+struct Scenario {
+    // Field order is drop order: processes first, then cgroups and the netns.
+    skiff: Option<Child>,
+    _backends: Child,
+    ns: Netns,
+    cg: Cgroup,
+    bootstrap: PathBuf,
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.bootstrap);
+    }
+}
+
+fn scenario(name: &str) -> (Scenario, PathBuf) {
+    let env = require_root();
+    let ns = Netns::new(name);
+    let mut cg = Cgroup::new(&env, name);
+    let mut backends = Child::spawn(
+        command_in(Some(&ns), None, fastpeer())
+            .arg("udp-serve")
+            .args(BACKENDS),
+    );
+    backends.expect_line("ready", Duration::from_secs(5));
+    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
+    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
+    let app = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
+    cmd.arg("run")
+        .arg("--bootstrap")
+        .arg(&bootstrap)
+        .args(["--fast-path", "--cgroup"])
+        .arg(&app)
+        .arg("--proxy-cgroup")
+        .arg(&proxy_cg)
+        .env("RUST_LOG", "info,skiff=debug");
+    let skiff = Child::spawn(&mut cmd);
+    let s = Scenario {
+        skiff: Some(skiff),
+        _backends: backends,
+        ns,
+        cg,
+        bootstrap,
+    };
+    skiff_tests::wait_admin_ready(&s.ns);
+    (s, app)
+}
+
+/// Runs `skiff-fastpeer udp-spread` (in `cgroup` if given) and returns its result line.
+fn udp_spread(ns: &Netns, cgroup: Option<&Path>, vip: &str, n: usize, connected: bool) -> String {
+    let mut cmd = command_in(Some(ns), cgroup, fastpeer());
+    cmd.args(["udp-spread", vip, "--n", &n.to_string()]);
+    if connected {
+        cmd.arg("--connected");
+    }
+    let out = cmd.output().expect("run udp-spread");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Datagrams answered per backend, from an `ok b=n ...` line.
+fn per_backend(line: &str) -> [usize; 3] {
+    let mut counts = [0usize; 3];
+    for (i, b) in BACKENDS.iter().enumerate() {
+        counts[i] = field(line, b).and_then(|v| v.parse().ok()).unwrap_or(0);
+    }
+    counts
+}
+
+fn stat(ns: &Netns, name: &str) -> u64 {
+    skiff_tests::admin_stat(ns, name)
+}
+
+#[test]
+fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
+    let _g = serial();
+    let (mut s, app) = scenario("fp-udp");
+
+    // (a) Unconnected sendto: the reply arrives, and recvfrom shows the VIP as its source.
+    let out = udp_spread(&s.ns, Some(&app), VIP, 1, false);
+    assert!(out.starts_with("ok "), "sendto {VIP}: {out}");
+    assert_eq!(field(&out, "from"), Some(VIP), "reply source: {out}");
+    assert_eq!(per_backend(&out).iter().sum::<usize>(), 1, "{out}");
+    assert!(stat(&s.ns, "skiff.bpf.fast_udp_send") >= 1);
+    assert!(stat(&s.ns, "skiff.bpf.fast_udp_reply") >= 1);
+
+    // (b) Connected UDP: getpeername shows the VIP, replies arrive.
+    let out = udp_spread(&s.ns, Some(&app), VIP, 3, true);
+    assert!(out.starts_with("ok "), "connected {VIP}: {out}");
+    assert_eq!(field(&out, "from"), Some(VIP), "getpeername: {out}");
+    assert_eq!(per_backend(&out).iter().sum::<usize>(), 3, "{out}");
+    assert!(stat(&s.ns, "skiff.bpf.fast_udp_connect") >= 3);
+
+    // (c) Many datagrams spread over the three backends (round robin: each gets some); the
+    // matcher form of udp_proxy is a service too.
+    for vip in [VIP, VIP_MATCHER] {
+        let out = udp_spread(&s.ns, Some(&app), vip, 30, false);
+        assert!(out.starts_with("ok "), "spread {vip}: {out}");
+        assert_eq!(field(&out, "from"), Some(vip), "{out}");
+        let counts = per_backend(&out);
+        assert_eq!(counts.iter().sum::<usize>(), 30, "{out}");
+        assert!(
+            counts.iter().all(|&c| c > 0),
+            "every backend answers: {counts:?}"
+        );
+    }
+
+    // (d) Outside the app cgroup nothing is rewritten: the VIP is routed nowhere.
+    let out = udp_spread(&s.ns, None, VIP, 1, false);
+    assert!(out.starts_with("err "), "outside the cgroup: {out}");
+    assert_eq!(field(&out, "errno"), Some("101"), "ENETUNREACH: {out}");
+
+    // skiff's proxy never bound the UDP listeners, and no datagram went through it.
+    let (code, body) =
+        skiff_tests::admin(&s.ns, "GET", "/debug/explain?dst=10.96.0.10:53").expect("explain");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"udp\""), "{body}");
+    assert!(body.contains("\"path\": \"kernel\""), "{body}");
+    let out = command_in(Some(&s.ns), None, built_binary("skiff"))
+        .arg("maps")
+        .output()
+        .expect("skiff maps");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "skiff maps: {out:?}");
+    assert!(
+        text.contains("vip=10.96.0.10:53") && text.contains("proto=UDP"),
+        "skiff maps lacks the UDP service:\n{text}"
+    );
+
+    // The proxy bound no UDP socket at all (only the backends' sockets exist).
+    let out = command_in(Some(&s.ns), None, "ss")
+        .args(["-ulnH"])
+        .output()
+        .expect("ss");
+    let sockets = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ss: {out:?}");
+    let bound: Vec<&str> = sockets
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(bound.len(), 3, "UDP sockets in the netns: {sockets}");
+    assert!(
+        bound.iter().all(|a| BACKENDS.contains(a)),
+        "UDP sockets in the netns: {sockets}"
+    );
+
+    // SIGTERM: skiff detaches everything.
+    let skiff = s.skiff.take().expect("skiff running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(skiff.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM skiff");
+    let (status, _) = skiff.wait(Duration::from_secs(15));
+    assert!(status.success(), "skiff exited with {status}");
+    assert_no_programs_attached(s.cg.path());
+}
