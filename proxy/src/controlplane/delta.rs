@@ -33,13 +33,8 @@ impl TypeState {
     }
 }
 
-struct Stream {
-    ctx: StreamCtx,
-    tx: Tx,
-    node: String,
-    peer: String,
-    types: BTreeMap<String, TypeState>,
-}
+/// This protocol's stream.
+type Stream = super::Stream<TypeState, DeltaDiscoveryResponse>;
 
 /// Serves one delta stream until the client goes away or the server stops.
 pub(super) async fn run(
@@ -48,29 +43,12 @@ pub(super) async fn run(
     requests: tonic::Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
 ) {
-    let snapshots = ctx.snapshots.clone();
-    let stop = ctx.stop.clone();
-    let stream = Stream {
-        ctx,
-        tx,
-        node: "-".to_owned(),
-        peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-        types: BTreeMap::new(),
-    };
-    drive(stream, snapshots, stop, requests).await;
+    drive(Stream::new(ctx, peer, tx), requests).await;
 }
 
 impl StreamProtocol for Stream {
     type Request = DeltaDiscoveryRequest;
     const NAME: &'static str = "delta";
-
-    fn peer(&self) -> &str {
-        &self.peer
-    }
-
-    fn node(&self) -> &str {
-        &self.node
-    }
 
     async fn on_request(
         &mut self,

@@ -214,6 +214,34 @@ impl StreamCtx {
 /// The client no longer reads responses.
 struct Gone;
 
+/// What one ADS stream keeps, whatever its protocol: where responses go, who the client is,
+/// and per-type state `T` (`R` is the response message).
+struct Stream<T, R> {
+    ctx: StreamCtx,
+    tx: mpsc::Sender<Result<R, tonic::Status>>,
+    /// Node id named by the client so far (`-` until then), for logs.
+    node: String,
+    /// Peer address, for logs.
+    peer: String,
+    types: std::collections::BTreeMap<String, T>,
+}
+
+impl<T, R> Stream<T, R> {
+    fn new(
+        ctx: StreamCtx,
+        peer: Option<SocketAddr>,
+        tx: mpsc::Sender<Result<R, tonic::Status>>,
+    ) -> Self {
+        Stream {
+            ctx,
+            tx,
+            node: "-".to_owned(),
+            peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            types: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 /// One ADS stream's protocol (state of the world or delta): what a request and a new
 /// snapshot do to it. [`drive`] owns the loop both share.
 trait StreamProtocol {
@@ -221,10 +249,6 @@ trait StreamProtocol {
     type Request;
     /// "state of the world" or "delta", for logs.
     const NAME: &'static str;
-    /// The peer address, for logs.
-    fn peer(&self) -> &str;
-    /// The node id named by the client so far, for logs.
-    fn node(&self) -> &str;
     /// Handle one client request.
     async fn on_request(
         &mut self,
@@ -236,15 +260,17 @@ trait StreamProtocol {
 }
 
 /// Serves one stream until the client goes away or the server stops.
-async fn drive<P: StreamProtocol>(
-    mut stream: P,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
-    stop: CancellationToken,
-    mut requests: tonic::Streaming<P::Request>,
+async fn drive<T, R>(
+    mut stream: Stream<T, R>,
+    mut requests: tonic::Streaming<<Stream<T, R> as StreamProtocol>::Request>,
 ) where
-    P::Request: Default + Send + 'static,
+    Stream<T, R>: StreamProtocol,
+    <Stream<T, R> as StreamProtocol>::Request: Default + Send + 'static,
 {
-    info!(peer = stream.peer(), "ADS stream opened ({})", P::NAME);
+    let mut snapshots = stream.ctx.snapshots.clone();
+    let stop = stream.ctx.stop.clone();
+    let name = <Stream<T, R> as StreamProtocol>::NAME;
+    info!(peer = stream.peer.as_str(), "ADS stream opened ({})", name);
     let mut snapshot = snapshots.borrow_and_update().clone();
     let outcome = loop {
         let sent = tokio::select! {
@@ -253,7 +279,7 @@ async fn drive<P: StreamProtocol>(
                 Ok(Some(request)) => stream.on_request(request, &snapshot).await,
                 Ok(None) => break "client closed the stream",
                 Err(status) => {
-                    tracing::debug!(peer = stream.peer(), error = %status, "{} ADS stream error", P::NAME);
+                    tracing::debug!(peer = stream.peer.as_str(), error = %status, "{} ADS stream error", name);
                     break "stream error";
                 }
             },
@@ -270,11 +296,11 @@ async fn drive<P: StreamProtocol>(
         }
     };
     info!(
-        peer = stream.peer(),
-        node = stream.node(),
+        peer = stream.peer.as_str(),
+        node = stream.node.as_str(),
         outcome,
         "ADS stream closed ({})",
-        P::NAME
+        name
     );
 }
 

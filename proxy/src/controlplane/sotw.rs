@@ -1,6 +1,6 @@
 //! One state-of-the-world ADS stream.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -52,13 +52,8 @@ struct TypeState {
     last: Option<Sent>,
 }
 
-struct Stream {
-    ctx: StreamCtx,
-    tx: Tx,
-    node: String,
-    peer: String,
-    types: BTreeMap<String, TypeState>,
-}
+/// This protocol's stream.
+type Stream = super::Stream<TypeState, DiscoveryResponse>;
 
 /// Serves one SotW stream until the client goes away or the server stops.
 pub(super) async fn run(
@@ -67,29 +62,12 @@ pub(super) async fn run(
     requests: tonic::Streaming<DiscoveryRequest>,
     tx: Tx,
 ) {
-    let snapshots = ctx.snapshots.clone();
-    let stop = ctx.stop.clone();
-    let stream = Stream {
-        ctx,
-        tx,
-        node: "-".to_owned(),
-        peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-        types: BTreeMap::new(),
-    };
-    drive(stream, snapshots, stop, requests).await;
+    drive(Stream::new(ctx, peer, tx), requests).await;
 }
 
 impl StreamProtocol for Stream {
     type Request = DiscoveryRequest;
     const NAME: &'static str = "state of the world";
-
-    fn peer(&self) -> &str {
-        &self.peer
-    }
-
-    fn node(&self) -> &str {
-        &self.node
-    }
 
     async fn on_request(
         &mut self,
