@@ -21,7 +21,7 @@ use aya::{
 };
 use skiff_common::inbound::{InboundPortKey, LISTENER_V4, LISTENER_V6, PodIpKey, stat};
 
-use super::BpfError;
+use super::{BpfError, map_err, take};
 
 const PROGRAM: (&str, &str) = ("skiff_sk_lookup", "sk_lookup");
 const MAP_LISTENERS: &str = "SKIFF_IN_LSN";
@@ -151,15 +151,7 @@ impl InboundSteering {
         }
 
         let (program, hook) = PROGRAM;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(program)
-            .ok_or(BpfError::ProgramMissing { program, hook })?
-            .try_into()
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
+        let prog: &mut SkLookup = super::program(&mut ebpf, PROGRAM)?;
         prog.load().map_err(|source| BpfError::ProgramLoad {
             program,
             hook,
@@ -209,23 +201,6 @@ impl InboundSteering {
             })
             .collect()
     }
-}
-
-fn map_err(map: &'static str, op: impl Into<String>, source: aya::maps::MapError) -> BpfError {
-    BpfError::Map {
-        map,
-        op: op.into(),
-        source: Box::new(source),
-    }
-}
-
-fn take<M>(ebpf: &mut Ebpf, map: &'static str) -> Result<M, BpfError>
-where
-    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let raw = ebpf.take_map(map).ok_or(BpfError::MapMissing { map })?;
-    M::try_from(raw)
-        .map_err(|source| map_err(map, "open with the expected key/value types", source))
 }
 
 #[cfg(test)]

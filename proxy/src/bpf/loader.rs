@@ -29,8 +29,10 @@ use skiff_common::{
 use super::{
     BpfError, CaptureConfig,
     cgroup::{Membership, cgroup_id, checked_attach_target, checked_cgroup_dir},
+    map_err,
     projection::MapImage,
     reconciler::{ApplyReport, Capacity, FastMaps, Reconciler, ServiceKey},
+    take,
 };
 
 /// The object built by `proxy/build.rs` from `ebpf/skiff-ebpf`.
@@ -971,60 +973,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn map_err(map: &'static str, op: impl Into<String>, source: MapError) -> BpfError {
-    BpfError::Map {
-        map,
-        op: op.into(),
-        source: Box::new(source),
-    }
-}
-
-fn take<M>(ebpf: &mut Ebpf, map: &'static str) -> Result<M, BpfError>
-where
-    M: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let raw = ebpf.take_map(map).ok_or(BpfError::MapMissing { map })?;
-    M::try_from(raw)
-        .map_err(|source| map_err(map, "open with the expected key/value types", source))
-}
-
 fn sock_addr<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
     hook: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, BpfError> {
-    ebpf.program_mut(program)
-        .ok_or(BpfError::ProgramMissing { program, hook })?
-        .try_into()
-        .map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })
+    super::program(ebpf, (program, hook))
 }
 
 fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, BpfError> {
-    let (program, hook) = SOCK_OPS;
-    ebpf.program_mut(program)
-        .ok_or(BpfError::ProgramMissing { program, hook })?
-        .try_into()
-        .map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })
+    super::program(ebpf, SOCK_OPS)
 }
 
 fn sockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, BpfError> {
-    let (program, hook) = GETSOCKOPT;
-    ebpf.program_mut(program)
-        .ok_or(BpfError::ProgramMissing { program, hook })?
-        .try_into()
-        .map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })
+    super::program(ebpf, GETSOCKOPT)
 }
 
 /// Forwards aya-log records (the `log` crate's API) to `tracing`.

@@ -140,6 +140,43 @@ impl CaptureMode {
     }
 }
 
+/// A map operation that failed, as a [`BpfError`] naming the map and the operation.
+fn map_err(map: &'static str, op: impl Into<String>, source: aya::maps::MapError) -> BpfError {
+    BpfError::Map {
+        map,
+        op: op.into(),
+        source: Box::new(source),
+    }
+}
+
+/// Takes `map` out of the loaded object as the typed map `M` (each map can be taken once).
+fn take<M>(ebpf: &mut aya::Ebpf, map: &'static str) -> Result<M, BpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let raw = ebpf.take_map(map).ok_or(BpfError::MapMissing { map })?;
+    M::try_from(raw)
+        .map_err(|source| map_err(map, "open with the expected key/value types", source))
+}
+
+/// The program `(name, hook)` of the loaded object as its aya type `P` (`SkLookup`, ...).
+fn program<'a, P>(
+    ebpf: &'a mut aya::Ebpf,
+    (program, hook): (&'static str, &'static str),
+) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(program)
+        .ok_or(BpfError::ProgramMissing { program, hook })?
+        .try_into()
+        .map_err(|source| BpfError::ProgramLoad {
+            program,
+            hook,
+            source: Box::new(source),
+        })
+}
+
 /// Errors of the BPF loader. Each names the program, hook, cgroup or map and the errno.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {

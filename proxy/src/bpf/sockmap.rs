@@ -16,7 +16,8 @@ use aya::programs::{CgroupAttachMode, SkMsg};
 use skiff_common::ConnKey;
 use skiff_common::sockmap::{AccelPortKey, stat};
 
-use super::{BpfError, map_err, sock_ops, take};
+use super::{BpfError, sock_ops};
+use crate::bpf::{map_err, take};
 
 const SK_MSG: (&str, &str) = ("skiff_sk_msg", "sk_msg");
 const MAP_SOCKS: &str = "SKIFF_SOCKS";
@@ -58,15 +59,7 @@ impl Sockmap {
         let stats: PerCpuArray<MapData, u64> = take(ebpf, MAP_SOCKMAP_ST)?;
 
         let (program, hook) = SK_MSG;
-        let prog: &mut SkMsg = ebpf
-            .program_mut(program)
-            .ok_or(BpfError::ProgramMissing { program, hook })?
-            .try_into()
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
+        let prog: &mut SkMsg = crate::bpf::program(ebpf, SK_MSG)?;
         prog.load().map_err(|source| BpfError::ProgramLoad {
             program,
             hook,
