@@ -34,6 +34,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod fastpath;
+
 /// What a root test needs, found by [`require_root`].
 #[derive(Clone, Debug)]
 pub struct RootEnv {

@@ -8,17 +8,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use skiff_tests::fastpath::{
+    CAPTURE_CX, CHI2_BOUND, chi_square, netns_and_cgroup, skiff_maps, spawn_fast_path, tcp_client,
+};
 use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root, serial,
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, field, serial, sigterm_and_wait,
+    spawn_testpeer,
 };
 
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
-
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
-const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
 
 /// 10.96.0.10 (ROUND_ROBIN) and 10.96.0.12 (RANDOM): plain tcp_proxy, fast path.
 /// 10.96.0.11: HTTP connection manager, stays in the proxy.
@@ -105,66 +103,32 @@ fn stat(ns: &Netns, name: &str) -> u64 {
     skiff_tests::admin_stat(ns, name)
 }
 
-fn wait_ready(ns: &Netns) {
-    skiff_tests::wait_admin_ready(ns)
-}
-
 struct Scenario {
-    // Field order is drop order: processes first, then cgroups and the netns.
+    // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
     skiff: Option<Child>,
     backends: Vec<Child>,
     ns: Netns,
     cg: Cgroup,
-    bootstrap: PathBuf,
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bootstrap);
-    }
+    _bootstrap: TempYaml,
 }
 
 fn scenario(name: &str) -> (Scenario, PathBuf) {
-    let env = require_root();
-    let ns = Netns::new(name);
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Vec::new();
-    for addr in BACKENDS {
-        let mut b = Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
-    cmd.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .args(["--fast-path", "--cgroup"])
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut cmd);
+    let (ns, mut cg) = netns_and_cgroup(name);
+    let backends = BACKENDS
+        .iter()
+        .map(|addr| spawn_testpeer(&ns, None, &["origdst", addr]))
+        .collect();
+    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     let s = Scenario {
         skiff: Some(skiff),
         backends,
         ns,
         cg,
-        bootstrap,
+        _bootstrap: bootstrap,
     };
-    wait_ready(&s.ns);
+    skiff_tests::wait_admin_ready(&s.ns);
     (s, app)
-}
-
-fn client(ns: &Netns, cgroup: &Path, addr: &str) -> String {
-    let out = command_in(Some(ns), Some(cgroup), testpeer())
-        .args(["client", addr, "--bytes", "4096", "--timeout-ms", "3000"])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// `n` connects to `vip`; every one must reach a backend directly (the backend's peer is the
@@ -172,7 +136,7 @@ fn client(ns: &Netns, cgroup: &Path, addr: &str) -> String {
 fn spread(s: &mut Scenario, app: &Path, vip: &str, n: usize) -> [usize; 3] {
     let mut counts = [0usize; 3];
     for i in 0..n {
-        let out = client(&s.ns, app, vip);
+        let out = tcp_client(&s.ns, app, vip);
         assert!(out.starts_with("ok "), "connect {i} to {vip}: {out}");
         assert_eq!(field(&out, "same"), Some("yes"), "{out}");
         assert_eq!(
@@ -199,29 +163,25 @@ fn spread(s: &mut Scenario, app: &Path, vip: &str, n: usize) -> [usize; 3] {
     counts
 }
 
-/// Pearson's chi-square against a uniform spread over 3 backends.
-fn chi_square(counts: [usize; 3]) -> f64 {
-    let n: usize = counts.iter().sum();
-    let e = n as f64 / 3.0;
-    counts.iter().map(|&o| (o as f64 - e).powi(2) / e).sum()
-}
-
-/// chi-square, 2 degrees of freedom, p = 0.001.
-const CHI2_BOUND: f64 = 13.82;
-
 #[test]
 fn plain_tcp_services_connect_straight_to_backends_and_l7_stays_in_the_proxy() {
     let _g = serial();
     let (mut s, app) = scenario("fp-spread");
 
     let rr = spread(&mut s, &app, "10.96.0.10:80", 30);
-    assert!(chi_square(rr) < CHI2_BOUND, "round robin spread {rr:?}");
+    assert!(
+        chi_square(&rr, &[1.0 / 3.0; 3]) < CHI2_BOUND,
+        "round robin spread {rr:?}"
+    );
     assert!(
         rr.iter().all(|&c| c > 0),
         "round robin reaches every backend: {rr:?}"
     );
     let rnd = spread(&mut s, &app, "10.96.0.12:80", 45);
-    assert!(chi_square(rnd) < CHI2_BOUND, "random spread {rnd:?}");
+    assert!(
+        chi_square(&rnd, &[1.0 / 3.0; 3]) < CHI2_BOUND,
+        "random spread {rnd:?}"
+    );
 
     // Not one of them went through skiff.
     assert_eq!(stat(&s.ns, CAPTURE_CX), 0);
@@ -229,7 +189,7 @@ fn plain_tcp_services_connect_straight_to_backends_and_l7_stays_in_the_proxy() {
     assert_eq!(stat(&s.ns, "cluster.rr.upstream_cx_total"), 0);
 
     // The HTTP service still goes to the proxy.
-    let _ = client(&s.ns, &app, "10.96.0.11:80");
+    let _ = tcp_client(&s.ns, &app, "10.96.0.11:80");
     assert_eq!(stat(&s.ns, CAPTURE_CX), 1);
     for b in &mut s.backends {
         assert!(b.try_line("accepted", Duration::from_millis(300)).is_none());
@@ -243,25 +203,13 @@ fn plain_tcp_services_connect_straight_to_backends_and_l7_stays_in_the_proxy() {
     assert!(body.contains("\"path\": \"proxy\""), "{body}");
 
     // `skiff maps` (the CLI over /debug/maps) shows the fast-path service and its endpoints.
-    let out = command_in(Some(&s.ns), None, built_binary("skiff"))
-        .arg("maps")
-        .output()
-        .expect("skiff maps");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "skiff maps: {out:?}");
+    let text = skiff_maps(&s.ns);
     assert!(
         text.contains("10.96.0.10"),
         "skiff maps lacks the VIP:\n{text}"
     );
 
     // SIGTERM: skiff detaches everything and removes its proxy cgroup.
-    let skiff = s.skiff.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(skiff.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = skiff.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(s.skiff.take().unwrap());
     assert_no_programs_attached(s.cg.path());
 }

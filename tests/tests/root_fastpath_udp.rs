@@ -7,16 +7,14 @@
 //! --test root_fastpath_udp -- --test-threads=1` (as root).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root, serial,
+use skiff_tests::fastpath::{
+    fastpeer_output, netns_and_cgroup, per_backend, skiff_maps, spawn_fast_path, spawn_fastpeer,
 };
-
-fn fastpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
-}
+use skiff_tests::{
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, command_in, field, serial,
+    sigterm_and_wait,
+};
 
 const BACKENDS: [&str; 3] = ["127.0.0.31:5353", "127.0.0.32:5353", "127.0.0.33:5353"];
 /// The `cluster` form of udp_proxy.
@@ -81,50 +79,27 @@ static_resources:
 "#;
 
 struct Scenario {
-    // Field order is drop order: processes first, then cgroups and the netns.
+    // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
     skiff: Option<Child>,
     _backends: Child,
     ns: Netns,
     cg: Cgroup,
-    bootstrap: PathBuf,
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bootstrap);
-    }
+    _bootstrap: TempYaml,
 }
 
 fn scenario(name: &str) -> (Scenario, PathBuf) {
-    let env = require_root();
-    let ns = Netns::new(name);
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Child::spawn(
-        command_in(Some(&ns), None, fastpeer())
-            .arg("udp-serve")
-            .args(BACKENDS),
-    );
-    backends.expect_line("ready", Duration::from_secs(5));
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
-    cmd.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .args(["--fast-path", "--cgroup"])
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut cmd);
+    let (ns, mut cg) = netns_and_cgroup(name);
+    let mut args = vec!["udp-serve"];
+    args.extend(BACKENDS);
+    let backends = spawn_fastpeer(&ns, &args);
+    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     let s = Scenario {
         skiff: Some(skiff),
         _backends: backends,
         ns,
         cg,
-        bootstrap,
+        _bootstrap: bootstrap,
     };
     skiff_tests::wait_admin_ready(&s.ns);
     (s, app)
@@ -132,22 +107,12 @@ fn scenario(name: &str) -> (Scenario, PathBuf) {
 
 /// Runs `skiff-fastpeer udp-spread` (in `cgroup` if given) and returns its result line.
 fn udp_spread(ns: &Netns, cgroup: Option<&Path>, vip: &str, n: usize, connected: bool) -> String {
-    let mut cmd = command_in(Some(ns), cgroup, fastpeer());
-    cmd.args(["udp-spread", vip, "--n", &n.to_string()]);
+    let n = n.to_string();
+    let mut args = vec!["udp-spread", vip, "--n", &n];
     if connected {
-        cmd.arg("--connected");
+        args.push("--connected");
     }
-    let out = cmd.output().expect("run udp-spread");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Datagrams answered per backend, from an `ok b=n ...` line.
-fn per_backend(line: &str) -> [usize; 3] {
-    let mut counts = [0usize; 3];
-    for (i, b) in BACKENDS.iter().enumerate() {
-        counts[i] = field(line, b).and_then(|v| v.parse().ok()).unwrap_or(0);
-    }
-    counts
+    fastpeer_output(ns, cgroup, &args)
 }
 
 fn stat(ns: &Netns, name: &str) -> u64 {
@@ -163,7 +128,11 @@ fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
     let out = udp_spread(&s.ns, Some(&app), VIP, 1, false);
     assert!(out.starts_with("ok "), "sendto {VIP}: {out}");
     assert_eq!(field(&out, "from"), Some(VIP), "reply source: {out}");
-    assert_eq!(per_backend(&out).iter().sum::<usize>(), 1, "{out}");
+    assert_eq!(
+        per_backend(&out, &BACKENDS).iter().sum::<usize>(),
+        1,
+        "{out}"
+    );
     assert!(stat(&s.ns, "skiff.bpf.fast_udp_send") >= 1);
     assert!(stat(&s.ns, "skiff.bpf.fast_udp_reply") >= 1);
 
@@ -171,7 +140,11 @@ fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
     let out = udp_spread(&s.ns, Some(&app), VIP, 3, true);
     assert!(out.starts_with("ok "), "connected {VIP}: {out}");
     assert_eq!(field(&out, "from"), Some(VIP), "getpeername: {out}");
-    assert_eq!(per_backend(&out).iter().sum::<usize>(), 3, "{out}");
+    assert_eq!(
+        per_backend(&out, &BACKENDS).iter().sum::<usize>(),
+        3,
+        "{out}"
+    );
     assert!(stat(&s.ns, "skiff.bpf.fast_udp_connect") >= 3);
 
     // (c) Many datagrams spread over the three backends (round robin: each gets some); the
@@ -180,7 +153,7 @@ fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
         let out = udp_spread(&s.ns, Some(&app), vip, 30, false);
         assert!(out.starts_with("ok "), "spread {vip}: {out}");
         assert_eq!(field(&out, "from"), Some(vip), "{out}");
-        let counts = per_backend(&out);
+        let counts = per_backend(&out, &BACKENDS);
         assert_eq!(counts.iter().sum::<usize>(), 30, "{out}");
         assert!(
             counts.iter().all(|&c| c > 0),
@@ -199,12 +172,7 @@ fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"udp\""), "{body}");
     assert!(body.contains("\"path\": \"kernel\""), "{body}");
-    let out = command_in(Some(&s.ns), None, built_binary("skiff"))
-        .arg("maps")
-        .output()
-        .expect("skiff maps");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "skiff maps: {out:?}");
+    let text = skiff_maps(&s.ns);
     assert!(
         text.contains("vip=10.96.0.10:53") && text.contains("proto=UDP"),
         "skiff maps lacks the UDP service:\n{text}"
@@ -228,13 +196,6 @@ fn udp_datagrams_to_a_vip_reach_backends_and_replies_come_from_the_vip() {
     );
 
     // SIGTERM: skiff detaches everything.
-    let skiff = s.skiff.take().expect("skiff running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(skiff.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = skiff.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(s.skiff.take().expect("skiff running"));
     assert_no_programs_attached(s.cg.path());
 }

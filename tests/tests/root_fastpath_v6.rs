@@ -6,14 +6,10 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_fastpath_v6 -- --test-threads=1` (as root).
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use skiff_tests::{Cgroup, Child, Netns, built_binary, command_in, field, require_root, serial};
-
-fn fastpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
-}
+use skiff_tests::fastpath::{
+    fastpeer_output, netns_and_cgroup, per_backend, spawn_fast_path, spawn_fastpeer,
+};
+use skiff_tests::{TempYaml, field, serial};
 
 const VIP: &str = "[fd00:96::10]:80";
 const BACKENDS: [&str; 2] = ["[fd00::21]:8080", "[fd00::22]:8080"];
@@ -54,51 +50,26 @@ static_resources:
 #[test]
 fn ipv6_service_connects_go_straight_to_ipv6_backends_and_show_the_vip() {
     let _g = serial();
-    let env = require_root();
     let name = "fp-v6";
-    let ns = Netns::new(name);
+    let (ns, mut cg) = netns_and_cgroup(name);
     ns.add_lo_addr("fd00::21/128");
     ns.add_lo_addr("fd00::22/128");
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Child::spawn(
-        command_in(Some(&ns), None, fastpeer())
-            .arg("serve")
-            .args(BACKENDS),
-    );
-    backends.expect_line("ready", Duration::from_secs(5));
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let skiff = Child::spawn(
-        command_in(Some(&ns), None, built_binary("skiff"))
-            .arg("run")
-            .arg("--bootstrap")
-            .arg(&bootstrap)
-            .args(["--fast-path", "--cgroup"])
-            .arg(&app)
-            .arg("--proxy-cgroup")
-            .arg(&proxy_cg)
-            .env("RUST_LOG", "info,skiff=debug"),
-    );
+    let mut args = vec!["serve"];
+    args.extend(BACKENDS);
+    let backends = spawn_fastpeer(&ns, &args);
+    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     skiff_tests::wait_admin_ready(&ns);
 
-    let out = command_in(Some(&ns), Some(&app), fastpeer())
-        .args(["spread", VIP, "--n", "20"])
-        .output()
-        .expect("run spread");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let _ = std::fs::remove_file(&bootstrap);
+    let line = fastpeer_output(&ns, Some(&app), &["spread", VIP, "--n", "20"]);
+    drop(bootstrap);
     assert!(line.starts_with("ok "), "spread to {VIP}: {line}");
     assert_eq!(
         field(&line, "peer"),
         Some(VIP),
         "getpeername6 shows the VIP: {line}"
     );
-    let counts: Vec<usize> = BACKENDS
-        .iter()
-        .map(|b| field(&line, b).and_then(|v| v.parse().ok()).unwrap_or(0))
-        .collect();
+    let counts = per_backend(&line, &BACKENDS);
     assert_eq!(counts.iter().sum::<usize>(), 20, "{line}");
     assert!(
         counts.iter().all(|c| *c >= 5),

@@ -1,0 +1,221 @@
+//! Shared pieces of the `root_fastpath*` tests: the real `skiff run --fast-path` in a private
+//! netns and cgroups, the `skiff-fastpeer` driver, per-backend counts and chi-square, the kernel
+//! maps as `/debug/maps` shows them, and the `skiff control-plane --dir` files of the EDS tests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{
+    Cgroup, Child, Netns, TempYaml, admin, ads_bootstrap, built_binary, command_in, field,
+    require_root, sidecar_args, skiff_run,
+};
+
+/// skiff's capture listener's connection counter (IPv4 scenarios).
+pub const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
+
+/// chi-square, 2 degrees of freedom, p = 0.001.
+pub const CHI2_BOUND: f64 = 13.82;
+
+/// `skiff-fastpeer`, this package's many-connection / UDP driver and multi-address server.
+pub fn fastpeer() -> PathBuf {
+    built_binary("skiff-fastpeer")
+}
+
+/// Spawns `skiff-fastpeer ARGS` (a server: `serve ADDR...`, `udp-serve ADDR...`) inside `ns`
+/// and waits up to 5 s for its `ready` line.
+pub fn spawn_fastpeer(ns: &Netns, args: &[&str]) -> Child {
+    let mut peer = Child::spawn(command_in(Some(ns), None, fastpeer()).args(args));
+    peer.expect_line("ready", Duration::from_secs(5));
+    peer
+}
+
+/// Runs `skiff-fastpeer ARGS` inside `ns`, in `cgroup` if given, to completion; returns its
+/// stdout trimmed.
+pub fn fastpeer_output(ns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> String {
+    let out = command_in(Some(ns), cgroup, fastpeer())
+        .args(args)
+        .output()
+        .expect("run fastpeer");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fresh netns and cgroup named `name` (panics unless root).
+pub fn netns_and_cgroup(name: &str) -> (Netns, Cgroup) {
+    let env = require_root();
+    let ns = Netns::new(name);
+    let cg = Cgroup::new(&env, name);
+    (ns, cg)
+}
+
+/// Spawns `skiff run --bootstrap <bootstrap> --fast-path MORE` inside `ns`, capturing the new
+/// `app` child of `cg` (skiff moves itself to the `proxy` child). Returns skiff and `app`.
+pub fn spawn_fast_path(
+    ns: &Netns,
+    cg: &mut Cgroup,
+    bootstrap: &Path,
+    more: &[&str],
+) -> (Child, PathBuf) {
+    let app = cg.child("app");
+    let proxy = cg.child_path("proxy");
+    let mut flags = vec!["--fast-path"];
+    flags.extend_from_slice(more);
+    let skiff = Child::spawn(skiff_run(ns, bootstrap).args(sidecar_args(&app, &proxy, &flags)));
+    (skiff, app)
+}
+
+/// One plain TCP connect from `app` to `vip` with `skiff-testpeer client` (4 KiB echoed,
+/// 3 s timeout); returns its result line.
+pub fn tcp_client(ns: &Netns, app: &Path, vip: &str) -> String {
+    crate::testpeer_output(
+        ns,
+        Some(app),
+        &["client", vip, "--bytes", "4096", "--timeout-ms", "3000"],
+    )
+}
+
+/// Runs `skiff maps` inside `ns`, asserts it succeeds and returns its stdout.
+pub fn skiff_maps(ns: &Netns) -> String {
+    let out = command_in(Some(ns), None, built_binary("skiff"))
+        .arg("maps")
+        .output()
+        .expect("skiff maps");
+    assert!(out.status.success(), "skiff maps: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number `key=N` in `line`, 0 if absent.
+pub fn count(line: &str, key: &str) -> usize {
+    field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Per-backend counts (`backend=N`) from a fastpeer result line, in `backends` order.
+pub fn per_backend(line: &str, backends: &[&str]) -> Vec<usize> {
+    backends.iter().map(|b| count(line, b)).collect()
+}
+
+/// Pearson's chi-square of `counts` against `shares` (expected fractions, same order).
+pub fn chi_square(counts: &[usize], shares: &[f64]) -> f64 {
+    let n: usize = counts.iter().sum();
+    counts
+        .iter()
+        .zip(shares)
+        .map(|(&o, p)| {
+            let e = n as f64 * p;
+            (o as f64 - e).powi(2) / e
+        })
+        .sum()
+}
+
+// === EDS updates through `skiff control-plane --dir` ===
+
+/// Where `skiff control-plane` listens for skiff's ADS stream.
+pub const XDS: &str = "127.0.0.1:15010";
+
+/// How long the EDS tests wait for an update to reach the kernel.
+pub const EDS_WAIT: Duration = Duration::from_secs(20);
+
+/// The virtual outbound listener: 10.96.0.10:80 (/32) -> tcp_proxy -> EDS cluster `svc`.
+pub const EDS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "virtualOutbound",
+  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+  "use_original_dst": true,
+  "filter_chains": [{
+    "name": "svc",
+    "filter_chain_match": {"destination_port": 80,
+      "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]},
+    "filters": [{"name": "envoy.filters.network.tcp_proxy",
+      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "svc", "cluster": "svc"}}]}]}]}"#;
+
+/// Cluster `svc`: ROUND_ROBIN over EDS.
+pub const EDS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "svc", "type": "EDS", "lb_policy": "ROUND_ROBIN", "connect_timeout": "1s",
+  "eds_cluster_config": {"eds_config": {"ads": {}}}}]}"#;
+
+/// The endpoints file of cluster `svc` at `version` with `endpoints` (`ip:port`).
+pub fn endpoints_file(version: u32, endpoints: &[&str]) -> String {
+    let lb: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let (ip, port) = e.split_once(':').expect("ip:port");
+            format!(
+                r#"{{"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version_info": "{version}", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+  "cluster_name": "svc",
+  "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
+        lb.join(", ")
+    )
+}
+
+/// Write through a temporary name and rename, so the control plane never reads half a file.
+pub fn write_atomic(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write discovery file");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename discovery file");
+}
+
+/// Writes the listener, cluster and (version 1) `endpoints` files into `dir`, starts
+/// `skiff control-plane --dir <dir>` on [`XDS`] inside `ns`, and returns it with an ADS
+/// bootstrap for node `node` (admin on 15000) kept outside `dir`.
+pub fn eds_control_plane(
+    ns: &Netns,
+    dir: &Path,
+    node: &str,
+    endpoints: &[&str],
+) -> (Child, TempYaml) {
+    write_atomic(dir, "listeners.json", EDS_LISTENERS);
+    write_atomic(dir, "clusters.json", EDS_CLUSTERS);
+    write_atomic(dir, "endpoints.json", &endpoints_file(1, endpoints));
+    let xds = XDS.parse().expect("XDS address");
+    let bootstrap = TempYaml::new(node, &ads_bootstrap("GRPC", node, xds, 15000));
+    let control_plane = Child::spawn(
+        command_in(Some(ns), None, built_binary("skiff"))
+            .args(["control-plane", "--listen", XDS, "--poll-interval", "50ms"])
+            .arg("--dir")
+            .arg(dir)
+            .env("RUST_LOG", "info"),
+    );
+    (control_plane, bootstrap)
+}
+
+/// The endpoints the kernel serves for cluster `svc` (from `/debug/maps`, the reconciler's
+/// applied image), sorted, or `None` if the cluster is not in the maps.
+pub fn kernel_endpoints(ns: &Netns) -> Option<Vec<String>> {
+    let (code, body) = admin(ns, "GET", "/debug/maps")?;
+    assert_eq!(code, 200, "/debug/maps: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("/debug/maps is JSON");
+    let cluster = v["clusters"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "svc")?;
+    let mut eps: Vec<String> = cluster["endpoints"]
+        .as_array()?
+        .iter()
+        .filter_map(|e| e.as_str().map(str::to_string))
+        .collect();
+    eps.sort();
+    Some(eps)
+}
+
+/// Polls (up to [`EDS_WAIT`]) until the kernel serves exactly `want` for `svc`.
+pub fn wait_kernel_endpoints(ns: &Netns, want: &[&str]) {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let deadline = Instant::now() + EDS_WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = kernel_endpoints(ns);
+        if last.as_ref() == Some(&want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("kernel endpoints of svc: wanted {want:?}, last {last:?}");
+}
