@@ -7,90 +7,20 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_fastpath_eds -- --test-threads=1` (as root).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use skiff_tests::{
-    Cgroup, Child, Netns, assert_no_programs_attached, built_binary, command_in, field,
-    require_root,
+use skiff_tests::fastpath::{
+    CAPTURE_CX, EDS_WAIT as WAIT, eds_control_plane, endpoints_file, netns_and_cgroup,
+    spawn_fast_path, tcp_client, wait_kernel_endpoints, write_atomic,
 };
-
-fn testpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-testpeer"))
-}
+use skiff_tests::{
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, field, sigterm_and_wait,
+    spawn_testpeer,
+};
 
 const VIP: &str = "10.96.0.10:80";
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
-const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
-const XDS: &str = "127.0.0.1:15010";
-const WAIT: Duration = Duration::from_secs(20);
-
-/// skiff's bootstrap: everything but the xDS cluster comes over ADS.
-const BOOTSTRAP: &str = r#"
-node: { id: "sidecar~127.0.0.1~fp-eds.default~default.svc.cluster.local", cluster: fp-eds }
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [ { envoy_grpc: { cluster_name: xds } } ]
-  lds_config: { ads: {} }
-  cds_config: { ads: {} }
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: xds
-      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } } } ] } ]
-"#;
-
-/// The virtual outbound listener: 10.96.0.10:80 (/32) -> tcp_proxy -> EDS cluster `svc`.
-const LISTENERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-  "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-  "use_original_dst": true,
-  "filter_chains": [{
-    "name": "svc",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc", "cluster": "svc"}}]}]}]}"#;
-
-const CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-  "name": "svc", "type": "EDS", "lb_policy": "ROUND_ROBIN", "connect_timeout": "1s",
-  "eds_cluster_config": {"eds_config": {"ads": {}}}}]}"#;
-
-fn endpoints_file(version: u32, endpoints: &[&str]) -> String {
-    let lb: Vec<String> = endpoints
-        .iter()
-        .map(|e| {
-            let (ip, port) = e.split_once(':').expect("ip:port");
-            format!(
-                r#"{{"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"version_info": "{version}", "resources": [{{
-  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-  "cluster_name": "svc",
-  "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
-        lb.join(", ")
-    )
-}
-
-/// Write through a temporary name and rename, so the control plane never reads half a file.
-fn write_atomic(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write discovery file");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename discovery file");
-}
 
 fn admin(ns: &Netns, path: &str) -> Option<(u16, String)> {
     skiff_tests::admin(ns, "GET", path)
@@ -98,25 +28,6 @@ fn admin(ns: &Netns, path: &str) -> Option<(u16, String)> {
 
 fn stat(ns: &Netns, name: &str) -> u64 {
     skiff_tests::admin_stat(ns, name)
-}
-
-/// The endpoints the kernel serves for cluster `svc` (from `/debug/maps`, the reconciler's
-/// applied image), or `None` if the cluster is not in the maps.
-fn kernel_endpoints(ns: &Netns) -> Option<Vec<String>> {
-    let (code, body) = admin(ns, "/debug/maps")?;
-    assert_eq!(code, 200, "/debug/maps: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("/debug/maps is JSON");
-    let cluster = v["clusters"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == "svc")?;
-    let mut eps: Vec<String> = cluster["endpoints"]
-        .as_array()?
-        .iter()
-        .filter_map(|e| e.as_str().map(str::to_string))
-        .collect();
-    eps.sort();
-    Some(eps)
 }
 
 /// The endpoint addresses of `svc` in skiff's `/config_dump` (its xDS state; Envoy, and so
@@ -147,22 +58,6 @@ fn dumped_endpoints(ns: &Netns) -> Vec<String> {
     out
 }
 
-/// Poll (bounded) until the kernel serves exactly `want` for `svc`.
-fn wait_kernel_endpoints(ns: &Netns, want: &[&str]) {
-    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    let deadline = Instant::now() + WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = kernel_endpoints(ns);
-        if last.as_ref() == Some(&want) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("kernel endpoints of svc: wanted {want:?}, last {last:?}");
-}
-
 struct Scenario {
     // Field order is drop order: processes first (the control plane is only kept alive), then
     // cgroups, the netns and the files.
@@ -172,50 +67,22 @@ struct Scenario {
     ns: Netns,
     cg: Cgroup,
     dir: tempfile::TempDir,
+    _bootstrap: TempYaml,
     app: PathBuf,
 }
 
 fn scenario(name: &str) -> Scenario {
-    let env = require_root();
-    let ns = Netns::new(name);
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Vec::new();
-    for addr in BACKENDS {
-        let mut b = Child::spawn(command_in(Some(&ns), None, testpeer()).args(["origdst", addr]));
-        b.expect_line("ready", Duration::from_secs(5));
-        backends.push(b);
-    }
+    let (ns, mut cg) = netns_and_cgroup(name);
+    let backends = BACKENDS
+        .iter()
+        .map(|addr| spawn_testpeer(&ns, None, &["origdst", addr]))
+        .collect();
     let dir = tempfile::Builder::new()
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
         .tempdir()
         .expect("tempdir");
-    write_atomic(dir.path(), "listeners.json", LISTENERS);
-    write_atomic(dir.path(), "clusters.json", CLUSTERS);
-    write_atomic(dir.path(), "endpoints.json", &endpoints_file(1, &BACKENDS));
-    // Beside the directory: the control plane reads every file inside it.
-    let bootstrap = dir.path().with_extension("bootstrap.yaml");
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-
-    let control_plane = Child::spawn(
-        command_in(Some(&ns), None, built_binary("skiff"))
-            .args(["control-plane", "--listen", XDS, "--poll-interval", "50ms"])
-            .arg("--dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "info"),
-    );
-
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
-    cmd.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .args(["--fast-path", "--cgroup"])
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut cmd);
+    let (control_plane, bootstrap) = eds_control_plane(&ns, dir.path(), name, &BACKENDS);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     Scenario {
         skiff: Some(skiff),
         _control_plane: control_plane,
@@ -223,23 +90,13 @@ fn scenario(name: &str) -> Scenario {
         ns,
         cg,
         dir,
+        _bootstrap: bootstrap,
         app,
     }
 }
 
-impl Drop for Scenario {
-    // The bootstrap sits beside the temp dir, whose own drop does not remove it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.dir.path().with_extension("bootstrap.yaml"));
-    }
-}
-
 fn client(s: &Scenario) -> String {
-    let out = command_in(Some(&s.ns), Some(&s.app), testpeer())
-        .args(["client", VIP, "--bytes", "4096", "--timeout-ms", "3000"])
-        .output()
-        .expect("run client");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    tcp_client(&s.ns, &s.app, VIP)
 }
 
 /// `n` connects to the VIP; each must reach one backend directly (the backend's peer is the
@@ -361,13 +218,6 @@ fn eds_removal_stops_fast_path_connects_to_the_removed_endpoint_and_empty_falls_
     }
 
     // SIGTERM: skiff detaches everything.
-    let skiff = s.skiff.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(skiff.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM skiff");
-    let (status, _) = skiff.wait(Duration::from_secs(15));
-    assert!(status.success(), "skiff exited with {status}");
+    sigterm_and_wait(s.skiff.take().unwrap());
     assert_no_programs_attached(s.cg.path());
 }

@@ -8,117 +8,18 @@
 //! --test root_fastpath_terminate -- --test-threads=1` (as root).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_tests::{Cgroup, Child, Netns, built_binary, command_in, field, require_root, serial};
-
-fn fastpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
-}
+use skiff_tests::fastpath::{
+    count, eds_control_plane, endpoints_file, fastpeer, netns_and_cgroup, per_backend,
+    spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
+};
+use skiff_tests::{Cgroup, Child, Netns, TempYaml, command_in, serial};
 
 const VIP: &str = "10.96.0.10:80";
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
-const XDS: &str = "127.0.0.1:15010";
-const WAIT: Duration = Duration::from_secs(20);
-
-const BOOTSTRAP: &str = r#"
-node: { id: "sidecar~127.0.0.1~fp-term.default~default.svc.cluster.local", cluster: fp-term }
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [ { envoy_grpc: { cluster_name: xds } } ]
-  lds_config: { ads: {} }
-  cds_config: { ads: {} }
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: xds
-      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 15010 } } } } ] } ]
-"#;
-
-const LISTENERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-  "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-  "use_original_dst": true,
-  "filter_chains": [{
-    "name": "svc",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc", "cluster": "svc"}}]}]}]}"#;
-
-const CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-  "name": "svc", "type": "EDS", "lb_policy": "ROUND_ROBIN", "connect_timeout": "1s",
-  "eds_cluster_config": {"eds_config": {"ads": {}}}}]}"#;
-
-fn endpoints_file(version: u32, endpoints: &[&str]) -> String {
-    let lb: Vec<String> = endpoints
-        .iter()
-        .map(|e| {
-            let (ip, port) = e.split_once(':').expect("ip:port");
-            format!(
-                r#"{{"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"version_info": "{version}", "resources": [{{
-  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-  "cluster_name": "svc",
-  "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
-        lb.join(", ")
-    )
-}
-
-/// Write through a temporary name and rename, so the control plane never reads half a file.
-fn write_atomic(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write discovery file");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename discovery file");
-}
-
-/// The endpoints the kernel serves for cluster `svc` (from `/debug/maps`).
-fn kernel_endpoints(ns: &Netns) -> Option<Vec<String>> {
-    let (code, body) = skiff_tests::admin(ns, "GET", "/debug/maps")?;
-    assert_eq!(code, 200, "/debug/maps: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("/debug/maps is JSON");
-    let cluster = v["clusters"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == "svc")?;
-    let mut eps: Vec<String> = cluster["endpoints"]
-        .as_array()?
-        .iter()
-        .filter_map(|e| e.as_str().map(str::to_string))
-        .collect();
-    eps.sort();
-    Some(eps)
-}
-
-fn wait_kernel_endpoints(ns: &Netns, want: &[&str]) {
-    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    let deadline = Instant::now() + WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = kernel_endpoints(ns);
-        if last.as_ref() == Some(&want) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("kernel endpoints of svc: wanted {want:?}, last {last:?}");
-}
 
 struct Scenario {
     // Field order is drop order: processes first, then cgroups, the netns and the files.
@@ -128,54 +29,21 @@ struct Scenario {
     ns: Netns,
     _cg: Cgroup,
     dir: tempfile::TempDir,
+    _bootstrap: TempYaml,
     app: PathBuf,
 }
 
-impl Drop for Scenario {
-    // The bootstrap sits beside the temp dir, whose own drop does not remove it.
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.dir.path().with_extension("bootstrap.yaml"));
-    }
-}
-
 fn scenario(name: &str) -> Scenario {
-    let env = require_root();
-    let ns = Netns::new(name);
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Child::spawn(
-        command_in(Some(&ns), None, fastpeer())
-            .arg("serve")
-            .args(BACKENDS),
-    );
-    backends.expect_line("ready", Duration::from_secs(5));
+    let (ns, mut cg) = netns_and_cgroup(name);
+    let mut args = vec!["serve"];
+    args.extend(BACKENDS);
+    let backends = spawn_fastpeer(&ns, &args);
     let dir = tempfile::Builder::new()
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
         .tempdir()
         .expect("tempdir");
-    write_atomic(dir.path(), "listeners.json", LISTENERS);
-    write_atomic(dir.path(), "clusters.json", CLUSTERS);
-    write_atomic(dir.path(), "endpoints.json", &endpoints_file(1, &BACKENDS));
-    let bootstrap = dir.path().with_extension("bootstrap.yaml");
-    std::fs::write(&bootstrap, BOOTSTRAP).expect("write bootstrap");
-    let control_plane = Child::spawn(
-        command_in(Some(&ns), None, built_binary("skiff"))
-            .args(["control-plane", "--listen", XDS, "--poll-interval", "50ms"])
-            .arg("--dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "info"),
-    );
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
-    cmd.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .args(["--fast-path", "--terminate-on-removal", "--cgroup"])
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut cmd);
+    let (control_plane, bootstrap) = eds_control_plane(&ns, dir.path(), name, &BACKENDS);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &["--terminate-on-removal"]);
     Scenario {
         _skiff: skiff,
         _control_plane: control_plane,
@@ -183,6 +51,7 @@ fn scenario(name: &str) -> Scenario {
         ns,
         _cg: cg,
         dir,
+        _bootstrap: bootstrap,
         app,
     }
 }
@@ -217,10 +86,6 @@ impl Drop for Holder {
     }
 }
 
-fn count(line: &str, key: &str) -> usize {
-    field(line, key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 #[test]
 fn removed_endpoint_connections_are_reset_and_the_others_survive() {
     let _g = serial();
@@ -243,7 +108,7 @@ fn removed_endpoint_connections_are_reset_and_the_others_survive() {
     let held = h.line();
     assert!(held.starts_with("held "), "holder: {held}");
     // Round robin (per-CPU cursors): every backend holds some.
-    let n: Vec<usize> = BACKENDS.iter().map(|b| count(&held, b)).collect();
+    let n = per_backend(&held, &BACKENDS);
     assert!(n.iter().all(|c| *c > 0), "{held}");
     let before = h.check();
     assert_eq!(
