@@ -16,14 +16,13 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use skiff_tests::{Cgroup, Child, Netns, built_binary, command_in, field, require_root, serial};
-
-fn fastpeer() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_skiff-fastpeer"))
-}
+use skiff_tests::fastpath::{
+    CAPTURE_CX, CHI2_BOUND, count, fastpeer, fastpeer_output, netns_and_cgroup, spawn_fast_path,
+    spawn_fastpeer,
+};
+use skiff_tests::{Cgroup, Child, Netns, TempYaml, command_in, field, serial};
 
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
-const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
 
 fn tcp_chain(name: &str, vip: &str) -> String {
     format!(
@@ -115,52 +114,29 @@ static_resources:
 }
 
 struct Scenario {
-    // Field order is drop order: processes first, then cgroups and the netns.
+    // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
     _skiff: Child,
     _backends: Child,
     ns: Netns,
     _cg: Cgroup,
     app: PathBuf,
-    bootstrap: PathBuf,
-}
-
-impl Drop for Scenario {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.bootstrap);
-    }
+    _bootstrap: TempYaml,
 }
 
 fn scenario(name: &str) -> Scenario {
-    let env = require_root();
-    let ns = Netns::new(name);
-    let mut cg = Cgroup::new(&env, name);
-    let mut backends = Child::spawn(
-        command_in(Some(&ns), None, fastpeer())
-            .arg("serve")
-            .args(BACKENDS),
-    );
-    backends.expect_line("ready", Duration::from_secs(5));
-    let bootstrap = std::env::temp_dir().join(format!("{}.yaml", skiff_tests::test_name(name)));
-    std::fs::write(&bootstrap, bootstrap_yaml()).expect("write bootstrap");
-    let app = cg.child("app");
-    let proxy_cg = cg.child_path("proxy");
-    let mut cmd = command_in(Some(&ns), None, built_binary("skiff"));
-    cmd.arg("run")
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .args(["--fast-path", "--cgroup"])
-        .arg(&app)
-        .arg("--proxy-cgroup")
-        .arg(&proxy_cg)
-        .env("RUST_LOG", "info,skiff=debug");
-    let skiff = Child::spawn(&mut cmd);
+    let (ns, mut cg) = netns_and_cgroup(name);
+    let mut args = vec!["serve"];
+    args.extend(BACKENDS);
+    let backends = spawn_fastpeer(&ns, &args);
+    let bootstrap = TempYaml::new(name, &bootstrap_yaml());
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     let s = Scenario {
         _skiff: skiff,
         _backends: backends,
         ns,
         _cg: cg,
         app,
-        bootstrap,
+        _bootstrap: bootstrap,
     };
     skiff_tests::wait_admin_ready(&s.ns);
     s
@@ -168,49 +144,29 @@ fn scenario(name: &str) -> Scenario {
 
 /// Connects per backend from one `spread` run (`n` sequential connects from `src`).
 fn spread(s: &Scenario, vip: &str, n: usize, src: Option<&str>) -> BTreeMap<String, usize> {
-    let mut cmd = command_in(Some(&s.ns), Some(&s.app), fastpeer());
-    cmd.args(["spread", vip, "--n", &n.to_string()]);
+    let n = n.to_string();
+    let mut args = vec!["spread", vip, "--n", &n];
     if let Some(ip) = src {
-        cmd.args(["--src", ip]);
+        args.extend(["--src", ip]);
     }
-    let out = cmd.output().expect("run spread");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let line = fastpeer_output(&s.ns, Some(&s.app), &args);
     assert!(line.starts_with("ok "), "spread to {vip}: {line}");
     assert_eq!(
         field(&line, "peer"),
         Some(vip),
         "getpeername shows the VIP: {line}"
     );
-    counts(&line)
-}
-
-fn counts(line: &str) -> BTreeMap<String, usize> {
     BACKENDS
         .iter()
-        .map(|b| {
-            (
-                b.to_string(),
-                field(line, b).and_then(|v| v.parse().ok()).unwrap_or(0),
-            )
-        })
+        .map(|b| (b.to_string(), count(&line, b)))
         .collect()
 }
 
-/// Pearson's chi-square of `got` against `shares` (expected fractions).
+/// Pearson's chi-square of `got` against `shares` (expected fractions, in `BACKENDS` order).
 fn chi_square(got: &BTreeMap<String, usize>, shares: &[f64; 3]) -> f64 {
-    let n: usize = got.values().sum();
-    BACKENDS
-        .iter()
-        .zip(shares)
-        .map(|(b, p)| {
-            let e = n as f64 * p;
-            (got[*b] as f64 - e).powi(2) / e
-        })
-        .sum()
+    let counts: Vec<usize> = BACKENDS.iter().map(|b| got[*b]).collect();
+    skiff_tests::fastpath::chi_square(&counts, shares)
 }
-
-/// chi-square, 2 degrees of freedom, p = 0.001.
-const CHI2_BOUND: f64 = 13.82;
 
 fn stat(ns: &Netns, name: &str) -> u64 {
     skiff_tests::admin_stat(ns, name)
