@@ -35,6 +35,10 @@ use std::{
 };
 
 pub mod fastpath;
+mod envoy;
+pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
+mod http;
+pub use http::{SEED_SCENARIO, copy_seed_scenario, loopback_stat};
 
 /// What a root test needs, found by [`require_root`].
 #[derive(Clone, Debug)]

