@@ -63,6 +63,62 @@ pub fn spawn_fast_path(
     (skiff, app)
 }
 
+/// A static bootstrap for `skiff run --fast-path`: admin on 127.0.0.1:15000 and the capture
+/// listener `virtualOutbound` (0.0.0.0:15001, original destination) with `chains`
+/// ([`tcp_chain`] items), followed by `rest` (more listener items, then `  clusters:`).
+pub fn capture_bootstrap(chains: &str, rest: &str) -> String {
+    format!(
+        r#"
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }}
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
+    use_original_dst: true
+    filter_chains:{chains}
+{rest}"#
+    )
+}
+
+/// One `filter_chains` item of the capture listener: destination `vip`/`prefix_len` port 80,
+/// a tcp_proxy (stat prefix `name`) to `cluster`.
+pub fn tcp_chain(name: &str, vip: &str, prefix_len: u8, cluster: &str) -> String {
+    format!(
+        r#"
+    - name: {name}
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: "{vip}", prefix_len: {prefix_len} }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}"#
+    )
+}
+
+/// One `clusters` item: STATIC cluster `name` with `policy` over `endpoints` (`ip:port`).
+pub fn static_cluster(name: &str, policy: &str, endpoints: &[&str]) -> String {
+    let eps: Vec<std::net::SocketAddr> = endpoints
+        .iter()
+        .map(|e| e.parse().expect("ip:port"))
+        .collect();
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    lb_policy: {policy}
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+{}"#,
+        crate::lb_endpoints_yaml(&eps)
+    )
+}
+
 /// One plain TCP connect from `app` to `vip` with `skiff-testpeer client` (4 KiB echoed,
 /// 3 s timeout); returns its result line.
 pub fn tcp_client(ns: &Netns, app: &Path, vip: &str) -> String {

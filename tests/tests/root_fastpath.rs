@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use skiff_tests::fastpath::{
-    CAPTURE_CX, CHI2_BOUND, chi_square, netns_and_cgroup, skiff_maps, spawn_fast_path, tcp_client,
+    CAPTURE_CX, CHI2_BOUND, capture_bootstrap, chi_square, netns_and_cgroup, skiff_maps,
+    spawn_fast_path, static_cluster, tcp_chain, tcp_client,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, field, serial, sigterm_and_wait,
@@ -18,37 +19,8 @@ use skiff_tests::{
 
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
 
-/// 10.96.0.10 (ROUND_ROBIN) and 10.96.0.12 (RANDOM): plain tcp_proxy, fast path.
-/// 10.96.0.11: HTTP connection manager, stays in the proxy.
-const BOOTSTRAP: &str = r#"
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    use_original_dst: true
-    filter_chains:
-    - name: rr
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.10, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: rr
-          cluster: rr
-    - name: rnd
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.12, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: rnd
-          cluster: rnd
+/// The capture listener's chain for 10.96.0.11: HTTP connection manager, stays in the proxy.
+const HTTP_CHAIN: &str = r#"
     - name: http
       filter_chain_match:
         destination_port: 80
@@ -69,31 +41,25 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: rr
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: rr
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.21, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.22, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.23, port_value: 8080 } } }
-  - name: rnd
-    type: STATIC
-    lb_policy: RANDOM
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: rnd
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.21, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.22, port_value: 8080 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.23, port_value: 8080 } } }
-"#;
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
+
+/// 10.96.0.10 (ROUND_ROBIN) and 10.96.0.12 (RANDOM): plain tcp_proxy, fast path.
+/// 10.96.0.11: HTTP connection manager, stays in the proxy.
+fn bootstrap_yaml() -> String {
+    let chains = [
+        tcp_chain("rr", "10.96.0.10", 32, "rr"),
+        tcp_chain("rnd", "10.96.0.12", 32, "rnd"),
+        HTTP_CHAIN.to_string(),
+    ];
+    let clusters = [
+        static_cluster("rr", "ROUND_ROBIN", &BACKENDS),
+        static_cluster("rnd", "RANDOM", &BACKENDS),
+    ];
+    capture_bootstrap(
+        &chains.concat(),
+        &format!("  clusters:\n{}", clusters.concat()),
+    )
+}
 
 fn admin(ns: &Netns, path: &str) -> Option<(u16, String)> {
     skiff_tests::admin(ns, "GET", path)
@@ -118,7 +84,7 @@ fn scenario(name: &str) -> (Scenario, PathBuf) {
         .iter()
         .map(|addr| spawn_testpeer(&ns, None, &["origdst", addr]))
         .collect();
-    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let bootstrap = TempYaml::new(name, &bootstrap_yaml());
     let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     let s = Scenario {
         skiff: Some(skiff),

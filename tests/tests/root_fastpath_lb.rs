@@ -17,28 +17,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use skiff_tests::fastpath::{
-    CAPTURE_CX, CHI2_BOUND, count, fastpeer, fastpeer_output, netns_and_cgroup, spawn_fast_path,
-    spawn_fastpeer,
+    CAPTURE_CX, CHI2_BOUND, capture_bootstrap, count, fastpeer, fastpeer_output, netns_and_cgroup,
+    spawn_fast_path, spawn_fastpeer, tcp_chain,
 };
 use skiff_tests::{Cgroup, Child, Netns, TempYaml, command_in, field, serial};
 
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
-
-fn tcp_chain(name: &str, vip: &str) -> String {
-    format!(
-        r#"
-    - name: {name}
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{{ address_prefix: {vip}, prefix_len: 32 }}]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {name}
-          cluster: {name}"#
-    )
-}
 
 fn cluster(name: &str, policy: &str, eps: &[(&str, u32)]) -> String {
     let lb: Vec<String> = eps
@@ -88,28 +72,24 @@ const PRIORITY_CLUSTER: &str = r#"
 /// two priority levels.
 fn bootstrap_yaml() -> String {
     let [a, b, c] = BACKENDS;
-    format!(
-        r#"
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }}
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
-    use_original_dst: true
-    filter_chains:{}{}{}{}{}
-  clusters:{}{}{}{}{}
-"#,
-        tcp_chain("wrr", "10.96.0.13"),
-        tcp_chain("lr", "10.96.0.14"),
-        tcp_chain("mg", "10.96.0.15"),
-        tcp_chain("pin", "10.96.0.16"),
-        tcp_chain("prio", "10.96.0.17"),
+    let chains = [
+        ("wrr", "10.96.0.13"),
+        ("lr", "10.96.0.14"),
+        ("mg", "10.96.0.15"),
+        ("pin", "10.96.0.16"),
+        ("prio", "10.96.0.17"),
+    ]
+    .map(|(name, vip)| tcp_chain(name, vip, 32, name));
+    let clusters = [
         cluster("wrr", "ROUND_ROBIN", &[(a, 1), (b, 2), (c, 3)]),
         cluster("lr", "LEAST_REQUEST", &[(a, 1), (b, 1), (c, 1)]),
         cluster("mg", "MAGLEV", &[(a, 1), (b, 1), (c, 1)]),
         cluster("pin", "ROUND_ROBIN", &[(a, 1)]),
-        PRIORITY_CLUSTER,
+        PRIORITY_CLUSTER.to_string(),
+    ];
+    capture_bootstrap(
+        &chains.concat(),
+        &format!("  clusters:{}\n", clusters.concat()),
     )
 }
 

@@ -9,7 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use skiff_tests::fastpath::{
-    fastpeer_output, netns_and_cgroup, per_backend, skiff_maps, spawn_fast_path, spawn_fastpeer,
+    capture_bootstrap, fastpeer_output, netns_and_cgroup, per_backend, skiff_maps, spawn_fast_path,
+    spawn_fastpeer, static_cluster, tcp_chain,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, command_in, field, serial,
@@ -22,27 +23,8 @@ const VIP: &str = "10.96.0.10:53";
 /// The `matcher` form (on_no_match Route).
 const VIP_MATCHER: &str = "10.96.0.11:53";
 
-/// Two UDP services over the same three backends, plus the capture listener skiff needs.
-const BOOTSTRAP: &str = r#"
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    use_original_dst: true
-    filter_chains:
-    - name: tcp
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.99, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: dns
-  - name: dns
+/// The two udp_proxy listeners (the capture listener skiff needs comes first).
+const UDP_LISTENERS: &str = r#"  - name: dns
     address: { socket_address: { protocol: UDP, address: 10.96.0.10, port_value: 53 } }
     listener_filters:
     - name: envoy.filters.udp_listener.udp_proxy
@@ -64,19 +46,18 @@ static_resources:
               typed_config:
                 "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
                 cluster: dns
-  clusters:
-  - name: dns
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: dns
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.31, port_value: 5353 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.32, port_value: 5353 } } }
-        - endpoint: { address: { socket_address: { address: 127.0.0.33, port_value: 5353 } } }
 "#;
+
+/// Two UDP services over the same three backends, plus the capture listener skiff needs.
+fn bootstrap_yaml() -> String {
+    capture_bootstrap(
+        &tcp_chain("tcp", "10.96.0.99", 32, "dns"),
+        &format!(
+            "{UDP_LISTENERS}  clusters:\n{}",
+            static_cluster("dns", "ROUND_ROBIN", &BACKENDS)
+        ),
+    )
+}
 
 struct Scenario {
     // Field order is drop order: processes first, then cgroups, the netns and the bootstrap.
@@ -92,7 +73,7 @@ fn scenario(name: &str) -> (Scenario, PathBuf) {
     let mut args = vec!["udp-serve"];
     args.extend(BACKENDS);
     let backends = spawn_fastpeer(&ns, &args);
-    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let bootstrap = TempYaml::new(name, &bootstrap_yaml());
     let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     let s = Scenario {
         skiff: Some(skiff),

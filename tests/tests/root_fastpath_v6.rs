@@ -7,7 +7,8 @@
 //! --test root_fastpath_v6 -- --test-threads=1` (as root).
 
 use skiff_tests::fastpath::{
-    fastpeer_output, netns_and_cgroup, per_backend, spawn_fast_path, spawn_fastpeer,
+    capture_bootstrap, fastpeer_output, netns_and_cgroup, per_backend, spawn_fast_path,
+    spawn_fastpeer, tcp_chain,
 };
 use skiff_tests::{TempYaml, field, serial};
 
@@ -15,26 +16,7 @@ const VIP: &str = "[fd00:96::10]:80";
 const BACKENDS: [&str; 2] = ["[fd00::21]:8080", "[fd00::22]:8080"];
 const CAPTURE_CX: &str = "listener.[::1]:15001.downstream_cx_total";
 
-const BOOTSTRAP: &str = r#"
-admin:
-  address: { socket_address: { address: 127.0.0.1, port_value: 15000 } }
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
-    use_original_dst: true
-    filter_chains:
-    - name: six
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: "fd00:96::10", prefix_len: 128 }]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: six
-          cluster: six
-  clusters:
+const CLUSTERS: &str = r#"  clusters:
   - name: six
     type: STATIC
     lb_policy: ROUND_ROBIN
@@ -57,7 +39,10 @@ fn ipv6_service_connects_go_straight_to_ipv6_backends_and_show_the_vip() {
     let mut args = vec!["serve"];
     args.extend(BACKENDS);
     let backends = spawn_fastpeer(&ns, &args);
-    let bootstrap = TempYaml::new(name, BOOTSTRAP);
+    let bootstrap = TempYaml::new(
+        name,
+        &capture_bootstrap(&tcp_chain("six", "fd00:96::10", 128, "six"), CLUSTERS),
+    );
     let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     skiff_tests::wait_admin_ready(&ns);
 
