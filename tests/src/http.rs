@@ -2,9 +2,10 @@
 
 use std::convert::Infallible;
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// The loopback seed scenario: an Istio-generated LDS/RDS/CDS/EDS set whose listener binds
@@ -82,4 +83,54 @@ where
     Fut: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
 {
     serve(l, true, handle)
+}
+
+/// An HTTP/1.1 client connection to 127.0.0.1:`port`, its driver spawned.
+pub async fn h1_client(port: u16) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(tx)
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client connection to 127.0.0.1:`port`, its driver spawned.
+pub async fn h2c_client(
+    port: u16,
+) -> Option<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> {
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    Some(tx)
+}
+
+/// Sends `req` on `tx` once it is ready; `None` on an error or no response within 5 s.
+pub async fn h1_send(
+    tx: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    req: hyper::Request<Empty<Bytes>>,
+) -> Option<hyper::Response<hyper::body::Incoming>> {
+    tx.ready().await.ok()?;
+    tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// [`h1_send`] for an h2c connection.
+pub async fn h2c_send(
+    tx: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    req: hyper::Request<Empty<Bytes>>,
+) -> Option<hyper::Response<hyper::body::Incoming>> {
+    tx.ready().await.ok()?;
+    tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
+        .await
+        .ok()?
+        .ok()
 }

@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use skiff::controlplane::Source;
 use skiff_tests::{
-    ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, loopback_stat as stat,
-    run_options, serve_http1,
+    ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, h1_client, h1_send, h2c_client,
+    h2c_send, loopback_stat as stat, run_options, serve_http1,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
 const CLUSTER: &str = "outbound|50002|v1|bar-service.bar-namespace.svc.cluster.local";
@@ -67,22 +66,14 @@ async fn collect(resp: Response<Incoming>) -> Option<Answer> {
 
 /// `count` requests over one HTTP/1.1 keep-alive connection.
 async fn get_h1(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
-    let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
+    let mut tx = h1_client(LISTEN).await?;
     let mut out = Vec::new();
     for _ in 0..count {
         let req = Request::get(path)
             .header("host", host)
             .body(Empty::<Bytes>::new())
             .ok()?;
-        tx.ready().await.ok()?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
-            .await
-            .ok()?
-            .ok()?;
+        let resp = h1_send(&mut tx, req).await?;
         out.push(collect(resp).await?);
     }
     Some(out)
@@ -90,22 +81,13 @@ async fn get_h1(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
 
 /// `count` requests over one HTTP/2 prior-knowledge (h2c) connection.
 async fn get_h2c(host: &str, path: &str, count: usize) -> Option<Vec<Answer>> {
-    let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
+    let mut tx = h2c_client(LISTEN).await?;
     let mut out = Vec::new();
     for _ in 0..count {
         let req = Request::get(format!("http://{host}{path}"))
             .body(Empty::<Bytes>::new())
             .ok()?;
-        tx.ready().await.ok()?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
-            .await
-            .ok()?
-            .ok()?;
+        let resp = h2c_send(&mut tx, req).await?;
         assert_eq!(resp.version(), hyper::Version::HTTP_2);
         out.push(collect(resp).await?);
     }

@@ -26,8 +26,10 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use skiff::controlplane::Source;
-use skiff_tests::{ControlPlane, InProcessSkiff, free_port, loopback_stat as stat, run_options};
-use tokio::net::{TcpListener, TcpStream};
+use skiff_tests::{
+    ControlPlane, InProcessSkiff, free_port, h1_client, h1_send, loopback_stat as stat, run_options,
+};
+use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
 const FIXTURE: &str = skiff_tests::SEED_SCENARIO;
@@ -102,11 +104,7 @@ async fn backend(ip: &str, name: &'static str, status: u16, broken: Arc<AtomicBo
 
 /// `count` sequential requests over one kept-alive HTTP/1.1 connection: (status, body).
 async fn get_h1(count: usize, extra: &[(&str, &str)]) -> Option<Vec<(StatusCode, String)>> {
-    let s = TcpStream::connect(("127.0.0.1", LISTEN)).await.ok()?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
+    let mut tx = h1_client(LISTEN).await?;
     let mut out = Vec::new();
     for i in 0..count {
         let mut req = Request::get(format!("/r/{i}")).header("host", HOST);
@@ -114,11 +112,7 @@ async fn get_h1(count: usize, extra: &[(&str, &str)]) -> Option<Vec<(StatusCode,
             req = req.header(*k, *v);
         }
         let req = req.body(Empty::<Bytes>::new()).ok()?;
-        tx.ready().await.ok()?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), tx.send_request(req))
-            .await
-            .ok()?
-            .ok()?;
+        let resp = h1_send(&mut tx, req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         out.push((status, String::from_utf8_lossy(&body).into_owned()));
