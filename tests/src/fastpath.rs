@@ -105,6 +105,12 @@ pub fn static_cluster(name: &str, policy: &str, endpoints: &[&str]) -> String {
         .iter()
         .map(|e| e.parse().expect("ip:port"))
         .collect();
+    static_cluster_with(name, policy, &crate::lb_endpoints_yaml(&eps))
+}
+
+/// One `clusters` item: STATIC cluster `name` with `policy` and the given `lb_endpoints` items
+/// (YAML lines indented 8 spaces, each ending in a newline).
+pub fn static_cluster_with(name: &str, policy: &str, lb_endpoints: &str) -> String {
     format!(
         r#"  - name: {name}
     type: STATIC
@@ -114,8 +120,7 @@ pub fn static_cluster(name: &str, policy: &str, endpoints: &[&str]) -> String {
       cluster_name: {name}
       endpoints:
       - lb_endpoints:
-{}"#,
-        crate::lb_endpoints_yaml(&eps)
+{lb_endpoints}"#
     )
 }
 

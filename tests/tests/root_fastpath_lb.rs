@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use skiff_tests::fastpath::{
     CAPTURE_CX, CHI2_BOUND, capture_bootstrap, count, fastpeer, fastpeer_output, netns_and_cgroup,
-    spawn_fast_path, spawn_fastpeer, tcp_chain,
+    spawn_fast_path, spawn_fastpeer, static_cluster_with, tcp_chain,
 };
 use skiff_tests::{Cgroup, Child, Netns, TempYaml, command_in, field, serial};
 
@@ -30,22 +30,11 @@ fn cluster(name: &str, policy: &str, eps: &[(&str, u32)]) -> String {
         .map(|(a, w)| {
             let (ip, port) = a.split_once(':').expect("ip:port");
             format!(
-                "\n        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}\n          load_balancing_weight: {w}"
+                "        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}\n          load_balancing_weight: {w}\n"
             )
         })
         .collect();
-    format!(
-        r#"
-  - name: {name}
-    type: STATIC
-    lb_policy: {policy}
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:{}"#,
-        lb.concat()
-    )
+    static_cluster_with(name, policy, &lb.concat())
 }
 
 /// Priority 0: the first backend healthy, the second UNHEALTHY; priority 1: the third. Envoy's
@@ -89,7 +78,7 @@ fn bootstrap_yaml() -> String {
     ];
     capture_bootstrap(
         &chains.concat(),
-        &format!("  clusters:{}\n", clusters.concat()),
+        &format!("  clusters:\n{}\n", clusters.concat()),
     )
 }
 
