@@ -134,3 +134,12 @@ pub async fn h2c_send(
         .ok()?
         .ok()
 }
+
+/// Header `name` of `headers` as text, or `default` when absent or not visible ASCII.
+pub fn header_or(headers: &hyper::HeaderMap, name: &str, default: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(default)
+        .to_string()
+}

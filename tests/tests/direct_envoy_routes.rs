@@ -19,8 +19,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use skiff::controlplane::Source;
 use skiff_tests::{
-    ControlPlane, Envoy, InProcessSkiff, envoy_ads_bootstrap, free_port, loopback_stat as stat,
-    run_options, serve_h2c, serve_http1,
+    ControlPlane, Envoy, InProcessSkiff, envoy_ads_bootstrap, free_port, header_or,
+    loopback_stat as stat, run_options, serve_h2c, serve_http1,
 };
 use tokio::net::{TcpListener, TcpStream};
 
@@ -43,13 +43,7 @@ async fn backend(name: &'static str) -> SocketAddr {
             .get("x-envoy-original-path")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
-        let h = |n: &str| {
-            req.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_string()
-        };
+        let h = |n: &str| header_or(req.headers(), n, "-");
         let body = format!(
             "{name} {} {added} {original} xfp={} xff={} ert={} rid={}",
             req.uri(),

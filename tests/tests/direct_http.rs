@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use skiff::controlplane::Source;
 use skiff_tests::{
     ControlPlane, InProcessSkiff, copy_seed_scenario, free_port, h1_client, h1_send, h2c_client,
-    h2c_send, loopback_stat as stat, run_options, serve_http1,
+    h2c_send, header_or, loopback_stat as stat, run_options, serve_http1,
 };
 use tokio::net::TcpListener;
 
@@ -29,13 +29,7 @@ async fn backend(ip: &str, name: &'static str) {
         .await
         .unwrap_or_else(|e| panic!("bind {ip}:{LISTEN}: {e}"));
     serve_http1(l, move |req: Request<Incoming>| async move {
-        let echo = |h: &str| {
-            req.headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
+        let echo = |h: &str| header_or(req.headers(), h, "");
         Response::builder()
             .header("x-seen-proto", echo("x-forwarded-proto"))
             .header("x-seen-request-id", echo("x-request-id"))

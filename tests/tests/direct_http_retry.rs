@@ -27,7 +27,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use skiff::controlplane::Source;
 use skiff_tests::{
-    ControlPlane, InProcessSkiff, free_port, h1_client, h1_send, loopback_stat as stat, run_options,
+    ControlPlane, InProcessSkiff, free_port, h1_client, h1_send, header_or, loopback_stat as stat,
+    run_options,
 };
 use tokio::net::TcpListener;
 
@@ -67,13 +68,7 @@ async fn backend(ip: &str, name: &'static str, status: u16, broken: Arc<AtomicBo
                     let seen = seen.clone();
                     let broken = broken.clone();
                     async move {
-                        let h = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string()
-                        };
+                        let h = |n: &str| header_or(req.headers(), n, "");
                         let attempt = h("x-envoy-attempt-count").parse().unwrap_or(0);
                         seen.hits
                             .lock()

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use skiff_tests::{InProcessSkiff, free_port, loopback_stat as stat, run_options};
+use skiff_tests::{InProcessSkiff, free_port, header_or, loopback_stat as stat, run_options};
 use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -126,13 +126,7 @@ async fn answer(kind: Kind, mut req: Request<Incoming>) -> Response<RespBody> {
             .body(Full::new(Bytes::new()).boxed())
             .unwrap();
     }
-    let h = |n: &str| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
+    let h = |n: &str| header_or(req.headers(), n, "");
     let (xff, peer) = (h("x-forwarded-for"), h("x-peer"));
     let body = req.into_body().collect().await.map(|b| b.to_bytes());
     let body = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
