@@ -34,8 +34,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub mod fastpath;
 mod envoy;
+pub mod fastpath;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{
