@@ -524,7 +524,7 @@ fn cluster_image(
     };
     // The hosts new connections may reach and their shares, exactly as the userspace balancer
     // computes them (priority load, panic, degraded hosts, locality weights, host weights).
-    let plan = entry.lb.plan(entry);
+    let plan = entry.lb.plan();
     if plan.zone.is_some() {
         v.reason = format!("cluster {name}: zone-aware routing stays in the proxy");
         return (v, None);

@@ -295,7 +295,7 @@ pub fn decide_on(
                     .then(|| lb::source_ip_hash(client.ip())),
                 ..Default::default()
             };
-            match lb::choose(entry, &req) {
+            match lb::choose(&entry.lb, &req) {
                 Some(h) => upstream(Some(EndpointAddr(h.address())), None),
                 None => Decision::Reject(RejectReason::NoHealthyUpstream {
                     cluster: cluster_name.to_string(),

@@ -409,7 +409,7 @@ async fn choose_host(conn: &HttpConn, entry: &ClusterEntry, req: &lb::LbRequest<
                 Err(_) => Dest::NoHealthy,
             }
         }
-        ClusterKind::Static(_) | ClusterKind::Eds { .. } => match lb::choose(entry, req) {
+        ClusterKind::Static(_) | ClusterKind::Eds { .. } => match lb::choose(&entry.lb, req) {
             Some(h) => Dest::Host(h.address(), Some(h), None),
             None => Dest::NoHealthy,
         },

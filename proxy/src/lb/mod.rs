@@ -12,7 +12,9 @@
 //! - [`outlier`], [`circuit`]: outlier detection and circuit breakers.
 //! - [`edf`], [`ring`], [`maglev`]: the schedulers and consistent-hash tables.
 //!
-//! Entry point: [`choose`] over a [`ClusterEntry`] of the current snapshot.
+//! Entry point: [`choose`] over the [`ClusterLb`] of a cluster entry of the current snapshot.
+//! A `ClusterLb` carries what picking needs of its cluster (policy and settings, copied when
+//! it is built), so this module does not depend on the snapshot that holds it.
 
 pub mod circuit;
 pub mod edf;
@@ -33,8 +35,9 @@ use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
 use crate::model::LbPolicy;
-use crate::model::cluster::lb::LbSettings;
-use crate::state::ClusterEntry;
+use crate::model::cluster::lb::{
+    CommonLbConfig, LbSettings, LeastRequestConfig, MaglevConfig, RingHashConfig,
+};
 
 pub use circuit::{BreakerGuard, Overflow, Resource, RoutingPriority};
 pub use host::{ConnectionGuard, Host, Outcome, RequestGuard};
@@ -79,17 +82,17 @@ pub fn uses_hash(policy: LbPolicy) -> bool {
     matches!(policy, LbPolicy::RingHash | LbPolicy::Maglev)
 }
 
-/// Pick a host of `entry` for one request or connection. `None` when the cluster has no host
-/// that may be used (no healthy host and panic mode off, or no hosts at all).
-pub fn choose(entry: &ClusterEntry, req: &LbRequest<'_>) -> Option<Arc<Host>> {
-    let lb = &entry.lb;
+/// Pick a host of the cluster balanced by `lb` (`entry.lb`) for one request or connection.
+/// `None` when the cluster has no host that may be used (no healthy host and panic mode off,
+/// or no hosts at all).
+pub fn choose(lb: &ClusterLb, req: &LbRequest<'_>) -> Option<Arc<Host>> {
     if lb.hosts.is_empty() {
         return None;
     }
-    let prepared = lb.prepared(entry);
+    let prepared = lb.prepared();
     let mut last = None;
     for attempt in 0..=req.max_attempts {
-        let h = prepared.pick(entry, req.hash, attempt)?;
+        let h = prepared.pick(lb, req.hash, attempt)?;
         let host = &lb.hosts[h as usize];
         if !req.exclude.contains(&host.address) {
             host.state.used.store(true, Ordering::Relaxed);
@@ -125,6 +128,18 @@ pub fn next_index(cursor: &AtomicUsize, n: usize) -> Option<usize> {
 
 // === impl ClusterLb ===
 
+/// What picking reads of a cluster's configuration, copied into its balancer.
+#[derive(Debug, Clone)]
+struct Policy {
+    kind: LbPolicy,
+    least_request: LeastRequestConfig,
+    ring_hash: RingHashConfig,
+    maglev: MaglevConfig,
+    common: CommonLbConfig,
+    /// The assignment's `overprovisioning_factor`.
+    overprovisioning_factor: u32,
+}
+
 /// The balancer of one cluster entry: its hosts (this snapshot's facts, live state shared
 /// through the registry) and host sets rebuilt whenever the cluster's health generation moves.
 #[derive(Debug)]
@@ -136,18 +151,31 @@ pub struct ClusterLb {
     by_addr: HashMap<SocketAddr, u32>,
     local_locality: Option<crate::model::endpoint::Locality>,
     local_hosts: Arc<Vec<(crate::model::endpoint::Locality, u64)>>,
+    policy: Policy,
     prepared: ArcSwapOption<Prepared>,
     rebuild: Mutex<()>,
 }
 
 impl ClusterLb {
-    /// The balancer for `assignment`, attached to `registry`.
+    /// The balancer of cluster `name` over `assignment` with `policy` and `settings`, attached
+    /// to `registry`.
     pub fn new(
         name: &str,
+        policy: LbPolicy,
         settings: &LbSettings,
         assignment: Option<&crate::model::LoadAssignment>,
         registry: &HostRegistry,
     ) -> ClusterLb {
+        let policy_of = Policy {
+            kind: policy,
+            least_request: settings.least_request.clone(),
+            ring_hash: settings.ring_hash,
+            maglev: settings.maglev,
+            common: settings.common.clone(),
+            overprovisioning_factor: assignment
+                .map(|a| a.overprovisioning_factor)
+                .unwrap_or(crate::model::endpoint::DEFAULT_OVERPROVISIONING_FACTOR),
+        };
         let shared = registry.cluster(name, settings);
         let hosts = shared.hosts_for(assignment);
         let by_addr = hosts
@@ -161,9 +189,15 @@ impl ClusterLb {
             by_addr,
             local_locality: registry.local_locality(),
             local_hosts: registry.local_hosts(),
+            policy: policy_of,
             prepared: ArcSwapOption::empty(),
             rebuild: Mutex::new(()),
         }
+    }
+
+    /// The balancing policy.
+    pub fn policy(&self) -> LbPolicy {
+        self.policy.kind
     }
 
     /// Re-attach these hosts to `registry` in place (the entry is not shared yet); false when
@@ -190,7 +224,7 @@ impl ClusterLb {
         plan::views(&self.hosts)
     }
 
-    fn prepared(&self, entry: &ClusterEntry) -> Arc<Prepared> {
+    fn prepared(&self) -> Arc<Prepared> {
         let gen_now = self.shared.generation();
         if let Some(p) = self.prepared.load_full()
             && p.generation == gen_now
@@ -203,14 +237,14 @@ impl ClusterLb {
         {
             return p;
         }
-        let p = Arc::new(Prepared::new(entry, self, gen_now));
+        let p = Arc::new(Prepared::new(self, gen_now));
         self.prepared.store(Some(p.clone()));
         p
     }
 
     /// The plan balancing currently follows (rebuilt when health changed).
-    pub fn plan(&self, entry: &ClusterEntry) -> Plan {
-        self.prepared(entry).plan.clone()
+    pub fn plan(&self) -> Plan {
+        self.prepared().plan.clone()
     }
 }
 
@@ -269,14 +303,14 @@ impl Picker {
         }
     }
 
-    fn pick(&self, entry: &ClusterEntry, hash: Option<u64>, attempt: u32) -> Option<u32> {
+    fn pick(&self, lb: &ClusterLb, hash: Option<u64>, attempt: u32) -> Option<u32> {
         if self.idx.is_empty() {
             return None;
         }
-        let hosts = &entry.lb.hosts;
-        let cfg = &entry.cluster.lb;
+        let hosts = &lb.hosts;
+        let cfg = &lb.policy;
         let n = self.idx.len();
-        let local = match entry.cluster.lb_policy {
+        let local = match cfg.kind {
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 if self.equal_weights {
                     (self.rr.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
@@ -388,13 +422,9 @@ impl Picker {
 }
 
 impl Prepared {
-    fn new(entry: &ClusterEntry, lb: &ClusterLb, generation: u64) -> Prepared {
+    fn new(lb: &ClusterLb, generation: u64) -> Prepared {
         let (views, localities) = plan::views(&lb.hosts);
-        let opf = entry
-            .assignment
-            .as_ref()
-            .map(|a| a.overprovisioning_factor)
-            .unwrap_or(crate::model::endpoint::DEFAULT_OVERPROVISIONING_FACTOR);
+        let opf = lb.policy.overprovisioning_factor;
         let local = lb
             .local_locality
             .as_ref()
@@ -423,7 +453,7 @@ impl Prepared {
             &views,
             localities.len(),
             opf,
-            &entry.cluster.lb.common,
+            &lb.policy.common,
             local.as_ref(),
         );
         let hosts = &lb.hosts;
@@ -470,18 +500,17 @@ impl Prepared {
         }
     }
 
-    fn pick(&self, entry: &ClusterEntry, hash: Option<u64>, attempt: u32) -> Option<u32> {
-        let roll = match (entry.cluster.lb_policy, hash) {
+    fn pick(&self, lb: &ClusterLb, hash: Option<u64>, attempt: u32) -> Option<u32> {
+        let roll = match (lb.policy.kind, hash) {
             (LbPolicy::RingHash | LbPolicy::Maglev, Some(h)) => h,
             _ => fastrand::u64(..),
         };
         let (level, avail) = priority::choose_priority(&self.plan.load, roll)?;
         let pickers = self.levels.get(level)?;
         if self.plan.load.panic.get(level).copied().unwrap_or(false) {
-            entry.lb.shared.lb_healthy_panic.inc();
-            if entry
-                .cluster
-                .lb
+            lb.shared.lb_healthy_panic.inc();
+            if lb
+                .policy
                 .common
                 .zone_aware
                 .as_ref()
@@ -489,7 +518,7 @@ impl Prepared {
             {
                 return None;
             }
-            return pickers[2].pick(entry, hash, attempt);
+            return pickers[2].pick(lb, hash, attempt);
         }
         let which = match avail {
             priority::Availability::Healthy => 0,
@@ -502,16 +531,15 @@ impl Prepared {
             };
             // No locality with weight and hosts: Envoy falls back to the whole host set.
             if let Some(i) = i {
-                return lp.sets[i as usize].pick(entry, hash, attempt);
+                return lp.sets[i as usize].pick(lb, hash, attempt);
             }
         }
         if level == 0
             && which == 0
             && let (Some(zone), Some(sets)) = (&self.plan.zone, &self.zone)
         {
-            let enabled = entry
-                .cluster
-                .lb
+            let enabled = lb
+                .policy
                 .common
                 .zone_aware
                 .as_ref()
@@ -522,10 +550,10 @@ impl Prepared {
                 && let Some(p) = sets.get(i)
                 && !p.idx.is_empty()
             {
-                return p.pick(entry, hash, attempt);
+                return p.pick(lb, hash, attempt);
             }
         }
-        pickers[which].pick(entry, hash, attempt)
+        pickers[which].pick(lb, hash, attempt)
     }
 }
 

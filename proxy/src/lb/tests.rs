@@ -11,6 +11,7 @@ use super::*;
 use crate::model::cluster::lb::{LbSettings, OutlierDetection};
 use crate::model::endpoint::{HealthStatus, LbEndpoint, Locality, LocalityEndpoints};
 use crate::model::{Cluster, ClusterKind, LoadAssignment};
+use crate::state::ClusterEntry;
 use crate::stats::Stats;
 
 /// (address, weight, priority, locality zone, health)
@@ -82,7 +83,7 @@ fn entry(policy: LbPolicy, eps: &[Ep<'_>]) -> ClusterEntry {
 fn counts(e: &ClusterEntry, n: usize, req: &LbRequest<'_>) -> HashMap<SocketAddr, usize> {
     let mut m = HashMap::new();
     for _ in 0..n {
-        let h = choose(e, req).expect("a host");
+        let h = choose(&e.lb, req).expect("a host");
         *m.entry(h.address()).or_default() += 1;
     }
     m
@@ -133,7 +134,7 @@ fn unhealthy_draining_and_degraded_as_envoy() {
     );
     // DRAINING is excluded: 2 of 4 healthy -> health 70, 1 degraded -> 35; total availability
     // is capped at 100, so the healthy hosts take 70% and the degraded one the other 30%.
-    let plan = e.lb.plan(&e);
+    let plan = e.lb.plan();
     assert_eq!(plan.load.healthy, vec![70]);
     assert_eq!(plan.load.degraded, vec![30]);
     let c = counts(&e, 2000, &LbRequest::default());
@@ -172,7 +173,7 @@ fn exclude_moves_to_another_host_when_attempts_allow() {
         ..Default::default()
     };
     for _ in 0..50 {
-        assert_eq!(choose(&e, &req).unwrap().address(), a("10.0.0.2:80"));
+        assert_eq!(choose(&e.lb, &req).unwrap().address(), a("10.0.0.2:80"));
     }
 }
 
@@ -193,9 +194,9 @@ fn ring_hash_and_maglev_are_sticky_per_hash() {
                 hash: Some(hash_bytes(&k.to_le_bytes())),
                 ..Default::default()
             };
-            let first = choose(&e, &req).unwrap().address();
+            let first = choose(&e.lb, &req).unwrap().address();
             for _ in 0..3 {
-                assert_eq!(choose(&e, &req).unwrap().address(), first);
+                assert_eq!(choose(&e.lb, &req).unwrap().address(), first);
             }
             seen.insert(first);
         }
@@ -378,7 +379,7 @@ proptest! {
             let mut c: HashMap<SocketAddr, usize> = HashMap::new();
             for _ in 0..n {
                 let req = LbRequest { hash: Some(fastrand::u64(..)), ..Default::default() };
-                *c.entry(choose(&e, &req).unwrap().address()).or_default() += 1;
+                *c.entry(choose(&e.lb, &req).unwrap().address()).or_default() += 1;
             }
             for (addr, w) in addrs.iter().zip(&ws) {
                 let want = f64::from(*w) / f64::from(total);
@@ -406,8 +407,8 @@ proptest! {
             let mut changed = 0u32;
             for k in 0..keys {
                 let req = LbRequest { hash: Some(hash_bytes(&k.to_le_bytes())), ..Default::default() };
-                let x = choose(&e1, &req).unwrap().address();
-                let y = choose(&e2, &req).unwrap().address();
+                let x = choose(&e1.lb, &req).unwrap().address();
+                let y = choose(&e2.lb, &req).unwrap().address();
                 if x != y {
                     changed += 1;
                 }
@@ -438,7 +439,7 @@ fn peak_ewma_avoids_the_slow_host() {
     // Load counts too: enough requests in flight on the fast host make the slow one cheaper.
     let _busy: Vec<_> = (0..200).map(|_| fast.start_request()).collect();
     assert_eq!(
-        choose(&e, &LbRequest::default()).unwrap().address(),
+        choose(&e.lb, &LbRequest::default()).unwrap().address(),
         a("10.0.0.1:80")
     );
 }

@@ -88,7 +88,13 @@ impl ClusterEntry {
         assignment: Option<Arc<LoadAssignment>>,
         registry: &HostRegistry,
     ) -> ClusterEntry {
-        let lb = ClusterLb::new(&cluster.name, &cluster.lb, assignment.as_deref(), registry);
+        let lb = ClusterLb::new(
+            &cluster.name,
+            cluster.lb_policy,
+            &cluster.lb,
+            assignment.as_deref(),
+            registry,
+        );
         ClusterEntry {
             cluster,
             assignment,
@@ -163,7 +169,7 @@ impl ClusterEntry {
     /// locality weights, health, ejections): the set the BPF projection mirrors.
     pub fn eligible(&self) -> Vec<(Arc<crate::lb::Host>, f64)> {
         let (views, _) = self.lb.views();
-        let plan = self.lb.plan(self);
+        let plan = self.lb.plan();
         crate::lb::eligible(&plan, &views)
             .into_iter()
             .map(|e| (self.lb.hosts[e.index as usize].clone(), e.share))

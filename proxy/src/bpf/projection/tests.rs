@@ -424,7 +424,7 @@ proptest! {
         // What userspace would balance over.
         let entry = s.cluster("c").unwrap();
         let (views, _) = entry.lb.views();
-        let eligible: BTreeMap<SocketAddr, f64> = crate::lb::plan::eligible(&entry.lb.plan(entry), &views)
+        let eligible: BTreeMap<SocketAddr, f64> = crate::lb::plan::eligible(&entry.lb.plan(), &views)
             .into_iter()
             .filter(|e| e.share > 0.0)
             .map(|e| (entry.lb.hosts[e.index as usize].address(), e.share))
