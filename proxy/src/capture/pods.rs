@@ -405,11 +405,15 @@ impl PodRegistry {
         }
         let stop = self.stop.child_token();
         let stats = Arc::new(Stats::default());
-        let store = Arc::new(Store::new(Snapshot::new(
-            bootstrap.listeners.clone(),
-            bootstrap.clusters.clone(),
-            &Default::default(),
-        )));
+        // Cluster stats (kept by the host registry) go to the pipeline's own `/stats`.
+        let store = Arc::new(Store::with_registry(
+            Snapshot::new(
+                bootstrap.listeners.clone(),
+                bootstrap.clusters.clone(),
+                &Default::default(),
+            ),
+            crate::lb::HostRegistry::new(stats.clone()),
+        ));
         if let (Some(ads), Some(node_id)) = (&bootstrap.ads, &key.node_id) {
             let resources = Resources::new(bootstrap.listeners.clone(), bootstrap.clusters.clone());
             store.publish(resources.snapshot());

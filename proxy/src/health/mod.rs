@@ -135,11 +135,7 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
         let hosts = entry.lb.hosts.clone();
         let shared = entry.lb.shared.clone();
         drop(snap);
-        let stat = |s: &str| {
-            shared
-                .stats
-                .counter(&format!("cluster.{cluster}.health_check.{s}"))
-        };
+        let stats = &shared.stats.health_check;
         let mut set = tokio::task::JoinSet::new();
         for h in &hosts {
             let target = match hc.alt_port {
@@ -164,13 +160,13 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
             let Some(v) = results.get(&target) else {
                 continue;
             };
-            stat("attempt").inc();
+            stats.attempt.inc();
             let s = streaks.entry(h.address()).or_default();
             let st = h.state();
             let pending = st.flags() & flag::PENDING_ACTIVE_HC != 0;
             match v {
                 check::Verdict::Healthy => {
-                    stat("success").inc();
+                    stats.success.inc();
                     s.successes += 1;
                     s.failures = 0;
                     // A host never checked before is healthy after its first pass (Envoy);
@@ -189,9 +185,9 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
                     }
                 }
                 check::Verdict::Unhealthy { timeout, reason } => {
-                    stat("failure").inc();
+                    stats.failure.inc();
                     if *timeout {
-                        stat("network_failure").inc();
+                        stats.network_failure.inc();
                     }
                     s.failures += 1;
                     s.successes = 0;
@@ -211,10 +207,7 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
             .iter()
             .filter(|h| h.flags() & flag::FAILED_ACTIVE_HC == 0)
             .count() as u64;
-        shared
-            .stats
-            .gauge(&format!("cluster.{cluster}.health_check.healthy"))
-            .set(healthy);
+        stats.healthy.set(healthy);
         streaks.retain(|a, _| hosts.iter().any(|h| h.address() == *a));
         if changed {
             shared.health_changed();

@@ -56,6 +56,7 @@ use crate::model::route::{
 };
 use crate::model::{ClusterKind, ClusterSpecifier, RouteConfig, VirtualHost};
 use crate::state::{ClusterEntry, Snapshot};
+use crate::stats::{HttpStats, RqStats, ScopedCounter};
 
 use body::Timed;
 use pool::{Proto, SendError};
@@ -88,10 +89,13 @@ pub struct HttpConn {
 
 /// Serve HTTP/1.1 or h2c on `stream` until the client closes it.
 pub async fn serve(conn: HttpConn, stream: TcpStream) {
+    // Resolved once per connection: a request only adds to these counters.
+    let hs = conn.dp.store.load().http_stats(&conn.manager.stat_prefix);
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+        let hs = hs.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, &hs, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // With a timer, hyper closes HTTP/1 connections whose request head does not arrive within
@@ -146,21 +150,12 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
-async fn handle(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
-    let dp = &conn.dp;
-    let prefix = &conn.manager.stat_prefix;
-    dp.stats
-        .counter(&format!("http.{prefix}.downstream_rq_total"))
-        .inc();
+async fn handle(conn: &HttpConn, hs: &HttpStats, req: Request<Incoming>) -> Response<Body> {
+    hs.downstream_rq_total.inc();
     let down_version = req.version();
-    let mut resp = route_request(conn, req).await;
-    let class = resp.status().as_u16() / 100;
-    dp.stats
-        .counter(&format!("http.{prefix}.downstream_rq_{class}xx"))
-        .inc();
-    dp.stats
-        .counter(&format!("http.{prefix}.downstream_rq_completed"))
-        .inc();
+    let mut resp = route_request(conn, hs, req).await;
+    hs.status(resp.status().as_u16());
+    hs.downstream_rq_completed.inc();
     *resp.version_mut() = down_version;
     use crate::model::listener::ServerHeader;
     let server = match &conn.manager.server_header {
@@ -189,6 +184,8 @@ fn route_config(conn: &HttpConn, snap: &Snapshot) -> Option<Arc<RouteConfig>> {
 /// Everything one request's handling reads besides the request itself.
 struct Ctx<'a> {
     conn: &'a HttpConn,
+    /// `http.<stat_prefix>.*` of the connection manager.
+    hs: &'a HttpStats,
     snap: &'a Snapshot,
     rc: &'a RouteConfig,
     vh: &'a VirtualHost,
@@ -197,14 +194,6 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn hstat(&self, s: &str) {
-        self.conn
-            .dp
-            .stats
-            .counter(&format!("http.{}.{s}", self.conn.manager.stat_prefix))
-            .inc();
-    }
-
     /// Response header changes: route, then virtual host, then route configuration.
     fn response_headers(&self, h: &mut HeaderMap, upstream: Option<SocketAddr>) {
         let vars = headers::Vars {
@@ -224,7 +213,11 @@ impl Ctx<'_> {
     }
 }
 
-async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> {
+async fn route_request(
+    conn: &HttpConn,
+    hs: &HttpStats,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let snap = conn.dp.store.load();
     headers::forwarded(
         req.headers_mut(),
@@ -238,7 +231,7 @@ async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     let Some(rc) = route_config(conn, &snap) else {
-        return no_route(conn, &host, &path);
+        return no_route(hs, &host, &path);
     };
     let facts = route::RequestFacts {
         host: &host,
@@ -249,11 +242,12 @@ async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<
     let Some((vh, chosen)) = route::select_virtual_host(&rc, &host)
         .and_then(|vh| route::select_route(vh, &facts).map(|r| (vh, r)))
     else {
-        return no_route(conn, &host, &path);
+        return no_route(hs, &host, &path);
     };
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
     let ctx = Ctx {
         conn,
+        hs,
         snap: &snap,
         rc: &rc,
         vh,
@@ -267,14 +261,14 @@ async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<
     };
     match &chosen.action {
         RouteAction::Direct { status, body } => {
-            ctx.hstat("rq_direct_response");
+            ctx.hs.rq_direct_response.inc();
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let mut r = local_reply(status, body.as_deref().unwrap_or(""));
             ctx.response_headers(r.headers_mut(), None);
             r
         }
         RouteAction::Redirect(rd) => {
-            ctx.hstat("rq_redirect");
+            ctx.hs.rq_redirect.inc();
             let scheme = req
                 .headers()
                 .get("x-forwarded-proto")
@@ -307,11 +301,8 @@ async fn route_request(conn: &HttpConn, mut req: Request<Incoming>) -> Response<
     }
 }
 
-fn no_route(conn: &HttpConn, host: &str, path: &str) -> Response<Body> {
-    conn.dp
-        .stats
-        .counter(&format!("http.{}.no_route", conn.manager.stat_prefix))
-        .inc();
+fn no_route(hs: &HttpStats, host: &str, path: &str) -> Response<Body> {
+    hs.no_route.inc();
     debug!(%host, %path, flags = "NR", "no route");
     local_reply(StatusCode::NOT_FOUND, "")
 }
@@ -557,24 +548,23 @@ async fn forward(
     if let Some(ty) = &upgrade
         && !upgrade_allowed(&conn.manager.upgrades, &f.upgrades, ty)
     {
-        ctx.hstat("downstream_rq_ws_on_non_ws_route");
+        ctx.hs.downstream_rq_ws_on_non_ws_route.inc();
         debug!(upgrade = %ty, "upgrade not enabled for this route");
         return local_reply(StatusCode::FORBIDDEN, "");
     }
     // Taken before the request is split: resolves once hyper hands over the raw connection.
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let stats = &conn.dp.stats;
     let Some(cluster) = target_cluster(f, req.headers()) else {
-        ctx.hstat("no_cluster");
+        ctx.hs.no_cluster.inc();
         debug!(flags = "NC", "no cluster for the route");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
     let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
-        ctx.hstat("no_cluster");
+        ctx.hs.no_cluster.inc();
         debug!(%cluster, flags = "NC", "unknown cluster");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    let cstat = |s: &str| stats.counter(&format!("cluster.{cluster}.{s}"));
+    let cs = &entry.stats;
     // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
     // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.
     let configured = f.retry_policy.as_deref().or(ctx.vh.retry_policy.as_deref());
@@ -603,14 +593,20 @@ async fn forward(
     };
     // Request stats count in the cluster and, when the virtual host defines virtual clusters
     // (Envoy keeps no vhost stats otherwise), in the matching one or `other`.
-    let vcluster = (!ctx.vh.virtual_clusters.is_empty())
-        .then(|| route::virtual_cluster(ctx.vh, &facts).to_string());
-    let rq = |s: &str| {
-        cstat(s).inc();
-        if let Some(vc) = &vcluster {
-            stats
-                .counter(&format!("vhost.{}.vcluster.{vc}.{s}", ctx.vh.name))
-                .inc();
+    let vcluster = (!ctx.vh.virtual_clusters.is_empty()).then(|| {
+        ctx.snap
+            .vcluster_stats(&ctx.vh.name, route::virtual_cluster(ctx.vh, &facts))
+    });
+    let rq = |pick: fn(&RqStats) -> &ScopedCounter| {
+        pick(&cs.rq).inc();
+        if let Some(v) = &vcluster {
+            pick(&v.rq).inc();
+        }
+    };
+    let rq_status = |code: u16| {
+        cs.rq.status(code);
+        if let Some(v) = &vcluster {
+            v.rq.status(code);
         }
     };
     let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| {
@@ -713,7 +709,7 @@ async fn forward(
         let (addr, host, dns_name) = match choose_host(conn, &entry, &pick).await {
             Dest::Host(a, h, n) => (a, h, n),
             Dest::NoHealthy => {
-                cstat("upstream_cx_none_healthy").inc();
+                cs.upstream_cx_none_healthy.inc();
                 debug!(%cluster, flags = "UH", "no healthy upstream");
                 return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             }
@@ -772,7 +768,7 @@ async fn forward(
         };
         *up_req.headers_mut() = headers;
 
-        rq("upstream_rq_total");
+        rq(|r| &r.upstream_rq_total);
         // This attempt's time limit: the per-try timeout, within what is left of the route's.
         let now = Instant::now();
         let limit = match (per_try, deadline) {
@@ -794,20 +790,19 @@ async fn forward(
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                rq("upstream_rq_timeout");
-                rq("upstream_rq_504");
-                rq("upstream_rq_5xx");
+                rq(|r| &r.upstream_rq_timeout);
+                rq_status(504);
                 debug!(%cluster, %addr, flags = "UT", "upstream request timeout");
                 return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
             }
             None => {
-                cstat("upstream_rq_per_try_timeout").inc();
+                cs.upstream_rq_per_try_timeout.inc();
                 debug!(%cluster, %addr, "per-try timeout");
                 (Attempt::PerTryTimeout, None)
             }
             Some(s) => {
                 if s.new_connection {
-                    cstat("upstream_cx_total").inc();
+                    cs.upstream_cx_total.inc();
                 }
                 match s.result {
                     Ok(r) => {
@@ -828,16 +823,14 @@ async fn forward(
                     }
                     Err(SendError::Connect(e)) => {
                         match e {
-                            ConnectError::Timeout { .. } => {
-                                cstat("upstream_cx_connect_timeout").inc()
-                            }
-                            _ => cstat("upstream_cx_connect_fail").inc(),
+                            ConnectError::Timeout { .. } => cs.upstream_cx_connect_timeout.inc(),
+                            _ => cs.upstream_cx_connect_fail.inc(),
                         }
                         debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
                         (Attempt::ConnectFailure, None)
                     }
                     Err(e @ SendError::Handshake { .. }) => {
-                        cstat("upstream_cx_connect_fail").inc();
+                        cs.upstream_cx_connect_fail.inc();
                         debug!(error = %e, %cluster, flags = "UF", "upstream handshake failed");
                         (Attempt::ConnectFailure, None)
                     }
@@ -857,9 +850,7 @@ async fn forward(
             });
         }
         if let Some(r) = &response {
-            let code = r.status().as_u16();
-            rq(&format!("upstream_rq_{code}"));
-            rq(&format!("upstream_rq_{}xx", code / 100));
+            rq_status(r.status().as_u16());
         }
         let wants_retry = policy
             .as_deref()
@@ -869,7 +860,7 @@ async fn forward(
             && match &tee {
                 Some(t) if t.replayable() => true,
                 Some(_) => {
-                    cstat("retry_or_shadow_abandoned").inc();
+                    cs.retry_or_shadow_abandoned.inc();
                     false
                 }
                 None => false,
@@ -881,7 +872,7 @@ async fn forward(
                 Ok(g) => {
                     _retry_slot = Some(g);
                     retries += 1;
-                    rq("upstream_rq_retry");
+                    rq(|r| &r.upstream_rq_retry);
                     tried.push(addr);
                     drop(response);
                     let p = policy.as_deref().map_or_else(
@@ -899,9 +890,7 @@ async fn forward(
         }
         let Some(resp) = response else {
             let r = failure_reply(outcome, retries > 0);
-            let code = r.status().as_u16();
-            rq(&format!("upstream_rq_{code}"));
-            rq(&format!("upstream_rq_{}xx", code / 100));
+            rq_status(r.status().as_u16());
             break r;
         };
         if retries > 0
@@ -909,7 +898,7 @@ async fn forward(
                 .as_deref()
                 .is_some_and(|p| retry::retriable(p, outcome))
         {
-            rq("upstream_rq_retry_success");
+            rq(|r| &r.upstream_rq_retry_success);
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);
@@ -958,16 +947,16 @@ async fn forward_upgrade(
     up: Upgrade<'_>,
 ) -> Response<Body> {
     let conn = ctx.conn;
-    let cstat = |s: &str| conn.dp.stats.counter(&format!("cluster.{cluster}.{s}"));
+    let cs = &entry.stats;
     let (addr, host) = match choose_host(conn, entry, &lb::LbRequest::default()).await {
         Dest::Host(a, h, _) => (a, h),
         Dest::NoHealthy => {
-            cstat("upstream_cx_none_healthy").inc();
+            cs.upstream_cx_none_healthy.inc();
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         }
     };
-    cstat("upstream_rq_total").inc();
-    cstat("upstream_cx_total").inc();
+    cs.rq.upstream_rq_total.inc();
+    cs.upstream_cx_total.inc();
     let in_flight = host.as_ref().map(|h| h.start_request());
     let failed = |outcome| failure_reply(outcome, false);
     let stream = match crate::dataplane::connect::connect(
@@ -979,7 +968,7 @@ async fn forward_upgrade(
     {
         Ok(s) => s,
         Err(e) => {
-            cstat("upstream_cx_connect_fail").inc();
+            cs.upstream_cx_connect_fail.inc();
             debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
             if let Some(g) = in_flight {
                 g.finish(lb::Outcome::ConnectFailure);
@@ -1027,15 +1016,14 @@ async fn forward_upgrade(
         }
     };
     let code = resp.status().as_u16();
-    cstat(&format!("upstream_rq_{code}")).inc();
-    cstat(&format!("upstream_rq_{}xx", code / 100)).inc();
+    cs.rq.status(code);
     if let Some(g) = in_flight {
         g.finish(lb::Outcome::Status(code));
     }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let up_upgrade = hyper::upgrade::on(&mut resp);
         let down = up.down;
-        ctx.hstat("downstream_cx_upgrades_total");
+        ctx.hs.downstream_cx_upgrades_total.inc();
         tokio::spawn(async move {
             match tokio::try_join!(down, up_upgrade) {
                 Ok((d, u)) => {

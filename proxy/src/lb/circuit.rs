@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::model::cluster::lb::{CircuitBreakers, Thresholds};
-use crate::stats::Stats;
+use crate::stats::{ClusterStats, ScopedCounter};
 
 /// Envoy's routing priority (`RoutingPriority`), which selects the thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -33,12 +33,12 @@ pub enum Resource {
 
 impl Resource {
     /// The `cluster.<name>.` stat Envoy counts an overflow in.
-    pub fn overflow_stat(self) -> &'static str {
+    pub fn overflow_stat(self, s: &ClusterStats) -> &ScopedCounter {
         match self {
-            Resource::Connections => "upstream_cx_overflow",
+            Resource::Connections => &s.upstream_cx_overflow,
             // Envoy counts max_requests overflows as pending overflows too.
-            Resource::PendingRequests | Resource::Requests => "upstream_rq_pending_overflow",
-            Resource::Retries => "upstream_rq_retry_overflow",
+            Resource::PendingRequests | Resource::Requests => &s.upstream_rq_pending_overflow,
+            Resource::Retries => &s.upstream_rq_retry_overflow,
         }
     }
 }
@@ -112,8 +112,7 @@ impl Breakers {
         cfg: &CircuitBreakers,
         p: RoutingPriority,
         resource: Resource,
-        cluster: &str,
-        stats: &Stats,
+        stats: &ClusterStats,
     ) -> Result<BreakerGuard, Overflow> {
         let t: &Thresholds = match p {
             RoutingPriority::Default => &cfg.default,
@@ -146,11 +145,9 @@ impl Breakers {
                 resource,
             })
         } else {
-            stats
-                .counter(&format!("cluster.{cluster}.{}", resource.overflow_stat()))
-                .inc();
+            resource.overflow_stat(stats).inc();
             Err(Overflow {
-                cluster: cluster.to_string(),
+                cluster: stats.name().to_string(),
                 resource,
                 limit,
             })
@@ -161,6 +158,7 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Stats;
 
     #[test]
     fn guard_releases_and_overflow_is_counted() {
@@ -168,15 +166,8 @@ mod tests {
         let mut cfg = CircuitBreakers::default();
         cfg.default.max_connections = 2;
         let stats = Stats::default();
-        let take = || {
-            b.try_take(
-                &cfg,
-                RoutingPriority::Default,
-                Resource::Connections,
-                "c",
-                &stats,
-            )
-        };
+        let cs = stats.cluster("c");
+        let take = || b.try_take(&cfg, RoutingPriority::Default, Resource::Connections, &cs);
         let g1 = take().unwrap();
         let _g2 = take().unwrap();
         let e = take().unwrap_err();
@@ -186,14 +177,8 @@ mod tests {
         assert!(take().is_ok());
         // HIGH has its own counts and its defaults.
         assert!(
-            b.try_take(
-                &cfg,
-                RoutingPriority::High,
-                Resource::Connections,
-                "c",
-                &stats
-            )
-            .is_ok()
+            b.try_take(&cfg, RoutingPriority::High, Resource::Connections, &cs)
+                .is_ok()
         );
     }
 
@@ -203,25 +188,23 @@ mod tests {
         let mut cfg = CircuitBreakers::default();
         cfg.default.retry_budget = Some((20.0, 3));
         let stats = Stats::default();
+        let cs = stats.cluster("c");
         let p = RoutingPriority::Default;
         // 25 requests in flight: 20% = 5 retries (above the floor of 3).
         let rq: Vec<_> = (0..25)
-            .map(|_| {
-                b.try_take(&cfg, p, Resource::Requests, "c", &stats)
-                    .unwrap()
-            })
+            .map(|_| b.try_take(&cfg, p, Resource::Requests, &cs).unwrap())
             .collect();
         let r: Vec<_> = (0..5)
-            .map(|_| b.try_take(&cfg, p, Resource::Retries, "c", &stats).unwrap())
+            .map(|_| b.try_take(&cfg, p, Resource::Retries, &cs).unwrap())
             .collect();
-        assert!(b.try_take(&cfg, p, Resource::Retries, "c", &stats).is_err());
+        assert!(b.try_take(&cfg, p, Resource::Retries, &cs).is_err());
         drop(r);
         drop(rq);
         // Nothing in flight: the floor still allows 3.
         let _r: Vec<_> = (0..3)
-            .map(|_| b.try_take(&cfg, p, Resource::Retries, "c", &stats).unwrap())
+            .map(|_| b.try_take(&cfg, p, Resource::Retries, &cs).unwrap())
             .collect();
-        assert!(b.try_take(&cfg, p, Resource::Retries, "c", &stats).is_err());
+        assert!(b.try_take(&cfg, p, Resource::Retries, &cs).is_err());
         assert_eq!(
             stats.counter("cluster.c.upstream_rq_retry_overflow").get(),
             2
@@ -233,27 +216,16 @@ mod tests {
         let b = Breakers::default();
         let cfg = CircuitBreakers::default();
         let stats = Stats::default();
+        let cs = stats.cluster("c");
         let g: Vec<_> = (0..3)
             .map(|_| {
-                b.try_take(
-                    &cfg,
-                    RoutingPriority::Default,
-                    Resource::Retries,
-                    "c",
-                    &stats,
-                )
-                .unwrap()
+                b.try_take(&cfg, RoutingPriority::Default, Resource::Retries, &cs)
+                    .unwrap()
             })
             .collect();
         assert!(
-            b.try_take(
-                &cfg,
-                RoutingPriority::Default,
-                Resource::Retries,
-                "c",
-                &stats
-            )
-            .is_err()
+            b.try_take(&cfg, RoutingPriority::Default, Resource::Retries, &cs)
+                .is_err()
         );
         assert_eq!(
             stats.counter("cluster.c.upstream_rq_retry_overflow").get(),

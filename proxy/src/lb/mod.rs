@@ -508,7 +508,7 @@ impl Prepared {
         let (level, avail) = priority::choose_priority(&self.plan.load, roll)?;
         let pickers = self.levels.get(level)?;
         if self.plan.load.panic.get(level).copied().unwrap_or(false) {
-            lb.shared.lb_healthy_panic.inc();
+            lb.shared.stats.lb_healthy_panic.inc();
             if lb
                 .policy
                 .common

@@ -12,6 +12,7 @@ use tracing::info;
 use super::host::{Host, Outcome, flag};
 use super::registry::ClusterShared;
 use crate::model::cluster::lb::OutlierDetection;
+use crate::stats::{OutlierStats, ScopedCounter};
 
 /// Why a host is ejected (the suffix of Envoy's `ejections_*` stats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,36 @@ impl EjectionType {
             EjectionType::ConsecutiveLocalOriginFailure => "consecutive_local_origin_failure",
             EjectionType::SuccessRate => "success_rate",
             EjectionType::FailurePercentage => "failure_percentage",
+        }
+    }
+
+    /// `outlier_detection.ejections_detected_<type>`.
+    fn detected(self, s: &OutlierStats) -> &ScopedCounter {
+        match self {
+            EjectionType::Consecutive5xx => &s.ejections_detected_consecutive_5xx,
+            EjectionType::ConsecutiveGatewayFailure => {
+                &s.ejections_detected_consecutive_gateway_failure
+            }
+            EjectionType::ConsecutiveLocalOriginFailure => {
+                &s.ejections_detected_consecutive_local_origin_failure
+            }
+            EjectionType::SuccessRate => &s.ejections_detected_success_rate,
+            EjectionType::FailurePercentage => &s.ejections_detected_failure_percentage,
+        }
+    }
+
+    /// `outlier_detection.ejections_enforced_<type>`.
+    fn enforced(self, s: &OutlierStats) -> &ScopedCounter {
+        match self {
+            EjectionType::Consecutive5xx => &s.ejections_enforced_consecutive_5xx,
+            EjectionType::ConsecutiveGatewayFailure => {
+                &s.ejections_enforced_consecutive_gateway_failure
+            }
+            EjectionType::ConsecutiveLocalOriginFailure => {
+                &s.ejections_enforced_consecutive_local_origin_failure
+            }
+            EjectionType::SuccessRate => &s.ejections_enforced_success_rate,
+            EjectionType::FailurePercentage => &s.ejections_enforced_failure_percentage,
         }
     }
 
@@ -122,10 +153,7 @@ impl ClusterShared {
             if host.state.flags() & flag::FAILED_OUTLIER_CHECK != 0 {
                 break;
             }
-            self.count(&format!(
-                "outlier_detection.ejections_detected_{}",
-                t.stat()
-            ));
+            t.detected(&self.stats.outlier_detection).inc();
             self.eject(host, t, cfg, now);
         }
     }
@@ -136,12 +164,12 @@ impl ClusterShared {
         let active = self.ejections_active();
         let ejected_pct = 100.0 * active as f64 / total as f64;
         if ejected_pct >= f64::from(cfg.max_ejection_percent) {
-            self.count("outlier_detection.ejections_overflow");
+            self.stats.outlier_detection.ejections_overflow.inc();
             return;
         }
         if matches!(t, EjectionType::Consecutive5xx | EjectionType::SuccessRate) {
             // Envoy keeps this deprecated counter for these two types only.
-            self.count("outlier_detection.ejections_total");
+            self.stats.outlier_detection.ejections_total.inc();
         }
         let enforce = t.enforcing(cfg);
         if enforce < 100 && fastrand::u32(0..100) >= enforce {
@@ -153,11 +181,9 @@ impl ClusterShared {
             st.ejected_at = Some(now);
         }
         if host.state.set_flag(flag::FAILED_OUTLIER_CHECK) {
-            self.count("outlier_detection.ejections_enforced_total");
-            self.count(&format!(
-                "outlier_detection.ejections_enforced_{}",
-                t.stat()
-            ));
+            let od = &self.stats.outlier_detection;
+            od.ejections_enforced_total.inc();
+            t.enforced(od).inc();
             self.set_ejections_active(active + 1);
             info!(cluster = %self.name, host = %host.address, reason = t.stat(), "outlier ejected");
             self.health_changed();
@@ -237,7 +263,9 @@ impl ClusterShared {
                 .unwrap_or_else(|e| e.into_inner()) = Some((mean, threshold));
             for (i, r) in &sr {
                 if *r < threshold {
-                    self.count("outlier_detection.ejections_detected_success_rate");
+                    EjectionType::SuccessRate
+                        .detected(&self.stats.outlier_detection)
+                        .inc();
                     self.eject(&hosts[*i], EjectionType::SuccessRate, cfg, now);
                 }
             }
@@ -253,7 +281,9 @@ impl ClusterShared {
                 if *f >= f64::from(cfg.failure_percentage_threshold)
                     && hosts[*i].state.flags() & flag::FAILED_OUTLIER_CHECK == 0
                 {
-                    self.count("outlier_detection.ejections_detected_failure_percentage");
+                    EjectionType::FailurePercentage
+                        .detected(&self.stats.outlier_detection)
+                        .inc();
                     self.eject(&hosts[*i], EjectionType::FailurePercentage, cfg, now);
                 }
             }

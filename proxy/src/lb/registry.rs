@@ -15,13 +15,13 @@ use super::circuit::Breakers;
 use super::host::{Host, HostState, flag};
 use crate::model::cluster::lb::{LbSettings, OutlierDetection};
 use crate::model::endpoint::{LoadAssignment, Locality};
-use crate::stats::Stats;
+use crate::stats::{ClusterStats, Stats};
 
 /// Every cluster's persistent host state, shared by successive snapshots.
 #[derive(Debug)]
 pub struct HostRegistry {
     clusters: Mutex<HashMap<String, Arc<ClusterShared>>>,
-    pub(crate) stats: Arc<Stats>,
+    stats: Arc<Stats>,
     health: Arc<watch::Sender<u64>>,
     local_locality: Mutex<Option<Locality>>,
     local_cluster: Mutex<Option<String>>,
@@ -104,7 +104,7 @@ impl HostRegistry {
             .or_insert_with(|| {
                 Arc::new(ClusterShared {
                     name: name.to_string(),
-                    stats: self.stats.clone(),
+                    stats: self.stats.cluster(name),
                     health: self.health.clone(),
                     generation: AtomicU64::new(0),
                     hosts: Mutex::new(HashMap::new()),
@@ -112,9 +112,6 @@ impl HostRegistry {
                     outlier: ArcSwap::from_pointee(None),
                     active_hc: ArcSwap::from_pointee(false),
                     host_count: AtomicU64::new(0),
-                    lb_healthy_panic: self
-                        .stats
-                        .counter(&format!("cluster.{name}.lb_healthy_panic")),
                     success_rate_summary: Mutex::new(None),
                 })
             })
@@ -129,10 +126,18 @@ impl HostRegistry {
         c
     }
 
-    /// Forget clusters not in `keep` (their hosts went away with them).
+    /// Forget clusters not in `keep`: their hosts went away with them, and their stats leave
+    /// `/stats` (as Envoy drops a removed cluster's stats).
     pub fn retain(&self, keep: &BTreeSet<&str>) {
         let mut m = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|k, _| keep.contains(k.as_str()));
+        drop(m);
+        self.stats.retain_clusters(|n| keep.contains(n));
+    }
+
+    /// The stats registry this registry's clusters count in.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
     }
 }
 
@@ -140,9 +145,10 @@ impl HostRegistry {
 /// outlier-detection settings and a health generation.
 #[derive(Debug)]
 pub struct ClusterShared {
-    /// Cluster name (for stats).
+    /// Cluster name (for logs).
     pub name: String,
-    pub(crate) stats: Arc<Stats>,
+    /// `cluster.<name>.*`, kept as long as this state.
+    pub stats: Arc<ClusterStats>,
     health: Arc<watch::Sender<u64>>,
     generation: AtomicU64,
     hosts: Mutex<HashMap<SocketAddr, Arc<HostState>>>,
@@ -151,8 +157,6 @@ pub struct ClusterShared {
     pub(crate) outlier: ArcSwap<Option<OutlierDetection>>,
     active_hc: ArcSwap<bool>,
     host_count: AtomicU64,
-    /// `cluster.<name>.lb_healthy_panic`: picks made in panic mode.
-    pub(crate) lb_healthy_panic: Arc<crate::stats::Counter>,
     /// (average, ejection threshold) of the last success-rate computation.
     pub(crate) success_rate_summary: Mutex<Option<(f64, f64)>>,
 }
@@ -280,17 +284,6 @@ impl ClusterShared {
     }
 
     pub(crate) fn set_ejections_active(&self, n: u64) {
-        let g = self.stats.gauge(&format!(
-            "cluster.{}.outlier_detection.ejections_active",
-            self.name
-        ));
-        g.set(n);
-    }
-
-    /// Count `cluster.<name>.<suffix>`.
-    pub(crate) fn count(&self, suffix: &str) {
-        self.stats
-            .counter(&format!("cluster.{}.{suffix}", self.name))
-            .inc();
+        self.stats.outlier_detection.ejections_active.set(n);
     }
 }

@@ -157,7 +157,7 @@ fn panic_mode_uses_every_host() {
     // 33% healthy < 50%: panic, all three used.
     let c = counts(&e, 300, &LbRequest::default());
     assert_eq!(c.len(), 3, "{c:?}");
-    assert_eq!(e.lb.shared.lb_healthy_panic.get(), 300);
+    assert_eq!(e.stats.lb_healthy_panic.get(), 300);
 }
 
 #[test]

@@ -2,6 +2,11 @@
 //!
 //! Only the configuration task writes the store. A connection loads the `Arc<Snapshot>` once at
 //! accept and keeps it for its whole life, so it never sees half an update.
+//!
+//! Publishing attaches the snapshot to the store's [`HostRegistry`]: each cluster entry gets
+//! the live host state and the [`ClusterStats`] its cluster had in the previous snapshot, the
+//! stats of clusters no longer present leave `/stats`, and the stat handles of the HTTP
+//! connection managers and virtual clusters are resolved, so no request looks a name up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,8 +17,16 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::lb::{ClusterLb, HostRegistry};
-use crate::model::{Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, RouteConfig};
-use crate::stats::Stats;
+use crate::model::{
+    Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, NetworkAction, RouteConfig,
+};
+use crate::stats::{ClusterStats, HttpStats, Stats, VclusterStats};
+
+/// Envoy's (and Istio's) name for outbound connections no listener handles; its stats exist
+/// whether or not a cluster of that name is configured.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// The inbound counterpart of [`PASSTHROUGH_CLUSTER`].
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 
 /// One accepted (or warming) xDS resource as it arrived, for `/config_dump`.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +92,8 @@ pub struct ClusterEntry {
     /// Hosts and balancing state; live host state is shared with other snapshots through the
     /// [`HostRegistry`] this entry was attached to.
     pub lb: ClusterLb,
+    /// `cluster.<name>.*`: the same handles in every snapshot while the cluster exists.
+    pub stats: Arc<ClusterStats>,
 }
 
 impl ClusterEntry {
@@ -95,11 +110,13 @@ impl ClusterEntry {
             assignment.as_deref(),
             registry,
         );
+        let stats = lb.shared.stats.clone();
         ClusterEntry {
             cluster,
             assignment,
             rr: AtomicUsize::new(0),
             lb,
+            stats,
         }
     }
 
@@ -155,14 +172,10 @@ impl ClusterEntry {
         p: crate::lb::RoutingPriority,
         r: crate::lb::Resource,
     ) -> Result<crate::lb::BreakerGuard, crate::lb::Overflow> {
-        let shared = &self.lb.shared;
-        shared.breakers.try_take(
-            &self.cluster.lb.circuit_breakers,
-            p,
-            r,
-            &self.cluster.name,
-            &shared.stats,
-        )
+        self.lb
+            .shared
+            .breakers
+            .try_take(&self.cluster.lb.circuit_breakers, p, r, &self.stats)
     }
 
     /// The hosts new traffic may reach and their expected shares (priority load, panic,
@@ -194,6 +207,66 @@ pub struct Snapshot {
     pub xds: Arc<XdsDump>,
     /// Listener name by exact address.
     by_addr: HashMap<SocketAddr, String>,
+    /// Stat handles resolved by [`Snapshot::attach`].
+    handles: Handles,
+    /// The registry of the store this snapshot was attached to (a private one before).
+    stats: Arc<Stats>,
+}
+
+/// Stat handles of a snapshot's resources other than its cluster entries.
+#[derive(Debug, Default)]
+struct Handles {
+    /// By HCM `stat_prefix`.
+    http: HashMap<String, Arc<HttpStats>>,
+    /// By virtual host name, then virtual cluster name (`other` included).
+    vclusters: HashMap<String, HashMap<String, Arc<VclusterStats>>>,
+    /// The passthrough clusters' stats, when no cluster of that name is configured.
+    passthrough: HashMap<&'static str, Arc<ClusterStats>>,
+}
+
+impl Handles {
+    fn resolve(snap: &Snapshot, stats: &Stats) -> Handles {
+        let mut h = Handles::default();
+        let mut vclusters_of = |rc: &RouteConfig| {
+            for vh in rc
+                .virtual_hosts
+                .iter()
+                .filter(|v| !v.virtual_clusters.is_empty())
+            {
+                let m = h.vclusters.entry(vh.name.clone()).or_default();
+                let names = vh.virtual_clusters.iter().map(|(n, _)| n.as_str());
+                for vc in names.chain(["other"]) {
+                    m.entry(vc.to_string())
+                        .or_insert_with(|| stats.vcluster(&vh.name, vc));
+                }
+            }
+        };
+        let mut prefixes: Vec<&str> = Vec::new();
+        for l in snap.listeners.values() {
+            for chain in l.filter_chains.iter().chain(&l.default_filter_chain) {
+                if let NetworkAction::Http(m) = &chain.action {
+                    prefixes.push(&m.stat_prefix);
+                    if let Some(rc) = &m.inline_route_config {
+                        vclusters_of(rc);
+                    }
+                }
+            }
+        }
+        for rc in snap.routes.values() {
+            vclusters_of(rc);
+        }
+        for p in prefixes {
+            if !h.http.contains_key(p) {
+                h.http.insert(p.to_string(), stats.http(p));
+            }
+        }
+        for name in [PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER] {
+            if !snap.clusters.contains_key(name) {
+                h.passthrough.insert(name, stats.cluster(name));
+            }
+        }
+        h
+    }
 }
 
 impl Snapshot {
@@ -239,7 +312,8 @@ impl Snapshot {
             .map(|l| (l.name.clone(), Arc::new(l)))
             .collect();
         // Until a Store attaches it to its registry, a snapshot's hosts keep their own state.
-        let registry = HostRegistry::new(Arc::new(Stats::default()));
+        let stats = Arc::new(Stats::default());
+        let registry = HostRegistry::new(stats.clone());
         let clusters = clusters
             .into_iter()
             .map(|c| {
@@ -262,6 +336,7 @@ impl Snapshot {
             listeners,
             clusters,
             by_addr,
+            stats,
             ..Default::default()
         }
     }
@@ -291,11 +366,45 @@ impl Snapshot {
         self.clusters.get(name)
     }
 
+    /// `cluster.<name>.*` of a configured cluster (its entry's `stats`), or of
+    /// [`PASSTHROUGH_CLUSTER`] / [`INBOUND_PASSTHROUGH_CLUSTER`] when they are not configured.
+    pub fn cluster_stats(&self, name: &str) -> Option<&Arc<ClusterStats>> {
+        self.clusters
+            .get(name)
+            .map(|e| &e.stats)
+            .or_else(|| self.handles.passthrough.get(name))
+    }
+
+    /// `http.<stat_prefix>.*` for an HCM of this snapshot; for another prefix (an HCM of a
+    /// listener since removed), found or created in the registry.
+    pub fn http_stats(&self, stat_prefix: &str) -> Arc<HttpStats> {
+        match self.handles.http.get(stat_prefix) {
+            Some(h) => h.clone(),
+            None => self.stats.http(stat_prefix),
+        }
+    }
+
+    /// `vhost.<vhost>.vcluster.<vcluster>.*` for a virtual cluster of this snapshot's route
+    /// configurations; for another, found or created in the registry.
+    pub fn vcluster_stats(&self, vhost: &str, vcluster: &str) -> Arc<VclusterStats> {
+        match self
+            .handles
+            .vclusters
+            .get(vhost)
+            .and_then(|m| m.get(vcluster))
+        {
+            Some(v) => v.clone(),
+            None => self.stats.vcluster(vhost, vcluster),
+        }
+    }
+
     /// Re-create every cluster entry on `registry`, so hosts keep their live state (active
-    /// requests, ejections, health-check results) from earlier snapshots; forgets the state of
-    /// clusters this snapshot no longer has.
+    /// requests, ejections, health-check results) and clusters their stats from earlier
+    /// snapshots; forgets the state and drops the stats of clusters this snapshot no longer
+    /// has; resolves the stat handles of its HTTP connection managers and virtual clusters.
     pub fn attach(&mut self, registry: &HostRegistry) {
-        let names: BTreeSet<&str> = self.clusters.keys().map(String::as_str).collect();
+        let mut names: BTreeSet<&str> = self.clusters.keys().map(String::as_str).collect();
+        names.extend([PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER]);
         registry.retain(&names);
         // Zone-aware routing weighs upstream localities against the local cluster's.
         if let Some(local) = registry.local_cluster() {
@@ -320,6 +429,7 @@ impl Snapshot {
             if let Some(e) = Arc::get_mut(entry)
                 && e.lb.rebind(&e.cluster.name, &e.cluster.lb, registry)
             {
+                e.stats = e.lb.shared.stats.clone();
                 continue;
             }
             *entry = Arc::new(ClusterEntry::new(
@@ -328,6 +438,8 @@ impl Snapshot {
                 registry,
             ));
         }
+        self.stats = registry.stats().clone();
+        self.handles = Handles::resolve(self, &self.stats);
     }
 }
 
@@ -377,3 +489,6 @@ impl Store {
         self.changed.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests;
