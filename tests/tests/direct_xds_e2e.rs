@@ -1,6 +1,7 @@
 //! skiff's ADS client against skiff's own control plane, both in-process, with real traffic:
-//! initial load, update, NACK of an invalid resource (last good keeps serving), removal, and a
-//! control-plane restart (traffic continues, the config resyncs). Run for SotW and delta.
+//! initial load, update, NACK of an invalid resource (last good keeps serving), a
+//! control-plane restart (traffic continues, the config resyncs), and removal (of the listener;
+//! of the cluster, whose stats leave /stats). Run for SotW and delta.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -105,12 +106,15 @@ fn bootstrap(api: &str, xds: SocketAddr, admin: u16) -> String {
     skiff_tests::ads_bootstrap(api, "e2e", xds, admin)
 }
 
-async fn stat(admin: u16, name: &str) -> u64 {
+async fn stats_body(admin: u16) -> String {
     let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let body = skiff::admin::request(addr, hyper::Method::GET, "/stats")
+    skiff::admin::request(addr, hyper::Method::GET, "/stats")
         .await
-        .unwrap_or_default();
-    skiff_tests::stat_value(&body, name)
+        .unwrap_or_default()
+}
+
+async fn stat(admin: u16, name: &str) -> u64 {
+    skiff_tests::stat_value(&stats_body(admin).await, name)
 }
 
 async fn scenario(api: &str) {
@@ -165,6 +169,26 @@ async fn scenario(api: &str) {
     )
     .unwrap();
     eventually(listen, None).await;
+
+    // Removal of the cluster: its stats leave /stats, as in Envoy.
+    assert!(stat(admin, "cluster.svc.upstream_cx_total").await > 0);
+    std::fs::write(
+        dir.path().join("clusters.json"),
+        r#"{"version_info": "6", "resources": []}"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let listed = stats_body(admin).await;
+        if !listed.lines().any(|l| l.starts_with("cluster.svc.")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed cluster's stats are still listed:\n{listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     skiff.stop().await.unwrap();
     let _ = cp.stop().await;
