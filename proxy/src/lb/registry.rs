@@ -29,7 +29,8 @@ pub struct HostRegistry {
 }
 
 impl HostRegistry {
-    /// A registry counting its stats (overflows, ejections) in `stats`.
+    /// A registry counting its clusters' stats in `stats`, which it owns the cluster names of:
+    /// a cluster it forgets leaves `stats` too (so give each registry its own `Stats`).
     pub fn new(stats: Arc<Stats>) -> Arc<HostRegistry> {
         Arc::new(HostRegistry {
             clusters: Mutex::new(HashMap::new()),
