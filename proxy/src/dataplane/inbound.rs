@@ -94,7 +94,7 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
         return;
     };
     span.record("orig_dst", field::display(orig));
-    let snap = dp.store.load();
+    let snap = dp.store().load();
     let decision = match inbound_listener(&snap, inbound_port) {
         None => Decision::Passthrough(orig.into()),
         Some(l) => {
@@ -132,7 +132,7 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
         }
         Decision::Upstream { cluster, .. } => {
             // DNS clusters make no sense for traffic into the pod.
-            dp.stats
+            dp.stats()
                 .counter(&format!("cluster.{cluster}.upstream_cx_none_healthy"))
                 .inc();
             debug!(%cluster, "inbound cluster without a resolved endpoint");
@@ -147,7 +147,7 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
             span.record("filter_chain", field::display(&filter_chain));
             drop(snap);
             let conn = crate::http::HttpConn {
-                dp: dp.clone(),
+                dp: dp.shared.clone(),
                 manager,
                 listener,
                 client,
@@ -162,7 +162,7 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
             crate::model::cluster::DEFAULT_CONNECT_TIMEOUT,
         ),
         Decision::Reject(why) => {
-            dp.stats
+            dp.stats()
                 .counter("skiff.inbound.downstream_cx_rejected")
                 .inc();
             debug!(reason = %why, "closing inbound connection");
@@ -171,9 +171,9 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
     };
     span.record("endpoint", field::display(target));
     drop(snap);
-    let stat = |s: &str| dp.stats.counter(&format!("cluster.{cluster}.{s}"));
+    let stat = |s: &str| dp.stats().counter(&format!("cluster.{cluster}.{s}"));
     stat("upstream_cx_total").inc();
-    let mut up = match connect_app(target, dp.upstream_mark, timeout).await {
+    let mut up = match connect_app(target, dp.upstream_mark(), timeout).await {
         Ok(s) => s,
         Err(e) => {
             if e.kind() == std::io::ErrorKind::TimedOut {
@@ -186,7 +186,7 @@ async fn handle(dp: &Arc<Dataplane>, down: TcpStream, client: SocketAddr, inboun
         }
     };
     let active = dp
-        .stats
+        .stats()
         .gauge(&format!("cluster.{cluster}.upstream_cx_active"));
     active.inc();
     let mut down = down;

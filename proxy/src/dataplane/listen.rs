@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, field, info_span, warn};
 
-use super::{Accepted, Dataplane, Decision, connect, decide, forward, listener_of, orig_dst};
+use super::{Accepted, Dataplane, Decision, decide, forward, listener_of, orig_dst};
 use crate::addr::{ClientAddr, EndpointAddr};
 
 /// What kind of listener accepted a connection.
@@ -83,8 +83,8 @@ pub(super) async fn accept_loop<F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let accepted = dp.stats.counter(&format!("{stat}.downstream_cx_total"));
-    let active = dp.stats.gauge(&format!("{stat}.downstream_cx_active"));
+    let accepted = dp.stats().counter(&format!("{stat}.downstream_cx_total"));
+    let active = dp.stats().gauge(&format!("{stat}.downstream_cx_active"));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -151,7 +151,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
     let wants_orig = match role {
         ListenerRole::Capture => true,
         ListenerRole::Static { name } => dp
-            .store
+            .store()
             .load()
             .listeners
             .get(name)
@@ -171,7 +171,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
     if let Some(o) = orig {
         span.record("orig_dst", field::display(o));
     }
-    let snap = dp.store.load();
+    let snap = dp.store().load();
     let mut accepted = Accepted {
         role,
         client: client.get(),
@@ -214,7 +214,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
                 (None, Some((host, port))) => match resolve(&host, port).await {
                     Some(a) => EndpointAddr(a),
                     None => {
-                        dp.stats
+                        dp.stats()
                             .counter(&format!("cluster.{cluster}.upstream_cx_none_healthy"))
                             .inc();
                         debug!(%host, "DNS resolution failed");
@@ -234,7 +234,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
             span.record("filter_chain", field::display(&filter_chain));
             drop(snap);
             let conn = crate::http::HttpConn {
-                dp: dp.clone(),
+                dp: dp.shared.clone(),
                 manager,
                 listener,
                 client: client.get(),
@@ -249,7 +249,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
             crate::model::cluster::DEFAULT_CONNECT_TIMEOUT,
         ),
         Decision::Reject(why) => {
-            dp.stats.counter("skiff.downstream_cx_rejected").inc();
+            dp.stats().counter("skiff.downstream_cx_rejected").inc();
             debug!(reason = %why, "closing connection");
             return;
         }
@@ -269,13 +269,13 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
     };
     // Drop the snapshot before the long copy: the connection keeps its decision, not the config.
     drop(snap);
-    let stat = |s: &str| dp.stats.counter(&format!("cluster.{cluster}.{s}"));
+    let stat = |s: &str| dp.stats().counter(&format!("cluster.{cluster}.{s}"));
     stat("upstream_cx_total").inc();
-    let mut up = match connect::connect(target, dp.upstream_mark, timeout).await {
+    let mut up = match crate::net::connect(target, dp.upstream_mark(), timeout).await {
         Ok(s) => s,
         Err(e) => {
             let outcome = match e {
-                connect::ConnectError::Timeout { .. } => {
+                crate::net::ConnectError::Timeout { .. } => {
                     stat("upstream_cx_connect_timeout").inc();
                     crate::lb::Outcome::Timeout
                 }
@@ -298,7 +298,7 @@ async fn handle(dp: &Arc<Dataplane>, mut down: TcpStream, client: ClientAddr, ro
     });
     let _cx_slot = cx_slot;
     let active = dp
-        .stats
+        .stats()
         .gauge(&format!("cluster.{cluster}.upstream_cx_active"));
     active.inc();
     // Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock queue, which

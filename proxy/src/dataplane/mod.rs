@@ -3,7 +3,6 @@
 //! `decide` is pure over one snapshot so it can be tested and explained without sockets; the
 //! rest is I/O around it.
 
-pub mod connect;
 pub mod forward;
 pub mod inbound;
 pub mod listen;
@@ -26,16 +25,11 @@ pub use listen::{ListenerRole, run};
 /// Shared state of every listener task.
 #[derive(Debug)]
 pub struct Dataplane {
-    /// Current configuration.
-    pub store: Arc<Store>,
-    /// Counters.
-    pub stats: Arc<Stats>,
-    /// SO_MARK put on every upstream socket (the capture programs skip marked sockets).
-    pub upstream_mark: Option<u32>,
+    /// Configuration, counters, upstream mark and HTTP pool: the part the HTTP connection
+    /// manager gets too.
+    pub shared: Arc<crate::http::Shared>,
     /// Port of the capture listener, whose `use_original_dst` listener is the virtual one.
     pub capture_port: u16,
-    /// Kept-alive upstream HTTP connections (HTTP connection manager chains).
-    pub http_pool: crate::http::pool::Pool,
     /// `--sockmap` service ports: their connections are copied, not spliced (see `forward`).
     pub sockmap_ports: Vec<u16>,
     weighted_cursor: AtomicUsize,
@@ -50,14 +44,31 @@ impl Dataplane {
         capture_port: u16,
     ) -> Self {
         Dataplane {
-            store,
-            stats,
-            upstream_mark,
+            shared: Arc::new(crate::http::Shared {
+                store,
+                stats,
+                upstream_mark,
+                http_pool: crate::http::pool::Pool::new(),
+            }),
             capture_port,
-            http_pool: crate::http::pool::Pool::new(),
             sockmap_ports: Vec::new(),
             weighted_cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// Current configuration.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.shared.stats
+    }
+
+    /// SO_MARK put on every upstream socket (the capture programs skip marked sockets).
+    pub fn upstream_mark(&self) -> Option<u32> {
+        self.shared.upstream_mark
     }
 }
 
