@@ -601,10 +601,10 @@ fn start_inbound(
     for l in std::iter::once(v4).chain(v6) {
         info!(addr = ?l.local_addr().ok(), "inbound listener up");
         let stop = stop.clone();
-        tasks.push(tokio::spawn(dataplane::inbound::run(
+        tasks.push(tokio::spawn(dataplane::run(
             l,
+            ListenerRole::Inbound { port: ib.port },
             dp.clone(),
-            ib.port,
             async move { stop.cancelled().await },
         )));
     }

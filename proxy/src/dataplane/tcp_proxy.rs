@@ -1,0 +1,134 @@
+//! The tcp_proxy step, for every listener: take the chosen cluster's connection slot, connect
+//! to the chosen target, tell the chosen host how it went, count the connection on it, and
+//! copy bytes. Nothing is looked up again: the cluster entry and host are selection's.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::{debug, field};
+
+use super::counters::{ClusterCounters, Cx};
+use super::error::ConnError;
+use super::route::{Target, TcpRoute};
+use super::{Dataplane, ListenerRole, connect, forward};
+use crate::addr::{EndpointAddr, OrigDstAddr};
+use crate::lb::{Outcome, RoutingPriority};
+use crate::model::cluster::DEFAULT_CONNECT_TIMEOUT;
+use crate::state::ClusterEntry;
+
+/// Where one tcp_proxy connection goes: a cluster's target, or passthrough (no listener owns
+/// the destination, so no cluster is involved).
+#[derive(Debug)]
+pub(super) struct Upstream {
+    /// The chosen cluster entry (breaker, connect timeout); `None` for passthrough.
+    cluster: Option<Arc<ClusterEntry>>,
+    /// Stat name when there is no cluster: the role's passthrough cluster.
+    passthrough: &'static str,
+    /// Where to connect.
+    target: Target,
+}
+
+impl Upstream {
+    /// The upstream selection chose on a tcp_proxy chain.
+    pub(super) fn chosen(route: TcpRoute) -> Upstream {
+        Upstream {
+            cluster: Some(route.cluster),
+            passthrough: "",
+            target: route.target,
+        }
+    }
+
+    /// Passthrough to `dst` for a connection of `role`.
+    pub(super) fn passthrough(role: &ListenerRole, dst: EndpointAddr) -> Upstream {
+        Upstream {
+            cluster: None,
+            passthrough: role.passthrough_cluster(),
+            target: Target::OriginalDst(dst),
+        }
+    }
+
+    /// Stat name of the cluster.
+    pub(super) fn name(&self) -> &str {
+        self.cluster
+            .as_ref()
+            .map_or(self.passthrough, |c| &c.cluster.name)
+    }
+}
+
+/// Proxy `down` to `up` until both sides close.
+pub(super) async fn proxy(
+    dp: &Dataplane,
+    role: &ListenerRole,
+    mut down: TcpStream,
+    orig_dst: Option<OrigDstAddr>,
+    up: Upstream,
+) -> Result<(), ConnError> {
+    let name = up.name();
+    let counters = ClusterCounters::new(dp.stats(), name);
+    // 1. The cluster's circuit breaker: tcp_proxy closes the connection at max_connections
+    // (`upstream_cx_overflow` is counted by the breaker). The slot is held until the end.
+    let _slot = match &up.cluster {
+        Some(c) => Some(c.try_connection(RoutingPriority::Default)?),
+        None => None,
+    };
+    let timeout = up
+        .cluster
+        .as_ref()
+        .map_or(DEFAULT_CONNECT_TIMEOUT, |c| c.cluster.connect_timeout);
+    // 2. Connect.
+    let addr = connect::resolve(&up.target, name).await?;
+    tracing::Span::current().record("endpoint", field::display(addr));
+    counters.inc(Cx::Total);
+    let host = up.target.host().cloned();
+    let mut upstream = match connect::connect(dp, role, addr, timeout).await {
+        Ok(s) => s,
+        Err(source) => {
+            let (stat, outcome) = if source.is_timeout() {
+                (Cx::ConnectTimeout, Outcome::Timeout)
+            } else {
+                (Cx::ConnectFail, Outcome::ConnectFailure)
+            };
+            counters.inc(stat);
+            if let Some(h) = &host {
+                h.report(outcome);
+            }
+            return Err(ConnError::Connect {
+                cluster: name.to_string(),
+                source,
+            });
+        }
+    };
+    // 3. Outlier detection and LEAST_REQUEST see L4 connections as tcp_proxy reports them.
+    let _cx = host.map(|h| {
+        h.report(Outcome::Success);
+        h.start_connection()
+    });
+    // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
+    // queue, which splice(2) never reads: accelerated pairs take the buffered copy.
+    let accelerated = dp
+        .sockmap_ports
+        .iter()
+        .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
+    let (tx, rx, active) = (
+        counters.counter(Cx::TxBytes),
+        counters.counter(Cx::RxBytes),
+        counters.active(),
+    );
+    // The connection keeps its slot and host, not the configuration they came from.
+    drop(up);
+    active.inc();
+    let moved = if accelerated {
+        forward::forward_copy(&mut down, &mut upstream).await
+    } else {
+        forward::forward(&mut down, &mut upstream).await
+    };
+    active.dec();
+    let t = moved.map_err(|e| ConnError::Stream {
+        side: e.side,
+        source: e.source,
+    })?;
+    tx.add(t.tx);
+    rx.add(t.rx);
+    debug!(tx = t.tx, rx = t.rx, "connection closed");
+    Ok(())
+}
