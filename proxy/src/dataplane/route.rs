@@ -143,7 +143,7 @@ impl Chain {
 }
 
 /// A filter chain under consideration, with whatever the caller tracks beside it.
-pub(crate) trait Candidate: Copy {
+trait Candidate: Copy {
     /// The chain.
     fn chain(&self) -> &FilterChain;
 }
@@ -177,7 +177,7 @@ pub fn select_chain<'l>(
 
 /// Envoy's first two steps: destination port (exact, else chains without a port), then
 /// destination IP (longest matching prefix, else chains without prefixes).
-pub(crate) fn by_destination<C: Candidate>(
+fn by_destination<C: Candidate>(
     chains: impl IntoIterator<Item = C>,
     dst: SocketAddr,
 ) -> Vec<C> {
@@ -305,7 +305,7 @@ pub fn chain_for_destination<'l>(
 }
 
 /// Keep the chains with the highest score; `None` drops a chain.
-pub(crate) fn narrow<C: Candidate>(
+fn narrow<C: Candidate>(
     chains: impl IntoIterator<Item = C>,
     score: impl Fn(&FilterChain) -> Option<u32>,
 ) -> Vec<C> {
@@ -324,7 +324,7 @@ pub(crate) fn narrow<C: Candidate>(
 }
 
 /// Score for prefix criteria: 0 when the chain has none, 1 + length of the longest match.
-pub(crate) fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
+fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
     if ranges.is_empty() {
         return Some(0);
     }
