@@ -177,10 +177,7 @@ pub fn select_chain<'l>(
 
 /// Envoy's first two steps: destination port (exact, else chains without a port), then
 /// destination IP (longest matching prefix, else chains without prefixes).
-fn by_destination<C: Candidate>(
-    chains: impl IntoIterator<Item = C>,
-    dst: SocketAddr,
-) -> Vec<C> {
+fn by_destination<C: Candidate>(chains: impl IntoIterator<Item = C>, dst: SocketAddr) -> Vec<C> {
     let dst = canonical_addr(dst);
     let c = narrow(chains, |fc| match fc.matcher.destination_port {
         Some(p) if p == dst.port() => Some(1),
@@ -285,7 +282,7 @@ pub fn chain_for_destination<'l>(
     match by_destination(chains, dst).as_slice() {
         [] => Ok(None),
         [one] => {
-            let one: &'l FilterChain = *one;
+            let one: &'l FilterChain = one;
             let m = &one.matcher;
             if !m.server_names.is_empty()
                 || !m.transport_protocol.is_empty()
