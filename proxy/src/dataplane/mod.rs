@@ -4,7 +4,7 @@
 //! 1. `listen`: accept (connection cap, backoff), one task and one `conn` span per connection;
 //! 2. `accept`: the connection's facts on ONE snapshot load: client, local address, original
 //!    destination (`orig_dst`; inbound: the local address unless conntrack knows better), the
-//!    listener that serves it, sniffed application protocols ([`accept::Accepted`]);
+//!    listener that serves it, sniffed application protocols ([`Accepted`]);
 //! 3. `route` (pure): listener -> filter chain -> what the chain does ([`route::Route`]), down
 //!    to the cluster entry and host for tcp_proxy ([`route::Target`]); the BPF projection
 //!    calls the same listener and chain selection;
