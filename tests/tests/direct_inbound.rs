@@ -125,14 +125,18 @@ static_resources:
         assert_eq!(self.stat(name), want, "{name}");
     }
 
-    /// Live state of `addr` in the cluster, as the current snapshot's balancer sees it.
+    /// Live state of `addr` in the cluster, as the current snapshot's balancer sees it: health
+    /// flags, and the open connections it counts (asserted equal to its active requests, the
+    /// load LEAST_REQUEST weighs).
     fn host_flags_and_connections(&self, addr: SocketAddr) -> (u32, u64) {
         let snap = self.store.load();
         let host = snap.clusters[CLUSTER]
             .lb
             .host(addr)
             .expect("host in cluster");
-        (host.flags(), host.state().active_connections())
+        let st = host.state();
+        assert_eq!(st.active_connections(), st.active_requests(), "{addr}");
+        (host.flags(), st.active_connections())
     }
 
     /// Connect and read the backend's greeting: `true` when proxied, `false` when skiff

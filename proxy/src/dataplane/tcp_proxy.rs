@@ -98,10 +98,12 @@ pub(super) async fn proxy(
             });
         }
     };
-    // 3. Outlier detection and LEAST_REQUEST see L4 connections as tcp_proxy reports them.
-    let _cx = host.map(|h| {
+    // 3. The host hears how the connect went (outlier detection) and counts the connection
+    // while it lasts: as an open connection (`/clusters` cx_active) and, as Envoy's TCP pool
+    // does, as an active request, the load LEAST_REQUEST and PeakEWMA weigh.
+    let _on_host = host.map(|h| {
         h.report(Outcome::Success);
-        h.start_connection()
+        (h.start_connection(), h.start_request())
     });
     // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
     // queue, which splice(2) never reads: accelerated pairs take the buffered copy.
