@@ -601,10 +601,10 @@ fn start_inbound(
     for l in std::iter::once(v4).chain(v6) {
         info!(addr = ?l.local_addr().ok(), "inbound listener up");
         let stop = stop.clone();
-        tasks.push(tokio::spawn(dataplane::inbound::run(
+        tasks.push(tokio::spawn(dataplane::run(
             l,
+            ListenerRole::Inbound { port: ib.port },
             dp.clone(),
-            ib.port,
             async move { stop.cancelled().await },
         )));
     }
@@ -623,7 +623,7 @@ fn start_inbound(
                 let now = s.stats();
                 last.resize(now.len(), 0);
                 for ((name, n), seen) in now.into_iter().zip(last.iter_mut()) {
-                    dp.stats
+                    dp.stats()
                         .counter(&format!("skiff.inbound.{name}"))
                         .add(n.saturating_sub(*seen));
                     *seen = n;
@@ -707,7 +707,7 @@ async fn dynamic_listeners(
                 }
                 Err(e) => {
                     warn!(listener = %n, %addr, error = %e, "cannot bind listener from LDS");
-                    dp.stats
+                    dp.stats()
                         .counter("listener_manager.listener_create_failure")
                         .inc();
                 }

@@ -7,6 +7,8 @@
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
+//! - [`net`]: upstream connects (SO_MARK, optional bind source, timeout), below `dataplane`
+//!   and `http`.
 //! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
@@ -31,6 +33,7 @@ pub mod health;
 pub mod http;
 pub mod lb;
 pub mod model;
+pub mod net;
 pub mod state;
 pub mod stats;
 pub mod xds;

@@ -18,7 +18,7 @@
 //! (the same logic backs `/debug/explain`). The output is `BTreeMap`s: deterministic, and
 //! independent of the order resources or endpoints arrived in.
 
-use crate::dataplane::route::{longest_prefix, narrow};
+use crate::dataplane::route;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -357,9 +357,9 @@ fn host_len(ip: IpAddr) -> u32 {
 }
 
 /// Why connections to `dst` do or do not take the kernel fast path, with the cluster image
-/// when they do. Follows `dataplane::decide`: the listener on `dst` (exact, then wildcard),
-/// else the virtual listener; then the filter chain, which must not depend on anything but the
-/// destination.
+/// when they do. Asks the data plane's own selection (`dataplane::route`): the listener that
+/// owns `dst` ([`route::owner`]), then the filter chain, which must not depend on anything but
+/// the destination ([`route::chain_for_destination`]).
 pub fn classify(
     snap: &Snapshot,
     capture_port: u16,
@@ -421,10 +421,7 @@ fn classify_with(
     dst: SocketAddr,
     index: Option<&ChainIndex<'_>>,
 ) -> (Verdict, Option<ClusterImage>) {
-    let Some(listener) = snap
-        .listener_for(dst)
-        .or_else(|| snap.virtual_listener(capture_port))
-    else {
+    let Some(listener) = route::owner(snap, dst, capture_port) else {
         return (
             Verdict::proxy("no listener owns this destination (passthrough)"),
             None,
@@ -434,9 +431,9 @@ fn classify_with(
     v.listener = Some(listener.name.clone());
     let found = match index {
         Some(ix) if std::ptr::eq(ix.listener, &**listener) => {
-            chain_for_destination(ix.chains_for(dst.ip()), dst)
+            route::chain_for_destination(ix.chains_for(dst.ip()), dst)
         }
-        _ => chain_for_destination(&listener.filter_chains, dst),
+        _ => route::chain_for_destination(&listener.filter_chains, dst),
     };
     let chain = match found {
         Ok(Some(c)) => c,
@@ -448,7 +445,7 @@ fn classify_with(
             }
         },
         Err(why) => {
-            v.reason = why;
+            v.reason = why.to_string();
             return (v, None);
         }
     };
@@ -624,49 +621,6 @@ fn cluster_image(
             shares: !simple,
         }),
     )
-}
-
-/// The chain Envoy picks for every connection to `dst`, `Ok(None)` when none matches (the
-/// default chain), or `Err` when the choice depends on more than the destination (SNI,
-/// transport or application protocol, source).
-fn chain_for_destination<'l>(
-    chains: impl IntoIterator<Item = &'l FilterChain>,
-    dst: SocketAddr,
-) -> Result<Option<&'l FilterChain>, String> {
-    // Envoy's first two criteria: destination port, then destination IP (longest prefix).
-    let by_port = narrow(chains, |fc| match fc.matcher.destination_port {
-        Some(p) if p == dst.port() => Some(1),
-        Some(_) => None,
-        None => Some(0),
-    });
-    let left = narrow(by_port, |fc| {
-        longest_prefix(&fc.matcher.prefix_ranges, dst.ip())
-    });
-    match left.as_slice() {
-        [] => Ok(None),
-        [one] => {
-            let m = &one.matcher;
-            if !m.server_names.is_empty()
-                || !m.transport_protocol.is_empty()
-                || !m.application_protocols.is_empty()
-                || !m.direct_source_prefix_ranges.is_empty()
-                || m.source_type != crate::model::listener::SourceType::Any
-                || !m.source_prefix_ranges.is_empty()
-                || !m.source_ports.is_empty()
-            {
-                Err(format!(
-                    "filter chain {} also matches on SNI, protocol or source",
-                    one.name
-                ))
-            } else {
-                Ok(Some(*one))
-            }
-        }
-        many => Err(format!(
-            "{} filter chains match this destination; the choice depends on SNI, protocol or source",
-            many.len()
-        )),
-    }
 }
 
 #[cfg(test)]

@@ -330,10 +330,10 @@ fn start_pod_thread(
                     };
                     bound.extend(l.local_addr().ok());
                     let token = stop.clone();
-                    tasks.push(tokio::spawn(dataplane::inbound::run(
+                    tasks.push(tokio::spawn(dataplane::run(
                         l,
+                        ListenerRole::Inbound { port },
                         dp.clone(),
-                        port,
                         async move { token.cancelled().await },
                     )));
                 }

@@ -1,63 +1,49 @@
-//! Upstream connects: the proxy's mark (so capture never loops), a timeout, typed errors.
+//! The connect step: where a [`Target`] is (DNS names resolve here) and where the connect
+//! leaves from (inbound: the passthrough source), then the one upstream connect,
+//! [`crate::net::connect_from`].
 
-use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::SockRef;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
+use super::error::ConnError;
+use super::route::Target;
+use super::{Dataplane, ListenerRole, inbound};
 use crate::addr::EndpointAddr;
+use crate::net::{self, ConnectError};
 
-/// Why an upstream connect failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The socket could not be set up (out of fds, mark refused ...).
-    #[error("socket setup for {addr} failed: {source}")]
-    Setup {
-        /// Target.
-        addr: EndpointAddr,
-        /// Cause.
-        source: io::Error,
-    },
-    /// The endpoint refused or reset the connect.
-    #[error("connect to {addr} failed: {source}")]
-    Failed {
-        /// Target.
-        addr: EndpointAddr,
-        /// Cause.
-        source: io::Error,
-    },
-    /// No answer within the cluster's `connect_timeout`.
-    #[error("connect to {addr} timed out after {timeout:?}")]
-    Timeout {
-        /// Target.
-        addr: EndpointAddr,
-        /// The timeout that expired.
-        timeout: Duration,
-    },
+/// The address to connect to for `target` of `cluster`.
+pub(super) async fn resolve(target: &Target, cluster: &str) -> Result<EndpointAddr, ConnError> {
+    match target {
+        Target::Host(h) => Ok(EndpointAddr(h.address())),
+        Target::OriginalDst(a) => Ok(*a),
+        Target::Dns { host, port } => {
+            let found = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next());
+            found
+                .map(EndpointAddr)
+                .ok_or_else(|| ConnError::Unresolved {
+                    cluster: cluster.to_string(),
+                    host: host.clone(),
+                    port: *port,
+                })
+        }
+    }
 }
 
-/// Connect to `addr`, marking the socket with `mark` first so skiff's own connects are never
-/// captured again.
-pub async fn connect(
+/// Connect to `addr` for a connection accepted by a listener of `role`, with the proxy's mark
+/// and `timeout`.
+pub(super) async fn connect(
+    dp: &Dataplane,
+    role: &ListenerRole,
     addr: EndpointAddr,
-    mark: Option<u32>,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
-    let setup = |source| ConnectError::Setup { addr, source };
-    let sock = match addr.get() {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(setup)?;
-    if let Some(mark) = mark {
-        SockRef::from(&sock).set_mark(mark).map_err(setup)?;
-    }
-    sock.set_nodelay(true).map_err(setup)?;
-    match tokio::time::timeout(timeout, sock.connect(addr.get())).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(ConnectError::Failed { addr, source }),
-        Err(_) => Err(ConnectError::Timeout { addr, timeout }),
-    }
+    let source = match role {
+        ListenerRole::Inbound { .. } => inbound::passthrough_source(addr.get()),
+        ListenerRole::Capture | ListenerRole::Static { .. } => None,
+    };
+    net::connect_from(addr, source, dp.upstream_mark(), timeout).await
 }

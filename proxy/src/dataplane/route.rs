@@ -1,4 +1,8 @@
-//! Filter chain selection, Envoy's way (pure).
+//! Selection, pure over one snapshot: which listener owns a connection ([`listener_for`],
+//! [`owner`]), which of its filter chains applies ([`select_chain`]), and what that chain does
+//! with the connection ([`select`] -> [`Route`], down to the cluster and host for tcp_proxy).
+//! The BPF projection asks the same functions ([`owner`], [`chain_for_destination`]) which
+//! destinations the kernel may serve, so the two can never disagree.
 //!
 //! Envoy narrows the candidate chains one criterion at a time, in a fixed order: destination
 //! port, destination IP, server name, transport protocol, application protocols, direct source
@@ -6,16 +10,29 @@
 //! and chains without that criterion are used only when nothing matched it; Envoy never backs
 //! up to a less specific choice later. No chain left means the default chain (or none).
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
-use crate::model::listener::SourceType;
-use crate::model::{Cidr, FilterChain, Listener, canonical_addr};
+use super::ListenerRole;
+use super::error::ConnError;
+use crate::addr::{EndpointAddr, OrigDstAddr};
+use crate::lb::{self, Host};
+use crate::model::listener::{HttpManager, SourceType, TcpProxy};
+use crate::model::{
+    Cidr, ClusterKind, ClusterSpecifier, FilterChain, Listener, NetworkAction, canonical_addr,
+};
+use crate::state::{ClusterEntry, Snapshot};
 
-/// What is known about a connection when its filter chain is chosen.
+/// What is known about a connection when its filter chain and upstream are chosen.
 #[derive(Debug, Clone)]
 pub struct ConnFacts<'a> {
     /// Destination (the original destination for redirected connections).
     pub dst: SocketAddr,
+    /// Original destination, when capture redirected the connection (ORIGINAL_DST clusters,
+    /// passthrough).
+    pub orig_dst: Option<OrigDstAddr>,
     /// Peer address.
     pub src: SocketAddr,
     /// Direct peer address (the same as `src` without PROXY protocol).
@@ -28,33 +45,166 @@ pub struct ConnFacts<'a> {
     pub application_protocols: &'a [String],
 }
 
-/// Pick the filter chain for a connection, or `None` (Envoy closes such connections).
-pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option<&'l FilterChain> {
-    let dst = canonical_addr(facts.dst);
-    let src = canonical_addr(facts.src);
-    let direct_src = canonical_addr(facts.direct_src);
-    let mut c: Vec<&FilterChain> = listener.filter_chains.iter().collect();
+// === listeners ===
 
-    // 1. destination port: exact, else chains without a port.
-    c = narrow(c, |fc| match fc.matcher.destination_port {
+/// The listener that owns a connection to `dst`, Envoy's way: the one bound to `dst` (exact
+/// `ip:port`, else the wildcard address of its family on that port), else the
+/// `use_original_dst` listener on the capture port (Istio's virtualOutbound).
+pub fn owner(snap: &Snapshot, dst: SocketAddr, capture_port: u16) -> Option<&Arc<Listener>> {
+    snap.listener_for(dst)
+        .or_else(|| snap.virtual_listener(capture_port))
+}
+
+/// The listener that serves inbound connections (Istio's virtualInbound): the one named
+/// `virtualInbound` on the inbound port, else any TCP listener on that port.
+pub fn inbound_listener(snap: &Snapshot, port: u16) -> Option<&Arc<Listener>> {
+    snap.listeners
+        .values()
+        .find(|l| l.name == "virtualInbound" && l.address.port() == port)
+        .or_else(|| {
+            snap.listeners
+                .values()
+                .find(|l| l.udp.is_none() && l.address.port() == port)
+        })
+}
+
+/// The listener that serves a connection accepted by a listener of `role`; `redirected` is its
+/// original destination when capture redirected it elsewhere than the accepting socket.
+/// Outbound and static listeners hand a redirected connection to the listener on its
+/// destination (Envoy's `use_original_dst`); the inbound listener never does: that would be an
+/// outbound listener.
+pub fn listener_for<'s>(
+    snap: &'s Snapshot,
+    role: &ListenerRole,
+    redirected: Option<SocketAddr>,
+    capture_port: u16,
+) -> Option<&'s Arc<Listener>> {
+    match (role, redirected) {
+        (ListenerRole::Capture, Some(dst)) => owner(snap, dst, capture_port),
+        (ListenerRole::Capture, None) => snap.virtual_listener(capture_port),
+        (ListenerRole::Static { name }, dst) => dst
+            .and_then(|d| snap.listener_for(d))
+            .or_else(|| snap.listeners.get(name)),
+        (ListenerRole::Inbound { port }, _) => inbound_listener(snap, *port),
+    }
+}
+
+// === filter chains ===
+
+/// Where a chain sits in its listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainId {
+    /// `filter_chains[i]`.
+    At(usize),
+    /// `default_filter_chain`.
+    Default,
+}
+
+/// A filter chain a connection was given, kept alive by its listener's `Arc` so the
+/// connection holds on to it (not to the whole snapshot) for its life.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    listener: Arc<Listener>,
+    id: ChainId,
+}
+
+impl Chain {
+    /// The chain `id` of `listener`, if it has one.
+    pub fn new(listener: Arc<Listener>, id: ChainId) -> Option<Chain> {
+        let exists = match id {
+            ChainId::At(i) => i < listener.filter_chains.len(),
+            ChainId::Default => listener.default_filter_chain.is_some(),
+        };
+        exists.then_some(Chain { listener, id })
+    }
+
+    /// The listener.
+    pub fn listener(&self) -> &Arc<Listener> {
+        &self.listener
+    }
+
+    /// Where the chain sits in the listener.
+    pub fn id(&self) -> ChainId {
+        self.id
+    }
+
+    /// The chain.
+    pub fn get(&self) -> &FilterChain {
+        // `new` checked that the chain exists, and the listener behind the Arc never changes.
+        match self.id {
+            ChainId::At(i) => &self.listener.filter_chains[i],
+            ChainId::Default => self
+                .listener
+                .default_filter_chain
+                .as_ref()
+                .expect("Chain::new checked the default chain exists"),
+        }
+    }
+}
+
+/// A filter chain under consideration, with whatever the caller tracks beside it.
+trait Candidate: Copy {
+    /// The chain.
+    fn chain(&self) -> &FilterChain;
+}
+
+impl Candidate for &FilterChain {
+    fn chain(&self) -> &FilterChain {
+        self
+    }
+}
+
+impl Candidate for (usize, &FilterChain) {
+    fn chain(&self) -> &FilterChain {
+        self.1
+    }
+}
+
+/// Pick the filter chain for a connection, or `None` (Envoy closes such connections).
+pub fn select_chain<'l>(
+    listener: &'l Listener,
+    facts: &ConnFacts<'_>,
+) -> Option<(ChainId, &'l FilterChain)> {
+    let c = by_destination(listener.filter_chains.iter().enumerate(), facts.dst);
+    match by_connection(c, facts).first() {
+        Some((i, fc)) => Some((ChainId::At(*i), *fc)),
+        None => listener
+            .default_filter_chain
+            .as_ref()
+            .map(|fc| (ChainId::Default, fc)),
+    }
+}
+
+/// Envoy's first two steps: destination port (exact, else chains without a port), then
+/// destination IP (longest matching prefix, else chains without prefixes).
+fn by_destination<C: Candidate>(chains: impl IntoIterator<Item = C>, dst: SocketAddr) -> Vec<C> {
+    let dst = canonical_addr(dst);
+    let c = narrow(chains, |fc| match fc.matcher.destination_port {
         Some(p) if p == dst.port() => Some(1),
         Some(_) => None,
         None => Some(0),
     });
-    // 2. destination IP: longest matching prefix, else chains without prefixes.
-    c = narrow(c, |fc| longest_prefix(&fc.matcher.prefix_ranges, dst.ip()));
+    narrow(c, |fc| longest_prefix(&fc.matcher.prefix_ranges, dst.ip()))
+}
+
+/// The steps after the destination: server name, transport and application protocols,
+/// direct source IP, source type, source IP, source port.
+fn by_connection<C: Candidate>(c: Vec<C>, facts: &ConnFacts<'_>) -> Vec<C> {
+    let dst = canonical_addr(facts.dst);
+    let src = canonical_addr(facts.src);
+    let direct_src = canonical_addr(facts.direct_src);
     // 3. server names: exact > wildcard suffix (longer first) > none.
-    c = narrow(c, |fc| {
+    let c = narrow(c, |fc| {
         server_name_score(&fc.matcher.server_names, facts.server_name)
     });
     // 4. transport protocol.
-    c = narrow(c, |fc| match fc.matcher.transport_protocol.as_str() {
+    let c = narrow(c, |fc| match fc.matcher.transport_protocol.as_str() {
         "" => Some(0),
         t if t == facts.transport_protocol => Some(1),
         _ => None,
     });
     // 5. application protocols: any overlap, else chains without.
-    c = narrow(c, |fc| {
+    let c = narrow(c, |fc| {
         if fc.matcher.application_protocols.is_empty() {
             Some(0)
         } else if fc
@@ -69,23 +219,23 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
         }
     });
     // 6. direct source IP.
-    c = narrow(c, |fc| {
+    let c = narrow(c, |fc| {
         longest_prefix(&fc.matcher.direct_source_prefix_ranges, direct_src.ip())
     });
     // 7. source type.
     let local = src.ip().is_loopback() || src.ip() == dst.ip();
-    c = narrow(c, |fc| match fc.matcher.source_type {
+    let c = narrow(c, |fc| match fc.matcher.source_type {
         SourceType::Any => Some(0),
         SourceType::SameIpOrLoopback if local => Some(1),
         SourceType::External if !local => Some(1),
         _ => None,
     });
     // 8. source IP.
-    c = narrow(c, |fc| {
+    let c = narrow(c, |fc| {
         longest_prefix(&fc.matcher.source_prefix_ranges, src.ip())
     });
     // 9. source port.
-    c = narrow(c, |fc| {
+    narrow(c, |fc| {
         if fc.matcher.source_ports.is_empty() {
             Some(0)
         } else if fc.matcher.source_ports.contains(&src.port()) {
@@ -93,20 +243,72 @@ pub fn select_chain<'l>(listener: &'l Listener, facts: &ConnFacts<'_>) -> Option
         } else {
             None
         }
-    });
-    c.first()
-        .copied()
-        .or(listener.default_filter_chain.as_ref())
+    })
+}
+
+/// Why the chain for a destination depends on more than the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ambiguous<'l> {
+    /// The one chain left also matches on SNI, protocol or source (so other connections to
+    /// the destination get the default chain).
+    MoreCriteria(&'l str),
+    /// Several chains are left; later criteria choose between them.
+    Several(usize),
+}
+
+impl fmt::Display for Ambiguous<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ambiguous::MoreCriteria(name) => write!(
+                f,
+                "filter chain {name} also matches on SNI, protocol or source"
+            ),
+            Ambiguous::Several(n) => write!(
+                f,
+                "{n} filter chains match this destination; the choice depends on SNI, protocol or source"
+            ),
+        }
+    }
+}
+
+/// The chain Envoy picks for every connection to `dst` whatever else the connection brings
+/// (what the kernel fast path needs): `Ok(Some)` that chain, `Ok(None)` none matches (the
+/// default chain applies), `Err` when SNI, transport or application protocol or the source
+/// also decide. `chains` may be any subset that contains every chain that can match `dst`.
+pub fn chain_for_destination<'l>(
+    chains: impl IntoIterator<Item = &'l FilterChain>,
+    dst: SocketAddr,
+) -> Result<Option<&'l FilterChain>, Ambiguous<'l>> {
+    match by_destination(chains, dst).as_slice() {
+        [] => Ok(None),
+        [one] => {
+            let one: &'l FilterChain = one;
+            let m = &one.matcher;
+            if !m.server_names.is_empty()
+                || !m.transport_protocol.is_empty()
+                || !m.application_protocols.is_empty()
+                || !m.direct_source_prefix_ranges.is_empty()
+                || m.source_type != SourceType::Any
+                || !m.source_prefix_ranges.is_empty()
+                || !m.source_ports.is_empty()
+            {
+                Err(Ambiguous::MoreCriteria(&one.name))
+            } else {
+                Ok(Some(one))
+            }
+        }
+        many => Err(Ambiguous::Several(many.len())),
+    }
 }
 
 /// Keep the chains with the highest score; `None` drops a chain.
-pub(crate) fn narrow<'l>(
-    chains: impl IntoIterator<Item = &'l FilterChain>,
+fn narrow<C: Candidate>(
+    chains: impl IntoIterator<Item = C>,
     score: impl Fn(&FilterChain) -> Option<u32>,
-) -> Vec<&'l FilterChain> {
-    let scored: Vec<(u32, &FilterChain)> = chains
+) -> Vec<C> {
+    let scored: Vec<(u32, C)> = chains
         .into_iter()
-        .filter_map(|fc| score(fc).map(|s| (s, fc)))
+        .filter_map(|c| score(c.chain()).map(|s| (s, c)))
         .collect();
     let Some(best) = scored.iter().map(|(s, _)| *s).max() else {
         return Vec::new();
@@ -114,12 +316,12 @@ pub(crate) fn narrow<'l>(
     scored
         .into_iter()
         .filter(|(s, _)| *s == best)
-        .map(|(_, fc)| fc)
+        .map(|(_, c)| c)
         .collect()
 }
 
 /// Score for prefix criteria: 0 when the chain has none, 1 + length of the longest match.
-pub(crate) fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
+fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
     if ranges.is_empty() {
         return Some(0);
     }
@@ -151,156 +353,171 @@ fn server_name_score(names: &[String], sni: Option<&str>) -> Option<u32> {
         .max()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::listener::{ClusterSpecifier, FilterChainMatch, NetworkAction, TcpProxy};
+// === routes ===
 
-    fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
-        FilterChain {
-            name: name.into(),
-            matcher: m,
-            filters: vec![],
-            action: NetworkAction::TcpProxy(TcpProxy {
-                stat_prefix: name.into(),
-                cluster: ClusterSpecifier::Cluster(name.into()),
-                idle_timeout: None,
-            }),
-            has_transport_socket: false,
+/// What a connection's filter chain does with it.
+#[derive(Debug)]
+pub enum Route {
+    /// tcp_proxy: copy bytes to one upstream.
+    TcpProxy(TcpRoute),
+    /// The HTTP connection manager serves the connection.
+    Http {
+        /// The chain.
+        chain: Chain,
+        /// Its HCM settings (the connection keeps its own copy, as Envoy's does).
+        manager: HttpManager,
+    },
+    /// No listener owns the destination: connect straight to it (Envoy's passthrough).
+    Passthrough(EndpointAddr),
+    /// Close the connection.
+    Reject(ConnError),
+}
+
+/// A tcp_proxy decision: the chain, the cluster and where in it to connect. The cluster
+/// entry and host are the ones chosen: the tcp_proxy step takes its breaker slot, counts the
+/// connection and reports the outcome on exactly these, without looking anything up again.
+#[derive(Debug)]
+pub struct TcpRoute {
+    /// The chain that chose the cluster.
+    pub chain: Chain,
+    /// The cluster.
+    pub cluster: Arc<ClusterEntry>,
+    /// Where to connect.
+    pub target: Target,
+}
+
+/// Where a tcp_proxy connection goes within its cluster.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A host the balancer chose (STATIC, EDS).
+    Host(Arc<Host>),
+    /// The connection's original destination (ORIGINAL_DST).
+    OriginalDst(EndpointAddr),
+    /// A name resolved when connecting (STRICT_DNS, LOGICAL_DNS).
+    Dns {
+        /// Host name.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl Target {
+    /// The balancer's host, when there is one (outlier outcomes, active connections).
+    pub fn host(&self) -> Option<&Arc<Host>> {
+        match self {
+            Target::Host(h) => Some(h),
+            _ => None,
         }
-    }
-
-    fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -> Listener {
-        Listener {
-            name: "l".into(),
-            address: "0.0.0.0:15001".parse().unwrap(),
-            internal: None,
-            use_original_dst: true,
-            bind_to_port: true,
-            filter_chains: chains,
-            default_filter_chain: default,
-            listener_filters: vec![],
-            udp: None,
-        }
-    }
-
-    fn facts(dst: &str) -> ConnFacts<'static> {
-        ConnFacts {
-            dst: dst.parse().unwrap(),
-            src: "127.0.0.1:40000".parse().unwrap(),
-            direct_src: "127.0.0.1:40000".parse().unwrap(),
-            server_name: None,
-            transport_protocol: "raw_buffer",
-            application_protocols: &[],
-        }
-    }
-
-    fn pick<'a>(l: &'a Listener, dst: &str) -> Option<&'a str> {
-        select_chain(l, &facts(dst)).map(|c| c.name.as_str())
-    }
-
-    #[test]
-    fn port_then_longest_prefix() {
-        let l = listener(
-            vec![
-                chain("any", FilterChainMatch::default()),
-                chain(
-                    "port80",
-                    FilterChainMatch {
-                        destination_port: Some(80),
-                        ..Default::default()
-                    },
-                ),
-                chain(
-                    "port80-vip",
-                    FilterChainMatch {
-                        destination_port: Some(80),
-                        prefix_ranges: vec!["10.96.0.1/32".parse().unwrap()],
-                        ..Default::default()
-                    },
-                ),
-                chain(
-                    "port80-net",
-                    FilterChainMatch {
-                        destination_port: Some(80),
-                        prefix_ranges: vec!["10.96.0.0/12".parse().unwrap()],
-                        ..Default::default()
-                    },
-                ),
-            ],
-            None,
-        );
-        assert_eq!(pick(&l, "10.96.0.1:80"), Some("port80-vip"));
-        assert_eq!(pick(&l, "10.96.0.2:80"), Some("port80-net"));
-        assert_eq!(pick(&l, "192.168.0.1:80"), Some("port80"));
-        assert_eq!(pick(&l, "10.96.0.1:81"), Some("any"));
-        assert_eq!(pick(&l, "[::ffff:10.96.0.1]:80"), Some("port80-vip"));
-    }
-
-    #[test]
-    fn no_backtracking_to_less_specific_port() {
-        // The port-80 chain only accepts tls; a raw connection to :80 must not fall back to
-        // the port-less chain (Envoy does not backtrack), so the default chain is used.
-        let l = listener(
-            vec![
-                chain("any", FilterChainMatch::default()),
-                chain(
-                    "tls80",
-                    FilterChainMatch {
-                        destination_port: Some(80),
-                        transport_protocol: "tls".into(),
-                        ..Default::default()
-                    },
-                ),
-            ],
-            Some(chain("default", FilterChainMatch::default())),
-        );
-        assert_eq!(pick(&l, "10.0.0.1:80"), Some("default"));
-        assert_eq!(pick(&l, "10.0.0.1:81"), Some("any"));
-    }
-
-    #[test]
-    fn application_protocols_need_detection() {
-        let l = listener(
-            vec![
-                chain(
-                    "http",
-                    FilterChainMatch {
-                        application_protocols: vec!["http/1.1".into(), "h2c".into()],
-                        ..Default::default()
-                    },
-                ),
-                chain(
-                    "raw",
-                    FilterChainMatch {
-                        transport_protocol: "raw_buffer".into(),
-                        ..Default::default()
-                    },
-                ),
-            ],
-            None,
-        );
-        assert_eq!(pick(&l, "10.0.0.1:80"), Some("raw"));
-        let alpn = vec!["h2c".to_string()];
-        let f = ConnFacts {
-            application_protocols: &alpn,
-            ..facts("10.0.0.1:80")
-        };
-        assert_eq!(select_chain(&l, &f).map(|c| c.name.as_str()), Some("raw"));
-    }
-
-    #[test]
-    fn nothing_matches_without_default() {
-        let l = listener(
-            vec![chain(
-                "p1",
-                FilterChainMatch {
-                    destination_port: Some(1),
-                    ..Default::default()
-                },
-            )],
-            None,
-        );
-        assert_eq!(pick(&l, "10.0.0.1:2"), None);
     }
 }
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Host(h) => fmt::Display::fmt(&h.address(), f),
+            Target::OriginalDst(a) => fmt::Display::fmt(a, f),
+            Target::Dns { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Route one connection served by `listener` (`None`: no listener owns it): filter chain,
+/// then the chain's terminal filter, then for tcp_proxy the cluster and host. Pure over `snap`
+/// apart from balancer cursors (`weighted` for `weighted_clusters`, the cluster's own).
+pub fn select(
+    snap: &Snapshot,
+    listener: Option<&Arc<Listener>>,
+    facts: &ConnFacts<'_>,
+    weighted: &AtomicUsize,
+) -> Route {
+    let Some(listener) = listener else {
+        return match facts.orig_dst {
+            Some(o) => Route::Passthrough(o.into()),
+            None => Route::Reject(ConnError::NoListener),
+        };
+    };
+    let Some((id, fc)) = select_chain(listener, facts) else {
+        return Route::Reject(ConnError::NoFilterChain {
+            listener: listener.name.clone(),
+        });
+    };
+    let Some(chain) = Chain::new(listener.clone(), id) else {
+        // select_chain only returns chains of this listener.
+        return Route::Reject(ConnError::NoFilterChain {
+            listener: listener.name.clone(),
+        });
+    };
+    match &fc.action {
+        NetworkAction::Http(h) => Route::Http {
+            chain,
+            manager: h.clone(),
+        },
+        NetworkAction::Unsupported { name, .. } => Route::Reject(ConnError::Unsupported {
+            listener: listener.name.clone(),
+            filter: name.clone(),
+        }),
+        NetworkAction::TcpProxy(tcp) => match tcp_upstream(snap, tcp, facts, weighted) {
+            Ok((cluster, target)) => Route::TcpProxy(TcpRoute {
+                chain,
+                cluster,
+                target,
+            }),
+            Err(e) => Route::Reject(e),
+        },
+    }
+}
+
+/// tcp_proxy's cluster, then the host in it.
+fn tcp_upstream(
+    snap: &Snapshot,
+    tcp: &TcpProxy,
+    facts: &ConnFacts<'_>,
+    weighted: &AtomicUsize,
+) -> Result<(Arc<ClusterEntry>, Target), ConnError> {
+    let name = match &tcp.cluster {
+        ClusterSpecifier::Cluster(c) => c.as_str(),
+        ClusterSpecifier::Weighted(w) => {
+            lb::pick_weighted(w, weighted).ok_or_else(|| ConnError::NoCluster {
+                cluster: String::new(),
+            })?
+        }
+    };
+    let entry = snap.cluster(name).ok_or_else(|| ConnError::NoCluster {
+        cluster: name.to_string(),
+    })?;
+    let none_healthy = || ConnError::NoHealthyUpstream {
+        cluster: name.to_string(),
+    };
+    let target = match &entry.cluster.kind {
+        ClusterKind::OriginalDst => match facts.orig_dst {
+            Some(o) => Target::OriginalDst(o.into()),
+            None => {
+                return Err(ConnError::NoOriginalDst {
+                    cluster: name.to_string(),
+                });
+            }
+        },
+        ClusterKind::Dns { hosts } => {
+            let i = lb::next_index(&entry.rr, hosts.len()).ok_or_else(none_healthy)?;
+            let (host, port) = &hosts[i];
+            Target::Dns {
+                host: host.clone(),
+                port: *port,
+            }
+        }
+        ClusterKind::Static(_) | ClusterKind::Eds { .. } => {
+            // tcp_proxy hashes the source IP for RING_HASH / MAGLEV (`hash_policy: source_ip`).
+            let req = lb::LbRequest {
+                hash: lb::uses_hash(entry.cluster.lb_policy)
+                    .then(|| lb::source_ip_hash(facts.src.ip())),
+                ..Default::default()
+            };
+            Target::Host(lb::choose(&entry.lb, &req).ok_or_else(none_healthy)?)
+        }
+    };
+    Ok((entry.clone(), target))
+}
+
+#[cfg(test)]
+mod tests;

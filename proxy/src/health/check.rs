@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::addr::EndpointAddr;
-use crate::dataplane::connect;
 use crate::model::cluster::lb::{HealthCheck, HealthCheckKind};
+use crate::net as connect;
 
 /// Result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]

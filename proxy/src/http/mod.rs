@@ -47,16 +47,15 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::addr::OrigDstAddr;
-use crate::dataplane::Dataplane;
-use crate::dataplane::connect::ConnectError;
 use crate::lb;
 use crate::model::listener::HttpManager;
 use crate::model::route::{
     Forward, PathMatch, PathRedirect, Redirect, RetryPolicy, Route, RouteAction, Target,
 };
 use crate::model::{ClusterKind, ClusterSpecifier, RouteConfig, VirtualHost};
-use crate::state::{ClusterEntry, Snapshot};
-use crate::stats::{HttpStats, RqStats, ScopedCounter};
+use crate::net::ConnectError;
+use crate::state::{ClusterEntry, Snapshot, Store};
+use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 
 use body::Timed;
 use pool::{Proto, SendError};
@@ -72,11 +71,26 @@ pub const UPSTREAM_RESET: &str = "upstream connect error or disconnect/reset bef
 /// Envoy's local reply when the route or per-try timeout expires.
 pub const UPSTREAM_TIMEOUT: &str = "upstream request timeout";
 
+/// What the connection manager uses of the data plane that hands it connections. The data
+/// plane owns one and gives every HCM connection a clone of the `Arc`: `http` never sees the
+/// data plane itself (it depends on `http`, not the reverse).
+#[derive(Debug)]
+pub struct Shared {
+    /// Current configuration.
+    pub store: Arc<Store>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// SO_MARK put on every upstream socket (the capture programs skip marked sockets).
+    pub upstream_mark: Option<u32>,
+    /// Kept-alive upstream HTTP connections.
+    pub http_pool: pool::Pool,
+}
+
 /// One downstream connection handed to the HTTP connection manager.
 #[derive(Debug, Clone)]
 pub struct HttpConn {
-    /// Shared data plane (store, stats, upstream mark, connection pool).
-    pub dp: Arc<Dataplane>,
+    /// The data plane's shared parts (store, stats, upstream mark, connection pool).
+    pub dp: Arc<Shared>,
     /// The chain's HCM settings.
     pub manager: HttpManager,
     /// Listener name (for logs).
@@ -959,7 +973,7 @@ async fn forward_upgrade(
     cs.upstream_cx_total.inc();
     let in_flight = host.as_ref().map(|h| h.start_request());
     let failed = |outcome| failure_reply(outcome, false);
-    let stream = match crate::dataplane::connect::connect(
+    let stream = match crate::net::connect(
         crate::addr::EndpointAddr(addr),
         conn.dp.upstream_mark,
         entry.cluster.connect_timeout,

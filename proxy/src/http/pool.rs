@@ -4,7 +4,7 @@
 //! previous response fully read) or opens a new one, and puts it back as soon as the response
 //! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
 //! connection per endpoint, replaced when it closes. Every socket is opened by
-//! `dataplane::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`).
+//! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use tracing::debug;
 
 use super::Body;
 use crate::addr::EndpointAddr;
-use crate::dataplane::connect::{self, ConnectError};
+use crate::net::{self as connect, ConnectError};
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed after their response.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;

@@ -1,0 +1,451 @@
+//! Selection tests: Envoy's chain order, listener ownership per role, and the typed routes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+use crate::model::endpoint::Locality;
+use crate::model::listener::{FilterChainMatch, HttpManager};
+use crate::model::{
+    Cluster, HealthStatus, LbEndpoint, LbPolicy, LoadAssignment, LocalityEndpoints,
+};
+
+/// A tcp_proxy chain to `cluster` for `vip:port`.
+fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
+    FilterChain {
+        name: name.into(),
+        matcher: FilterChainMatch {
+            destination_port: Some(port),
+            prefix_ranges: vec![format!("{vip}/32").parse().unwrap()],
+            ..Default::default()
+        },
+        filters: vec![],
+        action: NetworkAction::TcpProxy(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster: ClusterSpecifier::Cluster(cluster.into()),
+            idle_timeout: None,
+        }),
+        has_transport_socket: false,
+    }
+}
+
+/// Istio's virtualOutbound on 15001.
+fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
+    Listener {
+        name: "virtualOutbound".into(),
+        ..listener(chains, None)
+    }
+}
+
+/// A ROUND_ROBIN STATIC cluster over healthy `eps`.
+fn static_cluster(name: &str, eps: &[&str]) -> Cluster {
+    Cluster {
+        name: name.into(),
+        kind: ClusterKind::Static(LoadAssignment {
+            cluster_name: name.into(),
+            localities: vec![LocalityEndpoints {
+                locality: Locality::default(),
+                priority: 0,
+                weight: None,
+                endpoints: eps
+                    .iter()
+                    .map(|a| LbEndpoint {
+                        address: a.parse().unwrap(),
+                        internal: None,
+                        health: HealthStatus::Healthy,
+                        weight: 1,
+                    })
+                    .collect(),
+            }],
+            overprovisioning_factor: 140,
+        }),
+        lb_policy: LbPolicy::RoundRobin,
+        connect_timeout: Duration::from_secs(1),
+        has_transport_socket: false,
+        lb: Default::default(),
+        upstream_http: Default::default(),
+    }
+}
+
+fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
+    FilterChain {
+        name: name.into(),
+        matcher: m,
+        filters: vec![],
+        action: NetworkAction::TcpProxy(TcpProxy {
+            stat_prefix: name.into(),
+            cluster: ClusterSpecifier::Cluster(name.into()),
+            idle_timeout: None,
+        }),
+        has_transport_socket: false,
+    }
+}
+
+fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -> Listener {
+    Listener {
+        name: "l".into(),
+        address: "0.0.0.0:15001".parse().unwrap(),
+        internal: None,
+        use_original_dst: true,
+        bind_to_port: true,
+        filter_chains: chains,
+        default_filter_chain: default,
+        listener_filters: vec![],
+        udp: None,
+    }
+}
+
+fn facts(dst: &str) -> ConnFacts<'static> {
+    ConnFacts {
+        dst: dst.parse().unwrap(),
+        orig_dst: Some(OrigDstAddr(dst.parse().unwrap())),
+        src: "127.0.0.1:40000".parse().unwrap(),
+        direct_src: "127.0.0.1:40000".parse().unwrap(),
+        server_name: None,
+        transport_protocol: "raw_buffer",
+        application_protocols: &[],
+    }
+}
+
+fn pick<'a>(l: &'a Listener, dst: &str) -> Option<&'a str> {
+    select_chain(l, &facts(dst)).map(|(_, c)| c.name.as_str())
+}
+
+#[test]
+fn port_then_longest_prefix() {
+    let l = listener(
+        vec![
+            chain("any", FilterChainMatch::default()),
+            chain(
+                "port80",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "port80-vip",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    prefix_ranges: vec!["10.96.0.1/32".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "port80-net",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    prefix_ranges: vec!["10.96.0.0/12".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+        ],
+        None,
+    );
+    assert_eq!(pick(&l, "10.96.0.1:80"), Some("port80-vip"));
+    assert_eq!(pick(&l, "10.96.0.2:80"), Some("port80-net"));
+    assert_eq!(pick(&l, "192.168.0.1:80"), Some("port80"));
+    assert_eq!(pick(&l, "10.96.0.1:81"), Some("any"));
+    assert_eq!(pick(&l, "[::ffff:10.96.0.1]:80"), Some("port80-vip"));
+    assert_eq!(
+        select_chain(&l, &facts("10.96.0.2:80")).map(|(id, _)| id),
+        Some(ChainId::At(3))
+    );
+}
+
+#[test]
+fn no_backtracking_to_less_specific_port() {
+    // The port-80 chain only accepts tls; a raw connection to :80 must not fall back to the
+    // port-less chain (Envoy does not backtrack), so the default chain is used.
+    let l = listener(
+        vec![
+            chain("any", FilterChainMatch::default()),
+            chain(
+                "tls80",
+                FilterChainMatch {
+                    destination_port: Some(80),
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                },
+            ),
+        ],
+        Some(chain("default", FilterChainMatch::default())),
+    );
+    assert_eq!(pick(&l, "10.0.0.1:80"), Some("default"));
+    assert_eq!(
+        select_chain(&l, &facts("10.0.0.1:80")).map(|(id, _)| id),
+        Some(ChainId::Default)
+    );
+    assert_eq!(pick(&l, "10.0.0.1:81"), Some("any"));
+}
+
+#[test]
+fn application_protocols_need_detection() {
+    let l = listener(
+        vec![
+            chain(
+                "http",
+                FilterChainMatch {
+                    application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "raw",
+                FilterChainMatch {
+                    transport_protocol: "raw_buffer".into(),
+                    ..Default::default()
+                },
+            ),
+        ],
+        None,
+    );
+    assert_eq!(pick(&l, "10.0.0.1:80"), Some("raw"));
+    let alpn = vec!["h2c".to_string()];
+    let f = ConnFacts {
+        application_protocols: &alpn,
+        ..facts("10.0.0.1:80")
+    };
+    assert_eq!(
+        select_chain(&l, &f).map(|(_, c)| c.name.as_str()),
+        Some("raw")
+    );
+}
+
+#[test]
+fn nothing_matches_without_default() {
+    let l = listener(
+        vec![chain(
+            "p1",
+            FilterChainMatch {
+                destination_port: Some(1),
+                ..Default::default()
+            },
+        )],
+        None,
+    );
+    assert_eq!(pick(&l, "10.0.0.1:2"), None);
+}
+
+#[test]
+fn chain_for_destination_only_answers_when_the_destination_decides() {
+    let l = listener(
+        vec![
+            tcp_chain("vip", "10.96.0.1", 80, "svc"),
+            chain(
+                "vip-tls",
+                FilterChainMatch {
+                    destination_port: Some(443),
+                    prefix_ranges: vec!["10.96.0.1/32".parse().unwrap()],
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                },
+            ),
+        ],
+        None,
+    );
+    let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert_eq!(
+        chain_for_destination(&l.filter_chains, dst("10.96.0.1:80")).map(|c| c.map(|c| &*c.name)),
+        Ok(Some("vip"))
+    );
+    assert_eq!(
+        chain_for_destination(&l.filter_chains, dst("10.96.0.2:80")),
+        Ok(None)
+    );
+    assert_eq!(
+        chain_for_destination(&l.filter_chains, dst("10.96.0.1:443")),
+        Err(Ambiguous::MoreCriteria("vip-tls"))
+    );
+}
+
+// === listeners ===
+
+fn bound(name: &str, addr: &str, chains: Vec<FilterChain>) -> Listener {
+    Listener {
+        name: name.into(),
+        address: addr.parse().unwrap(),
+        use_original_dst: false,
+        ..listener(chains, None)
+    }
+}
+
+fn snap(listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Snapshot {
+    Snapshot::new(listeners, clusters, &BTreeMap::new())
+}
+
+fn name(l: Option<&Arc<Listener>>) -> Option<&str> {
+    l.map(|l| l.name.as_str())
+}
+
+#[test]
+fn owner_is_the_listener_on_the_destination_else_the_virtual_one() {
+    let s = snap(
+        vec![
+            virtual_listener(vec![]),
+            bound("vip_80", "10.96.0.1:80", vec![]),
+            bound("any_9080", "0.0.0.0:9080", vec![]),
+        ],
+        vec![],
+    );
+    let d = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert_eq!(name(owner(&s, d("10.96.0.1:80"), 15001)), Some("vip_80"));
+    assert_eq!(name(owner(&s, d("10.1.2.3:9080"), 15001)), Some("any_9080"));
+    assert_eq!(
+        name(owner(&s, d("10.96.0.2:80"), 15001)),
+        Some("virtualOutbound")
+    );
+    assert_eq!(name(owner(&s, d("10.96.0.2:80"), 15002)), None);
+}
+
+#[test]
+fn each_role_finds_its_listener() {
+    let s = snap(
+        vec![
+            virtual_listener(vec![]),
+            bound("vip_80", "10.96.0.1:80", vec![]),
+            bound("own", "127.0.0.1:7000", vec![]),
+            bound("virtualInbound", "0.0.0.0:15006", vec![]),
+        ],
+        vec![],
+    );
+    let d = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+    let capture = ListenerRole::Capture;
+    let own = ListenerRole::Static { name: "own".into() };
+    let inbound = ListenerRole::Inbound { port: 15006 };
+    assert_eq!(
+        name(listener_for(&s, &capture, d("10.96.0.1:80"), 15001)),
+        Some("vip_80")
+    );
+    assert_eq!(
+        name(listener_for(&s, &capture, None, 15001)),
+        Some("virtualOutbound")
+    );
+    // A static listener hands a redirected connection to the listener on its destination, and
+    // keeps it when none is there (no virtual-listener fallback).
+    assert_eq!(
+        name(listener_for(&s, &own, d("10.96.0.1:80"), 15001)),
+        Some("vip_80")
+    );
+    assert_eq!(
+        name(listener_for(&s, &own, d("10.96.0.9:80"), 15001)),
+        Some("own")
+    );
+    assert_eq!(name(listener_for(&s, &own, None, 15001)), Some("own"));
+    // The inbound listener never hands off, even to a listener on the destination.
+    assert_eq!(
+        name(listener_for(&s, &inbound, d("10.96.0.1:80"), 15001)),
+        Some("virtualInbound")
+    );
+}
+
+// === routes ===
+
+fn original_dst(name: &str) -> Cluster {
+    Cluster {
+        kind: ClusterKind::OriginalDst,
+        lb_policy: LbPolicy::ClusterProvided,
+        ..static_cluster(name, &[])
+    }
+}
+
+fn route(s: &Snapshot, l: Option<&str>, f: &ConnFacts<'_>) -> Route {
+    let l = l.map(|n| &s.listeners[n]);
+    select(s, l, f, &AtomicUsize::new(0))
+}
+
+#[test]
+fn tcp_proxy_keeps_the_chosen_cluster_entry_and_host() {
+    let s = snap(
+        vec![virtual_listener(vec![tcp_chain(
+            "vip",
+            "10.96.0.1",
+            80,
+            "svc",
+        )])],
+        vec![static_cluster("svc", &["127.0.0.11:8080"])],
+    );
+    let Route::TcpProxy(t) = route(&s, Some("virtualOutbound"), &facts("10.96.0.1:80")) else {
+        panic!("expected tcp_proxy");
+    };
+    assert!(Arc::ptr_eq(&t.cluster, &s.clusters["svc"]));
+    let host = t.target.host().expect("a balancer host");
+    assert!(Arc::ptr_eq(host, &s.clusters["svc"].lb.hosts[0]));
+    assert_eq!(t.target.to_string(), "127.0.0.11:8080");
+    assert_eq!(t.chain.get().name, "vip");
+    assert_eq!(t.chain.listener().name, "virtualOutbound");
+}
+
+#[test]
+fn original_dst_needs_an_original_destination() {
+    let mut l = virtual_listener(vec![]);
+    l.default_filter_chain = Some(chain("PassthroughCluster", FilterChainMatch::default()));
+    let s = snap(vec![l], vec![original_dst("PassthroughCluster")]);
+    let Route::TcpProxy(t) = route(&s, Some("virtualOutbound"), &facts("10.1.1.1:5432")) else {
+        panic!("expected tcp_proxy");
+    };
+    assert!(matches!(t.target, Target::OriginalDst(a) if a.to_string() == "10.1.1.1:5432"));
+    assert_eq!(t.chain.id(), ChainId::Default);
+    let direct = ConnFacts {
+        orig_dst: None,
+        ..facts("127.0.0.1:15001")
+    };
+    assert!(matches!(
+        route(&s, Some("virtualOutbound"), &direct),
+        Route::Reject(ConnError::NoOriginalDst { .. })
+    ));
+}
+
+#[test]
+fn without_a_listener_redirected_connections_pass_through() {
+    let s = snap(vec![], vec![]);
+    assert!(matches!(
+        route(&s, None, &facts("10.1.1.1:80")),
+        Route::Passthrough(a) if a.to_string() == "10.1.1.1:80"
+    ));
+    let direct = ConnFacts {
+        orig_dst: None,
+        ..facts("127.0.0.1:15001")
+    };
+    assert!(matches!(
+        route(&s, None, &direct),
+        Route::Reject(ConnError::NoListener)
+    ));
+}
+
+#[test]
+fn rejects_carry_their_reason() {
+    let mut http = tcp_chain("http", "10.96.0.2", 80, "svc");
+    http.action = NetworkAction::Http(HttpManager::default());
+    let mut other = tcp_chain("other", "10.96.0.3", 80, "svc");
+    other.action = NetworkAction::Unsupported {
+        name: "envoy.filters.network.redis_proxy".into(),
+        type_url: String::new(),
+    };
+    let s = snap(
+        vec![virtual_listener(vec![
+            tcp_chain("gone", "10.96.0.1", 80, "missing"),
+            http,
+            other,
+            tcp_chain("empty", "10.96.0.4", 80, "empty"),
+        ])],
+        vec![static_cluster("empty", &[])],
+    );
+    let r = |dst: &str| route(&s, Some("virtualOutbound"), &facts(dst));
+    assert!(
+        matches!(r("10.96.0.1:80"), Route::Reject(ConnError::NoCluster { cluster }) if cluster == "missing")
+    );
+    assert!(matches!(r("10.96.0.2:80"), Route::Http { chain, .. } if chain.get().name == "http"));
+    assert!(matches!(
+        r("10.96.0.3:80"),
+        Route::Reject(ConnError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        r("10.96.0.4:80"),
+        Route::Reject(ConnError::NoHealthyUpstream { .. })
+    ));
+    assert!(matches!(
+        r("10.96.0.5:80"),
+        Route::Reject(ConnError::NoFilterChain { .. })
+    ));
+}
