@@ -214,6 +214,54 @@ fn to_prost(a: &Any) -> prost_types::Any {
     }
 }
 
+/// A decoded resource: its name, its model or why it alone is rejected, and where it came from.
+type Decoded<'i, 'r, M> = (String, Result<M, RejectReason>, &'i Incoming<'r>);
+
+/// A response after validation.
+struct Checked<M> {
+    upserts: Vec<Upsert<M>>,
+    rejected: Vec<Rejection>,
+    /// Every name the response carried, rejected ones included.
+    seen: BTreeSet<String>,
+}
+
+/// Step 1: decode every resource of a response; `Err` lists what does not decode, breaks a
+/// proto rule or disagrees with its delta wrapper, and rejects the whole response.
+fn decode_all<'i, 'r, H: Handler>(
+    resources: &'i [Incoming<'r>],
+) -> Result<Vec<Decoded<'i, 'r, H::Model>>, Vec<Rejected>> {
+    let mut decoded = Vec::with_capacity(resources.len());
+    let mut errors = Vec::new();
+    for (i, inc) in resources.iter().enumerate() {
+        let label = inc
+            .name
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("resources[{i}]"));
+        match handler::decode::<H>(inc.resource) {
+            Ok((name, model)) => match inc.name {
+                Some(wrapper) if wrapper != name => errors.push(Rejected {
+                    name: label,
+                    reason: RejectReason::NameMismatch {
+                        name,
+                        wrapper: wrapper.to_owned(),
+                    },
+                }),
+                _ => decoded.push((name, model, inc)),
+            },
+            Err(reason) => errors.push(Rejected {
+                name: label,
+                reason,
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(decoded)
+    } else {
+        Err(errors)
+    }
+}
+
 /// Everything the client knows, plus the bootstrap's static resources.
 #[derive(Debug, Default)]
 pub struct Resources {
@@ -326,49 +374,31 @@ impl Resources {
     }
 
     /// The steps every type shares: decode all (any failure rejects the response), validate
-    /// each (a failure rejects that resource), the type's checks across the response, then
-    /// record what was accepted and rejected and promote what has warmed.
+    /// each (a failure rejects that resource) with the type's checks across the response,
+    /// then record what was accepted and rejected and promote what has warmed.
     fn apply_as<H: Handler>(&mut self, u: &Update<'_, '_>) -> Result<(), Vec<Rejected>> {
-        // Step 1: decode everything; any decode failure rejects the whole response.
-        let mut decoded = Vec::with_capacity(u.resources.len());
-        let mut decode_errors = Vec::new();
-        for (i, inc) in u.resources.iter().enumerate() {
-            let label = inc
-                .name
-                .filter(|n| !n.is_empty())
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("resources[{i}]"));
-            match handler::decode::<H>(inc.resource) {
-                Ok((name, model)) => {
-                    if let Some(wrapped) = inc.name
-                        && wrapped != name
-                    {
-                        decode_errors.push(Rejected {
-                            name: label,
-                            reason: RejectReason::NameMismatch {
-                                name,
-                                wrapper: wrapped.to_owned(),
-                            },
-                        });
-                        continue;
-                    }
-                    decoded.push((name, model, inc));
+        let decoded = match decode_all::<H>(u.resources) {
+            Ok(d) => d,
+            Err(rejected) => {
+                // Nothing changes but the error state `/config_dump` shows.
+                let st = H::state_mut(self);
+                for r in &rejected {
+                    st.error(r, u.version_info, u.now, None);
                 }
-                Err(reason) => decode_errors.push(Rejected {
-                    name: label,
-                    reason,
-                }),
+                return Err(rejected);
             }
-        }
-        if !decode_errors.is_empty() {
-            let st = H::state_mut(self);
-            for r in &decode_errors {
-                st.error(r, u.version_info, u.now, None);
-            }
-            return Err(decode_errors);
-        }
+        };
+        let checked = self.validate::<H>(decoded, u);
+        self.commit::<H>(checked, u)
+    }
 
-        // Step 2: validate each resource; collect the new accepted set.
+    /// Step 2: each resource against the names of the response and the static resources,
+    /// then the type's checks across the response.
+    fn validate<H: Handler>(
+        &self,
+        decoded: Vec<Decoded<'_, '_, H::Model>>,
+        u: &Update<'_, '_>,
+    ) -> Checked<H::Model> {
         let static_names = H::static_names(self);
         let mut rejected: Vec<Rejection> = Vec::new();
         let mut seen = BTreeSet::new();
@@ -412,32 +442,44 @@ impl Resources {
         };
         let (upserts, more) = H::check_batch(self, upserts, &batch);
         rejected.extend(more);
+        Checked {
+            upserts,
+            rejected,
+            seen,
+        }
+    }
 
-        // Step 3: apply.
+    /// Step 3: removals (explicit, or missing from a full state), upserts and rejections go
+    /// into the type's state; the type's version moves only when nothing was rejected.
+    fn commit<H: Handler>(
+        &mut self,
+        c: Checked<H::Model>,
+        u: &Update<'_, '_>,
+    ) -> Result<(), Vec<Rejected>> {
         let st = H::state_mut(self);
         if u.full_state {
-            st.retain_names(&seen);
+            st.retain_names(&c.seen);
         }
         for n in u.removed {
             st.accepted.remove(n);
             st.errors.remove(n);
         }
-        for (n, e) in upserts {
+        for (n, e) in c.upserts {
             st.errors.remove(&n);
             st.accepted.insert(n, e);
         }
-        for (r, raw) in &rejected {
+        for (r, raw) in &c.rejected {
             st.error(r, u.version_info, u.now, Some(raw));
         }
         st.last_updated = Some(u.now);
-        if rejected.is_empty() {
+        if c.rejected.is_empty() {
             st.version_info = u.version_info.to_string();
         }
         self.reconcile();
-        if rejected.is_empty() {
+        if c.rejected.is_empty() {
             Ok(())
         } else {
-            Err(rejected.into_iter().map(|(r, _)| r).collect())
+            Err(c.rejected.into_iter().map(|(r, _)| r).collect())
         }
     }
 

@@ -359,3 +359,80 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn a_duplicate_rejects_only_its_second_copy() {
+    let mut r = Resources::default();
+    let err = r
+        .apply_sotw(
+            ENDPOINT_TYPE_URL,
+            "1",
+            &[cla("a-svc", 9), cla("a-svc", 10), cla("", 11)],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [
+            "a-svc: duplicate resource name \"a-svc\" in one response",
+            "<unnamed>: cluster_name: must not be empty",
+        ]
+    );
+    // The first copy is applied; the version stays (NACK).
+    assert_eq!(r.resource_versions(ENDPOINT_TYPE_URL)["a-svc"], "1");
+    assert_eq!(r.version_info(ENDPOINT_TYPE_URL), "");
+    assert_eq!(
+        nack_message(ENDPOINT_TYPE_URL, &err),
+        "a-svc: duplicate resource name \"a-svc\" in one response; <unnamed>: cluster_name: must not be empty"
+    );
+}
+
+#[test]
+fn a_resource_of_another_type_rejects_the_response() {
+    let mut r = Resources::default();
+    let err = r
+        .apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[eds_cluster("a"), listener("l", 1, "a")],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!(err[0].name, "resources[1]");
+    assert_eq!(
+        err[0].reason,
+        RejectReason::WrongType {
+            found: LISTENER_TYPE_URL.into(),
+            expected: CLUSTER_TYPE_URL,
+        }
+    );
+    assert!(r.warming().1.is_empty() && r.resource_versions(CLUSTER_TYPE_URL).is_empty());
+    // The error state shows it, without a resource (it never decoded as a cluster).
+    let dump = r.snapshot().xds.clusters.errors.clone();
+    assert!(dump["resources[1]"].resource.is_none());
+}
+
+#[test]
+fn subscriptions_follow_accepted_listeners_and_clusters() {
+    let mut r = Resources::default();
+    assert_eq!(r.subscriptions(LISTENER_TYPE_URL), None);
+    assert_eq!(r.subscriptions(CLUSTER_TYPE_URL), None);
+    assert_eq!(r.subscriptions(ROUTE_TYPE_URL), Some(BTreeSet::new()));
+    r.apply_sotw(
+        CLUSTER_TYPE_URL,
+        "1",
+        &[eds_cluster("a"), eds_cluster("b")],
+        now(),
+    )
+    .unwrap();
+    let eds = r.subscriptions(ENDPOINT_TYPE_URL).unwrap();
+    assert_eq!(eds.into_iter().collect::<Vec<_>>(), ["a-svc", "b-svc"]);
+    // An assignment nobody subscribes to any more is forgotten.
+    r.apply_sotw(ENDPOINT_TYPE_URL, "1", &[cla("b-svc", 9)], now())
+        .unwrap();
+    r.apply_sotw(CLUSTER_TYPE_URL, "2", &[eds_cluster("a")], now())
+        .unwrap();
+    r.drop_unsubscribed();
+    assert!(r.resource_versions(ENDPOINT_TYPE_URL).is_empty());
+}
