@@ -17,7 +17,7 @@
 //! - Delta: `removed_resources` removes; everything else is an add or update.
 //!
 //! Each type's own rules (decoding, proto rules, model, dependencies, checks across a
-//! response) are in its [`handler`]; this file runs the steps every type shares.
+//! response) are in its `handler`; this file runs the steps every type shares.
 //!
 //! # Warming
 //! An EDS cluster is warming until the `ClusterLoadAssignment` of its service name is known; a
