@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`addr`]: typed socket addresses (`ClientAddr`, `OrigDstAddr`, `EndpointAddr`, ...).
+//! - [`cli`]: the command line: clap types, `skiff run` arguments -> [`app::RunOptions`]
+//!   (typed [`cli::OptionsError`]), admin queries; `main.rs` only parses, calls and exits.
 //! - [`config`]: Envoy v3 bootstrap (YAML/JSON) -> validated [`config::Bootstrap`].
 //! - [`model`]: skiff's own listener/cluster/endpoint types, converted from protos by `TryFrom`.
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
@@ -14,9 +16,10 @@
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
 //! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
-//! - [`xds`]: ADS client (state of the world and delta), handlers per type URL, ACK/NACK.
+//! - [`xds`]: ADS client (state of the world and delta), one handler per resource type
+//!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming.
 //! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`).
-//! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages.
+//! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages; the client of `skiff admin`.
 //! - [`stats`]: counters with Envoy's names.
 //! - [`app`]: the wiring of one `skiff run`.
 #![deny(rust_2018_idioms)]
@@ -26,6 +29,7 @@ pub mod admin;
 pub mod app;
 pub mod bpf;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod controlplane;
 pub mod dataplane;

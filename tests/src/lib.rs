@@ -1002,13 +1002,14 @@ impl ControlPlane {
         opts.poll_interval = Duration::from_millis(50);
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let (stop, shutdown) = shutdown_signal();
-        let task = tokio::spawn(skiff::controlplane::serve(
+        let served = skiff::controlplane::serve(
             opts,
             move |addr| {
                 let _ = bound_tx.send(addr);
             },
             shutdown,
-        ));
+        );
+        let task = tokio::spawn(async move { Ok(served.await?) });
         let addr = tokio::time::timeout(IN_PROCESS_WAIT, bound_rx)
             .await
             .expect("control plane did not bind in time")

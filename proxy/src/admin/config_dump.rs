@@ -262,8 +262,17 @@ fn apply_mask(v: &Value, paths: &[Vec<&str>]) -> Value {
     Value::Object(out)
 }
 
-/// The `/config_dump` body, or a 404-style message for an unknown `?resource=`.
-pub fn render(bootstrap: &PbBootstrap, snap: &Snapshot, q: &DumpQuery) -> Result<Value, String> {
+/// A `/config_dump` query that names nothing the dump has (Envoy answers 404).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} not found in config dump")]
+pub struct UnknownResource(pub String);
+
+/// The `/config_dump` body, or [`UnknownResource`] for an unknown `?resource=`.
+pub fn render(
+    bootstrap: &PbBootstrap,
+    snap: &Snapshot,
+    q: &DumpQuery,
+) -> Result<Value, UnknownResource> {
     let mut configs = sections(
         bootstrap,
         snap,
@@ -279,7 +288,7 @@ pub fn render(bootstrap: &PbBootstrap, snap: &Snapshot, q: &DumpQuery) -> Result
     };
     if let Some(field) = &q.resource {
         let Some(ty) = entry_type(field) else {
-            return Err(format!("{field} not found in config dump"));
+            return Err(UnknownResource(field.clone()));
         };
         let mut entries = Vec::new();
         for s in &configs {

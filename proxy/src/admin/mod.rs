@@ -250,7 +250,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     }
                     json(&v)
                 }
-                Err(e) => text(StatusCode::NOT_FOUND, e + "\n"),
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
             }
         }
         (Method::GET, "/debug/explain") => {
@@ -672,16 +672,45 @@ fn stats_lines(admin: &Admin) -> Vec<(String, u64)> {
     out
 }
 
+/// Why an admin request (`skiff node`, `skiff admin`, ...) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No connection to the admin address.
+    #[error("cannot reach skiff admin at {admin}")]
+    Connect {
+        /// Admin address.
+        admin: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The request could not be built (a path that is not a URI).
+    #[error(transparent)]
+    Build(#[from] hyper::http::Error),
+    /// HTTP/1.1 exchange failed.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// The admin answered with an error status.
+    #[error("admin {path}: {status}: {body}")]
+    Status {
+        /// Path and query sent.
+        path: String,
+        /// Status received.
+        status: StatusCode,
+        /// Body received, trimmed.
+        body: String,
+    },
+}
+
 /// Send one admin request (`skiff node add-cgroup` and friends); returns the body.
 pub async fn request(
     admin: SocketAddr,
     method: Method,
     path_and_query: &str,
-) -> anyhow::Result<String> {
-    use anyhow::Context;
+) -> Result<String, RequestError> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("cannot reach skiff admin at {admin}"))?;
+        .map_err(|source| RequestError::Connect { admin, source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = Request::builder()
@@ -694,7 +723,11 @@ pub async fn request(
     let body = resp.into_body().collect().await?.to_bytes();
     let body = String::from_utf8_lossy(&body).into_owned();
     if !status.is_success() {
-        anyhow::bail!("admin {path_and_query}: {status}: {}", body.trim());
+        return Err(RequestError::Status {
+            path: path_and_query.to_owned(),
+            status,
+            body: body.trim().to_owned(),
+        });
     }
     Ok(body)
 }

@@ -15,28 +15,28 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("bootstrap {path}: {source}")]
+    #[error("bootstrap {path}: {error}")]
     Read {
         /// File.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (in the message, so not a `source()`).
+        error: std::io::Error,
     },
     /// Not valid YAML/JSON, or not a valid `envoy.config.bootstrap.v3.Bootstrap`.
-    #[error("bootstrap {origin}: {source}")]
+    #[error("bootstrap {origin}: {error}")]
     Parse {
         /// File or `<inline>`.
         origin: String,
-        /// Cause (names the field).
-        source: skiff_proto::CodecError,
+        /// Cause, naming the field (in the message, so not a `source()`).
+        error: skiff_proto::CodecError,
     },
     /// A resource failed validation.
-    #[error("bootstrap {origin}: static_resources: {source}")]
+    #[error("bootstrap {origin}: static_resources: {error}")]
     Invalid {
         /// File or `<inline>`.
         origin: String,
-        /// Which resource and field.
-        source: ModelError,
+        /// Which resource and field (in the message, so not a `source()`).
+        error: ModelError,
     },
     /// Two resources share a name.
     #[error("bootstrap {origin}: static_resources: duplicate {kind} name {name:?}")]
@@ -127,7 +127,7 @@ pub struct Bootstrap {
 pub fn load(path: &Path) -> Result<Bootstrap, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error: source,
     })?;
     parse(&text, &path.display().to_string())
 }
@@ -136,7 +136,7 @@ pub fn load(path: &Path) -> Result<Bootstrap, ConfigError> {
 pub fn parse(text: &str, origin: &str) -> Result<Bootstrap, ConfigError> {
     let parse_err = |source| ConfigError::Parse {
         origin: origin.to_string(),
-        source,
+        error: source,
     };
     let value = skiff_proto::parse_text(text).map_err(parse_err)?;
     let raw: PbBootstrap = skiff_proto::decode_json(&value).map_err(parse_err)?;
@@ -147,7 +147,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Bootstrap, ConfigError> {
 pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigError> {
     let invalid = |source| ConfigError::Invalid {
         origin: origin.to_string(),
-        source,
+        error: source,
     };
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();

@@ -40,7 +40,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -54,6 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::source::{Loader, Snapshot};
+
+pub use self::source::LoadError;
 
 /// The identifier every response carries in `control_plane.identifier`.
 pub const CONTROL_PLANE_ID: &str = "skiff-control-plane";
@@ -95,6 +96,38 @@ impl ControlPlaneOptions {
     }
 }
 
+/// Why the control plane could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// The task reading the source panicked or was cancelled.
+    #[error("loading the control plane source")]
+    LoadTask(#[source] tokio::task::JoinError),
+    /// The source cannot be read at all (missing directory, config dump that does not parse).
+    #[error("loading {what}")]
+    Load {
+        /// The source.
+        what: Source,
+        /// Cause.
+        #[source]
+        error: LoadError,
+    },
+    /// The listen address cannot be bound.
+    #[error("binding the control plane to {addr}")]
+    Bind {
+        /// Listen address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        error: std::io::Error,
+    },
+    /// The bound socket has no local address.
+    #[error("control plane local address")]
+    LocalAddr(#[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("control plane gRPC server")]
+    Server(#[source] tonic::transport::Error),
+}
+
 /// Where the served resources come from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -133,20 +166,26 @@ pub async fn serve(
     opts: ControlPlaneOptions,
     on_bound: impl FnOnce(SocketAddr) + Send,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), ControlPlaneError> {
     let mut loader = Loader::new(opts.source.clone());
     let first = tokio::task::spawn_blocking(move || loader.load_initial().map(|s| (loader, s)))
         .await
-        .context("loading the control plane source")?;
-    let (loader, snapshot) = first.with_context(|| format!("loading {}", opts.source))?;
+        .map_err(ControlPlaneError::LoadTask)?;
+    let (loader, snapshot) = first.map_err(|error| ControlPlaneError::Load {
+        what: opts.source.clone(),
+        error,
+    })?;
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(snapshot));
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .with_context(|| format!("binding the control plane to {}", opts.listen))?;
+        .map_err(|error| ControlPlaneError::Bind {
+            addr: opts.listen,
+            error,
+        })?;
     let bound = listener
         .local_addr()
-        .context("control plane local address")?;
+        .map_err(ControlPlaneError::LocalAddr)?;
     info!(addr = %bound, source = %opts.source, "control plane listening");
     on_bound(bound);
 
@@ -183,7 +222,7 @@ pub async fn serve(
         signal,
     );
     let result = tokio::select! {
-        r = server => r.context("control plane gRPC server"),
+        r = server => r.map_err(ControlPlaneError::Server),
         () = async { stop.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
             warn!(timeout = ?DRAIN_TIMEOUT, "control plane connections did not close in time");
             Ok(())
@@ -321,7 +360,8 @@ fn node_id(current: &mut String, node: Option<&Node>) {
 
 /// Whether an empty subscription means "everything" for this type (LDS and CDS).
 fn wildcard_by_default(type_url: &str) -> bool {
-    type_url == skiff_proto::LISTENER_TYPE_URL || type_url == skiff_proto::CLUSTER_TYPE_URL
+    crate::xds::ResourceKind::from_type_url(type_url)
+        .is_some_and(crate::xds::ResourceKind::is_wildcard)
 }
 
 /// FNV-1a, 64 bits: a version derived from content, stable across runs and Rust releases.

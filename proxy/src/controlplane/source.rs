@@ -11,28 +11,40 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message as _;
-use skiff_proto::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{Source, fnv1a};
+use crate::xds::ResourceKind;
 
 /// Why a file (or one of its resources) cannot be served.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum LoadError {
-    #[error("reading {path}: {source}")]
+pub enum LoadError {
+    /// The file or directory cannot be read.
+    #[error("reading {}: {error}", path.display())]
     Read {
+        /// File or directory.
         path: PathBuf,
-        source: std::io::Error,
+        /// Cause (in the message, so not a `source()`).
+        error: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
+    /// Not valid JSON/YAML, or not a discovery file / config dump.
+    #[error("parsing {}: {error}", path.display())]
     Parse {
+        /// File.
         path: PathBuf,
-        source: skiff_proto::CodecError,
+        /// Cause, naming the field (in the message, so not a `source()`).
+        error: skiff_proto::CodecError,
     },
-    #[error("{path}: {reason}")]
-    Content { path: PathBuf, reason: String },
+    /// Parsed, but its content cannot be served.
+    #[error("{}: {reason}", path.display())]
+    Content {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// One resource as served.
@@ -155,7 +167,7 @@ impl Loader {
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|source| LoadError::Read {
                     path: path.clone(),
-                    source,
+                    error: source,
                 })
                 .and_then(|text| parse_discovery_file(&path, &text));
             let state = self.files.entry(path.clone()).or_insert(FileState {
@@ -254,7 +266,7 @@ pub(crate) async fn poll(
 fn stamp(path: &Path) -> Result<Stamp, LoadError> {
     let meta = std::fs::metadata(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     Ok(Stamp {
         modified: meta.modified().ok(),
@@ -266,7 +278,7 @@ fn stamp(path: &Path) -> Result<Stamp, LoadError> {
 fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: dir.to_owned(),
-        source,
+        error: source,
     };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
@@ -295,7 +307,7 @@ pub(crate) fn parse_discovery_file(
     let file =
         skiff_proto::parse_discovery_file(text, None).map_err(|source| LoadError::Parse {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
     let mut type_url: Option<String> = None;
     for (i, r) in file.resources.iter().enumerate() {
@@ -342,11 +354,11 @@ pub(crate) fn parse_discovery_file(
 pub(crate) fn read_config_dump(path: &Path) -> Result<Snapshot, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let dump = skiff_proto::parse_config_dump(&text).map_err(|source| LoadError::Parse {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let mut versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut snapshot = Snapshot::default();
@@ -400,13 +412,14 @@ fn content_version(resources: &BTreeMap<String, Arc<Resource>>) -> String {
 
 fn type_from_file_name(path: &Path) -> Option<&'static str> {
     let stem = path.file_stem()?.to_str()?.to_ascii_lowercase();
-    Some(match stem.as_str() {
-        "listeners" | "lds" => LISTENER_TYPE_URL,
-        "clusters" | "cds" => CLUSTER_TYPE_URL,
-        "routes" | "rds" => ROUTE_TYPE_URL,
-        "endpoints" | "eds" => ENDPOINT_TYPE_URL,
+    let kind = match stem.as_str() {
+        "listeners" | "lds" => ResourceKind::Listener,
+        "clusters" | "cds" => ResourceKind::Cluster,
+        "routes" | "rds" => ResourceKind::Route,
+        "endpoints" | "eds" => ResourceKind::Endpoints,
         _ => return None,
-    })
+    };
+    Some(kind.type_url())
 }
 
 /// Field 1 of a message: the name of every xDS resource type (`name`, or `cluster_name` for a
@@ -417,15 +430,33 @@ struct FirstStringField {
     name: String,
 }
 
+/// Why a served resource has no usable name.
+#[derive(Debug, thiserror::Error)]
+enum NameError {
+    /// The name is empty.
+    #[error("{0} has no name")]
+    Missing(String),
+    /// The bytes are not a message of the type.
+    #[error("{type_url} does not decode: {error}")]
+    Decode {
+        /// The resource's type URL.
+        type_url: String,
+        /// prost's error.
+        error: prost::DecodeError,
+    },
+}
+
 /// The resource's name; decoding the four core types also checks their bytes.
-fn resource_name(any: &Any) -> Result<String, String> {
+fn resource_name(any: &Any) -> Result<String, NameError> {
     let bytes = any.value.as_slice();
-    let decoded = match any.type_url.as_str() {
-        LISTENER_TYPE_URL => Listener::decode(bytes).map(|r| r.name),
-        CLUSTER_TYPE_URL => Cluster::decode(bytes).map(|r| r.name),
-        ROUTE_TYPE_URL => RouteConfiguration::decode(bytes).map(|r| r.name),
-        ENDPOINT_TYPE_URL => ClusterLoadAssignment::decode(bytes).map(|r| r.cluster_name),
-        _ => {
+    let decoded = match ResourceKind::from_type_url(&any.type_url) {
+        Some(ResourceKind::Listener) => Listener::decode(bytes).map(|r| r.name),
+        Some(ResourceKind::Cluster) => Cluster::decode(bytes).map(|r| r.name),
+        Some(ResourceKind::Route) => RouteConfiguration::decode(bytes).map(|r| r.name),
+        Some(ResourceKind::Endpoints) => {
+            ClusterLoadAssignment::decode(bytes).map(|r| r.cluster_name)
+        }
+        None => {
             // Opaque (type unknown to skiff-proto): its original JSON follows a 0x00 byte.
             if let Some(json) = opaque_name(any) {
                 return Ok(json);
@@ -434,9 +465,12 @@ fn resource_name(any: &Any) -> Result<String, String> {
         }
     };
     match decoded {
-        Ok(name) if name.is_empty() => Err(format!("{} has no name", any.type_url)),
+        Ok(name) if name.is_empty() => Err(NameError::Missing(any.type_url.clone())),
         Ok(name) => Ok(name),
-        Err(e) => Err(format!("{} does not decode: {e}", any.type_url)),
+        Err(error) => Err(NameError::Decode {
+            type_url: any.type_url.clone(),
+            error,
+        }),
     }
 }
 

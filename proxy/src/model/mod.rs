@@ -130,25 +130,49 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// Why a `--exclude-cidrs` entry is not a CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    /// The part before `/` is not an address.
+    #[error("{text:?}: {ip:?} is not an IP address")]
+    Address {
+        /// The whole text.
+        text: String,
+        /// The address part.
+        ip: String,
+    },
+    /// The prefix length is not a number of bits the family has.
+    #[error("{text:?}: prefix length must be 0..={max}")]
+    PrefixLen {
+        /// The whole text.
+        text: String,
+        /// 32 or 128.
+        max: u8,
+    },
+}
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
+    type Err = CidrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (ip, len) = match s.split_once('/') {
             Some((ip, len)) => (ip, Some(len)),
             None => (s, None),
         };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
+        let addr: IpAddr = ip.parse().map_err(|_| CidrError::Address {
+            text: s.to_owned(),
+            ip: ip.to_owned(),
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
+        let len =
+            match len {
+                Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                    CidrError::PrefixLen {
+                        text: s.to_owned(),
+                        max,
+                    }
+                })?,
+                None => max,
+            };
         Ok(Cidr { addr, len })
     }
 }
@@ -280,9 +304,16 @@ mod tests {
             "10.0.0.0/33"
                 .parse::<Cidr>()
                 .unwrap_err()
+                .to_string()
                 .contains("10.0.0.0/33")
         );
-        assert!("nope/8".parse::<Cidr>().unwrap_err().contains("nope"));
+        assert!(
+            "nope/8"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
     }
 
     #[test]

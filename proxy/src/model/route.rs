@@ -112,17 +112,13 @@ impl PartialEq for Pattern {
 
 impl Pattern {
     /// Compile `re` so that it must match the whole input (Envoy's full-match rule).
-    pub fn full(re: &str) -> Result<Pattern, String> {
-        regex_lite::Regex::new(&format!("^(?:{re})$"))
-            .map(Pattern)
-            .map_err(|e| e.to_string())
+    pub fn full(re: &str) -> Result<Pattern, regex_lite::Error> {
+        regex_lite::Regex::new(&format!("^(?:{re})$")).map(Pattern)
     }
 
     /// Compile `re` as given, for searching (rewrites).
-    pub fn search(re: &str) -> Result<Pattern, String> {
-        regex_lite::Regex::new(re)
-            .map(Pattern)
-            .map_err(|e| e.to_string())
+    pub fn search(re: &str) -> Result<Pattern, regex_lite::Error> {
+        regex_lite::Regex::new(re).map(Pattern)
     }
 }
 

@@ -1,8 +1,10 @@
 //! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
 //!
 //! # Layout
+//! - [`kind`]: [`ResourceKind`], the four types skiff decodes, parsed from a type URL once.
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
-//!   follows (pure; both protocol flavours drive it).
+//!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
+//!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
 //! - this file: the stream loops ([`spawn`]), requests, ACK/NACK, reconnect with backoff.
 //!
 //! # Protocol (as Envoy)
@@ -17,6 +19,7 @@
 //!   backoff and jitter and re-sends its subscriptions (SotW: last accepted versions; delta:
 //!   `initial_resource_versions`).
 
+pub mod kind;
 pub mod resources;
 
 use std::collections::{BTreeSet, HashMap};
@@ -30,7 +33,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status;
-use skiff_proto::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL};
+use skiff_proto::{ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +44,10 @@ use crate::config::{AdsApi, AdsConfig};
 use crate::state::Store;
 use crate::stats::Stats;
 
-pub use resources::{Incoming, Rejected, Resources, TYPE_URLS, nack_message};
+pub use kind::ResourceKind;
+pub use resources::{
+    Incoming, ProtoRule, RejectReason, Rejected, Resources, TYPE_URLS, nack_message,
+};
 
 /// gRPC `INVALID_ARGUMENT`, the code Envoy puts in a NACK's `error_detail`.
 pub const NACK_CODE: i32 = 3;
@@ -202,13 +208,7 @@ fn jitter(d: Duration, salt: u64) -> Duration {
 
 /// Stats prefix of a type URL (Envoy's names for LDS and CDS).
 fn stat_prefix(type_url: &str) -> &'static str {
-    match type_url {
-        LISTENER_TYPE_URL => "listener_manager.lds",
-        CLUSTER_TYPE_URL => "cluster_manager.cds",
-        ROUTE_TYPE_URL => "skiff.xds.rds",
-        ENDPOINT_TYPE_URL => "skiff.xds.eds",
-        _ => "skiff.xds.unknown",
-    }
+    ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
 }
 
 /// Marks the connection up while alive.

@@ -1,11 +1,15 @@
 use super::*;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
 };
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as ep;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla;
 use envoy_types::pb::envoy::config::listener::v3 as lpb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use prost::Message;
+use skiff_proto::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL};
 
 fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
@@ -156,7 +160,16 @@ fn partial_nack_applies_valid_resources_and_keeps_last_good() {
         .unwrap_err();
     assert_eq!(err.len(), 1);
     assert_eq!(err[0].name, "a");
-    assert!(err[0].reason.contains("load_assignment"), "{}", err[0]);
+    assert!(
+        matches!(err[0].reason, RejectReason::Invalid(_)),
+        "{}",
+        err[0]
+    );
+    assert!(
+        err[0].reason.to_string().starts_with("load_assignment"),
+        "{}",
+        err[0]
+    );
     // NACK: the type version stays at the last good one.
     assert_eq!(r.version_info(CLUSTER_TYPE_URL), "1");
     let s = r.snapshot();
@@ -193,6 +206,11 @@ fn undecodable_resource_rejects_the_whole_response() {
         )
         .unwrap_err();
     assert_eq!(err[0].name, "resources[1]");
+    assert!(
+        matches!(err[0].reason, RejectReason::Decode { .. }),
+        "{}",
+        err[0]
+    );
     let s = r.snapshot();
     assert!(s.listeners.contains_key("l"));
     assert!(!s.listeners.contains_key("m"));
@@ -219,6 +237,11 @@ fn listeners_on_one_address_and_static_names_are_refused() {
         .unwrap_err();
     let names: Vec<_> = err.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["static", "dup"]);
+    assert_eq!(err[0].reason, RejectReason::Static);
+    assert_eq!(
+        err[1].to_string(),
+        "dup: address 127.0.0.1:2000 is already used by listener \"static\""
+    );
     assert!(r.snapshot().listeners.contains_key("ok"));
 }
 
@@ -243,9 +266,12 @@ fn delta_adds_updates_and_removes() {
         version: "v1",
         resource: &a,
     }];
-    assert!(
-        r.apply_delta(CLUSTER_TYPE_URL, "s3", &inc, &[], now())
-            .is_err()
+    let err = r
+        .apply_delta(CLUSTER_TYPE_URL, "s3", &inc, &[], now())
+        .unwrap_err();
+    assert_eq!(
+        err[0].to_string(),
+        "zzz: resource is named \"a\" but its wrapper says \"zzz\""
     );
 }
 
@@ -268,7 +294,17 @@ fn proto_rule_violation_rejects_the_whole_response() {
             now(),
         )
         .unwrap_err();
-    assert!(err[0].reason.contains("connect_timeout"), "{}", err[0]);
+    assert_eq!(
+        err[0].reason,
+        RejectReason::ProtoRule {
+            name: "neg".into(),
+            rule: ProtoRule::ConnectTimeout
+        }
+    );
+    assert_eq!(
+        err[0].to_string(),
+        "resources[1]: \"neg\": connect_timeout: value must be greater than 0s"
+    );
     assert!(r.warming().1.is_empty() && r.snapshot().cluster("a").is_none());
 }
 
@@ -278,7 +314,8 @@ fn unknown_type_urls_are_rejected() {
     let err = r
         .apply_sotw("type.googleapis.com/foo.Bar", "1", &[], now())
         .unwrap_err();
-    assert!(!err[0].reason.is_empty());
+    assert_eq!(err[0].reason, RejectReason::UnknownType);
+    assert_eq!(err[0].name, "type.googleapis.com/foo.Bar");
 }
 
 mod prop {
@@ -316,9 +353,86 @@ mod prop {
             if let Err(rej) = res {
                 prop_assert!(!rej.is_empty());
                 prop_assert!(!nack_message(&resp_type, &rej).is_empty());
-                prop_assert!(rej.iter().all(|x| !x.name.is_empty() && !x.reason.is_empty()));
+                prop_assert!(rej.iter().all(|x| !x.name.is_empty() && !x.reason.to_string().is_empty()));
             }
             let _ = r.snapshot();
         }
     }
+}
+
+#[test]
+fn a_duplicate_rejects_only_its_second_copy() {
+    let mut r = Resources::default();
+    let err = r
+        .apply_sotw(
+            ENDPOINT_TYPE_URL,
+            "1",
+            &[cla("a-svc", 9), cla("a-svc", 10), cla("", 11)],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [
+            "a-svc: duplicate resource name \"a-svc\" in one response",
+            "<unnamed>: cluster_name: must not be empty",
+        ]
+    );
+    // The first copy is applied; the version stays (NACK).
+    assert_eq!(r.resource_versions(ENDPOINT_TYPE_URL)["a-svc"], "1");
+    assert_eq!(r.version_info(ENDPOINT_TYPE_URL), "");
+    assert_eq!(
+        nack_message(ENDPOINT_TYPE_URL, &err),
+        "a-svc: duplicate resource name \"a-svc\" in one response; <unnamed>: cluster_name: must not be empty"
+    );
+}
+
+#[test]
+fn a_resource_of_another_type_rejects_the_response() {
+    let mut r = Resources::default();
+    let err = r
+        .apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[eds_cluster("a"), listener("l", 1, "a")],
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!(err[0].name, "resources[1]");
+    assert_eq!(
+        err[0].reason,
+        RejectReason::WrongType {
+            found: LISTENER_TYPE_URL.into(),
+            expected: CLUSTER_TYPE_URL,
+        }
+    );
+    assert!(r.warming().1.is_empty() && r.resource_versions(CLUSTER_TYPE_URL).is_empty());
+    // The error state shows it, without a resource (it never decoded as a cluster).
+    let dump = r.snapshot().xds.clusters.errors.clone();
+    assert!(dump["resources[1]"].resource.is_none());
+}
+
+#[test]
+fn subscriptions_follow_accepted_listeners_and_clusters() {
+    let mut r = Resources::default();
+    assert_eq!(r.subscriptions(LISTENER_TYPE_URL), None);
+    assert_eq!(r.subscriptions(CLUSTER_TYPE_URL), None);
+    assert_eq!(r.subscriptions(ROUTE_TYPE_URL), Some(BTreeSet::new()));
+    r.apply_sotw(
+        CLUSTER_TYPE_URL,
+        "1",
+        &[eds_cluster("a"), eds_cluster("b")],
+        now(),
+    )
+    .unwrap();
+    let eds = r.subscriptions(ENDPOINT_TYPE_URL).unwrap();
+    assert_eq!(eds.into_iter().collect::<Vec<_>>(), ["a-svc", "b-svc"]);
+    // An assignment nobody subscribes to any more is forgotten.
+    r.apply_sotw(ENDPOINT_TYPE_URL, "1", &[cla("b-svc", 9)], now())
+        .unwrap();
+    r.apply_sotw(CLUSTER_TYPE_URL, "2", &[eds_cluster("a")], now())
+        .unwrap();
+    r.drop_unsubscribed();
+    assert!(r.resource_versions(ENDPOINT_TYPE_URL).is_empty());
 }

@@ -1,0 +1,313 @@
+//! The `skiff` command line: clap definitions and what turns parsed arguments into the
+//! library's options. The binary (`main.rs`) only parses, starts tracing, calls and picks the
+//! exit code; everything here is testable without spawning it.
+//!
+//! # Layout
+//! - this file: [`Cli`] and its subcommands (flags, defaults, help text), value parsers.
+//! - [`run`]: `skiff run` arguments -> [`crate::app::RunOptions`] + [`crate::capture::CaptureExtras`].
+//! - [`query`]: the subcommands that send one request to a running skiff's admin API
+//!   (`admin`, `maps`, `explain`, `node`) and render its answer.
+
+pub mod query;
+pub mod run;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::model::Cidr;
+
+pub use query::{AdminCall, QueryError};
+pub use run::{OptionsError, run_options};
+
+/// skiff: an eBPF-accelerated, Envoy-compatible transparent proxy.
+#[derive(Parser, Debug)]
+#[command(name = "skiff", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands of `skiff`.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Serve xDS (ADS, state of the world and delta) from files or an Envoy config dump.
+    ControlPlane(ControlPlaneArgs),
+    /// Send one request to a running skiff's admin API and print the answer
+    /// (e.g. `skiff admin /config_dump?resource=dynamic_active_clusters`).
+    Admin {
+        /// Path and query.
+        path: String,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Show the kernel fast-path maps of a running skiff: services, clusters, endpoints,
+    /// generation and capacity used.
+    Maps {
+        /// Print the JSON as the admin API returns it.
+        #[arg(long)]
+        json: bool,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Which path a connect to DST takes (kernel fast path / proxy / passthrough / excluded).
+    Explain {
+        /// Destination, e.g. 10.96.0.1:80.
+        dst: SocketAddr,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
+        admin: SocketAddr,
+    },
+    /// Remove the iptables rules (every `SKIFF_*` nat chain and the jumps to them) a killed
+    /// `skiff run --capture iptables` left in this network namespace. Idempotent.
+    Cleanup,
+    /// Node mode: add or remove pods and pod cgroups at run time (through the admin API).
+    Node {
+        /// The operation.
+        #[command(subcommand)]
+        op: NodeOp,
+        /// Admin address of the running skiff.
+        #[arg(long, default_value = crate::config::DEFAULT_ADMIN, global = true)]
+        admin: SocketAddr,
+    },
+}
+
+/// `skiff control-plane` arguments.
+#[derive(clap::Args, Debug)]
+pub struct ControlPlaneArgs {
+    /// Directory with one discovery file per type (JSON or YAML), watched for changes.
+    #[arg(
+        long,
+        conflicts_with = "from_config_dump",
+        required_unless_present = "from_config_dump"
+    )]
+    pub dir: Option<PathBuf>,
+    /// Serve the dynamic resources of an Envoy/Istio /config_dump.
+    #[arg(long)]
+    pub from_config_dump: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    /// How often the directory is checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+/// `skiff node` operations.
+#[derive(Subcommand, Debug)]
+pub enum NodeOp {
+    /// Start capturing the processes of a cgroup.
+    AddCgroup {
+        /// cgroup v2 directory.
+        path: PathBuf,
+    },
+    /// Stop capturing a cgroup.
+    RemoveCgroup {
+        /// cgroup v2 directory.
+        path: PathBuf,
+    },
+    /// List captured cgroup ids.
+    ListCgroups,
+    /// Serve a pod with its own node id and configuration: capture its cgroup and listen in
+    /// its network namespace.
+    AddPod {
+        /// The pod's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// The pod's network namespace (`/run/netns/NAME` or `/proc/PID/ns/net`).
+        #[arg(long)]
+        netns: PathBuf,
+        /// The pod's xDS node id.
+        #[arg(long)]
+        node_id: String,
+        /// The pod's own bootstrap (default: the node's, with --node-id).
+        #[arg(long)]
+        bootstrap: Option<PathBuf>,
+    },
+    /// Stop serving the pod of a cgroup.
+    RemovePod {
+        /// The pod's cgroup v2 directory.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// List the pods served, with their node ids, config and counters.
+    ListPods,
+}
+
+/// `--capture`: how traffic reaches the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CaptureKind {
+    /// cgroup connect4/6 + getsockopt eBPF programs.
+    Ebpf,
+    /// Istio-equivalent iptables nat rules in this network namespace (removed on exit).
+    Iptables,
+    /// eBPF when this kernel and process support it, else iptables (the log says why).
+    Auto,
+    /// Install nothing: something else (iptables REDIRECT) sends traffic, or plain proxying.
+    None,
+}
+
+/// `--mode`: one pod or one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Capture one pod's cgroup.
+    Sidecar,
+    /// Attach once at a node cgroup root; capture the cgroups registered at run time.
+    Node,
+}
+
+/// `skiff run` arguments.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Envoy v3 bootstrap (YAML or JSON).
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+    /// How traffic reaches the proxy.
+    #[arg(long, value_enum, default_value_t = CaptureKind::Ebpf)]
+    pub capture: CaptureKind,
+    /// Sidecar (one pod cgroup) or node (one skiff per node).
+    #[arg(long, value_enum, default_value_t = Mode::Sidecar)]
+    pub mode: Mode,
+    /// Sidecar mode: the application's cgroup v2 directory to capture.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Node mode: the cgroup that stands for the node (default: the cgroup v2 root).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// cgroup the proxy runs in (created if missing). Default: `skiff-proxy` beside the
+    /// captured cgroup (sidecar) or under the node root (node).
+    #[arg(long)]
+    pub proxy_cgroup: Option<PathBuf>,
+    /// Port of the outbound capture listener (Istio's 15001).
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Do not listen on or capture IPv6.
+    #[arg(long)]
+    pub no_ipv6: bool,
+    /// When the proxy is not ready, fail connects instead of letting them through.
+    #[arg(long)]
+    pub fail_closed: bool,
+    /// Kernel fast path: connects to plain-TCP services go straight to an endpoint chosen in
+    /// the kernel (default map sizes: 10k services, 100k endpoints).
+    #[arg(long)]
+    pub fast_path: bool,
+    /// With --fast-path: when an update removes an endpoint (or it turns unhealthy), destroy the
+    /// application's fast-path sockets still connected to it (netlink SOCK_DESTROY).
+    #[arg(long, requires = "fast_path")]
+    pub terminate_on_removal: bool,
+    /// Sockmap acceleration (sk_msg) for local socket pairs on `--sockmap-ports`. Off by
+    /// default: it speeds up request/response on long-lived connections but slows bulk
+    /// streams and short connections, and blocking readers may see EAGAIN at EOF
+    /// (docs/ARCHITECTURE.md, docs/BENCHMARKS.md).
+    #[arg(long, requires = "sockmap_ports")]
+    pub sockmap: bool,
+    /// Service ports whose local pairs `--sockmap` accelerates, comma separated.
+    #[arg(long, value_delimiter = ',', requires = "sockmap")]
+    pub sockmap_ports: Vec<u16>,
+    /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+    /// CIDRs never captured (Istio's excludeOutboundIPRanges), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// SO_MARK on the proxy's upstream sockets; marked sockets are never captured.
+    #[arg(long, default_value = "0x539", value_parser = parse_u32)]
+    pub proxy_mark: u32,
+    /// iptables mode: the proxy's uid; its connects are never captured (Istio's 1337).
+    #[arg(long)]
+    pub proxy_uid: Option<u32>,
+    /// iptables mode: the proxy's gid; its connects are never captured.
+    #[arg(long)]
+    pub proxy_gid: Option<u32>,
+    /// Start even if other BPF programs act on the cgroup hooks skiff attaches to.
+    #[arg(long)]
+    pub allow_coexist: bool,
+    /// Also capture inbound connections to the pod's addresses and serve them with the
+    /// listener on --inbound-port (sk_lookup in eBPF mode, PREROUTING in iptables mode).
+    #[arg(long)]
+    pub capture_inbound: bool,
+    /// Port of the inbound listener (Istio's virtualInbound 15006).
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Ports never captured inbound (Istio's excludeInboundPorts), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// The pod's addresses steered inbound (default: every non-loopback address here).
+    #[arg(long, value_delimiter = ',')]
+    pub pod_ips: Vec<IpAddr>,
+    /// Admin address (overrides the bootstrap's admin.address).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Time in-flight connections get to finish on shutdown.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_time: Duration,
+}
+
+/// A flag value clap could not take (clap prints it after the flag's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// Not a decimal or `0x` hexadecimal 32-bit number.
+    #[error("{0:?} is not a 32-bit number")]
+    U32(String),
+    /// Not `<digits>` followed by nothing or a unit.
+    #[error("{0:?}: expected e.g. 5s or 500ms")]
+    Duration(String),
+    /// A duration with a unit other than `ms`, `s` or `m`.
+    #[error("{0:?}: unit must be ms, s or m")]
+    Unit(String),
+}
+
+/// `0x539` or `1337`.
+pub fn parse_u32(s: &str) -> Result<u32, ValueError> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| ValueError::U32(s.to_owned()))
+}
+
+/// `500ms`, `5s` (the default unit), `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = n.parse().map_err(|_| ValueError::Duration(s.to_owned()))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(ValueError::Unit(s.to_owned())),
+    }
+}
+
+impl ControlPlaneArgs {
+    /// The control plane's options (clap already requires one of `--dir`,
+    /// `--from-config-dump`).
+    pub fn options(self) -> Result<crate::controlplane::ControlPlaneOptions, OptionsError> {
+        use crate::controlplane::{ControlPlaneOptions, Source};
+        let source = match (self.dir, self.from_config_dump) {
+            (Some(d), _) => Source::Dir(d),
+            (None, Some(f)) => Source::ConfigDump(f),
+            (None, None) => return Err(OptionsError::NoControlPlaneSource),
+        };
+        Ok(ControlPlaneOptions {
+            source,
+            listen: self.listen,
+            poll_interval: self.poll_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! The subcommands that ask a running skiff: `admin`, `maps`, `explain` and `node` each send
+//! one request to its admin API and print the answer.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use hyper::Method;
+
+use super::{NodeOp, OptionsError};
+use crate::admin::RequestError;
+
+/// Why a query failed once sent; the binary exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The admin request failed (unreachable, or an error status).
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// `/debug/maps` did not answer JSON.
+    #[error("/debug/maps is not JSON ({source}): {body}")]
+    MapsNotJson {
+        /// Parse error.
+        source: serde_json::Error,
+        /// What came back.
+        body: String,
+    },
+}
+
+/// How an answer is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Render {
+    /// As received.
+    Body,
+    /// `/debug/maps` as text: one block per map, one line per entry.
+    MapsText,
+}
+
+/// One request to a running skiff's admin API, from a subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminCall {
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// HTTP method.
+    pub method: Method,
+    /// Absolute path and query.
+    pub path: String,
+    render: Render,
+}
+
+impl AdminCall {
+    fn new(admin: SocketAddr, method: Method, path: String) -> AdminCall {
+        AdminCall {
+            admin,
+            method,
+            path,
+            render: Render::Body,
+        }
+    }
+
+    /// `skiff admin PATH --method M`: any method, the path made absolute.
+    pub fn admin(admin: SocketAddr, method: &str, path: &str) -> Result<AdminCall, OptionsError> {
+        let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| OptionsError::Method(method.to_owned()))?;
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        Ok(AdminCall::new(admin, m, path))
+    }
+
+    /// `skiff maps [--json]`.
+    pub fn maps(admin: SocketAddr, json: bool) -> AdminCall {
+        AdminCall {
+            render: if json { Render::Body } else { Render::MapsText },
+            ..AdminCall::new(admin, Method::GET, "/debug/maps".into())
+        }
+    }
+
+    /// `skiff explain DST`.
+    pub fn explain(admin: SocketAddr, dst: SocketAddr) -> AdminCall {
+        AdminCall::new(admin, Method::GET, format!("/debug/explain?dst={dst}"))
+    }
+
+    /// `skiff node OP`.
+    pub fn node(admin: SocketAddr, op: &NodeOp) -> AdminCall {
+        let (method, path) = node_request(op);
+        AdminCall::new(admin, method, path)
+    }
+
+    /// Sends the request; returns what to print.
+    pub async fn send(&self) -> Result<String, QueryError> {
+        let body = crate::admin::request(self.admin, self.method.clone(), &self.path).await?;
+        match self.render {
+            Render::Body => Ok(body),
+            Render::MapsText => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) => Ok(maps_text(&v)),
+                Err(source) => Err(QueryError::MapsNotJson { source, body }),
+            },
+        }
+    }
+}
+
+/// The admin request behind a `skiff node` subcommand. The server resolves nothing
+/// relative, so paths are sent absolute.
+pub fn node_request(op: &NodeOp) -> (Method, String) {
+    let abs = |p: &Path| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    let (method, base) = match op {
+        NodeOp::AddCgroup { path } => {
+            q.append_pair("path", &abs(path));
+            (Method::POST, "/debug/node/cgroups")
+        }
+        NodeOp::RemoveCgroup { path } => {
+            q.append_pair("path", &abs(path));
+            (Method::DELETE, "/debug/node/cgroups")
+        }
+        NodeOp::ListCgroups => (Method::GET, "/debug/node/cgroups"),
+        NodeOp::AddPod {
+            cgroup,
+            netns,
+            node_id,
+            bootstrap,
+        } => {
+            q.append_pair("cgroup", &abs(cgroup))
+                .append_pair("netns", &abs(netns))
+                .append_pair("node_id", node_id);
+            if let Some(b) = bootstrap {
+                q.append_pair("bootstrap", &abs(b));
+            }
+            (Method::POST, "/debug/node/pods")
+        }
+        NodeOp::RemovePod { cgroup } => {
+            q.append_pair("cgroup", &abs(cgroup));
+            (Method::DELETE, "/debug/node/pods")
+        }
+        NodeOp::ListPods => (Method::GET, "/debug/node/pods"),
+    };
+    let q = q.finish();
+    if q.is_empty() {
+        (method, base.to_string())
+    } else {
+        (method, format!("{base}?{q}"))
+    }
+}
+
+/// A human-readable rendering of `/debug/maps`: one block per map, one line per entry.
+pub fn maps_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (k, val) in v.as_object().into_iter().flatten() {
+        match val {
+            serde_json::Value::Array(items) => {
+                out.push_str(&format!("{k} ({}):\n", items.len()));
+                for it in items {
+                    let line = match it.as_object() {
+                        Some(o) => o
+                            .iter()
+                            .map(|(f, x)| match x {
+                                serde_json::Value::String(s) => format!("{f}={s}"),
+                                other => format!("{f}={other}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        None => it.to_string(),
+                    };
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+            other => out.push_str(&format!("{k}: {other}\n")),
+        }
+    }
+    out
+}
+
+/// What `skiff cleanup` prints for its report.
+pub fn cleanup_text(report: &crate::capture::iptables::CleanupReport) -> String {
+    if report.removed.is_empty() {
+        return "nothing to remove\n".to_string();
+    }
+    let mut out = String::new();
+    for (tool, ops) in &report.removed {
+        for op in ops {
+            out.push_str(&format!("{tool}: {op}\n"));
+        }
+    }
+    out
+}

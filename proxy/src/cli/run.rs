@@ -1,0 +1,206 @@
+//! `skiff run` arguments -> the options of [`crate::app::run_with`].
+//!
+//! [`run_options`] does the two things that touch the machine (read the bootstrap, probe the
+//! kernel for `--capture auto`); [`build`] is the pure rest, so tests drive it directly.
+
+use std::net::{Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use super::{CaptureKind, Mode, RunArgs};
+use crate::app::RunOptions;
+use crate::bpf::{BpfError, Capacity, CaptureConfig, CaptureMode};
+use crate::capture::{CaptureExtras, InboundOptions, IptablesConfig};
+use crate::config::{Bootstrap, ConfigError};
+
+/// Why the command line cannot be run; the binary exits 2 for each of these.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    /// The bootstrap file is unreadable or invalid.
+    #[error(transparent)]
+    Bootstrap(#[from] ConfigError),
+    /// The iptables capture is per network namespace, so per pod.
+    #[error("--capture iptables serves one network namespace: use --mode sidecar")]
+    IptablesInNodeMode,
+    /// Inbound capture needs something that captures.
+    #[error("--capture-inbound needs --capture ebpf, iptables or auto")]
+    InboundWithoutCapture,
+    /// cgroups are only attached to by the eBPF capture.
+    #[error("--cgroup/--cgroup-root need --capture ebpf")]
+    CgroupWithoutEbpf,
+    /// Sidecar mode captures one application cgroup, which must be named.
+    #[error("--mode sidecar needs --cgroup PATH (the application's cgroup)")]
+    SidecarWithoutCgroup,
+    /// A cgroup flag names something that is not a directory.
+    #[error("--{flag} {}: not a directory", path.display())]
+    NotADirectory {
+        /// `cgroup` or `cgroup-root`.
+        flag: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The default proxy cgroup goes beside `--cgroup`, which needs a parent.
+    #[error("--cgroup has no parent directory")]
+    CgroupWithoutParent,
+    /// Node mode without `--cgroup-root`, and no cgroup v2 mount was found.
+    #[error(transparent)]
+    CgroupRoot(#[from] BpfError),
+    /// `skiff admin --method` is not an HTTP method.
+    #[error("--method {0:?} is not an HTTP method")]
+    Method(String),
+    /// `skiff control-plane` without a source (clap normally refuses this first).
+    #[error("control-plane needs --dir or --from-config-dump")]
+    NoControlPlaneSource,
+}
+
+/// Reads the bootstrap, resolves `--capture auto` by probing this kernel and process, and
+/// builds the run's options.
+pub fn run_options(a: RunArgs) -> Result<(RunOptions, CaptureExtras), OptionsError> {
+    let bootstrap = crate::config::load(&a.bootstrap)?;
+    crate::config::release_parser_memory();
+    let kind = match a.capture {
+        CaptureKind::Auto => match crate::capture::probe::ebpf_supported(a.cgroup.as_deref()) {
+            Ok(()) => {
+                info!("--capture auto: the eBPF capture is supported here; using it");
+                CaptureKind::Ebpf
+            }
+            Err(why) => {
+                warn!(reason = %why, "--capture auto: eBPF capture unavailable; using iptables");
+                CaptureKind::Iptables
+            }
+        },
+        k => k,
+    };
+    build(a, bootstrap, kind)
+}
+
+/// The run's options for `a`, with `kind` the capture actually used (`--capture auto`
+/// already resolved to eBPF or iptables).
+pub fn build(
+    a: RunArgs,
+    bootstrap: Bootstrap,
+    kind: CaptureKind,
+) -> Result<(RunOptions, CaptureExtras), OptionsError> {
+    let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
+    let outbound_v6 =
+        (!a.no_ipv6).then(|| SocketAddrV6::new(Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
+    let mut extras = CaptureExtras {
+        allow_coexist: a.allow_coexist,
+        ..Default::default()
+    };
+    if a.capture_inbound {
+        extras.inbound = Some(InboundOptions {
+            port: a.inbound_port,
+            exclude_ports: a.exclude_inbound_ports.clone(),
+            sk_lookup: kind == CaptureKind::Ebpf,
+            pod_ips: a.pod_ips.clone(),
+            ipv6: !a.no_ipv6,
+        });
+    }
+    let exclude_cidrs: Vec<_> = a.exclude_cidrs.iter().map(|c| (c.addr, c.len)).collect();
+    let iptables = IptablesConfig {
+        outbound_port: a.outbound_port,
+        inbound_port: a.capture_inbound.then_some(a.inbound_port),
+        proxy_mark: a.proxy_mark,
+        proxy_uid: a.proxy_uid,
+        proxy_gid: a.proxy_gid,
+        exclude_ports: a.exclude_ports.clone(),
+        exclude_cidrs: exclude_cidrs.clone(),
+        exclude_inbound_ports: a.exclude_inbound_ports.clone(),
+        ipv6: !a.no_ipv6,
+    };
+    // --capture auto chose eBPF: should installing it fail, iptables takes over (sidecar only).
+    if a.capture == CaptureKind::Auto && kind == CaptureKind::Ebpf && a.mode == Mode::Sidecar {
+        extras.auto_fallback = Some(iptables.clone());
+    }
+    let capture = match kind {
+        CaptureKind::Iptables => {
+            if a.mode == Mode::Node {
+                return Err(OptionsError::IptablesInNodeMode);
+            }
+            extras.iptables = Some(iptables);
+            None
+        }
+        CaptureKind::None => {
+            if a.capture_inbound {
+                return Err(OptionsError::InboundWithoutCapture);
+            }
+            if a.cgroup.is_some() || a.cgroup_root.is_some() {
+                return Err(OptionsError::CgroupWithoutEbpf);
+            }
+            None
+        }
+        CaptureKind::Ebpf | CaptureKind::Auto => Some(CaptureConfig {
+            mode: capture_mode(a.mode, a.cgroup, a.cgroup_root, a.proxy_cgroup)?,
+            outbound_v4,
+            outbound_v6,
+            proxy_mark: a.proxy_mark,
+            fail_closed: a.fail_closed,
+            exclude_ports: a.exclude_ports,
+            exclude_cidrs,
+            fast_path: a.fast_path.then(Capacity::default),
+            terminate_on_removal: a.terminate_on_removal,
+            sockmap_ports: if a.sockmap {
+                a.sockmap_ports
+            } else {
+                Vec::new()
+            },
+        }),
+    };
+    let upstream_mark = (capture.is_some() || extras.iptables.is_some()).then_some(a.proxy_mark);
+    let opts = RunOptions {
+        admin: a.admin.or(bootstrap.admin),
+        bootstrap,
+        capture,
+        outbound_v4,
+        outbound_v6,
+        upstream_mark,
+        drain: a.drain_time,
+    };
+    Ok((opts, extras))
+}
+
+/// The cgroups the eBPF capture attaches to: the application's (sidecar) or the node's, and
+/// the proxy's own (default `skiff-proxy` beside the first, or under the node root).
+fn capture_mode(
+    mode: Mode,
+    cgroup: Option<PathBuf>,
+    cgroup_root: Option<PathBuf>,
+    proxy_cgroup: Option<PathBuf>,
+) -> Result<CaptureMode, OptionsError> {
+    let not_dir = |flag, path| OptionsError::NotADirectory { flag, path };
+    Ok(match mode {
+        Mode::Sidecar => {
+            let cgroup = cgroup.ok_or(OptionsError::SidecarWithoutCgroup)?;
+            if !cgroup.is_dir() {
+                return Err(not_dir("cgroup", cgroup));
+            }
+            let proxy_cgroup = match proxy_cgroup {
+                Some(p) => p,
+                None => cgroup
+                    .parent()
+                    .ok_or(OptionsError::CgroupWithoutParent)?
+                    .join("skiff-proxy"),
+            };
+            CaptureMode::Sidecar {
+                cgroup,
+                proxy_cgroup,
+            }
+        }
+        Mode::Node => {
+            let cgroup_root = match cgroup_root {
+                Some(p) => p,
+                None => crate::bpf::cgroup2_mount()?,
+            };
+            if !cgroup_root.is_dir() {
+                return Err(not_dir("cgroup-root", cgroup_root));
+            }
+            let proxy_cgroup = proxy_cgroup.unwrap_or_else(|| cgroup_root.join("skiff-proxy"));
+            CaptureMode::Node {
+                cgroup_root,
+                proxy_cgroup,
+            }
+        }
+    })
+}
