@@ -31,6 +31,7 @@ pub mod health;
 pub mod http;
 pub mod lb;
 pub mod model;
+pub mod rbac;
 pub mod state;
 pub mod stats;
 pub mod xds;

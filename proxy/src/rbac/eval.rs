@@ -1,0 +1,314 @@
+//! Evaluation of [`Rules`] over the facts of one connection or request, as Envoy's
+//! `RoleBasedAccessControlEngineImpl` and `matchers.cc` do.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+
+use hyper::HeaderMap;
+
+use super::model::{
+    Action, HeaderMatch, HeaderTest, HttpRbac, NetworkRbac, Permission, Policy, Principal, Rules,
+    StringKind, StringMatch,
+};
+
+/// What the downstream's certificate says, once TLS is terminated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// URI SANs (Istio: one `spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
+    pub uri_sans: Vec<String>,
+    /// DNS SANs.
+    pub dns_sans: Vec<String>,
+    /// Subject, as Envoy prints it.
+    pub subject: String,
+}
+
+impl PeerIdentity {
+    /// A peer known by one SPIFFE URI (what Istio's mTLS gives).
+    pub fn spiffe(uri: impl Into<String>) -> Self {
+        PeerIdentity {
+            uri_sans: vec![uri.into()],
+            ..PeerIdentity::default()
+        }
+    }
+}
+
+/// The facts of one downstream connection, as Envoy's connection and stream info give them.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionFacts<'a> {
+    /// The connection's remote address (`source_ip`; Envoy: proxy protocol applied).
+    pub source: IpAddr,
+    /// The physical peer (`direct_remote_ip`).
+    pub direct_remote: IpAddr,
+    /// The downstream remote address (`remote_ip`; x-forwarded-for when the HCM trusts it).
+    pub remote: IpAddr,
+    /// The downstream local address: the original destination on a capture listener.
+    pub destination: SocketAddr,
+    /// The requested server name (SNI), if any.
+    pub sni: Option<&'a str>,
+    /// The TLS peer; `None` for plaintext (then `authenticated` never matches).
+    pub peer: Option<&'a PeerIdentity>,
+}
+
+impl<'a> ConnectionFacts<'a> {
+    /// Plaintext facts where the peer is the source, direct and remote address alike.
+    pub fn new(peer_addr: IpAddr, destination: SocketAddr) -> Self {
+        ConnectionFacts {
+            source: peer_addr,
+            direct_remote: peer_addr,
+            remote: peer_addr,
+            destination,
+            sni: None,
+            peer: None,
+        }
+    }
+}
+
+/// The facts of one HTTP request (headers as Envoy's request header map holds them).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// `:method`.
+    pub method: &'a str,
+    /// `:path` as received, query and fragment included.
+    pub path: &'a str,
+    /// `:authority` (HTTP/1.1 `Host`).
+    pub authority: &'a str,
+    /// `:scheme`.
+    pub scheme: &'a str,
+    /// The other headers. A `host` entry is not seen: Envoy holds it as `:authority`.
+    pub headers: &'a HeaderMap,
+}
+
+/// One engine's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict<'r> {
+    /// Whether the connection or request may proceed.
+    pub allowed: bool,
+    /// The first policy (by name) that matched, if any (Envoy's effective policy id).
+    pub policy: Option<&'r str>,
+    /// For LOG rules: whether a policy matched (Envoy's `access_log_hint`); else `None`.
+    pub log: Option<bool>,
+}
+
+/// The answers of a filter's enforced and shadow rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision<'r> {
+    /// `rules`: `None` when absent (nothing enforced; count nothing).
+    pub enforced: Option<Verdict<'r>>,
+    /// `shadow_rules`: counted only.
+    pub shadow: Option<Verdict<'r>>,
+}
+
+impl Decision<'_> {
+    /// Whether the connection or request may proceed (shadow rules never deny).
+    pub fn allowed(&self) -> bool {
+        self.enforced.is_none_or(|v| v.allowed)
+    }
+}
+
+// === impl Rules ===
+
+impl Rules {
+    /// Evaluate at L4: header and url_path rules see no request and never match.
+    pub fn check_connection(&self, conn: &ConnectionFacts<'_>) -> Verdict<'_> {
+        self.check(conn, None)
+    }
+
+    /// Evaluate for one HTTP request on `conn`.
+    pub fn check_request(&self, conn: &ConnectionFacts<'_>, req: &RequestFacts<'_>) -> Verdict<'_> {
+        self.check(conn, Some(req))
+    }
+
+    fn check(&self, conn: &ConnectionFacts<'_>, req: Option<&RequestFacts<'_>>) -> Verdict<'_> {
+        let facts = Facts { conn, req };
+        // BTreeMap order is Envoy's: policies sorted by name, the first match is the id.
+        let policy = self
+            .policies
+            .iter()
+            .find(|(_, p)| p.matches(&facts))
+            .map(|(name, _)| name.as_str());
+        let matched = policy.is_some();
+        match self.action {
+            Action::Allow => Verdict {
+                allowed: matched,
+                policy,
+                log: None,
+            },
+            Action::Deny => Verdict {
+                allowed: !matched,
+                policy,
+                log: None,
+            },
+            Action::Log => Verdict {
+                allowed: true,
+                policy,
+                log: Some(matched),
+            },
+        }
+    }
+}
+
+// === impl NetworkRbac / HttpRbac ===
+
+impl NetworkRbac {
+    /// Decide one connection (Envoy evaluates when its first bytes arrive).
+    pub fn check(&self, conn: &ConnectionFacts<'_>) -> Decision<'_> {
+        Decision {
+            enforced: self.rules.as_ref().map(|r| r.check_connection(conn)),
+            shadow: self.shadow_rules.as_ref().map(|r| r.check_connection(conn)),
+        }
+    }
+}
+
+impl HttpRbac {
+    /// Decide one request on `conn` (denied: answer 403 `RBAC: access denied`).
+    pub fn check(&self, conn: &ConnectionFacts<'_>, req: &RequestFacts<'_>) -> Decision<'_> {
+        Decision {
+            enforced: self.rules.as_ref().map(|r| r.check_request(conn, req)),
+            shadow: self
+                .shadow_rules
+                .as_ref()
+                .map(|r| r.check_request(conn, req)),
+        }
+    }
+}
+
+// === matching ===
+
+struct Facts<'f, 'a> {
+    conn: &'f ConnectionFacts<'a>,
+    req: Option<&'f RequestFacts<'a>>,
+}
+
+impl Policy {
+    fn matches(&self, f: &Facts<'_, '_>) -> bool {
+        self.permissions.iter().any(|p| p.matches(f))
+            && self.principals.iter().any(|p| p.matches(f))
+    }
+}
+
+impl Permission {
+    fn matches(&self, f: &Facts<'_, '_>) -> bool {
+        match self {
+            Permission::Any => true,
+            Permission::And(v) => v.iter().all(|p| p.matches(f)),
+            Permission::Or(v) => v.iter().any(|p| p.matches(f)),
+            Permission::Not(p) => !p.matches(f),
+            Permission::Header(h) => f.req.is_some_and(|r| h.matches(r)),
+            Permission::UrlPath(m) => f.req.is_some_and(|r| m.matches(url_path(r.path))),
+            Permission::DestinationIp(c) => c.contains(f.conn.destination.ip()),
+            Permission::DestinationPort(p) => u32::from(f.conn.destination.port()) == *p,
+            Permission::DestinationPortRange { start, end } => {
+                (*start..*end).contains(&u32::from(f.conn.destination.port()))
+            }
+            Permission::RequestedServerName(m) => m.matches(f.conn.sni.unwrap_or("")),
+        }
+    }
+}
+
+impl Principal {
+    fn matches(&self, f: &Facts<'_, '_>) -> bool {
+        match self {
+            Principal::Any => true,
+            Principal::And(v) => v.iter().all(|p| p.matches(f)),
+            Principal::Or(v) => v.iter().any(|p| p.matches(f)),
+            Principal::Not(p) => !p.matches(f),
+            Principal::Authenticated(name) => match (f.conn.peer, name) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(peer), Some(m)) => {
+                    peer.uri_sans.iter().any(|s| m.matches(s))
+                        || peer.dns_sans.iter().any(|s| m.matches(s))
+                        || m.matches(&peer.subject)
+                }
+            },
+            Principal::SourceIp(c) => c.contains(f.conn.source),
+            Principal::DirectRemoteIp(c) => c.contains(f.conn.direct_remote),
+            Principal::RemoteIp(c) => c.contains(f.conn.remote),
+            Principal::Header(h) => f.req.is_some_and(|r| h.matches(r)),
+            Principal::UrlPath(m) => f.req.is_some_and(|r| m.matches(url_path(r.path))),
+            // Istio's filter state holds the peer certificate's first URI SAN; absent without
+            // mTLS, and an absent object never matches.
+            Principal::PeerPrincipal(m) => f
+                .conn
+                .peer
+                .and_then(|p| p.uri_sans.first())
+                .is_some_and(|s| m.matches(s)),
+        }
+    }
+}
+
+/// Envoy's `PathUtil::removeQueryAndFragment`.
+fn url_path(path: &str) -> &str {
+    path.find(['?', '#']).map_or(path, |i| &path[..i])
+}
+
+impl StringMatch {
+    /// Whether `v` satisfies this `StringMatcher`.
+    pub fn matches(&self, v: &str) -> bool {
+        let fold = |s: &str| -> String { s.to_ascii_lowercase() };
+        match &self.kind {
+            StringKind::Regex(re) => re.0.is_match(v),
+            StringKind::Exact(x) if self.ignore_case => x.eq_ignore_ascii_case(v),
+            StringKind::Exact(x) => x == v,
+            StringKind::Prefix(x) if self.ignore_case => fold(v).starts_with(&fold(x)),
+            StringKind::Prefix(x) => v.starts_with(x.as_str()),
+            StringKind::Suffix(x) if self.ignore_case => fold(v).ends_with(&fold(x)),
+            StringKind::Suffix(x) => v.ends_with(x.as_str()),
+            StringKind::Contains(x) if self.ignore_case => fold(v).contains(&fold(x)),
+            StringKind::Contains(x) => v.contains(x.as_str()),
+        }
+    }
+}
+
+impl HeaderMatch {
+    fn matches(&self, req: &RequestFacts<'_>) -> bool {
+        let value = header_value(&self.name, req);
+        if let HeaderTest::Present(want) = self.test {
+            return (value.is_some() == want) != self.invert;
+        }
+        // Envoy: an absent header never matches, inverted or not, unless it counts as "".
+        let value = match value {
+            Some(v) => v,
+            None if self.missing_as_empty => Cow::Borrowed(""),
+            None => return false,
+        };
+        let hit = match &self.test {
+            HeaderTest::Present(_) => unreachable!("handled above"),
+            HeaderTest::LegacyExact(x) => x.is_empty() || *x == value,
+            HeaderTest::String(m) => m.matches(&value),
+            HeaderTest::Range { start, end } => {
+                value.parse::<i64>().is_ok_and(|n| *start <= n && n < *end)
+            }
+        };
+        hit != self.invert
+    }
+}
+
+/// A header's value as Envoy's matchers see it: pseudo-headers from the request line, other
+/// headers joined with "," when repeated; `host` is `:authority` there, so it is absent.
+fn header_value<'r>(name: &str, req: &RequestFacts<'r>) -> Option<Cow<'r, str>> {
+    match name {
+        ":method" => Some(Cow::Borrowed(req.method)),
+        ":path" => Some(Cow::Borrowed(req.path)),
+        ":authority" => Some(Cow::Borrowed(req.authority)),
+        ":scheme" => Some(Cow::Borrowed(req.scheme)),
+        "host" => None,
+        _ if name.starts_with(':') => None,
+        _ => {
+            let mut values = req.headers.get_all(name).iter();
+            let first = values.next()?;
+            let first = String::from_utf8_lossy(first.as_bytes());
+            match values.next() {
+                None => Some(Cow::Owned(first.into_owned())),
+                Some(second) => {
+                    let mut joined = first.into_owned();
+                    for v in std::iter::once(second).chain(values) {
+                        joined.push(',');
+                        joined.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                    }
+                    Some(Cow::Owned(joined))
+                }
+            }
+        }
+    }
+}
