@@ -312,3 +312,35 @@ fn header_value<'r>(name: &str, req: &RequestFacts<'r>) -> Option<Cow<'r, str>> 
         }
     }
 }
+
+/// Envoy's HCM choice of the downstream remote address (what `remote_ip` tests): with
+/// `use_remote_address` the peer, or with `xff_num_trusted_hops` N > 0 the Nth address from
+/// the right of `x-forwarded-for`; without it the address `xff_num_trusted_hops` places from
+/// the right (the last one by default). An absent or unparsable entry gives the peer.
+pub fn downstream_remote(
+    peer: IpAddr,
+    xff: Option<&str>,
+    use_remote_address: bool,
+    xff_num_trusted_hops: u32,
+) -> IpAddr {
+    let skip = match (use_remote_address, xff_num_trusted_hops) {
+        (true, 0) => return peer,
+        (true, n) => n - 1,
+        (false, n) => n,
+    };
+    xff_address(xff, skip).unwrap_or(peer)
+}
+
+/// Envoy's `getLastAddressFromXFF`: drop `skip` entries from the right, take the last one.
+fn xff_address(xff: Option<&str>, skip: u32) -> Option<IpAddr> {
+    let mut s = xff?;
+    for _ in 0..skip {
+        s = &s[..s.rfind(',')?];
+    }
+    if let Some(i) = s.rfind(',')
+        && i + 1 < s.len()
+    {
+        s = &s[i + 1..];
+    }
+    s.trim().parse().ok()
+}

@@ -12,8 +12,10 @@
 
 mod eval;
 mod model;
+#[cfg(test)]
+mod tests;
 
-pub use eval::{ConnectionFacts, Decision, PeerIdentity, RequestFacts, Verdict};
+pub use eval::{ConnectionFacts, Decision, PeerIdentity, RequestFacts, Verdict, downstream_remote};
 pub use model::{
     Action, HeaderMatch, HeaderTest, HttpRbac, HttpRbacPerRoute, ISTIO_PEER_PRINCIPAL, MAX_DEPTH,
     MAX_REGEX_LEN, MAX_REGEX_PROGRAM, NetworkRbac, Permission, Policy, Principal, RbacError, Rules,
