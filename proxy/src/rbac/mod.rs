@@ -66,17 +66,20 @@ fn join(prefix: &str, token: &str) -> String {
     }
 }
 
-/// Envoy's `RBAC::generateStats`: `<prefix>rbac.<rules_prefix>{allowed,denied}` and
-/// `<prefix>rbac.<shadow_prefix>{shadow_allowed,shadow_denied}`.
+/// Envoy's `RBAC::generateStats`: `<prefix>.rbac.<rules_prefix>.{allowed,denied}` and
+/// `<prefix>.rbac.<shadow_prefix>.{shadow_allowed,shadow_denied}`, each `.` added only where
+/// the part before it does not already end with one and is not empty (`statPrefixJoin`):
+/// Istio's `tcp.` and `istio_dry_run_allow_` give `tcp.rbac.allowed` and
+/// `tcp.rbac.istio_dry_run_allow_.shadow_allowed`.
 pub fn stat_names(prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> StatNames {
     let base = join(prefix, "rbac.");
     let rules = join(&base, rules_prefix);
     let shadow = join(&base, shadow_prefix);
     StatNames {
-        allowed: format!("{rules}allowed"),
-        denied: format!("{rules}denied"),
-        shadow_allowed: format!("{shadow}shadow_allowed"),
-        shadow_denied: format!("{shadow}shadow_denied"),
+        allowed: join(&rules, "allowed"),
+        denied: join(&rules, "denied"),
+        shadow_allowed: join(&shadow, "shadow_allowed"),
+        shadow_denied: join(&shadow, "shadow_denied"),
     }
 }
 
@@ -88,7 +91,7 @@ impl NetworkRbac {
 }
 
 impl HttpRbac {
-    /// Counter names under the HCM's: `http.<hcm_stat_prefix>.rbac.<rules_stat_prefix>allowed`, ...
+    /// Counter names under the HCM's: `http.<hcm_stat_prefix>.rbac.[<rules_stat_prefix>.]allowed`, ...
     pub fn stat_names(&self, hcm_stat_prefix: &str) -> StatNames {
         stat_names(
             &format!("http.{hcm_stat_prefix}."),

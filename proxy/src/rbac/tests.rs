@@ -238,26 +238,52 @@ fn header_matchers_follow_envoy() {
             Req::new("GET", "/"),
             true,
         ),
-        // HTTP/1.1's Host is `:authority` in Envoy's header map, never `host`.
+        // `host` names `:authority` in Envoy's header map.
         (
-            "{name: host, present_match: true}",
-            Req::new("GET", "/").header("host", "h"),
-            false,
+            "{name: host, string_match: {exact: httpbin}}",
+            Req::new("GET", "/"),
+            true,
         ),
         (
             "{name: X-Up, exact_match: a}",
             Req::new("GET", "/").header("x-up", "a"),
             true,
         ),
-        // Repeated headers are joined with ",".
+        // A repeated header is tested value by value; one matching value is enough...
         (
             "{name: x-r, exact_match: 'a,b'}",
+            Req::new("GET", "/").header("x-r", "a").header("x-r", "b"),
+            false,
+        ),
+        (
+            "{name: x-r, exact_match: b}",
             Req::new("GET", "/").header("x-r", "a").header("x-r", "b"),
             true,
         ),
         (
-            "{name: x-r, exact_match: a}",
+            "{name: x-r, range_match: {start: 1, end: 5}}",
+            Req::new("GET", "/").header("x-r", "9").header("x-r", "2"),
+            true,
+        ),
+        // ...and inversion applies to that answer, not to each value.
+        (
+            "{name: x-r, exact_match: a, invert_match: true}",
             Req::new("GET", "/").header("x-r", "a").header("x-r", "b"),
+            false,
+        ),
+        // Envoy's inline headers (user-agent, x-forwarded-for, ...) are joined with ",".
+        (
+            "{name: user-agent, exact_match: 'a,b'}",
+            Req::new("GET", "/")
+                .header("user-agent", "a")
+                .header("user-agent", "b"),
+            true,
+        ),
+        (
+            "{name: user-agent, exact_match: a}",
+            Req::new("GET", "/")
+                .header("user-agent", "a")
+                .header("user-agent", "b"),
             false,
         ),
         // Legacy exact_match "" matches any present value.
@@ -372,6 +398,11 @@ fn header_matchers_follow_envoy() {
         );
     }
     assert!(!p("{name: x-none, present_match: true}", &plain));
+}
+
+#[test]
+fn joined_header_list_is_sorted_for_binary_search() {
+    assert!(eval::JOINED.windows(2).all(|w| w[0] < w[1]));
 }
 
 #[test]
@@ -724,18 +755,18 @@ fn stat_names_follow_envoy() {
     assert_eq!(n.stat_names().denied, "tcp.rbac.denied");
     assert_eq!(
         n.stat_names().shadow_allowed,
-        "tcp.rbac.istio_dry_run_allow_shadow_allowed"
+        "tcp.rbac.istio_dry_run_allow_.shadow_allowed"
     );
     let n = net("stat_prefix: inbound");
     assert_eq!(n.stat_names().denied, "inbound.rbac.denied");
     assert_eq!(n.stat_names().shadow_denied, "inbound.rbac.shadow_denied");
     let h = http("rules_stat_prefix: r_\nshadow_rules_stat_prefix: s_");
     let names = h.stat_names("inbound_0.0.0.0_8080");
-    assert_eq!(names.allowed, "http.inbound_0.0.0.0_8080.rbac.r_allowed");
-    assert_eq!(names.denied, "http.inbound_0.0.0.0_8080.rbac.r_denied");
+    assert_eq!(names.allowed, "http.inbound_0.0.0.0_8080.rbac.r_.allowed");
+    assert_eq!(names.denied, "http.inbound_0.0.0.0_8080.rbac.r_.denied");
     assert_eq!(
         names.shadow_denied,
-        "http.inbound_0.0.0.0_8080.rbac.s_shadow_denied"
+        "http.inbound_0.0.0.0_8080.rbac.s_.shadow_denied"
     );
     assert_eq!(
         stat_names("", "", "").allowed,
