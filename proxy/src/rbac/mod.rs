@@ -101,7 +101,54 @@ impl HttpRbac {
     }
 }
 
+/// The dynamic metadata Envoy's RBAC filter sets on a request it lets through (measured on
+/// Envoy 1.40): under the filter's name, `<rules_prefix>enforced_engine_result` and
+/// `<rules_prefix>enforced_effective_policy_id` (when a policy matched), and the same with
+/// `<shadow_prefix>shadow_` for the shadow rules; LOG rules set `access_log_hint` under
+/// `envoy.common`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// Fields under the filter's name (`envoy.filters.http.rbac`), values `allowed`/`denied`
+    /// or a policy id.
+    pub fields: std::collections::BTreeMap<String, String>,
+    /// `envoy.common.access_log_hint`, set by LOG rules.
+    pub access_log_hint: Option<bool>,
+}
+
 impl Decision<'_> {
+    /// The metadata this decision leaves for access logs, with the filter's stat prefixes
+    /// (`rules_stat_prefix`, or "" for the network filter; `shadow_rules_stat_prefix`).
+    pub fn metadata(&self, rules_prefix: &str, shadow_prefix: &str) -> Metadata {
+        let result = |allowed: bool| if allowed { "allowed" } else { "denied" }.to_string();
+        let mut m = Metadata::default();
+        if let Some(v) = self.enforced {
+            m.fields.insert(
+                format!("{rules_prefix}enforced_engine_result"),
+                result(v.allowed),
+            );
+            if let Some(id) = v.policy {
+                m.fields.insert(
+                    format!("{rules_prefix}enforced_effective_policy_id"),
+                    id.to_string(),
+                );
+            }
+            m.access_log_hint = v.log;
+        }
+        if let Some(v) = self.shadow {
+            m.fields.insert(
+                format!("{shadow_prefix}shadow_engine_result"),
+                result(v.allowed),
+            );
+            if let Some(id) = v.policy {
+                m.fields.insert(
+                    format!("{shadow_prefix}shadow_effective_policy_id"),
+                    id.to_string(),
+                );
+            }
+        }
+        m
+    }
+
     /// Which counters this decision adds one to: (enforced, shadow), each `Some(true)` for
     /// allowed, `Some(false)` for denied, `None` when those rules are absent.
     pub fn counts(&self) -> (Option<bool>, Option<bool>) {

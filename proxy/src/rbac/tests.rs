@@ -168,6 +168,18 @@ fn shadow_rules_are_counted_never_enforced() {
     assert!(d.allowed());
     assert_eq!(d.counts(), (None, Some(false)));
     assert_eq!(d.shadow.unwrap().policy, Some("p"));
+    let m = d.metadata("", "dry_");
+    assert_eq!(
+        m.fields.into_iter().collect::<Vec<_>>(),
+        [
+            (
+                "dry_shadow_effective_policy_id".to_string(),
+                "p".to_string()
+            ),
+            ("dry_shadow_engine_result".into(), "denied".into()),
+        ]
+    );
+    assert_eq!(m.access_log_hint, None);
 }
 
 // === matchers ===
