@@ -964,6 +964,10 @@ const SHAPES: &[(&str, &str)] = &[
         "tcp-deny-source",
         include_str!("../../../tests/fixtures/rbac/tcp-deny-source.yaml"),
     ),
+    (
+        "tcp-sni-destination",
+        include_str!("../../../tests/fixtures/rbac/tcp-sni-destination.yaml"),
+    ),
 ];
 
 fn s<'v>(p: &'v Value, k: &str, default: &'v str) -> &'v str {
