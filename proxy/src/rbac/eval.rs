@@ -1,7 +1,6 @@
 //! Evaluation of [`Rules`] over the facts of one connection or request, as Envoy's
 //! `RoleBasedAccessControlEngineImpl` and `matchers.cc` do.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use hyper::HeaderMap;
@@ -243,18 +242,19 @@ fn url_path(path: &str) -> &str {
 }
 
 impl StringMatch {
-    /// Whether `v` satisfies this `StringMatcher`.
+    /// Whether `v` satisfies this `StringMatcher` (no allocation).
     pub fn matches(&self, v: &str) -> bool {
-        let fold = |s: &str| -> String { s.to_ascii_lowercase() };
+        let (b, ic) = (v.as_bytes(), self.ignore_case);
+        let eq = |a: &[u8], x: &str| a.eq_ignore_ascii_case(x.as_bytes());
         match &self.kind {
             StringKind::Regex(re) => re.0.is_match(v),
-            StringKind::Exact(x) if self.ignore_case => x.eq_ignore_ascii_case(v),
+            StringKind::Exact(x) if ic => eq(b, x),
             StringKind::Exact(x) => x == v,
-            StringKind::Prefix(x) if self.ignore_case => fold(v).starts_with(&fold(x)),
+            StringKind::Prefix(x) if ic => b.len() >= x.len() && eq(&b[..x.len()], x),
             StringKind::Prefix(x) => v.starts_with(x.as_str()),
-            StringKind::Suffix(x) if self.ignore_case => fold(v).ends_with(&fold(x)),
+            StringKind::Suffix(x) if ic => b.len() >= x.len() && eq(&b[b.len() - x.len()..], x),
             StringKind::Suffix(x) => v.ends_with(x.as_str()),
-            StringKind::Contains(x) if self.ignore_case => fold(v).contains(&fold(x)),
+            StringKind::Contains(x) if ic => x.is_empty() || b.windows(x.len()).any(|w| eq(w, x)),
             StringKind::Contains(x) => v.contains(x.as_str()),
         }
     }
@@ -262,20 +262,15 @@ impl StringMatch {
 
 impl HeaderMatch {
     fn matches(&self, req: &RequestFacts<'_>) -> bool {
-        let values = header_values(&self.name, req);
         if let HeaderTest::Present(want) = self.test {
-            let present = !values.is_empty();
+            let present = any_value(&self.name, req, |_| true).is_some();
             return (present == want) != self.invert;
         }
         // Envoy: an absent header never matches, inverted or not, unless it counts as "".
-        let hit = if values.is_empty() {
-            if !self.missing_as_empty {
-                return false;
-            }
-            self.test_value("")
-        } else {
-            // Envoy tests each value of a repeated header on its own; one is enough.
-            values.iter().any(|v| self.test_value(v))
+        let hit = match any_value(&self.name, req, |v| self.test_value(v)) {
+            Some(hit) => hit,
+            None if self.missing_as_empty => self.test_value(""),
+            None => return false,
         };
         hit != self.invert
     }
@@ -357,34 +352,41 @@ pub(super) const JOINED: &[&str] = &[
     "x-request-id",
 ];
 
-/// A header's values as Envoy's matchers see them: pseudo-headers from the request line
-/// (`host` is `:authority` there), Envoy's inline headers joined with ",", any other header
-/// one value per line. Empty: absent.
-fn header_values<'r>(name: &str, req: &RequestFacts<'r>) -> Vec<Cow<'r, str>> {
+/// Whether `test` holds for one of header `name`'s values as Envoy's matchers see them;
+/// `None` when the header is absent. Pseudo-headers come from the request line (`host` is
+/// `:authority` there); Envoy's inline headers are one value, their lines joined with ",";
+/// any other header has one value per line. Allocates only to join a repeated inline header.
+fn any_value(
+    name: &str,
+    req: &RequestFacts<'_>,
+    mut test: impl FnMut(&str) -> bool,
+) -> Option<bool> {
     let pseudo = match name {
         ":method" => Some(req.method),
         ":path" => Some(req.path),
         ":authority" | "host" => Some(req.authority),
         ":scheme" => Some(req.scheme),
-        _ if name.starts_with(':') => return Vec::new(),
+        _ if name.starts_with(':') => return None,
         _ => None,
     };
     if let Some(v) = pseudo {
-        return vec![Cow::Borrowed(v)];
+        return Some(test(v));
     }
-    let values = req
-        .headers
-        .get_all(name)
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let all = req.headers.get_all(name);
+    let mut values = all.iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let first = values.next()?;
     if JOINED.binary_search(&name).is_ok() {
-        let joined: Vec<Cow<'r, str>> = values.collect();
-        if joined.len() > 1 {
-            return vec![Cow::Owned(joined.join(","))];
+        let Some(second) = values.next() else {
+            return Some(test(&first));
+        };
+        let mut joined = format!("{first},{second}");
+        for v in values {
+            joined.push(',');
+            joined.push_str(&v);
         }
-        return joined;
+        return Some(test(&joined));
     }
-    values.collect()
+    Some(test(&first) || values.any(|v| test(&v)))
 }
 
 /// Envoy's HCM choice of the downstream remote address (what `remote_ip` tests): with

@@ -410,6 +410,23 @@ fn header_matchers_follow_envoy() {
         );
     }
     assert!(!p("{name: x-none, present_match: true}", &plain));
+    // A name no request can carry is simply absent.
+    assert!(!p("{name: 'bad name', present_match: true}", &plain));
+    assert!(p("{name: 'bad name', present_match: false}", &plain));
+    // Case-insensitive tests fold ASCII only and do not split characters.
+    let utf8 = Req::new("GET", "/").header("x-u", "Grüsse");
+    assert!(p(
+        "{name: x-u, string_match: {suffix: 'SSE', ignore_case: true}}",
+        &utf8
+    ));
+    assert!(!p(
+        "{name: x-u, string_match: {contains: 'RÜ', ignore_case: true}}",
+        &utf8
+    ));
+    assert!(p(
+        "{name: x-u, string_match: {prefix: 'grü', ignore_case: true}}",
+        &utf8
+    ));
 }
 
 #[test]
