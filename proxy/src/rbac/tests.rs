@@ -1260,3 +1260,184 @@ proptest! {
         );
     }
 }
+
+// === hostile configurations ===
+
+mod hostile {
+    use envoy_types::pb::envoy::config::core::v3::CidrRange;
+    use envoy_types::pb::envoy::config::rbac::v3 as pb;
+    use envoy_types::pb::envoy::config::route::v3 as route_pb;
+    use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+    use envoy_types::pb::envoy::r#type::v3::Int32Range;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn string_matcher() -> impl Strategy<Value = matcher::StringMatcher> {
+        use matcher::string_matcher::MatchPattern as P;
+        (
+            prop_oneof![
+                ".{0,8}".prop_map(P::Exact),
+                ".{0,8}".prop_map(P::Prefix),
+                ".{0,8}".prop_map(P::Suffix),
+                ".{0,8}".prop_map(P::Contains),
+                "[a-z()\\[\\]{}*+?|.0-9,\\\\]{0,16}".prop_map(|regex| P::SafeRegex(
+                    matcher::RegexMatcher {
+                        regex,
+                        ..Default::default()
+                    }
+                )),
+            ],
+            any::<bool>(),
+        )
+            .prop_map(|(p, ignore_case)| matcher::StringMatcher {
+                match_pattern: Some(p),
+                ignore_case,
+            })
+    }
+
+    fn cidr() -> impl Strategy<Value = CidrRange> {
+        (
+            prop_oneof![
+                Just("10.0.0.0".to_string()),
+                Just("::".to_string()),
+                Just("::ffff:127.0.0.1".to_string()),
+                ".{0,6}"
+            ],
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(|(address_prefix, len)| CidrRange {
+                address_prefix,
+                prefix_len: len.map(|value| UInt32Value { value }),
+            })
+    }
+
+    #[allow(deprecated)]
+    fn header() -> impl Strategy<Value = route_pb::HeaderMatcher> {
+        use route_pb::header_matcher::HeaderMatchSpecifier as S;
+        (
+            prop_oneof![
+                Just(":method".to_string()),
+                Just("x-a".to_string()),
+                ".{0,4}"
+            ],
+            proptest::option::of(prop_oneof![
+                ".{0,4}".prop_map(S::ExactMatch),
+                any::<bool>().prop_map(S::PresentMatch),
+                (any::<i64>(), any::<i64>()).prop_map(|(start, end)| S::RangeMatch(
+                    envoy_types::pb::envoy::r#type::v3::Int64Range { start, end }
+                )),
+                string_matcher().prop_map(S::StringMatch),
+            ]),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(name, spec, invert_match, missing)| route_pb::HeaderMatcher {
+                    name,
+                    header_match_specifier: spec,
+                    invert_match,
+                    treat_missing_header_as_empty: missing,
+                },
+            )
+    }
+
+    fn permission() -> impl Strategy<Value = pb::Permission> {
+        use pb::permission::Rule as R;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(R::Any),
+            any::<u32>().prop_map(R::DestinationPort),
+            (any::<i32>(), any::<i32>())
+                .prop_map(|(start, end)| R::DestinationPortRange(Int32Range { start, end })),
+            cidr().prop_map(R::DestinationIp),
+            header().prop_map(R::Header),
+            string_matcher().prop_map(R::RequestedServerName),
+            string_matcher().prop_map(|m| R::UrlPath(matcher::PathMatcher {
+                rule: Some(matcher::path_matcher::Rule::Path(m)),
+            })),
+        ]
+        .prop_map(|r| pb::Permission { rule: Some(r) });
+        leaf.prop_recursive(6, 48, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|rules| R::AndRules(pb::permission::Set { rules })),
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|rules| R::OrRules(pb::permission::Set { rules })),
+                inner.prop_map(|p| R::NotRule(Box::new(p))),
+            ]
+            .prop_map(|r| pb::Permission { rule: Some(r) })
+        })
+    }
+
+    #[allow(deprecated)]
+    fn principal() -> impl Strategy<Value = pb::Principal> {
+        use pb::principal::Identifier as I;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(I::Any),
+            cidr().prop_map(I::DirectRemoteIp),
+            cidr().prop_map(I::SourceIp),
+            cidr().prop_map(I::RemoteIp),
+            header().prop_map(I::Header),
+            proptest::option::of(string_matcher()).prop_map(|principal_name| {
+                I::Authenticated(pb::principal::Authenticated { principal_name })
+            }),
+            (
+                prop_oneof![Just(ISTIO_PEER_PRINCIPAL.to_string()), ".{0,4}"],
+                string_matcher()
+            )
+                .prop_map(|(key, m)| I::FilterState(matcher::FilterStateMatcher {
+                    key,
+                    matcher: Some(matcher::filter_state_matcher::Matcher::StringMatch(m)),
+                })),
+        ]
+        .prop_map(|i| pb::Principal {
+            identifier: Some(i),
+        });
+        leaf.prop_recursive(6, 48, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|ids| I::AndIds(pb::principal::Set { ids })),
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|ids| I::OrIds(pb::principal::Set { ids })),
+                inner.prop_map(|p| I::NotId(Box::new(p))),
+            ]
+            .prop_map(|i| pb::Principal {
+                identifier: Some(i),
+            })
+        })
+    }
+
+    proptest! {
+        /// Whatever a control plane sends, conversion answers (Ok or a named refusal) and an
+        /// accepted configuration evaluates, without a panic.
+        #[test]
+        fn random_policies_convert_or_are_refused_never_panic(
+            perms in prop::collection::vec(permission(), 0..3),
+            prins in prop::collection::vec(principal(), 0..3),
+            action in -1i32..4,
+            p in super::probe(),
+        ) {
+            let rbac = pb::Rbac {
+                action,
+                policies: [(
+                    "p".to_string(),
+                    pb::Policy { permissions: perms, principals: prins, ..Default::default() },
+                )]
+                .into(),
+                ..Default::default()
+            };
+            let http = http_pb::Rbac { rules: Some(rbac.clone()), ..Default::default() };
+            match HttpRbac::try_from(&http) {
+                Ok(h) => {
+                    let _ = super::decide(h.rules.as_ref().unwrap(), &p);
+                }
+                Err(e) => prop_assert!(!e.field().is_empty() || e.to_string().contains("nested")),
+            }
+            let net = net_pb::Rbac { shadow_rules: Some(rbac), ..Default::default() };
+            if let Ok(n) = NetworkRbac::try_from(&net) {
+                let _ = n.check(&conn("127.0.0.1", p.port));
+            }
+        }
+    }
+}
