@@ -985,6 +985,10 @@ const SHAPES: &[(&str, &str)] = &[
         "tcp-sni-destination",
         include_str!("../../../tests/fixtures/rbac/tcp-sni-destination.yaml"),
     ),
+    (
+        "tcp-cidr-default-len",
+        include_str!("../../../tests/fixtures/rbac/tcp-cidr-default-len.yaml"),
+    ),
 ];
 
 fn s<'v>(p: &'v Value, k: &str, default: &'v str) -> &'v str {
