@@ -84,7 +84,7 @@ pub fn stat_names(prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> Stat
 }
 
 impl NetworkRbac {
-    /// Counter names: `<stat_prefix>rbac.allowed`, ... (Istio: `tcp.rbac.allowed`).
+    /// Counter names: `<stat_prefix>.rbac.allowed`, ... (Istio's `tcp.` gives `tcp.rbac.allowed`).
     pub fn stat_names(&self) -> StatNames {
         stat_names(&self.stat_prefix, "", &self.shadow_rules_stat_prefix)
     }
