@@ -11,6 +11,8 @@
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
 //! - [`net`]: upstream connects (SO_MARK, optional bind source, timeout), below `dataplane`
 //!   and `http`.
+//! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model and pure
+//!   evaluation.
 //! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
@@ -38,6 +40,7 @@ pub mod http;
 pub mod lb;
 pub mod model;
 pub mod net;
+pub mod rbac;
 pub mod state;
 pub mod stats;
 pub mod xds;
