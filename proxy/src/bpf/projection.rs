@@ -670,4 +670,4 @@ fn chain_for_destination<'l>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
