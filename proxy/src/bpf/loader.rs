@@ -2,27 +2,19 @@
 
 use std::{
     fs::File,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        HashMap, MapData,
-        lpm_trie::{Key, LpmTrie},
-    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
         sock_ops::SockOpsLink,
     },
 };
-use skiff_common::{
-    CidrV4Key, CidrV6Key, ConfigValue, ExcludePortKey, MAGLEV_TABLE_SIZE, NODE_SCOPE, ServiceStats,
-};
+use skiff_common::{ConfigValue, MAGLEV_TABLE_SIZE, NODE_SCOPE, ServiceStats};
 
 use super::{
     BpfError, CaptureConfig,
@@ -34,7 +26,6 @@ use super::{
         MAP_SVC_V6,
     },
     gate::{ConfigMap, MAP_CONFIG, ReadyGate},
-    map_err,
     meshed::{MAP_MESHED, Meshed},
     reconciler::Capacity,
     take,
@@ -60,16 +51,10 @@ const SENDMSG4: (&str, &str) = ("skiff_sendmsg4", "cgroup/sendmsg4");
 const RECVMSG4: (&str, &str) = ("skiff_recvmsg4", "cgroup/recvmsg4");
 
 // Map names (the `#[map]` statics in ebpf/skiff-ebpf/src/maps.rs); the others live beside
-// the part that owns the map (gate, meshed, counters, fastpath).
-const MAP_EXCL_PORT: &str = "SKIFF_EXCL_PORT";
-const MAP_EXCL_V4: &str = "SKIFF_EXCL_V4";
-const MAP_EXCL_V6: &str = "SKIFF_EXCL_V6";
+// the part that owns the map (gate, meshed, counters, fastpath, exclude).
 const MAP_UDP_REV: &str = "SKIFF_UDP_REV";
 /// Entries of `SKIFF_UDP_REV` with the fast path on (one socket/endpoint pair each).
 const UDP_REV_ENTRIES: u32 = 65_536;
-
-/// How often the log pump drains aya-log's ring buffer.
-const LOG_FLUSH_EVERY: Duration = Duration::from_millis(20);
 
 /// An attached program; dropping it detaches it.
 #[derive(Debug)]
@@ -94,8 +79,7 @@ pub struct Capture {
     fast: Option<Arc<FastPath>>,
     /// The load export, until the fast-path owner takes it.
     loads: std::sync::Mutex<Option<LoadExport>>,
-    logger: Option<aya_log::EbpfLogger<TracingLog>>,
-    log_task: Option<tokio::task::AbortHandle>,
+    log: super::log::LogPump,
     node_mode: bool,
     capture_cgroup: PathBuf,
     // Dropped after the links: moves the process back, then removes the proxy cgroup.
@@ -124,43 +108,9 @@ impl Capture {
     pub fn install(cfg: &CaptureConfig) -> Result<Capture, BpfError> {
         validate(cfg)?;
         let capture_cgroup = checked_attach_target(cfg.mode.capture_cgroup())?;
-
-        // No RLIMIT_MEMLOCK bump: kernels >= 5.11 charge BPF memory to the cgroup instead.
-        // Fast-path maps are sized from the config (a token size when the fast path is off).
-        let caps = cfg.fast_path.unwrap_or(Capacity {
-            max_services: 1,
-            max_clusters: 1,
-            max_endpoints: 1,
-            max_maglev: 1,
-        });
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_SVC_V4, caps.max_services)
-            .map_max_entries(MAP_SVC_V6, caps.max_services)
-            .map_max_entries(MAP_SVC_STAT, caps.max_services)
-            .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
-            .map_max_entries(MAP_RR, 2 * caps.max_clusters)
-            .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
-            .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
-            .map_max_entries(MAP_EP_ACTIVE, caps.max_endpoints)
-            .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
-            // An LRU hash preallocates every entry: keep it to one without the fast path.
-            .map_max_entries(
-                MAP_UDP_REV,
-                if cfg.fast_path.is_some() {
-                    UDP_REV_ENTRIES
-                } else {
-                    1
-                },
-            )
-            .load(OBJECT)
-            .map_err(|source| BpfError::Object {
-                source: Box::new(source),
-            })?;
+        let mut ebpf = load_object(cfg)?;
 
         // Maps first: `take_map` and `program_mut` both borrow the Ebpf.
-        let mut ports: HashMap<MapData, ExcludePortKey, u8> = take(&mut ebpf, MAP_EXCL_PORT)?;
-        let mut v4: LpmTrie<MapData, CidrV4Key, u8> = take(&mut ebpf, MAP_EXCL_V4)?;
-        let mut v6: LpmTrie<MapData, CidrV6Key, u8> = take(&mut ebpf, MAP_EXCL_V6)?;
         let meshed = Arc::new(Meshed::new(
             take(&mut ebpf, MAP_MESHED)?,
             cfg.mode.is_node(),
@@ -194,41 +144,8 @@ impl Capture {
             None => (None, None),
         };
 
-        for &port in &cfg.exclude_ports {
-            ports
-                .insert(ExcludePortKey::new(port), 1, 0)
-                .map_err(|source| map_err(MAP_EXCL_PORT, format!("insert port {port}"), source))?;
-        }
-        for &(ip, len) in &cfg.exclude_cidrs {
-            match ip {
-                IpAddr::V4(a) => v4.insert(
-                    &Key::new(u32::from(len), CidrV4Key::new(mask_v4(a, len))),
-                    1,
-                    0,
-                ),
-                IpAddr::V6(a) => v6.insert(
-                    &Key::new(u32::from(len), CidrV6Key::new(mask_v6(a, len))),
-                    1,
-                    0,
-                ),
-            }
-            .map_err(|source| {
-                let map = if ip.is_ipv4() {
-                    MAP_EXCL_V4
-                } else {
-                    MAP_EXCL_V6
-                };
-                map_err(map, format!("insert {ip}/{len}"), source)
-            })?;
-        }
-
-        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, TracingLog) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "eBPF log forwarding unavailable");
-                None
-            }
-        };
+        let exclusions = super::exclude::fill(&mut ebpf, cfg)?;
+        let log = super::log::LogPump::new(&mut ebpf);
 
         // UDP only ever takes the fast path, so its datagram hooks exist only with it.
         let udp_hooks: &[(&'static str, &'static str)] = if cfg.fast_path.is_some() {
@@ -243,33 +160,7 @@ impl Capture {
                 .collect();
 
         // Load every program before touching cgroups: a verifier failure changes nothing.
-        for &(program, hook) in &sock_addr_hooks {
-            sock_addr(&mut ebpf, program, hook)?
-                .load()
-                .map_err(|source| BpfError::ProgramLoad {
-                    program,
-                    hook,
-                    source: Box::new(source),
-                })?;
-        }
-        {
-            let (program, hook) = SOCK_OPS;
-            sock_ops(&mut ebpf)?
-                .load()
-                .map_err(|source| BpfError::ProgramLoad {
-                    program,
-                    hook,
-                    source: Box::new(source),
-                })?;
-            let (program, hook) = GETSOCKOPT;
-            sockopt(&mut ebpf)?
-                .load()
-                .map_err(|source| BpfError::ProgramLoad {
-                    program,
-                    hook,
-                    source: Box::new(source),
-                })?;
-        }
+        load_programs(&mut ebpf, &sock_addr_hooks)?;
 
         // Join the proxy cgroup before attaching, so the getsockopt program sees every socket
         // the proxy creates from now on. Dropping `membership` (on any error below) undoes it.
@@ -282,56 +173,9 @@ impl Capture {
             )));
         }
 
-        let mut links = Vec::with_capacity(4);
-        let open = |path: &Path| {
-            File::open(path).map_err(|source| BpfError::Io {
-                what: "opening cgroup",
-                path: path.into(),
-                source,
-            })
-        };
-        let target = open(&capture_cgroup)?;
-        for &(program, hook) in &sock_addr_hooks {
-            let attach_err = |source: ProgramError| BpfError::Attach {
-                program,
-                hook,
-                cgroup: capture_cgroup.clone(),
-                source: Box::new(source),
-            };
-            let prog = sock_addr(&mut ebpf, program, hook)?;
-            let id = prog
-                .attach(&target, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            links.push(Link::SockAddr(prog.take_link(id).map_err(attach_err)?));
-        }
-        {
-            let (program, hook) = SOCK_OPS;
-            let attach_err = |source: ProgramError| BpfError::Attach {
-                program,
-                hook,
-                cgroup: capture_cgroup.clone(),
-                source: Box::new(source),
-            };
-            let prog = sock_ops(&mut ebpf)?;
-            let id = prog
-                .attach(&target, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            links.push(Link::SockOps(prog.take_link(id).map_err(attach_err)?));
-        }
-        {
-            let (program, hook) = GETSOCKOPT;
-            let attach_err = |source: ProgramError| BpfError::Attach {
-                program,
-                hook,
-                cgroup: proxy_cgroup.clone(),
-                source: Box::new(source),
-            };
-            let prog = sockopt(&mut ebpf)?;
-            let id = prog
-                .attach(open(&proxy_cgroup)?, CgroupAttachMode::Single)
-                .map_err(attach_err)?;
-            links.push(Link::Sockopt(prog.take_link(id).map_err(attach_err)?));
-        }
+        let links = attach(&mut ebpf, &sock_addr_hooks, &capture_cgroup, &proxy_cgroup)?;
+        // The loaded programs hold their own references to the exclusion maps now.
+        drop(exclusions);
         // Node mode: the proxy cgroup is below the root, where sock_ops already runs.
         let sockmap = if cfg.sockmap_ports.is_empty() {
             None
@@ -362,8 +206,7 @@ impl Capture {
             counters,
             fast,
             loads: std::sync::Mutex::new(loads),
-            logger,
-            log_task: None,
+            log,
             node_mode: cfg.mode.is_node(),
             capture_cgroup,
             membership,
@@ -434,23 +277,11 @@ impl Capture {
         self.counters.tracked_connections()
     }
 
-    /// Forwards aya-log records from the kernel programs to `tracing` (target
-    /// `skiff::bpf::kernel`) from a tokio task that drains the ring buffer every 20 ms.
+    /// Forwards aya-log records from the kernel programs to `tracing` (see `bpf::log`).
     /// `None` if already spawned, if the object has no log map, or outside a tokio runtime.
     /// The task stops when the [`Capture`] is dropped.
     pub fn spawn_log_pump(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        let handle = tokio::runtime::Handle::try_current().ok()?;
-        let mut logger = self.logger.take()?;
-        let task = handle.spawn(async move {
-            let mut tick = tokio::time::interval(LOG_FLUSH_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                logger.flush();
-            }
-        });
-        self.log_task = Some(task.abort_handle());
-        Some(task)
+        self.log.spawn()
     }
 
     /// Whether the kernel fast path is configured.
@@ -513,9 +344,6 @@ impl Drop for Capture {
         if let Err(e) = self.set_ready(false) {
             tracing::warn!(error = %e, "could not clear the ready flag");
         }
-        if let Some(task) = self.log_task.take() {
-            task.abort();
-        }
         // Detach now; `membership` (dropped after this) then leaves the proxy cgroup.
         self.sockmap = None;
         self.links.clear();
@@ -523,6 +351,138 @@ impl Drop for Capture {
 }
 
 // === helpers ===
+
+/// Loads (verifies) the sock_addr programs of `sock_addr_hooks`, sock_ops and getsockopt.
+fn load_programs(
+    ebpf: &mut Ebpf,
+    sock_addr_hooks: &[(&'static str, &'static str)],
+) -> Result<(), BpfError> {
+    for &(program, hook) in sock_addr_hooks {
+        sock_addr(ebpf, program, hook)?
+            .load()
+            .map_err(|source| BpfError::ProgramLoad {
+                program,
+                hook,
+                source: Box::new(source),
+            })?;
+    }
+    {
+        let (program, hook) = SOCK_OPS;
+        sock_ops(ebpf)?
+            .load()
+            .map_err(|source| BpfError::ProgramLoad {
+                program,
+                hook,
+                source: Box::new(source),
+            })?;
+        let (program, hook) = GETSOCKOPT;
+        sockopt(ebpf)?
+            .load()
+            .map_err(|source| BpfError::ProgramLoad {
+                program,
+                hook,
+                source: Box::new(source),
+            })?;
+    }
+    Ok(())
+}
+
+/// Attaches the sock_addr programs and sock_ops to `capture_cgroup` and getsockopt to
+/// `proxy_cgroup`; the links detach when dropped.
+fn attach(
+    ebpf: &mut Ebpf,
+    sock_addr_hooks: &[(&'static str, &'static str)],
+    capture_cgroup: &Path,
+    proxy_cgroup: &Path,
+) -> Result<Vec<Link>, BpfError> {
+    let mut links = Vec::with_capacity(4);
+    let open = |path: &Path| {
+        File::open(path).map_err(|source| BpfError::Io {
+            what: "opening cgroup",
+            path: path.into(),
+            source,
+        })
+    };
+    let target = open(capture_cgroup)?;
+    for &(program, hook) in sock_addr_hooks {
+        let attach_err = |source: ProgramError| BpfError::Attach {
+            program,
+            hook,
+            cgroup: capture_cgroup.to_path_buf(),
+            source: Box::new(source),
+        };
+        let prog = sock_addr(ebpf, program, hook)?;
+        let id = prog
+            .attach(&target, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        links.push(Link::SockAddr(prog.take_link(id).map_err(attach_err)?));
+    }
+    {
+        let (program, hook) = SOCK_OPS;
+        let attach_err = |source: ProgramError| BpfError::Attach {
+            program,
+            hook,
+            cgroup: capture_cgroup.to_path_buf(),
+            source: Box::new(source),
+        };
+        let prog = sock_ops(ebpf)?;
+        let id = prog
+            .attach(&target, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        links.push(Link::SockOps(prog.take_link(id).map_err(attach_err)?));
+    }
+    {
+        let (program, hook) = GETSOCKOPT;
+        let attach_err = |source: ProgramError| BpfError::Attach {
+            program,
+            hook,
+            cgroup: proxy_cgroup.to_path_buf(),
+            source: Box::new(source),
+        };
+        let prog = sockopt(ebpf)?;
+        let id = prog
+            .attach(open(proxy_cgroup)?, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        links.push(Link::Sockopt(prog.take_link(id).map_err(attach_err)?));
+    }
+    Ok(links)
+}
+
+/// Loads the embedded object with the fast-path maps sized from `cfg` (a token size when the
+/// fast path is off).
+fn load_object(cfg: &CaptureConfig) -> Result<Ebpf, BpfError> {
+    // No RLIMIT_MEMLOCK bump: kernels >= 5.11 charge BPF memory to the cgroup instead.
+    // Fast-path maps are sized from the config (a token size when the fast path is off).
+    let caps = cfg.fast_path.unwrap_or(Capacity {
+        max_services: 1,
+        max_clusters: 1,
+        max_endpoints: 1,
+        max_maglev: 1,
+    });
+    EbpfLoader::new()
+        .map_max_entries(MAP_SVC_V4, caps.max_services)
+        .map_max_entries(MAP_SVC_V6, caps.max_services)
+        .map_max_entries(MAP_SVC_STAT, caps.max_services)
+        .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
+        .map_max_entries(MAP_RR, 2 * caps.max_clusters)
+        .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
+        .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
+        .map_max_entries(MAP_EP_ACTIVE, caps.max_endpoints)
+        .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
+        // An LRU hash preallocates every entry: keep it to one without the fast path.
+        .map_max_entries(
+            MAP_UDP_REV,
+            if cfg.fast_path.is_some() {
+                UDP_REV_ENTRIES
+            } else {
+                1
+            },
+        )
+        .load(OBJECT)
+        .map_err(|source| BpfError::Object {
+            source: Box::new(source),
+        })
+}
 
 fn validate(cfg: &CaptureConfig) -> Result<(), BpfError> {
     if cfg.outbound_v4.port() == 0 {
@@ -557,26 +517,6 @@ fn validate(cfg: &CaptureConfig) -> Result<(), BpfError> {
     Ok(())
 }
 
-fn mask_v4(a: std::net::Ipv4Addr, len: u8) -> std::net::Ipv4Addr {
-    let bits = u32::from(a);
-    let mask = if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    };
-    (bits & mask).into()
-}
-
-fn mask_v6(a: std::net::Ipv6Addr, len: u8) -> std::net::Ipv6Addr {
-    let bits = u128::from(a);
-    let mask = if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len))
-    };
-    (bits & mask).into()
-}
-
 fn sock_addr<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
@@ -593,28 +533,6 @@ fn sockopt(ebpf: &mut Ebpf) -> Result<&mut CgroupSockopt, BpfError> {
     super::program(ebpf, GETSOCKOPT)
 }
 
-/// Forwards aya-log records (the `log` crate's API) to `tracing`.
-struct TracingLog;
-
-impl log::Log for TracingLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, r: &log::Record<'_>) {
-        let msg = r.args();
-        match r.level() {
-            log::Level::Error => tracing::error!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Warn => tracing::warn!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Info => tracing::info!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Debug => tracing::debug!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Trace => tracing::trace!(target: "skiff::bpf::kernel", "{msg}"),
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,29 +541,5 @@ mod tests {
     fn capture_can_be_shared_across_tasks() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Capture>();
-    }
-
-    #[test]
-    fn cidrs_are_masked_to_their_prefix() {
-        assert_eq!(
-            mask_v4("10.96.7.9".parse().unwrap(), 16).to_string(),
-            "10.96.0.0"
-        );
-        assert_eq!(
-            mask_v4("10.96.7.9".parse().unwrap(), 0).to_string(),
-            "0.0.0.0"
-        );
-        assert_eq!(
-            mask_v4("10.96.7.9".parse().unwrap(), 32).to_string(),
-            "10.96.7.9"
-        );
-        assert_eq!(
-            mask_v6("fd00:96::1".parse().unwrap(), 16).to_string(),
-            "fd00::"
-        );
-        assert_eq!(
-            mask_v6("fd00:96::1".parse().unwrap(), 128).to_string(),
-            "fd00:96::1"
-        );
     }
 }

@@ -36,11 +36,13 @@
 
 mod cgroup;
 pub mod counters;
+mod exclude;
 pub mod explain;
 pub mod fastpath;
 pub mod gate;
 pub mod inbound;
 mod loader;
+mod log;
 pub mod meshed;
 pub mod owner;
 pub mod projection;
