@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::fastpath::{FastPath, LoadExport};
-use super::projection::{self, MapImage};
+use super::projection;
 use super::reconciler::{ScopeId, ScopedImages};
 use crate::state::Snapshot;
 
@@ -279,7 +279,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     // Per scope: the input generation last projected, and its image.
-    let mut projected: BTreeMap<ScopeId, (u64, MapImage)> = BTreeMap::new();
+    let mut projected = Projected::default();
     let mut export = tokio::time::interval(EXPORT_EVERY);
     export.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -329,30 +329,35 @@ async fn run(
     }
 }
 
+/// The images the task last projected, per scope, with the input generation each came from.
+#[derive(Default)]
+struct Projected {
+    generations: BTreeMap<ScopeId, u64>,
+    images: ScopedImages,
+}
+
 /// One round: project the scopes whose input changed (others keep their image), apply all.
-fn reconcile(
-    sink: &dyn Sink,
-    inputs: &Inputs,
-    mut projected: BTreeMap<ScopeId, (u64, MapImage)>,
-) -> (BTreeMap<ScopeId, (u64, MapImage)>, Applied) {
-    projected.retain(|s, _| inputs.scopes.contains_key(s));
+fn reconcile(sink: &dyn Sink, inputs: &Inputs, mut projected: Projected) -> (Projected, Applied) {
+    projected
+        .generations
+        .retain(|s, _| inputs.scopes.contains_key(s));
+    projected
+        .images
+        .retain(|s, _| inputs.scopes.contains_key(s));
     let started = std::time::Instant::now();
     let mut any = false;
     for (scope, input) in &inputs.scopes {
-        if projected.get(scope).map(|(g, _)| *g) != Some(input.generation) {
+        if projected.generations.get(scope) != Some(&input.generation) {
             let image = projection::project(&input.snapshot, input.capture_port);
-            projected.insert(*scope, (input.generation, image));
+            projected.generations.insert(*scope, input.generation);
+            projected.images.insert(*scope, image);
             any = true;
         }
     }
     if any {
         sink.note_projection(started.elapsed());
     }
-    let images: ScopedImages = projected
-        .iter()
-        .map(|(s, (_, img))| (*s, img.clone()))
-        .collect();
-    let report = match sink.apply(&images) {
+    let report = match sink.apply(&projected.images) {
         Ok(overflow) => Applied {
             generation: inputs.generation,
             overflow,

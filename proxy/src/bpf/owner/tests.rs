@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
+use crate::bpf::projection::MapImage;
 use crate::bpf::projection::tests::{static_cluster, tcp_chain, virtual_listener};
 use crate::model::LbPolicy;
 
