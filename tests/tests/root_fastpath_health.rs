@@ -11,12 +11,15 @@
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
-    eds_control_plane, endpoints_file_with_health, kernel_endpoints, netns_and_cgroup,
-    spawn_fast_path, wait_kernel_endpoints, write_atomic,
+    CAPTURE_CX, count, eds_control_plane, endpoints_file_with_health, fastpeer_output,
+    kernel_endpoints, netns_and_cgroup, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints,
+    write_atomic,
 };
 use skiff_tests::{
     admin_stat, assert_no_programs_attached, sigterm_and_wait, spawn_testpeer, wait_admin_ready,
 };
+
+const VIP: &str = "10.96.0.10:80";
 
 /// A, B always healthy; C health-checked (its backend flips); D flipped by EDS.
 const A: &str = "127.0.0.21:8080";
@@ -40,16 +43,17 @@ fn health_flips_racing_eds_pushes_leave_the_maps_on_the_latest_state() {
     let _g = skiff_tests::serial();
     let name = "fp-health";
     let (ns, mut cg) = netns_and_cgroup(name);
-    let _steady = [A, B].map(|a| spawn_testpeer(&ns, None, &["origdst", a]));
-    let mut c_backend = Some(spawn_testpeer(&ns, None, &["origdst", C]));
-    let _d_backend = spawn_testpeer(&ns, None, &["origdst", D]);
+    // Backends greet each connection with their address (so a client knows which it reached);
+    // C is a process of its own, stopped and restarted by the loop.
+    let _steady = spawn_fastpeer(&ns, &["serve", A, B, D]);
+    let mut c_backend = Some(spawn_fastpeer(&ns, &["serve", C]));
     let dir = tempfile::Builder::new()
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
         .tempdir()
         .expect("tempdir");
     let (_control_plane, bootstrap) = eds_control_plane(&ns, dir.path(), name, &[A, B, C, D]);
     write_atomic(dir.path(), "clusters.json", CLUSTERS_WITH_HC);
-    let (skiff, _app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
+    let (skiff, app) = spawn_fast_path(&ns, &mut cg, &bootstrap, &[]);
     wait_admin_ready(&ns);
     wait_kernel_endpoints(&ns, &[A, B, C, D]);
 
@@ -71,14 +75,14 @@ fn health_flips_racing_eds_pushes_leave_the_maps_on_the_latest_state() {
         if c_backend.is_some() {
             c_backend = None;
         } else {
-            c_backend = Some(spawn_testpeer(&ns, None, &["origdst", C]));
+            c_backend = Some(spawn_fastpeer(&ns, &["serve", C]));
         }
         std::thread::sleep(Duration::from_millis(20 + u64::from(round % 4) * 25));
     }
     // Final state: the last EDS version's D, and C's backend up again.
     let d_final = version % 2 == 0;
     if c_backend.is_none() {
-        c_backend = Some(spawn_testpeer(&ns, None, &["origdst", C]));
+        c_backend = Some(spawn_fastpeer(&ns, &["serve", C]));
     }
     let mut want = vec![A, B, C];
     if d_final {
@@ -107,6 +111,26 @@ fn health_flips_racing_eds_pushes_leave_the_maps_on_the_latest_state() {
         "gauge from the applied image"
     );
     assert_eq!(admin_stat(&ns, "skiff.bpf.fast_path.services"), 1);
+
+    // What the kernel itself picks (not only what the reconciler says it wrote): round robin
+    // over the latest endpoints, every one of them and nothing else, none through the proxy.
+    let n = 8 * want.len();
+    let line = fastpeer_output(&ns, Some(&app), &["spread", VIP, "--n", &n.to_string()]);
+    assert!(line.starts_with("ok "), "spread: {line}");
+    for e in [A, B, C, D] {
+        let hits = count(&line, e);
+        if want.contains(&e) {
+            assert!(hits > 0, "{e} is served but got no connect: {line}");
+        } else {
+            assert_eq!(hits, 0, "{e} is not served but got connects: {line}");
+        }
+    }
+    assert_eq!(
+        want.iter().map(|e| count(&line, e)).sum::<usize>(),
+        n,
+        "{line}"
+    );
+    assert_eq!(admin_stat(&ns, CAPTURE_CX), 0, "all through the kernel");
     drop(c_backend);
 
     sigterm_and_wait(skiff);
