@@ -15,9 +15,7 @@ use skiff_tests::fastpath::{
     kernel_endpoints, netns_and_cgroup, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints,
     write_atomic,
 };
-use skiff_tests::{
-    admin_stat, assert_no_programs_attached, sigterm_and_wait, spawn_testpeer, wait_admin_ready,
-};
+use skiff_tests::{admin_stat, assert_no_programs_attached, sigterm_and_wait, wait_admin_ready};
 
 const VIP: &str = "10.96.0.10:80";
 
