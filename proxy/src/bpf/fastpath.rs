@@ -15,10 +15,12 @@
 //! (`synchronize_rcu()`) therefore waits until every program that could have seen the old
 //! number has returned. Userspace gets one from `membarrier(MEMBARRIER_CMD_GLOBAL, 0)`: on a
 //! machine with more than one online CPU the kernel implements that command as
-//! `synchronize_rcu()` (kernel/sched/membarrier.c); with one CPU there is no concurrent program
-//! to wait for (the writer itself is running). The command fails with EINVAL on `nohz_full`
-//! kernels; there [`grace_period`] falls back to a bounded wait, logged once. The wait costs
-//! milliseconds once per update, never per connect.
+//! `synchronize_rcu()` (kernel/sched/membarrier.c). It skips the wait with a single online CPU
+//! (a preemptible kernel could then still have a preempted reader) and fails with EINVAL on
+//! `nohz_full` kernels; in both cases [`grace_period`] falls back to a bounded wait that yields
+//! the CPU, logged once. (The other way to get a grace period from userspace, updating a
+//! map-in-map, after which the kernel calls `synchronize_rcu()` itself, needs one more map in
+//! the object for no gain.) The wait costs milliseconds once per update, never per connect.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 use std::net::SocketAddr;
@@ -58,6 +60,16 @@ const FALLBACK_GRACE: Duration = Duration::from_millis(10);
 /// Waits for an RCU grace period: every non-sleepable BPF program running when this is called
 /// has returned when it returns (see the module doc).
 pub fn grace_period() -> Result<(), BpfError> {
+    static SINGLE_CPU: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .and_then(|s| online_cpus(&s))
+            == Some(1)
+    });
+    if *SINGLE_CPU {
+        fallback_wait("one online CPU: membarrier does not wait for readers");
+        return Ok(());
+    }
     // SAFETY: membarrier takes two integers and reads or writes no memory of this process.
     let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
     if rc == 0 {
@@ -66,12 +78,9 @@ pub fn grace_period() -> Result<(), BpfError> {
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::EINVAL) | Some(libc::ENOSYS) => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(error = %err, wait_ms = FALLBACK_GRACE.as_millis() as u64,
-                    "membarrier(MEMBARRIER_CMD_GLOBAL) unavailable; fast-path updates wait a fixed time instead of a grace period");
-            });
-            std::thread::sleep(FALLBACK_GRACE);
+            fallback_wait(&format!(
+                "membarrier(MEMBARRIER_CMD_GLOBAL) unavailable: {err}"
+            ));
             Ok(())
         }
         _ => Err(BpfError::Io {
@@ -80,6 +89,34 @@ pub fn grace_period() -> Result<(), BpfError> {
             source: err,
         }),
     }
+}
+
+/// Waits [`FALLBACK_GRACE`] where no grace period can be had; says why once.
+fn fallback_wait(why: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            reason = why,
+            wait_ms = FALLBACK_GRACE.as_millis() as u64,
+            "no RCU grace period from membarrier; fast-path updates wait a fixed time instead"
+        );
+    });
+    std::thread::sleep(FALLBACK_GRACE);
+}
+
+/// The number of CPUs in a kernel CPU list (`0-3,5`, as `/sys/devices/system/cpu/online`).
+fn online_cpus(list: &str) -> Option<usize> {
+    list.trim().split(',').try_fold(0, |n, part| {
+        Some(
+            n + match part.split_once('-') {
+                Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse().ok()?)? + 1,
+                None => {
+                    part.parse::<usize>().ok()?;
+                    1
+                }
+            },
+        )
+    })
 }
 
 /// The fast-path maps and their reconciler (one lock: one writer at a time).
@@ -484,6 +521,14 @@ impl FastMaps for KernelWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(online_cpus("0\n"), Some(1));
+        assert_eq!(online_cpus("0-3\n"), Some(4));
+        assert_eq!(online_cpus("0-1,4,6-7"), Some(5));
+        assert_eq!(online_cpus("x"), None);
+    }
 
     #[test]
     fn a_grace_period_is_available_and_returns() {
