@@ -153,3 +153,71 @@ async fn an_overflow_of_a_scope_fails_only_that_scopes_publish() {
         .unwrap();
     stop.cancel();
 }
+
+/// One input: publish version `v` of `scope`, refresh `scope` (health), or remove `scope`.
+#[derive(Clone, Debug)]
+enum Op {
+    Publish(ScopeId, u16),
+    Refresh(ScopeId),
+    Remove(ScopeId),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0u32..3, 1u16..60).prop_map(|(s, v)| Op::Publish(s, v)),
+        2 => (0u32..3).prop_map(Op::Refresh),
+        1 => (0u32..3).prop_map(Op::Remove),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Whatever the inputs and however they interleave with the writes, once the last
+    /// generation is reported applied, the last write holds exactly the latest input of every
+    /// scope still there.
+    #[test]
+    fn any_input_sequence_ends_on_the_latest_state(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (last_write, model) = rt.block_on(async {
+            let sink = Arc::new(Recorder {
+                delay: Duration::from_micros(300),
+                ..Default::default()
+            });
+            let stop = CancellationToken::new();
+            let (owner, _task) = Owner::start(sink.clone(), stop.clone());
+            let mut model: BTreeMap<ScopeId, Option<u16>> = BTreeMap::new();
+            let mut last = 0;
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Publish(s, v) => {
+                        last = owner.publish(*s, versioned(*v), 15001);
+                        model.insert(*s, Some(*v));
+                    }
+                    Op::Refresh(s) => {
+                        if let Some(g) = owner.refresh(*s) {
+                            last = g;
+                        }
+                    }
+                    Op::Remove(s) => {
+                        last = owner.remove_scope(*s);
+                        model.remove(s);
+                    }
+                }
+                if i % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let _ = owner.applied(last, 0).await;
+            let last_write = sink.calls.lock().unwrap().last().cloned().unwrap_or_default();
+            stop.cancel();
+            (last_write, model)
+        });
+        proptest::prop_assert_eq!(last_write, model);
+    }
+}
