@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::scope_services;
 use skiff_tests::{
-    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, field, passthrough_bootstrap,
-    require_root, serial, sigterm_and_wait, skiff_node as node, skiff_run, spawn_testpeer,
-    testpeer_output, wait_admin_ready,
+    Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in, field,
+    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_node as node, skiff_run,
+    spawn_testpeer, testpeer_output, wait_admin_ready,
 };
 
 const VIP: &str = "10.96.0.1:80";
@@ -210,6 +210,104 @@ fn each_pod_reaches_only_its_own_endpoints_in_the_kernel() {
     let out = client(&ns1, &pod1);
     assert!(out.starts_with("err stage=connect"), "removed pod: {out}");
     reaches(&ns2, &pod2, &mut b2, 1);
+
+    sigterm_and_wait(proxy);
+    assert_no_programs_attached(cg.path());
+}
+
+/// The pod's ADS resources: the VIP goes to cluster `svc-ads` (STATIC, endpoint A).
+const ADS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "virtualOutbound",
+  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+  "use_original_dst": true,
+  "filter_chains": [{
+    "name": "vip",
+    "filter_chain_match": {"destination_port": 80,
+      "prefix_ranges": [{"address_prefix": "10.96.0.1", "prefix_len": 32}]},
+    "filters": [{"name": "envoy.filters.network.tcp_proxy",
+      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "svc-ads", "cluster": "svc-ads"}}]}]}]}"#;
+
+const ADS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "svc-ads", "type": "STATIC", "connect_timeout": "1s",
+  "load_assignment": {"cluster_name": "svc-ads", "endpoints": [{"lb_endpoints": [
+    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.11", "port_value": 8080}}}}]}]}}]}"#;
+
+/// `ready` of the only pod in `list-pods`.
+fn pod_ready(node_ns: &Netns) -> bool {
+    let listed: serde_json::Value =
+        serde_json::from_str(&node(node_ns, &["list-pods"])).expect("list-pods is JSON");
+    listed["pods"][0]["ready"] == true
+}
+
+#[test]
+fn a_pod_is_captured_only_once_its_initial_config_is_in() {
+    let _g = serial();
+    let env = require_root();
+    let node_ns = Netns::new("fp-pods-rdy");
+    let pod_ns = Netns::new("fp-pods-rdy-p");
+    let mut cg = Cgroup::new(&env, "fp-pods-rdy");
+    let pod = cg.child("pod");
+    let mut backends = [A, B].map(|a| spawn_testpeer(&pod_ns, None, &["origdst", a]));
+    let node_boot = TempYaml::new(
+        "fp-pods-rdy-node",
+        &passthrough_bootstrap(
+            "node~127.0.0.1~skiff-node.default~default.svc.cluster.local",
+            "node",
+        ),
+    );
+    // The pod's own bootstrap fetches its config over ADS from a control plane not up yet.
+    let pod_boot = TempYaml::new(
+        "fp-pods-rdy-pod",
+        &skiff_tests::ads_bootstrap("GRPC", "pod", "127.0.0.1:15010".parse().unwrap(), 15100),
+    );
+    let proxy = Child::spawn(
+        skiff_run(&node_ns, &node_boot)
+            .args(["--mode", "node", "--fast-path", "--cgroup-root"])
+            .arg(cg.path())
+            .env("RUST_LOG", "info"),
+    );
+    wait_admin_ready(&node_ns);
+
+    let added = add_pod(
+        &node_ns,
+        &pod,
+        &pod_ns,
+        "sidecar~10.0.0.5~pod5.default~default.svc.cluster.local",
+        &pod_boot,
+    );
+    let added: serde_json::Value = serde_json::from_str(&added).expect("add-pod answers JSON");
+    assert_eq!(added["ready"], false, "no config yet: {added}");
+    // Not captured yet: the connect goes to the VIP itself (no route in the pod's netns).
+    let out = client(&pod_ns, &pod);
+    assert!(
+        out.starts_with("err stage=connect"),
+        "pod before its config: {out}"
+    );
+    assert!(!pod_ready(&node_ns));
+
+    // The control plane comes up: the pod's initial config arrives, the kernel gets its scope
+    // and only then is the cgroup captured.
+    let dir = tempfile::Builder::new()
+        .prefix(&skiff_tests::test_name("fp-pods-rdy"))
+        .tempdir()
+        .expect("temp dir");
+    std::fs::write(dir.path().join("listeners.json"), ADS_LISTENERS).unwrap();
+    std::fs::write(dir.path().join("clusters.json"), ADS_CLUSTERS).unwrap();
+    let _cp = Child::spawn(
+        command_in(Some(&node_ns), None, built_binary("skiff"))
+            .args(["control-plane", "--listen", "127.0.0.1:15010", "--dir"])
+            .arg(dir.path()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !pod_ready(&node_ns) {
+        assert!(Instant::now() < deadline, "the pod never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_scopes(&node_ns, &[(VIP, &[A])]);
+    reaches(&pod_ns, &pod, &mut backends, 0);
 
     sigterm_and_wait(proxy);
     assert_no_programs_attached(cg.path());
