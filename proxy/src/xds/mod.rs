@@ -79,8 +79,9 @@ pub struct XdsOptions {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// Runs on every published snapshot before the update is ACKed (the kernel fast-path
-    /// reconciler); an `Err` turns the ACK into a NACK carrying its message.
+    /// Runs on every published snapshot; the update is ACKed once its future resolves (the
+    /// kernel fast-path owner: once a generation containing the snapshot is in the maps); an
+    /// `Err` turns the ACK into a NACK carrying its message.
     pub on_publish: Option<PublishHook>,
     /// Set to `true` once every type in `initial_types` has had its first response applied
     /// (accepted or rejected) and nothing is warming: Envoy's end of initialization, which
