@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::admin::{self, Admin, CaptureControl};
-use crate::bpf::{Capture, CaptureConfig};
+use crate::bpf::{Capture, CaptureConfig, NODE_SCOPE, Owner};
 use crate::capture::CaptureExtras;
 use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
@@ -41,66 +41,51 @@ pub struct RunOptions {
     pub drain: Duration,
 }
 
-/// The installed capture, its config, the capture port and (node mode) the pod registry.
-struct CaptureHandle(
-    Capture,
-    CaptureConfig,
-    u16,
-    Option<crate::capture::pods::PodRegistry>,
-);
-
-/// Projects `snap` and mirrors it into the kernel fast path; `Err` names what did not fit or
-/// failed (the services concerned are served by the proxy).
-fn reconcile_fast_path(
-    capture: &Capture,
-    snap: &Snapshot,
+/// The installed eBPF capture as `run` uses it: the capture, its config, the capture port,
+/// the owner of the fast-path maps and (node mode) the pod registry.
+struct CaptureHandle {
+    capture: Capture,
+    cfg: CaptureConfig,
     capture_port: u16,
-) -> Result<(), String> {
-    if !capture.fast_path_enabled() {
-        return Ok(());
-    }
-    let started = std::time::Instant::now();
-    let image = crate::bpf::projection::project(snap, capture_port);
-    capture.note_projection(started.elapsed());
-    match capture.apply_fast_path(&image) {
-        Ok(report) => match report.overflow {
-            Some(msg) => Err(msg),
-            None => Ok(()),
-        },
-        Err(e) => Err(format!("kernel fast path: {e}")),
-    }
+    /// The fast-path owner (`None` without `--fast-path`).
+    owner: Option<Owner>,
+    pods: Option<crate::capture::pods::PodRegistry>,
 }
 
 impl CaptureControl for CaptureHandle {
     fn add_cgroup(&self, path: &Path) -> Result<u64, String> {
-        self.0.add_meshed_cgroup(path).map_err(|e| e.to_string())
+        self.capture
+            .add_meshed_cgroup(path)
+            .map_err(|e| e.to_string())
     }
     fn remove_cgroup(&self, path: &Path) -> Result<(), String> {
-        self.0.remove_meshed_cgroup(path).map_err(|e| e.to_string())
+        self.capture
+            .remove_meshed_cgroup(path)
+            .map_err(|e| e.to_string())
     }
     fn cgroups(&self) -> Result<Vec<u64>, String> {
-        self.0.meshed_cgroups().map_err(|e| e.to_string())
+        self.capture.meshed_cgroups().map_err(|e| e.to_string())
     }
     fn set_ready(&self, ready: bool) -> Result<(), String> {
-        self.0.set_ready(ready).map_err(|e| e.to_string())
+        self.capture.set_ready(ready).map_err(|e| e.to_string())
     }
     fn stats(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
-            .0
+            .capture
             .stats()
             .map(|v| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect())
             .unwrap_or_default();
-        for (vip, st) in self.0.service_stats() {
+        for (vip, st) in self.capture.service_stats() {
             out.push((format!("fast_path.{vip}.cx_total"), st.connects));
             out.push((format!("fast_path.{vip}.fallback_total"), st.fallbacks));
             out.push((format!("fast_path.{vip}.no_healthy_total"), st.no_healthy));
         }
-        for (ep, load) in self.0.endpoint_stats() {
+        for (ep, load) in self.capture.endpoint_stats() {
             out.push((format!("fast_path.endpoint.{ep}.cx_total"), load.total));
             out.push((format!("fast_path.endpoint.{ep}.cx_active"), load.active));
         }
         // Gauges: what the kernel currently serves (cheap to poll, unlike /debug/maps).
-        if let Some(g) = self.0.fast_path_gauges() {
+        if let Some(g) = self.capture.fast_path_gauges() {
             out.extend([
                 ("fast_path.services".to_string(), g.services),
                 ("fast_path.clusters".to_string(), g.clusters),
@@ -113,33 +98,35 @@ impl CaptureControl for CaptureHandle {
         out
     }
     fn add_pod(&self, spec: crate::capture::pods::PodSpec) -> Result<serde_json::Value, String> {
-        match &self.3 {
-            Some(pods) => pods.add(&self.0, spec).map_err(|e| e.to_string()),
+        match &self.pods {
+            Some(pods) => pods.add(&self.capture, spec).map_err(|e| e.to_string()),
             None => Err("pods exist only in node mode (--mode node)".into()),
         }
     }
     fn remove_pod(&self, cgroup: &Path) -> Result<(), String> {
-        match &self.3 {
-            Some(pods) => pods.remove(&self.0, cgroup).map_err(|e| e.to_string()),
+        match &self.pods {
+            Some(pods) => pods
+                .remove(&self.capture, cgroup)
+                .map_err(|e| e.to_string()),
             None => Err("pods exist only in node mode (--mode node)".into()),
         }
     }
     fn pods(&self) -> serde_json::Value {
-        match &self.3 {
+        match &self.pods {
             Some(pods) => pods.list(),
             None => serde_json::json!({ "pods": [] }),
         }
     }
     fn explain(&self, snap: &Snapshot, dst: SocketAddr) -> serde_json::Value {
-        let view = self.0.fast_path_view();
-        crate::bpf::explain::explain(&self.1, view.as_ref(), snap, self.2, dst)
+        let view = self.capture.fast_path_view();
+        crate::bpf::explain::explain(&self.cfg, view.as_ref(), snap, self.capture_port, dst)
     }
     fn maps(&self) -> serde_json::Value {
-        let view = self.0.fast_path_view();
+        let view = self.capture.fast_path_view();
         crate::bpf::explain::maps_json(
             view.as_ref(),
-            &self.0.service_stats(),
-            &self.0.endpoint_stats(),
+            &self.capture.service_stats(),
+            &self.capture.endpoint_stats(),
         )
     }
 }
@@ -168,12 +155,15 @@ impl CaptureControl for crate::capture::IptablesGate {
 }
 
 /// Installs the eBPF capture for `cfg` (after the coexistence check unless `allow_coexist`),
-/// with the node-mode pod registry (which takes the inbound capture to each pod).
+/// starts the owner of its fast-path maps (stopped by `stop`; its task goes to `tasks`) and, in
+/// node mode, the pod registry (which takes the inbound capture to each pod).
 fn install_ebpf(
     cfg: &CaptureConfig,
     opts: &RunOptions,
     extras: &CaptureExtras,
     pods_stop: &CancellationToken,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<CaptureHandle> {
     if !extras.allow_coexist {
         let found = crate::capture::coexist::foreign_programs(
@@ -187,6 +177,10 @@ fn install_ebpf(
     }
     let mut c = Capture::install(cfg).context("installing eBPF capture")?;
     c.spawn_log_pump();
+    let owner = c.start_fast_path_owner(stop.clone()).map(|(owner, task)| {
+        tasks.push(task);
+        owner
+    });
     // Node mode: pods registered at run time get their own pipelines.
     let pods = cfg.mode.is_node().then(|| {
         crate::capture::pods::PodRegistry::new(
@@ -196,10 +190,102 @@ fn install_ebpf(
             opts.outbound_v6,
             extras.inbound.clone(),
             extras.allow_coexist,
+            owner.clone(),
             pods_stop.clone(),
         )
     });
-    Ok(CaptureHandle(c, cfg.clone(), opts.outbound_v4.port(), pods))
+    Ok(CaptureHandle {
+        capture: c,
+        cfg: cfg.clone(),
+        capture_port: opts.outbound_v4.port(),
+        owner,
+        pods,
+    })
+}
+
+/// Step 1: the capture. It must be installed first: it moves this process into the proxy
+/// cgroup, and only sockets created afterwards are seen by the getsockopt hook. With `--capture
+/// auto`, a failed eBPF install falls back to iptables (recorded in `extras`).
+fn install_capture(
+    opts: &RunOptions,
+    extras: &mut CaptureExtras,
+    pods_stop: &CancellationToken,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Option<Arc<CaptureHandle>>> {
+    Ok(match &opts.capture {
+        Some(cfg) if extras.auto_fallback.is_some() => {
+            match install_ebpf(cfg, opts, extras, pods_stop, stop, tasks) {
+                Ok(h) => Some(Arc::new(h)),
+                Err(e) => {
+                    // --capture auto: eBPF was expected to work; iptables serves instead.
+                    warn!(reason = %format!("{e:#}"), "--capture auto: eBPF capture failed; using iptables");
+                    extras.iptables = extras.auto_fallback.take();
+                    if let Some(ib) = &mut extras.inbound {
+                        ib.sk_lookup = false;
+                    }
+                    None
+                }
+            }
+        }
+        Some(cfg) => Some(Arc::new(install_ebpf(
+            cfg, opts, extras, pods_stop, stop, tasks,
+        )?)),
+        None => None,
+    })
+}
+
+/// Step 2: the store of snapshots, starting from the bootstrap's static resources, with host
+/// state (ejections, health checks, active requests) that outlives each snapshot and knows the
+/// proxy's locality and local cluster (zone-aware routing). Node-mode pod pipelines build
+/// theirs the same way from their own bootstrap.
+pub(crate) fn build_store(bootstrap: &Bootstrap, stats: Arc<Stats>) -> Arc<Store> {
+    let registry = crate::lb::HostRegistry::new(stats);
+    registry.set_local_locality(
+        bootstrap
+            .raw
+            .node
+            .as_ref()
+            .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
+    );
+    registry.set_local_cluster(
+        bootstrap
+            .raw
+            .cluster_manager
+            .as_ref()
+            .map(|c| c.local_cluster_name.clone()),
+    );
+    Arc::new(Store::with_registry(
+        Snapshot::new(
+            bootstrap.listeners.clone(),
+            bootstrap.clusters.clone(),
+            &Default::default(),
+        ),
+        registry,
+    ))
+}
+
+/// Step 3: the kernel fast path of the node's own scope: the bootstrap's static services go in
+/// before any listener is up, and every health or outlier change of the store's hosts is
+/// projected again (by the owner task, which also takes every later publish).
+async fn start_fast_path(
+    owner: &Owner,
+    store: &Arc<Store>,
+    capture_port: u16,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
+    if let Err(e) = owner
+        .publish_and_wait(NODE_SCOPE, store.load(), capture_port)
+        .await
+    {
+        warn!(error = %e, "kernel fast path incomplete for the bootstrap configuration");
+    }
+    tasks.push(owner.follow_health(
+        NODE_SCOPE,
+        store.registry().subscribe_health(),
+        stop.clone(),
+    ));
 }
 
 /// Bind a listening socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
@@ -255,61 +341,18 @@ pub async fn run_with(
     extras: CaptureExtras,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    // Stops the pipelines of node-mode pods at shutdown.
-    let pods_stop = CancellationToken::new();
-    // The capture must be installed first: it moves this process into the proxy cgroup, and
-    // only sockets created afterwards are seen by the getsockopt hook.
     let mut extras = extras;
-    let capture: Option<Arc<CaptureHandle>> = match &opts.capture {
-        Some(cfg) if extras.auto_fallback.is_some() => {
-            match install_ebpf(cfg, &opts, &extras, &pods_stop) {
-                Ok(h) => Some(Arc::new(h)),
-                Err(e) => {
-                    // --capture auto: eBPF was expected to work; iptables serves instead.
-                    warn!(reason = %format!("{e:#}"), "--capture auto: eBPF capture failed; using iptables");
-                    extras.iptables = extras.auto_fallback.take();
-                    if let Some(ib) = &mut extras.inbound {
-                        ib.sk_lookup = false;
-                    }
-                    None
-                }
-            }
-        }
-        Some(cfg) => Some(Arc::new(install_ebpf(cfg, &opts, &extras, &pods_stop)?)),
-        None => None,
-    };
-
+    // Stops every task of this run, then (after them) the pipelines of node-mode pods.
+    let stop = CancellationToken::new();
+    let pods_stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
     let stats = Arc::new(Stats::default());
-    // Host state (ejections, health checks, active requests) outlives each snapshot.
-    let registry = crate::lb::HostRegistry::new(stats.clone());
-    registry.set_local_locality(
-        opts.bootstrap
-            .raw
-            .node
-            .as_ref()
-            .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
-    );
-    registry.set_local_cluster(
-        opts.bootstrap
-            .raw
-            .cluster_manager
-            .as_ref()
-            .map(|c| c.local_cluster_name.clone()),
-    );
-    let store = Arc::new(Store::with_registry(
-        Snapshot::new(
-            opts.bootstrap.listeners.clone(),
-            opts.bootstrap.clusters.clone(),
-            &Default::default(),
-        ),
-        registry,
-    ));
+    let store = build_store(&opts.bootstrap, stats.clone());
     let capture_port = opts.outbound_v4.port();
-    // Static services take the kernel fast path from the start.
-    if let Some(c) = &capture
-        && let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port)
-    {
-        warn!(error = %e, "kernel fast path incomplete for the bootstrap configuration");
+    let owner = capture.as_ref().and_then(|c| c.owner.clone());
+    if let Some(owner) = &owner {
+        start_fast_path(owner, &store, capture_port, &stop, &mut tasks).await;
     }
     let mut dp = Dataplane::new(
         store.clone(),
@@ -318,56 +361,82 @@ pub async fn run_with(
         capture_port,
     );
     if let Some(c) = &capture {
-        dp.sockmap_ports = c.0.sockmap_ports().to_vec();
+        dp.sockmap_ports = c.capture.sockmap_ports().to_vec();
     }
     let dp = Arc::new(dp);
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::health::run(
         store.clone(),
         opts.upstream_mark,
         stop.clone(),
     )));
-    // Ejections and health-check verdicts change which endpoints the kernel may pick.
-    if let Some(c) = capture.clone() {
-        let store = store.clone();
-        let stop = stop.clone();
-        let mut health = store.registry().subscribe_health();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = health.changed() => if r.is_err() { return },
-                }
-                if let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port) {
-                    warn!(error = %e, "kernel fast path incomplete after a health change");
-                }
-            }
-        }));
-    }
+    let listeners = start_listeners(&opts, &extras, &dp, &stop, &mut tasks)?;
+    let initialized = start_xds(
+        &opts,
+        &store,
+        &stats,
+        &dp,
+        owner.as_ref(),
+        listeners.inbound_port,
+        &stop,
+        &mut tasks,
+    )
+    .await;
+    let ready = Arc::new(AtomicBool::new(false));
+    // The iptables fallback, closed until ready; the admin API opens and closes it like the
+    // eBPF ready gate.
+    let iptables: Option<Arc<crate::capture::IptablesGate>> = extras
+        .iptables
+        .clone()
+        .map(|cfg| Arc::new(crate::capture::IptablesGate::new(cfg)));
+    let control = capture
+        .clone()
+        .map(|c| c as Arc<dyn CaptureControl>)
+        .or_else(|| iptables.clone().map(|g| g as Arc<dyn CaptureControl>));
+    start_admin(&opts, &store, &stats, control, &ready, &stop, &mut tasks)?;
 
-    // The kernel's LEAST_REQUEST also weighs the proxy's own load on each endpoint: export it
-    // every 200 ms (only changed values are written).
-    if let Some(c) = capture.clone()
-        && c.0.fast_path_enabled()
+    tokio::pin!(shutdown);
+    if wait_initialized(
+        initialized,
+        opts.bootstrap.initial_fetch_timeout,
+        shutdown.as_mut(),
+    )
+    .await
     {
-        let store = store.clone();
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                if let Err(e) = c.0.export_loads_from(&store.load()) {
-                    warn!(error = %e, "exporting endpoint loads to the kernel failed");
-                }
-            }
-        }));
+        open_gates(capture.as_deref(), iptables.as_deref(), &ready)?;
+        shutdown.as_mut().await;
     }
+    drain(
+        opts.drain,
+        capture,
+        iptables.as_deref(),
+        &ready,
+        [stop, pods_stop],
+        tasks,
+        listeners.inbound_steering,
+        &stats,
+    )
+    .await;
+    Ok(())
+}
 
+/// What [`start_listeners`] leaves running besides its tasks.
+struct Listeners {
+    /// The local inbound port (sidecar mode with inbound capture).
+    inbound_port: Option<u16>,
+    /// The sk_lookup steering of the local inbound listeners, detached on drop.
+    inbound_steering: Option<Option<Arc<crate::bpf::inbound::InboundSteering>>>,
+}
+
+/// Step 4: the capture listeners (IPv4 and IPv6), the local inbound listeners and the
+/// bootstrap's own bound listeners.
+fn start_listeners(
+    opts: &RunOptions,
+    extras: &CaptureExtras,
+    dp: &Arc<Dataplane>,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<Listeners> {
+    let capture_port = opts.outbound_v4.port();
     let mut capture_addrs = vec![SocketAddr::V4(opts.outbound_v4)];
     capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));
     for addr in capture_addrs {
@@ -387,13 +456,7 @@ pub async fn run_with(
     let local_inbound = extras.inbound.as_ref().filter(|_| !node_mode);
     let inbound_port = local_inbound.map(|i| i.port);
     let inbound_steering = match local_inbound {
-        Some(ib) => Some(start_inbound(
-            ib,
-            extras.allow_coexist,
-            &dp,
-            &stop,
-            &mut tasks,
-        )?),
+        Some(ib) => Some(start_inbound(ib, extras.allow_coexist, dp, stop, tasks)?),
         None => None,
     };
     for l in &opts.bootstrap.listeners {
@@ -424,128 +487,164 @@ pub async fn run_with(
             async move { stop.cancelled().await },
         )));
     }
+    Ok(Listeners {
+        inbound_port,
+        inbound_steering,
+    })
+}
 
+/// Step 5: the ADS client (with the listeners that arrive over LDS), its publishes handed to the
+/// fast-path owner before each ACK. Returns Envoy's "initialized" signal: ready once the first
+/// LDS/CDS responses are in (see `XdsOptions`); `None` without ADS (ready at once).
+#[allow(clippy::too_many_arguments)]
+async fn start_xds(
+    opts: &RunOptions,
+    store: &Arc<Store>,
+    stats: &Arc<Stats>,
+    dp: &Arc<Dataplane>,
+    owner: Option<&Owner>,
+    inbound_port: Option<u16>,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<tokio::sync::watch::Receiver<bool>> {
+    let ads = opts.bootstrap.ads.as_ref()?;
+    let capture_port = opts.outbound_v4.port();
     // Listeners that arrive over LDS are bound and unbound as they come and go.
-    // Envoy's initialization: ready once the first LDS/CDS responses are in (see XdsOptions).
-    let mut initialized: Option<tokio::sync::watch::Receiver<bool>> = None;
-    if let Some(ads) = &opts.bootstrap.ads {
-        tasks.push(tokio::spawn(dynamic_listeners(
-            store.clone(),
-            dp.clone(),
-            [Some(capture_port), inbound_port],
-            stop.clone(),
-        )));
-        let resources = Resources::new(
-            opts.bootstrap.listeners.clone(),
-            opts.bootstrap.clusters.clone(),
-        );
-        store.publish(resources.snapshot());
-        let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
-        if opts.bootstrap.lds_ads {
-            xopts.initial_types.push(skiff_proto::LISTENER_TYPE_URL);
-        }
-        if opts.bootstrap.cds_ads {
-            xopts.initial_types.push(skiff_proto::CLUSTER_TYPE_URL);
-        }
-        if !xopts.initial_types.is_empty() {
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            xopts.initialized = Some(tx);
-            initialized = Some(rx);
-        }
-        if let Some(c) = capture.clone() {
-            if let Err(e) = reconcile_fast_path(&c.0, &store.load(), capture_port) {
-                warn!(error = %e, "kernel fast path incomplete");
-            }
-            xopts.on_publish = Some(xds::PublishHook(Arc::new(move |snap: &Snapshot| {
-                reconcile_fast_path(&c.0, snap, capture_port)
-            })));
-        }
-        info!(server = %ads.server, api = ?ads.api, "starting ADS client");
-        tasks.push(xds::spawn(
-            xopts,
-            resources,
-            store.clone(),
-            stats.clone(),
-            stop.clone(),
-        ));
+    tasks.push(tokio::spawn(dynamic_listeners(
+        store.clone(),
+        dp.clone(),
+        [Some(capture_port), inbound_port],
+        stop.clone(),
+    )));
+    let resources = Resources::new(
+        opts.bootstrap.listeners.clone(),
+        opts.bootstrap.clusters.clone(),
+    );
+    store.publish(resources.snapshot());
+    let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+    if opts.bootstrap.lds_ads {
+        xopts.initial_types.push(skiff_proto::LISTENER_TYPE_URL);
     }
+    if opts.bootstrap.cds_ads {
+        xopts.initial_types.push(skiff_proto::CLUSTER_TYPE_URL);
+    }
+    let mut initialized = None;
+    if !xopts.initial_types.is_empty() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        xopts.initialized = Some(tx);
+        initialized = Some(rx);
+    }
+    if let Some(owner) = owner {
+        if let Err(e) = owner
+            .publish_and_wait(NODE_SCOPE, store.load(), capture_port)
+            .await
+        {
+            warn!(error = %e, "kernel fast path incomplete");
+        }
+        xopts.on_publish = Some(owner.publish_hook(NODE_SCOPE, capture_port));
+    }
+    info!(server = %ads.server, api = ?ads.api, "starting ADS client");
+    tasks.push(xds::spawn(
+        xopts,
+        resources,
+        store.clone(),
+        stats.clone(),
+        stop.clone(),
+    ));
+    initialized
+}
 
-    let ready = Arc::new(AtomicBool::new(false));
-    // The iptables fallback, closed until ready; the admin API opens and closes it like the
-    // eBPF ready gate.
-    let iptables: Option<Arc<crate::capture::IptablesGate>> = extras
-        .iptables
-        .clone()
-        .map(|cfg| Arc::new(crate::capture::IptablesGate::new(cfg)));
-    if let Some(addr) = opts.admin {
-        let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
-        let admin = Arc::new(Admin {
-            store: store.clone(),
-            stats: stats.clone(),
-            capture: capture
-                .clone()
-                .map(|c| c as Arc<dyn CaptureControl>)
-                .or_else(|| iptables.clone().map(|g| g as Arc<dyn CaptureControl>)),
-            ready: ready.clone(),
-            bootstrap: Arc::new(opts.bootstrap.raw.clone()),
-            extra_config_dump: None,
-            node_id: opts.bootstrap.node.id.clone(),
-        });
-        info!(%addr, "admin listener up");
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(admin::run(l, admin, async move {
-            stop.cancelled().await
-        })));
-    }
+/// Step 6: the admin listener (127.0.0.1 only).
+fn start_admin(
+    opts: &RunOptions,
+    store: &Arc<Store>,
+    stats: &Arc<Stats>,
+    capture: Option<Arc<dyn CaptureControl>>,
+    ready: &Arc<AtomicBool>,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let Some(addr) = opts.admin else {
+        return Ok(());
+    };
+    let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        stats: stats.clone(),
+        capture,
+        ready: ready.clone(),
+        bootstrap: Arc::new(opts.bootstrap.raw.clone()),
+        extra_config_dump: None,
+        node_id: opts.bootstrap.node.id.clone(),
+    });
+    info!(%addr, "admin listener up");
+    let stop = stop.clone();
+    tasks.push(tokio::spawn(admin::run(l, admin, async move {
+        stop.cancelled().await
+    })));
+    Ok(())
+}
 
-    tokio::pin!(shutdown);
-    if wait_initialized(
-        initialized,
-        opts.bootstrap.initial_fetch_timeout,
-        shutdown.as_mut(),
-    )
-    .await
-    {
-        if let Some(c) = &capture {
-            c.0.set_ready(true)
-                .context("marking the proxy ready in the BPF config map")?;
-        }
-        // iptables rules go in once the listeners exist (no window of refused connects); they
-        // are removed when shutdown starts (or on /drain_listeners), or by drop on error.
-        if let Some(g) = &iptables {
-            g.open().context("installing iptables capture")?;
-        }
-        ready.store(true, Ordering::Relaxed);
-        info!("skiff ready");
-        shutdown.as_mut().await;
+/// Step 7: ready. The kernel's ready gate opens; iptables rules go in once the listeners exist
+/// (no window of refused connects); they are removed when shutdown starts (or on
+/// /drain_listeners), or by drop on error.
+fn open_gates(
+    capture: Option<&CaptureHandle>,
+    iptables: Option<&crate::capture::IptablesGate>,
+    ready: &AtomicBool,
+) -> anyhow::Result<()> {
+    if let Some(c) = capture {
+        c.capture
+            .set_ready(true)
+            .context("marking the proxy ready in the BPF config map")?;
     }
-    info!(drain_ms = opts.drain.as_millis() as u64, "shutting down");
-    // New connects stop coming our way first (fail-open or fail-closed per config), then the
-    // listeners close, then in-flight connections get the drain time to finish.
+    if let Some(g) = iptables {
+        g.open().context("installing iptables capture")?;
+    }
+    ready.store(true, Ordering::Relaxed);
+    info!("skiff ready");
+    Ok(())
+}
+
+/// Step 8: drain. New connects stop coming our way first (fail-open or fail-closed per
+/// config), then the listeners close, then in-flight connections get the drain time to finish;
+/// the capture's links detach when it drops.
+#[allow(clippy::too_many_arguments)]
+async fn drain(
+    drain: Duration,
+    capture: Option<Arc<CaptureHandle>>,
+    iptables: Option<&crate::capture::IptablesGate>,
+    ready: &AtomicBool,
+    stops: [CancellationToken; 2],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    inbound_steering: Option<Option<Arc<crate::bpf::inbound::InboundSteering>>>,
+    stats: &Stats,
+) {
+    info!(drain_ms = drain.as_millis() as u64, "shutting down");
     if let Some(c) = &capture
-        && let Err(e) = c.0.set_ready(false)
+        && let Err(e) = c.capture.set_ready(false)
     {
         warn!(error = %e, "could not clear the ready flag");
     }
-    if let Some(g) = &iptables
+    if let Some(g) = iptables
         && let Err(e) = g.close()
     {
         warn!(error = %e, "could not remove the iptables capture; run `skiff cleanup`");
     }
     ready.store(false, Ordering::Relaxed);
-    stop.cancel();
-    pods_stop.cancel();
+    for s in &stops {
+        s.cancel();
+    }
     for t in tasks {
         let _ = t.await;
     }
-    let deadline = tokio::time::Instant::now() + opts.drain;
-    while active_connections(&stats) > 0 && tokio::time::Instant::now() < deadline {
+    let deadline = tokio::time::Instant::now() + drain;
+    while active_connections(stats) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(inbound_steering);
     drop(capture);
     info!("stopped");
-    Ok(())
 }
 
 /// Binds the inbound listeners (0.0.0.0 and, with IPv6, [::] on the inbound port), starts

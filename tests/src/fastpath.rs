@@ -280,3 +280,55 @@ pub fn wait_kernel_endpoints(ns: &Netns, want: &[&str]) {
     }
     panic!("kernel endpoints of svc: wanted {want:?}, last {last:?}");
 }
+
+/// The endpoints file of cluster `svc` at `version`: each `(ip:port, healthy)` with its EDS
+/// `health_status` (HEALTHY or UNHEALTHY).
+pub fn endpoints_file_with_health(version: u32, endpoints: &[(&str, bool)]) -> String {
+    let lb: Vec<String> = endpoints
+        .iter()
+        .map(|(e, healthy)| {
+            let (ip, port) = e.split_once(':').expect("ip:port");
+            let status = if *healthy { "HEALTHY" } else { "UNHEALTHY" };
+            format!(
+                r#"{{"health_status": "{status}", "endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"version_info": "{version}", "resources": [{{
+  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+  "cluster_name": "svc",
+  "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
+        lb.join(", ")
+    )
+}
+
+/// Per node-mode pod scope, the services the kernel serves (`/debug/maps` `scope_services`, on
+/// admin `port`): `(scope, vip, endpoints sorted)`, sorted.
+pub fn scope_services(ns: &Netns, port: u16) -> Vec<(u64, String, Vec<String>)> {
+    let Some((200, body)) = crate::admin_on(ns, port, "GET", "/debug/maps") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).expect("/debug/maps is JSON");
+    let mut out: Vec<(u64, String, Vec<String>)> = v["scope_services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let mut eps: Vec<String> = s["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.as_str().map(str::to_string))
+                .collect();
+            eps.sort();
+            (
+                s["scope"].as_u64().unwrap_or(0),
+                s["vip"].as_str().unwrap_or("").to_string(),
+                eps,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}

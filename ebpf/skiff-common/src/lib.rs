@@ -66,9 +66,9 @@ pub struct ConfigValue {
     pub fail_closed: u8,
     /// 1: IPv6 (non v4-mapped) destinations are captured.
     pub capture_v6: u8,
-    /// 1: node mode, only tasks whose cgroup id is in `SKIFF_MESHED_CGROUPS` are captured.
+    /// 1: node mode, only tasks whose cgroup id is in `SKIFF_MESHED_V2` are captured.
     pub node_mode: u8,
-    /// 1: connect4 looks services up in `SKIFF_SVC_V4` and connects hits straight to an
+    /// 1: connect4 looks services up in `SKIFF_SVC4_V2` and connects hits straight to an
     /// endpoint (kernel fast path). Written by the reconciler once a generation is complete.
     pub fast_path: u8,
     /// The active generation (0 or 1) of the fast-path cluster/endpoint data: connect4 reads
@@ -249,10 +249,14 @@ pub const MAGLEV_TABLE_SIZE: u32 = 4093;
 /// Steps of the bounded binary search over a cluster's `weight_end` (covers 2^20 slots).
 pub const MAX_SEARCH_STEPS: u32 = 20;
 
-/// Key of `SKIFF_SVC_V4`: an IPv4 service (VIP, port, protocol).
+/// Key of `SKIFF_SVC4_V2`: an IPv4 service (scope, VIP, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKeyV4 {
+    /// Whose configuration this service belongs to: [`NODE_SCOPE`] (the sidecar's or the node's
+    /// own), else a node-mode pod pipeline's scope (`SKIFF_MESHED_V2` maps the caller's cgroup to
+    /// it). A connect only looks up services of its own scope.
+    pub scope: u32,
     /// Service VIP, network order.
     pub vip_be: u32,
     /// Service port, network order.
@@ -261,13 +265,15 @@ pub struct ServiceKeyV4 {
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 12);
 const _: () = assert!(core::mem::align_of::<ServiceKeyV4>() == 4);
 
-/// Key of `SKIFF_SVC_V6`: an IPv6 service (VIP, port, protocol).
+/// Key of `SKIFF_SVC6_V2`: an IPv6 service (scope, VIP, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKeyV6 {
+    /// Scope, as [`ServiceKeyV4::scope`].
+    pub scope: u32,
     /// Service VIP, network-order words.
     pub vip_be: [u32; 4],
     /// Service port, network order.
@@ -276,10 +282,15 @@ pub struct ServiceKeyV6 {
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKeyV6>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceKeyV6>() == 24);
+
+/// The scope of the sidecar's (or the node proxy's own) configuration; node-mode pod
+/// pipelines get scopes from 1 up. Also the value of `SKIFF_MESHED_V2` for a cgroup meshed
+/// without a pod pipeline (`skiff node add-cgroup`).
+pub const NODE_SCOPE: u32 = 0;
 const _: () = assert!(core::mem::align_of::<ServiceKeyV6>() == 4);
 
-/// Value of `SKIFF_SVC_V4` and `SKIFF_SVC_V6`.
+/// Value of `SKIFF_SVC4_V2` and `SKIFF_SVC6_V2`.
 ///
 /// `cluster_idx[g]` is the absolute index into `SKIFF_CLUSTERS` of this service's cluster in
 /// generation `g` (cluster data of generation `g` lives at `g * max_clusters ..`), or
@@ -414,7 +425,7 @@ pub struct EndpointLoad {
 }
 const _: () = assert!(core::mem::size_of::<EndpointLoad>() == 16);
 
-/// Value of `SKIFF_SVC_STAT` (per CPU): what happened to connects to one fast-path service.
+/// Value of `SKIFF_SVCST_V2` (per CPU): what happened to connects to one fast-path service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
@@ -790,7 +801,13 @@ mod user {
     impl ServiceKeyV4 {
         /// A TCP service at `vip`.
         pub fn tcp(vip: SocketAddrV4) -> Self {
+            Self::tcp_in(NODE_SCOPE, vip)
+        }
+
+        /// A TCP service at `vip` in `scope`.
+        pub fn tcp_in(scope: u32, vip: SocketAddrV4) -> Self {
             Self {
+                scope,
                 vip_be: v4_be(*vip.ip()),
                 port_be: vip.port().to_be(),
                 proto: IPPROTO_TCP as u8,
@@ -800,9 +817,14 @@ mod user {
 
         /// A UDP service at `vip`.
         pub fn udp(vip: SocketAddrV4) -> Self {
+            Self::udp_in(NODE_SCOPE, vip)
+        }
+
+        /// A UDP service at `vip` in `scope`.
+        pub fn udp_in(scope: u32, vip: SocketAddrV4) -> Self {
             Self {
                 proto: IPPROTO_UDP as u8,
-                ..Self::tcp(vip)
+                ..Self::tcp_in(scope, vip)
             }
         }
 
@@ -818,7 +840,13 @@ mod user {
     impl ServiceKeyV6 {
         /// A TCP service at `vip`.
         pub fn tcp(vip: SocketAddrV6) -> Self {
+            Self::tcp_in(NODE_SCOPE, vip)
+        }
+
+        /// A TCP service at `vip` in `scope`.
+        pub fn tcp_in(scope: u32, vip: SocketAddrV6) -> Self {
             Self {
+                scope,
                 vip_be: v6_be(*vip.ip()),
                 port_be: vip.port().to_be(),
                 proto: IPPROTO_TCP as u8,

@@ -13,18 +13,18 @@ use aya_log_ebpf::error;
 use skiff_common::{
     AF_INET, AF_INET6, CidrV4Key, CidrV6Key, ConfigValue, ConnectFacts, Decision, Draws,
     ECONNREFUSED, EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, IPPROTO_UDP,
-    LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, OrigDstValue, ServiceKeyV4,
-    ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, UdpRevKey, UdpRevValue, capture_decision,
-    client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
+    LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, NODE_SCOPE, OrigDstValue,
+    ServiceKeyV4, ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, UdpRevKey, UdpRevValue,
+    capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
 };
 
 use crate::{
     ctx::SockAddr,
     maps::{
         SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EP_ACTIVE, SKIFF_EP_LOAD,
-        SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV, SKIFF_MESHED,
-        SKIFF_PEER, SKIFF_RR, SKIFF_SVC_STAT, SKIFF_SVC_V4, SKIFF_SVC_V6, SKIFF_UDP_REV, config,
-        count,
+        SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV,
+        SKIFF_MESHED_V2, SKIFF_PEER, SKIFF_RR, SKIFF_SVC4_V2, SKIFF_SVC6_V2, SKIFF_SVCST_V2,
+        SKIFF_UDP_REV, config, count,
     },
 };
 
@@ -363,7 +363,21 @@ fn found<T>(p: Option<*const T>) -> bool {
 fn task_is_meshed() -> bool {
     // SAFETY: plain helper call without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
-    found(SKIFF_MESHED.get_ptr(id))
+    found(SKIFF_MESHED_V2.get_ptr(id))
+}
+
+/// The fast-path scope whose services the calling task sees: `NODE_SCOPE` in sidecar mode,
+/// else the scope its meshed cgroup is registered with (`None`: not meshed, which
+/// `capture_decision` already ruled out; such a connect never takes the fast path).
+#[inline(always)]
+fn caller_scope(cfg: &ConfigValue) -> Option<u32> {
+    if cfg.node_mode == 0 {
+        return Some(NODE_SCOPE);
+    }
+    // SAFETY: plain helper call without arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out at once.
+    unsafe { SKIFF_MESHED_V2.get(id) }.copied()
 }
 
 /// The kernel fast path for an IPv4 service of protocol `proto`: the endpoint (address, port,
@@ -382,13 +396,14 @@ fn fast_path_v4(
         return None;
     }
     let key = ServiceKeyV4 {
+        scope: caller_scope(cfg)?,
         vip_be: ip_be,
         port_be,
         proto: proto as u8,
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let svc = unsafe { SKIFF_SVC_V4.get(key) }.copied()?;
+    let svc = unsafe { SKIFF_SVC4_V2.get(key) }.copied()?;
     // Per-service counters count TCP connects (`cx_total`); UDP shows in the reason counters.
     let stat = if proto == IPPROTO_TCP {
         Some(key)
@@ -412,13 +427,14 @@ fn fast_path_v6(
         return None;
     }
     let key = ServiceKeyV6 {
+        scope: caller_scope(cfg)?,
         vip_be: ip_be,
         port_be,
         proto: IPPROTO_TCP as u8,
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let svc = unsafe { SKIFF_SVC_V6.get(key) }.copied()?;
+    let svc = unsafe { SKIFF_SVC6_V2.get(key) }.copied()?;
     let vip_word = ip_be[0] ^ ip_be[1] ^ ip_be[2] ^ ip_be[3];
     let ep = fast_pick(sa, cfg, svc, vip_word, port_be, None, AF_INET6)?;
     Some((ep.addr_be, ep.port_be))
@@ -532,11 +548,11 @@ fn service_count(key: Option<ServiceKeyV4>, event: ServiceEvent) {
     let Some(key) = key else {
         return;
     };
-    let p = match SKIFF_SVC_STAT.get_ptr_mut(key) {
+    let p = match SKIFF_SVCST_V2.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            let _ = SKIFF_SVC_STAT.insert(key, ServiceStats::default(), 0);
-            match SKIFF_SVC_STAT.get_ptr_mut(key) {
+            let _ = SKIFF_SVCST_V2.insert(key, ServiceStats::default(), 0);
+            match SKIFF_SVCST_V2.get_ptr_mut(key) {
                 Some(p) => p,
                 None => return,
             }

@@ -2,7 +2,7 @@
 //!
 //! - `connect.rs`: `cgroup/connect4` and `cgroup/connect6` rewrite captured TCP connects to the
 //!   proxy's outbound listener and record the original destination by socket cookie; a plain-L4
-//!   service found in `SKIFF_SVC_V4` goes straight to an endpoint chosen in the kernel.
+//!   service found in `SKIFF_SVC4_V2` goes straight to an endpoint chosen in the kernel.
 //!   `cgroup/sendmsg4` and `cgroup/recvmsg4` (same file) do that per datagram for UDP services
 //!   (connected UDP goes through connect4) and show replies as coming from the VIP.
 //! - `sock_ops.rs`: at `TCP_CONNECT_CB` re-keys that record by the connection tuple (plus netns

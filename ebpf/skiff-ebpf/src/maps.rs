@@ -47,31 +47,33 @@ pub static SKIFF_EXCL_V4: LpmTrie<CidrV4Key, u8> = LpmTrie::with_max_entries(102
 #[map]
 pub static SKIFF_EXCL_V6: LpmTrie<CidrV6Key, u8> = LpmTrie::with_max_entries(1024, 0);
 
-/// Node mode: cgroups whose tasks are captured. Key: u64 cgroup id (`bpf_get_current_cgroup_id`,
-/// the cgroup directory's inode); value: u8 (1); max 16384; not LRU.
-/// Writer: userspace (add/remove_meshed_cgroup). Readers: connect4, connect6, sendmsg4.
+/// Node mode: cgroups whose tasks are captured, and the fast-path scope their connects look
+/// services up in. Key: u64 cgroup id (`bpf_get_current_cgroup_id`, the cgroup directory's
+/// inode); value: u32 scope (`NODE_SCOPE` for `add-cgroup`, a pod pipeline's scope for
+/// `add-pod`); max 16384; not LRU.
+/// Writer: userspace (`bpf::cgroup::Meshed`). Readers: connect4, connect6, sendmsg4.
 #[map]
-pub static SKIFF_MESHED: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
+pub static SKIFF_MESHED_V2: HashMap<u64, u32> = HashMap::with_max_entries(16384, 0);
 
 // === Kernel fast path ===
 //
 // Sizes here are placeholders: userspace sets every max_entries at load time from
 // `CaptureConfig::fast_path` (defaults: 10240 services, 2 x 10240 clusters, 2 x 102400 slots).
 
-/// Fast-path services. Key: `ServiceKeyV4` (VIP be, port be, proto); value: `ServiceValue`
+/// Fast-path services. Key: `ServiceKeyV4` (scope, VIP be, port be, proto); value: `ServiceValue`
 /// (cluster index per generation); max `max_services`; not LRU; no prealloc (an update replaces
 /// the element under RCU, so a reader sees the old or the new value, never a mix).
 /// Writer: userspace `bpf::reconciler`. Readers: connect4, connect6 (v4-mapped), sendmsg4
 /// (proto UDP).
 #[map]
-pub static SKIFF_SVC_V4: HashMap<ServiceKeyV4, ServiceValue> =
+pub static SKIFF_SVC4_V2: HashMap<ServiceKeyV4, ServiceValue> =
     HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
 
-/// IPv6 fast-path services. Key: `ServiceKeyV6` (VIP be words, port be, proto); value:
+/// IPv6 fast-path services. Key: `ServiceKeyV6` (scope, VIP be words, port be, proto); value:
 /// `ServiceValue`; max `max_services`; not LRU; no prealloc. Writer: userspace
 /// `bpf::reconciler`. Readers: connect6.
 #[map]
-pub static SKIFF_SVC_V6: HashMap<ServiceKeyV6, ServiceValue> =
+pub static SKIFF_SVC6_V2: HashMap<ServiceKeyV6, ServiceValue> =
     HashMap::with_max_entries(10240, BPF_F_NO_PREALLOC);
 
 /// Fast-path clusters, both generations. Key: u32 `gen * max_clusters + id`; value:
@@ -125,7 +127,7 @@ pub static SKIFF_FAST_SK: LruHashMap<u64, EndpointKey> = LruHashMap::with_max_en
 /// `ServiceStats` per CPU (connects, fallbacks, no healthy endpoint); max `max_services`; LRU.
 /// Writer: connect4/6. Readers: userspace (`Capture::service_stats`, summed over CPUs).
 #[map]
-pub static SKIFF_SVC_STAT: LruPerCpuHashMap<ServiceKeyV4, ServiceStats> =
+pub static SKIFF_SVCST_V2: LruPerCpuHashMap<ServiceKeyV4, ServiceStats> =
     LruPerCpuHashMap::with_max_entries(10240, 0);
 
 /// The address an app connected to (the VIP), per socket, for getpeername4. BTF socket

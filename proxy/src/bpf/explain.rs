@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 
 use super::CaptureConfig;
-use super::loader::FastPathView;
+use super::fastpath::FastPathView;
 use super::projection::{FastLb, classify};
 use crate::state::Snapshot;
 use skiff_common::{EndpointLoad, ServiceStats};
@@ -221,7 +221,7 @@ pub fn maps_json(
             })
         })
         .collect();
-    json!({
+    let mut out = json!({
         "fast_path": true,
         "generation": view.generation,
         "capacity": {
@@ -242,5 +242,52 @@ pub fn maps_json(
             .collect::<Vec<_>>(),
         "services": services,
         "clusters": clusters,
-    })
+    });
+    // Node mode: each pod pipeline's own services (a pod's connect sees only its scope's).
+    if !view.scopes.is_empty()
+        && let Value::Object(map) = &mut out
+    {
+        map.insert("scopes".into(), scopes_json(view));
+        map.insert("scope_services".into(), scope_services_json(view));
+    }
+    out
+}
+
+/// One line per pod scope: what it holds.
+fn scopes_json(view: &FastPathView) -> Value {
+    view.scopes
+        .iter()
+        .map(|(scope, img)| {
+            json!({
+                "scope": scope,
+                "services": img.services.len() + img.udp_services.len(),
+                "clusters": img.clusters.len(),
+                "endpoints": img.endpoint_slots(),
+            })
+        })
+        .collect()
+}
+
+/// Every service of the pod scopes, with its cluster's endpoints.
+fn scope_services_json(view: &FastPathView) -> Value {
+    let mut out = Vec::new();
+    for (scope, img) in &view.scopes {
+        let tcp = img.services.iter().map(|s| ("TCP", s));
+        let udp = img.udp_services.iter().map(|s| ("UDP", s));
+        for (proto, (vip, s)) in tcp.chain(udp) {
+            let endpoints: Vec<String> = img
+                .clusters
+                .get(&s.cluster)
+                .map(|c| c.endpoints.iter().map(ToString::to_string).collect())
+                .unwrap_or_default();
+            out.push(json!({
+                "scope": scope,
+                "vip": vip.to_string(),
+                "proto": proto,
+                "cluster": s.cluster,
+                "endpoints": endpoints,
+            }));
+        }
+    }
+    Value::Array(out)
 }

@@ -12,22 +12,39 @@
 //! | `skiff_peername4`| `cgroup/getpeername4`| app cgroup   | node cgroup root     |
 //! | `skiff_peername6`| `cgroup/getpeername6`| app cgroup   | node cgroup root     |
 //!
-//! With [`CaptureConfig::fast_path`], [`Capture::apply_fast_path`] mirrors the services that
-//! need no proxy ([`projection`]) into the kernel ([`reconciler`]); connect4 then sends them
-//! straight to an endpoint.
+//! The [`Capture`] owns the object and its links; each group of maps has one owner:
+//!
+//! | part | maps | module |
+//! |------|------|--------|
+//! | ready gate | `SKIFF_CONFIG` (`ready`; shares the entry with the fast path's `fast_gen`) | [`gate`] |
+//! | meshed cgroups (node mode) | `SKIFF_MESHED_V2` (cgroup id -> fast-path scope) | [`meshed`] |
+//! | kernel counters | `SKIFF_STATS`, `SKIFF_SVCST_V2`, `SKIFF_ORIG_DST` (read only) | [`counters`] |
+//! | fast path | services, clusters, slots, Maglev, `SKIFF_EP_ACTIVE`, `SKIFF_EP_LOAD` | [`fastpath`], written only by the [`owner`] task |
+//!
+//! With [`CaptureConfig::fast_path`], the [`Owner`] task mirrors the services that need no
+//! proxy ([`projection`]) into the kernel ([`reconciler`]); connect4 then sends them straight to
+//! an endpoint. Every pipeline (the sidecar's or node's own, and in node mode each pod's) is a
+//! scope of its own: a connect only sees the services of its cgroup's scope.
 //!
 //! In node mode connect4/6 capture only tasks whose cgroup id is in the meshed set
-//! ([`Capture::add_meshed_cgroup`]). The links belong to the [`Capture`]: dropping it clears the
-//! ready flag, detaches everything and moves the process back to its original cgroup.
+//! ([`meshed::Meshed`]). The links belong to the [`Capture`]: dropping it clears the ready flag,
+//! detaches everything and moves the process back to its original cgroup.
 //!
 //! The proxy answers `SO_ORIGINAL_DST` on its accepted sockets as it would with iptables: the
 //! `getsockopt` program reads the original destination that `connect4/6` recorded and
 //! `sock_ops` re-keyed by connection tuple.
 
 mod cgroup;
+pub mod counters;
+mod exclude;
 pub mod explain;
+pub mod fastpath;
+pub mod gate;
 pub mod inbound;
 mod loader;
+mod log;
+pub mod meshed;
+pub mod owner;
 pub mod projection;
 pub mod reconciler;
 pub mod terminate;
@@ -40,8 +57,11 @@ use std::{
 };
 
 pub use cgroup::{cgroup_id, cgroup2_mount};
-pub use loader::{Capture, FastPathGauges, FastPathView};
-pub use reconciler::{ApplyReport, Capacity};
+pub use fastpath::{FastPathGauges, FastPathView};
+pub use loader::Capture;
+pub use owner::Owner;
+pub use reconciler::{ApplyReport, Capacity, ScopeId};
+pub use skiff_common::NODE_SCOPE;
 
 /// Default outbound listener port (Istio's 15001).
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;

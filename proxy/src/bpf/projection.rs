@@ -624,4 +624,4 @@ fn cluster_image(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

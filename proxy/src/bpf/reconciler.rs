@@ -19,20 +19,36 @@
 //! A failed write stops the update before the flip: the active generation is untouched and the
 //! inactive one is marked for a full rewrite. The writer is a trait so the property tests run
 //! the same code against an in-memory model of the maps.
+//!
+//! The maps hold several scopes side by side ([`Reconciler::apply_scopes`]): the sidecar's or
+//! node's own configuration ([`NODE_SCOPE`]) and, in node mode, one per pod pipeline. A service
+//! key carries its scope, clusters and slots of every scope share one generation layout, and
+//! one flip switches them all.
+//!
+//! Step 2 rewrites the generation that connects read until the previous flip. Before it, the
+//! writer's [`FastMaps::quiesce`] must wait until no program can still be inside a lookup that
+//! read the old generation number (see `bpf::fastpath::grace_period`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use skiff_common::{
     CLUSTER_SHARES, CLUSTER_WEIGHTED, ClusterValue, EndpointValue, LB_LEAST_REQUEST, LB_MAGLEV,
-    LB_RANDOM, LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, ServiceKeyV4, ServiceKeyV6,
-    ServiceValue,
+    LB_RANDOM, LB_ROUND_ROBIN, MAGLEV_TABLE_SIZE, NO_CLUSTER, NODE_SCOPE, ServiceKeyV4,
+    ServiceKeyV6, ServiceValue,
 };
+
+/// Whose configuration a fast-path entry belongs to: [`NODE_SCOPE`] (0) for the sidecar's or
+/// the node proxy's own, a pod pipeline's id in node mode.
+pub type ScopeId = u32;
+
+/// Per-scope images, as [`Reconciler::apply_scopes`] takes them.
+pub type ScopedImages = BTreeMap<ScopeId, MapImage>;
 
 use super::BpfError;
 use super::projection::{ClusterImage, FastLb, MapImage};
 
-/// A key of either service map (`SKIFF_SVC_V4` or `SKIFF_SVC_V6`).
+/// A key of either service map (`SKIFF_SVC4_V2` or `SKIFF_SVC6_V2`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceKey {
     /// An IPv4 service.
@@ -42,19 +58,37 @@ pub enum ServiceKey {
 }
 
 impl ServiceKey {
-    /// The key of a TCP service at `vip`.
+    /// The key of a TCP service at `vip` in [`NODE_SCOPE`].
     pub fn tcp(vip: SocketAddr) -> Self {
+        Self::tcp_in(NODE_SCOPE, vip)
+    }
+
+    /// The key of a TCP service at `vip` in `scope`.
+    pub fn tcp_in(scope: ScopeId, vip: SocketAddr) -> Self {
         match vip {
-            SocketAddr::V4(a) => ServiceKey::V4(ServiceKeyV4::tcp(a)),
-            SocketAddr::V6(a) => ServiceKey::V6(ServiceKeyV6::tcp(a)),
+            SocketAddr::V4(a) => ServiceKey::V4(ServiceKeyV4::tcp_in(scope, a)),
+            SocketAddr::V6(a) => ServiceKey::V6(ServiceKeyV6::tcp_in(scope, a)),
         }
     }
 
-    /// The key of a UDP service at `vip` (IPv4 only: `None` for IPv6).
+    /// The key of a UDP service at `vip` in [`NODE_SCOPE`] (IPv4 only: `None` for IPv6).
     pub fn udp(vip: SocketAddr) -> Option<Self> {
+        Self::udp_in(NODE_SCOPE, vip)
+    }
+
+    /// The key of a UDP service at `vip` in `scope` (IPv4 only: `None` for IPv6).
+    pub fn udp_in(scope: ScopeId, vip: SocketAddr) -> Option<Self> {
         match vip {
-            SocketAddr::V4(a) => Some(ServiceKey::V4(ServiceKeyV4::udp(a))),
+            SocketAddr::V4(a) => Some(ServiceKey::V4(ServiceKeyV4::udp_in(scope, a))),
             SocketAddr::V6(_) => None,
+        }
+    }
+
+    /// The scope the service belongs to.
+    pub fn scope(&self) -> ScopeId {
+        match self {
+            ServiceKey::V4(k) => k.scope,
+            ServiceKey::V6(k) => k.scope,
         }
     }
 
@@ -70,7 +104,7 @@ impl ServiceKey {
 /// Sizes of the fast-path maps (per generation for clusters and endpoints).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
-    /// Entries of `SKIFF_SVC_V4` (services of the old and new image together during an update).
+    /// Entries of `SKIFF_SVC4_V2` (services of the old and new image together during an update).
     pub max_services: u32,
     /// Clusters per generation (`SKIFF_CLUSTERS` holds twice this).
     pub max_clusters: u32,
@@ -107,9 +141,12 @@ pub trait FastMaps {
     fn set_maglev(&mut self, index: u32, value: u32) -> Result<(), BpfError>;
     /// Make `generation` active and turn the fast path on.
     fn flip(&mut self, generation: u8) -> Result<(), BpfError>;
-    /// Called before writing the inactive generation: a kernel writer waits here until no
-    /// connect can still be reading it (programs hold it for microseconds).
-    fn quiesce(&mut self) {}
+    /// Called before writing the inactive generation when a flip happened since the last call:
+    /// a kernel writer waits here until no program can still be reading that generation (an
+    /// RCU grace period). An error stops the update before anything is written.
+    fn quiesce(&mut self) -> Result<(), BpfError> {
+        Ok(())
+    }
 }
 
 /// What one apply did.
@@ -129,6 +166,8 @@ pub struct ApplyReport {
     pub maglev_written: usize,
     /// Set when the image did not fit: names the limit (the services left out go to the proxy).
     pub overflow: Option<String>,
+    /// The same, per scope whose image did not fit.
+    pub overflow_by_scope: BTreeMap<ScopeId, String>,
 }
 
 /// What one generation of the cluster and endpoint arrays holds (relative indices).
@@ -148,8 +187,14 @@ pub struct Reconciler {
     active: u8,
     services: BTreeMap<ServiceKey, ServiceValue>,
     gens: [Generation; 2],
-    applied: MapImage,
+    applied: ScopedImages,
+    /// A flip happened and no grace period has passed since: the inactive generation may
+    /// still be read by programs that loaded the old generation number.
+    flipped_since_grace: bool,
 }
+
+/// The image of a scope that holds none.
+static EMPTY_IMAGE: std::sync::LazyLock<MapImage> = std::sync::LazyLock::new(MapImage::default);
 
 const EMPTY_CLUSTER: ClusterValue = ClusterValue {
     slot_base: 0,
@@ -178,7 +223,8 @@ impl Reconciler {
             active: 0,
             services: BTreeMap::new(),
             gens: Default::default(),
-            applied: MapImage::default(),
+            applied: ScopedImages::new(),
+            flipped_since_grace: false,
         }
     }
 
@@ -192,8 +238,13 @@ impl Reconciler {
         self.active
     }
 
-    /// The image the kernel currently serves (after [`MapImage::fit`]).
+    /// The image the kernel currently serves for [`NODE_SCOPE`] (after [`MapImage::fit`]).
     pub fn applied(&self) -> &MapImage {
+        self.applied.get(&NODE_SCOPE).unwrap_or(&EMPTY_IMAGE)
+    }
+
+    /// The images the kernel currently serves, per scope.
+    pub fn applied_scopes(&self) -> &ScopedImages {
         &self.applied
     }
 
@@ -202,21 +253,41 @@ impl Reconciler {
         &self.services
     }
 
-    /// Applies `image` (trimmed to capacity; the report names any limit hit).
+    /// Applies `image` as the only scope, [`NODE_SCOPE`] (trimmed to capacity; the report names
+    /// any limit hit).
     pub fn apply(
         &mut self,
         maps: &mut impl FastMaps,
         image: &MapImage,
     ) -> Result<ApplyReport, BpfError> {
-        let (image, overflow) = image.fit(
-            self.caps.max_services as usize,
-            self.caps.max_clusters as usize,
-            self.caps.max_endpoints as usize,
-            self.caps.max_maglev as usize,
-        );
+        self.apply_scopes(maps, &ScopedImages::from([(NODE_SCOPE, image.clone())]))
+    }
+
+    /// Applies one image per scope (scopes absent from `images` lose their services). Scopes
+    /// are fitted in order into what is left of the capacity: [`NODE_SCOPE`] first.
+    pub fn apply_scopes(
+        &mut self,
+        maps: &mut impl FastMaps,
+        images: &ScopedImages,
+    ) -> Result<ApplyReport, BpfError> {
+        let (image, overflow_by_scope) = fit_scopes(images, self.caps);
+        let overflow = (!overflow_by_scope.is_empty()).then(|| {
+            overflow_by_scope
+                .iter()
+                .map(|(scope, m)| {
+                    if *scope == NODE_SCOPE {
+                        m.clone()
+                    } else {
+                        format!("scope {scope}: {m}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
         let mut report = ApplyReport {
             generation: self.active,
             overflow,
+            overflow_by_scope,
             ..Default::default()
         };
         // Nothing the kernel serves changes (an RDS push, a listener the fast path ignores).
@@ -229,7 +300,7 @@ impl Reconciler {
             endpoints,
             maglev,
             services: wanted,
-        } = layout(&image, next, self.caps);
+        } = layout_scopes(&image, next, self.caps);
         let gone: BTreeSet<ServiceKey> = self
             .services
             .keys()
@@ -251,8 +322,12 @@ impl Reconciler {
             }
         }
 
-        // 2. The inactive generation: slots, then the clusters that count them.
-        maps.quiesce();
+        // 2. The inactive generation: slots, then the clusters that count them. Connects that
+        //    read the generation number before the last flip may still be walking it: wait.
+        if self.flipped_since_grace {
+            maps.quiesce()?;
+            self.flipped_since_grace = false;
+        }
         let held = &mut self.gens[usize::from(next)];
         let result = write_generation(maps, held, next, self.caps, &clusters, &endpoints, &maglev);
         match result {
@@ -295,6 +370,7 @@ impl Reconciler {
         // 4. One write switches every connect to the new generation.
         maps.flip(next)?;
         self.active = next;
+        self.flipped_since_grace = true;
 
         // 5. Services that went away (they already fall back to the proxy).
         for k in &gone {
@@ -322,60 +398,106 @@ pub(crate) struct Layout {
     pub(crate) services: BTreeMap<ServiceKey, u32>,
 }
 
-/// The image laid out for generation `generation`.
-pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout {
-    let mut clusters = Vec::with_capacity(image.clusters.len());
-    let mut endpoints = Vec::with_capacity(image.endpoint_slots());
-    let mut maglev: Vec<u32> = Vec::new();
-    let mut ids = BTreeMap::new();
-    for (id, (name, c)) in image.clusters.iter().enumerate() {
-        let base = u32::from(generation) * caps.max_endpoints + endpoints.len() as u32;
-        let maglev_base =
-            u32::from(generation) * caps.max_maglev * MAGLEV_TABLE_SIZE + maglev.len() as u32;
-        let mut end = 0u32;
-        for (e, w) in c.endpoints.iter().zip(&c.weights) {
-            end = end.saturating_add(*w);
-            let mut v = EndpointValue::new(*e, *w);
-            v.weight_end = end;
-            endpoints.push(v);
+/// Fits every scope's image, in scope order, into what the earlier ones left of `caps`; returns
+/// the fitted images and, per scope, what did not fit.
+fn fit_scopes(images: &ScopedImages, caps: Capacity) -> (ScopedImages, BTreeMap<ScopeId, String>) {
+    let mut left = [
+        caps.max_services as usize,
+        caps.max_clusters as usize,
+        caps.max_endpoints as usize,
+        caps.max_maglev as usize,
+    ];
+    let mut out = ScopedImages::new();
+    let mut overflow = BTreeMap::new();
+    for (scope, img) in images {
+        let (fitted, msg) = img.fit(left[0], left[1], left[2], left[3]);
+        left[0] -= fitted.services.len() + fitted.udp_services.len();
+        left[1] -= fitted.clusters.len();
+        left[2] -= fitted.endpoint_slots();
+        left[3] -= fitted
+            .clusters
+            .values()
+            .filter(|c| c.lb == FastLb::Maglev)
+            .count();
+        if let Some(m) = msg {
+            overflow.insert(*scope, m);
         }
-        if c.lb == FastLb::Maglev {
-            maglev.extend(maglev_table(c));
-        }
-        clusters.push(ClusterValue {
-            slot_base: base,
-            endpoint_count: c.endpoints.len() as u32,
-            total_weight: end,
-            rr_stride: rr_stride(end),
-            maglev_base: if c.lb == FastLb::Maglev {
-                maglev_base
-            } else {
-                0
-            },
-            lb_policy: match c.lb {
-                FastLb::RoundRobin => LB_ROUND_ROBIN,
-                FastLb::Random => LB_RANDOM,
-                FastLb::LeastRequest => LB_LEAST_REQUEST,
-                FastLb::Maglev => LB_MAGLEV,
-            },
-            flags: if c.weighted() { CLUSTER_WEIGHTED } else { 0 }
-                | if c.shares { CLUSTER_SHARES } else { 0 },
-            _pad: [0; 2],
-        });
-        ids.insert(
-            name.as_str(),
-            u32::from(generation) * caps.max_clusters + id as u32,
-        );
+        out.insert(*scope, fitted);
     }
-    let tcp = image
-        .services
-        .iter()
-        .filter_map(|(vip, s)| Some((ServiceKey::tcp(*vip), *ids.get(s.cluster.as_str())?)));
-    let udp = image
-        .udp_services
-        .iter()
-        .filter_map(|(vip, s)| Some((ServiceKey::udp(*vip)?, *ids.get(s.cluster.as_str())?)));
-    let services = tcp.chain(udp).collect();
+    (out, overflow)
+}
+
+/// The image laid out for generation `generation`, as the only scope ([`NODE_SCOPE`]).
+#[cfg(test)]
+pub(crate) fn layout(image: &MapImage, generation: u8, caps: Capacity) -> Layout {
+    layout_scopes(
+        &ScopedImages::from([(NODE_SCOPE, image.clone())]),
+        generation,
+        caps,
+    )
+}
+
+/// Every scope's image laid out for generation `generation`: clusters of all scopes share the
+/// generation's index space (scope order, then cluster name), services are keyed by scope.
+pub(crate) fn layout_scopes(images: &ScopedImages, generation: u8, caps: Capacity) -> Layout {
+    let mut clusters = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut maglev: Vec<u32> = Vec::new();
+    let mut ids: BTreeMap<(ScopeId, &str), u32> = BTreeMap::new();
+    let mut services = BTreeMap::new();
+    for (&scope, image) in images {
+        for (name, c) in &image.clusters {
+            let id = clusters.len();
+            let base = u32::from(generation) * caps.max_endpoints + endpoints.len() as u32;
+            let maglev_base =
+                u32::from(generation) * caps.max_maglev * MAGLEV_TABLE_SIZE + maglev.len() as u32;
+            let mut end = 0u32;
+            for (e, w) in c.endpoints.iter().zip(&c.weights) {
+                end = end.saturating_add(*w);
+                let mut v = EndpointValue::new(*e, *w);
+                v.weight_end = end;
+                endpoints.push(v);
+            }
+            if c.lb == FastLb::Maglev {
+                maglev.extend(maglev_table(c));
+            }
+            clusters.push(ClusterValue {
+                slot_base: base,
+                endpoint_count: c.endpoints.len() as u32,
+                total_weight: end,
+                rr_stride: rr_stride(end),
+                maglev_base: if c.lb == FastLb::Maglev {
+                    maglev_base
+                } else {
+                    0
+                },
+                lb_policy: match c.lb {
+                    FastLb::RoundRobin => LB_ROUND_ROBIN,
+                    FastLb::Random => LB_RANDOM,
+                    FastLb::LeastRequest => LB_LEAST_REQUEST,
+                    FastLb::Maglev => LB_MAGLEV,
+                },
+                flags: if c.weighted() { CLUSTER_WEIGHTED } else { 0 }
+                    | if c.shares { CLUSTER_SHARES } else { 0 },
+                _pad: [0; 2],
+            });
+            ids.insert(
+                (scope, name.as_str()),
+                u32::from(generation) * caps.max_clusters + id as u32,
+            );
+        }
+        let id_of =
+            |s: &super::projection::ServiceImage| ids.get(&(scope, s.cluster.as_str())).copied();
+        let tcp = image
+            .services
+            .iter()
+            .filter_map(|(vip, s)| Some((ServiceKey::tcp_in(scope, *vip), id_of(s)?)));
+        let udp = image
+            .udp_services
+            .iter()
+            .filter_map(|(vip, s)| Some((ServiceKey::udp_in(scope, *vip)?, id_of(s)?)));
+        services.extend(tcp.chain(udp));
+    }
     Layout {
         clusters,
         endpoints,
@@ -479,7 +601,22 @@ pub fn choices(
     active: u8,
     vip: SocketAddr,
 ) -> Option<(u8, BTreeMap<SocketAddr, u64>)> {
-    let svc = services.get(&ServiceKey::tcp(vip))?;
+    choices_in(
+        services, clusters, endpoints, maglev, active, NODE_SCOPE, vip,
+    )
+}
+
+/// [`choices`] for a connect from a task whose cgroup is meshed with `scope`.
+pub fn choices_in(
+    services: &BTreeMap<ServiceKey, ServiceValue>,
+    clusters: &impl Fn(u32) -> Option<ClusterValue>,
+    endpoints: &impl Fn(u32) -> Option<EndpointValue>,
+    maglev: &impl Fn(u32) -> Option<u32>,
+    active: u8,
+    scope: ScopeId,
+    vip: SocketAddr,
+) -> Option<(u8, BTreeMap<SocketAddr, u64>)> {
+    let svc = services.get(&ServiceKey::tcp_in(scope, vip))?;
     let idx = svc.cluster_idx[usize::from(active & 1)];
     if idx == NO_CLUSTER {
         return None;

@@ -19,9 +19,18 @@
 //! node ids keep separate streams even when the control plane happens to send the same
 //! resources (content-level sharing is not done).
 //!
+//! Each pipeline is at parity with a sidecar: its store knows the pod bootstrap's locality and
+//! local cluster, its active health checks run from a thread in the network namespace of the
+//! pod that started it, and with `--fast-path` it is a scope of its own in the kernel maps
+//! (scope = pipeline id): the cgroup is registered in `SKIFF_MESHED_V2` with that scope, so a
+//! pod's connect only ever sees its own pipeline's services and endpoints. A pod's cgroup is
+//! registered only once its pipeline has its initial configuration (the first LDS/CDS
+//! responses, or `initial_fetch_timeout`), like a sidecar's ready gate; until then its connects
+//! go direct.
+//!
 //! Removing a pod unregisters its cgroup (new connects go direct) and stops its listeners;
-//! its pipeline stops with the last pod using it. Connections in flight finish on the
-//! snapshot they started with.
+//! its pipeline stops with the last pod using it, and its scope's fast-path entries go.
+//! Connections in flight finish on the snapshot they started with.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,10 +41,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::InboundOptions;
-use crate::bpf::Capture;
+use crate::bpf::{Capture, Owner, ScopeId};
 use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
-use crate::state::{Snapshot, Store};
+use crate::state::Store;
 use crate::stats::Stats;
 use crate::xds::{self, Resources, XdsOptions};
 
@@ -108,10 +117,27 @@ struct PipelineKey {
 /// One configuration pipeline and the data plane serving it.
 struct Pipeline {
     id: u64,
+    /// Its fast-path scope (its id).
+    scope: ScopeId,
     store: Arc<Store>,
     stats: Arc<Stats>,
     dp: Arc<Dataplane>,
     stop: CancellationToken,
+    /// Turns true once the initial configuration is in (`None`: no ADS, in from the start).
+    initialized: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Envoy's `initial_fetch_timeout` of its bootstrap.
+    initial_fetch_timeout: Option<Duration>,
+}
+
+/// Whether a pod's cgroup is in the kernel's meshed set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Registration {
+    /// Waiting for the pipeline's initial configuration.
+    Pending,
+    /// Registered: its connects are captured.
+    Registered,
+    /// Removed before it was registered (or after): never register it again.
+    Removed,
 }
 
 /// One registered pod: its listeners (in its netns) feed a possibly shared pipeline.
@@ -123,6 +149,7 @@ struct Pod {
     listeners: Vec<SocketAddr>,
     stop: CancellationToken,
     closed: std::sync::mpsc::Receiver<()>,
+    registration: Arc<Mutex<Registration>>,
 }
 
 #[derive(Default)]
@@ -140,6 +167,8 @@ pub struct PodRegistry {
     upstream_mark: Option<u32>,
     outbound_v4: SocketAddr,
     outbound_v6: Option<SocketAddr>,
+    /// The owner of the kernel fast-path maps (`None` without `--fast-path`).
+    fast: Option<Owner>,
     state: Mutex<State>,
     stop: CancellationToken,
 }
@@ -372,6 +401,7 @@ fn start_pod_thread(
 impl PodRegistry {
     /// A registry whose pods start from `bootstrap` (unless they bring their own), mark
     /// their upstream sockets with `upstream_mark` and listen on the outbound addresses.
+    #[allow(clippy::too_many_arguments)] // one per setting of `skiff run` a pod inherits
     pub fn new(
         bootstrap: Bootstrap,
         upstream_mark: Option<u32>,
@@ -379,6 +409,7 @@ impl PodRegistry {
         outbound_v6: Option<std::net::SocketAddrV6>,
         inbound: Option<InboundOptions>,
         allow_coexist: bool,
+        fast: Option<Owner>,
         stop: CancellationToken,
     ) -> Self {
         PodRegistry {
@@ -388,6 +419,7 @@ impl PodRegistry {
             upstream_mark,
             outbound_v4: SocketAddr::V4(outbound_v4),
             outbound_v6: outbound_v6.map(SocketAddr::V6),
+            fast,
             state: Mutex::new(State::default()),
             stop,
         }
@@ -398,46 +430,75 @@ impl PodRegistry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The pipeline for `key`, started from `bootstrap` if no pod uses it yet.
-    fn pipeline(&self, st: &mut State, key: &PipelineKey, bootstrap: &Bootstrap) -> Arc<Pipeline> {
+    /// The pipeline for `key`, started from `bootstrap` if no pod uses it yet: its store, ADS
+    /// client (publishing to the fast-path owner under its scope), active health checks (from
+    /// `netns`, the namespace of the pod that starts it) and health-driven fast-path updates.
+    fn pipeline(
+        &self,
+        st: &mut State,
+        key: &PipelineKey,
+        bootstrap: &Bootstrap,
+        netns: &Path,
+    ) -> Result<Arc<Pipeline>, PodError> {
         if let Some(p) = st.pipelines.get(key) {
-            return p.clone();
+            return Ok(p.clone());
         }
+        let id = st.next_pipeline + 1;
+        let scope = ScopeId::try_from(id)
+            .map_err(|_| PodError::Bootstrap("out of fast-path scopes".into()))?;
         let stop = self.stop.child_token();
         let stats = Arc::new(Stats::default());
-        // Cluster stats (kept by the host registry) go to the pipeline's own `/stats`.
-        let store = Arc::new(Store::with_registry(
-            Snapshot::new(
-                bootstrap.listeners.clone(),
-                bootstrap.clusters.clone(),
-                &Default::default(),
-            ),
-            crate::lb::HostRegistry::new(stats.clone()),
-        ));
+        let store = crate::app::build_store(bootstrap, stats.clone());
+        let port = self.outbound_v4.port();
+        start_health_thread(id, netns, store.clone(), self.upstream_mark, stop.clone())?;
+        let mut initialized = None;
         if let (Some(ads), Some(node_id)) = (&bootstrap.ads, &key.node_id) {
             let resources = Resources::new(bootstrap.listeners.clone(), bootstrap.clusters.clone());
             store.publish(resources.snapshot());
             let mut node = bootstrap.raw.node.clone().unwrap_or_default();
             node.id.clone_from(node_id);
-            let xopts = XdsOptions::new(ads.clone(), Some(node));
+            let mut xopts = XdsOptions::new(ads.clone(), Some(node));
+            if bootstrap.lds_ads {
+                xopts.initial_types.push(skiff_proto::LISTENER_TYPE_URL);
+            }
+            if bootstrap.cds_ads {
+                xopts.initial_types.push(skiff_proto::CLUSTER_TYPE_URL);
+            }
+            if !xopts.initial_types.is_empty() {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                xopts.initialized = Some(tx);
+                initialized = Some(rx);
+            }
+            if let Some(owner) = &self.fast {
+                owner.publish(scope, store.load(), port);
+                xopts.on_publish = Some(owner.publish_hook(scope, port));
+            }
             xds::spawn(xopts, resources, store.clone(), stats.clone(), stop.clone());
+        } else if let Some(owner) = &self.fast {
+            owner.publish(scope, store.load(), port);
+        }
+        if let Some(owner) = &self.fast {
+            owner.follow_health(scope, store.registry().subscribe_health(), stop.clone());
         }
         let dp = Arc::new(Dataplane::new(
             store.clone(),
             stats.clone(),
             self.upstream_mark,
-            self.outbound_v4.port(),
+            port,
         ));
-        st.next_pipeline += 1;
+        st.next_pipeline = id;
         let p = Arc::new(Pipeline {
-            id: st.next_pipeline,
+            id,
+            scope,
             store,
             stats,
             dp,
             stop,
+            initialized,
+            initial_fetch_timeout: bootstrap.initial_fetch_timeout,
         });
         st.pipelines.insert(key.clone(), p.clone());
-        p
+        Ok(p)
     }
 
     /// Registers a pod: its listeners in its namespace, its pipeline, then its cgroup in the
@@ -472,7 +533,7 @@ impl PodRegistry {
         if st.pods.contains_key(&id) {
             return Err(PodError::Exists(spec.cgroup));
         }
-        let pipeline = self.pipeline(&mut st, &key, &bootstrap);
+        let pipeline = self.pipeline(&mut st, &key, &bootstrap, &spec.netns)?;
         let stop = pipeline.stop.child_token();
         let bound = match start_pod_thread(
             format!("skiff-pod-{id}"),
@@ -486,18 +547,31 @@ impl PodRegistry {
             Ok(b) => b,
             Err(e) => {
                 stop.cancel();
-                release(&mut st, &key);
+                release(&mut st, &key, self.fast.as_ref());
                 return Err(e);
             }
         };
         let (bound, closed) = bound;
-        if let Err(source) = capture.add_meshed_cgroup(&spec.cgroup) {
-            stop.cancel();
-            release(&mut st, &key);
-            return Err(PodError::Cgroup {
-                cgroup: spec.cgroup,
-                source,
-            });
+        let registration = Arc::new(Mutex::new(Registration::Pending));
+        let ready_now = pipeline.initialized.as_ref().is_none_or(|rx| *rx.borrow());
+        if ready_now {
+            if let Err(source) = capture.meshed().add(&spec.cgroup, pipeline.scope) {
+                stop.cancel();
+                release(&mut st, &key, self.fast.as_ref());
+                return Err(PodError::Cgroup {
+                    cgroup: spec.cgroup,
+                    source,
+                });
+            }
+            *lock(&registration) = Registration::Registered;
+        } else {
+            register_when_initialized(
+                capture.meshed().clone(),
+                &pipeline,
+                spec.cgroup.clone(),
+                registration.clone(),
+                stop.clone(),
+            );
         }
         tracing::info!(
             cgroup = %spec.cgroup.display(),
@@ -505,6 +579,7 @@ impl PodRegistry {
             netns = %spec.netns.display(),
             node_id = %spec.node_id,
             pipeline = pipeline.id,
+            registered = ready_now,
             "pod added"
         );
         let pod = Pod {
@@ -515,6 +590,7 @@ impl PodRegistry {
             listeners: bound,
             stop,
             closed,
+            registration,
         };
         st.pods.insert(id, pod);
         let view = st.pods.get(&id).map(|p| pod_json(&st, p));
@@ -534,18 +610,26 @@ impl PodRegistry {
                 .filter(|id| st.pods.contains_key(id))
                 .ok_or_else(|| PodError::Unknown(cgroup.into()))?
         };
-        capture
-            .remove_meshed_cgroup_id(id)
-            .map_err(|source| PodError::Cgroup {
-                cgroup: cgroup.into(),
-                source,
-            })?;
+        {
+            let st = self.lock();
+            if let Some(pod) = st.pods.get(&id) {
+                // Under the registration lock: a pending registration never happens after this.
+                let mut reg = lock(&pod.registration);
+                capture
+                    .remove_meshed_cgroup_id(id)
+                    .map_err(|source| PodError::Cgroup {
+                        cgroup: cgroup.into(),
+                        source,
+                    })?;
+                *reg = Registration::Removed;
+            }
+        }
         let removed = {
             let mut st = self.lock();
             let pod = st.pods.remove(&id);
             if let Some(pod) = &pod {
                 pod.stop.cancel();
-                release(&mut st, &pod.key);
+                release(&mut st, &pod.key, self.fast.as_ref());
             }
             pod
         };
@@ -567,14 +651,122 @@ impl PodRegistry {
     }
 }
 
-/// Stops the pipeline of `key` once no pod uses it.
-fn release(st: &mut State, key: &PipelineKey) {
+/// Stops the pipeline of `key` once no pod uses it, and removes its fast-path scope.
+fn release(st: &mut State, key: &PipelineKey, fast: Option<&Owner>) {
     if st.pods.values().any(|p| &p.key == key) {
         return;
     }
     if let Some(p) = st.pipelines.remove(key) {
         p.stop.cancel();
-        tracing::info!(pipeline = p.id, "pipeline stopped (no pod left)");
+        if let Some(owner) = fast {
+            owner.remove_scope(p.scope);
+        }
+        tracing::info!(
+            pipeline = p.id,
+            scope = p.scope,
+            "pipeline stopped (no pod left)"
+        );
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the value whole (each update is one assignment).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Registers the pod's cgroup with its pipeline's scope once the pipeline has its initial
+/// configuration (or its `initial_fetch_timeout` passed), unless the pod was removed first.
+fn register_when_initialized(
+    meshed: Arc<crate::bpf::meshed::Meshed>,
+    pipeline: &Pipeline,
+    cgroup: PathBuf,
+    registration: Arc<Mutex<Registration>>,
+    stop: CancellationToken,
+) {
+    let Some(mut rx) = pipeline.initialized.clone() else {
+        return;
+    };
+    let timeout = pipeline.initial_fetch_timeout;
+    let scope = pipeline.scope;
+    tokio::spawn(async move {
+        let initialized = async {
+            match timeout {
+                Some(t) => {
+                    if tokio::time::timeout(t, rx.wait_for(|v| *v)).await.is_err() {
+                        tracing::warn!(cgroup = %cgroup.display(), "pod's initial_fetch_timeout elapsed; capturing with what is there");
+                    }
+                }
+                None => {
+                    let _ = rx.wait_for(|v| *v).await;
+                }
+            }
+        };
+        tokio::select! {
+            () = initialized => {}
+            () = stop.cancelled() => return,
+        }
+        let mut reg = lock(&registration);
+        if *reg != Registration::Pending {
+            return;
+        }
+        match meshed.add(&cgroup, scope) {
+            Ok(id) => {
+                *reg = Registration::Registered;
+                tracing::info!(cgroup = %cgroup.display(), cgroup_id = id, scope, "pod ready: cgroup captured");
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %cgroup.display(), error = %e, "registering the pod's cgroup failed")
+            }
+        }
+    });
+}
+
+/// Runs the pipeline's active health checks (`crate::health::run`) on a thread of their own
+/// inside `netns`, so probes leave from the pod's namespace as its upstream connections do.
+/// The thread (which keeps the namespace alive) ends with `stop`.
+fn start_health_thread(
+    id: u64,
+    netns: &Path,
+    store: Arc<Store>,
+    mark: Option<u32>,
+    stop: CancellationToken,
+) -> Result<(), PodError> {
+    let netns = netns.to_path_buf();
+    let err = |netns: &Path, source| PodError::Bind {
+        netns: netns.to_path_buf(),
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread_netns = netns.clone();
+    std::thread::Builder::new()
+        .name(format!("skiff-hc-{id}"))
+        .spawn(move || {
+            let setup = (|| {
+                let file = std::fs::File::open(&thread_netns)?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            })();
+            match setup {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(()));
+                    rt.block_on(crate::health::run(store, mark, stop));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| err(&netns, e))?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(err(&netns, e)),
+        Err(_) => Err(PodError::Bootstrap(
+            "the health-check thread exited before starting".into(),
+        )),
     }
 }
 
@@ -591,6 +783,8 @@ fn pod_json(st: &State, p: &Pod) -> serde_json::Value {
     serde_json::json!({
         "cgroup": p.spec.cgroup.display().to_string(),
         "cgroup_id": p.cgroup_id,
+        "ready": *lock(&p.registration) == Registration::Registered,
+        "scope": p.pipeline.scope,
         "netns": p.spec.netns.display().to_string(),
         "node_id": p.spec.node_id,
         "listeners": p.listeners.iter().map(ToString::to_string).collect::<Vec<_>>(),

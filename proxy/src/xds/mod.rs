@@ -85,8 +85,9 @@ pub struct XdsOptions {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
-    /// Runs on every published snapshot before the update is ACKed (the kernel fast-path
-    /// reconciler); an `Err` turns the ACK into a NACK carrying its message.
+    /// Runs on every published snapshot; the update is ACKed once its future resolves (the
+    /// kernel fast-path owner: once a generation containing the snapshot is in the maps); an
+    /// `Err` turns the ACK into a NACK carrying its message.
     pub on_publish: Option<PublishHook>,
     /// Set to `true` once every type in `initial_types` has had its first response applied
     /// (accepted or rejected) and nothing is warming: Envoy's end of initialization, which
@@ -100,8 +101,13 @@ pub struct XdsOptions {
 #[derive(Clone)]
 pub struct PublishHook(pub Arc<PublishFn>);
 
-/// The function behind a [`PublishHook`].
-pub type PublishFn = dyn Fn(&crate::state::Snapshot) -> Result<(), String> + Send + Sync;
+/// The function behind a [`PublishHook`]: its future resolves once the snapshot is mirrored
+/// (the ACK waits for it); `Err` turns the ACK into a NACK.
+pub type PublishFn = dyn Fn(
+        std::sync::Arc<crate::state::Snapshot>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+    + Send
+    + Sync;
 
 impl std::fmt::Debug for PublishHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -265,7 +271,7 @@ impl Client {
     }
 
     /// Publishes the snapshot, then runs the publish hook on it; returns the hook's error.
-    fn publish(&mut self) -> Option<String> {
+    async fn publish(&mut self) -> Option<String> {
         self.resources.drop_unsubscribed();
         let snap = self.resources.snapshot();
         let (wl, wc) = self.resources.warming();
@@ -278,7 +284,7 @@ impl Client {
         );
         self.store.publish(snap);
         let hook = self.opts.on_publish.as_ref()?;
-        (hook.0)(&self.store.load()).err()
+        (hook.0)(self.store.load()).await.err()
     }
 
     /// Adds a publish-hook failure to the ACK/NACK of the update that caused it.
@@ -393,7 +399,7 @@ impl Client {
                     .apply_sotw(&type_url, &version_info, &resources, SystemTime::now());
             let nack = self.outcome(&type_url, &version_info, &nonce, resources.len(), result);
             // Publish (and mirror into the kernel) before answering: an ACK means applied.
-            let hook = self.publish();
+            let hook = self.publish().await;
             self.note_response(&type_url);
             let nack = self.with_hook_error(&type_url, nack, hook);
             let ack_version = match &nack {
@@ -515,7 +521,7 @@ impl Client {
                 incoming.len() + removed_resources.len(),
                 result,
             );
-            let hook = self.publish();
+            let hook = self.publish().await;
             self.note_response(&type_url);
             let nack = self.with_hook_error(&type_url, nack, hook);
             tx.send(DeltaDiscoveryRequest {

@@ -25,6 +25,9 @@ struct MemMaps {
     /// For each checked service: the allowed views (before, after).
     allowed: BTreeMap<SocketAddr, (Seen, Seen)>,
     writes: usize,
+    /// A flip happened and `quiesce` was not called since.
+    flipped: bool,
+    quiesces: usize,
 }
 
 impl MemMaps {
@@ -40,6 +43,16 @@ impl MemMaps {
             self.active,
             vip,
         )
+    }
+
+    /// A write to the cluster, slot or maglev arrays: connects that read the generation number
+    /// before the last flip may still walk the generation written, unless a grace period
+    /// passed since that flip.
+    fn generation_write(&mut self) {
+        assert!(
+            !self.flipped,
+            "the inactive generation was written without a grace period after the flip"
+        );
     }
 
     fn check(&mut self) {
@@ -69,12 +82,14 @@ impl FastMaps for MemMaps {
     }
     fn set_cluster(&mut self, index: u32, value: ClusterValue) -> Result<(), BpfError> {
         assert!(index < 2 * self.caps.unwrap().max_clusters);
+        self.generation_write();
         self.clusters.insert(index, value);
         self.check();
         Ok(())
     }
     fn set_endpoint(&mut self, index: u32, value: EndpointValue) -> Result<(), BpfError> {
         assert!(index < 2 * self.caps.unwrap().max_endpoints);
+        self.generation_write();
         self.endpoints.insert(index, value);
         self.check();
         Ok(())
@@ -82,6 +97,7 @@ impl FastMaps for MemMaps {
     fn set_maglev(&mut self, index: u32, value: u32) -> Result<(), BpfError> {
         let per_gen = self.caps.unwrap().max_maglev * MAGLEV_TABLE_SIZE;
         assert!(index < 2 * per_gen);
+        self.generation_write();
         // Thousands of entries per table: instead of re-walking every service after each one,
         // check the invariant that makes them safe: only the inactive generation is written.
         assert!(
@@ -95,7 +111,13 @@ impl FastMaps for MemMaps {
     fn flip(&mut self, generation: u8) -> Result<(), BpfError> {
         self.active = generation;
         self.enabled = true;
+        self.flipped = true;
         self.check();
+        Ok(())
+    }
+    fn quiesce(&mut self) -> Result<(), BpfError> {
+        self.flipped = false;
+        self.quiesces += 1;
         Ok(())
     }
 }
@@ -294,4 +316,85 @@ fn an_image_too_big_is_trimmed_and_reported() {
     let prev = r.applied().clone();
     apply_checked(&mut r, &mut m, &prev, &other);
     assert_eq!(m.services.len(), 2);
+}
+
+#[test]
+fn a_grace_period_separates_each_flip_from_the_next_generation_write() {
+    let a = image(&vec![(1, 1, w1(&[1, 2]), 0)]);
+    let b = image(&vec![(1, 1, w1(&[3]), 0)]);
+    let mut m = MemMaps {
+        caps: Some(SMALL),
+        ..Default::default()
+    };
+    let mut r = Reconciler::new(SMALL);
+    // The first update writes a generation no connect has read: no wait.
+    apply_checked(&mut r, &mut m, &MapImage::default(), &a);
+    assert_eq!(m.quiesces, 0);
+    apply_checked(&mut r, &mut m, &a, &b);
+    apply_checked(&mut r, &mut m, &b, &a);
+    assert_eq!(m.quiesces, 2, "one grace period per update after a flip");
+    // Nothing changed: no write, no wait.
+    apply_checked(&mut r, &mut m, &a, &a);
+    assert_eq!(m.quiesces, 2);
+}
+
+#[test]
+fn scopes_hold_the_same_vip_apart_and_removing_one_removes_its_entries() {
+    let pod_a = image(&vec![(1, 1, w1(&[1]), 0)]);
+    let pod_b = image(&vec![(1, 1, w1(&[2, 3]), 0)]);
+    let mut m = MemMaps {
+        caps: Some(SMALL),
+        ..Default::default()
+    };
+    let mut r = Reconciler::new(SMALL);
+    let both = ScopedImages::from([(1, pod_a.clone()), (2, pod_b.clone())]);
+    r.apply_scopes(&mut m, &both).unwrap();
+    let seen = |m: &MemMaps, scope, vip| {
+        choices_in(
+            &m.services,
+            &|i| m.clusters.get(&i).copied(),
+            &|i| m.endpoints.get(&i).copied(),
+            &|i| m.maglev.get(&i).copied(),
+            m.active,
+            scope,
+            vip,
+        )
+    };
+    let vip_a = *pod_a.services.keys().next().unwrap();
+    assert_eq!(vip_a, *pod_b.services.keys().next().unwrap());
+    assert_eq!(seen(&m, 1, vip_a), expected(&pod_a, vip_a));
+    assert_eq!(seen(&m, 2, vip_a), expected(&pod_b, vip_a));
+    // The node's own scope holds nothing: its connects go to the proxy.
+    assert_eq!(seen(&m, NODE_SCOPE, vip_a), None);
+    // Scope 1 goes (its last pod was removed): its keys go, scope 2 is untouched.
+    r.apply_scopes(&mut m, &ScopedImages::from([(2, pod_b.clone())]))
+        .unwrap();
+    assert_eq!(seen(&m, 1, vip_a), None);
+    assert_eq!(seen(&m, 2, vip_a), expected(&pod_b, vip_a));
+    assert!(m.services.keys().all(|k| k.scope() == 2));
+    assert_eq!(r.applied_scopes().keys().copied().collect::<Vec<_>>(), [2]);
+}
+
+#[test]
+fn scopes_share_the_capacity_in_scope_order() {
+    let caps = Capacity {
+        max_services: 2,
+        max_clusters: 4,
+        max_endpoints: 8,
+        max_maglev: 1,
+    };
+    let two = image(&vec![(1, 1, w1(&[1]), 0), (2, 2, w1(&[2]), 0)]);
+    let mut m = MemMaps {
+        caps: Some(caps),
+        ..Default::default()
+    };
+    let mut r = Reconciler::new(caps);
+    let rep = r
+        .apply_scopes(&mut m, &ScopedImages::from([(0, two.clone()), (5, two)]))
+        .unwrap();
+    assert!(!rep.overflow_by_scope.contains_key(&0), "{rep:?}");
+    let msg = &rep.overflow_by_scope[&5];
+    assert!(msg.contains("max_services"), "{msg}");
+    assert!(rep.overflow.unwrap().starts_with("scope 5: "));
+    assert!(m.services.keys().all(|k| k.scope() == 0));
 }
