@@ -116,7 +116,10 @@ impl Sink for Kernel {
             for addr in endpoints {
                 if let Some(h) = entry.lb.host(addr) {
                     let st = h.state();
-                    let n = st.active_requests() + st.active_connections();
+                    // Active requests are the load Envoy's LEAST_REQUEST weighs; a proxied
+                    // tcp_proxy connection is one too (as in Envoy's TCP pool), so adding
+                    // open connections would count it twice.
+                    let n = st.active_requests();
                     loads.push((addr, u32::try_from(n).unwrap_or(u32::MAX)));
                 }
             }
