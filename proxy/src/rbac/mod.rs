@@ -47,7 +47,7 @@ pub fn denied_detail(policy: Option<&str>) -> String {
 }
 
 /// The full names of a filter's four counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StatNames {
     /// Enforced rules allowed (LOG counts here too).
     pub allowed: String,

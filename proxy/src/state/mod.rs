@@ -224,8 +224,9 @@ struct Handles {
     vclusters: HashMap<String, HashMap<String, Arc<VclusterStats>>>,
     /// The passthrough clusters' stats, when no cluster of that name is configured.
     passthrough: HashMap<&'static str, Arc<ClusterStats>>,
-    /// RBAC filters' counters (network and HTTP), by the name of their `allowed` counter.
-    rbac: HashMap<String, Arc<rbac::Counters>>,
+    /// RBAC filters' counters (network and HTTP), by their names (filters sharing a stat
+    /// prefix may still differ in their shadow prefix).
+    rbac: HashMap<rbac::StatNames, Arc<rbac::Counters>>,
 }
 
 impl Handles {
@@ -270,9 +271,9 @@ impl Handles {
             }
         }
         for names in rbac_names {
-            if !h.rbac.contains_key(&names.allowed) {
+            if !h.rbac.contains_key(names) {
                 let c = Arc::new(rbac::Counters::resolve(stats, names));
-                h.rbac.insert(names.allowed.clone(), c);
+                h.rbac.insert(names.clone(), c);
             }
         }
         for name in [PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER] {
@@ -402,7 +403,7 @@ impl Snapshot {
     /// The counters of an RBAC filter of this snapshot (named `names`); for another (a filter
     /// since removed), found or created in the registry.
     pub fn rbac_counters(&self, names: &rbac::StatNames) -> Arc<rbac::Counters> {
-        match self.handles.rbac.get(&names.allowed) {
+        match self.handles.rbac.get(names) {
             Some(c) => c.clone(),
             None => Arc::new(rbac::Counters::resolve(&self.stats, names)),
         }
