@@ -460,7 +460,9 @@ fn echo_server() -> SocketAddr {
 fn http_probe(port: u16, p: &Value) -> Option<(u16, String)> {
     let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
     let mut stream = connect(source, port).expect("listener accepts");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\n",
         s(p, "method", "GET"),
@@ -501,7 +503,9 @@ fn http_probe(port: u16, p: &Value) -> Option<(u16, String)> {
 fn tcp_probe(port: u16, p: &Value) -> bool {
     let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
     let mut stream = connect(source, port).expect("listener accepts");
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     // A denied connection may be closed before or while the bytes are written.
     if stream.write_all(b"ping").is_err() {
         return false;
@@ -529,7 +533,10 @@ fn counters(port: u16) -> BTreeMap<String, u64> {
 fn wait_ready(admin: u16, who: &str) {
     let start = Instant::now();
     while admin_get(admin, "/ready").map(|(s, _)| s) != Some(200) {
-        assert!(start.elapsed() < WAIT, "{who} not ready on admin port {admin}");
+        assert!(
+            start.elapsed() < WAIT,
+            "{who} not ready on admin port {admin}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -556,11 +563,9 @@ fn skiff_enforces_rbac_as_envoy() {
         .zip(&ports)
         .map(|(c, (_, k))| enforcing_listener(c, *k))
         .collect();
-    let bootstrap = skiff::config::parse(
-        &enforcing_bootstrap(listeners, echo, skiff_admin),
-        "<rbac>",
-    )
-    .expect("skiff accepts the configuration Envoy runs");
+    let bootstrap =
+        skiff::config::parse(&enforcing_bootstrap(listeners, echo, skiff_admin), "<rbac>")
+            .expect("skiff accepts the configuration Envoy runs");
     let skiff = skiff_tests::SkiffThread::start(skiff_tests::run_options(bootstrap));
     wait_ready(envoy_admin, "envoy");
     wait_ready(skiff_admin, "skiff");

@@ -177,7 +177,11 @@ async fn deny_policies_block_connections_and_requests() {
     assert_eq!(reached.load(Ordering::SeqCst), 1);
     let (status, body) = get(http, "/admin/users").await;
     assert_eq!((status, body.as_str()), (403, skiff::rbac::DENIED_BODY));
-    assert_eq!(reached.load(Ordering::SeqCst), 1, "a denied request never reaches the upstream");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        1,
+        "a denied request never reaches the upstream"
+    );
     assert_eq!(get(http, "/admin/open").await, (200, "backend".to_string()));
     assert_eq!(reached.load(Ordering::SeqCst), 2);
 

@@ -423,7 +423,10 @@ static_resources:
             };
             let n = stat(&ns, stat_name);
             if t == "lds" && !refused.is_empty() {
-                assert!(n > 0, "{file}: {stat_name}: the refused listeners were NACKed");
+                assert!(
+                    n > 0,
+                    "{file}: {stat_name}: the refused listeners were NACKed"
+                );
             } else {
                 assert_eq!(n, 0, "{file}: {stat_name}");
             }

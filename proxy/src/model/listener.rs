@@ -634,8 +634,11 @@ fn http_rbac(f: &hcm::HttpFilter, hcm_stat_prefix: &str) -> Result<HttpRbacFilte
         ));
     }
     let p = match &f.config_type {
-        Some(ConfigType::TypedConfig(a)) => http_pb::Rbac::decode(a.value.as_slice())
-            .map_err(|e| FieldError::new("typed_config", format!("invalid {HTTP_RBAC_TYPE}: {e}")))?,
+        Some(ConfigType::TypedConfig(a)) => {
+            http_pb::Rbac::decode(a.value.as_slice()).map_err(|e| {
+                FieldError::new("typed_config", format!("invalid {HTTP_RBAC_TYPE}: {e}"))
+            })?
+        }
         Some(ConfigType::ConfigDiscovery(_)) => {
             return Err(FieldError::new(
                 "config_discovery",
@@ -662,9 +665,11 @@ fn network_rbac(f: &pb::Filter) -> Result<NetworkRbacFilter, FieldError> {
     use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net_pb;
     use pb::filter::ConfigType;
     let p = match &f.config_type {
-        Some(ConfigType::TypedConfig(a)) => net_pb::Rbac::decode(a.value.as_slice()).map_err(
-            |e| FieldError::new("typed_config", format!("invalid {NETWORK_RBAC_TYPE}: {e}")),
-        )?,
+        Some(ConfigType::TypedConfig(a)) => {
+            net_pb::Rbac::decode(a.value.as_slice()).map_err(|e| {
+                FieldError::new("typed_config", format!("invalid {NETWORK_RBAC_TYPE}: {e}"))
+            })?
+        }
         Some(ConfigType::ConfigDiscovery(_)) => {
             return Err(FieldError::new(
                 "config_discovery",
@@ -1119,7 +1124,10 @@ filter_chains:
             .unwrap();
             let c = &l.filter_chains[0];
             // Names stay listed (the BPF projection keeps such chains in the proxy).
-            assert_eq!(c.filters, ["istio.metadata_exchange", "envoy.filters.network.rbac"]);
+            assert_eq!(
+                c.filters,
+                ["istio.metadata_exchange", "envoy.filters.network.rbac"]
+            );
             assert_eq!(c.rbac.len(), 1);
             assert_eq!(c.rbac[0].stats.denied, "tcp.rbac.denied");
             let rules = c.rbac[0].config.rules.as_ref().unwrap();
@@ -1138,8 +1146,16 @@ filter_chains:
                 e.field,
                 "filter_chains[0].filters[1].typed_config.rules.policies[\"p\"].principals[0].metadata"
             );
-            assert!(e.reason.contains("filter chain \"chain-a\""), "{}", e.reason);
-            assert!(e.reason.contains("envoy.filters.network.rbac"), "{}", e.reason);
+            assert!(
+                e.reason.contains("filter chain \"chain-a\""),
+                "{}",
+                e.reason
+            );
+            assert!(
+                e.reason.contains("envoy.filters.network.rbac"),
+                "{}",
+                e.reason
+            );
         }
 
         fn with_http_rbac(extra: &str) -> String {

@@ -982,9 +982,8 @@ fn per_filter(
         if any_type(&inner) != RBAC_PER_ROUTE_TYPE {
             continue;
         }
-        let p = http_pb::RbacPerRoute::decode(inner.value.as_slice()).map_err(|e| {
-            FieldError::new(&at, format!("invalid {RBAC_PER_ROUTE_TYPE}: {e}"))
-        })?;
+        let p = http_pb::RbacPerRoute::decode(inner.value.as_slice())
+            .map_err(|e| FieldError::new(&at, format!("invalid {RBAC_PER_ROUTE_TYPE}: {e}")))?;
         let c = HttpRbacPerRoute::try_from(&p).map_err(|e| FieldError::from(e).within(&at))?;
         out.insert(name.clone(), PerFilterConfig::Rbac(Arc::new(c)));
     }

@@ -17,10 +17,10 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::lb::{ClusterLb, HostRegistry};
+use crate::model::listener::RunFilter;
 use crate::model::{
     Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, NetworkAction, RouteConfig,
 };
-use crate::model::listener::RunFilter;
 use crate::rbac;
 use crate::stats::{ClusterStats, HttpStats, Stats, VclusterStats};
 

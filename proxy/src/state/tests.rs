@@ -206,10 +206,12 @@ fn rbac_counters_are_listed_at_attach_per_filter_names() {
     }
     let snap = store.load();
     let chain = &snap.listeners["b"].filter_chains[0];
-    let d = chain.rbac[0].config.check(&crate::rbac::ConnectionFacts::new(
-        [127, 0, 0, 1].into(),
-        "127.0.0.1:82".parse().unwrap(),
-    ));
+    let d = chain.rbac[0]
+        .config
+        .check(&crate::rbac::ConnectionFacts::new(
+            [127, 0, 0, 1].into(),
+            "127.0.0.1:82".parse().unwrap(),
+        ));
     snap.rbac_counters(&chain.rbac[0].stats).count(&d);
     assert_eq!(stats.counter("tcp.rbac.denied").get(), 1);
 }
