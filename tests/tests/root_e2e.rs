@@ -325,10 +325,17 @@ fn every_fixture_config_dump_loads_without_nack() {
             .filter(|r| kind_of(&r.type_url) == "cluster")
             .map(|r| r.name.as_str())
             .collect();
+        // Listeners skiff NACKs on purpose (direct_fixtures.rs `REFUSED`): HTTP RBAC policies
+        // that also need JWT claims, which skiff cannot evaluate.
+        let refused: &[&str] = match file {
+            "istio-sidecar-listeners-27.yaml" => &["virtualInbound", "main_internal"],
+            _ => &[],
+        };
         let expected: std::collections::BTreeSet<(String, String)> = source
             .dynamic
             .iter()
             .map(|r| (kind_of(&r.type_url).to_string(), r.name.clone()))
+            .filter(|(k, n)| k != "listener" || !refused.contains(&n.as_str()))
             .filter(|(k, n)| k != "endpoints" || clusters.contains(n.as_str()))
             .filter(|(k, n)| {
                 k != "route" || text.contains(&format!("\"route_config_name\": \"{n}\""))
@@ -414,12 +421,21 @@ static_resources:
                 "lds" => "listener_manager.lds.update_rejected",
                 _ => "cluster_manager.cds.update_rejected",
             };
-            assert_eq!(stat(&ns, stat_name), 0, "{file}: {stat_name}");
+            let n = stat(&ns, stat_name);
+            if t == "lds" && !refused.is_empty() {
+                assert!(
+                    n > 0,
+                    "{file}: {stat_name}: the refused listeners were NACKed"
+                );
+            } else {
+                assert_eq!(n, 0, "{file}: {stat_name}");
+            }
         }
         let (_, body) = admin(&ns, "GET", "/stats").unwrap();
         let rejected: Vec<&str> = body
             .lines()
             .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+            .filter(|l| refused.is_empty() || !l.starts_with("listener_manager.lds."))
             .collect();
         assert!(rejected.is_empty(), "{file}: NACKs: {rejected:?}");
         stop(proxy);

@@ -146,6 +146,18 @@ pub enum ConnError {
         /// Cause.
         source: ConnectError,
     },
+    /// A network RBAC filter of the chain denied the connection (closed before any upstream
+    /// connect). Envoy sets no response flag for it, only this termination detail.
+    #[error("listener {listener}: connection denied by {filter} ({detail})")]
+    RbacDenied {
+        /// Listener.
+        listener: String,
+        /// The RBAC filter's name.
+        filter: String,
+        /// Envoy's connection termination details:
+        /// `rbac_access_denied_matched_policy[<policy or none>]`.
+        detail: String,
+    },
     /// The byte copy ended with an error on one side's socket.
     #[error("{side} connection failed mid-stream: {source}")]
     Stream {
@@ -160,7 +172,9 @@ impl ConnError {
     /// Who caused it.
     pub fn side(&self) -> Side {
         match self {
-            ConnError::Accept(_) => Side::Downstream,
+            // The client is not allowed here: a downstream outcome, as Envoy counts it under
+            // the downstream connection.
+            ConnError::Accept(_) | ConnError::RbacDenied { .. } => Side::Downstream,
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. }
@@ -179,6 +193,7 @@ impl ConnError {
         use ResponseFlag::*;
         match self {
             ConnError::Accept(_) => &[DownstreamConnectionTermination],
+            ConnError::RbacDenied { .. } => &[],
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. } => &[NoRouteFound],
@@ -259,6 +274,15 @@ mod tests {
                 },
                 Side::Upstream,
                 "UF,URX",
+            ),
+            (
+                ConnError::RbacDenied {
+                    listener: "l".into(),
+                    filter: "envoy.filters.network.rbac".into(),
+                    detail: "rbac_access_denied_matched_policy[none]".into(),
+                },
+                Side::Downstream,
+                "-",
             ),
             (
                 ConnError::Stream {

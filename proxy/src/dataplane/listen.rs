@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, field, info_span, warn};
 use super::accept::Accepted;
 use super::counters::ListenerCounters;
 use super::error::ConnError;
+use super::rbac;
 use super::route::{self, Route};
 use super::tcp_proxy::{self, Upstream};
 use super::{Dataplane, ListenerRole};
@@ -146,16 +147,33 @@ async fn serve(
     // 1. Facts, on one snapshot.
     let accepted = Accepted::read(dp, &down, client, role).await?;
     let orig_dst = accepted.orig_dst;
+    let local = accepted.local;
     if let Some(o) = orig_dst {
         span.record("orig_dst", field::display(o));
     }
     // 2. Selection, pure over that snapshot.
+    let facts = accepted.facts();
     let route = route::select(
         &accepted.snap,
         accepted.listener.as_ref(),
-        &accepted.facts(),
+        &facts,
         &dp.weighted_cursor,
     );
+    // 3. The chain's network RBAC filters, before anything reaches an upstream.
+    let chain = match &route {
+        Route::TcpProxy(r) => Some(&r.chain),
+        Route::Http { chain, .. } => Some(chain),
+        Route::Passthrough(_) | Route::Reject(_) => None,
+    };
+    if let Some(chain) = chain
+        && let Err(denied) = rbac::check(&accepted.snap, chain, &facts)
+    {
+        span.record("listener", field::display(&chain.listener().name));
+        span.record("filter_chain", field::display(&chain.get().name));
+        drop(route);
+        drop(accepted);
+        return Err(denied.close().await);
+    }
     // Passthrough has no cluster entry: its stats come from the same snapshot.
     let passthrough_stats = match &route {
         Route::Passthrough(_) => accepted
@@ -166,7 +184,7 @@ async fn serve(
     };
     // The connection keeps what was chosen, not the configuration it was chosen from.
     drop(accepted);
-    // 3. The chain's terminal filter.
+    // 4. The chain's terminal filter.
     match route {
         Route::TcpProxy(r) => {
             span.record("listener", field::display(&r.chain.listener().name));
@@ -193,6 +211,7 @@ async fn serve(
                 manager,
                 listener: chain.listener().name.clone(),
                 client: client.get(),
+                local: orig_dst.map_or(local, |o| o.get()),
                 orig_dst,
             };
             drop(chain);

@@ -8,7 +8,9 @@
 //! 3. `route` (pure): listener -> filter chain -> what the chain does ([`route::Route`]), down
 //!    to the cluster entry and host for tcp_proxy ([`route::Target`]); the BPF projection
 //!    calls the same listener and chain selection;
-//! 4. `tcp_proxy`: the cluster's breaker slot, then `connect` (one connect path; inbound
+//! 4. `rbac`: the chain's network RBAC filters decide the connection (denied: closed, after
+//!    `delay_deny`), counted in their `rbac.*` counters;
+//! 5. `tcp_proxy`: the cluster's breaker slot, then `connect` (one connect path; inbound
 //!    leaves from the passthrough source), the host's outcome and active connection, then
 //!    `forward` (splice, or a buffered copy on `--sockmap` ports). HCM chains go to
 //!    [`crate::http`] instead.
@@ -25,6 +27,7 @@ pub mod forward;
 pub mod inbound;
 pub mod listen;
 pub mod orig_dst;
+mod rbac;
 pub mod route;
 mod tcp_proxy;
 

@@ -22,6 +22,7 @@
 //! hedging, shadowing.
 
 pub mod body;
+mod filters;
 pub mod headers;
 pub mod pool;
 pub mod retry;
@@ -97,6 +98,8 @@ pub struct HttpConn {
     pub listener: String,
     /// Downstream peer.
     pub client: SocketAddr,
+    /// Downstream local address: the original destination of a redirected connection.
+    pub local: SocketAddr,
     /// Original destination, for ORIGINAL_DST clusters.
     pub orig_dst: Option<OrigDstAddr>,
 }
@@ -104,12 +107,16 @@ pub struct HttpConn {
 /// Serve HTTP/1.1 or h2c on `stream` until the client closes it.
 pub async fn serve(conn: HttpConn, stream: TcpStream) {
     // Resolved once per connection: a request only adds to these counters.
-    let hs = conn.dp.store.load().http_stats(&conn.manager.stat_prefix);
+    let snap = conn.dp.store.load();
+    let hs = snap.http_stats(&conn.manager.stat_prefix);
+    let filters = Arc::new(filters::Filters::resolve(&conn.manager, &snap));
+    drop(snap);
     let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         let hs = hs.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, &hs, req).await) }
+        let filters = filters.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, &hs, &filters, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // With a timer, hyper closes HTTP/1 connections whose request head does not arrive within
@@ -164,10 +171,15 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
-async fn handle(conn: &HttpConn, hs: &HttpStats, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    conn: &HttpConn,
+    hs: &HttpStats,
+    filters: &filters::Filters,
+    req: Request<Incoming>,
+) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
-    let mut resp = route_request(conn, hs, req).await;
+    let mut resp = route_request(conn, hs, filters, req).await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
     *resp.version_mut() = down_version;
@@ -230,9 +242,23 @@ impl Ctx<'_> {
 async fn route_request(
     conn: &HttpConn,
     hs: &HttpStats,
+    filters: &filters::Filters,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let snap = conn.dp.store.load();
+    // The trusted client address, from x-forwarded-for as received (before it is appended to).
+    let remote = (!filters.is_empty()).then(|| {
+        let xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        crate::rbac::downstream_remote(
+            conn.client.ip(),
+            xff,
+            conn.manager.use_remote_address,
+            conn.manager.xff_num_trusted_hops,
+        )
+    });
     headers::forwarded(
         req.headers_mut(),
         conn.manager.use_remote_address,
@@ -244,18 +270,39 @@ async fn route_request(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let Some(rc) = route_config(conn, &snap) else {
-        return no_route(hs, &host, &path);
-    };
+    let rc = route_config(conn, &snap);
     let facts = route::RequestFacts {
         host: &host,
         method: req.method(),
         path: &path,
         headers: req.headers(),
     };
-    let Some((vh, chosen)) = route::select_virtual_host(&rc, &host)
-        .and_then(|vh| route::select_route(vh, &facts).map(|r| (vh, r)))
-    else {
+    let vh = rc
+        .as_deref()
+        .and_then(|rc| route::select_virtual_host(rc, &host));
+    let chosen = vh.and_then(|vh| route::select_route(vh, &facts));
+    // The HTTP filters run before the router, whether or not a route matched.
+    if let Some(remote) = remote {
+        let freq = filters::Request {
+            client: conn.client,
+            local: conn.local,
+            remote,
+            method: req.method(),
+            path: &path,
+            authority: &host,
+            scheme: req.uri().scheme_str().unwrap_or("http"),
+            headers: req.headers(),
+        };
+        let routed = rc.as_deref().zip(vh).map(|(rc, vh)| filters::Routed {
+            rc,
+            vh,
+            route: chosen,
+        });
+        if let Some(stop) = filters.decode(&freq, routed) {
+            return filter_reply(stop);
+        }
+    }
+    let (Some(rc), Some(vh), Some(chosen)) = (rc.as_deref(), vh, chosen) else {
         return no_route(hs, &host, &path);
     };
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
@@ -263,7 +310,7 @@ async fn route_request(
         conn,
         hs,
         snap: &snap,
-        rc: &rc,
+        rc,
         vh,
         route: chosen,
         vars: headers::Vars {
@@ -311,6 +358,19 @@ async fn route_request(
                 ctx.response_headers(r.headers_mut(), None);
             }
             r
+        }
+    }
+}
+
+/// The local reply of a filter that stopped the request.
+fn filter_reply(stop: filters::Stop) -> Response<Body> {
+    match stop {
+        filters::Stop::RbacDenied { detail } => {
+            debug!(response_code_details = %detail, "rbac denied");
+            local_reply(
+                StatusCode::from_u16(crate::rbac::DENIED_STATUS).unwrap_or(StatusCode::FORBIDDEN),
+                crate::rbac::DENIED_BODY,
+            )
         }
     }
 }

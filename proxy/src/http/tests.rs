@@ -23,6 +23,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         include_request_attempt_count: false,
         include_attempt_count_in_response: false,
         virtual_clusters: vec![],
+        per_filter: Default::default(),
     }
 }
 
@@ -32,6 +33,7 @@ fn rc(hosts: Vec<VirtualHost>) -> RouteConfig {
         virtual_hosts: hosts,
         ignore_port_in_host_matching: false,
         headers: HeaderOps::default(),
+        per_filter: Default::default(),
     }
 }
 
@@ -122,6 +124,7 @@ fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderM
             body: None,
         },
         headers: HeaderOps::default(),
+        per_filter: Default::default(),
     }
 }
 

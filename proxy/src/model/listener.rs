@@ -14,6 +14,7 @@ use prost::Message;
 
 use super::route::RouteConfig;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
+use crate::rbac::{self, HttpRbac, NetworkRbac};
 
 /// Type URL of the TCP proxy filter config.
 pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -27,6 +28,10 @@ pub const UDP_ROUTE_TYPE: &str = "envoy.extensions.filters.udp.udp_proxy.v3.Rout
 /// Type URL of the HTTP connection manager filter config.
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// Type URL of the network RBAC filter config.
+pub const NETWORK_RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
+/// Type URL of the HTTP RBAC filter config.
+pub const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 
 /// Validated `Listener`.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,10 +222,24 @@ pub struct FilterChain {
     pub matcher: FilterChainMatch,
     /// Network filters before the terminal one (RBAC, metadata exchange, stats ...), by name.
     pub filters: Vec<String>,
+    /// The `envoy.filters.network.rbac` filters among them, in order: each decides every
+    /// connection on the chain before the terminal filter runs.
+    pub rbac: Vec<NetworkRbacFilter>,
     /// What the terminal filter does.
     pub action: NetworkAction,
     /// Whether the chain terminates TLS (`transport_socket` set).
     pub has_transport_socket: bool,
+}
+
+/// One `envoy.filters.network.rbac` filter of a chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkRbacFilter {
+    /// The filter's name.
+    pub name: String,
+    /// Its rules.
+    pub config: NetworkRbac,
+    /// Its counters' names (`<stat_prefix>rbac.allowed`, ...), computed once here.
+    pub stats: rbac::StatNames,
 }
 
 /// `FilterChainMatch`, validated.
@@ -313,8 +332,13 @@ pub struct HttpManager {
     pub rds_route_config_name: Option<String>,
     /// The inline `route_config`, when given inline (shared: every connection clones the HCM).
     pub inline_route_config: Option<Arc<RouteConfig>>,
-    /// `http_filters` before the router, as recognised (none of them changes traffic yet).
+    /// `http_filters` before the router, as recognised (what each does: its disposition).
     pub http_filters: Vec<HttpFilter>,
+    /// The HTTP filters skiff runs on every request, in configuration order, before the
+    /// router (the `Honoured` entries of `http_filters`).
+    pub filters: Vec<RunFilter>,
+    /// `xff_num_trusted_hops`: which `x-forwarded-for` entry is the downstream remote address.
+    pub xff_num_trusted_hops: u32,
     /// `use_remote_address`: the downstream peer is the trusted client address (append it to
     /// `x-forwarded-for`, overwrite `x-forwarded-proto`).
     pub use_remote_address: bool,
@@ -345,20 +369,40 @@ impl Default for ServerHeader {
 /// Envoy's default `server_name`.
 pub const DEFAULT_SERVER_NAME: &str = "envoy";
 
-/// One entry of `http_filters` that skiff accepted but does not run.
+/// An HTTP filter skiff runs before the router.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunFilter {
+    /// `envoy.filters.http.rbac`.
+    Rbac(Arc<HttpRbacFilter>),
+}
+
+/// One `envoy.filters.http.rbac` filter of a connection manager.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRbacFilter {
+    /// The filter's name: routes' `typed_per_filter_config` entries under it override it.
+    pub name: String,
+    /// Its rules.
+    pub config: HttpRbac,
+    /// Its counters' names under the HCM's (`http.<prefix>.rbac.allowed`, ...).
+    pub stats: rbac::StatNames,
+}
+
+/// One entry of `http_filters` before the router, and what skiff does with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpFilter {
     /// Filter name.
     pub name: String,
     /// Config type (the `typed_config` type, or the first of `config_discovery.type_urls`).
     pub type_name: String,
-    /// Why it was accepted without running.
+    /// Whether it runs, and if not why it was accepted.
     pub disposition: FilterDisposition,
 }
 
-/// Why an HTTP filter is accepted without being run.
+/// Whether an HTTP filter runs, and why one that does not is accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterDisposition {
+    /// Run on every request (its config is in [`HttpManager::filters`]).
+    Honoured,
     /// A filter Envoy or Istio ships (a known extension type) that skiff does not execute.
     KnownNotRun,
     /// An unknown type marked `is_optional`: Envoy skips it too.
@@ -491,9 +535,13 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
     })
 }
 
-fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, FieldError> {
+/// `http_filters` before the router: every one as recognised, and the ones skiff runs.
+fn http_filters(
+    h: &hcm::HttpConnectionManager,
+) -> Result<(Vec<HttpFilter>, Vec<RunFilter>), FieldError> {
     use hcm::http_filter::ConfigType;
     let mut out = Vec::new();
+    let mut run = Vec::new();
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let at = format!("typed_config.http_filters[{i}]");
@@ -525,6 +573,18 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, Field
                 format!("the last HTTP filter must be the router, not {:?}", f.name),
             ));
         }
+        let is_rbac =
+            type_name == HTTP_RBAC_TYPE || (type_name.is_empty() && f.name == rbac::HTTP_FILTER);
+        if is_rbac {
+            let filter = http_rbac(f, &h.stat_prefix).map_err(|e| e.within(&at))?;
+            run.push(RunFilter::Rbac(Arc::new(filter)));
+            out.push(HttpFilter {
+                name: f.name.clone(),
+                type_name,
+                disposition: FilterDisposition::Honoured,
+            });
+            continue;
+        }
         let known = if type_name.is_empty() {
             KNOWN_FILTER_NAMES.iter().any(|p| f.name.starts_with(p))
         } else {
@@ -555,7 +615,104 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, Field
             disposition,
         });
     }
-    Ok(out)
+    Ok((out, run))
+}
+
+/// An `envoy.filters.http.rbac` entry of `http_filters`, converted. Refused where skiff could
+/// not run it as Envoy would: a filter disabled by default (only routes would enable it) or
+/// configured through ECDS.
+fn http_rbac(f: &hcm::HttpFilter, hcm_stat_prefix: &str) -> Result<HttpRbacFilter, FieldError> {
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_pb;
+    use hcm::http_filter::ConfigType;
+    if f.disabled {
+        return Err(FieldError::new(
+            "disabled",
+            format!(
+                "RBAC filter {:?} disabled by default (enabled per route) is not supported",
+                f.name
+            ),
+        ));
+    }
+    let p = match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) => {
+            http_pb::Rbac::decode(a.value.as_slice()).map_err(|e| {
+                FieldError::new("typed_config", format!("invalid {HTTP_RBAC_TYPE}: {e}"))
+            })?
+        }
+        Some(ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::new(
+                "config_discovery",
+                format!("RBAC filter {:?} through ECDS is not supported", f.name),
+            ));
+        }
+        // By name only: an empty configuration, which enforces nothing (as Envoy's).
+        None => http_pb::Rbac::default(),
+    };
+    let config = HttpRbac::try_from(&p).map_err(|e| {
+        FieldError::from(e)
+            .within("typed_config")
+            .prefixed(&format!("RBAC filter {:?}: ", f.name))
+    })?;
+    Ok(HttpRbacFilter {
+        name: f.name.clone(),
+        stats: config.stat_names(hcm_stat_prefix),
+        config,
+    })
+}
+
+/// An `envoy.filters.network.rbac` filter of a chain, converted.
+fn network_rbac(f: &pb::Filter) -> Result<NetworkRbacFilter, FieldError> {
+    use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net_pb;
+    use pb::filter::ConfigType;
+    let p = match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) => {
+            net_pb::Rbac::decode(a.value.as_slice()).map_err(|e| {
+                FieldError::new("typed_config", format!("invalid {NETWORK_RBAC_TYPE}: {e}"))
+            })?
+        }
+        Some(ConfigType::ConfigDiscovery(_)) => {
+            return Err(FieldError::new(
+                "config_discovery",
+                format!("RBAC filter {:?} through ECDS is not supported", f.name),
+            ));
+        }
+        None => net_pb::Rbac::default(),
+    };
+    let config = NetworkRbac::try_from(&p).map_err(|e| {
+        FieldError::from(e)
+            .within("typed_config")
+            .prefixed(&format!("RBAC filter {:?}: ", f.name))
+    })?;
+    Ok(NetworkRbacFilter {
+        name: f.name.clone(),
+        stats: config.stat_names(),
+        config,
+    })
+}
+
+/// Says which filter (or chain) a field error belongs to, in front of its reason.
+trait Prefixed {
+    fn prefixed(self, what: &str) -> Self;
+}
+
+impl Prefixed for FieldError {
+    fn prefixed(mut self, what: &str) -> Self {
+        self.reason.insert_str(0, what);
+        self
+    }
+}
+
+/// Whether a non-terminal network filter is `envoy.filters.network.rbac`.
+fn is_network_rbac(f: &pb::Filter) -> bool {
+    use pb::filter::ConfigType;
+    match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) => type_name(a) == NETWORK_RBAC_TYPE,
+        Some(ConfigType::ConfigDiscovery(d)) => d
+            .type_urls
+            .iter()
+            .any(|u| u.rsplit('/').next() == Some(NETWORK_RBAC_TYPE)),
+        None => f.name == rbac::NETWORK_FILTER,
+    }
 }
 
 fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
@@ -590,8 +747,11 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
             ));
         }
     };
+    let (http_filters, filters) = http_filters(&h)?;
     Ok(HttpManager {
-        http_filters: http_filters(&h)?,
+        http_filters,
+        filters,
+        xff_num_trusted_hops: h.xff_num_trusted_hops,
         stat_prefix: h.stat_prefix,
         rds_route_config_name: rds,
         inline_route_config: inline,
@@ -653,10 +813,22 @@ impl FilterChain {
                 type_url: String::new(),
             },
         };
+        // RBAC filters decide each connection in order; a configuration skiff cannot
+        // evaluate rejects the listener (a policy silently skipped would let a DENY through).
+        let mut rbac = Vec::new();
+        for (i, f) in before.iter().enumerate() {
+            if is_network_rbac(f) {
+                rbac.push(network_rbac(f).map_err(|e| {
+                    e.within(format!("filters[{i}]"))
+                        .prefixed(&format!("filter chain {:?}: ", fc.name))
+                })?);
+            }
+        }
         Ok(FilterChain {
             name: fc.name.clone(),
             matcher,
             filters: before.iter().map(|f| f.name.clone()).collect(),
+            rbac,
             action,
             has_transport_socket: fc.transport_socket.is_some(),
         })
@@ -908,6 +1080,150 @@ mod tests {
             convert(&h).unwrap().server_header,
             ServerHeader::AppendIfAbsent("istio-envoy".into())
         );
+    }
+
+    mod rbac_filters {
+        use super::*;
+
+        fn listener(yaml: &str) -> Result<Listener, ModelError> {
+            let v = skiff_proto::parse_text(yaml).unwrap();
+            Listener::try_from(&skiff_proto::decode_json::<pb::Listener>(&v).unwrap())
+        }
+
+        const TCP: &str = r#"
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: t
+        cluster: c
+"#;
+
+        fn with_network_rbac(rbac: &str) -> String {
+            format!(
+                r#"
+name: l
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: 80 }} }}
+filter_chains:
+- name: chain-a
+  filters:
+    - name: istio.metadata_exchange
+    - name: envoy.filters.network.rbac
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+        stat_prefix: tcp.
+{rbac}{TCP}"#
+            )
+        }
+
+        #[test]
+        fn network_rbac_is_parsed_in_order_with_its_counter_names() {
+            let l = listener(&with_network_rbac(
+                "        rules: { action: DENY, policies: { p: { permissions: [{ any: true }], principals: [{ any: true }] } } }
+",
+            ))
+            .unwrap();
+            let c = &l.filter_chains[0];
+            // Names stay listed (the BPF projection keeps such chains in the proxy).
+            assert_eq!(
+                c.filters,
+                ["istio.metadata_exchange", "envoy.filters.network.rbac"]
+            );
+            assert_eq!(c.rbac.len(), 1);
+            assert_eq!(c.rbac[0].stats.denied, "tcp.rbac.denied");
+            let rules = c.rbac[0].config.rules.as_ref().unwrap();
+            assert_eq!(rules.action, crate::rbac::Action::Deny);
+        }
+
+        #[test]
+        fn an_rbac_filter_skiff_cannot_evaluate_rejects_the_listener() {
+            let e = listener(&with_network_rbac(
+                "        rules: { policies: { p: { permissions: [{ any: true }], principals: [{ metadata: { filter: f, path: [{ key: k }], value: { present_match: true } } }] } } }
+",
+            ))
+            .unwrap_err();
+            assert_eq!(e.name, "l");
+            assert_eq!(
+                e.field,
+                "filter_chains[0].filters[1].typed_config.rules.policies[\"p\"].principals[0].metadata"
+            );
+            assert!(
+                e.reason.contains("filter chain \"chain-a\""),
+                "{}",
+                e.reason
+            );
+            assert!(
+                e.reason.contains("envoy.filters.network.rbac"),
+                "{}",
+                e.reason
+            );
+        }
+
+        fn with_http_rbac(extra: &str) -> String {
+            format!(
+                r#"
+name: h
+address: {{ socket_address: {{ address: 127.0.0.1, port_value: 80 }} }}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: inbound_0.0.0.0_80
+      xff_num_trusted_hops: 2
+      route_config: {{ virtual_hosts: [{{ name: v, domains: ["*"] }}] }}
+      http_filters:
+      - name: envoy.filters.http.fault
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault }}
+      - name: envoy.filters.http.rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+          rules: {{ action: DENY, policies: {{ p: {{ permissions: [{{ url_path: {{ path: {{ prefix: /admin }} }} }}], principals: [{{ any: true }}] }} }} }}
+{extra}      - name: envoy.filters.http.router
+        typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+"#
+            )
+        }
+
+        #[test]
+        fn http_rbac_is_honoured_and_keeps_its_place() {
+            let l = listener(&with_http_rbac("")).unwrap();
+            let NetworkAction::Http(m) = &l.filter_chains[0].action else {
+                panic!("hcm");
+            };
+            let d: Vec<_> = m.http_filters.iter().map(|f| f.disposition).collect();
+            assert_eq!(
+                d,
+                [FilterDisposition::KnownNotRun, FilterDisposition::Honoured]
+            );
+            assert_eq!(m.xff_num_trusted_hops, 2);
+            let [RunFilter::Rbac(r)] = m.filters.as_slice() else {
+                panic!("one rbac filter: {:?}", m.filters);
+            };
+            assert_eq!(r.name, "envoy.filters.http.rbac");
+            assert_eq!(r.stats.allowed, "http.inbound_0.0.0.0_80.rbac.allowed");
+        }
+
+        #[test]
+        fn http_rbac_that_cannot_run_as_envoy_is_refused() {
+            let disabled = with_http_rbac("").replace(
+                "      - name: envoy.filters.http.rbac\n",
+                "      - name: envoy.filters.http.rbac\n        disabled: true\n",
+            );
+            let e = listener(&disabled).unwrap_err();
+            assert_eq!(
+                e.field,
+                "filter_chains[0].filters[0].typed_config.http_filters[1].disabled"
+            );
+            let bad = with_http_rbac("").replace("prefix: /admin", "safe_regex: { regex: \"(\" }");
+            let e = listener(&bad).unwrap_err();
+            assert!(
+                e.field.starts_with(
+                    "filter_chains[0].filters[0].typed_config.http_filters[1].typed_config.rules"
+                ),
+                "{}",
+                e.field
+            );
+        }
     }
 
     mod udp_listeners {

@@ -16,6 +16,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
 use super::listener::ClusterSpecifier;
 use super::{FieldError, ModelError, duration};
+use crate::rbac::HttpRbacPerRoute;
+
+/// Type URL of the HTTP RBAC filter's per-route config.
+pub const RBAC_PER_ROUTE_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+/// Type URL of the generic per-route filter wrapper (`disabled`, `is_optional`, `config`).
+pub const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
 /// Envoy's default route timeout (`RouteAction.timeout` unset).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -33,6 +39,8 @@ pub struct RouteConfig {
     pub ignore_port_in_host_matching: bool,
     /// Header changes of the whole configuration (applied after the virtual host's).
     pub headers: HeaderOps,
+    /// `typed_per_filter_config` skiff applies (the least specific level).
+    pub per_filter: PerFilter,
 }
 
 /// One `VirtualHost`.
@@ -57,6 +65,8 @@ pub struct VirtualHost {
     /// `virtual_clusters`: (name, header matchers); a request counts in the first whose
     /// matchers all match, else in `other` (`vhost.<name>.vcluster.<vc>.*` stats).
     pub virtual_clusters: Vec<(String, Vec<HeaderMatch>)>,
+    /// `typed_per_filter_config` skiff applies (used when the route has none for a filter).
+    pub per_filter: PerFilter,
 }
 
 /// One `Route`.
@@ -70,6 +80,36 @@ pub struct Route {
     pub action: RouteAction,
     /// Header changes of this route (applied first).
     pub headers: HeaderOps,
+    /// `typed_per_filter_config` skiff applies (the most specific level).
+    pub per_filter: PerFilter,
+}
+
+/// The `typed_per_filter_config` entries skiff applies, by HTTP filter name. Entries of
+/// filters skiff does not run are not kept.
+pub type PerFilter = std::collections::BTreeMap<String, PerFilterConfig>;
+
+/// One `typed_per_filter_config` entry skiff applies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PerFilterConfig {
+    /// `FilterConfig { disabled: true }`: the filter does not run on this route.
+    Disabled,
+    /// `RBACPerRoute` (bare or inside a `FilterConfig`): replaces the RBAC filter's rules, or
+    /// turns it off (no `rbac`).
+    Rbac(Arc<HttpRbacPerRoute>),
+}
+
+/// The per-filter config that applies to `filter` on `route` of `vh` in `rc`: Envoy's most
+/// specific one (route, then virtual host, then route configuration).
+pub fn per_filter_config<'a>(
+    rc: &'a RouteConfig,
+    vh: &'a VirtualHost,
+    route: Option<&'a Route>,
+    filter: &str,
+) -> Option<&'a PerFilterConfig> {
+    route
+        .and_then(|r| r.per_filter.get(filter))
+        .or_else(|| vh.per_filter.get(filter))
+        .or_else(|| rc.per_filter.get(filter))
 }
 
 /// `RouteMatch`, validated.
@@ -747,6 +787,16 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
                         "must not be empty",
                     ));
                 }
+                // Envoy applies a weighted cluster's per-filter config to requests sent to it;
+                // skiff decides RBAC before the cluster is chosen, so it cannot.
+                let pf = per_filter(&c.typed_per_filter_config)
+                    .map_err(|e| e.within(format!("weighted_clusters.clusters[{j}]")))?;
+                if pf.values().any(|c| matches!(c, PerFilterConfig::Rbac(_))) {
+                    return Err(FieldError::new(
+                        format!("weighted_clusters.clusters[{j}].typed_per_filter_config"),
+                        "per-cluster configuration of the RBAC filter is not supported",
+                    ));
+                }
                 out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
             }
             Target::Clusters(ClusterSpecifier::Weighted(out))
@@ -898,6 +948,48 @@ fn route_action(r: &pb::Route) -> Result<RouteAction, FieldError> {
     })
 }
 
+fn any_type(a: &envoy_types::pb::google::protobuf::Any) -> &str {
+    a.type_url.rsplit('/').next().unwrap_or(&a.type_url)
+}
+
+/// `typed_per_filter_config`: the entries of filters skiff runs (RBAC), converted; a
+/// `FilterConfig` that disables a filter is kept for any filter. Others are left out: their
+/// filters are not run either.
+fn per_filter(
+    m: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+) -> Result<PerFilter, FieldError> {
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_pb;
+    use prost::Message;
+    let mut out = PerFilter::new();
+    for (name, any) in m {
+        let at = format!("typed_per_filter_config[{name:?}]");
+        let (inner, at) = match any_type(any) {
+            FILTER_CONFIG_TYPE => {
+                let fc = pb::FilterConfig::decode(any.value.as_slice()).map_err(|e| {
+                    FieldError::new(&at, format!("invalid {FILTER_CONFIG_TYPE}: {e}"))
+                })?;
+                if fc.disabled {
+                    out.insert(name.clone(), PerFilterConfig::Disabled);
+                    continue;
+                }
+                match fc.config {
+                    Some(c) => (c, format!("{at}.config")),
+                    None => continue,
+                }
+            }
+            _ => (any.clone(), at),
+        };
+        if any_type(&inner) != RBAC_PER_ROUTE_TYPE {
+            continue;
+        }
+        let p = http_pb::RbacPerRoute::decode(inner.value.as_slice())
+            .map_err(|e| FieldError::new(&at, format!("invalid {RBAC_PER_ROUTE_TYPE}: {e}")))?;
+        let c = HttpRbacPerRoute::try_from(&p).map_err(|e| FieldError::from(e).within(&at))?;
+        out.insert(name.clone(), PerFilterConfig::Rbac(Arc::new(c)));
+    }
+    Ok(out)
+}
+
 fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
     if v.name.is_empty() {
         return Err(FieldError::new("name", "must not be empty"));
@@ -926,11 +1018,13 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
             &r.response_headers_to_remove,
         )
         .map_err(|e| e.within(&at))?;
+        let per_filter = per_filter(&r.typed_per_filter_config).map_err(|e| e.within(&at))?;
         routes.push(Route {
             name: r.name.clone(),
             matcher,
             action,
             headers,
+            per_filter,
         });
     }
     let headers = header_ops(
@@ -961,6 +1055,7 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         virtual_clusters.push((vc.name.clone(), headers));
     }
     Ok(VirtualHost {
+        per_filter: per_filter(&v.typed_per_filter_config)?,
         virtual_clusters,
         name: v.name.clone(),
         domains: v.domains.clone(),
@@ -1017,6 +1112,7 @@ impl RouteConfig {
             &rc.response_headers_to_remove,
         )?;
         Ok(RouteConfig {
+            per_filter: per_filter(&rc.typed_per_filter_config)?,
             name: rc.name.clone(),
             virtual_hosts,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
@@ -1045,6 +1141,105 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    fn parse(yaml: &str) -> Result<RouteConfig, ModelError> {
+        let v = skiff_proto::parse_text(yaml).unwrap();
+        RouteConfig::try_from(&skiff_proto::decode_json::<pb::RouteConfiguration>(&v).unwrap())
+    }
+
+    #[test]
+    fn rbac_per_route_configs_are_found_most_specific_first() {
+        let rc = parse(
+            r#"
+name: r
+typed_per_filter_config:
+  envoy.filters.http.rbac:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+  acme.other: { "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy }
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  typed_per_filter_config:
+    rbac2:
+      "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+      disabled: true
+  routes:
+  - match: { prefix: /admin }
+    direct_response: { status: 200 }
+    typed_per_filter_config:
+      envoy.filters.http.rbac:
+        "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+        config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+          rbac: { rules: { action: DENY, policies: {} } }
+  - match: { prefix: / }
+    direct_response: { status: 200 }
+"#,
+        )
+        .unwrap();
+        let vh = &rc.virtual_hosts[0];
+        let at = |route: usize, filter: &str| {
+            per_filter_config(&rc, vh, vh.routes.get(route), filter).cloned()
+        };
+        let Some(PerFilterConfig::Rbac(admin)) = at(0, "envoy.filters.http.rbac") else {
+            panic!("route override");
+        };
+        assert!(matches!(*admin, HttpRbacPerRoute::Override(_)));
+        let Some(PerFilterConfig::Rbac(rest)) = at(1, "envoy.filters.http.rbac") else {
+            panic!("route configuration's entry");
+        };
+        assert_eq!(*rest, HttpRbacPerRoute::Disabled);
+        assert_eq!(at(1, "rbac2"), Some(PerFilterConfig::Disabled));
+        // Entries of filters skiff does not run are not kept.
+        assert_eq!(at(1, "acme.other"), None);
+    }
+
+    #[test]
+    fn rbac_per_route_errors_and_weighted_cluster_overrides_are_refused() {
+        let e = parse(
+            r#"
+name: r
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: { prefix: / }
+    route: { cluster: c }
+    typed_per_filter_config:
+      envoy.filters.http.rbac:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+        rbac: { rules: { policies: { p: { permissions: [{ any: true }], principals: [] } } } }
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field,
+            "virtual_hosts[0].routes[0].typed_per_filter_config[\"envoy.filters.http.rbac\"].rbac.rules.policies[\"p\"].principals"
+        );
+        let e = parse(
+            r#"
+name: r
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - match: { prefix: / }
+    route:
+      weighted_clusters:
+        clusters:
+        - name: c
+          weight: 1
+          typed_per_filter_config:
+            envoy.filters.http.rbac:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field,
+            "virtual_hosts[0].routes[0].route.weighted_clusters.clusters[0].typed_per_filter_config"
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@ mod model;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
+use crate::stats::{Counter, Stats};
+
 pub use eval::{ConnectionFacts, Decision, PeerIdentity, RequestFacts, Verdict, downstream_remote};
 pub use model::{
     Action, HeaderMatch, HeaderTest, HttpRbac, HttpRbacPerRoute, ISTIO_PEER_PRINCIPAL, MAX_DEPTH,
@@ -43,7 +47,7 @@ pub fn denied_detail(policy: Option<&str>) -> String {
 }
 
 /// The full names of a filter's four counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StatNames {
     /// Enforced rules allowed (LOG counts here too).
     pub allowed: String,
@@ -80,6 +84,44 @@ pub fn stat_names(prefix: &str, rules_prefix: &str, shadow_prefix: &str) -> Stat
         denied: join(&rules, "denied"),
         shadow_allowed: join(&shadow, "shadow_allowed"),
         shadow_denied: join(&shadow, "shadow_denied"),
+    }
+}
+
+/// A filter's four counters, resolved once from their [`StatNames`] (when the snapshot that
+/// holds the filter is published), so a decision only adds to atomics.
+#[derive(Debug)]
+pub struct Counters {
+    allowed: Arc<Counter>,
+    denied: Arc<Counter>,
+    shadow_allowed: Arc<Counter>,
+    shadow_denied: Arc<Counter>,
+}
+
+impl Counters {
+    /// The counters called `names` in `stats`, listed at zero from now on (as Envoy creates
+    /// all four with the filter).
+    pub fn resolve(stats: &Stats, names: &StatNames) -> Counters {
+        Counters {
+            allowed: stats.counter(&names.allowed),
+            denied: stats.counter(&names.denied),
+            shadow_allowed: stats.counter(&names.shadow_allowed),
+            shadow_denied: stats.counter(&names.shadow_denied),
+        }
+    }
+
+    /// Count one decision: its enforced and shadow answers, where those rules exist.
+    pub fn count(&self, d: &Decision<'_>) {
+        let (enforced, shadow) = d.counts();
+        match enforced {
+            Some(true) => self.allowed.inc(),
+            Some(false) => self.denied.inc(),
+            None => {}
+        }
+        match shadow {
+            Some(true) => self.shadow_allowed.inc(),
+            Some(false) => self.shadow_denied.inc(),
+            None => {}
+        }
     }
 }
 

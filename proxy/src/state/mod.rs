@@ -17,9 +17,11 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 
 use crate::lb::{ClusterLb, HostRegistry};
+use crate::model::listener::RunFilter;
 use crate::model::{
     Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, NetworkAction, RouteConfig,
 };
+use crate::rbac;
 use crate::stats::{ClusterStats, HttpStats, Stats, VclusterStats};
 
 /// Envoy's (and Istio's) name for outbound connections no listener handles; its stats exist
@@ -222,6 +224,9 @@ struct Handles {
     vclusters: HashMap<String, HashMap<String, Arc<VclusterStats>>>,
     /// The passthrough clusters' stats, when no cluster of that name is configured.
     passthrough: HashMap<&'static str, Arc<ClusterStats>>,
+    /// RBAC filters' counters (network and HTTP), by their names (filters sharing a stat
+    /// prefix may still differ in their shadow prefix).
+    rbac: HashMap<rbac::StatNames, Arc<rbac::Counters>>,
 }
 
 impl Handles {
@@ -242,9 +247,14 @@ impl Handles {
             }
         };
         let mut prefixes: Vec<&str> = Vec::new();
+        let mut rbac_names: Vec<&rbac::StatNames> = Vec::new();
         for l in snap.listeners.values() {
             for chain in l.filter_chains.iter().chain(&l.default_filter_chain) {
+                rbac_names.extend(chain.rbac.iter().map(|f| &f.stats));
                 if let NetworkAction::Http(m) = &chain.action {
+                    rbac_names.extend(m.filters.iter().map(|f| match f {
+                        RunFilter::Rbac(r) => &r.stats,
+                    }));
                     prefixes.push(&m.stat_prefix);
                     if let Some(rc) = &m.inline_route_config {
                         vclusters_of(rc);
@@ -258,6 +268,12 @@ impl Handles {
         for p in prefixes {
             if !h.http.contains_key(p) {
                 h.http.insert(p.to_string(), stats.http(p));
+            }
+        }
+        for names in rbac_names {
+            if !h.rbac.contains_key(names) {
+                let c = Arc::new(rbac::Counters::resolve(stats, names));
+                h.rbac.insert(names.clone(), c);
             }
         }
         for name in [PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER] {
@@ -381,6 +397,15 @@ impl Snapshot {
         match self.handles.http.get(stat_prefix) {
             Some(h) => h.clone(),
             None => self.stats.http(stat_prefix),
+        }
+    }
+
+    /// The counters of an RBAC filter of this snapshot (named `names`); for another (a filter
+    /// since removed), found or created in the registry.
+    pub fn rbac_counters(&self, names: &rbac::StatNames) -> Arc<rbac::Counters> {
+        match self.handles.rbac.get(names) {
+            Some(c) => c.clone(),
+            None => Arc::new(rbac::Counters::resolve(&self.stats, names)),
         }
     }
 

@@ -159,3 +159,59 @@ fn http_and_virtual_cluster_handles_are_resolved_at_attach() {
         1
     );
 }
+
+#[test]
+fn rbac_counters_are_listed_at_attach_per_filter_names() {
+    // Two network filters share `tcp.` but not their shadow prefix (as Istio's dry-run and
+    // enforced policies do): each gets its own four counters, listed at zero.
+    let listener = |name: &str, port: u16, shadow: &str| {
+        format!(
+            r#"
+  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+          stat_prefix: tcp.
+          shadow_rules_stat_prefix: "{shadow}"
+          rules: {{}}
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c"#
+        )
+    };
+    let yaml = format!(
+        "static_resources:\n  listeners:{}{}\n",
+        listener("a", 81, ""),
+        listener("b", 82, "dry_")
+    );
+    let b = crate::config::parse(&yaml, "test").expect("bootstrap");
+    let stats = Arc::new(Stats::default());
+    let store = Store::with_registry(
+        Snapshot::new(b.listeners.clone(), vec![], &Default::default()),
+        HostRegistry::new(stats.clone()),
+    );
+    let listed = names(&stats);
+    for n in [
+        "tcp.rbac.allowed",
+        "tcp.rbac.denied",
+        "tcp.rbac.shadow_allowed",
+        "tcp.rbac.dry_.shadow_denied",
+    ] {
+        assert!(listed.iter().any(|l| l == n), "{n} in {listed:?}");
+    }
+    let snap = store.load();
+    let chain = &snap.listeners["b"].filter_chains[0];
+    let d = chain.rbac[0]
+        .config
+        .check(&crate::rbac::ConnectionFacts::new(
+            [127, 0, 0, 1].into(),
+            "127.0.0.1:82".parse().unwrap(),
+        ));
+    snap.rbac_counters(&chain.rbac[0].stats).count(&d);
+    assert_eq!(stats.counter("tcp.rbac.denied").get(), 1);
+}

@@ -29,6 +29,7 @@ pub(crate) fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> Filt
             ..Default::default()
         },
         filters: vec![],
+        rbac: vec![],
         action: NetworkAction::TcpProxy(TcpProxy {
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),

@@ -20,6 +20,7 @@ fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
             ..Default::default()
         },
         filters: vec![],
+        rbac: vec![],
         action: NetworkAction::TcpProxy(TcpProxy {
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),
@@ -72,6 +73,7 @@ fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
         name: name.into(),
         matcher: m,
         filters: vec![],
+        rbac: vec![],
         action: NetworkAction::TcpProxy(TcpProxy {
             stat_prefix: name.into(),
             cluster: ClusterSpecifier::Cluster(name.into()),
