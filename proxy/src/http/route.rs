@@ -4,8 +4,9 @@
 //! `ignore_port_in_host_matching`, keeps its `:port` (Envoy's default: `foo:80` is a different
 //! domain from `foo`). The search order is exact domain, then `*.suffix` wildcards (longest
 //! first), then `prefix*` wildcards (longest first), then `*`. A wildcard never matches the
-//! empty string. Route: the first route of the virtual host whose path, headers and query
-//! parameters all match.
+//! empty string. Route: the first route of the virtual host whose path, `grpc`, headers, query
+//! parameters and `runtime_fraction` (a draw against its default value: skiff has no runtime)
+//! all match; a `tls_context` asking for a client certificate never matches plaintext.
 
 use hyper::{HeaderMap, Method};
 
@@ -135,8 +136,19 @@ pub fn route_matches(m: &RouteMatch, req: &RequestFacts<'_>) -> bool {
         PathMatch::Unsupported(_) => false,
     };
     path_ok
+        && !m.requires_tls
+        && (!m.grpc || is_grpc(req.headers))
         && m.headers.iter().all(|h| header_matches(h, req))
         && (m.query_parameters.is_empty() || query_matches(&m.query_parameters, req.path))
+        // Last, as in Envoy: the draw only happens for requests that match otherwise.
+        && m.runtime_fraction.is_none_or(|p| p.hit(fastrand::u64(..)))
+}
+
+/// Envoy's gRPC test: `content-type` is `application/grpc` or `application/grpc+<codec>`.
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "application/grpc" || v.starts_with("application/grpc+"))
 }
 
 /// Percent-decode one query component (Envoy decodes names and values before matching).

@@ -23,6 +23,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         include_request_attempt_count: false,
         include_attempt_count_in_response: false,
         virtual_clusters: vec![],
+        faults: vec![],
     }
 }
 
@@ -116,12 +117,16 @@ fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderM
             case_sensitive,
             headers,
             query_parameters: vec![],
+            runtime_fraction: None,
+            grpc: false,
+            requires_tls: false,
         },
         action: RouteAction::Direct {
             status: 200,
             body: None,
         },
         headers: HeaderOps::default(),
+        faults: vec![],
     }
 }
 

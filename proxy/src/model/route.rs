@@ -14,6 +14,8 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
+use super::compat;
+use super::fault::{self, FaultOverride, Percent};
 use super::listener::ClusterSpecifier;
 use super::{FieldError, ModelError, duration};
 
@@ -57,6 +59,8 @@ pub struct VirtualHost {
     /// `virtual_clusters`: (name, header matchers); a request counts in the first whose
     /// matchers all match, else in `other` (`vhost.<name>.vcluster.<vc>.*` stats).
     pub virtual_clusters: Vec<(String, Vec<HeaderMatch>)>,
+    /// `typed_per_filter_config` of fault filters, by filter name (a route's wins).
+    pub faults: Vec<(String, FaultOverride)>,
 }
 
 /// One `Route`.
@@ -70,6 +74,8 @@ pub struct Route {
     pub action: RouteAction,
     /// Header changes of this route (applied first).
     pub headers: HeaderOps,
+    /// `typed_per_filter_config` of fault filters, by filter name.
+    pub faults: Vec<(String, FaultOverride)>,
 }
 
 /// `RouteMatch`, validated.
@@ -83,6 +89,13 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     /// Every query parameter matcher must match.
     pub query_parameters: Vec<QueryMatch>,
+    /// `runtime_fraction.default_value` (skiff has no runtime: the default applies).
+    pub runtime_fraction: Option<Percent>,
+    /// `grpc`: only requests whose `content-type` starts with `application/grpc`.
+    pub grpc: bool,
+    /// `tls_context` asks for a presented or validated client certificate, which a plaintext
+    /// connection (every connection until issue 15) never has: the route never matches.
+    pub requires_tls: bool,
 }
 
 /// `RouteMatch.path_specifier`.
@@ -460,8 +473,9 @@ fn regex(re: &str, field: &str) -> Result<Pattern, FieldError> {
     Pattern::full(re).map_err(|e| FieldError::new(field, format!("invalid regex {re:?}: {e}")))
 }
 
+/// Convert one `HeaderMatcher` (routes, retries, virtual clusters, the fault filter).
 #[allow(deprecated)]
-fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
+pub(crate) fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
     use pb::header_matcher::HeaderMatchSpecifier as S;
     let kind = match &h.header_match_specifier {
         Some(S::ExactMatch(v)) => HeaderMatchKind::Exact {
@@ -532,11 +546,38 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
         query_parameters
             .push(query_match(q).map_err(|e| e.within(format!("query_parameters[{i}]")))?);
     }
+    // Honour or refuse (model::compat): matchers on state skiff does not keep are refused.
+    if !m.dynamic_metadata.is_empty() {
+        return Err(compat::refuse(
+            compat::F_DYNAMIC_METADATA,
+            "dynamic_metadata",
+        ));
+    }
+    if !m.filter_state.is_empty() {
+        return Err(compat::refuse(compat::F_FILTER_STATE, "filter_state"));
+    }
+    if !m.cookies.is_empty() {
+        return Err(compat::refuse(compat::F_COOKIES, "cookies"));
+    }
+    let runtime_fraction = match &m.runtime_fraction {
+        Some(r) => Some(
+            Percent::from_proto(r.default_value.as_ref())
+                .map_err(|e| e.within("runtime_fraction.default_value"))?,
+        ),
+        None => None,
+    };
+    let requires_tls = m.tls_context.as_ref().is_some_and(|t| {
+        t.presented.as_ref().is_some_and(|b| b.value)
+            || t.validated.as_ref().is_some_and(|b| b.value)
+    });
     Ok(RouteMatch {
         path,
         case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
         headers,
         query_parameters,
+        runtime_fraction,
+        grpc: m.grpc.is_some(),
+        requires_tls,
     })
 }
 
@@ -728,6 +769,10 @@ fn substitution(s: &str) -> String {
 
 fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
     use pb::route_action::ClusterSpecifier as Cs;
+    #[allow(deprecated)]
+    if a.cors.is_some() {
+        return Err(compat::refuse(compat::F_CORS_POLICY, "cors"));
+    }
     use pb::route_action::HostRewriteSpecifier as Hr;
     let target = match &a.cluster_specifier {
         Some(Cs::Cluster(c)) if c.is_empty() => {
@@ -898,6 +943,22 @@ fn route_action(r: &pb::Route) -> Result<RouteAction, FieldError> {
     })
 }
 
+/// `typed_per_filter_config` under the compatibility rule, keeping the fault filters'
+/// settings (sorted by filter name: the map has no order).
+fn per_filter(
+    m: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+) -> Result<Vec<(String, FaultOverride)>, FieldError> {
+    let mut out = Vec::new();
+    let mut names: Vec<&String> = m.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(o) = fault::per_filter(name, &m[name])? {
+            out.push((name.clone(), o));
+        }
+    }
+    Ok(out)
+}
+
 fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
     if v.name.is_empty() {
         return Err(FieldError::new("name", "must not be empty"));
@@ -926,11 +987,13 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
             &r.response_headers_to_remove,
         )
         .map_err(|e| e.within(&at))?;
+        let faults = per_filter(&r.typed_per_filter_config).map_err(|e| e.within(&at))?;
         routes.push(Route {
             name: r.name.clone(),
             matcher,
             action,
             headers,
+            faults,
         });
     }
     let headers = header_ops(
@@ -960,7 +1023,12 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         }
         virtual_clusters.push((vc.name.clone(), headers));
     }
+    #[allow(deprecated)]
+    if v.cors.is_some() {
+        return Err(compat::refuse(compat::F_CORS_POLICY, "cors"));
+    }
     Ok(VirtualHost {
+        faults: per_filter(&v.typed_per_filter_config)?,
         virtual_clusters,
         name: v.name.clone(),
         domains: v.domains.clone(),
@@ -1322,6 +1390,58 @@ mod tests {
         );
         let e = header_adds(&[hv(":path", None, 0)], "request_headers_to_add").unwrap_err();
         assert_eq!(e.field, "request_headers_to_add[0].header.key");
+    }
+
+    #[test]
+    fn route_match_extras_are_honoured_or_refused() {
+        use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+        let with = |m: pb::RouteMatch| {
+            let rc = pb::RouteConfiguration {
+                name: "r".into(),
+                virtual_hosts: vec![pb::VirtualHost {
+                    name: "v".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![pb::Route {
+                        r#match: Some(m),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            RouteConfig::try_from(&rc)
+        };
+        let prefix = Some(pb::route_match::PathSpecifier::Prefix("/".into()));
+        let rc = with(pb::RouteMatch {
+            path_specifier: prefix.clone(),
+            runtime_fraction: Some(core::RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent {
+                    numerator: 10,
+                    denominator: 0,
+                }),
+                runtime_key: "ignored".into(),
+            }),
+            grpc: Some(Default::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        let m = &rc.virtual_hosts[0].routes[0].matcher;
+        assert_eq!(
+            m.runtime_fraction,
+            Some(Percent {
+                numerator: 10,
+                denominator: 100
+            })
+        );
+        assert!(m.grpc && !m.requires_tls);
+        let e = with(pb::RouteMatch {
+            path_specifier: prefix,
+            dynamic_metadata: vec![Default::default()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "virtual_hosts[0].routes[0].match.dynamic_metadata");
+        assert!(e.reason.contains("not supported by skiff"), "{e}");
     }
 
     #[test]
