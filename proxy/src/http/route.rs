@@ -254,6 +254,11 @@ pub fn virtual_cluster<'v>(vh: &'v VirtualHost, req: &RequestFacts<'_>) -> &'v s
         .map_or("other", |(name, _)| name.as_str())
 }
 
+/// Whether every one of `ms` matches the request (the fault filter's `headers`).
+pub fn all_request_headers_match(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
+    ms.iter().all(|m| header_matches(m, req))
+}
+
 /// Whether any of `ms` matches the request (`retriable_request_headers`).
 pub fn any_request_header_matches(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
     ms.iter().any(|m| header_matches(m, req))
