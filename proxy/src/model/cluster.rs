@@ -191,24 +191,34 @@ fn tls_refusal(c: &pb::Cluster) -> Result<(), FieldError> {
     use super::compat;
     use envoy_types::pb::envoy::config::core::v3::TransportSocket;
     use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    let plaintext = |ts: &TransportSocket| match &ts.config_type {
-        Some(ConfigType::TypedConfig(a)) => compat::type_name(a) == compat::RAW_BUFFER_TYPE,
-        None => matches!(
-            ts.name.as_str(),
-            "envoy.transport_sockets.raw_buffer" | "raw_buffer"
-        ),
+    let kind = |ts: &TransportSocket| match &ts.config_type {
+        Some(ConfigType::TypedConfig(a)) => compat::type_name(a),
+        None => ts.name.clone(),
+    };
+    let plaintext = |ts: &TransportSocket| {
+        matches!(
+            kind(ts).as_str(),
+            compat::RAW_BUFFER_TYPE | "envoy.transport_sockets.raw_buffer" | "raw_buffer"
+        )
+    };
+    // The refusal says which socket was asked for.
+    let named = |e: FieldError, ts: &TransportSocket| FieldError {
+        reason: format!("{} ({}): {}", ts.name, kind(ts), e.reason),
+        ..e
     };
     if let Some(ts) = &c.transport_socket
         && !plaintext(ts)
     {
-        return Err(compat::refuse(compat::F_CLUSTER_TLS, "transport_socket"));
+        let e = compat::refuse(compat::F_CLUSTER_TLS, "transport_socket");
+        return Err(named(e, ts));
     }
     for (i, m) in c.transport_socket_matches.iter().enumerate() {
-        if m.transport_socket.as_ref().is_some_and(|ts| !plaintext(ts)) {
-            return Err(compat::refuse(
+        if let Some(ts) = m.transport_socket.as_ref().filter(|ts| !plaintext(ts)) {
+            let e = compat::refuse(
                 compat::F_CLUSTER_TLS_MATCHES,
                 format!("transport_socket_matches[{i}] ({:?})", m.name),
-            ));
+            );
+            return Err(named(e, ts));
         }
     }
     Ok(())
