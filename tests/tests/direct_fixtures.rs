@@ -1,7 +1,7 @@
 //! Every xDS resource in every real config dump and discovery file of `tests/fixtures/`
 //! converts into skiff's model without an error, i.e. skiff would ACK it, except those that ask
 //! for what skiff cannot do: under the honour-or-refuse rule (docs/COMPATIBILITY.md) skiff
-//! NACKs them, and [`REFUSED`] lists each with the reason it must give.
+//! NACKs them, and `skiff_tests::FIXTURE_REFUSALS` lists each with the reason it must give.
 
 use std::path::Path;
 
@@ -44,77 +44,7 @@ fn convert(type_url: &str, name: &str, bytes: &[u8]) -> Result<(), String> {
     res.map_err(|e| format!("{kind} {name:?}: {e}"))
 }
 
-/// (file, resource, what the refusal must name). Istio's ambient/waypoint plumbing (internal
-/// listeners, CONNECT tunnels, `internal_upstream`), mTLS (issue 15), CUSTOM authorization and
-/// OSM's Lua/Wasm are refused rather than served differently from Envoy.
-const REFUSED: &[(&str, &str, &str)] = &[
-    // The internal listener selects chains with the xDS matcher API.
-    (
-        "istio-proxyconfig-full.json",
-        "main_internal",
-        "filter_chain_matcher",
-    ),
-    (
-        "istio-compare-before.json",
-        "main_internal",
-        "filter_chain_matcher",
-    ),
-    // Clusters reaching internal listeners.
-    (
-        "istio-proxyconfig-full.json",
-        "inbound-vip|8000|http|httpbin.default.svc.cluster.local",
-        "InternalUpstreamTransport",
-    ),
-    (
-        "istio-compare-before.json",
-        "inbound-vip|9080|http|ratings.default.svc.cluster.local",
-        "InternalUpstreamTransport",
-    ),
-    // HBONE termination: CONNECT authority into filter state (and mTLS on a selectable chain).
-    (
-        "istio-compare-before.json",
-        "connect_terminate",
-        "connect_authority",
-    ),
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "connect_terminate",
-        "connect_authority",
-    ),
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "main_internal",
-        "set_dst_address",
-    ),
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "connect_originate",
-        "set_dst_address",
-    ),
-    // A CUSTOM AuthorizationPolicy: refusing keeps it from letting everything through.
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "virtualInbound",
-        "envoy.filters.http.ext_authz",
-    ),
-    // Auto-mTLS to endpoints labelled tlsMode: istio.
-    (
-        "istio-describe-http.json",
-        "outbound|9080|v1|productpage.default.svc.cluster.local",
-        "tlsMode-istio",
-    ),
-    // OSM: mTLS upstream, Lua and Wasm filters.
-    (
-        "osm-curl-egress-config-dump.json",
-        "httpbin/httpbin|14001",
-        "UpstreamTlsContext",
-    ),
-    (
-        "osm-curl-egress-config-dump.json",
-        "outbound-listener",
-        "envoy.filters.http.lua",
-    ),
-];
+use skiff_tests::FIXTURE_REFUSALS as REFUSED;
 
 #[test]
 fn every_dynamic_resource_in_every_dump_converts() {
