@@ -1082,16 +1082,16 @@ pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
         "inbound-vip|9080|http|ratings.default.svc.cluster.local",
         "InternalUpstreamTransport",
     ),
-    // HBONE termination: CONNECT authority into filter state (and mTLS on a selectable chain).
+    // HBONE termination: CONNECT routes (then filter state, and mTLS on a selectable chain).
     (
         "istio-compare-before.json",
         "connect_terminate",
-        "connect_authority",
+        "connect_matcher",
     ),
     (
         "istio-sidecar-listeners-27.yaml",
         "connect_terminate",
-        "connect_authority",
+        "connect_matcher",
     ),
     (
         "istio-sidecar-listeners-27.yaml",

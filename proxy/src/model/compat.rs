@@ -144,6 +144,12 @@ pub const F_COOKIES: &str = "route.match.cookies";
 pub const F_CORS_POLICY: &str = "route.cors";
 /// `typed_per_filter_config` of a filter skiff does not run.
 pub const F_PER_FILTER: &str = "route.typed_per_filter_config";
+/// Path specifiers skiff does not evaluate.
+pub const F_PATH_SPECIFIER: &str = "route.match.path_specifier";
+/// Header and string matchers skiff does not evaluate.
+pub const F_MATCHER_KIND: &str = "route.match.headers";
+/// Route actions skiff does not run.
+pub const F_ROUTE_ACTION: &str = "route.action";
 
 /// Every extension and field skiff knows, by kind. Anything not listed is refused, unless an
 /// HTTP filter says `is_optional: true` (then it is skipped, as Envoy skips unknown optional
@@ -268,6 +274,14 @@ pub const TABLE: &[Entry] = &[
     e(Field, F_COOKIES, "", Refused, "cookie matchers are not evaluated"),
     e(Field, F_CORS_POLICY, "", Refused,
         "CORS policies (virtual host `cors`, route `cors`, `typed_per_filter_config` of the cors filter) are not run"),
+    e(Field, F_PATH_SPECIFIER, "", Refused,
+        "`connect_matcher` (CONNECT is not proxied) and `path_match_policy` (URI templates) are not evaluated; prefix, path, safe_regex and path_separated_prefix are"),
+    e(Field, F_MATCHER_KIND, "", Refused,
+        "`range_match` and custom string matchers are not evaluated (exact, prefix, suffix, contains, safe_regex, present are, in headers, query parameters, retries and virtual clusters)"),
+    e(Field, F_ROUTE_ACTION, "", Refused,
+        "`filter_action`, `non_forwarding_action` and cluster specifier plugins are not run (route, redirect, direct_response are)"),
+    e(Field, "route.route.hash_policy", "", Honoured,
+        "header, cookie (no cookie generation), source_ip, query_parameter; `filter_state` is refused"),
     e(Field, F_PER_FILTER, "", Refused,
         "a per-route config of a filter skiff does not honour (observational and optional ones excepted)"),
 ];

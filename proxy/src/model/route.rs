@@ -1,10 +1,10 @@
 //! Route configurations (RDS or inline): virtual hosts, their routes and the clusters they name.
 //!
 //! Validation follows Envoy where it rejects up front (names, unique virtual hosts and domains,
-//! regular expressions that do not compile, redirect and direct-response codes). Matchers and
-//! actions skiff does not run yet are kept as `Unsupported` instead of rejecting the whole
-//! configuration: such a matcher never matches, such an action answers 501, so configurations
-//! Envoy accepts keep loading and the gap is visible per request.
+//! regular expressions that do not compile, redirect and direct-response codes). Matchers,
+//! actions and per-filter configs skiff does not run are refused (honour or refuse,
+//! `model::compat`): the route configuration is NACKed naming the field, instead of loading
+//! a route that would behave differently from Envoy.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -465,7 +465,7 @@ fn string_match(m: &matcher::StringMatcher) -> Result<HeaderMatchKind, FieldErro
         Some(P::Suffix(v)) => HeaderMatchKind::Suffix(v.clone(), ic),
         Some(P::Contains(v)) => HeaderMatchKind::Contains(v.clone(), ic),
         Some(P::SafeRegex(r)) => HeaderMatchKind::Regex(regex(&r.regex, "safe_regex.regex")?),
-        _ => HeaderMatchKind::Unsupported("string_match".into()),
+        _ => return Err(compat::refuse(compat::F_MATCHER_KIND, "")),
     })
 }
 
@@ -490,7 +490,9 @@ pub(crate) fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldEr
         Some(S::SafeRegexMatch(r)) => {
             HeaderMatchKind::Regex(regex(&r.regex, "safe_regex_match.regex")?)
         }
-        Some(S::RangeMatch(_)) => HeaderMatchKind::Unsupported("range_match".into()),
+        Some(S::RangeMatch(_)) => {
+            return Err(compat::refuse(compat::F_MATCHER_KIND, "range_match"));
+        }
         // No specifier: Envoy treats the matcher as "header present".
         None => HeaderMatchKind::Present(true),
     };
@@ -534,8 +536,16 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
             }
             PathMatch::PathSeparatedPrefix(p.clone())
         }
-        Some(_) => PathMatch::Unsupported("path_specifier".into()),
-        None => PathMatch::Unsupported("no path_specifier".into()),
+        Some(Ps::ConnectMatcher(_)) => {
+            return Err(compat::refuse(compat::F_PATH_SPECIFIER, "connect_matcher"));
+        }
+        Some(Ps::PathMatchPolicy(_)) => {
+            return Err(compat::refuse(
+                compat::F_PATH_SPECIFIER,
+                "path_match_policy",
+            ));
+        }
+        None => return Err(FieldError::new("path_specifier", "required")),
     };
     let mut headers = Vec::with_capacity(m.headers.len());
     for (i, h) in m.headers.iter().enumerate() {
@@ -731,19 +741,23 @@ fn header_ops(
     })
 }
 
-fn hash_policy(h: &pb::route_action::HashPolicy) -> HashPolicy {
+fn hash_policy(h: &pb::route_action::HashPolicy) -> Result<HashPolicy, FieldError> {
     use pb::route_action::hash_policy::PolicySpecifier as P;
     let kind = match &h.policy_specifier {
         Some(P::Header(x)) => HashKind::Header(x.header_name.to_ascii_lowercase()),
         Some(P::Cookie(c)) => HashKind::Cookie(c.name.clone()),
         Some(P::ConnectionProperties(c)) if c.source_ip => HashKind::SourceIp,
         Some(P::QueryParameter(q)) => HashKind::QueryParameter(q.name.clone()),
+        Some(P::FilterState(_)) => {
+            return Err(compat::refuse(compat::F_FILTER_STATE, "filter_state"));
+        }
+        // `source_ip: false` or no specifier: hashes nothing, in Envoy too.
         _ => HashKind::Unsupported,
     };
-    HashPolicy {
+    Ok(HashPolicy {
         kind,
         terminal: h.terminal,
-    }
+    })
 }
 
 /// Envoy's `regex_rewrite` substitution uses `\1` for capture groups; regex_lite uses `${1}`.
@@ -796,7 +810,13 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
             }
             Target::Clusters(ClusterSpecifier::Weighted(out))
         }
-        _ => return Ok(RouteAction::Unsupported("cluster_specifier".into())),
+        Some(Cs::ClusterSpecifierPlugin(_)) | Some(Cs::InlineClusterSpecifierPlugin(_)) => {
+            return Err(compat::refuse(
+                compat::F_ROUTE_ACTION,
+                "cluster_specifier_plugin",
+            ));
+        }
+        None => return Err(FieldError::new("cluster_specifier", "required")),
     };
     let timeout = match &a.timeout {
         Some(d) => {
@@ -848,7 +868,12 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
         timeout,
         idle_timeout,
         retry_policy,
-        hash_policy: a.hash_policy.iter().map(hash_policy).collect(),
+        hash_policy: a
+            .hash_policy
+            .iter()
+            .enumerate()
+            .map(|(i, h)| hash_policy(h).map_err(|e| e.within(format!("hash_policy[{i}]"))))
+            .collect::<Result<_, _>>()?,
         grpc_timeout_max: {
             #[allow(deprecated)]
             let legacy = a.max_grpc_timeout.as_ref();
@@ -938,8 +963,16 @@ fn route_action(r: &pb::Route) -> Result<RouteAction, FieldError> {
         Some(Action::Redirect(r)) => {
             RouteAction::Redirect(redirect(r).map_err(|e| e.within("redirect"))?)
         }
-        Some(_) => RouteAction::Unsupported("action".into()),
-        None => RouteAction::Unsupported("no action".into()),
+        Some(Action::FilterAction(_)) => {
+            return Err(compat::refuse(compat::F_ROUTE_ACTION, "filter_action"));
+        }
+        Some(Action::NonForwardingAction(_)) => {
+            return Err(compat::refuse(
+                compat::F_ROUTE_ACTION,
+                "non_forwarding_action",
+            ));
+        }
+        None => return Err(FieldError::new("action", "required")),
     })
 }
 
@@ -1102,7 +1135,10 @@ mod tests {
             name: name.into(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             routes: vec![pb::Route {
-                r#match: Some(pb::RouteMatch::default()),
+                r#match: Some(pb::RouteMatch {
+                    path_specifier: Some(pb::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
                 action: Some(pb::route::Action::Route(pb::RouteAction {
                     cluster_specifier: Some(pb::route_action::ClusterSpecifier::Cluster(
                         cluster.into(),
@@ -1257,12 +1293,22 @@ mod tests {
         );
     }
 
+    fn direct() -> Option<pb::route::Action> {
+        Some(pb::route::Action::DirectResponse(
+            pb::DirectResponseAction {
+                status: 200,
+                ..Default::default()
+            },
+        ))
+    }
+
     fn bad_regex_route(path: pb::route_match::PathSpecifier) -> pb::RouteConfiguration {
         let ok = pb::Route {
             r#match: Some(pb::RouteMatch {
                 path_specifier: Some(pb::route_match::PathSpecifier::Prefix("/".into())),
                 ..Default::default()
             }),
+            action: direct(),
             ..Default::default()
         };
         let bad = pb::Route {
@@ -1270,6 +1316,7 @@ mod tests {
                 path_specifier: Some(path),
                 ..Default::default()
             }),
+            action: direct(),
             ..Default::default()
         };
         pb::RouteConfiguration {
@@ -1403,6 +1450,7 @@ mod tests {
                     domains: vec!["*".into()],
                     routes: vec![pb::Route {
                         r#match: Some(m),
+                        action: direct(),
                         ..Default::default()
                     }],
                     ..Default::default()
