@@ -114,6 +114,11 @@ fn every_resource_in_discovery_files_converts() {
             "xds/envoy-gateway-retry-routes.yaml",
             Some(skiff_proto::ROUTE_TYPE_URL),
         ),
+        // The demo's configuration (deploy/demo/xds) keeps loading.
+        ("../../deploy/demo/xds/listeners.json", None),
+        ("../../deploy/demo/xds/clusters.json", None),
+        ("../../deploy/demo/xds/routes.json", None),
+        ("../../deploy/demo/xds/endpoints.json", None),
     ];
     let mut failures = Vec::new();
     for (f, default_type) in files {
@@ -128,4 +133,16 @@ fn every_resource_in_discovery_files_converts() {
         }
     }
     assert!(failures.is_empty(), "rejected:\n{}", failures.join("\n"));
+}
+
+/// The demo's bootstrap, whose static listeners and clusters go through the same model.
+#[test]
+fn demo_bootstrap_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in ["../deploy/demo/bootstrap.yaml"] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        if let Err(e) = skiff::config::parse(&text, f) {
+            panic!("{f}: {e}");
+        }
+    }
 }
