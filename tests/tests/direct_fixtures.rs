@@ -139,10 +139,9 @@ fn every_resource_in_discovery_files_converts() {
 #[test]
 fn demo_bootstrap_loads() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in ["../deploy/demo/bootstrap.yaml"] {
-        let text = std::fs::read_to_string(root.join(f)).unwrap();
-        if let Err(e) = skiff::config::parse(&text, f) {
-            panic!("{f}: {e}");
-        }
+    let f = "../deploy/demo/bootstrap.yaml";
+    let text = std::fs::read_to_string(root.join(f)).unwrap();
+    if let Err(e) = skiff::config::parse(&text, f) {
+        panic!("{f}: {e}");
     }
 }

@@ -314,3 +314,64 @@ fn value_matches(kind: &HeaderMatchKind, v: &str) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod compat_tests {
+    use super::*;
+    use crate::model::fault::Percent;
+    use crate::model::route::RouteMatch;
+
+    fn matcher(runtime: Option<u32>, grpc: bool, requires_tls: bool) -> RouteMatch {
+        RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            case_sensitive: true,
+            headers: vec![],
+            query_parameters: vec![],
+            runtime_fraction: runtime.map(|n| Percent {
+                numerator: n,
+                denominator: 100,
+            }),
+            grpc,
+            requires_tls,
+        }
+    }
+
+    fn hits(m: &RouteMatch, h: &HeaderMap, n: usize) -> usize {
+        let method = Method::GET;
+        let req = RequestFacts {
+            host: "h",
+            method: &method,
+            path: "/x",
+            headers: h,
+        };
+        (0..n).filter(|_| route_matches(m, &req)).count()
+    }
+
+    #[test]
+    fn runtime_fraction_uses_its_default_value() {
+        let h = HeaderMap::new();
+        assert_eq!(hits(&matcher(Some(0), false, false), &h, 200), 0);
+        assert_eq!(hits(&matcher(Some(100), false, false), &h, 200), 200);
+        // A 10 % canary gets about 10 %: 4000 draws, mean 400, sd 19; 6 sd either side.
+        let n = hits(&matcher(Some(10), false, false), &h, 4000);
+        assert!((286..=514).contains(&n), "{n} of 4000");
+    }
+
+    #[test]
+    fn grpc_and_tls_context_matchers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 0);
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            "application/grpc+proto".parse().unwrap(),
+        );
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 1);
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            "application/grpc-web".parse().unwrap(),
+        );
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 0);
+        // Every connection is plaintext until issue 15: no client certificate.
+        assert_eq!(hits(&matcher(None, false, true), &h, 1), 0);
+    }
+}
