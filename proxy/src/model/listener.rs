@@ -224,7 +224,9 @@ pub struct FilterChain {
     pub filters: Vec<String>,
     /// What the terminal filter does.
     pub action: NetworkAction,
-    /// Whether the chain terminates TLS (`transport_socket` set).
+    /// Whether the chain has a TLS transport socket. Conversion accepts that only on chains
+    /// that TLS inspection alone could select (`FilterChainMatch::needs_tls_inspection`), which
+    /// skiff does not do yet (issue 15): such chains are inert, never chosen.
     pub has_transport_socket: bool,
 }
 
@@ -270,7 +272,8 @@ pub enum NetworkAction {
     TcpProxy(TcpProxy),
     /// `envoy.filters.network.http_connection_manager`: accepted and stored; served by HTTP routing.
     Http(HttpManager),
-    /// A terminal filter skiff does not run; connections on this chain are closed.
+    /// A terminal filter skiff does not run; connections on this chain are closed. Conversion
+    /// never produces it any more (such chains are refused, `model::compat`).
     Unsupported {
         /// Filter name.
         name: String,
