@@ -317,3 +317,92 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod active_tests {
+    use super::*;
+    use crate::model::fault::Delay;
+    use crate::model::route::{HeaderOps, RouteMatch};
+    use hyper::{HeaderMap, Method};
+
+    #[tokio::test]
+    async fn max_active_faults_caps_concurrent_faults() {
+        let fault = Fault {
+            delay: Some(Delay {
+                kind: DelayKind::Fixed(Duration::from_millis(300)),
+                percentage: Percent {
+                    numerator: 100,
+                    denominator: 100,
+                },
+            }),
+            abort: None,
+            upstream_cluster: None,
+            headers: vec![],
+            downstream_nodes: vec![],
+            max_active_faults: Some(1),
+        };
+        let filters = vec![FaultFilter {
+            name: "f".into(),
+            disabled: false,
+            config: Arc::new(fault),
+        }];
+        let route = Route {
+            name: "r".into(),
+            matcher: RouteMatch {
+                path: crate::model::route::PathMatch::Prefix("/".into()),
+                case_sensitive: true,
+                headers: vec![],
+                query_parameters: vec![],
+                runtime_fraction: None,
+                grpc: false,
+                requires_tls: false,
+            },
+            action: RouteAction::Direct {
+                status: 200,
+                body: None,
+            },
+            headers: HeaderOps::default(),
+            faults: vec![],
+        };
+        let vh = VirtualHost {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            routes: vec![],
+            clusters: Default::default(),
+            headers: HeaderOps::default(),
+            retry_policy: None,
+            include_request_attempt_count: false,
+            include_attempt_count_in_response: false,
+            virtual_clusters: vec![],
+            faults: vec![],
+        };
+        let stats = Arc::new(Stats::default());
+        let (h, m) = (HeaderMap::new(), Method::GET);
+        let facts = RequestFacts {
+            host: "h",
+            method: &m,
+            path: "/",
+            headers: &h,
+        };
+        let first = inject(&stats, "p", &filters, &vh, &route, &facts);
+        let second = async {
+            // Let the first fault start its delay, then try a second one.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let started = tokio::time::Instant::now();
+            assert!(
+                inject(&stats, "p", &filters, &vh, &route, &facts)
+                    .await
+                    .is_none()
+            );
+            started.elapsed()
+        };
+        let (_, waited) = tokio::join!(first, second);
+        assert!(
+            waited < Duration::from_millis(150),
+            "the second request is not delayed: {waited:?}"
+        );
+        assert_eq!(stats.counter("http.p.fault.faults_overflow").get(), 1);
+        assert_eq!(stats.counter("http.p.fault.delays_injected").get(), 1);
+        assert_eq!(stats.gauge("http.p.fault.active_faults").get(), 0);
+    }
+}
