@@ -5,7 +5,8 @@
 //! - [`cli`]: the command line: clap types, `skiff run` arguments -> [`app::RunOptions`]
 //!   (typed [`cli::OptionsError`]), admin queries; `main.rs` only parses, calls and exits.
 //! - [`config`]: Envoy v3 bootstrap (YAML/JSON) -> validated [`config::Bootstrap`].
-//! - [`model`]: skiff's own listener/cluster/endpoint types, converted from protos by `TryFrom`.
+//! - [`model`]: skiff's own listener/cluster/endpoint types, converted from protos by `TryFrom`;
+//!   `model::compat` is the one table of what skiff honours, skips or refuses (issue 14).
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.

@@ -1054,3 +1054,78 @@ pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
     });
     addr
 }
+
+/// Resources of the `tests/fixtures/xds` dumps that skiff refuses under the honour-or-refuse
+/// rule (docs/COMPATIBILITY.md): (file, resource name, what the refusal must name). Istio's ambient/waypoint plumbing (internal
+/// listeners, CONNECT tunnels, `internal_upstream`), mTLS (issue 15), CUSTOM authorization and
+/// OSM's Lua/Wasm are refused rather than served differently from Envoy.
+pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
+    // The internal listener selects chains with the xDS matcher API.
+    (
+        "istio-proxyconfig-full.json",
+        "main_internal",
+        "filter_chain_matcher",
+    ),
+    (
+        "istio-compare-before.json",
+        "main_internal",
+        "filter_chain_matcher",
+    ),
+    // Clusters reaching internal listeners.
+    (
+        "istio-proxyconfig-full.json",
+        "inbound-vip|8000|http|httpbin.default.svc.cluster.local",
+        "InternalUpstreamTransport",
+    ),
+    (
+        "istio-compare-before.json",
+        "inbound-vip|9080|http|ratings.default.svc.cluster.local",
+        "InternalUpstreamTransport",
+    ),
+    // HBONE termination: CONNECT routes (then filter state, and mTLS on a selectable chain).
+    (
+        "istio-compare-before.json",
+        "connect_terminate",
+        "connect_matcher",
+    ),
+    (
+        "istio-sidecar-listeners-27.yaml",
+        "connect_terminate",
+        "connect_matcher",
+    ),
+    (
+        "istio-sidecar-listeners-27.yaml",
+        "main_internal",
+        "set_dst_address",
+    ),
+    (
+        "istio-sidecar-listeners-27.yaml",
+        "connect_originate",
+        "set_dst_address",
+    ),
+    // Its HTTP RBAC policies also require JWT claims (`istio_authn` dynamic metadata), which
+    // skiff's RBAC cannot evaluate (it also carries a CUSTOM AuthorizationPolicy's ext_authz):
+    // refusing keeps either from letting everything through.
+    (
+        "istio-sidecar-listeners-27.yaml",
+        "virtualInbound",
+        "dynamic metadata is not supported by skiff's RBAC",
+    ),
+    // Auto-mTLS to endpoints labelled tlsMode: istio.
+    (
+        "istio-describe-http.json",
+        "outbound|9080|v1|productpage.default.svc.cluster.local",
+        "tlsMode-istio",
+    ),
+    // OSM: mTLS upstream, Lua and Wasm filters.
+    (
+        "osm-curl-egress-config-dump.json",
+        "httpbin/httpbin|14001",
+        "UpstreamTlsContext",
+    ),
+    (
+        "osm-curl-egress-config-dump.json",
+        "outbound-listener",
+        "envoy.filters.http.lua",
+    ),
+];

@@ -1,6 +1,7 @@
 //! Every xDS resource in every real config dump and discovery file of `tests/fixtures/`
-//! converts into skiff's model without an error, i.e. skiff would ACK it, except the ones
-//! skiff must refuse because it cannot honour them ([`REFUSED`]).
+//! converts into skiff's model without an error, i.e. skiff would ACK it, except those that ask
+//! for what skiff cannot do: under the honour-or-refuse rule (docs/COMPATIBILITY.md) skiff
+//! NACKs them, and `skiff_tests::FIXTURE_REFUSALS` lists each with the reason it must give.
 
 use std::path::Path;
 
@@ -43,22 +44,7 @@ fn convert(type_url: &str, name: &str, bytes: &[u8]) -> Result<(), String> {
     res.map_err(|e| format!("{kind} {name:?}: {e}"))
 }
 
-/// Resources of the dumps that skiff refuses (NACKs) on purpose: (file, resource, what the
-/// reason must name). Istio's `virtualInbound` and `main_internal` carry HTTP RBAC policies
-/// that also require JWT claims (`request.auth.claims`, `istio_authn` dynamic metadata), which
-/// skiff cannot evaluate: accepting them would enforce a different policy.
-const REFUSED: &[(&str, &str, &str)] = &[
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "virtualInbound",
-        ".metadata: RBAC filter \"envoy.filters.http.rbac\": dynamic metadata is not supported",
-    ),
-    (
-        "istio-sidecar-listeners-27.yaml",
-        "main_internal",
-        ".metadata: RBAC filter \"envoy.filters.http.rbac\": dynamic metadata is not supported",
-    ),
-];
+use skiff_tests::FIXTURE_REFUSALS as REFUSED;
 
 #[test]
 fn every_dynamic_resource_in_every_dump_converts() {
@@ -75,29 +61,31 @@ fn every_dynamic_resource_in_every_dump_converts() {
     ];
     let mut failures = Vec::new();
     let mut count = 0;
+    let mut refused = 0;
     for f in dumps {
         let text = std::fs::read_to_string(dir.join(f)).unwrap();
         let dump = skiff_proto::parse_config_dump(&text).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert!(!dump.dynamic.is_empty(), "{f}: no dynamic resources");
         for r in &dump.dynamic {
             count += 1;
-            let refused = REFUSED
+            let expected = REFUSED
                 .iter()
                 .find(|(file, name, _)| *file == f && *name == r.name);
-            match (convert(&r.type_url, &r.name, &r.resource.value), refused) {
+            match (convert(&r.type_url, &r.name, &r.resource.value), expected) {
                 (Ok(()), None) => {}
-                (Err(e), Some((_, _, why))) if e.contains(why) => {}
+                (Err(e), Some((_, _, why))) if e.contains(why) => refused += 1,
                 (Err(e), _) => failures.push(format!("{f}: {e}")),
-                (Ok(()), Some(_)) => failures.push(format!("{f}: {} was accepted", r.name)),
+                (Ok(()), Some(_)) => failures.push(format!("{f}: {:?} was accepted", r.name)),
             }
         }
     }
     assert!(
         failures.is_empty(),
-        "{} of {count} rejected:\n{}",
+        "{} of {count} not as expected:\n{}",
         failures.len(),
         failures.join("\n")
     );
+    assert_eq!(refused, REFUSED.len(), "every listed refusal was seen");
     assert!(
         count > 60,
         "expected the fixtures' ~70 dynamic resources, saw {count}"
@@ -126,6 +114,11 @@ fn every_resource_in_discovery_files_converts() {
             "xds/envoy-gateway-retry-routes.yaml",
             Some(skiff_proto::ROUTE_TYPE_URL),
         ),
+        // The demo's configuration (deploy/demo/xds) keeps loading.
+        ("../../deploy/demo/xds/listeners.json", None),
+        ("../../deploy/demo/xds/clusters.json", None),
+        ("../../deploy/demo/xds/routes.json", None),
+        ("../../deploy/demo/xds/endpoints.json", None),
     ];
     let mut failures = Vec::new();
     for (f, default_type) in files {
@@ -140,4 +133,15 @@ fn every_resource_in_discovery_files_converts() {
         }
     }
     assert!(failures.is_empty(), "rejected:\n{}", failures.join("\n"));
+}
+
+/// The demo's bootstrap, whose static listeners and clusters go through the same model.
+#[test]
+fn demo_bootstrap_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let f = "../deploy/demo/bootstrap.yaml";
+    let text = std::fs::read_to_string(root.join(f)).unwrap();
+    if let Err(e) = skiff::config::parse(&text, f) {
+        panic!("{f}: {e}");
+    }
 }

@@ -293,7 +293,8 @@ fn kind_of(type_url: &str) -> &'static str {
 
 /// Every real config dump in the fixtures, replayed by `skiff control-plane
 /// --from-config-dump` into a real `skiff run` (SotW for some, delta for others), loads with
-/// zero NACKs, and skiff's own `/config_dump` shows the same resource names. Run in a private
+/// NACKs only for what `skiff_tests::FIXTURE_REFUSALS` lists, and skiff's own `/config_dump`
+/// shows every other resource name. Run in a private
 /// netns because the dumps' listeners bind ports (0.0.0.0:15006 and such).
 #[test]
 fn every_fixture_config_dump_loads_without_nack() {
@@ -319,27 +320,55 @@ fn every_fixture_config_dump_loads_without_nack() {
         // Endpoints are only requested for EDS clusters that exist and routes only when a
         // listener names them (a dump is a snapshot and may hold leftovers; Envoy would not
         // fetch those either).
+        // What skiff refuses (honour or refuse, docs/COMPATIBILITY.md) is NACKed, so neither
+        // it nor the endpoints and routes only it would fetch show up.
+        let refused: std::collections::BTreeSet<&str> = skiff_tests::FIXTURE_REFUSALS
+            .iter()
+            .filter(|(f, _, _)| *f == file)
+            .map(|(_, n, _)| *n)
+            .collect();
+        let refused_kinds: std::collections::BTreeSet<&str> = source
+            .dynamic
+            .iter()
+            .filter(|r| refused.contains(r.name.as_str()))
+            .map(|r| kind_of(&r.type_url))
+            .collect();
         let clusters: std::collections::BTreeSet<&str> = source
             .dynamic
             .iter()
-            .filter(|r| kind_of(&r.type_url) == "cluster")
+            .filter(|r| kind_of(&r.type_url) == "cluster" && !refused.contains(r.name.as_str()))
             .map(|r| r.name.as_str())
             .collect();
-        // Listeners skiff NACKs on purpose (direct_fixtures.rs `REFUSED`): HTTP RBAC policies
-        // that also need JWT claims, which skiff cannot evaluate.
-        let refused: &[&str] = match file {
-            "istio-sidecar-listeners-27.yaml" => &["virtualInbound", "main_internal"],
-            _ => &[],
-        };
+        let rds: std::collections::BTreeSet<String> = source
+            .dynamic
+            .iter()
+            .filter(|r| kind_of(&r.type_url) == "listener" && !refused.contains(r.name.as_str()))
+            .filter_map(|r| {
+                use prost::Message;
+                let pb = envoy_types::pb::envoy::config::listener::v3::Listener::decode(
+                    r.resource.value.as_slice(),
+                )
+                .ok()?;
+                skiff::model::Listener::try_from(&pb).ok()
+            })
+            .flat_map(|l| {
+                l.filter_chains
+                    .iter()
+                    .chain(&l.default_filter_chain)
+                    .filter_map(|c| match &c.action {
+                        skiff::model::NetworkAction::Http(h) => h.rds_route_config_name.clone(),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let expected: std::collections::BTreeSet<(String, String)> = source
             .dynamic
             .iter()
             .map(|r| (kind_of(&r.type_url).to_string(), r.name.clone()))
-            .filter(|(k, n)| k != "listener" || !refused.contains(&n.as_str()))
+            .filter(|(k, n)| k == "endpoints" || k == "route" || !refused.contains(n.as_str()))
             .filter(|(k, n)| k != "endpoints" || clusters.contains(n.as_str()))
-            .filter(|(k, n)| {
-                k != "route" || text.contains(&format!("\"route_config_name\": \"{n}\""))
-            })
+            .filter(|(k, n)| k != "route" || rds.contains(n))
             .collect();
         // Some dumps hold EDS clusters without their endpoints: those warm for ever, so skiff
         // (like Envoy) turns ready only after initial_fetch_timeout, kept short here.
@@ -416,26 +445,27 @@ static_resources:
             missing.is_empty(),
             "{file}: skiff's config_dump lacks {missing:?}"
         );
-        for t in ["lds", "cds"] {
+        for (t, kind) in [("lds", "listener"), ("cds", "cluster")] {
             let stat_name = match t {
                 "lds" => "listener_manager.lds.update_rejected",
                 _ => "cluster_manager.cds.update_rejected",
             };
-            let n = stat(&ns, stat_name);
-            if t == "lds" && !refused.is_empty() {
-                assert!(
-                    n > 0,
-                    "{file}: {stat_name}: the refused listeners were NACKed"
-                );
+            let nacks = stat(&ns, stat_name);
+            if refused_kinds.contains(kind) {
+                assert!(nacks > 0, "{file}: {stat_name}: the refusals were NACKed");
             } else {
-                assert_eq!(n, 0, "{file}: {stat_name}");
+                assert_eq!(nacks, 0, "{file}: {stat_name}");
             }
         }
         let (_, body) = admin(&ns, "GET", "/stats").unwrap();
         let rejected: Vec<&str> = body
             .lines()
-            .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
-            .filter(|l| refused.is_empty() || !l.starts_with("listener_manager.lds."))
+            .filter(|l| {
+                l.contains("update_rejected")
+                    && !l.ends_with(": 0")
+                    && !l.starts_with("listener_manager.lds")
+                    && !l.starts_with("cluster_manager.cds")
+            })
             .collect();
         assert!(rejected.is_empty(), "{file}: NACKs: {rejected:?}");
         stop(proxy);

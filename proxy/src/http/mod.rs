@@ -22,6 +22,7 @@
 //! hedging, shadowing.
 
 pub mod body;
+pub mod fault;
 mod filters;
 pub mod headers;
 pub mod pool;
@@ -320,6 +321,21 @@ async fn route_request(
             upstream: None,
         },
     };
+    // The fault filter runs before the router (issue 14).
+    if !conn.manager.faults.is_empty()
+        && let Some(mut r) = fault::inject(
+            &conn.dp.stats,
+            &conn.manager.stat_prefix,
+            &conn.manager.faults,
+            vh,
+            chosen,
+            &facts,
+        )
+        .await
+    {
+        ctx.response_headers(r.headers_mut(), None);
+        return r;
+    }
     match &chosen.action {
         RouteAction::Direct { status, body } => {
             ctx.hs.rq_direct_response.inc();

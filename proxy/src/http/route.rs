@@ -4,8 +4,9 @@
 //! `ignore_port_in_host_matching`, keeps its `:port` (Envoy's default: `foo:80` is a different
 //! domain from `foo`). The search order is exact domain, then `*.suffix` wildcards (longest
 //! first), then `prefix*` wildcards (longest first), then `*`. A wildcard never matches the
-//! empty string. Route: the first route of the virtual host whose path, headers and query
-//! parameters all match.
+//! empty string. Route: the first route of the virtual host whose path, `grpc`, headers, query
+//! parameters and `runtime_fraction` (a draw against its default value: skiff has no runtime)
+//! all match; a `tls_context` asking for a client certificate never matches plaintext.
 
 use hyper::{HeaderMap, Method};
 
@@ -135,8 +136,19 @@ pub fn route_matches(m: &RouteMatch, req: &RequestFacts<'_>) -> bool {
         PathMatch::Unsupported(_) => false,
     };
     path_ok
+        && !m.requires_tls
+        && (!m.grpc || is_grpc(req.headers))
         && m.headers.iter().all(|h| header_matches(h, req))
         && (m.query_parameters.is_empty() || query_matches(&m.query_parameters, req.path))
+        // Last, as in Envoy: the draw only happens for requests that match otherwise.
+        && m.runtime_fraction.is_none_or(|p| p.hit(fastrand::u64(..)))
+}
+
+/// Envoy's gRPC test: `content-type` is `application/grpc` or `application/grpc+<codec>`.
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "application/grpc" || v.starts_with("application/grpc+"))
 }
 
 /// Percent-decode one query component (Envoy decodes names and values before matching).
@@ -242,6 +254,11 @@ pub fn virtual_cluster<'v>(vh: &'v VirtualHost, req: &RequestFacts<'_>) -> &'v s
         .map_or("other", |(name, _)| name.as_str())
 }
 
+/// Whether every one of `ms` matches the request (the fault filter's `headers`).
+pub fn all_request_headers_match(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
+    ms.iter().all(|m| header_matches(m, req))
+}
+
 /// Whether any of `ms` matches the request (`retriable_request_headers`).
 pub fn any_request_header_matches(ms: &[HeaderMatch], req: &RequestFacts<'_>) -> bool {
     ms.iter().any(|m| header_matches(m, req))
@@ -295,5 +312,66 @@ fn value_matches(kind: &HeaderMatchKind, v: &str) -> bool {
             let (a, b) = cmp(*ic, v, s);
             a.contains(&b)
         }
+    }
+}
+
+#[cfg(test)]
+mod compat_tests {
+    use super::*;
+    use crate::model::fault::Percent;
+    use crate::model::route::RouteMatch;
+
+    fn matcher(runtime: Option<u32>, grpc: bool, requires_tls: bool) -> RouteMatch {
+        RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            case_sensitive: true,
+            headers: vec![],
+            query_parameters: vec![],
+            runtime_fraction: runtime.map(|n| Percent {
+                numerator: n,
+                denominator: 100,
+            }),
+            grpc,
+            requires_tls,
+        }
+    }
+
+    fn hits(m: &RouteMatch, h: &HeaderMap, n: usize) -> usize {
+        let method = Method::GET;
+        let req = RequestFacts {
+            host: "h",
+            method: &method,
+            path: "/x",
+            headers: h,
+        };
+        (0..n).filter(|_| route_matches(m, &req)).count()
+    }
+
+    #[test]
+    fn runtime_fraction_uses_its_default_value() {
+        let h = HeaderMap::new();
+        assert_eq!(hits(&matcher(Some(0), false, false), &h, 200), 0);
+        assert_eq!(hits(&matcher(Some(100), false, false), &h, 200), 200);
+        // A 10 % canary gets about 10 %: 4000 draws, mean 400, sd 19; 6 sd either side.
+        let n = hits(&matcher(Some(10), false, false), &h, 4000);
+        assert!((286..=514).contains(&n), "{n} of 4000");
+    }
+
+    #[test]
+    fn grpc_and_tls_context_matchers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 0);
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            "application/grpc+proto".parse().unwrap(),
+        );
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 1);
+        h.insert(
+            hyper::header::CONTENT_TYPE,
+            "application/grpc-web".parse().unwrap(),
+        );
+        assert_eq!(hits(&matcher(None, true, false), &h, 1), 0);
+        // Every connection is plaintext until issue 15: no client certificate.
+        assert_eq!(hits(&matcher(None, false, true), &h, 1), 0);
     }
 }

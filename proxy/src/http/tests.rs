@@ -24,6 +24,7 @@ fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         include_attempt_count_in_response: false,
         virtual_clusters: vec![],
         per_filter: Default::default(),
+        faults: vec![],
     }
 }
 
@@ -118,6 +119,9 @@ fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderM
             case_sensitive,
             headers,
             query_parameters: vec![],
+            runtime_fraction: None,
+            grpc: false,
+            requires_tls: false,
         },
         action: RouteAction::Direct {
             status: 200,
@@ -125,6 +129,7 @@ fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderM
         },
         headers: HeaderOps::default(),
         per_filter: Default::default(),
+        faults: vec![],
     }
 }
 

@@ -12,6 +12,8 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 use prost::Message;
 
+use super::compat::{self, Kind, Verdict};
+use super::fault::FaultFilter;
 use super::route::RouteConfig;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
 use crate::rbac::{self, HttpRbac, NetworkRbac};
@@ -56,6 +58,9 @@ pub struct Listener {
     /// A UDP listener (`socket_address.protocol: UDP`) and its `udp_proxy`; `None` for TCP.
     /// skiff's proxy never binds these: only the kernel fast path serves them.
     pub udp: Option<UdpProxy>,
+    /// Extensions accepted without being run (optional or observational, `model::compat`),
+    /// sorted, each once: what `skiff.unsupported.<name>` counts.
+    pub unsupported: Vec<String>,
 }
 
 /// The `envoy.filters.udp_listener.udp_proxy` listener filter of a UDP listener.
@@ -227,7 +232,9 @@ pub struct FilterChain {
     pub rbac: Vec<NetworkRbacFilter>,
     /// What the terminal filter does.
     pub action: NetworkAction,
-    /// Whether the chain terminates TLS (`transport_socket` set).
+    /// Whether the chain has a TLS transport socket. Conversion accepts that only on chains
+    /// that TLS inspection alone could select (`FilterChainMatch::needs_tls_inspection`), which
+    /// skiff does not do yet (issue 15): such chains are inert, never chosen.
     pub has_transport_socket: bool,
 }
 
@@ -284,7 +291,8 @@ pub enum NetworkAction {
     TcpProxy(TcpProxy),
     /// `envoy.filters.network.http_connection_manager`: accepted and stored; served by HTTP routing.
     Http(HttpManager),
-    /// A terminal filter skiff does not run; connections on this chain are closed.
+    /// A terminal filter skiff does not run; connections on this chain are closed. Conversion
+    /// never produces it any more (such chains are refused, `model::compat`).
     Unsupported {
         /// Filter name.
         name: String,
@@ -332,11 +340,13 @@ pub struct HttpManager {
     pub rds_route_config_name: Option<String>,
     /// The inline `route_config`, when given inline (shared: every connection clones the HCM).
     pub inline_route_config: Option<Arc<RouteConfig>>,
-    /// `http_filters` before the router, as recognised (what each does: its disposition).
+    /// `http_filters` before the router, as classified by `model::compat`.
     pub http_filters: Vec<HttpFilter>,
-    /// The HTTP filters skiff runs on every request, in configuration order, before the
-    /// router (the `Honoured` entries of `http_filters`).
+    /// The HTTP filters skiff runs on every request before the router (RBAC), in
+    /// configuration order.
     pub filters: Vec<RunFilter>,
+    /// The fault filters among them, in order.
+    pub faults: Vec<FaultFilter>,
     /// `xff_num_trusted_hops`: which `x-forwarded-for` entry is the downstream remote address.
     pub xff_num_trusted_hops: u32,
     /// `use_remote_address`: the downstream peer is the trusted client address (append it to
@@ -387,27 +397,27 @@ pub struct HttpRbacFilter {
     pub stats: rbac::StatNames,
 }
 
-/// One entry of `http_filters` before the router, and what skiff does with it.
+/// One entry of `http_filters` before the router.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpFilter {
     /// Filter name.
     pub name: String,
     /// Config type (the `typed_config` type, or the first of `config_discovery.type_urls`).
     pub type_name: String,
-    /// Whether it runs, and if not why it was accepted.
+    /// What skiff does with it.
     pub disposition: FilterDisposition,
 }
 
-/// Whether an HTTP filter runs, and why one that does not is accepted.
+/// What skiff does with an HTTP filter it accepted (`model::compat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterDisposition {
-    /// Run on every request (its config is in [`HttpManager::filters`]).
+    /// Run (the fault filter), or a no-op as configured (cors without policies), or pending
+    /// an engine (rbac).
     Honoured,
-    /// A filter Envoy or Istio ships (a known extension type) that skiff does not execute.
-    KnownNotRun,
-    /// An unknown type marked `is_optional`: Envoy skips it too.
+    /// Optional or observational: accepted, not run (`skiff.unsupported.<name>`).
     OptionalSkipped,
-    /// `disabled: true`: only enabled per route, which skiff does not do.
+    /// `disabled: true` and not a filter skiff runs: it acts only where a route enables it,
+    /// and route configurations that would enable it are refused.
     Disabled,
 }
 
@@ -416,27 +426,62 @@ pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// Name Envoy gives the router filter.
 pub const ROUTER_NAME: &str = "envoy.filters.http.router";
 
-/// Names of Envoy's and Istio's own filters, for filters given by name without a config type.
-const KNOWN_FILTER_NAMES: [&str; 2] = ["envoy.", "istio."];
-
-/// Config types of HTTP filters Envoy or Istio ship, by namespace. Such a filter is known (it
-/// is accepted as Envoy accepts it) although skiff does not execute it; anything outside these
-/// namespaces is unknown to skiff and rejected unless `is_optional`.
-const KNOWN_FILTER_NAMESPACES: [&str; 7] = [
-    "envoy.extensions.filters.http.",
-    "envoy.config.filter.http.",
-    "io.istio.http.",
-    "istio.",
-    "stats.",
-    "udpa.type.v1.TypedStruct",
-    "xds.type.v3.TypedStruct",
-];
-
 /// Envoy's default TCP proxy idle timeout.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 fn type_name(any: &Any) -> &str {
     any.type_url.rsplit('/').next().unwrap_or(&any.type_url)
+}
+
+/// HTTP filter names Envoy accepted before typed configs (`envoy.router`...), mapped to the
+/// table's names.
+fn legacy_http_name(name: &str) -> &str {
+    match name {
+        "envoy.router" => ROUTER_NAME,
+        "envoy.fault" => "envoy.filters.http.fault",
+        "envoy.cors" => "envoy.filters.http.cors",
+        n => n,
+    }
+}
+
+/// Application protocols http_inspector can report; any other ALPN needs TLS inspection.
+const PLAINTEXT_ALPN: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
+
+impl FilterChainMatch {
+    /// Whether no connection can select a chain with this match today: it needs
+    /// `transport_protocol: tls`, server names or a TLS ALPN, and skiff detects no TLS
+    /// (issue 15), so every connection is `raw_buffer` with no SNI.
+    pub fn needs_tls_inspection(&self) -> bool {
+        self.transport_protocol == "tls"
+            || !self.server_names.is_empty()
+            || (!self.application_protocols.is_empty()
+                && !self
+                    .application_protocols
+                    .iter()
+                    .any(|p| PLAINTEXT_ALPN.contains(&p.as_str())))
+    }
+}
+
+/// Check a `transport_socket` under the compatibility rule: `Ok(false)` plaintext,
+/// `Ok(true)` TLS (for the caller to refuse or accept as inert), `Err` anything else.
+fn transport_socket(
+    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
+) -> Result<bool, FieldError> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    let t = match &ts.config_type {
+        Some(ConfigType::TypedConfig(a)) => compat::type_name(a),
+        None => String::new(),
+    };
+    match compat::classify(Kind::TransportSocket, &ts.name, &t, false) {
+        Ok(Verdict::Run(e)) if e.type_name == compat::RAW_BUFFER_TYPE => Ok(false),
+        Ok(_) => Ok(true),
+        Err(_) if t.ends_with("DownstreamTlsContext") || t.ends_with("UpstreamTlsContext") => {
+            Ok(true)
+        }
+        // Refused by the table, or a TLS context given by name only.
+        Err(_) if t.is_empty() && ts.name.contains("tls") => Ok(true),
+        Err(reason) => Err(FieldError::new("transport_socket", reason)),
+    }
 }
 
 fn ports(v: &[u32], field: &str) -> Result<Vec<u16>, FieldError> {
@@ -535,18 +580,20 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
     })
 }
 
-/// `http_filters` before the router: every one as recognised, and the ones skiff runs.
+/// `http_filters` under the compatibility rule: every one as classified, the ones skiff runs
+/// before the router (RBAC), and the fault filters' configurations.
 fn http_filters(
     h: &hcm::HttpConnectionManager,
-) -> Result<(Vec<HttpFilter>, Vec<RunFilter>), FieldError> {
+) -> Result<(Vec<HttpFilter>, Vec<RunFilter>, Vec<FaultFilter>), FieldError> {
     use hcm::http_filter::ConfigType;
     let mut out = Vec::new();
     let mut run = Vec::new();
+    let mut faults = Vec::new();
     let n = h.http_filters.len();
     for (i, f) in h.http_filters.iter().enumerate() {
         let at = format!("typed_config.http_filters[{i}]");
         let type_name = match &f.config_type {
-            Some(ConfigType::TypedConfig(a)) => type_name(a).to_string(),
+            Some(ConfigType::TypedConfig(a)) => compat::type_name(a),
             Some(ConfigType::ConfigDiscovery(d)) => d
                 .type_urls
                 .first()
@@ -585,29 +632,39 @@ fn http_filters(
             });
             continue;
         }
-        let known = if type_name.is_empty() {
-            KNOWN_FILTER_NAMES.iter().any(|p| f.name.starts_with(p))
+        let lookup_name = if type_name.is_empty() {
+            legacy_http_name(&f.name)
         } else {
-            KNOWN_FILTER_NAMESPACES
-                .iter()
-                .any(|ns| type_name.starts_with(ns))
+            f.name.as_str()
         };
-        let disposition = if f.disabled {
-            FilterDisposition::Disabled
-        } else if known {
-            FilterDisposition::KnownNotRun
-        } else if f.is_optional {
-            FilterDisposition::OptionalSkipped
-        } else {
-            let what = if type_name.is_empty() {
-                "no typed_config".to_string()
-            } else {
-                format!("config type {type_name:?}")
+        // Envoy's `disabled: true` filter acts only where a route enables it.
+        let verdict =
+            match compat::classify(Kind::HttpFilter, lookup_name, &type_name, f.is_optional) {
+                Ok(v) => v,
+                Err(_) if f.disabled => Verdict::Skip(f.name.clone()),
+                Err(reason) => return Err(FieldError::new(at, reason)),
             };
-            return Err(FieldError::new(
-                at,
-                format!("unknown HTTP filter {:?} ({what}) is not optional", f.name),
-            ));
+        let disposition = match &verdict {
+            Verdict::Run(e) if e.type_name == compat::FAULT_TYPE => {
+                let any = match &f.config_type {
+                    Some(ConfigType::TypedConfig(a)) => Some(a),
+                    _ => None,
+                };
+                let config = match any {
+                    Some(a) => super::fault::fault(&a.value).map_err(|e| e.within(&at))?,
+                    // ECDS or by name only: an empty fault config injects nothing.
+                    None => super::fault::fault(&[]).map_err(|e| e.within(&at))?,
+                };
+                faults.push(FaultFilter {
+                    name: f.name.clone(),
+                    disabled: f.disabled,
+                    config: Arc::new(config),
+                });
+                FilterDisposition::Honoured
+            }
+            Verdict::Run(_) => FilterDisposition::Honoured,
+            Verdict::Skip(_) if f.disabled => FilterDisposition::Disabled,
+            Verdict::Skip(_) => FilterDisposition::OptionalSkipped,
         };
         out.push(HttpFilter {
             name: f.name.clone(),
@@ -615,7 +672,7 @@ fn http_filters(
             disposition,
         });
     }
-    Ok((out, run))
+    Ok((out, run, faults))
 }
 
 /// An `envoy.filters.http.rbac` entry of `http_filters`, converted. Refused where skiff could
@@ -747,10 +804,11 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
             ));
         }
     };
-    let (http_filters, filters) = http_filters(&h)?;
+    let (http_filters, filters, faults) = http_filters(&h)?;
     Ok(HttpManager {
         http_filters,
         filters,
+        faults,
         xff_num_trusted_hops: h.xff_num_trusted_hops,
         stat_prefix: h.stat_prefix,
         rds_route_config_name: rds,
@@ -780,7 +838,14 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
 }
 
 impl FilterChain {
-    fn from_proto(fc: &pb::FilterChain) -> Result<Self, FieldError> {
+    /// Convert one chain; `unsupported` collects what is accepted without running.
+    /// `is_default`: the listener's default chain, which any connection may get, so a TLS
+    /// transport socket on it is always refused.
+    fn from_proto(
+        fc: &pb::FilterChain,
+        is_default: bool,
+        unsupported: &mut Vec<String>,
+    ) -> Result<Self, FieldError> {
         let matcher = match &fc.filter_chain_match {
             Some(m) => {
                 FilterChainMatch::from_proto(m).map_err(|e| e.within("filter_chain_match"))?
@@ -795,6 +860,25 @@ impl FilterChain {
         };
         let n = fc.filters.len() - 1;
         use pb::filter::ConfigType;
+        let config_type = |f: &pb::Filter| match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => compat::type_name(any),
+            _ => String::new(),
+        };
+        // Honour or refuse (model::compat): every filter before the terminal one.
+        for (i, f) in before.iter().enumerate() {
+            let t = config_type(f);
+            match compat::classify(Kind::NetworkFilter, &f.name, &t, false) {
+                Ok(Verdict::Run(e)) if e.type_name == TCP_PROXY_TYPE || e.type_name == HCM_TYPE => {
+                    return Err(FieldError::new(
+                        format!("filters[{i}]"),
+                        format!("terminal filter {:?} must be the last filter", f.name),
+                    ));
+                }
+                Ok(Verdict::Run(_)) => {}
+                Ok(Verdict::Skip(name)) => unsupported.push(name),
+                Err(reason) => return Err(FieldError::new(format!("filters[{i}]"), reason)),
+            }
+        }
         let action = match &last.config_type {
             Some(ConfigType::TypedConfig(any)) => match type_name(any) {
                 TCP_PROXY_TYPE => NetworkAction::TcpProxy(
@@ -803,15 +887,25 @@ impl FilterChain {
                 HCM_TYPE => NetworkAction::Http(
                     http_manager(any).map_err(|e| e.within(format!("filters[{n}]")))?,
                 ),
-                other => NetworkAction::Unsupported {
-                    name: last.name.clone(),
-                    type_url: other.to_string(),
-                },
+                _ => {
+                    let t = config_type(last);
+                    let reason = match compat::classify(Kind::NetworkFilter, &last.name, &t, false)
+                    {
+                        Ok(_) => format!("the last filter must be terminal, not {:?}", last.name),
+                        Err(reason) => reason,
+                    };
+                    return Err(FieldError::new(format!("filters[{n}]"), reason));
+                }
             },
-            _ => NetworkAction::Unsupported {
-                name: last.name.clone(),
-                type_url: String::new(),
-            },
+            _ => {
+                return Err(FieldError::new(
+                    format!("filters[{n}]"),
+                    format!(
+                        "terminal filter {:?} has no typed_config skiff can run",
+                        last.name
+                    ),
+                ));
+            }
         };
         // RBAC filters decide each connection in order; a configuration skiff cannot
         // evaluate rejects the listener (a policy silently skipped would let a DENY through).
@@ -824,15 +918,53 @@ impl FilterChain {
                 })?);
             }
         }
+        if let NetworkAction::Http(h) = &action {
+            for f in &h.http_filters {
+                if f.disposition != FilterDisposition::Honoured {
+                    unsupported.push(f.name.clone());
+                }
+            }
+        }
+        let tls = match &fc.transport_socket {
+            Some(ts) => transport_socket(ts)?,
+            None => false,
+        };
+        // A TLS chain is never served in plaintext. One that only TLS inspection could
+        // select (which skiff does not do yet) is inert: accepted, never chosen.
+        if tls && (is_default || !matcher.needs_tls_inspection()) {
+            return Err(compat::refuse(compat::F_CHAIN_TLS, "transport_socket"));
+        }
         Ok(FilterChain {
             name: fc.name.clone(),
             matcher,
             filters: before.iter().map(|f| f.name.clone()).collect(),
             rbac,
             action,
-            has_transport_socket: fc.transport_socket.is_some(),
+            has_transport_socket: tls,
         })
     }
+}
+
+/// Honour or refuse every listener filter (`udp_proxy` is checked by the UDP path).
+fn listener_filters(
+    filters: &[pb::ListenerFilter],
+    unsupported: &mut Vec<String>,
+) -> Result<(), FieldError> {
+    use pb::listener_filter::ConfigType;
+    for (i, f) in filters.iter().enumerate() {
+        let t = match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) => compat::type_name(any),
+            _ => String::new(),
+        };
+        match compat::classify(Kind::ListenerFilter, &f.name, &t, false) {
+            Ok(Verdict::Run(_)) => {}
+            Ok(Verdict::Skip(name)) => unsupported.push(name),
+            Err(reason) => {
+                return Err(FieldError::new(format!("listener_filters[{i}]"), reason));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl TryFrom<&pb::Listener> for Listener {
@@ -868,25 +1000,34 @@ impl TryFrom<&pb::Listener> for Listener {
         } else {
             None
         };
+        // Honour or refuse (model::compat): the xDS matcher API is not evaluated, so a
+        // listener that selects its chains with it is refused rather than served first-chain.
+        if l.filter_chain_matcher.is_some() {
+            return Err(err(compat::refuse(
+                compat::F_FILTER_CHAIN_MATCHER,
+                "filter_chain_matcher",
+            )));
+        }
+        let mut unsupported = Vec::new();
+        listener_filters(&l.listener_filters, &mut unsupported).map_err(err)?;
         let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
             filter_chains.push(
-                FilterChain::from_proto(fc)
+                FilterChain::from_proto(fc, false, &mut unsupported)
                     .map_err(|e| err(e.within(format!("[{i}]")).within("filter_chains")))?,
             );
         }
         let default_filter_chain = match &l.default_filter_chain {
             Some(fc) => Some(
-                FilterChain::from_proto(fc).map_err(|e| err(e.within("default_filter_chain")))?,
+                FilterChain::from_proto(fc, true, &mut unsupported)
+                    .map_err(|e| err(e.within("default_filter_chain")))?,
             ),
             None => None,
         };
+        unsupported.sort();
+        unsupported.dedup();
         // A UDP listener's work is its udp_proxy listener filter; it has no filter chains.
-        if udp.is_none()
-            && filter_chains.is_empty()
-            && default_filter_chain.is_none()
-            && l.filter_chain_matcher.is_none()
-        {
+        if udp.is_none() && filter_chains.is_empty() && default_filter_chain.is_none() {
             return Err(err(FieldError::new(
                 "filter_chains",
                 "a listener needs at least one filter chain or a default_filter_chain",
@@ -914,6 +1055,7 @@ impl TryFrom<&pb::Listener> for Listener {
             default_filter_chain,
             listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
             udp,
+            unsupported,
         })
     }
 }
@@ -994,7 +1136,7 @@ mod tests {
 
     #[test]
     fn http_filters_follow_envoy_rules() {
-        // Known Envoy/Istio filters are accepted (not run); unknown optional ones are skipped.
+        // The fault filter runs; observational and unknown optional ones are skipped.
         let m = convert(&inline(vec![
             filter(
                 "envoy.filters.http.fault",
@@ -1018,8 +1160,11 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("envoy.filters.http.fault", FilterDisposition::KnownNotRun),
-                ("istio.metadata_exchange", FilterDisposition::KnownNotRun),
+                ("envoy.filters.http.fault", FilterDisposition::Honoured),
+                (
+                    "istio.metadata_exchange",
+                    FilterDisposition::OptionalSkipped
+                ),
                 ("acme.magic", FilterDisposition::OptionalSkipped),
             ]
         );
@@ -1062,9 +1207,157 @@ mod tests {
             .is_ok()
         );
         let e = convert(&inline(vec![named("acme.magic"), router()])).unwrap_err();
-        assert!(e.reason.contains("(no typed_config)"), "{}", e.reason);
+        assert!(e.reason.contains("\"acme.magic\""), "{}", e.reason);
+        assert!(e.reason.contains("not optional"), "{}", e.reason);
         // No filters at all: Envoy installs the router by default.
         assert!(convert(&inline(vec![])).is_ok());
+    }
+
+    mod compat_rule {
+        use super::*;
+        use envoy_types::pb::envoy::config::core::v3 as core;
+
+        fn tcp(cluster: &str) -> pb::Filter {
+            pb::Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(pb::filter::ConfigType::TypedConfig(any_of(
+                    TCP_PROXY_TYPE,
+                    &tcp::TcpProxy {
+                        stat_prefix: "s".into(),
+                        cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(
+                            cluster.into(),
+                        )),
+                        ..Default::default()
+                    },
+                ))),
+            }
+        }
+
+        fn named_filter(name: &str, type_name: &str) -> pb::Filter {
+            pb::Filter {
+                name: name.into(),
+                config_type: Some(pb::filter::ConfigType::TypedConfig(Any {
+                    type_url: format!("type.googleapis.com/{type_name}"),
+                    value: vec![],
+                })),
+            }
+        }
+
+        fn tls_socket() -> core::TransportSocket {
+            core::TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                    type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext".into(),
+                    value: vec![],
+                })),
+            }
+        }
+
+        fn listener(chains: Vec<pb::FilterChain>) -> pb::Listener {
+            pb::Listener {
+                name: "l".into(),
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: "0.0.0.0".into(),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(15006)),
+                        ..Default::default()
+                    })),
+                }),
+                filter_chains: chains,
+                ..Default::default()
+            }
+        }
+
+        #[test]
+        fn tls_chains_are_refused_unless_only_tls_inspection_selects_them() {
+            let plain = pb::FilterChain {
+                filters: vec![tcp("c")],
+                transport_socket: Some(tls_socket()),
+                ..Default::default()
+            };
+            let e = Listener::try_from(&listener(vec![plain])).unwrap_err();
+            assert_eq!(e.field, "filter_chains[0].transport_socket");
+            assert!(e.reason.contains("plaintext"), "{e}");
+            // Istio's PERMISSIVE inbound: a TLS-only chain beside a plaintext one.
+            let tls_only = pb::FilterChain {
+                filter_chain_match: Some(pb::FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    application_protocols: vec!["istio".into()],
+                    ..Default::default()
+                }),
+                filters: vec![tcp("c")],
+                transport_socket: Some(tls_socket()),
+                ..Default::default()
+            };
+            let plaintext = pb::FilterChain {
+                filters: vec![tcp("c")],
+                ..Default::default()
+            };
+            let l = Listener::try_from(&listener(vec![tls_only, plaintext])).unwrap();
+            assert!(l.filter_chains[0].has_transport_socket);
+            assert!(l.filter_chains[0].matcher.needs_tls_inspection());
+            assert!(!l.filter_chains[1].has_transport_socket);
+            // The default chain is selectable by anything.
+            let mut pl = listener(vec![]);
+            pl.default_filter_chain = Some(pb::FilterChain {
+                filters: vec![tcp("c")],
+                transport_socket: Some(tls_socket()),
+                ..Default::default()
+            });
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "default_filter_chain.transport_socket");
+        }
+
+        #[test]
+        fn filters_are_honoured_skipped_or_refused_by_name() {
+            let chain = |filters| pb::FilterChain {
+                filters,
+                ..Default::default()
+            };
+            let l = Listener::try_from(&listener(vec![chain(vec![
+                named_filter("istio.stats", "stats.PluginConfig"),
+                named_filter(
+                    "envoy.filters.network.rbac",
+                    "envoy.extensions.filters.network.rbac.v3.RBAC",
+                ),
+                tcp("c"),
+            ])]))
+            .unwrap();
+            assert_eq!(l.unsupported, ["istio.stats"]);
+            let e = Listener::try_from(&listener(vec![chain(vec![
+                named_filter(
+                    "envoy.filters.network.ext_authz",
+                    "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+                ),
+                tcp("c"),
+            ])]))
+            .unwrap_err();
+            assert_eq!(e.field, "filter_chains[0].filters[0]");
+            assert!(e.reason.contains("envoy.filters.network.ext_authz"), "{e}");
+            // An unknown terminal filter is refused, not served by closing connections.
+            let e = Listener::try_from(&listener(vec![chain(vec![named_filter(
+                "envoy.filters.network.redis_proxy",
+                "envoy.extensions.filters.network.redis_proxy.v3.RedisProxy",
+            )])]))
+            .unwrap_err();
+            assert!(e.reason.contains("redis_proxy"), "{e}");
+            let mut pl = listener(vec![chain(vec![tcp("c")])]);
+            pl.listener_filters = vec![pb::ListenerFilter {
+                name: "envoy.filters.listener.proxy_protocol".into(),
+                ..Default::default()
+            }];
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "listener_filters[0]");
+        }
+
+        #[test]
+        fn filter_chain_matcher_is_refused_by_name() {
+            let mut pl = listener(vec![]);
+            pl.filter_chain_matcher = Some(xds_matcher::Matcher::default());
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "filter_chain_matcher");
+            assert!(e.reason.contains("not supported by skiff"), "{e}");
+        }
     }
 
     #[test]
@@ -1193,7 +1486,7 @@ filter_chains:
             let d: Vec<_> = m.http_filters.iter().map(|f| f.disposition).collect();
             assert_eq!(
                 d,
-                [FilterDisposition::KnownNotRun, FilterDisposition::Honoured]
+                [FilterDisposition::Honoured, FilterDisposition::Honoured]
             );
             assert_eq!(m.xff_num_trusted_hops, 2);
             let [RunFilter::Rbac(r)] = m.filters.as_slice() else {

@@ -5,7 +5,9 @@
 //! resource and the field path, e.g. `cluster "x": load_assignment.endpoints[2].lb_endpoints[0]: port 0`.
 
 pub mod cluster;
+pub mod compat;
 pub mod endpoint;
+pub mod fault;
 pub mod listener;
 pub mod route;
 pub mod upstream_http;

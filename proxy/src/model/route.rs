@@ -1,10 +1,10 @@
 //! Route configurations (RDS or inline): virtual hosts, their routes and the clusters they name.
 //!
 //! Validation follows Envoy where it rejects up front (names, unique virtual hosts and domains,
-//! regular expressions that do not compile, redirect and direct-response codes). Matchers and
-//! actions skiff does not run yet are kept as `Unsupported` instead of rejecting the whole
-//! configuration: such a matcher never matches, such an action answers 501, so configurations
-//! Envoy accepts keep loading and the gap is visible per request.
+//! regular expressions that do not compile, redirect and direct-response codes). Matchers,
+//! actions and per-filter configs skiff does not run are refused (honour or refuse,
+//! `model::compat`): the route configuration is NACKed naming the field, instead of loading
+//! a route that would behave differently from Envoy.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
+use super::compat;
+use super::fault::{self, FaultOverride, Percent};
 use super::listener::ClusterSpecifier;
 use super::{FieldError, ModelError, duration};
 use crate::rbac::HttpRbacPerRoute;
@@ -67,6 +69,8 @@ pub struct VirtualHost {
     pub virtual_clusters: Vec<(String, Vec<HeaderMatch>)>,
     /// `typed_per_filter_config` skiff applies (used when the route has none for a filter).
     pub per_filter: PerFilter,
+    /// `typed_per_filter_config` of fault filters, by filter name (a route's wins).
+    pub faults: Vec<(String, FaultOverride)>,
 }
 
 /// One `Route`.
@@ -82,6 +86,8 @@ pub struct Route {
     pub headers: HeaderOps,
     /// `typed_per_filter_config` skiff applies (the most specific level).
     pub per_filter: PerFilter,
+    /// `typed_per_filter_config` of fault filters, by filter name.
+    pub faults: Vec<(String, FaultOverride)>,
 }
 
 /// The `typed_per_filter_config` entries skiff applies, by HTTP filter name. Entries of
@@ -123,6 +129,13 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     /// Every query parameter matcher must match.
     pub query_parameters: Vec<QueryMatch>,
+    /// `runtime_fraction.default_value` (skiff has no runtime: the default applies).
+    pub runtime_fraction: Option<Percent>,
+    /// `grpc`: only requests whose `content-type` starts with `application/grpc`.
+    pub grpc: bool,
+    /// `tls_context` asks for a presented or validated client certificate, which a plaintext
+    /// connection (every connection until issue 15) never has: the route never matches.
+    pub requires_tls: bool,
 }
 
 /// `RouteMatch.path_specifier`.
@@ -492,7 +505,7 @@ fn string_match(m: &matcher::StringMatcher) -> Result<HeaderMatchKind, FieldErro
         Some(P::Suffix(v)) => HeaderMatchKind::Suffix(v.clone(), ic),
         Some(P::Contains(v)) => HeaderMatchKind::Contains(v.clone(), ic),
         Some(P::SafeRegex(r)) => HeaderMatchKind::Regex(regex(&r.regex, "safe_regex.regex")?),
-        _ => HeaderMatchKind::Unsupported("string_match".into()),
+        _ => return Err(compat::refuse(compat::F_MATCHER_KIND, "")),
     })
 }
 
@@ -500,8 +513,9 @@ fn regex(re: &str, field: &str) -> Result<Pattern, FieldError> {
     Pattern::full(re).map_err(|e| FieldError::new(field, format!("invalid regex {re:?}: {e}")))
 }
 
+/// Convert one `HeaderMatcher` (routes, retries, virtual clusters, the fault filter).
 #[allow(deprecated)]
-fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
+pub(crate) fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
     use pb::header_matcher::HeaderMatchSpecifier as S;
     let kind = match &h.header_match_specifier {
         Some(S::ExactMatch(v)) => HeaderMatchKind::Exact {
@@ -516,7 +530,9 @@ fn header_match(h: &pb::HeaderMatcher) -> Result<HeaderMatch, FieldError> {
         Some(S::SafeRegexMatch(r)) => {
             HeaderMatchKind::Regex(regex(&r.regex, "safe_regex_match.regex")?)
         }
-        Some(S::RangeMatch(_)) => HeaderMatchKind::Unsupported("range_match".into()),
+        Some(S::RangeMatch(_)) => {
+            return Err(compat::refuse(compat::F_MATCHER_KIND, "range_match"));
+        }
         // No specifier: Envoy treats the matcher as "header present".
         None => HeaderMatchKind::Present(true),
     };
@@ -560,8 +576,16 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
             }
             PathMatch::PathSeparatedPrefix(p.clone())
         }
-        Some(_) => PathMatch::Unsupported("path_specifier".into()),
-        None => PathMatch::Unsupported("no path_specifier".into()),
+        Some(Ps::ConnectMatcher(_)) => {
+            return Err(compat::refuse(compat::F_PATH_SPECIFIER, "connect_matcher"));
+        }
+        Some(Ps::PathMatchPolicy(_)) => {
+            return Err(compat::refuse(
+                compat::F_PATH_SPECIFIER,
+                "path_match_policy",
+            ));
+        }
+        None => return Err(FieldError::new("path_specifier", "required")),
     };
     let mut headers = Vec::with_capacity(m.headers.len());
     for (i, h) in m.headers.iter().enumerate() {
@@ -572,11 +596,38 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
         query_parameters
             .push(query_match(q).map_err(|e| e.within(format!("query_parameters[{i}]")))?);
     }
+    // Honour or refuse (model::compat): matchers on state skiff does not keep are refused.
+    if !m.dynamic_metadata.is_empty() {
+        return Err(compat::refuse(
+            compat::F_DYNAMIC_METADATA,
+            "dynamic_metadata",
+        ));
+    }
+    if !m.filter_state.is_empty() {
+        return Err(compat::refuse(compat::F_FILTER_STATE, "filter_state"));
+    }
+    if !m.cookies.is_empty() {
+        return Err(compat::refuse(compat::F_COOKIES, "cookies"));
+    }
+    let runtime_fraction = match &m.runtime_fraction {
+        Some(r) => Some(
+            Percent::from_proto(r.default_value.as_ref())
+                .map_err(|e| e.within("runtime_fraction.default_value"))?,
+        ),
+        None => None,
+    };
+    let requires_tls = m.tls_context.as_ref().is_some_and(|t| {
+        t.presented.as_ref().is_some_and(|b| b.value)
+            || t.validated.as_ref().is_some_and(|b| b.value)
+    });
     Ok(RouteMatch {
         path,
         case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
         headers,
         query_parameters,
+        runtime_fraction,
+        grpc: m.grpc.is_some(),
+        requires_tls,
     })
 }
 
@@ -730,19 +781,23 @@ fn header_ops(
     })
 }
 
-fn hash_policy(h: &pb::route_action::HashPolicy) -> HashPolicy {
+fn hash_policy(h: &pb::route_action::HashPolicy) -> Result<HashPolicy, FieldError> {
     use pb::route_action::hash_policy::PolicySpecifier as P;
     let kind = match &h.policy_specifier {
         Some(P::Header(x)) => HashKind::Header(x.header_name.to_ascii_lowercase()),
         Some(P::Cookie(c)) => HashKind::Cookie(c.name.clone()),
         Some(P::ConnectionProperties(c)) if c.source_ip => HashKind::SourceIp,
         Some(P::QueryParameter(q)) => HashKind::QueryParameter(q.name.clone()),
+        Some(P::FilterState(_)) => {
+            return Err(compat::refuse(compat::F_FILTER_STATE, "filter_state"));
+        }
+        // `source_ip: false` or no specifier: hashes nothing, in Envoy too.
         _ => HashKind::Unsupported,
     };
-    HashPolicy {
+    Ok(HashPolicy {
         kind,
         terminal: h.terminal,
-    }
+    })
 }
 
 /// Envoy's `regex_rewrite` substitution uses `\1` for capture groups; regex_lite uses `${1}`.
@@ -768,6 +823,10 @@ fn substitution(s: &str) -> String {
 
 fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
     use pb::route_action::ClusterSpecifier as Cs;
+    #[allow(deprecated)]
+    if a.cors.is_some() {
+        return Err(compat::refuse(compat::F_CORS_POLICY, "cors"));
+    }
     use pb::route_action::HostRewriteSpecifier as Hr;
     let target = match &a.cluster_specifier {
         Some(Cs::Cluster(c)) if c.is_empty() => {
@@ -789,19 +848,26 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
                 }
                 // Envoy applies a weighted cluster's per-filter config to requests sent to it;
                 // skiff decides RBAC before the cluster is chosen, so it cannot.
-                let pf = per_filter(&c.typed_per_filter_config)
+                let (pf, faults) = per_filter(&c.typed_per_filter_config)
                     .map_err(|e| e.within(format!("weighted_clusters.clusters[{j}]")))?;
-                if pf.values().any(|c| matches!(c, PerFilterConfig::Rbac(_))) {
+                if pf.values().any(|c| matches!(c, PerFilterConfig::Rbac(_))) || !faults.is_empty()
+                {
                     return Err(FieldError::new(
                         format!("weighted_clusters.clusters[{j}].typed_per_filter_config"),
-                        "per-cluster configuration of the RBAC filter is not supported",
+                        "per-cluster configuration of the RBAC or fault filter is not supported",
                     ));
                 }
                 out.push((c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)));
             }
             Target::Clusters(ClusterSpecifier::Weighted(out))
         }
-        _ => return Ok(RouteAction::Unsupported("cluster_specifier".into())),
+        Some(Cs::ClusterSpecifierPlugin(_)) | Some(Cs::InlineClusterSpecifierPlugin(_)) => {
+            return Err(compat::refuse(
+                compat::F_ROUTE_ACTION,
+                "cluster_specifier_plugin",
+            ));
+        }
+        None => return Err(FieldError::new("cluster_specifier", "required")),
     };
     let timeout = match &a.timeout {
         Some(d) => {
@@ -853,7 +919,12 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
         timeout,
         idle_timeout,
         retry_policy,
-        hash_policy: a.hash_policy.iter().map(hash_policy).collect(),
+        hash_policy: a
+            .hash_policy
+            .iter()
+            .enumerate()
+            .map(|(i, h)| hash_policy(h).map_err(|e| e.within(format!("hash_policy[{i}]"))))
+            .collect::<Result<_, _>>()?,
         grpc_timeout_max: {
             #[allow(deprecated)]
             let legacy = a.max_grpc_timeout.as_ref();
@@ -943,8 +1014,16 @@ fn route_action(r: &pb::Route) -> Result<RouteAction, FieldError> {
         Some(Action::Redirect(r)) => {
             RouteAction::Redirect(redirect(r).map_err(|e| e.within("redirect"))?)
         }
-        Some(_) => RouteAction::Unsupported("action".into()),
-        None => RouteAction::Unsupported("no action".into()),
+        Some(Action::FilterAction(_)) => {
+            return Err(compat::refuse(compat::F_ROUTE_ACTION, "filter_action"));
+        }
+        Some(Action::NonForwardingAction(_)) => {
+            return Err(compat::refuse(
+                compat::F_ROUTE_ACTION,
+                "non_forwarding_action",
+            ));
+        }
+        None => return Err(FieldError::new("action", "required")),
     })
 }
 
@@ -952,42 +1031,63 @@ fn any_type(a: &envoy_types::pb::google::protobuf::Any) -> &str {
     a.type_url.rsplit('/').next().unwrap_or(&a.type_url)
 }
 
-/// `typed_per_filter_config`: the entries of filters skiff runs (RBAC), converted; a
-/// `FilterConfig` that disables a filter is kept for any filter. Others are left out: their
-/// filters are not run either.
+/// `typed_per_filter_config` under the compatibility rule: the RBAC filters' per-route
+/// configs and `FilterConfig { disabled }` entries (`PerFilter`), and the fault filters'
+/// settings (sorted by filter name: the map has no order). Entries of filters skiff does not
+/// run are refused unless turning them off or observational (`fault::per_filter`).
 fn per_filter(
     m: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
-) -> Result<PerFilter, FieldError> {
+) -> Result<(PerFilter, Vec<(String, FaultOverride)>), FieldError> {
+    let mut out = PerFilter::new();
+    let mut faults = Vec::new();
+    let mut names: Vec<&String> = m.keys().collect();
+    names.sort();
+    for name in names {
+        let any = &m[name];
+        let at = format!("typed_per_filter_config[{name:?}]");
+        if let Some(c) = rbac_per_filter(any, &at)? {
+            let is_rbac = matches!(c, PerFilterConfig::Rbac(_));
+            out.insert(name.clone(), c);
+            if is_rbac {
+                continue;
+            }
+        }
+        if let Some(o) = fault::per_filter(name, any)? {
+            faults.push((name.clone(), o));
+        }
+    }
+    Ok((out, faults))
+}
+
+/// One `typed_per_filter_config` entry as the RBAC hook sees it: `RBACPerRoute` (bare or in a
+/// `FilterConfig`) converted, `FilterConfig { disabled: true }` for any filter, else `None`.
+fn rbac_per_filter(
+    any: &envoy_types::pb::google::protobuf::Any,
+    at: &str,
+) -> Result<Option<PerFilterConfig>, FieldError> {
     use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_pb;
     use prost::Message;
-    let mut out = PerFilter::new();
-    for (name, any) in m {
-        let at = format!("typed_per_filter_config[{name:?}]");
-        let (inner, at) = match any_type(any) {
-            FILTER_CONFIG_TYPE => {
-                let fc = pb::FilterConfig::decode(any.value.as_slice()).map_err(|e| {
-                    FieldError::new(&at, format!("invalid {FILTER_CONFIG_TYPE}: {e}"))
-                })?;
-                if fc.disabled {
-                    out.insert(name.clone(), PerFilterConfig::Disabled);
-                    continue;
-                }
-                match fc.config {
-                    Some(c) => (c, format!("{at}.config")),
-                    None => continue,
-                }
+    let (inner, at) = match any_type(any) {
+        FILTER_CONFIG_TYPE => {
+            let fc = pb::FilterConfig::decode(any.value.as_slice())
+                .map_err(|e| FieldError::new(at, format!("invalid {FILTER_CONFIG_TYPE}: {e}")))?;
+            if fc.disabled {
+                return Ok(Some(PerFilterConfig::Disabled));
             }
-            _ => (any.clone(), at),
-        };
-        if any_type(&inner) != RBAC_PER_ROUTE_TYPE {
-            continue;
+            match fc.config {
+                Some(c) => (c, format!("{at}.config")),
+                None => return Ok(None),
+            }
         }
-        let p = http_pb::RbacPerRoute::decode(inner.value.as_slice())
-            .map_err(|e| FieldError::new(&at, format!("invalid {RBAC_PER_ROUTE_TYPE}: {e}")))?;
-        let c = HttpRbacPerRoute::try_from(&p).map_err(|e| FieldError::from(e).within(&at))?;
-        out.insert(name.clone(), PerFilterConfig::Rbac(Arc::new(c)));
+        _ => (any.clone(), at.to_string()),
+    };
+    if any_type(&inner) != RBAC_PER_ROUTE_TYPE {
+        return Ok(None);
     }
-    Ok(out)
+    let p = http_pb::RbacPerRoute::decode(inner.value.as_slice())
+        .map_err(|e| FieldError::new(&at, format!("invalid {RBAC_PER_ROUTE_TYPE}: {e}")))?;
+    let c = HttpRbacPerRoute::try_from(&p).map_err(|e| FieldError::from(e).within(&at))?;
+    Ok(Some(PerFilterConfig::Rbac(Arc::new(c))))
 }
 
 fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
@@ -1018,13 +1118,15 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
             &r.response_headers_to_remove,
         )
         .map_err(|e| e.within(&at))?;
-        let per_filter = per_filter(&r.typed_per_filter_config).map_err(|e| e.within(&at))?;
+        let (per_filter, faults) =
+            per_filter(&r.typed_per_filter_config).map_err(|e| e.within(&at))?;
         routes.push(Route {
             name: r.name.clone(),
             matcher,
             action,
             headers,
             per_filter,
+            faults,
         });
     }
     let headers = header_ops(
@@ -1054,8 +1156,14 @@ fn virtual_host(v: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         }
         virtual_clusters.push((vc.name.clone(), headers));
     }
+    #[allow(deprecated)]
+    if v.cors.is_some() {
+        return Err(compat::refuse(compat::F_CORS_POLICY, "cors"));
+    }
+    let (vh_per_filter, vh_faults) = per_filter(&v.typed_per_filter_config)?;
     Ok(VirtualHost {
-        per_filter: per_filter(&v.typed_per_filter_config)?,
+        per_filter: vh_per_filter,
+        faults: vh_faults,
         virtual_clusters,
         name: v.name.clone(),
         domains: v.domains.clone(),
@@ -1111,8 +1219,16 @@ impl RouteConfig {
             &rc.response_headers_to_add,
             &rc.response_headers_to_remove,
         )?;
+        let (rc_per_filter, rc_faults) = per_filter(&rc.typed_per_filter_config)?;
+        // The fault filter reads route and virtual-host overrides only.
+        if let Some((name, _)) = rc_faults.first() {
+            return Err(FieldError::new(
+                format!("typed_per_filter_config[{name:?}]"),
+                "a route-configuration-wide fault filter override is not supported",
+            ));
+        }
         Ok(RouteConfig {
-            per_filter: per_filter(&rc.typed_per_filter_config)?,
+            per_filter: rc_per_filter,
             name: rc.name.clone(),
             virtual_hosts,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
@@ -1130,7 +1246,10 @@ mod tests {
             name: name.into(),
             domains: domains.iter().map(|d| d.to_string()).collect(),
             routes: vec![pb::Route {
-                r#match: Some(pb::RouteMatch::default()),
+                r#match: Some(pb::RouteMatch {
+                    path_specifier: Some(pb::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
                 action: Some(pb::route::Action::Route(pb::RouteAction {
                     cluster_specifier: Some(pb::route_action::ClusterSpecifier::Cluster(
                         cluster.into(),
@@ -1156,7 +1275,7 @@ name: r
 typed_per_filter_config:
   envoy.filters.http.rbac:
     "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
-  acme.other: { "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy }
+  istio.stats: { "@type": type.googleapis.com/udpa.type.v1.TypedStruct, type_url: type.googleapis.com/stats.PluginConfig }
 virtual_hosts:
 - name: v
   domains: ["*"]
@@ -1191,8 +1310,8 @@ virtual_hosts:
         };
         assert_eq!(*rest, HttpRbacPerRoute::Disabled);
         assert_eq!(at(1, "rbac2"), Some(PerFilterConfig::Disabled));
-        // Entries of filters skiff does not run are not kept.
-        assert_eq!(at(1, "acme.other"), None);
+        // Entries of observational filters skiff accepts without running are not kept.
+        assert_eq!(at(1, "istio.stats"), None);
     }
 
     #[test]
@@ -1384,12 +1503,22 @@ virtual_hosts:
         );
     }
 
+    fn direct() -> Option<pb::route::Action> {
+        Some(pb::route::Action::DirectResponse(
+            pb::DirectResponseAction {
+                status: 200,
+                ..Default::default()
+            },
+        ))
+    }
+
     fn bad_regex_route(path: pb::route_match::PathSpecifier) -> pb::RouteConfiguration {
         let ok = pb::Route {
             r#match: Some(pb::RouteMatch {
                 path_specifier: Some(pb::route_match::PathSpecifier::Prefix("/".into())),
                 ..Default::default()
             }),
+            action: direct(),
             ..Default::default()
         };
         let bad = pb::Route {
@@ -1397,6 +1526,7 @@ virtual_hosts:
                 path_specifier: Some(path),
                 ..Default::default()
             }),
+            action: direct(),
             ..Default::default()
         };
         pb::RouteConfiguration {
@@ -1517,6 +1647,59 @@ virtual_hosts:
         );
         let e = header_adds(&[hv(":path", None, 0)], "request_headers_to_add").unwrap_err();
         assert_eq!(e.field, "request_headers_to_add[0].header.key");
+    }
+
+    #[test]
+    fn route_match_extras_are_honoured_or_refused() {
+        use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+        let with = |m: pb::RouteMatch| {
+            let rc = pb::RouteConfiguration {
+                name: "r".into(),
+                virtual_hosts: vec![pb::VirtualHost {
+                    name: "v".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![pb::Route {
+                        r#match: Some(m),
+                        action: direct(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            RouteConfig::try_from(&rc)
+        };
+        let prefix = Some(pb::route_match::PathSpecifier::Prefix("/".into()));
+        let rc = with(pb::RouteMatch {
+            path_specifier: prefix.clone(),
+            runtime_fraction: Some(core::RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent {
+                    numerator: 10,
+                    denominator: 0,
+                }),
+                runtime_key: "ignored".into(),
+            }),
+            grpc: Some(Default::default()),
+            ..Default::default()
+        })
+        .unwrap();
+        let m = &rc.virtual_hosts[0].routes[0].matcher;
+        assert_eq!(
+            m.runtime_fraction,
+            Some(Percent {
+                numerator: 10,
+                denominator: 100
+            })
+        );
+        assert!(m.grpc && !m.requires_tls);
+        let e = with(pb::RouteMatch {
+            path_specifier: prefix,
+            dynamic_metadata: vec![Default::default()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "virtual_hosts[0].routes[0].match.dynamic_metadata");
+        assert!(e.reason.contains("not supported by skiff"), "{e}");
     }
 
     #[test]

@@ -465,6 +465,29 @@ impl Snapshot {
         }
         self.stats = registry.stats().clone();
         self.handles = Handles::resolve(self, &self.stats);
+        self.count_unsupported();
+    }
+
+    /// `skiff.unsupported.<name>`: how many listeners of this snapshot carry each extension
+    /// accepted without being run (`model::compat`); names no longer carried drop to 0.
+    fn count_unsupported(&self) {
+        const PREFIX: &str = "skiff.unsupported.";
+        let mut using: BTreeMap<&str, u64> = BTreeMap::new();
+        for l in self.listeners.values() {
+            for n in &l.unsupported {
+                *using.entry(n.as_str()).or_default() += 1;
+            }
+        }
+        for (name, _) in self.stats.snapshot() {
+            if let Some(n) = name.strip_prefix(PREFIX)
+                && !using.contains_key(n)
+            {
+                self.stats.gauge(&name).set(0);
+            }
+        }
+        for (n, count) in using {
+            self.stats.gauge(&format!("{PREFIX}{n}")).set(count);
+        }
     }
 }
 

@@ -50,6 +50,7 @@ pub(crate) fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
         default_filter_chain: None,
         listener_filters: vec![],
         udp: None,
+        unsupported: vec![],
     }
 }
 
@@ -545,6 +546,7 @@ fn udp_listener(name: &str, addr: &str, cluster: Option<&str>) -> Listener {
             cluster: cluster.map(Into::into),
             extras: vec![],
         }),
+        unsupported: vec![],
     }
 }
 

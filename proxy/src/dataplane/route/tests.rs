@@ -94,6 +94,7 @@ fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -> Listener 
         default_filter_chain: default,
         listener_filters: vec![],
         udp: None,
+        unsupported: vec![],
     }
 }
 
