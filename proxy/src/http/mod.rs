@@ -505,13 +505,11 @@ fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
 
 /// Upstream protocol for this request, from the cluster's `HttpProtocolOptions`.
 fn upstream_proto(entry: &ClusterEntry, downstream: Version) -> Proto {
-    use crate::model::upstream_http::UpstreamHttp;
-    match entry.cluster.upstream_http {
-        UpstreamHttp::Http2 => Proto::Http2,
-        UpstreamHttp::UseDownstream { http2: true } if downstream == Version::HTTP_2 => {
-            Proto::Http2
-        }
-        UpstreamHttp::Http1 | UpstreamHttp::UseDownstream { .. } => Proto::Http1,
+    use crate::model::upstream_http::UpstreamProtocol as P;
+    match entry.cluster.upstream_http.protocol {
+        P::Http2 => Proto::Http2,
+        P::UseDownstream { http2: true } if downstream == Version::HTTP_2 => Proto::Http2,
+        P::Http1 | P::UseDownstream { .. } => Proto::Http1,
     }
 }
 

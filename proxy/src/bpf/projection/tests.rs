@@ -33,6 +33,10 @@ pub(crate) fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> Filt
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),
             idle_timeout: None,
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_policy: None,
+            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         has_transport_socket: false,
     }
