@@ -416,7 +416,10 @@ fn http_limits(h: &hcm::HttpConnectionManager) -> Result<HttpLimits, FieldError>
     let cat = |f: &str| format!("typed_config.common_http_protocol_options.{f}");
     let max_headers_count = match common.and_then(|c| c.max_headers_count.as_ref()) {
         Some(v) if v.value < 1 => {
-            return Err(FieldError::new(cat("max_headers_count"), "must be at least 1"));
+            return Err(FieldError::new(
+                cat("max_headers_count"),
+                "must be at least 1",
+            ));
         }
         Some(v) => v.value,
         None => d.max_headers_count,
@@ -916,7 +919,10 @@ impl TryFrom<&pb::Listener> for Listener {
             .per_connection_buffer_limit_bytes
             .as_ref()
             .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value);
-        for fc in filter_chains.iter_mut().chain(default_filter_chain.as_mut()) {
+        for fc in filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut())
+        {
             match &mut fc.action {
                 NetworkAction::TcpProxy(t) => t.buffer_limit = buffer_limit,
                 NetworkAction::Http(h) => h.limits.buffer_limit = buffer_limit,
@@ -1032,9 +1038,7 @@ mod tests {
         assert_eq!(t.hash_policy, None, "no hash_policy: no hash (random pick)");
         let set = tcp::TcpProxy {
             idle_timeout: pb_duration(0),
-            max_connect_attempts: Some(envoy_types::pb::google::protobuf::UInt32Value {
-                value: 3,
-            }),
+            max_connect_attempts: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 3 }),
             max_downstream_connection_duration: pb_duration(250),
             hash_policy: vec![ty::HashPolicy {
                 policy_specifier: Some(ty::hash_policy::PolicySpecifier::SourceIp(
@@ -1065,9 +1069,9 @@ mod tests {
             ),
             (
                 tcp::TcpProxy {
-                    max_connect_attempts: Some(
-                        envoy_types::pb::google::protobuf::UInt32Value { value: 0 },
-                    ),
+                    max_connect_attempts: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                        value: 0,
+                    }),
                     ..base.clone()
                 },
                 "typed_config.max_connect_attempts",
@@ -1098,16 +1102,15 @@ mod tests {
         h.request_timeout = pb_duration(200);
         h.request_headers_timeout = pb_duration(300);
         h.drain_timeout = pb_duration(100);
-        h.max_request_headers_kb = Some(envoy_types::pb::google::protobuf::UInt32Value {
-            value: 16,
-        });
+        h.max_request_headers_kb =
+            Some(envoy_types::pb::google::protobuf::UInt32Value { value: 16 });
         h.common_http_protocol_options = Some(
             envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
                 idle_timeout: pb_duration(400),
                 max_connection_duration: pb_duration(500),
-                max_requests_per_connection: Some(
-                    envoy_types::pb::google::protobuf::UInt32Value { value: 2 },
-                ),
+                max_requests_per_connection: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: 2,
+                }),
                 max_headers_count: Some(envoy_types::pb::google::protobuf::UInt32Value {
                     value: 20,
                 }),

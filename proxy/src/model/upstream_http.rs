@@ -76,7 +76,9 @@ pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
         .and_then(|(_, o)| o.common_http_protocol_options.as_ref())
         .or(c.common_http_protocol_options.as_ref());
     let at = |f: &str| match &typed {
-        Some((k, _)) => format!("typed_extension_protocol_options[{k:?}].common_http_protocol_options.{f}"),
+        Some((k, _)) => {
+            format!("typed_extension_protocol_options[{k:?}].common_http_protocol_options.{f}")
+        }
         None => format!("common_http_protocol_options.{f}"),
     };
     let opt = |d: Option<&envoy_types::pb::google::protobuf::Duration>, f: &str| {
@@ -110,7 +112,9 @@ pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
 }
 
 /// The cluster's `HttpProtocolOptions`, decoded, with its key.
-fn typed_options(c: &pb::Cluster) -> Result<Option<(String, http::HttpProtocolOptions)>, FieldError> {
+fn typed_options(
+    c: &pb::Cluster,
+) -> Result<Option<(String, http::HttpProtocolOptions)>, FieldError> {
     let typed = c
         .typed_extension_protocol_options
         .iter()
@@ -267,9 +271,9 @@ mod tests {
                     seconds: 2,
                     nanos: 0,
                 }),
-                max_requests_per_connection: Some(
-                    envoy_types::pb::google::protobuf::UInt32Value { value: 3 },
-                ),
+                max_requests_per_connection: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: 3,
+                }),
                 ..Default::default()
             }),
             ..Default::default()

@@ -457,3 +457,21 @@ fn rejects_carry_their_reason() {
         Route::Reject(ConnError::NoFilterChain { .. })
     ));
 }
+
+#[test]
+fn tcp_proxy_hashes_only_with_a_hash_policy_and_a_hashing_balancer() {
+    use crate::model::listener::TcpHashPolicy;
+    let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    let NetworkAction::TcpProxy(mut tcp) = tcp_chain("t", "10.0.0.1", 80, "c").action else {
+        unreachable!("tcp_chain builds a tcp_proxy chain")
+    };
+    // No hash_policy: Envoy's RING_HASH / MAGLEV get no hash and pick at random.
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::RingHash, ip), None);
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::Maglev, ip), None);
+    tcp.hash_policy = Some(TcpHashPolicy::SourceIp);
+    assert_eq!(
+        super::tcp_hash(&tcp, LbPolicy::Maglev, ip),
+        Some(crate::lb::source_ip_hash(ip))
+    );
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::RoundRobin, ip), None);
+}
