@@ -23,6 +23,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod limits;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -99,26 +100,81 @@ pub struct HttpConn {
     pub client: SocketAddr,
     /// Original destination, for ORIGINAL_DST clusters.
     pub orig_dst: Option<OrigDstAddr>,
+    /// Cancelled when the listener drains: the connection then drains too.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
-/// Serve HTTP/1.1 or h2c on `stream` until the client closes it.
+/// Serve HTTP/1.1 or h2c on `stream` until the client closes it or a limit drains it (see
+/// [`limits`]).
 pub async fn serve(conn: HttpConn, stream: TcpStream) {
     // Resolved once per connection: a request only adds to these counters.
     let hs = conn.dp.store.load().http_stats(&conn.manager.stat_prefix);
+    let lim = conn.manager.limits.clone();
+    let drain = conn.drain.clone();
+    let state = Arc::new(limits::ConnState::default());
     let conn = Arc::new(conn);
-    let svc = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        let hs = hs.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, &hs, req).await) }
-    });
+    let svc = {
+        let (hs, state) = (hs.clone(), state.clone());
+        hyper::service::service_fn(move |req| {
+            let (conn, hs, state) = (conn.clone(), hs.clone(), state.clone());
+            async move {
+                let max = conn.manager.limits.max_requests_per_connection;
+                let (guard, last) = state.start(max);
+                let mut resp = handle(&conn, &hs, req).await;
+                // The last request an HTTP/1 connection serves says so.
+                if last && resp.version() != Version::HTTP_2 {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let (parts, body) = resp.into_parts();
+                let body = limits::Guarded::new(body, guard).boxed();
+                Ok::<_, Infallible>(Response::from_parts(parts, body))
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // With a timer, hyper closes HTTP/1 connections whose request head does not arrive within
-    // its header read timeout (30s), so idle or slow clients cannot pin a connection forever.
-    builder.http1().timer(TokioTimer::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .await
-    {
+    let head_limit = (lim.max_request_headers_kb as usize * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Envoy has no head timeout unless `request_headers_timeout` is set: the connection's
+        // idle timeout bounds a silent client.
+        .header_read_timeout(lim.request_headers_timeout)
+        .max_headers(lim.max_headers_count as usize)
+        .max_buf_size(head_limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX));
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(served);
+    let watch = limits::watch_connection(&state, &lim, &drain);
+    tokio::pin!(watch);
+    let mut closing: Option<Instant> = None;
+    let result = loop {
+        tokio::select! {
+            r = served.as_mut() => break r,
+            why = &mut watch, if closing.is_none() => {
+                let stat = match why {
+                    limits::Drain::Idle => &hs.downstream_cx_idle_timeout,
+                    limits::Drain::MaxDuration => &hs.downstream_cx_max_duration_reached,
+                    limits::Drain::MaxRequests => &hs.downstream_cx_max_requests_reached,
+                    limits::Drain::Listener => &hs.downstream_cx_drain_close,
+                };
+                stat.inc();
+                debug!(reason = ?why, "draining http connection");
+                // HTTP/1.1: close after the response in flight (at once when idle);
+                // HTTP/2: GOAWAY, streams in flight finish.
+                served.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + lim.drain_timeout);
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
+                debug!("drain timeout: closing http connection");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "http connection ended with error");
     }
 }
@@ -164,7 +220,7 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
-async fn handle(conn: &HttpConn, hs: &HttpStats, req: Request<Incoming>) -> Response<Body> {
+async fn handle(conn: &HttpConn, hs: &Arc<HttpStats>, req: Request<Incoming>) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
     let mut resp = route_request(conn, hs, req).await;
@@ -199,12 +255,14 @@ fn route_config(conn: &HttpConn, snap: &Snapshot) -> Option<Arc<RouteConfig>> {
 struct Ctx<'a> {
     conn: &'a HttpConn,
     /// `http.<stat_prefix>.*` of the connection manager.
-    hs: &'a HttpStats,
+    hs: &'a Arc<HttpStats>,
     snap: &'a Snapshot,
     rc: &'a RouteConfig,
     vh: &'a VirtualHost,
     route: &'a Route,
     vars: headers::Vars<'a>,
+    /// When the request arrived (`request_timeout` runs from here).
+    started: Instant,
 }
 
 impl Ctx<'_> {
@@ -229,9 +287,10 @@ impl Ctx<'_> {
 
 async fn route_request(
     conn: &HttpConn,
-    hs: &HttpStats,
+    hs: &Arc<HttpStats>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    let started = Instant::now();
     let snap = conn.dp.store.load();
     headers::forwarded(
         req.headers_mut(),
@@ -260,6 +319,7 @@ async fn route_request(
     };
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
     let ctx = Ctx {
+        started,
         conn,
         hs,
         snap: &snap,
@@ -676,19 +736,34 @@ async fn forward(
         return forward_upgrade(ctx, &cluster, &entry, up).await;
     }
 
+    // Until the response starts, the stream's idle timer (the route's `idle_timeout`, else
+    // the HCM's `stream_idle_timeout`) and `request_timeout` watch the request body.
+    let lim = &conn.manager.limits;
+    let stream_idle = f.idle_timeout.or(lim.stream_idle_timeout);
+    let act = Arc::new(limits::StreamActivity::default());
+    let incoming: Body =
+        limits::Watched::new(incoming.map_err(BoxError::from).boxed(), act.clone()).boxed();
     // With a retry policy the body streams upstream through a tee that keeps a copy for
-    // replay (up to 1 MiB, Envoy's default buffer limit); without one it streams once.
+    // replay (up to the listener's buffer limit, 1 MiB by default); without one it streams
+    // once.
     let mut once = None;
     let tee = match &policy {
-        Some(_) => Some(body::Tee::new(incoming, body::REPLAY_LIMIT)),
+        Some(_) => Some(body::Tee::new(incoming, lim.buffer_limit as usize)),
         None => {
-            once = Some(incoming.map_err(BoxError::from).boxed());
+            once = Some(incoming);
             None
         }
     };
 
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
+    let request_deadline = lim.request_timeout.map(|t| ctx.started + t);
+    // `priority: HIGH` routes count against the cluster's HIGH thresholds.
+    let priority = if f.high_priority {
+        lb::RoutingPriority::High
+    } else {
+        lb::RoutingPriority::Default
+    };
     let max_host_attempts = policy
         .as_ref()
         .filter(|p| p.previous_hosts)
@@ -697,7 +772,7 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0u32;
     // Envoy's `max_requests` breaker: this request holds a slot until it is answered.
-    let Ok(_request_slot) = entry.try_request(lb::RoutingPriority::Default) else {
+    let Ok(_request_slot) = entry.try_request(priority) else {
         debug!(%cluster, flags = "UO", "request circuit breaker open");
         return local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -789,16 +864,28 @@ async fn forward(
             (None, d) => d,
         };
         let in_flight = host.as_ref().map(|h| h.start_request());
-        let send = conn.dp.http_pool.send(
-            addr,
-            proto,
-            conn.dp.upstream_mark,
-            entry.cluster.connect_timeout,
-            up_req,
-        );
-        let sent = match limit {
-            Some(l) => tokio::time::timeout_at(l, send).await.ok(),
-            None => Some(send.await),
+        let target = pool::Target {
+            entry: &entry,
+            priority,
+            mark: conn.dp.upstream_mark,
+        };
+        let send = conn.dp.http_pool.send(addr, proto, target, up_req);
+        let timed = async {
+            match limit {
+                Some(l) => tokio::time::timeout_at(l, send).await.ok(),
+                None => Some(send.await),
+            }
+        };
+        let sent = tokio::select! {
+            s = timed => s,
+            cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
+                match cut {
+                    limits::StreamCut::Idle => ctx.hs.downstream_rq_idle_timeout.inc(),
+                    limits::StreamCut::Request => ctx.hs.downstream_rq_timeout.inc(),
+                }
+                debug!(%cluster, %addr, reason = cut.body(), "stream ended before the response");
+                return local_reply(StatusCode::REQUEST_TIMEOUT, cut.body());
+            }
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
@@ -846,6 +933,17 @@ async fn forward(
                         debug!(error = %e, %cluster, flags = "UF", "upstream handshake failed");
                         (Attempt::ConnectFailure, None)
                     }
+                    Err(SendError::Overflow(e)) => {
+                        // `upstream_rq_pending_overflow` was counted by the breaker.
+                        debug!(error = %e, %cluster, flags = "UO", "pending request overflow");
+                        if let Some(g) = in_flight {
+                            drop(g);
+                        }
+                        return local_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("{UPSTREAM_RESET}. reset reason: overflow"),
+                        );
+                    }
                     Err(e @ SendError::Reset { refused_stream, .. }) => {
                         debug!(error = %e, %cluster, flags = "UC", "upstream reset before headers");
                         (Attempt::Reset { refused_stream }, None)
@@ -880,7 +978,7 @@ async fn forward(
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if wants_retry && can_replay && time_left {
             // `try_retry` counts `upstream_rq_retry_overflow` itself when the breaker is open.
-            match entry.try_retry(lb::RoutingPriority::Default) {
+            match entry.try_retry(priority) {
                 Ok(g) => {
                     _retry_slot = Some(g);
                     retries += 1;
@@ -930,8 +1028,10 @@ async fn forward(
         // A small response usually arrives in the same read as its head: handed over whole,
         // hyper writes head and body downstream in one go, and no timer is left to run.
         let taken = body::take_if_complete(rbody);
-        let body = if !taken.complete && (deadline.is_some() || f.idle_timeout.is_some()) {
-            Timed::new(taken.body, deadline, f.idle_timeout).boxed()
+        let body = if !taken.complete && (deadline.is_some() || stream_idle.is_some()) {
+            Timed::new(taken.body, deadline, stream_idle)
+                .on_idle(ctx.hs.clone())
+                .boxed()
         } else {
             taken.body
         };
