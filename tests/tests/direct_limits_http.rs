@@ -265,6 +265,20 @@ async fn connection_manager_timeouts_limits_and_breakers() {
         .expect("an incomplete head must end the connection");
     assert!(took < Duration::from_millis(1500), "{took:?}");
 
+    // max_headers_count (Envoy's default 100): a request with more headers gets 431.
+    let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();
+    let many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    s.write_all(format!("GET /a HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 431"), "{head}");
+
     // request_timeout 300 ms: a body that stops arriving gets 408 `request timeout`.
     let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nab")

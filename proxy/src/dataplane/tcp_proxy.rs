@@ -210,7 +210,11 @@ pub(super) async fn proxy(
         .iter()
         .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
     // The connection keeps its slot and host, not the configuration they came from.
-    let settings = up.settings.clone();
+    let mut settings = up.settings.clone();
+    // The copy buffers no more than either side's per_connection_buffer_limit_bytes allows.
+    if let Some(c) = &up.cluster {
+        settings.buffer = settings.buffer.min(c.cluster.upstream_http.buffer_limit);
+    }
     drop(up);
     counters.upstream_cx_active.inc();
     let limits = Limits {

@@ -357,7 +357,12 @@ impl Pool {
         let info = target.info();
         match key.proto {
             Proto::Http1 => {
-                let (tx, conn) = http1::handshake(io).await.map_err(handshake)?;
+                // hyper's read buffer cannot go below 8 KiB.
+                let (tx, conn) = http1::Builder::new()
+                    .max_buf_size(info_buffer(target))
+                    .handshake(io)
+                    .await
+                    .map_err(handshake)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "upstream http/1.1 connection ended with error");
@@ -537,6 +542,11 @@ impl Drop for Release {
         self.live.fetch_sub(1, Ordering::AcqRel);
         self.freed.notify_waiters();
     }
+}
+
+/// The cluster's `per_connection_buffer_limit_bytes` as hyper's HTTP/1 read buffer limit.
+fn info_buffer(target: &Target<'_>) -> usize {
+    (target.entry.cluster.upstream_http.buffer_limit as usize).max(8192)
 }
 
 fn poisoned(addr: SocketAddr) -> SendError {
