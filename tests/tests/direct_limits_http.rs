@@ -357,3 +357,46 @@ async fn connection_manager_timeouts_limits_and_breakers() {
     );
     skiff.stop().await.unwrap();
 }
+
+/// A listener that stops accepting (shutdown) drains its HTTP connections: a kept-alive
+/// HTTP/1.1 connection with no request in flight is closed at once instead of lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_kept_alive_connections() {
+    let (be, _) = backend().await;
+    let port = free_port();
+    let listeners = hcm_listener(
+        "drain",
+        port,
+        "",
+        "              - { match: { prefix: / }, route: { cluster: be } }\n",
+    );
+    let yaml = format!(
+        "node: {{ id: d, cluster: d }}\nstatic_resources:\n  listeners:\n{listeners}  clusters:\n{}",
+        cluster("be", be, "")
+    );
+    let boot = skiff::config::parse(&yaml, "<drain>").expect("bootstrap");
+    let skiff = InProcessSkiff::start(run_options(boot));
+    let deadline = Instant::now() + WAIT;
+    let mut s = loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "listener never bound");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    skiff.stop().await.unwrap();
+    // skiff's tasks share this runtime: without the drain the connection would stay open.
+    let took = closed_after(&mut s)
+        .await
+        .expect("a draining listener closes its idle HTTP connections");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
