@@ -656,6 +656,8 @@ pub struct HttpStats {
     pub downstream_rq_idle_timeout: ScopedCounter,
     /// `downstream_rq_timeout`: requests ended by `request_timeout`.
     pub downstream_rq_timeout: ScopedCounter,
+    /// `downstream_rq_header_timeout`: connections closed by `request_headers_timeout`.
+    pub downstream_rq_header_timeout: ScopedCounter,
     /// `downstream_cx_idle_timeout`: connections closed by the HCM's `idle_timeout`.
     pub downstream_cx_idle_timeout: ScopedCounter,
     /// `downstream_cx_max_duration_reached`: connections drained at `max_connection_duration`.
@@ -683,6 +685,7 @@ impl HttpStats {
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
             downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
             downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),

@@ -264,6 +264,16 @@ async fn connection_manager_timeouts_limits_and_breakers() {
         .await
         .expect("an incomplete head must end the connection");
     assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert_eq!(
+        stat(admin, "http.reqto.downstream_rq_header_timeout").await,
+        1
+    );
+    // It runs from a head's first byte, as Envoy's: a kept-alive connection may wait longer
+    // than it between requests.
+    let mut tx = client(reqto).await;
+    assert_eq!(send(&mut tx, "/a").await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(send(&mut tx, "/b").await.0, StatusCode::OK);
 
     // max_headers_count (Envoy's default 100): a request with more headers gets 431.
     let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();

@@ -7,10 +7,15 @@
 //!   long), `max_connection_duration`, `max_requests_per_connection` and the listener's drain
 //!   each start a drain (HTTP/1.1: close once the current response is done; HTTP/2: GOAWAY),
 //!   and the connection is closed `drain_timeout` later if it is still open.
+//!   `request_headers_timeout` runs from the first byte of an HTTP/1.1 request head (seen by
+//!   [`HeadTimed`] on the socket) until hyper hands the head over; when it expires the
+//!   connection is closed. (hyper's own header timer would also run while a kept-alive
+//!   connection waits for its next request, which Envoy's does not.)
 //! - Per stream ([`StreamActivity`], [`watch_stream`]): `stream_idle_timeout` (or the route's
 //!   `idle_timeout`) and `request_timeout` until the response starts (408); the response body's
 //!   idle timer is [`super::body::Timed`].
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +43,8 @@ pub enum Drain {
     MaxRequests,
     /// The listener is draining (shutdown).
     Listener,
+    /// A request head did not arrive within `request_headers_timeout` (close at once).
+    HeadTimeout,
 }
 
 /// What the connection's watchdog reads of its streams.
@@ -50,13 +58,133 @@ pub struct ConnState {
     requests: AtomicU32,
     /// Woken when the request limit is reached.
     limit_reached: Notify,
+    /// The request head timer.
+    head: HeadTimer,
+}
+
+/// `request_headers_timeout`'s timer: armed by the first byte of a head, disarmed when the
+/// head was parsed, waiting again once the response is done (HTTP/1.1; off for HTTP/2).
+#[derive(Debug)]
+pub struct HeadTimer {
+    origin: Instant,
+    /// Between requests: the next byte starts a head.
+    awaiting: AtomicBool,
+    /// Milliseconds since `origin` + 1 when the current head started; 0: none.
+    started: AtomicU64,
+    /// HTTP/2: streams, not heads.
+    off: AtomicBool,
+}
+
+impl Default for HeadTimer {
+    fn default() -> Self {
+        HeadTimer {
+            origin: Instant::now(),
+            awaiting: AtomicBool::new(true),
+            started: AtomicU64::new(0),
+            off: AtomicBool::new(false),
+        }
+    }
+}
+
+impl HeadTimer {
+    fn on_bytes(&self) {
+        if self.awaiting.load(Ordering::Relaxed) && self.started.load(Ordering::Relaxed) == 0 {
+            let ms = self.origin.elapsed().as_millis() as u64 + 1;
+            self.started.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    fn head_done(&self, h2: bool) {
+        self.awaiting.store(false, Ordering::Relaxed);
+        self.started.store(0, Ordering::Relaxed);
+        if h2 {
+            self.off.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn response_done(&self) {
+        if !self.off.load(Ordering::Relaxed) {
+            self.awaiting.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves when a head has been arriving for `timeout`.
+    async fn expired(&self, timeout: Duration) {
+        let tick = (timeout / 4).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(tick).await;
+            let started = self.started.load(Ordering::Relaxed);
+            if started == 0 || self.off.load(Ordering::Relaxed) {
+                continue;
+            }
+            let at = self.origin + Duration::from_millis(started - 1);
+            if Instant::now().duration_since(at) >= timeout {
+                return;
+            }
+        }
+    }
+}
+
+/// The downstream socket, telling the connection's [`HeadTimer`] when bytes arrive.
+pub struct HeadTimed<S> {
+    inner: S,
+    state: Arc<ConnState>,
+}
+
+impl<S> HeadTimed<S> {
+    /// Wrap `inner` for the connection `state`.
+    pub fn new(inner: S, state: Arc<ConnState>) -> HeadTimed<S> {
+        HeadTimed { inner, state }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.head.on_bytes();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadTimed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 impl ConnState {
     /// A new stream: counted active until the returned guard drops (with its response body).
     /// Returns the guard and whether this request is the connection's last
     /// (`max_requests_per_connection`).
-    pub fn start(self: &Arc<Self>, max_requests: Option<u32>) -> (StreamGuard, bool) {
+    pub fn start(self: &Arc<Self>, max_requests: Option<u32>, h2: bool) -> (StreamGuard, bool) {
+        self.head.head_done(h2);
         self.active.fetch_add(1, Ordering::AcqRel);
         self.events.fetch_add(1, Ordering::Relaxed);
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
@@ -76,6 +204,7 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
         self.0.events.fetch_add(1, Ordering::Relaxed);
+        self.0.head.response_done();
     }
 }
 
@@ -146,7 +275,14 @@ pub async fn watch_connection(
             None => std::future::pending().await,
         }
     };
+    let head = async {
+        match limits.request_headers_timeout {
+            Some(t) => state.head.expired(t).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        () = head => Drain::HeadTimeout,
         () = idle => Drain::Idle,
         () = duration => Drain::MaxDuration,
         () = state.limit_reached.notified() => Drain::MaxRequests,
@@ -283,7 +419,7 @@ mod tests {
         };
         let drain = CancellationToken::new();
         // One stream open for 400 ms: no idle timeout while it lasts.
-        let (g, last) = state.start(None);
+        let (g, last) = state.start(None, false);
         assert!(!last);
         let t = Instant::now();
         let watch = watch_connection(&state, &limits, &drain);
@@ -308,8 +444,8 @@ mod tests {
         };
         let drain = CancellationToken::new();
         let state = Arc::new(ConnState::default());
-        let (_a, last_a) = state.start(limits.max_requests_per_connection);
-        let (_b, last_b) = state.start(limits.max_requests_per_connection);
+        let (_a, last_a) = state.start(limits.max_requests_per_connection, false);
+        let (_b, last_b) = state.start(limits.max_requests_per_connection, false);
         assert_eq!((last_a, last_b), (false, true));
         assert_eq!(
             watch_connection(&state, &limits, &drain).await,

@@ -119,7 +119,7 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
             let (conn, hs, state) = (conn.clone(), hs.clone(), state.clone());
             async move {
                 let max = conn.manager.limits.max_requests_per_connection;
-                let (guard, last) = state.start(max);
+                let (guard, last) = state.start(max, req.version() == Version::HTTP_2);
                 let mut resp = handle(&conn, &hs, req).await;
                 // The last request an HTTP/1 connection serves says so.
                 if last && resp.version() != Version::HTTP_2 {
@@ -137,16 +137,18 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Envoy has no head timeout unless `request_headers_timeout` is set: the connection's
+        // `request_headers_timeout` is skiff's own (see `limits`): hyper's timer also runs
+        // between kept-alive requests. Without it Envoy has no head timeout; the connection's
         // idle timeout bounds a silent client.
-        .header_read_timeout(lim.request_headers_timeout)
+        .header_read_timeout(None)
         .max_headers(lim.max_headers_count as usize)
         .max_buf_size(head_limit);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX));
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let io = TokioIo::new(limits::HeadTimed::new(stream, state.clone()));
+    let served = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
     let watch = limits::watch_connection(&state, &lim, &drain);
     tokio::pin!(watch);
@@ -156,6 +158,11 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
             r = served.as_mut() => break r,
             why = &mut watch, if closing.is_none() => {
                 let stat = match why {
+                    limits::Drain::HeadTimeout => {
+                        hs.downstream_rq_header_timeout.inc();
+                        debug!("request headers timeout: closing http connection");
+                        return;
+                    }
                     limits::Drain::Idle => &hs.downstream_cx_idle_timeout,
                     limits::Drain::MaxDuration => &hs.downstream_cx_max_duration_reached,
                     limits::Drain::MaxRequests => &hs.downstream_cx_max_requests_reached,
