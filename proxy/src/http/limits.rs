@@ -6,7 +6,8 @@
 //! - Per connection ([`ConnState`], [`watch_connection`]): `idle_timeout` (no stream for that
 //!   long), `max_connection_duration`, `max_requests_per_connection` and the listener's drain
 //!   each start a drain (HTTP/1.1: close once the current response is done; HTTP/2: GOAWAY),
-//!   and the connection is closed `drain_timeout` later if it is still open.
+//!   and a connection drained by its own limits is closed `drain_timeout` later if it is
+//!   still open (a draining listener's connections end with the process's drain window).
 //!   `request_headers_timeout` runs from the first byte of an HTTP/1.1 request head (seen by
 //!   [`HeadTimed`] on the socket) until hyper hands the head over; when it expires the
 //!   connection is closed. (hyper's own header timer would also run while a kept-alive

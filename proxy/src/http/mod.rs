@@ -173,7 +173,13 @@ pub async fn serve(conn: HttpConn, stream: TcpStream) {
                 // HTTP/1.1: close after the response in flight (at once when idle);
                 // HTTP/2: GOAWAY, streams in flight finish.
                 served.as_mut().graceful_shutdown();
-                closing = Some(Instant::now() + lim.drain_timeout);
+                // Envoy force-closes a connection its own limits drained after the drain
+                // period; a draining listener's connections end with the process's drain
+                // window instead.
+                closing = Some(match why {
+                    limits::Drain::Listener => Instant::now() + Duration::from_secs(24 * 3600),
+                    _ => Instant::now() + lim.drain_timeout,
+                });
             }
             () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
                 debug!("drain timeout: closing http connection");

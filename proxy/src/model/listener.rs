@@ -369,8 +369,8 @@ pub struct HttpLimits {
     pub max_headers_count: u32,
     /// `max_request_headers_kb` (default 60, at most 8192).
     pub max_request_headers_kb: u32,
-    /// `drain_timeout` (default 5 s): after a drain notice (shutdown, max duration, max
-    /// requests) the connection gets this long before it is closed.
+    /// `drain_timeout` (default 5 s): after a drain notice of the connection's own limits (idle,
+    /// max duration, max requests) the connection gets this long before it is closed.
     pub drain_timeout: Duration,
     /// The listener's `per_connection_buffer_limit_bytes` (default 1 MiB): bounds the request
     /// body kept for retries and the HTTP/1 read buffer.
