@@ -26,6 +26,10 @@ use tokio::net::{TcpListener, TcpStream};
 const WAIT: Duration = Duration::from_secs(10);
 /// The slow backend answers after this; a reply well before it came from a skiff timer.
 const SLOW: Duration = Duration::from_millis(2000);
+/// How long `/wait` holds a request (and its connection or breaker slot).
+const HOLD: Duration = Duration::from_millis(1000);
+/// The gap between requests that must find the earlier ones in flight.
+const GAP: Duration = Duration::from_millis(300);
 
 /// What a backend saw: connections accepted and closed.
 #[derive(Default)]
@@ -34,7 +38,7 @@ struct Seen {
     closed: AtomicUsize,
 }
 
-/// An HTTP/1.1 backend: `/slow*` answers after [`SLOW`], `/wait*` after 600 ms, anything else
+/// An HTTP/1.1 backend: `/slow*` answers after [`SLOW`], `/wait*` after [`HOLD`], anything else
 /// at once, after reading the whole request body.
 async fn backend() -> (SocketAddr, Arc<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -52,7 +56,7 @@ async fn backend() -> (SocketAddr, Arc<Seen>) {
                     if path.starts_with("/slow") {
                         tokio::time::sleep(SLOW).await;
                     } else if path.starts_with("/wait") {
-                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        tokio::time::sleep(HOLD).await;
                     }
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
                 });
@@ -313,9 +317,9 @@ async fn connection_manager_timeouts_limits_and_breakers() {
     // max_connections 1 + max_pending_requests 1: the first request holds the connection,
     // the second waits for it, the third overflows (503).
     let first = tokio::spawn(get(cb, "/wait"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(GAP).await;
     let second = tokio::spawn(get(cb, "/wait"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(GAP).await;
     let (status, body) = get(cb, "/wait").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.ends_with("overflow"), "{body}");
@@ -334,11 +338,11 @@ async fn connection_manager_timeouts_limits_and_breakers() {
 
     // HIGH priority: max_requests 1 for DEFAULT routes, 10 for HIGH ones.
     let low = tokio::spawn(get(cb, "/low"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(GAP).await;
     assert_eq!(get(cb, "/low").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(low.await.unwrap().0, StatusCode::OK);
     let high = tokio::spawn(get(cb, "/high"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(GAP).await;
     assert_eq!(get(cb, "/high").await.0, StatusCode::OK);
     assert_eq!(high.await.unwrap().0, StatusCode::OK);
 
