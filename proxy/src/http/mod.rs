@@ -701,6 +701,12 @@ async fn forward(
     });
     let down_version = req.version();
     let proto = upstream_proto(&entry, down_version);
+    // `priority: HIGH` routes count against the cluster's HIGH thresholds.
+    let priority = if f.high_priority {
+        lb::RoutingPriority::High
+    } else {
+        lb::RoutingPriority::Default
+    };
 
     // The request as every attempt sends it.
     let (parts, incoming) = req.into_parts();
@@ -746,7 +752,7 @@ async fn forward(
             body: incoming,
             down,
         };
-        return forward_upgrade(ctx, &cluster, &entry, up).await;
+        return forward_upgrade(ctx, &cluster, &entry, priority, up).await;
     }
 
     // Until the response starts, the stream's idle timer (the route's `idle_timeout`, else
@@ -771,12 +777,6 @@ async fn forward(
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
     let request_deadline = lim.request_timeout.map(|t| ctx.started + t);
-    // `priority: HIGH` routes count against the cluster's HIGH thresholds.
-    let priority = if f.high_priority {
-        lb::RoutingPriority::High
-    } else {
-        lb::RoutingPriority::Default
-    };
     let max_host_attempts = policy
         .as_ref()
         .filter(|p| p.previous_hosts)
@@ -1069,10 +1069,20 @@ async fn forward_upgrade(
     ctx: &Ctx<'_>,
     cluster: &str,
     entry: &ClusterEntry,
+    priority: lb::RoutingPriority,
     up: Upgrade<'_>,
 ) -> Response<Body> {
     let conn = ctx.conn;
     let cs = &entry.stats;
+    // The tunnel is an upstream connection for its whole life: it holds a `max_connections`
+    // slot (the overflow is counted by the breaker).
+    let Ok(slot) = entry.try_connection(priority) else {
+        debug!(%cluster, flags = "UO", "connection circuit breaker open");
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. reset reason: overflow"),
+        );
+    };
     let (addr, host) = match choose_host(conn, entry, &lb::LbRequest::default()).await {
         Dest::Host(a, h, _) => (a, h),
         Dest::NoHealthy => {
@@ -1150,6 +1160,7 @@ async fn forward_upgrade(
         let down = up.down;
         ctx.hs.downstream_cx_upgrades_total.inc();
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(down, up_upgrade) {
                 Ok((d, u)) => {
                     let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
