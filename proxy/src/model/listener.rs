@@ -677,13 +677,6 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
             ));
         }
     };
-    // Fields that change what the proxy does and that skiff does not run are refused.
-    if t.tunneling_config.is_some() {
-        return Err(FieldError::new(
-            "typed_config.tunneling_config",
-            "tunneling is not supported",
-        ));
-    }
     Ok(TcpProxy {
         stat_prefix: t.stat_prefix,
         cluster,
