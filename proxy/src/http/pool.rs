@@ -555,3 +555,106 @@ fn poisoned(addr: SocketAddr) -> SendError {
         source: std::io::Error::other("connection pool lock poisoned"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::HostRegistry;
+    use crate::model::Cluster;
+    use crate::stats::Stats;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use std::convert::Infallible;
+
+    /// A backend answering `ok` over HTTP/1.1 or h2c; counts the connections it accepted.
+    async fn backend(h2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    });
+                    let io = TokioIo::new(s);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn entry(options: &str, stats: &Arc<Stats>) -> ClusterEntry {
+        let text = format!(
+            "name: c\ntype: STATIC\nload_assignment: {{ cluster_name: c }}\ntyped_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config: {{ http_protocol_options: {{}} }}\n    common_http_protocol_options: {options}\n"
+        );
+        let v = skiff_proto::parse_text(&text).expect("yaml");
+        let pb: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+            skiff_proto::decode_json(&v).expect("cluster proto");
+        let c = Cluster::try_from(&pb).expect("cluster");
+        ClusterEntry::new(c, None, &HostRegistry::new(stats.clone()))
+    }
+
+    async fn get(pool: &Pool, addr: SocketAddr, proto: Proto, e: &ClusterEntry) -> bool {
+        let req = Request::get(match proto {
+            Proto::Http1 => "/".to_string(),
+            Proto::Http2 => format!("http://{addr}/"),
+        })
+        .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+        .unwrap();
+        let target = Target {
+            entry: e,
+            priority: RoutingPriority::Default,
+            mark: None,
+        };
+        let sent = pool.send(addr, proto, target, req).await;
+        match sent.result {
+            Ok(r) => r.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_max_duration_is_not_reused() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ max_connection_duration: 0.2s }", &stats);
+        let (addr, accepted) = backend(false).await;
+        let pool = Pool::new();
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while young");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            stats
+                .counter("cluster.c.upstream_cx_max_duration_reached")
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_h2_connection_takes_no_stream_past_max_requests() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ max_requests_per_connection: 2 }", &stats);
+        let (addr, accepted) = backend(true).await;
+        let pool = Pool::new();
+        for _ in 0..3 {
+            assert!(get(&pool, addr, Proto::Http2, &e).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.counter("cluster.c.upstream_cx_max_requests").get(), 1);
+    }
+}
