@@ -14,8 +14,8 @@
 //! limit, so no request waits for a connection that can never come. A connection is not reused
 //! after `max_requests_per_connection` requests (`upstream_cx_max_requests`) or past
 //! `max_connection_duration` (`upstream_cx_max_duration_reached`); an idle HTTP/1.1 connection
-//! is closed after the cluster's `idle_timeout` (`upstream_cx_idle_timeout`) by a sweeper task
-//! that runs every 500 ms while the pool has connections.
+//! (an HTTP/2 one: no request started) is closed after the cluster's `idle_timeout`
+//! (`upstream_cx_idle_timeout`) by a sweeper task that runs every 500 ms.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -65,6 +65,8 @@ struct Key {
 struct ConnInfo {
     created: Instant,
     requests: AtomicU32,
+    /// When the last request started, in milliseconds after `created` (HTTP/2's idle clock).
+    last_used_ms: std::sync::atomic::AtomicU64,
     idle_timeout: Option<Duration>,
     max_duration: Option<Duration>,
     max_requests: Option<u32>,
@@ -90,8 +92,15 @@ impl ConnInfo {
         false
     }
 
+    /// When the last request started.
+    fn last_used(&self) -> Instant {
+        self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
     /// Count one more request; `true` when it is the connection's last.
     fn take_request(&self) -> bool {
+        let ms = self.created.elapsed().as_millis() as u64;
+        self.last_used_ms.store(ms, Ordering::Relaxed);
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         let last = self.max_requests.is_some_and(|m| n >= m);
         if last {
@@ -170,6 +179,7 @@ impl Target<'_> {
         Arc::new(ConnInfo {
             created: Instant::now(),
             requests: AtomicU32::new(0),
+            last_used_ms: std::sync::atomic::AtomicU64::new(0),
             idle_timeout: u.idle_timeout,
             max_duration: u.max_connection_duration,
             max_requests: u.max_requests_per_connection,
@@ -252,10 +262,9 @@ impl Pool {
                 Some((Conn::Http1(s), info))
             }
             Proto::Http2 => {
-                let usable = slot
-                    .h2
-                    .as_ref()
-                    .is_some_and(|(s, info)| !s.is_closed() && !info.expired(None, now));
+                let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
+                    !s.is_closed() && !info.expired(Some(info.last_used()), now)
+                });
                 if !usable {
                     slot.h2 = None;
                     return None;
@@ -300,10 +309,12 @@ impl Pool {
         slots.retain(|_, slot| {
             slot.idle
                 .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
+            // HTTP/2's idle clock runs from the last request started; streams still open on a
+            // connection dropped here finish on it (hyper keeps it until they end).
             if slot
                 .h2
                 .as_ref()
-                .is_some_and(|(s, info)| s.is_closed() || info.expired(None, now))
+                .is_some_and(|(s, info)| s.is_closed() || info.expired(Some(info.last_used()), now))
             {
                 slot.h2 = None;
             }
@@ -656,5 +667,19 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(stats.counter("cluster.c.upstream_cx_max_requests").get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ idle_timeout: 0.2s }", &stats);
+        let (addr, accepted) = backend(true).await;
+        let pool = Pool::new();
+        assert!(get(&pool, addr, Proto::Http2, &e).await);
+        // The sweeper (every 500 ms) drops it once idle for 200 ms.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(stats.counter("cluster.c.upstream_cx_idle_timeout").get(), 1);
+        assert!(get(&pool, addr, Proto::Http2, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
