@@ -524,6 +524,14 @@ pub struct ClusterStats {
     pub upstream_cx_tx_bytes_total: ScopedCounter,
     /// `upstream_cx_rx_bytes_total`.
     pub upstream_cx_rx_bytes_total: ScopedCounter,
+    /// `upstream_cx_connect_attempts_exceeded`: tcp_proxy's `max_connect_attempts` used up.
+    pub upstream_cx_connect_attempts_exceeded: ScopedCounter,
+    /// `upstream_cx_idle_timeout`: pooled connections closed after the idle timeout.
+    pub upstream_cx_idle_timeout: ScopedCounter,
+    /// `upstream_cx_max_requests`: connections closed at `max_requests_per_connection`.
+    pub upstream_cx_max_requests: ScopedCounter,
+    /// `upstream_cx_max_duration_reached`: connections closed at `max_connection_duration`.
+    pub upstream_cx_max_duration_reached: ScopedCounter,
     /// `upstream_rq_total`, `_timeout`, `_retry`, `_retry_success`, `_<code>`, `_<class>xx`.
     pub rq: RqStats,
     /// `upstream_rq_per_try_timeout`.
@@ -556,6 +564,10 @@ impl ClusterStats {
             upstream_cx_overflow: c("upstream_cx_overflow"),
             upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
             upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
+            upstream_cx_connect_attempts_exceeded: c("upstream_cx_connect_attempts_exceeded"),
+            upstream_cx_idle_timeout: c("upstream_cx_idle_timeout"),
+            upstream_cx_max_requests: c("upstream_cx_max_requests"),
+            upstream_cx_max_duration_reached: c("upstream_cx_max_duration_reached"),
             rq: RqStats::new(&s),
             upstream_rq_per_try_timeout: c("upstream_rq_per_try_timeout"),
             upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
@@ -639,6 +651,22 @@ pub struct HttpStats {
     pub downstream_rq_ws_on_non_ws_route: ScopedCounter,
     /// `downstream_cx_upgrades_total`.
     pub downstream_cx_upgrades_total: ScopedCounter,
+    /// `downstream_rq_idle_timeout`: streams ended by `stream_idle_timeout` (or a route's
+    /// `idle_timeout`).
+    pub downstream_rq_idle_timeout: ScopedCounter,
+    /// `downstream_rq_timeout`: requests ended by `request_timeout`.
+    pub downstream_rq_timeout: ScopedCounter,
+    /// `downstream_rq_header_timeout`: connections closed by `request_headers_timeout`.
+    pub downstream_rq_header_timeout: ScopedCounter,
+    /// `downstream_cx_idle_timeout`: connections closed by the HCM's `idle_timeout`.
+    pub downstream_cx_idle_timeout: ScopedCounter,
+    /// `downstream_cx_max_duration_reached`: connections drained at `max_connection_duration`.
+    pub downstream_cx_max_duration_reached: ScopedCounter,
+    /// `downstream_cx_max_requests_reached`: connections drained at
+    /// `max_requests_per_connection`.
+    pub downstream_cx_max_requests_reached: ScopedCounter,
+    /// `downstream_cx_drain_close`: connections drained because the listener is draining.
+    pub downstream_cx_drain_close: ScopedCounter,
     classes: ByCode,
 }
 
@@ -655,6 +683,13 @@ impl HttpStats {
             no_cluster: c("no_cluster"),
             downstream_rq_ws_on_non_ws_route: c("downstream_rq_ws_on_non_ws_route"),
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
+            downstream_cx_drain_close: c("downstream_cx_drain_close"),
             classes: ByCode::new(&s, "downstream_rq_", "xx"),
         }
     }

@@ -1,13 +1,21 @@
-//! Bidirectional byte copy with half-close and byte counters.
+//! Bidirectional byte copy with half-close, byte counters and the connection's time limits.
 //!
 //! Bytes move socket -> pipe -> socket with `splice(2)`, so the kernel moves pages and the
 //! payload never enters userspace: one pipe per direction, allocated once per connection, no
 //! per-byte work in skiff. If pipes cannot be created (fd limit) the copy falls back to a
 //! buffered copy. Either way an error names the side whose socket failed (Envoy's `DC`/`UC`).
+//!
+//! Time limits (tcp_proxy's `idle_timeout` and `max_downstream_connection_duration`) are kept
+//! by a watchdog beside the two directions, not inside them: each direction only adds what it
+//! moved to a shared atomic counter (no clock read, no syscall per chunk), and the watchdog
+//! wakes every quarter of the idle timeout to see whether the counters moved. So an idle
+//! connection is closed between `idle` and `1.25 * idle` after its last byte.
 
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use socket2::SockRef;
@@ -21,6 +29,111 @@ use super::error::Side;
 const CHUNK: usize = 64 * 1024;
 /// Per-direction buffer of the buffered copy.
 const BUF: usize = 64 * 1024;
+
+/// The limits one copy runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Close both sides after this long without a byte either way (`None`: never).
+    pub idle: Option<Duration>,
+    /// Close both sides this long after the copy started (`None`: never).
+    pub max_duration: Option<Duration>,
+    /// Most bytes held at once per direction (`per_connection_buffer_limit_bytes`); the copy
+    /// never moves more than 64 KiB at once either way.
+    pub buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            idle: None,
+            max_duration: None,
+            buffer: CHUNK,
+        }
+    }
+}
+
+impl Limits {
+    fn chunk(&self, most: usize) -> usize {
+        self.buffer.clamp(1, most)
+    }
+}
+
+/// Why the copy ended before both sides closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// No byte moved either way for the idle timeout.
+    Idle,
+    /// The connection reached its maximum duration.
+    MaxDuration,
+}
+
+/// How a copy ended: what moved, and whether a limit closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// Bytes moved.
+    pub transferred: Transferred,
+    /// The limit that closed the connection; `None`: both sides closed.
+    pub cut: Option<Cut>,
+}
+
+/// Bytes moved so far, per direction, shared by the directions and the watchdog.
+#[derive(Debug, Default)]
+struct Moved {
+    tx: AtomicU64,
+    rx: AtomicU64,
+}
+
+impl Moved {
+    fn total(&self) -> u64 {
+        self.tx.load(Ordering::Relaxed) + self.rx.load(Ordering::Relaxed)
+    }
+
+    fn get(&self) -> Transferred {
+        Transferred {
+            tx: self.tx.load(Ordering::Relaxed),
+            rx: self.rx.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Resolves when a limit is reached: the maximum duration, or no movement in `moved` for the
+/// idle timeout (checked every quarter of it). Never resolves without limits.
+async fn watchdog(moved: &Moved, limits: Limits) -> Cut {
+    use tokio::time::{Instant, sleep_until};
+    let start = Instant::now();
+    let end = limits.max_duration.map(|d| start + d);
+    let Some(idle) = limits.idle else {
+        match end {
+            Some(e) => {
+                sleep_until(e).await;
+                return Cut::MaxDuration;
+            }
+            None => return std::future::pending().await,
+        }
+    };
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = moved.total();
+    let mut last = start;
+    loop {
+        let now = Instant::now();
+        let mut wake = (now + tick).min(last + idle);
+        if let Some(e) = end {
+            wake = wake.min(e);
+        }
+        sleep_until(wake).await;
+        let now = Instant::now();
+        if end.is_some_and(|e| now >= e) {
+            return Cut::MaxDuration;
+        }
+        let total = moved.total();
+        if total != seen {
+            seen = total;
+            last = now;
+        } else if now.duration_since(last) >= idle {
+            return Cut::Idle;
+        }
+    }
+}
 
 /// Bytes moved in each direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,22 +158,52 @@ fn on(side: Side) -> impl Fn(io::Error) -> ForwardError {
     move |source| ForwardError { side, source }
 }
 
-/// Copy both ways until both sides have closed. An EOF from one side is passed on as a
-/// write shutdown to the other (half-close), and the other direction keeps flowing. An error
-/// in either direction ends both.
+/// Copy both ways until both sides have closed or a limit is reached. An EOF from one side is
+/// passed on as a write shutdown to the other (half-close), and the other direction keeps
+/// flowing. An error in either direction ends both. When a limit is reached the copy stops;
+/// the caller closes both sockets by dropping them.
 pub async fn forward(
     down: &mut TcpStream,
     up: &mut TcpStream,
-) -> Result<Transferred, ForwardError> {
+    limits: Limits,
+) -> Result<Ended, ForwardError> {
     let pipes = (pipe(), pipe());
     let (Ok(p1), Ok(p2)) = pipes else {
-        return forward_copy(down, up).await;
+        return forward_copy(down, up, limits).await;
     };
-    let (tx, rx) = tokio::try_join!(
-        pump(down, up, (Side::Downstream, Side::Upstream), p1),
-        pump(up, down, (Side::Upstream, Side::Downstream), p2)
-    )?;
-    Ok(Transferred { tx, rx })
+    let moved = Moved::default();
+    let chunk = limits.chunk(CHUNK);
+    let both = async {
+        tokio::try_join!(
+            pump(
+                down,
+                up,
+                (Side::Downstream, Side::Upstream),
+                p1,
+                &moved.tx,
+                chunk
+            ),
+            pump(
+                up,
+                down,
+                (Side::Upstream, Side::Downstream),
+                p2,
+                &moved.rx,
+                chunk
+            )
+        )
+    };
+    let cut = tokio::select! {
+        r = both => {
+            r?;
+            None
+        }
+        cut = watchdog(&moved, limits) => Some(cut),
+    };
+    Ok(Ended {
+        transferred: moved.get(),
+        cut,
+    })
 }
 
 /// As [`forward`], with a userspace buffer per direction instead of splice: for sockets whose
@@ -68,14 +211,29 @@ pub async fn forward(
 pub async fn forward_copy(
     down: &mut TcpStream,
     up: &mut TcpStream,
-) -> Result<Transferred, ForwardError> {
+    limits: Limits,
+) -> Result<Ended, ForwardError> {
+    let moved = Moved::default();
+    let buf = limits.chunk(BUF);
     let (dr, dw) = down.split();
     let (ur, uw) = up.split();
-    let (tx, rx) = tokio::try_join!(
-        copy(dr, uw, (Side::Downstream, Side::Upstream)),
-        copy(ur, dw, (Side::Upstream, Side::Downstream))
-    )?;
-    Ok(Transferred { tx, rx })
+    let both = async {
+        tokio::try_join!(
+            copy(dr, uw, (Side::Downstream, Side::Upstream), &moved.tx, buf),
+            copy(ur, dw, (Side::Upstream, Side::Downstream), &moved.rx, buf)
+        )
+    };
+    let cut = tokio::select! {
+        r = both => {
+            r?;
+            None
+        }
+        cut = watchdog(&moved, limits) => Some(cut),
+    };
+    Ok(Ended {
+        transferred: moved.get(),
+        cut,
+    })
 }
 
 /// One buffered direction: `src` -> `dst` until EOF, then shut down `dst`'s write side.
@@ -83,19 +241,20 @@ async fn copy(
     mut src: impl AsyncRead + Unpin,
     mut dst: impl AsyncWrite + Unpin,
     (src_side, dst_side): (Side, Side),
-) -> Result<u64, ForwardError> {
-    let mut buf = vec![0u8; BUF];
-    let mut total = 0u64;
+    moved: &AtomicU64,
+    size: usize,
+) -> Result<(), ForwardError> {
+    let mut buf = vec![0u8; size];
     loop {
         let n = src.read(&mut buf).await.map_err(on(src_side))?;
         if n == 0 {
             return match dst.shutdown().await {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(on(dst_side)(e)),
-                _ => Ok(total),
+                _ => Ok(()),
             };
         }
         dst.write_all(&buf[..n]).await.map_err(on(dst_side))?;
-        total += n as u64;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -109,15 +268,16 @@ async fn pump(
     dst: &TcpStream,
     (src_side, dst_side): (Side, Side),
     (pr, pw): (OwnedFd, OwnedFd),
-) -> Result<u64, ForwardError> {
+    moved: &AtomicU64,
+    chunk: usize,
+) -> Result<(), ForwardError> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let mut total = 0u64;
     loop {
         // Fill the (empty) pipe from the source socket.
         let n = loop {
             src.readable().await.map_err(on(src_side))?;
             match src.try_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, pw.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
+                splice(src.as_fd(), None, pw.as_fd(), None, chunk, flags).map_err(io::Error::from)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -131,7 +291,7 @@ async fn pump(
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                 Err(e) => return Err(on(dst_side)(e)),
             }
-            return Ok(total);
+            return Ok(());
         }
         // Drain the pipe completely into the destination socket.
         let mut left = n;
@@ -143,7 +303,7 @@ async fn pump(
                 Ok(0) => return Err(on(dst_side)(io::ErrorKind::WriteZero.into())),
                 Ok(w) => {
                     left -= w;
-                    total += w as u64;
+                    moved.fetch_add(w as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(on(dst_side)(e)),
@@ -178,9 +338,9 @@ mod tests {
         let (mut up, mut server) = pair().await;
         let proxy = tokio::spawn(async move {
             if buffered {
-                forward_copy(&mut down, &mut up).await
+                forward_copy(&mut down, &mut up, Limits::default()).await
             } else {
-                forward(&mut down, &mut up).await
+                forward(&mut down, &mut up, Limits::default()).await
             }
         });
         let req: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
@@ -201,7 +361,9 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert!(back == resp, "response bytes differ");
         server_task.await.unwrap();
-        let t = proxy.await.unwrap().unwrap();
+        let ended = proxy.await.unwrap().unwrap();
+        assert_eq!(ended.cut, None);
+        let t = ended.transferred;
         assert_eq!(t.tx, req.len() as u64);
         assert_eq!(t.rx, resp.len() as u64);
     }
@@ -213,9 +375,9 @@ mod tests {
             let (mut up, server) = pair().await;
             let proxy = tokio::spawn(async move {
                 if buffered {
-                    forward_copy(&mut down, &mut up).await
+                    forward_copy(&mut down, &mut up, Limits::default()).await
                 } else {
-                    forward(&mut down, &mut up).await
+                    forward(&mut down, &mut up, Limits::default()).await
                 }
             });
             // SO_LINGER 0: close sends RST, so the proxy's read fails with ECONNRESET.
@@ -227,5 +389,84 @@ mod tests {
             assert_eq!(err.side, Side::Upstream, "buffered {buffered}: {err}");
             drop(client);
         }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_cut_and_busy_ones_are_not() {
+        for buffered in [false, true] {
+            let limits = Limits {
+                idle: Some(Duration::from_millis(200)),
+                ..Limits::default()
+            };
+            // A silent pair is cut after about 200 ms.
+            let (_client, mut down) = pair().await;
+            let (mut up, _server) = pair().await;
+            let t = tokio::time::Instant::now();
+            let ended = if buffered {
+                forward_copy(&mut down, &mut up, limits).await
+            } else {
+                forward(&mut down, &mut up, limits).await
+            }
+            .unwrap();
+            assert_eq!(ended.cut, Some(Cut::Idle), "buffered {buffered}");
+            let took = t.elapsed();
+            assert!(
+                took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
+                "{took:?}"
+            );
+            // A pair that talks every 50 ms for 600 ms is not cut.
+            let (mut client, mut down) = pair().await;
+            let (mut up, mut server) = pair().await;
+            let proxy = tokio::spawn(async move {
+                if buffered {
+                    forward_copy(&mut down, &mut up, limits).await
+                } else {
+                    forward(&mut down, &mut up, limits).await
+                }
+            });
+            for _ in 0..12 {
+                client.write_all(b"x").await.unwrap();
+                let mut b = [0u8; 1];
+                server.read_exact(&mut b).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            client.shutdown().await.unwrap();
+            server.shutdown().await.unwrap();
+            let ended = proxy.await.unwrap().unwrap();
+            assert_eq!(ended.cut, None, "buffered {buffered}");
+            assert_eq!(ended.transferred.tx, 12);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_is_cut_at_its_max_duration() {
+        let limits = Limits {
+            idle: Some(Duration::from_secs(10)),
+            max_duration: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let proxy = tokio::spawn(async move { forward(&mut down, &mut up, limits).await });
+        let t = tokio::time::Instant::now();
+        let talk = async {
+            loop {
+                if client.write_all(b"y").await.is_err() {
+                    break;
+                }
+                let mut b = [0u8; 1];
+                if server.read_exact(&mut b).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let ended = tokio::select! {
+            r = proxy => r.unwrap().unwrap(),
+            _ = talk => panic!("the copy must end first"),
+        };
+        assert_eq!(ended.cut, Some(Cut::MaxDuration));
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(ended.transferred.tx > 0);
     }
 }

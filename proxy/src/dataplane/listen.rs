@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field, info_span, warn};
 
 use super::accept::Accepted;
@@ -48,6 +49,13 @@ pub async fn run(
     let direction = role.direction();
     let role = Arc::new(role);
     let conn_counters = counters.clone();
+    // Cancelled when the listener stops accepting: HTTP connections then drain.
+    let drain = CancellationToken::new();
+    let conn_drain = drain.clone();
+    let shutdown = async move {
+        shutdown.await;
+        drain.cancel();
+    };
     accept_loop(
         listener,
         &counters,
@@ -56,8 +64,9 @@ pub async fn run(
         shutdown,
         move |stream, peer| {
             let (dp, role, counters) = (dp.clone(), role.clone(), conn_counters.clone());
+            let drain = conn_drain.clone();
             async move {
-                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role).await {
+                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain).await {
                     counters.failed(dp.stats(), &e);
                     debug!(
                         side = %e.side(),
@@ -141,6 +150,7 @@ async fn serve(
     down: TcpStream,
     client: ClientAddr,
     role: &ListenerRole,
+    drain: CancellationToken,
 ) -> Result<(), ConnError> {
     let span = tracing::Span::current();
     let _ = down.set_nodelay(true);
@@ -213,6 +223,7 @@ async fn serve(
                 client: client.get(),
                 local: orig_dst.map_or(local, |o| o.get()),
                 orig_dst,
+                drain,
             };
             drop(chain);
             crate::http::serve(conn, down).await;

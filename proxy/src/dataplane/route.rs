@@ -364,8 +364,9 @@ pub enum Route {
     Http {
         /// The chain.
         chain: Chain,
-        /// Its HCM settings (the connection keeps its own copy, as Envoy's does).
-        manager: HttpManager,
+        /// Its HCM settings (the connection keeps them, as Envoy's does, whatever later
+        /// snapshots say).
+        manager: Arc<HttpManager>,
     },
     /// No listener owns the destination: connect straight to it (Envoy's passthrough).
     Passthrough(EndpointAddr),
@@ -384,6 +385,9 @@ pub struct TcpRoute {
     pub cluster: Arc<ClusterEntry>,
     /// Where to connect.
     pub target: Target,
+    /// The hash the balancer picked with (tcp_proxy's `hash_policy`); further connect
+    /// attempts pick with it too.
+    pub hash: Option<u64>,
 }
 
 /// Where a tcp_proxy connection goes within its cluster.
@@ -458,23 +462,35 @@ pub fn select(
             filter: name.clone(),
         }),
         NetworkAction::TcpProxy(tcp) => match tcp_upstream(snap, tcp, facts, weighted) {
-            Ok((cluster, target)) => Route::TcpProxy(TcpRoute {
+            Ok((cluster, target, hash)) => Route::TcpProxy(TcpRoute {
                 chain,
                 cluster,
                 target,
+                hash,
             }),
             Err(e) => Route::Reject(e),
         },
     }
 }
 
-/// tcp_proxy's cluster, then the host in it.
+/// The hash tcp_proxy's `hash_policy` gives a connection from `src` on a cluster balanced by
+/// `policy`. Without a hash policy there is none: RING_HASH and MAGLEV then pick a random
+/// host, as Envoy's do.
+pub fn tcp_hash(tcp: &TcpProxy, policy: crate::model::LbPolicy, src: IpAddr) -> Option<u64> {
+    use crate::model::listener::TcpHashPolicy;
+    match tcp.hash_policy {
+        Some(TcpHashPolicy::SourceIp) if lb::uses_hash(policy) => Some(lb::source_ip_hash(src)),
+        _ => None,
+    }
+}
+
+/// tcp_proxy's cluster, then the host in it (and the hash it was picked with).
 fn tcp_upstream(
     snap: &Snapshot,
     tcp: &TcpProxy,
     facts: &ConnFacts<'_>,
     weighted: &AtomicUsize,
-) -> Result<(Arc<ClusterEntry>, Target), ConnError> {
+) -> Result<(Arc<ClusterEntry>, Target, Option<u64>), ConnError> {
     let name = match &tcp.cluster {
         ClusterSpecifier::Cluster(c) => c.as_str(),
         ClusterSpecifier::Weighted(w) => {
@@ -489,6 +505,7 @@ fn tcp_upstream(
     let none_healthy = || ConnError::NoHealthyUpstream {
         cluster: name.to_string(),
     };
+    let hash = tcp_hash(tcp, entry.cluster.lb_policy, facts.src.ip());
     let target = match &entry.cluster.kind {
         ClusterKind::OriginalDst => match facts.orig_dst {
             Some(o) => Target::OriginalDst(o.into()),
@@ -507,16 +524,14 @@ fn tcp_upstream(
             }
         }
         ClusterKind::Static(_) | ClusterKind::Eds { .. } => {
-            // tcp_proxy hashes the source IP for RING_HASH / MAGLEV (`hash_policy: source_ip`).
             let req = lb::LbRequest {
-                hash: lb::uses_hash(entry.cluster.lb_policy)
-                    .then(|| lb::source_ip_hash(facts.src.ip())),
+                hash,
                 ..Default::default()
             };
             Target::Host(lb::choose(&entry.lb, &req).ok_or_else(none_healthy)?)
         }
     };
-    Ok((entry.clone(), target))
+    Ok((entry.clone(), target, hash))
 }
 
 #[cfg(test)]

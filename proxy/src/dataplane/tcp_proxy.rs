@@ -1,20 +1,61 @@
 //! The tcp_proxy step, for every listener: take the chosen cluster's connection slot, connect
-//! to the chosen target, tell the chosen host how it went, count the connection on it, and
-//! copy bytes. Nothing is looked up again: the cluster entry and host are selection's.
+//! to the chosen target (again on another host, up to `max_connect_attempts`), tell each host
+//! how it went, count the connection on the one that answered, and copy bytes under the
+//! chain's `idle_timeout`, `max_downstream_connection_duration` and buffer limit. The cluster
+//! entry and first host are selection's; only a further attempt asks the balancer again.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::{debug, field};
 
 use super::error::ConnError;
+use super::forward::{Cut, Limits};
 use super::route::{Target, TcpRoute};
 use super::{Dataplane, ListenerRole, connect, forward};
 use crate::addr::{EndpointAddr, OrigDstAddr};
-use crate::lb::{Outcome, RoutingPriority};
+use crate::lb::{self, Outcome, RoutingPriority};
 use crate::model::cluster::DEFAULT_CONNECT_TIMEOUT;
+use crate::model::listener::{DEFAULT_TCP_IDLE_TIMEOUT, TcpProxy};
+use crate::model::upstream_http::DEFAULT_BUFFER_LIMIT;
 use crate::state::ClusterEntry;
 use crate::stats::ClusterStats;
+
+/// What the chain's tcp_proxy asks of the connection (passthrough: Envoy's defaults).
+#[derive(Debug, Clone)]
+struct Settings {
+    /// `stat_prefix` (`tcp.<prefix>.*`); empty for passthrough.
+    stat_prefix: String,
+    idle: Option<Duration>,
+    max_duration: Option<Duration>,
+    attempts: u32,
+    /// The listener's buffer limit.
+    buffer: u32,
+}
+
+impl Settings {
+    fn of(t: &TcpProxy) -> Settings {
+        Settings {
+            stat_prefix: t.stat_prefix.clone(),
+            idle: t.idle_timeout,
+            max_duration: t.max_downstream_connection_duration,
+            attempts: t.max_connect_attempts.max(1),
+            buffer: t.buffer_limit,
+        }
+    }
+
+    fn passthrough() -> Settings {
+        Settings {
+            stat_prefix: String::new(),
+            idle: Some(DEFAULT_TCP_IDLE_TIMEOUT),
+            max_duration: None,
+            attempts: 1,
+            buffer: DEFAULT_BUFFER_LIMIT,
+        }
+    }
+}
 
 /// Where one tcp_proxy connection goes: a cluster's target, or passthrough (no listener owns
 /// the destination, so no cluster is involved).
@@ -27,18 +68,29 @@ pub(super) struct Upstream {
     /// The cluster's stats (the passthrough cluster's for passthrough), resolved by the
     /// snapshot selection ran on.
     stats: Arc<ClusterStats>,
-    /// Where to connect.
+    /// Where to connect first.
     target: Target,
+    /// The balancer's hash for further attempts.
+    hash: Option<u64>,
+    /// The chain's tcp_proxy settings.
+    settings: Settings,
 }
 
 impl Upstream {
     /// The upstream selection chose on a tcp_proxy chain.
     pub(super) fn chosen(route: TcpRoute) -> Upstream {
+        let settings = match &route.chain.get().action {
+            crate::model::NetworkAction::TcpProxy(t) => Settings::of(t),
+            // Selection only builds a TcpRoute from a tcp_proxy chain.
+            _ => Settings::passthrough(),
+        };
         Upstream {
             stats: route.cluster.stats.clone(),
             cluster: Some(route.cluster),
             passthrough: "",
             target: route.target,
+            hash: route.hash,
+            settings,
         }
     }
 
@@ -54,6 +106,8 @@ impl Upstream {
             stats,
             passthrough: role.passthrough_cluster(),
             target: Target::OriginalDst(dst),
+            hash: None,
+            settings: Settings::passthrough(),
         }
     }
 
@@ -62,6 +116,22 @@ impl Upstream {
         self.cluster
             .as_ref()
             .map_or(self.passthrough, |c| &c.cluster.name)
+    }
+
+    /// The target of attempt `n` (from 1): selection's first, then, for balanced clusters,
+    /// another host than those `tried` when there is one; other targets are tried again.
+    fn target(&self, n: u32, tried: &[SocketAddr]) -> Option<Target> {
+        match (&self.target, &self.cluster) {
+            (Target::Host(_), Some(c)) if n > 1 => {
+                let req = lb::LbRequest {
+                    hash: self.hash,
+                    exclude: tried,
+                    max_attempts: 3,
+                };
+                lb::choose(&c.lb, &req).map(Target::Host)
+            }
+            (t, _) => Some(t.clone()),
+        }
     }
 }
 
@@ -85,28 +155,45 @@ pub(super) async fn proxy(
         .cluster
         .as_ref()
         .map_or(DEFAULT_CONNECT_TIMEOUT, |c| c.cluster.connect_timeout);
-    // 2. Connect.
-    let addr = connect::resolve(&up.target, name).await?;
-    tracing::Span::current().record("endpoint", field::display(addr));
-    counters.upstream_cx_total.inc();
-    let host = up.target.host().cloned();
-    let mut upstream = match connect::connect(dp, role, addr, timeout).await {
-        Ok(s) => s,
-        Err(source) => {
-            let outcome = if source.is_timeout() {
-                counters.upstream_cx_connect_timeout.inc();
-                Outcome::Timeout
-            } else {
-                counters.upstream_cx_connect_fail.inc();
-                Outcome::ConnectFailure
-            };
-            if let Some(h) = &host {
-                h.report(outcome);
-            }
-            return Err(ConnError::Connect {
+    // 2. Connect, up to `max_connect_attempts` times, each failure reported to its host.
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 0;
+    let (mut upstream, addr, host) = loop {
+        attempt += 1;
+        let Some(target) = up.target(attempt, &tried) else {
+            return Err(ConnError::NoHealthyUpstream {
                 cluster: name.to_string(),
-                source,
             });
+        };
+        let addr = connect::resolve(&target, name).await?;
+        tracing::Span::current().record("endpoint", field::display(addr));
+        counters.upstream_cx_total.inc();
+        let host = target.host().cloned();
+        match connect::connect(dp, role, addr, timeout).await {
+            Ok(s) => break (s, addr, host),
+            Err(source) => {
+                let outcome = if source.is_timeout() {
+                    counters.upstream_cx_connect_timeout.inc();
+                    Outcome::Timeout
+                } else {
+                    counters.upstream_cx_connect_fail.inc();
+                    Outcome::ConnectFailure
+                };
+                if let Some(h) = &host {
+                    h.report(outcome);
+                }
+                if attempt < up.settings.attempts {
+                    debug!(%addr, attempt, error = %source, "connect failed; trying again");
+                    tried.push(addr.get());
+                    continue;
+                }
+                // Envoy counts the attempts used up even at the default of one.
+                counters.upstream_cx_connect_attempts_exceeded.inc();
+                return Err(ConnError::Connect {
+                    cluster: name.to_string(),
+                    source,
+                });
+            }
         }
     };
     // 3. The host hears how the connect went (outlier detection) and counts the connection
@@ -123,20 +210,50 @@ pub(super) async fn proxy(
         .iter()
         .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
     // The connection keeps its slot and host, not the configuration they came from.
+    let mut settings = up.settings.clone();
+    // The copy buffers no more than either side's per_connection_buffer_limit_bytes allows.
+    if let Some(c) = &up.cluster {
+        settings.buffer = settings.buffer.min(c.cluster.upstream_http.buffer_limit);
+    }
     drop(up);
     counters.upstream_cx_active.inc();
+    let limits = Limits {
+        idle: settings.idle,
+        max_duration: settings.max_duration,
+        buffer: settings.buffer as usize,
+    };
     let moved = if accelerated {
-        forward::forward_copy(&mut down, &mut upstream).await
+        forward::forward_copy(&mut down, &mut upstream, limits).await
     } else {
-        forward::forward(&mut down, &mut upstream).await
+        forward::forward(&mut down, &mut upstream, limits).await
     };
     counters.upstream_cx_active.dec();
-    let t = moved.map_err(|e| ConnError::Stream {
+    let ended = moved.map_err(|e| ConnError::Stream {
         side: e.side,
         source: e.source,
     })?;
+    let t = ended.transferred;
     counters.upstream_cx_tx_bytes_total.add(t.tx);
     counters.upstream_cx_rx_bytes_total.add(t.rx);
+    if let Some(cut) = ended.cut {
+        // Rare, once per connection at most: the name is formatted here, not kept per chain.
+        let stat = match cut {
+            Cut::Idle => "idle_timeout",
+            Cut::MaxDuration => "max_downstream_connection_duration",
+        };
+        if !settings.stat_prefix.is_empty() {
+            dp.stats()
+                .counter(&format!("tcp.{}.{stat}", settings.stat_prefix))
+                .inc();
+        }
+        debug!(
+            tx = t.tx,
+            rx = t.rx,
+            reason = stat,
+            "connection closed by a limit"
+        );
+        return Ok(());
+    }
     debug!(tx = t.tx, rx = t.rx, "connection closed");
     Ok(())
 }

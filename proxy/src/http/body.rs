@@ -15,8 +15,9 @@ use tokio::time::{Instant, Sleep};
 
 use super::{Body, BoxError};
 
-/// Largest request body kept for replay (Envoy's default per-connection buffer limit, 1 MiB).
-/// A larger body still streams upstream, but the request is not retried.
+/// Largest request body kept for replay by default (Envoy's default per-connection buffer
+/// limit, 1 MiB; the listener's `per_connection_buffer_limit_bytes` replaces it). A larger
+/// body still streams upstream, but the request is not retried.
 pub const REPLAY_LIMIT: usize = 1024 * 1024;
 
 /// What a [`Tee`] has seen of the request body so far.
@@ -37,7 +38,7 @@ struct TeeState {
     /// More than the limit was read: nothing can be replayed any more.
     overflow: bool,
     /// The downstream body, read by whichever attempt gets ahead.
-    source: Incoming,
+    source: Body,
 }
 
 /// A request body shared by the attempts of one request: the first attempt streams it
@@ -53,7 +54,7 @@ pub struct Tee {
 
 impl Tee {
     /// Share `source`, keeping at most `limit` bytes for replay.
-    pub fn new(source: Incoming, limit: usize) -> Tee {
+    pub fn new(source: Body, limit: usize) -> Tee {
         Tee {
             state: std::sync::Arc::new(std::sync::Mutex::new(TeeState {
                 seen: Vec::new(),
@@ -121,7 +122,7 @@ impl HttpBody for TeeReader {
                 st.done = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Some(Ok(frame))) => {
                 st.total += 1;
                 self.next = st.total;
@@ -274,6 +275,8 @@ pub struct Timed {
     inner: Body,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Counts `downstream_rq_idle_timeout` when the idle timer ends the body.
+    idle_stat: Option<std::sync::Arc<crate::stats::HttpStats>>,
 }
 
 impl Timed {
@@ -283,7 +286,14 @@ impl Timed {
             inner,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            idle_stat: None,
         }
+    }
+
+    /// Count an idle timeout in `stats`' `downstream_rq_idle_timeout`.
+    pub fn on_idle(mut self, stats: std::sync::Arc<crate::stats::HttpStats>) -> Timed {
+        self.idle_stat = Some(stats);
+        self
     }
 }
 
@@ -309,7 +319,11 @@ impl HttpBody for Timed {
         if let Some((d, s)) = self.idle.as_mut()
             && s.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(Some(Err(StreamTimeout::Idle(*d).into())));
+            let d = *d;
+            if let Some(st) = &self.idle_stat {
+                st.downstream_rq_idle_timeout.inc();
+            }
+            return Poll::Ready(Some(Err(StreamTimeout::Idle(d).into())));
         }
         Poll::Pending
     }

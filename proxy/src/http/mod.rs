@@ -25,6 +25,7 @@ pub mod body;
 pub mod fault;
 mod filters;
 pub mod headers;
+pub mod limits;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -94,7 +95,7 @@ pub struct HttpConn {
     /// The data plane's shared parts (store, stats, upstream mark, connection pool).
     pub dp: Arc<Shared>,
     /// The chain's HCM settings.
-    pub manager: HttpManager,
+    pub manager: Arc<HttpManager>,
     /// Listener name (for logs).
     pub listener: String,
     /// Downstream peer.
@@ -103,30 +104,98 @@ pub struct HttpConn {
     pub local: SocketAddr,
     /// Original destination, for ORIGINAL_DST clusters.
     pub orig_dst: Option<OrigDstAddr>,
+    /// Cancelled when the listener drains: the connection then drains too.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
-/// Serve HTTP/1.1 or h2c on `stream` until the client closes it.
+/// Serve HTTP/1.1 or h2c on `stream` until the client closes it or a limit drains it (see
+/// [`limits`]).
 pub async fn serve(conn: HttpConn, stream: TcpStream) {
     // Resolved once per connection: a request only adds to these counters.
     let snap = conn.dp.store.load();
     let hs = snap.http_stats(&conn.manager.stat_prefix);
     let filters = Arc::new(filters::Filters::resolve(&conn.manager, &snap));
     drop(snap);
+    let lim = conn.manager.limits.clone();
+    let drain = conn.drain.clone();
+    let state = Arc::new(limits::ConnState::default());
     let conn = Arc::new(conn);
-    let svc = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        let hs = hs.clone();
-        let filters = filters.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, &hs, &filters, req).await) }
-    });
+    let svc = {
+        let (hs, state) = (hs.clone(), state.clone());
+        hyper::service::service_fn(move |req| {
+            let (conn, hs, state, filters) =
+                (conn.clone(), hs.clone(), state.clone(), filters.clone());
+            async move {
+                let max = conn.manager.limits.max_requests_per_connection;
+                let (guard, last) = state.start(max, req.version() == Version::HTTP_2);
+                let mut resp = handle(&conn, &hs, &filters, req).await;
+                // The last request an HTTP/1 connection serves says so.
+                if last && resp.version() != Version::HTTP_2 {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let (parts, body) = resp.into_parts();
+                let body = limits::Guarded::new(body, guard).boxed();
+                Ok::<_, Infallible>(Response::from_parts(parts, body))
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // With a timer, hyper closes HTTP/1 connections whose request head does not arrive within
-    // its header read timeout (30s), so idle or slow clients cannot pin a connection forever.
-    builder.http1().timer(TokioTimer::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .await
-    {
+    let head_limit = (lim.max_request_headers_kb as usize * 1024).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // `request_headers_timeout` is skiff's own (see `limits`): hyper's timer also runs
+        // between kept-alive requests. Without it Envoy has no head timeout; the connection's
+        // idle timeout bounds a silent client.
+        .header_read_timeout(None)
+        .max_headers(lim.max_headers_count as usize)
+        .max_buf_size(head_limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX));
+    let io = TokioIo::new(limits::HeadTimed::new(stream, state.clone()));
+    let served = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(served);
+    let watch = limits::watch_connection(&state, &lim, &drain);
+    tokio::pin!(watch);
+    let mut closing: Option<Instant> = None;
+    let result = loop {
+        tokio::select! {
+            r = served.as_mut() => break r,
+            why = &mut watch, if closing.is_none() => {
+                let stat = match why {
+                    limits::Drain::HeadTimeout => {
+                        hs.downstream_rq_header_timeout.inc();
+                        debug!("request headers timeout: closing http connection");
+                        return;
+                    }
+                    limits::Drain::Idle => &hs.downstream_cx_idle_timeout,
+                    limits::Drain::MaxDuration => &hs.downstream_cx_max_duration_reached,
+                    limits::Drain::MaxRequests => &hs.downstream_cx_max_requests_reached,
+                    limits::Drain::Listener => &hs.downstream_cx_drain_close,
+                };
+                stat.inc();
+                debug!(reason = ?why, "draining http connection");
+                // HTTP/1.1: close after the response in flight (at once when idle);
+                // HTTP/2: GOAWAY, streams in flight finish.
+                served.as_mut().graceful_shutdown();
+                // Envoy force-closes a connection its own limits drained after the drain
+                // period; a draining listener's connections end with the process's drain
+                // window instead.
+                closing = Some(match why {
+                    limits::Drain::Listener => Instant::now() + Duration::from_secs(24 * 3600),
+                    _ => Instant::now() + lim.drain_timeout,
+                });
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
+                debug!("drain timeout: closing http connection");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "http connection ended with error");
     }
 }
@@ -174,7 +243,7 @@ fn protocol_name(v: Version) -> &'static str {
 
 async fn handle(
     conn: &HttpConn,
-    hs: &HttpStats,
+    hs: &Arc<HttpStats>,
     filters: &filters::Filters,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -212,12 +281,14 @@ fn route_config(conn: &HttpConn, snap: &Snapshot) -> Option<Arc<RouteConfig>> {
 struct Ctx<'a> {
     conn: &'a HttpConn,
     /// `http.<stat_prefix>.*` of the connection manager.
-    hs: &'a HttpStats,
+    hs: &'a Arc<HttpStats>,
     snap: &'a Snapshot,
     rc: &'a RouteConfig,
     vh: &'a VirtualHost,
     route: &'a Route,
     vars: headers::Vars<'a>,
+    /// When the request arrived (`request_timeout` runs from here).
+    started: Instant,
 }
 
 impl Ctx<'_> {
@@ -242,10 +313,11 @@ impl Ctx<'_> {
 
 async fn route_request(
     conn: &HttpConn,
-    hs: &HttpStats,
+    hs: &Arc<HttpStats>,
     filters: &filters::Filters,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    let started = Instant::now();
     let snap = conn.dp.store.load();
     // The trusted client address, from x-forwarded-for as received (before it is appended to).
     let remote = (!filters.is_empty()).then(|| {
@@ -308,6 +380,7 @@ async fn route_request(
     };
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
     let ctx = Ctx {
+        started,
         conn,
         hs,
         snap: &snap,
@@ -581,13 +654,11 @@ fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
 
 /// Upstream protocol for this request, from the cluster's `HttpProtocolOptions`.
 fn upstream_proto(entry: &ClusterEntry, downstream: Version) -> Proto {
-    use crate::model::upstream_http::UpstreamHttp;
-    match entry.cluster.upstream_http {
-        UpstreamHttp::Http2 => Proto::Http2,
-        UpstreamHttp::UseDownstream { http2: true } if downstream == Version::HTTP_2 => {
-            Proto::Http2
-        }
-        UpstreamHttp::Http1 | UpstreamHttp::UseDownstream { .. } => Proto::Http1,
+    use crate::model::upstream_http::UpstreamProtocol as P;
+    match entry.cluster.upstream_http.protocol {
+        P::Http2 => Proto::Http2,
+        P::UseDownstream { http2: true } if downstream == Version::HTTP_2 => Proto::Http2,
+        P::Http1 | P::UseDownstream { .. } => Proto::Http1,
     }
 }
 
@@ -706,6 +777,12 @@ async fn forward(
     });
     let down_version = req.version();
     let proto = upstream_proto(&entry, down_version);
+    // `priority: HIGH` routes count against the cluster's HIGH thresholds.
+    let priority = if f.high_priority {
+        lb::RoutingPriority::High
+    } else {
+        lb::RoutingPriority::Default
+    };
 
     // The request as every attempt sends it.
     let (parts, incoming) = req.into_parts();
@@ -751,22 +828,31 @@ async fn forward(
             body: incoming,
             down,
         };
-        return forward_upgrade(ctx, &cluster, &entry, up).await;
+        return forward_upgrade(ctx, &cluster, &entry, priority, up).await;
     }
 
+    // Until the response starts, the stream's idle timer (the route's `idle_timeout`, else
+    // the HCM's `stream_idle_timeout`) and `request_timeout` watch the request body.
+    let lim = &conn.manager.limits;
+    let stream_idle = f.idle_timeout.or(lim.stream_idle_timeout);
+    let act = Arc::new(limits::StreamActivity::default());
+    let incoming: Body =
+        limits::Watched::new(incoming.map_err(BoxError::from).boxed(), act.clone()).boxed();
     // With a retry policy the body streams upstream through a tee that keeps a copy for
-    // replay (up to 1 MiB, Envoy's default buffer limit); without one it streams once.
+    // replay (up to the listener's buffer limit, 1 MiB by default); without one it streams
+    // once.
     let mut once = None;
     let tee = match &policy {
-        Some(_) => Some(body::Tee::new(incoming, body::REPLAY_LIMIT)),
+        Some(_) => Some(body::Tee::new(incoming, lim.buffer_limit as usize)),
         None => {
-            once = Some(incoming.map_err(BoxError::from).boxed());
+            once = Some(incoming);
             None
         }
     };
 
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
+    let request_deadline = lim.request_timeout.map(|t| ctx.started + t);
     let max_host_attempts = policy
         .as_ref()
         .filter(|p| p.previous_hosts)
@@ -775,7 +861,7 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0u32;
     // Envoy's `max_requests` breaker: this request holds a slot until it is answered.
-    let Ok(_request_slot) = entry.try_request(lb::RoutingPriority::Default) else {
+    let Ok(_request_slot) = entry.try_request(priority) else {
         debug!(%cluster, flags = "UO", "request circuit breaker open");
         return local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -867,16 +953,28 @@ async fn forward(
             (None, d) => d,
         };
         let in_flight = host.as_ref().map(|h| h.start_request());
-        let send = conn.dp.http_pool.send(
-            addr,
-            proto,
-            conn.dp.upstream_mark,
-            entry.cluster.connect_timeout,
-            up_req,
-        );
-        let sent = match limit {
-            Some(l) => tokio::time::timeout_at(l, send).await.ok(),
-            None => Some(send.await),
+        let target = pool::Target {
+            entry: &entry,
+            priority,
+            mark: conn.dp.upstream_mark,
+        };
+        let send = conn.dp.http_pool.send(addr, proto, target, up_req);
+        let timed = async {
+            match limit {
+                Some(l) => tokio::time::timeout_at(l, send).await.ok(),
+                None => Some(send.await),
+            }
+        };
+        let sent = tokio::select! {
+            s = timed => s,
+            cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
+                match cut {
+                    limits::StreamCut::Idle => ctx.hs.downstream_rq_idle_timeout.inc(),
+                    limits::StreamCut::Request => ctx.hs.downstream_rq_timeout.inc(),
+                }
+                debug!(%cluster, %addr, reason = cut.body(), "stream ended before the response");
+                return local_reply(StatusCode::REQUEST_TIMEOUT, cut.body());
+            }
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
@@ -924,6 +1022,17 @@ async fn forward(
                         debug!(error = %e, %cluster, flags = "UF", "upstream handshake failed");
                         (Attempt::ConnectFailure, None)
                     }
+                    Err(SendError::Overflow(e)) => {
+                        // `upstream_rq_pending_overflow` was counted by the breaker.
+                        debug!(error = %e, %cluster, flags = "UO", "pending request overflow");
+                        if let Some(g) = in_flight {
+                            drop(g);
+                        }
+                        return local_reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("{UPSTREAM_RESET}. reset reason: overflow"),
+                        );
+                    }
                     Err(e @ SendError::Reset { refused_stream, .. }) => {
                         debug!(error = %e, %cluster, flags = "UC", "upstream reset before headers");
                         (Attempt::Reset { refused_stream }, None)
@@ -958,7 +1067,7 @@ async fn forward(
         let time_left = deadline.is_none_or(|d| Instant::now() < d);
         if wants_retry && can_replay && time_left {
             // `try_retry` counts `upstream_rq_retry_overflow` itself when the breaker is open.
-            match entry.try_retry(lb::RoutingPriority::Default) {
+            match entry.try_retry(priority) {
                 Ok(g) => {
                     _retry_slot = Some(g);
                     retries += 1;
@@ -1008,8 +1117,10 @@ async fn forward(
         // A small response usually arrives in the same read as its head: handed over whole,
         // hyper writes head and body downstream in one go, and no timer is left to run.
         let taken = body::take_if_complete(rbody);
-        let body = if !taken.complete && (deadline.is_some() || f.idle_timeout.is_some()) {
-            Timed::new(taken.body, deadline, f.idle_timeout).boxed()
+        let body = if !taken.complete && (deadline.is_some() || stream_idle.is_some()) {
+            Timed::new(taken.body, deadline, stream_idle)
+                .on_idle(ctx.hs.clone())
+                .boxed()
         } else {
             taken.body
         };
@@ -1034,10 +1145,20 @@ async fn forward_upgrade(
     ctx: &Ctx<'_>,
     cluster: &str,
     entry: &ClusterEntry,
+    priority: lb::RoutingPriority,
     up: Upgrade<'_>,
 ) -> Response<Body> {
     let conn = ctx.conn;
     let cs = &entry.stats;
+    // The tunnel is an upstream connection for its whole life: it holds a `max_connections`
+    // slot (the overflow is counted by the breaker).
+    let Ok(slot) = entry.try_connection(priority) else {
+        debug!(%cluster, flags = "UO", "connection circuit breaker open");
+        return local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{UPSTREAM_RESET}. reset reason: overflow"),
+        );
+    };
     let (addr, host) = match choose_host(conn, entry, &lb::LbRequest::default()).await {
         Dest::Host(a, h, _) => (a, h),
         Dest::NoHealthy => {
@@ -1115,6 +1236,7 @@ async fn forward_upgrade(
         let down = up.down;
         ctx.hs.downstream_cx_upgrades_total.inc();
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(down, up_upgrade) {
                 Ok((d, u)) => {
                     let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));

@@ -1,35 +1,49 @@
-//! Upstream HTTP connections, kept alive and reused per endpoint.
+//! Upstream HTTP connections, kept alive and reused per endpoint, under the cluster's limits.
 //!
 //! HTTP/1.1: a list of idle connections per endpoint; a request takes one that is ready (its
 //! previous response fully read) or opens a new one, and puts it back as soon as the response
 //! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
 //! connection per endpoint, replaced when it closes. Every socket is opened by
 //! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`).
+//!
+//! Limits, as Envoy's pools: every connection holds a `max_connections` slot of its cluster for
+//! its life. A request without a ready connection is pending (`max_pending_requests`, else 503
+//! with `upstream_rq_pending_overflow`) until it has one: it opens a connection when a slot is
+//! free, else it waits for a connection of its endpoint to come back (`upstream_cx_overflow`
+//! counted once). As in Envoy, an endpoint with no connection at all may open one over the
+//! limit, so no request waits for a connection that can never come. A connection is not reused
+//! after `max_requests_per_connection` requests (`upstream_cx_max_requests`) or past
+//! `max_connection_duration` (`upstream_cx_max_duration_reached`); an idle HTTP/1.1 connection
+//! (an HTTP/2 one: no request started) is closed after the cluster's `idle_timeout`
+//! (`upstream_cx_idle_timeout`) by a sweeper task that runs every 500 ms.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::Body;
 use crate::addr::EndpointAddr;
+use crate::lb::{BreakerGuard, Overflow, Resource, RoutingPriority};
 use crate::net::{self as connect, ConnectError};
+use crate::state::ClusterEntry;
+use crate::stats::ClusterStats;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed after their response.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
-/// An idle HTTP/1.1 connection unused for this long is closed (Envoy's upstream idle default is
-/// 1 h; a shorter one frees sockets of endpoints that went away).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Sweep the whole pool for idle connections every this many checkouts.
-const SWEEP_EVERY: usize = 1024;
+/// How often the sweeper closes connections past their idle timeout or maximum duration.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// A waiting request looks again this often even if nothing woke it.
+const RECHECK: Duration = Duration::from_millis(25);
 
 /// Upstream protocol of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,15 +60,75 @@ struct Key {
     proto: Proto,
 }
 
-enum Slot {
-    Http1(Vec<(http1::SendRequest<Body>, Instant)>),
-    Http2(http2::SendRequest<Body>),
+/// What a connection knows of its cluster's limits, and its own use.
+#[derive(Debug)]
+struct ConnInfo {
+    created: Instant,
+    requests: AtomicU32,
+    /// When the last request started, in milliseconds after `created` (HTTP/2's idle clock).
+    last_used_ms: std::sync::atomic::AtomicU64,
+    idle_timeout: Option<Duration>,
+    max_duration: Option<Duration>,
+    max_requests: Option<u32>,
+    stats: Arc<ClusterStats>,
 }
+
+impl ConnInfo {
+    /// Why the connection must not take another request now, counted; `None`: it may.
+    fn expired(&self, idle_since: Option<Instant>, now: Instant) -> bool {
+        if self
+            .max_duration
+            .is_some_and(|d| now.duration_since(self.created) >= d)
+        {
+            self.stats.upstream_cx_max_duration_reached.inc();
+            return true;
+        }
+        if let (Some(t), Some(since)) = (self.idle_timeout, idle_since)
+            && now.duration_since(since) >= t
+        {
+            self.stats.upstream_cx_idle_timeout.inc();
+            return true;
+        }
+        false
+    }
+
+    /// When the last request started.
+    fn last_used(&self) -> Instant {
+        self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
+    /// Count one more request; `true` when it is the connection's last.
+    fn take_request(&self) -> bool {
+        let ms = self.created.elapsed().as_millis() as u64;
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+        let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        let last = self.max_requests.is_some_and(|m| n >= m);
+        if last {
+            self.stats.upstream_cx_max_requests.inc();
+        }
+        last
+    }
+}
+
+/// One endpoint's connections.
+#[derive(Default)]
+struct Slot {
+    /// Idle HTTP/1.1 connections and since when.
+    idle: Vec<(http1::SendRequest<Body>, Instant, Arc<ConnInfo>)>,
+    /// The HTTP/2 connection.
+    h2: Option<(http2::SendRequest<Body>, Arc<ConnInfo>)>,
+    /// Connections open to the endpoint (idle, busy or connecting).
+    live: Arc<AtomicUsize>,
+}
+
+type Slots = Mutex<HashMap<Key, Slot>>;
 
 /// Connections to upstream endpoints, shared by every listener of one data plane.
 pub struct Pool {
-    slots: Mutex<HashMap<Key, Slot>>,
-    checkouts: AtomicUsize,
+    slots: Arc<Slots>,
+    /// Woken when a connection comes back or closes (a slot may be free).
+    freed: Arc<Notify>,
+    sweeper: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -78,6 +152,42 @@ pub enum Conn {
     Http2(http2::SendRequest<Body>),
 }
 
+/// The cluster a request goes to, as the pool needs it.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    /// The cluster entry (breakers, limits, stats, connect timeout).
+    pub entry: &'a ClusterEntry,
+    /// The route's priority (which thresholds apply).
+    pub priority: RoutingPriority,
+    /// SO_MARK for new sockets.
+    pub mark: Option<u32>,
+}
+
+impl Target<'_> {
+    fn take(&self, r: Resource, quiet: bool) -> Result<BreakerGuard, Overflow> {
+        let b = &self.entry.lb.shared.breakers;
+        let cfg = &self.entry.cluster.lb.circuit_breakers;
+        if quiet {
+            b.try_take_quiet(cfg, self.priority, r, &self.entry.stats)
+        } else {
+            b.try_take(cfg, self.priority, r, &self.entry.stats)
+        }
+    }
+
+    fn info(&self) -> Arc<ConnInfo> {
+        let u = &self.entry.cluster.upstream_http;
+        Arc::new(ConnInfo {
+            created: Instant::now(),
+            requests: AtomicU32::new(0),
+            last_used_ms: std::sync::atomic::AtomicU64::new(0),
+            idle_timeout: u.idle_timeout,
+            max_duration: u.max_connection_duration,
+            max_requests: u.max_requests_per_connection,
+            stats: self.entry.stats.clone(),
+        })
+    }
+}
+
 /// Why a request got no response head.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -92,6 +202,9 @@ pub enum SendError {
         /// Cause.
         source: hyper::Error,
     },
+    /// `max_pending_requests` reached: the request waited for no connection.
+    #[error(transparent)]
+    Overflow(Overflow),
     /// The connection or stream was reset before the response head.
     #[error("upstream {addr} reset before response headers: {source}")]
     Reset {
@@ -129,78 +242,145 @@ impl Pool {
     /// An empty pool.
     pub fn new() -> Pool {
         Pool {
-            slots: Mutex::new(HashMap::new()),
-            checkouts: AtomicUsize::new(0),
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            freed: Arc::new(Notify::new()),
+            sweeper: AtomicBool::new(false),
         }
     }
 
-    fn take_idle(&self, key: Key) -> Option<Conn> {
+    /// A ready connection to `key` that may take another request, or `None`.
+    fn take_idle(&self, key: Key) -> Option<(Conn, Arc<ConnInfo>)> {
         let mut slots = self.slots.lock().ok()?;
-        match slots.get_mut(&key)? {
-            Slot::Http1(list) => {
-                list.retain(|(s, _)| !s.is_closed());
-                let i = list.iter().position(|(s, _)| s.is_ready())?;
-                Some(Conn::Http1(list.swap_remove(i).0))
+        let slot = slots.get_mut(&key)?;
+        let now = Instant::now();
+        match key.proto {
+            Proto::Http1 => {
+                slot.idle
+                    .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
+                let i = slot.idle.iter().position(|(s, _, _)| s.is_ready())?;
+                let (s, _, info) = slot.idle.swap_remove(i);
+                Some((Conn::Http1(s), info))
             }
-            Slot::Http2(s) if !s.is_closed() => Some(Conn::Http2(s.clone())),
-            Slot::Http2(_) => None,
+            Proto::Http2 => {
+                let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
+                    !s.is_closed() && !info.expired(Some(info.last_used()), now)
+                });
+                if !usable {
+                    slot.h2 = None;
+                    return None;
+                }
+                slot.h2
+                    .as_ref()
+                    .map(|(s, info)| (Conn::Http2(s.clone()), info.clone()))
+            }
         }
+    }
+
+    /// Connections open to `key`.
+    fn live(&self, key: Key) -> usize {
+        self.slots
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&key).map(|s| s.live.load(Ordering::Acquire)))
+            .unwrap_or(0)
     }
 
     /// Keep an HTTP/1.1 connection for later requests (it becomes ready once its current
     /// response has been read).
-    fn put_back(&self, key: Key, s: http1::SendRequest<Body>) {
+    fn put_back(&self, key: Key, s: http1::SendRequest<Body>, info: Arc<ConnInfo>) {
         if s.is_closed() {
             return;
         }
-        let Ok(mut slots) = self.slots.lock() else {
-            return;
-        };
-        let slot = slots.entry(key).or_insert_with(|| Slot::Http1(Vec::new()));
-        if let Slot::Http1(list) = slot
-            && list.len() < MAX_IDLE_PER_ENDPOINT
-        {
-            list.push((s, Instant::now()));
+        if let Ok(mut slots) = self.slots.lock() {
+            let slot = slots.entry(key).or_default();
+            if slot.idle.len() < MAX_IDLE_PER_ENDPOINT {
+                slot.idle.push((s, Instant::now(), info));
+            }
         }
+        self.freed.notify_waiters();
     }
 
-    fn sweep(&self) {
-        let Ok(mut slots) = self.slots.lock() else {
+    /// Close idle connections past their limits; forget endpoints without connections.
+    fn sweep(slots: &Slots) {
+        let Ok(mut slots) = slots.lock() else {
             return;
         };
         let now = Instant::now();
-        slots.retain(|_, slot| match slot {
-            Slot::Http1(list) => {
-                list.retain(|(s, since)| {
-                    !s.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
-                });
-                !list.is_empty()
+        slots.retain(|_, slot| {
+            slot.idle
+                .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
+            // HTTP/2's idle clock runs from the last request started; streams still open on a
+            // connection dropped here finish on it (hyper keeps it until they end).
+            if slot
+                .h2
+                .as_ref()
+                .is_some_and(|(s, info)| s.is_closed() || info.expired(Some(info.last_used()), now))
+            {
+                slot.h2 = None;
             }
-            Slot::Http2(s) => !s.is_closed(),
+            !slot.idle.is_empty() || slot.h2.is_some() || slot.live.load(Ordering::Acquire) > 0
         });
     }
 
+    /// Start the sweeper once: it holds the pool weakly and ends with it.
+    fn start_sweeper(&self) {
+        if self.sweeper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slots: Weak<Slots> = Arc::downgrade(&self.slots);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(s) = slots.upgrade() else {
+                    return;
+                };
+                Pool::sweep(&s);
+            }
+        });
+    }
+
+    /// Open a connection to `key`, holding `slot` (its `max_connections` unit, if any) until
+    /// it closes.
     async fn open(
         &self,
         key: Key,
-        mark: Option<u32>,
-        connect_timeout: Duration,
-    ) -> Result<Conn, SendError> {
-        let stream = connect::connect(EndpointAddr(key.addr), mark, connect_timeout).await?;
+        target: &Target<'_>,
+        slot: Option<BreakerGuard>,
+    ) -> Result<(Conn, Arc<ConnInfo>), SendError> {
+        let live = {
+            let mut slots = self.slots.lock().map_err(|_| poisoned(key.addr))?;
+            slots.entry(key).or_default().live.clone()
+        };
+        live.fetch_add(1, Ordering::AcqRel);
+        // Released when the connection ends (or fails to open).
+        let release = Release {
+            live,
+            freed: self.freed.clone(),
+            _slot: slot,
+        };
+        let connect_timeout = target.entry.cluster.connect_timeout;
+        let stream = connect::connect(EndpointAddr(key.addr), target.mark, connect_timeout).await?;
         let io = TokioIo::new(stream);
         let handshake = |source| SendError::Handshake {
             addr: key.addr,
             source,
         };
+        let info = target.info();
         match key.proto {
             Proto::Http1 => {
-                let (tx, conn) = http1::handshake(io).await.map_err(handshake)?;
+                // hyper's read buffer cannot go below 8 KiB.
+                let (tx, conn) = http1::Builder::new()
+                    .max_buf_size(info_buffer(target))
+                    .handshake(io)
+                    .await
+                    .map_err(handshake)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "upstream http/1.1 connection ended with error");
                     }
+                    drop(release);
                 });
-                Ok(Conn::Http1(tx))
+                Ok((Conn::Http1(tx), info))
             }
             Proto::Http2 => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -212,50 +392,82 @@ impl Pool {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "upstream h2 connection ended with error");
                     }
+                    drop(release);
                 });
                 if let Ok(mut slots) = self.slots.lock() {
-                    slots.insert(key, Slot::Http2(tx.clone()));
+                    slots.entry(key).or_default().h2 = Some((tx.clone(), info.clone()));
                 }
-                Ok(Conn::Http2(tx))
+                Ok((Conn::Http2(tx), info))
             }
         }
     }
 
-    /// Send `req` to `addr`, reusing a kept-alive connection when one is ready. A request that
-    /// a reused connection closed before sending it is sent again on a fresh connection (the
-    /// usual keep-alive race; nothing reached the upstream).
+    /// A connection for one request to `key`: a ready one, else (as a pending request) a new
+    /// one when the cluster's connection limit allows, else one that comes back.
+    async fn checkout(
+        &self,
+        key: Key,
+        target: &Target<'_>,
+        fresh: bool,
+    ) -> Result<(Conn, Arc<ConnInfo>, bool), SendError> {
+        if !fresh && let Some((c, info)) = self.take_idle(key) {
+            return Ok((c, info, false));
+        }
+        // Pending from here until a connection is ours.
+        let _pending = target
+            .take(Resource::PendingRequests, false)
+            .map_err(SendError::Overflow)?;
+        let mut counted = false;
+        loop {
+            let waiting = self.freed.notified();
+            if !fresh && let Some((c, info)) = self.take_idle(key) {
+                return Ok((c, info, false));
+            }
+            match target.take(Resource::Connections, counted) {
+                Ok(slot) => {
+                    let (c, info) = self.open(key, target, Some(slot)).await?;
+                    return Ok((c, info, true));
+                }
+                // Envoy's rule: an endpoint without any connection gets one anyway.
+                Err(_) if self.live(key) == 0 => {
+                    let (c, info) = self.open(key, target, None).await?;
+                    return Ok((c, info, true));
+                }
+                Err(_) => {
+                    counted = true;
+                    let _ = tokio::time::timeout(RECHECK, waiting).await;
+                }
+            }
+        }
+    }
+
+    /// Send `req` to `addr` of `target`'s cluster, reusing a kept-alive connection when one is
+    /// ready. A request that a reused connection closed before sending it is sent again on a
+    /// fresh connection (the usual keep-alive race; nothing reached the upstream).
     pub async fn send(
         &self,
         addr: SocketAddr,
         proto: Proto,
-        mark: Option<u32>,
-        connect_timeout: Duration,
+        target: Target<'_>,
         req: Request<Body>,
     ) -> Sent {
-        if self.checkouts.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.sweep();
-        }
+        self.start_sweeper();
         let key = Key { addr, proto };
         let mut req = req;
         let mut new_connection = false;
         // At most one reused attempt, then one on a fresh connection.
         for fresh in [false, true] {
-            let conn = match (fresh, self.take_idle(key)) {
-                (false, Some(c)) => c,
-                (false, None) => continue,
-                (true, _) => {
-                    new_connection = true;
-                    match self.open(key, mark, connect_timeout).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            return Sent {
-                                result: Err(e),
-                                new_connection,
-                            };
-                        }
-                    }
+            let (conn, info, opened) = match self.checkout(key, &target, fresh).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return Sent {
+                        result: Err(e),
+                        new_connection,
+                    };
                 }
             };
+            new_connection |= opened;
+            let last = info.take_request();
             let (result, back) = match conn {
                 Conn::Http1(mut tx) => {
                     if tx.ready().await.is_err() {
@@ -265,6 +477,13 @@ impl Pool {
                     (r, Some(tx))
                 }
                 Conn::Http2(mut tx) => {
+                    if last
+                        && let Ok(mut slots) = self.slots.lock()
+                        && let Some(slot) = slots.get_mut(&key)
+                    {
+                        // No new stream after this one; it closes once its streams end.
+                        slot.h2 = None;
+                    }
                     if tx.ready().await.is_err() {
                         continue;
                     }
@@ -274,7 +493,12 @@ impl Pool {
             match result {
                 Ok(resp) => {
                     if let Some(tx) = back {
-                        self.put_back(key, tx);
+                        if last {
+                            // Dropped: hyper closes it once this response is read.
+                            drop(tx);
+                        } else {
+                            self.put_back(key, tx, info);
+                        }
                     }
                     return Sent {
                         result: Ok(resp),
@@ -314,5 +538,148 @@ impl Pool {
             })),
             new_connection,
         }
+    }
+}
+
+/// Held by a connection for its life: its count on the endpoint and its cluster slot.
+struct Release {
+    live: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+    _slot: Option<BreakerGuard>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_waiters();
+    }
+}
+
+/// The cluster's `per_connection_buffer_limit_bytes` as hyper's HTTP/1 read buffer limit.
+fn info_buffer(target: &Target<'_>) -> usize {
+    (target.entry.cluster.upstream_http.buffer_limit as usize).max(8192)
+}
+
+fn poisoned(addr: SocketAddr) -> SendError {
+    SendError::Connect(ConnectError::Failed {
+        addr: EndpointAddr(addr),
+        source: std::io::Error::other("connection pool lock poisoned"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::HostRegistry;
+    use crate::model::Cluster;
+    use crate::stats::Stats;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use std::convert::Infallible;
+
+    /// A backend answering `ok` over HTTP/1.1 or h2c; counts the connections it accepted.
+    async fn backend(h2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    });
+                    let io = TokioIo::new(s);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await
+                    };
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn entry(options: &str, stats: &Arc<Stats>) -> ClusterEntry {
+        let text = format!(
+            "name: c\ntype: STATIC\nload_assignment: {{ cluster_name: c }}\ntyped_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config: {{ http_protocol_options: {{}} }}\n    common_http_protocol_options: {options}\n"
+        );
+        let v = skiff_proto::parse_text(&text).expect("yaml");
+        let pb: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+            skiff_proto::decode_json(&v).expect("cluster proto");
+        let c = Cluster::try_from(&pb).expect("cluster");
+        ClusterEntry::new(c, None, &HostRegistry::new(stats.clone()))
+    }
+
+    async fn get(pool: &Pool, addr: SocketAddr, proto: Proto, e: &ClusterEntry) -> bool {
+        let req = Request::get(match proto {
+            Proto::Http1 => "/".to_string(),
+            Proto::Http2 => format!("http://{addr}/"),
+        })
+        .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+        .unwrap();
+        let target = Target {
+            entry: e,
+            priority: RoutingPriority::Default,
+            mark: None,
+        };
+        let sent = pool.send(addr, proto, target, req).await;
+        match sent.result {
+            Ok(r) => r.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_past_its_max_duration_is_not_reused() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ max_connection_duration: 0.2s }", &stats);
+        let (addr, accepted) = backend(false).await;
+        let pool = Pool::new();
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while young");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(get(&pool, addr, Proto::Http1, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            stats
+                .counter("cluster.c.upstream_cx_max_duration_reached")
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_h2_connection_takes_no_stream_past_max_requests() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ max_requests_per_connection: 2 }", &stats);
+        let (addr, accepted) = backend(true).await;
+        let pool = Pool::new();
+        for _ in 0..3 {
+            assert!(get(&pool, addr, Proto::Http2, &e).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.counter("cluster.c.upstream_cx_max_requests").get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_h2_connection_is_closed_after_the_idle_timeout() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{ idle_timeout: 0.2s }", &stats);
+        let (addr, accepted) = backend(true).await;
+        let pool = Pool::new();
+        assert!(get(&pool, addr, Proto::Http2, &e).await);
+        // The sweeper (every 500 ms) drops it once idle for 200 ms.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(stats.counter("cluster.c.upstream_cx_idle_timeout").get(), 1);
+        assert!(get(&pool, addr, Proto::Http2, &e).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

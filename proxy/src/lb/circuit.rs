@@ -114,6 +114,29 @@ impl Breakers {
         resource: Resource,
         stats: &ClusterStats,
     ) -> Result<BreakerGuard, Overflow> {
+        self.take(cfg, p, resource, stats, true)
+    }
+
+    /// As [`Breakers::try_take`], without counting an overflow: for a caller that waits and
+    /// asks again (a pending request waiting for a connection slot), which counts once.
+    pub fn try_take_quiet(
+        &self,
+        cfg: &CircuitBreakers,
+        p: RoutingPriority,
+        resource: Resource,
+        stats: &ClusterStats,
+    ) -> Result<BreakerGuard, Overflow> {
+        self.take(cfg, p, resource, stats, false)
+    }
+
+    fn take(
+        &self,
+        cfg: &CircuitBreakers,
+        p: RoutingPriority,
+        resource: Resource,
+        stats: &ClusterStats,
+        count: bool,
+    ) -> Result<BreakerGuard, Overflow> {
         let t: &Thresholds = match p {
             RoutingPriority::Default => &cfg.default,
             RoutingPriority::High => &cfg.high,
@@ -145,7 +168,9 @@ impl Breakers {
                 resource,
             })
         } else {
-            resource.overflow_stat(stats).inc();
+            if count {
+                resource.overflow_stat(stats).inc();
+            }
             Err(Overflow {
                 cluster: stats.name().to_string(),
                 resource,
@@ -209,6 +234,32 @@ mod tests {
             stats.counter("cluster.c.upstream_rq_retry_overflow").get(),
             2
         );
+    }
+
+    #[test]
+    fn high_priority_has_its_own_thresholds_and_quiet_takes_count_nothing() {
+        let b = Breakers::default();
+        let mut cfg = CircuitBreakers::default();
+        cfg.default.max_pending_requests = 1;
+        cfg.high.max_pending_requests = 2;
+        let stats = Stats::default();
+        let cs = stats.cluster("c");
+        let take = |p| b.try_take(&cfg, p, Resource::PendingRequests, &cs);
+        let _d = take(RoutingPriority::Default).unwrap();
+        assert!(take(RoutingPriority::Default).is_err());
+        let _h1 = take(RoutingPriority::High).unwrap();
+        let _h2 = take(RoutingPriority::High).unwrap();
+        assert!(take(RoutingPriority::High).is_err());
+        assert_eq!(
+            stats
+                .counter("cluster.c.upstream_rq_pending_overflow")
+                .get(),
+            2
+        );
+        cfg.default.max_connections = 0;
+        let quiet = b.try_take_quiet(&cfg, RoutingPriority::Default, Resource::Connections, &cs);
+        assert!(quiet.is_err());
+        assert_eq!(stats.counter("cluster.c.upstream_cx_overflow").get(), 0);
     }
 
     #[test]

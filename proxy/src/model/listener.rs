@@ -15,6 +15,7 @@ use prost::Message;
 use super::compat::{self, Kind, Verdict};
 use super::fault::FaultFilter;
 use super::route::RouteConfig;
+use super::upstream_http::DEFAULT_BUFFER_LIMIT;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
 use crate::rbac::{self, HttpRbac, NetworkRbac};
 
@@ -290,7 +291,7 @@ pub enum NetworkAction {
     /// `envoy.filters.network.tcp_proxy`.
     TcpProxy(TcpProxy),
     /// `envoy.filters.network.http_connection_manager`: accepted and stored; served by HTTP routing.
-    Http(HttpManager),
+    Http(Arc<HttpManager>),
     /// A terminal filter skiff does not run; connections on this chain are closed. Conversion
     /// never produces it any more (such chains are refused, `model::compat`).
     Unsupported {
@@ -310,6 +311,23 @@ pub struct TcpProxy {
     pub cluster: ClusterSpecifier,
     /// `idle_timeout` (Envoy default 1h; zero disables).
     pub idle_timeout: Option<Duration>,
+    /// `max_connect_attempts` (default 1, at least 1).
+    pub max_connect_attempts: u32,
+    /// `max_downstream_connection_duration` (default none; at least 1 ms).
+    pub max_downstream_connection_duration: Option<Duration>,
+    /// `hash_policy` (at most one): what RING_HASH / MAGLEV hash. `None`: no hash, so those
+    /// policies pick a random host, as Envoy's do.
+    pub hash_policy: Option<TcpHashPolicy>,
+    /// The listener's `per_connection_buffer_limit_bytes` (default 1 MiB): the most a copy
+    /// step moves at once.
+    pub buffer_limit: u32,
+}
+
+/// tcp_proxy's `hash_policy` entry (`envoy.type.v3.HashPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpHashPolicy {
+    /// `source_ip`: the downstream address.
+    SourceIp,
 }
 
 /// `cluster` or `weighted_clusters`.
@@ -357,6 +375,133 @@ pub struct HttpManager {
     pub upgrades: Vec<(String, bool)>,
     /// `server_name` (Envoy's default `envoy`) and how it goes into the `server` header.
     pub server_header: ServerHeader,
+    /// Timeouts and limits of the connection and its streams.
+    pub limits: HttpLimits,
+}
+
+/// The HCM's timeouts and limits, with Envoy's defaults (`None`: disabled).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpLimits {
+    /// `stream_idle_timeout` (default 5 min; 0 disables): a stream with no activity either
+    /// way for this long ends (408 before the response started, else reset). A route's
+    /// `idle_timeout` overrides it.
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout` (default none): the whole request must arrive within this (408).
+    pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout` (default none): the request head must arrive within this.
+    pub request_headers_timeout: Option<Duration>,
+    /// `common_http_protocol_options.idle_timeout` (default 1 h; 0 disables): a connection
+    /// without streams for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration` (default none): the connection
+    /// is drained after this long.
+    pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_requests_per_connection` (default none): the
+    /// connection is drained after this many requests.
+    pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.max_headers_count` (default 100).
+    pub max_headers_count: u32,
+    /// `max_request_headers_kb` (default 60, at most 8192).
+    pub max_request_headers_kb: u32,
+    /// `drain_timeout` (default 5 s): after a drain notice of the connection's own limits (idle,
+    /// max duration, max requests) the connection gets this long before it is closed.
+    pub drain_timeout: Duration,
+    /// The listener's `per_connection_buffer_limit_bytes` (default 1 MiB): bounds the request
+    /// body kept for retries and the HTTP/1 read buffer.
+    pub buffer_limit: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            stream_idle_timeout: Some(Duration::from_secs(300)),
+            request_timeout: None,
+            request_headers_timeout: None,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            max_requests_per_connection: None,
+            max_headers_count: 100,
+            max_request_headers_kb: 60,
+            drain_timeout: Duration::from_secs(5),
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
+        }
+    }
+}
+
+/// An optional duration where zero (or absent, with `default`) means "disabled".
+fn timeout_or(
+    d: Option<&envoy_types::pb::google::protobuf::Duration>,
+    default: Option<Duration>,
+    field: &str,
+) -> Result<Option<Duration>, FieldError> {
+    match d {
+        Some(d) => {
+            let d = duration(d).map_err(|e| e.within(field))?;
+            Ok((!d.is_zero()).then_some(d))
+        }
+        None => Ok(default),
+    }
+}
+
+fn http_limits(h: &hcm::HttpConnectionManager) -> Result<HttpLimits, FieldError> {
+    let d = HttpLimits::default();
+    let at = |f: &str| format!("typed_config.{f}");
+    let common = h.common_http_protocol_options.as_ref();
+    let cat = |f: &str| format!("typed_config.common_http_protocol_options.{f}");
+    let max_headers_count = match common.and_then(|c| c.max_headers_count.as_ref()) {
+        Some(v) if v.value < 1 => {
+            return Err(FieldError::new(
+                cat("max_headers_count"),
+                "must be at least 1",
+            ));
+        }
+        Some(v) => v.value,
+        None => d.max_headers_count,
+    };
+    let max_request_headers_kb = match &h.max_request_headers_kb {
+        Some(v) if v.value == 0 || v.value > 8192 => {
+            return Err(FieldError::new(
+                at("max_request_headers_kb"),
+                format!("{} is outside 1..=8192", v.value),
+            ));
+        }
+        Some(v) => v.value,
+        None => d.max_request_headers_kb,
+    };
+    Ok(HttpLimits {
+        stream_idle_timeout: timeout_or(
+            h.stream_idle_timeout.as_ref(),
+            d.stream_idle_timeout,
+            &at("stream_idle_timeout"),
+        )?,
+        request_timeout: timeout_or(h.request_timeout.as_ref(), None, &at("request_timeout"))?,
+        request_headers_timeout: timeout_or(
+            h.request_headers_timeout.as_ref(),
+            None,
+            &at("request_headers_timeout"),
+        )?,
+        idle_timeout: timeout_or(
+            common.and_then(|c| c.idle_timeout.as_ref()),
+            d.idle_timeout,
+            &cat("idle_timeout"),
+        )?,
+        max_connection_duration: timeout_or(
+            common.and_then(|c| c.max_connection_duration.as_ref()),
+            None,
+            &cat("max_connection_duration"),
+        )?,
+        max_requests_per_connection: common
+            .and_then(|c| c.max_requests_per_connection.as_ref())
+            .map(|v| v.value)
+            .filter(|v| *v > 0),
+        max_headers_count,
+        max_request_headers_kb,
+        drain_timeout: match &h.drain_timeout {
+            Some(t) => duration(t).map_err(|e| e.within(at("drain_timeout")))?,
+            None => d.drain_timeout,
+        },
+        buffer_limit: d.buffer_limit,
+    })
 }
 
 /// `server_header_transformation` with the `server_name` it writes.
@@ -566,25 +711,79 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
             ));
         }
     };
-    let idle_timeout = match &t.idle_timeout {
-        Some(d) => {
-            let d = duration(d).map_err(|e| e.within("typed_config.idle_timeout"))?;
-            (!d.is_zero()).then_some(d)
+    let idle_timeout = timeout_or(
+        t.idle_timeout.as_ref(),
+        Some(DEFAULT_TCP_IDLE_TIMEOUT),
+        "typed_config.idle_timeout",
+    )?;
+    let max_connect_attempts = match &t.max_connect_attempts {
+        Some(v) if v.value < 1 => {
+            return Err(FieldError::new(
+                "typed_config.max_connect_attempts",
+                "must be at least 1",
+            ));
         }
-        None => Some(DEFAULT_TCP_IDLE_TIMEOUT),
+        Some(v) => v.value,
+        None => 1,
+    };
+    let max_downstream_connection_duration = match &t.max_downstream_connection_duration {
+        Some(d) => {
+            let d = duration(d)
+                .map_err(|e| e.within("typed_config.max_downstream_connection_duration"))?;
+            if d < Duration::from_millis(1) {
+                return Err(FieldError::new(
+                    "typed_config.max_downstream_connection_duration",
+                    "must be at least 1ms",
+                ));
+            }
+            Some(d)
+        }
+        None => None,
+    };
+    use envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier as Ps;
+    let hash_policy = match t.hash_policy.as_slice() {
+        [] => None,
+        [one] => match &one.policy_specifier {
+            Some(Ps::SourceIp(_)) => Some(TcpHashPolicy::SourceIp),
+            // skiff keeps no filter state: refused rather than hashing nothing silently.
+            Some(Ps::FilterState(_)) => {
+                return Err(FieldError::new(
+                    "typed_config.hash_policy[0].filter_state",
+                    "filter_state hashing is not supported",
+                ));
+            }
+            None => {
+                return Err(FieldError::new(
+                    "typed_config.hash_policy[0]",
+                    "needs source_ip or filter_state",
+                ));
+            }
+        },
+        _ => {
+            return Err(FieldError::new(
+                "typed_config.hash_policy",
+                "at most one hash policy",
+            ));
+        }
     };
     Ok(TcpProxy {
         stat_prefix: t.stat_prefix,
         cluster,
         idle_timeout,
+        max_connect_attempts,
+        max_downstream_connection_duration,
+        hash_policy,
+        buffer_limit: DEFAULT_BUFFER_LIMIT,
     })
 }
 
+/// What [`http_filters`] finds: every filter as classified, the ones skiff runs before the
+/// router, and the fault filters.
+type HttpFilterSets = (Vec<HttpFilter>, Vec<RunFilter>, Vec<FaultFilter>);
+
 /// `http_filters` under the compatibility rule: every one as classified, the ones skiff runs
 /// before the router (RBAC), and the fault filters' configurations.
-fn http_filters(
-    h: &hcm::HttpConnectionManager,
-) -> Result<(Vec<HttpFilter>, Vec<RunFilter>, Vec<FaultFilter>), FieldError> {
+fn http_filters(h: &hcm::HttpConnectionManager) -> Result<HttpFilterSets, FieldError> {
     use hcm::http_filter::ConfigType;
     let mut out = Vec::new();
     let mut run = Vec::new();
@@ -806,6 +1005,7 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
     };
     let (http_filters, filters, faults) = http_filters(&h)?;
     Ok(HttpManager {
+        limits: http_limits(&h)?,
         http_filters,
         filters,
         faults,
@@ -884,9 +1084,9 @@ impl FilterChain {
                 TCP_PROXY_TYPE => NetworkAction::TcpProxy(
                     tcp_proxy(any).map_err(|e| e.within(format!("filters[{n}]")))?,
                 ),
-                HCM_TYPE => NetworkAction::Http(
+                HCM_TYPE => NetworkAction::Http(Arc::new(
                     http_manager(any).map_err(|e| e.within(format!("filters[{n}]")))?,
-                ),
+                )),
                 _ => {
                     let t = config_type(last);
                     let reason = match compat::classify(Kind::NetworkFilter, &last.name, &t, false)
@@ -1017,7 +1217,7 @@ impl TryFrom<&pb::Listener> for Listener {
                     .map_err(|e| err(e.within(format!("[{i}]")).within("filter_chains")))?,
             );
         }
-        let default_filter_chain = match &l.default_filter_chain {
+        let mut default_filter_chain = match &l.default_filter_chain {
             Some(fc) => Some(
                 FilterChain::from_proto(fc, true, &mut unsupported)
                     .map_err(|e| err(e.within("default_filter_chain")))?,
@@ -1026,6 +1226,21 @@ impl TryFrom<&pb::Listener> for Listener {
         };
         unsupported.sort();
         unsupported.dedup();
+        // The listener's buffer limit bounds what its chains' filters buffer.
+        let buffer_limit = l
+            .per_connection_buffer_limit_bytes
+            .as_ref()
+            .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value);
+        for fc in filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut())
+        {
+            match &mut fc.action {
+                NetworkAction::TcpProxy(t) => t.buffer_limit = buffer_limit,
+                NetworkAction::Http(h) => Arc::make_mut(h).limits.buffer_limit = buffer_limit,
+                NetworkAction::Unsupported { .. } => {}
+            }
+        }
         // A UDP listener's work is its udp_proxy listener filter; it has no filter chains.
         if udp.is_none() && filter_chains.is_empty() && default_filter_chain.is_none() {
             return Err(err(FieldError::new(
@@ -1108,6 +1323,119 @@ mod tests {
 
     fn convert(h: &hcm::HttpConnectionManager) -> Result<HttpManager, FieldError> {
         http_manager(&any_of(HCM_TYPE, h))
+    }
+
+    fn pb_duration(ms: i64) -> Option<envoy_types::pb::google::protobuf::Duration> {
+        Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: ms / 1000,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        })
+    }
+
+    #[test]
+    fn tcp_proxy_limits_have_envoys_defaults_and_are_read() {
+        use envoy_types::pb::envoy::r#type::v3 as ty;
+        let base = tcp::TcpProxy {
+            stat_prefix: "s".into(),
+            cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+            ..Default::default()
+        };
+        let t = tcp_proxy(&any_of(TCP_PROXY_TYPE, &base)).unwrap();
+        assert_eq!(t.idle_timeout, Some(DEFAULT_TCP_IDLE_TIMEOUT));
+        assert_eq!(t.max_connect_attempts, 1);
+        assert_eq!(t.max_downstream_connection_duration, None);
+        assert_eq!(t.hash_policy, None, "no hash_policy: no hash (random pick)");
+        let set = tcp::TcpProxy {
+            idle_timeout: pb_duration(0),
+            max_connect_attempts: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 3 }),
+            max_downstream_connection_duration: pb_duration(250),
+            hash_policy: vec![ty::HashPolicy {
+                policy_specifier: Some(ty::hash_policy::PolicySpecifier::SourceIp(
+                    Default::default(),
+                )),
+            }],
+            ..base.clone()
+        };
+        let t = tcp_proxy(&any_of(TCP_PROXY_TYPE, &set)).unwrap();
+        assert_eq!(t.idle_timeout, None, "0s disables");
+        assert_eq!(t.max_connect_attempts, 3);
+        assert_eq!(
+            t.max_downstream_connection_duration,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(t.hash_policy, Some(TcpHashPolicy::SourceIp));
+        let refused = [
+            (
+                tcp::TcpProxy {
+                    hash_policy: vec![ty::HashPolicy {
+                        policy_specifier: Some(ty::hash_policy::PolicySpecifier::FilterState(
+                            ty::hash_policy::FilterState { key: "k".into() },
+                        )),
+                    }],
+                    ..base.clone()
+                },
+                "typed_config.hash_policy[0].filter_state",
+            ),
+            (
+                tcp::TcpProxy {
+                    max_connect_attempts: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                        value: 0,
+                    }),
+                    ..base.clone()
+                },
+                "typed_config.max_connect_attempts",
+            ),
+            (
+                tcp::TcpProxy {
+                    max_downstream_connection_duration: pb_duration(0),
+                    ..base.clone()
+                },
+                "typed_config.max_downstream_connection_duration",
+            ),
+        ];
+        for (t, field) in refused {
+            let e = tcp_proxy(&any_of(TCP_PROXY_TYPE, &t)).unwrap_err();
+            assert_eq!(e.field, field);
+        }
+    }
+
+    #[test]
+    fn hcm_limits_have_envoys_defaults_and_are_read() {
+        let d = convert(&inline(vec![router()])).unwrap().limits;
+        assert_eq!(d, HttpLimits::default());
+        assert_eq!(d.stream_idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(d.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(d.request_timeout, None);
+        let mut h = inline(vec![router()]);
+        h.stream_idle_timeout = pb_duration(0);
+        h.request_timeout = pb_duration(200);
+        h.request_headers_timeout = pb_duration(300);
+        h.drain_timeout = pb_duration(100);
+        h.max_request_headers_kb =
+            Some(envoy_types::pb::google::protobuf::UInt32Value { value: 16 });
+        h.common_http_protocol_options = Some(
+            envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                idle_timeout: pb_duration(400),
+                max_connection_duration: pb_duration(500),
+                max_requests_per_connection: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: 2,
+                }),
+                max_headers_count: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: 20,
+                }),
+                ..Default::default()
+            },
+        );
+        let l = convert(&h).unwrap().limits;
+        assert_eq!(l.stream_idle_timeout, None);
+        assert_eq!(l.request_timeout, Some(Duration::from_millis(200)));
+        assert_eq!(l.request_headers_timeout, Some(Duration::from_millis(300)));
+        assert_eq!(l.idle_timeout, Some(Duration::from_millis(400)));
+        assert_eq!(l.max_connection_duration, Some(Duration::from_millis(500)));
+        assert_eq!(l.max_requests_per_connection, Some(2));
+        assert_eq!(l.max_headers_count, 20);
+        assert_eq!(l.max_request_headers_kb, 16);
+        assert_eq!(l.drain_timeout, Duration::from_millis(100));
     }
 
     #[test]

@@ -283,6 +283,8 @@ pub struct Forward {
     /// when set, a gRPC request's `grpc-timeout` (absent: none) replaces `timeout`, capped by
     /// this value unless it is zero.
     pub grpc_timeout_max: Option<Duration>,
+    /// `priority: HIGH`: the request takes the cluster's HIGH circuit-breaker thresholds.
+    pub high_priority: bool,
 }
 
 /// One `RouteAction.HashPolicy`.
@@ -934,6 +936,8 @@ fn forward(a: &pb::RouteAction) -> Result<RouteAction, FieldError> {
                 .and_then(|m| m.grpc_timeout_header_max.as_ref());
             opt_duration(header_max.or(legacy), "max_grpc_timeout")?
         },
+        // RoutingPriority: 0 DEFAULT, 1 HIGH.
+        high_priority: a.priority == 1,
         upgrades: a
             .upgrade_configs
             .iter()

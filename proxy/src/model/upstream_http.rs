@@ -1,12 +1,49 @@
-//! Which HTTP version a cluster's upstream connections speak: the cluster's
-//! `envoy.extensions.upstreams.http.v3.HttpProtocolOptions` (or the deprecated
-//! `http2_protocol_options` / `protocol_selection` fields).
+//! How a cluster's upstream connections behave: the HTTP version they speak (the cluster's
+//! `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`, or the deprecated
+//! `http2_protocol_options` / `protocol_selection` fields), their `common_http_protocol_options`
+//! limits and the cluster's `per_connection_buffer_limit_bytes`.
+
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as pb;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http;
 use prost::Message;
 
-use super::FieldError;
+use super::{FieldError, duration};
+
+/// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), for listeners and clusters.
+pub const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
+
+/// A cluster's upstream connection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamHttp {
+    /// HTTP version of upstream requests.
+    pub protocol: UpstreamProtocol,
+    /// `common_http_protocol_options.idle_timeout` (default 1 h; 0 disables): a pooled
+    /// connection without requests for this long is closed (`upstream_cx_idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration` (default none): a pooled
+    /// connection this old takes no new request (`upstream_cx_max_duration_reached`).
+    pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_requests_per_connection` (or the cluster's deprecated
+    /// field; default none): a connection closes after this many requests
+    /// (`upstream_cx_max_requests`).
+    pub max_requests_per_connection: Option<u32>,
+    /// The cluster's `per_connection_buffer_limit_bytes` (default 1 MiB).
+    pub buffer_limit: u32,
+}
+
+impl Default for UpstreamHttp {
+    fn default() -> Self {
+        UpstreamHttp {
+            protocol: UpstreamProtocol::default(),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            max_requests_per_connection: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
+        }
+    }
+}
 
 /// Type of the upstream HTTP protocol options.
 pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
@@ -14,7 +51,7 @@ pub const HTTP_PROTOCOL_OPTIONS_TYPE: &str =
 
 /// Upstream HTTP protocol of a cluster.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum UpstreamHttp {
+pub enum UpstreamProtocol {
     /// HTTP/1.1 (Envoy's default).
     #[default]
     Http1,
@@ -28,8 +65,74 @@ pub enum UpstreamHttp {
     },
 }
 
-/// Read the cluster's upstream HTTP protocol.
+/// Read the cluster's upstream connection settings.
 pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
+    let d = UpstreamHttp::default();
+    let protocol = protocol(c)?;
+    let typed = typed_options(c)?;
+    #[allow(deprecated)]
+    let common = typed
+        .as_ref()
+        .and_then(|(_, o)| o.common_http_protocol_options.as_ref())
+        .or(c.common_http_protocol_options.as_ref());
+    let at = |f: &str| match &typed {
+        Some((k, _)) => {
+            format!("typed_extension_protocol_options[{k:?}].common_http_protocol_options.{f}")
+        }
+        None => format!("common_http_protocol_options.{f}"),
+    };
+    let opt = |d: Option<&envoy_types::pb::google::protobuf::Duration>, f: &str| {
+        d.map(|d| duration(d).map_err(|e| e.within(at(f))))
+            .transpose()
+            .map(|d| d.filter(|d| !d.is_zero()))
+    };
+    let idle_timeout = match common.and_then(|c| c.idle_timeout.as_ref()) {
+        Some(t) => opt(Some(t), "idle_timeout")?,
+        None => d.idle_timeout,
+    };
+    #[allow(deprecated)]
+    let legacy_max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    Ok(UpstreamHttp {
+        protocol,
+        idle_timeout,
+        max_connection_duration: opt(
+            common.and_then(|c| c.max_connection_duration.as_ref()),
+            "max_connection_duration",
+        )?,
+        max_requests_per_connection: common
+            .and_then(|c| c.max_requests_per_connection.as_ref())
+            .map(|v| v.value)
+            .or(legacy_max_requests)
+            .filter(|v| *v > 0),
+        buffer_limit: c
+            .per_connection_buffer_limit_bytes
+            .as_ref()
+            .map_or(DEFAULT_BUFFER_LIMIT, |v| v.value),
+    })
+}
+
+/// The cluster's `HttpProtocolOptions`, decoded, with its key.
+fn typed_options(
+    c: &pb::Cluster,
+) -> Result<Option<(String, http::HttpProtocolOptions)>, FieldError> {
+    let typed = c
+        .typed_extension_protocol_options
+        .iter()
+        .find(|(_, a)| a.type_url.rsplit('/').next() == Some(HTTP_PROTOCOL_OPTIONS_TYPE));
+    let Some((key, any)) = typed else {
+        return Ok(None);
+    };
+    let o = http::HttpProtocolOptions::decode(any.value.as_slice()).map_err(|e| {
+        FieldError::new(
+            format!("typed_extension_protocol_options[{key:?}]"),
+            format!("invalid {HTTP_PROTOCOL_OPTIONS_TYPE}: {e}"),
+        )
+    })?;
+    Ok(Some((key.clone(), o)))
+}
+
+/// Read the cluster's upstream HTTP protocol.
+fn protocol(c: &pb::Cluster) -> Result<UpstreamProtocol, FieldError> {
     use http::http_protocol_options::UpstreamProtocolOptions as U;
     use http::http_protocol_options::explicit_http_config::ProtocolConfig as P;
     let typed = c
@@ -46,20 +149,20 @@ pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
         })?;
         return Ok(match o.upstream_protocol_options {
             Some(U::ExplicitHttpConfig(e)) => match e.protocol_config {
-                Some(P::Http2ProtocolOptions(_)) => UpstreamHttp::Http2,
+                Some(P::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
                 Some(P::Http3ProtocolOptions(_)) => {
                     return Err(FieldError::new(
                         format!("{at}.explicit_http_config.http3_protocol_options"),
                         "HTTP/3 upstreams are not supported",
                     ));
                 }
-                Some(P::HttpProtocolOptions(_)) | None => UpstreamHttp::Http1,
+                Some(P::HttpProtocolOptions(_)) | None => UpstreamProtocol::Http1,
             },
-            Some(U::UseDownstreamProtocolConfig(d)) => UpstreamHttp::UseDownstream {
+            Some(U::UseDownstreamProtocolConfig(d)) => UpstreamProtocol::UseDownstream {
                 http2: d.http2_protocol_options.is_some(),
             },
             // ALPN needs TLS; on plaintext connections Envoy's auto config speaks HTTP/1.1.
-            Some(U::AutoConfig(_)) | None => UpstreamHttp::Http1,
+            Some(U::AutoConfig(_)) | None => UpstreamProtocol::Http1,
         });
     }
     #[allow(deprecated)]
@@ -67,9 +170,9 @@ pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
     #[allow(deprecated)]
     let use_downstream = c.protocol_selection == 1;
     Ok(match (legacy_h2, use_downstream) {
-        (h2, true) => UpstreamHttp::UseDownstream { http2: h2 },
-        (true, false) => UpstreamHttp::Http2,
-        (false, false) => UpstreamHttp::Http1,
+        (h2, true) => UpstreamProtocol::UseDownstream { http2: h2 },
+        (true, false) => UpstreamProtocol::Http2,
+        (false, false) => UpstreamProtocol::Http1,
     })
 }
 
@@ -101,8 +204,8 @@ mod tests {
             explicit_http_config::ProtocolConfig as P,
         };
         assert_eq!(
-            from_cluster(&pb::Cluster::default()),
-            Ok(UpstreamHttp::Http1)
+            protocol(&pb::Cluster::default()),
+            Ok(UpstreamProtocol::Http1)
         );
         let explicit = |p| http::HttpProtocolOptions {
             upstream_protocol_options: Some(U::ExplicitHttpConfig(ExplicitHttpConfig {
@@ -111,18 +214,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            from_cluster(&cluster(explicit(P::Http2ProtocolOptions(
+            protocol(&cluster(explicit(P::Http2ProtocolOptions(
                 Default::default()
             )))),
-            Ok(UpstreamHttp::Http2)
+            Ok(UpstreamProtocol::Http2)
         );
         assert_eq!(
-            from_cluster(&cluster(explicit(P::HttpProtocolOptions(
+            protocol(&cluster(explicit(P::HttpProtocolOptions(
                 Default::default()
             )))),
-            Ok(UpstreamHttp::Http1)
+            Ok(UpstreamProtocol::Http1)
         );
-        let e = from_cluster(&cluster(explicit(P::Http3ProtocolOptions(
+        let e = protocol(&cluster(explicit(P::Http3ProtocolOptions(
             Default::default(),
         ))))
         .unwrap_err();
@@ -141,14 +244,46 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            from_cluster(&cluster(downstream)),
-            Ok(UpstreamHttp::UseDownstream { http2: true })
+            protocol(&cluster(downstream)),
+            Ok(UpstreamProtocol::UseDownstream { http2: true })
         );
         #[allow(deprecated)]
         let legacy = pb::Cluster {
             http2_protocol_options: Some(core::Http2ProtocolOptions::default()),
             ..Default::default()
         };
-        assert_eq!(from_cluster(&legacy), Ok(UpstreamHttp::Http2));
+        assert_eq!(protocol(&legacy), Ok(UpstreamProtocol::Http2));
+    }
+
+    #[test]
+    fn connection_limits_have_envoys_defaults_and_are_read() {
+        let d = from_cluster(&pb::Cluster::default()).unwrap();
+        assert_eq!(d, UpstreamHttp::default());
+        assert_eq!(d.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(d.buffer_limit, DEFAULT_BUFFER_LIMIT);
+        let mut c = cluster(http::HttpProtocolOptions {
+            common_http_protocol_options: Some(core::HttpProtocolOptions {
+                idle_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                max_connection_duration: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+                max_requests_per_connection: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: 3,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c.per_connection_buffer_limit_bytes =
+            Some(envoy_types::pb::google::protobuf::UInt32Value { value: 4096 });
+        let u = from_cluster(&c).unwrap();
+        assert_eq!(u.idle_timeout, None, "0s disables");
+        assert_eq!(u.max_connection_duration, Some(Duration::from_secs(2)));
+        assert_eq!(u.max_requests_per_connection, Some(3));
+        assert_eq!(u.buffer_limit, 4096);
     }
 }

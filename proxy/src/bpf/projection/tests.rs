@@ -34,6 +34,10 @@ pub(crate) fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> Filt
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),
             idle_timeout: None,
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_policy: None,
+            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         has_transport_socket: false,
     }
@@ -167,11 +171,11 @@ fn per_vip_listener_wins_and_is_projected() {
 #[test]
 fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
     let mut http = tcp_chain("http", "10.96.0.1", 80, "svc");
-    http.action = NetworkAction::Http(HttpManager {
+    http.action = NetworkAction::Http(std::sync::Arc::new(HttpManager {
         stat_prefix: "h".into(),
         rds_route_config_name: Some("80".into()),
         ..Default::default()
-    });
+    }));
     let mut tls = tcp_chain("tls", "10.96.0.2", 443, "svc");
     tls.has_transport_socket = true;
     let mut filtered = tcp_chain("rbac", "10.96.0.3", 80, "svc");

@@ -25,6 +25,10 @@ fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
             stat_prefix: cluster.into(),
             cluster: ClusterSpecifier::Cluster(cluster.into()),
             idle_timeout: None,
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_policy: None,
+            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         has_transport_socket: false,
     }
@@ -78,6 +82,10 @@ fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
             stat_prefix: name.into(),
             cluster: ClusterSpecifier::Cluster(name.into()),
             idle_timeout: None,
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_policy: None,
+            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         has_transport_socket: false,
     }
@@ -419,7 +427,7 @@ fn without_a_listener_redirected_connections_pass_through() {
 #[test]
 fn rejects_carry_their_reason() {
     let mut http = tcp_chain("http", "10.96.0.2", 80, "svc");
-    http.action = NetworkAction::Http(HttpManager::default());
+    http.action = NetworkAction::Http(std::sync::Arc::new(HttpManager::default()));
     let mut other = tcp_chain("other", "10.96.0.3", 80, "svc");
     other.action = NetworkAction::Unsupported {
         name: "envoy.filters.network.redis_proxy".into(),
@@ -451,4 +459,22 @@ fn rejects_carry_their_reason() {
         r("10.96.0.5:80"),
         Route::Reject(ConnError::NoFilterChain { .. })
     ));
+}
+
+#[test]
+fn tcp_proxy_hashes_only_with_a_hash_policy_and_a_hashing_balancer() {
+    use crate::model::listener::TcpHashPolicy;
+    let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    let NetworkAction::TcpProxy(mut tcp) = tcp_chain("t", "10.0.0.1", 80, "c").action else {
+        unreachable!("tcp_chain builds a tcp_proxy chain")
+    };
+    // No hash_policy: Envoy's RING_HASH / MAGLEV get no hash and pick at random.
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::RingHash, ip), None);
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::Maglev, ip), None);
+    tcp.hash_policy = Some(TcpHashPolicy::SourceIp);
+    assert_eq!(
+        super::tcp_hash(&tcp, LbPolicy::Maglev, ip),
+        Some(crate::lb::source_ip_hash(ip))
+    );
+    assert_eq!(super::tcp_hash(&tcp, LbPolicy::RoundRobin, ip), None);
 }
