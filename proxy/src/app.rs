@@ -235,36 +235,6 @@ fn install_capture(
     })
 }
 
-/// Step 2: the store of snapshots, starting from the bootstrap's static resources, with host
-/// state (ejections, health checks, active requests) that outlives each snapshot and knows the
-/// proxy's locality and local cluster (zone-aware routing). Node-mode pod pipelines build
-/// theirs the same way from their own bootstrap.
-pub(crate) fn build_store(bootstrap: &Bootstrap, stats: Arc<Stats>) -> Arc<Store> {
-    let registry = crate::lb::HostRegistry::new(stats);
-    registry.set_local_locality(
-        bootstrap
-            .raw
-            .node
-            .as_ref()
-            .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
-    );
-    registry.set_local_cluster(
-        bootstrap
-            .raw
-            .cluster_manager
-            .as_ref()
-            .map(|c| c.local_cluster_name.clone()),
-    );
-    Arc::new(Store::with_registry(
-        Snapshot::new(
-            bootstrap.listeners.clone(),
-            bootstrap.clusters.clone(),
-            &Default::default(),
-        ),
-        registry,
-    ))
-}
-
 /// Step 3: the kernel fast path of the node's own scope: the bootstrap's static services go in
 /// before any listener is up, and every health or outlier change of the store's hosts is
 /// projected again (by the owner task, which also takes every later publish).
@@ -348,7 +318,9 @@ pub async fn run_with(
     let mut tasks = Vec::new();
     let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
     let stats = Arc::new(Stats::default());
-    let store = build_store(&opts.bootstrap, stats.clone());
+    // Step 2: the store of snapshots; host state (ejections, health checks, active requests)
+    // outlives each snapshot.
+    let store = Store::for_bootstrap(&opts.bootstrap, stats.clone());
     let capture_port = opts.outbound_v4.port();
     let owner = capture.as_ref().and_then(|c| c.owner.clone());
     if let Some(owner) = &owner {

@@ -59,7 +59,7 @@ use std::{
 pub use cgroup::{cgroup_id, cgroup2_mount};
 pub use fastpath::{FastPathGauges, FastPathView};
 pub use loader::Capture;
-pub use owner::Owner;
+pub use owner::{ApplyError, Owner};
 pub use reconciler::{ApplyReport, Capacity, ScopeId};
 pub use skiff_common::NODE_SCOPE;
 

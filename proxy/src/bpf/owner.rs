@@ -26,10 +26,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::BpfError;
 use super::fastpath::{FastPath, LoadExport};
 use super::projection;
 use super::reconciler::{ScopeId, ScopedImages};
 use crate::state::Snapshot;
+use crate::xds::{PublishError, PublishHook};
 
 /// How often the proxy's own load per endpoint is exported.
 const EXPORT_EVERY: Duration = Duration::from_millis(200);
@@ -54,14 +56,52 @@ struct Inputs {
 }
 
 /// What the task last applied.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Applied {
     /// Every input up to this generation is served (or superseded by a newer one that is).
     pub generation: u64,
     /// Scopes whose image did not fit, with the limit hit.
     pub overflow: BTreeMap<ScopeId, String>,
     /// The write failed (the kernel keeps serving the previous image; retried).
-    pub error: Option<String>,
+    pub error: Option<Arc<BpfError>>,
+}
+
+/// Why a scope's published snapshot is not (all) in the kernel maps; the ADS client NACKs with
+/// its text.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// `scope`'s image did not fit the maps' capacity; the services left out are served by the
+    /// proxy.
+    #[error("{limit}")]
+    Overflow {
+        /// The scope whose image did not fit.
+        scope: ScopeId,
+        /// The limits hit and what they left out.
+        limit: String,
+    },
+    /// Writing the maps failed: the kernel keeps serving the previous image (the owner retries).
+    #[error("kernel fast path: {source}")]
+    Write {
+        /// The scope whose publish waited for the write.
+        scope: ScopeId,
+        /// The failed write (shared by every scope of the round).
+        source: Arc<BpfError>,
+    },
+}
+
+impl ApplyError {
+    /// The scope whose snapshot is not (all) served by the kernel.
+    pub fn scope(&self) -> ScopeId {
+        match self {
+            ApplyError::Overflow { scope, .. } | ApplyError::Write { scope, .. } => *scope,
+        }
+    }
+}
+
+impl From<ApplyError> for PublishError {
+    fn from(e: ApplyError) -> PublishError {
+        PublishError::new(e)
+    }
 }
 
 /// Handle to the owner task; cheap to clone.
@@ -82,7 +122,7 @@ impl std::fmt::Debug for Owner {
 /// Where the owner task writes; a trait so the ordering tests run without the kernel.
 pub trait Sink: Send + Sync + 'static {
     /// Writes the images of every scope; `Ok(overflow per scope)`.
-    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, String>;
+    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, BpfError>;
     /// Records how long the projection took.
     fn note_projection(&self, _took: Duration) {}
     /// Exports the proxy's load per endpoint, given every scope's latest snapshot.
@@ -96,11 +136,8 @@ struct Kernel {
 }
 
 impl Sink for Kernel {
-    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, String> {
-        self.fast
-            .apply(images)
-            .map(|r| r.overflow_by_scope)
-            .map_err(|e| format!("kernel fast path: {e}"))
+    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, BpfError> {
+        self.fast.apply(images).map(|r| r.overflow_by_scope)
     }
 
     fn note_projection(&self, took: Duration) {
@@ -212,16 +249,22 @@ impl Owner {
 
     /// Waits until `generation` is applied; then `Err` if `scope`'s image did not fit or the
     /// write failed (the ADS client NACKs with it). `Ok` if the owner stopped meanwhile.
-    pub async fn applied(&self, generation: u64, scope: ScopeId) -> Result<(), String> {
+    pub async fn applied(&self, generation: u64, scope: ScopeId) -> Result<(), ApplyError> {
         let mut rx = self.applied.clone();
         let Ok(a) = rx.wait_for(|a| a.generation >= generation).await else {
             return Ok(());
         };
         if let Some(e) = &a.error {
-            return Err(e.clone());
+            return Err(ApplyError::Write {
+                scope,
+                source: e.clone(),
+            });
         }
         match a.overflow.get(&scope) {
-            Some(msg) => Err(msg.clone()),
+            Some(limit) => Err(ApplyError::Overflow {
+                scope,
+                limit: limit.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -232,19 +275,21 @@ impl Owner {
         scope: ScopeId,
         snapshot: Arc<Snapshot>,
         capture_port: u16,
-    ) -> Result<(), String> {
+    ) -> Result<(), ApplyError> {
         let g = self.publish(scope, snapshot, capture_port);
         self.applied(g, scope).await
     }
 
     /// The ADS client's publish hook for `scope`: hands each published snapshot to the owner and
     /// holds the ACK until it is applied.
-    pub fn publish_hook(&self, scope: ScopeId, capture_port: u16) -> crate::xds::PublishHook {
+    pub fn publish_hook(&self, scope: ScopeId, capture_port: u16) -> PublishHook {
         let owner = self.clone();
-        crate::xds::PublishHook(Arc::new(move |snap: Arc<Snapshot>| {
+        PublishHook(Arc::new(move |snap: Arc<Snapshot>| {
             let owner = owner.clone();
-            Box::pin(async move { owner.publish_and_wait(scope, snap, capture_port).await })
-                as Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+            Box::pin(async move {
+                owner.publish_and_wait(scope, snap, capture_port).await?;
+                Ok(())
+            }) as Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>
         }))
     }
 
@@ -369,7 +414,7 @@ fn reconcile(sink: &dyn Sink, inputs: &Inputs, mut projected: Projected) -> (Pro
         Err(e) => Applied {
             generation: inputs.generation,
             overflow: BTreeMap::new(),
-            error: Some(e),
+            error: Some(Arc::new(e)),
         },
     };
     (projected, report)

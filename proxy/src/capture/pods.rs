@@ -448,7 +448,7 @@ impl PodRegistry {
             .map_err(|_| PodError::Bootstrap("out of fast-path scopes".into()))?;
         let stop = self.stop.child_token();
         let stats = Arc::new(Stats::default());
-        let store = crate::app::build_store(bootstrap, stats.clone());
+        let store = Store::for_bootstrap(bootstrap, stats.clone());
         let port = self.outbound_v4.port();
         start_health_thread(id, netns, store.clone(), self.upstream_mark, stop.clone())?;
         let mut initialized = None;

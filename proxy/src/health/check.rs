@@ -1,26 +1,69 @@
 //! One active health check against one host: TCP (connect, optional send and fuzzy receive)
 //! or HTTP/1.1 (GET path, status in the expected ranges), all within the check's timeout.
 
+use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::addr::EndpointAddr;
 use crate::model::cluster::lb::{HealthCheck, HealthCheckKind};
-use crate::net as connect;
+use crate::net::{self as connect, ConnectError};
 
 /// Result of one check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Verdict {
     /// Passed.
     Healthy,
-    /// Failed.
-    Unhealthy {
-        /// The check timed out (connect or answer).
-        timeout: bool,
-        /// What went wrong.
-        reason: String,
-    },
+    /// Failed, and why.
+    Unhealthy(CheckError),
+}
+
+/// Why one check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The connect failed or timed out.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// Writing the TCP payload or the HTTP request failed.
+    #[error("send: {0}")]
+    Send(#[source] io::Error),
+    /// Reading the answer failed.
+    #[error("read: {0}")]
+    Read(#[source] io::Error),
+    /// The TCP check read its limit without finding the expected payloads.
+    #[error("answer does not match")]
+    NoMatch,
+    /// The host closed before sending the expected TCP payloads.
+    #[error("connection closed before the expected answer")]
+    ClosedBeforeAnswer,
+    /// The HTTP check read its limit without a status line.
+    #[error("no status line")]
+    NoStatusLine,
+    /// The host closed before sending an HTTP status line.
+    #[error("connection closed before the status line")]
+    ClosedBeforeStatusLine,
+    /// The first line is not `HTTP/1.x <status> ...`.
+    #[error("bad status line {0:?}")]
+    BadStatusLine(String),
+    /// The HTTP status is outside the expected ranges.
+    #[error("status {0}")]
+    Status(u16),
+    /// No answer within the check's timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl CheckError {
+    /// Whether the check timed out (connect or answer): Envoy's `network_failure`.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            CheckError::Timeout(_) => true,
+            CheckError::Connect(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
 }
 
 /// Largest answer read from a host (status line, TCP receive payloads).
@@ -30,25 +73,22 @@ const MAX_READ: usize = 16 * 1024;
 pub async fn run(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Verdict {
     match tokio::time::timeout(hc.timeout, attempt(hc, target, mark)).await {
         Ok(Ok(())) => Verdict::Healthy,
-        Ok(Err(reason)) => Verdict::Unhealthy {
-            timeout: false,
-            reason,
-        },
-        Err(_) => Verdict::Unhealthy {
-            timeout: true,
-            reason: format!("no answer within {:?}", hc.timeout),
-        },
+        Ok(Err(e)) => Verdict::Unhealthy(e),
+        Err(_) => Verdict::Unhealthy(CheckError::Timeout(hc.timeout)),
     }
 }
 
-async fn attempt(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Result<(), String> {
-    let mut s = connect::connect(EndpointAddr(target), mark, hc.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+/// Connect, ask, judge the answer; the caller bounds it by the check's timeout.
+async fn attempt(
+    hc: &HealthCheck,
+    target: SocketAddr,
+    mark: Option<u32>,
+) -> Result<(), CheckError> {
+    let mut s = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
     match &hc.kind {
         HealthCheckKind::Tcp { send, receive } => {
             if !send.is_empty() {
-                s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
+                s.write_all(send).await.map_err(CheckError::Send)?;
             }
             if receive.is_empty() {
                 return Ok(());
@@ -61,11 +101,11 @@ async fn attempt(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Res
                     return Ok(());
                 }
                 if buf.len() > MAX_READ {
-                    return Err("answer does not match".into());
+                    return Err(CheckError::NoMatch);
                 }
-                let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+                let n = s.read(&mut chunk).await.map_err(CheckError::Read)?;
                 if n == 0 {
-                    return Err("connection closed before the expected answer".into());
+                    return Err(CheckError::ClosedBeforeAnswer);
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
@@ -80,7 +120,7 @@ async fn attempt(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Res
             );
             s.write_all(req.as_bytes())
                 .await
-                .map_err(|e| format!("send: {e}"))?;
+                .map_err(CheckError::Send)?;
             let mut buf = Vec::new();
             let mut chunk = [0u8; 1024];
             let line = loop {
@@ -88,22 +128,22 @@ async fn attempt(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Res
                     break String::from_utf8_lossy(&buf[..i]).into_owned();
                 }
                 if buf.len() > MAX_READ {
-                    return Err("no status line".into());
+                    return Err(CheckError::NoStatusLine);
                 }
-                let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+                let n = s.read(&mut chunk).await.map_err(CheckError::Read)?;
                 if n == 0 {
-                    return Err("connection closed before the status line".into());
+                    return Err(CheckError::ClosedBeforeStatusLine);
                 }
                 buf.extend_from_slice(&chunk[..n]);
             };
-            let status = parse_status(&line).ok_or_else(|| format!("bad status line {line:?}"))?;
+            let status = parse_status(&line).ok_or(CheckError::BadStatusLine(line))?;
             if expected_statuses
                 .iter()
                 .any(|(lo, hi)| (*lo..*hi).contains(&status))
             {
                 Ok(())
             } else {
-                Err(format!("status {status}"))
+                Err(CheckError::Status(status))
             }
         }
     }
@@ -137,7 +177,6 @@ pub fn fuzzy_match(got: &[u8], want: &[Vec<u8>]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tokio::net::TcpListener;
 
     #[test]
@@ -188,11 +227,29 @@ mod tests {
             path: "/healthz".into(),
             expected_statuses: vec![(200, 201)],
         });
-        assert_eq!(run(&c, addr, None).await, Verdict::Healthy);
+        assert!(matches!(run(&c, addr, None).await, Verdict::Healthy));
         assert!(matches!(
             run(&c, addr, None).await,
-            Verdict::Unhealthy { timeout: false, .. }
+            Verdict::Unhealthy(CheckError::Status(503))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_host_that_never_answers_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // Accepts and holds the connection, never sending the expected payload.
+        let held = tokio::spawn(async move { l.accept().await.map(|(s, _)| s) });
+        let mut c = hc(HealthCheckKind::Tcp {
+            send: b"PING".to_vec(),
+            receive: vec![b"PONG".to_vec()],
+        });
+        c.timeout = Duration::from_millis(200);
+        match run(&c, addr, None).await {
+            Verdict::Unhealthy(e @ CheckError::Timeout(_)) => assert!(e.is_timeout()),
+            v => panic!("{v:?}"),
+        }
+        drop(held.await.unwrap().unwrap());
     }
 
     #[tokio::test]
@@ -204,9 +261,11 @@ mod tests {
             send: vec![],
             receive: vec![],
         });
-        assert!(matches!(
-            run(&c, addr, None).await,
-            Verdict::Unhealthy { .. }
-        ));
+        match run(&c, addr, None).await {
+            Verdict::Unhealthy(e @ CheckError::Connect(ConnectError::Failed { .. })) => {
+                assert!(!e.is_timeout());
+            }
+            v => panic!("{v:?}"),
+        }
     }
 }

@@ -184,9 +184,9 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
                         changed |= h.clear_health_flags(flag::PENDING_ACTIVE_HC);
                     }
                 }
-                check::Verdict::Unhealthy { timeout, reason } => {
+                check::Verdict::Unhealthy(reason) => {
                     stats.failure.inc();
-                    if *timeout {
+                    if reason.is_timeout() {
                         stats.network_failure.inc();
                     }
                     s.failures += 1;

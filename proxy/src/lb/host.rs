@@ -1,16 +1,23 @@
 //! Upstream hosts: what the current snapshot says about one (address, locality, weight, EDS
 //! health) and the live state that outlives snapshots (active requests and connections,
-//! outlier and active health-check flags), shared through [`HostState`].
+//! outlier and active health-check flags), shared through [`HostState`]; and each cluster's
+//! [`ClusterShared`], which keeps its hosts' states across snapshots and builds the hosts of
+//! each new one (a host points back at it to report outcomes, so both live here).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::registry::ClusterShared;
-use crate::model::endpoint::{HealthStatus, Locality};
+use super::circuit::Breakers;
+use crate::model::cluster::lb::{LbSettings, OutlierDetection};
+use crate::model::endpoint::{HealthStatus, LoadAssignment, Locality};
+use crate::stats::ClusterStats;
 
 /// What happened to one request or connection sent to a host; feeds outlier detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,5 +380,186 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.host.state.active_cx.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === impl ClusterShared ===
+
+/// One cluster's state kept across snapshots: its hosts' live state, circuit breaker counts,
+/// outlier-detection settings and a health generation.
+#[derive(Debug)]
+pub struct ClusterShared {
+    /// Cluster name (for logs).
+    pub name: String,
+    /// `cluster.<name>.*`, kept as long as this state.
+    pub stats: Arc<ClusterStats>,
+    health: Arc<watch::Sender<u64>>,
+    generation: AtomicU64,
+    hosts: Mutex<HashMap<SocketAddr, Arc<HostState>>>,
+    /// Circuit breaker counts.
+    pub breakers: Breakers,
+    pub(crate) outlier: ArcSwap<Option<OutlierDetection>>,
+    active_hc: ArcSwap<bool>,
+    host_count: AtomicU64,
+    /// (average, ejection threshold) of the last success-rate computation.
+    pub(crate) success_rate_summary: Mutex<Option<(f64, f64)>>,
+}
+
+impl ClusterShared {
+    /// Fresh state of cluster `name` (no hosts yet), counting in `stats`; health changes bump
+    /// `health`.
+    pub(super) fn new(
+        name: &str,
+        stats: Arc<ClusterStats>,
+        health: Arc<watch::Sender<u64>>,
+    ) -> ClusterShared {
+        ClusterShared {
+            name: name.to_string(),
+            stats,
+            health,
+            generation: AtomicU64::new(0),
+            hosts: Mutex::new(HashMap::new()),
+            breakers: Breakers::default(),
+            outlier: ArcSwap::from_pointee(None),
+            active_hc: ArcSwap::from_pointee(false),
+            host_count: AtomicU64::new(0),
+            success_rate_summary: Mutex::new(None),
+        }
+    }
+
+    /// Takes the cluster's current outlier-detection and active health-check settings.
+    pub(super) fn update_settings(&self, settings: &LbSettings) {
+        if **self.outlier.load() != settings.outlier {
+            self.outlier.store(Arc::new(settings.outlier.clone()));
+        }
+        let hc = !settings.health_checks.is_empty();
+        if **self.active_hc.load() != hc {
+            self.active_hc.store(Arc::new(hc));
+        }
+    }
+
+    /// Bumped whenever a host of this cluster changes health (ejection, active check).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Record a health change: this cluster's balancer rebuilds its host sets, and the BPF
+    /// reconciler is woken.
+    pub fn health_changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.health.send_modify(|g| *g += 1);
+    }
+
+    /// Hosts currently in this cluster's assignment.
+    pub(crate) fn host_count(&self) -> u64 {
+        self.host_count.load(Ordering::Relaxed)
+    }
+
+    /// Build the hosts of `assignment`, reusing the live state of hosts already known and
+    /// dropping the state of hosts no longer listed. New hosts of an actively checked cluster
+    /// start as failed and pending, as in Envoy, until their first check passes.
+    pub(crate) fn hosts_for(
+        self: &Arc<Self>,
+        assignment: Option<&LoadAssignment>,
+    ) -> Vec<Arc<Host>> {
+        let mut hosts = Vec::new();
+        // Replaced by `adopt` below; one shared placeholder avoids an allocation per host.
+        let placeholder = Arc::new(HostState::default());
+        if let Some(a) = assignment {
+            for loc in &a.localities {
+                let locality = Arc::new(loc.locality.clone());
+                for e in &loc.endpoints {
+                    // Internal endpoints are served in-process, never balanced over the network.
+                    if e.internal.is_some() {
+                        continue;
+                    }
+                    hosts.push(Arc::new(Host {
+                        address: e.address,
+                        locality: locality.clone(),
+                        priority: loc.priority,
+                        weight: e.weight,
+                        eds_health: e.health,
+                        locality_weight: loc.weight,
+                        state: placeholder.clone(),
+                        cluster: self.clone(),
+                    }));
+                }
+            }
+        }
+        let adopted = self.adopt(&mut hosts);
+        debug_assert!(adopted, "hosts built here are not shared yet");
+        hosts
+    }
+
+    /// Give `hosts` (this cluster's, in a snapshot not yet published) the live state kept for
+    /// their addresses, and forget the state of addresses they no longer list. False (and
+    /// nothing forgotten) when a host is already shared, so cannot be changed in place.
+    pub(crate) fn adopt(self: &Arc<Self>, hosts: &mut [Arc<Host>]) -> bool {
+        let mut map = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: HashMap<SocketAddr, Arc<HostState>> = HashMap::with_capacity(hosts.len());
+        let checked = **self.active_hc.load();
+        for h in hosts.iter_mut() {
+            let Some(h) = Arc::get_mut(h) else {
+                return false;
+            };
+            let state = next
+                .entry(h.address)
+                .or_insert_with(|| {
+                    map.get(&h.address).cloned().unwrap_or_else(|| {
+                        let s = HostState::default();
+                        if checked {
+                            s.set_flag(flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC);
+                        }
+                        Arc::new(s)
+                    })
+                })
+                .clone();
+            h.state = state;
+            h.cluster = self.clone();
+        }
+        // Active checks switched off: their verdicts no longer apply.
+        if !checked {
+            for s in next.values() {
+                s.clear_flag(
+                    flag::FAILED_ACTIVE_HC | flag::PENDING_ACTIVE_HC | flag::ACTIVE_HC_TIMEOUT,
+                );
+            }
+        }
+        // Outlier detection switched off: ejections end.
+        if self.outlier.load().is_none() {
+            for s in next.values() {
+                s.clear_flag(flag::FAILED_OUTLIER_CHECK);
+            }
+        }
+        *map = next;
+        self.host_count.store(map.len() as u64, Ordering::Relaxed);
+        let ejected = map
+            .values()
+            .filter(|s| s.flags() & flag::FAILED_OUTLIER_CHECK != 0)
+            .count() as u64;
+        drop(map);
+        self.set_ejections_active(ejected);
+        true
+    }
+
+    /// Success-rate average and ejection threshold of the last interval that had enough
+    /// hosts with enough requests (`/clusters` `outlier::success_rate_*`).
+    pub fn success_rate_summary(&self) -> Option<(f64, f64)> {
+        *self
+            .success_rate_summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of hosts currently ejected.
+    pub fn ejections_active(&self) -> u64 {
+        let m = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        m.values()
+            .filter(|s| s.flags() & flag::FAILED_OUTLIER_CHECK != 0)
+            .count() as u64
+    }
+
+    pub(crate) fn set_ejections_active(&self, n: u64) {
+        self.stats.outlier_detection.ejections_active.set(n);
     }
 }

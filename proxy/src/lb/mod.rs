@@ -40,9 +40,9 @@ use crate::model::cluster::lb::{
 };
 
 pub use circuit::{BreakerGuard, Overflow, Resource, RoutingPriority};
-pub use host::{ConnectionGuard, Host, Outcome, RequestGuard};
+pub use host::{ClusterShared, ConnectionGuard, Host, Outcome, RequestGuard};
 pub use plan::{EligibleHost, HostView, Plan, eligible};
-pub use registry::{ClusterShared, HostRegistry};
+pub use registry::HostRegistry;
 
 /// What a caller knows about one pick.
 #[derive(Debug, Clone, Copy)]

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::host::{Host, Outcome, flag};
-use super::registry::ClusterShared;
+use super::host::{ClusterShared, Host, Outcome, flag};
 use crate::model::cluster::lb::OutlierDetection;
 use crate::stats::{OutlierStats, ScopedCounter};
 

@@ -22,8 +22,8 @@ use crate::stats::{Counter, Stats};
 pub use eval::{ConnectionFacts, Decision, PeerIdentity, RequestFacts, Verdict, downstream_remote};
 pub use model::{
     Action, HeaderMatch, HeaderTest, HttpRbac, HttpRbacPerRoute, ISTIO_PEER_PRINCIPAL, MAX_DEPTH,
-    MAX_REGEX_LEN, MAX_REGEX_PROGRAM, NetworkRbac, Permission, Policy, Principal, RbacError, Rules,
-    StringKind, StringMatch, compile_regex,
+    MAX_REGEX_LEN, MAX_REGEX_PROGRAM, NetworkRbac, Permission, Policy, Principal, RbacError,
+    RegexError, Rules, StringKind, StringMatch, compile_regex,
 };
 
 /// The network filter's name in listener configurations.

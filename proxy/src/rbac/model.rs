@@ -522,23 +522,42 @@ fn cidr(c: &core::CidrRange) -> Result<Cidr> {
     Ok(Cidr { addr, len })
 }
 
+/// Why a matcher's regex is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegexError {
+    /// The source is longer than [`MAX_REGEX_LEN`].
+    #[error("regex of {len} bytes is longer than {MAX_REGEX_LEN}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// It does not compile, or its program is over [`MAX_REGEX_PROGRAM`].
+    #[error("invalid regex {regex:?}: {source}")]
+    Invalid {
+        /// The source.
+        regex: String,
+        /// What the compiler said.
+        source: regex_lite::Error,
+    },
+}
+
 /// Compile a full-match regex under skiff's size limits.
-pub fn compile_regex(re: &str) -> std::result::Result<Pattern, String> {
+pub fn compile_regex(re: &str) -> std::result::Result<Pattern, RegexError> {
     if re.len() > MAX_REGEX_LEN {
-        return Err(format!(
-            "regex of {} bytes is longer than {MAX_REGEX_LEN}",
-            re.len()
-        ));
+        return Err(RegexError::TooLong { len: re.len() });
     }
     regex_lite::RegexBuilder::new(&format!("^(?:{re})$"))
         .size_limit(MAX_REGEX_PROGRAM)
         .build()
         .map(Pattern)
-        .map_err(|e| format!("invalid regex {re:?}: {e}"))
+        .map_err(|source| RegexError::Invalid {
+            regex: re.to_string(),
+            source,
+        })
 }
 
 fn regex(r: &matcher::RegexMatcher) -> Result<Pattern> {
-    compile_regex(&r.regex).map_err(|e| RbacError::invalid("regex", e))
+    compile_regex(&r.regex).map_err(|e| RbacError::invalid("regex", e.to_string()))
 }
 
 /// `StringMatcher`.

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::config::Bootstrap;
 use crate::lb::{ClusterLb, HostRegistry};
 use crate::model::listener::RunFilter;
 use crate::model::{
@@ -513,6 +514,35 @@ impl Store {
             changed: tokio::sync::watch::Sender::new(0),
             registry,
         }
+    }
+
+    /// The store of a proxy (or of a node-mode pod's pipeline) starting from `bootstrap`'s
+    /// static resources, its host state counted in `stats` and knowing the proxy's locality and
+    /// local cluster (zone-aware routing).
+    pub fn for_bootstrap(bootstrap: &Bootstrap, stats: Arc<Stats>) -> Arc<Store> {
+        let registry = HostRegistry::new(stats);
+        registry.set_local_locality(
+            bootstrap
+                .raw
+                .node
+                .as_ref()
+                .map(|n| crate::model::endpoint::Locality::from_proto(n.locality.as_ref())),
+        );
+        registry.set_local_cluster(
+            bootstrap
+                .raw
+                .cluster_manager
+                .as_ref()
+                .map(|c| c.local_cluster_name.clone()),
+        );
+        Arc::new(Store::with_registry(
+            Snapshot::new(
+                bootstrap.listeners.clone(),
+                bootstrap.clusters.clone(),
+                &Default::default(),
+            ),
+            registry,
+        ))
     }
 
     /// The snapshot to use for one connection.

@@ -105,9 +105,29 @@ pub struct PublishHook(pub Arc<PublishFn>);
 /// (the ACK waits for it); `Err` turns the ACK into a NACK.
 pub type PublishFn = dyn Fn(
         std::sync::Arc<crate::state::Snapshot>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PublishError>> + Send>>
     + Send
     + Sync;
+
+/// Why a [`PublishHook`] did not mirror a snapshot (the kernel fast-path owner's
+/// `bpf::ApplyError`, reached by downcasting [`PublishError::cause`]). Its text is the NACK's
+/// `error_detail`. The client does not depend on what the hook mirrors to, so the cause is
+/// boxed.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PublishError(Box<dyn std::error::Error + Send + Sync>);
+
+impl PublishError {
+    /// Wraps the hook's own error.
+    pub fn new(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        PublishError(Box::new(cause))
+    }
+
+    /// The hook's own error.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
 
 impl std::fmt::Debug for PublishHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,7 +291,7 @@ impl Client {
     }
 
     /// Publishes the snapshot, then runs the publish hook on it; returns the hook's error.
-    async fn publish(&mut self) -> Option<String> {
+    async fn publish(&mut self) -> Option<PublishError> {
         self.resources.drop_unsubscribed();
         let snap = self.resources.snapshot();
         let (wl, wc) = self.resources.warming();
@@ -292,7 +312,7 @@ impl Client {
         &self,
         type_url: &str,
         nack: Option<Status>,
-        hook: Option<String>,
+        hook: Option<PublishError>,
     ) -> Option<Status> {
         let Some(err) = hook else {
             return nack;
@@ -308,7 +328,7 @@ impl Client {
             }
             None => Status {
                 code: NACK_CODE,
-                message: err,
+                message: err.to_string(),
                 details: vec![],
             },
         })

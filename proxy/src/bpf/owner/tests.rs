@@ -39,11 +39,16 @@ struct Recorder {
     delay: Duration,
     /// Scopes whose image "does not fit".
     overflow: Mutex<BTreeMap<ScopeId, String>>,
+    /// Every write fails while set.
+    fail: std::sync::atomic::AtomicBool,
 }
 
 impl Sink for Recorder {
-    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, String> {
+    fn apply(&self, images: &ScopedImages) -> Result<BTreeMap<ScopeId, String>, BpfError> {
         std::thread::sleep(self.delay);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(BpfError::Config("map write refused".into()));
+        }
         let seen: BTreeMap<ScopeId, Option<u16>> =
             images.iter().map(|(s, i)| (*s, version_of(i))).collect();
         if let Some(Some(v)) = seen.get(&0) {
@@ -146,11 +151,44 @@ async fn an_overflow_of_a_scope_fails_only_that_scopes_publish() {
         .publish_and_wait(2, versioned(1), 15001)
         .await
         .unwrap_err();
-    assert!(err.contains("does not fit"), "{err}");
+    assert!(
+        matches!(&err, ApplyError::Overflow { scope: 2, limit } if limit.contains("does not fit")),
+        "{err:?}"
+    );
+    // The NACK carries the limit's text unchanged.
+    assert_eq!(err.to_string(), "kernel fast path: image does not fit");
     owner
         .publish_and_wait(0, versioned(1), 15001)
         .await
         .unwrap();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_failed_write_fails_the_waiting_publish_and_the_hook_nacks_with_its_text() {
+    let sink = Arc::new(Recorder::default());
+    sink.fail.store(true, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let (owner, _task) = Owner::start(sink.clone(), stop.clone());
+    let err = owner
+        .publish_and_wait(4, versioned(1), 15001)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ApplyError::Write { scope: 4, source } if matches!(**source, BpfError::Config(_))),
+        "{err:?}"
+    );
+    assert_eq!(err.scope(), 4);
+    let nack = "kernel fast path: invalid capture config: map write refused";
+    assert_eq!(err.to_string(), nack);
+    // Through the ADS client's hook: same text, and the owner's error is still there to inspect.
+    let hook = owner.publish_hook(4, 15001);
+    let err = (hook.0)(versioned(2)).await.unwrap_err();
+    assert_eq!(err.to_string(), nack);
+    assert!(matches!(
+        err.cause().downcast_ref::<ApplyError>(),
+        Some(ApplyError::Write { scope: 4, .. })
+    ));
     stop.cancel();
 }
 
