@@ -114,9 +114,15 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The `skiff ...` argv of a container: its command + args when the command is skiff, or the
-/// `exec /usr/local/bin/skiff ...` line of a `sh -c` script, with each shell expansion
-/// replaced by a placeholder path.
+/// /proc/self/cgroup of a container in a Burstable pod, in the host cgroup namespace
+/// (systemd cgroup driver, containerd).
+const CONTAINER_CGROUP: &str = "0::/kubepods.slice/kubepods-burstable.slice/\
+    kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice/cri-containerd-abc123.scope\n";
+
+/// The `skiff ...` argv of a container: its command + args when the command is skiff, or
+/// what the `exec /usr/local/bin/skiff ...` line of its `sh -c` script expands to in a pod
+/// (the script runs with `exec skiff` replaced by a `printf` of the arguments, and
+/// /proc/self/cgroup replaced by [`CONTAINER_CGROUP`]).
 fn skiff_argv(c: &Value) -> Option<Vec<String>> {
     let command = strings(&c["command"]);
     let args = strings(&c["args"]);
@@ -124,20 +130,31 @@ fn skiff_argv(c: &Value) -> Option<Vec<String>> {
         return Some(["skiff".to_owned()].into_iter().chain(args).collect());
     }
     let script = command.get(2)?;
-    let line = script
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("exec /usr/local/bin/skiff "))?;
+    if command[..2] != ["/bin/sh", "-c"] || !script.contains("exec /usr/local/bin/skiff ") {
+        return None;
+    }
+    let cgroup_file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(cgroup_file.path(), CONTAINER_CGROUP).expect("write");
+    let script = script
+        .replace("exec /usr/local/bin/skiff ", "exec printf '%s\\n' skiff ")
+        .replace(
+            "/proc/self/cgroup",
+            &cgroup_file.path().display().to_string(),
+        );
+    let out = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(
-        ["skiff"]
-            .into_iter()
-            .chain(line.split_whitespace())
-            .map(|t| {
-                if t.contains('$') {
-                    "/placeholder".to_owned()
-                } else {
-                    t.trim_matches('"').to_owned()
-                }
-            })
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(str::to_owned)
             .collect(),
     )
 }
@@ -179,7 +196,28 @@ fn every_skiff_command_line_parses_with_skiffs_cli() {
         panic!("the sidecar does not run `skiff run`")
     };
     assert_eq!(sidecar.mode, Mode::Sidecar);
-    assert!(sidecar.cgroup.is_some() && sidecar.proxy_cgroup.is_some());
+    // The pod's cgroup is the parent of skiff's container cgroup, which holds the proxy's.
+    let (cgroup, proxy) = (
+        sidecar.cgroup.as_deref().expect("--cgroup"),
+        sidecar.proxy_cgroup.as_deref().expect("--proxy-cgroup"),
+    );
+    let pod = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/\
+               kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice";
+    assert_eq!(cgroup, Path::new(pod));
+    assert_eq!(
+        proxy,
+        Path::new(pod).join("cri-containerd-abc123.scope/skiff-proxy")
+    );
+    // The node skiff's proxy cgroup is below its own container cgroup too.
+    let node_proxy = node.proxy_cgroup.as_deref().expect("--proxy-cgroup");
+    assert_eq!(
+        node_proxy,
+        Path::new(pod).join("cri-containerd-abc123.scope/skiff-proxy")
+    );
+    assert_eq!(
+        node.cgroup_root.as_deref(),
+        Some(Path::new("/sys/fs/cgroup/kubepods.slice"))
+    );
 }
 
 /// Expands Kubernetes' `$(NAME)` references from `vars`.
