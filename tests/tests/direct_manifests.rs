@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Parser;
+use envoy_types::pb::google::protobuf::value::Kind;
 use serde_yaml::Value;
 
 /// Kubernetes version the manifests must be valid for (native sidecars are on by default
@@ -235,6 +236,7 @@ fn the_init_script_renders_a_bootstrap_skiff_accepts() {
         .as_str()
         .expect("bootstrap.yaml in the ConfigMap")
         .to_owned();
+    let mut scripts = Vec::new();
     for file in ["daemonset.yaml", "sidecar.yaml"] {
         let w = load(file);
         let init = containers(&w)
@@ -259,6 +261,7 @@ fn the_init_script_renders_a_bootstrap_skiff_accepts() {
         std::fs::create_dir(tmp.path().join("template")).unwrap();
         std::fs::create_dir(tmp.path().join("run")).unwrap();
         std::fs::write(tmp.path().join("template/bootstrap.yaml"), &template).unwrap();
+        scripts.push(strings(&init["command"])[2].clone());
         let script = strings(&init["command"])[2]
             .replace("/etc/skiff/", &format!("{}/", tmp.path().display()));
         let out = Command::new("/bin/sh")
@@ -273,8 +276,15 @@ fn the_init_script_renders_a_bootstrap_skiff_accepts() {
             "{file}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let b = skiff::config::load(&tmp.path().join("run/bootstrap.yaml"))
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let rendered = tmp.path().join("run/bootstrap.yaml");
+        let text = std::fs::read_to_string(&rendered).expect("rendered bootstrap");
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.matches('@').count() >= 2 && !l.contains("\"@type\"")),
+            "{file}: a placeholder is left:\n{text}"
+        );
+        let b = skiff::config::load(&rendered).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(
             b.node.id,
             "sidecar~10.1.2.3~skiff-x1.skiff-system~skiff-system.svc.cluster.local"
@@ -284,5 +294,17 @@ fn the_init_script_renders_a_bootstrap_skiff_accepts() {
         assert_eq!(ads.server, "127.0.0.1:15010".parse().unwrap());
         assert!(b.lds_ads && b.cds_ads);
         assert_eq!(b.admin, Some("127.0.0.1:15000".parse().unwrap()));
+        let meta = b.raw.node.and_then(|n| n.metadata).expect("node metadata");
+        let field = |k: &str| match meta.fields.get(k).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(s)) => s.clone(),
+            other => panic!("{file}: metadata {k}: {other:?}"),
+        };
+        assert_eq!(field("NAMESPACE"), "skiff-system");
+        assert_eq!(field("INSTANCE_IPS"), "10.1.2.3");
+        assert_eq!(field("POD_NAME"), "skiff-x1");
     }
+    assert_eq!(
+        scripts[0], scripts[1],
+        "the two bootstrap init scripts differ"
+    );
 }
