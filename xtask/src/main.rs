@@ -1,8 +1,9 @@
-//! skiff's developer tasks: `cargo xtask setup | build-ebpf | demo | test | clean-test-env`.
+//! skiff's developer tasks: `cargo xtask setup | build-ebpf | demo | test | image | clean-test-env`.
 
 mod bench;
 mod demo;
 mod ebpf_recipe;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -42,6 +43,13 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Run every test: unit, end-to-end, and root eBPF tests (needs root).
     Test,
+    /// Build the container image (root `Dockerfile`) with docker or podman; without either,
+    /// say so and build nothing.
+    Image {
+        /// Image tag.
+        #[arg(long, default_value_t = image::default_tag())]
+        tag: String,
+    },
     /// Remove cgroups, network namespaces and processes that crashed tests left behind.
     CleanTestEnv,
 }
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::CheckEbpf => check_ebpf(),
         Cmd::Demo => demo::run(),
         Cmd::Test => test::run(),
+        Cmd::Image { tag } => image::run(&tag),
         Cmd::CleanTestEnv => test::clean_env(),
     };
     match res {

