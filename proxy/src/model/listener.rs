@@ -696,6 +696,12 @@ impl TryFrom<&pb::Listener> for Listener {
         } else {
             None
         };
+        super::limits::at_most(
+            "filter_chains",
+            l.filter_chains.len(),
+            super::limits::MAX_FILTER_CHAINS,
+        )
+        .map_err(err)?;
         let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
             filter_chains.push(

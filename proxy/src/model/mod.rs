@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod endpoint;
+pub mod limits;
 pub mod listener;
 pub mod route;
 pub mod upstream_http;
