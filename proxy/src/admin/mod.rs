@@ -366,47 +366,26 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             ),
         },
         (m, "/debug/node/pods") => {
+            let cgroup = q.get("cgroup").map(PathBuf::from);
+            // The paths a pod request names are checked before anything else: skiff enters
+            // the namespace and reads the bootstrap as itself (root in node mode).
+            let spec = match (&m, cgroup.clone()) {
+                (&Method::POST, Some(cgroup)) => match pod_spec(server, &q, cgroup) {
+                    Ok(spec) => Some(spec),
+                    Err(r) => return r,
+                },
+                _ => None,
+            };
             let Some(capture) = &admin.capture else {
                 return text(StatusCode::NOT_FOUND, "capture is not installed\n");
             };
-            let cgroup = q.get("cgroup").map(PathBuf::from);
-            match (m, cgroup) {
-                (Method::GET, _) => json(&capture.pods()),
-                (Method::POST, Some(cgroup)) => {
-                    let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
-                        return text(
-                            StatusCode::BAD_REQUEST,
-                            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n",
-                        );
-                    };
-                    // skiff enters the namespace and reads the bootstrap as itself (root in
-                    // node mode): only namespace paths and the configured directory.
-                    let netns = PathBuf::from(netns);
-                    let bootstrap = match policy::check_netns(&netns).and_then(|()| {
-                        q.get("bootstrap")
-                            .map(|b| {
-                                policy::check_bootstrap(
-                                    Path::new(b),
-                                    server.options.pod_bootstrap_dir.as_deref(),
-                                )
-                            })
-                            .transpose()
-                    }) {
-                        Ok(b) => b,
-                        Err(e) => return text(StatusCode::FORBIDDEN, format!("{e}\n")),
-                    };
-                    let spec = crate::capture::pods::PodSpec {
-                        cgroup,
-                        netns,
-                        node_id: node_id.clone(),
-                        bootstrap,
-                    };
-                    match capture.add_pod(spec) {
-                        Ok(v) => json(&v),
-                        Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
-                    }
-                }
-                (Method::DELETE, Some(cgroup)) => match capture.remove_pod(&cgroup) {
+            match (m, cgroup, spec) {
+                (Method::GET, _, _) => json(&capture.pods()),
+                (Method::POST, _, Some(spec)) => match capture.add_pod(spec) {
+                    Ok(v) => json(&v),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                },
+                (Method::DELETE, Some(cgroup), _) => match capture.remove_pod(&cgroup) {
                     Ok(()) => json(&serde_json::json!({ "cgroup": cgroup, "removed": true })),
                     Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
                 },
@@ -448,6 +427,35 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
              /debug/capture /debug/node/cgroups /debug/node/pods\n",
         ),
     }
+}
+
+/// The pod of a `POST /debug/node/pods`: 400 when an argument is missing, 403 when the
+/// namespace or bootstrap path is not one skiff may use ([`policy`]).
+fn pod_spec(
+    server: &Server,
+    q: &BTreeMap<String, String>,
+    cgroup: PathBuf,
+) -> Result<crate::capture::pods::PodSpec, Response<Full<Bytes>>> {
+    let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
+        return Err(text(
+            StatusCode::BAD_REQUEST,
+            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n",
+        ));
+    };
+    let netns = PathBuf::from(netns);
+    let forbidden = |e: policy::PodPathError| text(StatusCode::FORBIDDEN, format!("{e}\n"));
+    policy::check_netns(&netns).map_err(forbidden)?;
+    let bootstrap = q
+        .get("bootstrap")
+        .map(|b| policy::check_bootstrap(Path::new(b), server.options.pod_bootstrap_dir.as_deref()))
+        .transpose()
+        .map_err(forbidden)?;
+    Ok(crate::capture::pods::PodSpec {
+        cgroup,
+        netns,
+        node_id: node_id.clone(),
+        bootstrap,
+    })
 }
 
 /// Envoy's `/drain_listeners`: stop accepting on every listener (or only inbound ones), now or
