@@ -372,7 +372,7 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             let spec = match (&m, cgroup.clone()) {
                 (&Method::POST, Some(cgroup)) => match pod_spec(server, &q, cgroup) {
                     Ok(spec) => Some(spec),
-                    Err(r) => return r,
+                    Err((status, why)) => return text(status, why),
                 },
                 _ => None,
             };
@@ -435,15 +435,15 @@ fn pod_spec(
     server: &Server,
     q: &BTreeMap<String, String>,
     cgroup: PathBuf,
-) -> Result<crate::capture::pods::PodSpec, Response<Full<Bytes>>> {
+) -> Result<crate::capture::pods::PodSpec, (StatusCode, String)> {
     let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
-        return Err(text(
+        return Err((
             StatusCode::BAD_REQUEST,
-            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n",
+            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n".into(),
         ));
     };
     let netns = PathBuf::from(netns);
-    let forbidden = |e: policy::PodPathError| text(StatusCode::FORBIDDEN, format!("{e}\n"));
+    let forbidden = |e: policy::PodPathError| (StatusCode::FORBIDDEN, format!("{e}\n"));
     policy::check_netns(&netns).map_err(forbidden)?;
     let bootstrap = q
         .get("bootstrap")
