@@ -278,3 +278,40 @@ fn pod_requests_name_only_namespace_paths_and_the_bootstrap_directory() {
     assert!(body.contains("which is not set"), "{body}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn connections_beyond_the_cap_are_closed_and_the_admin_recovers() {
+    let admin = AdminServer::start(AdminOptions {
+        header_read_timeout: Duration::from_secs(30),
+        ..AdminOptions::default()
+    });
+    // Idle connections that never send a request hold every slot.
+    let held: Vec<TcpStream> = (0..skiff::admin::policy::MAX_CONNECTIONS)
+        .map(|_| TcpStream::connect(admin.addr).unwrap())
+        .collect();
+    // Each is accepted in turn; give the server time to take them all.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(admin.addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let _ = extra.read_to_end(&mut out);
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "not closed at once"
+    );
+    drop(held);
+    // Slots come back once those connections are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if admin.request("GET", "/ready").0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "admin did not recover");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -127,6 +127,7 @@ pub async fn serve(
         options,
         drain,
     });
+    let slots = Arc::new(tokio::sync::Semaphore::new(policy::MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -140,8 +141,15 @@ pub async fn serve(
                 }
             },
         };
+        // Admin requests are rare: a client holding many connections is turned away rather
+        // than given memory and tasks.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "admin connection refused: too many open");
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(guarded(&server, req).await) }
@@ -205,10 +213,16 @@ async fn guarded(server: &Server, req: Request<Incoming>) -> Response<Full<Bytes
     }
     let max = server.options.max_body_bytes;
     let too_large = || {
-        text(
+        let mut r = text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {max} bytes\n"),
-        )
+        );
+        // The rest of the body is never read, so the connection cannot carry another request.
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        r
     };
     let declared = req
         .headers()

@@ -16,6 +16,9 @@ pub const DEFAULT_ADDR: SocketAddr =
 /// Largest request body the admin reads (admin arguments travel in the query string).
 pub const MAX_BODY_BYTES: u64 = 64 * 1024;
 
+/// Admin connections open at once; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Time a client gets to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
