@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub upstream_mark: Option<u32>,
     /// Admin address (`None`: no admin listener).
     pub admin: Option<SocketAddr>,
+    /// What the admin listener allows (remote binds, mutating endpoints, pod paths).
+    pub admin_options: crate::admin::AdminOptions,
     /// How long in-flight connections may take to finish after shutdown starts.
     pub drain: Duration,
 }
@@ -315,6 +317,8 @@ pub async fn run_with(
     // Stops every task of this run, then (after them) the pipelines of node-mode pods.
     let stop = CancellationToken::new();
     let pods_stop = CancellationToken::new();
+    // `/drain_listeners` stops the listeners it names; each listener waits on it beside `stop`.
+    let drain_signal = admin::DrainSignal::new();
     let mut tasks = Vec::new();
     let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
     let stats = Arc::new(Stats::default());
@@ -341,7 +345,7 @@ pub async fn run_with(
         opts.upstream_mark,
         stop.clone(),
     )));
-    let listeners = start_listeners(&opts, &extras, &dp, &stop, &mut tasks)?;
+    let listeners = start_listeners(&opts, &extras, &dp, &stop, &drain_signal, &mut tasks)?;
     let initialized = start_xds(
         &opts,
         &store,
@@ -350,6 +354,7 @@ pub async fn run_with(
         owner.as_ref(),
         listeners.inbound_port,
         &stop,
+        &drain_signal,
         &mut tasks,
     )
     .await;
@@ -364,7 +369,15 @@ pub async fn run_with(
         .clone()
         .map(|c| c as Arc<dyn CaptureControl>)
         .or_else(|| iptables.clone().map(|g| g as Arc<dyn CaptureControl>));
-    start_admin(&opts, &store, &stats, control, &ready, &stop, &mut tasks)?;
+    start_admin(
+        &opts,
+        &store,
+        &stats,
+        control,
+        &ready,
+        (&stop, &drain_signal),
+        &mut tasks,
+    )?;
 
     tokio::pin!(shutdown);
     if wait_initialized(
@@ -406,11 +419,17 @@ fn start_listeners(
     extras: &CaptureExtras,
     dp: &Arc<Dataplane>,
     stop: &CancellationToken,
+    drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Listeners> {
     let capture_port = opts.outbound_v4.port();
     let mut capture_addrs = vec![SocketAddr::V4(opts.outbound_v4)];
     capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));
+    // With nothing sending traffic to the capture port, it is not bound (a second plain
+    // proxy on the host must not fail on it).
+    if !crate::cli::run::needs_capture_listener(opts, extras) {
+        capture_addrs.clear();
+    }
     for addr in capture_addrs {
         let l = bind(addr).with_context(|| format!("binding capture listener {addr}"))?;
         info!(%addr, "capture listener up");
@@ -419,7 +438,7 @@ fn start_listeners(
             l,
             ListenerRole::Capture,
             dp.clone(),
-            async move { stop.cancelled().await },
+            drain.or_shutdown(false, async move { stop.cancelled().await }),
         )));
     }
     // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
@@ -428,7 +447,14 @@ fn start_listeners(
     let local_inbound = extras.inbound.as_ref().filter(|_| !node_mode);
     let inbound_port = local_inbound.map(|i| i.port);
     let inbound_steering = match local_inbound {
-        Some(ib) => Some(start_inbound(ib, extras.allow_coexist, dp, stop, tasks)?),
+        Some(ib) => Some(start_inbound(
+            ib,
+            extras.allow_coexist,
+            dp,
+            stop,
+            drain,
+            tasks,
+        )?),
         None => None,
     };
     for l in &opts.bootstrap.listeners {
@@ -456,7 +482,7 @@ fn start_listeners(
                 name: l.name.clone(),
             },
             dp.clone(),
-            async move { stop.cancelled().await },
+            drain.or_shutdown(false, async move { stop.cancelled().await }),
         )));
     }
     Ok(Listeners {
@@ -477,6 +503,7 @@ async fn start_xds(
     owner: Option<&Owner>,
     inbound_port: Option<u16>,
     stop: &CancellationToken,
+    drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Option<tokio::sync::watch::Receiver<bool>> {
     let ads = opts.bootstrap.ads.as_ref()?;
@@ -487,6 +514,7 @@ async fn start_xds(
         dp.clone(),
         [Some(capture_port), inbound_port],
         stop.clone(),
+        drain.clone(),
     )));
     let resources = Resources::new(
         opts.bootstrap.listeners.clone(),
@@ -533,7 +561,7 @@ fn start_admin(
     stats: &Arc<Stats>,
     capture: Option<Arc<dyn CaptureControl>>,
     ready: &Arc<AtomicBool>,
-    stop: &CancellationToken,
+    (stop, drain): (&CancellationToken, &admin::DrainSignal),
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let Some(addr) = opts.admin else {
@@ -551,9 +579,13 @@ fn start_admin(
     });
     info!(%addr, "admin listener up");
     let stop = stop.clone();
-    tasks.push(tokio::spawn(admin::run(l, admin, async move {
-        stop.cancelled().await
-    })));
+    tasks.push(tokio::spawn(admin::serve(
+        l,
+        admin,
+        opts.admin_options.clone(),
+        drain.clone(),
+        async move { stop.cancelled().await },
+    )));
     Ok(())
 }
 
@@ -627,6 +659,7 @@ fn start_inbound(
     allow_coexist: bool,
     dp: &Arc<Dataplane>,
     stop: &CancellationToken,
+    drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Option<Arc<crate::bpf::inbound::InboundSteering>>> {
     let v4_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, ib.port));
@@ -676,7 +709,7 @@ fn start_inbound(
             l,
             ListenerRole::Inbound { port: ib.port },
             dp.clone(),
-            async move { stop.cancelled().await },
+            drain.or_shutdown(true, async move { stop.cancelled().await }),
         )));
     }
     if let Some(s) = steering.clone() {
@@ -721,6 +754,7 @@ async fn dynamic_listeners(
     dp: Arc<Dataplane>,
     skiff_ports: [Option<u16>; 2],
     stop: CancellationToken,
+    drain: admin::DrainSignal,
 ) {
     let mut changed = store.subscribe();
     let mut running: BTreeMap<
@@ -772,7 +806,7 @@ async fn dynamic_listeners(
                         sock,
                         ListenerRole::Static { name: n.clone() },
                         dp.clone(),
-                        async move { t.cancelled().await },
+                        drain.or_shutdown(false, async move { t.cancelled().await }),
                     ));
                     running.insert(n.clone(), (addr, token, task));
                 }

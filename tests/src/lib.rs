@@ -638,13 +638,16 @@ pub fn sidecar_args<'a>(app: &'a Path, proxy: &'a Path, more: &[&'a str]) -> Vec
     args
 }
 
-/// `skiff run --bootstrap <bootstrap>` (the workspace's built binary) inside `ns`, with
-/// `RUST_LOG=info,skiff=debug`; callers add flags (and may override `RUST_LOG`).
+/// `skiff run --bootstrap <bootstrap> --admin-mutations` (the workspace's built binary) inside
+/// `ns`, with `RUST_LOG=info,skiff=debug`; callers add flags (and may override `RUST_LOG`).
+/// Tests drive the admin API's state changes (`/drain_listeners`, `skiff node`), which skiff
+/// refuses without `--admin-mutations`.
 pub fn skiff_run(ns: &Netns, bootstrap: &Path) -> Command {
     let mut c = command_in(Some(ns), None, built_binary("skiff"));
     c.arg("run")
         .arg("--bootstrap")
         .arg(bootstrap)
+        .arg("--admin-mutations")
         .env("RUST_LOG", "info,skiff=debug");
     c
 }
@@ -884,6 +887,7 @@ const IN_PROCESS_WAIT: Duration = Duration::from_secs(15);
 pub fn run_options(bootstrap: skiff::config::Bootstrap) -> skiff::app::RunOptions {
     skiff::app::RunOptions {
         admin: bootstrap.admin,
+        admin_options: Default::default(),
         bootstrap,
         capture: None,
         outbound_v4: std::net::SocketAddrV4::new([127, 0, 0, 1].into(), free_port()),

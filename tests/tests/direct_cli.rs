@@ -127,3 +127,73 @@ fn control_plane_without_its_source_exits_2() {
         &["skiff: loading directory /nonexistent/skiff-xds: reading /nonexistent/skiff-xds"],
     );
 }
+
+#[test]
+fn flags_that_cannot_act_in_the_chosen_mode_exit_2() {
+    let b = TempYaml::new("cli-refuse", EMPTY_BOOTSTRAP);
+    let b = b.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--capture", "none", "--fast-path"],
+            "skiff: --fast-path needs the eBPF capture; with --capture none it would do nothing\n",
+        ),
+        (
+            &[
+                "--capture",
+                "iptables",
+                "--fast-path",
+                "--terminate-on-removal",
+            ],
+            "skiff: --fast-path needs the eBPF capture; with --capture iptables it would do nothing\n",
+        ),
+        (
+            &[
+                "--capture",
+                "iptables",
+                "--sockmap",
+                "--sockmap-ports",
+                "80",
+            ],
+            "skiff: --sockmap needs the eBPF capture; with --capture iptables it would do nothing\n",
+        ),
+        (
+            &["--capture", "none", "--pod-bootstrap-dir", "/tmp"],
+            "skiff: --pod-bootstrap-dir is a node-mode flag: use --mode node\n",
+        ),
+        (
+            &["--capture", "none", "--admin", "0.0.0.0:15000"],
+            "skiff: admin address 0.0.0.0:15000 (from --admin) is not loopback: anyone reaching \
+             it can read the configuration; pass --admin-allow-remote to bind it anyway\n",
+        ),
+        (
+            &["--capture", "none", "--admin", "[::]:15000"],
+            "skiff: admin address [::]:15000 (from --admin) is not loopback: anyone reaching it \
+             can read the configuration; pass --admin-allow-remote to bind it anyway\n",
+        ),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec!["run", "--bootstrap", b];
+        args.extend_from_slice(flags);
+        let err = expect(&skiff(&args), 2, &[]);
+        assert_eq!(err, message, "{flags:?}");
+    }
+    // The bootstrap's admin address is held to the same rule.
+    let remote = TempYaml::new(
+        "cli-remote-admin",
+        "node: { id: cli-test }\nadmin: { address: { socket_address: { address: 0.0.0.0, port_value: 15000 } } }\n",
+    );
+    expect(
+        &skiff(&[
+            "run",
+            "--capture",
+            "none",
+            "--bootstrap",
+            remote.to_str().unwrap(),
+        ]),
+        2,
+        &[
+            "(from the bootstrap's admin.address) is not loopback",
+            "--admin-allow-remote",
+        ],
+    );
+}

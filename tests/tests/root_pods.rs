@@ -69,6 +69,9 @@ fn node_skiff(ns: &Netns, bootstrap: &Path, root: &Path, args: &[&str]) -> Child
     Child::spawn(
         skiff_run(ns, bootstrap)
             .args(["--mode", "node"])
+            // Pod bootstraps are TempYaml files: the node skiff reads them only from there.
+            .arg("--pod-bootstrap-dir")
+            .arg(std::env::temp_dir())
             .args(args)
             .arg("--cgroup-root")
             .arg(root)

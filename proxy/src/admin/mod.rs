@@ -1,6 +1,17 @@
 //! Envoy-dialect admin endpoint (localhost only) plus skiff's own `/debug/` pages.
+//!
+//! Safe by default ([`policy`]): loopback unless `--admin-allow-remote`, read-only unless
+//! `--admin-mutations` (any request but GET/HEAD is answered 403), request bodies bounded
+//! (413) and header reads timed out; node-mode pod requests name only network namespace paths
+//! and bootstraps inside `--pod-bootstrap-dir`. `/drain_listeners` publishes on a [`DrainSignal`]
+//! that the listener tasks wait on.
 
 pub mod config_dump;
+pub mod drain;
+pub mod policy;
+
+pub use drain::{DrainRequest, DrainSignal};
+pub use policy::AdminOptions;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -81,8 +92,42 @@ pub struct Admin {
     pub node_id: String,
 }
 
-/// Serve the admin API on `listener` until `shutdown` completes.
+/// Serve the admin API on `listener` with the safe [`AdminOptions::default`] (no state
+/// changes) and a drain signal nobody listens to, until `shutdown` completes.
 pub async fn run(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+    serve(
+        listener,
+        admin,
+        AdminOptions::default(),
+        DrainSignal::new(),
+        shutdown,
+    )
+    .await
+}
+
+/// What one admin connection needs besides the request.
+struct Server {
+    admin: Arc<Admin>,
+    options: AdminOptions,
+    drain: DrainSignal,
+}
+
+/// Serve the admin API on `listener` with `options` until `shutdown` completes;
+/// `/drain_listeners` publishes on `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    options: AdminOptions,
+    drain: DrainSignal,
+    shutdown: impl Future<Output = ()>,
+) {
+    let header_read_timeout = options.header_read_timeout;
+    let server = Arc::new(Server {
+        admin,
+        options,
+        drain,
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(policy::MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -96,13 +141,23 @@ pub async fn run(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future
                 }
             },
         };
-        let admin = admin.clone();
+        // Admin requests are rare: a client holding many connections is turned away rather
+        // than given memory and tasks.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "admin connection refused: too many open");
+            continue;
+        };
+        let server = server.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(handle(&admin, req).await) }
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(guarded(&server, req).await) }
             });
+            // A client that never finishes its headers would hold the connection forever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -132,19 +187,70 @@ fn json(v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    req.uri()
-        .query()
+fn query(uri: &hyper::Uri) -> BTreeMap<String, String> {
+    uri.query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
-async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let q = query(&req);
-    let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    // Drain the body: admin requests carry their arguments in the query string.
-    let _ = req.into_body().collect().await;
+/// Whether a request may change state: everything but reads.
+fn is_mutation(m: &Method) -> bool {
+    !matches!(*m, Method::GET | Method::HEAD)
+}
+
+/// The checks every request passes before [`handle`]: opt-in for state changes, body size.
+async fn guarded(server: &Server, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if is_mutation(req.method()) && !server.options.allow_mutations {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {}: admin requests that change state are disabled; start skiff with \
+                 --admin-mutations to allow them\n",
+                req.method(),
+                req.uri().path()
+            ),
+        );
+    }
+    let max = server.options.max_body_bytes;
+    let too_large = || {
+        let mut r = text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {max} bytes\n"),
+        );
+        // The rest of the body is never read, so the connection cannot carry another request.
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        r
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    // Admin requests carry their arguments in the query string; the body is read (bounded)
+    // only so the connection can be reused.
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    if http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .is_err()
+    {
+        return too_large();
+    }
+    handle(server, parts).await
+}
+
+async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<Full<Bytes>> {
+    let admin = &*server.admin;
+    let q = query(&req.uri);
+    let path = req.uri.path().to_string();
+    let method = req.method.clone();
     match (method, path.as_str()) {
         (Method::GET, "/ready") => {
             if admin.ready.load(Ordering::Relaxed) {
@@ -153,17 +259,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
             }
         }
-        // Envoy's drain: stop taking new connections, keep serving in-flight ones. With capture
-        // the kernel stops steering connects here (they fail open, or closed if configured).
-        (Method::POST, "/drain_listeners") => {
-            admin.ready.store(false, Ordering::Relaxed);
-            if let Some(c) = &admin.capture
-                && let Err(e) = c.set_ready(false)
-            {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n");
-            }
-            text(StatusCode::OK, "OK\n")
-        }
+        (Method::POST, "/drain_listeners") => drain_listeners(server, &q),
         (Method::GET, "/server_info") => json(&serde_json::json!({
             "version": concat!("skiff/", env!("CARGO_PKG_VERSION")),
             "state": if admin.ready.load(Ordering::Relaxed) { "LIVE" } else { "PRE_INITIALIZING" },
@@ -284,31 +380,26 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             ),
         },
         (m, "/debug/node/pods") => {
+            let cgroup = q.get("cgroup").map(PathBuf::from);
+            // The paths a pod request names are checked before anything else: skiff enters
+            // the namespace and reads the bootstrap as itself (root in node mode).
+            let spec = match (&m, cgroup.clone()) {
+                (&Method::POST, Some(cgroup)) => match pod_spec(server, &q, cgroup) {
+                    Ok(spec) => Some(spec),
+                    Err((status, why)) => return text(status, why),
+                },
+                _ => None,
+            };
             let Some(capture) = &admin.capture else {
                 return text(StatusCode::NOT_FOUND, "capture is not installed\n");
             };
-            let cgroup = q.get("cgroup").map(PathBuf::from);
-            match (m, cgroup) {
-                (Method::GET, _) => json(&capture.pods()),
-                (Method::POST, Some(cgroup)) => {
-                    let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
-                        return text(
-                            StatusCode::BAD_REQUEST,
-                            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n",
-                        );
-                    };
-                    let spec = crate::capture::pods::PodSpec {
-                        cgroup,
-                        netns: PathBuf::from(netns),
-                        node_id: node_id.clone(),
-                        bootstrap: q.get("bootstrap").map(PathBuf::from),
-                    };
-                    match capture.add_pod(spec) {
-                        Ok(v) => json(&v),
-                        Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
-                    }
-                }
-                (Method::DELETE, Some(cgroup)) => match capture.remove_pod(&cgroup) {
+            match (m, cgroup, spec) {
+                (Method::GET, _, _) => json(&capture.pods()),
+                (Method::POST, _, Some(spec)) => match capture.add_pod(spec) {
+                    Ok(v) => json(&v),
+                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                },
+                (Method::DELETE, Some(cgroup), _) => match capture.remove_pod(&cgroup) {
                     Ok(()) => json(&serde_json::json!({ "cgroup": cgroup, "removed": true })),
                     Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
                 },
@@ -350,6 +441,66 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
              /debug/capture /debug/node/cgroups /debug/node/pods\n",
         ),
     }
+}
+
+/// The pod of a `POST /debug/node/pods`: 400 when an argument is missing, 403 when the
+/// namespace or bootstrap path is not one skiff may use ([`policy`]).
+fn pod_spec(
+    server: &Server,
+    q: &BTreeMap<String, String>,
+    cgroup: PathBuf,
+) -> Result<crate::capture::pods::PodSpec, (StatusCode, String)> {
+    let (Some(netns), Some(node_id)) = (q.get("netns"), q.get("node_id")) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "POST needs ?cgroup=PATH&netns=PATH&node_id=ID[&bootstrap=FILE]\n".into(),
+        ));
+    };
+    let netns = PathBuf::from(netns);
+    let forbidden = |e: policy::PodPathError| (StatusCode::FORBIDDEN, format!("{e}\n"));
+    policy::check_netns(&netns).map_err(forbidden)?;
+    let bootstrap = q
+        .get("bootstrap")
+        .map(|b| policy::check_bootstrap(Path::new(b), server.options.pod_bootstrap_dir.as_deref()))
+        .transpose()
+        .map_err(forbidden)?;
+    Ok(crate::capture::pods::PodSpec {
+        cgroup,
+        netns,
+        node_id: node_id.clone(),
+        bootstrap,
+    })
+}
+
+/// Envoy's `/drain_listeners`: stop accepting on every listener (or only inbound ones), now or
+/// after the drain period (`graceful`); in-flight connections go on. A full drain also clears
+/// readiness and the kernel capture gate first, so new connects stop arriving (they fail open,
+/// or closed if configured) before the listeners close.
+fn drain_listeners(server: &Server, q: &BTreeMap<String, String>) -> Response<Full<Bytes>> {
+    let req = match DrainRequest::from_query(|k| q.contains_key(k)) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let admin = &server.admin;
+    if !req.inbound_only {
+        admin.ready.store(false, Ordering::Relaxed);
+        if let Some(c) = &admin.capture
+            && let Err(e) = c.set_ready(false)
+        {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n");
+        }
+    }
+    if !req.graceful {
+        server.drain.stop(req.inbound_only);
+    } else if server.drain.begin_graceful() && !req.skip_exit {
+        let drain = server.drain.clone();
+        let period = server.options.drain_time;
+        tokio::spawn(async move {
+            tokio::time::sleep(period).await;
+            drain.stop(req.inbound_only);
+        });
+    }
+    text(StatusCode::OK, "OK\n")
 }
 
 fn socket_address_json(a: SocketAddr) -> serde_json::Value {

@@ -245,9 +245,21 @@ pub struct RunArgs {
     /// The pod's addresses steered inbound (default: every non-loopback address here).
     #[arg(long, value_delimiter = ',')]
     pub pod_ips: Vec<IpAddr>,
-    /// Admin address (overrides the bootstrap's admin.address).
+    /// Admin address (overrides the bootstrap's admin.address; default 127.0.0.1:15000).
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Let the admin listen on a non-loopback address (anyone reaching it reads the
+    /// configuration).
+    #[arg(long)]
+    pub admin_allow_remote: bool,
+    /// Allow admin requests that change state (`POST /drain_listeners`, `POST`/`DELETE
+    /// /debug/node/*`); without it the admin is read-only.
+    #[arg(long)]
+    pub admin_mutations: bool,
+    /// Node mode: the only directory pod bootstraps (`skiff node add-pod --bootstrap`) are
+    /// read from.
+    #[arg(long)]
+    pub pod_bootstrap_dir: Option<PathBuf>,
     /// Time in-flight connections get to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_time: Duration,

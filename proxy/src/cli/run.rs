@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use super::{CaptureKind, Mode, RunArgs};
+use crate::admin::AdminOptions;
 use crate::app::RunOptions;
 use crate::bpf::{BpfError, Capacity, CaptureConfig, CaptureMode};
 use crate::capture::{CaptureExtras, InboundOptions, IptablesConfig};
@@ -52,6 +53,31 @@ pub enum OptionsError {
     /// `skiff control-plane` without a source (clap normally refuses this first).
     #[error("control-plane needs --dir or --from-config-dump")]
     NoControlPlaneSource,
+    /// A flag only the eBPF capture acts on, with a capture that would ignore it.
+    #[error("{flag} needs the eBPF capture; with --capture {capture} it would do nothing")]
+    NeedsEbpf {
+        /// The flag, e.g. `--fast-path`.
+        flag: &'static str,
+        /// The capture in use (`none`, `iptables`, or `auto` when it chose iptables).
+        capture: &'static str,
+    },
+    /// `--capture auto` in node mode can only mean eBPF (iptables serves one namespace).
+    #[error(
+        "--capture auto in node mode needs the eBPF capture, which is unavailable here: {reason}"
+    )]
+    AutoNodeWithoutEbpf {
+        /// Why the probe refused eBPF.
+        reason: String,
+    },
+    /// A node-mode flag in sidecar mode.
+    #[error("{0} is a node-mode flag: use --mode node")]
+    NodeOnly(&'static str),
+    /// The admin address is not loopback and `--admin-allow-remote` was not given.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::policy::AddrError),
+    /// `--pod-bootstrap-dir` is not a directory.
+    #[error("--pod-bootstrap-dir {}: not a directory", .0.display())]
+    PodBootstrapDir(PathBuf),
 }
 
 /// Reads the bootstrap, resolves `--capture auto` by probing this kernel and process, and
@@ -60,19 +86,106 @@ pub fn run_options(a: RunArgs) -> Result<(RunOptions, CaptureExtras), OptionsErr
     let bootstrap = crate::config::load(&a.bootstrap)?;
     crate::config::release_parser_memory();
     let kind = match a.capture {
-        CaptureKind::Auto => match crate::capture::probe::ebpf_supported(a.cgroup.as_deref()) {
-            Ok(()) => {
-                info!("--capture auto: the eBPF capture is supported here; using it");
-                CaptureKind::Ebpf
-            }
-            Err(why) => {
-                warn!(reason = %why, "--capture auto: eBPF capture unavailable; using iptables");
-                CaptureKind::Iptables
-            }
-        },
+        CaptureKind::Auto => {
+            // Node mode attaches at the node's cgroup: probe that one (there is no --cgroup).
+            let cgroup = match a.mode {
+                Mode::Sidecar => a.cgroup.clone(),
+                Mode::Node => a
+                    .cgroup_root
+                    .clone()
+                    .or_else(|| crate::bpf::cgroup2_mount().ok()),
+            };
+            let probed = crate::capture::probe::ebpf_supported(cgroup.as_deref())
+                .map_err(|why| why.to_string());
+            resolve_auto(a.mode, probed)?
+        }
         k => k,
     };
     build(a, bootstrap, kind)
+}
+
+/// What `--capture auto` becomes given the probe's answer: eBPF when supported; otherwise
+/// iptables in sidecar mode, and a refusal in node mode (iptables serves one namespace).
+pub fn resolve_auto(mode: Mode, probed: Result<(), String>) -> Result<CaptureKind, OptionsError> {
+    match (probed, mode) {
+        (Ok(()), _) => {
+            info!("--capture auto: the eBPF capture is supported here; using it");
+            Ok(CaptureKind::Ebpf)
+        }
+        (Err(reason), Mode::Node) => Err(OptionsError::AutoNodeWithoutEbpf { reason }),
+        (Err(reason), Mode::Sidecar) => {
+            warn!(%reason, "--capture auto: eBPF capture unavailable; using iptables");
+            Ok(CaptureKind::Iptables)
+        }
+    }
+}
+
+/// Refuses flags that cannot act with capture `kind` (`--capture auto` already resolved):
+/// the kernel fast path, its socket termination and sockmap exist only in the eBPF capture,
+/// and `--pod-bootstrap-dir` only in node mode.
+pub fn check_flags(a: &RunArgs, kind: CaptureKind) -> Result<(), OptionsError> {
+    let capture = match (kind, a.capture) {
+        (CaptureKind::Ebpf, _) => None,
+        (_, CaptureKind::Auto) => Some("auto (which chose iptables)"),
+        (CaptureKind::Iptables, _) => Some("iptables"),
+        _ => Some("none"),
+    };
+    if let Some(capture) = capture {
+        for (on, flag) in [
+            (a.fast_path, "--fast-path"),
+            (a.terminate_on_removal, "--terminate-on-removal"),
+            (a.sockmap, "--sockmap"),
+        ] {
+            if on {
+                return Err(OptionsError::NeedsEbpf { flag, capture });
+            }
+        }
+    }
+    if a.mode == Mode::Sidecar && a.pod_bootstrap_dir.is_some() {
+        return Err(OptionsError::NodeOnly("--pod-bootstrap-dir"));
+    }
+    if let Some(d) = &a.pod_bootstrap_dir
+        && !d.is_dir()
+    {
+        return Err(OptionsError::PodBootstrapDir(d.clone()));
+    }
+    Ok(())
+}
+
+/// The admin server's settings for `a`, its address resolved with the bootstrap's
+/// (`bootstrap_admin`): `--admin`, else the bootstrap's, else 127.0.0.1:15000, and never a
+/// non-loopback address without `--admin-allow-remote`.
+pub fn admin_options(
+    a: &RunArgs,
+    bootstrap_admin: Option<std::net::SocketAddr>,
+) -> Result<(std::net::SocketAddr, AdminOptions), OptionsError> {
+    let addr = crate::admin::policy::admin_addr(a.admin, bootstrap_admin, a.admin_allow_remote)?;
+    Ok((
+        addr,
+        AdminOptions {
+            allow_mutations: a.admin_mutations,
+            pod_bootstrap_dir: a.pod_bootstrap_dir.clone(),
+            drain_time: a.drain_time,
+            ..AdminOptions::default()
+        },
+    ))
+}
+
+/// Whether `skiff run` needs its capture listener (15001): something captures, or the
+/// configuration serves the capture port (a bootstrap listener on it, or ADS, whose
+/// virtualOutbound may arrive). `--capture none` with neither binds nothing there, so plain
+/// proxies can share a host.
+pub fn needs_capture_listener(opts: &RunOptions, extras: &CaptureExtras) -> bool {
+    let port = opts.outbound_v4.port();
+    opts.capture.is_some()
+        || extras.iptables.is_some()
+        || extras.auto_fallback.is_some()
+        || opts.bootstrap.ads.is_some()
+        || opts
+            .bootstrap
+            .listeners
+            .iter()
+            .any(|l| l.address.port() == port)
 }
 
 /// The run's options for `a`, with `kind` the capture actually used (`--capture auto`
@@ -82,6 +195,8 @@ pub fn build(
     bootstrap: Bootstrap,
     kind: CaptureKind,
 ) -> Result<(RunOptions, CaptureExtras), OptionsError> {
+    check_flags(&a, kind)?;
+    let (admin, admin_options) = admin_options(&a, bootstrap.admin)?;
     let outbound_v4 = SocketAddrV4::new([127, 0, 0, 1].into(), a.outbound_port);
     let outbound_v6 =
         (!a.no_ipv6).then(|| SocketAddrV6::new(Ipv6Addr::LOCALHOST, a.outbound_port, 0, 0));
@@ -150,7 +265,8 @@ pub fn build(
     };
     let upstream_mark = (capture.is_some() || extras.iptables.is_some()).then_some(a.proxy_mark);
     let opts = RunOptions {
-        admin: a.admin.or(bootstrap.admin),
+        admin: Some(admin),
+        admin_options,
         bootstrap,
         capture,
         outbound_v4,

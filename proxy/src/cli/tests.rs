@@ -234,8 +234,16 @@ fn auto_keeps_iptables_as_the_fallback_of_a_sidecar() {
     let fallback = extras.auto_fallback.unwrap();
     assert_eq!(fallback.outbound_port, 15001);
     assert_eq!(fallback.proxy_mark, 0x539);
-    // The probe said no: iptables is the capture, with the inbound chain when asked.
-    let mut with_inbound = args.to_vec();
+    // The probe said no: sockmap cannot act, so it is refused.
+    assert_eq!(
+        build(run_args(&args), bootstrap(), CaptureKind::Iptables)
+            .unwrap_err()
+            .to_string(),
+        "--sockmap needs the eBPF capture; with --capture auto (which chose iptables) it would \
+         do nothing"
+    );
+    // Without it, iptables is the capture, with the inbound chain when asked.
+    let mut with_inbound = args[..4].to_vec();
     with_inbound.push("--capture-inbound");
     let (opts, extras) =
         build(run_args(&with_inbound), bootstrap(), CaptureKind::Iptables).unwrap();
@@ -329,4 +337,111 @@ fn maps_render_one_line_per_entry() {
     );
     let empty = crate::capture::iptables::CleanupReport::default();
     assert_eq!(query::cleanup_text(&empty), "nothing to remove\n");
+}
+
+#[test]
+fn flags_that_cannot_act_in_the_chosen_capture_are_refused() {
+    for (args, kind, msg) in [
+        (
+            &["--capture", "none", "--fast-path"][..],
+            CaptureKind::None,
+            "--fast-path needs the eBPF capture; with --capture none it would do nothing",
+        ),
+        (
+            &[
+                "--capture",
+                "iptables",
+                "--fast-path",
+                "--terminate-on-removal",
+            ],
+            CaptureKind::Iptables,
+            "--fast-path needs the eBPF capture; with --capture iptables it would do nothing",
+        ),
+        (
+            &["--capture", "none", "--sockmap", "--sockmap-ports", "80"],
+            CaptureKind::None,
+            "--sockmap needs the eBPF capture; with --capture none it would do nothing",
+        ),
+        (
+            &["--capture", "none", "--pod-bootstrap-dir", "/tmp"],
+            CaptureKind::None,
+            "--pod-bootstrap-dir is a node-mode flag: use --mode node",
+        ),
+    ] {
+        let e = build(run_args(args), bootstrap(), kind).unwrap_err();
+        assert_eq!(e.to_string(), msg, "{args:?}");
+    }
+}
+
+#[test]
+fn auto_in_node_mode_is_ebpf_or_refused() {
+    use super::run::resolve_auto;
+    assert_eq!(resolve_auto(Mode::Node, Ok(())).unwrap(), CaptureKind::Ebpf);
+    assert_eq!(
+        resolve_auto(Mode::Sidecar, Err("no bpffs".into())).unwrap(),
+        CaptureKind::Iptables
+    );
+    let e = resolve_auto(Mode::Node, Err("no CAP_BPF".into())).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--capture auto in node mode needs the eBPF capture, which is unavailable here: no CAP_BPF"
+    );
+}
+
+#[test]
+fn admin_is_on_loopback_15000_unless_told_and_remote_needs_the_flag() {
+    let none = crate::config::parse("node: { id: n }\n", "<test>").unwrap();
+    let (opts, _) = build(run_args(&["--capture", "none"]), none, CaptureKind::None).unwrap();
+    assert_eq!(opts.admin, Some("127.0.0.1:15000".parse().unwrap()));
+    let (opts, _) = build(
+        run_args(&["--capture", "none"]),
+        bootstrap(),
+        CaptureKind::None,
+    )
+    .unwrap();
+    assert_eq!(opts.admin, Some("127.0.0.1:9901".parse().unwrap()));
+    let remote = ["--capture", "none", "--admin", "0.0.0.0:15000"];
+    let e = build(run_args(&remote), bootstrap(), CaptureKind::None).unwrap_err();
+    assert!(e.to_string().contains("--admin-allow-remote"), "{e}");
+    let mut allowed = remote.to_vec();
+    allowed.push("--admin-allow-remote");
+    let (opts, _) = build(run_args(&allowed), bootstrap(), CaptureKind::None).unwrap();
+    assert_eq!(opts.admin, Some("0.0.0.0:15000".parse().unwrap()));
+    let (_, o) = super::run::admin_options(
+        &run_args(&["--admin-mutations", "--drain-time", "2s"]),
+        None,
+    )
+    .unwrap();
+    assert!(o.allow_mutations && o.pod_bootstrap_dir.is_none());
+    assert_eq!(o.drain_time, Duration::from_secs(2));
+    assert!(
+        !super::run::admin_options(&run_args(&[]), None)
+            .unwrap()
+            .1
+            .allow_mutations
+    );
+}
+
+#[test]
+fn capture_none_without_a_capture_port_listener_binds_no_capture_listener() {
+    use super::run::needs_capture_listener;
+    let plain = crate::config::parse("node: { id: n }\n", "<test>").unwrap();
+    let (opts, extras) = build(run_args(&["--capture", "none"]), plain, CaptureKind::None).unwrap();
+    assert!(!needs_capture_listener(&opts, &extras));
+    let on_port = crate::config::parse(
+        "static_resources:\n  listeners:\n  - name: v\n    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: s\n          cluster: c\n  clusters:\n  - name: c\n    type: STATIC\n    connect_timeout: 1s\n",
+        "<test>",
+    )
+    .unwrap();
+    let (opts, extras) =
+        build(run_args(&["--capture", "none"]), on_port, CaptureKind::None).unwrap();
+    assert!(needs_capture_listener(&opts, &extras));
+    let dir = TempDir::new("needs");
+    let (opts, extras) = build(
+        run_args(&["--cgroup", path(&dir.app())]),
+        bootstrap(),
+        CaptureKind::Ebpf,
+    )
+    .unwrap();
+    assert!(needs_capture_listener(&opts, &extras));
 }

@@ -332,10 +332,21 @@ impl Picker {
                 if self.equal_weights {
                     // Power of `choice_count` choices: the least loaded of a few random hosts.
                     let mut best = fastrand::usize(..n);
-                    for _ in 1..cfg.least_request.choice_count {
-                        let c = fastrand::usize(..n);
-                        if active(c) < active(best) {
-                            best = c;
+                    let choices = usize::try_from(cfg.least_request.choice_count).unwrap_or(n);
+                    if choices >= n {
+                        // As many choices as hosts: a full scan from a random start (Envoy's
+                        // rule too), never `choice_count` draws (up to 2^32 per pick).
+                        for c in (best..n).chain(0..best) {
+                            if active(c) < active(best) {
+                                best = c;
+                            }
+                        }
+                    } else {
+                        for _ in 1..choices {
+                            let c = fastrand::usize(..n);
+                            if active(c) < active(best) {
+                                best = c;
+                            }
                         }
                     }
                     best

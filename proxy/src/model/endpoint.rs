@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as pb;
 
+use super::limits::{self, MAX_ENDPOINTS, MAX_LOCALITIES, MAX_PRIORITY};
 use super::{FieldError, ModelError, socket_addr};
 
 /// Envoy's default `overprovisioning_factor` (percent).
@@ -120,9 +121,20 @@ impl LoadAssignment {
 
     /// Convert, naming `owner` (e.g. `cluster "x": load_assignment`) in errors.
     pub fn from_proto(cla: &pb::ClusterLoadAssignment) -> Result<Self, FieldError> {
+        limits::at_most("endpoints", cla.endpoints.len(), MAX_LOCALITIES)?;
+        let total: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+        limits::at_most("endpoints[*].lb_endpoints", total, MAX_ENDPOINTS)?;
         let mut localities = Vec::with_capacity(cla.endpoints.len());
         for (i, l) in cla.endpoints.iter().enumerate() {
             let at = |e: FieldError| e.within(format!("[{i}]")).within("endpoints");
+            // A priority is an index into the balancer's list of levels: one level is
+            // allocated per priority up to the highest, so the value itself must be bounded.
+            if l.priority > MAX_PRIORITY {
+                return Err(at(FieldError::new(
+                    "priority",
+                    format!("{} is above the maximum of {MAX_PRIORITY}", l.priority),
+                )));
+            }
             let mut endpoints = Vec::with_capacity(l.lb_endpoints.len());
             for (j, e) in l.lb_endpoints.iter().enumerate() {
                 let ep = lb_endpoint(e)
@@ -244,4 +256,69 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
         health: HealthStatus::from_proto(e.health_status)?,
         weight,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(priority: u32, n: usize) -> pb::LocalityLbEndpoints {
+        let ep = |i: usize| pb::LbEndpoint {
+            host_identifier: Some(pb::lb_endpoint::HostIdentifier::Endpoint(pb::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(80)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        pb::LocalityLbEndpoints {
+            priority,
+            lb_endpoints: (0..n).map(ep).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn cla(groups: Vec<pb::LocalityLbEndpoints>) -> pb::ClusterLoadAssignment {
+        pb::ClusterLoadAssignment {
+            cluster_name: "svc".into(),
+            endpoints: groups,
+            ..Default::default()
+        }
+    }
+
+    /// Regression: `priority: 4294967295` made the balancer allocate one level per priority
+    /// up to it and abort. Envoy caps priorities at 128; so does the model.
+    #[test]
+    fn priorities_above_128_are_rejected_naming_the_field() {
+        let e = LoadAssignment::try_from(&cla(vec![group(0, 1), group(u32::MAX, 1)])).unwrap_err();
+        assert_eq!(e.field, "endpoints[1].priority");
+        assert_eq!(
+            e.to_string(),
+            "cluster_load_assignment \"svc\": endpoints[1].priority: 4294967295 is above the \
+             maximum of 128"
+        );
+        assert!(LoadAssignment::try_from(&cla(vec![group(129, 1)])).is_err());
+        let ok = LoadAssignment::try_from(&cla(vec![group(128, 1)])).unwrap();
+        assert_eq!(ok.localities[0].priority, 128);
+    }
+
+    #[test]
+    fn endpoint_and_locality_counts_are_bounded() {
+        let many = (0..limits::MAX_LOCALITIES + 1)
+            .map(|_| group(0, 0))
+            .collect();
+        assert_eq!(
+            LoadAssignment::try_from(&cla(many)).unwrap_err().field,
+            "endpoints"
+        );
+        let per = limits::MAX_ENDPOINTS / 2 + 1;
+        let e = LoadAssignment::try_from(&cla(vec![group(0, per), group(1, per)])).unwrap_err();
+        assert_eq!(e.field, "endpoints[*].lb_endpoints");
+        assert!(e.reason.contains("limit of 100000"), "{}", e.reason);
+    }
 }

@@ -1200,6 +1200,12 @@ impl TryFrom<&pb::Listener> for Listener {
         } else {
             None
         };
+        super::limits::at_most(
+            "filter_chains",
+            l.filter_chains.len(),
+            super::limits::MAX_FILTER_CHAINS,
+        )
+        .map_err(err)?;
         // Honour or refuse (model::compat): the xDS matcher API is not evaluated, so a
         // listener that selects its chains with it is refused rather than served first-chain.
         if l.filter_chain_matcher.is_some() {

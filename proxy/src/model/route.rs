@@ -166,12 +166,16 @@ impl PartialEq for Pattern {
 impl Pattern {
     /// Compile `re` so that it must match the whole input (Envoy's full-match rule).
     pub fn full(re: &str) -> Result<Pattern, regex_lite::Error> {
-        regex_lite::Regex::new(&format!("^(?:{re})$")).map(Pattern)
+        Pattern::search(&format!("^(?:{re})$"))
     }
 
-    /// Compile `re` as given, for searching (rewrites).
+    /// Compile `re` as given, for searching (rewrites); bounded by
+    /// [`super::limits::MAX_REGEX_PROGRAM_BYTES`].
     pub fn search(re: &str) -> Result<Pattern, regex_lite::Error> {
-        regex_lite::Regex::new(re).map(Pattern)
+        regex_lite::RegexBuilder::new(re)
+            .size_limit(super::limits::MAX_REGEX_PROGRAM_BYTES)
+            .build()
+            .map(Pattern)
     }
 }
 
@@ -589,6 +593,12 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
         }
         None => return Err(FieldError::new("path_specifier", "required")),
     };
+    super::limits::at_most("headers", m.headers.len(), super::limits::MAX_MATCHERS)?;
+    super::limits::at_most(
+        "query_parameters",
+        m.query_parameters.len(),
+        super::limits::MAX_MATCHERS,
+    )?;
     let mut headers = Vec::with_capacity(m.headers.len());
     for (i, h) in m.headers.iter().enumerate() {
         headers.push(header_match(h).map_err(|e| e.within(format!("headers[{i}]")))?);
@@ -1194,6 +1204,10 @@ impl TryFrom<&pb::RouteConfiguration> for RouteConfig {
 impl RouteConfig {
     /// Convert without requiring a name (an HCM's inline `route_config` may have none).
     pub fn from_proto(rc: &pb::RouteConfiguration) -> Result<Self, FieldError> {
+        use super::limits::{MAX_ROUTES, MAX_VIRTUAL_HOSTS, at_most};
+        at_most("virtual_hosts", rc.virtual_hosts.len(), MAX_VIRTUAL_HOSTS)?;
+        let routes = rc.virtual_hosts.iter().map(|v| v.routes.len()).sum();
+        at_most("virtual_hosts[*].routes", routes, MAX_ROUTES)?;
         let mut names = BTreeSet::new();
         let mut domains = BTreeSet::new();
         let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
