@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::admin::{self, Admin, CaptureControl};
+use crate::admin::{self, Admin, CaptureControl, ControlError};
 use crate::bpf::{Capture, CaptureConfig, NODE_SCOPE, Owner};
 use crate::capture::CaptureExtras;
 use crate::config::Bootstrap;
@@ -55,21 +55,21 @@ struct CaptureHandle {
 }
 
 impl CaptureControl for CaptureHandle {
-    fn add_cgroup(&self, path: &Path) -> Result<u64, String> {
+    fn add_cgroup(&self, path: &Path) -> Result<u64, ControlError> {
         self.capture
             .add_meshed_cgroup(path)
-            .map_err(|e| e.to_string())
+            .map_err(ControlError::failed)
     }
-    fn remove_cgroup(&self, path: &Path) -> Result<(), String> {
+    fn remove_cgroup(&self, path: &Path) -> Result<(), ControlError> {
         self.capture
             .remove_meshed_cgroup(path)
-            .map_err(|e| e.to_string())
+            .map_err(ControlError::failed)
     }
-    fn cgroups(&self) -> Result<Vec<u64>, String> {
-        self.capture.meshed_cgroups().map_err(|e| e.to_string())
+    fn cgroups(&self) -> Result<Vec<u64>, ControlError> {
+        self.capture.meshed_cgroups().map_err(ControlError::failed)
     }
-    fn set_ready(&self, ready: bool) -> Result<(), String> {
-        self.capture.set_ready(ready).map_err(|e| e.to_string())
+    fn set_ready(&self, ready: bool) -> Result<(), ControlError> {
+        self.capture.set_ready(ready).map_err(ControlError::failed)
     }
     fn stats(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
@@ -99,18 +99,25 @@ impl CaptureControl for CaptureHandle {
         }
         out
     }
-    fn add_pod(&self, spec: crate::capture::pods::PodSpec) -> Result<serde_json::Value, String> {
+    fn add_pod(
+        &self,
+        spec: crate::capture::pods::PodSpec,
+    ) -> Result<serde_json::Value, ControlError> {
         match &self.pods {
-            Some(pods) => pods.add(&self.capture, spec).map_err(|e| e.to_string()),
-            None => Err("pods exist only in node mode (--mode node)".into()),
+            Some(pods) => pods.add(&self.capture, spec).map_err(ControlError::failed),
+            None => Err(ControlError::Unsupported(
+                "pods exist only in node mode (--mode node)",
+            )),
         }
     }
-    fn remove_pod(&self, cgroup: &Path) -> Result<(), String> {
+    fn remove_pod(&self, cgroup: &Path) -> Result<(), ControlError> {
         match &self.pods {
             Some(pods) => pods
                 .remove(&self.capture, cgroup)
-                .map_err(|e| e.to_string()),
-            None => Err("pods exist only in node mode (--mode node)".into()),
+                .map_err(ControlError::failed),
+            None => Err(ControlError::Unsupported(
+                "pods exist only in node mode (--mode node)",
+            )),
         }
     }
     fn pods(&self) -> serde_json::Value {
@@ -136,20 +143,24 @@ impl CaptureControl for CaptureHandle {
 /// The iptables fallback as the admin API sees it: no cgroups, the REDIRECT counters as
 /// `skiff.iptables.*`, and readiness = rules installed (drain removes them: fail-open).
 impl CaptureControl for crate::capture::IptablesGate {
-    fn add_cgroup(&self, _path: &Path) -> Result<u64, String> {
-        Err("the iptables capture has no cgroups (node mode needs --capture ebpf)".into())
+    fn add_cgroup(&self, _path: &Path) -> Result<u64, ControlError> {
+        Err(ControlError::Unsupported(
+            "the iptables capture has no cgroups (node mode needs --capture ebpf)",
+        ))
     }
-    fn remove_cgroup(&self, _path: &Path) -> Result<(), String> {
-        Err("the iptables capture has no cgroups (node mode needs --capture ebpf)".into())
+    fn remove_cgroup(&self, _path: &Path) -> Result<(), ControlError> {
+        Err(ControlError::Unsupported(
+            "the iptables capture has no cgroups (node mode needs --capture ebpf)",
+        ))
     }
-    fn cgroups(&self) -> Result<Vec<u64>, String> {
+    fn cgroups(&self) -> Result<Vec<u64>, ControlError> {
         Ok(Vec::new())
     }
     fn stats(&self) -> Vec<(String, u64)> {
         self.counters()
     }
-    fn set_ready(&self, ready: bool) -> Result<(), String> {
-        if ready { self.open() } else { self.close() }.map_err(|e| e.to_string())
+    fn set_ready(&self, ready: bool) -> Result<(), ControlError> {
+        if ready { self.open() } else { self.close() }.map_err(ControlError::failed)
     }
     fn stats_prefix(&self) -> &'static str {
         "skiff"

@@ -32,18 +32,36 @@ use tracing::{debug, warn};
 use crate::state::Store;
 use crate::stats::Stats;
 
+/// Why a [`CaptureControl`] call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The capture in use cannot do this (cgroups with iptables, pods outside node mode).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The kernel, the iptables rules or the pod registry refused.
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ControlError {
+    /// A failure of the capture itself.
+    pub fn failed(e: impl std::error::Error + Send + Sync + 'static) -> ControlError {
+        ControlError::Failed(Box::new(e))
+    }
+}
+
 /// Run-time control of the kernel capture, as the admin API sees it.
 pub trait CaptureControl: Send + Sync {
     /// Start capturing a cgroup (node mode); returns its id.
-    fn add_cgroup(&self, path: &Path) -> Result<u64, String>;
+    fn add_cgroup(&self, path: &Path) -> Result<u64, ControlError>;
     /// Stop capturing a cgroup (node mode).
-    fn remove_cgroup(&self, path: &Path) -> Result<(), String>;
+    fn remove_cgroup(&self, path: &Path) -> Result<(), ControlError>;
     /// Ids of the captured cgroups (node mode).
-    fn cgroups(&self) -> Result<Vec<u64>, String>;
+    fn cgroups(&self) -> Result<Vec<u64>, ControlError>;
     /// Kernel-side counters by reason.
     fn stats(&self) -> Vec<(String, u64)>;
     /// Open or close the kernel's readiness gate (closed: connects fail open or closed).
-    fn set_ready(&self, ready: bool) -> Result<(), String>;
+    fn set_ready(&self, ready: bool) -> Result<(), ControlError>;
     /// `/debug/explain?dst=`: where a captured connect to `dst` goes and why.
     fn explain(
         &self,
@@ -57,12 +75,19 @@ pub trait CaptureControl: Send + Sync {
         serde_json::json!({ "fast_path": false })
     }
     /// Node mode: register a pod (cgroup, network namespace, node id, own bootstrap).
-    fn add_pod(&self, _spec: crate::capture::pods::PodSpec) -> Result<serde_json::Value, String> {
-        Err("pods exist only in node mode (--mode node)".into())
+    fn add_pod(
+        &self,
+        _spec: crate::capture::pods::PodSpec,
+    ) -> Result<serde_json::Value, ControlError> {
+        Err(ControlError::Unsupported(
+            "pods exist only in node mode (--mode node)",
+        ))
     }
     /// Node mode: unregister the pod of a cgroup.
-    fn remove_pod(&self, _cgroup: &Path) -> Result<(), String> {
-        Err("pods exist only in node mode (--mode node)".into())
+    fn remove_pod(&self, _cgroup: &Path) -> Result<(), ControlError> {
+        Err(ControlError::Unsupported(
+            "pods exist only in node mode (--mode node)",
+        ))
     }
     /// Node mode: the registered pods.
     fn pods(&self) -> serde_json::Value {
@@ -397,11 +422,11 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
                 (Method::GET, _, _) => json(&capture.pods()),
                 (Method::POST, _, Some(spec)) => match capture.add_pod(spec) {
                     Ok(v) => json(&v),
-                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
                 (Method::DELETE, Some(cgroup), _) => match capture.remove_pod(&cgroup) {
                     Ok(()) => json(&serde_json::json!({ "cgroup": cgroup, "removed": true })),
-                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
                 _ => text(
                     StatusCode::BAD_REQUEST,
@@ -417,15 +442,15 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             match (m, path) {
                 (Method::GET, _) => match capture.cgroups() {
                     Ok(ids) => json(&serde_json::json!({ "cgroups": ids })),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n"),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
                 },
                 (Method::POST, Some(p)) => match capture.add_cgroup(p) {
                     Ok(id) => json(&serde_json::json!({ "path": p, "cgroup_id": id })),
-                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
                 (Method::DELETE, Some(p)) => match capture.remove_cgroup(p) {
                     Ok(()) => json(&serde_json::json!({ "path": p, "removed": true })),
-                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
                 _ => text(
                     StatusCode::BAD_REQUEST,
@@ -487,7 +512,7 @@ fn drain_listeners(server: &Server, q: &BTreeMap<String, String>) -> Response<Fu
         if let Some(c) = &admin.capture
             && let Err(e) = c.set_ready(false)
         {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, e + "\n");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
         }
     }
     if !req.graceful {
