@@ -36,6 +36,7 @@ use std::{
 
 mod envoy;
 pub mod fastpath;
+pub mod pods;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{
