@@ -10,6 +10,8 @@ pub mod endpoint;
 pub mod fault;
 pub mod listener;
 pub mod route;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod upstream_http;
 
 use std::fmt;
