@@ -1056,6 +1056,54 @@ pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
     addr
 }
 
+/// A loopback TCP backend that writes `<name>` to each connection and closes it.
+pub async fn named_backend(name: &'static str) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = l.local_addr().expect("backend address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// What a connection to 127.0.0.1:`port` reads until EOF (2 s at most); `None` when refused,
+/// timed out or empty.
+pub async fn tcp_ask(port: u16) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    (!out.is_empty()).then_some(out)
+}
+
+/// Retries [`tcp_ask`] on `port` for up to 15 s until it answers `want` (configuration
+/// propagates asynchronously); panics with the last answer otherwise.
+pub async fn eventually_answers(port: u16, want: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = tcp_ask(port).await;
+        if last.as_deref() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port}: wanted {want:?}, last answer {last:?}");
+}
+
 /// Resources of the `tests/fixtures/xds` dumps that skiff refuses under the honour-or-refuse
 /// rule (docs/COMPATIBILITY.md): (file, resource name, what the refusal must name). Istio's ambient/waypoint plumbing (internal
 /// listeners, CONNECT tunnels, `internal_upstream`), mTLS (issue 15), CUSTOM authorization and
