@@ -2,9 +2,12 @@
 //! "node" netns serving pods registered with `skiff node add-pod`, each pod with its own
 //! bootstrap sending the VIP [`VIP`] to one of two backends, [`A`] and [`B`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::{Child, Netns, passthrough_bootstrap, skiff_node, skiff_run, spawn_testpeer};
+use crate::{
+    Cgroup, Child, Netns, TempYaml, passthrough_bootstrap, require_root, skiff_node, skiff_run,
+    spawn_testpeer, wait_admin_ready,
+};
 
 /// The VIP every pod's configuration routes.
 pub const VIP: &str = "10.96.0.1:80";
@@ -130,4 +133,57 @@ pub fn add_pod(
         args.extend(["--bootstrap", b.to_str().unwrap()]);
     }
     skiff_node(node_ns, &args)
+}
+
+/// Two pods under one node skiff, none registered yet: pod 1 (cgroup `pods[0]`, netns `ns[0]`)
+/// with bootstrap `boots[0]` sending [`VIP`] to cluster `svc-a` at [`A`], pod 2 likewise to
+/// `svc-b` at [`B`]. Both backends run in each pod's netns (`backends[pod][0]` is A), so the
+/// backend a connect reaches shows whose configuration served it. Fields drop in the order that
+/// cleans up: skiff first, the netns last.
+pub struct TwoPods {
+    /// The node skiff (`skiff run --mode node`), admin ready.
+    pub proxy: Child,
+    /// The pods' bootstraps, for `add-pod --bootstrap`.
+    pub boots: [TempYaml; 2],
+    /// The node skiff's bootstrap ([`node_bootstrap`]).
+    pub node_boot: TempYaml,
+    /// Backends A and B in each pod's netns.
+    pub backends: [[Child; 2]; 2],
+    /// The pods' cgroups (children of `cg`).
+    pub pods: [PathBuf; 2],
+    /// The node root cgroup.
+    pub cg: Cgroup,
+    /// The pods' netns.
+    pub ns: [Netns; 2],
+    /// The node skiff's netns.
+    pub node_ns: Netns,
+}
+
+impl TwoPods {
+    /// Creates netns `<name>-node`, `<name>-p1`, `<name>-p2`, cgroup `<name>` with `pod1` and
+    /// `pod2`, the backends and bootstraps, and starts the node skiff with `skiff_args` on
+    /// `<name>` (panics unless root).
+    pub fn start(name: &str, skiff_args: &[&str]) -> TwoPods {
+        let env = require_root();
+        let node_ns = Netns::new(&format!("{name}-node"));
+        let ns = [1, 2].map(|i| Netns::new(&format!("{name}-p{i}")));
+        let mut cg = Cgroup::new(&env, name);
+        let pods = [cg.child("pod1"), cg.child("pod2")];
+        let backends = [backends_in(&ns[0]), backends_in(&ns[1])];
+        let node_boot = TempYaml::new(&format!("{name}-node"), &node_bootstrap());
+        let boots = [("1", "svc-a", A), ("2", "svc-b", B)]
+            .map(|(i, svc, at)| TempYaml::new(&format!("{name}-{i}"), &pod_bootstrap(svc, at)));
+        let proxy = node_skiff(&node_ns, &node_boot, cg.path(), skiff_args);
+        wait_admin_ready(&node_ns);
+        TwoPods {
+            proxy,
+            boots,
+            node_boot,
+            backends,
+            pods,
+            cg,
+            ns,
+            node_ns,
+        }
+    }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::scope_services;
 use skiff_tests::pods::{
-    A, ADS_CLUSTERS, ADS_LISTENERS, B, VIP, add_pod, backends_in, node_bootstrap, node_skiff,
-    pod_bootstrap, vip_client as client,
+    A, ADS_CLUSTERS, ADS_LISTENERS, B, TwoPods, VIP, add_pod, backends_in, node_bootstrap,
+    node_skiff, vip_client as client,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in, field,
@@ -67,22 +67,18 @@ fn reaches(ns: &Netns, pod: &Path, backends: &mut [Child; 2], mine: usize) {
 #[test]
 fn each_pod_reaches_only_its_own_endpoints_in_the_kernel() {
     let _g = serial();
-    let env = require_root();
-    let node_ns = Netns::new("fp-pods-node");
-    let ns1 = Netns::new("fp-pods-p1");
-    let ns2 = Netns::new("fp-pods-p2");
-    let mut cg = Cgroup::new(&env, "fp-pods");
-    let pod1 = cg.child("pod1");
-    let pod2 = cg.child("pod2");
     // Both endpoints exist in each pod's netns: the one a connect reaches shows whose
     // configuration the kernel used.
-    let mut b1 = backends_in(&ns1);
-    let mut b2 = backends_in(&ns2);
-    let node_boot = TempYaml::new("fp-pods-node", &node_bootstrap());
-    let boot1 = TempYaml::new("fp-pods-1", &pod_bootstrap("svc-a", A));
-    let boot2 = TempYaml::new("fp-pods-2", &pod_bootstrap("svc-b", B));
-    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &["--fast-path"]);
-    wait_admin_ready(&node_ns);
+    let TwoPods {
+        node_ns,
+        ns: [ns1, ns2],
+        cg,
+        pods: [pod1, pod2],
+        backends: [mut b1, mut b2],
+        node_boot: _node_boot,
+        boots: [boot1, boot2],
+        proxy,
+    } = TwoPods::start("fp-pods", &["--fast-path"]);
 
     let p1 = add_pod(
         &node_ns,

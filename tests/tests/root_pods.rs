@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use skiff_tests::pods::{
-    A, ADS_CLUSTERS, ADS_LISTENERS, B, add_pod, backends_in, node_bootstrap, node_skiff,
-    pod_bootstrap, vip_client as client,
+    A, ADS_CLUSTERS, ADS_LISTENERS, TwoPods, add_pod, backends_in, node_bootstrap, node_skiff,
+    vip_client as client,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in,
@@ -23,24 +23,19 @@ use skiff_tests::{
 #[test]
 fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     let _g = serial();
-    let env = require_root();
-    let node_ns = Netns::new("pods-node");
-    let ns1 = Netns::new("pods-p1");
-    let ns2 = Netns::new("pods-p2");
-    let mut cg = Cgroup::new(&env, "pods");
-    let pod1 = cg.child("pod1");
-    let pod2 = cg.child("pod2");
-    let node_proxy = cg.child_path("skiff-proxy");
     // Both backends in each pod's netns: skiff connects from inside the pod, so the backend a
     // connection reaches shows which config served it.
-    let mut b1 = backends_in(&ns1);
-    let mut b2 = backends_in(&ns2);
-    let node_boot = TempYaml::new("pods-node", &node_bootstrap());
-    let boot1 = TempYaml::new("pods-1", &pod_bootstrap("svc-a", A));
-    let boot2 = TempYaml::new("pods-2", &pod_bootstrap("svc-b", B));
-
-    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &[]);
-    wait_admin_ready(&node_ns);
+    let TwoPods {
+        node_ns,
+        ns: [ns1, ns2],
+        mut cg,
+        pods: [pod1, pod2],
+        backends: [mut b1, mut b2],
+        node_boot: _node_boot,
+        boots: [boot1, boot2],
+        proxy,
+    } = TwoPods::start("pods", &[]);
+    let node_proxy = cg.child_path("skiff-proxy");
 
     // Not registered: not captured (the VIP has no route in the pod's netns).
     let out = client(&ns1, &pod1);
