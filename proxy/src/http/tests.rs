@@ -8,8 +8,9 @@ use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
 use super::{redirect_location, regex_rewrite, rewrite_path};
 use crate::model::route::{
     HeaderMatch, HeaderMatchKind, HeaderOps, PathMatch, PathRedirect, Pattern, QueryMatch,
-    Redirect, Route, RouteAction, RouteMatch,
+    Redirect, Route,
 };
+use crate::model::test_util::direct_route as route;
 use crate::model::{RouteConfig, VirtualHost};
 
 fn vh(name: &str, domains: &[&str]) -> VirtualHost {
@@ -109,28 +110,6 @@ fn star_catches_ports_and_unknown_hosts_but_not_empty() {
     let c = rc(vec![vh("exact", &["a.com"]), vh("star", &["*"])]);
     assert_eq!(pick(&c, "a.com:80"), Some("star"));
     assert_eq!(pick(&c, ""), None);
-}
-
-fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderMatch>) -> Route {
-    Route {
-        name: name.into(),
-        matcher: RouteMatch {
-            path,
-            case_sensitive,
-            headers,
-            query_parameters: vec![],
-            runtime_fraction: None,
-            grpc: false,
-            requires_tls: false,
-        },
-        action: RouteAction::Direct {
-            status: 200,
-            body: None,
-        },
-        headers: HeaderOps::default(),
-        per_filter: Default::default(),
-        faults: vec![],
-    }
 }
 
 fn with_routes(routes: Vec<Route>) -> VirtualHost {

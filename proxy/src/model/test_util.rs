@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::endpoint::Locality;
 use super::listener::TcpProxy;
+use super::route::{HeaderMatch, HeaderOps, PathMatch, Route, RouteAction, RouteMatch};
 use super::{
     Cidr, Cluster, ClusterKind, ClusterSpecifier, FilterChain, FilterChainMatch, HealthStatus,
     LbEndpoint, LbPolicy, Listener, LoadAssignment, LocalityEndpoints, NetworkAction,
@@ -100,5 +101,33 @@ pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster 
         has_transport_socket: false,
         lb: Default::default(),
         upstream_http: Default::default(),
+    }
+}
+
+/// Route `name` matching `path` (and `headers`) that answers 200 itself (`direct_response`).
+pub(crate) fn direct_route(
+    name: &str,
+    path: PathMatch,
+    case_sensitive: bool,
+    headers: Vec<HeaderMatch>,
+) -> Route {
+    Route {
+        name: name.into(),
+        matcher: RouteMatch {
+            path,
+            case_sensitive,
+            headers,
+            query_parameters: vec![],
+            runtime_fraction: None,
+            grpc: false,
+            requires_tls: false,
+        },
+        action: RouteAction::Direct {
+            status: 200,
+            body: None,
+        },
+        headers: HeaderOps::default(),
+        per_filter: Default::default(),
+        faults: vec![],
     }
 }
