@@ -1037,20 +1037,31 @@ impl ControlPlane {
 /// closing only after the client's EOF (so a proxied half-close is proven to reach it).
 pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp_backend(move |mut s| async move {
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).await.is_ok() {
+            let _ = s.write_all(format!("{name}:").as_bytes()).await;
+            let _ = s.write_all(&buf).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// A loopback TCP backend on a free port running `serve` on each connection in a task of its
+/// own; returns its address.
+async fn tcp_backend<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
     let addr = l.local_addr().expect("backend address");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
-                }
-            });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
@@ -1059,19 +1070,11 @@ pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
 /// A loopback TCP backend that writes `<name>` to each connection and closes it.
 pub async fn named_backend(name: &'static str) -> std::net::SocketAddr {
     use tokio::io::AsyncWriteExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
-    let addr = l.local_addr().expect("backend address");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
+    tcp_backend(move |mut s| async move {
+        let _ = s.write_all(name.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
 }
 
 /// What a connection to 127.0.0.1:`port` reads until EOF (2 s at most); `None` when refused,

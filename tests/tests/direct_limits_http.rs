@@ -146,6 +146,16 @@ async fn sent(port: u16, bytes: &[u8]) -> TcpStream {
     s
 }
 
+/// The first bytes the server answers on `s` (within `WAIT`), lowercased.
+async fn first_read(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+}
+
 /// Waits until the server closes `s`: how long that took (`None`: still open after `WAIT`).
 async fn closed_after(s: &mut TcpStream) -> Option<Duration> {
     let t = Instant::now();
@@ -288,12 +298,7 @@ async fn connection_manager_timeouts_limits_and_breakers() {
         format!("GET /a HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes(),
     )
     .await;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let head = first_read(&mut s).await;
     assert!(head.starts_with("http/1.1 431"), "{head}");
 
     // request_timeout 300 ms: a body that stops arriving gets 408 `request timeout`.
@@ -303,12 +308,7 @@ async fn connection_manager_timeouts_limits_and_breakers() {
     )
     .await;
     let t = Instant::now();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let head = first_read(&mut s).await;
     assert!(head.starts_with("http/1.1 408"), "{head}");
     assert!(head.contains("request timeout"), "{head}");
     assert!(
