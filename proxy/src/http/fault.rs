@@ -322,8 +322,8 @@ mod tests {
 mod active_tests {
     use super::*;
     use crate::model::fault::Delay;
-    use crate::model::route::{HeaderOps, PathMatch};
-    use crate::model::test_util::direct_route;
+    use crate::model::route::PathMatch;
+    use crate::model::test_util::{direct_route, virtual_host};
     use hyper::{HeaderMap, Method};
 
     #[tokio::test]
@@ -348,19 +348,7 @@ mod active_tests {
             config: Arc::new(fault),
         }];
         let route = direct_route("r", PathMatch::Prefix("/".into()), true, vec![]);
-        let vh = VirtualHost {
-            name: "v".into(),
-            domains: vec!["*".into()],
-            routes: vec![],
-            clusters: Default::default(),
-            headers: HeaderOps::default(),
-            retry_policy: None,
-            include_request_attempt_count: false,
-            include_attempt_count_in_response: false,
-            virtual_clusters: vec![],
-            per_filter: Default::default(),
-            faults: vec![],
-        };
+        let vh = virtual_host("v", &["*"]);
         let stats = Arc::new(Stats::default());
         let (h, m) = (HeaderMap::new(), Method::GET);
         let facts = RequestFacts {

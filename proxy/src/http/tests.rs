@@ -1,7 +1,5 @@
 //! Virtual host and route selection against Envoy's documented semantics.
 
-use std::collections::BTreeSet;
-
 use hyper::{HeaderMap, Method};
 
 use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
@@ -10,24 +8,8 @@ use crate::model::route::{
     HeaderMatch, HeaderMatchKind, HeaderOps, PathMatch, PathRedirect, Pattern, QueryMatch,
     Redirect, Route,
 };
-use crate::model::test_util::direct_route as route;
+use crate::model::test_util::{direct_route as route, virtual_host as vh};
 use crate::model::{RouteConfig, VirtualHost};
-
-fn vh(name: &str, domains: &[&str]) -> VirtualHost {
-    VirtualHost {
-        name: name.into(),
-        domains: domains.iter().map(|d| d.to_string()).collect(),
-        routes: vec![],
-        clusters: BTreeSet::new(),
-        headers: HeaderOps::default(),
-        retry_policy: None,
-        include_request_attempt_count: false,
-        include_attempt_count_in_response: false,
-        virtual_clusters: vec![],
-        per_filter: Default::default(),
-        faults: vec![],
-    }
-}
 
 fn rc(hosts: Vec<VirtualHost>) -> RouteConfig {
     RouteConfig {

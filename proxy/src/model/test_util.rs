@@ -8,7 +8,7 @@ use super::listener::TcpProxy;
 use super::route::{HeaderMatch, HeaderOps, PathMatch, Route, RouteAction, RouteMatch};
 use super::{
     Cidr, Cluster, ClusterKind, ClusterSpecifier, FilterChain, FilterChainMatch, HealthStatus,
-    LbEndpoint, LbPolicy, Listener, LoadAssignment, LocalityEndpoints, NetworkAction,
+    LbEndpoint, LbPolicy, Listener, LoadAssignment, LocalityEndpoints, NetworkAction, VirtualHost,
 };
 
 /// A chain `name` matching `matcher` whose tcp_proxy goes to `cluster` (also its stat prefix).
@@ -127,6 +127,23 @@ pub(crate) fn direct_route(
             body: None,
         },
         headers: HeaderOps::default(),
+        per_filter: Default::default(),
+        faults: vec![],
+    }
+}
+
+/// Virtual host `name` for `domains`, without routes or settings of its own.
+pub(crate) fn virtual_host(name: &str, domains: &[&str]) -> VirtualHost {
+    VirtualHost {
+        name: name.into(),
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        routes: vec![],
+        clusters: Default::default(),
+        headers: HeaderOps::default(),
+        retry_policy: None,
+        include_request_attempt_count: false,
+        include_attempt_count_in_response: false,
+        virtual_clusters: vec![],
         per_filter: Default::default(),
         faults: vec![],
     }
