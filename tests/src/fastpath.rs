@@ -197,21 +197,25 @@ pub const EDS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
 
 /// The endpoints file of cluster `svc` at `version` with `endpoints` (`ip:port`).
 pub fn endpoints_file(version: u32, endpoints: &[&str]) -> String {
-    let lb: Vec<String> = endpoints
-        .iter()
-        .map(|e| {
-            let (ip, port) = e.split_once(':').expect("ip:port");
-            format!(
-                r#"{{"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
-            )
-        })
-        .collect();
+    svc_endpoints_file(version, endpoints.iter().map(|e| lb_endpoint(e, "")))
+}
+
+/// One `lb_endpoints` item for `ip:port`, after `fields` (more JSON fields, each ending in `, `).
+fn lb_endpoint(endpoint: &str, fields: &str) -> String {
+    let (ip, port) = endpoint.split_once(':').expect("ip:port");
+    format!(
+        r#"{{{fields}"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
+    )
+}
+
+/// The ClusterLoadAssignment file of cluster `svc` at `version` with the `lb_endpoints` items.
+fn svc_endpoints_file(version: u32, lb: impl Iterator<Item = String>) -> String {
     format!(
         r#"{{"version_info": "{version}", "resources": [{{
   "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
   "cluster_name": "svc",
   "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
-        lb.join(", ")
+        lb.collect::<Vec<_>>().join(", ")
     )
 }
 
@@ -284,22 +288,12 @@ pub fn wait_kernel_endpoints(ns: &Netns, want: &[&str]) {
 /// The endpoints file of cluster `svc` at `version`: each `(ip:port, healthy)` with its EDS
 /// `health_status` (HEALTHY or UNHEALTHY).
 pub fn endpoints_file_with_health(version: u32, endpoints: &[(&str, bool)]) -> String {
-    let lb: Vec<String> = endpoints
-        .iter()
-        .map(|(e, healthy)| {
-            let (ip, port) = e.split_once(':').expect("ip:port");
+    svc_endpoints_file(
+        version,
+        endpoints.iter().map(|(e, healthy)| {
             let status = if *healthy { "HEALTHY" } else { "UNHEALTHY" };
-            format!(
-                r#"{{"health_status": "{status}", "endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
-            )
-        })
-        .collect();
-    format!(
-        r#"{{"version_info": "{version}", "resources": [{{
-  "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-  "cluster_name": "svc",
-  "endpoints": [{{"lb_endpoints": [{}]}}]}}]}}"#,
-        lb.join(", ")
+            lb_endpoint(e, &format!(r#""health_status": "{status}", "#))
+        }),
     )
 }
 

@@ -36,6 +36,7 @@ use std::{
 
 mod envoy;
 pub mod fastpath;
+pub mod pods;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{
@@ -1040,23 +1041,74 @@ impl ControlPlane {
 /// closing only after the client's EOF (so a proxied half-close is proven to reach it).
 pub async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp_backend(move |mut s| async move {
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).await.is_ok() {
+            let _ = s.write_all(format!("{name}:").as_bytes()).await;
+            let _ = s.write_all(&buf).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// A loopback TCP backend on a free port running `serve` on each connection in a task of its
+/// own; returns its address.
+async fn tcp_backend<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
     let addr = l.local_addr().expect("backend address");
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
-                }
-            });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
+}
+
+/// A loopback TCP backend that writes `<name>` to each connection and closes it.
+pub async fn named_backend(name: &'static str) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    tcp_backend(move |mut s| async move {
+        let _ = s.write_all(name.as_bytes()).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// What a connection to 127.0.0.1:`port` reads until EOF (2 s at most); `None` when refused,
+/// timed out or empty.
+pub async fn tcp_ask(port: u16) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    (!out.is_empty()).then_some(out)
+}
+
+/// Retries [`tcp_ask`] on `port` for up to 15 s until it answers `want` (configuration
+/// propagates asynchronously); panics with the last answer otherwise.
+pub async fn eventually_answers(port: u16, want: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = tcp_ask(port).await;
+        if last.as_deref() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port}: wanted {want:?}, last answer {last:?}");
 }
 
 /// Resources of the `tests/fixtures/xds` dumps that skiff refuses under the honour-or-refuse

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skiff::controlplane::Source;
-use skiff_tests::{ControlPlane, InProcessSkiff, free_addr, free_port, loopback_stat, run_options};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use skiff_tests::{
+    ControlPlane, InProcessSkiff, eventually_answers as eventually, free_addr, free_port,
+    loopback_stat, named_backend as backend, run_options, tcp_ask as ask,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -37,31 +38,6 @@ impl Logs {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
-}
-
-/// A backend answering `<name>` to every connection.
-async fn backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    a
-}
-
-async fn ask(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    (!out.is_empty()).then_some(out)
 }
 
 /// Version `version` of the configuration: listener `front` with `extra` network filters
@@ -135,11 +111,7 @@ async fn unsupported_filter_is_nacked_by_name_and_last_good_keeps_serving() {
     ));
 
     // The observational filter is accepted, not run, and counted.
-    let deadline = Instant::now() + WAIT;
-    while ask(listen).await.as_deref() != Some("A") {
-        assert!(Instant::now() < deadline, "listener 1 never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(listen, Some("A")).await;
     assert_eq!(
         loopback_stat(admin, "skiff.unsupported.istio.stats").await,
         1

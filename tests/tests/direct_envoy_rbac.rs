@@ -221,13 +221,9 @@ fn connect(source: IpAddr, port: u16) -> Option<TcpStream> {
     Some(sock.into())
 }
 
-/// Envoy's answer: `Some((status, body))`, or `None` when it closed the connection.
-fn send(port: u16, p: &Value) -> Option<(u16, String)> {
-    let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
-    let mut stream = connect(source, port).expect("envoy listener accepts");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+/// The HTTP/1.1 request line and headers of case `p` (method, path, authority, headers, xff),
+/// without the blank line that ends the head.
+fn request_head(p: &Value) -> String {
     let mut req = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\n",
         s(p, "method", "GET"),
@@ -240,6 +236,17 @@ fn send(port: u16, p: &Value) -> Option<(u16, String)> {
     if let Some(x) = p.get("xff").and_then(Value::as_str) {
         req.push_str(&format!("x-forwarded-for: {x}\r\n"));
     }
+    req
+}
+
+/// Envoy's answer: `Some((status, body))`, or `None` when it closed the connection.
+fn send(port: u16, p: &Value) -> Option<(u16, String)> {
+    let source: IpAddr = s(p, "source", "127.0.0.1").parse().unwrap();
+    let mut stream = connect(source, port).expect("envoy listener accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut req = request_head(p);
     req.push_str("connection: close\r\n\r\n");
     // A denied connection may be closed before or while the request is written.
     if stream.write_all(req.as_bytes()).is_err() {
@@ -463,18 +470,7 @@ fn http_probe(port: u16, p: &Value) -> Option<(u16, String)> {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut req = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\n",
-        s(p, "method", "GET"),
-        s(p, "path", "/"),
-        s(p, "authority", "httpbin")
-    );
-    for (k, v) in headers_of(p) {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(x) = p.get("xff").and_then(Value::as_str) {
-        req.push_str(&format!("x-forwarded-for: {x}\r\n"));
-    }
+    let mut req = request_head(p);
     req.push_str("\r\n");
     stream.write_all(req.as_bytes()).ok()?;
     let mut buf = Vec::new();

@@ -139,6 +139,23 @@ async fn send(
     )
 }
 
+/// A raw connection to 127.0.0.1:`port` that has written `bytes`.
+async fn sent(port: u16, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s
+}
+
+/// The first bytes the server answers on `s` (within `WAIT`), lowercased.
+async fn first_read(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+}
+
 /// Waits until the server closes `s`: how long that took (`None`: still open after `WAIT`).
 async fn closed_after(s: &mut TcpStream) -> Option<Duration> {
     let t = Instant::now();
@@ -233,10 +250,11 @@ async fn connection_manager_timeouts_limits_and_breakers() {
 
     // max_requests_per_connection 2: the second response says `connection: close` and the
     // connection ends.
-    let mut s = TcpStream::connect(("127.0.0.1", timers)).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = sent(
+        timers,
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\n",
+    )
+    .await;
     let mut all = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut all)).await;
     let text = String::from_utf8_lossy(&all).to_ascii_lowercase();
@@ -249,10 +267,7 @@ async fn connection_manager_timeouts_limits_and_breakers() {
 
     // common_http_protocol_options.idle_timeout 300 ms: a kept-alive connection without
     // requests is closed.
-    let mut s = TcpStream::connect(("127.0.0.1", timers)).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = sent(timers, b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n").await;
     let took = closed_after(&mut s)
         .await
         .expect("an idle connection must be closed");
@@ -260,10 +275,7 @@ async fn connection_manager_timeouts_limits_and_breakers() {
     assert!(stat(admin, "http.timers.downstream_cx_idle_timeout").await >= 1);
 
     // request_headers_timeout 300 ms: a head that never completes ends the connection.
-    let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: t\r\n")
-        .await
-        .unwrap();
+    let mut s = sent(reqto, b"GET /a HTTP/1.1\r\nhost: t\r\n").await;
     let took = closed_after(&mut s)
         .await
         .expect("an incomplete head must end the connection");
@@ -280,31 +292,23 @@ async fn connection_manager_timeouts_limits_and_breakers() {
     assert_eq!(send(&mut tx, "/b").await.0, StatusCode::OK);
 
     // max_headers_count (Envoy's default 100): a request with more headers gets 431.
-    let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();
     let many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
-    s.write_all(format!("GET /a HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let mut s = sent(
+        reqto,
+        format!("GET /a HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    let head = first_read(&mut s).await;
     assert!(head.starts_with("http/1.1 431"), "{head}");
 
     // request_timeout 300 ms: a body that stops arriving gets 408 `request timeout`.
-    let mut s = TcpStream::connect(("127.0.0.1", reqto)).await.unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nab")
-        .await
-        .unwrap();
+    let mut s = sent(
+        reqto,
+        b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\nab",
+    )
+    .await;
     let t = Instant::now();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let head = first_read(&mut s).await;
     assert!(head.starts_with("http/1.1 408"), "{head}");
     assert!(head.contains("request timeout"), "{head}");
     assert!(

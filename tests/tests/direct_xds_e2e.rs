@@ -8,49 +8,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use skiff::controlplane::Source;
-use skiff_tests::{ControlPlane, InProcessSkiff, free_addr, free_port, run_options};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use skiff_tests::{
+    ControlPlane, InProcessSkiff, eventually_answers as eventually, free_addr, free_port,
+    named_backend as backend, run_options, tcp_ask as ask,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A backend answering `<name>` to every connection.
-async fn backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.write_all(name.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    a
-}
-
-async fn ask(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out))
-        .await
-        .ok()?
-        .ok()?;
-    (!out.is_empty()).then_some(out)
-}
-
-async fn eventually(port: u16, want: Option<&str>) {
-    let deadline = Instant::now() + WAIT;
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = ask(port).await;
-        if last.as_deref() == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("port {port}: wanted {want:?}, last answer {last:?}");
-}
 
 fn write_config(dir: &Path, version: &str, listen: u16, backend: SocketAddr, bad: bool) {
     let lds = format!(

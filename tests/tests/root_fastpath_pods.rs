@@ -11,75 +11,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::scope_services;
+use skiff_tests::pods::{
+    A, ADS_CLUSTERS, ADS_LISTENERS, B, TwoPods, VIP, add_pod, backends_in, node_bootstrap,
+    node_skiff, vip_client as client,
+};
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in, field,
-    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_node as node, skiff_run,
-    spawn_testpeer, testpeer_output, wait_admin_ready,
+    require_root, serial, sigterm_and_wait, skiff_node as node, wait_admin_ready,
 };
-
-const VIP: &str = "10.96.0.1:80";
-const A: &str = "127.0.0.11:8080";
-const B: &str = "127.0.0.12:8080";
-
-/// A pod's own bootstrap: the VIP goes to cluster `name` (STATIC, one endpoint `backend`).
-fn pod_bootstrap(name: &str, backend: &str) -> String {
-    let (ip, port) = backend.split_once(':').unwrap();
-    format!(
-        r#"
-node: {{ id: placeholder, cluster: pods }}
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
-    use_original_dst: true
-    filter_chains:
-    - name: vip
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{{ address_prefix: 10.96.0.1, prefix_len: 32 }}]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {name}
-          cluster: {name}
-  clusters:
-  - name: {name}
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
-"#
-    )
-}
-
-fn client(ns: &Netns, cgroup: &Path) -> String {
-    testpeer_output(
-        ns,
-        Some(cgroup),
-        &["client", VIP, "--bytes", "4096", "--timeout-ms", "3000"],
-    )
-}
-
-fn add_pod(node_ns: &Netns, pod: &Path, pod_ns: &Netns, node_id: &str, boot: &Path) -> String {
-    node(
-        node_ns,
-        &[
-            "add-pod",
-            "--cgroup",
-            pod.to_str().unwrap(),
-            "--netns",
-            pod_ns.path().to_str().unwrap(),
-            "--node-id",
-            node_id,
-            "--bootstrap",
-            boot.to_str().unwrap(),
-        ],
-    )
-}
 
 /// Polls `/debug/maps` until the pod scopes serve exactly `want` (scope order), as
 /// `(vip, endpoints)` per scope.
@@ -128,41 +67,25 @@ fn reaches(ns: &Netns, pod: &Path, backends: &mut [Child; 2], mine: usize) {
 #[test]
 fn each_pod_reaches_only_its_own_endpoints_in_the_kernel() {
     let _g = serial();
-    let env = require_root();
-    let node_ns = Netns::new("fp-pods-node");
-    let ns1 = Netns::new("fp-pods-p1");
-    let ns2 = Netns::new("fp-pods-p2");
-    let mut cg = Cgroup::new(&env, "fp-pods");
-    let pod1 = cg.child("pod1");
-    let pod2 = cg.child("pod2");
     // Both endpoints exist in each pod's netns: the one a connect reaches shows whose
     // configuration the kernel used.
-    let both = |ns: &Netns| [A, B].map(|a| spawn_testpeer(ns, None, &["origdst", a]));
-    let mut b1 = both(&ns1);
-    let mut b2 = both(&ns2);
-    let node_boot = TempYaml::new(
-        "fp-pods-node",
-        &passthrough_bootstrap(
-            "node~127.0.0.1~skiff-node.default~default.svc.cluster.local",
-            "node",
-        ),
-    );
-    let boot1 = TempYaml::new("fp-pods-1", &pod_bootstrap("svc-a", A));
-    let boot2 = TempYaml::new("fp-pods-2", &pod_bootstrap("svc-b", B));
-    let proxy = Child::spawn(
-        skiff_run(&node_ns, &node_boot)
-            .args(["--mode", "node", "--fast-path", "--cgroup-root"])
-            .arg(cg.path())
-            .env("RUST_LOG", "info"),
-    );
-    wait_admin_ready(&node_ns);
+    let TwoPods {
+        node_ns,
+        ns: [ns1, ns2],
+        cg,
+        pods: [pod1, pod2],
+        backends: [mut b1, mut b2],
+        node_boot: _node_boot,
+        boots: [boot1, boot2],
+        proxy,
+    } = TwoPods::start("fp-pods", &["--fast-path"]);
 
     let p1 = add_pod(
         &node_ns,
         &pod1,
         &ns1,
         "sidecar~10.0.0.1~pod1.default~default.svc.cluster.local",
-        &boot1,
+        Some(&boot1),
     );
     let p1: serde_json::Value = serde_json::from_str(&p1).expect("add-pod answers JSON");
     assert_eq!(p1["ready"], true, "a static pod is ready at once: {p1}");
@@ -171,7 +94,7 @@ fn each_pod_reaches_only_its_own_endpoints_in_the_kernel() {
         &pod2,
         &ns2,
         "sidecar~10.0.0.2~pod2.default~default.svc.cluster.local",
-        &boot2,
+        Some(&boot2),
     );
     // One scope per pipeline, the same VIP in each, each with its own endpoint.
     let scopes = wait_scopes(&node_ns, &[(VIP, &[A]), (VIP, &[B])]);
@@ -215,26 +138,6 @@ fn each_pod_reaches_only_its_own_endpoints_in_the_kernel() {
     assert_no_programs_attached(cg.path());
 }
 
-/// The pod's ADS resources: the VIP goes to cluster `svc-ads` (STATIC, endpoint A).
-const ADS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-  "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-  "use_original_dst": true,
-  "filter_chains": [{
-    "name": "vip",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.1", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc-ads", "cluster": "svc-ads"}}]}]}]}"#;
-
-const ADS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-  "name": "svc-ads", "type": "STATIC", "connect_timeout": "1s",
-  "load_assignment": {"cluster_name": "svc-ads", "endpoints": [{"lb_endpoints": [
-    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.11", "port_value": 8080}}}}]}]}}]}"#;
-
 /// `ready` of the only pod in `list-pods`.
 fn pod_ready(node_ns: &Netns) -> bool {
     let listed: serde_json::Value =
@@ -250,25 +153,14 @@ fn a_pod_is_captured_only_once_its_initial_config_is_in() {
     let pod_ns = Netns::new("fp-pods-rdy-p");
     let mut cg = Cgroup::new(&env, "fp-pods-rdy");
     let pod = cg.child("pod");
-    let mut backends = [A, B].map(|a| spawn_testpeer(&pod_ns, None, &["origdst", a]));
-    let node_boot = TempYaml::new(
-        "fp-pods-rdy-node",
-        &passthrough_bootstrap(
-            "node~127.0.0.1~skiff-node.default~default.svc.cluster.local",
-            "node",
-        ),
-    );
+    let mut backends = backends_in(&pod_ns);
+    let node_boot = TempYaml::new("fp-pods-rdy-node", &node_bootstrap());
     // The pod's own bootstrap fetches its config over ADS from a control plane not up yet.
     let pod_boot = TempYaml::new(
         "fp-pods-rdy-pod",
         &skiff_tests::ads_bootstrap("GRPC", "pod", "127.0.0.1:15010".parse().unwrap(), 15100),
     );
-    let proxy = Child::spawn(
-        skiff_run(&node_ns, &node_boot)
-            .args(["--mode", "node", "--fast-path", "--cgroup-root"])
-            .arg(cg.path())
-            .env("RUST_LOG", "info"),
-    );
+    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &["--fast-path"]);
     wait_admin_ready(&node_ns);
 
     let added = add_pod(
@@ -276,7 +168,7 @@ fn a_pod_is_captured_only_once_its_initial_config_is_in() {
         &pod,
         &pod_ns,
         "sidecar~10.0.0.5~pod5.default~default.svc.cluster.local",
-        &pod_boot,
+        Some(&pod_boot),
     );
     let added: serde_json::Value = serde_json::from_str(&added).expect("add-pod answers JSON");
     assert_eq!(added["ready"], false, "no config yet: {added}");

@@ -8,138 +8,34 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_pods -- --test-threads=1` (as root).
 
-use std::path::Path;
 use std::time::Duration;
 
+use skiff_tests::pods::{
+    A, ADS_CLUSTERS, ADS_LISTENERS, TwoPods, add_pod, backends_in, node_bootstrap, node_skiff,
+    vip_client as client,
+};
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, built_binary, command_in,
-    passthrough_bootstrap, require_root, serial, sigterm_and_wait, skiff_node as node, skiff_run,
-    spawn_testpeer, testpeer_output, veth_pair, wait_admin_ready, wait_admin_ready_on,
+    require_root, serial, sigterm_and_wait, skiff_node as node, spawn_testpeer, testpeer_output,
+    veth_pair, wait_admin_ready, wait_admin_ready_on,
 };
-
-/// The node skiff's own bootstrap: nothing but PassthroughCluster (each pod brings its own).
-fn node_bootstrap() -> String {
-    passthrough_bootstrap(
-        "node~127.0.0.1~skiff-node.default~default.svc.cluster.local",
-        "node",
-    )
-}
-
-/// A pod's own bootstrap: its VIP 10.96.0.1:80 goes to cluster `name` at `backend`.
-fn pod_bootstrap(name: &str, backend: &str) -> String {
-    format!(
-        r#"
-node: {{ id: placeholder, cluster: pods }}
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: {{ socket_address: {{ address: 0.0.0.0, port_value: 15001 }} }}
-    use_original_dst: true
-    filter_chains:
-    - name: vip
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{{ address_prefix: 10.96.0.1, prefix_len: 32 }}]
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {name}
-          cluster: {name}
-  clusters:
-  - name: {name}
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.{backend}, port_value: 8080 }} }} }}
-"#
-    )
-}
-
-/// Backends A (127.0.0.11:8080) and B (127.0.0.12:8080) inside `ns`.
-fn backends_in(ns: &Netns) -> [Child; 2] {
-    ["127.0.0.11:8080", "127.0.0.12:8080"].map(|addr| spawn_testpeer(ns, None, &["origdst", addr]))
-}
-
-/// `skiff run --mode node --cgroup-root <root>` inside `ns`: the node skiff serving the pods.
-fn node_skiff(ns: &Netns, bootstrap: &Path, root: &Path, args: &[&str]) -> Child {
-    Child::spawn(
-        skiff_run(ns, bootstrap)
-            .args(["--mode", "node"])
-            // Pod bootstraps are TempYaml files: the node skiff reads them only from there.
-            .arg("--pod-bootstrap-dir")
-            .arg(std::env::temp_dir())
-            .args(args)
-            .arg("--cgroup-root")
-            .arg(root)
-            .env("RUST_LOG", "info"),
-    )
-}
-
-fn client(ns: &Netns, cgroup: &Path) -> String {
-    testpeer_output(
-        ns,
-        Some(cgroup),
-        &[
-            "client",
-            "10.96.0.1:80",
-            "--bytes",
-            "4096",
-            "--timeout-ms",
-            "3000",
-        ],
-    )
-}
-
-/// `skiff node add-pod` registering cgroup `pod` with its netns, node id and (unless it comes
-/// over ADS) bootstrap; returns the node skiff's JSON answer.
-fn add_pod(
-    node_ns: &Netns,
-    pod: &Path,
-    pod_ns: &Netns,
-    node_id: &str,
-    bootstrap: Option<&Path>,
-) -> String {
-    let pod_ns = pod_ns.path();
-    let mut args = vec![
-        "add-pod",
-        "--cgroup",
-        pod.to_str().unwrap(),
-        "--netns",
-        pod_ns.to_str().unwrap(),
-        "--node-id",
-        node_id,
-    ];
-    if let Some(b) = bootstrap {
-        args.extend(["--bootstrap", b.to_str().unwrap()]);
-    }
-    node(node_ns, &args)
-}
 
 #[test]
 fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     let _g = serial();
-    let env = require_root();
-    let node_ns = Netns::new("pods-node");
-    let ns1 = Netns::new("pods-p1");
-    let ns2 = Netns::new("pods-p2");
-    let mut cg = Cgroup::new(&env, "pods");
-    let pod1 = cg.child("pod1");
-    let pod2 = cg.child("pod2");
-    let node_proxy = cg.child_path("skiff-proxy");
     // Both backends in each pod's netns: skiff connects from inside the pod, so the backend a
     // connection reaches shows which config served it.
-    let mut b1 = backends_in(&ns1);
-    let mut b2 = backends_in(&ns2);
-    let node_boot = TempYaml::new("pods-node", &node_bootstrap());
-    let boot1 = TempYaml::new("pods-1", &pod_bootstrap("svc-a", "11"));
-    let boot2 = TempYaml::new("pods-2", &pod_bootstrap("svc-b", "12"));
-
-    let proxy = node_skiff(&node_ns, &node_boot, cg.path(), &[]);
-    wait_admin_ready(&node_ns);
+    let TwoPods {
+        node_ns,
+        ns: [ns1, ns2],
+        mut cg,
+        pods: [pod1, pod2],
+        backends: [mut b1, mut b2],
+        node_boot: _node_boot,
+        boots: [boot1, boot2],
+        proxy,
+    } = TwoPods::start("pods", &[]);
+    let node_proxy = cg.child_path("skiff-proxy");
 
     // Not registered: not captured (the VIP has no route in the pod's netns).
     let out = client(&ns1, &pod1);
@@ -250,25 +146,6 @@ fn each_pod_follows_its_own_config_and_removal_detaches_it() {
     assert_no_programs_attached(cg.path());
 }
 
-const ADS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-  "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-  "use_original_dst": true,
-  "filter_chains": [{
-    "name": "vip",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.1", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc-ads", "cluster": "svc-ads"}}]}]}]}"#;
-
-const ADS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-  "name": "svc-ads", "type": "STATIC", "connect_timeout": "1s",
-  "load_assignment": {"cluster_name": "svc-ads", "endpoints": [{"lb_endpoints": [
-    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.11", "port_value": 8080}}}}]}]}}]}"#;
-
 #[test]
 fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     let _g = serial();
@@ -278,7 +155,7 @@ fn a_pod_fetches_its_config_over_ads_under_its_own_node_id() {
     let mut cg = Cgroup::new(&env, "pods-ads");
     let pod = cg.child("pod");
     let _proxy_cg = cg.child_path("skiff-proxy");
-    let mut backend = spawn_testpeer(&pod_ns, None, &["origdst", "127.0.0.11:8080"]);
+    let mut backend = spawn_testpeer(&pod_ns, None, &["origdst", A]);
     let dir = tempfile::Builder::new()
         .prefix(&skiff_tests::test_name("pods-ads"))
         .tempdir()

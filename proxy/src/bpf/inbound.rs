@@ -150,24 +150,16 @@ impl InboundSteering {
                 .map_err(|source| map_err(MAP_LISTENERS, "set the IPv6 listener", source))?;
         }
 
-        let (program, hook) = PROGRAM;
         let prog: &mut SkLookup = super::program(&mut ebpf, PROGRAM)?;
-        prog.load().map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })?;
+        prog.load()
+            .map_err(|source| BpfError::load(PROGRAM, source))?;
         let ns = File::open(netns).map_err(|source| BpfError::Io {
             what: "opening network namespace",
             path: netns.into(),
             source,
         })?;
-        prog.attach(ns).map_err(|source| BpfError::Attach {
-            program,
-            hook,
-            cgroup: netns.into(),
-            source: Box::new(source),
-        })?;
+        prog.attach(ns)
+            .map_err(|source| BpfError::attach(PROGRAM, netns, source))?;
         tracing::info!(
             netns = %netns.display(),
             pod_ips = ?pod_ips,

@@ -9,7 +9,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
         cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
         sock_ops::SockOpsLink,
     },
@@ -360,30 +360,14 @@ fn load_programs(
     for &(program, hook) in sock_addr_hooks {
         sock_addr(ebpf, program, hook)?
             .load()
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
+            .map_err(|source| BpfError::load((program, hook), source))?;
     }
-    {
-        let (program, hook) = SOCK_OPS;
-        sock_ops(ebpf)?
-            .load()
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
-        let (program, hook) = GETSOCKOPT;
-        sockopt(ebpf)?
-            .load()
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
-    }
+    sock_ops(ebpf)?
+        .load()
+        .map_err(|source| BpfError::load(SOCK_OPS, source))?;
+    sockopt(ebpf)?
+        .load()
+        .map_err(|source| BpfError::load(GETSOCKOPT, source))?;
     Ok(())
 }
 
@@ -405,12 +389,7 @@ fn attach(
     };
     let target = open(capture_cgroup)?;
     for &(program, hook) in sock_addr_hooks {
-        let attach_err = |source: ProgramError| BpfError::Attach {
-            program,
-            hook,
-            cgroup: capture_cgroup.to_path_buf(),
-            source: Box::new(source),
-        };
+        let attach_err = |source| BpfError::attach((program, hook), capture_cgroup, source);
         let prog = sock_addr(ebpf, program, hook)?;
         let id = prog
             .attach(&target, CgroupAttachMode::Single)
@@ -418,13 +397,7 @@ fn attach(
         links.push(Link::SockAddr(prog.take_link(id).map_err(attach_err)?));
     }
     {
-        let (program, hook) = SOCK_OPS;
-        let attach_err = |source: ProgramError| BpfError::Attach {
-            program,
-            hook,
-            cgroup: capture_cgroup.to_path_buf(),
-            source: Box::new(source),
-        };
+        let attach_err = |source| BpfError::attach(SOCK_OPS, capture_cgroup, source);
         let prog = sock_ops(ebpf)?;
         let id = prog
             .attach(&target, CgroupAttachMode::Single)
@@ -432,13 +405,7 @@ fn attach(
         links.push(Link::SockOps(prog.take_link(id).map_err(attach_err)?));
     }
     {
-        let (program, hook) = GETSOCKOPT;
-        let attach_err = |source: ProgramError| BpfError::Attach {
-            program,
-            hook,
-            cgroup: proxy_cgroup.to_path_buf(),
-            source: Box::new(source),
-        };
+        let attach_err = |source| BpfError::attach(GETSOCKOPT, proxy_cgroup, source);
         let prog = sockopt(ebpf)?;
         let id = prog
             .attach(open(proxy_cgroup)?, CgroupAttachMode::Single)

@@ -190,11 +190,7 @@ where
     ebpf.program_mut(program)
         .ok_or(BpfError::ProgramMissing { program, hook })?
         .try_into()
-        .map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })
+        .map_err(|source| BpfError::load((program, hook), source))
 }
 
 /// Errors of the BPF loader. Each names the program, hook, cgroup or map and the errno.
@@ -255,6 +251,34 @@ pub enum BpfError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+}
+
+impl BpfError {
+    /// [`BpfError::ProgramLoad`] of the program `(name, hook)`.
+    fn load(
+        (program, hook): (&'static str, &'static str),
+        source: aya::programs::ProgramError,
+    ) -> BpfError {
+        BpfError::ProgramLoad {
+            program,
+            hook,
+            source: Box::new(source),
+        }
+    }
+
+    /// [`BpfError::Attach`] of the program `(name, hook)` to `target` (a cgroup or netns).
+    fn attach(
+        (program, hook): (&'static str, &'static str),
+        target: &Path,
+        source: aya::programs::ProgramError,
+    ) -> BpfError {
+        BpfError::Attach {
+            program,
+            hook,
+            cgroup: target.to_path_buf(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// The errno found in an error's source chain, displayed as `errno 22 EINVAL` or `no errno`.

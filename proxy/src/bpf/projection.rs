@@ -624,4 +624,4 @@ fn cluster_image(
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -58,32 +58,18 @@ impl Sockmap {
         let socks: SockHash<MapData, ConnKey> = take(ebpf, MAP_SOCKS)?;
         let stats: PerCpuArray<MapData, u64> = take(ebpf, MAP_SOCKMAP_ST)?;
 
-        let (program, hook) = SK_MSG;
         let prog: &mut SkMsg = crate::bpf::program(ebpf, SK_MSG)?;
-        prog.load().map_err(|source| BpfError::ProgramLoad {
-            program,
-            hook,
-            source: Box::new(source),
-        })?;
+        prog.load()
+            .map_err(|source| BpfError::load(SK_MSG, source))?;
         // The sk_msg link lives with the program (owned by the Ebpf): it is detached when the
         // loader drops the object.
         prog.attach(socks.fd())
-            .map_err(|source| BpfError::ProgramLoad {
-                program,
-                hook,
-                source: Box::new(source),
-            })?;
+            .map_err(|source| BpfError::load(SK_MSG, source))?;
 
         let sock_ops_on_proxy = match proxy_cgroup {
             None => None,
             Some(path) => {
-                let (program, hook) = super::SOCK_OPS;
-                let attach_err = |source: aya::programs::ProgramError| BpfError::Attach {
-                    program,
-                    hook,
-                    cgroup: path.to_path_buf(),
-                    source: Box::new(source),
-                };
+                let attach_err = |source| BpfError::attach(super::SOCK_OPS, path, source);
                 let cgroup = File::open(path).map_err(|source| BpfError::Io {
                     what: "opening cgroup",
                     path: path.into(),

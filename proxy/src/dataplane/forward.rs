@@ -193,17 +193,7 @@ pub async fn forward(
             )
         )
     };
-    let cut = tokio::select! {
-        r = both => {
-            r?;
-            None
-        }
-        cut = watchdog(&moved, limits) => Some(cut),
-    };
-    Ok(Ended {
-        transferred: moved.get(),
-        cut,
-    })
+    under_watchdog(both, &moved, limits).await
 }
 
 /// As [`forward`], with a userspace buffer per direction instead of splice: for sockets whose
@@ -223,12 +213,22 @@ pub async fn forward_copy(
             copy(ur, dw, (Side::Upstream, Side::Downstream), &moved.rx, buf)
         )
     };
+    under_watchdog(both, &moved, limits).await
+}
+
+/// Runs `both` directions until they end or the watchdog cuts the connection (then they are
+/// dropped); either way reports what `moved`.
+async fn under_watchdog<T>(
+    both: impl Future<Output = Result<T, ForwardError>>,
+    moved: &Moved,
+    limits: Limits,
+) -> Result<Ended, ForwardError> {
     let cut = tokio::select! {
         r = both => {
             r?;
             None
         }
-        cut = watchdog(&moved, limits) => Some(cut),
+        cut = watchdog(moved, limits) => Some(cut),
     };
     Ok(Ended {
         transferred: moved.get(),

@@ -322,7 +322,8 @@ mod tests {
 mod active_tests {
     use super::*;
     use crate::model::fault::Delay;
-    use crate::model::route::{HeaderOps, RouteMatch};
+    use crate::model::route::PathMatch;
+    use crate::model::test_util::{direct_route, virtual_host};
     use hyper::{HeaderMap, Method};
 
     #[tokio::test]
@@ -346,38 +347,8 @@ mod active_tests {
             disabled: false,
             config: Arc::new(fault),
         }];
-        let route = Route {
-            name: "r".into(),
-            matcher: RouteMatch {
-                path: crate::model::route::PathMatch::Prefix("/".into()),
-                case_sensitive: true,
-                headers: vec![],
-                query_parameters: vec![],
-                runtime_fraction: None,
-                grpc: false,
-                requires_tls: false,
-            },
-            action: RouteAction::Direct {
-                status: 200,
-                body: None,
-            },
-            headers: HeaderOps::default(),
-            per_filter: Default::default(),
-            faults: vec![],
-        };
-        let vh = VirtualHost {
-            name: "v".into(),
-            domains: vec!["*".into()],
-            routes: vec![],
-            clusters: Default::default(),
-            headers: HeaderOps::default(),
-            retry_policy: None,
-            include_request_attempt_count: false,
-            include_attempt_count_in_response: false,
-            virtual_clusters: vec![],
-            per_filter: Default::default(),
-            faults: vec![],
-        };
+        let route = direct_route("r", PathMatch::Prefix("/".into()), true, vec![]);
+        let vh = virtual_host("v", &["*"]);
         let stats = Arc::new(Stats::default());
         let (h, m) = (HeaderMap::new(), Method::GET);
         let facts = RequestFacts {

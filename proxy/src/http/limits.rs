@@ -251,25 +251,9 @@ pub async fn watch_connection(
 ) -> Drain {
     let start = Instant::now();
     let end = limits.max_connection_duration.map(|d| start + d);
-    let idle = async {
-        let Some(idle) = limits.idle_timeout else {
-            return std::future::pending().await;
-        };
-        let tick = (idle / 4).max(Duration::from_millis(1));
-        let mut seen = state.events.load(Ordering::Relaxed);
-        let mut last = start;
-        loop {
-            sleep_until((Instant::now() + tick).min(last + idle)).await;
-            let now = Instant::now();
-            let events = state.events.load(Ordering::Relaxed);
-            if events != seen || state.active.load(Ordering::Acquire) > 0 {
-                seen = events;
-                last = now;
-            } else if now.duration_since(last) >= idle {
-                return;
-            }
-        }
-    };
+    let idle = idle_for(limits.idle_timeout, &state.events, || {
+        state.active.load(Ordering::Acquire) > 0
+    });
     let duration = async {
         match end {
             Some(e) => sleep_until(e).await,
@@ -288,6 +272,28 @@ pub async fn watch_connection(
         () = duration => Drain::MaxDuration,
         () = state.limit_reached.notified() => Drain::MaxRequests,
         () = drain.cancelled() => Drain::Listener,
+    }
+}
+
+/// Resolves once `events` has not moved and `busy` has not held for `idle` (checked every
+/// quarter of it, so between `idle` and 1.25 times it); never without `idle`.
+async fn idle_for(idle: Option<Duration>, events: &AtomicU64, busy: impl Fn() -> bool) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let tick = (idle / 4).max(Duration::from_millis(1));
+    let mut seen = events.load(Ordering::Relaxed);
+    let mut last = Instant::now();
+    loop {
+        sleep_until((Instant::now() + tick).min(last + idle)).await;
+        let now = Instant::now();
+        let moved = events.load(Ordering::Relaxed);
+        if moved != seen || busy() {
+            seen = moved;
+            last = now;
+        } else if now.duration_since(last) >= idle {
+            return;
+        }
     }
 }
 
@@ -338,25 +344,7 @@ pub async fn watch_stream(
             None => std::future::pending().await,
         }
     };
-    let idle = async {
-        let Some(idle) = idle else {
-            return std::future::pending().await;
-        };
-        let tick = (idle / 4).max(Duration::from_millis(1));
-        let mut seen = act.events.load(Ordering::Relaxed);
-        let mut last = Instant::now();
-        loop {
-            sleep_until((Instant::now() + tick).min(last + idle)).await;
-            let now = Instant::now();
-            let events = act.events.load(Ordering::Relaxed);
-            if events != seen {
-                seen = events;
-                last = now;
-            } else if now.duration_since(last) >= idle {
-                return;
-            }
-        }
-    };
+    let idle = idle_for(idle, &act.events, || false);
     tokio::select! {
         () = request => StreamCut::Request,
         () = idle => StreamCut::Idle,

@@ -1,32 +1,15 @@
 //! Virtual host and route selection against Envoy's documented semantics.
 
-use std::collections::BTreeSet;
-
 use hyper::{HeaderMap, Method};
 
 use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
 use super::{redirect_location, regex_rewrite, rewrite_path};
 use crate::model::route::{
     HeaderMatch, HeaderMatchKind, HeaderOps, PathMatch, PathRedirect, Pattern, QueryMatch,
-    Redirect, Route, RouteAction, RouteMatch,
+    Redirect, Route,
 };
+use crate::model::test_util::{direct_route as route, virtual_host as vh};
 use crate::model::{RouteConfig, VirtualHost};
-
-fn vh(name: &str, domains: &[&str]) -> VirtualHost {
-    VirtualHost {
-        name: name.into(),
-        domains: domains.iter().map(|d| d.to_string()).collect(),
-        routes: vec![],
-        clusters: BTreeSet::new(),
-        headers: HeaderOps::default(),
-        retry_policy: None,
-        include_request_attempt_count: false,
-        include_attempt_count_in_response: false,
-        virtual_clusters: vec![],
-        per_filter: Default::default(),
-        faults: vec![],
-    }
-}
 
 fn rc(hosts: Vec<VirtualHost>) -> RouteConfig {
     RouteConfig {
@@ -109,28 +92,6 @@ fn star_catches_ports_and_unknown_hosts_but_not_empty() {
     let c = rc(vec![vh("exact", &["a.com"]), vh("star", &["*"])]);
     assert_eq!(pick(&c, "a.com:80"), Some("star"));
     assert_eq!(pick(&c, ""), None);
-}
-
-fn route(name: &str, path: PathMatch, case_sensitive: bool, headers: Vec<HeaderMatch>) -> Route {
-    Route {
-        name: name.into(),
-        matcher: RouteMatch {
-            path,
-            case_sensitive,
-            headers,
-            query_parameters: vec![],
-            runtime_fraction: None,
-            grpc: false,
-            requires_tls: false,
-        },
-        action: RouteAction::Direct {
-            status: 200,
-            body: None,
-        },
-        headers: HeaderOps::default(),
-        per_filter: Default::default(),
-        faults: vec![],
-    }
 }
 
 fn with_routes(routes: Vec<Route>) -> VirtualHost {

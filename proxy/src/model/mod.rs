@@ -11,6 +11,8 @@ pub mod fault;
 pub mod limits;
 pub mod listener;
 pub mod route;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod upstream_http;
 
 use std::fmt;

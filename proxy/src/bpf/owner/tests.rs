@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 use crate::bpf::projection::MapImage;
-use crate::bpf::projection::tests::{static_cluster, tcp_chain, virtual_listener};
 use crate::model::LbPolicy;
+use crate::model::test_util::{static_cluster, tcp_chain, virtual_listener};
 
 /// A snapshot whose one fast-path service (10.96.0.1:80) has the endpoint 127.0.0.1:(10000 + v).
 fn versioned(v: u16) -> Arc<Snapshot> {

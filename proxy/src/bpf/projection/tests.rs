@@ -9,88 +9,13 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::Cidr;
 use crate::model::endpoint::Locality;
-use crate::model::listener::{FilterChainMatch, HttpManager, TcpProxy};
+use crate::model::listener::HttpManager;
+use crate::model::test_util::{assignment, static_cluster, tcp_chain, virtual_listener};
 use crate::model::{
-    Cluster, ClusterKind, FilterChain, HealthStatus, LbEndpoint, LbPolicy, Listener,
-    LoadAssignment, LocalityEndpoints,
+    Cidr, Cluster, ClusterKind, HealthStatus, LbEndpoint, LbPolicy, Listener, LoadAssignment,
+    LocalityEndpoints,
 };
-
-pub(crate) fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
-    FilterChain {
-        name: name.into(),
-        matcher: FilterChainMatch {
-            destination_port: Some(port),
-            prefix_ranges: vec![Cidr {
-                addr: vip.parse().unwrap(),
-                len: 32,
-            }],
-            ..Default::default()
-        },
-        filters: vec![],
-        rbac: vec![],
-        action: NetworkAction::TcpProxy(TcpProxy {
-            stat_prefix: cluster.into(),
-            cluster: ClusterSpecifier::Cluster(cluster.into()),
-            idle_timeout: None,
-            max_connect_attempts: 1,
-            max_downstream_connection_duration: None,
-            hash_policy: None,
-            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
-        }),
-        has_transport_socket: false,
-    }
-}
-
-pub(crate) fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
-    Listener {
-        name: "virtualOutbound".into(),
-        address: "0.0.0.0:15001".parse().unwrap(),
-        internal: None,
-        use_original_dst: true,
-        bind_to_port: true,
-        filter_chains: chains,
-        default_filter_chain: None,
-        listener_filters: vec![],
-        udp: None,
-        unsupported: vec![],
-    }
-}
-
-pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssignment {
-    LoadAssignment {
-        cluster_name: name.into(),
-        localities: vec![LocalityEndpoints {
-            locality: Locality::default(),
-            priority: 0,
-            weight: None,
-            endpoints: eps
-                .iter()
-                .map(|(a, h)| LbEndpoint {
-                    address: a.parse().unwrap(),
-                    internal: None,
-                    health: *h,
-                    weight: 1,
-                })
-                .collect(),
-        }],
-        overprovisioning_factor: 140,
-    }
-}
-
-pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster {
-    let eps: Vec<(&str, HealthStatus)> = eps.iter().map(|a| (*a, HealthStatus::Healthy)).collect();
-    Cluster {
-        name: name.into(),
-        kind: ClusterKind::Static(assignment(name, &eps)),
-        lb_policy: lb,
-        connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
-        lb: Default::default(),
-        upstream_http: Default::default(),
-    }
-}
 
 fn snap(listeners: Vec<Listener>, clusters: Vec<Cluster>) -> Snapshot {
     Snapshot::new(listeners, clusters, &BTreeMap::new())

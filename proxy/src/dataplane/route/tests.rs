@@ -1,109 +1,19 @@
 //! Selection tests: Envoy's chain order, listener ownership per role, and the typed routes.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::*;
-use crate::model::endpoint::Locality;
 use crate::model::listener::{FilterChainMatch, HttpManager};
-use crate::model::{
-    Cluster, HealthStatus, LbEndpoint, LbPolicy, LoadAssignment, LocalityEndpoints,
-};
+use crate::model::test_util::{self, listener, tcp_chain, tcp_proxy_chain, virtual_listener};
+use crate::model::{Cluster, LbPolicy};
 
-/// A tcp_proxy chain to `cluster` for `vip:port`.
-fn tcp_chain(name: &str, vip: &str, port: u16, cluster: &str) -> FilterChain {
-    FilterChain {
-        name: name.into(),
-        matcher: FilterChainMatch {
-            destination_port: Some(port),
-            prefix_ranges: vec![format!("{vip}/32").parse().unwrap()],
-            ..Default::default()
-        },
-        filters: vec![],
-        rbac: vec![],
-        action: NetworkAction::TcpProxy(TcpProxy {
-            stat_prefix: cluster.into(),
-            cluster: ClusterSpecifier::Cluster(cluster.into()),
-            idle_timeout: None,
-            max_connect_attempts: 1,
-            max_downstream_connection_duration: None,
-            hash_policy: None,
-            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
-        }),
-        has_transport_socket: false,
-    }
-}
-
-/// Istio's virtualOutbound on 15001.
-fn virtual_listener(chains: Vec<FilterChain>) -> Listener {
-    Listener {
-        name: "virtualOutbound".into(),
-        ..listener(chains, None)
-    }
+fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
+    tcp_proxy_chain(name, m, name)
 }
 
 /// A ROUND_ROBIN STATIC cluster over healthy `eps`.
 fn static_cluster(name: &str, eps: &[&str]) -> Cluster {
-    Cluster {
-        name: name.into(),
-        kind: ClusterKind::Static(LoadAssignment {
-            cluster_name: name.into(),
-            localities: vec![LocalityEndpoints {
-                locality: Locality::default(),
-                priority: 0,
-                weight: None,
-                endpoints: eps
-                    .iter()
-                    .map(|a| LbEndpoint {
-                        address: a.parse().unwrap(),
-                        internal: None,
-                        health: HealthStatus::Healthy,
-                        weight: 1,
-                    })
-                    .collect(),
-            }],
-            overprovisioning_factor: 140,
-        }),
-        lb_policy: LbPolicy::RoundRobin,
-        connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
-        lb: Default::default(),
-        upstream_http: Default::default(),
-    }
-}
-
-fn chain(name: &str, m: FilterChainMatch) -> FilterChain {
-    FilterChain {
-        name: name.into(),
-        matcher: m,
-        filters: vec![],
-        rbac: vec![],
-        action: NetworkAction::TcpProxy(TcpProxy {
-            stat_prefix: name.into(),
-            cluster: ClusterSpecifier::Cluster(name.into()),
-            idle_timeout: None,
-            max_connect_attempts: 1,
-            max_downstream_connection_duration: None,
-            hash_policy: None,
-            buffer_limit: crate::model::upstream_http::DEFAULT_BUFFER_LIMIT,
-        }),
-        has_transport_socket: false,
-    }
-}
-
-fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -> Listener {
-    Listener {
-        name: "l".into(),
-        address: "0.0.0.0:15001".parse().unwrap(),
-        internal: None,
-        use_original_dst: true,
-        bind_to_port: true,
-        filter_chains: chains,
-        default_filter_chain: default,
-        listener_filters: vec![],
-        udp: None,
-        unsupported: vec![],
-    }
+    test_util::static_cluster(name, LbPolicy::RoundRobin, eps)
 }
 
 fn facts(dst: &str) -> ConnFacts<'static> {
