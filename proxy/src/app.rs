@@ -415,6 +415,23 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Whether `skiff run` needs its capture listener (15001): something captures, or the
+/// configuration serves the capture port (a bootstrap listener on it, or ADS, whose
+/// virtualOutbound may arrive). `--capture none` with neither binds nothing there, so plain
+/// proxies can share a host.
+pub fn needs_capture_listener(opts: &RunOptions, extras: &CaptureExtras) -> bool {
+    let port = opts.outbound_v4.port();
+    opts.capture.is_some()
+        || extras.iptables.is_some()
+        || extras.auto_fallback.is_some()
+        || opts.bootstrap.ads.is_some()
+        || opts
+            .bootstrap
+            .listeners
+            .iter()
+            .any(|l| l.address.port() == port)
+}
+
 /// What [`start_listeners`] leaves running besides its tasks.
 struct Listeners {
     /// The local inbound port (sidecar mode with inbound capture).
@@ -438,7 +455,7 @@ fn start_listeners(
     capture_addrs.extend(opts.outbound_v6.map(SocketAddr::V6));
     // With nothing sending traffic to the capture port, it is not bound (a second plain
     // proxy on the host must not fail on it).
-    if !crate::cli::run::needs_capture_listener(opts, extras) {
+    if !needs_capture_listener(opts, extras) {
         capture_addrs.clear();
     }
     for addr in capture_addrs {

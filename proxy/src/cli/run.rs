@@ -171,23 +171,6 @@ pub fn admin_options(
     ))
 }
 
-/// Whether `skiff run` needs its capture listener (15001): something captures, or the
-/// configuration serves the capture port (a bootstrap listener on it, or ADS, whose
-/// virtualOutbound may arrive). `--capture none` with neither binds nothing there, so plain
-/// proxies can share a host.
-pub fn needs_capture_listener(opts: &RunOptions, extras: &CaptureExtras) -> bool {
-    let port = opts.outbound_v4.port();
-    opts.capture.is_some()
-        || extras.iptables.is_some()
-        || extras.auto_fallback.is_some()
-        || opts.bootstrap.ads.is_some()
-        || opts
-            .bootstrap
-            .listeners
-            .iter()
-            .any(|l| l.address.port() == port)
-}
-
 /// The run's options for `a`, with `kind` the capture actually used (`--capture auto`
 /// already resolved to eBPF or iptables).
 pub fn build(

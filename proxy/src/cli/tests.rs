@@ -424,7 +424,7 @@ fn admin_is_on_loopback_15000_unless_told_and_remote_needs_the_flag() {
 
 #[test]
 fn capture_none_without_a_capture_port_listener_binds_no_capture_listener() {
-    use super::run::needs_capture_listener;
+    use crate::app::needs_capture_listener;
     let plain = crate::config::parse("node: { id: n }\n", "<test>").unwrap();
     let (opts, extras) = build(run_args(&["--capture", "none"]), plain, CaptureKind::None).unwrap();
     assert!(!needs_capture_listener(&opts, &extras));

@@ -463,11 +463,10 @@ mod tests {
         };
         // The talk ends when the cut closes its sockets; the copy must have ended by then
         // (both are awaited: which one a select would see first is a race).
-        let (r, ()) = tokio::time::timeout(Duration::from_secs(5), async {
-            tokio::join!(proxy, talk)
-        })
-        .await
-        .expect("the busy connection was never cut");
+        let (r, ()) =
+            tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(proxy, talk) })
+                .await
+                .expect("the busy connection was never cut");
         let ended = r.unwrap().unwrap();
         assert_eq!(ended.cut, Some(Cut::MaxDuration));
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
