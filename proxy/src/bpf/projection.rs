@@ -644,6 +644,8 @@ fn cluster_image(
         return (v, None);
     }
     let (endpoints, weights): (Vec<SocketAddr>, Vec<u32>) = slots.into_iter().unzip();
+    // Unequal weights: RANDOM draws by them (the Maglev table's proportions).
+    let shares = !simple || (unhashed_maglev && weights.windows(2).any(|w| w[0] != w[1]));
     v.fast = true;
     v.reason = format!(
         "{what} to {} cluster {name} ({}, {} healthy endpoints)",
@@ -657,7 +659,7 @@ fn cluster_image(
             lb,
             endpoints,
             weights,
-            shares: !simple || unhashed_maglev,
+            shares,
         }),
     )
 }

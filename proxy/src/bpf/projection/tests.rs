@@ -667,12 +667,13 @@ fn maglev_without_a_source_ip_hash_policy_is_random_by_weight_as_in_the_proxy() 
     };
     let plain = tcp_chain("plain", "10.96.0.21", 80, "mg2");
     let mixed = tcp_chain("mixed", "10.96.0.22", 80, "mg");
+    let mut mg2 = static_cluster("mg2", LbPolicy::Maglev, &EPS);
+    if let ClusterKind::Static(la) = &mut mg2.kind {
+        la.localities[0].endpoints[0].weight = 3;
+    }
     let s = snap(
         vec![virtual_listener(vec![hashed, plain, mixed])],
-        vec![
-            static_cluster("mg", LbPolicy::Maglev, &EPS),
-            static_cluster("mg2", LbPolicy::Maglev, &EPS),
-        ],
+        vec![static_cluster("mg", LbPolicy::Maglev, &EPS), mg2],
     );
     // The proxy's own decision, which the projection must follow.
     for (vip, hashes) in [("10.96.0.20", true), ("10.96.0.21", false)] {
@@ -696,7 +697,7 @@ fn maglev_without_a_source_ip_hash_policy_is_random_by_weight_as_in_the_proxy() 
         random.shares,
         "RANDOM draws by weight, as the Maglev table does"
     );
-    assert_eq!(random.endpoints.len(), EPS.len());
+    assert_eq!(random.weights, vec![3, 1, 1]);
     assert!(reason(&img, "10.96.0.21:80").contains("without a source_ip hash_policy"));
     // One kernel image per cluster: the unhashed service of a hashed cluster stays out.
     let mixed: SocketAddr = "10.96.0.22:80".parse().unwrap();
