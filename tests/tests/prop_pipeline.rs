@@ -6,7 +6,9 @@
 //! checks), the snapshot and its store, every cluster's balancer plan and picks, the BPF
 //! projection, the reconciler writing an in-memory copy of the maps, and the walk the kernel
 //! does over them. Property: nothing panics or aborts, and every refusal is a typed rejection
-//! naming a resource.
+//! naming a resource. A second fuzz routes generated connections (`dataplane::route`) and
+//! requests (`http::route`) on the generated snapshots: no panic, and every listener, cluster,
+//! host, virtual host and route chosen is the snapshot's own.
 //!
 //! Cases: `SKIFF_FUZZ_CASES` (default 100000, about two minutes in debug on two cores):
 //! `SKIFF_FUZZ_CASES=2000000 cargo test --release -p skiff-tests --test prop_pipeline`.
@@ -303,12 +305,24 @@ fn tcp_proxy() -> impl Strategy<Value = Any> {
             })
         }),
     ]
-    .prop_map(|s| {
+    .prop_flat_map(|s| (Just(s), prop::bool::weighted(0.3)))
+    .prop_map(|(s, hashed)| {
+        use envoy_types::pb::envoy::r#type::v3::{HashPolicy, hash_policy};
+        let hash_policy = if hashed {
+            vec![HashPolicy {
+                policy_specifier: Some(hash_policy::PolicySpecifier::SourceIp(
+                    hash_policy::SourceIp {},
+                )),
+            }]
+        } else {
+            vec![]
+        };
         pack(
             TCP_PROXY,
             &tcp::TcpProxy {
                 stat_prefix: "s".into(),
                 cluster_specifier: Some(s),
+                hash_policy,
                 ..Default::default()
             },
         )
@@ -453,8 +467,9 @@ fn filter_chain() -> impl Strategy<Value = lpb::FilterChain> {
         ),
         filter,
         "[a-z]{0,3}",
+        prop_oneof![6 => Just(None), 1 => connection_match().prop_map(Some)],
     )
-        .prop_map(|(dport, prefixes, (fname, typed), name)| lpb::FilterChain {
+        .prop_map(|(dport, prefixes, (fname, typed), name, by_conn)| lpb::FilterChain {
             name,
             filter_chain_match: Some(lpb::FilterChainMatch {
                 destination_port: dport.map(u32v),
@@ -465,7 +480,7 @@ fn filter_chain() -> impl Strategy<Value = lpb::FilterChain> {
                         prefix_len: len.map(u32v),
                     })
                     .collect(),
-                ..Default::default()
+                ..by_conn.unwrap_or_default()
             }),
             filters: vec![lpb::Filter {
                 name: fname.into(),
@@ -473,6 +488,60 @@ fn filter_chain() -> impl Strategy<Value = lpb::FilterChain> {
             }],
             ..Default::default()
         })
+}
+
+/// A chain's match on more than the destination: SNI, transport and application protocols,
+/// source ranges and ports (what the connection routing fuzz drives).
+fn connection_match() -> impl Strategy<Value = lpb::FilterChainMatch> {
+    (
+        prop::collection::vec(
+            prop_oneof![
+                Just("a.svc".to_string()),
+                Just("*.svc".to_string()),
+                "[a-z.*]{0,6}"
+            ],
+            0..2,
+        ),
+        prop_oneof![
+            Just(String::new()),
+            Just("tls".to_string()),
+            Just("raw_buffer".to_string())
+        ],
+        prop::collection::vec(
+            prop_oneof![
+                Just("http/1.1".to_string()),
+                Just("h2c".to_string()),
+                Just("istio".to_string())
+            ],
+            0..2,
+        ),
+        prop::collection::vec(
+            (
+                ip(),
+                prop::option::of(prop_oneof![Just(32u32), Just(8), Just(0), Just(128)]),
+            ),
+            0..2,
+        ),
+        prop::collection::vec(prop_oneof![Just(40000u32), Just(0), any::<u32>()], 0..2),
+    )
+        .prop_map(
+            |(server_names, transport_protocol, application_protocols, sources, source_ports)| {
+                lpb::FilterChainMatch {
+                    server_names,
+                    transport_protocol,
+                    application_protocols,
+                    source_prefix_ranges: sources
+                        .into_iter()
+                        .map(|(address_prefix, len)| core::CidrRange {
+                            address_prefix,
+                            prefix_len: len.map(u32v),
+                        })
+                        .collect(),
+                    source_ports,
+                    ..Default::default()
+                }
+            },
+        )
 }
 
 fn listener(name: String) -> impl Strategy<Value = lpb::Listener> {
@@ -691,7 +760,7 @@ fn exercise(store: &Store) {
     }
 }
 
-fn run(pushes: &[Push]) {
+fn run(pushes: &[Push]) -> Store {
     let mut r = Resources::default();
     let store = Store::new(r.snapshot());
     for (i, p) in pushes.iter().enumerate() {
@@ -731,6 +800,7 @@ fn run(pushes: &[Push]) {
         store.publish(r.snapshot());
         exercise(&store);
     }
+    store
 }
 
 /// How deep the cases went: a fuzz whose inputs never reach the projection would pass while
@@ -754,12 +824,14 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A control plane's pushes (one or two rounds: the second updates or removes what the first
-/// created) never make skiff panic or abort, from acceptance to the kernel's choice. The cases
-/// are split over the machine's cores (up to 4), each thread with its own seed.
-#[test]
-fn hostile_pushes_never_panic() {
-    let n = cases();
+/// Runs `body` on `n` values of `strategy`, split over the machine's cores (up to 4), each
+/// thread with its own seed (`SKIFF_FUZZ_SEED` fixes the base).
+fn fuzz<S, G, F>(n: u32, strategy: G, body: F)
+where
+    S: Strategy,
+    G: Fn() -> S + Copy + Send + 'static,
+    F: Fn(S::Value) + Copy + Send + 'static,
+{
     let threads = std::thread::available_parallelism().map_or(1, |p| p.get().min(4)) as u32;
     let base: u64 = std::env::var("SKIFF_FUZZ_SEED")
         .ok()
@@ -789,8 +861,8 @@ fn hostile_pushes_never_panic() {
                 );
                 let mut runner = proptest::test_runner::TestRunner::new_with_rng(config, rng);
                 runner
-                    .run(&prop::collection::vec(push(), 1..3), |pushes| {
-                        run(&pushes);
+                    .run(&strategy(), |v| {
+                        body(v);
                         Ok(())
                     })
                     .map_err(|e| format!("thread {t} of seed {base}: {e}"))
@@ -804,6 +876,21 @@ fn hostile_pushes_never_panic() {
             Err(_) => panic!("a fuzz thread panicked outside a case (seed {base})"),
         }
     }
+}
+
+/// A control plane's pushes (one or two rounds: the second updates or removes what the first
+/// created) never make skiff panic or abort, from acceptance to the kernel's choice. The cases
+/// are split over the machine's cores (up to 4), each thread with its own seed.
+#[test]
+fn hostile_pushes_never_panic() {
+    let n = cases();
+    fuzz(
+        n,
+        || prop::collection::vec(push(), 1..3),
+        |pushes| {
+            run(&pushes);
+        },
+    );
     let r = &REACHED;
     let seen = |c: &AtomicU64| c.load(Ordering::Relaxed);
     eprintln!(
@@ -826,6 +913,323 @@ fn hostile_pushes_never_panic() {
     at_least(&r.balanced, 10, "balanced a cluster with hosts");
     at_least(&r.projected, 1, "projected a service");
     at_least(&r.kernel_choices, 1, "reached a kernel choice");
+}
+
+// === traffic on the generated snapshot ===
+
+/// How a connection arrived: which listener accepted it and whether capture redirected it.
+#[derive(Debug, Clone)]
+enum Arrival {
+    /// Redirected to the capture listener (the original destination is known).
+    Captured,
+    /// On the capture listener without an original destination.
+    CapturedUnknown,
+    /// On a listener bound to its own address (by name).
+    Static(String),
+    /// On the inbound listener's port.
+    Inbound(u16),
+}
+
+/// One generated connection: its addresses and what the listener filters detected.
+#[derive(Debug, Clone)]
+struct Conn {
+    arrival: Arrival,
+    dst: SocketAddr,
+    src: SocketAddr,
+    server_name: Option<String>,
+    transport: &'static str,
+    protocols: Vec<String>,
+}
+
+/// One generated HTTP request.
+#[derive(Debug, Clone)]
+struct Req {
+    method: String,
+    host: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+fn traffic_ip() -> impl Strategy<Value = std::net::IpAddr> {
+    prop_oneof![
+        30 => (0u8..2, 1u8..4).prop_map(|(a, b)| std::net::IpAddr::from([10, 96, a, b])),
+        10 => (1u8..6).prop_map(|b| std::net::IpAddr::from([127, 0, 0, b])),
+        3 => (0u16..4).prop_map(|a| std::net::IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, a])),
+        1 => Just(std::net::IpAddr::from([0u8; 4])),
+        1 => Just("::ffff:10.96.0.1".parse().expect("address")),
+        1 => any::<[u8; 4]>().prop_map(std::net::IpAddr::from),
+        1 => any::<[u8; 16]>().prop_map(std::net::IpAddr::from),
+    ]
+}
+
+fn traffic_port() -> impl Strategy<Value = u16> {
+    prop_oneof![
+        20 => prop::sample::select(vec![80u16, 443, 8080, CAPTURE_PORT]),
+        1 => Just(0),
+        1 => any::<u16>(),
+    ]
+}
+
+fn conn() -> impl Strategy<Value = Conn> {
+    (
+        prop_oneof![
+            6 => Just(Arrival::Captured),
+            1 => Just(Arrival::CapturedUnknown),
+            2 => prop::sample::select(vec!["virtualOutbound", "l1", "l2", "nope"])
+                .prop_map(|n| Arrival::Static(n.to_string())),
+            1 => traffic_port().prop_map(Arrival::Inbound),
+        ],
+        (traffic_ip(), traffic_port()),
+        (traffic_ip(), any::<u16>()),
+        prop::option::of(prop_oneof![Just("a.svc".to_string()), "[a-z.*]{0,8}"]),
+        prop::sample::select(vec!["raw_buffer", "tls", ""]),
+        prop::collection::vec(
+            prop_oneof![
+                Just("http/1.1".to_string()),
+                Just("h2c".to_string()),
+                Just("h2".to_string()),
+                "[a-z]{0,3}"
+            ],
+            0..3,
+        ),
+    )
+        .prop_map(
+            |(arrival, (dip, dport), (sip, sport), server_name, transport, protocols)| Conn {
+                arrival,
+                dst: SocketAddr::new(dip, dport),
+                src: SocketAddr::new(sip, sport),
+                server_name,
+                transport,
+                protocols,
+            },
+        )
+}
+
+fn req() -> impl Strategy<Value = Req> {
+    (
+        prop_oneof![
+            10 => prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS"])
+                .prop_map(str::to_string),
+            1 => "[A-Z]{1,8}",
+        ],
+        prop_oneof![
+            10 => "[a-z]{1,6}".prop_map(|d| format!("{d}.svc")),
+            3 => "[a-z]{1,6}".prop_map(|d| format!("{d}.svc:80")),
+            1 => Just("*".to_string()),
+            1 => Just(String::new()),
+            1 => Just("[::1]:8080".to_string()),
+            1 => "[a-zA-Z0-9.:*\\[\\]-]{0,12}",
+        ],
+        prop_oneof![
+            10 => "/[a-z/]{0,6}",
+            2 => "/[a-z]{0,4}\\?[a-z=&]{0,6}",
+            1 => Just("/api/v12/x".to_string()),
+            1 => Just("*".to_string()),
+            1 => Just(String::new()),
+            1 => "[ -~]{0,10}",
+        ],
+        prop::collection::vec(("[a-z:-]{1,6}", "[ -~]{0,6}"), 0..3),
+    )
+        .prop_map(|(method, host, path, headers)| Req {
+            method,
+            host,
+            path,
+            headers,
+        })
+}
+
+/// What the traffic fuzz reached, so it cannot pass while routing nothing.
+#[derive(Debug, Default)]
+struct Routed {
+    tcp: AtomicU64,
+    http_chain: AtomicU64,
+    http_route: AtomicU64,
+}
+
+static ROUTED: Routed = Routed {
+    tcp: AtomicU64::new(0),
+    http_chain: AtomicU64::new(0),
+    http_route: AtomicU64::new(0),
+};
+
+/// Requests through one route configuration: the virtual host and route chosen, when any, are
+/// the configuration's own. Each request is also sent to the first domain of every virtual
+/// host (a wildcard's `*` made a label), so generated hosts are not the only ones tried.
+fn route_requests(rc: &skiff::model::RouteConfig, reqs: &[Req]) -> bool {
+    use skiff::http::route::{RequestFacts, select_route, select_virtual_host};
+    let domains = rc
+        .virtual_hosts
+        .iter()
+        .filter_map(|v| v.domains.first())
+        .map(|d| d.replace('*', "x"));
+    let reqs: Vec<Req> = reqs
+        .iter()
+        .cloned()
+        .chain(
+            domains
+                .zip(reqs.iter().cycle())
+                .map(|(host, r)| Req { host, ..r.clone() }),
+        )
+        .collect();
+    let mut routed = false;
+    for r in &reqs {
+        let Ok(method) = hyper::Method::from_bytes(r.method.as_bytes()) else {
+            continue;
+        };
+        let mut headers = hyper::HeaderMap::new();
+        for (k, v) in &r.headers {
+            if let (Ok(k), Ok(v)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                hyper::header::HeaderValue::from_str(v),
+            ) {
+                headers.append(k, v);
+            }
+        }
+        let Some(vh) = select_virtual_host(rc, &r.host) else {
+            continue;
+        };
+        assert!(
+            rc.virtual_hosts.iter().any(|v| std::ptr::eq(v, vh)),
+            "virtual host {} is not one of {}'s",
+            vh.name,
+            rc.name
+        );
+        let facts = RequestFacts {
+            host: &r.host,
+            method: &method,
+            path: &r.path,
+            headers: &headers,
+        };
+        if let Some(route) = select_route(vh, &facts) {
+            assert!(
+                vh.routes.iter().any(|x| std::ptr::eq(x, route)),
+                "route {:?} is not one of virtual host {}'s",
+                route.name,
+                vh.name
+            );
+            routed = true;
+        }
+    }
+    routed
+}
+
+/// Connections through `dataplane::route` on the published snapshot, then requests through
+/// the HTTP route selection of the connection manager they reach (and of every RDS
+/// configuration): no panic, and what is chosen is the snapshot's own.
+fn traffic(store: &Store, conns: &[Conn], reqs: &[Req]) {
+    use skiff::dataplane::ListenerRole;
+    use skiff::dataplane::route::{self, ConnFacts, Route, Target};
+    let snap = store.load();
+    let weighted = std::sync::atomic::AtomicUsize::new(0);
+    for c in conns {
+        let (role, redirected) = match &c.arrival {
+            Arrival::Captured => (ListenerRole::Capture, Some(c.dst)),
+            Arrival::CapturedUnknown => (ListenerRole::Capture, None),
+            Arrival::Static(name) => (ListenerRole::Static { name: name.clone() }, None),
+            Arrival::Inbound(port) => (ListenerRole::Inbound { port: *port }, Some(c.dst)),
+        };
+        let listener = route::listener_for(&snap, &role, redirected, CAPTURE_PORT);
+        if let Some(l) = listener {
+            assert!(
+                snap.listeners.values().any(|x| Arc::ptr_eq(x, l)),
+                "listener {} is not the snapshot's",
+                l.name
+            );
+        }
+        let facts = ConnFacts {
+            dst: c.dst,
+            orig_dst: redirected.map(skiff::addr::OrigDstAddr),
+            src: c.src,
+            direct_src: c.src,
+            server_name: c.server_name.as_deref(),
+            transport_protocol: c.transport,
+            application_protocols: &c.protocols,
+        };
+        match route::select(&snap, listener, &facts, &weighted) {
+            Route::TcpProxy(t) => {
+                assert!(
+                    snap.clusters.values().any(|e| Arc::ptr_eq(e, &t.cluster)),
+                    "cluster {} is not the snapshot's",
+                    t.cluster.cluster.name
+                );
+                if let Target::Host(h) = &t.target {
+                    assert!(
+                        t.cluster.lb.host(h.address()).is_some(),
+                        "host {} is not in cluster {}",
+                        h.address(),
+                        t.cluster.cluster.name
+                    );
+                }
+                bump(&ROUTED.tcp);
+            }
+            Route::Http { chain, manager } => {
+                assert!(
+                    listener.is_some_and(|l| Arc::ptr_eq(l, chain.listener())),
+                    "the chain is not the serving listener's"
+                );
+                bump(&ROUTED.http_chain);
+                let rc = manager.inline_route_config.clone().or_else(|| {
+                    manager
+                        .rds_route_config_name
+                        .as_ref()
+                        .and_then(|n| snap.routes.get(n))
+                        .cloned()
+                });
+                if rc.is_some_and(|rc| route_requests(&rc, reqs)) {
+                    bump(&ROUTED.http_route);
+                }
+            }
+            Route::Passthrough(_) | Route::Reject(_) => {}
+        }
+    }
+    for rc in snap.routes.values() {
+        if route_requests(rc, reqs) {
+            bump(&ROUTED.http_route);
+        }
+    }
+}
+
+/// Generated connections (addresses, ports, SNI, detected protocols, how they arrived) and
+/// requests (method, host, path, headers) routed on a generated snapshot never panic, and pick
+/// only the snapshot's listeners, clusters, hosts, virtual hosts and routes. A twentieth of the
+/// cases of the test above: a case also runs the whole pipeline.
+#[test]
+fn generated_traffic_routes_only_to_the_snapshot() {
+    let n = (cases() / 20).max(1);
+    fuzz(
+        n,
+        || {
+            (
+                prop::collection::vec(push(), 1..3),
+                prop::collection::vec(conn(), 1..6),
+                prop::collection::vec(req(), 1..6),
+            )
+        },
+        |(pushes, conns, reqs)| {
+            let store = run(&pushes);
+            traffic(&store, &conns, &reqs);
+        },
+    );
+    let seen = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let r = &ROUTED;
+    eprintln!(
+        "{n} cases: {} tcp_proxy routes, {} HCM chains, {} route configurations chose an \
+         HTTP route",
+        seen(&r.tcp),
+        seen(&r.http_chain),
+        seen(&r.http_route)
+    );
+    for (c, what) in [
+        (&r.tcp, "tcp_proxy route"),
+        (&r.http_chain, "HCM chain"),
+        (&r.http_route, "route configuration choosing an HTTP route"),
+    ] {
+        assert!(
+            seen(c) * 100 >= u64::from(n),
+            "only {} {what}s in {n} cases",
+            seen(c)
+        );
+    }
 }
 
 /// Regression: an EDS `priority: 4294967295` made skiff allocate one balancer level per

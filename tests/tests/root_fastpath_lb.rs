@@ -68,7 +68,15 @@ fn bootstrap_yaml() -> String {
         ("pin", "10.96.0.16"),
         ("prio", "10.96.0.17"),
     ]
-    .map(|(name, vip)| tcp_chain(name, vip, 32, name));
+    .map(|(name, vip)| {
+        let chain = tcp_chain(name, vip, 32, name);
+        // MAGLEV hashes the client only with a source_ip hash policy (else it is random).
+        if name == "mg" {
+            chain + "\n          hash_policy: [{ source_ip: {} }]"
+        } else {
+            chain
+        }
+    });
     let clusters = [
         cluster("wrr", "ROUND_ROBIN", &[(a, 1), (b, 2), (c, 3)]),
         cluster("lr", "LEAST_REQUEST", &[(a, 1), (b, 1), (c, 1)]),

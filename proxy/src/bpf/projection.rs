@@ -24,7 +24,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::listener::UdpProxy;
+use crate::model::listener::{TcpProxy, UdpProxy};
 use crate::model::{ClusterKind, ClusterSpecifier, FilterChain, LbPolicy, Listener, NetworkAction};
 use crate::state::Snapshot;
 
@@ -246,7 +246,8 @@ pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
     let mut image = MapImage::default();
     let index = snap.virtual_listener(capture_port).map(ChainIndex::new);
     for dst in candidates(snap, capture_port) {
-        let (verdict, cluster) = classify_with(snap, capture_port, dst, index.as_ref());
+        let (mut verdict, cluster) = classify_with(snap, capture_port, dst, index.as_ref());
+        let cluster = one_policy(&image, &mut verdict, cluster);
         if let (true, vip, Some(c)) = (verdict.fast, dst, cluster) {
             let name = verdict.cluster.clone().unwrap_or_default();
             image.services.insert(
@@ -269,7 +270,8 @@ pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
         if dst.ip().is_loopback() || dst.ip().is_unspecified() || dst.port() == 0 {
             continue;
         }
-        let (verdict, cluster) = classify_udp(snap, l, udp);
+        let (mut verdict, cluster) = classify_udp(snap, l, udp);
+        let cluster = one_policy(&image, &mut verdict, cluster);
         if let (true, Some(c), Some(name)) = (verdict.fast, cluster, verdict.cluster.clone()) {
             image.udp_services.insert(
                 dst,
@@ -284,6 +286,30 @@ pub fn project(snap: &Snapshot, capture_port: u16) -> MapImage {
         image.udp_verdicts.insert(dst, verdict);
     }
     image
+}
+
+/// The kernel holds one image per cluster: a cluster one service reaches hashed (MAGLEV) and
+/// another unhashed (RANDOM) keeps the later service in the proxy.
+fn one_policy(
+    image: &MapImage,
+    v: &mut Verdict,
+    cluster: Option<ClusterImage>,
+) -> Option<ClusterImage> {
+    let c = cluster?;
+    let name = v.cluster.as_deref().unwrap_or_default();
+    match image.clusters.get(name) {
+        Some(other) if v.fast && other.lb != c.lb => {
+            v.fast = false;
+            v.reason = format!(
+                "cluster {name} is already in the kernel as {} and this service needs {} (a \
+                 tcp_proxy hash_policy differs): stays in the proxy",
+                other.lb.as_str(),
+                c.lb.as_str()
+            );
+            None
+        }
+        _ => Some(c),
+    }
 }
 
 /// Whether datagrams to a UDP listener's address take the kernel fast path: an IPv4 VIP
@@ -313,7 +339,7 @@ pub fn classify_udp(
         );
         return (v, None);
     }
-    let (mut v, c) = cluster_image(snap, name, dst, v, "udp_proxy");
+    let (mut v, c) = cluster_image(snap, name, dst, v, "udp_proxy", None);
     if !v.fast {
         // Unlike TCP, nothing else serves it: say so.
         v.reason = format!("{} (UDP: not served, the proxy has no UDP)", v.reason);
@@ -479,18 +505,20 @@ fn classify_with(
             return (v, None);
         }
     };
-    cluster_image(snap, name, dst, v, "plain tcp_proxy")
+    cluster_image(snap, name, dst, v, "plain tcp_proxy", Some(tcp))
 }
 
 /// Whether `name` can be balanced by the kernel for a service at `dst`, and its slots: `v`
 /// comes back with the cluster and the reason filled in; `what` names the proxy filter in the
-/// reason.
+/// reason. `tcp` is the tcp_proxy in front of it: without a hash policy the proxy's MAGLEV
+/// picks at random ([`route::tcp_hashes`]), so the kernel does too.
 fn cluster_image(
     snap: &Snapshot,
     name: &str,
     dst: SocketAddr,
     mut v: Verdict,
     what: &str,
+    tcp: Option<&TcpProxy>,
 ) -> (Verdict, Option<ClusterImage>) {
     v.cluster = Some(name.to_string());
     let Some(entry) = snap.cluster(name) else {
@@ -510,6 +538,11 @@ fn cluster_image(
         LbPolicy::RoundRobin => FastLb::RoundRobin,
         LbPolicy::Random => FastLb::Random,
         LbPolicy::LeastRequest => FastLb::LeastRequest,
+        // No hash: a random hash into the Maglev table, i.e. a random host by weight, which
+        // is RANDOM drawing by weight (`shares` below).
+        LbPolicy::Maglev if tcp.is_some_and(|t| !route::tcp_hashes(t, c.lb_policy)) => {
+            FastLb::Random
+        }
         LbPolicy::Maglev => FastLb::Maglev,
         other => {
             v.reason = format!(
@@ -518,6 +551,12 @@ fn cluster_image(
             );
             return (v, None);
         }
+    };
+    let unhashed_maglev = c.lb_policy == LbPolicy::Maglev && lb == FastLb::Random;
+    let label = if unhashed_maglev {
+        "MAGLEV without a source_ip hash_policy: RANDOM by weight"
+    } else {
+        lb.as_str()
     };
     // The hosts new connections may reach and their shares, exactly as the userspace balancer
     // computes them (priority load, panic, degraded hosts, locality weights, host weights).
@@ -552,11 +591,11 @@ fn cluster_image(
             .levels
             .iter()
             .all(|l| l.healthy_localities.is_none() && l.degraded_localities.is_none());
-    if !simple && matches!(lb, FastLb::LeastRequest | FastLb::Maglev) {
+    if !simple && (unhashed_maglev || matches!(lb, FastLb::LeastRequest | FastLb::Maglev)) {
         v.reason = format!(
             "cluster {name}: {} across priority levels, panic or locality weights stays in the \
              proxy",
-            lb.as_str()
+            label
         );
         return (v, None);
     }
@@ -605,11 +644,13 @@ fn cluster_image(
         return (v, None);
     }
     let (endpoints, weights): (Vec<SocketAddr>, Vec<u32>) = slots.into_iter().unzip();
+    // Unequal weights: RANDOM draws by them (the Maglev table's proportions).
+    let shares = !simple || (unhashed_maglev && weights.windows(2).any(|w| w[0] != w[1]));
     v.fast = true;
     v.reason = format!(
         "{what} to {} cluster {name} ({}, {} healthy endpoints)",
         c.kind.as_str(),
-        lb.as_str(),
+        label,
         endpoints.len()
     );
     (
@@ -618,7 +659,7 @@ fn cluster_image(
             lb,
             endpoints,
             weights,
-            shares: !simple,
+            shares,
         }),
     )
 }

@@ -67,7 +67,7 @@ pub enum OptionsError {
     )]
     AutoNodeWithoutEbpf {
         /// Why the probe refused eBPF.
-        reason: String,
+        reason: crate::capture::probe::ProbeError,
     },
     /// A node-mode flag in sidecar mode.
     #[error("{0} is a node-mode flag: use --mode node")]
@@ -95,8 +95,7 @@ pub fn run_options(a: RunArgs) -> Result<(RunOptions, CaptureExtras), OptionsErr
                     .clone()
                     .or_else(|| crate::bpf::cgroup2_mount().ok()),
             };
-            let probed = crate::capture::probe::ebpf_supported(cgroup.as_deref())
-                .map_err(|why| why.to_string());
+            let probed = crate::capture::probe::ebpf_supported(cgroup.as_deref());
             resolve_auto(a.mode, probed)?
         }
         k => k,
@@ -106,7 +105,10 @@ pub fn run_options(a: RunArgs) -> Result<(RunOptions, CaptureExtras), OptionsErr
 
 /// What `--capture auto` becomes given the probe's answer: eBPF when supported; otherwise
 /// iptables in sidecar mode, and a refusal in node mode (iptables serves one namespace).
-pub fn resolve_auto(mode: Mode, probed: Result<(), String>) -> Result<CaptureKind, OptionsError> {
+pub fn resolve_auto(
+    mode: Mode,
+    probed: Result<(), crate::capture::probe::ProbeError>,
+) -> Result<CaptureKind, OptionsError> {
     match (probed, mode) {
         (Ok(()), _) => {
             info!("--capture auto: the eBPF capture is supported here; using it");

@@ -376,15 +376,17 @@ fn flags_that_cannot_act_in_the_chosen_capture_are_refused() {
 #[test]
 fn auto_in_node_mode_is_ebpf_or_refused() {
     use super::run::resolve_auto;
+    use crate::capture::probe::ProbeError;
     assert_eq!(resolve_auto(Mode::Node, Ok(())).unwrap(), CaptureKind::Ebpf);
     assert_eq!(
-        resolve_auto(Mode::Sidecar, Err("no bpffs".into())).unwrap(),
+        resolve_auto(Mode::Sidecar, Err(ProbeError::NoBpffs)).unwrap(),
         CaptureKind::Iptables
     );
-    let e = resolve_auto(Mode::Node, Err("no CAP_BPF".into())).unwrap_err();
+    let e = resolve_auto(Mode::Node, Err(ProbeError::NoCapBpf)).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "--capture auto in node mode needs the eBPF capture, which is unavailable here: no CAP_BPF"
+        "--capture auto in node mode needs the eBPF capture, which is unavailable here: the \
+         process lacks CAP_BPF (or CAP_SYS_ADMIN)"
     );
 }
 

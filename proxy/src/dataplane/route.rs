@@ -477,11 +477,15 @@ pub fn select(
 /// `policy`. Without a hash policy there is none: RING_HASH and MAGLEV then pick a random
 /// host, as Envoy's do.
 pub fn tcp_hash(tcp: &TcpProxy, policy: crate::model::LbPolicy, src: IpAddr) -> Option<u64> {
+    tcp_hashes(tcp, policy).then(|| lb::source_ip_hash(src))
+}
+
+/// Whether connections through `tcp` to a cluster balanced by `policy` are hashed by their
+/// source address (a `source_ip` hash policy and a hashing policy); otherwise RING_HASH and
+/// MAGLEV pick at random. The kernel projection asks the same question.
+pub fn tcp_hashes(tcp: &TcpProxy, policy: crate::model::LbPolicy) -> bool {
     use crate::model::listener::TcpHashPolicy;
-    match tcp.hash_policy {
-        Some(TcpHashPolicy::SourceIp) if lb::uses_hash(policy) => Some(lb::source_ip_hash(src)),
-        _ => None,
-    }
+    matches!(tcp.hash_policy, Some(TcpHashPolicy::SourceIp)) && lb::uses_hash(policy)
 }
 
 /// tcp_proxy's cluster, then the host in it (and the hash it was picked with).

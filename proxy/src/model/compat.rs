@@ -316,6 +316,26 @@ pub fn lookup(kind: Kind, name: &str, type_name: &str) -> Option<&'static Entry>
     }
 }
 
+/// Why a configured filter or transport socket is refused; `Display` is the model's
+/// `error_detail` text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A row of the table refuses it, for the row's reason.
+    #[error("{shown} is not supported by skiff: {note}")]
+    Listed {
+        /// What was configured (kind, name and config type).
+        shown: String,
+        /// The table's note.
+        note: &'static str,
+    },
+    /// No row names it and it is not optional.
+    #[error("{shown} is not supported by skiff and not optional")]
+    Unknown {
+        /// What was configured (kind, name and config type).
+        shown: String,
+    },
+}
+
 /// Decide about one filter or transport socket: honoured, skipped (optional), or a refusal
 /// naming it. `is_optional` is the HTTP filter's own flag.
 pub fn classify(
@@ -323,7 +343,7 @@ pub fn classify(
     name: &str,
     type_name: &str,
     is_optional: bool,
-) -> Result<Verdict, String> {
+) -> Result<Verdict, Refusal> {
     let what = match kind {
         ListenerFilter => "listener filter",
         NetworkFilter => "network filter",
@@ -346,10 +366,11 @@ pub fn classify(
             warn_once(name);
             Ok(Verdict::Skip(name.to_string()))
         }
-        Some(e) => Err(format!("{shown} is not supported by skiff: {}", e.note)),
-        None => Err(format!(
-            "{shown} is not supported by skiff and not optional"
-        )),
+        Some(e) => Err(Refusal::Listed {
+            shown,
+            note: e.note,
+        }),
+        None => Err(Refusal::Unknown { shown }),
     }
 }
 
@@ -473,7 +494,9 @@ mod tests {
             classify(HttpFilter, "acme", "acme.Magic", true),
             Ok(Verdict::Skip("acme".into()))
         );
-        let e = classify(HttpFilter, "acme", "acme.Magic", false).unwrap_err();
+        let e = classify(HttpFilter, "acme", "acme.Magic", false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"acme\"") && e.contains("not optional"), "{e}");
         let e = classify(
             HttpFilter,
@@ -481,7 +504,8 @@ mod tests {
             "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             false,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("ext_authz"), "{e}");
     }
 

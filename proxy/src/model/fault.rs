@@ -262,7 +262,7 @@ pub fn per_filter(name: &str, any: &Any) -> Result<Option<FaultOverride>, FieldE
             Err(compat::refuse(compat::F_CORS_POLICY, at))
         }
         Ok(compat::Verdict::Run(_)) => Ok(None),
-        Err(reason) => Err(FieldError::new(at, reason)),
+        Err(reason) => Err(FieldError::new(at, reason.to_string())),
     }
 }
 

@@ -625,7 +625,7 @@ fn transport_socket(
         }
         // Refused by the table, or a TLS context given by name only.
         Err(_) if t.is_empty() && ts.name.contains("tls") => Ok(true),
-        Err(reason) => Err(FieldError::new("transport_socket", reason)),
+        Err(reason) => Err(FieldError::new("transport_socket", reason.to_string())),
     }
 }
 
@@ -841,7 +841,7 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<HttpFilterSets, FieldE
             match compat::classify(Kind::HttpFilter, lookup_name, &type_name, f.is_optional) {
                 Ok(v) => v,
                 Err(_) if f.disabled => Verdict::Skip(f.name.clone()),
-                Err(reason) => return Err(FieldError::new(at, reason)),
+                Err(reason) => return Err(FieldError::new(at, reason.to_string())),
             };
         let disposition = match &verdict {
             Verdict::Run(e) if e.type_name == compat::FAULT_TYPE => {
@@ -1076,7 +1076,9 @@ impl FilterChain {
                 }
                 Ok(Verdict::Run(_)) => {}
                 Ok(Verdict::Skip(name)) => unsupported.push(name),
-                Err(reason) => return Err(FieldError::new(format!("filters[{i}]"), reason)),
+                Err(reason) => {
+                    return Err(FieldError::new(format!("filters[{i}]"), reason.to_string()));
+                }
             }
         }
         let action = match &last.config_type {
@@ -1092,7 +1094,7 @@ impl FilterChain {
                     let reason = match compat::classify(Kind::NetworkFilter, &last.name, &t, false)
                     {
                         Ok(_) => format!("the last filter must be terminal, not {:?}", last.name),
-                        Err(reason) => reason,
+                        Err(reason) => reason.to_string(),
                     };
                     return Err(FieldError::new(format!("filters[{n}]"), reason));
                 }
@@ -1160,7 +1162,10 @@ fn listener_filters(
             Ok(Verdict::Run(_)) => {}
             Ok(Verdict::Skip(name)) => unsupported.push(name),
             Err(reason) => {
-                return Err(FieldError::new(format!("listener_filters[{i}]"), reason));
+                return Err(FieldError::new(
+                    format!("listener_filters[{i}]"),
+                    reason.to_string(),
+                ));
             }
         }
     }

@@ -580,3 +580,52 @@ fn udp_services_count_against_max_services() {
     assert!(msg.is_none());
     assert_eq!(fit.udp_services.len(), 1);
 }
+
+#[test]
+fn maglev_without_a_source_ip_hash_policy_is_random_by_weight_as_in_the_proxy() {
+    let hashed = {
+        let mut c = tcp_chain("hashed", "10.96.0.20", 80, "mg");
+        if let NetworkAction::TcpProxy(t) = &mut c.action {
+            t.hash_policy = Some(crate::model::listener::TcpHashPolicy::SourceIp);
+        }
+        c
+    };
+    let plain = tcp_chain("plain", "10.96.0.21", 80, "mg2");
+    let mixed = tcp_chain("mixed", "10.96.0.22", 80, "mg");
+    let mut mg2 = static_cluster("mg2", LbPolicy::Maglev, &EPS);
+    if let ClusterKind::Static(la) = &mut mg2.kind {
+        la.localities[0].endpoints[0].weight = 3;
+    }
+    let s = snap(
+        vec![virtual_listener(vec![hashed, plain, mixed])],
+        vec![static_cluster("mg", LbPolicy::Maglev, &EPS), mg2],
+    );
+    // The proxy's own decision, which the projection must follow.
+    for (vip, hashes) in [("10.96.0.20", true), ("10.96.0.21", false)] {
+        let chain = s
+            .virtual_listener(15001)
+            .unwrap()
+            .filter_chains
+            .iter()
+            .find(|c| c.matcher.prefix_ranges[0].addr == vip.parse::<IpAddr>().unwrap())
+            .unwrap();
+        let NetworkAction::TcpProxy(t) = &chain.action else {
+            unreachable!()
+        };
+        assert_eq!(route::tcp_hashes(t, LbPolicy::Maglev), hashes);
+    }
+    let img = project(&s, 15001);
+    assert_eq!(img.clusters["mg"].lb, FastLb::Maglev);
+    let random = &img.clusters["mg2"];
+    assert_eq!(random.lb, FastLb::Random);
+    assert!(
+        random.shares,
+        "RANDOM draws by weight, as the Maglev table does"
+    );
+    assert_eq!(random.weights, vec![3, 1, 1]);
+    assert!(reason(&img, "10.96.0.21:80").contains("without a source_ip hash_policy"));
+    // One kernel image per cluster: the unhashed service of a hashed cluster stays out.
+    let mixed: SocketAddr = "10.96.0.22:80".parse().unwrap();
+    assert!(!img.services.contains_key(&mixed));
+    assert!(reason(&img, "10.96.0.22:80").starts_with("proxy: cluster mg is already"));
+}
