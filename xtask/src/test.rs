@@ -25,10 +25,11 @@ pub fn run() -> anyhow::Result<()> {
         c.current_dir(&root).env("SKIFF_EBPF_OBJ", &obj);
         c
     };
+    // The end-to-end tests run the real binaries (`skiff`, the test peers): built first, since
+    // `cargo test` builds only the binaries of the crate under test.
+    sh(cargo().args(["build", "-p", "skiff", "-p", "skiff-tests", "--bins"]))?;
     // Unit tests and unprivileged end-to-end tests.
     sh(cargo().args(["test", "--workspace", "--exclude", "skiff-ebpf"]))?;
-    // The root end-to-end tests run the real binaries.
-    sh(cargo().args(["build", "-p", "skiff", "-p", "skiff-tests", "--bins"]))?;
     // Root tests: real BPF, cgroups and network namespaces; serial, since a process's cgroup
     // and the machine's attach points are shared state.
     sh(cargo().args([
