@@ -1138,6 +1138,13 @@ pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
         "inbound-vip|9080|http|ratings.default.svc.cluster.local",
         "InternalUpstreamTransport",
     ),
+    // HBONE origination: tcp_proxy tunnelling over HTTP CONNECT, which skiff does not run
+    // (served as plain TCP it would send the raw bytes).
+    (
+        "istio-compare-before.json",
+        "connect_originate",
+        "typed_config.tunneling_config",
+    ),
     // HBONE termination: CONNECT routes (then filter state, and mTLS on a selectable chain).
     (
         "istio-compare-before.json",

@@ -126,6 +126,8 @@ pub const RAW_BUFFER_TYPE: &str = "envoy.extensions.transport_sockets.raw_buffer
 /// Wasm filter type (Istio's older stats and metadata exchange ran as builtin Wasm).
 const WASM_TYPE: &str = "envoy.extensions.filters.http.wasm.v3.Wasm";
 
+/// Field path of the tcp_proxy options skiff does not run (tunnelling, subsets, on demand).
+pub const F_TCP_PROXY_UNRUN: &str = "tcp_proxy.tunneling_config";
 /// Field path of a listener's `filter_chain_matcher`.
 pub const F_FILTER_CHAIN_MATCHER: &str = "listener.filter_chain_matcher";
 /// Field path of a selectable filter chain's TLS `transport_socket`.
@@ -283,6 +285,8 @@ pub const TABLE: &[Entry] = &[
         "`filter_action`, `non_forwarding_action` and cluster specifier plugins are not run (route, redirect, direct_response are)"),
     e(Field, "route.route.hash_policy", "", Honoured,
         "header, cookie (no cookie generation), source_ip, query_parameter; `filter_state` is refused"),
+    e(Field, F_TCP_PROXY_UNRUN, "", Refused,
+        "tcp_proxy `tunneling_config` (HTTP CONNECT tunnels), `metadata_match` (subset balancing) and `on_demand` are not run: such a chain would send raw bytes or reach the wrong hosts"),
     e(Field, F_PER_FILTER, "", Refused,
         "a per-route config of a filter skiff does not honour (observational and optional ones excepted)"),
 ];

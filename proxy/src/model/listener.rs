@@ -682,6 +682,18 @@ impl FilterChainMatch {
 fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
     let t = tcp::TcpProxy::decode(any.value.as_slice())
         .map_err(|e| FieldError::new("typed_config", format!("invalid {TCP_PROXY_TYPE}: {e}")))?;
+    // Honour or refuse: what skiff's tcp_proxy step does not do must not be served as plain TCP.
+    let unrun = [
+        (
+            t.tunneling_config.is_some(),
+            "typed_config.tunneling_config",
+        ),
+        (t.metadata_match.is_some(), "typed_config.metadata_match"),
+        (t.on_demand.is_some(), "typed_config.on_demand"),
+    ];
+    if let Some((_, field)) = unrun.iter().find(|(set, _)| *set) {
+        return Err(compat::refuse(compat::F_TCP_PROXY_UNRUN, *field));
+    }
     use tcp::tcp_proxy::ClusterSpecifier as Cs;
     let cluster = match t.cluster_specifier {
         Some(Cs::Cluster(c)) if !c.is_empty() => ClusterSpecifier::Cluster(c),
@@ -692,6 +704,12 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
                     return Err(FieldError::new(
                         format!("typed_config.weighted_clusters.clusters[{i}].name"),
                         "must not be empty",
+                    ));
+                }
+                if c.metadata_match.is_some() {
+                    return Err(compat::refuse(
+                        compat::F_TCP_PROXY_UNRUN,
+                        format!("typed_config.weighted_clusters.clusters[{i}].metadata_match"),
                     ));
                 }
                 out.push((c.name.clone(), c.weight));
@@ -1402,6 +1420,24 @@ mod tests {
                     ..base.clone()
                 },
                 "typed_config.max_downstream_connection_duration",
+            ),
+            // Not run by skiff: refused, never served as plain TCP.
+            (
+                tcp::TcpProxy {
+                    tunneling_config: Some(tcp::tcp_proxy::TunnelingConfig {
+                        hostname: "h:443".into(),
+                        ..Default::default()
+                    }),
+                    ..base.clone()
+                },
+                "typed_config.tunneling_config",
+            ),
+            (
+                tcp::TcpProxy {
+                    metadata_match: Some(Default::default()),
+                    ..base.clone()
+                },
+                "typed_config.metadata_match",
             ),
         ];
         for (t, field) in refused {
