@@ -293,6 +293,9 @@ fn add(counts: &mut BTreeMap<String, u64>, names: &StatNames, d: &Decision<'_>) 
 
 #[test]
 fn skiff_rbac_decides_as_envoy() {
+    // Both tests pick free ports and then bind them in Envoy: run one at a time, or one may
+    // take a port the other just picked.
+    let _serial = skiff_tests::serial();
     let cases = load_cases();
     let admin = free_port();
     let listeners: Vec<Value> = cases.iter().map(|c| listener(c, &c.filter)).collect();
@@ -539,6 +542,7 @@ fn wait_ready(admin: u16, who: &str) {
 
 #[test]
 fn skiff_enforces_rbac_as_envoy() {
+    let _serial = skiff_tests::serial();
     let cases = load_cases();
     let echo = echo_server();
     let ports: Vec<(u16, u16)> = cases.iter().map(|_| (free_port(), free_port())).collect();
