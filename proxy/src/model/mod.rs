@@ -13,6 +13,7 @@ pub mod listener;
 pub mod route;
 #[cfg(test)]
 pub(crate) mod test_util;
+pub mod tls;
 pub mod upstream_http;
 
 use std::fmt;
