@@ -19,6 +19,10 @@ pub enum DataSource {
     File(PathBuf),
 }
 
+/// Every secret a snapshot knows, by name (SDS over ADS, SDS over a gRPC cluster such as
+/// Istio's Unix socket, and the bootstrap's static secrets share one namespace, as in Istio).
+pub type Secrets = BTreeMap<String, Arc<Secret>>;
+
 /// A `tls.v3.Secret`: what SDS, or the bootstrap's `static_resources.secrets`, delivers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Secret {
