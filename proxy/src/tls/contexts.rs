@@ -158,6 +158,11 @@ impl TlsContexts {
             return Ok(hit);
         }
         let built = self.build_client(tls, secrets)?;
+        tracing::debug!(
+            sni = %tls.sni,
+            secrets = ?names(&resolved),
+            "tls: client configuration built"
+        );
         lock(&self.clients).insert(key, tls, resolved, built.clone(), self.capacity);
         Ok(built)
     }
@@ -173,6 +178,11 @@ impl TlsContexts {
             return Ok(hit);
         }
         let built = self.build_server(tls, secrets)?;
+        tracing::debug!(
+            require_client_certificate = tls.require_client_certificate,
+            secrets = ?names(&resolved),
+            "tls: server configuration built"
+        );
         lock(&self.servers).insert(key, tls, resolved, built.clone(), self.capacity);
         Ok(built)
     }
@@ -270,6 +280,10 @@ impl TlsContexts {
             no_alpn,
         })
     }
+}
+
+fn names(secrets: &[Arc<Secret>]) -> Vec<&str> {
+    secrets.iter().map(|s| s.name.as_str()).collect()
 }
 
 fn versions(common: &CommonTls) -> Result<&'static [&'static SupportedProtocolVersion], TlsError> {

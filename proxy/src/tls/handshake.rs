@@ -102,6 +102,10 @@ pub struct Accepted<S> {
 
 /// TLS over `io` to `peer` (the endpoint's address: the session-resumption key when the
 /// context sets no SNI), as `tls` says.
+///
+/// With TLS 1.3 the client finishes before the server has checked the client certificate:
+/// a server refusing it shows up as an error (a fatal alert) on the stream's first read,
+/// not here. No timeout is applied; callers bound the handshake as their connect.
 pub async fn connect<S>(
     io: S,
     tls: &ClientTls,
@@ -124,7 +128,8 @@ where
 
 /// TLS from a client over `io`, as `tls` says. The ClientHello is read first to pick the
 /// configuration: a client offering none of the context's ALPN protocols is served without
-/// ALPN, as Envoy does, rather than refused.
+/// ALPN, as Envoy does, rather than refused. A resumed session keeps the identity of the
+/// certificate its first handshake verified. No timeout is applied.
 pub async fn accept<S>(io: S, tls: &ServerTls) -> Result<Accepted<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,

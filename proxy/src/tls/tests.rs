@@ -516,6 +516,40 @@ async fn tls12_only_and_version_mismatch() {
     assert_eq!(s.unwrap_err().stat_suffix(), "connection_error");
 }
 
+#[tokio::test]
+async fn a_self_signed_server_certificate_trusted_as_its_own_root() {
+    // Envoy test setups often trust the server's own self-signed certificate.
+    let mut params = CertificateParams::new(vec!["server.example".to_string()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap().pem();
+    let server_secrets = secrets((cert.clone(), key.serialize_pem()), &cert);
+    let ctx = TlsContexts::new();
+    let mut down = downstream(false);
+    down.common.validation = None;
+    let server = ctx.server(&down, &server_secrets).unwrap();
+    let mut up = upstream("unused");
+    up.common.certificate = None;
+    up.common.validation = Some(Validation {
+        inline: ValidationContext {
+            trusted_ca: Some(inline(&cert)),
+            san_matchers: vec![SanMatcher {
+                san_type: SanType::Dns,
+                matcher: StringMatch {
+                    kind: StringKind::Exact("server.example".into()),
+                    ignore_case: false,
+                },
+            }],
+        },
+        sds: None,
+    });
+    let client = ctx.client(&up, &Secrets::new()).unwrap();
+    let (c, s) = handshake(&client, &server).await;
+    let (mut c, mut s) = (c.unwrap(), s.unwrap());
+    assert_eq!(c.peer.dns_sans, vec!["server.example".to_string()]);
+    exchange(&mut c, &mut s, b"self-signed").await;
+}
+
 #[test]
 fn identity_has_sans_and_an_rfc2253_subject() {
     let ca = Ca::new("cluster.local");

@@ -332,4 +332,36 @@ mod tests {
         assert!(!dns_name_match("example.com", "*.example.com"));
         assert!(!dns_name_match("foo.example.com", "*example.com"));
     }
+
+    fn matcher(san_type: SanType, kind: StringKind) -> SanMatcher {
+        SanMatcher {
+            san_type,
+            matcher: StringMatch {
+                kind,
+                ignore_case: false,
+            },
+        }
+    }
+
+    #[test]
+    fn matchers_see_only_sans_of_their_type_and_any_sees_all() {
+        let uri = San::Uri("spiffe://cluster.local/ns/a/sa/b");
+        let dns = San::Dns("*.svc.cluster.local");
+        let ip = San::Ip("10.1.2.3".parse().unwrap());
+        let email = San::Email("ops@example.com");
+        let prefix = |t| matcher(t, StringKind::Prefix("spiffe://cluster.local/".into()));
+        assert!(san_matches(&prefix(SanType::Uri), &uri));
+        assert!(san_matches(&prefix(SanType::Any), &uri));
+        assert!(!san_matches(&prefix(SanType::Dns), &uri));
+        let exact = |t| matcher(t, StringKind::Exact("web.svc.cluster.local".into()));
+        assert!(san_matches(&exact(SanType::Dns), &dns));
+        assert!(san_matches(&exact(SanType::Any), &dns));
+        assert!(!san_matches(&exact(SanType::Uri), &dns));
+        let ip_exact = matcher(SanType::IpAddress, StringKind::Exact("10.1.2.3".into()));
+        assert!(san_matches(&ip_exact, &ip));
+        assert!(!san_matches(&ip_exact, &email));
+        let mail = matcher(SanType::Email, StringKind::Suffix("@example.com".into()));
+        assert!(san_matches(&mail, &email));
+        assert!(!san_matches(&mail, &uri));
+    }
 }
