@@ -230,10 +230,12 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         None => None,
     };
     let (ads, lds_ads, cds_ads) =
-        dynamic(&raw, &clusters).map_err(|(field, reason)| ConfigError::Dynamic {
-            origin: origin.to_string(),
-            field,
-            reason,
+        dynamic(&raw, &clusters, &grpc_targets).map_err(|(field, reason)| {
+            ConfigError::Dynamic {
+                origin: origin.to_string(),
+                field,
+                reason,
+            }
         })?;
     let node = raw
         .node
@@ -371,6 +373,7 @@ fn initial_fetch_timeout(
 fn dynamic(
     raw: &PbBootstrap,
     clusters: &[Cluster],
+    grpc_targets: &BTreeMap<String, GrpcTarget>,
 ) -> Result<(Option<AdsConfig>, bool, bool), (String, String)> {
     use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as Spec;
     use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
@@ -453,6 +456,15 @@ fn dynamic(
         .iter()
         .find(|c| c.name == cluster)
         .ok_or_else(|| (field(), format!("no static cluster {cluster:?}")))?;
+    if let Some(GrpcTarget::Unix(path)) = grpc_targets.get(&cluster) {
+        return Err((
+            field(),
+            format!(
+                "cluster {cluster:?} is a Unix socket ({}): skiff dials its ADS server over TCP",
+                path.display()
+            ),
+        ));
+    }
     let server = match &c.kind {
         model::ClusterKind::Static(la) => la.endpoints().next().map(|e| e.address),
         _ => None,
