@@ -210,7 +210,7 @@ impl TlsContexts {
             check: load::peer_check(common, secrets)?,
             algs: self.provider.signature_verification_algorithms,
         };
-        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+        let builder = ClientConfig::builder_with_provider(self.provider_for(common))
             .with_protocol_versions(versions(common)?)
             .map_err(|source| TlsError::Rejected {
                 what: "tls_params".into(),
@@ -241,7 +241,7 @@ impl TlsContexts {
         let common = &tls.common;
         let key = load::certified_key(common, secrets, &self.provider)?
             .ok_or(TlsError::NoServerCertificate)?;
-        let builder = ServerConfig::builder_with_provider(self.provider.clone())
+        let builder = ServerConfig::builder_with_provider(self.provider_for(common))
             .with_protocol_versions(versions(common)?)
             .map_err(|source| TlsError::Rejected {
                 what: "tls_params".into(),
@@ -279,6 +279,45 @@ impl TlsContexts {
             config: Arc::new(config),
             no_alpn,
         })
+    }
+}
+
+impl TlsContexts {
+    /// The crypto provider narrowed to `tls_params.cipher_suites` and `ecdh_curves`, in their
+    /// order. As in Envoy (BoringSSL), cipher suites restrict TLS 1.2 only; TLS 1.3's suites
+    /// stay.
+    fn provider_for(&self, common: &CommonTls) -> Arc<CryptoProvider> {
+        if common.cipher_suites.is_empty() && common.ecdh_curves.is_empty() {
+            return self.provider.clone();
+        }
+        let mut p = (*self.provider).clone();
+        if !common.cipher_suites.is_empty() {
+            let base = std::mem::take(&mut p.cipher_suites);
+            p.cipher_suites = base
+                .iter()
+                .filter(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)))
+                .copied()
+                .collect();
+            for want in &common.cipher_suites {
+                let found = base.iter().find(|s| {
+                    matches!(s, rustls::SupportedCipherSuite::Tls12(_)) && s.suite() == *want
+                });
+                if let Some(s) = found
+                    && !p.cipher_suites.iter().any(|have| have.suite() == s.suite())
+                {
+                    p.cipher_suites.push(*s);
+                }
+            }
+        }
+        if !common.ecdh_curves.is_empty() {
+            let base = std::mem::take(&mut p.kx_groups);
+            p.kx_groups = common
+                .ecdh_curves
+                .iter()
+                .filter_map(|want| base.iter().find(|g| g.name() == *want).copied())
+                .collect();
+        }
+        Arc::new(p)
     }
 }
 
@@ -349,6 +388,12 @@ fn hash_common(h: &mut DefaultHasher, c: &CommonTls) {
         (v.inline.san_matchers.len(), &v.sds).hash(h);
     }
     (&c.alpn, c.min_version, c.max_version).hash(h);
+    for s in &c.cipher_suites {
+        u16::from(*s).hash(h);
+    }
+    for g in &c.ecdh_curves {
+        u16::from(*g).hash(h);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

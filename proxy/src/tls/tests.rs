@@ -151,6 +151,8 @@ fn common(validation: Option<Validation>, alpn: &[&str]) -> CommonTls {
         alpn: alpn.iter().map(|s| s.to_string()).collect(),
         min_version: TlsVersion::V1_2,
         max_version: TlsVersion::V1_3,
+        cipher_suites: Vec::new(),
+        ecdh_curves: Vec::new(),
     }
 }
 
@@ -517,6 +519,39 @@ async fn tls12_only_and_version_mismatch() {
 }
 
 #[tokio::test]
+async fn cipher_suites_and_curves_narrow_what_is_negotiated() {
+    use rustls::{CipherSuite, NamedGroup};
+    let m = mesh();
+    let ctx = TlsContexts::new();
+    let mut up = upstream(&spiffe("default", "server"));
+    up.common.max_version = TlsVersion::V1_2;
+    up.common.cipher_suites = vec![CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256];
+    up.common.ecdh_curves = vec![NamedGroup::secp256r1];
+    let client = ctx.client(&up, &m.client).unwrap();
+    let server = ctx.server(&downstream(true), &m.server).unwrap();
+    let (c, s) = handshake(&client, &server).await;
+    let (c, _s) = (c.unwrap(), s.unwrap());
+    let conn = c.stream.get_ref().1;
+    assert_eq!(
+        conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256)
+    );
+    assert_eq!(
+        conn.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(NamedGroup::secp256r1)
+    );
+
+    // A server limited to another TLS 1.2 suite shares none with this client.
+    let mut down = downstream(true);
+    down.common.max_version = TlsVersion::V1_2;
+    down.common.cipher_suites = vec![CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256];
+    let server = ctx.server(&down, &m.server).unwrap();
+    let (c, s) = handshake(&client, &server).await;
+    assert_eq!(c.unwrap_err().stat_suffix(), "connection_error");
+    assert_eq!(s.unwrap_err().stat_suffix(), "connection_error");
+}
+
+#[tokio::test]
 async fn a_self_signed_server_certificate_trusted_as_its_own_root() {
     // Envoy test setups often trust the server's own self-signed certificate.
     let mut params = CertificateParams::new(vec!["server.example".to_string()]).unwrap();
@@ -710,6 +745,8 @@ async fn certificates_read_from_files() {
             alpn: Vec::new(),
             min_version: TlsVersion::V1_2,
             max_version: TlsVersion::V1_3,
+            cipher_suites: Vec::new(),
+            ecdh_curves: Vec::new(),
         },
         require_client_certificate: true,
     };
