@@ -174,6 +174,7 @@ async fn skiff_and_envoy_speak_mtls_with_spiffe_identities_both_ways() {
     let ca = Ca::new();
     let mut skiff_dn = DistinguishedName::new();
     skiff_dn.push(DnType::CountryName, "US");
+    skiff_dn.push(DnType::LocalityName, "Zürich");
     skiff_dn.push(DnType::OrganizationName, "Acme, Inc.");
     skiff_dn.push(DnType::CommonName, "skiff");
     let skiff_cert = ca.issue("skiff", skiff_dn);
@@ -350,7 +351,7 @@ static_resources:
         Some(own.subject.clone()),
         "{resp}"
     );
-    assert_eq!(own.subject, r"CN=skiff,O=Acme\, Inc.,C=US");
+    assert_eq!(own.subject, r"CN=skiff,O=Acme\, Inc.,L=Z\C3\BCrich,C=US");
 
     // 2. A skiff client with another identity: Envoy refuses it and counts fail_verify_san.
     let sock = TcpStream::connect(tls_addr).await.unwrap();
