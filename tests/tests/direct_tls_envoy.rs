@@ -12,6 +12,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::HandshakeKind;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use skiff::model::tls::{
@@ -165,9 +166,9 @@ fn stat(body: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One connection to skiff's TLS server at `server`: the peer's URI SANs, the ALPN and SNI
-/// it saw, or the error's stat suffix.
-type Seen = Result<(Vec<String>, String, Option<Vec<u8>>, Option<String>), &'static str>;
+/// One connection to skiff's TLS server: the peer's URI SANs and subject, the ALPN and SNI
+/// it saw, whether the session was resumed; or the error's stat suffix.
+type Seen = Result<(Vec<String>, String, Option<Vec<u8>>, Option<String>, bool), &'static str>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skiff_and_envoy_speak_mtls_with_spiffe_identities_both_ways() {
@@ -209,11 +210,14 @@ async fn skiff_and_envoy_speak_mtls_with_spiffe_identities_both_ways() {
                 match accept(sock, &tls).await {
                     Ok(mut a) => {
                         let peer = a.peer.clone().unwrap_or_default();
+                        let resumed =
+                            a.stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
                         let _ = seen.send(Ok((
                             peer.uri_sans,
                             peer.subject,
                             a.alpn.clone(),
                             a.sni.clone(),
+                            resumed,
                         )));
                         let mut buf = [0u8; 64];
                         if let Ok(n) = a.stream.read(&mut buf).await {
@@ -322,36 +326,44 @@ static_resources:
         };
         client_ctx.client(&tls, &secrets(cert, &ca.pem)).unwrap()
     };
-    let sock = TcpStream::connect(tls_addr).await.unwrap();
-    let mut c = connect(sock, &upstream(&skiff_cert), local).await.unwrap();
-    assert_eq!(c.peer.uri_sans, vec![spiffe("envoy")]);
-    assert_eq!(c.peer.subject, "CN=envoy");
-    assert_eq!(c.alpn.as_deref(), Some(&b"http/1.1"[..]));
-    c.stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    c.stream.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let header = |name: &str| {
-        resp.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map(str::to_string)
-    };
-    assert_eq!(
-        header("x-peer-uri").as_deref(),
-        Some(spiffe("skiff").as_str())
-    );
-    // skiff's RFC 2253 subject of its own certificate is Envoy's.
     let own_der = CertificateDer::from_pem_slice(skiff_cert.0.as_bytes()).unwrap();
     let own = skiff::tls::peer_identity(&own_der).unwrap();
-    assert_eq!(
-        header("x-peer-subject"),
-        Some(own.subject.clone()),
-        "{resp}"
-    );
     assert_eq!(own.subject, r"CN=skiff,O=Acme\, Inc.,L=Z\C3\BCrich,C=US");
+    // The second connection resumes the first one's session (BoringSSL's ticket): the
+    // identities must survive that too.
+    for round in 0..2 {
+        let sock = TcpStream::connect(tls_addr).await.unwrap();
+        let mut c = connect(sock, &upstream(&skiff_cert), local).await.unwrap();
+        assert_eq!(c.peer.uri_sans, vec![spiffe("envoy")]);
+        assert_eq!(c.peer.subject, "CN=envoy");
+        assert_eq!(c.alpn.as_deref(), Some(&b"http/1.1"[..]));
+        let kind = c.stream.get_ref().1.handshake_kind();
+        let want = if round == 0 {
+            HandshakeKind::Full
+        } else {
+            HandshakeKind::Resumed
+        };
+        assert_eq!(kind, Some(want), "round {round}");
+        c.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        c.stream.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let header = |name: &str| {
+            resp.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_string)
+        };
+        assert_eq!(header("x-peer-uri"), Some(spiffe("skiff")), "{resp}");
+        // skiff's RFC 2253 subject of its own certificate is Envoy's.
+        assert_eq!(
+            header("x-peer-subject"),
+            Some(own.subject.clone()),
+            "{resp}"
+        );
+    }
 
     // 2. A skiff client with another identity: Envoy refuses it and counts fail_verify_san.
     let sock = TcpStream::connect(tls_addr).await.unwrap();
@@ -372,20 +384,23 @@ static_resources:
     assert_eq!(stat(&stats, &listener_stat), 1, "{stats}");
 
     // 3. Envoy dials skiff's server: skiff sees Envoy's identity, ALPN and SNI.
-    let mut s = TcpStream::connect(("127.0.0.1", up_port)).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"ping");
-    let seen = tokio::time::timeout(WAIT, seen_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let (uris, subject, alpn, got_sni) = seen.unwrap();
-    assert_eq!(uris, vec![spiffe("envoy")]);
-    assert_eq!(subject, "CN=envoy");
-    assert_eq!(alpn.as_deref(), Some(&b"istio-peer-exchange"[..]));
-    assert_eq!(got_sni.as_deref(), Some(sni));
+    for round in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", up_port)).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        let seen = tokio::time::timeout(WAIT, seen_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let (uris, subject, alpn, got_sni, resumed) = seen.unwrap();
+        assert_eq!(uris, vec![spiffe("envoy")], "round {round}");
+        assert_eq!(subject, "CN=envoy");
+        assert_eq!(alpn.as_deref(), Some(&b"istio-peer-exchange"[..]));
+        assert_eq!(got_sni.as_deref(), Some(sni));
+        assert_eq!(resumed, round == 1, "round {round}");
+    }
 
     // 4. Envoy expecting another identity refuses skiff's certificate; skiff sees the alert.
     let mut s = TcpStream::connect(("127.0.0.1", wrong_port)).await.unwrap();
