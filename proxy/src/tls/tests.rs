@@ -680,6 +680,16 @@ fn build_errors_name_the_secret_or_file_and_the_problem() {
         "{e}"
     );
 
+    // SAN matchers with no CA anywhere: refused as Envoy refuses the configuration.
+    let mut no_ca = up.clone();
+    if let Some(v) = &mut no_ca.common.validation {
+        v.sds = None;
+    }
+    assert!(matches!(
+        ctx.client(&no_ca, &m.client),
+        Err(TlsError::SanWithoutCa)
+    ));
+
     let mut down = downstream(true);
     down.common.certificate = None;
     assert_eq!(
