@@ -135,12 +135,8 @@ impl TlsContexts {
 
     /// An empty cache keeping at most `capacity` configurations per side.
     pub fn with_capacity(capacity: usize) -> Self {
-        // rustls 0.23.48 deprecates ring's provider (no post-quantum key exchange); the
-        // project uses ring to stay free of aws-lc's C build.
-        #[allow(deprecated)]
-        let provider = rustls::crypto::ring::default_provider();
         TlsContexts {
-            provider: Arc::new(provider),
+            provider: Arc::new(envoy_provider()),
             capacity: capacity.max(1),
             clients: Mutex::new(Cache::default()),
             servers: Mutex::new(Cache::default()),
@@ -282,6 +278,7 @@ impl TlsContexts {
     }
 }
 
+<<<<<<< HEAD
 impl TlsContexts {
     /// The crypto provider narrowed to `tls_params.cipher_suites` and `ecdh_curves`, in their
     /// order. As in Envoy (BoringSSL), cipher suites restrict TLS 1.2 only; TLS 1.3's suites
@@ -318,6 +315,31 @@ impl TlsContexts {
                 .collect();
         }
         Arc::new(p)
+=======
+/// ring with Envoy's defaults: `ecdh_curves` X25519 then P-256 (ring's own list starts
+/// with P-384, whose generic arithmetic made three quarters of a handshake's CPU) and
+/// BoringSSL's cipher order: AES-128-GCM first, TLS 1.2 ECDHE with AEADs only.
+fn envoy_provider() -> CryptoProvider {
+    use rustls::crypto::ring::{cipher_suite as cs, kx_group};
+    // rustls 0.23.48 deprecates ring's provider (no post-quantum key exchange); the
+    // project uses ring to stay free of aws-lc's C build.
+    #[allow(deprecated)]
+    let ring = rustls::crypto::ring::default_provider();
+    CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        ..ring
+>>>>>>> tls-runtime
     }
 }
 
