@@ -278,7 +278,6 @@ impl TlsContexts {
     }
 }
 
-<<<<<<< HEAD
 impl TlsContexts {
     /// The crypto provider narrowed to `tls_params.cipher_suites` and `ecdh_curves`, in their
     /// order. As in Envoy (BoringSSL), cipher suites restrict TLS 1.2 only; TLS 1.3's suites
@@ -296,7 +295,7 @@ impl TlsContexts {
                 .copied()
                 .collect();
             for want in &common.cipher_suites {
-                let found = base.iter().find(|s| {
+                let found = rustls::crypto::ring::ALL_CIPHER_SUITES.iter().find(|s| {
                     matches!(s, rustls::SupportedCipherSuite::Tls12(_)) && s.suite() == *want
                 });
                 if let Some(s) = found
@@ -307,15 +306,22 @@ impl TlsContexts {
             }
         }
         if !common.ecdh_curves.is_empty() {
-            let base = std::mem::take(&mut p.kx_groups);
+            // Looked up among all of ring's groups: the defaults omit P-384.
             p.kx_groups = common
                 .ecdh_curves
                 .iter()
-                .filter_map(|want| base.iter().find(|g| g.name() == *want).copied())
+                .filter_map(|want| {
+                    rustls::crypto::ring::ALL_KX_GROUPS
+                        .iter()
+                        .find(|g| g.name() == *want)
+                        .copied()
+                })
                 .collect();
         }
         Arc::new(p)
-=======
+    }
+}
+
 /// ring with Envoy's defaults: `ecdh_curves` X25519 then P-256 (ring's own list starts
 /// with P-384, whose generic arithmetic made three quarters of a handshake's CPU) and
 /// BoringSSL's cipher order: AES-128-GCM first, TLS 1.2 ECDHE with AEADs only.
@@ -339,7 +345,6 @@ fn envoy_provider() -> CryptoProvider {
         ],
         kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
         ..ring
->>>>>>> tls-runtime
     }
 }
 

@@ -536,9 +536,13 @@ async fn cipher_suites_and_curves_narrow_what_is_negotiated() {
     let mut up = upstream(&spiffe("default", "server"));
     up.common.max_version = TlsVersion::V1_2;
     up.common.cipher_suites = vec![CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256];
-    up.common.ecdh_curves = vec![NamedGroup::secp256r1];
+    // P-384 is outside the defaults (X25519, P-256) but ring has it.
+    up.common.ecdh_curves = vec![NamedGroup::secp384r1];
     let client = ctx.client(&up, &m.client).unwrap();
-    let server = ctx.server(&downstream(true), &m.server).unwrap();
+    // The server's defaults (Envoy's: X25519, P-256) do not offer P-384 either.
+    let mut p384 = downstream(true);
+    p384.common.ecdh_curves = vec![NamedGroup::secp384r1];
+    let server = ctx.server(&p384, &m.server).unwrap();
     let (c, s) = handshake(&client, &server).await;
     let (c, _s) = (c.unwrap(), s.unwrap());
     let conn = c.stream.get_ref().1;
@@ -548,11 +552,11 @@ async fn cipher_suites_and_curves_narrow_what_is_negotiated() {
     );
     assert_eq!(
         conn.negotiated_key_exchange_group().map(|g| g.name()),
-        Some(NamedGroup::secp256r1)
+        Some(NamedGroup::secp384r1)
     );
 
     // A server limited to another TLS 1.2 suite shares none with this client.
-    let mut down = downstream(true);
+    let mut down = p384;
     down.common.max_version = TlsVersion::V1_2;
     down.common.cipher_suites = vec![CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256];
     let server = ctx.server(&down, &m.server).unwrap();
