@@ -127,6 +127,8 @@ fn common(want: Option<&str>, alpn: &[&str]) -> CommonTls {
         alpn: alpn.iter().map(|s| s.to_string()).collect(),
         min_version: TlsVersion::V1_2,
         max_version: TlsVersion::V1_3,
+        cipher_suites: Vec::new(),
+        ecdh_curves: Vec::new(),
     }
 }
 
