@@ -17,6 +17,8 @@ use tracing::{debug, error, info, warn};
 
 use super::{Source, fnv1a};
 use crate::xds::ResourceKind;
+use crate::xds::sds::SECRET_TYPE_URL;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as TlsSecret;
 
 /// Why a file (or one of its resources) cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +414,9 @@ fn content_version(resources: &BTreeMap<String, Arc<Resource>>) -> String {
 
 fn type_from_file_name(path: &Path) -> Option<&'static str> {
     let stem = path.file_stem()?.to_str()?.to_ascii_lowercase();
+    if matches!(stem.as_str(), "secrets" | "sds") {
+        return Some(SECRET_TYPE_URL);
+    }
     let kind = match stem.as_str() {
         "listeners" | "lds" => ResourceKind::Listener,
         "clusters" | "cds" => ResourceKind::Cluster,
@@ -456,7 +461,8 @@ fn resource_name(any: &Any) -> Result<String, NameError> {
         Some(ResourceKind::Endpoints) => {
             ClusterLoadAssignment::decode(bytes).map(|r| r.cluster_name)
         }
-        None => {
+        _ if any.type_url == SECRET_TYPE_URL => TlsSecret::decode(bytes).map(|r| r.name),
+        _ => {
             // Opaque (type unknown to skiff-proto): its original JSON follows a 0x00 byte.
             if let Some(json) = opaque_name(any) {
                 return Ok(json);

@@ -5,6 +5,11 @@
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
 //!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
 //!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
+//! - [`channel`]: the connection to a control plane: h2c, TLS verified as Envoy verifies an
+//!   upstream (`trusted_ca`, SAN matchers, SNI), a Unix socket; the bearer token.
+//! - [`node`]: the node pilot-agent would send to istiod (id and Istio metadata from flags and
+//!   environment).
+//! - [`sds`]: the SecretDiscoveryService client (Istio's SDS server on a Unix socket).
 //! - this file: the stream loops ([`spawn`]), requests, ACK/NACK, reconnect with backoff.
 //!
 //! # Protocol (as Envoy)
@@ -15,12 +20,19 @@
 //!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
 //! - The node is sent on the first request of each stream.
+//! - With a token file (`--xds-token`), each stream carries `authorization: Bearer <token>`,
+//!   the file re-read at every reconnect (projected tokens rotate). A server's
+//!   UNAUTHENTICATED is logged and counted (`skiff.xds.unauthenticated`) and retried with
+//!   backoff, as any lost stream.
 //! - A lost stream keeps the last good snapshot serving; the client reconnects with exponential
 //!   backoff and jitter and re-sends its subscriptions (SotW: last accepted versions; delta:
 //!   `initial_resource_versions`).
 
+pub mod channel;
 pub mod kind;
+pub mod node;
 pub mod resources;
+pub mod sds;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -55,14 +67,10 @@ pub const NACK_CODE: i32 = 3;
 /// Why one ADS stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    /// The server could not be reached.
-    #[error("connecting to ADS server {addr}: {source}")]
-    Connect {
-        /// Server address.
-        addr: std::net::SocketAddr,
-        /// Cause.
-        source: tonic::transport::Error,
-    },
+    /// The server could not be reached, the TLS handshake failed, or the TLS settings or the
+    /// token file could not be read.
+    #[error("ADS server: {0}")]
+    Channel(#[from] channel::ChannelError),
     /// The stream failed or the server closed it with an error.
     #[error("ADS stream: {0}")]
     Stream(#[from] tonic::Status),
@@ -209,6 +217,22 @@ async fn run(
                     "ADS stream closed; reconnecting"
                 )
             }
+            Err(XdsError::Stream(status)) if status.code() == tonic::Code::Unauthenticated => {
+                c.stats.counter("skiff.xds.unauthenticated").inc();
+                warn!(
+                    error = %status.message(),
+                    token_file = c.opts.ads.token.as_ref().map(|p| p.display().to_string()),
+                    delay_ms = delay.as_millis() as u64,
+                    "ADS server refused the stream: UNAUTHENTICATED (token missing, wrong or expired); retrying"
+                )
+            }
+            Err(XdsError::Channel(e)) => {
+                c.stats.counter("skiff.xds.connect_failure").inc();
+                if e.is_tls_failure() {
+                    c.stats.counter("skiff.xds.tls_failure").inc();
+                }
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS server unreachable; keeping last good config")
+            }
             Err(e) => {
                 warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS stream lost; keeping last good config")
             }
@@ -237,6 +261,18 @@ fn stat_prefix(type_url: &str) -> &'static str {
     ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
 }
 
+/// An `authorization` header value.
+type Bearer = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
+
+/// The stream's request, carrying the bearer token when there is one.
+fn with_token<T>(requests: T, token: Option<Bearer>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(requests);
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", t);
+    }
+    req
+}
+
 /// Marks the connection up while alive.
 struct Connected(Arc<crate::stats::Gauge>);
 
@@ -248,17 +284,20 @@ impl Drop for Connected {
 
 impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let addr = self.opts.ads.server;
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|_| XdsError::Closed)?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|source| XdsError::Connect { addr, source })?;
+        let server = channel::GrpcAddr::Tcp(self.opts.ads.server);
+        // Read before connecting: a missing token file is reported as such, not as a refusal.
+        let token = self
+            .opts
+            .ads
+            .token
+            .as_deref()
+            .map(channel::bearer)
+            .transpose()?;
+        let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
         let client = AggregatedDiscoveryServiceClient::new(channel);
         match self.opts.ads.api {
-            AdsApi::Sotw => self.sotw(client, got_response).await,
-            AdsApi::Delta => self.delta(client, got_response).await,
+            AdsApi::Sotw => self.sotw(client, token, got_response).await,
+            AdsApi::Delta => self.delta(client, token, got_response).await,
         }
     }
 
@@ -377,6 +416,7 @@ impl Client {
     async fn sotw(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        token: Option<Bearer>,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
@@ -400,7 +440,7 @@ impl Client {
             requested.insert(type_url, subs);
         }
         let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .stream_aggregated_resources(with_token(ReceiverStream::new(rx), token))
             .await?
             .into_inner();
         let _connected = self.connected();
@@ -476,6 +516,7 @@ impl Client {
     async fn delta(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        token: Option<Bearer>,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -502,7 +543,7 @@ impl Client {
             requested.insert(type_url, names);
         }
         let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .delta_aggregated_resources(with_token(ReceiverStream::new(rx), token))
             .await?
             .into_inner();
         let _connected = self.connected();
