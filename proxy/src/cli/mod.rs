@@ -33,6 +33,7 @@ pub struct Cli {
 
 /// The subcommands of `skiff`.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 pub enum Command {
     /// Run the proxy.
     Run(RunArgs),

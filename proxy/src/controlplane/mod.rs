@@ -155,7 +155,7 @@ pub enum ControlPlaneError {
     },
     /// The TLS certificate, key or client CA cannot be used.
     #[error(transparent)]
-    Tls(#[from] security::TlsError),
+    Tls(Box<security::TlsError>),
     /// The bound socket has no local address.
     #[error("control plane local address")]
     LocalAddr(#[source] std::io::Error),
@@ -213,7 +213,12 @@ pub async fn serve(
     })?;
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(snapshot));
     // Read before binding: a bad certificate fails the start, not the first handshake.
-    let tls = opts.tls.as_ref().map(ServerTls::load).transpose()?;
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()
+        .map_err(|e| ControlPlaneError::Tls(Box::new(e)))?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -232,11 +237,16 @@ pub async fn serve(
         token_required = opts.require_token.is_some(),
         "control plane listening"
     );
-    let sds_listener = opts
-        .sds_socket
-        .as_ref()
-        .map(|path| bind_unix(path))
-        .transpose()?;
+    let sds_listener = match &opts.sds_socket {
+        None => None,
+        Some(path) => {
+            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
+                path: path.clone(),
+                error,
+            })?;
+            Some((path.clone(), listener))
+        }
+    };
     on_bound(bound);
 
     let stop = CancellationToken::new();
@@ -312,22 +322,15 @@ pub async fn serve(
 }
 
 /// Binds the SDS socket, replacing a stale one (a socket file nobody listens on).
-fn bind_unix(
-    path: &std::path::Path,
-) -> Result<(PathBuf, tokio::net::UnixListener), ControlPlaneError> {
-    let err = |error| ControlPlaneError::BindUnix {
-        path: path.to_owned(),
-        error,
-    };
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_err() {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
+            Err(e) => return Err(e),
         }
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    Ok((path.to_owned(), listener))
+    tokio::net::UnixListener::bind(path)
 }
 
 /// What every stream task shares.
