@@ -49,6 +49,7 @@ use skiff_proto::{ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -261,16 +262,36 @@ fn stat_prefix(type_url: &str) -> &'static str {
     ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
 }
 
-/// An `authorization` header value.
-type Bearer = tonic::metadata::MetadataValue<tonic::metadata::Ascii>;
-
-/// The stream's request, carrying the bearer token when there is one.
-fn with_token<T>(requests: T, token: Option<Bearer>) -> tonic::Request<T> {
+/// The stream's request with `headers` (the bearer token and cluster id, when there are).
+fn with_headers<T>(requests: T, headers: MetadataMap) -> tonic::Request<T> {
     let mut req = tonic::Request::new(requests);
-    if let Some(t) = token {
-        req.metadata_mut().insert("authorization", t);
-    }
+    *req.metadata_mut() = headers;
     req
+}
+
+/// What pilot-agent sends with each stream: `authorization: Bearer <token>` (read from
+/// `token` now: projected tokens rotate) and, with a token, `clusterid` from the node's
+/// `CLUSTER_ID` (istiod picks the cluster that validates the token by it).
+fn stream_headers(
+    token: Option<&std::path::Path>,
+    node: Option<&Node>,
+) -> Result<MetadataMap, channel::ChannelError> {
+    let mut headers = MetadataMap::new();
+    let Some(token) = token else {
+        return Ok(headers);
+    };
+    headers.insert("authorization", channel::bearer(token)?);
+    let cluster_id = node
+        .and_then(|n| n.metadata.as_ref())
+        .and_then(|m| m.fields.get("CLUSTER_ID"))
+        .and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.parse().ok(),
+            _ => None,
+        });
+    if let Some(id) = cluster_id {
+        headers.insert("clusterid", id);
+    }
+    Ok(headers)
 }
 
 /// Marks the connection up while alive.
@@ -286,18 +307,12 @@ impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
         let server = channel::GrpcAddr::Tcp(self.opts.ads.server);
         // Read before connecting: a missing token file is reported as such, not as a refusal.
-        let token = self
-            .opts
-            .ads
-            .token
-            .as_deref()
-            .map(channel::bearer)
-            .transpose()?;
+        let headers = stream_headers(self.opts.ads.token.as_deref(), self.opts.node.as_ref())?;
         let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
         let client = AggregatedDiscoveryServiceClient::new(channel);
         match self.opts.ads.api {
-            AdsApi::Sotw => self.sotw(client, token, got_response).await,
-            AdsApi::Delta => self.delta(client, token, got_response).await,
+            AdsApi::Sotw => self.sotw(client, headers, got_response).await,
+            AdsApi::Delta => self.delta(client, headers, got_response).await,
         }
     }
 
@@ -416,7 +431,7 @@ impl Client {
     async fn sotw(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
-        token: Option<Bearer>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
@@ -440,7 +455,7 @@ impl Client {
             requested.insert(type_url, subs);
         }
         let mut stream = client
-            .stream_aggregated_resources(with_token(ReceiverStream::new(rx), token))
+            .stream_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
@@ -516,7 +531,7 @@ impl Client {
     async fn delta(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
-        token: Option<Bearer>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -543,7 +558,7 @@ impl Client {
             requested.insert(type_url, names);
         }
         let mut stream = client
-            .delta_aggregated_resources(with_token(ReceiverStream::new(rx), token))
+            .delta_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
@@ -613,5 +628,38 @@ impl Client {
             }
         }
         Err(XdsError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+    #[test]
+    fn a_token_brings_the_cluster_id_header() {
+        assert!(stream_headers(None, None).unwrap().is_empty());
+        let dir = std::env::temp_dir().join(format!("skiff-xds-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("istio-token");
+        std::fs::write(&token, "jwt\n").unwrap();
+        let node = Node {
+            metadata: Some(Struct {
+                fields: [(
+                    "CLUSTER_ID".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("Kubernetes".into())),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        let h = stream_headers(Some(&token), Some(&node)).unwrap();
+        assert_eq!(h.get("authorization").unwrap(), "Bearer jwt");
+        assert_eq!(h.get("clusterid").unwrap(), "Kubernetes");
+        let h = stream_headers(Some(&token), None).unwrap();
+        assert!(h.get("clusterid").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
