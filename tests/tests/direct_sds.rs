@@ -196,6 +196,27 @@ async fn sds_over_a_unix_socket_delivers_and_rotates_default_and_rootca() {
         "the last good secret keeps serving"
     );
 
+    // The SDS server goes away: the secrets keep serving; it comes back with a rotated
+    // certificate and the client, reconnecting with backoff, picks it up.
+    cp.stop().await;
+    assert!(!socket.exists(), "the SDS socket is removed on shutdown");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pems(&secrets.borrow()).map(|(chain, _)| chain),
+        Some(second.cert.clone()),
+        "secrets keep serving while the server is gone"
+    );
+    let third = ca.leaf(&[], &[spiffe]);
+    write_secrets(&config, "4", &third.cert, &third.key, &ca.pem);
+    let cp = control_plane(&config, Some(&socket)).await;
+    wait_for(
+        &mut secrets,
+        "the certificate served after the restart",
+        |s| pems(s).is_some_and(|(chain, _)| chain == third.cert),
+    )
+    .await;
+    assert!(stats.counter("skiff.sds.connect_failure").get() >= 1);
+
     // The subscription follows the names: ROOTCA dropped, it leaves the published map.
     names_tx.send_replace(BTreeSet::from(["default".to_string()]));
     wait_for(&mut secrets, "ROOTCA to go", |s| {
