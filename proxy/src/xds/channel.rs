@@ -79,26 +79,18 @@ pub enum ChannelError {
         server: GrpcAddr,
         /// Whether TLS was used.
         tls: bool,
+        /// Whether rustls failed the handshake (a `rustls::Error` in the cause chain).
+        handshake: bool,
         /// The cause chain, joined with `: `.
         detail: String,
     },
 }
 
 impl ChannelError {
-    /// Whether the TLS handshake (not TCP) failed: the chain names rustls or a certificate.
+    /// Whether TLS failed: the handshake, or the TLS settings themselves (files, PEM).
     pub fn is_tls_failure(&self) -> bool {
         match self {
-            ChannelError::Connect { tls, detail, .. } => {
-                *tls && [
-                    "certificate",
-                    "handshake",
-                    "tls",
-                    "alert",
-                    "h2 was not negotiated",
-                ]
-                .iter()
-                .any(|w| detail.to_ascii_lowercase().contains(w))
-            }
+            ChannelError::Connect { handshake, .. } => *handshake,
             ChannelError::Pem { .. } | ChannelError::Unsupported(_) => true,
             ChannelError::Read { what, .. } => *what != "token file",
             ChannelError::TokenValue(_) => false,
@@ -115,6 +107,7 @@ pub async fn connect(
     endpoint.connect().await.map_err(|e| ChannelError::Connect {
         server: server.clone(),
         tls: tls.is_some(),
+        handshake: caused_by_rustls(&e),
         detail: chain(&e),
     })
 }
@@ -165,6 +158,23 @@ pub fn bearer(
     format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| ChannelError::TokenValue(path.to_owned()))
+}
+
+/// Whether a `rustls::Error` is in `e`'s cause chain (tokio-rustls wraps it in an
+/// `io::Error`, whose own `source()` skips it, so each `io::Error` is opened too).
+fn caused_by_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|i| i.is::<rustls::Error>());
+        if inner || err.is::<rustls::Error>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// `e` and its sources, joined with `: ` (tonic's own Display is only "transport error").
@@ -409,6 +419,20 @@ mod tests {
             chain(&Outer(inner)),
             "transport error: invalid peer certificate: UnknownIssuer"
         );
+    }
+
+    #[test]
+    fn a_rustls_error_inside_an_io_error_is_a_handshake_failure() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Outer(#[source] std::io::Error);
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        );
+        assert!(caused_by_rustls(&Outer(tls)));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!caused_by_rustls(&Outer(refused)));
     }
 
     #[test]
