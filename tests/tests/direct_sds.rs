@@ -224,6 +224,12 @@ async fn sds_over_a_unix_socket_delivers_and_rotates_default_and_rootca() {
     })
     .await;
 
+    // No names: nothing published and no stream; names again: a new stream delivers them.
+    names_tx.send_replace(BTreeSet::new());
+    wait_for(&mut secrets, "an empty map", Secrets::is_empty).await;
+    names_tx.send_replace(BTreeSet::from(["ROOTCA".to_string()]));
+    wait_for(&mut secrets, "ROOTCA again", |s| s.contains_key("ROOTCA")).await;
+
     cancel.cancel();
     tokio::time::timeout(WAIT, client).await.unwrap().unwrap();
     cp.stop().await;

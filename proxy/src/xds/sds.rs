@@ -181,7 +181,9 @@ impl Client {
             let delay = super::jitter(backoff, attempt);
             match result {
                 Err(SdsError::NamesGone) => return,
-                Err(SdsError::Closed) | Ok(()) => {
+                // No names left: the stream was ended on purpose; wait for new names.
+                Ok(()) => continue,
+                Err(SdsError::Closed) => {
                     info!(
                         delay_ms = delay.as_millis() as u64,
                         "SDS stream closed; reconnecting"
