@@ -86,9 +86,10 @@ pub enum OptionsError {
         /// What is wrong.
         reason: String,
     },
-    /// The ADS TLS settings cannot be used (CA file unreadable, no PEM certificate, ...).
-    #[error("ADS TLS: {0}")]
-    XdsTls(#[from] crate::xds::channel::ChannelError),
+    /// The ADS connection settings cannot be used (CA or token file unreadable, no PEM
+    /// certificate, ...). The cause is in the message, so not a `source()`.
+    #[error("ADS connection: {0}")]
+    XdsConnection(crate::xds::channel::ChannelError),
     /// The Istio node cannot be built from flags and environment.
     #[error(transparent)]
     Node(#[from] crate::xds::node::NodeError),
@@ -382,13 +383,14 @@ pub fn control_plane_flags(
         if let Some(t) = &x.xds_token {
             ads.token = Some(t.clone());
             // Fail now on a missing token file; it is re-read at every reconnect.
-            crate::xds::channel::bearer(t)?;
+            crate::xds::channel::bearer(t).map_err(OptionsError::XdsConnection)?;
         }
         if let Some(tls) = &ads.tls {
             crate::xds::channel::endpoint(
                 &crate::xds::channel::GrpcAddr::Tcp(ads.server),
                 Some(tls),
-            )?;
+            )
+            .map_err(OptionsError::XdsConnection)?;
         }
     }
     if x.xds_address.is_some() || a.node.istio_node {

@@ -70,7 +70,7 @@ pub const NACK_CODE: i32 = 3;
 pub enum XdsError {
     /// The server could not be reached, the TLS handshake failed, or the TLS settings or the
     /// token file could not be read.
-    #[error("ADS server: {0}")]
+    #[error(transparent)]
     Channel(#[from] channel::ChannelError),
     /// The stream failed or the server closed it with an error.
     #[error("ADS stream: {0}")]
@@ -232,7 +232,7 @@ async fn run(
                 if e.is_tls_failure() {
                     c.stats.counter("skiff.xds.tls_failure").inc();
                 }
-                warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS server unreachable; keeping last good config")
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "cannot connect to the ADS server; keeping last good config")
             }
             Err(e) => {
                 warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS stream lost; keeping last good config")
@@ -459,7 +459,7 @@ impl Client {
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (state of the world) up");
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (state of the world) up");
         while let Some(resp) = stream.message().await? {
             *got_response = true;
             let DiscoveryResponse {
@@ -562,7 +562,7 @@ impl Client {
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (delta) up");
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (delta) up");
         while let Some(resp) = stream.message().await? {
             *got_response = true;
             let DeltaDiscoveryResponse {

@@ -91,7 +91,7 @@ impl std::fmt::Display for SdsTarget {
 /// Why one SDS stream ended.
 #[derive(Debug, thiserror::Error)]
 enum SdsError {
-    #[error("SDS server: {0}")]
+    #[error(transparent)]
     Channel(#[from] ChannelError),
     #[error("SDS stream: {0}")]
     Stream(#[from] tonic::Status),
