@@ -21,7 +21,8 @@
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
 //! - The node is sent on the first request of each stream.
 //! - With a token file (`--xds-token`), each stream carries `authorization: Bearer <token>`,
-//!   the file re-read at every reconnect (projected tokens rotate). A server's
+//!   the file re-read at every reconnect (projected tokens rotate), and `clusterid` (the node's
+//!   `CLUSTER_ID`), as pilot-agent sends them. A server's
 //!   UNAUTHENTICATED is logged and counted (`skiff.xds.unauthenticated`) and retried with
 //!   backoff, as any lost stream.
 //! - A lost stream keeps the last good snapshot serving; the client reconnects with exponential

@@ -251,9 +251,12 @@ pub fn istio_node(
     Ok(node)
 }
 
-/// The process environment, for [`istio_node`].
+/// The process environment, for [`istio_node`]; variables that are not UTF-8 are skipped
+/// (`std::env::vars` would panic on them).
 pub fn process_env() -> BTreeMap<String, String> {
-    std::env::vars().collect()
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 fn parse_ips(list: &str, origin: &'static str) -> Result<Vec<IpAddr>, NodeError> {
