@@ -170,6 +170,17 @@ async fn eventually(listen: u16, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ads_over_tls_needs_the_bearer_token_and_reads_it_again_on_reconnect() {
+    token_scenario(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_ads_over_tls_needs_the_bearer_token_too() {
+    token_scenario(&["--xds-delta"]).await;
+}
+
+/// Refused with a stale token (counted, retried), served once the token file holds the
+/// right one; `extra` flags choose the protocol.
+async fn token_scenario(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let pki = pki(tmp.path());
     let config = tmp.path().join("config");
@@ -192,20 +203,18 @@ async fn ads_over_tls_needs_the_bearer_token_and_reads_it_again_on_reconnect() {
     let token = write(tmp.path(), "istio-token", "expired-token");
     let admin = free_port();
     let xds = cp.addr.to_string();
-    let skiff = start_skiff(
-        tmp.path(),
-        admin,
-        &[
-            "--xds-address",
-            &xds,
-            "--xds-ca",
-            pki.ca.to_str().unwrap(),
-            "--xds-san",
-            ISTIOD,
-            "--xds-token",
-            token.to_str().unwrap(),
-        ],
-    );
+    let mut flags = vec![
+        "--xds-address",
+        &xds,
+        "--xds-ca",
+        pki.ca.to_str().unwrap(),
+        "--xds-san",
+        ISTIOD,
+        "--xds-token",
+        token.to_str().unwrap(),
+    ];
+    flags.extend_from_slice(extra);
+    let skiff = start_skiff(tmp.path(), admin, &flags);
     // Refused: UNAUTHENTICATED is counted, retried, and no configuration arrives.
     wait_stat(admin, "skiff.xds.unauthenticated", 2).await;
     assert_eq!(tcp_ask(listen).await, None, "served without a valid token");
