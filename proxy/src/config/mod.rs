@@ -119,6 +119,25 @@ pub enum GrpcTarget {
     Unix(PathBuf),
 }
 
+impl GrpcTarget {
+    /// `unix:PATH` (Envoy's pipe notation as Istio writes it, `unix://PATH` too) or `HOST:PORT`
+    /// with an IP host; a bare path (starting with `/` or `.`) is a Unix socket.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            return Ok(GrpcTarget::Unix(p.into()));
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            return Ok(GrpcTarget::Unix(s.into()));
+        }
+        s.parse()
+            .map(GrpcTarget::Tcp)
+            .map_err(|_| format!("{s:?} is neither unix:PATH nor IP:PORT"))
+    }
+}
+
 impl std::fmt::Display for GrpcTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
