@@ -694,6 +694,13 @@ pub struct ClusterStats {
     pub retry_or_shadow_abandoned: ScopedCounter,
     /// `lb_healthy_panic`: picks made in panic mode (listed from the cluster's creation on).
     pub lb_healthy_panic: ScopedCounter,
+    /// `update_attempt`: EDS pushes for this cluster (counted by name in `xds`; declared here
+    /// so the name leaves with the cluster, as in Envoy).
+    pub update_attempt: ScopedCounter,
+    /// `update_success`: EDS pushes accepted.
+    pub update_success: ScopedCounter,
+    /// `update_rejected`: EDS pushes rejected.
+    pub update_rejected: ScopedCounter,
     /// `health_check.*`.
     pub health_check: HealthCheckStats,
     /// `outlier_detection.*`.
@@ -726,6 +733,9 @@ impl ClusterStats {
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             retry_or_shadow_abandoned: c("retry_or_shadow_abandoned"),
             lb_healthy_panic: c("lb_healthy_panic"),
+            update_attempt: c("update_attempt"),
+            update_success: c("update_success"),
+            update_rejected: c("update_rejected"),
             health_check: HealthCheckStats {
                 attempt: c("health_check.attempt"),
                 success: c("health_check.success"),

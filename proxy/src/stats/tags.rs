@@ -131,16 +131,16 @@ fn tokens_match(pattern: &str, name: &str, input: &[&str]) -> Option<Found> {
     let at = pat.iter().position(|t| *t == "$")?;
     let (start, idx) = search(&pat, at, input, 0, 0, 0)?;
     let len = input[idx].len();
-    let (mut rs, mut re) = (start, start + len);
-    if idx + 1 < input.len() {
-        re += 1;
-    } else if rs > 0 {
-        rs -= 1;
-    }
-    debug_assert!(re <= name.len());
+    // The dot after the token, or before it when it is the last one.
+    let remove = if idx + 1 < input.len() {
+        start..start + len + 1
+    } else {
+        start.saturating_sub(1)..start + len
+    };
+    debug_assert!(remove.end <= name.len());
     Some(Found {
         value: start..start + len,
-        remove: rs..re,
+        remove,
     })
 }
 
