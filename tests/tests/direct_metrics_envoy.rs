@@ -1,10 +1,11 @@
 //! Differential check against real Envoy: the same static bootstrap (an HTTP connection
 //! manager and a tcp_proxy in front of one loopback backend) run by Envoy and by skiff, the
 //! same traffic through each, then both `/stats/prometheus` scrapes parsed with the
-//! `openmetrics-parser` crate's Prometheus text-format parser. For a list of families (cluster requests and connections,
-//! response codes and classes, HTTP and listener totals, the four latency histograms) the
-//! family names, their types and the label sets of the samples the traffic touched must
-//! match. Listener addresses differ by port only; they are compared by role.
+//! `openmetrics-parser` crate's Prometheus text-format parser. For a list of families (cluster
+//! requests and connections, response codes and classes, circuit breaker gauges, HTTP and
+//! listener totals, the four latency histograms) the family names, their types and the label
+//! sets of the samples the traffic touched must match. Listener addresses differ by port only;
+//! they are compared by role.
 //!
 //! A second test takes the loopback seed scenario (LDS, CDS, RDS, EDS) from
 //! `skiff control-plane` into both and compares every `*_update_attempt` / `*_update_success`
@@ -24,12 +25,14 @@ use skiff::controlplane::Source;
 use skiff_tests::{ControlPlane, Envoy, SkiffThread, envoy_ads_bootstrap, free_port, run_options};
 
 /// The families compared.
-const FAMILIES: [&str; 12] = [
+const FAMILIES: [&str; 14] = [
     "envoy_cluster_upstream_rq_total",
     "envoy_cluster_upstream_cx_total",
     "envoy_cluster_upstream_rq",
     "envoy_cluster_upstream_rq_xx",
     "envoy_cluster_upstream_cx_active",
+    "envoy_cluster_circuit_breakers_default_cx_open",
+    "envoy_cluster_circuit_breakers_high_rq_retry_open",
     "envoy_http_downstream_rq_total",
     "envoy_http_downstream_rq_xx",
     "envoy_listener_downstream_cx_total",

@@ -864,6 +864,45 @@ fn server_info(admin: &Admin) -> serde_json::Value {
     })
 }
 
+/// Envoy's `cluster.<name>.circuit_breakers.<default|high>.{cx,rq_pending,rq,rq_retry}_open`
+/// gauges (1 while the limit is reached), from the cluster's live breaker counts.
+fn breaker_gauges(name: &str, c: &crate::state::ClusterEntry) -> Vec<Sample> {
+    use crate::lb::circuit::{Resource, RoutingPriority};
+    let cb = &c.cluster.lb.circuit_breakers;
+    let live = &c.lb.shared.breakers;
+    let mut out = Vec::new();
+    for (p, prio, t) in [
+        ("default", RoutingPriority::Default, &cb.default),
+        ("high", RoutingPriority::High, &cb.high),
+    ] {
+        let now = |r| live.current(prio, r);
+        // As the breaker computes it: a retry budget is a share of the active requests.
+        let retries = match t.retry_budget {
+            Some((pct, min)) => {
+                let active = now(Resource::Requests) + now(Resource::PendingRequests);
+                ((active as f64 * pct / 100.0) as u64).max(min)
+            }
+            None => t.max_retries,
+        };
+        for (stat, r, limit) in [
+            ("cx_open", Resource::Connections, t.max_connections),
+            (
+                "rq_pending_open",
+                Resource::PendingRequests,
+                t.max_pending_requests,
+            ),
+            ("rq_open", Resource::Requests, t.max_requests),
+            ("rq_retry_open", Resource::Retries, retries),
+        ] {
+            out.push(Sample {
+                name: format!("cluster.{name}.circuit_breakers.{p}.{stat}"),
+                value: Value::Gauge(u64::from(now(r) >= limit)),
+            });
+        }
+    }
+    out
+}
+
 /// Every stat `/stats` lists: the registry's, the gauges Envoy derives from its managers (here
 /// from the snapshot) and the kernel capture's counters.
 fn samples(admin: &Admin) -> Vec<Sample> {
@@ -888,6 +927,9 @@ fn samples(admin: &Admin) -> Vec<Sample> {
             snap.xds.listeners.warming.len(),
         ),
     ]);
+    for (name, c) in &snap.clusters {
+        out.extend(breaker_gauges(name, c));
+    }
     if !out
         .iter()
         .any(|s| s.name == "control_plane.connected_state")
