@@ -286,6 +286,32 @@ fn prometheus_scrape_parses_with_envoy_names_types_labels_and_escaping() {
     assert_eq!(h.buckets[19].count.as_f64(), 5.0);
     assert_eq!(h.count, Some(5));
 
+    // `?filter=` narrows every format; `/stats?format=prometheus` is the same rendering.
+    let filter = "filter=%5Ecluster%5C.backend%5C.";
+    let only = admin_get(admin, &format!("/stats/prometheus?{filter}"));
+    let narrowed = parse(&only);
+    assert!(
+        narrowed.contains_key("envoy_cluster_upstream_rq_total"),
+        "{only}"
+    );
+    for (name, (_, samples)) in &narrowed {
+        for (l, _) in samples {
+            assert_eq!(
+                l.get("envoy_cluster_name").map(String::as_str),
+                Some("backend"),
+                "{name}"
+            );
+        }
+    }
+    let same = parse(&admin_get(
+        admin,
+        &format!("/stats?format=prometheus&{filter}"),
+    ));
+    assert_eq!(
+        same.keys().collect::<Vec<_>>(),
+        narrowed.keys().collect::<Vec<_>>()
+    );
+
     // `/stats` prints the histogram's quantile line.
     let stats = admin_get(admin, "/stats");
     let line = stats

@@ -288,7 +288,8 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
         }
         (Method::POST, "/drain_listeners") => drain_listeners(server, &q),
         (Method::GET, "/server_info") => json(&server_info(admin)),
-        (Method::GET, "/stats") => {
+        (Method::GET, path @ ("/stats" | "/stats/prometheus")) => {
+            // `?filter=` (a regex on the stat's full name) applies to every format, as in Envoy.
             let filter = match q.get("filter").map(|f| regex_lite::Regex::new(f)) {
                 Some(Ok(re)) => Some(re),
                 Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("filter: {e}\n")),
@@ -298,15 +299,14 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
                 .into_iter()
                 .filter(|s| filter.as_ref().is_none_or(|re| re.is_match(&s.name)))
                 .collect();
-            if q.get("format").map(String::as_str) == Some("json") {
-                return json(&stats_json(&samples));
+            match (path, q.get("format").map(String::as_str)) {
+                ("/stats/prometheus", _) | (_, Some("prometheus")) => {
+                    text(StatusCode::OK, crate::stats::prometheus::render(&samples))
+                }
+                (_, Some("json")) => json(&stats_json(&samples)),
+                _ => text(StatusCode::OK, stats_text(&samples)),
             }
-            text(StatusCode::OK, stats_text(&samples))
         }
-        (Method::GET, "/stats/prometheus") => text(
-            StatusCode::OK,
-            crate::stats::prometheus::render(&samples(admin)),
-        ),
         (Method::GET, "/logging") => match logging::levels() {
             Some(l) => text(StatusCode::OK, l.render()),
             None => text(
