@@ -1177,12 +1177,14 @@ async fn forward_upgrade(
     cs.upstream_cx_total.inc();
     let in_flight = host.as_ref().map(|h| h.start_request());
     let failed = |outcome| failure_reply(outcome, false);
-    let stream = match crate::net::connect(
-        crate::addr::EndpointAddr(addr),
-        conn.dp.upstream_mark,
-        entry.cluster.connect_timeout,
-    )
-    .await
+    let stream = match cs
+        .upstream_cx_connect_ms
+        .time_ok(crate::net::connect(
+            crate::addr::EndpointAddr(addr),
+            conn.dp.upstream_mark,
+            entry.cluster.connect_timeout,
+        ))
+        .await
     {
         Ok(s) => s,
         Err(e) => {
