@@ -593,6 +593,44 @@ mod tests {
     }
 
     #[test]
+    fn names_seen_in_envoy_1_40_s_own_scrape() {
+        // Envoy 1.40.0 exported these as
+        // `envoy_cluster_b_svc_cluster_local_external_upstream_rq{envoy_response_code="200",
+        // envoy_cluster_name="outbound|80||a"}` and `envoy_listener_admin_http_downstream_rq_xx
+        // {envoy_response_code_class="2",envoy_http_conn_manager_prefix="admin"}`.
+        assert_eq!(
+            tags("cluster.outbound|80||a.b.svc.cluster.local.external.upstream_rq_200"),
+            (
+                "cluster.b.svc.cluster.local.external.upstream_rq".into(),
+                t(&[
+                    ("envoy.response_code", "200"),
+                    ("envoy.cluster_name", "outbound|80||a")
+                ])
+            )
+        );
+        assert_eq!(
+            tags("listener.admin.http.admin.downstream_rq_2xx"),
+            (
+                "listener.admin.http.downstream_rq_xx".into(),
+                t(&[
+                    ("envoy.response_code_class", "2"),
+                    ("envoy.http_conn_manager_prefix", "admin")
+                ])
+            )
+        );
+        // An HCM prefix with dots (Istio's `outbound_0.0.0.0_50002`): Envoy 1.40 exported
+        // `envoy_http_0_0_0_50002_rds_50002_update_success{envoy_http_conn_manager_prefix=
+        // "outbound_0"}`.
+        assert_eq!(
+            tags("http.outbound_0.0.0.0_50002.rds.50002.update_success"),
+            (
+                "http.0.0.0_50002.rds.50002.update_success".into(),
+                t(&[("envoy.http_conn_manager_prefix", "outbound_0")])
+            )
+        );
+    }
+
+    #[test]
     fn names_without_tags_stay_whole() {
         for n in [
             "cluster_manager.cds.update_success",
