@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::error::{ConnError, ResponseFlag};
-use crate::stats::{Counter, Gauge, Stats};
+use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// Counters of one listener, resolved when it starts accepting.
 #[derive(Debug)]
@@ -15,6 +15,8 @@ pub(super) struct ListenerCounters {
     pub(super) total: Arc<Counter>,
     /// `<listener>.downstream_cx_active`.
     pub(super) active: Arc<Gauge>,
+    /// `<listener>.downstream_cx_length_ms`.
+    length: Arc<Histogram>,
     /// `<listener>.no_filter_chain_match` (Envoy's).
     no_filter_chain_match: Arc<Counter>,
     /// `skiff.downstream_cx_rejected`: closed because selection chose no upstream, on any
@@ -30,6 +32,7 @@ impl ListenerCounters {
         ListenerCounters {
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
+            length: stats.histogram(&format!("{prefix}.downstream_cx_length_ms")),
             no_filter_chain_match: stats.counter(&format!("{prefix}.no_filter_chain_match")),
             rejected: stats.counter("skiff.downstream_cx_rejected"),
             flags: ResponseFlag::ALL
@@ -39,6 +42,18 @@ impl ListenerCounters {
                     (*f, stats.counter(&name))
                 })
                 .collect(),
+        }
+    }
+
+    /// Count an accepted connection; the guard marks it closed (`downstream_cx_active`,
+    /// `downstream_cx_length_ms`) when dropped.
+    pub(super) fn open(&self) -> Open {
+        self.total.inc();
+        self.active.inc();
+        Open {
+            active: self.active.clone(),
+            length: self.length.clone(),
+            since: tokio::time::Instant::now(),
         }
     }
 
@@ -73,5 +88,20 @@ impl ListenerCounters {
                 c.inc();
             }
         }
+    }
+}
+
+/// One open downstream connection of a listener (see [`ListenerCounters::open`]).
+#[derive(Debug)]
+pub(super) struct Open {
+    active: Arc<Gauge>,
+    length: Arc<Histogram>,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.length.record_duration(self.since.elapsed());
     }
 }

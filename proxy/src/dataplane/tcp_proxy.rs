@@ -169,7 +169,11 @@ pub(super) async fn proxy(
         tracing::Span::current().record("endpoint", field::display(addr));
         counters.upstream_cx_total.inc();
         let host = target.host().cloned();
-        match connect::connect(dp, role, addr, timeout).await {
+        match counters
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(dp, role, addr, timeout))
+            .await
+        {
             Ok(s) => break (s, addr, host),
             Err(source) => {
                 let outcome = if source.is_timeout() {

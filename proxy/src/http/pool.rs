@@ -359,7 +359,16 @@ impl Pool {
             _slot: slot,
         };
         let connect_timeout = target.entry.cluster.connect_timeout;
-        let stream = connect::connect(EndpointAddr(key.addr), target.mark, connect_timeout).await?;
+        let stream = target
+            .entry
+            .stats
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(
+                EndpointAddr(key.addr),
+                target.mark,
+                connect_timeout,
+            ))
+            .await?;
         let io = TokioIo::new(stream);
         let handshake = |source| SendError::Handshake {
             addr: key.addr,

@@ -277,11 +277,6 @@ fn jitter(d: Duration, salt: u64) -> Duration {
     d.mul_f64(0.5 + r as f64 / 2000.0)
 }
 
-/// Stats prefix of a type URL (Envoy's names for LDS and CDS).
-fn stat_prefix(type_url: &str) -> &'static str {
-    ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
-}
-
 /// Something other than the ADS server that changes what to publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SideEvent {
@@ -462,9 +457,7 @@ impl Client {
             return nack;
         };
         warn!(type_url, error = %err, outcome = "NACK", "update applied but not fully mirrored to the kernel");
-        self.stats
-            .counter(&format!("{}.update_rejected", stat_prefix(type_url)))
-            .inc();
+        self.count_update(type_url, "update_rejected");
         Some(match nack {
             Some(mut s) => {
                 s.message = format!("{}; {err}", s.message);
@@ -478,6 +471,18 @@ impl Client {
         })
     }
 
+    /// Count `stat` (`update_attempt`, ...) of a push of `type_url` under Envoy's names
+    /// ([`resources::Resources::update_stat_prefixes`]).
+    fn count_update(&self, type_url: &str, stat: &str) {
+        let prefixes = match ResourceKind::from_type_url(type_url) {
+            Some(kind) => self.resources.update_stat_prefixes(kind),
+            None => vec!["skiff.xds.unknown".to_string()],
+        };
+        for p in prefixes {
+            self.stats.counter(&format!("{p}.{stat}")).inc();
+        }
+    }
+
     /// Count and log one push; returns the NACK detail, if any.
     fn outcome(
         &self,
@@ -487,24 +492,17 @@ impl Client {
         count: usize,
         result: Result<(), Vec<Rejected>>,
     ) -> Option<Status> {
-        let prefix = stat_prefix(type_url);
-        self.stats
-            .counter(&format!("{prefix}.update_attempt"))
-            .inc();
+        self.count_update(type_url, "update_attempt");
         let span = info_span!("xds_push", type_url, version, nonce, count);
         let _g = span.enter();
         match result {
             Ok(()) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_success"))
-                    .inc();
+                self.count_update(type_url, "update_success");
                 info!(outcome = "ACK", "config accepted");
                 None
             }
             Err(rejected) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_rejected"))
-                    .inc();
+                self.count_update(type_url, "update_rejected");
                 let message = nack_message(type_url, &rejected);
                 warn!(outcome = "NACK", error = %message, "config rejected");
                 Some(Status {

@@ -411,6 +411,43 @@ impl Resources {
             .min()
     }
 
+    /// Prefixes of the update counters of a push of `kind`, Envoy's names:
+    /// `listener_manager.lds`, `cluster_manager.cds`, `cluster.<name>` for each EDS cluster and
+    /// `http.<stat_prefix>.rds.<route_config>` for each HTTP connection manager on RDS, `sds.<name>` for each secret over ADS (every
+    /// subscriber is counted: the response's own names are not at hand here).
+    pub fn update_stat_prefixes(&self, kind: ResourceKind) -> Vec<String> {
+        if let Some(p) = kind.stat_prefix() {
+            return vec![p.to_string()];
+        }
+        let mut out = BTreeSet::new();
+        if kind == ResourceKind::Endpoints {
+            let clusters = self.cds.accepted.values().map(|e| &*e.model);
+            for c in clusters.chain(&self.static_clusters) {
+                if handler::eds_name(c).is_some() {
+                    out.insert(format!("cluster.{}", c.name));
+                }
+            }
+        } else if kind == ResourceKind::Secret {
+            // Envoy counts SDS updates per secret: `sds.<name>.update_success`.
+            for n in self.secret_names(|s| *s == SdsSource::Ads) {
+                out.insert(format!("sds.{n}"));
+            }
+        } else {
+            let listeners = self.lds.accepted.values().map(|e| &*e.model);
+            for l in listeners.chain(&self.static_listeners) {
+                let chains = l.filter_chains.iter().chain(&l.default_filter_chain);
+                for fc in chains {
+                    if let crate::model::NetworkAction::Http(h) = &fc.action
+                        && let Some(rc) = &h.rds_route_config_name
+                    {
+                        out.insert(format!("http.{}.rds.{rc}", h.stat_prefix));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Version of the last fully accepted response of this type (what SotW requests carry).
     pub fn version_info(&self, type_url: &str) -> String {
         match ResourceKind::from_type_url(type_url) {
