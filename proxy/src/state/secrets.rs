@@ -120,3 +120,80 @@ pub fn spawn_static_republisher(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tls::{DataSource, Secret, SecretKind, TlsCertificate};
+
+    fn secret(name: &str, key: &str) -> Arc<Secret> {
+        Arc::new(Secret {
+            name: name.into(),
+            kind: SecretKind::Certificate(TlsCertificate {
+                certificate_chain: DataSource::File("/c.pem".into()),
+                private_key: DataSource::Inline(key.as_bytes().into()),
+            }),
+        })
+    }
+
+    const BOOTSTRAP: &str = r#"
+static_resources:
+  clusters:
+  - name: sds-grpc
+    type: STATIC
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { pipe: { path: /run/sds.sock } } } }] }]
+  - name: up
+    type: STATIC
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificate_sds_secret_configs:
+          - name: default
+            sds_config: { api_config_source: { api_type: GRPC, grpc_services: [{ envoy_grpc: { cluster_name: sds-grpc } }] } }
+          validation_context_sds_secret_config:
+            name: ROOTCA
+            sds_config: { api_config_source: { api_type: GRPC, grpc_services: [{ envoy_grpc: { cluster_name: sds-grpc } }] } }
+    load_assignment:
+      cluster_name: up
+      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 8443 } } } }] }]
+"#;
+
+    /// Without ADS, secrets fed by the SDS clients reach the store on every change, and the
+    /// clients are told which names the bootstrap takes from them.
+    #[tokio::test]
+    async fn fed_secrets_republish_the_static_snapshot() {
+        let bootstrap = Arc::new(crate::config::parse(BOOTSTRAP, "<test>").unwrap());
+        assert_eq!(
+            bootstrap.grpc_targets.get("sds-grpc"),
+            Some(&crate::config::GrpcTarget::Unix("/run/sds.sock".into()))
+        );
+        let store = Store::for_bootstrap(&bootstrap, Default::default());
+        let (seam, mut ends) = ExternalSecrets::channel();
+        let stop = CancellationToken::new();
+        let task = spawn_static_republisher(bootstrap, store.clone(), seam, stop.clone());
+        assert_eq!(
+            ends.names.borrow_and_update().iter().collect::<Vec<_>>(),
+            ["ROOTCA", "default"]
+        );
+        let mut published = store.subscribe();
+        ends.secrets
+            .send([("default".to_string(), secret("default", "k1"))].into())
+            .unwrap();
+        published.changed().await.unwrap();
+        let snap = store.load();
+        assert_eq!(snap.secrets["default"], secret("default", "k1"));
+        assert!(snap.cluster("up").is_some());
+        // Rotation: the next change replaces it.
+        ends.secrets
+            .send([("default".to_string(), secret("default", "k2"))].into())
+            .unwrap();
+        published.changed().await.unwrap();
+        assert_eq!(store.load().secrets["default"], secret("default", "k2"));
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

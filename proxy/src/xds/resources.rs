@@ -321,6 +321,14 @@ impl Resources {
         }
     }
 
+    /// Start from a bootstrap: its static listeners, clusters and secrets, and its
+    /// `initial_fetch_timeout` as the fetch timeout of secrets over ADS.
+    pub fn for_bootstrap(b: &crate::config::Bootstrap) -> Self {
+        Resources::new(b.listeners.clone(), b.clusters.clone())
+            .with_static_secrets(b.secrets.clone())
+            .with_secret_fetch_timeout(b.initial_fetch_timeout)
+    }
+
     /// With the bootstrap's static secrets (`static_resources.secrets`).
     pub fn with_static_secrets(mut self, secrets: Secrets) -> Self {
         self.static_secrets = secrets;

@@ -563,26 +563,46 @@ mod secrets {
     fn clusters_and_listeners_warm_until_their_ads_secrets_arrive_sotw() {
         let (cert, key) = pem_pair();
         let mut r = Resources::default();
-        r.apply_sotw(CLUSTER_TYPE_URL, "1", &[tls_cluster("a", "client", true)], now())
-            .unwrap();
-        r.apply_sotw(LISTENER_TYPE_URL, "1", &[tls_listener("l", 8443, "server")], now())
-            .unwrap();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            now(),
+        )
+        .unwrap();
+        r.apply_sotw(
+            LISTENER_TYPE_URL,
+            "1",
+            &[tls_listener("l", 8443, "server")],
+            now(),
+        )
+        .unwrap();
         // Subscriptions follow the references, by name (not a wildcard).
         assert_eq!(subs(&r), ["client", "server"]);
         assert_eq!(r.warming(), (vec!["l".to_string()], vec!["a".to_string()]));
         let s = r.snapshot();
         assert!(s.cluster("a").is_none() && !s.listeners.contains_key("l"));
         // Only the cluster's secret: the listener still warms.
-        r.apply_sotw(SECRET_TYPE_URL, "1", &[cert_secret("client", &cert, &key)], now())
-            .unwrap();
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "1",
+            &[cert_secret("client", &cert, &key)],
+            now(),
+        )
+        .unwrap();
         assert_eq!(r.warming(), (vec!["l".to_string()], vec![]));
         let s = r.snapshot();
         assert!(s.cluster("a").is_some());
         assert!(s.secrets.contains_key("client"));
         assert!(s.xds.secrets.active.contains_key("client"));
         // SotW SDS only adds or updates: the response naming `server` alone keeps `client`.
-        r.apply_sotw(SECRET_TYPE_URL, "2", &[cert_secret("server", &cert, &key)], now())
-            .unwrap();
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "2",
+            &[cert_secret("server", &cert, &key)],
+            now(),
+        )
+        .unwrap();
         let s = r.snapshot();
         assert!(s.listeners.contains_key("l"));
         assert!(s.secrets.contains_key("client") && s.secrets.contains_key("server"));
@@ -654,10 +674,20 @@ mod secrets {
     fn a_bad_secret_is_nacked_by_name_and_the_last_good_one_kept() {
         let (cert, key) = pem_pair();
         let mut r = Resources::default();
-        r.apply_sotw(CLUSTER_TYPE_URL, "1", &[tls_cluster("a", "client", true)], now())
-            .unwrap();
-        r.apply_sotw(SECRET_TYPE_URL, "1", &[cert_secret("client", &cert, &key)], now())
-            .unwrap();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            now(),
+        )
+        .unwrap();
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "1",
+            &[cert_secret("client", &cert, &key)],
+            now(),
+        )
+        .unwrap();
         // The certificate where the key belongs.
         let bad = cert_secret("client", &cert, &cert);
         let rejected = r
@@ -679,8 +709,13 @@ mod secrets {
     fn a_secret_never_sent_stops_holding_its_cluster_after_the_fetch_timeout() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut r = Resources::default().with_secret_fetch_timeout(Some(Duration::from_secs(10)));
-        r.apply_sotw(CLUSTER_TYPE_URL, "1", &[tls_cluster("a", "client", true)], t0)
-            .unwrap();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            t0,
+        )
+        .unwrap();
         assert_eq!(r.next_secret_deadline(), Some(t0 + Duration::from_secs(10)));
         assert!(!r.poll_secret_waits(t0 + Duration::from_secs(9)));
         assert_eq!(r.warming().1, ["a"]);
@@ -690,8 +725,13 @@ mod secrets {
         assert_eq!(r.next_secret_deadline(), None);
         // `initial_fetch_timeout: 0s` waits for ever.
         let mut r = Resources::default().with_secret_fetch_timeout(None);
-        r.apply_sotw(CLUSTER_TYPE_URL, "1", &[tls_cluster("a", "client", true)], t0)
-            .unwrap();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            t0,
+        )
+        .unwrap();
         assert_eq!(r.next_secret_deadline(), None);
         assert!(!r.poll_secret_waits(t0 + Duration::from_secs(3600)));
         assert_eq!(r.warming().1, ["a"]);
@@ -706,23 +746,39 @@ mod secrets {
                 .unwrap()
         };
         let static_ca = parse(&cert_secret("static", &cert, &key));
-        let mut r = Resources::default()
-            .with_static_secrets([("static".to_string(), static_ca)].into());
+        let mut r =
+            Resources::default().with_static_secrets([("static".to_string(), static_ca)].into());
         // A cluster on Istio's sds-grpc: no ADS subscription, no warming, a gRPC name.
-        r.apply_sotw(CLUSTER_TYPE_URL, "1", &[tls_cluster("g", "default", false)], now())
-            .unwrap();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("g", "default", false)],
+            now(),
+        )
+        .unwrap();
         assert!(subs(&r).is_empty());
         assert!(r.warming().1.is_empty());
         assert_eq!(
             r.grpc_secret_names().into_iter().collect::<Vec<_>>(),
             ["default"]
         );
-        r.set_external_secrets([("default".to_string(), parse(&cert_secret("default", &cert, &key)))].into());
+        r.set_external_secrets(
+            [(
+                "default".to_string(),
+                parse(&cert_secret("default", &cert, &key)),
+            )]
+            .into(),
+        );
         let s = r.snapshot();
         assert!(s.secrets.contains_key("default") && s.secrets.contains_key("static"));
         // A secret over ADS may not replace a bootstrap one.
         let rejected = r
-            .apply_sotw(SECRET_TYPE_URL, "1", &[cert_secret("static", &cert, &key)], now())
+            .apply_sotw(
+                SECRET_TYPE_URL,
+                "1",
+                &[cert_secret("static", &cert, &key)],
+                now(),
+            )
             .unwrap_err();
         assert_eq!(rejected[0].reason, RejectReason::Static);
     }
