@@ -193,6 +193,7 @@ async fn run(
     let mut resources = resources;
     if let Some(ext) = opts.external_secrets.as_mut() {
         resources.set_external_secrets(ext.secrets.borrow_and_update().clone());
+        ext.want(resources.grpc_secret_names());
     }
     let mut c = Client {
         opts,
