@@ -1091,5 +1091,90 @@ fn value_json(v: &envoy_types::pb::google::protobuf::Value) -> serde_json::Value
     }
 }
 
+// === back to the wire (what `/config_dump` shows of secrets from other SDS sources) ===
+
+impl From<&DataSource> for core_v3::DataSource {
+    fn from(d: &DataSource) -> Self {
+        use core_v3::data_source::Specifier;
+        core_v3::DataSource {
+            specifier: Some(match d {
+                DataSource::Inline(b) => Specifier::InlineBytes(b.to_vec()),
+                DataSource::File(p) => Specifier::Filename(p.display().to_string()),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> matcher::StringMatcher {
+    use crate::rbac::StringKind;
+    use matcher::string_matcher::MatchPattern as P;
+    let pattern = match &m.kind {
+        StringKind::Exact(v) => P::Exact(v.clone()),
+        StringKind::Prefix(v) => P::Prefix(v.clone()),
+        StringKind::Suffix(v) => P::Suffix(v.clone()),
+        StringKind::Contains(v) => P::Contains(v.clone()),
+        // `compile_regex` anchors the configured expression as `^(?:RE)$`.
+        StringKind::Regex(p) => {
+            let full = p.0.as_str();
+            let re = full
+                .strip_prefix("^(?:")
+                .and_then(|r| r.strip_suffix(")$"))
+                .unwrap_or(full);
+            P::SafeRegex(matcher::RegexMatcher {
+                regex: re.to_string(),
+                ..Default::default()
+            })
+        }
+    };
+    matcher::StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: m.ignore_case,
+    }
+}
+
+impl From<&Secret> for tls::Secret {
+    #[allow(deprecated)]
+    fn from(s: &Secret) -> Self {
+        use tls::subject_alt_name_matcher::SanType as T;
+        let r#type = match &s.kind {
+            SecretKind::Certificate(c) => tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some((&c.certificate_chain).into()),
+                private_key: Some((&c.private_key).into()),
+                ..Default::default()
+            }),
+            SecretKind::Validation(v) => {
+                let mut out = tls::CertificateValidationContext {
+                    trusted_ca: v.trusted_ca.as_ref().map(Into::into),
+                    ..Default::default()
+                };
+                for m in &v.san_matchers {
+                    let san_type = match m.san_type {
+                        SanType::Any => {
+                            out.match_subject_alt_names.push(string_matcher(&m.matcher));
+                            continue;
+                        }
+                        SanType::Uri => T::Uri,
+                        SanType::Dns => T::Dns,
+                        SanType::Email => T::Email,
+                        SanType::IpAddress => T::IpAddress,
+                    };
+                    out.match_typed_subject_alt_names
+                        .push(tls::SubjectAltNameMatcher {
+                            san_type: san_type as i32,
+                            matcher: Some(string_matcher(&m.matcher)),
+                            oid: String::new(),
+                        });
+                }
+                tls::secret::Type::ValidationContext(out)
+            }
+        };
+        tls::Secret {
+            name: s.name.clone(),
+            r#type: Some(r#type),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -517,3 +517,30 @@ fn transport_sockets_are_plaintext_tls_or_refused() {
     assert!(t.for_endpoint(&BTreeMap::new()).is_none());
     assert_eq!(t.sds_refs().count(), 2);
 }
+
+#[test]
+fn secrets_go_back_to_the_wire_unchanged() {
+    let (cert, _) = pem_pair();
+    let mut v = tls::CertificateValidationContext {
+        trusted_ca: Some(inline(&cert)),
+        match_typed_subject_alt_names: vec![spiffe("a")],
+        ..Default::default()
+    };
+    #[allow(deprecated)]
+    v.match_subject_alt_names.push(matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
+            matcher::RegexMatcher {
+                regex: "spiffe://.*/sa/(a|b)".into(),
+                ..Default::default()
+            },
+        )),
+        ignore_case: false,
+    });
+    let wire = tls::Secret {
+        name: "ROOTCA".into(),
+        r#type: Some(tls::secret::Type::ValidationContext(v)),
+    };
+    let model = Secret::try_from(&wire).unwrap();
+    let back = tls::Secret::from(&model);
+    assert_eq!(Secret::try_from(&back).unwrap(), model);
+}
