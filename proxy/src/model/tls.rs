@@ -1035,11 +1035,7 @@ pub fn cluster_transport(
             }
             None => None,
         };
-        let criteria = m
-            .r#match
-            .as_ref()
-            .map(|s| struct_strings(s))
-            .unwrap_or_default();
+        let criteria = m.r#match.as_ref().map(struct_strings).unwrap_or_default();
         out.push(TransportMatch {
             name: m.name.clone(),
             criteria,

@@ -7,6 +7,13 @@
 //! certificate reaches new connections while established ones keep their session. With ADS,
 //! the ADS client does both (`XdsOptions::external_secrets`); without ADS,
 //! [`spawn_static_republisher`] does.
+//!
+//! Wiring, one gRPC SDS source (Istio has one: `sds-grpc` on the workload's Unix socket):
+//! `let (seam, ends) = ExternalSecrets::channel();` then the client on the cluster's
+//! `config::GrpcTarget` (`bootstrap.grpc_targets["sds-grpc"]`) takes `ends.names` and
+//! `ends.secrets`, and `seam` goes to `XdsOptions::external_secrets` (with ADS) or to
+//! [`spawn_static_republisher`] (without). The names are those of every gRPC SDS cluster
+//! together: one client serves them all.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
