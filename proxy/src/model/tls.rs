@@ -255,17 +255,23 @@ pub const SECRET_TYPE_URL: &str =
 
 use super::compat::{F_TLS_PARAMS, F_TLS_UNSUPPORTED};
 
-/// A refusal of a TLS field by name (`model::compat` table entry [`F_TLS_UNSUPPORTED`]).
+/// A refusal of a TLS field by name: what was asked for, and the `model::compat` row that
+/// lists it ([`F_TLS_UNSUPPORTED`]).
 fn refuse(field: &str, what: &str) -> FieldError {
-    let mut e = super::compat::refuse(F_TLS_UNSUPPORTED, field);
-    e.reason = format!("{what}: {}", e.reason);
-    e
+    FieldError::new(
+        field,
+        format!(
+            "{what} is not supported by skiff (`{F_TLS_UNSUPPORTED}` in docs/COMPATIBILITY.md)"
+        ),
+    )
 }
 
+/// A `tls_params` value rustls cannot honour ([`F_TLS_PARAMS`]).
 fn params_refusal(field: &str, what: String) -> FieldError {
-    let mut e = super::compat::refuse(F_TLS_PARAMS, field);
-    e.reason = format!("{what}: {}", e.reason);
-    e
+    FieldError::new(
+        field,
+        format!("{what} is not supported by skiff (`{F_TLS_PARAMS}` in docs/COMPATIBILITY.md)"),
+    )
 }
 
 impl DataSource {
