@@ -544,3 +544,24 @@ fn secrets_go_back_to_the_wire_unchanged() {
     let back = tls::Secret::from(&model);
     assert_eq!(Secret::try_from(&back).unwrap(), model);
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::{any, proptest};
+
+    proptest! {
+        /// Whatever bytes arrive, decoding and conversion answer with a value or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(c) = tls::UpstreamTlsContext::decode(bytes.as_slice()) {
+                let _ = UpstreamTls::try_from(&c);
+            }
+            if let Ok(c) = tls::DownstreamTlsContext::decode(bytes.as_slice()) {
+                let _ = DownstreamTls::try_from(&c);
+            }
+            if let Ok(s) = tls::Secret::decode(bytes.as_slice()) {
+                let _ = Secret::try_from(&s);
+            }
+        }
+    }
+}
