@@ -610,11 +610,42 @@ const CIPHERS: [(&str, rustls::CipherSuite); 6] = [
     ),
 ];
 
-/// Envoy's curve names and the rustls ring key-exchange group of each.
-const CURVES: [(&str, rustls::NamedGroup); 3] = [
+/// TLS 1.2 (and older) cipher names BoringSSL accepts that rustls's ring provider lacks.
+const BORINGSSL_ONLY_CIPHERS: [&str; 14] = [
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "DES-CBC3-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-AES256-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+    "PSK-AES128-CBC-SHA",
+    "PSK-AES256-CBC-SHA",
+];
+
+/// Envoy's curve names (with BoringSSL's aliases) and the rustls ring key-exchange group of
+/// each.
+const CURVES: [(&str, rustls::NamedGroup); 5] = [
     ("X25519", rustls::NamedGroup::X25519),
     ("P-256", rustls::NamedGroup::secp256r1),
+    ("prime256v1", rustls::NamedGroup::secp256r1),
     ("P-384", rustls::NamedGroup::secp384r1),
+    ("secp384r1", rustls::NamedGroup::secp384r1),
+];
+
+/// Curve names BoringSSL accepts that rustls's ring provider lacks.
+const BORINGSSL_ONLY_CURVES: [&str; 6] = [
+    "P-224",
+    "P-521",
+    "secp521r1",
+    "X25519Kyber768Draft00",
+    "X25519MLKEM768",
+    "X25519MLKEM768Draft00",
 ];
 
 /// `tls_params`: the version range clamped to what rustls has (1.2, 1.3), cipher suites and
@@ -675,35 +706,54 @@ fn tls_params(
             ),
         ));
     }
+    // `cipher_suites` and `ecdh_curves` are allowlists: skiff negotiates only what they
+    // name. A name BoringSSL knows but rustls's ring provider lacks (Istio's inbound default
+    // lists `AES256-GCM-SHA384`, RSA key exchange) narrows the list further and is left out;
+    // a name BoringSSL does not know is refused (as Envoy refuses it), and so is a list of
+    // which rustls has nothing (no handshake Envoy would make could succeed).
     let mut ciphers = Vec::new();
     for (i, entry) in p.cipher_suites.iter().enumerate() {
         // BoringSSL's equal-preference groups: `[A|B]`.
         for c in entry.trim_matches(|c| c == '[' || c == ']').split('|') {
             match CIPHERS.iter().find(|(n, _)| *n == c) {
                 Some((_, s)) => ciphers.push(*s),
+                None if BORINGSSL_ONLY_CIPHERS.contains(&c) => {}
                 None => {
                     return Err(params_refusal(
                         &format!("cipher_suites[{i}]"),
-                        format!(
-                            "cipher {c:?} (rustls's ring provider has: {})",
-                            CIPHERS.map(|c| c.0).join(", ")
-                        ),
+                        format!("cipher {c:?}, unknown to BoringSSL"),
                     ));
                 }
             }
         }
     }
+    if !p.cipher_suites.is_empty() && ciphers.is_empty() {
+        return Err(params_refusal(
+            "cipher_suites",
+            format!(
+                "a list without any cipher rustls's ring provider has ({})",
+                CIPHERS.map(|c| c.0).join(", ")
+            ),
+        ));
+    }
     let mut curves = Vec::new();
     for (i, c) in p.ecdh_curves.iter().enumerate() {
         match CURVES.iter().find(|(n, _)| n == c) {
             Some((_, g)) => curves.push(*g),
+            None if BORINGSSL_ONLY_CURVES.contains(&c.as_str()) => {}
             None => {
                 return Err(params_refusal(
                     &format!("ecdh_curves[{i}]"),
-                    format!("curve {c:?} (rustls's ring provider has: X25519, P-256, P-384)"),
+                    format!("curve {c:?}, unknown to BoringSSL"),
                 ));
             }
         }
+    }
+    if !p.ecdh_curves.is_empty() && curves.is_empty() {
+        return Err(params_refusal(
+            "ecdh_curves",
+            "a list without any curve rustls's ring provider has (X25519, P-256, P-384)".into(),
+        ));
     }
     if !p.signature_algorithms.is_empty() {
         return Err(params_refusal(
