@@ -1,7 +1,8 @@
 //! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
 //!
 //! # Layout
-//! - [`kind`]: [`ResourceKind`], the four types skiff decodes, parsed from a type URL once.
+//! - [`kind`]: [`ResourceKind`], the five types skiff decodes (LDS, CDS, RDS, EDS, SDS), parsed
+//!   from a type URL once.
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
 //!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
 //!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
@@ -15,7 +16,10 @@
 //! # Protocol (as Envoy)
 //! - One ADS stream. CDS and LDS are wildcard subscriptions; RDS follows the route config names
 //!   of the HTTP connection managers of known listeners; EDS follows the service names of known
-//!   EDS clusters. Subscriptions are re-sent whenever they change.
+//!   EDS clusters; SDS follows the secrets their TLS contexts take with `sds_config: {ads: {}}`.
+//!   Subscriptions are re-sent whenever they change.
+//! - Secrets of other SDS sources (`state::secrets`) and secret fetch timeouts republish the
+//!   snapshot between responses, also while the stream is down.
 //! - SotW ACK: `version_info` of the response + its nonce. NACK: the previous good
 //!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
@@ -203,6 +207,7 @@ async fn run(
     let mut resources = resources;
     if let Some(ext) = opts.external_secrets.as_mut() {
         resources.set_external_secrets(ext.secrets.borrow_and_update().clone());
+        ext.want(resources.grpc_secret_names());
     }
     let mut c = Client {
         opts,

@@ -10,9 +10,9 @@
 //!   against real Envoy in tests/tests/direct_envoy_diff.rs).
 //! - Validation is per resource: valid resources are applied, invalid ones are rejected and
 //!   keep their previous accepted version, and the response is NACKed listing `name: reason`
-//!   (Envoy's LDS/CDS/RDS/EDS all apply the valid part of a response).
+//!   (Envoy's LDS/CDS/RDS/EDS/SDS all apply the valid part of a response).
 //! - SotW LDS and CDS responses carry the whole state: a resource missing from a response is
-//!   removed (a name present but invalid is not). SotW RDS and EDS responses only add or
+//!   removed (a name present but invalid is not). SotW RDS, EDS and SDS responses only add or
 //!   update; their resources go away when nothing subscribes to them any more.
 //! - Delta: `removed_resources` removes; everything else is an add or update.
 //!
@@ -319,6 +319,14 @@ impl Resources {
             static_clusters,
             ..Default::default()
         }
+    }
+
+    /// Start from a bootstrap: its static listeners, clusters and secrets, and its
+    /// `initial_fetch_timeout` as the fetch timeout of secrets over ADS.
+    pub fn for_bootstrap(b: &crate::config::Bootstrap) -> Self {
+        Resources::new(b.listeners.clone(), b.clusters.clone())
+            .with_static_secrets(b.secrets.clone())
+            .with_secret_fetch_timeout(b.initial_fetch_timeout)
     }
 
     /// With the bootstrap's static secrets (`static_resources.secrets`).
@@ -649,7 +657,7 @@ impl Resources {
         }
     }
 
-    /// Forget RDS/EDS resources nobody subscribes to any more.
+    /// Forget RDS/EDS/SDS resources nobody subscribes to any more.
     pub fn drop_unsubscribed(&mut self) {
         if let Some(wanted) = RouteHandler::subscriptions(self) {
             self.rds.retain_names(&wanted);
