@@ -239,6 +239,8 @@ static_resources:
             api: crate::config::AdsApi::Sotw,
             cluster: "xds".into(),
             server,
+            tls: None,
+            token: None,
             backoff: Some((
                 std::time::Duration::from_millis(50),
                 std::time::Duration::from_millis(200),

@@ -17,15 +17,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlspb;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
 use prost::Message as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,9 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::channel::{self, ChannelError, GrpcTarget};
 pub use crate::model::tls::SECRET_TYPE_URL;
-use crate::model::tls::{
-    DataSource, Secret, SecretKind, Secrets, TlsCertificate, ValidationContext,
-};
+use crate::model::tls::{Secret, Secrets};
 use crate::stats::Stats;
 
 /// First and longest reconnect delays.
@@ -302,89 +298,9 @@ fn decode(any: &Any) -> Result<Secret, (Option<String>, String)> {
     let pb = tlspb::Secret::decode(any.value.as_slice())
         .map_err(|e| (None, format!("does not decode: {e}")))?;
     let name = pb.name.clone();
-    let secret = to_model(pb).map_err(|r| (Some(name.clone()), r))?;
-    check_pem(&secret).map_err(|r| (Some(name), r))?;
-    Ok(secret)
-}
-
-/// `tls.v3.Secret` -> the model's `Secret`: the two kinds SDS delivers for mTLS (a certificate
-/// with its key, a validation context's trusted CA). This is a local conversion until the
-/// model's own `TryFrom` (issue 15, model side) replaces it.
-fn to_model(pb: tlspb::Secret) -> Result<Secret, String> {
-    use tlspb::secret::Type;
-    if pb.name.is_empty() {
-        return Err("name is empty".into());
-    }
-    let kind = match pb.r#type {
-        Some(Type::TlsCertificate(c)) => SecretKind::Certificate(TlsCertificate {
-            certificate_chain: data_source(
-                c.certificate_chain,
-                "tls_certificate.certificate_chain",
-            )?,
-            private_key: data_source(c.private_key, "tls_certificate.private_key")?,
-        }),
-        Some(Type::ValidationContext(v)) => SecretKind::Validation(ValidationContext {
-            trusted_ca: Some(data_source(v.trusted_ca, "validation_context.trusted_ca")?),
-            san_matchers: Vec::new(),
-        }),
-        Some(Type::SessionTicketKeys(_)) => {
-            return Err("session_ticket_keys is not supported".into());
-        }
-        Some(Type::GenericSecret(_)) => return Err("generic_secret is not supported".into()),
-        None => return Err("neither tls_certificate nor validation_context".into()),
-    };
-    Ok(Secret {
-        name: pb.name,
-        kind,
-    })
-}
-
-fn data_source(
-    d: Option<envoy_types::pb::envoy::config::core::v3::DataSource>,
-    field: &str,
-) -> Result<DataSource, String> {
-    match d.and_then(|d| d.specifier) {
-        Some(Specifier::InlineBytes(b)) => Ok(DataSource::Inline(b.into())),
-        Some(Specifier::InlineString(s)) => Ok(DataSource::Inline(s.into_bytes().into())),
-        Some(Specifier::Filename(f)) => Ok(DataSource::File(f.into())),
-        Some(Specifier::EnvironmentVariable(_)) => {
-            Err(format!("{field}: environment_variable is not supported"))
-        }
-        None => Err(format!("{field}: missing")),
-    }
-}
-
-/// Inline PEM must hold what its field promises, so a broken push is NACKed here rather than
-/// failing handshakes later. (Files are read when the TLS configuration is built.)
-fn check_pem(secret: &Secret) -> Result<(), String> {
-    let certs = |field: &str, d: &DataSource| -> Result<(), String> {
-        let DataSource::Inline(b) = d else {
-            return Ok(());
-        };
-        let n = CertificateDer::pem_slice_iter(b)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{field}: {e}"))?
-            .len();
-        if n == 0 {
-            return Err(format!("{field}: no PEM certificate"));
-        }
-        Ok(())
-    };
-    match &secret.kind {
-        SecretKind::Certificate(c) => {
-            certs("tls_certificate.certificate_chain", &c.certificate_chain)?;
-            if let DataSource::Inline(b) = &c.private_key {
-                PrivateKeyDer::from_pem_slice(b).map_err(|e| {
-                    format!("tls_certificate.private_key: no PEM private key ({e})")
-                })?;
-            }
-            Ok(())
-        }
-        SecretKind::Validation(v) => match &v.trusted_ca {
-            Some(ca) => certs("validation_context.trusted_ca", ca),
-            None => Ok(()),
-        },
-    }
+    // The model's conversion also checks that inline PEM holds what its field promises, so a
+    // broken push is NACKed here rather than failing handshakes later.
+    Secret::try_from(&pb).map_err(|e| (Some(name), format!("{}: {}", e.field, e.reason)))
 }
 
 #[cfg(test)]
@@ -400,7 +316,11 @@ mod tests {
 
     fn inline(b: &str) -> Option<envoy_types::pb::envoy::config::core::v3::DataSource> {
         Some(envoy_types::pb::envoy::config::core::v3::DataSource {
-            specifier: Some(Specifier::InlineBytes(b.as_bytes().to_vec())),
+            specifier: Some(
+                envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(
+                    b.as_bytes().to_vec(),
+                ),
+            ),
             ..Default::default()
         })
     }
@@ -441,7 +361,7 @@ mod tests {
         };
         let (name, reason) = decode(&any(&root)).unwrap_err();
         assert_eq!(name.as_deref(), Some("ROOTCA"));
-        assert!(reason.contains("neither"), "{reason}");
+        assert!(reason.contains("no secret type"), "{reason}");
     }
 
     #[test]
