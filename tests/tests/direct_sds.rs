@@ -61,7 +61,12 @@ struct Cp {
 }
 
 async fn control_plane(dir: &Path, socket: Option<&Path>) -> Cp {
+    control_plane_with(dir, socket, None).await
+}
+
+async fn control_plane_with(dir: &Path, socket: Option<&Path>, ads_socket: Option<&Path>) -> Cp {
     let mut opts = ControlPlaneOptions::new(Source::Dir(dir.to_path_buf()));
+    opts.ads_socket = ads_socket.map(Path::to_path_buf);
     opts.listen = "127.0.0.1:0".parse().unwrap();
     opts.poll_interval = Duration::from_millis(50);
     opts.sds_socket = socket.map(Path::to_path_buf);
@@ -295,5 +300,119 @@ async fn secrets_are_served_by_name_over_ads() {
     let names: Vec<&str> = resp.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["default"]);
     drop((sotw, delta));
+    cp.stop().await;
+}
+
+/// Istio's sidecar layout end to end: the bootstrap's `xds-grpc` and `sds-grpc` clusters are
+/// Unix sockets (pilot-agent's), skiff takes its configuration over ADS and its workload
+/// certificate over SDS from them, and a rotated certificate reaches the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_layout_ads_and_sds_over_unix_sockets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    let ca = Ca::new("mesh root");
+    let spiffe = "spiffe://cluster.local/ns/default/sa/istio-layout";
+    let first = ca.leaf(&[], &[spiffe]);
+    write_secrets(&config, "1", &first.cert, &first.key, &ca.pem);
+    // pilot-agent's two sockets: its xDS proxy and its SDS server.
+    let socket = tmp.path().join("sds.sock");
+    let xds_socket = tmp.path().join("XDS");
+    let cp = control_plane_with(&config, Some(&socket), Some(&xds_socket)).await;
+    let admin = skiff_tests::free_port();
+    let sock = socket.display();
+    let xds = xds_socket.display();
+    // A static cluster whose TLS takes `default` and `ROOTCA` from sds-grpc, as istiod's
+    // outbound clusters do.
+    let bootstrap = format!(
+        r#"
+node: {{id: "sidecar~127.0.0.1~layout.default~default.svc.cluster.local", cluster: layout}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{xds}"}}}}}}}}]}}]
+  - name: sds-grpc
+    type: STATIC
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{sock}"}}}}}}}}]}}]
+  - name: mtls
+    type: STATIC
+    load_assignment:
+      cluster_name: mtls
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificate_sds_secret_configs:
+          - name: default
+            sds_config: {{api_config_source: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: sds-grpc}}}}]}}, resource_api_version: V3}}
+          combined_validation_context:
+            default_validation_context: {{}}
+            validation_context_sds_secret_config:
+              name: ROOTCA
+              sds_config: {{api_config_source: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: sds-grpc}}}}]}}, resource_api_version: V3}}
+"#
+    );
+    let bootstrap = skiff::config::parse(&bootstrap, "layout.yaml").unwrap();
+    let skiff = skiff_tests::InProcessSkiff::start(skiff_tests::run_options(bootstrap));
+    let stats = |path: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
+                return String::new();
+            };
+            let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+        .await
+        .unwrap()
+    };
+    // ADS over the socket: the (empty) CDS answer is applied; SDS: both secrets arrive.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = stats("/stats").await;
+        let dump = stats("/config_dump?resource=dynamic_active_secrets").await;
+        if s.contains("cluster_manager.cds.update_success: 1")
+            && s.contains("sds.default.update_success: 1")
+            && s.contains("sds.ROOTCA.update_success: 1")
+            && dump.contains("\"name\": \"default\"")
+            && dump.contains("\"name\": \"ROOTCA\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ADS/SDS over the sockets:\n{s}\n{dump}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Rotation: the new certificate is taken (the data plane's use of it is direct_tls_rotation).
+    let second = ca.leaf(&[], &[spiffe]);
+    write_secrets(&config, "2", &second.cert, &second.key, &ca.pem);
+    let deadline = Instant::now() + WAIT;
+    while !stats("/stats")
+        .await
+        .contains("sds.default.update_success: 2")
+    {
+        assert!(Instant::now() < deadline, "rotated certificate not served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    skiff.stop().await.unwrap();
     cp.stop().await;
 }

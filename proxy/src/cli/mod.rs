@@ -119,6 +119,9 @@ pub struct ControlPlaneArgs {
     /// socket, as Istio's node agent does.
     #[arg(long, value_name = "PATH")]
     pub sds_socket: Option<PathBuf>,
+    /// Also serve ADS on this Unix socket, as pilot-agent's xDS proxy does for its sidecar.
+    #[arg(long, value_name = "PATH")]
+    pub ads_socket: Option<PathBuf>,
 }
 
 /// `skiff run`'s control-plane connection: ADS to istiod as pilot-agent makes it.
@@ -445,6 +448,7 @@ impl ControlPlaneArgs {
             tls,
             require_token: self.require_token,
             sds_socket: self.sds_socket,
+            ads_socket: self.ads_socket,
         })
     }
 }

@@ -316,7 +316,7 @@ pub fn control_plane_flags(
         bootstrap.ads = Some(AdsConfig {
             api,
             cluster: "xds-grpc".into(),
-            server,
+            server: crate::config::GrpcTarget::Tcp(server),
             backoff,
             tls: None,
             token: None,
@@ -388,11 +388,8 @@ pub fn control_plane_flags(
             crate::xds::channel::bearer(t).map_err(OptionsError::XdsConnection)?;
         }
         if let Some(tls) = &ads.tls {
-            crate::xds::channel::endpoint(
-                &crate::xds::channel::GrpcTarget::Tcp(ads.server),
-                Some(tls),
-            )
-            .map_err(OptionsError::XdsConnection)?;
+            crate::xds::channel::endpoint(&ads.server, Some(tls))
+                .map_err(OptionsError::XdsConnection)?;
         }
     }
     if x.xds_address.is_some() || a.node.istio_node {

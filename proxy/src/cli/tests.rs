@@ -479,7 +479,10 @@ fn xds_flags_point_ads_at_istiod_with_tls_token_and_the_istio_node() {
     let b = super::run::control_plane_flags(&a, bootstrap(), &env).unwrap();
     assert!(b.lds_ads && b.cds_ads);
     let ads = b.ads.unwrap();
-    assert_eq!(ads.server, "127.0.0.1:15012".parse().unwrap());
+    assert_eq!(
+        ads.server,
+        crate::config::GrpcTarget::Tcp("127.0.0.1:15012".parse().unwrap())
+    );
     assert_eq!(ads.api, crate::config::AdsApi::Sotw);
     assert_eq!(ads.token.as_deref(), Some(token.as_path()));
     let tls = ads.tls.unwrap();

@@ -110,8 +110,9 @@ pub struct AdsConfig {
     pub api: AdsApi,
     /// `grpc_services[0].envoy_grpc.cluster_name` (a static cluster).
     pub cluster: String,
-    /// The first endpoint of that cluster: where the server listens (plain h2c).
-    pub server: SocketAddr,
+    /// The first endpoint of that cluster: where the server listens (an IP address, or a Unix
+    /// socket as Istio's `xds-grpc` to pilot-agent's local xDS proxy).
+    pub server: GrpcTarget,
     /// `envoy_grpc.retry_policy.retry_back_off` (base, max) for reconnects, when given.
     pub backoff: Option<(std::time::Duration, std::time::Duration)>,
     /// TLS to the server (the ADS cluster's `UpstreamTlsContext`, or `skiff run --xds-ca`);
@@ -521,20 +522,7 @@ fn dynamic(
         .iter()
         .find(|c| c.name == cluster)
         .ok_or_else(|| (field(), format!("no static cluster {cluster:?}")))?;
-    if let Some(GrpcTarget::Unix(path)) = grpc_targets.get(&cluster) {
-        return Err((
-            field(),
-            format!(
-                "cluster {cluster:?} is a Unix socket ({}): skiff dials its ADS server over TCP",
-                path.display()
-            ),
-        ));
-    }
-    let server = match &c.kind {
-        model::ClusterKind::Static(la) => la.endpoints().next().map(|e| e.address),
-        _ => None,
-    }
-    .ok_or_else(|| {
+    let server = grpc_targets.get(&cluster).cloned().ok_or_else(|| {
         (
             field(),
             format!("cluster {cluster:?} must be STATIC with at least one endpoint"),
@@ -546,8 +534,8 @@ fn dynamic(
             cluster,
             server,
             backoff,
-            // The ADS cluster's transport socket, once clusters carry it (issue 15, model side).
-            tls: None,
+            // pilot-agent's istiod connection: the ADS cluster's UpstreamTlsContext.
+            tls: c.transport.default.clone(),
             token: None,
         }),
         lds_ads,

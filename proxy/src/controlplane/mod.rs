@@ -104,6 +104,9 @@ pub struct ControlPlaneOptions {
     /// Also serve the SecretDiscoveryService on this Unix socket (plain gRPC; the socket's
     /// permissions protect it, as Istio's node agent socket).
     pub sds_socket: Option<PathBuf>,
+    /// Also serve ADS on this Unix socket, as pilot-agent's xDS proxy serves its sidecar
+    /// (`/etc/istio/proxy/XDS`); no token check (the socket's permissions protect it).
+    pub ads_socket: Option<PathBuf>,
 }
 
 impl ControlPlaneOptions {
@@ -116,6 +119,7 @@ impl ControlPlaneOptions {
             tls: None,
             require_token: None,
             sds_socket: None,
+            ads_socket: None,
         }
     }
 }
@@ -247,6 +251,16 @@ pub async fn serve(
             Some((path.clone(), listener))
         }
     };
+    let ads_listener = match &opts.ads_socket {
+        None => None,
+        Some(path) => {
+            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
+                path: path.clone(),
+                error,
+            })?;
+            Some((path.clone(), listener))
+        }
+    };
     on_bound(bound);
 
     let stop = CancellationToken::new();
@@ -274,6 +288,21 @@ pub async fn serve(
                 warn!(socket = %path.display(), error = %e, "SDS server failed");
             }
             // Leave no socket behind for the next start to trip over.
+            let _ = std::fs::remove_file(&path);
+        })
+    });
+    let ads_socket_server = ads_listener.map(|(path, listener)| {
+        info!(socket = %path.display(), "ADS listening on a Unix socket");
+        let stop = stop.clone();
+        let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            AggregatedDiscoveryServiceServer::new(AdsService { ctx: ctx.clone() }),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move { stop.cancelled().await },
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(socket = %path.display(), error = %e, "ADS socket server failed");
+            }
             let _ = std::fs::remove_file(&path);
         })
     });
@@ -312,8 +341,8 @@ pub async fn serve(
         }
     };
     stop.cancel();
-    if let Some(sds) = sds_server {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, sds).await;
+    for task in sds_server.into_iter().chain(ads_socket_server) {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
     }
     if let Err(e) = poller.await {
         warn!(error = %e, "control plane source poller failed");
@@ -321,7 +350,7 @@ pub async fn serve(
     result
 }
 
-/// Binds the SDS socket, replacing a stale one (a socket file nobody listens on).
+/// Binds a Unix socket (SDS, ADS), replacing a stale one (a socket file nobody listens on).
 fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_err() {
         match std::fs::remove_file(path) {

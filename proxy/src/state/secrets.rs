@@ -238,7 +238,7 @@ static_resources:
         let ads = crate::config::AdsConfig {
             api: crate::config::AdsApi::Sotw,
             cluster: "xds".into(),
-            server,
+            server: crate::config::GrpcTarget::Tcp(server),
             tls: None,
             token: None,
             backoff: Some((

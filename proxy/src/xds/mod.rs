@@ -334,7 +334,7 @@ impl Drop for Connected {
 
 impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let server = channel::GrpcTarget::Tcp(self.opts.ads.server);
+        let server = self.opts.ads.server.clone();
         // Read before connecting: a missing token file is reported as such, not as a refusal.
         let headers = stream_headers(self.opts.ads.token.as_deref(), self.opts.node.as_ref())?;
         let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
