@@ -45,4 +45,5 @@ pub mod net;
 pub mod rbac;
 pub mod state;
 pub mod stats;
+pub mod tls;
 pub mod xds;

@@ -158,6 +158,23 @@ pub enum ConnError {
         /// `rbac_access_denied_matched_policy[<policy or none>]`.
         detail: String,
     },
+    /// The listener filters (tls_inspector, http_inspector) did not decide within the
+    /// listener's `listener_filters_timeout`, and it does not continue on timeout (Envoy's
+    /// `downstream_pre_cx_timeout`).
+    #[error("listener {listener}: listener filters timed out waiting for the first bytes")]
+    ListenerFilterTimeout {
+        /// Listener.
+        listener: String,
+    },
+    /// The tls_inspector saw a ClientHello larger than it reads (Envoy closes the connection,
+    /// `tls_inspector.client_hello_too_large`).
+    #[error("listener {listener}: TLS ClientHello larger than {max} bytes")]
+    ClientHelloTooLarge {
+        /// Listener.
+        listener: String,
+        /// The inspector's limit.
+        max: usize,
+    },
     /// The byte copy ended with an error on one side's socket.
     #[error("{side} connection failed mid-stream: {source}")]
     Stream {
@@ -174,7 +191,10 @@ impl ConnError {
         match self {
             // The client is not allowed here: a downstream outcome, as Envoy counts it under
             // the downstream connection.
-            ConnError::Accept(_) | ConnError::RbacDenied { .. } => Side::Downstream,
+            ConnError::Accept(_)
+            | ConnError::RbacDenied { .. }
+            | ConnError::ListenerFilterTimeout { .. }
+            | ConnError::ClientHelloTooLarge { .. } => Side::Downstream,
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. }
@@ -193,7 +213,10 @@ impl ConnError {
         use ResponseFlag::*;
         match self {
             ConnError::Accept(_) => &[DownstreamConnectionTermination],
-            ConnError::RbacDenied { .. } => &[],
+            // Closed before a filter chain was chosen: Envoy logs no flag for these.
+            ConnError::RbacDenied { .. }
+            | ConnError::ListenerFilterTimeout { .. }
+            | ConnError::ClientHelloTooLarge { .. } => &[],
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. } => &[NoRouteFound],

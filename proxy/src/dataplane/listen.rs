@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, field, info_span, warn};
 use super::accept::Accepted;
 use super::counters::ListenerCounters;
 use super::error::ConnError;
+use super::forward::Io;
 use super::rbac;
 use super::route::{self, Route};
 use super::tcp_proxy::{self, Upstream};
@@ -66,7 +67,8 @@ pub async fn run(
             let (dp, role, counters) = (dp.clone(), role.clone(), conn_counters.clone());
             let drain = conn_drain.clone();
             async move {
-                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain).await {
+                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain, &counters).await
+                {
                     counters.failed(dp.stats(), &e);
                     debug!(
                         side = %e.side(),
@@ -151,11 +153,12 @@ async fn serve(
     client: ClientAddr,
     role: &ListenerRole,
     drain: CancellationToken,
+    counters: &ListenerCounters,
 ) -> Result<(), ConnError> {
     let span = tracing::Span::current();
     let _ = down.set_nodelay(true);
-    // 1. Facts, on one snapshot.
-    let accepted = Accepted::read(dp, &down, client, role).await?;
+    // 1. Facts, on one snapshot (the listener filters peek at the first bytes).
+    let accepted = Accepted::read(dp, &down, client, role, counters).await?;
     let orig_dst = accepted.orig_dst;
     let local = accepted.local;
     if let Some(o) = orig_dst {
@@ -200,7 +203,7 @@ async fn serve(
             span.record("listener", field::display(&r.chain.listener().name));
             span.record("filter_chain", field::display(&r.chain.get().name));
             span.record("cluster", field::display(&r.cluster.cluster.name));
-            tcp_proxy::proxy(dp, role, down, orig_dst, Upstream::chosen(r)).await
+            tcp_proxy::proxy(dp, role, Io::Tcp(down), orig_dst, Upstream::chosen(r)).await
         }
         Route::Passthrough(dst) => {
             let Some(stats) = passthrough_stats else {
@@ -211,7 +214,7 @@ async fn serve(
             };
             let up = Upstream::passthrough(role, dst, stats);
             span.record("cluster", field::display(up.name()));
-            tcp_proxy::proxy(dp, role, down, orig_dst, up).await
+            tcp_proxy::proxy(dp, role, Io::Tcp(down), orig_dst, up).await
         }
         Route::Http { chain, manager } => {
             span.record("listener", field::display(&chain.listener().name));

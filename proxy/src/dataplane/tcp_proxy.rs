@@ -8,11 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tracing::{debug, field};
 
 use super::error::ConnError;
-use super::forward::{Cut, Limits};
+use super::forward::{Cut, Io, Limits};
 use super::route::{Target, TcpRoute};
 use super::{Dataplane, ListenerRole, connect, forward};
 use crate::addr::{EndpointAddr, OrigDstAddr};
@@ -139,7 +138,7 @@ impl Upstream {
 pub(super) async fn proxy(
     dp: &Dataplane,
     role: &ListenerRole,
-    mut down: TcpStream,
+    mut down: Io,
     orig_dst: Option<OrigDstAddr>,
     up: Upstream,
 ) -> Result<(), ConnError> {
@@ -170,7 +169,7 @@ pub(super) async fn proxy(
         counters.upstream_cx_total.inc();
         let host = target.host().cloned();
         match connect::connect(dp, role, addr, timeout).await {
-            Ok(s) => break (s, addr, host),
+            Ok(s) => break (Io::Tcp(s), addr, host),
             Err(source) => {
                 let outcome = if source.is_timeout() {
                     counters.upstream_cx_connect_timeout.inc();
@@ -204,7 +203,8 @@ pub(super) async fn proxy(
         (h.start_connection(), h.start_request())
     });
     // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
-    // queue, which splice(2) never reads: accelerated pairs take the buffered copy.
+    // queue, which splice(2) never reads: accelerated pairs take the buffered copy, as TLS
+    // on either side does.
     let accelerated = dp
         .sockmap_ports
         .iter()
@@ -222,11 +222,7 @@ pub(super) async fn proxy(
         max_duration: settings.max_duration,
         buffer: settings.buffer as usize,
     };
-    let moved = if accelerated {
-        forward::forward_copy(&mut down, &mut upstream, limits).await
-    } else {
-        forward::forward(&mut down, &mut upstream, limits).await
-    };
+    let moved = forward::forward_io(&mut down, &mut upstream, limits, accelerated).await;
     counters.upstream_cx_active.dec();
     let ended = moved.map_err(|e| ConnError::Stream {
         side: e.side,

@@ -45,7 +45,6 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -108,9 +107,12 @@ pub struct HttpConn {
     pub drain: tokio_util::sync::CancellationToken,
 }
 
-/// Serve HTTP/1.1 or h2c on `stream` until the client closes it or a limit drains it (see
-/// [`limits`]).
-pub async fn serve(conn: HttpConn, stream: TcpStream) {
+/// Serve HTTP/1.1 or HTTP/2 on `stream` (a TCP socket, or a TLS session terminated over one)
+/// until the client closes it or a limit drains it (see [`limits`]).
+pub async fn serve<S>(conn: HttpConn, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // Resolved once per connection: a request only adds to these counters.
     let snap = conn.dp.store.load();
     let hs = snap.http_stats(&conn.manager.stat_prefix);
@@ -957,6 +959,7 @@ async fn forward(
             entry: &entry,
             priority,
             mark: conn.dp.upstream_mark,
+            transport: None,
         };
         let send = conn.dp.http_pool.send(addr, proto, target, up_req);
         let timed = async {
@@ -1015,6 +1018,11 @@ async fn forward(
                             _ => cs.upstream_cx_connect_fail.inc(),
                         }
                         debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
+                        (Attempt::ConnectFailure, None)
+                    }
+                    Err(e @ SendError::Transport { .. }) => {
+                        cs.upstream_cx_connect_fail.inc();
+                        debug!(error = %e, %cluster, flags = "UF", "upstream transport handshake failed");
                         (Attempt::ConnectFailure, None)
                     }
                     Err(e @ SendError::Handshake { .. }) => {

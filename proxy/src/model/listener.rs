@@ -36,6 +36,9 @@ pub const NETWORK_RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RB
 /// Type URL of the HTTP RBAC filter config.
 pub const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 
+/// Envoy's default `listener_filters_timeout`.
+pub const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Validated `Listener`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
@@ -56,6 +59,13 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
     /// Names of the listener filters (tls_inspector, http_inspector, original_dst ...).
     pub listener_filters: Vec<String>,
+    /// `listener_filters_timeout`: how long the listener filters (tls_inspector,
+    /// http_inspector) may wait for the first bytes; Envoy's default 15 s, `None` for `0s`
+    /// (no limit, as Istio sets it).
+    pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: at the timeout, choose the filter chain with
+    /// what was found (else the connection is closed).
+    pub continue_on_listener_filters_timeout: bool,
     /// A UDP listener (`socket_address.protocol: UDP`) and its `udp_proxy`; `None` for TCP.
     /// skiff's proxy never binds these: only the kernel fast path serves them.
     pub udp: Option<UdpProxy>,
@@ -1298,6 +1308,14 @@ impl TryFrom<&pb::Listener> for Listener {
             filter_chains,
             default_filter_chain,
             listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
+            listener_filters_timeout: match &l.listener_filters_timeout {
+                None => Some(DEFAULT_LISTENER_FILTERS_TIMEOUT),
+                Some(d) => {
+                    let d = duration(d).map_err(|e| err(e.within("listener_filters_timeout")))?;
+                    (!d.is_zero()).then_some(d)
+                }
+            },
+            continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             udp,
             unsupported,
         })
