@@ -179,7 +179,7 @@ async fn serve(
         Route::Passthrough(_) | Route::Reject(_) => None,
     };
     if let Some(chain) = chain
-        && let Err(denied) = rbac::check(&accepted.snap, chain, &facts)
+        && let Err(denied) = rbac::check(&accepted.snap, chain, &facts, None)
     {
         span.record("listener", field::display(&chain.listener().name));
         span.record("filter_chain", field::display(&chain.get().name));
@@ -227,6 +227,8 @@ async fn serve(
                 local: orig_dst.map_or(local, |o| o.get()),
                 orig_dst,
                 drain,
+                tls: false,
+                peer: None,
             };
             drop(chain);
             crate::http::serve(conn, down).await;

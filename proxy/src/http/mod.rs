@@ -105,6 +105,11 @@ pub struct HttpConn {
     pub orig_dst: Option<OrigDstAddr>,
     /// Cancelled when the listener drains: the connection then drains too.
     pub drain: tokio_util::sync::CancellationToken,
+    /// The connection arrived over TLS (terminated by its filter chain).
+    pub tls: bool,
+    /// The verified identity of a TLS client that presented a certificate (RBAC's
+    /// `authenticated` principal).
+    pub peer: Option<Arc<crate::rbac::PeerIdentity>>,
 }
 
 /// Serve HTTP/1.1 or HTTP/2 on `stream` (a TCP socket, or a TLS session terminated over one)
@@ -338,6 +343,7 @@ async fn route_request(
         req.headers_mut(),
         conn.manager.use_remote_address,
         conn.client,
+        conn.tls,
     );
     let host = request_host(&req);
     let path = req
@@ -361,6 +367,7 @@ async fn route_request(
         let freq = filters::Request {
             client: conn.client,
             local: conn.local,
+            peer: conn.peer.as_deref(),
             remote,
             method: req.method(),
             path: &path,
