@@ -15,6 +15,8 @@
 //! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model, pure
 //!   evaluation and counters; run by `dataplane` (network filters, before tcp_proxy or the
 //!   HCM) and `http` (HTTP filters, before the router).
+//! - [`tls`]: TLS contexts + secrets -> cached rustls configurations; upstream and
+//!   downstream handshakes, peer verification as Envoy (chain, SAN matchers), identities.
 //! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.

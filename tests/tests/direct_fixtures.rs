@@ -145,3 +145,51 @@ fn demo_bootstrap_loads() {
         panic!("{f}: {e}");
     }
 }
+
+/// Istio's sidecar bootstrap (envoy-rev.json): its static clusters load, the SDS cluster on a
+/// Unix socket included, which gRPC services reach through its `GrpcTarget`.
+#[test]
+fn istio_bootstrap_loads_with_its_sds_socket() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let f = "fixtures/xds/istio-bootstrap-default.json";
+    let text = std::fs::read_to_string(root.join(f)).unwrap();
+    // Its ADS server is pilot-agent's proxy on a Unix socket; skiff joins istiod over TCP.
+    let e = skiff::config::parse(&text, f).unwrap_err().to_string();
+    assert!(e.contains("xds-grpc") && e.contains("Unix socket"), "{e}");
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json.as_object_mut().unwrap().remove("dynamic_resources");
+    let b = skiff::config::parse(&json.to_string(), f).unwrap_or_else(|e| panic!("{f}: {e}"));
+    assert_eq!(
+        b.grpc_targets.get("sds-grpc"),
+        Some(&skiff::config::GrpcTarget::Unix(
+            "./var/run/secrets/workload-spiffe-uds/test.sock".into()
+        ))
+    );
+    let sds = b.clusters.iter().find(|c| c.name == "sds-grpc").unwrap();
+    assert!(
+        matches!(&sds.kind, skiff::model::ClusterKind::Static(la) if la.endpoints().count() == 0)
+    );
+}
+
+/// The TLS of the real dumps converts into the model: Istio's auto-mTLS cluster chooses mTLS
+/// by endpoint metadata, OSM's upstream mTLS names its SDS secrets.
+#[test]
+fn tls_of_the_dumps_is_honoured() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/xds");
+    let cluster = |f: &str, name: &str| {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        let dump = skiff_proto::parse_config_dump(&text).unwrap();
+        let r = dump.dynamic.iter().find(|r| r.name == name).unwrap();
+        Cluster::try_from(&PbCluster::decode(r.resource.value.as_slice()).unwrap()).unwrap()
+    };
+    let istio = cluster(
+        "istio-describe-http.json",
+        "outbound|9080|v1|productpage.default.svc.cluster.local",
+    );
+    let labelled = [("tlsMode".to_string(), "istio".to_string())].into();
+    assert!(istio.transport.for_endpoint(&labelled).is_some());
+    assert!(istio.transport.for_endpoint(&Default::default()).is_none());
+    let osm = cluster("osm-curl-egress-config-dump.json", "httpbin/httpbin|14001");
+    let tls = osm.transport.default.as_ref().unwrap();
+    assert!(tls.common.sds_refs().count() >= 1, "{tls:?}");
+}

@@ -1,7 +1,8 @@
 //! `/config_dump` in Envoy's v3 `ConfigDump` JSON, from the accepted resources of one snapshot.
 //!
-//! Sections in Envoy's order: Bootstrap, Clusters, Listeners, Routes, then (with
-//! `?include_eds`) Endpoints. `?resource=FIELD` returns the entries of that repeated field of
+//! Sections in Envoy's order: Bootstrap, Clusters, Listeners, Routes, Secrets, then (with
+//! `?include_eds`) Endpoints. Private keys (and every other field Envoy marks sensitive) are
+//! printed as Envoy prints them: `[redacted]`. `?resource=FIELD` returns the entries of that repeated field of
 //! every section, each tagged with its message type; `?mask=a,b.c` keeps only those fields
 //! (plus `@type`); `?name_regex=RE` keeps resources whose name matches.
 
@@ -162,6 +163,7 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
         "@type": format!("{ADMIN}RoutesConfigDump"),
         "dynamic_route_configs": dynamic_entries(&x.routes, "route_config", false),
     }));
+    out.push(secrets(&sr.secrets, &x.secrets, &boot_time));
     if include_eds {
         out.push(json!({
             "@type": format!("{ADMIN}EndpointsConfigDump"),
@@ -173,8 +175,124 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
         if let Value::Object(o) = s {
             o.retain(|_, v| !matches!(v, Value::Array(a) if a.is_empty()));
         }
+        redact(s);
     }
     out
+}
+
+/// Envoy's `SecretsConfigDump`: the bootstrap's static secrets, then the SDS secrets received
+/// over ADS (active, warming never: a secret has no dependencies), each with its error state.
+fn secrets(
+    statics: &[envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret],
+    t: &TypeDump,
+    boot_time: &str,
+) -> Value {
+    let static_secrets: Vec<Value> = statics
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "last_updated": boot_time,
+                "secret": with_type(crate::model::tls::SECRET_TYPE_URL, skiff_proto::to_json(s)),
+            })
+        })
+        .collect();
+    let mut names: Vec<&String> = t.active.keys().chain(t.errors.keys()).collect();
+    names.sort();
+    names.dedup();
+    let dynamic: Vec<Value> = names
+        .into_iter()
+        .map(|n| {
+            let mut v = json!({ "name": n });
+            if let Some(r) = t.active.get(n) {
+                v["last_updated"] = timestamp(r.last_updated).into();
+                if !r.version_info.is_empty() {
+                    v["version_info"] = r.version_info.clone().into();
+                }
+                v["secret"] = skiff_proto::any_to_json(&r.resource);
+            }
+            if let Some(e) = t.errors.get(n) {
+                v["error_state"] = error_state(e);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "@type": format!("{ADMIN}SecretsConfigDump"),
+        "static_secrets": static_secrets,
+        "dynamic_active_secrets": dynamic,
+    })
+}
+
+/// Envoy's text for a redacted string (bytes fields hold these bytes, base64 in JSON).
+const REDACTED: &str = "[redacted]";
+/// [`REDACTED`] as the base64 of a bytes field.
+const REDACTED_BYTES: &str = "W3JlZGFjdGVkXQ==";
+
+/// Replaces every string inside the fields Envoy marks sensitive (`private_key`, `password`,
+/// `pkcs12`, session ticket `keys`, a generic secret's `secret(s)`) with [`REDACTED`], as
+/// Envoy's config dump does: bytes fields become the base64 of those bytes.
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o.iter_mut() {
+                if matches!(
+                    k.as_str(),
+                    "private_key" | "password" | "pkcs12" | "keys" | "secret" | "secrets"
+                ) && sensitive_shape(k, child)
+                {
+                    redact_all(child, false);
+                } else {
+                    redact(child);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Whether a value under a sensitive-sounding key is the sensitive field (a `DataSource`, or
+/// lists/maps of them) rather than, say, the `secret` entry of a secrets dump (an `Any`).
+fn sensitive_shape(key: &str, v: &Value) -> bool {
+    let data_source = |v: &Value| {
+        v.as_object().is_some_and(|o| {
+            o.keys().all(|k| {
+                matches!(
+                    k.as_str(),
+                    "filename"
+                        | "inline_bytes"
+                        | "inline_string"
+                        | "environment_variable"
+                        | "watched_directory"
+                )
+            })
+        })
+    };
+    match key {
+        "keys" => v.as_array().is_some_and(|a| a.iter().all(data_source)),
+        "secrets" => v.as_object().is_some_and(|o| o.values().all(data_source)),
+        _ => data_source(v),
+    }
+}
+
+fn redact_all(v: &mut Value, bytes: bool) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o.iter_mut() {
+                redact_all(child, k == "inline_bytes");
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| redact_all(c, bytes)),
+        Value::String(s) => {
+            *s = if bytes {
+                REDACTED_BYTES.to_string()
+            } else {
+                REDACTED.to_string()
+            };
+        }
+        _ => {}
+    }
 }
 
 fn last_boot() -> String {
@@ -193,6 +311,8 @@ fn entry_type(field: &str) -> Option<&'static str> {
         }
         "static_route_configs" => "RoutesConfigDump.StaticRouteConfig",
         "dynamic_route_configs" => "RoutesConfigDump.DynamicRouteConfig",
+        "static_secrets" => "SecretsConfigDump.StaticSecret",
+        "dynamic_active_secrets" | "dynamic_warming_secrets" => "SecretsConfigDump.DynamicSecret",
         "static_endpoint_configs" => "EndpointsConfigDump.StaticEndpointConfig",
         "dynamic_endpoint_configs" => "EndpointsConfigDump.DynamicEndpointConfig",
         _ => return None,

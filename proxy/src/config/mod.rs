@@ -1,11 +1,13 @@
 //! Envoy v3 bootstrap (YAML or JSON) -> validated configuration.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap as PbBootstrap;
 
+use crate::model::tls::{Secret, Secrets};
 use crate::model::{self, Cluster, Listener, ModelError};
 
 /// Envoy's admin default in Istio sidecars.
@@ -43,7 +45,7 @@ pub enum ConfigError {
     Duplicate {
         /// File or `<inline>`.
         origin: String,
-        /// `listener` or `cluster`.
+        /// `listener`, `cluster` or `secret`.
         kind: &'static str,
         /// The repeated name.
         name: String,
@@ -99,6 +101,27 @@ pub struct AdsConfig {
     pub backoff: Option<(std::time::Duration, std::time::Duration)>,
 }
 
+/// Where a bootstrap cluster used for a gRPC service (SDS, ADS) is reached: its first
+/// endpoint, an IP address or a Unix socket (`pipe`, Istio's `sds-grpc` on
+/// `./var/run/secrets/workload-spiffe-uds/socket`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GrpcTarget {
+    /// `socket_address` with an IP literal and a port.
+    Tcp(SocketAddr),
+    /// `pipe.path`, as given (a relative path is relative to skiff's working directory, as in
+    /// Envoy).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for GrpcTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrpcTarget::Tcp(a) => write!(f, "{a}"),
+            GrpcTarget::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// A validated bootstrap.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -110,6 +133,12 @@ pub struct Bootstrap {
     pub listeners: Vec<Listener>,
     /// Static clusters.
     pub clusters: Vec<Cluster>,
+    /// `static_resources.secrets`, by name (what TLS contexts name without `sds_config`).
+    pub secrets: Secrets,
+    /// Every STATIC cluster with an endpoint, by name: where a gRPC service naming it
+    /// (`envoy_grpc.cluster_name`) connects. A cluster whose endpoints are all Unix sockets
+    /// (`pipe`) is kept in `clusters` without hosts: only gRPC services use it.
+    pub grpc_targets: BTreeMap<String, GrpcTarget>,
     /// `dynamic_resources.ads_config`, when configuration comes from an ADS server.
     pub ads: Option<AdsConfig>,
     /// `dynamic_resources.lds_config` is `ads: {}`: listeners come over ADS.
@@ -151,7 +180,20 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
     };
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
+    let mut secrets = Secrets::new();
+    let mut grpc_targets = BTreeMap::new();
     if let Some(sr) = &raw.static_resources {
+        for s in &sr.secrets {
+            let s = Secret::try_from(s).map_err(invalid)?;
+            if secrets.contains_key(&s.name) {
+                return Err(ConfigError::Duplicate {
+                    origin: origin.to_string(),
+                    kind: "secret",
+                    name: s.name,
+                });
+            }
+            secrets.insert(s.name.clone(), Arc::new(s));
+        }
         let mut seen = BTreeSet::new();
         for l in &sr.listeners {
             let l = Listener::try_from(l).map_err(invalid)?;
@@ -166,7 +208,10 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         }
         let mut seen = BTreeSet::new();
         for c in &sr.clusters {
-            let c = Cluster::try_from(c).map_err(invalid)?;
+            let (c, target) = static_cluster(c).map_err(invalid)?;
+            if let Some(t) = target {
+                grpc_targets.insert(c.name.clone(), t);
+            }
             if !seen.insert(c.name.clone()) {
                 return Err(ConfigError::Duplicate {
                     origin: origin.to_string(),
@@ -185,10 +230,12 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         None => None,
     };
     let (ads, lds_ads, cds_ads) =
-        dynamic(&raw, &clusters).map_err(|(field, reason)| ConfigError::Dynamic {
-            origin: origin.to_string(),
-            field,
-            reason,
+        dynamic(&raw, &clusters, &grpc_targets).map_err(|(field, reason)| {
+            ConfigError::Dynamic {
+                origin: origin.to_string(),
+                field,
+                reason,
+            }
         })?;
     let node = raw
         .node
@@ -209,12 +256,83 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         admin,
         listeners,
         clusters,
+        secrets,
+        grpc_targets,
         ads,
         lds_ads,
         cds_ads,
         initial_fetch_timeout,
         raw,
     })
+}
+
+/// A static cluster and, when it is STATIC with an endpoint, where gRPC services reach it.
+/// Unix-socket (`pipe`) endpoints are taken out before the model sees the cluster (the data
+/// plane dials only IP endpoints); such a cluster must consist of them only.
+fn static_cluster(
+    c: &envoy_types::pb::envoy::config::cluster::v3::Cluster,
+) -> Result<(Cluster, Option<GrpcTarget>), ModelError> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address as Kind;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let endpoint_address = |e: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint| match &e
+        .host_identifier
+    {
+        Some(HostIdentifier::Endpoint(ep)) => ep.address.as_ref().and_then(|a| a.address.clone()),
+        _ => None,
+    };
+    let pipes: Vec<String> = c
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .flat_map(|l| l.lb_endpoints.iter())
+        .filter_map(|e| match endpoint_address(e) {
+            Some(Kind::Pipe(p)) => Some(p.path),
+            _ => None,
+        })
+        .collect();
+    if pipes.is_empty() {
+        let c = Cluster::try_from(c)?;
+        let target = match &c.kind {
+            model::ClusterKind::Static(la) => la
+                .endpoints()
+                .find(|e| e.internal.is_none())
+                .map(|e| GrpcTarget::Tcp(e.address)),
+            _ => None,
+        };
+        return Ok((c, target));
+    }
+    let total: usize = c
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .map(|l| l.lb_endpoints.len())
+        .sum();
+    let err =
+        |field: &str, reason: &str| model::FieldError::new(field, reason).on("cluster", &c.name);
+    if pipes.len() != total {
+        return Err(err(
+            "load_assignment.endpoints",
+            "Unix socket (pipe) and IP endpoints cannot be mixed in one cluster",
+        ));
+    }
+    if pipes[0].is_empty() {
+        return Err(err(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path",
+            "must not be empty",
+        ));
+    }
+    let mut hostless = c.clone();
+    if let Some(la) = hostless.load_assignment.as_mut() {
+        la.endpoints.clear();
+    }
+    let model = Cluster::try_from(&hostless)?;
+    if !matches!(model.kind, model::ClusterKind::Static(_)) {
+        return Err(err(
+            "type",
+            "a cluster of Unix socket (pipe) endpoints must be STATIC",
+        ));
+    }
+    Ok((model, Some(GrpcTarget::Unix(PathBuf::from(&pipes[0])))))
 }
 
 /// Envoy's default `initial_fetch_timeout`.
@@ -255,6 +373,7 @@ fn initial_fetch_timeout(
 fn dynamic(
     raw: &PbBootstrap,
     clusters: &[Cluster],
+    grpc_targets: &BTreeMap<String, GrpcTarget>,
 ) -> Result<(Option<AdsConfig>, bool, bool), (String, String)> {
     use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as Spec;
     use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
@@ -337,6 +456,15 @@ fn dynamic(
         .iter()
         .find(|c| c.name == cluster)
         .ok_or_else(|| (field(), format!("no static cluster {cluster:?}")))?;
+    if let Some(GrpcTarget::Unix(path)) = grpc_targets.get(&cluster) {
+        return Err((
+            field(),
+            format!(
+                "cluster {cluster:?} is a Unix socket ({}): skiff dials its ADS server over TCP",
+                path.display()
+            ),
+        ));
+    }
     let server = match &c.kind {
         model::ClusterKind::Static(la) => la.endpoints().next().map(|e| e.address),
         _ => None,

@@ -456,6 +456,10 @@ fn resource_name(any: &Any) -> Result<String, NameError> {
         Some(ResourceKind::Endpoints) => {
             ClusterLoadAssignment::decode(bytes).map(|r| r.cluster_name)
         }
+        Some(ResourceKind::Secret) => {
+            envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(bytes)
+                .map(|r| r.name)
+        }
         None => {
             // Opaque (type unknown to skiff-proto): its original JSON follows a 0x00 byte.
             if let Some(json) = opaque_name(any) {

@@ -34,6 +34,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc::Status;
 use skiff_proto::{ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
+
+use kind::SECRET_TYPE_URL;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{AdsApi, AdsConfig};
 use crate::state::Store;
+use crate::state::secrets::ExternalSecrets;
 use crate::stats::Stats;
 
 pub use kind::ResourceKind;
@@ -95,6 +98,10 @@ pub struct XdsOptions {
     pub initialized: Option<tokio::sync::watch::Sender<bool>>,
     /// Types whose first response initialization waits for (LDS and CDS when they use ADS).
     pub initial_types: Vec<&'static str>,
+    /// The secrets of other SDS sources (gRPC clusters, Istio's Unix socket), whose changes
+    /// republish the snapshot, and the names the configuration takes from them, kept up to
+    /// date after every update (`state::secrets`).
+    pub external_secrets: Option<ExternalSecrets>,
 }
 
 /// A function run on each published snapshot before the ACK (see [`XdsOptions::on_publish`]).
@@ -149,6 +156,7 @@ impl XdsOptions {
             on_publish: None,
             initialized: None,
             initial_types: Vec::new(),
+            external_secrets: None,
         }
     }
 }
@@ -181,6 +189,11 @@ async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
+    let mut opts = opts;
+    let mut resources = resources;
+    if let Some(ext) = opts.external_secrets.as_mut() {
+        resources.set_external_secrets(ext.secrets.borrow_and_update().clone());
+    }
     let mut c = Client {
         opts,
         resources,
@@ -216,9 +229,15 @@ async fn run(
         for p in ["listener_manager.lds", "cluster_manager.cds"] {
             c.stats.counter(&format!("{p}.update_failure")).inc();
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        // Secrets of other sources keep flowing while the ADS server is away.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut sleep => break,
+                ev = c.side_event() => c.on_side_event(ev).await,
+            }
         }
         backoff = (backoff * 2).min(c.opts.backoff_max);
     }
@@ -235,6 +254,15 @@ fn jitter(d: Duration, salt: u64) -> Duration {
 /// Stats prefix of a type URL (Envoy's names for LDS and CDS).
 fn stat_prefix(type_url: &str) -> &'static str {
     ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
+}
+
+/// Something other than the ADS server that changes what to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SideEvent {
+    /// The secrets of other SDS sources changed.
+    ExternalSecrets,
+    /// A secret awaited over ADS may have reached its fetch timeout.
+    SecretTimeout,
 }
 
 /// Marks the connection up while alive.
@@ -268,16 +296,74 @@ impl Client {
         Connected(g)
     }
 
+    /// Resolves (cancel-safe) when the secrets of other SDS sources change or a secret awaited
+    /// over ADS reaches its fetch timeout.
+    async fn side_event(&mut self) -> SideEvent {
+        let deadline = self.resources.next_secret_deadline();
+        let timeout = async move {
+            match deadline {
+                Some(d) => {
+                    let left = d.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let external = async {
+            match self.opts.external_secrets.as_mut() {
+                Some(ext) => {
+                    if ext.secrets.changed().await.is_err() {
+                        // The SDS clients are gone: their last secrets stay.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = external => SideEvent::ExternalSecrets,
+            () = timeout => SideEvent::SecretTimeout,
+        }
+    }
+
+    /// Applies a [`SideEvent`] and republishes.
+    async fn on_side_event(&mut self, ev: SideEvent) {
+        match ev {
+            SideEvent::ExternalSecrets => {
+                if let Some(ext) = self.opts.external_secrets.as_mut() {
+                    let secrets = ext.secrets.borrow_and_update().clone();
+                    debug!(secrets = secrets.len(), "SDS secrets changed; republishing");
+                    self.resources.set_external_secrets(secrets);
+                }
+            }
+            SideEvent::SecretTimeout => {
+                if !self.resources.poll_secret_waits(SystemTime::now()) {
+                    return;
+                }
+            }
+        }
+        if let Some(err) = self.publish().await {
+            warn!(error = %err, "snapshot published but not fully mirrored to the kernel");
+        }
+        self.check_initialized();
+    }
+
     /// Notes that `type_url` had a response applied and signals `initialized` once every
     /// initial type has and no listener or cluster is warming.
     fn note_response(&mut self, type_url: &str) {
+        self.responded.insert(type_url.to_owned());
+        self.check_initialized();
+    }
+
+    /// Signals `initialized` once every initial type has had a response and no listener or
+    /// cluster is warming.
+    fn check_initialized(&mut self) {
         let Some(tx) = &self.opts.initialized else {
             return;
         };
         if *tx.borrow() {
             return;
         }
-        self.responded.insert(type_url.to_owned());
         let all = self
             .opts
             .initial_types
@@ -303,6 +389,9 @@ impl Client {
             "publishing snapshot"
         );
         self.store.publish(snap);
+        if let Some(ext) = &self.opts.external_secrets {
+            ext.want(self.resources.grpc_secret_names());
+        }
         let hook = self.opts.on_publish.as_ref()?;
         (hook.0)(self.store.load()).await.err()
     }
@@ -405,7 +494,17 @@ impl Client {
             .into_inner();
         let _connected = self.connected();
         info!(server = %self.opts.ads.server, "ADS stream (state of the world) up");
-        while let Some(resp) = stream.message().await? {
+        loop {
+            let resp = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(r) => r,
+                    None => break,
+                },
+                ev = self.side_event() => {
+                    self.on_side_event(ev).await;
+                    continue;
+                }
+            };
             *got_response = true;
             let DiscoveryResponse {
                 version_info,
@@ -447,8 +546,8 @@ impl Client {
             if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
                 requested.insert(t, self.resources.subscriptions(t));
             }
-            // Follow the configuration: new or gone route/endpoint names.
-            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+            // Follow the configuration: new or gone route/endpoint/secret names.
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL, SECRET_TYPE_URL] {
                 let subs = self.resources.subscriptions(t);
                 let before = requested.get(t).cloned().flatten().unwrap_or_default();
                 let now = subs.clone().unwrap_or_default();
@@ -507,7 +606,17 @@ impl Client {
             .into_inner();
         let _connected = self.connected();
         info!(server = %self.opts.ads.server, "ADS stream (delta) up");
-        while let Some(resp) = stream.message().await? {
+        loop {
+            let resp = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(r) => r,
+                    None => break,
+                },
+                ev = self.side_event() => {
+                    self.on_side_event(ev).await;
+                    continue;
+                }
+            };
             *got_response = true;
             let DeltaDiscoveryResponse {
                 system_version_info,
@@ -553,7 +662,7 @@ impl Client {
             })
             .await
             .map_err(|_| XdsError::RequestsClosed)?;
-            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL, SECRET_TYPE_URL] {
                 let now = self.resources.subscriptions(t).unwrap_or_default();
                 let before = requested.get(t).cloned().unwrap_or_default();
                 if before == now {

@@ -102,7 +102,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
         ..Default::default()
     }));
     let mut tls = tcp_chain("tls", "10.96.0.2", 443, "svc");
-    tls.has_transport_socket = true;
+    tls.tls = Some(crate::model::test_util::downstream_tls());
     let mut filtered = tcp_chain("rbac", "10.96.0.3", 80, "svc");
     filtered.filters = vec!["envoy.filters.network.rbac".into()];
     let odst = tcp_chain("odst", "10.96.0.4", 80, "passthrough");
@@ -119,7 +119,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
                 kind: ClusterKind::OriginalDst,
                 lb_policy: LbPolicy::ClusterProvided,
                 connect_timeout: Duration::from_secs(1),
-                has_transport_socket: false,
+                transport: Default::default(),
                 lb: Default::default(),
                 upstream_http: Default::default(),
             },
@@ -145,7 +145,7 @@ fn unhealthy_endpoints_are_left_out_and_an_empty_cluster_is_not_projected() {
         },
         lb_policy: LbPolicy::RoundRobin,
         connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
+        transport: Default::default(),
         lb: Default::default(),
         upstream_http: Default::default(),
     };
@@ -251,6 +251,7 @@ fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
             internal: None,
             health: *h,
             weight: *w,
+            transport_socket_match: Default::default(),
         });
     }
     LoadAssignment {
@@ -342,7 +343,7 @@ proptest! {
                 kind: ClusterKind::Static(prioritized("c", l)),
                 lb_policy: lb,
                 connect_timeout: Duration::from_secs(1),
-                has_transport_socket: false,
+                transport: Default::default(),
                 lb: Default::default(),
                 upstream_http: Default::default(),
             };

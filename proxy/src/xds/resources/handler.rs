@@ -10,10 +10,12 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla;
 use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRoute;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as PbSecret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use super::{Entry, Resources, TypeState};
+use crate::model::tls::{SdsRef, SdsSource, Secret};
 use crate::model::{
     Cluster, ClusterKind, Listener, LoadAssignment, ModelError, NetworkAction, RouteConfig,
 };
@@ -445,4 +447,61 @@ impl Handler for EndpointsHandler {
                 .collect(),
         )
     }
+}
+
+// === impl SecretHandler ===
+
+/// SDS over ADS. Valid secrets are applied, invalid ones rejected (Envoy's SDS applies each
+/// secret on its own). Subscribed by name: the secrets that accepted and static clusters and
+/// listeners name with `sds_config: {ads: {}}`; a secret named like a bootstrap static secret
+/// is rejected (`Static`).
+pub(super) struct SecretHandler;
+
+impl Handler for SecretHandler {
+    const KIND: ResourceKind = ResourceKind::Secret;
+    type Proto = PbSecret;
+    type Model = Secret;
+
+    fn name(p: &PbSecret) -> &str {
+        &p.name
+    }
+
+    fn to_model(p: &PbSecret) -> Result<Secret, ModelError> {
+        Secret::try_from(p)
+    }
+
+    fn state(r: &Resources) -> &TypeState<Secret> {
+        &r.sds
+    }
+
+    fn state_mut(r: &mut Resources) -> &mut TypeState<Secret> {
+        &mut r.sds
+    }
+
+    fn static_names(r: &Resources) -> BTreeSet<String> {
+        r.static_secrets.keys().cloned().collect()
+    }
+
+    fn subscriptions(r: &Resources) -> Option<BTreeSet<String>> {
+        Some(r.secret_names(|s| *s == SdsSource::Ads))
+    }
+}
+
+/// The names of the secrets a cluster takes from sources `from` accepts.
+pub(super) fn cluster_secrets(c: &Cluster, from: impl Fn(&SdsSource) -> bool) -> Vec<String> {
+    names(c.transport.sds_refs(), from)
+}
+
+/// The names of the secrets a listener takes from sources `from` accepts.
+pub(super) fn listener_secrets(l: &Listener, from: impl Fn(&SdsSource) -> bool) -> Vec<String> {
+    names(l.sds_refs(), from)
+}
+
+fn names<'a>(
+    refs: impl Iterator<Item = &'a SdsRef>,
+    from: impl Fn(&SdsSource) -> bool,
+) -> Vec<String> {
+    refs.filter(|r| from(&r.source))
+        .map(|r| r.name.clone())
+        .collect()
 }
