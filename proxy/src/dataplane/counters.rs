@@ -23,6 +23,10 @@ pub(super) struct ListenerCounters {
     /// `tls_inspector.*`, resolved when this listener first inspects a connection (Envoy
     /// lists them only where the filter runs).
     tls_inspector: OnceLock<TlsInspectorCounters>,
+    /// `<listener>.ssl.handshake`, resolved at the listener's first TLS handshake (failures
+    /// are rare: their names are formatted when they happen).
+    ssl_handshake: OnceLock<Arc<Counter>>,
+    prefix: String,
     stats: Arc<Stats>,
     /// `skiff.downstream_cx_rejected`: closed because selection chose no upstream, on any
     /// listener.
@@ -37,6 +41,8 @@ impl ListenerCounters {
         ListenerCounters {
             pre_cx_timeout: stats.counter(&format!("{prefix}.downstream_pre_cx_timeout")),
             tls_inspector: OnceLock::new(),
+            ssl_handshake: OnceLock::new(),
+            prefix: prefix.to_string(),
             stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
@@ -50,6 +56,21 @@ impl ListenerCounters {
                 })
                 .collect(),
         }
+    }
+
+    /// `listener.<name or address>`: where the listener's stats live.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Count a downstream TLS handshake that succeeded.
+    pub(super) fn ssl_handshake(&self) {
+        self.ssl_handshake
+            .get_or_init(|| {
+                self.stats
+                    .counter(&format!("{}.ssl.handshake", self.prefix))
+            })
+            .inc();
     }
 
     /// The tls_inspector's counters.

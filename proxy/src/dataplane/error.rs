@@ -4,6 +4,8 @@
 use std::fmt;
 use std::io;
 
+use crate::addr::EndpointAddr;
+use crate::http::upstream_tls::TlsFailure;
 use crate::lb::Overflow;
 use crate::net::ConnectError;
 
@@ -146,6 +148,26 @@ pub enum ConnError {
         /// Cause.
         source: ConnectError,
     },
+    /// The upstream connected, but its TLS session could not be set up (a connect failure,
+    /// as Envoy counts one: the transport is part of the connection).
+    #[error("cluster {cluster}: TLS to {addr}: {source}")]
+    UpstreamTls {
+        /// Cluster.
+        cluster: String,
+        /// Endpoint.
+        addr: EndpointAddr,
+        /// Cause.
+        source: TlsFailure,
+    },
+    /// The chosen filter chain terminates TLS and the client's handshake failed (closed
+    /// before any network filter ran).
+    #[error("listener {listener}: downstream TLS: {source}")]
+    DownstreamTls {
+        /// Listener.
+        listener: String,
+        /// Cause.
+        source: TlsFailure,
+    },
     /// A network RBAC filter of the chain denied the connection (closed before any upstream
     /// connect). Envoy sets no response flag for it, only this termination detail.
     #[error("listener {listener}: connection denied by {filter} ({detail})")]
@@ -194,7 +216,8 @@ impl ConnError {
             ConnError::Accept(_)
             | ConnError::RbacDenied { .. }
             | ConnError::ListenerFilterTimeout { .. }
-            | ConnError::ClientHelloTooLarge { .. } => Side::Downstream,
+            | ConnError::ClientHelloTooLarge { .. }
+            | ConnError::DownstreamTls { .. } => Side::Downstream,
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. }
@@ -203,7 +226,8 @@ impl ConnError {
             | ConnError::NoOriginalDst { .. }
             | ConnError::Unresolved { .. }
             | ConnError::Overflow(_)
-            | ConnError::Connect { .. } => Side::Upstream,
+            | ConnError::Connect { .. }
+            | ConnError::UpstreamTls { .. } => Side::Upstream,
             ConnError::Stream { side, .. } => *side,
         }
     }
@@ -216,7 +240,8 @@ impl ConnError {
             // Closed before a filter chain was chosen: Envoy logs no flag for these.
             ConnError::RbacDenied { .. }
             | ConnError::ListenerFilterTimeout { .. }
-            | ConnError::ClientHelloTooLarge { .. } => &[],
+            | ConnError::ClientHelloTooLarge { .. }
+            | ConnError::DownstreamTls { .. } => &[],
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. } => &[NoRouteFound],
@@ -228,7 +253,9 @@ impl ConnError {
             ConnError::Overflow(_) => &[UpstreamOverflow],
             // tcp_proxy makes one connect attempt by default: a failed one also exhausts them,
             // which Envoy reports as `UF,URX` (a connect timeout too: UT is HTTP's).
-            ConnError::Connect { .. } => &[UpstreamConnectionFailure, UpstreamRetryLimitExceeded],
+            ConnError::Connect { .. } | ConnError::UpstreamTls { .. } => {
+                &[UpstreamConnectionFailure, UpstreamRetryLimitExceeded]
+            }
             ConnError::Stream { side, .. } => match side {
                 Side::Downstream => &[DownstreamConnectionTermination],
                 _ => &[UpstreamConnectionTermination],

@@ -30,6 +30,7 @@ pub mod pool;
 pub mod retry;
 pub mod route;
 pub mod sniff;
+pub mod upstream_tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,6 +63,7 @@ use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;
+use tokio_util::either::Either;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -86,6 +88,9 @@ pub struct Shared {
     pub upstream_mark: Option<u32>,
     /// Kept-alive upstream HTTP connections.
     pub http_pool: pool::Pool,
+    /// TLS configurations built from the snapshots' contexts and secrets (termination and
+    /// origination alike).
+    pub tls: crate::tls::TlsContexts,
 }
 
 /// One downstream connection handed to the HTTP connection manager.
@@ -962,13 +967,47 @@ async fn forward(
             (None, d) => d,
         };
         let in_flight = host.as_ref().map(|h| h.start_request());
-        let target = pool::Target {
-            entry: &entry,
-            priority,
-            mark: conn.dp.upstream_mark,
-            transport: None,
+        // TLS origination when the cluster dials this endpoint with TLS: pooled apart from
+        // plaintext connections, keyed by the configuration (a rotated certificate starts
+        // new connections).
+        let dial = match upstream_tls::endpoint_tls(&entry, addr) {
+            None => Ok(None),
+            Some(t) => upstream_tls::client_config(
+                &conn.dp.tls,
+                &conn.dp.stats,
+                &cluster,
+                t,
+                &ctx.snap.secrets,
+                addr,
+            )
+            .map(|c| {
+                Some(upstream_tls::TlsDial::new(
+                    c,
+                    conn.dp.stats.clone(),
+                    &cluster,
+                    entry.cluster.connect_timeout,
+                ))
+            }),
         };
-        let send = conn.dp.http_pool.send(addr, proto, target, up_req);
+        let send = match &dial {
+            Ok(dial) => {
+                let target = pool::Target {
+                    entry: &entry,
+                    priority,
+                    mark: conn.dp.upstream_mark,
+                    transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
+                };
+                Either::Left(conn.dp.http_pool.send(addr, proto, target, up_req))
+            }
+            // The context cannot be built (a secret not delivered yet): no connection.
+            Err(e) => Either::Right(std::future::ready(pool::Sent {
+                result: Err(SendError::Transport {
+                    addr,
+                    source: e.to_string().into(),
+                }),
+                new_connection: false,
+            })),
+        };
         let timed = async {
             match limit {
                 Some(l) => tokio::time::timeout_at(l, send).await.ok(),
@@ -1200,6 +1239,37 @@ async fn forward_upgrade(
                 g.finish(lb::Outcome::ConnectFailure);
             }
             return failed(Attempt::ConnectFailure);
+        }
+    };
+    // The tunnel's transport, as the pool's connections get theirs.
+    let stream: Box<dyn pool::Stream> = match upstream_tls::endpoint_tls(entry, addr) {
+        None => Box::new(stream),
+        Some(t) => {
+            let stats = &conn.dp.stats;
+            let tls = upstream_tls::client_config(
+                &conn.dp.tls,
+                stats,
+                cluster,
+                t,
+                &ctx.snap.secrets,
+                addr,
+            );
+            let budget = entry.cluster.connect_timeout;
+            let done = match tls {
+                Ok(c) => upstream_tls::originate(stats, cluster, &c, stream, addr, budget).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(o) => Box::new(o.stream),
+                Err(e) => {
+                    cs.upstream_cx_connect_fail.inc();
+                    debug!(error = %e, %cluster, flags = "UF", "upstream TLS failed");
+                    if let Some(g) = in_flight {
+                        g.finish(lb::Outcome::ConnectFailure);
+                    }
+                    return failed(Attempt::ConnectFailure);
+                }
+            }
         }
     };
     let (mut tx, connection) =
