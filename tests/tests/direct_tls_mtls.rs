@@ -624,13 +624,40 @@ static_resources:
     assert_eq!(get(out_http).await, (200, "web".to_string()));
     assert_eq!(get(out_http).await, (200, "web".to_string()));
 
+    // HTTP/2 over TLS (ALPN h2) straight to the inbound port, as a client sidecar's h2 pool.
+    let cfg = rustls_client(&client_cert.0, &client_cert.1, &["istio-h2", "h2"]);
+    let tcp = TcpStream::connect(inbound_addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("server.default.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .expect("mTLS with the client identity");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 over TLS");
+    tokio::spawn(conn);
+    let req = hyper::Request::get("https://server/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.expect("an h2 response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"web");
+    drop(h2);
+
     // Network RBAC: another identity of the mesh completes mTLS, then is denied.
     assert_eq!(ping(out_other).await, b"");
     assert_eq!(loopback_stat(server_admin, "inbound.rbac.denied").await, 1);
     assert!(loopback_stat(server_admin, "inbound.rbac.allowed").await >= 1);
     assert_eq!(
         loopback_stat(server_admin, "http.inbound_http.rbac.allowed").await,
-        2
+        3
     );
 
     // A server with the wrong SAN, and one whose root is not trusted, are refused: the client

@@ -335,6 +335,30 @@ mod tests {
                 "-",
             ),
             (
+                ConnError::UpstreamTls {
+                    cluster: "c".into(),
+                    addr: EndpointAddr("127.0.0.1:1".parse().unwrap()),
+                    source: TlsFailure::Timeout(std::time::Duration::from_secs(1)),
+                },
+                Side::Upstream,
+                "UF,URX",
+            ),
+            (
+                ConnError::DownstreamTls {
+                    listener: "l".into(),
+                    source: TlsFailure::Timeout(std::time::Duration::from_secs(1)),
+                },
+                Side::Downstream,
+                "-",
+            ),
+            (
+                ConnError::ListenerFilterTimeout {
+                    listener: "l".into(),
+                },
+                Side::Downstream,
+                "-",
+            ),
+            (
                 ConnError::Stream {
                     side: Side::Downstream,
                     source: io::ErrorKind::ConnectionReset.into(),

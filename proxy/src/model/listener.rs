@@ -1685,6 +1685,30 @@ mod tests {
         }
 
         #[test]
+        fn listener_filters_timeout_defaults_to_15s_and_0s_means_none() {
+            let plaintext = pb::FilterChain {
+                filters: vec![tcp("c")],
+                ..Default::default()
+            };
+            let mut pl = listener(vec![plaintext]);
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, Some(Duration::from_secs(15)));
+            assert!(!l.continue_on_listener_filters_timeout);
+            // Istio's inbound: no timeout, and go on with what was found.
+            pl.listener_filters_timeout = Some(Default::default());
+            pl.continue_on_listener_filters_timeout = true;
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, None);
+            assert!(l.continue_on_listener_filters_timeout);
+            pl.listener_filters_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: -1,
+                nanos: 0,
+            });
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "listener_filters_timeout");
+        }
+
+        #[test]
         fn tls_chains_are_honoured_with_their_context() {
             let tls_only = pb::FilterChain {
                 filter_chain_match: Some(pb::FilterChainMatch {
