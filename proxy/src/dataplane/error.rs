@@ -156,8 +156,8 @@ pub enum ConnError {
         cluster: String,
         /// Endpoint.
         addr: EndpointAddr,
-        /// Cause.
-        source: TlsFailure,
+        /// Cause (boxed: rare, and large beside the other errors).
+        source: Box<TlsFailure>,
     },
     /// The chosen filter chain terminates TLS and the client's handshake failed (closed
     /// before any network filter ran).
@@ -165,8 +165,8 @@ pub enum ConnError {
     DownstreamTls {
         /// Listener.
         listener: String,
-        /// Cause.
-        source: TlsFailure,
+        /// Cause (boxed: rare, and large beside the other errors).
+        source: Box<TlsFailure>,
     },
     /// A network RBAC filter of the chain denied the connection (closed before any upstream
     /// connect). Envoy sets no response flag for it, only this termination detail.
@@ -338,7 +338,7 @@ mod tests {
                 ConnError::UpstreamTls {
                     cluster: "c".into(),
                     addr: EndpointAddr("127.0.0.1:1".parse().unwrap()),
-                    source: TlsFailure::Timeout(std::time::Duration::from_secs(1)),
+                    source: Box::new(TlsFailure::Timeout(std::time::Duration::from_secs(1))),
                 },
                 Side::Upstream,
                 "UF,URX",
@@ -346,7 +346,7 @@ mod tests {
             (
                 ConnError::DownstreamTls {
                     listener: "l".into(),
-                    source: TlsFailure::Timeout(std::time::Duration::from_secs(1)),
+                    source: Box::new(TlsFailure::Timeout(std::time::Duration::from_secs(1))),
                 },
                 Side::Downstream,
                 "-",

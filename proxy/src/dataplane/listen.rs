@@ -197,7 +197,7 @@ async fn serve(
                 Err(source) => {
                     return Err(ConnError::DownstreamTls {
                         listener: listener.clone(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }

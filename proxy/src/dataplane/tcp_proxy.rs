@@ -227,7 +227,7 @@ pub(super) async fn proxy(
                 return Err(ConnError::UpstreamTls {
                     cluster: name.to_string(),
                     addr,
-                    source,
+                    source: Box::new(source),
                 });
             }
         }

@@ -670,6 +670,16 @@ mod tests {
     }
 
     async fn get(pool: &Pool, addr: SocketAddr, proto: Proto, e: &ClusterEntry) -> bool {
+        get_via(pool, addr, proto, e, None).await
+    }
+
+    async fn get_via(
+        pool: &Pool,
+        addr: SocketAddr,
+        proto: Proto,
+        e: &ClusterEntry,
+        transport: Option<&dyn Transport>,
+    ) -> bool {
         let req = Request::get(match proto {
             Proto::Http1 => "/".to_string(),
             Proto::Http2 => format!("http://{addr}/"),
@@ -680,13 +690,99 @@ mod tests {
             entry: e,
             priority: RoutingPriority::Default,
             mark: None,
-            transport: None,
+            transport,
         };
         let sent = pool.send(addr, proto, target, req).await;
         match sent.result {
             Ok(r) => r.into_body().collect().await.is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// A transport that wraps nothing (the stream stays plaintext) but counts its uses, so
+    /// the pool's keying can be watched without a TLS server.
+    struct Counting {
+        key: u64,
+        wrapped: Arc<AtomicUsize>,
+    }
+
+    impl Transport for Counting {
+        fn key(&self) -> u64 {
+            self.key
+        }
+        fn wrap(&self, tcp: TcpStream, _addr: SocketAddr) -> Wrapped {
+            self.wrapped.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(Box::new(tcp) as Box<dyn Stream>) })
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_of_different_transports_never_stand_in_for_each_other() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{}", &stats);
+        let (addr, accepted) = backend(false).await;
+        let pool = Pool::new();
+        let wrapped = Arc::new(AtomicUsize::new(0));
+        let a = Counting {
+            key: 1,
+            wrapped: wrapped.clone(),
+        };
+        let b = Counting {
+            key: 2,
+            wrapped: wrapped.clone(),
+        };
+        // Plaintext, then transport a, then b: three connections, each reused by its own.
+        for _ in 0..2 {
+            assert!(get_via(&pool, addr, Proto::Http1, &e, None).await);
+            assert!(get_via(&pool, addr, Proto::Http1, &e, Some(&a)).await);
+            assert!(get_via(&pool, addr, Proto::Http1, &e, Some(&b)).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            wrapped.load(Ordering::SeqCst),
+            2,
+            "each transport wrapped once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_transport_is_a_transport_error_and_leaves_nothing_pooled() {
+        struct Refusing;
+        impl Transport for Refusing {
+            fn key(&self) -> u64 {
+                9
+            }
+            fn wrap(&self, _tcp: TcpStream, _addr: SocketAddr) -> Wrapped {
+                Box::pin(async { Err("handshake refused".into()) })
+            }
+        }
+        let stats = Arc::new(Stats::default());
+        let e = entry("{}", &stats);
+        let (addr, _accepted) = backend(false).await;
+        let pool = Pool::new();
+        let req = Request::get("/")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let target = Target {
+            entry: &e,
+            priority: RoutingPriority::Default,
+            mark: None,
+            transport: Some(&Refusing),
+        };
+        let sent = pool.send(addr, Proto::Http1, target, req).await;
+        assert!(
+            matches!(sent.result, Err(SendError::Transport { .. })),
+            "{:?}",
+            sent.result.err()
+        );
+        assert_eq!(
+            pool.live(Key {
+                addr,
+                proto: Proto::Http1,
+                transport: Some(9)
+            }),
+            0
+        );
     }
 
     #[tokio::test]
