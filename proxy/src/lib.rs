@@ -23,8 +23,11 @@
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
 //! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
 //! - [`xds`]: ADS client (state of the world and delta), one handler per resource type
-//!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming.
-//! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`).
+//!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming; connections to control
+//!   planes over TLS with a bearer token ([`xds::channel`]), Istio's node ([`xds::node`]) and
+//!   the SDS client ([`xds::sds`]).
+//! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`), with TLS, a token
+//!   check and SDS on a Unix socket.
 //! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages; the client of `skiff admin`.
 //! - [`stats`]: counters with Envoy's names.
 //! - [`app`]: the wiring of one `skiff run`.

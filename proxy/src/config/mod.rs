@@ -89,7 +89,7 @@ pub enum AdsApi {
 }
 
 /// `dynamic_resources.ads_config`, resolved to an address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdsConfig {
     /// State of the world or delta.
     pub api: AdsApi,
@@ -99,6 +99,12 @@ pub struct AdsConfig {
     pub server: SocketAddr,
     /// `envoy_grpc.retry_policy.retry_back_off` (base, max) for reconnects, when given.
     pub backoff: Option<(std::time::Duration, std::time::Duration)>,
+    /// TLS to the server (the ADS cluster's `UpstreamTlsContext`, or `skiff run --xds-ca`);
+    /// `None`: plain h2c.
+    pub tls: Option<std::sync::Arc<model::tls::UpstreamTls>>,
+    /// File holding a bearer token sent as `authorization: Bearer <token>` on each stream,
+    /// re-read at every reconnect (Istio's projected ServiceAccount token, `--xds-token`).
+    pub token: Option<PathBuf>,
 }
 
 /// Where a bootstrap cluster used for a gRPC service (SDS, ADS) is reached: its first
@@ -481,6 +487,9 @@ fn dynamic(
             cluster,
             server,
             backoff,
+            // The ADS cluster's transport socket, once clusters carry it (issue 15, model side).
+            tls: None,
+            token: None,
         }),
         lds_ads,
         cds_ads,

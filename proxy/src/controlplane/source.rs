@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Source, fnv1a};
 use crate::xds::ResourceKind;
+use crate::xds::sds::SECRET_TYPE_URL;
 
 /// Why a file (or one of its resources) cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +413,9 @@ fn content_version(resources: &BTreeMap<String, Arc<Resource>>) -> String {
 
 fn type_from_file_name(path: &Path) -> Option<&'static str> {
     let stem = path.file_stem()?.to_str()?.to_ascii_lowercase();
+    if matches!(stem.as_str(), "secrets" | "sds") {
+        return Some(SECRET_TYPE_URL);
+    }
     let kind = match stem.as_str() {
         "listeners" | "lds" => ResourceKind::Listener,
         "clusters" | "cds" => ResourceKind::Cluster,

@@ -59,8 +59,9 @@ pub struct TlsCertificate {
 /// `CertificateValidationContext`, the parts skiff honours.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ValidationContext {
-    /// `trusted_ca`: PEM roots; `None` accepts no peer certificate at all unless another
-    /// part (an SDS validation secret) supplies roots.
+    /// `trusted_ca`: PEM roots. With no roots from here or an SDS validation secret, the
+    /// chain is not verified (Envoy's rule), and SAN matchers are refused (as Envoy refuses
+    /// them).
     pub trusted_ca: Option<DataSource>,
     /// `match_typed_subject_alt_names` (and the deprecated `match_subject_alt_names`, which
     /// matches any SAN type): the peer must present a SAN matching one of these; empty = any.

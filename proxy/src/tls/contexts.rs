@@ -135,12 +135,8 @@ impl TlsContexts {
 
     /// An empty cache keeping at most `capacity` configurations per side.
     pub fn with_capacity(capacity: usize) -> Self {
-        // rustls 0.23.48 deprecates ring's provider (no post-quantum key exchange); the
-        // project uses ring to stay free of aws-lc's C build.
-        #[allow(deprecated)]
-        let provider = rustls::crypto::ring::default_provider();
         TlsContexts {
-            provider: Arc::new(provider),
+            provider: Arc::new(envoy_provider()),
             capacity: capacity.max(1),
             clients: Mutex::new(Cache::default()),
             servers: Mutex::new(Cache::default()),
@@ -299,7 +295,7 @@ impl TlsContexts {
                 .copied()
                 .collect();
             for want in &common.cipher_suites {
-                let found = base.iter().find(|s| {
+                let found = rustls::crypto::ring::ALL_CIPHER_SUITES.iter().find(|s| {
                     matches!(s, rustls::SupportedCipherSuite::Tls12(_)) && s.suite() == *want
                 });
                 if let Some(s) = found
@@ -310,14 +306,45 @@ impl TlsContexts {
             }
         }
         if !common.ecdh_curves.is_empty() {
-            let base = std::mem::take(&mut p.kx_groups);
+            // Looked up among all of ring's groups: the defaults omit P-384.
             p.kx_groups = common
                 .ecdh_curves
                 .iter()
-                .filter_map(|want| base.iter().find(|g| g.name() == *want).copied())
+                .filter_map(|want| {
+                    rustls::crypto::ring::ALL_KX_GROUPS
+                        .iter()
+                        .find(|g| g.name() == *want)
+                        .copied()
+                })
                 .collect();
         }
         Arc::new(p)
+    }
+}
+
+/// ring with Envoy's defaults: `ecdh_curves` X25519 then P-256 (ring's own list starts
+/// with P-384, whose generic arithmetic made three quarters of a handshake's CPU) and
+/// BoringSSL's cipher order: AES-128-GCM first, TLS 1.2 ECDHE with AEADs only.
+fn envoy_provider() -> CryptoProvider {
+    use rustls::crypto::ring::{cipher_suite as cs, kx_group};
+    // rustls 0.23.48 deprecates ring's provider (no post-quantum key exchange); the
+    // project uses ring to stay free of aws-lc's C build.
+    #[allow(deprecated)]
+    let ring = rustls::crypto::ring::default_provider();
+    CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        ..ring
     }
 }
 

@@ -83,6 +83,13 @@ pub enum TlsError {
     /// `sni` that is not a DNS name rustls can send.
     #[error("sni \"{0}\" is not a valid DNS name")]
     Sni(String),
+    /// SAN matchers with no trusted CA (inline or from an SDS validation secret), which
+    /// Envoy refuses too: anyone can mint a certificate with the right SAN.
+    #[error(
+        "validation context: SAN-based verification of peer certificates without trusted CA is \
+         insecure and not allowed (Envoy refuses it too)"
+    )]
+    SanWithoutCa,
     /// A `DownstreamTlsContext` without a certificate to present.
     #[error("downstream TLS context has no certificate")]
     NoServerCertificate,
@@ -242,8 +249,11 @@ pub(crate) fn peer_check(
             })?;
         }
     }
+    if !any_ca && !san_matchers.is_empty() {
+        return Err(TlsError::SanWithoutCa);
+    }
     Ok(Some(PeerCheck {
-        // Envoy: without trusted_ca the chain is not verified; SAN matchers still apply.
+        // Envoy: without trusted_ca (and so without SAN matchers) the chain is not verified.
         roots: any_ca.then(|| Arc::new(roots)),
         san_matchers,
     }))

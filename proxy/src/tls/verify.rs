@@ -1,10 +1,11 @@
 //! Peer verification as Envoy's `DefaultCertValidator` does it, not as a browser would.
 //!
-//! A chain to the trusted CA (when one is configured), then the SAN matchers over the leaf's
-//! SANs; the name the client dialled (SNI) is never compared with the certificate, which
-//! is what lets SPIFFE certificates (one URI SAN, no DNS name) work. Without a validation
-//! context any certificate is accepted, but the handshake signatures are still verified,
-//! so the peer holds the key of the certificate it presented.
+//! A chain to the trusted CA, then the SAN matchers over the leaf's SANs; the name the
+//! client dialled (SNI) is never compared with the certificate, which is what lets SPIFFE
+//! certificates (one URI SAN, no DNS name) work. A validation context without a CA (and
+//! so, as Envoy requires, without SAN matchers) verifies nothing; neither does no validation
+//! context. The handshake signatures are always verified, so the peer holds the key of the
+//! certificate it presented.
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,7 +27,8 @@ use crate::rbac::{StringKind, StringMatch};
 /// The checks a validation context asks of the peer's certificate.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerCheck {
-    /// Trust anchors; `None`: the chain is not verified (Envoy, `trusted_ca` unset).
+    /// Trust anchors; `None`: the chain is not verified (Envoy, `trusted_ca` unset; never
+    /// with SAN matchers, which need a CA, as Envoy's configuration check says).
     pub(crate) roots: Option<Arc<RootCertStore>>,
     /// Inline and SDS matchers; empty: any SAN.
     pub(crate) san_matchers: Vec<SanMatcher>,

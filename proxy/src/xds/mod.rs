@@ -5,6 +5,11 @@
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
 //!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
 //!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
+//! - [`channel`]: the connection to a control plane: h2c, TLS verified as Envoy verifies an
+//!   upstream (`trusted_ca`, SAN matchers, SNI), a Unix socket; the bearer token.
+//! - [`node`]: the node pilot-agent would send to istiod (id and Istio metadata from flags and
+//!   environment).
+//! - [`sds`]: the SecretDiscoveryService client (Istio's SDS server on a Unix socket).
 //! - this file: the stream loops ([`spawn`]), requests, ACK/NACK, reconnect with backoff.
 //!
 //! # Protocol (as Envoy)
@@ -15,12 +20,20 @@
 //!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
 //! - The node is sent on the first request of each stream.
+//! - With a token file (`--xds-token`), each stream carries `authorization: Bearer <token>`,
+//!   the file re-read at every reconnect (projected tokens rotate), and `clusterid` (the node's
+//!   `CLUSTER_ID`), as pilot-agent sends them. A server's
+//!   UNAUTHENTICATED is logged and counted (`skiff.xds.unauthenticated`) and retried with
+//!   backoff, as any lost stream.
 //! - A lost stream keeps the last good snapshot serving; the client reconnects with exponential
 //!   backoff and jitter and re-sends its subscriptions (SotW: last accepted versions; delta:
 //!   `initial_resource_versions`).
 
+pub mod channel;
 pub mod kind;
+pub mod node;
 pub mod resources;
+pub mod sds;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -39,6 +52,7 @@ use kind::SECRET_TYPE_URL;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -58,14 +72,10 @@ pub const NACK_CODE: i32 = 3;
 /// Why one ADS stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    /// The server could not be reached.
-    #[error("connecting to ADS server {addr}: {source}")]
-    Connect {
-        /// Server address.
-        addr: std::net::SocketAddr,
-        /// Cause.
-        source: tonic::transport::Error,
-    },
+    /// The server could not be reached, the TLS handshake failed, or the TLS settings or the
+    /// token file could not be read.
+    #[error(transparent)]
+    Channel(#[from] channel::ChannelError),
     /// The stream failed or the server closed it with an error.
     #[error("ADS stream: {0}")]
     Stream(#[from] tonic::Status),
@@ -222,6 +232,22 @@ async fn run(
                     "ADS stream closed; reconnecting"
                 )
             }
+            Err(XdsError::Stream(status)) if status.code() == tonic::Code::Unauthenticated => {
+                c.stats.counter("skiff.xds.unauthenticated").inc();
+                warn!(
+                    error = %status.message(),
+                    token_file = c.opts.ads.token.as_ref().map(|p| p.display().to_string()),
+                    delay_ms = delay.as_millis() as u64,
+                    "ADS server refused the stream: UNAUTHENTICATED (token missing, wrong or expired); retrying"
+                )
+            }
+            Err(XdsError::Channel(e)) => {
+                c.stats.counter("skiff.xds.connect_failure").inc();
+                if e.is_tls_failure() {
+                    c.stats.counter("skiff.xds.tls_failure").inc();
+                }
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "cannot connect to the ADS server; keeping last good config")
+            }
             Err(e) => {
                 warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS stream lost; keeping last good config")
             }
@@ -265,6 +291,38 @@ enum SideEvent {
     SecretTimeout,
 }
 
+/// The stream's request with `headers` (the bearer token and cluster id, when there are).
+fn with_headers<T>(requests: T, headers: MetadataMap) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(requests);
+    *req.metadata_mut() = headers;
+    req
+}
+
+/// What pilot-agent sends with each stream: `authorization: Bearer <token>` (read from
+/// `token` now: projected tokens rotate) and, with a token, `clusterid` from the node's
+/// `CLUSTER_ID` (istiod picks the cluster that validates the token by it).
+fn stream_headers(
+    token: Option<&std::path::Path>,
+    node: Option<&Node>,
+) -> Result<MetadataMap, channel::ChannelError> {
+    let mut headers = MetadataMap::new();
+    let Some(token) = token else {
+        return Ok(headers);
+    };
+    headers.insert("authorization", channel::bearer(token)?);
+    let cluster_id = node
+        .and_then(|n| n.metadata.as_ref())
+        .and_then(|m| m.fields.get("CLUSTER_ID"))
+        .and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.parse().ok(),
+            _ => None,
+        });
+    if let Some(id) = cluster_id {
+        headers.insert("clusterid", id);
+    }
+    Ok(headers)
+}
+
 /// Marks the connection up while alive.
 struct Connected(Arc<crate::stats::Gauge>);
 
@@ -276,17 +334,14 @@ impl Drop for Connected {
 
 impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let addr = self.opts.ads.server;
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|_| XdsError::Closed)?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|source| XdsError::Connect { addr, source })?;
+        let server = channel::GrpcAddr::Tcp(self.opts.ads.server);
+        // Read before connecting: a missing token file is reported as such, not as a refusal.
+        let headers = stream_headers(self.opts.ads.token.as_deref(), self.opts.node.as_ref())?;
+        let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
         let client = AggregatedDiscoveryServiceClient::new(channel);
         match self.opts.ads.api {
-            AdsApi::Sotw => self.sotw(client, got_response).await,
-            AdsApi::Delta => self.delta(client, got_response).await,
+            AdsApi::Sotw => self.sotw(client, headers, got_response).await,
+            AdsApi::Delta => self.delta(client, headers, got_response).await,
         }
     }
 
@@ -466,6 +521,7 @@ impl Client {
     async fn sotw(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
@@ -489,11 +545,11 @@ impl Client {
             requested.insert(type_url, subs);
         }
         let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .stream_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (state of the world) up");
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (state of the world) up");
         loop {
             let resp = tokio::select! {
                 m = stream.message() => match m? {
@@ -575,6 +631,7 @@ impl Client {
     async fn delta(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -601,11 +658,11 @@ impl Client {
             requested.insert(type_url, names);
         }
         let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .delta_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (delta) up");
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (delta) up");
         loop {
             let resp = tokio::select! {
                 m = stream.message() => match m? {
@@ -681,5 +738,38 @@ impl Client {
             }
         }
         Err(XdsError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+    #[test]
+    fn a_token_brings_the_cluster_id_header() {
+        assert!(stream_headers(None, None).unwrap().is_empty());
+        let dir = std::env::temp_dir().join(format!("skiff-xds-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("istio-token");
+        std::fs::write(&token, "jwt\n").unwrap();
+        let node = Node {
+            metadata: Some(Struct {
+                fields: [(
+                    "CLUSTER_ID".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("Kubernetes".into())),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        let h = stream_headers(Some(&token), Some(&node)).unwrap();
+        assert_eq!(h.get("authorization").unwrap(), "Bearer jwt");
+        assert_eq!(h.get("clusterid").unwrap(), "Kubernetes");
+        let h = stream_headers(Some(&token), None).unwrap();
+        assert!(h.get("clusterid").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,547 @@
+//! SecretDiscoveryService client: secrets from an SDS server reached over a Unix socket
+//! (Istio's `unix:./var/run/secrets/workload-spiffe-uds/socket`, names `default` and `ROOTCA`)
+//! or TCP, published on a `watch` channel the snapshot side reads.
+//!
+//! # Protocol (as Envoy's SDS subscriptions)
+//! - `StreamSecrets`, state of the world, type `…tls.v3.Secret`; the node on the first request
+//!   of each stream; the names subscribed are those on the `names` channel, re-sent whenever it
+//!   changes (no stream while it is empty).
+//! - Each secret of a response is decoded and its PEM checked on its own: good ones replace
+//!   their previous value, a bad one keeps its previous value and the response is NACKed
+//!   (`error_detail` lists `name: reason`, version_info stays the last accepted one). Stats:
+//!   `sds.<name>.update_success` / `sds.<name>.update_rejected`, as Envoy.
+//! - The published map holds the subscribed names only; a lost stream keeps it serving, and the
+//!   client reconnects with backoff and jitter, asking again with its last accepted version.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tlspb;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use prost::Message as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::channel::{self, ChannelError, GrpcAddr};
+use crate::model::tls::{
+    DataSource, Secret, SecretKind, Secrets, TlsCertificate, ValidationContext,
+};
+use crate::stats::Stats;
+
+/// The type URL of an SDS secret.
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// First and longest reconnect delays.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3));
+
+/// Where the SDS server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SdsTarget {
+    /// A Unix socket (Istio's pilot-agent SDS server).
+    Unix(PathBuf),
+    /// A TCP address (plain h2c).
+    Tcp(SocketAddr),
+}
+
+impl SdsTarget {
+    /// `unix:PATH` (Envoy's pipe notation as Istio writes it, `unix://PATH` too) or `HOST:PORT`
+    /// with an IP host; a bare path (starting with `/` or `.`) is a Unix socket.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            return Ok(SdsTarget::Unix(p.into()));
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            return Ok(SdsTarget::Unix(s.into()));
+        }
+        s.parse()
+            .map(SdsTarget::Tcp)
+            .map_err(|_| format!("{s:?} is neither unix:PATH nor IP:PORT"))
+    }
+
+    fn addr(&self) -> GrpcAddr {
+        match self {
+            SdsTarget::Unix(p) => GrpcAddr::Unix(p.clone()),
+            SdsTarget::Tcp(a) => GrpcAddr::Tcp(*a),
+        }
+    }
+}
+
+impl std::fmt::Display for SdsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+/// Why one SDS stream ended.
+#[derive(Debug, thiserror::Error)]
+enum SdsError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("SDS stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("SDS stream closed by the server")]
+    Closed,
+    #[error("SDS request channel closed")]
+    RequestsClosed,
+    /// `names` has no sender any more: nothing will ever be asked again.
+    #[error("names channel closed")]
+    NamesGone,
+}
+
+/// Starts the SDS client; its counters go to a registry of its own (use
+/// [`spawn_with_stats`] to list them in `/stats`).
+pub fn spawn(
+    target: SdsTarget,
+    node: Option<Node>,
+    names: watch::Receiver<BTreeSet<String>>,
+    secrets: watch::Sender<Secrets>,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    spawn_with_stats(
+        target,
+        node,
+        names,
+        secrets,
+        Arc::new(Stats::default()),
+        cancel,
+    )
+}
+
+/// [`spawn`], counting `sds.<name>.update_success/update_rejected` in `stats`.
+pub fn spawn_with_stats(
+    target: SdsTarget,
+    node: Option<Node>,
+    names: watch::Receiver<BTreeSet<String>>,
+    secrets: watch::Sender<Secrets>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    let span = info_span!("sds", server = %target);
+    let client = Client {
+        target,
+        node,
+        names,
+        secrets,
+        stats,
+        version: String::new(),
+        current: Secrets::new(),
+    };
+    tokio::spawn(client.run(cancel).instrument(span))
+}
+
+struct Client {
+    target: SdsTarget,
+    node: Option<Node>,
+    names: watch::Receiver<BTreeSet<String>>,
+    secrets: watch::Sender<Secrets>,
+    stats: Arc<Stats>,
+    /// Last accepted version_info.
+    version: String,
+    /// Last good secret per subscribed name.
+    current: Secrets,
+}
+
+impl Client {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = BACKOFF.0;
+        let mut attempt = 0u64;
+        loop {
+            // No names, no stream (as Envoy: SDS is subscribed by the resources using it).
+            while self.names.borrow_and_update().is_empty() {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = self.names.changed() => if r.is_err() { return },
+                }
+            }
+            attempt += 1;
+            let mut got_response = false;
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = self.stream(&mut got_response) => r,
+            };
+            if got_response {
+                backoff = BACKOFF.0;
+            }
+            let delay = super::jitter(backoff, attempt);
+            match result {
+                Err(SdsError::NamesGone) => return,
+                // No names left: the stream was ended on purpose; wait for new names.
+                Ok(()) => continue,
+                Err(SdsError::Closed) => {
+                    info!(
+                        delay_ms = delay.as_millis() as u64,
+                        "SDS stream closed; reconnecting"
+                    )
+                }
+                Err(e) => {
+                    self.stats.counter("skiff.sds.connect_failure").inc();
+                    warn!(error = %e, delay_ms = delay.as_millis() as u64, "SDS stream lost; keeping the last good secrets")
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+    }
+
+    async fn stream(&mut self, got_response: &mut bool) -> Result<(), SdsError> {
+        let channel = channel::connect(&self.target.addr(), None).await?;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
+        let mut names = self.names.borrow_and_update().clone();
+        let mut node = self.node.clone();
+        tx.send(DiscoveryRequest {
+            version_info: self.version.clone(),
+            node: node.take(),
+            resource_names: names.iter().cloned().collect(),
+            type_url: SECRET_TYPE_URL.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| SdsError::RequestsClosed)?;
+        let mut stream = client
+            .stream_secrets(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        info!(names = ?names, "SDS stream up");
+        let mut nonce = String::new();
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let Some(resp) = msg? else { return Err(SdsError::Closed) };
+                    *got_response = true;
+                    nonce = resp.nonce.clone();
+                    let nack = self.apply(&resp.version_info, &resp.nonce, &resp.resources, &names);
+                    if nack.is_none() {
+                        self.version = resp.version_info.clone();
+                    }
+                    tx.send(DiscoveryRequest {
+                        version_info: self.version.clone(),
+                        node: node.take(),
+                        resource_names: names.iter().cloned().collect(),
+                        type_url: SECRET_TYPE_URL.into(),
+                        response_nonce: resp.nonce,
+                        error_detail: nack,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|_| SdsError::RequestsClosed)?;
+                }
+                changed = self.names.changed() => {
+                    if changed.is_err() {
+                        return Err(SdsError::NamesGone);
+                    }
+                    let now = self.names.borrow_and_update().clone();
+                    if now == names {
+                        continue;
+                    }
+                    names = now;
+                    self.publish(&names);
+                    if names.is_empty() {
+                        // Nothing to ask for: end the stream; `run` waits for names.
+                        return Ok(());
+                    }
+                    debug!(names = ?names, "SDS subscription changed");
+                    tx.send(DiscoveryRequest {
+                        version_info: self.version.clone(),
+                        node: node.take(),
+                        resource_names: names.iter().cloned().collect(),
+                        type_url: SECRET_TYPE_URL.into(),
+                        response_nonce: nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|_| SdsError::RequestsClosed)?;
+                }
+            }
+        }
+    }
+
+    /// Applies one response; returns the NACK detail when a secret was rejected.
+    fn apply(
+        &mut self,
+        version: &str,
+        nonce: &str,
+        resources: &[Any],
+        names: &BTreeSet<String>,
+    ) -> Option<Status> {
+        let mut rejected = Vec::new();
+        for (i, any) in resources.iter().enumerate() {
+            match decode(any) {
+                Ok(secret) => {
+                    let name = secret.name.clone();
+                    if !names.contains(&name) {
+                        debug!(name, "secret not subscribed; ignored");
+                        continue;
+                    }
+                    self.stats
+                        .counter(&format!("sds.{name}.update_success"))
+                        .inc();
+                    self.current.insert(name, Arc::new(secret));
+                }
+                Err((name, reason)) => {
+                    let name = name.unwrap_or_else(|| format!("resources[{i}]"));
+                    self.stats
+                        .counter(&format!("sds.{name}.update_rejected"))
+                        .inc();
+                    rejected.push(format!("{name}: {reason}"));
+                }
+            }
+        }
+        self.publish(names);
+        if rejected.is_empty() {
+            info!(
+                version,
+                nonce,
+                count = resources.len(),
+                outcome = "ACK",
+                "secrets accepted"
+            );
+            return None;
+        }
+        let message = format!("{SECRET_TYPE_URL}: {}", rejected.join("; "));
+        warn!(version, nonce, outcome = "NACK", error = %message, "secret rejected; keeping its last good value");
+        Some(Status {
+            code: super::NACK_CODE,
+            message,
+            details: vec![],
+        })
+    }
+
+    /// Publishes the good secrets of the subscribed names, if they changed.
+    fn publish(&mut self, names: &BTreeSet<String>) {
+        self.current.retain(|n, _| names.contains(n));
+        let current = &self.current;
+        self.secrets.send_if_modified(|s| {
+            if s == current {
+                return false;
+            }
+            s.clone_from(current);
+            true
+        });
+    }
+}
+
+/// One `Any` -> a validated secret, or its name (when readable) and why not.
+fn decode(any: &Any) -> Result<Secret, (Option<String>, String)> {
+    if any.type_url != SECRET_TYPE_URL {
+        return Err((None, format!("type {:?} is not a Secret", any.type_url)));
+    }
+    let pb = tlspb::Secret::decode(any.value.as_slice())
+        .map_err(|e| (None, format!("does not decode: {e}")))?;
+    let name = pb.name.clone();
+    let secret = to_model(pb).map_err(|r| (Some(name.clone()), r))?;
+    check_pem(&secret).map_err(|r| (Some(name), r))?;
+    Ok(secret)
+}
+
+/// `tls.v3.Secret` -> the model's `Secret`: the two kinds SDS delivers for mTLS (a certificate
+/// with its key, a validation context's trusted CA). This is a local conversion until the
+/// model's own `TryFrom` (issue 15, model side) replaces it.
+fn to_model(pb: tlspb::Secret) -> Result<Secret, String> {
+    use tlspb::secret::Type;
+    if pb.name.is_empty() {
+        return Err("name is empty".into());
+    }
+    let kind = match pb.r#type {
+        Some(Type::TlsCertificate(c)) => SecretKind::Certificate(TlsCertificate {
+            certificate_chain: data_source(
+                c.certificate_chain,
+                "tls_certificate.certificate_chain",
+            )?,
+            private_key: data_source(c.private_key, "tls_certificate.private_key")?,
+        }),
+        Some(Type::ValidationContext(v)) => SecretKind::Validation(ValidationContext {
+            trusted_ca: Some(data_source(v.trusted_ca, "validation_context.trusted_ca")?),
+            san_matchers: Vec::new(),
+        }),
+        Some(Type::SessionTicketKeys(_)) => {
+            return Err("session_ticket_keys is not supported".into());
+        }
+        Some(Type::GenericSecret(_)) => return Err("generic_secret is not supported".into()),
+        None => return Err("neither tls_certificate nor validation_context".into()),
+    };
+    Ok(Secret {
+        name: pb.name,
+        kind,
+    })
+}
+
+fn data_source(
+    d: Option<envoy_types::pb::envoy::config::core::v3::DataSource>,
+    field: &str,
+) -> Result<DataSource, String> {
+    match d.and_then(|d| d.specifier) {
+        Some(Specifier::InlineBytes(b)) => Ok(DataSource::Inline(b.into())),
+        Some(Specifier::InlineString(s)) => Ok(DataSource::Inline(s.into_bytes().into())),
+        Some(Specifier::Filename(f)) => Ok(DataSource::File(f.into())),
+        Some(Specifier::EnvironmentVariable(_)) => {
+            Err(format!("{field}: environment_variable is not supported"))
+        }
+        None => Err(format!("{field}: missing")),
+    }
+}
+
+/// Inline PEM must hold what its field promises, so a broken push is NACKed here rather than
+/// failing handshakes later. (Files are read when the TLS configuration is built.)
+fn check_pem(secret: &Secret) -> Result<(), String> {
+    let certs = |field: &str, d: &DataSource| -> Result<(), String> {
+        let DataSource::Inline(b) = d else {
+            return Ok(());
+        };
+        let n = CertificateDer::pem_slice_iter(b)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{field}: {e}"))?
+            .len();
+        if n == 0 {
+            return Err(format!("{field}: no PEM certificate"));
+        }
+        Ok(())
+    };
+    match &secret.kind {
+        SecretKind::Certificate(c) => {
+            certs("tls_certificate.certificate_chain", &c.certificate_chain)?;
+            if let DataSource::Inline(b) = &c.private_key {
+                PrivateKeyDer::from_pem_slice(b).map_err(|e| {
+                    format!("tls_certificate.private_key: no PEM private key ({e})")
+                })?;
+            }
+            Ok(())
+        }
+        SecretKind::Validation(v) => match &v.trusted_ca {
+            Some(ca) => certs("validation_context.trusted_ca", ca),
+            None => Ok(()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(secret: &tlspb::Secret) -> Any {
+        Any {
+            type_url: SECRET_TYPE_URL.into(),
+            value: secret.encode_to_vec(),
+        }
+    }
+
+    fn inline(b: &str) -> Option<envoy_types::pb::envoy::config::core::v3::DataSource> {
+        Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+            specifier: Some(Specifier::InlineBytes(b.as_bytes().to_vec())),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn targets_parse_like_istio_writes_them() {
+        assert_eq!(
+            SdsTarget::parse("unix:./var/run/secrets/workload-spiffe-uds/socket").unwrap(),
+            SdsTarget::Unix("./var/run/secrets/workload-spiffe-uds/socket".into())
+        );
+        assert_eq!(
+            SdsTarget::parse("unix:///tmp/s").unwrap(),
+            SdsTarget::Unix("/tmp/s".into())
+        );
+        assert_eq!(
+            SdsTarget::parse("127.0.0.1:15012").unwrap(),
+            SdsTarget::Tcp("127.0.0.1:15012".parse().unwrap())
+        );
+        assert!(SdsTarget::parse("istiod:15012").is_err());
+    }
+
+    #[test]
+    fn bad_pem_is_rejected_by_name() {
+        let secret = tlspb::Secret {
+            name: "default".into(),
+            r#type: Some(tlspb::secret::Type::TlsCertificate(tlspb::TlsCertificate {
+                certificate_chain: inline("not pem"),
+                private_key: inline("not pem either"),
+                ..Default::default()
+            })),
+        };
+        let (name, reason) = decode(&any(&secret)).unwrap_err();
+        assert_eq!(name.as_deref(), Some("default"));
+        assert!(reason.contains("certificate_chain"), "{reason}");
+        let root = tlspb::Secret {
+            name: "ROOTCA".into(),
+            r#type: None,
+        };
+        let (name, reason) = decode(&any(&root)).unwrap_err();
+        assert_eq!(name.as_deref(), Some("ROOTCA"));
+        assert!(reason.contains("neither"), "{reason}");
+    }
+
+    #[test]
+    fn rejection_keeps_the_last_good_secret_and_nacks_by_name() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+        let good = tlspb::Secret {
+            name: "ROOTCA".into(),
+            r#type: Some(tlspb::secret::Type::ValidationContext(
+                tlspb::CertificateValidationContext {
+                    trusted_ca: inline(&ca.cert.pem()),
+                    ..Default::default()
+                },
+            )),
+        };
+        let bad = tlspb::Secret {
+            name: "ROOTCA".into(),
+            r#type: Some(tlspb::secret::Type::ValidationContext(
+                tlspb::CertificateValidationContext {
+                    trusted_ca: inline("garbage"),
+                    ..Default::default()
+                },
+            )),
+        };
+        let (tx, rx) = watch::channel(Secrets::new());
+        let (_ntx, names) = watch::channel(BTreeSet::from(["ROOTCA".to_string()]));
+        let stats = Arc::new(Stats::default());
+        let mut c = Client {
+            target: SdsTarget::Unix("/nonexistent".into()),
+            node: None,
+            names,
+            secrets: tx,
+            stats: stats.clone(),
+            version: String::new(),
+            current: Secrets::new(),
+        };
+        let subscribed = BTreeSet::from(["ROOTCA".to_string()]);
+        assert!(c.apply("1", "n1", &[any(&good)], &subscribed).is_none());
+        let first = rx.borrow()["ROOTCA"].clone();
+        let nack = c.apply("2", "n2", &[any(&bad)], &subscribed).unwrap();
+        assert!(
+            nack.message
+                .contains("ROOTCA: validation_context.trusted_ca"),
+            "{}",
+            nack.message
+        );
+        assert_eq!(
+            rx.borrow()["ROOTCA"],
+            first,
+            "the last good secret keeps serving"
+        );
+        assert_eq!(stats.counter("sds.ROOTCA.update_success").get(), 1);
+        assert_eq!(stats.counter("sds.ROOTCA.update_rejected").get(), 1);
+        // Unsubscribed names leave the published map.
+        c.apply("3", "n3", &[], &BTreeSet::new());
+        assert!(rx.borrow().is_empty());
+    }
+}
