@@ -8,67 +8,25 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
 use skiff_tests::{
     InProcessSkiff, echo_backend, free_port, loopback_stat, run_options, serve_http1,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "tls_ca/mod.rs"]
+mod tls_ca;
+use tls_ca::{Ca, write};
+
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
-
-/// A test mesh root issuing SPIFFE workload certificates, as istiod's CA.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(org: &str) -> Ca {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, org);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// (certificate PEM, key PEM) for one SPIFFE id.
-    fn issue(&self, spiffe: &str) -> (String, String) {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// Log lines of this test process (the refused-peer lines are asserted on).
 #[derive(Clone, Default)]
@@ -91,12 +49,6 @@ impl Logs {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// Static secrets `name`: a certificate from files.
@@ -379,9 +331,14 @@ async fn skiff_to_skiff_mtls_with_san_checks_permissive_inbound_and_rbac() {
             write(d, &format!("{name}.key"), k),
         )
     };
-    let server_cert = ca.issue(SERVER_ID);
-    let client_cert = ca.issue(CLIENT_ID);
-    let other_cert = ca.issue(OTHER_ID);
+    // Istio's workload certificates: one SPIFFE URI SAN.
+    let issue = |ca: &Ca, id: &str| {
+        let l = ca.leaf(&[], &[id]);
+        (l.cert, l.key)
+    };
+    let server_cert = issue(&ca, SERVER_ID);
+    let client_cert = issue(&ca, CLIENT_ID);
+    let other_cert = issue(&ca, OTHER_ID);
     let (server_c, server_k) = pem("server", &server_cert);
     let (client_c, client_k) = pem("client", &client_cert);
     let (other_c, other_k) = pem("other", &other_cert);
@@ -689,7 +646,7 @@ static_resources:
     );
 
     // A client whose certificate chains to another root is refused by the server.
-    let evil_client = evil.issue(CLIENT_ID);
+    let evil_client = issue(&evil, CLIENT_ID);
     let cfg = rustls_client(&evil_client.0, &evil_client.1, &tcp_alpn);
     let tcp = TcpStream::connect(inbound_addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("server.default.svc").unwrap();

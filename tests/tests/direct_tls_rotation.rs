@@ -8,55 +8,28 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use skiff::controlplane::Source;
 use skiff_tests::{ControlPlane, InProcessSkiff, free_addr, free_port, loopback_stat, run_options};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "tls_ca/mod.rs"]
+mod tls_ca;
+use tls_ca::Ca;
+
+/// (certificate PEM, key PEM, certificate DER) of a workload certificate for `spiffe`.
+fn issue(ca: &Ca, spiffe: &str) -> (String, String, Vec<u8>) {
+    use rustls_pki_types::pem::PemObject;
+    let l = ca.leaf(&[], &[spiffe]);
+    let der = CertificateDer::from_pem_slice(l.cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    (l.cert, l.key, der)
+}
+
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "cluster.local");
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// (certificate PEM, key PEM, certificate DER) for one SPIFFE id.
-    fn issue(&self, spiffe: &str) -> (String, String, Vec<u8>) {
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-}
 
 /// Writes one discovery file atomically (the control plane polls the directory).
 fn put(dir: &Path, name: &str, version: &str, resources: serde_json::Value) {
@@ -264,10 +237,10 @@ async fn a_rotated_certificate_reaches_new_connections_and_old_ones_keep_theirs(
             });
         }
     });
-    let ca = Ca::new();
-    let (c1, k1, der1) = ca.issue(SERVER_ID);
-    let (c2, k2, der2) = ca.issue(SERVER_ID);
-    let (cc, ck, _) = ca.issue(CLIENT_ID);
+    let ca = Ca::new("cluster.local");
+    let (c1, k1, der1) = issue(&ca, SERVER_ID);
+    let (c2, k2, der2) = issue(&ca, SERVER_ID);
+    let (cc, ck, _) = issue(&ca, CLIENT_ID);
     let dir = tempfile::tempdir().unwrap();
     let (port, admin, xds) = (free_port(), free_port(), free_addr());
     config(dir.path(), port, echo);
