@@ -211,10 +211,14 @@ async fn ping(port: u16) -> Vec<u8> {
 
 /// `GET /` through 127.0.0.1:`port`: (status, body).
 async fn get(port: u16) -> (u16, String) {
+    get_path(port, "/").await
+}
+
+/// `GET path` through 127.0.0.1:`port`: (status, body).
+async fn get_path(port: u16, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: server\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: server\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
@@ -463,8 +467,10 @@ static_resources:
             virtual_hosts:
             - name: server
               domains: ["*"]
-              routes: [{{ match: {{ prefix: / }}, route: {{ cluster: mtls-http }} }}]
-  clusters:{}{}{}{}{}{}{}
+              routes:
+              - {{ match: {{ prefix: /wrong }}, route: {{ cluster: http-wrong-san }} }}
+              - {{ match: {{ prefix: / }}, route: {{ cluster: mtls-http }} }}
+  clusters:{}{}{}{}{}{}{}{}
 "#,
         admin(client_admin),
         cert_secret("default", &client_c, &client_k),
@@ -523,6 +529,18 @@ static_resources:
                 "ROOTCA",
                 "spiffe://cluster.local/ns/default/sa/nobody",
                 &tcp_alpn,
+                "server.default.svc"
+            ),
+            true
+        ),
+        static_cluster(
+            "http-wrong-san",
+            inbound_addr,
+            &istio_matches(
+                "default",
+                "ROOTCA",
+                "spiffe://cluster.local/ns/default/sa/nobody",
+                &["istio-http/1.1"],
                 "server.default.svc"
             ),
             true
@@ -621,10 +639,24 @@ static_resources:
     // closes, counts Envoy's ssl.* counter and UF, and logs who presented what.
     assert_eq!(ping(out_wrong).await, b"");
     assert_eq!(ping(out_untrusted).await, b"");
+    // Over HTTP the refusal is Envoy's 503 with the transport failure reason.
+    let (status, body) = get_path(out_http, "/wrong").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with(
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: "
+        ) && body.contains("sa/nobody"),
+        "{body}"
+    );
     let c = |name: &'static str| loopback_stat(client_admin, name);
     assert_eq!(c("cluster.wrong-san.ssl.fail_verify_san").await, 1);
     assert_eq!(c("cluster.untrusted.ssl.fail_verify_error").await, 1);
     assert_eq!(c("cluster.wrong-san.upstream_cx_connect_fail").await, 1);
+    assert_eq!(c("cluster.http-wrong-san.ssl.fail_verify_san").await, 1);
+    assert_eq!(
+        c("cluster.http-wrong-san.upstream_cx_connect_fail").await,
+        1
+    );
     assert!(c("skiff.response_flags.UF").await >= 2);
     assert!(c("cluster.mtls-tcp.ssl.handshake").await >= 1);
     assert!(c("cluster.mtls-http.ssl.handshake").await >= 1);

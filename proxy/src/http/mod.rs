@@ -640,6 +640,31 @@ fn target_cluster(f: &Forward, h: &HeaderMap) -> Option<String> {
     }
 }
 
+/// How the last attempt ended when no response is forwarded, with Envoy's `transport failure
+/// reason` when the connection failed in its TLS handshake.
+fn transport_failure_reply(
+    outcome: Attempt,
+    retried: bool,
+    transport: Option<&str>,
+) -> Response<Body> {
+    match (outcome, transport) {
+        (Attempt::ConnectFailure, Some(reason)) => {
+            let lead = if retried {
+                "retried and the latest reset reason"
+            } else {
+                "reset reason"
+            };
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "{UPSTREAM_RESET}. {lead}: connection failure, transport failure reason: {reason}"
+                ),
+            )
+        }
+        _ => failure_reply(outcome, retried),
+    }
+}
+
 /// How the last attempt ended when no response is forwarded.
 fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
     let lead = if retried {
@@ -885,6 +910,9 @@ async fn forward(
     // Held while a retry runs: Envoy's `max_retries` breaker counts retries in flight.
     let mut _retry_slot = None;
     loop {
+        // Why this attempt's TLS handshake failed, for the local reply (Envoy's `transport
+        // failure reason`).
+        let mut transport_failure: Option<String> = None;
         let attempt_no = retries + 1;
         let exclude: &[SocketAddr] = if policy.as_ref().is_some_and(|p| p.previous_hosts) {
             &tried
@@ -1067,6 +1095,9 @@ async fn forward(
                         (Attempt::ConnectFailure, None)
                     }
                     Err(e @ SendError::Transport { .. }) => {
+                        if let SendError::Transport { source, .. } = &e {
+                            transport_failure = Some(source.to_string());
+                        }
                         cs.upstream_cx_connect_fail.inc();
                         debug!(error = %e, %cluster, flags = "UF", "upstream transport handshake failed");
                         (Attempt::ConnectFailure, None)
@@ -1142,7 +1173,7 @@ async fn forward(
             }
         }
         let Some(resp) = response else {
-            let r = failure_reply(outcome, retries > 0);
+            let r = transport_failure_reply(outcome, retries > 0, transport_failure.as_deref());
             rq_status(r.status().as_u16());
             break r;
         };
