@@ -190,3 +190,98 @@ impl Transport for TlsDial {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::lb::HostRegistry;
+    use crate::model::test_util::{assignment, static_cluster};
+    use crate::model::tls::{ClusterTransport, CommonTls, TlsVersion, TransportMatch};
+    use crate::model::{ClusterKind, HealthStatus, LbPolicy};
+
+    fn tls(sni: &str) -> Arc<UpstreamTls> {
+        Arc::new(UpstreamTls {
+            common: CommonTls {
+                certificate: None,
+                validation: None,
+                alpn: vec![],
+                min_version: TlsVersion::V1_2,
+                max_version: TlsVersion::V1_3,
+                cipher_suites: vec![],
+                ecdh_curves: vec![],
+            },
+            sni: sni.into(),
+        })
+    }
+
+    /// A STATIC cluster over `labelled` (Istio's `tlsMode: istio`) and `plain` endpoints with
+    /// `transport`.
+    fn entry(transport: ClusterTransport, labelled: &str, plain: &str) -> ClusterEntry {
+        let mut c = static_cluster("c", LbPolicy::RoundRobin, &[]);
+        let mut a = assignment(
+            "c",
+            &[
+                (labelled, HealthStatus::Healthy),
+                (plain, HealthStatus::Healthy),
+            ],
+        );
+        a.localities[0].endpoints[0].transport_socket_match =
+            [("tlsMode".to_string(), "istio".to_string())].into();
+        c.kind = ClusterKind::Static(a.clone());
+        c.transport = transport;
+        let stats = Arc::new(Stats::default());
+        ClusterEntry::new(c, Some(Arc::new(a)), &HostRegistry::new(stats))
+    }
+
+    #[test]
+    fn each_endpoint_gets_the_transport_its_metadata_selects() {
+        let istio = ClusterTransport {
+            matches: vec![
+                TransportMatch {
+                    name: "tlsMode-istio".into(),
+                    criteria: [("tlsMode".to_string(), "istio".to_string())].into(),
+                    tls: Some(tls("istio")),
+                },
+                TransportMatch {
+                    name: "tlsMode-disabled".into(),
+                    criteria: BTreeMap::new(),
+                    tls: None,
+                },
+            ],
+            default: None,
+        };
+        let e = entry(istio, "10.0.0.1:80", "10.0.0.2:80");
+        let got = |a: &str| endpoint_tls(&e, a.parse().unwrap()).map(|t| t.sni.clone());
+        assert_eq!(got("10.0.0.1:80").as_deref(), Some("istio"));
+        // The same address v4-mapped is the same endpoint.
+        assert_eq!(got("[::ffff:10.0.0.1]:80").as_deref(), Some("istio"));
+        assert_eq!(got("10.0.0.2:80"), None);
+        // Not in the assignment (ORIGINAL_DST-like): matched with no metadata.
+        assert_eq!(got("10.9.9.9:80"), None);
+
+        // Without matches, `transport_socket` applies to every endpoint, no lookup needed.
+        let all = ClusterTransport {
+            matches: vec![],
+            default: Some(tls("all")),
+        };
+        let e = entry(all, "10.0.0.1:80", "10.0.0.2:80");
+        assert_eq!(
+            endpoint_tls(&e, "10.9.9.9:80".parse().unwrap()).map(|t| t.sni.as_str()),
+            Some("all")
+        );
+    }
+
+    #[test]
+    fn failures_count_in_envoys_ssl_counters() {
+        let stats = Stats::default();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        TlsFailure::Timeout(Duration::from_secs(1)).report(&stats, "cluster.c", peer);
+        TlsFailure::Handshake(HandshakeError::NoCert).report(&stats, "listener.l", peer);
+        assert_eq!(stats.counter("cluster.c.ssl.connection_error").get(), 1);
+        assert_eq!(stats.counter("listener.l.ssl.fail_verify_no_cert").get(), 1);
+        assert!(TlsFailure::Handshake(HandshakeError::NoCert).is_verification());
+        assert!(!TlsFailure::Timeout(Duration::from_secs(1)).is_verification());
+    }
+}
