@@ -25,6 +25,10 @@ pub const RAW_BUFFER: &str = "raw_buffer";
 /// `transport_protocol` of a connection whose ClientHello the TLS inspector read.
 pub const TLS: &str = "tls";
 
+/// Bytes peeked first; http_inspector never needs more, the TLS inspector may (up to
+/// [`inspect::MAX_CLIENT_HELLO`]).
+const FIRST_PEEK: usize = 4 * 1024;
+
 /// How long to wait before peeking again when no new byte arrived (peek does not consume, so
 /// the socket stays readable and cannot be waited on).
 const PEEK_AGAIN: Duration = Duration::from_millis(2);
@@ -161,14 +165,9 @@ async fn listener_filters(
     let deadline = listener
         .listener_filters_timeout
         .map(|t| Instant::now() + t);
-    let mut buf = vec![
-        0u8;
-        if tls {
-            inspect::MAX_CLIENT_HELLO
-        } else {
-            sniff::MAX_PEEK
-        }
-    ];
+    // Most first flights fit in a few KiB: the buffer grows (to the inspector's 64 KiB) only
+    // when a ClientHello fills it.
+    let mut buf = vec![0u8; FIRST_PEEK];
     let mut seen = 0;
     loop {
         let peeked = match deadline {
@@ -229,6 +228,11 @@ async fn listener_filters(
         }
         if !tls && !http {
             return Ok(found);
+        }
+        if tls && n == buf.len() && n < inspect::MAX_CLIENT_HELLO {
+            buf.resize((n * 4).min(inspect::MAX_CLIENT_HELLO), 0);
+            seen = n;
+            continue;
         }
         if n == seen {
             // Nothing new: a peer that half-closed sends nothing more, so decide now.

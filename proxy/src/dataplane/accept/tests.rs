@@ -194,3 +194,46 @@ async fn without_inspectors_nothing_is_read() {
         .unwrap();
     assert_eq!(found, Detected::default());
 }
+
+/// A ClientHello with SNI `sni` and a `padding` extension of `pad` bytes, in TLS records.
+fn padded_hello(sni: &str, pad: usize) -> Vec<u8> {
+    let mut exts = Vec::new();
+    let name = sni.as_bytes();
+    exts.extend_from_slice(&0u16.to_be_bytes());
+    exts.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
+    exts.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    exts.push(0);
+    exts.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    exts.extend_from_slice(name);
+    exts.extend_from_slice(&21u16.to_be_bytes());
+    exts.extend_from_slice(&(pad as u16).to_be_bytes());
+    exts.resize(exts.len() + pad, 0);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![1, 0];
+    hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    hs.extend_from_slice(&body);
+    let mut out = Vec::new();
+    for chunk in hs.chunks(16 * 1024) {
+        out.extend_from_slice(&[22, 3, 1]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_large_client_hello_grows_the_peek_buffer() {
+    let (mut client, down) = pair().await;
+    let l = with_filters(&[TLS_INSPECTOR], Some(Duration::from_secs(5)), false);
+    let (_stats, c) = counters();
+    let hello = padded_hello("big.example.com", 40_000);
+    assert!(hello.len() > 4 * FIRST_PEEK);
+    client.write_all(&hello).await.unwrap();
+    let found = listener_filters(&down, &l, &c).await.unwrap();
+    assert_eq!(found.transport_protocol, TLS);
+    assert_eq!(found.server_name.as_deref(), Some("big.example.com"));
+}
