@@ -544,10 +544,7 @@ async fn start_xds(
         stop.clone(),
         drain.clone(),
     )));
-    let resources = Resources::new(
-        opts.bootstrap.listeners.clone(),
-        opts.bootstrap.clusters.clone(),
-    );
+    let resources = Resources::for_bootstrap(&opts.bootstrap);
     store.publish(resources.snapshot());
     let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
     if opts.bootstrap.lds_ads {

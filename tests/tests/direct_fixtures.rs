@@ -192,4 +192,30 @@ fn tls_of_the_dumps_is_honoured() {
     let osm = cluster("osm-curl-egress-config-dump.json", "httpbin/httpbin|14001");
     let tls = osm.transport.default.as_ref().unwrap();
     assert!(tls.common.sds_refs().count() >= 1, "{tls:?}");
+    // Istio's inbound mTLS chains (the listener itself is refused for its RBAC rules): each
+    // TLS context converts, SDS `default` and `ROOTCA` from `sds-grpc`, client certificates
+    // required, Istio's cipher list narrowed to what rustls has.
+    let text = std::fs::read_to_string(dir.join("istio-sidecar-listeners-27.yaml")).unwrap();
+    let dump = skiff_proto::parse_config_dump(&text).unwrap();
+    let inbound = dump
+        .dynamic
+        .iter()
+        .find(|r| r.name == "virtualInbound")
+        .unwrap();
+    let l = PbListener::decode(inbound.resource.value.as_slice()).unwrap();
+    let mut tls_chains = 0;
+    for fc in &l.filter_chains {
+        let Some(ts) = &fc.transport_socket else {
+            continue;
+        };
+        let t = skiff::model::tls::downstream_socket(ts)
+            .unwrap_or_else(|e| panic!("chain {:?}: {e:?}", fc.name))
+            .unwrap();
+        assert!(t.require_client_certificate, "{:?}", fc.name);
+        let names: Vec<&str> = t.common.sds_refs().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["default", "ROOTCA"]);
+        assert!(!t.common.cipher_suites.is_empty());
+        tls_chains += 1;
+    }
+    assert_eq!(tls_chains, 3);
 }

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use skiff::config::GrpcTarget;
 use skiff::controlplane::{ControlPlaneOptions, Source};
 use skiff::model::tls::{DataSource, SecretKind, Secrets};
-use skiff::xds::sds::{SECRET_TYPE_URL, SdsTarget};
+use skiff::xds::sds::SECRET_TYPE_URL;
 use tls_ca::Ca;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +158,7 @@ async fn sds_over_a_unix_socket_delivers_and_rotates_default_and_rootca() {
         ..Default::default()
     };
     let client = skiff::xds::sds::spawn_with_stats(
-        SdsTarget::Unix(socket.clone()),
+        GrpcTarget::Unix(socket.clone()),
         Some(node),
         names,
         secrets_tx,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use skiff::controlplane::{ControlPlaneOptions, ServerTls, Source};
-use skiff::xds::channel::{self, GrpcAddr};
+use skiff::xds::channel::{self, GrpcTarget};
 use skiff_tests::{InProcessSkiff, free_port, named_backend, tcp_ask};
 use tls_ca::{Ca, write};
 
@@ -277,7 +277,7 @@ async fn a_server_outside_the_trusted_root_or_name_is_refused() {
         xds_san: Some(san.to_owned()),
         ..Default::default()
     };
-    let server = GrpcAddr::Tcp(cp.addr);
+    let server = GrpcTarget::Tcp(cp.addr);
     for (ca, san, want) in [
         (&pki.other_ca, ISTIOD, "UnknownIssuer"),
         (&pki.ca, "istiod.other-ns.svc", "NotValidForName"),

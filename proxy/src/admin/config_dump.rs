@@ -163,7 +163,7 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
         "@type": format!("{ADMIN}RoutesConfigDump"),
         "dynamic_route_configs": dynamic_entries(&x.routes, "route_config", false),
     }));
-    out.push(secrets(&sr.secrets, &x.secrets, &boot_time));
+    out.push(secrets(&sr.secrets, snap, &boot_time));
     if include_eds {
         out.push(json!({
             "@type": format!("{ADMIN}EndpointsConfigDump"),
@@ -180,13 +180,16 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
     out
 }
 
-/// Envoy's `SecretsConfigDump`: the bootstrap's static secrets, then the SDS secrets received
-/// over ADS (active, warming never: a secret has no dependencies), each with its error state.
+/// Envoy's `SecretsConfigDump`: the bootstrap's static secrets, then the SDS secrets: those
+/// received over ADS with their version and error state, and those of the other SDS sources
+/// (gRPC clusters, Istio's Unix socket), which skiff holds as validated values only, so they
+/// show without version. Warming never: a secret depends on nothing.
 fn secrets(
     statics: &[envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret],
-    t: &TypeDump,
+    snap: &Snapshot,
     boot_time: &str,
 ) -> Value {
+    let t = &snap.xds.secrets;
     let static_secrets: Vec<Value> = statics
         .iter()
         .map(|s| {
@@ -197,7 +200,16 @@ fn secrets(
             })
         })
         .collect();
-    let mut names: Vec<&String> = t.active.keys().chain(t.errors.keys()).collect();
+    let external = snap
+        .secrets
+        .keys()
+        .filter(|n| !statics.iter().any(|s| s.name == **n) && !t.active.contains_key(*n));
+    let mut names: Vec<&String> = t
+        .active
+        .keys()
+        .chain(t.errors.keys())
+        .chain(external)
+        .collect();
     names.sort();
     names.dedup();
     let dynamic: Vec<Value> = names
@@ -210,6 +222,15 @@ fn secrets(
                     v["version_info"] = r.version_info.clone().into();
                 }
                 v["secret"] = skiff_proto::any_to_json(&r.resource);
+            } else if let Some(s) = snap.secrets.get(n) {
+                let pb =
+                    envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::from(
+                        &**s,
+                    );
+                v["secret"] = with_type(
+                    crate::model::tls::SECRET_TYPE_URL,
+                    skiff_proto::to_json(&pb),
+                );
             }
             if let Some(e) = t.errors.get(n) {
                 v["error_state"] = error_state(e);
@@ -442,4 +463,136 @@ pub fn render(
         configs = configs.iter().map(|c| apply_mask(c, &paths)).collect();
     }
     Ok(json!({ "configs": configs }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3 as core_v3;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use prost::Message;
+
+    fn cert_secret(name: &str, cert: &str, key: core_v3::data_source::Specifier) -> tls::Secret {
+        tls::Secret {
+            name: name.into(),
+            r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some(core_v3::DataSource {
+                    specifier: Some(core_v3::data_source::Specifier::InlineString(cert.into())),
+                    ..Default::default()
+                }),
+                private_key: Some(core_v3::DataSource {
+                    specifier: Some(key),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Envoy's SecretsConfigDump: static secrets from the bootstrap, dynamic ones with their
+    /// version; private keys print as `[redacted]` everywhere (the bootstrap section too).
+    #[test]
+    fn secrets_are_dumped_with_private_keys_redacted() {
+        use core_v3::data_source::Specifier;
+        let c = rcgen::generate_simple_self_signed(vec!["a.example".to_string()]).unwrap();
+        let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+        let mut boot = PbBootstrap::default();
+        boot.static_resources.get_or_insert_default().secrets = vec![cert_secret(
+            "static",
+            &cert,
+            Specifier::InlineString(key.clone()),
+        )];
+        let mut r = crate::xds::Resources::default();
+        let dynamic = cert_secret(
+            "dyn",
+            &cert,
+            Specifier::InlineBytes(key.clone().into_bytes()),
+        );
+        // Only subscribed names are kept: a bootstrap listener would subscribe; here the
+        // snapshot is rendered right after the update, before anything is dropped.
+        r.apply_sotw(
+            crate::xds::kind::SECRET_TYPE_URL,
+            "v7",
+            &[envoy_types::pb::google::protobuf::Any {
+                type_url: crate::xds::kind::SECRET_TYPE_URL.into(),
+                value: dynamic.encode_to_vec(),
+            }],
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        let snap = r.snapshot();
+        let out = sections(&boot, &snap, false);
+        let text = serde_json::to_string(&out).unwrap();
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "a private key leaked: {text}"
+        );
+        let dump = out
+            .iter()
+            .find(|s| s["@type"] == format!("{ADMIN}SecretsConfigDump"))
+            .unwrap();
+        let st = &dump["static_secrets"][0];
+        assert_eq!(st["name"], "static");
+        assert_eq!(
+            st["secret"]["tls_certificate"]["private_key"]["inline_string"],
+            "[redacted]"
+        );
+        assert_eq!(
+            st["secret"]["tls_certificate"]["certificate_chain"]["inline_string"],
+            cert.as_str()
+        );
+        let dy = &dump["dynamic_active_secrets"][0];
+        assert_eq!(dy["name"], "dyn");
+        assert_eq!(dy["version_info"], "v7");
+        assert_eq!(dy["secret"]["@type"], crate::xds::kind::SECRET_TYPE_URL);
+        assert_eq!(
+            dy["secret"]["tls_certificate"]["private_key"]["inline_bytes"],
+            REDACTED_BYTES
+        );
+        let b = &out[0]["bootstrap"]["static_resources"]["secrets"][0];
+        assert_eq!(
+            b["tls_certificate"]["private_key"]["inline_string"],
+            "[redacted]"
+        );
+        // A secret of another SDS source (Istio's ROOTCA over its Unix socket) shows too.
+        let mut r2 = r;
+        let roots = crate::model::tls::Secret {
+            name: "ROOTCA".into(),
+            kind: crate::model::tls::SecretKind::Validation(crate::model::tls::ValidationContext {
+                trusted_ca: Some(crate::model::tls::DataSource::Inline(
+                    cert.as_bytes().into(),
+                )),
+                san_matchers: vec![],
+            }),
+        };
+        r2.set_external_secrets([("ROOTCA".to_string(), std::sync::Arc::new(roots))].into());
+        let snap = r2.snapshot();
+        let out = sections(&boot, &snap, false);
+        let dump = out
+            .iter()
+            .find(|s| s["@type"] == format!("{ADMIN}SecretsConfigDump"))
+            .unwrap();
+        let names: Vec<&str> = dump["dynamic_active_secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["ROOTCA", "dyn"]);
+        assert!(
+            dump["dynamic_active_secrets"][0]["secret"]["validation_context"]["trusted_ca"]
+                ["inline_bytes"]
+                .is_string()
+        );
+        // `?resource=` knows the secrets' fields.
+        let q = DumpQuery {
+            resource: Some("dynamic_active_secrets".into()),
+            ..Default::default()
+        };
+        let v = render(&boot, &snap, &q).unwrap();
+        assert_eq!(
+            v["configs"][0]["@type"],
+            format!("{ADMIN}SecretsConfigDump.DynamicSecret")
+        );
+    }
 }

@@ -389,7 +389,7 @@ pub fn control_plane_flags(
         }
         if let Some(tls) = &ads.tls {
             crate::xds::channel::endpoint(
-                &crate::xds::channel::GrpcAddr::Tcp(ads.server),
+                &crate::xds::channel::GrpcTarget::Tcp(ads.server),
                 Some(tls),
             )
             .map_err(OptionsError::XdsConnection)?;

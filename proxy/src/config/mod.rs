@@ -50,6 +50,21 @@ pub enum ConfigError {
         /// The repeated name.
         name: String,
     },
+    /// A TLS context of a static listener or cluster names a secret without `sds_config` that
+    /// `static_resources.secrets` does not have (Envoy: "Unknown static secret").
+    #[error(
+        "bootstrap {origin}: static_resources: {kind} {name:?}: unknown static secret {secret:?}"
+    )]
+    UnknownSecret {
+        /// File or `<inline>`.
+        origin: String,
+        /// `listener` or `cluster`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The secret it names.
+        secret: String,
+    },
     /// `dynamic_resources` cannot be served.
     #[error("bootstrap {origin}: dynamic_resources.{field}: {reason}")]
     Dynamic {
@@ -117,6 +132,25 @@ pub enum GrpcTarget {
     /// `pipe.path`, as given (a relative path is relative to skiff's working directory, as in
     /// Envoy).
     Unix(PathBuf),
+}
+
+impl GrpcTarget {
+    /// `unix:PATH` (Envoy's pipe notation as Istio writes it, `unix://PATH` too) or `HOST:PORT`
+    /// with an IP host; a bare path (starting with `/` or `.`) is a Unix socket.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            return Ok(GrpcTarget::Unix(p.into()));
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            return Ok(GrpcTarget::Unix(s.into()));
+        }
+        s.parse()
+            .map(GrpcTarget::Tcp)
+            .map_err(|_| format!("{s:?} is neither unix:PATH nor IP:PORT"))
+    }
 }
 
 impl std::fmt::Display for GrpcTarget {
@@ -226,6 +260,31 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
                 });
             }
             clusters.push(c);
+        }
+    }
+    let is_static = |r: &&model::tls::SdsRef| r.source == model::tls::SdsSource::Static;
+    let unknown = |kind: &'static str, name: &str, mut refs: Vec<&model::tls::SdsRef>| {
+        refs.retain(|r| !secrets.contains_key(&r.name));
+        refs.first().map(|r| ConfigError::UnknownSecret {
+            origin: origin.to_string(),
+            kind,
+            name: name.to_string(),
+            secret: r.name.clone(),
+        })
+    };
+    for l in &listeners {
+        if let Some(e) = unknown(
+            "listener",
+            &l.name,
+            l.sds_refs().filter(is_static).collect(),
+        ) {
+            return Err(e);
+        }
+    }
+    for c in &clusters {
+        let refs = c.transport.sds_refs().filter(is_static).collect();
+        if let Some(e) = unknown("cluster", &c.name, refs) {
+            return Err(e);
         }
     }
     let admin = match raw.admin.as_ref().and_then(|a| a.address.as_ref()) {
@@ -530,6 +589,41 @@ static_resources:
       endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15010 }} }} }} }} ] }} ]
 "#
         )
+    }
+
+    const TLS_CLUSTER: &str = r#"
+static_resources:
+  secrets:
+  - name: ca
+    validation_context: { trusted_ca: { filename: /etc/ca.pem } }
+  clusters:
+  - name: up
+    type: STATIC
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context: { validation_context_sds_secret_config: { name: NAME } }
+"#;
+
+    #[test]
+    fn static_secrets_load_and_unknown_ones_are_refused() {
+        let b = parse(&TLS_CLUSTER.replace("NAME", "ca"), "<test>").unwrap();
+        assert!(b.secrets.contains_key("ca"));
+        let e = parse(&TLS_CLUSTER.replace("NAME", "nope"), "<test>").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cluster \"up\": unknown static secret \"nope\""),
+            "{e}"
+        );
+        let dup = TLS_CLUSTER.replace("NAME", "ca").replace(
+            "  clusters:",
+            "  - name: ca\n    validation_context: { trusted_ca: { filename: /x.pem } }\n  clusters:",
+        );
+        assert!(matches!(
+            parse(&dup, "<test>").unwrap_err(),
+            ConfigError::Duplicate { kind: "secret", .. }
+        ));
     }
 
     #[test]

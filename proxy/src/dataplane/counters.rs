@@ -6,7 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::error::{ConnError, ResponseFlag};
-use crate::stats::{Counter, Gauge, Stats};
+use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// Counters of one listener, resolved when it starts accepting.
 #[derive(Debug)]
@@ -15,6 +15,8 @@ pub(super) struct ListenerCounters {
     pub(super) total: Arc<Counter>,
     /// `<listener>.downstream_cx_active`.
     pub(super) active: Arc<Gauge>,
+    /// `<listener>.downstream_cx_length_ms`.
+    length: Arc<Histogram>,
     /// `<listener>.no_filter_chain_match` (Envoy's).
     no_filter_chain_match: Arc<Counter>,
     /// `<listener>.downstream_pre_cx_timeout`: closed because the listener filters did not
@@ -46,6 +48,7 @@ impl ListenerCounters {
             stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
+            length: stats.histogram(&format!("{prefix}.downstream_cx_length_ms")),
             no_filter_chain_match: stats.counter(&format!("{prefix}.no_filter_chain_match")),
             rejected: stats.counter("skiff.downstream_cx_rejected"),
             flags: ResponseFlag::ALL
@@ -77,6 +80,18 @@ impl ListenerCounters {
     pub(super) fn tls_inspector(&self) -> &TlsInspectorCounters {
         self.tls_inspector
             .get_or_init(|| TlsInspectorCounters::new(&self.stats))
+    }
+
+    /// Count an accepted connection; the guard marks it closed (`downstream_cx_active`,
+    /// `downstream_cx_length_ms`) when dropped.
+    pub(super) fn open(&self) -> Open {
+        self.total.inc();
+        self.active.inc();
+        Open {
+            active: self.active.clone(),
+            length: self.length.clone(),
+            since: tokio::time::Instant::now(),
+        }
     }
 
     /// Count a connection that failed with `e` (a cluster without a host to connect to also
@@ -144,5 +159,20 @@ impl TlsInspectorCounters {
             alpn_found: c("alpn_found"),
             alpn_not_found: c("alpn_not_found"),
         }
+    }
+}
+
+/// One open downstream connection of a listener (see [`ListenerCounters::open`]).
+#[derive(Debug)]
+pub(super) struct Open {
+    active: Arc<Gauge>,
+    length: Arc<Histogram>,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.length.record_duration(self.since.elapsed());
     }
 }

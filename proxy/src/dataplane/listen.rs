@@ -32,23 +32,16 @@ static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Accept on `listener` (of `role`) until `shutdown` completes; each connection runs the
 /// pipeline on its own task. Connections already accepted keep running after this returns.
-/// Stats go under `listener.<name>` for static listeners, `listener.<address>` otherwise.
+/// Stats go under Envoy's `listener.<address>` (`listener.127.0.0.1_15001`).
 pub async fn run(
     listener: TcpListener,
     role: ListenerRole,
     dp: Arc<Dataplane>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let prefix = match &role {
-        ListenerRole::Static { name } => format!("listener.{name}"),
-        ListenerRole::Capture | ListenerRole::Inbound { .. } => format!(
-            "listener.{}",
-            listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default()
-        ),
-    };
+    let prefix = listener
+        .local_addr()
+        .map_or_else(|_| "listener.unknown".into(), crate::stats::listener_prefix);
     let counters = Arc::new(ListenerCounters::new(dp.stats(), &prefix));
     dp.start_tls_sweeper();
     let direction = role.direction();
@@ -124,9 +117,7 @@ async fn accept_loop<F>(
             },
         };
         backoff = Duration::from_millis(5);
-        counters.total.inc();
-        counters.active.inc();
-        let active = counters.active.clone();
+        let open = counters.open();
         let span = info_span!(
             "conn",
             conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed),
@@ -143,7 +134,7 @@ async fn accept_loop<F>(
         tokio::spawn(
             async move {
                 conn.await;
-                active.dec();
+                drop(open);
                 drop(permit);
             }
             .instrument(span),

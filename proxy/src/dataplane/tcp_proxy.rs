@@ -183,7 +183,11 @@ pub(super) async fn proxy(
         counters.upstream_cx_total.inc();
         let host = target.host().cloned();
         let started = tokio::time::Instant::now();
-        let connected = match connect::connect(dp, role, addr, timeout).await {
+        let connected = match counters
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(dp, role, addr, timeout))
+            .await
+        {
             Ok(s) => s,
             Err(source) => {
                 let outcome = if source.is_timeout() {

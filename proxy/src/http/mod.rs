@@ -261,7 +261,10 @@ async fn handle(
 ) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
-    let mut resp = route_request(conn, hs, filters, req).await;
+    let mut resp = hs
+        .downstream_rq_time
+        .time_if(route_request(conn, hs, filters, req), |_| true)
+        .await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
     *resp.version_mut() = down_version;
@@ -1036,6 +1039,7 @@ async fn forward(
                 new_connection: false,
             })),
         };
+        let send = cs.upstream_rq_time.time_if(send, |s| s.result.is_ok());
         let timed = async {
             match limit {
                 Some(l) => tokio::time::timeout_at(l, send).await.ok(),
@@ -1255,12 +1259,14 @@ async fn forward_upgrade(
     cs.upstream_cx_total.inc();
     let in_flight = host.as_ref().map(|h| h.start_request());
     let failed = |outcome| failure_reply(outcome, false);
-    let stream = match crate::net::connect(
-        crate::addr::EndpointAddr(addr),
-        conn.dp.upstream_mark,
-        entry.cluster.connect_timeout,
-    )
-    .await
+    let stream = match cs
+        .upstream_cx_connect_ms
+        .time_ok(crate::net::connect(
+            crate::addr::EndpointAddr(addr),
+            conn.dp.upstream_mark,
+            entry.cluster.connect_timeout,
+        ))
+        .await
     {
         Ok(s) => s,
         Err(e) => {

@@ -397,7 +397,16 @@ impl Pool {
             _slot: slot,
         };
         let connect_timeout = target.entry.cluster.connect_timeout;
-        let tcp = connect::connect(EndpointAddr(key.addr), target.mark, connect_timeout).await?;
+        let tcp = target
+            .entry
+            .stats
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(
+                EndpointAddr(key.addr),
+                target.mark,
+                connect_timeout,
+            ))
+            .await?;
         let stream: Box<dyn Stream> = match target.transport {
             None => Box::new(tcp),
             Some(t) => t

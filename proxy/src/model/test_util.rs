@@ -173,3 +173,20 @@ pub(crate) fn downstream_tls() -> std::sync::Arc<super::tls::DownstreamTls> {
         require_client_certificate: false,
     })
 }
+
+/// A client TLS context with Envoy's defaults (no certificate, peer not verified).
+pub(crate) fn upstream_tls() -> std::sync::Arc<super::tls::UpstreamTls> {
+    use super::tls::{CommonTls, TlsVersion, UpstreamTls};
+    std::sync::Arc::new(UpstreamTls {
+        common: CommonTls {
+            certificate: None,
+            validation: None,
+            alpn: vec![],
+            min_version: TlsVersion::V1_2,
+            max_version: TlsVersion::V1_2,
+            cipher_suites: vec![],
+            ecdh_curves: vec![],
+        },
+        sni: String::new(),
+    })
+}

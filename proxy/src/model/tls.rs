@@ -256,17 +256,23 @@ pub const SECRET_TYPE_URL: &str =
 
 use super::compat::{F_TLS_PARAMS, F_TLS_UNSUPPORTED};
 
-/// A refusal of a TLS field by name (`model::compat` table entry [`F_TLS_UNSUPPORTED`]).
+/// A refusal of a TLS field by name: what was asked for, and the `model::compat` row that
+/// lists it ([`F_TLS_UNSUPPORTED`]).
 fn refuse(field: &str, what: &str) -> FieldError {
-    let mut e = super::compat::refuse(F_TLS_UNSUPPORTED, field);
-    e.reason = format!("{what}: {}", e.reason);
-    e
+    FieldError::new(
+        field,
+        format!(
+            "{what} is not supported by skiff (`{F_TLS_UNSUPPORTED}` in docs/COMPATIBILITY.md)"
+        ),
+    )
 }
 
+/// A `tls_params` value rustls cannot honour ([`F_TLS_PARAMS`]).
 fn params_refusal(field: &str, what: String) -> FieldError {
-    let mut e = super::compat::refuse(F_TLS_PARAMS, field);
-    e.reason = format!("{what}: {}", e.reason);
-    e
+    FieldError::new(
+        field,
+        format!("{what} is not supported by skiff (`{F_TLS_PARAMS}` in docs/COMPATIBILITY.md)"),
+    )
 }
 
 impl DataSource {
@@ -605,11 +611,42 @@ const CIPHERS: [(&str, rustls::CipherSuite); 6] = [
     ),
 ];
 
-/// Envoy's curve names and the rustls ring key-exchange group of each.
-const CURVES: [(&str, rustls::NamedGroup); 3] = [
+/// TLS 1.2 (and older) cipher names BoringSSL accepts that rustls's ring provider lacks.
+const BORINGSSL_ONLY_CIPHERS: [&str; 14] = [
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "DES-CBC3-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-AES256-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+    "PSK-AES128-CBC-SHA",
+    "PSK-AES256-CBC-SHA",
+];
+
+/// Envoy's curve names (with BoringSSL's aliases) and the rustls ring key-exchange group of
+/// each.
+const CURVES: [(&str, rustls::NamedGroup); 5] = [
     ("X25519", rustls::NamedGroup::X25519),
     ("P-256", rustls::NamedGroup::secp256r1),
+    ("prime256v1", rustls::NamedGroup::secp256r1),
     ("P-384", rustls::NamedGroup::secp384r1),
+    ("secp384r1", rustls::NamedGroup::secp384r1),
+];
+
+/// Curve names BoringSSL accepts that rustls's ring provider lacks.
+const BORINGSSL_ONLY_CURVES: [&str; 6] = [
+    "P-224",
+    "P-521",
+    "secp521r1",
+    "X25519Kyber768Draft00",
+    "X25519MLKEM768",
+    "X25519MLKEM768Draft00",
 ];
 
 /// `tls_params`: the version range clamped to what rustls has (1.2, 1.3), cipher suites and
@@ -670,35 +707,54 @@ fn tls_params(
             ),
         ));
     }
+    // `cipher_suites` and `ecdh_curves` are allowlists: skiff negotiates only what they
+    // name. A name BoringSSL knows but rustls's ring provider lacks (Istio's inbound default
+    // lists `AES256-GCM-SHA384`, RSA key exchange) narrows the list further and is left out;
+    // a name BoringSSL does not know is refused (as Envoy refuses it), and so is a list of
+    // which rustls has nothing (no handshake Envoy would make could succeed).
     let mut ciphers = Vec::new();
     for (i, entry) in p.cipher_suites.iter().enumerate() {
         // BoringSSL's equal-preference groups: `[A|B]`.
         for c in entry.trim_matches(|c| c == '[' || c == ']').split('|') {
             match CIPHERS.iter().find(|(n, _)| *n == c) {
                 Some((_, s)) => ciphers.push(*s),
+                None if BORINGSSL_ONLY_CIPHERS.contains(&c) => {}
                 None => {
                     return Err(params_refusal(
                         &format!("cipher_suites[{i}]"),
-                        format!(
-                            "cipher {c:?} (rustls's ring provider has: {})",
-                            CIPHERS.map(|c| c.0).join(", ")
-                        ),
+                        format!("cipher {c:?}, unknown to BoringSSL"),
                     ));
                 }
             }
         }
     }
+    if !p.cipher_suites.is_empty() && ciphers.is_empty() {
+        return Err(params_refusal(
+            "cipher_suites",
+            format!(
+                "a list without any cipher rustls's ring provider has ({})",
+                CIPHERS.map(|c| c.0).join(", ")
+            ),
+        ));
+    }
     let mut curves = Vec::new();
     for (i, c) in p.ecdh_curves.iter().enumerate() {
         match CURVES.iter().find(|(n, _)| n == c) {
             Some((_, g)) => curves.push(*g),
+            None if BORINGSSL_ONLY_CURVES.contains(&c.as_str()) => {}
             None => {
                 return Err(params_refusal(
                     &format!("ecdh_curves[{i}]"),
-                    format!("curve {c:?} (rustls's ring provider has: X25519, P-256, P-384)"),
+                    format!("curve {c:?}, unknown to BoringSSL"),
                 ));
             }
         }
+    }
+    if !p.ecdh_curves.is_empty() && curves.is_empty() {
+        return Err(params_refusal(
+            "ecdh_curves",
+            "a list without any curve rustls's ring provider has (X25519, P-256, P-384)".into(),
+        ));
     }
     if !p.signature_algorithms.is_empty() {
         return Err(params_refusal(
@@ -1084,6 +1140,91 @@ fn value_json(v: &envoy_types::pb::google::protobuf::Value) -> serde_json::Value
         ),
         Some(Kind::ListValue(l)) => {
             serde_json::Value::Array(l.values.iter().map(value_json).collect())
+        }
+    }
+}
+
+// === back to the wire (what `/config_dump` shows of secrets from other SDS sources) ===
+
+impl From<&DataSource> for core_v3::DataSource {
+    fn from(d: &DataSource) -> Self {
+        use core_v3::data_source::Specifier;
+        core_v3::DataSource {
+            specifier: Some(match d {
+                DataSource::Inline(b) => Specifier::InlineBytes(b.to_vec()),
+                DataSource::File(p) => Specifier::Filename(p.display().to_string()),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> matcher::StringMatcher {
+    use crate::rbac::StringKind;
+    use matcher::string_matcher::MatchPattern as P;
+    let pattern = match &m.kind {
+        StringKind::Exact(v) => P::Exact(v.clone()),
+        StringKind::Prefix(v) => P::Prefix(v.clone()),
+        StringKind::Suffix(v) => P::Suffix(v.clone()),
+        StringKind::Contains(v) => P::Contains(v.clone()),
+        // `compile_regex` anchors the configured expression as `^(?:RE)$`.
+        StringKind::Regex(p) => {
+            let full = p.0.as_str();
+            let re = full
+                .strip_prefix("^(?:")
+                .and_then(|r| r.strip_suffix(")$"))
+                .unwrap_or(full);
+            P::SafeRegex(matcher::RegexMatcher {
+                regex: re.to_string(),
+                ..Default::default()
+            })
+        }
+    };
+    matcher::StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: m.ignore_case,
+    }
+}
+
+impl From<&Secret> for tls::Secret {
+    #[allow(deprecated)]
+    fn from(s: &Secret) -> Self {
+        use tls::subject_alt_name_matcher::SanType as T;
+        let r#type = match &s.kind {
+            SecretKind::Certificate(c) => tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some((&c.certificate_chain).into()),
+                private_key: Some((&c.private_key).into()),
+                ..Default::default()
+            }),
+            SecretKind::Validation(v) => {
+                let mut out = tls::CertificateValidationContext {
+                    trusted_ca: v.trusted_ca.as_ref().map(Into::into),
+                    ..Default::default()
+                };
+                for m in &v.san_matchers {
+                    let san_type = match m.san_type {
+                        SanType::Any => {
+                            out.match_subject_alt_names.push(string_matcher(&m.matcher));
+                            continue;
+                        }
+                        SanType::Uri => T::Uri,
+                        SanType::Dns => T::Dns,
+                        SanType::Email => T::Email,
+                        SanType::IpAddress => T::IpAddress,
+                    };
+                    out.match_typed_subject_alt_names
+                        .push(tls::SubjectAltNameMatcher {
+                            san_type: san_type as i32,
+                            matcher: Some(string_matcher(&m.matcher)),
+                            oid: String::new(),
+                        });
+                }
+                tls::secret::Type::ValidationContext(out)
+            }
+        };
+        tls::Secret {
+            name: s.name.clone(),
+            r#type: Some(r#type),
         }
     }
 }

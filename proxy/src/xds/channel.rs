@@ -26,23 +26,7 @@ use crate::model::tls::{
 /// How long a connect (TCP, TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Where a control plane listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum GrpcAddr {
-    /// A TCP address.
-    Tcp(SocketAddr),
-    /// A Unix socket path (Istio's `./var/run/secrets/workload-spiffe-uds/socket`).
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for GrpcAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GrpcAddr::Tcp(a) => write!(f, "{a}"),
-            GrpcAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+pub use crate::config::GrpcTarget;
 
 /// Why a control-plane connection could not be set up or opened.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +60,7 @@ pub enum ChannelError {
     #[error("connecting to {server}{tls}: {detail}", tls = if *.tls { " (TLS)" } else { "" })]
     Connect {
         /// Where.
-        server: GrpcAddr,
+        server: GrpcTarget,
         /// Whether TLS was used.
         tls: bool,
         /// Whether rustls failed the handshake (a `rustls::Error` in the cause chain).
@@ -100,7 +84,7 @@ impl ChannelError {
 
 /// Opens a channel to `server`; TLS when `tls` is given (TCP only).
 pub async fn connect(
-    server: &GrpcAddr,
+    server: &GrpcTarget,
     tls: Option<&UpstreamTls>,
 ) -> Result<Channel, ChannelError> {
     let endpoint = endpoint(server, tls)?;
@@ -113,12 +97,12 @@ pub async fn connect(
 }
 
 /// The tonic endpoint for `server`, TLS configured (and its files read) now.
-pub fn endpoint(server: &GrpcAddr, tls: Option<&UpstreamTls>) -> Result<Endpoint, ChannelError> {
+pub fn endpoint(server: &GrpcTarget, tls: Option<&UpstreamTls>) -> Result<Endpoint, ChannelError> {
     let uri = match (server, tls) {
-        (GrpcAddr::Tcp(a), None) => format!("http://{a}"),
-        (GrpcAddr::Tcp(a), Some(_)) => format!("https://{a}"),
-        (GrpcAddr::Unix(p), None) => format!("unix:{}", p.display()),
-        (GrpcAddr::Unix(_), Some(_)) => {
+        (GrpcTarget::Tcp(a), None) => format!("http://{a}"),
+        (GrpcTarget::Tcp(a), Some(_)) => format!("https://{a}"),
+        (GrpcTarget::Unix(p), None) => format!("unix:{}", p.display()),
+        (GrpcTarget::Unix(_), Some(_)) => {
             return Err(ChannelError::Unsupported(
                 "TLS over a Unix socket (the socket's permissions protect it)".into(),
             ));
@@ -130,7 +114,7 @@ pub fn endpoint(server: &GrpcAddr, tls: Option<&UpstreamTls>) -> Result<Endpoint
     let Some(tls) = tls else {
         return Ok(endpoint);
     };
-    let GrpcAddr::Tcp(addr) = server else {
+    let GrpcTarget::Tcp(addr) = server else {
         unreachable!("refused above: TLS only over TCP")
     };
     let settings = TlsSettings::new(tls, *addr)?;
@@ -464,10 +448,10 @@ mod tests {
             },
             sni: String::new(),
         };
-        let tcp = GrpcAddr::Tcp("127.0.0.1:1".parse().unwrap());
+        let tcp = GrpcTarget::Tcp("127.0.0.1:1".parse().unwrap());
         let err = endpoint(&tcp, Some(&tls)).unwrap_err();
         assert!(err.to_string().contains("trusted_ca"), "{err}");
-        let unix = GrpcAddr::Unix("/tmp/x".into());
+        let unix = GrpcTarget::Unix("/tmp/x".into());
         assert!(endpoint(&unix, Some(&tls)).is_err());
         assert!(endpoint(&unix, None).is_ok());
         let mut missing = tls.clone();

@@ -66,14 +66,13 @@ impl ResourceKind {
         matches!(self, ResourceKind::Listener | ResourceKind::Cluster)
     }
 
-    /// Prefix of its update counters (Envoy's names for LDS and CDS).
-    pub fn stat_prefix(self) -> &'static str {
+    /// Prefix of its update counters for LDS and CDS (Envoy's names); RDS and EDS count per
+    /// resource (`Resources::update_stat_prefixes`).
+    pub fn stat_prefix(self) -> Option<&'static str> {
         match self {
-            ResourceKind::Listener => "listener_manager.lds",
-            ResourceKind::Cluster => "cluster_manager.cds",
-            ResourceKind::Route => "skiff.xds.rds",
-            ResourceKind::Endpoints => "skiff.xds.eds",
-            ResourceKind::Secret => "skiff.xds.sds",
+            ResourceKind::Listener => Some("listener_manager.lds"),
+            ResourceKind::Cluster => Some("cluster_manager.cds"),
+            ResourceKind::Route | ResourceKind::Endpoints | ResourceKind::Secret => None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
 //!
 //! # Layout
-//! - [`kind`]: [`ResourceKind`], the four types skiff decodes, parsed from a type URL once.
+//! - [`kind`]: [`ResourceKind`], the five types skiff decodes (LDS, CDS, RDS, EDS, SDS), parsed
+//!   from a type URL once.
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
 //!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
 //!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
@@ -15,7 +16,10 @@
 //! # Protocol (as Envoy)
 //! - One ADS stream. CDS and LDS are wildcard subscriptions; RDS follows the route config names
 //!   of the HTTP connection managers of known listeners; EDS follows the service names of known
-//!   EDS clusters. Subscriptions are re-sent whenever they change.
+//!   EDS clusters; SDS follows the secrets their TLS contexts take with `sds_config: {ads: {}}`.
+//!   Subscriptions are re-sent whenever they change.
+//! - Secrets of other SDS sources (`state::secrets`) and secret fetch timeouts republish the
+//!   snapshot between responses, also while the stream is down.
 //! - SotW ACK: `version_info` of the response + its nonce. NACK: the previous good
 //!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
@@ -203,6 +207,7 @@ async fn run(
     let mut resources = resources;
     if let Some(ext) = opts.external_secrets.as_mut() {
         resources.set_external_secrets(ext.secrets.borrow_and_update().clone());
+        ext.want(resources.grpc_secret_names());
     }
     let mut c = Client {
         opts,
@@ -277,11 +282,6 @@ fn jitter(d: Duration, salt: u64) -> Duration {
     d.mul_f64(0.5 + r as f64 / 2000.0)
 }
 
-/// Stats prefix of a type URL (Envoy's names for LDS and CDS).
-fn stat_prefix(type_url: &str) -> &'static str {
-    ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
-}
-
 /// Something other than the ADS server that changes what to publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SideEvent {
@@ -334,7 +334,7 @@ impl Drop for Connected {
 
 impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let server = channel::GrpcAddr::Tcp(self.opts.ads.server);
+        let server = channel::GrpcTarget::Tcp(self.opts.ads.server);
         // Read before connecting: a missing token file is reported as such, not as a refusal.
         let headers = stream_headers(self.opts.ads.token.as_deref(), self.opts.node.as_ref())?;
         let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
@@ -462,9 +462,7 @@ impl Client {
             return nack;
         };
         warn!(type_url, error = %err, outcome = "NACK", "update applied but not fully mirrored to the kernel");
-        self.stats
-            .counter(&format!("{}.update_rejected", stat_prefix(type_url)))
-            .inc();
+        self.count_update(type_url, "update_rejected");
         Some(match nack {
             Some(mut s) => {
                 s.message = format!("{}; {err}", s.message);
@@ -478,6 +476,18 @@ impl Client {
         })
     }
 
+    /// Count `stat` (`update_attempt`, ...) of a push of `type_url` under Envoy's names
+    /// ([`resources::Resources::update_stat_prefixes`]).
+    fn count_update(&self, type_url: &str, stat: &str) {
+        let prefixes = match ResourceKind::from_type_url(type_url) {
+            Some(kind) => self.resources.update_stat_prefixes(kind),
+            None => vec!["skiff.xds.unknown".to_string()],
+        };
+        for p in prefixes {
+            self.stats.counter(&format!("{p}.{stat}")).inc();
+        }
+    }
+
     /// Count and log one push; returns the NACK detail, if any.
     fn outcome(
         &self,
@@ -487,24 +497,17 @@ impl Client {
         count: usize,
         result: Result<(), Vec<Rejected>>,
     ) -> Option<Status> {
-        let prefix = stat_prefix(type_url);
-        self.stats
-            .counter(&format!("{prefix}.update_attempt"))
-            .inc();
+        self.count_update(type_url, "update_attempt");
         let span = info_span!("xds_push", type_url, version, nonce, count);
         let _g = span.enter();
         match result {
             Ok(()) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_success"))
-                    .inc();
+                self.count_update(type_url, "update_success");
                 info!(outcome = "ACK", "config accepted");
                 None
             }
             Err(rejected) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_rejected"))
-                    .inc();
+                self.count_update(type_url, "update_rejected");
                 let message = nack_message(type_url, &rejected);
                 warn!(outcome = "NACK", error = %message, "config rejected");
                 Some(Status {

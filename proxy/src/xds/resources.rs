@@ -10,9 +10,9 @@
 //!   against real Envoy in tests/tests/direct_envoy_diff.rs).
 //! - Validation is per resource: valid resources are applied, invalid ones are rejected and
 //!   keep their previous accepted version, and the response is NACKed listing `name: reason`
-//!   (Envoy's LDS/CDS/RDS/EDS all apply the valid part of a response).
+//!   (Envoy's LDS/CDS/RDS/EDS/SDS all apply the valid part of a response).
 //! - SotW LDS and CDS responses carry the whole state: a resource missing from a response is
-//!   removed (a name present but invalid is not). SotW RDS and EDS responses only add or
+//!   removed (a name present but invalid is not). SotW RDS, EDS and SDS responses only add or
 //!   update; their resources go away when nothing subscribes to them any more.
 //! - Delta: `removed_resources` removes; everything else is an add or update.
 //!
@@ -321,6 +321,14 @@ impl Resources {
         }
     }
 
+    /// Start from a bootstrap: its static listeners, clusters and secrets, and its
+    /// `initial_fetch_timeout` as the fetch timeout of secrets over ADS.
+    pub fn for_bootstrap(b: &crate::config::Bootstrap) -> Self {
+        Resources::new(b.listeners.clone(), b.clusters.clone())
+            .with_static_secrets(b.secrets.clone())
+            .with_secret_fetch_timeout(b.initial_fetch_timeout)
+    }
+
     /// With the bootstrap's static secrets (`static_resources.secrets`).
     pub fn with_static_secrets(mut self, secrets: Secrets) -> Self {
         self.static_secrets = secrets;
@@ -409,6 +417,43 @@ impl Resources {
             })
             .map(|(_, since)| *since + timeout)
             .min()
+    }
+
+    /// Prefixes of the update counters of a push of `kind`, Envoy's names:
+    /// `listener_manager.lds`, `cluster_manager.cds`, `cluster.<name>` for each EDS cluster and
+    /// `http.<stat_prefix>.rds.<route_config>` for each HTTP connection manager on RDS, `sds.<name>` for each secret over ADS (every
+    /// subscriber is counted: the response's own names are not at hand here).
+    pub fn update_stat_prefixes(&self, kind: ResourceKind) -> Vec<String> {
+        if let Some(p) = kind.stat_prefix() {
+            return vec![p.to_string()];
+        }
+        let mut out = BTreeSet::new();
+        if kind == ResourceKind::Endpoints {
+            let clusters = self.cds.accepted.values().map(|e| &*e.model);
+            for c in clusters.chain(&self.static_clusters) {
+                if handler::eds_name(c).is_some() {
+                    out.insert(format!("cluster.{}", c.name));
+                }
+            }
+        } else if kind == ResourceKind::Secret {
+            // Envoy counts SDS updates per secret: `sds.<name>.update_success`.
+            for n in self.secret_names(|s| *s == SdsSource::Ads) {
+                out.insert(format!("sds.{n}"));
+            }
+        } else {
+            let listeners = self.lds.accepted.values().map(|e| &*e.model);
+            for l in listeners.chain(&self.static_listeners) {
+                let chains = l.filter_chains.iter().chain(&l.default_filter_chain);
+                for fc in chains {
+                    if let crate::model::NetworkAction::Http(h) = &fc.action
+                        && let Some(rc) = &h.rds_route_config_name
+                    {
+                        out.insert(format!("http.{}.rds.{rc}", h.stat_prefix));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Version of the last fully accepted response of this type (what SotW requests carry).
@@ -612,7 +657,7 @@ impl Resources {
         }
     }
 
-    /// Forget RDS/EDS resources nobody subscribes to any more.
+    /// Forget RDS/EDS/SDS resources nobody subscribes to any more.
     pub fn drop_unsubscribed(&mut self) {
         if let Some(wanted) = RouteHandler::subscriptions(self) {
             self.rds.retain_names(&wanted);

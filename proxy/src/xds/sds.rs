@@ -14,8 +14,6 @@
 //!   client reconnects with backoff and jitter, asking again with its last accepted version.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,59 +32,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::channel::{self, ChannelError, GrpcAddr};
+use super::channel::{self, ChannelError, GrpcTarget};
+pub use crate::model::tls::SECRET_TYPE_URL;
 use crate::model::tls::{
     DataSource, Secret, SecretKind, Secrets, TlsCertificate, ValidationContext,
 };
 use crate::stats::Stats;
 
-/// The type URL of an SDS secret.
-pub const SECRET_TYPE_URL: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-
 /// First and longest reconnect delays.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3));
-
-/// Where the SDS server listens.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum SdsTarget {
-    /// A Unix socket (Istio's pilot-agent SDS server).
-    Unix(PathBuf),
-    /// A TCP address (plain h2c).
-    Tcp(SocketAddr),
-}
-
-impl SdsTarget {
-    /// `unix:PATH` (Envoy's pipe notation as Istio writes it, `unix://PATH` too) or `HOST:PORT`
-    /// with an IP host; a bare path (starting with `/` or `.`) is a Unix socket.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Some(p) = s
-            .strip_prefix("unix://")
-            .or_else(|| s.strip_prefix("unix:"))
-        {
-            return Ok(SdsTarget::Unix(p.into()));
-        }
-        if s.starts_with('/') || s.starts_with('.') {
-            return Ok(SdsTarget::Unix(s.into()));
-        }
-        s.parse()
-            .map(SdsTarget::Tcp)
-            .map_err(|_| format!("{s:?} is neither unix:PATH nor IP:PORT"))
-    }
-
-    fn addr(&self) -> GrpcAddr {
-        match self {
-            SdsTarget::Unix(p) => GrpcAddr::Unix(p.clone()),
-            SdsTarget::Tcp(a) => GrpcAddr::Tcp(*a),
-        }
-    }
-}
-
-impl std::fmt::Display for SdsTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.addr().fmt(f)
-    }
-}
 
 /// Why one SDS stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +61,7 @@ enum SdsError {
 /// Starts the SDS client; its counters go to a registry of its own (use
 /// [`spawn_with_stats`] to list them in `/stats`).
 pub fn spawn(
-    target: SdsTarget,
+    target: GrpcTarget,
     node: Option<Node>,
     names: watch::Receiver<BTreeSet<String>>,
     secrets: watch::Sender<Secrets>,
@@ -125,7 +79,7 @@ pub fn spawn(
 
 /// [`spawn`], counting `sds.<name>.update_success/update_rejected` in `stats`.
 pub fn spawn_with_stats(
-    target: SdsTarget,
+    target: GrpcTarget,
     node: Option<Node>,
     names: watch::Receiver<BTreeSet<String>>,
     secrets: watch::Sender<Secrets>,
@@ -146,7 +100,7 @@ pub fn spawn_with_stats(
 }
 
 struct Client {
-    target: SdsTarget,
+    target: GrpcTarget,
     node: Option<Node>,
     names: watch::Receiver<BTreeSet<String>>,
     secrets: watch::Sender<Secrets>,
@@ -203,7 +157,7 @@ impl Client {
     }
 
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), SdsError> {
-        let channel = channel::connect(&self.target.addr(), None).await?;
+        let channel = channel::connect(&self.target.clone(), None).await?;
         let mut client = SecretDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
         let mut names = self.names.borrow_and_update().clone();
@@ -454,18 +408,18 @@ mod tests {
     #[test]
     fn targets_parse_like_istio_writes_them() {
         assert_eq!(
-            SdsTarget::parse("unix:./var/run/secrets/workload-spiffe-uds/socket").unwrap(),
-            SdsTarget::Unix("./var/run/secrets/workload-spiffe-uds/socket".into())
+            GrpcTarget::parse("unix:./var/run/secrets/workload-spiffe-uds/socket").unwrap(),
+            GrpcTarget::Unix("./var/run/secrets/workload-spiffe-uds/socket".into())
         );
         assert_eq!(
-            SdsTarget::parse("unix:///tmp/s").unwrap(),
-            SdsTarget::Unix("/tmp/s".into())
+            GrpcTarget::parse("unix:///tmp/s").unwrap(),
+            GrpcTarget::Unix("/tmp/s".into())
         );
         assert_eq!(
-            SdsTarget::parse("127.0.0.1:15012").unwrap(),
-            SdsTarget::Tcp("127.0.0.1:15012".parse().unwrap())
+            GrpcTarget::parse("127.0.0.1:15012").unwrap(),
+            GrpcTarget::Tcp("127.0.0.1:15012".parse().unwrap())
         );
-        assert!(SdsTarget::parse("istiod:15012").is_err());
+        assert!(GrpcTarget::parse("istiod:15012").is_err());
     }
 
     #[test]
@@ -515,7 +469,7 @@ mod tests {
         let (_ntx, names) = watch::channel(BTreeSet::from(["ROOTCA".to_string()]));
         let stats = Arc::new(Stats::default());
         let mut c = Client {
-            target: SdsTarget::Unix("/nonexistent".into()),
+            target: GrpcTarget::Unix("/nonexistent".into()),
             node: None,
             names,
             secrets: tx,

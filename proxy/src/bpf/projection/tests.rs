@@ -109,9 +109,16 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
     let lr = tcp_chain("lr", "10.96.0.5", 80, "lr");
     let mut sni = tcp_chain("sni", "10.96.0.6", 443, "svc");
     sni.matcher.server_names = vec!["a.example".into()];
+    // Istio's auto-mTLS: dialled with TLS, so only the proxy can carry it.
+    let mtls_chain = tcp_chain("mtls", "10.96.0.7", 80, "mtls");
+    let mut mtls = static_cluster("mtls", LbPolicy::RoundRobin, &EPS);
+    mtls.transport.default = Some(crate::model::test_util::upstream_tls());
     let s = snap(
-        vec![virtual_listener(vec![http, tls, filtered, odst, lr, sni])],
+        vec![virtual_listener(vec![
+            http, tls, filtered, odst, lr, sni, mtls_chain,
+        ])],
         vec![
+            mtls,
             static_cluster("svc", LbPolicy::RoundRobin, &EPS),
             static_cluster("lr", LbPolicy::RingHash, &EPS),
             Cluster {
@@ -133,6 +140,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
     assert!(reason(&img, "10.96.0.3:80").contains("rbac"));
     assert!(reason(&img, "10.96.0.4:80").contains("ORIGINAL_DST"));
     assert!(reason(&img, "10.96.0.5:80").contains("RING_HASH"));
+    assert!(reason(&img, "10.96.0.7:80").contains("dials TLS"));
     assert!(reason(&img, "10.96.0.6:443").contains("SNI"));
 }
 

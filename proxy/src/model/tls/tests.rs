@@ -252,11 +252,30 @@ fn ciphers_and_curves_are_honoured_only_when_every_name_maps() {
         t.common.ecdh_curves,
         [rustls::NamedGroup::X25519, rustls::NamedGroup::secp256r1]
     );
-    let e = with(&["ECDHE-RSA-AES128-GCM-SHA256", "AES128-SHA"], &[]).unwrap_err();
+    // Istio's inbound default: the RSA key-exchange suites rustls lacks narrow the allowlist.
+    let t = with(
+        &[
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            "AES256-GCM-SHA384",
+            "AES128-GCM-SHA256",
+        ],
+        &["P-521", "P-256"],
+    )
+    .unwrap();
+    assert_eq!(t.common.cipher_suites.len(), 4);
+    assert_eq!(t.common.ecdh_curves, [rustls::NamedGroup::secp256r1]);
+    // A name BoringSSL does not know is refused, as Envoy refuses it.
+    let e = with(&["ECDHE-RSA-AES128-GCM-SHA256", "NOT-A-CIPHER"], &[]).unwrap_err();
     assert_eq!(e.field, "common_tls_context.tls_params.cipher_suites[1]");
-    assert!(e.reason.contains("\"AES128-SHA\""), "{}", e.reason);
+    assert!(e.reason.contains("\"NOT-A-CIPHER\""), "{}", e.reason);
+    // A list of which rustls has nothing.
+    let e = with(&["AES128-SHA"], &[]).unwrap_err();
+    assert_eq!(e.field, "common_tls_context.tls_params.cipher_suites");
     let e = with(&[], &["P-521"]).unwrap_err();
-    assert_eq!(e.field, "common_tls_context.tls_params.ecdh_curves[0]");
+    assert_eq!(e.field, "common_tls_context.tls_params.ecdh_curves");
 }
 
 #[test]
@@ -516,4 +535,52 @@ fn transport_sockets_are_plaintext_tls_or_refused() {
     assert!(t.for_endpoint(&istio).is_some());
     assert!(t.for_endpoint(&BTreeMap::new()).is_none());
     assert_eq!(t.sds_refs().count(), 2);
+}
+
+#[test]
+fn secrets_go_back_to_the_wire_unchanged() {
+    let (cert, _) = pem_pair();
+    let mut v = tls::CertificateValidationContext {
+        trusted_ca: Some(inline(&cert)),
+        match_typed_subject_alt_names: vec![spiffe("a")],
+        ..Default::default()
+    };
+    #[allow(deprecated)]
+    v.match_subject_alt_names.push(matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
+            matcher::RegexMatcher {
+                regex: "spiffe://.*/sa/(a|b)".into(),
+                ..Default::default()
+            },
+        )),
+        ignore_case: false,
+    });
+    let wire = tls::Secret {
+        name: "ROOTCA".into(),
+        r#type: Some(tls::secret::Type::ValidationContext(v)),
+    };
+    let model = Secret::try_from(&wire).unwrap();
+    let back = tls::Secret::from(&model);
+    assert_eq!(Secret::try_from(&back).unwrap(), model);
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::{any, proptest};
+
+    proptest! {
+        /// Whatever bytes arrive, decoding and conversion answer with a value or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(c) = tls::UpstreamTlsContext::decode(bytes.as_slice()) {
+                let _ = UpstreamTls::try_from(&c);
+            }
+            if let Ok(c) = tls::DownstreamTlsContext::decode(bytes.as_slice()) {
+                let _ = DownstreamTls::try_from(&c);
+            }
+            if let Ok(s) = tls::Secret::decode(bytes.as_slice()) {
+                let _ = Secret::try_from(&s);
+            }
+        }
+    }
 }

@@ -79,6 +79,12 @@ pub enum RejectReason {
     /// The content fails the model's validation.
     #[error("{}", field_and_reason(.0))]
     Invalid(ModelError),
+    /// A TLS context names a secret without `sds_config` that the bootstrap does not have
+    /// (Envoy: "Unknown static secret").
+    #[error(
+        "unknown static secret {0:?}: a TLS context names it without sds_config and the bootstrap's static_resources.secrets has none"
+    )]
+    UnknownStaticSecret(String),
     /// Another listener already has the address (Envoy refuses two listeners on one address).
     #[error("address {address} is already used by listener {other:?}")]
     AddressInUse {
@@ -246,6 +252,8 @@ impl Handler for ListenerHandler {
         upserts: Vec<Upsert<Listener>>,
         batch: &Batch<'_>,
     ) -> (Vec<Upsert<Listener>>, Vec<Rejection>) {
+        let (upserts, mut rejected) =
+            static_secrets_known(r, upserts, |l| listener_secrets(l, is_static));
         let mut taken: BTreeMap<SocketAddr, String> = r
             .static_listeners
             .iter()
@@ -263,7 +271,6 @@ impl Handler for ListenerHandler {
             }
         }
         let mut keep = Vec::new();
-        let mut rejected = Vec::new();
         for (name, e) in upserts {
             // Internal listeners have no socket address: they are reached by name.
             if e.model.internal.is_some() {
@@ -356,6 +363,14 @@ impl Handler for ClusterHandler {
 
     fn static_names(r: &Resources) -> BTreeSet<String> {
         r.static_clusters.iter().map(|c| c.name.clone()).collect()
+    }
+
+    fn check_batch(
+        r: &Resources,
+        upserts: Vec<Upsert<Cluster>>,
+        _batch: &Batch<'_>,
+    ) -> (Vec<Upsert<Cluster>>, Vec<Rejection>) {
+        static_secrets_known(r, upserts, |c| cluster_secrets(c, is_static))
     }
 
     fn subscriptions(_r: &Resources) -> Option<BTreeSet<String>> {
@@ -504,4 +519,34 @@ fn names<'a>(
     refs.filter(|r| from(&r.source))
         .map(|r| r.name.clone())
         .collect()
+}
+
+fn is_static(s: &SdsSource) -> bool {
+    *s == SdsSource::Static
+}
+
+/// Rejects the upserts whose TLS contexts name a static secret the bootstrap does not have.
+fn static_secrets_known<M>(
+    r: &Resources,
+    upserts: Vec<Upsert<M>>,
+    names: impl Fn(&M) -> Vec<String>,
+) -> (Vec<Upsert<M>>, Vec<Rejection>) {
+    let mut keep = Vec::new();
+    let mut rejected = Vec::new();
+    for (name, e) in upserts {
+        match names(&e.model)
+            .into_iter()
+            .find(|s| !r.static_secrets.contains_key(s))
+        {
+            Some(missing) => rejected.push((
+                Rejected {
+                    name,
+                    reason: RejectReason::UnknownStaticSecret(missing),
+                },
+                e.record.resource.clone(),
+            )),
+            None => keep.push((name, e)),
+        }
+    }
+    (keep, rejected)
 }

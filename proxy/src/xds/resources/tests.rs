@@ -782,4 +782,38 @@ mod secrets {
             .unwrap_err();
         assert_eq!(rejected[0].reason, RejectReason::Static);
     }
+
+    #[test]
+    fn a_static_secret_the_bootstrap_lacks_rejects_the_cluster() {
+        let ctx = tls::UpstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![tls::SdsSecretConfig {
+                    name: "missing".into(),
+                    sds_config: None,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = PbCluster {
+            name: "s".into(),
+            transport_socket: Some(core::TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                    type_url: format!("type.googleapis.com/{UPSTREAM_TLS_TYPE}"),
+                    value: ctx.encode_to_vec(),
+                })),
+            }),
+            ..Default::default()
+        };
+        let mut r = Resources::default();
+        let rejected = r
+            .apply_sotw(CLUSTER_TYPE_URL, "1", &[any(CLUSTER_TYPE_URL, &c)], now())
+            .unwrap_err();
+        assert_eq!(rejected[0].name, "s");
+        assert_eq!(
+            rejected[0].reason,
+            RejectReason::UnknownStaticSecret("missing".into())
+        );
+    }
 }
