@@ -299,7 +299,9 @@ async fn a_rotated_certificate_reaches_new_connections_and_old_ones_keep_theirs(
             .unwrap();
         assert!(rest.is_empty());
     }
-    assert!(loopback_stat(admin, "listener.inbound.ssl.handshake").await >= 3);
+    // Envoy's listener stats are named by address.
+    let handshakes = format!("listener.127.0.0.1_{port}.ssl.handshake");
+    assert!(loopback_stat(admin, &handshakes).await >= 3);
     skiff.stop().await.unwrap();
     cp.stop().await.unwrap();
 }

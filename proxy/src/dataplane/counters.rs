@@ -61,7 +61,7 @@ impl ListenerCounters {
         }
     }
 
-    /// `listener.<name or address>`: where the listener's stats live.
+    /// Where the listener's stats live (`listener.<address>`, or its `stat_prefix`).
     pub(super) fn prefix(&self) -> &str {
         &self.prefix
     }
