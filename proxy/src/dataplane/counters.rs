@@ -61,7 +61,7 @@ impl ListenerCounters {
         }
     }
 
-    /// Where the listener's stats live (`listener.<address>`, or its `stat_prefix`).
+    /// Where the listener's stats live: Envoy's `listener.<address>`.
     pub(super) fn prefix(&self) -> &str {
         &self.prefix
     }
