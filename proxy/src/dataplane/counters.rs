@@ -3,7 +3,7 @@
 //! snapshot resolved (`ClusterEntry::stats`, `Snapshot::cluster_stats` for passthrough), so the
 //! per-connection path formats no stat name.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::error::{ConnError, ResponseFlag};
 use crate::stats::{Counter, Gauge, Histogram, Stats};
@@ -19,6 +19,17 @@ pub(super) struct ListenerCounters {
     length: Arc<Histogram>,
     /// `<listener>.no_filter_chain_match` (Envoy's).
     no_filter_chain_match: Arc<Counter>,
+    /// `<listener>.downstream_pre_cx_timeout`: closed because the listener filters did not
+    /// decide in time.
+    pub(super) pre_cx_timeout: Arc<Counter>,
+    /// `tls_inspector.*`, resolved when this listener first inspects a connection (Envoy
+    /// lists them only where the filter runs).
+    tls_inspector: OnceLock<TlsInspectorCounters>,
+    /// `<listener>.ssl.handshake`, resolved at the listener's first TLS handshake (failures
+    /// are rare: their names are formatted when they happen).
+    ssl_handshake: OnceLock<Arc<Counter>>,
+    prefix: String,
+    stats: Arc<Stats>,
     /// `skiff.downstream_cx_rejected`: closed because selection chose no upstream, on any
     /// listener.
     rejected: Arc<Counter>,
@@ -28,8 +39,13 @@ pub(super) struct ListenerCounters {
 
 impl ListenerCounters {
     /// Counters of the listener whose stats start with `prefix` (`listener.<name or addr>`).
-    pub(super) fn new(stats: &Stats, prefix: &str) -> Self {
+    pub(super) fn new(stats: &Arc<Stats>, prefix: &str) -> Self {
         ListenerCounters {
+            pre_cx_timeout: stats.counter(&format!("{prefix}.downstream_pre_cx_timeout")),
+            tls_inspector: OnceLock::new(),
+            ssl_handshake: OnceLock::new(),
+            prefix: prefix.to_string(),
+            stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
             length: stats.histogram(&format!("{prefix}.downstream_cx_length_ms")),
@@ -43,6 +59,27 @@ impl ListenerCounters {
                 })
                 .collect(),
         }
+    }
+
+    /// Where the listener's stats live: Envoy's `listener.<address>`.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Count a downstream TLS handshake that succeeded.
+    pub(super) fn ssl_handshake(&self) {
+        self.ssl_handshake
+            .get_or_init(|| {
+                self.stats
+                    .counter(&format!("{}.ssl.handshake", self.prefix))
+            })
+            .inc();
+    }
+
+    /// The tls_inspector's counters.
+    pub(super) fn tls_inspector(&self) -> &TlsInspectorCounters {
+        self.tls_inspector
+            .get_or_init(|| TlsInspectorCounters::new(&self.stats))
     }
 
     /// Count an accepted connection; the guard marks it closed (`downstream_cx_active`,
@@ -87,6 +124,40 @@ impl ListenerCounters {
             if let Some((_, c)) = self.flags.iter().find(|(k, _)| k == f) {
                 c.inc();
             }
+        }
+    }
+}
+
+/// Envoy's `tls_inspector.*` counters (one set per process, as Envoy's filter config scope).
+#[derive(Debug)]
+pub(super) struct TlsInspectorCounters {
+    /// `tls_found`.
+    pub(super) tls_found: Arc<Counter>,
+    /// `tls_not_found`.
+    pub(super) tls_not_found: Arc<Counter>,
+    /// `client_hello_too_large`.
+    pub(super) client_hello_too_large: Arc<Counter>,
+    /// `sni_found`.
+    pub(super) sni_found: Arc<Counter>,
+    /// `sni_not_found`.
+    pub(super) sni_not_found: Arc<Counter>,
+    /// `alpn_found`.
+    pub(super) alpn_found: Arc<Counter>,
+    /// `alpn_not_found`.
+    pub(super) alpn_not_found: Arc<Counter>,
+}
+
+impl TlsInspectorCounters {
+    fn new(stats: &Stats) -> Self {
+        let c = |n: &str| stats.counter(&format!("tls_inspector.{n}"));
+        TlsInspectorCounters {
+            tls_found: c("tls_found"),
+            tls_not_found: c("tls_not_found"),
+            client_hello_too_large: c("client_hello_too_large"),
+            sni_found: c("sni_found"),
+            sni_not_found: c("sni_not_found"),
+            alpn_found: c("alpn_found"),
+            alpn_not_found: c("alpn_not_found"),
         }
     }
 }

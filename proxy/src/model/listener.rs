@@ -37,6 +37,9 @@ pub const NETWORK_RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RB
 /// Type URL of the HTTP RBAC filter config.
 pub const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 
+/// Envoy's default `listener_filters_timeout`.
+pub const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Validated `Listener`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
@@ -57,6 +60,13 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
     /// Names of the listener filters (tls_inspector, http_inspector, original_dst ...).
     pub listener_filters: Vec<String>,
+    /// `listener_filters_timeout`: how long the listener filters (tls_inspector,
+    /// http_inspector) may wait for the first bytes; Envoy's default 15 s, `None` for `0s`
+    /// (no limit, as Istio sets it).
+    pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: at the timeout, choose the filter chain with
+    /// what was found (else the connection is closed).
+    pub continue_on_listener_filters_timeout: bool,
     /// A UDP listener (`socket_address.protocol: UDP`) and its `udp_proxy`; `None` for TCP.
     /// skiff's proxy never binds these: only the kernel fast path serves them.
     pub udp: Option<UdpProxy>,
@@ -1145,6 +1155,51 @@ impl FilterChain {
     }
 }
 
+/// `envoy.filters.listener.tls_inspector`.
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+
+/// The listener filters by their canonical names (a filter is known by its typed config's
+/// type, whatever it is called), with Envoy's automatic TLS inspector: chains that match on
+/// `transport_protocol: tls`, or on server names or application protocols without a
+/// transport protocol, get one when none is configured (Envoy adds it, with a warning).
+fn listener_filter_names(l: &pb::Listener) -> Vec<String> {
+    use pb::listener_filter::ConfigType;
+    let mut names: Vec<String> = l
+        .listener_filters
+        .iter()
+        .map(|f| {
+            let t = match &f.config_type {
+                Some(ConfigType::TypedConfig(any)) => compat::type_name(any),
+                _ => String::new(),
+            };
+            match t.as_str() {
+                "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
+                    TLS_INSPECTOR.to_string()
+                }
+                "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
+                    "envoy.filters.listener.http_inspector".to_string()
+                }
+                _ => f.name.clone(),
+            }
+        })
+        .collect();
+    let needs_tls = l.filter_chains.iter().any(|fc| {
+        fc.filter_chain_match.as_ref().is_some_and(|m| {
+            m.transport_protocol == "tls"
+                || (m.transport_protocol.is_empty()
+                    && (!m.server_names.is_empty() || !m.application_protocols.is_empty()))
+        })
+    });
+    if needs_tls && !names.iter().any(|n| n == TLS_INSPECTOR) {
+        tracing::warn!(
+            listener = %l.name,
+            "filter chain match rules need the TLS inspector listener filter, which is not configured: adding it (as Envoy does)"
+        );
+        names.push(TLS_INSPECTOR.to_string());
+    }
+    names
+}
+
 /// Honour or refuse every listener filter (`udp_proxy` is checked by the UDP path).
 fn listener_filters(
     filters: &[pb::ListenerFilter],
@@ -1277,7 +1332,15 @@ impl TryFrom<&pb::Listener> for Listener {
             internal,
             filter_chains,
             default_filter_chain,
-            listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
+            listener_filters: listener_filter_names(l),
+            listener_filters_timeout: match &l.listener_filters_timeout {
+                None => Some(DEFAULT_LISTENER_FILTERS_TIMEOUT),
+                Some(d) => {
+                    let d = duration(d).map_err(|e| err(e.within("listener_filters_timeout")))?;
+                    (!d.is_zero()).then_some(d)
+                }
+            },
+            continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             udp,
             unsupported,
         })
@@ -1664,6 +1727,75 @@ mod tests {
                 filter_chains: chains,
                 ..Default::default()
             }
+        }
+
+        #[test]
+        fn the_tls_inspector_is_added_when_chains_need_it_and_known_by_its_type() {
+            let chain = |m: pb::FilterChainMatch| pb::FilterChain {
+                filter_chain_match: Some(m),
+                filters: vec![tcp("c")],
+                ..Default::default()
+            };
+            let has_inspector =
+                |l: &Listener| l.listener_filters.iter().any(|f| f == TLS_INSPECTOR);
+            let plain = Listener::try_from(&listener(vec![chain(Default::default())])).unwrap();
+            assert!(!has_inspector(&plain));
+            for m in [
+                pb::FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                },
+                pb::FilterChainMatch {
+                    server_names: vec!["a.example.com".into()],
+                    ..Default::default()
+                },
+                pb::FilterChainMatch {
+                    application_protocols: vec!["istio".into()],
+                    ..Default::default()
+                },
+            ] {
+                let l = Listener::try_from(&listener(vec![chain(m.clone())])).unwrap();
+                assert!(has_inspector(&l), "{m:?}");
+            }
+            // Named otherwise, known by its type: not added twice.
+            let mut pl = listener(vec![chain(pb::FilterChainMatch {
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            })]);
+            pl.listener_filters = vec![pb::ListenerFilter {
+                name: "my-inspector".into(),
+                config_type: Some(pb::listener_filter::ConfigType::TypedConfig(Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector".into(),
+                    value: vec![],
+                })),
+                ..Default::default()
+            }];
+            let l = Listener::try_from(&pl).unwrap();
+            assert_eq!(l.listener_filters, vec![TLS_INSPECTOR.to_string()]);
+        }
+
+        #[test]
+        fn listener_filters_timeout_defaults_to_15s_and_0s_means_none() {
+            let plaintext = pb::FilterChain {
+                filters: vec![tcp("c")],
+                ..Default::default()
+            };
+            let mut pl = listener(vec![plaintext]);
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, Some(Duration::from_secs(15)));
+            assert!(!l.continue_on_listener_filters_timeout);
+            // Istio's inbound: no timeout, and go on with what was found.
+            pl.listener_filters_timeout = Some(Default::default());
+            pl.continue_on_listener_filters_timeout = true;
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, None);
+            assert!(l.continue_on_listener_filters_timeout);
+            pl.listener_filters_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: -1,
+                nanos: 0,
+            });
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "listener_filters_timeout");
         }
 
         #[test]

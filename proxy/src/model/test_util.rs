@@ -55,6 +55,8 @@ pub(crate) fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -
         filter_chains: chains,
         default_filter_chain: default,
         listener_filters: vec![],
+        listener_filters_timeout: Some(super::listener::DEFAULT_LISTENER_FILTERS_TIMEOUT),
+        continue_on_listener_filters_timeout: false,
         udp: None,
         unsupported: vec![],
     }

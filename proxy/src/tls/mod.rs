@@ -12,10 +12,13 @@
 //! - `identity`: the peer's [`PeerIdentity`] (URI and DNS SANs, RFC 2253 subject).
 //! - [`handshake`]: [`connect`] and [`accept`], and [`HandshakeError`], classified as Envoy's
 //!   `ssl.*` stats.
+//! - [`inspect`]: `tls_inspector`, a pure ClientHello parser (TLS or not, SNI, ALPN) over
+//!   peeked bytes, for filter chain matching before any handshake.
 
 pub mod contexts;
 pub mod handshake;
 mod identity;
+pub mod inspect;
 mod load;
 mod verify;
 

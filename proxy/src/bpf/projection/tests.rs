@@ -479,6 +479,8 @@ fn udp_listener(name: &str, addr: &str, cluster: Option<&str>) -> Listener {
         filter_chains: vec![],
         default_filter_chain: None,
         listener_filters: vec![crate::model::listener::UDP_PROXY_NAME.into()],
+        listener_filters_timeout: None,
+        continue_on_listener_filters_timeout: false,
         udp: Some(UdpProxy {
             stat_prefix: name.into(),
             cluster: cluster.map(Into::into),
