@@ -1,15 +1,19 @@
 //! One active health check against one host: TCP (connect, optional send and fuzzy receive)
 //! or HTTP/1.1 (GET path, status in the expected ranges), all within the check's timeout.
+//! A host the cluster dials with TLS is checked over TLS, as Envoy checks through the
+//! cluster's transport socket: the handshake (and the peer's verification) is part of the
+//! check, so a host presenting the wrong identity is unhealthy.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::addr::EndpointAddr;
 use crate::model::cluster::lb::{HealthCheck, HealthCheckKind};
 use crate::net::{self as connect, ConnectError};
+use crate::tls::{ClientTls, HandshakeError, TlsError};
 
 /// Result of one check.
 #[derive(Debug)]
@@ -26,6 +30,12 @@ pub enum CheckError {
     /// The connect failed or timed out.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The host's TLS context cannot be built (a secret not delivered yet, a bad certificate).
+    #[error("TLS context not usable: {0}")]
+    TlsContext(#[source] TlsError),
+    /// The TLS handshake failed (the host's certificate refused, or the connection).
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
     /// Writing the TCP payload or the HTTP request failed.
     #[error("send: {0}")]
     Send(#[source] io::Error),
@@ -69,9 +79,14 @@ impl CheckError {
 /// Largest answer read from a host (status line, TCP receive payloads).
 const MAX_READ: usize = 16 * 1024;
 
-/// Check `target` once.
-pub async fn run(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Verdict {
-    match tokio::time::timeout(hc.timeout, attempt(hc, target, mark)).await {
+/// Check `target` once, over TLS with `tls` when the cluster dials the host with TLS.
+pub async fn run(
+    hc: &HealthCheck,
+    target: SocketAddr,
+    mark: Option<u32>,
+    tls: Option<&ClientTls>,
+) -> Verdict {
+    match tokio::time::timeout(hc.timeout, attempt(hc, target, mark, tls)).await {
         Ok(Ok(())) => Verdict::Healthy,
         Ok(Err(e)) => Verdict::Unhealthy(e),
         Err(_) => Verdict::Unhealthy(CheckError::Timeout(hc.timeout)),
@@ -83,8 +98,23 @@ async fn attempt(
     hc: &HealthCheck,
     target: SocketAddr,
     mark: Option<u32>,
+    tls: Option<&ClientTls>,
 ) -> Result<(), CheckError> {
-    let mut s = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
+    let tcp = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
+    match tls {
+        None => probe(hc, tcp).await,
+        Some(tls) => {
+            let h = crate::tls::connect(tcp, tls, target.ip()).await?;
+            probe(hc, h.stream).await
+        }
+    }
+}
+
+/// Ask and judge the answer on an established stream (TCP or TLS).
+async fn probe<S: AsyncRead + AsyncWrite + Unpin>(
+    hc: &HealthCheck,
+    mut s: S,
+) -> Result<(), CheckError> {
     match &hc.kind {
         HealthCheckKind::Tcp { send, receive } => {
             if !send.is_empty() {
@@ -204,6 +234,8 @@ mod tests {
             initial_jitter: Duration::ZERO,
             interval_jitter: Duration::ZERO,
             kind,
+            transport_match: None,
+            tls_alpn: Vec::new(),
         }
     }
 
@@ -227,9 +259,9 @@ mod tests {
             path: "/healthz".into(),
             expected_statuses: vec![(200, 201)],
         });
-        assert!(matches!(run(&c, addr, None).await, Verdict::Healthy));
+        assert!(matches!(run(&c, addr, None, None).await, Verdict::Healthy));
         assert!(matches!(
-            run(&c, addr, None).await,
+            run(&c, addr, None, None).await,
             Verdict::Unhealthy(CheckError::Status(503))
         ));
     }
@@ -245,7 +277,7 @@ mod tests {
             receive: vec![b"PONG".to_vec()],
         });
         c.timeout = Duration::from_millis(200);
-        match run(&c, addr, None).await {
+        match run(&c, addr, None, None).await {
             Verdict::Unhealthy(e @ CheckError::Timeout(_)) => assert!(e.is_timeout()),
             v => panic!("{v:?}"),
         }
@@ -261,7 +293,7 @@ mod tests {
             send: vec![],
             receive: vec![],
         });
-        match run(&c, addr, None).await {
+        match run(&c, addr, None, None).await {
             Verdict::Unhealthy(e @ CheckError::Connect(ConnectError::Failed { .. })) => {
                 assert!(!e.is_timeout());
             }

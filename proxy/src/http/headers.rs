@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
 
+use crate::model::listener::{ClientCertDetails, ForwardClientCert};
 use crate::model::route::{AppendAction, HeaderAdd};
+use crate::rbac::PeerIdentity;
 
 /// What `%VARIABLE%` formatters in configured header values can refer to.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +160,96 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
         && let Ok(v) = HeaderValue::from_str(&uuid_v4(random_u64(), random_u64()))
     {
         h.insert(rid, v);
+    }
+}
+
+/// `x-forwarded-client-cert`.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// This hop's `x-forwarded-client-cert` element for a mutual TLS connection, as Envoy
+/// writes it (`ConnectionManagerUtility::mutateXfccRequestHeader`): `By=` for each URI SAN of
+/// our own certificate, `Hash=` the hex SHA-256 of the client's certificate (DER), then the
+/// fields `details` asks for in Envoy's order (`Subject="..."`, `URI=` for each URI SAN or
+/// one empty `URI=`, `DNS=` for each DNS SAN), joined by `;`. It depends only on the
+/// connection, so it is built once per connection.
+pub fn client_cert_element(
+    details: ClientCertDetails,
+    local_uri_sans: &[String],
+    peer_cert_der: &[u8],
+    peer: &PeerIdentity,
+) -> String {
+    use std::fmt::Write as _;
+    let mut parts: Vec<String> = local_uri_sans.iter().map(|u| format!("By={u}")).collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, peer_cert_der);
+    let mut hash = String::with_capacity(5 + 64);
+    hash.push_str("Hash=");
+    for b in digest.as_ref() {
+        let _ = write!(hash, "{b:02x}");
+    }
+    parts.push(hash);
+    if details.subject {
+        parts.push(format!("Subject=\"{}\"", peer.subject));
+    }
+    if details.uri {
+        if peer.uri_sans.is_empty() {
+            parts.push("URI=".into());
+        }
+        parts.extend(peer.uri_sans.iter().map(|u| format!("URI={u}")));
+    }
+    if details.dns {
+        parts.extend(peer.dns_sans.iter().map(|d| format!("DNS={d}")));
+    }
+    parts.join(";")
+}
+
+/// `forward_client_cert_details` on one request. `mtls`: the client presented a certificate;
+/// `element`: this hop's element ([`client_cert_element`]) when the mode writes one.
+pub fn forward_client_cert(
+    h: &mut HeaderMap,
+    mode: ForwardClientCert,
+    mtls: bool,
+    element: Option<&str>,
+) {
+    let name = HeaderName::from_static(XFCC);
+    match mode {
+        ForwardClientCert::AlwaysForwardOnly => {}
+        ForwardClientCert::Sanitize => {
+            h.remove(&name);
+        }
+        _ if !mtls => {
+            h.remove(&name);
+        }
+        ForwardClientCert::ForwardOnly => {}
+        ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet => {
+            let Some(element) = element else {
+                // The client certificate could not be read: nothing trustworthy to add.
+                h.remove(&name);
+                return;
+            };
+            let value = if mode == ForwardClientCert::AppendForward {
+                let prev: Vec<&str> = h
+                    .get_all(&name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if prev.is_empty() {
+                    element.to_string()
+                } else {
+                    format!("{},{element}", prev.join(","))
+                }
+            } else {
+                element.to_string()
+            };
+            match HeaderValue::from_str(&value) {
+                Ok(v) => {
+                    h.insert(name, v);
+                }
+                Err(_) => {
+                    h.remove(&name);
+                }
+            }
+        }
     }
 }
 
