@@ -346,6 +346,78 @@ mod tests {
     }
 
     #[test]
+    fn client_cert_element_is_envoys_format() {
+        let peer = PeerIdentity {
+            uri_sans: vec!["spiffe://cluster.local/ns/a/sa/client".into()],
+            dns_sans: vec!["client.a.svc".into()],
+            subject: "O=cluster.local,CN=client".into(),
+        };
+        let by = ["spiffe://cluster.local/ns/b/sa/server".to_string()];
+        let all = ClientCertDetails {
+            subject: true,
+            uri: true,
+            dns: true,
+        };
+        // SHA-256("abc"), as the client certificate's DER.
+        let hash = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(
+            client_cert_element(all, &by, b"abc", &peer),
+            format!(
+                "By=spiffe://cluster.local/ns/b/sa/server;Hash={hash};Subject=\"O=cluster.local,CN=client\";URI=spiffe://cluster.local/ns/a/sa/client;DNS=client.a.svc"
+            )
+        );
+        // Only By and Hash by default; URI is written empty when the certificate has none.
+        assert_eq!(
+            client_cert_element(ClientCertDetails::default(), &[], b"abc", &peer),
+            format!("Hash={hash}")
+        );
+        let bare = PeerIdentity::default();
+        let uri_only = ClientCertDetails {
+            uri: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            client_cert_element(uri_only, &[], b"abc", &bare),
+            format!("Hash={hash};URI=")
+        );
+    }
+
+    #[test]
+    fn forward_client_cert_modes_follow_envoy() {
+        use ForwardClientCert as F;
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(XFCC, v.parse().unwrap());
+            h
+        };
+        let got = |h: &HeaderMap| h.get(XFCC).map(|v| v.to_str().unwrap().to_string());
+        let cases = [
+            // (mode, mutual TLS, expected)
+            (F::Sanitize, true, None),
+            (F::Sanitize, false, None),
+            (F::ForwardOnly, true, Some("By=x;Hash=old")),
+            (F::ForwardOnly, false, None),
+            (F::AppendForward, true, Some("By=x;Hash=old,Hash=new")),
+            (F::AppendForward, false, None),
+            (F::SanitizeSet, true, Some("Hash=new")),
+            (F::SanitizeSet, false, None),
+            (F::AlwaysForwardOnly, true, Some("By=x;Hash=old")),
+            (F::AlwaysForwardOnly, false, Some("By=x;Hash=old")),
+        ];
+        for (mode, mtls, want) in cases {
+            let mut h = with("By=x;Hash=old");
+            forward_client_cert(&mut h, mode, mtls, Some("Hash=new"));
+            assert_eq!(got(&h).as_deref(), want, "{mode:?} mtls={mtls}");
+        }
+        // Appending to nothing sets; SANITIZE_SET without a previous header sets too.
+        for mode in [F::AppendForward, F::SanitizeSet] {
+            let mut h = HeaderMap::new();
+            forward_client_cert(&mut h, mode, true, Some("Hash=new"));
+            assert_eq!(got(&h).as_deref(), Some("Hash=new"));
+        }
+    }
+
+    #[test]
     fn forwarded_headers_depend_on_use_remote_address() {
         let peer: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
         let mut h = HeaderMap::new();

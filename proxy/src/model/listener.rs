@@ -2021,6 +2021,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn forward_client_cert_details_are_read_and_pem_details_refused() {
+        use hcm::http_connection_manager::SetCurrentClientCertDetails;
+        let mut h = inline(vec![]);
+        assert_eq!(
+            convert(&h).unwrap().forward_client_cert,
+            ForwardClientCert::Sanitize,
+            "Envoy's default"
+        );
+        // Istio's inbound.
+        h.forward_client_cert_details = 2;
+        h.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
+            subject: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            dns: true,
+            uri: true,
+            ..Default::default()
+        });
+        let m = convert(&h).unwrap();
+        assert_eq!(m.forward_client_cert, ForwardClientCert::AppendForward);
+        assert!(m.forward_client_cert.sets_details());
+        assert_eq!(
+            m.client_cert_details,
+            ClientCertDetails {
+                subject: true,
+                uri: true,
+                dns: true
+            }
+        );
+        for (mode, want) in [
+            (1, ForwardClientCert::ForwardOnly),
+            (3, ForwardClientCert::SanitizeSet),
+            (4, ForwardClientCert::AlwaysForwardOnly),
+        ] {
+            h.forward_client_cert_details = mode;
+            assert_eq!(convert(&h).unwrap().forward_client_cert, want);
+        }
+        for refused in ["cert", "chain", "issuer", "format"] {
+            let mut d = SetCurrentClientCertDetails::default();
+            match refused {
+                "cert" => d.cert = true,
+                "chain" => d.chain = true,
+                "issuer" => d.issuer = true,
+                _ => d.format = 1,
+            }
+            h.set_current_client_cert_details = Some(d);
+            let e = convert(&h).unwrap_err();
+            assert!(
+                e.field
+                    .ends_with(&format!("set_current_client_cert_details.{refused}")),
+                "{e:?}"
+            );
+            assert!(e.reason.contains("not supported by skiff"), "{e:?}");
+        }
+    }
+
     mod rbac_filters {
         use super::*;
 

@@ -291,6 +291,16 @@ mod tests {
             protocol(&cluster(downstream)),
             Ok(UpstreamProtocol::UseDownstream { http2: true })
         );
+        let auto = |h3: bool| http::HttpProtocolOptions {
+            upstream_protocol_options: Some(U::AutoConfig(http::http_protocol_options::AutoHttpConfig {
+                http3_protocol_options: h3.then(Default::default),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(protocol(&cluster(auto(false))), Ok(UpstreamProtocol::Auto));
+        let e = protocol(&cluster(auto(true))).unwrap_err();
+        assert!(e.field.ends_with("auto_config.http3_protocol_options"), "{e:?}");
         #[allow(deprecated)]
         let legacy = pb::Cluster {
             http2_protocol_options: Some(core::Http2ProtocolOptions::default()),
