@@ -49,7 +49,12 @@ fn chain(leaf: &Leaf) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) 
 /// A TLS-only HTTP backend presenting `leaf`, requiring a client certificate of `ca` when
 /// given, offering `alpn`. It speaks HTTP/2 when ALPN chose `h2` or when `h2_only`, else
 /// HTTP/1.1, and answers every request with its HTTP version (`HTTP/2.0`, `HTTP/1.1`).
-async fn tls_backend(leaf: &Leaf, client_ca: Option<&Ca>, alpn: &[&str], h2_only: bool) -> SocketAddr {
+async fn tls_backend(
+    leaf: &Leaf,
+    client_ca: Option<&Ca>,
+    alpn: &[&str],
+    h2_only: bool,
+) -> SocketAddr {
     let p = provider();
     let builder = rustls::ServerConfig::builder_with_provider(p.clone())
         .with_safe_default_protocol_versions()
@@ -82,10 +87,14 @@ async fn tls_backend(leaf: &Leaf, client_ca: Option<&Ca>, alpn: &[&str], h2_only
                     return;
                 };
                 let h2 = h2_only || tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let v = format!("{:?}", req.version());
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(v))))
-                });
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let v = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(v),
+                        )))
+                    },
+                );
                 let io = TokioIo::new(tls);
                 let _ = if h2 {
                     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -330,7 +339,11 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 /// `GET /` to 127.0.0.1:`port`, over mTLS with `tls` when given, carrying `xfcc` as
 /// `x-forwarded-client-cert` when given: the response body (the backend's view of the
 /// header), `None` when the connection failed.
-async fn ask(port: u16, tls: Option<Arc<rustls::ClientConfig>>, xfcc: Option<&str>) -> Option<String> {
+async fn ask(
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    xfcc: Option<&str>,
+) -> Option<String> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let mut req = hyper::Request::get("/").header("host", "svc");
     if let Some(x) = xfcc {
@@ -499,8 +512,20 @@ async fn x_forwarded_client_cert_equals_envoys() {
     let prior = "By=spiffe://cluster.local/ns/default/sa/gateway;Hash=abcd;URI=spiffe://x";
     let cases: [(&str, u16, u16, bool, Option<&str>); 6] = [
         ("append, no prior header", s_append, e_append, true, None),
-        ("append to a prior header", s_append, e_append, true, Some(prior)),
-        ("append over plaintext", s_append, e_append, false, Some(prior)),
+        (
+            "append to a prior header",
+            s_append,
+            e_append,
+            true,
+            Some(prior),
+        ),
+        (
+            "append over plaintext",
+            s_append,
+            e_append,
+            false,
+            Some(prior),
+        ),
         ("set over a prior header", s_set, e_set, true, Some(prior)),
         ("set, no prior header", s_set, e_set, true, None),
         ("set over plaintext", s_set, e_set, false, Some(prior)),
@@ -511,7 +536,10 @@ async fn x_forwarded_client_cert_equals_envoys() {
         let envoys = ask(e_port, tls, xfcc).await.expect("envoy answers");
         assert_eq!(ours, envoys, "{what}");
         if over_tls {
-            assert!(ours.contains("By=spiffe://cluster.local/ns/default/sa/server;Hash="), "{what}: {ours}");
+            assert!(
+                ours.contains("By=spiffe://cluster.local/ns/default/sa/server;Hash="),
+                "{what}: {ours}"
+            );
         } else {
             assert_eq!(ours, "<none>", "{what}: sanitized on plaintext");
         }

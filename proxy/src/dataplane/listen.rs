@@ -239,16 +239,19 @@ async fn serve(
         Route::Http { chain, manager } => {
             drop(accepted);
             let client_cert = match (&down, &peer, &local_uri_sans) {
-                (Io::Tls(s), Some(p), Some(by)) if manager.forward_client_cert.sets_details() => {
-                    s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|der| {
+                (Io::Tls(s), Some(p), Some(by)) if manager.forward_client_cert.sets_details() => s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|der| {
                         Arc::from(crate::http::headers::client_cert_element(
                             manager.client_cert_details,
                             by,
                             der,
                             p,
                         ))
-                    })
-                }
+                    }),
                 _ => None,
             };
             let conn = crate::http::HttpConn {

@@ -197,7 +197,8 @@ fn protocol(c: &pb::Cluster) -> Result<UpstreamProtocol, FieldError> {
                 http2: d.http2_protocol_options.is_some(),
             },
             Some(U::AutoConfig(a)) => {
-                if a.http3_protocol_options.is_some() || a.alternate_protocols_cache_options.is_some()
+                if a.http3_protocol_options.is_some()
+                    || a.alternate_protocols_cache_options.is_some()
                 {
                     return Err(FieldError::new(
                         format!("{at}.auto_config.http3_protocol_options"),
@@ -292,15 +293,20 @@ mod tests {
             Ok(UpstreamProtocol::UseDownstream { http2: true })
         );
         let auto = |h3: bool| http::HttpProtocolOptions {
-            upstream_protocol_options: Some(U::AutoConfig(http::http_protocol_options::AutoHttpConfig {
-                http3_protocol_options: h3.then(Default::default),
-                ..Default::default()
-            })),
+            upstream_protocol_options: Some(U::AutoConfig(
+                http::http_protocol_options::AutoHttpConfig {
+                    http3_protocol_options: h3.then(Default::default),
+                    ..Default::default()
+                },
+            )),
             ..Default::default()
         };
         assert_eq!(protocol(&cluster(auto(false))), Ok(UpstreamProtocol::Auto));
         let e = protocol(&cluster(auto(true))).unwrap_err();
-        assert!(e.field.ends_with("auto_config.http3_protocol_options"), "{e:?}");
+        assert!(
+            e.field.ends_with("auto_config.http3_protocol_options"),
+            "{e:?}"
+        );
         #[allow(deprecated)]
         let legacy = pb::Cluster {
             http2_protocol_options: Some(core::Http2ProtocolOptions::default()),
