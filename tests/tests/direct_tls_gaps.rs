@@ -267,6 +267,9 @@ static_resources:
     assert_eq!(stat("cluster.mtls.health_check.healthy"), 1, "{stats}");
     assert!(stat("cluster.mtls.health_check.success") >= 1);
     assert!(stat("cluster.mtls.health_check.failure") >= 1);
+    // The checks' handshakes count in the cluster's ssl.* as the data path's do.
+    assert!(stat("cluster.mtls.ssl.handshake") >= 1, "{stats}");
+    assert!(stat("cluster.mtls.ssl.fail_verify_san") >= 1, "{stats}");
     assert_eq!(stat("cluster.by-criteria.health_check.healthy"), 1);
     assert_eq!(stat("cluster.plaintext.health_check.healthy"), 0);
     skiff.stop().await.unwrap();

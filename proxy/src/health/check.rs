@@ -11,9 +11,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::addr::EndpointAddr;
+use crate::http::upstream_tls::{TlsFailure, originate};
 use crate::model::cluster::lb::{HealthCheck, HealthCheckKind};
 use crate::net::{self as connect, ConnectError};
-use crate::tls::{ClientTls, HandshakeError, TlsError};
+use crate::stats::Stats;
+use crate::tls::ClientTls;
 
 /// Result of one check.
 #[derive(Debug)]
@@ -30,12 +32,10 @@ pub enum CheckError {
     /// The connect failed or timed out.
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    /// The host's TLS context cannot be built (a secret not delivered yet, a bad certificate).
-    #[error("TLS context not usable: {0}")]
-    TlsContext(#[source] TlsError),
-    /// The TLS handshake failed (the host's certificate refused, or the connection).
+    /// TLS failed: the context cannot be built (a secret not delivered yet), the handshake
+    /// failed or the host's certificate was refused.
     #[error(transparent)]
-    Handshake(#[from] HandshakeError),
+    Tls(#[from] TlsFailure),
     /// Writing the TCP payload or the HTTP request failed.
     #[error("send: {0}")]
     Send(#[source] io::Error),
@@ -71,6 +71,7 @@ impl CheckError {
         match self {
             CheckError::Timeout(_) => true,
             CheckError::Connect(e) => e.is_timeout(),
+            CheckError::Tls(TlsFailure::Timeout(_)) => true,
             _ => false,
         }
     }
@@ -79,12 +80,24 @@ impl CheckError {
 /// Largest answer read from a host (status line, TCP receive payloads).
 const MAX_READ: usize = 16 * 1024;
 
+/// How a check dials TLS: the configuration, and where its handshakes count (the
+/// cluster's `ssl.*`, as Envoy's checks go through the cluster's transport socket).
+#[derive(Debug, Clone)]
+pub struct TlsCheck {
+    /// The client configuration.
+    pub tls: ClientTls,
+    /// The stats registry.
+    pub stats: std::sync::Arc<Stats>,
+    /// The cluster's name.
+    pub cluster: std::sync::Arc<str>,
+}
+
 /// Check `target` once, over TLS with `tls` when the cluster dials the host with TLS.
 pub async fn run(
     hc: &HealthCheck,
     target: SocketAddr,
     mark: Option<u32>,
-    tls: Option<&ClientTls>,
+    tls: Option<&TlsCheck>,
 ) -> Verdict {
     match tokio::time::timeout(hc.timeout, attempt(hc, target, mark, tls)).await {
         Ok(Ok(())) => Verdict::Healthy,
@@ -98,14 +111,14 @@ async fn attempt(
     hc: &HealthCheck,
     target: SocketAddr,
     mark: Option<u32>,
-    tls: Option<&ClientTls>,
+    tls: Option<&TlsCheck>,
 ) -> Result<(), CheckError> {
     let tcp = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
     match tls {
         None => probe(hc, tcp).await,
-        Some(tls) => {
-            let h = crate::tls::connect(tcp, tls, target.ip()).await?;
-            probe(hc, h.stream).await
+        Some(t) => {
+            let o = originate(&t.stats, &t.cluster, &t.tls, tcp, target, hc.timeout).await?;
+            probe(hc, o.stream).await
         }
     }
 }

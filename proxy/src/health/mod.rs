@@ -22,11 +22,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::http::upstream_tls::{self, TlsFailure};
 use crate::lb::host::flag;
 use crate::model::cluster::lb::{HealthCheck, OutlierDetection};
 use crate::model::tls::UpstreamTls;
 use crate::state::{ClusterEntry, Store};
-use crate::tls::{ClientTls, TlsContexts, TlsError};
+use crate::stats::Stats;
+use crate::tls::TlsContexts;
 
 /// Settings one cluster's tasks were started with (a change restarts them).
 #[derive(Debug, Clone, PartialEq)]
@@ -133,24 +135,33 @@ struct Streak {
 
 /// The TLS a check of `addr` dials with (`None`: plaintext): the check's
 /// `transport_socket_match_criteria` in place of the endpoint's metadata when set, with its
-/// `tls_options.alpn_protocols` when given.
+/// `tls_options.alpn_protocols` when given. A context that cannot be built counts in the
+/// cluster's `ssl.connection_error`, as a failed handshake would.
 fn check_tls(
     hc: &HealthCheck,
     entry: &ClusterEntry,
     addr: SocketAddr,
     contexts: &TlsContexts,
     secrets: &crate::model::tls::Secrets,
-) -> Option<Result<ClientTls, TlsError>> {
+    stats: &Arc<Stats>,
+) -> Option<Result<check::TlsCheck, TlsFailure>> {
     let tls = match &hc.transport_match {
         Some(criteria) => entry.cluster.transport.for_endpoint(criteria),
-        None => crate::http::upstream_tls::endpoint_tls(entry, addr),
+        None => upstream_tls::endpoint_tls(entry, addr),
     }?;
-    if hc.tls_alpn.is_empty() {
-        return Some(contexts.client(tls, secrets));
-    }
-    let mut t = UpstreamTls::clone(tls);
-    t.common.alpn = hc.tls_alpn.clone();
-    Some(contexts.client(&t, secrets))
+    let cluster = entry.cluster.name.as_str();
+    let built = if hc.tls_alpn.is_empty() {
+        upstream_tls::client_config(contexts, stats, cluster, tls, secrets, addr)
+    } else {
+        let mut t = UpstreamTls::clone(tls);
+        t.common.alpn = hc.tls_alpn.clone();
+        upstream_tls::client_config(contexts, stats, cluster, &t, secrets, addr)
+    };
+    Some(built.map(|tls| check::TlsCheck {
+        tls,
+        stats: stats.clone(),
+        cluster: Arc::from(cluster),
+    }))
 }
 
 async fn check_loop(
@@ -169,9 +180,10 @@ async fn check_loop(
         };
         let hosts = entry.lb.hosts.clone();
         let shared = entry.lb.shared.clone();
+        let stats = store.registry().stats();
         let tls: Vec<_> = hosts
             .iter()
-            .map(|h| check_tls(&hc, entry, h.address(), &contexts, &snap.secrets))
+            .map(|h| check_tls(&hc, entry, h.address(), &contexts, &snap.secrets, stats))
             .collect();
         drop(snap);
         let stats = &shared.stats.health_check;
@@ -186,7 +198,7 @@ async fn check_loop(
                 let v = match tls {
                     None => check::run(&hc, target, mark, None).await,
                     Some(Ok(tls)) => check::run(&hc, target, mark, Some(&tls)).await,
-                    Some(Err(e)) => check::Verdict::Unhealthy(check::CheckError::TlsContext(e)),
+                    Some(Err(e)) => check::Verdict::Unhealthy(check::CheckError::Tls(e)),
                 };
                 (target, v)
             });
