@@ -227,6 +227,17 @@ static_resources:
     type: STATIC
     connect_timeout: 1s
     {}{}
+  - name: tcp-mtls
+    type: STATIC
+    connect_timeout: 1s
+    {}
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      tcp_health_check: {{}}{}
 "#,
         admin(admin_port),
         endpoints("mtls", &[good, wrong]),
@@ -238,6 +249,9 @@ static_resources:
         upstream_tls(&cert, &key, &root, SERVER_ID, 6),
         endpoints("plaintext", &[good]),
         hc(""),
+        // A TCP check over TLS: the handshake (with the SAN check) is the check.
+        endpoints("tcp-mtls", &[good, wrong]),
+        upstream_tls(&cert, &key, &root, SERVER_ID, 4),
     );
     let skiff = InProcessSkiff::start(run_options(
         skiff::config::parse(&yaml, "<hc>").expect("bootstrap parses"),
@@ -247,6 +261,8 @@ static_resources:
         ("mtls", wrong, "/failed_active_hc"),
         ("by-criteria", good, "healthy"),
         ("plaintext", good, "/failed_active_hc"),
+        ("tcp-mtls", good, "healthy"),
+        ("tcp-mtls", wrong, "/failed_active_hc"),
     ];
     let mut last = String::new();
     for _ in 0..100 {

@@ -3,7 +3,9 @@
 //! HTTP/1.1: a list of idle connections per endpoint; a request takes one that is ready (its
 //! previous response fully read) or opens a new one, and puts it back as soon as the response
 //! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
-//! connection per endpoint, replaced when it closes. Every socket is opened by
+//! connection per endpoint, replaced when it closes. auto_config (`Proto::Auto`): each
+//! connection becomes one or the other by what its TLS handshake's ALPN selected, and a
+//! request is fitted to the connection it gets. Every socket is opened by
 //! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`), then handed to the
 //! request's [`Transport`] when it has one (TLS origination) before HTTP runs on it. Pooled
 //! connections are keyed by endpoint, protocol and transport, so a TLS and a plaintext
@@ -865,6 +867,31 @@ mod tests {
             }),
             0
         );
+    }
+
+    #[test]
+    fn auto_requests_are_fitted_to_their_connection() {
+        let req = Request::get("/p?q=1")
+            .header("host", "svc:8080")
+            .header("x-a", "1")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let h2 = fit(req, true);
+        assert_eq!(h2.version(), hyper::Version::HTTP_2);
+        assert_eq!(h2.uri().to_string(), "http://svc:8080/p?q=1");
+        assert!(
+            !h2.headers().contains_key("host"),
+            "the authority carries it"
+        );
+        assert_eq!(h2.headers()["x-a"], "1");
+        // A retry that lands on an HTTP/1.1 connection goes back.
+        let h1 = fit(h2, false);
+        assert_eq!(h1.version(), hyper::Version::HTTP_11);
+        assert_eq!(h1.uri().to_string(), "/p?q=1");
+        assert_eq!(h1.headers()["host"], "svc:8080");
+        // Fitting to what it already is changes nothing.
+        let same = fit(h1, false);
+        assert_eq!(same.uri().to_string(), "/p?q=1");
     }
 
     #[tokio::test]
