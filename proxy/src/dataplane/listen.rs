@@ -180,7 +180,7 @@ async fn serve(
     // 3. The chain's transport socket: a TLS chain terminates here, before any network
     // filter runs (as Envoy's transport socket), with the secrets of this snapshot.
     let tls = chain.and_then(|c| c.get().tls.clone());
-    let (down, peer) = match (tls, chain) {
+    let (down, peer, local_uri_sans) = match (tls, chain) {
         (Some(ctx), Some(chain)) => {
             let listener = &chain.listener().name;
             match terminate(dp, &accepted.snap.secrets, &ctx, down, counters, client).await {
@@ -193,7 +193,7 @@ async fn serve(
                 }
             }
         }
-        _ => (Io::Tcp(down), None),
+        _ => (Io::Tcp(down), None, None),
     };
     if let Some(p) = &peer {
         span.record("peer", field::display(peer_name(p)));
@@ -238,7 +238,24 @@ async fn serve(
         }
         Route::Http { chain, manager } => {
             drop(accepted);
+            let client_cert = match (&down, &peer, &local_uri_sans) {
+                (Io::Tls(s), Some(p), Some(by)) if manager.forward_client_cert.sets_details() => s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|der| {
+                        Arc::from(crate::http::headers::client_cert_element(
+                            manager.client_cert_details,
+                            by,
+                            der,
+                            p,
+                        ))
+                    }),
+                _ => None,
+            };
             let conn = crate::http::HttpConn {
+                client_cert,
                 dp: dp.shared.clone(),
                 manager,
                 listener: chain.listener().name.clone(),
@@ -266,7 +283,7 @@ async fn terminate(
     down: TcpStream,
     counters: &ListenerCounters,
     client: ClientAddr,
-) -> Result<(Io, Option<PeerIdentity>), TlsFailure> {
+) -> Result<(Io, Option<PeerIdentity>, Option<Arc<[String]>>), TlsFailure> {
     let result = match dp.shared.tls.server(ctx, secrets) {
         Ok(server) => crate::tls::accept(down, &server)
             .await
@@ -276,7 +293,11 @@ async fn terminate(
     match result {
         Ok(a) => {
             counters.ssl_handshake();
-            Ok((Io::Tls(Box::new(a.stream.into())), a.peer))
+            Ok((
+                Io::Tls(Box::new(a.stream.into())),
+                a.peer,
+                Some(a.local_uri_sans),
+            ))
         }
         Err(e) => {
             e.report(dp.stats(), counters.prefix(), client.get());

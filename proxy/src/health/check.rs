@@ -1,15 +1,21 @@
 //! One active health check against one host: TCP (connect, optional send and fuzzy receive)
 //! or HTTP/1.1 (GET path, status in the expected ranges), all within the check's timeout.
+//! A host the cluster dials with TLS is checked over TLS, as Envoy checks through the
+//! cluster's transport socket: the handshake (and the peer's verification) is part of the
+//! check, so a host presenting the wrong identity is unhealthy.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::addr::EndpointAddr;
+use crate::http::upstream_tls::{TlsFailure, originate};
 use crate::model::cluster::lb::{HealthCheck, HealthCheckKind};
 use crate::net::{self as connect, ConnectError};
+use crate::stats::Stats;
+use crate::tls::ClientTls;
 
 /// Result of one check.
 #[derive(Debug)]
@@ -26,6 +32,10 @@ pub enum CheckError {
     /// The connect failed or timed out.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// TLS failed: the context cannot be built (a secret not delivered yet), the handshake
+    /// failed or the host's certificate was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsFailure),
     /// Writing the TCP payload or the HTTP request failed.
     #[error("send: {0}")]
     Send(#[source] io::Error),
@@ -61,6 +71,7 @@ impl CheckError {
         match self {
             CheckError::Timeout(_) => true,
             CheckError::Connect(e) => e.is_timeout(),
+            CheckError::Tls(TlsFailure::Timeout(_)) => true,
             _ => false,
         }
     }
@@ -69,9 +80,26 @@ impl CheckError {
 /// Largest answer read from a host (status line, TCP receive payloads).
 const MAX_READ: usize = 16 * 1024;
 
-/// Check `target` once.
-pub async fn run(hc: &HealthCheck, target: SocketAddr, mark: Option<u32>) -> Verdict {
-    match tokio::time::timeout(hc.timeout, attempt(hc, target, mark)).await {
+/// How a check dials TLS: the configuration, and where its handshakes count (the
+/// cluster's `ssl.*`, as Envoy's checks go through the cluster's transport socket).
+#[derive(Debug, Clone)]
+pub struct TlsCheck {
+    /// The client configuration.
+    pub tls: ClientTls,
+    /// The stats registry.
+    pub stats: std::sync::Arc<Stats>,
+    /// The cluster's name.
+    pub cluster: std::sync::Arc<str>,
+}
+
+/// Check `target` once, over TLS with `tls` when the cluster dials the host with TLS.
+pub async fn run(
+    hc: &HealthCheck,
+    target: SocketAddr,
+    mark: Option<u32>,
+    tls: Option<&TlsCheck>,
+) -> Verdict {
+    match tokio::time::timeout(hc.timeout, attempt(hc, target, mark, tls)).await {
         Ok(Ok(())) => Verdict::Healthy,
         Ok(Err(e)) => Verdict::Unhealthy(e),
         Err(_) => Verdict::Unhealthy(CheckError::Timeout(hc.timeout)),
@@ -83,8 +111,23 @@ async fn attempt(
     hc: &HealthCheck,
     target: SocketAddr,
     mark: Option<u32>,
+    tls: Option<&TlsCheck>,
 ) -> Result<(), CheckError> {
-    let mut s = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
+    let tcp = connect::connect(EndpointAddr(target), mark, hc.timeout).await?;
+    match tls {
+        None => probe(hc, tcp).await,
+        Some(t) => {
+            let o = originate(&t.stats, &t.cluster, &t.tls, tcp, target, hc.timeout).await?;
+            probe(hc, o.stream).await
+        }
+    }
+}
+
+/// Ask and judge the answer on an established stream (TCP or TLS).
+async fn probe<S: AsyncRead + AsyncWrite + Unpin>(
+    hc: &HealthCheck,
+    mut s: S,
+) -> Result<(), CheckError> {
     match &hc.kind {
         HealthCheckKind::Tcp { send, receive } => {
             if !send.is_empty() {
@@ -204,6 +247,8 @@ mod tests {
             initial_jitter: Duration::ZERO,
             interval_jitter: Duration::ZERO,
             kind,
+            transport_match: None,
+            tls_alpn: Vec::new(),
         }
     }
 
@@ -227,9 +272,9 @@ mod tests {
             path: "/healthz".into(),
             expected_statuses: vec![(200, 201)],
         });
-        assert!(matches!(run(&c, addr, None).await, Verdict::Healthy));
+        assert!(matches!(run(&c, addr, None, None).await, Verdict::Healthy));
         assert!(matches!(
-            run(&c, addr, None).await,
+            run(&c, addr, None, None).await,
             Verdict::Unhealthy(CheckError::Status(503))
         ));
     }
@@ -245,7 +290,7 @@ mod tests {
             receive: vec![b"PONG".to_vec()],
         });
         c.timeout = Duration::from_millis(200);
-        match run(&c, addr, None).await {
+        match run(&c, addr, None, None).await {
             Verdict::Unhealthy(e @ CheckError::Timeout(_)) => assert!(e.is_timeout()),
             v => panic!("{v:?}"),
         }
@@ -261,7 +306,7 @@ mod tests {
             send: vec![],
             receive: vec![],
         });
-        match run(&c, addr, None).await {
+        match run(&c, addr, None, None).await {
             Verdict::Unhealthy(e @ CheckError::Connect(ConnectError::Failed { .. })) => {
                 assert!(!e.is_timeout());
             }

@@ -7,7 +7,9 @@
 //! so hosts come and go with EDS; results land in the hosts' live state (kept across
 //! snapshots by `lb::HostRegistry`), and every change bumps the health generation the balancer
 //! and the BPF reconciler watch. Checks connect with the proxy's SO_MARK, so the capture
-//! programs never redirect them.
+//! programs never redirect them. A host the cluster dials with TLS (its transport socket
+//! match, or the check's `transport_socket_match_criteria`) is checked over TLS built by
+//! `TlsContexts::client` on the round's snapshot secrets, as the data path dials it.
 
 pub mod check;
 
@@ -20,9 +22,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::http::upstream_tls::{self, TlsFailure};
 use crate::lb::host::flag;
 use crate::model::cluster::lb::{HealthCheck, OutlierDetection};
-use crate::state::Store;
+use crate::model::tls::UpstreamTls;
+use crate::state::{ClusterEntry, Store};
+use crate::stats::Stats;
+use crate::tls::TlsContexts;
 
 /// Settings one cluster's tasks were started with (a change restarts them).
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +55,8 @@ impl Drop for Running {
 pub async fn run(store: Arc<Store>, mark: Option<u32>, stop: CancellationToken) {
     let mut changed = store.subscribe();
     let mut running: HashMap<String, Running> = HashMap::new();
+    // The checks' own cache of TLS configurations (built as the data path builds them).
+    let tls = Arc::new(TlsContexts::new());
     loop {
         let snap = store.load();
         let mut wanted: HashMap<String, Wanted> = HashMap::new();
@@ -75,6 +83,7 @@ pub async fn run(store: Arc<Store>, mark: Option<u32>, stop: CancellationToken) 
                     name.clone(),
                     hc.clone(),
                     mark,
+                    tls.clone(),
                 )));
             }
             if let Some(od) = &w.outlier {
@@ -124,7 +133,44 @@ struct Streak {
     failures: u32,
 }
 
-async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: Option<u32>) {
+/// The TLS a check of `addr` dials with (`None`: plaintext): the check's
+/// `transport_socket_match_criteria` in place of the endpoint's metadata when set, with its
+/// `tls_options.alpn_protocols` when given. A context that cannot be built counts in the
+/// cluster's `ssl.connection_error`, as a failed handshake would.
+fn check_tls(
+    hc: &HealthCheck,
+    entry: &ClusterEntry,
+    addr: SocketAddr,
+    contexts: &TlsContexts,
+    secrets: &crate::model::tls::Secrets,
+    stats: &Arc<Stats>,
+) -> Option<Result<check::TlsCheck, TlsFailure>> {
+    let tls = match &hc.transport_match {
+        Some(criteria) => entry.cluster.transport.for_endpoint(criteria),
+        None => upstream_tls::endpoint_tls(entry, addr),
+    }?;
+    let cluster = entry.cluster.name.as_str();
+    let built = if hc.tls_alpn.is_empty() {
+        upstream_tls::client_config(contexts, stats, cluster, tls, secrets, addr)
+    } else {
+        let mut t = UpstreamTls::clone(tls);
+        t.common.alpn = hc.tls_alpn.clone();
+        upstream_tls::client_config(contexts, stats, cluster, &t, secrets, addr)
+    };
+    Some(built.map(|tls| check::TlsCheck {
+        tls,
+        stats: stats.clone(),
+        cluster: Arc::from(cluster),
+    }))
+}
+
+async fn check_loop(
+    store: Arc<Store>,
+    cluster: String,
+    hc: HealthCheck,
+    mark: Option<u32>,
+    contexts: Arc<TlsContexts>,
+) {
     let mut streaks: HashMap<SocketAddr, Streak> = HashMap::new();
     tokio::time::sleep(random_below(hc.initial_jitter)).await;
     loop {
@@ -134,16 +180,28 @@ async fn check_loop(store: Arc<Store>, cluster: String, hc: HealthCheck, mark: O
         };
         let hosts = entry.lb.hosts.clone();
         let shared = entry.lb.shared.clone();
+        let stats = store.registry().stats();
+        let tls: Vec<_> = hosts
+            .iter()
+            .map(|h| check_tls(&hc, entry, h.address(), &contexts, &snap.secrets, stats))
+            .collect();
         drop(snap);
         let stats = &shared.stats.health_check;
         let mut set = tokio::task::JoinSet::new();
-        for h in &hosts {
+        for (h, tls) in hosts.iter().zip(tls) {
             let target = match hc.alt_port {
                 Some(p) => SocketAddr::new(h.address().ip(), p),
                 None => h.address(),
             };
             let hc = hc.clone();
-            set.spawn(async move { (target, check::run(&hc, target, mark).await) });
+            set.spawn(async move {
+                let v = match tls {
+                    None => check::run(&hc, target, mark, None).await,
+                    Some(Ok(tls)) => check::run(&hc, target, mark, Some(&tls)).await,
+                    Some(Err(e)) => check::Verdict::Unhealthy(check::CheckError::Tls(e)),
+                };
+                (target, v)
+            });
         }
         let mut results: HashMap<SocketAddr, check::Verdict> = HashMap::new();
         while let Some(r) = set.join_next().await {

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
 
+use crate::model::listener::{ClientCertDetails, ForwardClientCert};
 use crate::model::route::{AppendAction, HeaderAdd};
+use crate::rbac::PeerIdentity;
 
 /// What `%VARIABLE%` formatters in configured header values can refer to.
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +163,96 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
     }
 }
 
+/// `x-forwarded-client-cert`.
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// This hop's `x-forwarded-client-cert` element for a mutual TLS connection, as Envoy
+/// writes it (`ConnectionManagerUtility::mutateXfccRequestHeader`): `By=` for each URI SAN of
+/// our own certificate, `Hash=` the hex SHA-256 of the client's certificate (DER), then the
+/// fields `details` asks for in Envoy's order (`Subject="..."`, `URI=` for each URI SAN or
+/// one empty `URI=`, `DNS=` for each DNS SAN), joined by `;`. It depends only on the
+/// connection, so it is built once per connection.
+pub fn client_cert_element(
+    details: ClientCertDetails,
+    local_uri_sans: &[String],
+    peer_cert_der: &[u8],
+    peer: &PeerIdentity,
+) -> String {
+    use std::fmt::Write as _;
+    let mut parts: Vec<String> = local_uri_sans.iter().map(|u| format!("By={u}")).collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, peer_cert_der);
+    let mut hash = String::with_capacity(5 + 64);
+    hash.push_str("Hash=");
+    for b in digest.as_ref() {
+        let _ = write!(hash, "{b:02x}");
+    }
+    parts.push(hash);
+    if details.subject {
+        parts.push(format!("Subject=\"{}\"", peer.subject));
+    }
+    if details.uri {
+        if peer.uri_sans.is_empty() {
+            parts.push("URI=".into());
+        }
+        parts.extend(peer.uri_sans.iter().map(|u| format!("URI={u}")));
+    }
+    if details.dns {
+        parts.extend(peer.dns_sans.iter().map(|d| format!("DNS={d}")));
+    }
+    parts.join(";")
+}
+
+/// `forward_client_cert_details` on one request. `mtls`: the client presented a certificate;
+/// `element`: this hop's element ([`client_cert_element`]) when the mode writes one.
+pub fn forward_client_cert(
+    h: &mut HeaderMap,
+    mode: ForwardClientCert,
+    mtls: bool,
+    element: Option<&str>,
+) {
+    let name = HeaderName::from_static(XFCC);
+    match mode {
+        ForwardClientCert::AlwaysForwardOnly => {}
+        ForwardClientCert::Sanitize => {
+            h.remove(&name);
+        }
+        _ if !mtls => {
+            h.remove(&name);
+        }
+        ForwardClientCert::ForwardOnly => {}
+        ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet => {
+            let Some(element) = element else {
+                // The client certificate could not be read: nothing trustworthy to add.
+                h.remove(&name);
+                return;
+            };
+            let value = if mode == ForwardClientCert::AppendForward {
+                let prev: Vec<&str> = h
+                    .get_all(&name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .collect();
+                if prev.is_empty() {
+                    element.to_string()
+                } else {
+                    format!("{},{element}", prev.join(","))
+                }
+            } else {
+                element.to_string()
+            };
+            match HeaderValue::from_str(&value) {
+                Ok(v) => {
+                    h.insert(name, v);
+                }
+                Err(_) => {
+                    h.remove(&name);
+                }
+            }
+        }
+    }
+}
+
 /// A UUID version 4 string from 128 random bits.
 pub fn uuid_v4(a: u64, b: u64) -> String {
     format!(
@@ -251,6 +343,78 @@ mod tests {
             "empty values are dropped by default"
         );
         assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn client_cert_element_is_envoys_format() {
+        let peer = PeerIdentity {
+            uri_sans: vec!["spiffe://cluster.local/ns/a/sa/client".into()],
+            dns_sans: vec!["client.a.svc".into()],
+            subject: "O=cluster.local,CN=client".into(),
+        };
+        let by = ["spiffe://cluster.local/ns/b/sa/server".to_string()];
+        let all = ClientCertDetails {
+            subject: true,
+            uri: true,
+            dns: true,
+        };
+        // SHA-256("abc"), as the client certificate's DER.
+        let hash = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(
+            client_cert_element(all, &by, b"abc", &peer),
+            format!(
+                "By=spiffe://cluster.local/ns/b/sa/server;Hash={hash};Subject=\"O=cluster.local,CN=client\";URI=spiffe://cluster.local/ns/a/sa/client;DNS=client.a.svc"
+            )
+        );
+        // Only By and Hash by default; URI is written empty when the certificate has none.
+        assert_eq!(
+            client_cert_element(ClientCertDetails::default(), &[], b"abc", &peer),
+            format!("Hash={hash}")
+        );
+        let bare = PeerIdentity::default();
+        let uri_only = ClientCertDetails {
+            uri: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            client_cert_element(uri_only, &[], b"abc", &bare),
+            format!("Hash={hash};URI=")
+        );
+    }
+
+    #[test]
+    fn forward_client_cert_modes_follow_envoy() {
+        use ForwardClientCert as F;
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(XFCC, v.parse().unwrap());
+            h
+        };
+        let got = |h: &HeaderMap| h.get(XFCC).map(|v| v.to_str().unwrap().to_string());
+        let cases = [
+            // (mode, mutual TLS, expected)
+            (F::Sanitize, true, None),
+            (F::Sanitize, false, None),
+            (F::ForwardOnly, true, Some("By=x;Hash=old")),
+            (F::ForwardOnly, false, None),
+            (F::AppendForward, true, Some("By=x;Hash=old,Hash=new")),
+            (F::AppendForward, false, None),
+            (F::SanitizeSet, true, Some("Hash=new")),
+            (F::SanitizeSet, false, None),
+            (F::AlwaysForwardOnly, true, Some("By=x;Hash=old")),
+            (F::AlwaysForwardOnly, false, Some("By=x;Hash=old")),
+        ];
+        for (mode, mtls, want) in cases {
+            let mut h = with("By=x;Hash=old");
+            forward_client_cert(&mut h, mode, mtls, Some("Hash=new"));
+            assert_eq!(got(&h).as_deref(), want, "{mode:?} mtls={mtls}");
+        }
+        // Appending to nothing sets; SANITIZE_SET without a previous header sets too.
+        for mode in [F::AppendForward, F::SanitizeSet] {
+            let mut h = HeaderMap::new();
+            forward_client_cert(&mut h, mode, true, Some("Hash=new"));
+            assert_eq!(got(&h).as_deref(), Some("Hash=new"));
+        }
     }
 
     #[test]

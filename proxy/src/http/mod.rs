@@ -115,6 +115,9 @@ pub struct HttpConn {
     /// The verified identity of a TLS client that presented a certificate (RBAC's
     /// `authenticated` principal).
     pub peer: Option<Arc<crate::rbac::PeerIdentity>>,
+    /// This hop's `x-forwarded-client-cert` element, when the connection is mutual TLS and
+    /// the manager's `forward_client_cert_details` writes one (`headers::client_cert_element`).
+    pub client_cert: Option<Arc<str>>,
 }
 
 /// Serve HTTP/1.1 or HTTP/2 on `stream` (a TCP socket, or a TLS session terminated over one)
@@ -352,6 +355,12 @@ async fn route_request(
         conn.manager.use_remote_address,
         conn.client,
         conn.tls,
+    );
+    headers::forward_client_cert(
+        req.headers_mut(),
+        conn.manager.forward_client_cert,
+        conn.peer.is_some(),
+        conn.client_cert.as_deref(),
     );
     let host = request_host(&req);
     let path = req
@@ -701,6 +710,7 @@ fn upstream_proto(entry: &ClusterEntry, downstream: Version) -> Proto {
         P::Http2 => Proto::Http2,
         P::UseDownstream { http2: true } if downstream == Version::HTTP_2 => Proto::Http2,
         P::Http1 | P::UseDownstream { .. } => Proto::Http1,
+        P::Auto => Proto::Auto,
     }
 }
 
@@ -970,12 +980,13 @@ async fn forward(
             (true, Some(name)) => name,
             _ => up_host.clone(),
         };
+        // An auto_config request starts as HTTP/1.1; the pool fits it to its connection.
         let uri = match proto {
-            Proto::Http1 => new_path.parse::<Uri>(),
+            Proto::Http1 | Proto::Auto => new_path.parse::<Uri>(),
             Proto::Http2 => format!("http://{authority}{new_path}").parse::<Uri>(),
         }
         .unwrap_or_else(|_| Uri::from_static("/"));
-        if proto == Proto::Http1
+        if proto != Proto::Http2
             && let Ok(v) = HeaderValue::from_str(&authority)
         {
             headers.insert(header::HOST, v);
@@ -984,7 +995,7 @@ async fn forward(
         *up_req.method_mut() = parts.method.clone();
         *up_req.uri_mut() = uri;
         *up_req.version_mut() = match proto {
-            Proto::Http1 => Version::HTTP_11,
+            Proto::Http1 | Proto::Auto => Version::HTTP_11,
             Proto::Http2 => Version::HTTP_2,
         };
         *up_req.headers_mut() = headers;
@@ -1001,7 +1012,7 @@ async fn forward(
         // TLS origination when the cluster dials this endpoint with TLS: pooled apart from
         // plaintext connections, keyed by the configuration (a rotated certificate starts
         // new connections).
-        let dial = match upstream_tls::endpoint_tls(&entry, addr) {
+        let dial = match upstream_tls::http_endpoint_tls(&entry, addr) {
             None => Ok(None),
             Some(t) => upstream_tls::client_config(
                 &conn.dp.tls,

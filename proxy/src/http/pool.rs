@@ -3,7 +3,9 @@
 //! HTTP/1.1: a list of idle connections per endpoint; a request takes one that is ready (its
 //! previous response fully read) or opens a new one, and puts it back as soon as the response
 //! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
-//! connection per endpoint, replaced when it closes. Every socket is opened by
+//! connection per endpoint, replaced when it closes. auto_config (`Proto::Auto`): each
+//! connection becomes one or the other by what its TLS handshake's ALPN selected, and a
+//! request is fitted to the connection it gets. Every socket is opened by
 //! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`), then handed to the
 //! request's [`Transport`] when it has one (TLS origination) before HTTP runs on it. Pooled
 //! connections are keyed by endpoint, protocol and transport, so a TLS and a plaintext
@@ -60,6 +62,10 @@ pub enum Proto {
     Http1,
     /// HTTP/2 prior knowledge (h2c).
     Http2,
+    /// Chosen per connection, as Envoy's auto_config: HTTP/2 when the transport's ALPN
+    /// selected `h2`, HTTP/1.1 otherwise (plaintext included). The request is built as an
+    /// HTTP/1.1 one and fitted to the connection it gets.
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,8 +81,17 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
-/// What a [`Transport`] hands back: the stream to run HTTP over.
-pub type Wrapped = Pin<Box<dyn Future<Output = Result<Box<dyn Stream>, BoxError>> + Send>>;
+/// A connection after its [`Transport`]: the stream to run HTTP over and the application
+/// protocol its handshake negotiated (ALPN), if any.
+pub struct Transported {
+    /// The stream.
+    pub stream: Box<dyn Stream>,
+    /// The negotiated ALPN protocol.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// What a [`Transport`] hands back.
+pub type Wrapped = Pin<Box<dyn Future<Output = Result<Transported, BoxError>> + Send>>;
 
 /// Sets up a fresh upstream TCP connection before HTTP runs on it (TLS origination).
 pub trait Transport: Send + Sync {
@@ -291,26 +306,30 @@ impl Pool {
         let mut slots = self.slots.lock().ok()?;
         let slot = slots.get_mut(&key)?;
         let now = Instant::now();
+        let h1 = |slot: &mut Slot| {
+            slot.idle
+                .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
+            let i = slot.idle.iter().position(|(s, _, _)| s.is_ready())?;
+            let (s, _, info) = slot.idle.swap_remove(i);
+            Some((Conn::Http1(s), info))
+        };
+        let h2 = |slot: &mut Slot| {
+            let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
+                !s.is_closed() && !info.expired(Some(info.last_used()), now)
+            });
+            if !usable {
+                slot.h2 = None;
+                return None;
+            }
+            slot.h2
+                .as_ref()
+                .map(|(s, info)| (Conn::Http2(s.clone()), info.clone()))
+        };
         match key.proto {
-            Proto::Http1 => {
-                slot.idle
-                    .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
-                let i = slot.idle.iter().position(|(s, _, _)| s.is_ready())?;
-                let (s, _, info) = slot.idle.swap_remove(i);
-                Some((Conn::Http1(s), info))
-            }
-            Proto::Http2 => {
-                let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
-                    !s.is_closed() && !info.expired(Some(info.last_used()), now)
-                });
-                if !usable {
-                    slot.h2 = None;
-                    return None;
-                }
-                slot.h2
-                    .as_ref()
-                    .map(|(s, info)| (Conn::Http2(s.clone()), info.clone()))
-            }
+            Proto::Http1 => h1(slot),
+            Proto::Http2 => h2(slot),
+            // An endpoint's auto connections all negotiate alike; whichever kind is there.
+            Proto::Auto => h2(slot).or_else(|| h1(slot)),
         }
     }
 
@@ -407,15 +426,25 @@ impl Pool {
                 connect_timeout,
             ))
             .await?;
-        let stream: Box<dyn Stream> = match target.transport {
-            None => Box::new(tcp),
-            Some(t) => t
-                .wrap(tcp, key.addr)
-                .await
-                .map_err(|source| SendError::Transport {
-                    addr: key.addr,
-                    source,
-                })?,
+        let (stream, alpn): (Box<dyn Stream>, _) = match target.transport {
+            None => (Box::new(tcp), None),
+            Some(t) => {
+                let done = t
+                    .wrap(tcp, key.addr)
+                    .await
+                    .map_err(|source| SendError::Transport {
+                        addr: key.addr,
+                        source,
+                    })?;
+                (done.stream, done.alpn)
+            }
+        };
+        // auto_config: the handshake decided (Envoy's mixed pool: `h2` is HTTP/2, anything
+        // else, or no ALPN, HTTP/1.1).
+        let proto = match key.proto {
+            Proto::Auto if alpn.as_deref() == Some(b"h2") => Proto::Http2,
+            Proto::Auto => Proto::Http1,
+            p => p,
         };
         let io = TokioIo::new(stream);
         let handshake = |source| SendError::Handshake {
@@ -423,8 +452,8 @@ impl Pool {
             source,
         };
         let info = target.info();
-        match key.proto {
-            Proto::Http1 => {
+        match proto {
+            Proto::Http1 | Proto::Auto => {
                 // hyper's read buffer cannot go below 8 KiB.
                 let (tx, conn) = http1::Builder::new()
                     .max_buf_size(info_buffer(target))
@@ -528,6 +557,9 @@ impl Pool {
                 }
             };
             new_connection |= opened;
+            if key.proto == Proto::Auto {
+                req = fit(req, matches!(conn, Conn::Http2(_)));
+            }
             let last = info.take_request();
             let (result, back) = match conn {
                 Conn::Http1(mut tx) => {
@@ -600,6 +632,44 @@ impl Pool {
             new_connection,
         }
     }
+}
+
+/// An auto_config request (built as HTTP/1.1: origin-form path and `Host`) fitted to the
+/// connection it got: HTTP/2 takes the authority into the URI (`:authority`) instead of
+/// `Host`; a request fitted before (a retry on another connection) goes back the other way.
+fn fit(mut req: Request<Body>, h2: bool) -> Request<Body> {
+    use hyper::header::HOST;
+    use hyper::{Uri, Version};
+    if h2 && req.version() != Version::HTTP_2 {
+        let host = req.headers_mut().remove(HOST);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok())
+            && let Ok(uri) = format!("http://{h}{path}").parse::<Uri>()
+        {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else if !h2 && req.version() == Version::HTTP_2 {
+        if let Some(a) = req.uri().authority()
+            && let Ok(v) = hyper::header::HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(HOST, v);
+        }
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Ok(uri) = path.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+        *req.version_mut() = Version::HTTP_11;
+    }
+    req
 }
 
 /// Held by a connection for its life: its count on the endpoint and its cluster slot.
@@ -690,7 +760,7 @@ mod tests {
         transport: Option<&dyn Transport>,
     ) -> bool {
         let req = Request::get(match proto {
-            Proto::Http1 => "/".to_string(),
+            Proto::Http1 | Proto::Auto => "/".to_string(),
             Proto::Http2 => format!("http://{addr}/"),
         })
         .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
@@ -721,7 +791,12 @@ mod tests {
         }
         fn wrap(&self, tcp: TcpStream, _addr: SocketAddr) -> Wrapped {
             self.wrapped.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async move { Ok(Box::new(tcp) as Box<dyn Stream>) })
+            Box::pin(async move {
+                Ok(Transported {
+                    stream: Box::new(tcp),
+                    alpn: None,
+                })
+            })
         }
     }
 
@@ -792,6 +867,31 @@ mod tests {
             }),
             0
         );
+    }
+
+    #[test]
+    fn auto_requests_are_fitted_to_their_connection() {
+        let req = Request::get("/p?q=1")
+            .header("host", "svc:8080")
+            .header("x-a", "1")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let h2 = fit(req, true);
+        assert_eq!(h2.version(), hyper::Version::HTTP_2);
+        assert_eq!(h2.uri().to_string(), "http://svc:8080/p?q=1");
+        assert!(
+            !h2.headers().contains_key("host"),
+            "the authority carries it"
+        );
+        assert_eq!(h2.headers()["x-a"], "1");
+        // A retry that lands on an HTTP/1.1 connection goes back.
+        let h1 = fit(h2, false);
+        assert_eq!(h1.version(), hyper::Version::HTTP_11);
+        assert_eq!(h1.uri().to_string(), "/p?q=1");
+        assert_eq!(h1.headers()["host"], "svc:8080");
+        // Fitting to what it already is changes nothing.
+        let same = fit(h1, false);
+        assert_eq!(same.uri().to_string(), "/p?q=1");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::pool::{Stream, Transport, Wrapped};
+use super::pool::{Transport, Transported, Wrapped};
 use crate::model::canonical_addr;
 use crate::model::tls::{Secrets, UpstreamTls};
 use crate::rbac::PeerIdentity;
@@ -76,7 +76,26 @@ impl TlsFailure {
 /// endpoint's metadata is looked up only when the cluster has `transport_socket_matches`;
 /// targets outside the assignment (ORIGINAL_DST, DNS) match with no metadata.
 pub fn endpoint_tls(entry: &ClusterEntry, addr: SocketAddr) -> Option<&Arc<UpstreamTls>> {
-    let transport = &entry.cluster.transport;
+    transport_for(entry, &entry.cluster.transport, addr)
+}
+
+/// [`endpoint_tls`] for the HTTP pool: an auto_config cluster's contexts offer
+/// `h2,http/1.1` where they set no ALPN of their own.
+pub fn http_endpoint_tls(entry: &ClusterEntry, addr: SocketAddr) -> Option<&Arc<UpstreamTls>> {
+    let transport = entry
+        .cluster
+        .upstream_http
+        .auto_transport
+        .as_deref()
+        .unwrap_or(&entry.cluster.transport);
+    transport_for(entry, transport, addr)
+}
+
+fn transport_for<'a>(
+    entry: &ClusterEntry,
+    transport: &'a crate::model::tls::ClusterTransport,
+    addr: SocketAddr,
+) -> Option<&'a Arc<UpstreamTls>> {
     if transport.matches.is_empty() {
         return transport.default.as_ref();
     }
@@ -103,6 +122,8 @@ pub struct Originated {
     pub stream: tokio_rustls::client::TlsStream<TcpStream>,
     /// The server's verified identity.
     pub peer: PeerIdentity,
+    /// The application protocol ALPN selected.
+    pub alpn: Option<Vec<u8>>,
 }
 
 /// TLS over `tcp` (connected to `addr` of `cluster`) with `tls`, within `budget`, counted in
@@ -121,6 +142,7 @@ pub async fn originate(
         Ok(Ok(h)) => Ok(Originated {
             stream: h.stream,
             peer: h.peer,
+            alpn: h.alpn,
         }),
         Ok(Err(e)) => Err(TlsFailure::Handshake(e)),
         Err(_) => Err(TlsFailure::Timeout(budget)),
@@ -186,7 +208,10 @@ impl Transport for TlsDial {
         );
         Box::pin(async move {
             let o = originate(&stats, &cluster, &tls, tcp, addr, budget).await?;
-            Ok(Box::new(o.stream) as Box<dyn Stream>)
+            Ok(Transported {
+                stream: Box::new(o.stream),
+                alpn: o.alpn,
+            })
         })
     }
 }

@@ -252,6 +252,14 @@ impl TryFrom<&pb::Cluster> for Cluster {
             Some(d) => duration(d).map_err(|e| err(e.within("connect_timeout")))?,
             None => DEFAULT_CONNECT_TIMEOUT,
         };
+        let mut upstream_http = super::upstream_http::from_cluster(c).map_err(err)?;
+        if upstream_http.protocol == super::upstream_http::UpstreamProtocol::Auto
+            && transport.may_use_tls()
+        {
+            upstream_http.auto_transport = Some(std::sync::Arc::new(
+                super::upstream_http::auto_transport(&transport),
+            ));
+        }
         Ok(Cluster {
             name: c.name.clone(),
             kind,
@@ -259,7 +267,7 @@ impl TryFrom<&pb::Cluster> for Cluster {
             connect_timeout,
             transport,
             lb,
-            upstream_http: super::upstream_http::from_cluster(c).map_err(err)?,
+            upstream_http,
         })
     }
 }

@@ -130,6 +130,8 @@ const WASM_TYPE: &str = "envoy.extensions.filters.http.wasm.v3.Wasm";
 pub const F_TCP_PROXY_UNRUN: &str = "tcp_proxy.tunneling_config";
 /// Field path of a listener's `filter_chain_matcher`.
 pub const F_FILTER_CHAIN_MATCHER: &str = "listener.filter_chain_matcher";
+/// XFCC settings skiff does not honour (`cert`, `chain`, `issuer`, `format`, the matcher).
+pub const F_XFCC_PEM: &str = "http_connection_manager.set_current_client_cert_details";
 /// Field path of a cluster's `transport_socket_matches`.
 pub const F_CLUSTER_TLS_MATCHES: &str = "cluster.transport_socket_matches";
 /// SDS references (`SdsSecretConfig`).
@@ -266,6 +268,14 @@ pub const TABLE: &[Entry] = &[
         "the xDS matcher API for filter chains is not evaluated"),
     e(Field, F_CLUSTER_TLS_MATCHES, "", Honoured,
         "each endpoint is dialled with the socket of the first entry whose `match` is a subset of its `envoy.transport_socket_match` metadata, else `transport_socket` (Istio's auto-mTLS: `tlsMode: istio` endpoints get mTLS, the others plaintext)"),
+    e(Field, "http_connection_manager.forward_client_cert_details", "", Honoured,
+        "Envoy's `x-forwarded-client-cert` handling: SANITIZE (default) removes it; FORWARD_ONLY keeps it on mutual TLS connections; APPEND_FORWARD appends and SANITIZE_SET sets this hop's element on mutual TLS connections (`By=` the URI SANs of skiff's own certificate, `Hash=` the SHA-256 of the client's certificate, then the `set_current_client_cert_details` fields); all three remove it on other connections; ALWAYS_FORWARD_ONLY keeps it always"),
+    e(Field, F_XFCC_PEM, "", Refused,
+        "`subject`, `uri` and `dns` are honoured (`Subject=\"...\"`, `URI=`, `DNS=`); `cert` and `chain` (URL-encoded PEM of the client's certificate and chain), `issuer`, a `format` other than Envoy's own, and `forward_client_cert_matcher` are refused"),
+    e(Field, "cluster.health_checks.transport_socket_match_criteria", "", Honoured,
+        "active health checks dial each host with the cluster's transport socket, as the data path does (TLS with the snapshot's secrets; a failed handshake is a failed check): the one `transport_socket_match_criteria` selects among `transport_socket_matches` instead of the endpoint's metadata; `tls_options.alpn_protocols` replaces the context's ALPN for checks"),
+    e(Field, "cluster.typed_extension_protocol_options.auto_config", "", Honoured,
+        "HttpProtocolOptions `auto_config`: over TLS each connection offers ALPN `h2,http/1.1` (unless the TLS context sets `alpn_protocols`) and speaks HTTP/2 when the upstream selects `h2`, HTTP/1.1 otherwise; plaintext connections speak HTTP/1.1. `http3_protocol_options` in it is refused"),
     e(Field, F_SDS, "", Honoured,
         "SDS secrets by name: `sds_config: {ads: {}}` over the ADS stream (a cluster or listener warms until they arrive, up to `initial_fetch_timeout`), `api_config_source` GRPC/DELTA_GRPC with one `envoy_grpc` cluster (Istio's `sds-grpc` Unix socket), or none (the bootstrap's `static_resources.secrets`)"),
     e(Field, F_TLS_UNSUPPORTED, "", Refused,

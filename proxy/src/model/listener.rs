@@ -398,6 +398,51 @@ pub struct HttpManager {
     pub server_header: ServerHeader,
     /// Timeouts and limits of the connection and its streams.
     pub limits: HttpLimits,
+    /// `forward_client_cert_details`: what happens to `x-forwarded-client-cert`.
+    pub forward_client_cert: ForwardClientCert,
+    /// `set_current_client_cert_details`: what APPEND_FORWARD and SANITIZE_SET put in it.
+    pub client_cert_details: ClientCertDetails,
+}
+
+/// `forward_client_cert_details`: how the HCM treats `x-forwarded-client-cert` (XFCC).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    /// SANITIZE (Envoy's default): the header is removed.
+    #[default]
+    Sanitize,
+    /// FORWARD_ONLY: kept as received on mutual TLS connections, removed on others.
+    ForwardOnly,
+    /// APPEND_FORWARD: on mutual TLS connections this hop's element is appended; removed on
+    /// others.
+    AppendForward,
+    /// SANITIZE_SET: on mutual TLS connections replaced by this hop's element; removed on
+    /// others.
+    SanitizeSet,
+    /// ALWAYS_FORWARD_ONLY: kept as received, whatever the connection.
+    AlwaysForwardOnly,
+}
+
+impl ForwardClientCert {
+    /// Whether this hop writes its own element (so the connection's details are needed).
+    pub fn sets_details(self) -> bool {
+        matches!(
+            self,
+            ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
+        )
+    }
+}
+
+/// `set_current_client_cert_details`: the peer-certificate fields of this hop's XFCC
+/// element, besides `By` and `Hash` which Envoy always writes. `cert` and `chain` (URL-encoded
+/// PEM) are refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCertDetails {
+    /// `subject`: `Subject="<RFC 2253 subject>"`.
+    pub subject: bool,
+    /// `uri`: one `URI=` per URI SAN (an empty `URI=` when there is none).
+    pub uri: bool,
+    /// `dns`: one `DNS=` per DNS SAN.
+    pub dns: bool,
 }
 
 /// The HCM's timeouts and limits, with Envoy's defaults (`None`: disabled).
@@ -1021,7 +1066,10 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
         }
     };
     let (http_filters, filters, faults) = http_filters(&h)?;
+    let (forward_client_cert, client_cert_details) = client_cert(&h)?;
     Ok(HttpManager {
+        forward_client_cert,
+        client_cert_details,
         limits: http_limits(&h)?,
         http_filters,
         filters,
@@ -1052,6 +1100,57 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
             })
             .collect(),
     })
+}
+
+/// `forward_client_cert_details` and `set_current_client_cert_details`.
+fn client_cert(
+    h: &hcm::HttpConnectionManager,
+) -> Result<(ForwardClientCert, ClientCertDetails), FieldError> {
+    use hcm::http_connection_manager::ForwardClientCertDetails as F;
+    let mode = match F::try_from(h.forward_client_cert_details) {
+        Ok(F::Sanitize) => ForwardClientCert::Sanitize,
+        Ok(F::ForwardOnly) => ForwardClientCert::ForwardOnly,
+        Ok(F::AppendForward) => ForwardClientCert::AppendForward,
+        Ok(F::SanitizeSet) => ForwardClientCert::SanitizeSet,
+        Ok(F::AlwaysForwardOnly) => ForwardClientCert::AlwaysForwardOnly,
+        Err(_) => {
+            return Err(FieldError::new(
+                "typed_config.forward_client_cert_details",
+                format!("unknown value {}", h.forward_client_cert_details),
+            ));
+        }
+    };
+    if h.forward_client_cert_matcher.is_some() {
+        return Err(compat::refuse(
+            compat::F_XFCC_PEM,
+            "typed_config.forward_client_cert_matcher",
+        ));
+    }
+    let Some(d) = &h.set_current_client_cert_details else {
+        return Ok((mode, ClientCertDetails::default()));
+    };
+    let other_format = d.format != 0;
+    for (set, field) in [
+        (d.cert, "cert"),
+        (d.chain, "chain"),
+        (d.issuer, "issuer"),
+        (other_format, "format"),
+    ] {
+        if set {
+            return Err(compat::refuse(
+                compat::F_XFCC_PEM,
+                format!("typed_config.set_current_client_cert_details.{field}"),
+            ));
+        }
+    }
+    Ok((
+        mode,
+        ClientCertDetails {
+            subject: d.subject.as_ref().is_some_and(|b| b.value),
+            uri: d.uri,
+            dns: d.dns,
+        },
+    ))
 }
 
 impl FilterChain {
@@ -1920,6 +2019,61 @@ mod tests {
             convert(&h).unwrap().server_header,
             ServerHeader::AppendIfAbsent("istio-envoy".into())
         );
+    }
+
+    #[test]
+    fn forward_client_cert_details_are_read_and_pem_details_refused() {
+        use hcm::http_connection_manager::SetCurrentClientCertDetails;
+        let mut h = inline(vec![]);
+        assert_eq!(
+            convert(&h).unwrap().forward_client_cert,
+            ForwardClientCert::Sanitize,
+            "Envoy's default"
+        );
+        // Istio's inbound.
+        h.forward_client_cert_details = 2;
+        h.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
+            subject: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            dns: true,
+            uri: true,
+            ..Default::default()
+        });
+        let m = convert(&h).unwrap();
+        assert_eq!(m.forward_client_cert, ForwardClientCert::AppendForward);
+        assert!(m.forward_client_cert.sets_details());
+        assert_eq!(
+            m.client_cert_details,
+            ClientCertDetails {
+                subject: true,
+                uri: true,
+                dns: true
+            }
+        );
+        for (mode, want) in [
+            (1, ForwardClientCert::ForwardOnly),
+            (3, ForwardClientCert::SanitizeSet),
+            (4, ForwardClientCert::AlwaysForwardOnly),
+        ] {
+            h.forward_client_cert_details = mode;
+            assert_eq!(convert(&h).unwrap().forward_client_cert, want);
+        }
+        for refused in ["cert", "chain", "issuer", "format"] {
+            let mut d = SetCurrentClientCertDetails::default();
+            match refused {
+                "cert" => d.cert = true,
+                "chain" => d.chain = true,
+                "issuer" => d.issuer = true,
+                _ => d.format = 1,
+            }
+            h.set_current_client_cert_details = Some(d);
+            let e = convert(&h).unwrap_err();
+            assert!(
+                e.field
+                    .ends_with(&format!("set_current_client_cert_details.{refused}")),
+                "{e:?}"
+            );
+            assert!(e.reason.contains("not supported by skiff"), "{e:?}");
+        }
     }
 
     mod rbac_filters {

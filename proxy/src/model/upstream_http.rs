@@ -3,19 +3,21 @@
 //! `http2_protocol_options` / `protocol_selection` fields), their `common_http_protocol_options`
 //! limits and the cluster's `per_connection_buffer_limit_bytes`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as pb;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as http;
 use prost::Message;
 
+use super::tls::ClusterTransport;
 use super::{FieldError, duration};
 
 /// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), for listeners and clusters.
 pub const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
 
 /// A cluster's upstream connection settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamHttp {
     /// HTTP version of upstream requests.
     pub protocol: UpstreamProtocol,
@@ -31,6 +33,10 @@ pub struct UpstreamHttp {
     pub max_requests_per_connection: Option<u32>,
     /// The cluster's `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub buffer_limit: u32,
+    /// With [`UpstreamProtocol::Auto`] and TLS: the cluster's transport as the HTTP pool
+    /// dials it, each TLS context without `alpn_protocols` offering `h2,http/1.1` (Envoy's
+    /// ALPN fallback for auto_config; tcp_proxy and health checks keep the plain transport).
+    pub auto_transport: Option<Arc<ClusterTransport>>,
 }
 
 impl Default for UpstreamHttp {
@@ -41,8 +47,33 @@ impl Default for UpstreamHttp {
             max_connection_duration: None,
             max_requests_per_connection: None,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            auto_transport: None,
         }
     }
+}
+
+/// The ALPN list an auto_config cluster offers over TLS when its context sets none.
+pub const AUTO_ALPN: [&str; 2] = ["h2", "http/1.1"];
+
+/// `transport` with [`AUTO_ALPN`] in every TLS context that has no `alpn_protocols` (the
+/// configured list wins, as in Envoy).
+pub fn auto_transport(transport: &ClusterTransport) -> ClusterTransport {
+    let fill = |t: &Option<Arc<super::tls::UpstreamTls>>| {
+        t.as_ref().map(|t| {
+            if !t.common.alpn.is_empty() {
+                return t.clone();
+            }
+            let mut t = (**t).clone();
+            t.common.alpn = AUTO_ALPN.iter().map(|s| s.to_string()).collect();
+            Arc::new(t)
+        })
+    };
+    let mut out = transport.clone();
+    out.default = fill(&transport.default);
+    for m in &mut out.matches {
+        m.tls = fill(&m.tls);
+    }
+    out
 }
 
 /// Type of the upstream HTTP protocol options.
@@ -63,6 +94,9 @@ pub enum UpstreamProtocol {
         /// HTTP/2 allowed.
         http2: bool,
     },
+    /// `auto_config`: over TLS, HTTP/2 when ALPN selects `h2`, else HTTP/1.1; plaintext
+    /// connections speak HTTP/1.1.
+    Auto,
 }
 
 /// Read the cluster's upstream connection settings.
@@ -95,6 +129,7 @@ pub fn from_cluster(c: &pb::Cluster) -> Result<UpstreamHttp, FieldError> {
     Ok(UpstreamHttp {
         protocol,
         idle_timeout,
+        auto_transport: None,
         max_connection_duration: opt(
             common.and_then(|c| c.max_connection_duration.as_ref()),
             "max_connection_duration",
@@ -161,8 +196,18 @@ fn protocol(c: &pb::Cluster) -> Result<UpstreamProtocol, FieldError> {
             Some(U::UseDownstreamProtocolConfig(d)) => UpstreamProtocol::UseDownstream {
                 http2: d.http2_protocol_options.is_some(),
             },
-            // ALPN needs TLS; on plaintext connections Envoy's auto config speaks HTTP/1.1.
-            Some(U::AutoConfig(_)) | None => UpstreamProtocol::Http1,
+            Some(U::AutoConfig(a)) => {
+                if a.http3_protocol_options.is_some()
+                    || a.alternate_protocols_cache_options.is_some()
+                {
+                    return Err(FieldError::new(
+                        format!("{at}.auto_config.http3_protocol_options"),
+                        "HTTP/3 upstreams are not supported",
+                    ));
+                }
+                UpstreamProtocol::Auto
+            }
+            None => UpstreamProtocol::Http1,
         });
     }
     #[allow(deprecated)]
@@ -246,6 +291,21 @@ mod tests {
         assert_eq!(
             protocol(&cluster(downstream)),
             Ok(UpstreamProtocol::UseDownstream { http2: true })
+        );
+        let auto = |h3: bool| http::HttpProtocolOptions {
+            upstream_protocol_options: Some(U::AutoConfig(
+                http::http_protocol_options::AutoHttpConfig {
+                    http3_protocol_options: h3.then(Default::default),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        assert_eq!(protocol(&cluster(auto(false))), Ok(UpstreamProtocol::Auto));
+        let e = protocol(&cluster(auto(true))).unwrap_err();
+        assert!(
+            e.field.ends_with("auto_config.http3_protocol_options"),
+            "{e:?}"
         );
         #[allow(deprecated)]
         let legacy = pb::Cluster {

@@ -71,6 +71,9 @@ pub struct ServerTls {
     /// then goes on without ALPN, where rustls would abort the handshake. Shares the
     /// session cache with `config`.
     no_alpn: Option<Arc<ServerConfig>>,
+    /// The URI SANs of the certificate it presents (the `By=` of Envoy's
+    /// `x-forwarded-client-cert`).
+    pub local_uri_sans: Arc<[String]>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -237,6 +240,12 @@ impl TlsContexts {
         let common = &tls.common;
         let key = load::certified_key(common, secrets, &self.provider)?
             .ok_or(TlsError::NoServerCertificate)?;
+        let local_uri_sans: Arc<[String]> = key
+            .cert
+            .first()
+            .and_then(super::identity::peer_identity)
+            .map(|id| id.uri_sans.into())
+            .unwrap_or_else(|| Arc::from(Vec::new()));
         let builder = ServerConfig::builder_with_provider(self.provider_for(common))
             .with_protocol_versions(versions(common)?)
             .map_err(|source| TlsError::Rejected {
@@ -274,6 +283,7 @@ impl TlsContexts {
         Ok(ServerTls {
             config: Arc::new(config),
             no_alpn,
+            local_uri_sans,
         })
     }
 }

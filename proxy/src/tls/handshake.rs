@@ -98,6 +98,8 @@ pub struct Accepted<S> {
     pub alpn: Option<Vec<u8>>,
     /// The SNI the client sent.
     pub sni: Option<String>,
+    /// The URI SANs of the certificate this side presented.
+    pub local_uri_sans: std::sync::Arc<[String]>,
 }
 
 /// TLS over `io` to `peer` (the endpoint's address: the session-resumption key when the
@@ -154,6 +156,7 @@ where
         peer,
         alpn,
         sni,
+        local_uri_sans: tls.local_uri_sans.clone(),
     })
 }
 

@@ -261,6 +261,11 @@ pub struct HealthCheck {
     pub interval_jitter: Duration,
     /// TCP or HTTP.
     pub kind: HealthCheckKind,
+    /// `transport_socket_match_criteria`: chooses the check's transport among the cluster's
+    /// `transport_socket_matches` in place of each endpoint's metadata.
+    pub transport_match: Option<std::collections::BTreeMap<String, String>>,
+    /// `tls_options.alpn_protocols`: the ALPN list of TLS checks (empty: the context's own).
+    pub tls_alpn: Vec<String>,
 }
 
 /// Parse the balancing and resilience fields of `c` (paths in errors are relative to the
@@ -766,6 +771,15 @@ fn health_check(h: &core::HealthCheck, cluster: &str) -> Result<Option<HealthChe
         initial_jitter,
         interval_jitter,
         kind,
+        transport_match: h
+            .transport_socket_match_criteria
+            .as_ref()
+            .map(crate::model::tls::struct_strings),
+        tls_alpn: h
+            .tls_options
+            .as_ref()
+            .map(|t| t.alpn_protocols.clone())
+            .unwrap_or_default(),
     }))
 }
 
