@@ -95,8 +95,7 @@ impl TestPki {
     pub fn new(name: &str) -> TestPki {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("skiff-pki-{name}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("skiff-pki-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the PKI directory");
         let ca = new_ca("skiff test mesh root");
@@ -388,7 +387,10 @@ pub fn static_cert_secret(name: &str, id: &Identity, inline: bool) -> Value {
             json!({ "inline_string": id.key_pem }),
         )
     } else {
-        (json!({ "filename": id.cert }), json!({ "filename": id.key }))
+        (
+            json!({ "filename": id.cert }),
+            json!({ "filename": id.key }),
+        )
     };
     json!({ "name": name, "tls_certificate": { "certificate_chain": chain, "private_key": key } })
 }
@@ -408,8 +410,16 @@ mod tests {
         let pki = TestPki::new("unit");
         let id = pki.issue("a", "ns1", "sa1");
         assert_eq!(id.uri, "spiffe://cluster.local/ns/ns1/sa/sa1");
-        assert!(std::fs::read_to_string(&id.cert).unwrap().contains("BEGIN CERTIFICATE"));
-        assert!(std::fs::read_to_string(&id.key).unwrap().contains("PRIVATE KEY"));
+        assert!(
+            std::fs::read_to_string(&id.cert)
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        assert!(
+            std::fs::read_to_string(&id.key)
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
         assert_ne!(
             std::fs::read(pki.ca_file()).unwrap(),
             std::fs::read(pki.untrusted_ca_file()).unwrap()
@@ -418,8 +428,8 @@ mod tests {
         let up = upstream_tls(&side, json!({ "sni": "x" }));
         assert_eq!(up["typed_config"]["sni"], "x");
         assert_eq!(
-            up["typed_config"]["common_tls_context"]["validation_context"]
-                ["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            up["typed_config"]["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+                [0]["matcher"]["exact"],
             "spiffe://cluster.local/ns/x/sa/y"
         );
         let dir = pki.dir().to_path_buf();
