@@ -5,7 +5,8 @@
 //! other (the terminator) terminates it (a filter chain with a DownstreamTlsContext that
 //! requires a client certificate and checks the originator's SAN) and forwards in plaintext
 //! to a backend. Both directions (skiff -> Envoy, Envoy -> skiff), TCP (`tcp_proxy`) and
-//! HTTP (HCM), certificates by file name, inline and as bootstrap static secrets. The same
+//! HTTP (HCM), certificates by file name, inline, as bootstrap static secrets and over SDS on
+//! the ADS stream (`skiff control-plane`). The same
 //! harness with Envoy on both sides proves the harness and the certificates.
 //!
 //! Refusals: a peer presenting another SPIFFE identity (signed by the mesh root) is refused
@@ -23,13 +24,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use skiff::controlplane::Source;
 use skiff_tests::tls::{
     CaSource, CertSource, Identity, TestPki, TlsSide, downstream_tls, spiffe_id, static_ca_secret,
     static_cert_secret, tls13_params, upstream_tls,
 };
-use skiff_tests::{Envoy, SkiffThread, free_port, run_options, serial, stat_value};
+use skiff_tests::{ControlPlane, Envoy, SkiffThread, free_port, run_options, serial, stat_value};
 
 const WAIT: Duration = Duration::from_secs(20);
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Which proxy plays a part.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +61,10 @@ enum Certs {
     /// name), referenced by name without `sds_config`, the root combined with inline SAN
     /// matchers as Istio writes it.
     StaticSecrets,
+    /// The same secrets delivered by SDS over ADS (`sds_config: { ads: {} }`) from
+    /// `skiff control-plane`; the listeners stay static, the originator's TLS cluster comes
+    /// over CDS.
+    AdsSecrets,
 }
 
 // === a proxy under test ===
@@ -305,14 +312,64 @@ fn cluster(name: &str, to: SocketAddr, transport_socket: Option<Value>) -> Value
     c
 }
 
-fn bootstrap(admin: u16, listener: Value, cluster: Value, secrets: Vec<Value>) -> String {
+/// Where a bootstrap's TLS cluster and secrets come from.
+enum Xds {
+    /// Static cluster, static secrets (if any).
+    None,
+    /// Static cluster, secrets over ADS from the control plane at this address.
+    Secrets(SocketAddr),
+    /// The cluster over CDS and its secrets over SDS, both on the ADS stream (Envoy 1.40
+    /// crashes on a static cluster whose secrets come over ADS; Istio's clusters are dynamic
+    /// anyway).
+    ClustersAndSecrets(SocketAddr),
+}
+
+/// A bootstrap with one listener and the static `clusters`; `secrets` are static unless
+/// `xds` serves them.
+fn bootstrap(
+    admin: u16,
+    listener: Value,
+    clusters: Vec<Value>,
+    secrets: Vec<Value>,
+    xds: Xds,
+) -> String {
     let mut b = json!({
         "node": { "id": "mtls-test", "cluster": "mtls-test" },
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin } } },
-        "static_resources": { "listeners": [listener], "clusters": [cluster] }
+        "static_resources": { "listeners": [listener], "clusters": clusters }
     });
-    if !secrets.is_empty() {
-        b["static_resources"]["secrets"] = Value::Array(secrets);
+    let (xds, cds) = match xds {
+        Xds::None => (None, false),
+        Xds::Secrets(a) => (Some(a), false),
+        Xds::ClustersAndSecrets(a) => (Some(a), true),
+    };
+    match xds {
+        Some(xds) => {
+            b["dynamic_resources"] = json!({ "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds" } }],
+            } });
+            if cds {
+                b["dynamic_resources"]["cds_config"] =
+                    json!({ "ads": {}, "resource_api_version": "V3" });
+            }
+            let mut c = self::cluster("xds", xds, None);
+            c["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": { "http2_protocol_options": {} },
+                }
+            });
+            b["static_resources"]["clusters"]
+                .as_array_mut()
+                .unwrap()
+                .push(c);
+        }
+        None if !secrets.is_empty() => {
+            b["static_resources"]["secrets"] = Value::Array(secrets);
+        }
+        None => {}
     }
     // JSON is YAML: both proxies read the same text.
     serde_json::to_string_pretty(&b).unwrap()
@@ -335,19 +392,14 @@ fn side(
             s.cert = me.inline();
             s.ca = CaSource::Inline(pki.ca_pem());
         }
-        Certs::StaticSecrets => {
+        Certs::StaticSecrets | Certs::AdsSecrets => {
+            let ads = certs == Certs::AdsSecrets;
             let cert = format!("{secret_prefix}default");
             let root = format!("{secret_prefix}ROOTCA");
             secrets.push(static_cert_secret(&cert, me, true));
             secrets.push(static_ca_secret(&root, pki.ca_file()));
-            s.cert = CertSource::Secret {
-                name: cert,
-                ads: false,
-            };
-            s.ca = CaSource::Secret {
-                name: root,
-                ads: false,
-            };
+            s.cert = CertSource::Secret { name: cert, ads };
+            s.ca = CaSource::Secret { name: root, ads };
         }
     }
     (s, secrets)
@@ -372,6 +424,8 @@ struct Pair {
     /// The terminator's mTLS listener (its stats are `listener.127.0.0.1_<port>.*`).
     mtls_port: u16,
     _dir: PathBuf,
+    /// The control plane serving the secrets (`Certs::AdsSecrets`), dropped after the proxies.
+    _xds: Option<(ControlPlane, tokio::runtime::Runtime)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -389,6 +443,41 @@ fn start_pair(
     let (o_admin, entry, t_admin, mtls_port) = (free_port(), free_port(), free_port(), free_port());
 
     let (t_side, t_secrets) = side(pki, &cast.terminator, &cast.want_originator, certs, "t-");
+    let (o_side, o_secrets) = side(pki, &cast.originator, &cast.want_terminator, certs, "o-");
+    let mtls_addr = SocketAddr::from(([127, 0, 0, 1], mtls_port));
+    let mtls_cluster = cluster("mtls", mtls_addr, Some(upstream_tls(&o_side, json!({}))));
+    let xds = (certs == Certs::AdsSecrets).then(|| {
+        let src = dir.join("xds");
+        std::fs::create_dir_all(&src).unwrap();
+        let mut c = mtls_cluster.clone();
+        c["@type"] = json!("type.googleapis.com/envoy.config.cluster.v3.Cluster");
+        std::fs::write(
+            src.join("clusters.json"),
+            json!({ "version_info": "1", "resources": [c] }).to_string(),
+        )
+        .unwrap();
+        let resources: Vec<Value> = t_secrets
+            .iter()
+            .chain(&o_secrets)
+            .map(|s| {
+                let mut s = s.clone();
+                s["@type"] = json!(SECRET_TYPE);
+                s
+            })
+            .collect();
+        std::fs::write(
+            src.join("secrets.json"),
+            json!({ "version_info": "1", "resources": resources }).to_string(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let cp = rt.block_on(ControlPlane::start(
+            Source::Dir(src),
+            "127.0.0.1:0".parse().unwrap(),
+        ));
+        (cp, rt)
+    });
+    let xds_addr = xds.as_ref().map(|(cp, _)| cp.addr());
     let t_listener = json!({
         "name": "mtls_in",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": mtls_port } },
@@ -400,23 +489,32 @@ fn start_pair(
     let t_yaml = bootstrap(
         t_admin,
         t_listener,
-        cluster("backend", backend, None),
+        vec![cluster("backend", backend, None)],
         t_secrets,
+        xds_addr.map_or(Xds::None, Xds::Secrets),
     );
 
-    let (o_side, o_secrets) = side(pki, &cast.originator, &cast.want_terminator, certs, "o-");
     let o_listener = json!({
         "name": "out",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": entry } },
         "filter_chains": [{ "filters": [network_filter(proto, "out", "mtls")] }]
     });
-    let mtls_addr = SocketAddr::from(([127, 0, 0, 1], mtls_port));
-    let o_yaml = bootstrap(
-        o_admin,
-        o_listener,
-        cluster("mtls", mtls_addr, Some(upstream_tls(&o_side, json!({})))),
-        o_secrets,
-    );
+    let o_yaml = match xds_addr {
+        None => bootstrap(
+            o_admin,
+            o_listener,
+            vec![mtls_cluster],
+            o_secrets,
+            Xds::None,
+        ),
+        Some(a) => bootstrap(
+            o_admin,
+            o_listener,
+            vec![],
+            o_secrets,
+            Xds::ClustersAndSecrets(a),
+        ),
+    };
 
     let terminator = start(term, "terminator", &t_yaml, t_admin, mtls_port, &dir);
     let originator = start(orig, "originator", &o_yaml, o_admin, entry, &dir);
@@ -426,6 +524,7 @@ fn start_pair(
         entry,
         mtls_port,
         _dir: dir,
+        _xds: xds,
     }
 }
 
@@ -670,4 +769,24 @@ fn envoy_to_skiff_http_mtls() {
         Certs::StaticSecrets,
         Refusal::TerminatorChecksSan,
     );
+}
+
+// === certificates over SDS on the ADS stream (skiff control-plane) ===
+
+#[test]
+fn envoy_to_envoy_tcp_mtls_sds_over_ads() {
+    let _g = serial();
+    mtls_serves(Who::Envoy, Who::Envoy, Proto::Tcp, Certs::AdsSecrets);
+}
+
+#[test]
+fn skiff_to_envoy_tcp_mtls_sds_over_ads() {
+    let _g = serial();
+    mtls_serves(Who::Skiff, Who::Envoy, Proto::Tcp, Certs::AdsSecrets);
+}
+
+#[test]
+fn envoy_to_skiff_tcp_mtls_sds_over_ads() {
+    let _g = serial();
+    mtls_serves(Who::Envoy, Who::Skiff, Proto::Tcp, Certs::AdsSecrets);
 }
