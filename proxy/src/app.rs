@@ -357,13 +357,24 @@ pub async fn run_with(
         stop.clone(),
     )));
     let listeners = start_listeners(&opts, &extras, &dp, &stop, &drain_signal, &mut tasks)?;
+    let mut sds = start_sds(&opts, &stats, &stop, &mut tasks);
+    if opts.bootstrap.ads.is_none()
+        && let Some(external) = sds.take()
+    {
+        tasks.push(crate::state::secrets::spawn_static_republisher(
+            Arc::new(opts.bootstrap.clone()),
+            store.clone(),
+            external,
+            stop.clone(),
+        ));
+    }
     let initialized = start_xds(
         &opts,
         &store,
         &stats,
         &dp,
         owner.as_ref(),
-        listeners.inbound_port,
+        (listeners.inbound_port, sds),
         &stop,
         &drain_signal,
         &mut tasks,
@@ -519,6 +530,61 @@ fn start_listeners(
     })
 }
 
+/// Istio's name for the bootstrap cluster of its local SDS server (pilot-agent's Unix socket),
+/// which the CDS clusters and LDS chains istiod sends name in their `sds_config`.
+const ISTIO_SDS_CLUSTER: &str = "sds-grpc";
+
+/// Step 4b: the SDS client of a gRPC cluster (Istio's `sds-grpc` Unix socket) and the seam
+/// through which what it holds reaches every snapshot. The cluster is the one the bootstrap's
+/// own TLS contexts name, else `sds-grpc` when the bootstrap has it (Istio's CDS clusters name
+/// it later). `None`: no such cluster.
+fn start_sds(
+    opts: &RunOptions,
+    stats: &Arc<Stats>,
+    stop: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Option<crate::state::secrets::ExternalSecrets> {
+    use crate::model::tls::SdsSource;
+    let b = &opts.bootstrap;
+    let named: std::collections::BTreeSet<&str> = b
+        .listeners
+        .iter()
+        .flat_map(|l| l.sds_refs())
+        .chain(b.clusters.iter().flat_map(|c| c.transport.sds_refs()))
+        .filter_map(|r| match &r.source {
+            SdsSource::Grpc { cluster } => Some(cluster.as_str()),
+            _ => None,
+        })
+        .collect();
+    if named.len() > 1 {
+        // One SDS client serves them all: the others' secrets would never arrive.
+        warn!(clusters = ?named, "several gRPC SDS clusters; skiff follows only the first");
+    }
+    let cluster = match named.first() {
+        Some(c) => *c,
+        None if b.grpc_targets.contains_key(ISTIO_SDS_CLUSTER) => ISTIO_SDS_CLUSTER,
+        None => return None,
+    };
+    let Some(target) = b.grpc_targets.get(cluster) else {
+        warn!(
+            cluster,
+            "SDS cluster has no usable endpoint (an IP address or a Unix socket)"
+        );
+        return None;
+    };
+    info!(cluster, %target, "starting SDS client");
+    let (external, ends) = crate::state::secrets::ExternalSecrets::channel();
+    tasks.push(xds::sds::spawn_with_stats(
+        target.clone(),
+        b.raw.node.clone(),
+        ends.names,
+        ends.secrets,
+        stats.clone(),
+        stop.clone(),
+    ));
+    Some(external)
+}
+
 /// Step 5: the ADS client (with the listeners that arrive over LDS), its publishes handed to the
 /// fast-path owner before each ACK. Returns Envoy's "initialized" signal: ready once the first
 /// LDS/CDS responses are in (see `XdsOptions`); `None` without ADS (ready at once).
@@ -529,7 +595,7 @@ async fn start_xds(
     stats: &Arc<Stats>,
     dp: &Arc<Dataplane>,
     owner: Option<&Owner>,
-    inbound_port: Option<u16>,
+    (inbound_port, sds): (Option<u16>, Option<crate::state::secrets::ExternalSecrets>),
     stop: &CancellationToken,
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -544,12 +610,10 @@ async fn start_xds(
         stop.clone(),
         drain.clone(),
     )));
-    let resources = Resources::new(
-        opts.bootstrap.listeners.clone(),
-        opts.bootstrap.clusters.clone(),
-    );
+    let resources = Resources::for_bootstrap(&opts.bootstrap);
     store.publish(resources.snapshot());
     let mut xopts = XdsOptions::new(ads.clone(), opts.bootstrap.raw.node.clone());
+    xopts.external_secrets = sds;
     if opts.bootstrap.lds_ads {
         xopts.initial_types.push(skiff_proto::LISTENER_TYPE_URL);
     }

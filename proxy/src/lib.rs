@@ -15,14 +15,19 @@
 //! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model, pure
 //!   evaluation and counters; run by `dataplane` (network filters, before tcp_proxy or the
 //!   HCM) and `http` (HTTP filters, before the router).
+//! - [`tls`]: TLS contexts + secrets -> cached rustls configurations; upstream and
+//!   downstream handshakes, peer verification as Envoy (chain, SAN matchers), identities.
 //! - [`lb`]: Envoy's load balancing: priorities, localities, policies, outlier detection,
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
 //! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
 //! - [`xds`]: ADS client (state of the world and delta), one handler per resource type
-//!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming.
-//! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`).
+//!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming; connections to control
+//!   planes over TLS with a bearer token ([`xds::channel`]), Istio's node ([`xds::node`]) and
+//!   the SDS client ([`xds::sds`]).
+//! - [`controlplane`]: skiff's own small ADS server (`skiff control-plane`), with TLS, a token
+//!   check and SDS on a Unix socket.
 //! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages; the client of `skiff admin`.
 //! - [`stats`]: counters with Envoy's names.
 //! - [`app`]: the wiring of one `skiff run`.
@@ -45,4 +50,5 @@ pub mod net;
 pub mod rbac;
 pub mod state;
 pub mod stats;
+pub mod tls;
 pub mod xds;

@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// skiff's capture listener's connection counter (IPv4 scenarios).
-pub const CAPTURE_CX: &str = "listener.127.0.0.1:15001.downstream_cx_total";
+pub const CAPTURE_CX: &str = "listener.127.0.0.1_15001.downstream_cx_total";
 
 /// chi-square, 2 degrees of freedom, p = 0.001.
 pub const CHI2_BOUND: f64 = 13.82;

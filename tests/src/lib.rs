@@ -1114,8 +1114,9 @@ pub async fn eventually_answers(port: u16, want: Option<&str>) {
 
 /// Resources of the `tests/fixtures/xds` dumps that skiff refuses under the honour-or-refuse
 /// rule (docs/COMPATIBILITY.md): (file, resource name, what the refusal must name). Istio's ambient/waypoint plumbing (internal
-/// listeners, CONNECT tunnels, `internal_upstream`), mTLS (issue 15), CUSTOM authorization and
-/// OSM's Lua/Wasm are refused rather than served differently from Envoy.
+/// listeners, CONNECT tunnels, `internal_upstream`), CUSTOM authorization and OSM's Lua/Wasm are
+/// refused rather than served differently from Envoy; their mTLS (auto-mTLS clusters, TLS
+/// filter chains) is honoured.
 pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
     // The internal listener selects chains with the xDS matcher API.
     (
@@ -1146,7 +1147,7 @@ pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
         "connect_originate",
         "typed_config.tunneling_config",
     ),
-    // HBONE termination: CONNECT routes (then filter state, and mTLS on a selectable chain).
+    // HBONE termination: CONNECT routes (then filter state).
     (
         "istio-compare-before.json",
         "connect_terminate",
@@ -1175,18 +1176,7 @@ pub const FIXTURE_REFUSALS: &[(&str, &str, &str)] = &[
         "virtualInbound",
         "dynamic metadata is not supported by skiff's RBAC",
     ),
-    // Auto-mTLS to endpoints labelled tlsMode: istio.
-    (
-        "istio-describe-http.json",
-        "outbound|9080|v1|productpage.default.svc.cluster.local",
-        "tlsMode-istio",
-    ),
-    // OSM: mTLS upstream, Lua and Wasm filters.
-    (
-        "osm-curl-egress-config-dump.json",
-        "httpbin/httpbin|14001",
-        "UpstreamTlsContext",
-    ),
+    // OSM: Lua and Wasm filters.
     (
         "osm-curl-egress-config-dump.json",
         "outbound-listener",

@@ -145,3 +145,79 @@ fn demo_bootstrap_loads() {
         panic!("{f}: {e}");
     }
 }
+
+/// Istio's sidecar bootstrap (envoy-rev.json) loads as it is: ADS to pilot-agent's xDS proxy
+/// and SDS to its certificate server, both on Unix sockets reached through `GrpcTarget`.
+#[test]
+fn istio_bootstrap_loads_with_its_sds_socket() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let f = "fixtures/xds/istio-bootstrap-default.json";
+    let text = std::fs::read_to_string(root.join(f)).unwrap();
+    let b = skiff::config::parse(&text, f).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let ads = b.ads.as_ref().expect("ADS");
+    assert_eq!(ads.cluster, "xds-grpc");
+    assert_eq!(
+        ads.server,
+        skiff::config::GrpcTarget::Unix("/tmp/XDS".into())
+    );
+    assert!(b.lds_ads && b.cds_ads);
+    assert_eq!(
+        b.grpc_targets.get("sds-grpc"),
+        Some(&skiff::config::GrpcTarget::Unix(
+            "./var/run/secrets/workload-spiffe-uds/test.sock".into()
+        ))
+    );
+    let sds = b.clusters.iter().find(|c| c.name == "sds-grpc").unwrap();
+    assert!(
+        matches!(&sds.kind, skiff::model::ClusterKind::Static(la) if la.endpoints().count() == 0)
+    );
+}
+
+/// The TLS of the real dumps converts into the model: Istio's auto-mTLS cluster chooses mTLS
+/// by endpoint metadata, OSM's upstream mTLS names its SDS secrets.
+#[test]
+fn tls_of_the_dumps_is_honoured() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/xds");
+    let cluster = |f: &str, name: &str| {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        let dump = skiff_proto::parse_config_dump(&text).unwrap();
+        let r = dump.dynamic.iter().find(|r| r.name == name).unwrap();
+        Cluster::try_from(&PbCluster::decode(r.resource.value.as_slice()).unwrap()).unwrap()
+    };
+    let istio = cluster(
+        "istio-describe-http.json",
+        "outbound|9080|v1|productpage.default.svc.cluster.local",
+    );
+    let labelled = [("tlsMode".to_string(), "istio".to_string())].into();
+    assert!(istio.transport.for_endpoint(&labelled).is_some());
+    assert!(istio.transport.for_endpoint(&Default::default()).is_none());
+    let osm = cluster("osm-curl-egress-config-dump.json", "httpbin/httpbin|14001");
+    let tls = osm.transport.default.as_ref().unwrap();
+    assert!(tls.common.sds_refs().count() >= 1, "{tls:?}");
+    // Istio's inbound mTLS chains (the listener itself is refused for its RBAC rules): each
+    // TLS context converts, SDS `default` and `ROOTCA` from `sds-grpc`, client certificates
+    // required, Istio's cipher list narrowed to what rustls has.
+    let text = std::fs::read_to_string(dir.join("istio-sidecar-listeners-27.yaml")).unwrap();
+    let dump = skiff_proto::parse_config_dump(&text).unwrap();
+    let inbound = dump
+        .dynamic
+        .iter()
+        .find(|r| r.name == "virtualInbound")
+        .unwrap();
+    let l = PbListener::decode(inbound.resource.value.as_slice()).unwrap();
+    let mut tls_chains = 0;
+    for fc in &l.filter_chains {
+        let Some(ts) = &fc.transport_socket else {
+            continue;
+        };
+        let t = skiff::model::tls::downstream_socket(ts)
+            .unwrap_or_else(|e| panic!("chain {:?}: {e:?}", fc.name))
+            .unwrap();
+        assert!(t.require_client_certificate, "{:?}", fc.name);
+        let names: Vec<&str> = t.common.sds_refs().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["default", "ROOTCA"]);
+        assert!(!t.common.cipher_suites.is_empty());
+        tls_chains += 1;
+    }
+    assert_eq!(tls_chains, 3);
+}

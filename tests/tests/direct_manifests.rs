@@ -291,7 +291,10 @@ fn the_init_script_renders_a_bootstrap_skiff_accepts() {
         );
         assert_eq!(b.node.cluster, env["NODE_CLUSTER"]);
         let ads = b.ads.expect("ADS configured");
-        assert_eq!(ads.server, "127.0.0.1:15010".parse().unwrap());
+        assert_eq!(
+            ads.server,
+            skiff::config::GrpcTarget::Tcp("127.0.0.1:15010".parse().unwrap())
+        );
         assert!(b.lds_ads && b.cds_ads);
         assert_eq!(b.admin, Some("127.0.0.1:15000".parse().unwrap()));
         let meta = b.raw.node.and_then(|n| n.metadata).expect("node metadata");

@@ -578,7 +578,7 @@ async fn sotw_load_warming_update_nack_and_removal() {
     );
     let prom = skiff.get("/stats/prometheus").await;
     assert!(
-        prom.contains("envoy_cluster_manager_cds_update_success "),
+        prom.contains("envoy_cluster_manager_cds_update_success{} "),
         "{prom}"
     );
 

@@ -104,12 +104,12 @@ fn sidecar_proxies_captured_connects_by_filter_chain_and_never_loops() {
 
     // Excluded ports are never captured: with nothing on 10.96.0.2:9999 the app sees the
     // kernel's own refusal and skiff sees nothing.
-    let before = stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total");
+    let before = stat(&s.ns, "listener.127.0.0.1_15001.downstream_cx_total");
     let out = client(&s.ns, &app, "10.96.0.2:9999");
     assert!(out.contains("stage=connect"), "excluded port: {out}");
     assert_eq!(field(&out, "errno"), Some("111"), "{out}");
     assert_eq!(
-        stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total"),
+        stat(&s.ns, "listener.127.0.0.1_15001.downstream_cx_total"),
         before
     );
 

@@ -14,7 +14,7 @@ use skiff_tests::{TempYaml, field, serial};
 
 const VIP: &str = "[fd00:96::10]:80";
 const BACKENDS: [&str; 2] = ["[fd00::21]:8080", "[fd00::22]:8080"];
-const CAPTURE_CX: &str = "listener.[::1]:15001.downstream_cx_total";
+const CAPTURE_CX: &str = "listener.[__1]_15001.downstream_cx_total";
 
 const CLUSTERS: &str = r#"  clusters:
   - name: six

@@ -196,7 +196,7 @@ fn assert_inbound_capture(p: &mut Pair) {
         peer.starts_with("127.0.0.6:"),
         "the app must see skiff's inbound passthrough source, saw {peer}"
     );
-    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 1);
+    assert_eq!(stat(&p.b, "listener.0.0.0.0_15006.downstream_cx_total"), 1);
     assert_eq!(stat(&p.b, "cluster.inbound|8080||.upstream_cx_total"), 1);
 
     // A port without its own chain takes the default chain: InboundPassthroughCluster.
@@ -219,7 +219,7 @@ fn assert_inbound_capture(p: &mut Pair) {
         peer.starts_with(&format!("{CLIENT_A}:")),
         "excluded port must bypass skiff, app saw {peer}"
     );
-    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 2);
+    assert_eq!(stat(&p.b, "listener.0.0.0.0_15006.downstream_cx_total"), 2);
 }
 
 /// After skiff exits, B's app is reached directly again.
@@ -327,7 +327,7 @@ fn sk_lookup_steers_ipv6_connections_to_the_v6_inbound_listener() {
         Some(true),
         "{line}"
     );
-    assert_eq!(stat(&p.b, "listener.[::]:15006.downstream_cx_total"), 1);
+    assert_eq!(stat(&p.b, "listener.[__]_15006.downstream_cx_total"), 1);
     assert_eq!(stat(&p.b, "cluster.inbound|8080||.upstream_cx_total"), 1);
     assert!(wait_stat(&p.b, "skiff.inbound.steered", 1) >= 1);
     sigterm_and_wait(proxy);
@@ -357,7 +357,7 @@ fn inbound_http_is_served_by_the_connection_manager_chain() {
     assert_eq!(field(&out, "status"), Some("200"), "{out}");
     assert_eq!(field(&out, "body"), Some("app-b"), "{out}");
     // Served by virtualInbound's HCM chain (route -> inbound|8081||), not by tcp_proxy.
-    assert_eq!(stat(&p.b, "listener.0.0.0.0:15006.downstream_cx_total"), 1);
+    assert_eq!(stat(&p.b, "listener.0.0.0.0_15006.downstream_cx_total"), 1);
     assert_eq!(stat(&p.b, "cluster.inbound|8081||.upstream_rq_total"), 1);
     sigterm_and_wait(proxy);
     drop(app);

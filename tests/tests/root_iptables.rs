@@ -160,12 +160,12 @@ fn iptables_mode_proxies_captured_connects_and_removes_its_rules_on_sigterm() {
     );
 
     // Excluded port: the kernel's own refusal, skiff sees nothing.
-    let before = stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total");
+    let before = stat(&s.ns, "listener.127.0.0.1_15001.downstream_cx_total");
     let out = client(&s.ns, "10.96.0.2:9999");
     assert!(out.contains("stage=connect"), "excluded port: {out}");
     assert_eq!(field(&out, "errno"), Some("111"), "{out}");
     assert_eq!(
-        stat(&s.ns, "listener.127.0.0.1:15001.downstream_cx_total"),
+        stat(&s.ns, "listener.127.0.0.1_15001.downstream_cx_total"),
         before
     );
     let (code, _) = admin(&s.ns, "GET", "/ready").expect("admin");

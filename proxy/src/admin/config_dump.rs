@@ -1,7 +1,8 @@
 //! `/config_dump` in Envoy's v3 `ConfigDump` JSON, from the accepted resources of one snapshot.
 //!
-//! Sections in Envoy's order: Bootstrap, Clusters, Listeners, Routes, then (with
-//! `?include_eds`) Endpoints. `?resource=FIELD` returns the entries of that repeated field of
+//! Sections in Envoy's order: Bootstrap, Clusters, Listeners, Routes, Secrets, then (with
+//! `?include_eds`) Endpoints. Private keys (and every other field Envoy marks sensitive) are
+//! printed as Envoy prints them: `[redacted]`. `?resource=FIELD` returns the entries of that repeated field of
 //! every section, each tagged with its message type; `?mask=a,b.c` keeps only those fields
 //! (plus `@type`); `?name_regex=RE` keeps resources whose name matches.
 
@@ -162,6 +163,7 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
         "@type": format!("{ADMIN}RoutesConfigDump"),
         "dynamic_route_configs": dynamic_entries(&x.routes, "route_config", false),
     }));
+    out.push(secrets(&sr.secrets, snap, &boot_time));
     if include_eds {
         out.push(json!({
             "@type": format!("{ADMIN}EndpointsConfigDump"),
@@ -173,8 +175,145 @@ pub fn sections(bootstrap: &PbBootstrap, snap: &Snapshot, include_eds: bool) -> 
         if let Value::Object(o) = s {
             o.retain(|_, v| !matches!(v, Value::Array(a) if a.is_empty()));
         }
+        redact(s);
     }
     out
+}
+
+/// Envoy's `SecretsConfigDump`: the bootstrap's static secrets, then the SDS secrets: those
+/// received over ADS with their version and error state, and those of the other SDS sources
+/// (gRPC clusters, Istio's Unix socket), which skiff holds as validated values only, so they
+/// show without version. Warming never: a secret depends on nothing.
+fn secrets(
+    statics: &[envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret],
+    snap: &Snapshot,
+    boot_time: &str,
+) -> Value {
+    let t = &snap.xds.secrets;
+    let static_secrets: Vec<Value> = statics
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "last_updated": boot_time,
+                "secret": with_type(crate::model::tls::SECRET_TYPE_URL, skiff_proto::to_json(s)),
+            })
+        })
+        .collect();
+    let external = snap
+        .secrets
+        .keys()
+        .filter(|n| !statics.iter().any(|s| s.name == **n) && !t.active.contains_key(*n));
+    let mut names: Vec<&String> = t
+        .active
+        .keys()
+        .chain(t.errors.keys())
+        .chain(external)
+        .collect();
+    names.sort();
+    names.dedup();
+    let dynamic: Vec<Value> = names
+        .into_iter()
+        .map(|n| {
+            let mut v = json!({ "name": n });
+            if let Some(r) = t.active.get(n) {
+                v["last_updated"] = timestamp(r.last_updated).into();
+                if !r.version_info.is_empty() {
+                    v["version_info"] = r.version_info.clone().into();
+                }
+                v["secret"] = skiff_proto::any_to_json(&r.resource);
+            } else if let Some(s) = snap.secrets.get(n) {
+                let pb =
+                    envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::from(
+                        &**s,
+                    );
+                v["secret"] = with_type(
+                    crate::model::tls::SECRET_TYPE_URL,
+                    skiff_proto::to_json(&pb),
+                );
+            }
+            if let Some(e) = t.errors.get(n) {
+                v["error_state"] = error_state(e);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "@type": format!("{ADMIN}SecretsConfigDump"),
+        "static_secrets": static_secrets,
+        "dynamic_active_secrets": dynamic,
+    })
+}
+
+/// Envoy's text for a redacted string (bytes fields hold these bytes, base64 in JSON).
+const REDACTED: &str = "[redacted]";
+/// [`REDACTED`] as the base64 of a bytes field.
+const REDACTED_BYTES: &str = "W3JlZGFjdGVkXQ==";
+
+/// Replaces every string inside the fields Envoy marks sensitive (`private_key`, `password`,
+/// `pkcs12`, session ticket `keys`, a generic secret's `secret(s)`) with [`REDACTED`], as
+/// Envoy's config dump does: bytes fields become the base64 of those bytes.
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o.iter_mut() {
+                if matches!(
+                    k.as_str(),
+                    "private_key" | "password" | "pkcs12" | "keys" | "secret" | "secrets"
+                ) && sensitive_shape(k, child)
+                {
+                    redact_all(child, false);
+                } else {
+                    redact(child);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Whether a value under a sensitive-sounding key is the sensitive field (a `DataSource`, or
+/// lists/maps of them) rather than, say, the `secret` entry of a secrets dump (an `Any`).
+fn sensitive_shape(key: &str, v: &Value) -> bool {
+    let data_source = |v: &Value| {
+        v.as_object().is_some_and(|o| {
+            o.keys().all(|k| {
+                matches!(
+                    k.as_str(),
+                    "filename"
+                        | "inline_bytes"
+                        | "inline_string"
+                        | "environment_variable"
+                        | "watched_directory"
+                )
+            })
+        })
+    };
+    match key {
+        "keys" => v.as_array().is_some_and(|a| a.iter().all(data_source)),
+        "secrets" => v.as_object().is_some_and(|o| o.values().all(data_source)),
+        _ => data_source(v),
+    }
+}
+
+fn redact_all(v: &mut Value, bytes: bool) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o.iter_mut() {
+                redact_all(child, k == "inline_bytes");
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| redact_all(c, bytes)),
+        Value::String(s) => {
+            *s = if bytes {
+                REDACTED_BYTES.to_string()
+            } else {
+                REDACTED.to_string()
+            };
+        }
+        _ => {}
+    }
 }
 
 fn last_boot() -> String {
@@ -193,6 +332,8 @@ fn entry_type(field: &str) -> Option<&'static str> {
         }
         "static_route_configs" => "RoutesConfigDump.StaticRouteConfig",
         "dynamic_route_configs" => "RoutesConfigDump.DynamicRouteConfig",
+        "static_secrets" => "SecretsConfigDump.StaticSecret",
+        "dynamic_active_secrets" | "dynamic_warming_secrets" => "SecretsConfigDump.DynamicSecret",
         "static_endpoint_configs" => "EndpointsConfigDump.StaticEndpointConfig",
         "dynamic_endpoint_configs" => "EndpointsConfigDump.DynamicEndpointConfig",
         _ => return None,
@@ -322,4 +463,136 @@ pub fn render(
         configs = configs.iter().map(|c| apply_mask(c, &paths)).collect();
     }
     Ok(json!({ "configs": configs }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3 as core_v3;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use prost::Message;
+
+    fn cert_secret(name: &str, cert: &str, key: core_v3::data_source::Specifier) -> tls::Secret {
+        tls::Secret {
+            name: name.into(),
+            r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some(core_v3::DataSource {
+                    specifier: Some(core_v3::data_source::Specifier::InlineString(cert.into())),
+                    ..Default::default()
+                }),
+                private_key: Some(core_v3::DataSource {
+                    specifier: Some(key),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// Envoy's SecretsConfigDump: static secrets from the bootstrap, dynamic ones with their
+    /// version; private keys print as `[redacted]` everywhere (the bootstrap section too).
+    #[test]
+    fn secrets_are_dumped_with_private_keys_redacted() {
+        use core_v3::data_source::Specifier;
+        let c = rcgen::generate_simple_self_signed(vec!["a.example".to_string()]).unwrap();
+        let (cert, key) = (c.cert.pem(), c.signing_key.serialize_pem());
+        let mut boot = PbBootstrap::default();
+        boot.static_resources.get_or_insert_default().secrets = vec![cert_secret(
+            "static",
+            &cert,
+            Specifier::InlineString(key.clone()),
+        )];
+        let mut r = crate::xds::Resources::default();
+        let dynamic = cert_secret(
+            "dyn",
+            &cert,
+            Specifier::InlineBytes(key.clone().into_bytes()),
+        );
+        // Only subscribed names are kept: a bootstrap listener would subscribe; here the
+        // snapshot is rendered right after the update, before anything is dropped.
+        r.apply_sotw(
+            crate::xds::kind::SECRET_TYPE_URL,
+            "v7",
+            &[envoy_types::pb::google::protobuf::Any {
+                type_url: crate::xds::kind::SECRET_TYPE_URL.into(),
+                value: dynamic.encode_to_vec(),
+            }],
+            SystemTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        let snap = r.snapshot();
+        let out = sections(&boot, &snap, false);
+        let text = serde_json::to_string(&out).unwrap();
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "a private key leaked: {text}"
+        );
+        let dump = out
+            .iter()
+            .find(|s| s["@type"] == format!("{ADMIN}SecretsConfigDump"))
+            .unwrap();
+        let st = &dump["static_secrets"][0];
+        assert_eq!(st["name"], "static");
+        assert_eq!(
+            st["secret"]["tls_certificate"]["private_key"]["inline_string"],
+            "[redacted]"
+        );
+        assert_eq!(
+            st["secret"]["tls_certificate"]["certificate_chain"]["inline_string"],
+            cert.as_str()
+        );
+        let dy = &dump["dynamic_active_secrets"][0];
+        assert_eq!(dy["name"], "dyn");
+        assert_eq!(dy["version_info"], "v7");
+        assert_eq!(dy["secret"]["@type"], crate::xds::kind::SECRET_TYPE_URL);
+        assert_eq!(
+            dy["secret"]["tls_certificate"]["private_key"]["inline_bytes"],
+            REDACTED_BYTES
+        );
+        let b = &out[0]["bootstrap"]["static_resources"]["secrets"][0];
+        assert_eq!(
+            b["tls_certificate"]["private_key"]["inline_string"],
+            "[redacted]"
+        );
+        // A secret of another SDS source (Istio's ROOTCA over its Unix socket) shows too.
+        let mut r2 = r;
+        let roots = crate::model::tls::Secret {
+            name: "ROOTCA".into(),
+            kind: crate::model::tls::SecretKind::Validation(crate::model::tls::ValidationContext {
+                trusted_ca: Some(crate::model::tls::DataSource::Inline(
+                    cert.as_bytes().into(),
+                )),
+                san_matchers: vec![],
+            }),
+        };
+        r2.set_external_secrets([("ROOTCA".to_string(), std::sync::Arc::new(roots))].into());
+        let snap = r2.snapshot();
+        let out = sections(&boot, &snap, false);
+        let dump = out
+            .iter()
+            .find(|s| s["@type"] == format!("{ADMIN}SecretsConfigDump"))
+            .unwrap();
+        let names: Vec<&str> = dump["dynamic_active_secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["ROOTCA", "dyn"]);
+        assert!(
+            dump["dynamic_active_secrets"][0]["secret"]["validation_context"]["trusted_ca"]
+                ["inline_bytes"]
+                .is_string()
+        );
+        // `?resource=` knows the secrets' fields.
+        let q = DumpQuery {
+            resource: Some("dynamic_active_secrets".into()),
+            ..Default::default()
+        };
+        let v = render(&boot, &snap, &q).unwrap();
+        assert_eq!(
+            v["configs"][0]["@type"],
+            format!("{ADMIN}SecretsConfigDump.DynamicSecret")
+        );
+    }
 }

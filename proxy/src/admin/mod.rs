@@ -8,6 +8,7 @@
 
 pub mod config_dump;
 pub mod drain;
+pub mod logging;
 pub mod policy;
 
 pub use drain::{DrainRequest, DrainSignal};
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::state::Store;
-use crate::stats::Stats;
+use crate::stats::{Sample, Stats, Value};
 
 /// Why a [`CaptureControl`] call failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let header_read_timeout = options.header_read_timeout;
+    let _ = started();
     let server = Arc::new(Server {
         admin,
         options,
@@ -285,35 +287,51 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             }
         }
         (Method::POST, "/drain_listeners") => drain_listeners(server, &q),
-        (Method::GET, "/server_info") => json(&serde_json::json!({
-            "version": concat!("skiff/", env!("CARGO_PKG_VERSION")),
-            "state": if admin.ready.load(Ordering::Relaxed) { "LIVE" } else { "PRE_INITIALIZING" },
-            "node": { "id": admin.node_id },
-        })),
-        (Method::GET, "/stats") => {
+        (Method::GET, "/server_info") => json(&server_info(admin)),
+        (Method::GET, path @ ("/stats" | "/stats/prometheus")) => {
+            // `?filter=` (a regex on the stat's full name) applies to every format, as in Envoy.
             let filter = match q.get("filter").map(|f| regex_lite::Regex::new(f)) {
                 Some(Ok(re)) => Some(re),
                 Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("filter: {e}\n")),
                 None => None,
             };
-            let lines: Vec<(String, u64)> = stats_lines(admin)
+            let samples: Vec<Sample> = samples(admin)
                 .into_iter()
-                .filter(|(k, _)| filter.as_ref().is_none_or(|re| re.is_match(k)))
+                .filter(|s| filter.as_ref().is_none_or(|re| re.is_match(&s.name)))
                 .collect();
-            if q.get("format").map(String::as_str) == Some("json") {
-                let stats: Vec<serde_json::Value> = lines
-                    .into_iter()
-                    .map(|(name, value)| serde_json::json!({ "name": name, "value": value }))
-                    .collect();
-                return json(&serde_json::json!({ "stats": stats }));
+            match (path, q.get("format").map(String::as_str)) {
+                ("/stats/prometheus", _) | (_, Some("prometheus")) => {
+                    text(StatusCode::OK, crate::stats::prometheus::render(&samples))
+                }
+                (_, Some("json")) => json(&stats_json(&samples)),
+                _ => text(StatusCode::OK, stats_text(&samples)),
             }
-            let mut out = String::new();
-            for (k, v) in lines {
-                out.push_str(&format!("{k}: {v}\n"));
-            }
-            text(StatusCode::OK, out)
         }
-        (Method::GET, "/stats/prometheus") => text(StatusCode::OK, prometheus(&stats_lines(admin))),
+        (Method::GET, "/logging") => match logging::levels() {
+            Some(l) => text(StatusCode::OK, l.render()),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}\n", logging::LoggingError::NotInstalled),
+            ),
+        },
+        (Method::POST, "/logging") => {
+            if q.is_empty() {
+                return match logging::levels() {
+                    Some(l) => text(StatusCode::OK, l.render()),
+                    None => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{}\n", logging::LoggingError::NotInstalled),
+                    ),
+                };
+            }
+            match logging::set(&q) {
+                Ok(l) => text(StatusCode::OK, l.render()),
+                Err(e @ logging::LoggingError::NotInstalled) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("error: {e}\n")),
+            }
+        }
         (Method::GET, "/listeners") => {
             let snap = admin.store.load();
             if q.get("format").map(String::as_str) == Some("json") {
@@ -461,8 +479,8 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
         _ => text(
             StatusCode::NOT_FOUND,
             "admin commands: /ready /server_info /stats /stats/prometheus /listeners /clusters \
-             /config_dump \
-             /drain_listeners (POST) \
+             /config_dump /logging \
+             /drain_listeners (POST) /logging (POST) \
              /debug/capture /debug/node/cgroups /debug/node/pods\n",
         ),
     }
@@ -746,105 +764,186 @@ fn clusters_json(_admin: &Admin, snap: &crate::state::Snapshot) -> serde_json::V
     serde_json::json!({ "cluster_statuses": statuses })
 }
 
-/// Stats whose value goes up and down (Prometheus `gauge`).
-fn is_gauge(name: &str) -> bool {
-    name.ends_with("_active")
-        || name.ends_with("connected_state")
-        || name.ends_with("active_clusters")
-        || name.ends_with("warming_clusters")
-        || name.ends_with("total_listeners_warming")
-}
-
-/// Envoy's Prometheus rendering: `envoy_` prefix, `cluster.<name>.` and `listener.<addr>.`
-/// become `envoy_cluster_name` / `envoy_listener_address` labels, other dots become `_`.
-fn prometheus(lines: &[(String, u64)]) -> String {
-    let sanitize = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
-    let mut families: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-    for (k, v) in lines {
-        let (metric, label) = if let Some(rest) = k.strip_prefix("cluster.") {
-            match rest.rsplit_once('.') {
-                Some((name, stat)) => (
-                    format!("envoy_cluster_{}", sanitize(stat)),
-                    format!("{{envoy_cluster_name=\"{name}\"}}"),
-                ),
-                None => (format!("envoy_{}", sanitize(k)), String::new()),
-            }
-        } else if let Some(rest) = k.strip_prefix("listener.")
-            && let Some((addr, stat)) = rest.rsplit_once('.')
-        {
-            (
-                format!("envoy_listener_{}", sanitize(stat)),
-                format!("{{envoy_listener_address=\"{addr}\"}}"),
-            )
-        } else {
-            (format!("envoy_{}", sanitize(k)), String::new())
-        };
-        families.entry(metric).or_default().push((label, *v));
-    }
+/// Envoy's `/stats` text: counters and gauges as `name: value`, then histograms as
+/// `name: P0(nan,v) P25(nan,v) ...`, each part sorted by name.
+fn stats_text(samples: &[Sample]) -> String {
     let mut out = String::new();
-    for (metric, samples) in families {
-        let kind = if is_gauge(&metric) {
-            "gauge"
-        } else {
-            "counter"
-        };
-        out.push_str(&format!("# TYPE {metric} {kind}\n"));
-        for (label, v) in samples {
-            out.push_str(&format!("{metric}{label} {v}\n"));
+    for s in samples {
+        match &s.value {
+            Value::Counter(v) | Value::Gauge(v) => out.push_str(&format!("{}: {v}\n", s.name)),
+            Value::Histogram(_) => {}
+        }
+    }
+    for s in samples {
+        if let Value::Histogram(h) = &s.value {
+            out.push_str(&format!("{}: {}\n", s.name, h.summary()));
         }
     }
     out
 }
 
-fn stats_lines(admin: &Admin) -> Vec<(String, u64)> {
-    let mut out = admin.stats.snapshot();
-    // Gauges Envoy derives from its managers; here they follow from the snapshot.
+/// Envoy's `/stats?format=json`: `{"name", "value"}` per counter and gauge, then one
+/// `histograms` entry with the supported quantiles and each histogram's values (interval
+/// `null`: skiff keeps no flush intervals).
+fn stats_json(samples: &[Sample]) -> serde_json::Value {
+    let mut stats: Vec<serde_json::Value> = samples
+        .iter()
+        .filter_map(|s| match &s.value {
+            Value::Counter(v) | Value::Gauge(v) => {
+                Some(serde_json::json!({ "name": s.name, "value": v }))
+            }
+            Value::Histogram(_) => None,
+        })
+        .collect();
+    let computed: Vec<serde_json::Value> = samples
+        .iter()
+        .filter_map(|s| match &s.value {
+            Value::Histogram(h) => Some(serde_json::json!({
+                "name": s.name,
+                "values": crate::stats::histogram::SUMMARY_QUANTILES
+                    .iter()
+                    .map(|q| serde_json::json!({ "interval": null, "cumulative": h.quantile(*q) }))
+                    .collect::<Vec<_>>(),
+            })),
+            _ => None,
+        })
+        .collect();
+    if !computed.is_empty() {
+        let supported: Vec<f64> = crate::stats::histogram::SUMMARY_QUANTILES
+            .iter()
+            .map(|q| q * 100.0)
+            .collect();
+        stats.push(serde_json::json!({
+            "histograms": { "supported_quantiles": supported, "computed_quantiles": computed }
+        }));
+    }
+    serde_json::json!({ "stats": stats })
+}
+
+/// When this process's admin first served: `/server_info`'s uptime.
+fn started() -> std::time::SystemTime {
+    static STARTED: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(std::time::SystemTime::now)
+}
+
+/// Envoy's `/server_info`: version, state, hot restart version, command line options, node
+/// and uptimes. skiff has no hot restart (one epoch: both uptimes are the same) and its own
+/// command line; the options Envoy lists are filled from what skiff knows, and `argv` carries
+/// skiff's own arguments.
+fn server_info(admin: &Admin) -> serde_json::Value {
+    let live = admin.ready.load(Ordering::Relaxed);
+    let uptime = format!("{}s", started().elapsed().map_or(0, |d| d.as_secs()));
+    let node = admin
+        .bootstrap
+        .node
+        .as_ref()
+        .map(skiff_proto::to_json)
+        .filter(|v| !v.is_null())
+        .unwrap_or_else(|| serde_json::json!({ "id": admin.node_id }));
+    let levels = logging::levels();
+    serde_json::json!({
+        "version": concat!("skiff/", env!("CARGO_PKG_VERSION")),
+        "state": if live { "LIVE" } else { "PRE_INITIALIZING" },
+        "hot_restart_version": "disabled",
+        "command_line_options": {
+            "base_id": "0",
+            "concurrency": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "log_level": levels.as_ref().map_or("info".to_string(), |l| l.default.clone()),
+            "component_log_level": levels.map_or(String::new(), |l| {
+                l.targets.iter().map(|(t, v)| format!("{t}:{v}")).collect::<Vec<_>>().join(",")
+            }),
+            "mode": "Serve",
+            "disable_hot_restart": true,
+            "restart_epoch": 0,
+            "service_node": admin.node_id,
+            "argv": std::env::args().collect::<Vec<_>>(),
+        },
+        "node": node,
+        "uptime_current_epoch": uptime,
+        "uptime_all_epochs": uptime,
+    })
+}
+
+/// Envoy's `cluster.<name>.circuit_breakers.<default|high>.{cx,rq_pending,rq,rq_retry}_open`
+/// gauges (1 while the limit is reached), from the cluster's live breaker counts.
+fn breaker_gauges(name: &str, c: &crate::state::ClusterEntry) -> Vec<Sample> {
+    use crate::lb::circuit::{Resource, RoutingPriority};
+    let cb = &c.cluster.lb.circuit_breakers;
+    let live = &c.lb.shared.breakers;
+    let mut out = Vec::new();
+    for (p, prio, t) in [
+        ("default", RoutingPriority::Default, &cb.default),
+        ("high", RoutingPriority::High, &cb.high),
+    ] {
+        let now = |r| live.current(prio, r);
+        // As the breaker computes it: a retry budget is a share of the active requests.
+        let retries = match t.retry_budget {
+            Some((pct, min)) => {
+                let active = now(Resource::Requests) + now(Resource::PendingRequests);
+                ((active as f64 * pct / 100.0) as u64).max(min)
+            }
+            None => t.max_retries,
+        };
+        for (stat, r, limit) in [
+            ("cx_open", Resource::Connections, t.max_connections),
+            (
+                "rq_pending_open",
+                Resource::PendingRequests,
+                t.max_pending_requests,
+            ),
+            ("rq_open", Resource::Requests, t.max_requests),
+            ("rq_retry_open", Resource::Retries, retries),
+        ] {
+            out.push(Sample {
+                name: format!("cluster.{name}.circuit_breakers.{p}.{stat}"),
+                value: Value::Gauge(u64::from(now(r) >= limit)),
+            });
+        }
+    }
+    out
+}
+
+/// Every stat `/stats` lists: the registry's, the gauges Envoy derives from its managers (here
+/// from the snapshot) and the kernel capture's counters.
+fn samples(admin: &Admin) -> Vec<Sample> {
+    let mut out = admin.stats.samples();
     let snap = admin.store.load();
-    let warming_clusters = snap.xds.clusters.warming.len() as u64;
-    let warming_listeners = snap.xds.listeners.warming.len() as u64;
+    let gauge = |name: &str, v: usize| Sample {
+        name: name.to_string(),
+        value: Value::Gauge(v as u64),
+    };
     out.extend([
-        (
-            "cluster_manager.active_clusters".to_string(),
-            snap.clusters.len() as u64,
+        gauge("cluster_manager.active_clusters", snap.clusters.len()),
+        gauge(
+            "cluster_manager.warming_clusters",
+            snap.xds.clusters.warming.len(),
         ),
-        (
-            "cluster_manager.warming_clusters".to_string(),
-            warming_clusters,
+        gauge(
+            "listener_manager.total_listeners_active",
+            snap.listeners.len(),
         ),
-        (
-            "listener_manager.total_listeners_active".to_string(),
-            snap.listeners.len() as u64,
-        ),
-        (
-            "listener_manager.total_listeners_warming".to_string(),
-            warming_listeners,
+        gauge(
+            "listener_manager.total_listeners_warming",
+            snap.xds.listeners.warming.len(),
         ),
     ]);
+    for (name, c) in &snap.clusters {
+        out.extend(breaker_gauges(name, c));
+    }
     if !out
         .iter()
-        .any(|(k, _)| k == "control_plane.connected_state")
+        .any(|s| s.name == "control_plane.connected_state")
     {
-        out.push(("control_plane.connected_state".to_string(), 0));
+        out.push(gauge("control_plane.connected_state", 0));
     }
     if let Some(c) = &admin.capture {
         let prefix = c.stats_prefix();
-        out.extend(
-            c.stats()
-                .into_iter()
-                .map(|(k, v)| (format!("{prefix}.{k}"), v)),
-        );
+        out.extend(c.stats().into_iter().map(|(k, v)| Sample {
+            name: format!("{prefix}.{k}"),
+            value: Value::Counter(v),
+        }));
     }
-    out.sort();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 

@@ -487,7 +487,7 @@ fn classify_with(
             return (v, None);
         }
     };
-    if chain.has_transport_socket {
+    if chain.tls.is_some() {
         v.reason = "filter chain terminates TLS (transport_socket)".into();
         return (v, None);
     }
@@ -526,8 +526,8 @@ fn cluster_image(
         return (v, None);
     };
     let c = &entry.cluster;
-    if c.has_transport_socket {
-        v.reason = format!("cluster {name} uses a transport socket (TLS)");
+    if c.transport.may_use_tls() {
+        v.reason = format!("cluster {name} dials TLS (transport_socket)");
         return (v, None);
     }
     if !matches!(c.kind, ClusterKind::Static(_) | ClusterKind::Eds { .. }) {

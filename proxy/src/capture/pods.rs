@@ -453,7 +453,7 @@ impl PodRegistry {
         start_health_thread(id, netns, store.clone(), self.upstream_mark, stop.clone())?;
         let mut initialized = None;
         if let (Some(ads), Some(node_id)) = (&bootstrap.ads, &key.node_id) {
-            let resources = Resources::new(bootstrap.listeners.clone(), bootstrap.clusters.clone());
+            let resources = Resources::for_bootstrap(bootstrap);
             store.publish(resources.snapshot());
             let mut node = bootstrap.raw.node.clone().unwrap_or_default();
             node.id.clone_from(node_id);

@@ -33,6 +33,7 @@ pub struct Cli {
 
 /// The subcommands of `skiff`.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process; boxing buys nothing
 pub enum Command {
     /// Run the proxy.
     Run(RunArgs),
@@ -101,6 +102,119 @@ pub struct ControlPlaneArgs {
     /// How often the directory is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
+    /// Serve ADS over TLS with this PEM certificate chain (as istiod on 15012).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With TLS: require client certificates issued by this PEM CA.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse ADS streams (UNAUTHENTICATED) whose `authorization` is not `Bearer <content of
+    /// FILE>`; the file is re-read for every stream.
+    #[arg(long, value_name = "FILE")]
+    pub require_token: Option<PathBuf>,
+    /// Also serve the SecretDiscoveryService (the directory's Secret resources) on this Unix
+    /// socket, as Istio's node agent does.
+    #[arg(long, value_name = "PATH")]
+    pub sds_socket: Option<PathBuf>,
+    /// Also serve ADS on this Unix socket, as pilot-agent's xDS proxy does for its sidecar.
+    #[arg(long, value_name = "PATH")]
+    pub ads_socket: Option<PathBuf>,
+}
+
+/// `skiff run`'s control-plane connection: ADS to istiod as pilot-agent makes it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct XdsArgs {
+    /// ADS server HOST:PORT (istiod: `istiod.istio-system.svc:15012`); overrides the
+    /// bootstrap's ADS cluster and turns on LDS and CDS over ADS and Istio's node metadata.
+    /// The host is resolved once, at start.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub xds_address: Option<String>,
+    /// Talk TLS to the ADS server, verified against this PEM root (Istio's mesh root,
+    /// `/var/run/secrets/istio/root-cert.pem`).
+    #[arg(long, value_name = "FILE")]
+    pub xds_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (a DNS SAN), also sent as SNI. Default:
+    /// the --xds-address host.
+    #[arg(long, value_name = "NAME", requires = "xds_ca")]
+    pub xds_san: Option<String>,
+    /// Client certificate (PEM chain) to present to the ADS server.
+    #[arg(long, value_name = "FILE", requires_all = ["xds_key", "xds_ca"])]
+    pub xds_cert: Option<PathBuf>,
+    /// Private key of --xds-cert.
+    #[arg(long, value_name = "FILE", requires = "xds_cert")]
+    pub xds_key: Option<PathBuf>,
+    /// Send `authorization: Bearer <content of FILE>` on every ADS stream, re-read at each
+    /// reconnect (Istio: `/var/run/secrets/tokens/istio-token`).
+    #[arg(long, value_name = "FILE")]
+    pub xds_token: Option<PathBuf>,
+    /// Delta ADS instead of state of the world (with --xds-address).
+    #[arg(long, requires = "xds_address")]
+    pub xds_delta: bool,
+}
+
+/// The node sent to the control plane, as pilot-agent fills it; each flag defaults to the
+/// environment Istio's injector sets (see `skiff::xds::node`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// Send Istio's node id and metadata even without --xds-address.
+    #[arg(long)]
+    pub istio_node: bool,
+    /// The node id, as given (default `sidecar~IP~POD.NS~NS.svc.cluster.local`).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Pod name (env POD_NAME).
+    #[arg(long)]
+    pub pod_name: Option<String>,
+    /// Pod namespace (env POD_NAMESPACE).
+    #[arg(long)]
+    pub pod_namespace: Option<String>,
+    /// The pod's addresses, comma separated; the first goes in the node id (env INSTANCE_IP).
+    #[arg(long, value_delimiter = ',')]
+    pub instance_ips: Vec<IpAddr>,
+    /// Service account (env SERVICE_ACCOUNT).
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// CLUSTER_ID (env ISTIO_META_CLUSTER_ID, default Kubernetes).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// MESH_ID (env ISTIO_META_MESH_ID, default the cluster domain).
+    #[arg(long)]
+    pub mesh_id: Option<String>,
+    /// ISTIO_VERSION sent to istiod (env ISTIO_META_ISTIO_VERSION).
+    #[arg(long)]
+    pub istio_version: Option<String>,
+    /// WORKLOAD_NAME (env ISTIO_META_WORKLOAD_NAME).
+    #[arg(long)]
+    pub workload_name: Option<String>,
+    /// The pod's labels: a downward API file of `key="value"` lines (Istio mounts one at
+    /// `/etc/istio/pod/labels`).
+    #[arg(long, value_name = "FILE")]
+    pub pod_labels: Option<PathBuf>,
+    /// DNS domain of the cluster (the node id's suffix).
+    #[arg(long)]
+    pub cluster_domain: Option<String>,
+}
+
+impl NodeArgs {
+    /// The node builder's options.
+    pub fn options(&self) -> crate::xds::node::IstioNodeOptions {
+        crate::xds::node::IstioNodeOptions {
+            node_id: self.node_id.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_namespace: self.pod_namespace.clone(),
+            instance_ips: self.instance_ips.clone(),
+            service_account: self.service_account.clone(),
+            cluster_id: self.cluster_id.clone(),
+            mesh_id: self.mesh_id.clone(),
+            istio_version: self.istio_version.clone(),
+            workload_name: self.workload_name.clone(),
+            labels_file: self.pod_labels.clone(),
+            cluster_domain: self.cluster_domain.clone(),
+        }
+    }
 }
 
 /// `skiff node` operations.
@@ -263,6 +377,12 @@ pub struct RunArgs {
     /// Time in-flight connections get to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_time: Duration,
+    /// The ADS connection (address, TLS, token).
+    #[command(flatten)]
+    pub xds: XdsArgs,
+    /// The node identity sent to the control plane.
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// A flag value clap could not take (clap prints it after the flag's name).
@@ -313,10 +433,22 @@ impl ControlPlaneArgs {
             (None, Some(f)) => Source::ConfigDump(f),
             (None, None) => return Err(OptionsError::NoControlPlaneSource),
         };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::controlplane::ServerTls {
+                cert,
+                key,
+                client_ca: self.client_ca,
+            }),
+            _ => None,
+        };
         Ok(ControlPlaneOptions {
             source,
             listen: self.listen,
             poll_interval: self.poll_interval,
+            tls,
+            require_token: self.require_token,
+            sds_socket: self.sds_socket,
+            ads_socket: self.ads_socket,
         })
     }
 }

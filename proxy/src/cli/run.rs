@@ -78,6 +78,21 @@ pub enum OptionsError {
     /// `--pod-bootstrap-dir` is not a directory.
     #[error("--pod-bootstrap-dir {}: not a directory", .0.display())]
     PodBootstrapDir(PathBuf),
+    /// An `--xds-*` flag cannot be used as given.
+    #[error("{flag}: {reason}")]
+    Xds {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The ADS connection settings cannot be used (CA or token file unreadable, no PEM
+    /// certificate, ...). The cause is in the message, so not a `source()`.
+    #[error("ADS connection: {0}")]
+    XdsConnection(crate::xds::channel::ChannelError),
+    /// The Istio node cannot be built from flags and environment.
+    #[error(transparent)]
+    Node(#[from] crate::xds::node::NodeError),
 }
 
 /// Reads the bootstrap, resolves `--capture auto` by probing this kernel and process, and
@@ -85,6 +100,7 @@ pub enum OptionsError {
 pub fn run_options(a: RunArgs) -> Result<(RunOptions, CaptureExtras), OptionsError> {
     let bootstrap = crate::config::load(&a.bootstrap)?;
     crate::config::release_parser_memory();
+    let bootstrap = control_plane_flags(&a, bootstrap, &crate::xds::node::process_env())?;
     let kind = match a.capture {
         CaptureKind::Auto => {
             // Node mode attaches at the node's cgroup: probe that one (there is no --cgroup).
@@ -260,6 +276,132 @@ pub fn build(
         drain: a.drain_time,
     };
     Ok((opts, extras))
+}
+
+/// Applies `--xds-*` and the node flags to the bootstrap: the ADS server, its TLS and token,
+/// and (with `--xds-address` or `--istio-node`) Istio's node id and metadata from the flags
+/// and `env`. TLS files are read once here, so a bad CA file is a configuration error.
+pub fn control_plane_flags(
+    a: &RunArgs,
+    mut bootstrap: Bootstrap,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<Bootstrap, OptionsError> {
+    use crate::config::{AdsApi, AdsConfig};
+    use crate::model::tls::{
+        CertificateSource, CommonTls, DataSource, SanMatcher, SanType, TlsCertificate, TlsVersion,
+        UpstreamTls, Validation, ValidationContext,
+    };
+    use crate::rbac::{StringKind, StringMatch};
+    let x = &a.xds;
+    let mut host = None;
+    if let Some(addr) = &x.xds_address {
+        let xds_err = |reason: String| OptionsError::Xds {
+            flag: "--xds-address",
+            reason,
+        };
+        let (h, _) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| xds_err(format!("{addr:?} is not HOST:PORT")))?;
+        host = Some(h.trim_start_matches('[').trim_end_matches(']').to_owned());
+        let server = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+            .map_err(|e| xds_err(format!("resolving {addr:?}: {e}")))?
+            .next()
+            .ok_or_else(|| xds_err(format!("{addr:?} resolves to no address")))?;
+        let api = if x.xds_delta {
+            AdsApi::Delta
+        } else {
+            bootstrap.ads.as_ref().map_or(AdsApi::Sotw, |ads| ads.api)
+        };
+        let backoff = bootstrap.ads.as_ref().and_then(|ads| ads.backoff);
+        bootstrap.ads = Some(AdsConfig {
+            api,
+            cluster: "xds-grpc".into(),
+            server: crate::config::GrpcTarget::Tcp(server),
+            backoff,
+            tls: None,
+            token: None,
+        });
+        // pilot-agent's bootstrap: listeners and clusters over ADS.
+        bootstrap.lds_ads = true;
+        bootstrap.cds_ads = true;
+    }
+    let needs_ads = [
+        (x.xds_ca.is_some(), "--xds-ca"),
+        (x.xds_token.is_some(), "--xds-token"),
+    ];
+    if let Some((_, flag)) = needs_ads.iter().find(|(set, _)| *set)
+        && bootstrap.ads.is_none()
+    {
+        return Err(OptionsError::Xds {
+            flag,
+            reason: "needs --xds-address or a bootstrap with dynamic_resources.ads_config".into(),
+        });
+    }
+    if let Some(ads) = bootstrap.ads.as_mut() {
+        if let Some(ca) = &x.xds_ca {
+            // The name to verify: --xds-san, else the address's host (what gRPC checks).
+            let ip = |h: &str| h.parse::<std::net::IpAddr>().ok();
+            let name = x.xds_san.clone().or_else(|| host.clone());
+            let (sni, matcher) = match name {
+                Some(n) if ip(&n).is_some() => (String::new(), Some((SanType::IpAddress, n))),
+                Some(n) => (n.clone(), Some((SanType::Dns, n))),
+                None => (String::new(), None),
+            };
+            let certificate = match (&x.xds_cert, &x.xds_key) {
+                (Some(c), Some(k)) => Some(CertificateSource::Inline(TlsCertificate {
+                    certificate_chain: DataSource::File(c.clone()),
+                    private_key: DataSource::File(k.clone()),
+                })),
+                _ => None,
+            };
+            ads.tls = Some(std::sync::Arc::new(UpstreamTls {
+                common: CommonTls {
+                    certificate,
+                    validation: Some(Validation {
+                        inline: ValidationContext {
+                            trusted_ca: Some(DataSource::File(ca.clone())),
+                            san_matchers: matcher
+                                .into_iter()
+                                .map(|(san_type, n)| SanMatcher {
+                                    san_type,
+                                    matcher: StringMatch {
+                                        kind: StringKind::Exact(n),
+                                        ignore_case: false,
+                                    },
+                                })
+                                .collect(),
+                        },
+                        sds: None,
+                    }),
+                    alpn: vec!["h2".into()],
+                    min_version: TlsVersion::V1_2,
+                    max_version: TlsVersion::V1_3,
+                    cipher_suites: Vec::new(),
+                    ecdh_curves: Vec::new(),
+                },
+                sni,
+            }));
+        }
+        if let Some(t) = &x.xds_token {
+            ads.token = Some(t.clone());
+            // Fail now on a missing token file; it is re-read at every reconnect.
+            crate::xds::channel::bearer(t).map_err(OptionsError::XdsConnection)?;
+        }
+        if let Some(tls) = &ads.tls {
+            crate::xds::channel::endpoint(&ads.server, Some(tls))
+                .map_err(OptionsError::XdsConnection)?;
+        }
+    }
+    if x.xds_address.is_some() || a.node.istio_node {
+        let node =
+            crate::xds::node::istio_node(&a.node.options(), env, bootstrap.raw.node.as_ref())?;
+        bootstrap.node = crate::config::NodeInfo {
+            id: node.id.clone(),
+            cluster: node.cluster.clone(),
+        };
+        bootstrap.raw.node = Some(node);
+    }
+    Ok(bootstrap)
 }
 
 /// The cgroups the eBPF capture attaches to: the application's (sidecar) or the node's, and

@@ -447,3 +447,100 @@ fn capture_none_without_a_capture_port_listener_binds_no_capture_listener() {
     .unwrap();
     assert!(needs_capture_listener(&opts, &extras));
 }
+
+#[test]
+fn xds_flags_point_ads_at_istiod_with_tls_token_and_the_istio_node() {
+    use crate::model::tls::{DataSource, SanType};
+    let dir = TempDir::new("xds-flags");
+    let ca = dir.0.join("root-cert.pem");
+    let root = rcgen::generate_simple_self_signed(vec!["root".into()]).unwrap();
+    std::fs::write(&ca, root.cert.pem()).unwrap();
+    let token = dir.0.join("istio-token");
+    std::fs::write(&token, "jwt").unwrap();
+    let a = run_args(&[
+        "--capture",
+        "none",
+        "--xds-address",
+        "127.0.0.1:15012",
+        "--xds-ca",
+        path(&ca),
+        "--xds-san",
+        "istiod.istio-system.svc",
+        "--xds-token",
+        path(&token),
+        "--pod-name",
+        "p-1",
+        "--pod-namespace",
+        "ns",
+        "--instance-ips",
+        "10.0.0.5",
+    ]);
+    let env = [("ISTIO_META_CLUSTER_ID".to_string(), "east".to_string())].into();
+    let b = super::run::control_plane_flags(&a, bootstrap(), &env).unwrap();
+    assert!(b.lds_ads && b.cds_ads);
+    let ads = b.ads.unwrap();
+    assert_eq!(
+        ads.server,
+        crate::config::GrpcTarget::Tcp("127.0.0.1:15012".parse().unwrap())
+    );
+    assert_eq!(ads.api, crate::config::AdsApi::Sotw);
+    assert_eq!(ads.token.as_deref(), Some(token.as_path()));
+    let tls = ads.tls.unwrap();
+    assert_eq!(tls.sni, "istiod.istio-system.svc");
+    assert_eq!(tls.common.alpn, ["h2"]);
+    let v = tls.common.validation.as_ref().unwrap();
+    assert_eq!(v.inline.trusted_ca, Some(DataSource::File(ca.clone())));
+    assert_eq!(v.inline.san_matchers.len(), 1);
+    assert_eq!(v.inline.san_matchers[0].san_type, SanType::Dns);
+    assert!(
+        v.inline.san_matchers[0]
+            .matcher
+            .matches("istiod.istio-system.svc")
+    );
+    assert_eq!(b.node.id, "sidecar~10.0.0.5~p-1.ns~ns.svc.cluster.local");
+    let meta = b.raw.node.unwrap().metadata.unwrap();
+    assert!(matches!(
+        &meta.fields["CLUSTER_ID"].kind,
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) if s == "east"
+    ));
+
+    // Without --xds-address the bootstrap's node is left alone.
+    let plain = super::run::control_plane_flags(&run_args(&[]), bootstrap(), &env).unwrap();
+    assert!(plain.ads.is_none() && plain.raw.node.is_none());
+}
+
+#[test]
+fn xds_flags_that_cannot_work_are_refused_naming_the_cause() {
+    let dir = TempDir::new("xds-refusals");
+    let env = Default::default();
+    let flags = |extra: &[&str]| {
+        super::run::control_plane_flags(&run_args(extra), bootstrap(), &env)
+            .unwrap_err()
+            .to_string()
+    };
+    let missing = dir.0.join("missing.pem");
+    let e = flags(&["--xds-ca", path(&missing)]);
+    assert!(e.starts_with("--xds-ca: needs --xds-address"), "{e}");
+    let e = flags(&[
+        "--xds-address",
+        "127.0.0.1:1",
+        "--node-id",
+        "n",
+        "--xds-ca",
+        path(&missing),
+    ]);
+    assert!(e.contains("CA file") && e.contains("missing.pem"), "{e}");
+    let e = flags(&[
+        "--xds-address",
+        "127.0.0.1:1",
+        "--node-id",
+        "n",
+        "--xds-token",
+        path(&missing),
+    ]);
+    assert!(e.contains("token file"), "{e}");
+    let e = flags(&["--xds-address", "no-port", "--node-id", "n"]);
+    assert!(e.starts_with("--xds-address"), "{e}");
+    let e = flags(&["--xds-address", "127.0.0.1:1"]);
+    assert!(e.contains("no node id"), "{e}");
+}

@@ -1,11 +1,13 @@
 //! Envoy v3 bootstrap (YAML or JSON) -> validated configuration.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap as PbBootstrap;
 
+use crate::model::tls::{Secret, Secrets};
 use crate::model::{self, Cluster, Listener, ModelError};
 
 /// Envoy's admin default in Istio sidecars.
@@ -43,10 +45,25 @@ pub enum ConfigError {
     Duplicate {
         /// File or `<inline>`.
         origin: String,
-        /// `listener` or `cluster`.
+        /// `listener`, `cluster` or `secret`.
         kind: &'static str,
         /// The repeated name.
         name: String,
+    },
+    /// A TLS context of a static listener or cluster names a secret without `sds_config` that
+    /// `static_resources.secrets` does not have (Envoy: "Unknown static secret").
+    #[error(
+        "bootstrap {origin}: static_resources: {kind} {name:?}: unknown static secret {secret:?}"
+    )]
+    UnknownSecret {
+        /// File or `<inline>`.
+        origin: String,
+        /// `listener` or `cluster`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The secret it names.
+        secret: String,
     },
     /// `dynamic_resources` cannot be served.
     #[error("bootstrap {origin}: dynamic_resources.{field}: {reason}")]
@@ -87,16 +104,63 @@ pub enum AdsApi {
 }
 
 /// `dynamic_resources.ads_config`, resolved to an address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdsConfig {
     /// State of the world or delta.
     pub api: AdsApi,
     /// `grpc_services[0].envoy_grpc.cluster_name` (a static cluster).
     pub cluster: String,
-    /// The first endpoint of that cluster: where the server listens (plain h2c).
-    pub server: SocketAddr,
+    /// The first endpoint of that cluster: where the server listens (an IP address, or a Unix
+    /// socket as Istio's `xds-grpc` to pilot-agent's local xDS proxy).
+    pub server: GrpcTarget,
     /// `envoy_grpc.retry_policy.retry_back_off` (base, max) for reconnects, when given.
     pub backoff: Option<(std::time::Duration, std::time::Duration)>,
+    /// TLS to the server (the ADS cluster's `UpstreamTlsContext`, or `skiff run --xds-ca`);
+    /// `None`: plain h2c.
+    pub tls: Option<std::sync::Arc<model::tls::UpstreamTls>>,
+    /// File holding a bearer token sent as `authorization: Bearer <token>` on each stream,
+    /// re-read at every reconnect (Istio's projected ServiceAccount token, `--xds-token`).
+    pub token: Option<PathBuf>,
+}
+
+/// Where a bootstrap cluster used for a gRPC service (SDS, ADS) is reached: its first
+/// endpoint, an IP address or a Unix socket (`pipe`, Istio's `sds-grpc` on
+/// `./var/run/secrets/workload-spiffe-uds/socket`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GrpcTarget {
+    /// `socket_address` with an IP literal and a port.
+    Tcp(SocketAddr),
+    /// `pipe.path`, as given (a relative path is relative to skiff's working directory, as in
+    /// Envoy).
+    Unix(PathBuf),
+}
+
+impl GrpcTarget {
+    /// `unix:PATH` (Envoy's pipe notation as Istio writes it, `unix://PATH` too) or `HOST:PORT`
+    /// with an IP host; a bare path (starting with `/` or `.`) is a Unix socket.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            return Ok(GrpcTarget::Unix(p.into()));
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            return Ok(GrpcTarget::Unix(s.into()));
+        }
+        s.parse()
+            .map(GrpcTarget::Tcp)
+            .map_err(|_| format!("{s:?} is neither unix:PATH nor IP:PORT"))
+    }
+}
+
+impl std::fmt::Display for GrpcTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrpcTarget::Tcp(a) => write!(f, "{a}"),
+            GrpcTarget::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// A validated bootstrap.
@@ -110,6 +174,12 @@ pub struct Bootstrap {
     pub listeners: Vec<Listener>,
     /// Static clusters.
     pub clusters: Vec<Cluster>,
+    /// `static_resources.secrets`, by name (what TLS contexts name without `sds_config`).
+    pub secrets: Secrets,
+    /// Every STATIC cluster with an endpoint, by name: where a gRPC service naming it
+    /// (`envoy_grpc.cluster_name`) connects. A cluster whose endpoints are all Unix sockets
+    /// (`pipe`) is kept in `clusters` without hosts: only gRPC services use it.
+    pub grpc_targets: BTreeMap<String, GrpcTarget>,
     /// `dynamic_resources.ads_config`, when configuration comes from an ADS server.
     pub ads: Option<AdsConfig>,
     /// `dynamic_resources.lds_config` is `ads: {}`: listeners come over ADS.
@@ -151,7 +221,20 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
     };
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
+    let mut secrets = Secrets::new();
+    let mut grpc_targets = BTreeMap::new();
     if let Some(sr) = &raw.static_resources {
+        for s in &sr.secrets {
+            let s = Secret::try_from(s).map_err(invalid)?;
+            if secrets.contains_key(&s.name) {
+                return Err(ConfigError::Duplicate {
+                    origin: origin.to_string(),
+                    kind: "secret",
+                    name: s.name,
+                });
+            }
+            secrets.insert(s.name.clone(), Arc::new(s));
+        }
         let mut seen = BTreeSet::new();
         for l in &sr.listeners {
             let l = Listener::try_from(l).map_err(invalid)?;
@@ -166,7 +249,10 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         }
         let mut seen = BTreeSet::new();
         for c in &sr.clusters {
-            let c = Cluster::try_from(c).map_err(invalid)?;
+            let (c, target) = static_cluster(c).map_err(invalid)?;
+            if let Some(t) = target {
+                grpc_targets.insert(c.name.clone(), t);
+            }
             if !seen.insert(c.name.clone()) {
                 return Err(ConfigError::Duplicate {
                     origin: origin.to_string(),
@@ -177,6 +263,31 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
             clusters.push(c);
         }
     }
+    let is_static = |r: &&model::tls::SdsRef| r.source == model::tls::SdsSource::Static;
+    let unknown = |kind: &'static str, name: &str, mut refs: Vec<&model::tls::SdsRef>| {
+        refs.retain(|r| !secrets.contains_key(&r.name));
+        refs.first().map(|r| ConfigError::UnknownSecret {
+            origin: origin.to_string(),
+            kind,
+            name: name.to_string(),
+            secret: r.name.clone(),
+        })
+    };
+    for l in &listeners {
+        if let Some(e) = unknown(
+            "listener",
+            &l.name,
+            l.sds_refs().filter(is_static).collect(),
+        ) {
+            return Err(e);
+        }
+    }
+    for c in &clusters {
+        let refs = c.transport.sds_refs().filter(is_static).collect();
+        if let Some(e) = unknown("cluster", &c.name, refs) {
+            return Err(e);
+        }
+    }
     let admin = match raw.admin.as_ref().and_then(|a| a.address.as_ref()) {
         Some(a) => Some(model::socket_addr(Some(a)).map_err(|e| ConfigError::Admin {
             origin: origin.to_string(),
@@ -185,10 +296,12 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         None => None,
     };
     let (ads, lds_ads, cds_ads) =
-        dynamic(&raw, &clusters).map_err(|(field, reason)| ConfigError::Dynamic {
-            origin: origin.to_string(),
-            field,
-            reason,
+        dynamic(&raw, &clusters, &grpc_targets).map_err(|(field, reason)| {
+            ConfigError::Dynamic {
+                origin: origin.to_string(),
+                field,
+                reason,
+            }
         })?;
     let node = raw
         .node
@@ -209,12 +322,83 @@ pub fn from_proto(raw: PbBootstrap, origin: &str) -> Result<Bootstrap, ConfigErr
         admin,
         listeners,
         clusters,
+        secrets,
+        grpc_targets,
         ads,
         lds_ads,
         cds_ads,
         initial_fetch_timeout,
         raw,
     })
+}
+
+/// A static cluster and, when it is STATIC with an endpoint, where gRPC services reach it.
+/// Unix-socket (`pipe`) endpoints are taken out before the model sees the cluster (the data
+/// plane dials only IP endpoints); such a cluster must consist of them only.
+fn static_cluster(
+    c: &envoy_types::pb::envoy::config::cluster::v3::Cluster,
+) -> Result<(Cluster, Option<GrpcTarget>), ModelError> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address as Kind;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let endpoint_address = |e: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint| match &e
+        .host_identifier
+    {
+        Some(HostIdentifier::Endpoint(ep)) => ep.address.as_ref().and_then(|a| a.address.clone()),
+        _ => None,
+    };
+    let pipes: Vec<String> = c
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .flat_map(|l| l.lb_endpoints.iter())
+        .filter_map(|e| match endpoint_address(e) {
+            Some(Kind::Pipe(p)) => Some(p.path),
+            _ => None,
+        })
+        .collect();
+    if pipes.is_empty() {
+        let c = Cluster::try_from(c)?;
+        let target = match &c.kind {
+            model::ClusterKind::Static(la) => la
+                .endpoints()
+                .find(|e| e.internal.is_none())
+                .map(|e| GrpcTarget::Tcp(e.address)),
+            _ => None,
+        };
+        return Ok((c, target));
+    }
+    let total: usize = c
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .map(|l| l.lb_endpoints.len())
+        .sum();
+    let err =
+        |field: &str, reason: &str| model::FieldError::new(field, reason).on("cluster", &c.name);
+    if pipes.len() != total {
+        return Err(err(
+            "load_assignment.endpoints",
+            "Unix socket (pipe) and IP endpoints cannot be mixed in one cluster",
+        ));
+    }
+    if pipes[0].is_empty() {
+        return Err(err(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe.path",
+            "must not be empty",
+        ));
+    }
+    let mut hostless = c.clone();
+    if let Some(la) = hostless.load_assignment.as_mut() {
+        la.endpoints.clear();
+    }
+    let model = Cluster::try_from(&hostless)?;
+    if !matches!(model.kind, model::ClusterKind::Static(_)) {
+        return Err(err(
+            "type",
+            "a cluster of Unix socket (pipe) endpoints must be STATIC",
+        ));
+    }
+    Ok((model, Some(GrpcTarget::Unix(PathBuf::from(&pipes[0])))))
 }
 
 /// Envoy's default `initial_fetch_timeout`.
@@ -255,6 +439,7 @@ fn initial_fetch_timeout(
 fn dynamic(
     raw: &PbBootstrap,
     clusters: &[Cluster],
+    grpc_targets: &BTreeMap<String, GrpcTarget>,
 ) -> Result<(Option<AdsConfig>, bool, bool), (String, String)> {
     use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as Spec;
     use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
@@ -337,11 +522,7 @@ fn dynamic(
         .iter()
         .find(|c| c.name == cluster)
         .ok_or_else(|| (field(), format!("no static cluster {cluster:?}")))?;
-    let server = match &c.kind {
-        model::ClusterKind::Static(la) => la.endpoints().next().map(|e| e.address),
-        _ => None,
-    }
-    .ok_or_else(|| {
+    let server = grpc_targets.get(&cluster).cloned().ok_or_else(|| {
         (
             field(),
             format!("cluster {cluster:?} must be STATIC with at least one endpoint"),
@@ -353,6 +534,9 @@ fn dynamic(
             cluster,
             server,
             backoff,
+            // pilot-agent's istiod connection: the ADS cluster's UpstreamTlsContext.
+            tls: c.transport.default.clone(),
+            token: None,
         }),
         lds_ads,
         cds_ads,
@@ -393,6 +577,41 @@ static_resources:
       endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15010 }} }} }} }} ] }} ]
 "#
         )
+    }
+
+    const TLS_CLUSTER: &str = r#"
+static_resources:
+  secrets:
+  - name: ca
+    validation_context: { trusted_ca: { filename: /etc/ca.pem } }
+  clusters:
+  - name: up
+    type: STATIC
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context: { validation_context_sds_secret_config: { name: NAME } }
+"#;
+
+    #[test]
+    fn static_secrets_load_and_unknown_ones_are_refused() {
+        let b = parse(&TLS_CLUSTER.replace("NAME", "ca"), "<test>").unwrap();
+        assert!(b.secrets.contains_key("ca"));
+        let e = parse(&TLS_CLUSTER.replace("NAME", "nope"), "<test>").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cluster \"up\": unknown static secret \"nope\""),
+            "{e}"
+        );
+        let dup = TLS_CLUSTER.replace("NAME", "ca").replace(
+            "  clusters:",
+            "  - name: ca\n    validation_context: { trusted_ca: { filename: /x.pem } }\n  clusters:",
+        );
+        assert!(matches!(
+            parse(&dup, "<test>").unwrap_err(),
+            ConfigError::Duplicate { kind: "secret", .. }
+        ));
     }
 
     #[test]

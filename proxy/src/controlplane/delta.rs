@@ -40,10 +40,11 @@ type Stream = super::Stream<TypeState, DeltaDiscoveryResponse>;
 pub(super) async fn run(
     ctx: StreamCtx,
     peer: Option<SocketAddr>,
+    default_type: Option<&'static str>,
     requests: tonic::Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
 ) {
-    drive(Stream::new(ctx, peer, tx), requests).await;
+    drive(Stream::new(ctx, peer, default_type, tx), requests).await;
 }
 
 impl StreamProtocol for Stream {
@@ -56,14 +57,13 @@ impl StreamProtocol for Stream {
         snapshot: &Arc<Snapshot>,
     ) -> Result<(), Gone> {
         node_id(&mut self.node, request.node.as_ref());
-        let type_url = request.type_url;
-        if type_url.is_empty() {
+        let Some(type_url) = self.type_url(request.type_url) else {
             warn!(
                 node = self.node,
                 "delta request without a type_url; ignored"
             );
             return Ok(());
-        }
+        };
         let first = !self.types.contains_key(&type_url);
         let state = self.types.entry(type_url.clone()).or_default();
         if first {

@@ -11,6 +11,14 @@
 //!   `watch` channel.
 //! - `sotw`: one state-of-the-world ADS stream (`StreamAggregatedResources`).
 //! - `delta`: one incremental ADS stream (`DeltaAggregatedResources`).
+//! - `security`: TLS for the gRPC listener (`--tls-cert/--tls-key`, `--client-ca`) and the
+//!   bearer-token check (`--require-token`).
+//!
+//! # Secrets
+//! Secret resources (`…transport_sockets.tls.v3.Secret`, a file of them in the directory) are
+//! served by name over ADS (SotW and delta) and, with `--sds-socket PATH`, by the
+//! SecretDiscoveryService on that Unix socket (as Istio's node agent serves `default` and
+//! `ROOTCA`); SDS requests without a type URL mean secrets. A rewritten file is pushed.
 //!
 //! # Protocol choices
 //! - Wildcard: LDS and CDS requests with no resource names (or with `*`) get every resource of
@@ -30,6 +38,7 @@
 //!   nonce (and the NACK's `error_detail` message).
 
 mod delta;
+mod security;
 mod sotw;
 mod source;
 
@@ -47,6 +56,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +66,7 @@ use tracing::{info, warn};
 
 use self::source::{Loader, Snapshot};
 
+pub use self::security::ServerTls;
 pub use self::source::LoadError;
 
 /// The identifier every response carries in `control_plane.identifier`.
@@ -83,6 +96,17 @@ pub struct ControlPlaneOptions {
     pub listen: SocketAddr,
     /// How often the source is checked for changes (file modification time and size).
     pub poll_interval: Duration,
+    /// Serve ADS over TLS (`--tls-cert/--tls-key`, client certificates with `--client-ca`).
+    pub tls: Option<ServerTls>,
+    /// Refuse ADS streams whose `authorization` is not `Bearer <this file's content>`
+    /// (UNAUTHENTICATED); the file is re-read for every stream, so it can rotate.
+    pub require_token: Option<PathBuf>,
+    /// Also serve the SecretDiscoveryService on this Unix socket (plain gRPC; the socket's
+    /// permissions protect it, as Istio's node agent socket).
+    pub sds_socket: Option<PathBuf>,
+    /// Also serve ADS on this Unix socket, as pilot-agent's xDS proxy serves its sidecar
+    /// (`/etc/istio/proxy/XDS`); no token check (the socket's permissions protect it).
+    pub ads_socket: Option<PathBuf>,
 }
 
 impl ControlPlaneOptions {
@@ -92,6 +116,10 @@ impl ControlPlaneOptions {
             source,
             listen: DEFAULT_LISTEN,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            tls: None,
+            require_token: None,
+            sds_socket: None,
+            ads_socket: None,
         }
     }
 }
@@ -120,6 +148,18 @@ pub enum ControlPlaneError {
         #[source]
         error: std::io::Error,
     },
+    /// The SDS Unix socket cannot be bound.
+    #[error("binding the SDS socket {}", path.display())]
+    BindUnix {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        error: std::io::Error,
+    },
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(Box<security::TlsError>),
     /// The bound socket has no local address.
     #[error("control plane local address")]
     LocalAddr(#[source] std::io::Error),
@@ -134,7 +174,7 @@ pub enum Source {
     /// A directory of discovery files (`{"version_info", "resources": [...]}`, JSON or YAML),
     /// one xDS type per file. The type comes from the resources' `@type` (for a file without
     /// resources: its `type_url`, else its name: `listeners`/`lds`, `clusters`/`cds`,
-    /// `routes`/`rds`, `endpoints`/`eds`). A file without `version_info` is versioned by a
+    /// `routes`/`rds`, `endpoints`/`eds`, `secrets`/`sds`). A file without `version_info` is versioned by a
     /// hash of its resources. Files are `*.json`, `*.yaml`, `*.yml`; hidden files are skipped.
     Dir(PathBuf),
     /// An Envoy (or Istio, OSM, Kuma) admin `/config_dump`: its dynamic listeners, clusters,
@@ -176,6 +216,13 @@ pub async fn serve(
         error,
     })?;
     let (snapshots_tx, snapshots) = watch::channel(Arc::new(snapshot));
+    // Read before binding: a bad certificate fails the start, not the first handshake.
+    let tls = opts
+        .tls
+        .as_ref()
+        .map(ServerTls::load)
+        .transpose()
+        .map_err(|e| ControlPlaneError::Tls(Box::new(e)))?;
 
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -186,7 +233,34 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(ControlPlaneError::LocalAddr)?;
-    info!(addr = %bound, source = %opts.source, "control plane listening");
+    info!(
+        addr = %bound,
+        source = %opts.source,
+        tls = opts.tls.is_some(),
+        client_certificates = opts.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        token_required = opts.require_token.is_some(),
+        "control plane listening"
+    );
+    let sds_listener = match &opts.sds_socket {
+        None => None,
+        Some(path) => {
+            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
+                path: path.clone(),
+                error,
+            })?;
+            Some((path.clone(), listener))
+        }
+    };
+    let ads_listener = match &opts.ads_socket {
+        None => None,
+        Some(path) => {
+            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
+                path: path.clone(),
+                error,
+            })?;
+            Some((path.clone(), listener))
+        }
+    };
     on_bound(bound);
 
     let stop = CancellationToken::new();
@@ -196,13 +270,47 @@ pub async fn serve(
         opts.poll_interval,
         stop.clone(),
     ));
-    let service = AdsService {
-        ctx: StreamCtx {
-            snapshots,
-            nonces: Arc::new(AtomicU64::new(0)),
-            stop: stop.clone(),
-        },
+    let ctx = StreamCtx {
+        snapshots,
+        nonces: Arc::new(AtomicU64::new(0)),
+        stop: stop.clone(),
     };
+    let sds_server = sds_listener.map(|(path, listener)| {
+        info!(socket = %path.display(), "SDS listening");
+        let stop = stop.clone();
+        let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            SecretDiscoveryServiceServer::new(SdsService { ctx: ctx.clone() }),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move { stop.cancelled().await },
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(socket = %path.display(), error = %e, "SDS server failed");
+            }
+            // Leave no socket behind for the next start to trip over.
+            let _ = std::fs::remove_file(&path);
+        })
+    });
+    let ads_socket_server = ads_listener.map(|(path, listener)| {
+        info!(socket = %path.display(), "ADS listening on a Unix socket");
+        let stop = stop.clone();
+        let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            AggregatedDiscoveryServiceServer::new(AdsService { ctx: ctx.clone() }),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move { stop.cancelled().await },
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(socket = %path.display(), error = %e, "ADS socket server failed");
+            }
+            let _ = std::fs::remove_file(&path);
+        })
+    });
+    let service = AdsService { ctx };
+    let service = AggregatedDiscoveryServiceServer::with_interceptor(
+        service,
+        security::TokenCheck::new(opts.require_token.clone()),
+    );
     let signal = {
         let stop = stop.clone();
         async move {
@@ -215,9 +323,13 @@ pub async fn serve(
             stop.cancel();
         }
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(ControlPlaneError::Server)?;
+    }
     // One service, so no router: tonic serves it directly.
-    let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-        AggregatedDiscoveryServiceServer::new(service),
+    let server = builder.serve_with_incoming_shutdown(
+        service,
         tonic::transport::server::TcpIncoming::from(listener),
         signal,
     );
@@ -229,10 +341,25 @@ pub async fn serve(
         }
     };
     stop.cancel();
+    for task in sds_server.into_iter().chain(ads_socket_server) {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+    }
     if let Err(e) = poller.await {
         warn!(error = %e, "control plane source poller failed");
     }
     result
+}
+
+/// Binds a Unix socket (SDS, ADS), replacing a stale one (a socket file nobody listens on).
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_err() {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 /// What every stream task shares.
@@ -262,6 +389,8 @@ struct Stream<T, R> {
     node: String,
     /// Peer address, for logs.
     peer: String,
+    /// The type of requests that name none (SDS streams: secrets).
+    default_type: Option<&'static str>,
     types: std::collections::BTreeMap<String, T>,
 }
 
@@ -269,14 +398,34 @@ impl<T, R> Stream<T, R> {
     fn new(
         ctx: StreamCtx,
         peer: Option<SocketAddr>,
+        default_type: Option<&'static str>,
         tx: mpsc::Sender<Result<R, tonic::Status>>,
     ) -> Self {
         Stream {
             ctx,
             tx,
             node: "-".to_owned(),
-            peer: peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            peer: peer.map_or_else(
+                || {
+                    if default_type.is_some() {
+                        "unix".to_owned()
+                    } else {
+                        "-".to_owned()
+                    }
+                },
+                |p| p.to_string(),
+            ),
+            default_type,
             types: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The request's type URL, or the stream's default when it names none.
+    fn type_url(&self, given: String) -> Option<String> {
+        if given.is_empty() {
+            self.default_type.map(str::to_owned)
+        } else {
+            Some(given)
         }
     }
 }
@@ -397,7 +546,13 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        tokio::spawn(sotw::run(self.ctx.clone(), peer, request.into_inner(), tx));
+        tokio::spawn(sotw::run(
+            self.ctx.clone(),
+            peer,
+            None,
+            request.into_inner(),
+            tx,
+        ));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 
@@ -407,8 +562,69 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        tokio::spawn(delta::run(self.ctx.clone(), peer, request.into_inner(), tx));
+        tokio::spawn(delta::run(
+            self.ctx.clone(),
+            peer,
+            None,
+            request.into_inner(),
+            tx,
+        ));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+// === impl SdsService ===
+
+/// The SecretDiscoveryService on the `--sds-socket`: the same streams as ADS, secrets only
+/// by default.
+struct SdsService {
+    ctx: StreamCtx,
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamSecretsStream>, tonic::Status> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let secret = Some(crate::xds::sds::SECRET_TYPE_URL);
+        tokio::spawn(sotw::run(
+            self.ctx.clone(),
+            None,
+            secret,
+            request.into_inner(),
+            tx,
+        ));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaSecretsStream>, tonic::Status> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let secret = Some(crate::xds::sds::SECRET_TYPE_URL);
+        tokio::spawn(delta::run(
+            self.ctx.clone(),
+            None,
+            secret,
+            request.into_inner(),
+            tx,
+        ));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: tonic::Request<DiscoveryRequest>,
+    ) -> Result<tonic::Response<DiscoveryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "FetchSecrets (REST-style polling) is not served; use StreamSecrets",
+        ))
     }
 }
 

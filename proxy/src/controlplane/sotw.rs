@@ -59,10 +59,11 @@ type Stream = super::Stream<TypeState, DiscoveryResponse>;
 pub(super) async fn run(
     ctx: StreamCtx,
     peer: Option<SocketAddr>,
+    default_type: Option<&'static str>,
     requests: tonic::Streaming<DiscoveryRequest>,
     tx: Tx,
 ) {
-    drive(Stream::new(ctx, peer, tx), requests).await;
+    drive(Stream::new(ctx, peer, default_type, tx), requests).await;
 }
 
 impl StreamProtocol for Stream {
@@ -75,14 +76,13 @@ impl StreamProtocol for Stream {
         snapshot: &Arc<Snapshot>,
     ) -> Result<(), Gone> {
         node_id(&mut self.node, request.node.as_ref());
-        let type_url = request.type_url;
-        if type_url.is_empty() {
+        let Some(type_url) = self.type_url(request.type_url) else {
             warn!(
                 node = self.node,
                 "request without a type_url on an ADS stream; ignored"
             );
             return Ok(());
-        }
+        };
         let subscription = Subscription::from_request(&type_url, &request.resource_names);
         let state = self
             .types

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Source, fnv1a};
 use crate::xds::ResourceKind;
+use crate::xds::sds::SECRET_TYPE_URL;
 
 /// Why a file (or one of its resources) cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +413,9 @@ fn content_version(resources: &BTreeMap<String, Arc<Resource>>) -> String {
 
 fn type_from_file_name(path: &Path) -> Option<&'static str> {
     let stem = path.file_stem()?.to_str()?.to_ascii_lowercase();
+    if matches!(stem.as_str(), "secrets" | "sds") {
+        return Some(SECRET_TYPE_URL);
+    }
     let kind = match stem.as_str() {
         "listeners" | "lds" => ResourceKind::Listener,
         "clusters" | "cds" => ResourceKind::Cluster,
@@ -455,6 +459,10 @@ fn resource_name(any: &Any) -> Result<String, NameError> {
         Some(ResourceKind::Route) => RouteConfiguration::decode(bytes).map(|r| r.name),
         Some(ResourceKind::Endpoints) => {
             ClusterLoadAssignment::decode(bytes).map(|r| r.cluster_name)
+        }
+        Some(ResourceKind::Secret) => {
+            envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(bytes)
+                .map(|r| r.name)
         }
         None => {
             // Opaque (type unknown to skiff-proto): its original JSON follows a 0x00 byte.

@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::debug;
 
+use super::counters::ListenerCounters;
 use super::error::ConnError;
 use super::route::{self, ConnFacts};
 use super::{Dataplane, ListenerRole, inbound, orig_dst};
@@ -15,10 +18,20 @@ use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::http::sniff;
 use crate::model::Listener;
 use crate::state::Snapshot;
+use crate::tls::inspect::{self, Inspect, TLS_INSPECTOR};
 
-/// How long the http_inspector listener filter waits for the first bytes before giving up
-/// (the chain is then chosen without an application protocol).
-const HTTP_INSPECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// `transport_protocol` of a connection no TLS inspector recognised.
+pub const RAW_BUFFER: &str = "raw_buffer";
+/// `transport_protocol` of a connection whose ClientHello the TLS inspector read.
+pub const TLS: &str = "tls";
+
+/// Bytes peeked first; http_inspector never needs more, the TLS inspector may (up to
+/// [`inspect::MAX_CLIENT_HELLO`]).
+const FIRST_PEEK: usize = 4 * 1024;
+
+/// How long to wait before peeking again when no new byte arrived (peek does not consume, so
+/// the socket stays readable and cannot be waited on).
+const PEEK_AGAIN: Duration = Duration::from_millis(2);
 
 /// The facts of one accepted connection, all read against [`Accepted::snap`].
 #[derive(Debug)]
@@ -34,21 +47,25 @@ pub struct Accepted {
     pub orig_dst: Option<OrigDstAddr>,
     /// The listener that serves the connection; `None`: no listener does.
     pub listener: Option<Arc<Listener>>,
-    /// Application protocols a listener filter detected (`http/1.1`, `h2c`), else empty.
+    /// Application protocols the listener filters detected: the ClientHello's ALPN list, or
+    /// `http/1.0`, `http/1.1`, `h2c` from http_inspector; else empty.
     pub application_protocols: Vec<String>,
-    /// Transport protocol for chain matching: `raw_buffer` (no TLS inspector yet).
+    /// Transport protocol for chain matching: [`TLS`] when tls_inspector read a ClientHello,
+    /// else [`RAW_BUFFER`].
     pub transport_protocol: &'static str,
-    /// SNI, once a TLS inspector finds one (none yet).
+    /// The ClientHello's SNI.
     pub server_name: Option<String>,
 }
 
 impl Accepted {
-    /// Read the facts of `down`, accepted by a listener of `role` from `client`.
-    pub async fn read(
+    /// Read the facts of `down`, accepted by a listener of `role` from `client`; its
+    /// listener filters' outcomes are counted in `counters`.
+    pub(super) async fn read(
         dp: &Dataplane,
         down: &TcpStream,
         client: ClientAddr,
         role: &ListenerRole,
+        counters: &ListenerCounters,
     ) -> Result<Accepted, ConnError> {
         let local = down.local_addr().map_err(ConnError::Accept)?;
         let snap = dp.store().load();
@@ -64,19 +81,9 @@ impl Accepted {
         };
         let listener =
             route::listener_for(&snap, role, orig_dst.map(|o| o.get()), dp.capture_port).cloned();
-        // http_inspector: peek (never consume) the first bytes when the listener asks for it.
-        let inspect = listener.as_ref().is_some_and(|l| {
-            l.listener_filters
-                .iter()
-                .any(|f| f == sniff::HTTP_INSPECTOR)
-        });
-        let application_protocols = if inspect {
-            sniff::detect(down, HTTP_INSPECT_TIMEOUT)
-                .await
-                .map(|p| vec![p.to_string()])
-                .unwrap_or_default()
-        } else {
-            Vec::new()
+        let found = match &listener {
+            Some(l) => listener_filters(down, l, counters).await?,
+            None => Detected::default(),
         };
         Ok(Accepted {
             snap,
@@ -84,9 +91,9 @@ impl Accepted {
             local,
             orig_dst,
             listener,
-            application_protocols,
-            transport_protocol: "raw_buffer",
-            server_name: None,
+            application_protocols: found.application_protocols,
+            transport_protocol: found.transport_protocol,
+            server_name: found.server_name,
         })
     }
 
@@ -114,3 +121,153 @@ fn redirected(down: &TcpStream, local: SocketAddr) -> Option<OrigDstAddr> {
         }
     }
 }
+
+// === listener filters ===
+
+/// What the listener filters found in the first bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Detected {
+    /// [`TLS`] or [`RAW_BUFFER`].
+    pub(super) transport_protocol: &'static str,
+    /// SNI.
+    pub(super) server_name: Option<String>,
+    /// ALPN, or the HTTP version http_inspector saw.
+    pub(super) application_protocols: Vec<String>,
+}
+
+impl Default for Detected {
+    fn default() -> Self {
+        Detected {
+            transport_protocol: RAW_BUFFER,
+            server_name: None,
+            application_protocols: Vec::new(),
+        }
+    }
+}
+
+/// Run the listener's tls_inspector and http_inspector on `down`'s first bytes, peeked and
+/// never consumed, until each has decided, within the listener's `listener_filters_timeout`.
+/// At the timeout the connection is closed, or with `continue_on_listener_filters_timeout`
+/// routed on what is known (nothing). A peer that closes or fails before they decide is
+/// routed on nothing too (its next read tells the rest).
+async fn listener_filters(
+    down: &TcpStream,
+    listener: &Listener,
+    counters: &ListenerCounters,
+) -> Result<Detected, ConnError> {
+    let has = |name: &str| listener.listener_filters.iter().any(|f| f == name);
+    let mut tls = has(TLS_INSPECTOR);
+    let mut http = has(sniff::HTTP_INSPECTOR);
+    let mut found = Detected::default();
+    if !tls && !http {
+        return Ok(found);
+    }
+    let deadline = listener
+        .listener_filters_timeout
+        .map(|t| Instant::now() + t);
+    // Most first flights fit in a few KiB: the buffer grows (to the inspector's 64 KiB) only
+    // when a ClientHello fills it.
+    let mut buf = vec![0u8; FIRST_PEEK];
+    let mut seen = 0;
+    loop {
+        let peeked = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, down.peek(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => return timed_out(listener, counters, found),
+            },
+            None => down.peek(&mut buf).await,
+        };
+        let n = match peeked {
+            Ok(0) | Err(_) => return Ok(found),
+            Ok(n) => n,
+        };
+        let bytes = &buf[..n];
+        if tls {
+            let c = counters.tls_inspector();
+            match inspect::inspect(bytes) {
+                Inspect::NeedMore => {}
+                Inspect::NotTls => {
+                    c.tls_not_found.inc();
+                    tls = false;
+                }
+                Inspect::TooLarge => {
+                    c.client_hello_too_large.inc();
+                    return Err(ConnError::ClientHelloTooLarge {
+                        listener: listener.name.clone(),
+                        max: inspect::MAX_CLIENT_HELLO,
+                    });
+                }
+                Inspect::ClientHello(hello) => {
+                    c.tls_found.inc();
+                    match hello.sni {
+                        Some(_) => c.sni_found.inc(),
+                        None => c.sni_not_found.inc(),
+                    }
+                    match hello.alpn.is_empty() {
+                        false => c.alpn_found.inc(),
+                        true => c.alpn_not_found.inc(),
+                    }
+                    // http_inspector leaves connections another filter found a transport for.
+                    return Ok(Detected {
+                        transport_protocol: TLS,
+                        server_name: hello.sni,
+                        application_protocols: hello.alpn,
+                    });
+                }
+            }
+        }
+        if http {
+            match sniff::classify(&bytes[..n.min(sniff::MAX_PEEK)]) {
+                sniff::Verdict::NeedMore => {}
+                v => {
+                    found.application_protocols =
+                        v.protocol().map(|p| vec![p.into()]).unwrap_or_default();
+                    http = false;
+                }
+            }
+        }
+        if !tls && !http {
+            return Ok(found);
+        }
+        if tls && n == buf.len() && n < inspect::MAX_CLIENT_HELLO {
+            buf.resize((n * 4).min(inspect::MAX_CLIENT_HELLO), 0);
+            seen = n;
+            continue;
+        }
+        if n == seen {
+            // Nothing new: a peer that half-closed sends nothing more, so decide now.
+            if down
+                .ready(Interest::READABLE)
+                .await
+                .map_or(true, |r| r.is_read_closed())
+            {
+                return Ok(found);
+            }
+            match deadline {
+                Some(d) if Instant::now() >= d => return timed_out(listener, counters, found),
+                _ => tokio::time::sleep(PEEK_AGAIN).await,
+            }
+        }
+        seen = n;
+    }
+}
+
+/// The listener filters ran out of time.
+fn timed_out(
+    listener: &Listener,
+    counters: &ListenerCounters,
+    found: Detected,
+) -> Result<Detected, ConnError> {
+    counters.pre_cx_timeout.inc();
+    if listener.continue_on_listener_filters_timeout {
+        debug!(listener = %listener.name, "listener filters timed out; choosing a chain anyway");
+        Ok(found)
+    } else {
+        Err(ConnError::ListenerFilterTimeout {
+            listener: listener.name.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

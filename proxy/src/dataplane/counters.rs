@@ -3,10 +3,10 @@
 //! snapshot resolved (`ClusterEntry::stats`, `Snapshot::cluster_stats` for passthrough), so the
 //! per-connection path formats no stat name.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::error::{ConnError, ResponseFlag};
-use crate::stats::{Counter, Gauge, Stats};
+use crate::stats::{Counter, Gauge, Histogram, Stats};
 
 /// Counters of one listener, resolved when it starts accepting.
 #[derive(Debug)]
@@ -15,8 +15,21 @@ pub(super) struct ListenerCounters {
     pub(super) total: Arc<Counter>,
     /// `<listener>.downstream_cx_active`.
     pub(super) active: Arc<Gauge>,
+    /// `<listener>.downstream_cx_length_ms`.
+    length: Arc<Histogram>,
     /// `<listener>.no_filter_chain_match` (Envoy's).
     no_filter_chain_match: Arc<Counter>,
+    /// `<listener>.downstream_pre_cx_timeout`: closed because the listener filters did not
+    /// decide in time.
+    pub(super) pre_cx_timeout: Arc<Counter>,
+    /// `tls_inspector.*`, resolved when this listener first inspects a connection (Envoy
+    /// lists them only where the filter runs).
+    tls_inspector: OnceLock<TlsInspectorCounters>,
+    /// `<listener>.ssl.handshake`, resolved at the listener's first TLS handshake (failures
+    /// are rare: their names are formatted when they happen).
+    ssl_handshake: OnceLock<Arc<Counter>>,
+    prefix: String,
+    stats: Arc<Stats>,
     /// `skiff.downstream_cx_rejected`: closed because selection chose no upstream, on any
     /// listener.
     rejected: Arc<Counter>,
@@ -26,10 +39,16 @@ pub(super) struct ListenerCounters {
 
 impl ListenerCounters {
     /// Counters of the listener whose stats start with `prefix` (`listener.<name or addr>`).
-    pub(super) fn new(stats: &Stats, prefix: &str) -> Self {
+    pub(super) fn new(stats: &Arc<Stats>, prefix: &str) -> Self {
         ListenerCounters {
+            pre_cx_timeout: stats.counter(&format!("{prefix}.downstream_pre_cx_timeout")),
+            tls_inspector: OnceLock::new(),
+            ssl_handshake: OnceLock::new(),
+            prefix: prefix.to_string(),
+            stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
+            length: stats.histogram(&format!("{prefix}.downstream_cx_length_ms")),
             no_filter_chain_match: stats.counter(&format!("{prefix}.no_filter_chain_match")),
             rejected: stats.counter("skiff.downstream_cx_rejected"),
             flags: ResponseFlag::ALL
@@ -39,6 +58,39 @@ impl ListenerCounters {
                     (*f, stats.counter(&name))
                 })
                 .collect(),
+        }
+    }
+
+    /// Where the listener's stats live: Envoy's `listener.<address>`.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Count a downstream TLS handshake that succeeded.
+    pub(super) fn ssl_handshake(&self) {
+        self.ssl_handshake
+            .get_or_init(|| {
+                self.stats
+                    .counter(&format!("{}.ssl.handshake", self.prefix))
+            })
+            .inc();
+    }
+
+    /// The tls_inspector's counters.
+    pub(super) fn tls_inspector(&self) -> &TlsInspectorCounters {
+        self.tls_inspector
+            .get_or_init(|| TlsInspectorCounters::new(&self.stats))
+    }
+
+    /// Count an accepted connection; the guard marks it closed (`downstream_cx_active`,
+    /// `downstream_cx_length_ms`) when dropped.
+    pub(super) fn open(&self) -> Open {
+        self.total.inc();
+        self.active.inc();
+        Open {
+            active: self.active.clone(),
+            length: self.length.clone(),
+            since: tokio::time::Instant::now(),
         }
     }
 
@@ -73,5 +125,54 @@ impl ListenerCounters {
                 c.inc();
             }
         }
+    }
+}
+
+/// Envoy's `tls_inspector.*` counters (one set per process, as Envoy's filter config scope).
+#[derive(Debug)]
+pub(super) struct TlsInspectorCounters {
+    /// `tls_found`.
+    pub(super) tls_found: Arc<Counter>,
+    /// `tls_not_found`.
+    pub(super) tls_not_found: Arc<Counter>,
+    /// `client_hello_too_large`.
+    pub(super) client_hello_too_large: Arc<Counter>,
+    /// `sni_found`.
+    pub(super) sni_found: Arc<Counter>,
+    /// `sni_not_found`.
+    pub(super) sni_not_found: Arc<Counter>,
+    /// `alpn_found`.
+    pub(super) alpn_found: Arc<Counter>,
+    /// `alpn_not_found`.
+    pub(super) alpn_not_found: Arc<Counter>,
+}
+
+impl TlsInspectorCounters {
+    fn new(stats: &Stats) -> Self {
+        let c = |n: &str| stats.counter(&format!("tls_inspector.{n}"));
+        TlsInspectorCounters {
+            tls_found: c("tls_found"),
+            tls_not_found: c("tls_not_found"),
+            client_hello_too_large: c("client_hello_too_large"),
+            sni_found: c("sni_found"),
+            sni_not_found: c("sni_not_found"),
+            alpn_found: c("alpn_found"),
+            alpn_not_found: c("alpn_not_found"),
+        }
+    }
+}
+
+/// One open downstream connection of a listener (see [`ListenerCounters::open`]).
+#[derive(Debug)]
+pub(super) struct Open {
+    active: Arc<Gauge>,
+    length: Arc<Histogram>,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.active.dec();
+        self.length.record_duration(self.since.elapsed());
     }
 }

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::io;
 
+use crate::addr::EndpointAddr;
+use crate::http::upstream_tls::TlsFailure;
 use crate::lb::Overflow;
 use crate::net::ConnectError;
 
@@ -146,6 +148,26 @@ pub enum ConnError {
         /// Cause.
         source: ConnectError,
     },
+    /// The upstream connected, but its TLS session could not be set up (a connect failure,
+    /// as Envoy counts one: the transport is part of the connection).
+    #[error("cluster {cluster}: TLS to {addr}: {source}")]
+    UpstreamTls {
+        /// Cluster.
+        cluster: String,
+        /// Endpoint.
+        addr: EndpointAddr,
+        /// Cause (boxed: rare, and large beside the other errors).
+        source: Box<TlsFailure>,
+    },
+    /// The chosen filter chain terminates TLS and the client's handshake failed (closed
+    /// before any network filter ran).
+    #[error("listener {listener}: downstream TLS: {source}")]
+    DownstreamTls {
+        /// Listener.
+        listener: String,
+        /// Cause (boxed: rare, and large beside the other errors).
+        source: Box<TlsFailure>,
+    },
     /// A network RBAC filter of the chain denied the connection (closed before any upstream
     /// connect). Envoy sets no response flag for it, only this termination detail.
     #[error("listener {listener}: connection denied by {filter} ({detail})")]
@@ -157,6 +179,23 @@ pub enum ConnError {
         /// Envoy's connection termination details:
         /// `rbac_access_denied_matched_policy[<policy or none>]`.
         detail: String,
+    },
+    /// The listener filters (tls_inspector, http_inspector) did not decide within the
+    /// listener's `listener_filters_timeout`, and it does not continue on timeout (Envoy's
+    /// `downstream_pre_cx_timeout`).
+    #[error("listener {listener}: listener filters timed out waiting for the first bytes")]
+    ListenerFilterTimeout {
+        /// Listener.
+        listener: String,
+    },
+    /// The tls_inspector saw a ClientHello larger than it reads (Envoy closes the connection,
+    /// `tls_inspector.client_hello_too_large`).
+    #[error("listener {listener}: TLS ClientHello larger than {max} bytes")]
+    ClientHelloTooLarge {
+        /// Listener.
+        listener: String,
+        /// The inspector's limit.
+        max: usize,
     },
     /// The byte copy ended with an error on one side's socket.
     #[error("{side} connection failed mid-stream: {source}")]
@@ -174,7 +213,11 @@ impl ConnError {
         match self {
             // The client is not allowed here: a downstream outcome, as Envoy counts it under
             // the downstream connection.
-            ConnError::Accept(_) | ConnError::RbacDenied { .. } => Side::Downstream,
+            ConnError::Accept(_)
+            | ConnError::RbacDenied { .. }
+            | ConnError::ListenerFilterTimeout { .. }
+            | ConnError::ClientHelloTooLarge { .. }
+            | ConnError::DownstreamTls { .. } => Side::Downstream,
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. }
@@ -183,7 +226,8 @@ impl ConnError {
             | ConnError::NoOriginalDst { .. }
             | ConnError::Unresolved { .. }
             | ConnError::Overflow(_)
-            | ConnError::Connect { .. } => Side::Upstream,
+            | ConnError::Connect { .. }
+            | ConnError::UpstreamTls { .. } => Side::Upstream,
             ConnError::Stream { side, .. } => *side,
         }
     }
@@ -193,7 +237,11 @@ impl ConnError {
         use ResponseFlag::*;
         match self {
             ConnError::Accept(_) => &[DownstreamConnectionTermination],
-            ConnError::RbacDenied { .. } => &[],
+            // Closed before a filter chain was chosen: Envoy logs no flag for these.
+            ConnError::RbacDenied { .. }
+            | ConnError::ListenerFilterTimeout { .. }
+            | ConnError::ClientHelloTooLarge { .. }
+            | ConnError::DownstreamTls { .. } => &[],
             ConnError::NoListener
             | ConnError::NoFilterChain { .. }
             | ConnError::Unsupported { .. } => &[NoRouteFound],
@@ -205,7 +253,9 @@ impl ConnError {
             ConnError::Overflow(_) => &[UpstreamOverflow],
             // tcp_proxy makes one connect attempt by default: a failed one also exhausts them,
             // which Envoy reports as `UF,URX` (a connect timeout too: UT is HTTP's).
-            ConnError::Connect { .. } => &[UpstreamConnectionFailure, UpstreamRetryLimitExceeded],
+            ConnError::Connect { .. } | ConnError::UpstreamTls { .. } => {
+                &[UpstreamConnectionFailure, UpstreamRetryLimitExceeded]
+            }
             ConnError::Stream { side, .. } => match side {
                 Side::Downstream => &[DownstreamConnectionTermination],
                 _ => &[UpstreamConnectionTermination],
@@ -280,6 +330,30 @@ mod tests {
                     listener: "l".into(),
                     filter: "envoy.filters.network.rbac".into(),
                     detail: "rbac_access_denied_matched_policy[none]".into(),
+                },
+                Side::Downstream,
+                "-",
+            ),
+            (
+                ConnError::UpstreamTls {
+                    cluster: "c".into(),
+                    addr: EndpointAddr("127.0.0.1:1".parse().unwrap()),
+                    source: Box::new(TlsFailure::Timeout(std::time::Duration::from_secs(1))),
+                },
+                Side::Upstream,
+                "UF,URX",
+            ),
+            (
+                ConnError::DownstreamTls {
+                    listener: "l".into(),
+                    source: Box::new(TlsFailure::Timeout(std::time::Duration::from_secs(1))),
+                },
+                Side::Downstream,
+                "-",
+            ),
+            (
+                ConnError::ListenerFilterTimeout {
+                    listener: "l".into(),
                 },
                 Side::Downstream,
                 "-",

@@ -5,6 +5,11 @@
 //! per-byte work in skiff. If pipes cannot be created (fd limit) the copy falls back to a
 //! buffered copy. Either way an error names the side whose socket failed (Envoy's `DC`/`UC`).
 //!
+//! A TLS session (terminated downstream or originated upstream) cannot be spliced: its bytes
+//! are decrypted and encrypted in userspace. [`forward_io`] takes the buffered copy whenever
+//! either side is TLS, with the same half-close (a TLS EOF is the peer's `close_notify`, passed
+//! on as ours), byte counts (plaintext) and limits.
+//!
 //! Time limits (tcp_proxy's `idle_timeout` and `max_downstream_connection_duration`) are kept
 //! by a watchdog beside the two directions, not inside them: each direction only adds what it
 //! moved to a shared atomic counter (no clock read, no syscall per chunk), and the watchdog
@@ -17,9 +22,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::error::Side;
@@ -196,17 +204,114 @@ pub async fn forward(
     under_watchdog(both, &moved, limits).await
 }
 
-/// As [`forward`], with a userspace buffer per direction instead of splice: for sockets whose
-/// incoming payload may sit in a sockmap psock queue (`--sockmap`), which only recvmsg reads.
-pub async fn forward_copy(
-    down: &mut TcpStream,
-    up: &mut TcpStream,
+/// One side of a proxied connection: a TCP socket (spliced when the other side is one too),
+/// or a TLS session over one (copied through userspace).
+#[derive(Debug)]
+pub enum Io {
+    /// Plaintext.
+    Tcp(TcpStream),
+    /// TLS, either end (terminated downstream, originated upstream).
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    /// The TCP socket under the stream.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Tcp(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Copy both ways between two sides of any kind: spliced when both are TCP and `buffered` is
+/// not asked for (see [`forward_copy`] for when it must be), else through userspace.
+pub async fn forward_io(
+    down: &mut Io,
+    up: &mut Io,
     limits: Limits,
+    buffered: bool,
 ) -> Result<Ended, ForwardError> {
+    match (down, up) {
+        (Io::Tcp(d), Io::Tcp(u)) if !buffered => forward(d, u, limits).await,
+        (d, u) => forward_copy(d, u, limits).await,
+    }
+}
+
+/// As [`forward`], with a userspace buffer per direction instead of splice: for TLS sessions,
+/// and for sockets whose incoming payload may sit in a sockmap psock queue (`--sockmap`),
+/// which only recvmsg reads.
+pub async fn forward_copy<D, U>(
+    down: &mut D,
+    up: &mut U,
+    limits: Limits,
+) -> Result<Ended, ForwardError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let moved = Moved::default();
     let buf = limits.chunk(BUF);
-    let (dr, dw) = down.split();
-    let (ur, uw) = up.split();
+    let (dr, dw) = tokio::io::split(down);
+    let (ur, uw) = tokio::io::split(up);
     let both = async {
         tokio::try_join!(
             copy(dr, uw, (Side::Downstream, Side::Upstream), &moved.tx, buf),
@@ -246,7 +351,13 @@ async fn copy(
 ) -> Result<(), ForwardError> {
     let mut buf = vec![0u8; size];
     loop {
-        let n = src.read(&mut buf).await.map_err(on(src_side))?;
+        let n = match src.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closed its socket without `close_notify`: the end of its
+            // stream all the same (TCP's EOF never reads as an error).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(on(src_side)(e)),
+        };
         if n == 0 {
             return match dst.shutdown().await {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(on(dst_side)(e)),
@@ -366,6 +477,103 @@ mod tests {
         let t = ended.transferred;
         assert_eq!(t.tx, req.len() as u64);
         assert_eq!(t.rx, resp.len() as u64);
+    }
+
+    /// A TLS client and server over a loopback pair: (client session, server session).
+    async fn tls_pair() -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        tokio_rustls::server::TlsStream<TcpStream>,
+    ) {
+        use std::sync::Arc;
+        // ring is the project's one crypto provider; only its post-quantum default is missing.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key =
+            rustls_pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (c, s) = pair().await;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (c, s) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, c),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s)
+        );
+        (c.unwrap(), s.unwrap())
+    }
+
+    #[tokio::test]
+    async fn tls_sides_are_copied_with_close_notify_as_half_close() {
+        // client =TLS= (down | proxy | up) =TLS= server: the proxy terminates one session and
+        // originates the other, as a skiff between two meshed workloads does.
+        let (mut client, down) = tls_pair().await;
+        let (up, mut server) = tls_pair().await;
+        let mut down = Io::Tls(Box::new(down.into()));
+        let mut up = Io::Tls(Box::new(up.into()));
+        let proxy =
+            tokio::spawn(
+                async move { forward_io(&mut down, &mut up, Limits::default(), false).await },
+            );
+        let req: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let resp: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+        let (req2, resp2) = (req.clone(), resp.clone());
+        let server_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            // close_notify from the client, passed on by the proxy, ends this read.
+            server.read_to_end(&mut got).await.unwrap();
+            assert!(got == req2, "request bytes differ");
+            server.write_all(&resp2).await.unwrap();
+            server.shutdown().await.unwrap();
+        });
+        client.write_all(&req).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert!(back == resp, "response bytes differ");
+        server_task.await.unwrap();
+        let ended = proxy.await.unwrap().unwrap();
+        assert_eq!(ended.cut, None);
+        assert_eq!(ended.transferred.tx, req.len() as u64);
+        assert_eq!(ended.transferred.rx, resp.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_tls_peer_that_drops_its_socket_without_close_notify_ends_its_direction() {
+        // A TLS client on one side, plain TCP upstream: the client's socket closes without
+        // close_notify, which ends its direction like an EOF (as Envoy does), not as an error.
+        let (client, down) = tls_pair().await;
+        let (up, mut server) = pair().await;
+        let mut down = Io::Tls(Box::new(down.into()));
+        let mut up = Io::Tcp(up);
+        let proxy =
+            tokio::spawn(
+                async move { forward_io(&mut down, &mut up, Limits::default(), false).await },
+            );
+        let (tcp, _) = client.into_inner();
+        drop(tcp);
+        // The upstream sees the end of the request stream (not a hang, not a reset).
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
+        server.shutdown().await.unwrap();
+        // Passing the upstream's EOF on to a client that is gone may fail; if so, it is the
+        // client's side that failed.
+        match proxy.await.unwrap() {
+            Ok(ended) => assert_eq!(ended.transferred.tx, 0),
+            Err(e) => assert_eq!(e.side, Side::Downstream, "{e}"),
+        }
     }
 
     #[tokio::test]

@@ -15,11 +15,15 @@ use tracing::{Instrument, debug, field, info_span, warn};
 use super::accept::Accepted;
 use super::counters::ListenerCounters;
 use super::error::ConnError;
+use super::forward::Io;
 use super::rbac;
 use super::route::{self, Route};
 use super::tcp_proxy::{self, Upstream};
 use super::{Dataplane, ListenerRole};
 use crate::addr::ClientAddr;
+use crate::http::upstream_tls::TlsFailure;
+use crate::model::tls::{DownstreamTls, Secrets};
+use crate::rbac::PeerIdentity;
 
 /// Cap on concurrent connections per listener, so a flood cannot exhaust file descriptors.
 const MAX_CONNECTIONS: usize = 32 * 1024;
@@ -28,24 +32,18 @@ static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Accept on `listener` (of `role`) until `shutdown` completes; each connection runs the
 /// pipeline on its own task. Connections already accepted keep running after this returns.
-/// Stats go under `listener.<name>` for static listeners, `listener.<address>` otherwise.
+/// Stats go under Envoy's `listener.<address>` (`listener.127.0.0.1_15001`).
 pub async fn run(
     listener: TcpListener,
     role: ListenerRole,
     dp: Arc<Dataplane>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let prefix = match &role {
-        ListenerRole::Static { name } => format!("listener.{name}"),
-        ListenerRole::Capture | ListenerRole::Inbound { .. } => format!(
-            "listener.{}",
-            listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default()
-        ),
-    };
+    let prefix = listener
+        .local_addr()
+        .map_or_else(|_| "listener.unknown".into(), crate::stats::listener_prefix);
     let counters = Arc::new(ListenerCounters::new(dp.stats(), &prefix));
+    dp.start_tls_sweeper();
     let direction = role.direction();
     let role = Arc::new(role);
     let conn_counters = counters.clone();
@@ -66,7 +64,8 @@ pub async fn run(
             let (dp, role, counters) = (dp.clone(), role.clone(), conn_counters.clone());
             let drain = conn_drain.clone();
             async move {
-                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain).await {
+                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain, &counters).await
+                {
                     counters.failed(dp.stats(), &e);
                     debug!(
                         side = %e.side(),
@@ -118,9 +117,7 @@ async fn accept_loop<F>(
             },
         };
         backoff = Duration::from_millis(5);
-        counters.total.inc();
-        counters.active.inc();
-        let active = counters.active.clone();
+        let open = counters.open();
         let span = info_span!(
             "conn",
             conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed),
@@ -129,6 +126,7 @@ async fn accept_loop<F>(
             orig_dst = field::Empty,
             listener = field::Empty,
             filter_chain = field::Empty,
+            peer = field::Empty,
             cluster = field::Empty,
             endpoint = field::Empty,
         );
@@ -136,7 +134,7 @@ async fn accept_loop<F>(
         tokio::spawn(
             async move {
                 conn.await;
-                active.dec();
+                drop(open);
                 drop(permit);
             }
             .instrument(span),
@@ -151,11 +149,12 @@ async fn serve(
     client: ClientAddr,
     role: &ListenerRole,
     drain: CancellationToken,
+    counters: &ListenerCounters,
 ) -> Result<(), ConnError> {
     let span = tracing::Span::current();
     let _ = down.set_nodelay(true);
-    // 1. Facts, on one snapshot.
-    let accepted = Accepted::read(dp, &down, client, role).await?;
+    // 1. Facts, on one snapshot (the listener filters peek at the first bytes).
+    let accepted = Accepted::read(dp, &down, client, role, counters).await?;
     let orig_dst = accepted.orig_dst;
     let local = accepted.local;
     if let Some(o) = orig_dst {
@@ -169,17 +168,40 @@ async fn serve(
         &facts,
         &dp.weighted_cursor,
     );
-    // 3. The chain's network RBAC filters, before anything reaches an upstream.
     let chain = match &route {
         Route::TcpProxy(r) => Some(&r.chain),
         Route::Http { chain, .. } => Some(chain),
         Route::Passthrough(_) | Route::Reject(_) => None,
     };
-    if let Some(chain) = chain
-        && let Err(denied) = rbac::check(&accepted.snap, chain, &facts)
-    {
+    if let Some(chain) = chain {
         span.record("listener", field::display(&chain.listener().name));
         span.record("filter_chain", field::display(&chain.get().name));
+    }
+    // 3. The chain's transport socket: a TLS chain terminates here, before any network
+    // filter runs (as Envoy's transport socket), with the secrets of this snapshot.
+    let tls = chain.and_then(|c| c.get().tls.clone());
+    let (down, peer) = match (tls, chain) {
+        (Some(ctx), Some(chain)) => {
+            let listener = &chain.listener().name;
+            match terminate(dp, &accepted.snap.secrets, &ctx, down, counters, client).await {
+                Ok(t) => t,
+                Err(source) => {
+                    return Err(ConnError::DownstreamTls {
+                        listener: listener.clone(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        _ => (Io::Tcp(down), None),
+    };
+    if let Some(p) = &peer {
+        span.record("peer", field::display(peer_name(p)));
+    }
+    // 4. The chain's network RBAC filters, before anything reaches an upstream.
+    if let Some(chain) = chain
+        && let Err(denied) = rbac::check(&accepted.snap, chain, &facts, peer.as_ref())
+    {
         drop(route);
         drop(accepted);
         return Err(denied.close().await);
@@ -192,17 +214,18 @@ async fn serve(
             .cloned(),
         _ => None,
     };
-    // The connection keeps what was chosen, not the configuration it was chosen from.
-    drop(accepted);
-    // 4. The chain's terminal filter.
+    // 5. The chain's terminal filter. The connection keeps what was chosen, not the
+    // configuration it was chosen from (a tcp_proxy to a cluster that may dial TLS keeps the
+    // secrets it will dial with).
     match route {
         Route::TcpProxy(r) => {
-            span.record("listener", field::display(&r.chain.listener().name));
-            span.record("filter_chain", field::display(&r.chain.get().name));
             span.record("cluster", field::display(&r.cluster.cluster.name));
-            tcp_proxy::proxy(dp, role, down, orig_dst, Upstream::chosen(r)).await
+            let up = Upstream::chosen(r, &accepted.snap.secrets);
+            drop(accepted);
+            tcp_proxy::proxy(dp, role, down, orig_dst, up).await
         }
         Route::Passthrough(dst) => {
+            drop(accepted);
             let Some(stats) = passthrough_stats else {
                 // Every published snapshot resolves both passthrough clusters' stats.
                 return Err(ConnError::NoCluster {
@@ -214,8 +237,7 @@ async fn serve(
             tcp_proxy::proxy(dp, role, down, orig_dst, up).await
         }
         Route::Http { chain, manager } => {
-            span.record("listener", field::display(&chain.listener().name));
-            span.record("filter_chain", field::display(&chain.get().name));
+            drop(accepted);
             let conn = crate::http::HttpConn {
                 dp: dp.shared.clone(),
                 manager,
@@ -224,6 +246,8 @@ async fn serve(
                 local: orig_dst.map_or(local, |o| o.get()),
                 orig_dst,
                 drain,
+                tls: matches!(down, Io::Tls(_)),
+                peer: peer.map(Arc::new),
             };
             drop(chain);
             crate::http::serve(conn, down).await;
@@ -231,4 +255,40 @@ async fn serve(
         }
         Route::Reject(e) => Err(e),
     }
+}
+
+/// TLS termination of `down` with the chain's context `ctx` over `secrets`; the client's
+/// verified identity when it presented a certificate. Counted in `<listener>.ssl.*`.
+async fn terminate(
+    dp: &Dataplane,
+    secrets: &Secrets,
+    ctx: &DownstreamTls,
+    down: TcpStream,
+    counters: &ListenerCounters,
+    client: ClientAddr,
+) -> Result<(Io, Option<PeerIdentity>), TlsFailure> {
+    let result = match dp.shared.tls.server(ctx, secrets) {
+        Ok(server) => crate::tls::accept(down, &server)
+            .await
+            .map_err(TlsFailure::Handshake),
+        Err(e) => Err(TlsFailure::Context(e)),
+    };
+    match result {
+        Ok(a) => {
+            counters.ssl_handshake();
+            Ok((Io::Tls(Box::new(a.stream.into())), a.peer))
+        }
+        Err(e) => {
+            e.report(dp.stats(), counters.prefix(), client.get());
+            Err(e)
+        }
+    }
+}
+
+/// How a peer is named in logs: its first URI SAN (SPIFFE), else DNS SAN, else subject.
+fn peer_name(p: &PeerIdentity) -> &str {
+    p.uri_sans
+        .first()
+        .or(p.dns_sans.first())
+        .map_or(p.subject.as_str(), String::as_str)
 }

@@ -8,12 +8,17 @@
 //! 3. `route` (pure): listener -> filter chain -> what the chain does ([`route::Route`]), down
 //!    to the cluster entry and host for tcp_proxy ([`route::Target`]); the BPF projection
 //!    calls the same listener and chain selection;
-//! 4. `rbac`: the chain's network RBAC filters decide the connection (denied: closed, after
-//!    `delay_deny`), counted in their `rbac.*` counters;
+//! 4. the chain's transport socket: a chain with a `DownstreamTlsContext` terminates TLS
+//!    (`crate::tls::accept` with the snapshot's secrets; `<listener>.ssl.*`), and the client's
+//!    verified identity becomes the connection's peer (span field `peer`, RBAC's
+//!    `authenticated`); `rbac`: the chain's network RBAC filters decide the connection
+//!    (denied: closed, after `delay_deny`), counted in their `rbac.*` counters;
 //! 5. `tcp_proxy`: the cluster's breaker slot, then `connect` (one connect path; inbound
-//!    leaves from the passthrough source), the host's outcome and active connection, then
-//!    `forward` (splice, or a buffered copy on `--sockmap` ports). HCM chains go to
-//!    [`crate::http`] instead.
+//!    leaves from the passthrough source) and TLS origination when the cluster dials that
+//!    endpoint with TLS (`http::upstream_tls`; a failed handshake is a failed connect, `UF`),
+//!    the host's outcome and active connection, then `forward` (splice; a buffered copy on
+//!    `--sockmap` ports and when either side is TLS). HCM chains go to [`crate::http`]
+//!    instead, over the TCP socket or the terminated TLS session.
 //!
 //! Inbound differs only in step 2 (how its listener and original destination are found) and
 //! in the connect source. Every failure is a typed [`error::ConnError`] with a side and Envoy's
@@ -41,6 +46,9 @@ use crate::stats::Stats;
 pub use accept::Accepted;
 pub use error::{ConnError, ResponseFlag, Side};
 pub use listen::run;
+
+/// How often unused TLS configurations are dropped.
+const TLS_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What kind of listener accepted a connection: decides how its listener and original
 /// destination are found and where its upstream connects leave from.
@@ -92,6 +100,7 @@ pub struct Dataplane {
     /// `--sockmap` service ports: their connections are copied, not spliced (see `forward`).
     pub sockmap_ports: Vec<u16>,
     weighted_cursor: AtomicUsize,
+    tls_sweeper: std::sync::Once,
 }
 
 impl Dataplane {
@@ -108,10 +117,12 @@ impl Dataplane {
                 stats,
                 upstream_mark,
                 http_pool: http::pool::Pool::new(),
+                tls: crate::tls::TlsContexts::new(),
             }),
             capture_port,
             sockmap_ports: Vec::new(),
             weighted_cursor: AtomicUsize::new(0),
+            tls_sweeper: std::sync::Once::new(),
         }
     }
 
@@ -128,5 +139,23 @@ impl Dataplane {
     /// SO_MARK put on every upstream socket (the capture programs skip marked sockets).
     pub fn upstream_mark(&self) -> Option<u32> {
         self.shared.upstream_mark
+    }
+
+    /// Start, once, the task that drops TLS configurations no connection used for a
+    /// minute (contexts gone from the configuration, secrets rotated away). It holds the
+    /// shared parts weakly and ends with them.
+    fn start_tls_sweeper(&self) {
+        self.tls_sweeper.call_once(|| {
+            let shared = Arc::downgrade(&self.shared);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(TLS_SWEEP_EVERY).await;
+                    let Some(s) = shared.upgrade() else {
+                        return;
+                    };
+                    s.tls.sweep();
+                }
+            });
+        });
     }
 }

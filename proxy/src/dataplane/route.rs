@@ -203,20 +203,13 @@ fn by_connection<C: Candidate>(c: Vec<C>, facts: &ConnFacts<'_>) -> Vec<C> {
         t if t == facts.transport_protocol => Some(1),
         _ => None,
     });
-    // 5. application protocols: any overlap, else chains without.
+    // 5. application protocols: the client's first protocol some chain lists, else chains
+    // without.
     let c = narrow(c, |fc| {
-        if fc.matcher.application_protocols.is_empty() {
-            Some(0)
-        } else if fc
-            .matcher
-            .application_protocols
-            .iter()
-            .any(|p| facts.application_protocols.contains(p))
-        {
-            Some(1)
-        } else {
-            None
-        }
+        application_protocol_score(
+            &fc.matcher.application_protocols,
+            facts.application_protocols,
+        )
     });
     // 6. direct source IP.
     let c = narrow(c, |fc| {
@@ -332,6 +325,10 @@ fn longest_prefix(ranges: &[Cidr], ip: IpAddr) -> Option<u32> {
         .max()
 }
 
+/// Envoy's server name match: the exact name first, then wildcards from the most specific
+/// (`*.b.example.com` before `*.example.com`), then chains without server names. Only a
+/// leading `*.` is a wildcard (Envoy refuses partial ones); it never matches the bare suffix
+/// (`*.example.com` does not match `example.com`). DNS names compare case-insensitively.
 fn server_name_score(names: &[String], sni: Option<&str>) -> Option<u32> {
     if names.is_empty() {
         return Some(0);
@@ -341,16 +338,32 @@ fn server_name_score(names: &[String], sni: Option<&str>) -> Option<u32> {
         .iter()
         .filter_map(|n| {
             if n.eq_ignore_ascii_case(sni) {
-                Some(10_000)
-            } else if let Some(suffix) = n.strip_prefix('*') {
-                sni.to_ascii_lowercase()
-                    .ends_with(&suffix.to_ascii_lowercase())
-                    .then_some(1 + suffix.len() as u32)
+                Some(u32::MAX)
+            } else if let Some(suffix) = n.strip_prefix('*').filter(|s| s.starts_with('.')) {
+                // The label the wildcard stands for must not be empty.
+                let label_len = sni.len().checked_sub(suffix.len())?;
+                (label_len > 0
+                    && sni.is_char_boundary(label_len)
+                    && sni[label_len..].eq_ignore_ascii_case(suffix))
+                .then_some(1 + suffix.len() as u32)
             } else {
                 None
             }
         })
         .max()
+}
+
+/// Envoy's application protocol match: the client's protocols are tried in the client's
+/// order, and the first one any chain lists selects the chains that list it; a chain listing
+/// none of them only matches when no chain lists any (then chains without protocols win).
+fn application_protocol_score(listed: &[String], offered: &[String]) -> Option<u32> {
+    if listed.is_empty() {
+        return Some(0);
+    }
+    offered
+        .iter()
+        .position(|p| listed.contains(p))
+        .map(|i| u32::try_from(offered.len() - i).unwrap_or(u32::MAX))
 }
 
 // === routes ===

@@ -1,6 +1,7 @@
 //! The tcp_proxy step, for every listener: take the chosen cluster's connection slot, connect
-//! to the chosen target (again on another host, up to `max_connect_attempts`), tell each host
-//! how it went, count the connection on the one that answered, and copy bytes under the
+//! to the chosen target (again on another host, up to `max_connect_attempts`) and, when the
+//! cluster dials that endpoint with TLS, set the session up (`http::upstream_tls`: a failed
+//! handshake is a failed connect), tell each host how it went, count the connection on the one that answered, and copy bytes under the
 //! chain's `idle_timeout`, `max_downstream_connection_duration` and buffer limit. The cluster
 //! entry and first host are selection's; only a further attempt asks the balancer again.
 
@@ -8,17 +9,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tracing::{debug, field};
 
 use super::error::ConnError;
-use super::forward::{Cut, Limits};
+use super::forward::{Cut, Io, Limits};
 use super::route::{Target, TcpRoute};
 use super::{Dataplane, ListenerRole, connect, forward};
 use crate::addr::{EndpointAddr, OrigDstAddr};
+use crate::http::upstream_tls::{self, TlsFailure};
 use crate::lb::{self, Outcome, RoutingPriority};
 use crate::model::cluster::DEFAULT_CONNECT_TIMEOUT;
 use crate::model::listener::{DEFAULT_TCP_IDLE_TIMEOUT, TcpProxy};
+use crate::model::tls::Secrets;
 use crate::model::upstream_http::DEFAULT_BUFFER_LIMIT;
 use crate::state::ClusterEntry;
 use crate::stats::ClusterStats;
@@ -74,17 +76,27 @@ pub(super) struct Upstream {
     hash: Option<u64>,
     /// The chain's tcp_proxy settings.
     settings: Settings,
+    /// The snapshot's secrets, kept only when the cluster may dial TLS.
+    secrets: Option<Secrets>,
 }
 
 impl Upstream {
-    /// The upstream selection chose on a tcp_proxy chain.
-    pub(super) fn chosen(route: TcpRoute) -> Upstream {
+    /// The upstream selection chose on a tcp_proxy chain; `secrets` are those of the
+    /// snapshot it chose on (TLS origination builds its configuration from them).
+    pub(super) fn chosen(route: TcpRoute, secrets: &Secrets) -> Upstream {
         let settings = match &route.chain.get().action {
             crate::model::NetworkAction::TcpProxy(t) => Settings::of(t),
             // Selection only builds a TcpRoute from a tcp_proxy chain.
             _ => Settings::passthrough(),
         };
+        let secrets = route
+            .cluster
+            .cluster
+            .transport
+            .may_use_tls()
+            .then(|| secrets.clone());
         Upstream {
+            secrets,
             stats: route.cluster.stats.clone(),
             cluster: Some(route.cluster),
             passthrough: "",
@@ -108,6 +120,7 @@ impl Upstream {
             target: Target::OriginalDst(dst),
             hash: None,
             settings: Settings::passthrough(),
+            secrets: None,
         }
     }
 
@@ -139,7 +152,7 @@ impl Upstream {
 pub(super) async fn proxy(
     dp: &Dataplane,
     role: &ListenerRole,
-    mut down: TcpStream,
+    mut down: Io,
     orig_dst: Option<OrigDstAddr>,
     up: Upstream,
 ) -> Result<(), ConnError> {
@@ -169,8 +182,13 @@ pub(super) async fn proxy(
         tracing::Span::current().record("endpoint", field::display(addr));
         counters.upstream_cx_total.inc();
         let host = target.host().cloned();
-        match connect::connect(dp, role, addr, timeout).await {
-            Ok(s) => break (s, addr, host),
+        let started = tokio::time::Instant::now();
+        let connected = match counters
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(dp, role, addr, timeout))
+            .await
+        {
+            Ok(s) => s,
             Err(source) => {
                 let outcome = if source.is_timeout() {
                     counters.upstream_cx_connect_timeout.inc();
@@ -194,6 +212,28 @@ pub(super) async fn proxy(
                     source,
                 });
             }
+        };
+        // The transport, within what is left of the connect timeout.
+        let budget = timeout.saturating_sub(started.elapsed());
+        match originate(dp, &up, connected, addr, budget).await {
+            Ok(io) => break (io, addr, host),
+            Err(source) => {
+                counters.upstream_cx_connect_fail.inc();
+                if let Some(h) = &host {
+                    h.report(Outcome::ConnectFailure);
+                }
+                if attempt < up.settings.attempts {
+                    debug!(%addr, attempt, error = %source, "upstream TLS failed; trying again");
+                    tried.push(addr.get());
+                    continue;
+                }
+                counters.upstream_cx_connect_attempts_exceeded.inc();
+                return Err(ConnError::UpstreamTls {
+                    cluster: name.to_string(),
+                    addr,
+                    source: Box::new(source),
+                });
+            }
         }
     };
     // 3. The host hears how the connect went (outlier detection) and counts the connection
@@ -204,7 +244,8 @@ pub(super) async fn proxy(
         (h.start_connection(), h.start_request())
     });
     // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
-    // queue, which splice(2) never reads: accelerated pairs take the buffered copy.
+    // queue, which splice(2) never reads: accelerated pairs take the buffered copy, as TLS
+    // on either side does.
     let accelerated = dp
         .sockmap_ports
         .iter()
@@ -222,11 +263,7 @@ pub(super) async fn proxy(
         max_duration: settings.max_duration,
         buffer: settings.buffer as usize,
     };
-    let moved = if accelerated {
-        forward::forward_copy(&mut down, &mut upstream, limits).await
-    } else {
-        forward::forward(&mut down, &mut upstream, limits).await
-    };
+    let moved = forward::forward_io(&mut down, &mut upstream, limits, accelerated).await;
     counters.upstream_cx_active.dec();
     let ended = moved.map_err(|e| ConnError::Stream {
         side: e.side,
@@ -256,4 +293,27 @@ pub(super) async fn proxy(
     }
     debug!(tx = t.tx, rx = t.rx, "connection closed");
     Ok(())
+}
+
+/// The upstream side of a connected socket: plaintext, or TLS when the cluster dials `addr`
+/// with TLS (counted in `cluster.<name>.ssl.*`).
+async fn originate(
+    dp: &Dataplane,
+    up: &Upstream,
+    tcp: tokio::net::TcpStream,
+    addr: EndpointAddr,
+    budget: Duration,
+) -> Result<Io, TlsFailure> {
+    let (Some(cluster), Some(secrets)) = (&up.cluster, &up.secrets) else {
+        return Ok(Io::Tcp(tcp));
+    };
+    let Some(tls) = upstream_tls::endpoint_tls(cluster, addr.get()) else {
+        return Ok(Io::Tcp(tcp));
+    };
+    let name = &cluster.cluster.name;
+    let config =
+        upstream_tls::client_config(&dp.shared.tls, dp.stats(), name, tls, secrets, addr.get())?;
+    let o = upstream_tls::originate(dp.stats(), name, &config, tcp, addr.get(), budget).await?;
+    debug!(%addr, peer = ?o.peer.uri_sans, "upstream TLS established");
+    Ok(Io::Tls(Box::new(o.stream.into())))
 }

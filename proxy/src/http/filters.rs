@@ -31,6 +31,8 @@ pub(super) struct Request<'a> {
     pub client: SocketAddr,
     /// The downstream local address (the original destination on capture listeners).
     pub local: SocketAddr,
+    /// The verified TLS peer, if the connection is TLS with a client certificate.
+    pub peer: Option<&'a rbac::PeerIdentity>,
     /// The downstream remote address the connection manager trusts (`x-forwarded-for` per
     /// `use_remote_address` / `xff_num_trusted_hops`).
     pub remote: IpAddr,
@@ -123,8 +125,7 @@ fn run_rbac(
         remote: req.remote,
         destination: req.local,
         sni: None,
-        // No TLS termination yet: principal rules never match (as Envoy on plaintext).
-        peer: None,
+        peer: req.peer,
     };
     let facts = RequestFacts {
         method: req.method.as_str(),

@@ -136,7 +136,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// sets them. With `use_remote_address` (an edge proxy) the peer address is appended to
 /// `x-forwarded-for` and the scheme overwritten; without it (Istio's sidecars) the downstream's
 /// values are trusted and kept. A missing `x-request-id` is generated.
-pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr) {
+pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr, tls: bool) {
+    let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
     let xff = HeaderName::from_static("x-forwarded-for");
     let xfp = HeaderName::from_static("x-forwarded-proto");
     if use_remote_address {
@@ -148,9 +149,9 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
         if let Ok(v) = HeaderValue::from_str(&joined) {
             h.insert(xff, v);
         }
-        h.insert(xfp, HeaderValue::from_static("http"));
+        h.insert(xfp, scheme);
     } else if !h.contains_key(&xfp) {
-        h.insert(xfp, HeaderValue::from_static("http"));
+        h.insert(xfp, scheme);
     }
     let rid = HeaderName::from_static("x-request-id");
     if !h.contains_key(&rid)
@@ -260,16 +261,24 @@ mod tests {
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert("x-request-id", "keep-me".parse().unwrap());
         let mut sidecar = h.clone();
-        forwarded(&mut sidecar, false, peer);
+        forwarded(&mut sidecar, false, peer, false);
         assert_eq!(sidecar["x-forwarded-for"], "1.1.1.1");
         assert_eq!(sidecar["x-forwarded-proto"], "https");
         assert_eq!(sidecar["x-request-id"], "keep-me");
-        forwarded(&mut h, true, peer);
+        forwarded(&mut h, true, peer, false);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1,10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         let mut empty = HeaderMap::new();
-        forwarded(&mut empty, false, peer);
+        forwarded(&mut empty, false, peer, false);
         assert_eq!(empty["x-forwarded-proto"], "http");
+        // Over TLS the scheme is https, set when missing or overwritten at the edge.
+        let mut tls = HeaderMap::new();
+        forwarded(&mut tls, false, peer, true);
+        assert_eq!(tls["x-forwarded-proto"], "https");
+        let mut edge = HeaderMap::new();
+        edge.insert("x-forwarded-proto", "http".parse().unwrap());
+        forwarded(&mut edge, true, peer, true);
+        assert_eq!(edge["x-forwarded-proto"], "https");
         let id = empty["x-request-id"].to_str().unwrap();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4", "version 4: {id}");

@@ -30,6 +30,7 @@ pub mod pool;
 pub mod retry;
 pub mod route;
 pub mod sniff;
+pub mod upstream_tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,7 +46,6 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -63,6 +63,7 @@ use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;
+use tokio_util::either::Either;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,6 +88,9 @@ pub struct Shared {
     pub upstream_mark: Option<u32>,
     /// Kept-alive upstream HTTP connections.
     pub http_pool: pool::Pool,
+    /// TLS configurations built from the snapshots' contexts and secrets (termination and
+    /// origination alike).
+    pub tls: crate::tls::TlsContexts,
 }
 
 /// One downstream connection handed to the HTTP connection manager.
@@ -106,11 +110,19 @@ pub struct HttpConn {
     pub orig_dst: Option<OrigDstAddr>,
     /// Cancelled when the listener drains: the connection then drains too.
     pub drain: tokio_util::sync::CancellationToken,
+    /// The connection arrived over TLS (terminated by its filter chain).
+    pub tls: bool,
+    /// The verified identity of a TLS client that presented a certificate (RBAC's
+    /// `authenticated` principal).
+    pub peer: Option<Arc<crate::rbac::PeerIdentity>>,
 }
 
-/// Serve HTTP/1.1 or h2c on `stream` until the client closes it or a limit drains it (see
-/// [`limits`]).
-pub async fn serve(conn: HttpConn, stream: TcpStream) {
+/// Serve HTTP/1.1 or HTTP/2 on `stream` (a TCP socket, or a TLS session terminated over one)
+/// until the client closes it or a limit drains it (see [`limits`]).
+pub async fn serve<S>(conn: HttpConn, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // Resolved once per connection: a request only adds to these counters.
     let snap = conn.dp.store.load();
     let hs = snap.http_stats(&conn.manager.stat_prefix);
@@ -249,7 +261,10 @@ async fn handle(
 ) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
-    let mut resp = route_request(conn, hs, filters, req).await;
+    let mut resp = hs
+        .downstream_rq_time
+        .time_if(route_request(conn, hs, filters, req), |_| true)
+        .await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
     *resp.version_mut() = down_version;
@@ -336,6 +351,7 @@ async fn route_request(
         req.headers_mut(),
         conn.manager.use_remote_address,
         conn.client,
+        conn.tls,
     );
     let host = request_host(&req);
     let path = req
@@ -359,6 +375,7 @@ async fn route_request(
         let freq = filters::Request {
             client: conn.client,
             local: conn.local,
+            peer: conn.peer.as_deref(),
             remote,
             method: req.method(),
             path: &path,
@@ -626,6 +643,31 @@ fn target_cluster(f: &Forward, h: &HeaderMap) -> Option<String> {
     }
 }
 
+/// How the last attempt ended when no response is forwarded, with Envoy's `transport failure
+/// reason` when the connection failed in its TLS handshake.
+fn transport_failure_reply(
+    outcome: Attempt,
+    retried: bool,
+    transport: Option<&str>,
+) -> Response<Body> {
+    match (outcome, transport) {
+        (Attempt::ConnectFailure, Some(reason)) => {
+            let lead = if retried {
+                "retried and the latest reset reason"
+            } else {
+                "reset reason"
+            };
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "{UPSTREAM_RESET}. {lead}: connection failure, transport failure reason: {reason}"
+                ),
+            )
+        }
+        _ => failure_reply(outcome, retried),
+    }
+}
+
 /// How the last attempt ended when no response is forwarded.
 fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
     let lead = if retried {
@@ -871,6 +913,9 @@ async fn forward(
     // Held while a retry runs: Envoy's `max_retries` breaker counts retries in flight.
     let mut _retry_slot = None;
     loop {
+        // Why this attempt's TLS handshake failed, for the local reply (Envoy's `transport
+        // failure reason`).
+        let mut transport_failure: Option<String> = None;
         let attempt_no = retries + 1;
         let exclude: &[SocketAddr] = if policy.as_ref().is_some_and(|p| p.previous_hosts) {
             &tried
@@ -953,12 +998,48 @@ async fn forward(
             (None, d) => d,
         };
         let in_flight = host.as_ref().map(|h| h.start_request());
-        let target = pool::Target {
-            entry: &entry,
-            priority,
-            mark: conn.dp.upstream_mark,
+        // TLS origination when the cluster dials this endpoint with TLS: pooled apart from
+        // plaintext connections, keyed by the configuration (a rotated certificate starts
+        // new connections).
+        let dial = match upstream_tls::endpoint_tls(&entry, addr) {
+            None => Ok(None),
+            Some(t) => upstream_tls::client_config(
+                &conn.dp.tls,
+                &conn.dp.stats,
+                &cluster,
+                t,
+                &ctx.snap.secrets,
+                addr,
+            )
+            .map(|c| {
+                Some(upstream_tls::TlsDial::new(
+                    c,
+                    conn.dp.stats.clone(),
+                    &cluster,
+                    entry.cluster.connect_timeout,
+                ))
+            }),
         };
-        let send = conn.dp.http_pool.send(addr, proto, target, up_req);
+        let send = match &dial {
+            Ok(dial) => {
+                let target = pool::Target {
+                    entry: &entry,
+                    priority,
+                    mark: conn.dp.upstream_mark,
+                    transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
+                };
+                Either::Left(conn.dp.http_pool.send(addr, proto, target, up_req))
+            }
+            // The context cannot be built (a secret not delivered yet): no connection.
+            Err(e) => Either::Right(std::future::ready(pool::Sent {
+                result: Err(SendError::Transport {
+                    addr,
+                    source: e.to_string().into(),
+                }),
+                new_connection: false,
+            })),
+        };
+        let send = cs.upstream_rq_time.time_if(send, |s| s.result.is_ok());
         let timed = async {
             match limit {
                 Some(l) => tokio::time::timeout_at(l, send).await.ok(),
@@ -1015,6 +1096,14 @@ async fn forward(
                             _ => cs.upstream_cx_connect_fail.inc(),
                         }
                         debug!(error = %e, %cluster, flags = "UF", "upstream connect failed");
+                        (Attempt::ConnectFailure, None)
+                    }
+                    Err(e @ SendError::Transport { .. }) => {
+                        if let SendError::Transport { source, .. } = &e {
+                            transport_failure = Some(source.to_string());
+                        }
+                        cs.upstream_cx_connect_fail.inc();
+                        debug!(error = %e, %cluster, flags = "UF", "upstream transport handshake failed");
                         (Attempt::ConnectFailure, None)
                     }
                     Err(e @ SendError::Handshake { .. }) => {
@@ -1088,7 +1177,7 @@ async fn forward(
             }
         }
         let Some(resp) = response else {
-            let r = failure_reply(outcome, retries > 0);
+            let r = transport_failure_reply(outcome, retries > 0, transport_failure.as_deref());
             rq_status(r.status().as_u16());
             break r;
         };
@@ -1170,12 +1259,14 @@ async fn forward_upgrade(
     cs.upstream_cx_total.inc();
     let in_flight = host.as_ref().map(|h| h.start_request());
     let failed = |outcome| failure_reply(outcome, false);
-    let stream = match crate::net::connect(
-        crate::addr::EndpointAddr(addr),
-        conn.dp.upstream_mark,
-        entry.cluster.connect_timeout,
-    )
-    .await
+    let stream = match cs
+        .upstream_cx_connect_ms
+        .time_ok(crate::net::connect(
+            crate::addr::EndpointAddr(addr),
+            conn.dp.upstream_mark,
+            entry.cluster.connect_timeout,
+        ))
+        .await
     {
         Ok(s) => s,
         Err(e) => {
@@ -1185,6 +1276,37 @@ async fn forward_upgrade(
                 g.finish(lb::Outcome::ConnectFailure);
             }
             return failed(Attempt::ConnectFailure);
+        }
+    };
+    // The tunnel's transport, as the pool's connections get theirs.
+    let stream: Box<dyn pool::Stream> = match upstream_tls::endpoint_tls(entry, addr) {
+        None => Box::new(stream),
+        Some(t) => {
+            let stats = &conn.dp.stats;
+            let tls = upstream_tls::client_config(
+                &conn.dp.tls,
+                stats,
+                cluster,
+                t,
+                &ctx.snap.secrets,
+                addr,
+            );
+            let budget = entry.cluster.connect_timeout;
+            let done = match tls {
+                Ok(c) => upstream_tls::originate(stats, cluster, &c, stream, addr, budget).await,
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(o) => Box::new(o.stream),
+                Err(e) => {
+                    cs.upstream_cx_connect_fail.inc();
+                    debug!(error = %e, %cluster, flags = "UF", "upstream TLS failed");
+                    if let Some(g) = in_flight {
+                        g.finish(lb::Outcome::ConnectFailure);
+                    }
+                    return failed(Attempt::ConnectFailure);
+                }
+            }
         }
     };
     let (mut tx, connection) =

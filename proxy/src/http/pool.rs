@@ -4,7 +4,11 @@
 //! previous response fully read) or opens a new one, and puts it back as soon as the response
 //! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
 //! connection per endpoint, replaced when it closes. Every socket is opened by
-//! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`).
+//! `net::connect` (the proxy's SO_MARK, the cluster's `connect_timeout`), then handed to the
+//! request's [`Transport`] when it has one (TLS origination) before HTTP runs on it. Pooled
+//! connections are keyed by endpoint, protocol and transport, so a TLS and a plaintext
+//! connection to one endpoint (or two TLS ones with different settings or certificates) never
+//! stand in for each other.
 //!
 //! Limits, as Envoy's pools: every connection holds a `max_connections` slot of its cluster for
 //! its life. A request without a ready connection is pending (`max_pending_requests`, else 503
@@ -18,7 +22,9 @@
 //! (`upstream_cx_idle_timeout`) by a sweeper task that runs every 500 ms.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -27,11 +33,13 @@ use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Body;
+use super::{Body, BoxError};
 use crate::addr::EndpointAddr;
 use crate::lb::{BreakerGuard, Overflow, Resource, RoutingPriority};
 use crate::net::{self as connect, ConnectError};
@@ -58,6 +66,26 @@ pub enum Proto {
 struct Key {
     addr: SocketAddr,
     proto: Proto,
+    /// [`Transport::key`]; `None` for plaintext.
+    transport: Option<u64>,
+}
+
+/// A byte stream HTTP runs over: a TCP socket, or a session (TLS) over one.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What a [`Transport`] hands back: the stream to run HTTP over.
+pub type Wrapped = Pin<Box<dyn Future<Output = Result<Box<dyn Stream>, BoxError>> + Send>>;
+
+/// Sets up a fresh upstream TCP connection before HTTP runs on it (TLS origination).
+pub trait Transport: Send + Sync {
+    /// Tells pooled connections apart: two transports with the same key produce
+    /// interchangeable connections (same TLS settings, same certificates).
+    fn key(&self) -> u64;
+    /// Wrap `tcp`, connected to `addr` (the handshake runs here; its failure is the
+    /// connect's).
+    fn wrap(&self, tcp: TcpStream, addr: SocketAddr) -> Wrapped;
 }
 
 /// What a connection knows of its cluster's limits, and its own use.
@@ -161,6 +189,8 @@ pub struct Target<'a> {
     pub priority: RoutingPriority,
     /// SO_MARK for new sockets.
     pub mark: Option<u32>,
+    /// How new connections are set up after the TCP connect (`None`: plaintext).
+    pub transport: Option<&'a dyn Transport>,
 }
 
 impl Target<'_> {
@@ -194,6 +224,14 @@ pub enum SendError {
     /// The connect failed (refused, unreachable, timed out, no socket).
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The transport (TLS) handshake on a fresh connection failed: a connect failure (`UF`).
+    #[error("upstream transport handshake with {addr} failed: {source}")]
+    Transport {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Cause (the transport's error: downcast it for details).
+        source: BoxError,
+    },
     /// The HTTP handshake on a fresh connection failed.
     #[error("upstream handshake with {addr} failed: {source}")]
     Handshake {
@@ -359,7 +397,26 @@ impl Pool {
             _slot: slot,
         };
         let connect_timeout = target.entry.cluster.connect_timeout;
-        let stream = connect::connect(EndpointAddr(key.addr), target.mark, connect_timeout).await?;
+        let tcp = target
+            .entry
+            .stats
+            .upstream_cx_connect_ms
+            .time_ok(connect::connect(
+                EndpointAddr(key.addr),
+                target.mark,
+                connect_timeout,
+            ))
+            .await?;
+        let stream: Box<dyn Stream> = match target.transport {
+            None => Box::new(tcp),
+            Some(t) => t
+                .wrap(tcp, key.addr)
+                .await
+                .map_err(|source| SendError::Transport {
+                    addr: key.addr,
+                    source,
+                })?,
+        };
         let io = TokioIo::new(stream);
         let handshake = |source| SendError::Handshake {
             addr: key.addr,
@@ -452,7 +509,11 @@ impl Pool {
         req: Request<Body>,
     ) -> Sent {
         self.start_sweeper();
-        let key = Key { addr, proto };
+        let key = Key {
+            addr,
+            proto,
+            transport: target.transport.map(|t| t.key()),
+        };
         let mut req = req;
         let mut new_connection = false;
         // At most one reused attempt, then one on a fresh connection.
@@ -618,6 +679,16 @@ mod tests {
     }
 
     async fn get(pool: &Pool, addr: SocketAddr, proto: Proto, e: &ClusterEntry) -> bool {
+        get_via(pool, addr, proto, e, None).await
+    }
+
+    async fn get_via(
+        pool: &Pool,
+        addr: SocketAddr,
+        proto: Proto,
+        e: &ClusterEntry,
+        transport: Option<&dyn Transport>,
+    ) -> bool {
         let req = Request::get(match proto {
             Proto::Http1 => "/".to_string(),
             Proto::Http2 => format!("http://{addr}/"),
@@ -628,12 +699,99 @@ mod tests {
             entry: e,
             priority: RoutingPriority::Default,
             mark: None,
+            transport,
         };
         let sent = pool.send(addr, proto, target, req).await;
         match sent.result {
             Ok(r) => r.into_body().collect().await.is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// A transport that wraps nothing (the stream stays plaintext) but counts its uses, so
+    /// the pool's keying can be watched without a TLS server.
+    struct Counting {
+        key: u64,
+        wrapped: Arc<AtomicUsize>,
+    }
+
+    impl Transport for Counting {
+        fn key(&self) -> u64 {
+            self.key
+        }
+        fn wrap(&self, tcp: TcpStream, _addr: SocketAddr) -> Wrapped {
+            self.wrapped.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Ok(Box::new(tcp) as Box<dyn Stream>) })
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_of_different_transports_never_stand_in_for_each_other() {
+        let stats = Arc::new(Stats::default());
+        let e = entry("{}", &stats);
+        let (addr, accepted) = backend(false).await;
+        let pool = Pool::new();
+        let wrapped = Arc::new(AtomicUsize::new(0));
+        let a = Counting {
+            key: 1,
+            wrapped: wrapped.clone(),
+        };
+        let b = Counting {
+            key: 2,
+            wrapped: wrapped.clone(),
+        };
+        // Plaintext, then transport a, then b: three connections, each reused by its own.
+        for _ in 0..2 {
+            assert!(get_via(&pool, addr, Proto::Http1, &e, None).await);
+            assert!(get_via(&pool, addr, Proto::Http1, &e, Some(&a)).await);
+            assert!(get_via(&pool, addr, Proto::Http1, &e, Some(&b)).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            wrapped.load(Ordering::SeqCst),
+            2,
+            "each transport wrapped once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_transport_is_a_transport_error_and_leaves_nothing_pooled() {
+        struct Refusing;
+        impl Transport for Refusing {
+            fn key(&self) -> u64 {
+                9
+            }
+            fn wrap(&self, _tcp: TcpStream, _addr: SocketAddr) -> Wrapped {
+                Box::pin(async { Err("handshake refused".into()) })
+            }
+        }
+        let stats = Arc::new(Stats::default());
+        let e = entry("{}", &stats);
+        let (addr, _accepted) = backend(false).await;
+        let pool = Pool::new();
+        let req = Request::get("/")
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap();
+        let target = Target {
+            entry: &e,
+            priority: RoutingPriority::Default,
+            mark: None,
+            transport: Some(&Refusing),
+        };
+        let sent = pool.send(addr, Proto::Http1, target, req).await;
+        assert!(
+            matches!(sent.result, Err(SendError::Transport { .. })),
+            "{:?}",
+            sent.result.err()
+        );
+        assert_eq!(
+            pool.live(Key {
+                addr,
+                proto: Proto::Http1,
+                transport: Some(9)
+            }),
+            0
+        );
     }
 
     #[tokio::test]

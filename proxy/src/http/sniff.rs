@@ -1,15 +1,14 @@
-//! `envoy.filters.listener.http_inspector`: tell HTTP/1.x and h2c apart by peeking at the first
-//! bytes, without consuming them, so filter chains can match on `application_protocols`.
-
-use std::time::Duration;
-
-use tokio::net::TcpStream;
+//! `envoy.filters.listener.http_inspector`: tell HTTP/1.x and h2c apart by the first bytes, so
+//! filter chains can match on `application_protocols`. Pure: the data plane's accept step
+//! peeks (never consumes) and runs it beside the TLS inspector, under the listener's
+//! `listener_filters_timeout`.
 
 /// Name of the listener filter that asks for this detection.
 pub const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const MAX_PEEK: usize = 1024;
+/// Most bytes http_inspector looks at: a request line longer than this is not HTTP to it.
+pub const MAX_PEEK: usize = 1024;
 
 /// What the first bytes say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,34 +71,6 @@ pub fn classify(buf: &[u8]) -> Verdict {
         b"HTTP/1.1" => Verdict::Http11,
         b"HTTP/1.0" => Verdict::Http10,
         _ => Verdict::NotHttp,
-    }
-}
-
-/// Peek at `stream` until the bytes decide, the peer stops sending, or `timeout` passes.
-pub async fn detect(stream: &TcpStream, timeout: Duration) -> Option<&'static str> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_PEEK];
-    let mut seen = 0;
-    loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        match classify(&buf[..n]) {
-            Verdict::NeedMore => {}
-            v => return v.protocol(),
-        }
-        if n == seen {
-            // peek returns at once while bytes are queued: wait for more instead of spinning.
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        seen = n;
     }
 }
 

@@ -28,6 +28,7 @@ fn assignment(eps: &[Ep<'_>], locality_weights: &[(&str, u32)]) -> LoadAssignmen
                 internal: None,
                 health: *h,
                 weight: *w,
+                transport_socket_match: Default::default(),
             });
     }
     LoadAssignment {
@@ -58,7 +59,7 @@ fn cluster(policy: LbPolicy, la: LoadAssignment, lb: LbSettings) -> Cluster {
         kind: ClusterKind::Static(la),
         lb_policy: policy,
         connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
+        transport: Default::default(),
         lb,
         upstream_http: Default::default(),
     }

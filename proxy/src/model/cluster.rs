@@ -7,6 +7,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3 as pb;
 
 use super::endpoint::LoadAssignment;
+use super::tls::ClusterTransport;
 use super::{FieldError, ModelError, duration, host_port};
 
 /// Envoy's default `connect_timeout`.
@@ -23,8 +24,9 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
-    /// Whether a `transport_socket` (TLS, ...) is configured: such clusters need userspace.
-    pub has_transport_socket: bool,
+    /// How each endpoint is dialled (`transport_socket`, `transport_socket_matches`): TLS
+    /// or plaintext; clusters that may use TLS need userspace.
+    pub transport: ClusterTransport,
     /// Policy parameters, `common_lb_config`, outlier detection, circuit breakers, health checks.
     pub lb: lb::LbSettings,
     /// Upstream HTTP version (`HttpProtocolOptions`), for HTTP connection manager routes.
@@ -181,49 +183,6 @@ fn lb_policy(c: &pb::Cluster) -> Result<(LbPolicy, Option<lb::TypedParams>), Fie
     Ok((policy, None))
 }
 
-/// Honour or refuse (`model::compat`): a cluster that would dial TLS is refused until issue 15,
-/// never dialled in plaintext. `transport_socket_matches` pick a socket per endpoint (the first
-/// entry whose `match` is a subset of the endpoint's `envoy.transport_socket_match` metadata,
-/// else `transport_socket`): Envoy dials plaintext only to endpoints without matching
-/// metadata, and skiff keeps no endpoint metadata, so any entry selecting TLS refuses the
-/// cluster (Istio's `tlsMode-istio`).
-fn tls_refusal(c: &pb::Cluster) -> Result<(), FieldError> {
-    use super::compat;
-    use envoy_types::pb::envoy::config::core::v3::TransportSocket;
-    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    let kind = |ts: &TransportSocket| match &ts.config_type {
-        Some(ConfigType::TypedConfig(a)) => compat::type_name(a),
-        None => ts.name.clone(),
-    };
-    let plaintext = |ts: &TransportSocket| {
-        matches!(
-            kind(ts).as_str(),
-            compat::RAW_BUFFER_TYPE | "envoy.transport_sockets.raw_buffer" | "raw_buffer"
-        )
-    };
-    // The refusal says which socket was asked for.
-    let named = |e: FieldError, ts: &TransportSocket| FieldError {
-        reason: format!("{} ({}): {}", ts.name, kind(ts), e.reason),
-        ..e
-    };
-    if let Some(ts) = &c.transport_socket
-        && !plaintext(ts)
-    {
-        let e = compat::refuse(compat::F_CLUSTER_TLS, "transport_socket");
-        return Err(named(e, ts));
-    }
-    for (i, m) in c.transport_socket_matches.iter().enumerate() {
-        if let Some(ts) = m.transport_socket.as_ref().filter(|ts| !plaintext(ts)) {
-            let e = compat::refuse(
-                compat::F_CLUSTER_TLS_MATCHES,
-                format!("transport_socket_matches[{i}] ({:?})", m.name),
-            );
-            return Err(named(e, ts));
-        }
-    }
-    Ok(())
-}
-
 impl TryFrom<&pb::Cluster> for Cluster {
     type Error = ModelError;
     fn try_from(c: &pb::Cluster) -> Result<Self, ModelError> {
@@ -286,7 +245,9 @@ impl TryFrom<&pb::Cluster> for Cluster {
         };
         let (lb_policy, typed) = lb_policy(c).map_err(err)?;
         let lb = lb::parse(c, typed).map_err(err)?;
-        tls_refusal(c).map_err(err)?;
+        let transport =
+            super::tls::cluster_transport(c.transport_socket.as_ref(), &c.transport_socket_matches)
+                .map_err(err)?;
         let connect_timeout = match &c.connect_timeout {
             Some(d) => duration(d).map_err(|e| err(e.within("connect_timeout")))?,
             None => DEFAULT_CONNECT_TIMEOUT,
@@ -296,7 +257,7 @@ impl TryFrom<&pb::Cluster> for Cluster {
             kind,
             lb_policy,
             connect_timeout,
-            has_transport_socket: c.transport_socket.is_some(),
+            transport,
             lb,
             upstream_http: super::upstream_http::from_cluster(c).map_err(err)?,
         })
@@ -304,58 +265,4 @@ impl TryFrom<&pb::Cluster> for Cluster {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use envoy_types::pb::envoy::config::core::v3 as core;
-    use envoy_types::pb::google::protobuf::Any;
-
-    fn socket(type_name: &str) -> core::TransportSocket {
-        core::TransportSocket {
-            name: "s".into(),
-            config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
-                type_url: format!("type.googleapis.com/{type_name}"),
-                value: vec![],
-            })),
-        }
-    }
-
-    const TLS: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
-
-    #[test]
-    fn tls_clusters_are_refused_never_dialled_in_plaintext() {
-        let base = pb::Cluster {
-            name: "c".into(),
-            cluster_discovery_type: Some(pb::cluster::ClusterDiscoveryType::Type(3)),
-            ..Default::default()
-        };
-        let raw = pb::Cluster {
-            transport_socket: Some(socket(super::super::compat::RAW_BUFFER_TYPE)),
-            ..base.clone()
-        };
-        assert!(Cluster::try_from(&raw).is_ok());
-        let tls = pb::Cluster {
-            transport_socket: Some(socket(TLS)),
-            ..base.clone()
-        };
-        let e = Cluster::try_from(&tls).unwrap_err();
-        assert_eq!(e.field, "transport_socket");
-        // Istio's outbound shape: tlsMode-istio -> TLS, anything else -> raw_buffer.
-        let istio = pb::Cluster {
-            transport_socket_matches: vec![
-                pb::cluster::TransportSocketMatch {
-                    name: "tlsMode-istio".into(),
-                    transport_socket: Some(socket(TLS)),
-                    ..Default::default()
-                },
-                pb::cluster::TransportSocketMatch {
-                    name: "tlsMode-disabled".into(),
-                    transport_socket: Some(socket(super::super::compat::RAW_BUFFER_TYPE)),
-                    ..Default::default()
-                },
-            ],
-            ..base
-        };
-        let e = Cluster::try_from(&istio).unwrap_err();
-        assert!(e.field.starts_with("transport_socket_matches[0]"), "{e}");
-    }
-}
+mod tests;

@@ -130,12 +130,16 @@ const WASM_TYPE: &str = "envoy.extensions.filters.http.wasm.v3.Wasm";
 pub const F_TCP_PROXY_UNRUN: &str = "tcp_proxy.tunneling_config";
 /// Field path of a listener's `filter_chain_matcher`.
 pub const F_FILTER_CHAIN_MATCHER: &str = "listener.filter_chain_matcher";
-/// Field path of a selectable filter chain's TLS `transport_socket`.
-pub const F_CHAIN_TLS: &str = "filter_chain.transport_socket";
-/// Field path of a cluster's `transport_socket`.
-pub const F_CLUSTER_TLS: &str = "cluster.transport_socket";
 /// Field path of a cluster's `transport_socket_matches`.
 pub const F_CLUSTER_TLS_MATCHES: &str = "cluster.transport_socket_matches";
+/// SDS references (`SdsSecretConfig`).
+pub const F_SDS: &str = "transport_socket.tls.sds_secret_config";
+/// TLS fields skiff refuses (private key providers, CRLs, pins, renegotiation, ...).
+pub const F_TLS_UNSUPPORTED: &str = "transport_socket.tls";
+/// `tls_params` values rustls cannot honour.
+pub const F_TLS_PARAMS: &str = "transport_socket.tls.tls_params";
+/// TLS fields that only tune (session tickets, OCSP LENIENT, ...): optional in Envoy's terms.
+pub const F_TLS_OPTIONAL: &str = "transport_socket.tls.optional";
 /// `RouteMatch.dynamic_metadata`.
 pub const F_DYNAMIC_METADATA: &str = "route.match.dynamic_metadata";
 /// `RouteMatch.filter_state`.
@@ -166,8 +170,8 @@ pub const TABLE: &[Entry] = &[
         "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", Honoured,
         "peeks the first bytes: `http/1.0`, `http/1.1` or `h2c` for filter chain matching"),
     e(ListenerFilter, "envoy.filters.listener.tls_inspector",
-        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", Optional,
-        "no TLS detection until issue 15: every connection is `raw_buffer` without SNI or ALPN, as in Envoy without this filter; chains that need `tls`, server names or TLS ALPN never match (fails closed)"),
+        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", Honoured,
+        "peeks the ClientHello without terminating: a TLS connection gets `transport_protocol: tls`, its SNI and its ALPN list for filter chain matching (`server_names`, `application_protocols`); anything else stays `raw_buffer`"),
     e(ListenerFilter, "envoy.filters.udp_listener.udp_proxy",
         "envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig", Honoured,
         "one cluster per UDP listener, served by the kernel fast path"),
@@ -192,7 +196,7 @@ pub const TABLE: &[Entry] = &[
     e(NetworkFilter, "istio.stats", "stats.PluginConfig", Optional,
         "observational: Istio's telemetry"),
     e(NetworkFilter, "istio_authn", "io.istio.network.authn.Config", Optional,
-        "records the mTLS peer identity for RBAC; without TLS (issue 15) there is none"),
+        "Istio's record of the peer identity as dynamic metadata; skiff's RBAC takes the peer's verified SPIFFE identity from the TLS handshake itself"),
     e(NetworkFilter, "envoy.filters.network.set_filter_state",
         "envoy.extensions.filters.network.set_filter_state.v3.Config", Refused,
         "filter state is not modelled"),
@@ -222,7 +226,7 @@ pub const TABLE: &[Entry] = &[
     e(HttpFilter, "istio.metadata_exchange", "io.istio.http.peer_metadata.Config", Optional,
         "observational: peer metadata for telemetry"),
     e(HttpFilter, "istio.alpn", "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
-        Optional, "sets the ALPN of upstream TLS, and skiff dials no TLS (issue 15)"),
+        Optional, "per-request override of the upstream TLS ALPN (`istio-http/1.1`, `istio-h2`); skiff offers the cluster's own `alpn_protocols`, which Istio's servers accept as well"),
     e(HttpFilter, "envoy.filters.http.compressor",
         "envoy.extensions.filters.http.compressor.v3.Compressor", Optional,
         "responses stay uncompressed (identity), which every client accepts"),
@@ -249,23 +253,27 @@ pub const TABLE: &[Entry] = &[
     e(TransportSocket, "envoy.transport_sockets.raw_buffer", RAW_BUFFER_TYPE, Honoured,
         "plaintext"),
     e(TransportSocket, "envoy.transport_sockets.tls",
-        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", Refused,
-        "no TLS until issue 15; a chain that can never be selected (it needs `transport_protocol: tls`, server names or TLS ALPN) is inert and accepted"),
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", Honoured,
+        "terminated with rustls (ring): one certificate inline or over SDS, `validation_context` / `validation_context_sds_secret_config` / `combined_validation_context` (trusted_ca inline or file, `match_typed_subject_alt_names`, `match_subject_alt_names`), `require_client_certificate`, `alpn_protocols`, `tls_params` (see the fields below)"),
     e(TransportSocket, "envoy.transport_sockets.tls",
-        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Refused,
-        "no TLS until issue 15: never dialled in plaintext"),
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", Honoured,
+        "dialled with rustls (ring): `sni`, `alpn_protocols`, a client certificate inline or over SDS, the same validation as downstream; Envoy's client defaults (TLSv1_2 unless `tls_params` says otherwise)"),
     e(TransportSocket, "envoy.transport_sockets.internal_upstream",
         "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
         Refused, "connections to internal listeners are not made"),
     // --- fields ---
     e(Field, F_FILTER_CHAIN_MATCHER, "", Refused,
         "the xDS matcher API for filter chains is not evaluated"),
-    e(Field, F_CHAIN_TLS, "", Refused,
-        "a chain with a DownstreamTlsContext that a plaintext connection could select is never served in plaintext"),
-    e(Field, F_CLUSTER_TLS, "", Refused,
-        "only raw_buffer (or none) is dialled"),
-    e(Field, F_CLUSTER_TLS_MATCHES, "", Refused,
-        "an entry selecting TLS refuses the cluster: Envoy would dial TLS to endpoints whose metadata matches it (Istio's `tlsMode: istio`), and skiff keeps no endpoint metadata to refuse only those hosts"),
+    e(Field, F_CLUSTER_TLS_MATCHES, "", Honoured,
+        "each endpoint is dialled with the socket of the first entry whose `match` is a subset of its `envoy.transport_socket_match` metadata, else `transport_socket` (Istio's auto-mTLS: `tlsMode: istio` endpoints get mTLS, the others plaintext)"),
+    e(Field, F_SDS, "", Honoured,
+        "SDS secrets by name: `sds_config: {ads: {}}` over the ADS stream (a cluster or listener warms until they arrive, up to `initial_fetch_timeout`), `api_config_source` GRPC/DELTA_GRPC with one `envoy_grpc` cluster (Istio's `sds-grpc` Unix socket), or none (the bootstrap's `static_resources.secrets`)"),
+    e(Field, F_TLS_UNSUPPORTED, "", Refused,
+        "private key providers, PKCS#12, encrypted keys, certificate provider instances and selectors, custom validators and handshakers, CRLs, certificate hash and SPKI pins, OTHER_NAME SAN matchers, system root certificates, `max_verify_depth`, ACCEPT_UNTRUSTED, `allow_expired_certificate`, signed certificate timestamps, renegotiation, `auto_host_sni`, `auto_sni_san_validation`, `require_sni`, strict OCSP stapling, key logs, watched directories, environment-variable data sources, SDS from files, `self` or google_grpc, session ticket keys and generic secrets over SDS, more than one certificate"),
+    e(Field, F_TLS_PARAMS, "", Refused,
+        "values rustls (ring) cannot honour: a version range without TLSv1_2 or TLSv1_3 (a wider range is clamped to them); a `cipher_suites` list without any of ECDHE-{ECDSA,RSA}-{AES128-GCM-SHA256,AES256-GCM-SHA384,CHACHA20-POLY1305}, or a `ecdh_curves` list without any of X25519, P-256, P-384 (otherwise the lists are honoured as allowlists: names rustls lacks, such as Istio's `AES256-GCM-SHA384`, are not offered); names BoringSSL does not know; `signature_algorithms`, `compliance_policies`"),
+    e(Field, F_TLS_OPTIONAL, "", Optional,
+        "`session_ticket_keys`, `session_timeout`, `disable_stateful_session_resumption`, `prefer_client_ciphers`, `max_session_keys`, `enforce_rsa_key_usage`, `ocsp_staple` with LENIENT stapling, `suppress_client_ca_list`: accepted and not applied, as Envoy treats them (they tune resumption and stapling, not who may connect)"),
     e(Field, "route.match.runtime_fraction", "", Honoured,
         "`default_value` (skiff has no runtime, so the default applies, as in Envoy without a runtime override)"),
     e(Field, "route.match.grpc", "", Honoured,

@@ -1,5 +1,6 @@
 //! Endpoints of a cluster (`ClusterLoadAssignment`): localities, priorities, health, weights.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -58,7 +59,13 @@ pub struct LbEndpoint {
     pub health: HealthStatus,
     /// `load_balancing_weight` (default 1).
     pub weight: u32,
+    /// `metadata.filter_metadata["envoy.transport_socket_match"]` (Istio: `tlsMode: istio`),
+    /// values as text: what the cluster's `transport_socket_matches` are matched against.
+    pub transport_socket_match: BTreeMap<String, String>,
 }
+
+/// The filter metadata key of the entries transport socket matches look at.
+pub const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 
 /// EDS `health_status`, as Envoy interprets it for load balancing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -250,11 +257,18 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
             "must be at least 1",
         ));
     }
+    let transport_socket_match = e
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH))
+        .map(super::tls::struct_strings)
+        .unwrap_or_default();
     Ok(LbEndpoint {
         address,
         internal,
         health: HealthStatus::from_proto(e.health_status)?,
         weight,
+        transport_socket_match,
     })
 }
 

@@ -15,6 +15,7 @@ use prost::Message;
 use super::compat::{self, Kind, Verdict};
 use super::fault::FaultFilter;
 use super::route::RouteConfig;
+use super::tls::{DownstreamTls, SdsRef};
 use super::upstream_http::DEFAULT_BUFFER_LIMIT;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
 use crate::rbac::{self, HttpRbac, NetworkRbac};
@@ -36,6 +37,9 @@ pub const NETWORK_RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RB
 /// Type URL of the HTTP RBAC filter config.
 pub const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 
+/// Envoy's default `listener_filters_timeout`.
+pub const DEFAULT_LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Validated `Listener`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
@@ -56,12 +60,30 @@ pub struct Listener {
     pub default_filter_chain: Option<FilterChain>,
     /// Names of the listener filters (tls_inspector, http_inspector, original_dst ...).
     pub listener_filters: Vec<String>,
+    /// `listener_filters_timeout`: how long the listener filters (tls_inspector,
+    /// http_inspector) may wait for the first bytes; Envoy's default 15 s, `None` for `0s`
+    /// (no limit, as Istio sets it).
+    pub listener_filters_timeout: Option<Duration>,
+    /// `continue_on_listener_filters_timeout`: at the timeout, choose the filter chain with
+    /// what was found (else the connection is closed).
+    pub continue_on_listener_filters_timeout: bool,
     /// A UDP listener (`socket_address.protocol: UDP`) and its `udp_proxy`; `None` for TCP.
     /// skiff's proxy never binds these: only the kernel fast path serves them.
     pub udp: Option<UdpProxy>,
     /// Extensions accepted without being run (optional or observational, `model::compat`),
     /// sorted, each once: what `skiff.unsupported.<name>` counts.
     pub unsupported: Vec<String>,
+}
+
+impl Listener {
+    /// Every secret its filter chains' TLS contexts refer to by SDS, in chain order.
+    pub fn sds_refs(&self) -> impl Iterator<Item = &SdsRef> {
+        self.filter_chains
+            .iter()
+            .chain(self.default_filter_chain.iter())
+            .filter_map(|fc| fc.tls.as_deref())
+            .flat_map(|t| t.common.sds_refs())
+    }
 }
 
 /// The `envoy.filters.udp_listener.udp_proxy` listener filter of a UDP listener.
@@ -233,10 +255,9 @@ pub struct FilterChain {
     pub rbac: Vec<NetworkRbacFilter>,
     /// What the terminal filter does.
     pub action: NetworkAction,
-    /// Whether the chain has a TLS transport socket. Conversion accepts that only on chains
-    /// that TLS inspection alone could select (`FilterChainMatch::needs_tls_inspection`), which
-    /// skiff does not do yet (issue 15): such chains are inert, never chosen.
-    pub has_transport_socket: bool,
+    /// The chain's `DownstreamTlsContext`: connections it selects are TLS-terminated with
+    /// it; `None` for raw buffer (plaintext).
+    pub tls: Option<Arc<DownstreamTls>>,
 }
 
 /// One `envoy.filters.network.rbac` filter of a chain.
@@ -593,9 +614,9 @@ fn legacy_http_name(name: &str) -> &str {
 const PLAINTEXT_ALPN: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
 
 impl FilterChainMatch {
-    /// Whether no connection can select a chain with this match today: it needs
-    /// `transport_protocol: tls`, server names or a TLS ALPN, and skiff detects no TLS
-    /// (issue 15), so every connection is `raw_buffer` with no SNI.
+    /// Whether only a connection that TLS inspection recognised can select a chain with this
+    /// match: it needs `transport_protocol: tls`, server names or an ALPN http_inspector
+    /// cannot report.
     pub fn needs_tls_inspection(&self) -> bool {
         self.transport_protocol == "tls"
             || !self.server_names.is_empty()
@@ -604,28 +625,6 @@ impl FilterChainMatch {
                     .application_protocols
                     .iter()
                     .any(|p| PLAINTEXT_ALPN.contains(&p.as_str())))
-    }
-}
-
-/// Check a `transport_socket` under the compatibility rule: `Ok(false)` plaintext,
-/// `Ok(true)` TLS (for the caller to refuse or accept as inert), `Err` anything else.
-fn transport_socket(
-    ts: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
-) -> Result<bool, FieldError> {
-    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
-    let t = match &ts.config_type {
-        Some(ConfigType::TypedConfig(a)) => compat::type_name(a),
-        None => String::new(),
-    };
-    match compat::classify(Kind::TransportSocket, &ts.name, &t, false) {
-        Ok(Verdict::Run(e)) if e.type_name == compat::RAW_BUFFER_TYPE => Ok(false),
-        Ok(_) => Ok(true),
-        Err(_) if t.ends_with("DownstreamTlsContext") || t.ends_with("UpstreamTlsContext") => {
-            Ok(true)
-        }
-        // Refused by the table, or a TLS context given by name only.
-        Err(_) if t.is_empty() && ts.name.contains("tls") => Ok(true),
-        Err(reason) => Err(FieldError::new("transport_socket", reason.to_string())),
     }
 }
 
@@ -1057,13 +1056,7 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
 
 impl FilterChain {
     /// Convert one chain; `unsupported` collects what is accepted without running.
-    /// `is_default`: the listener's default chain, which any connection may get, so a TLS
-    /// transport socket on it is always refused.
-    fn from_proto(
-        fc: &pb::FilterChain,
-        is_default: bool,
-        unsupported: &mut Vec<String>,
-    ) -> Result<Self, FieldError> {
+    fn from_proto(fc: &pb::FilterChain, unsupported: &mut Vec<String>) -> Result<Self, FieldError> {
         let matcher = match &fc.filter_chain_match {
             Some(m) => {
                 FilterChainMatch::from_proto(m).map_err(|e| e.within("filter_chain_match"))?
@@ -1146,23 +1139,65 @@ impl FilterChain {
             }
         }
         let tls = match &fc.transport_socket {
-            Some(ts) => transport_socket(ts)?,
-            None => false,
+            Some(ts) => {
+                super::tls::downstream_socket(ts).map_err(|e| e.within("transport_socket"))?
+            }
+            None => None,
         };
-        // A TLS chain is never served in plaintext. One that only TLS inspection could
-        // select (which skiff does not do yet) is inert: accepted, never chosen.
-        if tls && (is_default || !matcher.needs_tls_inspection()) {
-            return Err(compat::refuse(compat::F_CHAIN_TLS, "transport_socket"));
-        }
         Ok(FilterChain {
             name: fc.name.clone(),
             matcher,
             filters: before.iter().map(|f| f.name.clone()).collect(),
             rbac,
             action,
-            has_transport_socket: tls,
+            tls,
         })
     }
+}
+
+/// `envoy.filters.listener.tls_inspector`.
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+
+/// The listener filters by their canonical names (a filter is known by its typed config's
+/// type, whatever it is called), with Envoy's automatic TLS inspector: chains that match on
+/// `transport_protocol: tls`, or on server names or application protocols without a
+/// transport protocol, get one when none is configured (Envoy adds it, with a warning).
+fn listener_filter_names(l: &pb::Listener) -> Vec<String> {
+    use pb::listener_filter::ConfigType;
+    let mut names: Vec<String> = l
+        .listener_filters
+        .iter()
+        .map(|f| {
+            let t = match &f.config_type {
+                Some(ConfigType::TypedConfig(any)) => compat::type_name(any),
+                _ => String::new(),
+            };
+            match t.as_str() {
+                "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
+                    TLS_INSPECTOR.to_string()
+                }
+                "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
+                    "envoy.filters.listener.http_inspector".to_string()
+                }
+                _ => f.name.clone(),
+            }
+        })
+        .collect();
+    let needs_tls = l.filter_chains.iter().any(|fc| {
+        fc.filter_chain_match.as_ref().is_some_and(|m| {
+            m.transport_protocol == "tls"
+                || (m.transport_protocol.is_empty()
+                    && (!m.server_names.is_empty() || !m.application_protocols.is_empty()))
+        })
+    });
+    if needs_tls && !names.iter().any(|n| n == TLS_INSPECTOR) {
+        tracing::warn!(
+            listener = %l.name,
+            "filter chain match rules need the TLS inspector listener filter, which is not configured: adding it (as Envoy does)"
+        );
+        names.push(TLS_INSPECTOR.to_string());
+    }
+    names
 }
 
 /// Honour or refuse every listener filter (`udp_proxy` is checked by the UDP path).
@@ -1242,13 +1277,13 @@ impl TryFrom<&pb::Listener> for Listener {
         let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
             filter_chains.push(
-                FilterChain::from_proto(fc, false, &mut unsupported)
+                FilterChain::from_proto(fc, &mut unsupported)
                     .map_err(|e| err(e.within(format!("[{i}]")).within("filter_chains")))?,
             );
         }
         let mut default_filter_chain = match &l.default_filter_chain {
             Some(fc) => Some(
-                FilterChain::from_proto(fc, true, &mut unsupported)
+                FilterChain::from_proto(fc, &mut unsupported)
                     .map_err(|e| err(e.within("default_filter_chain")))?,
             ),
             None => None,
@@ -1297,7 +1332,15 @@ impl TryFrom<&pb::Listener> for Listener {
             internal,
             filter_chains,
             default_filter_chain,
-            listener_filters: l.listener_filters.iter().map(|f| f.name.clone()).collect(),
+            listener_filters: listener_filter_names(l),
+            listener_filters_timeout: match &l.listener_filters_timeout {
+                None => Some(DEFAULT_LISTENER_FILTERS_TIMEOUT),
+                Some(d) => {
+                    let d = duration(d).map_err(|e| err(e.within("listener_filters_timeout")))?;
+                    (!d.is_zero()).then_some(d)
+                }
+            },
+            continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             udp,
             unsupported,
         })
@@ -1591,6 +1634,7 @@ mod tests {
     mod compat_rule {
         use super::*;
         use envoy_types::pb::envoy::config::core::v3 as core;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 
         fn tcp(cluster: &str) -> pb::Filter {
             pb::Filter {
@@ -1618,12 +1662,54 @@ mod tests {
             }
         }
 
+        /// Istio's inbound mTLS context: SDS `default` and `ROOTCA` from `sds-grpc`.
         fn tls_socket() -> core::TransportSocket {
+            let sds = |name: &str| tls_pb::SdsSecretConfig {
+                name: name.into(),
+                sds_config: Some(core::ConfigSource {
+                    config_source_specifier: Some(
+                        core::config_source::ConfigSourceSpecifier::ApiConfigSource(
+                            core::ApiConfigSource {
+                                api_type: 2,
+                                grpc_services: vec![core::GrpcService {
+                                    target_specifier: Some(
+                                        core::grpc_service::TargetSpecifier::EnvoyGrpc(
+                                            core::grpc_service::EnvoyGrpc {
+                                                cluster_name: "sds-grpc".into(),
+                                                ..Default::default()
+                                            },
+                                        ),
+                                    ),
+                                    ..Default::default()
+                                }],
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+            };
+            let ctx = tls_pb::DownstreamTlsContext {
+                common_tls_context: Some(tls_pb::CommonTlsContext {
+                    alpn_protocols: vec!["istio".into()],
+                    tls_certificate_sds_secret_configs: vec![sds("default")],
+                    validation_context_type: Some(
+                        tls_pb::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                            sds("ROOTCA"),
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+                require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue {
+                    value: true,
+                }),
+                ..Default::default()
+            };
             core::TransportSocket {
                 name: "envoy.transport_sockets.tls".into(),
                 config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
                     type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext".into(),
-                    value: vec![],
+                    value: ctx.encode_to_vec(),
                 })),
             }
         }
@@ -1644,16 +1730,76 @@ mod tests {
         }
 
         #[test]
-        fn tls_chains_are_refused_unless_only_tls_inspection_selects_them() {
-            let plain = pb::FilterChain {
+        fn the_tls_inspector_is_added_when_chains_need_it_and_known_by_its_type() {
+            let chain = |m: pb::FilterChainMatch| pb::FilterChain {
+                filter_chain_match: Some(m),
                 filters: vec![tcp("c")],
-                transport_socket: Some(tls_socket()),
                 ..Default::default()
             };
-            let e = Listener::try_from(&listener(vec![plain])).unwrap_err();
-            assert_eq!(e.field, "filter_chains[0].transport_socket");
-            assert!(e.reason.contains("plaintext"), "{e}");
-            // Istio's PERMISSIVE inbound: a TLS-only chain beside a plaintext one.
+            let has_inspector =
+                |l: &Listener| l.listener_filters.iter().any(|f| f == TLS_INSPECTOR);
+            let plain = Listener::try_from(&listener(vec![chain(Default::default())])).unwrap();
+            assert!(!has_inspector(&plain));
+            for m in [
+                pb::FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
+                },
+                pb::FilterChainMatch {
+                    server_names: vec!["a.example.com".into()],
+                    ..Default::default()
+                },
+                pb::FilterChainMatch {
+                    application_protocols: vec!["istio".into()],
+                    ..Default::default()
+                },
+            ] {
+                let l = Listener::try_from(&listener(vec![chain(m.clone())])).unwrap();
+                assert!(has_inspector(&l), "{m:?}");
+            }
+            // Named otherwise, known by its type: not added twice.
+            let mut pl = listener(vec![chain(pb::FilterChainMatch {
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            })]);
+            pl.listener_filters = vec![pb::ListenerFilter {
+                name: "my-inspector".into(),
+                config_type: Some(pb::listener_filter::ConfigType::TypedConfig(Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector".into(),
+                    value: vec![],
+                })),
+                ..Default::default()
+            }];
+            let l = Listener::try_from(&pl).unwrap();
+            assert_eq!(l.listener_filters, vec![TLS_INSPECTOR.to_string()]);
+        }
+
+        #[test]
+        fn listener_filters_timeout_defaults_to_15s_and_0s_means_none() {
+            let plaintext = pb::FilterChain {
+                filters: vec![tcp("c")],
+                ..Default::default()
+            };
+            let mut pl = listener(vec![plaintext]);
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, Some(Duration::from_secs(15)));
+            assert!(!l.continue_on_listener_filters_timeout);
+            // Istio's inbound: no timeout, and go on with what was found.
+            pl.listener_filters_timeout = Some(Default::default());
+            pl.continue_on_listener_filters_timeout = true;
+            let l = Listener::try_from(&pl).expect("valid");
+            assert_eq!(l.listener_filters_timeout, None);
+            assert!(l.continue_on_listener_filters_timeout);
+            pl.listener_filters_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: -1,
+                nanos: 0,
+            });
+            let e = Listener::try_from(&pl).unwrap_err();
+            assert_eq!(e.field, "listener_filters_timeout");
+        }
+
+        #[test]
+        fn tls_chains_are_honoured_with_their_context() {
             let tls_only = pb::FilterChain {
                 filter_chain_match: Some(pb::FilterChainMatch {
                     transport_protocol: "tls".into(),
@@ -1669,18 +1815,44 @@ mod tests {
                 ..Default::default()
             };
             let l = Listener::try_from(&listener(vec![tls_only, plaintext])).unwrap();
-            assert!(l.filter_chains[0].has_transport_socket);
-            assert!(l.filter_chains[0].matcher.needs_tls_inspection());
-            assert!(!l.filter_chains[1].has_transport_socket);
-            // The default chain is selectable by anything.
+            let tls = l.filter_chains[0].tls.as_ref().unwrap();
+            assert!(tls.require_client_certificate);
+            assert_eq!(tls.common.alpn, ["istio"]);
+            assert!(l.filter_chains[1].tls.is_none());
+            assert_eq!(
+                l.sds_refs().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+                ["default", "ROOTCA"]
+            );
+            // The default chain may terminate TLS as well.
             let mut pl = listener(vec![]);
             pl.default_filter_chain = Some(pb::FilterChain {
                 filters: vec![tcp("c")],
                 transport_socket: Some(tls_socket()),
                 ..Default::default()
             });
-            let e = Listener::try_from(&pl).unwrap_err();
-            assert_eq!(e.field, "default_filter_chain.transport_socket");
+            let l = Listener::try_from(&pl).unwrap();
+            assert!(l.default_filter_chain.unwrap().tls.is_some());
+            // A context skiff cannot honour refuses the listener, naming the field.
+            let mut bad = pb::FilterChain {
+                filters: vec![tcp("c")],
+                transport_socket: Some(tls_socket()),
+                ..Default::default()
+            };
+            if let Some(core::transport_socket::ConfigType::TypedConfig(a)) = bad
+                .transport_socket
+                .as_mut()
+                .and_then(|t| t.config_type.as_mut())
+            {
+                let mut ctx = tls_pb::DownstreamTlsContext::decode(a.value.as_slice()).unwrap();
+                ctx.require_sni =
+                    Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+                a.value = ctx.encode_to_vec();
+            }
+            let e = Listener::try_from(&listener(vec![bad])).unwrap_err();
+            assert_eq!(
+                e.field,
+                "filter_chains[0].transport_socket.typed_config.require_sni"
+            );
         }
 
         #[test]

@@ -27,7 +27,7 @@ pub(crate) fn tcp_proxy_chain(name: &str, matcher: FilterChainMatch, cluster: &s
             hash_policy: None,
             buffer_limit: super::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
-        has_transport_socket: false,
+        tls: None,
     }
 }
 
@@ -55,6 +55,8 @@ pub(crate) fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -
         filter_chains: chains,
         default_filter_chain: default,
         listener_filters: vec![],
+        listener_filters_timeout: Some(super::listener::DEFAULT_LISTENER_FILTERS_TIMEOUT),
+        continue_on_listener_filters_timeout: false,
         udp: None,
         unsupported: vec![],
     }
@@ -83,6 +85,7 @@ pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssign
                     internal: None,
                     health: *h,
                     weight: 1,
+                    transport_socket_match: Default::default(),
                 })
                 .collect(),
         }],
@@ -98,7 +101,7 @@ pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster 
         kind: ClusterKind::Static(assignment(name, &eps)),
         lb_policy: lb,
         connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
+        transport: Default::default(),
         lb: Default::default(),
         upstream_http: Default::default(),
     }
@@ -147,4 +150,43 @@ pub(crate) fn virtual_host(name: &str, domains: &[&str]) -> VirtualHost {
         per_filter: Default::default(),
         faults: vec![],
     }
+}
+
+/// A server TLS context presenting an inline certificate, verifying no client.
+pub(crate) fn downstream_tls() -> std::sync::Arc<super::tls::DownstreamTls> {
+    use super::tls::{
+        CertificateSource, CommonTls, DataSource, DownstreamTls, TlsCertificate, TlsVersion,
+    };
+    std::sync::Arc::new(DownstreamTls {
+        common: CommonTls {
+            certificate: Some(CertificateSource::Inline(TlsCertificate {
+                certificate_chain: DataSource::File("/etc/certs/cert-chain.pem".into()),
+                private_key: DataSource::File("/etc/certs/key.pem".into()),
+            })),
+            validation: None,
+            alpn: vec![],
+            min_version: TlsVersion::V1_2,
+            max_version: TlsVersion::V1_3,
+            cipher_suites: vec![],
+            ecdh_curves: vec![],
+        },
+        require_client_certificate: false,
+    })
+}
+
+/// A client TLS context with Envoy's defaults (no certificate, peer not verified).
+pub(crate) fn upstream_tls() -> std::sync::Arc<super::tls::UpstreamTls> {
+    use super::tls::{CommonTls, TlsVersion, UpstreamTls};
+    std::sync::Arc::new(UpstreamTls {
+        common: CommonTls {
+            certificate: None,
+            validation: None,
+            alpn: vec![],
+            min_version: TlsVersion::V1_2,
+            max_version: TlsVersion::V1_2,
+            cipher_suites: vec![],
+            ecdh_curves: vec![],
+        },
+        sni: String::new(),
+    })
 }

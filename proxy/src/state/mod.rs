@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use crate::config::Bootstrap;
 use crate::lb::{ClusterLb, HostRegistry};
 use crate::model::listener::RunFilter;
+use crate::model::tls::Secrets;
 use crate::model::{
     Cluster, ClusterKind, LbEndpoint, Listener, LoadAssignment, NetworkAction, RouteConfig,
 };
@@ -81,6 +82,8 @@ pub struct XdsDump {
     pub routes: TypeDump,
     /// EDS.
     pub endpoints: TypeDump,
+    /// SDS over ADS (`tls.v3.Secret`).
+    pub secrets: TypeDump,
 }
 
 /// A cluster together with the endpoints it currently resolves to and its balancer.
@@ -208,6 +211,10 @@ pub struct Snapshot {
     pub static_clusters: BTreeSet<String>,
     /// Raw xDS resources, warming ones and errors, for `/config_dump`.
     pub xds: Arc<XdsDump>,
+    /// Every secret known, by name: the bootstrap's static secrets, those of gRPC SDS sources
+    /// and those over ADS (`xds::Resources` merges them). TLS configurations are built from
+    /// these at handshake time.
+    pub secrets: Secrets,
     /// Listener name by exact address.
     by_addr: HashMap<SocketAddr, String>,
     /// Stat handles resolved by [`Snapshot::attach`].
@@ -535,14 +542,13 @@ impl Store {
                 .as_ref()
                 .map(|c| c.local_cluster_name.clone()),
         );
-        Arc::new(Store::with_registry(
-            Snapshot::new(
-                bootstrap.listeners.clone(),
-                bootstrap.clusters.clone(),
-                &Default::default(),
-            ),
-            registry,
-        ))
+        let mut snap = Snapshot::new(
+            bootstrap.listeners.clone(),
+            bootstrap.clusters.clone(),
+            &Default::default(),
+        );
+        snap.secrets = bootstrap.secrets.clone();
+        Arc::new(Store::with_registry(snap, registry))
     }
 
     /// The snapshot to use for one connection.
@@ -568,5 +574,6 @@ impl Store {
     }
 }
 
+pub mod secrets;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,9 @@ use std::fmt;
 
 use skiff_proto::{CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL};
 
-/// One of the four xDS resource types skiff decodes.
+pub use crate::model::tls::SECRET_TYPE_URL;
+
+/// One of the xDS resource types skiff decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceKind {
     /// `envoy.config.cluster.v3.Cluster` (CDS).
@@ -16,15 +18,18 @@ pub enum ResourceKind {
     Listener,
     /// `envoy.config.route.v3.RouteConfiguration` (RDS).
     Route,
+    /// `envoy.extensions.transport_sockets.tls.v3.Secret` (SDS over ADS).
+    Secret,
 }
 
 impl ResourceKind {
-    /// Every kind, in the order Envoy first requests them (CDS, EDS, LDS, RDS).
-    pub const ALL: [ResourceKind; 4] = [
+    /// Every kind, in the order Envoy first requests them (CDS, EDS, LDS, RDS, SDS).
+    pub const ALL: [ResourceKind; 5] = [
         ResourceKind::Cluster,
         ResourceKind::Endpoints,
         ResourceKind::Listener,
         ResourceKind::Route,
+        ResourceKind::Secret,
     ];
 
     /// The kind of a type URL; `None` for types skiff does not decode.
@@ -34,6 +39,7 @@ impl ResourceKind {
             ENDPOINT_TYPE_URL => ResourceKind::Endpoints,
             LISTENER_TYPE_URL => ResourceKind::Listener,
             ROUTE_TYPE_URL => ResourceKind::Route,
+            SECRET_TYPE_URL => ResourceKind::Secret,
             _ => return None,
         })
     }
@@ -45,6 +51,7 @@ impl ResourceKind {
             ResourceKind::Endpoints => ENDPOINT_TYPE_URL,
             ResourceKind::Listener => LISTENER_TYPE_URL,
             ResourceKind::Route => ROUTE_TYPE_URL,
+            ResourceKind::Secret => SECRET_TYPE_URL,
         }
     }
 
@@ -54,18 +61,18 @@ impl ResourceKind {
     }
 
     /// LDS and CDS: subscribed by wildcard, and a state-of-the-world response carries the
-    /// whole set (a resource missing from it is removed). RDS and EDS follow names.
+    /// whole set (a resource missing from it is removed). RDS, EDS and SDS follow names.
     pub fn is_wildcard(self) -> bool {
         matches!(self, ResourceKind::Listener | ResourceKind::Cluster)
     }
 
-    /// Prefix of its update counters (Envoy's names for LDS and CDS).
-    pub fn stat_prefix(self) -> &'static str {
+    /// Prefix of its update counters for LDS and CDS (Envoy's names); RDS and EDS count per
+    /// resource (`Resources::update_stat_prefixes`).
+    pub fn stat_prefix(self) -> Option<&'static str> {
         match self {
-            ResourceKind::Listener => "listener_manager.lds",
-            ResourceKind::Cluster => "cluster_manager.cds",
-            ResourceKind::Route => "skiff.xds.rds",
-            ResourceKind::Endpoints => "skiff.xds.eds",
+            ResourceKind::Listener => Some("listener_manager.lds"),
+            ResourceKind::Cluster => Some("cluster_manager.cds"),
+            ResourceKind::Route | ResourceKind::Endpoints | ResourceKind::Secret => None,
         }
     }
 }
@@ -91,13 +98,18 @@ mod tests {
                 CLUSTER_TYPE_URL,
                 ENDPOINT_TYPE_URL,
                 LISTENER_TYPE_URL,
-                ROUTE_TYPE_URL
+                ROUTE_TYPE_URL,
+                SECRET_TYPE_URL
             ]
         );
         assert_eq!(ResourceKind::from_type_url(""), None);
         assert_eq!(
             ResourceKind::from_type_url("type.googleapis.com/envoy.config.core.v3.Secret"),
             None
+        );
+        assert_eq!(
+            ResourceKind::Secret.type_name(),
+            "envoy.extensions.transport_sockets.tls.v3.Secret"
         );
         assert_eq!(
             ResourceKind::Endpoints.type_name(),

@@ -1,26 +1,43 @@
 //! ADS client: state of the world and delta, ACK/NACK, warming, last good config.
 //!
 //! # Layout
-//! - [`kind`]: [`ResourceKind`], the four types skiff decodes, parsed from a type URL once.
+//! - [`kind`]: [`ResourceKind`], the five types skiff decodes (LDS, CDS, RDS, EDS, SDS), parsed
+//!   from a type URL once.
 //! - [`resources`]: what is accepted, warming and rejected per type URL, and the snapshot that
 //!   follows (pure; both protocol flavours drive it); `resources/handler.rs` has one handler
 //!   per resource type (decode, proto rules, model, dependencies) and the typed rejections.
+//! - [`channel`]: the connection to a control plane: h2c, TLS verified as Envoy verifies an
+//!   upstream (`trusted_ca`, SAN matchers, SNI), a Unix socket; the bearer token.
+//! - [`node`]: the node pilot-agent would send to istiod (id and Istio metadata from flags and
+//!   environment).
+//! - [`sds`]: the SecretDiscoveryService client (Istio's SDS server on a Unix socket).
 //! - this file: the stream loops ([`spawn`]), requests, ACK/NACK, reconnect with backoff.
 //!
 //! # Protocol (as Envoy)
 //! - One ADS stream. CDS and LDS are wildcard subscriptions; RDS follows the route config names
 //!   of the HTTP connection managers of known listeners; EDS follows the service names of known
-//!   EDS clusters. Subscriptions are re-sent whenever they change.
+//!   EDS clusters; SDS follows the secrets their TLS contexts take with `sds_config: {ads: {}}`.
+//!   Subscriptions are re-sent whenever they change.
+//! - Secrets of other SDS sources (`state::secrets`) and secret fetch timeouts republish the
+//!   snapshot between responses, also while the stream is down.
 //! - SotW ACK: `version_info` of the response + its nonce. NACK: the previous good
 //!   `version_info`, the nonce, and `error_detail` {code 3 (INVALID_ARGUMENT), message listing
 //!   `name: reason`}. Delta ACK/NACK: the nonce (+ `error_detail`).
 //! - The node is sent on the first request of each stream.
+//! - With a token file (`--xds-token`), each stream carries `authorization: Bearer <token>`,
+//!   the file re-read at every reconnect (projected tokens rotate), and `clusterid` (the node's
+//!   `CLUSTER_ID`), as pilot-agent sends them. A server's
+//!   UNAUTHENTICATED is logged and counted (`skiff.xds.unauthenticated`) and retried with
+//!   backoff, as any lost stream.
 //! - A lost stream keeps the last good snapshot serving; the client reconnects with exponential
 //!   backoff and jitter and re-sends its subscriptions (SotW: last accepted versions; delta:
 //!   `initial_resource_versions`).
 
+pub mod channel;
 pub mod kind;
+pub mod node;
 pub mod resources;
+pub mod sds;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -34,14 +51,18 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::rpc::Status;
 use skiff_proto::{ENDPOINT_TYPE_URL, ROUTE_TYPE_URL};
+
+use kind::SECRET_TYPE_URL;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{AdsApi, AdsConfig};
 use crate::state::Store;
+use crate::state::secrets::ExternalSecrets;
 use crate::stats::Stats;
 
 pub use kind::ResourceKind;
@@ -55,14 +76,10 @@ pub const NACK_CODE: i32 = 3;
 /// Why one ADS stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    /// The server could not be reached.
-    #[error("connecting to ADS server {addr}: {source}")]
-    Connect {
-        /// Server address.
-        addr: std::net::SocketAddr,
-        /// Cause.
-        source: tonic::transport::Error,
-    },
+    /// The server could not be reached, the TLS handshake failed, or the TLS settings or the
+    /// token file could not be read.
+    #[error(transparent)]
+    Channel(#[from] channel::ChannelError),
     /// The stream failed or the server closed it with an error.
     #[error("ADS stream: {0}")]
     Stream(#[from] tonic::Status),
@@ -95,6 +112,10 @@ pub struct XdsOptions {
     pub initialized: Option<tokio::sync::watch::Sender<bool>>,
     /// Types whose first response initialization waits for (LDS and CDS when they use ADS).
     pub initial_types: Vec<&'static str>,
+    /// The secrets of other SDS sources (gRPC clusters, Istio's Unix socket), whose changes
+    /// republish the snapshot, and the names the configuration takes from them, kept up to
+    /// date after every update (`state::secrets`).
+    pub external_secrets: Option<ExternalSecrets>,
 }
 
 /// A function run on each published snapshot before the ACK (see [`XdsOptions::on_publish`]).
@@ -149,6 +170,7 @@ impl XdsOptions {
             on_publish: None,
             initialized: None,
             initial_types: Vec::new(),
+            external_secrets: None,
         }
     }
 }
@@ -181,6 +203,12 @@ async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
+    let mut opts = opts;
+    let mut resources = resources;
+    if let Some(ext) = opts.external_secrets.as_mut() {
+        resources.set_external_secrets(ext.secrets.borrow_and_update().clone());
+        ext.want(resources.grpc_secret_names());
+    }
     let mut c = Client {
         opts,
         resources,
@@ -209,6 +237,22 @@ async fn run(
                     "ADS stream closed; reconnecting"
                 )
             }
+            Err(XdsError::Stream(status)) if status.code() == tonic::Code::Unauthenticated => {
+                c.stats.counter("skiff.xds.unauthenticated").inc();
+                warn!(
+                    error = %status.message(),
+                    token_file = c.opts.ads.token.as_ref().map(|p| p.display().to_string()),
+                    delay_ms = delay.as_millis() as u64,
+                    "ADS server refused the stream: UNAUTHENTICATED (token missing, wrong or expired); retrying"
+                )
+            }
+            Err(XdsError::Channel(e)) => {
+                c.stats.counter("skiff.xds.connect_failure").inc();
+                if e.is_tls_failure() {
+                    c.stats.counter("skiff.xds.tls_failure").inc();
+                }
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "cannot connect to the ADS server; keeping last good config")
+            }
             Err(e) => {
                 warn!(error = %e, delay_ms = delay.as_millis() as u64, "ADS stream lost; keeping last good config")
             }
@@ -216,9 +260,15 @@ async fn run(
         for p in ["listener_manager.lds", "cluster_manager.cds"] {
             c.stats.counter(&format!("{p}.update_failure")).inc();
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        // Secrets of other sources keep flowing while the ADS server is away.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut sleep => break,
+                ev = c.side_event() => c.on_side_event(ev).await,
+            }
         }
         backoff = (backoff * 2).min(c.opts.backoff_max);
     }
@@ -232,9 +282,45 @@ fn jitter(d: Duration, salt: u64) -> Duration {
     d.mul_f64(0.5 + r as f64 / 2000.0)
 }
 
-/// Stats prefix of a type URL (Envoy's names for LDS and CDS).
-fn stat_prefix(type_url: &str) -> &'static str {
-    ResourceKind::from_type_url(type_url).map_or("skiff.xds.unknown", ResourceKind::stat_prefix)
+/// Something other than the ADS server that changes what to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SideEvent {
+    /// The secrets of other SDS sources changed.
+    ExternalSecrets,
+    /// A secret awaited over ADS may have reached its fetch timeout.
+    SecretTimeout,
+}
+
+/// The stream's request with `headers` (the bearer token and cluster id, when there are).
+fn with_headers<T>(requests: T, headers: MetadataMap) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(requests);
+    *req.metadata_mut() = headers;
+    req
+}
+
+/// What pilot-agent sends with each stream: `authorization: Bearer <token>` (read from
+/// `token` now: projected tokens rotate) and, with a token, `clusterid` from the node's
+/// `CLUSTER_ID` (istiod picks the cluster that validates the token by it).
+fn stream_headers(
+    token: Option<&std::path::Path>,
+    node: Option<&Node>,
+) -> Result<MetadataMap, channel::ChannelError> {
+    let mut headers = MetadataMap::new();
+    let Some(token) = token else {
+        return Ok(headers);
+    };
+    headers.insert("authorization", channel::bearer(token)?);
+    let cluster_id = node
+        .and_then(|n| n.metadata.as_ref())
+        .and_then(|m| m.fields.get("CLUSTER_ID"))
+        .and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => s.parse().ok(),
+            _ => None,
+        });
+    if let Some(id) = cluster_id {
+        headers.insert("clusterid", id);
+    }
+    Ok(headers)
 }
 
 /// Marks the connection up while alive.
@@ -248,17 +334,14 @@ impl Drop for Connected {
 
 impl Client {
     async fn stream(&mut self, got_response: &mut bool) -> Result<(), XdsError> {
-        let addr = self.opts.ads.server;
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .map_err(|_| XdsError::Closed)?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|source| XdsError::Connect { addr, source })?;
+        let server = self.opts.ads.server.clone();
+        // Read before connecting: a missing token file is reported as such, not as a refusal.
+        let headers = stream_headers(self.opts.ads.token.as_deref(), self.opts.node.as_ref())?;
+        let channel = channel::connect(&server, self.opts.ads.tls.as_deref()).await?;
         let client = AggregatedDiscoveryServiceClient::new(channel);
         match self.opts.ads.api {
-            AdsApi::Sotw => self.sotw(client, got_response).await,
-            AdsApi::Delta => self.delta(client, got_response).await,
+            AdsApi::Sotw => self.sotw(client, headers, got_response).await,
+            AdsApi::Delta => self.delta(client, headers, got_response).await,
         }
     }
 
@@ -268,16 +351,74 @@ impl Client {
         Connected(g)
     }
 
+    /// Resolves (cancel-safe) when the secrets of other SDS sources change or a secret awaited
+    /// over ADS reaches its fetch timeout.
+    async fn side_event(&mut self) -> SideEvent {
+        let deadline = self.resources.next_secret_deadline();
+        let timeout = async move {
+            match deadline {
+                Some(d) => {
+                    let left = d.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let external = async {
+            match self.opts.external_secrets.as_mut() {
+                Some(ext) => {
+                    if ext.secrets.changed().await.is_err() {
+                        // The SDS clients are gone: their last secrets stay.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = external => SideEvent::ExternalSecrets,
+            () = timeout => SideEvent::SecretTimeout,
+        }
+    }
+
+    /// Applies a [`SideEvent`] and republishes.
+    async fn on_side_event(&mut self, ev: SideEvent) {
+        match ev {
+            SideEvent::ExternalSecrets => {
+                if let Some(ext) = self.opts.external_secrets.as_mut() {
+                    let secrets = ext.secrets.borrow_and_update().clone();
+                    debug!(secrets = secrets.len(), "SDS secrets changed; republishing");
+                    self.resources.set_external_secrets(secrets);
+                }
+            }
+            SideEvent::SecretTimeout => {
+                if !self.resources.poll_secret_waits(SystemTime::now()) {
+                    return;
+                }
+            }
+        }
+        if let Some(err) = self.publish().await {
+            warn!(error = %err, "snapshot published but not fully mirrored to the kernel");
+        }
+        self.check_initialized();
+    }
+
     /// Notes that `type_url` had a response applied and signals `initialized` once every
     /// initial type has and no listener or cluster is warming.
     fn note_response(&mut self, type_url: &str) {
+        self.responded.insert(type_url.to_owned());
+        self.check_initialized();
+    }
+
+    /// Signals `initialized` once every initial type has had a response and no listener or
+    /// cluster is warming.
+    fn check_initialized(&mut self) {
         let Some(tx) = &self.opts.initialized else {
             return;
         };
         if *tx.borrow() {
             return;
         }
-        self.responded.insert(type_url.to_owned());
         let all = self
             .opts
             .initial_types
@@ -303,6 +444,9 @@ impl Client {
             "publishing snapshot"
         );
         self.store.publish(snap);
+        if let Some(ext) = &self.opts.external_secrets {
+            ext.want(self.resources.grpc_secret_names());
+        }
         let hook = self.opts.on_publish.as_ref()?;
         (hook.0)(self.store.load()).await.err()
     }
@@ -318,9 +462,7 @@ impl Client {
             return nack;
         };
         warn!(type_url, error = %err, outcome = "NACK", "update applied but not fully mirrored to the kernel");
-        self.stats
-            .counter(&format!("{}.update_rejected", stat_prefix(type_url)))
-            .inc();
+        self.count_update(type_url, "update_rejected");
         Some(match nack {
             Some(mut s) => {
                 s.message = format!("{}; {err}", s.message);
@@ -334,6 +476,18 @@ impl Client {
         })
     }
 
+    /// Count `stat` (`update_attempt`, ...) of a push of `type_url` under Envoy's names
+    /// ([`resources::Resources::update_stat_prefixes`]).
+    fn count_update(&self, type_url: &str, stat: &str) {
+        let prefixes = match ResourceKind::from_type_url(type_url) {
+            Some(kind) => self.resources.update_stat_prefixes(kind),
+            None => vec!["skiff.xds.unknown".to_string()],
+        };
+        for p in prefixes {
+            self.stats.counter(&format!("{p}.{stat}")).inc();
+        }
+    }
+
     /// Count and log one push; returns the NACK detail, if any.
     fn outcome(
         &self,
@@ -343,24 +497,17 @@ impl Client {
         count: usize,
         result: Result<(), Vec<Rejected>>,
     ) -> Option<Status> {
-        let prefix = stat_prefix(type_url);
-        self.stats
-            .counter(&format!("{prefix}.update_attempt"))
-            .inc();
+        self.count_update(type_url, "update_attempt");
         let span = info_span!("xds_push", type_url, version, nonce, count);
         let _g = span.enter();
         match result {
             Ok(()) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_success"))
-                    .inc();
+                self.count_update(type_url, "update_success");
                 info!(outcome = "ACK", "config accepted");
                 None
             }
             Err(rejected) => {
-                self.stats
-                    .counter(&format!("{prefix}.update_rejected"))
-                    .inc();
+                self.count_update(type_url, "update_rejected");
                 let message = nack_message(type_url, &rejected);
                 warn!(outcome = "NACK", error = %message, "config rejected");
                 Some(Status {
@@ -377,6 +524,7 @@ impl Client {
     async fn sotw(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
@@ -400,12 +548,22 @@ impl Client {
             requested.insert(type_url, subs);
         }
         let mut stream = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .stream_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (state of the world) up");
-        while let Some(resp) = stream.message().await? {
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (state of the world) up");
+        loop {
+            let resp = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(r) => r,
+                    None => break,
+                },
+                ev = self.side_event() => {
+                    self.on_side_event(ev).await;
+                    continue;
+                }
+            };
             *got_response = true;
             let DiscoveryResponse {
                 version_info,
@@ -447,8 +605,8 @@ impl Client {
             if let Some(t) = TYPE_URLS.iter().find(|t| **t == type_url) {
                 requested.insert(t, self.resources.subscriptions(t));
             }
-            // Follow the configuration: new or gone route/endpoint names.
-            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+            // Follow the configuration: new or gone route/endpoint/secret names.
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL, SECRET_TYPE_URL] {
                 let subs = self.resources.subscriptions(t);
                 let before = requested.get(t).cloned().flatten().unwrap_or_default();
                 let now = subs.clone().unwrap_or_default();
@@ -476,6 +634,7 @@ impl Client {
     async fn delta(
         &mut self,
         mut client: AggregatedDiscoveryServiceClient<Channel>,
+        headers: MetadataMap,
         got_response: &mut bool,
     ) -> Result<(), XdsError> {
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
@@ -502,12 +661,22 @@ impl Client {
             requested.insert(type_url, names);
         }
         let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .delta_aggregated_resources(with_headers(ReceiverStream::new(rx), headers))
             .await?
             .into_inner();
         let _connected = self.connected();
-        info!(server = %self.opts.ads.server, "ADS stream (delta) up");
-        while let Some(resp) = stream.message().await? {
+        info!(server = %self.opts.ads.server, tls = self.opts.ads.tls.is_some(), token = self.opts.ads.token.is_some(), "ADS stream (delta) up");
+        loop {
+            let resp = tokio::select! {
+                m = stream.message() => match m? {
+                    Some(r) => r,
+                    None => break,
+                },
+                ev = self.side_event() => {
+                    self.on_side_event(ev).await;
+                    continue;
+                }
+            };
             *got_response = true;
             let DeltaDiscoveryResponse {
                 system_version_info,
@@ -553,7 +722,7 @@ impl Client {
             })
             .await
             .map_err(|_| XdsError::RequestsClosed)?;
-            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL] {
+            for t in [ROUTE_TYPE_URL, ENDPOINT_TYPE_URL, SECRET_TYPE_URL] {
                 let now = self.resources.subscriptions(t).unwrap_or_default();
                 let before = requested.get(t).cloned().unwrap_or_default();
                 if before == now {
@@ -572,5 +741,38 @@ impl Client {
             }
         }
         Err(XdsError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+
+    #[test]
+    fn a_token_brings_the_cluster_id_header() {
+        assert!(stream_headers(None, None).unwrap().is_empty());
+        let dir = std::env::temp_dir().join(format!("skiff-xds-headers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("istio-token");
+        std::fs::write(&token, "jwt\n").unwrap();
+        let node = Node {
+            metadata: Some(Struct {
+                fields: [(
+                    "CLUSTER_ID".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("Kubernetes".into())),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        };
+        let h = stream_headers(Some(&token), Some(&node)).unwrap();
+        assert_eq!(h.get("authorization").unwrap(), "Bearer jwt");
+        assert_eq!(h.get("clusterid").unwrap(), "Kubernetes");
+        let h = stream_headers(Some(&token), None).unwrap();
+        assert!(h.get("clusterid").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

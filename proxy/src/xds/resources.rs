@@ -10,9 +10,9 @@
 //!   against real Envoy in tests/tests/direct_envoy_diff.rs).
 //! - Validation is per resource: valid resources are applied, invalid ones are rejected and
 //!   keep their previous accepted version, and the response is NACKed listing `name: reason`
-//!   (Envoy's LDS/CDS/RDS/EDS all apply the valid part of a response).
+//!   (Envoy's LDS/CDS/RDS/EDS/SDS all apply the valid part of a response).
 //! - SotW LDS and CDS responses carry the whole state: a resource missing from a response is
-//!   removed (a name present but invalid is not). SotW RDS and EDS responses only add or
+//!   removed (a name present but invalid is not). SotW RDS, EDS and SDS responses only add or
 //!   update; their resources go away when nothing subscribes to them any more.
 //! - Delta: `removed_resources` removes; everything else is an add or update.
 //!
@@ -22,33 +22,47 @@
 //! # Warming
 //! An EDS cluster is warming until the `ClusterLoadAssignment` of its service name is known; a
 //! listener is warming until every RDS route configuration its HTTP connection managers name is
-//! known. While a new version warms, the previous version (if any) keeps serving.
+//! known. A cluster or listener whose TLS contexts name secrets with `sds_config: {ads: {}}`
+//! also warms until those secrets are known, or until the secret fetch timeout (the
+//! bootstrap's `initial_fetch_timeout`, Envoy's 15 s by default) has passed since the name was
+//! first wanted: then it activates without them and its TLS handshakes fail, as Envoy's do.
+//! While a new version warms, the previous version (if any) keeps serving.
+//!
+//! # Secrets
+//! The snapshot's [`Secrets`] are the bootstrap's static secrets, then those of other SDS
+//! sources ([`Resources::set_external_secrets`]: the gRPC SDS clients, Istio's Unix socket),
+//! then the active secrets of ADS, a later source winning a name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::google::protobuf::Any;
 
+use crate::model::tls::{SdsSource, Secret, Secrets};
 use crate::model::{Cluster, Listener, LoadAssignment, RouteConfig};
 use crate::state::{ErrorRecord, ResourceRecord, Snapshot, TypeDump, XdsDump};
 use crate::xds::ResourceKind;
 
 use self::handler::{
     Batch, ClusterHandler, EndpointsHandler, Handler, ListenerHandler, Rejection, RouteHandler,
-    Upsert, eds_name, rds_names,
+    SecretHandler, Upsert, cluster_secrets, eds_name, listener_secrets, rds_names,
 };
 pub use self::handler::{ProtoRule, RejectReason, Rejected, nack_message};
 
 mod handler;
 
-/// The four type URLs skiff subscribes to, in the order Envoy first requests them.
-pub const TYPE_URLS: [&str; 4] = [
+/// The type URLs skiff subscribes to, in the order Envoy first requests them.
+pub const TYPE_URLS: [&str; 5] = [
     ResourceKind::ALL[0].type_url(),
     ResourceKind::ALL[1].type_url(),
     ResourceKind::ALL[2].type_url(),
     ResourceKind::ALL[3].type_url(),
+    ResourceKind::ALL[4].type_url(),
 ];
+
+/// Envoy's default `initial_fetch_timeout`, for secrets over ADS.
+pub const DEFAULT_SECRET_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Runs `$body` with `$h` the handler type of `$kind`: the one place a kind picks its handler.
 macro_rules! with_handler {
@@ -68,6 +82,10 @@ macro_rules! with_handler {
             }
             ResourceKind::Endpoints => {
                 type $h = EndpointsHandler;
+                $body
+            }
+            ResourceKind::Secret => {
+                type $h = SecretHandler;
                 $body
             }
         }
@@ -267,10 +285,30 @@ fn decode_all<'i, 'r, H: Handler>(
 pub struct Resources {
     static_listeners: Vec<Listener>,
     static_clusters: Vec<Cluster>,
+    static_secrets: Secrets,
     lds: TypeState<Listener>,
     cds: TypeState<Cluster>,
     rds: TypeState<RouteConfig>,
     eds: TypeState<LoadAssignment>,
+    sds: TypeState<Secret>,
+    /// Secrets of the other SDS sources (gRPC clusters), as last fed.
+    external_secrets: Secrets,
+    /// How long a cluster or listener waits for a secret over ADS.
+    secret_fetch_timeout: FetchTimeout,
+    /// When each secret subscribed over ADS was first wanted.
+    secret_waits: BTreeMap<String, SystemTime>,
+    /// Secrets whose fetch timed out: they no longer hold anything warming.
+    secrets_given_up: BTreeSet<String>,
+}
+
+/// `None`: wait for ever (`initial_fetch_timeout: 0s`).
+#[derive(Debug, Clone, Copy)]
+struct FetchTimeout(Option<Duration>);
+
+impl Default for FetchTimeout {
+    fn default() -> Self {
+        FetchTimeout(Some(DEFAULT_SECRET_FETCH_TIMEOUT))
+    }
 }
 
 impl Resources {
@@ -281,6 +319,141 @@ impl Resources {
             static_clusters,
             ..Default::default()
         }
+    }
+
+    /// Start from a bootstrap: its static listeners, clusters and secrets, and its
+    /// `initial_fetch_timeout` as the fetch timeout of secrets over ADS.
+    pub fn for_bootstrap(b: &crate::config::Bootstrap) -> Self {
+        Resources::new(b.listeners.clone(), b.clusters.clone())
+            .with_static_secrets(b.secrets.clone())
+            .with_secret_fetch_timeout(b.initial_fetch_timeout)
+    }
+
+    /// With the bootstrap's static secrets (`static_resources.secrets`).
+    pub fn with_static_secrets(mut self, secrets: Secrets) -> Self {
+        self.static_secrets = secrets;
+        self
+    }
+
+    /// With how long clusters and listeners wait for their secrets over ADS (the bootstrap's
+    /// `initial_fetch_timeout`; `None` waits for ever).
+    pub fn with_secret_fetch_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.secret_fetch_timeout = FetchTimeout(timeout);
+        self
+    }
+
+    /// Replace the secrets of the other SDS sources (what the gRPC SDS clients hold now); the
+    /// next [`Resources::snapshot`] carries them.
+    pub fn set_external_secrets(&mut self, secrets: Secrets) {
+        self.external_secrets = secrets;
+    }
+
+    /// Names of the secrets that accepted and static clusters and listeners take from
+    /// sources `from` accepts.
+    fn secret_names(&self, from: impl Fn(&SdsSource) -> bool + Copy) -> BTreeSet<String> {
+        let clusters = self
+            .cds
+            .accepted
+            .values()
+            .map(|e| &*e.model)
+            .chain(&self.static_clusters);
+        let listeners = self
+            .lds
+            .accepted
+            .values()
+            .map(|e| &*e.model)
+            .chain(&self.static_listeners);
+        clusters
+            .flat_map(|c| cluster_secrets(c, from))
+            .chain(listeners.flat_map(|l| listener_secrets(l, from)))
+            .collect()
+    }
+
+    /// Names of the secrets the configuration takes from gRPC SDS clusters (`api_config_source`,
+    /// Istio's `sds-grpc`): what the SDS clients must ask for.
+    pub fn grpc_secret_names(&self) -> BTreeSet<String> {
+        self.secret_names(|s| matches!(s, SdsSource::Grpc { .. }))
+    }
+
+    /// Starts the fetch clock of newly wanted ADS secrets, forgets unwanted ones, and gives up
+    /// on those past the fetch timeout (what they held warming activates). Returns whether
+    /// anything was given up.
+    pub fn poll_secret_waits(&mut self, now: SystemTime) -> bool {
+        let wanted = self.secret_names(|s| *s == SdsSource::Ads);
+        self.secret_waits.retain(|n, _| wanted.contains(n));
+        self.secrets_given_up.retain(|n| wanted.contains(n));
+        for n in &wanted {
+            self.secret_waits.entry(n.clone()).or_insert(now);
+        }
+        let Some(timeout) = self.secret_fetch_timeout.0 else {
+            return false;
+        };
+        let mut changed = false;
+        for (n, since) in &self.secret_waits {
+            let late = now.duration_since(*since).is_ok_and(|d| d >= timeout);
+            if late && !self.sds.accepted.contains_key(n) && self.secrets_given_up.insert(n.clone())
+            {
+                tracing::warn!(
+                    secret = %n,
+                    timeout_ms = timeout.as_millis() as u64,
+                    "secret not received over ADS within the fetch timeout; activating without it"
+                );
+                changed = true;
+            }
+        }
+        if changed {
+            self.reconcile();
+        }
+        changed
+    }
+
+    /// When the next wanted ADS secret reaches its fetch timeout, if one is still awaited.
+    pub fn next_secret_deadline(&self) -> Option<SystemTime> {
+        let timeout = self.secret_fetch_timeout.0?;
+        self.secret_waits
+            .iter()
+            .filter(|(n, _)| {
+                !self.sds.accepted.contains_key(*n) && !self.secrets_given_up.contains(*n)
+            })
+            .map(|(_, since)| *since + timeout)
+            .min()
+    }
+
+    /// Prefixes of the update counters of a push of `kind`, Envoy's names:
+    /// `listener_manager.lds`, `cluster_manager.cds`, `cluster.<name>` for each EDS cluster and
+    /// `http.<stat_prefix>.rds.<route_config>` for each HTTP connection manager on RDS, `sds.<name>` for each secret over ADS (every
+    /// subscriber is counted: the response's own names are not at hand here).
+    pub fn update_stat_prefixes(&self, kind: ResourceKind) -> Vec<String> {
+        if let Some(p) = kind.stat_prefix() {
+            return vec![p.to_string()];
+        }
+        let mut out = BTreeSet::new();
+        if kind == ResourceKind::Endpoints {
+            let clusters = self.cds.accepted.values().map(|e| &*e.model);
+            for c in clusters.chain(&self.static_clusters) {
+                if handler::eds_name(c).is_some() {
+                    out.insert(format!("cluster.{}", c.name));
+                }
+            }
+        } else if kind == ResourceKind::Secret {
+            // Envoy counts SDS updates per secret: `sds.<name>.update_success`.
+            for n in self.secret_names(|s| *s == SdsSource::Ads) {
+                out.insert(format!("sds.{n}"));
+            }
+        } else {
+            let listeners = self.lds.accepted.values().map(|e| &*e.model);
+            for l in listeners.chain(&self.static_listeners) {
+                let chains = l.filter_chains.iter().chain(&l.default_filter_chain);
+                for fc in chains {
+                    if let crate::model::NetworkAction::Http(h) = &fc.action
+                        && let Some(rc) = &h.rds_route_config_name
+                    {
+                        out.insert(format!("http.{}.rds.{rc}", h.stat_prefix));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Version of the last fully accepted response of this type (what SotW requests carry).
@@ -475,6 +648,7 @@ impl Resources {
         if c.rejected.is_empty() {
             st.version_info = u.version_info.to_string();
         }
+        self.poll_secret_waits(u.now);
         self.reconcile();
         if c.rejected.is_empty() {
             Ok(())
@@ -483,13 +657,16 @@ impl Resources {
         }
     }
 
-    /// Forget RDS/EDS resources nobody subscribes to any more.
+    /// Forget RDS/EDS/SDS resources nobody subscribes to any more.
     pub fn drop_unsubscribed(&mut self) {
         if let Some(wanted) = RouteHandler::subscriptions(self) {
             self.rds.retain_names(&wanted);
         }
         if let Some(wanted) = EndpointsHandler::subscriptions(self) {
             self.eds.retain_names(&wanted);
+        }
+        if let Some(wanted) = SecretHandler::subscriptions(self) {
+            self.sds.retain_names(&wanted);
         }
         self.reconcile();
     }
@@ -498,12 +675,20 @@ impl Resources {
     fn reconcile(&mut self) {
         let eds_known = &self.eds.accepted;
         let rds_known = &self.rds.accepted;
-        self.cds
-            .promote(|c| eds_name(c).is_none_or(|s| eds_known.contains_key(&s)));
-        self.lds
-            .promote(|l| rds_names(l).iter().all(|r| rds_known.contains_key(r)));
+        let (sds_known, given_up) = (&self.sds.accepted, &self.secrets_given_up);
+        let secret_ready = |n: &String| sds_known.contains_key(n) || given_up.contains(n);
+        let ads = |s: &SdsSource| *s == SdsSource::Ads;
+        self.cds.promote(|c| {
+            eds_name(c).is_none_or(|s| eds_known.contains_key(&s))
+                && cluster_secrets(c, ads).iter().all(secret_ready)
+        });
+        self.lds.promote(|l| {
+            rds_names(l).iter().all(|r| rds_known.contains_key(r))
+                && listener_secrets(l, ads).iter().all(secret_ready)
+        });
         self.rds.promote(|_| true);
         self.eds.promote(|_| true);
+        self.sds.promote(|_| true);
     }
 
     /// Names of the dynamic listeners and clusters that are warming.
@@ -540,8 +725,21 @@ impl Resources {
             clusters: self.cds.dump(),
             routes: self.rds.dump(),
             endpoints: self.eds.dump(),
+            secrets: self.sds.dump(),
         };
-        Snapshot::with_xds(
+        let mut secrets = self.static_secrets.clone();
+        secrets.extend(
+            self.external_secrets
+                .iter()
+                .map(|(n, s)| (n.clone(), s.clone())),
+        );
+        secrets.extend(
+            self.sds
+                .active
+                .iter()
+                .map(|(n, e)| (n.clone(), e.model.clone())),
+        );
+        let mut snap = Snapshot::with_xds(
             listeners,
             clusters,
             &assignments,
@@ -555,7 +753,9 @@ impl Resources {
                 .map(|c| c.name.clone())
                 .collect(),
             Arc::new(dump),
-        )
+        );
+        snap.secrets = secrets;
+        snap
     }
 }
 

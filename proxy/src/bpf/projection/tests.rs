@@ -102,16 +102,23 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
         ..Default::default()
     }));
     let mut tls = tcp_chain("tls", "10.96.0.2", 443, "svc");
-    tls.has_transport_socket = true;
+    tls.tls = Some(crate::model::test_util::downstream_tls());
     let mut filtered = tcp_chain("rbac", "10.96.0.3", 80, "svc");
     filtered.filters = vec!["envoy.filters.network.rbac".into()];
     let odst = tcp_chain("odst", "10.96.0.4", 80, "passthrough");
     let lr = tcp_chain("lr", "10.96.0.5", 80, "lr");
     let mut sni = tcp_chain("sni", "10.96.0.6", 443, "svc");
     sni.matcher.server_names = vec!["a.example".into()];
+    // Istio's auto-mTLS: dialled with TLS, so only the proxy can carry it.
+    let mtls_chain = tcp_chain("mtls", "10.96.0.7", 80, "mtls");
+    let mut mtls = static_cluster("mtls", LbPolicy::RoundRobin, &EPS);
+    mtls.transport.default = Some(crate::model::test_util::upstream_tls());
     let s = snap(
-        vec![virtual_listener(vec![http, tls, filtered, odst, lr, sni])],
+        vec![virtual_listener(vec![
+            http, tls, filtered, odst, lr, sni, mtls_chain,
+        ])],
         vec![
+            mtls,
             static_cluster("svc", LbPolicy::RoundRobin, &EPS),
             static_cluster("lr", LbPolicy::RingHash, &EPS),
             Cluster {
@@ -119,7 +126,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
                 kind: ClusterKind::OriginalDst,
                 lb_policy: LbPolicy::ClusterProvided,
                 connect_timeout: Duration::from_secs(1),
-                has_transport_socket: false,
+                transport: Default::default(),
                 lb: Default::default(),
                 upstream_http: Default::default(),
             },
@@ -133,6 +140,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
     assert!(reason(&img, "10.96.0.3:80").contains("rbac"));
     assert!(reason(&img, "10.96.0.4:80").contains("ORIGINAL_DST"));
     assert!(reason(&img, "10.96.0.5:80").contains("RING_HASH"));
+    assert!(reason(&img, "10.96.0.7:80").contains("dials TLS"));
     assert!(reason(&img, "10.96.0.6:443").contains("SNI"));
 }
 
@@ -145,7 +153,7 @@ fn unhealthy_endpoints_are_left_out_and_an_empty_cluster_is_not_projected() {
         },
         lb_policy: LbPolicy::RoundRobin,
         connect_timeout: Duration::from_secs(1),
-        has_transport_socket: false,
+        transport: Default::default(),
         lb: Default::default(),
         upstream_http: Default::default(),
     };
@@ -251,6 +259,7 @@ fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
             internal: None,
             health: *h,
             weight: *w,
+            transport_socket_match: Default::default(),
         });
     }
     LoadAssignment {
@@ -342,7 +351,7 @@ proptest! {
                 kind: ClusterKind::Static(prioritized("c", l)),
                 lb_policy: lb,
                 connect_timeout: Duration::from_secs(1),
-                has_transport_socket: false,
+                transport: Default::default(),
                 lb: Default::default(),
                 upstream_http: Default::default(),
             };
@@ -470,6 +479,8 @@ fn udp_listener(name: &str, addr: &str, cluster: Option<&str>) -> Listener {
         filter_chains: vec![],
         default_filter_chain: None,
         listener_filters: vec![crate::model::listener::UDP_PROXY_NAME.into()],
+        listener_filters_timeout: None,
+        continue_on_listener_filters_timeout: false,
         udp: Some(UdpProxy {
             stat_prefix: name.into(),
             cluster: cluster.map(Into::into),

@@ -388,3 +388,160 @@ fn tcp_proxy_hashes_only_with_a_hash_policy_and_a_hashing_balancer() {
     );
     assert_eq!(super::tcp_hash(&tcp, LbPolicy::RoundRobin, ip), None);
 }
+
+// === TLS facts (tls_inspector) ===
+
+fn pick_with(l: &Listener, sni: Option<&str>, transport: &str, alpn: &[&str]) -> Option<String> {
+    let alpn: Vec<String> = alpn.iter().map(|s| s.to_string()).collect();
+    let f = ConnFacts {
+        server_name: sni,
+        transport_protocol: transport,
+        application_protocols: &alpn,
+        ..facts("10.0.0.1:443")
+    };
+    select_chain(l, &f).map(|(_, c)| c.name.clone())
+}
+
+fn names(list: &[&str]) -> FilterChainMatch {
+    FilterChainMatch {
+        server_names: list.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn server_names_exact_then_most_specific_wildcard_then_none() {
+    let l = listener(
+        vec![
+            chain("wild", names(&["*.example.com"])),
+            chain("deeper", names(&["*.b.example.com"])),
+            chain("exact", names(&["a.b.example.com"])),
+            chain("partial", names(&["*w.example.com"])),
+            chain("none", FilterChainMatch::default()),
+        ],
+        Some(chain("default", FilterChainMatch::default())),
+    );
+    let p = |sni| pick_with(&l, sni, "tls", &[]);
+    assert_eq!(p(Some("a.b.example.com")).as_deref(), Some("exact"));
+    assert_eq!(p(Some("A.B.Example.COM")).as_deref(), Some("exact"));
+    assert_eq!(p(Some("c.b.example.com")).as_deref(), Some("deeper"));
+    assert_eq!(p(Some("x.y.b.example.com")).as_deref(), Some("deeper"));
+    assert_eq!(p(Some("c.example.com")).as_deref(), Some("wild"));
+    // A partial wildcard is no wildcard; a wildcard never matches its bare suffix.
+    assert_eq!(p(Some("www.example.com")).as_deref(), Some("wild"));
+    assert_eq!(p(Some("example.com")).as_deref(), Some("none"));
+    assert_eq!(p(Some(".example.com")).as_deref(), Some("none"));
+    assert_eq!(p(None).as_deref(), Some("none"));
+}
+
+#[test]
+fn a_server_name_match_is_never_given_up_for_a_later_criterion() {
+    // Envoy narrows by server name first: the SNI chain wants TLS, so a raw_buffer
+    // connection with that SNI gets no chain at all (the default), not the catch-all.
+    let l = listener(
+        vec![
+            chain(
+                "sni-tls",
+                FilterChainMatch {
+                    transport_protocol: "tls".into(),
+                    ..names(&["a.example.com"])
+                },
+            ),
+            chain("catch-all", FilterChainMatch::default()),
+        ],
+        Some(chain("default", FilterChainMatch::default())),
+    );
+    assert_eq!(
+        pick_with(&l, Some("a.example.com"), "tls", &[]).as_deref(),
+        Some("sni-tls")
+    );
+    assert_eq!(
+        pick_with(&l, Some("a.example.com"), "raw_buffer", &[]).as_deref(),
+        Some("default")
+    );
+    assert_eq!(
+        pick_with(&l, Some("b.example.com"), "tls", &[]).as_deref(),
+        Some("catch-all")
+    );
+}
+
+#[test]
+fn application_protocols_follow_the_clients_order() {
+    let alpn = |list: &[&str]| FilterChainMatch {
+        application_protocols: list.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let l = listener(
+        vec![
+            chain("h2", alpn(&["h2"])),
+            chain("h1", alpn(&["http/1.1"])),
+            chain("both", alpn(&["http/1.1", "istio"])),
+        ],
+        Some(chain("default", FilterChainMatch::default())),
+    );
+    // The client prefers h2: the chains listing h2 win, though others list its second choice.
+    assert_eq!(
+        pick_with(&l, None, "tls", &["h2", "http/1.1"]).as_deref(),
+        Some("h2")
+    );
+    // http/1.1 first: both chains listing it are left, the first in configuration order wins.
+    assert_eq!(
+        pick_with(&l, None, "tls", &["http/1.1", "h2"]).as_deref(),
+        Some("h1")
+    );
+    assert_eq!(
+        pick_with(&l, None, "tls", &["istio"]).as_deref(),
+        Some("both")
+    );
+    // Nothing listed: no chain without protocols either, so the default.
+    assert_eq!(
+        pick_with(&l, None, "tls", &["foo"]).as_deref(),
+        Some("default")
+    );
+}
+
+#[test]
+fn istio_permissive_inbound_tells_mtls_from_plaintext() {
+    // virtualInbound's shape for one port: mTLS (Istio's ALPNs), TLS passthrough, plaintext
+    // HTTP (http_inspector) and plaintext TCP.
+    let m = |transport: &str, alpn: &[&str]| FilterChainMatch {
+        destination_port: Some(443),
+        transport_protocol: transport.into(),
+        application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let l = listener(
+        vec![
+            chain(
+                "mtls-http",
+                m("tls", &["istio-http/1.0", "istio-http/1.1", "istio-h2"]),
+            ),
+            chain("mtls-tcp", m("tls", &["istio-peer-exchange", "istio"])),
+            chain("tls-passthrough", m("tls", &[])),
+            chain(
+                "plain-http",
+                m("raw_buffer", &["http/1.1", "http/1.0", "h2c"]),
+            ),
+            chain("plain-tcp", m("raw_buffer", &[])),
+        ],
+        None,
+    );
+    let p = |t, alpn: &[&str]| pick_with(&l, None, t, alpn);
+    assert_eq!(
+        p("tls", &["istio-http/1.1", "istio", "http/1.1"]).as_deref(),
+        Some("mtls-http")
+    );
+    assert_eq!(
+        p("tls", &["istio-peer-exchange", "istio", "h2"]).as_deref(),
+        Some("mtls-tcp")
+    );
+    assert_eq!(
+        p("tls", &["h2", "http/1.1"]).as_deref(),
+        Some("tls-passthrough")
+    );
+    assert_eq!(
+        p("raw_buffer", &["http/1.1"]).as_deref(),
+        Some("plain-http")
+    );
+    assert_eq!(p("raw_buffer", &[]).as_deref(), Some("plain-tcp"));
+}

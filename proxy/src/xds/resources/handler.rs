@@ -10,10 +10,12 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla;
 use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRoute;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as PbSecret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use super::{Entry, Resources, TypeState};
+use crate::model::tls::{SdsRef, SdsSource, Secret};
 use crate::model::{
     Cluster, ClusterKind, Listener, LoadAssignment, ModelError, NetworkAction, RouteConfig,
 };
@@ -77,6 +79,12 @@ pub enum RejectReason {
     /// The content fails the model's validation.
     #[error("{}", field_and_reason(.0))]
     Invalid(ModelError),
+    /// A TLS context names a secret without `sds_config` that the bootstrap does not have
+    /// (Envoy: "Unknown static secret").
+    #[error(
+        "unknown static secret {0:?}: a TLS context names it without sds_config and the bootstrap's static_resources.secrets has none"
+    )]
+    UnknownStaticSecret(String),
     /// Another listener already has the address (Envoy refuses two listeners on one address).
     #[error("address {address} is already used by listener {other:?}")]
     AddressInUse {
@@ -244,6 +252,8 @@ impl Handler for ListenerHandler {
         upserts: Vec<Upsert<Listener>>,
         batch: &Batch<'_>,
     ) -> (Vec<Upsert<Listener>>, Vec<Rejection>) {
+        let (upserts, mut rejected) =
+            static_secrets_known(r, upserts, |l| listener_secrets(l, is_static));
         let mut taken: BTreeMap<SocketAddr, String> = r
             .static_listeners
             .iter()
@@ -261,7 +271,6 @@ impl Handler for ListenerHandler {
             }
         }
         let mut keep = Vec::new();
-        let mut rejected = Vec::new();
         for (name, e) in upserts {
             // Internal listeners have no socket address: they are reached by name.
             if e.model.internal.is_some() {
@@ -356,6 +365,14 @@ impl Handler for ClusterHandler {
         r.static_clusters.iter().map(|c| c.name.clone()).collect()
     }
 
+    fn check_batch(
+        r: &Resources,
+        upserts: Vec<Upsert<Cluster>>,
+        _batch: &Batch<'_>,
+    ) -> (Vec<Upsert<Cluster>>, Vec<Rejection>) {
+        static_secrets_known(r, upserts, |c| cluster_secrets(c, is_static))
+    }
+
     fn subscriptions(_r: &Resources) -> Option<BTreeSet<String>> {
         None
     }
@@ -445,4 +462,91 @@ impl Handler for EndpointsHandler {
                 .collect(),
         )
     }
+}
+
+// === impl SecretHandler ===
+
+/// SDS over ADS. Valid secrets are applied, invalid ones rejected (Envoy's SDS applies each
+/// secret on its own). Subscribed by name: the secrets that accepted and static clusters and
+/// listeners name with `sds_config: {ads: {}}`; a secret named like a bootstrap static secret
+/// is rejected (`Static`).
+pub(super) struct SecretHandler;
+
+impl Handler for SecretHandler {
+    const KIND: ResourceKind = ResourceKind::Secret;
+    type Proto = PbSecret;
+    type Model = Secret;
+
+    fn name(p: &PbSecret) -> &str {
+        &p.name
+    }
+
+    fn to_model(p: &PbSecret) -> Result<Secret, ModelError> {
+        Secret::try_from(p)
+    }
+
+    fn state(r: &Resources) -> &TypeState<Secret> {
+        &r.sds
+    }
+
+    fn state_mut(r: &mut Resources) -> &mut TypeState<Secret> {
+        &mut r.sds
+    }
+
+    fn static_names(r: &Resources) -> BTreeSet<String> {
+        r.static_secrets.keys().cloned().collect()
+    }
+
+    fn subscriptions(r: &Resources) -> Option<BTreeSet<String>> {
+        Some(r.secret_names(|s| *s == SdsSource::Ads))
+    }
+}
+
+/// The names of the secrets a cluster takes from sources `from` accepts.
+pub(super) fn cluster_secrets(c: &Cluster, from: impl Fn(&SdsSource) -> bool) -> Vec<String> {
+    names(c.transport.sds_refs(), from)
+}
+
+/// The names of the secrets a listener takes from sources `from` accepts.
+pub(super) fn listener_secrets(l: &Listener, from: impl Fn(&SdsSource) -> bool) -> Vec<String> {
+    names(l.sds_refs(), from)
+}
+
+fn names<'a>(
+    refs: impl Iterator<Item = &'a SdsRef>,
+    from: impl Fn(&SdsSource) -> bool,
+) -> Vec<String> {
+    refs.filter(|r| from(&r.source))
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+fn is_static(s: &SdsSource) -> bool {
+    *s == SdsSource::Static
+}
+
+/// Rejects the upserts whose TLS contexts name a static secret the bootstrap does not have.
+fn static_secrets_known<M>(
+    r: &Resources,
+    upserts: Vec<Upsert<M>>,
+    names: impl Fn(&M) -> Vec<String>,
+) -> (Vec<Upsert<M>>, Vec<Rejection>) {
+    let mut keep = Vec::new();
+    let mut rejected = Vec::new();
+    for (name, e) in upserts {
+        match names(&e.model)
+            .into_iter()
+            .find(|s| !r.static_secrets.contains_key(s))
+        {
+            Some(missing) => rejected.push((
+                Rejected {
+                    name,
+                    reason: RejectReason::UnknownStaticSecret(missing),
+                },
+                e.record.resource.clone(),
+            )),
+            None => keep.push((name, e)),
+        }
+    }
+    (keep, rejected)
 }

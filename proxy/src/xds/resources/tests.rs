@@ -328,6 +328,7 @@ mod prop {
             Just(CLUSTER_TYPE_URL.to_string()),
             Just(ROUTE_TYPE_URL.to_string()),
             Just(ENDPOINT_TYPE_URL.to_string()),
+            Just(crate::xds::kind::SECRET_TYPE_URL.to_string()),
             "[a-z./]{0,30}",
         ]
     }
@@ -435,4 +436,384 @@ fn subscriptions_follow_accepted_listeners_and_clusters() {
         .unwrap();
     r.drop_unsubscribed();
     assert!(r.resource_versions(ENDPOINT_TYPE_URL).is_empty());
+}
+
+// === secrets (SDS over ADS) ===
+
+mod secrets {
+    use super::*;
+    use crate::model::tls::{SecretKind, UPSTREAM_TLS_TYPE};
+    use crate::xds::kind::SECRET_TYPE_URL;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use std::time::Duration;
+
+    fn pem_pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["a.example".to_string()]).unwrap();
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    fn inline(text: &str) -> core::DataSource {
+        core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString(text.into())),
+            ..Default::default()
+        }
+    }
+
+    fn cert_secret(name: &str, cert: &str, key: &str) -> Any {
+        let s = tls::Secret {
+            name: name.into(),
+            r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some(inline(cert)),
+                private_key: Some(inline(key)),
+                ..Default::default()
+            })),
+        };
+        any(SECRET_TYPE_URL, &s)
+    }
+
+    fn sds(name: &str, ads: bool) -> tls::SdsSecretConfig {
+        use self::core::config_source::ConfigSourceSpecifier as Spec;
+        use self::core::grpc_service::{EnvoyGrpc, TargetSpecifier};
+        let spec = if ads {
+            Spec::Ads(Default::default())
+        } else {
+            Spec::ApiConfigSource(core::ApiConfigSource {
+                api_type: 2,
+                grpc_services: vec![core::GrpcService {
+                    target_specifier: Some(TargetSpecifier::EnvoyGrpc(EnvoyGrpc {
+                        cluster_name: "sds-grpc".into(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        tls::SdsSecretConfig {
+            name: name.into(),
+            sds_config: Some(core::ConfigSource {
+                config_source_specifier: Some(spec),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// A STATIC cluster dialling mTLS with the client certificate `secret` (over ADS when
+    /// `ads`, else from `sds-grpc`).
+    fn tls_cluster(name: &str, secret: &str, ads: bool) -> Any {
+        let ctx = tls::UpstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds(secret, ads)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = PbCluster {
+            name: name.into(),
+            transport_socket: Some(core::TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                    type_url: format!("type.googleapis.com/{UPSTREAM_TLS_TYPE}"),
+                    value: ctx.encode_to_vec(),
+                })),
+            }),
+            ..Default::default()
+        };
+        any(CLUSTER_TYPE_URL, &c)
+    }
+
+    /// A listener on `port` terminating TLS with the server certificate `secret` over ADS.
+    fn tls_listener(name: &str, port: u32, secret: &str) -> Any {
+        let mut l = lpb::Listener::decode(listener(name, port, "c").value.as_slice()).unwrap();
+        let ctx = tls::DownstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![sds(secret, true)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        l.filter_chains[0].transport_socket = Some(core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                type_url: format!(
+                    "type.googleapis.com/{}",
+                    crate::model::tls::DOWNSTREAM_TLS_TYPE
+                ),
+                value: ctx.encode_to_vec(),
+            })),
+        });
+        any(LISTENER_TYPE_URL, &l)
+    }
+
+    fn subs(r: &Resources) -> Vec<String> {
+        r.subscriptions(SECRET_TYPE_URL)
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    fn key_of(r: &Resources, name: &str) -> Vec<u8> {
+        match &r.snapshot().secrets[name].kind {
+            SecretKind::Certificate(c) => c.private_key.inline().unwrap().to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn clusters_and_listeners_warm_until_their_ads_secrets_arrive_sotw() {
+        let (cert, key) = pem_pair();
+        let mut r = Resources::default();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            now(),
+        )
+        .unwrap();
+        r.apply_sotw(
+            LISTENER_TYPE_URL,
+            "1",
+            &[tls_listener("l", 8443, "server")],
+            now(),
+        )
+        .unwrap();
+        // Subscriptions follow the references, by name (not a wildcard).
+        assert_eq!(subs(&r), ["client", "server"]);
+        assert_eq!(r.warming(), (vec!["l".to_string()], vec!["a".to_string()]));
+        let s = r.snapshot();
+        assert!(s.cluster("a").is_none() && !s.listeners.contains_key("l"));
+        // Only the cluster's secret: the listener still warms.
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "1",
+            &[cert_secret("client", &cert, &key)],
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.warming(), (vec!["l".to_string()], vec![]));
+        let s = r.snapshot();
+        assert!(s.cluster("a").is_some());
+        assert!(s.secrets.contains_key("client"));
+        assert!(s.xds.secrets.active.contains_key("client"));
+        // SotW SDS only adds or updates: the response naming `server` alone keeps `client`.
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "2",
+            &[cert_secret("server", &cert, &key)],
+            now(),
+        )
+        .unwrap();
+        let s = r.snapshot();
+        assert!(s.listeners.contains_key("l"));
+        assert!(s.secrets.contains_key("client") && s.secrets.contains_key("server"));
+        assert_eq!(r.version_info(SECRET_TYPE_URL), "2");
+        // The cluster goes: its secret is no longer subscribed, and is forgotten.
+        r.apply_sotw(CLUSTER_TYPE_URL, "2", &[], now()).unwrap();
+        assert_eq!(subs(&r), ["server"]);
+        r.drop_unsubscribed();
+        assert!(!r.snapshot().secrets.contains_key("client"));
+    }
+
+    #[test]
+    fn delta_secrets_add_update_and_remove() {
+        let (cert, key) = pem_pair();
+        let (_, key2) = pem_pair();
+        let mut r = Resources::default();
+        r.apply_delta(
+            CLUSTER_TYPE_URL,
+            "s1",
+            &[Incoming {
+                name: Some("a"),
+                version: "c1",
+                resource: &tls_cluster("a", "client", true),
+            }],
+            &[],
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.warming().1, ["a"]);
+        let v1 = cert_secret("client", &cert, &key);
+        r.apply_delta(
+            SECRET_TYPE_URL,
+            "s1",
+            &[Incoming {
+                name: Some("client"),
+                version: "k1",
+                resource: &v1,
+            }],
+            &[],
+            now(),
+        )
+        .unwrap();
+        assert!(r.warming().1.is_empty());
+        assert_eq!(r.resource_versions(SECRET_TYPE_URL)["client"], "k1");
+        // Rotation: the new key replaces the old one in the next snapshot.
+        let v2 = cert_secret("client", &cert, &key2);
+        r.apply_delta(
+            SECRET_TYPE_URL,
+            "s2",
+            &[Incoming {
+                name: Some("client"),
+                version: "k2",
+                resource: &v2,
+            }],
+            &[],
+            now(),
+        )
+        .unwrap();
+        assert_eq!(key_of(&r, "client"), key2.as_bytes());
+        r.apply_delta(SECRET_TYPE_URL, "s3", &[], &["client".into()], now())
+            .unwrap();
+        let s = r.snapshot();
+        assert!(!s.secrets.contains_key("client"));
+        // The cluster that was active stays (Envoy keeps it; its handshakes then fail).
+        assert!(s.cluster("a").is_some());
+    }
+
+    #[test]
+    fn a_bad_secret_is_nacked_by_name_and_the_last_good_one_kept() {
+        let (cert, key) = pem_pair();
+        let mut r = Resources::default();
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            now(),
+        )
+        .unwrap();
+        r.apply_sotw(
+            SECRET_TYPE_URL,
+            "1",
+            &[cert_secret("client", &cert, &key)],
+            now(),
+        )
+        .unwrap();
+        // The certificate where the key belongs.
+        let bad = cert_secret("client", &cert, &cert);
+        let rejected = r
+            .apply_sotw(SECRET_TYPE_URL, "2", &[bad], now())
+            .unwrap_err();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].name, "client");
+        let msg = nack_message(SECRET_TYPE_URL, &rejected);
+        assert!(msg.contains("client: tls_certificate.private_key"), "{msg}");
+        assert!(!msg.contains("BEGIN"), "no key material in a NACK: {msg}");
+        assert_eq!(r.version_info(SECRET_TYPE_URL), "1");
+        assert_eq!(key_of(&r, "client"), key.as_bytes());
+        let s = r.snapshot();
+        assert!(s.xds.secrets.errors.contains_key("client"));
+        assert!(s.cluster("a").is_some());
+    }
+
+    #[test]
+    fn a_secret_never_sent_stops_holding_its_cluster_after_the_fetch_timeout() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut r = Resources::default().with_secret_fetch_timeout(Some(Duration::from_secs(10)));
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(r.next_secret_deadline(), Some(t0 + Duration::from_secs(10)));
+        assert!(!r.poll_secret_waits(t0 + Duration::from_secs(9)));
+        assert_eq!(r.warming().1, ["a"]);
+        assert!(r.poll_secret_waits(t0 + Duration::from_secs(10)));
+        assert!(r.warming().1.is_empty());
+        assert!(r.snapshot().cluster("a").is_some());
+        assert_eq!(r.next_secret_deadline(), None);
+        // `initial_fetch_timeout: 0s` waits for ever.
+        let mut r = Resources::default().with_secret_fetch_timeout(None);
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("a", "client", true)],
+            t0,
+        )
+        .unwrap();
+        assert_eq!(r.next_secret_deadline(), None);
+        assert!(!r.poll_secret_waits(t0 + Duration::from_secs(3600)));
+        assert_eq!(r.warming().1, ["a"]);
+    }
+
+    #[test]
+    fn grpc_secrets_come_from_outside_and_static_names_are_not_replaced() {
+        let (cert, key) = pem_pair();
+        let parse = |a: &Any| {
+            crate::model::tls::Secret::try_from(&tls::Secret::decode(a.value.as_slice()).unwrap())
+                .map(Arc::new)
+                .unwrap()
+        };
+        let static_ca = parse(&cert_secret("static", &cert, &key));
+        let mut r =
+            Resources::default().with_static_secrets([("static".to_string(), static_ca)].into());
+        // A cluster on Istio's sds-grpc: no ADS subscription, no warming, a gRPC name.
+        r.apply_sotw(
+            CLUSTER_TYPE_URL,
+            "1",
+            &[tls_cluster("g", "default", false)],
+            now(),
+        )
+        .unwrap();
+        assert!(subs(&r).is_empty());
+        assert!(r.warming().1.is_empty());
+        assert_eq!(
+            r.grpc_secret_names().into_iter().collect::<Vec<_>>(),
+            ["default"]
+        );
+        r.set_external_secrets(
+            [(
+                "default".to_string(),
+                parse(&cert_secret("default", &cert, &key)),
+            )]
+            .into(),
+        );
+        let s = r.snapshot();
+        assert!(s.secrets.contains_key("default") && s.secrets.contains_key("static"));
+        // A secret over ADS may not replace a bootstrap one.
+        let rejected = r
+            .apply_sotw(
+                SECRET_TYPE_URL,
+                "1",
+                &[cert_secret("static", &cert, &key)],
+                now(),
+            )
+            .unwrap_err();
+        assert_eq!(rejected[0].reason, RejectReason::Static);
+    }
+
+    #[test]
+    fn a_static_secret_the_bootstrap_lacks_rejects_the_cluster() {
+        let ctx = tls::UpstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_certificate_sds_secret_configs: vec![tls::SdsSecretConfig {
+                    name: "missing".into(),
+                    sds_config: None,
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = PbCluster {
+            name: "s".into(),
+            transport_socket: Some(core::TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(core::transport_socket::ConfigType::TypedConfig(Any {
+                    type_url: format!("type.googleapis.com/{UPSTREAM_TLS_TYPE}"),
+                    value: ctx.encode_to_vec(),
+                })),
+            }),
+            ..Default::default()
+        };
+        let mut r = Resources::default();
+        let rejected = r
+            .apply_sotw(CLUSTER_TYPE_URL, "1", &[any(CLUSTER_TYPE_URL, &c)], now())
+            .unwrap_err();
+        assert_eq!(rejected[0].name, "s");
+        assert_eq!(
+            rejected[0].reason,
+            RejectReason::UnknownStaticSecret("missing".into())
+        );
+    }
 }

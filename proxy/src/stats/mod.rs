@@ -14,6 +14,16 @@
 //! A removed cluster's names leave the registry with it ([`Stats::retain_clusters`], called
 //! when a snapshot without it is published); a connection still holding its handles keeps
 //! counting into them, unlisted, as Envoy does with a removed cluster's stats.
+//!
+//! Histograms ([`Histogram`], Envoy's default buckets in milliseconds) are registered and
+//! recorded the same way. Every listed stat keeps its kind, which [`Stats::samples`] hands to
+//! the admin's renderers: [`prometheus`] (Envoy's tag extraction, [`tags`]) and `/stats`.
+
+pub mod histogram;
+pub mod prometheus;
+pub mod tags;
+
+pub use histogram::{Histogram, HistogramSnapshot};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +73,32 @@ impl Gauge {
     }
 }
 
+/// A listed stat's value, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// A counter's total.
+    Counter(u64),
+    /// A gauge's current value.
+    Gauge(u64),
+    /// A histogram's buckets.
+    Histogram(HistogramSnapshot),
+}
+
+/// One listed stat: its Envoy name and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// Full name (`cluster.<name>.upstream_rq_200`).
+    pub name: String,
+    /// Value, with the stat's kind.
+    pub value: Value,
+}
+
+/// Envoy's stat prefix of a listener without `stat_prefix`: `listener.<address>` with the
+/// address's `:` as `_` (`listener.127.0.0.1_15001`, `listener.[__1]_15001`).
+pub fn listener_prefix(addr: std::net::SocketAddr) -> String {
+    format!("listener.{}", addr.to_string().replace(':', "_"))
+}
+
 // === impl Stats ===
 
 /// The listed names of one process (or one node-mode pipeline).
@@ -70,6 +106,7 @@ impl Gauge {
 struct Names {
     counters: BTreeMap<String, Arc<Counter>>,
     gauges: BTreeMap<String, Arc<Gauge>>,
+    histograms: BTreeMap<String, Arc<Histogram>>,
 }
 
 /// Locks `m`, ignoring poisoning: every critical section leaves the maps consistent.
@@ -105,6 +142,38 @@ impl Stats {
             return g.clone();
         }
         n.gauges.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The histogram called `name`, created empty (and listed) if new.
+    pub fn histogram(&self, name: &str) -> Arc<Histogram> {
+        let mut n = lock(&self.names);
+        if let Some(h) = n.histograms.get(name) {
+            return h.clone();
+        }
+        n.histograms.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Every listed stat with its kind, sorted by name.
+    pub fn samples(&self) -> Vec<Sample> {
+        let n = lock(&self.names);
+        let mut out: Vec<Sample> = n
+            .counters
+            .iter()
+            .map(|(k, v)| (k, Value::Counter(v.get())))
+            .chain(n.gauges.iter().map(|(k, v)| (k, Value::Gauge(v.get()))))
+            .chain(
+                n.histograms
+                    .iter()
+                    .map(|(k, v)| (k, Value::Histogram(v.snapshot()))),
+            )
+            .map(|(k, value)| Sample {
+                name: k.clone(),
+                value,
+            })
+            .collect();
+        drop(n);
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Every listed counter and gauge, sorted by name.
@@ -246,6 +315,19 @@ impl Scope {
         g
     }
 
+    /// `<prefix>.<suffix>` as a histogram.
+    fn histogram(&self, suffix: &str) -> Arc<Histogram> {
+        let name = format!("{}.{suffix}", self.prefix);
+        let mut n = lock(&self.names);
+        let mut st = lock(&self.state);
+        if !st.live {
+            return Arc::default();
+        }
+        let h = n.histograms.entry(name.clone()).or_default().clone();
+        st.owned.push(name);
+        h
+    }
+
     /// Note a fixed handle's suffix (see [`ScopeState::suffixes`]).
     fn declare(&self, suffix: &'static str) {
         lock(&self.state).suffixes.push(suffix);
@@ -264,6 +346,7 @@ impl Scope {
         for name in st.owned.drain(..).chain(fixed) {
             n.counters.remove(&name);
             n.gauges.remove(&name);
+            n.histograms.remove(&name);
         }
     }
 }
@@ -348,6 +431,69 @@ impl ScopedGauge {
     /// Current value (zero before the first change).
     pub fn get(&self) -> u64 {
         self.cell.get().map_or(0, |g| g.get())
+    }
+}
+
+/// A histogram of one resource's group, registered on its first value.
+#[derive(Debug)]
+pub struct ScopedHistogram {
+    scope: Arc<Scope>,
+    suffix: &'static str,
+    cell: OnceLock<Arc<Histogram>>,
+}
+
+impl ScopedHistogram {
+    fn new(scope: &Arc<Scope>, suffix: &'static str) -> ScopedHistogram {
+        scope.declare(suffix);
+        ScopedHistogram {
+            scope: scope.clone(),
+            suffix,
+            cell: OnceLock::new(),
+        }
+    }
+
+    fn resolve(&self) -> &Histogram {
+        self.cell.get_or_init(|| self.scope.histogram(self.suffix))
+    }
+
+    /// Record `ms` milliseconds.
+    pub fn record(&self, ms: u64) {
+        self.resolve().record(ms);
+    }
+
+    /// Record a duration (whole milliseconds, as Envoy's timers).
+    pub fn record_duration(&self, d: std::time::Duration) {
+        self.resolve().record_duration(d);
+    }
+
+    /// Await `fut` and record how long it took when `keep` accepts its output (Envoy records
+    /// connect and request times only for successes).
+    pub async fn time_if<F: std::future::Future>(
+        &self,
+        fut: F,
+        keep: impl FnOnce(&F::Output) -> bool,
+    ) -> F::Output {
+        let start = tokio::time::Instant::now();
+        let out = fut.await;
+        if keep(&out) {
+            self.record_duration(start.elapsed());
+        }
+        out
+    }
+
+    /// Await `fut` and record how long it took if it succeeded.
+    pub async fn time_ok<T, E>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        self.time_if(fut, Result::is_ok).await
+    }
+
+    /// The values so far (empty before the first).
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        self.cell
+            .get()
+            .map_or_else(|| Histogram::default().snapshot(), |h| h.snapshot())
     }
 }
 
@@ -514,6 +660,10 @@ pub struct ClusterStats {
     pub upstream_cx_active: ScopedGauge,
     /// `upstream_cx_connect_fail`.
     pub upstream_cx_connect_fail: ScopedCounter,
+    /// `upstream_cx_connect_ms`: time to connect upstream (histogram).
+    pub upstream_cx_connect_ms: ScopedHistogram,
+    /// `upstream_rq_time`: time from request sent to response headers (histogram).
+    pub upstream_rq_time: ScopedHistogram,
     /// `upstream_cx_connect_timeout`.
     pub upstream_cx_connect_timeout: ScopedCounter,
     /// `upstream_cx_none_healthy`: no host to connect to.
@@ -544,6 +694,13 @@ pub struct ClusterStats {
     pub retry_or_shadow_abandoned: ScopedCounter,
     /// `lb_healthy_panic`: picks made in panic mode (listed from the cluster's creation on).
     pub lb_healthy_panic: ScopedCounter,
+    /// `update_attempt`: EDS pushes for this cluster (counted by name in `xds`; declared here
+    /// so the name leaves with the cluster, as in Envoy).
+    pub update_attempt: ScopedCounter,
+    /// `update_success`: EDS pushes accepted.
+    pub update_success: ScopedCounter,
+    /// `update_rejected`: EDS pushes rejected.
+    pub update_rejected: ScopedCounter,
     /// `health_check.*`.
     pub health_check: HealthCheckStats,
     /// `outlier_detection.*`.
@@ -559,6 +716,8 @@ impl ClusterStats {
             upstream_cx_total: c("upstream_cx_total"),
             upstream_cx_active: ScopedGauge::new(&s, "upstream_cx_active"),
             upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_connect_ms: ScopedHistogram::new(&s, "upstream_cx_connect_ms"),
+            upstream_rq_time: ScopedHistogram::new(&s, "upstream_rq_time"),
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             upstream_cx_overflow: c("upstream_cx_overflow"),
@@ -574,6 +733,9 @@ impl ClusterStats {
             upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             retry_or_shadow_abandoned: c("retry_or_shadow_abandoned"),
             lb_healthy_panic: c("lb_healthy_panic"),
+            update_attempt: c("update_attempt"),
+            update_success: c("update_success"),
+            update_rejected: c("update_rejected"),
             health_check: HealthCheckStats {
                 attempt: c("health_check.attempt"),
                 success: c("health_check.success"),
@@ -667,6 +829,8 @@ pub struct HttpStats {
     pub downstream_cx_max_requests_reached: ScopedCounter,
     /// `downstream_cx_drain_close`: connections drained because the listener is draining.
     pub downstream_cx_drain_close: ScopedCounter,
+    /// `downstream_rq_time`: time from request start to the response's end (histogram).
+    pub downstream_rq_time: ScopedHistogram,
     classes: ByCode,
 }
 
@@ -690,6 +854,7 @@ impl HttpStats {
             downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
             downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
             downstream_cx_drain_close: c("downstream_cx_drain_close"),
+            downstream_rq_time: ScopedHistogram::new(&s, "downstream_rq_time"),
             classes: ByCode::new(&s, "downstream_rq_", "xx"),
         }
     }
@@ -853,5 +1018,65 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn histograms_are_listed_with_their_kind_and_leave_with_their_cluster() {
+        let stats = Stats::default();
+        let c = stats.cluster("c");
+        assert!(
+            !stats
+                .samples()
+                .iter()
+                .any(|s| s.name.ends_with("upstream_rq_time"))
+        );
+        c.upstream_rq_time.record(7);
+        c.upstream_cx_connect_ms.record(0);
+        stats.http("p").downstream_rq_time.record(12);
+        stats
+            .histogram("listener.127.0.0.1_80.downstream_cx_length_ms")
+            .record(1);
+        let kinds: Vec<(String, &str)> = stats
+            .samples()
+            .into_iter()
+            .map(|s| {
+                let k = match s.value {
+                    Value::Counter(_) => "counter",
+                    Value::Gauge(_) => "gauge",
+                    Value::Histogram(h) => {
+                        assert_eq!(h.count(), 1, "{}", s.name);
+                        "histogram"
+                    }
+                };
+                (s.name, k)
+            })
+            .collect();
+        for h in [
+            "cluster.c.upstream_cx_connect_ms",
+            "cluster.c.upstream_rq_time",
+            "http.p.downstream_rq_time",
+            "listener.127.0.0.1_80.downstream_cx_length_ms",
+        ] {
+            assert!(kinds.contains(&(h.to_string(), "histogram")), "{kinds:?}");
+        }
+        assert!(kinds.contains(&("cluster.c.lb_healthy_panic".to_string(), "counter")));
+        stats.retain_clusters(|_| false);
+        assert!(
+            !stats
+                .samples()
+                .iter()
+                .any(|s| s.name.starts_with("cluster.c."))
+        );
+        // A connection still holding the handle records, unlisted.
+        c.upstream_rq_time.record(3);
+        assert_eq!(c.upstream_rq_time.snapshot().count(), 2);
+    }
+
+    #[test]
+    fn listener_prefixes_are_envoy_s() {
+        let v4: std::net::SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let v6: std::net::SocketAddr = "[::1]:15001".parse().unwrap();
+        assert_eq!(listener_prefix(v4), "listener.127.0.0.1_15001");
+        assert_eq!(listener_prefix(v6), "listener.[__1]_15001");
     }
 }
