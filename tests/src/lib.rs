@@ -37,6 +37,7 @@ use std::{
 mod envoy;
 pub mod fastpath;
 pub mod pods;
+pub mod tls;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{

@@ -9,6 +9,7 @@ mod configs;
 mod env;
 mod http;
 mod load;
+mod mtls;
 mod procstat;
 mod report;
 mod tools;
@@ -58,6 +59,11 @@ pub struct BenchArgs {
     /// HTTP connection manager (inline route to one backend), and direct.
     #[arg(long)]
     pub http: bool,
+    /// Mutual TLS instead of the data-path cases: client -> proxy -> mTLS -> proxy -> backend,
+    /// skiff on both sides vs Envoy on both sides (`--paths skiff,envoy-c1,envoy-c2`): new
+    /// connections/s (one handshake each), CPU per handshake, single-stream throughput.
+    #[arg(long)]
+    pub mtls: bool,
     /// Keep-alive connections of the HTTP cases.
     #[arg(long, default_value_t = 16)]
     pub http_connections: usize,
@@ -431,6 +437,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .transpose()?;
         let secs = args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 });
         return http::standalone(&skiff, envoy.as_deref(), secs, args.http_connections);
+    }
+    if args.mtls {
+        env::install_interrupt_handler();
+        let skiff = match &args.skiff_bin {
+            Some(p) => p.clone(),
+            None => build_skiff(&crate::util::workspace_root())?,
+        };
+        let envoy = tools::require("envoy")
+            .ok()
+            .map(|e| real_envoy(&e))
+            .transpose()?;
+        return mtls::standalone(mtls::Options {
+            skiff,
+            envoy,
+            secs: args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 }),
+            conn_threads: args.conn_threads,
+            pairs: args.paths.clone(),
+        });
     }
     let routes = parse_list("path", &args.paths, &Route::ALL, Route::name)?;
     let cases = parse_list("case", &args.cases, &Case::ALL, Case::name)?;
