@@ -196,6 +196,7 @@ async fn skiff_and_envoy_speak_mtls_with_spiffe_identities_both_ways() {
     let server_tls = server_ctx
         .server(
             &DownstreamTls {
+                sessions: Default::default(),
                 common: common(Some(&spiffe("envoy")), &["istio-peer-exchange", "h2"]),
                 require_client_certificate: true,
             },
@@ -323,6 +324,7 @@ static_resources:
     let client_ctx = TlsContexts::new();
     let upstream = |cert: &(String, String)| {
         let tls = UpstreamTls {
+            max_session_keys: 1,
             common: common(Some(&spiffe("envoy")), &["istio-peer-exchange", "http/1.1"]),
             sni: String::new(),
         };

@@ -355,6 +355,7 @@ pub fn control_plane_flags(
                 _ => None,
             };
             ads.tls = Some(std::sync::Arc::new(UpstreamTls {
+                max_session_keys: 1,
                 common: CommonTls {
                     certificate,
                     validation: Some(Validation {

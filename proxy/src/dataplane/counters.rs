@@ -28,6 +28,8 @@ pub(super) struct ListenerCounters {
     /// `<listener>.ssl.handshake`, resolved at the listener's first TLS handshake (failures
     /// are rare: their names are formatted when they happen).
     ssl_handshake: OnceLock<Arc<Counter>>,
+    /// `<listener>.ssl.session_reused`, resolved at the first resumed session.
+    ssl_session_reused: OnceLock<Arc<Counter>>,
     prefix: String,
     stats: Arc<Stats>,
     /// `skiff.downstream_cx_rejected`: closed because selection chose no upstream, on any
@@ -44,6 +46,7 @@ impl ListenerCounters {
             pre_cx_timeout: stats.counter(&format!("{prefix}.downstream_pre_cx_timeout")),
             tls_inspector: OnceLock::new(),
             ssl_handshake: OnceLock::new(),
+            ssl_session_reused: OnceLock::new(),
             prefix: prefix.to_string(),
             stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
@@ -66,14 +69,16 @@ impl ListenerCounters {
         &self.prefix
     }
 
-    /// Count a downstream TLS handshake that succeeded.
-    pub(super) fn ssl_handshake(&self) {
-        self.ssl_handshake
-            .get_or_init(|| {
-                self.stats
-                    .counter(&format!("{}.ssl.handshake", self.prefix))
-            })
-            .inc();
+    /// Count a downstream TLS handshake that succeeded, and whether it resumed a session.
+    pub(super) fn ssl_handshake(&self, resumed: bool) {
+        let named = |cell: &OnceLock<Arc<Counter>>, name: &str| {
+            cell.get_or_init(|| self.stats.counter(&format!("{}.ssl.{name}", self.prefix)))
+                .inc();
+        };
+        named(&self.ssl_handshake, "handshake");
+        if resumed {
+            named(&self.ssl_session_reused, "session_reused");
+        }
     }
 
     /// The tls_inspector's counters.

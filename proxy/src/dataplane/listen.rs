@@ -292,7 +292,9 @@ async fn terminate(
     };
     match result {
         Ok(a) => {
-            counters.ssl_handshake();
+            let resumed =
+                a.stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            counters.ssl_handshake(resumed);
             Ok((
                 Io::Tls(Box::new(a.stream.into())),
                 a.peer,

@@ -148,7 +148,12 @@ pub async fn originate(
         Err(_) => Err(TlsFailure::Timeout(budget)),
     };
     match &result {
-        Ok(_) => stats.counter(&format!("{scope}.ssl.handshake")).inc(),
+        Ok(o) => {
+            stats.counter(&format!("{scope}.ssl.handshake")).inc();
+            if o.stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                stats.counter(&format!("{scope}.ssl.session_reused")).inc();
+            }
+        }
         Err(e) => e.report(stats, &scope, addr),
     }
     result
@@ -228,6 +233,7 @@ mod tests {
 
     fn tls(sni: &str) -> Arc<UpstreamTls> {
         Arc::new(UpstreamTls {
+            max_session_keys: 1,
             common: CommonTls {
                 certificate: None,
                 validation: None,

@@ -158,6 +158,7 @@ pub(crate) fn downstream_tls() -> std::sync::Arc<super::tls::DownstreamTls> {
         CertificateSource, CommonTls, DataSource, DownstreamTls, TlsCertificate, TlsVersion,
     };
     std::sync::Arc::new(DownstreamTls {
+        sessions: Default::default(),
         common: CommonTls {
             certificate: Some(CertificateSource::Inline(TlsCertificate {
                 certificate_chain: DataSource::File("/etc/certs/cert-chain.pem".into()),
@@ -178,6 +179,7 @@ pub(crate) fn downstream_tls() -> std::sync::Arc<super::tls::DownstreamTls> {
 pub(crate) fn upstream_tls() -> std::sync::Arc<super::tls::UpstreamTls> {
     use super::tls::{CommonTls, TlsVersion, UpstreamTls};
     std::sync::Arc::new(UpstreamTls {
+        max_session_keys: 1,
         common: CommonTls {
             certificate: None,
             validation: None,

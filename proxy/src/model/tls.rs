@@ -169,15 +169,37 @@ pub struct CommonTls {
 /// `UpstreamTlsContext`: how a cluster dials TLS.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamTls {
+    /// `max_session_keys` (Envoy's default 1): sessions kept for resumption; 0 disables it.
+    pub max_session_keys: u32,
     /// The common part.
     pub common: CommonTls,
     /// `sni`: the server name sent; empty = none.
     pub sni: String,
 }
 
+/// Which kinds of session resumption a server offers (Envoy offers both by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServerSessions {
+    /// Tickets (`disable_stateless_session_resumption` unset).
+    pub stateless: bool,
+    /// A server-side session cache (`disable_stateful_session_resumption` unset).
+    pub stateful: bool,
+}
+
+impl Default for ServerSessions {
+    fn default() -> Self {
+        ServerSessions {
+            stateless: true,
+            stateful: true,
+        }
+    }
+}
+
 /// `DownstreamTlsContext`: how a filter chain terminates TLS.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DownstreamTls {
+    /// Session resumption offered.
+    pub sessions: ServerSessions,
     /// The common part (a server certificate is required).
     pub common: CommonTls,
     /// `require_client_certificate`.
@@ -922,8 +944,8 @@ impl TryFrom<&tls::UpstreamTlsContext> for UpstreamTls {
         if u.allow_renegotiation {
             return Err(refuse("allow_renegotiation", "TLS renegotiation"));
         }
-        // `max_session_keys` (a cache size) and `enforce_rsa_key_usage` are optional in
-        // Envoy's terms: they tune, they do not decide who may connect.
+        // `enforce_rsa_key_usage` is optional in Envoy's terms: it tunes, it does not decide
+        // who may connect.
         let common = match &u.common_tls_context {
             Some(c) => {
                 CommonTls::from_proto(c, true).map_err(|e| e.within("common_tls_context"))?
@@ -931,6 +953,7 @@ impl TryFrom<&tls::UpstreamTlsContext> for UpstreamTls {
             None => CommonTls::from_proto(&Default::default(), true)?,
         };
         Ok(UpstreamTls {
+            max_session_keys: u.max_session_keys.as_ref().map_or(1, |v| v.value),
             common,
             sni: u.sni.clone(),
         })
@@ -947,8 +970,9 @@ impl TryFrom<&tls::DownstreamTlsContext> for DownstreamTls {
         if d.ocsp_staple_policy != OcspStaplePolicy::LenientStapling as i32 {
             return Err(refuse("ocsp_staple_policy", "strict OCSP stapling"));
         }
-        // Session ticket keys, session timeouts, stateful resumption and cipher preference
-        // are optional as in Envoy: they tune resumption, not who may connect.
+        // Session ticket keys, session timeouts and cipher preference are optional as in
+        // Envoy: they tune resumption, not who may connect (tickets use keys of skiff's own,
+        // so they resume on this process only). Which resumption is offered is honoured.
         let common = match &d.common_tls_context {
             Some(c) => {
                 CommonTls::from_proto(c, false).map_err(|e| e.within("common_tls_context"))?
@@ -972,6 +996,13 @@ impl TryFrom<&tls::DownstreamTlsContext> for DownstreamTls {
             ));
         }
         Ok(DownstreamTls {
+            sessions: ServerSessions {
+                stateless: !matches!(
+                    d.session_ticket_keys_type,
+                    Some(tls::downstream_tls_context::SessionTicketKeysType::DisableStatelessSessionResumption(true))
+                ),
+                stateful: !d.disable_stateful_session_resumption,
+            },
             common,
             require_client_certificate,
         })

@@ -151,7 +151,7 @@ impl TlsContexts {
         let resolved = load::resolve(&tls.common, secrets)?;
         let mut h = DefaultHasher::new();
         hash_common(&mut h, &tls.common);
-        tls.sni.hash(&mut h);
+        (&tls.sni, tls.max_session_keys).hash(&mut h);
         let key = h.finish();
         if let Some(hit) = lock(&self.clients).get(key, tls, &resolved) {
             return Ok(hit);
@@ -171,7 +171,7 @@ impl TlsContexts {
         let resolved = load::resolve(&tls.common, secrets)?;
         let mut h = DefaultHasher::new();
         hash_common(&mut h, &tls.common);
-        tls.require_client_certificate.hash(&mut h);
+        (tls.require_client_certificate, tls.sessions).hash(&mut h);
         let key = h.finish();
         if let Some(hit) = lock(&self.servers).get(key, tls, &resolved) {
             return Ok(hit);
@@ -220,6 +220,11 @@ impl TlsContexts {
         let mut config = match load::certified_key(common, secrets, &self.provider)? {
             Some(key) => builder.with_client_cert_resolver(Arc::new(OneCert(key))),
             None => builder.with_no_client_auth(),
+        };
+        // `max_session_keys`: Envoy keeps that many sessions per context; 0 resumes none.
+        config.resumption = match tls.max_session_keys {
+            0 => rustls::client::Resumption::disabled(),
+            n => rustls::client::Resumption::in_memory_sessions(n as usize),
         };
         config.alpn_protocols = alpn(common);
         let sni = if tls.sni.is_empty() {
@@ -273,7 +278,19 @@ impl TlsContexts {
             None => builder.with_client_cert_verifier(Arc::new(NoClientAuth)),
         };
         let mut config = builder.with_cert_resolver(Arc::new(OneCert(key)));
-        config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
+        // What Envoy offers unless told not to: tickets and a server-side session cache.
+        if tls.sessions.stateful {
+            config.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
+        } else {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        }
+        if tls.sessions.stateless {
+            config.ticketer =
+                rustls::crypto::ring::Ticketer::new().map_err(|source| TlsError::Rejected {
+                    what: "session tickets".into(),
+                    source,
+                })?;
+        }
         config.alpn_protocols = alpn(common);
         let no_alpn = (!config.alpn_protocols.is_empty()).then(|| {
             let mut c = config.clone();

@@ -159,6 +159,7 @@ fn common(validation: Option<Validation>, alpn: &[&str]) -> CommonTls {
 /// An Istio outbound cluster's context, expecting the server to be `want`.
 fn upstream(want: &str) -> UpstreamTls {
     UpstreamTls {
+        max_session_keys: 1,
         common: common(
             istio_validation(vec![uri_exact(want)]),
             &["istio-peer-exchange", "istio"],
@@ -170,6 +171,7 @@ fn upstream(want: &str) -> UpstreamTls {
 /// An Istio inbound (STRICT) filter chain's context.
 fn downstream(require: bool) -> DownstreamTls {
     DownstreamTls {
+        sessions: Default::default(),
         common: common(istio_validation(Vec::new()), &["h2", "http/1.1"]),
         require_client_certificate: require,
     }
@@ -500,6 +502,41 @@ async fn resumed_sessions_keep_the_peer_identity() {
     }
 }
 
+/// `max_session_keys: 0` on the client, or a server offering neither tickets nor a session
+/// cache, makes every handshake a full one, as in Envoy.
+#[tokio::test]
+async fn resumption_can_be_turned_off_on_either_side() {
+    let m = mesh();
+    let ctx = TlsContexts::new();
+    let kinds = |client: ClientTls, server: ServerTls| async move {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = handshake(&client, &server).await;
+            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            exchange(&mut c, &mut s, b"x").await;
+            out.push(c.stream.get_ref().1.handshake_kind());
+        }
+        out
+    };
+    let full = vec![Some(HandshakeKind::Full); 3];
+    let mut up = upstream(&spiffe("default", "server"));
+    up.max_session_keys = 0;
+    let client = ctx.client(&up, &m.client).unwrap();
+    let server = ctx.server(&downstream(true), &m.server).unwrap();
+    assert_eq!(kinds(client, server).await, full);
+
+    let client = ctx
+        .client(&upstream(&spiffe("default", "server")), &m.client)
+        .unwrap();
+    let mut down = downstream(true);
+    down.sessions = crate::model::tls::ServerSessions {
+        stateless: false,
+        stateful: false,
+    };
+    let server = ctx.server(&down, &m.server).unwrap();
+    assert_eq!(kinds(client, server).await, full);
+}
+
 #[tokio::test]
 async fn tls12_only_and_version_mismatch() {
     let m = mesh();
@@ -754,6 +791,7 @@ async fn certificates_read_from_files() {
     std::fs::write(dir.join("key.pem"), key).unwrap();
     std::fs::write(dir.join("root.pem"), &m.ca.pem).unwrap();
     let down = DownstreamTls {
+        sessions: Default::default(),
         common: CommonTls {
             certificate: Some(CertificateSource::Inline(TlsCertificate {
                 certificate_chain: DataSource::File(dir.join("cert.pem")),

@@ -437,6 +437,7 @@ mod tests {
     fn tls_needs_a_trusted_ca_and_tcp() {
         use crate::model::tls::{CommonTls, TlsVersion};
         let tls = UpstreamTls {
+            max_session_keys: 1,
             common: CommonTls {
                 certificate: None,
                 validation: None,

@@ -2,6 +2,7 @@ use super::*;
 
 fn tls() -> Arc<UpstreamTls> {
     Arc::new(UpstreamTls {
+        max_session_keys: 1,
         common: CommonTls {
             certificate: None,
             validation: None,
@@ -182,6 +183,7 @@ fn envoy_version_defaults_differ_for_clients_and_servers() {
         }),
         ..Default::default()
     };
+    let mut no_resumption = d.clone();
     let d = DownstreamTls::try_from(&d).unwrap();
     assert_eq!(d.common.max_version, TlsVersion::V1_3);
     assert!(!d.require_client_certificate);
@@ -189,6 +191,27 @@ fn envoy_version_defaults_differ_for_clients_and_servers() {
         d.common.certificate,
         Some(CertificateSource::Inline(_))
     ));
+    // Resumption: Envoy offers tickets and a session cache, and a client keeps one session.
+    assert_eq!(d.sessions, ServerSessions::default());
+    assert_eq!(u.max_session_keys, 1);
+    no_resumption.disable_stateful_session_resumption = true;
+    no_resumption.session_ticket_keys_type = Some(
+        tls::downstream_tls_context::SessionTicketKeysType::DisableStatelessSessionResumption(true),
+    );
+    let off = DownstreamTls::try_from(&no_resumption).unwrap();
+    assert_eq!(
+        off.sessions,
+        ServerSessions {
+            stateless: false,
+            stateful: false
+        }
+    );
+    let u0 = UpstreamTls::try_from(&tls::UpstreamTlsContext {
+        max_session_keys: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 0 }),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(u0.max_session_keys, 0);
 }
 
 #[test]
