@@ -28,6 +28,7 @@ pub(crate) fn tcp_proxy_chain(name: &str, matcher: FilterChainMatch, cluster: &s
             buffer_limit: super::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         tls: None,
+        istio_stats: None,
     }
 }
 
