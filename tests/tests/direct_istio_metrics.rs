@@ -429,7 +429,11 @@ static_resources:{}
         secrets(&client_c, &client_k, &root),
         tcp_proxy(TCP_CLUSTER),
         hcm("outbound_0.0.0.0_9080", HTTP_CLUSTER, "/", true),
-        cluster(TCP_CLUSTER, inbound_addr, Some(&["istio-peer-exchange", "istio"])),
+        cluster(
+            TCP_CLUSTER,
+            inbound_addr,
+            Some(&["istio-peer-exchange", "istio"])
+        ),
         cluster(HTTP_CLUSTER, inbound_addr, Some(&["istio-http/1.1"])),
     );
 
@@ -534,7 +538,10 @@ static_resources:{}
         wait_counter(
             server_admin,
             "istio_tcp_connections_closed_total",
-            &[("reporter", "destination"), ("connection_security_policy", policy)],
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", policy),
+            ],
             1.0,
         )
         .await;
@@ -590,4 +597,60 @@ static_resources:{}
 
     client.stop().await.unwrap();
     server.stop().await.unwrap();
+}
+
+/// Istio's own sidecar bootstrap (the fixture envoy-rev.json) with its ports moved to free
+/// loopback ones and without ADS: its `0.0.0.0_15090` listener serves the admin's
+/// `/stats/prometheus` through the `prometheus_stats` cluster, as Envoy's does, and its
+/// `0.0.0.0_15021` listener forwards `/healthz/ready` to pilot-agent's port (15020): with no
+/// agent there, skiff answers 503 as Envoy would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_bootstrap_15090_serves_the_scrape_and_15021_goes_to_the_agent() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let f = "fixtures/xds/istio-bootstrap-default.json";
+    let text = std::fs::read_to_string(root.join(f)).unwrap();
+    let mut boot: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (admin_port, prom, status, agent) = (free_port(), free_port(), free_port(), free_port());
+    boot.as_object_mut().unwrap().remove("dynamic_resources");
+    boot["admin"]["address"]["socket_address"]["port_value"] = admin_port.into();
+    for l in boot["static_resources"]["listeners"]
+        .as_array_mut()
+        .unwrap()
+    {
+        let sa = &mut l["address"]["socket_address"];
+        let port = match sa["port_value"].as_u64() {
+            Some(15090) => prom,
+            Some(15021) => status,
+            other => panic!("unexpected bootstrap listener port {other:?}"),
+        };
+        sa["address"] = "127.0.0.1".into();
+        sa["port_value"] = port.into();
+    }
+    for c in boot["static_resources"]["clusters"].as_array_mut().unwrap() {
+        let port = match c["name"].as_str() {
+            Some("prometheus_stats") => admin_port,
+            Some("agent") => agent,
+            _ => continue,
+        };
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"] = port.into();
+    }
+    let boot = skiff::config::parse(&boot.to_string(), f).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let skiff = InProcessSkiff::start(run_options(boot));
+    wait_listening(&[admin_port]).await;
+
+    let (code, body) = get(prom, "/stats/prometheus").await;
+    assert_eq!(code, 200, "{body}");
+    let families = parse(&body);
+    // The scrape counts itself: the `stats` HCM of the 15090 listener.
+    assert!(
+        families.contains_key("envoy_http_downstream_rq_total")
+            || families.contains_key("envoy_cluster_upstream_rq_total"),
+        "{:?}",
+        families.keys()
+    );
+    // Nothing listens on the agent's port: no healthy answer, as Envoy without pilot-agent.
+    let (code, _) = get(status, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    skiff.stop().await.unwrap();
 }
