@@ -100,7 +100,34 @@ pub fn plugin_config(any: Option<&Any>) -> Result<IstioStats, FieldError> {
         return Ok(out);
     };
     let outer = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
-    if outer == PLUGIN_CONFIG_TYPE {
+    let opaque = skiff_proto::opaque_json(&prost_types::Any {
+        type_url: any.type_url.clone(),
+        value: any.value.clone(),
+    });
+    if outer == PLUGIN_CONFIG_TYPE
+        && let Some(json) = opaque
+    {
+        // Read from JSON or YAML, where the type is unknown to the descriptor pool: the
+        // original object, as istiod writes it (`reporter: SERVER_GATEWAY`).
+        match json.get("reporter") {
+            Some(serde_json::Value::String(r)) if r == "SERVER_GATEWAY" => {
+                out.server_gateway = true
+            }
+            Some(serde_json::Value::String(r)) if r == "UNSPECIFIED" => {}
+            None => {}
+            Some(other) => {
+                return Err(FieldError::new(
+                    "typed_config.reporter",
+                    format!("unknown reporter {other}"),
+                ));
+            }
+        }
+        out.disable_host_header_fallback = json
+            .get("disable_host_header_fallback")
+            .or_else(|| json.get("disableHostHeaderFallback"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+    } else if outer == PLUGIN_CONFIG_TYPE {
         let p = PluginConfigProto::decode(any.value.as_slice())
             .map_err(|e| FieldError::new("typed_config", format!("stats.PluginConfig: {e}")))?;
         out.server_gateway = p.reporter == 1;
@@ -271,6 +298,16 @@ mod tests {
         assert_eq!(c.reporter, Reporter::Source);
         c.set_direction(1);
         assert_eq!(c.reporter.as_str(), "destination");
+        let from_json = skiff_proto::any_from_json(
+            &serde_json::json!({"@type": "type.googleapis.com/stats.PluginConfig", "reporter": "SERVER_GATEWAY"}),
+        )
+        .unwrap();
+        let c = plugin_config(Some(&Any {
+            type_url: from_json.type_url,
+            value: from_json.value,
+        }))
+        .unwrap();
+        assert!(c.server_gateway);
         let bad = Any {
             type_url: "type.googleapis.com/stats.PluginConfig".into(),
             value: vec![0xff],
