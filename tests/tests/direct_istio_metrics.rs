@@ -5,7 +5,8 @@
 //! `istio.stats`). Both scrapes parse with a Prometheus text-format parser; the `istio_*`
 //! families carry Istio's names, types and label values: reporter, the local workload from
 //! the node's Istio metadata, the peer's principal and namespace from its certificate, the
-//! destination service from the Istio cluster name, `mutual_tls` only where the server
+//! destination service from the cluster's `istio.services` metadata or its Istio name,
+//! `mutual_tls` only where the server
 //! terminated mTLS. The server's `/stats/prometheus` is also scraped through a bootstrap
 //! listener routed to the admin, as Istio's 15090 `prometheus_stats` listener does.
 
@@ -28,7 +29,10 @@ use tls_ca::{Ca, write};
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/productpage";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 const TCP_CLUSTER: &str = "outbound|9000||reviews.default.svc.cluster.local";
-const HTTP_CLUSTER: &str = "outbound|9080||reviews.default.svc.cluster.local";
+/// Not an Istio cluster name: its service comes from its `istio.services` metadata.
+const HTTP_CLUSTER: &str = "reviews-http";
+const ISTIO_SERVICES: &str = r#"
+    metadata: { filter_metadata: { istio: { services: [{ host: reviews.default.svc.cluster.local, name: reviews, namespace: default }] } } }"#;
 
 /// Istio's stats filter as istiod writes it (a TypedStruct around `stats.PluginConfig`).
 const ISTIO_STATS_NET: &str = r#"
@@ -434,7 +438,7 @@ static_resources:{}
             inbound_addr,
             Some(&["istio-peer-exchange", "istio"])
         ),
-        cluster(HTTP_CLUSTER, inbound_addr, Some(&["istio-http/1.1"])),
+        cluster(HTTP_CLUSTER, inbound_addr, Some(&["istio-http/1.1"])) + ISTIO_SERVICES,
     );
 
     let server = InProcessSkiff::start(run_options(

@@ -275,6 +275,10 @@ pub(super) async fn proxy(
             peer_principal: peer,
             mtls: cfg.reporter.is_server() && peer.is_some(),
             cluster: Some(name),
+            service: up
+                .cluster
+                .as_ref()
+                .and_then(|c| c.cluster.istio_service.as_deref()),
             ..Default::default()
         };
         let m = &dp.stats().istio;

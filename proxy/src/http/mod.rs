@@ -253,9 +253,10 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
-/// The cluster a forwarded request went to (a response extension, for Istio's labels).
+/// The cluster a forwarded request went to and its Istio service (a response extension, for
+/// Istio's labels).
 #[derive(Debug, Clone)]
-struct UpstreamCluster(String);
+struct UpstreamCluster(String, Option<Arc<crate::model::istio::IstioService>>);
 
 /// What Istio's request metrics need from the request before it is routed.
 struct IstioRequest {
@@ -293,6 +294,7 @@ impl IstioRequest {
             },
             mtls: cfg.reporter.is_server() && conn.tls && peer.is_some(),
             cluster: cluster.map(|c| c.0.as_str()),
+            service: cluster.and_then(|c| c.1.as_deref()),
             host: Some(&self.host),
             ..Default::default()
         };
@@ -544,8 +546,8 @@ async fn route_request(
         RouteAction::Forward(f) => {
             let mut picked = None;
             let mut r = forward(&ctx, f, req, &host, &path, &mut picked).await;
-            if let Some(cluster) = picked {
-                r.extensions_mut().insert(UpstreamCluster(cluster));
+            if let Some((cluster, service)) = picked {
+                r.extensions_mut().insert(UpstreamCluster(cluster, service));
             }
             // Envoy applies the route's response header changes to its local replies too
             // (503 NC/UH/UF, 504); upstream responses already got them in `forward`.
@@ -834,7 +836,7 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     path: &str,
-    picked: &mut Option<String>,
+    picked: &mut Option<(String, Option<Arc<crate::model::istio::IstioService>>)>,
 ) -> Response<Body> {
     let conn = ctx.conn;
     let upgrade = upgrade_type(&req);
@@ -852,12 +854,13 @@ async fn forward(
         debug!(flags = "NC", "no cluster for the route");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    *picked = Some(cluster.clone());
+    *picked = Some((cluster.clone(), None));
     let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
         ctx.hs.no_cluster.inc();
         debug!(%cluster, flags = "NC", "unknown cluster");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
+    *picked = Some((cluster.clone(), entry.cluster.istio_service.clone()));
     let cs = &entry.stats;
     // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
     // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.

@@ -255,6 +255,35 @@ pub fn cluster_service(cluster: &str) -> Option<IstioService> {
     })
 }
 
+/// The first entry of an Istio cluster's `metadata.filter_metadata["istio"].services`
+/// (`{host, name, namespace}`), as the stats filter reads it; a missing name is the host's
+/// first label.
+pub fn metadata_service(
+    metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+) -> Option<IstioService> {
+    let istio = metadata?.filter_metadata.get("istio")?;
+    let Some(ValueKind::ListValue(list)) = istio.fields.get("services")?.kind.as_ref() else {
+        return None;
+    };
+    let Some(ValueKind::StructValue(first)) = list.values.first()?.kind.as_ref() else {
+        return None;
+    };
+    let s = |k: &str| match first.fields.get(k).and_then(|v| v.kind.as_ref()) {
+        Some(ValueKind::StringValue(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let host = s("host");
+    let name = match s("name") {
+        n if n.is_empty() => host.split('.').next().unwrap_or_default().to_string(),
+        n => n,
+    };
+    Some(IstioService {
+        host,
+        name,
+        namespace: s("namespace"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +371,26 @@ mod tests {
         assert_eq!(w.namespace, "default");
         assert_eq!((w.app.as_str(), w.version.as_str()), ("reviews", "v2"));
         assert_eq!(local_workload(None), Workload::default());
+    }
+
+    #[test]
+    fn services_from_istio_cluster_metadata() {
+        let json = serde_json::json!({"filter_metadata": {"istio": {"services": [
+            {"host": "reviews.default.svc.cluster.local", "namespace": "default"}
+        ]}}});
+        let any = skiff_proto::any_from_json_typed(
+            "type.googleapis.com/envoy.config.core.v3.Metadata",
+            &json,
+        )
+        .unwrap();
+        let md = envoy_types::pb::envoy::config::core::v3::Metadata::decode(any.value.as_slice())
+            .unwrap();
+        let s = metadata_service(Some(&md)).unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
+            ("reviews.default.svc.cluster.local", "reviews", "default")
+        );
+        assert_eq!(metadata_service(None), None);
     }
 
     #[test]

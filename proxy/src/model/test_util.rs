@@ -98,6 +98,7 @@ pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssign
 pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster {
     let eps: Vec<(&str, HealthStatus)> = eps.iter().map(|a| (*a, HealthStatus::Healthy)).collect();
     Cluster {
+        istio_service: None,
         name: name.into(),
         kind: ClusterKind::Static(assignment(name, &eps)),
         lb_policy: lb,

@@ -12,7 +12,8 @@
 //!
 //! Labels follow Istio's `istio_stats` filter: the reporter's own side comes from the node's
 //! Istio metadata, the peer's principal from the TLS peer identity (its namespace from the
-//! SPIFFE id), the destination service from the Istio cluster name (else `Host`), and anything
+//! SPIFFE id), the destination service from the cluster's `istio.services` metadata (else its
+//! Istio name, else `Host`), and anything
 //! unknown is `unknown` (`source_canonical_revision`/`destination_canonical_revision`:
 //! `latest`). skiff runs no metadata exchange, so the peer's workload, app and version are
 //! `unknown` unless known from the node itself.
@@ -137,6 +138,8 @@ pub struct Facts<'a> {
     pub mtls: bool,
     /// The cluster the connection or request went to.
     pub cluster: Option<&'a str>,
+    /// That cluster's Istio service (its `istio.services` metadata), when it has one.
+    pub service: Option<&'a IstioService>,
     /// The request's `Host`.
     pub host: Option<&'a str>,
 }
@@ -201,16 +204,22 @@ impl IstioMetrics {
         } else {
             (local.namespace.as_str(), peer_ns)
         };
-        let service = f.cluster.and_then(cluster_service).or_else(|| {
-            (!cfg.disable_host_header_fallback)
-                .then_some(f.host)
-                .flatten()
-                .map(|h| IstioService {
-                    host: h.to_string(),
-                    name: h.to_string(),
-                    namespace: String::new(),
-                })
-        });
+        // The cluster's `istio.services` metadata, else the service its Istio name spells,
+        // else (unless disabled) the request's `Host`.
+        let service = f
+            .service
+            .cloned()
+            .or_else(|| f.cluster.and_then(cluster_service))
+            .or_else(|| {
+                (!cfg.disable_host_header_fallback)
+                    .then_some(f.host)
+                    .flatten()
+                    .map(|h| IstioService {
+                        host: h.to_string(),
+                        name: h.to_string(),
+                        namespace: String::new(),
+                    })
+            });
         let service = service.unwrap_or_default();
         // Istio: mutual TLS only a server side can tell (both ends have a SAN); a client
         // reports `unknown`.
@@ -388,6 +397,7 @@ mod tests {
             mtls: true,
             cluster: Some("inbound|9080||"),
             host: Some("reviews:9080"),
+            service: None,
         };
         let end = RequestEnd {
             status: 200,
@@ -432,6 +442,17 @@ mod tests {
         assert_eq!(l.get("destination_service_name"), Some("ratings"));
         assert_eq!(l.get("destination_service_namespace"), Some("default"));
         assert_eq!(l.get("connection_security_policy"), Some("unknown"));
+        let meta = IstioService {
+            host: "ratings.prod.svc.cluster.local".into(),
+            name: "ratings".into(),
+            namespace: "prod".into(),
+        };
+        let with_meta = Facts {
+            service: Some(&meta),
+            ..f.clone()
+        };
+        let lm = m.labels(&cfg(Reporter::Source), &with_meta, None);
+        assert_eq!(lm.get("destination_service_namespace"), Some("prod"));
         let a = m.series(l.clone());
         let b = m.series(l);
         assert!(Arc::ptr_eq(&a, &b));
