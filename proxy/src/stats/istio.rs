@@ -114,6 +114,11 @@ pub struct Series {
     pub tcp_received: Counter,
 }
 
+/// Reads one counter family of a series.
+type CounterOf = fn(&Series) -> &Counter;
+/// Reads one histogram family of a series.
+type HistogramOf = fn(&Series) -> &Histogram;
+
 /// Istio's metrics of one skiff process (or node-mode pipeline): the proxy's own workload and
 /// every label set recorded so far.
 #[derive(Debug, Default)]
@@ -324,7 +329,7 @@ impl IstioMetrics {
         let rendered: Vec<(String, bool, &Arc<Series>)> =
             sets.iter().map(|(l, s)| (l.render(), l.tcp, *s)).collect();
         let mut out = String::new();
-        let counters: [(&str, bool, fn(&Series) -> &Counter); 5] = [
+        let counters: [(&str, bool, CounterOf); 5] = [
             ("istio_requests_total", false, |s| &s.requests_total),
             ("istio_tcp_connections_closed_total", true, |s| {
                 &s.tcp_closed
@@ -345,7 +350,7 @@ impl IstioMetrics {
                 let _ = writeln!(out, "{name}{{{l}}} {}", get(s).get());
             }
         }
-        let histograms: [(&str, fn(&Series) -> &Histogram); 3] = [
+        let histograms: [(&str, HistogramOf); 3] = [
             ("istio_request_bytes", |s| &s.request_bytes),
             ("istio_request_duration_milliseconds", |s| {
                 &s.request_duration
