@@ -144,8 +144,12 @@ fn hcm(prefix: &str, cluster: &str, path: &str, istio: bool) -> String {
     )
 }
 
-/// A STATIC cluster to `addr`; `mtls`: Istio's outbound mTLS to `SERVER_ID`.
-fn cluster(name: &str, addr: SocketAddr, mtls: Option<&[&str]>) -> String {
+/// A STATIC cluster to `addr`; `mtls`: Istio's outbound mTLS to `SERVER_ID`; `workload`: the
+/// endpoint's Istio metadata (`<workload>;<ns>;<canonical service>;<revision>;<cluster>`).
+fn cluster(name: &str, addr: SocketAddr, mtls: Option<&[&str]>, workload: Option<&str>) -> String {
+    let metadata = workload.map_or(String::new(), |w| {
+        format!(r#", metadata: {{ filter_metadata: {{ istio: {{ workload: "{w}" }} }} }}"#)
+    });
     let tls = match mtls {
         None => String::new(),
         Some(alpn) => format!(
@@ -165,7 +169,7 @@ fn cluster(name: &str, addr: SocketAddr, mtls: Option<&[&str]>) -> String {
     connect_timeout: 2s
     load_assignment:
       cluster_name: "{name}"
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}] }}]{tls}"#,
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}{metadata} }}] }}]{tls}"#,
         addr.ip(),
         addr.port()
     )
@@ -393,11 +397,12 @@ static_resources:{}
         hcm("inbound_0.0.0.0_9080", "inbound|9080||", "/", true),
         tcp_proxy("inbound|9000||"),
         hcm("stats", "prometheus_stats", "/stats/prometheus", false),
-        cluster("inbound|9000||", echo, None),
-        cluster("inbound|9080||", web, None),
+        cluster("inbound|9000||", echo, None, None),
+        cluster("inbound|9080||", web, None, None),
         cluster(
             "prometheus_stats",
             SocketAddr::from(([127, 0, 0, 1], server_admin)),
+            None,
             None
         ),
     );
@@ -436,9 +441,10 @@ static_resources:{}
         cluster(
             TCP_CLUSTER,
             inbound_addr,
-            Some(&["istio-peer-exchange", "istio"])
+            Some(&["istio-peer-exchange", "istio"]),
+            Some("reviews-v1;default;reviews;v1;Kubernetes")
         ),
-        cluster(HTTP_CLUSTER, inbound_addr, Some(&["istio-http/1.1"])) + ISTIO_SERVICES,
+        cluster(HTTP_CLUSTER, inbound_addr, Some(&["istio-http/1.1"]), None) + ISTIO_SERVICES,
     );
 
     let server = InProcessSkiff::start(run_options(
@@ -469,7 +475,6 @@ static_resources:{}
         ("destination_service", "reviews.default.svc.cluster.local"),
         ("destination_service_name", "reviews"),
         ("destination_service_namespace", "default"),
-        ("destination_workload", "unknown"),
         ("connection_security_policy", "unknown"),
     ];
     let c = wait_counter(
@@ -490,6 +495,11 @@ static_resources:{}
             ("destination_workload_namespace", "default"),
             ("request_protocol", "tcp"),
             ("response_flags", "-"),
+            // From the endpoint's Istio metadata.
+            ("destination_workload", "reviews-v1"),
+            ("destination_canonical_service", "reviews"),
+            ("destination_canonical_revision", "v1"),
+            ("destination_cluster", "Kubernetes"),
         ],
     );
     assert!(!l.contains_key("response_code"), "{l:?}");
@@ -504,6 +514,7 @@ static_resources:{}
         &[
             ("request_protocol", "http"),
             ("grpc_response_status", ""),
+            ("destination_workload", "unknown"),
             ("destination_canonical_revision", "latest"),
         ],
     );

@@ -249,20 +249,6 @@ pub(super) async fn proxy(
             }
         }
     };
-    // 3. The host hears how the connect went (outlier detection) and counts the connection
-    // while it lasts: as an open connection (`/clusters` cx_active) and, as Envoy's TCP pool
-    // does, as an active request, the load LEAST_REQUEST and PeakEWMA weigh.
-    let _on_host = host.map(|h| {
-        h.report(Outcome::Success);
-        (h.start_connection(), h.start_request())
-    });
-    // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
-    // queue, which splice(2) never reads: accelerated pairs take the buffered copy, as TLS
-    // on either side does.
-    let accelerated = dp
-        .sockmap_ports
-        .iter()
-        .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
     // Istio's TCP metrics: the label set resolved once, now that the upstream is known
     // (Istio reports the open once the peer is known, or at close).
     let istio = up.istio.as_ref().map(|(cfg, down_peer)| {
@@ -279,6 +265,7 @@ pub(super) async fn proxy(
                 .cluster
                 .as_ref()
                 .and_then(|c| c.cluster.istio_service.as_deref()),
+            endpoint: host.as_ref().and_then(|h| h.istio_workload.as_deref()),
             ..Default::default()
         };
         let m = &dp.stats().istio;
@@ -286,6 +273,20 @@ pub(super) async fn proxy(
         series.tcp_opened.inc();
         series
     });
+    // 3. The host hears how the connect went (outlier detection) and counts the connection
+    // while it lasts: as an open connection (`/clusters` cx_active) and, as Envoy's TCP pool
+    // does, as an active request, the load LEAST_REQUEST and PeakEWMA weigh.
+    let _on_host = host.map(|h| {
+        h.report(Outcome::Success);
+        (h.start_connection(), h.start_request())
+    });
+    // 4. Forward. Payload that sk_msg redirected (`--sockmap`) waits in the socket's psock
+    // queue, which splice(2) never reads: accelerated pairs take the buffered copy, as TLS
+    // on either side does.
+    let accelerated = dp
+        .sockmap_ports
+        .iter()
+        .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
     // The connection keeps its slot and host, not the configuration they came from.
     let mut settings = up.settings.clone();
     // The copy buffers no more than either side's per_connection_buffer_limit_bytes allows.

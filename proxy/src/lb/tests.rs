@@ -29,6 +29,7 @@ fn assignment(eps: &[Ep<'_>], locality_weights: &[(&str, u32)]) -> LoadAssignmen
                 health: *h,
                 weight: *w,
                 transport_socket_match: Default::default(),
+                istio_workload: None,
             });
     }
     LoadAssignment {

@@ -255,6 +255,38 @@ pub fn cluster_service(cluster: &str) -> Option<IstioService> {
     })
 }
 
+/// An endpoint's Istio workload: `metadata.filter_metadata["istio"].workload`, encoded by
+/// istiod as `<workload>;<namespace>;<canonical service>;<canonical revision>;<cluster>`
+/// (fewer parts: none, as the stats filter reads it).
+pub fn endpoint_workload(
+    metadata: Option<&envoy_types::pb::envoy::config::core::v3::Metadata>,
+) -> Option<Workload> {
+    let istio = metadata?.filter_metadata.get("istio")?;
+    let Some(ValueKind::StringValue(w)) = istio.fields.get("workload")?.kind.as_ref() else {
+        return None;
+    };
+    let parts: Vec<&str> = w.split(';').collect();
+    let [
+        name,
+        namespace,
+        canonical_service,
+        canonical_revision,
+        cluster,
+        ..,
+    ] = parts[..]
+    else {
+        return None;
+    };
+    Some(Workload {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        canonical_service: canonical_service.to_string(),
+        canonical_revision: canonical_revision.to_string(),
+        cluster: cluster.to_string(),
+        ..Default::default()
+    })
+}
+
 /// The first entry of an Istio cluster's `metadata.filter_metadata["istio"].services`
 /// (`{host, name, namespace}`), as the stats filter reads it; a missing name is the host's
 /// first label.
@@ -391,6 +423,25 @@ mod tests {
             ("reviews.default.svc.cluster.local", "reviews", "default")
         );
         assert_eq!(metadata_service(None), None);
+        let json = serde_json::json!({"filter_metadata": {"istio": {
+            "workload": "reviews-v2;default;reviews;v2;Kubernetes"
+        }}});
+        let any = skiff_proto::any_from_json_typed(
+            "type.googleapis.com/envoy.config.core.v3.Metadata",
+            &json,
+        )
+        .unwrap();
+        let md = envoy_types::pb::envoy::config::core::v3::Metadata::decode(any.value.as_slice())
+            .unwrap();
+        let w = endpoint_workload(Some(&md)).unwrap();
+        assert_eq!(
+            (
+                w.name.as_str(),
+                w.namespace.as_str(),
+                w.canonical_revision.as_str()
+            ),
+            ("reviews-v2", "default", "v2")
+        );
     }
 
     #[test]

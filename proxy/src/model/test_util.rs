@@ -87,6 +87,7 @@ pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssign
                     health: *h,
                     weight: 1,
                     transport_socket_match: Default::default(),
+                    istio_workload: None,
                 })
                 .collect(),
         }],

@@ -145,6 +145,8 @@ pub struct Facts<'a> {
     pub cluster: Option<&'a str>,
     /// That cluster's Istio service (its `istio.services` metadata), when it has one.
     pub service: Option<&'a IstioService>,
+    /// The upstream endpoint's Istio workload (a client side's destination), when known.
+    pub endpoint: Option<&'a Workload>,
     /// The request's `Host`.
     pub host: Option<&'a str>,
 }
@@ -190,10 +192,15 @@ impl IstioMetrics {
     pub fn labels(&self, cfg: &IstioStats, f: &Facts<'_>, end: Option<&RequestEnd<'_>>) -> Labels {
         let local = self.local();
         let none = Workload::default();
-        let (src, dst) = if cfg.reporter.is_server() {
-            (&none, &*local)
+        let peer_workload = if cfg.reporter.is_server() {
+            &none
         } else {
-            (&*local, &none)
+            f.endpoint.unwrap_or(&none)
+        };
+        let (src, dst) = if cfg.reporter.is_server() {
+            (peer_workload, &*local)
+        } else {
+            (&*local, peer_workload)
         };
         let peer = f.peer_principal.filter(|p| !p.is_empty());
         let mine = f.local_principal.filter(|p| !p.is_empty());
@@ -202,8 +209,10 @@ impl IstioMetrics {
         } else {
             (mine, peer)
         };
-        // The peer's namespace from its SPIFFE id, as Istio does without peer metadata.
-        let peer_ns = peer.and_then(spiffe_namespace).unwrap_or_default();
+        // The peer's namespace from its SPIFFE id, else from its metadata, as Istio does.
+        let peer_ns = peer
+            .and_then(spiffe_namespace)
+            .unwrap_or(peer_workload.namespace.as_str());
         let (src_ns, dst_ns) = if cfg.reporter.is_server() {
             (peer_ns, local.namespace.as_str())
         } else {
@@ -403,6 +412,7 @@ mod tests {
             cluster: Some("inbound|9080||"),
             host: Some("reviews:9080"),
             service: None,
+            endpoint: None,
         };
         let end = RequestEnd {
             status: 200,

@@ -262,6 +262,7 @@ fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
             health: *h,
             weight: *w,
             transport_socket_match: Default::default(),
+            istio_workload: None,
         });
     }
     LoadAssignment {
