@@ -493,4 +493,39 @@ mod tests {
         assert!(text.contains("response_flags=\"UF\""), "{text}");
         assert!(text.contains("le=\"10\"} 1"), "{text}");
     }
+
+    #[test]
+    fn concurrent_first_uses_lose_no_label_set_and_share_handles() {
+        let m = Arc::new(IstioMetrics::default());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u16 {
+                        // Each thread's own sets, and one set every thread shares.
+                        for status in [1000 * (t + 1) + i, 200] {
+                            let end = RequestEnd {
+                                status,
+                                flags: "-",
+                                ..Default::default()
+                            };
+                            let l = m.labels(&cfg(Reporter::Source), &Facts::default(), Some(&end));
+                            m.series(l).requests_total.inc();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.len(), 4 * 50 + 1);
+        let end = RequestEnd {
+            status: 200,
+            flags: "-",
+            ..Default::default()
+        };
+        let shared = m.series(m.labels(&cfg(Reporter::Source), &Facts::default(), Some(&end)));
+        assert_eq!(shared.requests_total.get(), 200);
+    }
 }
