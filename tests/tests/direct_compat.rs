@@ -82,9 +82,11 @@ fn write_config(
     }
 }
 
-const ISTIO_STATS: &str = r#"{"name": "istio.stats", "typed_config": {
+// Observational and not run (`istio.stats`, now honoured, used to be the example here).
+const METADATA_EXCHANGE: &str = r#"{"name": "istio.metadata_exchange", "typed_config": {
   "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-  "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},"#;
+  "type_url": "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange",
+  "value": {"protocol": "istio-peer-exchange"}}},"#;
 
 const RATE_LIMIT: &str = r#"{"name": "envoy.filters.network.local_ratelimit", "typed_config": {
   "@type": "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
@@ -103,7 +105,7 @@ async fn unsupported_filter_is_nacked_by_name_and_last_good_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (backend("A").await, backend("B").await);
     let (listen, admin, xds) = (free_port(), free_port(), free_addr());
-    write_config(dir.path(), "1", listen, ISTIO_STATS, "a", a, b);
+    write_config(dir.path(), "1", listen, METADATA_EXCHANGE, "a", a, b);
     let cp = ControlPlane::start(Source::Dir(dir.path().to_path_buf()), xds).await;
     let boot = skiff_tests::ads_bootstrap("GRPC", "compat", xds, admin);
     let skiff = InProcessSkiff::start(run_options(
@@ -113,7 +115,7 @@ async fn unsupported_filter_is_nacked_by_name_and_last_good_keeps_serving() {
     // The observational filter is accepted, not run, and counted.
     eventually(listen, Some("A")).await;
     assert_eq!(
-        loopback_stat(admin, "skiff.unsupported.istio.stats").await,
+        loopback_stat(admin, "skiff.unsupported.istio.metadata_exchange").await,
         1
     );
 

@@ -301,7 +301,13 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
                 .collect();
             match (path, q.get("format").map(String::as_str)) {
                 ("/stats/prometheus", _) | (_, Some("prometheus")) => {
-                    text(StatusCode::OK, crate::stats::prometheus::render(&samples))
+                    let mut body = crate::stats::prometheus::render(&samples);
+                    // Istio's metrics keep their own names (no `envoy_` prefix), as Envoy
+                    // exports the stats filter's; `?filter=` matches their family names.
+                    if filter.as_ref().is_none_or(|re| re.is_match("istio_")) {
+                        body.push_str(&admin.stats.istio.render());
+                    }
+                    text(StatusCode::OK, body)
                 }
                 (_, Some("json")) => json(&stats_json(&samples)),
                 _ => text(StatusCode::OK, stats_text(&samples)),

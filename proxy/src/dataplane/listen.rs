@@ -220,7 +220,13 @@ async fn serve(
     match route {
         Route::TcpProxy(r) => {
             span.record("cluster", field::display(&r.cluster.cluster.name));
-            let up = Upstream::chosen(r, &accepted.snap.secrets);
+            let istio = r.chain.get().istio_stats.clone();
+            let mut up = Upstream::chosen(r, &accepted.snap.secrets);
+            if let Some(cfg) = istio {
+                // Istio names the client by its certificate's first URI SAN (SPIFFE).
+                let principal = peer.as_ref().and_then(|p| p.uri_sans.first().cloned());
+                up = up.with_istio(cfg, principal);
+            }
             drop(accepted);
             tcp_proxy::proxy(dp, role, down, orig_dst, up).await
         }

@@ -19,6 +19,7 @@ use crate::addr::{EndpointAddr, OrigDstAddr};
 use crate::http::upstream_tls::{self, TlsFailure};
 use crate::lb::{self, Outcome, RoutingPriority};
 use crate::model::cluster::DEFAULT_CONNECT_TIMEOUT;
+use crate::model::istio::IstioStats;
 use crate::model::listener::{DEFAULT_TCP_IDLE_TIMEOUT, TcpProxy};
 use crate::model::tls::Secrets;
 use crate::model::upstream_http::DEFAULT_BUFFER_LIMIT;
@@ -78,6 +79,9 @@ pub(super) struct Upstream {
     settings: Settings,
     /// The snapshot's secrets, kept only when the cluster may dial TLS.
     secrets: Option<Secrets>,
+    /// The chain's `istio.stats` filter and the downstream peer's principal: Istio's TCP
+    /// metrics are recorded for this connection.
+    istio: Option<(IstioStats, Option<String>)>,
 }
 
 impl Upstream {
@@ -103,7 +107,15 @@ impl Upstream {
             target: route.target,
             hash: route.hash,
             settings,
+            istio: None,
         }
+    }
+
+    /// Record Istio's TCP metrics for this connection (the chain carries `istio.stats`);
+    /// `peer` is the verified downstream client's principal.
+    pub(super) fn with_istio(mut self, cfg: IstioStats, peer: Option<String>) -> Upstream {
+        self.istio = Some((cfg, peer));
+        self
     }
 
     /// Passthrough to `dst` for a connection of `role`, counted in `stats` (the snapshot's
@@ -121,6 +133,7 @@ impl Upstream {
             hash: None,
             settings: Settings::passthrough(),
             secrets: None,
+            istio: None,
         }
     }
 
@@ -171,7 +184,7 @@ pub(super) async fn proxy(
     // 2. Connect, up to `max_connect_attempts` times, each failure reported to its host.
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 0;
-    let (mut upstream, addr, host) = loop {
+    let (mut upstream, addr, host, upstream_peer) = loop {
         attempt += 1;
         let Some(target) = up.target(attempt, &tried) else {
             return Err(ConnError::NoHealthyUpstream {
@@ -216,7 +229,7 @@ pub(super) async fn proxy(
         // The transport, within what is left of the connect timeout.
         let budget = timeout.saturating_sub(started.elapsed());
         match originate(dp, &up, connected, addr, budget).await {
-            Ok(io) => break (io, addr, host),
+            Ok((io, peer)) => break (io, addr, host, peer),
             Err(source) => {
                 counters.upstream_cx_connect_fail.inc();
                 if let Some(h) = &host {
@@ -236,6 +249,30 @@ pub(super) async fn proxy(
             }
         }
     };
+    // Istio's TCP metrics: the label set resolved once, now that the upstream is known
+    // (Istio reports the open once the peer is known, or at close).
+    let istio = up.istio.as_ref().map(|(cfg, down_peer)| {
+        let peer = if cfg.reporter.is_server() {
+            down_peer.as_deref()
+        } else {
+            upstream_peer.as_deref()
+        };
+        let facts = crate::stats::istio::Facts {
+            peer_principal: peer,
+            mtls: cfg.reporter.is_server() && peer.is_some(),
+            cluster: Some(name),
+            service: up
+                .cluster
+                .as_ref()
+                .and_then(|c| c.cluster.istio_service.as_deref()),
+            endpoint: host.as_ref().and_then(|h| h.istio_workload.as_deref()),
+            ..Default::default()
+        };
+        let m = &dp.stats().istio;
+        let series = m.series(m.labels(cfg, &facts, None));
+        series.tcp_opened.inc();
+        series
+    });
     // 3. The host hears how the connect went (outlier detection) and counts the connection
     // while it lasts: as an open connection (`/clusters` cx_active) and, as Envoy's TCP pool
     // does, as an active request, the load LEAST_REQUEST and PeakEWMA weigh.
@@ -265,13 +302,25 @@ pub(super) async fn proxy(
     };
     let moved = forward::forward_io(&mut down, &mut upstream, limits, accelerated).await;
     counters.upstream_cx_active.dec();
-    let ended = moved.map_err(|e| ConnError::Stream {
-        side: e.side,
-        source: e.source,
+    let ended = moved.map_err(|e| {
+        if let Some(s) = &istio {
+            s.tcp_closed.inc();
+        }
+        ConnError::Stream {
+            side: e.side,
+            source: e.source,
+        }
     })?;
     let t = ended.transferred;
     counters.upstream_cx_tx_bytes_total.add(t.tx);
     counters.upstream_cx_rx_bytes_total.add(t.rx);
+    if let Some(s) = &istio {
+        // Istio counts the downstream's bytes: received from it (sent upstream) and sent to
+        // it (received from upstream).
+        s.tcp_received.add(t.tx);
+        s.tcp_sent.add(t.rx);
+        s.tcp_closed.inc();
+    }
     if let Some(cut) = ended.cut {
         // Rare, once per connection at most: the name is formatted here, not kept per chain.
         let stat = match cut {
@@ -296,24 +345,25 @@ pub(super) async fn proxy(
 }
 
 /// The upstream side of a connected socket: plaintext, or TLS when the cluster dials `addr`
-/// with TLS (counted in `cluster.<name>.ssl.*`).
+/// with TLS (counted in `cluster.<name>.ssl.*`), with the server's principal (first URI SAN).
 async fn originate(
     dp: &Dataplane,
     up: &Upstream,
     tcp: tokio::net::TcpStream,
     addr: EndpointAddr,
     budget: Duration,
-) -> Result<Io, TlsFailure> {
+) -> Result<(Io, Option<String>), TlsFailure> {
     let (Some(cluster), Some(secrets)) = (&up.cluster, &up.secrets) else {
-        return Ok(Io::Tcp(tcp));
+        return Ok((Io::Tcp(tcp), None));
     };
     let Some(tls) = upstream_tls::endpoint_tls(cluster, addr.get()) else {
-        return Ok(Io::Tcp(tcp));
+        return Ok((Io::Tcp(tcp), None));
     };
     let name = &cluster.cluster.name;
     let config =
         upstream_tls::client_config(&dp.shared.tls, dp.stats(), name, tls, secrets, addr.get())?;
     let o = upstream_tls::originate(dp.stats(), name, &config, tcp, addr.get(), budget).await?;
     debug!(%addr, peer = ?o.peer.uri_sans, "upstream TLS established");
-    Ok(Io::Tls(Box::new(o.stream.into())))
+    let principal = o.peer.uri_sans.first().cloned();
+    Ok((Io::Tls(Box::new(o.stream.into())), principal))
 }

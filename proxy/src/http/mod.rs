@@ -256,6 +256,85 @@ fn protocol_name(v: Version) -> &'static str {
     }
 }
 
+/// The cluster a forwarded request went to and its Istio service (a response extension, for
+/// Istio's labels).
+#[derive(Debug, Clone)]
+struct UpstreamCluster(String, Option<Arc<crate::model::istio::IstioService>>);
+
+/// What Istio's request metrics need from the request before it is routed.
+struct IstioRequest {
+    started: Instant,
+    host: String,
+    grpc: bool,
+    request_bytes: u64,
+}
+
+impl IstioRequest {
+    fn of(req: &Request<Incoming>) -> IstioRequest {
+        let h = req.headers();
+        IstioRequest {
+            started: Instant::now(),
+            host: request_host(req),
+            grpc: h
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc")),
+            request_bytes: content_length(h),
+        }
+    }
+
+    /// Record the request in Istio's metrics, at its response's headers.
+    fn record(self, conn: &HttpConn, cfg: &crate::model::istio::IstioStats, resp: &Response<Body>) {
+        use crate::stats::istio::{Facts, RequestEnd};
+        let peer = conn.peer.as_ref().and_then(|p| p.uri_sans.first());
+        let cluster = resp.extensions().get::<UpstreamCluster>();
+        let facts = Facts {
+            // A client side's upstream peer is not known here (pooled connections).
+            peer_principal: if cfg.reporter.is_server() {
+                peer.map(String::as_str)
+            } else {
+                None
+            },
+            mtls: cfg.reporter.is_server() && conn.tls && peer.is_some(),
+            cluster: cluster.map(|c| c.0.as_str()),
+            service: cluster.and_then(|c| c.1.as_deref()),
+            host: Some(&self.host),
+            ..Default::default()
+        };
+        let end = RequestEnd {
+            status: resp.status().as_u16(),
+            grpc: self.grpc,
+            grpc_status: resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()),
+            flags: if resp.extensions().get::<LocalReply>().is_some()
+                && resp.status() == StatusCode::NOT_FOUND
+            {
+                "NR"
+            } else {
+                "-"
+            },
+        };
+        conn.dp.stats.istio.request(
+            cfg,
+            &facts,
+            &end,
+            self.started.elapsed(),
+            self.request_bytes,
+            content_length(resp.headers()),
+        );
+    }
+}
+
+/// A message's `content-length` (0 when absent: a streamed body is not counted).
+fn content_length(h: &HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 async fn handle(
     conn: &HttpConn,
     hs: &Arc<HttpStats>,
@@ -264,12 +343,20 @@ async fn handle(
 ) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
+    let istio = conn
+        .manager
+        .istio_stats
+        .as_ref()
+        .map(|cfg| (cfg, IstioRequest::of(&req)));
     let mut resp = hs
         .downstream_rq_time
         .time_if(route_request(conn, hs, filters, req), |_| true)
         .await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
+    if let Some((cfg, r)) = istio {
+        r.record(conn, cfg, &resp);
+    }
     *resp.version_mut() = down_version;
     use crate::model::listener::ServerHeader;
     let server = match &conn.manager.server_header {
@@ -466,7 +553,11 @@ async fn route_request(
             local_reply(StatusCode::NOT_IMPLEMENTED, "")
         }
         RouteAction::Forward(f) => {
-            let mut r = forward(&ctx, f, req, &host, &path).await;
+            let mut picked = None;
+            let mut r = forward(&ctx, f, req, &host, &path, &mut picked).await;
+            if let Some((cluster, service)) = picked {
+                r.extensions_mut().insert(UpstreamCluster(cluster, service));
+            }
             // Envoy applies the route's response header changes to its local replies too
             // (503 NC/UH/UF, 504); upstream responses already got them in `forward`.
             if r.extensions().get::<LocalReply>().is_some() {
@@ -755,6 +846,7 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     path: &str,
+    picked: &mut Option<(String, Option<Arc<crate::model::istio::IstioService>>)>,
 ) -> Response<Body> {
     let conn = ctx.conn;
     let upgrade = upgrade_type(&req);
@@ -772,11 +864,13 @@ async fn forward(
         debug!(flags = "NC", "no cluster for the route");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
+    *picked = Some((cluster.clone(), None));
     let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
         ctx.hs.no_cluster.inc();
         debug!(%cluster, flags = "NC", "unknown cluster");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
+    *picked = Some((cluster.clone(), entry.cluster.istio_service.clone()));
     let cs = &entry.stats;
     // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
     // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.

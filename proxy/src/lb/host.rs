@@ -246,6 +246,8 @@ pub struct Host {
     pub locality_weight: Option<u32>,
     pub(crate) state: Arc<HostState>,
     pub(crate) cluster: Arc<ClusterShared>,
+    /// The endpoint's Istio workload metadata (Istio's `destination_*` labels).
+    pub istio_workload: Option<Arc<crate::model::istio::Workload>>,
 }
 
 impl Host {
@@ -482,6 +484,7 @@ impl ClusterShared {
                         locality_weight: loc.weight,
                         state: placeholder.clone(),
                         cluster: self.clone(),
+                        istio_workload: e.istio_workload.clone(),
                     }));
                 }
             }

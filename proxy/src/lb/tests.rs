@@ -29,6 +29,7 @@ fn assignment(eps: &[Ep<'_>], locality_weights: &[(&str, u32)]) -> LoadAssignmen
                 health: *h,
                 weight: *w,
                 transport_socket_match: Default::default(),
+                istio_workload: None,
             });
     }
     LoadAssignment {
@@ -55,6 +56,7 @@ fn assignment(eps: &[Ep<'_>], locality_weights: &[(&str, u32)]) -> LoadAssignmen
 
 fn cluster(policy: LbPolicy, la: LoadAssignment, lb: LbSettings) -> Cluster {
     Cluster {
+        istio_service: None,
         name: "c".into(),
         kind: ClusterKind::Static(la),
         lb_policy: policy,

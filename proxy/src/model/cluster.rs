@@ -31,6 +31,9 @@ pub struct Cluster {
     pub lb: lb::LbSettings,
     /// Upstream HTTP version (`HttpProtocolOptions`), for HTTP connection manager routes.
     pub upstream_http: super::upstream_http::UpstreamHttp,
+    /// The first service of Istio's `metadata.filter_metadata["istio"].services` (Istio's
+    /// `destination_service*` labels).
+    pub istio_service: Option<std::sync::Arc<super::istio::IstioService>>,
 }
 
 /// How the cluster learns its hosts.
@@ -268,6 +271,8 @@ impl TryFrom<&pb::Cluster> for Cluster {
             transport,
             lb,
             upstream_http,
+            istio_service: super::istio::metadata_service(c.metadata.as_ref())
+                .map(std::sync::Arc::new),
         })
     }
 }

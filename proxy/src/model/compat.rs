@@ -195,8 +195,8 @@ pub const TABLE: &[Entry] = &[
     e(NetworkFilter, "istio.metadata_exchange",
         "envoy.tcp.metadataexchange.config.MetadataExchange", Optional,
         "observational: exchanges peer metadata for telemetry"),
-    e(NetworkFilter, "istio.stats", "stats.PluginConfig", Optional,
-        "observational: Istio's telemetry"),
+    e(NetworkFilter, "istio.stats", "stats.PluginConfig", Honoured,
+        "Istio's TCP metrics (`istio_tcp_connections_opened_total`, `_closed_total`, `istio_tcp_sent_bytes_total`, `_received_bytes_total`) on tcp_proxy chains, served unprefixed in `/stats/prometheus` (`stats::istio`); `reporter` and `disable_host_header_fallback` read, `metrics`/`definitions` overrides (CEL) not run; peers without mTLS are `unknown` (no metadata exchange)"),
     e(NetworkFilter, "istio_authn", "io.istio.network.authn.Config", Optional,
         "Istio's record of the peer identity as dynamic metadata; skiff's RBAC takes the peer's verified SPIFFE identity from the TLS handshake itself"),
     e(NetworkFilter, "envoy.filters.network.set_filter_state",
@@ -220,9 +220,10 @@ pub const TABLE: &[Entry] = &[
     e(HttpFilter, "envoy.filters.http.grpc_stats",
         "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", Optional,
         "observational: gRPC message counters"),
-    e(HttpFilter, "istio.stats", "stats.PluginConfig", Optional, "observational: Istio's telemetry"),
-    e(HttpFilter, "istio.stats", WASM_TYPE, Optional,
-        "observational: Istio's telemetry as builtin Wasm (older Istio); other Wasm filters are refused"),
+    e(HttpFilter, "istio.stats", "stats.PluginConfig", Honoured,
+        "Istio's request metrics (`istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`, `istio_response_bytes`) with Istio's labels, served unprefixed in `/stats/prometheus` (`stats::istio`); `reporter` and `disable_host_header_fallback` read, `metrics`/`definitions` overrides (CEL) not run"),
+    e(HttpFilter, "istio.stats", WASM_TYPE, Honoured,
+        "Istio's builtin-Wasm stats (older Istio) run as the native filter with its defaults; other Wasm filters are refused"),
     e(HttpFilter, "istio.metadata_exchange", WASM_TYPE, Optional,
         "observational: peer metadata headers as builtin Wasm (older Istio)"),
     e(HttpFilter, "istio.metadata_exchange", "io.istio.http.peer_metadata.Config", Optional,
@@ -478,10 +479,10 @@ mod tests {
     fn compat_lookup_by_type_then_name() {
         let e = lookup(HttpFilter, "whatever", FAULT_TYPE).unwrap();
         assert_eq!(e.status, Honoured);
-        // Wasm needs the name: Istio's builtin stats are optional, anything else is refused.
+        // Wasm needs the name: Istio's builtin stats run natively, anything else is refused.
         assert_eq!(
             lookup(HttpFilter, "istio.stats", WASM_TYPE).unwrap().status,
-            Optional
+            Honoured
         );
         assert_eq!(
             lookup(HttpFilter, "my.wasm", WASM_TYPE).unwrap().status,

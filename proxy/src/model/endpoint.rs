@@ -62,6 +62,9 @@ pub struct LbEndpoint {
     /// `metadata.filter_metadata["envoy.transport_socket_match"]` (Istio: `tlsMode: istio`),
     /// values as text: what the cluster's `transport_socket_matches` are matched against.
     pub transport_socket_match: BTreeMap<String, String>,
+    /// Istio's `metadata.filter_metadata["istio"].workload` (Istio's `destination_*` labels
+    /// on a client side).
+    pub istio_workload: Option<std::sync::Arc<super::istio::Workload>>,
 }
 
 /// The filter metadata key of the entries transport socket matches look at.
@@ -269,6 +272,8 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<LbEndpoint, FieldError> {
         health: HealthStatus::from_proto(e.health_status)?,
         weight,
         transport_socket_match,
+        istio_workload: super::istio::endpoint_workload(e.metadata.as_ref())
+            .map(std::sync::Arc::new),
     })
 }
 

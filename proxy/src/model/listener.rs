@@ -258,6 +258,8 @@ pub struct FilterChain {
     /// The chain's `DownstreamTlsContext`: connections it selects are TLS-terminated with
     /// it; `None` for raw buffer (plaintext).
     pub tls: Option<Arc<DownstreamTls>>,
+    /// The network `istio.stats` filter among `filters`: Istio's TCP metrics are recorded.
+    pub istio_stats: Option<super::istio::IstioStats>,
 }
 
 /// One `envoy.filters.network.rbac` filter of a chain.
@@ -402,6 +404,8 @@ pub struct HttpManager {
     pub forward_client_cert: ForwardClientCert,
     /// `set_current_client_cert_details`: what APPEND_FORWARD and SANITIZE_SET put in it.
     pub client_cert_details: ClientCertDetails,
+    /// The HTTP `istio.stats` filter: Istio's request metrics are recorded.
+    pub istio_stats: Option<super::istio::IstioStats>,
 }
 
 /// `forward_client_cert_details`: how the HCM treats `x-forwarded-client-cert` (XFCC).
@@ -936,6 +940,28 @@ fn http_filters(h: &hcm::HttpConnectionManager) -> Result<HttpFilterSets, FieldE
     Ok((out, run, faults))
 }
 
+/// The HTTP `istio.stats` filter of an HCM, converted (the last one, if several).
+fn http_istio_stats(
+    h: &hcm::HttpConnectionManager,
+) -> Result<Option<super::istio::IstioStats>, FieldError> {
+    use hcm::http_filter::ConfigType;
+    let mut out = None;
+    for (i, f) in h.http_filters.iter().enumerate() {
+        let any = match &f.config_type {
+            Some(ConfigType::TypedConfig(a)) => Some(a),
+            _ => None,
+        };
+        let t = any.map(compat::type_name).unwrap_or_default();
+        if !f.disabled && super::istio::is_stats_filter(&f.name, &t) {
+            out = Some(
+                super::istio::plugin_config(any)
+                    .map_err(|e| e.within(format!("typed_config.http_filters[{i}]")))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// An `envoy.filters.http.rbac` entry of `http_filters`, converted. Refused where skiff could
 /// not run it as Envoy would: a filter disabled by default (only routes would enable it) or
 /// configured through ECDS.
@@ -1067,9 +1093,11 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
     };
     let (http_filters, filters, faults) = http_filters(&h)?;
     let (forward_client_cert, client_cert_details) = client_cert(&h)?;
+    let istio_stats = http_istio_stats(&h)?;
     Ok(HttpManager {
         forward_client_cert,
         client_cert_details,
+        istio_stats,
         limits: http_limits(&h)?,
         http_filters,
         filters,
@@ -1237,6 +1265,21 @@ impl FilterChain {
                 }
             }
         }
+        // Istio's TCP metrics: the network `istio.stats` filter (only tcp_proxy chains; an
+        // HCM's filter is its HTTP `istio.stats`).
+        let mut istio_stats = None;
+        for (i, f) in before.iter().enumerate() {
+            if super::istio::is_stats_filter(&f.name, &config_type(f)) {
+                let any = match &f.config_type {
+                    Some(ConfigType::TypedConfig(a)) => Some(a),
+                    _ => None,
+                };
+                istio_stats = Some(
+                    super::istio::plugin_config(any)
+                        .map_err(|e| e.within(format!("filters[{i}]")))?,
+                );
+            }
+        }
         let tls = match &fc.transport_socket {
             Some(ts) => {
                 super::tls::downstream_socket(ts).map_err(|e| e.within("transport_socket"))?
@@ -1250,6 +1293,7 @@ impl FilterChain {
             rbac,
             action,
             tls,
+            istio_stats,
         })
     }
 }
@@ -1400,8 +1444,18 @@ impl TryFrom<&pb::Listener> for Listener {
         {
             match &mut fc.action {
                 NetworkAction::TcpProxy(t) => t.buffer_limit = buffer_limit,
-                NetworkAction::Http(h) => Arc::make_mut(h).limits.buffer_limit = buffer_limit,
+                NetworkAction::Http(h) => {
+                    let h = Arc::make_mut(h);
+                    h.limits.buffer_limit = buffer_limit;
+                    // Istio's reporter follows the listener's direction.
+                    if let Some(s) = &mut h.istio_stats {
+                        s.set_direction(l.traffic_direction);
+                    }
+                }
                 NetworkAction::Unsupported { .. } => {}
+            }
+            if let Some(s) = &mut fc.istio_stats {
+                s.set_direction(l.traffic_direction);
             }
         }
         // A UDP listener's work is its udp_proxy listener filter; it has no filter chains.
@@ -1969,7 +2023,12 @@ mod tests {
                 tcp("c"),
             ])]))
             .unwrap();
-            assert_eq!(l.unsupported, ["istio.stats"]);
+            // Istio's stats filter runs (`stats::istio`), the reporter from the direction.
+            assert!(l.unsupported.is_empty(), "{:?}", l.unsupported);
+            assert_eq!(
+                l.filter_chains[0].istio_stats.as_ref().map(|s| s.reporter),
+                Some(crate::model::istio::Reporter::Source)
+            );
             let e = Listener::try_from(&listener(vec![chain(vec![
                 named_filter(
                     "envoy.filters.network.ext_authz",

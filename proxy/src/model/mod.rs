@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod compat;
 pub mod endpoint;
 pub mod fault;
+pub mod istio;
 pub mod limits;
 pub mod listener;
 pub mod route;

@@ -28,6 +28,7 @@ pub(crate) fn tcp_proxy_chain(name: &str, matcher: FilterChainMatch, cluster: &s
             buffer_limit: super::upstream_http::DEFAULT_BUFFER_LIMIT,
         }),
         tls: None,
+        istio_stats: None,
     }
 }
 
@@ -86,6 +87,7 @@ pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssign
                     health: *h,
                     weight: 1,
                     transport_socket_match: Default::default(),
+                    istio_workload: None,
                 })
                 .collect(),
         }],
@@ -97,6 +99,7 @@ pub(crate) fn assignment(name: &str, eps: &[(&str, HealthStatus)]) -> LoadAssign
 pub(crate) fn static_cluster(name: &str, lb: LbPolicy, eps: &[&str]) -> Cluster {
     let eps: Vec<(&str, HealthStatus)> = eps.iter().map(|a| (*a, HealthStatus::Healthy)).collect();
     Cluster {
+        istio_service: None,
         name: name.into(),
         kind: ClusterKind::Static(assignment(name, &eps)),
         lb_policy: lb,

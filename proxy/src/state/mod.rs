@@ -527,6 +527,10 @@ impl Store {
     /// static resources, its host state counted in `stats` and knowing the proxy's locality and
     /// local cluster (zone-aware routing).
     pub fn for_bootstrap(bootstrap: &Bootstrap, stats: Arc<Stats>) -> Arc<Store> {
+        // Istio's metrics name this proxy's side from the node's Istio metadata.
+        stats.istio.set_local(crate::model::istio::local_workload(
+            bootstrap.raw.node.as_ref(),
+        ));
         let registry = HostRegistry::new(stats);
         registry.set_local_locality(
             bootstrap

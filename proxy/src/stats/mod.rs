@@ -20,6 +20,7 @@
 //! the admin's renderers: [`prometheus`] (Envoy's tag extraction, [`tags`]) and `/stats`.
 
 pub mod histogram;
+pub mod istio;
 pub mod prometheus;
 pub mod tags;
 
@@ -122,6 +123,8 @@ pub struct Stats {
     clusters: Mutex<HashMap<String, Arc<ClusterStats>>>,
     http: Mutex<HashMap<String, Arc<HttpStats>>>,
     vclusters: Mutex<HashMap<String, HashMap<String, Arc<VclusterStats>>>>,
+    /// Istio's standard metrics (`istio_*`, rendered unprefixed).
+    pub istio: istio::IstioMetrics,
 }
 
 impl Stats {

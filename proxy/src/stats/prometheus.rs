@@ -116,7 +116,7 @@ pub fn render(samples: &[Sample]) -> String {
 }
 
 /// `_bucket{le=...}` for every bound and `+Inf`, then `_sum` and `_count`.
-fn histogram(out: &mut String, name: &str, l: &str, h: &HistogramSnapshot) {
+pub(super) fn histogram(out: &mut String, name: &str, l: &str, h: &HistogramSnapshot) {
     let sep = if l.is_empty() { "" } else { "," };
     for (bound, n) in h.cumulative() {
         let _ = writeln!(out, "{name}_bucket{{{l}{sep}le=\"{bound}\"}} {n}");

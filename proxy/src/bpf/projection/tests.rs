@@ -122,6 +122,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
             static_cluster("svc", LbPolicy::RoundRobin, &EPS),
             static_cluster("lr", LbPolicy::RingHash, &EPS),
             Cluster {
+                istio_service: None,
                 name: "passthrough".into(),
                 kind: ClusterKind::OriginalDst,
                 lb_policy: LbPolicy::ClusterProvided,
@@ -147,6 +148,7 @@ fn l7_tls_filters_and_other_clusters_stay_in_the_proxy() {
 #[test]
 fn unhealthy_endpoints_are_left_out_and_an_empty_cluster_is_not_projected() {
     let eds = Cluster {
+        istio_service: None,
         name: "eds".into(),
         kind: ClusterKind::Eds {
             service_name: "eds".into(),
@@ -260,6 +262,7 @@ fn prioritized(name: &str, eps: &[Ep]) -> LoadAssignment {
             health: *h,
             weight: *w,
             transport_socket_match: Default::default(),
+            istio_workload: None,
         });
     }
     LoadAssignment {
@@ -347,6 +350,7 @@ proptest! {
         let lb = if random { LbPolicy::Random } else { LbPolicy::RoundRobin };
         let build = |l: &[Ep]| {
             let c = Cluster {
+                istio_service: None,
                 name: "c".into(),
                 kind: ClusterKind::Static(prioritized("c", l)),
                 lb_policy: lb,
