@@ -55,7 +55,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 pub struct Logged<B> {
     inner: B,
     sent: u64,
-    done: Option<Box<dyn FnOnce(u64) + Send>>,
+    done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
 }
 
 impl<B> std::fmt::Debug for Logged<B> {
@@ -66,7 +66,7 @@ impl<B> std::fmt::Debug for Logged<B> {
 
 impl<B> Logged<B> {
     /// Wrap `inner`; `done` gets the bytes sent.
-    pub fn new(inner: B, done: impl FnOnce(u64) + Send + 'static) -> Self {
+    pub fn new(inner: B, done: impl FnOnce(u64) + Send + Sync + 'static) -> Self {
         Logged {
             inner,
             sent: 0,

@@ -291,8 +291,8 @@ mod tests {
         );
         #[allow(deprecated)]
         let bad = access_logs(&[file_log(Some(F::Format("%NOPE_X%".into())))], "access_log")
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        let bad = format!("{}: {}", bad.field, bad.reason);
         assert!(bad.contains("access_log[0]") && bad.contains("%NOPE_X%"), "{bad}");
 
         let mut l = file_log(None);
@@ -301,7 +301,8 @@ mod tests {
                 pb::RuntimeFilter::default(),
             )),
         });
-        let e = access_logs(&[l.clone()], "access_log").unwrap_err().to_string();
+        let e = access_logs(&[l.clone()], "access_log").unwrap_err();
+        let e = format!("{}: {}", e.field, e.reason);
         assert!(e.contains("runtime_filter"), "{e}");
         l.filter = Some(pb::AccessLogFilter {
             filter_specifier: Some(pb::access_log_filter::FilterSpecifier::ResponseFlagFilter(
@@ -324,7 +325,8 @@ mod tests {
                 value: vec![],
             })),
         };
-        let e = access_logs(&[other], "access_log").unwrap_err().to_string();
+        let e = access_logs(&[other], "access_log").unwrap_err();
+        let e = format!("{}: {}", e.field, e.reason);
         assert!(e.contains("open_telemetry") && e.contains("not supported"), "{e}");
     }
 }
