@@ -149,7 +149,8 @@ impl Template {
         while let Some(i) = rest.find('%') {
             lit.push_str(&rest[..i]);
             let after = &rest[i + 1..];
-            let (piece, used) = parse_op(after).ok_or(FormatError::NoCommand { pos: pos + i })??;
+            let (piece, used) =
+                parse_op(after).ok_or(FormatError::NoCommand { pos: pos + i })??;
             if !lit.is_empty() {
                 pieces.push(Piece::Literal(std::mem::take(&mut lit)));
             }
@@ -246,7 +247,9 @@ fn header_ref(op: &str, arg: Option<&str>) -> Result<HeaderRef, FormatError> {
         op: op.to_string(),
         why: why.to_string(),
     };
-    let arg = arg.filter(|a| !a.is_empty()).ok_or_else(|| bad("needs a header name"))?;
+    let arg = arg
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| bad("needs a header name"))?;
     let mut parts = arg.split('?');
     let main = parts.next().unwrap_or_default().to_ascii_lowercase();
     let alt = parts.next().map(str::to_ascii_lowercase);
@@ -292,7 +295,8 @@ fn op(name: &str, arg: Option<&str>) -> Result<Op, FormatError> {
         "DOWNSTREAM_REMOTE_ADDRESS" | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => {
             no_arg(Op::DownstreamRemoteAddress)
         }
-        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT"
+        | "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
             no_arg(Op::DownstreamRemoteAddressWithoutPort)
         }
         "REQUESTED_SERVER_NAME" => no_arg(Op::RequestedServerName),
@@ -320,9 +324,7 @@ impl Op {
                 rec.response_flags.join(",")
             }),
             Op::ResponseCodeDetails => sref(rec.response_code_details.as_deref()),
-            Op::ConnectionTerminationDetails => {
-                sref(rec.connection_termination_details.as_deref())
-            }
+            Op::ConnectionTerminationDetails => sref(rec.connection_termination_details.as_deref()),
             Op::UpstreamTransportFailureReason => {
                 sref(rec.upstream_transport_failure_reason.as_deref())
             }
@@ -348,9 +350,9 @@ impl Op {
             Op::DownstreamPeerUriSan => sref(rec.peer_uri_san.as_deref()),
             Op::DownstreamTlsVersion => sref(rec.tls_version),
             Op::Req(h) => match &rec.request {
-                Some(r) => s(r.header(&h.main).or_else(|| {
-                    h.alt.as_deref().and_then(|a| r.header(a))
-                })),
+                Some(r) => s(r
+                    .header(&h.main)
+                    .or_else(|| h.alt.as_deref().and_then(|a| r.header(a)))),
                 None => Value::Missing,
             },
             Op::Resp(h) => match &rec.response_headers {
@@ -508,7 +510,9 @@ impl JsonTemplate {
             serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
                 Ok(JsonTemplate::Literal(v.clone()))
             }
-            _ => Err(FormatError::JsonValue(at.trim_start_matches('.').to_string())),
+            _ => Err(FormatError::JsonValue(
+                at.trim_start_matches('.').to_string(),
+            )),
         }
     }
 

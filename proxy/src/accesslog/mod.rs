@@ -194,8 +194,7 @@ impl Record {
             } => {
                 self.upstream_cluster.get_or_insert_with(|| cluster.clone());
                 self.upstream_host.get_or_insert(addr.get());
-                self.upstream_transport_failure_reason =
-                    Some(source.to_string().replace(' ', "_"));
+                self.upstream_transport_failure_reason = Some(source.to_string().replace(' ', "_"));
             }
             ConnError::NoHealthyUpstream { cluster }
             | ConnError::NoOriginalDst { cluster }
@@ -204,7 +203,8 @@ impl Record {
                 self.upstream_cluster.get_or_insert_with(|| cluster.clone());
             }
             ConnError::Overflow(o) => {
-                self.upstream_cluster.get_or_insert_with(|| o.cluster.clone());
+                self.upstream_cluster
+                    .get_or_insert_with(|| o.cluster.clone());
             }
             _ => {}
         }

@@ -73,10 +73,7 @@ fn registry() -> &'static Registry {
 }
 
 fn writer(target: &Target) -> Option<Arc<Writer>> {
-    let mut w = registry()
-        .writers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut w = registry().writers.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(x) = w.get(target) {
         return Some(x.clone());
     }
@@ -108,10 +105,7 @@ pub fn send(target: &Target, line: String) -> Result<(), Dropped> {
 /// Make every file writer reopen its file before its next write (`POST /reopen_logs`).
 /// Returns how many writers were told.
 pub fn reopen_all() -> usize {
-    let w = registry()
-        .writers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let w = registry().writers.lock().unwrap_or_else(|e| e.into_inner());
     for x in w.values() {
         x.reopen.store(true, Ordering::Release);
         // A full queue will be drained anyway; the flag is read before each write.

@@ -73,7 +73,10 @@ fn istio_default_format_renders_as_envoy() {
         listener: "l".into(),
     });
     let fmt = "L %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %PROTOCOL% %REQ(:METHOD)% %ROUTE_NAME% %BYTES_SENT% %CONNECTION_TERMINATION_DETAILS%\n";
-    assert_eq!(text(fmt, &tcp), "L 0 NR filter_chain_not_found - - - - - 0 -\n");
+    assert_eq!(
+        text(fmt, &tcp),
+        "L 0 NR filter_chain_not_found - - - - - 0 -\n"
+    );
 }
 
 #[test]
@@ -148,7 +151,10 @@ fn operators_are_parsed_or_refused_by_name() {
     if let Some(r) = &mut rec.request {
         r.headers.insert("x-b", "hello".parse().unwrap());
     }
-    assert_eq!(text("a %REQ(X-A?x-b):2% %START_TIME(%s.%3f)%", &rec), "a he 1796617641.218");
+    assert_eq!(
+        text("a %REQ(X-A?x-b):2% %START_TIME(%s.%3f)%", &rec),
+        "a he 1796617641.218"
+    );
     assert_eq!(
         text("%START_TIME(%F %T %j)%", &rec),
         "2026-12-07 04:27:21 341"

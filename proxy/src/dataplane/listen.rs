@@ -22,11 +22,11 @@ use super::tcp_proxy::{self, Upstream};
 use super::{Dataplane, ListenerRole};
 use crate::accesslog::{self, Record};
 use crate::addr::ClientAddr;
-use crate::model::Listener;
-use crate::stats::Stats;
 use crate::http::upstream_tls::TlsFailure;
+use crate::model::Listener;
 use crate::model::tls::{DownstreamTls, Secrets};
 use crate::rbac::PeerIdentity;
+use crate::stats::Stats;
 
 /// Cap on concurrent connections per listener, so a flood cannot exhaust file descriptors.
 const MAX_CONNECTIONS: usize = 32 * 1024;
@@ -68,8 +68,16 @@ pub async fn run(
             let drain = conn_drain.clone();
             async move {
                 let mut log = ConnLog::new(peer);
-                let result =
-                    serve(&dp, stream, ClientAddr(peer), &role, drain, &counters, &mut log).await;
+                let result = serve(
+                    &dp,
+                    stream,
+                    ClientAddr(peer),
+                    &role,
+                    drain,
+                    &counters,
+                    &mut log,
+                )
+                .await;
                 log.finish(&result, dp.stats());
                 if let Err(e) = result {
                     counters.failed(dp.stats(), &e);
@@ -184,6 +192,14 @@ async fn serve(
     if let Some(chain) = chain {
         span.record("listener", field::display(&chain.listener().name));
         span.record("filter_chain", field::display(&chain.get().name));
+    }
+    // A tcp_proxy chain whose cluster has no host was chosen all the same: its access log
+    // records the failure (Envoy's `UH`).
+    if let (Route::Reject(_), Some(l)) = (&route, accepted.listener.as_ref())
+        && let Some((id, _)) = route::select_chain(l, &facts)
+        && let Some(c) = route::Chain::new(l.clone(), id)
+    {
+        log.tcp_proxy(&c);
     }
     // 3. The chain's transport socket: a TLS chain terminates here, before any network
     // filter runs (as Envoy's transport socket), with the secrets of this snapshot.

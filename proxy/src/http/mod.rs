@@ -325,10 +325,16 @@ async fn handle(
 ) -> Response<Body> {
     hs.downstream_rq_total.inc();
     let down_version = req.version();
-    let log = conn.log_base.as_deref().map(|b| Arc::new(StreamLog::new(b)));
+    let log = conn
+        .log_base
+        .as_deref()
+        .map(|b| Arc::new(StreamLog::new(b)));
     let mut resp = hs
         .downstream_rq_time
-        .time_if(route_request(conn, hs, filters, req, log.as_deref()), |_| true)
+        .time_if(
+            route_request(conn, hs, filters, req, log.as_deref()),
+            |_| true,
+        )
         .await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
@@ -780,7 +786,7 @@ fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
         Attempt::PerTryTimeout => local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
         Attempt::ConnectFailure => local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("{UPSTREAM_RESET}. {lead}: connection failure"),
+            &format!("{UPSTREAM_RESET}. {lead}: remote connection failure"),
         ),
         Attempt::Reset {
             refused_stream: true,
@@ -1362,6 +1368,10 @@ async fn forward(
                 .is_some_and(|p| retry::retriable(p, outcome))
         {
             rq(|r| &r.upstream_rq_retry_success);
+        }
+        if let Some(l) = ctx.log {
+            let local = resp.extensions().get::<pool::UpstreamLocal>().map(|u| u.0);
+            l.note(|r| r.upstream_local = local);
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);

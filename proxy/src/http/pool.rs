@@ -99,7 +99,13 @@ struct ConnInfo {
     max_duration: Option<Duration>,
     max_requests: Option<u32>,
     stats: Arc<ClusterStats>,
+    /// The connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+    local: Option<SocketAddr>,
 }
+
+/// Response extension: the local address of the upstream connection that carried it.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamLocal(pub SocketAddr);
 
 impl ConnInfo {
     /// Why the connection must not take another request now, counted; `None`: it may.
@@ -204,7 +210,7 @@ impl Target<'_> {
         }
     }
 
-    fn info(&self) -> Arc<ConnInfo> {
+    fn info(&self, local: Option<SocketAddr>) -> Arc<ConnInfo> {
         let u = &self.entry.cluster.upstream_http;
         Arc::new(ConnInfo {
             created: Instant::now(),
@@ -214,6 +220,7 @@ impl Target<'_> {
             max_duration: u.max_connection_duration,
             max_requests: u.max_requests_per_connection,
             stats: self.entry.stats.clone(),
+            local,
         })
     }
 }
@@ -407,6 +414,7 @@ impl Pool {
                 connect_timeout,
             ))
             .await?;
+        let local = tcp.local_addr().ok();
         let stream: Box<dyn Stream> = match target.transport {
             None => Box::new(tcp),
             Some(t) => t
@@ -422,7 +430,7 @@ impl Pool {
             addr: key.addr,
             source,
         };
-        let info = target.info();
+        let info = target.info(local);
         match key.proto {
             Proto::Http1 => {
                 // hyper's read buffer cannot go below 8 KiB.
@@ -552,7 +560,10 @@ impl Pool {
                 }
             };
             match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    if let Some(l) = info.local {
+                        resp.extensions_mut().insert(UpstreamLocal(l));
+                    }
                     if let Some(tx) = back {
                         if last {
                             // Dropped: hyper closes it once this response is read.

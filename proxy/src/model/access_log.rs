@@ -32,7 +32,10 @@ pub fn access_logs(logs: &[pb::AccessLog], field: &str) -> Result<Vec<AccessLog>
 
 fn access_log(l: &pb::AccessLog) -> Result<AccessLog, FieldError> {
     let Some(pb::access_log::ConfigType::TypedConfig(any)) = &l.config_type else {
-        return Err(FieldError::new("typed_config", "an access log needs typed_config"));
+        return Err(FieldError::new(
+            "typed_config",
+            "an access log needs typed_config",
+        ));
     };
     let (target, format) = logger(&l.name, any)?;
     let filter = match &l.filter {
@@ -130,7 +133,10 @@ fn substitution(s: &core_v3::SubstitutionFormatString) -> Result<Format, FieldEr
                 Some(D::InlineString(s)) => s.clone(),
                 Some(D::InlineBytes(b)) => String::from_utf8_lossy(b).into_owned(),
                 Some(D::Filename(p)) => std::fs::read_to_string(p).map_err(|e| {
-                    FieldError::new("log_format.text_format_source.filename", format!("{p}: {e}"))
+                    FieldError::new(
+                        "log_format.text_format_source.filename",
+                        format!("{p}: {e}"),
+                    )
                 })?,
                 _ => {
                     return Err(FieldError::new(
@@ -155,7 +161,12 @@ fn substitution(s: &core_v3::SubstitutionFormatString) -> Result<Format, FieldEr
 }
 
 fn struct_json(s: &Struct) -> serde_json::Value {
-    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect())
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_json(v)))
+            .collect(),
+    )
 }
 
 fn value_json(v: &Value) -> serde_json::Value {
@@ -226,10 +237,9 @@ fn filter(f: &pb::AccessLogFilter) -> Result<Filter, FieldError> {
         }
         Some(S::AndFilter(a)) => Ok(Filter::And(filters(&a.filters, "and_filter")?)),
         Some(S::OrFilter(o)) => Ok(Filter::Or(filters(&o.filters, "or_filter")?)),
-        Some(S::RuntimeFilter(_)) => refused(
-            "runtime_filter",
-            "skiff has no runtime to sample against",
-        ),
+        Some(S::RuntimeFilter(_)) => {
+            refused("runtime_filter", "skiff has no runtime to sample against")
+        }
         Some(S::TraceableFilter(_)) => refused("traceable_filter", "skiff does not trace"),
         Some(S::HeaderFilter(_)) => refused("header_filter", "not evaluated"),
         Some(S::GrpcStatusFilter(_)) => refused("grpc_status_filter", "not evaluated"),
@@ -237,8 +247,12 @@ fn filter(f: &pb::AccessLogFilter) -> Result<Filter, FieldError> {
             "extension_filter",
             &format!("extension {:?} (CEL and others) is not run", e.name),
         ),
-        Some(S::MetadataFilter(_)) => refused("metadata_filter", "dynamic metadata is not modelled"),
-        Some(S::LogTypeFilter(_)) => refused("log_type_filter", "only end-of-stream logs are written"),
+        Some(S::MetadataFilter(_)) => {
+            refused("metadata_filter", "dynamic metadata is not modelled")
+        }
+        Some(S::LogTypeFilter(_)) => {
+            refused("log_type_filter", "only end-of-stream logs are written")
+        }
         None => Err(FieldError::new("filter_specifier", "is required")),
     }
 }
@@ -290,10 +304,16 @@ mod tests {
             Format::Text(Template::parse(format::ENVOY_DEFAULT).unwrap())
         );
         #[allow(deprecated)]
-        let bad = access_logs(&[file_log(Some(F::Format("%NOPE_X%".into())))], "access_log")
-            .unwrap_err();
+        let bad = access_logs(
+            &[file_log(Some(F::Format("%NOPE_X%".into())))],
+            "access_log",
+        )
+        .unwrap_err();
         let bad = format!("{}: {}", bad.field, bad.reason);
-        assert!(bad.contains("access_log[0]") && bad.contains("%NOPE_X%"), "{bad}");
+        assert!(
+            bad.contains("access_log[0]") && bad.contains("%NOPE_X%"),
+            "{bad}"
+        );
 
         let mut l = file_log(None);
         l.filter = Some(pb::AccessLogFilter {
@@ -327,6 +347,9 @@ mod tests {
         };
         let e = access_logs(&[other], "access_log").unwrap_err();
         let e = format!("{}: {}", e.field, e.reason);
-        assert!(e.contains("open_telemetry") && e.contains("not supported"), "{e}");
+        assert!(
+            e.contains("open_telemetry") && e.contains("not supported"),
+            "{e}"
+        );
     }
 }

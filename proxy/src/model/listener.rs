@@ -14,12 +14,12 @@ use prost::Message;
 
 use super::access_log::access_logs;
 use super::compat::{self, Kind, Verdict};
-use crate::accesslog::AccessLog;
 use super::fault::FaultFilter;
 use super::route::RouteConfig;
 use super::tls::{DownstreamTls, SdsRef};
 use super::upstream_http::DEFAULT_BUFFER_LIMIT;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
+use crate::accesslog::AccessLog;
 use crate::rbac::{self, HttpRbac, NetworkRbac};
 
 /// Type URL of the TCP proxy filter config.
