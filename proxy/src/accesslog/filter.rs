@@ -78,9 +78,11 @@ mod tests {
 
     #[test]
     fn filters_follow_envoy() {
-        let mut rec = Record::default();
-        rec.response_code = 503;
-        rec.response_flags = vec!["UF", "URX"];
+        let mut rec = Record {
+            response_code: 503,
+            response_flags: vec!["UF", "URX"],
+            ..Record::default()
+        };
         assert!(Filter::StatusCode(Cmp::Ge, 500).passes(&rec));
         assert!(!Filter::StatusCode(Cmp::Eq, 200).passes(&rec));
         assert!(Filter::ResponseFlags(vec![]).passes(&rec));
