@@ -86,8 +86,9 @@ fn tcp_listener(name: &str, port: u16, cluster: &str, log: &Path) -> String {
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
           stat_prefix: {name}
           cluster: {cluster}
-          access_log:{}"#,
-        istio_log(log)
+          access_log:{}{}"#,
+        istio_log(log),
+        json_log(&log.with_extension("json"))
     )
 }
 
@@ -122,6 +123,18 @@ fn bootstrap(
 ) -> String {
     let http_log = istio_log(&dir.join("http.log"));
     let json = json_log(&dir.join("http.json"));
+    let failed = file_log(
+        &dir.join("http5xx.log"),
+        "text_format: \"%ROUTE_NAME% %RESPONSE_CODE% %RESPONSE_FLAGS%\\n\"",
+    ) + r#"
+            filter:
+              and_filter:
+                filters:
+                - status_code_filter: { comparison: { op: GE, value: { default_value: 500, runtime_key: none } } }
+                - or_filter:
+                    filters:
+                    - response_flag_filter: { flags: [UH, UF] }
+                    - not_health_check_filter: {}"#;
     format!(
         r#"node: {{ id: al, cluster: al }}
 admin:
@@ -136,7 +149,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: h
-          access_log:{http_log}{json}
+          access_log:{http_log}{json}{failed}
           route_config:
             virtual_hosts:
             - name: a
@@ -396,6 +409,20 @@ async fn access_logs_match_envoy_field_by_field() {
     };
     assert_eq!(key(&e_json), key(&s_json));
 
+    // A filtered logger: 5xx only (and_filter, status_code_filter, or_filter,
+    // response_flag_filter, not_health_check_filter).
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let e_5xx = sorted(lines(&env_dir.0.join("http5xx.log"), 3).await);
+    let s_5xx = sorted(lines(&sk_dir.0.join("http5xx.log"), 3).await);
+    assert_eq!(e_5xx, s_5xx);
+    assert_eq!(
+        s_5xx,
+        ["rdead 503 UF", "rempty 503 UH", "rretry 503 URX,UF"]
+    );
+
     // TCP (tcp_proxy logs) keyed by cluster; the listener log for NR.
     // Each listener's readiness probe was a connection too: 3 probes + 3 exchanges.
     let e_tcp = lines(&env_dir.0.join("tcp.log"), 6).await;
@@ -406,6 +433,19 @@ async fn access_logs_match_envoy_field_by_field() {
         "tcp_proxy lines differ:\n envoy {e_tcp:#?}\n skiff {s_tcp:#?}"
     );
     assert_eq!(s["dead"][3], "UF,URX");
+    let e_tj = lines(&env_dir.0.join("tcp.json"), 6).await;
+    let s_tj = lines(&sk_dir.0.join("tcp.json"), 6).await;
+    let by_cluster = |ls: &[String]| -> BTreeMap<String, serde_json::Value> {
+        ls.iter()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["dur"] = v["dur"].is_u64().into();
+                (v["cluster"].to_string(), v)
+            })
+            .collect()
+    };
+    assert_eq!(by_cluster(&e_tj), by_cluster(&s_tj));
+    assert_eq!(by_cluster(&s_tj)["\"dead\""]["flags"], "UF,URX");
     assert_eq!(s["empty"][3], "UH");
     let e_nr = lines(&env_dir.0.join("listener.log"), 2).await;
     let s_nr = lines(&sk_dir.0.join("listener.log"), 2).await;
