@@ -180,6 +180,51 @@ fn run(target: Target, rx: Receiver<Msg>, reopen: Arc<AtomicBool>) {
 mod tests {
     use super::*;
 
+    /// A writer stuck in `open` (a FIFO nobody reads): the queue fills, further lines are
+    /// dropped at once and counted, and the caller never waits.
+    #[test]
+    fn a_stuck_writer_drops_lines_and_counts_them() {
+        let dir = std::env::temp_dir().join(format!("skiff-al-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("stuck.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let log = crate::accesslog::AccessLog {
+            name: "stuck".into(),
+            target: Target::File(fifo.clone()),
+            format: std::sync::Arc::new(crate::accesslog::Format::Text(
+                crate::accesslog::Template::parse("x\n").unwrap(),
+            )),
+            filter: None,
+        };
+        let stats = crate::stats::Stats::default();
+        let rec = crate::accesslog::Record::default();
+        for _ in 0..QUEUE_LINES + 10 {
+            crate::accesslog::log_all(std::slice::from_ref(&log), &rec, &stats);
+        }
+        // The queue holds about QUEUE_LINES lines (std's channel may keep one fewer).
+        let dropped = stats.counter(crate::accesslog::DROPPED_STAT).get() as usize;
+        assert!((10..=11).contains(&dropped), "{dropped} dropped");
+        let queued = QUEUE_LINES + 10 - dropped;
+        // Unblock the writer: it drains what was queued into the reader.
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut f = File::open(fifo).unwrap();
+                let mut got = vec![0u8; queued * 2];
+                f.read_exact(&mut got).unwrap();
+                got
+            })
+        };
+        let got = reader.join().unwrap();
+        assert!(got.chunks(2).all(|c| c == b"x\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn lines_reach_the_file_and_reopen_follows_a_rename() {
         let dir = std::env::temp_dir().join(format!("skiff-al-{}", std::process::id()));
