@@ -329,6 +329,14 @@ async fn handle(
         .log_base
         .as_deref()
         .map(|b| Arc::new(StreamLog::new(b)));
+    if let Some(l) = &log {
+        l.note(|r| r.protocol = Some(protocol_name(down_version)));
+    }
+    // Written here if the request is dropped before it is answered (the client went away).
+    let mut pending = Pending {
+        log: log.clone(),
+        conn,
+    };
     let mut resp = hs
         .downstream_rq_time
         .time_if(
@@ -350,7 +358,6 @@ async fn handle(
     }
     if let Some(log) = log {
         log.note(|r| {
-            r.protocol = Some(protocol_name(down_version));
             r.response_code = resp.status().as_u16();
             r.response_headers = Some(resp.headers().clone());
             if r.response_code_details.is_none() && resp.extensions().get::<LocalReply>().is_none()
@@ -360,7 +367,31 @@ async fn handle(
         });
         resp.extensions_mut().insert(log);
     }
+    pending.log = None;
     resp
+}
+
+/// A request's record not handed to a response yet: when the request is dropped unanswered
+/// (hyper drops the handler when the client disconnects), Envoy's line for it is written:
+/// response code 0, `DC`, `downstream_remote_disconnect`.
+struct Pending<'a> {
+    log: Option<Arc<StreamLog>>,
+    conn: &'a HttpConn,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some(log) = self.log.take() else {
+            return;
+        };
+        let mut r = log.rec.lock().unwrap_or_else(|e| e.into_inner());
+        r.response_flags = vec!["DC"];
+        r.response_code = 0;
+        r.response_code_details = Some("downstream_remote_disconnect".into());
+        r.bytes_received = log.received.load(Ordering::Relaxed);
+        r.duration = log.started.elapsed();
+        accesslog::log_all(&self.conn.manager.access_log, &r, &self.conn.dp.stats);
+    }
 }
 
 /// The route configuration this connection manager uses now.
