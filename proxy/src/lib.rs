@@ -1,6 +1,7 @@
 //! skiff: an eBPF-accelerated, Envoy-compatible transparent proxy.
 //!
 //! # Layout
+//! - [`accesslog`]: Envoy's access logs: formats, filters, non-blocking file/stdout sinks.
 //! - [`addr`]: typed socket addresses (`ClientAddr`, `OrigDstAddr`, `EndpointAddr`, ...).
 //! - [`cli`]: the command line: clap types, `skiff run` arguments -> [`app::RunOptions`]
 //!   (typed [`cli::OptionsError`]), admin queries; `main.rs` only parses, calls and exits.
@@ -33,6 +34,7 @@
 //! - [`app`]: the wiring of one `skiff run`.
 #![deny(rust_2018_idioms)]
 
+pub mod accesslog;
 pub mod addr;
 pub mod admin;
 pub mod app;

@@ -287,6 +287,11 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             }
         }
         (Method::POST, "/drain_listeners") => drain_listeners(server, &q),
+        // Envoy's log rotation hook: every access-log file is reopened before its next write.
+        (Method::POST, "/reopen_logs") => {
+            crate::accesslog::sink::reopen_all();
+            text(StatusCode::OK, "OK\n")
+        }
         (Method::GET, "/server_info") => json(&server_info(admin)),
         (Method::GET, path @ ("/stats" | "/stats/prometheus")) => {
             // `?filter=` (a regex on the stat's full name) applies to every format, as in Envoy.

@@ -20,10 +20,13 @@ use super::rbac;
 use super::route::{self, Route};
 use super::tcp_proxy::{self, Upstream};
 use super::{Dataplane, ListenerRole};
+use crate::accesslog::{self, Record};
 use crate::addr::ClientAddr;
 use crate::http::upstream_tls::TlsFailure;
+use crate::model::Listener;
 use crate::model::tls::{DownstreamTls, Secrets};
 use crate::rbac::PeerIdentity;
+use crate::stats::Stats;
 
 /// Cap on concurrent connections per listener, so a flood cannot exhaust file descriptors.
 const MAX_CONNECTIONS: usize = 32 * 1024;
@@ -64,8 +67,19 @@ pub async fn run(
             let (dp, role, counters) = (dp.clone(), role.clone(), conn_counters.clone());
             let drain = conn_drain.clone();
             async move {
-                if let Err(e) = serve(&dp, stream, ClientAddr(peer), &role, drain, &counters).await
-                {
+                let mut log = ConnLog::new(peer);
+                let result = serve(
+                    &dp,
+                    stream,
+                    ClientAddr(peer),
+                    &role,
+                    drain,
+                    &counters,
+                    &mut log,
+                )
+                .await;
+                log.finish(&result, dp.stats());
+                if let Err(e) = result {
                     counters.failed(dp.stats(), &e);
                     debug!(
                         side = %e.side(),
@@ -150,6 +164,7 @@ async fn serve(
     role: &ListenerRole,
     drain: CancellationToken,
     counters: &ListenerCounters,
+    log: &mut ConnLog,
 ) -> Result<(), ConnError> {
     let span = tracing::Span::current();
     let _ = down.set_nodelay(true);
@@ -157,6 +172,7 @@ async fn serve(
     let accepted = Accepted::read(dp, &down, client, role, counters).await?;
     let orig_dst = accepted.orig_dst;
     let local = accepted.local;
+    log.accepted(&accepted);
     if let Some(o) = orig_dst {
         span.record("orig_dst", field::display(o));
     }
@@ -176,6 +192,14 @@ async fn serve(
     if let Some(chain) = chain {
         span.record("listener", field::display(&chain.listener().name));
         span.record("filter_chain", field::display(&chain.get().name));
+    }
+    // A tcp_proxy chain whose cluster has no host was chosen all the same: its access log
+    // records the failure (Envoy's `UH`).
+    if let (Route::Reject(_), Some(l)) = (&route, accepted.listener.as_ref())
+        && let Some((id, _)) = route::select_chain(l, &facts)
+        && let Some(c) = route::Chain::new(l.clone(), id)
+    {
+        log.tcp_proxy(&c);
     }
     // 3. The chain's transport socket: a TLS chain terminates here, before any network
     // filter runs (as Envoy's transport socket), with the secrets of this snapshot.
@@ -198,6 +222,7 @@ async fn serve(
     if let Some(p) = &peer {
         span.record("peer", field::display(peer_name(p)));
     }
+    log.downstream(&down, peer.as_ref());
     // 4. The chain's network RBAC filters, before anything reaches an upstream.
     if let Some(chain) = chain
         && let Err(denied) = rbac::check(&accepted.snap, chain, &facts, peer.as_ref())
@@ -220,6 +245,7 @@ async fn serve(
     match route {
         Route::TcpProxy(r) => {
             span.record("cluster", field::display(&r.cluster.cluster.name));
+            log.tcp_proxy(&r.chain);
             let istio = r.chain.get().istio_stats.clone();
             let mut up = Upstream::chosen(r, &accepted.snap.secrets);
             if let Some(cfg) = istio {
@@ -228,7 +254,7 @@ async fn serve(
                 up = up.with_istio(cfg, principal);
             }
             drop(accepted);
-            tcp_proxy::proxy(dp, role, down, orig_dst, up).await
+            tcp_proxy::proxy(dp, role, down, orig_dst, up, log.record()).await
         }
         Route::Passthrough(dst) => {
             drop(accepted);
@@ -240,7 +266,7 @@ async fn serve(
             };
             let up = Upstream::passthrough(role, dst, stats);
             span.record("cluster", field::display(up.name()));
-            tcp_proxy::proxy(dp, role, down, orig_dst, up).await
+            tcp_proxy::proxy(dp, role, down, orig_dst, up, log.record()).await
         }
         Route::Http { chain, manager } => {
             drop(accepted);
@@ -271,12 +297,117 @@ async fn serve(
                 drain,
                 tls: matches!(down, Io::Tls(_)),
                 peer: peer.map(Arc::new),
+                log_base: match &chain.get().action {
+                    crate::model::NetworkAction::Http(h) if !h.access_log.is_empty() => {
+                        Some(Arc::new(log.http_base(&down)))
+                    }
+                    _ => None,
+                },
             };
             drop(chain);
             crate::http::serve(conn, down).await;
             Ok(())
         }
         Route::Reject(e) => Err(e),
+    }
+}
+
+/// What a connection's access logs (the listener's and its tcp_proxy's) need, filled in as
+/// the pipeline decides; nothing is collected when neither has any.
+#[derive(Debug)]
+pub(super) struct ConnLog {
+    rec: Record,
+    started: tokio::time::Instant,
+    listener: Option<Arc<Listener>>,
+    chain: Option<route::Chain>,
+}
+
+impl ConnLog {
+    fn new(client: SocketAddr) -> ConnLog {
+        ConnLog {
+            rec: Record {
+                downstream_remote: Some(client),
+                ..Record::starting_now()
+            },
+            started: tokio::time::Instant::now(),
+            listener: None,
+            chain: None,
+        }
+    }
+
+    fn wanted(&self) -> bool {
+        self.listener
+            .as_ref()
+            .is_some_and(|l| !l.access_log.is_empty())
+            || self.chain.is_some()
+    }
+
+    /// The record, when some access log will read it.
+    fn record(&mut self) -> Option<&mut Record> {
+        self.wanted().then_some(&mut self.rec)
+    }
+
+    fn accepted(&mut self, a: &Accepted) {
+        self.listener = a.listener.clone();
+        self.rec.downstream_local = Some(a.orig_dst.map_or(a.local, |o| o.get()));
+        self.rec.requested_server_name = a.server_name.clone();
+    }
+
+    fn downstream(&mut self, down: &Io, peer: Option<&PeerIdentity>) {
+        if !self.wanted() {
+            return;
+        }
+        self.rec.peer_uri_san = peer.and_then(|p| p.uri_sans.first().cloned());
+        if let Io::Tls(t) = down {
+            self.rec.tls_version = t.get_ref().1.protocol_version().map(tls_version_name);
+        }
+    }
+
+    /// The connection's part of its HTTP requests' records (the HCM logs per request).
+    fn http_base(&self, down: &Io) -> Record {
+        let mut r = self.rec.clone();
+        if let Io::Tls(t) = down {
+            r.tls_version = t.get_ref().1.protocol_version().map(tls_version_name);
+        }
+        r
+    }
+
+    fn tcp_proxy(&mut self, chain: &route::Chain) {
+        if let crate::model::NetworkAction::TcpProxy(t) = &chain.get().action
+            && !t.access_log.is_empty()
+        {
+            self.chain = Some(chain.clone());
+        }
+    }
+
+    /// Write the lines of the connection that ended with `result`.
+    fn finish(mut self, result: &Result<(), ConnError>, stats: &Stats) {
+        if !self.wanted() {
+            return;
+        }
+        self.rec.duration = self.started.elapsed();
+        if let Err(e) = result {
+            self.rec.conn_error(e);
+        }
+        if let Some(c) = &self.chain
+            && let crate::model::NetworkAction::TcpProxy(t) = &c.get().action
+        {
+            accesslog::log_all(&t.access_log, &self.rec, stats);
+        }
+        if let Some(l) = &self.listener {
+            accesslog::log_all(&l.access_log, &self.rec, stats);
+        }
+    }
+}
+
+/// Envoy's name of a TLS version (`%DOWNSTREAM_TLS_VERSION%`).
+fn tls_version_name(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        rustls::ProtocolVersion::TLSv1_1 => "TLSv1.1",
+        rustls::ProtocolVersion::TLSv1_0 => "TLSv1",
+        _ => "unknown",
     }
 }
 

@@ -15,6 +15,7 @@ use super::error::ConnError;
 use super::forward::{Cut, Io, Limits};
 use super::route::{Target, TcpRoute};
 use super::{Dataplane, ListenerRole, connect, forward};
+use crate::accesslog::Record;
 use crate::addr::{EndpointAddr, OrigDstAddr};
 use crate::http::upstream_tls::{self, TlsFailure};
 use crate::lb::{self, Outcome, RoutingPriority};
@@ -168,8 +169,12 @@ pub(super) async fn proxy(
     mut down: Io,
     orig_dst: Option<OrigDstAddr>,
     up: Upstream,
+    mut rec: Option<&mut Record>,
 ) -> Result<(), ConnError> {
     let name = up.name();
+    if let Some(r) = rec.as_deref_mut() {
+        r.upstream_cluster = Some(name.to_string());
+    }
     let counters = up.stats.clone();
     // 1. The cluster's circuit breaker: tcp_proxy closes the connection at max_connections
     // (`upstream_cx_overflow` is counted by the breaker). The slot is held until the end.
@@ -193,6 +198,9 @@ pub(super) async fn proxy(
         };
         let addr = connect::resolve(&target, name).await?;
         tracing::Span::current().record("endpoint", field::display(addr));
+        if let Some(r) = rec.as_deref_mut() {
+            r.upstream_host = Some(addr.get());
+        }
         counters.upstream_cx_total.inc();
         let host = target.host().cloned();
         let started = tokio::time::Instant::now();
@@ -294,6 +302,9 @@ pub(super) async fn proxy(
         settings.buffer = settings.buffer.min(c.cluster.upstream_http.buffer_limit);
     }
     drop(up);
+    if let Some(r) = rec.as_deref_mut() {
+        r.upstream_local = upstream.tcp().local_addr().ok();
+    }
     counters.upstream_cx_active.inc();
     let limits = Limits {
         idle: settings.idle,
@@ -312,6 +323,10 @@ pub(super) async fn proxy(
         }
     })?;
     let t = ended.transferred;
+    if let Some(r) = rec {
+        r.bytes_received = t.tx;
+        r.bytes_sent = t.rx;
+    }
     counters.upstream_cx_tx_bytes_total.add(t.tx);
     counters.upstream_cx_rx_bytes_total.add(t.rx);
     if let Some(s) = &istio {

@@ -35,7 +35,7 @@ pub mod upstream_tls;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,6 +49,7 @@ use hyper_util::server::conn::auto;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::accesslog::{self, Record};
 use crate::addr::OrigDstAddr;
 use crate::lb;
 use crate::model::listener::HttpManager;
@@ -118,6 +119,46 @@ pub struct HttpConn {
     /// This hop's `x-forwarded-client-cert` element, when the connection is mutual TLS and
     /// the manager's `forward_client_cert_details` writes one (`headers::client_cert_element`).
     pub client_cert: Option<Arc<str>>,
+    /// The connection's part of every request's access-log record (addresses, SNI, TLS);
+    /// `None` when the connection manager has no `access_log`.
+    pub log_base: Option<Arc<Record>>,
+}
+
+/// One request's access-log record, filled in as the request is handled and written when
+/// its response body ends.
+#[derive(Debug)]
+struct StreamLog {
+    rec: std::sync::Mutex<Record>,
+    /// Request body bytes read.
+    received: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl StreamLog {
+    fn new(base: &Record) -> StreamLog {
+        StreamLog {
+            rec: std::sync::Mutex::new(Record {
+                start: std::time::SystemTime::now(),
+                ..base.clone()
+            }),
+            received: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        }
+    }
+
+    fn note(&self, f: impl FnOnce(&mut Record)) {
+        f(&mut self.rec.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Note flags and details on the request's record, if it has one.
+fn note(log: Option<&StreamLog>, flags: &[&'static str], details: &str) {
+    if let Some(l) = log {
+        l.note(|r| {
+            r.response_flags = flags.to_vec();
+            r.response_code_details = Some(details.to_string());
+        });
+    }
 }
 
 /// Serve HTTP/1.1 or HTTP/2 on `stream` (a TCP socket, or a TLS session terminated over one)
@@ -144,6 +185,10 @@ where
                 let max = conn.manager.limits.max_requests_per_connection;
                 let (guard, last) = state.start(max, req.version() == Version::HTTP_2);
                 let mut resp = handle(&conn, &hs, &filters, req).await;
+                // The request's access log is written when its body ends.
+                if conn.log_base.is_some() {
+                    resp = logged(&conn, resp);
+                }
                 // The last request an HTTP/1 connection serves says so.
                 if last && resp.version() != Version::HTTP_2 {
                     resp.headers_mut()
@@ -335,6 +380,25 @@ fn content_length(h: &HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
+/// Wrap the response body so that the request's record, kept in the response's extensions
+/// by [`handle`], is logged when the body ends.
+fn logged(conn: &Arc<HttpConn>, mut resp: Response<Body>) -> Response<Body> {
+    let Some(log) = resp.extensions_mut().remove::<Arc<StreamLog>>() else {
+        return resp;
+    };
+    let conn = conn.clone();
+    resp.map(|b| {
+        accesslog::body::Logged::new(b, move |sent| {
+            let mut r = log.rec.lock().unwrap_or_else(|e| e.into_inner());
+            r.bytes_sent = sent;
+            r.bytes_received = log.received.load(Ordering::Relaxed);
+            r.duration = log.started.elapsed();
+            accesslog::log_all(&conn.manager.access_log, &r, &conn.dp.stats);
+        })
+        .boxed()
+    })
+}
+
 async fn handle(
     conn: &HttpConn,
     hs: &Arc<HttpStats>,
@@ -348,9 +412,24 @@ async fn handle(
         .istio_stats
         .as_ref()
         .map(|cfg| (cfg, IstioRequest::of(&req)));
+    let log = conn
+        .log_base
+        .as_deref()
+        .map(|b| Arc::new(StreamLog::new(b)));
+    if let Some(l) = &log {
+        l.note(|r| r.protocol = Some(protocol_name(down_version)));
+    }
+    // Written here if the request is dropped before it is answered (the client went away).
+    let mut pending = Pending {
+        log: log.clone(),
+        conn,
+    };
     let mut resp = hs
         .downstream_rq_time
-        .time_if(route_request(conn, hs, filters, req), |_| true)
+        .time_if(
+            route_request(conn, hs, filters, req, log.as_deref()),
+            |_| true,
+        )
         .await;
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
@@ -367,7 +446,42 @@ async fn handle(
     if let Some(v) = server.and_then(|n| HeaderValue::from_str(n).ok()) {
         resp.headers_mut().insert(header::SERVER, v);
     }
+    if let Some(log) = log {
+        log.note(|r| {
+            r.response_code = resp.status().as_u16();
+            r.response_headers = Some(resp.headers().clone());
+            if r.response_code_details.is_none() && resp.extensions().get::<LocalReply>().is_none()
+            {
+                r.response_code_details = Some("via_upstream".into());
+            }
+        });
+        resp.extensions_mut().insert(log);
+    }
+    pending.log = None;
     resp
+}
+
+/// A request's record not handed to a response yet: when the request is dropped unanswered
+/// (hyper drops the handler when the client disconnects), Envoy's line for it is written:
+/// response code 0, `DC`, `downstream_remote_disconnect`.
+struct Pending<'a> {
+    log: Option<Arc<StreamLog>>,
+    conn: &'a HttpConn,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some(log) = self.log.take() else {
+            return;
+        };
+        let mut r = log.rec.lock().unwrap_or_else(|e| e.into_inner());
+        r.response_flags = vec!["DC"];
+        r.response_code = 0;
+        r.response_code_details = Some("downstream_remote_disconnect".into());
+        r.bytes_received = log.received.load(Ordering::Relaxed);
+        r.duration = log.started.elapsed();
+        accesslog::log_all(&self.conn.manager.access_log, &r, &self.conn.dp.stats);
+    }
 }
 
 /// The route configuration this connection manager uses now.
@@ -394,6 +508,8 @@ struct Ctx<'a> {
     vars: headers::Vars<'a>,
     /// When the request arrived (`request_timeout` runs from here).
     started: Instant,
+    /// The request's access-log record, when the connection manager logs.
+    log: Option<&'a StreamLog>,
 }
 
 impl Ctx<'_> {
@@ -421,6 +537,7 @@ async fn route_request(
     hs: &Arc<HttpStats>,
     filters: &filters::Filters,
     mut req: Request<Incoming>,
+    log: Option<&StreamLog>,
 ) -> Response<Body> {
     let started = Instant::now();
     let snap = conn.dp.store.load();
@@ -455,6 +572,17 @@ async fn route_request(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
+    if let Some(l) = log {
+        l.note(|r| {
+            r.request = Some(accesslog::RequestHead {
+                method: req.method().as_str().to_string(),
+                path: path.clone(),
+                authority: host.clone(),
+                scheme: if conn.tls { "https" } else { "http" },
+                headers: req.headers().clone(),
+            });
+        });
+    }
     let rc = route_config(conn, &snap);
     let facts = route::RequestFacts {
         host: &host,
@@ -485,12 +613,20 @@ async fn route_request(
             route: chosen,
         });
         if let Some(stop) = filters.decode(&freq, routed) {
+            let filters::Stop::RbacDenied { detail } = &stop;
+            note(log, &[], detail);
             return filter_reply(stop);
         }
     }
     let (Some(rc), Some(vh), Some(chosen)) = (rc.as_deref(), vh, chosen) else {
+        note(log, &["NR"], "route_not_found");
         return no_route(hs, &host, &path);
     };
+    if let Some(l) = log
+        && !chosen.name.is_empty()
+    {
+        l.note(|r| r.route_name = Some(chosen.name.clone()));
+    }
     debug!(virtual_host = %vh.name, route = %chosen.name, %path, "routed");
     let ctx = Ctx {
         started,
@@ -506,6 +642,7 @@ async fn route_request(
             protocol: protocol_name(req.version()),
             upstream: None,
         },
+        log,
     };
     // The fault filter runs before the router (issue 14).
     if !conn.manager.faults.is_empty()
@@ -525,6 +662,7 @@ async fn route_request(
     match &chosen.action {
         RouteAction::Direct { status, body } => {
             ctx.hs.rq_direct_response.inc();
+            note(log, &[], "direct_response");
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
             let mut r = local_reply(status, body.as_deref().unwrap_or(""));
             ctx.response_headers(r.headers_mut(), None);
@@ -779,7 +917,7 @@ fn failure_reply(outcome: Attempt, retried: bool) -> Response<Body> {
         Attempt::PerTryTimeout => local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT),
         Attempt::ConnectFailure => local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("{UPSTREAM_RESET}. {lead}: connection failure"),
+            &format!("{UPSTREAM_RESET}. {lead}: remote connection failure"),
         ),
         Attempt::Reset {
             refused_stream: true,
@@ -860,12 +998,17 @@ async fn forward(
     // Taken before the request is split: resolves once hyper hands over the raw connection.
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let Some(cluster) = target_cluster(f, req.headers()) else {
+        note(ctx.log, &["NC"], "cluster_not_found");
         ctx.hs.no_cluster.inc();
         debug!(flags = "NC", "no cluster for the route");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
     *picked = Some((cluster.clone(), None));
+    if let Some(l) = ctx.log {
+        l.note(|r| r.upstream_cluster = Some(cluster.clone()));
+    }
     let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
+        note(ctx.log, &["NC"], "cluster_not_found");
         ctx.hs.no_cluster.inc();
         debug!(%cluster, flags = "NC", "unknown cluster");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
@@ -949,6 +1092,14 @@ async fn forward(
     if (f.prefix_rewrite.is_some() || f.regex_rewrite.is_some())
         && let Ok(v) = HeaderValue::from_str(path)
     {
+        if let Some(l) = ctx.log {
+            l.note(|r| {
+                if let Some(rq) = &mut r.request {
+                    rq.headers
+                        .insert(HeaderName::from_static("x-envoy-original-path"), v.clone());
+                }
+            });
+        }
         base.insert(HeaderName::from_static("x-envoy-original-path"), v);
     }
     ctx.request_headers(&mut base);
@@ -984,6 +1135,10 @@ async fn forward(
     let act = Arc::new(limits::StreamActivity::default());
     let incoming: Body =
         limits::Watched::new(incoming.map_err(BoxError::from).boxed(), act.clone()).boxed();
+    let incoming: Body = match ctx.log {
+        Some(l) => accesslog::body::Counted::new(incoming, l.received.clone()).boxed(),
+        None => incoming,
+    };
     // With a retry policy the body streams upstream through a tee that keeps a copy for
     // replay (up to the listener's buffer limit, 1 MiB by default); without one it streams
     // once.
@@ -1008,6 +1163,11 @@ async fn forward(
     let mut retries = 0u32;
     // Envoy's `max_requests` breaker: this request holds a slot until it is answered.
     let Ok(_request_slot) = entry.try_request(priority) else {
+        note(
+            ctx.log,
+            &["UO"],
+            "upstream_reset_before_response_started{overflow}",
+        );
         debug!(%cluster, flags = "UO", "request circuit breaker open");
         return local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1020,6 +1180,8 @@ async fn forward(
         // Why this attempt's TLS handshake failed, for the local reply (Envoy's `transport
         // failure reason`).
         let mut transport_failure: Option<String> = None;
+        // Envoy's reason for a failed connect (`delayed_connect_error:_Connection_refused`).
+        let mut connect_failure: Option<String> = None;
         let attempt_no = retries + 1;
         let exclude: &[SocketAddr] = if policy.as_ref().is_some_and(|p| p.previous_hosts) {
             &tried
@@ -1032,8 +1194,14 @@ async fn forward(
             max_attempts: max_host_attempts,
         };
         let (addr, host, dns_name) = match choose_host(conn, &entry, &pick).await {
-            Dest::Host(a, h, n) => (a, h, n),
+            Dest::Host(a, h, n) => {
+                if let Some(l) = ctx.log {
+                    l.note(|r| r.upstream_host = Some(a));
+                }
+                (a, h, n)
+            }
             Dest::NoHealthy => {
+                note(ctx.log, &["UH"], "no_healthy_upstream");
                 cs.upstream_cx_none_healthy.inc();
                 debug!(%cluster, flags = "UH", "no healthy upstream");
                 return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
@@ -1155,8 +1323,14 @@ async fn forward(
             s = timed => s,
             cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
                 match cut {
-                    limits::StreamCut::Idle => ctx.hs.downstream_rq_idle_timeout.inc(),
-                    limits::StreamCut::Request => ctx.hs.downstream_rq_timeout.inc(),
+                    limits::StreamCut::Idle => {
+                        note(ctx.log, &["SI"], "stream_idle_timeout");
+                        ctx.hs.downstream_rq_idle_timeout.inc()
+                    }
+                    limits::StreamCut::Request => {
+                        note(ctx.log, &[], "request_overall_timeout");
+                        ctx.hs.downstream_rq_timeout.inc()
+                    }
                 }
                 debug!(%cluster, %addr, reason = cut.body(), "stream ended before the response");
                 return local_reply(StatusCode::REQUEST_TIMEOUT, cut.body());
@@ -1166,6 +1340,7 @@ async fn forward(
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
                 rq(|r| &r.upstream_rq_timeout);
                 rq_status(504);
+                note(ctx.log, &["UT"], "upstream_response_timeout");
                 debug!(%cluster, %addr, flags = "UT", "upstream request timeout");
                 return local_reply(StatusCode::GATEWAY_TIMEOUT, UPSTREAM_TIMEOUT);
             }
@@ -1196,6 +1371,7 @@ async fn forward(
                         (attempt, Some(r))
                     }
                     Err(SendError::Connect(e)) => {
+                        connect_failure = Some(accesslog::connect_failure_reason(&e));
                         match e {
                             ConnectError::Timeout { .. } => cs.upstream_cx_connect_timeout.inc(),
                             _ => cs.upstream_cx_connect_fail.inc(),
@@ -1219,6 +1395,11 @@ async fn forward(
                     Err(SendError::Overflow(e)) => {
                         // `upstream_rq_pending_overflow` was counted by the breaker.
                         debug!(error = %e, %cluster, flags = "UO", "pending request overflow");
+                        note(
+                            ctx.log,
+                            &["UO"],
+                            "upstream_reset_before_response_started{overflow}",
+                        );
                         if let Some(g) = in_flight {
                             drop(g);
                         }
@@ -1282,6 +1463,37 @@ async fn forward(
             }
         }
         let Some(resp) = response else {
+            if let Some(l) = ctx.log {
+                // Envoy adds URX when the policy would retry this outcome but the retries
+                // are used up, before the outcome's own flag.
+                let exhausted = policy
+                    .as_deref()
+                    .is_some_and(|p| retry::retriable(p, outcome));
+                let reason = transport_failure.clone().or(connect_failure.clone());
+                let (flag, what) = match outcome {
+                    Attempt::ConnectFailure => ("UF", "remote_connection_failure"),
+                    Attempt::PerTryTimeout => ("UT", "upstream_per_try_timeout"),
+                    Attempt::Reset {
+                        refused_stream: true,
+                    } => ("UR", "remote_refused_stream_reset"),
+                    Attempt::Reset { .. } | Attempt::Response { .. } => {
+                        ("UC", "connection_termination")
+                    }
+                };
+                let details = match &reason {
+                    Some(why) => format!("upstream_reset_before_response_started{{{what}|{why}}}"),
+                    None => format!("upstream_reset_before_response_started{{{what}}}"),
+                };
+                l.note(|r| {
+                    r.response_flags = if exhausted {
+                        vec!["URX", flag]
+                    } else {
+                        vec![flag]
+                    };
+                    r.response_code_details = Some(details);
+                    r.upstream_transport_failure_reason = reason;
+                });
+            }
             let r = transport_failure_reply(outcome, retries > 0, transport_failure.as_deref());
             rq_status(r.status().as_u16());
             break r;
@@ -1292,6 +1504,10 @@ async fn forward(
                 .is_some_and(|p| retry::retriable(p, outcome))
         {
             rq(|r| &r.upstream_rq_retry_success);
+        }
+        if let Some(l) = ctx.log {
+            let local = resp.extensions().get::<pool::UpstreamLocal>().map(|u| u.0);
+            l.note(|r| r.upstream_local = local);
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);

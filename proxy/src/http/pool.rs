@@ -114,7 +114,13 @@ struct ConnInfo {
     max_duration: Option<Duration>,
     max_requests: Option<u32>,
     stats: Arc<ClusterStats>,
+    /// The connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+    local: Option<SocketAddr>,
 }
+
+/// Response extension: the local address of the upstream connection that carried it.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamLocal(pub SocketAddr);
 
 impl ConnInfo {
     /// Why the connection must not take another request now, counted; `None`: it may.
@@ -219,7 +225,7 @@ impl Target<'_> {
         }
     }
 
-    fn info(&self) -> Arc<ConnInfo> {
+    fn info(&self, local: Option<SocketAddr>) -> Arc<ConnInfo> {
         let u = &self.entry.cluster.upstream_http;
         Arc::new(ConnInfo {
             created: Instant::now(),
@@ -229,6 +235,7 @@ impl Target<'_> {
             max_duration: u.max_connection_duration,
             max_requests: u.max_requests_per_connection,
             stats: self.entry.stats.clone(),
+            local,
         })
     }
 }
@@ -426,6 +433,7 @@ impl Pool {
                 connect_timeout,
             ))
             .await?;
+        let local = tcp.local_addr().ok();
         let (stream, alpn): (Box<dyn Stream>, _) = match target.transport {
             None => (Box::new(tcp), None),
             Some(t) => {
@@ -451,7 +459,7 @@ impl Pool {
             addr: key.addr,
             source,
         };
-        let info = target.info();
+        let info = target.info(local);
         match proto {
             Proto::Http1 | Proto::Auto => {
                 // hyper's read buffer cannot go below 8 KiB.
@@ -584,7 +592,10 @@ impl Pool {
                 }
             };
             match result {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    if let Some(l) = info.local {
+                        resp.extensions_mut().insert(UpstreamLocal(l));
+                    }
                     if let Some(tx) = back {
                         if last {
                             // Dropped: hyper closes it once this response is read.

@@ -128,6 +128,8 @@ const WASM_TYPE: &str = "envoy.extensions.filters.http.wasm.v3.Wasm";
 
 /// Field path of the tcp_proxy options skiff does not run (tunnelling, subsets, on demand).
 pub const F_TCP_PROXY_UNRUN: &str = "tcp_proxy.tunneling_config";
+/// Access logs' periodic and on-start flushes.
+pub const F_ACCESS_LOG_FLUSH: &str = "access_log_options";
 /// Field path of a listener's `filter_chain_matcher`.
 pub const F_FILTER_CHAIN_MATCHER: &str = "listener.filter_chain_matcher";
 /// XFCC settings skiff does not honour (`cert`, `chain`, `issuer`, `format`, the matcher).
@@ -306,6 +308,14 @@ pub const TABLE: &[Entry] = &[
         "header, cookie (no cookie generation), source_ip, query_parameter; `filter_state` is refused"),
     e(Field, F_TCP_PROXY_UNRUN, "", Refused,
         "tcp_proxy `tunneling_config` (HTTP CONNECT tunnels), `metadata_match` (subset balancing) and `on_demand` are not run: such a chain would send raw bytes or reach the wrong hosts"),
+    e(Field, "access_log", "", Honoured,
+        "on listeners (one line per connection, every chain; `NR filter_chain_not_found` when no chain matches), tcp_proxy (one per connection) and the HTTP connection manager (one per request, when its response body ends; a request the client leaves unanswered: code 0, `DC`, `downstream_remote_disconnect`): `envoy.access_loggers.file` (`path`; `/dev/stdout`, `/dev/stderr` are the streams), `envoy.access_loggers.stdout` / `stderr`; one writer thread per file behind a bounded queue (a full queue drops the line: `access_logs.file.write_dropped`), files reopened by `POST /reopen_logs`; other loggers (gRPC, OpenTelemetry, Wasm) are refused"),
+    e(Field, "access_log.log_format", "", Honoured,
+        "`text_format`, `text_format_source` (inline or file), `json_format` (typed values, `null` when missing, sorted keys, `omit_empty_values`) and the deprecated `format` / `json_format` of the file logger; command operators START_TIME(fmt), DURATION, RESPONSE_CODE, RESPONSE_FLAGS, RESPONSE_CODE_DETAILS, CONNECTION_TERMINATION_DETAILS, UPSTREAM_TRANSPORT_FAILURE_REASON, BYTES_RECEIVED, BYTES_SENT, PROTOCOL, REQ(h?alt):N, RESP(h?alt):N, UPSTREAM_HOST, UPSTREAM_CLUSTER(_RAW), UPSTREAM_LOCAL_ADDRESS, DOWNSTREAM_(DIRECT_)REMOTE_ADDRESS(_WITHOUT_PORT), DOWNSTREAM_LOCAL_ADDRESS(_WITHOUT_PORT), DOWNSTREAM_LOCAL_PORT, REQUESTED_SERVER_NAME, ROUTE_NAME, DOWNSTREAM_PEER_URI_SAN, DOWNSTREAM_TLS_VERSION; any other operator, `formatters` extensions and `omit_empty_values` on text are refused"),
+    e(Field, "access_log.filter", "", Honoured,
+        "`status_code_filter`, `duration_filter` (runtime keys: their default, skiff has no runtime), `not_health_check_filter` (no request is a health check: skiff runs no health-check filter), `response_flag_filter`, `and_filter`, `or_filter`; `runtime_filter`, `traceable_filter`, `header_filter`, `grpc_status_filter`, `extension_filter` (CEL), `metadata_filter` and `log_type_filter` are refused"),
+    e(Field, F_ACCESS_LOG_FLUSH, "", Refused,
+        "tcp_proxy's and the HCM's `access_log_options`, `access_log_flush_interval`, `flush_access_log_on_connected` / `flush_access_log_on_new_request`: lines are written once, at the end"),
     e(Field, F_PER_FILTER, "", Refused,
         "a per-route config of a filter skiff does not honour (observational and optional ones excepted)"),
 ];

@@ -12,12 +12,14 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 use prost::Message;
 
+use super::access_log::access_logs;
 use super::compat::{self, Kind, Verdict};
 use super::fault::FaultFilter;
 use super::route::RouteConfig;
 use super::tls::{DownstreamTls, SdsRef};
 use super::upstream_http::DEFAULT_BUFFER_LIMIT;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
+use crate::accesslog::AccessLog;
 use crate::rbac::{self, HttpRbac, NetworkRbac};
 
 /// Type URL of the TCP proxy filter config.
@@ -73,6 +75,8 @@ pub struct Listener {
     /// Extensions accepted without being run (optional or observational, `model::compat`),
     /// sorted, each once: what `skiff.unsupported.<name>` counts.
     pub unsupported: Vec<String>,
+    /// The listener's `access_log`: one record per connection, whatever its chain.
+    pub access_log: Vec<AccessLog>,
 }
 
 impl Listener {
@@ -344,6 +348,8 @@ pub struct TcpProxy {
     /// The listener's `per_connection_buffer_limit_bytes` (default 1 MiB): the most a copy
     /// step moves at once.
     pub buffer_limit: u32,
+    /// tcp_proxy's `access_log`: one record per proxied connection.
+    pub access_log: Vec<AccessLog>,
 }
 
 /// tcp_proxy's `hash_policy` entry (`envoy.type.v3.HashPolicy`).
@@ -406,6 +412,8 @@ pub struct HttpManager {
     pub client_cert_details: ClientCertDetails,
     /// The HTTP `istio.stats` filter: Istio's request metrics are recorded.
     pub istio_stats: Option<super::istio::IstioStats>,
+    /// The HCM's `access_log`: one record per request.
+    pub access_log: Vec<AccessLog>,
 }
 
 /// `forward_client_cert_details`: how the HCM treats `x-forwarded-client-cert` (XFCC).
@@ -832,7 +840,19 @@ fn tcp_proxy(any: &Any) -> Result<TcpProxy, FieldError> {
             ));
         }
     };
+    #[allow(deprecated)]
+    let periodic = t.access_log_flush_interval.is_some()
+        || t.flush_access_log_on_connected
+        || t.access_log_options.is_some();
+    if periodic {
+        return Err(compat::refuse(
+            compat::F_ACCESS_LOG_FLUSH,
+            "typed_config.access_log_options",
+        ));
+    }
+    let access_log = access_logs(&t.access_log, "typed_config.access_log")?;
     Ok(TcpProxy {
+        access_log,
         stat_prefix: t.stat_prefix,
         cluster,
         idle_timeout,
@@ -1094,7 +1114,18 @@ fn http_manager(any: &Any) -> Result<HttpManager, FieldError> {
     let (http_filters, filters, faults) = http_filters(&h)?;
     let (forward_client_cert, client_cert_details) = client_cert(&h)?;
     let istio_stats = http_istio_stats(&h)?;
+    #[allow(deprecated)]
+    let periodic = h.access_log_flush_interval.is_some()
+        || h.flush_access_log_on_new_request
+        || h.access_log_options.is_some();
+    if periodic {
+        return Err(compat::refuse(
+            compat::F_ACCESS_LOG_FLUSH,
+            "typed_config.access_log_options",
+        ));
+    }
     Ok(HttpManager {
+        access_log: access_logs(&h.access_log, "typed_config.access_log")?,
         forward_client_cert,
         client_cert_details,
         istio_stats,
@@ -1496,6 +1527,7 @@ impl TryFrom<&pb::Listener> for Listener {
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             udp,
             unsupported,
+            access_log: access_logs(&l.access_log, "access_log").map_err(err)?,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! data path, BPF projection, admin) works on these types. A conversion error names the
 //! resource and the field path, e.g. `cluster "x": load_assignment.endpoints[2].lb_endpoints[0]: port 0`.
 
+pub mod access_log;
 pub mod cluster;
 pub mod compat;
 pub mod endpoint;

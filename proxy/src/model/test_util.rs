@@ -26,6 +26,7 @@ pub(crate) fn tcp_proxy_chain(name: &str, matcher: FilterChainMatch, cluster: &s
             max_downstream_connection_duration: None,
             hash_policy: None,
             buffer_limit: super::upstream_http::DEFAULT_BUFFER_LIMIT,
+            access_log: vec![],
         }),
         tls: None,
         istio_stats: None,
@@ -60,6 +61,7 @@ pub(crate) fn listener(chains: Vec<FilterChain>, default: Option<FilterChain>) -
         continue_on_listener_filters_timeout: false,
         udp: None,
         unsupported: vec![],
+        access_log: vec![],
     }
 }
 

@@ -491,6 +491,7 @@ fn udp_listener(name: &str, addr: &str, cluster: Option<&str>) -> Listener {
             extras: vec![],
         }),
         unsupported: vec![],
+        access_log: vec![],
     }
 }
 
