@@ -45,6 +45,7 @@ mod loader;
 mod log;
 pub mod meshed;
 pub mod owner;
+pub mod pin;
 pub mod projection;
 pub mod reconciler;
 pub mod terminate;
@@ -97,6 +98,19 @@ pub struct CaptureConfig {
     /// `--sockmap`: local socket pairs on these service ports move their payload
     /// socket-to-socket (sk_msg); empty: off.
     pub sockmap_ports: Vec<u16>,
+    /// Where the links and kept maps are pinned (see [`pin`]).
+    pub pinning: Pinning,
+}
+
+/// Whether and where the capture pins its links and maps (`--pin-dir`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// Nothing pinned: the links detach when skiff exits, however it exits.
+    Off,
+    /// `/sys/fs/bpf/skiff/<capture cgroup id>` when /sys/fs/bpf is bpffs, else off (logged).
+    Default,
+    /// This directory (must be on bpffs).
+    Dir(PathBuf),
 }
 
 /// Where the capture programs attach.
@@ -134,6 +148,7 @@ impl CaptureConfig {
             fast_path: None,
             terminate_on_removal: false,
             sockmap_ports: Vec::new(),
+            pinning: Pinning::Default,
         }
     }
 }
