@@ -217,6 +217,24 @@ fn fail_closed_after_a_crash_and_cleanup_removes_the_pins() {
     let proxy = skiff(&s, &args);
     wait_ready(&s.ns);
     assert!(pins(&pin_dir).contains(&"link_skiff_connect4".to_string()));
+    // A live skiff's pins are never taken over: a second one naming the same directory is
+    // refused (its own netns and proxy cgroup, told to coexist on the app's hooks).
+    let other_ns = Netns::new("pin-closed-2");
+    let proxy2_cg = s.cg.child_path("proxy2");
+    let second = sidecar_args(
+        &app,
+        &proxy2_cg,
+        &["--allow-coexist", "--pin-dir", &pin_arg],
+    );
+    let out = skiff_run(&other_ns, &s.bootstrap)
+        .args(&second)
+        .output()
+        .expect("run a second skiff");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("held by a running skiff"),
+        "{err}"
+    );
     kill9(proxy);
     attached_id(&app, "skiff_connect4");
 

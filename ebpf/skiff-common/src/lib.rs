@@ -1438,6 +1438,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_proxy_gets_the_fail_mode_counted_apart_from_the_gate() {
+        assert_eq!(
+            proxy_down_decision(&cfg(1, 0, 0)),
+            Decision::Pass(reason::SKIP_PROXY_DOWN)
+        );
+        assert_eq!(proxy_down_decision(&cfg(1, 1, 0)), Decision::Reject);
+        assert_eq!(reason::NAMES[reason::SKIP_PROXY_DOWN as usize], "skip_proxy_down");
+        assert_eq!(
+            reason::NAMES[reason::REJECT_PROXY_DOWN as usize],
+            "reject_proxy_down"
+        );
+    }
+
+    #[test]
     fn every_reason_has_a_name() {
         assert_eq!(reason::NAMES.len(), reason::COUNT as usize);
         let mut names = reason::NAMES;

@@ -115,6 +115,28 @@ impl Capture {
         validate(cfg)?;
         let capture_cgroup = checked_attach_target(cfg.mode.capture_cgroup())?;
         let pins = open_pins(cfg)?;
+        // A failed first start leaves no pins behind; a failed takeover keeps the previous
+        // skiff's (its capture is still attached through them).
+        let fresh = pins
+            .as_ref()
+            .filter(|p| !p.reused())
+            .map(|p| p.dir().to_path_buf());
+        let installed = Self::install_pinned(cfg, capture_cgroup, pins);
+        if installed.is_err()
+            && let Some(dir) = fresh
+            && let Err(e) = super::pin::cleanup(Some(&dir))
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the pins of a failed start");
+        }
+        installed
+    }
+
+    /// [`Capture::install`] once the pin directory is open.
+    fn install_pinned(
+        cfg: &CaptureConfig,
+        capture_cgroup: PathBuf,
+        pins: Option<Pins>,
+    ) -> Result<Capture, BpfError> {
         let mut ebpf = load_object(cfg, pins.as_ref())?;
         let takeover = pins.as_ref().is_some_and(Pins::reused);
 
@@ -534,9 +556,22 @@ fn attach_pinned(
 
 /// The pin directory `cfg` asks for, opened (`None`: no pinning).
 fn open_pins(cfg: &CaptureConfig) -> Result<Option<Pins>, BpfError> {
-    match super::pin::dir_for(cfg)? {
-        Some(dir) => Pins::open(&dir).map(Some),
-        None => Ok(None),
+    let Some(dir) = super::pin::dir_for(cfg)? else {
+        return Ok(None);
+    };
+    match Pins::open(&dir)? {
+        Some(p) => Ok(Some(p)),
+        // A second skiff on the same cgroup (`--allow-coexist`): the default directory is
+        // the first one's, so this one runs unpinned; a directory named on purpose must be
+        // free.
+        None if cfg.pinning == super::Pinning::Default => {
+            tracing::warn!(dir = %dir.display(), "a running skiff holds the default pin directory: nothing pinned");
+            Ok(None)
+        }
+        None => Err(BpfError::Config(format!(
+            "pin directory {} is held by a running skiff; give this one its own --pin-dir",
+            dir.display()
+        ))),
     }
 }
 

@@ -28,7 +28,10 @@
 //!
 //! In node mode connect4/6 capture only tasks whose cgroup id is in the meshed set
 //! ([`meshed::Meshed`]). The links belong to the [`Capture`]: dropping it clears the ready flag,
-//! detaches everything and moves the process back to its original cgroup.
+//! detaches everything (removing the [`pin`] directory first) and moves the process back to its
+//! original cgroup. Pinned, the capture outlives a killed skiff; connect4/6 then find no proxy
+//! listener and apply the fail mode to proxy-bound connects, and a restarted skiff takes the
+//! pins over (see [`pin`]).
 //!
 //! The proxy answers `SO_ORIGINAL_DST` on its accepted sockets as it would with iptables: the
 //! `getsockopt` program reads the original destination that `connect4/6` recorded and

@@ -77,11 +77,15 @@ pub(super) struct Pins {
     dir: PathBuf,
     /// Pins were already there (a restart after a crash): maps and links are taken over.
     reused: bool,
+    /// The directory, open with an exclusive `flock` for this process's life: a second skiff
+    /// never takes over a live one's pins; the kernel drops the lock when the process dies.
+    _lock: fs::File,
 }
 
 impl Pins {
-    /// Opens (creating it if missing) the pin directory `dir`, which must be on bpffs.
-    pub(super) fn open(dir: &Path) -> Result<Pins, BpfError> {
+    /// Opens (creating it if missing) the pin directory `dir`, which must be on bpffs, and
+    /// locks it. `Ok(None)`: a running skiff holds it.
+    pub(super) fn open(dir: &Path) -> Result<Option<Pins>, BpfError> {
         fs::create_dir_all(dir).map_err(|source| BpfError::Io {
             what: "creating pin directory",
             path: dir.into(),
@@ -93,6 +97,14 @@ impl Pins {
                 dir.display()
             )));
         }
+        let Some(lock) = try_lock(dir).map_err(|source| BpfError::Io {
+            what: "locking pin directory",
+            path: dir.into(),
+            source,
+        })?
+        else {
+            return Ok(None);
+        };
         let reused = fs::read_dir(dir)
             .map_err(|source| BpfError::Io {
                 what: "reading pin directory",
@@ -101,10 +113,11 @@ impl Pins {
             })?
             .next()
             .is_some();
-        Ok(Pins {
+        Ok(Some(Pins {
             dir: dir.to_path_buf(),
             reused,
-        })
+            _lock: lock,
+        }))
     }
 
     /// The directory.
@@ -161,6 +174,27 @@ pub fn dir_for(cfg: &super::CaptureConfig) -> Result<Option<PathBuf>, BpfError> 
             Ok(dir)
         }
     }
+}
+
+/// The directory `dir` opened and exclusively locked (`flock`), or `None` when another
+/// process holds the lock.
+fn try_lock(dir: &Path) -> io::Result<Option<fs::File>> {
+    let f = fs::File::open(dir)?;
+    // SAFETY: flock on an fd this function owns.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(f));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(err)
+}
+
+/// Whether a running skiff holds the pin directory `dir` (its pins are not ours to take).
+pub fn in_use(dir: &Path) -> bool {
+    matches!(try_lock(dir), Ok(None))
 }
 
 fn on_bpffs(path: &Path) -> bool {
@@ -315,6 +349,7 @@ mod tests {
         let pins = Pins {
             dir: PathBuf::from("/sys/fs/bpf/skiff/42"),
             reused: false,
+            _lock: fs::File::open("/").unwrap(),
         };
         assert_eq!(
             pins.link("skiff_connect4"),
@@ -324,6 +359,18 @@ mod tests {
             pins.map("SKIFF_CONFIG"),
             Path::new("/sys/fs/bpf/skiff/42/SKIFF_CONFIG")
         );
+    }
+
+    #[test]
+    fn a_locked_directory_is_in_use_until_its_lock_closes() {
+        let dir = std::env::temp_dir().join(format!("skiff-pin-lock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let held = try_lock(&dir).unwrap().expect("first lock");
+        assert!(in_use(&dir));
+        assert!(try_lock(&dir).unwrap().is_none());
+        drop(held);
+        assert!(!in_use(&dir));
+        fs::remove_dir(&dir).unwrap();
     }
 
     #[test]
