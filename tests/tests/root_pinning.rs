@@ -142,7 +142,10 @@ fn killed_skiff_keeps_capture_fails_open_and_a_restart_takes_over() {
     assert_eq!(stat(&s.ns, "skiff.bpf.fast_path_v4"), 1);
     // Anything else goes through the proxy (passthrough).
     let out = client(&s.ns, &app, "10.96.0.2:80");
-    assert!(out.starts_with("ok "), "passthrough before the crash: {out}");
+    assert!(
+        out.starts_with("ok "),
+        "passthrough before the crash: {out}"
+    );
     s.direct.expect_line("accepted", Duration::from_secs(5));
     assert_eq!(
         stat(&s.ns, "cluster.PassthroughCluster.upstream_cx_total"),
@@ -174,7 +177,10 @@ fn killed_skiff_keeps_capture_fails_open_and_a_restart_takes_over() {
     let second = attached_id(&app, "skiff_connect4");
     assert_ne!(second, first, "the restart swaps its own program in");
     let out = client(&s.ns, &app, "10.96.0.2:80");
-    assert!(out.starts_with("ok "), "passthrough after the restart: {out}");
+    assert!(
+        out.starts_with("ok "),
+        "passthrough after the restart: {out}"
+    );
     s.direct.expect_line("accepted", Duration::from_secs(5));
     assert_eq!(
         stat(&s.ns, "cluster.PassthroughCluster.upstream_cx_total"),

@@ -1444,7 +1444,10 @@ mod tests {
             Decision::Pass(reason::SKIP_PROXY_DOWN)
         );
         assert_eq!(proxy_down_decision(&cfg(1, 1, 0)), Decision::Reject);
-        assert_eq!(reason::NAMES[reason::SKIP_PROXY_DOWN as usize], "skip_proxy_down");
+        assert_eq!(
+            reason::NAMES[reason::SKIP_PROXY_DOWN as usize],
+            "skip_proxy_down"
+        );
         assert_eq!(
             reason::NAMES[reason::REJECT_PROXY_DOWN as usize],
             "reject_proxy_down"

@@ -11,8 +11,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
-        links::FdLink, sock_ops::SockOpsLink,
+        cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink, links::FdLink,
+        sock_ops::SockOpsLink,
     },
 };
 use skiff_common::{ConfigValue, MAGLEV_TABLE_SIZE, NODE_SCOPE, ServiceStats};
@@ -640,10 +640,7 @@ fn load_object(cfg: &CaptureConfig, pins: Option<&Pins>) -> Result<Ebpf, BpfErro
         (MAP_CLUSTERS, 2 * caps.max_clusters),
         (MAP_RR, 2 * caps.max_clusters),
         (MAP_ENDPOINTS, 2 * caps.max_endpoints),
-        (
-            MAP_MAGLEV,
-            2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE,
-        ),
+        (MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE),
         (MAP_EP_ACTIVE, caps.max_endpoints),
         (MAP_EP_LOAD, caps.max_endpoints),
         // An LRU hash preallocates every entry: keep it to one without the fast path.
@@ -668,11 +665,9 @@ fn load_object(cfg: &CaptureConfig, pins: Option<&Pins>) -> Result<Ebpf, BpfErro
             loader.map_pin_path(name, pins.map(name));
         }
     }
-    loader
-        .load(OBJECT)
-        .map_err(|source| BpfError::Object {
-            source: Box::new(source),
-        })
+    loader.load(OBJECT).map_err(|source| BpfError::Object {
+        source: Box::new(source),
+    })
 }
 
 fn validate(cfg: &CaptureConfig) -> Result<(), BpfError> {

@@ -41,12 +41,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/skiff";
 
 /// Maps pinned in every mode: the config entry with the ready gate, original destinations by
 /// cookie and by tuple, meshed cgroups.
-pub(super) const PINNED: &[&str] = &[
-    MAP_CONFIG,
-    "SKIFF_COOKIE",
-    MAP_ORIG_DST,
-    MAP_MESHED,
-];
+pub(super) const PINNED: &[&str] = &[MAP_CONFIG, "SKIFF_COOKIE", MAP_ORIG_DST, MAP_MESHED];
 
 /// Maps pinned with the fast path (their sizes come from `--fast-path` capacities, so they are
 /// pinned only when those are real).
@@ -66,7 +61,7 @@ pub(super) const PINNED_FAST: &[&str] = &[
 ];
 
 /// `BPF_FS_MAGIC` (statfs f_type of a bpffs mount).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0xcafe_4a11);
 // enum bpf_cmd (include/uapi/linux/bpf.h).
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -199,7 +194,7 @@ pub fn in_use(dir: &Path) -> bool {
 
 fn on_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

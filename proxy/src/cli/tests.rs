@@ -84,7 +84,15 @@ fn pin_dir_and_no_pin_choose_the_pinning() {
         crate::bpf::Pinning::Dir("/sys/fs/bpf/x".into())
     );
     assert_eq!(pinning(&["--no-pin"]), crate::bpf::Pinning::Off);
-    let both = ["skiff", "run", "--bootstrap", "b", "--no-pin", "--pin-dir", "/x"];
+    let both = [
+        "skiff",
+        "run",
+        "--bootstrap",
+        "b",
+        "--no-pin",
+        "--pin-dir",
+        "/x",
+    ];
     assert!(Cli::try_parse_from(both).is_err());
 }
 
