@@ -664,8 +664,6 @@ fn remember(ctx: &SockAddrContext, sa: &SockAddr<'_>, orig: OrigDstValue) -> Res
     Ok(())
 }
 
-/// Counts a pass or refuses the connect (fail-closed while the proxy is not ready).
-#[inline(always)]
 /// The proxy's liveness as the kernel sees it: a TCP listener exists at the outbound address
 /// in the caller's network namespace (where the rewritten connect would land). A killed skiff
 /// leaves its pinned programs and an open gate behind, but its listening sockets close with
@@ -752,6 +750,8 @@ fn proxy_down(cfg: &ConfigValue) -> i32 {
     }
 }
 
+/// Counts a pass or refuses the connect (fail-closed while the proxy is not ready).
+#[inline(always)]
 fn not_captured(decision: Decision) -> i32 {
     match decision {
         Decision::Pass(why) => {
