@@ -184,6 +184,12 @@ fn install_ebpf(
             cfg.mode.proxy_cgroup(),
         )
         .context("checking for other programs on the capture hooks")?;
+        // A killed skiff's pinned programs are ours to take over, not foreign.
+        let own = crate::bpf::pin::dir_for(cfg)?
+            .filter(|d| !crate::bpf::pin::in_use(d))
+            .map(|d| crate::bpf::pin::pinned_program_ids(&d))
+            .unwrap_or_default();
+        let found: Vec<_> = found.into_iter().filter(|f| !own.contains(&f.id)).collect();
         if !found.is_empty() {
             anyhow::bail!(crate::capture::coexist::refusal(&found));
         }

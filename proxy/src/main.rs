@@ -52,9 +52,9 @@ fn main() -> ExitCode {
         Command::Maps { json, admin } => query(AdminCall::maps(admin, json)),
         Command::Explain { dst, admin } => query(AdminCall::explain(admin, dst)),
         Command::Node { op, admin } => query(AdminCall::node(admin, &op)),
-        Command::Cleanup => print_or_fail(
-            skiff::capture::iptables::cleanup().map(|r| skiff::cli::query::cleanup_text(&r)),
-        ),
+        Command::Cleanup { pin_dir } => {
+            print_or_fail(skiff::cli::query::cleanup(pin_dir.as_deref()))
+        }
     }
 }
 

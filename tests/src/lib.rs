@@ -279,11 +279,27 @@ fn rmdir_retrying(p: &Path) {
     );
 }
 
+/// Removes the default eBPF pin directory of the cgroup at `p` (`/sys/fs/bpf/skiff/<id>`),
+/// which a skiff killed on this cgroup leaves behind.
+fn remove_default_pins(p: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(meta) = fs::metadata(p) {
+        let dir = Path::new("/sys/fs/bpf/skiff").join(meta.ino().to_string());
+        if dir.exists()
+            && let Err(e) = fs::remove_dir_all(&dir)
+        {
+            eprintln!("warning: could not remove pins {}: {e}", dir.display());
+        }
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         for c in self.children.iter().rev() {
+            remove_default_pins(c);
             rmdir_retrying(c);
         }
+        remove_default_pins(&self.path);
         rmdir_retrying(&self.path);
     }
 }

@@ -626,8 +626,14 @@ pub mod reason {
     pub const ERR_UDP_REV: u32 = 35;
     /// A UDP socket to a non-service address: left alone (UDP is never sent to the proxy).
     pub const SKIP_UDP_MISS: u32 = 36;
+    /// The gate was open but no proxy listener exists where the connect would be sent (skiff
+    /// died with its programs pinned, or is draining), fail-open: the connect went to its
+    /// original destination.
+    pub const SKIP_PROXY_DOWN: u32 = 37;
+    /// As [`SKIP_PROXY_DOWN`], fail-closed: the connect was refused (ECONNREFUSED).
+    pub const REJECT_PROXY_DOWN: u32 = 38;
     /// Number of reasons (size of the stats array).
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 39;
 
     /// Counter names, indexed by reason (as shown by admin `/stats`).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -668,6 +674,8 @@ pub mod reason {
         "fast_udp_reply",
         "err_udp_rev",
         "skip_udp_miss",
+        "skip_proxy_down",
+        "reject_proxy_down",
     ];
 }
 
@@ -727,6 +735,16 @@ pub fn capture_decision(cfg: &ConfigValue, f: &impl ConnectFacts) -> Decision {
         return Decision::Pass(reason::SKIP_NOT_READY);
     }
     Decision::Capture
+}
+
+/// A captured connect that would go to the proxy when no proxy listener exists (the liveness
+/// check of connect4/6): the fail mode applies as for a closed gate, counted apart.
+pub fn proxy_down_decision(cfg: &ConfigValue) -> Decision {
+    if cfg.fail_closed != 0 {
+        Decision::Reject
+    } else {
+        Decision::Pass(reason::SKIP_PROXY_DOWN)
+    }
 }
 
 /// 127.0.0.0/8 or 0.0.0.0 (both reach this host): never captured.
@@ -1417,6 +1435,23 @@ mod tests {
         assert_ne!(a, client_hash(2, 10, 80u16.to_be()));
         assert_ne!(a, client_hash(1, 11, 80u16.to_be()));
         assert_ne!(a, client_hash(1, 10, 81u16.to_be()));
+    }
+
+    #[test]
+    fn a_dead_proxy_gets_the_fail_mode_counted_apart_from_the_gate() {
+        assert_eq!(
+            proxy_down_decision(&cfg(1, 0, 0)),
+            Decision::Pass(reason::SKIP_PROXY_DOWN)
+        );
+        assert_eq!(proxy_down_decision(&cfg(1, 1, 0)), Decision::Reject);
+        assert_eq!(
+            reason::NAMES[reason::SKIP_PROXY_DOWN as usize],
+            "skip_proxy_down"
+        );
+        assert_eq!(
+            reason::NAMES[reason::REJECT_PROXY_DOWN as usize],
+            "reject_proxy_down"
+        );
     }
 
     #[test]

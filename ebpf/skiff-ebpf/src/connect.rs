@@ -4,7 +4,12 @@
 //! `cgroup/sendmsg4` / `cgroup/recvmsg4` do the same per datagram for unconnected UDP.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_prandom_u32, generated::bpf_set_retval},
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_prandom_u32,
+        generated::{bpf_set_retval, bpf_sk_lookup_tcp, bpf_sk_release},
+    },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -15,7 +20,8 @@ use skiff_common::{
     ECONNREFUSED, EndpointKey, EndpointValue, ExcludePortKey, HEALTH_OK, IPPROTO_TCP, IPPROTO_UDP,
     LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM, LB_ROUND_ROBIN, NO_CLUSTER, NODE_SCOPE, OrigDstValue,
     ServiceKeyV4, ServiceKeyV6, ServiceStats, ServiceValue, SlotFacts, UdpRevKey, UdpRevValue,
-    capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot, reason,
+    capture_decision, client_hash, is_local_v4, is_local_v6, is_v4_mapped, pick_slot,
+    proxy_down_decision, reason,
 };
 
 use crate::{
@@ -206,6 +212,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
                 count(reason::FAST_PATH_V4);
                 return Ok(ALLOW);
             }
+            if !proxy_listening4(ctx, cfg.outbound_ip4_be, cfg.outbound_port4_be) {
+                return Ok(proxy_down(&cfg));
+            }
             remember(ctx, &sa, OrigDstValue::v4(ip_be, port_be))?;
             sa.set_dst4(cfg.outbound_ip4_be, cfg.outbound_port4_be);
             count(reason::CAPTURED_V4);
@@ -240,6 +249,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
                     count(reason::FAST_PATH_V4);
                     return Ok(ALLOW);
                 }
+                if !proxy_listening4(ctx, cfg.outbound_ip4_be, cfg.outbound_port4_be) {
+                    return Ok(proxy_down(&cfg));
+                }
                 remember(ctx, &sa, OrigDstValue::v4(ip4_be, port_be))?;
                 sa.set_dst6(
                     [ip_be[0], ip_be[1], ip_be[2], cfg.outbound_ip4_be],
@@ -270,6 +282,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
                 sa.set_dst6(ep_ip_be, ep_port_be);
                 count(reason::FAST_PATH_V6);
                 return Ok(ALLOW);
+            }
+            if !proxy_listening6(ctx, cfg.outbound_ip6_be, cfg.outbound_port6_be) {
+                return Ok(proxy_down(&cfg));
             }
             remember(ctx, &sa, OrigDstValue::v6(ip_be, port_be))?;
             sa.set_dst6(cfg.outbound_ip6_be, cfg.outbound_port6_be);
@@ -647,6 +662,92 @@ fn remember(ctx: &SockAddrContext, sa: &SockAddr<'_>, orig: OrigDstValue) -> Res
         return Err(reason::ERR_COOKIE_INSERT);
     }
     Ok(())
+}
+
+/// The proxy's liveness as the kernel sees it: a TCP listener exists at the outbound address
+/// in the caller's network namespace (where the rewritten connect would land). A killed skiff
+/// leaves its pinned programs and an open gate behind, but its listening sockets close with
+/// it, so this needs no heartbeat and no userspace write: it is exact the moment the process
+/// is gone (or its listeners are closed by a drain).
+#[inline(always)]
+fn proxy_listening4(ctx: &SockAddrContext, ip_be: u32, port_be: u16) -> bool {
+    let mut tuple = Tuple4 {
+        saddr_be: 0,
+        daddr_be: ip_be,
+        sport_be: 0,
+        dport_be: port_be,
+    };
+    sk_exists(
+        ctx,
+        (&raw mut tuple).cast(),
+        core::mem::size_of::<Tuple4>() as u32,
+    )
+}
+
+/// [`proxy_listening4`] for the IPv6 outbound listener.
+#[inline(always)]
+fn proxy_listening6(ctx: &SockAddrContext, ip_be: [u32; 4], port_be: u16) -> bool {
+    let mut tuple = Tuple6 {
+        saddr_be: [0; 4],
+        daddr_be: ip_be,
+        sport_be: 0,
+        dport_be: port_be,
+    };
+    sk_exists(
+        ctx,
+        (&raw mut tuple).cast(),
+        core::mem::size_of::<Tuple6>() as u32,
+    )
+}
+
+/// `bpf_sock_tuple`'s IPv4 half (addresses and ports network order).
+#[repr(C)]
+struct Tuple4 {
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+}
+
+/// `bpf_sock_tuple`'s IPv6 half.
+#[repr(C)]
+struct Tuple6 {
+    saddr_be: [u32; 4],
+    daddr_be: [u32; 4],
+    sport_be: u16,
+    dport_be: u16,
+}
+
+/// One `bpf_sk_lookup_tcp` in the current network namespace: the zero source never matches an
+/// established socket, so only a listener on the destination is found.
+#[inline(always)]
+fn sk_exists(ctx: &SockAddrContext, tuple: *mut bpf_sock_tuple, size: u32) -> bool {
+    // SAFETY: `tuple` points to an initialised stack value of `size` bytes; a found socket
+    // is released at once, as the verifier requires.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(ctx.as_ptr(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0);
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
+}
+
+/// The verdict for a captured connect whose proxy is gone: the fail mode, counted apart.
+#[inline(always)]
+fn proxy_down(cfg: &ConfigValue) -> i32 {
+    match proxy_down_decision(cfg) {
+        Decision::Reject => {
+            count(reason::REJECT_PROXY_DOWN);
+            // SAFETY: plain helper call; cgroup sock_addr programs may set the return value.
+            if unsafe { bpf_set_retval(-ECONNREFUSED) } != 0 {
+                count(reason::ERR_SET_RETVAL);
+            }
+            DENY
+        }
+        other => not_captured(other),
+    }
 }
 
 /// Counts a pass or refuses the connect (fail-closed while the proxy is not ready).

@@ -8,9 +8,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
+        cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink, links::FdLink,
         sock_ops::SockOpsLink,
     },
 };
@@ -27,6 +28,7 @@ use super::{
     },
     gate::{ConfigMap, MAP_CONFIG, ReadyGate},
     meshed::{MAP_MESHED, Meshed},
+    pin::Pins,
     reconciler::Capacity,
     take,
 };
@@ -62,6 +64,8 @@ enum Link {
     SockAddr(#[allow(dead_code)] CgroupSockAddrLink),
     SockOps(#[allow(dead_code)] SockOpsLink),
     Sockopt(#[allow(dead_code)] CgroupSockoptLink),
+    /// A pinned link: this fd keeps it attached while skiff runs; the pin, after a crash.
+    Pinned(#[allow(dead_code)] std::os::fd::OwnedFd),
 }
 
 /// Installed outbound capture: the loaded object and its links, and the parts that own its
@@ -82,6 +86,8 @@ pub struct Capture {
     log: super::log::LogPump,
     node_mode: bool,
     capture_cgroup: PathBuf,
+    /// The pin directory (`None`: nothing pinned, the links above detach on drop).
+    pins: Option<Pins>,
     // Dropped after the links: moves the process back, then removes the proxy cgroup.
     membership: Membership,
     _ebpf: Ebpf,
@@ -108,7 +114,31 @@ impl Capture {
     pub fn install(cfg: &CaptureConfig) -> Result<Capture, BpfError> {
         validate(cfg)?;
         let capture_cgroup = checked_attach_target(cfg.mode.capture_cgroup())?;
-        let mut ebpf = load_object(cfg)?;
+        let pins = open_pins(cfg)?;
+        // A failed first start leaves no pins behind; a failed takeover keeps the previous
+        // skiff's (its capture is still attached through them).
+        let fresh = pins
+            .as_ref()
+            .filter(|p| !p.reused())
+            .map(|p| p.dir().to_path_buf());
+        let installed = Self::install_pinned(cfg, capture_cgroup, pins);
+        if installed.is_err()
+            && let Some(dir) = fresh
+            && let Err(e) = super::pin::cleanup(Some(&dir))
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove the pins of a failed start");
+        }
+        installed
+    }
+
+    /// [`Capture::install`] once the pin directory is open.
+    fn install_pinned(
+        cfg: &CaptureConfig,
+        capture_cgroup: PathBuf,
+        pins: Option<Pins>,
+    ) -> Result<Capture, BpfError> {
+        let mut ebpf = load_object(cfg, pins.as_ref())?;
+        let takeover = pins.as_ref().is_some_and(Pins::reused);
 
         // Maps first: `take_map` and `program_mut` both borrow the Ebpf.
         let meshed = Arc::new(Meshed::new(
@@ -126,7 +156,7 @@ impl Capture {
         let config = Arc::new(ConfigMap::new(take(&mut ebpf, MAP_CONFIG)?, value)?);
         let (fast, loads) = match cfg.fast_path {
             Some(caps) => {
-                let maps = FastMapsTaken {
+                let mut maps = FastMapsTaken {
                     services: take(&mut ebpf, MAP_SVC_V4)?,
                     services6: take(&mut ebpf, MAP_SVC_V6)?,
                     clusters: take(&mut ebpf, MAP_CLUSTERS)?,
@@ -135,6 +165,13 @@ impl Capture {
                     ep_active: take(&mut ebpf, MAP_EP_ACTIVE)?,
                     fast_sk: take(&mut ebpf, MAP_FAST_SK)?,
                 };
+                if takeover {
+                    // The dead skiff's services point into generations this process's
+                    // reconciler does not know; with `fast_path` just written 0 by the config
+                    // entry above, no connect reads them. The first apply fills them again.
+                    clear(&mut maps.services, MAP_SVC_V4)?;
+                    clear(&mut maps.services6, MAP_SVC_V6)?;
+                }
                 let fast = FastPath::new(config.clone(), maps, caps, cfg.terminate_on_removal);
                 (
                     Some(Arc::new(fast)),
@@ -173,7 +210,13 @@ impl Capture {
             )));
         }
 
-        let links = attach(&mut ebpf, &sock_addr_hooks, &capture_cgroup, &proxy_cgroup)?;
+        let links = attach(
+            &mut ebpf,
+            &sock_addr_hooks,
+            &capture_cgroup,
+            &proxy_cgroup,
+            pins.as_ref(),
+        )?;
         // The loaded programs hold their own references to the exclusion maps now.
         drop(exclusions);
         // Node mode: the proxy cgroup is below the root, where sock_ops already runs.
@@ -195,6 +238,8 @@ impl Capture {
             outbound_v6 = ?cfg.outbound_v6,
             fail_closed = cfg.fail_closed,
             fast_path = ?cfg.fast_path,
+            pin_dir = ?pins.as_ref().map(|p| p.dir().display().to_string()),
+            takeover,
             "outbound capture attached (not ready yet)"
         );
 
@@ -209,6 +254,7 @@ impl Capture {
             log,
             node_mode: cfg.mode.is_node(),
             capture_cgroup,
+            pins,
             membership,
             _ebpf: ebpf,
         })
@@ -344,8 +390,13 @@ impl Drop for Capture {
         if let Err(e) = self.set_ready(false) {
             tracing::warn!(error = %e, "could not clear the ready flag");
         }
-        // Detach now; `membership` (dropped after this) then leaves the proxy cgroup.
+        // Detach now; `membership` (dropped after this) then leaves the proxy cgroup. A
+        // normal exit leaves nothing behind: with the pins gone, closing the links' fds
+        // detaches the programs.
         self.sockmap = None;
+        if let Some(p) = self.pins.take() {
+            p.remove();
+        }
         self.links.clear();
     }
 }
@@ -372,14 +423,22 @@ fn load_programs(
 }
 
 /// Attaches the sock_addr programs and sock_ops to `capture_cgroup` and getsockopt to
-/// `proxy_cgroup`; the links detach when dropped.
+/// `proxy_cgroup`; the links detach when dropped. With `pins`, the capture cgroup's links are
+/// pinned too, or, when a previous skiff's link is pinned there, the new program is swapped
+/// into it. getsockopt (the proxy's own cgroup) is never pinned: aya 0.14 cannot turn its
+/// link into a pinnable one, and only the proxy's sockets need it.
 fn attach(
     ebpf: &mut Ebpf,
     sock_addr_hooks: &[(&'static str, &'static str)],
     capture_cgroup: &Path,
     proxy_cgroup: &Path,
+    pins: Option<&Pins>,
 ) -> Result<Vec<Link>, BpfError> {
     let mut links = Vec::with_capacity(4);
+    if let Some(pins) = pins {
+        let fds = attach_pinned(ebpf, sock_addr_hooks, capture_cgroup, pins)?;
+        links.extend(fds.into_iter().map(Link::Pinned));
+    }
     let open = |path: &Path| {
         File::open(path).map_err(|source| BpfError::Io {
             what: "opening cgroup",
@@ -388,7 +447,12 @@ fn attach(
         })
     };
     let target = open(capture_cgroup)?;
-    for &(program, hook) in sock_addr_hooks {
+    let unpinned = if pins.is_some() {
+        &[][..]
+    } else {
+        sock_addr_hooks
+    };
+    for &(program, hook) in unpinned {
         let attach_err = |source| BpfError::attach((program, hook), capture_cgroup, source);
         let prog = sock_addr(ebpf, program, hook)?;
         let id = prog
@@ -396,7 +460,7 @@ fn attach(
             .map_err(attach_err)?;
         links.push(Link::SockAddr(prog.take_link(id).map_err(attach_err)?));
     }
-    {
+    if pins.is_none() {
         let attach_err = |source| BpfError::attach(SOCK_OPS, capture_cgroup, source);
         let prog = sock_ops(ebpf)?;
         let id = prog
@@ -415,9 +479,152 @@ fn attach(
     Ok(links)
 }
 
+/// [`attach`] with pins: per program, `BPF_LINK_UPDATE` of its pinned link when there is one
+/// (the hook keeps running the old program until the swap), else attach and pin the link.
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    sock_addr_hooks: &[(&'static str, &'static str)],
+    capture_cgroup: &Path,
+    pins: &Pins,
+) -> Result<Vec<std::os::fd::OwnedFd>, BpfError> {
+    let mut fds = Vec::new();
+    let open = |path: &Path| {
+        File::open(path).map_err(|source| BpfError::Io {
+            what: "opening cgroup",
+            path: path.into(),
+            source,
+        })
+    };
+    let target = open(capture_cgroup)?;
+    let mut hooks: Vec<((&'static str, &'static str), &File, &Path)> = sock_addr_hooks
+        .iter()
+        .map(|&h| (h, &target, capture_cgroup))
+        .collect();
+    hooks.push((SOCK_OPS, &target, capture_cgroup));
+    for ((program, hook), file, cgroup) in hooks {
+        let pin = pins.link(program);
+        let pin_err = |what: &'static str, source: std::io::Error| BpfError::Io {
+            what,
+            path: pin.clone(),
+            source,
+        };
+        let attach_err = |source| BpfError::attach((program, hook), cgroup, source);
+        let prog: &mut aya::programs::Program = ebpf
+            .program_mut(program)
+            .ok_or(BpfError::ProgramMissing { program, hook })?;
+        if pin.exists() {
+            let fd = prog
+                .fd()
+                .map_err(|source| BpfError::load((program, hook), source))?;
+            let link = super::pin::link_update(&pin, std::os::fd::AsFd::as_fd(fd))
+                .map_err(|e| pin_err("swapping the new program into the pinned link", e))?;
+            fds.push(link);
+            continue;
+        }
+        let link: FdLink = match prog {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(file, CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+            }
+            aya::programs::Program::SockOps(p) => {
+                let id = p
+                    .attach(file, CgroupAttachMode::Single)
+                    .map_err(attach_err)?;
+                FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+            }
+            _ => return Err(BpfError::ProgramMissing { program, hook }),
+        }
+        .map_err(|e| {
+            BpfError::Config(format!(
+                "program {program} ({hook}): the kernel gave no bpf link to pin ({e})"
+            ))
+        })?;
+        // The pin holds the link after a crash; an fd of our own holds it while we run (the
+        // PinnedLink's fd is not reachable through aya).
+        drop(link.pin(&pin).map_err(|e| {
+            BpfError::Config(format!(
+                "pinning the link of {program} ({hook}) at {}: {e}",
+                pin.display()
+            ))
+        })?);
+        fds.push(super::pin::obj_get(&pin).map_err(|e| pin_err("opening the pinned link", e))?);
+    }
+    Ok(fds)
+}
+
+/// The pin directory `cfg` asks for, opened (`None`: no pinning).
+fn open_pins(cfg: &CaptureConfig) -> Result<Option<Pins>, BpfError> {
+    let Some(dir) = super::pin::dir_for(cfg)? else {
+        return Ok(None);
+    };
+    match Pins::open(&dir)? {
+        Some(p) => Ok(Some(p)),
+        // A second skiff on the same cgroup (`--allow-coexist`): the default directory is
+        // the first one's, so this one runs unpinned; a directory named on purpose must be
+        // free.
+        None if cfg.pinning == super::Pinning::Default => {
+            tracing::warn!(dir = %dir.display(), "a running skiff holds the default pin directory: nothing pinned");
+            Ok(None)
+        }
+        None => Err(BpfError::Config(format!(
+            "pin directory {} is held by a running skiff; give this one its own --pin-dir",
+            dir.display()
+        ))),
+    }
+}
+
+/// Deletes every entry of a hash map.
+fn clear<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<(), BpfError> {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        match map.remove(&k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(super::map_err(name, "clear a taken-over entry", source)),
+        }
+    }
+    Ok(())
+}
+
+/// The maps pinned for `cfg`: [`super::pin::PINNED`], and [`super::pin::PINNED_FAST`] with
+/// the fast path.
+fn pinned_maps(cfg: &CaptureConfig) -> impl Iterator<Item = &'static str> {
+    let fast: &[&str] = if cfg.fast_path.is_some() {
+        super::pin::PINNED_FAST
+    } else {
+        &[]
+    };
+    super::pin::PINNED.iter().chain(fast).copied()
+}
+
+/// Refuses to reuse a pinned map whose size differs from what this run asks (`--fast-path`
+/// capacities changed): the programs would index past it or waste it.
+fn check_pinned_size(pins: &Pins, name: &str, want: u32) -> Result<(), BpfError> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let have = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .map(|i| i.max_entries())
+        .map_err(|e| BpfError::Config(format!("reading pinned map {}: {e}", path.display())))?;
+    if have != want {
+        return Err(BpfError::Config(format!(
+            "pinned map {} has {have} entries, this run needs {want} (the fast-path capacity \
+             changed): stop the other skiff or run `skiff cleanup`",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Loads the embedded object with the fast-path maps sized from `cfg` (a token size when the
-/// fast path is off).
-fn load_object(cfg: &CaptureConfig) -> Result<Ebpf, BpfError> {
+/// fast path is off), reusing (or creating and pinning) the maps of [`pinned_maps`] in `pins`.
+fn load_object(cfg: &CaptureConfig, pins: Option<&Pins>) -> Result<Ebpf, BpfError> {
     // No RLIMIT_MEMLOCK bump: kernels >= 5.11 charge BPF memory to the cgroup instead.
     // Fast-path maps are sized from the config (a token size when the fast path is off).
     let caps = cfg.fast_path.unwrap_or(Capacity {
@@ -426,29 +633,41 @@ fn load_object(cfg: &CaptureConfig) -> Result<Ebpf, BpfError> {
         max_endpoints: 1,
         max_maglev: 1,
     });
-    EbpfLoader::new()
-        .map_max_entries(MAP_SVC_V4, caps.max_services)
-        .map_max_entries(MAP_SVC_V6, caps.max_services)
-        .map_max_entries(MAP_SVC_STAT, caps.max_services)
-        .map_max_entries(MAP_CLUSTERS, 2 * caps.max_clusters)
-        .map_max_entries(MAP_RR, 2 * caps.max_clusters)
-        .map_max_entries(MAP_ENDPOINTS, 2 * caps.max_endpoints)
-        .map_max_entries(MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE)
-        .map_max_entries(MAP_EP_ACTIVE, caps.max_endpoints)
-        .map_max_entries(MAP_EP_LOAD, caps.max_endpoints)
+    let sizes = [
+        (MAP_SVC_V4, caps.max_services),
+        (MAP_SVC_V6, caps.max_services),
+        (MAP_SVC_STAT, caps.max_services),
+        (MAP_CLUSTERS, 2 * caps.max_clusters),
+        (MAP_RR, 2 * caps.max_clusters),
+        (MAP_ENDPOINTS, 2 * caps.max_endpoints),
+        (MAP_MAGLEV, 2 * caps.max_maglev.max(1) * MAGLEV_TABLE_SIZE),
+        (MAP_EP_ACTIVE, caps.max_endpoints),
+        (MAP_EP_LOAD, caps.max_endpoints),
         // An LRU hash preallocates every entry: keep it to one without the fast path.
-        .map_max_entries(
+        (
             MAP_UDP_REV,
             if cfg.fast_path.is_some() {
                 UDP_REV_ENTRIES
             } else {
                 1
             },
-        )
-        .load(OBJECT)
-        .map_err(|source| BpfError::Object {
-            source: Box::new(source),
-        })
+        ),
+    ];
+    let mut loader = EbpfLoader::new();
+    for &(name, size) in &sizes {
+        loader.map_max_entries(name, size);
+    }
+    if let Some(pins) = pins {
+        for name in pinned_maps(cfg) {
+            if let Some(&(_, size)) = sizes.iter().find(|(n, _)| *n == name) {
+                check_pinned_size(pins, name, size)?;
+            }
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
+    loader.load(OBJECT).map_err(|source| BpfError::Object {
+        source: Box::new(source),
+    })
 }
 
 fn validate(cfg: &CaptureConfig) -> Result<(), BpfError> {

@@ -28,7 +28,10 @@
 //!
 //! In node mode connect4/6 capture only tasks whose cgroup id is in the meshed set
 //! ([`meshed::Meshed`]). The links belong to the [`Capture`]: dropping it clears the ready flag,
-//! detaches everything and moves the process back to its original cgroup.
+//! detaches everything (removing the [`pin`] directory first) and moves the process back to its
+//! original cgroup. Pinned, the capture outlives a killed skiff; connect4/6 then find no proxy
+//! listener and apply the fail mode to proxy-bound connects, and a restarted skiff takes the
+//! pins over (see [`pin`]).
 //!
 //! The proxy answers `SO_ORIGINAL_DST` on its accepted sockets as it would with iptables: the
 //! `getsockopt` program reads the original destination that `connect4/6` recorded and
@@ -45,6 +48,7 @@ mod loader;
 mod log;
 pub mod meshed;
 pub mod owner;
+pub mod pin;
 pub mod projection;
 pub mod reconciler;
 pub mod terminate;
@@ -97,6 +101,19 @@ pub struct CaptureConfig {
     /// `--sockmap`: local socket pairs on these service ports move their payload
     /// socket-to-socket (sk_msg); empty: off.
     pub sockmap_ports: Vec<u16>,
+    /// Where the links and kept maps are pinned (see [`pin`]).
+    pub pinning: Pinning,
+}
+
+/// Whether and where the capture pins its links and maps (`--pin-dir`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// Nothing pinned: the links detach when skiff exits, however it exits.
+    Off,
+    /// `/sys/fs/bpf/skiff/<capture cgroup id>` when /sys/fs/bpf is bpffs, else off (logged).
+    Default,
+    /// This directory (must be on bpffs).
+    Dir(PathBuf),
 }
 
 /// Where the capture programs attach.
@@ -134,6 +151,7 @@ impl CaptureConfig {
             fast_path: None,
             terminate_on_removal: false,
             sockmap_ports: Vec::new(),
+            pinning: Pinning::Default,
         }
     }
 }

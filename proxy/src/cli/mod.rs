@@ -69,9 +69,15 @@ pub enum Command {
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
-    /// Remove the iptables rules (every `SKIFF_*` nat chain and the jumps to them) a killed
-    /// `skiff run --capture iptables` left in this network namespace. Idempotent.
-    Cleanup,
+    /// Remove what a killed skiff left: the iptables rules (every `SKIFF_*` nat chain and the
+    /// jumps to them) of `--capture iptables` in this network namespace, and the eBPF pins
+    /// (links and maps) under /sys/fs/bpf/skiff (or only `--pin-dir`), which detaches its
+    /// programs. Idempotent; run it when no skiff runs.
+    Cleanup {
+        /// Remove only this pin directory.
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<std::path::PathBuf>,
+    },
     /// Node mode: add or remove pods and pod cgroups at run time (through the admin API).
     Node {
         /// The operation.
@@ -319,6 +325,15 @@ pub struct RunArgs {
     /// application's fast-path sockets still connected to it (netlink SOCK_DESTROY).
     #[arg(long, requires = "fast_path")]
     pub terminate_on_removal: bool,
+    /// Pin the capture's links and kept maps (gate, original destinations, meshed cgroups,
+    /// fast path) in this bpffs directory, so a killed skiff leaves capture attached and a
+    /// restarted one with the same directory takes them over. Default:
+    /// /sys/fs/bpf/skiff/<capture cgroup id> (off when /sys/fs/bpf is not bpffs).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_pin")]
+    pub pin_dir: Option<std::path::PathBuf>,
+    /// Pin nothing: a killed skiff detaches its capture (traffic then flows directly).
+    #[arg(long)]
+    pub no_pin: bool,
     /// Sockmap acceleration (sk_msg) for local socket pairs on `--sockmap-ports`. Off by
     /// default: it speeds up request/response on long-lived connections but slows bulk
     /// streams and short connections, and blocking readers may see EAGAIN at EOF

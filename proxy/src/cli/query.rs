@@ -176,6 +176,27 @@ pub fn maps_text(v: &serde_json::Value) -> String {
     out
 }
 
+/// `skiff cleanup`: the iptables leftovers (skipped with `--pin-dir`), then the eBPF pins
+/// (`dir`, or every skiff pin directory), as the text it prints.
+pub fn cleanup(dir: Option<&std::path::Path>) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let mut out = String::new();
+    if dir.is_none() {
+        let report = crate::capture::iptables::cleanup()?;
+        if !report.removed.is_empty() {
+            out.push_str(&cleanup_text(&report));
+        }
+    }
+    let pins = crate::bpf::pin::cleanup(dir).context("removing eBPF pins")?;
+    for p in pins {
+        out.push_str(&format!("unpinned {}\n", p.display()));
+    }
+    if out.is_empty() {
+        out.push_str("nothing to remove\n");
+    }
+    Ok(out)
+}
+
 /// What `skiff cleanup` prints for its report.
 pub fn cleanup_text(report: &crate::capture::iptables::CleanupReport) -> String {
     if report.removed.is_empty() {

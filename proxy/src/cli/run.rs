@@ -262,6 +262,11 @@ pub fn build(
             } else {
                 Vec::new()
             },
+            pinning: match (a.no_pin, a.pin_dir) {
+                (true, _) => crate::bpf::Pinning::Off,
+                (false, Some(dir)) => crate::bpf::Pinning::Dir(dir),
+                (false, None) => crate::bpf::Pinning::Default,
+            },
         }),
     };
     let upstream_mark = (capture.is_some() || extras.iptables.is_some()).then_some(a.proxy_mark);

@@ -70,6 +70,33 @@ fn value_parsers_take_hex_and_units() {
 }
 
 #[test]
+fn pin_dir_and_no_pin_choose_the_pinning() {
+    let dir = TempDir::new("pin");
+    let app = dir.app();
+    let pinning = |more: &[&str]| {
+        let mut args = vec!["--cgroup", path(&app)];
+        args.extend_from_slice(more);
+        let (opts, _) = build(run_args(&args), bootstrap(), CaptureKind::Ebpf).unwrap();
+        opts.capture.unwrap().pinning
+    };
+    assert_eq!(
+        pinning(&["--pin-dir", "/sys/fs/bpf/x"]),
+        crate::bpf::Pinning::Dir("/sys/fs/bpf/x".into())
+    );
+    assert_eq!(pinning(&["--no-pin"]), crate::bpf::Pinning::Off);
+    let both = [
+        "skiff",
+        "run",
+        "--bootstrap",
+        "b",
+        "--no-pin",
+        "--pin-dir",
+        "/x",
+    ];
+    assert!(Cli::try_parse_from(both).is_err());
+}
+
+#[test]
 fn clap_refuses_flags_without_their_companions() {
     for args in [
         &["--sockmap"][..],
@@ -208,6 +235,7 @@ fn sidecar_ebpf_capture_takes_every_flag() {
     assert_eq!(c.exclude_cidrs, [(v4, 8), (v6, 8)]);
     assert_eq!(c.proxy_mark, 7);
     assert!(c.sockmap_ports.is_empty());
+    assert_eq!(c.pinning, crate::bpf::Pinning::Default);
     assert_eq!(opts.upstream_mark, Some(7));
     let inbound = extras.inbound.unwrap();
     assert!(inbound.sk_lookup && inbound.port == 15006);
