@@ -68,6 +68,8 @@ pub fn run() -> anyhow::Result<()> {
         "root_coexist",
         "--test",
         "root_pods",
+        "--test",
+        "root_pinning",
         "--",
         "--test-threads=1",
     ]))?;
@@ -90,10 +92,28 @@ pub fn clean_env() -> anyhow::Result<()> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if PREFIXES.iter().any(|p| name.starts_with(p)) {
+            remove_pins_of(&entry.path());
             remove_cgroup_tree(&entry.path());
         }
     }
     Ok(())
+}
+
+/// Removes skiff's pins (`/sys/fs/bpf/skiff/<cgroup id>`, the pinned links and maps a killed
+/// skiff leaves) of the test cgroup tree at `dir`: unpinned links detach with their last fd.
+fn remove_pins_of(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(m) = std::fs::metadata(dir) {
+        let pins = Path::new("/sys/fs/bpf/skiff").join(m.ino().to_string());
+        if pins.exists() && std::fs::remove_dir_all(&pins).is_ok() {
+            eprintln!("removed pins {}", pins.display());
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten().filter(|e| e.path().is_dir()) {
+            remove_pins_of(&e.path());
+        }
+    }
 }
 
 fn remove_cgroup_tree(dir: &Path) {
