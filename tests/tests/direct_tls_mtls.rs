@@ -660,6 +660,11 @@ static_resources:
     assert!(c("skiff.response_flags.UF").await >= 2);
     assert!(c("cluster.mtls-tcp.ssl.handshake").await >= 1);
     assert!(c("cluster.mtls-http.ssl.handshake").await >= 1);
+    // What was negotiated, under Envoy's names: an upstream context defaults to TLS 1.2 at
+    // most (Envoy's client default), with BoringSSL's first suite and curve.
+    assert!(c("cluster.mtls-tcp.ssl.versions.TLSv1.2").await >= 1);
+    assert!(c("cluster.mtls-tcp.ssl.ciphers.ECDHE-ECDSA-AES128-GCM-SHA256").await >= 1);
+    assert!(c("cluster.mtls-tcp.ssl.curves.X25519").await >= 1);
     assert_eq!(c("cluster.plain-to-inbound.ssl.handshake").await, 0);
     let text = logs.text();
     let san_line = text
@@ -723,6 +728,7 @@ static_resources:
         "the server logs the client it refused"
     );
     assert!(s("ssl.handshake").await >= 4);
+    assert!(s("ssl.versions.TLSv1.2").await >= 4);
     assert!(loopback_stat(server_admin, "tls_inspector.tls_found").await >= 6);
 
     client.stop().await.unwrap();

@@ -69,8 +69,14 @@ impl ListenerCounters {
         &self.prefix
     }
 
-    /// Count a downstream TLS handshake that succeeded, and whether it resumed a session.
-    pub(super) fn ssl_handshake(&self, resumed: bool) {
+    /// Count a downstream TLS handshake that succeeded, whether it resumed a session, and
+    /// what it negotiated (`negotiated`: `versions.TLSv1.3`, ... under `ssl.`).
+    pub(super) fn ssl_handshake(&self, resumed: bool, negotiated: Vec<String>) {
+        for s in negotiated {
+            self.stats
+                .counter(&format!("{}.ssl.{s}", self.prefix))
+                .inc();
+        }
         let named = |cell: &OnceLock<Arc<Counter>>, name: &str| {
             cell.get_or_init(|| self.stats.counter(&format!("{}.ssl.{name}", self.prefix)))
                 .inc();

@@ -429,9 +429,9 @@ async fn terminate(
     };
     match result {
         Ok(a) => {
-            let resumed =
-                a.stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            counters.ssl_handshake(resumed);
+            let tls = a.stream.get_ref().1;
+            let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            counters.ssl_handshake(resumed, crate::tls::negotiated::stat_suffixes(tls));
             Ok((
                 Io::Tls(Box::new(a.stream.into())),
                 a.peer,

@@ -150,6 +150,9 @@ pub async fn originate(
     match &result {
         Ok(o) => {
             stats.counter(&format!("{scope}.ssl.handshake")).inc();
+            for s in crate::tls::negotiated::stat_suffixes(o.stream.get_ref().1) {
+                stats.counter(&format!("{scope}.ssl.{s}")).inc();
+            }
             if o.stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 stats.counter(&format!("{scope}.ssl.session_reused")).inc();
             }

@@ -12,6 +12,8 @@
 //! - `identity`: the peer's [`PeerIdentity`] (URI and DNS SANs, RFC 2253 subject).
 //! - [`handshake`]: [`connect`] and [`accept`], and [`HandshakeError`], classified as Envoy's
 //!   `ssl.*` stats.
+//! - [`negotiated`]: what a handshake negotiated, under Envoy's `ssl.versions/ciphers/curves`
+//!   stat names.
 //! - [`inspect`]: `tls_inspector`, a pure ClientHello parser (TLS or not, SNI, ALPN) over
 //!   peeked bytes, for filter chain matching before any handshake.
 
@@ -20,6 +22,7 @@ pub mod handshake;
 mod identity;
 pub mod inspect;
 mod load;
+pub mod negotiated;
 mod verify;
 
 #[cfg(test)]
