@@ -241,26 +241,8 @@ pub async fn serve(
         token_required = opts.require_token.is_some(),
         "control plane listening"
     );
-    let sds_listener = match &opts.sds_socket {
-        None => None,
-        Some(path) => {
-            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
-                path: path.clone(),
-                error,
-            })?;
-            Some((path.clone(), listener))
-        }
-    };
-    let ads_listener = match &opts.ads_socket {
-        None => None,
-        Some(path) => {
-            let listener = bind_unix(path).map_err(|error| ControlPlaneError::BindUnix {
-                path: path.clone(),
-                error,
-            })?;
-            Some((path.clone(), listener))
-        }
-    };
+    let sds_listener = bind_unix_opt(opts.sds_socket.as_deref())?;
+    let ads_listener = bind_unix_opt(opts.ads_socket.as_deref())?;
     on_bound(bound);
 
     let stop = CancellationToken::new();
@@ -276,35 +258,20 @@ pub async fn serve(
         stop: stop.clone(),
     };
     let sds_server = sds_listener.map(|(path, listener)| {
-        info!(socket = %path.display(), "SDS listening");
-        let stop = stop.clone();
         let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
             SecretDiscoveryServiceServer::new(SdsService { ctx: ctx.clone() }),
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async move { stop.cancelled().await },
+            stop.clone().cancelled_owned(),
         );
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(socket = %path.display(), error = %e, "SDS server failed");
-            }
-            // Leave no socket behind for the next start to trip over.
-            let _ = std::fs::remove_file(&path);
-        })
+        spawn_unix_server("SDS", path, server)
     });
     let ads_socket_server = ads_listener.map(|(path, listener)| {
-        info!(socket = %path.display(), "ADS listening on a Unix socket");
-        let stop = stop.clone();
         let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
             AggregatedDiscoveryServiceServer::new(AdsService { ctx: ctx.clone() }),
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async move { stop.cancelled().await },
+            stop.clone().cancelled_owned(),
         );
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(socket = %path.display(), error = %e, "ADS socket server failed");
-            }
-            let _ = std::fs::remove_file(&path);
-        })
+        spawn_unix_server("ADS", path, server)
     });
     let service = AdsService { ctx };
     let service = AggregatedDiscoveryServiceServer::with_interceptor(
@@ -348,6 +315,39 @@ pub async fn serve(
         warn!(error = %e, "control plane source poller failed");
     }
     result
+}
+
+/// Binds the Unix socket at `path`, when one is asked for (see [`bind_unix`]).
+// The error `serve` itself returns; it happens once, at start-up.
+#[allow(clippy::result_large_err)]
+fn bind_unix_opt(
+    path: Option<&std::path::Path>,
+) -> Result<Option<(PathBuf, tokio::net::UnixListener)>, ControlPlaneError> {
+    path.map(|path| {
+        bind_unix(path)
+            .map(|l| (path.to_path_buf(), l))
+            .map_err(|error| ControlPlaneError::BindUnix {
+                path: path.to_path_buf(),
+                error,
+            })
+    })
+    .transpose()
+}
+
+/// Runs a gRPC server on a Unix socket (`what`: SDS or ADS) until it stops, then removes the
+/// socket file so the next start does not trip over it.
+fn spawn_unix_server(
+    what: &'static str,
+    path: PathBuf,
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    info!(socket = %path.display(), "{what} listening on a Unix socket");
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(socket = %path.display(), error = %e, "{what} socket server failed");
+        }
+        let _ = std::fs::remove_file(&path);
+    })
 }
 
 /// Binds a Unix socket (SDS, ADS), replacing a stale one (a socket file nobody listens on).
