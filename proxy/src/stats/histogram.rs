@@ -67,6 +67,14 @@ pub struct HistogramSnapshot {
 }
 
 impl HistogramSnapshot {
+    /// Add `other`'s values (two series merged into one).
+    pub fn merge(&mut self, other: &HistogramSnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+    }
+
     /// How many values were recorded (the bucket counts are read one by one, so this is their
     /// sum rather than a separate counter: `_count` always equals the `+Inf` bucket).
     pub fn count(&self) -> u64 {

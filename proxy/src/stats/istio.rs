@@ -18,15 +18,19 @@
 //! `latest`). skiff runs no metadata exchange, so the peer's workload, app and version are
 //! `unknown` unless known from the node itself.
 
-use std::collections::HashMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 
+use super::histogram::HistogramSnapshot;
 use super::prometheus::escape_label_value;
 use super::{Counter, Histogram};
-use crate::model::istio::{IstioService, IstioStats, Reporter, Workload, cluster_service};
+use crate::model::istio::{
+    IstioService, IstioStats, MetricOverride, Reporter, Workload, cluster_service, shape,
+};
 
 /// `unknown`, Istio's value for a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
@@ -63,11 +67,14 @@ const HTTP_LABELS: [&str; 25] = [
 /// TCP metrics carry the same labels but the response code and gRPC status.
 const TCP_SKIPS: [&str; 2] = ["response_code", "grpc_response_status"];
 
-/// One label set: TCP or HTTP, and the values in [`HTTP_LABELS`] order.
+/// One label set: TCP or HTTP, the values in [`HTTP_LABELS`] order, and the filter's
+/// `metrics` overrides (applied when rendering: a dropped metric is not shown, removed tags
+/// merge the series that differ only in them).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Labels {
     tcp: bool,
     values: Vec<Arc<str>>,
+    overrides: Arc<[MetricOverride]>,
 }
 
 impl Labels {
@@ -82,14 +89,21 @@ impl Labels {
             .map(|i| &*self.values[i])
     }
 
-    fn render(&self) -> String {
-        HTTP_LABELS
+    /// The label text of metric `metric` (`requests_total`, ...), or `None` when the overrides
+    /// drop it.
+    fn render(&self, metric: &str) -> Option<String> {
+        let (keep, removed) = shape(&self.overrides, metric);
+        if !keep {
+            return None;
+        }
+        let text = HTTP_LABELS
             .iter()
             .zip(&self.values)
-            .filter(|(n, _)| !(self.tcp && TCP_SKIPS.contains(n)))
+            .filter(|(n, _)| !(removed.contains(n) || self.tcp && TCP_SKIPS.contains(n)))
             .map(|(n, v)| format!("{n}=\"{}\"", escape_label_value(v)))
             .collect::<Vec<_>>()
-            .join(",")
+            .join(",");
+        Some(text)
     }
 }
 
@@ -283,6 +297,7 @@ impl IstioMetrics {
         Labels {
             tcp: end.is_none(),
             values,
+            overrides: cfg.overrides.clone(),
         }
     }
 
@@ -330,50 +345,58 @@ impl IstioMetrics {
         self.len() == 0
     }
 
-    /// The Prometheus text of every family recorded so far (nothing when none was).
+    /// The Prometheus text of every family recorded so far (nothing when none was). Series
+    /// whose labels become equal once the overrides' tags are removed are summed.
     pub fn render(&self) -> String {
         let map = self.series.load_full();
-        let mut sets: Vec<(&Arc<Labels>, &Arc<Series>)> = map.iter().collect();
-        sets.sort_by(|a, b| a.0.values.cmp(&b.0.values).then(a.0.tcp.cmp(&b.0.tcp)));
-        let rendered: Vec<(String, bool, &Arc<Series>)> =
-            sets.iter().map(|(l, s)| (l.render(), l.tcp, *s)).collect();
         let mut out = String::new();
         let counters: [(&str, bool, CounterOf); 5] = [
-            ("istio_requests_total", false, |s| &s.requests_total),
-            ("istio_tcp_connections_closed_total", true, |s| {
-                &s.tcp_closed
-            }),
-            ("istio_tcp_connections_opened_total", true, |s| {
-                &s.tcp_opened
-            }),
-            ("istio_tcp_received_bytes_total", true, |s| &s.tcp_received),
-            ("istio_tcp_sent_bytes_total", true, |s| &s.tcp_sent),
+            ("requests_total", false, |s| &s.requests_total),
+            ("tcp_connections_closed_total", true, |s| &s.tcp_closed),
+            ("tcp_connections_opened_total", true, |s| &s.tcp_opened),
+            ("tcp_received_bytes_total", true, |s| &s.tcp_received),
+            ("tcp_sent_bytes_total", true, |s| &s.tcp_sent),
         ];
-        for (name, tcp, get) in counters {
-            let mut first = true;
-            for (l, _, s) in rendered.iter().filter(|r| r.1 == tcp) {
-                if first {
-                    let _ = writeln!(out, "# TYPE {name} counter");
-                    first = false;
+        for (metric, tcp, get) in counters {
+            let mut rows: BTreeMap<String, u64> = BTreeMap::new();
+            for (l, s) in map.iter().filter(|(l, _)| l.tcp == tcp) {
+                if let Some(text) = l.render(metric) {
+                    *rows.entry(text).or_default() += get(s).get();
                 }
-                let _ = writeln!(out, "{name}{{{l}}} {}", get(s).get());
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "# TYPE istio_{metric} counter");
+            for (l, v) in rows {
+                let _ = writeln!(out, "istio_{metric}{{{l}}} {v}");
             }
         }
         let histograms: [(&str, HistogramOf); 3] = [
-            ("istio_request_bytes", |s| &s.request_bytes),
-            ("istio_request_duration_milliseconds", |s| {
-                &s.request_duration
-            }),
-            ("istio_response_bytes", |s| &s.response_bytes),
+            ("request_bytes", |s| &s.request_bytes),
+            ("request_duration_milliseconds", |s| &s.request_duration),
+            ("response_bytes", |s| &s.response_bytes),
         ];
-        for (name, get) in histograms {
-            let mut first = true;
-            for (l, _, s) in rendered.iter().filter(|r| !r.1) {
-                if first {
-                    let _ = writeln!(out, "# TYPE {name} histogram");
-                    first = false;
+        for (metric, get) in histograms {
+            let mut rows: BTreeMap<String, HistogramSnapshot> = BTreeMap::new();
+            for (l, s) in map.iter().filter(|(l, _)| !l.tcp) {
+                if let Some(text) = l.render(metric) {
+                    let snap = get(s).snapshot();
+                    match rows.entry(text) {
+                        Entry::Vacant(v) => {
+                            v.insert(snap);
+                        }
+                        Entry::Occupied(mut o) => o.get_mut().merge(&snap),
+                    }
                 }
-                super::prometheus::histogram(&mut out, name, l, &get(s).snapshot());
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let name = format!("istio_{metric}");
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (l, snap) in rows {
+                super::prometheus::histogram(&mut out, &name, &l, &snap);
             }
         }
         out
@@ -492,6 +515,55 @@ mod tests {
         assert!(text.contains("response_code=\"503\""), "{text}");
         assert!(text.contains("response_flags=\"UF\""), "{text}");
         assert!(text.contains("le=\"10\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn overrides_drop_metrics_and_merge_series_without_removed_tags() {
+        use crate::model::istio::MetricOverride;
+        let m = IstioMetrics::default();
+        m.set_local(local());
+        let c = IstioStats {
+            overrides: Arc::from(vec![
+                MetricOverride {
+                    name: Some("requests_total".into()),
+                    drop: false,
+                    tags_to_remove: vec!["response_code".into(), "response_flags".into()],
+                },
+                MetricOverride {
+                    name: Some("request_bytes".into()),
+                    drop: true,
+                    tags_to_remove: vec![],
+                },
+            ]),
+            ..cfg(Reporter::Source)
+        };
+        let f = Facts {
+            cluster: Some("outbound|9080||ratings.default.svc.cluster.local"),
+            ..Default::default()
+        };
+        for (status, flags) in [(200, "-"), (503, "UF"), (200, "-")] {
+            let end = RequestEnd {
+                status,
+                flags,
+                ..Default::default()
+            };
+            m.request(&c, &f, &end, std::time::Duration::from_millis(3), 5, 7);
+        }
+        assert_eq!(m.len(), 2, "two label sets recorded");
+        let text = m.render();
+        let totals: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(totals.len(), 1, "{text}");
+        assert!(totals[0].ends_with("} 3"), "{text}");
+        assert!(!totals[0].contains("response_code"), "{text}");
+        assert!(!text.contains("istio_request_bytes"), "{text}");
+        // Other metrics keep every label.
+        assert!(
+            text.contains("istio_response_bytes_count{") && text.contains("response_code=\"503\""),
+            "{text}"
+        );
     }
 
     #[test]
