@@ -143,3 +143,71 @@ pub fn header_or(headers: &hyper::HeaderMap, name: &str, default: &str) -> Strin
         .unwrap_or(default)
         .to_string()
 }
+
+/// A blocking HTTP/1.1 backend on a free loopback port: `200 ok` for `GET /`, `404` for
+/// anything else; one request per connection.
+pub fn blocking_backend() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let status = if got.starts_with(b"GET / ") {
+                    "200 OK"
+                } else {
+                    "404 Not Found"
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// One blocking `GET path` (`host: svc`) through 127.0.0.1:`port` on its own connection; the
+/// status code.
+pub fn blocking_get(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split(' ').nth(1)?.parse().ok()
+}
+
+/// One admin call to 127.0.0.1:`admin` from blocking code (a runtime of its own, 5 s bound):
+/// the body, or the error as text.
+pub fn blocking_admin(admin: u16, method: hyper::Method, path: &str) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            skiff::admin::request(addr, method, path),
+        )
+        .await
+        .map_err(|_| format!("{path}: no answer within 5 s"))?
+        .map_err(|e| e.to_string())
+    })
+}

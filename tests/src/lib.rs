@@ -41,8 +41,8 @@ pub mod tls;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{
-    SEED_SCENARIO, copy_seed_scenario, h1_client, h1_send, h2c_client, h2c_send, header_or,
-    loopback_stat, serve_h2c, serve_http1,
+    SEED_SCENARIO, blocking_admin, blocking_backend, blocking_get, copy_seed_scenario, h1_client,
+    h1_send, h2c_client, h2c_send, header_or, loopback_stat, serve_h2c, serve_http1,
 };
 
 /// What a root test needs, found by [`require_root`].

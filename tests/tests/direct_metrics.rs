@@ -5,73 +5,12 @@
 //! escaping. Also `/stats`' histogram summary, `/server_info`'s fields and `/logging`.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use openmetrics_parser::PrometheusValue;
 use skiff_tests::{SkiffThread, free_port, run_options};
-
-/// A blocking HTTP/1.1 backend: `200 ok` for `/`, `404` for anything else; one request per
-/// connection.
-fn backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&got);
-                let status = if head.starts_with("GET / ") {
-                    "200 OK"
-                } else {
-                    "404 Not Found"
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                );
-            });
-        }
-    });
-    addr
-}
-
-/// One `GET path` through 127.0.0.1:`port` on its own connection; the status code.
-fn get(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split(' ').nth(1)?.parse().ok()
-}
-
-fn admin_get(admin: u16, path: &str) -> String {
-    admin_call(admin, hyper::Method::GET, path).unwrap_or_default()
-}
-
-fn admin_call(admin: u16, method: hyper::Method, path: &str) -> Result<String, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    rt.block_on(skiff::admin::request(addr, method, path))
-        .map_err(|e| e.to_string())
-}
+use skiff_tests::{blocking_admin, blocking_backend, blocking_get};
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -83,6 +22,10 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 /// Cluster `esc"ape\d`: its name must survive the label escaping.
 const ODD_CLUSTER: &str = r#"esc"ape\d"#;
+
+fn admin_get(admin: u16, path: &str) -> String {
+    blocking_admin(admin, hyper::Method::GET, path).unwrap_or_default()
+}
 
 fn bootstrap(http: u16, tcp: u16, admin: u16, up: SocketAddr) -> String {
     let cluster = |name: &str| {
@@ -172,7 +115,7 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn prometheus_scrape_parses_with_envoy_names_types_labels_and_escaping() {
-    let up = backend();
+    let up = blocking_backend();
     let (http, tcp, admin) = (free_port(), free_port(), free_port());
     let yaml = bootstrap(http, tcp, admin, up);
     let boot = skiff::config::parse(&yaml, "<metrics>").expect("bootstrap");
@@ -182,12 +125,12 @@ fn prometheus_scrape_parses_with_envoy_names_types_labels_and_escaping() {
     });
 
     for _ in 0..3 {
-        assert_eq!(get(http, "/"), Some(200));
+        assert_eq!(blocking_get(http, "/"), Some(200));
     }
-    assert_eq!(get(http, "/missing"), Some(404));
-    assert_eq!(get(http, "/odd"), Some(404));
+    assert_eq!(blocking_get(http, "/missing"), Some(404));
+    assert_eq!(blocking_get(http, "/odd"), Some(404));
     // Through the tcp_proxy: bytes only, the backend still answers.
-    assert_eq!(get(tcp, "/"), Some(200));
+    assert_eq!(blocking_get(tcp, "/"), Some(200));
     // Connection lengths are recorded when the proxy closes its side.
     wait_for("the listeners' connection lengths", || {
         admin_get(admin, "/stats").contains(&format!(
@@ -356,7 +299,7 @@ fn logging_levels_change_at_run_time() {
     opts.admin_options.allow_mutations = true;
     let skiff = SkiffThread::start(opts);
     wait_for("the admin", || {
-        admin_call(admin, hyper::Method::GET, "/server_info").is_ok()
+        blocking_admin(admin, hyper::Method::GET, "/server_info").is_ok()
     });
 
     assert!(
@@ -369,7 +312,7 @@ fn logging_levels_change_at_run_time() {
         "{listed}"
     );
 
-    let after = admin_call(
+    let after = blocking_admin(
         admin,
         hyper::Method::POST,
         "/logging?paths=skiff::xds:debug,skiff::http:trace",
@@ -380,19 +323,19 @@ fn logging_levels_change_at_run_time() {
     assert!(tracing::enabled!(target: "skiff::xds", tracing::Level::DEBUG));
     assert!(!tracing::enabled!(target: "skiff::lb", tracing::Level::DEBUG));
 
-    admin_call(admin, hyper::Method::POST, "/logging?level=warning").unwrap();
+    blocking_admin(admin, hyper::Method::POST, "/logging?level=warning").unwrap();
     assert!(!tracing::enabled!(target: "skiff::xds", tracing::Level::INFO));
     assert!(tracing::enabled!(target: "skiff::xds", tracing::Level::WARN));
     assert!(admin_get(admin, "/logging").starts_with("active loggers:\n  default: warning\n"));
 
     // A bad level changes nothing and says why.
-    let bad = admin_call(admin, hyper::Method::POST, "/logging?level=loud").unwrap_err();
+    let bad = blocking_admin(admin, hyper::Method::POST, "/logging?level=loud").unwrap_err();
     assert!(
         bad.contains("400") && bad.contains("unknown logger level"),
         "{bad}"
     );
     assert!(admin_get(admin, "/logging").starts_with("active loggers:\n  default: warning\n"));
 
-    admin_call(admin, hyper::Method::POST, "/logging?level=info").unwrap();
+    blocking_admin(admin, hyper::Method::POST, "/logging?level=info").unwrap();
     skiff.stop().unwrap();
 }

@@ -16,13 +16,13 @@
 //! loopback only.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use openmetrics_parser::PrometheusValue;
 use skiff::controlplane::Source;
 use skiff_tests::{ControlPlane, Envoy, SkiffThread, envoy_ads_bootstrap, free_port, run_options};
+use skiff_tests::{blocking_admin, blocking_backend, blocking_get};
 
 /// The families compared.
 const FAMILIES: [&str; 14] = [
@@ -42,67 +42,8 @@ const FAMILIES: [&str; 14] = [
     "envoy_http_downstream_rq_time",
 ];
 
-/// A blocking HTTP/1.1 backend: `200` for `/`, `404` otherwise; one request per connection.
-fn backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let status = if got.starts_with(b"GET / ") {
-                    "200 OK"
-                } else {
-                    "404 Not Found"
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                );
-            });
-        }
-    });
-    addr
-}
-
-/// One `GET path` through 127.0.0.1:`port` on its own connection; the status code.
-fn get(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split(' ').nth(1)?.parse().ok()
-}
-
 fn admin_get(admin: u16, path: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], admin));
-    rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            skiff::admin::request(addr, hyper::Method::GET, path),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
-    })
+    blocking_admin(admin, hyper::Method::GET, path).unwrap_or_default()
 }
 
 fn bootstrap(http: u16, tcp: u16, admin: u16, up: SocketAddr) -> String {
@@ -152,15 +93,15 @@ static_resources:
 /// the tcp_proxy.
 fn traffic(http: u16, tcp: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(http, "/").is_none() {
+    while blocking_get(http, "/").is_none() {
         assert!(Instant::now() < deadline, "port {http} never answered");
         std::thread::sleep(Duration::from_millis(50));
     }
     for _ in 0..2 {
-        assert_eq!(get(http, "/"), Some(200));
+        assert_eq!(blocking_get(http, "/"), Some(200));
     }
-    assert_eq!(get(http, "/missing"), Some(404));
-    assert_eq!(get(tcp, "/"), Some(200));
+    assert_eq!(blocking_get(http, "/missing"), Some(404));
+    assert_eq!(blocking_get(tcp, "/"), Some(200));
 }
 
 /// One family as both proxies are compared: its type and the label sets of the samples the
@@ -272,7 +213,7 @@ fn families_where(
 #[test]
 fn prometheus_families_types_and_labels_match_envoy() {
     let _guard = skiff_tests::serial();
-    let up = backend();
+    let up = blocking_backend();
 
     let dir = tempfile::tempdir().unwrap();
     let (e_http, e_tcp, e_admin) = (free_port(), free_port(), free_port());
