@@ -89,6 +89,60 @@ fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(p, key).expect("self-signed CA")
 }
 
+/// A lone CA for tests that need no mesh identities (control-plane TLS, SDS rotation): its
+/// root as PEM text and leaves with any DNS and URI SANs.
+pub struct Ca {
+    /// The root certificate, PEM.
+    pub pem: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A leaf certificate (the leaf alone, PEM) and its private key (PEM).
+pub struct Leaf {
+    /// Certificate chain.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
+}
+
+impl Ca {
+    /// A fresh self-signed root named `name` (ECDSA P-256).
+    pub fn new(name: &str) -> Ca {
+        let issuer = new_ca(name);
+        Ca {
+            pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// A leaf for DNS names `dns` and URI SANs `uris` (SPIFFE ids).
+    pub fn leaf(&self, dns: &[&str], uris: &[&str]) -> Leaf {
+        let mut params =
+            CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("DNS SANs");
+        for u in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*u).try_into().expect("URI SAN is IA5")));
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("signing the leaf");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_pem(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("writing a PEM file");
+    p
+}
+
 impl TestPki {
     /// A fresh PKI under the system temp directory (`skiff-pki-<name>-<pid>-<n>`), with
     /// `ca.pem` (the mesh root) and `untrusted-ca.pem` (a root no configuration trusts).

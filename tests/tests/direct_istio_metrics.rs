@@ -22,9 +22,7 @@ use skiff_tests::{InProcessSkiff, echo_backend, free_port, run_options, serve_ht
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-use tls_ca::{Ca, write};
+use skiff_tests::tls::{Ca, write_pem as write};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/productpage";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";

@@ -4,9 +4,6 @@
 //! channel; a rewritten secret file rotates them, a broken one is NACKed by name while the last
 //! good secret keeps serving. The same secrets are served by name over ADS (SotW and delta).
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +16,7 @@ use skiff::config::GrpcTarget;
 use skiff::controlplane::{ControlPlaneOptions, Source};
 use skiff::model::tls::{DataSource, SecretKind, Secrets};
 use skiff::xds::sds::SECRET_TYPE_URL;
-use tls_ca::Ca;
+use skiff_tests::tls::Ca;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -23,9 +23,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use skiff_tests::{Envoy, InProcessSkiff, free_port, run_options, serve_http1};
 use tokio::net::{TcpListener, TcpStream};
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-use tls_ca::{Ca, Leaf, write};
+use skiff_tests::tls::{Ca, Leaf, write_pem as write};
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";

@@ -20,9 +20,7 @@ use skiff_tests::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-use tls_ca::{Ca, write};
+use skiff_tests::tls::{Ca, write_pem as write};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const OTHER_ID: &str = "spiffe://cluster.local/ns/default/sa/other";

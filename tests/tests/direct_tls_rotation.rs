@@ -14,9 +14,7 @@ use skiff_tests::{ControlPlane, InProcessSkiff, free_addr, free_port, loopback_s
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-use tls_ca::Ca;
+use skiff_tests::tls::Ca;
 
 /// (certificate PEM, key PEM, certificate DER) of a workload certificate for `spiffe`.
 fn issue(ca: &Ca, spiffe: &str) -> (String, String, Vec<u8>) {

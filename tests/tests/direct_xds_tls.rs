@@ -4,9 +4,6 @@
 //! real `skiff run` flags (`--xds-address --xds-ca --xds-san --xds-token`). Certificates come
 //! from an rcgen CA written to a tempdir; every port is free-picked.
 
-#[path = "tls_ca/mod.rs"]
-mod tls_ca;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,8 +11,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use skiff::controlplane::{ControlPlaneOptions, ServerTls, Source};
 use skiff::xds::channel::{self, GrpcTarget};
+use skiff_tests::tls::{Ca, write_pem as write};
 use skiff_tests::{InProcessSkiff, free_port, named_backend, tcp_ask};
-use tls_ca::{Ca, write};
 
 const WAIT: Duration = Duration::from_secs(15);
 const ISTIOD: &str = "istiod.istio-system.svc";
