@@ -226,10 +226,11 @@ fn not_ready_fails_open_to_the_original_destination() {
             proxy_cgroup: proxy.clone(),
         });
         let mut capture = Capture::install(&cfg).expect("install");
-        // The log pump needs a tokio runtime; it runs once per install and stops on drop.
+        // The log pump needs a tokio runtime with IO (it waits on the log ring's fd); it runs
+        // once per install and stops on drop.
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .enable_time()
+            .enable_io()
             .build()
             .unwrap();
         let pump = rt

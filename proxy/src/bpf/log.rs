@@ -1,12 +1,10 @@
 //! aya-log records from the kernel programs, forwarded to `tracing` (target
-//! `skiff::bpf::kernel`) by a task that drains the ring buffer.
-
-use std::time::Duration;
+//! `skiff::bpf::kernel`, the program's module as field `program`) by a task that drains the
+//! ring buffer when the kernel signals data (epoll on the ring's fd: no timer wakes an idle
+//! proxy).
 
 use aya::Ebpf;
-
-/// How often the log pump drains aya-log's ring buffer.
-const LOG_FLUSH_EVERY: Duration = Duration::from_millis(20);
+use tokio::io::unix::AsyncFd;
 
 /// The log forwarder of one loaded object; dropping it stops its task.
 pub(super) struct LogPump {
@@ -27,17 +25,31 @@ impl LogPump {
         LogPump { logger, task: None }
     }
 
-    /// Starts the task draining the ring buffer every 20 ms. `None` if already started, if
-    /// the object has no log map, or outside a tokio runtime.
+    /// Starts the task draining the ring buffer whenever it has records (the runtime needs its
+    /// IO driver). `None` if already started, if the object has no log map, or outside a tokio
+    /// runtime.
     pub(super) fn spawn(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let handle = tokio::runtime::Handle::try_current().ok()?;
-        let mut logger = self.logger.take()?;
+        let logger = self.logger.take()?;
+        let _entered = handle.enter();
+        // SAFETY: the fd is the logger's ring buffer map, owned by the logger that the AsyncFd
+        // owns from here on: it stays open and the same for the AsyncFd's whole life.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF log forwarding unavailable");
+                return None;
+            }
+        };
         let task = handle.spawn(async move {
-            let mut tick = tokio::time::interval(LOG_FLUSH_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                logger.flush();
+                let Ok(mut ready) = fd.readable_mut().await else {
+                    return;
+                };
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
             }
         });
         self.task = Some(task.abort_handle());
@@ -63,12 +75,14 @@ impl log::Log for TracingLog {
 
     fn log(&self, r: &log::Record<'_>) {
         let msg = r.args();
+        // aya-log's target is the module of the eBPF crate that logged: the program.
+        let program = r.target();
         match r.level() {
-            log::Level::Error => tracing::error!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Warn => tracing::warn!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Info => tracing::info!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Debug => tracing::debug!(target: "skiff::bpf::kernel", "{msg}"),
-            log::Level::Trace => tracing::trace!(target: "skiff::bpf::kernel", "{msg}"),
+            log::Level::Error => tracing::error!(target: "skiff::bpf::kernel", program, "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "skiff::bpf::kernel", program, "{msg}"),
+            log::Level::Info => tracing::info!(target: "skiff::bpf::kernel", program, "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "skiff::bpf::kernel", program, "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "skiff::bpf::kernel", program, "{msg}"),
         }
     }
 
