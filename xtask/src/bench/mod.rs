@@ -10,7 +10,9 @@ mod env;
 mod http;
 mod load;
 mod mtls;
+mod openloop;
 mod procstat;
+mod profile;
 mod report;
 mod tools;
 mod xds_scale;
@@ -55,10 +57,18 @@ pub struct BenchArgs {
     /// and as many fast-path services to skiff `--fast-path` (time until the BPF maps hold them).
     #[arg(long, value_delimiter = ',')]
     pub xds_scale: Vec<usize>,
-    /// HTTP/1.1 keep-alive instead of the data-path cases: wrk through skiff's and Envoy's
-    /// HTTP connection manager (inline route to one backend), and direct.
+    /// HTTP/1.1 keep-alive instead of the data-path cases: skiff, Envoy, nginx and HAProxy
+    /// as HTTP proxies to one backend, and direct (`--paths` from direct, skiff, skiff-1w,
+    /// envoy-c1, envoy-c2, nginx, haproxy): saturation, fixed rate, one connection.
     #[arg(long)]
     pub http: bool,
+    /// Requests per second of the `--http` fixed-rate (open-loop) case.
+    #[arg(long, default_value_t = 1000.0)]
+    pub http_rate: f64,
+    /// Record `perf record -g` of skiff during this case (`--http`: saturation, fixed-rate,
+    /// 1conn; else an L4 case such as conn-rate) into a flame graph SVG in the run dir.
+    #[arg(long)]
+    pub profile: Option<String>,
     /// Mutual TLS instead of the data-path cases: client -> proxy -> mTLS -> proxy -> backend,
     /// skiff on both sides vs Envoy on both sides (`--paths skiff,envoy-c1,envoy-c2`): new
     /// connections/s (one handshake each), CPU per handshake, single-stream throughput.
@@ -435,8 +445,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .ok()
             .map(|e| real_envoy(&e))
             .transpose()?;
-        let secs = args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 });
-        return http::standalone(&skiff, envoy.as_deref(), secs, args.http_connections);
+        return http::standalone(http::Options {
+            skiff,
+            envoy,
+            secs: args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 }),
+            connections: args.http_connections,
+            rate: args.http_rate,
+            paths: args.paths.clone(),
+            profile: args.profile.clone(),
+            quick: args.quick,
+        });
     }
     if args.mtls {
         env::install_interrupt_handler();
