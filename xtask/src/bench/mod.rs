@@ -251,6 +251,10 @@ pub struct CaseResult {
     /// The primary figure (Gbit/s, p50 us, conn/s) as a ratio to direct and to envoy-c1.
     pub vs_direct: Option<f64>,
     pub vs_envoy_c1: Option<f64>,
+    /// The best of nginx, HAProxy and Envoy (c1, c2) on this case (highest Gbit/s or conn/s,
+    /// lowest p50), and the primary figure as a ratio to it.
+    pub best_peer: Option<String>,
+    pub vs_best_peer: Option<f64>,
     /// Wall time of the case, seconds.
     pub wall_s: f64,
     /// CPU seconds (user + system) of the proxy during the case.
@@ -476,6 +480,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let routes = parse_list("path", &args.paths, &Route::ALL, Route::name)?;
     let cases = parse_list("case", &args.cases, &Case::ALL, Case::name)?;
+    if let Some(p) = &args.profile {
+        parse_list(
+            "--profile case",
+            std::slice::from_ref(p),
+            &Case::ALL,
+            Case::name,
+        )?;
+    }
     let tools = resolve_tools(&routes)?;
     env::install_interrupt_handler();
 
@@ -560,6 +572,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         out: &out_dir,
         secs,
         conn_threads: args.conn_threads,
+        profile: args.profile.as_deref(),
     };
     let result = bench_all(&ctx, &routes, &cases, &mut rep);
     rep.loadavg_end = std::fs::read_to_string("/proc/loadavg")
@@ -603,6 +616,8 @@ struct Ctx<'a> {
     out: &'a Path,
     secs: f64,
     conn_threads: usize,
+    /// `--profile`: record skiff during this case.
+    profile: Option<&'a str>,
 }
 
 /// The backends: an iperf3 server and the echo server, both on 127.0.0.2 in the namespace.
@@ -913,6 +928,14 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             );
             let pid = running.proc.as_ref().map(Proc::pid);
             let before = pid.map(procstat::usage);
+            let rec = match pid {
+                Some(p) if r.name().starts_with("skiff") && ctx.profile == Some(c.name()) => {
+                    profile::start(p, ctx.out, &format!("{}-{}", r.name(), c.name()))
+                        .map_err(|e| eprintln!("bench: profile not recorded: {e:#}"))
+                        .ok()
+                }
+                _ => None,
+            };
             let t0 = Instant::now();
             let mut res = run_case(ctx, r, c);
             if res.is_err()
@@ -929,6 +952,12 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             }
             let wall = t0.elapsed().as_secs_f64();
             let after = pid.map(procstat::usage);
+            // After the figures: folding and rendering take a while.
+            if let Some(rec) = rec
+                && let Err(e) = rec.finish(&format!("{}, bench {}", r.name(), c.name()))
+            {
+                eprintln!("bench: profile failed: {e:#}");
+            }
             let mut cr = match res {
                 Ok(cr) => cr,
                 Err(e) => CaseResult {
