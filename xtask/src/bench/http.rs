@@ -854,4 +854,66 @@ Transfer/sec:      5.00MB
         );
         assert_eq!(wrk_duration_us("1.5s"), Some(1.5e6));
     }
+
+    fn lat(p50: f64, p99: f64) -> Option<HttpLatency> {
+        Some(HttpLatency {
+            count: 1000,
+            p50_us: p50,
+            p99_us: p99,
+            ..Default::default()
+        })
+    }
+
+    fn path(name: &str, rps: f64, cpu: f64, one_p50: f64) -> HttpResult {
+        HttpResult {
+            path: name.into(),
+            rps,
+            cpu_us_per_req: Some(cpu),
+            fixed_rate: lat(one_p50 * 2.0, one_p50 * 4.0),
+            one_conn: lat(one_p50, one_p50 * 2.0),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn skiff_is_judged_against_the_best_peer_per_figure() {
+        let mut failed = path("envoy-c2", 90000.0, 1.0, 10.0);
+        failed.error = Some("did not start".into());
+        let rep = HttpReport {
+            results: vec![
+                path("direct", 40000.0, 0.0, 50.0),
+                path("skiff", 20000.0, 30.0, 150.0),
+                path("nginx", 25000.0, 25.0, 100.0),
+                path("haproxy", 24000.0, 20.0, 120.0),
+                path("envoy-c1", 10000.0, 60.0, 90.0),
+                // A failed path is no one's best.
+                failed,
+            ],
+            ..Default::default()
+        };
+        // Highest requests/s, lowest CPU and latency, each from whichever peer has it.
+        assert_eq!(
+            best_peer(&rep, sat_rps, true),
+            Some(("nginx".into(), 25000.0))
+        );
+        assert_eq!(
+            best_peer(&rep, |r| r.cpu_us_per_req, false),
+            Some(("haproxy".into(), 20.0))
+        );
+        assert_eq!(
+            best_peer(&rep, one_p50, false),
+            Some(("envoy-c1".into(), 90.0))
+        );
+        let md = markdown(&rep);
+        assert!(md.contains("| skiff | 20000 | 0.80x |"), "{md}");
+        // skiff adds 100 us on one connection, nginx 50 us.
+        assert!(
+            md.contains("- skiff: 1-connection added p50 100 us vs nginx 50 us = 2.00x"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- skiff: 20000 req/s vs best peer nginx 25000 = 0.80x (goal >= 1.00x) at 30.0 us CPU/req vs haproxy 20.0 = 1.50x"),
+            "{md}"
+        );
+    }
 }
