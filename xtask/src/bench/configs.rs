@@ -138,3 +138,101 @@ pub fn nginx_conf(dir: &std::path::Path, stream_module: Option<&std::path::Path>
         dir.display()
     )
 }
+
+/// nginx as an HTTP reverse proxy on `listen` for `peer`: upstream keep-alive (HTTP/1.1, the
+/// client's `Connection` header dropped), no access log, no per-connection request limit (wrk
+/// would reconnect every 1000 requests otherwise; skiff and Envoy have no such limit).
+pub fn nginx_http_conf(dir: &std::path::Path, listen: &str, peer: &str) -> String {
+    format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+events {{
+  worker_connections 16384;
+}}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path {dir}/client_body;
+  proxy_temp_path {dir}/proxy;
+  upstream peer {{
+    server {peer};
+    keepalive 128;
+    keepalive_requests 100000000;
+  }}
+  server {{
+    listen {listen} backlog=4096;
+    location / {{
+      proxy_pass http://peer;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"#,
+        dir = dir.display()
+    )
+}
+
+/// HAProxy `mode http` on `listen` for `peer`, idle server connections shared between client
+/// connections (`http-reuse always`); threads default to the CPU count; no logging.
+pub fn haproxy_http_cfg(listen: &str, peer: &str) -> String {
+    format!(
+        "global\n  maxconn 8000\n\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n\nfrontend http_in\n  bind {listen}\n  default_backend peer\n\nbackend peer\n  http-reuse always\n  server s1 {peer}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_http_proxies_with_upstream_keepalive() {
+        let c = nginx_http_conf(
+            std::path::Path::new("/run/x"),
+            "127.0.0.1:18000",
+            "127.0.0.1:18080",
+        );
+        for want in [
+            "upstream peer {\n    server 127.0.0.1:18080;\n    keepalive 128;",
+            "listen 127.0.0.1:18000 backlog=4096;",
+            "proxy_pass http://peer;",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+            "access_log off;",
+            "pid /run/x/nginx.pid;",
+            "daemon off;",
+        ] {
+            assert!(c.contains(want), "missing {want:?} in\n{c}");
+        }
+        // Balanced braces: nginx refuses the file otherwise.
+        assert_eq!(c.matches('{').count(), c.matches('}').count());
+    }
+
+    #[test]
+    fn haproxy_http_reuses_server_connections() {
+        let c = haproxy_http_cfg("127.0.0.1:18000", "127.0.0.1:18080");
+        for want in [
+            "  mode http\n",
+            "bind 127.0.0.1:18000\n",
+            "  http-reuse always\n",
+            "server s1 127.0.0.1:18080\n",
+        ] {
+            assert!(c.contains(want), "missing {want:?} in\n{c}");
+        }
+        assert!(!c.contains("mode tcp"));
+    }
+
+    #[test]
+    fn l4_configs_name_both_services() {
+        let h = haproxy_cfg();
+        assert!(h.contains(&format!("bind {PROXY_IP}:{PROXY_ECHO_PORT}")));
+        assert!(h.contains(&format!("server s1 {BACKEND_IP}:{IPERF_PORT}")));
+        let n = nginx_conf(std::path::Path::new("/d"), None);
+        assert!(n.contains(&format!("proxy_pass {BACKEND_IP}:{ECHO_PORT};")));
+        assert!(!n.contains("load_module"));
+    }
+}

@@ -70,6 +70,24 @@ pub fn helper(args: &[String]) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        "http-open" => {
+            let r = super::openloop::open_loop(
+                arg(1)?.parse()?,
+                arg(2)?.parse()?,
+                arg(3)?.parse()?,
+                Duration::from_secs_f64(arg(4)?.parse()?),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        "http-1c" => {
+            let r = super::openloop::closed_loop(
+                arg(1)?.parse()?,
+                Duration::from_secs_f64(arg(2)?.parse()?),
+            )?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         other => bail!("unknown helper {other:?}"),
     }
 }

@@ -10,7 +10,9 @@ mod env;
 mod http;
 mod load;
 mod mtls;
+mod openloop;
 mod procstat;
+mod profile;
 mod report;
 mod tools;
 mod xds_scale;
@@ -55,10 +57,18 @@ pub struct BenchArgs {
     /// and as many fast-path services to skiff `--fast-path` (time until the BPF maps hold them).
     #[arg(long, value_delimiter = ',')]
     pub xds_scale: Vec<usize>,
-    /// HTTP/1.1 keep-alive instead of the data-path cases: wrk through skiff's and Envoy's
-    /// HTTP connection manager (inline route to one backend), and direct.
+    /// HTTP/1.1 keep-alive instead of the data-path cases: skiff, Envoy, nginx and HAProxy
+    /// as HTTP proxies to one backend, and direct (`--paths` from direct, skiff, skiff-1w,
+    /// envoy-c1, envoy-c2, nginx, haproxy): saturation, fixed rate, one connection.
     #[arg(long)]
     pub http: bool,
+    /// Requests per second of the `--http` fixed-rate (open-loop) case.
+    #[arg(long, default_value_t = 1000.0)]
+    pub http_rate: f64,
+    /// Record `perf record -g` of skiff during this case (`--http`: saturation, fixed-rate,
+    /// 1conn; else an L4 case such as conn-rate) into a flame graph SVG in the run dir.
+    #[arg(long)]
+    pub profile: Option<String>,
     /// Mutual TLS instead of the data-path cases: client -> proxy -> mTLS -> proxy -> backend,
     /// skiff on both sides vs Envoy on both sides (`--paths skiff,envoy-c1,envoy-c2`): new
     /// connections/s (one handshake each), CPU per handshake, single-stream throughput.
@@ -241,6 +251,10 @@ pub struct CaseResult {
     /// The primary figure (Gbit/s, p50 us, conn/s) as a ratio to direct and to envoy-c1.
     pub vs_direct: Option<f64>,
     pub vs_envoy_c1: Option<f64>,
+    /// The best of nginx, HAProxy and Envoy (c1, c2) on this case (highest Gbit/s or conn/s,
+    /// lowest p50), and the primary figure as a ratio to it.
+    pub best_peer: Option<String>,
+    pub vs_best_peer: Option<f64>,
     /// Wall time of the case, seconds.
     pub wall_s: f64,
     /// CPU seconds (user + system) of the proxy during the case.
@@ -435,8 +449,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .ok()
             .map(|e| real_envoy(&e))
             .transpose()?;
-        let secs = args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 });
-        return http::standalone(&skiff, envoy.as_deref(), secs, args.http_connections);
+        return http::standalone(http::Options {
+            skiff,
+            envoy,
+            secs: args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 }),
+            connections: args.http_connections,
+            rate: args.http_rate,
+            paths: args.paths.clone(),
+            profile: args.profile.clone(),
+            quick: args.quick,
+        });
     }
     if args.mtls {
         env::install_interrupt_handler();
@@ -458,6 +480,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let routes = parse_list("path", &args.paths, &Route::ALL, Route::name)?;
     let cases = parse_list("case", &args.cases, &Case::ALL, Case::name)?;
+    if let Some(p) = &args.profile {
+        parse_list(
+            "--profile case",
+            std::slice::from_ref(p),
+            &Case::ALL,
+            Case::name,
+        )?;
+    }
     let tools = resolve_tools(&routes)?;
     env::install_interrupt_handler();
 
@@ -542,6 +572,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         out: &out_dir,
         secs,
         conn_threads: args.conn_threads,
+        profile: args.profile.as_deref(),
     };
     let result = bench_all(&ctx, &routes, &cases, &mut rep);
     rep.loadavg_end = std::fs::read_to_string("/proc/loadavg")
@@ -585,6 +616,8 @@ struct Ctx<'a> {
     out: &'a Path,
     secs: f64,
     conn_threads: usize,
+    /// `--profile`: record skiff during this case.
+    profile: Option<&'a str>,
 }
 
 /// The backends: an iperf3 server and the echo server, both on 127.0.0.2 in the namespace.
@@ -895,6 +928,14 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             );
             let pid = running.proc.as_ref().map(Proc::pid);
             let before = pid.map(procstat::usage);
+            let rec = match pid {
+                Some(p) if r.name().starts_with("skiff") && ctx.profile == Some(c.name()) => {
+                    profile::start(p, ctx.out, &format!("{}-{}", r.name(), c.name()))
+                        .map_err(|e| eprintln!("bench: profile not recorded: {e:#}"))
+                        .ok()
+                }
+                _ => None,
+            };
             let t0 = Instant::now();
             let mut res = run_case(ctx, r, c);
             if res.is_err()
@@ -911,6 +952,12 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             }
             let wall = t0.elapsed().as_secs_f64();
             let after = pid.map(procstat::usage);
+            // After the figures: folding and rendering take a while.
+            if let Some(rec) = rec
+                && let Err(e) = rec.finish(&format!("{}, bench {}", r.name(), c.name()))
+            {
+                eprintln!("bench: profile failed: {e:#}");
+            }
             let mut cr = match res {
                 Ok(cr) => cr,
                 Err(e) => CaseResult {

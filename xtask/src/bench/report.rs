@@ -20,8 +20,33 @@ fn find<'a>(rep: &'a Report, path: &str, case: &str) -> Option<&'a CaseResult> {
         .find(|c| c.path == path && c.case == case && c.error.is_none())
 }
 
-/// Each case's primary figure as a ratio to direct and to Envoy --concurrency 1.
+/// The peers skiff is judged against in issue 16.
+const PEERS: [&str; 4] = ["nginx", "haproxy", "envoy-c1", "envoy-c2"];
+
+/// The best peer on `case` and its primary figure: lowest p50 for latency, else highest.
+fn best_peer<'a>(rep: &'a Report, case: &str) -> Option<(&'a str, f64)> {
+    let lower_better = case.starts_with("lat");
+    PEERS
+        .iter()
+        .filter_map(|p| Some((*p, find(rep, p, case).and_then(primary)?)))
+        .filter(|(_, v)| v.is_finite() && *v > 0.0)
+        .reduce(|a, b| if (b.1 < a.1) == lower_better { b } else { a })
+}
+
+/// Each case's primary figure as a ratio to direct, to Envoy --concurrency 1 and to the best
+/// peer.
 pub fn fill_ratios(rep: &mut Report) {
+    let best: Vec<Option<(String, f64)>> = rep
+        .cases
+        .iter()
+        .map(|c| best_peer(rep, &c.case).map(|(n, v)| (n.to_string(), v)))
+        .collect();
+    for (c, b) in rep.cases.iter_mut().zip(best) {
+        if let (Some(v), Some((n, b))) = (primary(c), b) {
+            c.best_peer = Some(n);
+            c.vs_best_peer = Some(v / b);
+        }
+    }
     let base: Vec<(Option<f64>, Option<f64>)> = rep
         .cases
         .iter()
@@ -109,7 +134,8 @@ pub fn markdown(rep: &Report) -> String {
     let _ = writeln!(
         s,
         "\nRatios: `xdirect` and `xenvoy` divide this path's figure by direct's and by envoy-c1's \
-         (for latency the p50; below 1 is faster). `added` is p50 minus direct's p50. Proxy CPU is \
+         (for latency the p50; below 1 is faster). `best peer` is the best of nginx, HAProxy and \
+         Envoy (c1, c2) on that case. `added` is p50 minus direct's p50. Proxy CPU is \
          utime+stime of the proxy process tree during the case.\n"
     );
 
@@ -152,11 +178,14 @@ pub fn markdown(rep: &Report) -> String {
             .and_then(|c| c.pingpong.as_ref().map(|p| p.p50_us))
             .zip(direct)
             .map(|(e, d)| e - d);
+        let best = best_peer(rep, case);
+        let best_added = best.zip(direct).map(|((n, b), d)| (n, b - d));
         let _ = writeln!(
             s,
             "\n## TCP request/response latency, {title} ping-pong (one connection, microseconds)\n\n\
-             | path | p50 | p99 | p99.9 | xdirect (p50) | added p50 | added / envoy-c1's | round trips/s | proxy CPU us/trip |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|"
+             | path | p50 | p99 | p99.9 | xdirect (p50) | added p50 | added / envoy-c1's | added / best peer's{} | round trips/s | proxy CPU us/trip |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            best.map_or(String::new(), |(n, _)| format!(" ({n})"))
         );
         for p in paths(rep) {
             let c = rep.cases.iter().find(|c| c.path == p && c.case == case);
@@ -165,6 +194,9 @@ pub fn markdown(rep: &Report) -> String {
             let rel = added
                 .zip(envoy_added)
                 .and_then(|(a, e)| (e > 0.0).then(|| a / e));
+            let rel_best = added
+                .zip(best_added)
+                .and_then(|(a, (_, b))| (b > 0.0).then(|| a / b));
             let rate = pp.map(|p| p.count as f64 / p.secs.max(1e-9));
             let cpu = c
                 .and_then(|c| c.proxy_cpu_s)
@@ -172,13 +204,14 @@ pub fn markdown(rep: &Report) -> String {
                 .map(|(cpu, p)| cpu * 1e6 / (p.count.max(1) as f64));
             let _ = writeln!(
                 s,
-                "| {p} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {p} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 f(pp.map(|p| p.p50_us), 1),
                 f(pp.map(|p| p.p99_us), 1),
                 f(pp.map(|p| p.p999_us), 1),
                 x(c.and_then(|c| c.vs_direct)),
                 f(added, 1),
                 x(rel),
+                x(rel_best),
                 f(rate, 0),
                 f(cpu, 1)
             );
@@ -188,7 +221,8 @@ pub fn markdown(rep: &Report) -> String {
     let _ = writeln!(
         s,
         "\n## Connection rate (connect, 1-byte round trip, close)\n\n\
-         | path | conn/s | xdirect | xenvoy | proxy CPU us/conn | errors |\n|---|---:|---:|---:|---:|---:|"
+         | path | conn/s | xdirect | xenvoy | x best peer{} | proxy CPU us/conn | errors |\n|---|---:|---:|---:|---:|---:|---:|",
+        best_peer(rep, "conn-rate").map_or(String::new(), |(n, _)| format!(" ({n})"))
     );
     for p in paths(rep) {
         let c = rep
@@ -201,10 +235,11 @@ pub fn markdown(rep: &Report) -> String {
             .map(|(cpu, r)| cpu * 1e6 / (r.count.max(1) as f64));
         let _ = writeln!(
             s,
-            "| {p} | {} | {} | {} | {} | {} |",
+            "| {p} | {} | {} | {} | {} | {} | {} |",
             f(c.and_then(|c| c.conn_per_s), 0),
             x(c.and_then(|c| c.vs_direct)),
             x(c.and_then(|c| c.vs_envoy_c1)),
+            x(c.and_then(|c| c.vs_best_peer)),
             f(cpu, 1),
             c.and_then(|c| c.conn.as_ref())
                 .map_or("-".into(), |r| r.errors.to_string())
@@ -277,6 +312,8 @@ pub fn markdown(rep: &Report) -> String {
             );
         }
     }
+
+    issue16_goals(rep, &mut s);
 
     let errors: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.error.is_some()).collect();
     if !errors.is_empty() {
@@ -491,5 +528,121 @@ fn sockmap_section(rep: &Report, s: &mut String) {
     for (case, on, off, lower_better) in rows {
         let gain = if lower_better { off / on } else { on / off };
         let _ = writeln!(s, "| {case} | {on:.2} | {off:.2} | {gain:.2}x |");
+    }
+}
+
+/// Issue 16: the proxied paths against the best of nginx, HAProxy and Envoy, and idle RSS.
+fn issue16_goals(rep: &Report, s: &mut String) {
+    let _ = writeln!(
+        s,
+        "\n## Issue 16 goals against the best peer (reported, not enforced)\n"
+    );
+    let proxied = ["skiff-l4", "skiff-ebpf", "skiff-iptables"];
+    if let Some((peer, best)) = best_peer(rep, "conn-rate") {
+        for p in proxied {
+            if let Some(v) = find(rep, p, "conn-rate").and_then(|c| c.conn_per_s) {
+                let _ = writeln!(
+                    s,
+                    "- {p} conn-rate: {v:.0} conn/s vs {peer} {best:.0} = {} (goal >= 1.00x)",
+                    x(Some(v / best))
+                );
+            }
+        }
+    }
+    let p50 =
+        |path: &str| find(rep, path, "lat-64").and_then(|c| c.pingpong.as_ref().map(|p| p.p50_us));
+    if let (Some(d), Some((peer, best))) = (p50("direct"), best_peer(rep, "lat-64")) {
+        for p in proxied {
+            if let Some(v) = p50(p) {
+                let _ = writeln!(
+                    s,
+                    "- {p} lat-64 added p50: {:.1} us vs {peer} {:.1} us = {} (goal <= 1.00x)",
+                    v - d,
+                    best - d,
+                    x(((best - d) > 0.0).then(|| (v - d) / (best - d)))
+                );
+            }
+        }
+    }
+    for p in rep.paths.iter().filter(|p| p.path == "skiff-ebpf") {
+        if let Some(k) = p.idle_rss_kb {
+            let _ = writeln!(
+                s,
+                "- skiff-ebpf (eBPF capture loaded) idle RSS {:.1} MB (goal <= 15 MB)",
+                k as f64 / 1024.0
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::load::ConnRate;
+
+    fn conn(path: &str, per_s: f64) -> CaseResult {
+        CaseResult {
+            case: "conn-rate".into(),
+            path: path.into(),
+            conn_per_s: Some(per_s),
+            conn: Some(ConnRate {
+                count: per_s as u64,
+                secs: 1.0,
+                errors: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn lat(path: &str, p50: f64) -> CaseResult {
+        CaseResult {
+            case: "lat-64".into(),
+            path: path.into(),
+            pingpong: Some(crate::bench::load::PingPong {
+                count: 1000,
+                secs: 1.0,
+                p50_us: p50,
+                p99_us: p50 * 2.0,
+                p999_us: p50 * 3.0,
+                mean_us: p50,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ratios_are_against_the_best_peer_per_case() {
+        let mut rep = Report {
+            cases: vec![
+                conn("direct", 10000.0),
+                conn("skiff-l4", 4000.0),
+                conn("nginx", 5000.0),
+                conn("haproxy", 4500.0),
+                conn("envoy-c1", 2000.0),
+                lat("direct", 20.0),
+                lat("skiff-l4", 50.0),
+                lat("nginx", 40.0),
+                lat("envoy-c2", 60.0),
+            ],
+            ..Default::default()
+        };
+        fill_ratios(&mut rep);
+        let c = find(&rep, "skiff-l4", "conn-rate").unwrap();
+        // Highest conn/s wins; lowest p50 wins.
+        assert_eq!(c.best_peer.as_deref(), Some("nginx"));
+        assert!((c.vs_best_peer.unwrap() - 0.8).abs() < 1e-9);
+        let l = find(&rep, "skiff-l4", "lat-64").unwrap();
+        assert_eq!(l.best_peer.as_deref(), Some("nginx"));
+        assert!((l.vs_best_peer.unwrap() - 1.25).abs() < 1e-9);
+        let md = markdown(&rep);
+        // Added p50 30 us against nginx's 20 us.
+        assert!(
+            md.contains("- skiff-l4 lat-64 added p50: 30.0 us vs nginx 20.0 us = 1.50x"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- skiff-l4 conn-rate: 4000 conn/s vs nginx 5000 = 0.80x"),
+            "{md}"
+        );
     }
 }

