@@ -83,6 +83,62 @@ impl Tee {
     }
 }
 
+/// One request's body as its attempts share it. Only a request a retry policy may send again
+/// pays for a replay copy, and an empty one needs none: each attempt gets a new empty body.
+pub enum RequestBody {
+    /// No retry is possible: the body streams upstream once, without a copy.
+    Once(Option<Body>),
+    /// The request has no body: every attempt sends an empty one.
+    Empty,
+    /// A retry may resend the body: it streams through a [`Tee`] that keeps a copy.
+    Replay(Tee),
+}
+
+impl RequestBody {
+    /// Share `body` among attempts; `retries`: a retry policy may resend it, keeping at most
+    /// `limit` bytes for replay.
+    pub fn new(body: Body, retries: bool, limit: usize) -> RequestBody {
+        if !retries {
+            RequestBody::Once(Some(body))
+        } else if body.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Replay(Tee::new(body, limit))
+        }
+    }
+
+    /// The body of the next attempt; `None` when a body streamed once was already sent.
+    pub fn attempt(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Once(b) => b.take(),
+            RequestBody::Empty => Some(
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed(),
+            ),
+            RequestBody::Replay(t) => Some(t.body()),
+        }
+    }
+
+    /// Whether another attempt can send the whole body; `None` when the body was never kept
+    /// for replay (no retry policy), `Some(false)` when the copy overflowed its limit.
+    pub fn replayable(&self) -> Option<bool> {
+        match self {
+            RequestBody::Once(_) => None,
+            RequestBody::Empty => Some(true),
+            RequestBody::Replay(t) => Some(t.replayable()),
+        }
+    }
+
+    /// Bytes kept for replay so far.
+    pub fn kept_bytes(&self) -> usize {
+        match self {
+            RequestBody::Replay(t) => t.state.lock().map(|s| s.bytes).unwrap_or(0),
+            RequestBody::Once(_) | RequestBody::Empty => 0,
+        }
+    }
+}
+
 struct TeeReader {
     tee: Tee,
     /// Index in `seen` of the next frame this attempt sends.

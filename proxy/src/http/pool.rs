@@ -212,6 +212,9 @@ pub struct Target<'a> {
     pub mark: Option<u32>,
     /// How new connections are set up after the TCP connect (`None`: plaintext).
     pub transport: Option<&'a dyn Transport>,
+    /// Tag the response with the connection's [`UpstreamLocal`] address (an access log
+    /// asks for it; otherwise the response carries no extension to allocate).
+    pub upstream_local: bool,
 }
 
 impl Target<'_> {
@@ -313,12 +316,24 @@ impl Pool {
         let mut slots = self.slots.lock().ok()?;
         let slot = slots.get_mut(&key)?;
         let now = Instant::now();
+        // Newest first: the connection most recently used is the likeliest to be ready and
+        // warm. Closed or expired ones met on the way are dropped; the sweeper takes the rest,
+        // so a request does not walk every idle connection.
         let h1 = |slot: &mut Slot| {
-            slot.idle
-                .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
-            let i = slot.idle.iter().position(|(s, _, _)| s.is_ready())?;
-            let (s, _, info) = slot.idle.swap_remove(i);
-            Some((Conn::Http1(s), info))
+            let mut i = slot.idle.len();
+            while i > 0 {
+                i -= 1;
+                let (s, since, info) = &slot.idle[i];
+                if s.is_closed() || info.expired(Some(*since), now) {
+                    slot.idle.remove(i);
+                    continue;
+                }
+                if s.is_ready() {
+                    let (s, _, info) = slot.idle.remove(i);
+                    return Some((Conn::Http1(s), info));
+                }
+            }
+            None
         };
         let h2 = |slot: &mut Slot| {
             let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
@@ -388,7 +403,8 @@ impl Pool {
 
     /// Start the sweeper once: it holds the pool weakly and ends with it.
     fn start_sweeper(&self) {
-        if self.sweeper.swap(true, Ordering::AcqRel) {
+        // A plain load first: the swap would write the shared line on every request.
+        if self.sweeper.load(Ordering::Relaxed) || self.sweeper.swap(true, Ordering::AcqRel) {
             return;
         }
         let slots: Weak<Slots> = Arc::downgrade(&self.slots);
@@ -518,13 +534,15 @@ impl Pool {
                 return Ok((c, info, false));
             }
             match target.take(Resource::Connections, counted) {
+                // Boxed: opening (connect, TLS, handshake) is the rare path, and its state
+                // would otherwise sit in every request's future.
                 Ok(slot) => {
-                    let (c, info) = self.open(key, target, Some(slot)).await?;
+                    let (c, info) = Box::pin(self.open(key, target, Some(slot))).await?;
                     return Ok((c, info, true));
                 }
                 // Envoy's rule: an endpoint without any connection gets one anyway.
                 Err(_) if self.live(key) == 0 => {
-                    let (c, info) = self.open(key, target, None).await?;
+                    let (c, info) = Box::pin(self.open(key, target, None)).await?;
                     return Ok((c, info, true));
                 }
                 Err(_) => {
@@ -593,7 +611,9 @@ impl Pool {
             };
             match result {
                 Ok(mut resp) => {
-                    if let Some(l) = info.local {
+                    if target.upstream_local
+                        && let Some(l) = info.local
+                    {
                         resp.extensions_mut().insert(UpstreamLocal(l));
                     }
                     if let Some(tx) = back {
@@ -781,6 +801,7 @@ mod tests {
             priority: RoutingPriority::Default,
             mark: None,
             transport,
+            upstream_local: true,
         };
         let sent = pool.send(addr, proto, target, req).await;
         match sent.result {
@@ -863,6 +884,7 @@ mod tests {
             priority: RoutingPriority::Default,
             mark: None,
             transport: Some(&Refusing),
+            upstream_local: false,
         };
         let sent = pool.send(addr, Proto::Http1, target, req).await;
         assert!(
