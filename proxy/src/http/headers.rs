@@ -145,8 +145,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// values are trusted and kept. A missing `x-request-id` is generated.
 pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr, tls: bool) {
     let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let (xff, xfp) = (X_FORWARDED_FOR, X_FORWARDED_PROTO);
     if use_remote_address {
         let ip = crate::model::canonical_ip(remote.ip()).to_string();
         let joined = match h.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -160,13 +159,18 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
     } else if !h.contains_key(&xfp) {
         h.insert(xfp, scheme);
     }
-    let rid = HeaderName::from_static("x-request-id");
+    let rid = X_REQUEST_ID;
     if !h.contains_key(&rid)
         && let Ok(v) = HeaderValue::from_bytes(&uuid_v4_bytes(random_u64(), random_u64()))
     {
         h.insert(rid, v);
     }
 }
+
+// Built at compile time: `from_static` at run time validates the name on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `x-forwarded-client-cert`.
 pub const XFCC: &str = "x-forwarded-client-cert";

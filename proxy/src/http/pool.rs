@@ -177,6 +177,9 @@ pub struct Pool {
     slots: Arc<Slots>,
     /// Woken when a connection comes back or closes (a slot may be free).
     freed: Arc<Notify>,
+    /// Requests in the pending loop of `checkout`: a connection coming back wakes `freed`
+    /// only when someone waits (waking takes the `Notify`'s lock on every request otherwise).
+    pending: AtomicUsize,
     sweeper: AtomicBool,
 }
 
@@ -307,6 +310,7 @@ impl Pool {
         Pool {
             slots: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(Notify::new()),
+            pending: AtomicUsize::new(0),
             sweeper: AtomicBool::new(false),
         }
     }
@@ -376,7 +380,11 @@ impl Pool {
                 slot.idle.push((s, Instant::now(), info));
             }
         }
-        self.freed.notify_waiters();
+        // A waiter counts itself before it looks for an idle connection under the same lock,
+        // so either it finds this one or it is counted here.
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     /// Close idle connections past their limits; forget endpoints without connections.
@@ -527,6 +535,8 @@ impl Pool {
         let _pending = target
             .take(Resource::PendingRequests, false)
             .map_err(SendError::Overflow)?;
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.pending);
         let mut counted = false;
         loop {
             let waiting = self.freed.notified();
@@ -701,6 +711,15 @@ fn fit(mut req: Request<Body>, h2: bool) -> Request<Body> {
         *req.version_mut() = Version::HTTP_11;
     }
     req
+}
+
+/// One request in `checkout`'s pending loop, uncounted when it leaves however it leaves.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Held by a connection for its life: its count on the endpoint and its cluster slot.
