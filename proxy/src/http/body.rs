@@ -111,11 +111,9 @@ impl RequestBody {
     pub fn attempt(&mut self) -> Option<Body> {
         match self {
             RequestBody::Once(b) => b.take(),
-            RequestBody::Empty => Some(
-                http_body_util::Empty::new()
-                    .map_err(|e| match e {})
-                    .boxed(),
-            ),
+            RequestBody::Empty => {
+                Some(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            }
             RequestBody::Replay(t) => Some(t.body()),
         }
     }
@@ -414,13 +412,20 @@ mod tests {
         assert_eq!(sent.expect("body").to_bytes().len(), 4096);
         assert_eq!(rb.kept_bytes(), 0, "nothing kept for replay");
         assert_eq!(rb.replayable(), None);
-        assert!(rb.attempt().is_none(), "a body streamed once is not sent again");
+        assert!(
+            rb.attempt().is_none(),
+            "a body streamed once is not sent again"
+        );
     }
 
     #[tokio::test]
     async fn a_retry_policy_keeps_a_copy_sized_to_the_body() {
         let mut rb = RequestBody::new(body_of(4096), true, REPLAY_LIMIT);
-        assert_eq!(rb.kept_bytes(), 0, "nothing reserved before the body arrives");
+        assert_eq!(
+            rb.kept_bytes(),
+            0,
+            "nothing reserved before the body arrives"
+        );
         let first = rb.attempt().expect("first").collect().await.expect("body");
         assert_eq!(first.to_bytes().len(), 4096);
         assert_eq!(rb.kept_bytes(), 4096);
@@ -435,7 +440,11 @@ mod tests {
         let first = rb.attempt().expect("first").collect().await.expect("body");
         assert_eq!(first.to_bytes().len(), 100);
         assert_eq!(rb.replayable(), Some(false));
-        assert_eq!(rb.kept_bytes(), 0, "the copy is dropped once over the limit");
+        assert_eq!(
+            rb.kept_bytes(),
+            0,
+            "the copy is dropped once over the limit"
+        );
     }
 
     #[tokio::test]

@@ -323,7 +323,10 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-drop, keep-alive"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-drop, keep-alive"),
+        );
         h.insert("x-drop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -446,16 +446,16 @@ struct Served {
 
 /// `server_header_transformation` as a ready value: `(value, only_if_absent)`, or `None` for
 /// PASS_THROUGH (or a name that is no header value).
-fn server_header(
-    h: &crate::model::listener::ServerHeader,
-) -> Option<(HeaderValue, bool)> {
+fn server_header(h: &crate::model::listener::ServerHeader) -> Option<(HeaderValue, bool)> {
     use crate::model::listener::ServerHeader;
     let (name, only_if_absent) = match h {
         ServerHeader::Overwrite(n) => (n, false),
         ServerHeader::AppendIfAbsent(n) => (n, true),
         ServerHeader::PassThrough => return None,
     };
-    HeaderValue::from_str(name).ok().map(|v| (v, only_if_absent))
+    HeaderValue::from_str(name)
+        .ok()
+        .map(|v| (v, only_if_absent))
 }
 
 async fn handle(s: &Served, req: Request<Incoming>) -> Response<Body> {
@@ -843,8 +843,7 @@ static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
 
 const EXPECTED_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
-const UPSTREAM_SERVICE_TIME: HeaderName =
-    HeaderName::from_static("x-envoy-upstream-service-time");
+const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// A duration as a header value in whole milliseconds (no string built on the way).
 fn millis(d: Duration) -> HeaderValue {
@@ -1136,7 +1135,7 @@ async fn forward(
                 || route::any_request_header_matches(&p.retriable_request_headers, &facts))
     });
     let down_version = req.version();
-    let proto = upstream_proto(&entry, down_version);
+    let proto = upstream_proto(entry, down_version);
     // `priority: HIGH` routes count against the cluster's HIGH thresholds.
     let priority = if f.high_priority {
         lb::RoutingPriority::High
@@ -1233,7 +1232,8 @@ async fn forward(
     // With a retry policy a body streams upstream through a tee that keeps a copy for replay
     // (up to the listener's buffer limit, 1 MiB by default, grown only as the body arrives);
     // without one it streams once and nothing is kept.
-    let mut req_body = body::RequestBody::new(incoming, policy.is_some(), lim.buffer_limit as usize);
+    let mut req_body =
+        body::RequestBody::new(incoming, policy.is_some(), lim.buffer_limit as usize);
 
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
@@ -1277,7 +1277,7 @@ async fn forward(
             exclude,
             max_attempts: max_host_attempts,
         };
-        let (addr, host, dns_name) = match choose_host(conn, &entry, &pick).await {
+        let (addr, host, dns_name) = match choose_host(conn, entry, &pick).await {
             Dest::Host(a, h, n) => {
                 if let Some(l) = ctx.log {
                     l.note(|r| r.upstream_host = Some(a));
@@ -1358,7 +1358,7 @@ async fn forward(
         // TLS origination when the cluster dials this endpoint with TLS: pooled apart from
         // plaintext connections, keyed by the configuration (a rotated certificate starts
         // new connections).
-        let dial = match upstream_tls::http_endpoint_tls(&entry, addr) {
+        let dial = match upstream_tls::http_endpoint_tls(entry, addr) {
             None => Ok(None),
             Some(t) => upstream_tls::client_config(
                 &conn.dp.tls,
@@ -1402,8 +1402,7 @@ async fn forward(
                 },
             };
             if sent.result.is_ok() {
-                cs.upstream_rq_time
-                    .record_duration(send_started.elapsed());
+                cs.upstream_rq_time.record_duration(send_started.elapsed());
             }
             sent
         };
