@@ -171,6 +171,7 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 
 /// `x-forwarded-client-cert`.
 pub const XFCC: &str = "x-forwarded-client-cert";
@@ -219,7 +220,7 @@ pub fn forward_client_cert(
     mtls: bool,
     element: Option<&str>,
 ) {
-    let name = HeaderName::from_static(XFCC);
+    let name = XFCC_NAME;
     match mode {
         ForwardClientCert::AlwaysForwardOnly => {}
         ForwardClientCert::Sanitize => {
