@@ -202,7 +202,8 @@ where
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             let (parts, body) = resp.into_parts();
-            let body = limits::Guarded::new(body, guard).boxed();
+            // Not boxed again: hyper takes any body type, and this saves an allocation.
+            let body = limits::Guarded::new(body, guard);
             Ok::<_, Infallible>(Response::from_parts(parts, body))
         }
     });
@@ -482,7 +483,7 @@ async fn handle(s: &Served, req: Request<Incoming>) -> Response<Body> {
     // Timed here rather than through a wrapping future: the request's future is large, and
     // each wrapper moves it once more.
     let rq_started = Instant::now();
-    let mut resp = route_request(conn, hs, filters, req, log.as_deref()).await;
+    let mut resp = route_request(conn, hs, filters, req, log.as_deref(), rq_started).await;
     hs.downstream_rq_time.record_duration(rq_started.elapsed());
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
@@ -587,8 +588,8 @@ async fn route_request(
     filters: &filters::Filters,
     mut req: Request<Incoming>,
     log: Option<&StreamLog>,
+    started: Instant,
 ) -> Response<Body> {
-    let started = Instant::now();
     let snap = conn.dp.store.load();
     // The trusted client address, from x-forwarded-for as received (before it is appended to).
     let remote = (!filters.is_empty()).then(|| {
@@ -1379,7 +1380,7 @@ async fn forward(
         };
         // One future for the whole exchange, timed inside: every wrapper around the pool's
         // future would move it once more.
-        let send_started = Instant::now();
+        let send_started = now;
         let send = async {
             let sent = match &dial {
                 Ok(dial) => {
@@ -1416,7 +1417,7 @@ async fn forward(
         // response: not once the request arrived whole and the route's deadline comes before
         // the stream idle timeout could (the usual request saves a timer).
         let watch = !(act.is_complete()
-            && stream_idle.is_none_or(|i| deadline.is_some_and(|d| d < Instant::now() + i)));
+            && stream_idle.is_none_or(|i| deadline.is_some_and(|d| d < now + i)));
         let sent = if watch {
             tokio::select! {
                 biased;
