@@ -83,6 +83,64 @@ impl Tee {
     }
 }
 
+/// One request's body as its attempts share it. Only a request a retry policy may send again
+/// pays for a replay copy, and an empty one needs none: each attempt gets a new empty body.
+pub enum RequestBody {
+    /// No retry is possible: the body streams upstream once, without a copy.
+    Once(Option<Body>),
+    /// The request has no body: every attempt sends an empty one.
+    Empty,
+    /// A retry may resend the body: it streams through a [`Tee`] that keeps a copy.
+    Replay(Tee),
+}
+
+impl RequestBody {
+    /// Share `body` among attempts; `retries`: a retry policy may resend it, keeping at most
+    /// `limit` bytes for replay.
+    pub fn new(body: Body, retries: bool, limit: usize) -> RequestBody {
+        if !retries {
+            RequestBody::Once(Some(body))
+        } else if body.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Replay(Tee::new(body, limit))
+        }
+    }
+
+    /// The body of the next attempt; `None` when a body streamed once was already sent.
+    pub fn attempt(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Once(b) => b.take(),
+            RequestBody::Empty => {
+                Some(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            }
+            RequestBody::Replay(t) => Some(t.body()),
+        }
+    }
+
+    /// Whether another attempt can send the whole body; `None` when the body was never kept
+    /// for replay (no retry policy), `Some(false)` when the copy overflowed its limit.
+    pub fn replayable(&self) -> Option<bool> {
+        match self {
+            RequestBody::Once(_) => None,
+            RequestBody::Empty => Some(true),
+            RequestBody::Replay(t) => Some(t.replayable()),
+        }
+    }
+
+    /// Bytes kept for replay so far.
+    pub fn kept_bytes(&self) -> usize {
+        match self {
+            RequestBody::Replay(t) => t
+                .state
+                .lock()
+                .map(|s| if s.overflow { 0 } else { s.bytes })
+                .unwrap_or(0),
+            RequestBody::Once(_) | RequestBody::Empty => 0,
+        }
+    }
+}
+
 struct TeeReader {
     tee: Tee,
     /// Index in `seen` of the next frame this attempt sends.
@@ -332,5 +390,73 @@ impl HttpBody for Timed {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+
+    fn body_of(n: usize) -> Body {
+        Full::new(Bytes::from(vec![7u8; n]))
+            .map_err(|e| match e {})
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn no_replay_copy_is_kept_without_a_retry_policy() {
+        let mut rb = RequestBody::new(body_of(4096), false, REPLAY_LIMIT);
+        assert!(matches!(rb, RequestBody::Once(_)));
+        let sent = rb.attempt().expect("first attempt").collect().await;
+        assert_eq!(sent.expect("body").to_bytes().len(), 4096);
+        assert_eq!(rb.kept_bytes(), 0, "nothing kept for replay");
+        assert_eq!(rb.replayable(), None);
+        assert!(
+            rb.attempt().is_none(),
+            "a body streamed once is not sent again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_policy_keeps_a_copy_sized_to_the_body() {
+        let mut rb = RequestBody::new(body_of(4096), true, REPLAY_LIMIT);
+        assert_eq!(
+            rb.kept_bytes(),
+            0,
+            "nothing reserved before the body arrives"
+        );
+        let first = rb.attempt().expect("first").collect().await.expect("body");
+        assert_eq!(first.to_bytes().len(), 4096);
+        assert_eq!(rb.kept_bytes(), 4096);
+        assert_eq!(rb.replayable(), Some(true));
+        let again = rb.attempt().expect("retry").collect().await.expect("body");
+        assert_eq!(again.to_bytes(), Bytes::from(vec![7u8; 4096]));
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_streamed_but_not_replayable() {
+        let mut rb = RequestBody::new(body_of(100), true, 10);
+        let first = rb.attempt().expect("first").collect().await.expect("body");
+        assert_eq!(first.to_bytes().len(), 100);
+        assert_eq!(rb.replayable(), Some(false));
+        assert_eq!(
+            rb.kept_bytes(),
+            0,
+            "the copy is dropped once over the limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_request_needs_no_copy_even_with_a_retry_policy() {
+        let empty = Empty::<Bytes>::new().map_err(|e| match e {}).boxed();
+        let mut rb = RequestBody::new(empty, true, REPLAY_LIMIT);
+        assert!(matches!(rb, RequestBody::Empty));
+        for _ in 0..2 {
+            let b = rb.attempt().expect("attempt");
+            assert!(b.is_end_stream());
+            assert!(b.collect().await.expect("body").to_bytes().is_empty());
+        }
+        assert_eq!(rb.replayable(), Some(true));
     }
 }

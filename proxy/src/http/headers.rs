@@ -119,6 +119,11 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Drop hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and each removal by
+    // name parses and hashes it.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -140,8 +145,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// values are trusted and kept. A missing `x-request-id` is generated.
 pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr, tls: bool) {
     let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let (xff, xfp) = (X_FORWARDED_FOR, X_FORWARDED_PROTO);
     if use_remote_address {
         let ip = crate::model::canonical_ip(remote.ip()).to_string();
         let joined = match h.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -155,13 +159,19 @@ pub fn forwarded(h: &mut HeaderMap, use_remote_address: bool, remote: SocketAddr
     } else if !h.contains_key(&xfp) {
         h.insert(xfp, scheme);
     }
-    let rid = HeaderName::from_static("x-request-id");
+    let rid = X_REQUEST_ID;
     if !h.contains_key(&rid)
-        && let Ok(v) = HeaderValue::from_str(&uuid_v4(random_u64(), random_u64()))
+        && let Ok(v) = HeaderValue::from_bytes(&uuid_v4_bytes(random_u64(), random_u64()))
     {
         h.insert(rid, v);
     }
 }
+
+// Built at compile time: `from_static` at run time validates the name on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 
 /// `x-forwarded-client-cert`.
 pub const XFCC: &str = "x-forwarded-client-cert";
@@ -210,7 +220,7 @@ pub fn forward_client_cert(
     mtls: bool,
     element: Option<&str>,
 ) {
-    let name = HeaderName::from_static(XFCC);
+    let name = XFCC_NAME;
     match mode {
         ForwardClientCert::AlwaysForwardOnly => {}
         ForwardClientCert::Sanitize => {
@@ -255,30 +265,75 @@ pub fn forward_client_cert(
 
 /// A UUID version 4 string from 128 random bits.
 pub fn uuid_v4(a: u64, b: u64) -> String {
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0x0fff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+    String::from_utf8_lossy(&uuid_v4_bytes(a, b)).into_owned()
 }
 
-/// 64 random bits: std's per-process random hash keys over a counter (no extra dependency;
-/// request ids and back-off jitter need spread, not secrecy).
+/// [`uuid_v4`] into a fixed buffer: every request without an id gets one, so no formatter
+/// and no intermediate string.
+fn uuid_v4_bytes(a: u64, b: u64) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Version 4 in bits 15..12 of the first half, variant `10` in the top bits of the second.
+    let hi = (a & !0xf000) | 0x4000;
+    let lo = (b & !(0xc000 << 48)) | (0x8000 << 48);
+    let mut out = [b'-'; 36];
+    let mut j = 0;
+    for i in 0..32 {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            j += 1;
+        }
+        let (word, k) = if i < 16 { (hi, i) } else { (lo, i - 16) };
+        out[j] = HEX[((word >> (60 - 4 * k)) & 0xf) as usize];
+        j += 1;
+    }
+    out
+}
+
+/// 64 random bits from a per-thread generator (request ids and back-off jitter need spread,
+/// not secrecy; no state shared between workers).
 pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(SEQ.fetch_add(1, Ordering::Relaxed));
-    h.finish()
+    fastrand::u64(..)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuid_bytes_match_the_formatted_uuid() {
+        for (a, b) in [
+            (0u64, 0u64),
+            (u64::MAX, u64::MAX),
+            (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+            (random_u64(), random_u64()),
+        ] {
+            let want = format!(
+                "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+                a >> 32,
+                (a >> 16) & 0xffff,
+                a & 0x0fff,
+                ((b >> 48) & 0x3fff) | 0x8000,
+                b & 0xffff_ffff_ffff
+            );
+            assert_eq!(uuid_v4(a, b), want);
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_others_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-drop, keep-alive"),
+        );
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
 
     fn vars() -> Vars<'static> {
         Vars {

@@ -306,6 +306,18 @@ pub struct StreamActivity {
     complete: AtomicBool,
 }
 
+impl StreamActivity {
+    /// The whole request has arrived (a request without a body has from the start).
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// The whole request has arrived (it had no body).
+    pub fn mark_complete(&self) {
+        self.complete.store(true, Ordering::Release);
+    }
+}
+
 /// Why a stream was ended before its response started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamCut {

@@ -32,6 +32,7 @@ pub mod route;
 pub mod sniff;
 pub mod upstream_tls;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -64,7 +66,6 @@ use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;
-use tokio_util::either::Either;
 
 /// Error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -167,39 +168,45 @@ pub async fn serve<S>(conn: HttpConn, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // Resolved once per connection: a request only adds to these counters.
+    // Resolved once per connection: a request only adds to these counters. Everything a
+    // request reads of its connection sits behind one `Arc` that only this connection's
+    // requests clone (the HCM's shared handles would bounce between workers otherwise).
     let snap = conn.dp.store.load();
     let hs = snap.http_stats(&conn.manager.stat_prefix);
-    let filters = Arc::new(filters::Filters::resolve(&conn.manager, &snap));
+    let filters = filters::Filters::resolve(&conn.manager, &snap);
     drop(snap);
     let lim = conn.manager.limits.clone();
     let drain = conn.drain.clone();
     let state = Arc::new(limits::ConnState::default());
-    let conn = Arc::new(conn);
-    let svc = {
-        let (hs, state) = (hs.clone(), state.clone());
-        hyper::service::service_fn(move |req| {
-            let (conn, hs, state, filters) =
-                (conn.clone(), hs.clone(), state.clone(), filters.clone());
-            async move {
-                let max = conn.manager.limits.max_requests_per_connection;
-                let (guard, last) = state.start(max, req.version() == Version::HTTP_2);
-                let mut resp = handle(&conn, &hs, &filters, req).await;
-                // The request's access log is written when its body ends.
-                if conn.log_base.is_some() {
-                    resp = logged(&conn, resp);
-                }
-                // The last request an HTTP/1 connection serves says so.
-                if last && resp.version() != Version::HTTP_2 {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                let (parts, body) = resp.into_parts();
-                let body = limits::Guarded::new(body, guard).boxed();
-                Ok::<_, Infallible>(Response::from_parts(parts, body))
+    let served = Arc::new(Served {
+        server: server_header(&conn.manager.server_header),
+        conn: Arc::new(conn),
+        hs: hs.clone(),
+        filters,
+        state: state.clone(),
+    });
+    let svc = hyper::service::service_fn(move |req| {
+        let s = served.clone();
+        async move {
+            let conn = &s.conn;
+            let max = conn.manager.limits.max_requests_per_connection;
+            let (guard, last) = s.state.start(max, req.version() == Version::HTTP_2);
+            let mut resp = handle(&s, req).await;
+            // The request's access log is written when its body ends.
+            if conn.log_base.is_some() {
+                resp = logged(conn, resp);
             }
-        })
-    };
+            // The last request an HTTP/1 connection serves says so.
+            if last && resp.version() != Version::HTTP_2 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            let (parts, body) = resp.into_parts();
+            // Not boxed again: hyper takes any body type, and this saves an allocation.
+            let body = limits::Guarded::new(body, guard);
+            Ok::<_, Infallible>(Response::from_parts(parts, body))
+        }
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let head_limit = (lim.max_request_headers_kb as usize * 1024).max(8192);
     builder
@@ -279,18 +286,46 @@ fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
     r
 }
 
-/// Host of a request: `:authority` (HTTP/2, absolute-form) or the Host header.
+/// Host of a request: `:authority` (HTTP/2, absolute-form) or the Host header. It holds a
+/// reference-counted handle on the received bytes, not a copy, and outlives changes to the
+/// request's headers.
+enum RequestHost {
+    Authority(hyper::http::uri::Authority),
+    Header(HeaderValue),
+    Missing,
+}
+
+impl RequestHost {
+    fn of(req: &Request<Incoming>) -> RequestHost {
+        if let Some(a) = req.uri().authority() {
+            return RequestHost::Authority(a.clone());
+        }
+        match req.headers().get(header::HOST) {
+            Some(h) if h.to_str().is_ok() => RequestHost::Header(h.clone()),
+            _ => RequestHost::Missing,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            RequestHost::Authority(a) => a.as_str(),
+            RequestHost::Header(h) => h.to_str().unwrap_or_default(),
+            RequestHost::Missing => "",
+        }
+    }
+
+    /// The value as a `Host` header, when it is one already.
+    fn header_value(&self) -> Option<HeaderValue> {
+        match self {
+            RequestHost::Header(h) => Some(h.clone()),
+            _ => HeaderValue::from_str(self.as_str()).ok(),
+        }
+    }
+}
+
+/// Host of a request as a string (see [`RequestHost`]).
 fn request_host(req: &Request<Incoming>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
+    RequestHost::of(req).as_str().to_string()
 }
 
 fn protocol_name(v: Version) -> &'static str {
@@ -399,12 +434,33 @@ fn logged(conn: &Arc<HttpConn>, mut resp: Response<Body>) -> Response<Body> {
     })
 }
 
-async fn handle(
-    conn: &HttpConn,
-    hs: &Arc<HttpStats>,
-    filters: &filters::Filters,
-    req: Request<Incoming>,
-) -> Response<Body> {
+/// What every request of one downstream connection shares, resolved when it was accepted.
+struct Served {
+    conn: Arc<HttpConn>,
+    /// `http.<stat_prefix>.*` of the connection manager.
+    hs: Arc<HttpStats>,
+    filters: filters::Filters,
+    state: Arc<limits::ConnState>,
+    /// The `server` header responses get, and whether only when they have none.
+    server: Option<(HeaderValue, bool)>,
+}
+
+/// `server_header_transformation` as a ready value: `(value, only_if_absent)`, or `None` for
+/// PASS_THROUGH (or a name that is no header value).
+fn server_header(h: &crate::model::listener::ServerHeader) -> Option<(HeaderValue, bool)> {
+    use crate::model::listener::ServerHeader;
+    let (name, only_if_absent) = match h {
+        ServerHeader::Overwrite(n) => (n, false),
+        ServerHeader::AppendIfAbsent(n) => (n, true),
+        ServerHeader::PassThrough => return None,
+    };
+    HeaderValue::from_str(name)
+        .ok()
+        .map(|v| (v, only_if_absent))
+}
+
+async fn handle(s: &Served, req: Request<Incoming>) -> Response<Body> {
+    let (conn, hs, filters) = (&*s.conn, &s.hs, &s.filters);
     hs.downstream_rq_total.inc();
     let down_version = req.version();
     let istio = conn
@@ -424,27 +480,21 @@ async fn handle(
         log: log.clone(),
         conn,
     };
-    let mut resp = hs
-        .downstream_rq_time
-        .time_if(
-            route_request(conn, hs, filters, req, log.as_deref()),
-            |_| true,
-        )
-        .await;
+    // Timed here rather than through a wrapping future: the request's future is large, and
+    // each wrapper moves it once more.
+    let rq_started = Instant::now();
+    let mut resp = route_request(conn, hs, filters, req, log.as_deref(), rq_started).await;
+    hs.downstream_rq_time.record_duration(rq_started.elapsed());
     hs.status(resp.status().as_u16());
     hs.downstream_rq_completed.inc();
     if let Some((cfg, r)) = istio {
         r.record(conn, cfg, &resp);
     }
     *resp.version_mut() = down_version;
-    use crate::model::listener::ServerHeader;
-    let server = match &conn.manager.server_header {
-        ServerHeader::Overwrite(n) => Some(n),
-        ServerHeader::AppendIfAbsent(n) if !resp.headers().contains_key(header::SERVER) => Some(n),
-        ServerHeader::AppendIfAbsent(_) | ServerHeader::PassThrough => None,
-    };
-    if let Some(v) = server.and_then(|n| HeaderValue::from_str(n).ok()) {
-        resp.headers_mut().insert(header::SERVER, v);
+    if let Some((v, only_if_absent)) = &s.server
+        && !(*only_if_absent && resp.headers().contains_key(header::SERVER))
+    {
+        resp.headers_mut().insert(header::SERVER, v.clone());
     }
     if let Some(log) = log {
         log.note(|r| {
@@ -538,8 +588,8 @@ async fn route_request(
     filters: &filters::Filters,
     mut req: Request<Incoming>,
     log: Option<&StreamLog>,
+    started: Instant,
 ) -> Response<Body> {
-    let started = Instant::now();
     let snap = conn.dp.store.load();
     // The trusted client address, from x-forwarded-for as received (before it is appended to).
     let remote = (!filters.is_empty()).then(|| {
@@ -566,18 +616,20 @@ async fn route_request(
         conn.peer.is_some(),
         conn.client_cert.as_deref(),
     );
-    let host = request_host(&req);
-    let path = req
+    let host_src = RequestHost::of(&req);
+    let host = host_src.as_str();
+    let pq = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = pq.as_str();
     if let Some(l) = log {
         l.note(|r| {
             r.request = Some(accesslog::RequestHead {
                 method: req.method().as_str().to_string(),
-                path: path.clone(),
-                authority: host.clone(),
+                path: path.to_string(),
+                authority: host.to_string(),
                 scheme: if conn.tls { "https" } else { "http" },
                 headers: req.headers().clone(),
             });
@@ -585,14 +637,14 @@ async fn route_request(
     }
     let rc = route_config(conn, &snap);
     let facts = route::RequestFacts {
-        host: &host,
+        host,
         method: req.method(),
-        path: &path,
+        path,
         headers: req.headers(),
     };
     let vh = rc
         .as_deref()
-        .and_then(|rc| route::select_virtual_host(rc, &host));
+        .and_then(|rc| route::select_virtual_host(rc, host));
     let chosen = vh.and_then(|vh| route::select_route(vh, &facts));
     // The HTTP filters run before the router, whether or not a route matched.
     if let Some(remote) = remote {
@@ -602,8 +654,8 @@ async fn route_request(
             peer: conn.peer.as_deref(),
             remote,
             method: req.method(),
-            path: &path,
-            authority: &host,
+            path,
+            authority: host,
             scheme: req.uri().scheme_str().unwrap_or("http"),
             headers: req.headers(),
         };
@@ -620,7 +672,7 @@ async fn route_request(
     }
     let (Some(rc), Some(vh), Some(chosen)) = (rc.as_deref(), vh, chosen) else {
         note(log, &["NR"], "route_not_found");
-        return no_route(hs, &host, &path);
+        return no_route(hs, host, path);
     };
     if let Some(l) = log
         && !chosen.name.is_empty()
@@ -646,14 +698,14 @@ async fn route_request(
     };
     // The fault filter runs before the router (issue 14).
     if !conn.manager.faults.is_empty()
-        && let Some(mut r) = fault::inject(
+        && let Some(mut r) = Box::pin(fault::inject(
             &conn.dp.stats,
             &conn.manager.stat_prefix,
             &conn.manager.faults,
             vh,
             chosen,
             &facts,
-        )
+        ))
         .await
     {
         ctx.response_headers(r.headers_mut(), None);
@@ -675,7 +727,7 @@ async fn route_request(
                 .get("x-forwarded-proto")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("http");
-            let location = redirect_location(rd, chosen, &host, &path, scheme);
+            let location = redirect_location(rd, chosen, host, path, scheme);
             let mut r = local_reply(
                 StatusCode::from_u16(rd.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
                 "",
@@ -692,7 +744,7 @@ async fn route_request(
         }
         RouteAction::Forward(f) => {
             let mut picked = None;
-            let mut r = forward(&ctx, f, req, &host, &path, &mut picked).await;
+            let mut r = forward(&ctx, f, req, &host_src, &pq, &mut picked).await;
             if let Some((cluster, service)) = picked {
                 r.extensions_mut().insert(UpstreamCluster(cluster, service));
             }
@@ -790,6 +842,15 @@ pub fn redirect_location(
 
 static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
 
+const EXPECTED_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// A duration as a header value in whole milliseconds (no string built on the way).
+fn millis(d: Duration) -> HeaderValue {
+    HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// An upstream host chosen for one attempt: its address, for balanced clusters the host whose
 /// request count and outlier detection the attempt feeds, and for DNS clusters the host name
 /// (what `auto_host_rewrite` puts in Host).
@@ -811,7 +872,8 @@ async fn choose_host(conn: &HttpConn, entry: &ClusterEntry, req: &lb::LbRequest<
                 return Dest::NoHealthy;
             };
             let (h, p) = &hosts[i];
-            match tokio::net::lookup_host((h.as_str(), *p)).await {
+            // Boxed: the resolver's state would otherwise sit in every request's future.
+            match Box::pin(tokio::net::lookup_host((h.as_str(), *p))).await {
                 Ok(mut a) => a
                     .next()
                     .map_or(Dest::NoHealthy, |a| Dest::Host(a, None, Some(h.clone()))),
@@ -867,17 +929,17 @@ fn request_hash(
 }
 
 /// The cluster a forwarding route names for this request, or `None` (503 `NC`).
-fn target_cluster(f: &Forward, h: &HeaderMap) -> Option<String> {
+fn target_cluster<'a>(f: &'a Forward, h: &HeaderMap) -> Option<Cow<'a, str>> {
     match &f.target {
-        Target::Clusters(ClusterSpecifier::Cluster(c)) => Some(c.clone()),
+        Target::Clusters(ClusterSpecifier::Cluster(c)) => Some(Cow::Borrowed(c)),
         Target::Clusters(ClusterSpecifier::Weighted(w)) => {
-            lb::pick_weighted(w, &WEIGHTED).map(str::to_string)
+            lb::pick_weighted(w, &WEIGHTED).map(Cow::Borrowed)
         }
         Target::Header(name) => h
             .get(name.as_str())
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
-            .map(str::to_string),
+            .map(|v| Cow::Owned(v.to_string())),
     }
 }
 
@@ -982,11 +1044,14 @@ async fn forward(
     ctx: &Ctx<'_>,
     f: &Forward,
     mut req: Request<Incoming>,
-    host: &str,
-    path: &str,
+    host_src: &RequestHost,
+    pq: &PathAndQuery,
     picked: &mut Option<(String, Option<Arc<crate::model::istio::IstioService>>)>,
 ) -> Response<Body> {
     let conn = ctx.conn;
+    let (host, path) = (host_src.as_str(), pq.as_str());
+    // Only Istio's metrics read which cluster answered.
+    let istio = conn.manager.istio_stats.is_some();
     let upgrade = upgrade_type(&req);
     if let Some(ty) = &upgrade
         && !upgrade_allowed(&conn.manager.upgrades, &f.upgrades, ty)
@@ -1003,17 +1068,21 @@ async fn forward(
         debug!(flags = "NC", "no cluster for the route");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    *picked = Some((cluster.clone(), None));
-    if let Some(l) = ctx.log {
-        l.note(|r| r.upstream_cluster = Some(cluster.clone()));
+    if istio {
+        *picked = Some((cluster.to_string(), None));
     }
-    let Some(entry) = ctx.snap.cluster(&cluster).cloned() else {
+    if let Some(l) = ctx.log {
+        l.note(|r| r.upstream_cluster = Some(cluster.to_string()));
+    }
+    let Some(entry) = ctx.snap.cluster(&cluster).map(|e| &**e) else {
         note(ctx.log, &["NC"], "cluster_not_found");
         ctx.hs.no_cluster.inc();
         debug!(%cluster, flags = "NC", "unknown cluster");
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "");
     };
-    *picked = Some((cluster.clone(), entry.cluster.istio_service.clone()));
+    if istio {
+        *picked = Some((cluster.to_string(), entry.cluster.istio_service.clone()));
+    }
     let cs = &entry.stats;
     // Internal requests (a sidecar's, without `use_remote_address`) may adjust retries and
     // timeouts with Envoy's `x-envoy-*` request headers, which the router then consumes.
@@ -1024,12 +1093,14 @@ async fn forward(
         .grpc_timeout_max
         .and_then(|max| retry::grpc_timeout(req.headers(), max))
         .unwrap_or(f.timeout);
-    let (policy, timeout, header_per_try) = if conn.manager.use_remote_address {
-        (configured.cloned().map(Arc::new), route_timeout, None)
+    // One pass over the names tells whether there is any such header to honour and remove.
+    let envoy_headers = !conn.manager.use_remote_address && retry::has_envoy_headers(req.headers());
+    let (policy, timeout, header_per_try) = if !envoy_headers {
+        (configured.map(Cow::Borrowed), route_timeout, None)
     } else {
         let h = req.headers();
         (
-            retry::effective_policy(configured, h).map(Arc::new),
+            retry::effective_policy(configured, h).map(Cow::Owned),
             retry::timeout_header(h, "x-envoy-upstream-rq-timeout-ms").unwrap_or(route_timeout),
             retry::timeout_header(h, "x-envoy-upstream-rq-per-try-timeout-ms").flatten(),
         )
@@ -1059,13 +1130,13 @@ async fn forward(
             v.rq.status(code);
         }
     };
-    let policy: Option<Arc<RetryPolicy>> = policy.filter(|p| {
+    let policy: Option<Cow<'_, RetryPolicy>> = policy.filter(|p| {
         p.num_retries > 0
             && (p.retriable_request_headers.is_empty()
                 || route::any_request_header_matches(&p.retriable_request_headers, &facts))
     });
     let down_version = req.version();
-    let proto = upstream_proto(&entry, down_version);
+    let proto = upstream_proto(entry, down_version);
     // `priority: HIGH` routes count against the cluster's HIGH thresholds.
     let priority = if f.high_priority {
         lb::RoutingPriority::High
@@ -1075,17 +1146,26 @@ async fn forward(
 
     // The request as every attempt sends it.
     let (parts, incoming) = req.into_parts();
-    let mut new_path = match &f.regex_rewrite {
-        Some((re, sub)) => regex_rewrite(&re.0, sub, path),
-        None => rewrite_path(ctx.route, f.prefix_rewrite.as_deref(), path),
-    };
-    if !new_path.starts_with('/') {
-        new_path.insert(0, '/');
+    // The path sent upstream when it differs from the request's (a rewrite, or a target that
+    // is not origin-form); `None`: the request's own path and query, shared, not copied.
+    let rewritten = match (&f.regex_rewrite, &f.prefix_rewrite) {
+        (Some((re, sub)), _) => Some(regex_rewrite(&re.0, sub, path)),
+        (None, Some(p)) => Some(rewrite_path(ctx.route, Some(p), path)),
+        (None, None) => (!path.starts_with('/')).then(|| path.to_string()),
     }
+    .map(|mut p| {
+        if !p.starts_with('/') {
+            p.insert(0, '/');
+        }
+        p
+    });
+    let new_path = rewritten.as_deref().unwrap_or(path);
     let mut base = parts.headers;
     headers::strip_hop_by_hop(&mut base);
-    for h in retry::CONSUMED {
-        base.remove(h);
+    if envoy_headers {
+        for h in retry::CONSUMED {
+            base.remove(h);
+        }
     }
     base.remove(header::HOST);
     // Envoy's router records the path before a rewrite.
@@ -1104,14 +1184,18 @@ async fn forward(
     }
     ctx.request_headers(&mut base);
     let per_try = header_per_try.or(policy.as_ref().and_then(|p| p.per_try_timeout));
-    if let Some(t) = per_try.or(timeout)
-        && let Ok(v) = HeaderValue::from_str(&t.as_millis().to_string())
-    {
-        base.insert(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"), v);
+    if let Some(t) = per_try.or(timeout) {
+        base.insert(EXPECTED_RQ_TIMEOUT, millis(t));
     }
-    let up_host = match &f.host_rewrite {
-        Some(crate::model::route::HostRewrite::Literal(h)) => h.clone(),
-        _ => host.to_string(),
+    let up_host: &str = match &f.host_rewrite {
+        Some(crate::model::route::HostRewrite::Literal(h)) => h,
+        _ => host,
+    };
+    // The Host header every attempt sends unless a DNS name replaces it: the request's own
+    // value when it is kept.
+    let up_host_value = match &f.host_rewrite {
+        Some(crate::model::route::HostRewrite::Literal(h)) => HeaderValue::from_str(h).ok(),
+        _ => host_src.header_value(),
     };
     let auto_host = matches!(f.host_rewrite, Some(crate::model::route::HostRewrite::Auto));
     if let (Some(ty), Some(down)) = (&upgrade, down_upgrade) {
@@ -1119,13 +1203,14 @@ async fn forward(
         let up = Upgrade {
             ty,
             method: parts.method,
-            path: &new_path,
-            host: &up_host,
+            path: new_path,
+            host: up_host,
             headers: base,
             body: incoming,
             down,
         };
-        return forward_upgrade(ctx, &cluster, &entry, priority, up).await;
+        // Boxed: a rare path whose state would otherwise enlarge every request's future.
+        return Box::pin(forward_upgrade(ctx, &cluster, entry, priority, up)).await;
     }
 
     // Until the response starts, the stream's idle timer (the route's `idle_timeout`, else
@@ -1133,23 +1218,23 @@ async fn forward(
     let lim = &conn.manager.limits;
     let stream_idle = f.idle_timeout.or(lim.stream_idle_timeout);
     let act = Arc::new(limits::StreamActivity::default());
-    let incoming: Body =
-        limits::Watched::new(incoming.map_err(BoxError::from).boxed(), act.clone()).boxed();
-    let incoming: Body = match ctx.log {
-        Some(l) => accesslog::body::Counted::new(incoming, l.received.clone()).boxed(),
-        None => incoming,
-    };
-    // With a retry policy the body streams upstream through a tee that keeps a copy for
-    // replay (up to the listener's buffer limit, 1 MiB by default); without one it streams
-    // once.
-    let mut once = None;
-    let tee = match &policy {
-        Some(_) => Some(body::Tee::new(incoming, lim.buffer_limit as usize)),
-        None => {
-            once = Some(incoming);
-            None
+    let incoming: Body = if hyper::body::Body::is_end_stream(&incoming) {
+        // No body: nothing to watch or count, and an empty body allocates nothing.
+        act.mark_complete();
+        http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+    } else {
+        let watched =
+            limits::Watched::new(incoming.map_err(BoxError::from).boxed(), act.clone()).boxed();
+        match ctx.log {
+            Some(l) => accesslog::body::Counted::new(watched, l.received.clone()).boxed(),
+            None => watched,
         }
     };
+    // With a retry policy a body streams upstream through a tee that keeps a copy for replay
+    // (up to the listener's buffer limit, 1 MiB by default, grown only as the body arrives);
+    // without one it streams once and nothing is kept.
+    let mut req_body =
+        body::RequestBody::new(incoming, policy.is_some(), lim.buffer_limit as usize);
 
     let started = Instant::now();
     let deadline = timeout.map(|t| started + t);
@@ -1193,7 +1278,7 @@ async fn forward(
             exclude,
             max_attempts: max_host_attempts,
         };
-        let (addr, host, dns_name) = match choose_host(conn, &entry, &pick).await {
+        let (addr, host, dns_name) = match choose_host(conn, entry, &pick).await {
             Dest::Host(a, h, n) => {
                 if let Some(l) = ctx.log {
                     l.note(|r| r.upstream_host = Some(a));
@@ -1207,51 +1292,51 @@ async fn forward(
                 return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             }
         };
-        let body = match (&tee, once.take()) {
-            (Some(t), _) => t.body(),
-            (None, Some(b)) => b,
+        let Some(body) = req_body.attempt() else {
             // A streamed body was already sent: no further attempt is possible (guarded below).
-            (None, None) => {
-                break failure_reply(
-                    Attempt::Reset {
-                        refused_stream: false,
-                    },
-                    true,
-                );
-            }
+            break failure_reply(
+                Attempt::Reset {
+                    refused_stream: false,
+                },
+                true,
+            );
         };
-        let mut headers = base.clone();
+        // Without a retry policy there is one attempt: it takes the headers, no copy.
+        let mut headers = if policy.is_some() {
+            base.clone()
+        } else {
+            std::mem::take(&mut base)
+        };
         // A retry has only what is left of the route timeout (Envoy tells the upstream so).
         if retries > 0
             && let Some(d) = deadline
         {
             let left = d.saturating_duration_since(Instant::now());
             let expect = per_try.map_or(left, |p| p.min(left));
-            if let Ok(v) = HeaderValue::from_str(&expect.as_millis().to_string()) {
-                headers.insert(HeaderName::from_static("x-envoy-expected-rq-timeout-ms"), v);
-            }
+            headers.insert(EXPECTED_RQ_TIMEOUT, millis(expect));
         }
-        if ctx.vh.include_request_attempt_count
-            && let Ok(v) = HeaderValue::from_str(&attempt_no.to_string())
-        {
-            headers.insert(HeaderName::from_static("x-envoy-attempt-count"), v);
+        if ctx.vh.include_request_attempt_count {
+            headers.insert(ATTEMPT_COUNT, HeaderValue::from(attempt_no));
         }
         // Envoy rewrites Host only to a host name it knows: DNS clusters' (skiff's endpoints
         // carry no EDS `hostname`), so other clusters keep the request's Host.
-        let authority = match (auto_host, dns_name) {
-            (true, Some(name)) => name,
-            _ => up_host.clone(),
-        };
+        let dns_host = dns_name.filter(|_| auto_host);
+        let authority = dns_host.as_deref().unwrap_or(up_host);
         // An auto_config request starts as HTTP/1.1; the pool fits it to its connection.
-        let uri = match proto {
-            Proto::Http1 | Proto::Auto => new_path.parse::<Uri>(),
-            Proto::Http2 => format!("http://{authority}{new_path}").parse::<Uri>(),
+        let uri = match (proto, &rewritten) {
+            (Proto::Http1 | Proto::Auto, None) => Ok(Uri::from(pq.clone())),
+            (Proto::Http1 | Proto::Auto, Some(p)) => p.parse::<Uri>(),
+            (Proto::Http2, _) => format!("http://{authority}{new_path}").parse::<Uri>(),
         }
         .unwrap_or_else(|_| Uri::from_static("/"));
-        if proto != Proto::Http2
-            && let Ok(v) = HeaderValue::from_str(&authority)
-        {
-            headers.insert(header::HOST, v);
+        if proto != Proto::Http2 {
+            let v = match &dns_host {
+                Some(name) => HeaderValue::from_str(name).ok(),
+                None => up_host_value.clone(),
+            };
+            if let Some(v) = v {
+                headers.insert(header::HOST, v);
+            }
         }
         let mut up_req = Request::new(body);
         *up_req.method_mut() = parts.method.clone();
@@ -1274,7 +1359,7 @@ async fn forward(
         // TLS origination when the cluster dials this endpoint with TLS: pooled apart from
         // plaintext connections, keyed by the configuration (a rotated certificate starts
         // new connections).
-        let dial = match upstream_tls::http_endpoint_tls(&entry, addr) {
+        let dial = match upstream_tls::http_endpoint_tls(entry, addr) {
             None => Ok(None),
             Some(t) => upstream_tls::client_config(
                 &conn.dp.tls,
@@ -1293,48 +1378,67 @@ async fn forward(
                 ))
             }),
         };
-        let send = match &dial {
-            Ok(dial) => {
-                let target = pool::Target {
-                    entry: &entry,
-                    priority,
-                    mark: conn.dp.upstream_mark,
-                    transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
-                };
-                Either::Left(conn.dp.http_pool.send(addr, proto, target, up_req))
+        // One future for the whole exchange, timed inside: every wrapper around the pool's
+        // future would move it once more.
+        let send_started = now;
+        let send = async {
+            let sent = match &dial {
+                Ok(dial) => {
+                    let target = pool::Target {
+                        entry,
+                        priority,
+                        mark: conn.dp.upstream_mark,
+                        transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
+                        upstream_local: ctx.log.is_some(),
+                    };
+                    conn.dp.http_pool.send(addr, proto, target, up_req).await
+                }
+                // The context cannot be built (a secret not delivered yet): no connection.
+                Err(e) => pool::Sent {
+                    result: Err(SendError::Transport {
+                        addr,
+                        source: e.to_string().into(),
+                    }),
+                    new_connection: false,
+                },
+            };
+            if sent.result.is_ok() {
+                cs.upstream_rq_time.record_duration(send_started.elapsed());
             }
-            // The context cannot be built (a secret not delivered yet): no connection.
-            Err(e) => Either::Right(std::future::ready(pool::Sent {
-                result: Err(SendError::Transport {
-                    addr,
-                    source: e.to_string().into(),
-                }),
-                new_connection: false,
-            })),
+            sent
         };
-        let send = cs.upstream_rq_time.time_if(send, |s| s.result.is_ok());
         let timed = async {
             match limit {
                 Some(l) => tokio::time::timeout_at(l, send).await.ok(),
                 None => Some(send.await),
             }
         };
-        let sent = tokio::select! {
-            s = timed => s,
-            cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
-                match cut {
-                    limits::StreamCut::Idle => {
-                        note(ctx.log, &["SI"], "stream_idle_timeout");
-                        ctx.hs.downstream_rq_idle_timeout.inc()
+        // The watchdog over the request's arrival matters only while it can fire before the
+        // response: not once the request arrived whole and the route's deadline comes before
+        // the stream idle timeout could (the usual request saves a timer).
+        let watch = !(act.is_complete()
+            && stream_idle.is_none_or(|i| deadline.is_some_and(|d| d < now + i)));
+        let sent = if watch {
+            tokio::select! {
+                biased;
+                s = timed => s,
+                cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
+                    match cut {
+                        limits::StreamCut::Idle => {
+                            note(ctx.log, &["SI"], "stream_idle_timeout");
+                            ctx.hs.downstream_rq_idle_timeout.inc()
+                        }
+                        limits::StreamCut::Request => {
+                            note(ctx.log, &[], "request_overall_timeout");
+                            ctx.hs.downstream_rq_timeout.inc()
+                        }
                     }
-                    limits::StreamCut::Request => {
-                        note(ctx.log, &[], "request_overall_timeout");
-                        ctx.hs.downstream_rq_timeout.inc()
-                    }
+                    debug!(%cluster, %addr, reason = cut.body(), "stream ended before the response");
+                    return local_reply(StatusCode::REQUEST_TIMEOUT, cut.body());
                 }
-                debug!(%cluster, %addr, reason = cut.body(), "stream ended before the response");
-                return local_reply(StatusCode::REQUEST_TIMEOUT, cut.body());
             }
+        } else {
+            timed.await
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {
@@ -1431,9 +1535,9 @@ async fn forward(
             .is_some_and(|p| retries < p.num_retries && retry::retriable(p, outcome));
         // Only asked when a retry is wanted, so the stat counts abandoned retries.
         let can_replay = wants_retry
-            && match &tee {
-                Some(t) if t.replayable() => true,
-                Some(_) => {
+            && match req_body.replayable() {
+                Some(true) => true,
+                Some(false) => {
                     cs.retry_or_shadow_abandoned.inc();
                     false
                 }
@@ -1511,17 +1615,13 @@ async fn forward(
         }
         let (mut rparts, rbody) = resp.into_parts();
         headers::strip_hop_by_hop(&mut rparts.headers);
-        if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+        rparts
+            .headers
+            .insert(UPSTREAM_SERVICE_TIME, millis(started.elapsed()));
+        if ctx.vh.include_attempt_count_in_response {
             rparts
                 .headers
-                .insert(HeaderName::from_static("x-envoy-upstream-service-time"), v);
-        }
-        if ctx.vh.include_attempt_count_in_response
-            && let Ok(v) = HeaderValue::from_str(&attempt_no.to_string())
-        {
-            rparts
-                .headers
-                .insert(HeaderName::from_static("x-envoy-attempt-count"), v);
+                .insert(ATTEMPT_COUNT, HeaderValue::from(attempt_no));
         }
         ctx.response_headers(&mut rparts.headers, Some(addr));
         // A small response usually arrives in the same read as its head: handed over whole,

@@ -177,6 +177,9 @@ pub struct Pool {
     slots: Arc<Slots>,
     /// Woken when a connection comes back or closes (a slot may be free).
     freed: Arc<Notify>,
+    /// Requests in the pending loop of `checkout`: a connection coming back wakes `freed`
+    /// only when someone waits (waking takes the `Notify`'s lock on every request otherwise).
+    pending: AtomicUsize,
     sweeper: AtomicBool,
 }
 
@@ -212,6 +215,9 @@ pub struct Target<'a> {
     pub mark: Option<u32>,
     /// How new connections are set up after the TCP connect (`None`: plaintext).
     pub transport: Option<&'a dyn Transport>,
+    /// Tag the response with the connection's [`UpstreamLocal`] address (an access log
+    /// asks for it; otherwise the response carries no extension to allocate).
+    pub upstream_local: bool,
 }
 
 impl Target<'_> {
@@ -304,6 +310,7 @@ impl Pool {
         Pool {
             slots: Arc::new(Mutex::new(HashMap::new())),
             freed: Arc::new(Notify::new()),
+            pending: AtomicUsize::new(0),
             sweeper: AtomicBool::new(false),
         }
     }
@@ -313,12 +320,24 @@ impl Pool {
         let mut slots = self.slots.lock().ok()?;
         let slot = slots.get_mut(&key)?;
         let now = Instant::now();
+        // Newest first: the connection most recently used is the likeliest to be ready and
+        // warm. Closed or expired ones met on the way are dropped; the sweeper takes the rest,
+        // so a request does not walk every idle connection.
         let h1 = |slot: &mut Slot| {
-            slot.idle
-                .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
-            let i = slot.idle.iter().position(|(s, _, _)| s.is_ready())?;
-            let (s, _, info) = slot.idle.swap_remove(i);
-            Some((Conn::Http1(s), info))
+            let mut i = slot.idle.len();
+            while i > 0 {
+                i -= 1;
+                let (s, since, info) = &slot.idle[i];
+                if s.is_closed() || info.expired(Some(*since), now) {
+                    slot.idle.remove(i);
+                    continue;
+                }
+                if s.is_ready() {
+                    let (s, _, info) = slot.idle.remove(i);
+                    return Some((Conn::Http1(s), info));
+                }
+            }
+            None
         };
         let h2 = |slot: &mut Slot| {
             let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
@@ -361,7 +380,11 @@ impl Pool {
                 slot.idle.push((s, Instant::now(), info));
             }
         }
-        self.freed.notify_waiters();
+        // A waiter counts itself before it looks for an idle connection under the same lock,
+        // so either it finds this one or it is counted here.
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     /// Close idle connections past their limits; forget endpoints without connections.
@@ -388,7 +411,8 @@ impl Pool {
 
     /// Start the sweeper once: it holds the pool weakly and ends with it.
     fn start_sweeper(&self) {
-        if self.sweeper.swap(true, Ordering::AcqRel) {
+        // A plain load first: the swap would write the shared line on every request.
+        if self.sweeper.load(Ordering::Relaxed) || self.sweeper.swap(true, Ordering::AcqRel) {
             return;
         }
         let slots: Weak<Slots> = Arc::downgrade(&self.slots);
@@ -511,6 +535,8 @@ impl Pool {
         let _pending = target
             .take(Resource::PendingRequests, false)
             .map_err(SendError::Overflow)?;
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.pending);
         let mut counted = false;
         loop {
             let waiting = self.freed.notified();
@@ -518,13 +544,15 @@ impl Pool {
                 return Ok((c, info, false));
             }
             match target.take(Resource::Connections, counted) {
+                // Boxed: opening (connect, TLS, handshake) is the rare path, and its state
+                // would otherwise sit in every request's future.
                 Ok(slot) => {
-                    let (c, info) = self.open(key, target, Some(slot)).await?;
+                    let (c, info) = Box::pin(self.open(key, target, Some(slot))).await?;
                     return Ok((c, info, true));
                 }
                 // Envoy's rule: an endpoint without any connection gets one anyway.
                 Err(_) if self.live(key) == 0 => {
-                    let (c, info) = self.open(key, target, None).await?;
+                    let (c, info) = Box::pin(self.open(key, target, None)).await?;
                     return Ok((c, info, true));
                 }
                 Err(_) => {
@@ -593,7 +621,9 @@ impl Pool {
             };
             match result {
                 Ok(mut resp) => {
-                    if let Some(l) = info.local {
+                    if target.upstream_local
+                        && let Some(l) = info.local
+                    {
                         resp.extensions_mut().insert(UpstreamLocal(l));
                     }
                     if let Some(tx) = back {
@@ -681,6 +711,15 @@ fn fit(mut req: Request<Body>, h2: bool) -> Request<Body> {
         *req.version_mut() = Version::HTTP_11;
     }
     req
+}
+
+/// One request in `checkout`'s pending loop, uncounted when it leaves however it leaves.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Held by a connection for its life: its count on the endpoint and its cluster slot.
@@ -781,6 +820,7 @@ mod tests {
             priority: RoutingPriority::Default,
             mark: None,
             transport,
+            upstream_local: true,
         };
         let sent = pool.send(addr, proto, target, req).await;
         match sent.result {
@@ -863,6 +903,7 @@ mod tests {
             priority: RoutingPriority::Default,
             mark: None,
             transport: Some(&Refusing),
+            upstream_local: false,
         };
         let sent = pool.send(addr, Proto::Http1, target, req).await;
         assert!(

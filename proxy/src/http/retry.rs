@@ -17,6 +17,12 @@ pub const CONSUMED: [&str; 6] = [
     "x-envoy-upstream-rq-per-try-timeout-ms",
 ];
 
+/// Whether the request carries any `x-envoy-*` header: one pass over its names, so the
+/// router's lookups and removals of [`CONSUMED`] are skipped for the usual request.
+pub fn has_envoy_headers(h: &HeaderMap) -> bool {
+    h.keys().any(|k| k.as_str().starts_with("x-envoy-"))
+}
+
 fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }

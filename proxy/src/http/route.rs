@@ -43,52 +43,57 @@ pub fn strip_port(host: &str) -> &str {
 
 /// Choose the virtual host for `host`, or `None` (Envoy answers 404, flag NR).
 pub fn select_virtual_host<'r>(rc: &'r RouteConfig, host: &str) -> Option<&'r VirtualHost> {
-    let lowered = host.to_ascii_lowercase();
+    // Domains compare case-insensitively in place: this runs for every request, over every
+    // domain of the configuration, so nothing is lowercased into new strings.
     let host = if rc.ignore_port_in_host_matching {
-        strip_port(&lowered)
+        strip_port(host)
     } else {
-        lowered.as_str()
+        host
     };
     let domains = || {
         rc.virtual_hosts
             .iter()
-            .flat_map(|v| v.domains.iter().map(move |d| (d.to_ascii_lowercase(), v)))
+            .flat_map(|v| v.domains.iter().map(move |d| (d.as_str(), v)))
     };
-    if let Some((_, v)) = domains().find(|(d, _)| d == host) {
+    if let Some((_, v)) = domains().find(|(d, _)| d.eq_ignore_ascii_case(host)) {
         return Some(v);
     }
-    // `*.suffix`: the longest suffix wins; the `*` must stand for at least one character.
-    let best = |candidates: Vec<(usize, &'r VirtualHost)>| {
-        candidates
-            .into_iter()
-            .fold(None::<(usize, &'r VirtualHost)>, |best, c| match best {
-                Some(b) if b.0 >= c.0 => Some(b),
-                _ => Some(c),
-            })
-            .map(|(_, v)| v)
+    // `*.suffix`, then `prefix*`: the longest wins (the first of equals); the `*` must stand
+    // for at least one character.
+    let longest = |fixed: fn(&str) -> Option<&str>, fits: fn(&[u8], &[u8]) -> bool| {
+        let mut best: Option<(usize, &'r VirtualHost)> = None;
+        for (d, v) in domains() {
+            let Some(part) = fixed(d) else {
+                continue;
+            };
+            if !part.is_empty()
+                && host.len() > part.len()
+                && fits(host.as_bytes(), part.as_bytes())
+                && best.is_none_or(|(n, _)| part.len() > n)
+            {
+                best = Some((part.len(), v));
+            }
+        }
+        best.map(|(_, v)| v)
     };
-    let suffix: Vec<_> = domains()
-        .filter_map(|(d, v)| {
-            let s = d.strip_prefix('*')?;
-            (!s.is_empty() && host.len() > s.len() && host.ends_with(s)).then_some((s.len(), v))
-        })
-        .collect();
-    if let Some(v) = best(suffix) {
+    let suffix = longest(
+        |d| d.strip_prefix('*'),
+        |h, s| h[h.len() - s.len()..].eq_ignore_ascii_case(s),
+    );
+    if let Some(v) = suffix {
         return Some(v);
     }
-    let prefix: Vec<_> = domains()
-        .filter_map(|(d, v)| {
-            let p = d.strip_suffix('*')?;
-            (!p.is_empty() && host.len() > p.len() && host.starts_with(p)).then_some((p.len(), v))
-        })
-        .collect();
-    if let Some(v) = best(prefix) {
+    let prefix = longest(
+        |d| d.strip_suffix('*'),
+        |h, p| h[..p.len()].eq_ignore_ascii_case(p),
+    );
+    if let Some(v) = prefix {
         return Some(v);
     }
     if host.is_empty() {
         return None;
     }
-    domains().find(|(d, _)| d == "*").map(|(_, v)| v)
+    domains().find(|(d, _)| *d == "*").map(|(_, v)| v)
 }
 
 /// The first route of `vh` matching the request, or `None` (404, NR).

@@ -58,6 +58,9 @@ fn longest_wildcard_wins_and_never_matches_empty() {
     assert_eq!(pick(&c, ".bar.com"), Some("short"));
     assert_eq!(pick(&c, "bar.com"), Some("short"));
     assert_eq!(pick(&c, "api."), None);
+    // Wildcards compare case-insensitively too.
+    assert_eq!(pick(&c, "A.BAR.Com"), Some("long"));
+    assert_eq!(pick(&c, "API.V2.example"), Some("p-long"));
 }
 
 #[test]
