@@ -105,6 +105,8 @@ pub struct Dataplane {
     /// The data-plane worker this belongs to (`None`: not one of `skiff run`'s workers, e.g. a
     /// node-mode pod); its listeners count `listener.<addr>.worker_<i>.downstream_cx_total`.
     pub worker: Option<usize>,
+    /// Recent answers for DNS clusters' names (tcp_proxy).
+    dns: connect::DnsCache,
     weighted_cursor: AtomicUsize,
     tls_sweeper: std::sync::Once,
 }
@@ -141,6 +143,7 @@ impl Dataplane {
             capture_port,
             sockmap_ports: Vec::new(),
             worker: None,
+            dns: connect::DnsCache::default(),
             weighted_cursor: AtomicUsize::new(0),
             tls_sweeper: std::sync::Once::new(),
         }
