@@ -17,7 +17,7 @@ use crate::admin::{self, Admin, CaptureControl, ControlError};
 use crate::bpf::{Capture, CaptureConfig, NODE_SCOPE, Owner};
 use crate::capture::CaptureExtras;
 use crate::config::Bootstrap;
-use crate::dataplane::{self, Dataplane, ListenerRole};
+use crate::dataplane::{Dataplane, ListenerRole, Workers};
 use crate::state::{Snapshot, Store};
 use crate::stats::Stats;
 use crate::xds::{self, Resources, XdsOptions};
@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub admin_options: crate::admin::AdminOptions,
     /// How long in-flight connections may take to finish after shutdown starts.
     pub drain: Duration,
+    /// Data-plane workers (`--concurrency`): threads with one runtime and one socket per
+    /// listener each (0 counts as 1).
+    pub concurrency: usize,
 }
 
 /// The installed eBPF capture as `run` uses it: the capture, its config, the capture port,
@@ -277,7 +280,42 @@ async fn start_fast_path(
     ));
 }
 
-/// Bind a listening socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
+/// Every data-plane listening socket is made here (so that a process taking over hands its
+/// sockets in at one place): `n` sockets (at least one) on `addr`, one per worker, sharing the
+/// port with SO_REUSEPORT so the kernel spreads connections over their accept queues, all bound
+/// before any accepts. SO_REUSEADDR (restarts must not wait for TIME_WAIT), non-blocking, a
+/// backlog of 4096; `v6_only` sets IPV6_V6ONLY on IPv6 sockets. Port 0 picks one free port for
+/// all of them.
+pub fn listen_sockets(
+    addr: SocketAddr,
+    n: usize,
+    v6_only: bool,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        if addr.is_ipv6() && v6_only {
+            s.set_only_v6(true)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(4096)?;
+        if addr.port() == 0 {
+            // The others join the port the kernel picked for the first.
+            if let Some(a) = s.local_addr()?.as_socket() {
+                addr = a;
+            }
+        }
+        out.push(s.into());
+    }
+    Ok(out)
+}
+
+/// Bind the admin socket with SO_REUSEADDR (restarts must not wait for TIME_WAIT).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
@@ -347,22 +385,41 @@ pub async fn run_with(
     if let Some(owner) = &owner {
         start_fast_path(owner, &store, capture_port, &stop, &mut tasks).await;
     }
-    let mut dp = Dataplane::new(
-        store.clone(),
-        stats.clone(),
-        opts.upstream_mark,
-        capture_port,
+    // The data-plane workers, started after the capture moved this process into the proxy
+    // cgroup; one TLS cache for all of them (a session resumes on any worker).
+    let tls = Arc::new(crate::tls::TlsContexts::new());
+    let sockmap_ports = capture
+        .as_ref()
+        .map(|c| c.capture.sockmap_ports().to_vec())
+        .unwrap_or_default();
+    let workers = Arc::new(
+        Workers::start(opts.concurrency, |_| {
+            let mut dp = Dataplane::with_tls(
+                store.clone(),
+                stats.clone(),
+                opts.upstream_mark,
+                capture_port,
+                tls.clone(),
+            );
+            dp.sockmap_ports = sockmap_ports.clone();
+            dp
+        })
+        .context("starting the data-plane workers")?,
     );
-    if let Some(c) = &capture {
-        dp.sockmap_ports = c.capture.sockmap_ports().to_vec();
-    }
-    let dp = Arc::new(dp);
+    info!(workers = workers.len(), "data-plane workers up");
     tasks.push(tokio::spawn(crate::health::run(
         store.clone(),
         opts.upstream_mark,
         stop.clone(),
     )));
-    let listeners = start_listeners(&opts, &extras, &dp, &stop, &drain_signal, &mut tasks)?;
+    let listeners = start_listeners(
+        &opts,
+        &extras,
+        (&workers, &stats),
+        &stop,
+        &drain_signal,
+        &mut tasks,
+    )?;
     let mut sds = start_sds(&opts, &stats, &stop, &mut tasks);
     if opts.bootstrap.ads.is_none()
         && let Some(external) = sds.take()
@@ -378,7 +435,7 @@ pub async fn run_with(
         &opts,
         &store,
         &stats,
-        &dp,
+        &workers,
         owner.as_ref(),
         (listeners.inbound_port, sds),
         &stop,
@@ -429,6 +486,8 @@ pub async fn run_with(
         &stats,
     )
     .await;
+    // Connections still open after the drain time close with their workers.
+    drop(workers);
     Ok(())
 }
 
@@ -462,7 +521,7 @@ struct Listeners {
 fn start_listeners(
     opts: &RunOptions,
     extras: &CaptureExtras,
-    dp: &Arc<Dataplane>,
+    (workers, stats): (&Arc<Workers>, &Arc<Stats>),
     stop: &CancellationToken,
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -476,15 +535,10 @@ fn start_listeners(
         capture_addrs.clear();
     }
     for addr in capture_addrs {
-        let l = bind(addr).with_context(|| format!("binding capture listener {addr}"))?;
+        let l = listen_sockets(addr, workers.len(), false)
+            .with_context(|| format!("binding capture listener {addr}"))?;
         info!(%addr, "capture listener up");
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(dataplane::run(
-            l,
-            ListenerRole::Capture,
-            dp.clone(),
-            drain.or_shutdown(false, async move { stop.cancelled().await }),
-        )));
+        tasks.extend(serve(workers, l, ListenerRole::Capture, stop, drain, false));
     }
     // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
     // In node mode inbound capture belongs to the pods (`capture::pods`), not this netns.
@@ -495,7 +549,7 @@ fn start_listeners(
         Some(ib) => Some(start_inbound(
             ib,
             extras.allow_coexist,
-            dp,
+            (workers, stats),
             stop,
             drain,
             tasks,
@@ -517,22 +571,33 @@ fn start_listeners(
         {
             continue;
         }
-        let sock = bind(l.address)
+        let socks = listen_sockets(l.address, workers.len(), false)
             .with_context(|| format!("binding listener {} on {}", l.name, l.address))?;
         info!(listener = %l.name, addr = %l.address, "listener up");
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(dataplane::run(
-            sock,
-            ListenerRole::Static {
-                name: l.name.clone(),
-            },
-            dp.clone(),
-            drain.or_shutdown(false, async move { stop.cancelled().await }),
-        )));
+        let role = ListenerRole::Static {
+            name: l.name.clone(),
+        };
+        tasks.extend(serve(workers, socks, role, stop, drain, false));
     }
     Ok(Listeners {
         inbound_port,
         inbound_steering,
+    })
+}
+
+/// Accept on `socks` (one per worker) as listeners of `role` until `stop` or a
+/// `/drain_listeners` that covers them (`inbound`: the listener is inbound).
+fn serve(
+    workers: &Workers,
+    socks: Vec<std::net::TcpListener>,
+    role: ListenerRole,
+    stop: &CancellationToken,
+    drain: &admin::DrainSignal,
+    inbound: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    workers.serve(socks, &role, || {
+        let stop = stop.clone();
+        drain.or_shutdown(inbound, async move { stop.cancelled().await })
     })
 }
 
@@ -599,7 +664,7 @@ async fn start_xds(
     opts: &RunOptions,
     store: &Arc<Store>,
     stats: &Arc<Stats>,
-    dp: &Arc<Dataplane>,
+    workers: &Arc<Workers>,
     owner: Option<&Owner>,
     (inbound_port, sds): (Option<u16>, Option<crate::state::secrets::ExternalSecrets>),
     stop: &CancellationToken,
@@ -611,7 +676,7 @@ async fn start_xds(
     // Listeners that arrive over LDS are bound and unbound as they come and go.
     tasks.push(tokio::spawn(dynamic_listeners(
         store.clone(),
-        dp.clone(),
+        (workers.clone(), stats.clone()),
         [Some(capture_port), inbound_port],
         stop.clone(),
         drain.clone(),
@@ -755,24 +820,21 @@ async fn drain(
 fn start_inbound(
     ib: &crate::capture::InboundOptions,
     allow_coexist: bool,
-    dp: &Arc<Dataplane>,
+    (workers, stats): (&Arc<Workers>, &Arc<Stats>),
     stop: &CancellationToken,
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Option<Arc<crate::bpf::inbound::InboundSteering>>> {
     let v4_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, ib.port));
-    let v4 = bind(v4_addr).with_context(|| format!("binding inbound listener {v4_addr}"))?;
+    let v4 = listen_sockets(v4_addr, workers.len(), false)
+        .with_context(|| format!("binding inbound listener {v4_addr}"))?;
     let v6 = if ib.ipv6 {
         let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
-        let s = TcpSocket::new_v6().context("inbound IPv6 socket")?;
         // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
-        socket2::SockRef::from(&s)
-            .set_only_v6(true)
-            .context("IPV6_V6ONLY on the inbound listener")?;
-        s.set_reuseaddr(true)?;
-        s.bind(addr)
-            .with_context(|| format!("binding inbound listener {addr}"))?;
-        Some(s.listen(4096)?)
+        Some(
+            listen_sockets(addr, workers.len(), true)
+                .with_context(|| format!("binding inbound listener {addr}"))?,
+        )
     } else {
         None
     };
@@ -789,9 +851,11 @@ fn start_inbound(
         } else {
             ib.pod_ips.clone()
         };
+        // sk_lookup picks one socket of each family; the kernel then applies the reuseport
+        // group's selection, so every worker's socket gets its share.
         let s = crate::bpf::inbound::InboundSteering::install(
-            &v4,
-            v6.as_ref(),
+            &v4[0],
+            v6.as_ref().map(|v| &v[0]),
             &pod_ips,
             &ib.exclude_ports,
         )
@@ -801,17 +865,12 @@ fn start_inbound(
         None
     };
     for l in std::iter::once(v4).chain(v6) {
-        info!(addr = ?l.local_addr().ok(), "inbound listener up");
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(dataplane::run(
-            l,
-            ListenerRole::Inbound { port: ib.port },
-            dp.clone(),
-            drain.or_shutdown(true, async move { stop.cancelled().await }),
-        )));
+        info!(addr = ?l[0].local_addr().ok(), "inbound listener up");
+        let role = ListenerRole::Inbound { port: ib.port };
+        tasks.extend(serve(workers, l, role, stop, drain, true));
     }
     if let Some(s) = steering.clone() {
-        let dp = dp.clone();
+        let stats = stats.clone();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -825,7 +884,7 @@ fn start_inbound(
                 let now = s.stats();
                 last.resize(now.len(), 0);
                 for ((name, n), seen) in now.into_iter().zip(last.iter_mut()) {
-                    dp.stats()
+                    stats
                         .counter(&format!("skiff.inbound.{name}"))
                         .add(n.saturating_sub(*seen));
                     *seen = n;
@@ -840,7 +899,11 @@ fn active_connections(stats: &Stats) -> u64 {
     stats
         .snapshot()
         .into_iter()
-        .filter(|(k, _)| k.starts_with("listener.") && k.ends_with(".downstream_cx_active"))
+        .filter(|(k, _)| {
+            k.starts_with("listener.")
+                && k.ends_with(".downstream_cx_active")
+                && !k.contains(".worker_")
+        })
         .map(|(_, v)| v)
         .sum()
 }
@@ -849,16 +912,19 @@ fn active_connections(stats: &Stats) -> u64 {
 /// capture port). A removed listener stops accepting; its connections carry on.
 async fn dynamic_listeners(
     store: Arc<Store>,
-    dp: Arc<Dataplane>,
+    (workers, stats): (Arc<Workers>, Arc<Stats>),
     skiff_ports: [Option<u16>; 2],
     stop: CancellationToken,
     drain: admin::DrainSignal,
 ) {
     let mut changed = store.subscribe();
-    let mut running: BTreeMap<
-        String,
-        (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>),
-    > = BTreeMap::new();
+    // Per listener: its address, what stops it, and its accept loop on each worker.
+    type Running = (
+        SocketAddr,
+        CancellationToken,
+        Vec<tokio::task::JoinHandle<()>>,
+    );
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
     // UDP listeners already logged as skipped (once each, not on every snapshot).
     let mut udp_logged: BTreeSet<String> = BTreeSet::new();
     loop {
@@ -885,9 +951,11 @@ async fn dynamic_listeners(
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
-            if let Some((addr, token, task)) = running.remove(&n) {
+            if let Some((addr, token, loops)) = running.remove(&n) {
                 token.cancel();
-                let _ = task.await;
+                for l in loops {
+                    let _ = l.await;
+                }
                 info!(listener = %n, %addr, "listener down");
             }
         }
@@ -895,22 +963,17 @@ async fn dynamic_listeners(
             if running.contains_key(n) {
                 continue;
             }
-            match bind(addr) {
-                Ok(sock) => {
+            match listen_sockets(addr, workers.len(), false) {
+                Ok(socks) => {
                     info!(listener = %n, %addr, "listener up");
                     let token = stop.child_token();
-                    let t = token.clone();
-                    let task = tokio::spawn(dataplane::run(
-                        sock,
-                        ListenerRole::Static { name: n.clone() },
-                        dp.clone(),
-                        drain.or_shutdown(false, async move { t.cancelled().await }),
-                    ));
-                    running.insert(n.clone(), (addr, token, task));
+                    let role = ListenerRole::Static { name: n.clone() };
+                    let loops = serve(&workers, socks, role, &token, &drain, false);
+                    running.insert(n.clone(), (addr, token, loops));
                 }
                 Err(e) => {
                     warn!(listener = %n, %addr, error = %e, "cannot bind listener from LDS");
-                    dp.stats()
+                    stats
                         .counter("listener_manager.listener_create_failure")
                         .inc();
                 }
@@ -922,8 +985,10 @@ async fn dynamic_listeners(
             r = changed.changed() => if r.is_err() { break },
         }
     }
-    for (_, (_, token, task)) in running {
+    for (_, (_, token, loops)) in running {
         token.cancel();
-        let _ = task.await;
+        for l in loops {
+            let _ = l.await;
+        }
     }
 }

@@ -912,6 +912,8 @@ pub fn run_options(bootstrap: skiff::config::Bootstrap) -> skiff::app::RunOption
         outbound_v6: None,
         upstream_mark: None,
         drain: Duration::from_millis(200),
+        // Two workers: every in-process test runs the per-worker listeners.
+        concurrency: 2,
     }
 }
 

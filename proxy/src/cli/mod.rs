@@ -392,6 +392,10 @@ pub struct RunArgs {
     /// Time in-flight connections get to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_time: Duration,
+    /// Data-plane worker threads (Envoy's flag): each runs its own event loop and accepts on its
+    /// own socket of every listener (SO_REUSEPORT). Default: the number of CPUs available.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// The ADS connection (address, TLS, token).
     #[command(flatten)]
     pub xds: XdsArgs,

@@ -279,6 +279,9 @@ pub fn build(
         outbound_v6,
         upstream_mark,
         drain: a.drain_time,
+        concurrency: a
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     Ok((opts, extras))
 }

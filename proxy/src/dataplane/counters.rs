@@ -15,6 +15,9 @@ pub(super) struct ListenerCounters {
     pub(super) total: Arc<Counter>,
     /// `<listener>.downstream_cx_active`.
     pub(super) active: Arc<Gauge>,
+    /// `<listener>.worker_<i>.downstream_cx_total` (Envoy's per-worker counter), when the
+    /// listener runs on one of `skiff run`'s workers.
+    worker_total: Option<Arc<Counter>>,
     /// `<listener>.downstream_cx_length_ms`.
     length: Arc<Histogram>,
     /// `<listener>.no_filter_chain_match` (Envoy's).
@@ -50,6 +53,7 @@ impl ListenerCounters {
             prefix: prefix.to_string(),
             stats: stats.clone(),
             total: stats.counter(&format!("{prefix}.downstream_cx_total")),
+            worker_total: None,
             active: stats.gauge(&format!("{prefix}.downstream_cx_active")),
             length: stats.histogram(&format!("{prefix}.downstream_cx_length_ms")),
             no_filter_chain_match: stats.counter(&format!("{prefix}.no_filter_chain_match")),
@@ -62,6 +66,13 @@ impl ListenerCounters {
                 })
                 .collect(),
         }
+    }
+
+    /// These counters, also counting connections under the worker `worker`.
+    pub(super) fn for_worker(mut self, worker: usize) -> Self {
+        let name = format!("{}.worker_{worker}.downstream_cx_total", self.prefix);
+        self.worker_total = Some(self.stats.counter(&name));
+        self
     }
 
     /// Where the listener's stats live: Envoy's `listener.<address>`.
@@ -97,6 +108,9 @@ impl ListenerCounters {
     /// `downstream_cx_length_ms`) when dropped.
     pub(super) fn open(&self) -> Open {
         self.total.inc();
+        if let Some(w) = &self.worker_total {
+            w.inc();
+        }
         self.active.inc();
         Open {
             active: self.active.clone(),

@@ -45,7 +45,11 @@ pub async fn run(
     let prefix = listener
         .local_addr()
         .map_or_else(|_| "listener.unknown".into(), crate::stats::listener_prefix);
-    let counters = Arc::new(ListenerCounters::new(dp.stats(), &prefix));
+    let mut counters = ListenerCounters::new(dp.stats(), &prefix);
+    if let Some(w) = dp.worker {
+        counters = counters.for_worker(w);
+    }
+    let counters = Arc::new(counters);
     dp.start_tls_sweeper();
     let direction = role.direction();
     let role = Arc::new(role);

@@ -35,6 +35,7 @@ pub mod orig_dst;
 mod rbac;
 pub mod route;
 mod tcp_proxy;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -46,6 +47,7 @@ use crate::stats::Stats;
 pub use accept::Accepted;
 pub use error::{ConnError, ResponseFlag, Side};
 pub use listen::run;
+pub use workers::Workers;
 
 /// How often unused TLS configurations are dropped.
 const TLS_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -89,7 +91,8 @@ impl ListenerRole {
     }
 }
 
-/// Shared state of every listener task.
+/// What the listener tasks of one worker share (each worker has its own: its HTTP upstream
+/// pool is driven by that worker alone); store, stats and TLS contexts are the same for all.
 #[derive(Debug)]
 pub struct Dataplane {
     /// Configuration, counters, upstream mark and HTTP pool: the part the HTTP connection
@@ -99,6 +102,11 @@ pub struct Dataplane {
     pub capture_port: u16,
     /// `--sockmap` service ports: their connections are copied, not spliced (see `forward`).
     pub sockmap_ports: Vec<u16>,
+    /// The data-plane worker this belongs to (`None`: not one of `skiff run`'s workers, e.g. a
+    /// node-mode pod); its listeners count `listener.<addr>.worker_<i>.downstream_cx_total`.
+    pub worker: Option<usize>,
+    /// Recent answers for DNS clusters' names (tcp_proxy).
+    dns: connect::DnsCache,
     weighted_cursor: AtomicUsize,
     tls_sweeper: std::sync::Once,
 }
@@ -111,16 +119,31 @@ impl Dataplane {
         upstream_mark: Option<u32>,
         capture_port: u16,
     ) -> Self {
+        let tls = Arc::new(crate::tls::TlsContexts::new());
+        Self::with_tls(store, stats, upstream_mark, capture_port, tls)
+    }
+
+    /// A data plane serving `store` with the TLS contexts `tls` (shared by the workers) and
+    /// its own, empty HTTP upstream pool.
+    pub fn with_tls(
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        upstream_mark: Option<u32>,
+        capture_port: u16,
+        tls: Arc<crate::tls::TlsContexts>,
+    ) -> Self {
         Dataplane {
             shared: Arc::new(http::Shared {
                 store,
                 stats,
                 upstream_mark,
                 http_pool: http::pool::Pool::new(),
-                tls: crate::tls::TlsContexts::new(),
+                tls,
             }),
             capture_port,
             sockmap_ports: Vec::new(),
+            worker: None,
+            dns: connect::DnsCache::default(),
             weighted_cursor: AtomicUsize::new(0),
             tls_sweeper: std::sync::Once::new(),
         }
@@ -143,8 +166,12 @@ impl Dataplane {
 
     /// Start, once, the task that drops TLS configurations no connection used for a
     /// minute (contexts gone from the configuration, secrets rotated away). It holds the
-    /// shared parts weakly and ends with them.
+    /// shared parts weakly and ends with them. Workers share their contexts: only the first
+    /// worker sweeps them (a sweep drops what was unused since the previous one).
     fn start_tls_sweeper(&self) {
+        if self.worker.is_some_and(|w| w > 0) {
+            return;
+        }
         self.tls_sweeper.call_once(|| {
             let shared = Arc::downgrade(&self.shared);
             tokio::spawn(async move {

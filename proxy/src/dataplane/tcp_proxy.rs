@@ -196,7 +196,7 @@ pub(super) async fn proxy(
                 cluster: name.to_string(),
             });
         };
-        let addr = connect::resolve(&target, name).await?;
+        let addr = connect::resolve(&dp.dns, &target, name).await?;
         tracing::Span::current().record("endpoint", field::display(addr));
         if let Some(r) = rec.as_deref_mut() {
             r.upstream_host = Some(addr.get());

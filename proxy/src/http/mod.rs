@@ -91,8 +91,8 @@ pub struct Shared {
     /// Kept-alive upstream HTTP connections.
     pub http_pool: pool::Pool,
     /// TLS configurations built from the snapshots' contexts and secrets (termination and
-    /// origination alike).
-    pub tls: crate::tls::TlsContexts,
+    /// origination alike), one cache for every data-plane worker (sessions resume on any).
+    pub tls: Arc<crate::tls::TlsContexts>,
 }
 
 /// One downstream connection handed to the HTTP connection manager.

@@ -1,0 +1,190 @@
+//! Data-plane workers, as nginx's and Envoy's: `skiff run --concurrency N` starts N threads,
+//! each running a current-thread tokio runtime with its own [`Dataplane`] (its own HTTP
+//! upstream pool). Every data-plane listener gets one `SO_REUSEPORT` socket per worker, so
+//! the kernel spreads connections over the workers' accept queues and a connection lives its
+//! whole life (accept, select, connect, forward, HTTP) on the worker that accepted it: no task
+//! hand-off and no cross-thread wake-up per connection. Snapshots, stats, host state, circuit
+//! breakers and TLS contexts stay shared.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use super::{Dataplane, ListenerRole};
+
+/// How long a stopping worker waits for its blocking tasks.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// The running workers; dropping them stops every thread (connections still open on them are
+/// closed) and waits for it.
+#[derive(Debug)]
+pub struct Workers {
+    workers: Vec<Worker>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    handle: Handle,
+    dp: Arc<Dataplane>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+// === impl Workers ===
+
+impl Workers {
+    /// Start `n` workers (at least one); worker `i` serves with the data plane `make(i)`.
+    pub fn start(n: usize, make: impl Fn(usize) -> Dataplane) -> std::io::Result<Workers> {
+        let mut workers = Workers {
+            workers: Vec::new(),
+        };
+        for i in 0..n.max(1) {
+            let mut dp = make(i);
+            dp.worker = Some(i);
+            let (stop, stopped) = oneshot::channel::<()>();
+            let (ready, handle) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("skiff-worker-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(rt.handle().clone()));
+                    // Drives every task spawned on this worker until told to stop.
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    rt.shutdown_timeout(STOP_WAIT);
+                })?;
+            let handle = match handle.recv() {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(std::io::Error::other(format!("worker {i} did not start"))),
+            };
+            workers.workers.push(Worker {
+                handle,
+                dp: Arc::new(dp),
+                stop: Some(stop),
+                thread: Some(thread),
+            });
+        }
+        Ok(workers)
+    }
+
+    /// How many workers run.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether there is no worker (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// The data plane of each worker, in worker order.
+    pub fn dataplanes(&self) -> impl Iterator<Item = &Arc<Dataplane>> {
+        self.workers.iter().map(|w| &w.dp)
+    }
+
+    /// Run one accept loop of a listener of `role` on each worker, on the socket of the same
+    /// index in `sockets` (from `app::listen_sockets`, one per worker); each stops when the
+    /// future `shutdown()` made for it completes. Returns the loops' tasks.
+    pub fn serve<F>(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+        role: &ListenerRole,
+        shutdown: impl Fn() -> F,
+    ) -> Vec<tokio::task::JoinHandle<()>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.workers
+            .iter()
+            .zip(sockets)
+            .map(|(w, sock)| {
+                let (dp, role, shutdown) = (w.dp.clone(), role.clone(), shutdown());
+                w.handle.spawn(async move {
+                    // Registered with this worker's reactor: its readiness wakes only it.
+                    match tokio::net::TcpListener::from_std(sock) {
+                        Ok(l) => super::run(l, role, dp, shutdown).await,
+                        Err(e) => warn!(error = %e, worker = ?dp.worker, "cannot serve listener"),
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            if let Some(s) = w.stop.take() {
+                let _ = s.send(());
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Snapshot, Store};
+    use crate::stats::Stats;
+
+    fn workers(n: usize) -> Workers {
+        let stats = Arc::new(Stats::default());
+        let store = Arc::new(Store::new(Snapshot::default()));
+        Workers::start(n, |_| {
+            Dataplane::new(store.clone(), stats.clone(), None, 15001)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn each_worker_is_its_own_thread_with_its_own_pool() {
+        let w = workers(3);
+        assert_eq!(w.len(), 3);
+        let ids: Vec<_> = w.dataplanes().map(|d| d.worker).collect();
+        assert_eq!(ids, [Some(0), Some(1), Some(2)]);
+        let threads: std::collections::BTreeSet<_> = w
+            .workers
+            .iter()
+            .map(|w| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                w.handle.spawn(async move {
+                    let _ = tx.send(std::thread::current().name().map(str::to_string));
+                });
+                rx.recv().unwrap()
+            })
+            .collect();
+        assert_eq!(threads.len(), 3, "{threads:?}");
+        let a = &w.workers[0].dp.shared;
+        let b = &w.workers[1].dp.shared;
+        assert!(!Arc::ptr_eq(a, b));
+        assert!(Arc::ptr_eq(&a.store, &b.store));
+    }
+
+    #[test]
+    fn zero_means_one_and_drop_stops_the_threads() {
+        let w = workers(0);
+        assert_eq!(w.len(), 1);
+        drop(w);
+    }
+}
