@@ -769,6 +769,7 @@ fn open_gates(
         g.open().context("installing iptables capture")?;
     }
     ready.store(true, Ordering::Relaxed);
+    crate::mem::release_startup();
     info!("skiff ready");
     Ok(())
 }

@@ -22,6 +22,7 @@
 //!   circuit breakers; host state kept across snapshots.
 //! - [`health`]: active health checks and outlier-detection intervals, one task per cluster.
 //! - [`bpf`]: load and attach the kernel capture programs; their maps.
+//! - [`mem`]: process memory: malloc arenas, giving back start-up heap and embedded objects.
 //! - [`capture`]: iptables fallback, `--capture auto` probe, coexistence with other programs.
 //! - [`xds`]: ADS client (state of the world and delta), one handler per resource type
 //!   ([`xds::ResourceKind`]) with typed rejections, ACK/NACK, warming; connections to control
@@ -47,6 +48,7 @@ pub mod dataplane;
 pub mod health;
 pub mod http;
 pub mod lb;
+pub mod mem;
 pub mod model;
 pub mod net;
 pub mod rbac;

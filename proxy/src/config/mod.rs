@@ -548,11 +548,10 @@ fn dynamic(
 /// The pool is rebuilt on next use (~35 ms).
 pub fn release_parser_memory() {
     skiff_proto::release_pool();
-    // glibc keeps freed heap pages mapped; hand them back now that the pool is gone.
-    // SAFETY: malloc_trim only releases free pages at the allocator level; no pointer changes.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // glibc keeps freed heap pages mapped; hand them back now that the pool is gone, and the
+    // pages of the embedded descriptor set the pool was decoded from.
+    crate::mem::trim_heap();
+    crate::mem::page_out(skiff_proto::FILE_DESCRIPTOR_SET);
 }
 
 #[cfg(test)]
