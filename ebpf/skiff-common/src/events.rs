@@ -114,7 +114,10 @@ pub fn take_token(b: &mut TokenBucket, now_ns: u64, cfg: &EventConfig) -> bool {
     if credit > cap {
         credit = cap;
     }
-    b.last_ns = now_ns;
+    // Never move the clock back: a later, larger `now` must not be credited twice.
+    if now_ns > b.last_ns {
+        b.last_ns = now_ns;
+    }
     if credit >= NS_PER_SEC {
         b.credit = credit - NS_PER_SEC;
         true
