@@ -107,6 +107,9 @@ pub struct Events {
     /// Until the reader task takes it.
     ring: Mutex<Option<RingBuf<MapData>>>,
     lost: PerCpuArray<MapData, u64>,
+    /// Kept open: the programs are loaded after this takes the maps, and a map whose fd is
+    /// closed by then cannot be referenced.
+    _config: Array<MapData, EventConfig>,
     counts: Arc<Mutex<Counts>>,
     access_log: Option<AccessLog>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -135,6 +138,7 @@ impl Events {
         Ok(Events {
             ring: Mutex::new(Some(ring)),
             lost,
+            _config: conf,
             counts: Arc::default(),
             access_log: cfg.access_log(),
             task: Mutex::new(None),
