@@ -88,8 +88,26 @@ pub fn emit(sa: &SockAddr<'_>, e: Emit) {
         verdict: e.verdict,
         _pad: [0; 6],
     });
-    entry.submit(0);
+    // Waking the reader costs more than the rest of connect4 together (measured ~9 us per
+    // submit on 6.18): submit silently and wake it only once a backlog builds up; the reader
+    // also drains on a timer.
+    let flags = if SKIFF_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }
+
+/// `bpf_ringbuf_submit` flag: do not wake the reader.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+/// `bpf_ringbuf_submit` flag: wake the reader.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query` flag: bytes not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Backlog at which a submit wakes the reader: 32 KiB, about 370 events (an eighth of the
+/// default ring), so a burst wakes it long before the ring fills.
+const WAKE_BYTES: u64 = 32 * 1024;
 
 #[inline(always)]
 fn lost(why: u32) {

@@ -217,24 +217,37 @@ impl Drop for Events {
     }
 }
 
-/// Waits for the ring to become readable and handles every event in it.
+/// How often the reader drains the ring without being woken: the kernel wakes it only once a
+/// backlog builds up (a wakeup per event would cost each connect several microseconds).
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// Handles every event in the ring when woken (a backlog) or every [`DRAIN_EVERY`].
 async fn read_loop(mut fd: AsyncFd<RingBuf<MapData>>, sink: Sink) {
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(error = %e, "kernel event reader stopped");
-                return;
-            }
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match KernelEvent::from_bytes(&item) {
-                Some(ev) => sink.handle(&ev),
-                None => tracing::debug!(len = item.len(), "kernel event of unexpected size"),
-            }
+        tokio::select! {
+            ready = fd.readable_mut() => match ready {
+                Ok(mut guard) => {
+                    drain(guard.get_inner_mut(), &sink);
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel event reader stopped");
+                    return;
+                }
+            },
+            _ = tick.tick() => drain(fd.get_mut(), &sink),
         }
-        guard.clear_ready();
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, sink: &Sink) {
+    while let Some(item) = ring.next() {
+        match KernelEvent::from_bytes(&item) {
+            Some(ev) => sink.handle(&ev),
+            None => tracing::debug!(len = item.len(), "kernel event of unexpected size"),
+        }
     }
 }
 
