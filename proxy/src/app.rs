@@ -85,6 +85,7 @@ impl CaptureControl for CaptureHandle {
             out.push((format!("fast_path.{vip}.fallback_total"), st.fallbacks));
             out.push((format!("fast_path.{vip}.no_healthy_total"), st.no_healthy));
         }
+        out.extend(self.capture.event_stats());
         for (ep, load) in self.capture.endpoint_stats() {
             out.push((format!("fast_path.endpoint.{ep}.cx_total"), load.total));
             out.push((format!("fast_path.endpoint.{ep}.cx_active"), load.active));
@@ -377,6 +378,11 @@ pub async fn run_with(
     let mut tasks = Vec::new();
     let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
     let stats = Arc::new(Stats::default());
+    // The kernel event reader runs until the capture is dropped (not one of `tasks`, which
+    // shutdown waits for).
+    if let Some(c) = &capture {
+        c.capture.spawn_events(stats.clone());
+    }
     // Step 2: the store of snapshots; host state (ejections, health checks, active requests)
     // outlives each snapshot.
     let store = Store::for_bootstrap(&opts.bootstrap, stats.clone());

@@ -53,7 +53,15 @@ fn main() -> ExitCode {
             Ok(call) => query(call),
         },
         Command::Maps { json, admin } => query(AdminCall::maps(admin, json)),
-        Command::Explain { dst, admin } => query(AdminCall::explain(admin, dst)),
+        Command::Explain {
+            dst: Some(dst),
+            admin,
+            ..
+        } => query(AdminCall::explain(admin, dst)),
+        Command::Explain { recent, admin, .. } => query(AdminCall::explain_recent(
+            admin,
+            recent.unwrap_or(skiff::bpf::explain::RECENT_DEFAULT),
+        )),
         Command::Node { op, admin } => query(AdminCall::node(admin, &op)),
         Command::Cleanup { pin_dir } => {
             print_or_fail(skiff::cli::query::cleanup(pin_dir.as_deref()))

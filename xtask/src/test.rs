@@ -59,6 +59,8 @@ pub fn run() -> anyhow::Result<()> {
         "--test",
         "root_fastpath_udp",
         "--test",
+        "root_events",
+        "--test",
         "root_sockmap",
         "--test",
         "root_iptables",

@@ -15,6 +15,7 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod events;
 pub mod inbound;
 pub mod sockmap;
 

@@ -24,8 +24,14 @@ use skiff_common::{
     proxy_down_decision, reason,
 };
 
+use skiff_common::events::{
+    VERDICT_FAST_PATH, VERDICT_NOT_READY_CLOSED, VERDICT_NOT_READY_OPEN, VERDICT_PROXY_DOWN_CLOSED,
+    VERDICT_PROXY_DOWN_OPEN,
+};
+
 use crate::{
     ctx::SockAddr,
+    events::{Emit, emit},
     maps::{
         SKIFF_CLUSTERS, SKIFF_COOKIE, SKIFF_ENDPOINTS, SKIFF_EP_ACTIVE, SKIFF_EP_LOAD,
         SKIFF_EXCL_PORT, SKIFF_EXCL_V4, SKIFF_EXCL_V6, SKIFF_FAST_SK, SKIFF_MAGLEV,
@@ -213,14 +219,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, u32> {
                 return Ok(ALLOW);
             }
             if !proxy_listening4(ctx, cfg.outbound_ip4_be, cfg.outbound_port4_be) {
-                return Ok(proxy_down(&cfg));
+                return Ok(proxy_down(&sa, &cfg, OrigDstValue::v4(ip_be, port_be)));
             }
             remember(ctx, &sa, OrigDstValue::v4(ip_be, port_be))?;
             sa.set_dst4(cfg.outbound_ip4_be, cfg.outbound_port4_be);
             count(reason::CAPTURED_V4);
             Ok(ALLOW)
         }
-        other => Ok(not_captured(other)),
+        other => Ok(not_captured(&sa, other, OrigDstValue::v4(ip_be, port_be))),
     }
 }
 
@@ -250,7 +256,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
                     return Ok(ALLOW);
                 }
                 if !proxy_listening4(ctx, cfg.outbound_ip4_be, cfg.outbound_port4_be) {
-                    return Ok(proxy_down(&cfg));
+                    return Ok(proxy_down(&sa, &cfg, OrigDstValue::v4(ip4_be, port_be)));
                 }
                 remember(ctx, &sa, OrigDstValue::v4(ip4_be, port_be))?;
                 sa.set_dst6(
@@ -260,7 +266,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
                 count(reason::CAPTURED_V4_MAPPED);
                 Ok(ALLOW)
             }
-            other => Ok(not_captured(other)),
+            other => Ok(not_captured(&sa, other, OrigDstValue::v4(ip4_be, port_be))),
         };
     }
 
@@ -284,14 +290,14 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, u32> {
                 return Ok(ALLOW);
             }
             if !proxy_listening6(ctx, cfg.outbound_ip6_be, cfg.outbound_port6_be) {
-                return Ok(proxy_down(&cfg));
+                return Ok(proxy_down(&sa, &cfg, OrigDstValue::v6(ip_be, port_be)));
             }
             remember(ctx, &sa, OrigDstValue::v6(ip_be, port_be))?;
             sa.set_dst6(cfg.outbound_ip6_be, cfg.outbound_port6_be);
             count(reason::CAPTURED_V6);
             Ok(ALLOW)
         }
-        other => Ok(not_captured(other)),
+        other => Ok(not_captured(&sa, other, OrigDstValue::v6(ip_be, port_be))),
     }
 }
 
@@ -426,6 +432,20 @@ fn fast_path_v4(
         None
     };
     let ep = fast_pick(sa, cfg, svc, ip_be, port_be, stat, AF_INET)?;
+    // One event per TCP connect; UDP datagrams would flood the ring.
+    if proto == IPPROTO_TCP {
+        emit(
+            sa,
+            Emit {
+                verdict: VERDICT_FAST_PATH,
+                family: AF_INET as u8,
+                scope: key.scope,
+                orig: OrigDstValue::v4(ip_be, port_be),
+                ep_ip_be: ep.addr_be,
+                ep_port_be: ep.port_be,
+            },
+        );
+    }
     Some((ep.addr_be[0], ep.port_be))
 }
 
@@ -452,6 +472,17 @@ fn fast_path_v6(
     let svc = unsafe { SKIFF_SVC6_V2.get(key) }.copied()?;
     let vip_word = ip_be[0] ^ ip_be[1] ^ ip_be[2] ^ ip_be[3];
     let ep = fast_pick(sa, cfg, svc, vip_word, port_be, None, AF_INET6)?;
+    emit(
+        sa,
+        Emit {
+            verdict: VERDICT_FAST_PATH,
+            family: AF_INET6 as u8,
+            scope: key.scope,
+            orig: OrigDstValue::v6(ip_be, port_be),
+            ep_ip_be: ep.addr_be,
+            ep_port_be: ep.port_be,
+        },
+    );
     Some((ep.addr_be, ep.port_be))
 }
 
@@ -734,10 +765,17 @@ fn sk_exists(ctx: &SockAddrContext, tuple: *mut bpf_sock_tuple, size: u32) -> bo
     true
 }
 
-/// The verdict for a captured connect whose proxy is gone: the fail mode, counted apart.
+/// The verdict for a captured connect whose proxy is gone: the fail mode, counted apart and
+/// reported as an event.
 #[inline(always)]
-fn proxy_down(cfg: &ConfigValue) -> i32 {
-    match proxy_down_decision(cfg) {
+fn proxy_down(sa: &SockAddr<'_>, cfg: &ConfigValue, orig: OrigDstValue) -> i32 {
+    let decision = proxy_down_decision(cfg);
+    let verdict = match decision {
+        Decision::Reject => VERDICT_PROXY_DOWN_CLOSED,
+        _ => VERDICT_PROXY_DOWN_OPEN,
+    };
+    emit(sa, fail_event(verdict, orig));
+    match decision {
         Decision::Reject => {
             count(reason::REJECT_PROXY_DOWN);
             // SAFETY: plain helper call; cgroup sock_addr programs may set the return value.
@@ -746,13 +784,34 @@ fn proxy_down(cfg: &ConfigValue) -> i32 {
             }
             DENY
         }
-        other => not_captured(other),
+        other => not_captured(sa, other, orig),
     }
 }
 
-/// Counts a pass or refuses the connect (fail-closed while the proxy is not ready).
+/// A fail-open / fail-closed event for the connect to `orig` (no endpoint, no scope).
 #[inline(always)]
-fn not_captured(decision: Decision) -> i32 {
+fn fail_event(verdict: u8, orig: OrigDstValue) -> Emit {
+    Emit {
+        verdict,
+        family: orig.family,
+        scope: 0,
+        orig,
+        ep_ip_be: [0; 4],
+        ep_port_be: 0,
+    }
+}
+
+/// Counts a pass or refuses the connect (fail-closed while the proxy is not ready). The
+/// not-ready decisions, open or closed, are reported as events.
+#[inline(always)]
+fn not_captured(sa: &SockAddr<'_>, decision: Decision, orig: OrigDstValue) -> i32 {
+    match decision {
+        Decision::Reject => emit(sa, fail_event(VERDICT_NOT_READY_CLOSED, orig)),
+        Decision::Pass(reason::SKIP_NOT_READY) => {
+            emit(sa, fail_event(VERDICT_NOT_READY_OPEN, orig))
+        }
+        _ => {}
+    }
     match decision {
         Decision::Pass(why) => {
             count(why);

@@ -15,6 +15,8 @@
 //!   establishment and `sk_msg` moves their payload straight to the peer socket.
 //! - `sk_lookup.rs` (`--capture-inbound`): steers connections for the pod's addresses to the
 //!   proxy's inbound listener (its maps live beside it).
+//! - `events.rs`: the ring buffer connect4/6 report fast-path connects and fail-open /
+//!   fail-closed decisions into, rate-limited per CPU (its maps live beside it).
 //! - `maps.rs`: every other map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
@@ -29,6 +31,8 @@
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod ctx;
+#[cfg(target_arch = "bpf")]
+mod events;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]

@@ -404,6 +404,11 @@ async fn handle(server: &Server, req: hyper::http::request::Parts) -> Response<F
             }
         }
         (Method::GET, "/debug/explain") => {
+            // `?recent[=N]`: the last connections, kernel and proxy (no capture needed).
+            if let Some(n) = q.get("recent") {
+                let n = n.parse().unwrap_or(crate::bpf::explain::RECENT_DEFAULT);
+                return json(&crate::bpf::explain::recent().json(n));
+            }
             let Some(dst) = q
                 .get("dst")
                 .and_then(|d| d.parse::<std::net::SocketAddr>().ok())

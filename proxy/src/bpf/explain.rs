@@ -291,3 +291,293 @@ fn scope_services_json(view: &FastPathView) -> Value {
     }
     Value::Array(out)
 }
+
+// === Recent connections ===
+
+/// How many connections [`recent`] keeps.
+pub const RECENT_KEPT: usize = 256;
+/// How many `/debug/explain?recent` prints when no count is given.
+pub const RECENT_DEFAULT: usize = 20;
+
+/// One decision on a connection's way: what was decided and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// `capture`, `listener`, `filter_chain`, `route`, `cluster`, `endpoint`.
+    pub step: &'static str,
+    /// What was chosen (a name or address; `-` for nothing).
+    pub value: String,
+    /// Why.
+    pub reason: std::borrow::Cow<'static, str>,
+}
+
+/// One connection as the kernel or the proxy handled it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentConn {
+    /// When it started (kernel: the connect; proxy: the accept).
+    pub at: std::time::SystemTime,
+    /// `kernel` (decided in connect4/6) or `proxy` (the userspace pipeline).
+    pub path: &'static str,
+    /// The client, when known (a kernel event is written before the source port is bound).
+    pub client: Option<SocketAddr>,
+    /// Where the application connected to (the original destination).
+    pub dst: Option<SocketAddr>,
+    /// The decisions, in order.
+    pub steps: Vec<Step>,
+    /// How it ended (`ok`, or the error with its response flags).
+    pub outcome: String,
+}
+
+impl RecentConn {
+    /// A connection of `path` starting now, with no steps yet.
+    pub fn new(path: &'static str, client: Option<SocketAddr>, dst: Option<SocketAddr>) -> Self {
+        RecentConn {
+            at: std::time::SystemTime::now(),
+            path,
+            client,
+            dst,
+            steps: Vec::with_capacity(6),
+            outcome: String::new(),
+        }
+    }
+
+    /// Appends a step.
+    pub fn push(
+        &mut self,
+        step: &'static str,
+        value: impl std::fmt::Display,
+        reason: impl Into<std::borrow::Cow<'static, str>>,
+    ) {
+        self.steps.push(Step {
+            step,
+            value: value.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn json(&self) -> Value {
+        let at = crate::accesslog::format::TimeFormat::Default.render(self.at);
+        json!({
+            "at": at,
+            "path": self.path,
+            "client": self.client.map(|c| c.to_string()),
+            "dst": self.dst.map(|d| d.to_string()),
+            "steps": self.steps.iter().map(|s| json!({
+                "step": s.step,
+                "value": s.value,
+                "reason": s.reason,
+            })).collect::<Vec<_>>(),
+            "outcome": self.outcome,
+        })
+    }
+}
+
+/// The last [`RECENT_KEPT`] connections, kernel and proxy alike, newest last. Process-wide:
+/// the data plane and the kernel event reader write it, `/debug/explain?recent` reads it.
+#[derive(Debug)]
+pub struct Recent {
+    ring: std::sync::Mutex<std::collections::VecDeque<RecentConn>>,
+    cap: usize,
+}
+
+impl Recent {
+    /// An empty ring keeping `cap` connections.
+    pub fn new(cap: usize) -> Self {
+        Recent {
+            ring: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(cap)),
+            cap,
+        }
+    }
+
+    /// Records a finished connection, forgetting the oldest when full.
+    pub fn push(&self, c: RecentConn) {
+        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == self.cap {
+            r.pop_front();
+        }
+        r.push_back(c);
+    }
+
+    /// The last `n` connections, newest first.
+    pub fn last(&self, n: usize) -> Vec<RecentConn> {
+        let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().rev().take(n).cloned().collect()
+    }
+
+    /// `/debug/explain?recent=N`: the last `n` connections with their steps, newest first.
+    pub fn json(&self, n: usize) -> Value {
+        json!({ "recent": self.last(n).iter().map(RecentConn::json).collect::<Vec<_>>() })
+    }
+}
+
+/// The process's ring of recent connections.
+pub fn recent() -> &'static Recent {
+    static R: std::sync::OnceLock<Recent> = std::sync::OnceLock::new();
+    R.get_or_init(|| Recent::new(RECENT_KEPT))
+}
+
+/// The data plane's hook: each connection task runs inside [`trace::traced`], and each
+/// pipeline step is one [`trace::step`] call (a no-op outside a traced task). The steps live
+/// in a task-local until the connection ends, then go to [`recent`].
+pub mod trace {
+    use std::borrow::Cow;
+    use std::cell::RefCell;
+    use std::fmt::Display;
+    use std::future::Future;
+    use std::net::SocketAddr;
+
+    use super::{RecentConn, recent};
+
+    tokio::task_local! {
+        static CONN: RefCell<RecentConn>;
+    }
+
+    /// Runs one proxied connection from `client`, recording its steps; the result (its error,
+    /// if any, with `flags`) becomes the connection's outcome.
+    pub async fn traced<T, E: Display>(
+        client: SocketAddr,
+        fut: impl Future<Output = Result<T, E>>,
+        flags: impl FnOnce(&E) -> String,
+    ) -> Result<T, E> {
+        let (result, conn) = CONN
+            .scope(
+                RefCell::new(RecentConn::new("proxy", Some(client), None)),
+                async {
+                    let r = fut.await;
+                    let conn = CONN.with(|c| c.replace(RecentConn::new("proxy", None, None)));
+                    (r, conn)
+                },
+            )
+            .await;
+        let mut conn = conn;
+        conn.outcome = match &result {
+            Ok(_) => "ok".into(),
+            Err(e) => format!("{} ({e})", flags(e)),
+        };
+        recent().push(conn);
+        result
+    }
+
+    /// Records one step of the current connection.
+    pub fn step(step: &'static str, value: impl Display, reason: impl Into<Cow<'static, str>>) {
+        let _ = CONN.try_with(|c| c.borrow_mut().push(step, value, reason));
+    }
+
+    /// Records the original destination and the capture decision of the current connection:
+    /// `orig_dst` is `Some` when the connection was redirected to a capture listener.
+    pub fn accepted(local: SocketAddr, orig_dst: Option<SocketAddr>, listener: Option<&str>) {
+        let _ = CONN.try_with(|c| {
+            let mut c = c.borrow_mut();
+            c.dst = Some(orig_dst.unwrap_or(local));
+            match orig_dst {
+                Some(o) => c.push(
+                    "capture",
+                    o,
+                    format!("redirected to the proxy at {local}; original destination read with SO_ORIGINAL_DST"),
+                ),
+                None => c.push("capture", local, "connected to the listener's own address"),
+            }
+            c.push(
+                "listener",
+                listener.unwrap_or("-"),
+                if listener.is_some() {
+                    "the listener bound to (or owning) the destination"
+                } else {
+                    "no listener owns the destination"
+                },
+            );
+        });
+    }
+
+    /// Records what route selection chose: the chain, and the cluster or why none.
+    pub fn routed(route: &crate::dataplane::route::Route) {
+        use crate::dataplane::route::Route;
+        let _ = CONN.try_with(|c| {
+            let mut c = c.borrow_mut();
+            match route {
+                Route::TcpProxy(r) => {
+                    c.push(
+                        "filter_chain",
+                        &r.chain.get().name,
+                        "the chain whose match fits the destination, source and SNI",
+                    );
+                    c.push("cluster", &r.cluster.cluster.name, "the chain's tcp_proxy cluster");
+                }
+                Route::Http { chain, .. } => {
+                    c.push(
+                        "filter_chain",
+                        &chain.get().name,
+                        "the chain whose match fits the destination, source and SNI",
+                    );
+                    c.push(
+                        "route",
+                        "http_connection_manager",
+                        "routes and clusters are chosen per request",
+                    );
+                }
+                Route::Passthrough(dst) => {
+                    c.push(
+                        "cluster",
+                        "PassthroughCluster",
+                        format!("no listener or chain matched: connect to the original destination {dst}"),
+                    );
+                }
+                Route::Reject(e) => c.push("route", "-", format!("rejected: {e}")),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_last_connections_newest_first() {
+        let r = Recent::new(3);
+        for port in 1..=5u16 {
+            let mut c =
+                RecentConn::new("proxy", None, Some(SocketAddr::from(([10, 0, 0, 1], port))));
+            c.push("capture", "x", "y");
+            r.push(c);
+        }
+        let last = r.last(10);
+        let ports: Vec<u16> = last.iter().map(|c| c.dst.unwrap().port()).collect();
+        assert_eq!(ports, [5, 4, 3]);
+        assert_eq!(r.last(1).len(), 1);
+        let j = r.json(2);
+        assert_eq!(j["recent"][0]["dst"], "10.0.0.1:5");
+        assert_eq!(j["recent"][0]["steps"][0]["step"], "capture");
+    }
+
+    #[tokio::test]
+    async fn a_traced_task_records_its_steps_and_outcome() {
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "10.96.7.7:8080".parse().unwrap();
+        let r: Result<(), String> = trace::traced(
+            client,
+            async {
+                trace::accepted(
+                    "127.0.0.1:15001".parse().unwrap(),
+                    Some(dst),
+                    Some("virtual"),
+                );
+                trace::step("endpoint", "127.0.0.9:80", "round robin");
+                Err("refused".to_string())
+            },
+            |_| "UF".into(),
+        )
+        .await;
+        assert!(r.is_err());
+        let c = recent()
+            .last(RECENT_KEPT)
+            .into_iter()
+            .find(|c| c.dst == Some(dst))
+            .expect("recorded");
+        let steps: Vec<&str> = c.steps.iter().map(|s| s.step).collect();
+        assert_eq!(steps, ["capture", "listener", "endpoint"]);
+        assert_eq!(c.client, Some(client));
+        assert_eq!(c.outcome, "UF (refused)");
+        // Outside a traced task a step is a no-op.
+        trace::step("endpoint", "x", "y");
+    }
+}

@@ -304,6 +304,36 @@ impl FastPath {
         }
     }
 
+    /// The service the applied image of `scope` serves at `vip` (TCP), without copying the
+    /// images: for kernel events.
+    pub fn service_at(
+        &self,
+        scope: u32,
+        vip: std::net::SocketAddr,
+    ) -> Option<super::projection::ServiceImage> {
+        let g = self.lock();
+        g.reconciler
+            .applied_scopes()
+            .get(&scope)?
+            .services
+            .get(&vip)
+            .cloned()
+    }
+
+    /// The load-balancing policy of a cluster in the applied image of `scope`.
+    pub fn lb_of(&self, scope: u32, cluster: &str) -> Option<&'static str> {
+        let g = self.lock();
+        Some(
+            g.reconciler
+                .applied_scopes()
+                .get(&scope)?
+                .clusters
+                .get(cluster)?
+                .lb
+                .as_str(),
+        )
+    }
+
     /// Gauges, without copying the images: what the applied generation holds and how long the
     /// last update took.
     pub fn gauges(&self) -> FastPathGauges {

@@ -84,6 +84,8 @@ pub struct Capture {
     /// The load export, until the fast-path owner takes it.
     loads: std::sync::Mutex<Option<LoadExport>>,
     log: super::log::LogPump,
+    /// The kernel event ring and its reader.
+    events: super::events::Events,
     node_mode: bool,
     capture_cgroup: PathBuf,
     /// The pin directory (`None`: nothing pinned, the links above detach on drop).
@@ -183,6 +185,7 @@ impl Capture {
 
         let exclusions = super::exclude::fill(&mut ebpf, cfg)?;
         let log = super::log::LogPump::new(&mut ebpf);
+        let events = super::events::Events::new(&mut ebpf, &cfg.events)?;
 
         // UDP only ever takes the fast path, so its datagram hooks exist only with it.
         let udp_hooks: &[(&'static str, &'static str)] = if cfg.fast_path.is_some() {
@@ -252,6 +255,7 @@ impl Capture {
             fast,
             loads: std::sync::Mutex::new(loads),
             log,
+            events,
             node_mode: cfg.mode.is_node(),
             capture_cgroup,
             pins,
@@ -328,6 +332,20 @@ impl Capture {
     /// The task stops when the [`Capture`] is dropped.
     pub fn spawn_log_pump(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         self.log.spawn()
+    }
+
+    /// Starts the reader of the kernel event ring (see `bpf::events`); `None` if already
+    /// started or outside a tokio runtime. The task stops when the [`Capture`] is dropped.
+    pub fn spawn_events(
+        &self,
+        stats: Arc<crate::stats::Stats>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        self.events.spawn(self.fast.clone(), stats)
+    }
+
+    /// Kernel event counters (`events.*`, `fast_path.service.<cluster>.cx_total`).
+    pub fn event_stats(&self) -> Vec<(String, u64)> {
+        self.events.stats()
     }
 
     /// Whether the kernel fast path is configured.
@@ -657,6 +675,8 @@ fn load_object(cfg: &CaptureConfig, pins: Option<&Pins>) -> Result<Ebpf, BpfErro
     for &(name, size) in &sizes {
         loader.map_max_entries(name, size);
     }
+    // A ring buffer's max_entries is its size in bytes.
+    loader.map_max_entries(super::events::MAP_EVENTS, cfg.events.ring_bytes);
     if let Some(pins) = pins {
         for name in pinned_maps(cfg) {
             if let Some(&(_, size)) = sizes.iter().find(|(n, _)| *n == name) {

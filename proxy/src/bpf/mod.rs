@@ -19,6 +19,7 @@
 //! | ready gate | `SKIFF_CONFIG` (`ready`; shares the entry with the fast path's `fast_gen`) | [`gate`] |
 //! | meshed cgroups (node mode) | `SKIFF_MESHED_V2` (cgroup id -> fast-path scope) | [`meshed`] |
 //! | kernel counters | `SKIFF_STATS`, `SKIFF_SVCST_V2`, `SKIFF_ORIG_DST` (read only) | [`counters`] |
+//! | kernel events | `SKIFF_EVENTS` (ring buffer), `SKIFF_EV_CFG`, `SKIFF_EV_LOST` | [`events`] |
 //! | fast path | services, clusters, slots, Maglev, `SKIFF_EP_ACTIVE`, `SKIFF_EP_LOAD` | [`fastpath`], written only by the [`owner`] task |
 //!
 //! With [`CaptureConfig::fast_path`], the [`Owner`] task mirrors the services that need no
@@ -39,6 +40,7 @@
 
 mod cgroup;
 pub mod counters;
+pub mod events;
 mod exclude;
 pub mod explain;
 pub mod fastpath;
@@ -103,6 +105,8 @@ pub struct CaptureConfig {
     pub sockmap_ports: Vec<u16>,
     /// Where the links and kept maps are pinned (see [`pin`]).
     pub pinning: Pinning,
+    /// Kernel events: rate limit, ring size and the kernel access log (see [`events`]).
+    pub events: events::EventsConfig,
 }
 
 /// Whether and where the capture pins its links and maps (`--pin-dir`).
@@ -152,6 +156,7 @@ impl CaptureConfig {
             terminate_on_removal: false,
             sockmap_ports: Vec::new(),
             pinning: Pinning::Default,
+            events: events::EventsConfig::default(),
         }
     }
 }

@@ -61,10 +61,16 @@ pub enum Command {
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
     },
-    /// Which path a connect to DST takes (kernel fast path / proxy / passthrough / excluded).
+    /// Which path a connect to DST takes (kernel fast path / proxy / passthrough / excluded),
+    /// or with `--recent [N]` what happened to the last N connections, step by step.
     Explain {
         /// Destination, e.g. 10.96.0.1:80.
-        dst: SocketAddr,
+        #[arg(required_unless_present = "recent")]
+        dst: Option<SocketAddr>,
+        /// Print the last N connections (kernel fast path and proxy alike) with each step
+        /// (capture, listener, chain, route, cluster, endpoint) and its reason, newest first.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "20", conflicts_with = "dst")]
+        recent: Option<usize>,
         /// Admin address of the running skiff.
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN)]
         admin: SocketAddr,
@@ -325,6 +331,18 @@ pub struct RunArgs {
     /// application's fast-path sockets still connected to it (netlink SOCK_DESTROY).
     #[arg(long, requires = "fast_path")]
     pub terminate_on_removal: bool,
+    /// Kernel events (fast-path connects, fail-open/closed decisions) per second per CPU the
+    /// kernel may report; 0 turns them off. Beyond it they are counted in
+    /// `skiff.bpf.events.lost`.
+    #[arg(long, value_name = "N", default_value_t = crate::bpf::events::DEFAULT_RATE)]
+    pub kernel_events_rate: u64,
+    /// Kernel events a CPU may report back to back (token bucket size).
+    #[arg(long, value_name = "N", default_value_t = crate::bpf::events::DEFAULT_BURST)]
+    pub kernel_events_burst: u64,
+    /// Write an access-log line per kernel event (fast-path connects are marked
+    /// `kernel_fast_path`) to this file, or `stdout`, in Istio's default format.
+    #[arg(long, value_name = "PATH|stdout")]
+    pub kernel_access_log: Option<String>,
     /// Pin the capture's links and kept maps (gate, original destinations, meshed cgroups,
     /// fast path) in this bpffs directory, so a killed skiff leaves capture attached and a
     /// restarted one with the same directory takes them over. Default:

@@ -32,6 +32,8 @@ enum Render {
     Body,
     /// `/debug/maps` as text: one block per map, one line per entry.
     MapsText,
+    /// `/debug/explain?recent` as text: one block per connection, one line per step.
+    RecentText,
 }
 
 /// One request to a running skiff's admin API, from a subcommand.
@@ -81,6 +83,14 @@ impl AdminCall {
         AdminCall::new(admin, Method::GET, format!("/debug/explain?dst={dst}"))
     }
 
+    /// `skiff explain --recent [N]`: the last `n` connections as text.
+    pub fn explain_recent(admin: SocketAddr, n: usize) -> AdminCall {
+        AdminCall {
+            render: Render::RecentText,
+            ..AdminCall::new(admin, Method::GET, format!("/debug/explain?recent={n}"))
+        }
+    }
+
     /// `skiff node OP`.
     pub fn node(admin: SocketAddr, op: &NodeOp) -> AdminCall {
         let (method, path) = node_request(op);
@@ -95,6 +105,10 @@ impl AdminCall {
             Render::MapsText => match serde_json::from_str::<serde_json::Value>(&body) {
                 Ok(v) => Ok(maps_text(&v)),
                 Err(source) => Err(QueryError::MapsNotJson { source, body }),
+            },
+            Render::RecentText => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) => Ok(recent_text(&v)),
+                Err(_) => Ok(body),
             },
         }
     }
@@ -209,4 +223,69 @@ pub fn cleanup_text(report: &crate::capture::iptables::CleanupReport) -> String 
         }
     }
     out
+}
+
+/// `/debug/explain?recent` as text: a header line per connection (time, path, client ->
+/// destination, outcome), then one indented line per step with its reason.
+pub fn recent_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    let conns = v["recent"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if conns.is_empty() {
+        out.push_str("no recent connections\n");
+    }
+    for c in conns {
+        let _ = writeln!(
+            out,
+            "{} {} {} -> {}: {}",
+            s(&c["at"]),
+            s(&c["path"]),
+            s(&c["client"]),
+            s(&c["dst"]),
+            s(&c["outcome"])
+        );
+        for st in c["steps"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "  {:<12} {:<28} {}",
+                s(&st["step"]),
+                s(&st["value"]),
+                s(&st["reason"])
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    #[test]
+    fn explain_recent_asks_the_admin_api_and_prints_steps() {
+        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+        assert_eq!(
+            AdminCall::explain_recent(admin, 5).path,
+            "/debug/explain?recent=5"
+        );
+        let v = serde_json::json!({ "recent": [{
+            "at": "2026-12-07T06:00:00.000Z", "path": "kernel", "client": null,
+            "dst": "10.96.0.1:80", "outcome": "ok",
+            "steps": [{ "step": "endpoint", "value": "127.0.0.2:80", "reason": "chosen in the kernel" }],
+        }]});
+        let t = recent_text(&v);
+        assert!(
+            t.starts_with("2026-12-07T06:00:00.000Z kernel - -> 10.96.0.1:80: ok\n"),
+            "{t}"
+        );
+        assert!(t.contains("  endpoint     127.0.0.2:80"), "{t}");
+        assert_eq!(
+            recent_text(&serde_json::json!({})),
+            "no recent connections\n"
+        );
+    }
 }

@@ -267,6 +267,12 @@ pub fn build(
                 (false, Some(dir)) => crate::bpf::Pinning::Dir(dir),
                 (false, None) => crate::bpf::Pinning::Default,
             },
+            events: crate::bpf::events::EventsConfig {
+                rate_per_sec: a.kernel_events_rate,
+                burst: a.kernel_events_burst,
+                access_log: a.kernel_access_log,
+                ..Default::default()
+            },
         }),
     };
     let upstream_mark = (capture.is_some() || extras.iptables.is_some()).then_some(a.proxy_mark);

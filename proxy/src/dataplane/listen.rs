@@ -22,6 +22,7 @@ use super::tcp_proxy::{self, Upstream};
 use super::{Dataplane, ListenerRole};
 use crate::accesslog::{self, Record};
 use crate::addr::ClientAddr;
+use crate::bpf::explain::trace;
 use crate::http::upstream_tls::TlsFailure;
 use crate::model::Listener;
 use crate::model::tls::{DownstreamTls, Secrets};
@@ -72,7 +73,7 @@ pub async fn run(
             let drain = conn_drain.clone();
             async move {
                 let mut log = ConnLog::new(peer);
-                let result = serve(
+                let served = serve(
                     &dp,
                     stream,
                     ClientAddr(peer),
@@ -80,8 +81,8 @@ pub async fn run(
                     drain,
                     &counters,
                     &mut log,
-                )
-                .await;
+                );
+                let result = trace::traced(peer, served, |e| e.response_flags().to_string()).await;
                 log.finish(&result, dp.stats());
                 if let Err(e) = result {
                     counters.failed(dp.stats(), &e);
@@ -177,6 +178,11 @@ async fn serve(
     let orig_dst = accepted.orig_dst;
     let local = accepted.local;
     log.accepted(&accepted);
+    trace::accepted(
+        local,
+        orig_dst.map(|o| o.get()),
+        accepted.listener.as_ref().map(|l| l.name.as_str()),
+    );
     if let Some(o) = orig_dst {
         span.record("orig_dst", field::display(o));
     }
@@ -188,6 +194,7 @@ async fn serve(
         &facts,
         &dp.weighted_cursor,
     );
+    trace::routed(&route);
     let chain = match &route {
         Route::TcpProxy(r) => Some(&r.chain),
         Route::Http { chain, .. } => Some(chain),

@@ -198,6 +198,7 @@ pub(super) async fn proxy(
         };
         let addr = connect::resolve(&dp.dns, &target, name).await?;
         tracing::Span::current().record("endpoint", field::display(addr));
+        crate::bpf::explain::trace::step("endpoint", addr, "chosen by the cluster's balancer");
         if let Some(r) = rec.as_deref_mut() {
             r.upstream_host = Some(addr.get());
         }
