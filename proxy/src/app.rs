@@ -20,6 +20,7 @@ use crate::config::Bootstrap;
 use crate::dataplane::{self, Dataplane, ListenerRole};
 use crate::state::{Snapshot, Store};
 use crate::stats::Stats;
+use crate::takeover::{HandoverOptions, Role, Sockets};
 use crate::xds::{self, Resources, XdsOptions};
 
 /// Everything `skiff run` needs, already validated.
@@ -330,7 +331,36 @@ pub async fn run_with(
     extras: CaptureExtras,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_handover(opts, extras, HandoverOptions::default(), shutdown).await
+}
+
+/// [`run_with`], taking the listening sockets over from a running skiff (`--takeover`) and
+/// accepting a successor on the handover socket (see [`crate::takeover`]).
+pub async fn run_handover(
+    opts: RunOptions,
+    extras: CaptureExtras,
+    handover: HandoverOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut extras = extras;
+    let handover_path = handover.socket_path(opts.capture.as_ref());
+    // Takeover: the sockets (and the pin lock) first, before anything binds or pins.
+    let (sockets, predecessor) = match handover.takeover_path(opts.capture.as_ref())? {
+        Some(path) => {
+            let (sockets, pred) =
+                tokio::task::spawn_blocking(move || crate::takeover::receive(&path))
+                    .await
+                    .context("handover thread")?
+                    .context("taking over from the running skiff")?;
+            if let Some((dir, lock)) = sockets.take_inherited_pin_lock() {
+                crate::bpf::pin::adopt_lock(dir, lock);
+            }
+            // The programs on the hooks are the running skiff's, which this one replaces.
+            extras.allow_coexist = true;
+            (sockets, Some(pred))
+        }
+        None => (Sockets::new(), None),
+    };
     // Stops every task of this run, then (after them) the pipelines of node-mode pods.
     let stop = CancellationToken::new();
     let pods_stop = CancellationToken::new();
@@ -338,6 +368,9 @@ pub async fn run_with(
     let drain_signal = admin::DrainSignal::new();
     let mut tasks = Vec::new();
     let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
+    if let Some((dir, Ok(lock))) = capture.as_ref().and_then(|c| c.capture.pin_lock()) {
+        sockets.set_pin_lock(dir, lock);
+    }
     let stats = Arc::new(Stats::default());
     // Step 2: the store of snapshots; host state (ejections, health checks, active requests)
     // outlives each snapshot.
@@ -362,7 +395,14 @@ pub async fn run_with(
         opts.upstream_mark,
         stop.clone(),
     )));
-    let listeners = start_listeners(&opts, &extras, &dp, &stop, &drain_signal, &mut tasks)?;
+    let listeners = start_listeners(
+        &opts,
+        &extras,
+        &dp,
+        (&stop, &sockets),
+        &drain_signal,
+        &mut tasks,
+    )?;
     let mut sds = start_sds(&opts, &stats, &stop, &mut tasks);
     if opts.bootstrap.ads.is_none()
         && let Some(external) = sds.take()
@@ -381,7 +421,7 @@ pub async fn run_with(
         &dp,
         owner.as_ref(),
         (listeners.inbound_port, sds),
-        &stop,
+        (&stop, &sockets),
         &drain_signal,
         &mut tasks,
     )
@@ -403,11 +443,13 @@ pub async fn run_with(
         &stats,
         control,
         &ready,
-        (&stop, &drain_signal),
+        (&stop, &drain_signal, &sockets),
         &mut tasks,
     )?;
 
     tokio::pin!(shutdown);
+    let mut handed_over = false;
+    let mut handover_socket = None;
     if wait_initialized(
         initialized,
         opts.bootstrap.initial_fetch_timeout,
@@ -416,12 +458,38 @@ pub async fn run_with(
     .await
     {
         open_gates(capture.as_deref(), iptables.as_deref(), &ready)?;
-        shutdown.as_mut().await;
+        if let Some(pred) = predecessor {
+            drain_predecessor(pred, &sockets).await;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some(path) = &handover_path {
+            match crate::takeover::serve(path, sockets.clone(), move || {
+                let _ = tx.send(());
+            }) {
+                Ok(h) => handover_socket = Some(h),
+                Err(e) => warn!(error = %e, "no handover socket: `skiff run --takeover` cannot replace this skiff"),
+            }
+        }
+        let successor = async move {
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        handed_over = tokio::select! {
+            () = shutdown.as_mut() => false,
+            () = successor => true,
+        };
+    }
+    if handed_over {
+        info!("a successor took the sockets over; draining");
+        if let Some(c) = &capture {
+            c.capture.hand_over();
+        }
     }
     drain(
         opts.drain,
         capture,
-        iptables.as_deref(),
+        iptables.as_deref().filter(|_| !handed_over),
         &ready,
         [stop, pods_stop],
         tasks,
@@ -429,7 +497,23 @@ pub async fn run_with(
         &stats,
     )
     .await;
+    if let Some(h) = handover_socket {
+        h.remove();
+    }
     Ok(())
+}
+
+/// Tells the skiff this one took over from to drain (this one serves and is ready), then
+/// closes the inherited sockets no bind site took.
+async fn drain_predecessor(pred: crate::takeover::Predecessor, sockets: &Sockets) {
+    match tokio::task::spawn_blocking(move || pred.drain()).await {
+        Ok(Ok(())) => info!("the previous skiff drains"),
+        Ok(Err(e)) => warn!(error = %e, "could not tell the previous skiff to drain"),
+        Err(e) => warn!(error = %e, "handover thread"),
+    }
+    for addr in sockets.drop_unused() {
+        info!(%addr, "inherited socket not in this configuration: closed");
+    }
 }
 
 /// Whether `skiff run` needs its capture listener (15001): something captures, or the
@@ -463,7 +547,7 @@ fn start_listeners(
     opts: &RunOptions,
     extras: &CaptureExtras,
     dp: &Arc<Dataplane>,
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Listeners> {
@@ -476,7 +560,9 @@ fn start_listeners(
         capture_addrs.clear();
     }
     for addr in capture_addrs {
-        let l = bind(addr).with_context(|| format!("binding capture listener {addr}"))?;
+        let l = sockets
+            .listen_one(Role::Capture, addr, || bind(addr))
+            .with_context(|| format!("binding capture listener {addr}"))?;
         info!(%addr, "capture listener up");
         let stop = stop.clone();
         tasks.push(tokio::spawn(dataplane::run(
@@ -496,7 +582,7 @@ fn start_listeners(
             ib,
             extras.allow_coexist,
             dp,
-            stop,
+            (stop, sockets),
             drain,
             tasks,
         )?),
@@ -517,7 +603,8 @@ fn start_listeners(
         {
             continue;
         }
-        let sock = bind(l.address)
+        let sock = sockets
+            .listen_one(Role::Listener, l.address, || bind(l.address))
             .with_context(|| format!("binding listener {} on {}", l.name, l.address))?;
         info!(listener = %l.name, addr = %l.address, "listener up");
         let stop = stop.clone();
@@ -602,7 +689,7 @@ async fn start_xds(
     dp: &Arc<Dataplane>,
     owner: Option<&Owner>,
     (inbound_port, sds): (Option<u16>, Option<crate::state::secrets::ExternalSecrets>),
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Option<tokio::sync::watch::Receiver<bool>> {
@@ -613,7 +700,7 @@ async fn start_xds(
         store.clone(),
         dp.clone(),
         [Some(capture_port), inbound_port],
-        stop.clone(),
+        (stop.clone(), sockets.clone()),
         drain.clone(),
     )));
     let resources = Resources::for_bootstrap(&opts.bootstrap);
@@ -659,13 +746,15 @@ fn start_admin(
     stats: &Arc<Stats>,
     capture: Option<Arc<dyn CaptureControl>>,
     ready: &Arc<AtomicBool>,
-    (stop, drain): (&CancellationToken, &admin::DrainSignal),
+    (stop, drain, sockets): (&CancellationToken, &admin::DrainSignal, &Sockets),
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let Some(addr) = opts.admin else {
         return Ok(());
     };
-    let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
+    let l = sockets
+        .listen_one(Role::Admin, addr, || bind(addr))
+        .with_context(|| format!("binding admin listener {addr}"))?;
     let admin = Arc::new(Admin {
         store: store.clone(),
         stats: stats.clone(),
@@ -756,23 +845,29 @@ fn start_inbound(
     ib: &crate::capture::InboundOptions,
     allow_coexist: bool,
     dp: &Arc<Dataplane>,
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Option<Arc<crate::bpf::inbound::InboundSteering>>> {
     let v4_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, ib.port));
-    let v4 = bind(v4_addr).with_context(|| format!("binding inbound listener {v4_addr}"))?;
+    let v4 = sockets
+        .listen_one(Role::Inbound, v4_addr, || bind(v4_addr))
+        .with_context(|| format!("binding inbound listener {v4_addr}"))?;
     let v6 = if ib.ipv6 {
         let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
-        let s = TcpSocket::new_v6().context("inbound IPv6 socket")?;
-        // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
-        socket2::SockRef::from(&s)
-            .set_only_v6(true)
-            .context("IPV6_V6ONLY on the inbound listener")?;
-        s.set_reuseaddr(true)?;
-        s.bind(addr)
-            .with_context(|| format!("binding inbound listener {addr}"))?;
-        Some(s.listen(4096)?)
+        let bind_v6 = || {
+            let s = TcpSocket::new_v6()?;
+            // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
+            socket2::SockRef::from(&s).set_only_v6(true)?;
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(4096)
+        };
+        Some(
+            sockets
+                .listen_one(Role::Inbound, addr, bind_v6)
+                .with_context(|| format!("binding inbound listener {addr} (IPv6 only)"))?,
+        )
     } else {
         None
     };
@@ -851,7 +946,7 @@ async fn dynamic_listeners(
     store: Arc<Store>,
     dp: Arc<Dataplane>,
     skiff_ports: [Option<u16>; 2],
-    stop: CancellationToken,
+    (stop, sockets): (CancellationToken, Sockets),
     drain: admin::DrainSignal,
 ) {
     let mut changed = store.subscribe();
@@ -887,6 +982,7 @@ async fn dynamic_listeners(
         for n in gone {
             if let Some((addr, token, task)) = running.remove(&n) {
                 token.cancel();
+                sockets.forget(addr);
                 let _ = task.await;
                 info!(listener = %n, %addr, "listener down");
             }
@@ -895,7 +991,7 @@ async fn dynamic_listeners(
             if running.contains_key(n) {
                 continue;
             }
-            match bind(addr) {
+            match sockets.listen_one(Role::Listener, addr, || bind(addr)) {
                 Ok(sock) => {
                     info!(listener = %n, %addr, "listener up");
                     let token = stop.child_token();

@@ -392,6 +392,18 @@ pub struct RunArgs {
     /// Time in-flight connections get to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_time: Duration,
+    /// Take over from the running skiff whose handover socket is SOCKET (default: the one
+    /// this run would use, see --handover-socket): receive its listening sockets and pins,
+    /// serve, then make it drain. No listen queue closes, no connection is reset.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1)]
+    pub takeover: Option<Option<PathBuf>>,
+    /// Accept a successor (`skiff run --takeover`) on this Unix socket. Default, with pins:
+    /// /run/skiff/<pin directory name>.sock.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "no_handover")]
+    pub handover_socket: Option<PathBuf>,
+    /// Accept no successor (no handover socket).
+    #[arg(long)]
+    pub no_handover: bool,
     /// The ADS connection (address, TLS, token).
     #[command(flatten)]
     pub xds: XdsArgs,
@@ -412,6 +424,17 @@ pub enum ValueError {
     /// A duration with a unit other than `ms`, `s` or `m`.
     #[error("{0:?}: unit must be ms, s or m")]
     Unit(String),
+}
+
+impl RunArgs {
+    /// The takeover and handover-socket flags.
+    pub fn handover(&self) -> crate::takeover::HandoverOptions {
+        crate::takeover::HandoverOptions {
+            takeover: self.takeover.clone(),
+            socket: self.handover_socket.clone(),
+            disabled: self.no_handover,
+        }
+    }
 }
 
 /// `0x539` or `1337`.

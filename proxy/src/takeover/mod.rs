@@ -64,6 +64,11 @@ pub enum TakeoverError {
         /// What was wrong.
         reason: String,
     },
+    /// `--takeover` without a socket, and none follows from the configuration.
+    #[error(
+        "--takeover: no handover socket (give its path, or run with the eBPF capture and pins)"
+    )]
+    NoSocket,
     /// The peer speaks another protocol version.
     #[error("handover socket {path}: peer speaks protocol version {theirs}, this skiff {ours}")]
     Version {
@@ -74,6 +79,51 @@ pub enum TakeoverError {
         /// The peer's.
         theirs: u32,
     },
+}
+
+/// How one `skiff run` takes over from a running skiff and accepts its own successor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HandoverOptions {
+    /// `--takeover [SOCKET]`: take over from the skiff listening there (`Some(None)`: the
+    /// handover socket this run would use itself).
+    pub takeover: Option<Option<PathBuf>>,
+    /// `--handover-socket`: where this skiff accepts a successor (default: beside its pins).
+    pub socket: Option<PathBuf>,
+    /// `--no-handover`: accept no successor.
+    pub disabled: bool,
+}
+
+impl HandoverOptions {
+    /// Where this skiff accepts a successor: `--handover-socket`, else the default of its
+    /// pin directory; `None` without either, or with `--no-handover`.
+    pub fn socket_path(&self, capture: Option<&crate::bpf::CaptureConfig>) -> Option<PathBuf> {
+        if self.disabled {
+            return None;
+        }
+        self.socket.clone().or_else(|| default_for(capture))
+    }
+
+    /// The running skiff's handover socket, with `--takeover`.
+    pub fn takeover_path(
+        &self,
+        capture: Option<&crate::bpf::CaptureConfig>,
+    ) -> Result<Option<PathBuf>, TakeoverError> {
+        match &self.takeover {
+            None => Ok(None),
+            Some(Some(p)) => Ok(Some(p.clone())),
+            Some(None) => self
+                .socket
+                .clone()
+                .or_else(|| default_for(capture))
+                .map(Some)
+                .ok_or(TakeoverError::NoSocket),
+        }
+    }
+}
+
+fn default_for(capture: Option<&crate::bpf::CaptureConfig>) -> Option<PathBuf> {
+    let dir = crate::bpf::pin::dir_for(capture?).ok()??;
+    default_socket(&dir)
 }
 
 /// The default handover socket of a skiff whose pins live in `pin_dir`
