@@ -371,6 +371,8 @@ pub async fn run_handover(
     if let Some((dir, Ok(lock))) = capture.as_ref().and_then(|c| c.capture.pin_lock()) {
         sockets.set_pin_lock(dir, lock);
     }
+    // Until the predecessor drains, a failure here must leave its gate and pins alone.
+    let mut leave = LeaveToPredecessor(capture.clone().filter(|_| predecessor.is_some()));
     let stats = Arc::new(Stats::default());
     // Step 2: the store of snapshots; host state (ejections, health checks, active requests)
     // outlives each snapshot.
@@ -461,6 +463,7 @@ pub async fn run_handover(
         if let Some(pred) = predecessor {
             drain_predecessor(pred, &sockets).await;
         }
+        leave.0 = None;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         if let Some(path) = &handover_path {
             match crate::takeover::serve(path, sockets.clone(), move || {
@@ -501,6 +504,20 @@ pub async fn run_handover(
         h.remove();
     }
     Ok(())
+}
+
+/// Held by a successor until its predecessor drains: if this run fails first, its capture
+/// is dropped as handed over (the running skiff keeps the gate open and its pins; the links
+/// keep this process's programs, which share the pinned maps).
+struct LeaveToPredecessor(Option<Arc<CaptureHandle>>);
+
+impl Drop for LeaveToPredecessor {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            warn!("takeover failed; the running skiff keeps the capture");
+            c.capture.hand_over();
+        }
+    }
 }
 
 /// Tells the skiff this one took over from to drain (this one serves and is ready), then

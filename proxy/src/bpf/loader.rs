@@ -212,7 +212,11 @@ impl Capture {
 
         // Join the proxy cgroup before attaching, so the getsockopt program sees every socket
         // the proxy creates from now on. Dropping `membership` (on any error below) undoes it.
-        let membership = Membership::join_proxy_cgroup(cfg.mode.proxy_cgroup())?;
+        let mut membership = Membership::join_proxy_cgroup(cfg.mode.proxy_cgroup())?;
+        if live {
+            // The running skiff created it and leaves it to this one.
+            membership.set_owner(true);
+        }
         let proxy_cgroup = membership.proxy().to_path_buf();
         if proxy_cgroup == capture_cgroup && !cfg.mode.is_node() {
             return Err(BpfError::Config(format!(
@@ -279,7 +283,12 @@ impl Capture {
 
     /// Opens (`true`) or closes the ready gate. Not ready: connects go to their original
     /// destination, or are refused with ECONNREFUSED in fail-closed mode.
+    ///
+    /// After [`Capture::hand_over`] the gate is the successor's: this does nothing.
     pub fn set_ready(&self, ready: bool) -> Result<(), BpfError> {
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         self.ready.set(ready)
     }
 
@@ -418,9 +427,11 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // The gate stays as the successor set it.
             self.sockmap = None;
             // Closing our fds of pinned links detaches nothing; the successor holds the lock.
             drop(self.pins.take());
+            self.membership.set_owner(false);
             self.links.clear();
             return;
         }

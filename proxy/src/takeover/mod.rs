@@ -369,10 +369,10 @@ pub fn serve(
     }
     listen(&listener, Backlog::new(4).unwrap_or(Backlog::MAXCONN))
         .map_err(|e| io_err("listening on", e.into()))?;
-    let ino = inode(path);
     let handle = HandoverSocket {
         path: path.into(),
-        ino,
+        id: identity(path),
+        removed: Arc::default(),
     };
     let owned = handle.clone();
     std::thread::Builder::new()
@@ -388,13 +388,18 @@ pub fn serve(
 #[derive(Clone, Debug)]
 pub struct HandoverSocket {
     path: PathBuf,
-    ino: Option<u64>,
+    id: Option<FileId>,
+    /// Unlinked once already: the path may be a successor's socket now.
+    removed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HandoverSocket {
-    /// Unlinks the socket file if it is still ours.
+    /// Unlinks the socket file once, if it is still ours.
     pub fn remove(&self) {
-        if self.ino.is_some() && inode(&self.path) == self.ino {
+        if self.removed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if self.id.is_some() && identity(&self.path) == self.id {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -491,9 +496,15 @@ fn live(path: &Path) -> bool {
         .is_some_and(|a| connect(fd.as_raw_fd(), &a).is_ok())
 }
 
-fn inode(path: &Path) -> Option<u64> {
+/// A file's identity: tmpfs reuses an unlinked socket's inode number at once, so the change
+/// time goes with it.
+type FileId = (u64, u64, i64, i64);
+
+fn identity(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 #[cfg(test)]
