@@ -470,7 +470,9 @@ pub async fn run_handover(
                 let _ = tx.send(());
             }) {
                 Ok(h) => handover_socket = Some(h),
-                Err(e) => warn!(error = %e, "no handover socket: `skiff run --takeover` cannot replace this skiff"),
+                Err(e) => {
+                    warn!(error = %e, "no handover socket: `skiff run --takeover` cannot replace this skiff")
+                }
             }
         }
         let successor = async move {

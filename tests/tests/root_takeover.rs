@@ -124,7 +124,14 @@ fn takeover_under_load_fails_no_connect_and_resets_no_connection() {
                 let out = testpeer_output(
                     &s.ns,
                     Some(&app),
-                    &["client", "10.96.0.1:80", "--bytes", "2048", "--timeout-ms", "5000"],
+                    &[
+                        "client",
+                        "10.96.0.1:80",
+                        "--bytes",
+                        "2048",
+                        "--timeout-ms",
+                        "5000",
+                    ],
                 );
                 if !attached(&app, "skiff_connect4") {
                     detached += 1;
@@ -152,9 +159,17 @@ fn takeover_under_load_fails_no_connect_and_resets_no_connection() {
         (results, detached, new)
     });
     let failed: Vec<&String> = results.iter().filter(|r| !r.starts_with("ok ")).collect();
-    eprintln!("client loop: {} connects during the takeover", results.len());
+    eprintln!(
+        "client loop: {} connects during the takeover",
+        results.len()
+    );
     assert!(results.len() >= 5, "too few connects: {results:?}");
-    assert!(failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
     assert!(
         results.iter().all(|r| field(r, "echoed") == Some("2048")),
         "{results:?}"
@@ -186,7 +201,10 @@ fn takeover_under_load_fails_no_connect_and_resets_no_connection() {
     }
     stop(new);
     assert_no_programs_attached(&app);
-    assert!(!proxy_cg.exists(), "the successor removes the proxy cgroup it took over");
+    assert!(
+        !proxy_cg.exists(),
+        "the successor removes the proxy cgroup it took over"
+    );
 }
 
 #[test]
@@ -246,7 +264,13 @@ fn takeover_without_a_running_skiff_fails_and_a_failed_one_leaves_the_old_servin
         let out = testpeer_output(&s.ns, Some(&app), &["client", "10.96.0.1:80"]);
         assert!(out.starts_with("ok "), "after a failed takeover: {out}");
     }
-    assert!(s.socket.0.exists(), "the old skiff still accepts a successor");
+    assert!(
+        s.socket.0.exists(),
+        "the old skiff still accepts a successor"
+    );
     stop(old);
-    assert!(!s.socket.0.exists(), "a clean exit removes the handover socket");
+    assert!(
+        !s.socket.0.exists(),
+        "a clean exit removes the handover socket"
+    );
 }

@@ -454,7 +454,10 @@ fn hand_over(conn: &OwnedFd, sockets: &Sockets) -> io::Result<()> {
         proto::send(conn, r, Some(fd))?;
     }
     proto::send(conn, &Record::End(records.len() as u32), None)?;
-    info!(sockets = records.len(), "sent the listening sockets to a successor");
+    info!(
+        sockets = records.len(),
+        "sent the listening sockets to a successor"
+    );
     // The successor starts serving before it asks; that may take a while (capture load).
     nix::sys::socket::setsockopt(
         conn,

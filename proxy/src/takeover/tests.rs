@@ -71,7 +71,9 @@ fn sockets_move_to_a_successor_with_their_listen_queue() {
         .unwrap();
     assert_eq!(taken.len(), 1);
     let taken_b = new
-        .listen(Role::Listener, addr_b, || panic!("must not bind: inherited"))
+        .listen(Role::Listener, addr_b, || {
+            panic!("must not bind: inherited")
+        })
         .unwrap();
     assert_eq!(taken_b.len(), 2);
     assert!(new.drop_unused().is_empty());
@@ -87,7 +89,10 @@ fn sockets_move_to_a_successor_with_their_listen_queue() {
 
     pred.drain().unwrap();
     rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(!path.exists(), "the predecessor unlinks its handover socket");
+    assert!(
+        !path.exists(),
+        "the predecessor unlinks its handover socket"
+    );
     handle.remove();
 }
 
@@ -105,7 +110,10 @@ fn a_peer_of_another_version_is_refused() {
     connect(conn.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
     proto::send(&conn, &Record::Hello(VERSION + 1), None).unwrap();
     let (r, fd) = proto::recv(&conn).unwrap();
-    assert!(matches!(r, Record::Err(ref m) if m.contains("version")), "{r:?}");
+    assert!(
+        matches!(r, Record::Err(ref m) if m.contains("version")),
+        "{r:?}"
+    );
     assert!(fd.is_none());
     // The refused peer got no socket; a correct one still does.
     let (new, pred) = receive(&path).unwrap();

@@ -146,7 +146,9 @@ fn hold(addr: SocketAddr, n: usize, timeout: Duration) -> ExitCode {
         for c in &mut conns {
             let msg = format!("r{round:07}");
             let mut got = [0u8; 8];
-            let r = c.write_all(msg.as_bytes()).and_then(|()| c.read_exact(&mut got));
+            let r = c
+                .write_all(msg.as_bytes())
+                .and_then(|()| c.read_exact(&mut got));
             match r {
                 Ok(()) if got == msg.as_bytes() => ok += 1,
                 Ok(()) => other += 1,
