@@ -1,7 +1,9 @@
-//! Root tests of `skiff run --takeover` (issue 18): a second skiff receives the running one's
-//! listening sockets and pins over the handover socket while a client loop of short
-//! connections and 100 idle long-lived connections go through the proxy. No connect fails, no
-//! connection is reset, the capture stays attached throughout, the old skiff drains and exits.
+//! Root tests of `skiff run --takeover` and the graceful drain (issue 18): a second skiff
+//! receives the running one's listening sockets and pins over the handover socket while a
+//! client loop of short connections and 100 idle long-lived connections go through the proxy.
+//! No connect fails, no connection is reset, the capture stays attached throughout, the old
+//! skiff drains and exits. On SIGTERM, an HTTP request in flight to a slow backend completes
+//! (its response says `Connection: close`) while new connects already follow the fail mode.
 //!
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_takeover -- --test-threads=1` (as root).
@@ -273,4 +275,125 @@ fn takeover_without_a_running_skiff_fails_and_a_failed_one_leaves_the_old_servin
         !s.socket.0.exists(),
         "a clean exit removes the handover socket"
     );
+}
+
+/// virtualOutbound with an HTTP connection manager for 10.96.0.1:80 (cluster `web`, a slow
+/// HTTP backend at 127.0.0.11:8080) and passthrough for anything else.
+fn http_bootstrap() -> String {
+    r#"
+node: { id: sidecar~127.0.0.1~drain.default~default.svc.cluster.local, cluster: drain }
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: 15000 } } }
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains:
+    - name: http
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{ address_prefix: 10.96.0.1, prefix_len: 32 }]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: web }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: PassthroughCluster
+          cluster: PassthroughCluster
+  clusters:
+  - name: web
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: web
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.11, port_value: 8080 } } }
+  - name: PassthroughCluster
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#
+    .to_string()
+}
+
+#[test]
+fn sigterm_drain_finishes_requests_in_flight_and_new_connects_follow_the_fail_mode() {
+    let _g = serial();
+    let env = require_root();
+    let ns = Netns::new("drain");
+    let mut cg = Cgroup::new(&env, "drain");
+    let app = cg.child("app");
+    let proxy_cg = cg.child_path("proxy");
+    let httppeer = PathBuf::from(env!("CARGO_BIN_EXE_skiff-httppeer"));
+    let mut web = Child::spawn(command_in(Some(&ns), None, &httppeer).args([
+        "serve",
+        "127.0.0.11:8080",
+        "slow",
+    ]));
+    web.expect_line("ready", Duration::from_secs(5));
+    let bootstrap = TempYaml::new("drain", &http_bootstrap());
+    let args = sidecar_args(&app, &proxy_cg, &["--fail-closed", "--drain-time", "20s"]);
+    let proxy = Child::spawn(skiff_run(&ns, &bootstrap).args(&args));
+    wait_ready(&ns);
+    let get = |path: &str| {
+        let out = command_in(Some(&ns), Some(&app), &httppeer)
+            .args(["get", "10.96.0.1:80", "web", path])
+            .output()
+            .expect("run http client");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let out = get("/");
+    assert_eq!(field(&out, "status"), Some("200"), "{out}");
+    assert_eq!(
+        field(&out, "connection"),
+        Some("-"),
+        "kept alive before the drain: {out}"
+    );
+
+    std::thread::scope(|scope| {
+        // A request in flight when the drain starts: the backend answers after 3 s.
+        let slow = scope.spawn(|| get("/delay/3000"));
+        std::thread::sleep(Duration::from_millis(700));
+        let t = Instant::now();
+        proxy.signal(nix::sys::signal::Signal::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        // Draining: the gate is closed, a new connect follows the fail mode (refused).
+        let out = testpeer_output(&ns, Some(&app), &["client", "10.96.0.1:80"]);
+        assert!(
+            out.contains("stage=connect"),
+            "new connect during the drain: {out}"
+        );
+        assert_eq!(field(&out, "errno"), Some("111"), "{out}");
+        let out = slow.join().expect("slow request");
+        assert_eq!(field(&out, "status"), Some("200"), "in flight: {out}");
+        assert_eq!(field(&out, "body"), Some("slow"), "{out}");
+        assert_eq!(
+            field(&out, "connection"),
+            Some("close"),
+            "HTTP/1.1 gets Connection: close after the response in flight: {out}"
+        );
+        // Its connection closed, so skiff exits without waiting out --drain-time.
+        let (status, _) = proxy.wait(Duration::from_secs(15));
+        assert!(status.success(), "skiff exited with {status}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    });
+    assert_no_programs_attached(&app);
 }
