@@ -464,6 +464,9 @@ pub async fn run_handover(
             drain_predecessor(pred, &sockets).await;
         }
         leave.0 = None;
+        if handover.drop_caps {
+            drop_capabilities(opts.capture.as_ref().is_some_and(|c| c.mode.is_node()));
+        }
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         if let Some(path) = &handover_path {
             match crate::takeover::serve(path, sockets.clone(), move || {
@@ -506,6 +509,18 @@ pub async fn run_handover(
         h.remove();
     }
     Ok(())
+}
+
+/// Keeps only the capabilities run time needs (loaded, attached, bound: the rest is done).
+fn drop_capabilities(node_mode: bool) {
+    use crate::takeover::caps;
+    match caps::drop_to(caps::run_time_set(node_mode)) {
+        Ok(()) => info!(
+            kept = ?caps::names(caps::effective().unwrap_or(0)),
+            "dropped the capabilities run time does not need"
+        ),
+        Err(e) => warn!(error = %e, "could not drop capabilities"),
+    }
 }
 
 /// Held by a successor until its predecessor drains: if this run fails first, its capture

@@ -16,6 +16,9 @@ fn main() -> ExitCode {
     skiff::admin::logging::init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Capabilities are per thread: each worker drops what `skiff run` gave up.
+        .on_thread_start(skiff::takeover::caps::apply_pending)
+        .on_thread_park(skiff::takeover::caps::apply_pending)
         .build()
     {
         Ok(rt) => rt,

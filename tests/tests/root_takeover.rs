@@ -71,6 +71,37 @@ fn attached(app: &Path, name: &str) -> bool {
         .any(|l| l.split_whitespace().last() == Some(name))
 }
 
+/// Threads of `pid` whose effective or bounding capabilities exceed what a running skiff
+/// keeps (`skiff::takeover::caps::run_time_set`), as `tid name CapEff CapBnd` lines.
+fn threads_over_run_time_caps(pid: u32) -> Vec<String> {
+    let keep = skiff::takeover::caps::run_time_set(false);
+    let mut over = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let hex = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .expect(key)
+        };
+        let (eff, bnd) = (hex("CapEff:"), hex("CapBnd:"));
+        if eff & !keep != 0 || bnd & !keep != 0 {
+            let name = status.lines().next().unwrap_or("").to_string();
+            over.push(format!(
+                "{} {name} eff={eff:x} bnd={bnd:x}",
+                t.file_name().to_string_lossy()
+            ));
+        }
+    }
+    over
+}
+
 /// One echo round on the held connections: (ok, the whole line).
 fn round(hold: &mut Child) -> (u32, String) {
     hold.signal(nix::sys::signal::Signal::SIGUSR1);
@@ -112,6 +143,9 @@ fn takeover_under_load_fails_no_connect_and_resets_no_connection() {
     hold.expect_line("held n=100", Duration::from_secs(20));
     let (ok, line) = round(&mut hold);
     assert_eq!(ok, 100, "before the takeover: {line}");
+    // Started, skiff kept only the capabilities run time needs, on every thread.
+    let over = threads_over_run_time_caps(old.pid());
+    assert!(over.is_empty(), "threads with more capabilities: {over:#?}");
 
     let done = AtomicBool::new(false);
     let mut takeover_args = base.clone();

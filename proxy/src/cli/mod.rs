@@ -404,6 +404,11 @@ pub struct RunArgs {
     /// Accept no successor (no handover socket).
     #[arg(long)]
     pub no_handover: bool,
+    /// Keep every capability. By default, once the capture is attached and the listeners
+    /// are bound, skiff keeps only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW,
+    /// CAP_BPF, CAP_SYS_ADMIN, CAP_SYS_RESOURCE (and CAP_SYS_PTRACE in node mode).
+    #[arg(long)]
+    pub keep_caps: bool,
     /// The ADS connection (address, TLS, token).
     #[command(flatten)]
     pub xds: XdsArgs,
@@ -433,6 +438,7 @@ impl RunArgs {
             takeover: self.takeover.clone(),
             socket: self.handover_socket.clone(),
             disabled: self.no_handover,
+            drop_caps: !self.keep_caps,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! A record starts with a one-byte kind. A new process that disconnects before DRAIN leaves
 //! the old one serving as before (it sent duplicates, it closed nothing).
 
+pub mod caps;
 mod proto;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,9 @@ pub struct HandoverOptions {
     pub socket: Option<PathBuf>,
     /// `--no-handover`: accept no successor.
     pub disabled: bool,
+    /// Drop the capabilities run time does not need once started (`skiff run` without
+    /// `--keep-caps`; off for in-process runs, whose threads are not skiff's own).
+    pub drop_caps: bool,
 }
 
 impl HandoverOptions {
