@@ -20,6 +20,7 @@ use crate::config::Bootstrap;
 use crate::dataplane::{Dataplane, ListenerRole, Workers};
 use crate::state::{Snapshot, Store};
 use crate::stats::Stats;
+use crate::takeover::{HandoverOptions, Role, Sockets};
 use crate::xds::{self, Resources, XdsOptions};
 
 /// Everything `skiff run` needs, already validated.
@@ -369,7 +370,36 @@ pub async fn run_with(
     extras: CaptureExtras,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_handover(opts, extras, HandoverOptions::default(), shutdown).await
+}
+
+/// [`run_with`], taking the listening sockets over from a running skiff (`--takeover`) and
+/// accepting a successor on the handover socket (see [`crate::takeover`]).
+pub async fn run_handover(
+    opts: RunOptions,
+    extras: CaptureExtras,
+    handover: HandoverOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut extras = extras;
+    let handover_path = handover.socket_path(opts.capture.as_ref());
+    // Takeover: the sockets (and the pin lock) first, before anything binds or pins.
+    let (sockets, predecessor) = match handover.takeover_path(opts.capture.as_ref())? {
+        Some(path) => {
+            let (sockets, pred) =
+                tokio::task::spawn_blocking(move || crate::takeover::receive(&path))
+                    .await
+                    .context("handover thread")?
+                    .context("taking over from the running skiff")?;
+            if let Some((dir, lock)) = sockets.take_inherited_pin_lock() {
+                crate::bpf::pin::adopt_lock(dir, lock);
+            }
+            // The programs on the hooks are the running skiff's, which this one replaces.
+            extras.allow_coexist = true;
+            (sockets, Some(pred))
+        }
+        None => (Sockets::new(), None),
+    };
     // Stops every task of this run, then (after them) the pipelines of node-mode pods.
     let stop = CancellationToken::new();
     let pods_stop = CancellationToken::new();
@@ -377,6 +407,11 @@ pub async fn run_with(
     let drain_signal = admin::DrainSignal::new();
     let mut tasks = Vec::new();
     let capture = install_capture(&opts, &mut extras, &pods_stop, &stop, &mut tasks)?;
+    if let Some((dir, Ok(lock))) = capture.as_ref().and_then(|c| c.capture.pin_lock()) {
+        sockets.set_pin_lock(dir, lock);
+    }
+    // Until the predecessor drains, a failure here must leave its gate and pins alone.
+    let mut leave = LeaveToPredecessor(capture.clone().filter(|_| predecessor.is_some()));
     let stats = Arc::new(Stats::default());
     // The kernel event reader runs until the capture is dropped (not one of `tasks`, which
     // shutdown waits for).
@@ -422,7 +457,7 @@ pub async fn run_with(
         &opts,
         &extras,
         (&workers, &stats),
-        &stop,
+        (&stop, &sockets),
         &drain_signal,
         &mut tasks,
     )?;
@@ -444,7 +479,7 @@ pub async fn run_with(
         &workers,
         owner.as_ref(),
         (listeners.inbound_port, sds),
-        &stop,
+        (&stop, &sockets),
         &drain_signal,
         &mut tasks,
     )
@@ -466,11 +501,13 @@ pub async fn run_with(
         &stats,
         control,
         &ready,
-        (&stop, &drain_signal),
+        (&stop, &drain_signal, &sockets),
         &mut tasks,
     )?;
 
     tokio::pin!(shutdown);
+    let mut handed_over = false;
+    let mut handover_socket = None;
     if wait_initialized(
         initialized,
         opts.bootstrap.initial_fetch_timeout,
@@ -479,12 +516,45 @@ pub async fn run_with(
     .await
     {
         open_gates(capture.as_deref(), iptables.as_deref(), &ready)?;
-        shutdown.as_mut().await;
+        if let Some(pred) = predecessor {
+            drain_predecessor(pred, &sockets).await;
+        }
+        leave.0 = None;
+        if handover.drop_caps {
+            drop_capabilities(opts.capture.as_ref().is_some_and(|c| c.mode.is_node()));
+            workers.wake_all();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        if let Some(path) = &handover_path {
+            match crate::takeover::serve(path, sockets.clone(), move || {
+                let _ = tx.send(());
+            }) {
+                Ok(h) => handover_socket = Some(h),
+                Err(e) => {
+                    warn!(error = %e, "no handover socket: `skiff run --takeover` cannot replace this skiff")
+                }
+            }
+        }
+        let successor = async move {
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        handed_over = tokio::select! {
+            () = shutdown.as_mut() => false,
+            () = successor => true,
+        };
+    }
+    if handed_over {
+        info!("a successor took the sockets over; draining");
+        if let Some(c) = &capture {
+            c.capture.hand_over();
+        }
     }
     drain(
         opts.drain,
         capture,
-        iptables.as_deref(),
+        iptables.as_deref().filter(|_| !handed_over),
         &ready,
         [stop, pods_stop],
         tasks,
@@ -492,9 +562,51 @@ pub async fn run_with(
         &stats,
     )
     .await;
+    if let Some(h) = handover_socket {
+        h.remove();
+    }
     // Connections still open after the drain time close with their workers.
     drop(workers);
     Ok(())
+}
+
+/// Keeps only the capabilities run time needs (loaded, attached, bound: the rest is done).
+fn drop_capabilities(node_mode: bool) {
+    use crate::takeover::caps;
+    match caps::drop_to(caps::run_time_set(node_mode)) {
+        Ok(()) => info!(
+            kept = ?caps::names(caps::effective().unwrap_or(0)),
+            "dropped the capabilities run time does not need"
+        ),
+        Err(e) => warn!(error = %e, "could not drop capabilities"),
+    }
+}
+
+/// Held by a successor until its predecessor drains: if this run fails first, its capture
+/// is dropped as handed over (the running skiff keeps the gate open and its pins; the links
+/// keep this process's programs, which share the pinned maps).
+struct LeaveToPredecessor(Option<Arc<CaptureHandle>>);
+
+impl Drop for LeaveToPredecessor {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            warn!("takeover failed; the running skiff keeps the capture");
+            c.capture.hand_over();
+        }
+    }
+}
+
+/// Tells the skiff this one took over from to drain (this one serves and is ready), then
+/// closes the inherited sockets no bind site took.
+async fn drain_predecessor(pred: crate::takeover::Predecessor, sockets: &Sockets) {
+    match tokio::task::spawn_blocking(move || pred.drain()).await {
+        Ok(Ok(())) => info!("the previous skiff drains"),
+        Ok(Err(e)) => warn!(error = %e, "could not tell the previous skiff to drain"),
+        Err(e) => warn!(error = %e, "handover thread"),
+    }
+    for addr in sockets.drop_unused() {
+        info!(%addr, "inherited socket not in this configuration: closed");
+    }
 }
 
 /// Whether `skiff run` needs its capture listener (15001): something captures, or the
@@ -528,7 +640,7 @@ fn start_listeners(
     opts: &RunOptions,
     extras: &CaptureExtras,
     (workers, stats): (&Arc<Workers>, &Arc<Stats>),
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Listeners> {
@@ -541,7 +653,10 @@ fn start_listeners(
         capture_addrs.clear();
     }
     for addr in capture_addrs {
-        let l = listen_sockets(addr, workers.len(), false)
+        let l = sockets
+            .listen(Role::Capture, addr, || {
+                listen_sockets(addr, workers.len(), false)
+            })
             .with_context(|| format!("binding capture listener {addr}"))?;
         info!(%addr, "capture listener up");
         tasks.extend(serve(workers, l, ListenerRole::Capture, stop, drain, false));
@@ -556,7 +671,7 @@ fn start_listeners(
             ib,
             extras.allow_coexist,
             (workers, stats),
-            stop,
+            (stop, sockets),
             drain,
             tasks,
         )?),
@@ -577,7 +692,10 @@ fn start_listeners(
         {
             continue;
         }
-        let socks = listen_sockets(l.address, workers.len(), false)
+        let socks = sockets
+            .listen(Role::Listener, l.address, || {
+                listen_sockets(l.address, workers.len(), false)
+            })
             .with_context(|| format!("binding listener {} on {}", l.name, l.address))?;
         info!(listener = %l.name, addr = %l.address, "listener up");
         let role = ListenerRole::Static {
@@ -673,7 +791,7 @@ async fn start_xds(
     workers: &Arc<Workers>,
     owner: Option<&Owner>,
     (inbound_port, sds): (Option<u16>, Option<crate::state::secrets::ExternalSecrets>),
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Option<tokio::sync::watch::Receiver<bool>> {
@@ -684,7 +802,7 @@ async fn start_xds(
         store.clone(),
         (workers.clone(), stats.clone()),
         [Some(capture_port), inbound_port],
-        stop.clone(),
+        (stop.clone(), sockets.clone()),
         drain.clone(),
     )));
     let resources = Resources::for_bootstrap(&opts.bootstrap);
@@ -730,13 +848,15 @@ fn start_admin(
     stats: &Arc<Stats>,
     capture: Option<Arc<dyn CaptureControl>>,
     ready: &Arc<AtomicBool>,
-    (stop, drain): (&CancellationToken, &admin::DrainSignal),
+    (stop, drain, sockets): (&CancellationToken, &admin::DrainSignal, &Sockets),
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let Some(addr) = opts.admin else {
         return Ok(());
     };
-    let l = bind(addr).with_context(|| format!("binding admin listener {addr}"))?;
+    let l = sockets
+        .listen_one(Role::Admin, addr, || bind(addr))
+        .with_context(|| format!("binding admin listener {addr}"))?;
     let admin = Arc::new(Admin {
         store: store.clone(),
         stats: stats.clone(),
@@ -828,19 +948,25 @@ fn start_inbound(
     ib: &crate::capture::InboundOptions,
     allow_coexist: bool,
     (workers, stats): (&Arc<Workers>, &Arc<Stats>),
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<Option<Arc<crate::bpf::inbound::InboundSteering>>> {
     let v4_addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, ib.port));
-    let v4 = listen_sockets(v4_addr, workers.len(), false)
+    let v4 = sockets
+        .listen(Role::Inbound, v4_addr, || {
+            listen_sockets(v4_addr, workers.len(), false)
+        })
         .with_context(|| format!("binding inbound listener {v4_addr}"))?;
     let v6 = if ib.ipv6 {
         let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
         // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
         Some(
-            listen_sockets(addr, workers.len(), true)
-                .with_context(|| format!("binding inbound listener {addr}"))?,
+            sockets
+                .listen(Role::Inbound, addr, || {
+                    listen_sockets(addr, workers.len(), true)
+                })
+                .with_context(|| format!("binding inbound listener {addr} (IPv6 only)"))?,
         )
     } else {
         None
@@ -921,7 +1047,7 @@ async fn dynamic_listeners(
     store: Arc<Store>,
     (workers, stats): (Arc<Workers>, Arc<Stats>),
     skiff_ports: [Option<u16>; 2],
-    stop: CancellationToken,
+    (stop, sockets): (CancellationToken, Sockets),
     drain: admin::DrainSignal,
 ) {
     let mut changed = store.subscribe();
@@ -960,6 +1086,7 @@ async fn dynamic_listeners(
         for n in gone {
             if let Some((addr, token, loops)) = running.remove(&n) {
                 token.cancel();
+                sockets.forget(addr);
                 for l in loops {
                     let _ = l.await;
                 }
@@ -970,7 +1097,9 @@ async fn dynamic_listeners(
             if running.contains_key(n) {
                 continue;
             }
-            match listen_sockets(addr, workers.len(), false) {
+            match sockets.listen(Role::Listener, addr, || {
+                listen_sockets(addr, workers.len(), false)
+            }) {
                 Ok(socks) => {
                     info!(listener = %n, %addr, "listener up");
                     let token = stop.child_token();

@@ -32,6 +32,7 @@
 //!   check and SDS on a Unix socket.
 //! - [`admin`]: Envoy-dialect admin endpoint and `/debug/` pages; the client of `skiff admin`.
 //! - [`stats`]: counters with Envoy's names.
+//! - [`takeover`]: `skiff run --takeover`: listening sockets handed over a Unix socket.
 //! - [`app`]: the wiring of one `skiff run`.
 #![deny(rust_2018_idioms)]
 
@@ -54,5 +55,6 @@ pub mod net;
 pub mod rbac;
 pub mod state;
 pub mod stats;
+pub mod takeover;
 pub mod tls;
 pub mod xds;

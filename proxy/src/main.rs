@@ -20,7 +20,13 @@ fn main() -> ExitCode {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    let rt = match builder.enable_all().build() {
+    let rt = match builder
+        .enable_all()
+        // Capabilities are per thread: each runtime thread drops what `skiff run` gave up.
+        .on_thread_start(skiff::takeover::caps::apply_pending)
+        .on_thread_park(skiff::takeover::caps::apply_pending)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("skiff: cannot start the runtime: {e}");
@@ -29,13 +35,16 @@ fn main() -> ExitCode {
     };
     let query = |call: AdminCall| print_or_fail(rt.block_on(call.send()));
     match cli.command {
-        Command::Run(args) => match skiff::cli::run_options(args) {
-            Err(e) => fail(e, EXIT_CONFIG),
-            Ok((opts, extras)) => {
-                let run = skiff::app::run_with(opts, extras, shutdown_signal());
-                done(rt.block_on(run), 1)
+        Command::Run(args) => {
+            let handover = args.handover();
+            match skiff::cli::run_options(args) {
+                Err(e) => fail(e, EXIT_CONFIG),
+                Ok((opts, extras)) => {
+                    let run = skiff::app::run_handover(opts, extras, handover, shutdown_signal());
+                    done(rt.block_on(run), 1)
+                }
             }
-        },
+        }
         Command::ControlPlane(args) => match args.options() {
             Err(e) => fail(e, EXIT_CONFIG),
             // A control plane that cannot load its source or bind is misconfigured: exit 2.

@@ -72,6 +72,8 @@ pub fn run() -> anyhow::Result<()> {
         "root_pods",
         "--test",
         "root_pinning",
+        "--test",
+        "root_takeover",
         "--",
         "--test-threads=1",
     ]))?;

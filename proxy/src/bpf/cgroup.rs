@@ -156,6 +156,12 @@ impl Membership {
         Ok(this)
     }
 
+    /// Whether dropping this removes the proxy cgroup: a skiff handing over leaves it to its
+    /// successor, which removes it in turn.
+    pub(super) fn set_owner(&mut self, owner: bool) {
+        self.created = owner;
+    }
+
     /// The proxy cgroup (canonical).
     pub(super) fn proxy(&self) -> &Path {
         &self.proxy

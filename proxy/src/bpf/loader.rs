@@ -90,6 +90,9 @@ pub struct Capture {
     capture_cgroup: PathBuf,
     /// The pin directory (`None`: nothing pinned, the links above detach on drop).
     pins: Option<Pins>,
+    /// Handed over to a successor (`skiff run --takeover`): drop leaves the gate and the pins
+    /// to it.
+    handed_over: std::sync::atomic::AtomicBool,
     // Dropped after the links: moves the process back, then removes the proxy cgroup.
     membership: Membership,
     _ebpf: Ebpf,
@@ -141,6 +144,9 @@ impl Capture {
     ) -> Result<Capture, BpfError> {
         let mut ebpf = load_object(cfg, pins.as_ref())?;
         let takeover = pins.as_ref().is_some_and(Pins::reused);
+        // Handed over by a running skiff: its programs serve until ours are swapped in, so
+        // the gate stays as it is (closing it would send new connects to the fail mode).
+        let live = pins.as_ref().is_some_and(Pins::live);
 
         // Maps first: `take_map` and `program_mut` both borrow the Ebpf.
         let meshed = Arc::new(Meshed::new(
@@ -155,7 +161,12 @@ impl Capture {
         let mut value = ConfigValue::new(cfg.outbound_v4, cfg.outbound_v6, cfg.proxy_mark);
         value.fail_closed = u8::from(cfg.fail_closed);
         value.node_mode = u8::from(cfg.mode.is_node());
-        let config = Arc::new(ConfigMap::new(take(&mut ebpf, MAP_CONFIG)?, value)?);
+        let config_map: aya::maps::Array<aya::maps::MapData, skiff_common::ConfigValue> =
+            take(&mut ebpf, MAP_CONFIG)?;
+        if live && let Ok(current) = config_map.get(&skiff_common::CONFIG_INDEX, 0) {
+            value.ready = current.ready;
+        }
+        let config = Arc::new(ConfigMap::new(config_map, value)?);
         let (fast, loads) = match cfg.fast_path {
             Some(caps) => {
                 let mut maps = FastMapsTaken {
@@ -204,7 +215,11 @@ impl Capture {
 
         // Join the proxy cgroup before attaching, so the getsockopt program sees every socket
         // the proxy creates from now on. Dropping `membership` (on any error below) undoes it.
-        let membership = Membership::join_proxy_cgroup(cfg.mode.proxy_cgroup())?;
+        let mut membership = Membership::join_proxy_cgroup(cfg.mode.proxy_cgroup())?;
+        if live {
+            // The running skiff created it and leaves it to this one.
+            membership.set_owner(true);
+        }
         let proxy_cgroup = membership.proxy().to_path_buf();
         if proxy_cgroup == capture_cgroup && !cfg.mode.is_node() {
             return Err(BpfError::Config(format!(
@@ -259,6 +274,7 @@ impl Capture {
             node_mode: cfg.mode.is_node(),
             capture_cgroup,
             pins,
+            handed_over: std::sync::atomic::AtomicBool::new(false),
             membership,
             _ebpf: ebpf,
         })
@@ -271,7 +287,12 @@ impl Capture {
 
     /// Opens (`true`) or closes the ready gate. Not ready: connects go to their original
     /// destination, or are refused with ECONNREFUSED in fail-closed mode.
+    ///
+    /// After [`Capture::hand_over`] the gate is the successor's: this does nothing.
     pub fn set_ready(&self, ready: bool) -> Result<(), BpfError> {
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         self.ready.set(ready)
     }
 
@@ -403,8 +424,35 @@ impl Capture {
     }
 }
 
+impl Capture {
+    /// The pin directory and a duplicate of its open, locked file, for a successor
+    /// (`None`: nothing pinned).
+    pub fn pin_lock(&self) -> Option<(PathBuf, std::io::Result<std::os::fd::OwnedFd>)> {
+        self.pins
+            .as_ref()
+            .map(|p| (p.dir().to_path_buf(), p.lock_dup()))
+    }
+
+    /// A successor took the capture over: dropping this one leaves the ready gate and the
+    /// pinned links and maps as they are (only this process's own getsockopt link detaches;
+    /// the successor attached its own).
+    pub fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for Capture {
     fn drop(&mut self) {
+        if self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // The gate stays as the successor set it.
+            self.sockmap = None;
+            // Closing our fds of pinned links detaches nothing; the successor holds the lock.
+            drop(self.pins.take());
+            self.membership.set_owner(false);
+            self.links.clear();
+            return;
+        }
         if let Err(e) = self.set_ready(false) {
             tracing::warn!(error = %e, "could not clear the ready flag");
         }

@@ -72,6 +72,9 @@ pub(super) struct Pins {
     dir: PathBuf,
     /// Pins were already there (a restart after a crash): maps and links are taken over.
     reused: bool,
+    /// The lock came from a running skiff handing over (`skiff run --takeover`): its
+    /// programs still serve, so the ready gate is kept as it is.
+    live: bool,
     /// The directory, open with an exclusive `flock` for this process's life: a second skiff
     /// never takes over a live one's pins; the kernel drops the lock when the process dies.
     _lock: fs::File,
@@ -92,13 +95,18 @@ impl Pins {
                 dir.display()
             )));
         }
-        let Some(lock) = try_lock(dir).map_err(|source| BpfError::Io {
-            what: "locking pin directory",
-            path: dir.into(),
-            source,
-        })?
-        else {
-            return Ok(None);
+        let adopted = take_adopted(dir);
+        let live = adopted.is_some();
+        let lock = match adopted {
+            Some(lock) => lock,
+            None => match try_lock(dir).map_err(|source| BpfError::Io {
+                what: "locking pin directory",
+                path: dir.into(),
+                source,
+            })? {
+                Some(lock) => lock,
+                None => return Ok(None),
+            },
         };
         let reused = fs::read_dir(dir)
             .map_err(|source| BpfError::Io {
@@ -111,8 +119,20 @@ impl Pins {
         Ok(Some(Pins {
             dir: dir.to_path_buf(),
             reused,
+            live,
             _lock: lock,
         }))
+    }
+
+    /// Whether a running skiff handed its pins over (see [`adopt_lock`]).
+    pub(super) fn live(&self) -> bool {
+        self.live
+    }
+
+    /// A duplicate of the open, locked directory: a successor holding it holds the lock too
+    /// (`flock` belongs to the open file, shared by every duplicate).
+    pub(super) fn lock_dup(&self) -> io::Result<OwnedFd> {
+        self._lock.try_clone().map(OwnedFd::from)
     }
 
     /// The directory.
@@ -168,6 +188,25 @@ pub fn dir_for(cfg: &super::CaptureConfig) -> Result<Option<PathBuf>, BpfError> 
             }
             Ok(dir)
         }
+    }
+}
+
+/// The lock of a pin directory a running skiff handed over (`skiff run --takeover`), waiting
+/// for this process's capture to open that directory.
+static ADOPTED: std::sync::Mutex<Option<(PathBuf, fs::File)>> = std::sync::Mutex::new(None);
+
+/// Makes the next [`Pins::open`] of `dir` use `lock` (the running skiff's open, locked pin
+/// directory, received over the handover socket) instead of locking: the two processes share
+/// the lock until the old one exits, and no third skiff can take the pins meanwhile.
+pub fn adopt_lock(dir: PathBuf, lock: OwnedFd) {
+    *ADOPTED.lock().unwrap_or_else(|e| e.into_inner()) = Some((dir, fs::File::from(lock)));
+}
+
+fn take_adopted(dir: &Path) -> Option<fs::File> {
+    let mut g = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+    match &*g {
+        Some((d, _)) if d == dir => g.take().map(|(_, f)| f),
+        _ => None,
     }
 }
 
@@ -344,6 +383,7 @@ mod tests {
         let pins = Pins {
             dir: PathBuf::from("/sys/fs/bpf/skiff/42"),
             reused: false,
+            live: false,
             _lock: fs::File::open("/").unwrap(),
         };
         assert_eq!(
@@ -363,7 +403,15 @@ mod tests {
         let held = try_lock(&dir).unwrap().expect("first lock");
         assert!(in_use(&dir));
         assert!(try_lock(&dir).unwrap().is_none());
+        // A handed-over duplicate holds the lock after the original closes.
+        let dup = held.try_clone().unwrap();
+        adopt_lock(dir.clone(), OwnedFd::from(dup));
         drop(held);
+        assert!(in_use(&dir));
+        assert!(take_adopted(Path::new("/elsewhere")).is_none());
+        let adopted = take_adopted(&dir).expect("adopted lock");
+        assert!(in_use(&dir));
+        drop(adopted);
         assert!(!in_use(&dir));
         fs::remove_dir(&dir).unwrap();
     }

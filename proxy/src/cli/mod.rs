@@ -414,6 +414,23 @@ pub struct RunArgs {
     /// own socket of every listener (SO_REUSEPORT). Default: the number of CPUs available.
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Take over from the running skiff whose handover socket is SOCKET (default: the one
+    /// this run would use, see --handover-socket): receive its listening sockets and pins,
+    /// serve, then make it drain. No listen queue closes, no connection is reset.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1)]
+    pub takeover: Option<Option<PathBuf>>,
+    /// Accept a successor (`skiff run --takeover`) on this Unix socket. Default, with pins:
+    /// /run/skiff/<pin directory name>.sock.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "no_handover")]
+    pub handover_socket: Option<PathBuf>,
+    /// Accept no successor (no handover socket).
+    #[arg(long)]
+    pub no_handover: bool,
+    /// Keep every capability. By default, once the capture is attached and the listeners
+    /// are bound, skiff keeps only CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW,
+    /// CAP_BPF, CAP_SYS_ADMIN, CAP_SYS_RESOURCE (and CAP_SYS_PTRACE in node mode).
+    #[arg(long)]
+    pub keep_caps: bool,
     /// The ADS connection (address, TLS, token).
     #[command(flatten)]
     pub xds: XdsArgs,
@@ -434,6 +451,18 @@ pub enum ValueError {
     /// A duration with a unit other than `ms`, `s` or `m`.
     #[error("{0:?}: unit must be ms, s or m")]
     Unit(String),
+}
+
+impl RunArgs {
+    /// The takeover and handover-socket flags.
+    pub fn handover(&self) -> crate::takeover::HandoverOptions {
+        crate::takeover::HandoverOptions {
+            takeover: self.takeover.clone(),
+            socket: self.handover_socket.clone(),
+            disabled: self.no_handover,
+            drop_caps: !self.keep_caps,
+        }
+    }
 }
 
 /// `0x539` or `1337`.

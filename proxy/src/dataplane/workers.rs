@@ -53,6 +53,9 @@ impl Workers {
                 .spawn(move || {
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        // Capabilities are per thread: a worker drops what `skiff run` gave
+                        // up at its next idle moment.
+                        .on_thread_park(crate::takeover::caps::apply_pending)
                         .build()
                     {
                         Ok(rt) => rt,
@@ -98,9 +101,19 @@ impl Workers {
         self.workers.iter().map(|w| &w.dp)
     }
 
-    /// Run one accept loop of a listener of `role` on each worker, on the socket of the same
-    /// index in `sockets` (from `app::listen_sockets`, one per worker); each stops when the
-    /// future `shutdown()` made for it completes. Returns the loops' tasks.
+    /// Wakes every worker once, so each passes its park hook (where it applies state recorded
+    /// for all threads, such as dropped capabilities) even if it is idle now.
+    pub fn wake_all(&self) {
+        for w in &self.workers {
+            drop(w.handle.spawn(async {}));
+        }
+    }
+
+    /// Run one accept loop of a listener of `role` per socket in `sockets`, socket `i` on
+    /// worker `i % len` (from `app::listen_sockets` one per worker; sockets inherited from a
+    /// predecessor with another worker count are all served, none closed with connections
+    /// queued in it); each stops when the future `shutdown()` made for it completes. Returns
+    /// the loops' tasks.
     pub fn serve<F>(
         &self,
         sockets: Vec<std::net::TcpListener>,
@@ -112,6 +125,7 @@ impl Workers {
     {
         self.workers
             .iter()
+            .cycle()
             .zip(sockets)
             .map(|(w, sock)| {
                 let (dp, role, shutdown) = (w.dp.clone(), role.clone(), shutdown());

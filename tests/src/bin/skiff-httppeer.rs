@@ -1,8 +1,10 @@
 //! A small HTTP peer for skiff's demo and tests (hyper, HTTP/1.1).
 //!
 //! ```text
-//! skiff-httppeer serve <addr> <name>          answer every request `200 <name>`; prints `ready local=..`
-//! skiff-httppeer get <addr> <host> [<path>]   one GET with that Host; prints `status=<code> body=<body>`
+//! skiff-httppeer serve <addr> <name>          answer every request `200 <name>` (path `/delay/<ms>`:
+//!                                             after that many milliseconds); prints `ready local=..`
+//! skiff-httppeer get <addr> <host> [<path>]   one GET with that Host; prints `status=<code> body=<body>
+//!                                             connection=<Connection header or ->`
 //! ```
 
 use std::convert::Infallible;
@@ -57,9 +59,20 @@ async fn serve(addr: SocketAddr, name: String) -> ExitCode {
         };
         let name = name.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = Bytes::from(name.clone());
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                let delay = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/delay/")
+                    .and_then(|ms| ms.parse().ok())
+                    .map(Duration::from_millis);
+                async move {
+                    if let Some(d) = delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -79,13 +92,19 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> ExitCode {
             .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
+        let connection = resp
+            .headers()
+            .get(hyper::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body, connection))
     };
-    match tokio::time::timeout(Duration::from_secs(5), run).await {
-        Ok(Ok((status, body))) => {
+    match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok((status, body, connection))) => {
             let body = String::from_utf8_lossy(&body).trim().replace(' ', "_");
-            println!("status={status} body={body}");
+            println!("status={status} body={body} connection={connection}");
             ExitCode::SUCCESS
         }
         Ok(Err(e)) => {

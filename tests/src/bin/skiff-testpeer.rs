@@ -12,6 +12,11 @@
 //!                                         the echo; print `ok peer=.. local=.. sent=N echoed=N
 //!                                         elapsed_ms=..` (exit 0) or `err stage=.. errno=..
 //!                                         elapsed_ms=.. msg=..` (exit 1)
+//! skiff-testpeer hold    <addr> [--conns N] [--timeout-ms T]
+//!                                         open N connections (default 100) and keep them
+//!                                         idle; print `held n=N`; on each SIGUSR1 echo 8 bytes
+//!                                         on every one and print `round ok=.. reset=.. eof=..
+//!                                         other=..`; on SIGTERM close them, print `closed`, exit
 //! ```
 //! `origdst` uses `SO_ORIGINAL_DST` on IPv4 sockets and `IP6T_SO_ORIGINAL_DST` on IPv6 ones.
 
@@ -47,6 +52,11 @@ fn main() -> ExitCode {
     match mode.as_str() {
         "echo" => serve(addr, false),
         "origdst" => serve(addr, true),
+        "hold" => hold(
+            addr,
+            opt("--conns").unwrap_or(100) as usize,
+            Duration::from_millis(opt("--timeout-ms").unwrap_or(5000)),
+        ),
         "client" => client(
             addr,
             opt("--bytes").unwrap_or(1024) as usize,
@@ -88,6 +98,71 @@ fn serve(addr: SocketAddr, report_orig_dst: bool) -> ExitCode {
         }
         thread::spawn(move || echo(conn));
     }
+    ExitCode::SUCCESS
+}
+
+/// Long-lived idle connections, checked on demand (SIGUSR1) for being still open end to end.
+fn hold(addr: SocketAddr, n: usize, timeout: Duration) -> ExitCode {
+    use nix::sys::signal::{SigSet, Signal};
+    // Blocked before any thread exists, so `wait` below is the only taker of both.
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR1);
+    set.add(Signal::SIGTERM);
+    if let Err(e) = set.thread_block() {
+        println!("err stage=sigmask msg={e}");
+        return ExitCode::FAILURE;
+    }
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(c) => {
+                let _ = c.set_read_timeout(Some(timeout));
+                conns.push(c);
+            }
+            Err(e) => {
+                println!(
+                    "err stage=connect errno={} held={} msg={}",
+                    e.raw_os_error().unwrap_or(0),
+                    conns.len(),
+                    one_word(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("held n={n}");
+    let mut round = 0u32;
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGUSR1) => {}
+            Ok(_) => break,
+            Err(e) => {
+                println!("err stage=sigwait msg={e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        round += 1;
+        let (mut ok, mut reset, mut eof, mut other) = (0, 0, 0, 0);
+        for c in &mut conns {
+            let msg = format!("r{round:07}");
+            let mut got = [0u8; 8];
+            let r = c
+                .write_all(msg.as_bytes())
+                .and_then(|()| c.read_exact(&mut got));
+            match r {
+                Ok(()) if got == msg.as_bytes() => ok += 1,
+                Ok(()) => other += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => eof += 1,
+                Err(e) if e.raw_os_error() == Some(104) || e.raw_os_error() == Some(32) => {
+                    reset += 1
+                }
+                Err(_) => other += 1,
+            }
+        }
+        println!("round ok={ok} reset={reset} eof={eof} other={other}");
+    }
+    drop(conns);
+    println!("closed");
     ExitCode::SUCCESS
 }
 
