@@ -17,6 +17,7 @@ extern crate std;
 
 pub mod inbound;
 pub mod sockmap;
+pub mod xdp;
 
 /// `AF_INET`, host order, as found in `user_family` / `family` context fields.
 pub const AF_INET: u32 = 2;

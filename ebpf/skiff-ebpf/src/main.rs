@@ -15,6 +15,8 @@
 //!   establishment and `sk_msg` moves their payload straight to the peer socket.
 //! - `sk_lookup.rs` (`--capture-inbound`): steers connections for the pod's addresses to the
 //!   proxy's inbound listener (its maps live beside it).
+//! - `xdp.rs` (`--xdp IFACE`): node-ingress L4 load balancer for the fast path's services
+//!   (DNAT to an endpoint, conntrack, reply SNAT, FIB redirect); its maps live beside it.
 //! - `maps.rs`: every other map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
@@ -41,6 +43,8 @@ mod sk_lookup;
 mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod sockmap;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 /// The host build of this bin is empty: it only exists so `cargo build --workspace` works.
 #[cfg(not(target_arch = "bpf"))]
