@@ -111,8 +111,10 @@ pub mod stat {
     pub const REPLY: u32 = 10;
     /// Service hit but no endpoint (empty cluster, unhealthy, family mismatch).
     pub const NO_ENDPOINT: u32 = 11;
+    /// IPv4 header with options (IHL > 5): passed untouched, not balanced.
+    pub const PASS_IP_OPTIONS: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Counter names, by index (in `/stats` as `skiff.xdp.<name>`).
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ip",
@@ -127,14 +129,24 @@ pub mod stat {
         "ct_err",
         "reply",
         "no_endpoint",
+        "pass_ip_options",
     ];
 }
 
 /// The flow hash of a 5-tuple (source address words folded, ports, protocol) mixed with the
 /// service as [`client_hash`] mixes a client with a service (splitmix64).
 #[inline(always)]
-pub fn flow_hash(src_be: &[u32; 4], sport_be: u16, proto: u8, vip_word_be: u32, port_be: u16) -> u64 {
-    let src = src_be[0] ^ src_be[1].rotate_left(8) ^ src_be[2].rotate_left(16) ^ src_be[3].rotate_left(24);
+pub fn flow_hash(
+    src_be: &[u32; 4],
+    sport_be: u16,
+    proto: u8,
+    vip_word_be: u32,
+    port_be: u16,
+) -> u64 {
+    let src = src_be[0]
+        ^ src_be[1].rotate_left(8)
+        ^ src_be[2].rotate_left(16)
+        ^ src_be[3].rotate_left(24);
     let client = u64::from(src) << 32 | u64::from(sport_be) << 16 | u64::from(proto);
     client_hash(client, vip_word_be, port_be)
 }
@@ -157,7 +169,11 @@ pub fn xdp_pick_slot(c: &ClusterValue, hash: u64, f: &impl SlotFacts) -> Option<
     if c.total_weight == 0 {
         return Some((hash % u64::from(c.endpoint_count)) as u32);
     }
-    weighted_slot(c.endpoint_count, (hash % u64::from(c.total_weight)) as u32, f)
+    weighted_slot(
+        c.endpoint_count,
+        (hash % u64::from(c.total_weight)) as u32,
+        f,
+    )
 }
 
 /// One's-complement sum folded to 16 bits.
@@ -312,7 +328,10 @@ mod tests {
         let a = flow_hash(&[1, 0, 0, 0], 1000u16.to_be(), 6, 7, 80u16.to_be());
         let b = flow_hash(&[1, 0, 0, 0], 1001u16.to_be(), 6, 7, 80u16.to_be());
         assert_ne!(a, b);
-        assert_eq!(a, flow_hash(&[1, 0, 0, 0], 1000u16.to_be(), 6, 7, 80u16.to_be()));
+        assert_eq!(
+            a,
+            flow_hash(&[1, 0, 0, 0], 1000u16.to_be(), 6, 7, 80u16.to_be())
+        );
     }
 
     struct Weights(&'static [u32]);

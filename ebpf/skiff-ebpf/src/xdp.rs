@@ -26,8 +26,8 @@ use skiff_common::{
     AF_INET, AF_INET6, ClusterValue, EndpointKey, EndpointValue, HEALTH_OK, IPPROTO_TCP,
     IPPROTO_UDP, NO_CLUSTER, NODE_SCOPE, ServiceKeyV4, ServiceKeyV6, ServiceValue, SlotFacts,
     xdp::{
-        XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4, flow_hash,
-        stat, udp_mangled, xdp_pick_slot,
+        XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4, flow_hash, stat,
+        udp_mangled, xdp_pick_slot,
     },
 };
 
@@ -36,8 +36,7 @@ use crate::maps::{
 };
 
 /// Forward conntrack: client -> VIP flow to the endpoint it was given. Key: `XdpFlowKey`
-/// (client source, VIP destination); value: `XdpNat` (endpoint); max 65536 (userspace sets
-/// `--xdp-conntrack`); LRU. Writer: skiff_xdp (insert on a new flow); userspace deletes entries
+/// (client source, VIP destination); value: `XdpNat` (endpoint); max 65536 ; LRU. Writer: skiff_xdp (insert on a new flow); userspace deletes entries
 /// of endpoints the fast path no longer serves. Readers: skiff_xdp; userspace (`skiff maps`).
 #[map]
 pub static SKIFF_XDP_CT: LruHashMap<XdpFlowKey, XdpNat> = LruHashMap::with_max_entries(65536, 0);
@@ -64,6 +63,11 @@ pub static SKIFF_XDP_VST: LruPerCpuHashMap<XdpVipKey, XdpCounters> =
 #[map]
 pub static SKIFF_XDP_EST: LruPerCpuHashMap<EndpointKey, XdpCounters> =
     LruPerCpuHashMap::with_max_entries(102400, 0);
+
+/// Scratch space for the packet being handled (one per CPU; programs do not nest on a CPU).
+/// Key: u32 0; value: `Plan`; max 1. Writer and reader: skiff_xdp.
+#[map]
+static SKIFF_XDP_SCR: PerCpuArray<Plan> = PerCpuArray::with_max_entries(1, 0);
 
 /// Counters by `skiff_common::xdp::stat`. Writer: skiff_xdp. Readers: userspace.
 #[map]
@@ -99,11 +103,27 @@ pub fn skiff_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// `xdp_md.data` as a packet pointer. A volatile load: LLVM would otherwise hoist plain loads
+/// of the context into the caller of a BPF function and pass packet pointers as arguments,
+/// which the verifier then refuses to zero-extend ("pointer arithmetic on pkt_end").
+#[inline(always)]
+fn data(ctx: &XdpContext) -> usize {
+    // SAFETY: `ctx.ctx` is the program's context pointer.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize }
+}
+
+/// `xdp_md.data_end`, as [`data`].
+#[inline(always)]
+fn data_end(ctx: &XdpContext) -> usize {
+    // SAFETY: as `data`.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize }
+}
+
 /// A bounds-checked pointer to `len` bytes at `off` into the frame.
 #[inline(always)]
 fn at(ctx: &XdpContext, off: usize, len: usize) -> Result<usize, u32> {
-    let start = ctx.data();
-    if start + off + len > ctx.data_end() {
+    let start = data(ctx);
+    if start + off + len > data_end(ctx) {
         return Err(stat::PASS_MALFORMED);
     }
     Ok(start + off)
@@ -136,9 +156,6 @@ fn st32(p: usize, v: u32) {
 /// What the parser found: where the headers are and the 5-tuple.
 struct Pkt {
     family: u32,
-    vlan: bool,
-    l3: usize,
-    l4: usize,
     proto: u8,
     src: [u32; 4],
     dst: [u32; 4],
@@ -149,47 +166,113 @@ struct Pkt {
 
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = (data_end(ctx) - data(ctx)) as u64;
     let eth = at(ctx, 0, ETH_HLEN).map_err(|_| stat::PASS_NOT_IP)?;
     let mut ethertype = u16::from_be(ld16(eth + 12));
-    let mut l3 = ETH_HLEN;
     let mut vlan = false;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let tag = at(ctx, ETH_HLEN, 4).map_err(|_| stat::PASS_NOT_IP)?;
         ethertype = u16::from_be(ld16(tag + 2));
-        l3 += 4;
         vlan = true;
     }
-    let pkt = match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3, vlan, len)?,
-        ETH_P_IPV6 => parse_v6(ctx, l3, vlan, len)?,
-        _ => return Err(stat::PASS_NOT_IP),
+    // Every header offset is a constant of its instantiation: the verifier only trusts packet
+    // pointers whose bounds check it saw on the same register, which variable offsets lose.
+    // `decide` and `apply` are separate BPF functions, siblings under this one, so their
+    // stack frames do not add up (inlined, the instantiations overflow the 512-byte stack).
+    // The plan lives in a per-CPU scratch slot rather than on this frame's stack, which the
+    // deepest callee's frame is added to.
+    let plan = SKIFF_XDP_SCR.get_ptr_mut(0).ok_or(stat::PASS_NO_SERVICE)?;
+    // SAFETY: per-CPU value from a successful lookup; nothing else uses it on this CPU while
+    // this program runs.
+    let plan = unsafe { &mut *plan };
+    plan.pkt.len = len;
+    match (vlan, ethertype) {
+        (false, ETH_P_IP) => {
+            decide::<14, 34, false>(ctx, plan)?;
+            apply::<14, 34>(ctx, plan)
+        }
+        (false, ETH_P_IPV6) => {
+            decide::<14, 54, true>(ctx, plan)?;
+            apply::<14, 54>(ctx, plan)
+        }
+        (true, ETH_P_IP) => {
+            decide::<18, 38, false>(ctx, plan)?;
+            apply::<18, 38>(ctx, plan)
+        }
+        (true, ETH_P_IPV6) => {
+            decide::<18, 58, true>(ctx, plan)?;
+            apply::<18, 58>(ctx, plan)
+        }
+        _ => Err(stat::PASS_NOT_IP),
+    }
+}
+
+/// What to do with a packet: rewrite the destination (`reply` false) or the source (`reply`
+/// true) of `pkt` to `nat`.
+struct Plan {
+    pkt: Pkt,
+    nat: XdpNat,
+    reply: bool,
+}
+
+/// Parses the packet (IP header at `L3`, L4 at `L4`, IPv6 if `V6`), finds its service or
+/// tracked flow and fills `plan`; an error is the reason it passes untouched.
+#[inline(never)]
+fn decide<const L3: usize, const L4: usize, const V6: bool>(
+    ctx: &XdpContext,
+    plan: &mut Plan,
+) -> Result<(), u32> {
+    let len = plan.pkt.len;
+    plan.pkt = if V6 {
+        parse_v6::<L3, L4>(ctx, len)?
+    } else {
+        parse_v4::<L3, L4>(ctx, len)?
     };
     let cfg = config().ok_or(stat::PASS_NO_SERVICE)?;
     if cfg.fast_path != 0
-        && let Some(svc) = service(&pkt)
+        && let Some(svc) = service(&plan.pkt)
     {
         let idx = if cfg.fast_gen & 1 == 0 {
             svc.cluster_idx[0]
         } else {
             svc.cluster_idx[1]
         };
-        return forward(ctx, &pkt, idx);
+        plan.nat = forward(&plan.pkt, idx)?;
+        plan.reply = false;
+        return Ok(());
     }
-    reply(ctx, &pkt)
+    plan.nat = reply(&plan.pkt)?;
+    plan.reply = true;
+    Ok(())
+}
+
+/// Rewrites the packet as `plan` says and sends it on.
+#[inline(never)]
+fn apply<const L3: usize, const L4: usize>(ctx: &XdpContext, plan: &Plan) -> Result<u32, u32> {
+    rewrite::<L3, L4>(ctx, &plan.pkt, plan.reply, &plan.nat)?;
+    let dst = if plan.reply {
+        plan.pkt.dst
+    } else {
+        plan.nat.addr_be
+    };
+    send::<L3>(ctx, &plan.pkt, &dst)
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u32> {
-    let ip = at(ctx, l3, 20).map_err(|_| stat::PASS_NOT_IP)?;
+fn parse_v4<const L3: usize, const L4: usize>(ctx: &XdpContext, len: u64) -> Result<Pkt, u32> {
+    let ip = at(ctx, L3, 20).map_err(|_| stat::PASS_NOT_IP)?;
     // SAFETY: `ip` covers 20 bytes.
     let ver_ihl = unsafe { *(ip as *const u8) };
     let ihl = (ver_ihl & 0x0f) as usize;
     if ver_ihl >> 4 != 4 || ihl < 5 {
         return Err(stat::PASS_MALFORMED);
     }
+    // Options (rare, and mostly on control traffic) are not balanced, as in Katran.
+    if ihl != 5 {
+        return Err(stat::PASS_IP_OPTIONS);
+    }
     let tot_len = u16::from_be(ld16(ip + 2)) as usize;
-    if tot_len < ihl * 4 || (l3 + tot_len) as u64 > len {
+    if tot_len < 20 || (L3 + tot_len) as u64 > len {
         return Err(stat::PASS_MALFORMED);
     }
     // More-fragments or a fragment offset: only the first fragment has ports.
@@ -200,13 +283,9 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u3
     let proto = unsafe { *((ip + 9) as *const u8) };
     let src = ld32(ip + 12);
     let dst = ld32(ip + 16);
-    let l4 = l3 + ihl * 4;
-    let (sport, dport) = ports(ctx, l4, proto, tot_len - ihl * 4)?;
+    let (sport, dport) = ports::<L4>(ctx, proto, tot_len - 20)?;
     Ok(Pkt {
         family: AF_INET,
-        vlan,
-        l3,
-        l4,
         proto,
         src: [src, 0, 0, 0],
         dst: [dst, 0, 0, 0],
@@ -217,15 +296,15 @@ fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u3
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u32> {
-    let ip = at(ctx, l3, IPV6_HLEN).map_err(|_| stat::PASS_NOT_IP)?;
+fn parse_v6<const L3: usize, const L4: usize>(ctx: &XdpContext, len: u64) -> Result<Pkt, u32> {
+    let ip = at(ctx, L3, IPV6_HLEN).map_err(|_| stat::PASS_NOT_IP)?;
     // SAFETY: `ip` covers 40 bytes.
     let ver = unsafe { *(ip as *const u8) } >> 4;
     if ver != 6 {
         return Err(stat::PASS_MALFORMED);
     }
     let payload = u16::from_be(ld16(ip + 4)) as usize;
-    if (l3 + IPV6_HLEN + payload) as u64 > len {
+    if (L3 + IPV6_HLEN + payload) as u64 > len {
         return Err(stat::PASS_MALFORMED);
     }
     // SAFETY: as above. Extension headers (incl. the fragment header) are not followed: passed.
@@ -236,13 +315,9 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u3
         src[i] = ld32(ip + 8 + i * 4);
         dst[i] = ld32(ip + 24 + i * 4);
     }
-    let l4 = l3 + IPV6_HLEN;
-    let (sport, dport) = ports(ctx, l4, proto, payload)?;
+    let (sport, dport) = ports::<L4>(ctx, proto, payload)?;
     Ok(Pkt {
         family: AF_INET6,
-        vlan,
-        l3,
-        l4,
         proto,
         src,
         dst,
@@ -252,10 +327,10 @@ fn parse_v6(ctx: &XdpContext, l3: usize, vlan: bool, len: u64) -> Result<Pkt, u3
     })
 }
 
-/// The ports of a TCP/UDP header at `l4` whose IP payload is `payload` bytes; errors name why
+/// The ports of a TCP/UDP header at `L4` whose IP payload is `payload` bytes; errors name why
 /// the packet passes.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8, payload: usize) -> Result<(u16, u16), u32> {
+fn ports<const L4: usize>(ctx: &XdpContext, proto: u8, payload: usize) -> Result<(u16, u16), u32> {
     let need = match u32::from(proto) {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
@@ -265,7 +340,12 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8, payload: usize) -> Result<(u16,
     if payload < need {
         return Err(stat::PASS_MALFORMED);
     }
-    let p = at(ctx, l4, need)?;
+    // The whole TCP header's first 20 bytes or UDP's 8, each a constant-length check.
+    let p = if need == 20 {
+        at(ctx, L4, 20)?
+    } else {
+        at(ctx, L4, 8)?
+    };
     Ok((ld16(p), ld16(p + 2)))
 }
 
@@ -308,9 +388,9 @@ fn flow(pkt: &Pkt) -> XdpFlowKey {
     }
 }
 
-/// Client -> VIP: the tracked endpoint, else a new choice; DNAT and send on.
+/// Client -> VIP: the tracked endpoint, else a new choice (tracked now).
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Pkt, cluster_idx: u32) -> Result<u32, u32> {
+fn forward(pkt: &Pkt, cluster_idx: u32) -> Result<XdpNat, u32> {
     let key = flow(pkt);
     let vip = XdpVipKey {
         addr_be: pkt.dst,
@@ -319,11 +399,10 @@ fn forward(ctx: &XdpContext, pkt: &Pkt, cluster_idx: u32) -> Result<u32, u32> {
         family: pkt.family as u8,
     };
     // SAFETY: copied out at once.
-    let nat = match unsafe { SKIFF_XDP_CT.get(key) }.copied() {
+    let (nat, dir) = match unsafe { SKIFF_XDP_CT.get(key) }.copied() {
         Some(nat) => {
             bump(stat::CT_HIT);
-            count_vip(&vip, pkt.len, Dir::Packet);
-            nat
+            (nat, Dir::Packet)
         }
         None => {
             let Some(ep) = choose(pkt, cluster_idx) else {
@@ -359,10 +438,10 @@ fn forward(ctx: &XdpContext, pkt: &Pkt, cluster_idx: u32) -> Result<u32, u32> {
             } else {
                 bump(stat::CT_NEW);
             }
-            count_vip(&vip, pkt.len, Dir::NewFlow);
-            nat
+            (nat, Dir::NewFlow)
         }
     };
+    count_vip(&vip, pkt.len, dir);
     count_ep(
         &EndpointKey {
             addr_be: nat.addr_be,
@@ -371,18 +450,17 @@ fn forward(ctx: &XdpContext, pkt: &Pkt, cluster_idx: u32) -> Result<u32, u32> {
             _pad: 0,
         },
         pkt.len,
-        false,
+        dir,
     );
-    rewrite(ctx, pkt, false, &nat)?;
-    send(ctx, pkt, &nat.addr_be)
+    Ok(nat)
 }
 
-/// Endpoint -> client reply of a tracked flow: SNAT back to the VIP and send on.
+/// Endpoint -> client reply of a tracked flow: the VIP it must come from.
 #[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Pkt) -> Result<u32, u32> {
+fn reply(pkt: &Pkt) -> Result<XdpNat, u32> {
     let key = flow(pkt);
     // SAFETY: copied out at once.
-    let Some(back) = (unsafe { SKIFF_XDP_RCT.get(key) }.copied()) else {
+    let Some(back) = unsafe { SKIFF_XDP_RCT.get(key) }.copied() else {
         return Err(stat::PASS_NO_SERVICE);
     };
     bump(stat::REPLY);
@@ -401,10 +479,9 @@ fn reply(ctx: &XdpContext, pkt: &Pkt) -> Result<u32, u32> {
             _pad: 0,
         },
         pkt.len,
-        true,
+        Dir::Reply,
     );
-    rewrite(ctx, pkt, true, &back)?;
-    send(ctx, pkt, &pkt.dst)
+    Ok(back)
 }
 
 /// The endpoint for a new flow in the cluster at absolute index `idx`.
@@ -460,23 +537,28 @@ impl SlotFacts for Slots {
 /// Rewrites the destination (`src` false: DNAT) or the source (`src` true: reply SNAT) address
 /// and port to `nat`, updating the IPv4 header checksum and the L4 checksum incrementally.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, nat: &XdpNat) -> Result<(), u32> {
-    let (csum_off, udp) = if u32::from(pkt.proto) == IPPROTO_TCP {
-        (TCP_CSUM, false)
+fn rewrite<const L3: usize, const L4: usize>(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    src: bool,
+    nat: &XdpNat,
+) -> Result<(), u32> {
+    let udp = u32::from(pkt.proto) != IPPROTO_TCP;
+    let l4csum = if udp {
+        at(ctx, L4 + UDP_CSUM, 2)?
     } else {
-        (UDP_CSUM, true)
+        at(ctx, L4 + TCP_CSUM, 2)?
     };
-    let l4csum = at(ctx, pkt.l4 + csum_off, 2)?;
     let mut l4c = ld16(l4csum);
     // IPv4 UDP without a checksum stays without one.
     let l4_on = !(udp && l4c == 0);
-    let port_at = at(ctx, pkt.l4 + if src { 0 } else { 2 }, 2)?;
+    let port_at = if src { at(ctx, L4, 2)? } else { at(ctx, L4 + 2, 2)? };
     if l4_on {
         l4c = csum_replace2(l4c, ld16(port_at), nat.port_be);
     }
     st16(port_at, nat.port_be);
     if pkt.family == AF_INET {
-        let ip = at(ctx, pkt.l3, 20)?;
+        let ip = at(ctx, L3, 20)?;
         let addr_at = ip + if src { 12 } else { 16 };
         let old = ld32(addr_at);
         let new = nat.addr_be[0];
@@ -486,7 +568,7 @@ fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, nat: &XdpNat) -> Result<(), u
         }
         st32(addr_at, new);
     } else {
-        let ip = at(ctx, pkt.l3, IPV6_HLEN)?;
+        let ip = at(ctx, L3, IPV6_HLEN)?;
         let base = ip + if src { 8 } else { 24 };
         for i in 0..4 {
             let old = ld32(base + i * 4);
@@ -504,8 +586,8 @@ fn rewrite(ctx: &XdpContext, pkt: &Pkt, src: bool, nat: &XdpNat) -> Result<(), u
 /// After a rewrite: redirect out of the FIB's interface when it is an XDP interface and the
 /// neighbour is known, else hand the translated packet to the stack.
 #[inline(always)]
-fn send(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<u32, u32> {
-    if pkt.vlan {
+fn send<const L3: usize>(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<u32, u32> {
+    if L3 != ETH_HLEN {
         bump(stat::PASS_TRANSLATED);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -516,7 +598,7 @@ fn send(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<u32, u32> {
     fib.ifindex = ctx.ingress_ifindex() as u32;
     let ttl_at;
     if pkt.family == AF_INET {
-        let ip = at(ctx, pkt.l3, 20)?;
+        let ip = at(ctx, L3, 20)?;
         fib.__bindgen_anon_1.tot_len = u16::from_be(ld16(ip + 2));
         fib.__bindgen_anon_3.ipv4_src = ld32(ip + 12);
         fib.__bindgen_anon_4.ipv4_dst = dst[0];
@@ -524,7 +606,7 @@ fn send(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<u32, u32> {
         fib.__bindgen_anon_2.tos = unsafe { *((ip + 1) as *const u8) };
         ttl_at = ip + 8;
     } else {
-        let ip = at(ctx, pkt.l3, IPV6_HLEN)?;
+        let ip = at(ctx, L3, IPV6_HLEN)?;
         fib.__bindgen_anon_1.tot_len = u16::from_be(ld16(ip + 4)) + IPV6_HLEN as u16;
         for i in 0..4 {
             // SAFETY: writes to a local union.
@@ -546,14 +628,16 @@ fn send(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<u32, u32> {
     };
     // SAFETY: `ttl_at` was bounds-checked above.
     let ttl = unsafe { *(ttl_at as *const u8) };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || ttl <= 1 || SKIFF_XDP_TX.get(fib.ifindex).is_none()
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+        || ttl <= 1
+        || SKIFF_XDP_TX.get(fib.ifindex).is_none()
     {
         bump(stat::PASS_TRANSLATED);
         return Ok(xdp_action::XDP_PASS);
     }
     // Forwarding: decrement the TTL / hop limit (IPv4: fix the header checksum).
     if pkt.family == AF_INET {
-        let ip = at(ctx, pkt.l3, 20)?;
+        let ip = at(ctx, L3, 20)?;
         let old = ld16(ip + 8);
         // SAFETY: in bounds (checked by `at`).
         unsafe { *(ttl_at as *mut u8) = ttl - 1 };
@@ -591,10 +675,15 @@ enum Dir {
 
 #[inline(always)]
 fn count_vip(vip: &XdpVipKey, len: u64, dir: Dir) {
-    let Some(p) = counters(&SKIFF_XDP_VST, vip) else {
-        return;
-    };
-    // SAFETY: per-CPU value from a successful lookup.
+    if let Some(p) = counters(&SKIFF_XDP_VST, vip) {
+        add(p, len, dir);
+    }
+}
+
+/// Adds one packet of `len` bytes to the per-CPU counters at `p`.
+#[inline(always)]
+fn add(p: *mut XdpCounters, len: u64, dir: Dir) {
+    // SAFETY: per-CPU value from a successful lookup; no other program runs on this CPU's copy.
     unsafe {
         if dir == Dir::Reply {
             (*p).reply_packets += 1;
@@ -618,19 +707,9 @@ fn count_vip_no_endpoint(vip: &XdpVipKey) {
 }
 
 #[inline(always)]
-fn count_ep(ep: &EndpointKey, len: u64, reply: bool) {
-    let Some(p) = counters(&SKIFF_XDP_EST, ep) else {
-        return;
-    };
-    // SAFETY: per-CPU value from a successful lookup.
-    unsafe {
-        if reply {
-            (*p).reply_packets += 1;
-            (*p).reply_bytes += len;
-        } else {
-            (*p).packets += 1;
-            (*p).bytes += len;
-        }
+fn count_ep(ep: &EndpointKey, len: u64, dir: Dir) {
+    if let Some(p) = counters(&SKIFF_XDP_EST, ep) {
+        add(p, len, dir);
     }
 }
 

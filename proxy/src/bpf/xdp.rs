@@ -354,7 +354,10 @@ fn spawn_sweeper(ct: Arc<Mutex<Conntrack>>, fast: Arc<FastPath>, stop: Arc<Atomi
                     again = changed;
                     let n = sweep(&mut ct.lock().unwrap_or_else(|e| e.into_inner()), &now);
                     if n > 0 {
-                        tracing::info!(flows = n, "XDP conntrack: dropped flows of removed endpoints");
+                        tracing::info!(
+                            flows = n,
+                            "XDP conntrack: dropped flows of removed endpoints"
+                        );
                     }
                 }
                 last = Some(now);
