@@ -241,7 +241,8 @@ fn xdp_attached(s: &Scenario, dev: &str) -> bool {
         .args(["-n", s.topo.node.name(), "link", "show", dev])
         .output()
         .expect("ip link");
-    String::from_utf8_lossy(&out.stdout).contains("xdp")
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.contains("prog/xdp")
 }
 
 #[test]
@@ -333,7 +334,9 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     // skiff exits cleanly and takes its programs with it.
     sigterm_and_wait(s.skiff.take().expect("skiff"));
     for dev in s.topo.node_devs() {
-        assert!(!xdp_attached(&s, &dev), "XDP program left on {dev}");
+        eventually(&format!("the XDP program to leave {dev}"), || {
+            !xdp_attached(&s, &dev)
+        });
     }
     let out = fastpeer_output(&s.topo.client, None, &["spread", &vip(), "--n", "1"]);
     assert!(
@@ -362,12 +365,8 @@ mod fuzz {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 8080),
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 3, 2), 8080),
     ];
-    pub const EP6: SocketAddrV6 = SocketAddrV6::new(
-        Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2),
-        8080,
-        0,
-        0,
-    );
+    pub const EP6: SocketAddrV6 =
+        SocketAddrV6::new(Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2), 8080, 0, 0);
 
     /// xorshift64*: a fixed seed makes every run the same frames.
     pub struct Rng(u64);
@@ -404,11 +403,7 @@ mod fuzz {
     /// EPS4, one IPv6 TCP service (VIP6:80) over EP6, in generation 0; loads `skiff_xdp`.
     pub fn load() -> Ebpf {
         let mut ebpf = Ebpf::load(&object()).expect("load skiff-bpf");
-        let mut cfg = ConfigValue::new(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
-            None,
-            0x539,
-        );
+        let mut cfg = ConfigValue::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001), None, 0x539);
         cfg.fast_path = 1;
         cfg.fast_gen = 0;
         let mut config: Array<_, ConfigValue> =
@@ -494,7 +489,15 @@ mod fuzz {
     }
 
     /// Ethernet + IPv4 + TCP/UDP frame with correct checksums (UDP checksum 0 if `udp_nocsum`).
-    pub fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: &[u8], udp_nocsum: bool) -> Vec<u8> {
+    pub fn v4(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+        udp_nocsum: bool,
+    ) -> Vec<u8> {
         let l4len = if proto == 6 { 20 } else { 8 } + payload.len();
         let mut f = vec![0u8; 14];
         f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -624,10 +627,17 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
             assert_eq!(out.len(), f.len());
             let dst: [u8; 4] = out[30..34].try_into().unwrap();
             let dport_out = u16::from_be_bytes([out[36], out[37]]);
-            assert!(eps.contains(&(dst, dport_out)), "DNAT to {dst:?}:{dport_out}");
+            assert!(
+                eps.contains(&(dst, dport_out)),
+                "DNAT to {dst:?}:{dport_out}"
+            );
             assert!(v4_checksums_ok(&out), "checksums after DNAT (frame {i})");
             if nocsum {
-                assert_eq!(out[40..42], [0, 0], "a UDP frame without checksum keeps none");
+                assert_eq!(
+                    out[40..42],
+                    [0, 0],
+                    "a UDP frame without checksum keeps none"
+                );
             }
             // Everything but the destination, its port and the checksums is unchanged.
             let csum_at = if proto == 6 { 34 + 16 } else { 34 + 6 };
@@ -648,7 +658,10 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
             assert!(verdict_ok(v));
             assert_eq!(back[26..30], vip4, "reply source is the VIP");
             assert_eq!(u16::from_be_bytes([back[34], back[35]]), dport);
-            assert!(v4_checksums_ok(&back), "checksums after reply SNAT (frame {i})");
+            assert!(
+                v4_checksums_ok(&back),
+                "checksums after reply SNAT (frame {i})"
+            );
             replies += 1;
         }
 
@@ -674,15 +687,31 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
         //    was translated to an endpoint (only address, port and checksum bytes differ).
         for i in 0..20000u32 {
             let base = match rng.below(4) {
-                0 => v4(client, vip4, 6, 40000 + (i % 2000) as u16, 80, &rng.bytes(16), false),
-                1 => v4(client, vip4, 17, 40000 + (i % 2000) as u16, 53, &rng.bytes(16), false),
+                0 => v4(
+                    client,
+                    vip4,
+                    6,
+                    40000 + (i % 2000) as u16,
+                    80,
+                    &rng.bytes(16),
+                    false,
+                ),
+                1 => v4(
+                    client,
+                    vip4,
+                    17,
+                    40000 + (i % 2000) as u16,
+                    53,
+                    &rng.bytes(16),
+                    false,
+                ),
                 2 => v6(client6, VIP6, 40000 + (i % 2000) as u16, 80, &rng.bytes(16)),
                 _ => {
                     let n = 14 + rng.below(120) as usize;
                     let mut f = rng.bytes(n);
                     if rng.below(2) == 0 {
-                        let t: [u8; 2] = [[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00]]
-                            [rng.below(3) as usize];
+                        let t: [u8; 2] =
+                            [[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00]][rng.below(3) as usize];
                         f[12..14].copy_from_slice(&t);
                     }
                     f
@@ -700,7 +729,9 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
                     }
                 }
                 // IHL anything (options, or below 5).
-                2 if f[12..14] == [0x08, 0x00] && f.len() > 14 => f[14] = 0x40 | rng.below(16) as u8,
+                2 if f[12..14] == [0x08, 0x00] && f.len() > 14 => {
+                    f[14] = 0x40 | rng.below(16) as u8
+                }
                 // Fragments: more-fragments or an offset.
                 3 if f[12..14] == [0x08, 0x00] && f.len() > 20 => {
                     f[20] |= [0x20, 0x01, 0x1f][rng.below(3) as usize];
@@ -744,7 +775,8 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
                 );
             } else {
                 assert!(
-                    out[l3 + 24..l3 + 40] == EP6.ip().octets() || out[l3 + 8..l3 + 24] == VIP6.octets(),
+                    out[l3 + 24..l3 + 40] == EP6.ip().octets()
+                        || out[l3 + 8..l3 + 24] == VIP6.octets(),
                     "fuzz frame {i}: IPv6 rewrite to an unknown address"
                 );
             }
@@ -753,5 +785,8 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
         (translated, replies, untouched)
     });
     let (translated, replies, untouched) = summary;
-    assert!(translated > 600 && replies == 500 && untouched > 1000, "{summary:?}");
+    assert!(
+        translated > 600 && replies == 500 && untouched > 1000,
+        "{summary:?}"
+    );
 }

@@ -552,7 +552,11 @@ fn rewrite<const L3: usize, const L4: usize>(
     let mut l4c = ld16(l4csum);
     // IPv4 UDP without a checksum stays without one.
     let l4_on = !(udp && l4c == 0);
-    let port_at = if src { at(ctx, L4, 2)? } else { at(ctx, L4 + 2, 2)? };
+    let port_at = if src {
+        at(ctx, L4, 2)?
+    } else {
+        at(ctx, L4 + 2, 2)?
+    };
     if l4_on {
         l4c = csum_replace2(l4c, ld16(port_at), nat.port_be);
     }
