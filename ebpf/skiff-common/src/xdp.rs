@@ -35,6 +35,23 @@ pub struct XdpFlowKey {
 const _: () = assert!(core::mem::size_of::<XdpFlowKey>() == 40);
 const _: () = assert!(core::mem::align_of::<XdpFlowKey>() == 4);
 
+impl XdpFlowKey {
+    /// The key of the replies of this client -> VIP flow once it goes to `ep`: endpoint ->
+    /// client (the kernel inserts it, userspace deletes it with the forward entry).
+    #[inline(always)]
+    pub fn reply_of(&self, ep: &XdpNat) -> XdpFlowKey {
+        XdpFlowKey {
+            src_be: ep.addr_be,
+            dst_be: self.src_be,
+            sport_be: ep.port_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// Value of the conntrack maps: the address and port a packet of the flow is rewritten to
 /// (forward: the endpoint's destination; reverse: the VIP as source).
 #[repr(C)]
@@ -377,6 +394,29 @@ mod tests {
             ..c
         };
         assert_eq!(xdp_pick_slot(&empty, 5, &f), None);
+    }
+
+    #[test]
+    fn reply_key_swaps_the_endpoint_and_the_client() {
+        let fwd = XdpFlowKey {
+            src_be: [1, 0, 0, 0],
+            dst_be: [9, 0, 0, 0],
+            sport_be: 1000,
+            dport_be: 80,
+            proto: 6,
+            family: AF_INET as u8,
+            _pad: [0; 2],
+        };
+        let ep = XdpNat {
+            addr_be: [5, 0, 0, 0],
+            port_be: 8080,
+            family: AF_INET as u8,
+            _pad: 0,
+        };
+        let r = fwd.reply_of(&ep);
+        assert_eq!((r.src_be, r.sport_be), ([5, 0, 0, 0], 8080));
+        assert_eq!((r.dst_be, r.dport_be), ([1, 0, 0, 0], 1000));
+        assert_eq!((r.proto, r.family), (6, AF_INET as u8));
     }
 
     #[test]

@@ -415,15 +415,7 @@ fn forward(pkt: &Pkt, cluster_idx: u32) -> Result<XdpNat, u32> {
                 family: ep.family,
                 _pad: 0,
             };
-            let rkey = XdpFlowKey {
-                src_be: ep.addr_be,
-                dst_be: pkt.src,
-                sport_be: ep.port_be,
-                dport_be: pkt.sport,
-                proto: pkt.proto,
-                family: pkt.family as u8,
-                _pad: [0; 2],
-            };
+            let rkey = key.reply_of(&nat);
             let back = XdpNat {
                 addr_be: pkt.dst,
                 port_be: pkt.dport,

@@ -324,15 +324,7 @@ fn sweep(ct: &mut Conntrack, served: &BTreeSet<SocketAddr>) -> usize {
         .collect();
     for (key, nat) in &gone {
         let _ = ct.forward.remove(key);
-        let rkey = XdpFlowKey {
-            src_be: nat.addr_be,
-            dst_be: key.src_be,
-            sport_be: nat.port_be,
-            dport_be: key.sport_be,
-            proto: key.proto,
-            family: key.family,
-            _pad: [0; 2],
-        };
+        let rkey = key.reply_of(nat);
         let _ = ct.reverse.remove(&rkey);
     }
     gone.len()
@@ -365,5 +357,37 @@ fn spawn_sweeper(ct: Arc<Mutex<Conntrack>>, fast: Arc<FastPath>, stop: Arc<Atomi
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "could not start the XDP conntrack sweeper");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_counters_sum_and_vips_name_their_protocol() {
+        let a = XdpCounters {
+            packets: 1,
+            bytes: 60,
+            flows: 1,
+            no_endpoint: 0,
+            reply_packets: 2,
+            reply_bytes: 120,
+        };
+        let s = sum([a, a].iter());
+        assert_eq!(
+            (s.packets, s.bytes, s.flows, s.reply_packets),
+            (2, 120, 2, 4)
+        );
+        let vip = XdpVipKey::v4(u32::from_ne_bytes([10, 96, 0, 1]), 80u16.to_be(), 17);
+        assert_eq!(vip_name(&vip).as_deref(), Some("udp:10.96.0.1:80"));
+    }
+
+    #[test]
+    fn an_unknown_interface_is_a_config_error() {
+        assert!(matches!(
+            ifindex("skiff-no-such-if"),
+            Err(BpfError::Config(_))
+        ));
     }
 }

@@ -169,6 +169,27 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     skiff.check_alive(&log)?;
     let xdp = measure(&topo, &xtask, &opts)?;
+    let counters = topo
+        .node
+        .cmd(opts.skiff)
+        .arg("maps")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let xdp_counters: Vec<String> = counters
+        .lines()
+        .filter(|l| {
+            [
+                "name=redirect ",
+                "name=pass_translated ",
+                "name=ct_new ",
+                "name=reply ",
+            ]
+            .iter()
+            .any(|n| l.contains(n))
+        })
+        .map(|l| l.trim().to_string())
+        .collect();
     let mode = std::fs::read_to_string(&log)
         .unwrap_or_default()
         .lines()
@@ -195,6 +216,10 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
             name, r.pps, r.sent_pps, r.softirq_ns_per_pkt, r.cps, r.cx_errors
         );
     }
+    println!(
+        "skiff XDP counters after its run: {}",
+        xdp_counters.join("; ")
+    );
     if kernel.pps > 0.0 && kernel.cps > 0.0 {
         println!(
             "ratio xdp/kernel: packets {:.2}x, connections {:.2}x",
@@ -282,13 +307,18 @@ fn softirq_ns() -> f64 {
     ticks * 1e9 / hz
 }
 
-/// Packets the backend's veth received.
+/// Packets the backend's veth received (`/proc/net/dev` is the reader's netns; sysfs is not).
 fn rx_packets(ns: &Netns) -> u64 {
-    ns.cmd("cat")
-        .arg("/sys/class/net/xb0/statistics/rx_packets")
+    let out = ns
+        .cmd("cat")
+        .arg("/proc/net/dev")
         .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("xb0:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
