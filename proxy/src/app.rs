@@ -102,6 +102,7 @@ impl CaptureControl for CaptureHandle {
                 ("fast_path.terminated_sockets".to_string(), g.terminated),
             ]);
         }
+        out.extend(self.capture.xdp_stats());
         out
     }
     fn add_pod(
@@ -137,11 +138,17 @@ impl CaptureControl for CaptureHandle {
     }
     fn maps(&self) -> serde_json::Value {
         let view = self.capture.fast_path_view();
-        crate::bpf::explain::maps_json(
+        let mut out = crate::bpf::explain::maps_json(
             view.as_ref(),
             &self.capture.service_stats(),
             &self.capture.endpoint_stats(),
-        )
+        );
+        if let (Some(serde_json::Value::Object(x)), Some(o)) =
+            (self.capture.xdp_maps(), out.as_object_mut())
+        {
+            o.extend(x);
+        }
+        out
     }
 }
 

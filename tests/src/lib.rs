@@ -38,6 +38,7 @@ mod envoy;
 pub mod fastpath;
 pub mod pods;
 pub mod tls;
+pub mod xdp;
 pub use envoy::{Envoy, envoy_ads_bootstrap, envoy_binary};
 mod http;
 pub use http::{

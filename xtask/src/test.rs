@@ -63,6 +63,8 @@ pub fn run() -> anyhow::Result<()> {
         "--test",
         "root_sockmap",
         "--test",
+        "root_xdp",
+        "--test",
         "root_iptables",
         "--test",
         "root_inbound",

@@ -18,6 +18,7 @@ extern crate std;
 pub mod events;
 pub mod inbound;
 pub mod sockmap;
+pub mod xdp;
 
 /// `AF_INET`, host order, as found in `user_family` / `family` context fields.
 pub const AF_INET: u32 = 2;

@@ -17,6 +17,8 @@
 //!   proxy's inbound listener (its maps live beside it).
 //! - `events.rs`: the ring buffer connect4/6 report fast-path connects and fail-open /
 //!   fail-closed decisions into, rate-limited per CPU (its maps live beside it).
+//! - `xdp.rs` (`--xdp IFACE`): node-ingress L4 load balancer for the fast path's services
+//!   (DNAT to an endpoint, conntrack, reply SNAT, FIB redirect); its maps live beside it.
 //! - `maps.rs`: every other map; `ctx.rs`: context byte-order quirks.
 //!
 //! Every hook fails open: on an internal error the syscall proceeds unchanged and a per-CPU
@@ -45,6 +47,8 @@ mod sk_lookup;
 mod sock_ops;
 #[cfg(target_arch = "bpf")]
 mod sockmap;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 /// The host build of this bin is empty: it only exists so `cargo build --workspace` works.
 #[cfg(not(target_arch = "bpf"))]

@@ -40,6 +40,9 @@ pub(super) static OBJECT: &[u8] =
 // Program names (the eBPF function names) and their hooks, as errors report them.
 #[path = "sockmap.rs"]
 mod sockmap;
+#[path = "xdp.rs"]
+mod xdp;
+pub use xdp::XdpInterface;
 
 const CONNECT4: (&str, &str) = ("skiff_connect4", "cgroup/connect4");
 const CONNECT6: (&str, &str) = ("skiff_connect6", "cgroup/connect6");
@@ -76,6 +79,8 @@ pub struct Capture {
     links: Vec<Link>,
     /// `--sockmap`: socket-to-socket acceleration, when enabled.
     sockmap: Option<sockmap::Sockmap>,
+    /// `--xdp`: the node-ingress load balancer, when enabled.
+    xdp: Option<xdp::XdpBalancer>,
     ready: ReadyGate,
     meshed: Arc<Meshed>,
     counters: Counters,
@@ -248,6 +253,19 @@ impl Capture {
                 proxy,
             )?)
         };
+        let xdp = match (&fast, cfg.xdp_interfaces.is_empty()) {
+            (_, true) => None,
+            (Some(fast), false) => Some(xdp::XdpBalancer::install(
+                &mut ebpf,
+                &cfg.xdp_interfaces,
+                fast.clone(),
+            )?),
+            (None, false) => {
+                return Err(BpfError::Config(
+                    "--xdp balances the fast path's services: it needs --fast-path".to_owned(),
+                ));
+            }
+        };
         tracing::info!(
             mode = if cfg.mode.is_node() { "node" } else { "sidecar" },
             cgroup = %capture_cgroup.display(),
@@ -264,6 +282,7 @@ impl Capture {
         Ok(Capture {
             links,
             sockmap,
+            xdp,
             ready: ReadyGate::new(config),
             meshed,
             counters,
@@ -413,6 +432,24 @@ impl Capture {
             .unwrap_or_default()
     }
 
+    /// `--xdp`: the interfaces the load balancer is attached to, with their mode.
+    pub fn xdp_interfaces(&self) -> &[XdpInterface] {
+        self.xdp.as_ref().map_or(&[], |x| x.interfaces())
+    }
+
+    /// `--xdp`: `/stats` lines (`xdp.*`, without the `skiff.` prefix); empty when off.
+    pub fn xdp_stats(&self) -> Vec<(String, u64)> {
+        self.xdp
+            .as_ref()
+            .map(|x| x.stat_lines())
+            .unwrap_or_default()
+    }
+
+    /// `--xdp`: interfaces, conntrack and counters for `/debug/maps` (`None` when off).
+    pub fn xdp_maps(&self) -> Option<serde_json::Value> {
+        self.xdp.as_ref().map(|x| x.maps_json())
+    }
+
     /// The cgroup connect4/6 and sock_ops are attached to.
     pub fn capture_cgroup(&self) -> &Path {
         &self.capture_cgroup
@@ -460,6 +497,7 @@ impl Drop for Capture {
         // normal exit leaves nothing behind: with the pins gone, closing the links' fds
         // detaches the programs.
         self.sockmap = None;
+        self.xdp = None;
         if let Some(p) = self.pins.take() {
             p.remove();
         }

@@ -64,7 +64,7 @@ use std::{
 
 pub use cgroup::{cgroup_id, cgroup2_mount};
 pub use fastpath::{FastPathGauges, FastPathView};
-pub use loader::Capture;
+pub use loader::{Capture, XdpInterface};
 pub use owner::{ApplyError, Owner};
 pub use reconciler::{ApplyReport, Capacity, ScopeId};
 pub use skiff_common::NODE_SCOPE;
@@ -103,6 +103,9 @@ pub struct CaptureConfig {
     /// `--sockmap`: local socket pairs on these service ports move their payload
     /// socket-to-socket (sk_msg); empty: off.
     pub sockmap_ports: Vec<u16>,
+    /// `--xdp`: interfaces the XDP node-ingress load balancer runs on (needs `fast_path`);
+    /// empty: off.
+    pub xdp_interfaces: Vec<String>,
     /// Where the links and kept maps are pinned (see [`pin`]).
     pub pinning: Pinning,
     /// Kernel events: rate limit, ring size and the kernel access log (see [`events`]).
@@ -155,6 +158,7 @@ impl CaptureConfig {
             fast_path: None,
             terminate_on_removal: false,
             sockmap_ports: Vec::new(),
+            xdp_interfaces: Vec::new(),
             pinning: Pinning::Default,
             events: events::EventsConfig::default(),
         }

@@ -361,6 +361,11 @@ pub struct RunArgs {
     /// Service ports whose local pairs `--sockmap` accelerates, comma separated.
     #[arg(long, value_delimiter = ',', requires = "sockmap")]
     pub sockmap_ports: Vec<u16>,
+    /// XDP node-ingress load balancer on this interface (repeatable): packets for the fast
+    /// path's services are DNATed to an endpoint at the driver (native mode where the driver
+    /// supports it, else generic).
+    #[arg(long = "xdp", value_name = "IFACE", requires = "fast_path")]
+    pub xdp: Vec<String>,
     /// Ports never captured (Istio's excludeOutboundPorts), comma separated.
     #[arg(long, value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,

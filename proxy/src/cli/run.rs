@@ -153,6 +153,7 @@ pub fn check_flags(a: &RunArgs, kind: CaptureKind) -> Result<(), OptionsError> {
             (a.fast_path, "--fast-path"),
             (a.terminate_on_removal, "--terminate-on-removal"),
             (a.sockmap, "--sockmap"),
+            (!a.xdp.is_empty(), "--xdp"),
         ] {
             if on {
                 return Err(OptionsError::NeedsEbpf { flag, capture });
@@ -262,6 +263,7 @@ pub fn build(
             } else {
                 Vec::new()
             },
+            xdp_interfaces: a.xdp,
             pinning: match (a.no_pin, a.pin_dir) {
                 (true, _) => crate::bpf::Pinning::Off,
                 (false, Some(dir)) => crate::bpf::Pinning::Dir(dir),

@@ -15,6 +15,7 @@ mod procstat;
 mod profile;
 mod report;
 mod tools;
+mod xdp;
 mod xds_scale;
 
 use std::net::SocketAddr;
@@ -74,6 +75,10 @@ pub struct BenchArgs {
     /// connections/s (one handshake each), CPU per handshake, single-stream throughput.
     #[arg(long)]
     pub mtls: bool,
+    /// XDP node-ingress balancing instead of the data-path cases: packets/s and connections/s
+    /// to a VIP through a node netns, skiff `--xdp` vs iptables DNAT (see bench/xdp.rs).
+    #[arg(long)]
+    pub xdp: bool,
     /// Keep-alive connections of the HTTP cases.
     #[arg(long, default_value_t = 16)]
     pub http_connections: usize,
@@ -419,6 +424,9 @@ fn build_skiff(root: &Path) -> anyhow::Result<PathBuf> {
 
 /// Run the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.helper.first().is_some_and(|h| h.starts_with("xdp-")) {
+        return xdp::helper(&args.helper);
+    }
     if !args.helper.is_empty() {
         return load::helper(&args.helper);
     }
@@ -458,6 +466,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             paths: args.paths.clone(),
             profile: args.profile.clone(),
             quick: args.quick,
+        });
+    }
+    if args.xdp {
+        env::install_interrupt_handler();
+        let skiff = match &args.skiff_bin {
+            Some(p) => p.clone(),
+            None => build_skiff(&crate::util::workspace_root())?,
+        };
+        return xdp::standalone(xdp::Options {
+            skiff: &skiff,
+            secs: args.secs.unwrap_or(if args.quick { 2.0 } else { 10.0 }),
+            threads: args.conn_threads,
         });
     }
     if args.mtls {

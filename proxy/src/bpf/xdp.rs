@@ -1,0 +1,393 @@
+//! `--xdp IFACE`: the userspace half of the XDP node-ingress load balancer (see the kernel's
+//! `xdp.rs`). A submodule of the loader: it shares the loaded object, so the XDP program reads
+//! the very fast-path maps the owner/reconciler writes (node scope, same generation flip); no
+//! second projection exists.
+//!
+//! Each interface gets the program in native (driver) mode when the driver supports it, else
+//! in generic (SKB) mode; the mode is logged and shown by `skiff maps`. Every interface is
+//! also a redirect target (`SKIFF_XDP_TX`). A sweeper thread deletes the conntrack entries of
+//! endpoints the fast path no longer serves, so only their flows move to other endpoints.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aya::Ebpf;
+use aya::maps::{DevMapHash, HashMap as LruHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
+use serde_json::{Value, json};
+use skiff_common::EndpointKey;
+use skiff_common::xdp::{XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, stat};
+
+use super::{BpfError, FastPath};
+use crate::bpf::{map_err, take};
+
+/// The program, as the loader and errors name it.
+pub(super) const XDP: (&str, &str) = ("skiff_xdp", "xdp");
+const MAP_CT: &str = "SKIFF_XDP_CT";
+const MAP_RCT: &str = "SKIFF_XDP_RCT";
+const MAP_TX: &str = "SKIFF_XDP_TX";
+const MAP_VST: &str = "SKIFF_XDP_VST";
+const MAP_EST: &str = "SKIFF_XDP_EST";
+const MAP_ST: &str = "SKIFF_XDP_ST";
+/// How often the sweeper compares conntrack with the endpoints the fast path serves.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+/// One interface the program is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpInterface {
+    /// Interface name.
+    pub name: String,
+    /// Its index.
+    pub ifindex: u32,
+    /// `native` (driver) or `generic` (SKB).
+    pub mode: &'static str,
+}
+
+/// Conntrack maps, shared with the sweeper thread.
+struct Conntrack {
+    forward: LruHashMap<MapData, XdpFlowKey, XdpNat>,
+    reverse: LruHashMap<MapData, XdpFlowKey, XdpNat>,
+}
+
+/// Installed XDP balancer: the program on its interfaces, its maps, the sweeper. Dropping it
+/// stops the sweeper; the links go with the loaded object (the loader drops it).
+pub(super) struct XdpBalancer {
+    interfaces: Vec<XdpInterface>,
+    ct: Arc<Mutex<Conntrack>>,
+    vip_stats: PerCpuHashMap<MapData, XdpVipKey, XdpCounters>,
+    ep_stats: PerCpuHashMap<MapData, EndpointKey, XdpCounters>,
+    stats: PerCpuArray<MapData, u64>,
+    _tx: DevMapHash<MapData>,
+    _links: Vec<XdpLinkId>,
+    stop: Arc<AtomicBool>,
+}
+
+impl XdpBalancer {
+    /// Loads `skiff_xdp`, attaches it to each of `ifaces` (native, else generic mode), makes
+    /// them redirect targets and starts the conntrack sweeper over `fast`.
+    pub(super) fn install(
+        ebpf: &mut Ebpf,
+        ifaces: &[String],
+        fast: Arc<FastPath>,
+    ) -> Result<XdpBalancer, BpfError> {
+        let ct = Conntrack {
+            forward: take(ebpf, MAP_CT)?,
+            reverse: take(ebpf, MAP_RCT)?,
+        };
+        let mut tx: DevMapHash<MapData> = take(ebpf, MAP_TX)?;
+        let vip_stats = take(ebpf, MAP_VST)?;
+        let ep_stats = take(ebpf, MAP_EST)?;
+        let stats = take(ebpf, MAP_ST)?;
+
+        let prog: &mut Xdp = crate::bpf::program(ebpf, XDP)?;
+        prog.load().map_err(|source| BpfError::load(XDP, source))?;
+        let mut interfaces = Vec::with_capacity(ifaces.len());
+        let mut links = Vec::with_capacity(ifaces.len());
+        for name in ifaces {
+            let path = std::path::Path::new(name);
+            let (link, mode) = match prog.attach(name, XdpMode::Driver) {
+                Ok(id) => (id, "native"),
+                Err(native) => {
+                    tracing::info!(
+                        interface = %name,
+                        error = %native,
+                        "native XDP unavailable; attaching in generic (SKB) mode"
+                    );
+                    let id = prog
+                        .attach(name, XdpMode::Skb)
+                        .map_err(|source| BpfError::attach(XDP, path, source))?;
+                    (id, "generic")
+                }
+            };
+            let ifindex = ifindex(name)?;
+            tx.insert(ifindex, ifindex, None, 0)
+                .map_err(|source| BpfError::Map {
+                    map: MAP_TX,
+                    op: format!("insert {name}"),
+                    source: Box::new(match source {
+                        aya::maps::xdp::XdpMapError::MapError(e) => e,
+                        other => aya::maps::MapError::InvalidName {
+                            name: other.to_string(),
+                        },
+                    }),
+                })?;
+            tracing::info!(interface = %name, ifindex, mode, "XDP load balancer attached");
+            interfaces.push(XdpInterface {
+                name: name.clone(),
+                ifindex,
+                mode,
+            });
+            links.push(link);
+        }
+        let ct = Arc::new(Mutex::new(ct));
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_sweeper(ct.clone(), fast, stop.clone());
+        Ok(XdpBalancer {
+            interfaces,
+            ct,
+            vip_stats,
+            ep_stats,
+            stats,
+            _tx: tx,
+            _links: links,
+            stop,
+        })
+    }
+
+    /// The interfaces and their modes.
+    pub(super) fn interfaces(&self) -> &[XdpInterface] {
+        &self.interfaces
+    }
+
+    /// Global counters summed over CPUs, as `(name, value)`.
+    pub(super) fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
+        let mut out = Vec::with_capacity(stat::COUNT as usize);
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            let per_cpu = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| map_err(MAP_ST, format!("get {i}"), source))?;
+            out.push((*name, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Per-VIP counters summed over CPUs, sorted by VIP (`"tcp:10.96.0.1:80"`).
+    pub(super) fn vip_stats(&self) -> Vec<(String, XdpCounters)> {
+        let mut out: Vec<(String, XdpCounters)> = self
+            .vip_stats
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| Some((vip_name(&k)?, sum(v.iter()))))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Per-endpoint counters summed over CPUs, sorted by endpoint.
+    pub(super) fn endpoint_stats(&self) -> Vec<(SocketAddr, XdpCounters)> {
+        let mut out: Vec<(SocketAddr, XdpCounters)> = self
+            .ep_stats
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| Some((k.addr()?, sum(v.iter()))))
+            .collect();
+        out.sort_by_key(|(a, _)| *a);
+        out
+    }
+
+    /// Tracked flows: (client, VIP, endpoint, protocol), sorted.
+    pub(super) fn conntrack(&self) -> Vec<(SocketAddr, SocketAddr, SocketAddr, u8)> {
+        let ct = self.ct.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = ct
+            .forward
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let (client, vip) = k.addrs()?;
+                Some((client, vip, v.addr()?, k.proto))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The `/debug/maps` part (`skiff maps`): interfaces, conntrack entries, counters.
+    pub(super) fn maps_json(&self) -> Value {
+        let ct = self.conntrack();
+        json!({
+            "xdp_interfaces": self.interfaces.iter().map(|i| json!({
+                "interface": i.name, "ifindex": i.ifindex, "mode": i.mode,
+            })).collect::<Vec<_>>(),
+            "xdp_conntrack_entries": ct.len(),
+            "xdp_conntrack": ct.iter().map(|(c, v, e, p)| json!({
+                "client": c.to_string(), "vip": v.to_string(), "endpoint": e.to_string(),
+                "proto": proto_name(*p),
+            })).collect::<Vec<_>>(),
+            "xdp_vips": self.vip_stats().iter().map(|(v, c)| counters_json("vip", v, c))
+                .collect::<Vec<_>>(),
+            "xdp_endpoints": self.endpoint_stats().iter()
+                .map(|(e, c)| counters_json("endpoint", &e.to_string(), c)).collect::<Vec<_>>(),
+            "xdp_counters": self.stats().unwrap_or_default().into_iter()
+                .map(|(k, v)| json!({ "name": k, "value": v })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `/stats` lines (without the `skiff.` prefix): `xdp.<name>`, `xdp.<vip>.<counter>`,
+    /// `xdp.endpoint.<ep>.<counter>`, `xdp.conntrack_entries`.
+    pub(super) fn stat_lines(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .stats()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (format!("xdp.{k}"), v))
+            .collect();
+        for (vip, c) in self.vip_stats() {
+            push_counters(&mut out, &format!("xdp.{vip}"), &c);
+        }
+        for (ep, c) in self.endpoint_stats() {
+            push_counters(&mut out, &format!("xdp.endpoint.{ep}"), &c);
+        }
+        let entries = self
+            .ct
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forward
+            .keys()
+            .count();
+        out.push(("xdp.conntrack_entries".to_string(), entries as u64));
+        out
+    }
+}
+
+impl Drop for XdpBalancer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn push_counters(out: &mut Vec<(String, u64)>, prefix: &str, c: &XdpCounters) {
+    out.extend([
+        (format!("{prefix}.packets"), c.packets),
+        (format!("{prefix}.bytes"), c.bytes),
+        (format!("{prefix}.flows"), c.flows),
+        (format!("{prefix}.no_endpoint"), c.no_endpoint),
+        (format!("{prefix}.reply_packets"), c.reply_packets),
+        (format!("{prefix}.reply_bytes"), c.reply_bytes),
+    ]);
+}
+
+fn counters_json(what: &str, name: &str, c: &XdpCounters) -> Value {
+    json!({
+        what: name, "packets": c.packets, "bytes": c.bytes, "flows": c.flows,
+        "no_endpoint": c.no_endpoint, "reply_packets": c.reply_packets,
+        "reply_bytes": c.reply_bytes,
+    })
+}
+
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a XdpCounters>) -> XdpCounters {
+    per_cpu.fold(XdpCounters::default(), |mut a, c| {
+        a.packets += c.packets;
+        a.bytes += c.bytes;
+        a.flows += c.flows;
+        a.no_endpoint += c.no_endpoint;
+        a.reply_packets += c.reply_packets;
+        a.reply_bytes += c.reply_bytes;
+        a
+    })
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match u32::from(p) {
+        skiff_common::IPPROTO_TCP => "tcp",
+        skiff_common::IPPROTO_UDP => "udp",
+        _ => "other",
+    }
+}
+
+/// `tcp:10.96.0.1:80` (the protocol first: a VIP may serve TCP and UDP on one port).
+fn vip_name(k: &XdpVipKey) -> Option<String> {
+    Some(format!("{}:{}", proto_name(k.proto), k.addr()?))
+}
+
+fn ifindex(name: &str) -> Result<u32, BpfError> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| BpfError::Config(format!("--xdp {name:?}: not an interface name")))?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(BpfError::Config(format!("--xdp {name}: no such interface"))),
+        i => Ok(i),
+    }
+}
+
+/// Every endpoint some scope of the applied fast path serves.
+fn served(fast: &FastPath) -> BTreeSet<SocketAddr> {
+    let view = fast.view();
+    std::iter::once(&view.image)
+        .chain(view.scopes.values())
+        .flat_map(|img| img.clusters.values())
+        .flat_map(|c| c.endpoints.iter().copied())
+        .collect()
+}
+
+/// Deletes the conntrack entries (both directions) whose endpoint is not in `served`; returns
+/// how many flows went.
+fn sweep(ct: &mut Conntrack, served: &BTreeSet<SocketAddr>) -> usize {
+    let gone: Vec<(XdpFlowKey, XdpNat)> = ct
+        .forward
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, nat)| nat.addr().is_some_and(|a| !served.contains(&a)))
+        .collect();
+    for (key, nat) in &gone {
+        let _ = ct.forward.remove(key);
+        let rkey = key.reply_of(nat);
+        let _ = ct.reverse.remove(&rkey);
+    }
+    gone.len()
+}
+
+fn spawn_sweeper(ct: Arc<Mutex<Conntrack>>, fast: Arc<FastPath>, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("skiff-xdp-ct".into())
+        .spawn(move || {
+            let mut last: Option<BTreeSet<SocketAddr>> = None;
+            let mut again = false;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(SWEEP_EVERY);
+                let now = served(&fast);
+                let changed = last.as_ref() != Some(&now);
+                // Sweep on every change and once more on the next round: a packet that read
+                // the old generation just before the flip may have tracked a flow since.
+                if changed || again {
+                    again = changed;
+                    let n = sweep(&mut ct.lock().unwrap_or_else(|e| e.into_inner()), &now);
+                    if n > 0 {
+                        tracing::info!(
+                            flows = n,
+                            "XDP conntrack: dropped flows of removed endpoints"
+                        );
+                    }
+                }
+                last = Some(now);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the XDP conntrack sweeper");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_counters_sum_and_vips_name_their_protocol() {
+        let a = XdpCounters {
+            packets: 1,
+            bytes: 60,
+            flows: 1,
+            no_endpoint: 0,
+            reply_packets: 2,
+            reply_bytes: 120,
+        };
+        let s = sum([a, a].iter());
+        assert_eq!(
+            (s.packets, s.bytes, s.flows, s.reply_packets),
+            (2, 120, 2, 4)
+        );
+        let vip = XdpVipKey::v4(u32::from_ne_bytes([10, 96, 0, 1]), 80u16.to_be(), 17);
+        assert_eq!(vip_name(&vip).as_deref(), Some("udp:10.96.0.1:80"));
+    }
+
+    #[test]
+    fn an_unknown_interface_is_a_config_error() {
+        assert!(matches!(
+            ifindex("skiff-no-such-if"),
+            Err(BpfError::Config(_))
+        ));
+    }
+}

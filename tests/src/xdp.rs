@@ -1,0 +1,162 @@
+//! Shared pieces of the XDP load balancer tests and bench: a routed topology of private
+//! network namespaces (client -> node -> backends, veth pairs, addresses only inside them) and
+//! the ethtool settings XDP on veth needs.
+
+use std::process::Command;
+
+use crate::{Netns, in_netns, run, veth_pair};
+
+/// The service VIP the client connects to. It exists nowhere: no interface has it and only
+/// the client's default route (through the node) leads towards it.
+pub const VIP: &str = "10.96.0.100";
+/// The client's address.
+pub const CLIENT_IP: &str = "10.0.1.2";
+/// The node's interface facing the client.
+pub const NODE_CLIENT_DEV: &str = "xnc";
+
+/// A backend netns behind the node: its address and the node's interface facing it.
+#[derive(Debug)]
+pub struct Backend {
+    /// The backend's netns.
+    pub ns: Netns,
+    /// Its address (`10.0.<n+2>.2`).
+    pub ip: String,
+    /// The node's interface towards it (`xnb<n>`).
+    pub node_dev: String,
+}
+
+/// client netns --veth-- node netns --veth-- backend netns (one per backend). The node
+/// forwards between its interfaces (ip_forward on, rp_filter off); the client and each backend
+/// route everything through the node. Dropping it deletes every netns (and with them the
+/// veth pairs and any XDP program on them).
+#[derive(Debug)]
+pub struct Topology {
+    /// The client's netns.
+    pub client: Netns,
+    /// The node's netns (where skiff and the XDP program run).
+    pub node: Netns,
+    /// The backends.
+    pub backends: Vec<Backend>,
+}
+
+impl Topology {
+    /// Builds the topology with `backends` backend netns; `name` prefixes the netns names.
+    pub fn new(name: &str, backends: usize) -> Topology {
+        let node = Netns::new(&format!("{name}-node"));
+        let client = Netns::new(&format!("{name}-cli"));
+        veth_pair(
+            &node,
+            NODE_CLIENT_DEV,
+            "10.0.1.1/24",
+            &client,
+            "xc0",
+            &format!("{CLIENT_IP}/24"),
+        );
+        ip(&client, &["route", "add", "default", "via", "10.0.1.1"]);
+        prepare_peer(&client, "xc0");
+        let mut bs = Vec::with_capacity(backends);
+        for n in 0..backends {
+            let ns = Netns::new(&format!("{name}-b{n}"));
+            let net = n + 2;
+            let node_dev = format!("xnb{n}");
+            let ip_addr = format!("10.0.{net}.2");
+            veth_pair(
+                &node,
+                &node_dev,
+                &format!("10.0.{net}.1/24"),
+                &ns,
+                "xb0",
+                &format!("{ip_addr}/24"),
+            );
+            ip(
+                &ns,
+                &["route", "add", "default", "via", &format!("10.0.{net}.1")],
+            );
+            prepare_peer(&ns, "xb0");
+            bs.push(Backend {
+                ns,
+                ip: ip_addr,
+                node_dev,
+            });
+        }
+        for key in [
+            "net/ipv4/ip_forward",
+            "net/ipv4/conf/all/rp_filter",
+            "net/ipv4/conf/default/rp_filter",
+        ] {
+            let value = if key.ends_with("ip_forward") {
+                "1"
+            } else {
+                "0"
+            };
+            let path = format!("/proc/sys/{key}");
+            in_netns(&node, move || {
+                std::fs::write(&path, value).unwrap_or_else(|e| panic!("write {path}: {e}"))
+            });
+        }
+        Topology {
+            client,
+            node,
+            backends: bs,
+        }
+    }
+
+    /// The node's interfaces: the client's first, then one per backend (the `--xdp` list).
+    pub fn node_devs(&self) -> Vec<String> {
+        std::iter::once(NODE_CLIENT_DEV.to_string())
+            .chain(self.backends.iter().map(|b| b.node_dev.clone()))
+            .collect()
+    }
+}
+
+fn ip(ns: &Netns, args: &[&str]) {
+    run(Command::new("ip").arg("-n").arg(ns.name()).args(args));
+}
+
+/// The far end of a veth the node redirects to: GRO on (a veth receives XDP_REDIRECTed frames
+/// only with NAPI, which GRO turns on) and TX checksum offload off (a local sender's
+/// CHECKSUM_PARTIAL frame carries only the pseudo-header sum, which XDP cannot tell from a
+/// full checksum; the node's incremental updates need full ones, as on a real wire).
+fn prepare_peer(ns: &Netns, dev: &'static str) {
+    in_netns(ns, move || {
+        ethtool_set(dev, ETHTOOL_SGRO, 1).expect("ethtool: GRO on");
+        ethtool_set(dev, ETHTOOL_STXCSUM, 0).expect("ethtool: tx checksum off");
+    });
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// One `ETHTOOL_S*` command with a `u32` value on `dev` in the calling thread's netns (no
+/// ethtool binary needed).
+fn ethtool_set(dev: &str, cmd: u32, value: u32) -> std::io::Result<()> {
+    let mut v = EthtoolValue { cmd, data: value };
+    // SAFETY: zeroed ifreq is valid; the name fits (checked) and stays NUL-terminated.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if dev.len() >= ifr.ifr_name.len() {
+        return Err(std::io::Error::other("interface name too long"));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut v).cast();
+    // SAFETY: a plain datagram socket for the ioctl.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `ifr` points at `v`, both live across the call.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut ifr) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}

@@ -1,0 +1,792 @@
+//! Root end-to-end tests of the XDP node-ingress load balancer (`skiff run --fast-path --xdp`).
+//!
+//! Topology (private netns only, built by `skiff_tests::xdp::Topology`): a client netns routes
+//! everything through a veth into the node netns, where skiff runs with the XDP program on
+//! every node interface; three backend netns hang off the node, each routed back through it.
+//! The VIP 10.96.0.100 exists nowhere: before skiff starts, nothing answers it. skiff's
+//! configuration comes from `skiff control-plane --dir` (EDS), so endpoints change while
+//! connections are open.
+//!
+//! - connections to the VIP reach the backends (DNAT at the node) and complete, so the
+//!   replies came back from the VIP (SNAT on the backend-facing interfaces);
+//! - new flows spread per Maglev over the endpoints (chi-square);
+//! - adding an endpoint leaves every tracked flow on its endpoint;
+//! - removing an endpoint drops only its flows from conntrack; the others stay put;
+//! - `/stats` and `skiff maps` show the interfaces, the mode, conntrack and counters.
+//!
+//! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
+//! --test root_xdp -- --test-threads=1` (as root, under the shared lock).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use skiff_tests::fastpath::{
+    CHI2_BOUND, XDS, chi_square, endpoints_file, fastpeer, fastpeer_output, per_backend,
+    spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
+};
+use skiff_tests::xdp::{Topology, VIP};
+use skiff_tests::{
+    Cgroup, Child, TempYaml, admin, admin_stat, ads_bootstrap, built_binary, command_in,
+    require_root, serial, sigterm_and_wait, wait_admin_ready,
+};
+
+/// The service: VIP:80 -> EDS cluster `svc`, MAGLEV on the client's address (the kernel
+/// builds the cluster's Maglev table only with a hash policy).
+const LISTENERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+  "name": "virtualOutbound",
+  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+  "use_original_dst": true,
+  "filter_chains": [{
+    "name": "svc",
+    "filter_chain_match": {"destination_port": 80,
+      "prefix_ranges": [{"address_prefix": "10.96.0.100", "prefix_len": 32}]},
+    "filters": [{"name": "envoy.filters.network.tcp_proxy",
+      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "svc", "cluster": "svc", "hash_policy": [{"source_ip": {}}]}}]}]}]}"#;
+
+const CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
+  "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+  "name": "svc", "type": "EDS", "lb_policy": "MAGLEV", "connect_timeout": "1s",
+  "eds_cluster_config": {"eds_config": {"ads": {}}}}]}"#;
+
+fn vip() -> String {
+    format!("{VIP}:80")
+}
+
+/// Everything one scenario runs; dropped in field order (processes before their netns).
+struct Scenario {
+    skiff: Option<Child>,
+    _control_plane: Child,
+    _servers: Vec<Child>,
+    _bootstrap: TempYaml,
+    dir: tempfile::TempDir,
+    _cg: Cgroup,
+    topo: Topology,
+    endpoints: Vec<String>,
+}
+
+impl Scenario {
+    fn set_endpoints(&self, version: u32, eps: &[&str]) {
+        write_atomic(
+            self.dir.path(),
+            "endpoints.json",
+            &endpoints_file(version, eps),
+        );
+        wait_kernel_endpoints(&self.topo.node, eps);
+    }
+
+    /// `n` sequential connects from the client; asserts all succeed; connects per endpoint.
+    fn spread(&self, n: usize) -> Vec<usize> {
+        let out = fastpeer_output(
+            &self.topo.client,
+            None,
+            &["spread", &vip(), "--n", &n.to_string()],
+        );
+        assert!(out.starts_with("ok "), "spread to {VIP}: {out}");
+        assert_eq!(
+            skiff_tests::field(&out, "peer"),
+            Some(vip().as_str()),
+            "{out}"
+        );
+        let eps: Vec<&str> = self.endpoints.iter().map(String::as_str).collect();
+        let counts = per_backend(&out, &eps);
+        assert_eq!(counts.iter().sum::<usize>(), n, "{out}");
+        counts
+    }
+
+    /// The forward conntrack from `/debug/maps`: client -> endpoint (TCP flows to the VIP).
+    fn conntrack(&self) -> BTreeMap<String, String> {
+        let (code, body) = admin(&self.topo.node, "GET", "/debug/maps").expect("admin answers");
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        v["xdp_conntrack"]
+            .as_array()
+            .expect("xdp_conntrack")
+            .iter()
+            .filter(|e| e["vip"] == vip().as_str())
+            .map(|e| {
+                (
+                    e["client"].as_str().unwrap().to_string(),
+                    e["endpoint"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn scenario(name: &str) -> Scenario {
+    let env = require_root();
+    let topo = Topology::new(name, 3);
+    let endpoints: Vec<String> = topo
+        .backends
+        .iter()
+        .map(|b| format!("{}:8080", b.ip))
+        .collect();
+    let servers: Vec<Child> = topo
+        .backends
+        .iter()
+        .zip(&endpoints)
+        .map(|(b, ep)| spawn_fastpeer(&b.ns, &["serve", ep]))
+        .collect();
+
+    // Before skiff: the VIP is nowhere, so nothing answers.
+    let out = fastpeer_output(&topo.client, None, &["spread", &vip(), "--n", "1"]);
+    assert!(out.starts_with("err "), "VIP answered before skiff: {out}");
+
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{}-", skiff_tests::test_name(name)))
+        .tempdir()
+        .expect("tempdir");
+    write_atomic(dir.path(), "listeners.json", LISTENERS);
+    write_atomic(dir.path(), "clusters.json", CLUSTERS);
+    let first: Vec<&str> = endpoints[..2].iter().map(String::as_str).collect();
+    write_atomic(dir.path(), "endpoints.json", &endpoints_file(1, &first));
+    let control_plane = Child::spawn(
+        command_in(Some(&topo.node), None, built_binary("skiff"))
+            .args(["control-plane", "--listen", XDS, "--poll-interval", "50ms"])
+            .arg("--dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "info"),
+    );
+    let bootstrap = TempYaml::new(
+        name,
+        &ads_bootstrap("GRPC", name, XDS.parse().unwrap(), 15000),
+    );
+    let mut cg = Cgroup::new(&env, name);
+    let mut flags: Vec<String> = Vec::new();
+    for dev in topo.node_devs() {
+        flags.push("--xdp".into());
+        flags.push(dev);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (skiff, _app) = spawn_fast_path(&topo.node, &mut cg, &bootstrap, &flags);
+    wait_kernel_endpoints(&topo.node, &first);
+    wait_admin_ready(&topo.node);
+    Scenario {
+        skiff: Some(skiff),
+        _control_plane: control_plane,
+        _servers: servers,
+        _bootstrap: bootstrap,
+        dir,
+        _cg: cg,
+        topo,
+        endpoints,
+    }
+}
+
+/// A client holding connections to the VIP; killed and reaped on drop.
+struct Holder {
+    child: std::process::Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+}
+
+impl Holder {
+    fn spawn(s: &Scenario, n: usize) -> (Holder, String) {
+        let mut child = command_in(Some(&s.topo.client), None, fastpeer())
+            .args(["hold", &vip(), "--n", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn holder");
+        let mut h = Holder {
+            stdin: child.stdin.take(),
+            out: BufReader::new(child.stdout.take().expect("holder stdout")),
+            child,
+        };
+        let held = h.line();
+        assert!(held.starts_with("held "), "holder: {held}");
+        (h, held)
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).expect("holder output");
+        l.trim().to_string()
+    }
+
+    fn check(&mut self) -> String {
+        let stdin = self.stdin.as_mut().expect("holder stdin");
+        writeln!(stdin, "check").expect("ask holder");
+        stdin.flush().expect("flush holder stdin");
+        self.line()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` for up to 5 s until it returns true.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn xdp_attached(s: &Scenario, dev: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", s.topo.node.name(), "link", "show", dev])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.contains("prog/xdp")
+}
+
+#[test]
+fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
+    let _g = serial();
+    let mut s = scenario("xdp-lb");
+    let [a, b, c] = [0, 1, 2].map(|i| s.endpoints[i].clone());
+    for dev in s.topo.node_devs() {
+        assert!(xdp_attached(&s, &dev), "no XDP program on {dev}");
+    }
+
+    // Spread over the first two endpoints per Maglev (equal weights: half each).
+    let n = 200;
+    let counts = s.spread(n);
+    assert_eq!(
+        counts[2], 0,
+        "the third endpoint is not configured yet: {counts:?}"
+    );
+    let chi = chi_square(&counts[..2], &[0.5, 0.5]);
+    assert!(chi < CHI2_BOUND, "spread {counts:?} chi2 {chi}");
+
+    // Counters: every connection is a new flow of the VIP; replies were translated back.
+    let flows = admin_stat(&s.topo.node, &format!("skiff.bpf.xdp.tcp:{}.flows", vip()));
+    assert!(flows >= n as u64, "flows {flows}");
+    let replies = admin_stat(
+        &s.topo.node,
+        &format!("skiff.bpf.xdp.tcp:{}.reply_packets", vip()),
+    );
+    assert!(replies >= 2 * n as u64, "reply packets {replies}");
+    let ep_flows: u64 = [&a, &b]
+        .iter()
+        .map(|e| admin_stat(&s.topo.node, &format!("skiff.bpf.xdp.endpoint.{e}.flows")))
+        .sum();
+    assert!(ep_flows >= n as u64, "endpoint flows {ep_flows}");
+    let maps = skiff_tests::fastpath::skiff_maps(&s.topo.node);
+    assert!(maps.contains("xdp_interfaces (4):"), "{maps}");
+    assert!(maps.contains("interface=xnc"), "{maps}");
+    assert!(
+        maps.contains("mode=native") || maps.contains("mode=generic"),
+        "{maps}"
+    );
+    assert!(maps.contains("xdp_conntrack_entries: "), "{maps}");
+
+    // Established flows keep their endpoint when an endpoint is added.
+    let (mut holder, held) = Holder::spawn(&s, 40);
+    let before = s.conntrack();
+    let by_ep = |ct: &BTreeMap<String, String>, ep: &str| ct.values().filter(|e| *e == ep).count();
+    assert!(by_ep(&before, &a) > 0 && by_ep(&before, &b) > 0, "{held}");
+    s.set_endpoints(2, &[&a, &b, &c]);
+    let after_add = s.conntrack();
+    for (client, ep) in &before {
+        assert_eq!(
+            after_add.get(client),
+            Some(ep),
+            "flow {client} moved after an endpoint was added"
+        );
+    }
+    let check = holder.check();
+    assert!(!check.contains("dead."), "held connections broke: {check}");
+    let counts = s.spread(300);
+    assert!(
+        counts.iter().all(|c| *c > 0),
+        "new flows reach all three: {counts:?}"
+    );
+
+    // Removing an endpoint moves only its flows: its conntrack entries go, the others stay.
+    let before_rm = s.conntrack();
+    s.set_endpoints(3, &[&b, &c]);
+    eventually("conntrack entries of the removed endpoint to go", || {
+        by_ep(&s.conntrack(), &a) == 0
+    });
+    let after_rm = s.conntrack();
+    for (client, ep) in &before_rm {
+        if *ep == a {
+            assert!(!after_rm.contains_key(client) || after_rm[client] != a);
+        } else {
+            assert_eq!(
+                after_rm.get(client),
+                Some(ep),
+                "flow {client} of {ep} moved"
+            );
+        }
+    }
+    let counts = s.spread(100);
+    assert_eq!(counts[0], 0, "removed endpoint still chosen: {counts:?}");
+    assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");
+    drop(holder);
+
+    // skiff exits cleanly and takes its programs with it.
+    sigterm_and_wait(s.skiff.take().expect("skiff"));
+    for dev in s.topo.node_devs() {
+        eventually(&format!("the XDP program to leave {dev}"), || {
+            !xdp_attached(&s, &dev)
+        });
+    }
+    let out = fastpeer_output(&s.topo.client, None, &["spread", &vip(), "--n", "1"]);
+    assert!(
+        out.starts_with("err "),
+        "VIP answered after skiff left: {out}"
+    );
+}
+
+// === Packet fuzz through BPF_PROG_TEST_RUN ===
+
+mod fuzz {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    use aya::Ebpf;
+    use aya::maps::{Array, HashMap};
+    use aya::programs::{TestRun, TestRunOptions, Xdp};
+    use skiff_common::{
+        ClusterValue, ConfigValue, EndpointValue, LB_ROUND_ROBIN, NO_CLUSTER, ServiceKeyV4,
+        ServiceKeyV6, ServiceValue,
+    };
+
+    const XDP_PASS: u32 = 2;
+    pub const VIP4: [u8; 4] = [10, 96, 0, 100];
+    pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x100);
+    pub const EPS4: [SocketAddrV4; 2] = [
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 8080),
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 3, 2), 8080),
+    ];
+    pub const EP6: SocketAddrV6 =
+        SocketAddrV6::new(Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 2), 8080, 0, 0);
+
+    /// xorshift64*: a fixed seed makes every run the same frames.
+    pub struct Rng(u64);
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed)
+        }
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// The skiff-bpf object the skiff binary embeds (`SKIFF_EBPF_OBJ` or the xtask output).
+    fn object() -> Vec<u8> {
+        let path = std::env::var_os("SKIFF_EBPF_OBJ")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/ebpf/bpfel-unknown-none/release/skiff-bpf")
+            });
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    /// Loads the object with one IPv4 TCP service (VIP4:80) and one UDP service (VIP4:53) over
+    /// EPS4, one IPv6 TCP service (VIP6:80) over EP6, in generation 0; loads `skiff_xdp`.
+    pub fn load() -> Ebpf {
+        let mut ebpf = Ebpf::load(&object()).expect("load skiff-bpf");
+        let mut cfg = ConfigValue::new(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001), None, 0x539);
+        cfg.fast_path = 1;
+        cfg.fast_gen = 0;
+        let mut config: Array<_, ConfigValue> =
+            Array::try_from(ebpf.map_mut("SKIFF_CONFIG").unwrap()).unwrap();
+        config.set(0, cfg, 0).unwrap();
+        let mut clusters: Array<_, ClusterValue> =
+            Array::try_from(ebpf.map_mut("SKIFF_CLUSTERS").unwrap()).unwrap();
+        let cluster = |slot_base, endpoint_count| ClusterValue {
+            slot_base,
+            endpoint_count,
+            total_weight: endpoint_count,
+            rr_stride: 1,
+            maglev_base: 0,
+            lb_policy: LB_ROUND_ROBIN,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        clusters.set(0, cluster(0, 2), 0).unwrap();
+        clusters.set(1, cluster(2, 1), 0).unwrap();
+        let mut eps: Array<_, EndpointValue> =
+            Array::try_from(ebpf.map_mut("SKIFF_ENDPOINTS").unwrap()).unwrap();
+        for (i, ep) in EPS4.iter().enumerate() {
+            let mut v = EndpointValue::new(SocketAddr::V4(*ep), 1);
+            v.weight_end = i as u32 + 1;
+            eps.set(i as u32, v, 0).unwrap();
+        }
+        let mut v6 = EndpointValue::new(SocketAddr::V6(EP6), 1);
+        v6.weight_end = 1;
+        eps.set(2, v6, 0).unwrap();
+        let svc = |idx| ServiceValue {
+            cluster_idx: [idx, NO_CLUSTER],
+            flags: 0,
+        };
+        let vip4 = |port| SocketAddrV4::new(Ipv4Addr::from(VIP4), port);
+        let mut s4: HashMap<_, ServiceKeyV4, ServiceValue> =
+            HashMap::try_from(ebpf.map_mut("SKIFF_SVC4_V2").unwrap()).unwrap();
+        s4.insert(ServiceKeyV4::tcp(vip4(80)), svc(0), 0).unwrap();
+        s4.insert(ServiceKeyV4::udp(vip4(53)), svc(0), 0).unwrap();
+        let mut s6: HashMap<_, ServiceKeyV6, ServiceValue> =
+            HashMap::try_from(ebpf.map_mut("SKIFF_SVC6_V2").unwrap()).unwrap();
+        s6.insert(
+            ServiceKeyV6::tcp(SocketAddrV6::new(VIP6, 80, 0, 0)),
+            svc(1),
+            0,
+        )
+        .unwrap();
+        let prog: &mut Xdp = ebpf.program_mut("skiff_xdp").unwrap().try_into().unwrap();
+        prog.load().expect("the verifier accepts skiff_xdp");
+        ebpf
+    }
+
+    /// One run: (verdict, output frame).
+    pub fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = ebpf.program("skiff_xdp").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| panic!("test run of {} bytes: {e}", frame.len()));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    pub fn verdict_ok(v: u32) -> bool {
+        v == XDP_PASS
+    }
+
+    /// One's-complement sum of `data` as big-endian words.
+    fn sum(data: &[u8]) -> u32 {
+        data.chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum()
+    }
+
+    fn fold(mut s: u32) -> u16 {
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    }
+
+    /// Ethernet + IPv4 + TCP/UDP frame with correct checksums (UDP checksum 0 if `udp_nocsum`).
+    pub fn v4(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+        udp_nocsum: bool,
+    ) -> Vec<u8> {
+        let l4len = if proto == 6 { 20 } else { 8 } + payload.len();
+        let mut f = vec![0u8; 14];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + l4len) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let c = !fold(sum(&ip));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        if proto == 6 {
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&(l4len as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(payload);
+        if !(proto == 17 && udp_nocsum) {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&src);
+            pseudo.extend_from_slice(&dst);
+            pseudo.extend_from_slice(&[0, proto]);
+            pseudo.extend_from_slice(&(l4len as u16).to_be_bytes());
+            let mut c = !fold(sum(&pseudo) + sum(&l4));
+            if proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            let at = if proto == 6 { 16 } else { 6 };
+            l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&l4);
+        f
+    }
+
+    /// Ethernet + IPv6 + TCP frame with a correct checksum.
+    pub fn v6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let l4len = 20 + payload.len();
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(l4len as u16).to_be_bytes());
+        f.extend_from_slice(&[6, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        l4.extend_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&(l4len as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+        let c = !fold(sum(&pseudo) + sum(&l4));
+        l4[16..18].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&l4);
+        f
+    }
+
+    /// Whether the IPv4 frame's header and L4 checksums verify (a UDP checksum of 0 counts as
+    /// valid: none).
+    pub fn v4_checksums_ok(f: &[u8]) -> bool {
+        let ip = &f[14..34];
+        if fold(sum(ip)) != 0xffff {
+            return false;
+        }
+        let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let proto = ip[9];
+        let l4 = &f[34..14 + tot];
+        if proto == 17 && l4[6..8] == [0, 0] {
+            return true;
+        }
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip[12..20]);
+        pseudo.extend_from_slice(&[0, proto]);
+        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        fold(sum(&pseudo) + sum(l4)) == 0xffff
+    }
+
+    /// Whether the IPv6 TCP frame's checksum verifies.
+    pub fn v6_checksum_ok(f: &[u8]) -> bool {
+        let l4 = &f[54..];
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&f[22..54]);
+        pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+        fold(sum(&pseudo) + sum(l4)) == 0xffff
+    }
+}
+
+#[test]
+fn packet_fuzz_passes_or_translates_every_frame_safely() {
+    use fuzz::*;
+    use std::net::Ipv6Addr;
+    let _g = serial();
+    let _env = require_root();
+    // An empty netns: the FIB finds no route, so a translated frame is handed to the stack
+    // (XDP_PASS) and comes back in the output buffer for inspection.
+    let ns = skiff_tests::Netns::new("xdp-fuzz");
+    let summary = skiff_tests::in_netns(&ns, || {
+        let ebpf = load();
+        let mut rng = Rng::new(0x5eed_0019);
+        let client = [192, 168, 7, 9];
+        let vip4 = VIP4;
+        let eps: Vec<([u8; 4], u16)> = EPS4.iter().map(|e| (e.ip().octets(), e.port())).collect();
+        let (mut translated, mut replies, mut untouched) = (0, 0, 0);
+
+        // 1. Well-formed flows to the VIP: DNAT to an endpoint with valid checksums, and the
+        //    endpoint's reply SNATed back to the VIP, also valid.
+        for i in 0..500u16 {
+            let sport = 20000 + i;
+            let n = rng.below(64) as usize;
+            let payload = rng.bytes(n);
+            let (proto, dport, nocsum) = match i % 3 {
+                0 | 1 => (6u8, 80u16, false),
+                _ => (17u8, 53u16, i % 6 == 2),
+            };
+            let f = v4(client, vip4, proto, sport, dport, &payload, nocsum);
+            let (v, out) = run(&ebpf, &f);
+            assert!(verdict_ok(v), "verdict {v} for a flow to the VIP");
+            assert_eq!(out.len(), f.len());
+            let dst: [u8; 4] = out[30..34].try_into().unwrap();
+            let dport_out = u16::from_be_bytes([out[36], out[37]]);
+            assert!(
+                eps.contains(&(dst, dport_out)),
+                "DNAT to {dst:?}:{dport_out}"
+            );
+            assert!(v4_checksums_ok(&out), "checksums after DNAT (frame {i})");
+            if nocsum {
+                assert_eq!(
+                    out[40..42],
+                    [0, 0],
+                    "a UDP frame without checksum keeps none"
+                );
+            }
+            // Everything but the destination, its port and the checksums is unchanged.
+            let csum_at = if proto == 6 { 34 + 16 } else { 34 + 6 };
+            for (j, (a, b)) in f.iter().zip(&out).enumerate() {
+                let allowed = (24..26).contains(&j)
+                    || (30..34).contains(&j)
+                    || (36..38).contains(&j)
+                    || (csum_at..csum_at + 2).contains(&j);
+                assert!(allowed || a == b, "byte {j} changed by DNAT");
+            }
+            translated += 1;
+            // The same flow again goes to the same endpoint (conntrack).
+            let (_, again) = run(&ebpf, &f);
+            assert_eq!(again[30..38], out[30..38], "flow {i} changed endpoint");
+            // The endpoint's reply comes back from the VIP.
+            let r = v4(dst, client, proto, dport_out, sport, &payload, nocsum);
+            let (v, back) = run(&ebpf, &r);
+            assert!(verdict_ok(v));
+            assert_eq!(back[26..30], vip4, "reply source is the VIP");
+            assert_eq!(u16::from_be_bytes([back[34], back[35]]), dport);
+            assert!(
+                v4_checksums_ok(&back),
+                "checksums after reply SNAT (frame {i})"
+            );
+            replies += 1;
+        }
+
+        // 2. IPv6 flows to the IPv6 VIP.
+        let client6 = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 9);
+        for i in 0..100u16 {
+            let n = rng.below(40) as usize;
+            let payload = rng.bytes(n);
+            let f = v6(client6, VIP6, 30000 + i, 80, &payload);
+            let (v, out) = run(&ebpf, &f);
+            assert!(verdict_ok(v));
+            assert_eq!(out[38..54], EP6.ip().octets(), "IPv6 DNAT");
+            assert_eq!(u16::from_be_bytes([out[56], out[57]]), EP6.port());
+            assert!(v6_checksum_ok(&out), "IPv6 checksum after DNAT");
+            let r = v6(*EP6.ip(), client6, EP6.port(), 30000 + i, &payload);
+            let (_, back) = run(&ebpf, &r);
+            assert_eq!(back[22..38], VIP6.octets(), "IPv6 reply from the VIP");
+            assert!(v6_checksum_ok(&back));
+            translated += 1;
+        }
+
+        // 3. Malformed and random frames: always XDP_PASS, same length; a frame that changed
+        //    was translated to an endpoint (only address, port and checksum bytes differ).
+        for i in 0..20000u32 {
+            let base = match rng.below(4) {
+                0 => v4(
+                    client,
+                    vip4,
+                    6,
+                    40000 + (i % 2000) as u16,
+                    80,
+                    &rng.bytes(16),
+                    false,
+                ),
+                1 => v4(
+                    client,
+                    vip4,
+                    17,
+                    40000 + (i % 2000) as u16,
+                    53,
+                    &rng.bytes(16),
+                    false,
+                ),
+                2 => v6(client6, VIP6, 40000 + (i % 2000) as u16, 80, &rng.bytes(16)),
+                _ => {
+                    let n = 14 + rng.below(120) as usize;
+                    let mut f = rng.bytes(n);
+                    if rng.below(2) == 0 {
+                        let t: [u8; 2] =
+                            [[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00]][rng.below(3) as usize];
+                        f[12..14].copy_from_slice(&t);
+                    }
+                    f
+                }
+            };
+            let mut f = base;
+            match rng.below(8) {
+                // Truncated anywhere past the Ethernet header.
+                0 => f.truncate(14 + rng.below((f.len() - 13) as u64) as usize),
+                // Random bytes flipped.
+                1 => {
+                    for _ in 0..1 + rng.below(4) {
+                        let j = rng.below(f.len() as u64) as usize;
+                        f[j] ^= 1 << rng.below(8);
+                    }
+                }
+                // IHL anything (options, or below 5).
+                2 if f[12..14] == [0x08, 0x00] && f.len() > 14 => {
+                    f[14] = 0x40 | rng.below(16) as u8
+                }
+                // Fragments: more-fragments or an offset.
+                3 if f[12..14] == [0x08, 0x00] && f.len() > 20 => {
+                    f[20] |= [0x20, 0x01, 0x1f][rng.below(3) as usize];
+                }
+                // Total / payload length anything.
+                4 if f[12..14] == [0x08, 0x00] && f.len() >= 18 => {
+                    let l = rng.next() as u16;
+                    f[16..18].copy_from_slice(&l.to_be_bytes());
+                }
+                4 if f[12..14] == [0x86, 0xdd] && f.len() >= 20 => {
+                    let l = rng.next() as u16;
+                    f[18..20].copy_from_slice(&l.to_be_bytes());
+                }
+                // A VLAN tag in front.
+                5 => {
+                    let inner = f[12..14].to_vec();
+                    f.splice(12..14, [0x81, 0x00, 0x00, 0x07, inner[0], inner[1]]);
+                }
+                _ => {}
+            }
+            let (v, out) = run(&ebpf, &f);
+            assert!(verdict_ok(v), "verdict {v} for fuzz frame {i}: {f:02x?}");
+            assert_eq!(out.len(), f.len(), "fuzz frame {i} changed length");
+            if out == f {
+                untouched += 1;
+                continue;
+            }
+            // Changed: it must be a translation of a TCP/UDP packet to an endpoint.
+            let l3 = if f[12..14] == [0x81, 0x00] { 18 } else { 14 };
+            let changed: Vec<usize> = (0..f.len()).filter(|&j| f[j] != out[j]).collect();
+            assert!(
+                changed.iter().all(|&j| j >= l3),
+                "fuzz frame {i}: Ethernet header changed ({changed:?})"
+            );
+            if out[l3 - 2..l3] == [0x08, 0x00] {
+                let dst: [u8; 4] = out[l3 + 16..l3 + 20].try_into().unwrap();
+                let src: [u8; 4] = out[l3 + 12..l3 + 16].try_into().unwrap();
+                assert!(
+                    eps.iter().any(|(a, _)| *a == dst) || src == vip4,
+                    "fuzz frame {i}: rewritten to {dst:?} from {src:?}"
+                );
+            } else {
+                assert!(
+                    out[l3 + 24..l3 + 40] == EP6.ip().octets()
+                        || out[l3 + 8..l3 + 24] == VIP6.octets(),
+                    "fuzz frame {i}: IPv6 rewrite to an unknown address"
+                );
+            }
+            translated += 1;
+        }
+        (translated, replies, untouched)
+    });
+    let (translated, replies, untouched) = summary;
+    assert!(
+        translated > 600 && replies == 500 && untouched > 1000,
+        "{summary:?}"
+    );
+}
