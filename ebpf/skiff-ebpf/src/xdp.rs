@@ -604,11 +604,11 @@ fn send<const L3: usize>(ctx: &XdpContext, pkt: &Pkt, dst: &[u32; 4]) -> Result<
     } else {
         let ip = at(ctx, L3, IPV6_HLEN)?;
         fib.__bindgen_anon_1.tot_len = u16::from_be(ld16(ip + 4)) + IPV6_HLEN as u16;
-        for i in 0..4 {
+        for (i, d) in dst.iter().enumerate() {
             // SAFETY: writes to a local union.
             unsafe {
                 fib.__bindgen_anon_3.ipv6_src[i] = ld32(ip + 8 + i * 4);
-                fib.__bindgen_anon_4.ipv6_dst[i] = dst[i];
+                fib.__bindgen_anon_4.ipv6_dst[i] = *d;
             }
         }
         ttl_at = ip + 7;
