@@ -666,7 +666,15 @@ fn start_listeners(
             })
             .with_context(|| format!("binding capture listener {addr}"))?;
         info!(%addr, "capture listener up");
-        tasks.extend(serve(workers, l, ListenerRole::Capture, stop, drain, false));
+        let role = ListenerRole::Capture;
+        tasks.extend(serve(
+            workers,
+            (l, addr),
+            role,
+            (stop, sockets),
+            drain,
+            false,
+        ));
     }
     // Inbound capture: skiff's own listener on the inbound port serves virtualInbound.
     // In node mode inbound capture belongs to the pods (`capture::pods`), not this netns.
@@ -708,7 +716,8 @@ fn start_listeners(
         let role = ListenerRole::Static {
             name: l.name.clone(),
         };
-        tasks.extend(serve(workers, socks, role, stop, drain, false));
+        let at = (socks, l.address);
+        tasks.extend(serve(workers, at, role, (stop, sockets), drain, false));
     }
     Ok(Listeners {
         inbound_port,
@@ -716,19 +725,26 @@ fn start_listeners(
     })
 }
 
-/// Accept on `socks` (one per worker) as listeners of `role` until `stop` or a
-/// `/drain_listeners` that covers them (`inbound`: the listener is inbound).
+/// Accept on `socks` (one per worker, listening on `addr`) as listeners of `role` until
+/// `stop` or a `/drain_listeners` that covers them (`inbound`: the listener is inbound).
+/// Then the handover registry lets go of its copies too, so the socket closes and new
+/// connects are refused rather than queued where no one accepts.
 fn serve(
     workers: &Workers,
-    socks: Vec<std::net::TcpListener>,
+    (socks, addr): (Vec<std::net::TcpListener>, SocketAddr),
     role: ListenerRole,
-    stop: &CancellationToken,
+    (stop, sockets): (&CancellationToken, &Sockets),
     drain: &admin::DrainSignal,
     inbound: bool,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     workers.serve(socks, &role, || {
         let stop = stop.clone();
-        drain.or_shutdown(inbound, async move { stop.cancelled().await })
+        let sockets = sockets.clone();
+        let stopped = drain.or_shutdown(inbound, async move { stop.cancelled().await });
+        async move {
+            stopped.await;
+            sockets.forget(addr);
+        }
     })
 }
 
@@ -965,8 +981,9 @@ fn start_inbound(
             listen_sockets(v4_addr, workers.len(), false)
         })
         .with_context(|| format!("binding inbound listener {v4_addr}"))?;
+    let v6_addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
     let v6 = if ib.ipv6 {
-        let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, ib.port));
+        let addr = v6_addr;
         // v6-only: the IPv4 listener serves IPv4 (sk_lookup assigns by family).
         Some(
             sockets
@@ -1004,10 +1021,10 @@ fn start_inbound(
     } else {
         None
     };
-    for l in std::iter::once(v4).chain(v6) {
-        info!(addr = ?l[0].local_addr().ok(), "inbound listener up");
+    for at in std::iter::once((v4, v4_addr)).chain(v6.map(|v| (v, v6_addr))) {
+        info!(addr = ?at.0[0].local_addr().ok(), "inbound listener up");
         let role = ListenerRole::Inbound { port: ib.port };
-        tasks.extend(serve(workers, l, role, stop, drain, true));
+        tasks.extend(serve(workers, at, role, (stop, sockets), drain, true));
     }
     if let Some(s) = steering.clone() {
         let stats = stats.clone();
@@ -1111,7 +1128,8 @@ async fn dynamic_listeners(
                     info!(listener = %n, %addr, "listener up");
                     let token = stop.child_token();
                     let role = ListenerRole::Static { name: n.clone() };
-                    let loops = serve(&workers, socks, role, &token, &drain, false);
+                    let at = (socks, addr);
+                    let loops = serve(&workers, at, role, (&token, &sockets), &drain, false);
                     running.insert(n.clone(), (addr, token, loops));
                 }
                 Err(e) => {

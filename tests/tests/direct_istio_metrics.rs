@@ -667,3 +667,61 @@ async fn istio_bootstrap_15090_serves_the_scrape_and_15021_goes_to_the_agent() {
     assert_eq!(code, 503);
     skiff.stop().await.unwrap();
 }
+
+/// `tcp_reporting_duration`: a connection that stays open reports its bytes every period, not
+/// only when it closes; the close adds the rest once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_connection_reports_its_bytes_every_tcp_reporting_duration() {
+    let echo = echo_backend("echo").await;
+    let (listen, admin_port) = (free_port(), free_port());
+    let yaml = format!(
+        r#"
+{}
+{}
+static_resources:
+  listeners:
+  - name: out-tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
+    traffic_direction: OUTBOUND
+    filter_chains:
+    - filters:
+      - name: istio.stats
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/stats.PluginConfig
+          value: {{ tcp_reporting_duration: 0.2s }}{}
+  clusters:{}
+"#,
+        node(
+            "sidecar~127.0.0.2~a-1.shop~shop.svc.cluster.local",
+            "a-v1",
+            "shop",
+            "a"
+        ),
+        admin(admin_port),
+        tcp_proxy(TCP_CLUSTER),
+        cluster(TCP_CLUSTER, echo, None, None),
+    );
+    let skiff = InProcessSkiff::start(run_options(
+        skiff::config::parse(&yaml, "<test>").expect("bootstrap"),
+    ));
+    wait_listening(&[admin_port]).await;
+    let mut s = TcpStream::connect(("127.0.0.1", listen)).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    // Still open (the echo answers only after EOF): the 4 bytes received show anyway.
+    let f = wait_counter(admin_port, "istio_tcp_received_bytes_total", &[], 4.0).await;
+    let closed = find(&f, "istio_tcp_connections_closed_total", &[]);
+    assert!(
+        closed.iter().all(|(_, v)| counter(v) == 0.0),
+        "the connection is still open: {closed:?}"
+    );
+    assert_eq!(one(&f, "istio_tcp_connections_opened_total", &[]).1, 1.0);
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"echo:ping");
+    let f = wait_counter(admin_port, "istio_tcp_connections_closed_total", &[], 1.0).await;
+    assert_eq!(one(&f, "istio_tcp_received_bytes_total", &[]).1, 4.0);
+    assert_eq!(one(&f, "istio_tcp_sent_bytes_total", &[]).1, 9.0);
+    skiff.stop().await.unwrap();
+}

@@ -15,6 +15,11 @@
 //! moved to a shared atomic counter (no clock read, no syscall per chunk), and the watchdog
 //! wakes every quarter of the idle timeout to see whether the counters moved. So an idle
 //! connection is closed between `idle` and `1.25 * idle` after its last byte.
+//!
+//! A [`Report`] (Istio's `tcp_reporting_duration`) is also kept beside the directions: every
+//! period it hands on the bytes moved since the last report, and once more when the copy ends
+//! however it ends, so a long-lived connection's bytes show while it lasts and no byte is
+//! counted twice or lost.
 
 use std::io;
 use std::net::Shutdown;
@@ -152,6 +157,62 @@ pub struct Transferred {
     pub rx: u64,
 }
 
+impl std::iter::Sum for Transferred {
+    fn sum<I: Iterator<Item = Transferred>>(iter: I) -> Transferred {
+        iter.fold(Transferred::default(), |a, t| Transferred {
+            tx: a.tx + t.tx,
+            rx: a.rx + t.rx,
+        })
+    }
+}
+
+impl std::ops::Sub for Transferred {
+    type Output = Transferred;
+
+    fn sub(self, earlier: Transferred) -> Transferred {
+        Transferred {
+            tx: self.tx - earlier.tx,
+            rx: self.rx - earlier.rx,
+        }
+    }
+}
+
+/// Where a copy reports its bytes while it runs: every `every`, what moved since the last
+/// report, and the rest when it ends.
+#[derive(Clone, Copy)]
+pub struct Report<'a> {
+    /// The period.
+    pub every: Duration,
+    /// Receives each increment.
+    pub sink: &'a (dyn Fn(Transferred) + Sync),
+}
+
+impl std::fmt::Debug for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Report")
+            .field("every", &self.every)
+            .finish()
+    }
+}
+
+/// Hands `sink` the increments of `moved` every `every` for ever, advancing `reported`.
+async fn reporter(moved: &Moved, report: Option<Report<'_>>, reported: &mut Transferred) {
+    let Some(r) = report else {
+        return std::future::pending().await;
+    };
+    let start = tokio::time::Instant::now() + r.every;
+    let mut tick = tokio::time::interval_at(start, r.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = moved.get();
+        if now != *reported {
+            (r.sink)(now - *reported);
+            *reported = now;
+        }
+    }
+}
+
 /// A copy that ended because one side's socket failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{side} socket: {source}")]
@@ -174,10 +235,11 @@ pub async fn forward(
     down: &mut TcpStream,
     up: &mut TcpStream,
     limits: Limits,
+    report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError> {
     let pipes = (pipe(), pipe());
     let (Ok(p1), Ok(p2)) = pipes else {
-        return forward_copy(down, up, limits).await;
+        return forward_copy(down, up, limits, report).await;
     };
     let moved = Moved::default();
     let chunk = limits.chunk(CHUNK);
@@ -201,7 +263,7 @@ pub async fn forward(
             )
         )
     };
-    under_watchdog(both, &moved, limits).await
+    under_watchdog(both, &moved, limits, report).await
 }
 
 /// One side of a proxied connection: a TCP socket (spliced when the other side is one too),
@@ -289,10 +351,11 @@ pub async fn forward_io(
     up: &mut Io,
     limits: Limits,
     buffered: bool,
+    report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError> {
     match (down, up) {
-        (Io::Tcp(d), Io::Tcp(u)) if !buffered => forward(d, u, limits).await,
-        (d, u) => forward_copy(d, u, limits).await,
+        (Io::Tcp(d), Io::Tcp(u)) if !buffered => forward(d, u, limits, report).await,
+        (d, u) => forward_copy(d, u, limits, report).await,
     }
 }
 
@@ -303,6 +366,7 @@ pub async fn forward_copy<D, U>(
     down: &mut D,
     up: &mut U,
     limits: Limits,
+    report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -318,23 +382,31 @@ where
             copy(ur, dw, (Side::Upstream, Side::Downstream), &moved.rx, buf)
         )
     };
-    under_watchdog(both, &moved, limits).await
+    under_watchdog(both, &moved, limits, report).await
 }
 
 /// Runs `both` directions until they end or the watchdog cuts the connection (then they are
-/// dropped); either way reports what `moved`.
+/// dropped); either way reports what `moved`, to `report` too (the rest since its last
+/// period, also when a side failed).
 async fn under_watchdog<T>(
     both: impl Future<Output = Result<T, ForwardError>>,
     moved: &Moved,
     limits: Limits,
+    report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError> {
-    let cut = tokio::select! {
-        r = both => {
-            r?;
-            None
-        }
-        cut = watchdog(moved, limits) => Some(cut),
+    let mut reported = Transferred::default();
+    let ended = tokio::select! {
+        r = both => r.map(|_| None),
+        cut = watchdog(moved, limits) => Ok(Some(cut)),
+        () = reporter(moved, report, &mut reported) => unreachable!("the reporter never ends"),
     };
+    if let Some(r) = report {
+        let rest = moved.get() - reported;
+        if rest != Transferred::default() {
+            (r.sink)(rest);
+        }
+    }
+    let cut = ended?;
     Ok(Ended {
         transferred: moved.get(),
         cut,
@@ -449,9 +521,9 @@ mod tests {
         let (mut up, mut server) = pair().await;
         let proxy = tokio::spawn(async move {
             if buffered {
-                forward_copy(&mut down, &mut up, Limits::default()).await
+                forward_copy(&mut down, &mut up, Limits::default(), None).await
             } else {
-                forward(&mut down, &mut up, Limits::default()).await
+                forward(&mut down, &mut up, Limits::default(), None).await
             }
         });
         let req: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
@@ -522,10 +594,9 @@ mod tests {
         let (up, mut server) = tls_pair().await;
         let mut down = Io::Tls(Box::new(down.into()));
         let mut up = Io::Tls(Box::new(up.into()));
-        let proxy =
-            tokio::spawn(
-                async move { forward_io(&mut down, &mut up, Limits::default(), false).await },
-            );
+        let proxy = tokio::spawn(async move {
+            forward_io(&mut down, &mut up, Limits::default(), false, None).await
+        });
         let req: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
         let resp: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
         let (req2, resp2) = (req.clone(), resp.clone());
@@ -557,10 +628,9 @@ mod tests {
         let (up, mut server) = pair().await;
         let mut down = Io::Tls(Box::new(down.into()));
         let mut up = Io::Tcp(up);
-        let proxy =
-            tokio::spawn(
-                async move { forward_io(&mut down, &mut up, Limits::default(), false).await },
-            );
+        let proxy = tokio::spawn(async move {
+            forward_io(&mut down, &mut up, Limits::default(), false, None).await
+        });
         let (tcp, _) = client.into_inner();
         drop(tcp);
         // The upstream sees the end of the request stream (not a hang, not a reset).
@@ -583,9 +653,9 @@ mod tests {
             let (mut up, server) = pair().await;
             let proxy = tokio::spawn(async move {
                 if buffered {
-                    forward_copy(&mut down, &mut up, Limits::default()).await
+                    forward_copy(&mut down, &mut up, Limits::default(), None).await
                 } else {
-                    forward(&mut down, &mut up, Limits::default()).await
+                    forward(&mut down, &mut up, Limits::default(), None).await
                 }
             });
             // SO_LINGER 0: close sends RST, so the proxy's read fails with ECONNRESET.
@@ -611,9 +681,9 @@ mod tests {
             let (mut up, _server) = pair().await;
             let t = tokio::time::Instant::now();
             let ended = if buffered {
-                forward_copy(&mut down, &mut up, limits).await
+                forward_copy(&mut down, &mut up, limits, None).await
             } else {
-                forward(&mut down, &mut up, limits).await
+                forward(&mut down, &mut up, limits, None).await
             }
             .unwrap();
             assert_eq!(ended.cut, Some(Cut::Idle), "buffered {buffered}");
@@ -627,9 +697,9 @@ mod tests {
             let (mut up, mut server) = pair().await;
             let proxy = tokio::spawn(async move {
                 if buffered {
-                    forward_copy(&mut down, &mut up, limits).await
+                    forward_copy(&mut down, &mut up, limits, None).await
                 } else {
-                    forward(&mut down, &mut up, limits).await
+                    forward(&mut down, &mut up, limits, None).await
                 }
             });
             for _ in 0..12 {
@@ -655,7 +725,7 @@ mod tests {
         };
         let (mut client, mut down) = pair().await;
         let (mut up, mut server) = pair().await;
-        let proxy = tokio::spawn(async move { forward(&mut down, &mut up, limits).await });
+        let proxy = tokio::spawn(async move { forward(&mut down, &mut up, limits, None).await });
         let t = tokio::time::Instant::now();
         let talk = async {
             loop {
@@ -679,5 +749,55 @@ mod tests {
         assert_eq!(ended.cut, Some(Cut::MaxDuration));
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         assert!(ended.transferred.tx > 0);
+    }
+
+    #[tokio::test]
+    async fn a_report_hands_on_increments_while_the_connection_lasts_and_the_rest_at_its_end() {
+        for buffered in [false, true] {
+            let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Transferred>::new()));
+            let (mut client, mut down) = pair().await;
+            let (mut up, mut server) = pair().await;
+            let sink_got = got.clone();
+            let proxy = tokio::spawn(async move {
+                let sink = move |t: Transferred| sink_got.lock().unwrap().push(t);
+                let report = Some(Report {
+                    every: Duration::from_millis(20),
+                    sink: &sink,
+                });
+                if buffered {
+                    forward_copy(&mut down, &mut up, Limits::default(), report).await
+                } else {
+                    forward(&mut down, &mut up, Limits::default(), report).await
+                }
+            });
+            client.write_all(b"hello").await.unwrap();
+            let mut b = [0u8; 5];
+            server.read_exact(&mut b).await.unwrap();
+            server.write_all(b"hi").await.unwrap();
+            client.read_exact(&mut b[..2]).await.unwrap();
+            // The open connection's bytes are reported within a few periods.
+            let mut seen = Transferred::default();
+            for _ in 0..250 {
+                seen = got.lock().unwrap().iter().copied().sum();
+                if seen == (Transferred { tx: 5, rx: 2 }) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(seen, Transferred { tx: 5, rx: 2 }, "buffered {buffered}");
+            // More after the last report: handed on at the end, never counted twice.
+            client.write_all(b"abc").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            assert_eq!(rest, b"abc");
+            server.shutdown().await.unwrap();
+            let ended = proxy.await.unwrap().unwrap();
+            let all = got.lock().unwrap().clone();
+            assert!(all.iter().all(|t| *t != Transferred::default()), "{all:?}");
+            let sum: Transferred = all.iter().copied().sum();
+            assert_eq!(sum, ended.transferred, "buffered {buffered}");
+            assert_eq!(sum, Transferred { tx: 8, rx: 2 });
+        }
     }
 }

@@ -280,7 +280,7 @@ pub(super) async fn proxy(
         let m = &dp.stats().istio;
         let series = m.series(m.labels(cfg, &facts, None));
         series.tcp_opened.inc();
-        series
+        (series, cfg.tcp_reporting)
     });
     // 3. The host hears how the connect went (outlier detection) and counts the connection
     // while it lasts: as an open connection (`/clusters` cx_active) and, as Envoy's TCP pool
@@ -312,16 +312,29 @@ pub(super) async fn proxy(
         max_duration: settings.max_duration,
         buffer: settings.buffer as usize,
     };
-    let moved = forward::forward_io(&mut down, &mut upstream, limits, accelerated).await;
+    // Istio counts the downstream's bytes: received from it (sent upstream) and sent to it
+    // (received from upstream), every tcp_reporting_duration while the connection lasts.
+    let istio_bytes = istio.as_ref().map(|(s, _)| {
+        move |t: forward::Transferred| {
+            s.tcp_received.add(t.tx);
+            s.tcp_sent.add(t.rx);
+        }
+    });
+    let report = istio
+        .as_ref()
+        .zip(istio_bytes.as_ref())
+        .map(|((_, every), sink)| forward::Report {
+            every: *every,
+            sink,
+        });
+    let moved = forward::forward_io(&mut down, &mut upstream, limits, accelerated, report).await;
     counters.upstream_cx_active.dec();
-    let ended = moved.map_err(|e| {
-        if let Some(s) = &istio {
-            s.tcp_closed.inc();
-        }
-        ConnError::Stream {
-            side: e.side,
-            source: e.source,
-        }
+    if let Some((s, _)) = &istio {
+        s.tcp_closed.inc();
+    }
+    let ended = moved.map_err(|e| ConnError::Stream {
+        side: e.side,
+        source: e.source,
     })?;
     let t = ended.transferred;
     if let Some(r) = rec {
@@ -330,13 +343,6 @@ pub(super) async fn proxy(
     }
     counters.upstream_cx_tx_bytes_total.add(t.tx);
     counters.upstream_cx_rx_bytes_total.add(t.rx);
-    if let Some(s) = &istio {
-        // Istio counts the downstream's bytes: received from it (sent upstream) and sent to
-        // it (received from upstream).
-        s.tcp_received.add(t.tx);
-        s.tcp_sent.add(t.rx);
-        s.tcp_closed.inc();
-    }
     if let Some(cut) = ended.cut {
         // Rare, once per connection at most: the name is formatted here, not kept per chain.
         let stat = match cut {
