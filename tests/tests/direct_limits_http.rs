@@ -222,7 +222,12 @@ async fn connection_manager_timeouts_limits_and_breakers() {
         "node: {{ id: hl, cluster: hl }}\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}\nstatic_resources:\n  listeners:\n{listeners}  clusters:\n{clusters}"
     );
     let boot = skiff::config::parse(&yaml, "<http-limits>").expect("bootstrap");
-    let skiff = InProcessSkiff::start(run_options(boot));
+    let mut opts = run_options(boot);
+    // One worker: the breaker case counts requests queued on one pool. With several, each
+    // worker's pool opens its first connection even at the limit (Envoy's rule for a pool
+    // without connections), so the same three requests would spread differently.
+    opts.concurrency = 1;
+    let skiff = InProcessSkiff::start(opts);
     let deadline = Instant::now() + WAIT;
     for p in [timers, reqto, cb] {
         while TcpStream::connect(("127.0.0.1", p)).await.is_err() {

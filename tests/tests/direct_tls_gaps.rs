@@ -630,9 +630,11 @@ static_resources:
         cluster("auto-h2", h2),
         cluster("auto-h1", h1),
     );
-    let skiff = InProcessSkiff::start(run_options(
-        skiff::config::parse(&yaml, "<auto>").expect("bootstrap parses"),
-    ));
+    let mut opts = run_options(skiff::config::parse(&yaml, "<auto>").expect("bootstrap parses"));
+    // One worker, so one pool per cluster: the second request must find the first's
+    // connection (pools are per worker, as Envoy's are).
+    opts.concurrency = 1;
+    let skiff = InProcessSkiff::start(opts);
     let get = |path: &'static str| async move {
         for _ in 0..300 {
             if let Some(mut tx) = skiff_tests::h1_client(port).await {
