@@ -11,7 +11,7 @@
 //!   connections, p50/p99 timed from when each request was due (no coordinated omission);
 //! - one connection, closed loop: p50/p99 of one request at a time.
 //!
-//! skiff runs with all runtime workers and with one (`TOKIO_WORKER_THREADS=1`), Envoy with
+//! skiff runs with a data-plane worker per core and with one (`--concurrency 1`), Envoy with
 //! `--concurrency 1` and 2; nginx and HAProxy with one worker or thread per CPU.
 
 use std::fmt::Write as _;
@@ -45,7 +45,7 @@ fn describe(path: &str) -> &'static str {
     match path {
         "direct" => "wrk -> backend, no proxy",
         "skiff" => "skiff --capture none, HCM with an inline route to one STATIC upstream",
-        "skiff-1w" => "as skiff with TOKIO_WORKER_THREADS=1",
+        "skiff-1w" => "as skiff with --concurrency 1 (one data-plane worker)",
         "envoy-c1" => "Envoy, same bootstrap, --concurrency 1",
         "envoy-c2" => "Envoy, same bootstrap, --concurrency 2",
         "nginx" => "nginx proxy_pass to an upstream with keepalive (worker_processes auto)",
@@ -384,7 +384,7 @@ fn proxy_cmd(
             .arg(boot)
             .env("RUST_LOG", "warn");
             if path == "skiff-1w" {
-                c.env("TOKIO_WORKER_THREADS", "1");
+                c.args(["--concurrency", "1"]);
             }
             c
         }

@@ -144,7 +144,7 @@ impl Route {
             Route::Direct => "client -> backend, no proxy",
             Route::SkiffL4 => "skiff --capture none, static listener + tcp_proxy",
             Route::SkiffL4W1 => {
-                "as skiff-l4 with TOKIO_WORKER_THREADS=1 (diagnostic: one runtime worker)"
+                "as skiff-l4 with --concurrency 1 (diagnostic: one data-plane worker)"
             }
             Route::SkiffEbpf => {
                 "client in pod cgroup -> VIP, eBPF connect4 -> skiff 15001 -> backend"
@@ -782,7 +782,7 @@ fn start_route(ctx: &Ctx, r: Route) -> anyhow::Result<Running> {
             let mut c = skiff_cmd(&cfg);
             c.args(["--capture", "none"]);
             if r == Route::SkiffL4W1 {
-                c.env("TOKIO_WORKER_THREADS", "1");
+                c.args(["--concurrency", "1"]);
             }
             (c, Ready::Http(admin, "/ready"))
         }
