@@ -263,3 +263,22 @@ fn a_connect_storm_beyond_the_rate_limit_counts_lost_events_and_every_connect_su
     let lines = read(&s.log.0).lines().count() as u64;
     assert_eq!(lines, total, "one access-log line per event read");
 }
+
+#[test]
+fn the_kernel_access_log_speaks_istios_default_json_when_asked() {
+    let _g = serial();
+    let s = scenario("ev-json", &["--kernel-access-log-format", "json"]);
+    spread(&s, 2);
+    eventually("two JSON kernel access-log lines", || {
+        let n = read(&s.log.0).lines().count();
+        (n != 2).then(|| format!("got {n}"))
+    });
+    for line in read(&s.log.0).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
+        assert_eq!(v["response_code_details"], "kernel_fast_path", "{line}");
+        assert_eq!(v["upstream_cluster"], "svc", "{line}");
+        assert_eq!(v["downstream_local_address"], FAST_VIP, "{line}");
+        let host = v["upstream_host"].as_str().unwrap_or_default();
+        assert!(BACKENDS.contains(&host), "{line}");
+    }
+}

@@ -168,3 +168,23 @@ fn operators_are_parsed_or_refused_by_name() {
         "127.0.0.1 - -"
     );
 }
+
+/// Istio's default JSON format carries the same facts as its text format, typed as Envoy
+/// types them (numbers for codes, sizes and durations; null for absent values).
+#[test]
+fn istio_default_json_format_renders_the_text_formats_facts() {
+    let t = super::format::istio_default_json().unwrap();
+    let v = t.render(&http_record(), false);
+    assert_eq!(v["response_code"], 404);
+    assert_eq!(v["response_code_details"], "via_upstream");
+    assert_eq!(v["bytes_sent"], 335);
+    assert_eq!(v["upstream_host"], "127.0.0.1:19905");
+    assert_eq!(v["upstream_cluster"], "live");
+    assert_eq!(v["route_name"], "rok");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["start_time"], "2026-12-07T04:27:21.218Z");
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        super::format::ISTIO_DEFAULT_JSON.len()
+    );
+}

@@ -3,7 +3,8 @@
 //! kernel, see `skiff_common::events`). A task here drains it (aya `RingBuf` behind tokio's
 //! `AsyncFd`) and turns each event into:
 //!
-//! - an access-log line, with `--kernel-access-log PATH|stdout`, in Istio's default format;
+//! - an access-log line, with `--kernel-access-log PATH|stdout`, in Istio's default format
+//!   (text, or its JSON format with `--kernel-access-log-format json`);
 //!   the kernel path shows as `%RESPONSE_CODE_DETAILS%` and
 //!   `%CONNECTION_TERMINATION_DETAILS%` = `kernel_fast_path` (or `kernel_fail_open_proxy_down`,
 //!   `kernel_fail_closed_not_ready`, ...), `%UPSTREAM_HOST%` the endpoint the kernel chose;
@@ -58,6 +59,8 @@ pub struct EventsConfig {
     pub ring_bytes: u32,
     /// Where kernel access-log lines go: a path, or `stdout` / `stderr`; `None`: no lines.
     pub access_log: Option<String>,
+    /// The lines in Istio's default JSON format instead of its text format.
+    pub access_log_json: bool,
 }
 
 impl Default for EventsConfig {
@@ -67,12 +70,13 @@ impl Default for EventsConfig {
             burst: DEFAULT_BURST,
             ring_bytes: DEFAULT_RING_BYTES,
             access_log: None,
+            access_log_json: false,
         }
     }
 }
 
 impl EventsConfig {
-    /// The access log the events go to, in Istio's default text format.
+    /// The access log the events go to, in Istio's default text or JSON format.
     fn access_log(&self) -> Option<AccessLog> {
         let path = self.access_log.as_deref()?;
         let target = match path {
@@ -80,12 +84,22 @@ impl EventsConfig {
             "stderr" => Target::Stderr,
             p => Target::from_path(p),
         };
-        let format = Template::parse(accesslog::format::ISTIO_DEFAULT)
-            .expect("Istio's default access-log format parses (a unit test checks it)");
+        let format = if self.access_log_json {
+            Format::Json {
+                template: accesslog::format::istio_default_json()
+                    .expect("Istio's default JSON format parses (a unit test checks it)"),
+                omit_empty: false,
+            }
+        } else {
+            Format::Text(
+                Template::parse(accesslog::format::ISTIO_DEFAULT)
+                    .expect("Istio's default access-log format parses (a unit test checks it)"),
+            )
+        };
         Some(AccessLog {
             name: "skiff.kernel_access_log".into(),
             target,
-            format: Arc::new(Format::Text(format)),
+            format: Arc::new(format),
             filter: None,
         })
     }

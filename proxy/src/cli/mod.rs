@@ -283,6 +283,15 @@ pub enum CaptureKind {
     None,
 }
 
+/// Encoding of `--kernel-access-log` (Istio's `accessLogEncoding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KernelLogFormat {
+    /// Istio's default text format.
+    Text,
+    /// Istio's default JSON format.
+    Json,
+}
+
 /// `--mode`: one pod or one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -343,6 +352,10 @@ pub struct RunArgs {
     /// `kernel_fast_path`) to this file, or `stdout`, in Istio's default format.
     #[arg(long, value_name = "PATH|stdout")]
     pub kernel_access_log: Option<String>,
+    /// The kernel access log's encoding, as Istio's `accessLogEncoding`: Istio's default text
+    /// format, or its default JSON format (one object per line).
+    #[arg(long, value_enum, default_value_t = KernelLogFormat::Text, requires = "kernel_access_log")]
+    pub kernel_access_log_format: KernelLogFormat,
     /// Pin the capture's links and kept maps (gate, original destinations, meshed cgroups,
     /// fast path) in this bpffs directory, so a killed skiff leaves capture attached and a
     /// restarted one with the same directory takes them over. Default:

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use tracing::{info, warn};
 
-use super::{CaptureKind, Mode, RunArgs};
+use super::{CaptureKind, KernelLogFormat, Mode, RunArgs};
 use crate::admin::AdminOptions;
 use crate::app::RunOptions;
 use crate::bpf::{BpfError, Capacity, CaptureConfig, CaptureMode};
@@ -273,6 +273,7 @@ pub fn build(
                 rate_per_sec: a.kernel_events_rate,
                 burst: a.kernel_events_burst,
                 access_log: a.kernel_access_log,
+                access_log_json: a.kernel_access_log_format == KernelLogFormat::Json,
                 ..Default::default()
             },
         }),
