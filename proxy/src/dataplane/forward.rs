@@ -1,9 +1,12 @@
 //! Bidirectional byte copy with half-close, byte counters and the connection's time limits.
 //!
-//! Bytes move socket -> pipe -> socket with `splice(2)`, so the kernel moves pages and the
-//! payload never enters userspace: one pipe per direction, allocated once per connection, no
-//! per-byte work in skiff. If pipes cannot be created (fd limit) the copy falls back to a
-//! buffered copy. Either way an error names the side whose socket failed (Envoy's `DC`/`UC`).
+//! A direction starts in userspace: each read goes through the worker's scratch buffer
+//! straight into a write (no pipe, no per-connection buffer), which is what short
+//! connections and small messages cost least with. The first read that fills the scratch
+//! buffer marks a bulk flow: that direction then moves socket -> pipe -> socket with
+//! `splice(2)`, so the kernel moves pages and the payload never enters userspace (as HAProxy's
+//! automatic splicing does). If a pipe cannot be created (fd limit) the direction stays in
+//! userspace. Either way an error names the side whose socket failed (Envoy's `DC`/`UC`).
 //!
 //! A TLS session (terminated downstream or originated upstream) cannot be spliced: its bytes
 //! are decrypted and encrypted in userspace. [`forward_io`] takes the buffered copy whenever
@@ -42,6 +45,14 @@ use super::error::Side;
 const CHUNK: usize = 64 * 1024;
 /// Per-direction buffer of the buffered copy.
 const BUF: usize = 64 * 1024;
+/// The worker's scratch buffer for userspace moves: a read that fills it marks a bulk flow.
+const SMALL: usize = 16 * 1024;
+
+thread_local! {
+    /// Borrowed only between a read and the write that follows it, never across an await.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SMALL].into_boxed_slice());
+}
 
 /// The limits one copy runs under.
 #[derive(Debug, Clone, Copy)]
@@ -237,10 +248,6 @@ pub async fn forward(
     limits: Limits,
     report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError> {
-    let pipes = (pipe(), pipe());
-    let (Ok(p1), Ok(p2)) = pipes else {
-        return forward_copy(down, up, limits, report).await;
-    };
     let moved = Moved::default();
     let chunk = limits.chunk(CHUNK);
     let both = async {
@@ -249,7 +256,6 @@ pub async fn forward(
                 down,
                 up,
                 (Side::Downstream, Side::Upstream),
-                p1,
                 &moved.tx,
                 chunk
             ),
@@ -257,7 +263,6 @@ pub async fn forward(
                 up,
                 down,
                 (Side::Upstream, Side::Downstream),
-                p2,
                 &moved.rx,
                 chunk
             )
@@ -445,8 +450,89 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(io::Error::from)
 }
 
-/// One direction: `src` -> pipe -> `dst`, then shut down `dst`'s write side at EOF.
+/// Passes `src`'s EOF on to `dst` (a write shutdown); the other direction may still flow.
+fn half_close(dst: &TcpStream, dst_side: Side) -> Result<(), ForwardError> {
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(on(dst_side)(e)),
+    }
+}
+
+/// One read of at most `size` bytes from `src` through the worker's scratch buffer, written to
+/// `dst` before the next read; returns how many bytes moved (0: EOF).
+async fn relay_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    (src_side, dst_side): (Side, Side),
+    size: usize,
+) -> Result<usize, ForwardError> {
+    loop {
+        src.readable().await.map_err(on(src_side))?;
+        let step = SCRATCH.with_borrow_mut(|scratch| {
+            let buf = &mut scratch[..size];
+            let n = match src.try_read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(on(src_side)(e)),
+            };
+            if n == 0 {
+                return Ok(Some((0, Vec::new())));
+            }
+            // What `dst` cannot take now waits in a buffer of its own (the scratch buffer
+            // belongs to the worker): rare, the peer's receive window is full.
+            let w = match dst.try_write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(on(dst_side)(e)),
+            };
+            Ok(Some((n, buf[w..n].to_vec())))
+        })?;
+        let Some((n, rest)) = step else { continue };
+        let mut at = 0;
+        while at < rest.len() {
+            dst.writable().await.map_err(on(dst_side))?;
+            match dst.try_write(&rest[at..]) {
+                Ok(w) => at += w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(on(dst_side)(e)),
+            }
+        }
+        return Ok(n);
+    }
+}
+
+/// One direction, `src` -> `dst`, then shut down `dst`'s write side at EOF: in userspace
+/// until a read fills the scratch buffer (a bulk flow), then through a pipe with splice.
 async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    sides: (Side, Side),
+    moved: &AtomicU64,
+    chunk: usize,
+) -> Result<(), ForwardError> {
+    let small = chunk.min(SMALL);
+    let mut may_splice = true;
+    loop {
+        let n = relay_once(src, dst, sides, small).await?;
+        if n == 0 {
+            return half_close(dst, sides.1);
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        if n == small && may_splice {
+            match pipe() {
+                Ok(p) => return splice_pump(src, dst, sides, p, moved, chunk).await,
+                Err(e) => {
+                    may_splice = false;
+                    tracing::debug!(error = %e, "no pipe for splice: the direction stays in userspace");
+                }
+            }
+        }
+    }
+}
+
+/// One direction: `src` -> pipe -> `dst`, then shut down `dst`'s write side at EOF.
+async fn splice_pump(
     src: &TcpStream,
     dst: &TcpStream,
     (src_side, dst_side): (Side, Side),
@@ -468,13 +554,7 @@ async fn pump(
             }
         };
         if n == 0 {
-            // EOF: pass the half-close on; the other direction may still be flowing.
-            match SockRef::from(dst).shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                Err(e) => return Err(on(dst_side)(e)),
-            }
-            return Ok(());
+            return half_close(dst, dst_side);
         }
         // Drain the pipe completely into the destination socket.
         let mut left = n;
@@ -799,5 +879,40 @@ mod tests {
             assert_eq!(sum, ended.transferred, "buffered {buffered}");
             assert_eq!(sum, Transferred { tx: 8, rx: 2 });
         }
+    }
+
+    /// Small writes into a peer that does not read yet: the scratch buffer's leftovers wait
+    /// in the direction's own buffer, and nothing is lost or reordered, also across the
+    /// switch to splice when reads start to fill the scratch buffer.
+    #[tokio::test]
+    async fn small_messages_into_a_full_peer_arrive_whole_and_in_order() {
+        let (mut client, mut down) = pair().await;
+        let (mut up, server) = pair().await;
+        SockRef::from(&up).set_send_buffer_size(4096).unwrap();
+        SockRef::from(&server).set_recv_buffer_size(4096).unwrap();
+        let proxy =
+            tokio::spawn(async move { forward(&mut down, &mut up, Limits::default(), None).await });
+        let msgs: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| (0..1000).map(|j| ((i * 7 + j) % 251) as u8).collect())
+            .collect();
+        let want: Vec<u8> = msgs.concat();
+        let writer = tokio::spawn(async move {
+            for m in &msgs {
+                client.write_all(m).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        // The server starts reading only once the proxy's writes had to wait.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut server = server;
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == want, "{} bytes, want {}", got.len(), want.len());
+        server.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        let ended = proxy.await.unwrap().unwrap();
+        assert_eq!(ended.transferred.tx, want.len() as u64);
     }
 }
