@@ -99,6 +99,36 @@ pub fn tcp_chain(name: &str, vip: &str, prefix_len: u8, cluster: &str) -> String
     )
 }
 
+/// One `filter_chains` item of the capture listener: destination `vip`/32 port 80, an HTTP
+/// connection manager (stat prefix `http`) routing everything to `cluster` (stays in the
+/// proxy: the fast path never takes HCM chains).
+pub fn http_chain(vip: &str, cluster: &str) -> String {
+    format!(
+        r#"
+    - name: http
+      filter_chain_match:
+        destination_port: 80
+        prefix_ranges: [{{ address_prefix: "{vip}", prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
+    )
+}
+
 /// One `clusters` item: STATIC cluster `name` with `policy` over `endpoints` (`ip:port`).
 pub fn static_cluster(name: &str, policy: &str, endpoints: &[&str]) -> String {
     let eps: Vec<std::net::SocketAddr> = endpoints

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
-    capture_bootstrap, fastpeer_output, netns_and_cgroup, spawn_fast_path, spawn_fastpeer,
-    static_cluster, tcp_chain, tcp_client,
+    capture_bootstrap, fastpeer_output, http_chain, netns_and_cgroup, spawn_fast_path,
+    spawn_fastpeer, static_cluster, tcp_chain, tcp_client,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin_stat, built_binary, command_in, field, serial,
@@ -25,30 +25,12 @@ const HTTP_VIP: &str = "10.96.0.11:80";
 /// 10.96.0.10: plain tcp_proxy to cluster `svc` (fast path). 10.96.0.11: HTTP connection
 /// manager (stays in the proxy).
 fn bootstrap_yaml() -> String {
-    let http_chain = r#"
-    - name: http
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.11, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: svc }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
     capture_bootstrap(
-        &format!("{}{http_chain}", tcp_chain("fast", "10.96.0.10", 32, "svc")),
+        &format!(
+            "{}{}",
+            tcp_chain("fast", "10.96.0.10", 32, "svc"),
+            http_chain("10.96.0.11", "svc")
+        ),
         &format!(
             "  clusters:\n{}",
             static_cluster("svc", "ROUND_ROBIN", &BACKENDS)

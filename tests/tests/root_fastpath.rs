@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use skiff_tests::fastpath::{
-    CAPTURE_CX, CHI2_BOUND, capture_bootstrap, chi_square, netns_and_cgroup, skiff_maps,
-    spawn_fast_path, static_cluster, tcp_chain, tcp_client,
+    CAPTURE_CX, CHI2_BOUND, capture_bootstrap, chi_square, http_chain, netns_and_cgroup,
+    skiff_maps, spawn_fast_path, static_cluster, tcp_chain, tcp_client,
 };
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, assert_no_programs_attached, field, serial, sigterm_and_wait,
@@ -19,37 +19,13 @@ use skiff_tests::{
 
 const BACKENDS: [&str; 3] = ["127.0.0.21:8080", "127.0.0.22:8080", "127.0.0.23:8080"];
 
-/// The capture listener's chain for 10.96.0.11: HTTP connection manager, stays in the proxy.
-const HTTP_CHAIN: &str = r#"
-    - name: http
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.11, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: rr }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
-
 /// 10.96.0.10 (ROUND_ROBIN) and 10.96.0.12 (RANDOM): plain tcp_proxy, fast path.
 /// 10.96.0.11: HTTP connection manager, stays in the proxy.
 fn bootstrap_yaml() -> String {
     let chains = [
         tcp_chain("rr", "10.96.0.10", 32, "rr"),
         tcp_chain("rnd", "10.96.0.12", 32, "rnd"),
-        HTTP_CHAIN.to_string(),
+        http_chain("10.96.0.11", "rr"),
     ];
     let clusters = [
         static_cluster("rr", "ROUND_ROBIN", &BACKENDS),

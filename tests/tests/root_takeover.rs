@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use skiff_tests::fastpath::http_chain;
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin_stat as stat, assert_no_programs_attached,
     bpftool_cgroup_tree, command_in, field, require_root, serial, sidecar_args,
@@ -322,28 +323,7 @@ static_resources:
   - name: virtualOutbound
     address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
     use_original_dst: true
-    filter_chains:
-    - name: http
-      filter_chain_match:
-        destination_port: 80
-        prefix_ranges: [{ address_prefix: 10.96.0.1, prefix_len: 32 }]
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: web }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    filter_chains:{HTTP_CHAIN}
     default_filter_chain:
       filters:
       - name: envoy.filters.network.tcp_proxy
@@ -365,7 +345,7 @@ static_resources:
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 1s
 "#
-    .to_string()
+    .replace("{HTTP_CHAIN}", &http_chain("10.96.0.1", "web"))
 }
 
 #[test]

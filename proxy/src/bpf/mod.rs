@@ -196,6 +196,25 @@ fn map_err(map: &'static str, op: impl Into<String>, source: aya::maps::MapError
     }
 }
 
+/// The counters of a per-CPU array named `map`, index `i` named `names[i]`, each summed over
+/// the CPUs.
+fn per_cpu_sums(
+    stats: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    map: &'static str,
+    names: &[&'static str],
+) -> Result<Vec<(&'static str, u64)>, BpfError> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let per_cpu = stats
+                .get(&(i as u32), 0)
+                .map_err(|source| map_err(map, format!("get {i}"), source))?;
+            Ok((*name, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
 /// Takes `map` out of the loaded object as the typed map `M` (each map can be taken once).
 fn take<M>(ebpf: &mut aya::Ebpf, map: &'static str) -> Result<M, BpfError>
 where

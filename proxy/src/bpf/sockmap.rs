@@ -98,14 +98,6 @@ impl Sockmap {
 
     /// Counters summed over CPUs, as `(name, value)`.
     pub(super) fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
-        let mut out = Vec::with_capacity(stat::COUNT as usize);
-        for (i, name) in stat::NAMES.iter().enumerate() {
-            let per_cpu = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|source| map_err(MAP_SOCKMAP_ST, format!("get {i}"), source))?;
-            out.push((*name, per_cpu.iter().sum()));
-        }
-        Ok(out)
+        crate::bpf::per_cpu_sums(&self.stats, MAP_SOCKMAP_ST, &stat::NAMES)
     }
 }

@@ -22,7 +22,7 @@ use skiff_common::EndpointKey;
 use skiff_common::xdp::{XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, stat};
 
 use super::{BpfError, FastPath};
-use crate::bpf::{map_err, take};
+use crate::bpf::take;
 
 /// The program, as the loader and errors name it.
 pub(super) const XDP: (&str, &str) = ("skiff_xdp", "xdp");
@@ -144,15 +144,7 @@ impl XdpBalancer {
 
     /// Global counters summed over CPUs, as `(name, value)`.
     pub(super) fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
-        let mut out = Vec::with_capacity(stat::COUNT as usize);
-        for (i, name) in stat::NAMES.iter().enumerate() {
-            let per_cpu = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|source| map_err(MAP_ST, format!("get {i}"), source))?;
-            out.push((*name, per_cpu.iter().sum()));
-        }
-        Ok(out)
+        crate::bpf::per_cpu_sums(&self.stats, MAP_ST, &stat::NAMES)
     }
 
     /// Per-VIP counters summed over CPUs, sorted by VIP (`"tcp:10.96.0.1:80"`).

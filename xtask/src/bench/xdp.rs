@@ -323,45 +323,29 @@ fn rx_packets(ns: &Netns) -> u64 {
 }
 
 fn iptables(node: &Netns, op: &str) -> anyhow::Result<()> {
-    for (proto, port, bport) in [("tcp", "80", "8080"), ("udp", "53", "5353")] {
-        quiet(node.cmd("iptables").args([
-            "-t",
-            "nat",
-            op,
-            "PREROUTING",
-            "-d",
-            VIP,
-            "-p",
-            proto,
-            "--dport",
-            port,
+    // The first rule takes half the new flows, the second the rest: a 50/50 split.
+    let split: [&[&str]; 2] = [
+        &[
             "-m",
             "statistic",
             "--mode",
             "random",
             "--probability",
             "0.5",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:{bport}", BACKENDS[0]),
-        ]))?;
-        quiet(node.cmd("iptables").args([
-            "-t",
-            "nat",
-            op,
-            "PREROUTING",
-            "-d",
-            VIP,
-            "-p",
-            proto,
-            "--dport",
-            port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{}:{bport}", BACKENDS[1]),
-        ]))?;
+        ],
+        &[],
+    ];
+    for (proto, port, bport) in [("tcp", "80", "8080"), ("udp", "53", "5353")] {
+        for (backend, matcher) in BACKENDS.iter().zip(split) {
+            let to = format!("{backend}:{bport}");
+            quiet(
+                node.cmd("iptables")
+                    .args(["-t", "nat", op, "PREROUTING", "-d", VIP, "-p", proto])
+                    .args(["--dport", port])
+                    .args(matcher)
+                    .args(["-j", "DNAT", "--to-destination", &to]),
+            )?;
+        }
     }
     Ok(())
 }
