@@ -33,7 +33,8 @@ pub mod cap {
     pub const LAST: u32 = 40;
 }
 
-/// The capabilities a running skiff keeps (see docs/DEPLOY.md for why each).
+/// The capabilities a running skiff keeps (docs/ARCHITECTURE.md, "Privileges at run time",
+/// says why each).
 pub fn run_time_set(node_mode: bool) -> u64 {
     let mut keep = [
         cap::NET_BIND_SERVICE,
