@@ -222,9 +222,19 @@ fn apply_checked(
         .chain(to.services.keys())
         .copied()
         .collect();
+    // What fits the maps is served; the rest (beyond a capacity) stays with the proxy.
+    let caps = m.caps.unwrap();
+    let fitted = to
+        .fit(
+            caps.max_services as usize,
+            caps.max_clusters as usize,
+            caps.max_endpoints as usize,
+            caps.max_maglev as usize,
+        )
+        .0;
     m.allowed = vips
         .into_iter()
-        .map(|v| (v, (m.seen(v), expected(to, v))))
+        .map(|v| (v, (m.seen(v), expected(&fitted, v))))
         .collect();
     let report = r.apply(m, to).unwrap();
     for (vip, (_, after)) in &m.allowed {
