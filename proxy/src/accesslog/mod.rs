@@ -22,7 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::dataplane::ConnError;
 use crate::stats::Stats;
 
 pub use filter::Filter;
@@ -169,44 +168,6 @@ impl Record {
         Record {
             start: SystemTime::now(),
             ..Record::default()
-        }
-    }
-
-    /// What a connection error tells the log: flags, details, the cluster and host it was
-    /// about (TCP; Envoy's tcp_proxy and listener wording).
-    pub fn conn_error(&mut self, e: &ConnError) {
-        self.response_flags = e.flags().iter().map(|f| f.as_str()).collect();
-        match e {
-            ConnError::NoFilterChain { .. } | ConnError::NoListener => {
-                self.response_code_details = Some("filter_chain_not_found".into());
-            }
-            ConnError::RbacDenied { detail, .. } => {
-                self.connection_termination_details = Some(detail.clone());
-            }
-            ConnError::Connect { cluster, source } => {
-                self.upstream_cluster.get_or_insert_with(|| cluster.clone());
-                self.upstream_transport_failure_reason = Some(connect_failure_reason(source));
-            }
-            ConnError::UpstreamTls {
-                cluster,
-                addr,
-                source,
-            } => {
-                self.upstream_cluster.get_or_insert_with(|| cluster.clone());
-                self.upstream_host.get_or_insert(addr.get());
-                self.upstream_transport_failure_reason = Some(source.to_string().replace(' ', "_"));
-            }
-            ConnError::NoHealthyUpstream { cluster }
-            | ConnError::NoOriginalDst { cluster }
-            | ConnError::Unresolved { cluster, .. }
-            | ConnError::NoCluster { cluster } => {
-                self.upstream_cluster.get_or_insert_with(|| cluster.clone());
-            }
-            ConnError::Overflow(o) => {
-                self.upstream_cluster
-                    .get_or_insert_with(|| o.cluster.clone());
-            }
-            _ => {}
         }
     }
 }

@@ -66,17 +66,6 @@ fn istio_default_format_renders_as_envoy() {
     let line = text(ISTIO_DEFAULT, &rec);
     let envoy = "[2026-12-07T04:27:21.218Z] \"GET /ok HTTP/1.1\" 503 URX,UF upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused} - \"delayed_connect_error:_Connection_refused\" 0 121 4 - \"-\" \"curl/8\" \"rid-1\" \"a\" \"127.0.0.1:1\" dead - 127.0.0.1:19901 127.0.0.1:57680 - rretry\n";
     assert_eq!(line, envoy);
-
-    // TCP: no request, response code 0; Envoy `L 0 NR filter_chain_not_found - - - - - 0 -`.
-    let mut tcp = Record::default();
-    tcp.conn_error(&ConnError::NoFilterChain {
-        listener: "l".into(),
-    });
-    let fmt = "L %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %PROTOCOL% %REQ(:METHOD)% %ROUTE_NAME% %BYTES_SENT% %CONNECTION_TERMINATION_DETAILS%\n";
-    assert_eq!(
-        text(fmt, &tcp),
-        "L 0 NR filter_chain_not_found - - - - - 0 -\n"
-    );
 }
 
 #[test]

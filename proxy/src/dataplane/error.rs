@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 
+use crate::accesslog::Record;
 use crate::addr::EndpointAddr;
 use crate::http::upstream_tls::TlsFailure;
 use crate::lb::Overflow;
@@ -208,6 +209,45 @@ pub enum ConnError {
 }
 
 impl ConnError {
+    /// What this error tells an access-log record: flags, details, the cluster and host it
+    /// was about (TCP; Envoy's tcp_proxy and listener wording).
+    pub fn log_into(&self, r: &mut Record) {
+        let e = self;
+        r.response_flags = e.flags().iter().map(|f| f.as_str()).collect();
+        match e {
+            ConnError::NoFilterChain { .. } | ConnError::NoListener => {
+                r.response_code_details = Some("filter_chain_not_found".into());
+            }
+            ConnError::RbacDenied { detail, .. } => {
+                r.connection_termination_details = Some(detail.clone());
+            }
+            ConnError::Connect { cluster, source } => {
+                r.upstream_cluster.get_or_insert_with(|| cluster.clone());
+                r.upstream_transport_failure_reason =
+                    Some(crate::accesslog::connect_failure_reason(source));
+            }
+            ConnError::UpstreamTls {
+                cluster,
+                addr,
+                source,
+            } => {
+                r.upstream_cluster.get_or_insert_with(|| cluster.clone());
+                r.upstream_host.get_or_insert(addr.get());
+                r.upstream_transport_failure_reason = Some(source.to_string().replace(' ', "_"));
+            }
+            ConnError::NoHealthyUpstream { cluster }
+            | ConnError::NoOriginalDst { cluster }
+            | ConnError::Unresolved { cluster, .. }
+            | ConnError::NoCluster { cluster } => {
+                r.upstream_cluster.get_or_insert_with(|| cluster.clone());
+            }
+            ConnError::Overflow(o) => {
+                r.upstream_cluster.get_or_insert_with(|| o.cluster.clone());
+            }
+            _ => {}
+        }
+    }
+
     /// Who caused it.
     pub fn side(&self) -> Side {
         match self {
@@ -387,5 +427,22 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), ResponseFlag::ALL.len());
+    }
+
+    /// A listener without a matching chain logs as Envoy's does for TCP:
+    /// `L 0 NR filter_chain_not_found - - - - - 0 -`.
+    #[test]
+    fn a_connection_error_fills_the_access_log_record_as_envoy_does() {
+        let mut tcp = crate::accesslog::Record::default();
+        ConnError::NoFilterChain {
+            listener: "l".into(),
+        }
+        .log_into(&mut tcp);
+        let fmt = "L %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %UPSTREAM_HOST% %UPSTREAM_CLUSTER% %PROTOCOL% %REQ(:METHOD)% %ROUTE_NAME% %BYTES_SENT% %CONNECTION_TERMINATION_DETAILS%\n";
+        let mut line = String::new();
+        crate::accesslog::format::Template::parse(fmt)
+            .unwrap()
+            .render(&tcp, &mut line);
+        assert_eq!(line, "L 0 NR filter_chain_not_found - - - - - 0 -\n");
     }
 }

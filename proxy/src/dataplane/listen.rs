@@ -398,7 +398,7 @@ impl ConnLog {
         }
         self.rec.duration = self.started.elapsed();
         if let Err(e) = result {
-            self.rec.conn_error(e);
+            e.log_into(&mut self.rec);
         }
         if let Some(c) = &self.chain
             && let crate::model::NetworkAction::TcpProxy(t) = &c.get().action

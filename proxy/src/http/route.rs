@@ -10,7 +10,8 @@
 
 use hyper::{HeaderMap, Method};
 
-use crate::model::route::{HeaderMatch, HeaderMatchKind, PathMatch, QueryMatch, Route, RouteMatch};
+use crate::model::matchers::{HeaderMatch, HeaderMatchKind};
+use crate::model::route::{PathMatch, QueryMatch, Route, RouteMatch};
 use crate::model::{RouteConfig, VirtualHost};
 
 /// The facts of one request that routing reads.

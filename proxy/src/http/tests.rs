@@ -4,10 +4,8 @@ use hyper::{HeaderMap, Method};
 
 use super::route::{RequestFacts, select_route, select_virtual_host, strip_port};
 use super::{redirect_location, regex_rewrite, rewrite_path};
-use crate::model::route::{
-    HeaderMatch, HeaderMatchKind, HeaderOps, PathMatch, PathRedirect, Pattern, QueryMatch,
-    Redirect, Route,
-};
+use crate::model::matchers::{HeaderMatch, HeaderMatchKind, Pattern};
+use crate::model::route::{HeaderOps, PathMatch, PathRedirect, QueryMatch, Redirect, Route};
 use crate::model::test_util::{direct_route as route, virtual_host as vh};
 use crate::model::{RouteConfig, VirtualHost};
 

@@ -12,7 +12,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use super::compat::{self, FAULT_TYPE};
-use super::route::{HeaderMatch, header_match};
+use super::matchers::{HeaderMatch, header_match};
 use super::{FieldError, duration};
 
 /// `envoy.type.v3.FractionalPercent`: `numerator` out of `denominator` (100, 10 000 or 1 000 000).

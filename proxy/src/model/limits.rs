@@ -63,7 +63,7 @@ mod tests {
 
     #[test]
     fn regex_programs_are_bounded() {
-        use crate::model::route::Pattern;
+        use crate::model::matchers::Pattern;
         assert!(Pattern::full(r"[a-z0-9-]+\.svc\.cluster\.local(:\d+)?").is_ok());
         assert!(Pattern::full("/api/v[0-9]+/.*").is_ok());
         // Small text, large program: each counted repetition is compiled out.

@@ -15,7 +15,7 @@ use prost::Message;
 use super::access_log::access_logs;
 use super::compat::{self, Kind, Verdict};
 use super::fault::FaultFilter;
-use super::route::RouteConfig;
+use super::route::{ClusterSpecifier, RouteConfig};
 use super::tls::{DownstreamTls, SdsRef};
 use super::upstream_http::DEFAULT_BUFFER_LIMIT;
 use super::{Cidr, FieldError, ModelError, duration, socket_addr};
@@ -357,25 +357,6 @@ pub struct TcpProxy {
 pub enum TcpHashPolicy {
     /// `source_ip`: the downstream address.
     SourceIp,
-}
-
-/// `cluster` or `weighted_clusters`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ClusterSpecifier {
-    /// One cluster.
-    Cluster(String),
-    /// Several clusters with weights.
-    Weighted(Vec<(String, u32)>),
-}
-
-impl ClusterSpecifier {
-    /// Every cluster named.
-    pub fn names(&self) -> Vec<&str> {
-        match self {
-            ClusterSpecifier::Cluster(c) => vec![c.as_str()],
-            ClusterSpecifier::Weighted(w) => w.iter().map(|(n, _)| n.as_str()).collect(),
-        }
-    }
 }
 
 /// The parts of an HTTP connection manager skiff runs.

@@ -12,6 +12,7 @@ pub mod fault;
 pub mod istio;
 pub mod limits;
 pub mod listener;
+pub mod matchers;
 pub mod route;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -26,7 +27,8 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 
 pub use cluster::{Cluster, ClusterKind, LbPolicy};
 pub use endpoint::{HealthStatus, LbEndpoint, LoadAssignment, LocalityEndpoints};
-pub use listener::{ClusterSpecifier, FilterChain, FilterChainMatch, Listener, NetworkAction};
+pub use listener::{FilterChain, FilterChainMatch, Listener, NetworkAction};
+pub use route::ClusterSpecifier;
 pub use route::{RouteConfig, VirtualHost};
 
 /// A resource that failed validation: which one, which field, and why.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::endpoint::Locality;
 use super::listener::TcpProxy;
-use super::route::{HeaderMatch, HeaderOps, PathMatch, Route, RouteAction, RouteMatch};
+use super::matchers::HeaderMatch;
+use super::route::{HeaderOps, PathMatch, Route, RouteAction, RouteMatch};
 use super::{
     Cidr, Cluster, ClusterKind, ClusterSpecifier, FilterChain, FilterChainMatch, HealthStatus,
     LbEndpoint, LbPolicy, Listener, LoadAssignment, LocalityEndpoints, NetworkAction, VirtualHost,

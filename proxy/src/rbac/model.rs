@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as http_pb;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net_pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 
-use crate::model::route::Pattern;
+use crate::model::matchers::Pattern;
 use crate::model::{Cidr, FieldError};
 
 /// Longest regex source accepted in a matcher (bytes).
