@@ -31,8 +31,8 @@ use skiff_common::{
     AF_INET, AF_INET6, ClusterValue, EndpointKey, EndpointValue, HEALTH_OK, IPPROTO_TCP,
     IPPROTO_UDP, NO_CLUSTER, NODE_SCOPE, ServiceKeyV4, ServiceKeyV6, ServiceValue, SlotFacts,
     xdp::{
-        XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4, flow_hash, stat,
-        udp_mangled, xdp_pick_slot,
+        XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4,
+        flow_hash, stat, udp_mangled, xdp_pick_slot,
     },
 };
 
