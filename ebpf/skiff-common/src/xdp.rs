@@ -4,7 +4,8 @@
 //! `SKIFF_SVC4_V2`/`SKIFF_SVC6_V2`, `SKIFF_CLUSTERS`, `SKIFF_ENDPOINTS` and `SKIFF_MAGLEV`
 //! maps (node scope, active generation) that connect4/6 read, so one projection and one
 //! generation flip feed both. Its own maps are connection tracking (forward and reverse),
-//! the redirect targets and the counters defined here.
+//! the redirect targets, the VIP addresses it answers echo requests for, and the counters
+//! defined here.
 //!
 //! Pure pieces (checksum arithmetic, the flow hash, the slot choice) live here so that host
 //! unit tests run the code the kernel runs.
