@@ -362,6 +362,21 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");
     drop(holder);
 
+    // The service moves to another VIP: that one answers pings, the old one stops (the echo
+    // VIP set follows the applied fast path).
+    let moved: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
+    let listeners = LISTENERS
+        .replace(r#""version_info": "1""#, r#""version_info": "2""#)
+        .replace(VIP, &moved.to_string());
+    write_atomic(s.dir.path(), "listeners.json", &listeners);
+    eventually("a ping to the service's new VIP to be answered", || {
+        ping(&s.topo.client, moved, Duration::from_millis(500))
+    });
+    assert!(
+        !ping(&s.topo.client, vip_ip(), PING_WAIT),
+        "the removed service's VIP still answers pings"
+    );
+
     // skiff exits cleanly and takes its programs with it.
     sigterm_and_wait(s.skiff.take().expect("skiff"));
     for dev in s.topo.node_devs() {
