@@ -283,7 +283,10 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
         "{NOT_A_VIP} (no service) answered a ping"
     );
     let maps = skiff_tests::fastpath::skiff_maps(&s.topo.node);
-    assert!(maps.contains("xdp_echo_vips"), "{maps}");
+    assert!(
+        maps.contains(&format!("xdp_echo_vips (1):\n  vip={VIP}\n")),
+        "{maps}"
+    );
 
     // Spread over the first two endpoints per Maglev (equal weights: half each).
     let n = 200;

@@ -211,7 +211,7 @@ impl XdpBalancer {
     pub(super) fn maps_json(&self) -> Value {
         let ct = self.conntrack();
         json!({
-            "xdp_echo_vips": self.echo_vips().iter().map(ToString::to_string)
+            "xdp_echo_vips": self.echo_vips().iter().map(|v| json!({ "vip": v.to_string() }))
                 .collect::<Vec<_>>(),
             "xdp_interfaces": self.interfaces.iter().map(|i| json!({
                 "interface": i.name, "ifindex": i.ifindex, "mode": i.mode,
