@@ -272,10 +272,9 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     }
 
     // A ping to the VIP is answered at the node's driver (the VIP is on no interface), and
-    // counted; an address that is no VIP still is not. veth delivers an XDP_TX frame to its
-    // peer at once only when the peer runs an XDP program (GRO alone queues it until the
-    // peer's next wake-up): the client's end gets one that passes everything (an unconfigured
-    // skiff_xdp).
+    // counted; an address that is no VIP still is not. veth wakes its peer after an XDP_TX
+    // only when the peer runs an XDP program (with GRO alone the replies did not arrive): the
+    // client's end gets one that passes everything (an unconfigured skiff_xdp).
     let _client_xdp = fuzz::pass_all_on(&s.topo.client, "xc0");
     if !(0..5).any(|_| ping(&s.topo.client, vip_ip(), PING_WAIT)) {
         let (_, stats) = admin(&s.topo.node, "GET", "/stats").expect("admin /stats");
@@ -691,7 +690,7 @@ mod fuzz {
 
     /// Whether the ICMP (`v6` false) or ICMPv6 message in `f` (IP header at `l3`) verifies:
     /// IPv4 header and ICMP checksums, or the ICMPv6 checksum with its pseudo-header.
-    fn icmp_sums_ok(f: &[u8], l3: usize, v6: bool) -> bool {
+    pub fn icmp_sums_ok(f: &[u8], l3: usize, v6: bool) -> bool {
         if v6 {
             let len = usize::from(u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]));
             let m = &f[l3 + 40..l3 + 40 + len];
@@ -862,6 +861,8 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
         for i in 0..50usize {
             let payload = rng.bytes(i * 7);
             let req = icmp4(client, vip4, 8, &payload);
+            let req6 = icmp6(client6, VIP6, 128, &payload);
+            assert!(icmp_sums_ok(&req, 14, false) && icmp_sums_ok(&req6, 14, true));
             let (v, out) = run(&ebpf, &req);
             assert_eq!(v, XDP_TX, "echo request {i} to the VIP");
             assert!(is_echo_reply_of(&req, &out), "echo reply {i}: {out:02x?}");
@@ -870,7 +871,6 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
             let (v, out) = run(&ebpf, &tagged);
             assert_eq!(v, XDP_TX, "VLAN-tagged echo request {i}");
             assert!(is_echo_reply_of(&tagged, &out), "tagged echo reply {i}");
-            let req6 = icmp6(client6, VIP6, 128, &payload);
             let (v, out) = run(&ebpf, &req6);
             assert_eq!(v, XDP_TX, "ICMPv6 echo request {i} to the VIP");
             assert!(is_echo_reply_of(&req6, &out), "ICMPv6 echo reply {i}");
