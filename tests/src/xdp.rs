@@ -160,3 +160,49 @@ fn ethtool_set(dev: &str, cmd: u32, value: u32) -> std::io::Result<()> {
     unsafe { libc::close(fd) };
     if rc < 0 { Err(err) } else { Ok(()) }
 }
+
+/// One ICMP echo request from inside `ns` to `dst` (a raw socket, as `ping -c 1 -W <timeout>`
+/// would send it): whether an echo reply from `dst` with its identifier came back in time.
+pub fn ping(ns: &Netns, dst: std::net::Ipv4Addr, timeout: std::time::Duration) -> bool {
+    in_netns(ns, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        use std::io::Read;
+        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+            .expect("raw ICMP socket (needs root)");
+        let id = (std::process::id() as u16).to_be_bytes();
+        let mut m = vec![8u8, 0, 0, 0, id[0], id[1], 0, 1];
+        m.extend_from_slice(b"skiff-xdp-ping");
+        let sum: u32 = m
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let c = !((folded & 0xffff) + (folded >> 16)) as u16;
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        s.send_to(&m, &std::net::SocketAddrV4::new(dst, 0).into())
+            .expect("send the echo request");
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s.set_read_timeout(Some(left)).expect("socket timeout");
+            // A raw IPv4 socket reads whole datagrams, IP header first.
+            let Ok(n) = (&s).read(&mut buf) else {
+                return false;
+            };
+            let b = &buf[..n];
+            let ihl = usize::from(b.first().map_or(0, |v| v & 0x0f)) * 4;
+            if n < ihl + 8 || ihl < 20 {
+                continue;
+            }
+            let icmp = &b[ihl..];
+            if b[12..16] == dst.octets() && icmp[0] == 0 && icmp[4..6] == id && icmp[6..8] == [0, 1]
+            {
+                return true;
+            }
+        }
+    })
+}

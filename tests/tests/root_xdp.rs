@@ -12,13 +12,16 @@
 //! - new flows spread per Maglev over the endpoints (chi-square);
 //! - adding an endpoint leaves every tracked flow on its endpoint;
 //! - removing an endpoint drops only its flows from conntrack; the others stay put;
-//! - `/stats` and `skiff maps` show the interfaces, the mode, conntrack and counters.
+//! - `/stats` and `skiff maps` show the interfaces, the mode, conntrack and counters;
+//! - a ping to the VIP is answered at the node (XDP echo reply) while skiff runs, and neither
+//!   before skiff starts, nor after it left, nor for an address that is no VIP.
 //!
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_xdp -- --test-threads=1` (as root, under the shared lock).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,7 +29,7 @@ use skiff_tests::fastpath::{
     CHI2_BOUND, XDS, chi_square, endpoints_file, fastpeer, fastpeer_output, per_backend,
     spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
-use skiff_tests::xdp::{Topology, VIP};
+use skiff_tests::xdp::{Topology, VIP, ping};
 use skiff_tests::{
     Cgroup, Child, TempYaml, admin, admin_stat, ads_bootstrap, built_binary, command_in,
     require_root, serial, sigterm_and_wait, wait_admin_ready,
@@ -55,6 +58,16 @@ const CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
 fn vip() -> String {
     format!("{VIP}:80")
 }
+
+fn vip_ip() -> Ipv4Addr {
+    VIP.parse().expect("VIP")
+}
+
+/// An address next to the VIP that no service is at.
+const NOT_A_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 101);
+
+/// How long a ping waits for its reply (`ping -W 2`).
+const PING_WAIT: Duration = Duration::from_secs(2);
 
 /// Everything one scenario runs; dropped in field order (processes before their netns).
 struct Scenario {
@@ -135,6 +148,10 @@ fn scenario(name: &str) -> Scenario {
     // Before skiff: the VIP is nowhere, so nothing answers.
     let out = fastpeer_output(&topo.client, None, &["spread", &vip(), "--n", "1"]);
     assert!(out.starts_with("err "), "VIP answered before skiff: {out}");
+    assert!(
+        !ping(&topo.client, vip_ip(), PING_WAIT),
+        "VIP answered a ping before skiff"
+    );
 
     let dir = tempfile::Builder::new()
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
@@ -254,6 +271,32 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
         assert!(xdp_attached(&s, &dev), "no XDP program on {dev}");
     }
 
+    // A ping to the VIP is answered at the node's driver (the VIP is on no interface), and
+    // counted; an address that is no VIP still is not. veth wakes its peer after an XDP_TX
+    // only when the peer runs an XDP program (with GRO alone the replies did not arrive): the
+    // client's end gets one that passes everything (an unconfigured skiff_xdp).
+    let _client_xdp = fuzz::pass_all_on(&s.topo.client, "xc0");
+    if !(0..5).any(|_| ping(&s.topo.client, vip_ip(), PING_WAIT)) {
+        let (_, stats) = admin(&s.topo.node, "GET", "/stats").expect("admin /stats");
+        let xdp: Vec<&str> = stats.lines().filter(|l| l.contains(".xdp.")).collect();
+        panic!(
+            "no ping answered by {VIP}\n{}\n{}",
+            xdp.join("\n"),
+            skiff_tests::fastpath::skiff_maps(&s.topo.node)
+        );
+    }
+    let echoed = admin_stat(&s.topo.node, "skiff.bpf.xdp.icmp_echo_reply");
+    assert!(echoed >= 1, "icmp_echo_reply {echoed}");
+    assert!(
+        !ping(&s.topo.client, NOT_A_VIP, PING_WAIT),
+        "{NOT_A_VIP} (no service) answered a ping"
+    );
+    let maps = skiff_tests::fastpath::skiff_maps(&s.topo.node);
+    assert!(
+        maps.contains(&format!("xdp_echo_vips (1):\n  vip={VIP}\n")),
+        "{maps}"
+    );
+
     // Spread over the first two endpoints per Maglev (equal weights: half each).
     let n = 200;
     let counts = s.spread(n);
@@ -331,6 +374,21 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");
     drop(holder);
 
+    // The service moves to another VIP: that one answers pings, the old one stops (the echo
+    // VIP set follows the applied fast path).
+    let moved: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
+    let listeners = LISTENERS
+        .replace(r#""version_info": "1""#, r#""version_info": "2""#)
+        .replace(VIP, &moved.to_string());
+    write_atomic(s.dir.path(), "listeners.json", &listeners);
+    eventually("a ping to the service's new VIP to be answered", || {
+        ping(&s.topo.client, moved, Duration::from_millis(500))
+    });
+    assert!(
+        !ping(&s.topo.client, vip_ip(), PING_WAIT),
+        "the removed service's VIP still answers pings"
+    );
+
     // skiff exits cleanly and takes its programs with it.
     sigterm_and_wait(s.skiff.take().expect("skiff"));
     for dev in s.topo.node_devs() {
@@ -343,6 +401,10 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
         out.starts_with("err "),
         "VIP answered after skiff left: {out}"
     );
+    assert!(
+        !ping(&s.topo.client, vip_ip(), PING_WAIT),
+        "VIP answered a ping after skiff left"
+    );
 }
 
 // === Packet fuzz through BPF_PROG_TEST_RUN ===
@@ -353,12 +415,14 @@ mod fuzz {
     use aya::Ebpf;
     use aya::maps::{Array, HashMap};
     use aya::programs::{TestRun, TestRunOptions, Xdp};
+    use skiff_common::xdp::XdpAddrKey;
     use skiff_common::{
         ClusterValue, ConfigValue, EndpointValue, LB_ROUND_ROBIN, NO_CLUSTER, ServiceKeyV4,
         ServiceKeyV6, ServiceValue,
     };
 
     const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
     pub const VIP4: [u8; 4] = [10, 96, 0, 100];
     pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x100);
     pub const EPS4: [SocketAddrV4; 2] = [
@@ -389,7 +453,7 @@ mod fuzz {
     }
 
     /// The skiff-bpf object the skiff binary embeds (`SKIFF_EBPF_OBJ` or the xtask output).
-    fn object() -> Vec<u8> {
+    pub fn object() -> Vec<u8> {
         let path = std::env::var_os("SKIFF_EBPF_OBJ")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -450,9 +514,28 @@ mod fuzz {
             0,
         )
         .unwrap();
+        // The VIP set userspace derives from those services, for the echo replies.
+        let mut vips: HashMap<_, XdpAddrKey, u8> =
+            HashMap::try_from(ebpf.map_mut("SKIFF_XDP_VIP").unwrap()).unwrap();
+        vips.insert(XdpAddrKey::new(Ipv4Addr::from(VIP4).into()), 1, 0)
+            .unwrap();
+        vips.insert(XdpAddrKey::new(VIP6.into()), 1, 0).unwrap();
         let prog: &mut Xdp = ebpf.program_mut("skiff_xdp").unwrap().try_into().unwrap();
         prog.load().expect("the verifier accepts skiff_xdp");
         ebpf
+    }
+
+    /// `skiff_xdp` from a fresh, unconfigured copy of the object attached to `dev` in `ns`:
+    /// with no config it passes every frame. Detached when the returned object drops.
+    pub fn pass_all_on(ns: &skiff_tests::Netns, dev: &'static str) -> Ebpf {
+        skiff_tests::in_netns(ns, move || {
+            let mut ebpf = Ebpf::load(&object()).expect("load skiff-bpf");
+            let prog: &mut Xdp = ebpf.program_mut("skiff_xdp").unwrap().try_into().unwrap();
+            prog.load().expect("load skiff_xdp");
+            prog.attach(dev, aya::programs::XdpMode::Driver)
+                .unwrap_or_else(|e| panic!("attach skiff_xdp to {dev}: {e}"));
+            ebpf
+        })
     }
 
     /// One run: (verdict, output frame).
@@ -563,6 +646,93 @@ mod fuzz {
         f
     }
 
+    /// Ethernet + IPv4 + ICMP message of `typ` (code 0, id 0x1234, sequence 1) with correct
+    /// checksums.
+    pub fn icmp4(src: [u8; 4], dst: [u8; 4], typ: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = v4(src, dst, 1, 0, 0, &[], true);
+        f.truncate(34);
+        let mut m = vec![typ, 0, 0, 0, 0x12, 0x34, 0, 1];
+        m.extend_from_slice(payload);
+        let c = !fold(sum(&m));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        let tot = (20 + m.len()) as u16;
+        f[16..18].copy_from_slice(&tot.to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(&f[14..34]));
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&m);
+        f
+    }
+
+    /// Ethernet + IPv6 + ICMPv6 message of `typ` (code 0, id 0x1234, sequence 1), checksummed.
+    pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![typ, 0, 0, 0, 0x12, 0x34, 0, 1];
+        m.extend_from_slice(payload);
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(m.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        let c = !fold(icmp6_sum(&f, 14, &m));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&m);
+        f
+    }
+
+    /// Pseudo-header (addresses of the IPv6 header at `l3`, length, next header 58) plus `m`.
+    fn icmp6_sum(f: &[u8], l3: usize, m: &[u8]) -> u32 {
+        let mut pseudo = f[l3 + 8..l3 + 40].to_vec();
+        pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        sum(&pseudo) + sum(m)
+    }
+
+    /// Whether the ICMP (`v6` false) or ICMPv6 message in `f` (IP header at `l3`) verifies:
+    /// IPv4 header and ICMP checksums, or the ICMPv6 checksum with its pseudo-header.
+    pub fn icmp_sums_ok(f: &[u8], l3: usize, v6: bool) -> bool {
+        if v6 {
+            let len = usize::from(u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]));
+            let m = &f[l3 + 40..l3 + 40 + len];
+            fold(icmp6_sum(f, l3, m)) == 0xffff
+        } else {
+            let tot = usize::from(u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]));
+            fold(sum(&f[l3..l3 + 20])) == 0xffff && fold(sum(&f[l3 + 20..l3 + tot])) == 0xffff
+        }
+    }
+
+    /// Whether `out` is the echo reply of the echo request `req`: MACs and addresses swapped,
+    /// type echo reply, TTL / hop limit 64, every other byte the same, and the checksums verify
+    /// exactly when the request's did (they were updated, not recomputed).
+    pub fn is_echo_reply_of(req: &[u8], out: &[u8]) -> bool {
+        if req.len() != out.len() || req.len() < 14 {
+            return false;
+        }
+        let l3 = if req[12..14] == [0x81, 0x00] { 18 } else { 14 };
+        let v6 = req[l3 - 2..l3] == [0x86, 0xdd];
+        let (src, dst, ttl, l4, typ) = if v6 {
+            (l3 + 8..l3 + 24, l3 + 24..l3 + 40, l3 + 7, l3 + 40, 129)
+        } else {
+            (l3 + 12..l3 + 16, l3 + 16..l3 + 20, l3 + 8, l3 + 20, 0)
+        };
+        if out.len() < l4 + 8 {
+            return false;
+        }
+        let mut expect = req.to_vec();
+        expect[0..6].copy_from_slice(&req[6..12]);
+        expect[6..12].copy_from_slice(&req[0..6]);
+        expect[src.clone()].copy_from_slice(&req[dst.clone()]);
+        expect[dst].copy_from_slice(&req[src]);
+        expect[ttl] = 64;
+        expect[l4] = typ;
+        let sums = if v6 { l4 + 2..l4 + 4 } else { l3 + 10..l3 + 12 };
+        let icmp_sum = l4 + 2..l4 + 4;
+        let same = (0..out.len())
+            .filter(|j| !sums.contains(j) && !icmp_sum.contains(j))
+            .all(|j| expect[j] == out[j]);
+        same && icmp_sums_ok(out, l3, v6) == icmp_sums_ok(req, l3, v6)
+    }
+
     /// Whether the IPv4 frame's header and L4 checksums verify (a UDP checksum of 0 counts as
     /// valid: none).
     pub fn v4_checksums_ok(f: &[u8]) -> bool {
@@ -595,7 +765,7 @@ mod fuzz {
 }
 
 #[test]
-fn packet_fuzz_passes_or_translates_every_frame_safely() {
+fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
     use fuzz::*;
     use std::net::Ipv6Addr;
     let _g = serial();
@@ -609,7 +779,7 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
         let client = [192, 168, 7, 9];
         let vip4 = VIP4;
         let eps: Vec<([u8; 4], u16)> = EPS4.iter().map(|e| (e.ip().octets(), e.port())).collect();
-        let (mut translated, mut replies, mut untouched) = (0, 0, 0);
+        let (mut translated, mut replies, mut untouched, mut fuzz_echoed) = (0, 0, 0, 0);
 
         // 1. Well-formed flows to the VIP: DNAT to an endpoint with valid checksums, and the
         //    endpoint's reply SNATed back to the VIP, also valid.
@@ -683,10 +853,57 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
             translated += 1;
         }
 
-        // 3. Malformed and random frames: always XDP_PASS, same length; a frame that changed
-        //    was translated to an endpoint (only address, port and checksum bytes differ).
+        // 3. ICMP: an echo request to a VIP (either family, with or without a VLAN tag) is
+        //    answered (XDP_TX, a well-formed reply); every other ICMP passes untouched.
+        let mut echoed = 0u64;
+        let other4 = [10, 96, 0, 101];
+        let other6 = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x101);
+        for i in 0..50usize {
+            let payload = rng.bytes(i * 7);
+            let req = icmp4(client, vip4, 8, &payload);
+            let req6 = icmp6(client6, VIP6, 128, &payload);
+            assert!(icmp_sums_ok(&req, 14, false) && icmp_sums_ok(&req6, 14, true));
+            let (v, out) = run(&ebpf, &req);
+            assert_eq!(v, XDP_TX, "echo request {i} to the VIP");
+            assert!(is_echo_reply_of(&req, &out), "echo reply {i}: {out:02x?}");
+            let mut tagged = req.clone();
+            tagged.splice(12..14, [0x81, 0x00, 0x00, 0x07, 0x08, 0x00]);
+            let (v, out) = run(&ebpf, &tagged);
+            assert_eq!(v, XDP_TX, "VLAN-tagged echo request {i}");
+            assert!(is_echo_reply_of(&tagged, &out), "tagged echo reply {i}");
+            let (v, out) = run(&ebpf, &req6);
+            assert_eq!(v, XDP_TX, "ICMPv6 echo request {i} to the VIP");
+            assert!(is_echo_reply_of(&req6, &out), "ICMPv6 echo reply {i}");
+            echoed += 3;
+            for f in [
+                icmp4(client, other4, 8, &payload),
+                icmp4(client, vip4, 0, &payload),
+                icmp4(client, vip4, 3, &payload),
+                icmp4(client, vip4, 13, &payload),
+                icmp6(client6, other6, 128, &payload),
+                icmp6(client6, VIP6, 129, &payload),
+                icmp6(client6, VIP6, 135, &payload),
+            ] {
+                let (v, out) = run(&ebpf, &f);
+                assert!(verdict_ok(v), "verdict {v} for ICMP {f:02x?}");
+                assert_eq!(out, f, "ICMP that is no echo request to a VIP changed");
+            }
+        }
+        // The answers are counted.
+        let st: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(ebpf.map("SKIFF_XDP_ST").unwrap()).unwrap();
+        let count: u64 = st
+            .get(&skiff_common::xdp::stat::ICMP_ECHO_REPLY, 0)
+            .unwrap()
+            .iter()
+            .sum();
+        assert_eq!(count, echoed, "icmp_echo_reply counter");
+
+        // 4. Malformed and random frames: XDP_PASS, same length; a frame that changed was
+        //    translated to an endpoint (only address, port and checksum bytes differ); an
+        //    XDP_TX is the echo reply of an echo request to a VIP.
         for i in 0..20000u32 {
-            let base = match rng.below(4) {
+            let base = match rng.below(6) {
                 0 => v4(
                     client,
                     vip4,
@@ -706,6 +923,8 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
                     false,
                 ),
                 2 => v6(client6, VIP6, 40000 + (i % 2000) as u16, 80, &rng.bytes(16)),
+                3 => icmp4(client, vip4, 8, &rng.bytes(16)),
+                4 => icmp6(client6, VIP6, 128, &rng.bytes(16)),
                 _ => {
                     let n = 14 + rng.below(120) as usize;
                     let mut f = rng.bytes(n);
@@ -753,6 +972,14 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
                 _ => {}
             }
             let (v, out) = run(&ebpf, &f);
+            if v == XDP_TX {
+                assert!(
+                    is_echo_reply_of(&f, &out),
+                    "fuzz frame {i}: XDP_TX but no echo reply: {f:02x?} -> {out:02x?}"
+                );
+                fuzz_echoed += 1;
+                continue;
+            }
             assert!(verdict_ok(v), "verdict {v} for fuzz frame {i}: {f:02x?}");
             assert_eq!(out.len(), f.len(), "fuzz frame {i} changed length");
             if out == f {
@@ -782,11 +1009,11 @@ fn packet_fuzz_passes_or_translates_every_frame_safely() {
             }
             translated += 1;
         }
-        (translated, replies, untouched)
+        (translated, replies, untouched, fuzz_echoed)
     });
-    let (translated, replies, untouched) = summary;
+    let (translated, replies, untouched, echoed) = summary;
     assert!(
-        translated > 600 && replies == 500 && untouched > 1000,
+        translated > 600 && replies == 500 && untouched > 1000 && echoed > 1000,
         "{summary:?}"
     );
 }

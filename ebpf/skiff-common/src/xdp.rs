@@ -4,7 +4,8 @@
 //! `SKIFF_SVC4_V2`/`SKIFF_SVC6_V2`, `SKIFF_CLUSTERS`, `SKIFF_ENDPOINTS` and `SKIFF_MAGLEV`
 //! maps (node scope, active generation) that connect4/6 read, so one projection and one
 //! generation flip feed both. Its own maps are connection tracking (forward and reverse),
-//! the redirect targets and the counters defined here.
+//! the redirect targets, the VIP addresses it answers echo requests for, and the counters
+//! defined here.
 //!
 //! Pure pieces (checksum arithmetic, the flow hash, the slot choice) live here so that host
 //! unit tests run the code the kernel runs.
@@ -82,6 +83,20 @@ pub struct XdpVipKey {
 }
 const _: () = assert!(core::mem::size_of::<XdpVipKey>() == 20);
 
+/// Key of `SKIFF_XDP_VIP`: a VIP address alone (the fast path serves some port of it at node
+/// scope), for the echo replies. IPv4 uses word 0 only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct XdpAddrKey {
+    /// Address, network-order words.
+    pub addr_be: [u32; 4],
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<XdpAddrKey>() == 20);
+const _: () = assert!(core::mem::align_of::<XdpAddrKey>() == 4);
+
 /// Per-CPU counters of one VIP (`SKIFF_XDP_VST`) or one endpoint (`SKIFF_XDP_EST`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,7 +124,7 @@ pub mod stat {
     pub const PASS_FRAGMENT: u32 = 1;
     /// Not TCP/UDP to a fast-path service, and no reply of a tracked flow.
     pub const PASS_NO_SERVICE: u32 = 2;
-    /// ICMP/ICMPv6 for anything: passed to the stack (see docs: not answered here).
+    /// ICMP/ICMPv6 other than an echo request to a VIP: passed to the stack untouched.
     pub const PASS_ICMP: u32 = 3;
     /// Bad header fields (IHL < 5, total length beyond the frame, TTL <= 1): passed untouched.
     pub const PASS_MALFORMED: u32 = 4;
@@ -130,8 +145,10 @@ pub mod stat {
     pub const NO_ENDPOINT: u32 = 11;
     /// IPv4 header with options (IHL > 5): passed untouched, not balanced.
     pub const PASS_IP_OPTIONS: u32 = 12;
+    /// ICMP echo request (or ICMPv6 echo request) to a VIP answered at the driver (XDP_TX).
+    pub const ICMP_ECHO_REPLY: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     /// Counter names, by index (in `/stats` as `skiff.xdp.<name>`).
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ip",
@@ -147,6 +164,7 @@ pub mod stat {
         "reply",
         "no_endpoint",
         "pass_ip_options",
+        "icmp_echo_reply",
     ];
 }
 
@@ -247,8 +265,38 @@ mod pod {
     unsafe impl aya::Pod for super::XdpNat {}
     // SAFETY: as above (20 bytes, no implicit padding).
     unsafe impl aya::Pod for super::XdpVipKey {}
+    // SAFETY: as above (20 bytes, explicit `_pad`).
+    unsafe impl aya::Pod for super::XdpAddrKey {}
     // SAFETY: six u64, no padding.
     unsafe impl aya::Pod for super::XdpCounters {}
+}
+
+#[cfg(feature = "user")]
+impl XdpAddrKey {
+    /// The key of `ip`.
+    pub fn new(ip: std::net::IpAddr) -> Self {
+        let (family, addr_be) = match ip {
+            std::net::IpAddr::V4(a) => (AF_INET, [u32::from_ne_bytes(a.octets()), 0, 0, 0]),
+            std::net::IpAddr::V6(a) => {
+                let o = a.octets();
+                let mut w = [0u32; 4];
+                for (i, c) in o.chunks_exact(4).enumerate() {
+                    w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                (crate::AF_INET6, w)
+            }
+        };
+        Self {
+            addr_be,
+            family: family as u8,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The address (`None` for an unknown family).
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        crate_addr(self.family, &self.addr_be, 0).map(|a| a.ip())
+    }
 }
 
 #[cfg(feature = "user")]

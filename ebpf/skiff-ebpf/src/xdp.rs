@@ -10,24 +10,29 @@
 //! `SKIFF_XDP_TX` is redirected there (MACs rewritten, TTL decremented); anything else goes to
 //! the stack translated (XDP_PASS), which forwards it itself.
 //!
-//! Everything else passes untouched: non-IP, fragments (later fragments carry no ports), ICMP
-//! (the stack answers or drops it; the VIP is not local, so echo requests are not answered),
-//! IPv6 extension headers, malformed headers. VLAN-tagged frames are translated but always
+//! An ICMP echo request (ICMPv6 echo request) to a VIP of a node-scope fast-path service, by
+//! address alone (`SKIFF_XDP_VIP`, written by userspace from the applied fast path), is
+//! answered at the driver as Katran and Cilium do: MACs and addresses swapped, type echo reply,
+//! TTL / hop limit 64, checksums updated incrementally (ICMPv6's pseudo-header sum does not
+//! change when the addresses swap), sent back out of the same interface (XDP_TX).
+//!
+//! Everything else passes untouched: non-IP, fragments (later fragments carry no ports), every
+//! other ICMP (the stack answers or drops it), IPv6 extension headers, malformed headers. VLAN-tagged frames are translated but always
 //! passed to the stack (the redirect would keep the tag on another interface).
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::generated::bpf_fib_lookup as fib_lookup,
     macros::{map, xdp},
-    maps::{DevMapHash, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use skiff_common::{
     AF_INET, AF_INET6, ClusterValue, EndpointKey, EndpointValue, HEALTH_OK, IPPROTO_TCP,
     IPPROTO_UDP, NO_CLUSTER, NODE_SCOPE, ServiceKeyV4, ServiceKeyV6, ServiceValue, SlotFacts,
     xdp::{
-        XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4, flow_hash, stat,
-        udp_mangled, xdp_pick_slot,
+        XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4,
+        flow_hash, stat, udp_mangled, xdp_pick_slot,
     },
 };
 
@@ -51,6 +56,13 @@ pub static SKIFF_XDP_RCT: LruHashMap<XdpFlowKey, XdpNat> = LruHashMap::with_max_
 /// value: ifindex; max 64. Writer: userspace (`bpf::xdp`). Readers: skiff_xdp.
 #[map]
 pub static SKIFF_XDP_TX: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// VIP addresses answered with ICMP echo replies: every address some node-scope fast-path
+/// service (any port, TCP or UDP) is at. Key: `XdpAddrKey`; value: u8 (1); max `max_services`
+/// (set at load); not LRU. Writer: userspace (`bpf::xdp`, from the applied fast path).
+/// Readers: skiff_xdp; userspace (`skiff maps`).
+#[map]
+pub static SKIFF_XDP_VIP: HashMap<XdpAddrKey, u8> = HashMap::with_max_entries(10240, 0);
 
 /// Per-VIP counters. Key: `XdpVipKey`; value: `XdpCounters` per CPU; max 10240; LRU.
 /// Writer: skiff_xdp. Readers: userspace (`/stats` `skiff.xdp.<vip>.*`, `skiff maps`).
@@ -81,6 +93,13 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HLEN: usize = 40;
+/// Type and code words (as stored) of the ICMP echo messages.
+const ICMP_ECHO_REQUEST: u16 = u16::from_ne_bytes([8, 0]);
+const ICMP_ECHO_REPLY: u16 = u16::from_ne_bytes([0, 0]);
+const ICMPV6_ECHO_REQUEST: u16 = u16::from_ne_bytes([128, 0]);
+const ICMPV6_ECHO_REPLY: u16 = u16::from_ne_bytes([129, 0]);
+/// TTL / hop limit of an echo reply (the stack's default).
+const ECHO_TTL: u8 = 64;
 /// Offset of the L4 checksum within TCP and UDP headers.
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
@@ -153,7 +172,8 @@ fn st32(p: usize, v: u32) {
     unsafe { (p as *mut u32).write_unaligned(v) }
 }
 
-/// What the parser found: where the headers are and the 5-tuple.
+/// What the parser found: where the headers are and the 5-tuple. For ICMP, `sport` is the
+/// type and code word (as stored) and `dport` the checksum.
 struct Pkt {
     family: u32,
     proto: u8,
@@ -207,12 +227,13 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     }
 }
 
-/// What to do with a packet: rewrite the destination (`reply` false) or the source (`reply`
-/// true) of `pkt` to `nat`.
+/// What to do with a packet: answer an echo request (`echo`), else rewrite the destination
+/// (`reply` false) or the source (`reply` true) of `pkt` to `nat`.
 struct Plan {
     pkt: Pkt,
     nat: XdpNat,
     reply: bool,
+    echo: bool,
 }
 
 /// Parses the packet (IP header at `L3`, L4 at `L4`, IPv6 if `V6`), finds its service or
@@ -228,7 +249,26 @@ fn decide<const L3: usize, const L4: usize, const V6: bool>(
     } else {
         parse_v4::<L3, L4>(ctx, len)?
     };
+    plan.echo = false;
     let cfg = config().ok_or(stat::PASS_NO_SERVICE)?;
+    let icmp = if V6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    if plan.pkt.proto == IPPROTO_ICMP || plan.pkt.proto == IPPROTO_ICMPV6 {
+        let request = if V6 {
+            ICMPV6_ECHO_REQUEST
+        } else {
+            ICMP_ECHO_REQUEST
+        };
+        // Only an echo request of the header's own family, to a VIP the fast path serves.
+        if plan.pkt.proto != icmp
+            || plan.pkt.sport != request
+            || cfg.fast_path == 0
+            || !is_vip(&plan.pkt)
+        {
+            return Err(stat::PASS_ICMP);
+        }
+        plan.echo = true;
+        return Ok(());
+    }
     if cfg.fast_path != 0
         && let Some(svc) = service(&plan.pkt)
     {
@@ -249,6 +289,9 @@ fn decide<const L3: usize, const L4: usize, const V6: bool>(
 /// Rewrites the packet as `plan` says and sends it on.
 #[inline(never)]
 fn apply<const L3: usize, const L4: usize>(ctx: &XdpContext, plan: &Plan) -> Result<u32, u32> {
+    if plan.echo {
+        return echo_reply::<L3, L4>(ctx, plan.pkt.family == AF_INET6);
+    }
     rewrite::<L3, L4>(ctx, &plan.pkt, plan.reply, &plan.nat)?;
     let dst = if plan.reply {
         plan.pkt.dst
@@ -334,7 +377,13 @@ fn ports<const L4: usize>(ctx: &XdpContext, proto: u8, payload: usize) -> Result
     let need = match u32::from(proto) {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
-        _ if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 => return Err(stat::PASS_ICMP),
+        // Type, code, checksum and the echo identifier and sequence number.
+        _ if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 => {
+            if payload < 8 {
+                return Err(stat::PASS_ICMP);
+            }
+            8
+        }
         _ => return Err(stat::PASS_NO_SERVICE),
     };
     if payload < need {
@@ -373,6 +422,65 @@ fn service(pkt: &Pkt) -> Option<ServiceValue> {
         // SAFETY: copied out at once.
         unsafe { SKIFF_SVC6_V2.get(key) }.copied()
     }
+}
+
+/// Whether the packet's destination is a VIP the fast path serves (any port).
+#[inline(always)]
+fn is_vip(pkt: &Pkt) -> bool {
+    let key = XdpAddrKey {
+        addr_be: pkt.dst,
+        family: pkt.family as u8,
+        _pad: [0; 3],
+    };
+    // SAFETY: only tested for presence.
+    unsafe { SKIFF_XDP_VIP.get(key) }.is_some()
+}
+
+/// Turns the echo request (`v6`: ICMPv6) into its reply and sends it back where it came from.
+#[inline(always)]
+fn echo_reply<const L3: usize, const L4: usize>(ctx: &XdpContext, v6: bool) -> Result<u32, u32> {
+    let icmp = at(ctx, L4, 4)?;
+    let old = ld16(icmp);
+    let new = if v6 {
+        ICMPV6_ECHO_REPLY
+    } else {
+        ICMP_ECHO_REPLY
+    };
+    // Only the type changes in the ICMP message; ICMPv6's pseudo-header (addresses, length,
+    // next header) sums the same with the addresses swapped.
+    st16(icmp + 2, csum_replace2(ld16(icmp + 2), old, new));
+    st16(icmp, new);
+    if v6 {
+        let ip = at(ctx, L3, IPV6_HLEN)?;
+        // SAFETY: `ip` covers the 40-byte header.
+        unsafe { *((ip + 7) as *mut u8) = ECHO_TTL };
+        for i in 0..4 {
+            let s = ld32(ip + 8 + i * 4);
+            st32(ip + 8 + i * 4, ld32(ip + 24 + i * 4));
+            st32(ip + 24 + i * 4, s);
+        }
+    } else {
+        let ip = at(ctx, L3, 20)?;
+        // TTL shares a checksummed word with the protocol; swapped addresses sum the same.
+        let old = ld16(ip + 8);
+        // SAFETY: `ip` covers the 20-byte header.
+        unsafe { *((ip + 8) as *mut u8) = ECHO_TTL };
+        st16(ip + 10, csum_replace2(ld16(ip + 10), old, ld16(ip + 8)));
+        let s = ld32(ip + 12);
+        st32(ip + 12, ld32(ip + 16));
+        st32(ip + 16, s);
+    }
+    let eth = at(ctx, 0, ETH_HLEN)?;
+    for i in 0..6 {
+        // SAFETY: `eth` covers the 14-byte header.
+        unsafe {
+            let d = *((eth + i) as *const u8);
+            *((eth + i) as *mut u8) = *((eth + 6 + i) as *const u8);
+            *((eth + 6 + i) as *mut u8) = d;
+        }
+    }
+    bump(stat::ICMP_ECHO_REPLY);
+    Ok(xdp_action::XDP_TX)
 }
 
 #[inline(always)]

@@ -741,6 +741,7 @@ fn load_object(cfg: &CaptureConfig, pins: Option<&Pins>) -> Result<Ebpf, BpfErro
         (MAP_SVC_V4, caps.max_services),
         (MAP_SVC_V6, caps.max_services),
         (MAP_SVC_STAT, caps.max_services),
+        (xdp::MAP_VIP, caps.max_services),
         (MAP_CLUSTERS, 2 * caps.max_clusters),
         (MAP_RR, 2 * caps.max_clusters),
         (MAP_ENDPOINTS, 2 * caps.max_endpoints),

@@ -6,10 +6,13 @@
 //! Each interface gets the program in native (driver) mode when the driver supports it, else
 //! in generic (SKB) mode; the mode is logged and shown by `skiff maps`. Every interface is
 //! also a redirect target (`SKIFF_XDP_TX`). A sweeper thread deletes the conntrack entries of
-//! endpoints the fast path no longer serves, so only their flows move to other endpoints.
+//! endpoints the fast path no longer serves, so only their flows move to other endpoints, and
+//! keeps `SKIFF_XDP_VIP` (the addresses whose echo requests the kernel answers) equal to the
+//! VIPs of the node-scope services the fast path serves: the same applied image the kernel's
+//! service maps hold, so a removed service's VIP stops answering within a sweep period.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,9 +22,9 @@ use aya::maps::{DevMapHash, HashMap as LruHashMap, MapData, PerCpuArray, PerCpuH
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 use serde_json::{Value, json};
 use skiff_common::EndpointKey;
-use skiff_common::xdp::{XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, stat};
+use skiff_common::xdp::{XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, stat};
 
-use super::{BpfError, FastPath};
+use super::{BpfError, FastPath, FastPathView};
 use crate::bpf::take;
 
 /// The program, as the loader and errors name it.
@@ -32,6 +35,8 @@ const MAP_TX: &str = "SKIFF_XDP_TX";
 const MAP_VST: &str = "SKIFF_XDP_VST";
 const MAP_EST: &str = "SKIFF_XDP_EST";
 const MAP_ST: &str = "SKIFF_XDP_ST";
+/// The VIP addresses answered with echo replies (sized like the service maps at load).
+pub(super) const MAP_VIP: &str = "SKIFF_XDP_VIP";
 /// How often the sweeper compares conntrack with the endpoints the fast path serves.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
@@ -46,10 +51,11 @@ pub struct XdpInterface {
     pub mode: &'static str,
 }
 
-/// Conntrack maps, shared with the sweeper thread.
+/// Conntrack maps and the VIP set, shared with the sweeper thread.
 struct Conntrack {
     forward: LruHashMap<MapData, XdpFlowKey, XdpNat>,
     reverse: LruHashMap<MapData, XdpFlowKey, XdpNat>,
+    vips: LruHashMap<MapData, XdpAddrKey, u8>,
 }
 
 /// Installed XDP balancer: the program on its interfaces, its maps, the sweeper. Dropping it
@@ -76,6 +82,7 @@ impl XdpBalancer {
         let ct = Conntrack {
             forward: take(ebpf, MAP_CT)?,
             reverse: take(ebpf, MAP_RCT)?,
+            vips: take(ebpf, MAP_VIP)?,
         };
         let mut tx: DevMapHash<MapData> = take(ebpf, MAP_TX)?;
         let vip_stats = take(ebpf, MAP_VST)?;
@@ -187,10 +194,25 @@ impl XdpBalancer {
         out
     }
 
+    /// The VIP addresses the kernel answers echo requests for, sorted.
+    pub(super) fn echo_vips(&self) -> Vec<IpAddr> {
+        let ct = self.ct.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<IpAddr> = ct
+            .vips
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| k.ip())
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The `/debug/maps` part (`skiff maps`): interfaces, conntrack entries, counters.
     pub(super) fn maps_json(&self) -> Value {
         let ct = self.conntrack();
         json!({
+            "xdp_echo_vips": self.echo_vips().iter().map(|v| json!({ "vip": v.to_string() }))
+                .collect::<Vec<_>>(),
             "xdp_interfaces": self.interfaces.iter().map(|i| json!({
                 "interface": i.name, "ifindex": i.ifindex, "mode": i.mode,
             })).collect::<Vec<_>>(),
@@ -209,7 +231,7 @@ impl XdpBalancer {
     }
 
     /// `/stats` lines (without the `skiff.` prefix): `xdp.<name>`, `xdp.<vip>.<counter>`,
-    /// `xdp.endpoint.<ep>.<counter>`, `xdp.conntrack_entries`.
+    /// `xdp.endpoint.<ep>.<counter>`, `xdp.conntrack_entries`, `xdp.echo_vips`.
     pub(super) fn stat_lines(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
             .stats()
@@ -231,6 +253,7 @@ impl XdpBalancer {
             .keys()
             .count();
         out.push(("xdp.conntrack_entries".to_string(), entries as u64));
+        out.push(("xdp.echo_vips".to_string(), self.echo_vips().len() as u64));
         out
     }
 }
@@ -296,13 +319,52 @@ fn ifindex(name: &str) -> Result<u32, BpfError> {
 }
 
 /// Every endpoint some scope of the applied fast path serves.
-fn served(fast: &FastPath) -> BTreeSet<SocketAddr> {
-    let view = fast.view();
+fn served(view: &FastPathView) -> BTreeSet<SocketAddr> {
     std::iter::once(&view.image)
         .chain(view.scopes.values())
         .flat_map(|img| img.clusters.values())
         .flat_map(|c| c.endpoints.iter().copied())
         .collect()
+}
+
+/// The addresses of the node-scope services (TCP and UDP) the applied fast path serves: the
+/// services the XDP program balances, so the VIPs whose echo requests it answers.
+fn vips(view: &FastPathView) -> BTreeSet<IpAddr> {
+    view.image
+        .services
+        .keys()
+        .chain(view.image.udp_services.keys())
+        .map(SocketAddr::ip)
+        .collect()
+}
+
+/// Makes `SKIFF_XDP_VIP` hold exactly `want`: inserts first, then deletes (a VIP staying
+/// answers throughout). Returns how many were added and removed.
+fn sync_vips(
+    map: &mut LruHashMap<MapData, XdpAddrKey, u8>,
+    want: &BTreeSet<IpAddr>,
+) -> (usize, usize) {
+    let have: BTreeSet<XdpAddrKey> = map.keys().filter_map(Result::ok).collect();
+    let want: BTreeSet<XdpAddrKey> = want.iter().map(|ip| XdpAddrKey::new(*ip)).collect();
+    let mut added = 0;
+    for k in want.difference(&have) {
+        match map.insert(k, 1, 0) {
+            Ok(()) => added += 1,
+            Err(e) => tracing::warn!(
+                map = MAP_VIP,
+                vip = ?k.ip(),
+                error = %e,
+                "could not add a VIP for XDP echo replies"
+            ),
+        }
+    }
+    let mut removed = 0;
+    for k in have.difference(&want) {
+        if map.remove(k).is_ok() {
+            removed += 1;
+        }
+    }
+    (added, removed)
 }
 
 /// Deletes the conntrack entries (both directions) whose endpoint is not in `served`; returns
@@ -327,10 +389,25 @@ fn spawn_sweeper(ct: Arc<Mutex<Conntrack>>, fast: Arc<FastPath>, stop: Arc<Atomi
         .name("skiff-xdp-ct".into())
         .spawn(move || {
             let mut last: Option<BTreeSet<SocketAddr>> = None;
+            let mut last_vips: Option<BTreeSet<IpAddr>> = None;
             let mut again = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(SWEEP_EVERY);
-                let now = served(&fast);
+                let view = fast.view();
+                let want = vips(&view);
+                if last_vips.as_ref() != Some(&want) {
+                    let mut guard = ct.lock().unwrap_or_else(|e| e.into_inner());
+                    let (added, removed) = sync_vips(&mut guard.vips, &want);
+                    drop(guard);
+                    tracing::info!(
+                        vips = want.len(),
+                        added,
+                        removed,
+                        "XDP echo replies: VIP set updated"
+                    );
+                    last_vips = Some(want);
+                }
+                let now = served(&view);
                 let changed = last.as_ref() != Some(&now);
                 // Sweep on every change and once more on the next round: a packet that read
                 // the old generation just before the flip may have tracked a flow since.
@@ -373,6 +450,19 @@ mod tests {
         );
         let vip = XdpVipKey::v4(u32::from_ne_bytes([10, 96, 0, 1]), 80u16.to_be(), 17);
         assert_eq!(vip_name(&vip).as_deref(), Some("udp:10.96.0.1:80"));
+    }
+
+    #[test]
+    fn echo_vip_keys_round_trip_in_network_order() {
+        let v4: IpAddr = "10.96.0.100".parse().unwrap();
+        let k = XdpAddrKey::new(v4);
+        assert_eq!(k.addr_be[0], u32::from_ne_bytes([10, 96, 0, 100]));
+        assert_eq!((k.addr_be[1], k.family), (0, skiff_common::AF_INET as u8));
+        assert_eq!(k.ip(), Some(v4));
+        let v6: IpAddr = "fd00:96::100".parse().unwrap();
+        let k6 = XdpAddrKey::new(v6);
+        assert_eq!(k6.addr_be[0], u32::from_ne_bytes([0xfd, 0, 0, 0x96]));
+        assert_eq!(k6.ip(), Some(v6));
     }
 
     #[test]
