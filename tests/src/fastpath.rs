@@ -356,3 +356,57 @@ pub fn scope_services(ns: &Netns, port: u16) -> Vec<(u64, String, Vec<String>)> 
     out.sort();
     out
 }
+
+/// `skiff-fastpeer hold`: an application holding connections open, asked over its stdin to
+/// check them (`check`); killed and reaped on drop.
+pub struct Holder {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Holder {
+    /// Starts `cmd` (a `skiff-fastpeer hold ...` command line) and waits for its `held ...`
+    /// line, returned with it.
+    pub fn spawn(mut cmd: std::process::Command) -> (Holder, String) {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn holder");
+        let mut h = Holder {
+            stdin: child.stdin.take(),
+            out: std::io::BufReader::new(child.stdout.take().expect("holder stdout")),
+            child,
+        };
+        let held = h.line();
+        assert!(held.starts_with("held "), "holder: {held}");
+        (h, held)
+    }
+
+    /// The next line the holder prints, trimmed.
+    pub fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.out.read_line(&mut l).expect("holder output");
+        l.trim().to_string()
+    }
+
+    /// Asks the holder to check every held connection; its answer line.
+    pub fn check(&mut self) -> String {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("holder stdin");
+        writeln!(stdin, "check").expect("ask holder");
+        stdin.flush().expect("flush holder stdin");
+        self.line()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

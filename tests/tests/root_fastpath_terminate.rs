@@ -7,13 +7,11 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_fastpath_terminate -- --test-threads=1` (as root).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
-    count, eds_control_plane, endpoints_file, fastpeer, netns_and_cgroup, per_backend,
+    Holder, count, eds_control_plane, endpoints_file, fastpeer, netns_and_cgroup, per_backend,
     spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
 use skiff_tests::{Cgroup, Child, Netns, TempYaml, command_in, serial};
@@ -56,36 +54,6 @@ fn scenario(name: &str) -> Scenario {
     }
 }
 
-/// An application holding fast-path connections; killed and reaped on drop.
-struct Holder {
-    child: std::process::Child,
-    stdin: Option<ChildStdin>,
-    out: BufReader<ChildStdout>,
-}
-
-impl Holder {
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.out.read_line(&mut l).expect("holder output");
-        l.trim().to_string()
-    }
-
-    fn check(&mut self) -> String {
-        let stdin = self.stdin.as_mut().expect("holder stdin");
-        writeln!(stdin, "check").expect("ask holder");
-        stdin.flush().expect("flush holder stdin");
-        self.line()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn removed_endpoint_connections_are_reset_and_the_others_survive() {
     let _g = serial();
@@ -94,19 +62,9 @@ fn removed_endpoint_connections_are_reset_and_the_others_survive() {
     // Connects are captured only once skiff opens its ready gate.
     skiff_tests::wait_admin_ready(&s.ns);
 
-    let mut child = command_in(Some(&s.ns), Some(&s.app), fastpeer())
-        .args(["hold", VIP, "--n", "9"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn holder");
-    let mut h = Holder {
-        stdin: child.stdin.take(),
-        out: BufReader::new(child.stdout.take().expect("holder stdout")),
-        child,
-    };
-    let held = h.line();
-    assert!(held.starts_with("held "), "holder: {held}");
+    let mut hold = command_in(Some(&s.ns), Some(&s.app), fastpeer());
+    hold.args(["hold", VIP, "--n", "9"]);
+    let (mut h, held) = Holder::spawn(hold);
     // Round robin (per-CPU cursors): every backend holds some.
     let n = per_backend(&held, &BACKENDS);
     assert!(n.iter().all(|c| *c > 0), "{held}");

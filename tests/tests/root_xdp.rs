@@ -20,13 +20,11 @@
 //! --test root_xdp -- --test-threads=1` (as root, under the shared lock).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
-use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
-    CHI2_BOUND, XDS, chi_square, endpoints_file, fastpeer, fastpeer_output, per_backend,
+    CHI2_BOUND, Holder, XDS, chi_square, endpoints_file, fastpeer, fastpeer_output, per_backend,
     spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
 use skiff_tests::xdp::{Topology, VIP, ping};
@@ -194,53 +192,6 @@ fn scenario(name: &str) -> Scenario {
     }
 }
 
-/// A client holding connections to the VIP; killed and reaped on drop.
-struct Holder {
-    child: std::process::Child,
-    stdin: Option<ChildStdin>,
-    out: BufReader<ChildStdout>,
-}
-
-impl Holder {
-    fn spawn(s: &Scenario, n: usize) -> (Holder, String) {
-        let mut child = command_in(Some(&s.topo.client), None, fastpeer())
-            .args(["hold", &vip(), "--n", &n.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn holder");
-        let mut h = Holder {
-            stdin: child.stdin.take(),
-            out: BufReader::new(child.stdout.take().expect("holder stdout")),
-            child,
-        };
-        let held = h.line();
-        assert!(held.starts_with("held "), "holder: {held}");
-        (h, held)
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.out.read_line(&mut l).expect("holder output");
-        l.trim().to_string()
-    }
-
-    fn check(&mut self) -> String {
-        let stdin = self.stdin.as_mut().expect("holder stdin");
-        writeln!(stdin, "check").expect("ask holder");
-        stdin.flush().expect("flush holder stdin");
-        self.line()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Polls `f` for up to 5 s until it returns true.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -330,7 +281,9 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     assert!(maps.contains("xdp_conntrack_entries: "), "{maps}");
 
     // Established flows keep their endpoint when an endpoint is added.
-    let (mut holder, held) = Holder::spawn(&s, 40);
+    let mut hold = command_in(Some(&s.topo.client), None, fastpeer());
+    hold.args(["hold", &vip(), "--n", "40"]);
+    let (mut holder, held) = Holder::spawn(hold);
     let before = s.conntrack();
     let by_ep = |ct: &BTreeMap<String, String>, ep: &str| ct.values().filter(|e| *e == ep).count();
     assert!(by_ep(&before, &a) > 0 && by_ep(&before, &b) > 0, "{held}");
