@@ -195,6 +195,37 @@ mod tests {
         assert!(Arc::ptr_eq(&a.store, &b.store));
     }
 
+    /// Sockets inherited from a predecessor with more workers: every one gets an accept loop
+    /// (none is left with connections queued and no one to take them).
+    #[test]
+    fn more_sockets_than_workers_are_all_served() {
+        use std::io::Read;
+        let w = workers(2);
+        let socks: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect();
+        let addrs: Vec<_> = socks.iter().map(|l| l.local_addr().unwrap()).collect();
+        let loops = w.serve(socks, &ListenerRole::Capture, std::future::pending::<()>);
+        assert_eq!(loops.len(), 3);
+        for a in addrs {
+            // No listener in the empty snapshot: an accepted connection is closed at once; one
+            // nobody accepts would wait in the backlog until the timeout.
+            let mut c = std::net::TcpStream::connect(a).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 1];
+            match c.read(&mut buf) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => panic!("{a}: not served: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn zero_means_one_and_drop_stops_the_threads() {
         let w = workers(0);
