@@ -205,19 +205,24 @@ pub const XDS: &str = "127.0.0.1:15010";
 /// How long the EDS tests wait for an update to reach the kernel.
 pub const EDS_WAIT: Duration = Duration::from_secs(20);
 
-/// The virtual outbound listener: 10.96.0.10:80 (/32) -> tcp_proxy -> EDS cluster `svc`.
-pub const EDS_LISTENERS: &str = r#"{"version_info": "1", "resources": [{
+/// The virtual outbound listener at `version`: `vip`:80 (/32) -> tcp_proxy -> EDS cluster
+/// `svc`; `tcp_proxy_extra` is appended to the tcp_proxy's fields (`, "hash_policy": ...`).
+pub fn eds_listeners(version: u32, vip: &str, tcp_proxy_extra: &str) -> String {
+    format!(
+        r#"{{"version_info": "{version}", "resources": [{{
   "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
   "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+  "address": {{"socket_address": {{"address": "0.0.0.0", "port_value": 15001}}}},
   "use_original_dst": true,
-  "filter_chains": [{
+  "filter_chains": [{{
     "name": "svc",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.10", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc", "cluster": "svc"}}]}]}]}"#;
+    "filter_chain_match": {{"destination_port": 80,
+      "prefix_ranges": [{{"address_prefix": "{vip}", "prefix_len": 32}}]}},
+    "filters": [{{"name": "envoy.filters.network.tcp_proxy",
+      "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "svc", "cluster": "svc"{tcp_proxy_extra}}}}}]}}]}}]}}"#
+    )
+}
 
 /// Cluster `svc`: ROUND_ROBIN over EDS.
 pub const EDS_CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
@@ -265,7 +270,7 @@ pub fn eds_control_plane(
     node: &str,
     endpoints: &[&str],
 ) -> (Child, TempYaml) {
-    write_atomic(dir, "listeners.json", EDS_LISTENERS);
+    write_atomic(dir, "listeners.json", &eds_listeners(1, "10.96.0.10", ""));
     write_atomic(dir, "clusters.json", EDS_CLUSTERS);
     write_atomic(dir, "endpoints.json", &endpoints_file(1, endpoints));
     let xds = XDS.parse().expect("XDS address");

@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
-    CHI2_BOUND, Holder, XDS, chi_square, endpoints_file, fastpeer, fastpeer_output, per_backend,
-    spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
+    CHI2_BOUND, Holder, XDS, chi_square, eds_listeners, endpoints_file, fastpeer, fastpeer_output,
+    per_backend, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
 use skiff_tests::xdp::{Topology, VIP, ping};
 use skiff_tests::{
@@ -35,18 +35,9 @@ use skiff_tests::{
 
 /// The service: VIP:80 -> EDS cluster `svc`, MAGLEV on the client's address (the kernel
 /// builds the cluster's Maglev table only with a hash policy).
-const LISTENERS: &str = r#"{"version_info": "1", "resources": [{
-  "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-  "name": "virtualOutbound",
-  "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-  "use_original_dst": true,
-  "filter_chains": [{
-    "name": "svc",
-    "filter_chain_match": {"destination_port": 80,
-      "prefix_ranges": [{"address_prefix": "10.96.0.100", "prefix_len": 32}]},
-    "filters": [{"name": "envoy.filters.network.tcp_proxy",
-      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "svc", "cluster": "svc", "hash_policy": [{"source_ip": {}}]}}]}]}]}"#;
+fn listeners(version: u32, vip: &str) -> String {
+    eds_listeners(version, vip, r#", "hash_policy": [{"source_ip": {}}]"#)
+}
 
 const CLUSTERS: &str = r#"{"version_info": "1", "resources": [{
   "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
@@ -155,7 +146,7 @@ fn scenario(name: &str) -> Scenario {
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
         .tempdir()
         .expect("tempdir");
-    write_atomic(dir.path(), "listeners.json", LISTENERS);
+    write_atomic(dir.path(), "listeners.json", &listeners(1, VIP));
     write_atomic(dir.path(), "clusters.json", CLUSTERS);
     let first: Vec<&str> = endpoints[..2].iter().map(String::as_str).collect();
     write_atomic(dir.path(), "endpoints.json", &endpoints_file(1, &first));
@@ -330,10 +321,11 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     // The service moves to another VIP: that one answers pings, the old one stops (the echo
     // VIP set follows the applied fast path).
     let moved: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 102);
-    let listeners = LISTENERS
-        .replace(r#""version_info": "1""#, r#""version_info": "2""#)
-        .replace(VIP, &moved.to_string());
-    write_atomic(s.dir.path(), "listeners.json", &listeners);
+    write_atomic(
+        s.dir.path(),
+        "listeners.json",
+        &listeners(2, &moved.to_string()),
+    );
     eventually("a ping to the service's new VIP to be answered", || {
         ping(&s.topo.client, moved, Duration::from_millis(500))
     });
