@@ -124,7 +124,8 @@ pub mod stat {
     pub const PASS_FRAGMENT: u32 = 1;
     /// Not TCP/UDP to a fast-path service, and no reply of a tracked flow.
     pub const PASS_NO_SERVICE: u32 = 2;
-    /// ICMP/ICMPv6 other than an echo request to a VIP: passed to the stack untouched.
+    /// ICMP/ICMPv6 other than an echo request to a VIP or an error about a tracked flow (or
+    /// one whose quoted packet does not parse): passed to the stack untouched.
     pub const PASS_ICMP: u32 = 3;
     /// Bad header fields (IHL < 5, total length beyond the frame, TTL <= 1): passed untouched.
     pub const PASS_MALFORMED: u32 = 4;
@@ -147,8 +148,14 @@ pub mod stat {
     pub const PASS_IP_OPTIONS: u32 = 12;
     /// ICMP echo request (or ICMPv6 echo request) to a VIP answered at the driver (XDP_TX).
     pub const ICMP_ECHO_REPLY: u32 = 13;
+    /// ICMP/ICMPv6 error for a VIP about a tracked flow's reply, translated and sent on to the
+    /// flow's endpoint.
+    pub const ICMP_ERROR_FORWARD: u32 = 14;
+    /// ICMP/ICMPv6 error from the endpoint side about a tracked flow's packet, translated back
+    /// to quote (and, when the endpoint sent it, come from) the VIP.
+    pub const ICMP_ERROR_REPLY: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     /// Counter names, by index (in `/stats` as `skiff.xdp.<name>`).
     pub const NAMES: [&str; COUNT as usize] = [
         "pass_not_ip",
@@ -165,6 +172,8 @@ pub mod stat {
         "no_endpoint",
         "pass_ip_options",
         "icmp_echo_reply",
+        "icmp_error_forward",
+        "icmp_error_reply",
     ];
 }
 
@@ -209,6 +218,20 @@ pub fn xdp_pick_slot(c: &ClusterValue, hash: u64, f: &impl SlotFacts) -> Option<
         (hash % u64::from(c.total_weight)) as u32,
         f,
     )
+}
+
+/// Whether an ICMP (`v6` false) or ICMPv6 message type is an error that quotes the packet it
+/// is about and is forwarded along that packet's flow: destination unreachable (IPv4: every
+/// code, fragmentation needed included) and time exceeded; ICMPv6 also packet too big.
+#[inline(always)]
+pub const fn icmp_error_type(v6: bool, typ: u8) -> bool {
+    if v6 {
+        // Destination unreachable, packet too big, time exceeded.
+        matches!(typ, 1..=3)
+    } else {
+        // Destination unreachable, time exceeded.
+        matches!(typ, 3 | 11)
+    }
 }
 
 /// One's-complement sum folded to 16 bits.
@@ -465,6 +488,16 @@ mod tests {
         assert_eq!((r.src_be, r.sport_be), ([5, 0, 0, 0], 8080));
         assert_eq!((r.dst_be, r.dport_be), ([1, 0, 0, 0], 1000));
         assert_eq!((r.proto, r.family), (6, AF_INET as u8));
+    }
+
+    #[test]
+    fn only_errors_that_quote_a_flow_are_forwarded() {
+        assert!(icmp_error_type(false, 3) && icmp_error_type(false, 11));
+        assert!(!icmp_error_type(false, 8) && !icmp_error_type(false, 0));
+        assert!(!icmp_error_type(false, 5) && !icmp_error_type(false, 12));
+        assert!(icmp_error_type(true, 1) && icmp_error_type(true, 2) && icmp_error_type(true, 3));
+        assert!(!icmp_error_type(true, 4) && !icmp_error_type(true, 128));
+        assert!(!icmp_error_type(true, 135));
     }
 
     #[test]

@@ -16,9 +16,21 @@
 //! TTL / hop limit 64, checksums updated incrementally (ICMPv6's pseudo-header sum does not
 //! change when the addresses swap), sent back out of the same interface (XDP_TX).
 //!
+//! An ICMP error about a tracked flow (IPv4 destination unreachable, fragmentation needed
+//! included, and time exceeded; ICMPv6 destination unreachable, packet too big and time
+//! exceeded) follows the flow, as in Linux's NAT: one sent to the VIP about a reply (quoting
+//! VIP:port -> client) goes to the flow's endpoint with the outer destination and the quoted
+//! source rewritten to the endpoint; one from the endpoint side about a forwarded packet
+//! (quoting client -> endpoint) goes to the client quoting the VIP, and from the VIP when the
+//! endpoint itself sent it. Without that, path MTU discovery breaks for balanced flows (the
+//! VIP is on no interface, so the stack drops the error). The outer IPv4 header checksum, the
+//! quoted header's checksum, the quoted L4 checksum when quoted, and the ICMP checksum (over
+//! the quoted bytes; ICMPv6's pseudo-header too) are updated incrementally.
+//!
 //! Everything else passes untouched: non-IP, fragments (later fragments carry no ports), every
-//! other ICMP (the stack answers or drops it), IPv6 extension headers, malformed headers. VLAN-tagged frames are translated but always
-//! passed to the stack (the redirect would keep the tag on another interface).
+//! other ICMP (the stack answers or drops it), IPv6 extension headers, malformed headers.
+//! VLAN-tagged frames are translated but always passed to the stack (the redirect would keep
+//! the tag on another interface).
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
@@ -32,7 +44,7 @@ use skiff_common::{
     IPPROTO_UDP, NO_CLUSTER, NODE_SCOPE, ServiceKeyV4, ServiceKeyV6, ServiceValue, SlotFacts,
     xdp::{
         XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, csum_replace2, csum_replace4,
-        flow_hash, stat, udp_mangled, xdp_pick_slot,
+        flow_hash, icmp_error_type, stat, udp_mangled, xdp_pick_slot,
     },
 };
 
@@ -182,6 +194,8 @@ struct Pkt {
     sport: u16,
     dport: u16,
     len: u64,
+    /// IP payload length (from the IP header, not the frame: a frame may carry padding).
+    payload: u32,
 }
 
 #[inline(always)]
@@ -227,14 +241,27 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     }
 }
 
-/// What to do with a packet: answer an echo request (`echo`), else rewrite the destination
-/// (`reply` false) or the source (`reply` true) of `pkt` to `nat`.
+/// What to do with a packet: answer an echo request (`echo`); translate an ICMP error about a
+/// tracked flow (`err` not `ERR_NONE`: to `nat`, the endpoint or the VIP, with the quoted
+/// packet's protocol `inner_proto`); else rewrite the destination (`reply` false) or the
+/// source (`reply` true) of `pkt` to `nat`.
 struct Plan {
     pkt: Pkt,
     nat: XdpNat,
     reply: bool,
     echo: bool,
+    err: u8,
+    inner_proto: u8,
 }
+
+/// `Plan::err`: not an ICMP error.
+const ERR_NONE: u8 = 0;
+/// `Plan::err`: an error sent to the VIP about a reply; goes to the endpoint.
+const ERR_TO_ENDPOINT: u8 = 1;
+/// `Plan::err`: an error from the endpoint side about a forwarded packet; goes to the client.
+const ERR_TO_CLIENT: u8 = 2;
+/// Length of the ICMP / ICMPv6 error header before the quoted packet.
+const ICMP_ERR_HLEN: usize = 8;
 
 /// Parses the packet (IP header at `L3`, L4 at `L4`, IPv6 if `V6`), finds its service or
 /// tracked flow and fills `plan`; an error is the reason it passes untouched.
@@ -250,6 +277,7 @@ fn decide<const L3: usize, const L4: usize, const V6: bool>(
         parse_v4::<L3, L4>(ctx, len)?
     };
     plan.echo = false;
+    plan.err = ERR_NONE;
     let cfg = config().ok_or(stat::PASS_NO_SERVICE)?;
     let icmp = if V6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
     if plan.pkt.proto == IPPROTO_ICMP || plan.pkt.proto == IPPROTO_ICMPV6 {
@@ -258,16 +286,19 @@ fn decide<const L3: usize, const L4: usize, const V6: bool>(
         } else {
             ICMP_ECHO_REQUEST
         };
-        // Only an echo request of the header's own family, to a VIP the fast path serves.
-        if plan.pkt.proto != icmp
-            || plan.pkt.sport != request
-            || cfg.fast_path == 0
-            || !is_vip(&plan.pkt)
-        {
+        // Only ICMP of the header's own family, with the fast path on.
+        if plan.pkt.proto != icmp || cfg.fast_path == 0 {
             return Err(stat::PASS_ICMP);
         }
-        plan.echo = true;
-        return Ok(());
+        // An echo request to a VIP the fast path serves.
+        if plan.pkt.sport == request && is_vip(&plan.pkt) {
+            plan.echo = true;
+            return Ok(());
+        }
+        if icmp_error_type(V6, plan.pkt.sport.to_ne_bytes()[0]) {
+            return icmp_error_flow::<L4, V6>(ctx, plan);
+        }
+        return Err(stat::PASS_ICMP);
     }
     if cfg.fast_path != 0
         && let Some(svc) = service(&plan.pkt)
@@ -291,6 +322,25 @@ fn decide<const L3: usize, const L4: usize, const V6: bool>(
 fn apply<const L3: usize, const L4: usize>(ctx: &XdpContext, plan: &Plan) -> Result<u32, u32> {
     if plan.echo {
         return echo_reply::<L3, L4>(ctx, plan.pkt.family == AF_INET6);
+    }
+    if plan.err != ERR_NONE {
+        let to_ep = plan.err == ERR_TO_ENDPOINT;
+        if plan.pkt.family == AF_INET6 {
+            icmp_error_v6::<L3, L4>(ctx, plan, to_ep)?;
+        } else {
+            icmp_error_v4::<L3, L4>(ctx, plan, to_ep)?;
+        }
+        let dst = if to_ep {
+            plan.nat.addr_be
+        } else {
+            plan.pkt.dst
+        };
+        bump(if to_ep {
+            stat::ICMP_ERROR_FORWARD
+        } else {
+            stat::ICMP_ERROR_REPLY
+        });
+        return send::<L3>(ctx, &plan.pkt, &dst);
     }
     rewrite::<L3, L4>(ctx, &plan.pkt, plan.reply, &plan.nat)?;
     let dst = if plan.reply {
@@ -335,6 +385,7 @@ fn parse_v4<const L3: usize, const L4: usize>(ctx: &XdpContext, len: u64) -> Res
         sport,
         dport,
         len,
+        payload: (tot_len - 20) as u32,
     })
 }
 
@@ -367,6 +418,7 @@ fn parse_v6<const L3: usize, const L4: usize>(ctx: &XdpContext, len: u64) -> Res
         sport,
         dport,
         len,
+        payload: payload as u32,
     })
 }
 
@@ -481,6 +533,222 @@ fn echo_reply<const L3: usize, const L4: usize>(ctx: &XdpContext, v6: bool) -> R
     }
     bump(stat::ICMP_ECHO_REPLY);
     Ok(xdp_action::XDP_TX)
+}
+
+/// Finds the tracked flow an ICMP error (type already checked) is about from the packet it
+/// quotes (at `L4` + 8; IPv6 if `V6`) and fills `plan` to translate it. An error whose quoted
+/// packet does not parse (IPv4 options, a later fragment, not TCP/UDP, ports not quoted) or
+/// belongs to no tracked flow passes untouched.
+#[inline(always)]
+fn icmp_error_flow<const L4: usize, const V6: bool>(
+    ctx: &XdpContext,
+    plan: &mut Plan,
+) -> Result<(), u32> {
+    let q = L4 + ICMP_ERR_HLEN;
+    let (qsrc, qdst, proto, ql4) = if V6 {
+        let ip = at(ctx, q, IPV6_HLEN).map_err(|_| stat::PASS_ICMP)?;
+        // SAFETY: `ip` covers the 40-byte quoted header.
+        let (ver, proto) = unsafe { (*(ip as *const u8) >> 4, *((ip + 6) as *const u8)) };
+        if ver != 6 {
+            return Err(stat::PASS_ICMP);
+        }
+        let mut src = [0u32; 4];
+        let mut dst = [0u32; 4];
+        for i in 0..4 {
+            src[i] = ld32(ip + 8 + i * 4);
+            dst[i] = ld32(ip + 24 + i * 4);
+        }
+        (src, dst, proto, q + IPV6_HLEN)
+    } else {
+        let ip = at(ctx, q, 20).map_err(|_| stat::PASS_ICMP)?;
+        // SAFETY: `ip` covers the 20-byte quoted header.
+        let (ver_ihl, proto) = unsafe { (*(ip as *const u8), *((ip + 9) as *const u8)) };
+        // Without options the quoted ports are at a constant offset (our flows carry none);
+        // a later fragment quotes no ports.
+        if ver_ihl != 0x45 || u16::from_be(ld16(ip + 6)) & 0x1fff != 0 {
+            return Err(stat::PASS_ICMP);
+        }
+        (
+            [ld32(ip + 12), 0, 0, 0],
+            [ld32(ip + 16), 0, 0, 0],
+            proto,
+            q + 20,
+        )
+    };
+    if u32::from(proto) != IPPROTO_TCP && u32::from(proto) != IPPROTO_UDP {
+        return Err(stat::PASS_ICMP);
+    }
+    // The quoted ports must lie inside the ICMP message, not merely inside the frame.
+    if (plan.pkt.payload as usize) < ql4 - L4 + 8 {
+        return Err(stat::PASS_ICMP);
+    }
+    let ports = at(ctx, ql4, 8).map_err(|_| stat::PASS_ICMP)?;
+    // An error goes back to where the quoted packet came from.
+    if plan.pkt.dst != qsrc {
+        return Err(stat::PASS_ICMP);
+    }
+    // The quoted packet went the other way: its reverse is the flow's key in either map.
+    let key = XdpFlowKey {
+        src_be: qdst,
+        dst_be: qsrc,
+        sport_be: ld16(ports + 2),
+        dport_be: ld16(ports),
+        proto,
+        family: plan.pkt.family as u8,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    if let Some(ep) = unsafe { SKIFF_XDP_CT.get(key) }.copied() {
+        // About a reply from the VIP (VIP -> client): the endpoint sent it.
+        plan.err = ERR_TO_ENDPOINT;
+        plan.nat = ep;
+    // SAFETY: as above.
+    } else if let Some(vip) = unsafe { SKIFF_XDP_RCT.get(key) }.copied() {
+        // About a forwarded packet (client -> endpoint): the client sent it to the VIP.
+        plan.err = ERR_TO_CLIENT;
+        plan.nat = vip;
+    } else {
+        return Err(stat::PASS_ICMP);
+    }
+    plan.inner_proto = proto;
+    Ok(())
+}
+
+/// Translates the IPv4 ICMP error `plan` found (`to_ep`: to the endpoint, else to the client):
+/// the outer destination (to the endpoint) or the outer source when the endpoint sent it (to
+/// the client), and the quoted source (destination) address and port, with the outer and
+/// quoted header checksums, the quoted L4 checksum and the ICMP checksum updated.
+#[inline(always)]
+fn icmp_error_v4<const L3: usize, const L4: usize>(
+    ctx: &XdpContext,
+    plan: &Plan,
+    to_ep: bool,
+) -> Result<(), u32> {
+    let q = L4 + ICMP_ERR_HLEN;
+    let new = plan.nat.addr_be[0];
+    let qip = at(ctx, q, 20)?;
+    let qaddr = qip + if to_ep { 12 } else { 16 };
+    let old = ld32(qaddr);
+    let ip = at(ctx, L3, 20)?;
+    let outer = if to_ep {
+        Some(ip + 16)
+    } else if plan.pkt.src[0] == old {
+        Some(ip + 12)
+    } else {
+        None
+    };
+    if let Some(o) = outer {
+        st16(ip + 10, csum_replace4(ld16(ip + 10), ld32(o), new));
+        st32(o, new);
+    }
+    let icmp = at(ctx, L4, 4)?;
+    // The ICMP checksum covers every quoted byte that changes.
+    let mut ic = ld16(icmp + 2);
+    let qc = ld16(qip + 10);
+    let qc_new = csum_replace4(qc, old, new);
+    st16(qip + 10, qc_new);
+    ic = csum_replace2(ic, qc, qc_new);
+    ic = csum_replace4(ic, old, new);
+    st32(qaddr, new);
+    ic = quoted_l4::<L4, 1>(ctx, plan, q + 20, to_ep, &[old, 0, 0, 0], ic)?;
+    st16(icmp + 2, ic);
+    Ok(())
+}
+
+/// As [`icmp_error_v4`] for ICMPv6 (no header checksums; the ICMPv6 checksum's
+/// pseudo-header covers the outer addresses).
+#[inline(always)]
+fn icmp_error_v6<const L3: usize, const L4: usize>(
+    ctx: &XdpContext,
+    plan: &Plan,
+    to_ep: bool,
+) -> Result<(), u32> {
+    let q = L4 + ICMP_ERR_HLEN;
+    let new = plan.nat.addr_be;
+    let qip = at(ctx, q, IPV6_HLEN)?;
+    let qaddr = qip + if to_ep { 8 } else { 24 };
+    let mut old = [0u32; 4];
+    for (i, o) in old.iter_mut().enumerate() {
+        *o = ld32(qaddr + i * 4);
+    }
+    let ip = at(ctx, L3, IPV6_HLEN)?;
+    let icmp = at(ctx, L4, 4)?;
+    let mut ic = ld16(icmp + 2);
+    let outer = if to_ep {
+        Some(ip + 24)
+    } else if plan.pkt.src == old {
+        Some(ip + 8)
+    } else {
+        None
+    };
+    if let Some(o) = outer {
+        for (i, n) in new.iter().enumerate() {
+            ic = csum_replace4(ic, ld32(o + i * 4), *n);
+            st32(o + i * 4, *n);
+        }
+    }
+    for (i, n) in new.iter().enumerate() {
+        ic = csum_replace4(ic, old[i], *n);
+        st32(qaddr + i * 4, *n);
+    }
+    ic = quoted_l4::<L4, 4>(ctx, plan, q + IPV6_HLEN, to_ep, &old, ic)?;
+    st16(icmp + 2, ic);
+    Ok(())
+}
+
+/// The quoted TCP/UDP header at `l4` (its first 8 bytes checked by `icmp_error_flow`; the
+/// ICMP header at `L4`): the source port (`sport`) or the destination port becomes
+/// `plan.nat.port_be`, and the quoted L4 checksum, when the quote reaches it, follows the port
+/// and the first `W` words of the address (`old` to `plan.nat.addr_be`, its pseudo-header).
+/// Returns the ICMP checksum `ic` updated for both.
+#[inline(always)]
+fn quoted_l4<const L4: usize, const W: usize>(
+    ctx: &XdpContext,
+    plan: &Plan,
+    l4: usize,
+    sport: bool,
+    old: &[u32; 4],
+    mut ic: u16,
+) -> Result<u16, u32> {
+    let port_at = if sport {
+        at(ctx, l4, 2)?
+    } else {
+        at(ctx, l4 + 2, 2)?
+    };
+    let old_port = ld16(port_at);
+    let new_port = plan.nat.port_be;
+    ic = csum_replace2(ic, old_port, new_port);
+    st16(port_at, new_port);
+    let udp = u32::from(plan.inner_proto) == IPPROTO_UDP;
+    // UDP's checksum is within the 8 quoted bytes; TCP's only when the quote reaches it
+    // (RFC 792 asks for 8 bytes, Linux quotes up to 576 in all).
+    let csum_off = if udp { UDP_CSUM } else { TCP_CSUM };
+    if (plan.pkt.payload as usize) < l4 - L4 + csum_off + 2 {
+        return Ok(ic);
+    }
+    let csum_at = if udp {
+        at(ctx, l4 + UDP_CSUM, 2)
+    } else {
+        at(ctx, l4 + TCP_CSUM, 2)
+    };
+    let Ok(csum_at) = csum_at else {
+        return Ok(ic);
+    };
+    let c = ld16(csum_at);
+    // A UDP datagram sent without a checksum keeps none.
+    if udp && c == 0 {
+        return Ok(ic);
+    }
+    let mut c_new = csum_replace2(c, old_port, new_port);
+    for (i, o) in old.iter().enumerate().take(W) {
+        c_new = csum_replace4(c_new, *o, plan.nat.addr_be[i]);
+    }
+    if udp {
+        c_new = udp_mangled(c_new);
+    }
+    ic = csum_replace2(ic, c, c_new);
+    st16(csum_at, c_new);
+    Ok(ic)
 }
 
 #[inline(always)]
