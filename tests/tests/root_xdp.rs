@@ -366,7 +366,7 @@ mod fuzz {
         ServiceKeyV6, ServiceValue,
     };
 
-    const XDP_PASS: u32 = 2;
+    pub const XDP_PASS: u32 = 2;
     pub const XDP_TX: u32 = 3;
     pub const VIP4: [u8; 4] = [10, 96, 0, 100];
     pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x100);
@@ -594,10 +594,31 @@ mod fuzz {
     /// Ethernet + IPv4 + ICMP message of `typ` (code 0, id 0x1234, sequence 1) with correct
     /// checksums.
     pub fn icmp4(src: [u8; 4], dst: [u8; 4], typ: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = v4(src, dst, 1, 0, 0, &[], true);
-        f.truncate(34);
         let mut m = vec![typ, 0, 0, 0, 0x12, 0x34, 0, 1];
         m.extend_from_slice(payload);
+        icmp4_msg(src, dst, m)
+    }
+
+    /// Ethernet + IPv4 + ICMP error `typ`/`code` (the header's last four bytes `rest`, e.g. the
+    /// next-hop MTU) quoting `quote`, with correct checksums.
+    pub fn icmp4_err(
+        src: [u8; 4],
+        dst: [u8; 4],
+        (typ, code): (u8, u8),
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let mut m = vec![typ, code, 0, 0];
+        m.extend_from_slice(&rest);
+        m.extend_from_slice(quote);
+        icmp4_msg(src, dst, m)
+    }
+
+    /// Ethernet + IPv4 + the ICMP message `m`, whose checksum (bytes 2..4) is filled in.
+    fn icmp4_msg(src: [u8; 4], dst: [u8; 4], mut m: Vec<u8>) -> Vec<u8> {
+        let mut f = v4(src, dst, 1, 0, 0, &[], true);
+        f.truncate(34);
+        m[2..4].copy_from_slice(&[0, 0]);
         let c = !fold(sum(&m));
         m[2..4].copy_from_slice(&c.to_be_bytes());
         let tot = (20 + m.len()) as u16;
@@ -613,6 +634,26 @@ mod fuzz {
     pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, typ: u8, payload: &[u8]) -> Vec<u8> {
         let mut m = vec![typ, 0, 0, 0, 0x12, 0x34, 0, 1];
         m.extend_from_slice(payload);
+        icmp6_msg(src, dst, m)
+    }
+
+    /// As [`icmp4_err`] for ICMPv6.
+    pub fn icmp6_err(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        (typ, code): (u8, u8),
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Vec<u8> {
+        let mut m = vec![typ, code, 0, 0];
+        m.extend_from_slice(&rest);
+        m.extend_from_slice(quote);
+        icmp6_msg(src, dst, m)
+    }
+
+    /// Ethernet + IPv6 + the ICMPv6 message `m`, whose checksum (bytes 2..4) is filled in.
+    fn icmp6_msg(src: Ipv6Addr, dst: Ipv6Addr, mut m: Vec<u8>) -> Vec<u8> {
+        m[2..4].copy_from_slice(&[0, 0]);
         let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
         f.extend_from_slice(&[0x60, 0, 0, 0]);
         f.extend_from_slice(&(m.len() as u16).to_be_bytes());
@@ -678,6 +719,45 @@ mod fuzz {
         same && icmp_sums_ok(out, l3, v6) == icmp_sums_ok(req, l3, v6)
     }
 
+    /// Whether `out` is `f`, an ICMP error about a tracked flow, translated: only the outer
+    /// addresses, the quoted addresses and ports and the checksums differ, the quote now names
+    /// an endpoint in `eps` as its source (sent on to the endpoint) or `vip` as its destination
+    /// (sent on to the client), and every checksum verifies exactly when it did before (they
+    /// were updated, not recomputed).
+    pub fn is_icmp_error_translation(f: &[u8], out: &[u8], eps: &[Vec<u8>], vip: &[u8]) -> bool {
+        let l3 = if f[12..14] == [0x81, 0x00] { 18 } else { 14 };
+        let v6 = f[l3 - 2..l3] == [0x86, 0xdd];
+        let (hl, a, src, dst) = if v6 { (40, 16, 8, 24) } else { (20, 4, 12, 16) };
+        let (l4, q) = (l3 + hl, l3 + hl + 8);
+        let ql4 = q + hl;
+        if out.len() != f.len() || out.len() < ql4 + 8 {
+            return false;
+        }
+        let proto = if v6 { f[q + 6] } else { f[q + 9] };
+        let l4sum = ql4 + if proto == 6 { 16 } else { 6 };
+        let mut may_change = vec![
+            l3 + src..l3 + src + a,
+            l3 + dst..l3 + dst + a,
+            l4 + 2..l4 + 4,
+            q + src..q + src + a,
+            q + dst..q + dst + a,
+            ql4..ql4 + 4,
+            l4sum..l4sum + 2,
+        ];
+        if !v6 {
+            may_change.extend([l3 + 10..l3 + 12, q + 10..q + 12]);
+        }
+        let same = (0..f.len())
+            .filter(|j| !may_change.iter().any(|r| r.contains(j)))
+            .all(|j| f[j] == out[j]);
+        let to_ep = eps.iter().any(|e| out[q + src..q + src + a] == e[..]);
+        let to_client = out[q + dst..q + dst + a] == *vip;
+        let quoted_ok = |g: &[u8]| v6 || fold(sum(&g[q..q + 20])) == 0xffff;
+        same && (to_ep || to_client)
+            && icmp_sums_ok(out, l3, v6) == icmp_sums_ok(f, l3, v6)
+            && quoted_ok(out) == quoted_ok(f)
+    }
+
     /// Whether the IPv4 frame's header and L4 checksums verify (a UDP checksum of 0 counts as
     /// valid: none).
     pub fn v4_checksums_ok(f: &[u8]) -> bool {
@@ -725,6 +805,7 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
         let vip4 = VIP4;
         let eps: Vec<([u8; 4], u16)> = EPS4.iter().map(|e| (e.ip().octets(), e.port())).collect();
         let (mut translated, mut replies, mut untouched, mut fuzz_echoed) = (0, 0, 0, 0);
+        let mut fuzz_errors = 0;
 
         // 1. Well-formed flows to the VIP: DNAT to an endpoint with valid checksums, and the
         //    endpoint's reply SNATed back to the VIP, also valid.
@@ -844,11 +925,150 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
             .sum();
         assert_eq!(count, echoed, "icmp_echo_reply counter");
 
+        // 3b. ICMP errors about tracked flows follow them, translated exactly: one sent to the
+        //     VIP about a reply reaches the endpoint quoting the endpoint's own packet; one from
+        //     the endpoint side about a forwarded packet reaches the client quoting the packet
+        //     the client sent (to the VIP), and from the VIP when the endpoint sent it. Every
+        //     expected frame is built from scratch (checksums recomputed), so equality checks
+        //     the incremental updates too.
+        let (mut err_fwd, mut err_back) = (0u64, 0u64);
+        let mut errors = Vec::new();
+        for i in 0..60u16 {
+            let sport = 21000 + i;
+            let (proto, dport) = if i % 2 == 0 { (6u8, 80u16) } else { (17, 53) };
+            let nocsum = i % 6 == 3;
+            let n = 8 + rng.below(40) as usize;
+            let payload = rng.bytes(n);
+            let f = v4(client, vip4, proto, sport, dport, &payload, nocsum);
+            let (_, out) = run(&ebpf, &f);
+            let ep: [u8; 4] = out[30..34].try_into().unwrap();
+            let eport = u16::from_be_bytes([out[36], out[37]]);
+            let r = v4(ep, client, proto, eport, sport, &payload, nocsum);
+            let (_, back) = run(&ebpf, &r);
+            assert_eq!(back[26..30], vip4);
+            // The quote: the IP header and 8 bytes (RFC 792), 12 (a TCP checksum not quoted),
+            // or the whole packet.
+            let qlen = [28, 32, r.len() - 14][usize::from(i % 3)];
+            let mtu = [0, 0, 0x05, 0x78];
+            let hop = [10, 0, 2, 1];
+            let cases = [
+                // Fragmentation needed from the client, time exceeded from a router.
+                (
+                    icmp4_err(client, vip4, (3, 4), mtu, &back[14..14 + qlen]),
+                    icmp4_err(client, ep, (3, 4), mtu, &r[14..14 + qlen]),
+                    true,
+                ),
+                (
+                    icmp4_err(hop, vip4, (11, 0), [0; 4], &back[14..14 + qlen]),
+                    icmp4_err(hop, ep, (11, 0), [0; 4], &r[14..14 + qlen]),
+                    true,
+                ),
+                // Port unreachable from the endpoint, time exceeded from a router before it.
+                (
+                    icmp4_err(ep, client, (3, 3), [0; 4], &out[14..14 + qlen]),
+                    icmp4_err(vip4, client, (3, 3), [0; 4], &f[14..14 + qlen]),
+                    false,
+                ),
+                (
+                    icmp4_err(hop, client, (11, 0), [0; 4], &out[14..14 + qlen]),
+                    icmp4_err(hop, client, (11, 0), [0; 4], &f[14..14 + qlen]),
+                    false,
+                ),
+            ];
+            for (n, (err, want, to_ep)) in cases.into_iter().enumerate() {
+                let (v, o) = run(&ebpf, &err);
+                assert_eq!(v, XDP_PASS, "ICMP error {i}/{n}");
+                assert_eq!(o, want, "ICMP error {i}/{n} translated: {err:02x?}");
+                if to_ep {
+                    err_fwd += 1;
+                } else {
+                    err_back += 1;
+                }
+                errors.push(err);
+            }
+            // Untouched: an untracked flow, the quoted ports cut short, an error not sent to
+            // the quoted source, a redirect (no error), options in the quoted header.
+            let mut untracked = back.clone();
+            untracked[36] ^= 0x80;
+            let mut options = back[14..34].to_vec();
+            options[0] = 0x46;
+            options.extend_from_slice(&[1, 1, 1, 0]);
+            options.extend_from_slice(&back[34..14 + qlen]);
+            for e in [
+                icmp4_err(client, vip4, (3, 4), mtu, &untracked[14..14 + qlen]),
+                icmp4_err(client, vip4, (3, 4), mtu, &back[14..14 + 24]),
+                icmp4_err(client, other4, (3, 4), mtu, &back[14..14 + qlen]),
+                icmp4_err(client, vip4, (5, 0), [0; 4], &back[14..14 + qlen]),
+                icmp4_err(client, vip4, (3, 4), mtu, &options),
+            ] {
+                let (v, o) = run(&ebpf, &e);
+                assert_eq!(v, XDP_PASS);
+                assert_eq!(o, e, "an ICMP error about no tracked flow changed");
+            }
+        }
+        for i in 0..30u16 {
+            let sport = 31000 + i;
+            let n = 8 + rng.below(40) as usize;
+            let payload = rng.bytes(n);
+            let f = v6(client6, VIP6, sport, 80, &payload);
+            let (_, out) = run(&ebpf, &f);
+            let r = v6(*EP6.ip(), client6, EP6.port(), sport, &payload);
+            let (_, back) = run(&ebpf, &r);
+            let qlen = [48, 52, r.len() - 14][usize::from(i % 3)];
+            let mtu = 1280u32.to_be_bytes();
+            let cases = [
+                (
+                    icmp6_err(client6, VIP6, (2, 0), mtu, &back[14..14 + qlen]),
+                    icmp6_err(client6, *EP6.ip(), (2, 0), mtu, &r[14..14 + qlen]),
+                    true,
+                ),
+                (
+                    icmp6_err(*EP6.ip(), client6, (1, 4), [0; 4], &out[14..14 + qlen]),
+                    icmp6_err(VIP6, client6, (1, 4), [0; 4], &f[14..14 + qlen]),
+                    false,
+                ),
+            ];
+            for (n, (err, want, to_ep)) in cases.into_iter().enumerate() {
+                let (v, o) = run(&ebpf, &err);
+                assert_eq!(v, XDP_PASS, "ICMPv6 error {i}/{n}");
+                assert_eq!(o, want, "ICMPv6 error {i}/{n} translated: {err:02x?}");
+                if to_ep {
+                    err_fwd += 1;
+                } else {
+                    err_back += 1;
+                }
+                errors.push(err);
+            }
+            let mut untracked = back.clone();
+            untracked[56] ^= 0x80;
+            for e in [
+                icmp6_err(client6, VIP6, (2, 0), mtu, &untracked[14..14 + qlen]),
+                icmp6_err(client6, VIP6, (4, 0), [0; 4], &back[14..14 + qlen]),
+                icmp6_err(client6, VIP6, (2, 0), mtu, &back[14..14 + 44]),
+            ] {
+                let (v, o) = run(&ebpf, &e);
+                assert_eq!(v, XDP_PASS);
+                assert_eq!(o, e, "an ICMPv6 error about no tracked flow changed");
+            }
+        }
+        let stat_sum = |i: u32| -> u64 { st.get(&i, 0).unwrap().iter().sum() };
+        use skiff_common::xdp::stat::{ICMP_ERROR_FORWARD, ICMP_ERROR_REPLY};
+        assert_eq!(
+            (stat_sum(ICMP_ERROR_FORWARD), stat_sum(ICMP_ERROR_REPLY)),
+            (err_fwd, err_back),
+            "icmp_error_forward / icmp_error_reply counters"
+        );
+        let ep_addrs: Vec<Vec<u8>> = eps
+            .iter()
+            .map(|(a, _)| a.to_vec())
+            .chain([EP6.ip().octets().to_vec()])
+            .collect();
+
         // 4. Malformed and random frames: XDP_PASS, same length; a frame that changed was
         //    translated to an endpoint (only address, port and checksum bytes differ); an
         //    XDP_TX is the echo reply of an echo request to a VIP.
         for i in 0..20000u32 {
-            let base = match rng.below(6) {
+            let base = match rng.below(7) {
                 0 => v4(
                     client,
                     vip4,
@@ -870,6 +1090,7 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
                 2 => v6(client6, VIP6, 40000 + (i % 2000) as u16, 80, &rng.bytes(16)),
                 3 => icmp4(client, vip4, 8, &rng.bytes(16)),
                 4 => icmp6(client6, VIP6, 128, &rng.bytes(16)),
+                5 => errors[rng.below(errors.len() as u64) as usize].clone(),
                 _ => {
                     let n = 14 + rng.below(120) as usize;
                     let mut f = rng.bytes(n);
@@ -938,7 +1159,16 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
                 changed.iter().all(|&j| j >= l3),
                 "fuzz frame {i}: Ethernet header changed ({changed:?})"
             );
-            if out[l3 - 2..l3] == [0x08, 0x00] {
+            let v4 = out[l3 - 2..l3] == [0x08, 0x00];
+            let icmp = if v4 { out[l3 + 9] == 1 } else { out[l3 + 6] == 58 };
+            if icmp {
+                let vip: &[u8] = if v4 { &vip4 } else { &VIP6.octets() };
+                assert!(
+                    is_icmp_error_translation(&f, &out, &ep_addrs, vip),
+                    "fuzz frame {i}: ICMP changed but no error translation: {f:02x?} -> {out:02x?}"
+                );
+                fuzz_errors += 1;
+            } else if v4 {
                 let dst: [u8; 4] = out[l3 + 16..l3 + 20].try_into().unwrap();
                 let src: [u8; 4] = out[l3 + 12..l3 + 16].try_into().unwrap();
                 assert!(
@@ -954,11 +1184,12 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
             }
             translated += 1;
         }
-        (translated, replies, untouched, fuzz_echoed)
+        (translated, replies, untouched, fuzz_echoed, fuzz_errors)
     });
-    let (translated, replies, untouched, echoed) = summary;
+    let (translated, replies, untouched, echoed, errors) = summary;
+    eprintln!("(translated, replies, untouched, echoed, ICMP errors translated): {summary:?}");
     assert!(
-        translated > 600 && replies == 500 && untouched > 1000 && echoed > 1000,
+        translated > 600 && replies == 500 && untouched > 1000 && echoed > 1000 && errors > 500,
         "{summary:?}"
     );
 }
