@@ -2,6 +2,7 @@
 //! network namespaces (client -> node -> backends, veth pairs, addresses only inside them) and
 //! the ethtool settings XDP on veth needs.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 
 use crate::{Netns, in_netns, run, veth_pair};
@@ -172,12 +173,7 @@ pub fn ping(ns: &Netns, dst: std::net::Ipv4Addr, timeout: std::time::Duration) -
         let id = (std::process::id() as u16).to_be_bytes();
         let mut m = vec![8u8, 0, 0, 0, id[0], id[1], 0, 1];
         m.extend_from_slice(b"skiff-xdp-ping");
-        let sum: u32 = m
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        let folded = (sum & 0xffff) + (sum >> 16);
-        let c = !((folded & 0xffff) + (folded >> 16)) as u16;
+        let c = inet_checksum(&m);
         m[2..4].copy_from_slice(&c.to_be_bytes());
         s.send_to(&m, &std::net::SocketAddrV4::new(dst, 0).into())
             .expect("send the echo request");
@@ -205,4 +201,104 @@ pub fn ping(ns: &Netns, dst: std::net::Ipv4Addr, timeout: std::time::Duration) -
             }
         }
     })
+}
+
+/// The Internet checksum of `data` (big-endian words; a trailing odd byte padded), as sent.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What an ICMP error quotes of a TCP segment `src` -> `dst`: its IPv4 header and its 20-byte
+/// TCP header (an ACK, sequence 1, no payload), both checksums correct. The sequence number
+/// is outside any real window, so the receiving TCP ignores an error quoting it.
+pub fn tcp_quote(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src.ip().octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let c = inet_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&src.port().to_be_bytes());
+    tcp.extend_from_slice(&dst.port().to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    let mut pseudo = ip[12..20].to_vec();
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let c = inet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// An ICMP error message: `typ`/`code`, the header's last four bytes `rest` (e.g. the
+/// next-hop MTU), then `quote`; its checksum filled in.
+pub fn icmp_error(typ: u8, code: u8, rest: [u8; 4], quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![typ, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(quote);
+    let c = inet_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// A raw ICMP socket in `ns`: it reads a copy of every ICMP packet the netns receives (IP
+/// header first), whatever the stack then does with it.
+pub fn icmp_capture(ns: &Netns) -> socket2::Socket {
+    in_netns(ns, raw_icmp)
+}
+
+/// Sends the ICMP message `m` from `ns` to `dst` over a raw socket (the stack adds the IP
+/// header, its source chosen by the route).
+pub fn send_icmp(ns: &Netns, dst: Ipv4Addr, m: Vec<u8>) {
+    in_netns(ns, move || {
+        let s = raw_icmp();
+        s.send_to(&m, &SocketAddrV4::new(dst, 0).into())
+            .expect("send the ICMP message");
+    })
+}
+
+/// A raw ICMP socket in the calling thread's netns.
+fn raw_icmp() -> socket2::Socket {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::ICMPV4),
+    )
+    .expect("raw ICMP socket (needs root)")
+}
+
+/// The first packet `s` (from [`icmp_capture`]) reads within `timeout` whose ICMP message
+/// `want` accepts: (the IPv4 header, the ICMP message).
+pub fn next_icmp(
+    s: &socket2::Socket,
+    timeout: std::time::Duration,
+    want: impl Fn(&[u8]) -> bool,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).expect("socket timeout");
+        let Ok(n) = (&*s).read(&mut buf) else {
+            return None;
+        };
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n < ihl + 8 || ihl < 20 {
+            continue;
+        }
+        if want(&buf[ihl..n]) {
+            return Some((buf[..ihl].to_vec(), buf[ihl..n].to_vec()));
+        }
+    }
 }

@@ -14,20 +14,25 @@
 //! - removing an endpoint drops only its flows from conntrack; the others stay put;
 //! - `/stats` and `skiff maps` show the interfaces, the mode, conntrack and counters;
 //! - a ping to the VIP is answered at the node (XDP echo reply) while skiff runs, and neither
-//!   before skiff starts, nor after it left, nor for an address that is no VIP.
+//!   before skiff starts, nor after it left, nor for an address that is no VIP;
+//! - ICMP errors about a held flow follow it: a fragmentation-needed for the VIP reaches the
+//!   flow's backend, a port unreachable from the backend reaches the client from the VIP, both
+//!   translated byte for byte.
 //!
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_xdp -- --test-threads=1` (as root, under the shared lock).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
     CHI2_BOUND, Holder, XDS, chi_square, eds_listeners, endpoints_file, fastpeer, fastpeer_output,
     per_backend, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
-use skiff_tests::xdp::{Topology, VIP, ping};
+use skiff_tests::xdp::{
+    Topology, VIP, icmp_capture, icmp_error, next_icmp, ping, send_icmp, tcp_quote,
+};
 use skiff_tests::{
     Cgroup, Child, TempYaml, admin, admin_stat, ads_bootstrap, built_binary, command_in,
     require_root, serial, sigterm_and_wait, wait_admin_ready,
@@ -204,6 +209,63 @@ fn xdp_attached(s: &Scenario, dev: &str) -> bool {
     text.contains("prog/xdp")
 }
 
+/// ICMP errors about a held flow follow it through the node: a fragmentation-needed the client
+/// sends to the VIP about the flow's reply (quoting VIP:80 -> client) reaches the flow's
+/// backend quoting the backend's own packet (backend:8080 -> client), and a port unreachable
+/// the backend sends about the client's packet (quoting client -> backend:8080) reaches the
+/// client from the VIP, quoting the VIP. Both arrive byte for byte as built from scratch, so
+/// every checksum the node updated (outer header, quoted header, quoted TCP, ICMP) is exact.
+/// The quoted sequence number is outside the window: the TCP ends ignore the errors.
+fn icmp_errors_follow_their_flow(s: &Scenario, ct: &BTreeMap<String, String>) {
+    let (client, ep) = ct.iter().next().expect("a tracked flow");
+    let client: SocketAddrV4 = client.parse().expect("client address");
+    let ep: SocketAddrV4 = ep.parse().expect("endpoint address");
+    let vip = SocketAddrV4::new(vip_ip(), 80);
+    let backend = s
+        .topo
+        .backends
+        .iter()
+        .find(|b| b.ip == ep.ip().to_string())
+        .expect("the endpoint's backend");
+    let quotes = |m: &[u8], q: &[u8]| m.len() >= 8 + q.len() && m[8..8 + q.len()] == *q;
+
+    let capture = icmp_capture(&backend.ns);
+    let mtu = [0, 0, 0x05, 0x00];
+    send_icmp(
+        &s.topo.client,
+        vip_ip(),
+        icmp_error(3, 4, mtu, &tcp_quote(vip, client)),
+    );
+    let want = icmp_error(3, 4, mtu, &tcp_quote(ep, client));
+    let Some((ip, m)) = next_icmp(&capture, PING_WAIT, |m| m[..2] == [3, 4]) else {
+        panic!(
+            "no fragmentation-needed reached the backend {ep}\n{}",
+            skiff_tests::fastpath::skiff_maps(&s.topo.node)
+        );
+    };
+    assert_eq!(ip[12..16], client.ip().octets(), "outer source");
+    assert_eq!(ip[16..20], ep.ip().octets(), "outer destination");
+    assert!(quotes(&m, &want[8..]), "quote: {m:02x?}, want {want:02x?}");
+    assert_eq!(m, want, "the translated fragmentation-needed");
+    let forwarded = admin_stat(&s.topo.node, "skiff.bpf.xdp.icmp_error_forward");
+    assert!(forwarded >= 1, "icmp_error_forward {forwarded}");
+
+    let capture = icmp_capture(&s.topo.client);
+    send_icmp(
+        &backend.ns,
+        *client.ip(),
+        icmp_error(3, 3, [0; 4], &tcp_quote(client, ep)),
+    );
+    let want = icmp_error(3, 3, [0; 4], &tcp_quote(client, vip));
+    let Some((ip, m)) = next_icmp(&capture, PING_WAIT, |m| m[..2] == [3, 3]) else {
+        panic!("no port unreachable from the backend reached the client");
+    };
+    assert_eq!(ip[12..16], vip.ip().octets(), "from the VIP");
+    assert_eq!(m, want, "the translated port unreachable");
+    let back = admin_stat(&s.topo.node, "skiff.bpf.xdp.icmp_error_reply");
+    assert!(back >= 1, "icmp_error_reply {back}");
+}
+
 #[test]
 fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     let _g = serial();
@@ -278,6 +340,7 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     let before = s.conntrack();
     let by_ep = |ct: &BTreeMap<String, String>, ep: &str| ct.values().filter(|e| *e == ep).count();
     assert!(by_ep(&before, &a) > 0 && by_ep(&before, &b) > 0, "{held}");
+    icmp_errors_follow_their_flow(&s, &before);
     s.set_endpoints(2, &[&a, &b, &c]);
     let after_add = s.conntrack();
     for (client, ep) in &before {
@@ -1160,7 +1223,11 @@ fn packet_fuzz_passes_translates_or_answers_every_frame_safely() {
                 "fuzz frame {i}: Ethernet header changed ({changed:?})"
             );
             let v4 = out[l3 - 2..l3] == [0x08, 0x00];
-            let icmp = if v4 { out[l3 + 9] == 1 } else { out[l3 + 6] == 58 };
+            let icmp = if v4 {
+                out[l3 + 9] == 1
+            } else {
+                out[l3 + 6] == 58
+            };
             if icmp {
                 let vip: &[u8] = if v4 { &vip4 } else { &VIP6.octets() };
                 assert!(
