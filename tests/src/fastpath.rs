@@ -205,9 +205,10 @@ pub const XDS: &str = "127.0.0.1:15010";
 /// How long the EDS tests wait for an update to reach the kernel.
 pub const EDS_WAIT: Duration = Duration::from_secs(20);
 
-/// The virtual outbound listener at `version`: `vip`:80 (/32) -> tcp_proxy -> EDS cluster
+/// The virtual outbound listener at `version`: `vip`:80 (/32, or /128 for IPv6) -> tcp_proxy -> EDS cluster
 /// `svc`; `tcp_proxy_extra` is appended to the tcp_proxy's fields (`, "hash_policy": ...`).
 pub fn eds_listeners(version: u32, vip: &str, tcp_proxy_extra: &str) -> String {
+    let prefix_len = if vip.contains(':') { 128 } else { 32 };
     format!(
         r#"{{"version_info": "{version}", "resources": [{{
   "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -217,7 +218,7 @@ pub fn eds_listeners(version: u32, vip: &str, tcp_proxy_extra: &str) -> String {
   "filter_chains": [{{
     "name": "svc",
     "filter_chain_match": {{"destination_port": 80,
-      "prefix_ranges": [{{"address_prefix": "{vip}", "prefix_len": 32}}]}},
+      "prefix_ranges": [{{"address_prefix": "{vip}", "prefix_len": {prefix_len}}}]}},
     "filters": [{{"name": "envoy.filters.network.tcp_proxy",
       "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "svc", "cluster": "svc"{tcp_proxy_extra}}}}}]}}]}}]}}"#
@@ -235,9 +236,11 @@ pub fn endpoints_file(version: u32, endpoints: &[&str]) -> String {
     svc_endpoints_file(version, endpoints.iter().map(|e| lb_endpoint(e, "")))
 }
 
-/// One `lb_endpoints` item for `ip:port`, after `fields` (more JSON fields, each ending in `, `).
+/// One `lb_endpoints` item for `ip:port` (`[ip]:port` for IPv6), after `fields` (more JSON
+/// fields, each ending in `, `).
 fn lb_endpoint(endpoint: &str, fields: &str) -> String {
-    let (ip, port) = endpoint.split_once(':').expect("ip:port");
+    let (ip, port) = endpoint.rsplit_once(':').expect("ip:port");
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
     format!(
         r#"{{{fields}"endpoint": {{"address": {{"socket_address": {{"address": "{ip}", "port_value": {port}}}}}}}}}"#
     )

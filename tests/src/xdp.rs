@@ -12,6 +12,10 @@ use crate::{Netns, in_netns, run, veth_pair};
 pub const VIP: &str = "10.96.0.100";
 /// The client's address.
 pub const CLIENT_IP: &str = "10.0.1.2";
+/// The IPv6 service VIP (a ULA, only inside the test's netns), nowhere as [`VIP`] is.
+pub const VIP6: &str = "fd00:96::100";
+/// The client's IPv6 address.
+pub const CLIENT_IP6: &str = "fd00:1::2";
 /// The node's interface facing the client.
 pub const NODE_CLIENT_DEV: &str = "xnc";
 
@@ -22,13 +26,16 @@ pub struct Backend {
     pub ns: Netns,
     /// Its address (`10.0.<n+2>.2`).
     pub ip: String,
+    /// Its IPv6 address (`fd00:<n+2>::2`).
+    pub ip6: String,
     /// The node's interface towards it (`xnb<n>`).
     pub node_dev: String,
 }
 
-/// client netns --veth-- node netns --veth-- backend netns (one per backend). The node
-/// forwards between its interfaces (ip_forward on, rp_filter off); the client and each backend
-/// route everything through the node. Dropping it deletes every netns (and with them the
+/// client netns --veth-- node netns --veth-- backend netns (one per backend), dual stack:
+/// 10.0.<k>.0/24 and fd00:<k>::/64 on link k (ULAs, only inside these netns). The node
+/// forwards between its interfaces (ip_forward and IPv6 forwarding on, rp_filter off); the
+/// client and each backend route everything, both families, through the node. Dropping it deletes every netns (and with them the
 /// veth pairs and any XDP program on them).
 #[derive(Debug)]
 pub struct Topology {
@@ -54,6 +61,14 @@ impl Topology {
             &format!("{CLIENT_IP}/24"),
         );
         ip(&client, &["route", "add", "default", "via", "10.0.1.1"]);
+        link6(
+            &node,
+            NODE_CLIENT_DEV,
+            "fd00:1::1",
+            &client,
+            "xc0",
+            CLIENT_IP6,
+        );
         prepare_peer(&client, "xc0");
         let mut bs = Vec::with_capacity(backends);
         for n in 0..backends {
@@ -73,19 +88,30 @@ impl Topology {
                 &ns,
                 &["route", "add", "default", "via", &format!("10.0.{net}.1")],
             );
+            let ip6 = format!("fd00:{net}::2");
+            link6(
+                &node,
+                &node_dev,
+                &format!("fd00:{net}::1"),
+                &ns,
+                "xb0",
+                &ip6,
+            );
             prepare_peer(&ns, "xb0");
             bs.push(Backend {
                 ns,
                 ip: ip_addr,
+                ip6,
                 node_dev,
             });
         }
         for key in [
             "net/ipv4/ip_forward",
+            "net/ipv6/conf/all/forwarding",
             "net/ipv4/conf/all/rp_filter",
             "net/ipv4/conf/default/rp_filter",
         ] {
-            let value = if key.ends_with("ip_forward") {
+            let value = if key.ends_with("forward") || key.ends_with("forwarding") {
                 "1"
             } else {
                 "0"
@@ -112,6 +138,24 @@ impl Topology {
 
 fn ip(ns: &Netns, args: &[&str]) {
     run(Command::new("ip").arg("-n").arg(ns.name()).args(args));
+}
+
+/// IPv6 on a link [`veth_pair`] made: `node_addr`/64 on the node's `node_dev`, `far_addr`/64 on
+/// the far end `far_dev`, whose default route goes through the node. No duplicate address
+/// detection (the addresses would stay tentative, unusable, for a second or two).
+fn link6(
+    node: &Netns,
+    node_dev: &str,
+    node_addr: &str,
+    far: &Netns,
+    far_dev: &str,
+    far_addr: &str,
+) {
+    for (ns, dev, addr) in [(node, node_dev, node_addr), (far, far_dev, far_addr)] {
+        let cidr = format!("{addr}/64");
+        ip(ns, &["-6", "addr", "add", &cidr, "dev", dev, "nodad"]);
+    }
+    ip(far, &["-6", "route", "add", "default", "via", node_addr]);
 }
 
 /// The far end of a veth the node redirects to: GRO on (a veth receives XDP_REDIRECTed frames

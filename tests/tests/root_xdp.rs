@@ -15,6 +15,8 @@
 //! - `/stats` and `skiff maps` show the interfaces, the mode, conntrack and counters;
 //! - a ping to the VIP is answered at the node (XDP echo reply) while skiff runs, and neither
 //!   before skiff starts, nor after it left, nor for an address that is no VIP;
+//! - the same over IPv6 (ULA VIP and addresses inside the netns only): connections to the
+//!   IPv6 VIP spread over the two endpoints and their replies come from the VIP;
 //! - ICMP errors about a held flow follow it: a fragmentation-needed for the VIP reaches the
 //!   flow's backend, a port unreachable from the backend reaches the client from the VIP, both
 //!   translated byte for byte.
@@ -31,7 +33,8 @@ use skiff_tests::fastpath::{
     per_backend, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
 use skiff_tests::xdp::{
-    Topology, VIP, icmp_capture, icmp_error, next_icmp, ping, send_icmp, tcp_quote,
+    CLIENT_IP6, Topology, VIP, VIP6, icmp_capture, icmp_error, next_icmp, ping, send_icmp,
+    tcp_quote,
 };
 use skiff_tests::{
     Cgroup, Child, TempYaml, admin, admin_stat, ads_bootstrap, built_binary, command_in,
@@ -73,6 +76,8 @@ struct Scenario {
     _cg: Cgroup,
     topo: Topology,
     endpoints: Vec<String>,
+    /// The service, `VIP:80` or `[VIP6]:80`.
+    vip: String,
 }
 
 impl Scenario {
@@ -90,12 +95,12 @@ impl Scenario {
         let out = fastpeer_output(
             &self.topo.client,
             None,
-            &["spread", &vip(), "--n", &n.to_string()],
+            &["spread", &self.vip, "--n", &n.to_string()],
         );
-        assert!(out.starts_with("ok "), "spread to {VIP}: {out}");
+        assert!(out.starts_with("ok "), "spread to {}: {out}", self.vip);
         assert_eq!(
             skiff_tests::field(&out, "peer"),
-            Some(vip().as_str()),
+            Some(self.vip.as_str()),
             "{out}"
         );
         let eps: Vec<&str> = self.endpoints.iter().map(String::as_str).collect();
@@ -113,7 +118,7 @@ impl Scenario {
             .as_array()
             .expect("xdp_conntrack")
             .iter()
-            .filter(|e| e["vip"] == vip().as_str())
+            .filter(|e| e["vip"] == self.vip.as_str())
             .map(|e| {
                 (
                     e["client"].as_str().unwrap().to_string(),
@@ -124,14 +129,28 @@ impl Scenario {
     }
 }
 
-fn scenario(name: &str) -> Scenario {
+/// The routed topology with three backends serving, the service (`v6`: at [`VIP6`] with the
+/// backends' IPv6 addresses, else at [`VIP`]) with the first two as endpoints, and skiff with
+/// XDP on every node interface.
+fn scenario(name: &str, v6: bool) -> Scenario {
     let env = require_root();
     let topo = Topology::new(name, 3);
     let endpoints: Vec<String> = topo
         .backends
         .iter()
-        .map(|b| format!("{}:8080", b.ip))
+        .map(|b| {
+            if v6 {
+                format!("[{}]:8080", b.ip6)
+            } else {
+                format!("{}:8080", b.ip)
+            }
+        })
         .collect();
+    let (vip_addr, vip) = if v6 {
+        (VIP6, format!("[{VIP6}]:80"))
+    } else {
+        (VIP, vip())
+    };
     let servers: Vec<Child> = topo
         .backends
         .iter()
@@ -140,10 +159,10 @@ fn scenario(name: &str) -> Scenario {
         .collect();
 
     // Before skiff: the VIP is nowhere, so nothing answers.
-    let out = fastpeer_output(&topo.client, None, &["spread", &vip(), "--n", "1"]);
+    let out = fastpeer_output(&topo.client, None, &["spread", &vip, "--n", "1"]);
     assert!(out.starts_with("err "), "VIP answered before skiff: {out}");
     assert!(
-        !ping(&topo.client, vip_ip(), PING_WAIT),
+        v6 || !ping(&topo.client, vip_ip(), PING_WAIT),
         "VIP answered a ping before skiff"
     );
 
@@ -151,7 +170,7 @@ fn scenario(name: &str) -> Scenario {
         .prefix(&format!("{}-", skiff_tests::test_name(name)))
         .tempdir()
         .expect("tempdir");
-    write_atomic(dir.path(), "listeners.json", &listeners(1, VIP));
+    write_atomic(dir.path(), "listeners.json", &listeners(1, vip_addr));
     write_atomic(dir.path(), "clusters.json", CLUSTERS);
     let first: Vec<&str> = endpoints[..2].iter().map(String::as_str).collect();
     write_atomic(dir.path(), "endpoints.json", &endpoints_file(1, &first));
@@ -185,6 +204,7 @@ fn scenario(name: &str) -> Scenario {
         _cg: cg,
         topo,
         endpoints,
+        vip,
     }
 }
 
@@ -269,7 +289,7 @@ fn icmp_errors_follow_their_flow(s: &Scenario, ct: &BTreeMap<String, String>) {
 #[test]
 fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
     let _g = serial();
-    let mut s = scenario("xdp-lb");
+    let mut s = scenario("xdp-lb", false);
     let [a, b, c] = [0, 1, 2].map(|i| s.endpoints[i].clone());
     for dev in s.topo.node_devs() {
         assert!(xdp_attached(&s, &dev), "no XDP program on {dev}");
@@ -413,6 +433,39 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
         !ping(&s.topo.client, vip_ip(), PING_WAIT),
         "VIP answered a ping after skiff left"
     );
+}
+
+#[test]
+fn ipv6_vip_traffic_is_balanced_at_the_node() {
+    let _g = serial();
+    let s = scenario("xdp-lb6", true);
+    // Connections to the IPv6 VIP complete (DNAT at the node, replies SNATed back to come
+    // from the VIP: `spread` checks the peer) and spread per Maglev over the two endpoints.
+    let n = 200;
+    let counts = s.spread(n);
+    assert_eq!(
+        counts[2], 0,
+        "the third endpoint is not configured: {counts:?}"
+    );
+    let chi = chi_square(&counts[..2], &[0.5, 0.5]);
+    assert!(chi < CHI2_BOUND, "spread {counts:?} chi2 {chi}");
+    let flows = admin_stat(&s.topo.node, &format!("skiff.bpf.xdp.tcp:{}.flows", s.vip));
+    assert!(flows >= n as u64, "flows {flows}");
+    let replies = admin_stat(
+        &s.topo.node,
+        &format!("skiff.bpf.xdp.tcp:{}.reply_packets", s.vip),
+    );
+    assert!(replies >= 2 * n as u64, "reply packets {replies}");
+    // Every tracked flow of the VIP is the client's, on one of the two endpoints.
+    let ct = s.conntrack();
+    assert!(!ct.is_empty(), "no IPv6 flow tracked");
+    for (client, ep) in &ct {
+        assert!(
+            client.starts_with(&format!("[{CLIENT_IP6}]:")),
+            "flow from {client}"
+        );
+        assert!(s.endpoints[..2].contains(ep), "flow to {ep}");
+    }
 }
 
 // === Packet fuzz through BPF_PROG_TEST_RUN ===
