@@ -13,7 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +69,8 @@ pub(super) struct XdpBalancer {
     _tx: DevMapHash<MapData>,
     _links: Vec<XdpLinkId>,
     stop: Arc<AtomicBool>,
+    /// Failed `SKIFF_XDP_VIP` inserts (each retried on the next sweep).
+    vip_insert_errors: Arc<AtomicU64>,
 }
 
 impl XdpBalancer {
@@ -131,7 +133,8 @@ impl XdpBalancer {
         }
         let ct = Arc::new(Mutex::new(ct));
         let stop = Arc::new(AtomicBool::new(false));
-        spawn_sweeper(ct.clone(), fast, stop.clone());
+        let vip_insert_errors = Arc::new(AtomicU64::new(0));
+        spawn_sweeper(ct.clone(), fast, stop.clone(), vip_insert_errors.clone());
         Ok(XdpBalancer {
             interfaces,
             ct,
@@ -141,6 +144,7 @@ impl XdpBalancer {
             _tx: tx,
             _links: links,
             stop,
+            vip_insert_errors,
         })
     }
 
@@ -231,7 +235,8 @@ impl XdpBalancer {
     }
 
     /// `/stats` lines (without the `skiff.` prefix): `xdp.<name>`, `xdp.<vip>.<counter>`,
-    /// `xdp.endpoint.<ep>.<counter>`, `xdp.conntrack_entries`, `xdp.echo_vips`.
+    /// `xdp.endpoint.<ep>.<counter>`, `xdp.conntrack_entries`, `xdp.echo_vips`,
+    /// `xdp.echo_vip_insert_errors`.
     pub(super) fn stat_lines(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
             .stats()
@@ -254,6 +259,10 @@ impl XdpBalancer {
             .count();
         out.push(("xdp.conntrack_entries".to_string(), entries as u64));
         out.push(("xdp.echo_vips".to_string(), self.echo_vips().len() as u64));
+        out.push((
+            "xdp.echo_vip_insert_errors".to_string(),
+            self.vip_insert_errors.load(Ordering::Relaxed),
+        ));
         out
     }
 }
@@ -338,33 +347,63 @@ fn vips(view: &FastPathView) -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// What one [`sync_vips`] did.
+#[derive(Debug, Default)]
+struct VipSync {
+    added: usize,
+    removed: usize,
+    /// Inserts that failed (the map full, or out of memory), with the first error.
+    failed: usize,
+    first_error: Option<String>,
+}
+
 /// Makes `SKIFF_XDP_VIP` hold exactly `want`: inserts first, then deletes (a VIP staying
-/// answers throughout). Returns how many were added and removed.
-fn sync_vips(
-    map: &mut LruHashMap<MapData, XdpAddrKey, u8>,
-    want: &BTreeSet<IpAddr>,
-) -> (usize, usize) {
+/// answers throughout).
+fn sync_vips(map: &mut LruHashMap<MapData, XdpAddrKey, u8>, want: &BTreeSet<IpAddr>) -> VipSync {
     let have: BTreeSet<XdpAddrKey> = map.keys().filter_map(Result::ok).collect();
     let want: BTreeSet<XdpAddrKey> = want.iter().map(|ip| XdpAddrKey::new(*ip)).collect();
-    let mut added = 0;
+    let mut out = VipSync::default();
     for k in want.difference(&have) {
         match map.insert(k, 1, 0) {
-            Ok(()) => added += 1,
-            Err(e) => tracing::warn!(
-                map = MAP_VIP,
-                vip = ?k.ip(),
-                error = %e,
-                "could not add a VIP for XDP echo replies"
-            ),
+            Ok(()) => out.added += 1,
+            Err(e) => {
+                out.failed += 1;
+                if out.first_error.is_none() {
+                    out.first_error = Some(format!("{:?}: {e}", k.ip()));
+                }
+            }
         }
     }
-    let mut removed = 0;
     for k in have.difference(&want) {
         if map.remove(k).is_ok() {
-            removed += 1;
+            out.removed += 1;
         }
     }
-    (added, removed)
+    out
+}
+
+/// When the sweeper writes the VIP set: on a change of the wanted set, and on every sweep
+/// after one that left inserts undone (a full map may have room on the next: a removed
+/// service frees its VIP), until one completes.
+#[derive(Debug, Default)]
+struct VipSyncState {
+    /// The set the map was last made to hold completely.
+    applied: Option<BTreeSet<IpAddr>>,
+    /// The last sync left inserts undone.
+    retrying: bool,
+}
+
+impl VipSyncState {
+    /// Whether the map must be synced to `want` now.
+    fn due(&self, want: &BTreeSet<IpAddr>) -> bool {
+        self.retrying || self.applied.as_ref() != Some(want)
+    }
+
+    /// Records a sync to `want` that left `failed` inserts undone.
+    fn record(&mut self, want: BTreeSet<IpAddr>, failed: usize) {
+        self.retrying = failed > 0;
+        self.applied = (failed == 0).then_some(want);
+    }
 }
 
 /// Deletes the conntrack entries (both directions) whose endpoint is not in `served`; returns
@@ -384,28 +423,44 @@ fn sweep(ct: &mut Conntrack, served: &BTreeSet<SocketAddr>) -> usize {
     gone.len()
 }
 
-fn spawn_sweeper(ct: Arc<Mutex<Conntrack>>, fast: Arc<FastPath>, stop: Arc<AtomicBool>) {
+fn spawn_sweeper(
+    ct: Arc<Mutex<Conntrack>>,
+    fast: Arc<FastPath>,
+    stop: Arc<AtomicBool>,
+    vip_insert_errors: Arc<AtomicU64>,
+) {
     let spawned = std::thread::Builder::new()
         .name("skiff-xdp-ct".into())
         .spawn(move || {
             let mut last: Option<BTreeSet<SocketAddr>> = None;
-            let mut last_vips: Option<BTreeSet<IpAddr>> = None;
+            let mut vip_state = VipSyncState::default();
             let mut again = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(SWEEP_EVERY);
                 let view = fast.view();
                 let want = vips(&view);
-                if last_vips.as_ref() != Some(&want) {
+                if vip_state.due(&want) {
                     let mut guard = ct.lock().unwrap_or_else(|e| e.into_inner());
-                    let (added, removed) = sync_vips(&mut guard.vips, &want);
+                    let sync = sync_vips(&mut guard.vips, &want);
                     drop(guard);
-                    tracing::info!(
-                        vips = want.len(),
-                        added,
-                        removed,
-                        "XDP echo replies: VIP set updated"
-                    );
-                    last_vips = Some(want);
+                    vip_insert_errors.fetch_add(sync.failed as u64, Ordering::Relaxed);
+                    if sync.failed > 0 && !vip_state.retrying {
+                        tracing::warn!(
+                            map = MAP_VIP,
+                            vips = want.len(),
+                            failed = sync.failed,
+                            error = sync.first_error.as_deref().unwrap_or(""),
+                            "XDP echo replies: could not add every VIP; retrying every sweep"
+                        );
+                    } else if sync.failed == 0 && (sync.added > 0 || sync.removed > 0) {
+                        tracing::info!(
+                            vips = want.len(),
+                            added = sync.added,
+                            removed = sync.removed,
+                            "XDP echo replies: VIP set updated"
+                        );
+                    }
+                    vip_state.record(want, sync.failed);
                 }
                 let now = served(&view);
                 let changed = last.as_ref() != Some(&now);
@@ -463,6 +518,27 @@ mod tests {
         let k6 = XdpAddrKey::new(v6);
         assert_eq!(k6.addr_be[0], u32::from_ne_bytes([0xfd, 0, 0, 0x96]));
         assert_eq!(k6.ip(), Some(v6));
+    }
+
+    #[test]
+    fn a_vip_set_left_incomplete_is_synced_again_until_it_completes() {
+        let a: BTreeSet<IpAddr> = ["10.96.0.1".parse().unwrap()].into();
+        let b: BTreeSet<IpAddr> = ["10.96.0.2".parse().unwrap()].into();
+        let mut st = VipSyncState::default();
+        assert!(st.due(&a), "the first set is written");
+        st.record(a.clone(), 0);
+        assert!(!st.due(&a), "an unchanged, complete set is not rewritten");
+        assert!(st.due(&b), "a changed set is written");
+        st.record(b.clone(), 1);
+        assert!(
+            st.due(&b),
+            "a failed insert is retried with the set unchanged"
+        );
+        st.record(b.clone(), 1);
+        assert!(st.due(&b), "and again while it fails");
+        st.record(b.clone(), 0);
+        assert!(!st.due(&b), "until a sync completes");
+        assert!(st.due(&a));
     }
 
     #[test]
