@@ -17,6 +17,8 @@
 //!   before skiff starts, nor after it left, nor for an address that is no VIP;
 //! - the same over IPv6 (ULA VIP and addresses inside the netns only): connections to the
 //!   IPv6 VIP spread over the two endpoints and their replies come from the VIP;
+//! - pinned links: a SIGKILLed skiff's program keeps balancing; a restart swaps its program
+//!   into the same links, and one with fewer `--xdp` interfaces detaches the others;
 //! - ICMP errors about a held flow follow it: a fragmentation-needed for the VIP reaches the
 //!   flow's backend, a port unreachable from the backend reaches the client from the VIP, both
 //!   translated byte for byte.
@@ -71,9 +73,13 @@ struct Scenario {
     skiff: Option<Child>,
     _control_plane: Child,
     _servers: Vec<Child>,
-    _bootstrap: TempYaml,
+    bootstrap: TempYaml,
     dir: tempfile::TempDir,
-    _cg: Cgroup,
+    cg: Cgroup,
+    /// The capture (app) cgroup skiff runs with; it names the default pin directory.
+    app: std::path::PathBuf,
+    /// `--xdp` flags for every node interface.
+    xdp_flags: Vec<String>,
     topo: Topology,
     endpoints: Vec<String>,
     /// The service, `VIP:80` or `[VIP6]:80`.
@@ -191,17 +197,20 @@ fn scenario(name: &str, v6: bool) -> Scenario {
         flags.push("--xdp".into());
         flags.push(dev);
     }
+    let xdp_flags = flags.clone();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (skiff, _app) = spawn_fast_path(&topo.node, &mut cg, &bootstrap, &flags);
+    let (skiff, app) = spawn_fast_path(&topo.node, &mut cg, &bootstrap, &flags);
     wait_kernel_endpoints(&topo.node, &first);
     wait_admin_ready(&topo.node);
     Scenario {
         skiff: Some(skiff),
         _control_plane: control_plane,
         _servers: servers,
-        _bootstrap: bootstrap,
+        bootstrap,
         dir,
-        _cg: cg,
+        cg,
+        app,
+        xdp_flags,
         topo,
         endpoints,
         vip,
@@ -221,12 +230,20 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn xdp_attached(s: &Scenario, dev: &str) -> bool {
+    xdp_prog_id(s, dev).is_some()
+}
+
+/// The id of the XDP program on the node's `dev` (`ip link`: `prog/xdp id N`), if any.
+fn xdp_prog_id(s: &Scenario, dev: &str) -> Option<u32> {
     let out = std::process::Command::new("ip")
         .args(["-n", s.topo.node.name(), "link", "show", dev])
         .output()
         .expect("ip link");
     let text = String::from_utf8_lossy(&out.stdout);
-    text.contains("prog/xdp")
+    let mut words = text.split_whitespace();
+    words.find(|w| w.starts_with("prog/xdp"))?;
+    words.next().filter(|w| *w == "id")?;
+    words.next()?.parse().ok()
 }
 
 /// ICMP errors about a held flow follow it through the node: a fragmentation-needed the client
@@ -433,6 +450,133 @@ fn vip_traffic_is_balanced_at_the_node_and_flows_keep_their_endpoint() {
         !ping(&s.topo.client, vip_ip(), PING_WAIT),
         "VIP answered a ping after skiff left"
     );
+}
+
+#[test]
+fn a_killed_skiff_keeps_balancing_and_a_restart_takes_the_xdp_links_over() {
+    let _g = serial();
+    let mut s = scenario("xdp-pin", false);
+    let devs = s.topo.node_devs();
+    // The default pin directory of the capture (`/sys/fs/bpf/skiff/<app cgroup id>`) holds a
+    // link per interface and the conntrack.
+    let pin_dir = std::path::Path::new("/sys/fs/bpf/skiff").join(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&s.app).expect("app cgroup"))
+            .to_string(),
+    );
+    let pins = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&pin_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let names = pins();
+    for dev in &devs {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("link_skiff_xdp_") && n.ends_with(&format!("_{dev}"))),
+            "no pinned XDP link of {dev}: {names:?}"
+        );
+    }
+    for map in ["SKIFF_XDP_CT", "SKIFF_XDP_RCT", "SKIFF_XDP_VIP"] {
+        assert!(names.iter().any(|n| n == map), "{map} not in {names:?}");
+    }
+    let counts = s.spread(40);
+    assert!(counts[0] > 0 && counts[1] > 0, "{counts:?}");
+    let ids: Vec<Option<u32>> = devs.iter().map(|d| xdp_prog_id(&s, d)).collect();
+    assert!(ids.iter().all(Option::is_some), "{ids:?}");
+
+    // SIGKILL: nothing undone. The pinned links keep the program on every interface, and it
+    // keeps balancing (connections complete, replies from the VIP).
+    let skiff = s.skiff.take().expect("skiff");
+    skiff.signal(nix::sys::signal::Signal::SIGKILL);
+    let (status, _) = skiff.wait(Duration::from_secs(10));
+    assert!(!status.success(), "skiff was killed: {status}");
+    for (dev, id) in devs.iter().zip(&ids) {
+        assert_eq!(xdp_prog_id(&s, dev), *id, "the program left {dev}");
+    }
+    let counts = s.spread(40);
+    assert!(counts[0] > 0 && counts[1] > 0, "after the kill: {counts:?}");
+
+    // A restart swaps its program into the same links: a new program id on every interface,
+    // no second link, balancing again under the new skiff (its counters count).
+    let proxy = s.cg.child_path("proxy");
+    let mut flags = vec!["--fast-path"];
+    flags.extend(s.xdp_flags.iter().map(String::as_str));
+    s.skiff = Some(Child::spawn(
+        skiff_tests::skiff_run(&s.topo.node, &s.bootstrap)
+            .args(skiff_tests::sidecar_args(&s.app, &proxy, &flags)),
+    ));
+    wait_admin_ready(&s.topo.node);
+    let first: Vec<&str> = s.endpoints[..2].iter().map(String::as_str).collect();
+    wait_kernel_endpoints(&s.topo.node, &first);
+    for (dev, id) in devs.iter().zip(&ids) {
+        let now = xdp_prog_id(&s, dev);
+        assert!(
+            now.is_some() && now != *id,
+            "{dev}: program {now:?}, was {id:?}"
+        );
+    }
+    assert_eq!(pins(), names, "the restart pinned the same links and maps");
+    let counts = s.spread(40);
+    assert!(
+        counts[0] > 0 && counts[1] > 0,
+        "after the restart: {counts:?}"
+    );
+    let packets = admin_stat(
+        &s.topo.node,
+        &format!("skiff.bpf.xdp.tcp:{}.packets", s.vip),
+    );
+    assert!(
+        packets >= 40,
+        "packets counted by the new program: {packets}"
+    );
+
+    // Killed again and restarted with XDP on the client's interface only: the links of the
+    // interfaces no longer balanced are detached (their pins removed), the kept one taken over.
+    let skiff = s.skiff.take().expect("skiff");
+    skiff.signal(nix::sys::signal::Signal::SIGKILL);
+    let (status, _) = skiff.wait(Duration::from_secs(10));
+    assert!(!status.success(), "skiff was killed: {status}");
+    let kept = xdp_prog_id(&s, &devs[0]);
+    s.skiff = Some(Child::spawn(
+        skiff_tests::skiff_run(&s.topo.node, &s.bootstrap).args(skiff_tests::sidecar_args(
+            &s.app,
+            &proxy,
+            &["--fast-path", "--xdp", &devs[0]],
+        )),
+    ));
+    wait_admin_ready(&s.topo.node);
+    for dev in &devs[1..] {
+        eventually(&format!("the XDP program to leave {dev}"), || {
+            !xdp_attached(&s, dev)
+        });
+    }
+    let now = xdp_prog_id(&s, &devs[0]);
+    assert!(
+        now.is_some() && now != kept,
+        "{}: {now:?}, was {kept:?}",
+        devs[0]
+    );
+    let left: Vec<String> = pins()
+        .into_iter()
+        .filter(|n| n.starts_with("link_skiff_xdp_"))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    // A clean exit removes the pins: the links detach.
+    sigterm_and_wait(s.skiff.take().expect("skiff"));
+    for dev in &devs {
+        eventually(&format!("the XDP program to leave {dev}"), || {
+            !xdp_attached(&s, dev)
+        });
+    }
+    assert!(!pin_dir.exists(), "pins left: {:?}", pins());
 }
 
 #[test]

@@ -254,11 +254,18 @@ impl Capture {
             )?)
         };
         let xdp = match (&fast, cfg.xdp_interfaces.is_empty()) {
-            (_, true) => None,
+            (_, true) => {
+                // A previous skiff's XDP links would go on balancing with maps no one updates.
+                if let Some(pins) = &pins {
+                    xdp::remove_stale_pins(pins, &[]);
+                }
+                None
+            }
             (Some(fast), false) => Some(xdp::XdpBalancer::install(
                 &mut ebpf,
                 &cfg.xdp_interfaces,
                 fast.clone(),
+                pins.as_ref(),
             )?),
             (None, false) => {
                 return Err(BpfError::Config(
@@ -694,15 +701,20 @@ fn clear<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// The maps pinned for `cfg`: [`super::pin::PINNED`], and [`super::pin::PINNED_FAST`] with
-/// the fast path.
+/// The maps pinned for `cfg`: [`super::pin::PINNED`], [`super::pin::PINNED_FAST`] with
+/// the fast path, and [`xdp::PINNED_XDP`] with `--xdp` too.
 fn pinned_maps(cfg: &CaptureConfig) -> impl Iterator<Item = &'static str> {
     let fast: &[&str] = if cfg.fast_path.is_some() {
         super::pin::PINNED_FAST
     } else {
         &[]
     };
-    super::pin::PINNED.iter().chain(fast).copied()
+    let xdp: &[&str] = if cfg.fast_path.is_some() && !cfg.xdp_interfaces.is_empty() {
+        xdp::PINNED_XDP
+    } else {
+        &[]
+    };
+    super::pin::PINNED.iter().chain(fast).chain(xdp).copied()
 }
 
 /// Refuses to reuse a pinned map whose size differs from what this run asks (`--fast-path`

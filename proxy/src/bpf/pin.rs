@@ -9,7 +9,10 @@
 //! - the maps in [`PINNED`] (and, with the fast path, [`PINNED_FAST`]) are pinned by name and
 //!   reused by the next load, so the new programs see the same gate, original destinations,
 //!   meshed cgroups and fast-path state (socket accounting of connections made before the
-//!   restart included).
+//!   restart included);
+//! - with `--xdp`, each interface's XDP link (`link_skiff_xdp_<mode>_<iface>`) and the XDP
+//!   conntrack and VIP maps are pinned the same way (see `loader::xdp`): a killed skiff's
+//!   XDP program keeps balancing, a restarted one swaps its program in.
 //!
 //! A normal shutdown removes the directory (links detach, maps are freed); `skiff cleanup`
 //! removes what a crash left behind.

@@ -10,6 +10,12 @@
 //! keeps `SKIFF_XDP_VIP` (the addresses whose echo requests the kernel answers) equal to the
 //! VIPs of the node-scope services the fast path serves: the same applied image the kernel's
 //! service maps hold, so a removed service's VIP stops answering within a sweep period.
+//!
+//! With a pin directory each interface's link is pinned as `link_skiff_xdp_<mode>_<iface>`
+//! (the mode in the name: the kernel's link info does not tell it), so a killed skiff's
+//! program keeps balancing with its maps (the fast path's and the pinned conntrack); the next
+//! skiff swaps its program into those links (`BPF_LINK_UPDATE`, no window without a program)
+//! and detaches the links of interfaces it no longer balances.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -17,26 +23,36 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
 use aya::Ebpf;
 use aya::maps::{DevMapHash, HashMap as LruHashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::programs::links::FdLink;
 use aya::programs::{Xdp, XdpMode, xdp::XdpLinkId};
 use serde_json::{Value, json};
 use skiff_common::EndpointKey;
 use skiff_common::xdp::{XdpAddrKey, XdpCounters, XdpFlowKey, XdpNat, XdpVipKey, stat};
 
 use super::{BpfError, FastPath, FastPathView};
-use crate::bpf::take;
+use crate::bpf::{pin::Pins, take};
 
 /// The program, as the loader and errors name it.
 pub(super) const XDP: (&str, &str) = ("skiff_xdp", "xdp");
-const MAP_CT: &str = "SKIFF_XDP_CT";
-const MAP_RCT: &str = "SKIFF_XDP_RCT";
+/// Forward conntrack (pinned with the pin directory: flows keep their endpoint across restarts).
+pub(super) const MAP_CT: &str = "SKIFF_XDP_CT";
+/// Reverse conntrack (pinned likewise: replies of established flows stay translated).
+pub(super) const MAP_RCT: &str = "SKIFF_XDP_RCT";
 const MAP_TX: &str = "SKIFF_XDP_TX";
 const MAP_VST: &str = "SKIFF_XDP_VST";
 const MAP_EST: &str = "SKIFF_XDP_EST";
 const MAP_ST: &str = "SKIFF_XDP_ST";
 /// The VIP addresses answered with echo replies (sized like the service maps at load).
 pub(super) const MAP_VIP: &str = "SKIFF_XDP_VIP";
+/// The maps pinned with `--xdp` (and a pin directory).
+pub(super) const PINNED_XDP: &[&str] = &[MAP_CT, MAP_RCT, MAP_VIP];
+/// What the names of the pinned XDP links start with, after `link_`.
+const PIN_PREFIX: &str = "skiff_xdp_";
 /// How often the sweeper compares conntrack with the endpoints the fast path serves.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
@@ -49,6 +65,15 @@ pub struct XdpInterface {
     pub ifindex: u32,
     /// `native` (driver) or `generic` (SKB).
     pub mode: &'static str,
+}
+
+/// The program's link to one interface.
+enum XdpLinkHold {
+    /// Attached by this process, unpinned: it detaches when the loaded object drops.
+    Owned { _id: XdpLinkId },
+    /// Pinned: an fd of it (the pin keeps it attached after a crash; removing the pins on a
+    /// clean exit and closing this detaches it).
+    Pinned { _fd: OwnedFd },
 }
 
 /// Conntrack maps and the VIP set, shared with the sweeper thread.
@@ -67,19 +92,22 @@ pub(super) struct XdpBalancer {
     ep_stats: PerCpuHashMap<MapData, EndpointKey, XdpCounters>,
     stats: PerCpuArray<MapData, u64>,
     _tx: DevMapHash<MapData>,
-    _links: Vec<XdpLinkId>,
+    _links: Vec<XdpLinkHold>,
     stop: Arc<AtomicBool>,
     /// Failed `SKIFF_XDP_VIP` inserts (each retried on the next sweep).
     vip_insert_errors: Arc<AtomicU64>,
 }
 
 impl XdpBalancer {
-    /// Loads `skiff_xdp`, attaches it to each of `ifaces` (native, else generic mode), makes
-    /// them redirect targets and starts the conntrack sweeper over `fast`.
+    /// Loads `skiff_xdp`, makes each of `ifaces` a redirect target and attaches the program to
+    /// it (native, else generic mode; with `pins`, swapped into the interface's pinned link
+    /// when a previous skiff left one, else attached and pinned), detaches pinned links of
+    /// other interfaces, and starts the conntrack sweeper over `fast`.
     pub(super) fn install(
         ebpf: &mut Ebpf,
         ifaces: &[String],
         fast: Arc<FastPath>,
+        pins: Option<&Pins>,
     ) -> Result<XdpBalancer, BpfError> {
         let ct = Conntrack {
             forward: take(ebpf, MAP_CT)?,
@@ -91,26 +119,9 @@ impl XdpBalancer {
         let ep_stats = take(ebpf, MAP_EST)?;
         let stats = take(ebpf, MAP_ST)?;
 
-        let prog: &mut Xdp = crate::bpf::program(ebpf, XDP)?;
-        prog.load().map_err(|source| BpfError::load(XDP, source))?;
-        let mut interfaces = Vec::with_capacity(ifaces.len());
-        let mut links = Vec::with_capacity(ifaces.len());
+        // Redirect targets first: a program swapped into a pinned link redirects at once.
+        let mut targets = Vec::with_capacity(ifaces.len());
         for name in ifaces {
-            let path = std::path::Path::new(name);
-            let (link, mode) = match prog.attach(name, XdpMode::Driver) {
-                Ok(id) => (id, "native"),
-                Err(native) => {
-                    tracing::info!(
-                        interface = %name,
-                        error = %native,
-                        "native XDP unavailable; attaching in generic (SKB) mode"
-                    );
-                    let id = prog
-                        .attach(name, XdpMode::Skb)
-                        .map_err(|source| BpfError::attach(XDP, path, source))?;
-                    (id, "generic")
-                }
-            };
             let ifindex = ifindex(name)?;
             tx.insert(ifindex, ifindex, None, 0)
                 .map_err(|source| BpfError::Map {
@@ -123,6 +134,26 @@ impl XdpBalancer {
                         },
                     }),
                 })?;
+            targets.push((name, ifindex));
+        }
+
+        let prog: &mut Xdp = crate::bpf::program(ebpf, XDP)?;
+        prog.load().map_err(|source| BpfError::load(XDP, source))?;
+        let mut interfaces = Vec::with_capacity(ifaces.len());
+        let mut links = Vec::with_capacity(ifaces.len());
+        let mut kept = Vec::with_capacity(ifaces.len());
+        for (name, ifindex) in targets {
+            let (link, mode) = match pins {
+                Some(pins) => {
+                    let (fd, mode, pin) = attach_pinned(prog, name, pins)?;
+                    kept.push(pin);
+                    (XdpLinkHold::Pinned { _fd: fd }, mode)
+                }
+                None => {
+                    let (id, mode) = attach(prog, name)?;
+                    (XdpLinkHold::Owned { _id: id }, mode)
+                }
+            };
             tracing::info!(interface = %name, ifindex, mode, "XDP load balancer attached");
             interfaces.push(XdpInterface {
                 name: name.clone(),
@@ -130,6 +161,9 @@ impl XdpBalancer {
                 mode,
             });
             links.push(link);
+        }
+        if let Some(pins) = pins {
+            remove_stale_pins(pins, &kept);
         }
         let ct = Arc::new(Mutex::new(ct));
         let stop = Arc::new(AtomicBool::new(false));
@@ -315,6 +349,111 @@ fn proto_name(p: u8) -> &'static str {
 /// `tcp:10.96.0.1:80` (the protocol first: a VIP may serve TCP and UDP on one port).
 fn vip_name(k: &XdpVipKey) -> Option<String> {
     Some(format!("{}:{}", proto_name(k.proto), k.addr()?))
+}
+
+/// Attaches the loaded program to `name`: native (driver) mode, else generic (SKB).
+fn attach(prog: &mut Xdp, name: &str) -> Result<(XdpLinkId, &'static str), BpfError> {
+    match prog.attach(name, XdpMode::Driver) {
+        Ok(id) => Ok((id, "native")),
+        Err(native) => {
+            tracing::info!(
+                interface = %name,
+                error = %native,
+                "native XDP unavailable; attaching in generic (SKB) mode"
+            );
+            let id = prog
+                .attach(name, XdpMode::Skb)
+                .map_err(|source| BpfError::attach(XDP, std::path::Path::new(name), source))?;
+            Ok((id, "generic"))
+        }
+    }
+}
+
+/// The pin name of the link to interface `iface` in `mode`.
+fn pin_name(mode: &str, iface: &str) -> String {
+    format!("{PIN_PREFIX}{mode}_{iface}")
+}
+
+/// [`attach`] with pins: swaps the loaded program into the interface's pinned link when a
+/// previous skiff left one (`BPF_LINK_UPDATE`: the interface never runs without a program),
+/// else attaches and pins the link. Returns an fd of the link, its mode and its pin.
+fn attach_pinned(
+    prog: &mut Xdp,
+    name: &str,
+    pins: &Pins,
+) -> Result<(OwnedFd, &'static str, PathBuf), BpfError> {
+    for mode in ["native", "generic"] {
+        let pin = pins.link(&pin_name(mode, name));
+        if !pin.exists() {
+            continue;
+        }
+        let fd = prog.fd().map_err(|source| BpfError::load(XDP, source))?;
+        match crate::bpf::pin::link_update(&pin, fd.as_fd()) {
+            Ok(link) => {
+                tracing::info!(interface = %name, mode, pin = %pin.display(), "XDP link taken over");
+                return Ok((link, mode, pin));
+            }
+            // The interface went away since (its link with it): attach afresh.
+            Err(e) => {
+                tracing::warn!(
+                    interface = %name,
+                    pin = %pin.display(),
+                    error = %e,
+                    "a pinned XDP link could not take the new program; attaching afresh"
+                );
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+    }
+    let (id, mode) = attach(prog, name)?;
+    let pin = pins.link(&pin_name(mode, name));
+    let path = std::path::Path::new(name);
+    let link = prog
+        .take_link(id)
+        .map_err(|source| BpfError::attach(XDP, path, source))?;
+    let link = FdLink::try_from(link).map_err(|e| {
+        BpfError::Config(format!(
+            "--xdp {name}: the kernel gave no bpf link to pin ({e})"
+        ))
+    })?;
+    // The pin holds the link after a crash; our own fd holds it while we run.
+    drop(link.pin(&pin).map_err(|e| {
+        BpfError::Config(format!(
+            "pinning the XDP link of {name} at {}: {e}",
+            pin.display()
+        ))
+    })?);
+    let fd = crate::bpf::pin::obj_get(&pin).map_err(|source| BpfError::Io {
+        what: "opening the pinned XDP link",
+        path: pin.clone(),
+        source,
+    })?;
+    Ok((fd, mode, pin))
+}
+
+/// Removes the pinned XDP links other than `keep`: interfaces a previous skiff balanced and
+/// this one does not (with no `--xdp` at all, every one). Their programs detach once no
+/// process holds them.
+pub(super) fn remove_stale_pins(pins: &Pins, keep: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(pins.dir()) else {
+        return;
+    };
+    let prefix = format!("link_{PIN_PREFIX}");
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) || keep.contains(&path) {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                pin = %path.display(),
+                "detached the XDP link of an interface no longer balanced"
+            ),
+            Err(e) => {
+                tracing::warn!(pin = %path.display(), error = %e, "could not remove a stale XDP link pin")
+            }
+        }
+    }
 }
 
 fn ifindex(name: &str) -> Result<u32, BpfError> {
