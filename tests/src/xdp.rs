@@ -2,7 +2,7 @@
 //! network namespaces (client -> node -> backends, veth pairs, addresses only inside them) and
 //! the ethtool settings XDP on veth needs.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::process::Command;
 
 use crate::{Netns, in_netns, run, veth_pair};
@@ -343,6 +343,104 @@ pub fn next_icmp(
         }
         if want(&buf[ihl..n]) {
             return Some((buf[..ihl].to_vec(), buf[ihl..n].to_vec()));
+        }
+    }
+}
+
+/// As [`tcp_quote`] for IPv6: the IPv6 header and the 20-byte TCP header, checksummed.
+pub fn tcp6_quote(src: SocketAddrV6, dst: SocketAddrV6) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+    ip.extend_from_slice(&src.ip().octets());
+    ip.extend_from_slice(&dst.ip().octets());
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&src.port().to_be_bytes());
+    tcp.extend_from_slice(&dst.port().to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    let c = inet_checksum(&[&pseudo6(src.ip(), dst.ip(), 6, 20)[..], &tcp].concat());
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// The IPv6 pseudo-header of `len` bytes of `next_header` from `src` to `dst`.
+fn pseudo6(src: &Ipv6Addr, dst: &Ipv6Addr, next_header: u8, len: u32) -> Vec<u8> {
+    let mut p = src.octets().to_vec();
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, next_header]);
+    p
+}
+
+/// An ICMPv6 error message from `src` to `dst` (as [`icmp_error`]), its checksum (over the
+/// pseudo-header) filled in.
+pub fn icmp6_error(
+    (src, dst): (&Ipv6Addr, &Ipv6Addr),
+    typ: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut m = vec![typ, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(quote);
+    let c = inet_checksum(&[&pseudo6(src, dst, 58, m.len() as u32)[..], &m].concat());
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// A raw ICMPv6 socket in `ns`: it reads a copy of every ICMPv6 message the netns receives
+/// (the message only; the kernel drops those whose checksum does not verify).
+pub fn icmp6_capture(ns: &Netns) -> socket2::Socket {
+    in_netns(ns, raw_icmp6)
+}
+
+/// Sends the ICMPv6 message `m` from `ns` to `dst` (the stack fills in the checksum and
+/// the IPv6 header).
+pub fn send_icmp6(ns: &Netns, dst: Ipv6Addr, m: Vec<u8>) {
+    in_netns(ns, move || {
+        raw_icmp6()
+            .send_to(&m, &SocketAddrV6::new(dst, 0, 0, 0).into())
+            .expect("send the ICMPv6 message");
+    })
+}
+
+fn raw_icmp6() -> socket2::Socket {
+    socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::ICMPV6),
+    )
+    .expect("raw ICMPv6 socket (needs root)")
+}
+
+/// The first ICMPv6 message `s` (from [`icmp6_capture`]) reads within `timeout` that `want`
+/// accepts: (its source, the message).
+pub fn next_icmp6(
+    s: &socket2::Socket,
+    timeout: std::time::Duration,
+    want: impl Fn(&[u8]) -> bool,
+) -> Option<(Ipv6Addr, Vec<u8>)> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).expect("socket timeout");
+        let Ok((n, from)) = s.recv_from(&mut buf) else {
+            return None;
+        };
+        // SAFETY: recv_from initialised the first `n` bytes.
+        let m: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let Some(from) = from.as_socket_ipv6() else {
+            continue;
+        };
+        if m.len() >= 8 && want(&m) {
+            return Some((*from.ip(), m));
         }
     }
 }

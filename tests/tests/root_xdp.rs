@@ -16,7 +16,8 @@
 //! - a ping to the VIP is answered at the node (XDP echo reply) while skiff runs, and neither
 //!   before skiff starts, nor after it left, nor for an address that is no VIP;
 //! - the same over IPv6 (ULA VIP and addresses inside the netns only): connections to the
-//!   IPv6 VIP spread over the two endpoints and their replies come from the VIP;
+//!   IPv6 VIP spread over the two endpoints and their replies come from the VIP, and a packet
+//!   too big for the VIP about a tracked flow reaches its backend translated byte for byte;
 //! - pinned links: a SIGKILLed skiff's program keeps balancing; a restart swaps its program
 //!   into the same links, and one with fewer `--xdp` interfaces detaches the others;
 //! - ICMP errors about a held flow follow it: a fragmentation-needed for the VIP reaches the
@@ -27,7 +28,7 @@
 //! --test root_xdp -- --test-threads=1` (as root, under the shared lock).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use skiff_tests::fastpath::{
@@ -35,8 +36,8 @@ use skiff_tests::fastpath::{
     per_backend, spawn_fast_path, spawn_fastpeer, wait_kernel_endpoints, write_atomic,
 };
 use skiff_tests::xdp::{
-    CLIENT_IP6, Topology, VIP, VIP6, icmp_capture, icmp_error, next_icmp, ping, send_icmp,
-    tcp_quote,
+    CLIENT_IP6, Topology, VIP, VIP6, icmp_capture, icmp_error, icmp6_capture, icmp6_error,
+    next_icmp, next_icmp6, ping, send_icmp, send_icmp6, tcp_quote, tcp6_quote,
 };
 use skiff_tests::{
     Cgroup, Child, TempYaml, admin, admin_stat, ads_bootstrap, built_binary, command_in,
@@ -610,6 +611,36 @@ fn ipv6_vip_traffic_is_balanced_at_the_node() {
         );
         assert!(s.endpoints[..2].contains(ep), "flow to {ep}");
     }
+
+    // A packet too big the client sends to the VIP about a tracked flow's reply reaches the
+    // flow's backend quoting the backend's own packet, byte for byte (the raw socket only
+    // delivers it when its checksum verifies; the expected one is computed from scratch).
+    let (client, ep) = ct.iter().next().expect("a tracked flow");
+    let client: SocketAddrV6 = client.parse().expect("client address");
+    let ep: SocketAddrV6 = ep.parse().expect("endpoint address");
+    let vip6: Ipv6Addr = VIP6.parse().expect("VIP6");
+    let backend = s
+        .topo
+        .backends
+        .iter()
+        .find(|b| b.ip6.parse::<Ipv6Addr>().ok() == Some(*ep.ip()))
+        .expect("the endpoint's backend");
+    let capture = icmp6_capture(&backend.ns);
+    let mtu = 1280u32.to_be_bytes();
+    let vip_sa = SocketAddrV6::new(vip6, 80, 0, 0);
+    send_icmp6(
+        &s.topo.client,
+        vip6,
+        icmp6_error((client.ip(), &vip6), 2, 0, mtu, &tcp6_quote(vip_sa, client)),
+    );
+    let want = icmp6_error((client.ip(), ep.ip()), 2, 0, mtu, &tcp6_quote(ep, client));
+    let Some((from, m)) = next_icmp6(&capture, PING_WAIT, |m| m[0] == 2) else {
+        panic!("no packet too big reached the backend {ep}");
+    };
+    assert_eq!(from, *client.ip(), "from the client");
+    assert_eq!(m, want, "the translated packet too big");
+    let forwarded = admin_stat(&s.topo.node, "skiff.bpf.xdp.icmp_error_forward");
+    assert!(forwarded >= 1, "icmp_error_forward {forwarded}");
 }
 
 // === Packet fuzz through BPF_PROG_TEST_RUN ===
