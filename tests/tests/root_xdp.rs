@@ -492,6 +492,9 @@ fn a_killed_skiff_keeps_balancing_and_a_restart_takes_the_xdp_links_over() {
     let ids: Vec<Option<u32>> = devs.iter().map(|d| xdp_prog_id(&s, d)).collect();
     assert!(ids.iter().all(Option::is_some), "{ids:?}");
 
+    let tracked = s.conntrack();
+    assert!(!tracked.is_empty(), "no flow tracked");
+
     // SIGKILL: nothing undone. The pinned links keep the program on every interface, and it
     // keeps balancing (connections complete, replies from the VIP).
     let skiff = s.skiff.take().expect("skiff");
@@ -524,6 +527,17 @@ fn a_killed_skiff_keeps_balancing_and_a_restart_takes_the_xdp_links_over() {
         );
     }
     assert_eq!(pins(), names, "the restart pinned the same links and maps");
+    // The pinned conntrack came along: after a few sweeps every flow tracked before the kill
+    // is still on its endpoint (the endpoints are the same).
+    std::thread::sleep(Duration::from_millis(800));
+    let after = s.conntrack();
+    for (client, ep) in &tracked {
+        assert_eq!(
+            after.get(client),
+            Some(ep),
+            "flow {client} lost across the restart"
+        );
+    }
     let counts = s.spread(40);
     assert!(
         counts[0] > 0 && counts[1] > 0,

@@ -291,6 +291,12 @@ impl FastPath {
         self.lock().timings.last_project_us = took.as_micros() as u64;
     }
 
+    /// Whether this process has applied an image (its first generation flip turns the kernel's
+    /// fast path on): until then an empty view means nothing applied yet, not nothing served.
+    pub(super) fn is_on(&self) -> bool {
+        self.config.current().fast_path != 0
+    }
+
     /// What the fast path currently serves.
     pub fn view(&self) -> FastPathView {
         let g = self.lock();

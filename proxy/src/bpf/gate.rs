@@ -32,6 +32,11 @@ impl ConfigMap {
         })
     }
 
+    /// The value last written.
+    pub(super) fn current(&self) -> ConfigValue {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
     /// Applies `change` to the current value and writes it (one map update); `what` names the
     /// change in errors. On failure the kept value is unchanged.
     pub(super) fn update(

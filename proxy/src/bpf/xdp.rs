@@ -576,6 +576,11 @@ fn spawn_sweeper(
             let mut again = false;
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(SWEEP_EVERY);
+                // Before the first apply the view is empty: sweeping against it would drop
+                // every flow a previous skiff left in the pinned conntrack.
+                if !fast.is_on() {
+                    continue;
+                }
                 let view = fast.view();
                 let want = vips(&view);
                 if vip_state.due(&want) {
