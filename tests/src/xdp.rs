@@ -210,10 +210,8 @@ fn ethtool_set(dev: &str, cmd: u32, value: u32) -> std::io::Result<()> {
 /// would send it): whether an echo reply from `dst` with its identifier came back in time.
 pub fn ping(ns: &Netns, dst: std::net::Ipv4Addr, timeout: std::time::Duration) -> bool {
     in_netns(ns, move || {
-        use socket2::{Domain, Protocol, Socket, Type};
         use std::io::Read;
-        let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-            .expect("raw ICMP socket (needs root)");
+        let s = raw_icmp();
         let id = (std::process::id() as u16).to_be_bytes();
         let mut m = vec![8u8, 0, 0, 0, id[0], id[1], 0, 1];
         m.extend_from_slice(b"skiff-xdp-ping");
