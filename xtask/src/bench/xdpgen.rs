@@ -1,9 +1,14 @@
-//! The `--xdp` bench's frame generator: `BPF_PROG_TEST_RUN` in live-frame mode
-//! (`BPF_F_TEST_XDP_LIVE_FRAMES`, Linux >= 5.18) with a two-instruction XDP program that returns
-//! `XDP_TX`, as xdp-trafficgen does. Each frame leaves the client's veth with `ndo_xdp_xmit` and
-//! reaches the node's veth as an XDP frame: no socket and no skb on the sending side, so the
-//! generator costs little and what limits the rate is the node's forwarding path (which runs in
-//! softirq on the generator's CPU).
+//! The `--xdp` bench's frame generator: frames that reach the node's veth as XDP frames (no
+//! skb), as from a NIC with native XDP, so that what limits the rate is the node's forwarding
+//! path (which runs in softirq on the generator's CPU). Two ways, the first the kernel allows:
+//! - `live-frames`: `BPF_PROG_TEST_RUN` in live-frame mode (`BPF_F_TEST_XDP_LIVE_FRAMES`,
+//!   Linux >= 5.18) with a two-instruction program returning `XDP_TX` on the client's veth, as
+//!   xdp-trafficgen does: each frame leaves with `ndo_xdp_xmit`.
+//! - `relay`: some kernels refuse live frames (EPERM). Then an `AF_PACKET` socket (qdisc
+//!   bypassed, `sendmmsg` batches) sends the frames into a second veth pair inside the client
+//!   netns, whose far end runs a four-instruction program, `bpf_redirect` to the client's veth:
+//!   the skb-to-XDP conversion (a copy: the skbs lack XDP headroom) happens at the relay, on
+//!   the client's side, and the node again receives XDP frames.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -14,6 +19,10 @@ use std::time::{Duration, Instant};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_FUNC_REDIRECT: i32 = 23;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
@@ -104,15 +113,36 @@ impl Flows {
     }
 }
 
-/// `r0 = XDP_TX; exit`, encoded as `struct bpf_insn` words.
-fn xdp_tx_insns() -> [u64; 2] {
-    // BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
-    let mov_r0 = 0xb7u64 | (u64::from(XDP_TX as u32) << 32);
-    [mov_r0, 0x95]
+/// `struct bpf_insn` of `BPF_ALU64 | BPF_MOV | BPF_K`: `reg = imm`.
+fn mov_imm(reg: u8, imm: i32) -> u64 {
+    0xb7 | (u64::from(reg) << 8) | (u64::from(imm as u32) << 32)
 }
 
-/// Loads the `XDP_TX` program (the caller's only BPF object; freed with the fd).
-fn load_xdp_tx() -> io::Result<OwnedFd> {
+/// `BPF_JMP | BPF_CALL` of helper `id`.
+fn call(id: i32) -> u64 {
+    0x85 | (u64::from(id as u32) << 32)
+}
+
+/// `BPF_JMP | BPF_EXIT`.
+const EXIT: u64 = 0x95;
+
+/// `r0 = XDP_TX; exit`.
+fn xdp_tx_insns() -> Vec<u64> {
+    vec![mov_imm(0, XDP_TX), EXIT]
+}
+
+/// `return bpf_redirect(ifindex, 0)` (XDP_REDIRECT, or XDP_ABORTED for a bad ifindex).
+fn redirect_insns(ifindex: u32) -> Vec<u64> {
+    vec![
+        mov_imm(1, ifindex as i32),
+        mov_imm(2, 0),
+        call(BPF_FUNC_REDIRECT),
+        EXIT,
+    ]
+}
+
+/// Loads an XDP program (a BPF object of the calling process, freed with the fd).
+fn load_xdp(insns: &[u64]) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct ProgLoadAttr {
         prog_type: u32,
@@ -128,10 +158,9 @@ fn load_xdp_tx() -> io::Result<OwnedFd> {
         prog_ifindex: u32,
         expected_attach_type: u32,
     }
-    let insns = xdp_tx_insns();
     let license = c"GPL";
     let mut name = [0u8; 16];
-    name[..12].copy_from_slice(b"skiff_xdptx\0");
+    name[..10].copy_from_slice(b"skiff_gen\0");
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_XDP,
         insn_cnt: insns.len() as u32,
@@ -243,43 +272,246 @@ fn test_run_live(prog: &OwnedFd, ifindex: u32, frame: &[u8], repeat: u32) -> io:
 /// setup, small enough (a few ms) that the flows interleave and the deadline is kept.
 const REPEAT: u32 = 2048;
 
-/// Sends `flows`' frames out of `ifindex` from `threads` threads (each cycling through all
-/// flows, starting at a different one) until `limit` has passed. Returns the frames the
-/// program ran (offered; what arrives is counted at the receivers) and the wall time.
-pub fn run(
-    flows: &Flows,
-    ifindex: u32,
+/// Attaches `prog` to `ifindex` in native mode with a BPF link; detached when the returned fd
+/// closes (also when the process dies), so nothing outlives the generator.
+fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: XDP_FLAGS_DRV_MODE,
+    };
+    // SAFETY: `attr` is a fully initialised prefix of bpf_attr's `link_create` member of the
+    // size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &mut attr as *mut LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// An `AF_PACKET` raw socket bound to `ifindex` that bypasses the qdisc (send only).
+fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; protocol 0 receives nothing.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created and is owned here.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a zeroed sockaddr_ll is valid; the fields set below are all bind reads.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const sll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_QDISC_BYPASS,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// Frames per `sendmmsg` call of the relay generator.
+const SEND_BATCH: usize = 64;
+
+/// Sends `frames` round-robin on `sock` in `SEND_BATCH` batches until `limit` has passed;
+/// returns the frames the kernel accepted (a full relay ring refuses some: backpressure, not
+/// an error).
+fn send_until(
+    sock: &OwnedFd,
+    frames: &[[u8; FRAME_LEN]],
+    first: usize,
+    start: Instant,
     limit: Duration,
-    threads: usize,
-) -> anyhow::Result<(u64, Duration)> {
-    let prog =
-        Arc::new(load_xdp_tx().map_err(|e| anyhow::anyhow!("loading the XDP_TX program: {e}"))?);
-    let frames = Arc::new(flows.frames());
-    anyhow::ensure!(!frames.is_empty(), "no flows to send");
-    let sent = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let threads = threads.clamp(1, 16);
-    let hs: Vec<_> = (0..threads)
-        .map(|t| {
-            let (prog, frames, sent) = (prog.clone(), frames.clone(), sent.clone());
-            std::thread::spawn(move || -> io::Result<()> {
-                let mut i = t * frames.len() / threads;
-                while start.elapsed() < limit {
-                    test_run_live(&prog, ifindex, &frames[i % frames.len()], REPEAT)?;
-                    sent.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
-                    i += 1;
-                }
-                Ok(())
-            })
+) -> io::Result<u64> {
+    let mut iov: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
         })
         .collect();
-    for h in hs {
-        match h.join() {
-            Ok(r) => r.map_err(|e| anyhow::anyhow!("BPF_PROG_TEST_RUN (live frames): {e}"))?,
-            Err(_) => anyhow::bail!("generator thread panicked"),
+    let n = iov.len();
+    let mut sent = 0u64;
+    let mut i = first % n;
+    while start.elapsed() < limit {
+        let batch = SEND_BATCH.min(n);
+        // SAFETY: a zeroed mmsghdr is valid; each one points at one iovec of `iov`.
+        let mut msgs: Vec<libc::mmsghdr> = (0..batch)
+            .map(|k| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = &raw mut iov[(i + k) % n];
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: `msgs` and the iovecs and frames they point at outlive the call.
+        let rc = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), batch as u32, 0) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::EBUSY) => std::thread::yield_now(),
+                _ => return Err(e),
+            }
+        } else {
+            sent += rc as u64;
+        }
+        i = (i + batch) % n;
+    }
+    Ok(sent)
+}
+
+/// How the frames were generated (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `BPF_PROG_TEST_RUN` live frames with `XDP_TX` on the client's veth.
+    LiveFrames,
+    /// `AF_PACKET` into a relay veth whose XDP program redirects to the client's veth.
+    Relay,
+}
+
+impl Mode {
+    /// Short name (tables, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::LiveFrames => "live-frames",
+            Mode::Relay => "relay",
         }
     }
-    Ok((sent.load(Ordering::Relaxed), start.elapsed()))
+}
+
+/// Where the frames go: the client's veth (`out`) and the relay pair (`relay_in` is where
+/// the `AF_PACKET` socket sends, `relay_out` its peer, which redirects to `out`).
+#[derive(Debug, Clone, Copy)]
+pub struct Devices {
+    /// The client's veth towards the node.
+    pub out: u32,
+    /// The relay veth the socket sends on.
+    pub relay_in: u32,
+    /// Its peer, where the redirect program runs.
+    pub relay_out: u32,
+}
+
+/// What one generator run did.
+#[derive(Debug)]
+pub struct Sent {
+    /// Frames generated (offered; what arrives is counted at the receivers).
+    pub frames: u64,
+    /// Wall time of the run.
+    pub wall: Duration,
+    /// How.
+    pub mode: Mode,
+}
+
+/// Sends `flows`' frames out of `dev.out` from `threads` threads (each cycling through all
+/// flows, starting at a different one) until `limit` has passed: live frames if the kernel
+/// allows them, else through the relay.
+pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyhow::Result<Sent> {
+    let frames = Arc::new(flows.frames());
+    anyhow::ensure!(!frames.is_empty(), "no flows to send");
+    let threads = threads.clamp(1, 16);
+    let tx = Arc::new(
+        load_xdp(&xdp_tx_insns())
+            .map_err(|e| anyhow::anyhow!("loading the XDP_TX program: {e}"))?,
+    );
+    // One real frame probes whether the kernel allows live frames (the receivers count it:
+    // one frame among millions).
+    let mode = match test_run_live(&tx, dev.out, &frames[0], 1) {
+        Ok(()) => Mode::LiveFrames,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Mode::Relay,
+        Err(e) => anyhow::bail!("BPF_PROG_TEST_RUN (live frames): {e}"),
+    };
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    match mode {
+        Mode::LiveFrames => {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (tx, frames, sent) = (tx.clone(), frames.clone(), sent.clone());
+                    std::thread::spawn(move || -> io::Result<()> {
+                        let mut i = t * frames.len() / threads;
+                        while start.elapsed() < limit {
+                            test_run_live(&tx, dev.out, &frames[i % frames.len()], REPEAT)?;
+                            sent.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
+                            i += 1;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            join(hs, "BPF_PROG_TEST_RUN (live frames)")?;
+        }
+        Mode::Relay => {
+            let redirect = load_xdp(&redirect_insns(dev.out))
+                .map_err(|e| anyhow::anyhow!("loading the redirect program: {e}"))?;
+            let _link = attach_xdp(&redirect, dev.relay_out)
+                .map_err(|e| anyhow::anyhow!("attaching the relay's XDP program: {e}"))?;
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (frames, sent) = (frames.clone(), sent.clone());
+                    std::thread::spawn(move || -> io::Result<()> {
+                        let sock = packet_socket(dev.relay_in)?;
+                        let first = t * frames.len() / threads;
+                        let n = send_until(&sock, &frames, first, start, limit)?;
+                        sent.fetch_add(n, Ordering::Relaxed);
+                        Ok(())
+                    })
+                })
+                .collect();
+            join(hs, "AF_PACKET relay generator")?;
+        }
+    }
+    Ok(Sent {
+        frames: sent.load(Ordering::Relaxed),
+        wall: start.elapsed(),
+        mode,
+    })
+}
+
+fn join(hs: Vec<std::thread::JoinHandle<io::Result<()>>>, what: &str) -> anyhow::Result<()> {
+    for h in hs {
+        match h.join() {
+            Ok(r) => r.map_err(|e| anyhow::anyhow!("{what}: {e}"))?,
+            Err(_) => anyhow::bail!("{what}: generator thread panicked"),
+        }
+    }
+    Ok(())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -336,12 +568,22 @@ mod tests {
     }
 
     #[test]
-    fn program_returns_xdp_tx() {
-        let [mov, exit] = xdp_tx_insns();
-        assert_eq!(mov & 0xff, 0xb7, "BPF_ALU64 | BPF_MOV | BPF_K");
-        assert_eq!((mov >> 8) & 0xff, 0, "into r0");
-        assert_eq!((mov >> 32) as i32, XDP_TX);
-        assert_eq!(exit, 0x95, "BPF_JMP | BPF_EXIT");
+    fn programs_are_encoded_as_bpf_insns() {
+        let tx = xdp_tx_insns();
+        assert_eq!(tx.len(), 2);
+        assert_eq!(tx[0] & 0xff, 0xb7, "BPF_ALU64 | BPF_MOV | BPF_K");
+        assert_eq!((tx[0] >> 8) & 0xff, 0, "into r0");
+        assert_eq!((tx[0] >> 32) as i32, XDP_TX);
+        assert_eq!(tx[1], 0x95, "BPF_JMP | BPF_EXIT");
+        let r = redirect_insns(7);
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[0] >> 8) & 0xff, 1, "ifindex into r1");
+        assert_eq!((r[0] >> 32) as u32, 7);
+        assert_eq!((r[1] >> 8) & 0xff, 2, "flags into r2");
+        assert_eq!((r[1] >> 32) as u32, 0);
+        assert_eq!(r[2] & 0xff, 0x85, "BPF_JMP | BPF_CALL");
+        assert_eq!((r[2] >> 32) as i32, 23, "bpf_redirect");
+        assert_eq!(r[3], 0x95);
     }
 
     #[test]
