@@ -6,9 +6,11 @@
 //!   xdp-trafficgen does: each frame leaves with `ndo_xdp_xmit`.
 //! - `relay`: some kernels refuse live frames (EPERM). Then an `AF_PACKET` socket (qdisc
 //!   bypassed, `sendmmsg` batches) sends the frames into a second veth pair inside the client
-//!   netns, whose far end runs a four-instruction program, `bpf_redirect` to the client's veth:
-//!   the skb-to-XDP conversion (a copy: the skbs lack XDP headroom) happens at the relay, on
-//!   the client's side, and the node again receives XDP frames.
+//!   netns, whose far end runs a six-instruction program: `bpf_redirect_map` with
+//!   `BPF_F_BROADCAST` to a devmap holding the client's veth `FANOUT` times. The skb-to-XDP
+//!   conversion (a copy: the skbs lack XDP headroom) happens at the relay, on the client's
+//!   side, each socket frame becomes `FANOUT` XDP frames (clones), so the socket's cost per
+//!   frame is divided by `FANOUT`, and the node again receives XDP frames.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -19,8 +21,13 @@ use std::time::{Duration, Instant};
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_FUNC_REDIRECT: i32 = 23;
+const BPF_MAP_TYPE_DEVMAP: u32 = 14;
+const BPF_FUNC_REDIRECT_MAP: i32 = 51;
+const BPF_F_BROADCAST: i32 = 1 << 3;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -131,14 +138,91 @@ fn xdp_tx_insns() -> Vec<u64> {
     vec![mov_imm(0, XDP_TX), EXIT]
 }
 
-/// `return bpf_redirect(ifindex, 0)` (XDP_REDIRECT, or XDP_ABORTED for a bad ifindex).
-fn redirect_insns(ifindex: u32) -> Vec<u64> {
+/// `return bpf_redirect_map(devmap, 0, BPF_F_BROADCAST)`: a copy of the frame to every
+/// device in `devmap` (XDP_REDIRECT).
+fn broadcast_insns(devmap: i32) -> Vec<u64> {
+    // BPF_LD | BPF_DW | BPF_IMM into r1 with src = BPF_PSEUDO_MAP_FD: the map's address; the
+    // second half of the 16-byte instruction holds the upper 32 bits (0).
+    let ld_map =
+        0x18 | (1 << 8) | (u64::from(BPF_PSEUDO_MAP_FD) << 12) | (u64::from(devmap as u32) << 32);
     vec![
-        mov_imm(1, ifindex as i32),
+        ld_map,
+        0,
         mov_imm(2, 0),
-        call(BPF_FUNC_REDIRECT),
+        mov_imm(3, BPF_F_BROADCAST),
+        call(BPF_FUNC_REDIRECT_MAP),
         EXIT,
     ]
+}
+
+/// XDP frames the relay makes of each socket frame: enough that the socket's cost is a small
+/// part of a frame's, few enough that one relay NAPI poll (64 skbs) fills the node veth's
+/// ring (256 frames) rather than overflowing it with clones that are dropped.
+pub const FANOUT: u32 = 4;
+
+/// A devmap with `ifindex` in each of its `copies` slots.
+fn devmap_of(ifindex: u32, copies: u32) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct MapCreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_DEVMAP,
+        key_size: 4,
+        value_size: 4,
+        max_entries: copies,
+        map_flags: 0,
+    };
+    // SAFETY: `attr` is a fully initialised prefix of bpf_attr's map_create member of the
+    // size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut attr as *mut MapCreateAttr,
+            std::mem::size_of::<MapCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    for slot in 0..copies {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: &slot as *const u32 as u64,
+            value: &ifindex as *const u32 as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a fully initialised map_elem member of bpf_attr of the size
+        // passed; key and value outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_ELEM,
+                &mut attr as *mut MapElemAttr,
+                std::mem::size_of::<MapElemAttr>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(map)
 }
 
 /// Loads an XDP program (a BPF object of the calling process, freed with the fd).
@@ -431,7 +515,8 @@ pub struct Devices {
 /// What one generator run did.
 #[derive(Debug)]
 pub struct Sent {
-    /// Frames generated (offered; what arrives is counted at the receivers).
+    /// Frames generated (offered; relay: socket frames x `FANOUT`; what arrives is counted at
+    /// the receivers).
     pub frames: u64,
     /// Wall time of the run.
     pub wall: Duration,
@@ -478,8 +563,10 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
             join(hs, "BPF_PROG_TEST_RUN (live frames)")?;
         }
         Mode::Relay => {
-            let redirect = load_xdp(&redirect_insns(dev.out))
-                .map_err(|e| anyhow::anyhow!("loading the redirect program: {e}"))?;
+            let devmap = devmap_of(dev.out, FANOUT)
+                .map_err(|e| anyhow::anyhow!("creating the relay's devmap: {e}"))?;
+            let redirect = load_xdp(&broadcast_insns(devmap.as_raw_fd()))
+                .map_err(|e| anyhow::anyhow!("loading the relay program: {e}"))?;
             let _link = attach_xdp(&redirect, dev.relay_out)
                 .map_err(|e| anyhow::anyhow!("attaching the relay's XDP program: {e}"))?;
             let hs: Vec<_> = (0..threads)
@@ -489,7 +576,7 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
                         let sock = packet_socket(dev.relay_in)?;
                         let first = t * frames.len() / threads;
                         let n = send_until(&sock, &frames, first, start, limit)?;
-                        sent.fetch_add(n, Ordering::Relaxed);
+                        sent.fetch_add(n * u64::from(FANOUT), Ordering::Relaxed);
                         Ok(())
                     })
                 })
@@ -575,15 +662,26 @@ mod tests {
         assert_eq!((tx[0] >> 8) & 0xff, 0, "into r0");
         assert_eq!((tx[0] >> 32) as i32, XDP_TX);
         assert_eq!(tx[1], 0x95, "BPF_JMP | BPF_EXIT");
-        let r = redirect_insns(7);
-        assert_eq!(r.len(), 4);
-        assert_eq!((r[0] >> 8) & 0xff, 1, "ifindex into r1");
-        assert_eq!((r[0] >> 32) as u32, 7);
-        assert_eq!((r[1] >> 8) & 0xff, 2, "flags into r2");
-        assert_eq!((r[1] >> 32) as u32, 0);
-        assert_eq!(r[2] & 0xff, 0x85, "BPF_JMP | BPF_CALL");
-        assert_eq!((r[2] >> 32) as i32, 23, "bpf_redirect");
-        assert_eq!(r[3], 0x95);
+        let r = broadcast_insns(9);
+        assert_eq!(r.len(), 6, "ld_imm64 takes two slots");
+        assert_eq!(r[0] & 0xff, 0x18, "BPF_LD | BPF_DW | BPF_IMM");
+        assert_eq!((r[0] >> 8) & 0xf, 1, "into r1");
+        assert_eq!((r[0] >> 12) & 0xf, 1, "BPF_PSEUDO_MAP_FD");
+        assert_eq!((r[0] >> 32) as u32, 9, "the map fd");
+        assert_eq!(r[1], 0, "upper half");
+        assert_eq!(
+            ((r[2] >> 8) & 0xff, (r[2] >> 32) as u32),
+            (2, 0),
+            "key 0 in r2"
+        );
+        assert_eq!(
+            ((r[3] >> 8) & 0xff, (r[3] >> 32) as u32),
+            (3, 8),
+            "BPF_F_BROADCAST in r3"
+        );
+        assert_eq!(r[4] & 0xff, 0x85, "BPF_JMP | BPF_CALL");
+        assert_eq!((r[4] >> 32) as i32, 51, "bpf_redirect_map");
+        assert_eq!(r[5], 0x95);
     }
 
     #[test]
