@@ -105,7 +105,7 @@ pub fn helper(args: &[String]) -> anyhow::Result<()> {
             Ok(())
         }
         // XDP frames out of the client's veth (bench/xdpgen.rs):
-        // `xdp-live-gen OUT RELAY_IN RELAY_OUT SRC_MAC DST_MAC SECS THREADS`.
+        // `xdp-live-gen OUT RELAY_IN RELAY_OUT SRC_MAC DST_MAC DST_IP DPORT SECS THREADS`.
         "xdp-live-gen" => {
             let index = |i: usize| -> anyhow::Result<u32> {
                 let dev = std::ffi::CString::new(arg(i)?)?;
@@ -124,12 +124,12 @@ pub fn helper(args: &[String]) -> anyhow::Result<()> {
                 src_mac: parse_mac(arg(4)?)?,
                 dst_mac: parse_mac(arg(5)?)?,
                 src: CLIENT.parse()?,
-                dst: VIP.parse()?,
-                dport: 53,
+                dst: arg(6)?.parse()?,
+                dport: arg(7)?.parse()?,
                 flows: LIVE_FLOWS,
             };
-            let limit = Duration::from_secs_f64(arg(6)?.parse()?);
-            let sent = super::xdpgen::run(&flows, devices, limit, arg(7)?.parse()?)?;
+            let limit = Duration::from_secs_f64(arg(8)?.parse()?);
+            let sent = super::xdpgen::run(&flows, devices, limit, arg(9)?.parse()?)?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -185,6 +185,8 @@ struct XdpReport {
     xdp_mode: String,
     kernel_path: Measured,
     xdp_path: Measured,
+    /// The live case with a bare XDP forwarder as the node (see `floor`).
+    floor: LiveOnly,
     xdp_counters: Vec<String>,
 }
 
@@ -255,6 +257,8 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
     iptables(&topo.node, "-A")?;
     rep.kernel_path = measure(&topo, &xtask, &opts)?;
     iptables(&topo.node, "-D")?;
+    check_interrupt()?;
+    rep.floor = floor(&topo, &xtask, &opts)?;
     check_interrupt()?;
 
     // XDP path: skiff balancing at the node's interfaces.
@@ -380,14 +384,26 @@ fn table(rep: &XdpReport) -> String {
             r.cx_errors
         ));
     }
+    let f = &rep.floor;
+    md.push_str(&format!(
+        "| floor (bare XDP forward, live only) | {:.0} | {:.0} | {:.0} | | | | | |\n",
+        f.pps, f.offered_pps, f.softirq_ns_per_pkt
+    ));
     let (k, x) = (&rep.kernel_path, &rep.xdp_path);
+    let (k_node, x_node) = (
+        k.live_softirq_ns_per_pkt - f.softirq_ns_per_pkt,
+        x.live_softirq_ns_per_pkt - f.softirq_ns_per_pkt,
+    );
     md.push_str(&format!(
         "\nratio xdp/kernel: live packets/s {}, live softirq per packet {}, socket packets/s {}, connections/s {}\n\n\
+         live softirq ns/pkt above the floor (the node path's own cost beyond a bare XDP forward): \
+         kernel {k_node:.0}, xdp {x_node:.0} (kernel/xdp {})\n\n\
          skiff XDP counters after its run: {}\n",
         ratio(x.live_pps, k.live_pps),
         ratio(x.live_softirq_ns_per_pkt, k.live_softirq_ns_per_pkt),
         ratio(x.pps, k.pps),
         ratio(x.cps, k.cps),
+        ratio(k_node, x_node),
         rep.xdp_counters.join("; ")
     ));
     md
@@ -432,7 +448,7 @@ fn measure(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Meas
     let wall = v["secs"].as_f64().unwrap_or(opts.secs);
     let sent = v["sent"].as_u64().unwrap_or(0);
     check_interrupt()?;
-    let live = live(topo, xtask, opts)?;
+    let live = LiveOnly::from(live(topo, xtask, opts, VIP, 53)?);
     check_interrupt()?;
     let out = run_bounded(
         topo.client.cmd(xtask).args([
@@ -452,14 +468,10 @@ fn measure(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Meas
         pps: rx as f64 / wall,
         sent_pps: sent as f64 / wall,
         softirq_ns_per_pkt: if rx > 0 { soft / rx as f64 } else { 0.0 },
-        live_generator: live.mode,
-        live_pps: live.delivered as f64 / live.wall,
-        live_offered_pps: live.sent as f64 / live.wall,
-        live_softirq_ns_per_pkt: if live.delivered > 0 {
-            live.softirq_ns / live.delivered as f64
-        } else {
-            0.0
-        },
+        live_generator: live.generator,
+        live_pps: live.pps,
+        live_offered_pps: live.offered_pps,
+        live_softirq_ns_per_pkt: live.softirq_ns_per_pkt,
         cps: c["count"].as_f64().unwrap_or(0.0) / c["secs"].as_f64().unwrap_or(1.0),
         cx_errors: c["errors"].as_u64().unwrap_or(0),
     })
@@ -476,7 +488,13 @@ struct Live {
 
 /// The live-frame case: XDP frames out of the client's veth, dropped in the backends' `raw`
 /// table and counted there.
-fn live(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Live> {
+fn live(
+    topo: &Topo,
+    xtask: &Path,
+    opts: &Options<'_>,
+    dst: &str,
+    dport: u16,
+) -> anyhow::Result<Live> {
     let src_mac = mac_of(&topo.client, "xc0")?;
     let dst_mac = mac_of(&topo.node, "xnc")?;
     let setup = LiveSetup::new(topo)?;
@@ -491,6 +509,8 @@ fn live(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Live> {
             "xg1",
             &src_mac,
             &dst_mac,
+            dst,
+            &dport.to_string(),
             &opts.secs.to_string(),
             &opts.threads.to_string(),
         ]),
@@ -509,6 +529,57 @@ fn live(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Live> {
         wall: v["secs"].as_f64().unwrap_or(opts.secs),
         softirq_ns,
     })
+}
+
+/// The floor of the live case: the same generator, relay and sink, but the node runs only a
+/// bare XDP forwarder on `xnc` (Ethernet addresses rewritten, `bpf_redirect` to `xnb0`: no
+/// parsing, no lookup, no NAT) for frames addressed to backend 0 itself. Its softirq time per
+/// packet is what the relay, the backend's receive and a minimal node cost together, so a
+/// path's figure minus the floor's is (nearly) that path's own node cost.
+fn floor(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<LiveOnly> {
+    let src = parse_mac(&mac_of(&topo.node, "xnb0")?)?;
+    let dst = parse_mac(&mac_of(&topo.backends[0], "xb0")?)?;
+    let link = topo
+        .node
+        .on_thread(move || -> anyhow::Result<std::os::fd::OwnedFd> {
+            let index = |name: &str| -> anyhow::Result<u32> {
+                let c = std::ffi::CString::new(name)?;
+                // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+                match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+                    0 => bail!("{name}: {}", std::io::Error::last_os_error()),
+                    n => Ok(n),
+                }
+            };
+            super::xdpgen::attach_forwarder(index("xnc")?, index("xnb0")?, src, dst)
+                .context("attaching the floor forwarder to xnc")
+        })??;
+    let r = live(topo, xtask, opts, BACKENDS[0], 5353);
+    drop(link);
+    Ok(LiveOnly::from(r?))
+}
+
+/// The live case's figures on their own (the floor).
+#[derive(Debug, Default, Serialize)]
+struct LiveOnly {
+    generator: String,
+    pps: f64,
+    offered_pps: f64,
+    softirq_ns_per_pkt: f64,
+}
+
+impl From<Live> for LiveOnly {
+    fn from(l: Live) -> LiveOnly {
+        LiveOnly {
+            pps: l.delivered as f64 / l.wall,
+            offered_pps: l.sent as f64 / l.wall,
+            softirq_ns_per_pkt: if l.delivered > 0 {
+                l.softirq_ns / l.delivered as f64
+            } else {
+                0.0
+            },
+            generator: l.mode,
+        }
+    }
 }
 
 /// What the live-frame case changes, undone on drop: GRO on the node's client-facing veth
@@ -909,6 +980,10 @@ mod tests {
                 cps: 12.0,
                 ..Default::default()
             },
+            floor: LiveOnly {
+                softirq_ns_per_pkt: 500.0,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let md = table(&rep);
@@ -916,6 +991,10 @@ mod tests {
         assert!(md.contains("| skiff-xdp | 250 |"), "{md}");
         assert!(
             md.contains("live packets/s 2.50x, live softirq per packet 0.40x, socket packets/s 1.20x, connections/s 1.20x"),
+            "{md}"
+        );
+        assert!(
+            md.contains("kernel 1500, xdp 300 (kernel/xdp 5.00x)"),
             "{md}"
         );
     }

@@ -25,6 +25,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_DEVMAP: u32 = 14;
+const BPF_FUNC_REDIRECT: i32 = 23;
 const BPF_FUNC_REDIRECT_MAP: i32 = 51;
 const BPF_F_BROADCAST: i32 = 1 << 3;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
@@ -33,6 +34,7 @@ const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_XDP: u32 = 37;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
 
 /// UDP payload of every frame (18 bytes: a 60-byte frame, Ethernet's minimum without FCS).
@@ -601,6 +603,55 @@ fn join(hs: Vec<std::thread::JoinHandle<io::Result<()>>>, what: &str) -> anyhow:
     Ok(())
 }
 
+/// One `struct bpf_insn` from its fields.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | (u64::from(dst) << 8)
+        | (u64::from(src) << 12)
+        | (u64::from(off as u16) << 16)
+        | (u64::from(imm as u32) << 32)
+}
+
+/// The floor forwarder: rewrite the Ethernet addresses and `bpf_redirect` to `out`, nothing
+/// else (no parsing, no lookup, no IP change); too-short frames pass.
+fn forward_insns(out: u32, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u64> {
+    let w = |b: &[u8]| i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let h = |b: &[u8]| i32::from(u16::from_le_bytes([b[0], b[1]]));
+    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+    const ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
+    const ST_H: u8 = 0x6a; // BPF_ST | BPF_MEM | BPF_H
+    vec![
+        insn(LDX_W, 2, 1, 0, 0), // r2 = ctx->data
+        insn(LDX_W, 3, 1, 4, 0), // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),  // r4 = r2 (BPF_ALU64 | BPF_MOV | BPF_X)
+        insn(0x07, 4, 0, 0, 14), // r4 += 14 (BPF_ALU64 | BPF_ADD | BPF_K)
+        insn(0x2d, 4, 3, 8, 0),  // if r4 > r3 goto pass (BPF_JMP | BPF_JGT | BPF_X)
+        insn(ST_W, 2, 0, 0, w(&dst_mac[0..4])),
+        insn(ST_H, 2, 0, 4, h(&dst_mac[4..6])),
+        insn(ST_H, 2, 0, 6, h(&src_mac[0..2])),
+        insn(ST_W, 2, 0, 8, w(&src_mac[2..6])),
+        mov_imm(1, out as i32),
+        mov_imm(2, 0),
+        call(BPF_FUNC_REDIRECT),
+        EXIT,
+        mov_imm(0, XDP_PASS), // pass:
+        EXIT,
+    ]
+}
+
+/// The floor forwarder (see `forward_insns`) attached to `input` in this thread's netns,
+/// redirecting to `out`; detached when the returned link fd closes.
+pub fn attach_forwarder(
+    input: u32,
+    out: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> io::Result<OwnedFd> {
+    let prog = load_xdp(&forward_insns(out, src_mac, dst_mac))?;
+    // The link holds the program; the program fd can go.
+    attach_xdp(&prog, input)
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -682,6 +733,29 @@ mod tests {
         assert_eq!(r[4] & 0xff, 0x85, "BPF_JMP | BPF_CALL");
         assert_eq!((r[4] >> 32) as i32, 51, "bpf_redirect_map");
         assert_eq!(r[5], 0x95);
+    }
+
+    #[test]
+    fn forwarder_writes_both_macs_after_its_bounds_check() {
+        let src = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let dst = [0x0a, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
+        let p = forward_insns(9, src, dst);
+        assert_eq!(p.len(), 15);
+        // The jump lands on `r0 = XDP_PASS`: offset counts from the next instruction.
+        let off = ((p[4] >> 16) & 0xffff) as usize;
+        assert_eq!(p[4 + 1 + off], mov_imm(0, XDP_PASS));
+        // Replay the four stores on a frame: little-endian immediates, byte offsets 0-11.
+        let mut frame = [0u8; 14];
+        for st in &p[5..9] {
+            let off = ((st >> 16) & 0xffff) as usize;
+            let imm = ((st >> 32) as u32).to_le_bytes();
+            let len = if st & 0xff == 0x62 { 4 } else { 2 };
+            frame[off..off + len].copy_from_slice(&imm[..len]);
+        }
+        assert_eq!(&frame[0..6], &dst);
+        assert_eq!(&frame[6..12], &src);
+        assert_eq!((p[9] >> 32) as u32, 9, "redirect to ifindex 9");
+        assert_eq!((p[11] >> 32) as i32, 23, "bpf_redirect");
     }
 
     #[test]
