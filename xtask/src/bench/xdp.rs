@@ -38,6 +38,9 @@ const VIP: &str = "10.96.0.100";
 const CLIENT: &str = "10.0.1.2";
 /// Flows (UDP source ports) of the live-frame case.
 const LIVE_FLOWS: u16 = 256;
+/// The paced live case's rate (frames/s): below every path's saturation on the shared 2-vCPU
+/// machine, so that no ring drops and the CPU per packet compares like with like.
+const LIVE_PACED_PPS: f64 = 100_000.0;
 const BACKENDS: [&str; 2] = ["10.0.2.2", "10.0.3.2"];
 
 /// Options of one `--xdp` run.
@@ -105,7 +108,8 @@ pub fn helper(args: &[String]) -> anyhow::Result<()> {
             Ok(())
         }
         // XDP frames out of the client's veth (bench/xdpgen.rs):
-        // `xdp-live-gen OUT RELAY_IN RELAY_OUT SRC_MAC DST_MAC DST_IP DPORT SECS THREADS`.
+        // `xdp-live-gen OUT RELAY_IN RELAY_OUT SRC_MAC DST_MAC DST_IP DPORT SECS THREADS RATE`
+        // (RATE frames/s, 0: unpaced).
         "xdp-live-gen" => {
             let index = |i: usize| -> anyhow::Result<u32> {
                 let dev = std::ffi::CString::new(arg(i)?)?;
@@ -129,7 +133,8 @@ pub fn helper(args: &[String]) -> anyhow::Result<()> {
                 flows: LIVE_FLOWS,
             };
             let limit = Duration::from_secs_f64(arg(8)?.parse()?);
-            let sent = super::xdpgen::run(&flows, devices, limit, arg(9)?.parse()?)?;
+            let sent =
+                super::xdpgen::run(&flows, devices, limit, arg(9)?.parse()?, arg(10)?.parse()?)?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -153,15 +158,10 @@ struct Measured {
     sent_pps: f64,
     /// `pps`: machine softirq time per delivered datagram.
     softirq_ns_per_pkt: f64,
-    /// `live`: how the frames were generated (`live-frames` or `relay`, bench/xdpgen.rs).
-    live_generator: String,
-    /// `live`: frames the backends' drop rules counted per second.
-    live_pps: f64,
-    /// `live`: frames the generator ran per second (XDP_TX; the node's veth ring may drop).
-    live_offered_pps: f64,
-    /// `live`: machine softirq time per delivered frame (the node's path and the backend's
-    /// ingress; the generator itself runs in system time).
-    live_softirq_ns_per_pkt: f64,
+    /// `live`, as fast as the generator goes (packets/s).
+    live: LiveOnly,
+    /// `live` at `LIVE_PACED_PPS` (CPU per packet without ring drops).
+    live_paced: LiveOnly,
     /// `cps`: connections per second.
     cps: f64,
     /// `cps`: failed connections.
@@ -185,8 +185,9 @@ struct XdpReport {
     xdp_mode: String,
     kernel_path: Measured,
     xdp_path: Measured,
-    /// The live case with a bare XDP forwarder as the node (see `floor`).
+    /// The live case with a bare XDP forwarder as the node (see `floor`), unpaced and paced.
     floor: LiveOnly,
+    floor_paced: LiveOnly,
     xdp_counters: Vec<String>,
 }
 
@@ -258,7 +259,8 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
     rep.kernel_path = measure(&topo, &xtask, &opts)?;
     iptables(&topo.node, "-D")?;
     check_interrupt()?;
-    rep.floor = floor(&topo, &xtask, &opts)?;
+    rep.floor = floor(&topo, &xtask, &opts, 0.0)?;
+    rep.floor_paced = floor(&topo, &xtask, &opts, LIVE_PACED_PPS)?;
     check_interrupt()?;
 
     // XDP path: skiff balancing at the node's interfaces.
@@ -349,7 +351,7 @@ fn table(rep: &XdpReport) -> String {
          - command `{}`, skiff {} (`{}`)\n\
          - machine: {} cores ({}), kernel {}\n\
          - load average at start `{}`, at end `{}`\n\
-         - {} s per case, {} generator threads; live generator: {} (kernel path), {} (XDP path)\n\n",
+         - {} s per case, {} generator threads; live generator: {}; paced live cases at {:.0} frames/s\n\n",
         rep.xdp_mode,
         rep.command,
         rep.skiff_rev,
@@ -361,22 +363,26 @@ fn table(rep: &XdpReport) -> String {
         rep.loadavg_end,
         rep.secs_per_case,
         rep.threads,
-        rep.kernel_path.live_generator,
-        rep.xdp_path.live_generator
+        rep.kernel_path.live.generator,
+        LIVE_PACED_PPS
     );
     md.push_str(
-        "| path | live pps (delivered) | live offered pps | live softirq ns/pkt | socket pps (delivered) | socket offered pps | socket softirq ns/pkt | conn/s | cx errors |\n\
+        "| path | live pps delivered (offered) | live softirq ns/pkt | paced delivered (offered) | paced softirq ns/pkt | socket pps delivered (offered) | socket softirq ns/pkt | conn/s | cx errors |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let live = |l: &LiveOnly, p: &LiveOnly| {
+        format!(
+            "{:.0} ({:.0}) | {:.0} | {:.0} ({:.0}) | {:.0}",
+            l.pps, l.offered_pps, l.softirq_ns_per_pkt, p.pps, p.offered_pps, p.softirq_ns_per_pkt
+        )
+    };
     for (name, r) in [
         ("iptables-dnat", &rep.kernel_path),
         ("skiff-xdp", &rep.xdp_path),
     ] {
         md.push_str(&format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |\n",
-            r.live_pps,
-            r.live_offered_pps,
-            r.live_softirq_ns_per_pkt,
+            "| {name} | {} | {:.0} ({:.0}) | {:.0} | {:.0} | {} |\n",
+            live(&r.live, &r.live_paced),
             r.pps,
             r.sent_pps,
             r.softirq_ns_per_pkt,
@@ -384,23 +390,26 @@ fn table(rep: &XdpReport) -> String {
             r.cx_errors
         ));
     }
-    let f = &rep.floor;
     md.push_str(&format!(
-        "| floor (bare XDP forward, live only) | {:.0} | {:.0} | {:.0} | | | | | |\n",
-        f.pps, f.offered_pps, f.softirq_ns_per_pkt
+        "| floor (bare XDP forward; live only) | {} | | | | |\n",
+        live(&rep.floor, &rep.floor_paced)
     ));
     let (k, x) = (&rep.kernel_path, &rep.xdp_path);
+    let f = rep.floor_paced.softirq_ns_per_pkt;
     let (k_node, x_node) = (
-        k.live_softirq_ns_per_pkt - f.softirq_ns_per_pkt,
-        x.live_softirq_ns_per_pkt - f.softirq_ns_per_pkt,
+        k.live_paced.softirq_ns_per_pkt - f,
+        x.live_paced.softirq_ns_per_pkt - f,
     );
     md.push_str(&format!(
-        "\nratio xdp/kernel: live packets/s {}, live softirq per packet {}, socket packets/s {}, connections/s {}\n\n\
-         live softirq ns/pkt above the floor (the node path's own cost beyond a bare XDP forward): \
+        "\nratio xdp/kernel: live packets/s {}, paced softirq per packet {}, socket packets/s {}, connections/s {}\n\n\
+         paced softirq ns/pkt above the floor (the node path's cost beyond a bare XDP forward): \
          kernel {k_node:.0}, xdp {x_node:.0} (kernel/xdp {})\n\n\
          skiff XDP counters after its run: {}\n",
-        ratio(x.live_pps, k.live_pps),
-        ratio(x.live_softirq_ns_per_pkt, k.live_softirq_ns_per_pkt),
+        ratio(x.live.pps, k.live.pps),
+        ratio(
+            x.live_paced.softirq_ns_per_pkt,
+            k.live_paced.softirq_ns_per_pkt
+        ),
         ratio(x.pps, k.pps),
         ratio(x.cps, k.cps),
         ratio(k_node, x_node),
@@ -448,7 +457,9 @@ fn measure(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Meas
     let wall = v["secs"].as_f64().unwrap_or(opts.secs);
     let sent = v["sent"].as_u64().unwrap_or(0);
     check_interrupt()?;
-    let live = LiveOnly::from(live(topo, xtask, opts, VIP, 53)?);
+    let live_paced = LiveOnly::from(live(topo, xtask, opts, VIP, 53, LIVE_PACED_PPS)?);
+    check_interrupt()?;
+    let live = LiveOnly::from(live(topo, xtask, opts, VIP, 53, 0.0)?);
     check_interrupt()?;
     let out = run_bounded(
         topo.client.cmd(xtask).args([
@@ -468,10 +479,8 @@ fn measure(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<Meas
         pps: rx as f64 / wall,
         sent_pps: sent as f64 / wall,
         softirq_ns_per_pkt: if rx > 0 { soft / rx as f64 } else { 0.0 },
-        live_generator: live.generator,
-        live_pps: live.pps,
-        live_offered_pps: live.offered_pps,
-        live_softirq_ns_per_pkt: live.softirq_ns_per_pkt,
+        live,
+        live_paced,
         cps: c["count"].as_f64().unwrap_or(0.0) / c["secs"].as_f64().unwrap_or(1.0),
         cx_errors: c["errors"].as_u64().unwrap_or(0),
     })
@@ -494,6 +503,7 @@ fn live(
     opts: &Options<'_>,
     dst: &str,
     dport: u16,
+    rate: f64,
 ) -> anyhow::Result<Live> {
     let src_mac = mac_of(&topo.client, "xc0")?;
     let dst_mac = mac_of(&topo.node, "xnc")?;
@@ -513,6 +523,7 @@ fn live(
             &dport.to_string(),
             &opts.secs.to_string(),
             &opts.threads.to_string(),
+            &rate.to_string(),
         ]),
         "live-frame generator",
         Duration::from_secs_f64(opts.secs + 30.0),
@@ -536,7 +547,7 @@ fn live(
 /// parsing, no lookup, no NAT) for frames addressed to backend 0 itself. Its softirq time per
 /// packet is what the relay, the backend's receive and a minimal node cost together, so a
 /// path's figure minus the floor's is (nearly) that path's own node cost.
-fn floor(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<LiveOnly> {
+fn floor(topo: &Topo, xtask: &Path, opts: &Options<'_>, rate: f64) -> anyhow::Result<LiveOnly> {
     let src = parse_mac(&mac_of(&topo.node, "xnb0")?)?;
     let dst = parse_mac(&mac_of(&topo.backends[0], "xb0")?)?;
     let link = topo
@@ -553,7 +564,7 @@ fn floor(topo: &Topo, xtask: &Path, opts: &Options<'_>) -> anyhow::Result<LiveOn
             super::xdpgen::attach_forwarder(index("xnc")?, index("xnb0")?, src, dst)
                 .context("attaching the floor forwarder to xnc")
         })??;
-    let r = live(topo, xtask, opts, BACKENDS[0], 5353);
+    let r = live(topo, xtask, opts, BACKENDS[0], 5353, rate);
     drop(link);
     Ok(LiveOnly::from(r?))
 }
@@ -964,33 +975,49 @@ mod tests {
     }
 
     #[test]
-    fn table_has_both_paths_and_ratios() {
+    fn table_has_both_paths_the_floor_and_ratios() {
+        let live = |pps: f64, ns: f64| LiveOnly {
+            generator: "relay".into(),
+            pps,
+            offered_pps: pps,
+            softirq_ns_per_pkt: ns,
+        };
         let rep = XdpReport {
             kernel_path: Measured {
-                live_pps: 100.0,
-                live_softirq_ns_per_pkt: 2000.0,
+                live: live(100.0, 2100.0),
+                live_paced: live(50.0, 2000.0),
                 pps: 50.0,
                 cps: 10.0,
                 ..Default::default()
             },
             xdp_path: Measured {
-                live_pps: 250.0,
-                live_softirq_ns_per_pkt: 800.0,
+                live: live(250.0, 900.0),
+                live_paced: live(50.0, 800.0),
                 pps: 60.0,
                 cps: 12.0,
                 ..Default::default()
             },
-            floor: LiveOnly {
-                softirq_ns_per_pkt: 500.0,
-                ..Default::default()
-            },
+            floor: live(400.0, 600.0),
+            floor_paced: live(50.0, 500.0),
             ..Default::default()
         };
         let md = table(&rep);
-        assert!(md.contains("| iptables-dnat | 100 |"), "{md}");
-        assert!(md.contains("| skiff-xdp | 250 |"), "{md}");
         assert!(
-            md.contains("live packets/s 2.50x, live softirq per packet 0.40x, socket packets/s 1.20x, connections/s 1.20x"),
+            md.contains("| iptables-dnat | 100 (100) | 2100 | 50 (50) | 2000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| skiff-xdp | 250 (250) | 900 | 50 (50) | 800 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| floor (bare XDP forward; live only) | 400 (400) | 600 | 50 (50) | 500 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("live packets/s 2.50x, paced softirq per packet 0.40x, socket packets/s 1.20x, connections/s 1.20x"),
             "{md}"
         );
         assert!(

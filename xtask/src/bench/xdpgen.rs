@@ -443,7 +443,7 @@ fn send_until(
     sock: &OwnedFd,
     frames: &[[u8; FRAME_LEN]],
     first: usize,
-    start: Instant,
+    pace: Pacer,
     limit: Duration,
 ) -> io::Result<u64> {
     let mut iov: Vec<libc::iovec> = frames
@@ -456,7 +456,8 @@ fn send_until(
     let n = iov.len();
     let mut sent = 0u64;
     let mut i = first % n;
-    while start.elapsed() < limit {
+    while pace.start.elapsed() < limit {
+        pace.wait(sent * u64::from(FANOUT));
         let batch = SEND_BATCH.min(n);
         // SAFETY: a zeroed mmsghdr is valid; each one points at one iovec of `iov`.
         let mut msgs: Vec<libc::mmsghdr> = (0..batch)
@@ -481,6 +482,25 @@ fn send_until(
         i = (i + batch) % n;
     }
     Ok(sent)
+}
+
+/// Holds a thread to `per_sec` frames per second from `start` (no limit when `None`).
+#[derive(Debug, Clone, Copy)]
+struct Pacer {
+    start: Instant,
+    per_sec: Option<f64>,
+}
+
+impl Pacer {
+    /// Sleeps until `done` frames are due.
+    fn wait(&self, done: u64) {
+        if let Some(rate) = self.per_sec {
+            let due = Duration::from_secs_f64(done as f64 / rate);
+            if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
 }
 
 /// How the frames were generated (see the module doc).
@@ -527,9 +547,15 @@ pub struct Sent {
 }
 
 /// Sends `flows`' frames out of `dev.out` from `threads` threads (each cycling through all
-/// flows, starting at a different one) until `limit` has passed: live frames if the kernel
-/// allows them, else through the relay.
-pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyhow::Result<Sent> {
+/// flows, starting at a different one) until `limit` has passed, at `rate` frames/s in all
+/// (0: as fast as they go): live frames if the kernel allows them, else through the relay.
+pub fn run(
+    flows: &Flows,
+    dev: Devices,
+    limit: Duration,
+    threads: usize,
+    rate: f64,
+) -> anyhow::Result<Sent> {
     let frames = Arc::new(flows.frames());
     anyhow::ensure!(!frames.is_empty(), "no flows to send");
     let threads = threads.clamp(1, 16);
@@ -545,7 +571,10 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
         Err(e) => anyhow::bail!("BPF_PROG_TEST_RUN (live frames): {e}"),
     };
     let sent = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
+    let pace = Pacer {
+        start: Instant::now(),
+        per_sec: (rate > 0.0).then(|| rate / threads as f64),
+    };
     match mode {
         Mode::LiveFrames => {
             let hs: Vec<_> = (0..threads)
@@ -553,8 +582,11 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
                     let (tx, frames, sent) = (tx.clone(), frames.clone(), sent.clone());
                     std::thread::spawn(move || -> io::Result<()> {
                         let mut i = t * frames.len() / threads;
-                        while start.elapsed() < limit {
+                        let mut done = 0u64;
+                        while pace.start.elapsed() < limit {
+                            pace.wait(done);
                             test_run_live(&tx, dev.out, &frames[i % frames.len()], REPEAT)?;
+                            done += u64::from(REPEAT);
                             sent.fetch_add(u64::from(REPEAT), Ordering::Relaxed);
                             i += 1;
                         }
@@ -577,7 +609,7 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
                     std::thread::spawn(move || -> io::Result<()> {
                         let sock = packet_socket(dev.relay_in)?;
                         let first = t * frames.len() / threads;
-                        let n = send_until(&sock, &frames, first, start, limit)?;
+                        let n = send_until(&sock, &frames, first, pace, limit)?;
                         sent.fetch_add(n * u64::from(FANOUT), Ordering::Relaxed);
                         Ok(())
                     })
@@ -588,7 +620,7 @@ pub fn run(flows: &Flows, dev: Devices, limit: Duration, threads: usize) -> anyh
     }
     Ok(Sent {
         frames: sent.load(Ordering::Relaxed),
-        wall: start.elapsed(),
+        wall: pace.start.elapsed(),
         mode,
     })
 }
