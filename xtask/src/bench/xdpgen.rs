@@ -11,6 +11,9 @@
 //!   conversion (a copy: the skbs lack XDP headroom) happens at the relay, on the client's
 //!   side, each socket frame becomes `FANOUT` XDP frames (clones), so the socket's cost per
 //!   frame is divided by `FANOUT`, and the node again receives XDP frames.
+//!
+//! Also here: the floor's node, a bare XDP forwarder (`attach_forwarder`), and pacing to a
+//! fixed rate for the CPU-per-packet runs.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -44,7 +47,7 @@ pub const FRAME_LEN: usize = 14 + 20 + 8 + PAYLOAD;
 /// First UDP source port; frame `i` uses `SPORT_BASE + i`.
 const SPORT_BASE: u16 = 20000;
 
-/// What the generator sends: addresses of one client -> VIP:port UDP flow per source port.
+/// What the generator sends: addresses of one client -> destination UDP flow per source port.
 #[derive(Debug, Clone)]
 pub struct Flows {
     /// Ethernet source (the client veth's MAC).
@@ -53,7 +56,7 @@ pub struct Flows {
     pub dst_mac: [u8; 6],
     /// IPv4 source.
     pub src: Ipv4Addr,
-    /// IPv4 destination (the VIP).
+    /// IPv4 destination (the VIP; a backend for the floor).
     pub dst: Ipv4Addr,
     /// UDP destination port.
     pub dport: u16,
