@@ -16,6 +16,7 @@ mod profile;
 mod report;
 mod tools;
 mod xdp;
+mod xdpgen;
 mod xds_scale;
 
 use std::net::SocketAddr;
