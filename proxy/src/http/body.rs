@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::HeaderMap;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::{Body, BoxError};
@@ -229,12 +229,16 @@ impl HttpBody for Replay {
     }
 }
 
-struct Prefixed {
+struct Prefixed<B> {
     prefix: VecDeque<Frame<Bytes>>,
-    rest: Incoming,
+    rest: B,
 }
 
-impl HttpBody for Prefixed {
+impl<B> HttpBody for Prefixed<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
     fn poll_frame(
@@ -244,9 +248,7 @@ impl HttpBody for Prefixed {
         if let Some(f) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(BoxError::from)
+        Pin::new(&mut self.rest).poll_frame(cx).map_err(Into::into)
     }
 }
 
@@ -278,7 +280,11 @@ pub struct Taken {
 /// If the whole (small, length-known) body has already been received, take it as one buffer;
 /// otherwise return it streaming (with any frame read here kept in front). Polls once, never
 /// waits.
-pub fn take_if_complete(mut body: Incoming) -> Taken {
+pub fn take_if_complete<B>(mut body: B) -> Taken
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let whole = |data: Option<Bytes>, trailers: Option<HeaderMap>| Taken {
         body: Replay { data, trailers }.boxed(),
         complete: true,
@@ -286,8 +292,8 @@ pub fn take_if_complete(mut body: Incoming) -> Taken {
     if body.is_end_stream() {
         return whole(None, None);
     }
-    let streaming = |b: Incoming| Taken {
-        body: b.map_err(BoxError::from).boxed(),
+    let streaming = |b: B| Taken {
+        body: b.map_err(Into::into).boxed(),
         complete: false,
     };
     if body.size_hint().exact().is_none_or(|n| n > WHOLE_LIMIT) {
