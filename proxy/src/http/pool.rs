@@ -442,16 +442,28 @@ impl HttpBody for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(l) = this.lease.get_mut()
-            && l.h1.poll_ended(cx)
-        {
-            // Whatever it had read is in the body's channel, followed by its end or error.
-            *this.lease.get_mut() = None;
-        }
-        // While the connection is lent here, only its driver, polled just above, fills the
-        // body: no waker is needed (one would wake this task again for every frame).
         let frame = if this.lease.get_mut().is_some() {
-            Pin::new(&mut this.body).poll_frame(&mut Context::from_waker(Waker::noop()))
+            // While the connection is lent here only its driver fills the body, and only when
+            // polled from here: no waker is needed for the body (one would wake this task
+            // again for every frame). What is already received is taken without driving the
+            // connection (a small body usually came with its head); otherwise the driver
+            // runs (registering this task with the socket) and the body is looked at again.
+            let mut quiet = Context::from_waker(Waker::noop());
+            match Pin::new(&mut this.body).poll_frame(&mut quiet) {
+                Poll::Pending => {
+                    if let Some(l) = this.lease.get_mut()
+                        && l.h1.poll_ended(cx)
+                    {
+                        // Whatever it had read is in the body's channel, then its end or
+                        // error: the body no longer needs a driver to finish.
+                        *this.lease.get_mut() = None;
+                        Pin::new(&mut this.body).poll_frame(cx)
+                    } else {
+                        Pin::new(&mut this.body).poll_frame(&mut quiet)
+                    }
+                }
+                ready => ready,
+            }
         } else {
             Pin::new(&mut this.body).poll_frame(cx)
         };
