@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::HeaderMap;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use super::{Body, BoxError};
@@ -229,16 +229,12 @@ impl HttpBody for Replay {
     }
 }
 
-struct Prefixed<B> {
+struct Prefixed {
     prefix: VecDeque<Frame<Bytes>>,
-    rest: B,
+    rest: Incoming,
 }
 
-impl<B> HttpBody for Prefixed<B>
-where
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
+impl HttpBody for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
     fn poll_frame(
@@ -248,7 +244,9 @@ where
         if let Some(f) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.rest).poll_frame(cx).map_err(Into::into)
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
     }
 }
 
@@ -280,11 +278,7 @@ pub struct Taken {
 /// If the whole (small, length-known) body has already been received, take it as one buffer;
 /// otherwise return it streaming (with any frame read here kept in front). Polls once, never
 /// waits.
-pub fn take_if_complete<B>(mut body: B) -> Taken
-where
-    B: HttpBody<Data = Bytes> + Send + Sync + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
+pub fn take_if_complete(mut body: Incoming) -> Taken {
     let whole = |data: Option<Bytes>, trailers: Option<HeaderMap>| Taken {
         body: Replay { data, trailers }.boxed(),
         complete: true,
@@ -292,8 +286,8 @@ where
     if body.is_end_stream() {
         return whole(None, None);
     }
-    let streaming = |b: B| Taken {
-        body: b.map_err(Into::into).boxed(),
+    let streaming = |b: Incoming| Taken {
+        body: b.map_err(BoxError::from).boxed(),
         complete: false,
     };
     if body.size_hint().exact().is_none_or(|n| n > WHOLE_LIMIT) {

@@ -1,14 +1,8 @@
 //! Upstream HTTP connections, kept alive and reused per endpoint, under the cluster's limits.
 //!
 //! HTTP/1.1: a list of idle connections per endpoint; a request takes one that is ready (its
-//! previous response fully read) or opens a new one. An HTTP/1.1 connection has no task of
-//! its own: the request that holds it drives it (as nginx's one event loop does), first
-//! together with the response future, then from the response body handed downstream
-//! ([`UpstreamBody`]), so no wake-up crosses tasks on a request's way. Once the body has ended
-//! and the connection is ready again it goes back to the pool; a body dropped before its end
-//! (or a connection that failed) closes it. An idle connection is polled by nobody: one the
-//! upstream closed meanwhile is found when a request checks it out or the sweeper looks at
-//! it, and the keep-alive race is covered by sending again on a fresh one. HTTP/2: one multiplexed
+//! previous response fully read) or opens a new one, and puts it back as soon as the response
+//! head arrives (it becomes ready again once the body is done). HTTP/2: one multiplexed
 //! connection per endpoint, replaced when it closes. auto_config (`Proto::Auto`): each
 //! connection becomes one or the other by what its TLS handshake's ALPN selected, and a
 //! request is fitted to the connection it gets. Every socket is opened by
@@ -35,15 +29,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -155,15 +146,10 @@ impl ConnInfo {
         self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
     }
 
-    /// A request starts now (HTTP/2's idle clock; HTTP/1.1's runs from when the connection
-    /// went idle).
-    fn mark_used(&self) {
-        let ms = self.created.elapsed().as_millis() as u64;
-        self.last_used_ms.store(ms, Ordering::Relaxed);
-    }
-
     /// Count one more request; `true` when it is the connection's last.
     fn take_request(&self) -> bool {
+        let ms = self.created.elapsed().as_millis() as u64;
+        self.last_used_ms.store(ms, Ordering::Relaxed);
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         let last = self.max_requests.is_some_and(|m| n >= m);
         if last {
@@ -173,74 +159,33 @@ impl ConnInfo {
     }
 }
 
-/// The future that runs one HTTP/1.1 connection's protocol (hyper's dispatcher).
-type H1Driver = http1::Connection<TokioIo<Box<dyn Stream>>, Body>;
-
-/// An HTTP/1.1 connection with no task of its own: whoever holds it polls `driver`.
-struct H1 {
-    tx: http1::SendRequest<Body>,
-    driver: H1Driver,
-    info: Arc<ConnInfo>,
-    /// Its count on the endpoint and its `max_connections` slot, released when it is dropped.
-    _release: Release,
-}
-
-impl H1 {
-    /// Drive the connection; `true` once it has ended (closed by the upstream, failed, or
-    /// done), after which it must be dropped: that also fails whatever was queued on it.
-    fn poll_ended(&mut self, cx: &mut Context<'_>) -> bool {
-        match Pin::new(&mut self.driver).poll(cx) {
-            Poll::Pending => false,
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(e)) => {
-                debug!(error = %e, "upstream http/1.1 connection ended with error");
-                true
-            }
-        }
-    }
-
-    /// Whether an idle connection is still usable: nobody polled it while it sat in the pool,
-    /// so a close by the upstream shows only when it is polled once (without a waker: an idle
-    /// connection needs none, its next holder polls it again).
-    fn alive(&mut self) -> bool {
-        !self.poll_ended(&mut Context::from_waker(Waker::noop())) && !self.tx.is_closed()
-    }
-}
-
-/// An idle HTTP/1.1 connection and since when it is idle (kept only when the cluster has an
-/// `idle_timeout`: reading the clock for nothing costs on every request).
-type Idle = (Box<H1>, Option<Instant>);
-
 /// One endpoint's connections.
 #[derive(Default)]
 struct Slot {
-    /// Idle HTTP/1.1 connections.
-    idle: Vec<Idle>,
+    /// Idle HTTP/1.1 connections and since when.
+    idle: Vec<(http1::SendRequest<Body>, Instant, Arc<ConnInfo>)>,
     /// The HTTP/2 connection.
     h2: Option<(http2::SendRequest<Body>, Arc<ConnInfo>)>,
     /// Connections open to the endpoint (idle, busy or connecting).
     live: Arc<AtomicUsize>,
 }
 
-/// What the pool and the response bodies holding its connections share.
-struct Shared {
-    slots: Mutex<HashMap<Key, Slot>>,
+type Slots = Mutex<HashMap<Key, Slot>>;
+
+/// Connections to upstream endpoints, shared by every listener of one data plane.
+pub struct Pool {
+    slots: Arc<Slots>,
     /// Woken when a connection comes back or closes (a slot may be free).
     freed: Arc<Notify>,
     /// Requests in the pending loop of `checkout`: a connection coming back wakes `freed`
     /// only when someone waits (waking takes the `Notify`'s lock on every request otherwise).
     pending: AtomicUsize,
-}
-
-/// Connections to upstream endpoints, shared by every listener of one data plane.
-pub struct Pool {
-    shared: Arc<Shared>,
     sweeper: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.shared.slots.lock().map(|s| s.len()).unwrap_or(0);
+        let n = self.slots.lock().map(|s| s.len()).unwrap_or(0);
         f.debug_struct("Pool").field("endpoints", &n).finish()
     }
 }
@@ -252,20 +197,11 @@ impl Default for Pool {
 }
 
 /// A connection ready for one request.
-enum Conn {
-    /// HTTP/1.1, held by this request alone.
-    Http1(Box<H1>),
-    /// HTTP/2, shared.
-    Http2(http2::SendRequest<Body>, Arc<ConnInfo>),
-}
-
-impl Conn {
-    fn info(&self) -> &ConnInfo {
-        match self {
-            Conn::Http1(h) => &h.info,
-            Conn::Http2(_, info) => info,
-        }
-    }
+pub enum Conn {
+    /// HTTP/1.1.
+    Http1(http1::SendRequest<Body>),
+    /// HTTP/2.
+    Http2(http2::SendRequest<Body>),
 }
 
 /// The cluster a request goes to, as the pool needs it.
@@ -350,207 +286,9 @@ pub enum SendError {
 /// One request's outcome at the connection level, with whether a new connection was opened.
 pub struct Sent {
     /// Response head (and streaming body) or the failure.
-    pub result: Result<Response<UpstreamBody>, SendError>,
+    pub result: Result<Response<Incoming>, SendError>,
     /// A new upstream connection was opened for it (`upstream_cx_total`).
     pub new_connection: bool,
-}
-
-/// An HTTP/1.1 connection lent to one response body, and where it goes back.
-struct Lease {
-    h1: Box<H1>,
-    key: Key,
-    pool: Arc<Shared>,
-    /// `false` after the connection's last request (`max_requests_per_connection`).
-    reuse: bool,
-}
-
-impl Lease {
-    /// The response has been read whole: the connection goes back to the pool once it is
-    /// ready for another request (its driver may need one more poll to get there). One that
-    /// is not (the request body still uploading after an early response) finishes on a task
-    /// of its own, as every connection did before, and comes back from there.
-    fn finish(mut self) {
-        if !self.reuse {
-            return;
-        }
-        if !self.h1.tx.is_ready() && self.h1.poll_ended(&mut Context::from_waker(Waker::noop())) {
-            return;
-        }
-        if self.h1.tx.is_ready() {
-            put_back(&self.pool, self.key, self.h1);
-            return;
-        }
-        // Outside a runtime (shutting down) there is nothing to finish it on.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        rt.spawn(async move {
-            let ready = std::future::poll_fn(|cx| {
-                if self.h1.poll_ended(cx) {
-                    Poll::Ready(false)
-                } else if self.h1.tx.is_ready() {
-                    Poll::Ready(true)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
-            if ready {
-                put_back(&self.pool, self.key, self.h1);
-            }
-        });
-    }
-}
-
-/// A response body from the pool. Over HTTP/1.1 it carries the connection it arrives on:
-/// polling the body drives the connection (in the task that sends the body downstream), and
-/// the connection goes back to the pool when the body has ended, or closes if the body is
-/// dropped before its end.
-pub struct UpstreamBody {
-    body: Incoming,
-    /// Only ever touched through `&mut self`, so the body is `Sync` as boxed bodies must be
-    /// (a connection's stream is `Send` only).
-    lease: SyncWrapper<Option<Lease>>,
-}
-
-impl UpstreamBody {
-    fn new(body: Incoming, lease: Option<Lease>) -> UpstreamBody {
-        UpstreamBody {
-            body,
-            lease: SyncWrapper::new(lease),
-        }
-    }
-
-    /// The body has ended: hand the connection back.
-    fn ended(&mut self) {
-        if let Some(l) = self.lease.get_mut().take() {
-            l.finish();
-        }
-    }
-
-    /// Frames already received, without waiting: enough to see the end of a small body that
-    /// is dropped unread (a response given up for a retry), so its connection is kept.
-    const DRAIN_FRAMES: usize = 4;
-}
-
-impl HttpBody for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = if this.lease.get_mut().is_some() {
-            // While the connection is lent here only its driver fills the body, and only when
-            // polled from here: no waker is needed for the body (one would wake this task
-            // again for every frame). What is already received is taken without driving the
-            // connection (a small body usually came with its head); otherwise the driver
-            // runs (registering this task with the socket) and the body is looked at again.
-            let mut quiet = Context::from_waker(Waker::noop());
-            match Pin::new(&mut this.body).poll_frame(&mut quiet) {
-                Poll::Pending => {
-                    if let Some(l) = this.lease.get_mut()
-                        && l.h1.poll_ended(cx)
-                    {
-                        // Whatever it had read is in the body's channel, then its end or
-                        // error: the body no longer needs a driver to finish.
-                        *this.lease.get_mut() = None;
-                        Pin::new(&mut this.body).poll_frame(cx)
-                    } else {
-                        Pin::new(&mut this.body).poll_frame(&mut quiet)
-                    }
-                }
-                ready => ready,
-            }
-        } else {
-            Pin::new(&mut this.body).poll_frame(cx)
-        };
-        match &frame {
-            // The connection broke mid-body: it closes.
-            Poll::Ready(Some(Err(_))) => *this.lease.get_mut() = None,
-            Poll::Ready(None) => this.ended(),
-            _ if this.body.is_end_stream() => this.ended(),
-            _ => {}
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.lease.get_mut().is_none() {
-            return;
-        }
-        if !self.body.is_end_stream() {
-            let mut cx = Context::from_waker(Waker::noop());
-            for _ in 0..Self::DRAIN_FRAMES {
-                match Pin::new(&mut *self).poll_frame(&mut cx) {
-                    Poll::Ready(Some(Ok(_))) if self.lease.get_mut().is_some() => continue,
-                    _ => break,
-                }
-            }
-        }
-        if self.body.is_end_stream() {
-            self.ended();
-        }
-        // Otherwise the lease drops here: the connection closes mid-response.
-    }
-}
-
-/// Keep an HTTP/1.1 connection, ready for another request, for later requests.
-fn put_back(shared: &Shared, key: Key, h1: Box<H1>) {
-    let since = h1.info.idle_timeout.map(|_| Instant::now());
-    if let Ok(mut slots) = shared.slots.lock() {
-        let slot = slots.entry(key).or_default();
-        if slot.idle.len() < MAX_IDLE_PER_ENDPOINT {
-            slot.idle.push((h1, since));
-        }
-    }
-    // A waiter counts itself before it looks for an idle connection under the same lock,
-    // so either it finds this one or it is counted here.
-    if shared.pending.load(Ordering::SeqCst) > 0 {
-        shared.freed.notify_waiters();
-    }
-}
-
-/// Send `req` on `h1`, driving the connection in this task until the response head arrives.
-/// Hands back the connection unless it ended on the way.
-async fn exchange(
-    h1: Box<H1>,
-    req: Request<Body>,
-) -> (
-    Result<Response<Incoming>, TrySendError<Request<Body>>>,
-    Option<Box<H1>>,
-) {
-    let mut h1 = h1;
-    let mut response = std::pin::pin!(h1.tx.try_send_request(req));
-    let mut h1 = Some(h1);
-    let result = std::future::poll_fn(|cx| {
-        if let Some(h) = h1.as_mut()
-            && h.poll_ended(cx)
-        {
-            // Dropping the driver fails a request it had not taken yet, with the request
-            // given back (the keep-alive race, sent again on a fresh connection).
-            h1 = None;
-        }
-        // Only the driver completes the response future, and only while polled here: no
-        // waker is needed (one would wake this task again for nothing).
-        response
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-    })
-    .await;
-    (result, h1)
 }
 
 /// Whether an HTTP/2 upstream refused the stream (it was not processed, so any request may be
@@ -570,92 +308,94 @@ impl Pool {
     /// An empty pool.
     pub fn new() -> Pool {
         Pool {
-            shared: Arc::new(Shared {
-                slots: Mutex::new(HashMap::new()),
-                freed: Arc::new(Notify::new()),
-                pending: AtomicUsize::new(0),
-            }),
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            freed: Arc::new(Notify::new()),
+            pending: AtomicUsize::new(0),
             sweeper: AtomicBool::new(false),
         }
     }
 
     /// A ready connection to `key` that may take another request, or `None`.
-    fn take_idle(&self, key: Key) -> Option<Conn> {
-        loop {
-            let mut h1 = {
-                let mut slots = self.shared.slots.lock().ok()?;
-                let slot = slots.get_mut(&key)?;
-                match key.proto {
-                    Proto::Http1 => Self::idle_h1(slot)?,
-                    Proto::Http2 => return Self::shared_h2(slot),
-                    // An endpoint's auto connections all negotiate alike; whichever kind is
-                    // there.
-                    Proto::Auto => match Self::shared_h2(slot) {
-                        Some(c) => return Some(c),
-                        None => Self::idle_h1(slot)?,
-                    },
+    fn take_idle(&self, key: Key) -> Option<(Conn, Arc<ConnInfo>)> {
+        let mut slots = self.slots.lock().ok()?;
+        let slot = slots.get_mut(&key)?;
+        let now = Instant::now();
+        // Newest first: the connection most recently used is the likeliest to be ready and
+        // warm. Closed or expired ones met on the way are dropped; the sweeper takes the rest,
+        // so a request does not walk every idle connection.
+        let h1 = |slot: &mut Slot| {
+            let mut i = slot.idle.len();
+            while i > 0 {
+                i -= 1;
+                let (s, since, info) = &slot.idle[i];
+                if s.is_closed() || info.expired(Some(*since), now) {
+                    slot.idle.remove(i);
+                    continue;
                 }
-            };
-            // Polled outside the lock; a closed one is dropped (its slot released) and the
-            // next is tried.
-            if h1.alive() {
-                return Some(Conn::Http1(h1));
+                if s.is_ready() {
+                    let (s, _, info) = slot.idle.remove(i);
+                    return Some((Conn::Http1(s), info));
+                }
             }
-        }
-    }
-
-    /// The newest idle HTTP/1.1 connection that may take a request: the one most recently
-    /// used is the likeliest to be warm. Closed or expired ones met on the way are dropped;
-    /// the sweeper takes the rest, so a request does not walk every idle connection.
-    fn idle_h1(slot: &mut Slot) -> Option<Box<H1>> {
-        let mut now = None;
-        while let Some((h1, since)) = slot.idle.pop() {
-            let limited = h1.info.max_duration.is_some() || since.is_some();
-            let expired = limited
-                && h1
-                    .info
-                    .expired(since, *now.get_or_insert_with(Instant::now));
-            if !expired && !h1.tx.is_closed() && h1.tx.is_ready() {
-                return Some(h1);
+            None
+        };
+        let h2 = |slot: &mut Slot| {
+            let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
+                !s.is_closed() && !info.expired(Some(info.last_used()), now)
+            });
+            if !usable {
+                slot.h2 = None;
+                return None;
             }
+            slot.h2
+                .as_ref()
+                .map(|(s, info)| (Conn::Http2(s.clone()), info.clone()))
+        };
+        match key.proto {
+            Proto::Http1 => h1(slot),
+            Proto::Http2 => h2(slot),
+            // An endpoint's auto connections all negotiate alike; whichever kind is there.
+            Proto::Auto => h2(slot).or_else(|| h1(slot)),
         }
-        None
-    }
-
-    /// The endpoint's HTTP/2 connection, if it may take another stream.
-    fn shared_h2(slot: &mut Slot) -> Option<Conn> {
-        let usable = slot.h2.as_ref().is_some_and(|(s, info)| {
-            !s.is_closed() && !info.expired(Some(info.last_used()), Instant::now())
-        });
-        if !usable {
-            slot.h2 = None;
-            return None;
-        }
-        slot.h2
-            .as_ref()
-            .map(|(s, info)| Conn::Http2(s.clone(), info.clone()))
     }
 
     /// Connections open to `key`.
     fn live(&self, key: Key) -> usize {
-        self.shared
-            .slots
+        self.slots
             .lock()
             .ok()
             .and_then(|s| s.get(&key).map(|s| s.live.load(Ordering::Acquire)))
             .unwrap_or(0)
     }
 
-    /// Close idle connections past their limits or closed by their upstream; forget
-    /// endpoints without connections.
-    fn sweep(shared: &Shared) {
-        let Ok(mut slots) = shared.slots.lock() else {
+    /// Keep an HTTP/1.1 connection for later requests (it becomes ready once its current
+    /// response has been read).
+    fn put_back(&self, key: Key, s: http1::SendRequest<Body>, info: Arc<ConnInfo>) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut slots) = self.slots.lock() {
+            let slot = slots.entry(key).or_default();
+            if slot.idle.len() < MAX_IDLE_PER_ENDPOINT {
+                slot.idle.push((s, Instant::now(), info));
+            }
+        }
+        // A waiter counts itself before it looks for an idle connection under the same lock,
+        // so either it finds this one or it is counted here.
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Close idle connections past their limits; forget endpoints without connections.
+    fn sweep(slots: &Slots) {
+        let Ok(mut slots) = slots.lock() else {
             return;
         };
         let now = Instant::now();
         slots.retain(|_, slot| {
             slot.idle
-                .retain_mut(|(h1, since)| h1.alive() && !h1.info.expired(*since, now));
+                .retain(|(s, since, info)| !s.is_closed() && !info.expired(Some(*since), now));
             // HTTP/2's idle clock runs from the last request started; streams still open on a
             // connection dropped here finish on it (hyper keeps it until they end).
             if slot
@@ -675,11 +415,11 @@ impl Pool {
         if self.sweeper.load(Ordering::Relaxed) || self.sweeper.swap(true, Ordering::AcqRel) {
             return;
         }
-        let shared: Weak<Shared> = Arc::downgrade(&self.shared);
+        let slots: Weak<Slots> = Arc::downgrade(&self.slots);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SWEEP_EVERY).await;
-                let Some(s) = shared.upgrade() else {
+                let Some(s) = slots.upgrade() else {
                     return;
                 };
                 Pool::sweep(&s);
@@ -694,16 +434,16 @@ impl Pool {
         key: Key,
         target: &Target<'_>,
         slot: Option<BreakerGuard>,
-    ) -> Result<Conn, SendError> {
+    ) -> Result<(Conn, Arc<ConnInfo>), SendError> {
         let live = {
-            let mut slots = self.shared.slots.lock().map_err(|_| poisoned(key.addr))?;
+            let mut slots = self.slots.lock().map_err(|_| poisoned(key.addr))?;
             slots.entry(key).or_default().live.clone()
         };
         live.fetch_add(1, Ordering::AcqRel);
         // Released when the connection ends (or fails to open).
         let release = Release {
             live,
-            freed: self.shared.freed.clone(),
+            freed: self.freed.clone(),
             _slot: slot,
         };
         let connect_timeout = target.entry.cluster.connect_timeout;
@@ -747,18 +487,18 @@ impl Pool {
         match proto {
             Proto::Http1 | Proto::Auto => {
                 // hyper's read buffer cannot go below 8 KiB.
-                let (tx, driver) = http1::Builder::new()
+                let (tx, conn) = http1::Builder::new()
                     .max_buf_size(info_buffer(target))
                     .handshake(io)
                     .await
                     .map_err(handshake)?;
-                // No task: the requests that hold it drive it.
-                Ok(Conn::Http1(Box::new(H1 {
-                    tx,
-                    driver,
-                    info,
-                    _release: release,
-                })))
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(error = %e, "upstream http/1.1 connection ended with error");
+                    }
+                    drop(release);
+                });
+                Ok((Conn::Http1(tx), info))
             }
             Proto::Http2 => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -772,10 +512,10 @@ impl Pool {
                     }
                     drop(release);
                 });
-                if let Ok(mut slots) = self.shared.slots.lock() {
+                if let Ok(mut slots) = self.slots.lock() {
                     slots.entry(key).or_default().h2 = Some((tx.clone(), info.clone()));
                 }
-                Ok(Conn::Http2(tx, info))
+                Ok((Conn::Http2(tx), info))
             }
         }
     }
@@ -787,33 +527,33 @@ impl Pool {
         key: Key,
         target: &Target<'_>,
         fresh: bool,
-    ) -> Result<(Conn, bool), SendError> {
-        if !fresh && let Some(c) = self.take_idle(key) {
-            return Ok((c, false));
+    ) -> Result<(Conn, Arc<ConnInfo>, bool), SendError> {
+        if !fresh && let Some((c, info)) = self.take_idle(key) {
+            return Ok((c, info, false));
         }
         // Pending from here until a connection is ours.
         let _pending = target
             .take(Resource::PendingRequests, false)
             .map_err(SendError::Overflow)?;
-        self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.shared.pending);
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.pending);
         let mut counted = false;
         loop {
-            let waiting = self.shared.freed.notified();
-            if !fresh && let Some(c) = self.take_idle(key) {
-                return Ok((c, false));
+            let waiting = self.freed.notified();
+            if !fresh && let Some((c, info)) = self.take_idle(key) {
+                return Ok((c, info, false));
             }
             match target.take(Resource::Connections, counted) {
                 // Boxed: opening (connect, TLS, handshake) is the rare path, and its state
                 // would otherwise sit in every request's future.
                 Ok(slot) => {
-                    let c = Box::pin(self.open(key, target, Some(slot))).await?;
-                    return Ok((c, true));
+                    let (c, info) = Box::pin(self.open(key, target, Some(slot))).await?;
+                    return Ok((c, info, true));
                 }
                 // Envoy's rule: an endpoint without any connection gets one anyway.
                 Err(_) if self.live(key) == 0 => {
-                    let c = Box::pin(self.open(key, target, None)).await?;
-                    return Ok((c, true));
+                    let (c, info) = Box::pin(self.open(key, target, None)).await?;
+                    return Ok((c, info, true));
                 }
                 Err(_) => {
                     counted = true;
@@ -843,7 +583,7 @@ impl Pool {
         let mut new_connection = false;
         // At most one reused attempt, then one on a fresh connection.
         for fresh in [false, true] {
-            let (conn, opened) = match self.checkout(key, &target, fresh).await {
+            let (conn, info, opened) = match self.checkout(key, &target, fresh).await {
                 Ok(c) => c,
                 Err(e) => {
                     return Sent {
@@ -854,27 +594,20 @@ impl Pool {
             };
             new_connection |= opened;
             if key.proto == Proto::Auto {
-                req = fit(req, matches!(conn, Conn::Http2(..)));
+                req = fit(req, matches!(conn, Conn::Http2(_)));
             }
-            let last = conn.info().take_request();
-            let local = conn.info().local.filter(|_| target.upstream_local);
-            let result = match conn {
-                Conn::Http1(h1) => {
-                    let (result, h1) = exchange(h1, req).await;
-                    result.map(|resp| {
-                        let lease = h1.map(|h1| Lease {
-                            h1,
-                            key,
-                            pool: self.shared.clone(),
-                            reuse: !last,
-                        });
-                        resp.map(|b| UpstreamBody::new(b, lease))
-                    })
+            let last = info.take_request();
+            let (result, back) = match conn {
+                Conn::Http1(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        continue;
+                    }
+                    let r = tx.try_send_request(req).await;
+                    (r, Some(tx))
                 }
-                Conn::Http2(mut tx, info) => {
-                    info.mark_used();
+                Conn::Http2(mut tx) => {
                     if last
-                        && let Ok(mut slots) = self.shared.slots.lock()
+                        && let Ok(mut slots) = self.slots.lock()
                         && let Some(slot) = slots.get_mut(&key)
                     {
                         // No new stream after this one; it closes once its streams end.
@@ -883,15 +616,23 @@ impl Pool {
                     if tx.ready().await.is_err() {
                         continue;
                     }
-                    tx.try_send_request(req)
-                        .await
-                        .map(|resp| resp.map(|b| UpstreamBody::new(b, None)))
+                    (tx.try_send_request(req).await, None)
                 }
             };
             match result {
                 Ok(mut resp) => {
-                    if let Some(l) = local {
+                    if target.upstream_local
+                        && let Some(l) = info.local
+                    {
                         resp.extensions_mut().insert(UpstreamLocal(l));
+                    }
+                    if let Some(tx) = back {
+                        if last {
+                            // Dropped: hyper closes it once this response is read.
+                            drop(tx);
+                        } else {
+                            self.put_back(key, tx, info);
+                        }
                     }
                     return Sent {
                         result: Ok(resp),
@@ -919,8 +660,8 @@ impl Pool {
                 },
             }
         }
-        // Only reachable when a fresh HTTP/2 connection was not ready, which hyper reports as
-        // closed.
+        // Both loops `continue`d: only reachable when a fresh connection was not ready, which
+        // hyper reports as closed.
         Sent {
             result: Err(SendError::Connect(ConnectError::Failed {
                 addr: EndpointAddr(addr),
@@ -1249,173 +990,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert_eq!(stats.counter("cluster.c.upstream_cx_idle_timeout").get(), 1);
         assert!(get(&pool, addr, Proto::Http2, &e).await);
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    /// Idle HTTP/1.1 connections pooled for `addr` (plaintext).
-    fn idle(pool: &Pool, addr: SocketAddr) -> usize {
-        let key = Key {
-            addr,
-            proto: Proto::Http1,
-            transport: None,
-        };
-        let slots = pool.shared.slots.lock().unwrap();
-        slots.get(&key).map_or(0, |s| s.idle.len())
-    }
-
-    fn h1_key(addr: SocketAddr) -> Key {
-        Key {
-            addr,
-            proto: Proto::Http1,
-            transport: None,
-        }
-    }
-
-    /// A backend answering every request with `len` bytes; counts the connections it accepted.
-    async fn sized_backend(len: usize) -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| async move {
-                        let body = Bytes::from(vec![b'x'; len]);
-                        Ok::<_, Infallible>(Response::new(Full::new(body)))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
-    async fn send_h1(pool: &Pool, addr: SocketAddr, e: &ClusterEntry) -> Sent {
-        let req = Request::get("/")
-            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
-            .unwrap();
-        let target = Target {
-            entry: e,
-            priority: RoutingPriority::Default,
-            mark: None,
-            transport: None,
-            upstream_local: false,
-        };
-        pool.send(addr, Proto::Http1, target, req).await
-    }
-
-    #[tokio::test]
-    async fn an_http1_connection_goes_back_once_its_body_has_ended() {
-        let stats = Arc::new(Stats::default());
-        let e = entry("{}", &stats);
-        // Larger than one read: the body streams, driven through `UpstreamBody`.
-        let (addr, accepted) = sized_backend(1 << 20).await;
-        let pool = Pool::new();
-        for _ in 0..3 {
-            let resp = send_h1(&pool, addr, &e).await.result.expect("response");
-            assert_eq!(idle(&pool, addr), 0, "lent to the body while it is read");
-            let body = resp.into_body().collect().await.expect("body").to_bytes();
-            assert_eq!(body.len(), 1 << 20);
-            assert_eq!(idle(&pool, addr), 1, "back once the body ended");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.live(h1_key(addr)), 1);
-    }
-
-    #[tokio::test]
-    async fn an_http1_connection_whose_body_is_dropped_early_is_closed() {
-        let stats = Arc::new(Stats::default());
-        let e = entry("{}", &stats);
-        let (addr, accepted) = sized_backend(1 << 20).await;
-        let pool = Pool::new();
-        let resp = send_h1(&pool, addr, &e).await.result.expect("response");
-        assert_eq!(pool.live(h1_key(addr)), 1);
-        drop(resp);
-        assert_eq!(idle(&pool, addr), 0, "not reused mid-response");
-        assert_eq!(pool.live(h1_key(addr)), 0, "closed, its slot released");
-        let resp = send_h1(&pool, addr, &e).await.result.expect("response");
-        assert_eq!(
-            resp.into_body().collect().await.unwrap().to_bytes().len(),
-            1 << 20
-        );
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn a_small_body_dropped_unread_keeps_its_connection() {
-        let stats = Arc::new(Stats::default());
-        let e = entry("{}", &stats);
-        let (addr, accepted) = sized_backend(16).await;
-        let pool = Pool::new();
-        for _ in 0..2 {
-            // Already received whole with its head: dropping it unread loses nothing.
-            drop(send_h1(&pool, addr, &e).await.result.expect("response"));
-            assert_eq!(idle(&pool, addr), 1);
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn an_idle_connection_the_upstream_closed_is_discarded_at_checkout() {
-        // Answers one request with keep-alive, then closes the connection while it is idle.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            while let Ok((mut s, _)) = l.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                });
-            }
-        });
-        let stats = Arc::new(Stats::default());
-        let e = entry("{}", &stats);
-        let pool = Pool::new();
-        let resp = send_h1(&pool, addr, &e).await.result.expect("response");
-        assert_eq!(
-            &resp.into_body().collect().await.unwrap().to_bytes()[..],
-            b"ok"
-        );
-        assert_eq!(idle(&pool, addr), 1);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            pool.take_idle(h1_key(addr)).is_none(),
-            "the closed connection is not handed out"
-        );
-        assert_eq!(idle(&pool, addr), 0);
-        assert_eq!(pool.live(h1_key(addr)), 0, "and its slot is released");
-        let sent = send_h1(&pool, addr, &e).await;
-        assert!(sent.new_connection);
-        assert_eq!(
-            &sent
-                .result
-                .unwrap()
-                .into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()[..],
-            b"ok"
-        );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }
