@@ -374,6 +374,9 @@ impl RecentConn {
 /// Shards of [`Recent`]: each thread pushes into one of its own (chosen once per thread).
 const SHARDS: usize = 8;
 
+/// One shard: its connections with the instant each was pushed, oldest first.
+type Shard = std::collections::VecDeque<(std::time::Instant, RecentConn)>;
+
 /// The last [`RECENT_KEPT`] connections, kernel and proxy alike. Process-wide: the data plane
 /// and the kernel event reader write it, `/debug/explain?recent` reads it.
 ///
@@ -383,7 +386,7 @@ const SHARDS: usize = 8;
 /// overall are always there; a read merges the shards by push time.
 #[derive(Debug)]
 pub struct Recent {
-    shards: Box<[std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, RecentConn)>>]>,
+    shards: Box<[std::sync::Mutex<Shard>]>,
     cap: usize,
 }
 
@@ -419,7 +422,7 @@ impl Recent {
             all.extend(r.iter().rev().take(n).cloned());
         }
         // Stable: pushes of one shard at the same instant keep their order.
-        all.sort_by(|a, b| b.0.cmp(&a.0));
+        all.sort_by_key(|c| std::cmp::Reverse(c.0));
         all.into_iter()
             .take(n.min(self.cap))
             .map(|(_, c)| c)
