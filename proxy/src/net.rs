@@ -107,16 +107,64 @@ pub async fn connect_from(
         debug!(error = %source, src = %b.addr, "bind source unavailable; kernel picks the source");
     }
     sock.set_nodelay(true).map_err(setup)?;
-    match tokio::time::timeout(timeout, sock.connect(addr.get())).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(ConnectError::Failed { addr, source }),
-        Err(_) => Err(ConnectError::Timeout { addr, timeout }),
+    match within(timeout, sock.connect(addr.get())).await {
+        Some(Ok(s)) => Ok(s),
+        Some(Err(source)) => Err(ConnectError::Failed { addr, source }),
+        None => Err(ConnectError::Timeout { addr, timeout }),
     }
+}
+
+/// `fut`'s output, or `None` when `timeout` (counted from the call) passes first. The timer is
+/// armed only when `fut` is still pending after one turn of the reactor: a loopback or LAN
+/// connect is answered by then, and a timer due before the worker's next planned wake-up
+/// makes tokio's time driver wake the reactor with an eventfd write, once per connection.
+async fn within<F: std::future::Future>(timeout: Duration, fut: F) -> Option<F::Output> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut fut = std::pin::pin!(fut);
+    for turn in 0..2 {
+        let polled = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match fut.as_mut().poll(cx) {
+                std::task::Poll::Ready(out) => Some(out),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        if polled.is_some() {
+            return polled;
+        }
+        if turn == 0 {
+            // Runs again after the reactor's next poll (tokio defers a yielding task until
+            // then), which reports the connect's outcome if the kernel already has it.
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn within_times_out_from_the_call_and_passes_on_what_finishes_in_time() {
+        let start = tokio::time::Instant::now();
+        let t = Duration::from_millis(50);
+        assert_eq!(within(t, std::future::pending::<()>()).await, None);
+        assert!(start.elapsed() >= t, "the timeout counts from the call");
+        // Ready at once, after one turn of the reactor, and only later but in time.
+        let t = Duration::from_secs(5);
+        assert_eq!(within(t, async { 1 }).await, Some(1));
+        let after_a_turn = async {
+            tokio::task::yield_now().await;
+            2
+        };
+        assert_eq!(within(t, after_a_turn).await, Some(2));
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            3
+        };
+        assert_eq!(within(t, later).await, Some(3));
+    }
 
     #[tokio::test]
     async fn bound_source_is_the_peer_seen_upstream_and_a_required_bind_failure_is_an_error() {

@@ -371,11 +371,22 @@ impl RecentConn {
     }
 }
 
-/// The last [`RECENT_KEPT`] connections, kernel and proxy alike, newest last. Process-wide:
-/// the data plane and the kernel event reader write it, `/debug/explain?recent` reads it.
+/// Shards of [`Recent`]: each thread pushes into one of its own (chosen once per thread).
+const SHARDS: usize = 8;
+
+/// One shard: its connections with the instant each was pushed, oldest first.
+type Shard = std::collections::VecDeque<(std::time::Instant, RecentConn)>;
+
+/// The last [`RECENT_KEPT`] connections, kernel and proxy alike. Process-wide: the data plane
+/// and the kernel event reader write it, `/debug/explain?recent` reads it.
+///
+/// Sharded by thread: every data-plane worker pushes a record per connection, and one shared
+/// lock would make the workers wait on each other and free one another's records (glibc then
+/// takes the allocating thread's arena lock). Each shard keeps `cap`, so the newest `cap`
+/// overall are always there; a read merges the shards by push time.
 #[derive(Debug)]
 pub struct Recent {
-    ring: std::sync::Mutex<std::collections::VecDeque<RecentConn>>,
+    shards: Box<[std::sync::Mutex<Shard>]>,
     cap: usize,
 }
 
@@ -383,24 +394,39 @@ impl Recent {
     /// An empty ring keeping `cap` connections.
     pub fn new(cap: usize) -> Self {
         Recent {
-            ring: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(cap)),
+            shards: (0..SHARDS).map(|_| Default::default()).collect(),
             cap,
         }
     }
 
-    /// Records a finished connection, forgetting the oldest when full.
+    /// Records a finished connection, forgetting this thread's oldest when its shard is full.
     pub fn push(&self, c: RecentConn) {
-        let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if r.len() == self.cap {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARDS;
+        }
+        let shard = &self.shards[SHARD.with(|s| *s)];
+        let at = std::time::Instant::now();
+        let mut r = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() >= self.cap {
             r.pop_front();
         }
-        r.push_back(c);
+        r.push_back((at, c));
     }
 
     /// The last `n` connections, newest first.
     pub fn last(&self, n: usize) -> Vec<RecentConn> {
-        let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        r.iter().rev().take(n).cloned().collect()
+        let mut all: Vec<(std::time::Instant, RecentConn)> = Vec::new();
+        for shard in &self.shards {
+            let r = shard.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(r.iter().rev().take(n).cloned());
+        }
+        // Stable: pushes of one shard at the same instant keep their order.
+        all.sort_by_key(|c| std::cmp::Reverse(c.0));
+        all.into_iter()
+            .take(n.min(self.cap))
+            .map(|(_, c)| c)
+            .collect()
     }
 
     /// `/debug/explain?recent=N`: the last `n` connections with their steps, newest first.
@@ -443,7 +469,18 @@ pub mod trace {
                 RefCell::new(RecentConn::new("proxy", Some(client), None)),
                 async {
                     let r = fut.await;
-                    let conn = CONN.with(|c| c.replace(RecentConn::new("proxy", None, None)));
+                    // The task-local is dropped right after: what replaces the record needs
+                    // no clock read and no allocation (one of each per connection saved).
+                    let conn = CONN.with(|c| {
+                        c.replace(RecentConn {
+                            at: std::time::UNIX_EPOCH,
+                            path: "proxy",
+                            client: None,
+                            dst: None,
+                            steps: Vec::new(),
+                            outcome: String::new(),
+                        })
+                    });
                     (r, conn)
                 },
             )
@@ -547,6 +584,35 @@ mod recent_tests {
         let j = r.json(2);
         assert_eq!(j["recent"][0]["dst"], "10.0.0.1:5");
         assert_eq!(j["recent"][0]["steps"][0]["step"], "capture");
+    }
+
+    #[test]
+    fn pushes_from_several_threads_merge_newest_first_up_to_the_cap() {
+        let r = std::sync::Arc::new(Recent::new(6));
+        let dst = |t: u16, i: u16| Some(SocketAddr::from(([10, 0, 0, t as u8], i)));
+        // Four threads, one after the other, four connections each: the newest six are the
+        // last thread's four and the two before them, whatever shard each thread got.
+        for t in 1..=4u16 {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                for i in 1..=4u16 {
+                    r.push(RecentConn::new("proxy", None, dst(t, i)));
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        let got: Vec<_> = r.last(100).into_iter().map(|c| c.dst).collect();
+        let want = vec![
+            dst(4, 4),
+            dst(4, 3),
+            dst(4, 2),
+            dst(4, 1),
+            dst(3, 4),
+            dst(3, 3),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(r.last(2).len(), 2);
     }
 
     #[tokio::test]

@@ -58,16 +58,20 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    /// Read the facts of `down`, accepted by a listener of `role` from `client`; its
-    /// listener filters' outcomes are counted in `counters`.
+    /// Read the facts of `down`, accepted by a listener of `role` from `client` at `local`
+    /// (`None`: read from the socket); its listener filters' outcomes are counted in
+    /// `counters`.
     pub(super) async fn read(
         dp: &Dataplane,
         down: &TcpStream,
-        client: ClientAddr,
+        (client, local): (ClientAddr, Option<SocketAddr>),
         role: &ListenerRole,
         counters: &ListenerCounters,
     ) -> Result<Accepted, ConnError> {
-        let local = down.local_addr().map_err(ConnError::Accept)?;
+        let local = match local {
+            Some(a) => a,
+            None => down.local_addr().map_err(ConnError::Accept)?,
+        };
         let snap = dp.store().load();
         let orig_dst = match role {
             ListenerRole::Inbound { .. } => Some(inbound::original_destination(down, local)),

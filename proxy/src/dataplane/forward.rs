@@ -37,6 +37,7 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 use super::error::Side;
 
@@ -250,18 +251,20 @@ pub async fn forward(
 ) -> Result<Ended, ForwardError> {
     let moved = Moved::default();
     let chunk = limits.chunk(CHUNK);
+    let (dr, dw) = down.split();
+    let (ur, uw) = up.split();
     let both = async {
         tokio::try_join!(
             pump(
-                down,
-                up,
+                dr,
+                uw.as_ref(),
                 (Side::Downstream, Side::Upstream),
                 &moved.tx,
                 chunk
             ),
             pump(
-                up,
-                down,
+                ur,
+                dw.as_ref(),
                 (Side::Upstream, Side::Downstream),
                 &moved.rx,
                 chunk
@@ -461,51 +464,56 @@ fn half_close(dst: &TcpStream, dst_side: Side) -> Result<(), ForwardError> {
 
 /// One read of at most `size` bytes from `src` through the worker's scratch buffer, written to
 /// `dst` before the next read; returns how many bytes moved (0: EOF).
+///
+/// The read goes through tokio's `AsyncRead` of the read half, not `readable` + `try_read`:
+/// a read shorter than the buffer shows the socket drained, and that path then forgets the
+/// readiness itself (as nginx does after a short `recv`), where `try_read` keeps it until a
+/// read fails with EAGAIN: one wasted `recvfrom` per message and direction.
 async fn relay_once(
-    src: &TcpStream,
+    src: &mut ReadHalf<'_>,
     dst: &TcpStream,
     (src_side, dst_side): (Side, Side),
     size: usize,
 ) -> Result<usize, ForwardError> {
-    loop {
-        src.readable().await.map_err(on(src_side))?;
-        let step = SCRATCH.with_borrow_mut(|scratch| {
-            let buf = &mut scratch[..size];
-            let n = match src.try_read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(on(src_side)(e)),
-            };
+    let (n, rest) = std::future::poll_fn(|cx| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(&mut scratch[..size]);
+            match Pin::new(&mut *src).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(on(src_side)(e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = buf.filled().len();
             if n == 0 {
-                return Ok(Some((0, Vec::new())));
+                return Poll::Ready(Ok((0, Vec::new())));
             }
             // What `dst` cannot take now waits in a buffer of its own (the scratch buffer
             // belongs to the worker): rare, the peer's receive window is full.
-            let w = match dst.try_write(&buf[..n]) {
+            let w = match dst.try_write(&scratch[..n]) {
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(on(dst_side)(e)),
+                Err(e) => return Poll::Ready(Err(on(dst_side)(e))),
             };
-            Ok(Some((n, buf[w..n].to_vec())))
-        })?;
-        let Some((n, rest)) = step else { continue };
-        let mut at = 0;
-        while at < rest.len() {
-            dst.writable().await.map_err(on(dst_side))?;
-            match dst.try_write(&rest[at..]) {
-                Ok(w) => at += w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(on(dst_side)(e)),
-            }
+            Poll::Ready(Ok((n, scratch[w..n].to_vec())))
+        })
+    })
+    .await?;
+    let mut at = 0;
+    while at < rest.len() {
+        dst.writable().await.map_err(on(dst_side))?;
+        match dst.try_write(&rest[at..]) {
+            Ok(w) => at += w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(on(dst_side)(e)),
         }
-        return Ok(n);
     }
+    Ok(n)
 }
 
 /// One direction, `src` -> `dst`, then shut down `dst`'s write side at EOF: in userspace
 /// until a read fills the scratch buffer (a bulk flow), then through a pipe with splice.
 async fn pump(
-    src: &TcpStream,
+    mut src: ReadHalf<'_>,
     dst: &TcpStream,
     sides: (Side, Side),
     moved: &AtomicU64,
@@ -514,14 +522,14 @@ async fn pump(
     let small = chunk.min(SMALL);
     let mut may_splice = true;
     loop {
-        let n = relay_once(src, dst, sides, small).await?;
+        let n = relay_once(&mut src, dst, sides, small).await?;
         if n == 0 {
             return half_close(dst, sides.1);
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
         if n == small && may_splice {
             match pipe() {
-                Ok(p) => return splice_pump(src, dst, sides, p, moved, chunk).await,
+                Ok(p) => return splice_pump(src.as_ref(), dst, sides, p, moved, chunk).await,
                 Err(e) => {
                     may_splice = false;
                     tracing::debug!(error = %e, "no pipe for splice: the direction stays in userspace");
@@ -629,6 +637,42 @@ mod tests {
         let t = ended.transferred;
         assert_eq!(t.tx, req.len() as u64);
         assert_eq!(t.rx, resp.len() as u64);
+    }
+
+    /// Small messages each way, each answered before the next is sent: every read is shorter
+    /// than the buffer, so the reading side forgets the socket's readiness without an EAGAIN
+    /// read and must hear of the next message from the reactor again.
+    #[tokio::test]
+    async fn ping_pong_of_small_messages_keeps_flowing() {
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
+        let proxy =
+            tokio::spawn(async move { forward(&mut down, &mut up, Limits::default(), None).await });
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = server.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    server.shutdown().await.unwrap();
+                    return;
+                }
+                server.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let mut sent = 0u64;
+        for i in 1..=200usize {
+            let msg: Vec<u8> = (0..(i * 7) % 1500 + 1).map(|b| (b + i) as u8).collect();
+            client.write_all(&msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg, "message {i}");
+            sent += msg.len() as u64;
+        }
+        client.shutdown().await.unwrap();
+        assert_eq!(client.read(&mut [0u8; 1]).await.unwrap(), 0);
+        echo.await.unwrap();
+        let t = proxy.await.unwrap().unwrap().transferred;
+        assert_eq!((t.tx, t.rx), (sent, sent));
     }
 
     /// A TLS client and server over a loopback pair: (client session, server session).

@@ -43,9 +43,18 @@ pub async fn run(
     dp: Arc<Dataplane>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let prefix = listener
-        .local_addr()
-        .map_or_else(|_| "listener.unknown".into(), crate::stats::listener_prefix);
+    let bound = listener.local_addr();
+    let prefix = bound.as_ref().map_or_else(
+        |_| "listener.unknown".into(),
+        |a| crate::stats::listener_prefix(*a),
+    );
+    // A static listener bound to one address only accepts connections to that address (skiff
+    // steers captured traffic to the capture and inbound listeners, never to these, and sets
+    // no IP_TRANSPARENT): its connections' local address needs no getsockname each.
+    let known_local = match &role {
+        ListenerRole::Static { .. } => bound.ok().filter(|a| !a.ip().is_unspecified()),
+        ListenerRole::Capture | ListenerRole::Inbound { .. } => None,
+    };
     let mut counters = ListenerCounters::new(dp.stats(), &prefix);
     if let Some(w) = dp.worker {
         counters = counters.for_worker(w);
@@ -76,7 +85,7 @@ pub async fn run(
                 let served = serve(
                     &dp,
                     stream,
-                    ClientAddr(peer),
+                    (ClientAddr(peer), known_local),
                     &role,
                     drain,
                     &counters,
@@ -161,11 +170,12 @@ async fn accept_loop<F>(
     }
 }
 
-/// One connection, start to end.
+/// One connection, start to end: `down` from `client` to `local` (`None`: not known without
+/// asking the socket).
 async fn serve(
     dp: &Dataplane,
     down: TcpStream,
-    client: ClientAddr,
+    (client, local): (ClientAddr, Option<SocketAddr>),
     role: &ListenerRole,
     drain: CancellationToken,
     counters: &ListenerCounters,
@@ -174,7 +184,7 @@ async fn serve(
     let span = tracing::Span::current();
     let _ = down.set_nodelay(true);
     // 1. Facts, on one snapshot (the listener filters peek at the first bytes).
-    let accepted = Accepted::read(dp, &down, client, role, counters).await?;
+    let accepted = Accepted::read(dp, &down, (client, local), role, counters).await?;
     let orig_dst = accepted.orig_dst;
     let local = accepted.local;
     log.accepted(&accepted);
