@@ -913,10 +913,11 @@ mod fuzz {
         rest: [u8; 4],
         quote: &[u8],
     ) -> Vec<u8> {
-        let mut m = vec![typ, code, 0, 0];
-        m.extend_from_slice(&rest);
-        m.extend_from_slice(quote);
-        icmp4_msg(src, dst, m)
+        icmp4_msg(
+            src,
+            dst,
+            skiff_tests::xdp::icmp_error(typ, code, rest, quote),
+        )
     }
 
     /// Ethernet + IPv4 + the ICMP message `m`, whose checksum (bytes 2..4) is filled in.
@@ -950,10 +951,12 @@ mod fuzz {
         rest: [u8; 4],
         quote: &[u8],
     ) -> Vec<u8> {
-        let mut m = vec![typ, code, 0, 0];
-        m.extend_from_slice(&rest);
-        m.extend_from_slice(quote);
-        icmp6_msg(src, dst, m)
+        // The message's checksum is recomputed over the pseudo-header by icmp6_msg.
+        icmp6_msg(
+            src,
+            dst,
+            skiff_tests::xdp::icmp_error(typ, code, rest, quote),
+        )
     }
 
     /// Ethernet + IPv6 + the ICMPv6 message `m`, whose checksum (bytes 2..4) is filled in.
