@@ -314,7 +314,7 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
         started_unix: started,
         kernel: super::first_line(Command::new("uname").args(["-srm"])),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        loadavg_start: loadavg(),
+        loadavg_start: super::loadavg(),
         quick: opts.quick,
         secs_per_case: opts.secs,
         rate: opts.rate,
@@ -340,7 +340,7 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
     .context("creating the bench namespace")?;
     let res = run(&ns, &peer, &opts, &wanted, &out, &mut rep);
     drop(ns);
-    rep.loadavg_end = loadavg();
+    rep.loadavg_end = super::loadavg();
     // Write whatever was measured, also after an error or Ctrl-C.
     let md = markdown(&rep);
     std::fs::write(out.join("results.md"), &md)?;
@@ -352,13 +352,6 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
     println!("{md}");
     eprintln!("bench: results in {}", out.display());
     Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// The command that starts `path`'s proxy (None for direct, or when the proxy is not installed).

@@ -398,6 +398,24 @@ fn real_envoy(launcher: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// `/proc/loadavg`, as recorded at the start and end of a run (empty if unreadable).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (empty if unreadable).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default()
+}
+
 fn first_line(cmd: &mut Command) -> String {
     cmd.output()
         .map(|o| {
@@ -532,16 +550,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         started_unix: started,
         kernel: first_line(Command::new("uname").args(["-srm"])),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_model: std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_default(),
-        loadavg_start: std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        cpu_model: cpu_model(),
+        loadavg_start: loadavg(),
         quick: args.quick,
         secs_per_case: secs,
         conn_threads: args.conn_threads,
@@ -596,10 +606,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         profile: args.profile.as_deref(),
     };
     let result = bench_all(&ctx, &routes, &cases, &mut rep);
-    rep.loadavg_end = std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    rep.loadavg_end = loadavg();
     report::fill_ratios(&mut rep);
     // Write whatever was measured, also after an error or Ctrl-C.
     let written = report::write_all(&rep, &out_dir);

@@ -496,13 +496,8 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
         started_unix: started,
         kernel: super::first_line(Command::new("uname").args(["-srm"])),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_model: std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_default(),
-        loadavg_start: loadavg(),
+        cpu_model: super::cpu_model(),
+        loadavg_start: super::loadavg(),
         secs_per_case: opts.secs,
         conn_threads: opts.conn_threads,
         skiff_rev: super::skiff_rev(&root),
@@ -544,7 +539,7 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
         out.display()
     );
     let result = run_pairs(&ctx, &pairs, &mut rep);
-    rep.loadavg_end = loadavg();
+    rep.loadavg_end = super::loadavg();
     drop(ns);
     let md = table(&rep);
     std::fs::write(out.join("mtls.md"), &md)?;
@@ -553,13 +548,6 @@ pub fn standalone(opts: Options) -> anyhow::Result<()> {
     println!("{md}");
     eprintln!("bench: results in {}", out.display());
     Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 fn run_pairs(ctx: &Ctx, pairs: &[Pair], rep: &mut MtlsReport) -> anyhow::Result<()> {

@@ -195,13 +195,6 @@ struct XdpReport {
     xdp_counters: Vec<String>,
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// Runs both paths, prints a table and writes it (and logs) to `target/bench/<time>-xdp/`.
 pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
     let pid = std::process::id();
@@ -223,13 +216,8 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
         skiff_bin: opts.skiff.display().to_string(),
         kernel: super::first_line(Command::new("uname").args(["-srm"])),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        cpu_model: std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-            .unwrap_or_default(),
-        loadavg_start: loadavg(),
+        cpu_model: super::cpu_model(),
+        loadavg_start: super::loadavg(),
         secs_per_case: opts.secs,
         threads: opts.threads,
         ..Default::default()
@@ -330,7 +318,7 @@ pub fn standalone(opts: Options<'_>) -> anyhow::Result<()> {
     drop(servers);
     drop(topo);
     drop(cgroups);
-    rep.loadavg_end = loadavg();
+    rep.loadavg_end = super::loadavg();
 
     let md = table(&rep);
     std::fs::write(out.join("xdp.md"), &md)?;
