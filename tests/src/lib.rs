@@ -280,17 +280,34 @@ fn rmdir_retrying(p: &Path) {
     );
 }
 
+/// skiff's default eBPF pin directory for a capture on the cgroup at `app`
+/// (`/sys/fs/bpf/skiff/<cgroup id>`).
+pub fn default_pin_dir(app: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(Path::new("/sys/fs/bpf/skiff").join(fs::metadata(app)?.ino().to_string()))
+}
+
+/// The names in the pin directory `dir`, sorted (empty when it does not exist).
+pub fn pins(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Removes the default eBPF pin directory of the cgroup at `p` (`/sys/fs/bpf/skiff/<id>`),
 /// which a skiff killed on this cgroup leaves behind.
 fn remove_default_pins(p: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    if let Ok(meta) = fs::metadata(p) {
-        let dir = Path::new("/sys/fs/bpf/skiff").join(meta.ino().to_string());
-        if dir.exists()
-            && let Err(e) = fs::remove_dir_all(&dir)
-        {
-            eprintln!("warning: could not remove pins {}: {e}", dir.display());
-        }
+    if let Ok(dir) = default_pin_dir(p)
+        && dir.exists()
+        && let Err(e) = fs::remove_dir_all(&dir)
+    {
+        eprintln!("warning: could not remove pins {}: {e}", dir.display());
     }
 }
 

@@ -6,15 +6,14 @@
 //! Run: `cargo build -p skiff -p skiff-tests --bins && cargo test -p skiff-tests --features root
 //! --test root_pinning -- --test-threads=1` (as root).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use skiff_tests::{
     Cgroup, Child, Netns, TempYaml, admin_stat as stat, assert_no_programs_attached,
-    bpftool_cgroup_tree, built_binary, command_in, field, require_root, serial, sidecar_args,
-    sigterm_and_wait as stop, skiff_run, spawn_testpeer, testpeer_output, vip_bootstrap,
-    wait_admin_ready as wait_ready,
+    bpftool_cgroup_tree, built_binary, command_in, default_pin_dir, field, pins, require_root,
+    serial, sidecar_args, sigterm_and_wait as stop, skiff_run, spawn_testpeer, testpeer_output,
+    vip_bootstrap, wait_admin_ready as wait_ready,
 };
 
 struct Scenario {
@@ -67,12 +66,6 @@ fn kill9(p: Child) {
     assert!(!status.success(), "skiff was killed: {status}");
 }
 
-/// skiff's default pin directory for a capture on `app`.
-fn default_pin_dir(app: &Path) -> PathBuf {
-    let id = std::fs::metadata(app).expect("app cgroup").ino();
-    Path::new("/sys/fs/bpf/skiff").join(id.to_string())
-}
-
 /// The id of the program named `name` attached to `cgroup` (`bpftool cgroup tree`); panics
 /// unless exactly one is.
 fn attached_id(cgroup: &Path, name: &str) -> u32 {
@@ -84,18 +77,6 @@ fn attached_id(cgroup: &Path, name: &str) -> u32 {
         .collect();
     assert_eq!(ids.len(), 1, "{name} on {}:\n{tree}", cgroup.display());
     ids[0]
-}
-
-fn pins(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// `skiff cleanup ARGS` inside `ns`: (success, stdout + stderr).
@@ -119,7 +100,7 @@ fn killed_skiff_keeps_capture_fails_open_and_a_restart_takes_over() {
     let mut s = scenario("pin-restart");
     let app = s.cg.child("app");
     let proxy_cg = s.cg.child_path("proxy");
-    let pin_dir = default_pin_dir(&app);
+    let pin_dir = default_pin_dir(&app).expect("app cgroup");
     let args = sidecar_args(&app, &proxy_cg, &["--fast-path"]);
 
     let proxy = skiff(&s, &args);

@@ -460,21 +460,8 @@ fn a_killed_skiff_keeps_balancing_and_a_restart_takes_the_xdp_links_over() {
     let devs = s.topo.node_devs();
     // The default pin directory of the capture (`/sys/fs/bpf/skiff/<app cgroup id>`) holds a
     // link per interface and the conntrack.
-    let pin_dir = std::path::Path::new("/sys/fs/bpf/skiff").join(
-        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&s.app).expect("app cgroup"))
-            .to_string(),
-    );
-    let pins = || -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&pin_dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
+    let pin_dir = skiff_tests::default_pin_dir(&s.app).expect("app cgroup");
+    let pins = || skiff_tests::pins(&pin_dir);
     let names = pins();
     for dev in &devs {
         assert!(
