@@ -305,9 +305,67 @@ pub struct Step {
     /// `capture`, `listener`, `filter_chain`, `route`, `cluster`, `endpoint`.
     pub step: &'static str,
     /// What was chosen (a name or address; `-` for nothing).
-    pub value: String,
+    pub value: StepValue,
     /// Why.
     pub reason: std::borrow::Cow<'static, str>,
+}
+
+/// What a step chose, kept as given and rendered when read: every proxied connection writes a
+/// record, and few are ever read (formatting an address costs more than storing it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepValue {
+    /// A name, or `-` for nothing.
+    Text(String),
+    /// An address.
+    Addr(SocketAddr),
+}
+
+impl std::fmt::Display for StepValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepValue::Text(t) => f.write_str(t),
+            StepValue::Addr(a) => a.fmt(f),
+        }
+    }
+}
+
+impl PartialEq<&str> for StepValue {
+    fn eq(&self, other: &&str) -> bool {
+        match self {
+            StepValue::Text(t) => t == other,
+            StepValue::Addr(a) => a.to_string() == *other,
+        }
+    }
+}
+
+impl From<SocketAddr> for StepValue {
+    fn from(a: SocketAddr) -> Self {
+        StepValue::Addr(a)
+    }
+}
+
+impl From<crate::addr::EndpointAddr> for StepValue {
+    fn from(a: crate::addr::EndpointAddr) -> Self {
+        StepValue::Addr(a.get())
+    }
+}
+
+impl From<&str> for StepValue {
+    fn from(t: &str) -> Self {
+        StepValue::Text(t.to_string())
+    }
+}
+
+impl From<&String> for StepValue {
+    fn from(t: &String) -> Self {
+        StepValue::Text(t.clone())
+    }
+}
+
+impl From<String> for StepValue {
+    fn from(t: String) -> Self {
+        StepValue::Text(t)
+    }
 }
 
 /// One connection as the kernel or the proxy handled it.
@@ -324,7 +382,7 @@ pub struct RecentConn {
     /// The decisions, in order.
     pub steps: Vec<Step>,
     /// How it ended (`ok`, or the error with its response flags).
-    pub outcome: String,
+    pub outcome: std::borrow::Cow<'static, str>,
 }
 
 impl RecentConn {
@@ -336,7 +394,7 @@ impl RecentConn {
             client,
             dst,
             steps: Vec::with_capacity(6),
-            outcome: String::new(),
+            outcome: std::borrow::Cow::Borrowed(""),
         }
     }
 
@@ -344,12 +402,12 @@ impl RecentConn {
     pub fn push(
         &mut self,
         step: &'static str,
-        value: impl std::fmt::Display,
+        value: impl Into<StepValue>,
         reason: impl Into<std::borrow::Cow<'static, str>>,
     ) {
         self.steps.push(Step {
             step,
-            value: value.to_string(),
+            value: value.into(),
             reason: reason.into(),
         });
     }
@@ -363,7 +421,7 @@ impl RecentConn {
             "dst": self.dst.map(|d| d.to_string()),
             "steps": self.steps.iter().map(|s| json!({
                 "step": s.step,
-                "value": s.value,
+                "value": s.value.to_string(),
                 "reason": s.reason,
             })).collect::<Vec<_>>(),
             "outcome": self.outcome,
@@ -450,6 +508,8 @@ pub mod trace {
     use std::fmt::Display;
     use std::future::Future;
     use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
     use super::{RecentConn, recent};
 
@@ -459,43 +519,70 @@ pub mod trace {
 
     /// Runs one proxied connection from `client`, recording its steps; the result (its error,
     /// if any, with `flags`) becomes the connection's outcome.
-    pub async fn traced<T, E: Display>(
+    ///
+    /// A plain future rather than an `async fn`: awaiting `fut` inside one (and inside the
+    /// task-local scope's block) would hold the connection's large future two or three times
+    /// over, and every connection's task is copied whole into its allocation.
+    pub fn traced<T, E: Display, F: Future<Output = Result<T, E>>>(
         client: SocketAddr,
-        fut: impl Future<Output = Result<T, E>>,
+        fut: F,
         flags: impl FnOnce(&E) -> String,
-    ) -> Result<T, E> {
-        let (result, conn) = CONN
-            .scope(
-                RefCell::new(RecentConn::new("proxy", Some(client), None)),
-                async {
-                    let r = fut.await;
-                    // The task-local is dropped right after: what replaces the record needs
-                    // no clock read and no allocation (one of each per connection saved).
-                    let conn = CONN.with(|c| {
-                        c.replace(RecentConn {
-                            at: std::time::UNIX_EPOCH,
-                            path: "proxy",
-                            client: None,
-                            dst: None,
-                            steps: Vec::new(),
-                            outcome: String::new(),
-                        })
-                    });
-                    (r, conn)
-                },
-            )
-            .await;
-        let mut conn = conn;
-        conn.outcome = match &result {
-            Ok(_) => "ok".into(),
-            Err(e) => format!("{} ({e})", flags(e)),
-        };
-        recent().push(conn);
-        result
+    ) -> impl Future<Output = Result<T, E>> {
+        CONN.scope(
+            RefCell::new(RecentConn::new("proxy", Some(client), None)),
+            Traced {
+                fut,
+                flags: Some(flags),
+            },
+        )
+    }
+
+    pin_project_lite::pin_project! {
+        /// The connection inside its [`CONN`] scope; at its end the record is pushed to
+        /// [`recent`] (still inside the scope, which is what lets it take the record).
+        struct Traced<F, G> {
+            #[pin]
+            fut: F,
+            flags: Option<G>,
+        }
+    }
+
+    impl<T, E: Display, F: Future<Output = Result<T, E>>, G: FnOnce(&E) -> String> Future
+        for Traced<F, G>
+    {
+        type Output = Result<T, E>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.project();
+            let result = std::task::ready!(this.fut.poll(cx));
+            // What replaces the record in the task-local needs no clock read and no
+            // allocation (one of each per connection saved).
+            let mut conn = CONN.with(|c| {
+                c.replace(RecentConn {
+                    at: std::time::UNIX_EPOCH,
+                    path: "proxy",
+                    client: None,
+                    dst: None,
+                    steps: Vec::new(),
+                    outcome: std::borrow::Cow::Borrowed(""),
+                })
+            });
+            conn.outcome = match (&result, this.flags.take()) {
+                (Ok(_), _) => "ok".into(),
+                (Err(e), Some(flags)) => format!("{} ({e})", flags(e)).into(),
+                (Err(e), None) => e.to_string().into(),
+            };
+            recent().push(conn);
+            Poll::Ready(result)
+        }
     }
 
     /// Records one step of the current connection.
-    pub fn step(step: &'static str, value: impl Display, reason: impl Into<Cow<'static, str>>) {
+    pub fn step(
+        step: &'static str,
+        value: impl Into<super::StepValue>,
+        reason: impl Into<Cow<'static, str>>,
+    ) {
         let _ = CONN.try_with(|c| c.borrow_mut().push(step, value, reason));
     }
 

@@ -82,16 +82,22 @@ pub async fn run(
             let drain = conn_drain.clone();
             async move {
                 let mut log = ConnLog::new(peer);
-                let served = serve(
-                    &dp,
-                    stream,
-                    (ClientAddr(peer), known_local),
-                    &role,
-                    drain,
-                    &counters,
-                    &mut log,
-                );
-                let result = trace::traced(peer, served, |e| e.response_flags().to_string()).await;
+                // Built in place: a named local moved into `traced` may keep its own slot in
+                // this future.
+                let result = trace::traced(
+                    peer,
+                    serve(
+                        &dp,
+                        stream,
+                        (ClientAddr(peer), known_local),
+                        &role,
+                        drain,
+                        &counters,
+                        &mut log,
+                    ),
+                    |e| e.response_flags().to_string(),
+                )
+                .await;
                 log.finish(&result, dp.stats());
                 if let Err(e) = result {
                     counters.failed(dp.stats(), &e);
@@ -158,15 +164,39 @@ async fn accept_loop<F>(
             cluster = field::Empty,
             endpoint = field::Empty,
         );
-        let conn = serve(stream, peer);
+        // Not an `async move { conn.await; .. }`: that block would hold `conn` twice (as
+        // captured and as awaited), and tokio copies the whole task into its allocation.
         tokio::spawn(
-            async move {
-                conn.await;
-                drop(open);
-                drop(permit);
+            Holding {
+                fut: serve(stream, peer),
+                held: Some((open, permit)),
             }
             .instrument(span),
         );
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's future with what it holds until it ends: its slot under
+    /// [`MAX_CONNECTIONS`] and its count in the listener's open connections.
+    struct Holding<F, H> {
+        #[pin]
+        fut: F,
+        held: Option<H>,
+    }
+}
+
+impl<F: Future<Output = ()>, H> Future for Holding<F, H> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        std::task::ready!(this.fut.poll(cx));
+        this.held.take();
+        std::task::Poll::Ready(())
     }
 }
 

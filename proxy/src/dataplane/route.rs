@@ -179,10 +179,12 @@ pub fn select_chain<'l>(
 /// destination IP (longest matching prefix, else chains without prefixes).
 fn by_destination<C: Candidate>(chains: impl IntoIterator<Item = C>, dst: SocketAddr) -> Vec<C> {
     let dst = canonical_addr(dst);
-    let c = narrow(chains, |fc| match fc.matcher.destination_port {
-        Some(p) if p == dst.port() => Some(1),
-        Some(_) => None,
-        None => Some(0),
+    let c = narrow(chains.into_iter().collect(), |fc| {
+        match fc.matcher.destination_port {
+            Some(p) if p == dst.port() => Some(1),
+            Some(_) => None,
+            None => Some(0),
+        }
     });
     narrow(c, |fc| longest_prefix(&fc.matcher.prefix_ranges, dst.ip()))
 }
@@ -294,23 +296,14 @@ pub fn chain_for_destination<'l>(
     }
 }
 
-/// Keep the chains with the highest score; `None` drops a chain.
-fn narrow<C: Candidate>(
-    chains: impl IntoIterator<Item = C>,
-    score: impl Fn(&FilterChain) -> Option<u32>,
-) -> Vec<C> {
-    let scored: Vec<(u32, C)> = chains
-        .into_iter()
-        .filter_map(|c| score(c.chain()).map(|s| (s, c)))
-        .collect();
-    let Some(best) = scored.iter().map(|(s, _)| *s).max() else {
-        return Vec::new();
-    };
-    scored
-        .into_iter()
-        .filter(|(s, _)| *s == best)
-        .map(|(_, c)| c)
-        .collect()
+/// Keep the chains with the highest score; `None` drops a chain. In place: selection runs
+/// once per connection, and the nine steps would otherwise allocate twice each.
+fn narrow<C: Candidate>(mut chains: Vec<C>, score: impl Fn(&FilterChain) -> Option<u32>) -> Vec<C> {
+    match chains.iter().filter_map(|c| score(c.chain())).max() {
+        Some(best) => chains.retain(|c| score(c.chain()) == Some(best)),
+        None => chains.clear(),
+    }
+    chains
 }
 
 /// Score for prefix criteria: 0 when the chain has none, 1 + length of the longest match.
