@@ -1246,6 +1246,8 @@ async fn forward(
     let hash = request_hash(&f.hash_policy, &base, path, conn.client);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries = 0u32;
+    // The first attempt starts with the request (a microsecond later): one clock read less.
+    let mut first_attempt_at = Some(started);
     // Envoy's `max_requests` breaker: this request holds a slot until it is answered.
     let Ok(_request_slot) = entry.try_request(priority) else {
         note(
@@ -1349,7 +1351,7 @@ async fn forward(
 
         rq(|r| &r.upstream_rq_total);
         // This attempt's time limit: the per-try timeout, within what is left of the route's.
-        let now = Instant::now();
+        let now = first_attempt_at.take().unwrap_or_else(Instant::now);
         let limit = match (per_try, deadline) {
             (Some(p), Some(d)) => Some((now + p).min(d)),
             (Some(p), None) => Some(now + p),
@@ -1378,11 +1380,14 @@ async fn forward(
                 ))
             }),
         };
-        // One future for the whole exchange, timed inside: every wrapper around the pool's
-        // future would move it once more.
+        // One future for the whole exchange, timed inside, and built where it is awaited (a
+        // closure makes it there): every wrapper around the pool's future would move it once
+        // more, and a future captured by another, or named and then moved, is held twice in
+        // the request's state, which is copied whole as it moves.
         let send_started = now;
-        let send = async {
-            let sent = match &dial {
+        let dial = &dial;
+        let timed = move || async move {
+            let sent = match dial {
                 Ok(dial) => {
                     let target = pool::Target {
                         entry,
@@ -1391,7 +1396,11 @@ async fn forward(
                         transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
                         upstream_local: ctx.log.is_some(),
                     };
-                    conn.dp.http_pool.send(addr, proto, target, up_req).await
+                    let send = move || conn.dp.http_pool.send(addr, proto, target, up_req);
+                    match limit {
+                        Some(l) => tokio::time::timeout_at(l, send()).await.ok()?,
+                        None => send().await,
+                    }
                 }
                 // The context cannot be built (a secret not delivered yet): no connection.
                 Err(e) => pool::Sent {
@@ -1405,13 +1414,7 @@ async fn forward(
             if sent.result.is_ok() {
                 cs.upstream_rq_time.record_duration(send_started.elapsed());
             }
-            sent
-        };
-        let timed = async {
-            match limit {
-                Some(l) => tokio::time::timeout_at(l, send).await.ok(),
-                None => Some(send.await),
-            }
+            Some(sent)
         };
         // The watchdog over the request's arrival matters only while it can fire before the
         // response: not once the request arrived whole and the route's deadline comes before
@@ -1421,7 +1424,7 @@ async fn forward(
         let sent = if watch {
             tokio::select! {
                 biased;
-                s = timed => s,
+                s = timed() => s,
                 cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
                     match cut {
                         limits::StreamCut::Idle => {
@@ -1438,7 +1441,7 @@ async fn forward(
                 }
             }
         } else {
-            timed.await
+            timed().await
         };
         let (outcome, response) = match sent {
             None if deadline.is_some_and(|d| Instant::now() >= d) => {

@@ -302,6 +302,11 @@ impl Host {
 
     /// Report what happened to a request or connect: outlier detection counts it.
     pub fn report(&self, outcome: Outcome) {
+        self.report_at(outcome, Instant::now());
+    }
+
+    /// [`Host::report`] at `now`, read by the caller (a finished request has read the clock).
+    fn report_at(&self, outcome: Outcome, now: Instant) {
         match outcome {
             Outcome::Success => {}
             Outcome::ConnectFailure => {
@@ -317,7 +322,7 @@ impl Host {
                 self.state.rq_error.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.cluster.report(self, outcome, Instant::now());
+        self.cluster.report(self, outcome, now);
     }
 }
 
@@ -356,7 +361,7 @@ impl RequestGuard {
         self.host
             .state
             .observe_rtt(now.saturating_duration_since(self.started), now);
-        self.host.report(outcome);
+        self.host.report_at(outcome, now);
     }
 }
 
