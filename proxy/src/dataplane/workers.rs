@@ -52,7 +52,10 @@ impl Workers {
                 .name(format!("skiff-worker-{i}"))
                 .spawn(move || {
                     let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
+                        // No signal or process driver: signals are the main runtime's, and
+                        // that driver would look for orphaned children at every park.
+                        .enable_io()
+                        .enable_time()
                         // Capabilities are per thread: a worker drops what `skiff run` gave
                         // up at its next idle moment.
                         .on_thread_park(crate::takeover::caps::apply_pending)
