@@ -177,7 +177,10 @@ where
     drop(snap);
     let lim = conn.manager.limits.clone();
     let drain = conn.drain.clone();
-    let state = Arc::new(limits::ConnState::default());
+    let state = Arc::new(match lim.request_headers_timeout {
+        Some(_) => limits::ConnState::default(),
+        None => limits::ConnState::without_head_timeout(),
+    });
     let served = Arc::new(Served {
         server: server_header(&conn.manager.server_header),
         conn: Arc::new(conn),
@@ -848,7 +851,31 @@ const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstr
 
 /// A duration as a header value in whole milliseconds (no string built on the way).
 fn millis(d: Duration) -> HeaderValue {
-    HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    /// Below this many milliseconds a value comes from the thread's table.
+    const SMALL: u64 = 512;
+    thread_local! {
+        static SMALL_VALUES: Vec<HeaderValue> = (0..SMALL).map(HeaderValue::from).collect();
+        static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    // A proxied request writes one or two of these (the upstream's service time, the route's
+    // timeout). Formatting one allocates twice; a kept value is cloned with a reference count:
+    // the small ones from a table, a larger one (a route's timeout) if it repeats the last.
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if ms < SMALL {
+        return SMALL_VALUES.with(|t| t[ms as usize].clone());
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == ms => v.clone(),
+            _ => {
+                let v = HeaderValue::from(ms);
+                *last = Some((ms, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// An upstream host chosen for one attempt: its address, for balanced clusters the host whose
@@ -1395,6 +1422,7 @@ async fn forward(
                         mark: conn.dp.upstream_mark,
                         transport: dial.as_ref().map(|d| d as &dyn pool::Transport),
                         upstream_local: ctx.log.is_some(),
+                        now: send_started,
                     };
                     let send = move || conn.dp.http_pool.send(addr, proto, target, up_req);
                     match limit {

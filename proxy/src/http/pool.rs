@@ -146,9 +146,9 @@ impl ConnInfo {
         self.created + Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
     }
 
-    /// Count one more request; `true` when it is the connection's last.
-    fn take_request(&self) -> bool {
-        let ms = self.created.elapsed().as_millis() as u64;
+    /// Count one more request, started at `now`; `true` when it is the connection's last.
+    fn take_request(&self, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.created).as_millis() as u64;
         self.last_used_ms.store(ms, Ordering::Relaxed);
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
         let last = self.max_requests.is_some_and(|m| n >= m);
@@ -218,6 +218,9 @@ pub struct Target<'a> {
     /// Tag the response with the connection's [`UpstreamLocal`] address (an access log
     /// asks for it; otherwise the response carries no extension to allocate).
     pub upstream_local: bool,
+    /// When the attempt started: what checking out a kept connection compares its idle time
+    /// with, and its last use, instead of two more clock reads per request.
+    pub now: Instant,
 }
 
 impl Target<'_> {
@@ -315,11 +318,10 @@ impl Pool {
         }
     }
 
-    /// A ready connection to `key` that may take another request, or `None`.
-    fn take_idle(&self, key: Key) -> Option<(Conn, Arc<ConnInfo>)> {
+    /// A ready connection to `key` that may take another request at `now`, or `None`.
+    fn take_idle(&self, key: Key, now: Instant) -> Option<(Conn, Arc<ConnInfo>)> {
         let mut slots = self.slots.lock().ok()?;
         let slot = slots.get_mut(&key)?;
-        let now = Instant::now();
         // Newest first: the connection most recently used is the likeliest to be ready and
         // warm. Closed or expired ones met on the way are dropped; the sweeper takes the rest,
         // so a request does not walk every idle connection.
@@ -528,7 +530,7 @@ impl Pool {
         target: &Target<'_>,
         fresh: bool,
     ) -> Result<(Conn, Arc<ConnInfo>, bool), SendError> {
-        if !fresh && let Some((c, info)) = self.take_idle(key) {
+        if !fresh && let Some((c, info)) = self.take_idle(key, target.now) {
             return Ok((c, info, false));
         }
         // Pending from here until a connection is ours.
@@ -540,7 +542,8 @@ impl Pool {
         let mut counted = false;
         loop {
             let waiting = self.freed.notified();
-            if !fresh && let Some((c, info)) = self.take_idle(key) {
+            // Possibly after a wait: the clock, not the attempt's start.
+            if !fresh && let Some((c, info)) = self.take_idle(key, Instant::now()) {
                 return Ok((c, info, false));
             }
             match target.take(Resource::Connections, counted) {
@@ -596,7 +599,7 @@ impl Pool {
             if key.proto == Proto::Auto {
                 req = fit(req, matches!(conn, Conn::Http2(_)));
             }
-            let last = info.take_request();
+            let last = info.take_request(target.now);
             let (result, back) = match conn {
                 Conn::Http1(mut tx) => {
                     if tx.ready().await.is_err() {
@@ -821,6 +824,7 @@ mod tests {
             mark: None,
             transport,
             upstream_local: true,
+            now: Instant::now(),
         };
         let sent = pool.send(addr, proto, target, req).await;
         match sent.result {
@@ -904,6 +908,7 @@ mod tests {
             mark: None,
             transport: Some(&Refusing),
             upstream_local: false,
+            now: Instant::now(),
         };
         let sent = pool.send(addr, Proto::Http1, target, req).await;
         assert!(

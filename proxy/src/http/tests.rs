@@ -457,3 +457,24 @@ fn retriable_headers_match_status_and_response_headers() {
     assert!(any_response_header_matches(&ms, 200, &h));
     assert!(!any_response_header_matches(&[], 502, &h));
 }
+
+#[test]
+fn millis_header_values_match_their_formatting_kept_or_not() {
+    use std::time::Duration;
+    // Table values, a repeated large value (kept), a new large one, and the first again.
+    for ms in [
+        0u64,
+        1,
+        511,
+        512,
+        15_000,
+        15_000,
+        15_001,
+        0,
+        u64::MAX / 1000,
+    ] {
+        let v = super::millis(Duration::from_millis(ms));
+        assert_eq!(v.to_str().unwrap(), ms.to_string(), "{ms} ms");
+    }
+    assert_eq!(super::millis(Duration::from_micros(1999)), "1");
+}
