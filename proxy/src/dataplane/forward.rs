@@ -255,7 +255,9 @@ pub async fn forward(
     let chunk = limits.chunk(CHUNK);
     let (dr, dw) = down.split();
     let (ur, uw) = up.split();
-    let both = async {
+    // Pinned in place and lent: passed by value, it would sit in this future and again
+    // in the watchdog's.
+    let both = std::pin::pin!(async {
         tokio::try_join!(
             pump(
                 dr,
@@ -272,7 +274,7 @@ pub async fn forward(
                 chunk
             )
         )
-    };
+    });
     under_watchdog(both, &moved, limits, report).await
 }
 
@@ -386,12 +388,14 @@ where
     let buf = limits.chunk(BUF);
     let (dr, dw) = tokio::io::split(down);
     let (ur, uw) = tokio::io::split(up);
-    let both = async {
+    // Pinned in place and lent: passed by value, it would sit in this future and again
+    // in the watchdog's.
+    let both = std::pin::pin!(async {
         tokio::try_join!(
             copy(dr, uw, (Side::Downstream, Side::Upstream), &moved.tx, buf),
             copy(ur, dw, (Side::Upstream, Side::Downstream), &moved.rx, buf)
         )
-    };
+    });
     under_watchdog(both, &moved, limits, report).await
 }
 
@@ -399,7 +403,7 @@ where
 /// dropped); either way reports what `moved`, to `report` too (the rest since its last
 /// period, also when a side failed).
 async fn under_watchdog<T>(
-    both: impl Future<Output = Result<T, ForwardError>>,
+    both: Pin<&mut impl Future<Output = Result<T, ForwardError>>>,
     moved: &Moved,
     limits: Limits,
     report: Option<Report<'_>>,

@@ -80,7 +80,9 @@ pub async fn run(
         move |stream, peer| {
             let (dp, role, counters) = (dp.clone(), role.clone(), conn_counters.clone());
             let drain = conn_drain.clone();
-            async move {
+            // Boxed: the connection's state (kilobytes) is then copied once, into the box, and
+            // the task that tokio copies as it spawns and again as it finishes stays small.
+            Box::pin(async move {
                 let mut log = ConnLog::new(peer);
                 // Built in place: a named local moved into `traced` may keep its own slot in
                 // this future.
@@ -108,7 +110,7 @@ pub async fn run(
                         "connection failed"
                     );
                 }
-            }
+            })
         },
     )
     .await

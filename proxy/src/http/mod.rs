@@ -212,15 +212,18 @@ where
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let head_limit = (lim.max_request_headers_kb as usize * 1024).max(8192);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = builder.http1();
+    h1.timer(TokioTimer::new())
         // `request_headers_timeout` is skiff's own (see `limits`): hyper's timer also runs
         // between kept-alive requests. Without it Envoy has no head timeout; the connection's
         // idle timeout bounds a silent client.
         .header_read_timeout(None)
-        .max_headers(lim.max_headers_count as usize)
         .max_buf_size(head_limit);
+    // Envoy's default of 100 is hyper's own limit: left unset, hyper parses each head into
+    // uninitialised stack space; set, it fills a buffer of that many entries per request.
+    if lim.max_headers_count as usize != HYPER_MAX_HEADERS {
+        h1.max_headers(lim.max_headers_count as usize);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -848,6 +851,9 @@ static WEIGHTED: AtomicUsize = AtomicUsize::new(0);
 const EXPECTED_RQ_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+
+/// The number of request headers hyper's HTTP/1 server accepts when not told otherwise.
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// A duration as a header value in whole milliseconds (no string built on the way).
 fn millis(d: Duration) -> HeaderValue {

@@ -469,27 +469,20 @@ impl ScopedHistogram {
         self.resolve().record_duration(d);
     }
 
-    /// Await `fut` and record how long it took when `keep` accepts its output (Envoy records
-    /// connect and request times only for successes).
-    pub async fn time_if<F: std::future::Future>(
+    /// Await `fut` and record how long it took if it succeeded (Envoy records connect and
+    /// request times only for successes).
+    ///
+    /// A plain future, not an `async fn`: one holding `fut` as its argument and awaiting it
+    /// would keep it twice, and a connect's state sits in every connection's task.
+    pub fn time_ok<T, E, F: std::future::Future<Output = Result<T, E>>>(
         &self,
         fut: F,
-        keep: impl FnOnce(&F::Output) -> bool,
-    ) -> F::Output {
-        let start = tokio::time::Instant::now();
-        let out = fut.await;
-        if keep(&out) {
-            self.record_duration(start.elapsed());
+    ) -> TimedOk<'_, F> {
+        TimedOk {
+            fut,
+            hist: self,
+            start: tokio::time::Instant::now(),
         }
-        out
-    }
-
-    /// Await `fut` and record how long it took if it succeeded.
-    pub async fn time_ok<T, E>(
-        &self,
-        fut: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        self.time_if(fut, Result::is_ok).await
     }
 
     /// The values so far (empty before the first).
@@ -497,6 +490,32 @@ impl ScopedHistogram {
         self.cell
             .get()
             .map_or_else(|| Histogram::default().snapshot(), |h| h.snapshot())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose time to success goes to a histogram ([`ScopedHistogram::time_ok`]).
+    pub struct TimedOk<'h, F> {
+        #[pin]
+        fut: F,
+        hist: &'h ScopedHistogram,
+        start: tokio::time::Instant,
+    }
+}
+
+impl<T, E, F: std::future::Future<Output = Result<T, E>>> std::future::Future for TimedOk<'_, F> {
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        if out.is_ok() {
+            this.hist.record_duration(this.start.elapsed());
+        }
+        std::task::Poll::Ready(out)
     }
 }
 
