@@ -168,7 +168,7 @@ pub(super) async fn proxy(
     role: &ListenerRole,
     mut down: Io,
     orig_dst: Option<OrigDstAddr>,
-    up: Upstream,
+    mut up: Upstream,
     mut rec: Option<&mut Record>,
 ) -> Result<(), ConnError> {
     let name = up.name();
@@ -297,7 +297,8 @@ pub(super) async fn proxy(
         .iter()
         .any(|&p| p == addr.get().port() || orig_dst.is_some_and(|o| o.get().port() == p));
     // The connection keeps its slot and host, not the configuration they came from.
-    let mut settings = up.settings.clone();
+    // Taken, not cloned (its stat prefix is a string): `up` is dropped below.
+    let mut settings = std::mem::replace(&mut up.settings, Settings::passthrough());
     // The copy buffers no more than either side's per_connection_buffer_limit_bytes allows.
     if let Some(c) = &up.cluster {
         settings.buffer = settings.buffer.min(c.cluster.upstream_http.buffer_limit);
