@@ -27,7 +27,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::pin::Pin;
@@ -106,8 +106,6 @@ pub struct Ended {
 struct Moved {
     tx: AtomicU64,
     rx: AtomicU64,
-    /// One spliced direction has reached its EOF and passed it on.
-    one_ended: AtomicBool,
 }
 
 impl Moved {
@@ -263,14 +261,14 @@ pub async fn forward(
                 dr,
                 uw.as_ref(),
                 (Side::Downstream, Side::Upstream),
-                (&moved.tx, &moved.one_ended),
+                &moved.tx,
                 chunk
             ),
             pump(
                 ur,
                 dw.as_ref(),
                 (Side::Upstream, Side::Downstream),
-                (&moved.rx, &moved.one_ended),
+                &moved.rx,
                 chunk
             )
         )
@@ -460,13 +458,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Passes `src`'s EOF on to `dst` (a write shutdown); the other direction may still flow.
-/// When the other direction has ended already, both sockets are about to be closed, and the
-/// close sends `dst` its FIN (its read side is at EOF, so nothing unread turns it into a
-/// reset): the shutdown is skipped, one system call less per connection.
-fn half_close(dst: &TcpStream, dst_side: Side, one_ended: &AtomicBool) -> Result<(), ForwardError> {
-    if one_ended.swap(true, Ordering::AcqRel) {
-        return Ok(());
-    }
+fn half_close(dst: &TcpStream, dst_side: Side) -> Result<(), ForwardError> {
     match SockRef::from(dst).shutdown(Shutdown::Write) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
@@ -528,7 +520,7 @@ async fn pump(
     mut src: ReadHalf<'_>,
     dst: &TcpStream,
     sides: (Side, Side),
-    (moved, one_ended): (&AtomicU64, &AtomicBool),
+    moved: &AtomicU64,
     chunk: usize,
 ) -> Result<(), ForwardError> {
     let small = chunk.min(SMALL);
@@ -536,15 +528,12 @@ async fn pump(
     loop {
         let n = relay_once(&mut src, dst, sides, small).await?;
         if n == 0 {
-            return half_close(dst, sides.1, one_ended);
+            return half_close(dst, sides.1);
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
         if n == small && may_splice {
             match pipe() {
-                Ok(p) => {
-                    return splice_pump(src.as_ref(), dst, sides, p, (moved, one_ended), chunk)
-                        .await;
-                }
+                Ok(p) => return splice_pump(src.as_ref(), dst, sides, p, moved, chunk).await,
                 Err(e) => {
                     may_splice = false;
                     tracing::debug!(error = %e, "no pipe for splice: the direction stays in userspace");
@@ -560,7 +549,7 @@ async fn splice_pump(
     dst: &TcpStream,
     (src_side, dst_side): (Side, Side),
     (pr, pw): (OwnedFd, OwnedFd),
-    (moved, one_ended): (&AtomicU64, &AtomicBool),
+    moved: &AtomicU64,
     chunk: usize,
 ) -> Result<(), ForwardError> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
@@ -577,7 +566,7 @@ async fn splice_pump(
             }
         };
         if n == 0 {
-            return half_close(dst, dst_side, one_ended);
+            return half_close(dst, dst_side);
         }
         // Drain the pipe completely into the destination socket.
         let mut left = n;
