@@ -99,6 +99,8 @@ pub struct HttpResult {
     pub proxy_cpu_s: Option<f64>,
     /// Saturation: proxy CPU microseconds per request.
     pub cpu_us_per_req: Option<f64>,
+    /// Saturation: of those, user-space microseconds (the rest is the kernel's).
+    pub user_us_per_req: Option<f64>,
     /// Fixed rate, open loop.
     pub fixed_rate: Option<HttpLatency>,
     /// One connection, closed loop.
@@ -553,6 +555,7 @@ fn measure(
         let cpu = a.cpu_s - b.cpu_s;
         r.proxy_cpu_s = Some(cpu);
         r.cpu_us_per_req = Some(cpu * 1e6 / w.requests.max(1) as f64);
+        r.user_us_per_req = Some((a.user_s - b.user_s) * 1e6 / w.requests.max(1) as f64);
     }
     note_rss(r);
     check_interrupt()?;
@@ -684,8 +687,8 @@ pub fn markdown(rep: &HttpReport) -> String {
     let _ = writeln!(
         s,
         "\n## Saturation (wrk, {conns} connections)\n\n\
-         | path | req/s | x best peer | p50 (us) | p99 (us) | proxy CPU us/req | x best peer | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|"
+         | path | req/s | x best peer | p50 (us) | p99 (us) | proxy CPU us/req | x best peer | of which user us/req | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let ratio = |v: Option<f64>, b: &Option<(String, f64)>| match (v, b) {
         (Some(v), Some((_, b))) if v.is_finite() => format!("{:.2}x", v / b),
@@ -694,7 +697,7 @@ pub fn markdown(rep: &HttpReport) -> String {
     for r in &rep.results {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.path,
             f(sat_rps(r), 0),
             ratio(sat_rps(r), &best_rps),
@@ -702,6 +705,7 @@ pub fn markdown(rep: &HttpReport) -> String {
             f((r.p99_us > 0.0).then_some(r.p99_us), 0),
             f(r.cpu_us_per_req, 1),
             ratio(r.cpu_us_per_req, &best_cpu),
+            f(r.user_us_per_req, 1),
             r.errors
         );
     }

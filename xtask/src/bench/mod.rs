@@ -265,6 +265,8 @@ pub struct CaseResult {
     pub wall_s: f64,
     /// CPU seconds (user + system) of the proxy during the case.
     pub proxy_cpu_s: Option<f64>,
+    /// Of which in user space.
+    pub proxy_user_s: Option<f64>,
     /// Proxy RSS right after the case, KiB.
     pub proxy_rss_kb: Option<u64>,
 }
@@ -998,6 +1000,7 @@ fn bench_all(ctx: &Ctx, routes: &[Route], cases: &[Case], rep: &mut Report) -> a
             cr.wall_s = wall;
             if let (Some(b), Some(a)) = (before, after) {
                 cr.proxy_cpu_s = Some(a.cpu_s - b.cpu_s);
+                cr.proxy_user_s = Some(a.user_s - b.user_s);
                 cr.proxy_rss_kb = Some(a.rss_kb);
             }
             eprintln!("{} ({wall:.1}s)", report::short(&cr));

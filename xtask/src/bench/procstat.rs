@@ -5,6 +5,9 @@
 pub struct Usage {
     /// CPU seconds (user + system).
     pub cpu_s: f64,
+    /// Of which in user space (utime): where a proxy's own code runs, as opposed to the
+    /// kernel's socket work.
+    pub user_s: f64,
     /// Resident set size, KiB.
     pub rss_kb: u64,
 }
@@ -57,11 +60,9 @@ pub fn usage(pid: u32) -> Usage {
     for p in descendants(pid) {
         if let Some(f) = stat_fields(p) {
             // After the name: state(0) ppid(1) ... utime(11) stime(12).
-            let t: f64 = [11, 12]
-                .iter()
-                .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
-                .sum();
-            u.cpu_s += t / hz;
+            let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            u.cpu_s += (tick(11) + tick(12)) / hz;
+            u.user_s += tick(11) / hz;
         }
         u.rss_kb += rss_kb(p);
     }

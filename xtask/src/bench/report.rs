@@ -221,7 +221,7 @@ pub fn markdown(rep: &Report) -> String {
     let _ = writeln!(
         s,
         "\n## Connection rate (connect, 1-byte round trip, close)\n\n\
-         | path | conn/s | xdirect | xenvoy | x best peer{} | proxy CPU us/conn | errors |\n|---|---:|---:|---:|---:|---:|---:|",
+         | path | conn/s | xdirect | xenvoy | x best peer{} | proxy CPU us/conn | of which user us/conn | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|",
         best_peer(rep, "conn-rate").map_or(String::new(), |(n, _)| format!(" ({n})"))
     );
     for p in paths(rep) {
@@ -229,18 +229,19 @@ pub fn markdown(rep: &Report) -> String {
             .cases
             .iter()
             .find(|c| c.path == p && c.case == "conn-rate");
-        let cpu = c
-            .and_then(|c| c.proxy_cpu_s)
-            .zip(c.and_then(|c| c.conn.as_ref()))
-            .map(|(cpu, r)| cpu * 1e6 / (r.count.max(1) as f64));
+        let per_conn = |secs: Option<f64>| {
+            secs.zip(c.and_then(|c| c.conn.as_ref()))
+                .map(|(cpu, r)| cpu * 1e6 / (r.count.max(1) as f64))
+        };
         let _ = writeln!(
             s,
-            "| {p} | {} | {} | {} | {} | {} | {} |",
+            "| {p} | {} | {} | {} | {} | {} | {} | {} |",
             f(c.and_then(|c| c.conn_per_s), 0),
             x(c.and_then(|c| c.vs_direct)),
             x(c.and_then(|c| c.vs_envoy_c1)),
             x(c.and_then(|c| c.vs_best_peer)),
-            f(cpu, 1),
+            f(per_conn(c.and_then(|c| c.proxy_cpu_s)), 1),
+            f(per_conn(c.and_then(|c| c.proxy_user_s)), 1),
             c.and_then(|c| c.conn.as_ref())
                 .map_or("-".into(), |r| r.errors.to_string())
         );
