@@ -329,15 +329,6 @@ impl std::fmt::Display for StepValue {
     }
 }
 
-impl PartialEq<&str> for StepValue {
-    fn eq(&self, other: &&str) -> bool {
-        match self {
-            StepValue::Text(t) => t == other,
-            StepValue::Addr(a) => a.to_string() == *other,
-        }
-    }
-}
-
 impl From<SocketAddr> for StepValue {
     fn from(a: SocketAddr) -> Self {
         StepValue::Addr(a)
