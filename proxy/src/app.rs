@@ -45,6 +45,8 @@ pub struct RunOptions {
     /// Data-plane workers (`--concurrency`): threads with one runtime and one socket per
     /// listener each (0 counts as 1).
     pub concurrency: usize,
+    /// `--cpu-affinity`: whether workers are pinned and connections steered to them by CPU.
+    pub cpu_affinity: crate::dataplane::placement::CpuAffinity,
 }
 
 /// The installed eBPF capture as `run` uses it: the capture, its config, the capture port,
@@ -289,6 +291,29 @@ async fn start_fast_path(
     ));
 }
 
+/// Where the workers run (see [`crate::dataplane::placement`]): logged, since it changes how
+/// the kernel spreads connections.
+fn placement(opts: &RunOptions) -> Option<Vec<usize>> {
+    use crate::dataplane::placement;
+    let allowed = match placement::allowed_cpus() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot read this process's CPUs: workers not pinned");
+            return None;
+        }
+    };
+    let cpus = placement::plan(opts.cpu_affinity, opts.concurrency.max(1), &allowed);
+    match &cpus {
+        Some(c) => {
+            info!(cpus = ?c, "one worker per CPU: worker i pinned to the i-th, connections steered to their CPU's worker")
+        }
+        None => {
+            debug!(workers = opts.concurrency.max(1), allowed = allowed.len(), affinity = ?opts.cpu_affinity, "workers not pinned; the kernel hashes connections over them")
+        }
+    }
+    cpus
+}
+
 /// Every data-plane listening socket is made here (so that a process taking over hands its
 /// sockets in at one place): `n` sockets (at least one) on `addr`, one per worker, sharing the
 /// port with SO_REUSEPORT so the kernel spreads connections over their accept queues, all bound
@@ -440,8 +465,9 @@ pub async fn run_handover(
         .as_ref()
         .map(|c| c.capture.sockmap_ports().to_vec())
         .unwrap_or_default();
+    let cpus = placement(&opts);
     let workers = Arc::new(
-        Workers::start(opts.concurrency, |_| {
+        Workers::start(opts.concurrency, cpus, |_| {
             let mut dp = Dataplane::with_tls(
                 store.clone(),
                 stats.clone(),

@@ -932,6 +932,7 @@ pub fn run_options(bootstrap: skiff::config::Bootstrap) -> skiff::app::RunOption
         drain: Duration::from_millis(200),
         // Two workers: every in-process test runs the per-worker listeners.
         concurrency: 2,
+        cpu_affinity: Default::default(),
     }
 }
 

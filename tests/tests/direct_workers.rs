@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use skiff::controlplane::Source;
+use skiff::dataplane::placement::{self, CpuAffinity};
 use skiff_tests::{
     ControlPlane, InProcessSkiff, echo_backend, free_addr, free_port, lb_endpoints_yaml,
     run_options, stat_value, tcp_proxy_listener_yaml,
@@ -107,6 +108,65 @@ async fn connections_spread_over_every_worker() {
     assert!(TcpStream::connect(("127.0.0.1", listen)).await.is_err());
 }
 
+/// One worker per CPU (the default on an unrestricted machine): each new connection goes to
+/// the worker pinned to the CPU its client connected from, whichever CPU that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_go_to_the_worker_of_their_cpu() {
+    let cpus = placement::allowed_cpus().unwrap();
+    assert!(
+        cpus.len() >= 2,
+        "placement needs two CPUs to show; this machine allows {cpus:?}"
+    );
+    let backend = echo_backend("b").await;
+    let listen = free_port();
+    let admin = free_port();
+    let yaml = format!(
+        "static_resources:\n  listeners:\n{}  clusters:\n  - name: c\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints:\n      - lb_endpoints:\n{}",
+        tcp_proxy_listener_yaml("l", listen, "l", "c"),
+        lb_endpoints_yaml(&[backend]),
+    );
+    let mut opts = run_options(skiff::config::parse(&yaml, "<test>").unwrap());
+    opts.admin = Some(([127, 0, 0, 1], admin).into());
+    opts.concurrency = cpus.len();
+    assert_eq!(
+        opts.cpu_affinity,
+        CpuAffinity::Auto,
+        "the default places workers"
+    );
+    let skiff = InProcessSkiff::start(opts);
+    wait_listener(listen, true).await;
+
+    let prefix = format!("listener.127.0.0.1_{listen}");
+    let per_worker = |body: &str| -> Vec<u64> {
+        (0..cpus.len())
+            .map(|i| stat_value(body, &format!("{prefix}.worker_{i}.downstream_cx_total")))
+            .collect()
+    };
+    for (i, &cpu) in cpus.iter().enumerate() {
+        let before = per_worker(&stats_body(admin).await);
+        // A plain thread pinned to the CPU: the SYN is processed where connect() runs.
+        tokio::task::spawn_blocking(move || {
+            placement::pin_current_thread(cpu).unwrap();
+            for _ in 0..5 {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+                std::io::Write::write_all(&mut s, b"ping").unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut out = String::new();
+                std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+                assert_eq!(out, "b:ping");
+            }
+        })
+        .await
+        .unwrap();
+        let after = per_worker(&stats_body(admin).await);
+        let added: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let mut want = vec![0; cpus.len()];
+        want[i] = 5;
+        assert_eq!(added, want, "connections from CPU {cpu} by worker");
+    }
+    skiff.stop().await.unwrap();
+}
+
 /// The LDS resource of listener `front` on 127.0.0.1:`port` (none: an empty LDS).
 fn write_lds(dir: &Path, version: u32, port: Option<u16>) {
     let resources = port.map_or(String::new(), |port| {
@@ -158,6 +218,9 @@ async fn lds_listeners_are_added_and_removed_on_every_worker() {
     let bootstrap = skiff_tests::ads_bootstrap("GRPC", "workers", xds, admin);
     let mut opts = run_options(skiff::config::parse(&bootstrap, "<test>").unwrap());
     opts.concurrency = 2;
+    // The kernel's hash, so that the spread shows on whatever CPU this test's client runs
+    // (with two CPUs, two workers would be placed and steered by CPU).
+    opts.cpu_affinity = CpuAffinity::Off;
     let skiff = InProcessSkiff::start(opts);
 
     wait_listener(listen, true).await;

@@ -432,6 +432,11 @@ pub struct RunArgs {
     /// own socket of every listener (SO_REUSEPORT). Default: the number of CPUs available.
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// With one worker per CPU this process may use (auto), pin worker i to the i-th CPU and
+    /// steer each new connection to the worker of the CPU it arrived on; off: never pin, the
+    /// kernel hashes connections over the workers.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cpu_affinity: crate::dataplane::placement::CpuAffinity,
     /// Take over from the running skiff whose handover socket is SOCKET (default: the one
     /// this run would use, see --handover-socket): receive its listening sockets and pins,
     /// serve, then make it drain. No listen queue closes, no connection is reset.

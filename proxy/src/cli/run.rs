@@ -291,6 +291,7 @@ pub fn build(
         concurrency: a
             .concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        cpu_affinity: a.cpu_affinity,
     };
     Ok((opts, extras))
 }

@@ -32,6 +32,7 @@ pub mod forward;
 pub mod inbound;
 pub mod listen;
 pub mod orig_dst;
+pub mod placement;
 mod rbac;
 pub mod route;
 mod tcp_proxy;

@@ -3,8 +3,10 @@
 //! upstream pool). Every data-plane listener gets one `SO_REUSEPORT` socket per worker, so
 //! the kernel spreads connections over the workers' accept queues and a connection lives its
 //! whole life (accept, select, connect, forward, HTTP) on the worker that accepted it: no task
-//! hand-off and no cross-thread wake-up per connection. Snapshots, stats, host state, circuit
-//! breakers and TLS contexts stay shared.
+//! hand-off and no cross-thread wake-up per connection. With one worker per CPU, each worker is
+//! pinned to its CPU and the sockets steer a connection to the worker of the CPU it arrived on
+//! ([`placement`](super::placement)). Snapshots, stats, host state, circuit breakers and TLS
+//! contexts stay shared.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::{Dataplane, ListenerRole};
+use super::{Dataplane, ListenerRole, placement};
 
 /// How long a stopping worker waits for its blocking tasks.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -25,6 +27,8 @@ const STOP_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Workers {
     workers: Vec<Worker>,
+    /// The CPU of each worker, when placed (see [`placement`](super::placement)).
+    cpus: Option<Vec<usize>>,
 }
 
 #[derive(Debug)]
@@ -38,12 +42,20 @@ struct Worker {
 // === impl Workers ===
 
 impl Workers {
-    /// Start `n` workers (at least one); worker `i` serves with the data plane `make(i)`.
-    pub fn start(n: usize, make: impl Fn(usize) -> Dataplane) -> std::io::Result<Workers> {
+    /// Start `n` workers (at least one); worker `i` serves with the data plane `make(i)` and,
+    /// when `cpus` places them (one CPU per worker), runs on `cpus[i]`.
+    pub fn start(
+        n: usize,
+        cpus: Option<Vec<usize>>,
+        make: impl Fn(usize) -> Dataplane,
+    ) -> std::io::Result<Workers> {
+        let cpus = cpus.filter(|c| c.len() == n.max(1));
         let mut workers = Workers {
             workers: Vec::new(),
+            cpus: cpus.clone(),
         };
         for i in 0..n.max(1) {
+            let cpu = cpus.as_ref().map(|c| c[i]);
             let mut dp = make(i);
             dp.worker = Some(i);
             let (stop, stopped) = oneshot::channel::<()>();
@@ -51,6 +63,12 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("skiff-worker-{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        // Not fatal: unpinned, the worker still serves what is steered to it.
+                        if let Err(e) = placement::pin_current_thread(cpu) {
+                            warn!(worker = i, cpu, error = %e, "cannot pin worker to its CPU");
+                        }
+                    }
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         // No signal or process driver: signals are the main runtime's, and
                         // that driver would look for orphaned children at every park.
@@ -99,6 +117,11 @@ impl Workers {
         self.workers.is_empty()
     }
 
+    /// The CPU each worker is pinned to, in worker order, when they are placed.
+    pub fn cpus(&self) -> Option<&[usize]> {
+        self.cpus.as_deref()
+    }
+
     /// The data plane of each worker, in worker order.
     pub fn dataplanes(&self) -> impl Iterator<Item = &Arc<Dataplane>> {
         self.workers.iter().map(|w| &w.dp)
@@ -126,6 +149,18 @@ impl Workers {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        // One socket per placed worker, in worker order: steer each connection to its CPU's.
+        // A group of another size (inherited from a predecessor with another worker count)
+        // keeps the kernel's hash.
+        if let Some(first) = sockets.first() {
+            let steered = match &self.cpus {
+                Some(cpus) if sockets.len() == cpus.len() => placement::steer(first, cpus),
+                _ => placement::unsteer(first),
+            };
+            if let Err(e) = steered {
+                warn!(error = %e, cpus = ?self.cpus, "cannot set how connections pick a worker");
+            }
+        }
         self.workers
             .iter()
             .cycle()
@@ -168,7 +203,7 @@ mod tests {
     fn workers(n: usize) -> Workers {
         let stats = Arc::new(Stats::default());
         let store = Arc::new(Store::new(Snapshot::default()));
-        Workers::start(n, |_| {
+        Workers::start(n, None, |_| {
             Dataplane::new(store.clone(), stats.clone(), None, 15001)
         })
         .unwrap()
