@@ -87,17 +87,22 @@ async fn assert_spread(admin: u16, port: u16, workers: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_spread_over_every_worker() {
-    let backend = echo_backend("b").await;
-    let listen = free_port();
-    let admin = free_port();
+/// A bootstrap with one tcp_proxy listener on `listen` to the cluster of `backend`.
+fn static_proxy(listen: u16, backend: SocketAddr) -> skiff::config::Bootstrap {
     let yaml = format!(
         "static_resources:\n  listeners:\n{}  clusters:\n  - name: c\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints:\n      - lb_endpoints:\n{}",
         tcp_proxy_listener_yaml("l", listen, "l", "c"),
         lb_endpoints_yaml(&[backend]),
     );
-    let mut opts = run_options(skiff::config::parse(&yaml, "<test>").unwrap());
+    skiff::config::parse(&yaml, "<test>").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_every_worker() {
+    let backend = echo_backend("b").await;
+    let listen = free_port();
+    let admin = free_port();
+    let mut opts = run_options(static_proxy(listen, backend));
     opts.admin = Some(([127, 0, 0, 1], admin).into());
     opts.concurrency = 3;
     let skiff = InProcessSkiff::start(opts);
@@ -120,12 +125,7 @@ async fn connections_go_to_the_worker_of_their_cpu() {
     let backend = echo_backend("b").await;
     let listen = free_port();
     let admin = free_port();
-    let yaml = format!(
-        "static_resources:\n  listeners:\n{}  clusters:\n  - name: c\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: c\n      endpoints:\n      - lb_endpoints:\n{}",
-        tcp_proxy_listener_yaml("l", listen, "l", "c"),
-        lb_endpoints_yaml(&[backend]),
-    );
-    let mut opts = run_options(skiff::config::parse(&yaml, "<test>").unwrap());
+    let mut opts = run_options(static_proxy(listen, backend));
     opts.admin = Some(([127, 0, 0, 1], admin).into());
     opts.concurrency = cpus.len();
     assert_eq!(

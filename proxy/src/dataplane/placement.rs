@@ -16,7 +16,7 @@
 //! `--cpu-affinity off` turns placement off; the kernel then hashes.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// `--cpu-affinity`: whether workers are placed on CPUs (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -91,7 +91,7 @@ fn program(cpus: &[usize]) -> Option<Vec<libc::sock_filter>> {
 
 /// Make `sock`'s `SO_REUSEPORT` group hand each connection to the socket of its CPU: the
 /// group's `i`-th socket (in `listen` order) belongs to the worker on `cpus[i]`.
-pub fn steer(sock: &impl AsRawFd, cpus: &[usize]) -> io::Result<()> {
+pub fn steer(sock: &impl AsFd, cpus: &[usize]) -> io::Result<()> {
     let mut code = program(cpus).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -102,32 +102,20 @@ pub fn steer(sock: &impl AsRawFd, cpus: &[usize]) -> io::Result<()> {
         len: u16::try_from(code.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
         filter: code.as_mut_ptr(),
     };
-    // SAFETY: `prog` points at `code`, alive for the call; the kernel copies the program.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            std::ptr::from_ref(&prog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The kernel copies the program during the call; `code` outlives it.
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::AttachReusePortCbpf, &prog)
+        .map_err(io::Error::from)
 }
 
 /// Give `sock`'s group back to the kernel's hash (a group inherited from a predecessor that
 /// steered keeps its program otherwise). No program attached is not an error.
-pub fn unsteer(sock: &impl AsRawFd) -> io::Result<()> {
+pub fn unsteer(sock: &impl AsFd) -> io::Result<()> {
     // The value is ignored, but the kernel wants an int's length for every SOL_SOCKET option.
     let unused: libc::c_int = 0;
     // SAFETY: a pointer to a live int and its size.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
+            sock.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_DETACH_REUSEPORT_BPF,
             std::ptr::from_ref(&unused).cast(),
