@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 
 use super::error::Side;
+use super::gate::Gated;
 
 /// Largest amount moved per splice call: the default pipe capacity, so a splice into an empty
 /// pipe never blocks.
@@ -407,10 +408,12 @@ async fn under_watchdog<T>(
     report: Option<Report<'_>>,
 ) -> Result<Ended, ForwardError> {
     let mut reported = Transferred::default();
+    // The timers are polled when they fire, not again on every read of either direction.
     let ended = tokio::select! {
+        biased;
         r = both => r.map(|_| None),
-        cut = watchdog(moved, limits) => Ok(Some(cut)),
-        () = reporter(moved, report, &mut reported) => unreachable!("the reporter never ends"),
+        cut = Gated::new(watchdog(moved, limits)) => Ok(Some(cut)),
+        () = Gated::new(reporter(moved, report, &mut reported)) => unreachable!("the reporter never ends"),
     };
     if let Some(r) = report {
         let rest = moved.get() - reported;

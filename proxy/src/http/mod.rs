@@ -63,6 +63,7 @@ use crate::net::ConnectError;
 use crate::state::{ClusterEntry, Snapshot, Store};
 use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 
+use crate::dataplane::gate::Gated;
 use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;
@@ -231,11 +232,13 @@ where
     let io = TokioIo::new(limits::HeadTimed::new(stream, state.clone()));
     let served = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(served);
-    let watch = limits::watch_connection(&state, &lim, &drain);
+    // Polled only when one of its timers or signals fired, not on every read and response.
+    let watch = Gated::new(limits::watch_connection(&state, &lim, &drain));
     tokio::pin!(watch);
     let mut closing: Option<Instant> = None;
     let result = loop {
         tokio::select! {
+            biased;
             r = served.as_mut() => break r,
             why = &mut watch, if closing.is_none() => {
                 let stat = match why {
@@ -1459,7 +1462,7 @@ async fn forward(
             tokio::select! {
                 biased;
                 s = timed() => s,
-                cut = limits::watch_stream(&act, stream_idle, request_deadline) => {
+                cut = Gated::new(limits::watch_stream(&act, stream_idle, request_deadline)) => {
                     match cut {
                         limits::StreamCut::Idle => {
                             note(ctx.log, &["SI"], "stream_idle_timeout");
