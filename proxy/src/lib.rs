@@ -11,6 +11,8 @@
 //! - [`state`]: the immutable [`state::Snapshot`] and the [`state::Store`] that swaps it.
 //! - [`dataplane`]: accept, original destination, filter chain, cluster, endpoint, connect, copy.
 //! - [`http`]: HTTP connection manager: HTTP/1.1 and h2c, virtual hosts, routes, forwarding.
+//! - [`gate`]: [`gate::Gated`], a watchdog future polled only when its own timers or
+//!   signals woke it (beside a connection's work in `dataplane` and `http`).
 //! - [`net`]: upstream connects (SO_MARK, optional bind source, timeout), below `dataplane`
 //!   and `http`.
 //! - [`rbac`]: Envoy's network and HTTP RBAC (Istio's AuthorizationPolicy): model, pure
@@ -46,6 +48,7 @@ pub mod cli;
 pub mod config;
 pub mod controlplane;
 pub mod dataplane;
+pub mod gate;
 pub mod health;
 pub mod http;
 pub mod lb;

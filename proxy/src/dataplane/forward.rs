@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 
 use super::error::Side;
-use super::gate::Gated;
+use crate::gate::Gated;
 
 /// Largest amount moved per splice call: the default pipe capacity, so a splice into an empty
 /// pipe never blocks.

@@ -29,7 +29,6 @@ mod connect;
 mod counters;
 pub mod error;
 pub mod forward;
-pub mod gate;
 pub mod inbound;
 pub mod listen;
 pub mod orig_dst;

@@ -63,7 +63,7 @@ use crate::net::ConnectError;
 use crate::state::{ClusterEntry, Snapshot, Store};
 use crate::stats::{HttpStats, RqStats, ScopedCounter, Stats};
 
-use crate::dataplane::gate::Gated;
+use crate::gate::Gated;
 use body::Timed;
 use pool::{Proto, SendError};
 use retry::Attempt;

@@ -1,4 +1,5 @@
-//! A watchdog beside busy work, polled only when it has something to look at.
+//! A watchdog beside busy work, polled only when it has something to look at. Below
+//! `dataplane` and `http`, which both run one beside each connection.
 //!
 //! A connection's task runs its work (hyper's dispatcher, the two copy directions) and, in the
 //! same `select!`, timers and drain signals that fire rarely. The runtime wakes the task for
